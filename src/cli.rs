@@ -1,0 +1,44 @@
+//! Command-line interface (clap derive).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// popgate: a transparent, logging and filtering POP3 proxy.
+///
+/// Put it in front of a POP3 server to enforce encryption, audit mail retrieval, apply policy
+/// and debug client/server traffic without changing clients or server.
+#[derive(Debug, Parser)]
+#[command(name = "popgate", version, about, long_about)]
+pub struct Cli {
+    /// Log level or tracing filter (error, warn, info, debug, trace); overrides [log] level.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the proxy with a config file.
+    Run {
+        /// Path to the TOML config (see popgate.toml in the repository).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: non-zero with a message naming file, key and problem.
+    Check {
+        /// Path to the TOML config.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Start popgate on loopback in front of a built-in demo POP3 server and print how to try it.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:1110", value_name = "ADDR")]
+        bind: SocketAddr,
+    },
+}

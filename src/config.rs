@@ -1,0 +1,341 @@
+//! Configuration: TOML (serde, unknown keys rejected) → CLI overrides → [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// TLS mode of a listener or of the upstream connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain TCP.
+    #[default]
+    None,
+    /// Plain TCP upgraded with STLS (RFC 2595).
+    Starttls,
+    /// TLS from the first byte (port 995 style, RFC 8314).
+    Implicit,
+}
+
+/// What to do with commands popgate does not know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownCommands {
+    /// Answer `-ERR` locally: an unknown response shape could desynchronise the session.
+    #[default]
+    Reject,
+    /// Forward, expecting a single-line reply.
+    SingleLine,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect (`[[listener]]`, one or more).
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// The POP3 server behind popgate.
+    pub upstream: UpstreamConfig,
+    /// Limits on what clients and servers may do.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Operational logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs (and later in rules).
+    pub name: String,
+    /// Address and port; IPv4 or IPv6 (`[::1]:1110`). Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// Client-side TLS mode.
+    #[serde(default)]
+    pub tls: TlsMode,
+}
+
+/// The upstream POP3 server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port`; a name is resolved at each connection.
+    pub address: String,
+    /// Upstream TLS mode.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// How long to wait for the TCP (and TLS) connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// Limits on what a session may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Close a session (upstream without QUIT) after this long without traffic.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest command line or non-body response line, in octets.
+    pub max_line: usize,
+    /// What to do with commands popgate does not know.
+    pub unknown_commands: UnknownCommands,
+    /// Most sessions at once; further clients wait in the accept queue.
+    pub max_sessions: usize,
+    /// Most commands outstanding per session before popgate stops reading the client.
+    pub max_pipeline: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle_timeout: Duration::from_secs(600),
+            max_line: 8192,
+            unknown_commands: UnknownCommands::Reject,
+            max_sessions: 10_000,
+            max_pipeline: 256,
+        }
+    }
+}
+
+/// Operational log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as `popgate=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Write to rotated files in this directory instead of stderr.
+    pub dir: Option<PathBuf>,
+    /// Rotation of log files: `daily`, `hourly` or `never`.
+    pub rotation: Rotation,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            dir: None,
+            rotation: Rotation::Daily,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How often a log file is rotated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    /// A new file every day.
+    #[default]
+    Daily,
+    /// A new file every hour.
+    Hourly,
+    /// One file.
+    Never,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text, path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Parse TOML text (no validation); `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Check what the types cannot: every error names the key and what is wrong.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        if self.listeners.is_empty() {
+            return Err(invalid(
+                "listener",
+                "at least one [[listener]] is needed".into(),
+            ));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.trim().is_empty() {
+                return Err(invalid(
+                    &format!("listener[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                return Err(invalid(
+                    &format!("listener[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            if l.tls != TlsMode::None {
+                return Err(invalid(
+                    &format!("listener[{i}].tls"),
+                    "client-side TLS is not available in this build yet; use \"none\"".into(),
+                ));
+            }
+        }
+        if split_host_port(&self.upstream.address).is_none() {
+            return Err(invalid(
+                "upstream.address",
+                format!("{:?} is not host:port", self.upstream.address),
+            ));
+        }
+        if self.upstream.tls != TlsMode::None {
+            return Err(invalid(
+                "upstream.tls",
+                "upstream TLS is not available in this build yet; use \"none\"".into(),
+            ));
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be more than 0".into(),
+            ));
+        }
+        if self.limits.idle_timeout.is_zero() {
+            return Err(invalid("limits.idle_timeout", "must be more than 0".into()));
+        }
+        if !(64..=1024 * 1024).contains(&self.limits.max_line) {
+            return Err(invalid(
+                "limits.max_line",
+                format!("{} is outside 64..=1048576", self.limits.max_line),
+            ));
+        }
+        if self.limits.max_sessions == 0 {
+            return Err(invalid("limits.max_sessions", "must be at least 1".into()));
+        }
+        if !(1..=100_000).contains(&self.limits.max_pipeline) {
+            return Err(invalid(
+                "limits.max_pipeline",
+                "must be within 1..=100000".into(),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a level or filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Split `host:port` (`[v6]:port` too) into host and port.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("test.toml")
+    }
+
+    const MINIMAL: &str = r#"
+        [[listener]]
+        name = "pop3"
+        bind = "127.0.0.1:1110"
+        [upstream]
+        address = "127.0.0.1:110"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, p()).unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(c.limits.max_line, 8192);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.listeners[0].tls, TlsMode::None);
+    }
+
+    #[test]
+    fn durations_and_ipv6() {
+        let text = MINIMAL.replace("127.0.0.1:1110", "[::1]:1110")
+            + "[limits]\nidle_timeout = \"90s\"\nunknown_commands = \"single-line\"\n";
+        let c = Config::parse(&text, p()).unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(90));
+        assert!(c.listeners[0].bind.is_ipv6());
+        assert_eq!(c.limits.unknown_commands, UnknownCommands::SingleLine);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::parse(&(MINIMAL.to_owned() + "[limits]\nmax_lines = 5\n"), p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml") && e.contains("max_lines"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = Config::parse(&(MINIMAL.to_owned() + "[limits]\nmax_line = 10\n"), p()).unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(
+            e.contains("limits.max_line") && e.contains("test.toml"),
+            "{e}"
+        );
+        let c = Config::parse(&MINIMAL.replace("127.0.0.1:110", "nohost"), p()).unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(e.contains("upstream.address"), "{e}");
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("[::1]:110"), Some(("::1", 110)));
+        assert_eq!(
+            split_host_port("mail.example:995"),
+            Some(("mail.example", 995))
+        );
+        assert_eq!(split_host_port("x"), None);
+        assert_eq!(split_host_port(":110"), None);
+    }
+}

@@ -1,0 +1,94 @@
+//! popgate: a transparent, logging and filtering POP3 proxy.
+//!
+//! [`Proxy::bind`] opens the listeners of a [`config::Config`]; [`Proxy::run`] serves until a
+//! shutdown future completes. Tests and the demo start the proxy in-process this way.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod listener;
+pub mod pop3;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::StartError;
+
+/// How long sessions get to close after shutdown before popgate exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A proxy with its listeners bound.
+#[derive(Debug)]
+pub struct Proxy {
+    config: Arc<Config>,
+    listeners: Vec<listener::Listener>,
+}
+
+impl Proxy {
+    /// Validate nothing further, bind every listener.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            listeners.push(listener::Listener::bind(l.clone()).await?);
+        }
+        Ok(Proxy {
+            config: Arc::new(config),
+            listeners,
+        })
+    }
+
+    /// Bound addresses by listener name, in config order.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| Some((l.config.name.clone(), l.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// Serve until `shutdown` completes; then stop accepting, tell sessions to close (without
+    /// QUIT upstream) and wait for them up to a grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (tx, rx) = watch::channel(false);
+        let tasks = TaskTracker::new();
+        let sessions = Arc::new(Semaphore::new(self.config.limits.max_sessions));
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut accept_loops = Vec::new();
+        for l in self.listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(listener = %l.config.name, %addr, "listening");
+            }
+            accept_loops.push(tokio::spawn(l.serve(
+                self.config.clone(),
+                sessions.clone(),
+                ids.clone(),
+                tasks.clone(),
+                rx.clone(),
+            )));
+        }
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+        for a in accept_loops {
+            let _ = a.await;
+        }
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions still open after the grace period");
+        }
+    }
+}

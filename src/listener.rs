@@ -1,0 +1,96 @@
+//! Listening sockets: bind, accept, cap concurrent sessions, spawn a task per client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info_span, warn};
+
+use crate::config::{Config, ListenerConfig};
+use crate::error::StartError;
+use crate::session::{self, SessionInfo};
+use crate::tls::Stream;
+
+/// A bound listener, ready to accept.
+#[derive(Debug)]
+pub struct Listener {
+    /// Its configuration.
+    pub config: ListenerConfig,
+    socket: TcpListener,
+}
+
+impl Listener {
+    /// Bind the configured address.
+    pub async fn bind(config: ListenerConfig) -> Result<Listener, StartError> {
+        let socket = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: config.name.clone(),
+                addr: config.bind,
+                source,
+            })?;
+        Ok(Listener { config, socket })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Accept clients until `shutdown` turns true; sessions are spawned on `tasks`.
+    pub async fn serve(
+        self,
+        config: Arc<Config>,
+        sessions: Arc<Semaphore>,
+        ids: Arc<AtomicU64>,
+        tasks: TaskTracker,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let name: Arc<str> = Arc::from(self.config.name.as_str());
+        loop {
+            // Take a session slot before accepting: over the cap, clients wait in the backlog.
+            let permit = tokio::select! {
+                p = sessions.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = shutdown.changed() => return,
+            };
+            let (tcp, client) = tokio::select! {
+                r = self.socket.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(listener = %name, error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().unwrap_or(self.config.bind);
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            let info = SessionInfo {
+                id,
+                listener: name.clone(),
+                client,
+                local,
+            };
+            let span = info_span!("session", id, client = %client, listener = %name);
+            let config = config.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    tracing::info!("session open");
+                    session::run(Stream::Plain(tcp), info, config, shutdown).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+}

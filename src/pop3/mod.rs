@@ -1,0 +1,4 @@
+//! The POP3 wire protocol: pure parsers over byte slices, no I/O.
+
+pub mod command;
+pub mod response;

@@ -1,0 +1,263 @@
+//! Server responses: status lines (`+OK`, `-ERR`, SASL `+ `) and the multi-line body scanner.
+//!
+//! Pure code over byte slices. The [`BodyScanner`] finds the `CRLF.CRLF` terminator across
+//! arbitrary chunk boundaries without buffering the body, so bodies can be streamed.
+
+use crate::pop3::command::trim_eol;
+
+/// The status indicator of a response line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// `+OK`
+    Ok,
+    /// `-ERR`
+    Err,
+    /// `+ ` SASL continuation (RFC 5034), only valid during an AUTH exchange.
+    Continue,
+}
+
+impl Status {
+    /// `"+OK"`, `"-ERR"` or `"+"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "+OK",
+            Status::Err => "-ERR",
+            Status::Continue => "+",
+        }
+    }
+}
+
+/// Why a server line is not a POP3 status line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    /// Neither `+OK`, `-ERR` nor `+ `.
+    #[error("not a POP3 status line")]
+    NotStatus,
+}
+
+/// A parsed status line, borrowing the server's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusLine<'a> {
+    /// `+OK`, `-ERR` or continuation.
+    pub status: Status,
+    /// Response code inside the brackets (`SYS/TEMP`, `AUTH`, `IN-USE`, ...), if any.
+    pub code: Option<&'a [u8]>,
+    /// Text after the status indicator (and after the response code), without line ending.
+    pub text: &'a [u8],
+    /// The whole line including the line ending.
+    pub raw: &'a [u8],
+}
+
+fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+impl<'a> StatusLine<'a> {
+    /// Parse one complete line (including its line ending).
+    pub fn parse(raw: &'a [u8]) -> Result<StatusLine<'a>, ResponseError> {
+        let line = trim_eol(raw);
+        let (status, rest) = if starts_with_ci(line, b"+OK") {
+            (Status::Ok, &line[3..])
+        } else if starts_with_ci(line, b"-ERR") {
+            (Status::Err, &line[4..])
+        } else if line.first() == Some(&b'+') {
+            (Status::Continue, &line[1..])
+        } else {
+            return Err(ResponseError::NotStatus);
+        };
+        // The indicator must stand alone: "+OKAY" or "-ERROR" are not status lines.
+        let rest = match rest.first() {
+            None => rest,
+            Some(b' ') => &rest[1..],
+            Some(_) if status != Status::Continue => return Err(ResponseError::NotStatus),
+            Some(_) => rest,
+        };
+        let (code, text) = match rest.strip_prefix(b"[") {
+            Some(inner) => match memchr::memchr(b']', inner) {
+                Some(end) => {
+                    let text = &inner[end + 1..];
+                    (Some(&inner[..end]), text.strip_prefix(b" ").unwrap_or(text))
+                }
+                None => (None, rest),
+            },
+            None => (None, rest),
+        };
+        Ok(StatusLine {
+            status,
+            code,
+            text,
+            raw,
+        })
+    }
+}
+
+/// Where the scanner stands relative to the current body line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    LineStart,
+    MidLine,
+    Dot,
+    DotCr,
+}
+
+/// Finds the end of a multi-line body (`.` alone on a line) in a stream of chunks.
+///
+/// Starts positioned at the beginning of the first body line (just after the status line).
+/// Dot-stuffed lines (`..text`) are body, not terminators. A bare-LF `.\n` line is accepted as a
+/// terminator too, for servers that do not send CRLF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyScanner {
+    state: ScanState,
+}
+
+impl Default for BodyScanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BodyScanner {
+    /// A scanner at the start of a body.
+    pub fn new() -> Self {
+        BodyScanner {
+            state: ScanState::LineStart,
+        }
+    }
+
+    /// Scan the next chunk. Returns `Some(n)` when the terminator ends at `chunk[..n]`;
+    /// `None` when the whole chunk is body and the terminator is still to come.
+    pub fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        loop {
+            match self.state {
+                ScanState::MidLine => match memchr::memchr(b'\n', &chunk[i..]) {
+                    Some(p) => {
+                        i += p + 1;
+                        self.state = ScanState::LineStart;
+                    }
+                    None => return None,
+                },
+                ScanState::LineStart => {
+                    let b = *chunk.get(i)?;
+                    if b == b'.' {
+                        i += 1;
+                        self.state = ScanState::Dot;
+                    } else {
+                        self.state = ScanState::MidLine;
+                    }
+                }
+                ScanState::Dot => {
+                    let b = *chunk.get(i)?;
+                    match b {
+                        b'\r' => {
+                            i += 1;
+                            self.state = ScanState::DotCr;
+                        }
+                        b'\n' => {
+                            self.state = ScanState::LineStart;
+                            return Some(i + 1);
+                        }
+                        _ => self.state = ScanState::MidLine,
+                    }
+                }
+                ScanState::DotCr => {
+                    let b = *chunk.get(i)?;
+                    if b == b'\n' {
+                        self.state = ScanState::LineStart;
+                        return Some(i + 1);
+                    }
+                    self.state = ScanState::MidLine;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn status_lines() {
+        let s = StatusLine::parse(b"+OK 2 320\r\n").unwrap();
+        assert_eq!(
+            (s.status, s.text, s.code),
+            (Status::Ok, &b"2 320"[..], None)
+        );
+        let s = StatusLine::parse(b"-ERR [SYS/TEMP] try later\r\n").unwrap();
+        assert_eq!(s.status, Status::Err);
+        assert_eq!(s.code, Some(&b"SYS/TEMP"[..]));
+        assert_eq!(s.text, b"try later");
+        assert_eq!(StatusLine::parse(b"+OK\r\n").unwrap().text, b"");
+        assert_eq!(StatusLine::parse(b"+ok\n").unwrap().status, Status::Ok);
+        let c = StatusLine::parse(b"+ VXNlcm5hbWU6\r\n").unwrap();
+        assert_eq!((c.status, c.text), (Status::Continue, &b"VXNlcm5hbWU6"[..]));
+        assert_eq!(
+            StatusLine::parse(b"+\r\n").unwrap().status,
+            Status::Continue
+        );
+        assert!(StatusLine::parse(b"GARBAGE\r\n").is_err());
+        assert!(StatusLine::parse(b"-ERROR x\r\n").is_err());
+        assert!(StatusLine::parse(b"+OKAY\r\n").is_err());
+        assert!(StatusLine::parse(b"\r\n").is_err());
+    }
+
+    fn scan_all(body: &[u8], splits: &[usize]) -> Option<usize> {
+        let mut sc = BodyScanner::new();
+        let mut start = 0;
+        let mut cuts: Vec<usize> = splits.iter().map(|s| s % (body.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.push(body.len());
+        for cut in cuts {
+            if cut < start {
+                continue;
+            }
+            if let Some(n) = sc.scan(&body[start..cut]) {
+                return Some(start + n);
+            }
+            start = cut;
+        }
+        None
+    }
+
+    #[test]
+    fn finds_terminator() {
+        let body = b"line 1\r\n..stuffed\r\n.\r\nNEXT";
+        assert_eq!(scan_all(body, &[]), Some(body.len() - 4));
+        assert_eq!(scan_all(b".\r\n", &[]), Some(3));
+        assert_eq!(scan_all(b"a\r\n.x\r\n.\r", &[]), None);
+        assert_eq!(scan_all(b"a\n.\n", &[]), Some(4));
+        assert_eq!(scan_all(b"a\r\n.\rb\r\n.\r\n", &[]), Some(11));
+    }
+
+    #[test]
+    fn every_split_position_agrees() {
+        let body = b"From: a\r\n\r\n.. dot\r\n.\r\r\n..\r\nx.\r\n.\r\n+OK next\r\n";
+        let want = scan_all(body, &[]);
+        assert_eq!(want, Some(body.len() - 10));
+        for size in 1..=body.len() {
+            let cuts: Vec<usize> = (1..body.len() / size + 1).map(|k| k * size).collect();
+            assert_eq!(scan_all(body, &cuts), want, "chunk size {size}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_splits_agree(lines in proptest::collection::vec("[.a-c\r]{0,6}", 0..20),
+                               splits in proptest::collection::vec(0usize..400, 0..10)) {
+            let mut body = Vec::new();
+            for l in &lines {
+                // dot-stuff like a server would
+                let l = l.replace('\r', "");
+                if l.starts_with('.') { body.push(b'.'); }
+                body.extend_from_slice(l.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            let end = body.len() + 3;
+            body.extend_from_slice(b".\r\ntrailing");
+            prop_assert_eq!(scan_all(&body, &[]), Some(end));
+            prop_assert_eq!(scan_all(&body, &splits), Some(end));
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! One proxied POP3 session: the pure [`tracker`] and the task that drives the two sockets.
+//!
+//! Bytes are forwarded as they arrived unless a decision rewrote them. Multi-line bodies stream
+//! through the server read buffer, so memory does not grow with message size. The upstream never
+//! receives a QUIT the client did not send: every other way out just closes the upstream socket,
+//! and the server, per RFC 1939, deletes nothing.
+
+pub mod tracker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, UnknownCommands};
+use crate::error::{SessionError, Side};
+use crate::pop3::command::{Command, Verb, line_end};
+use crate::tls::Stream;
+use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, Tracker};
+
+/// Initial read sizes. Server reads are larger because bodies stream through them.
+const CLIENT_READ: usize = 1024;
+const SERVER_READ: usize = 16 * 1024;
+/// An overlong line is discarded up to its end; past this many lengths of junk, close.
+const MAX_DISCARD_FACTOR: usize = 16;
+
+/// Who a session is for, known at accept.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Unique within this process.
+    pub id: u64,
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Local address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent QUIT and the exchange completed.
+    Quit,
+    /// The client closed its connection without QUIT.
+    ClientEof,
+    /// The server closed its connection.
+    UpstreamEof,
+    /// Nothing happened for `limits.idle_timeout`.
+    IdleTimeout,
+    /// popgate is shutting down.
+    Shutdown,
+    /// An error on either side.
+    Error,
+}
+
+impl CloseReason {
+    /// snake_case name for logs and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::UpstreamEof => "upstream_eof",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// What the proxy does with a client command (the rule engine's hook point).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send upstream unchanged.
+    Forward,
+    /// Answer locally with this line (CRLF added), never reaching the upstream.
+    Reply(String, AfterReply),
+}
+
+/// Byte counters of a session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Traffic {
+    /// Octets read from the client.
+    pub from_client: u64,
+    /// Octets written to the client.
+    pub to_client: u64,
+}
+
+fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
+    move |source| SessionError::Io { side, source }
+}
+
+/// Run a session to its end: connect upstream, relay, close. Never sends QUIT on its own.
+pub async fn run(
+    mut client: Stream,
+    info: SessionInfo,
+    config: Arc<Config>,
+    shutdown: watch::Receiver<bool>,
+) -> CloseReason {
+    let started = Instant::now();
+    let upstream = match crate::upstream::connect(&config.upstream).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "upstream unavailable");
+            let _ = client
+                .write_all(b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n")
+                .await;
+            let _ = client.shutdown().await;
+            return CloseReason::Error;
+        }
+    };
+    let mut relay = Relay {
+        tracker: Tracker::new(config.limits.max_line),
+        client,
+        upstream,
+        config,
+        cin: BytesMut::new(),
+        sin: BytesMut::new(),
+        up_out: Vec::new(),
+        discarding: None,
+        client_eof: false,
+        traffic: Traffic::default(),
+    };
+    let result = relay.relay(shutdown).await;
+    let reason = match &result {
+        Ok(r) => *r,
+        Err(e) if e.is_disconnect() => {
+            debug!(error = %e, "connection lost");
+            if e.side() == Side::Client {
+                CloseReason::ClientEof
+            } else {
+                CloseReason::UpstreamEof
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, side = ?e.side(), "session failed");
+            CloseReason::Error
+        }
+    };
+    // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
+    let _ = relay.client.shutdown().await;
+    drop(relay.upstream);
+    info!(
+        reason = reason.as_str(),
+        user = relay.tracker.user().unwrap_or("-"),
+        from_client = relay.traffic.from_client,
+        to_client = relay.traffic.to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session closed"
+    );
+    debug!(listener = %info.listener, local = %info.local, "session end");
+    reason
+}
+
+struct Relay {
+    tracker: Tracker,
+    client: Stream,
+    upstream: Stream,
+    config: Arc<Config>,
+    /// Client bytes not yet a complete line.
+    cin: BytesMut,
+    /// Server bytes not yet relayed.
+    sin: BytesMut,
+    /// Commands to send upstream in one write.
+    up_out: Vec<u8>,
+    /// Octets of an overlong client line thrown away so far.
+    discarding: Option<usize>,
+    client_eof: bool,
+    traffic: Traffic,
+}
+
+impl Relay {
+    async fn relay(
+        &mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<CloseReason, SessionError> {
+        let idle = self.config.limits.idle_timeout;
+        let mut deadline = Instant::now() + idle;
+        loop {
+            let want_client = !self.client_eof
+                && !self.tracker.quit_sent()
+                && !self.tracker.client_must_wait()
+                && self.tracker.pending_len() < self.config.limits.max_pipeline;
+            if want_client {
+                self.cin.reserve(CLIENT_READ);
+            }
+            self.sin.reserve(SERVER_READ);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if !self.tracker.in_body() && self.tracker.idle() {
+                        self.write_client(b"-ERR [SYS/TEMP] proxy shutting down\r\n").await?;
+                    }
+                    return Ok(CloseReason::Shutdown);
+                }
+                r = self.upstream.read_buf(&mut self.sin) => {
+                    let n = r.map_err(io_err(Side::Upstream))?;
+                    deadline = Instant::now() + idle;
+                    if n == 0 {
+                        return self.upstream_eof().await;
+                    }
+                    if let Some(close) = self.on_server_data().await? {
+                        return Ok(close);
+                    }
+                    if let Some(close) = self.on_client_data().await? {
+                        return Ok(close);
+                    }
+                    if self.client_eof && self.tracker.idle() {
+                        return Ok(CloseReason::ClientEof);
+                    }
+                }
+                r = self.client.read_buf(&mut self.cin), if want_client => {
+                    let n = r.map_err(io_err(Side::Client))?;
+                    deadline = Instant::now() + idle;
+                    if n == 0 {
+                        self.client_eof = true;
+                        debug!("client closed its side");
+                        if self.tracker.idle() && !self.tracker.quit_sent() {
+                            return Ok(CloseReason::ClientEof);
+                        }
+                        continue;
+                    }
+                    self.traffic.from_client += n as u64;
+                    if let Some(close) = self.on_client_data().await? {
+                        return Ok(close);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    info!(timeout = ?idle, "idle timeout");
+                    if !self.tracker.in_body() && self.tracker.idle() {
+                        self.write_client(b"-ERR autologout: idle for too long\r\n").await?;
+                    }
+                    return Ok(CloseReason::IdleTimeout);
+                }
+            }
+        }
+    }
+
+    async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.client
+            .write_all(bytes)
+            .await
+            .map_err(io_err(Side::Client))?;
+        self.traffic.to_client += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Write the local replies that are due; `Some` if one of them ends the session.
+    async fn write_due_locals(&mut self) -> Result<Option<CloseReason>, SessionError> {
+        while let Some(local) = self.tracker.next_local() {
+            debug!(verb = %local.verb, reply = %String::from_utf8_lossy(&local.reply).trim_end(), "answered locally");
+            self.write_client(&local.reply).await?;
+            match local.then {
+                AfterReply::Continue => {}
+                AfterReply::Close => return Ok(Some(CloseReason::Error)),
+                // Client-side TLS is not offered yet; STLS is refused before reaching here.
+                AfterReply::StartTls => return Ok(Some(CloseReason::Error)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Decide what to do with a command: the hook where rules will plug in.
+    fn decide(&self, cmd: &Command<'_>) -> Decision {
+        match cmd.verb {
+            Verb::Unknown if self.config.limits.unknown_commands == UnknownCommands::Reject => {
+                Decision::Reply("-ERR unknown command".into(), AfterReply::Continue)
+            }
+            // STLS is a matter between the client and this hop; it is never relayed upstream.
+            Verb::Stls => Decision::Reply(
+                "-ERR STLS not available on this listener".into(),
+                AfterReply::Continue,
+            ),
+            _ => Decision::Forward,
+        }
+    }
+
+    /// Handle every complete client line in `cin` that may be handled now.
+    async fn on_client_data(&mut self) -> Result<Option<CloseReason>, SessionError> {
+        let max_line = self.config.limits.max_line;
+        loop {
+            if self.tracker.quit_sent() {
+                // Nothing after QUIT is forwarded: the server is about to close.
+                self.cin.clear();
+                break;
+            }
+            if self.tracker.client_must_wait()
+                || self.tracker.pending_len() >= self.config.limits.max_pipeline
+            {
+                break;
+            }
+            if let Some(dropped) = self.discarding {
+                match line_end(&self.cin) {
+                    Some(n) => {
+                        self.cin.advance(n);
+                        self.discarding = None;
+                        continue;
+                    }
+                    None => {
+                        let total = dropped + self.cin.len();
+                        self.cin.clear();
+                        if total > MAX_DISCARD_FACTOR * max_line {
+                            warn!(octets = total, "endless line from client, closing");
+                            return Ok(Some(CloseReason::Error));
+                        }
+                        self.discarding = Some(total);
+                        break;
+                    }
+                }
+            }
+            let Some(len) = line_end(&self.cin) else {
+                if self.cin.len() > max_line {
+                    self.tracker.answer_locally(
+                        Verb::Unknown,
+                        b"-ERR line too long\r\n".to_vec(),
+                        AfterReply::Continue,
+                    );
+                    self.discarding = Some(self.cin.len());
+                    self.cin.clear();
+                    continue;
+                }
+                break;
+            };
+            let line = self.cin.split_to(len);
+            if len > max_line + 2 {
+                self.tracker.answer_locally(
+                    Verb::Unknown,
+                    b"-ERR line too long\r\n".to_vec(),
+                    AfterReply::Continue,
+                );
+                continue;
+            }
+            match self.tracker.classify(&line) {
+                ClientLine::SaslResponse(data) => {
+                    debug!(line = "***", "SASL answer");
+                    self.up_out.extend_from_slice(data);
+                    self.tracker.forwarded_sasl(data);
+                }
+                ClientLine::Invalid(e) => {
+                    debug!(error = %e, "invalid command");
+                    self.tracker.answer_locally(
+                        Verb::Unknown,
+                        format!("-ERR {e}\r\n").into_bytes(),
+                        AfterReply::Continue,
+                    );
+                }
+                ClientLine::Command(cmd) => {
+                    debug!(command = %cmd.redacted(), "command");
+                    match self.decide(&cmd) {
+                        Decision::Forward => {
+                            self.up_out.extend_from_slice(cmd.raw);
+                            self.tracker.forwarded(&cmd);
+                        }
+                        Decision::Reply(text, then) => {
+                            let mut reply = text.into_bytes();
+                            reply.extend_from_slice(b"\r\n");
+                            self.tracker.answer_locally(cmd.verb, reply, then);
+                        }
+                    }
+                }
+            }
+            // Send before answering locally: a local reply may only follow what was sent.
+            if let Some(close) = self.flush_upstream_and_locals().await? {
+                return Ok(Some(close));
+            }
+        }
+        self.flush_upstream_and_locals().await
+    }
+
+    async fn flush_upstream_and_locals(&mut self) -> Result<Option<CloseReason>, SessionError> {
+        if !self.up_out.is_empty() {
+            self.upstream
+                .write_all(&self.up_out)
+                .await
+                .map_err(io_err(Side::Upstream))?;
+            self.up_out.clear();
+        }
+        self.write_due_locals().await
+    }
+
+    /// Relay every complete piece of server data in `sin`.
+    async fn on_server_data(&mut self) -> Result<Option<CloseReason>, SessionError> {
+        let mut fwd = 0;
+        loop {
+            let piece = match self.tracker.on_server_bytes(&self.sin[fwd..]) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "upstream broke the protocol");
+                    let was_in_body = self.tracker.in_body();
+                    self.flush_server(fwd).await?;
+                    if !was_in_body {
+                        let _ = self
+                            .write_client(b"-ERR [SYS/TEMP] upstream protocol error\r\n")
+                            .await;
+                    }
+                    return Err(e.into());
+                }
+            };
+            match piece {
+                Piece::NeedMore => break,
+                Piece::Status { len, meta } => {
+                    self.on_response(&meta, &self.sin[fwd..fwd + len]);
+                    fwd += len;
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } => fwd += len,
+            }
+            if self.tracker.local_due() {
+                self.flush_server(fwd).await?;
+                fwd = 0;
+                if let Some(close) = self.write_due_locals().await? {
+                    return Ok(Some(close));
+                }
+            }
+        }
+        self.flush_server(fwd).await?;
+        Ok(None)
+    }
+
+    async fn flush_server(&mut self, n: usize) -> Result<(), SessionError> {
+        if n > 0 {
+            self.client
+                .write_all(&self.sin[..n])
+                .await
+                .map_err(io_err(Side::Client))?;
+            self.traffic.to_client += n as u64;
+            self.sin.advance(n);
+        }
+        Ok(())
+    }
+
+    /// The response hook: logging now, rules and audit later.
+    fn on_response(&self, meta: &ResponseMeta, line: &[u8]) {
+        if let Some(login) = &meta.login {
+            info!(
+                user = login.user.as_deref().unwrap_or("-"),
+                method = %login.method.label(),
+                success = login.success,
+                "login"
+            );
+        }
+        debug!(
+            verb = meta.verb.map(|v| v.as_str()).unwrap_or("greeting"),
+            status = meta.status.as_str(),
+            line = %String::from_utf8_lossy(line).trim_end(),
+            "response"
+        );
+    }
+
+    async fn upstream_eof(&mut self) -> Result<CloseReason, SessionError> {
+        if self.tracker.in_body() {
+            // Never complete a truncated message: close without the terminating dot.
+            warn!("upstream closed in the middle of a multi-line response; closing client");
+            return Ok(CloseReason::UpstreamEof);
+        }
+        if self.tracker.quit_sent() {
+            return Ok(CloseReason::Quit);
+        }
+        if !self.tracker.idle() {
+            self.write_client(b"-ERR [SYS/TEMP] upstream server closed the connection\r\n")
+                .await?;
+        }
+        info!("upstream closed the connection");
+        Ok(CloseReason::UpstreamEof)
+    }
+}

@@ -1,0 +1,772 @@
+//! The per-session POP3 state machine, free of I/O.
+//!
+//! The tracker sees every client line before it is forwarded and every server byte before it is
+//! relayed. It keeps the RFC 1939 state, the user name once known, and a FIFO of outstanding
+//! commands (pipelining), so that it can say for each server response which command it answers,
+//! whether it is multi-line and exactly where it ends. Locally answered commands (rejections,
+//! rule denials) sit in the same FIFO, so their replies go out in the right position.
+
+use std::collections::VecDeque;
+
+use base64::Engine as _;
+
+use crate::pop3::command::{Command, CommandError, Verb, line_end};
+use crate::pop3::response::{BodyScanner, Status, StatusLine};
+
+/// RFC 1939 session states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Before a successful login.
+    Authorization,
+    /// Logged in.
+    Transaction,
+    /// QUIT accepted in TRANSACTION: the server commits deletions.
+    Update,
+}
+
+impl State {
+    /// Lower-case name, as used in config, rules and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Authorization => "authorization",
+            State::Transaction => "transaction",
+            State::Update => "update",
+        }
+    }
+}
+
+/// How a forwarded command's response is shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One status line.
+    SingleLine,
+    /// A status line, and on `+OK` a dot-terminated body.
+    MultiLineOnOk,
+    /// A SASL exchange: `+ ` continuations until a final `+OK`/`-ERR`.
+    Sasl,
+}
+
+impl Shape {
+    /// The shape of the response to `cmd` as actually sent upstream.
+    pub fn of(cmd: &Command<'_>) -> Shape {
+        match cmd.verb {
+            Verb::Capa | Verb::Retr | Verb::Top => Shape::MultiLineOnOk,
+            Verb::List | Verb::Uidl | Verb::Lang if !cmd.has_args() => Shape::MultiLineOnOk,
+            // `AUTH` alone lists mechanisms (non-standard, but Dovecot and others do it).
+            Verb::Auth if !cmd.has_args() => Shape::MultiLineOnOk,
+            Verb::Auth => Shape::Sasl,
+            _ => Shape::SingleLine,
+        }
+    }
+}
+
+/// What to do once a locally answered reply has been written to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReply {
+    /// Carry on.
+    Continue,
+    /// Start the TLS handshake with the client (STLS answered by the proxy).
+    StartTls,
+    /// Close the session (upstream without QUIT).
+    Close,
+}
+
+/// An entry in the FIFO of outstanding commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// The server greeting, due first.
+    Greeting,
+    /// A command sent upstream.
+    Upstream(Outstanding),
+    /// A command answered by the proxy itself.
+    Local {
+        /// Verb of the command answered.
+        verb: Verb,
+        /// Reply bytes, CRLF included.
+        reply: Vec<u8>,
+        /// What happens after the reply is written.
+        then: AfterReply,
+    },
+}
+
+/// A command sent upstream whose response is still due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outstanding {
+    /// Its verb.
+    pub verb: Verb,
+    /// Response shape derived from the command as sent.
+    pub shape: Shape,
+    /// Message number argument (RETR, TOP, DELE, LIST n, UIDL n).
+    pub msg: Option<u32>,
+}
+
+/// A reply the proxy itself owes the client, now due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// Verb of the command answered.
+    pub verb: Verb,
+    /// Reply bytes.
+    pub reply: Vec<u8>,
+    /// Follow-up action.
+    pub then: AfterReply,
+}
+
+/// What a complete client line is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientLine<'a> {
+    /// A command.
+    Command(Command<'a>),
+    /// A client answer inside a SASL exchange (secret; never parsed as a command).
+    SaslResponse(&'a [u8]),
+    /// A line that is no valid command.
+    Invalid(CommandError),
+}
+
+/// How the user authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginMethod {
+    /// USER/PASS.
+    UserPass,
+    /// APOP.
+    Apop,
+    /// SASL AUTH with the given mechanism (upper case).
+    Sasl(String),
+}
+
+impl LoginMethod {
+    /// Name for logs and audit (`USER`, `APOP`, `AUTH PLAIN`, ...).
+    pub fn label(&self) -> String {
+        match self {
+            LoginMethod::UserPass => "USER".into(),
+            LoginMethod::Apop => "APOP".into(),
+            LoginMethod::Sasl(m) => format!("AUTH {m}"),
+        }
+    }
+}
+
+/// A login attempt's outcome, reported with the response that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginOutcome {
+    /// The user name, when known.
+    pub user: Option<String>,
+    /// How.
+    pub method: LoginMethod,
+    /// Whether the server accepted it.
+    pub success: bool,
+}
+
+/// Facts about one server response, handed to the session with its status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseMeta {
+    /// Verb of the command answered (`None` for the greeting).
+    pub verb: Option<Verb>,
+    /// Message number of that command.
+    pub msg: Option<u32>,
+    /// Status.
+    pub status: Status,
+    /// Whether a body follows.
+    pub multiline: bool,
+    /// Set when this response decided a login.
+    pub login: Option<LoginOutcome>,
+}
+
+/// A prefix of the server buffer and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// No complete unit yet: read more.
+    NeedMore,
+    /// A status line of `len` bytes. If `meta.multiline`, body pieces follow.
+    Status {
+        /// Bytes of the line, line ending included.
+        len: usize,
+        /// What the response answers.
+        meta: ResponseMeta,
+    },
+    /// `len` bytes of body; the terminator is still to come.
+    Body {
+        /// Bytes.
+        len: usize,
+    },
+    /// The last `len` bytes of a body, terminator included: the response is complete.
+    BodyEnd {
+        /// Bytes.
+        len: usize,
+    },
+}
+
+/// Server behaviour that breaks the protocol: the session must close (upstream without QUIT).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Bytes arrived while no response was due.
+    #[error("unsolicited data from server")]
+    Unsolicited,
+    /// A line that is not `+OK`/`-ERR` (or `+ ` during AUTH).
+    #[error("server sent an invalid status line")]
+    BadStatus,
+    /// A status line longer than the configured limit.
+    #[error("server status line exceeds {0} octets")]
+    LineTooLong(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaslMech {
+    Plain,
+    Login,
+    Other,
+}
+
+/// The session tracker.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    user: Option<String>,
+    pending: VecDeque<Pending>,
+    /// Set while relaying a multi-line body.
+    body: Option<BodyScanner>,
+    /// Set after the server sent `+ ` for the AUTH at the head: client lines are SASL answers.
+    sasl_waiting_for_client: bool,
+    sasl: Option<(SaslMech, u32)>,
+    quit_sent: bool,
+    max_line: usize,
+    last_login: Option<LoginMethod>,
+}
+
+impl Tracker {
+    /// A tracker for a new session whose greeting is still due.
+    pub fn new(max_line: usize) -> Tracker {
+        let mut pending = VecDeque::with_capacity(2);
+        pending.push_back(Pending::Greeting);
+        Tracker {
+            state: State::Authorization,
+            user: None,
+            pending,
+            body: None,
+            sasl_waiting_for_client: false,
+            sasl: None,
+            quit_sent: false,
+            max_line,
+            last_login: None,
+        }
+    }
+
+    /// Current RFC 1939 state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The user name, once the client named one.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// Outstanding entries (upstream and local).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the client has sent QUIT (it was forwarded upstream).
+    pub fn quit_sent(&self) -> bool {
+        self.quit_sent
+    }
+
+    /// Whether a multi-line body is being relayed right now.
+    pub fn in_body(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// Whether nothing is due from the server or locally.
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Whether the next client line must wait: an AUTH exchange is open and the server has not
+    /// yet said whether it wants a client answer. Reading on would misclassify SASL data.
+    pub fn client_must_wait(&self) -> bool {
+        !self.sasl_waiting_for_client
+            && self.pending.iter().any(|p| {
+                matches!(
+                    p,
+                    Pending::Upstream(Outstanding {
+                        shape: Shape::Sasl,
+                        ..
+                    })
+                )
+            })
+    }
+
+    /// Cut the first complete line off `buf`: its length, or `None` if incomplete.
+    pub fn next_line(buf: &[u8]) -> Option<usize> {
+        line_end(buf)
+    }
+
+    /// Classify a complete client line.
+    pub fn classify<'a>(&self, line: &'a [u8]) -> ClientLine<'a> {
+        if self.sasl_waiting_for_client {
+            return ClientLine::SaslResponse(line);
+        }
+        match Command::parse(line) {
+            Ok(c) => ClientLine::Command(c),
+            Err(e) => ClientLine::Invalid(e),
+        }
+    }
+
+    /// Record that `cmd` was sent upstream (possibly rewritten: pass what was actually sent).
+    pub fn forwarded(&mut self, cmd: &Command<'_>) {
+        let shape = Shape::of(cmd);
+        match cmd.verb {
+            Verb::User => self.user = cmd.arg_str(0).map(str::to_owned),
+            Verb::Apop => self.user = cmd.arg_str(0).map(str::to_owned),
+            Verb::Quit => self.quit_sent = true,
+            Verb::Auth if shape == Shape::Sasl => {
+                let mech = cmd.arg_str(0).unwrap_or("").to_ascii_uppercase();
+                let kind = match mech.as_str() {
+                    "PLAIN" => SaslMech::Plain,
+                    "LOGIN" => SaslMech::Login,
+                    _ => SaslMech::Other,
+                };
+                self.sasl = Some((kind, 0));
+                self.last_login = Some(LoginMethod::Sasl(mech));
+                if let Some(ir) = cmd.arg_list().nth(1) {
+                    self.learn_sasl_user(ir);
+                }
+            }
+            _ => {}
+        }
+        match cmd.verb {
+            Verb::Pass => self.last_login = Some(LoginMethod::UserPass),
+            Verb::Apop => self.last_login = Some(LoginMethod::Apop),
+            _ => {}
+        }
+        self.pending.push_back(Pending::Upstream(Outstanding {
+            verb: cmd.verb,
+            shape,
+            msg: cmd.msg_number(),
+        }));
+    }
+
+    /// Record that a SASL answer line was sent upstream.
+    pub fn forwarded_sasl(&mut self, line: &[u8]) {
+        self.sasl_waiting_for_client = false;
+        let data = crate::pop3::command::trim_eol(line);
+        self.learn_sasl_user(data);
+    }
+
+    fn learn_sasl_user(&mut self, b64: &[u8]) {
+        let Some((mech, step)) = self.sasl else {
+            return;
+        };
+        self.sasl = Some((mech, step + 1));
+        if step != 0 || b64 == b"*" || b64 == b"=" {
+            return;
+        }
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+            return;
+        };
+        let name = match mech {
+            // authzid NUL authcid NUL password: the authorization identity if given, else authcid.
+            SaslMech::Plain => {
+                let mut parts = raw.split(|&b| b == 0);
+                let authz = parts.next().unwrap_or_default();
+                let authc = parts.next().unwrap_or_default();
+                if authz.is_empty() { authc } else { authz }.to_vec()
+            }
+            SaslMech::Login => raw,
+            SaslMech::Other => return,
+        };
+        if let Ok(s) = String::from_utf8(name)
+            && !s.is_empty()
+        {
+            self.user = Some(s);
+        }
+    }
+
+    /// Queue a reply the proxy gives itself, in order behind what is already due.
+    pub fn answer_locally(&mut self, verb: Verb, reply: Vec<u8>, then: AfterReply) {
+        self.pending.push_back(Pending::Local { verb, reply, then });
+    }
+
+    /// Whether a local reply is due now.
+    pub fn local_due(&self) -> bool {
+        self.body.is_none() && matches!(self.pending.front(), Some(Pending::Local { .. }))
+    }
+
+    /// The next local reply, if it is due now (nothing owed by the server before it).
+    pub fn next_local(&mut self) -> Option<LocalReply> {
+        if self.body.is_some() {
+            return None;
+        }
+        if matches!(self.pending.front(), Some(Pending::Local { .. }))
+            && let Some(Pending::Local { verb, reply, then }) = self.pending.pop_front()
+        {
+            return Some(LocalReply { verb, reply, then });
+        }
+        None
+    }
+
+    /// Look at the server bytes in `buf` and say what its first piece is.
+    ///
+    /// The caller relays (or rewrites) `buf[..len]` and drops it from the buffer before calling
+    /// again. Status pieces need a complete line; body pieces are handed out as they come.
+    pub fn on_server_bytes(&mut self, buf: &[u8]) -> Result<Piece, ProtocolError> {
+        if let Some(scanner) = self.body.as_mut() {
+            if buf.is_empty() {
+                return Ok(Piece::NeedMore);
+            }
+            return Ok(match scanner.scan(buf) {
+                Some(len) => {
+                    self.body = None;
+                    Piece::BodyEnd { len }
+                }
+                None => Piece::Body { len: buf.len() },
+            });
+        }
+        let Some(len) = line_end(buf) else {
+            if buf.len() > self.max_line {
+                return Err(ProtocolError::LineTooLong(self.max_line));
+            }
+            return Ok(Piece::NeedMore);
+        };
+        if len > self.max_line + 2 {
+            return Err(ProtocolError::LineTooLong(self.max_line));
+        }
+        let line = StatusLine::parse(&buf[..len]).map_err(|_| ProtocolError::BadStatus)?;
+        let meta = self.on_status(&line)?;
+        Ok(Piece::Status { len, meta })
+    }
+
+    fn on_status(&mut self, line: &StatusLine<'_>) -> Result<ResponseMeta, ProtocolError> {
+        let head = match self.pending.front() {
+            Some(Pending::Greeting) => None,
+            Some(Pending::Upstream(o)) => Some(o.clone()),
+            // A local reply at the head would have been written already: the server spoke
+            // out of turn.
+            Some(Pending::Local { .. }) | None => return Err(ProtocolError::Unsolicited),
+        };
+        let Some(out) = head else {
+            if line.status == Status::Continue {
+                return Err(ProtocolError::BadStatus);
+            }
+            self.pending.pop_front();
+            return Ok(ResponseMeta {
+                verb: None,
+                msg: None,
+                status: line.status,
+                multiline: false,
+                login: None,
+            });
+        };
+        if line.status == Status::Continue {
+            if out.shape != Shape::Sasl {
+                return Err(ProtocolError::BadStatus);
+            }
+            self.sasl_waiting_for_client = true;
+            return Ok(ResponseMeta {
+                verb: Some(out.verb),
+                msg: out.msg,
+                status: line.status,
+                multiline: false,
+                login: None,
+            });
+        }
+        self.pending.pop_front();
+        let ok = line.status == Status::Ok;
+        let multiline = ok && out.shape == Shape::MultiLineOnOk;
+        if multiline {
+            self.body = Some(BodyScanner::new());
+        }
+        let mut login = None;
+        match out.verb {
+            Verb::Pass | Verb::Apop => login = Some(self.login_outcome(ok)),
+            Verb::Auth if out.shape == Shape::Sasl => {
+                self.sasl = None;
+                self.sasl_waiting_for_client = false;
+                login = Some(self.login_outcome(ok));
+            }
+            Verb::Quit if ok && self.state == State::Transaction => self.state = State::Update,
+            _ => {}
+        }
+        if login.as_ref().is_some_and(|l| l.success) {
+            self.state = State::Transaction;
+        }
+        Ok(ResponseMeta {
+            verb: Some(out.verb),
+            msg: out.msg,
+            status: line.status,
+            multiline,
+            login,
+        })
+    }
+
+    fn login_outcome(&self, success: bool) -> LoginOutcome {
+        LoginOutcome {
+            user: self.user.clone(),
+            method: self.last_login.clone().unwrap_or(LoginMethod::UserPass),
+            success,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the session would observe: a normalised event list.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Ev {
+        Status(Option<Verb>, Status, bool, Option<bool>),
+        BodyBytes(Vec<u8>),
+        Local(Vec<u8>),
+    }
+
+    /// Drive a tracker with client lines (all sent first: pipelined) and server bytes cut into
+    /// chunks of `chunk` bytes; returns the events with body bytes merged per response.
+    fn drive(client: &[&[u8]], server: &[u8], chunk: usize) -> (Vec<Ev>, Tracker) {
+        let mut t = Tracker::new(512);
+        let mut evs = Vec::new();
+        let mut pending_client: VecDeque<&[u8]> = client.iter().copied().collect();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        let mut push_body = |evs: &mut Vec<Ev>, bytes: &[u8]| {
+            if let Some(Ev::BodyBytes(b)) = evs.last_mut() {
+                b.extend_from_slice(bytes);
+            } else {
+                evs.push(Ev::BodyBytes(bytes.to_vec()));
+            }
+        };
+        loop {
+            while !t.client_must_wait()
+                && let Some(line) = pending_client.pop_front()
+            {
+                match t.classify(line) {
+                    ClientLine::Command(c) if c.verb == Verb::Unknown => {
+                        t.answer_locally(c.verb, b"-ERR unknown\r\n".to_vec(), AfterReply::Continue)
+                    }
+                    ClientLine::Command(c) => t.forwarded(&c),
+                    ClientLine::SaslResponse(l) => t.forwarded_sasl(l),
+                    ClientLine::Invalid(_) => t.answer_locally(
+                        Verb::Unknown,
+                        b"-ERR bad\r\n".to_vec(),
+                        AfterReply::Continue,
+                    ),
+                }
+                // A SASL answer may only follow a continuation: stop after AUTH.
+                if t.client_must_wait() {
+                    break;
+                }
+            }
+            while let Some(l) = t.next_local() {
+                evs.push(Ev::Local(l.reply));
+            }
+            match t.on_server_bytes(&buf).unwrap() {
+                Piece::NeedMore => {
+                    if fed >= server.len() {
+                        break;
+                    }
+                    let end = (fed + chunk).min(server.len());
+                    buf.extend_from_slice(&server[fed..end]);
+                    fed = end;
+                }
+                Piece::Status { len, meta } => {
+                    evs.push(Ev::Status(
+                        meta.verb,
+                        meta.status,
+                        meta.multiline,
+                        meta.login.map(|l| l.success),
+                    ));
+                    buf.drain(..len);
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } => {
+                    push_body(&mut evs, &buf[..len]);
+                    buf.drain(..len);
+                }
+            }
+        }
+        (evs, t)
+    }
+
+    const CLIENT: &[&[u8]] = &[
+        b"CAPA\r\n",
+        b"USER alice\r\n",
+        b"PASS secret\r\n",
+        b"XYZZY\r\n",
+        b"STAT\r\n",
+        b"LIST\r\n",
+        b"LIST 1\r\n",
+        b"RETR 1\r\n",
+        b"RETR 9\r\n",
+        b"TOP 1 0\r\n",
+        b"DELE 1\r\n",
+        b"UIDL\r\n",
+        b"RETR\r\n",
+        b"QUIT\r\n",
+    ];
+    const SERVER: &[u8] = b"+OK ready <1.2@x>\r\n\
+        +OK caps\r\nUSER\r\nPIPELINING\r\n.\r\n\
+        +OK\r\n\
+        +OK logged in\r\n\
+        +OK 2 30\r\n\
+        +OK list\r\n1 10\r\n2 20\r\n.\r\n\
+        +OK 1 10\r\n\
+        +OK 10 octets\r\nSubject: x\r\n\r\n..dot\r\n.\r\n\
+        -ERR no such message\r\n\
+        +OK top\r\nSubject: x\r\n\r\n.\r\n\
+        +OK deleted\r\n\
+        +OK\r\n2 bbb\r\n.\r\n\
+        +OK bye\r\n";
+
+    #[test]
+    fn pipelined_dialogue_same_at_every_chunk_size() {
+        let (want, t) = drive(CLIENT, SERVER, SERVER.len());
+        assert_eq!(t.state(), State::Update);
+        assert_eq!(t.user(), Some("alice"));
+        assert!(t.idle());
+        let statuses: Vec<_> = want
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Status(v, s, m, _) => Some((*v, *s, *m)),
+                Ev::Local(_) => Some((Some(Verb::Unknown), Status::Err, false)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(statuses.len(), CLIENT.len() + 1);
+        assert_eq!(statuses[1], (Some(Verb::Capa), Status::Ok, true));
+        assert_eq!(statuses[4], (Some(Verb::Unknown), Status::Err, false));
+        assert_eq!(statuses[7], (Some(Verb::List), Status::Ok, false));
+        assert_eq!(statuses[9], (Some(Verb::Retr), Status::Err, false));
+        assert_eq!(statuses[13], (Some(Verb::Unknown), Status::Err, false));
+        assert!(want.contains(&Ev::BodyBytes(b"Subject: x\r\n\r\n..dot\r\n.\r\n".to_vec())));
+        assert!(want.contains(&Ev::Status(Some(Verb::Pass), Status::Ok, false, Some(true))));
+        for chunk in 1..=64 {
+            let (got, _) = drive(CLIENT, SERVER, chunk);
+            assert_eq!(got, want, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn sasl_plain_with_continuation_learns_user() {
+        let client: &[&[u8]] = &[b"AUTH PLAIN\r\n", b"AGJvYgBzM2NyZXQ=\r\n", b"STAT\r\n"];
+        let server = b"+OK hi\r\n+ \r\n+OK welcome\r\n+OK 0 0\r\n";
+        let (evs, t) = drive(client, server, 3);
+        assert_eq!(t.user(), Some("bob"));
+        assert_eq!(t.state(), State::Transaction);
+        assert!(evs.contains(&Ev::Status(Some(Verb::Auth), Status::Continue, false, None)));
+        assert!(evs.contains(&Ev::Status(Some(Verb::Stat), Status::Ok, false, None)));
+    }
+
+    #[test]
+    fn sasl_login_and_failure() {
+        let client: &[&[u8]] = &[b"AUTH LOGIN\r\n", b"Ym9i\r\n", b"cGFzcw==\r\n"];
+        let server = b"+OK hi\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] no\r\n";
+        let (evs, t) = drive(client, server, 5);
+        assert_eq!(t.user(), Some("bob"));
+        assert_eq!(t.state(), State::Authorization);
+        assert!(evs.contains(&Ev::Status(
+            Some(Verb::Auth),
+            Status::Err,
+            false,
+            Some(false)
+        )));
+    }
+
+    #[test]
+    fn auth_initial_response_and_mechanism_list() {
+        let client: &[&[u8]] = &[b"AUTH\r\n", b"AUTH PLAIN AGNhcm9sAHg=\r\n"];
+        let server = b"+OK hi\r\n+OK\r\nPLAIN\r\n.\r\n+OK in\r\n";
+        let (_, t) = drive(client, server, 2);
+        assert_eq!(t.user(), Some("carol"));
+        assert_eq!(t.state(), State::Transaction);
+    }
+
+    #[test]
+    fn server_protocol_errors() {
+        let mut t = Tracker::new(512);
+        assert_eq!(
+            t.on_server_bytes(b"HELLO\r\n"),
+            Err(ProtocolError::BadStatus)
+        );
+        let mut t = Tracker::new(512);
+        assert!(matches!(
+            t.on_server_bytes(b"+OK\r\n"),
+            Ok(Piece::Status { .. })
+        ));
+        assert_eq!(
+            t.on_server_bytes(b"+OK\r\n"),
+            Err(ProtocolError::Unsolicited)
+        );
+        let mut t = Tracker::new(8);
+        assert_eq!(
+            t.on_server_bytes(b"+OK 12345678"),
+            Err(ProtocolError::LineTooLong(8))
+        );
+        // A continuation for a non-AUTH command is invalid.
+        let mut t = Tracker::new(512);
+        let _ = t.on_server_bytes(b"+OK\r\n");
+        t.forwarded(&Command::parse(b"STAT\r\n").unwrap());
+        assert_eq!(t.on_server_bytes(b"+ x\r\n"), Err(ProtocolError::BadStatus));
+    }
+
+    #[test]
+    fn local_reply_waits_for_earlier_responses() {
+        let mut t = Tracker::new(512);
+        assert!(matches!(
+            t.on_server_bytes(b"+OK\r\n"),
+            Ok(Piece::Status { .. })
+        ));
+        t.forwarded(&Command::parse(b"RETR 1\r\n").unwrap());
+        t.answer_locally(
+            Verb::Dele,
+            b"-ERR denied\r\n".to_vec(),
+            AfterReply::Continue,
+        );
+        assert_eq!(t.next_local(), None);
+        assert!(matches!(
+            t.on_server_bytes(b"+OK\r\nbody\r\n"),
+            Ok(Piece::Status { .. })
+        ));
+        assert_eq!(t.next_local(), None, "not while the body is relayed");
+        assert_eq!(
+            t.on_server_bytes(b"body\r\n.\r\n"),
+            Ok(Piece::BodyEnd { len: 9 })
+        );
+        assert_eq!(
+            t.next_local().map(|l| l.reply),
+            Some(b"-ERR denied\r\n".to_vec())
+        );
+    }
+
+    #[test]
+    fn quit_in_authorization_is_not_update() {
+        let (_, t) = drive(&[b"QUIT\r\n"], b"+OK hi\r\n+OK bye\r\n", 1);
+        assert_eq!(t.state(), State::Authorization);
+        assert!(t.quit_sent());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_server_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut t = Tracker::new(64);
+            t.forwarded(&Command::parse(b"RETR 1\r\n").unwrap());
+            t.forwarded(&Command::parse(b"AUTH PLAIN\r\n").unwrap());
+            let mut buf = &data[..];
+            for _ in 0..400 {
+                match t.on_server_bytes(buf) {
+                    Ok(Piece::NeedMore) | Err(_) => break,
+                    Ok(Piece::Status { len, .. } | Piece::Body { len } | Piece::BodyEnd { len }) => {
+                        prop_assert!(len > 0 && len <= buf.len());
+                        buf = &buf[len..];
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn random_chunking_same_events(seed_chunks in proptest::collection::vec(1usize..40, 1..8)) {
+            let (want, _) = drive(CLIENT, SERVER, SERVER.len());
+            for c in seed_chunks {
+                let (got, _) = drive(CLIENT, SERVER, c);
+                prop_assert_eq!(&got, &want);
+            }
+        }
+    }
+}
