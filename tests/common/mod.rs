@@ -1,0 +1,54 @@
+//! Shared helpers for the integration tests: a real Dovecot upstream, real POP3 clients
+//! (curl, Python's poplib, fetchmail, a raw socket client) and throw-away certificates.
+//!
+//! Every integration test crate that says `mod common;` compiles all of this, and each uses
+//! only part of it, hence `dead_code` is allowed here.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod certs;
+pub mod clients;
+pub mod dovecot;
+pub mod proxy;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read it, drop it).
+///
+/// Another process may take it before it is used again; `Dovecot::start` retries on a
+/// bind failure for that reason.
+pub fn free_port() -> u16 {
+    free_port_on("127.0.0.1")
+}
+
+/// Like [`free_port`] for another local address, e.g. `"127.0.0.2"` or `"::1"`.
+pub fn free_port_on(ip: &str) -> u16 {
+    let ip: std::net::IpAddr = ip.parse().expect("free_port_on: not an IP address");
+    let listener = TcpListener::bind((ip, 0)).expect("bind to port 0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Whether `cmd` is an executable on PATH (or in /usr/sbin or /sbin, which a non-root PATH
+/// may lack and where `dovecot` lives).
+pub fn have(cmd: &str) -> bool {
+    find_exe(cmd).is_some()
+}
+
+/// The full path of the executable `cmd`, looked up like [`have`].
+pub fn find_exe(cmd: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if cmd.contains('/') {
+        let p = PathBuf::from(cmd);
+        return is_exe(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(cmd))
+        .find(|p| is_exe(p))
+}
