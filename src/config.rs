@@ -47,6 +47,37 @@ pub struct Config {
     /// Operational logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Certificates popgate serves to clients (needed by `starttls`/`implicit` listeners).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the certificates popgate presents to clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Default certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, RSA or EC; RSA, ECDSA and Ed25519 keys).
+    pub key: Option<PathBuf>,
+    /// Further certificates chosen by SNI (`[[tls.certificate]]`).
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<SniCertificate>,
+    /// How long a client may take to complete the TLS handshake.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate served to clients asking for one of `server_names` (SNI).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// Names (`mail.example.org`, or `*.example.org` for one level).
+    pub server_names: Vec<String>,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
 }
 
 /// One listening socket.
@@ -74,6 +105,25 @@ pub struct UpstreamConfig {
     /// How long to wait for the TCP (and TLS) connection.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// CA certificates (PEM) to verify the upstream with, instead of the system store.
+    pub ca_file: Option<PathBuf>,
+    /// Name to send as SNI and to verify; default: the host part of `address`.
+    pub server_name: Option<String>,
+    /// Client certificate (PEM) presented to the upstream.
+    pub client_cert: Option<PathBuf>,
+    /// Its key.
+    pub client_key: Option<PathBuf>,
+    /// Verify the upstream certificate. `false` is insecure and logged loudly.
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Limits on what a session may do.
@@ -165,7 +215,8 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&text, path)?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate(path)?;
         Ok(config)
     }
@@ -176,6 +227,34 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })
+    }
+
+    /// Make relative file paths relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(t) = &mut self.tls {
+            for p in [&mut t.cert, &mut t.key].into_iter().flatten() {
+                fix(p);
+            }
+            for c in &mut t.certificates {
+                fix(&mut c.cert);
+                fix(&mut c.key);
+            }
+        }
+        let u = &mut self.upstream;
+        for p in [&mut u.ca_file, &mut u.client_cert, &mut u.client_key]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        if let Some(d) = &mut self.log.dir {
+            fix(d);
+        }
     }
 
     /// Check what the types cannot: every error names the key and what is wrong.
@@ -204,10 +283,14 @@ impl Config {
                     format!("duplicate listener name {:?}", l.name),
                 ));
             }
-            if l.tls != TlsMode::None {
+            let has_cert = self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.cert.is_some() || !t.certificates.is_empty());
+            if l.tls != TlsMode::None && !has_cert {
                 return Err(invalid(
                     &format!("listener[{i}].tls"),
-                    "client-side TLS is not available in this build yet; use \"none\"".into(),
+                    "needs a certificate: set [tls] cert and key".into(),
                 ));
             }
         }
@@ -217,12 +300,34 @@ impl Config {
                 format!("{:?} is not host:port", self.upstream.address),
             ));
         }
-        if self.upstream.tls != TlsMode::None {
+        if let Some(t) = &self.tls {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(invalid("tls", "cert and key go together".into()));
+            }
+            for (i, c) in t.certificates.iter().enumerate() {
+                if c.server_names.is_empty() {
+                    return Err(invalid(
+                        &format!("tls.certificate[{i}].server_names"),
+                        "must list at least one name".into(),
+                    ));
+                }
+            }
+        }
+        if self.upstream.client_cert.is_some() != self.upstream.client_key.is_some() {
             return Err(invalid(
-                "upstream.tls",
-                "upstream TLS is not available in this build yet; use \"none\"".into(),
+                "upstream.client_cert",
+                "client_cert and client_key go together".into(),
             ));
         }
+        if self.upstream.tls == TlsMode::None
+            && (self.upstream.ca_file.is_some() || self.upstream.client_cert.is_some())
+        {
+            return Err(invalid(
+                "upstream.tls",
+                "ca_file/client_cert are set but upstream.tls is \"none\"".into(),
+            ));
+        }
+
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid(
                 "upstream.connect_timeout",

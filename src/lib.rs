@@ -25,28 +25,68 @@ use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 pub use error::StartError;
+pub use session::Shared;
 
 /// How long sessions get to close after shutdown before popgate exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Load everything a config refers to (certificates, keys), as `popgate check` and start-up
+/// do; the config itself must already be validated.
+pub fn prepare(config: Config) -> Result<Arc<Shared>, StartError> {
+    let tls = tls::TlsSetup::new(&config)?;
+    Ok(Arc::new(Shared {
+        config: Arc::new(config),
+        tls,
+    }))
+}
+
 /// A proxy with its listeners bound.
 #[derive(Debug)]
 pub struct Proxy {
-    config: Arc<Config>,
+    shared: Arc<Shared>,
     listeners: Vec<listener::Listener>,
 }
 
+/// Reloads certificates (later also rules) of a running proxy, e.g. on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    path: Option<std::path::PathBuf>,
+}
+
+impl Reloader {
+    /// Re-read the config file and reload what can change without a restart: certificates.
+    /// On any error the running state stays as it was and the error is returned.
+    pub fn reload(&self) -> Result<(), StartError> {
+        let fresh = match &self.path {
+            Some(p) => Config::load(p)?,
+            None => (*self.shared.config).clone(),
+        };
+        if let (Some(server), Some(t)) = (&self.shared.tls.server, &fresh.tls) {
+            server.reload(t)?;
+        }
+        tracing::info!("reloaded certificates");
+        Ok(())
+    }
+}
+
 impl Proxy {
-    /// Validate nothing further, bind every listener.
+    /// Load certificates and bind every listener.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
+        let shared = prepare(config)?;
+        let mut listeners = Vec::with_capacity(shared.config.listeners.len());
+        for l in &shared.config.listeners {
             listeners.push(listener::Listener::bind(l.clone()).await?);
         }
-        Ok(Proxy {
-            config: Arc::new(config),
-            listeners,
-        })
+        Ok(Proxy { shared, listeners })
+    }
+
+    /// A handle that reloads certificates from `path` (or the in-memory config when `None`).
+    pub fn reloader(&self, path: Option<std::path::PathBuf>) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+            path,
+        }
     }
 
     /// Bound addresses by listener name, in config order.
@@ -62,7 +102,7 @@ impl Proxy {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (tx, rx) = watch::channel(false);
         let tasks = TaskTracker::new();
-        let sessions = Arc::new(Semaphore::new(self.config.limits.max_sessions));
+        let sessions = Arc::new(Semaphore::new(self.shared.config.limits.max_sessions));
         let ids = Arc::new(AtomicU64::new(1));
         let mut accept_loops = Vec::new();
         for l in self.listeners {
@@ -70,7 +110,7 @@ impl Proxy {
                 tracing::info!(listener = %l.config.name, %addr, "listening");
             }
             accept_loops.push(tokio::spawn(l.serve(
-                self.config.clone(),
+                self.shared.clone(),
                 sessions.clone(),
                 ids.clone(),
                 tasks.clone(),

@@ -9,9 +9,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::ListenerConfig;
 use crate::error::StartError;
-use crate::session::{self, SessionInfo};
+use crate::session::{self, SessionInfo, Shared};
 use crate::tls::Stream;
 
 /// A bound listener, ready to accept.
@@ -43,7 +43,7 @@ impl Listener {
     /// Accept clients until `shutdown` turns true; sessions are spawned on `tasks`.
     pub async fn serve(
         self,
-        config: Arc<Config>,
+        shared: Arc<Shared>,
         sessions: Arc<Semaphore>,
         ids: Arc<AtomicU64>,
         tasks: TaskTracker,
@@ -79,14 +79,15 @@ impl Listener {
                 listener: name.clone(),
                 client,
                 local,
+                tls_mode: self.config.tls,
             };
             let span = info_span!("session", id, client = %client, listener = %name);
-            let config = config.clone();
+            let shared = shared.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(
                 async move {
                     tracing::info!("session open");
-                    session::run(Stream::Plain(tcp), info, config, shutdown).await;
+                    session::run(Stream::Plain(tcp), info, shared, shutdown).await;
                     drop(permit);
                 }
                 .instrument(span),

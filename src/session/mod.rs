@@ -16,17 +16,29 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, UnknownCommands};
+use crate::config::{Config, TlsMode, UnknownCommands};
 use crate::error::{SessionError, Side};
+use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end};
-use crate::tls::Stream;
-use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, Tracker};
+use crate::tls::{Stream, TlsInfo, TlsSetup};
+use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
 
 /// Initial read sizes. Server reads are larger because bodies stream through them.
 const CLIENT_READ: usize = 1024;
 const SERVER_READ: usize = 16 * 1024;
 /// An overlong line is discarded up to its end; past this many lengths of junk, close.
 const MAX_DISCARD_FACTOR: usize = 16;
+/// A CAPA body is buffered for rewriting; a longer one is a protocol error.
+const MAX_CAPA: usize = 64 * 1024;
+
+/// What every session of a proxy shares: configuration and TLS material.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Certificates and upstream TLS client.
+    pub tls: TlsSetup,
+}
 
 /// Who a session is for, known at accept.
 #[derive(Debug, Clone)]
@@ -39,6 +51,8 @@ pub struct SessionInfo {
     pub client: SocketAddr,
     /// Local address the client connected to.
     pub local: SocketAddr,
+    /// The listener's client-side TLS mode.
+    pub tls_mode: TlsMode,
 }
 
 /// How a session ended.
@@ -94,15 +108,33 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
     move |source| SessionError::Io { side, source }
 }
 
-/// Run a session to its end: connect upstream, relay, close. Never sends QUIT on its own.
+/// Run a session to its end: TLS handshake (implicit listeners), connect upstream, relay,
+/// close. Never sends QUIT on its own.
 pub async fn run(
     mut client: Stream,
     info: SessionInfo,
-    config: Arc<Config>,
+    shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> CloseReason {
     let started = Instant::now();
-    let upstream = match crate::upstream::connect(&config.upstream).await {
+    let config = shared.config.clone();
+    if info.tls_mode == TlsMode::Implicit {
+        match client_handshake(client, &shared).await {
+            Ok(c) => client = c,
+            Err(e) => {
+                info!(error = %e, "client TLS handshake failed");
+                return CloseReason::Error;
+            }
+        }
+    }
+    let client_tls = client.tls_info();
+    let upstream = match crate::upstream::connect(
+        &config.upstream,
+        shared.tls.upstream.as_ref(),
+        config.limits.max_line,
+    )
+    .await
+    {
         Ok(u) => u,
         Err(e) => {
             warn!(error = %e, "upstream unavailable");
@@ -113,16 +145,26 @@ pub async fn run(
             return CloseReason::Error;
         }
     };
+    let upstream_tls = upstream.stream.tls_info();
+    if let Some(t) = &upstream_tls {
+        debug!(version = %t.version, cipher = %t.cipher, "upstream TLS established");
+    }
     let mut relay = Relay {
         tracker: Tracker::new(config.limits.max_line),
         client,
-        upstream,
+        upstream: upstream.stream,
+        shared,
         config,
+        info,
+        client_tls,
+        upstream_tls,
         cin: BytesMut::new(),
-        sin: BytesMut::new(),
+        sin: BytesMut::from(&upstream.preread[..]),
         up_out: Vec::new(),
         discarding: None,
         client_eof: false,
+        stls_pending: false,
+        capa: None,
         traffic: Traffic::default(),
     };
     let result = relay.relay(shutdown).await;
@@ -143,7 +185,7 @@ pub async fn run(
     };
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     let _ = relay.client.shutdown().await;
-    drop(relay.upstream);
+    drop(std::mem::replace(&mut relay.upstream, Stream::Detached));
     info!(
         reason = reason.as_str(),
         user = relay.tracker.user().unwrap_or("-"),
@@ -152,15 +194,44 @@ pub async fn run(
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
-    debug!(listener = %info.listener, local = %info.local, "session end");
     reason
+}
+
+/// Server side of a client TLS handshake, bounded by `tls.handshake_timeout`.
+async fn client_handshake(client: Stream, shared: &Shared) -> Result<Stream, SessionError> {
+    let fail = |e: std::io::Error| SessionError::Io {
+        side: Side::Client,
+        source: e,
+    };
+    let Some(tls) = shared.tls.server.as_ref() else {
+        return Err(fail(std::io::Error::other("no certificate configured")));
+    };
+    let timeout = shared
+        .config
+        .tls
+        .as_ref()
+        .map(|t| t.handshake_timeout)
+        .unwrap_or(std::time::Duration::from_secs(30));
+    let stream = tokio::time::timeout(timeout, client.accept_tls(tls))
+        .await
+        .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(fail)?;
+    if let Some(t) = stream.tls_info() {
+        info!(version = %t.version, cipher = %t.cipher, sni = t.sni.as_deref().unwrap_or("-"), "client TLS established");
+    }
+    Ok(stream)
 }
 
 struct Relay {
     tracker: Tracker,
     client: Stream,
     upstream: Stream,
+    shared: Arc<Shared>,
     config: Arc<Config>,
+    info: SessionInfo,
+    client_tls: Option<TlsInfo>,
+    #[allow(dead_code)] // read by rules and audit
+    upstream_tls: Option<TlsInfo>,
     /// Client bytes not yet a complete line.
     cin: BytesMut,
     /// Server bytes not yet relayed.
@@ -170,6 +241,10 @@ struct Relay {
     /// Octets of an overlong client line thrown away so far.
     discarding: Option<usize>,
     client_eof: bool,
+    /// STLS was accepted: read nothing more from the client until the handshake.
+    stls_pending: bool,
+    /// A CAPA response being collected for rewriting.
+    capa: Option<Vec<u8>>,
     traffic: Traffic,
 }
 
@@ -182,6 +257,7 @@ impl Relay {
         let mut deadline = Instant::now() + idle;
         loop {
             let want_client = !self.client_eof
+                && !self.stls_pending
                 && !self.tracker.quit_sent()
                 && !self.tracker.client_must_wait()
                 && self.tracker.pending_len() < self.config.limits.max_pipeline;
@@ -257,26 +333,55 @@ impl Relay {
             match local.then {
                 AfterReply::Continue => {}
                 AfterReply::Close => return Ok(Some(CloseReason::Error)),
-                // Client-side TLS is not offered yet; STLS is refused before reaching here.
-                AfterReply::StartTls => return Ok(Some(CloseReason::Error)),
+                AfterReply::StartTls => self.start_client_tls().await?,
             }
         }
         Ok(None)
     }
 
-    /// Decide what to do with a command: the hook where rules will plug in.
+    /// Whether this hop offers STLS right now.
+    fn stls_offered(&self) -> bool {
+        self.info.tls_mode == TlsMode::Starttls
+            && self.shared.tls.server.is_some()
+            && !self.client.is_tls()
+            && self.tracker.state() == State::Authorization
+    }
+
+    /// Decide what to do with a command: the hook where rules plug in.
     fn decide(&self, cmd: &Command<'_>) -> Decision {
+        let reply = |text: &str| Decision::Reply(text.into(), AfterReply::Continue);
         match cmd.verb {
             Verb::Unknown if self.config.limits.unknown_commands == UnknownCommands::Reject => {
-                Decision::Reply("-ERR unknown command".into(), AfterReply::Continue)
+                reply("-ERR unknown command")
             }
-            // STLS is a matter between the client and this hop; it is never relayed upstream.
-            Verb::Stls => Decision::Reply(
-                "-ERR STLS not available on this listener".into(),
-                AfterReply::Continue,
-            ),
+            // STLS is between the client and this hop; it is never relayed upstream.
+            Verb::Stls if self.client.is_tls() => reply("-ERR already under TLS"),
+            Verb::Stls if self.tracker.state() != State::Authorization => {
+                reply("-ERR STLS is only allowed before login")
+            }
+            Verb::Stls if !self.stls_offered() => reply("-ERR STLS not available on this listener"),
+            Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
             _ => Decision::Forward,
         }
+    }
+
+    /// The client's STLS was answered `+OK`: drop plaintext that followed it, then handshake.
+    async fn start_client_tls(&mut self) -> Result<(), SessionError> {
+        if !self.cin.is_empty() {
+            // CVE-2011-0411 class: bytes sent before the handshake must not count as commands
+            // sent under TLS.
+            warn!(
+                octets = self.cin.len(),
+                "STARTTLS injection attempt: plaintext after STLS discarded"
+            );
+            self.cin.clear();
+        }
+        self.discarding = None;
+        let plain = std::mem::replace(&mut self.client, Stream::Detached);
+        self.client = client_handshake(plain, &self.shared).await?;
+        self.client_tls = self.client.tls_info();
+        self.stls_pending = false;
+        Ok(())
     }
 
     /// Handle every complete client line in `cin` that may be handled now.
@@ -288,7 +393,8 @@ impl Relay {
                 self.cin.clear();
                 break;
             }
-            if self.tracker.client_must_wait()
+            if self.stls_pending
+                || self.tracker.client_must_wait()
                 || self.tracker.pending_len() >= self.config.limits.max_pipeline
             {
                 break;
@@ -359,6 +465,15 @@ impl Relay {
                             let mut reply = text.into_bytes();
                             reply.extend_from_slice(b"\r\n");
                             self.tracker.answer_locally(cmd.verb, reply, then);
+                            if then == AfterReply::StartTls {
+                                // Whatever else is buffered is plaintext sent before the
+                                // handshake: it is discarded, never parsed.
+                                self.stls_pending = true;
+                                if let Some(close) = self.flush_upstream_and_locals().await? {
+                                    return Ok(Some(close));
+                                }
+                                break;
+                            }
                         }
                     }
                 }
@@ -404,7 +519,33 @@ impl Relay {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } => {
                     self.on_response(&meta, &self.sin[fwd..fwd + len]);
-                    fwd += len;
+                    if meta.multiline && meta.verb == Some(Verb::Capa) {
+                        // Collected and rewritten: clients must see this hop's truth.
+                        self.flush_server(fwd).await?;
+                        fwd = 0;
+                        self.capa = Some(self.sin.split_to(len).to_vec());
+                    } else {
+                        fwd += len;
+                    }
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } if self.capa.is_some() => {
+                    self.flush_server(fwd).await?;
+                    fwd = 0;
+                    let chunk = self.sin.split_to(len);
+                    let done = matches!(piece, Piece::BodyEnd { .. });
+                    if let Some(buf) = self.capa.as_mut() {
+                        buf.extend_from_slice(&chunk);
+                        if buf.len() > MAX_CAPA {
+                            warn!("CAPA response too long");
+                            return Err(SessionError::Protocol(
+                                tracker::ProtocolError::LineTooLong(MAX_CAPA),
+                            ));
+                        }
+                    }
+                    if done && let Some(buf) = self.capa.take() {
+                        let out = self.rewrite_capa(&buf);
+                        self.write_client(&out).await?;
+                    }
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } => fwd += len,
             }
@@ -418,6 +559,21 @@ impl Relay {
         }
         self.flush_server(fwd).await?;
         Ok(None)
+    }
+
+    /// Rewrite a complete CAPA response (status line + body + terminator) for this hop:
+    /// the upstream's STLS is never shown; STLS is offered when this listener can do it.
+    fn rewrite_capa(&self, response: &[u8]) -> Vec<u8> {
+        let status_len = line_end(response).unwrap_or(response.len());
+        let (status, body) = response.split_at(status_len);
+        let mut items: Vec<&[u8]> = capa::items(body)
+            .into_iter()
+            .filter(|i| capa::keyword(i) != "STLS")
+            .collect();
+        if self.stls_offered() {
+            items.push(b"STLS");
+        }
+        capa::build(status, items)
     }
 
     async fn flush_server(&mut self, n: usize) -> Result<(), SessionError> {
@@ -451,7 +607,7 @@ impl Relay {
     }
 
     async fn upstream_eof(&mut self) -> Result<CloseReason, SessionError> {
-        if self.tracker.in_body() {
+        if self.tracker.in_body() || self.capa.is_some() {
             // Never complete a truncated message: close without the terminating dot.
             warn!("upstream closed in the middle of a multi-line response; closing client");
             return Ok(CloseReason::UpstreamEof);

@@ -1,0 +1,63 @@
+//! Capability lists (RFC 2449 CAPA): split into items and rebuild after rewriting.
+
+/// The items of a CAPA body (bytes after the status line, terminator included or not), each
+/// without its line ending. Dot-stuffed items are unstuffed.
+pub fn items(body: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        let item = crate::pop3::command::trim_eol(line);
+        if item == b"." {
+            break;
+        }
+        let item = if item.starts_with(b"..") {
+            &item[1..]
+        } else {
+            item
+        };
+        if !item.is_empty() {
+            out.push(item);
+        }
+    }
+    out
+}
+
+/// The capability keyword of an item (`SASL` in `SASL PLAIN LOGIN`), upper-cased.
+pub fn keyword(item: &[u8]) -> String {
+    let kw = item.split(|&b| b == b' ').next().unwrap_or_default();
+    String::from_utf8_lossy(kw).to_ascii_uppercase()
+}
+
+/// A complete CAPA response: `status` (with its line ending), the items, and the terminator.
+pub fn build<'a>(status: &[u8], items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = status.to_vec();
+    for item in items {
+        if item.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(item);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_rebuild() {
+        let body = b"TOP\r\nUSER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n.\r\n";
+        let it = items(body);
+        assert_eq!(it, vec![&b"TOP"[..], b"USER", b"SASL PLAIN LOGIN", b"STLS"]);
+        assert_eq!(keyword(it[2]), "SASL");
+        assert_eq!(keyword(b"stls"), "STLS");
+        let kept: Vec<&[u8]> = it.into_iter().filter(|i| keyword(i) != "STLS").collect();
+        assert_eq!(
+            build(b"+OK\r\n", kept),
+            b"+OK\r\nTOP\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
+        );
+        assert_eq!(build(b"+OK\r\n", [&b".X"[..]]), b"+OK\r\n..X\r\n.\r\n");
+        assert_eq!(items(b"..X\n.\n"), vec![&b".X"[..]]);
+    }
+}
