@@ -37,8 +37,11 @@ pub enum CliCommand {
     },
     /// Start popgate on loopback in front of a built-in demo POP3 server and print how to try it.
     Demo {
-        /// Where the proxy listens.
+        /// Where the proxy's plain listener (with STLS) listens.
         #[arg(long, default_value = "127.0.0.1:1110", value_name = "ADDR")]
         bind: SocketAddr,
+        /// Where the proxy's implicit-TLS (pop3s) listener listens.
+        #[arg(long, default_value = "127.0.0.1:1995", value_name = "ADDR")]
+        tls_bind: SocketAddr,
     },
 }
