@@ -170,12 +170,29 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
         "popgate demo: proxy on {plain} (plain, STLS) and {tls} (implicit TLS), demo POP3 server on {}",
         server.local_addr()
     );
-    println!("user {:?}, password {:?}, {} messages", user.user, user.password, user.messages.len());
+    println!(
+        "user {:?}, password {:?}, {} messages",
+        user.user,
+        user.password,
+        user.messages.len()
+    );
     println!("try:");
-    println!("  curl pop3://{creds}@{}/      # list messages", hostport(plain));
-    println!("  curl pop3://{creds}@{}/1     # retrieve message 1", hostport(plain));
-    println!("  curl --ssl-reqd --cacert certs/dev-ca.crt pop3://{creds}@localhost:{}/2   # over STLS", plain.port());
-    println!("  curl --cacert certs/dev-ca.crt pop3s://{creds}@localhost:{}/3   # implicit TLS", tls.port());
+    println!(
+        "  curl pop3://{creds}@{}/      # list messages",
+        hostport(plain)
+    );
+    println!(
+        "  curl pop3://{creds}@{}/1     # retrieve message 1",
+        hostport(plain)
+    );
+    println!(
+        "  curl --ssl-reqd --cacert certs/dev-ca.crt pop3://{creds}@localhost:{}/2   # over STLS",
+        plain.port()
+    );
+    println!(
+        "  curl --cacert certs/dev-ca.crt pop3s://{creds}@localhost:{}/3   # implicit TLS",
+        tls.port()
+    );
     println!("press Ctrl-C to stop");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

@@ -103,7 +103,11 @@ async fn dial(
 }
 
 /// Read one line, leaving any bytes after it in `buf`.
-async fn read_line(tcp: &mut TcpStream, buf: &mut Vec<u8>, max_line: usize) -> Result<Vec<u8>, String> {
+async fn read_line(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max_line: usize,
+) -> Result<Vec<u8>, String> {
     loop {
         if let Some(n) = line_end(buf) {
             let rest = buf.split_off(n);

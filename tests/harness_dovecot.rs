@@ -8,7 +8,7 @@
 mod common;
 
 use common::clients::{
-    RawPop, b64, b64_lines, curl, curl_dele, curl_list, curl_ok, curl_retr, fetchmail,
+    RawPop, b64, b64_lines, brief, curl, curl_dele, curl_list, curl_ok, curl_retr, fetchmail,
     fetchmail_run, pop_raw, pop_raw_bytes, poplib, poplib_spec, url,
 };
 use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, served};
@@ -43,7 +43,7 @@ fn msg_big() -> Vec<u8> {
     let mut m = b"From: dave@example.com\nTo: bob@example.com\nSubject: big\n\n".to_vec();
     let mut i = 0u32;
     while m.len() < 2_000_000 {
-        let lead = if i % 97 == 0 { "." } else { "" };
+        let lead = if i.is_multiple_of(97) { "." } else { "" };
         let line = format!(
             "{lead}{i:08} ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 ===\n"
         );
@@ -126,9 +126,22 @@ fn curl_gets_crlf_unstuffed_bodies() {
     let out = curl(&["-u", "alice:wrong", &url("pop3", dv.pop3, "1")]);
     assert_eq!(out.status.code(), Some(67), "{out:?}");
 
-    // IPv4 literal URL works; no proxy, so nothing else to check here.
     assert_eq!(dv.message_count("alice"), 3);
     assert_eq!(dv.message_count("bob"), 12);
+
+    // A message delivered while Dovecot runs comes after the others.
+    dv.deliver(
+        "alice",
+        b"Subject: late
+
+late arrival
+",
+    );
+    assert_eq!(dv.message_count("alice"), 4);
+    assert_eq!(
+        curl_retr(dv.pop3, "alice", "alice-secret", 4),
+        b"Subject: late\r\n\r\nlate arrival\r\n".to_vec()
+    );
 }
 
 #[test]
@@ -152,7 +165,11 @@ fn poplib_user_and_apop() {
         ["quit"]
     ]);
     let r = poplib(spec);
-    assert!(r["welcome"].as_str().unwrap().starts_with("+OK"), "{}", brief(&r));
+    assert!(
+        r["welcome"].as_str().unwrap().starts_with("+OK"),
+        "{}",
+        brief(&r)
+    );
     assert_eq!(r["login"]["ok"], true, "{}", brief(&r));
     let res = r["results"].as_array().unwrap();
     assert_eq!(res.len(), 11);
@@ -375,7 +392,11 @@ fn tls_pop3s_and_stls() {
     spec["actions"] = json!([["capa"], ["retr", 3], ["quit"]]);
     let r = poplib(spec);
     assert_eq!(r["tls"], "stls", "{}", brief(&r));
-    assert!(r["results"][0]["capa"].get("STLS").is_none(), "{}", brief(&r));
+    assert!(
+        r["results"][0]["capa"].get("STLS").is_none(),
+        "{}",
+        brief(&r)
+    );
     assert!(b64(&r["results"][1]["data_b64"]) == served(&msgs[2]));
 
     // STLS by hand before login (login "none").
@@ -392,7 +413,12 @@ fn tls_pop3s_and_stls() {
     ]);
     let r = poplib(spec);
     assert_eq!(r["results"][3]["count"], 3, "{}", brief(&r));
-    assert_eq!(r["results"][4]["ok"], false, "second STLS refused: {r}");
+    assert_eq!(
+        r["results"][4]["ok"],
+        false,
+        "second STLS refused: {}",
+        brief(&r)
+    );
 
     // curl: STLS required and verified, and pop3s://.
     let up = "alice:alice-secret";
@@ -453,7 +479,8 @@ fn ssl_required_refuses_plaintext_login() {
             .as_str()
             .unwrap()
             .starts_with("-ERR [AUTH] Plaintext authentication disallowed"),
-        "{}", brief(&r)
+        "{}",
+        brief(&r)
     );
     let mut spec = poplib_spec(dv.pop3, "alice", "alice-secret");
     spec["login"] = json!("apop");

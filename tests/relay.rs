@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::clients::{self, RawPop, curl, curl_list, curl_retr, pop_raw, poplib, poplib_spec};
+use common::clients::{self, RawPop, curl_list, curl_retr, pop_raw, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateProcess, big_message, mailbox, tricky_messages};
 use popgate::demo::{Faults, ServerOptions, apop_digest};
 use popgate::pop3::command::Verb;

@@ -165,6 +165,7 @@ pub async fn run(
         client_eof: false,
         stls_pending: false,
         capa: None,
+        barrier: false,
         traffic: Traffic::default(),
     };
     let result = relay.relay(shutdown).await;
@@ -245,6 +246,8 @@ struct Relay {
     stls_pending: bool,
     /// A CAPA response being collected for rewriting.
     capa: Option<Vec<u8>>,
+    /// A buffered STLS waits until every earlier response is in (its answer depends on them).
+    barrier: bool,
     traffic: Traffic,
 }
 
@@ -255,9 +258,16 @@ impl Relay {
     ) -> Result<CloseReason, SessionError> {
         let idle = self.config.limits.idle_timeout;
         let mut deadline = Instant::now() + idle;
+        // The greeting may have been read already (upstream STLS).
+        if !self.sin.is_empty()
+            && let Some(close) = self.on_server_data().await?
+        {
+            return Ok(close);
+        }
         loop {
             let want_client = !self.client_eof
                 && !self.stls_pending
+                && !self.barrier
                 && !self.tracker.quit_sent()
                 && !self.tracker.client_must_wait()
                 && self.tracker.pending_len() < self.config.limits.max_pipeline;
@@ -387,6 +397,7 @@ impl Relay {
     /// Handle every complete client line in `cin` that may be handled now.
     async fn on_client_data(&mut self) -> Result<Option<CloseReason>, SessionError> {
         let max_line = self.config.limits.max_line;
+        self.barrier = false;
         loop {
             if self.tracker.quit_sent() {
                 // Nothing after QUIT is forwarded: the server is about to close.
@@ -431,6 +442,13 @@ impl Relay {
                 }
                 break;
             };
+            if !self.tracker.idle()
+                && matches!(Command::parse(&self.cin[..len]), Ok(c) if c.verb == Verb::Stls)
+            {
+                // Whether STLS is allowed depends on the outcome of the commands before it.
+                self.barrier = true;
+                break;
+            }
             let line = self.cin.split_to(len);
             if len > max_line + 2 {
                 self.tracker.answer_locally(

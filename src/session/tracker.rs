@@ -527,7 +527,7 @@ mod tests {
         let mut pending_client: VecDeque<&[u8]> = client.iter().copied().collect();
         let mut buf: Vec<u8> = Vec::new();
         let mut fed = 0;
-        let mut push_body = |evs: &mut Vec<Ev>, bytes: &[u8]| {
+        let push_body = |evs: &mut Vec<Ev>, bytes: &[u8]| {
             if let Some(Ev::BodyBytes(b)) = evs.last_mut() {
                 b.extend_from_slice(bytes);
             } else {

@@ -20,6 +20,8 @@
 //! - UIDLs follow `pop3_uidl_format = %08Xu%08Xv`: 8 hex digits of the UID, then of the
 //!   UIDVALIDITY (which is time-based, so it differs between instances).
 //! - DELE without a following QUIT deletes nothing; the file goes away on QUIT.
+//! - Failed logins are answered at once here (`auth_failure_delay = 0`; Dovecot's default
+//!   waits 2 s).
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -48,7 +50,8 @@ pub struct DovecotOpts {
     pub ssl_required: bool,
     /// Address of both listeners; default 127.0.0.1 (127.0.0.2 when `ssl_required`).
     pub listen: Option<IpAddr>,
-    /// Raw lines appended to dovecot.conf (e.g. `pop3_lock_session = yes`).
+    /// Raw lines appended to dovecot.conf (e.g. `pop3_lock_session = yes`, or
+    /// `auth_failure_delay = 2s` to get back Dovecot's delay, set to 0 here).
     pub extra_conf: String,
     /// Raw lines put inside `inet_listener pop3 { }` (e.g. `haproxy = yes`).
     pub pop3_listener_extra: String,
@@ -190,7 +193,9 @@ impl Dovecot {
         std::fs::rename(&tmp, md.join("new").join(&name)).expect("move message to new/");
     }
 
-    /// Dovecot's own log (`log_path`).
+    /// Dovecot's own log (`log_path`). Per session it says how the client logged in
+    /// (`Login: user=<alice>, method=PLAIN`) and how the session ended: `Disconnected: Logged
+    /// out` after QUIT, `Disconnected: Connection closed` without QUIT, with `del=N/M`.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
@@ -402,6 +407,8 @@ base_dir = {b}/run
 state_dir = {b}/state
 log_path = {b}/dovecot.log
 auth_verbose = yes
+# Failed logins answer at once (the default waits 2 s): keeps wrong-password tests fast.
+auth_failure_delay = 0
 ssl = {ssl}
 ssl_cert = <{cert}
 ssl_key = <{key}

@@ -122,7 +122,7 @@ pub fn big_message(size: usize) -> Vec<u8> {
     let mut m = b"From: big@example.org\r\nSubject: big\r\n\r\n".to_vec();
     let mut i: usize = 0;
     while m.len() < size {
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             m.push(b'.');
         }
         let len = (i * 37) % 990;
