@@ -1,0 +1,177 @@
+//! The binary's command line: help, check (good and each kind of mistake), and the demo with
+//! the exact curl commands it prints.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::clients::run_bounded;
+use common::proxy::popgate_bin;
+
+fn popgate(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(popgate_bin());
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    run_bounded(&mut cmd, None, Duration::from_secs(20))
+}
+
+#[test]
+fn help_lists_subcommands() {
+    let out = popgate(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["run", "check", "demo", "--log-level"] {
+        assert!(text.contains(word), "help lacks {word}: {text}");
+    }
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let out = popgate(&["check", "--config", "popgate.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+/// Each class of mistake: the message names the file, the key and what is wrong.
+#[test]
+fn check_reports_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\n[upstream]\naddress = \"127.0.0.1:110\"\n";
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "unknown-key",
+            format!("{base}[limits]\nmax_lines = 5\n"),
+            &["max_lines", "unknown field"],
+        ),
+        (
+            "bad-type",
+            format!("{base}[limits]\nmax_line = \"big\"\n"),
+            &["max_line", "invalid type"],
+        ),
+        (
+            "bad-duration",
+            format!("{base}[limits]\nidle_timeout = \"soon\"\n"),
+            &["idle_timeout"],
+        ),
+        (
+            "range",
+            format!("{base}[limits]\nmax_line = 10\n"),
+            &["limits.max_line", "outside"],
+        ),
+        (
+            "bad-upstream",
+            base.replace("127.0.0.1:110", "nowhere"),
+            &["upstream.address", "host:port"],
+        ),
+        (
+            "tls-without-cert",
+            base.replace(
+                "bind = \"127.0.0.1:1110\"",
+                "bind = \"127.0.0.1:1110\"\ntls = \"implicit\"",
+            ),
+            &["listener[0].tls", "certificate"],
+        ),
+        (
+            "missing-cert-file",
+            format!("{base}[tls]\ncert = \"nope.crt\"\nkey = \"nope.key\"\n"),
+            &["nope.crt"],
+        ),
+        (
+            "bad-mode",
+            base.replace(
+                "address = \"127.0.0.1:110\"",
+                "address = \"127.0.0.1:110\"\ntls = \"maybe\"",
+            ),
+            &["maybe", "unknown variant"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert!(
+            err.contains(&format!("{name}.toml")),
+            "{name}: file not named: {err}"
+        );
+        for n in *needles {
+            assert!(err.contains(n), "{name}: {n:?} missing in: {err}");
+        }
+    }
+    let out = popgate(&["check", "--config", "/nonexistent/popgate.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/popgate.toml"));
+}
+
+/// `popgate demo` prints curl commands; each of them works as printed.
+#[test]
+fn demo_prints_working_curl_commands() {
+    let mut child = Command::new(popgate_bin())
+        .args(["demo", "--bind", "127.0.0.1:0", "--tls-bind", "127.0.0.1:0"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut commands = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "demo did not finish printing");
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("demo exited early");
+        }
+        if let Some(cmd) = line.trim().strip_prefix("curl ") {
+            commands.push(cmd.split('#').next().unwrap().trim().to_string());
+        }
+        if line.starts_with("press Ctrl-C") {
+            break;
+        }
+    }
+    assert_eq!(commands.len(), 4, "{commands:?}");
+    let run = |c: &str| {
+        let args: Vec<&str> = c.split_whitespace().collect();
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-S", "--max-time", "10"])
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let o = run_bounded(&mut cmd, None, Duration::from_secs(20));
+        assert!(
+            o.status.success(),
+            "curl {c}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let list = run(&commands[0]);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(run(&commands[1]).contains("Subject: Welcome to popgate"));
+    assert!(
+        run(&commands[2]).contains("Subject: Nightly build report"),
+        "STLS"
+    );
+    assert!(
+        run(&commands[3]).contains("Subject: Re: lunch on Friday?"),
+        "implicit TLS"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "demo exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
