@@ -496,8 +496,11 @@ impl Relay {
                     }
                 }
             }
-            // Send before answering locally: a local reply may only follow what was sent.
-            if let Some(close) = self.flush_upstream_and_locals().await? {
+            // Commands go upstream in one write at the end; a local reply that is due (nothing
+            // owed before it) goes out now.
+            if self.tracker.local_due()
+                && let Some(close) = self.write_due_locals().await?
+            {
                 return Ok(Some(close));
             }
         }

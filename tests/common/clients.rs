@@ -277,7 +277,7 @@ pub fn tail(s: &str, n: usize) -> &str {
 ///
 /// Fixed options: `-v -N --nosyslog --invisible --norewrite -p POP3 --port P -u USER --fetchall
 /// --mda <script>` plus `--keep` or `--nokeep`; HOME and FETCHMAILHOME are a temp dir holding
-/// the rcfile (mode 0600, password only), the lock and the id file.
+/// the rcfile (mode 0600, password only), the lock (`--pidfile`) and the id file.
 ///
 /// fetchmail upgrades with STLS on its own whenever CAPA lists STLS, and then checks the
 /// certificate against the system store and fails. So unless `extra` has an option starting
@@ -330,6 +330,10 @@ pub fn fetchmail_run(
         .env("FETCHMAILHOME", home.path())
         .arg("-f")
         .arg(&rc)
+        // Run as root, fetchmail locks /var/run/fetchmail.pid whatever FETCHMAILHOME says, and
+        // a second fetchmail (a test running in parallel) exits 8: lock per run instead.
+        .arg("--pidfile")
+        .arg(home.path().join("fetchmail.pid"))
         .args(["-v", "-N", "--nosyslog", "--invisible", "--norewrite"])
         .args(["-p", "POP3", "--port", &port, "-u", user, "--fetchall"])
         .arg("--mda")
