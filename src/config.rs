@@ -50,6 +50,12 @@ pub struct Config {
     /// Certificates popgate serves to clients (needed by `starttls`/`implicit` listeners).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Rule files, as globs relative to the config file (`["rules/*.toml"]`), loaded in order.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Directory relative paths and rule globs are resolved against (the config file's).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 /// `[tls]`: the certificates popgate presents to clients.
@@ -231,6 +237,7 @@ impl Config {
 
     /// Make relative file paths relative to `base` (the config file's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
+        self.base_dir = base.to_owned();
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -52,6 +52,9 @@ pub enum StartError {
     /// Certificates or keys could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// Rule files could not be loaded.
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RuleError),
 }
 
 /// Which side of a session failed.

@@ -4,12 +4,14 @@
 //! shutdown future completes. Tests and the demo start the proxy in-process this way.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod listener;
 pub mod pop3;
+pub mod rules;
 pub mod session;
 pub mod tls;
 pub mod upstream;
@@ -34,9 +36,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// do; the config itself must already be validated.
 pub fn prepare(config: Config) -> Result<Arc<Shared>, StartError> {
     let tls = tls::TlsSetup::new(&config)?;
+    let rules = rules::RuleSet::load(&config.rules, &config.base_dir)?;
     Ok(Arc::new(Shared {
         config: Arc::new(config),
         tls,
+        rules: std::sync::RwLock::new(Arc::new(rules)),
     }))
 }
 
@@ -47,7 +51,7 @@ pub struct Proxy {
     listeners: Vec<listener::Listener>,
 }
 
-/// Reloads certificates (later also rules) of a running proxy, e.g. on SIGHUP.
+/// Reloads certificates and rules of a running proxy, e.g. on SIGHUP.
 #[derive(Debug, Clone)]
 pub struct Reloader {
     shared: Arc<Shared>,
@@ -55,16 +59,27 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Re-read the config file and reload what can change without a restart: certificates.
-    /// On any error the running state stays as it was and the error is returned.
+    /// Re-read the config file and reload what can change without a restart: certificates
+    /// and rules. Each is replaced whole or not at all: on an error the running one stays and
+    /// the error is returned. Open sessions keep the rule set they started with.
     pub fn reload(&self) -> Result<(), StartError> {
         let fresh = match &self.path {
             Some(p) => Config::load(p)?,
             None => (*self.shared.config).clone(),
         };
-        if let (Some(server), Some(t)) = (&self.shared.tls.server, &fresh.tls) {
-            server.reload(t)?;
+        let rules = rules::RuleSet::load(&fresh.rules, &fresh.base_dir);
+        let certs = match (&self.shared.tls.server, &fresh.tls) {
+            (Some(server), Some(t)) => server.reload(t),
+            _ => Ok(()),
+        };
+        let rules = rules?;
+        let count = rules.len();
+        match self.shared.rules.write() {
+            Ok(mut g) => *g = Arc::new(rules),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(rules),
         }
+        tracing::info!(rules = count, "reloaded rules");
+        certs?;
         tracing::info!("reloaded certificates");
         Ok(())
     }

@@ -5,10 +5,11 @@
 //! receives a QUIT the client did not send: every other way out just closes the upstream socket,
 //! and the server, per RFC 1939, deletes nothing.
 
+pub mod policy;
 pub mod tracker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +21,9 @@ use crate::config::{Config, TlsMode, UnknownCommands};
 use crate::error::{SessionError, Side};
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end};
+use crate::rules::{Event, EventKind, RuleSet, command_line};
 use crate::tls::{Stream, TlsInfo, TlsSetup};
+use policy::{Policy, Terminal};
 use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
 
 /// Initial read sizes. Server reads are larger because bodies stream through them.
@@ -38,6 +41,18 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// Certificates and upstream TLS client.
     pub tls: TlsSetup,
+    /// The rule set new sessions start with (swapped whole on reload).
+    pub rules: RwLock<Arc<RuleSet>>,
+}
+
+impl Shared {
+    /// The rule set in force now.
+    pub fn current_rules(&self) -> Arc<RuleSet> {
+        match self.rules.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
 }
 
 /// Who a session is for, known at accept.
@@ -68,6 +83,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// popgate is shutting down.
     Shutdown,
+    /// A `drop` rule ended the session.
+    RuleDrop,
     /// An error on either side.
     Error,
 }
@@ -81,6 +98,7 @@ impl CloseReason {
             CloseReason::UpstreamEof => "upstream_eof",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RuleDrop => "rule_drop",
             CloseReason::Error => "error",
         }
     }
@@ -89,10 +107,12 @@ impl CloseReason {
 /// What the proxy does with a client command (the rule engine's hook point).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Send upstream unchanged.
-    Forward,
+    /// Send upstream: unchanged, or this rewritten line (CRLF included).
+    Forward(Option<Vec<u8>>),
     /// Answer locally with this line (CRLF added), never reaching the upstream.
     Reply(String, AfterReply),
+    /// Close both sides now, upstream without QUIT.
+    Drop,
 }
 
 /// Byte counters of a session.
@@ -128,6 +148,27 @@ pub async fn run(
         }
     }
     let client_tls = client.tls_info();
+    let mut policy = Policy::new(shared.current_rules());
+    let connect = policy.evaluate(&Event {
+        tls: client.is_tls(),
+        ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
+    });
+    if let Some(d) = connect.delay {
+        tokio::time::sleep(d).await;
+    }
+    match policy.terminal(&connect) {
+        Terminal::Pass => {}
+        Terminal::Deny { reply, rule, .. } => {
+            info!(%rule, "connection denied by rule");
+            let _ = client.write_all(format!("{reply}\r\n").as_bytes()).await;
+            let _ = client.shutdown().await;
+            return CloseReason::RuleDrop;
+        }
+        Terminal::Drop { rule } => {
+            info!(%rule, "connection dropped by rule");
+            return CloseReason::RuleDrop;
+        }
+    }
     let upstream = match crate::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
@@ -166,6 +207,7 @@ pub async fn run(
         stls_pending: false,
         capa: None,
         barrier: false,
+        policy,
         traffic: Traffic::default(),
     };
     let result = relay.relay(shutdown).await;
@@ -184,18 +226,40 @@ pub async fn run(
             CloseReason::Error
         }
     };
+    relay.policy.evaluate(&make_event(
+        &relay.info,
+        &relay.tracker,
+        relay.client.is_tls(),
+        EventKind::Close,
+    ));
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     let _ = relay.client.shutdown().await;
     drop(std::mem::replace(&mut relay.upstream, Stream::Detached));
     info!(
         reason = reason.as_str(),
         user = relay.tracker.user().unwrap_or("-"),
+        tags = ?relay.policy.tags,
         from_client = relay.traffic.from_client,
         to_client = relay.traffic.to_client,
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
     reason
+}
+
+/// A rule event with the session's context filled in.
+fn make_event<'a>(
+    info: &'a SessionInfo,
+    tracker: &'a Tracker,
+    tls: bool,
+    kind: EventKind,
+) -> Event<'a> {
+    Event {
+        tls,
+        state: tracker.state(),
+        user: tracker.user(),
+        ..Event::new(kind, &info.listener, info.client.ip())
+    }
 }
 
 /// Server side of a client TLS handshake, bounded by `tls.handshake_timeout`.
@@ -248,6 +312,7 @@ struct Relay {
     capa: Option<Vec<u8>>,
     /// A buffered STLS waits until every earlier response is in (its answer depends on them).
     barrier: bool,
+    policy: Policy,
     traffic: Traffic,
 }
 
@@ -342,7 +407,7 @@ impl Relay {
             self.write_client(&local.reply).await?;
             match local.then {
                 AfterReply::Continue => {}
-                AfterReply::Close => return Ok(Some(CloseReason::Error)),
+                AfterReply::Close => return Ok(Some(CloseReason::RuleDrop)),
                 AfterReply::StartTls => self.start_client_tls().await?,
             }
         }
@@ -357,10 +422,39 @@ impl Relay {
             && self.tracker.state() == State::Authorization
     }
 
-    /// Decide what to do with a command: the hook where rules plug in.
-    fn decide(&self, cmd: &Command<'_>) -> Decision {
+    /// Decide what to do with a command: rules first, then popgate's own protocol checks
+    /// (which no rule can override: STLS is never relayed, unknown shapes are not guessed).
+    /// Returns the decision and a tarpit delay to apply first.
+    fn decide(&mut self, cmd: &Command<'_>) -> (Decision, Option<std::time::Duration>) {
+        let verdict = self.policy.evaluate(&Event {
+            verb: Some(cmd.verb),
+            args: Some(cmd.args),
+            ..make_event(
+                &self.info,
+                &self.tracker,
+                self.client.is_tls(),
+                EventKind::Command,
+            )
+        });
+        let delay = verdict.delay;
+        match self.policy.terminal(&verdict) {
+            Terminal::Pass => {}
+            Terminal::Deny { reply, rule, close } => {
+                info!(%rule, verb = %cmd.verb, "command denied by rule");
+                let then = if close {
+                    AfterReply::Close
+                } else {
+                    AfterReply::Continue
+                };
+                return (Decision::Reply(reply, then), delay);
+            }
+            Terminal::Drop { rule } => {
+                info!(%rule, verb = %cmd.verb, "session dropped by rule");
+                return (Decision::Drop, delay);
+            }
+        }
         let reply = |text: &str| Decision::Reply(text.into(), AfterReply::Continue);
-        match cmd.verb {
+        let decision = match cmd.verb {
             Verb::Unknown if self.config.limits.unknown_commands == UnknownCommands::Reject => {
                 reply("-ERR unknown command")
             }
@@ -371,8 +465,13 @@ impl Relay {
             }
             Verb::Stls if !self.stls_offered() => reply("-ERR STLS not available on this listener"),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
-            _ => Decision::Forward,
-        }
+            _ => Decision::Forward(
+                verdict
+                    .rewritten
+                    .map(|args| command_line(cmd.keyword, &args)),
+            ),
+        };
+        (decision, delay)
     }
 
     /// The client's STLS was answered `+OK`: drop plaintext that followed it, then handshake.
@@ -461,6 +560,20 @@ impl Relay {
             match self.tracker.classify(&line) {
                 ClientLine::SaslResponse(data) => {
                     debug!(line = "***", "SASL answer");
+                    // Rules see SASL lines (to log or drop) but never their content.
+                    let v = self.policy.evaluate(&Event {
+                        verb: Some(Verb::Auth),
+                        ..make_event(
+                            &self.info,
+                            &self.tracker,
+                            self.client.is_tls(),
+                            EventKind::Command,
+                        )
+                    });
+                    if let Terminal::Drop { rule } = self.policy.terminal(&v) {
+                        info!(%rule, "session dropped by rule");
+                        return Ok(Some(CloseReason::RuleDrop));
+                    }
                     self.up_out.extend_from_slice(data);
                     self.tracker.forwarded_sasl(data);
                 }
@@ -474,11 +587,36 @@ impl Relay {
                 }
                 ClientLine::Command(cmd) => {
                     debug!(command = %cmd.redacted(), "command");
-                    match self.decide(&cmd) {
-                        Decision::Forward => {
+                    let (decision, delay) = self.decide(&cmd);
+                    if let Some(d) = delay {
+                        // Tarpit: what was decided before goes out first.
+                        if let Some(close) = self.flush_upstream_and_locals().await? {
+                            return Ok(Some(close));
+                        }
+                        tokio::time::sleep(d).await;
+                    }
+                    match decision {
+                        Decision::Forward(None) => {
                             self.up_out.extend_from_slice(cmd.raw);
                             self.tracker.forwarded(&cmd);
                         }
+                        Decision::Forward(Some(line)) => match Command::parse(&line) {
+                            // The tracker learns the shape from the command actually sent.
+                            Ok(new) => {
+                                debug!(command = %new.redacted(), "command rewritten by rule");
+                                self.up_out.extend_from_slice(&line);
+                                self.tracker.forwarded(&new);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "rule rewrite produced an invalid command");
+                                self.tracker.answer_locally(
+                                    cmd.verb,
+                                    b"-ERR command rejected\r\n".to_vec(),
+                                    AfterReply::Continue,
+                                );
+                            }
+                        },
+                        Decision::Drop => return Ok(Some(CloseReason::RuleDrop)),
                         Decision::Reply(text, then) => {
                             let mut reply = text.into_bytes();
                             reply.extend_from_slice(b"\r\n");
@@ -540,11 +678,28 @@ impl Relay {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } => {
                     self.on_response(&meta, &self.sin[fwd..fwd + len]);
-                    if meta.multiline && meta.verb == Some(Verb::Capa) {
-                        // Collected and rewritten: clients must see this hop's truth.
+                    let (rewritten, delay, drop) = self.response_rules(&meta, fwd, len);
+                    if drop {
+                        self.flush_server(fwd).await?;
+                        return Ok(Some(CloseReason::RuleDrop));
+                    }
+                    if let Some(d) = delay {
                         self.flush_server(fwd).await?;
                         fwd = 0;
-                        self.capa = Some(self.sin.split_to(len).to_vec());
+                        tokio::time::sleep(d).await;
+                    }
+                    let capture = meta.multiline && meta.verb == Some(Verb::Capa);
+                    if capture || rewritten.is_some() {
+                        self.flush_server(fwd).await?;
+                        fwd = 0;
+                        let original = self.sin.split_to(len);
+                        let line = rewritten.unwrap_or_else(|| original.to_vec());
+                        if capture {
+                            // Collected and rewritten: clients must see this hop's truth.
+                            self.capa = Some(line);
+                        } else {
+                            self.write_client(&line).await?;
+                        }
                     } else {
                         fwd += len;
                     }
@@ -582,19 +737,86 @@ impl Relay {
         Ok(None)
     }
 
+    /// Rules on a status line (greeting or response) and on the login it decides.
+    /// Returns a rewritten line (CRLF included), a tarpit delay, and whether to drop.
+    fn response_rules(
+        &mut self,
+        meta: &ResponseMeta,
+        at: usize,
+        len: usize,
+    ) -> (Option<Vec<u8>>, Option<std::time::Duration>, bool) {
+        let kind = if meta.verb.is_none() {
+            EventKind::Greeting
+        } else {
+            EventKind::Response
+        };
+        let tls = self.client.is_tls();
+        let line = crate::pop3::command::trim_eol(&self.sin[at..at + len]);
+        let v = self.policy.evaluate(&Event {
+            verb: meta.verb,
+            status: Some(meta.status),
+            text: Some(line),
+            ..make_event(&self.info, &self.tracker, tls, kind)
+        });
+        let mut delay = v.delay;
+        let mut drop = matches!(self.policy.terminal(&v), Terminal::Drop { .. });
+        if meta.login.is_some() {
+            let lv = self.policy.evaluate(&Event {
+                verb: meta.verb,
+                status: Some(meta.status),
+                ..make_event(&self.info, &self.tracker, tls, EventKind::Login)
+            });
+            delay = match (delay, lv.delay) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            drop |= matches!(self.policy.terminal(&lv), Terminal::Drop { .. });
+        }
+        let rewritten = v.rewritten.map(|mut l| {
+            l.extend_from_slice(b"\r\n");
+            l
+        });
+        (rewritten, delay, drop)
+    }
+
     /// Rewrite a complete CAPA response (status line + body + terminator) for this hop:
     /// the upstream's STLS is never shown; STLS is offered when this listener can do it.
-    fn rewrite_capa(&self, response: &[u8]) -> Vec<u8> {
+    fn rewrite_capa(&mut self, response: &[u8]) -> Vec<u8> {
         let status_len = line_end(response).unwrap_or(response.len());
         let (status, body) = response.split_at(status_len);
-        let mut items: Vec<&[u8]> = capa::items(body)
-            .into_iter()
-            .filter(|i| capa::keyword(i) != "STLS")
-            .collect();
-        if self.stls_offered() {
-            items.push(b"STLS");
+        let mut items: Vec<Vec<u8>> = Vec::new();
+        let tls = self.client.is_tls();
+        let with_rules = self.policy.wants(EventKind::Capa);
+        for item in capa::items(body) {
+            if !with_rules {
+                items.push(item.to_vec());
+                continue;
+            }
+            let v = self.policy.evaluate(&Event {
+                text: Some(item),
+                ..make_event(&self.info, &self.tracker, tls, EventKind::Capa)
+            });
+            if v.remove {
+                continue;
+            }
+            match v.rewritten {
+                Some(new) if new.iter().all(u8::is_ascii_whitespace) => {}
+                Some(new) => items.push(new),
+                None => items.push(item.to_vec()),
+            }
         }
-        capa::build(status, items)
+        if with_rules {
+            let v =
+                self.policy
+                    .evaluate(&make_event(&self.info, &self.tracker, tls, EventKind::Capa));
+            items.extend(v.add_capa.into_iter().map(String::into_bytes));
+        }
+        // After the rules, so that no rule can advertise STLS where this hop cannot do it.
+        items.retain(|i| capa::keyword(i) != "STLS");
+        if self.stls_offered() {
+            items.push(b"STLS".to_vec());
+        }
+        capa::build(status, items.iter().map(Vec::as_slice))
     }
 
     async fn flush_server(&mut self, n: usize) -> Result<(), SessionError> {

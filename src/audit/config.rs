@@ -1,0 +1,511 @@
+//! The `[audit]` configuration table and its validation.
+//!
+//! Pure data: parsing (serde, unknown keys rejected) and [`AuditConfig::validate`], which names
+//! the offending key in every error. Nothing here opens a file.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer};
+
+use super::headers::HeaderSet;
+
+/// Largest accepted `max_header_bytes`: the header extractor holds at most this much per
+/// retrieval in flight, so it is a per-session memory bound.
+pub const MAX_HEADER_BYTES_LIMIT: usize = 1024 * 1024;
+
+/// `[audit]`: the audit trail (JSON lines) and traffic transcripts.
+///
+/// The default is a disabled audit trail and no transcripts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Write audit events at all.
+    pub enabled: bool,
+    /// Where events go: rotated files in [`AuditConfig::dir`] or stdout.
+    pub output: AuditOutput,
+    /// Directory of the `audit.YYYY-MM-DD[.HH].jsonl` files (needed for `output = "file"`).
+    pub dir: Option<PathBuf>,
+    /// How often a new file is started.
+    pub rotation: AuditRotation,
+    /// Files older than this many days (rotation periods) are deleted; 0 keeps all.
+    pub keep_days: u32,
+    /// Length of the bounded queue between sessions and the writer thread.
+    pub queue: usize,
+    /// What `emit` does when the queue is full.
+    pub on_overflow: Overflow,
+    /// Header fields copied into `retrieve` events, matched case-insensitively.
+    pub headers: Vec<String>,
+    /// The header block of a retrieved message is scanned at most this far (octets).
+    pub max_header_bytes: usize,
+    /// `[audit.transcript]`: per-session traffic transcripts.
+    pub transcript: TranscriptConfig,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: false,
+            output: AuditOutput::File,
+            dir: None,
+            rotation: AuditRotation::Daily,
+            keep_days: 30,
+            queue: 10_000,
+            on_overflow: Overflow::Drop,
+            headers: ["Message-ID", "From", "To", "Subject", "Date"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            max_header_bytes: 16 * 1024,
+            transcript: TranscriptConfig::default(),
+        }
+    }
+}
+
+/// Where audit events are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOutput {
+    /// Rotated files in `audit.dir`.
+    #[default]
+    File,
+    /// Standard output (for containers and journald).
+    Stdout,
+}
+
+/// How often a new audit file is started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditRotation {
+    /// `audit.YYYY-MM-DD.jsonl`
+    #[default]
+    Daily,
+    /// `audit.YYYY-MM-DD-HH.jsonl`
+    Hourly,
+}
+
+/// What happens to an event when the audit queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// Drop it, count it ([`super::AuditSink::dropped`]) and log an error: the relay never waits.
+    #[default]
+    Drop,
+    /// Wait for space: the session stalls until the writer catches up (no event is lost).
+    Block,
+}
+
+/// `[audit.transcript]`: which sessions get a `C:`/`S:` transcript file, and how bodies appear.
+///
+/// Transcripts are independent of `audit.enabled`: they are a debugging aid, switched on by
+/// listing listeners or client networks here (or, later, by a rule action `trace`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TranscriptConfig {
+    /// Directory for transcript files (needed when any session is to be transcribed).
+    pub dir: Option<PathBuf>,
+    /// Transcribe every session accepted on these listeners (by name).
+    pub listeners: Vec<String>,
+    /// Transcribe every session whose client address lies in one of these networks.
+    pub networks: Vec<Network>,
+    /// Write message bodies in full instead of their first lines and an octet count.
+    pub full_bodies: bool,
+    /// In summary mode, how many body lines are written before `[... N octets]`.
+    pub summary_lines: usize,
+}
+
+impl Default for TranscriptConfig {
+    fn default() -> Self {
+        TranscriptConfig {
+            dir: None,
+            listeners: Vec::new(),
+            networks: Vec::new(),
+            full_bodies: false,
+            summary_lines: 5,
+        }
+    }
+}
+
+impl TranscriptConfig {
+    /// Whether a session on `listener` from `client` is to be transcribed by configuration
+    /// (a rule action may switch a transcript on for other sessions as well).
+    pub fn wants(&self, listener: &str, client: IpAddr) -> bool {
+        self.dir.is_some()
+            && (self.listeners.iter().any(|l| l == listener)
+                || self.networks.iter().any(|n| n.contains(client)))
+    }
+}
+
+/// An invalid `[audit]` value; `key` is the dotted key (`audit.queue`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key `{key}`: {reason}")]
+pub struct AuditConfigError {
+    /// Dotted key, e.g. `audit.dir`.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> AuditConfigError {
+    AuditConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl AuditConfig {
+    /// Check what the types cannot. Every error names the key.
+    pub fn validate(&self) -> Result<(), AuditConfigError> {
+        if self.enabled && self.output == AuditOutput::File {
+            match &self.dir {
+                None => {
+                    return Err(invalid(
+                        "audit.dir",
+                        "needed when audit is enabled with output = \"file\"",
+                    ));
+                }
+                Some(d) if d.as_os_str().is_empty() => {
+                    return Err(invalid("audit.dir", "must not be empty"));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.queue == 0 {
+            return Err(invalid("audit.queue", "must be at least 1"));
+        }
+        if self.queue > 10_000_000 {
+            return Err(invalid("audit.queue", "must be at most 10000000"));
+        }
+        if self.max_header_bytes == 0 || self.max_header_bytes > MAX_HEADER_BYTES_LIMIT {
+            return Err(invalid(
+                "audit.max_header_bytes",
+                format!("must be between 1 and {MAX_HEADER_BYTES_LIMIT}"),
+            ));
+        }
+        for (i, h) in self.headers.iter().enumerate() {
+            let key = format!("audit.headers[{i}]");
+            if h.is_empty() || h.len() > 76 {
+                return Err(invalid(key, "a header name has 1 to 76 characters"));
+            }
+            // RFC 5322 field-name: printable ASCII except colon.
+            if let Some(c) = h.chars().find(|&c| !(c.is_ascii_graphic() && c != ':')) {
+                return Err(invalid(
+                    key,
+                    format!("{h:?} is not a header name (character {c:?})"),
+                ));
+            }
+            if self.headers[..i].iter().any(|o| o.eq_ignore_ascii_case(h)) {
+                return Err(invalid(key, format!("duplicate header {h:?}")));
+            }
+        }
+        let t = &self.transcript;
+        if t.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(invalid("audit.transcript.dir", "must not be empty"));
+        }
+        if t.dir.is_none() && (!t.listeners.is_empty() || !t.networks.is_empty()) {
+            return Err(invalid(
+                "audit.transcript.dir",
+                "needed when transcript listeners or networks are set",
+            ));
+        }
+        if t.summary_lines > 1000 {
+            return Err(invalid(
+                "audit.transcript.summary_lines",
+                "must be at most 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Make relative directories relative to `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for d in [&mut self.dir, &mut self.transcript.dir]
+            .into_iter()
+            .flatten()
+        {
+            if d.is_relative() {
+                *d = base.join(&*d);
+            }
+        }
+    }
+
+    /// `max_log_files` for the rolling appender: `keep_days` in rotation periods (None: keep
+    /// all).
+    pub fn max_log_files(&self) -> Option<usize> {
+        let days = usize::try_from(self.keep_days).ok().filter(|&d| d > 0)?;
+        Some(match self.rotation {
+            AuditRotation::Daily => days,
+            AuditRotation::Hourly => days.saturating_mul(24),
+        })
+    }
+
+    /// The compiled header list for [`super::HeaderExtractor`]s, built once and shared by all
+    /// sessions.
+    pub fn header_set(&self) -> Arc<HeaderSet> {
+        Arc::new(HeaderSet::new(&self.headers, self.max_header_bytes))
+    }
+}
+
+/// An IP network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`; a bare address is a
+/// single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A string that is not CIDR notation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP network (expected e.g. 192.0.2.0/24 or 2001:db8::/32)")]
+pub struct NetworkError(String);
+
+impl Network {
+    /// The network's address with host bits cleared, and its prefix length.
+    pub fn parts(&self) -> (IpAddr, u8) {
+        (self.addr, self.prefix)
+    }
+
+    /// Whether `ip` lies in this network. IPv4-mapped IPv6 clients (`::ffff:192.0.2.1`) match
+    /// IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => mask_v4(u32::from(a), self.prefix) == u32::from(n),
+            (IpAddr::V6(n), IpAddr::V6(a)) => mask_v6(u128::from(a), self.prefix) == u128::from(n),
+            _ => false,
+        }
+    }
+}
+
+fn mask_v4(a: u32, prefix: u8) -> u32 {
+    match prefix {
+        0 => 0,
+        p => a & (u32::MAX << (32 - u32::from(p))),
+    }
+}
+
+fn mask_v6(a: u128, prefix: u8) -> u128 {
+    match prefix {
+        0 => 0,
+        p => a & (u128::MAX << (128 - u32::from(p))),
+    }
+}
+
+impl FromStr for Network {
+    type Err = NetworkError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || NetworkError(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => {
+                // Digits only: "+8" or " 8" are typos, not prefixes.
+                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(err());
+                }
+                p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(err)?
+            }
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
+            IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AuditConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn default_is_disabled_and_valid() {
+        let c = AuditConfig::default();
+        assert!(!c.enabled);
+        assert_eq!(c.queue, 10_000);
+        assert_eq!(c.headers.len(), 5);
+        c.validate().unwrap();
+        assert_eq!(parse("").unwrap(), c);
+    }
+
+    #[test]
+    fn full_table_parses() {
+        let c = parse(
+            r#"
+            enabled = true
+            output = "file"
+            dir = "/var/log/popgate"
+            rotation = "hourly"
+            keep_days = 2
+            queue = 50
+            on_overflow = "block"
+            headers = ["Message-ID", "Subject"]
+            max_header_bytes = 4096
+            [transcript]
+            dir = "/tmp/t"
+            listeners = ["pop3"]
+            networks = ["192.0.2.0/24", "2001:db8::/32", "10.1.2.3"]
+            full_bodies = true
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rotation, AuditRotation::Hourly);
+        assert_eq!(c.on_overflow, Overflow::Block);
+        assert_eq!(c.max_log_files(), Some(48));
+        assert_eq!(c.transcript.networks.len(), 3);
+        assert!(c.transcript.wants("pop3", "127.0.0.1".parse().unwrap()));
+        assert!(c.transcript.wants("other", "192.0.2.77".parse().unwrap()));
+        assert!(
+            c.transcript
+                .wants("other", "::ffff:192.0.2.77".parse().unwrap())
+        );
+        assert!(c.transcript.wants("other", "10.1.2.3".parse().unwrap()));
+        assert!(!c.transcript.wants("other", "10.1.2.4".parse().unwrap()));
+        assert!(c.transcript.wants("x", "2001:db8:1::5".parse().unwrap()));
+        assert!(!c.transcript.wants("x", "2001:db9::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_keys_and_values_are_rejected() {
+        assert!(parse("enabeld = true").is_err());
+        assert!(parse("output = \"syslog\"").is_err());
+        assert!(parse("on_overflow = \"wait\"").is_err());
+        assert!(parse("[transcript]\nfull_body = true").is_err());
+        assert!(parse("[transcript]\nnetworks = [\"10.0.0.0/33\"]").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let key = |c: AuditConfig| c.validate().unwrap_err().key;
+        let on = AuditConfig {
+            enabled: true,
+            dir: Some("/x".into()),
+            ..AuditConfig::default()
+        };
+        on.validate().unwrap();
+        assert_eq!(
+            key(AuditConfig {
+                dir: None,
+                ..on.clone()
+            }),
+            "audit.dir"
+        );
+        // stdout needs no directory
+        AuditConfig {
+            dir: None,
+            output: AuditOutput::Stdout,
+            ..on.clone()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            key(AuditConfig {
+                queue: 0,
+                ..on.clone()
+            }),
+            "audit.queue"
+        );
+        assert_eq!(
+            key(AuditConfig {
+                max_header_bytes: 0,
+                ..on.clone()
+            }),
+            "audit.max_header_bytes"
+        );
+        assert_eq!(
+            key(AuditConfig {
+                headers: vec!["Subject".into(), "Bad Name".into()],
+                ..on.clone()
+            }),
+            "audit.headers[1]"
+        );
+        assert_eq!(
+            key(AuditConfig {
+                headers: vec!["Subject".into(), "subject".into()],
+                ..on.clone()
+            }),
+            "audit.headers[1]"
+        );
+        let mut t = on.clone();
+        t.transcript.listeners = vec!["pop3".into()];
+        assert_eq!(key(t), "audit.transcript.dir");
+        let e = AuditConfig { queue: 0, ..on }.validate().unwrap_err();
+        assert!(e.to_string().contains("audit.queue"), "{e}");
+    }
+
+    #[test]
+    fn keep_days_zero_keeps_everything() {
+        let c = AuditConfig {
+            keep_days: 0,
+            ..AuditConfig::default()
+        };
+        assert_eq!(c.max_log_files(), None);
+        assert_eq!(AuditConfig::default().max_log_files(), Some(30));
+    }
+
+    #[test]
+    fn relative_dirs_are_resolved() {
+        let mut c = AuditConfig {
+            dir: Some("logs".into()),
+            ..AuditConfig::default()
+        };
+        c.transcript.dir = Some("/abs".into());
+        c.resolve_paths(Path::new("/etc/popgate"));
+        assert_eq!(c.dir.unwrap(), Path::new("/etc/popgate/logs"));
+        assert_eq!(c.transcript.dir.unwrap(), Path::new("/abs"));
+    }
+
+    #[test]
+    fn networks() {
+        let n: Network = "192.0.2.77/24".parse().unwrap();
+        assert_eq!(n.to_string(), "192.0.2.0/24");
+        assert!(n.contains("192.0.2.1".parse().unwrap()));
+        assert!(!n.contains("192.0.3.1".parse().unwrap()));
+        assert!(!n.contains("::1".parse().unwrap()));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        let all6: Network = "::/0".parse().unwrap();
+        assert!(all6.contains("::1".parse().unwrap()));
+        for bad in [
+            "",
+            "x",
+            "1.2.3.4/",
+            "1.2.3.4/33",
+            "::/129",
+            "1.2.3.4/+8",
+            "1.2.3/8",
+        ] {
+            assert!(bad.parse::<Network>().is_err(), "{bad}");
+        }
+    }
+}

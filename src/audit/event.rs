@@ -1,0 +1,726 @@
+//! Audit event types: one JSON object per line, schema version [`SCHEMA_VERSION`].
+//!
+//! Every event carries `schema`, `ts` (RFC 3339 UTC, milliseconds), `session`, `event` (the
+//! name) and, when a rule tagged it, `tags`; the other fields depend on the event. Optional
+//! fields are omitted when unknown. `SCHEMA.md` beside this file has an example of each event;
+//! a unit test keeps those examples exact.
+//!
+//! The same types deserialize, for the reader. Unknown fields are ignored and unknown event
+//! names become [`EventKind::Unknown`], so an older reader survives a newer writer.
+//!
+//! Nothing secret is representable here: there is no field for a password, an APOP digest or
+//! a SASL payload.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::pop3::command::Verb;
+use crate::pop3::response::Status;
+use crate::session::tracker::LoginMethod;
+
+/// The `schema` value written in every event. Raised only for incompatible changes; new
+/// optional fields and new events do not change it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every event name of this schema version, in the order of a session's life.
+pub const EVENT_NAMES: [&str; 9] = [
+    "session_open",
+    "tls",
+    "login",
+    "denied",
+    "retrieve",
+    "delete_marked",
+    "reset",
+    "update",
+    "session_close",
+];
+
+/// One audit record: the common envelope and the event-specific fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Schema version ([`SCHEMA_VERSION`] when written by this popgate).
+    pub schema: u32,
+    /// When it happened (serialized as RFC 3339 UTC with milliseconds).
+    #[serde(with = "rfc3339_millis")]
+    pub ts: SystemTime,
+    /// Session id, unique within one popgate process.
+    pub session: u64,
+    /// `event` name and the event's own fields.
+    #[serde(flatten)]
+    pub kind: EventKind,
+    /// Tags of the rules that touched this event (omitted when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl AuditEvent {
+    /// An event of `session` happening now, without tags.
+    pub fn new(session: u64, kind: impl Into<EventKind>) -> AuditEvent {
+        AuditEvent::at(SystemTime::now(), session, kind)
+    }
+
+    /// An event at a given time (truncated to milliseconds, as it will be written).
+    pub fn at(ts: SystemTime, session: u64, kind: impl Into<EventKind>) -> AuditEvent {
+        AuditEvent {
+            schema: SCHEMA_VERSION,
+            ts: truncate_millis(ts),
+            session,
+            kind: kind.into(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// The same event with these rule tags.
+    pub fn with_tags(mut self, tags: impl IntoIterator<Item = impl Into<String>>) -> AuditEvent {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The event name, e.g. `"retrieve"`.
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// The user the event is about, if it names one.
+    pub fn user(&self) -> Option<&str> {
+        self.kind.user()
+    }
+
+    /// One JSON line (without the newline).
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+fn truncate_millis(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(0)),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+/// The event name (`event` field) and its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A client connected.
+    SessionOpen(SessionOpen),
+    /// A TLS handshake completed after the session opened (STLS, either side).
+    Tls(TlsEvent),
+    /// A login attempt got its final answer.
+    Login(Login),
+    /// A rule refused a command.
+    Denied(Denied),
+    /// A RETR or TOP response was relayed (or cut short).
+    Retrieve(Retrieve),
+    /// The server accepted a DELE.
+    DeleteMarked(DeleteMarked),
+    /// The server accepted an RSET: the marks are gone.
+    Reset(Reset),
+    /// The answer to QUIT in the TRANSACTION state: deletions committed or refused.
+    Update(Update),
+    /// The session ended.
+    SessionClose(SessionClose),
+    /// Reader only: an event name this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl EventKind {
+    /// The `event` name (`"unknown"` for [`EventKind::Unknown`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::SessionOpen(_) => "session_open",
+            EventKind::Tls(_) => "tls",
+            EventKind::Login(_) => "login",
+            EventKind::Denied(_) => "denied",
+            EventKind::Retrieve(_) => "retrieve",
+            EventKind::DeleteMarked(_) => "delete_marked",
+            EventKind::Reset(_) => "reset",
+            EventKind::Update(_) => "update",
+            EventKind::SessionClose(_) => "session_close",
+            EventKind::Unknown => "unknown",
+        }
+    }
+
+    /// The user the event is about, if it names one.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            EventKind::Login(e) => e.user.as_deref(),
+            EventKind::Denied(e) => e.user.as_deref(),
+            EventKind::Retrieve(e) => e.user.as_deref(),
+            EventKind::DeleteMarked(e) => e.user.as_deref(),
+            EventKind::Reset(e) => e.user.as_deref(),
+            EventKind::Update(e) => e.user.as_deref(),
+            EventKind::SessionClose(e) => e.user.as_deref(),
+            EventKind::SessionOpen(_) | EventKind::Tls(_) | EventKind::Unknown => None,
+        }
+    }
+}
+
+macro_rules! into_kind {
+    ($($t:ident => $v:ident),* $(,)?) => {
+        $(impl From<$t> for EventKind {
+            fn from(e: $t) -> EventKind {
+                EventKind::$v(e)
+            }
+        })*
+    };
+}
+
+into_kind!(
+    SessionOpen => SessionOpen,
+    TlsEvent => Tls,
+    Login => Login,
+    Denied => Denied,
+    Retrieve => Retrieve,
+    DeleteMarked => DeleteMarked,
+    Reset => Reset,
+    Update => Update,
+    SessionClose => SessionClose,
+);
+
+/// Negotiated TLS parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsDetails {
+    /// Protocol version, e.g. `TLSv1_3`.
+    pub version: String,
+    /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// Server name the client asked for (client side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+}
+
+/// `session_open`: a client connected to a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionOpen {
+    /// Listener name.
+    pub listener: String,
+    /// Client address (`ip:port`).
+    pub client: SocketAddr,
+    /// Local address the client connected to.
+    pub local: SocketAddr,
+    /// TLS with the client, when the listener is implicit TLS (omitted otherwise; a later
+    /// STLS upgrade is a `tls` event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<TlsDetails>,
+}
+
+/// Which connection a `tls` event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSide {
+    /// Client ↔ popgate.
+    Client,
+    /// popgate ↔ POP3 server.
+    Upstream,
+}
+
+impl TlsSide {
+    /// `"client"` or `"upstream"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsSide::Client => "client",
+            TlsSide::Upstream => "upstream",
+        }
+    }
+}
+
+/// `tls`: a TLS handshake completed on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsEvent {
+    /// Which connection.
+    pub side: TlsSide,
+    /// Protocol version.
+    pub version: String,
+    /// Cipher suite.
+    pub cipher: String,
+    /// Server name indication (client side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+}
+
+impl TlsEvent {
+    /// A `tls` event for `side` from negotiated parameters.
+    pub fn new(side: TlsSide, tls: TlsDetails) -> TlsEvent {
+        TlsEvent {
+            side,
+            version: tls.version,
+            cipher: tls.cipher,
+            sni: tls.sni,
+        }
+    }
+}
+
+/// Success or failure of a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The server said `+OK`.
+    Success,
+    /// The server said `-ERR` (or the exchange was cancelled).
+    Failure,
+}
+
+impl Outcome {
+    /// `Success` for `+OK`, `Failure` otherwise.
+    pub fn from_status(status: Status) -> Outcome {
+        match status {
+            Status::Ok => Outcome::Success,
+            Status::Err | Status::Continue => Outcome::Failure,
+        }
+    }
+
+    /// `"success"` or `"failure"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        }
+    }
+}
+
+/// `login`: the final answer to USER/PASS, APOP or AUTH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    /// The user name, when known (never a password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `USER`, `APOP` or `AUTH <MECHANISM>`.
+    pub method: String,
+    /// Whether the server accepted it.
+    pub outcome: Outcome,
+    /// The response code of the answer (`AUTH`, `SYS/TEMP`, `IN-USE`, ...), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+impl Login {
+    /// A `login` event from the tracker's view of the attempt and the deciding status line.
+    pub fn new(
+        user: Option<&str>,
+        method: &LoginMethod,
+        status: Status,
+        code: Option<&[u8]>,
+    ) -> Login {
+        Login {
+            user: user.map(str::to_owned),
+            method: method.label(),
+            outcome: Outcome::from_status(status),
+            code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
+        }
+    }
+}
+
+/// `denied`: a rule refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denied {
+    /// The rule's name.
+    pub rule: String,
+    /// The command's verb (`DELE`, `RETR`, ...; `UNKNOWN` for others).
+    pub verb: String,
+    /// The user, when logged in or named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl Denied {
+    /// A `denied` event.
+    pub fn new(rule: &str, verb: Verb, user: Option<&str>) -> Denied {
+        Denied {
+            rule: rule.to_owned(),
+            verb: verb.as_str().to_owned(),
+            user: user.map(str::to_owned),
+        }
+    }
+}
+
+/// The command behind a `retrieve` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RetrieveVerb {
+    /// `RETR n`
+    Retr,
+    /// `TOP n lines`
+    Top,
+}
+
+impl RetrieveVerb {
+    /// `RETR` or `TOP` from a verb; `None` for every other verb.
+    pub fn from_verb(verb: Verb) -> Option<RetrieveVerb> {
+        match verb {
+            Verb::Retr => Some(RetrieveVerb::Retr),
+            Verb::Top => Some(RetrieveVerb::Top),
+            _ => None,
+        }
+    }
+
+    /// `"RETR"` or `"TOP"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetrieveVerb::Retr => "RETR",
+            RetrieveVerb::Top => "TOP",
+        }
+    }
+}
+
+/// `retrieve`: a message (or its top) went to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retrieve {
+    /// The logged-in user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `RETR` or `TOP`.
+    pub verb: RetrieveVerb,
+    /// Message number.
+    pub msg: u64,
+    /// For TOP: the number of body lines asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<u64>,
+    /// Octets of the multi-line body relayed to the client (wire bytes, terminator included).
+    pub octets: u64,
+    /// The message's unique id, if the session has seen it in a UIDL response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uidl: Option<String>,
+    /// Whether the body reached its terminator (false: a side closed mid-body).
+    pub complete: bool,
+    /// The configured headers found in the header block, in configured order.
+    #[serde(default)]
+    pub headers: Headers,
+}
+
+/// `delete_marked`: the server accepted `DELE n`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteMarked {
+    /// The logged-in user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Message number.
+    pub msg: u64,
+    /// The message's unique id, if the session has seen it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uidl: Option<String>,
+}
+
+/// `reset`: the server accepted RSET; no message is marked any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reset {
+    /// The logged-in user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A message named in an `update` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// Message number.
+    pub msg: u64,
+    /// Its unique id, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uidl: Option<String>,
+}
+
+/// The server's answer to QUIT in the TRANSACTION state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateOutcome {
+    /// `+OK`: the marked messages are deleted.
+    Confirmed,
+    /// `-ERR`: the server could not remove them (RFC 1939: some may be gone).
+    Refused,
+}
+
+impl UpdateOutcome {
+    /// `Confirmed` for `+OK`, `Refused` otherwise.
+    pub fn from_status(status: Status) -> UpdateOutcome {
+        match status {
+            Status::Ok => UpdateOutcome::Confirmed,
+            Status::Err | Status::Continue => UpdateOutcome::Refused,
+        }
+    }
+
+    /// `"confirmed"` or `"refused"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateOutcome::Confirmed => "confirmed",
+            UpdateOutcome::Refused => "refused",
+        }
+    }
+}
+
+/// `update`: QUIT in TRANSACTION got its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// The logged-in user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The messages marked for deletion at QUIT (possibly none).
+    pub deleted: Vec<Deleted>,
+    /// Whether the server confirmed.
+    pub outcome: UpdateOutcome,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The client sent QUIT and got the answer.
+    Quit,
+    /// The client closed without QUIT.
+    ClientEof,
+    /// The server closed.
+    UpstreamEof,
+    /// Inactivity timeout.
+    IdleTimeout,
+    /// A rule dropped the connection.
+    RuleDrop,
+    /// popgate shut down.
+    Shutdown,
+    /// An error on either side.
+    Error,
+}
+
+impl EndReason {
+    /// Every reason, for tests and help texts.
+    pub const ALL: [EndReason; 7] = [
+        EndReason::Quit,
+        EndReason::ClientEof,
+        EndReason::UpstreamEof,
+        EndReason::IdleTimeout,
+        EndReason::RuleDrop,
+        EndReason::Shutdown,
+        EndReason::Error,
+    ];
+
+    /// The snake_case name (`"client_eof"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Quit => "quit",
+            EndReason::ClientEof => "client_eof",
+            EndReason::UpstreamEof => "upstream_eof",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::RuleDrop => "rule_drop",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Error => "error",
+        }
+    }
+
+    /// The reason with this snake_case name (as `session::CloseReason::as_str` produces).
+    pub fn from_name(name: &str) -> Option<EndReason> {
+        EndReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+/// `session_close`: the session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionClose {
+    /// The logged-in user, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// How it ended.
+    pub reason: EndReason,
+    /// Octets read from the client.
+    pub bytes_from_client: u64,
+    /// Octets written to the client.
+    pub bytes_to_client: u64,
+    /// From accept to close.
+    pub duration_ms: u64,
+}
+
+/// Header fields of a retrieved message, in configured order: a JSON object `{name: value}`.
+///
+/// Names are spelt as configured; values are unfolded, trimmed and lossily decoded (MIME
+/// encoded-words are left as sent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// The value of `name` (case-insensitive), if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// No header was found.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `(name, value)` pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (n, v) in &self.0 {
+            m.serialize_entry(n, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Headers;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of header names to values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Headers, A::Error> {
+                let mut v = Vec::new();
+                while let Some((n, val)) = map.next_entry::<String, String>()? {
+                    v.push((n, val));
+                }
+                Ok(Headers(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `ts` as RFC 3339 UTC with milliseconds (`2026-03-01T12:00:00.123Z`).
+mod rfc3339_millis {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        // humantime panics before the epoch; no audit event happens then.
+        let t = (*t).max(UNIX_EPOCH);
+        s.collect_str(&humantime::format_rfc3339_millis(t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts() -> SystemTime {
+        humantime::parse_rfc3339("2026-03-01T12:00:00.123Z").unwrap()
+    }
+
+    #[test]
+    fn envelope_and_field_order() {
+        let ev = AuditEvent::at(
+            ts(),
+            7,
+            Reset {
+                user: Some("bob".into()),
+            },
+        )
+        .with_tags(["watch"]);
+        assert_eq!(
+            ev.to_json(),
+            r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":7,"event":"reset","user":"bob","tags":["watch"]}"#
+        );
+        let untagged = AuditEvent::at(ts(), 7, Reset { user: None });
+        assert_eq!(
+            untagged.to_json(),
+            r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":7,"event":"reset"}"#
+        );
+    }
+
+    #[test]
+    fn ts_is_truncated_to_millis() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        let ev = AuditEvent::at(t, 1, Reset { user: None });
+        assert!(ev.to_json().contains(r#""ts":"2023-11-14T22:13:20.123Z""#));
+        let back: AuditEvent = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(back, ev);
+        // Before the epoch: clamped, never a panic.
+        let mut early = ev.clone();
+        early.ts = UNIX_EPOCH - Duration::from_secs(5);
+        assert!(early.to_json().contains("1970-01-01T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn unknown_events_and_fields_are_tolerated() {
+        let line =
+            r#"{"schema":2,"ts":"2026-03-01T12:00:00.123Z","session":3,"event":"quota","x":1}"#;
+        let ev: AuditEvent = serde_json::from_str(line).unwrap();
+        assert_eq!(ev.kind, EventKind::Unknown);
+        assert_eq!(ev.schema, 2);
+        let line = r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":3,"event":"reset","user":"a","new_field":[1]}"#;
+        let ev: AuditEvent = serde_json::from_str(line).unwrap();
+        assert_eq!(ev.user(), Some("a"));
+    }
+
+    #[test]
+    fn constructors() {
+        let l = Login::new(
+            Some("bob"),
+            &LoginMethod::Sasl("PLAIN".into()),
+            Status::Err,
+            Some(b"AUTH"),
+        );
+        assert_eq!(l.method, "AUTH PLAIN");
+        assert_eq!(l.outcome, Outcome::Failure);
+        assert_eq!(l.code.as_deref(), Some("AUTH"));
+        let d = Denied::new("no-delete", Verb::Dele, None);
+        assert_eq!(d.verb, "DELE");
+        assert_eq!(RetrieveVerb::from_verb(Verb::Top), Some(RetrieveVerb::Top));
+        assert_eq!(RetrieveVerb::from_verb(Verb::Dele), None);
+        for r in EndReason::ALL {
+            assert_eq!(EndReason::from_name(r.as_str()), Some(r));
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+        assert_eq!(
+            UpdateOutcome::from_status(Status::Ok),
+            UpdateOutcome::Confirmed
+        );
+        for (i, name) in EVENT_NAMES.iter().enumerate() {
+            assert!(EVENT_NAMES[..i].iter().all(|n| n != name));
+        }
+    }
+
+    /// Every example in SCHEMA.md parses into these types and serializes back byte for byte,
+    /// so the documentation cannot drift from the code; and every event has an example.
+    #[test]
+    fn schema_examples_are_exact() {
+        let doc = include_str!("SCHEMA.md");
+        let mut seen = Vec::new();
+        let mut in_json = false;
+        for line in doc.lines() {
+            if line.starts_with("```json") {
+                in_json = true;
+                continue;
+            }
+            if line.starts_with("```") {
+                in_json = false;
+                continue;
+            }
+            if !in_json || line.trim().is_empty() {
+                continue;
+            }
+            let ev: AuditEvent = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("SCHEMA.md example does not parse: {e}\n{line}"));
+            assert_ne!(ev.kind, EventKind::Unknown, "{line}");
+            assert_eq!(ev.to_json(), line, "SCHEMA.md example is not canonical");
+            seen.push(ev.name());
+        }
+        for name in EVENT_NAMES {
+            assert!(seen.contains(&name), "SCHEMA.md has no example of {name}");
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! Reading audit files back: filters and a readable table, for `popgate audit`.
+//!
+//! [`read_events`] streams JSON-lines files (as written by the sink) and keeps the events that
+//! pass a [`Filter`]; [`format_table`] prints them as aligned columns and [`format_json`]
+//! passes the original lines through. A truncated last line (a file being written) is
+//! skipped; any other malformed line is an error naming file and line.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::event::{AuditEvent, EVENT_NAMES, EventKind};
+
+/// Header values longer than this are cut in the table.
+const MAX_VALUE_CHARS: usize = 80;
+
+/// Reading or filtering audit events failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A line is not an audit event.
+    #[error("{path}:{line}: not an audit event: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What the JSON parser said.
+        message: String,
+    },
+    /// `--since` is neither a time nor a duration.
+    #[error(
+        "invalid time {0:?}: use RFC 3339 (2026-03-01T09:00:00Z, +02:00 offsets allowed), \
+         a date (2026-03-01) or a duration back from now (2h, 30m, 7days)"
+    )]
+    Since(String),
+    /// `--event` names an event that does not exist.
+    #[error("unknown event {0:?}; known events: {known}", known = EVENT_NAMES.join(", "))]
+    UnknownEvent(String),
+}
+
+/// Which events to keep. The default keeps everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Keep events of this user (ASCII case-insensitive), together with the user-less events
+    /// (`session_open`, `tls`) of the sessions in which the user appears.
+    pub user: Option<String>,
+    /// Keep events at or after this time.
+    pub since: Option<SystemTime>,
+    /// Keep only these event names (empty: all).
+    pub events: Vec<String>,
+}
+
+impl Filter {
+    /// A filter from command-line strings: `since` as for [`parse_since`] relative to now,
+    /// `events` may repeat or hold comma-separated names; unknown names are an error.
+    pub fn from_args(
+        user: Option<String>,
+        since: Option<&str>,
+        events: &[String],
+    ) -> Result<Filter, ReaderError> {
+        let since = since
+            .map(|s| parse_since(s, SystemTime::now()))
+            .transpose()?;
+        let mut names = Vec::new();
+        for name in events.iter().flat_map(|e| e.split(',')) {
+            let name = name.trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !EVENT_NAMES.contains(&name) {
+                return Err(ReaderError::UnknownEvent(name.to_owned()));
+            }
+            names.push(name.to_owned());
+        }
+        Ok(Filter {
+            user,
+            since,
+            events: names,
+        })
+    }
+
+    fn user_matches(&self, user: Option<&str>) -> bool {
+        match (&self.user, user) {
+            (None, _) => true,
+            (Some(want), Some(u)) => want.eq_ignore_ascii_case(u),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether the time and event-name conditions hold (the user condition needs the
+    /// session context, see [`read_events`]).
+    fn time_and_name_match(&self, r: &AuditRecord) -> bool {
+        self.since.is_none_or(|s| r.event.ts >= s)
+            && (self.events.is_empty() || self.events.contains(&r.name))
+    }
+}
+
+/// A time for `--since`: RFC 3339 (`2026-03-01T09:00:00Z`, `2026-03-01T11:00:00+02:00`,
+/// fractional seconds allowed), `2026-03-01 09:00[:00]` (UTC), a date (`2026-03-01`, midnight
+/// UTC), or a duration back from `now` (`2h`, `90m`, `7days`, `1h 30m`).
+pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, ReaderError> {
+    let t = text.trim();
+    let err = || ReaderError::Since(text.to_owned());
+    if t.is_empty() {
+        return Err(err());
+    }
+    if t.as_bytes()[0].is_ascii_digit() && t.len() >= 10 && t.as_bytes().get(4) == Some(&b'-') {
+        return parse_timestamp(t).ok_or_else(err);
+    }
+    let d = humantime::parse_duration(t).map_err(|_| err())?;
+    Ok(now.checked_sub(d).unwrap_or(UNIX_EPOCH).max(UNIX_EPOCH))
+}
+
+fn parse_timestamp(t: &str) -> Option<SystemTime> {
+    if t.len() == 10 {
+        return humantime::parse_rfc3339_weak(&format!("{t}T00:00:00")).ok();
+    }
+    if t.len() == 16 {
+        // "2026-03-01 09:00": no seconds.
+        return humantime::parse_rfc3339_weak(&format!("{t}:00")).ok();
+    }
+    // A numeric offset: parse the local time as UTC, then shift.
+    let b = t.as_bytes();
+    if t.len() >= 25 {
+        let n = t.len();
+        if (b[n - 6] == b'+' || b[n - 6] == b'-') && b[n - 3] == b':' {
+            let hours: u64 = t[n - 5..n - 3].parse().ok()?;
+            let minutes: u64 = t[n - 2..].parse().ok()?;
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = Duration::from_secs(hours * 3600 + minutes * 60);
+            let local = humantime::parse_rfc3339_weak(&t[..n - 6]).ok()?;
+            return if b[n - 6] == b'+' {
+                local.checked_sub(offset)
+            } else {
+                local.checked_add(offset)
+            };
+        }
+    }
+    humantime::parse_rfc3339_weak(t).ok()
+}
+
+/// One event read from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// The parsed event.
+    pub event: AuditEvent,
+    /// The `event` name as written (also for events this version does not know).
+    pub name: String,
+    /// The original JSON line, for `--json`.
+    pub raw: String,
+}
+
+impl AuditRecord {
+    /// Parse one JSON line.
+    pub fn parse(line: &str) -> Result<AuditRecord, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Name {
+            event: String,
+        }
+        let event: AuditEvent = serde_json::from_str(line)?;
+        let name = match event.kind {
+            EventKind::Unknown => serde_json::from_str::<Name>(line)?.event,
+            ref k => k.name().to_owned(),
+        };
+        Ok(AuditRecord {
+            event,
+            name,
+            raw: line.to_owned(),
+        })
+    }
+}
+
+/// Read `files` in the order given and return the events that pass `filter`, ordered by
+/// time (ties keep file order).
+///
+/// With a user filter, an event is kept when it names the user, or when it names no user
+/// (`session_open`, `tls`) and belongs to a session in which the user appears. Sessions are
+/// told apart by id and by `session_open`, since ids restart with popgate; pass the files in
+/// chronological order (as a shell glob of `audit.*.jsonl` does).
+pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord>, ReaderError> {
+    // (reading order, record): the order breaks ties between equal times.
+    let mut kept: Vec<(usize, AuditRecord)> = Vec::new();
+    // User-less events waiting to learn whether their session is the user's.
+    let mut pending: Vec<((u64, u32), usize, AuditRecord)> = Vec::new();
+    let mut seq = 0usize;
+    let mut opens: HashMap<u64, u32> = HashMap::new();
+    let mut matched: HashSet<(u64, u32)> = HashSet::new();
+    for path in files {
+        read_file(path, |record| {
+            seq += 1;
+            let id = record.event.session;
+            if matches!(record.event.kind, EventKind::SessionOpen(_)) {
+                *opens.entry(id).or_default() += 1;
+            }
+            let instance = (id, opens.get(&id).copied().unwrap_or(0));
+            let user = record.event.user();
+            let user_match = filter.user_matches(user);
+            if filter.user.is_some() && user_match {
+                matched.insert(instance);
+            }
+            if !filter.time_and_name_match(&record) {
+                return;
+            }
+            if user_match {
+                kept.push((seq, record));
+            } else if user.is_none() {
+                pending.push((instance, seq, record));
+            }
+        })?;
+    }
+    kept.extend(
+        pending
+            .into_iter()
+            .filter(|(i, _, _)| matched.contains(i))
+            .map(|(_, seq, r)| (seq, r)),
+    );
+    kept.sort_by_key(|(seq, r)| (r.event.ts, *seq));
+    Ok(kept.into_iter().map(|(_, r)| r).collect())
+}
+
+fn read_file(path: &Path, mut each: impl FnMut(AuditRecord)) -> Result<(), ReaderError> {
+    let io = |source| ReaderError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let mut buf = Vec::new();
+    let mut number = 0;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).map_err(io)? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let complete = buf.last() == Some(&b'\n');
+        let parsed = std::str::from_utf8(&buf)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                let text = text.trim_end_matches(['\r', '\n']);
+                if text.trim().is_empty() {
+                    Ok(None)
+                } else {
+                    AuditRecord::parse(text)
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                }
+            });
+        match parsed {
+            Ok(Some(r)) => each(r),
+            Ok(None) => {}
+            // A last line without newline is being written (or was cut by a crash).
+            Err(_) if !complete => return Ok(()),
+            Err(message) => {
+                return Err(ReaderError::Parse {
+                    path: path.to_owned(),
+                    line: number,
+                    message,
+                });
+            }
+        }
+    }
+}
+
+/// The original JSON lines, one per line.
+pub fn format_json(records: &[AuditRecord]) -> String {
+    let mut out = String::new();
+    for r in records {
+        out.push_str(&r.raw);
+        out.push('\n');
+    }
+    out
+}
+
+/// An aligned table: `TIME EVENT SESSION USER DETAILS`, one event per row. Values that could
+/// disturb a terminal (control characters, white space, quotes) are quoted and escaped.
+pub fn format_table(records: &[AuditRecord]) -> String {
+    let rows: Vec<[String; 5]> = records
+        .iter()
+        .map(|r| {
+            [
+                humantime::format_rfc3339_millis(r.event.ts).to_string(),
+                cell(&r.name),
+                r.event.session.to_string(),
+                r.event.user().map_or_else(|| "-".to_owned(), cell),
+                details(r),
+            ]
+        })
+        .collect();
+    let header = ["TIME", "EVENT", "SESSION", "USER", "DETAILS"].map(String::from);
+    let mut widths = [0usize; 4];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, c) in row.iter().enumerate() {
+            if i < 4 {
+                let pad = widths[i] - c.chars().count();
+                line.push_str(c);
+                line.extend(std::iter::repeat_n(' ', pad + 2));
+            } else {
+                line.push_str(c);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A value as-is when it is a plain word, otherwise quoted with escapes.
+fn cell(s: &str) -> String {
+    let plain = !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '"' || c == '\\');
+    if plain {
+        s.to_owned()
+    } else {
+        format!("{s:?}")
+    }
+}
+
+fn shorten(s: &str) -> String {
+    if s.chars().count() > MAX_VALUE_CHARS {
+        let mut t: String = s.chars().take(MAX_VALUE_CHARS).collect();
+        t.push('…');
+        t
+    } else {
+        s.to_owned()
+    }
+}
+
+struct Details(String);
+
+impl Details {
+    fn kv(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Self {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(self.0, "{key}={}", cell(&value.to_string()));
+        self
+    }
+
+    fn opt(&mut self, key: &str, value: Option<impl std::fmt::Display>) -> &mut Self {
+        if let Some(v) = value {
+            self.kv(key, v);
+        }
+        self
+    }
+}
+
+fn details(r: &AuditRecord) -> String {
+    let mut d = Details(String::new());
+    match &r.event.kind {
+        EventKind::SessionOpen(e) => {
+            d.kv("listener", &e.listener)
+                .kv("client", e.client)
+                .kv("local", e.local);
+            if let Some(t) = &e.client_tls {
+                d.kv("tls", &t.version)
+                    .kv("cipher", &t.cipher)
+                    .opt("sni", t.sni.as_ref());
+            }
+        }
+        EventKind::Tls(e) => {
+            d.kv("side", e.side.as_str())
+                .kv("version", &e.version)
+                .kv("cipher", &e.cipher)
+                .opt("sni", e.sni.as_ref());
+        }
+        EventKind::Login(e) => {
+            d.kv("method", &e.method)
+                .kv("outcome", e.outcome.as_str())
+                .opt("code", e.code.as_ref());
+        }
+        EventKind::Denied(e) => {
+            d.kv("rule", &e.rule).kv("verb", &e.verb);
+        }
+        EventKind::Retrieve(e) => {
+            d.kv("verb", e.verb.as_str())
+                .kv("msg", e.msg)
+                .opt("lines", e.lines)
+                .kv("octets", e.octets)
+                .opt("uidl", e.uidl.as_ref());
+            if !e.complete {
+                d.kv("complete", false);
+            }
+            for (name, value) in e.headers.iter() {
+                d.kv(&cell(&name.to_ascii_lowercase()), shorten(value));
+            }
+        }
+        EventKind::DeleteMarked(e) => {
+            d.kv("msg", e.msg).opt("uidl", e.uidl.as_ref());
+        }
+        EventKind::Reset(_) => {}
+        EventKind::Update(e) => {
+            let deleted: Vec<String> = e
+                .deleted
+                .iter()
+                .map(|m| match &m.uidl {
+                    Some(u) => format!("{}({u})", m.msg),
+                    None => m.msg.to_string(),
+                })
+                .collect();
+            d.kv("outcome", e.outcome.as_str());
+            if deleted.is_empty() {
+                d.kv("deleted", "none");
+            } else {
+                d.kv("deleted", deleted.join(","));
+            }
+        }
+        EventKind::SessionClose(e) => {
+            d.kv("reason", e.reason.as_str())
+                .kv("in", e.bytes_from_client)
+                .kv("out", e.bytes_to_client)
+                .kv(
+                    "duration",
+                    // "1h5m3s400ms": exact, and one word in the table.
+                    humantime::format_duration(Duration::from_millis(e.duration_ms))
+                        .to_string()
+                        .replace(' ', ""),
+                );
+        }
+        EventKind::Unknown => {
+            d.kv("schema", r.event.schema);
+        }
+    }
+    if !r.event.tags.is_empty() {
+        d.kv("tags", r.event.tags.join(","));
+    }
+    d.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).unwrap()
+    }
+
+    #[test]
+    fn since_forms() {
+        let now = t("2026-03-01T12:00:00Z");
+        assert_eq!(parse_since("2h", now).unwrap(), t("2026-03-01T10:00:00Z"));
+        assert_eq!(
+            parse_since("1h 30m", now).unwrap(),
+            t("2026-03-01T10:30:00Z")
+        );
+        assert_eq!(
+            parse_since("7days", now).unwrap(),
+            t("2026-02-22T12:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01T09:00:00Z", now).unwrap(),
+            t("2026-03-01T09:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01T09:00:00.250Z", now).unwrap(),
+            t("2026-03-01T09:00:00.250Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01T11:00:00+02:00", now).unwrap(),
+            t("2026-03-01T09:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01T04:30:00-04:30", now).unwrap(),
+            t("2026-03-01T09:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01T09:00:00+00:00", now).unwrap(),
+            t("2026-03-01T09:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01", now).unwrap(),
+            t("2026-03-01T00:00:00Z")
+        );
+        assert_eq!(
+            parse_since("2026-03-01 09:15", now).unwrap(),
+            t("2026-03-01T09:15:00Z")
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-03-01T25:00:00Z",
+            "2h ago",
+            "-2h",
+        ] {
+            assert!(parse_since(bad, now).is_err(), "{bad}");
+        }
+        assert_eq!(parse_since("100000days", now).unwrap(), UNIX_EPOCH);
+    }
+
+    #[test]
+    fn filter_from_args() {
+        let f = Filter::from_args(
+            Some("bob".into()),
+            Some("1h"),
+            &["retrieve,delete_marked".into(), "update".into()],
+        )
+        .unwrap();
+        assert_eq!(f.events, ["retrieve", "delete_marked", "update"]);
+        assert!(f.since.is_some());
+        let e = Filter::from_args(None, None, &["retreive".into()]).unwrap_err();
+        assert!(e.to_string().contains("retreive") && e.to_string().contains("retrieve"));
+        assert!(Filter::from_args(None, Some("soon"), &[]).is_err());
+    }
+
+    #[test]
+    fn cells_are_terminal_safe() {
+        assert_eq!(cell("bob"), "bob");
+        assert_eq!(cell("a b"), "\"a b\"");
+        assert_eq!(cell("\u{1b}[31mred"), "\"\\u{1b}[31mred\"");
+        assert_eq!(cell("\u{9b}2J"), "\"\\u{9b}2J\"");
+        assert_eq!(cell(""), "\"\"");
+        assert_eq!(
+            shorten(&"é".repeat(100)).chars().count(),
+            MAX_VALUE_CHARS + 1
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! The per-session side of the rule engine: evaluates events, emits rule logs, keeps the tags,
+//! the trace flag and the denial counts (`close_after`) of one session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::Level;
+
+use crate::rules::{Event, Outcome, RuleSet, Verdict};
+
+/// What a terminal rule outcome means for the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Terminal {
+    /// No terminal rule, or `allow`.
+    Pass,
+    /// Answer locally with this line (no CRLF); `close` when `close_after` was reached.
+    Deny {
+        /// The `-ERR` line.
+        reply: String,
+        /// The rule.
+        rule: Arc<str>,
+        /// Close the session after the reply.
+        close: bool,
+    },
+    /// Close both sides now (upstream without QUIT).
+    Drop {
+        /// The rule.
+        rule: Arc<str>,
+    },
+}
+
+/// Rule state of one session. The rule set is the one in force when the session started.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Arc<RuleSet>,
+    /// Labels attached by `tag` rules, for the audit trail.
+    pub tags: Vec<Arc<str>>,
+    /// Set by a `trace` rule: record a transcript of this session.
+    pub trace: bool,
+    denials: HashMap<Arc<str>, u32>,
+}
+
+impl Policy {
+    /// A policy over `rules`.
+    pub fn new(rules: Arc<RuleSet>) -> Policy {
+        Policy {
+            rules,
+            tags: Vec::new(),
+            trace: false,
+            denials: HashMap::new(),
+        }
+    }
+
+    /// Whether any rule listens for `kind` (lets the session skip work, e.g. CAPA per item).
+    pub fn wants(&self, kind: crate::rules::EventKind) -> bool {
+        self.rules.has_rules_for(kind)
+    }
+
+    /// Evaluate, emit the rules' log lines, remember tags and trace.
+    pub fn evaluate(&mut self, ev: &Event<'_>) -> Verdict {
+        if !self.rules.has_rules_for(ev.kind) {
+            return Verdict::default();
+        }
+        let v = self.rules.evaluate(ev);
+        for (level, msg) in &v.logs {
+            match *level {
+                Level::ERROR => tracing::error!(target: "popgate::rules", "{msg}"),
+                Level::WARN => tracing::warn!(target: "popgate::rules", "{msg}"),
+                Level::INFO => tracing::info!(target: "popgate::rules", "{msg}"),
+                Level::DEBUG => tracing::debug!(target: "popgate::rules", "{msg}"),
+                _ => tracing::trace!(target: "popgate::rules", "{msg}"),
+            }
+        }
+        for t in &v.tags {
+            if !self.tags.contains(t) {
+                self.tags.push(t.clone());
+            }
+        }
+        self.trace |= v.trace;
+        v
+    }
+
+    /// Interpret a verdict's outcome, counting denials for `close_after`.
+    pub fn terminal(&mut self, v: &Verdict) -> Terminal {
+        match &v.outcome {
+            Outcome::Continue | Outcome::Allow { .. } => Terminal::Pass,
+            Outcome::Drop { rule } => Terminal::Drop { rule: rule.clone() },
+            Outcome::Deny {
+                reply,
+                rule,
+                close_after,
+            } => {
+                let n = self.denials.entry(rule.clone()).or_insert(0);
+                *n += 1;
+                Terminal::Deny {
+                    reply: reply.clone(),
+                    rule: rule.clone(),
+                    close: close_after.is_some_and(|limit| *n >= limit),
+                }
+            }
+        }
+    }
+}
