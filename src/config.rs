@@ -53,6 +53,9 @@ pub struct Config {
     /// Rule files, as globs relative to the config file (`["rules/*.toml"]`), loaded in order.
     #[serde(default)]
     pub rules: Vec<String>,
+    /// Audit trail and traffic transcripts (`[audit]`).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -262,6 +265,7 @@ impl Config {
         if let Some(d) = &mut self.log.dir {
             fix(d);
         }
+        self.audit.resolve_paths(base);
     }
 
     /// Check what the types cannot: every error names the key and what is wrong.
@@ -358,6 +362,17 @@ impl Config {
                 "limits.max_pipeline",
                 "must be within 1..=100000".into(),
             ));
+        }
+        self.audit
+            .validate()
+            .map_err(|e| invalid(&e.key, e.reason.clone()))?;
+        for (i, name) in self.audit.transcript.listeners.iter().enumerate() {
+            if !self.listeners.iter().any(|l| &l.name == name) {
+                return Err(invalid(
+                    &format!("audit.transcript.listeners[{i}]"),
+                    format!("no listener is named {name:?}"),
+                ));
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(

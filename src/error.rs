@@ -52,6 +52,9 @@ pub enum StartError {
     /// Certificates or keys could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The audit trail could not be opened.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::SinkError),
     /// Rule files could not be loaded.
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleError),

@@ -35,13 +35,38 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Load everything a config refers to (certificates, keys), as `popgate check` and start-up
 /// do; the config itself must already be validated.
 pub fn prepare(config: Config) -> Result<Arc<Shared>, StartError> {
+    build_shared(config, audit::AuditSink::disabled())
+}
+
+fn build_shared(config: Config, audit: audit::AuditSink) -> Result<Arc<Shared>, StartError> {
     let tls = tls::TlsSetup::new(&config)?;
     let rules = rules::RuleSet::load(&config.rules, &config.base_dir)?;
+    check_trace_rules(&config, &rules)?;
     Ok(Arc::new(Shared {
+        headers: config.audit.header_set(),
         config: Arc::new(config),
         tls,
         rules: std::sync::RwLock::new(Arc::new(rules)),
+        audit,
     }))
+}
+
+/// A `trace` rule needs somewhere to write transcripts.
+fn check_trace_rules(config: &Config, rules: &rules::RuleSet) -> Result<(), StartError> {
+    if config.audit.transcript.dir.is_none()
+        && let Some(r) = rules.rules().find(|r| r.action == rules::Action::Trace)
+    {
+        return Err(error::ConfigError::Invalid {
+            path: r.file.to_owned(),
+            key: "audit.transcript.dir".into(),
+            reason: format!(
+                "rule `{}` starts transcripts, but no transcript dir is set",
+                r.name
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A proxy with its listeners bound.
@@ -49,6 +74,7 @@ pub fn prepare(config: Config) -> Result<Arc<Shared>, StartError> {
 pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<listener::Listener>,
+    audit: audit::AuditGuard,
 }
 
 /// Reloads certificates and rules of a running proxy, e.g. on SIGHUP.
@@ -86,14 +112,19 @@ impl Reloader {
 }
 
 impl Proxy {
-    /// Load certificates and bind every listener.
+    /// Load certificates and rules, start the audit writer, bind every listener.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
-        let shared = prepare(config)?;
+        let (sink, guard) = audit::AuditSink::start(&config.audit)?;
+        let shared = build_shared(config, sink)?;
         let mut listeners = Vec::with_capacity(shared.config.listeners.len());
         for l in &shared.config.listeners {
             listeners.push(listener::Listener::bind(l.clone()).await?);
         }
-        Ok(Proxy { shared, listeners })
+        Ok(Proxy {
+            shared,
+            listeners,
+            audit: guard,
+        })
     }
 
     /// A handle that reloads certificates from `path` (or the in-memory config when `None`).
@@ -145,5 +176,7 @@ impl Proxy {
         {
             tracing::warn!("sessions still open after the grace period");
         }
+        // Everything the sessions queued is written before popgate exits.
+        self.audit.close().await;
     }
 }

@@ -5,6 +5,7 @@
 //! receives a QUIT the client did not send: every other way out just closes the upstream socket,
 //! and the server, per RFC 1939, deletes nothing.
 
+pub mod observer;
 pub mod policy;
 pub mod tracker;
 
@@ -23,6 +24,7 @@ use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end};
 use crate::rules::{Event, EventKind, RuleSet, command_line};
 use crate::tls::{Stream, TlsInfo, TlsSetup};
+use observer::Observer;
 use policy::{Policy, Terminal};
 use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
 
@@ -43,6 +45,10 @@ pub struct Shared {
     pub tls: TlsSetup,
     /// The rule set new sessions start with (swapped whole on reload).
     pub rules: RwLock<Arc<RuleSet>>,
+    /// Where audit events go (a no-op sink when auditing is off).
+    pub audit: crate::audit::AuditSink,
+    /// Headers the audit trail extracts from retrieved messages.
+    pub headers: Arc<crate::audit::HeaderSet>,
 }
 
 impl Shared {
@@ -169,6 +175,21 @@ pub async fn run(
             return CloseReason::RuleDrop;
         }
     }
+    let transcript_cfg = &config.audit.transcript;
+    let transcript = if transcript_cfg.wants(&info.listener, info.client.ip()) || policy.trace {
+        crate::audit::Transcript::open(transcript_cfg, info.id, &info.listener, info.client)
+    } else {
+        crate::audit::Transcript::disabled()
+    };
+    let mut observer = Observer::new(
+        shared.audit.clone(),
+        shared.headers.clone(),
+        info.id,
+        transcript,
+    );
+    observer.set_tags(&policy.tags);
+    observer.open(&info.listener, info.client, info.local, client_tls.as_ref());
+    observer.flush().await;
     let upstream = match crate::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
@@ -183,12 +204,21 @@ pub async fn run(
                 .write_all(b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n")
                 .await;
             let _ = client.shutdown().await;
+            observer.close(
+                CloseReason::Error.as_str(),
+                None,
+                0,
+                0,
+                started.elapsed().as_millis() as u64,
+            );
+            observer.flush().await;
             return CloseReason::Error;
         }
     };
     let upstream_tls = upstream.stream.tls_info();
     if let Some(t) = &upstream_tls {
         debug!(version = %t.version, cipher = %t.cipher, "upstream TLS established");
+        observer.tls(crate::audit::TlsSide::Upstream, t);
     }
     let mut relay = Relay {
         tracker: Tracker::new(config.limits.max_line),
@@ -208,6 +238,7 @@ pub async fn run(
         capa: None,
         barrier: false,
         policy,
+        observer,
         traffic: Traffic::default(),
     };
     let result = relay.relay(shutdown).await;
@@ -235,6 +266,15 @@ pub async fn run(
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     let _ = relay.client.shutdown().await;
     drop(std::mem::replace(&mut relay.upstream, Stream::Detached));
+    relay.observer.set_tags(&relay.policy.tags);
+    relay.observer.close(
+        reason.as_str(),
+        relay.tracker.user(),
+        relay.traffic.from_client,
+        relay.traffic.to_client,
+        started.elapsed().as_millis() as u64,
+    );
+    relay.observer.flush().await;
     info!(
         reason = reason.as_str(),
         user = relay.tracker.user().unwrap_or("-"),
@@ -313,6 +353,7 @@ struct Relay {
     /// A buffered STLS waits until every earlier response is in (its answer depends on them).
     barrier: bool,
     policy: Policy,
+    observer: Observer,
     traffic: Traffic,
 }
 
@@ -354,10 +395,14 @@ impl Relay {
                     if n == 0 {
                         return self.upstream_eof().await;
                     }
-                    if let Some(close) = self.on_server_data().await? {
+                    let closed = self.on_server_data().await?;
+                    self.sync_observer().await;
+                    if let Some(close) = closed {
                         return Ok(close);
                     }
-                    if let Some(close) = self.on_client_data().await? {
+                    let closed = self.on_client_data().await?;
+                    self.sync_observer().await;
+                    if let Some(close) = closed {
                         return Ok(close);
                     }
                     if self.client_eof && self.tracker.idle() {
@@ -376,7 +421,9 @@ impl Relay {
                         continue;
                     }
                     self.traffic.from_client += n as u64;
-                    if let Some(close) = self.on_client_data().await? {
+                    let closed = self.on_client_data().await?;
+                    self.sync_observer().await;
+                    if let Some(close) = closed {
                         return Ok(close);
                     }
                 }
@@ -389,6 +436,19 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Hand rule tags and trace requests to the observer and emit its queued audit events.
+    async fn sync_observer(&mut self) {
+        self.observer.set_tags(&self.policy.tags);
+        if self.policy.trace {
+            self.observer.start_transcript(
+                &self.config.audit.transcript,
+                &self.info.listener,
+                self.info.client,
+            );
+        }
+        self.observer.flush().await;
     }
 
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
@@ -404,6 +464,7 @@ impl Relay {
     async fn write_due_locals(&mut self) -> Result<Option<CloseReason>, SessionError> {
         while let Some(local) = self.tracker.next_local() {
             debug!(verb = %local.verb, reply = %String::from_utf8_lossy(&local.reply).trim_end(), "answered locally");
+            self.observer.local_reply(&local.reply);
             self.write_client(&local.reply).await?;
             match local.then {
                 AfterReply::Continue => {}
@@ -441,6 +502,7 @@ impl Relay {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
+                self.observer.denied(&rule, cmd.verb, self.tracker.user());
                 let then = if close {
                     AfterReply::Close
                 } else {
@@ -489,6 +551,9 @@ impl Relay {
         let plain = std::mem::replace(&mut self.client, Stream::Detached);
         self.client = client_handshake(plain, &self.shared).await?;
         self.client_tls = self.client.tls_info();
+        if let Some(t) = &self.client_tls {
+            self.observer.tls(crate::audit::TlsSide::Client, t);
+        }
         self.stls_pending = false;
         Ok(())
     }
@@ -560,6 +625,7 @@ impl Relay {
             match self.tracker.classify(&line) {
                 ClientLine::SaslResponse(data) => {
                     debug!(line = "***", "SASL answer");
+                    self.observer.client_sasl();
                     // Rules see SASL lines (to log or drop) but never their content.
                     let v = self.policy.evaluate(&Event {
                         verb: Some(Verb::Auth),
@@ -587,6 +653,7 @@ impl Relay {
                 }
                 ClientLine::Command(cmd) => {
                     debug!(command = %cmd.redacted(), "command");
+                    self.observer.client_line(cmd.raw);
                     let (decision, delay) = self.decide(&cmd);
                     if let Some(d) = delay {
                         // Tarpit: what was decided before goes out first.
@@ -678,6 +745,12 @@ impl Relay {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } => {
                     self.on_response(&meta, &self.sin[fwd..fwd + len]);
+                    self.observer.status(
+                        &meta,
+                        &self.sin[fwd..fwd + len],
+                        self.tracker.user(),
+                        self.tracker.state(),
+                    );
                     let (rewritten, delay, drop) = self.response_rules(&meta, fwd, len);
                     if drop {
                         self.flush_server(fwd).await?;
@@ -723,7 +796,12 @@ impl Relay {
                         self.write_client(&out).await?;
                     }
                 }
-                Piece::Body { len } | Piece::BodyEnd { len } => fwd += len,
+                Piece::Body { len } | Piece::BodyEnd { len } => {
+                    let end = matches!(piece, Piece::BodyEnd { .. });
+                    self.observer
+                        .body(&self.sin[fwd..fwd + len], end, self.tracker.user());
+                    fwd += len;
+                }
             }
             if self.tracker.local_due() {
                 self.flush_server(fwd).await?;

@@ -98,6 +98,8 @@ pub struct Outstanding {
     pub shape: Shape,
     /// Message number argument (RETR, TOP, DELE, LIST n, UIDL n).
     pub msg: Option<u32>,
+    /// TOP's line count.
+    pub lines: Option<u32>,
 }
 
 /// A reply the proxy itself owes the client, now due.
@@ -162,6 +164,8 @@ pub struct ResponseMeta {
     pub verb: Option<Verb>,
     /// Message number of that command.
     pub msg: Option<u32>,
+    /// TOP's line count.
+    pub lines: Option<u32>,
     /// Status.
     pub status: Status,
     /// Whether a body follows.
@@ -341,6 +345,10 @@ impl Tracker {
             verb: cmd.verb,
             shape,
             msg: cmd.msg_number(),
+            lines: match cmd.verb {
+                Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
+                _ => None,
+            },
         }));
     }
 
@@ -450,6 +458,7 @@ impl Tracker {
             return Ok(ResponseMeta {
                 verb: None,
                 msg: None,
+                lines: None,
                 status: line.status,
                 multiline: false,
                 login: None,
@@ -463,6 +472,7 @@ impl Tracker {
             return Ok(ResponseMeta {
                 verb: Some(out.verb),
                 msg: out.msg,
+                lines: out.lines,
                 status: line.status,
                 multiline: false,
                 login: None,
@@ -491,6 +501,7 @@ impl Tracker {
         Ok(ResponseMeta {
             verb: Some(out.verb),
             msg: out.msg,
+            lines: out.lines,
             status: line.status,
             multiline,
             login,
