@@ -35,6 +35,24 @@ pub enum CliCommand {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show audit trail events (JSON lines files) as a table: who fetched or deleted what.
+    Audit {
+        /// Audit files (`audit.YYYY-MM-DD.jsonl`), in any order.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Only this user's sessions.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Only events at or after this time: RFC 3339 (`2026-03-01T09:00:00Z`) or an age (`2h`, `3d`).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only these events (repeat or comma-separate): retrieve, delete_marked, update, ...
+        #[arg(long, value_name = "EVENT")]
+        event: Vec<String>,
+        /// Print the matching JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start popgate on loopback in front of a built-in demo POP3 server and print how to try it.
     Demo {
         /// Where the proxy's plain listener (with STLS) listens.

@@ -42,6 +42,24 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
+        CliCommand::Audit {
+            files,
+            user,
+            since,
+            event,
+            json,
+        } => {
+            use popgate::audit::{Filter, format_json, format_table, read_events};
+            let filter = Filter::from_args(user, since.as_deref(), &event)?;
+            let records = read_events(&files, &filter)?;
+            let out = if json {
+                format_json(&records)
+            } else {
+                format_table(&records)
+            };
+            print!("{out}");
+            Ok(())
+        }
         CliCommand::Demo { bind, tls_bind } => {
             let log = LogConfig {
                 level: cli.log_level.unwrap_or_else(|| "info".into()),
