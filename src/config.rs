@@ -225,7 +225,11 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, path)?;
-        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        config.resolve_paths(base);
         config.validate(path)?;
         Ok(config)
     }

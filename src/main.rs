@@ -116,7 +116,10 @@ fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading");
             if let Err(e) = reloader.reload() {
-                tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                tracing::error!(
+                    error = %e,
+                    "reload failed; what failed to load (rules or certificates) stays as it was"
+                );
             }
         }
     });

@@ -110,6 +110,132 @@ fn check_reports_file_key_and_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/popgate.toml"));
 }
 
+/// Each class of rule mistake: the message names the config, the rule file, the rule (name
+/// and position) and the reason. Rule paths are relative to the config file's directory.
+#[test]
+fn check_reports_rule_file_rule_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = |name: &str, body: &str| format!("[[rule]]\nname = \"{name}\"\n{body}");
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "unknown-key",
+            rule(
+                "ro",
+                "on = \"command\"\nverb = \"DELE\"\naction = \"deny\"\n",
+            ),
+            &["rule `ro` (#1)", "unknown key `verb`", "verbs"],
+        ),
+        (
+            "bad-regex",
+            rule(
+                "re",
+                "on = \"command\"\nargs = \"(open\"\naction = \"deny\"\n",
+            ),
+            &["rule `re` (#1)", "bad regex in `args`", "unclosed group"],
+        ),
+        (
+            "impossible",
+            rule(
+                "hide",
+                "on = \"connect\"\naction = \"rewrite\"\nwith = \"x\"\n",
+            ),
+            &["rule `hide` (#1)", "`rewrite` is not possible on `connect`"],
+        ),
+        (
+            "bad-cidr",
+            rule(
+                "lan",
+                "on = \"connect\"\nclient = [\"10.0.0.1/8\"]\naction = \"drop\"\n",
+            ),
+            &["rule `lan` (#1)", "10.0.0.1/8", "host bits"],
+        ),
+        (
+            "bad-template",
+            rule(
+                "l",
+                "on = \"command\"\naction = \"log\"\nmessage = \"{nope}\"\n",
+            ),
+            &["rule `l` (#1)", "unknown field `{nope}`"],
+        ),
+        (
+            "bad-event",
+            rule("ev", "on = \"commands\"\naction = \"allow\"\n"),
+            &["rule `ev` (#1)", "unknown variant `commands`"],
+        ),
+        (
+            "bad-code",
+            format!(
+                "{}{}",
+                rule("ok", "on = \"close\"\naction = \"tag\"\ntags = [\"x\"]\n"),
+                rule(
+                    "code",
+                    "on = \"command\"\naction = \"deny\"\ncode = \"[AUTH]\"\n"
+                )
+            ),
+            &["rule `code` (#2)", "`[AUTH]` is not a response code"],
+        ),
+        (
+            "duplicate",
+            rule(
+                "tls-log",
+                "on = \"close\"\naction = \"tag\"\ntags = [\"x\"]\n",
+            )
+            .repeat(2),
+            &["rule `tls-log` (#2)", "duplicate rule name"],
+        ),
+    ];
+    let config = |rules: &str| {
+        format!(
+            "rules = [\"{rules}\"]\n[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n"
+        )
+    };
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    for (name, text, needles) in cases {
+        std::fs::write(dir.path().join(format!("rules/{name}.toml")), text).unwrap();
+        let path = dir.path().join(format!("cfg-{name}.toml"));
+        std::fs::write(&path, config(&format!("rules/{name}.toml"))).unwrap();
+        let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert!(
+            err.contains(&format!("cfg-{name}.toml")),
+            "{name}: config not named: {err}"
+        );
+        assert!(
+            err.contains(&format!("rules/{name}.toml: rule `")),
+            "{name}: rule file not named: {err}"
+        );
+        for n in *needles {
+            assert!(err.contains(n), "{name}: {n:?} missing in: {err}");
+        }
+    }
+    // A pattern that matches nothing is an error too.
+    let path = dir.path().join("cfg-nomatch.toml");
+    std::fs::write(&path, config("rules/nothing-*.toml")).unwrap();
+    let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nomatch: accepted");
+    assert!(
+        err.contains("`rules/nothing-*.toml` matches no file"),
+        "{err}"
+    );
+    // And a good rule file passes.
+    std::fs::write(
+        dir.path().join("rules/good.toml"),
+        cases[0].1.replace("verb ", "verbs "),
+    )
+    .unwrap();
+    let path = dir.path().join("cfg-good.toml");
+    std::fs::write(&path, config("rules/good.toml")).unwrap();
+    let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `popgate demo` prints curl commands; each of them works as printed.
 #[test]
 fn demo_prints_working_curl_commands() {
