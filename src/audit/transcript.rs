@@ -368,10 +368,6 @@ fn display_raw(bytes: &[u8]) -> String {
     out
 }
 
-fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
 /// A client command line for logs and transcripts, with secrets replaced by `***`:
 /// `PASS` arguments, the APOP digest (`APOP name ***`) and an AUTH initial response
 /// (`AUTH PLAIN ***`). Verbs match case-insensitively, also with leading white space or glued
@@ -380,34 +376,28 @@ fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
 /// SASL continuation lines are not commands and cannot be recognised here: a caller in a SASL
 /// exchange must not pass them (use `***`).
 pub fn redact_command_line(line: &[u8]) -> String {
-    let content = line
-        .strip_suffix(b"\r\n")
-        .or_else(|| line.strip_suffix(b"\n"))
-        .unwrap_or(line);
-    let lead = content.iter().take_while(|&&b| is_wsp(b)).count();
-    let rest = &content[lead..];
-    let verb_len = rest.iter().take_while(|&&b| !is_wsp(b)).count();
-    let secret_verb = [&b"PASS"[..], b"APOP", b"AUTH"]
-        .into_iter()
-        .find(|v| starts_with_ci(rest, v));
-    let Some(v) = secret_verb else {
-        return display(line);
-    };
-    let verb = display_raw(&rest[..4]);
-    if verb_len > 4 {
-        // Glued to its argument ("PASSsecret"): the whole rest is suspect.
-        return format!("{verb} ***");
-    }
-    let tokens: Vec<&[u8]> = rest[4..]
-        .split(|&b| is_wsp(b))
-        .filter(|t| !t.is_empty())
-        .collect();
-    match (v, tokens.as_slice()) {
-        (_, []) => verb,
-        (b"APOP", [name, _, ..]) => format!("{verb} {} ***", display_raw(name)),
-        (b"AUTH", [mech]) => format!("{verb} {}", display_raw(mech)),
-        (b"AUTH", [mech, _, ..]) => format!("{verb} {} ***", display_raw(mech)),
-        _ => format!("{verb} ***"),
+    // One redaction rule for logs, rules and transcripts: the command parser's.
+    use crate::pop3::command::{Command, Verb, trim_eol};
+    match Command::parse(line) {
+        Ok(cmd) if !cmd.verb.has_secret_args() => display(line),
+        Ok(cmd) => display_raw(cmd.redacted().as_bytes()),
+        Err(_) => {
+            // Not a valid command: show a known keyword, never unknown text.
+            let content = trim_eol(line);
+            let content = &content[content.iter().take_while(|&&b| is_wsp(b)).count()..];
+            let kw_len = content.iter().take_while(|&&b| !is_wsp(b)).count();
+            let (kw, rest) = content.split_at(kw_len);
+            let verb = Verb::from_keyword(kw);
+            if verb == Verb::Unknown {
+                "***".into()
+            } else if !verb.has_secret_args() {
+                display(line)
+            } else if rest.iter().all(|&b| is_wsp(b)) {
+                display_raw(kw)
+            } else {
+                format!("{} ***", display_raw(kw))
+            }
+        }
     }
 }
 
@@ -425,9 +415,11 @@ mod tests {
             (b"PASS hunter2\r\n", "PASS ***"),
             (b"pass  hunter2 with spaces\r\n", "pass ***"),
             (b"PASS\r\n", "PASS"),
-            (b"PASShunter2\r\n", "PASS ***"),
+            (b"PASShunter2\r\n", "***"),
             (b"  PASS hunter2\r\n", "PASS ***"),
-            (b"PASS\thunter2\n", "PASS ***"),
+            (b"PASS\thunter2\n", "***"),
+            (b"AGJvYgBodW50ZXIy\r\n", "***"),
+            (b"XAUTH bob hunter2\r\n", "***"),
             (
                 b"APOP bob c4c9334bac560ecc979e58001b3e22fb\r\n",
                 "APOP bob ***",
@@ -437,7 +429,7 @@ mod tests {
             (b"AUTH PLAIN\r\n", "AUTH PLAIN"),
             (b"auth plain AGJvYgBodW50ZXIy\r\n", "auth plain ***"),
             (b"AUTH LOGIN Ym9i\r\n", "AUTH LOGIN ***"),
-            (b"AUTHPLAIN AGJvYgBodW50ZXIy\r\n", "AUTH ***"),
+            (b"AUTHPLAIN AGJvYgBodW50ZXIy\r\n", "***"),
             (b"USER bob\r\n", "USER bob"),
             (b"RETR 1\r\n", "RETR 1"),
             (b"LIST\n", "LIST [LF]"),

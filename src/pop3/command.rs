@@ -123,9 +123,11 @@ impl Verb {
         }
     }
 
-    /// Whether this verb's argument is a secret that must never be logged.
+    /// Whether this verb's arguments may be secret and must never be logged. Unknown commands
+    /// count: an X-command may carry credentials, and a SASL answer sent out of turn looks like
+    /// an unknown command.
     pub fn has_secret_args(self) -> bool {
-        matches!(self, Verb::Pass | Verb::Apop | Verb::Auth)
+        matches!(self, Verb::Pass | Verb::Apop | Verb::Auth | Verb::Unknown)
     }
 }
 
@@ -261,6 +263,15 @@ impl<'a> Command<'a> {
                 (Some(mech), None) => format!("{kw} {mech}"),
                 _ => kw.into_owned(),
             },
+            // A keyword that cannot be one (not 3-4 letters) may itself be a secret, e.g. a
+            // base64 SASL answer sent after the exchange ended.
+            Verb::Unknown
+                if !(3..=4).contains(&self.keyword.len())
+                    || !self.keyword.iter().all(u8::is_ascii_alphabetic) =>
+            {
+                "***".into()
+            }
+            Verb::Unknown if self.has_args() => format!("{kw} ***"),
             _ => String::from_utf8_lossy(trim_eol(self.raw)).into_owned(),
         }
     }
@@ -341,5 +352,14 @@ mod tests {
             Command::parse(b"USER bob\r\n").unwrap().redacted(),
             "USER bob"
         );
+        let b64 = Command::parse(b"AGJvYgBzM2NyZXQ=\r\n").unwrap();
+        assert_eq!(b64.verb, Verb::Unknown);
+        assert_eq!(b64.redacted(), "***");
+        assert_eq!(Command::parse(b"PASSword\r\n").unwrap().redacted(), "***");
+        assert_eq!(
+            Command::parse(b"XAUT tok\r\n").unwrap().redacted(),
+            "XAUT ***"
+        );
+        assert_eq!(Command::parse(b"XYZ\r\n").unwrap().redacted(), "XYZ");
     }
 }

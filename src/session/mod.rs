@@ -200,15 +200,18 @@ pub async fn run(
         Ok(u) => u,
         Err(e) => {
             warn!(error = %e, "upstream unavailable");
-            let _ = client
-                .write_all(b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n")
-                .await;
+            const UNAVAILABLE: &[u8] =
+                b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
+            let sent = match client.write_all(UNAVAILABLE).await {
+                Ok(()) => UNAVAILABLE.len() as u64,
+                Err(_) => 0,
+            };
             let _ = client.shutdown().await;
             observer.close(
                 CloseReason::Error.as_str(),
                 None,
                 0,
-                0,
+                sent,
                 started.elapsed().as_millis() as u64,
             );
             observer.flush().await;
@@ -502,6 +505,8 @@ impl Relay {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
+                // The denial carries the tags its own evaluation attached.
+                self.observer.set_tags(&self.policy.tags);
                 self.observer.denied(&rule, cmd.verb, self.tracker.user());
                 let then = if close {
                     AfterReply::Close
@@ -745,13 +750,15 @@ impl Relay {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } => {
                     self.on_response(&meta, &self.sin[fwd..fwd + len]);
+                    let (rewritten, delay, drop) = self.response_rules(&meta, fwd, len);
+                    // After the rules, so that a login event carries the tags they attached.
+                    self.observer.set_tags(&self.policy.tags);
                     self.observer.status(
                         &meta,
                         &self.sin[fwd..fwd + len],
                         self.tracker.user(),
                         self.tracker.state(),
                     );
-                    let (rewritten, delay, drop) = self.response_rules(&meta, fwd, len);
                     if drop {
                         self.flush_server(fwd).await?;
                         return Ok(Some(CloseReason::RuleDrop));
@@ -793,6 +800,9 @@ impl Relay {
                     }
                     if done && let Some(buf) = self.capa.take() {
                         let out = self.rewrite_capa(&buf);
+                        // The transcript shows the list as the client got it.
+                        let status_len = line_end(&out).unwrap_or(0);
+                        self.observer.body(&out[status_len..], true, None);
                         self.write_client(&out).await?;
                     }
                 }

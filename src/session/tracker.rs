@@ -216,6 +216,7 @@ pub enum ProtocolError {
 enum SaslMech {
     Plain,
     Login,
+    CramMd5,
     Other,
 }
 
@@ -326,8 +327,11 @@ impl Tracker {
                 let kind = match mech.as_str() {
                     "PLAIN" => SaslMech::Plain,
                     "LOGIN" => SaslMech::Login,
+                    "CRAM-MD5" => SaslMech::CramMd5,
                     _ => SaslMech::Other,
                 };
+                // A new login attempt: a name from an earlier one no longer applies.
+                self.user = None;
                 self.sasl = Some((kind, 0));
                 self.last_login = Some(LoginMethod::Sasl(mech));
                 if let Some(ir) = cmd.arg_list().nth(1) {
@@ -379,6 +383,12 @@ impl Tracker {
                 if authz.is_empty() { authc } else { authz }.to_vec()
             }
             SaslMech::Login => raw,
+            // "user hex-digest": the name is in the clear, the digest proves nothing reusable.
+            SaslMech::CramMd5 => raw
+                .split(|&b| b == b' ')
+                .next()
+                .unwrap_or_default()
+                .to_vec(),
             SaslMech::Other => return,
         };
         if let Ok(s) = String::from_utf8(name)
@@ -678,6 +688,19 @@ mod tests {
             false,
             Some(false)
         )));
+    }
+
+    #[test]
+    fn cram_md5_names_the_user() {
+        // base64("dave 0123456789abcdef0123456789abcdef")
+        let client: &[&[u8]] = &[
+            b"AUTH CRAM-MD5\r\n",
+            b"ZGF2ZSAwMTIzNDU2Nzg5YWJjZGVmMDEyMzQ1Njc4OWFiY2RlZg==\r\n",
+        ];
+        let server = b"+OK hi\r\n+ PDEyMzRAaG9zdD4=\r\n+OK in\r\n";
+        let (_, t) = drive(client, server, 4);
+        assert_eq!(t.user(), Some("dave"));
+        assert_eq!(t.state(), State::Transaction);
     }
 
     #[test]
