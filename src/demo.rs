@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::response::dot_stuff;
 
 /// Name the server gives itself in its greeting, `CAPA IMPLEMENTATION` and APOP timestamps.
 pub const SERVER_NAME: &str = "popgate-demo";
@@ -638,15 +639,8 @@ fn body_reply(status: String, body: &[u8]) -> Reply {
 /// Append `body` dot-stuffed, then the multi-line terminator (adding a CRLF if the body's last
 /// line lacks a line end).
 fn dot_stuff_into(out: &mut Vec<u8>, body: &[u8]) {
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !at_line_start {
+    out.extend_from_slice(&dot_stuff(body));
+    if !body.is_empty() && !body.ends_with(b"\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");

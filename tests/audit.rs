@@ -14,13 +14,15 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::certs::TestPki;
+use common::certs::{TestPki, rustls_server};
 use common::clients::{self, RawPop, b64, b64_lines, brief, poplib, poplib_spec};
 use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, served};
-use common::proxy::{Harness, PopgateProcess, ProxyHandle, big_message, mailbox, popgate_bin};
+use common::proxy::{
+    Harness, PopgateOpts, PopgateProcess, ProxyHandle, big_message, mailbox, popgate_bin, rule_file,
+};
 use popgate::demo::{DemoServer, Faults, ServerOptions};
 use serde_json::{Value, json};
 
@@ -362,22 +364,6 @@ fn session_close_of(evs: &[Value]) -> &Value {
 // ---------------------------------------------------------------------------------------------
 // Proxies
 
-/// A rule file in its own temp dir.
-struct RuleFile {
-    _dir: tempfile::TempDir,
-    path: String,
-}
-
-fn rule_file(text: &str) -> RuleFile {
-    let dir = tempfile::Builder::new().prefix("rules").tempdir().unwrap();
-    let path = dir.path().join("audit-rules.toml");
-    std::fs::write(&path, text).unwrap();
-    RuleFile {
-        path: path.to_str().unwrap().to_owned(),
-        _dir: dir,
-    }
-}
-
 /// popgate with `rules` (paths), one listener `test` (`listener_extra` in its table), in
 /// front of `upstream` (`upstream_extra` in its table), then `rest` (more tables).
 fn proxy_with(
@@ -388,24 +374,12 @@ fn proxy_with(
     upstream_extra: &str,
     rest: &str,
 ) -> ProxyHandle {
-    h.proxy_toml(&format!(
-        "rules = {rules:?}\n\
-         [[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
-         [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"3s\"\n{upstream_extra}\n\
-         {rest}"
-    ))
-}
-
-fn rustls_server(cert: &Path, key: &Path) -> std::sync::Arc<rustls::ServerConfig> {
-    let certs = popgate::tls::load_certs(cert).unwrap();
-    let key = popgate::tls::load_key(key).unwrap();
-    std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(popgate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
+    h.proxy_with_rules(
+        rules,
+        listener_extra,
+        upstream,
+        &format!("connect_timeout = \"3s\"\n{upstream_extra}"),
+        rest,
     )
 }
 
@@ -1369,96 +1343,16 @@ fn header_extraction_stops_at_max_header_bytes() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
-/// `popgate run` with a config written to a temp dir: stdout and stderr go to files there.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Binary {
-    /// One listener `bin` in front of `upstream`, logs in `log/`; `rest` (tables) appended.
-    fn start(upstream: SocketAddr, rest: &str) -> Binary {
-        let dir = tempfile::Builder::new()
-            .prefix("popgate")
-            .tempdir()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-            .parse()
-            .unwrap();
-        let cfg = dir.path().join("popgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n\
-                 [upstream]\naddress = \"{upstream}\"\n\
-                 [log]\nlevel = \"info\"\ndir = \"log\"\nrotation = \"never\"\n{rest}"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(popgate_bin())
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-            .spawn()
-            .expect("spawn popgate");
-        let bin = Binary { child, addr, dir };
-        // Wait for the log line rather than probing the port: a probe would be a session.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !bin.log().contains("listening") {
-            assert!(
-                Instant::now() < deadline,
-                "popgate did not start: {}\n{}",
-                bin.log(),
-                std::fs::read_to_string(bin.dir.path().join("stderr")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bin
-    }
-
-    fn log(&self) -> String {
-        let mut out = String::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("log")) {
-            let mut files: Vec<PathBuf> = rd.map(|e| e.unwrap().path()).collect();
-            files.sort();
-            for f in files {
-                out.push_str(&std::fs::read_to_string(f).unwrap_or_default());
-            }
-        }
-        out
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit: the audit writer is flushed and closed.
-    fn stop(&mut self) {
-        terminate(&mut self.child);
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// SIGTERM `child` and wait up to 15 s for it to exit successfully.
-fn terminate(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(st.success(), "popgate exited with {st}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "popgate did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `popgate run` in front of `upstream` with logs in `log/`, `rest` (tables) appended. Waits
+/// for the "listening" log line rather than probing the port: a probe would be a session.
+fn binary(upstream: SocketAddr, rest: &str) -> PopgateProcess {
+    PopgateProcess::run(
+        upstream,
+        PopgateOpts::new()
+            .log_to_dir("info")
+            .tables(rest)
+            .wait_for_log(),
+    )
 }
 
 /// A 50 MB RETR through the real binary with auditing to a file: popgate's peak RSS stays
@@ -1495,7 +1389,7 @@ fn fifty_megabyte_retr_with_audit_keeps_memory_flat() {
         "peak RSS grew by {} KiB",
         peak - before
     );
-    terminate(&mut proc.child);
+    proc.stop();
     let evs = events_in(&proc.dir.path().join("audit"));
     let r: Vec<&Value> = evs.iter().filter(|e| e["event"] == "retrieve").collect();
     assert_eq!(r.len(), 2, "{}", lines(&evs));
@@ -1542,7 +1436,7 @@ fn full_audit_queue_in_drop_mode_never_stalls_the_relay() {
         let _ = f.read_to_end(&mut all);
         all
     });
-    let mut bin = Binary::start(
+    let mut bin = binary(
         up.local_addr(),
         &format!(
             "[audit]\nenabled = true\ndir = {:?}\nqueue = 1\non_overflow = \"drop\"\n",
@@ -1572,15 +1466,7 @@ fn full_audit_queue_in_drop_mode_never_stalls_the_relay() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(60), "burst took {took:?}");
     // Overflow is reported in the error log, with the running count.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !bin.log().contains("audit queue full") {
-        assert!(
-            Instant::now() < deadline,
-            "no overflow error logged:\n{}",
-            bin.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    bin.wait_log("audit queue full", 1);
     let log = bin.log();
     assert!(
         log.contains("ERROR") && log.contains("dropped_total"),
@@ -1701,7 +1587,7 @@ fn popgate_audit_reads_the_files_of_a_real_run() {
         mailbox(USER, PASS, messages()),
         mailbox("bob", "bob-pass-7", messages()),
     ]));
-    let mut bin = Binary::start(
+    let mut bin = binary(
         up.local_addr(),
         "[audit]\nenabled = true\ndir = \"audit\"\n",
     );

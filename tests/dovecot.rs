@@ -22,66 +22,12 @@ use common::clients::{
     RawPop, b64, brief, curl, curl_dele, curl_list, curl_ok, curl_retr, fetchmail, fetchmail_run,
     pop_raw, poplib, poplib_spec, url,
 };
-use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, served};
+use common::dovecot::{Dovecot, DovecotOpts, alice_msgs, bob_msgs, dot_stuffed, msg_dots, served};
 use common::proxy::{Harness, ProxyHandle};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
 // Mail
-
-/// Lines that must be dot-stuffed on the wire: ".dot line", "..two dots", "." and ". space".
-fn msg_dots() -> Vec<u8> {
-    b"From: Alice <alice@example.com>\n\
-To: Bob <bob@example.com>\n\
-Subject: dots\n\
-Message-ID: <dots@example.com>\n\
-\n\
-hello\n\
-.dot line\n\
-..two dots\n\
-.\n\
-. space\n\
-end\n"
-        .to_vec()
-}
-
-/// 8-bit bytes (Latin-1, UTF-8, every byte from 0x80 to 0xff) in header and body.
-fn msg_8bit() -> Vec<u8> {
-    let mut m = b"From: \xe9t\xe9@example.com\nTo: bob@example.com\nSubject: caf\xe9\n\n".to_vec();
-    m.extend_from_slice(b"Latin-1: caf\xe9 \xe0 \xff\xfe\x80\x81\n");
-    m.extend((0x80u8..=0xff).collect::<Vec<u8>>());
-    m.extend_from_slice(
-        b"\n\xc3\xa9t\xc3\xa9 (UTF-8)\nTabs\tand trailing spaces  \n.\xff dot then 8-bit\n",
-    );
-    m
-}
-
-/// About 3.3 MB of lines of varying length, every seventh starting with '.'.
-fn msg_big() -> Vec<u8> {
-    let mut m = b"From: dave@example.com\nTo: bob@example.com\nSubject: big\n\n".to_vec();
-    let mut i = 0usize;
-    while m.len() < 3_300_000 {
-        if i.is_multiple_of(7) {
-            m.push(b'.');
-        }
-        let len = (i * 37) % 990;
-        m.extend((0..len).map(|k| b'a' + ((k + i) % 26) as u8));
-        m.push(b'\n');
-        i += 1;
-    }
-    m.extend_from_slice(b"last line\n");
-    m
-}
-
-fn alice_msgs() -> Vec<Vec<u8>> {
-    vec![msg_dots(), msg_8bit(), msg_big()]
-}
-
-fn bob_msgs() -> Vec<Vec<u8>> {
-    (1..=12)
-        .map(|i| format!("Subject: bob {i}\n\nmessage number {i}\n.line {i}\n").into_bytes())
-        .collect()
-}
 
 const ALICE: (&str, &str) = ("alice", "alice-secret");
 const BOB: (&str, &str) = ("bob", "bob-secret");

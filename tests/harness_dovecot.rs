@@ -11,58 +11,9 @@ use common::clients::{
     RawPop, b64, b64_lines, brief, curl, curl_dele, curl_list, curl_ok, curl_retr, fetchmail,
     fetchmail_run, pop_raw, pop_raw_bytes, poplib, poplib_spec, url,
 };
-use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, served};
+use common::dovecot::{Dovecot, DovecotOpts, alice_msgs, bob_msgs, dot_stuffed, msg_dots, served};
 use serde_json::json;
 use std::time::Duration;
-
-/// A short message with lines that need dot-stuffing: ".dot line", "..two dots" and ".".
-fn msg_dots() -> Vec<u8> {
-    b"From: Alice <alice@example.com>\n\
-To: Bob <bob@example.com>\n\
-Subject: dots\n\
-Message-ID: <dots@example.com>\n\
-\n\
-hello\n\
-.dot line\n\
-..two dots\n\
-.\n\
-end\n"
-        .to_vec()
-}
-
-/// 8-bit bytes in header and body (not UTF-8).
-fn msg_8bit() -> Vec<u8> {
-    let mut m = b"From: carol@example.com\nTo: bob@example.com\nSubject: caf\xe9\n\n".to_vec();
-    m.extend_from_slice(b"Latin-1: caf\xe9 \xe0 \xff\xfe\x80\x81\nTabs\tand trailing spaces  \n");
-    m.extend_from_slice(b"\xc3\xa9t\xc3\xa9 (UTF-8)\n");
-    m
-}
-
-/// About 2 MB of 76-character lines, some starting with '.'.
-fn msg_big() -> Vec<u8> {
-    let mut m = b"From: dave@example.com\nTo: bob@example.com\nSubject: big\n\n".to_vec();
-    let mut i = 0u32;
-    while m.len() < 2_000_000 {
-        let lead = if i.is_multiple_of(97) { "." } else { "" };
-        let line = format!(
-            "{lead}{i:08} ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 ===\n"
-        );
-        m.extend_from_slice(line.as_bytes());
-        i += 1;
-    }
-    m.extend_from_slice(b"last line\n");
-    m
-}
-
-fn alice_msgs() -> Vec<Vec<u8>> {
-    vec![msg_dots(), msg_8bit(), msg_big()]
-}
-
-fn bob_msgs() -> Vec<Vec<u8>> {
-    (1..=12)
-        .map(|i| format!("Subject: bob {i}\n\nmessage number {i}\n").into_bytes())
-        .collect()
-}
 
 fn start() -> Dovecot {
     Dovecot::start(
@@ -106,7 +57,7 @@ fn curl_gets_crlf_unstuffed_bodies() {
         let got = curl_retr(dv.pop3, "bob", "bob-secret", n);
         assert_eq!(
             got,
-            format!("Subject: bob {n}\r\n\r\nmessage number {n}\r\n").into_bytes()
+            format!("Subject: bob {n}\r\n\r\nmessage number {n}\r\n.line {n}\r\n").into_bytes()
         );
     }
 
@@ -305,7 +256,7 @@ fn dele_counts_only_after_quit() {
     // What is message 1 now was message 3 at the start.
     assert_eq!(
         curl_retr(dv.pop3, "bob", "bob-secret", 1),
-        b"Subject: bob 3\r\n\r\nmessage number 3\r\n".to_vec()
+        b"Subject: bob 3\r\n\r\nmessage number 3\r\n.line 3\r\n".to_vec()
     );
 }
 
@@ -334,7 +285,7 @@ fn raw_pipelined_session_shows_dot_stuffing() {
         out.windows(want.len()).any(|w| w == want.as_slice()),
         "{text}"
     );
-    assert!(text.contains("\r\n..dot line\r\n...two dots\r\n..\r\nend\r\n.\r\n"));
+    assert!(text.contains("\r\n..dot line\r\n...two dots\r\n..\r\n.. space\r\nend\r\n.\r\n"));
     assert!(text.ends_with("+OK Logging out.\r\n"), "{text}");
 
     // Step by step, with RawPop.

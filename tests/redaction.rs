@@ -14,12 +14,11 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use common::clients::{self, RawPop, brief, poplib, poplib_spec};
-use common::proxy::{Harness, mailbox, popgate_bin};
+use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
 use popgate::demo::{DemoServer, ServerOptions, apop_digest};
 use serde_json::json;
 
@@ -92,14 +91,6 @@ struct Sinks {
     audit_stdout: bool,
 }
 
-/// `popgate run` with every sink on, in a temp dir holding config, rules and all output.
-struct Run {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-    sinks: Sinks,
-}
-
 /// `log` rules that render every command, response and login (with its arguments), so the
 /// template's own redaction is exercised at every step, plus a `trace` rule.
 const RULES: &str = r#"
@@ -128,122 +119,36 @@ on = "login"
 action = "trace"
 "#;
 
-impl Run {
-    fn start(upstream: SocketAddr, sinks: Sinks) -> Run {
-        let dir = tempfile::Builder::new().prefix("redact").tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-            .parse()
-            .unwrap();
-        std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
-        let log_dir = if sinks.log_to_dir {
-            "dir = \"log\"\nrotation = \"never\"\n"
-        } else {
-            ""
-        };
-        let audit_out = if sinks.audit_stdout {
-            "output = \"stdout\"\n"
-        } else {
-            "dir = \"audit\"\n"
-        };
-        let cfg = dir.path().join("popgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "rules = [\"rules.toml\"]\n\
-                 [[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n\
-                 [upstream]\naddress = \"{upstream}\"\n\
-                 [log]\nlevel = \"trace\"\nformat = \"{}\"\n{log_dir}\
-                 [audit]\nenabled = true\n{audit_out}\
-                 [audit.transcript]\ndir = \"transcripts\"\nlisteners = [\"bin\"]\nfull_bodies = true\n",
-                sinks.log_format
-            ),
-        )
-        .unwrap();
-        let child = Command::new(popgate_bin())
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-            .spawn()
-            .expect("spawn popgate");
-        let run = Run {
-            child,
-            addr,
-            dir,
-            sinks,
-        };
-        // Wait for the "listening" log line rather than probing the port (a probe would be a
-        // session of its own).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !run.log_text().contains("listening") {
-            assert!(
-                run.child_running(),
-                "popgate exited: {}",
-                run.read("stderr")
-            );
-            assert!(
-                Instant::now() < deadline,
-                "popgate did not start:\n{}",
-                run.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        run
-    }
-
-    fn child_running(&self) -> bool {
-        // try_wait needs &mut; /proc is enough to tell.
-        Path::new(&format!("/proc/{}", self.child.id())).exists()
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn read(&self, rel: &str) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.path(rel)).unwrap_or_default()).into_owned()
-    }
-
-    /// The operational log so far, wherever it goes.
-    fn log_text(&self) -> String {
-        if self.sinks.log_to_dir {
-            files_under(&self.path("log"))
-                .iter()
-                .map(|f| String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned())
-                .collect()
-        } else {
-            self.read("stderr")
-        }
-    }
-
-    /// SIGTERM and wait for a clean exit: logs, audit and transcripts are flushed and closed.
-    fn stop(&mut self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "popgate exited with {st}: {}",
-                    self.read("stderr")
-                );
-                return;
-            }
-            assert!(Instant::now() < deadline, "popgate did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `popgate run` with every sink on, in a temp dir holding config, rules and all output. Waits
+/// for the "listening" log line rather than probing the port (a probe would be a session of its
+/// own).
+fn start(upstream: SocketAddr, sinks: Sinks) -> PopgateProcess {
+    let log_dir = if sinks.log_to_dir {
+        "dir = \"log\"\nrotation = \"never\"\n"
+    } else {
+        ""
+    };
+    let audit_out = if sinks.audit_stdout {
+        "output = \"stdout\"\n"
+    } else {
+        "dir = \"audit\"\n"
+    };
+    let opts = PopgateOpts::new()
+        .top("rules = [\"rules.toml\"]\n")
+        .file("rules.toml", RULES)
+        .tables(&format!(
+            "[log]\nlevel = \"trace\"\nformat = \"{}\"\n{log_dir}\
+             [audit]\nenabled = true\n{audit_out}\
+             [audit.transcript]\ndir = \"transcripts\"\nlisteners = [\"bin\"]\nfull_bodies = true\n",
+            sinks.log_format
+        ))
+        .wait_for_log();
+    let opts = if sinks.log_to_dir {
+        opts.log_dir("log")
+    } else {
+        opts
+    };
+    PopgateProcess::run(upstream, opts)
 }
 
 /// Every regular file under `dir`, recursively, in name order.
@@ -411,7 +316,7 @@ fn check_run(sinks: Sinks) {
     let h = Harness::new();
     let mut s = Secrets::new();
     let up = upstream(&h, &s);
-    let mut run = Run::start(up.local_addr(), sinks);
+    let mut run = start(up.local_addr(), sinks);
     let sessions = log_in_every_way(run.addr, &mut s);
     run.stop();
 
@@ -436,7 +341,7 @@ fn check_run(sinks: Sinks) {
 
     // The sinks did write, and about this user: the search above was not vacuous.
     let user = s.user.as_str();
-    let log = run.log_text();
+    let log = run.log();
     assert!(log.contains(user), "{sinks:?}: log does not name the user");
     // Trace level really is on: the per-command debug lines are there.
     assert!(

@@ -6,15 +6,17 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::certs::TestPki;
 use common::clients::{self, RawPop, curl, poplib, poplib_spec};
-use common::proxy::{Harness, ProxyHandle, mailbox, popgate_bin, tricky_messages};
+use common::proxy::{
+    Harness, PopgateOpts, PopgateProcess, ProxyHandle, RuleFile, mailbox, popgate_bin, rule_file,
+    tricky_messages,
+};
 use popgate::demo::{DemoServer, ServerOptions};
 use serde_json::{Value, json};
 
@@ -23,39 +25,26 @@ fn shipped(name: &str) -> String {
     format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A rule file written to its own temp dir; the dir lives as long as the value.
-struct RuleFile {
-    _dir: tempfile::TempDir,
-    path: String,
-}
-
-fn rule_file(text: &str) -> RuleFile {
-    let dir = tempfile::Builder::new().prefix("rules").tempdir().unwrap();
-    let path = dir.path().join("test.toml");
-    std::fs::write(&path, text).unwrap();
-    RuleFile {
-        path: path.to_str().unwrap().to_string(),
-        _dir: dir,
-    }
-}
-
-/// popgate in front of `up` with `rules` (a top-level key, so it comes before any table). With
-/// `pki`, the listener is `starttls` with a certificate for localhost / 127.0.0.1.
+/// popgate in front of `up` with `rules`. With `pki`, the listener is `starttls` with a
+/// certificate for localhost / 127.0.0.1.
 fn proxy(h: &Harness, up: &DemoServer, rules: &[&str], pki: Option<&TestPki>) -> ProxyHandle {
-    let mut toml =
-        format!("rules = {rules:?}\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n");
-    if pki.is_some() {
-        toml.push_str("tls = \"starttls\"\n");
-    }
-    toml.push_str(&format!(
-        "[upstream]\naddress = \"{}\"\nconnect_timeout = \"2s\"\n",
-        up.local_addr()
-    ));
-    if let Some(pki) = pki {
-        let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-        toml.push_str(&format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"));
-    }
-    h.proxy_toml(&toml)
+    let (listener, tls) = match pki {
+        Some(pki) => {
+            let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+            (
+                "tls = \"starttls\"\n",
+                format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+            )
+        }
+        None => ("", String::new()),
+    };
+    h.proxy_with_rules(
+        rules,
+        listener,
+        up.local_addr(),
+        "connect_timeout = \"2s\"\n",
+        &tls,
+    )
 }
 
 /// A demo upstream with `mailboxes` (plaintext, APOP on).
@@ -64,6 +53,16 @@ fn upstream(h: &Harness, mailboxes: Vec<popgate::demo::Mailbox>) -> DemoServer {
         apop: true,
         ..ServerOptions::new(mailboxes)
     })
+}
+
+/// The usual setup: alice (`alice-pass`, [`tricky_messages`]`(0)`) on a demo upstream and
+/// popgate in front with one rule file holding `rules`. Bind all four (drop order: proxy first).
+fn alice_with_rules(rules: &str) -> (Harness, DemoServer, RuleFile, ProxyHandle) {
+    let h = Harness::new();
+    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
+    let rules = rule_file(rules);
+    let p = proxy(&h, &up, &[&rules.path], None);
+    (h, up, rules, p)
 }
 
 /// USER + PASS, both expected to succeed.
@@ -391,9 +390,7 @@ message = "NOOP is not allowed here"
 /// `rewrite` of a command's arguments: the upstream receives the rewritten line.
 #[test]
 fn rewrite_command_argument() {
-    let h = Harness::new();
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
-    let rules = rule_file(
+    let (_h, up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "strip-domain"
@@ -405,7 +402,6 @@ replace = '@example\.org$'
 with = ""
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     login(&mut c, "alice@example.org", "alice-pass");
     assert!(c.cmd("STAT").starts_with("+OK 2 "));
@@ -418,9 +414,7 @@ with = ""
 /// indicator is ignored.
 #[test]
 fn rewrite_response_line() {
-    let h = Harness::new();
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
-    let rules = rule_file(
+    let (_h, _up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "friendly-noop"
@@ -439,7 +433,6 @@ action = "rewrite"
 with = "-ERR flipped"
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     login(&mut c, "alice", "alice-pass");
     assert_eq!(c.cmd("NOOP"), "+OK still here");
@@ -483,9 +476,7 @@ fn hide_banner_rewrites_greeting_and_apop_still_works() {
 /// CAPA `remove` drops an item, `add` appends one; the rest of the list is intact.
 #[test]
 fn capa_remove_and_add() {
-    let h = Harness::new();
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
-    let rules = rule_file(
+    let (_h, _up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "no-top"
@@ -501,7 +492,6 @@ action = "rewrite"
 add = ["X-POLICY popgate"]
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     let (status, body) = c.cmd_multi("CAPA");
     assert!(status.starts_with("+OK"), "{status}");
@@ -521,9 +511,7 @@ add = ["X-POLICY popgate"]
 /// upstream is never dialled.
 #[test]
 fn drop_on_connect() {
-    let h = Harness::new();
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
-    let rules = rule_file(
+    let (_h, up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "block-loopback"
@@ -532,7 +520,6 @@ client = ["127.0.0.1/32"]
 action = "drop"
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     assert_eq!(c.greeting, "", "a dropped client got a greeting");
     assert!(c.read_to_end().is_empty());
@@ -544,10 +531,8 @@ action = "drop"
 /// nothing is deleted (not even what was marked before).
 #[test]
 fn drop_on_command() {
-    let h = Harness::new();
     let msgs = tricky_messages(0);
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", msgs.clone())]);
-    let rules = rule_file(
+    let (_h, up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "drop-rset"
@@ -556,7 +541,6 @@ verbs = "RSET"
 action = "drop"
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     login(&mut c, "alice", "alice-pass");
     assert!(c.cmd("DELE 1").starts_with("+OK"));
@@ -580,9 +564,7 @@ action = "drop"
 /// `delay` on a failed login: the `-ERR` comes after the tarpit; a good login is not delayed.
 #[test]
 fn delay_tarpits_failed_logins() {
-    let h = Harness::new();
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", tricky_messages(0))]);
-    let rules = rule_file(
+    let (_h, _up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "tarpit"
@@ -592,7 +574,6 @@ action = "delay"
 delay = "700ms"
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     assert!(c.cmd("USER alice").starts_with("+OK"));
     let t0 = Instant::now();
@@ -623,10 +604,8 @@ delay = "700ms"
 /// STAT answer (rewritten by a response rule) would be taken for body and left alone.
 #[test]
 fn rewrite_changes_the_tracked_response_shape() {
-    let h = Harness::new();
     let msgs = tricky_messages(0);
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", msgs.clone())]);
-    let rules = rule_file(
+    let (_h, up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "list-one"
@@ -660,7 +639,6 @@ replace = '^\+OK '
 with = "+OK stat: "
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let size0 = msgs[0].len();
     let total: usize = msgs.iter().map(Vec::len).sum();
 
@@ -731,10 +709,8 @@ fn greeting_rewrite_keeps_the_apop_timestamp_unless_told() {
 /// A denied command in the middle of a pipelined batch is answered in its position.
 #[test]
 fn denied_command_answers_in_position() {
-    let h = Harness::new();
     let msgs = tricky_messages(0);
-    let up = upstream(&h, vec![mailbox("alice", "alice-pass", msgs.clone())]);
-    let rules = rule_file(
+    let (_h, up, _rules, p) = alice_with_rules(
         r#"
 [[rule]]
 name = "no-top"
@@ -744,7 +720,6 @@ action = "deny"
 message = "TOP is off"
 "#,
     );
-    let p = proxy(&h, &up, &[&rules.path], None);
     let mut c = RawPop::connect(p.addr);
     login(&mut c, "alice", "alice-pass");
     c.send_raw(b"STAT\r\nRETR 1\r\nTOP 1 0\r\nNOOP\r\nTOP 2 1\r\nLIST 2\r\nQUIT\r\n");
@@ -763,101 +738,18 @@ message = "TOP is off"
 // ---------------------------------------------------------------------------------------------
 // The real binary: log, tag, reload
 
-/// `popgate run` with `rules = ["policy.toml"]` next to its config and logs in `log/`.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Binary {
-    fn start(upstream: SocketAddr, policy: &str) -> Binary {
-        let dir = tempfile::Builder::new()
-            .prefix("popgate")
-            .tempdir()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-            .parse()
-            .unwrap();
-        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
-        let cfg = dir.path().join("popgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "rules = [\"policy.toml\"]\n\
-                 [[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n\
-                 [upstream]\naddress = \"{upstream}\"\n\
-                 [log]\nlevel = \"info\"\ndir = \"log\"\nrotation = \"never\"\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(popgate_bin())
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn popgate");
-        let mut bin = Binary { child, addr, dir };
-        // Wait for the log line rather than probing the port: a probe would be a session.
-        bin.wait_log("listening", 1);
-        assert!(bin.child.try_wait().unwrap().is_none(), "popgate exited");
-        bin
-    }
-
-    fn policy_path(&self) -> PathBuf {
-        self.dir.path().join("policy.toml")
-    }
-
-    /// Everything logged so far (all files in `log/`).
-    fn log(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
-            let mut files: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
-            files.sort();
-            for f in files {
-                let mut s = String::new();
-                std::fs::File::open(&f)
-                    .unwrap()
-                    .read_to_string(&mut s)
-                    .unwrap();
-                out.push_str(&s);
-            }
-        }
-        out
-    }
-
-    /// Wait (bounded) until `needle` occurs at least `n` times in the log; returns the log.
-    fn wait_log(&self, needle: &str, n: usize) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if log.matches(needle).count() >= n {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} not logged {n} time(s); log:\n{}",
-                clients::tail(&log, 4000)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn hup(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `popgate run` with `rules = ["policy.toml"]` (holding `policy`) next to its config and logs
+/// in `log/`. Waits for the "listening" log line rather than probing the port: a probe would
+/// be a session.
+fn binary(upstream: SocketAddr, policy: &str) -> PopgateProcess {
+    PopgateProcess::run(
+        upstream,
+        PopgateOpts::new()
+            .top("rules = [\"policy.toml\"]\n")
+            .file("policy.toml", policy)
+            .log_to_dir("info")
+            .wait_for_log(),
+    )
 }
 
 /// `log` renders its template with {user} and {command} (PASS arguments as ***, the password
@@ -867,7 +759,7 @@ fn log_and_tag_in_the_real_binary() {
     let h = Harness::new();
     let secret = "Pa55-w0rd-not-for-logs";
     let up = upstream(&h, vec![mailbox("alice", secret, tricky_messages(0))]);
-    let bin = Binary::start(
+    let bin = binary(
         up.local_addr(),
         r#"
 [[rule]]
@@ -949,7 +841,7 @@ fn sighup_reloads_rules_for_new_sessions_only() {
             mailbox("carol", "c-pass", tricky_messages(0)),
         ],
     );
-    let bin = Binary::start(
+    let bin = binary(
         up.local_addr(),
         r#"
 [[rule]]
@@ -964,7 +856,7 @@ message = "no RSET (v1)"
     login(&mut a, "alice", "a-pass");
     assert_eq!(a.cmd("NOOP"), "+OK");
 
-    std::fs::write(bin.policy_path(), NOOP_DENY).unwrap();
+    std::fs::write(bin.path("policy.toml"), NOOP_DENY).unwrap();
     bin.hup();
     bin.wait_log("reloaded rules", 1);
 
@@ -978,7 +870,7 @@ message = "no RSET (v1)"
 
     // An invalid set is refused with a reason; the last good set stays in force.
     std::fs::write(
-        bin.policy_path(),
+        bin.path("policy.toml"),
         "[[rule]]\nname = \"typo\"\non = \"command\"\nverb = \"NOOP\"\naction = \"deny\"\n",
     )
     .unwrap();

@@ -4,35 +4,22 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::TestPki;
+use common::certs::{TestPki, rustls_server};
 use common::clients::{self, curl, poplib, poplib_spec};
-use common::proxy::{Harness, ProxyHandle, mailbox, tricky_messages};
+use common::proxy::{Harness, PopgateOpts, PopgateProcess, ProxyHandle, mailbox, tricky_messages};
 use popgate::demo::{DemoServer, Faults, ServerOptions};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const USER: &str = "tlsuser";
 const PASS: &str = "tls-pass-77";
-
-fn rustls_server(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
-    let certs = popgate::tls::load_certs(cert).unwrap();
-    let key = popgate::tls::load_key(key).unwrap();
-    Arc::new(
-        rustls::ServerConfig::builder_with_provider(popgate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-    )
-}
 
 struct Setup {
     h: Harness,
@@ -475,38 +462,18 @@ fn rsa_ecdsa_ed25519_keys() {
 #[test]
 fn sighup_reloads_certificate_without_dropping_sessions() {
     let s = setup("none", Faults::default());
-    let dir = tempfile::tempdir().unwrap();
     let (c1, k1) = s.pki.issue(&["localhost", "first.test"]);
     let (c2, k2) = s.pki.issue(&["localhost", "second.test"]);
-    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-    std::fs::copy(&c1, &cert).unwrap();
-    std::fs::copy(&k1, &key).unwrap();
-    let port = common::free_port();
-    let cfg = dir.path().join("popgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:{port}\"\ntls = \"implicit\"\n\
-             [upstream]\naddress = \"{}\"\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n",
-            s.up.local_addr()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(common::proxy::popgate_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "popgate did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut p = PopgateProcess::run(
+        s.up.local_addr(),
+        PopgateOpts::new()
+            .listener("tls = \"implicit\"\n")
+            .tables("[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n")
+            .file("server.crt", std::fs::read(&c1).unwrap())
+            .file("server.key", std::fs::read(&k1).unwrap()),
+    );
+    let (cert, key) = (p.path("server.crt"), p.path("server.key"));
+    let addr = p.addr;
     let ca = s.pki.ca_path().to_owned();
     assert!(served_cert_subject(addr, "localhost", &ca).contains("localhost"));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -538,10 +505,7 @@ fn sighup_reloads_certificate_without_dropping_sessions() {
     std::thread::sleep(Duration::from_millis(300));
     // A broken file first: the old certificate stays.
     std::fs::write(&cert, "garbage").unwrap();
-    Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
+    p.hup();
     std::thread::sleep(Duration::from_millis(300));
     let subject = served_cert_subject(addr, "localhost", &ca);
     assert!(
@@ -550,10 +514,7 @@ fn sighup_reloads_certificate_without_dropping_sessions() {
     );
     std::fs::copy(&c2, &cert).unwrap();
     std::fs::copy(&k2, &key).unwrap();
-    Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
+    p.hup();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = openssl_san(addr, &ca);
@@ -575,12 +536,8 @@ fn sighup_reloads_certificate_without_dropping_sessions() {
         text.contains("\r\n.\r\n+OK popgate-demo signing off"),
         "{text}"
     );
-    let _ = child.kill();
-    let mut err = String::new();
-    let _ = child.wait();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
+    p.kill();
+    let err = p.stderr();
     assert!(
         err.contains("reload failed"),
         "broken file must be reported: {err}"

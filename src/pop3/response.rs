@@ -173,6 +173,22 @@ impl BodyScanner {
     }
 }
 
+/// `body` with a `.` put before every line that starts with `.` (RFC 1939 byte-stuffing): the
+/// bytes of a multi-line body between the status line and the terminator. Line ends are kept
+/// as they are; no terminator is added.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 1);
+    let mut at_line_start = true;
+    for &b in body {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +217,22 @@ mod tests {
         assert!(StatusLine::parse(b"-ERROR x\r\n").is_err());
         assert!(StatusLine::parse(b"+OKAY\r\n").is_err());
         assert!(StatusLine::parse(b"\r\n").is_err());
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(dot_stuff(b""), b"");
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n.\r\n..c\r\nd.e\r\n.no-eol"),
+            b"..a\r\nb\r\n..\r\n...c\r\nd.e\r\n..no-eol"
+        );
+        // Bare LF line ends count as line ends too.
+        assert_eq!(dot_stuff(b"x\n.y\n"), b"x\n..y\n");
+        // The stuffed body plus the terminator scans to its very end.
+        let body = b".\r\n.\r\nx\r\n";
+        let mut wire = dot_stuff(body);
+        wire.extend_from_slice(b".\r\n");
+        assert_eq!(BodyScanner::new().scan(&wire), Some(wire.len()));
     }
 
     fn scan_all(body: &[u8], splits: &[usize]) -> Option<usize> {

@@ -146,3 +146,18 @@ fn sign_leaf(issuer: &Issuer<'static, KeyPair>, names: &[&str], expired: bool) -
         key_pem: key.serialize_pem(),
     }
 }
+
+/// A rustls server config (popgate's crypto provider and protocol versions) serving the
+/// certificate chain `cert` with the key `key` (PEM files), no client authentication.
+pub fn rustls_server(cert: &Path, key: &Path) -> std::sync::Arc<rustls::ServerConfig> {
+    let certs = popgate::tls::load_certs(cert).unwrap();
+    let key = popgate::tls::load_key(key).unwrap();
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(popgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
+}

@@ -282,17 +282,60 @@ pub fn served(message: &[u8]) -> Vec<u8> {
 /// `body` (CRLF lines) with a `.` put before every line that starts with `.`: the bytes on
 /// the wire between `+OK ...\r\n` and the closing `.\r\n`.
 pub fn dot_stuffed(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 16);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    out
+    popgate::pop3::response::dot_stuff(body)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Messages (LF line ends, as stored in a maildir)
+
+/// Lines that must be dot-stuffed on the wire: ".dot line", "..two dots", "." and ". space".
+pub fn msg_dots() -> Vec<u8> {
+    b"From: Alice <alice@example.com>\n\
+To: Bob <bob@example.com>\n\
+Subject: dots\n\
+Message-ID: <dots@example.com>\n\
+\n\
+hello\n\
+.dot line\n\
+..two dots\n\
+.\n\
+. space\n\
+end\n"
+        .to_vec()
+}
+
+/// 8-bit bytes (Latin-1, UTF-8, every byte from 0x80 to 0xff) in header and body.
+pub fn msg_8bit() -> Vec<u8> {
+    let mut m = b"From: \xe9t\xe9@example.com\nTo: bob@example.com\nSubject: caf\xe9\n\n".to_vec();
+    m.extend_from_slice(b"Latin-1: caf\xe9 \xe0 \xff\xfe\x80\x81\n");
+    m.extend((0x80u8..=0xff).collect::<Vec<u8>>());
+    m.extend_from_slice(
+        b"\n\xc3\xa9t\xc3\xa9 (UTF-8)\nTabs\tand trailing spaces  \n.\xff dot then 8-bit\n",
+    );
+    m
+}
+
+/// About 3.3 MB of lines of varying length, every seventh starting with '.'.
+pub fn msg_big() -> Vec<u8> {
+    let mut m = b"From: dave@example.com\nTo: bob@example.com\nSubject: big\n\n".to_vec();
+    super::proxy::push_varied_lines(&mut m, 3_300_000, b"\n");
+    m.extend_from_slice(b"last line\n");
+    m
+}
+
+/// [`msg_dots`], [`msg_8bit`] and [`msg_big`], in that order.
+pub fn alice_msgs() -> Vec<Vec<u8>> {
+    vec![msg_dots(), msg_8bit(), msg_big()]
+}
+
+/// Twelve small messages, `Subject: bob N`, each with a line starting with a dot.
+pub fn bob_msgs() -> Vec<Vec<u8>> {
+    (1..=12)
+        .map(|i| format!("Subject: bob {i}\n\nmessage number {i}\n.line {i}\n").into_bytes())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// CRLF -> LF (how a message is stored in a maildir).
 pub fn lf_only(message: &[u8]) -> Vec<u8> {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use popgate::Config;
@@ -37,6 +37,25 @@ impl Harness {
         self.proxy_toml(&format!(
             "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
              [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"2s\"\n{extra}"
+        ))
+    }
+
+    /// popgate with `rules` (paths; a top-level key, so it comes before any table), one
+    /// listener `test` (`listener_extra` in its table), in front of `upstream` (`upstream_extra`
+    /// in its table, e.g. `connect_timeout`), then `rest` (more tables).
+    pub fn proxy_with_rules(
+        &self,
+        rules: &[&str],
+        listener_extra: &str,
+        upstream: SocketAddr,
+        upstream_extra: &str,
+        rest: &str,
+    ) -> ProxyHandle {
+        self.proxy_toml(&format!(
+            "rules = {rules:?}\n\
+             [[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
+             [upstream]\naddress = \"{upstream}\"\n{upstream_extra}\n\
+             {rest}"
         ))
     }
 
@@ -120,6 +139,13 @@ pub fn tricky_messages(big: usize) -> Vec<Vec<u8>> {
 /// A message of about `size` octets whose lines vary in length and often start with a dot.
 pub fn big_message(size: usize) -> Vec<u8> {
     let mut m = b"From: big@example.org\r\nSubject: big\r\n\r\n".to_vec();
+    push_varied_lines(&mut m, size, b"\r\n");
+    m
+}
+
+/// Append lines ending in `eol` to `m` until it holds at least `size` octets: lengths vary from
+/// 0 to 989 letters and every seventh line starts with a dot.
+pub fn push_varied_lines(m: &mut Vec<u8>, size: usize, eol: &[u8]) {
     let mut i: usize = 0;
     while m.len() < size {
         if i.is_multiple_of(7) {
@@ -127,10 +153,9 @@ pub fn big_message(size: usize) -> Vec<u8> {
         }
         let len = (i * 37) % 990;
         m.extend((0..len).map(|k| b'a' + ((k + i) % 26) as u8));
-        m.extend_from_slice(b"\r\n");
+        m.extend_from_slice(eol);
         i += 1;
     }
-    m
 }
 
 /// One mailbox `user`/`pass` holding `messages`.
@@ -138,46 +163,253 @@ pub fn mailbox(user: &str, pass: &str, messages: Vec<Vec<u8>>) -> Mailbox {
     Mailbox::new(user, pass, messages)
 }
 
+/// A rule file written to its own temp dir; the dir lives as long as the value.
+pub struct RuleFile {
+    _dir: tempfile::TempDir,
+    /// Absolute path of the file.
+    pub path: String,
+}
+
+/// A [`RuleFile`] holding `text`.
+pub fn rule_file(text: &str) -> RuleFile {
+    let dir = tempfile::Builder::new().prefix("rules").tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    std::fs::write(&path, text).unwrap();
+    RuleFile {
+        path: path.to_str().unwrap().to_owned(),
+        _dir: dir,
+    }
+}
+
 /// The popgate binary built by cargo for the tests.
 pub fn popgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_popgate"))
 }
 
-/// A `popgate run` process, killed on drop.
+/// How [`PopgateProcess::run`] configures and starts `popgate run`. The config it writes is
+/// `top`, one listener `bin` on a free loopback port (plus `listener` keys), `[upstream]` with
+/// the address, then `tables`.
+#[derive(Default)]
+pub struct PopgateOpts {
+    top: String,
+    listener: String,
+    tables: String,
+    files: Vec<(String, Vec<u8>)>,
+    log_dir: Option<String>,
+    wait_for_log: bool,
+}
+
+impl PopgateOpts {
+    pub fn new() -> PopgateOpts {
+        PopgateOpts::default()
+    }
+
+    /// Top-level TOML before the tables, e.g. `rules = ["policy.toml"]`.
+    pub fn top(mut self, toml: &str) -> PopgateOpts {
+        self.top.push_str(toml);
+        self
+    }
+
+    /// More keys in the `[[listener]]` table, e.g. `tls = "implicit"`.
+    pub fn listener(mut self, toml: &str) -> PopgateOpts {
+        self.listener.push_str(toml);
+        self
+    }
+
+    /// Tables appended after `[upstream]` (in call order).
+    pub fn tables(mut self, toml: &str) -> PopgateOpts {
+        self.tables.push_str(toml);
+        self
+    }
+
+    /// A file written into the process's dir (next to the config) before the start.
+    pub fn file(mut self, name: &str, contents: impl AsRef<[u8]>) -> PopgateOpts {
+        self.files
+            .push((name.to_owned(), contents.as_ref().to_vec()));
+        self
+    }
+
+    /// The operational log is written to files in `dir` (relative to the process's dir), so
+    /// [`PopgateProcess::log`] reads those; without this it reads stderr.
+    pub fn log_dir(mut self, dir: &str) -> PopgateOpts {
+        self.log_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// `[log]` at `level` to files in `log/`, never rotated (and [`Self::log_dir`] set to it).
+    pub fn log_to_dir(self, level: &str) -> PopgateOpts {
+        self.tables(&format!(
+            "[log]\nlevel = \"{level}\"\ndir = \"log\"\nrotation = \"never\"\n"
+        ))
+        .log_dir("log")
+    }
+
+    /// Wait for the "listening" log line instead of probing the port (a probe would be a
+    /// session of its own: audited, logged, counted).
+    pub fn wait_for_log(mut self) -> PopgateOpts {
+        self.wait_for_log = true;
+        self
+    }
+}
+
+/// A `popgate run` process with its config, stdout and stderr (files `stdout`, `stderr`) in a
+/// temp dir; killed on drop.
 pub struct PopgateProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    log_dir: Option<PathBuf>,
 }
 
 impl PopgateProcess {
-    /// Start `popgate run` in front of `upstream` on a free port and wait until it accepts.
+    /// Start `popgate run` in front of `upstream` on a free port and wait until it accepts;
+    /// `extra` (tables) is appended to the config.
     pub fn start(upstream: SocketAddr, extra: &str) -> PopgateProcess {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = super::free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        PopgateProcess::run(upstream, PopgateOpts::new().tables(extra))
+    }
+
+    /// Start `popgate run` as `opts` say and wait (bounded) until it is listening.
+    pub fn run(upstream: SocketAddr, opts: PopgateOpts) -> PopgateProcess {
+        let dir = tempfile::Builder::new()
+            .prefix("popgate")
+            .tempdir()
+            .expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        for (name, contents) in &opts.files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let cfg = dir.path().join("popgate.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n\
-                 [upstream]\naddress = \"{upstream}\"\n{extra}"
+                "{}[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n{}\
+                 [upstream]\naddress = \"{upstream}\"\n{}",
+                opts.top, opts.listener, opts.tables
             ),
         )
         .unwrap();
         let child = Command::new(popgate_bin())
             .args(["run", "--config"])
             .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .spawn()
             .expect("spawn popgate");
+        let log_dir = opts.log_dir.as_ref().map(|d| dir.path().join(d));
+        let mut p = PopgateProcess {
+            child,
+            addr,
+            dir,
+            log_dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "popgate did not start listening");
+        loop {
+            let up = if opts.wait_for_log {
+                p.log().contains("listening")
+            } else {
+                std::net::TcpStream::connect(addr).is_ok()
+            };
+            p.assert_running();
+            if up {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "popgate did not start listening:\n{}\n{}",
+                p.log(),
+                p.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        PopgateProcess { child, addr, dir }
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!("popgate exited with {st}: {}", self.stderr());
+        }
+    }
+
+    /// `rel` in the process's dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The file `rel` of the process's dir as text (empty if missing).
+    pub fn read(&self, rel: &str) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.path(rel)).unwrap_or_default()).into_owned()
+    }
+
+    /// What popgate wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.read("stderr")
+    }
+
+    /// The operational log so far: all files in the log dir (in name order) if one was set,
+    /// else stderr.
+    pub fn log(&self) -> String {
+        let Some(log_dir) = &self.log_dir else {
+            return self.stderr();
+        };
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(log_dir) {
+            let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+            files.sort();
+            for f in files {
+                out.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap()));
+            }
+        }
+        out
+    }
+
+    /// Wait (bounded) until `needle` occurs at least `n` times in the log; returns the log.
+    pub fn wait_log(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not logged {n} time(s); log:\n{}",
+                super::clients::tail(&log, 4000)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send SIGHUP (reload).
+    pub fn hup(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} failed");
+    }
+
+    /// SIGTERM, then wait (bounded, 15 s) for a clean exit: logs, audit and transcripts are
+    /// flushed and closed.
+    pub fn stop(&mut self) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "popgate exited with {st}: {}", self.stderr());
+                return;
+            }
+            assert!(Instant::now() < deadline, "popgate did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap (no clean shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Peak resident memory (VmHWM) and current RSS of the process, in KiB.
@@ -197,7 +429,6 @@ impl PopgateProcess {
 
 impl Drop for PopgateProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
