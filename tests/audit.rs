@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::certs::{TestPki, rustls_server};
 use common::clients::{self, RawPop, b64, b64_lines, brief, poplib, poplib_spec};
-use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, served};
+use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, lf_only, served};
 use common::proxy::{
     Harness, PopgateOpts, PopgateProcess, ProxyHandle, big_message, mailbox, popgate_bin, rule_file,
 };
@@ -1841,4 +1841,90 @@ fn dovecot_vanished_client_gives_no_update() {
         "vanished client, Dovecot",
     );
     assert_eq!(dv.message_count(USER), 3, "Dovecot deleted nothing");
+}
+
+/// fetchmail (--uidl) through popgate to Dovecot. fetchmail logs in with CRAM-MD5, the best
+/// mechanism Dovecot offers; popgate takes the user from the response. With `--keep`: a
+/// retrieve event for every message (headers, Dovecot's uid, complete) and an update that
+/// deleted nothing, Dovecot keeping everything. Without: RETR and DELE of every message, then one update naming all of
+/// them, confirmed, and Dovecot's maildir empty.
+#[test]
+#[ignore = "needs dovecot and fetchmail (run .ci/run)"]
+fn dovecot_fetchmail_keep_then_nokeep_events() {
+    let dv = dovecot();
+    let h = Harness::new();
+    let audit = AuditDir::new();
+    let mut p = h.proxy(dv.addr(), &audit.toml(""));
+    let msgs = messages();
+    let served_msgs: Vec<Vec<u8>> = msgs.iter().map(|m| served(m)).collect();
+    // The uids, as Dovecot lists them (asked directly, not through popgate).
+    let mut spec = poplib_spec(dv.addr(), USER, PASS);
+    spec["actions"] = json!([["uidl"], ["quit"]]);
+    let uidls = parse_uidl_listing(&b64_lines(&poplib(spec)["results"][0]));
+    assert_eq!(uidls.len(), 3);
+
+    let retrieves = || -> Vec<Value> {
+        (0..3)
+            .map(|i| {
+                json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": i + 1,
+                    "octets": wire_body(&served_msgs[i]).len(), "uidl": uidls[i],
+                    "complete": true, "headers": headers_of(i + 1)})
+            })
+            .collect()
+    };
+
+    // --keep: everything retrieved, nothing deleted.
+    let run = clients::fetchmail_run(p.addr, USER, PASS, true, &["--uidl"]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("POP3> UIDL"),
+        "fetchmail --uidl sent no UIDL: {run:?}"
+    );
+    assert_eq!(run.messages.len(), 3, "{run:?}");
+    for (i, m) in msgs.iter().enumerate() {
+        assert!(
+            run.messages[i] == lf_only(m),
+            "fetchmail message {} differs",
+            i + 1
+        );
+    }
+    assert_eq!(dv.message_count(USER), 3, "--keep deleted something");
+    let evs = audit.wait_closed(1);
+    let mut want = vec![session_open(p.addr, "test"), login("AUTH CRAM-MD5")];
+    want.extend(retrieves());
+    want.push(json!({"event": "update", "user": USER, "deleted": [], "outcome": "confirmed"}));
+    want.push(session_close(Some(USER), "quit"));
+    assert_events(
+        &norm_all(&only_session(&evs)),
+        &want,
+        "fetchmail --keep via popgate to Dovecot",
+    );
+
+    // --nokeep: every message retrieved and deleted, one update for all of them.
+    let got = clients::fetchmail(p.addr, USER, PASS, false, &["--uidl"]);
+    assert!(
+        got == msgs.iter().map(|m| lf_only(m)).collect::<Vec<_>>(),
+        "fetchmail --nokeep: {} messages",
+        got.len()
+    );
+    let evs = audit.wait_closed(2);
+    p.shutdown(&h);
+    let mut want = vec![session_open(p.addr, "test"), login("AUTH CRAM-MD5")];
+    for (i, r) in retrieves().into_iter().enumerate() {
+        want.push(r);
+        want.push(json!({"event": "delete_marked", "user": USER, "msg": i + 1, "uidl": uidls[i]}));
+    }
+    let deleted: Vec<Value> = (0..3)
+        .map(|i| json!({"msg": i + 1, "uidl": uidls[i]}))
+        .collect();
+    want.push(json!({"event": "update", "user": USER, "deleted": deleted, "outcome": "confirmed"}));
+    want.push(session_close(Some(USER), "quit"));
+    let s = sessions(&evs);
+    assert_eq!(s.len(), 2, "{}", lines(&evs));
+    assert_events(
+        &norm_all(&s[1]),
+        &want,
+        "fetchmail --nokeep via popgate to Dovecot",
+    );
+    assert_eq!(dv.message_count(USER), 0, "Dovecot kept messages");
 }

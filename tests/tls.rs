@@ -559,3 +559,66 @@ fn openssl_san(addr: SocketAddr, ca: &Path) -> String {
     let out = clients::run_bounded(&mut cmd, None, Duration::from_secs(20));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `client_cert`/`client_key`: popgate authenticates itself to an upstream that demands it;
+/// without them the upstream refuses and the client gets `-ERR [SYS/TEMP]`.
+#[test]
+fn upstream_client_certificate() {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost"]);
+    let (client_cert, client_key) = pki.issue(&["popgate-client"]);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        popgate::tls::provider(),
+    )
+    .build()
+    .unwrap();
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(popgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                popgate::tls::load_certs(&cert).unwrap(),
+                popgate::tls::load_key(&key).unwrap(),
+            )
+            .unwrap(),
+    );
+    let up = h.upstream(ServerOptions {
+        tls: Some(server),
+        implicit_tls: true,
+        ..ServerOptions::new(vec![mailbox(USER, PASS, tricky_messages(0))])
+    });
+    let base = format!(
+        "tls = \"implicit\"\nca_file = {:?}\nserver_name = \"localhost\"\n",
+        pki.ca_path()
+    );
+    let without = h.proxy(up.local_addr(), &base);
+    let out = clients::pop_raw(without.addr, &[&format!("USER {USER}")]);
+    assert!(
+        out.starts_with(b"-ERR [SYS/TEMP]"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(up.received().is_empty());
+    let with = h.proxy(
+        up.local_addr(),
+        &format!("{base}client_cert = {client_cert:?}\nclient_key = {client_key:?}\n"),
+    );
+    let out = clients::pop_raw(
+        with.addr,
+        &[
+            &format!("USER {USER}"),
+            &format!("PASS {PASS}"),
+            "STAT",
+            "QUIT",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("+OK 2 "), "{text}");
+}

@@ -393,7 +393,15 @@ impl Relay {
                     return Ok(CloseReason::Shutdown);
                 }
                 r = self.upstream.read_buf(&mut self.sin) => {
-                    let n = r.map_err(io_err(Side::Upstream))?;
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            // A reset or TLS alert (e.g. a refused client certificate): the
+                            // client gets a clear answer for what it is waiting on.
+                            self.answer_upstream_lost().await;
+                            return Err(io_err(Side::Upstream)(e));
+                        }
+                    };
                     deadline = Instant::now() + idle;
                     if n == 0 {
                         return self.upstream_eof().await;
@@ -946,11 +954,18 @@ impl Relay {
         if self.tracker.quit_sent() {
             return Ok(CloseReason::Quit);
         }
-        if !self.tracker.idle() {
-            self.write_client(b"-ERR [SYS/TEMP] upstream server closed the connection\r\n")
-                .await?;
-        }
+        self.answer_upstream_lost().await;
         info!("upstream closed the connection");
         Ok(CloseReason::UpstreamEof)
+    }
+
+    /// The upstream is gone: answer `-ERR [SYS/TEMP]` if a response is due and none has
+    /// started (a partly relayed body is left incomplete on purpose).
+    async fn answer_upstream_lost(&mut self) {
+        if !self.tracker.in_body() && self.capa.is_none() && !self.tracker.idle() {
+            let _ = self
+                .write_client(b"-ERR [SYS/TEMP] upstream server closed the connection\r\n")
+                .await;
+        }
     }
 }

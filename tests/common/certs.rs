@@ -134,7 +134,12 @@ fn sign_leaf(issuer: &Issuer<'static, KeyPair>, names: &[&str], expired: bool) -
         .push(DnType::CommonName, &names[0]);
     params.use_authority_key_identifier_extension = true;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Both usages: the same leaves serve as server certificates and as popgate's client
+    // certificate toward an upstream that asks for one.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     if expired {
         params.not_before = rcgen::date_time_ymd(2000, 1, 1);
         params.not_after = rcgen::date_time_ymd(2000, 12, 31);
