@@ -1784,8 +1784,8 @@ fn dovecot_retrieve_and_update_events() {
         "curl via popgate to Dovecot",
     );
 
-    // curl's default login against Dovecot is CRAM-MD5: the method is recorded. (The user
-    // name is not: popgate learns it only from USER, APOP, AUTH PLAIN and AUTH LOGIN.)
+    // curl's default login against Dovecot is CRAM-MD5: the method is recorded, and the user
+    // name, which CRAM-MD5 sends in the clear with the digest.
     let got = curl_session(p.addr, &[], &[("", "1", false)]);
     assert!(got[0] == served_msgs[1]);
     let evs = audit.wait_closed(3);
@@ -1805,6 +1805,8 @@ fn dovecot_retrieve_and_update_events() {
     );
     assert_eq!(s[1]["method"], json!("AUTH CRAM-MD5"), "{}", s[1]);
     assert_eq!(s[1]["outcome"], json!("success"), "{}", s[1]);
+    assert_eq!(s[1]["user"], s[2]["user"], "{}", s[1]);
+    assert!(s[1]["user"].is_string(), "{}", s[1]);
     assert_eq!(s[2]["headers"], headers_of(2));
     assert_eq!(s[2]["octets"], json!(wire_body(&served_msgs[1]).len()));
     assert_eq!(s[4]["reason"], json!("quit"));

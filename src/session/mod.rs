@@ -282,6 +282,8 @@ pub async fn run(
         reason = reason.as_str(),
         user = relay.tracker.user().unwrap_or("-"),
         tags = ?relay.policy.tags,
+        client_tls = relay.client_tls.as_ref().map_or("-", |t| t.version.as_str()),
+        upstream_tls = relay.upstream_tls.as_ref().map_or("-", |t| t.version.as_str()),
         from_client = relay.traffic.from_client,
         to_client = relay.traffic.to_client,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -337,8 +339,8 @@ struct Relay {
     shared: Arc<Shared>,
     config: Arc<Config>,
     info: SessionInfo,
+    /// Negotiated TLS on each side, for logs (audit events carry them as they happen).
     client_tls: Option<TlsInfo>,
-    #[allow(dead_code)] // read by rules and audit
     upstream_tls: Option<TlsInfo>,
     /// Client bytes not yet a complete line.
     cin: BytesMut,
