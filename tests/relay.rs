@@ -434,3 +434,23 @@ fn wait_until(mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// IPv6 on both hops: a listener on `[::1]` in front of an upstream on `[::1]`, with curl.
+#[test]
+fn ipv6_listener_and_upstream() {
+    let h = Harness::new();
+    let msgs = tricky_messages(0);
+    let up =
+        h.rt.block_on(popgate::demo::DemoServer::start(
+            "[::1]:0".parse().unwrap(),
+            opts(msgs.clone()),
+        ))
+        .expect("demo upstream on ::1");
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"v6\"\nbind = \"[::1]:0\"\n[upstream]\naddress = \"{}\"\n",
+        up.local_addr()
+    ));
+    assert!(p.addr.is_ipv6() && up.local_addr().is_ipv6());
+    assert_eq!(curl_retr(p.addr, USER, PASS, 2), msgs[1]);
+    assert!(up.received().iter().any(|l| l.starts_with(b"RETR 2")));
+}
