@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 
 use super::headers::HeaderSet;
+use crate::cidr::Cidr;
 
 /// Largest accepted `max_header_bytes`: the header extractor holds at most this much per
 /// retrieval in flight, so it is a per-session memory bound.
@@ -250,12 +251,9 @@ impl AuditConfig {
 }
 
 /// An IP network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`; a bare address is a
-/// single host).
+/// single host). Host bits below the prefix are cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Network(Cidr);
 
 /// A string that is not CIDR notation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,37 +261,10 @@ pub struct Network {
 pub struct NetworkError(String);
 
 impl Network {
-    /// The network's address with host bits cleared, and its prefix length.
-    pub fn parts(&self) -> (IpAddr, u8) {
-        (self.addr, self.prefix)
-    }
-
     /// Whether `ip` lies in this network. IPv4-mapped IPv6 clients (`::ffff:192.0.2.1`) match
     /// IPv4 networks.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => mask_v4(u32::from(a), self.prefix) == u32::from(n),
-            (IpAddr::V6(n), IpAddr::V6(a)) => mask_v6(u128::from(a), self.prefix) == u128::from(n),
-            _ => false,
-        }
-    }
-}
-
-fn mask_v4(a: u32, prefix: u8) -> u32 {
-    match prefix {
-        0 => 0,
-        p => a & (u32::MAX << (32 - u32::from(p))),
-    }
-}
-
-fn mask_v6(a: u128, prefix: u8) -> u128 {
-    match prefix {
-        0 => 0,
-        p => a & (u128::MAX << (128 - u32::from(p))),
+        self.0.contains(ip)
     }
 }
 
@@ -301,34 +272,15 @@ impl FromStr for Network {
     type Err = NetworkError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || NetworkError(s.to_owned());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| err())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => {
-                // Digits only: "+8" or " 8" are typos, not prefixes.
-                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(err());
-                }
-                p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(err)?
-            }
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
-            IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
-        };
-        Ok(Network { addr, prefix })
+        Cidr::parse_masked(s)
+            .map(Network)
+            .map_err(|_| NetworkError(s.to_owned()))
     }
 }
 
 impl fmt::Display for Network {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 

@@ -10,11 +10,11 @@ use std::time::Duration;
 use regex::bytes::{Regex, RegexSet, SetMatches};
 use tracing::Level;
 
-use super::cidr::Cidr;
 use super::error::{Problem, RuleError};
 use super::model::{Action, OneOrMany, RawRule, decode_file};
 use super::template::Template;
 use super::{Event, EventKind, Outcome, Verdict};
+use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
 use crate::pop3::response::{Status, StatusLine};
 use crate::session::tracker::State;

@@ -11,7 +11,6 @@
 //! and `rewrite` add to the verdict and evaluation goes on, `allow`, `deny` and `drop` end it.
 //! Matchers always see the original event; rewrites chain on each other's output.
 
-mod cidr;
 mod engine;
 mod error;
 mod glob;

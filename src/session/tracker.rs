@@ -299,11 +299,6 @@ impl Tracker {
             })
     }
 
-    /// Cut the first complete line off `buf`: its length, or `None` if incomplete.
-    pub fn next_line(buf: &[u8]) -> Option<usize> {
-        line_end(buf)
-    }
-
     /// Classify a complete client line.
     pub fn classify<'a>(&self, line: &'a [u8]) -> ClientLine<'a> {
         if self.sasl_waiting_for_client {
