@@ -150,6 +150,14 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Most commands outstanding per session before popgate stops reading the client.
     pub max_pipeline: usize,
+    /// Close a session that has not logged in this long after it connected, whatever
+    /// trickles in meanwhile (slow-loris).
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// How long the upstream may take to send its greeting once connected; then the client
+    /// gets `-ERR [SYS/TEMP]`.
+    #[serde(with = "humantime_serde")]
+    pub greeting_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -160,6 +168,8 @@ impl Default for Limits {
             unknown_commands: UnknownCommands::Reject,
             max_sessions: 10_000,
             max_pipeline: 256,
+            login_timeout: Duration::from_secs(60),
+            greeting_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -351,6 +361,18 @@ impl Config {
         }
         if self.limits.idle_timeout.is_zero() {
             return Err(invalid("limits.idle_timeout", "must be more than 0".into()));
+        }
+        if self.limits.login_timeout.is_zero() {
+            return Err(invalid(
+                "limits.login_timeout",
+                "must be more than 0".into(),
+            ));
+        }
+        if self.limits.greeting_timeout.is_zero() {
+            return Err(invalid(
+                "limits.greeting_timeout",
+                "must be more than 0".into(),
+            ));
         }
         if !(64..=1024 * 1024).contains(&self.limits.max_line) {
             return Err(invalid(

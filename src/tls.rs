@@ -355,6 +355,21 @@ impl Stream {
         })
     }
 
+    /// Close with a TCP reset (and no TLS close_notify), so that the peer sees an error
+    /// rather than an orderly end: used when a message was cut, so no client can take the
+    /// truncated body for a complete one.
+    pub fn abort(self) {
+        let tcp = match &self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(s) => s.get_ref().0,
+            Stream::Detached => return,
+        };
+        if let Err(e) = tcp.set_zero_linger() {
+            tracing::debug!(error = %e, "SO_LINGER 0 failed; the close will be a FIN");
+        }
+        drop(self);
+    }
+
     /// Upgrade a plain client connection: the server side of a TLS handshake.
     pub async fn accept_tls(self, tls: &ServerTls) -> io::Result<Stream> {
         match self {

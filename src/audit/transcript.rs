@@ -19,7 +19,6 @@
 //! `S: [... N octets]` for the octets not shown, then `S: .`; with `full_bodies` every line is
 //! written as sent (still dot-stuffed).
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
@@ -355,17 +354,7 @@ fn display(line: &[u8]) -> String {
 }
 
 fn display_raw(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if (c.is_control() && c != '\t') || c == '\u{7f}' {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "\\x{:02x}", u32::from(c));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::pop3::printable(bytes)
 }
 
 /// A client command line for logs and transcripts, with secrets replaced by `***`:
@@ -417,7 +406,7 @@ mod tests {
             (b"PASS\r\n", "PASS"),
             (b"PASShunter2\r\n", "***"),
             (b"  PASS hunter2\r\n", "PASS ***"),
-            (b"PASS\thunter2\n", "***"),
+            (b"PASS\thunter2\n", "PASS ***"),
             (b"AGJvYgBodW50ZXIy\r\n", "***"),
             (b"XAUTH bob hunter2\r\n", "***"),
             (

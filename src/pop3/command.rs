@@ -175,19 +175,38 @@ pub fn line_end(buf: &[u8]) -> Option<usize> {
     memchr::memchr(b'\n', buf).map(|i| i + 1)
 }
 
+/// Whether `b` separates a keyword from its arguments. Servers differ (Dovecot splits on a
+/// space, others on any white space), so popgate accepts both space and TAB: a verb hidden behind
+/// a TAB is still recognised, and rules see it.
+pub fn is_separator(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// Whether `b` may not appear in a command line: C0 controls other than TAB, and DEL. No POP3
+/// command carries them, and servers disagree on how they split around them.
+fn is_forbidden(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
 impl<'a> Command<'a> {
     /// Parse one complete line (including its line ending) as a command.
+    ///
+    /// Leading spaces and TABs are skipped, and the keyword ends at the first space or TAB, so
+    /// `\tPASS secret` and `PASS\tsecret` are PASS commands.
     pub fn parse(raw: &'a [u8]) -> Result<Command<'a>, CommandError> {
         let line = trim_eol(raw);
-        if line.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
+        if line.iter().any(|&b| is_forbidden(b)) {
             return Err(CommandError::ControlByte);
         }
-        let start = line.iter().position(|&b| b != b' ').unwrap_or(line.len());
+        let start = line
+            .iter()
+            .position(|&b| !is_separator(b))
+            .unwrap_or(line.len());
         let line = &line[start..];
         if line.is_empty() {
             return Err(CommandError::Empty);
         }
-        let (keyword, args) = match line.iter().position(|&b| b == b' ') {
+        let (keyword, args) = match line.iter().position(|&b| is_separator(b)) {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => (line, &line[line.len()..]),
         };
@@ -202,9 +221,11 @@ impl<'a> Command<'a> {
         Ok(cmd)
     }
 
-    /// Arguments split on spaces (empty pieces skipped).
+    /// Arguments split on spaces and TABs (empty pieces skipped).
     pub fn arg_list(&self) -> impl Iterator<Item = &'a [u8]> {
-        self.args.split(|&b| b == b' ').filter(|a| !a.is_empty())
+        self.args
+            .split(|&b| is_separator(b))
+            .filter(|a| !a.is_empty())
     }
 
     /// The `n`th argument as text, if present and UTF-8.
@@ -249,9 +270,10 @@ impl<'a> Command<'a> {
         }
     }
 
-    /// The line with secret arguments replaced by `***`, for logs.
+    /// The line with secret arguments replaced by `***` and control characters escaped, for
+    /// logs.
     pub fn redacted(&self) -> String {
-        let kw = String::from_utf8_lossy(self.keyword);
+        let kw = crate::pop3::printable(self.keyword);
         match self.verb {
             Verb::Pass => format!("{kw} ***"),
             Verb::Apop => match self.arg_str(0) {
@@ -261,7 +283,7 @@ impl<'a> Command<'a> {
             Verb::Auth => match (self.arg_str(0), self.arg_list().nth(1)) {
                 (Some(mech), Some(_)) => format!("{kw} {mech} ***"),
                 (Some(mech), None) => format!("{kw} {mech}"),
-                _ => kw.into_owned(),
+                _ => kw,
             },
             // A keyword that cannot be one (not 3-4 letters) may itself be a secret, e.g. a
             // base64 SASL answer sent after the exchange ended.
@@ -272,7 +294,7 @@ impl<'a> Command<'a> {
                 "***".into()
             }
             Verb::Unknown if self.has_args() => format!("{kw} ***"),
-            _ => String::from_utf8_lossy(trim_eol(self.raw)).into_owned(),
+            _ => crate::pop3::printable(trim_eol(self.raw)),
         }
     }
 }

@@ -100,11 +100,28 @@ enum ScanState {
     DotCr,
 }
 
-/// Finds the end of a multi-line body (`.` alone on a line) in a stream of chunks.
+/// What a [`BodyScanner`] found in a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// The terminator ends at `chunk[..n]`.
+    End(usize),
+    /// The whole chunk is body. Its last `held` bytes (`.` or `.\r` at the start of a line)
+    /// may be the start of the terminator: what follows decides.
+    More {
+        /// Bytes at the end of this chunk that could start the terminator.
+        held: usize,
+    },
+    /// A `.` line ended by a bare LF: no terminator for a strict client (curl waits for
+    /// `CRLF.CRLF`), the end for a lenient one (poplib). The body cannot be relayed safely.
+    BareLfEnd,
+}
+
+/// Finds the end of a multi-line body (`.` alone on a line, ended by CRLF) in a stream of
+/// chunks.
 ///
 /// Starts positioned at the beginning of the first body line (just after the status line).
-/// Dot-stuffed lines (`..text`) are body, not terminators. A bare-LF `.\n` line is accepted as a
-/// terminator too, for servers that do not send CRLF.
+/// Dot-stuffed lines (`..text`) are body, not terminators. A `.` line ended by a bare LF is
+/// reported as [`Scan::BareLfEnd`]: clients disagree about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyScanner {
     state: ScanState,
@@ -124,10 +141,19 @@ impl BodyScanner {
         }
     }
 
-    /// Scan the next chunk. Returns `Some(n)` when the terminator ends at `chunk[..n]`;
-    /// `None` when the whole chunk is body and the terminator is still to come.
-    pub fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+    /// Scan the next chunk.
+    pub fn scan(&mut self, chunk: &[u8]) -> Scan {
         let mut i = 0;
+        // Where a possible terminator started in this chunk.
+        let mut dot_at: Option<usize> = None;
+        let more = |state: ScanState, dot_at: Option<usize>| Scan::More {
+            held: match (state, dot_at) {
+                (ScanState::Dot | ScanState::DotCr, Some(at)) => chunk.len() - at,
+                // Begun in an earlier chunk: all of this one belongs to it.
+                (ScanState::Dot | ScanState::DotCr, None) => chunk.len(),
+                _ => 0,
+            },
+        };
         loop {
             match self.state {
                 ScanState::MidLine => match memchr::memchr(b'\n', &chunk[i..]) {
@@ -135,11 +161,14 @@ impl BodyScanner {
                         i += p + 1;
                         self.state = ScanState::LineStart;
                     }
-                    None => return None,
+                    None => return more(self.state, dot_at),
                 },
                 ScanState::LineStart => {
-                    let b = *chunk.get(i)?;
+                    let Some(&b) = chunk.get(i) else {
+                        return more(self.state, dot_at);
+                    };
                     if b == b'.' {
+                        dot_at = Some(i);
                         i += 1;
                         self.state = ScanState::Dot;
                     } else {
@@ -147,7 +176,9 @@ impl BodyScanner {
                     }
                 }
                 ScanState::Dot => {
-                    let b = *chunk.get(i)?;
+                    let Some(&b) = chunk.get(i) else {
+                        return more(self.state, dot_at);
+                    };
                     match b {
                         b'\r' => {
                             i += 1;
@@ -155,16 +186,18 @@ impl BodyScanner {
                         }
                         b'\n' => {
                             self.state = ScanState::LineStart;
-                            return Some(i + 1);
+                            return Scan::BareLfEnd;
                         }
                         _ => self.state = ScanState::MidLine,
                     }
                 }
                 ScanState::DotCr => {
-                    let b = *chunk.get(i)?;
+                    let Some(&b) = chunk.get(i) else {
+                        return more(self.state, dot_at);
+                    };
                     if b == b'\n' {
                         self.state = ScanState::LineStart;
-                        return Some(i + 1);
+                        return Scan::End(i + 1);
                     }
                     self.state = ScanState::MidLine;
                 }
@@ -232,9 +265,10 @@ mod tests {
         let body = b".\r\n.\r\nx\r\n";
         let mut wire = dot_stuff(body);
         wire.extend_from_slice(b".\r\n");
-        assert_eq!(BodyScanner::new().scan(&wire), Some(wire.len()));
+        assert_eq!(BodyScanner::new().scan(&wire), Scan::End(wire.len()));
     }
 
+    /// The end found scanning `body` cut at `splits`; `Some(usize::MAX)` for a bare-LF end.
     fn scan_all(body: &[u8], splits: &[usize]) -> Option<usize> {
         let mut sc = BodyScanner::new();
         let mut start = 0;
@@ -245,8 +279,10 @@ mod tests {
             if cut < start {
                 continue;
             }
-            if let Some(n) = sc.scan(&body[start..cut]) {
-                return Some(start + n);
+            match sc.scan(&body[start..cut]) {
+                Scan::End(n) => return Some(start + n),
+                Scan::BareLfEnd => return Some(usize::MAX),
+                Scan::More { held } => assert!(held <= cut - start && held <= 2),
             }
             start = cut;
         }
@@ -259,7 +295,8 @@ mod tests {
         assert_eq!(scan_all(body, &[]), Some(body.len() - 4));
         assert_eq!(scan_all(b".\r\n", &[]), Some(3));
         assert_eq!(scan_all(b"a\r\n.x\r\n.\r", &[]), None);
-        assert_eq!(scan_all(b"a\n.\n", &[]), Some(4));
+        assert_eq!(scan_all(b"a\n.\n", &[]), Some(usize::MAX));
+        assert_eq!(scan_all(b"a\r\n.\r\n", &[1, 4]), Some(6));
         assert_eq!(scan_all(b"a\r\n.\rb\r\n.\r\n", &[]), Some(11));
     }
 
@@ -272,6 +309,22 @@ mod tests {
             let cuts: Vec<usize> = (1..body.len() / size + 1).map(|k| k * size).collect();
             assert_eq!(scan_all(body, &cuts), want, "chunk size {size}");
         }
+    }
+
+    #[test]
+    fn holds_back_a_possible_terminator() {
+        let mut sc = BodyScanner::new();
+        assert_eq!(sc.scan(b"abc\r\n."), Scan::More { held: 1 });
+        let mut sc = BodyScanner::new();
+        assert_eq!(sc.scan(b"abc\r\n.\r"), Scan::More { held: 2 });
+        let mut sc = BodyScanner::new();
+        assert_eq!(sc.scan(b"abc\r\n..x"), Scan::More { held: 0 });
+        assert_eq!(sc.scan(b"\r"), Scan::More { held: 0 });
+        // A prefix begun in an earlier chunk is not this chunk's to hold.
+        let mut sc = BodyScanner::new();
+        assert_eq!(sc.scan(b"x\r\n."), Scan::More { held: 1 });
+        assert_eq!(sc.scan(b"\r"), Scan::More { held: 1 });
+        assert_eq!(sc.scan(b"\n"), Scan::End(1));
     }
 
     proptest! {

@@ -87,6 +87,10 @@ pub enum CloseReason {
     UpstreamEof,
     /// Nothing happened for `limits.idle_timeout`.
     IdleTimeout,
+    /// No login within `limits.login_timeout` of connecting.
+    LoginTimeout,
+    /// The upstream sent no greeting within `limits.greeting_timeout`.
+    GreetingTimeout,
     /// popgate is shutting down.
     Shutdown,
     /// A `drop` rule ended the session.
@@ -103,6 +107,8 @@ impl CloseReason {
             CloseReason::ClientEof => "client_eof",
             CloseReason::UpstreamEof => "upstream_eof",
             CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LoginTimeout => "login_timeout",
+            CloseReason::GreetingTimeout => "greeting_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::RuleDrop => "rule_drop",
             CloseReason::Error => "error",
@@ -244,7 +250,7 @@ pub async fn run(
         observer,
         traffic: Traffic::default(),
     };
-    let result = relay.relay(shutdown).await;
+    let result = relay.relay(shutdown, started).await;
     let reason = match &result {
         Ok(r) => *r,
         Err(e) if e.is_disconnect() => {
@@ -267,7 +273,14 @@ pub async fn run(
         EventKind::Close,
     ));
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
-    let _ = relay.client.shutdown().await;
+    if relay.tracker.in_body() || relay.capa.is_some() {
+        // A multi-line response was cut: a reset, so that no client takes what it got for a
+        // complete message (the terminator was never sent, nor a prefix of it).
+        warn!("multi-line response cut; client connection reset");
+        std::mem::replace(&mut relay.client, Stream::Detached).abort();
+    } else {
+        let _ = relay.client.shutdown().await;
+    }
     drop(std::mem::replace(&mut relay.upstream, Stream::Detached));
     relay.observer.set_tags(&relay.policy.tags);
     relay.observer.close(
@@ -366,9 +379,13 @@ impl Relay {
     async fn relay(
         &mut self,
         mut shutdown: watch::Receiver<bool>,
+        started: Instant,
     ) -> Result<CloseReason, SessionError> {
         let idle = self.config.limits.idle_timeout;
         let mut deadline = Instant::now() + idle;
+        // Bytes do not move these two: only a login or a greeting does.
+        let login_deadline = started + self.config.limits.login_timeout;
+        let greeting_deadline = Instant::now() + self.config.limits.greeting_timeout;
         // The greeting may have been read already (upstream STLS).
         if !self.sin.is_empty()
             && let Some(close) = self.on_server_data().await?
@@ -386,6 +403,13 @@ impl Relay {
                 self.cin.reserve(CLIENT_READ);
             }
             self.sin.reserve(SERVER_READ);
+            let mut wake = deadline;
+            if self.tracker.state() == State::Authorization {
+                wake = wake.min(login_deadline);
+            }
+            if self.tracker.greeting_due() {
+                wake = wake.min(greeting_deadline);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -440,7 +464,23 @@ impl Relay {
                         return Ok(close);
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if self.tracker.greeting_due() && now >= greeting_deadline {
+                        warn!(timeout = ?self.config.limits.greeting_timeout, "upstream sent no greeting");
+                        self.write_client(b"-ERR [SYS/TEMP] upstream server did not answer, try again later\r\n").await?;
+                        return Ok(CloseReason::GreetingTimeout);
+                    }
+                    if self.tracker.state() == State::Authorization && now >= login_deadline {
+                        info!(timeout = ?self.config.limits.login_timeout, "no login in time");
+                        if !self.tracker.in_body() && self.tracker.idle() {
+                            self.write_client(b"-ERR disconnected: no login in time\r\n").await?;
+                        }
+                        return Ok(CloseReason::LoginTimeout);
+                    }
+                    if now < deadline {
+                        continue;
+                    }
                     info!(timeout = ?idle, "idle timeout");
                     if !self.tracker.in_body() && self.tracker.idle() {
                         self.write_client(b"-ERR autologout: idle for too long\r\n").await?;
@@ -476,7 +516,7 @@ impl Relay {
     /// Write the local replies that are due; `Some` if one of them ends the session.
     async fn write_due_locals(&mut self) -> Result<Option<CloseReason>, SessionError> {
         while let Some(local) = self.tracker.next_local() {
-            debug!(verb = %local.verb, reply = %String::from_utf8_lossy(&local.reply).trim_end(), "answered locally");
+            debug!(verb = %local.verb, reply = %crate::pop3::printable(&local.reply).trim_end(), "answered locally");
             self.observer.local_reply(&local.reply);
             self.write_client(&local.reply).await?;
             match local.then {
@@ -531,8 +571,18 @@ impl Relay {
             }
         }
         let reply = |text: &str| Decision::Reply(text.into(), AfterReply::Continue);
+        if let Some(why) = self.tracker.refusal(cmd) {
+            debug!(verb = %cmd.verb, state = self.tracker.state().as_str(), "command refused: {why}");
+            return (reply(why), delay);
+        }
         let decision = match cmd.verb {
             Verb::Unknown if self.config.limits.unknown_commands == UnknownCommands::Reject => {
+                reply("-ERR unknown command")
+            }
+            // An unknown command may carry a credential (`PASSsecret`, `XLOGIN user pw`): it
+            // is never forwarded where a rule would refuse a password.
+            Verb::Unknown if self.credentials_denied() => {
+                info!("unknown command refused: credentials are denied here");
                 reply("-ERR unknown command")
             }
             // STLS is between the client and this hop; it is never relayed upstream.
@@ -549,6 +599,37 @@ impl Relay {
             ),
         };
         (decision, delay)
+    }
+
+    /// Whether a rule would refuse a password now (e.g. `require-tls` on plaintext). Asked
+    /// without side effects (no logs, tags or denial counts).
+    fn credentials_denied(&self) -> bool {
+        self.policy.would_stop(&Event {
+            verb: Some(Verb::Pass),
+            ..make_event(
+                &self.info,
+                &self.tracker,
+                self.client.is_tls(),
+                EventKind::Command,
+            )
+        })
+    }
+
+    /// A client line longer than `limits.max_line`. Inside a SASL exchange the server waits
+    /// for an answer: the exchange is cancelled (`*`), so the server's `-ERR` answers the AUTH
+    /// and later replies stay on their commands. Otherwise popgate answers `-ERR` itself.
+    fn line_too_long(&mut self) {
+        if self.tracker.awaiting_sasl_answer() {
+            warn!("SASL answer longer than limits.max_line: exchange cancelled");
+            self.up_out.extend_from_slice(b"*\r\n");
+            self.tracker.forwarded_sasl(b"*\r\n");
+            return;
+        }
+        self.tracker.answer_locally(
+            Verb::Unknown,
+            b"-ERR line too long\r\n".to_vec(),
+            AfterReply::Continue,
+        );
     }
 
     /// The client's STLS was answered `+OK`: drop plaintext that followed it, then handshake.
@@ -610,11 +691,7 @@ impl Relay {
             }
             let Some(len) = line_end(&self.cin) else {
                 if self.cin.len() > max_line {
-                    self.tracker.answer_locally(
-                        Verb::Unknown,
-                        b"-ERR line too long\r\n".to_vec(),
-                        AfterReply::Continue,
-                    );
+                    self.line_too_long();
                     self.discarding = Some(self.cin.len());
                     self.cin.clear();
                     continue;
@@ -630,11 +707,7 @@ impl Relay {
             }
             let line = self.cin.split_to(len);
             if len > max_line + 2 {
-                self.tracker.answer_locally(
-                    Verb::Unknown,
-                    b"-ERR line too long\r\n".to_vec(),
-                    AfterReply::Continue,
-                );
+                self.line_too_long();
                 continue;
             }
             match self.tracker.classify(&line) {
@@ -657,6 +730,15 @@ impl Relay {
                     }
                     self.up_out.extend_from_slice(data);
                     self.tracker.forwarded_sasl(data);
+                }
+                ClientLine::StraySasl => {
+                    debug!(line = "***", "line after a refused AUTH discarded");
+                    self.observer.client_sasl();
+                    self.tracker.answer_locally(
+                        Verb::Unknown,
+                        b"-ERR no SASL exchange in progress\r\n".to_vec(),
+                        AfterReply::Continue,
+                    );
                 }
                 ClientLine::Invalid(e) => {
                     debug!(error = %e, "invalid command");
@@ -683,6 +765,14 @@ impl Relay {
                             self.tracker.forwarded(&cmd);
                         }
                         Decision::Forward(Some(line)) => match Command::parse(&line) {
+                            Ok(new) if let Some(why) = self.tracker.refusal(&new) => {
+                                warn!(command = %new.redacted(), "rule rewrite produced a command not valid now");
+                                self.tracker.answer_locally(
+                                    cmd.verb,
+                                    format!("{why}\r\n").into_bytes(),
+                                    AfterReply::Continue,
+                                );
+                            }
                             // The tracker learns the shape from the command actually sent.
                             Ok(new) => {
                                 debug!(command = %new.redacted(), "command rewritten by rule");
@@ -942,7 +1032,7 @@ impl Relay {
         debug!(
             verb = meta.verb.map(|v| v.as_str()).unwrap_or("greeting"),
             status = meta.status.as_str(),
-            line = %String::from_utf8_lossy(line).trim_end(),
+            line = %crate::pop3::printable(line).trim_end(),
             "response"
         );
     }

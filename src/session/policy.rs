@@ -80,6 +80,15 @@ impl Policy {
         v
     }
 
+    /// Whether a terminal rule would deny or drop `ev`; nothing is logged or counted.
+    pub fn would_stop(&self, ev: &Event<'_>) -> bool {
+        self.rules.has_rules_for(ev.kind)
+            && matches!(
+                self.rules.evaluate(ev).outcome,
+                Outcome::Deny { .. } | Outcome::Drop { .. }
+            )
+    }
+
     /// Interpret a verdict's outcome, counting denials for `close_after`.
     pub fn terminal(&mut self, v: &Verdict) -> Terminal {
         match &v.outcome {

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use base64::Engine as _;
 
 use crate::pop3::command::{Command, CommandError, Verb, line_end};
-use crate::pop3::response::{BodyScanner, Status, StatusLine};
+use crate::pop3::response::{BodyScanner, Scan, Status, StatusLine};
 
 /// RFC 1939 session states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,6 +100,8 @@ pub struct Outstanding {
     pub msg: Option<u32>,
     /// TOP's line count.
     pub lines: Option<u32>,
+    /// The name a USER or APOP command gives (an attempt until the server accepts it).
+    name: Option<String>,
 }
 
 /// A reply the proxy itself owes the client, now due.
@@ -120,6 +122,10 @@ pub enum ClientLine<'a> {
     Command(Command<'a>),
     /// A client answer inside a SASL exchange (secret; never parsed as a command).
     SaslResponse(&'a [u8]),
+    /// A line after an AUTH that was refused (locally or by the server) that is no command:
+    /// most likely the client's SASL answer sent without waiting. Secret: answered locally,
+    /// never forwarded, never logged.
+    StraySasl,
     /// A line that is no valid command.
     Invalid(CommandError),
 }
@@ -149,7 +155,8 @@ impl LoginMethod {
 /// A login attempt's outcome, reported with the response that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginOutcome {
-    /// The user name, when known.
+    /// The user name: on success the one the session is now fixed to, on failure the name
+    /// that was tried, when known.
     pub user: Option<String>,
     /// How.
     pub method: LoginMethod,
@@ -186,7 +193,9 @@ pub enum Piece {
         /// What the response answers.
         meta: ResponseMeta,
     },
-    /// `len` bytes of body; the terminator is still to come.
+    /// `len` bytes of body; the terminator is still to come. Bytes that may start the
+    /// terminator (`.` or `.\r` at the start of a line) are held back in the buffer until the
+    /// next bytes show what they are, so a cut body never ends in what looks like one.
     Body {
         /// Bytes.
         len: usize,
@@ -210,30 +219,163 @@ pub enum ProtocolError {
     /// A status line longer than the configured limit.
     #[error("server status line exceeds {0} octets")]
     LineTooLong(usize),
+    /// A body line `.` ended by a bare LF: some clients take it as the end of the message and
+    /// others do not, so relaying it would let them disagree about where the message ends.
+    #[error("server ended a body line '.' with a bare LF")]
+    BareLfTerminator,
 }
 
+/// SASL mechanisms whose exchange tells popgate who logs in. Others are refused: a login
+/// under a name popgate cannot know would escape every user-scoped rule and the audit trail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SaslMech {
+    /// `authzid NUL authcid NUL password` (RFC 4616).
     Plain,
+    /// User name, then password, each answering a challenge (or the name as initial response).
     Login,
+    /// `user hex-digest`, answering the server's challenge (RFC 2195).
     CramMd5,
-    Other,
+    /// SCRAM-SHA-* (RFC 5802): `n,[a=authzid],n=user,r=nonce` in the client-first message.
+    Scram,
+    /// `user=NAME\x01auth=Bearer TOKEN\x01\x01` (Google, Microsoft).
+    XOAuth2,
+    /// `n,a=NAME,\x01...` (RFC 7628); the name is optional.
+    OAuthBearer,
+}
+
+impl SaslMech {
+    fn from_name(name: &str) -> Option<SaslMech> {
+        let up = name.to_ascii_uppercase();
+        Some(match up.as_str() {
+            "PLAIN" => SaslMech::Plain,
+            "LOGIN" => SaslMech::Login,
+            "CRAM-MD5" => SaslMech::CramMd5,
+            // Channel binding (-PLUS) cannot cross a proxy that terminates TLS.
+            "SCRAM-SHA-1" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => SaslMech::Scram,
+            "XOAUTH2" => SaslMech::XOAuth2,
+            "OAUTHBEARER" => SaslMech::OAuthBearer,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether popgate relays the SASL mechanism `name` (it can learn the user from it).
+pub fn sasl_mechanism_supported(name: &str) -> bool {
+    SaslMech::from_name(name).is_some()
+}
+
+/// One SASL exchange in progress.
+#[derive(Debug, Clone)]
+struct SaslExchange {
+    mech: SaslMech,
+    /// Upper-case mechanism name, for the login method.
+    name: String,
+    /// The user name learned so far from what the server was actually sent.
+    user: Option<String>,
+    /// The last challenge asked for a user name (LOGIN's `Username:`).
+    asks_user: bool,
+    /// Challenges (`+ `) the server has sent.
+    challenges: u32,
+}
+
+impl SaslExchange {
+    /// Learn from one client message of the exchange (the initial response, `answer == false`,
+    /// or an answer to a challenge). `=` is an empty message, `*` a cancellation.
+    fn learn(&mut self, b64: &[u8], answer: bool) {
+        if b64 == b"*" {
+            return;
+        }
+        let raw = if b64 == b"=" || b64.is_empty() {
+            Vec::new()
+        } else {
+            match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(raw) => raw,
+                Err(_) => return,
+            }
+        };
+        let name: Option<Vec<u8>> = match self.mech {
+            // The server authenticates the last complete message it gets.
+            SaslMech::Plain => {
+                let mut parts = raw.split(|&b| b == 0);
+                let authz = parts.next().unwrap_or_default();
+                let authc = parts.next().unwrap_or_default();
+                Some(if authz.is_empty() { authc } else { authz }.to_vec())
+            }
+            // The user name answers `Username:`; failing such a prompt, it is the first
+            // non-empty message (an empty initial response is no user name: the server asks).
+            SaslMech::Login if self.asks_user => Some(raw),
+            SaslMech::Login if self.user.is_none() && self.challenges <= 1 => Some(raw),
+            SaslMech::Login => None,
+            // Only the answer to the server's challenge counts; servers ignore anything sent
+            // before it.
+            SaslMech::CramMd5 if answer => Some(
+                raw.split(|&b| b == b' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec(),
+            ),
+            SaslMech::CramMd5 => None,
+            SaslMech::Scram | SaslMech::OAuthBearer => gs2_identity(&raw, self.mech),
+            SaslMech::XOAuth2 => raw
+                .split(|&b| b == 1)
+                .find_map(|kv| kv.strip_prefix(b"user="))
+                .map(<[u8]>::to_vec),
+        };
+        if let Some(name) = name
+            && let Ok(s) = String::from_utf8(name)
+            && !s.is_empty()
+        {
+            self.user = Some(s);
+        }
+    }
+}
+
+/// The identity in a GS2 header (`n,a=authzid,` ...; SCRAM then has `n=user`). Returns `None`
+/// for a message that is not a client-first message.
+fn gs2_identity(raw: &[u8], mech: SaslMech) -> Option<Vec<u8>> {
+    if !matches!(raw.first(), Some(b'n' | b'y' | b'p')) || raw.get(1).is_none() {
+        return None;
+    }
+    let mut fields = raw.split(|&b| b == b',');
+    let _cb = fields.next();
+    let authz = fields
+        .next()
+        .and_then(|f| f.strip_prefix(b"a="))
+        .filter(|a| !a.is_empty());
+    let user = match mech {
+        SaslMech::Scram => fields
+            .next()
+            .and_then(|f| f.strip_prefix(b"n="))
+            .filter(|a| !a.is_empty()),
+        _ => None,
+    };
+    // SASLprep escapes `,` and `=` as =2C / =3D in names.
+    authz.or(user).map(|n| {
+        String::from_utf8_lossy(n)
+            .replace("=2C", ",")
+            .replace("=3D", "=")
+            .into_bytes()
+    })
 }
 
 /// The session tracker.
 #[derive(Debug)]
 pub struct Tracker {
     state: State,
+    /// The user the server accepted: set once, at the `+OK` of the login, never changed.
     user: Option<String>,
+    /// The name of the login being attempted (USER the server took, APOP, SASL).
+    attempt: Option<String>,
     pending: VecDeque<Pending>,
     /// Set while relaying a multi-line body.
     body: Option<BodyScanner>,
     /// Set after the server sent `+ ` for the AUTH at the head: client lines are SASL answers.
     sasl_waiting_for_client: bool,
-    sasl: Option<(SaslMech, u32)>,
+    sasl: Option<SaslExchange>,
+    /// An AUTH was refused: lines that are no command are its stray SASL answers.
+    stray_sasl: bool,
     quit_sent: bool,
     max_line: usize,
-    last_login: Option<LoginMethod>,
 }
 
 impl Tracker {
@@ -244,13 +386,14 @@ impl Tracker {
         Tracker {
             state: State::Authorization,
             user: None,
+            attempt: None,
             pending,
             body: None,
             sasl_waiting_for_client: false,
             sasl: None,
+            stray_sasl: false,
             quit_sent: false,
             max_line,
-            last_login: None,
         }
     }
 
@@ -259,9 +402,13 @@ impl Tracker {
         self.state
     }
 
-    /// The user name, once the client named one.
+    /// The user rules and audit see: after login the name the server accepted (fixed for the
+    /// rest of the session); before it, the name of the attempt in progress, if any.
     pub fn user(&self) -> Option<&str> {
-        self.user.as_deref()
+        match self.state {
+            State::Authorization => self.attempt.as_deref(),
+            State::Transaction | State::Update => self.user.as_deref(),
+        }
     }
 
     /// Outstanding entries (upstream and local).
@@ -279,13 +426,26 @@ impl Tracker {
         self.body.is_some()
     }
 
+    /// Whether the server greeting is still due.
+    pub fn greeting_due(&self) -> bool {
+        matches!(self.pending.front(), Some(Pending::Greeting))
+    }
+
     /// Whether nothing is due from the server or locally.
     pub fn idle(&self) -> bool {
         self.pending.is_empty()
     }
 
-    /// Whether the next client line must wait: an AUTH exchange is open and the server has not
-    /// yet said whether it wants a client answer. Reading on would misclassify SASL data.
+    /// Whether the server waits for the client's answer to a SASL challenge.
+    pub fn awaiting_sasl_answer(&self) -> bool {
+        self.sasl_waiting_for_client
+    }
+
+    /// Whether the next client line must wait:
+    /// - an AUTH exchange is open and the server has not yet said whether it wants a client
+    ///   answer (reading on would misclassify SASL data);
+    /// - a login (PASS, APOP) is outstanding: which commands are valid next, and as whom,
+    ///   depends on its outcome.
     pub fn client_must_wait(&self) -> bool {
         !self.sasl_waiting_for_client
             && self.pending.iter().any(|p| {
@@ -294,50 +454,81 @@ impl Tracker {
                     Pending::Upstream(Outstanding {
                         shape: Shape::Sasl,
                         ..
+                    }) | Pending::Upstream(Outstanding {
+                        verb: Verb::Pass | Verb::Apop,
+                        ..
                     })
                 )
             })
     }
 
     /// Classify a complete client line.
-    pub fn classify<'a>(&self, line: &'a [u8]) -> ClientLine<'a> {
+    pub fn classify<'a>(&mut self, line: &'a [u8]) -> ClientLine<'a> {
         if self.sasl_waiting_for_client {
             return ClientLine::SaslResponse(line);
         }
         match Command::parse(line) {
+            Ok(c) if c.verb != Verb::Unknown => {
+                self.stray_sasl = false;
+                ClientLine::Command(c)
+            }
+            _ if self.stray_sasl => ClientLine::StraySasl,
             Ok(c) => ClientLine::Command(c),
             Err(e) => ClientLine::Invalid(e),
+        }
+    }
+
+    /// Why `cmd` may not be sent in the current state, if it may not: the reply text
+    /// (without CRLF). RFC 1939 states: credentials only before login, mailbox commands only
+    /// after it; SASL only with a mechanism popgate can read the user name from.
+    pub fn refusal(&self, cmd: &Command<'_>) -> Option<&'static str> {
+        let before_login = self.state == State::Authorization;
+        match cmd.verb {
+            Verb::User | Verb::Pass | Verb::Apop | Verb::Auth | Verb::Utf8 if !before_login => {
+                Some("-ERR already logged in")
+            }
+            Verb::Stat
+            | Verb::List
+            | Verb::Uidl
+            | Verb::Retr
+            | Verb::Top
+            | Verb::Dele
+            | Verb::Noop
+            | Verb::Rset
+                if before_login =>
+            {
+                Some("-ERR not logged in")
+            }
+            Verb::Auth => match cmd.arg_str(0) {
+                Some(mech) if !sasl_mechanism_supported(mech) => {
+                    Some("-ERR [AUTH] SASL mechanism not supported by this proxy")
+                }
+                _ => None,
+            },
+            _ => None,
         }
     }
 
     /// Record that `cmd` was sent upstream (possibly rewritten: pass what was actually sent).
     pub fn forwarded(&mut self, cmd: &Command<'_>) {
         let shape = Shape::of(cmd);
+        let mut name = None;
         match cmd.verb {
-            Verb::User => self.user = cmd.arg_str(0).map(str::to_owned),
-            Verb::Apop => self.user = cmd.arg_str(0).map(str::to_owned),
+            Verb::User | Verb::Apop => name = cmd.arg_str(0).map(str::to_owned),
             Verb::Quit => self.quit_sent = true,
             Verb::Auth if shape == Shape::Sasl => {
                 let mech = cmd.arg_str(0).unwrap_or("").to_ascii_uppercase();
-                let kind = match mech.as_str() {
-                    "PLAIN" => SaslMech::Plain,
-                    "LOGIN" => SaslMech::Login,
-                    "CRAM-MD5" => SaslMech::CramMd5,
-                    _ => SaslMech::Other,
-                };
-                // A new login attempt: a name from an earlier one no longer applies.
-                self.user = None;
-                self.sasl = Some((kind, 0));
-                self.last_login = Some(LoginMethod::Sasl(mech));
-                if let Some(ir) = cmd.arg_list().nth(1) {
-                    self.learn_sasl_user(ir);
+                self.sasl = SaslMech::from_name(&mech).map(|kind| SaslExchange {
+                    mech: kind,
+                    name: mech,
+                    user: None,
+                    asks_user: false,
+                    challenges: 0,
+                });
+                if let (Some(ex), Some(ir)) = (self.sasl.as_mut(), cmd.arg_list().nth(1)) {
+                    ex.learn(ir, false);
                 }
             }
-            _ => {}
-        }
-        match cmd.verb {
-            Verb::Pass => self.last_login = Some(LoginMethod::UserPass),
-            Verb::Apop => self.last_login = Some(LoginMethod::Apop),
             _ => {}
         }
         self.pending.push_back(Pending::Upstream(Outstanding {
@@ -348,6 +539,7 @@ impl Tracker {
                 Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
                 _ => None,
             },
+            name,
         }));
     }
 
@@ -355,46 +547,17 @@ impl Tracker {
     pub fn forwarded_sasl(&mut self, line: &[u8]) {
         self.sasl_waiting_for_client = false;
         let data = crate::pop3::command::trim_eol(line);
-        self.learn_sasl_user(data);
-    }
-
-    fn learn_sasl_user(&mut self, b64: &[u8]) {
-        let Some((mech, step)) = self.sasl else {
-            return;
-        };
-        self.sasl = Some((mech, step + 1));
-        if step != 0 || b64 == b"*" || b64 == b"=" {
-            return;
-        }
-        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
-            return;
-        };
-        let name = match mech {
-            // authzid NUL authcid NUL password: the authorization identity if given, else authcid.
-            SaslMech::Plain => {
-                let mut parts = raw.split(|&b| b == 0);
-                let authz = parts.next().unwrap_or_default();
-                let authc = parts.next().unwrap_or_default();
-                if authz.is_empty() { authc } else { authz }.to_vec()
-            }
-            SaslMech::Login => raw,
-            // "user hex-digest": the name is in the clear, the digest proves nothing reusable.
-            SaslMech::CramMd5 => raw
-                .split(|&b| b == b' ')
-                .next()
-                .unwrap_or_default()
-                .to_vec(),
-            SaslMech::Other => return,
-        };
-        if let Ok(s) = String::from_utf8(name)
-            && !s.is_empty()
-        {
-            self.user = Some(s);
+        if let Some(ex) = self.sasl.as_mut() {
+            ex.learn(data, true);
         }
     }
 
     /// Queue a reply the proxy gives itself, in order behind what is already due.
     pub fn answer_locally(&mut self, verb: Verb, reply: Vec<u8>, then: AfterReply) {
+        if verb == Verb::Auth {
+            // The client may have sent its SASL answer without waiting for a challenge.
+            self.stray_sasl = true;
+        }
         self.pending.push_back(Pending::Local { verb, reply, then });
     }
 
@@ -419,19 +582,30 @@ impl Tracker {
     /// Look at the server bytes in `buf` and say what its first piece is.
     ///
     /// The caller relays (or rewrites) `buf[..len]` and drops it from the buffer before calling
-    /// again. Status pieces need a complete line; body pieces are handed out as they come.
+    /// again. Status pieces need a complete line; body pieces are handed out as they come,
+    /// except a possible start of the terminator, which stays in `buf` until it is known.
     pub fn on_server_bytes(&mut self, buf: &[u8]) -> Result<Piece, ProtocolError> {
         if let Some(scanner) = self.body.as_mut() {
             if buf.is_empty() {
                 return Ok(Piece::NeedMore);
             }
-            return Ok(match scanner.scan(buf) {
-                Some(len) => {
+            let mut probe = *scanner;
+            return match probe.scan(buf) {
+                Scan::End(len) => {
                     self.body = None;
-                    Piece::BodyEnd { len }
+                    Ok(Piece::BodyEnd { len })
                 }
-                None => Piece::Body { len: buf.len() },
-            });
+                Scan::BareLfEnd => Err(ProtocolError::BareLfTerminator),
+                Scan::More { held } => {
+                    let len = buf.len() - held;
+                    if len == 0 {
+                        return Ok(Piece::NeedMore);
+                    }
+                    // The held bytes are scanned again with what follows them.
+                    *scanner = if held > 0 { BodyScanner::new() } else { probe };
+                    Ok(Piece::Body { len })
+                }
+            };
         }
         let Some(len) = line_end(buf) else {
             if buf.len() > self.max_line {
@@ -474,6 +648,13 @@ impl Tracker {
                 return Err(ProtocolError::BadStatus);
             }
             self.sasl_waiting_for_client = true;
+            if let Some(ex) = self.sasl.as_mut() {
+                ex.challenges += 1;
+                let prompt = base64::engine::general_purpose::STANDARD
+                    .decode(line.text)
+                    .unwrap_or_default();
+                ex.asks_user = prompt.len() >= 4 && prompt[..4].eq_ignore_ascii_case(b"user");
+            }
             return Ok(ResponseMeta {
                 verb: Some(out.verb),
                 msg: out.msg,
@@ -489,20 +670,50 @@ impl Tracker {
         if multiline {
             self.body = Some(BodyScanner::new());
         }
+        let before_login = self.state == State::Authorization;
         let mut login = None;
         match out.verb {
-            Verb::Pass | Verb::Apop => login = Some(self.login_outcome(ok)),
+            Verb::User if before_login => {
+                self.attempt = if ok { out.name } else { None };
+            }
+            Verb::Pass if before_login => {
+                login = Some((self.attempt.clone(), LoginMethod::UserPass));
+            }
+            Verb::Apop if before_login => {
+                self.attempt = out.name;
+                login = Some((self.attempt.clone(), LoginMethod::Apop));
+            }
             Verb::Auth if out.shape == Shape::Sasl => {
-                self.sasl = None;
                 self.sasl_waiting_for_client = false;
-                login = Some(self.login_outcome(ok));
+                let ex = self.sasl.take();
+                if !ok {
+                    // Its answer may still be on the way: never a command.
+                    self.stray_sasl = true;
+                }
+                if before_login {
+                    let method = LoginMethod::Sasl(match &ex {
+                        Some(ex) => ex.name.clone(),
+                        None => "UNKNOWN".into(),
+                    });
+                    self.attempt = ex.and_then(|ex| ex.user);
+                    login = Some((self.attempt.clone(), method));
+                }
             }
             Verb::Quit if ok && self.state == State::Transaction => self.state = State::Update,
             _ => {}
         }
-        if login.as_ref().is_some_and(|l| l.success) {
-            self.state = State::Transaction;
-        }
+        let login = login.map(|(user, method)| {
+            if ok {
+                // The identity is fixed here, once: nothing later in the session changes it.
+                self.user = user.clone();
+                self.state = State::Transaction;
+            }
+            LoginOutcome {
+                user,
+                method,
+                success: ok,
+            }
+        });
         Ok(ResponseMeta {
             verb: Some(out.verb),
             msg: out.msg,
@@ -511,14 +722,6 @@ impl Tracker {
             multiline,
             login,
         })
-    }
-
-    fn login_outcome(&self, success: bool) -> LoginOutcome {
-        LoginOutcome {
-            user: self.user.clone(),
-            method: self.last_login.clone().unwrap_or(LoginMethod::UserPass),
-            success,
-        }
     }
 }
 
@@ -560,6 +763,11 @@ mod tests {
                     }
                     ClientLine::Command(c) => t.forwarded(&c),
                     ClientLine::SaslResponse(l) => t.forwarded_sasl(l),
+                    ClientLine::StraySasl => t.answer_locally(
+                        Verb::Unknown,
+                        b"-ERR stray\r\n".to_vec(),
+                        AfterReply::Continue,
+                    ),
                     ClientLine::Invalid(_) => t.answer_locally(
                         Verb::Unknown,
                         b"-ERR bad\r\n".to_vec(),
@@ -769,6 +977,230 @@ mod tests {
         let (_, t) = drive(&[b"QUIT\r\n"], b"+OK hi\r\n+OK bye\r\n", 1);
         assert_eq!(t.state(), State::Authorization);
         assert!(t.quit_sent());
+    }
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    /// A tracker logged in as `archive` with USER/PASS.
+    fn logged_in() -> Tracker {
+        let (_, t) = drive(
+            &[b"USER archive\r\n", b"PASS pw\r\n"],
+            b"+OK hi\r\n+OK\r\n+OK in\r\n",
+            7,
+        );
+        assert_eq!(t.state(), State::Transaction);
+        assert_eq!(t.user(), Some("archive"));
+        t
+    }
+
+    #[test]
+    fn identity_cannot_change_after_login() {
+        let t = logged_in();
+        for line in [
+            &b"USER nobody\r\n"[..],
+            b"PASS x\r\n",
+            b"APOP nobody c4c9334bac560ecc979e58001b3e22fb\r\n",
+            b"AUTH PLAIN AG5vYm9keQB4\r\n",
+            b"auth cram-md5 bm9ib2R5IDAw\r\n",
+            b"\tUSER\tnobody\r\n",
+        ] {
+            let cmd = Command::parse(line).unwrap();
+            assert_eq!(t.refusal(&cmd), Some("-ERR already logged in"), "{line:?}");
+        }
+        for line in [&b"DELE 1\r\n"[..], b"STAT\r\n", b"QUIT\r\n", b"CAPA\r\n"] {
+            assert_eq!(t.refusal(&Command::parse(line).unwrap()), None);
+        }
+        // Even if a server accepted a second login, the user stays the first one.
+        let mut t = logged_in();
+        t.forwarded(&Command::parse(b"USER nobody\r\n").unwrap());
+        t.forwarded(&Command::parse(b"PASS x\r\n").unwrap());
+        assert!(matches!(
+            t.on_server_bytes(b"+OK\r\n"),
+            Ok(Piece::Status { .. })
+        ));
+        let Ok(Piece::Status { meta, .. }) = t.on_server_bytes(b"+OK\r\n") else {
+            panic!("no status");
+        };
+        assert_eq!(meta.login, None);
+        assert_eq!(t.user(), Some("archive"));
+    }
+
+    #[test]
+    fn mailbox_commands_refused_before_login() {
+        let t = Tracker::new(512);
+        for line in [
+            &b"STAT\r\n"[..],
+            b"RETR 1\r\n",
+            b"DELE 1\r\n",
+            b"LIST\r\n",
+            b"NOOP\r\n",
+        ] {
+            assert_eq!(
+                t.refusal(&Command::parse(line).unwrap()),
+                Some("-ERR not logged in")
+            );
+        }
+        for line in [
+            &b"USER a\r\n"[..],
+            b"CAPA\r\n",
+            b"AUTH PLAIN\r\n",
+            b"QUIT\r\n",
+        ] {
+            assert_eq!(t.refusal(&Command::parse(line).unwrap()), None);
+        }
+        assert!(
+            t.refusal(&Command::parse(b"AUTH GSSAPI\r\n").unwrap())
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn failed_login_keeps_the_attempted_name_but_fixes_nothing() {
+        let (evs, t) = drive(
+            &[b"USER archive\r\n", b"PASS bad\r\n"],
+            b"+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n",
+            3,
+        );
+        assert_eq!(t.state(), State::Authorization);
+        assert!(evs.contains(&Ev::Status(
+            Some(Verb::Pass),
+            Status::Err,
+            false,
+            Some(false)
+        )));
+        assert_eq!(t.user(), Some("archive"));
+        assert_eq!(t.user, None);
+    }
+
+    #[test]
+    fn cram_md5_initial_response_is_ignored() {
+        let fake = b64(b"nobody 00");
+        let real = b64(b"archive 0123456789abcdef0123456789abcdef");
+        let auth = format!("AUTH CRAM-MD5 {fake}\r\n");
+        let answer = format!("{real}\r\n");
+        let client: &[&[u8]] = &[auth.as_bytes(), answer.as_bytes()];
+        let (_, t) = drive(client, b"+OK hi\r\n+ PDEyMzRAaG9zdD4=\r\n+OK in\r\n", 4);
+        assert_eq!(t.state(), State::Transaction);
+        assert_eq!(t.user(), Some("archive"));
+    }
+
+    #[test]
+    fn empty_initial_response_is_no_user_name() {
+        // AUTH LOGIN = : the server asks for the user name, the answer names the user.
+        let user = format!("{}\r\n", b64(b"archive"));
+        let pass = format!("{}\r\n", b64(b"pw"));
+        let client: &[&[u8]] = &[b"AUTH LOGIN =\r\n", user.as_bytes(), pass.as_bytes()];
+        let server = b"+OK hi\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n+OK in\r\n";
+        for chunk in 1..8 {
+            let (_, t) = drive(client, server, chunk);
+            assert_eq!(t.user(), Some("archive"), "chunk {chunk}");
+        }
+        // A LOGIN initial response that the server ignores (it asks for the name again).
+        let ir = format!("AUTH LOGIN {}\r\n", b64(b"nobody"));
+        let client: &[&[u8]] = &[ir.as_bytes(), user.as_bytes(), pass.as_bytes()];
+        let (_, t) = drive(client, server, 5);
+        assert_eq!(t.user(), Some("archive"));
+        // AUTH CRAM-MD5 =
+        let real = format!("{}\r\n", b64(b"archive 0123456789abcdef0123456789abcdef"));
+        let client: &[&[u8]] = &[b"AUTH CRAM-MD5 =\r\n", real.as_bytes()];
+        let (_, t) = drive(client, b"+OK hi\r\n+ PDEyMzRAaG9zdD4=\r\n+OK in\r\n", 3);
+        assert_eq!(t.user(), Some("archive"));
+        // AUTH PLAIN = then the credentials on the continuation line.
+        let creds = format!("{}\r\n", b64(b"\0archive\0pw"));
+        let client: &[&[u8]] = &[b"AUTH PLAIN =\r\n", creds.as_bytes()];
+        let (_, t) = drive(client, b"+OK hi\r\n+ \r\n+OK in\r\n", 3);
+        assert_eq!(t.user(), Some("archive"));
+    }
+
+    #[test]
+    fn other_mechanisms_name_the_user() {
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("SCRAM-SHA-256", b"n,,n=archive,r=abcdef".to_vec()),
+            (
+                "XOAUTH2",
+                b"user=archive\x01auth=Bearer tok\x01\x01".to_vec(),
+            ),
+            (
+                "OAUTHBEARER",
+                b"n,a=archive,\x01auth=Bearer tok\x01\x01".to_vec(),
+            ),
+        ];
+        for (mech, msg) in cases {
+            let auth = format!("AUTH {mech}\r\n");
+            let answer = format!("{}\r\n", b64(&msg));
+            let client: &[&[u8]] = &[auth.as_bytes(), answer.as_bytes()];
+            let (_, t) = drive(client, b"+OK hi\r\n+ \r\n+OK in\r\n", 6);
+            assert_eq!(t.user(), Some("archive"), "{mech}");
+        }
+    }
+
+    #[test]
+    fn lines_after_a_refused_auth_are_stray_sasl() {
+        let mut t = Tracker::new(512);
+        let _ = t.on_server_bytes(b"+OK hi\r\n");
+        t.answer_locally(Verb::Auth, b"-ERR no\r\n".to_vec(), AfterReply::Continue);
+        assert_eq!(
+            t.classify(b"AGFsaWNlAHNlY3JldA==\r\n"),
+            ClientLine::StraySasl
+        );
+        assert_eq!(t.classify(b"PASSsecret\r\n"), ClientLine::StraySasl);
+        assert!(matches!(
+            t.classify(b"USER bob\r\n"),
+            ClientLine::Command(_)
+        ));
+        assert!(matches!(t.classify(b"XYZ 1\r\n"), ClientLine::Command(_)));
+        // The same after the server refused the AUTH.
+        let (evs, _) = drive(
+            &[b"AUTH PLAIN\r\n", b"AGFsaWNlAHNlY3JldA==\r\n"],
+            b"+OK hi\r\n-ERR [AUTH] no\r\n",
+            2,
+        );
+        assert_eq!(evs.last(), Some(&Ev::Local(b"-ERR stray\r\n".to_vec())));
+    }
+
+    #[test]
+    fn a_login_in_flight_holds_the_next_command() {
+        let mut t = Tracker::new(512);
+        let _ = t.on_server_bytes(b"+OK hi\r\n");
+        t.forwarded(&Command::parse(b"USER a\r\n").unwrap());
+        assert!(!t.client_must_wait(), "PASS may follow USER at once");
+        t.forwarded(&Command::parse(b"PASS x\r\n").unwrap());
+        assert!(t.client_must_wait());
+        let _ = t.on_server_bytes(b"+OK\r\n");
+        assert!(t.client_must_wait());
+        let _ = t.on_server_bytes(b"+OK in\r\n");
+        assert!(!t.client_must_wait());
+        assert_eq!(t.state(), State::Transaction);
+    }
+
+    #[test]
+    fn cut_body_holds_back_a_terminator_prefix() {
+        let mut t = Tracker::new(512);
+        let _ = t.on_server_bytes(b"+OK hi\r\n");
+        t.forwarded(&Command::parse(b"RETR 1\r\n").unwrap());
+        let mut buf = b"+OK\r\nabc\r\n.\r".to_vec();
+        let Ok(Piece::Status { len, .. }) = t.on_server_bytes(&buf) else {
+            panic!("status")
+        };
+        buf.drain(..len);
+        assert_eq!(t.on_server_bytes(&buf), Ok(Piece::Body { len: 5 }));
+        buf.drain(..5);
+        assert_eq!(t.on_server_bytes(&buf), Ok(Piece::NeedMore));
+        assert!(t.in_body());
+        buf.extend_from_slice(b"x\r\n.\r\n");
+        assert_eq!(t.on_server_bytes(&buf), Ok(Piece::BodyEnd { len: 8 }));
+        // A bare-LF terminator is refused.
+        t.forwarded(&Command::parse(b"RETR 2\r\n").unwrap());
+        assert!(matches!(
+            t.on_server_bytes(b"+OK\r\n"),
+            Ok(Piece::Status { .. })
+        ));
+        assert_eq!(
+            t.on_server_bytes(b"a\n.\n-ERR x\r\n"),
+            Err(ProtocolError::BareLfTerminator)
+        );
     }
 
     proptest! {
