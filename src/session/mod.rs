@@ -606,6 +606,8 @@ impl Relay {
     fn credentials_denied(&self) -> bool {
         self.policy.would_stop(&Event {
             verb: Some(Verb::Pass),
+            // Some (empty) arguments: an event without them is a SASL line to the engine.
+            args: Some(b""),
             ..make_event(
                 &self.info,
                 &self.tracker,
