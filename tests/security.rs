@@ -81,10 +81,7 @@ impl ReadOnlySetup {
             "",
             dv.addr(),
             "connect_timeout = \"3s\"",
-            &format!(
-                "[audit]\nenabled = true\ndir = {:?}\n",
-                audit.path()
-            ),
+            &format!("[audit]\nenabled = true\ndir = {:?}\n", audit.path()),
         );
         ReadOnlySetup {
             dv,
@@ -108,14 +105,21 @@ impl ReadOnlySetup {
     /// the archive user.
     fn assert_read_only_holds(&self, mut c: RawPop, what: &str, sessions: usize) {
         let r = c.cmd("DELE 1");
-        assert_eq!(r, "-ERR [SYS/PERM] this mailbox is read-only", "{what}: DELE");
+        assert_eq!(
+            r, "-ERR [SYS/PERM] this mailbox is read-only",
+            "{what}: DELE"
+        );
         let r = c.cmd("QUIT");
         assert!(r.starts_with("+OK"), "{what}: QUIT: {r}");
         assert!(c.read_to_end().is_empty());
         wait_until(what, || {
             self.dv.log().matches("Disconnected: Logged out").count() >= sessions
         });
-        assert_eq!(self.dv.message_count(ARCHIVE), 3, "{what}: a message was deleted");
+        assert_eq!(
+            self.dv.message_count(ARCHIVE),
+            3,
+            "{what}: a message was deleted"
+        );
         let evs = audit_events(self.audit.path(), sessions);
         let users: Vec<&str> = evs
             .iter()
@@ -156,7 +160,10 @@ fn audit_events(dir: &Path, sessions: usize) -> Vec<Value> {
         if evs.iter().filter(|e| e["event"] == "session_close").count() >= sessions {
             return evs;
         }
-        assert!(Instant::now() < deadline, "audit: {sessions} sessions not closed");
+        assert!(
+            Instant::now() < deadline,
+            "audit: {sessions} sessions not closed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -202,7 +209,9 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
     let s = ReadOnlySetup::start();
     let cram_answer = |c: &mut RawPop, first: &str| {
         let r = c.cmd(first);
-        let challenge = r.strip_prefix("+ ").unwrap_or_else(|| panic!("{first}: {r}"));
+        let challenge = r
+            .strip_prefix("+ ")
+            .unwrap_or_else(|| panic!("{first}: {r}"));
         let challenge = base64::engine::general_purpose::STANDARD
             .decode(challenge)
             .unwrap();
@@ -218,7 +227,8 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
         let r = c.cmd(&b64(ARCHIVE_PASS.as_bytes()));
         assert!(r.starts_with("+OK"), "{first}: {r}");
     };
-    let tricks: Vec<(&str, Box<dyn Fn(&mut RawPop)>)> = vec![
+    type Trick = Box<dyn Fn(&mut RawPop)>;
+    let tricks: Vec<(&str, Trick)> = vec![
         (
             "AUTH CRAM-MD5 =",
             Box::new(move |c| cram_answer(c, "AUTH CRAM-MD5 =")),
@@ -227,7 +237,10 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
             "AUTH CRAM-MD5 with a fake initial response",
             Box::new(move |c| cram_answer(c, &format!("AUTH CRAM-MD5 {}", b64(b"nobody 00")))),
         ),
-        ("AUTH LOGIN =", Box::new(move |c| login_answers(c, "AUTH LOGIN ="))),
+        (
+            "AUTH LOGIN =",
+            Box::new(move |c| login_answers(c, "AUTH LOGIN =")),
+        ),
         (
             "auth login = in lower case",
             Box::new(move |c| login_answers(c, "auth login =")),
@@ -286,9 +299,11 @@ fn smuggling_lines() -> Vec<Vec<u8>> {
 
 fn require_tls_leaks_nothing(mode: &str) {
     let h = Harness::new();
-    let up = h.upstream(ServerOptions::new(vec![mailbox("alice", SECRET, vec![
-        message(1),
-    ])]));
+    let up = h.upstream(ServerOptions::new(vec![mailbox(
+        "alice",
+        SECRET,
+        vec![message(1)],
+    )]));
     let proxy = h.proxy_with_rules(
         &[&shipped("require-tls.toml")],
         "",
@@ -323,7 +338,8 @@ fn require_tls_leaks_nothing(mode: &str) {
         c.send_raw(b"QUIT\r\n");
         let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
         assert!(
-            rest.lines().all(|l| l.starts_with("-ERR") || l.starts_with("+OK")),
+            rest.lines()
+                .all(|l| l.starts_with("-ERR") || l.starts_with("+OK")),
             "{mode}: {rest}"
         );
     }
@@ -362,7 +378,11 @@ fn require_tls_leaks_no_credential_with_unknown_commands_forwarded() {
 #[test]
 fn unknown_commands_are_forwarded_where_credentials_are_allowed() {
     let h = Harness::new();
-    let up = h.upstream(ServerOptions::new(vec![mailbox("alice", "pw", vec![message(1)])]));
+    let up = h.upstream(ServerOptions::new(vec![mailbox(
+        "alice",
+        "pw",
+        vec![message(1)],
+    )]));
     let proxy = h.proxy_with_rules(
         &[],
         "",

@@ -27,6 +27,23 @@ pub fn keyword(item: &[u8]) -> String {
     String::from_utf8_lossy(kw).to_ascii_uppercase()
 }
 
+/// `item` with only the SASL mechanisms `keep` accepts, if it is a `SASL` item; `None` when
+/// none is left. Other items come back unchanged.
+pub fn retain_sasl(item: Vec<u8>, keep: impl Fn(&str) -> bool) -> Option<Vec<u8>> {
+    if keyword(&item) != "SASL" {
+        return Some(item);
+    }
+    let mechs: Vec<&[u8]> = item
+        .split(u8::is_ascii_whitespace)
+        .skip(1)
+        .filter(|m| !m.is_empty() && std::str::from_utf8(m).is_ok_and(&keep))
+        .collect();
+    if mechs.is_empty() {
+        return None;
+    }
+    Some([&b"SASL "[..], &mechs.join(&b' ')].concat())
+}
+
 /// A complete CAPA response: `status` (with its line ending), the items, and the terminator.
 pub fn build<'a>(status: &[u8], items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = status.to_vec();
@@ -43,6 +60,20 @@ pub fn build<'a>(status: &[u8], items: impl IntoIterator<Item = &'a [u8]>) -> Ve
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retain_sasl_keeps_only_accepted_mechanisms() {
+        let keep = |m: &str| m == "PLAIN" || m == "CRAM-MD5";
+        assert_eq!(
+            super::retain_sasl(b"SASL PLAIN GSSAPI CRAM-MD5".to_vec(), keep),
+            Some(b"SASL PLAIN CRAM-MD5".to_vec())
+        );
+        assert_eq!(super::retain_sasl(b"sasl GSSAPI".to_vec(), keep), None);
+        assert_eq!(
+            super::retain_sasl(b"USER".to_vec(), keep),
+            Some(b"USER".to_vec())
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -1003,6 +1003,11 @@ impl Relay {
         }
         // After the rules, so that no rule can advertise STLS where this hop cannot do it.
         items.retain(|i| capa::keyword(i) != "STLS");
+        // Only the SASL mechanisms popgate relays (it must learn who logs in).
+        let mut items: Vec<Vec<u8>> = items
+            .into_iter()
+            .filter_map(|i| capa::retain_sasl(i, tracker::sasl_mechanism_supported))
+            .collect();
         if self.stls_offered() {
             items.push(b"STLS".to_vec());
         }
