@@ -148,8 +148,20 @@ pub struct Limits {
     pub unknown_commands: UnknownCommands,
     /// Most sessions at once; further clients wait in the accept queue.
     pub max_sessions: usize,
+    /// Most sessions at once from one client IP (0: no limit); further ones get `-ERR`.
+    pub max_sessions_per_ip: usize,
     /// Most commands outstanding per session before popgate stops reading the client.
     pub max_pipeline: usize,
+    /// First delay of a failed-login reply, after two free failures from one IP; doubles with
+    /// each further failure. 0 turns the penalty off.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_delay: Duration,
+    /// Longest delay of a failed-login reply.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_delay_max: Duration,
+    /// An IP's failed logins are forgotten this long after its last one.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_window: Duration,
 }
 
 impl Default for Limits {
@@ -159,7 +171,11 @@ impl Default for Limits {
             max_line: 8192,
             unknown_commands: UnknownCommands::Reject,
             max_sessions: 10_000,
+            max_sessions_per_ip: 20,
             max_pipeline: 256,
+            login_fail_delay: Duration::from_secs(1),
+            login_fail_delay_max: Duration::from_secs(15),
+            login_fail_window: Duration::from_secs(600),
         }
     }
 }
@@ -378,6 +394,19 @@ impl Config {
                 ),
             ));
         }
+        if self.limits.login_fail_delay_max < self.limits.login_fail_delay {
+            return Err(invalid(
+                "limits.login_fail_delay_max",
+                "must be at least limits.login_fail_delay".into(),
+            ));
+        }
+        if !self.limits.login_fail_delay.is_zero() && self.limits.login_fail_window.is_zero() {
+            return Err(invalid(
+                "limits.login_fail_window",
+                "must be more than 0 (set limits.login_fail_delay = \"0s\" to turn the penalty off)"
+                    .into(),
+            ));
+        }
         if !(1..=100_000).contains(&self.limits.max_pipeline) {
             return Err(invalid(
                 "limits.max_pipeline",
@@ -564,6 +593,15 @@ mod tests {
     }
 
     #[test]
+    fn limits_defaults() {
+        let c = Config::parse(MINIMAL, p()).unwrap();
+        assert_eq!(c.limits.max_sessions_per_ip, 20);
+        assert_eq!(c.limits.login_fail_delay, Duration::from_secs(1));
+        assert_eq!(c.limits.login_fail_delay_max, Duration::from_secs(15));
+        assert_eq!(c.limits.login_fail_window, Duration::from_secs(600));
+    }
+
+    #[test]
     fn log_levels_that_would_silence_everything_are_refused() {
         for bad in ["verbose", "warning", "", "popgate=loud", "info,chatty"] {
             let e = invalid_key(&format!("[log]\nlevel = {bad:?}\n"));
@@ -591,6 +629,14 @@ mod tests {
         assert!(e.contains("limits.max_sessions"), "{e}");
         let c = Config::parse(&format!("{MINIMAL}[limits]\nmax_sessions = {max}\n"), p()).unwrap();
         c.validate(p()).unwrap();
+    }
+
+    #[test]
+    fn login_delay_bounds() {
+        let e = invalid_key("[limits]\nlogin_fail_delay = \"20s\"\n");
+        assert!(e.contains("limits.login_fail_delay_max"), "{e}");
+        let e = invalid_key("[limits]\nlogin_fail_window = \"0s\"\n");
+        assert!(e.contains("limits.login_fail_window"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod listener;
 pub mod pop3;
 pub mod rules;
@@ -45,6 +46,7 @@ fn build_shared(config: Config, audit: audit::AuditSink) -> Result<Arc<Shared>, 
     check_trace_rules(&config, &rules)?;
     Ok(Arc::new(Shared {
         headers: config.audit.header_set(),
+        limiter: limits::Limiter::new(&config.limits),
         config: Arc::new(config),
         tls,
         rules: std::sync::RwLock::new(Arc::new(rules)),

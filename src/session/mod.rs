@@ -49,6 +49,8 @@ pub struct Shared {
     pub audit: crate::audit::AuditSink,
     /// Headers the audit trail extracts from retrieved messages.
     pub headers: Arc<crate::audit::HeaderSet>,
+    /// Per-IP session caps and the failed-login penalty (`src/limits.rs`).
+    pub limiter: crate::limits::Limiter,
 }
 
 impl Shared {
