@@ -146,7 +146,7 @@ pub struct Limits {
     pub max_line: usize,
     /// What to do with commands popgate does not know.
     pub unknown_commands: UnknownCommands,
-    /// Most sessions at once; further clients wait in the accept queue.
+    /// Most sessions at once; further clients get `-ERR [SYS/TEMP]` and are closed.
     pub max_sessions: usize,
     /// Most sessions at once from one client IP (0: no limit); further ones get `-ERR`.
     pub max_sessions_per_ip: usize,
