@@ -72,6 +72,23 @@ fn check_trace_rules(config: &Config, rules: &rules::RuleSet) -> Result<(), Star
     Ok(())
 }
 
+/// Raise the soft limit on open files to the hard limit, log it, and warn when
+/// `max_sessions` sessions (two sockets each, plus headroom) would not fit.
+fn raise_fd_limit(max_sessions: usize) {
+    let needed = limits::fds_needed(max_sessions);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(nofile) if nofile < needed => tracing::warn!(
+            nofile,
+            needed,
+            max_sessions,
+            "open file limit too low for limits.max_sessions (2 per session): raise the hard \
+             limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_sessions"
+        ),
+        Ok(nofile) => tracing::info!(nofile, needed, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}
+
 /// A proxy with its listeners bound.
 #[derive(Debug)]
 pub struct Proxy {
@@ -149,6 +166,7 @@ impl Proxy {
     /// Serve until `shutdown` completes; then stop accepting, tell sessions to close (without
     /// QUIT upstream) and wait for them up to a grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        raise_fd_limit(self.shared.config.limits.max_sessions);
         let (tx, rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let sessions = Arc::new(Semaphore::new(self.shared.config.limits.max_sessions));
