@@ -146,8 +146,10 @@ pub struct Limits {
     pub max_line: usize,
     /// What to do with commands popgate does not know.
     pub unknown_commands: UnknownCommands,
-    /// Most sessions at once; further clients wait in the accept queue.
+    /// Most sessions at once; further clients get `-ERR [SYS/TEMP]` and are closed.
     pub max_sessions: usize,
+    /// Most sessions at once from one client IP (0: no limit); further ones get `-ERR`.
+    pub max_sessions_per_ip: usize,
     /// Most commands outstanding per session before popgate stops reading the client.
     pub max_pipeline: usize,
     /// Close a session that has not logged in this long after it connected, whatever
@@ -158,6 +160,16 @@ pub struct Limits {
     /// gets `-ERR [SYS/TEMP]`.
     #[serde(with = "humantime_serde")]
     pub greeting_timeout: Duration,
+    /// First delay of a failed-login reply, after two free failures from one IP; doubles with
+    /// each further failure. 0 turns the penalty off.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_delay: Duration,
+    /// Longest delay of a failed-login reply.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_delay_max: Duration,
+    /// An IP's failed logins are forgotten this long after its last one.
+    #[serde(with = "humantime_serde")]
+    pub login_fail_window: Duration,
 }
 
 impl Default for Limits {
@@ -167,9 +179,13 @@ impl Default for Limits {
             max_line: 8192,
             unknown_commands: UnknownCommands::Reject,
             max_sessions: 10_000,
+            max_sessions_per_ip: 20,
             max_pipeline: 256,
             login_timeout: Duration::from_secs(60),
             greeting_timeout: Duration::from_secs(30),
+            login_fail_delay: Duration::from_secs(1),
+            login_fail_delay_max: Duration::from_secs(15),
+            login_fail_window: Duration::from_secs(600),
         }
     }
 }
@@ -296,6 +312,13 @@ impl Config {
             ));
         }
         for (i, l) in self.listeners.iter().enumerate() {
+            // Port 0 picks a fresh port each time: only fixed ports can clash.
+            if l.bind.port() != 0 && self.listeners[..i].iter().any(|o| o.bind == l.bind) {
+                return Err(invalid(
+                    &format!("listener[{i}].bind"),
+                    format!("{} is already the address of another listener", l.bind),
+                ));
+            }
             if l.name.trim().is_empty() {
                 return Err(invalid(
                     &format!("listener[{i}].name"),
@@ -383,6 +406,29 @@ impl Config {
         if self.limits.max_sessions == 0 {
             return Err(invalid("limits.max_sessions", "must be at least 1".into()));
         }
+        if self.limits.max_sessions > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(invalid(
+                "limits.max_sessions",
+                format!(
+                    "{} is more than the most popgate can count ({})",
+                    self.limits.max_sessions,
+                    tokio::sync::Semaphore::MAX_PERMITS
+                ),
+            ));
+        }
+        if self.limits.login_fail_delay_max < self.limits.login_fail_delay {
+            return Err(invalid(
+                "limits.login_fail_delay_max",
+                "must be at least limits.login_fail_delay".into(),
+            ));
+        }
+        if !self.limits.login_fail_delay.is_zero() && self.limits.login_fail_window.is_zero() {
+            return Err(invalid(
+                "limits.login_fail_window",
+                "must be more than 0 (set limits.login_fail_delay = \"0s\" to turn the penalty off)"
+                    .into(),
+            ));
+        }
         if !(1..=100_000).contains(&self.limits.max_pipeline) {
             return Err(invalid(
                 "limits.max_pipeline",
@@ -400,14 +446,109 @@ impl Config {
                 ));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("{:?} is not a level or filter", self.log.level),
-            ));
+        check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Check that every directory popgate writes to (`log.dir`, `audit.dir` with file output,
+    /// `audit.transcript.dir`) is a writable directory, or can be created (its nearest existing
+    /// parent is a writable directory), as `popgate run` would need. Touches the file system:
+    /// creates and removes a probe file; `path` is only used in messages.
+    pub fn check_dirs(&self, path: &Path) -> Result<(), ConfigError> {
+        let audit_dir = match (self.audit.enabled, self.audit.output) {
+            (true, crate::audit::AuditOutput::File) => self.audit.dir.as_ref(),
+            _ => None,
+        };
+        let dirs = [
+            ("log.dir", self.log.dir.as_ref()),
+            ("audit.dir", audit_dir),
+            ("audit.transcript.dir", self.audit.transcript.dir.as_ref()),
+        ];
+        for (key, dir) in dirs {
+            let Some(dir) = dir else { continue };
+            writable_dir(dir).map_err(|reason| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.to_owned(),
+                reason,
+            })?;
         }
         Ok(())
     }
+}
+
+/// Whether `dir` is, or can be created as, a directory popgate can write in.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    // The missing part of the path is created at run time: what must be writable is the nearest
+    // part that exists.
+    let mut existing = dir;
+    while std::fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    let shown = dir.display();
+    let meta = std::fs::metadata(existing)
+        .map_err(|e| format!("{shown}: cannot use {}: {e}", existing.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "{shown}: {} is not a directory",
+            existing.display()
+        ));
+    }
+    let probe = existing.join(format!(".popgate-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if existing == dir => Err(format!("{shown}: cannot write there: {e}")),
+        Err(e) => Err(format!(
+            "{shown} does not exist and cannot be created in {}: {e}",
+            existing.display()
+        )),
+    }
+}
+
+/// A `log.level` must be a level or a tracing filter whose every directive sets a level.
+/// `EnvFilter` itself takes any bare word as a target name, so `"verbose"` or `"warning"` would
+/// silently turn every popgate log line off.
+fn check_log_level(level: &str) -> Result<(), String> {
+    use tracing_subscriber::filter::LevelFilter;
+    const LEVELS: &str = "error, warn, info, debug, trace or off";
+    if level.trim().is_empty() {
+        return Err(format!("must not be empty: use {LEVELS}"));
+    }
+    for directive in level.split(',').map(str::trim) {
+        if directive.is_empty() || directive.contains('[') {
+            // Span filters (`target[span{field=value}]=level`) are left to EnvFilter.
+            continue;
+        }
+        let (target, lvl) = match directive.rsplit_once('=') {
+            Some((t, l)) => (Some(t), l.trim()),
+            None => (None, directive),
+        };
+        if lvl.parse::<LevelFilter>().is_err() || lvl.is_empty() {
+            return Err(match target {
+                None => format!(
+                    "{directive:?} is not a level ({LEVELS}) nor a `target=level` directive"
+                ),
+                Some(t) => format!("{lvl:?} in {directive:?} is not a level for {t:?} ({LEVELS})"),
+            });
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("{level:?} is not a valid filter: {e}"))
 }
 
 /// Split `host:port` (`[v6]:port` too) into host and port.
@@ -466,6 +607,100 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("test.toml") && e.contains("max_lines"), "{e}");
+    }
+
+    fn invalid_key(extra: &str) -> String {
+        let c = Config::parse(&(MINIMAL.to_owned() + extra), p()).unwrap();
+        c.validate(p()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn limits_defaults() {
+        let c = Config::parse(MINIMAL, p()).unwrap();
+        assert_eq!(c.limits.max_sessions_per_ip, 20);
+        assert_eq!(c.limits.login_fail_delay, Duration::from_secs(1));
+        assert_eq!(c.limits.login_fail_delay_max, Duration::from_secs(15));
+        assert_eq!(c.limits.login_fail_window, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn log_levels_that_would_silence_everything_are_refused() {
+        for bad in ["verbose", "warning", "", "popgate=loud", "info,chatty"] {
+            let e = invalid_key(&format!("[log]\nlevel = {bad:?}\n"));
+            assert!(e.contains("log.level"), "{bad:?}: {e}");
+        }
+        for good in [
+            "warn",
+            "WARN",
+            "off",
+            "3",
+            "popgate=debug,popgate::rules=info",
+            "info,popgate::session=trace",
+        ] {
+            let c = Config::parse(&format!("{MINIMAL}[log]\nlevel = {good:?}\n"), p()).unwrap();
+            c.validate(p()).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+        // What EnvFilter alone would let through: a bare word is a target name.
+        assert!(tracing_subscriber::EnvFilter::try_new("warning").is_ok());
+    }
+
+    #[test]
+    fn max_sessions_beyond_the_semaphore_is_refused() {
+        let max = tokio::sync::Semaphore::MAX_PERMITS;
+        let e = invalid_key(&format!("[limits]\nmax_sessions = {}\n", max + 1));
+        assert!(e.contains("limits.max_sessions"), "{e}");
+        let c = Config::parse(&format!("{MINIMAL}[limits]\nmax_sessions = {max}\n"), p()).unwrap();
+        c.validate(p()).unwrap();
+    }
+
+    #[test]
+    fn login_delay_bounds() {
+        let e = invalid_key("[limits]\nlogin_fail_delay = \"20s\"\n");
+        assert!(e.contains("limits.login_fail_delay_max"), "{e}");
+        let e = invalid_key("[limits]\nlogin_fail_window = \"0s\"\n");
+        assert!(e.contains("limits.login_fail_window"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_bind_addresses_are_refused() {
+        let e = invalid_key("[[listener]]\nname = \"two\"\nbind = \"127.0.0.1:1110\"\n");
+        assert!(e.contains("listener[1].bind"), "{e}");
+        // Port 0 twice is two different ports.
+        let text =
+            MINIMAL.replace("1110", "0") + "[[listener]]\nname = \"two\"\nbind = \"127.0.0.1:0\"\n";
+        Config::parse(&text, p()).unwrap().validate(p()).unwrap();
+    }
+
+    #[test]
+    fn directories_must_be_writable_or_creatable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let with = |key: &str, dir: &Path| {
+            let table = match key {
+                "log.dir" => format!("[log]\ndir = {dir:?}\n"),
+                "audit.dir" => format!("[audit]\nenabled = true\ndir = {dir:?}\n"),
+                _ => format!("[audit.transcript]\ndir = {dir:?}\n"),
+            };
+            Config::parse(&(MINIMAL.to_owned() + &table), p()).unwrap()
+        };
+        for key in ["log.dir", "audit.dir", "audit.transcript.dir"] {
+            // Exists, or can be created: fine, and nothing is left behind.
+            with(key, tmp.path()).check_dirs(p()).unwrap();
+            with(key, &tmp.path().join("new/sub"))
+                .check_dirs(p())
+                .unwrap();
+            assert!(!tmp.path().join("new").exists());
+            for bad in [file.clone(), file.join("sub"), "/proc/popgate-none".into()] {
+                let e = with(key, &bad).check_dirs(p()).unwrap_err().to_string();
+                assert!(e.contains(&format!("`{key}`")), "{key} {bad:?}: {e}");
+            }
+        }
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            1,
+            "probe files removed"
+        );
     }
 
     #[test]

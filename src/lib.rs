@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod listener;
 pub mod pop3;
 pub mod rules;
@@ -45,6 +46,7 @@ fn build_shared(config: Config, audit: audit::AuditSink) -> Result<Arc<Shared>, 
     check_trace_rules(&config, &rules)?;
     Ok(Arc::new(Shared {
         headers: config.audit.header_set(),
+        limiter: limits::Limiter::new(&config.limits),
         config: Arc::new(config),
         tls,
         rules: std::sync::RwLock::new(Arc::new(rules)),
@@ -68,6 +70,23 @@ fn check_trace_rules(config: &Config, rules: &rules::RuleSet) -> Result<(), Star
         .into());
     }
     Ok(())
+}
+
+/// Raise the soft limit on open files to the hard limit, log it, and warn when
+/// `max_sessions` sessions (two sockets each, plus headroom) would not fit.
+fn raise_fd_limit(max_sessions: usize) {
+    let needed = limits::fds_needed(max_sessions);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(nofile) if nofile < needed => tracing::warn!(
+            nofile,
+            needed,
+            max_sessions,
+            "open file limit too low for limits.max_sessions (2 per session): raise the hard \
+             limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_sessions"
+        ),
+        Ok(nofile) => tracing::info!(nofile, needed, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }
 
 /// A proxy with its listeners bound.
@@ -147,6 +166,7 @@ impl Proxy {
     /// Serve until `shutdown` completes; then stop accepting, tell sessions to close (without
     /// QUIT upstream) and wait for them up to a grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        raise_fd_limit(self.shared.config.limits.max_sessions);
         let (tx, rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let sessions = Arc::new(Semaphore::new(self.shared.config.limits.max_sessions));

@@ -1,8 +1,11 @@
-//! Listening sockets: bind, accept, cap concurrent sessions, spawn a task per client.
+//! Listening sockets: bind, accept, cap concurrent sessions (in all and per client IP), spawn
+//! a task per client.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -11,6 +14,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::config::ListenerConfig;
 use crate::error::StartError;
+use crate::limits::{AcceptBackoff, Counters};
 use crate::session::{self, SessionInfo, Shared};
 use crate::tls::Stream;
 
@@ -41,6 +45,10 @@ impl Listener {
     }
 
     /// Accept clients until `shutdown` turns true; sessions are spawned on `tasks`.
+    ///
+    /// A client is accepted first and then counted: over `limits.max_sessions` (the permits of
+    /// `sessions`, shared by every listener) or `limits.max_sessions_per_ip` it gets a
+    /// `-ERR [SYS/TEMP]` line and is closed at once, instead of waiting in the backlog.
     pub async fn serve(
         self,
         shared: Arc<Shared>,
@@ -50,26 +58,53 @@ impl Listener {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let name: Arc<str> = Arc::from(self.config.name.as_str());
+        let mut backoff = AcceptBackoff::default();
         loop {
-            // Take a session slot before accepting: over the cap, clients wait in the backlog.
-            let permit = tokio::select! {
-                p = sessions.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = shutdown.changed() => return,
-            };
             let (tcp, client) = tokio::select! {
                 r = self.socket.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(listener = %name, error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        // EMFILE, ENFILE and friends: back off instead of spinning, and do not
+                        // flood the log while the condition lasts.
+                        let pause = backoff.failed(Instant::now());
+                        if let Some(unlogged) = pause.log {
+                            warn!(
+                                listener = %name,
+                                error = %e,
+                                retry_in_ms = pause.wait.as_millis() as u64,
+                                not_logged_since = unlogged,
+                                "accept failed"
+                            );
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause.wait) => {}
+                            _ = shutdown.changed() => return,
+                        }
                         continue;
                     }
                 },
                 _ = shutdown.changed() => return,
+            };
+            let counters = &shared.limiter.counters;
+            let Some(ip_slot) = shared.limiter.sessions.try_acquire(client.ip()) else {
+                let total = Counters::bump(&counters.per_ip_refused);
+                warn!(listener = %name, %client, refused_total = total,
+                    "too many sessions from this address: connection refused");
+                refuse(
+                    tcp,
+                    b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+                );
+                continue;
+            };
+            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                let total = Counters::bump(&counters.full_refused);
+                warn!(listener = %name, %client, refused_total = total,
+                    "limits.max_sessions reached: connection refused");
+                refuse(tcp, b"-ERR [SYS/TEMP] too many connections\r\n");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().unwrap_or(self.config.bind);
@@ -88,10 +123,19 @@ impl Listener {
                 async move {
                     tracing::info!("session open");
                     session::run(Stream::Plain(tcp), info, shared, shutdown).await;
-                    drop(permit);
+                    drop((permit, ip_slot));
                 }
                 .instrument(span),
             );
         }
+    }
+}
+
+/// Send `line` to a client popgate will not serve, and close. Never waits: the write goes
+/// straight to the fresh socket's empty send buffer, so a client that does not read cannot
+/// stall the accept loop (nor hold a task or a descriptor).
+fn refuse(tcp: tokio::net::TcpStream, line: &[u8]) {
+    if let Ok(std) = tcp.into_std() {
+        let _ = (&std).write(line);
     }
 }

@@ -15,6 +15,7 @@ fn main() -> Result<()> {
     match cli.command {
         CliCommand::Check { config } => {
             let c = Config::load(&config)?;
+            c.check_dirs(&config)?;
             // Loads certificates and keys too, so unreadable or mismatched files show up here.
             let c = popgate::prepare(c)
                 .with_context(|| format!("{}: loading referenced files", config.display()))?
@@ -34,6 +35,7 @@ fn main() -> Result<()> {
                 c.log.level = level;
                 c.validate(&config)?;
             }
+            c.check_dirs(&config)?;
             let _guard = init_logging(&c.log)?;
             runtime.block_on(async {
                 let proxy = popgate::Proxy::bind(c).await?;

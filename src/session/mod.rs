@@ -49,6 +49,8 @@ pub struct Shared {
     pub audit: crate::audit::AuditSink,
     /// Headers the audit trail extracts from retrieved messages.
     pub headers: Arc<crate::audit::HeaderSet>,
+    /// Per-IP session caps and the failed-login penalty (`src/limits.rs`).
+    pub limiter: crate::limits::Limiter,
 }
 
 impl Shared {
@@ -852,7 +854,13 @@ impl Relay {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } => {
                     self.on_response(&meta, &self.sin[fwd..fwd + len]);
-                    let (rewritten, delay, drop) = self.response_rules(&meta, fwd, len);
+                    let (rewritten, mut delay, drop) = self.response_rules(&meta, fwd, len);
+                    // Failed-login penalty per client IP, on top of any rule's delay.
+                    if meta.login.as_ref().is_some_and(|l| !l.success)
+                        && let Some(p) = self.shared.limiter.login_failed(self.info.client.ip())
+                    {
+                        delay = Some(delay.unwrap_or_default() + p);
+                    }
                     // After the rules, so that a login event carries the tags they attached.
                     self.observer.set_tags(&self.policy.tags);
                     self.observer.status(
