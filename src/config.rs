@@ -179,7 +179,7 @@ impl Default for Limits {
             max_line: 8192,
             unknown_commands: UnknownCommands::Reject,
             max_sessions: 10_000,
-            max_sessions_per_ip: 20,
+            max_sessions_per_ip: 50,
             max_pipeline: 256,
             login_timeout: Duration::from_secs(60),
             greeting_timeout: Duration::from_secs(30),
@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn limits_defaults() {
         let c = Config::parse(MINIMAL, p()).unwrap();
-        assert_eq!(c.limits.max_sessions_per_ip, 20);
+        assert_eq!(c.limits.max_sessions_per_ip, 50);
         assert_eq!(c.limits.login_fail_delay, Duration::from_secs(1));
         assert_eq!(c.limits.login_fail_delay_max, Duration::from_secs(15));
         assert_eq!(c.limits.login_fail_window, Duration::from_secs(600));

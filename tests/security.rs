@@ -397,3 +397,44 @@ fn unknown_commands_are_forwarded_where_credentials_are_allowed() {
     let got: Vec<Vec<u8>> = up.received();
     assert!(got.iter().any(|l| l == b"XPASS hello\r\n"), "{got:?}");
 }
+
+/// A SASL answer longer than `max_line` cancels the exchange upstream (`*`): the server's
+/// `-ERR` answers the AUTH, the long line is never forwarded, and the replies to later
+/// (pipelined) commands stay on their commands.
+#[test]
+fn overlong_sasl_answer_does_not_shift_replies() {
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions::new(vec![mailbox(
+        "alice",
+        "pw",
+        vec![message(1)],
+    )]));
+    let proxy = h.proxy(up.local_addr(), "[limits]\nmax_line = 128\n");
+    for complete in [true, false] {
+        let mut c = RawPop::connect(proxy.addr);
+        assert_eq!(c.cmd("AUTH PLAIN"), "+ ");
+        let long = "A".repeat(2000);
+        if complete {
+            c.send_raw(format!("{long}\r\nUSER alice\r\nPASS pw\r\nSTAT\r\n").as_bytes());
+        } else {
+            // No line end yet: the exchange is cancelled as soon as the line is too long.
+            c.send_raw(long.as_bytes());
+            let r = c.line();
+            assert!(r.starts_with("-ERR"), "AUTH after an endless answer: {r}");
+            c.send_raw(b"\r\nUSER alice\r\nPASS pw\r\nSTAT\r\n");
+        }
+        if complete {
+            let r = c.line();
+            assert!(r.starts_with("-ERR"), "AUTH: {r}");
+        }
+        assert!(c.line().starts_with("+OK"), "USER");
+        let r = c.line();
+        assert!(r.starts_with("+OK"), "PASS: {r}");
+        let r = c.line();
+        assert!(r.starts_with("+OK 1 "), "STAT: {r}");
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+        let got = up.received();
+        assert!(got.iter().all(|l| l.len() < 200), "long line forwarded");
+        assert!(got.iter().any(|l| l == b"*\r\n"), "{got:?}");
+    }
+}
