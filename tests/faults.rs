@@ -467,7 +467,7 @@ fn upstream_no_greeting() {
     let p = f.proxy(up.addr, "", "greeting_timeout = \"500ms\"\n");
     let t0 = Instant::now();
     let mut c = Conn::open(p.addr);
-    // A client that speaks first: held until the greeting, never forwarded.
+    // A client that speaks first: its command waits in the pipeline behind the greeting.
     c.send(b"USER alice\r\n");
     let (got, end) = c.finish();
     assert_eq!(
@@ -478,6 +478,8 @@ fn upstream_no_greeting() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     let evs = f.invariants(Up::Script(&up), 1, 0);
     assert_eq!(close_reason(&evs), "greeting_timeout");
+    // Commands sent before the greeting are pipelined behind it, as any other.
+    assert_eq!(up.lines(), vec![b"USER alice\r\n".to_vec()]);
 }
 
 #[test]
@@ -496,7 +498,7 @@ fn upstream_eof_mid_body() {
     c.send(b"DELE 2\r\nRETR 1\r\nNOOP\r\n");
     let (got, end) = c.finish();
     assert!(got.starts_with(b"+OK"), "DELE answered");
-    assert!(got.len() > 50_000, "some of the body was relayed");
+    assert!(got.len() > 1000, "some of the body was relayed");
     assert_cut(&got, end, b"octets\r\n");
     assert!(
         find(&got[10..], b"-ERR").is_none(),
