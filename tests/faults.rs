@@ -418,6 +418,27 @@ fn upstream_refused() {
 }
 
 #[test]
+fn upstream_closes_at_once() {
+    let f = Fix::new();
+    let up = f.demo(
+        Faults {
+            refuse: true,
+            ..Faults::default()
+        },
+        vec![],
+    );
+    let p = f.proxy(up.local_addr(), "", "");
+    let (got, end) = Conn::open(p.addr).finish();
+    assert_eq!(
+        got,
+        b"-ERR [SYS/TEMP] upstream server closed the connection\r\n"
+    );
+    assert_eq!(end, None);
+    let evs = f.invariants(Up::Demo(&up), 1, 0);
+    assert_eq!(close_reason(&evs), "upstream_eof");
+}
+
+#[test]
 fn upstream_slow_connect() {
     let f = Fix::new();
     // Never accepted: the kernel completes the TCP handshake into the backlog, and the TLS
