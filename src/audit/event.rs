@@ -478,6 +478,10 @@ pub enum EndReason {
     UpstreamEof,
     /// Inactivity timeout.
     IdleTimeout,
+    /// No login within `limits.login_timeout`.
+    LoginTimeout,
+    /// The upstream sent no greeting within `limits.greeting_timeout`.
+    GreetingTimeout,
     /// A rule dropped the connection.
     RuleDrop,
     /// popgate shut down.
@@ -488,11 +492,13 @@ pub enum EndReason {
 
 impl EndReason {
     /// Every reason, for tests and help texts.
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 9] = [
         EndReason::Quit,
         EndReason::ClientEof,
         EndReason::UpstreamEof,
         EndReason::IdleTimeout,
+        EndReason::LoginTimeout,
+        EndReason::GreetingTimeout,
         EndReason::RuleDrop,
         EndReason::Shutdown,
         EndReason::Error,
@@ -505,6 +511,8 @@ impl EndReason {
             EndReason::ClientEof => "client_eof",
             EndReason::UpstreamEof => "upstream_eof",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::LoginTimeout => "login_timeout",
+            EndReason::GreetingTimeout => "greeting_timeout",
             EndReason::RuleDrop => "rule_drop",
             EndReason::Shutdown => "shutdown",
             EndReason::Error => "error",
