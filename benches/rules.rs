@@ -10,8 +10,8 @@ use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use popgate::pop3::command::Verb;
+use popgate::pop3::tracker::State;
 use popgate::rules::{Event, EventKind, RuleSet};
-use popgate::session::tracker::State;
 
 const VERBS: [&str; 8] = [
     "USER", "PASS", "RETR", "DELE", "TOP", "LIST", "UIDL", "NOOP",

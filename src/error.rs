@@ -92,7 +92,7 @@ pub enum SessionError {
     },
     /// The server broke the protocol.
     #[error("upstream protocol error: {0}")]
-    Protocol(#[from] crate::session::tracker::ProtocolError),
+    Protocol(#[from] crate::pop3::tracker::ProtocolError),
 }
 
 impl SessionError {

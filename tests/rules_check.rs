@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use popgate::pop3::command::Verb;
 use popgate::pop3::response::{Status, StatusLine};
+use popgate::pop3::tracker::State;
 use popgate::rules::{Event, EventKind, Outcome, RuleSet, Verdict};
-use popgate::session::tracker::State;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

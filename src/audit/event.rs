@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
-use crate::session::tracker::LoginMethod;
+use crate::pop3::tracker::LoginMethod;
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.

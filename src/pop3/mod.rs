@@ -3,6 +3,7 @@
 pub mod capa;
 pub mod command;
 pub mod response;
+pub mod tracker;
 
 use std::fmt::Write as _;
 

@@ -17,7 +17,7 @@ use super::{Event, EventKind, Outcome, Verdict};
 use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
 use crate::pop3::response::{Status, StatusLine};
-use crate::session::tracker::State;
+use crate::pop3::tracker::State;
 
 /// Index slots per event kind: one per [`Verb`] (known verbs and `Unknown`) plus one for
 /// events without a verb.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
-use crate::session::tracker::State;
+use crate::pop3::tracker::State;
 
 pub use engine::{RuleInfo, RuleSet};
 pub use error::{Problem, RuleError, RuleRef};

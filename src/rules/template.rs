@@ -180,7 +180,7 @@ mod tests {
     use super::*;
     use crate::pop3::command::Verb;
     use crate::pop3::response::Status;
-    use crate::session::tracker::State;
+    use crate::pop3::tracker::State;
 
     fn ev(kind: EventKind) -> Event<'static> {
         Event {

@@ -10,7 +10,7 @@ use tracing::Level;
 use super::*;
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
-use crate::session::tracker::State;
+use crate::pop3::tracker::State;
 
 fn set(text: &str) -> RuleSet {
     match RuleSet::parse(text, Path::new("t.toml")) {

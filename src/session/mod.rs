@@ -1,4 +1,4 @@
-//! One proxied POP3 session: the pure [`tracker`] and the task that drives the two sockets.
+//! One proxied POP3 session: the task that drives the two sockets around the pure tracker.
 //!
 //! Bytes are forwarded as they arrived unless a decision rewrote them. Multi-line bodies stream
 //! through the server read buffer, so memory does not grow with message size. The upstream never
@@ -7,7 +7,6 @@
 
 pub mod observer;
 pub mod policy;
-pub mod tracker;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -22,11 +21,11 @@ use crate::config::{Config, TlsMode, UnknownCommands};
 use crate::error::{SessionError, Side};
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end};
+use crate::pop3::tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
 use crate::rules::{Event, EventKind, RuleSet, command_line};
 use crate::tls::{Stream, TlsInfo, TlsSetup};
 use observer::Observer;
 use policy::{Policy, Terminal};
-use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
 
 /// Initial read sizes. Server reads are larger because bodies stream through them.
 const CLIENT_READ: usize = 1024;
@@ -904,7 +903,7 @@ impl Relay {
                         if buf.len() > MAX_CAPA {
                             warn!("CAPA response too long");
                             return Err(SessionError::Protocol(
-                                tracker::ProtocolError::LineTooLong(MAX_CAPA),
+                                crate::pop3::tracker::ProtocolError::LineTooLong(MAX_CAPA),
                             ));
                         }
                     }
@@ -1014,7 +1013,7 @@ impl Relay {
         // Only the SASL mechanisms popgate relays (it must learn who logs in).
         let mut items: Vec<Vec<u8>> = items
             .into_iter()
-            .filter_map(|i| capa::retain_sasl(i, tracker::sasl_mechanism_supported))
+            .filter_map(|i| capa::retain_sasl(i, crate::pop3::tracker::sasl_mechanism_supported))
             .collect();
         if self.stls_offered() {
             items.push(b"STLS".to_vec());

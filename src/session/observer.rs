@@ -17,7 +17,7 @@ use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 use crate::tls::TlsInfo;
 
-use super::tracker::{ResponseMeta, State};
+use crate::pop3::tracker::{ResponseMeta, State};
 
 /// A UIDL listing line is `n uid`; longer partial lines than this are ignored.
 const MAX_UIDL_LINE: usize = 128;
