@@ -13,6 +13,7 @@ pub mod error;
 pub mod limits;
 pub mod listener;
 pub mod pop3;
+mod proxy;
 pub mod rules;
 pub mod session;
 pub mod tls;

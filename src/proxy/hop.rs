@@ -1,0 +1,945 @@
+//! [`Hop`]: one session's protocol core. The driver reads into two buffers it owns, hands them
+//! in with the event that filled them, and executes the [`Action`]s that come out, in order.
+//!
+//! Forwarding keeps the original bytes: server data leaves as slices split off the server
+//! buffer (no copy), client commands as the lines the client sent, unless a rule rewrote them.
+//! Local replies (refusals, rule denials, STLS answers) sit in the tracker's FIFO and go out in
+//! their place. The upstream never receives a QUIT the client did not send: every other way out
+//! is a [`Action::Close`], and the driver closes the upstream socket without a word.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tracing::{debug, info, warn};
+
+use crate::config::UnknownCommands;
+use crate::pop3::capa;
+use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::tracker::{
+    AfterReply, ClientLine, Piece, ProtocolError, ResponseMeta, State, Tracker,
+    sasl_mechanism_supported,
+};
+use crate::rules::{Event, EventKind, command_line};
+
+use super::policy::{Policy, Terminal};
+
+/// An overlong line is discarded up to its end; past this many lengths of junk, close.
+const MAX_DISCARD_FACTOR: usize = 16;
+/// A CAPA body is buffered for rewriting; a longer one is a protocol error.
+const MAX_CAPA: usize = 64 * 1024;
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client sent QUIT and the exchange completed.
+    Quit,
+    /// The client closed its connection without QUIT.
+    ClientEof,
+    /// The server closed its connection.
+    UpstreamEof,
+    /// Nothing happened for `limits.idle_timeout`.
+    IdleTimeout,
+    /// No login within `limits.login_timeout` of connecting.
+    LoginTimeout,
+    /// The upstream sent no greeting within `limits.greeting_timeout`.
+    GreetingTimeout,
+    /// popgate is shutting down.
+    Shutdown,
+    /// A rule ended the session (`drop`, or `deny` with `close_after`).
+    RuleDrop,
+    /// An error on either side.
+    Error,
+}
+
+impl CloseReason {
+    /// snake_case name for logs and audit.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::UpstreamEof => "upstream_eof",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LoginTimeout => "login_timeout",
+            CloseReason::GreetingTimeout => "greeting_timeout",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::RuleDrop => "rule_drop",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// What the driver must do next, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Write these bytes to the client.
+    ToClient(Bytes),
+    /// Write these bytes to the upstream.
+    ToUpstream(Bytes),
+    /// Wait this long before carrying out the next action (a rule's tarpit, the failed-login
+    /// penalty).
+    Sleep(Duration),
+    /// Run the server side of a TLS handshake with the client, then call
+    /// [`Hop::client_tls_started`].
+    StartClientTls,
+    /// The session is over: close the client (with a TCP reset when `reset`: a multi-line
+    /// response was cut and must not look complete) and the upstream, without QUIT.
+    Close {
+        /// Why.
+        reason: CloseReason,
+        /// Reset the client connection instead of closing it in order.
+        reset: bool,
+    },
+}
+
+/// What a hop reports as it goes, and the one shared service it asks for. The session's audit
+/// observer implements it.
+pub(crate) trait Observe {
+    /// A command line the client sent (the transcript redacts it).
+    fn client_line(&mut self, raw: &[u8]);
+    /// A SASL answer, or a line taken for one: never its content.
+    fn client_sasl(&mut self);
+    /// A reply popgate gave itself.
+    fn local_reply(&mut self, reply: &[u8]);
+    /// A server status line with what the tracker made of it (`state` after the line).
+    fn status(&mut self, meta: &ResponseMeta, line: &[u8], user: Option<&str>, state: State);
+    /// Bytes of a multi-line body as relayed; `end` when they include the terminator.
+    fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>);
+    /// A command a rule denied.
+    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>);
+    /// The rule tags so far (they go on every later event).
+    fn tags(&mut self, tags: &[Arc<str>]);
+    /// A login failed from `ip`: how long to hold its `-ERR` (the per-IP penalty), if at all.
+    fn login_failed(&mut self, ip: IpAddr) -> Option<Duration>;
+}
+
+/// The settings a hop works with.
+#[derive(Debug, Clone)]
+pub(crate) struct HopConfig {
+    /// Listener name, for rules.
+    pub(crate) listener: Arc<str>,
+    /// Client address, for rules and the login penalty.
+    pub(crate) client_ip: IpAddr,
+    /// Whether the client connection is under TLS from the start (implicit TLS).
+    pub(crate) client_tls: bool,
+    /// Whether this listener can offer STLS (a `starttls` listener with a certificate).
+    pub(crate) stls_available: bool,
+    /// `limits.max_line`.
+    pub(crate) max_line: usize,
+    /// `limits.max_pipeline`.
+    pub(crate) max_pipeline: usize,
+    /// `limits.unknown_commands`.
+    pub(crate) unknown_commands: UnknownCommands,
+    /// `limits.idle_timeout`.
+    pub(crate) idle_timeout: Duration,
+    /// `limits.login_timeout`, counted from `started`.
+    pub(crate) login_timeout: Duration,
+    /// `limits.greeting_timeout`, counted from the hop's creation (the upstream is connected).
+    pub(crate) greeting_timeout: Duration,
+}
+
+/// One session's protocol core.
+#[derive(Debug)]
+pub(crate) struct Hop {
+    cfg: HopConfig,
+    tracker: Tracker,
+    policy: Policy,
+    client_tls: bool,
+    /// Commands to send upstream in one write.
+    up_out: Vec<u8>,
+    /// Octets of an overlong client line thrown away so far.
+    discarding: Option<usize>,
+    client_eof: bool,
+    /// STLS was accepted: nothing more is read from the client until the handshake.
+    stls_pending: bool,
+    /// A CAPA response being collected for rewriting.
+    capa: Option<Vec<u8>>,
+    /// A buffered STLS waits until every earlier response is in (its answer depends on them).
+    barrier: bool,
+    actions: VecDeque<Action>,
+    closed: bool,
+    idle_deadline: Instant,
+    login_deadline: Instant,
+    greeting_deadline: Instant,
+}
+
+impl Hop {
+    /// A hop for a session that connected at `started`, whose upstream is connected now
+    /// (`now`) and whose greeting is due.
+    pub(crate) fn new(cfg: HopConfig, policy: Policy, started: Instant, now: Instant) -> Hop {
+        Hop {
+            tracker: Tracker::new(cfg.max_line),
+            policy,
+            client_tls: cfg.client_tls,
+            up_out: Vec::new(),
+            discarding: None,
+            client_eof: false,
+            stls_pending: false,
+            capa: None,
+            barrier: false,
+            actions: VecDeque::new(),
+            closed: false,
+            idle_deadline: now + cfg.idle_timeout,
+            login_deadline: started + cfg.login_timeout,
+            greeting_deadline: now + cfg.greeting_timeout,
+            cfg,
+        }
+    }
+
+    /// The next action to carry out.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether the driver may read from the client now. The one place this is decided.
+    pub(crate) fn wants_client_input(&self) -> bool {
+        !self.closed
+            && !self.client_eof
+            && !self.stls_pending
+            && !self.barrier
+            && !self.tracker.quit_sent()
+            && !self.tracker.client_must_wait()
+            && self.tracker.pending_len() < self.cfg.max_pipeline
+    }
+
+    /// When [`Hop::on_timeout`] is due.
+    pub(crate) fn deadline(&self) -> Instant {
+        let mut at = self.idle_deadline;
+        if self.tracker.state() == State::Authorization {
+            at = at.min(self.login_deadline);
+        }
+        if self.tracker.greeting_due() {
+            at = at.min(self.greeting_deadline);
+        }
+        at
+    }
+
+    /// The user rules and audit see (see [`Tracker::user`]).
+    pub(crate) fn user(&self) -> Option<&str> {
+        self.tracker.user()
+    }
+
+    /// Rule tags attached so far.
+    pub(crate) fn tags(&self) -> &[Arc<str>] {
+        &self.policy.tags
+    }
+
+    /// Whether a `trace` rule asked for a transcript.
+    pub(crate) fn trace(&self) -> bool {
+        self.policy.trace
+    }
+
+    /// Whether a multi-line response is cut if the session ends now.
+    pub(crate) fn mid_response(&self) -> bool {
+        self.tracker.in_body() || self.capa.is_some()
+    }
+
+    /// The `close` rule event, at the end of the session.
+    pub(crate) fn finish(&mut self) {
+        let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Close);
+        self.policy.evaluate(&ev);
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if self.closed {
+            return;
+        }
+        self.flush_upstream();
+        self.closed = true;
+        let reset = self.mid_response();
+        self.actions.push_back(Action::Close { reason, reset });
+    }
+
+    fn send_client(&mut self, bytes: impl Into<Bytes>) {
+        self.actions.push_back(Action::ToClient(bytes.into()));
+    }
+
+    fn flush_upstream(&mut self) {
+        if !self.up_out.is_empty() {
+            let out = std::mem::take(&mut self.up_out);
+            self.actions.push_back(Action::ToUpstream(out.into()));
+        }
+    }
+
+    /// Relay `sin[..fwd]` to the client (split off the buffer, no copy).
+    fn flush_server(&mut self, sin: &mut BytesMut, fwd: &mut usize) {
+        if *fwd > 0 {
+            let chunk = sin.split_to(*fwd).freeze();
+            self.send_client(chunk);
+            *fwd = 0;
+        }
+    }
+
+    /// Bytes arrived from the server (appended to `sin`); `cin` holds client bytes not yet
+    /// handled (a response may unblock them).
+    pub(crate) fn on_server_input(
+        &mut self,
+        now: Instant,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+        obs: &mut impl Observe,
+    ) {
+        if self.closed {
+            return;
+        }
+        self.idle_deadline = now + self.cfg.idle_timeout;
+        self.server_data(sin, obs);
+        if self.closed {
+            return;
+        }
+        self.client_data(cin, obs);
+        if !self.closed && self.client_eof && self.tracker.idle() {
+            self.close(CloseReason::ClientEof);
+        }
+    }
+
+    /// Bytes arrived from the client (appended to `cin`).
+    pub(crate) fn on_client_input(
+        &mut self,
+        now: Instant,
+        cin: &mut BytesMut,
+        obs: &mut impl Observe,
+    ) {
+        if self.closed {
+            return;
+        }
+        self.idle_deadline = now + self.cfg.idle_timeout;
+        self.client_data(cin, obs);
+    }
+
+    /// The client closed its sending side.
+    pub(crate) fn on_client_eof(&mut self) {
+        self.client_eof = true;
+        debug!("client closed its side");
+        // Responses it is owed still go out (half-close).
+        if self.tracker.idle() && !self.tracker.quit_sent() {
+            self.close(CloseReason::ClientEof);
+        }
+    }
+
+    /// The upstream closed its connection.
+    pub(crate) fn on_upstream_eof(&mut self) {
+        if self.mid_response() {
+            warn!("upstream closed in the middle of a multi-line response");
+            self.close(CloseReason::UpstreamEof);
+            return;
+        }
+        if self.tracker.quit_sent() {
+            self.close(CloseReason::Quit);
+            return;
+        }
+        self.answer_upstream_lost();
+        info!("upstream closed the connection");
+        self.close(CloseReason::UpstreamEof);
+    }
+
+    /// Reading from the upstream failed (reset, TLS alert); `disconnect` for an ordinary one.
+    pub(crate) fn on_upstream_error(&mut self, disconnect: bool) {
+        self.answer_upstream_lost();
+        self.close(if disconnect {
+            CloseReason::UpstreamEof
+        } else {
+            CloseReason::Error
+        });
+    }
+
+    /// popgate is shutting down.
+    pub(crate) fn on_shutdown(&mut self) {
+        if !self.tracker.in_body() && self.tracker.idle() {
+            self.send_client(&b"-ERR [SYS/TEMP] proxy shutting down\r\n"[..]);
+        }
+        self.close(CloseReason::Shutdown);
+    }
+
+    /// [`Hop::deadline`] has passed (the driver may call early; nothing happens then).
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if self.tracker.greeting_due() && now >= self.greeting_deadline {
+            warn!(timeout = ?self.cfg.greeting_timeout, "upstream sent no greeting");
+            self.send_client(
+                &b"-ERR [SYS/TEMP] upstream server did not answer, try again later\r\n"[..],
+            );
+            self.close(CloseReason::GreetingTimeout);
+        } else if self.tracker.state() == State::Authorization && now >= self.login_deadline {
+            info!(timeout = ?self.cfg.login_timeout, "no login in time");
+            if !self.tracker.in_body() && self.tracker.idle() {
+                self.send_client(&b"-ERR disconnected: no login in time\r\n"[..]);
+            }
+            self.close(CloseReason::LoginTimeout);
+        } else if now >= self.idle_deadline {
+            info!(timeout = ?self.cfg.idle_timeout, "idle timeout");
+            if !self.tracker.in_body() && self.tracker.idle() {
+                self.send_client(&b"-ERR autologout: idle for too long\r\n"[..]);
+            }
+            self.close(CloseReason::IdleTimeout);
+        }
+    }
+
+    /// The client TLS handshake that [`Action::StartClientTls`] asked for completed.
+    /// `cin` holds whatever plaintext the client sent after STLS: it is thrown away.
+    pub(crate) fn client_tls_started(&mut self, cin: &mut BytesMut) {
+        if !cin.is_empty() {
+            // CVE-2011-0411 class: bytes sent before the handshake must not count as
+            // commands sent under TLS.
+            warn!(
+                octets = cin.len(),
+                "STARTTLS injection attempt: plaintext after STLS discarded"
+            );
+            cin.clear();
+        }
+        self.discarding = None;
+        self.client_tls = true;
+        self.stls_pending = false;
+    }
+
+    /// The upstream is gone: answer `-ERR [SYS/TEMP]` if a response is due and none has
+    /// started (a partly relayed body is left incomplete on purpose).
+    fn answer_upstream_lost(&mut self) {
+        if !self.mid_response() && !self.tracker.idle() {
+            self.send_client(&b"-ERR [SYS/TEMP] upstream server closed the connection\r\n"[..]);
+        }
+    }
+
+    /// Queue the local replies that are due.
+    fn write_due_locals(&mut self, obs: &mut impl Observe) {
+        while !self.closed
+            && let Some(local) = self.tracker.next_local()
+        {
+            debug!(verb = %local.verb, reply = %crate::pop3::printable(&local.reply).trim_end(), "answered locally");
+            obs.local_reply(&local.reply);
+            self.send_client(local.reply);
+            match local.then {
+                AfterReply::Continue => {}
+                AfterReply::Close => self.close(CloseReason::RuleDrop),
+                AfterReply::StartTls => {
+                    self.flush_upstream();
+                    self.actions.push_back(Action::StartClientTls);
+                }
+            }
+        }
+    }
+
+    /// Handle every complete piece of server data in `sin`.
+    fn server_data(&mut self, sin: &mut BytesMut, obs: &mut impl Observe) {
+        let mut fwd = 0;
+        loop {
+            let piece = match self.tracker.on_server_bytes(&sin[fwd..]) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "upstream broke the protocol");
+                    let in_body = self.tracker.in_body();
+                    self.flush_server(sin, &mut fwd);
+                    if !in_body {
+                        self.send_client(&b"-ERR [SYS/TEMP] upstream protocol error\r\n"[..]);
+                    }
+                    self.close(CloseReason::Error);
+                    return;
+                }
+            };
+            match piece {
+                Piece::NeedMore => break,
+                Piece::Status { len, meta } => {
+                    self.status(sin, &mut fwd, len, &meta, obs);
+                    if self.closed {
+                        return;
+                    }
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } if self.capa.is_some() => {
+                    self.flush_server(sin, &mut fwd);
+                    let chunk = sin.split_to(len);
+                    let done = matches!(piece, Piece::BodyEnd { .. });
+                    let Some(buf) = self.capa.as_mut() else { break };
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() > MAX_CAPA {
+                        warn!(error = %ProtocolError::LineTooLong(MAX_CAPA), "CAPA response too long");
+                        self.close(CloseReason::Error);
+                        return;
+                    }
+                    if done && let Some(buf) = self.capa.take() {
+                        let out = self.rewrite_capa(&buf);
+                        // The transcript shows the list as the client got it.
+                        let status_len = line_end(&out).unwrap_or(0);
+                        obs.body(&out[status_len..], true, None);
+                        self.send_client(out);
+                    }
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } => {
+                    let end = matches!(piece, Piece::BodyEnd { .. });
+                    obs.body(&sin[fwd..fwd + len], end, self.tracker.user());
+                    fwd += len;
+                }
+            }
+            if self.tracker.local_due() {
+                self.flush_server(sin, &mut fwd);
+                self.write_due_locals(obs);
+                if self.closed {
+                    return;
+                }
+            }
+        }
+        self.flush_server(sin, &mut fwd);
+    }
+
+    /// A status line of `len` bytes at `sin[fwd..]`: rules, audit, CAPA capture, relay.
+    fn status(
+        &mut self,
+        sin: &mut BytesMut,
+        fwd: &mut usize,
+        len: usize,
+        meta: &ResponseMeta,
+        obs: &mut impl Observe,
+    ) {
+        let at = *fwd;
+        if let Some(login) = &meta.login {
+            info!(
+                user = login.user.as_deref().unwrap_or("-"),
+                method = %login.method.label(),
+                success = login.success,
+                "login"
+            );
+        }
+        debug!(
+            verb = meta.verb.map(|v| v.as_str()).unwrap_or("greeting"),
+            status = meta.status.as_str(),
+            line = %crate::pop3::printable(&sin[at..at + len]).trim_end(),
+            "response"
+        );
+        let (rewritten, mut delay, drop) = self.response_rules(meta, &sin[at..at + len]);
+        // Failed-login penalty per client IP, on top of any rule's delay.
+        if meta.login.as_ref().is_some_and(|l| !l.success)
+            && let Some(p) = obs.login_failed(self.cfg.client_ip)
+        {
+            delay = Some(delay.unwrap_or_default() + p);
+        }
+        // After the rules, so that a login event carries the tags they attached.
+        obs.tags(&self.policy.tags);
+        obs.status(
+            meta,
+            &sin[at..at + len],
+            self.tracker.user(),
+            self.tracker.state(),
+        );
+        if drop {
+            self.flush_server(sin, fwd);
+            self.close(CloseReason::RuleDrop);
+            return;
+        }
+        if let Some(d) = delay {
+            self.flush_server(sin, fwd);
+            self.actions.push_back(Action::Sleep(d));
+        }
+        let capture = meta.multiline && meta.verb == Some(Verb::Capa);
+        if capture || rewritten.is_some() {
+            self.flush_server(sin, fwd);
+            let original = sin.split_to(len);
+            let line = rewritten.unwrap_or_else(|| original.to_vec());
+            if capture {
+                // Collected and rewritten: clients must see this hop's truth.
+                self.capa = Some(line);
+            } else {
+                self.send_client(line);
+            }
+        } else {
+            *fwd += len;
+        }
+    }
+
+    /// Rules on a status line (greeting or response) and on the login it decides.
+    /// Returns a rewritten line (CRLF included), a tarpit delay, and whether to drop.
+    fn response_rules(
+        &mut self,
+        meta: &ResponseMeta,
+        raw: &[u8],
+    ) -> (Option<Vec<u8>>, Option<Duration>, bool) {
+        let kind = if meta.verb.is_none() {
+            EventKind::Greeting
+        } else {
+            EventKind::Response
+        };
+        let line = trim_eol(raw);
+        let ev = Event {
+            verb: meta.verb,
+            status: Some(meta.status),
+            text: Some(line),
+            ..event(&self.cfg, &self.tracker, self.client_tls, kind)
+        };
+        let v = self.policy.evaluate(&ev);
+        let mut delay = v.delay;
+        let mut drop = matches!(self.policy.terminal(&v), Terminal::Drop { .. });
+        if meta.login.is_some() {
+            let ev = Event {
+                verb: meta.verb,
+                status: Some(meta.status),
+                ..event(&self.cfg, &self.tracker, self.client_tls, EventKind::Login)
+            };
+            let lv = self.policy.evaluate(&ev);
+            delay = match (delay, lv.delay) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            drop |= matches!(self.policy.terminal(&lv), Terminal::Drop { .. });
+        }
+        let rewritten = v.rewritten.map(|mut l| {
+            l.extend_from_slice(b"\r\n");
+            l
+        });
+        (rewritten, delay, drop)
+    }
+
+    /// Rewrite a complete CAPA response (status line + body + terminator) for this hop:
+    /// the upstream's STLS is never shown; STLS is offered when this listener can do it;
+    /// SASL lists only the mechanisms popgate relays.
+    fn rewrite_capa(&mut self, response: &[u8]) -> Vec<u8> {
+        let status_len = line_end(response).unwrap_or(response.len());
+        let (status, body) = response.split_at(status_len);
+        let mut items: Vec<Vec<u8>> = Vec::new();
+        let with_rules = self.policy.wants(EventKind::Capa);
+        for item in capa::items(body) {
+            if !with_rules {
+                items.push(item.to_vec());
+                continue;
+            }
+            let ev = Event {
+                text: Some(item),
+                ..event(&self.cfg, &self.tracker, self.client_tls, EventKind::Capa)
+            };
+            let v = self.policy.evaluate(&ev);
+            if v.remove {
+                continue;
+            }
+            match v.rewritten {
+                Some(new) if new.iter().all(u8::is_ascii_whitespace) => {}
+                Some(new) => items.push(new),
+                None => items.push(item.to_vec()),
+            }
+        }
+        if with_rules {
+            let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Capa);
+            let v = self.policy.evaluate(&ev);
+            items.extend(v.add_capa.into_iter().map(String::into_bytes));
+        }
+        // After the rules, so that no rule can advertise STLS where this hop cannot do it.
+        items.retain(|i| capa::keyword(i) != "STLS");
+        let mut items: Vec<Vec<u8>> = items
+            .into_iter()
+            .filter_map(|i| capa::retain_sasl(i, sasl_mechanism_supported))
+            .collect();
+        if self.stls_offered() {
+            items.push(b"STLS".to_vec());
+        }
+        capa::build(status, items.iter().map(Vec::as_slice))
+    }
+
+    /// Whether this hop offers STLS right now.
+    fn stls_offered(&self) -> bool {
+        self.cfg.stls_available && !self.client_tls && self.tracker.state() == State::Authorization
+    }
+
+    /// Handle every complete client line in `cin` that may be handled now.
+    fn client_data(&mut self, cin: &mut BytesMut, obs: &mut impl Observe) {
+        let max_line = self.cfg.max_line;
+        self.barrier = false;
+        loop {
+            if self.closed {
+                return;
+            }
+            if self.tracker.quit_sent() {
+                // Nothing after QUIT is forwarded: the server is about to close.
+                cin.clear();
+                break;
+            }
+            if self.stls_pending
+                || self.tracker.client_must_wait()
+                || self.tracker.pending_len() >= self.cfg.max_pipeline
+            {
+                break;
+            }
+            if let Some(dropped) = self.discarding {
+                match line_end(cin) {
+                    Some(n) => {
+                        cin.advance(n);
+                        self.discarding = None;
+                        continue;
+                    }
+                    None => {
+                        let total = dropped + cin.len();
+                        cin.clear();
+                        if total > MAX_DISCARD_FACTOR * max_line {
+                            warn!(octets = total, "endless line from client, closing");
+                            self.close(CloseReason::Error);
+                            return;
+                        }
+                        self.discarding = Some(total);
+                        break;
+                    }
+                }
+            }
+            let Some(len) = line_end(cin) else {
+                if cin.len() > max_line {
+                    self.line_too_long();
+                    self.discarding = Some(cin.len());
+                    cin.clear();
+                    continue;
+                }
+                break;
+            };
+            if len > max_line + 2 {
+                cin.advance(len);
+                self.line_too_long();
+                continue;
+            }
+            if !self.tracker.idle()
+                && matches!(Command::parse(&cin[..len]), Ok(c) if c.verb == Verb::Stls)
+            {
+                // Whether STLS is allowed depends on the outcome of the commands before it:
+                // it waits (unparsed) until they are answered.
+                self.barrier = true;
+                break;
+            }
+            let line = cin.split_to(len);
+            self.client_line(&line, obs);
+            if self.stls_pending {
+                break;
+            }
+            // Commands go upstream in one write at the end; a local reply that is due
+            // (nothing owed before it) goes out now.
+            if self.tracker.local_due() {
+                self.flush_upstream();
+                self.write_due_locals(obs);
+            }
+        }
+        self.flush_upstream();
+        self.write_due_locals(obs);
+    }
+
+    /// One complete client line (within `max_line`).
+    fn client_line(&mut self, line: &[u8], obs: &mut impl Observe) {
+        match self.tracker.classify(line) {
+            ClientLine::SaslResponse(data) => {
+                debug!(line = "***", "SASL answer");
+                obs.client_sasl();
+                // Rules see SASL lines (to log or drop) but never their content.
+                let ev = Event {
+                    verb: Some(Verb::Auth),
+                    ..event(
+                        &self.cfg,
+                        &self.tracker,
+                        self.client_tls,
+                        EventKind::Command,
+                    )
+                };
+                let v = self.policy.evaluate(&ev);
+                if let Terminal::Drop { rule } = self.policy.terminal(&v) {
+                    info!(%rule, "session dropped by rule");
+                    self.close(CloseReason::RuleDrop);
+                    return;
+                }
+                self.up_out.extend_from_slice(data);
+                self.tracker.forwarded_sasl(data);
+            }
+            ClientLine::StraySasl => {
+                debug!(line = "***", "line after a refused AUTH discarded");
+                obs.client_sasl();
+                self.tracker.answer_locally(
+                    Verb::Unknown,
+                    b"-ERR no SASL exchange in progress\r\n".to_vec(),
+                    AfterReply::Continue,
+                );
+            }
+            ClientLine::Invalid(e) => {
+                debug!(error = %e, "invalid command");
+                self.tracker.answer_locally(
+                    Verb::Unknown,
+                    format!("-ERR {e}\r\n").into_bytes(),
+                    AfterReply::Continue,
+                );
+            }
+            ClientLine::Command(cmd) => {
+                debug!(command = %cmd.redacted(), "command");
+                obs.client_line(cmd.raw);
+                let (decision, delay) = self.decide(&cmd, obs);
+                if let Some(d) = delay {
+                    // Tarpit: what was decided before goes out first.
+                    self.flush_upstream();
+                    self.write_due_locals(obs);
+                    self.actions.push_back(Action::Sleep(d));
+                }
+                match decision {
+                    Decision::Forward(None) => {
+                        self.up_out.extend_from_slice(cmd.raw);
+                        self.tracker.forwarded(&cmd);
+                    }
+                    Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line),
+                    Decision::Drop => self.close(CloseReason::RuleDrop),
+                    Decision::Reply(text, then) => {
+                        let mut reply = text.into_bytes();
+                        reply.extend_from_slice(b"\r\n");
+                        self.tracker.answer_locally(cmd.verb, reply, then);
+                        if then == AfterReply::StartTls {
+                            // Whatever else is buffered is plaintext sent before the
+                            // handshake: it is discarded (at the handshake), never parsed.
+                            self.stls_pending = true;
+                            self.flush_upstream();
+                            self.write_due_locals(obs);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forward a command a rule rewrote; the tracker learns the shape from what is sent.
+    fn forward_rewritten(&mut self, verb: Verb, line: Vec<u8>) {
+        match Command::parse(&line) {
+            Ok(new) if let Some(why) = self.tracker.refusal(&new) => {
+                warn!(command = %new.redacted(), "rule rewrite produced a command not valid now");
+                self.tracker.answer_locally(
+                    verb,
+                    format!("{why}\r\n").into_bytes(),
+                    AfterReply::Continue,
+                );
+            }
+            Ok(new) => {
+                debug!(command = %new.redacted(), "command rewritten by rule");
+                self.up_out.extend_from_slice(&line);
+                self.tracker.forwarded(&new);
+            }
+            Err(e) => {
+                warn!(error = %e, "rule rewrite produced an invalid command");
+                self.tracker.answer_locally(
+                    verb,
+                    b"-ERR command rejected\r\n".to_vec(),
+                    AfterReply::Continue,
+                );
+            }
+        }
+    }
+
+    /// Decide what to do with a command: rules first, then popgate's own protocol checks
+    /// (which no rule can override: STLS is never relayed, the state is respected, unknown
+    /// shapes are not guessed). Returns the decision and a tarpit delay to apply first.
+    fn decide(
+        &mut self,
+        cmd: &Command<'_>,
+        obs: &mut impl Observe,
+    ) -> (Decision, Option<Duration>) {
+        let ev = Event {
+            verb: Some(cmd.verb),
+            args: Some(cmd.args),
+            ..event(
+                &self.cfg,
+                &self.tracker,
+                self.client_tls,
+                EventKind::Command,
+            )
+        };
+        let verdict = self.policy.evaluate(&ev);
+        let delay = verdict.delay;
+        match self.policy.terminal(&verdict) {
+            Terminal::Pass => {}
+            Terminal::Deny { reply, rule, close } => {
+                info!(%rule, verb = %cmd.verb, "command denied by rule");
+                // The denial carries the tags its own evaluation attached.
+                obs.tags(&self.policy.tags);
+                obs.denied(&rule, cmd.verb, self.tracker.user());
+                let then = if close {
+                    AfterReply::Close
+                } else {
+                    AfterReply::Continue
+                };
+                return (Decision::Reply(reply, then), delay);
+            }
+            Terminal::Drop { rule } => {
+                info!(%rule, verb = %cmd.verb, "session dropped by rule");
+                return (Decision::Drop, delay);
+            }
+        }
+        let reply = |text: &str| Decision::Reply(text.into(), AfterReply::Continue);
+        if let Some(why) = self.tracker.refusal(cmd) {
+            debug!(verb = %cmd.verb, state = self.tracker.state().as_str(), "command refused: {why}");
+            return (reply(why), delay);
+        }
+        let decision = match cmd.verb {
+            Verb::Unknown if self.cfg.unknown_commands == UnknownCommands::Reject => {
+                reply("-ERR unknown command")
+            }
+            // An unknown command may carry a credential (`PASSsecret`, `XLOGIN user pw`): it
+            // is never forwarded where a rule would refuse a password.
+            Verb::Unknown if self.credentials_denied() => {
+                info!("unknown command refused: credentials are denied here");
+                reply("-ERR unknown command")
+            }
+            // STLS is between the client and this hop; it is never relayed upstream.
+            Verb::Stls if self.client_tls => reply("-ERR already under TLS"),
+            Verb::Stls if self.tracker.state() != State::Authorization => {
+                reply("-ERR STLS is only allowed before login")
+            }
+            Verb::Stls if !self.stls_offered() => reply("-ERR STLS not available on this listener"),
+            Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
+            _ => Decision::Forward(
+                verdict
+                    .rewritten
+                    .map(|args| command_line(cmd.keyword, &args)),
+            ),
+        };
+        (decision, delay)
+    }
+
+    /// Whether a rule would refuse a password now (e.g. `require-tls` on plaintext). Asked
+    /// without side effects (no logs, tags or denial counts).
+    fn credentials_denied(&self) -> bool {
+        self.policy.would_stop(&Event {
+            verb: Some(Verb::Pass),
+            // Some (empty) arguments: an event without them is a SASL line to the engine.
+            args: Some(b""),
+            ..event(
+                &self.cfg,
+                &self.tracker,
+                self.client_tls,
+                EventKind::Command,
+            )
+        })
+    }
+
+    /// A client line longer than `limits.max_line`. Inside a SASL exchange the server waits
+    /// for an answer: the exchange is cancelled (`*`), so the server's `-ERR` answers the AUTH
+    /// and later replies stay on their commands. Otherwise popgate answers `-ERR` itself.
+    fn line_too_long(&mut self) {
+        if self.tracker.awaiting_sasl_answer() {
+            warn!("SASL answer longer than limits.max_line: exchange cancelled");
+            self.up_out.extend_from_slice(b"*\r\n");
+            self.tracker.forwarded_sasl(b"*\r\n");
+            return;
+        }
+        self.tracker.answer_locally(
+            Verb::Unknown,
+            b"-ERR line too long\r\n".to_vec(),
+            AfterReply::Continue,
+        );
+    }
+}
+
+/// A rule event with the session's context filled in.
+fn event<'a>(cfg: &'a HopConfig, tracker: &'a Tracker, tls: bool, kind: EventKind) -> Event<'a> {
+    Event {
+        tls,
+        state: tracker.state(),
+        user: tracker.user(),
+        ..Event::new(kind, &cfg.listener, cfg.client_ip)
+    }
+}
+
+/// What the hop does with a client command (the rule engine's hook point).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    /// Send upstream: unchanged, or this rewritten line (CRLF included).
+    Forward(Option<Vec<u8>>),
+    /// Answer locally with this line (CRLF added), never reaching the upstream.
+    Reply(String, AfterReply),
+    /// Close both sides now, upstream without QUIT.
+    Drop,
+}

@@ -1,0 +1,9 @@
+//! The per-session protocol core, with no I/O: every decision a hop between a client and the
+//! server makes (what to forward, what to answer itself, when to start TLS, when to wait, when
+//! and how to close) is taken here, over bytes the driver hands in, as [`Action`]s the driver
+//! carries out. Sockets, TLS and timers live in `session`.
+
+mod hop;
+pub(crate) mod policy;
+
+pub(crate) use hop::{Action, CloseReason, Hop, HopConfig, Observe};
