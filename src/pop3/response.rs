@@ -111,9 +111,13 @@ pub enum Scan {
         /// Bytes at the end of this chunk that could start the terminator.
         held: usize,
     },
-    /// A `.` line ended by a bare LF: no terminator for a strict client (curl waits for
-    /// `CRLF.CRLF`), the end for a lenient one (poplib). The body cannot be relayed safely.
-    BareLfEnd,
+    /// A `.` line ended by a bare LF, starting at `chunk[at..]` (`at` is 0 when it began in
+    /// an earlier chunk): no terminator for a strict client (curl waits for `CRLF.CRLF`), the
+    /// end for a lenient one (poplib). The body cannot be relayed safely past `at`.
+    BareLfEnd {
+        /// Where the `.` line starts in this chunk.
+        at: usize,
+    },
 }
 
 /// Finds the end of a multi-line body (`.` alone on a line, ended by CRLF) in a stream of
@@ -186,7 +190,9 @@ impl BodyScanner {
                         }
                         b'\n' => {
                             self.state = ScanState::LineStart;
-                            return Scan::BareLfEnd;
+                            return Scan::BareLfEnd {
+                                at: dot_at.unwrap_or(0),
+                            };
                         }
                         _ => self.state = ScanState::MidLine,
                     }
@@ -281,7 +287,7 @@ mod tests {
             }
             match sc.scan(&body[start..cut]) {
                 Scan::End(n) => return Some(start + n),
-                Scan::BareLfEnd => return Some(usize::MAX),
+                Scan::BareLfEnd { .. } => return Some(usize::MAX),
                 Scan::More { held } => assert!(held <= cut - start && held <= 2),
             }
             start = cut;

@@ -595,7 +595,12 @@ impl Tracker {
                     self.body = None;
                     Ok(Piece::BodyEnd { len })
                 }
-                Scan::BareLfEnd => Err(ProtocolError::BareLfTerminator),
+                // The body before the bad line is relayed first, whatever the chunking.
+                Scan::BareLfEnd { at } if at > 0 => {
+                    *scanner = BodyScanner::new();
+                    Ok(Piece::Body { len: at })
+                }
+                Scan::BareLfEnd { .. } => Err(ProtocolError::BareLfTerminator),
                 Scan::More { held } => {
                     let len = buf.len() - held;
                     if len == 0 {
@@ -1199,6 +1204,10 @@ mod tests {
         ));
         assert_eq!(
             t.on_server_bytes(b"a\n.\n-ERR x\r\n"),
+            Ok(Piece::Body { len: 2 })
+        );
+        assert_eq!(
+            t.on_server_bytes(b".\n-ERR x\r\n"),
             Err(ProtocolError::BareLfTerminator)
         );
     }

@@ -7,3 +7,6 @@ mod hop;
 pub(crate) mod policy;
 
 pub(crate) use hop::{Action, CloseReason, Hop, HopConfig, Observe};
+
+#[cfg(test)]
+mod tests;

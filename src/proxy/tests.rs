@@ -1,0 +1,493 @@
+//! The hop without sockets: scripted client and server bytes fed at every chunk size, the
+//! actions checked.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::policy::Policy;
+use super::{Action, CloseReason, Hop, HopConfig, Observe};
+use crate::config::UnknownCommands;
+use crate::pop3::command::Verb;
+use crate::pop3::tracker::{ResponseMeta, State};
+use crate::rules::RuleSet;
+
+#[derive(Default)]
+struct Rec {
+    statuses: Vec<(Option<Verb>, bool)>,
+    penalty: Option<Duration>,
+}
+
+impl Observe for Rec {
+    fn client_line(&mut self, _: &[u8]) {}
+    fn client_sasl(&mut self) {}
+    fn local_reply(&mut self, _: &[u8]) {}
+    fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State) {
+        self.statuses.push((meta.verb, meta.multiline));
+    }
+    fn body(&mut self, _: &[u8], _: bool, _: Option<&str>) {}
+    fn denied(&mut self, _: &str, _: Verb, _: Option<&str>) {}
+    fn tags(&mut self, _: &[Arc<str>]) {}
+    fn login_failed(&mut self, _: IpAddr) -> Option<Duration> {
+        self.penalty
+    }
+}
+
+fn config() -> HopConfig {
+    HopConfig {
+        listener: Arc::from("test"),
+        client_ip: IpAddr::from([127, 0, 0, 1]),
+        client_tls: false,
+        stls_available: false,
+        max_line: 64,
+        max_pipeline: 64,
+        unknown_commands: UnknownCommands::Reject,
+        idle_timeout: Duration::from_secs(600),
+        login_timeout: Duration::from_secs(60),
+        greeting_timeout: Duration::from_secs(30),
+    }
+}
+
+fn rules(text: &str) -> Arc<RuleSet> {
+    Arc::new(RuleSet::parse(text, Path::new("t.toml")).expect("rules parse"))
+}
+
+/// What came out of a hop, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Out {
+    /// Everything written to the client.
+    client: Vec<u8>,
+    /// Everything written upstream.
+    upstream: Vec<u8>,
+    /// Sleeps, each with how many upstream and client bytes were written before it.
+    sleeps: Vec<(Duration, usize)>,
+    /// Client TLS handshakes started, with the client bytes written before.
+    tls_at: Vec<usize>,
+    /// How it closed.
+    close: Option<(CloseReason, bool)>,
+}
+
+/// How a scripted run ends once the scripts are used up.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// Nothing more happens.
+    Open,
+    /// The upstream closes.
+    UpstreamEof,
+    /// The client closes its side.
+    ClientEof,
+}
+
+/// Feed `client` and the server's responses in chunks of `chunk` bytes, the client whenever
+/// the hop wants it (as the driver does), and carry out the actions. `server[0]` is the
+/// greeting; `server[k]` is released once the upstream has received `k` lines, as a real
+/// server answers only what it was sent. Client bytes not yet fed when a TLS handshake starts
+/// are dropped: sent in plaintext, they would never be read as commands.
+fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -> Out {
+    let mut out = Out::default();
+    let mut rec = Rec::default();
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let (mut c, mut s) = (0, 0);
+    let mut client = client.to_vec();
+    let now = Instant::now();
+    let mut ended = false;
+    for _ in 0..100_000 {
+        while let Some(a) = hop.poll_action() {
+            match a {
+                Action::ToClient(b) => out.client.extend_from_slice(&b),
+                Action::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+                Action::Sleep(d) => out.sleeps.push((d, out.upstream.len())),
+                Action::StartClientTls => {
+                    out.tls_at.push(out.client.len());
+                    client.truncate(c);
+                    hop.client_tls_started(&mut cin);
+                }
+                Action::Close { reason, reset } => out.close = Some((reason, reset)),
+            }
+        }
+        if out.close.is_some() {
+            return out;
+        }
+        let answered = count(&out.upstream, b"\n") + 1;
+        let available: usize = server.iter().take(answered).map(|r| r.len()).sum();
+        let server_bytes: Vec<u8> = server.concat();
+        if hop.wants_client_input() && c < client.len() {
+            let n = chunk.min(client.len() - c);
+            cin.extend_from_slice(&client[c..c + n]);
+            c += n;
+            hop.on_client_input(now, &mut cin, &mut rec);
+        } else if s < available {
+            let n = chunk.min(available - s);
+            sin.extend_from_slice(&server_bytes[s..s + n]);
+            s += n;
+            hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+        } else if ended {
+            return out;
+        } else {
+            ended = true;
+            match end {
+                End::Open => {}
+                End::UpstreamEof => hop.on_upstream_eof(),
+                End::ClientEof => hop.on_client_eof(),
+            }
+        }
+    }
+    panic!("hop did not settle");
+}
+
+fn hop_with(cfg: HopConfig, rule_text: &str) -> Hop {
+    let now = Instant::now();
+    Hop::new(cfg, Policy::new(rules(rule_text)), now, now)
+}
+
+/// The same output at every chunk size from 1 to the longest script.
+fn same_at_every_chunk(make: impl Fn() -> Hop, client: &[u8], server: &[&[u8]], end: End) -> Out {
+    let longest = client.len().max(server.iter().map(|r| r.len()).sum());
+    let want = run(&mut make(), client, server, longest, end);
+    for chunk in 1..=longest {
+        let got = run(&mut make(), client, server, chunk, end);
+        assert_eq!(got, want, "chunk size {chunk}");
+    }
+    want
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+const LOGIN: &[u8] = b"USER a\r\nPASS b\r\n";
+const LOGGED_IN: [&[u8]; 3] = [b"+OK hi\r\n", b"+OK\r\n", b"+OK in\r\n"];
+
+/// The login responses followed by `more`.
+fn after_login<'a>(more: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut v = LOGGED_IN.to_vec();
+    v.extend_from_slice(more);
+    v
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn stls_waits_for_earlier_replies_and_plaintext_after_it_is_discarded() {
+    let make = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                ..config()
+            },
+            "",
+        )
+    };
+    let client = b"CAPA\r\nSTLS\r\nUSER evil\r\nPASS injected\r\n";
+    let server: &[&[u8]] = &[b"+OK hi\r\n", b"+OK caps\r\nUSER\r\nSTLS\r\n.\r\n"];
+    let want_client = b"+OK hi\r\n+OK caps\r\nUSER\r\nSTLS\r\n.\r\n+OK begin TLS negotiation\r\n";
+    // Fed whole, the plaintext after STLS is in the buffer at the handshake: discarded.
+    for chunk in 1..=client.len() {
+        let got = run(&mut make(), client, server, chunk, End::Open);
+        assert_eq!(got.upstream, b"CAPA\r\n", "chunk {chunk}");
+        assert_eq!(text(&got.client), text(want_client), "chunk {chunk}");
+        assert_eq!(got.tls_at, vec![want_client.len()], "chunk {chunk}");
+    }
+    // STLS after a login is refused, never relayed.
+    let out = same_at_every_chunk(make, b"USER a\r\nPASS b\r\nSTLS\r\n", &LOGGED_IN, End::Open);
+    assert!(
+        out.client
+            .ends_with(b"-ERR STLS is only allowed before login\r\n"),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(count(&out.upstream, b"STLS"), 0);
+    assert!(out.tls_at.is_empty());
+}
+
+#[test]
+fn overlong_lines_are_answered_in_place_and_endless_junk_closes() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"NOOP\r\n");
+    client.extend_from_slice(&[b'X'; 200]);
+    client.extend_from_slice(b"\r\nQUIT\r\n");
+    let server = after_login(&[b"+OK noop\r\n", b"+OK bye\r\n"]);
+    let out = same_at_every_chunk(
+        || hop_with(config(), ""),
+        &client,
+        &server,
+        End::UpstreamEof,
+    );
+    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nNOOP\r\nQUIT\r\n");
+    assert!(
+        out.client
+            .ends_with(b"+OK noop\r\n-ERR line too long\r\n+OK bye\r\n"),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(out.close, Some((CloseReason::Quit, false)));
+    // No line end at all: closed once 16 lengths of junk are gone.
+    let junk = vec![b'Y'; 64 * 17 + 10];
+    let out = run(
+        &mut hop_with(config(), ""),
+        &junk,
+        &[b"+OK hi\r\n"],
+        100,
+        End::Open,
+    );
+    assert_eq!(out.close, Some((CloseReason::Error, false)));
+    assert!(out.upstream.is_empty());
+}
+
+#[test]
+fn capa_is_captured_and_rewritten_for_this_hop() {
+    let server: &[&[u8]] = &[
+        b"+OK hi\r\n",
+        b"+OK caps\r\nUSER\r\nSTLS\r\nSASL PLAIN GSSAPI CRAM-MD5\r\nPIPELINING\r\n.\r\n",
+    ];
+    let out = same_at_every_chunk(|| hop_with(config(), ""), b"CAPA\r\n", server, End::Open);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK caps\r\nUSER\r\nSASL PLAIN CRAM-MD5\r\nPIPELINING\r\n.\r\n"
+    );
+    let make = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                ..config()
+            },
+            "[[rule]]\nname = \"no-user\"\non = \"capa\"\ntext = '^USER$'\naction = \"rewrite\"\nremove = true\n",
+        )
+    };
+    let out = same_at_every_chunk(make, b"CAPA\r\n", server, End::Open);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK caps\r\nSASL PLAIN CRAM-MD5\r\nPIPELINING\r\nSTLS\r\n.\r\n"
+    );
+}
+
+#[test]
+fn pipeline_limit_holds_commands_until_replies_come() {
+    let make = || {
+        hop_with(
+            HopConfig {
+                max_pipeline: 2,
+                ..config()
+            },
+            "",
+        )
+    };
+    let mut hop = make();
+    let mut rec = Rec::default();
+    let now = Instant::now();
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut up = Vec::new();
+    let drain = |hop: &mut Hop, up: &mut Vec<u8>| {
+        while let Some(a) = hop.poll_action() {
+            if let Action::ToUpstream(b) = a {
+                up.extend_from_slice(&b);
+            }
+        }
+    };
+    let mut step = |hop: &mut Hop, client: &[u8], server: &[u8], up: &mut Vec<u8>| {
+        cin.extend_from_slice(client);
+        hop.on_client_input(now, &mut cin, &mut rec);
+        sin.extend_from_slice(server);
+        hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+        drain(hop, up);
+    };
+    step(&mut hop, b"USER a\r\n", b"+OK hi\r\n+OK\r\n", &mut up);
+    step(&mut hop, b"PASS b\r\n", b"+OK in\r\n", &mut up);
+    assert_eq!(hop.user(), Some("a"));
+    up.clear();
+    step(
+        &mut hop,
+        b"LIST 1\r\nLIST 2\r\nLIST 3\r\nLIST 4\r\nLIST 5\r\n",
+        b"",
+        &mut up,
+    );
+    assert_eq!(text(&up), "LIST 1\r\nLIST 2\r\n");
+    assert!(!hop.wants_client_input());
+    step(&mut hop, b"", b"+OK 1 10\r\n", &mut up);
+    assert_eq!(text(&up), "LIST 1\r\nLIST 2\r\nLIST 3\r\n");
+    step(&mut hop, b"", b"+OK 2 10\r\n+OK 3 10\r\n", &mut up);
+    assert_eq!(
+        text(&up),
+        "LIST 1\r\nLIST 2\r\nLIST 3\r\nLIST 4\r\nLIST 5\r\n"
+    );
+    // The same end result through the scripted driver at every chunk size.
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"LIST 1\r\nLIST 2\r\nLIST 3\r\nLIST 4\r\nLIST 5\r\n");
+    let lists: Vec<Vec<u8>> = (1..=5)
+        .map(|i| format!("+OK {i} 10\r\n").into_bytes())
+        .collect();
+    let more: Vec<&[u8]> = lists.iter().map(Vec::as_slice).collect();
+    let out = same_at_every_chunk(make, &client, &after_login(&more), End::Open);
+    assert_eq!(count(&out.upstream, b"LIST"), 5);
+    assert!(out.client.ends_with(b"+OK 4 10\r\n+OK 5 10\r\n"));
+}
+
+#[test]
+fn local_replies_keep_their_place_in_the_pipeline() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"STAT\r\nXYZZY\r\nLIST 1\r\nRETR\r\nUSER x\r\nNOOP\r\n");
+    let server = after_login(&[b"+OK 1 10\r\n", b"+OK 1 10\r\n", b"+OK\r\n"]);
+    let out = same_at_every_chunk(|| hop_with(config(), ""), &client, &server, End::Open);
+    assert!(
+        out.client.ends_with(
+            b"+OK in\r\n+OK 1 10\r\n-ERR unknown command\r\n+OK 1 10\r\n-ERR invalid arguments for RETR\r\n-ERR already logged in\r\n+OK\r\n"
+        ),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nSTAT\r\nLIST 1\r\nNOOP\r\n"
+    );
+}
+
+#[test]
+fn a_rule_delay_comes_after_what_was_decided_before() {
+    let rule = "[[rule]]\nname = \"slow-retr\"\non = \"command\"\nverbs = [\"RETR\"]\naction = \"delay\"\ndelay = \"2s\"\n";
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"STAT\r\nXYZZY\r\nRETR 1\r\nNOOP\r\n");
+    let server = after_login(&[b"+OK 1 3\r\n", b"+OK\r\nx\r\n.\r\n", b"+OK\r\n"]);
+    let out = same_at_every_chunk(|| hop_with(config(), rule), &client, &server, End::Open);
+    // STAT went upstream before the sleep, RETR after it.
+    let before = b"USER a\r\nPASS b\r\nSTAT\r\n".len();
+    assert_eq!(out.sleeps, vec![(Duration::from_secs(2), before)]);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nSTAT\r\nRETR 1\r\nNOOP\r\n"
+    );
+    // A failed login is held by the penalty the observer asks for, after its status line
+    // has been decided and before it is relayed.
+    let mut hop = hop_with(config(), "");
+    let mut rec = Rec {
+        penalty: Some(Duration::from_millis(1500)),
+        ..Rec::default()
+    };
+    let now = Instant::now();
+    let (mut cin, mut sin) = (BytesMut::from(LOGIN), BytesMut::new());
+    hop.on_client_input(now, &mut cin, &mut rec);
+    sin.extend_from_slice(b"+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    let mut client_out = Vec::new();
+    let mut slept_at = None;
+    while let Some(a) = hop.poll_action() {
+        match a {
+            Action::ToClient(b) => client_out.extend_from_slice(&b),
+            Action::Sleep(d) => slept_at = Some((d, client_out.len())),
+            _ => {}
+        }
+    }
+    assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    assert_eq!(slept_at, Some((Duration::from_millis(1500), 13)));
+}
+
+#[test]
+fn quit_is_never_generated() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 1\r\nRETR 2\r\n");
+    let server = after_login(&[b"+OK deleted\r\n", b"+OK\r\npart of a bo"]);
+    for end in [End::Open, End::UpstreamEof, End::ClientEof] {
+        let out = same_at_every_chunk(|| hop_with(config(), ""), &client, &server, end);
+        assert_eq!(count(&out.upstream, b"QUIT"), 0);
+    }
+    // Timeouts, shutdown, a drop rule: never QUIT either.
+    let now = Instant::now();
+    let mut timeouts = hop_with(config(), "");
+    timeouts.on_timeout(now + Duration::from_secs(3600));
+    let mut shutdown = hop_with(config(), "");
+    shutdown.on_shutdown();
+    let mut dropped = hop_with(
+        config(),
+        "[[rule]]\nname = \"d\"\non = \"command\"\nverbs = [\"DELE\"]\naction = \"drop\"\n",
+    );
+    let out = run(&mut dropped, &client, &server, 7, End::Open);
+    assert_eq!(out.close, Some((CloseReason::RuleDrop, false)));
+    assert_eq!(count(&out.upstream, b"QUIT"), 0);
+    for mut hop in [timeouts, shutdown] {
+        let mut closed = false;
+        while let Some(a) = hop.poll_action() {
+            match a {
+                Action::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
+                Action::Close { .. } => closed = true,
+                _ => {}
+            }
+        }
+        assert!(closed);
+    }
+}
+
+#[test]
+fn a_cut_body_never_gets_its_terminator() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"RETR 1\r\n");
+    for tail in [&b"line\r\n.\r"[..], b"line\r\n.", b"line\r\n", b"li"] {
+        let retr = [&b"+OK 9 octets\r\n"[..], tail].concat();
+        let server = after_login(&[&retr]);
+        let out = same_at_every_chunk(
+            || hop_with(config(), ""),
+            &client,
+            &server,
+            End::UpstreamEof,
+        );
+        let body = &out.client[LOGGED_IN.concat().len() + b"+OK 9 octets\r\n".len()..];
+        assert!(
+            !body.ends_with(b".") && !body.ends_with(b".\r"),
+            "{tail:?}: {body:?}"
+        );
+        assert_eq!(
+            out.close,
+            Some((CloseReason::UpstreamEof, true)),
+            "{tail:?}"
+        );
+    }
+    // A bare-LF terminator is a protocol error: nothing of it, or after it, is relayed.
+    let server = after_login(&[b"+OK\r\nline\n.\n-ERR later\r\n"]);
+    let out = same_at_every_chunk(|| hop_with(config(), ""), &client, &server, End::Open);
+    assert!(
+        out.client.ends_with(b"+OK\r\nline\n"),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(out.close, Some((CloseReason::Error, true)));
+}
+
+#[test]
+fn timeouts_answer_and_close() {
+    let now = Instant::now();
+    let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
+    assert_eq!(hop.deadline(), now + Duration::from_secs(30));
+    hop.on_timeout(now + Duration::from_secs(29));
+    assert_eq!(hop.poll_action(), None);
+    hop.on_timeout(now + Duration::from_secs(31));
+    assert!(
+        matches!(hop.poll_action(), Some(Action::ToClient(b)) if b.starts_with(b"-ERR [SYS/TEMP]"))
+    );
+    assert_eq!(
+        hop.poll_action(),
+        Some(Action::Close {
+            reason: CloseReason::GreetingTimeout,
+            reset: false
+        })
+    );
+    // Greeted, not logged in: the login deadline, which bytes do not move.
+    let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
+    let mut cin = BytesMut::from(&b"USER a\r\n"[..]);
+    let mut sin = BytesMut::from(&b"+OK hi\r\n+OK\r\n"[..]);
+    let mut rec = Rec::default();
+    hop.on_client_input(now + Duration::from_secs(50), &mut cin, &mut rec);
+    hop.on_server_input(now + Duration::from_secs(55), &mut sin, &mut cin, &mut rec);
+    assert_eq!(hop.deadline(), now + Duration::from_secs(60));
+    hop.on_timeout(now + Duration::from_secs(61));
+    let actions: Vec<Action> = std::iter::from_fn(|| hop.poll_action()).collect();
+    assert_eq!(
+        actions.last(),
+        Some(&Action::Close {
+            reason: CloseReason::LoginTimeout,
+            reset: false
+        })
+    );
+}
