@@ -11,8 +11,9 @@
 //! and `rewrite` add to the verdict and evaluation goes on, `allow`, `deny` and `drop` end it.
 //! Matchers always see the original event; rewrites chain on each other's output.
 
-mod engine;
+mod compile;
 mod error;
+mod eval;
 mod glob;
 pub mod model;
 mod template;
@@ -27,7 +28,7 @@ use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::session::tracker::State;
 
-pub use engine::{RuleInfo, RuleSet};
+pub use compile::{RuleInfo, RuleSet};
 pub use error::{Problem, RuleError, RuleRef};
 pub use model::Action;
 
