@@ -6,7 +6,36 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+/// A configuration problem; the message names the file, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into the config types (message names key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: key `{key}`: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Dotted key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
 
 /// TLS mode of a listener or of the upstream connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

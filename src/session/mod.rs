@@ -5,6 +5,7 @@
 //! receives a QUIT the client did not send: every other way out just closes the upstream socket,
 //! and the server, per RFC 1939, deletes nothing.
 
+mod error;
 pub mod observer;
 pub mod policy;
 pub mod tracker;
@@ -19,11 +20,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode, UnknownCommands};
-use crate::error::{SessionError, Side};
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end};
 use crate::rules::{Event, EventKind, RuleSet, command_line};
 use crate::tls::{Stream, TlsInfo, TlsSetup};
+pub use error::{SessionError, Side};
 use observer::Observer;
 use policy::{Policy, Terminal};
 use tracker::{AfterReply, ClientLine, Piece, ResponseMeta, State, Tracker};
