@@ -13,12 +13,12 @@ use ipnet::IpNet;
 
 /// An IPv4 or IPv6 network: its address with host bits cleared, and its prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr(IpNet);
+pub(crate) struct Cidr(IpNet);
 
 impl Cidr {
     /// Parse `addr/len` or a bare address (a single host). Host bits set below the prefix are
     /// an error: `10.0.0.1/8` is almost always a typo for `10.0.0.0/8` or `10.0.0.1/32`.
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub(crate) fn parse(s: &str) -> Result<Cidr, String> {
         let (cidr, host_bits) = Cidr::parse_parts(s)?;
         if host_bits {
             return Err(format!(
@@ -31,7 +31,7 @@ impl Cidr {
 
     /// Like [`Cidr::parse`], but host bits are cleared instead of refused
     /// (`192.0.2.77/24` is `192.0.2.0/24`).
-    pub fn parse_masked(s: &str) -> Result<Cidr, String> {
+    pub(crate) fn parse_masked(s: &str) -> Result<Cidr, String> {
         Cidr::parse_parts(s).map(|(c, _)| c)
     }
 
@@ -62,7 +62,7 @@ impl Cidr {
     }
 
     /// Whether `ip` lies in this network; an IPv4-mapped IPv6 address counts as IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(&ip.to_canonical())
     }
 }

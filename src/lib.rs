@@ -5,7 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
-pub mod cidr;
+pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
 pub mod demo;

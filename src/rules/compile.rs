@@ -203,7 +203,7 @@ impl Default for RuleSet {
 
 /// A summary of one rule, for `popgate check` and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RuleInfo<'a> {
+pub(crate) struct RuleInfo<'a> {
     /// The rule's name.
     pub name: &'a str,
     /// The file it came from.
@@ -216,7 +216,7 @@ pub struct RuleInfo<'a> {
 
 impl RuleSet {
     /// No rules: every event gets the default (empty) verdict.
-    pub fn empty() -> RuleSet {
+    pub(crate) fn empty() -> RuleSet {
         Builder::default().finish()
     }
 
@@ -259,7 +259,7 @@ impl RuleSet {
     }
 
     /// Every rule in evaluation order.
-    pub fn rules(&self) -> impl ExactSizeIterator<Item = RuleInfo<'_>> + '_ {
+    pub(crate) fn rules(&self) -> impl ExactSizeIterator<Item = RuleInfo<'_>> + '_ {
         self.rules.iter().map(|r| RuleInfo {
             name: &r.name,
             file: &self.files[r.file],
@@ -270,7 +270,7 @@ impl RuleSet {
 
     /// Whether any rule is about `kind`: lets the session skip work (e.g. collecting a CAPA
     /// list item by item) that no rule would look at.
-    pub fn has_rules_for(&self, kind: EventKind) -> bool {
+    pub(crate) fn has_rules_for(&self, kind: EventKind) -> bool {
         self.rules.iter().any(|r| r.on == kind)
     }
 }

@@ -15,7 +15,7 @@ mod compile;
 mod error;
 mod eval;
 mod glob;
-pub mod model;
+pub(crate) mod model;
 mod template;
 #[cfg(test)]
 mod tests;
@@ -28,7 +28,7 @@ use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::session::tracker::State;
 
-pub use compile::{RuleInfo, RuleSet};
+pub use compile::RuleSet;
 pub use error::{Problem, RuleError, RuleRef};
 pub use model::Action;
 
@@ -56,7 +56,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 7] = [
+    pub(crate) const ALL: [EventKind; 7] = [
         EventKind::Connect,
         EventKind::Greeting,
         EventKind::Command,
@@ -197,7 +197,7 @@ impl Verdict {
 
 /// A command line (`keyword`, a space and `args` unless they are empty, CRLF) as forwarded
 /// after a rewrite of its arguments; `keyword` is best passed exactly as the client sent it.
-pub fn command_line(keyword: &[u8], args: &[u8]) -> Vec<u8> {
+pub(crate) fn command_line(keyword: &[u8], args: &[u8]) -> Vec<u8> {
     let mut line = Vec::with_capacity(keyword.len() + args.len() + 3);
     line.extend_from_slice(keyword);
     if !args.is_empty() {
