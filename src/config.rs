@@ -298,7 +298,7 @@ impl Config {
     }
 
     /// Make relative file paths relative to `base` (the config file's directory).
-    pub fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         self.base_dir = base.to_owned();
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -581,7 +581,7 @@ fn check_log_level(level: &str) -> Result<(), String> {
 }
 
 /// Split `host:port` (`[v6]:port` too) into host and port.
-pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+pub(crate) fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     let host = host

@@ -171,7 +171,7 @@ pub struct Verdict {
     /// Terminal decision, if any.
     pub outcome: Outcome,
     /// The rewritten value, only when it differs from the original and the outcome forwards:
-    /// Command: the new *arguments* (rebuild with [`command_line`]); Greeting/Response: the
+    /// Command: the new *arguments* (rebuild with `command_line`); Greeting/Response: the
     /// new status line without CRLF (same status indicator guaranteed); Capa: the new item.
     pub rewritten: Option<Vec<u8>>,
     /// Capa item events: leave this item out of the list.
