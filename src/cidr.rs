@@ -1,33 +1,29 @@
 //! IP networks in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`, or a bare address), matched
 //! on `IpAddr`. One implementation for rule matchers and transcript networks.
+//!
+//! The network arithmetic (masking, containment, display) is `ipnet`'s. The text front end
+//! stays here: `ipnet`'s own parser rejects bare addresses (a single host here), says only
+//! "invalid IP address syntax", and cannot tell a typo such as `10.0.0.1/8` (host bits set)
+//! from a network, while rule and config errors name what is wrong.
 
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 /// An IPv4 or IPv6 network: its address with host bits cleared, and its prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-fn mask_v4(a: u32, prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0) & a
-}
-
-fn mask_v6(a: u128, prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0) & a
-}
+pub(crate) struct Cidr(IpNet);
 
 impl Cidr {
     /// Parse `addr/len` or a bare address (a single host). Host bits set below the prefix are
     /// an error: `10.0.0.1/8` is almost always a typo for `10.0.0.0/8` or `10.0.0.1/32`.
-    pub fn parse(s: &str) -> Result<Cidr, String> {
+    pub(crate) fn parse(s: &str) -> Result<Cidr, String> {
         let (cidr, host_bits) = Cidr::parse_parts(s)?;
         if host_bits {
             return Err(format!(
                 "host bits are set below /{len} (the network address of {s} is wanted)",
-                len = cidr.prefix
+                len = cidr.0.prefix_len()
             ));
         }
         Ok(cidr)
@@ -35,7 +31,7 @@ impl Cidr {
 
     /// Like [`Cidr::parse`], but host bits are cleared instead of refused
     /// (`192.0.2.77/24` is `192.0.2.0/24`).
-    pub fn parse_masked(s: &str) -> Result<Cidr, String> {
+    pub(crate) fn parse_masked(s: &str) -> Result<Cidr, String> {
         Cidr::parse_parts(s).map(|(c, _)| c)
     }
 
@@ -59,32 +55,21 @@ impl Cidr {
                 .filter(|&n| n <= max)
                 .ok_or_else(|| format!("prefix length `{l}` is not a number from 0 to {max}"))?,
         };
-        let masked = match ip {
-            IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
-            IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
-        };
-        Ok((
-            Cidr {
-                addr: masked,
-                prefix,
-            },
-            masked != ip,
-        ))
+        let net = IpNet::new(ip, prefix)
+            .map_err(|_| format!("prefix length `{prefix}` is not a number from 0 to {max}"))?;
+        let network = net.trunc();
+        Ok((Cidr(network), network.addr() != ip))
     }
 
     /// Whether `ip` lies in this network; an IPv4-mapped IPv6 address counts as IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => mask_v4(u32::from(a), self.prefix) == u32::from(n),
-            (IpAddr::V6(n), IpAddr::V6(a)) => mask_v6(u128::from(a), self.prefix) == u128::from(n),
-            _ => false,
-        }
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        self.0.fmt(f)
     }
 }
 

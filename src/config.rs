@@ -6,7 +6,36 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+/// A configuration problem; the message names the file, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into the config types (message names key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: key `{key}`: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Dotted key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
 
 /// TLS mode of a listener or of the upstream connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -269,7 +298,7 @@ impl Config {
     }
 
     /// Make relative file paths relative to `base` (the config file's directory).
-    pub fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         self.base_dir = base.to_owned();
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -552,7 +581,7 @@ fn check_log_level(level: &str) -> Result<(), String> {
 }
 
 /// Split `host:port` (`[v6]:port` too) into host and port.
-pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+pub(crate) fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
     let host = host

@@ -5,11 +5,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
-pub mod cidr;
+pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod error;
 pub mod limits;
 pub mod listener;
 pub mod pop3;
@@ -29,8 +28,27 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-pub use error::StartError;
 pub use session::Shared;
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Certificates or keys could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The audit trail could not be opened.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::SinkError),
+    /// Rule files could not be loaded.
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RuleError),
+}
 
 /// How long sessions get to close after shutdown before popgate exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -60,7 +78,7 @@ fn check_trace_rules(config: &Config, rules: &rules::RuleSet) -> Result<(), Star
     if config.audit.transcript.dir.is_none()
         && let Some(r) = rules.rules().find(|r| r.action == rules::Action::Trace)
     {
-        return Err(error::ConfigError::Invalid {
+        return Err(config::ConfigError::Invalid {
             path: r.file.to_owned(),
             key: "audit.transcript.dir".into(),
             reason: format!(

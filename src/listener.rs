@@ -13,10 +13,21 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
 
 use crate::config::ListenerConfig;
-use crate::error::StartError;
 use crate::limits::{AcceptBackoff, Counters};
 use crate::session::{self, SessionInfo, Shared};
 use crate::tls::Stream;
+
+/// A listener could not bind its address.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {name}: cannot bind {addr}: {source}")]
+pub struct BindError {
+    /// Listener name.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Cause.
+    pub source: std::io::Error,
+}
 
 /// A bound listener, ready to accept.
 #[derive(Debug)]
@@ -28,10 +39,10 @@ pub struct Listener {
 
 impl Listener {
     /// Bind the configured address.
-    pub async fn bind(config: ListenerConfig) -> Result<Listener, StartError> {
+    pub async fn bind(config: ListenerConfig) -> Result<Listener, BindError> {
         let socket = TcpListener::bind(config.bind)
             .await
-            .map_err(|source| StartError::Bind {
+            .map_err(|source| BindError {
                 name: config.name.clone(),
                 addr: config.bind,
                 source,

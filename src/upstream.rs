@@ -5,10 +5,19 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::config::{TlsMode, UpstreamConfig};
-use crate::error::SessionError;
 use crate::pop3::command::line_end;
 use crate::pop3::response::{Status, StatusLine};
 use crate::tls::{Stream, UpstreamTls};
+
+/// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to upstream {address}: {reason}")]
+pub struct ConnectError {
+    /// Upstream address.
+    pub address: String,
+    /// Cause.
+    pub reason: String,
+}
 
 /// An open upstream connection.
 #[derive(Debug)]
@@ -25,8 +34,8 @@ pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
-) -> Result<Upstream, SessionError> {
-    let fail = |reason: String| SessionError::Connect {
+) -> Result<Upstream, ConnectError> {
+    let fail = |reason: String| ConnectError {
         address: cfg.address.clone(),
         reason,
     };

@@ -16,7 +16,7 @@ use crate::cidr::Cidr;
 
 /// Largest accepted `max_header_bytes`: the header extractor holds at most this much per
 /// retrieval in flight, so it is a per-session memory bound.
-pub const MAX_HEADER_BYTES_LIMIT: usize = 1024 * 1024;
+pub(crate) const MAX_HEADER_BYTES_LIMIT: usize = 1024 * 1024;
 
 /// `[audit]`: the audit trail (JSON lines) and traffic transcripts.
 ///
@@ -92,7 +92,7 @@ pub enum AuditRotation {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
-    /// Drop it, count it ([`super::AuditSink::dropped`]) and log an error: the relay never waits.
+    /// Drop it, count it (`AuditSink::dropped`) and log an error: the relay never waits.
     #[default]
     Drop,
     /// Wait for space: the session stalls until the writer catches up (no event is lost).
@@ -133,7 +133,7 @@ impl Default for TranscriptConfig {
 impl TranscriptConfig {
     /// Whether a session on `listener` from `client` is to be transcribed by configuration
     /// (a rule action may switch a transcript on for other sessions as well).
-    pub fn wants(&self, listener: &str, client: IpAddr) -> bool {
+    pub(crate) fn wants(&self, listener: &str, client: IpAddr) -> bool {
         self.dir.is_some()
             && (self.listeners.iter().any(|l| l == listener)
                 || self.networks.iter().any(|n| n.contains(client)))
@@ -143,7 +143,7 @@ impl TranscriptConfig {
 /// An invalid `[audit]` value; `key` is the dotted key (`audit.queue`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("key `{key}`: {reason}")]
-pub struct AuditConfigError {
+pub(crate) struct AuditConfigError {
     /// Dotted key, e.g. `audit.dir`.
     pub key: String,
     /// What is wrong.
@@ -159,7 +159,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> AuditConfigErro
 
 impl AuditConfig {
     /// Check what the types cannot. Every error names the key.
-    pub fn validate(&self) -> Result<(), AuditConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), AuditConfigError> {
         if self.enabled && self.output == AuditOutput::File {
             match &self.dir {
                 None => {
@@ -222,7 +222,7 @@ impl AuditConfig {
     }
 
     /// Make relative directories relative to `base` (the config file's directory).
-    pub fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         for d in [&mut self.dir, &mut self.transcript.dir]
             .into_iter()
             .flatten()
@@ -235,7 +235,7 @@ impl AuditConfig {
 
     /// `max_log_files` for the rolling appender: `keep_days` in rotation periods (None: keep
     /// all).
-    pub fn max_log_files(&self) -> Option<usize> {
+    pub(crate) fn max_log_files(&self) -> Option<usize> {
         let days = usize::try_from(self.keep_days).ok().filter(|&d| d > 0)?;
         Some(match self.rotation {
             AuditRotation::Daily => days,
@@ -245,7 +245,7 @@ impl AuditConfig {
 
     /// The compiled header list for [`super::HeaderExtractor`]s, built once and shared by all
     /// sessions.
-    pub fn header_set(&self) -> Arc<HeaderSet> {
+    pub(crate) fn header_set(&self) -> Arc<HeaderSet> {
         Arc::new(HeaderSet::new(&self.headers, self.max_header_bytes))
     }
 }
@@ -263,7 +263,7 @@ pub struct NetworkError(String);
 impl Network {
     /// Whether `ip` lies in this network. IPv4-mapped IPv6 clients (`::ffff:192.0.2.1`) match
     /// IPv4 networks.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(ip)
     }
 }

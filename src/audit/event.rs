@@ -24,10 +24,10 @@ use crate::pop3::tracker::LoginMethod;
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// Every event name of this schema version, in the order of a session's life.
-pub const EVENT_NAMES: [&str; 9] = [
+pub(crate) const EVENT_NAMES: [&str; 9] = [
     "session_open",
     "tls",
     "login",
@@ -42,7 +42,7 @@ pub const EVENT_NAMES: [&str; 9] = [
 /// One audit record: the common envelope and the event-specific fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEvent {
-    /// Schema version ([`SCHEMA_VERSION`] when written by this popgate).
+    /// Schema version (`SCHEMA_VERSION` when written by this popgate).
     pub schema: u32,
     /// When it happened (serialized as RFC 3339 UTC with milliseconds).
     #[serde(with = "rfc3339_millis")]
@@ -81,7 +81,8 @@ impl AuditEvent {
     }
 
     /// The event name, e.g. `"retrieve"`.
-    pub fn name(&self) -> &'static str {
+    #[cfg(test)] // only the SCHEMA.md round-trip test needs it
+    pub(crate) fn name(&self) -> &'static str {
         self.kind.name()
     }
 
@@ -91,7 +92,8 @@ impl AuditEvent {
     }
 
     /// One JSON line (without the newline).
-    pub fn to_json(&self) -> String {
+    #[cfg(test)] // the sink serializes itself; tests compare lines
+    pub(crate) fn to_json(&self) -> String {
         // Serializing these types cannot fail: every map key is a string.
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -133,7 +135,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The `event` name (`"unknown"` for [`EventKind::Unknown`]).
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             EventKind::SessionOpen(_) => "session_open",
             EventKind::Tls(_) => "tls",
@@ -149,7 +151,7 @@ impl EventKind {
     }
 
     /// The user the event is about, if it names one.
-    pub fn user(&self) -> Option<&str> {
+    pub(crate) fn user(&self) -> Option<&str> {
         match self {
             EventKind::Login(e) => e.user.as_deref(),
             EventKind::Denied(e) => e.user.as_deref(),
@@ -224,7 +226,7 @@ pub enum TlsSide {
 
 impl TlsSide {
     /// `"client"` or `"upstream"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TlsSide::Client => "client",
             TlsSide::Upstream => "upstream",
@@ -270,7 +272,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// `Success` for `+OK`, `Failure` otherwise.
-    pub fn from_status(status: Status) -> Outcome {
+    pub(crate) fn from_status(status: Status) -> Outcome {
         match status {
             Status::Ok => Outcome::Success,
             Status::Err | Status::Continue => Outcome::Failure,
@@ -278,7 +280,7 @@ impl Outcome {
     }
 
     /// `"success"` or `"failure"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
             Outcome::Failure => "failure",
@@ -303,7 +305,7 @@ pub struct Login {
 
 impl Login {
     /// A `login` event from the tracker's view of the attempt and the deciding status line.
-    pub fn new(
+    pub(crate) fn new(
         user: Option<&str>,
         method: &LoginMethod,
         status: Status,
@@ -332,7 +334,7 @@ pub struct Denied {
 
 impl Denied {
     /// A `denied` event.
-    pub fn new(rule: &str, verb: Verb, user: Option<&str>) -> Denied {
+    pub(crate) fn new(rule: &str, verb: Verb, user: Option<&str>) -> Denied {
         Denied {
             rule: rule.to_owned(),
             verb: verb.as_str().to_owned(),
@@ -353,7 +355,7 @@ pub enum RetrieveVerb {
 
 impl RetrieveVerb {
     /// `RETR` or `TOP` from a verb; `None` for every other verb.
-    pub fn from_verb(verb: Verb) -> Option<RetrieveVerb> {
+    pub(crate) fn from_verb(verb: Verb) -> Option<RetrieveVerb> {
         match verb {
             Verb::Retr => Some(RetrieveVerb::Retr),
             Verb::Top => Some(RetrieveVerb::Top),
@@ -362,7 +364,7 @@ impl RetrieveVerb {
     }
 
     /// `"RETR"` or `"TOP"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RetrieveVerb::Retr => "RETR",
             RetrieveVerb::Top => "TOP",
@@ -438,7 +440,7 @@ pub enum UpdateOutcome {
 
 impl UpdateOutcome {
     /// `Confirmed` for `+OK`, `Refused` otherwise.
-    pub fn from_status(status: Status) -> UpdateOutcome {
+    pub(crate) fn from_status(status: Status) -> UpdateOutcome {
         match status {
             Status::Ok => UpdateOutcome::Confirmed,
             Status::Err | Status::Continue => UpdateOutcome::Refused,
@@ -446,7 +448,7 @@ impl UpdateOutcome {
     }
 
     /// `"confirmed"` or `"refused"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpdateOutcome::Confirmed => "confirmed",
             UpdateOutcome::Refused => "refused",
@@ -492,7 +494,7 @@ pub enum EndReason {
 
 impl EndReason {
     /// Every reason, for tests and help texts.
-    pub const ALL: [EndReason; 9] = [
+    pub(crate) const ALL: [EndReason; 9] = [
         EndReason::Quit,
         EndReason::ClientEof,
         EndReason::UpstreamEof,
@@ -505,7 +507,7 @@ impl EndReason {
     ];
 
     /// The snake_case name (`"client_eof"`, ...).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EndReason::Quit => "quit",
             EndReason::ClientEof => "client_eof",
@@ -520,7 +522,7 @@ impl EndReason {
     }
 
     /// The reason with this snake_case name (as `session::CloseReason::as_str` produces).
-    pub fn from_name(name: &str) -> Option<EndReason> {
+    pub(crate) fn from_name(name: &str) -> Option<EndReason> {
         EndReason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
@@ -549,26 +551,14 @@ pub struct SessionClose {
 pub struct Headers(pub Vec<(String, String)>);
 
 impl Headers {
-    /// The value of `name` (case-insensitive), if present.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
     /// No header was found.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)] // header extraction tests
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// Number of headers.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     /// `(name, value)` pairs in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 }
@@ -607,13 +597,13 @@ impl<'de> Deserialize<'de> for Headers {
 mod rfc3339_millis {
     use super::*;
 
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         // humantime panics before the epoch; no audit event happens then.
         let t = (*t).max(UNIX_EPOCH);
         s.collect_str(&humantime::format_rfc3339_millis(t))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)
     }

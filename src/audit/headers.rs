@@ -30,7 +30,7 @@ pub struct HeaderSet {
 impl HeaderSet {
     /// Headers to collect (spelt as they should appear in events) and the scan limit in
     /// octets (at least 1).
-    pub fn new(names: &[String], max_bytes: usize) -> HeaderSet {
+    pub(crate) fn new(names: &[String], max_bytes: usize) -> HeaderSet {
         HeaderSet {
             longest: names.iter().map(String::len).max().unwrap_or(0),
             names: names.into(),
@@ -38,13 +38,9 @@ impl HeaderSet {
         }
     }
 
-    /// The configured names, in order.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// How far a header block is scanned, in octets.
-    pub fn max_bytes(&self) -> usize {
+    #[cfg(test)] // chunk-size tests check the bound
+    pub(crate) fn max_bytes(&self) -> usize {
         self.max_bytes
     }
 
@@ -76,7 +72,7 @@ enum Pos {
 
 /// Collects configured header fields from a streamed multi-line body. See the module docs.
 #[derive(Debug, Clone)]
-pub struct HeaderExtractor {
+pub(crate) struct HeaderExtractor {
     set: Arc<HeaderSet>,
     pos: Pos,
     /// A `\r` seen but not yet known to be part of a line ending.
@@ -117,7 +113,7 @@ fn trim_trailing_spaces(v: &mut Vec<u8>) {
 
 impl HeaderExtractor {
     /// An extractor at the start of a body. Allocates nothing.
-    pub fn new(set: Arc<HeaderSet>) -> HeaderExtractor {
+    pub(crate) fn new(set: Arc<HeaderSet>) -> HeaderExtractor {
         HeaderExtractor {
             done: set.names.is_empty(),
             set,
@@ -133,27 +129,30 @@ impl HeaderExtractor {
     }
 
     /// Whether the header block is over: further `feed`s are ignored.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.done
     }
 
     /// Whether scanning stopped at `max_header_bytes` before the header block ended.
-    pub fn truncated(&self) -> bool {
+    #[cfg(test)] // chunk-size tests; events do not report it
+    pub(crate) fn truncated(&self) -> bool {
         self.truncated
     }
 
     /// Octets of body scanned so far (at most `max_header_bytes`).
-    pub fn scanned(&self) -> usize {
+    #[cfg(test)] // chunk-size tests check the bound
+    pub(crate) fn scanned(&self) -> usize {
         self.scanned
     }
 
     /// Octets held for collected values and the current name (bounded by `scanned`).
-    pub fn held(&self) -> usize {
+    #[cfg(test)] // chunk-size tests check memory stays bounded
+    pub(crate) fn held(&self) -> usize {
         self.name.len() + self.values.iter().flatten().map(Vec::len).sum::<usize>()
     }
 
     /// Scan the next chunk of the body's wire bytes.
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         let mut i = 0;
         while i < chunk.len() {
             if self.done {
@@ -204,7 +203,7 @@ impl HeaderExtractor {
 
     /// The body ended (or the caller stops scanning): return the fields found, in configured
     /// order. An unterminated last line counts as a line.
-    pub fn finish(mut self) -> Headers {
+    pub(crate) fn finish(mut self) -> Headers {
         if self.pending_cr && !self.done {
             self.pending_cr = false;
             self.byte(b'\r');

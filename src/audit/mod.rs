@@ -1,31 +1,31 @@
 //! The audit trail, traffic transcripts and the audit reader.
 //!
-//! - [`config`]: the `[audit]` table ([`AuditConfig`]) and its validation.
-//! - [`event`]: event types, serialized as one JSON object per line (schema in `SCHEMA.md`).
-//! - [`headers`]: pure, streaming header extraction from RETR/TOP bodies.
-//! - [`sink`]: the non-blocking, bounded audit writer ([`AuditSink`], [`AuditGuard`]).
-//! - [`transcript`]: per-session `C:`/`S:` transcript files and command-line redaction.
-//! - [`reader`]: reading, filtering and printing audit files (`popgate audit`).
+//! - `config`: the `[audit]` table ([`AuditConfig`]) and its validation.
+//! - `event`: event types, serialized as one JSON object per line (schema in `SCHEMA.md`).
+//! - `headers`: pure, streaming header extraction from RETR/TOP bodies.
+//! - `sink`: the non-blocking, bounded audit writer ([`AuditSink`], `AuditGuard`).
+//! - `transcript`: per-session `C:`/`S:` transcript files and command-line redaction.
+//! - `reader`: reading, filtering and printing audit files (`popgate audit`).
 //!
 //! Secrets never enter any of these outputs: events have no field for them, transcripts
 //! redact command lines and write SASL lines as `***`.
 
-pub mod config;
-pub mod event;
-pub mod headers;
-pub mod reader;
-pub mod sink;
-pub mod transcript;
+pub(crate) mod config;
+pub(crate) mod event;
+pub(crate) mod headers;
+pub(crate) mod reader;
+pub(crate) mod sink;
+pub(crate) mod transcript;
 
-pub use config::{
-    AuditConfig, AuditConfigError, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig,
-};
+pub use config::{AuditConfig, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig};
 pub use event::{
     AuditEvent, DeleteMarked, Deleted, Denied, EndReason, EventKind, Headers, Login, Outcome,
-    Reset, Retrieve, RetrieveVerb, SCHEMA_VERSION, SessionClose, SessionOpen, TlsDetails, TlsEvent,
-    TlsSide, Update, UpdateOutcome,
+    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsDetails, TlsEvent, TlsSide,
+    Update, UpdateOutcome,
 };
-pub use headers::{HeaderExtractor, HeaderSet};
+pub(crate) use headers::HeaderExtractor;
+pub use headers::HeaderSet;
 pub use reader::{AuditRecord, Filter, ReaderError, format_json, format_table, read_events};
-pub use sink::{AuditGuard, AuditSink, SinkError};
-pub use transcript::{Transcript, redact_command_line};
+pub(crate) use sink::AuditGuard;
+pub use sink::{AuditSink, SinkError};
+pub use transcript::Transcript;

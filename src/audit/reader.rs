@@ -62,7 +62,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// A filter from command-line strings: `since` as for [`parse_since`] relative to now,
+    /// A filter from command-line strings: `since` as for `parse_since` relative to now,
     /// `events` may repeat or hold comma-separated names; unknown names are an error.
     pub fn from_args(
         user: Option<String>,
@@ -109,7 +109,7 @@ impl Filter {
 /// A time for `--since`: RFC 3339 (`2026-03-01T09:00:00Z`, `2026-03-01T11:00:00+02:00`,
 /// fractional seconds allowed), `2026-03-01 09:00[:00]` (UTC), a date (`2026-03-01`, midnight
 /// UTC), or a duration back from `now` (`2h`, `90m`, `7days`, `1h 30m`).
-pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, ReaderError> {
+pub(crate) fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, ReaderError> {
     let t = text.trim();
     let err = || ReaderError::Since(text.to_owned());
     if t.is_empty() {
@@ -165,7 +165,7 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// Parse one JSON line.
-    pub fn parse(line: &str) -> Result<AuditRecord, serde_json::Error> {
+    pub(crate) fn parse(line: &str) -> Result<AuditRecord, serde_json::Error> {
         #[derive(serde::Deserialize)]
         struct Name {
             event: String,

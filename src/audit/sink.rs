@@ -89,14 +89,14 @@ impl fmt::Debug for AuditSink {
 
 impl AuditSink {
     /// A sink that discards everything at no cost (audit off).
-    pub fn disabled() -> AuditSink {
+    pub(crate) fn disabled() -> AuditSink {
         AuditSink { inner: None }
     }
 
     /// Start the writer for `config`: stdout or rotating files in `config.dir`. When audit is
     /// disabled, returns [`AuditSink::disabled`] and an inert guard. Call outside or inside a
     /// tokio runtime; the writer is a plain thread.
-    pub fn start(config: &AuditConfig) -> Result<(AuditSink, AuditGuard), SinkError> {
+    pub(crate) fn start(config: &AuditConfig) -> Result<(AuditSink, AuditGuard), SinkError> {
         if !config.enabled {
             return Ok((AuditSink::disabled(), AuditGuard::inert()));
         }
@@ -126,7 +126,7 @@ impl AuditSink {
     }
 
     /// Start a writer thread writing JSON lines to `out` (tests, custom outputs).
-    pub fn start_with_writer(
+    pub(crate) fn start_with_writer(
         out: Box<dyn Write + Send>,
         queue: usize,
         overflow: Overflow,
@@ -158,7 +158,7 @@ impl AuditSink {
     }
 
     /// Whether events go anywhere. Callers may skip building events when not.
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.inner.is_some()
     }
 
@@ -180,7 +180,7 @@ impl AuditSink {
 
     /// Queue an event without ever waiting, whatever the overflow mode (for code that cannot
     /// await). Returns false when the event was dropped (and counted).
-    pub fn try_emit(&self, event: AuditEvent) -> bool {
+    pub(crate) fn try_emit(&self, event: AuditEvent) -> bool {
         let Some(inner) = &self.inner else {
             return true;
         };
@@ -207,17 +207,11 @@ impl AuditSink {
     }
 
     /// Events lost so far: dropped on a full queue, or emitted after the writer closed.
-    pub fn dropped(&self) -> u64 {
+    #[cfg(test)] // overflow tests; nothing reports it yet
+    pub(crate) fn dropped(&self) -> u64 {
         self.inner
             .as_ref()
             .map_or(0, |i| i.stats.dropped.load(Ordering::Relaxed))
-    }
-
-    /// Events that could not be written (I/O errors of the output).
-    pub fn write_errors(&self) -> u64 {
-        self.inner
-            .as_ref()
-            .map_or(0, |i| i.stats.write_errors.load(Ordering::Relaxed))
     }
 }
 
@@ -235,7 +229,7 @@ impl Inner {
 /// Dropping the guard without `close` stops the writer too: outside a tokio runtime it waits
 /// for the queue to be written; inside one it only asks the thread to stop after the queued
 /// events (it cannot wait there), so prefer `close().await`.
-pub struct AuditGuard {
+pub(crate) struct AuditGuard {
     tx: Option<mpsc::Sender<Msg>>,
     done: Option<oneshot::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
@@ -269,12 +263,6 @@ impl AuditGuard {
         }
         // The thread has signalled its end; let it finish on its own.
         self.thread.take();
-    }
-
-    /// [`AuditGuard::close`] for code outside any async runtime (panics inside one, like
-    /// every blocking tokio call).
-    pub fn close_blocking(mut self) {
-        self.stop_blocking();
     }
 
     fn stop_blocking(&mut self) {

@@ -25,8 +25,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::pop3::command::Verb;
-
 use super::config::TranscriptConfig;
 
 /// Body lines longer than this are written in pieces (`S+` lines) in full mode.
@@ -67,14 +65,14 @@ struct Body {
 
 impl Transcript {
     /// No transcript: every method is a no-op.
-    pub fn disabled() -> Transcript {
+    pub(crate) fn disabled() -> Transcript {
         Transcript { inner: None }
     }
 
     /// Open `{dir}/{time}-s{session}-{client ip}-{port}.log` (mode 0600) and write a header
     /// note. Any failure is logged and yields a disabled transcript; so does a config without
     /// `dir`.
-    pub fn open(
+    pub(crate) fn open(
         config: &TranscriptConfig,
         session: u64,
         listener: &str,
@@ -108,17 +106,18 @@ impl Transcript {
     }
 
     /// Whether lines are being written.
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.inner.is_some()
     }
 
     /// The file, while active.
-    pub fn path(&self) -> Option<&Path> {
+    #[cfg(test)] // transcript tests read the file back
+    pub(crate) fn path(&self) -> Option<&Path> {
         self.inner.as_ref().map(|i| i.path.as_path())
     }
 
     /// A command line from the client, redacted by [`redact_command_line`].
-    pub fn client_line(&mut self, line: &[u8]) {
+    pub(crate) fn client_line(&mut self, line: &[u8]) {
         if self.inner.is_some() {
             let text = redact_command_line(line);
             self.write_line("C:", &text, true);
@@ -126,19 +125,20 @@ impl Transcript {
     }
 
     /// A command whose arguments are secret: `C: PASS ***`.
-    pub fn client_secret(&mut self, verb: Verb) {
+    #[cfg(test)] // sessions redact through `client_line`
+    pub(crate) fn client_secret(&mut self, verb: crate::pop3::command::Verb) {
         if self.inner.is_some() {
             self.write_line("C:", &format!("{} ***", verb.as_str()), true);
         }
     }
 
     /// A SASL client response (a bare base64 line, or `*`): `C: ***`.
-    pub fn client_sasl(&mut self) {
+    pub(crate) fn client_sasl(&mut self) {
         self.write_line("C:", "***", true);
     }
 
     /// A server status line (or SASL challenge).
-    pub fn server_line(&mut self, line: &[u8]) {
+    pub(crate) fn server_line(&mut self, line: &[u8]) {
         if self.inner.is_some() {
             let text = display(line);
             self.write_line("S:", &text, true);
@@ -146,14 +146,14 @@ impl Transcript {
     }
 
     /// popgate's own remark (`*: ...`), e.g. a rule decision or a TLS upgrade.
-    pub fn note(&mut self, text: &str) {
+    pub(crate) fn note(&mut self, text: &str) {
         let text = display(text.as_bytes());
         self.write_line("*:", &text, true);
     }
 
     /// The next chunk of a multi-line body as it went to the client (wire bytes, the
     /// terminating `.` line may be included: it ends the body).
-    pub fn server_body(&mut self, chunk: &[u8]) {
+    pub(crate) fn server_body(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         while !rest.is_empty() && self.inner.is_some() {
             match memchr::memchr(b'\n', rest) {
@@ -171,7 +171,7 @@ impl Transcript {
 
     /// The body is over: `complete` when its terminator was relayed (writes the summary and
     /// `S: .` unless the terminator was already fed), otherwise it was cut short.
-    pub fn server_body_end(&mut self, complete: bool) {
+    pub(crate) fn server_body_end(&mut self, complete: bool) {
         let Some(inner) = self.inner.as_mut() else {
             return;
         };
@@ -197,7 +197,7 @@ impl Transcript {
     }
 
     /// Flush buffered lines to the file.
-    pub fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         if let Some(inner) = self.inner.as_mut()
             && let Err(e) = inner.out.flush()
         {
@@ -206,7 +206,8 @@ impl Transcript {
     }
 
     /// Flush and close the file.
-    pub fn close(mut self) {
+    #[cfg(test)] // sessions flush, then drop it (the BufWriter flushes on drop)
+    pub(crate) fn close(mut self) {
         self.flush();
     }
 
@@ -364,7 +365,7 @@ fn display_raw(bytes: &[u8]) -> String {
 ///
 /// SASL continuation lines are not commands and cannot be recognised here: a caller in a SASL
 /// exchange must not pass them (use `***`).
-pub fn redact_command_line(line: &[u8]) -> String {
+pub(crate) fn redact_command_line(line: &[u8]) -> String {
     // One redaction rule for logs, rules and transcripts: the command parser's.
     use crate::pop3::command::{Command, Verb, trim_eol};
     match Command::parse(line) {
@@ -471,7 +472,7 @@ mod tests {
         t.client_sasl();
         t.server_line(b"+ UGFzc3dvcmQ6\r\n");
         t.client_sasl();
-        t.client_secret(Verb::Pass);
+        t.client_secret(crate::pop3::command::Verb::Pass);
         t.close();
         let text = std::fs::read_to_string(&path).unwrap();
         for needle in [secret.to_owned(), plain.clone(), b64(secret)] {

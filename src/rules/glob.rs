@@ -3,6 +3,12 @@
 //! Deliberately tiny: `*` (any run of characters) and `?` (one character) in the *file name*
 //! only; the directory part is taken literally. Like a shell, a wildcard never matches a
 //! leading `.`, so editor lock files such as `.#x.toml` are not loaded.
+//!
+//! The name match is the `glob` crate's. Its directory walk (`glob::glob`) is not used: it
+//! takes the base directory as pattern text (a config dir with `[` or a non-UTF-8 name would
+//! need escaping or fail), allows wildcards in directories, and says nothing about which
+//! pattern matched nothing. `[`/`]` stay literal as they always were here, and a run of `*`
+//! means one `*` (the crate reserves `**` for whole directory components).
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +73,7 @@ fn expand_one(pattern: &str, base: &Path) -> Result<Vec<PathBuf>, RuleError> {
         let Ok(file_name) = entry.file_name().into_string() else {
             continue;
         };
-        if matches(name.as_bytes(), file_name.as_bytes()) && entry.path().is_file() {
+        if matches(name, &file_name) && entry.path().is_file() {
             names.push(file_name);
         }
     }
@@ -83,44 +89,23 @@ fn has_wildcard(s: &str) -> bool {
 }
 
 /// Whether `name` matches the glob `pat` (`*`, `?`, everything else literal).
-pub(crate) fn matches(pat: &[u8], name: &[u8]) -> bool {
-    if name.first() == Some(&b'.') && pat.first() != Some(&b'.') {
-        return false;
-    }
-    // Classic linear-time wildcard match: remember the last `*` and retry from it.
-    let (mut p, mut n) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        match pat.get(p) {
-            Some(b'*') => {
-                star = Some((p, n));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == name[n] => {
-                // `?` takes one whole UTF-8 character, not one byte.
-                n += if c == b'?' { utf8_len(name[n]) } else { 1 };
-                p += 1;
-            }
-            _ => match star {
-                Some((sp, sn)) => {
-                    p = sp + 1;
-                    n = sn + 1;
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
+pub(crate) fn matches(pat: &str, name: &str) -> bool {
+    let mut escaped = String::with_capacity(pat.len());
+    for c in pat.chars() {
+        match c {
+            '*' if escaped.ends_with('*') => {}
+            '[' => escaped.push_str("[[]"),
+            ']' => escaped.push_str("[]]"),
+            c => escaped.push(c),
         }
     }
-    pat[p.min(pat.len())..].iter().all(|&c| c == b'*')
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xF0..=0xFF => 4,
-        0xE0..=0xEF => 3,
-        0xC0..=0xDF => 2,
-        _ => 1,
-    }
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    // Every `[` is escaped and `*` runs are single: the pattern always compiles.
+    glob::Pattern::new(&escaped).is_ok_and(|p| p.matches_with(name, options))
 }
 
 #[cfg(test)]
@@ -129,20 +114,25 @@ mod tests {
 
     #[test]
     fn wildcard_matching() {
-        assert!(matches(b"*.toml", b"require-tls.toml"));
-        assert!(matches(b"*.toml", b"x.toml"));
-        assert!(!matches(b"*.toml", b"x.toml.bak"));
-        assert!(!matches(b"*.toml", b".#x.toml"));
-        assert!(matches(b".*.toml", b".x.toml"));
-        assert!(matches(b"a?c", b"abc"));
-        assert!(matches(b"a?c", "aéc".as_bytes()));
-        assert!(!matches(b"a?c", b"ac"));
-        assert!(matches(b"*", b"anything"));
-        assert!(matches(b"a*b*c", b"aXXbYYbc"));
-        assert!(!matches(b"a*b*c", b"aXXbYYb"));
-        assert!(matches(b"exact", b"exact"));
-        assert!(!matches(b"exact", b"exacter"));
-        assert!(matches(b"**x", b"x"));
+        assert!(matches("*.toml", "require-tls.toml"));
+        assert!(matches("*.toml", "x.toml"));
+        assert!(!matches("*.toml", "x.toml.bak"));
+        assert!(!matches("*.toml", ".#x.toml"));
+        assert!(matches(".*.toml", ".x.toml"));
+        assert!(matches("a?c", "abc"));
+        assert!(matches("a?c", "aéc"));
+        assert!(!matches("a?c", "ac"));
+        assert!(matches("*", "anything"));
+        assert!(matches("a*b*c", "aXXbYYbc"));
+        assert!(!matches("a*b*c", "aXXbYYb"));
+        assert!(matches("exact", "exact"));
+        assert!(!matches("exact", "exacter"));
+        assert!(matches("**x", "x"));
+        // Brackets are literal, not character classes.
+        assert!(matches("[ab].toml", "[ab].toml"));
+        assert!(!matches("[ab].toml", "a.toml"));
+        assert!(matches("x]*", "x]y"));
+        assert!(!matches("?x", ".x"));
     }
 
     fn touch(dir: &Path, name: &str) {

@@ -11,10 +11,11 @@
 //! and `rewrite` add to the verdict and evaluation goes on, `allow`, `deny` and `drop` end it.
 //! Matchers always see the original event; rewrites chain on each other's output.
 
-mod engine;
+mod compile;
 mod error;
+mod eval;
 mod glob;
-pub mod model;
+pub(crate) mod model;
 mod template;
 #[cfg(test)]
 mod tests;
@@ -27,7 +28,7 @@ use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::State;
 
-pub use engine::{RuleInfo, RuleSet};
+pub use compile::RuleSet;
 pub use error::{Problem, RuleError, RuleRef};
 pub use model::Action;
 
@@ -55,7 +56,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 7] = [
+    pub(crate) const ALL: [EventKind; 7] = [
         EventKind::Connect,
         EventKind::Greeting,
         EventKind::Command,
@@ -170,7 +171,7 @@ pub struct Verdict {
     /// Terminal decision, if any.
     pub outcome: Outcome,
     /// The rewritten value, only when it differs from the original and the outcome forwards:
-    /// Command: the new *arguments* (rebuild with [`command_line`]); Greeting/Response: the
+    /// Command: the new *arguments* (rebuild with `command_line`); Greeting/Response: the
     /// new status line without CRLF (same status indicator guaranteed); Capa: the new item.
     pub rewritten: Option<Vec<u8>>,
     /// Capa item events: leave this item out of the list.
@@ -196,7 +197,7 @@ impl Verdict {
 
 /// A command line (`keyword`, a space and `args` unless they are empty, CRLF) as forwarded
 /// after a rewrite of its arguments; `keyword` is best passed exactly as the client sent it.
-pub fn command_line(keyword: &[u8], args: &[u8]) -> Vec<u8> {
+pub(crate) fn command_line(keyword: &[u8], args: &[u8]) -> Vec<u8> {
     let mut line = Vec::with_capacity(keyword.len() + args.len() + 3);
     line.extend_from_slice(keyword);
     if !args.is_empty() {

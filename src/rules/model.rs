@@ -47,16 +47,11 @@ impl Action {
             Action::Trace => "trace",
         }
     }
-
-    /// Whether evaluation stops at a rule with this action.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Action::Allow | Action::Deny | Action::Drop)
-    }
 }
 
 /// One word or a list of words: `verbs = "DELE"` and `verbs = ["DELE"]` are the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OneOrMany(pub Vec<String>);
+pub(crate) struct OneOrMany(pub(crate) Vec<String>);
 
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -87,59 +82,59 @@ impl<'de> Deserialize<'de> for OneOrMany {
 /// One `[[rule]]` table as written; every key is decoded on its own (see
 /// [`RawRule::from_table`]) so that a bad value is reported with its key.
 #[derive(Debug, Clone)]
-pub struct RawRule {
+pub(crate) struct RawRule {
     /// Unique name, shown in logs, audit and errors.
-    pub name: String,
+    pub(crate) name: String,
     /// The event this rule is about.
-    pub on: EventKind,
+    pub(crate) on: EventKind,
     /// Matcher: listener names.
-    pub listener: Option<OneOrMany>,
+    pub(crate) listener: Option<OneOrMany>,
     /// Matcher: client networks (CIDR or single addresses).
-    pub client: Option<OneOrMany>,
+    pub(crate) client: Option<OneOrMany>,
     /// Matcher: client-side TLS on or off.
-    pub tls: Option<bool>,
+    pub(crate) tls: Option<bool>,
     /// Matcher: session states (`authorization`, `transaction`, `update`).
-    pub state: Option<OneOrMany>,
+    pub(crate) state: Option<OneOrMany>,
     /// Matcher: user name regex.
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Matcher: command verbs (`command`, `login` events).
-    pub verbs: Option<OneOrMany>,
+    pub(crate) verbs: Option<OneOrMany>,
     /// Matcher: command argument regex.
-    pub args: Option<String>,
+    pub(crate) args: Option<String>,
     /// Matcher: `ok`, `err` or `continue`.
-    pub status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Matcher: status line / capability item regex.
-    pub text: Option<String>,
+    pub(crate) text: Option<String>,
     /// Matcher: verbs a response answers (`response` events).
-    pub answers: Option<OneOrMany>,
+    pub(crate) answers: Option<OneOrMany>,
     /// The action.
-    pub action: Action,
+    pub(crate) action: Action,
     /// `deny`: the reply text; `log`: the message template.
-    pub message: Option<String>,
+    pub(crate) message: Option<String>,
     /// `deny`: response code, e.g. `AUTH` or `SYS/PERM`.
-    pub code: Option<String>,
+    pub(crate) code: Option<String>,
     /// `deny` on `command`: close the session after this many denials by this rule.
-    pub close_after: Option<u32>,
+    pub(crate) close_after: Option<u32>,
     /// `log`: error, warn, info (default), debug or trace.
-    pub level: Option<String>,
+    pub(crate) level: Option<String>,
     /// `tag`: labels.
-    pub tags: Option<OneOrMany>,
+    pub(crate) tags: Option<OneOrMany>,
     /// `delay`: how long, e.g. `"2s"`.
-    pub delay: Option<Duration>,
+    pub(crate) delay: Option<Duration>,
     /// `rewrite`: regex to replace (all matches); without it `with` is the whole new value.
-    pub replace: Option<String>,
+    pub(crate) replace: Option<String>,
     /// `rewrite`: replacement (`$1`, `${name}` refer to `replace` groups).
-    pub with: Option<String>,
+    pub(crate) with: Option<String>,
     /// `rewrite` on `capa`: remove the item.
-    pub remove: Option<bool>,
+    pub(crate) remove: Option<bool>,
     /// `rewrite` on `capa`: items to add at the end of the list.
-    pub add: Option<OneOrMany>,
+    pub(crate) add: Option<OneOrMany>,
     /// `rewrite` on `greeting`: put the APOP timestamp back if the rewrite lost it (default true).
-    pub keep_apop: Option<bool>,
+    pub(crate) keep_apop: Option<bool>,
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub const KEYS: [&str; 24] = [
+pub(crate) const KEYS: [&str; 24] = [
     "name",
     "on",
     "listener",
@@ -168,7 +163,7 @@ pub const KEYS: [&str; 24] = [
 
 /// Decode a file into its rules, each with its [`RuleRef`]. Only `[[rule]]` tables may appear
 /// at the top level; an empty file (or one with only comments) holds no rule and is valid.
-pub fn decode_file(text: &str, file: &Path) -> Result<Vec<(RuleRef, RawRule)>, RuleError> {
+pub(crate) fn decode_file(text: &str, file: &Path) -> Result<Vec<(RuleRef, RawRule)>, RuleError> {
     let syntax = |message: String| RuleError::Syntax {
         file: file.to_path_buf(),
         message,
@@ -244,7 +239,7 @@ fn required<T: serde::de::DeserializeOwned>(
 
 impl RawRule {
     /// Decode one `[[rule]]` table whose keys are all known.
-    pub fn from_table(mut t: toml::Table) -> Result<RawRule, Problem> {
+    pub(crate) fn from_table(mut t: toml::Table) -> Result<RawRule, Problem> {
         let t = &mut t;
         let raw = RawRule {
             name: required(t, "name")?,

@@ -5,6 +5,7 @@
 //! receives a QUIT the client did not send: every other way out just closes the upstream socket,
 //! and the server, per RFC 1939, deletes nothing.
 
+mod error;
 pub mod observer;
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +18,6 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
-use crate::error::{SessionError, Side};
 use crate::pop3::command::Verb;
 use crate::pop3::tracker::{ResponseMeta, State};
 pub(crate) use crate::proxy::CloseReason;
@@ -25,6 +25,7 @@ use crate::proxy::policy::{Policy, Terminal};
 use crate::proxy::{Action, Hop, HopConfig, Observe};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::tls::{Stream, TlsInfo, TlsSetup};
+pub use error::{SessionError, Side};
 use observer::Observer;
 
 /// Initial read sizes. Server reads are larger because bodies stream through them.

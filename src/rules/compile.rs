@@ -1,39 +1,40 @@
-//! Compiled rules: validated once, indexed by event kind and verb, evaluated without I/O.
+//! Building a [`RuleSet`]: each rule of the model is validated once, its matchers and effect
+//! compiled, and the set indexed by event kind and verb (plus dense per-rule [`Hot`] data and
+//! shared [`RegexSet`]s) for [`super::eval`] to walk.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use regex::bytes::{Regex, RegexSet, SetMatches};
+use regex::bytes::{Regex, RegexSet};
 use tracing::Level;
 
+use super::EventKind;
 use super::error::{Problem, RuleError};
 use super::model::{Action, OneOrMany, RawRule, decode_file};
 use super::template::Template;
-use super::{Event, EventKind, Outcome, Verdict};
 use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
-use crate::pop3::response::{Status, StatusLine};
+use crate::pop3::response::Status;
 use crate::pop3::tracker::State;
 
 /// Index slots per event kind: one per [`Verb`] (known verbs and `Unknown`) plus one for
 /// events without a verb.
-const VERB_SLOTS: usize = Verb::ALL.len() + 2;
+pub(super) const VERB_SLOTS: usize = Verb::ALL.len() + 2;
 const NO_VERB: usize = VERB_SLOTS - 1;
 
 /// The index slot of a verb. `Verb` is a field-less enum, so its discriminant is a dense
 /// 0-based number; a test checks that every verb gets its own slot below [`NO_VERB`].
-fn verb_slot(v: Option<Verb>) -> usize {
+pub(super) fn verb_slot(v: Option<Verb>) -> usize {
     match v {
         Some(v) => v as usize,
         None => NO_VERB,
     }
 }
 
-fn state_bit(s: State) -> u8 {
+pub(super) fn state_bit(s: State) -> u8 {
     match s {
         State::Authorization => 1,
         State::Transaction => 2,
@@ -42,67 +43,36 @@ fn state_bit(s: State) -> u8 {
 }
 
 /// The regex matchers, by position in [`Matchers::re`].
-const USER: usize = 0;
-const ARGS: usize = 1;
-const TEXT: usize = 2;
+pub(super) const USER: usize = 0;
+pub(super) const ARGS: usize = 1;
+pub(super) const TEXT: usize = 2;
 const REGEX_FIELDS: [&str; 3] = ["user", "args", "text"];
 
 /// From this many candidate rules with a regex on the same field, one [`RegexSet`] search
 /// over that field replaces the individual searches (measured: 250 user regexes cost 0.9 to
 /// 4.4 µs one by one, 40 ns as a set).
-const SET_THRESHOLD: u16 = 4;
-
-/// The value a regex field is matched against.
-fn field<'a>(ev: &Event<'a>, f: usize) -> Option<&'a [u8]> {
-    match f {
-        USER => ev.user.map(str::as_bytes),
-        ARGS => ev.args,
-        _ => ev.text,
-    }
-}
+pub(super) const SET_THRESHOLD: u16 = 4;
 
 /// The longest tarpit a rule may ask for: the RFC 1939 autologout minimum.
 const MAX_DELAY: Duration = Duration::from_secs(600);
 
 /// Conditions of one rule; `None`/`0` means "any".
 #[derive(Debug, Default)]
-struct Matchers {
-    listener: Option<Box<[Box<str>]>>,
-    client: Option<Box<[Cidr]>>,
-    tls: Option<bool>,
+pub(super) struct Matchers {
+    pub(super) listener: Option<Box<[Box<str>]>>,
+    pub(super) client: Option<Box<[Cidr]>>,
+    pub(super) tls: Option<bool>,
     /// Bit set of [`state_bit`]s.
-    states: u8,
+    pub(super) states: u8,
     /// Bit set of [`verb_slot`]s (`verbs` or `answers`).
-    verbs: u32,
-    status: Option<Status>,
+    pub(super) verbs: u32,
+    pub(super) status: Option<Status>,
     /// `user`, `args`, `text` regexes.
-    re: [Option<Regex>; 3],
+    pub(super) re: [Option<Regex>; 3],
 }
 
 impl Matchers {
-    /// The checks [`Hot`] leaves open: listener, client, and the regex fields in `fields`
-    /// (a bit set) that no set search answered.
-    fn hold_cold(&self, ev: &Event<'_>, fields: u8) -> bool {
-        if let Some(names) = &self.listener
-            && !names.iter().any(|n| **n == *ev.listener)
-        {
-            return false;
-        }
-        if let Some(nets) = &self.client
-            && !nets.iter().any(|n| n.contains(ev.client))
-        {
-            return false;
-        }
-        (0..3).all(|f| {
-            fields & (1 << f) == 0
-                || match (&self.re[f], field(ev, f)) {
-                    (Some(re), Some(value)) => re.is_match(value),
-                    _ => true,
-                }
-        })
-    }
-
-    /// The event bits (see [`event_bits`]) this rule accepts.
+    /// The event bits (see `event_bits` in [`super::eval`]) this rule accepts.
     fn allowed_bits(&self) -> u16 {
         let tls = match self.tls {
             None => TLS_OFF | TLS_ON,
@@ -122,15 +92,15 @@ impl Matchers {
     }
 }
 
-const TLS_OFF: u16 = 1 << 0;
-const TLS_ON: u16 = 1 << 1;
+pub(super) const TLS_OFF: u16 = 1 << 0;
+pub(super) const TLS_ON: u16 = 1 << 1;
 // Bits 2..=4: the state bits of `state_bit`, shifted by 2.
 const STATUS_NONE: u16 = 1 << 5;
 const STATUS_OK: u16 = 1 << 6;
 const STATUS_ERR: u16 = 1 << 7;
 const STATUS_CONTINUE: u16 = 1 << 8;
 
-fn status_bit(s: Option<Status>) -> u16 {
+pub(super) fn status_bit(s: Option<Status>) -> u16 {
     match s {
         None => STATUS_NONE,
         Some(Status::Ok) => STATUS_OK,
@@ -139,37 +109,29 @@ fn status_bit(s: Option<Status>) -> u16 {
     }
 }
 
-/// One bit per category (TLS, state, status) describing the event; a rule holds only if its
-/// [`Matchers::allowed_bits`] include all of them.
-fn event_bits(ev: &Event<'_>) -> u16 {
-    (if ev.tls { TLS_ON } else { TLS_OFF })
-        | u16::from(state_bit(ev.state)) << 2
-        | status_bit(ev.status)
-}
-
 /// Per-rule flags in [`Hot`].
-const ADDS_ITEMS: u8 = 1;
-const DENY_OR_REWRITE: u8 = 2;
-const COLD: u8 = 4;
-const NO_SET: u32 = u32::MAX;
+pub(super) const ADDS_ITEMS: u8 = 1;
+pub(super) const DENY_OR_REWRITE: u8 = 2;
+pub(super) const COLD: u8 = 4;
+pub(super) const NO_SET: u32 = u32::MAX;
 
 /// The part of a rule that evaluation looks at for every candidate, kept dense (16 bytes) so
 /// that rejecting a rule does not touch the rule itself: with 1000 rules a scan stays in L1.
 #[derive(Debug, Clone, Copy)]
-struct Hot {
+pub(super) struct Hot {
     /// [`Matchers::allowed_bits`].
-    allow: u16,
+    pub(super) allow: u16,
     /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener or client matchers).
-    flags: u8,
+    pub(super) flags: u8,
     /// Bit set of the regex fields present.
-    regexes: u8,
+    pub(super) regexes: u8,
     /// Each regex's pattern number in its kind's [`RegexSet`], or [`NO_SET`].
-    set_id: [u32; 3],
+    pub(super) set_id: [u32; 3],
 }
 
 /// What a matched rule does.
 #[derive(Debug)]
-enum Effect {
+pub(super) enum Effect {
     Allow,
     Deny {
         reply: String,
@@ -194,29 +156,29 @@ enum Effect {
 }
 
 #[derive(Debug)]
-struct Rule {
-    name: Arc<str>,
-    file: usize,
-    on: EventKind,
-    action: Action,
-    when: Matchers,
-    effect: Effect,
+pub(super) struct Rule {
+    pub(super) name: Arc<str>,
+    pub(super) file: usize,
+    pub(super) on: EventKind,
+    pub(super) action: Action,
+    pub(super) when: Matchers,
+    pub(super) effect: Effect,
 }
 
 /// A loaded, validated and indexed set of rules. Immutable: share it in an `Arc`; a reload
 /// builds a new one, so sessions keep the set they started with.
 pub struct RuleSet {
-    files: Vec<PathBuf>,
-    rules: Vec<Rule>,
+    pub(super) files: Vec<PathBuf>,
+    pub(super) rules: Vec<Rule>,
     /// Parallel to `rules`.
-    hot: Box<[Hot]>,
+    pub(super) hot: Box<[Hot]>,
     /// `kind * VERB_SLOTS + verb_slot` → indexes into `rules`, in load order.
-    index: Box<[Box<[u32]>]>,
+    pub(super) index: Box<[Box<[u32]>]>,
     /// Per index list: how many of its rules have a `user`, `args`, `text` regex.
-    regex_counts: Box<[[u16; 3]]>,
+    pub(super) regex_counts: Box<[[u16; 3]]>,
     /// Per event kind and regex field: the union of those regexes (`None` when unused or too
     /// big to build, then the rules' own regexes are used).
-    sets: Box<[[Option<RegexSet>; 3]]>,
+    pub(super) sets: Box<[[Option<RegexSet>; 3]]>,
 }
 
 impl fmt::Debug for RuleSet {
@@ -241,7 +203,7 @@ impl Default for RuleSet {
 
 /// A summary of one rule, for `popgate check` and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RuleInfo<'a> {
+pub(crate) struct RuleInfo<'a> {
     /// The rule's name.
     pub name: &'a str,
     /// The file it came from.
@@ -254,7 +216,7 @@ pub struct RuleInfo<'a> {
 
 impl RuleSet {
     /// No rules: every event gets the default (empty) verdict.
-    pub fn empty() -> RuleSet {
+    pub(crate) fn empty() -> RuleSet {
         Builder::default().finish()
     }
 
@@ -297,7 +259,7 @@ impl RuleSet {
     }
 
     /// Every rule in evaluation order.
-    pub fn rules(&self) -> impl ExactSizeIterator<Item = RuleInfo<'_>> + '_ {
+    pub(crate) fn rules(&self) -> impl ExactSizeIterator<Item = RuleInfo<'_>> + '_ {
         self.rules.iter().map(|r| RuleInfo {
             name: &r.name,
             file: &self.files[r.file],
@@ -308,196 +270,9 @@ impl RuleSet {
 
     /// Whether any rule is about `kind`: lets the session skip work (e.g. collecting a CAPA
     /// list item by item) that no rule would look at.
-    pub fn has_rules_for(&self, kind: EventKind) -> bool {
+    pub(crate) fn has_rules_for(&self, kind: EventKind) -> bool {
         self.rules.iter().any(|r| r.on == kind)
     }
-
-    /// Decide about one event: visit the rules indexed under its kind and verb in load order,
-    /// collect the effects of those whose matchers hold, stop at `allow`, `deny` or `drop`.
-    pub fn evaluate(&self, ev: &Event<'_>) -> Verdict {
-        let mut v = Verdict::default();
-        let list = ev.kind as usize * VERB_SLOTS + verb_slot(ev.verb);
-        let candidates = &self.index[list];
-        if candidates.is_empty() {
-            return v;
-        }
-        let mut pre: [Option<SetMatches>; 3] = [None, None, None];
-        for (f, found) in pre.iter_mut().enumerate() {
-            if self.regex_counts[list][f] >= SET_THRESHOLD
-                && let (Some(set), Some(value)) = (&self.sets[ev.kind as usize][f], field(ev, f))
-            {
-                *found = Some(set.matches(value));
-            }
-        }
-        let original = match ev.kind {
-            EventKind::Command => ev.args,
-            EventKind::Greeting | EventKind::Response | EventKind::Capa => ev.text,
-            _ => None,
-        };
-        // A SASL continuation line carries credentials, not arguments.
-        let sasl_line = ev.kind == EventKind::Command && ev.args.is_none();
-        let capa_end = ev.kind == EventKind::Capa && ev.text.is_none();
-        let mut current: Option<Vec<u8>> = None;
-        let bits = event_bits(ev);
-        let values = [field(ev, USER), field(ev, ARGS), field(ev, TEXT)];
-        'rules: for &i in candidates.iter() {
-            let i = i as usize;
-            let h = &self.hot[i];
-            if bits & !h.allow != 0 {
-                continue;
-            }
-            if ev.kind == EventKind::Capa && capa_end != (h.flags & ADDS_ITEMS != 0) {
-                continue;
-            }
-            if sasl_line && (h.regexes & (1 << ARGS) != 0 || h.flags & DENY_OR_REWRITE != 0) {
-                continue;
-            }
-            let mut cold_regexes = 0;
-            for f in 0..3 {
-                if h.regexes & (1 << f) == 0 {
-                    continue;
-                }
-                match (values[f], &pre[f]) {
-                    (None, _) => continue 'rules,
-                    (Some(_), Some(found)) if h.set_id[f] != NO_SET => {
-                        if !found.matched(h.set_id[f] as usize) {
-                            continue 'rules;
-                        }
-                    }
-                    (Some(_), _) => cold_regexes |= 1 << f,
-                }
-            }
-            let r = &self.rules[i];
-            if (h.flags & COLD != 0 || cold_regexes != 0) && !r.when.hold_cold(ev, cold_regexes) {
-                continue;
-            }
-            v.matched.push(r.name.clone());
-            match &r.effect {
-                Effect::Allow => {
-                    v.outcome = Outcome::Allow {
-                        rule: r.name.clone(),
-                    };
-                    break;
-                }
-                Effect::Deny { reply, close_after } => {
-                    v.outcome = Outcome::Deny {
-                        reply: reply.clone(),
-                        rule: r.name.clone(),
-                        close_after: *close_after,
-                    };
-                    break;
-                }
-                Effect::Drop => {
-                    v.outcome = Outcome::Drop {
-                        rule: r.name.clone(),
-                    };
-                    break;
-                }
-                Effect::Replace {
-                    re,
-                    with,
-                    keep_apop,
-                } => {
-                    let Some(orig) = original else { continue };
-                    let cur = current.as_deref().unwrap_or(orig);
-                    let new = match re {
-                        Some(re) => match re.replace_all(cur, &with[..]) {
-                            Cow::Borrowed(_) => continue,
-                            Cow::Owned(new) => new,
-                        },
-                        None => with.to_vec(),
-                    };
-                    match checked_rewrite(ev.kind, orig, new, *keep_apop) {
-                        Ok(new) => current = Some(new),
-                        Err(why) => v.logs.push((
-                            Level::WARN,
-                            format!("rule `{}`: rewrite ignored: {why}", r.name),
-                        )),
-                    }
-                }
-                Effect::RemoveItem => v.remove = true,
-                Effect::AddItems(items) => {
-                    for item in items.iter() {
-                        if !v.add_capa.contains(item) {
-                            v.add_capa.push(item.clone());
-                        }
-                    }
-                }
-                Effect::Log { level, template } => {
-                    v.logs.push((*level, template.render(ev, &r.name)));
-                }
-                Effect::Tag(tags) => {
-                    for t in tags.iter() {
-                        if !v.tags.contains(t) {
-                            v.tags.push(t.clone());
-                        }
-                    }
-                }
-                Effect::Delay(d) => {
-                    v.delay = Some(v.delay.unwrap_or_default().saturating_add(*d));
-                }
-                Effect::Trace => v.trace = true,
-            }
-        }
-        if !v.passes() {
-            // Nothing is forwarded: rewrites have nothing to apply to.
-            v.remove = false;
-            v.add_capa.clear();
-        } else if ev.kind == EventKind::Capa && current.as_deref().is_some_and(is_blank) {
-            // A CAPA item rewritten to nothing is removed.
-            v.remove = true;
-        } else if !v.remove {
-            v.rewritten = current.filter(|c| Some(c.as_slice()) != original);
-        }
-        v
-    }
-}
-
-fn is_blank(b: &[u8]) -> bool {
-    b.iter().all(u8::is_ascii_whitespace)
-}
-
-/// Make sure a rewrite cannot desynchronise the protocol: no line breaks (they would inject
-/// lines), and a status line keeps its status indicator (which decides whether a body
-/// follows). A greeting rewrite that lost the APOP timestamp gets it back when `keep_apop`.
-fn checked_rewrite(
-    kind: EventKind,
-    orig: &[u8],
-    mut new: Vec<u8>,
-    keep_apop: bool,
-) -> Result<Vec<u8>, &'static str> {
-    if new.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
-        return Err("the result contains CR, LF or NUL");
-    }
-    if matches!(kind, EventKind::Greeting | EventKind::Response) {
-        let status = |l: &[u8]| StatusLine::parse(l).ok().map(|s| s.status);
-        if status(&new) != status(orig) {
-            return Err("the result changes the status indicator (+OK/-ERR/+)");
-        }
-    }
-    if kind == EventKind::Greeting
-        && keep_apop
-        && let Some(ts) = apop_timestamp(orig)
-        && memchr::memmem::find(&new, ts).is_none()
-    {
-        new.push(b' ');
-        new.extend_from_slice(ts);
-    }
-    Ok(new)
-}
-
-/// The RFC 1939 APOP timestamp (`<...@...>`) in a greeting, if any.
-fn apop_timestamp(line: &[u8]) -> Option<&[u8]> {
-    let mut from = 0;
-    while let Some(start) = memchr::memchr(b'<', &line[from..]).map(|i| from + i) {
-        let end = start + memchr::memchr(b'>', &line[start..])?;
-        let inner = &line[start + 1..end];
-        if inner.contains(&b'@') && !inner.iter().any(|b| b.is_ascii_whitespace() || *b == b'<') {
-            return Some(&line[start..=end]);
-        }
-        from = start + 1;
-    }
-    None
 }
 
 /// Accumulates files and rules; checks name uniqueness across files.
@@ -1025,39 +800,4 @@ fn rewrite_effect(raw: RawRule, on: EventKind) -> Result<Effect, Problem> {
         with: with.into_bytes().into_boxed_slice(),
         keep_apop: raw.keep_apop.unwrap_or(true),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_apop_timestamps() {
-        let ts = |l: &[u8]| apop_timestamp(l).map(|t| String::from_utf8_lossy(t).into_owned());
-        assert_eq!(ts(b"+OK ready <1.2@h>").as_deref(), Some("<1.2@h>"));
-        assert_eq!(
-            ts(b"+OK <not one> then <1.2@h> end").as_deref(),
-            Some("<1.2@h>")
-        );
-        assert_eq!(ts(b"+OK<1.2@h>").as_deref(), Some("<1.2@h>"));
-        assert_eq!(ts(b"+OK <no-at> here"), None);
-        assert_eq!(ts(b"+OK <a@b"), None);
-        assert_eq!(ts(b"+OK ready"), None);
-    }
-
-    #[test]
-    fn rewrites_cannot_break_framing() {
-        let ok = |k, o: &[u8], n: &[u8]| checked_rewrite(k, o, n.to_vec(), true);
-        assert!(ok(EventKind::Command, b"a", b"b\r\nDELE 1").is_err());
-        assert!(ok(EventKind::Capa, b"TOP", b"TOP\0").is_err());
-        assert!(ok(EventKind::Response, b"+OK 5 octets", b"-ERR no").is_err());
-        assert!(ok(EventKind::Response, b"+OK 5 octets", b"+OKAY").is_err());
-        assert!(ok(EventKind::Response, b"+ abc", b"+ def").is_ok());
-        assert!(ok(EventKind::Greeting, b"-ERR busy", b"+OK").is_err());
-        assert_eq!(
-            ok(EventKind::Greeting, b"+OK x <1@h>", b"+OK y").unwrap(),
-            b"+OK y <1@h>"
-        );
-        assert_eq!(ok(EventKind::Command, b"a", b"b").unwrap(), b"b");
-    }
 }
