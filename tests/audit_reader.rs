@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use popgate::audit::{
-    AuditEvent, AuditRecord, DeleteMarked, Deleted, Denied, EndReason, EventKind, Filter, Headers,
+    AuditEvent, AuditRecord, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Filter, Headers,
     Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
     TlsDetails, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
 };
@@ -138,7 +138,7 @@ fn day_one() -> Vec<AuditEvent> {
             1,
             SessionClose {
                 user: user("bob"),
-                reason: EndReason::Quit,
+                reason: CloseReason::Quit,
                 bytes_from_client: 87,
                 bytes_to_client: 50311,
                 duration_ms: 2400,
@@ -149,7 +149,7 @@ fn day_one() -> Vec<AuditEvent> {
             2,
             SessionClose {
                 user: None,
-                reason: EndReason::ClientEof,
+                reason: CloseReason::ClientEof,
                 bytes_from_client: 61,
                 bytes_to_client: 210,
                 duration_ms: 4000,

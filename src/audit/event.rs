@@ -468,10 +468,10 @@ pub struct Update {
     pub outcome: UpdateOutcome,
 }
 
-/// Why a session ended.
+/// Why a session ended: what the session decides and the audit trail records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EndReason {
+pub enum CloseReason {
     /// The client sent QUIT and got the answer.
     Quit,
     /// The client closed without QUIT.
@@ -492,38 +492,34 @@ pub enum EndReason {
     Error,
 }
 
-impl EndReason {
-    /// Every reason, for tests and help texts.
-    pub(crate) const ALL: [EndReason; 9] = [
-        EndReason::Quit,
-        EndReason::ClientEof,
-        EndReason::UpstreamEof,
-        EndReason::IdleTimeout,
-        EndReason::LoginTimeout,
-        EndReason::GreetingTimeout,
-        EndReason::RuleDrop,
-        EndReason::Shutdown,
-        EndReason::Error,
+impl CloseReason {
+    /// Every reason: the serialised names must match [`CloseReason::as_str`].
+    #[cfg(test)]
+    pub(crate) const ALL: [CloseReason; 9] = [
+        CloseReason::Quit,
+        CloseReason::ClientEof,
+        CloseReason::UpstreamEof,
+        CloseReason::IdleTimeout,
+        CloseReason::LoginTimeout,
+        CloseReason::GreetingTimeout,
+        CloseReason::RuleDrop,
+        CloseReason::Shutdown,
+        CloseReason::Error,
     ];
 
     /// The snake_case name (`"client_eof"`, ...).
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            EndReason::Quit => "quit",
-            EndReason::ClientEof => "client_eof",
-            EndReason::UpstreamEof => "upstream_eof",
-            EndReason::IdleTimeout => "idle_timeout",
-            EndReason::LoginTimeout => "login_timeout",
-            EndReason::GreetingTimeout => "greeting_timeout",
-            EndReason::RuleDrop => "rule_drop",
-            EndReason::Shutdown => "shutdown",
-            EndReason::Error => "error",
+            CloseReason::Quit => "quit",
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::UpstreamEof => "upstream_eof",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LoginTimeout => "login_timeout",
+            CloseReason::GreetingTimeout => "greeting_timeout",
+            CloseReason::RuleDrop => "rule_drop",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
         }
-    }
-
-    /// The reason with this snake_case name (as `session::CloseReason::as_str` produces).
-    pub(crate) fn from_name(name: &str) -> Option<EndReason> {
-        EndReason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 }
 
@@ -534,7 +530,7 @@ pub struct SessionClose {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// How it ended.
-    pub reason: EndReason,
+    pub reason: CloseReason,
     /// Octets read from the client.
     pub bytes_from_client: u64,
     /// Octets written to the client.
@@ -678,8 +674,7 @@ mod tests {
         assert_eq!(d.verb, "DELE");
         assert_eq!(RetrieveVerb::from_verb(Verb::Top), Some(RetrieveVerb::Top));
         assert_eq!(RetrieveVerb::from_verb(Verb::Dele), None);
-        for r in EndReason::ALL {
-            assert_eq!(EndReason::from_name(r.as_str()), Some(r));
+        for r in CloseReason::ALL {
             let json = serde_json::to_string(&r).unwrap();
             assert_eq!(json, format!("\"{}\"", r.as_str()));
         }

@@ -19,7 +19,7 @@ pub(crate) mod transcript;
 
 pub use config::{AuditConfig, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig};
 pub use event::{
-    AuditEvent, DeleteMarked, Deleted, Denied, EndReason, EventKind, Headers, Login, Outcome,
+    AuditEvent, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Headers, Login, Outcome,
     Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsDetails, TlsEvent, TlsSide,
     Update, UpdateOutcome,
 };

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
+pub(crate) use crate::audit::CloseReason;
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
@@ -30,46 +31,6 @@ use super::policy::{Policy, Terminal};
 const MAX_DISCARD_FACTOR: usize = 16;
 /// A CAPA body is buffered for rewriting; a longer one is a protocol error.
 const MAX_CAPA: usize = 64 * 1024;
-
-/// How a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CloseReason {
-    /// The client sent QUIT and the exchange completed.
-    Quit,
-    /// The client closed its connection without QUIT.
-    ClientEof,
-    /// The server closed its connection.
-    UpstreamEof,
-    /// Nothing happened for `limits.idle_timeout`.
-    IdleTimeout,
-    /// No login within `limits.login_timeout` of connecting.
-    LoginTimeout,
-    /// The upstream sent no greeting within `limits.greeting_timeout`.
-    GreetingTimeout,
-    /// popgate is shutting down.
-    Shutdown,
-    /// A rule ended the session (`drop`, or `deny` with `close_after`).
-    RuleDrop,
-    /// An error on either side.
-    Error,
-}
-
-impl CloseReason {
-    /// snake_case name for logs and audit.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Quit => "quit",
-            CloseReason::ClientEof => "client_eof",
-            CloseReason::UpstreamEof => "upstream_eof",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::LoginTimeout => "login_timeout",
-            CloseReason::GreetingTimeout => "greeting_timeout",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::RuleDrop => "rule_drop",
-            CloseReason::Error => "error",
-        }
-    }
-}
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]

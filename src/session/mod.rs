@@ -161,7 +161,7 @@ pub(crate) async fn run(
             };
             let _ = client.shutdown().await;
             observer.close(
-                CloseReason::Error.as_str(),
+                CloseReason::Error,
                 None,
                 0,
                 sent,
@@ -234,7 +234,7 @@ pub(crate) async fn run(
     let obs = &mut driver.observer.observer;
     obs.set_tags(driver.hop.tags());
     obs.close(
-        reason.as_str(),
+        reason,
         driver.hop.user(),
         driver.traffic.from_client,
         driver.traffic.to_client,

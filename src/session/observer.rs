@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::{
-    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, EndReason, HeaderExtractor, HeaderSet,
+    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, CloseReason, HeaderExtractor, HeaderSet,
     Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsDetails, TlsEvent, TlsSide,
     Transcript, TranscriptConfig, Update, UpdateOutcome,
 };
@@ -301,7 +301,7 @@ impl Observer {
     /// `session_close` (and a `retrieve` with `complete: false` if a body was cut off).
     pub fn close(
         &mut self,
-        reason: &str,
+        reason: CloseReason,
         user: Option<&str>,
         from_client: u64,
         to_client: u64,
@@ -310,7 +310,7 @@ impl Observer {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
         }
-        self.transcript.note(&format!("session closed: {reason}"));
+        self.transcript.note(&format!("session closed: {}", reason.as_str()));
         self.transcript.flush();
         if !self.auditing() {
             return;
@@ -318,7 +318,7 @@ impl Observer {
         self.finish_retrieval(false, user);
         self.push(SessionClose {
             user: user.map(str::to_owned),
-            reason: EndReason::from_name(reason).unwrap_or(EndReason::Error),
+            reason,
             bytes_from_client: from_client,
             bytes_to_client: to_client,
             duration_ms,
