@@ -18,6 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub use crate::audit::TlsInfo;
 use crate::config::{Config, TlsConfig, UpstreamConfig};
 
 /// A TLS setup problem: which file, and what is wrong with it.
@@ -302,17 +303,6 @@ impl ServerCertVerifier for NoVerify {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// What was negotiated on a TLS connection, for logs, rules and audit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInfo {
-    /// `TLSv1_3` or `TLSv1_2`.
-    pub version: String,
-    /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// SNI the client sent (client side only).
-    pub sni: Option<String>,
 }
 
 /// A connection to a client or to the upstream: plain, or TLS on top of TCP.

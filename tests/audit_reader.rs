@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use popgate::audit::{
     AuditEvent, AuditRecord, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Filter, Headers,
     Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsDetails, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
+    TlsInfo, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
 };
 
 fn at(s: &str) -> SystemTime {
@@ -35,7 +35,7 @@ fn day_one() -> Vec<AuditEvent> {
                 listener: "pop3s".into(),
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:995"),
-                client_tls: Some(TlsDetails {
+                client_tls: Some(TlsInfo {
                     version: "TLSv1_3".into(),
                     cipher: "TLS13_AES_256_GCM_SHA384".into(),
                     sni: Some("mail.example.org".into()),
@@ -67,7 +67,7 @@ fn day_one() -> Vec<AuditEvent> {
             2,
             TlsEvent::new(
                 TlsSide::Client,
-                TlsDetails {
+                TlsInfo {
                     version: "TLSv1_2".into(),
                     cipher: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
                     sni: None,

@@ -187,9 +187,9 @@ into_kind!(
     SessionClose => SessionClose,
 );
 
-/// Negotiated TLS parameters.
+/// What was negotiated on a TLS connection (client or upstream side), for logs and audit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsDetails {
+pub struct TlsInfo {
     /// Protocol version, e.g. `TLSv1_3`.
     pub version: String,
     /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
@@ -211,7 +211,7 @@ pub struct SessionOpen {
     /// TLS with the client, when the listener is implicit TLS (omitted otherwise; a later
     /// STLS upgrade is a `tls` event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_tls: Option<TlsDetails>,
+    pub client_tls: Option<TlsInfo>,
 }
 
 /// Which connection a `tls` event is about.
@@ -250,7 +250,7 @@ pub struct TlsEvent {
 
 impl TlsEvent {
     /// A `tls` event for `side` from negotiated parameters.
-    pub fn new(side: TlsSide, tls: TlsDetails) -> TlsEvent {
+    pub fn new(side: TlsSide, tls: TlsInfo) -> TlsEvent {
         TlsEvent {
             side,
             version: tls.version,

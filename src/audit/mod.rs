@@ -20,7 +20,7 @@ pub(crate) mod transcript;
 pub use config::{AuditConfig, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig};
 pub use event::{
     AuditEvent, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Headers, Login, Outcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsDetails, TlsEvent, TlsSide,
+    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsInfo, TlsEvent, TlsSide,
     Update, UpdateOutcome,
 };
 pub(crate) use headers::HeaderExtractor;

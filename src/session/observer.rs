@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use crate::audit::{
     AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, CloseReason, HeaderExtractor, HeaderSet,
-    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsDetails, TlsEvent, TlsSide,
+    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsInfo, TlsEvent, TlsSide,
     Transcript, TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
-use crate::tls::TlsInfo;
 
 use crate::pop3::tracker::{ResponseMeta, State};
 
@@ -46,14 +45,6 @@ pub struct Observer {
     uidls: HashMap<u32, String>,
     marked: Vec<u32>,
     transcript: Transcript,
-}
-
-fn details(t: &TlsInfo) -> TlsDetails {
-    TlsDetails {
-        version: t.version.clone(),
-        cipher: t.cipher.clone(),
-        sni: t.sni.clone(),
-    }
 }
 
 impl Observer {
@@ -120,7 +111,7 @@ impl Observer {
                 listener: listener.to_owned(),
                 client,
                 local,
-                client_tls: tls.map(details),
+                client_tls: tls.cloned(),
             });
         }
     }
@@ -134,7 +125,7 @@ impl Observer {
             tls.cipher
         ));
         if self.auditing() {
-            self.push(TlsEvent::new(side, details(tls)));
+            self.push(TlsEvent::new(side, tls.clone()));
         }
     }
 
