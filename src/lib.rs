@@ -10,25 +10,26 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod limits;
-pub mod listener;
+mod net;
 pub mod pop3;
 mod proxy;
 pub mod rules;
 pub mod session;
-pub mod tls;
-pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+use net::listener;
+pub use net::tls;
 pub use session::Shared;
+use tracing::Instrument as _;
 
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,7 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     /// Certificates or keys could not be loaded.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::net::tls::TlsError),
     /// The audit trail could not be opened.
     #[error("audit: {0}")]
     Audit(#[from] crate::audit::SinkError),
@@ -65,7 +66,7 @@ fn build_shared(config: Config, audit: audit::AuditSink) -> Result<Arc<Shared>, 
     check_trace_rules(&config, &rules)?;
     Ok(Arc::new(Shared {
         headers: config.audit.header_set(),
-        limiter: limits::Limiter::new(&config.limits),
+        limiter: Arc::new(limits::Limiter::new(&config.limits)),
         config: Arc::new(config),
         tls,
         rules: std::sync::RwLock::new(Arc::new(rules)),
@@ -195,12 +196,33 @@ impl Proxy {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(listener = %l.config.name, %addr, "listening");
             }
+            let (shared, tasks, ids, rx2) =
+                (self.shared.clone(), tasks.clone(), ids.clone(), rx.clone());
+            let on_accept = move |a: listener::Accepted| {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let info = session::SessionInfo {
+                    id,
+                    listener: a.listener,
+                    client: a.client,
+                    local: a.local,
+                    tls_mode: a.tls,
+                };
+                let span = tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
+                let (shared, shutdown, slots) = (shared.clone(), rx2.clone(), a.slots);
+                tasks.spawn(
+                    async move {
+                        tracing::info!("session open");
+                        session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
+                        drop(slots);
+                    }
+                    .instrument(span),
+                );
+            };
             accept_loops.push(tokio::spawn(l.serve(
-                self.shared.clone(),
+                self.shared.limiter.clone(),
                 sessions.clone(),
-                ids.clone(),
-                tasks.clone(),
                 rx.clone(),
+                on_accept,
             )));
         }
         shutdown.await;

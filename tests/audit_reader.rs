@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use popgate::audit::{
-    AuditEvent, AuditRecord, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Filter, Headers,
-    Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsInfo, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
+    AuditEvent, AuditRecord, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Filter,
+    Headers, Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
+    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
 };
 
 fn at(s: &str) -> SystemTime {

@@ -19,9 +19,9 @@ pub(crate) mod transcript;
 
 pub use config::{AuditConfig, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig};
 pub use event::{
-    AuditEvent, DeleteMarked, Deleted, Denied, CloseReason, EventKind, Headers, Login, Outcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsInfo, TlsEvent, TlsSide,
-    Update, UpdateOutcome,
+    AuditEvent, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Headers, Login, Outcome,
+    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide, Update,
+    UpdateOutcome,
 };
 pub(crate) use headers::HeaderExtractor;
 pub use headers::HeaderSet;

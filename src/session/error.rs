@@ -24,7 +24,7 @@ pub enum SessionError {
     },
     /// The upstream could not be reached.
     #[error(transparent)]
-    Connect(#[from] crate::upstream::ConnectError),
+    Connect(#[from] crate::net::upstream::ConnectError),
     /// The server broke the protocol.
     #[error("upstream protocol error: {0}")]
     Protocol(#[from] crate::pop3::tracker::ProtocolError),

@@ -18,13 +18,13 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::net::tls::{Stream, TlsInfo, TlsSetup};
 use crate::pop3::command::Verb;
 use crate::pop3::tracker::{ResponseMeta, State};
 pub(crate) use crate::proxy::CloseReason;
 use crate::proxy::policy::{Policy, Terminal};
 use crate::proxy::{Action, Hop, HopConfig, Observe};
 use crate::rules::{Event, EventKind, RuleSet};
-use crate::tls::{Stream, TlsInfo, TlsSetup};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
@@ -46,7 +46,7 @@ pub struct Shared {
     /// Headers the audit trail extracts from retrieved messages.
     pub headers: Arc<crate::audit::HeaderSet>,
     /// Per-IP session caps and the failed-login penalty (`src/limits.rs`).
-    pub limiter: crate::limits::Limiter,
+    pub limiter: Arc<crate::limits::Limiter>,
 }
 
 impl Shared {
@@ -143,7 +143,7 @@ pub(crate) async fn run(
     observer.set_tags(&policy.tags);
     observer.open(&info.listener, info.client, info.local, client_tls.as_ref());
     observer.flush().await;
-    let upstream = match crate::upstream::connect(
+    let upstream = match crate::net::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
         config.limits.max_line,

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::{
-    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, CloseReason, HeaderExtractor, HeaderSet,
-    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsInfo, TlsEvent, TlsSide,
+    AuditEvent, AuditSink, CloseReason, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet,
+    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide,
     Transcript, TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::pop3::command::{Verb, trim_eol};
@@ -301,7 +301,8 @@ impl Observer {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
         }
-        self.transcript.note(&format!("session closed: {}", reason.as_str()));
+        self.transcript
+            .note(&format!("session closed: {}", reason.as_str()));
         self.transcript.flush();
         if !self.auditing() {
             return;

@@ -5,9 +5,9 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::config::{TlsMode, UpstreamConfig};
+use crate::net::tls::{Stream, UpstreamTls};
 use crate::pop3::command::line_end;
 use crate::pop3::response::{Status, StatusLine};
-use crate::tls::{Stream, UpstreamTls};
 
 /// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).
 #[derive(Debug, thiserror::Error)]

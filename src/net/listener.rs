@@ -1,21 +1,34 @@
-//! Listening sockets: bind, accept, cap concurrent sessions (in all and per client IP), spawn
-//! a task per client.
+//! Listening sockets: bind, accept, cap concurrent sessions (in all and per client IP), and
+//! hand each accepted client on (the caller starts its session).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info_span, warn};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::warn;
 
-use crate::config::ListenerConfig;
-use crate::limits::{AcceptBackoff, Counters};
-use crate::session::{self, SessionInfo, Shared};
-use crate::tls::Stream;
+use crate::config::{ListenerConfig, TlsMode};
+use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter};
+
+/// A client accepted and counted, ready for its session.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    /// The connection.
+    pub(crate) tcp: TcpStream,
+    /// Client address.
+    pub(crate) client: SocketAddr,
+    /// Local address the client connected to.
+    pub(crate) local: SocketAddr,
+    /// Listener name.
+    pub(crate) listener: Arc<str>,
+    /// The listener's client-side TLS mode.
+    pub(crate) tls: TlsMode,
+    /// The session's slots (in all and for its IP): freed when dropped, at the session's end.
+    pub(crate) slots: (OwnedSemaphorePermit, IpSlot),
+}
 
 /// A listener could not bind its address.
 #[derive(Debug, thiserror::Error)]
@@ -55,18 +68,17 @@ impl Listener {
         self.socket.local_addr()
     }
 
-    /// Accept clients until `shutdown` turns true; sessions are spawned on `tasks`.
+    /// Accept clients until `shutdown` turns true, handing each to `on_accept`.
     ///
     /// A client is accepted first and then counted: over `limits.max_sessions` (the permits of
     /// `sessions`, shared by every listener) or `limits.max_sessions_per_ip` it gets a
     /// `-ERR [SYS/TEMP]` line and is closed at once, instead of waiting in the backlog.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self,
-        shared: Arc<Shared>,
+        limiter: Arc<Limiter>,
         sessions: Arc<Semaphore>,
-        ids: Arc<AtomicU64>,
-        tasks: TaskTracker,
         mut shutdown: watch::Receiver<bool>,
+        mut on_accept: impl FnMut(Accepted),
     ) {
         let name: Arc<str> = Arc::from(self.config.name.as_str());
         let mut backoff = AcceptBackoff::default();
@@ -99,8 +111,8 @@ impl Listener {
                 },
                 _ = shutdown.changed() => return,
             };
-            let counters = &shared.limiter.counters;
-            let Some(ip_slot) = shared.limiter.sessions.try_acquire(client.ip()) else {
+            let counters = &limiter.counters;
+            let Some(ip_slot) = limiter.sessions.try_acquire(client.ip()) else {
                 let total = Counters::bump(&counters.per_ip_refused);
                 warn!(listener = %name, %client, refused_total = total,
                     "too many sessions from this address: connection refused");
@@ -119,25 +131,14 @@ impl Listener {
             };
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().unwrap_or(self.config.bind);
-            let id = ids.fetch_add(1, Ordering::Relaxed);
-            let info = SessionInfo {
-                id,
-                listener: name.clone(),
+            on_accept(Accepted {
+                tcp,
                 client,
                 local,
-                tls_mode: self.config.tls,
-            };
-            let span = info_span!("session", id, client = %client, listener = %name);
-            let shared = shared.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(
-                async move {
-                    tracing::info!("session open");
-                    session::run(Stream::Plain(tcp), info, shared, shutdown).await;
-                    drop((permit, ip_slot));
-                }
-                .instrument(span),
-            );
+                listener: name.clone(),
+                tls: self.config.tls,
+                slots: (permit, ip_slot),
+            });
         }
     }
 }
@@ -145,7 +146,7 @@ impl Listener {
 /// Send `line` to a client popgate will not serve, and close. Never waits: the write goes
 /// straight to the fresh socket's empty send buffer, so a client that does not read cannot
 /// stall the accept loop (nor hold a task or a descriptor).
-fn refuse(tcp: tokio::net::TcpStream, line: &[u8]) {
+fn refuse(tcp: TcpStream, line: &[u8]) {
     if let Ok(std) = tcp.into_std() {
         let _ = (&std).write(line);
     }
