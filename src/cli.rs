@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "popgate", version, about, long_about)]
 pub struct Cli {
-    /// Log level or tracing filter (error, warn, info, debug, trace); overrides [log] level.
+    /// Log level or tracing filter (error, warn, info, debug, trace); overrides log.level in the config.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// What to do.

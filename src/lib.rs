@@ -9,12 +9,12 @@ pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod limits;
+mod limits;
 mod net;
 pub mod pop3;
 mod proxy;
 pub mod rules;
-pub mod session;
+mod session;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! The POP3 wire protocol: pure parsers over byte slices, no I/O.
 
-pub mod capa;
+pub(crate) mod capa;
 pub mod command;
 pub mod response;
 pub mod tracker;

@@ -1,4 +1,4 @@
-//! Why a session ended abnormally, and which side failed: client, upstream or popgate itself.
+//! Why a session ended abnormally, and which side failed: the client or the upstream.
 
 /// Which side of a session failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -7,8 +7,6 @@ pub enum Side {
     Client,
     /// The POP3 server.
     Upstream,
-    /// popgate itself.
-    Internal,
 }
 
 /// Why a session ended abnormally.
