@@ -117,9 +117,18 @@ impl Transcript {
     }
 
     /// A command line from the client, redacted by [`redact_command_line`].
+    #[cfg(test)] // sessions hand over the parsed command (`client_command`)
     pub(crate) fn client_line(&mut self, line: &[u8]) {
         if self.inner.is_some() {
             let text = redact_command_line(line);
+            self.write_line("C:", &text, true);
+        }
+    }
+
+    /// A command the client sent, as parsed once by the proxy, redacted.
+    pub(crate) fn client_command(&mut self, cmd: &crate::pop3::command::Command<'_>) {
+        if self.inner.is_some() {
+            let text = redact_command(cmd);
             self.write_line("C:", &text, true);
         }
     }
@@ -365,12 +374,21 @@ fn display_raw(bytes: &[u8]) -> String {
 ///
 /// SASL continuation lines are not commands and cannot be recognised here: a caller in a SASL
 /// exchange must not pass them (use `***`).
+/// A parsed command for the transcript: as sent, or with secrets as `***`.
+fn redact_command(cmd: &crate::pop3::command::Command<'_>) -> String {
+    if cmd.verb.has_secret_args() {
+        display_raw(cmd.redacted().as_bytes())
+    } else {
+        display(cmd.raw)
+    }
+}
+
+#[cfg(test)] // the redaction tests: sessions pass the parsed command
 pub(crate) fn redact_command_line(line: &[u8]) -> String {
     // One redaction rule for logs, rules and transcripts: the command parser's.
     use crate::pop3::command::{Command, Verb, trim_eol};
     match Command::parse(line) {
-        Ok(cmd) if !cmd.verb.has_secret_args() => display(line),
-        Ok(cmd) => display_raw(cmd.redacted().as_bytes()),
+        Ok(cmd) => redact_command(&cmd),
         Err(_) => {
             // Not a valid command: show a known keyword, never unknown text.
             let content = trim_eol(line);
@@ -391,6 +409,7 @@ pub(crate) fn redact_command_line(line: &[u8]) -> String {
     }
 }
 
+#[cfg(test)]
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }

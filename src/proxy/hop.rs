@@ -58,8 +58,8 @@ pub(crate) enum Action {
 /// What a hop reports as it goes, and the one shared service it asks for. The session's audit
 /// observer implements it.
 pub(crate) trait Observe {
-    /// A command line the client sent (the transcript redacts it).
-    fn client_line(&mut self, raw: &[u8]);
+    /// A command the client sent, parsed (the transcript redacts it).
+    fn client_command(&mut self, cmd: &Command<'_>);
     /// A SASL answer, or a line taken for one: never its content.
     fn client_sasl(&mut self);
     /// A reply popgate gave itself.
@@ -721,7 +721,7 @@ impl Hop {
             }
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
-                obs.client_line(cmd.raw);
+                obs.client_command(&cmd);
                 let (decision, delay) = self.decide(&cmd, obs);
                 if let Some(d) = delay {
                     // Tarpit: what was decided before goes out first.

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use super::policy::Policy;
 use super::{Action, CloseReason, Hop, HopConfig, Observe};
 use crate::config::UnknownCommands;
-use crate::pop3::command::Verb;
+use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
 use crate::rules::RuleSet;
 
@@ -22,7 +22,7 @@ struct Rec {
 }
 
 impl Observe for Rec {
-    fn client_line(&mut self, _: &[u8]) {}
+    fn client_command(&mut self, _: &Command<'_>) {}
     fn client_sasl(&mut self) {}
     fn local_reply(&mut self, _: &[u8]) {}
     fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State) {

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
 use crate::net::tls::{Stream, TlsInfo, TlsSetup};
-use crate::pop3::command::Verb;
+use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
 pub(crate) use crate::proxy::CloseReason;
 use crate::proxy::policy::{Policy, Terminal};
@@ -287,8 +287,8 @@ struct SessionObserver {
 }
 
 impl Observe for SessionObserver {
-    fn client_line(&mut self, raw: &[u8]) {
-        self.observer.client_line(raw);
+    fn client_command(&mut self, cmd: &Command<'_>) {
+        self.observer.client_command(cmd);
     }
     fn client_sasl(&mut self) {
         self.observer.client_sasl();

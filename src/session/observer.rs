@@ -130,8 +130,8 @@ impl Observer {
     }
 
     /// A command line the client sent (redacted by the transcript).
-    pub fn client_line(&mut self, line: &[u8]) {
-        self.transcript.client_line(line);
+    pub fn client_command(&mut self, cmd: &crate::pop3::command::Command<'_>) {
+        self.transcript.client_command(cmd);
     }
 
     /// A SASL answer: never its content.
