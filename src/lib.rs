@@ -8,7 +8,6 @@ pub mod audit;
 pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod limits;
 pub mod listener;
 pub mod pop3;

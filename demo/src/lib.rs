@@ -10,6 +10,10 @@
 //! `USER`/`PASS`, `APOP`, `AUTH PLAIN`/`LOGIN`, `STLS` and implicit TLS, and pipelined commands
 //! answered in order. Messages are kept in wire form (CRLF line ends, not dot-stuffed); sizes in
 //! `LIST`/`STAT` are octets of that form.
+//!
+//! It is its own crate, independent of the proxy, so the proxy is tested against a server that
+//! reads the protocol for itself.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -25,8 +29,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::pop3::command::{Command, Verb, line_end, trim_eol};
-use crate::pop3::response::dot_stuff;
+mod command;
+
+pub use command::Verb;
+use command::{Command, dot_stuff, line_end, trim_eol};
 
 /// Name the server gives itself in its greeting, `CAPA IMPLEMENTATION` and APOP timestamps.
 pub const SERVER_NAME: &str = "popgate-demo";
@@ -871,7 +877,7 @@ impl Session {
                 self.send_line(stream, &text).await?;
                 Ok(Next::Close)
             }
-            Verb::Unknown | Verb::Utf8 | Verb::Lang => {
+            Verb::Unknown => {
                 self.send_line(stream, "-ERR unknown command").await?;
                 Ok(Next::Continue)
             }
