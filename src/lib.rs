@@ -8,7 +8,6 @@ pub mod audit;
 pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
-pub mod demo;
 mod limits;
 mod net;
 pub mod pop3;

@@ -151,7 +151,7 @@ const DEMO_KEY: &str = include_str!("../certs/localhost.key");
 /// `popgate demo`: the demo POP3 server on an ephemeral loopback port, the proxy in front of
 /// it with a plain+STLS listener and an implicit-TLS listener.
 async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) -> Result<()> {
-    use popgate::demo::{DemoServer, ServerOptions, sample_mailboxes};
+    use popgate_demo::{DemoServer, ServerOptions, sample_mailboxes};
     let mailboxes = sample_mailboxes();
     let server = DemoServer::start(
         "127.0.0.1:0".parse()?,

@@ -23,7 +23,7 @@ use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, lf_only, served};
 use common::proxy::{
     Harness, PopgateOpts, PopgateProcess, ProxyHandle, big_message, mailbox, popgate_bin, rule_file,
 };
-use popgate::demo::{DemoServer, Faults, ServerOptions};
+use popgate_demo::{DemoServer, Faults, ServerOptions};
 use serde_json::{Value, json};
 
 const USER: &str = "alice";

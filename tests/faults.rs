@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::clients::{self, poplib, poplib_spec};
 use common::proxy::{Harness, ProxyHandle, big_message, mailbox};
-use popgate::demo::{DemoServer, Faults, ServerOptions};
-use popgate::pop3::command::Verb;
+use popgate_demo::{DemoServer, Faults, ServerOptions, Verb};
 use serde_json::{Value, json};
 
 const USER: &str = "alice";

@@ -10,7 +10,7 @@ mod common;
 use common::certs::TestPki;
 use common::clients::{FetchmailRun, fetchmail, fetchmail_run};
 use common::proxy::{Harness, ProxyHandle, mailbox, tricky_messages};
-use popgate::demo::{DemoServer, ServerOptions};
+use popgate_demo::{DemoServer, ServerOptions};
 
 const USER: &str = "fmuser";
 const PASS: &str = "fm-pass-5150";

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::clients::run_bounded;
 use common::free_port;
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox, popgate_bin};
-use popgate::demo::{DemoServer, ServerOptions};
+use popgate_demo::{DemoServer, ServerOptions};
 
 const USER: &str = "demo";
 const PASS: &str = "demo-password";

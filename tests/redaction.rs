@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use common::clients::{self, RawPop, brief, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
-use popgate::demo::{DemoServer, ServerOptions, apop_digest};
+use popgate_demo::{DemoServer, ServerOptions, apop_digest};
 use serde_json::json;
 
 /// A token no earlier run and no other test has produced: random (std's per-process random

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::clients::{self, RawPop, curl_list, curl_retr, pop_raw, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateProcess, big_message, mailbox, tricky_messages};
-use popgate::demo::{ServerOptions, apop_digest};
+use popgate_demo::{ServerOptions, apop_digest};
 use serde_json::json;
 
 const USER: &str = "alice";
@@ -311,7 +311,7 @@ fn ipv6_listener_and_upstream() {
     let h = Harness::new();
     let msgs = tricky_messages(0);
     let up =
-        h.rt.block_on(popgate::demo::DemoServer::start(
+        h.rt.block_on(popgate_demo::DemoServer::start(
             "[::1]:0".parse().unwrap(),
             opts(msgs.clone()),
         ))

@@ -17,7 +17,7 @@ use common::proxy::{
     Harness, PopgateOpts, PopgateProcess, ProxyHandle, RuleFile, mailbox, popgate_bin, rule_file,
     tricky_messages,
 };
-use popgate::demo::{DemoServer, ServerOptions};
+use popgate_demo::{DemoServer, ServerOptions};
 use serde_json::{Value, json};
 
 /// A shipped rule file, by absolute path (tests do not depend on the working directory).
@@ -48,7 +48,7 @@ fn proxy(h: &Harness, up: &DemoServer, rules: &[&str], pki: Option<&TestPki>) ->
 }
 
 /// A demo upstream with `mailboxes` (plaintext, APOP on).
-fn upstream(h: &Harness, mailboxes: Vec<popgate::demo::Mailbox>) -> DemoServer {
+fn upstream(h: &Harness, mailboxes: Vec<popgate_demo::Mailbox>) -> DemoServer {
     h.upstream(ServerOptions {
         apop: true,
         ..ServerOptions::new(mailboxes)
@@ -452,7 +452,7 @@ fn hide_banner_rewrites_greeting_and_apop_still_works() {
     let msgs = tricky_messages(0);
     let up = upstream(&h, vec![mailbox("alice", "alice-pass", msgs.clone())]);
     let direct = RawPop::connect(up.local_addr()).greeting;
-    let banner = format!("+OK {} POP3 server ready <", popgate::demo::SERVER_NAME);
+    let banner = format!("+OK {} POP3 server ready <", popgate_demo::SERVER_NAME);
     assert!(direct.starts_with(&banner), "{direct}");
     let p = proxy(&h, &up, &[&shipped("hide-banner.toml")], None);
 

@@ -20,7 +20,7 @@ use common::clients::RawPop;
 use common::dovecot::{Dovecot, DovecotOpts};
 use common::proxy::{Harness, ProxyHandle, mailbox};
 use md5::{Digest, Md5};
-use popgate::demo::ServerOptions;
+use popgate_demo::ServerOptions;
 use serde_json::Value;
 
 fn shipped(name: &str) -> String {

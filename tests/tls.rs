@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::certs::{TestPki, rustls_server};
 use common::clients::{self, curl, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, ProxyHandle, mailbox, tricky_messages};
-use popgate::demo::{DemoServer, Faults, ServerOptions};
+use popgate_demo::{DemoServer, Faults, ServerOptions};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 

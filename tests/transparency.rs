@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::proxy::{Harness, mailbox};
-use popgate::demo::ServerOptions;
+use popgate_demo::ServerOptions;
 use proptest::prelude::*;
 
 /// One body line's content (line end added separately).

@@ -7,7 +7,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use popgate::Config;
-use popgate::demo::{DemoServer, Mailbox, ServerOptions};
+use popgate_demo::{DemoServer, Mailbox, ServerOptions};
 use tokio::sync::oneshot;
 
 /// A tokio runtime that owns the in-process servers of one test.

@@ -1,8 +1,12 @@
 //! An in-memory RFC 1939 POP3 server with fault injection.
 //!
 //! It backs `popgate demo` (the proxy in front of a sample maildrop) and serves integration tests
-//! as a scriptable upstream: it records every line it receives, counts `QUIT`s and connections,
-//! and can misbehave on request ([`Faults`]).
+//! as a scriptable upstream.
+//!
+//! With the `faults` cargo feature (popgate enables it from its `[dev-dependencies]` only, so it
+//! is in neither the proxy library nor the release binary) it can misbehave on request (`Faults`,
+//! `ServerOptions::faults`), and tests can probe it: every line it received, `QUIT`s counted,
+//! connections, maildrop contents and locks (`DemoServer::received` and its neighbours).
 //!
 //! The server is meant to be *correct*: AUTHORIZATION / TRANSACTION / UPDATE states, `DELE` that
 //! only takes effect on `QUIT` (a lost connection deletes nothing), `RSET`, stable message
@@ -10,6 +14,10 @@
 //! `USER`/`PASS`, `APOP`, `AUTH PLAIN`/`LOGIN`, `STLS` and implicit TLS, and pipelined commands
 //! answered in order. Messages are kept in wire form (CRLF line ends, not dot-stuffed); sizes in
 //! `LIST`/`STAT` are octets of that form.
+//!
+//! It is its own crate, independent of the proxy, so the proxy is tested against a server that
+//! reads the protocol for itself.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -25,8 +33,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::pop3::command::{Command, Verb, line_end, trim_eol};
-use crate::pop3::response::dot_stuff;
+mod command;
+
+pub use command::Verb;
+use command::{Command, dot_stuff, line_end, trim_eol};
 
 /// Name the server gives itself in its greeting, `CAPA IMPLEMENTATION` and APOP timestamps.
 pub const SERVER_NAME: &str = "popgate-demo";
@@ -133,7 +143,8 @@ pub fn sample_mailboxes() -> Vec<Mailbox> {
     ]
 }
 
-/// Misbehaviour to inject. `Faults::default()` is a well-behaved server.
+/// Misbehaviour to inject (feature `faults`). `Faults::default()` is a well-behaved server.
+#[cfg(any(test, feature = "faults"))]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Faults {
     /// Accept each connection, then close it at once without a greeting.
@@ -157,7 +168,8 @@ pub struct Faults {
 pub struct ServerOptions {
     /// The maildrops served (a later mailbox with the same user replaces an earlier one).
     pub mailboxes: Vec<Mailbox>,
-    /// Faults to inject.
+    /// Faults to inject (feature `faults`).
+    #[cfg(any(test, feature = "faults"))]
     pub faults: Faults,
     /// Server TLS configuration, needed for `offer_stls` and `implicit_tls`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -213,7 +225,9 @@ struct Account {
 struct State {
     accounts: HashMap<String, Account>,
     locked: HashSet<String>,
+    #[cfg(any(test, feature = "faults"))]
     received: Vec<Vec<u8>>,
+    #[cfg(any(test, feature = "faults"))]
     quits: usize,
     connections: usize,
 }
@@ -257,6 +271,7 @@ fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
 /// Immutable per-server settings handed to every session.
 #[derive(Debug)]
 struct Config {
+    #[cfg(any(test, feature = "faults"))]
     faults: Faults,
     tls: Option<Arc<rustls::ServerConfig>>,
     offer_stls: bool,
@@ -268,6 +283,8 @@ struct Config {
 #[derive(Debug)]
 pub struct DemoServer {
     addr: SocketAddr,
+    /// For the probes.
+    #[cfg(any(test, feature = "faults"))]
     shared: Shared,
     cancel: CancellationToken,
 }
@@ -287,6 +304,7 @@ impl DemoServer {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Mutex::new(State::new(&opts.mailboxes)));
         let config = Arc::new(Config {
+            #[cfg(any(test, feature = "faults"))]
             faults: opts.faults,
             tls: opts.tls,
             offer_stls: opts.offer_stls,
@@ -302,6 +320,7 @@ impl DemoServer {
         ));
         Ok(DemoServer {
             addr,
+            #[cfg(any(test, feature = "faults"))]
             shared,
             cancel,
         })
@@ -312,6 +331,15 @@ impl DemoServer {
         self.addr
     }
 
+    /// Stop accepting and close every session (without UPDATE: nothing is deleted).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Test probes (feature `faults`).
+#[cfg(any(test, feature = "faults"))]
+impl DemoServer {
     /// Every raw line received from any client, in arrival order, line ends included: commands,
     /// SASL responses, lines inside TLS, and plaintext found buffered after `STLS` (discarded,
     /// never executed).
@@ -341,11 +369,6 @@ impl DemoServer {
     /// How many connections were accepted so far.
     pub fn connections(&self) -> usize {
         lock(&self.shared).connections
-    }
-
-    /// Stop accepting and close every session (without UPDATE: nothing is deleted).
-    pub fn shutdown(&self) {
-        self.cancel.cancel();
     }
 }
 
@@ -458,6 +481,8 @@ enum Next {
     Continue,
     Close,
     StartTls,
+    /// The `silent_on` fault: read (and record) until the client leaves, answer nothing.
+    #[cfg(any(test, feature = "faults"))]
     Hang,
 }
 
@@ -504,6 +529,8 @@ enum Phase {
 /// A response to a TRANSACTION command; `body_at` marks where a RETR/TOP body starts.
 struct Reply {
     bytes: Vec<u8>,
+    // Read only by the `die_mid_body` fault.
+    #[cfg_attr(not(any(test, feature = "faults")), allow(dead_code))]
     body_at: Option<usize>,
 }
 
@@ -726,6 +753,7 @@ impl Session {
 
     /// Run one connection: optional implicit TLS, greeting, commands, optional STLS switch.
     async fn serve(mut self, stream: TcpStream) -> Result<(), SessionError> {
+        #[cfg(any(test, feature = "faults"))]
         if self.config.faults.refuse {
             drop(stream);
             return Ok(());
@@ -757,9 +785,15 @@ impl Session {
         Ok(tls)
     }
 
+    /// Keep `line` for [`DemoServer::received`].
+    #[cfg(any(test, feature = "faults"))]
     fn record(&self, line: &[u8]) {
         lock(&self.shared).received.push(line.to_vec());
     }
+
+    /// Without the probes nothing is kept (a long `popgate demo` run stays flat).
+    #[cfg(not(any(test, feature = "faults")))]
+    fn record(&self, _line: &[u8]) {}
 
     /// Write a response (after the configured response delay).
     async fn send<S: AsyncWrite + Unpin>(
@@ -767,6 +801,7 @@ impl Session {
         stream: &mut S,
         bytes: &[u8],
     ) -> Result<(), SessionError> {
+        #[cfg(any(test, feature = "faults"))]
         if let Some(d) = self.config.faults.response_delay {
             tokio::time::sleep(d).await;
         }
@@ -791,6 +826,7 @@ impl Session {
     ) -> Result<Outcome<S>, SessionError> {
         let mut reader = LineReader::default();
         if greet {
+            #[cfg(any(test, feature = "faults"))]
             if let Some(d) = self.config.faults.greeting_delay {
                 tokio::time::sleep(d).await;
             }
@@ -826,6 +862,7 @@ impl Session {
                     }
                     return Ok(Outcome::StartTls(stream));
                 }
+                #[cfg(any(test, feature = "faults"))]
                 Next::Hang => {
                     while let Ok(Some(line)) = reader.next_line(&mut stream).await {
                         self.record(&line);
@@ -849,16 +886,19 @@ impl Session {
                 return Ok(Next::Continue);
             }
         };
-        if cmd.verb == Verb::Quit {
-            lock(&self.shared).quits += 1;
-        }
-        let faults = &self.config.faults;
-        if faults.silent_on == Some(cmd.verb) {
-            return Ok(Next::Hang);
-        }
-        if faults.garbage_on == Some(cmd.verb) {
-            self.send(stream, b"GARBAGE\r\n").await?;
-            return Ok(Next::Continue);
+        #[cfg(any(test, feature = "faults"))]
+        {
+            if cmd.verb == Verb::Quit {
+                lock(&self.shared).quits += 1;
+            }
+            let faults = &self.config.faults;
+            if faults.silent_on == Some(cmd.verb) {
+                return Ok(Next::Hang);
+            }
+            if faults.garbage_on == Some(cmd.verb) {
+                self.send(stream, b"GARBAGE\r\n").await?;
+                return Ok(Next::Continue);
+            }
         }
         match cmd.verb {
             Verb::Capa => {
@@ -871,7 +911,7 @@ impl Session {
                 self.send_line(stream, &text).await?;
                 Ok(Next::Close)
             }
-            Verb::Unknown | Verb::Utf8 | Verb::Lang => {
+            Verb::Unknown => {
                 self.send_line(stream, "-ERR unknown command").await?;
                 Ok(Next::Continue)
             }
@@ -879,17 +919,14 @@ impl Session {
                 Phase::Authorization { .. } => self.authorization(&cmd, stream, reader).await,
                 Phase::Transaction(txn) => {
                     let reply = txn.execute(&cmd);
-                    match (reply.body_at, self.config.faults.die_mid_body) {
-                        (Some(at), Some(n)) => {
-                            let end = at.saturating_add(n).min(reply.bytes.len());
-                            self.send(stream, &reply.bytes[..end]).await?;
-                            Ok(Next::Close)
-                        }
-                        _ => {
-                            self.send(stream, &reply.bytes).await?;
-                            Ok(Next::Continue)
-                        }
+                    #[cfg(any(test, feature = "faults"))]
+                    if let (Some(at), Some(n)) = (reply.body_at, self.config.faults.die_mid_body) {
+                        let end = at.saturating_add(n).min(reply.bytes.len());
+                        self.send(stream, &reply.bytes[..end]).await?;
+                        return Ok(Next::Close);
                     }
+                    self.send(stream, &reply.bytes).await?;
+                    Ok(Next::Continue)
                 }
             },
         }
@@ -1045,7 +1082,9 @@ impl Session {
                     self.send_line(stream, "-ERR STLS not available").await?;
                     return Ok(Next::Continue);
                 }
+                #[cfg_attr(not(any(test, feature = "faults")), allow(unused_mut))]
                 let mut out = b"+OK begin TLS negotiation\r\n".to_vec();
+                #[cfg(any(test, feature = "faults"))]
                 if let Some(inject) = &self.config.faults.stls_inject {
                     out.extend_from_slice(inject);
                 }
