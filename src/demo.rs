@@ -167,6 +167,9 @@ pub struct ServerOptions {
     pub implicit_tls: bool,
     /// Put an APOP timestamp in the greeting and accept `APOP`.
     pub apop: bool,
+    /// Do not keep received lines for [`DemoServer::received`] (which then stays empty): a
+    /// long-running server (`popgate demo`, soak tests) would otherwise grow without bound.
+    pub forget_lines: bool,
 }
 
 impl ServerOptions {
@@ -262,6 +265,7 @@ struct Config {
     offer_stls: bool,
     implicit_tls: bool,
     apop: bool,
+    forget_lines: bool,
 }
 
 /// A running demo server. Dropping the handle shuts it down (like [`DemoServer::shutdown`]).
@@ -292,6 +296,7 @@ impl DemoServer {
             offer_stls: opts.offer_stls,
             implicit_tls: opts.implicit_tls,
             apop: opts.apop,
+            forget_lines: opts.forget_lines,
         });
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -758,6 +763,9 @@ impl Session {
     }
 
     fn record(&self, line: &[u8]) {
+        if self.config.forget_lines {
+            return;
+        }
         lock(&self.shared).received.push(line.to_vec());
     }
 

@@ -156,6 +156,7 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
         ServerOptions {
             mailboxes: mailboxes.clone(),
             apop: true,
+            forget_lines: true,
             ..ServerOptions::default()
         },
     )
