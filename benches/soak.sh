@@ -5,7 +5,8 @@
 # Builds popgate and the driver (examples/soak.rs) in release mode, starts the driver's upstream
 # (the demo POP3 server with many users) and `popgate run` in front of it, then the driver's
 # client: CONCURRENCY workers each loop sessions (connect, greeting, USER/PASS, STAT, LIST,
-# RETR of a small message, one in five idles 0.2-0.8 s, QUIT) until the round is over.
+# RETR of a small message, one in five idles 0.2-0.8 s, QUIT) until the round is over; workers
+# start spread over the first second.
 # It prints popgate's RSS (/proc/PID/status VmRSS, VmHWM) at start, peak, end of each round, and
 # the sessions completed; exits non-zero on any error (unexpected reply, connect failure,
 # timeout) or if RSS after the last round exceeds RSS after round 1 by more than TOL_PCT percent
@@ -14,7 +15,8 @@
 # Usage: bash benches/soak.sh [CONCURRENCY] [DURATION_S] [ROUNDS]     (default 1000 60 2)
 #   smoke: bash benches/soak.sh 100 5 2
 # Env: LOG_LEVEL (popgate log level, default info; the log goes to a temp file),
-#      TOL_PCT (default 10), TOL_MB (default 2), POPGATE_ENV (e.g. "MALLOC_ARENA_MAX=2"),
+#      TOL_PCT (default 10), TOL_MB (default 2), SETTLE (seconds after each round before RSS is
+#      read, default 20: allocators hand freed memory back with a delay), POPGATE_ENV (e.g. "MALLOC_ARENA_MAX=2"),
 #      NO_BUILD=1 (use the existing target/release binaries), KEEP=1 (keep the temp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ ROUNDS=${3:-2}
 LOG_LEVEL=${LOG_LEVEL:-info}
 TOL_PCT=${TOL_PCT:-10}
 TOL_MB=${TOL_MB:-2}
+SETTLE=${SETTLE:-20}
 # Each session holds one fd in the client and two in popgate; raise the soft limit as far as allowed.
 ulimit -n "$(ulimit -Hn)"
 need=$((CONCURRENCY * 2 + 100))
@@ -64,7 +67,7 @@ done
 echo "soak: popgate pid $pg_pid on 127.0.0.1:$P_PG${POPGATE_ENV:+ (env $POPGATE_ENV)}, log level $LOG_LEVEL"
 status=0
 ./target/release/examples/soak client --addr "127.0.0.1:$P_PG" --pid "$pg_pid" \
-  --concurrency "$CONCURRENCY" --duration "$DURATION" --rounds "$ROUNDS" \
+  --concurrency "$CONCURRENCY" --duration "$DURATION" --rounds "$ROUNDS" --settle "$SETTLE" \
   --tolerance-pct "$TOL_PCT" --tolerance-mb "$TOL_MB" || status=$?
 if ! kill -0 "$pg_pid" 2>/dev/null; then
   echo "soak: popgate exited during the run; its log:" >&2

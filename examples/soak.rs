@@ -61,6 +61,10 @@ enum Cmd {
         /// Per-operation timeout in seconds.
         #[arg(long, default_value_t = 15)]
         op_timeout: u64,
+        /// Workers start spread over this many milliseconds (not all in the same instant, which
+        /// only measures the kernel's listen backlog).
+        #[arg(long, default_value_t = 1000)]
+        ramp_ms: u64,
         #[arg(long, default_value_t = 10.0)]
         tolerance_pct: f64,
         #[arg(long, default_value_t = 2.0)]
@@ -90,6 +94,7 @@ fn main() -> std::process::ExitCode {
             rounds,
             settle,
             op_timeout,
+            ramp_ms,
             tolerance_pct,
             tolerance_mb,
         } => rt.block_on(client(Load {
@@ -100,6 +105,7 @@ fn main() -> std::process::ExitCode {
             rounds,
             settle: Duration::from_secs(settle),
             op_timeout: Duration::from_secs(op_timeout),
+            ramp: Duration::from_millis(ramp_ms),
             tolerance_pct,
             tolerance_mb,
         })),
@@ -141,6 +147,7 @@ struct Load {
     rounds: usize,
     settle: Duration,
     op_timeout: Duration,
+    ramp: Duration,
     tolerance_pct: f64,
     tolerance_mb: f64,
 }
@@ -190,7 +197,8 @@ async fn client(load: Load) -> std::process::ExitCode {
     for round in 1..=load.rounds {
         let before = counters.sessions.load(Ordering::Relaxed);
         let errors_before = counters.errors.load(Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + load.duration;
+        let t0 = tokio::time::Instant::now();
+        let deadline = t0 + load.duration;
         let sampler = {
             let counters = Arc::clone(&counters);
             let pid = load.pid;
@@ -207,8 +215,10 @@ async fn client(load: Load) -> std::process::ExitCode {
         for w in 0..load.concurrency {
             let counters = Arc::clone(&counters);
             let (addr, op_timeout) = (load.addr, load.op_timeout);
+            let start = t0 + load.ramp.mul_f64(w as f64 / load.concurrency as f64);
             workers.push(tokio::spawn(async move {
-                worker(w, addr, deadline, op_timeout, &counters).await;
+                tokio::time::sleep_until(start).await;
+                worker(w, addr, t0, deadline, op_timeout, &counters).await;
             }));
         }
         for w in workers {
@@ -269,6 +279,7 @@ async fn client(load: Load) -> std::process::ExitCode {
 async fn worker(
     w: usize,
     addr: SocketAddr,
+    round_start: tokio::time::Instant,
     deadline: tokio::time::Instant,
     op_timeout: Duration,
     counters: &Counters,
@@ -289,8 +300,9 @@ async fn worker(
                 let prior = counters.errors.fetch_add(1, Ordering::Relaxed);
                 if prior < 20 {
                     eprintln!(
-                        "soak: worker {w} user soak{user}: {e} (after {} ms)",
-                        t0.elapsed().as_millis()
+                        "soak: worker {w} user soak{user}: {e} ({} ms into the session, {} ms into the round)",
+                        t0.elapsed().as_millis(),
+                        round_start.elapsed().as_millis()
                     );
                 }
                 // Do not hammer a broken proxy.
@@ -318,7 +330,7 @@ impl Conn {
     }
 
     async fn ok(&mut self, what: &str) -> Result<String, String> {
-        let l = self.line().await?;
+        let l = self.line().await.map_err(|e| format!("{what}: {e}"))?;
         if l.starts_with("+OK") {
             Ok(l)
         } else {
@@ -342,10 +354,10 @@ impl Conn {
     }
 
     /// A multi-line body up to the terminating `.`; returns its line count.
-    async fn body(&mut self) -> Result<usize, String> {
+    async fn body(&mut self, what: &str) -> Result<usize, String> {
         let mut lines = 0;
         loop {
-            let l = self.line().await?;
+            let l = self.line().await.map_err(|e| format!("{what} body: {e}"))?;
             if l == ".\r\n" {
                 return Ok(lines);
             }
@@ -379,12 +391,12 @@ async fn session(
         return Err(format!("STAT: unexpected {:?}", stat.trim_end()));
     }
     c.cmd("LIST").await?;
-    let listed = c.body().await?;
+    let listed = c.body("LIST").await?;
     if listed != 3 {
         return Err(format!("LIST: {listed} entries, expected 3"));
     }
     c.cmd(&format!("RETR {msg}")).await?;
-    if c.body().await? == 0 {
+    if c.body("RETR").await? == 0 {
         return Err("RETR: empty message".into());
     }
     if idle {
