@@ -287,7 +287,7 @@ impl DemoServer {
                 "implicit TLS needs a TLS configuration",
             ));
         }
-        let listener = TcpListener::bind(bind).await?;
+        let listener = crate::listener::bind_tcp(bind)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Mutex::new(State::new(&opts.mailboxes)));
         let config = Arc::new(Config {

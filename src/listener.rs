@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
@@ -13,6 +13,21 @@ use crate::config::ListenerConfig;
 use crate::error::StartError;
 use crate::session::{self, SessionInfo, Shared};
 use crate::tls::Stream;
+
+/// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
+/// handshakes then stall for seconds of SYN-ACK retransmits. The kernel caps it at somaxconn.
+pub const BACKLOG: u32 = 1024;
+
+/// Bind a TCP listener with [`BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind` sets).
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// A bound listener, ready to accept.
 #[derive(Debug)]
@@ -25,13 +40,11 @@ pub struct Listener {
 impl Listener {
     /// Bind the configured address.
     pub async fn bind(config: ListenerConfig) -> Result<Listener, StartError> {
-        let socket = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: config.name.clone(),
-                addr: config.bind,
-                source,
-            })?;
+        let socket = bind_tcp(config.bind).map_err(|source| StartError::Bind {
+            name: config.name.clone(),
+            addr: config.bind,
+            source,
+        })?;
         Ok(Listener { config, socket })
     }
 
