@@ -16,7 +16,7 @@
 #   smoke: bash benches/soak.sh 100 5 2
 # Env: LOG_LEVEL (popgate log level, default info; the log goes to a temp file),
 #      TOL_PCT (default 10), TOL_MB (default 2), SETTLE (seconds after each round before RSS is
-#      read, default 20: allocators hand freed memory back with a delay), POPGATE_ENV (e.g. "MALLOC_ARENA_MAX=2"),
+#      read, default 30: allocators hand freed memory back with a delay; jemalloc took ~18 s), POPGATE_ENV (e.g. "MALLOC_ARENA_MAX=2"),
 #      NO_BUILD=1 (use the existing target/release binaries), KEEP=1 (keep the temp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ ROUNDS=${3:-2}
 LOG_LEVEL=${LOG_LEVEL:-info}
 TOL_PCT=${TOL_PCT:-10}
 TOL_MB=${TOL_MB:-2}
-SETTLE=${SETTLE:-20}
+SETTLE=${SETTLE:-30}
 # Each session holds one fd in the client and two in popgate; raise the soft limit as far as allowed.
 ulimit -n "$(ulimit -Hn)"
 need=$((CONCURRENCY * 2 + 100))
