@@ -9,6 +9,12 @@ use popgate::cli::{Cli, CliCommand};
 use popgate::config::{LogConfig, LogFormat, Rotation};
 use tracing_appender::non_blocking::WorkerGuard;
 
+/// jemalloc instead of glibc malloc: after a load of many concurrent sessions glibc kept the
+/// freed, fragmented session memory in the worker threads' arenas and RSS stayed at its peak;
+/// jemalloc's background thread returns it to the OS. See benches/SOAK.md and Cargo.toml.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

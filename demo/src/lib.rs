@@ -179,6 +179,11 @@ pub struct ServerOptions {
     pub implicit_tls: bool,
     /// Put an APOP timestamp in the greeting and accept `APOP`.
     pub apop: bool,
+    /// Do not keep received lines for [`DemoServer::received`] (which then stays empty): a
+    /// long-running server with the probes (soak tests) would otherwise grow without bound.
+    /// Without the `faults` feature nothing is kept anyway.
+    #[cfg(any(test, feature = "faults"))]
+    pub forget_lines: bool,
 }
 
 impl ServerOptions {
@@ -277,6 +282,23 @@ struct Config {
     offer_stls: bool,
     implicit_tls: bool,
     apop: bool,
+    #[cfg(any(test, feature = "faults"))]
+    forget_lines: bool,
+}
+
+/// Listen backlog: tokio's default of 128 overflows when a soak test opens a thousand
+/// sessions at once (their handshakes then stall for seconds of SYN-ACK retransmits).
+const BACKLOG: u32 = 1024;
+
+/// Bind a TCP listener with [`BACKLOG`] and `SO_REUSEADDR` (as `TcpListener::bind` sets).
+fn bind_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// A running demo server. Dropping the handle shuts it down (like [`DemoServer::shutdown`]).
@@ -300,7 +322,7 @@ impl DemoServer {
                 "implicit TLS needs a TLS configuration",
             ));
         }
-        let listener = TcpListener::bind(bind).await?;
+        let listener = bind_tcp(bind)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Mutex::new(State::new(&opts.mailboxes)));
         let config = Arc::new(Config {
@@ -310,6 +332,8 @@ impl DemoServer {
             offer_stls: opts.offer_stls,
             implicit_tls: opts.implicit_tls,
             apop: opts.apop,
+            #[cfg(any(test, feature = "faults"))]
+            forget_lines: opts.forget_lines,
         });
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -788,6 +812,9 @@ impl Session {
     /// Keep `line` for [`DemoServer::received`].
     #[cfg(any(test, feature = "faults"))]
     fn record(&self, line: &[u8]) {
+        if self.config.forget_lines {
+            return;
+        }
         lock(&self.shared).received.push(line.to_vec());
     }
 

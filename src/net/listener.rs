@@ -6,12 +6,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::warn;
 
 use crate::config::{ListenerConfig, TlsMode};
 use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter};
+
+/// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
+/// handshakes then stall for seconds of SYN-ACK retransmits. The kernel caps it at somaxconn.
+const BACKLOG: u32 = 1024;
+
+/// Bind a TCP listener with [`BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind` sets).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// A client accepted and counted, ready for its session.
 #[derive(Debug)]
@@ -53,13 +68,11 @@ pub struct Listener {
 impl Listener {
     /// Bind the configured address.
     pub async fn bind(config: ListenerConfig) -> Result<Listener, BindError> {
-        let socket = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| BindError {
-                name: config.name.clone(),
-                addr: config.bind,
-                source,
-            })?;
+        let socket = bind_tcp(config.bind).map_err(|source| BindError {
+            name: config.name.clone(),
+            addr: config.bind,
+            source,
+        })?;
         Ok(Listener { config, socket })
     }
 

@@ -37,7 +37,7 @@ impl State {
 
 /// How a forwarded command's response is shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shape {
+pub enum Shape {
     /// One status line.
     SingleLine,
     /// A status line, and on `+OK` a dot-terminated body.
@@ -48,7 +48,7 @@ pub(crate) enum Shape {
 
 impl Shape {
     /// The shape of the response to `cmd` as actually sent upstream.
-    pub(crate) fn of(cmd: &Command<'_>) -> Shape {
+    pub fn of(cmd: &Command<'_>) -> Shape {
         match cmd.verb {
             Verb::Capa | Verb::Retr | Verb::Top => Shape::MultiLineOnOk,
             Verb::List | Verb::Uidl | Verb::Lang if !cmd.has_args() => Shape::MultiLineOnOk,
@@ -62,7 +62,7 @@ impl Shape {
 
 /// What to do once a locally answered reply has been written to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AfterReply {
+pub enum AfterReply {
     /// Carry on.
     Continue,
     /// Start the TLS handshake with the client (STLS answered by the proxy).
@@ -73,7 +73,7 @@ pub(crate) enum AfterReply {
 
 /// An entry in the FIFO of outstanding commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Pending {
+pub enum Pending {
     /// The server greeting, due first.
     Greeting,
     /// A command sent upstream.
@@ -91,33 +91,33 @@ pub(crate) enum Pending {
 
 /// A command sent upstream whose response is still due.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Outstanding {
+pub struct Outstanding {
     /// Its verb.
-    pub(crate) verb: Verb,
+    pub verb: Verb,
     /// Response shape derived from the command as sent.
-    pub(crate) shape: Shape,
+    pub shape: Shape,
     /// Message number argument (RETR, TOP, DELE, LIST n, UIDL n).
-    pub(crate) msg: Option<u32>,
+    pub msg: Option<u32>,
     /// TOP's line count.
-    pub(crate) lines: Option<u32>,
+    pub lines: Option<u32>,
     /// The name a USER or APOP command gives (an attempt until the server accepts it).
     name: Option<String>,
 }
 
 /// A reply the proxy itself owes the client, now due.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LocalReply {
+pub struct LocalReply {
     /// Verb of the command answered.
-    pub(crate) verb: Verb,
+    pub verb: Verb,
     /// Reply bytes.
-    pub(crate) reply: Vec<u8>,
+    pub reply: Vec<u8>,
     /// Follow-up action.
-    pub(crate) then: AfterReply,
+    pub then: AfterReply,
 }
 
 /// What a complete client line is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClientLine<'a> {
+pub enum ClientLine<'a> {
     /// A command.
     Command(Command<'a>),
     /// A client answer inside a SASL exchange (secret; never parsed as a command).
@@ -132,7 +132,7 @@ pub(crate) enum ClientLine<'a> {
 
 /// How the user authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LoginMethod {
+pub enum LoginMethod {
     /// USER/PASS.
     UserPass,
     /// APOP.
@@ -143,7 +143,7 @@ pub(crate) enum LoginMethod {
 
 impl LoginMethod {
     /// Name for logs and audit (`USER`, `APOP`, `AUTH PLAIN`, ...).
-    pub(crate) fn label(&self) -> String {
+    pub fn label(&self) -> String {
         match self {
             LoginMethod::UserPass => "USER".into(),
             LoginMethod::Apop => "APOP".into(),
@@ -154,36 +154,36 @@ impl LoginMethod {
 
 /// A login attempt's outcome, reported with the response that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LoginOutcome {
+pub struct LoginOutcome {
     /// The user name: on success the one the session is now fixed to, on failure the name
     /// that was tried, when known.
-    pub(crate) user: Option<String>,
+    pub user: Option<String>,
     /// How.
-    pub(crate) method: LoginMethod,
+    pub method: LoginMethod,
     /// Whether the server accepted it.
-    pub(crate) success: bool,
+    pub success: bool,
 }
 
 /// Facts about one server response, handed to the session with its status line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ResponseMeta {
+pub struct ResponseMeta {
     /// Verb of the command answered (`None` for the greeting).
-    pub(crate) verb: Option<Verb>,
+    pub verb: Option<Verb>,
     /// Message number of that command.
-    pub(crate) msg: Option<u32>,
+    pub msg: Option<u32>,
     /// TOP's line count.
-    pub(crate) lines: Option<u32>,
+    pub lines: Option<u32>,
     /// Status.
-    pub(crate) status: Status,
+    pub status: Status,
     /// Whether a body follows.
-    pub(crate) multiline: bool,
+    pub multiline: bool,
     /// Set when this response decided a login.
-    pub(crate) login: Option<LoginOutcome>,
+    pub login: Option<LoginOutcome>,
 }
 
 /// A prefix of the server buffer and what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Piece {
+pub enum Piece {
     /// No complete unit yet: read more.
     NeedMore,
     /// A status line of `len` bytes. If `meta.multiline`, body pieces follow.
@@ -209,7 +209,7 @@ pub(crate) enum Piece {
 
 /// Server behaviour that breaks the protocol: the session must close (upstream without QUIT).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum ProtocolError {
+pub enum ProtocolError {
     /// Bytes arrived while no response was due.
     #[error("unsolicited data from server")]
     Unsolicited,
@@ -260,7 +260,7 @@ impl SaslMech {
 }
 
 /// Whether popgate relays the SASL mechanism `name` (it can learn the user from it).
-pub(crate) fn sasl_mechanism_supported(name: &str) -> bool {
+pub fn sasl_mechanism_supported(name: &str) -> bool {
     SaslMech::from_name(name).is_some()
 }
 
@@ -360,7 +360,7 @@ fn gs2_identity(raw: &[u8], mech: SaslMech) -> Option<Vec<u8>> {
 
 /// The session tracker.
 #[derive(Debug)]
-pub(crate) struct Tracker {
+pub struct Tracker {
     state: State,
     /// The user the server accepted: set once, at the `+OK` of the login, never changed.
     user: Option<String>,
@@ -380,7 +380,7 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     /// A tracker for a new session whose greeting is still due.
-    pub(crate) fn new(max_line: usize) -> Tracker {
+    pub fn new(max_line: usize) -> Tracker {
         let mut pending = VecDeque::with_capacity(2);
         pending.push_back(Pending::Greeting);
         Tracker {
@@ -398,13 +398,13 @@ impl Tracker {
     }
 
     /// Current RFC 1939 state.
-    pub(crate) fn state(&self) -> State {
+    pub fn state(&self) -> State {
         self.state
     }
 
     /// The user rules and audit see: after login the name the server accepted (fixed for the
     /// rest of the session); before it, the name of the attempt in progress, if any.
-    pub(crate) fn user(&self) -> Option<&str> {
+    pub fn user(&self) -> Option<&str> {
         match self.state {
             State::Authorization => self.attempt.as_deref(),
             State::Transaction | State::Update => self.user.as_deref(),
@@ -412,32 +412,32 @@ impl Tracker {
     }
 
     /// Outstanding entries (upstream and local).
-    pub(crate) fn pending_len(&self) -> usize {
+    pub fn pending_len(&self) -> usize {
         self.pending.len()
     }
 
     /// Whether the client has sent QUIT (it was forwarded upstream).
-    pub(crate) fn quit_sent(&self) -> bool {
+    pub fn quit_sent(&self) -> bool {
         self.quit_sent
     }
 
     /// Whether a multi-line body is being relayed right now.
-    pub(crate) fn in_body(&self) -> bool {
+    pub fn in_body(&self) -> bool {
         self.body.is_some()
     }
 
     /// Whether the server greeting is still due.
-    pub(crate) fn greeting_due(&self) -> bool {
+    pub fn greeting_due(&self) -> bool {
         matches!(self.pending.front(), Some(Pending::Greeting))
     }
 
     /// Whether nothing is due from the server or locally.
-    pub(crate) fn idle(&self) -> bool {
+    pub fn idle(&self) -> bool {
         self.pending.is_empty()
     }
 
     /// Whether the server waits for the client's answer to a SASL challenge.
-    pub(crate) fn awaiting_sasl_answer(&self) -> bool {
+    pub fn awaiting_sasl_answer(&self) -> bool {
         self.sasl_waiting_for_client
     }
 
@@ -446,7 +446,7 @@ impl Tracker {
     ///   answer (reading on would misclassify SASL data);
     /// - a login (PASS, APOP) is outstanding: which commands are valid next, and as whom,
     ///   depends on its outcome.
-    pub(crate) fn client_must_wait(&self) -> bool {
+    pub fn client_must_wait(&self) -> bool {
         !self.sasl_waiting_for_client
             && self.pending.iter().any(|p| {
                 matches!(
@@ -463,7 +463,7 @@ impl Tracker {
     }
 
     /// Classify a complete client line.
-    pub(crate) fn classify<'a>(&mut self, line: &'a [u8]) -> ClientLine<'a> {
+    pub fn classify<'a>(&mut self, line: &'a [u8]) -> ClientLine<'a> {
         if self.sasl_waiting_for_client {
             return ClientLine::SaslResponse(line);
         }
@@ -481,7 +481,7 @@ impl Tracker {
     /// Why `cmd` may not be sent in the current state, if it may not: the reply text
     /// (without CRLF). RFC 1939 states: credentials only before login, mailbox commands only
     /// after it; SASL only with a mechanism popgate can read the user name from.
-    pub(crate) fn refusal(&self, cmd: &Command<'_>) -> Option<&'static str> {
+    pub fn refusal(&self, cmd: &Command<'_>) -> Option<&'static str> {
         let before_login = self.state == State::Authorization;
         match cmd.verb {
             Verb::User | Verb::Pass | Verb::Apop | Verb::Auth | Verb::Utf8 if !before_login => {
@@ -510,7 +510,7 @@ impl Tracker {
     }
 
     /// Record that `cmd` was sent upstream (possibly rewritten: pass what was actually sent).
-    pub(crate) fn forwarded(&mut self, cmd: &Command<'_>) {
+    pub fn forwarded(&mut self, cmd: &Command<'_>) {
         let shape = Shape::of(cmd);
         let mut name = None;
         match cmd.verb {
@@ -544,7 +544,7 @@ impl Tracker {
     }
 
     /// Record that a SASL answer line was sent upstream.
-    pub(crate) fn forwarded_sasl(&mut self, line: &[u8]) {
+    pub fn forwarded_sasl(&mut self, line: &[u8]) {
         self.sasl_waiting_for_client = false;
         let data = crate::pop3::command::trim_eol(line);
         if let Some(ex) = self.sasl.as_mut() {
@@ -553,7 +553,7 @@ impl Tracker {
     }
 
     /// Queue a reply the proxy gives itself, in order behind what is already due.
-    pub(crate) fn answer_locally(&mut self, verb: Verb, reply: Vec<u8>, then: AfterReply) {
+    pub fn answer_locally(&mut self, verb: Verb, reply: Vec<u8>, then: AfterReply) {
         if verb == Verb::Auth {
             // The client may have sent its SASL answer without waiting for a challenge.
             self.stray_sasl = true;
@@ -562,12 +562,12 @@ impl Tracker {
     }
 
     /// Whether a local reply is due now.
-    pub(crate) fn local_due(&self) -> bool {
+    pub fn local_due(&self) -> bool {
         self.body.is_none() && matches!(self.pending.front(), Some(Pending::Local { .. }))
     }
 
     /// The next local reply, if it is due now (nothing owed by the server before it).
-    pub(crate) fn next_local(&mut self) -> Option<LocalReply> {
+    pub fn next_local(&mut self) -> Option<LocalReply> {
         if self.body.is_some() {
             return None;
         }
@@ -584,7 +584,7 @@ impl Tracker {
     /// The caller relays (or rewrites) `buf[..len]` and drops it from the buffer before calling
     /// again. Status pieces need a complete line; body pieces are handed out as they come,
     /// except a possible start of the terminator, which stays in `buf` until it is known.
-    pub(crate) fn on_server_bytes(&mut self, buf: &[u8]) -> Result<Piece, ProtocolError> {
+    pub fn on_server_bytes(&mut self, buf: &[u8]) -> Result<Piece, ProtocolError> {
         if let Some(scanner) = self.body.as_mut() {
             if buf.is_empty() {
                 return Ok(Piece::NeedMore);
