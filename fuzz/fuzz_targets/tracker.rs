@@ -169,7 +169,7 @@ impl Harness {
                         Some(body.len()),
                         "BodyEnd not at the first terminator"
                     );
-                    assert!(body.ends_with(b"\r\n.\r\n") || body == b".\r\n");
+                    assert!(body.ends_with(b"\n.\r\n") || body == b".\r\n");
                     len
                 }
             };
