@@ -82,6 +82,7 @@ key = "$PWD/certs/localhost.key"
 level = "warn"
 CONF
 ./target/release/popgate run --config "$tmp/popgate.toml" & pids+=($!)
+PG_PID=$!
 for p in $P_DOV $P_PG $P_PGS; do
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
@@ -91,10 +92,21 @@ speed() { # url [curl args]: median MB/s of RUNS downloads
     curl -s -o /dev/null --max-time 120 --cacert certs/dev-ca.crt "$@" -w '%{speed_download}\n' "$url"
   done | sort -n | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)]/1e6}'
 }
+cpu() { # popgate's CPU seconds so far (user + system)
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$PG_PID/stat"
+}
+per_gb() { # cpu_before cpu_after: popgate CPU seconds per GB relayed
+  awk -v a="$1" -v b="$2" -v mb="$SIZE_MB" -v n="$RUNS" 'BEGIN {printf "%.2f", (b - a) / (mb * n / 1024)}'
+}
 d=$(speed "pop3://bench:bench@127.0.0.1:$P_DOV/1")
+c0=$(cpu)
 v=$(speed "pop3://bench:bench@127.0.0.1:$P_PG/1")
+c1=$(cpu)
 ds=$(speed "pop3s://bench:bench@localhost:$P_DOVS/1")
+c2=$(cpu)
 vs=$(speed "pop3s://bench:bench@localhost:$P_PGS/1")
+c3=$(cpu)
 echo "RETR of a ${SIZE_MB} MB message, median of $RUNS curl downloads, MB/s"
 printf '  plain: direct %s, via popgate %s, ratio %s\n' "$d" "$v" "$(awk -v a="$v" -v b="$d" 'BEGIN {printf "%.2f", a/b}')"
 printf '  TLS:   direct (Dovecot pop3s) %s, via popgate (TLS terminated by popgate) %s, ratio %s\n' "$ds" "$vs" "$(awk -v a="$vs" -v b="$ds" 'BEGIN {printf "%.2f", a/b}')"
+printf '  popgate CPU seconds per GB relayed: plain %s, TLS %s\n' "$(per_gb "$c0" "$c1")" "$(per_gb "$c2" "$c3")"

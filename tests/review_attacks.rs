@@ -84,15 +84,15 @@ fn spellings() -> Vec<Vec<u8>> {
         cat(&[b"PASS\0", s, b"\r\n"]),
         cat(&[b"\x1bPASS ", s, b"\r\n"]),
         cat(&[b"\x7fPASS ", s, b"\r\n"]),
-        cat(&[b"PASS\xc2\x85", s, b"\r\n"]),     // NEL
-        cat(&[b"PASS\xc2\xa0", s, b"\r\n"]),     // NBSP
-        cat(&[b"\xc2\xa0PASS ", s, b"\r\n"]),    // leading NBSP
-        cat(&[b"PA\xc5\xbfS ", s, b"\r\n"]),     // long s (uppercases to S)
-        cat(&[b"\xef\xbc\xb0ASS ", s, b"\r\n"]), // fullwidth P
-        cat(&[b"PASS\xe3\x80\x80", s, b"\r\n"]), // ideographic space
+        cat(&[b"PASS\xc2\x85", s, b"\r\n"]),      // NEL
+        cat(&[b"PASS\xc2\xa0", s, b"\r\n"]),      // NBSP
+        cat(&[b"\xc2\xa0PASS ", s, b"\r\n"]),     // leading NBSP
+        cat(&[b"PA\xc5\xbfS ", s, b"\r\n"]),      // long s (uppercases to S)
+        cat(&[b"\xef\xbc\xb0ASS ", s, b"\r\n"]),  // fullwidth P
+        cat(&[b"PASS\xe3\x80\x80", s, b"\r\n"]),  // ideographic space
         cat(&[b"\xef\xbb\xbfPASS ", s, b"\r\n"]), // BOM
-        cat(&[b"PASS ", s, b"\n"]),              // bare LF
-        cat(&[b"PASS ", s, b"\r"]),              // bare CR (then next line ends it)
+        cat(&[b"PASS ", s, b"\n"]),               // bare LF
+        cat(&[b"PASS ", s, b"\r"]),               // bare CR (then next line ends it)
         b"\r\n".to_vec(),
         cat(&[b"NOOP\rPASS ", s, b"\r\n"]),
         cat(&[b"CAPA\rPASS ", s, b"\r\n"]),
@@ -106,16 +106,36 @@ fn spellings() -> Vec<Vec<u8>> {
         cat(&[b"AUTH\r\n", plain.as_bytes(), b"\r\n"]),
         cat(&[b"AUTH GSSAPI\r\n", plain.as_bytes(), b"\r\n"]),
         cat(&[b"AUTH PLAIN-CLIENTTOKEN ", plain.as_bytes(), b"\r\n"]),
-        cat(&[b"AUTH XOAUTH2 ", b64(format!("user=alice\x01auth=Bearer {SECRET}\x01\x01").as_bytes()).as_bytes(), b"\r\n"]),
-        cat(&[b"AUTH LOGIN\r\n", b64(b"alice").as_bytes(), b"\r\n", b64(s).as_bytes(), b"\r\n"]),
-        cat(&[b"AUTH LOGIN ", b64(b"alice").as_bytes(), b"\r\n", b64(s).as_bytes(), b"\r\n"]),
+        cat(&[
+            b"AUTH XOAUTH2 ",
+            b64(format!("user=alice\x01auth=Bearer {SECRET}\x01\x01").as_bytes()).as_bytes(),
+            b"\r\n",
+        ]),
+        cat(&[
+            b"AUTH LOGIN\r\n",
+            b64(b"alice").as_bytes(),
+            b"\r\n",
+            b64(s).as_bytes(),
+            b"\r\n",
+        ]),
+        cat(&[
+            b"AUTH LOGIN ",
+            b64(b"alice").as_bytes(),
+            b"\r\n",
+            b64(s).as_bytes(),
+            b"\r\n",
+        ]),
         cat(&[b"AUTH LOGIN\r\n*\r\n", b64(s).as_bytes(), b"\r\n"]),
         cat(&[b"AUTH LOGIN\r\n=\r\nCAPA\r\n", b64(s).as_bytes(), b"\r\n"]),
         cat(&[b"APOP alice ", s, b"\r\n"]),
         cat(&[b"USER alice\r\nPASS ", s, b"\r\n"]),
         cat(&[b"user alice\r\npass ", s, b"\r\n"]),
         cat(&[b"UTF8\r\nPASS ", s, b"\r\n"]),
-        cat(&[b"CAPA\r\nUSER alice\r\nUSER alice\r\nUSER alice\r\nUSER alice\r\nPASS ", s, b"\r\n"]),
+        cat(&[
+            b"CAPA\r\nUSER alice\r\nUSER alice\r\nUSER alice\r\nUSER alice\r\nPASS ",
+            s,
+            b"\r\n",
+        ]),
         cat(&[b"STLS\r\nPASS ", s, b"\r\n"]),
         cat(&[b"STLS PASS ", s, b"\r\n"]),
         cat(&[b"QUIT ", s, b"\r\n"]),
@@ -147,7 +167,13 @@ fn spellings_leak_nothing(mode: &str) {
             }
             c.send_raw(b"\r\nQUIT\r\n");
             let _ = c.read_to_end();
-            assert_no_secret(&up, &format!("{mode} #{i} split {split}: {:?}", String::from_utf8_lossy(input)));
+            assert_no_secret(
+                &up,
+                &format!(
+                    "{mode} #{i} split {split}: {:?}",
+                    String::from_utf8_lossy(input)
+                ),
+            );
         }
     }
 }
@@ -169,17 +195,33 @@ fn overlong(mode: &str) {
     let pad = "A".repeat(300);
     let cases: Vec<Vec<Vec<u8>>> = vec![
         vec![format!("PASS {pad}{SECRET}\r\n").into_bytes()],
-        vec![format!("PASS {pad}").into_bytes(), format!("{SECRET}\r\n").into_bytes()],
-        vec![format!("{pad}").into_bytes(), format!("\r\nPASS {SECRET}\r\n").into_bytes()],
-        vec![format!("{pad}").into_bytes(), format!("{pad}\nXPASS {SECRET}\r\n").into_bytes()],
+        vec![
+            format!("PASS {pad}").into_bytes(),
+            format!("{SECRET}\r\n").into_bytes(),
+        ],
+        vec![
+            format!("{pad}").into_bytes(),
+            format!("\r\nPASS {SECRET}\r\n").into_bytes(),
+        ],
+        vec![
+            format!("{pad}").into_bytes(),
+            format!("{pad}\nXPASS {SECRET}\r\n").into_bytes(),
+        ],
         // Exactly around the limit.
-        vec![format!("PASS {}\r\n", "B".repeat(251)).into_bytes(), format!("X {SECRET}\r\n").into_bytes()],
+        vec![
+            format!("PASS {}\r\n", "B".repeat(251)).into_bytes(),
+            format!("X {SECRET}\r\n").into_bytes(),
+        ],
         vec![format!("CAPA{}\r\nPASS {SECRET}\r\n", " ".repeat(252)).into_bytes()],
         vec![format!("{}PASS {SECRET}\r\n", " ".repeat(250)).into_bytes()],
         vec![format!("{}PASS {SECRET}\r\n", "\t".repeat(240)).into_bytes()],
         // Line end only after a pause: the discard state must not swallow the next line's
         // check.
-        vec![pad.clone().into_bytes(), b"\r".to_vec(), format!("\nAUTH PLAIN {}\r\n", b64(SECRET.as_bytes())).into_bytes()],
+        vec![
+            pad.clone().into_bytes(),
+            b"\r".to_vec(),
+            format!("\nAUTH PLAIN {}\r\n", b64(SECRET.as_bytes())).into_bytes(),
+        ],
     ];
     for (i, segs) in cases.iter().enumerate() {
         let mut c = RawPop::connect(proxy.addr);
@@ -249,10 +291,16 @@ fn review_close_after_denial_does_not_let_pipelined_quit_through() {
         .map(|l| String::from_utf8_lossy(l).into_owned())
         .collect();
     assert!(
-        !received.iter().any(|l| l.trim_end().eq_ignore_ascii_case("QUIT")),
+        !received
+            .iter()
+            .any(|l| l.trim_end().eq_ignore_ascii_case("QUIT")),
         "QUIT reached the upstream after the closing denial; client saw {rest:?}; upstream got {received:?}"
     );
-    assert_eq!(up.messages("alice").len(), 2, "DELE was committed: {received:?}");
+    assert_eq!(
+        up.messages("alice").len(),
+        2,
+        "DELE was committed: {received:?}"
+    );
 }
 
 /// Same with the shipped require-tls (close_after = 4): nothing after the 4th denial reaches
@@ -332,15 +380,18 @@ fn try_login(s: &ReadOnly, what: &str, steps: &[String], n_sessions: &mut usize)
     let _ = c.read_to_end();
     let want = *n_sessions;
     wait_until(what, || {
-        s.dv.log().matches("Disconnected").count() >= want
-            || s.dv.message_count(ARCHIVE) < 3
+        s.dv.log().matches("Disconnected").count() >= want || s.dv.message_count(ARCHIVE) < 3
     });
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         r, "-ERR [SYS/PERM] this mailbox is read-only",
         "{what}: logged in as {ARCHIVE} but DELE answered {r:?}"
     );
-    assert_eq!(s.dv.message_count(ARCHIVE), 3, "{what}: a message was deleted");
+    assert_eq!(
+        s.dv.message_count(ARCHIVE),
+        3,
+        "{what}: a message was deleted"
+    );
     true
 }
 
@@ -363,26 +414,100 @@ fn review_sasl_base64_leniency_does_not_hide_the_user() {
     let user_spaced = format!("{} {}", &user[..mid], &user[mid..]);
     let user_tabbed = format!("{}\t{}", &user[..mid], &user[mid..]);
     let cases: Vec<(&str, Vec<String>)> = vec![
-        ("AUTH PLAIN IR unpadded", vec![format!("AUTH PLAIN {}", unpadded(&plain))]),
-        ("AUTH PLAIN IR authz unpadded", vec![format!("AUTH PLAIN {}", unpadded(&plain_authz))]),
-        ("AUTH PLAIN answer unpadded", vec!["AUTH PLAIN".into(), unpadded(&plain)]),
-        ("AUTH PLAIN answer with space", vec!["AUTH PLAIN".into(), format!("{} {}", &plain[..8], &plain[8..])]),
-        ("AUTH PLAIN answer leading space", vec!["AUTH PLAIN".into(), format!(" {plain}")]),
-        ("AUTH PLAIN answer trailing space", vec!["AUTH PLAIN".into(), format!("{plain} ")]),
-        ("AUTH PLAIN IR double space", vec![format!("AUTH PLAIN  {plain}")]),
+        (
+            "AUTH PLAIN IR unpadded",
+            vec![format!("AUTH PLAIN {}", unpadded(&plain))],
+        ),
+        (
+            "AUTH PLAIN IR authz unpadded",
+            vec![format!("AUTH PLAIN {}", unpadded(&plain_authz))],
+        ),
+        (
+            "AUTH PLAIN answer unpadded",
+            vec!["AUTH PLAIN".into(), unpadded(&plain)],
+        ),
+        (
+            "AUTH PLAIN answer with space",
+            vec![
+                "AUTH PLAIN".into(),
+                format!("{} {}", &plain[..8], &plain[8..]),
+            ],
+        ),
+        (
+            "AUTH PLAIN answer leading space",
+            vec!["AUTH PLAIN".into(), format!(" {plain}")],
+        ),
+        (
+            "AUTH PLAIN answer trailing space",
+            vec!["AUTH PLAIN".into(), format!("{plain} ")],
+        ),
+        (
+            "AUTH PLAIN IR double space",
+            vec![format!("AUTH PLAIN  {plain}")],
+        ),
         ("AUTH PLAIN IR TAB", vec![format!("AUTH PLAIN\t{plain}")]),
-        ("AUTH PLAIN IR junk after pad", vec![format!("AUTH PLAIN {plain}AAAA")]),
-        ("AUTH LOGIN user unpadded", vec!["AUTH LOGIN".into(), unpadded(&user), pass.clone()]),
-        ("AUTH LOGIN IR unpadded", vec![format!("AUTH LOGIN {}", unpadded(&user)), pass.clone()]),
-        ("AUTH LOGIN user with space", vec!["AUTH LOGIN".into(), user_spaced, pass.clone()]),
-        ("AUTH LOGIN user with TAB", vec!["AUTH LOGIN".into(), user_tabbed, pass.clone()]),
-        ("AUTH LOGIN user trailing space", vec!["AUTH LOGIN".into(), format!("{user} "), pass.clone()]),
-        ("AUTH LOGIN user upper-case", vec!["AUTH LOGIN".into(), b64(ARCHIVE.to_uppercase().as_bytes()), pass.clone()]),
-        ("USER upper-case", vec![format!("USER {}", ARCHIVE.to_uppercase()), format!("PASS {ARCHIVE_PASS}")]),
-        ("USER TAB", vec![format!("USER\t{ARCHIVE}"), format!("PASS {ARCHIVE_PASS}")]),
-        ("USER trailing space", vec![format!("USER {ARCHIVE} "), format!("PASS {ARCHIVE_PASS}")]),
-        ("USER two names", vec![format!("USER nobody {ARCHIVE}"), format!("PASS {ARCHIVE_PASS}")]),
-        ("USER then USER", vec!["USER nobody".into(), format!("USER {ARCHIVE}"), format!("PASS {ARCHIVE_PASS}")]),
+        (
+            "AUTH PLAIN IR junk after pad",
+            vec![format!("AUTH PLAIN {plain}AAAA")],
+        ),
+        (
+            "AUTH LOGIN user unpadded",
+            vec!["AUTH LOGIN".into(), unpadded(&user), pass.clone()],
+        ),
+        (
+            "AUTH LOGIN IR unpadded",
+            vec![format!("AUTH LOGIN {}", unpadded(&user)), pass.clone()],
+        ),
+        (
+            "AUTH LOGIN user with space",
+            vec!["AUTH LOGIN".into(), user_spaced, pass.clone()],
+        ),
+        (
+            "AUTH LOGIN user with TAB",
+            vec!["AUTH LOGIN".into(), user_tabbed, pass.clone()],
+        ),
+        (
+            "AUTH LOGIN user trailing space",
+            vec!["AUTH LOGIN".into(), format!("{user} "), pass.clone()],
+        ),
+        (
+            "AUTH LOGIN user upper-case",
+            vec![
+                "AUTH LOGIN".into(),
+                b64(ARCHIVE.to_uppercase().as_bytes()),
+                pass.clone(),
+            ],
+        ),
+        (
+            "USER upper-case",
+            vec![
+                format!("USER {}", ARCHIVE.to_uppercase()),
+                format!("PASS {ARCHIVE_PASS}"),
+            ],
+        ),
+        (
+            "USER TAB",
+            vec![format!("USER\t{ARCHIVE}"), format!("PASS {ARCHIVE_PASS}")],
+        ),
+        (
+            "USER trailing space",
+            vec![format!("USER {ARCHIVE} "), format!("PASS {ARCHIVE_PASS}")],
+        ),
+        (
+            "USER two names",
+            vec![
+                format!("USER nobody {ARCHIVE}"),
+                format!("PASS {ARCHIVE_PASS}"),
+            ],
+        ),
+        (
+            "USER then USER",
+            vec![
+                "USER nobody".into(),
+                format!("USER {ARCHIVE}"),
+                format!("PASS {ARCHIVE_PASS}"),
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, steps) in &cases {

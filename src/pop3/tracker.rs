@@ -678,9 +678,9 @@ impl Tracker {
         let before_login = self.state == State::Authorization;
         let mut login = None;
         match out.verb {
-            Verb::User if before_login => {
-                self.attempt = if ok { out.name } else { None };
-            }
+            // A refused USER leaves the earlier name: a server that keeps it logs that user
+            // in at the next PASS.
+            Verb::User if before_login && ok => self.attempt = out.name,
             Verb::Pass if before_login => {
                 login = Some((self.attempt.clone(), LoginMethod::UserPass));
             }
@@ -1077,6 +1077,17 @@ mod tests {
         )));
         assert_eq!(t.user(), Some("archive"));
         assert_eq!(t.user, None);
+    }
+
+    #[test]
+    fn a_refused_user_keeps_the_earlier_name() {
+        let (evs, t) = drive(
+            &[b"USER archive\r\n", b"USER nobody\r\n", b"PASS pw\r\n"],
+            b"+OK hi\r\n+OK\r\n-ERR no such user\r\n+OK in\r\n",
+            4,
+        );
+        assert!(evs.contains(&Ev::Status(Some(Verb::Pass), Status::Ok, false, Some(true))));
+        assert_eq!(t.user(), Some("archive"));
     }
 
     #[test]

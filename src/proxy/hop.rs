@@ -121,6 +121,9 @@ pub(crate) struct Hop {
     barrier: bool,
     actions: VecDeque<Action>,
     closed: bool,
+    /// A reply that ends the session is queued (a `deny` rule reached `close_after`): nothing
+    /// the client sent after that command is read or forwarded, not even a pipelined QUIT.
+    closing: bool,
     idle_deadline: Instant,
     login_deadline: Instant,
     greeting_deadline: Instant,
@@ -142,6 +145,7 @@ impl Hop {
             barrier: false,
             actions: VecDeque::new(),
             closed: false,
+            closing: false,
             idle_deadline: now + cfg.idle_timeout,
             login_deadline: started + cfg.login_timeout,
             greeting_deadline: now + cfg.greeting_timeout,
@@ -157,6 +161,7 @@ impl Hop {
     /// Whether the driver may read from the client now. The one place this is decided.
     pub(crate) fn wants_client_input(&self) -> bool {
         !self.closed
+            && !self.closing
             && !self.client_eof
             && !self.stls_pending
             && !self.barrier
@@ -608,6 +613,11 @@ impl Hop {
             if self.closed {
                 return;
             }
+            if self.closing {
+                // The session ends once the closing reply is out: what follows is dropped.
+                cin.clear();
+                break;
+            }
             if self.tracker.quit_sent() {
                 // Nothing after QUIT is forwarded: the server is about to close.
                 cin.clear();
@@ -740,6 +750,7 @@ impl Hop {
                         let mut reply = text.into_bytes();
                         reply.extend_from_slice(b"\r\n");
                         self.tracker.answer_locally(cmd.verb, reply, then);
+                        self.closing |= then == AfterReply::Close;
                         if then == AfterReply::StartTls {
                             // Whatever else is buffered is plaintext sent before the
                             // handshake: it is discarded (at the handshake), never parsed.
@@ -833,6 +844,11 @@ impl Hop {
             Verb::Unknown if self.credentials_denied() => {
                 info!("unknown command refused: credentials are denied here");
                 reply("-ERR unknown command")
+            }
+            // The one other free-form argument a client may send before login.
+            Verb::Lang if cmd.has_args() && self.credentials_denied() => {
+                info!("LANG with an argument refused: credentials are denied here");
+                reply("-ERR [AUTH] not before encryption")
             }
             // STLS is between the client and this hop; it is never relayed upstream.
             Verb::Stls if self.client_tls => reply("-ERR already under TLS"),

@@ -491,3 +491,19 @@ fn timeouts_answer_and_close() {
         })
     );
 }
+
+#[test]
+fn a_closing_denial_stops_the_pipeline_before_a_quit() {
+    let rule = "[[rule]]\nname = \"no-top\"\non = \"command\"\nverbs = [\"TOP\"]\naction = \"deny\"\nmessage = \"no\"\nclose_after = 1\n";
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 1\r\nTOP 2 0\r\nQUIT\r\n");
+    let server = after_login(&[b"+OK deleted\r\n", b"+OK bye\r\n"]);
+    let out = same_at_every_chunk(|| hop_with(config(), rule), &client, &server, End::Open);
+    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nDELE 1\r\n");
+    assert!(
+        out.client.ends_with(b"+OK deleted\r\n-ERR no\r\n"),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(out.close, Some((CloseReason::RuleDrop, false)));
+}
