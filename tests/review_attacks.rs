@@ -200,11 +200,11 @@ fn overlong(mode: &str) {
             format!("{SECRET}\r\n").into_bytes(),
         ],
         vec![
-            format!("{pad}").into_bytes(),
+            pad.clone().into_bytes(),
             format!("\r\nPASS {SECRET}\r\n").into_bytes(),
         ],
         vec![
-            format!("{pad}").into_bytes(),
+            pad.clone().into_bytes(),
             format!("{pad}\nXPASS {SECRET}\r\n").into_bytes(),
         ],
         // Exactly around the limit.
