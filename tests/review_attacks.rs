@@ -352,7 +352,8 @@ fn read_only() -> ReadOnly {
         "",
         dv.addr(),
         "connect_timeout = \"3s\"",
-        "",
+        // Many refused variants from one address: no failed-login penalty to wait out.
+        "[limits]\nlogin_fail_delay = \"0s\"\n",
     );
     ReadOnly { dv, _h: h, proxy }
 }
