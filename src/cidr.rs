@@ -11,9 +11,16 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// An IPv4 or IPv6 network: its address with host bits cleared, and its prefix length.
+/// An IPv4 or IPv6 network: its address with host bits cleared, and its prefix length. The
+/// first and last address are kept too, so a match (per rule, per command) is two compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Cidr(IpNet);
+pub(crate) struct Cidr(IpNet, IpAddr, IpAddr);
+
+impl Cidr {
+    fn new(net: IpNet) -> Cidr {
+        Cidr(net, net.network(), net.broadcast())
+    }
+}
 
 impl Cidr {
     /// Parse `addr/len` or a bare address (a single host). Host bits set below the prefix are
@@ -58,12 +65,14 @@ impl Cidr {
         let net = IpNet::new(ip, prefix)
             .map_err(|_| format!("prefix length `{prefix}` is not a number from 0 to {max}"))?;
         let network = net.trunc();
-        Ok((Cidr(network), network.addr() != ip))
+        Ok((Cidr::new(network), network.addr() != ip))
     }
 
     /// Whether `ip` lies in this network; an IPv4-mapped IPv6 address counts as IPv4.
     pub(crate) fn contains(&self, ip: IpAddr) -> bool {
-        self.0.contains(&ip.to_canonical())
+        // IpAddr orders every IPv4 address before every IPv6 one: no family mix-up.
+        let ip = ip.to_canonical();
+        self.1 <= ip && ip <= self.2
     }
 }
 
