@@ -55,6 +55,9 @@ name = "soak"
 bind = "127.0.0.1:$P_PG"
 [upstream]
 address = "127.0.0.1:$P_UP"
+[limits]
+# Every soak client comes from 127.0.0.1: the per-address cap would refuse all but 50.
+max_sessions_per_ip = 0
 [log]
 level = "$LOG_LEVEL"
 CONF
