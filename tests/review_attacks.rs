@@ -15,6 +15,15 @@ use popgate_demo::{DemoServer, ServerOptions};
 
 const SECRET: &str = "S3cr3tPw-9z";
 
+/// What the upstream received, once the session has had time to end.
+fn settled_lines(up: &DemoServer) -> Vec<String> {
+    std::thread::sleep(Duration::from_millis(300));
+    up.received()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
 fn shipped(name: &str) -> String {
     format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -284,12 +293,7 @@ fn review_close_after_denial_does_not_let_pipelined_quit_through() {
     assert!(c.cmd("PASS pw").starts_with("+OK"));
     c.send_raw(b"DELE 1\r\nTOP 2 0\r\nQUIT\r\n");
     let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
-    std::thread::sleep(Duration::from_millis(300));
-    let received: Vec<String> = up
-        .received()
-        .iter()
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
+    let received = settled_lines(&up);
     assert!(
         !received
             .iter()
@@ -311,12 +315,7 @@ fn review_require_tls_close_after_stops_the_batch() {
     let mut c = RawPop::connect(proxy.addr);
     c.send_raw(b"CAPA\r\nUSER a\r\nUSER a\r\nUSER a\r\nUSER a\r\nCAPA\r\nUTF8\r\nQUIT\r\n");
     let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
-    std::thread::sleep(Duration::from_millis(300));
-    let received: Vec<String> = up
-        .received()
-        .iter()
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect();
+    let received = settled_lines(&up);
     assert_eq!(
         received.iter().filter(|l| l.trim_end() == "CAPA").count(),
         1,
