@@ -33,10 +33,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-mod command;
-
-pub use command::Verb;
-use command::{Command, dot_stuff, line_end, trim_eol};
+pub use popgate_wire::command::Verb;
+use popgate_wire::command::{Command, line_end, trim_eol};
+use popgate_wire::response::dot_stuff;
 
 /// Name the server gives itself in its greeting, `CAPA IMPLEMENTATION` and APOP timestamps.
 pub const SERVER_NAME: &str = "popgate-demo";

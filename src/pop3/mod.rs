@@ -1,38 +1,8 @@
-//! The POP3 wire protocol: pure parsers over byte slices, no I/O.
+//! The POP3 protocol, no I/O: the wire format (commands, responses, body framing) from the
+//! `popgate-wire` crate, which the demo server shares, plus CAPA rewriting and the session
+//! tracker.
+
+pub use popgate_wire::{command, printable, response};
 
 pub(crate) mod capa;
-pub mod command;
-pub mod response;
 pub mod tracker;
-
-use std::fmt::Write as _;
-
-/// `bytes` as text safe for a terminal or a log: invalid UTF-8 replaced, and control characters
-/// (C0 other than TAB, DEL, C1) written as `\xNN`, so a client cannot send escape sequences to
-/// whoever reads the log.
-pub fn printable(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() && c != '\t' {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "\\x{:02x}", u32::from(c));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn printable_escapes_controls() {
-        assert_eq!(
-            super::printable(b"a\x1b[31mb\x07\x7f\tc"),
-            "a\\x1b[31mb\\x07\\x7f\tc"
-        );
-        assert_eq!(super::printable("x\u{9b}y".as_bytes()), "x\\x9by");
-        assert_eq!(super::printable(b"\xff"), "\u{fffd}");
-    }
-}

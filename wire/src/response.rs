@@ -3,7 +3,7 @@
 //! Pure code over byte slices. The [`BodyScanner`] finds the `CRLF.CRLF` terminator across
 //! arbitrary chunk boundaries without buffering the body, so bodies can be streamed.
 
-use crate::pop3::command::trim_eol;
+use crate::command::trim_eol;
 
 /// The status indicator of a response line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -229,6 +229,7 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -273,7 +273,7 @@ impl<'a> Command<'a> {
     /// The line with secret arguments replaced by `***` and control characters escaped, for
     /// logs.
     pub fn redacted(&self) -> String {
-        let kw = crate::pop3::printable(self.keyword);
+        let kw = crate::printable(self.keyword);
         match self.verb {
             Verb::Pass => format!("{kw} ***"),
             Verb::Apop => match self.arg_str(0) {
@@ -294,12 +294,13 @@ impl<'a> Command<'a> {
                 "***".into()
             }
             Verb::Unknown if self.has_args() => format!("{kw} ***"),
-            _ => crate::pop3::printable(trim_eol(self.raw)),
+            _ => crate::printable(trim_eol(self.raw)),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
