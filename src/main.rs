@@ -177,7 +177,8 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
     let text = format!(
         "[[listener]]\nname = \"demo\"\nbind = \"{bind}\"\ntls = \"starttls\"\n\
          [[listener]]\nname = \"demo-tls\"\nbind = \"{tls_bind}\"\ntls = \"implicit\"\n\
-         [upstream]\naddress = \"{}\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
+         [upstream]\naddress = \"{}\"\n[tls]\ncert = {:?}\nkey = {:?}\n\
+         [limits]\nmax_sessions = 1000\n",
         server.local_addr(),
         cert,
         key
