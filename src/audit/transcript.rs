@@ -237,7 +237,7 @@ impl Transcript {
         }
         if eol {
             let line = std::mem::take(&mut body.line);
-            if body.line_len <= 3 && (line == b".\r\n" || line == b".\n") {
+            if body.line_len <= 3 && crate::pop3::response::body_line(&line).is_none() {
                 // The terminator: the body is complete.
                 self.write_summary(&body);
                 self.write_line("S:", ".", true);

@@ -5,14 +5,8 @@
 pub fn items(body: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     for line in body.split_inclusive(|&b| b == b'\n') {
-        let item = crate::pop3::command::trim_eol(line);
-        if item == b"." {
+        let Some(item) = crate::pop3::response::body_line(line) else {
             break;
-        }
-        let item = if item.starts_with(b"..") {
-            &item[1..]
-        } else {
-            item
         };
         if !item.is_empty() {
             out.push(item);

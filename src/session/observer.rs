@@ -259,10 +259,12 @@ impl Observer {
                     partial.clear();
                 }
                 if piece.ends_with(b"\n") {
-                    let line = trim_eol(&partial).to_vec();
-                    let mut parts = line.split(|&b| b == b' ');
-                    if let (Some(n), Some(uid)) = (parts.next(), parts.next()) {
-                        self.learn_uidl(n, uid);
+                    if let Some(line) = crate::pop3::response::body_line(&partial) {
+                        let line = line.to_vec();
+                        let mut parts = line.split(|&b| b == b' ');
+                        if let (Some(n), Some(uid)) = (parts.next(), parts.next()) {
+                            self.learn_uidl(n, uid);
+                        }
                     }
                     partial.clear();
                 }

@@ -212,6 +212,20 @@ impl BodyScanner {
     }
 }
 
+/// One complete line of a multi-line body (line end included or not) as the message has it:
+/// `None` for the terminator (`.` alone), otherwise the line without its line end and without
+/// the stuffing `.` (RFC 1939: a line that starts with `.` has one removed). The framing itself
+/// (where a streamed body ends) is [`BodyScanner`]'s; this is for consumers that look into
+/// bodies line by line (CAPA items, UIDL listings, transcripts).
+pub fn body_line(line: &[u8]) -> Option<&[u8]> {
+    let content = trim_eol(line);
+    match content.strip_prefix(b".") {
+        Some(b"") => None,
+        Some(rest) => Some(rest),
+        None => Some(content),
+    }
+}
+
 /// `body` with a `.` put before every line that starts with `.` (RFC 1939 byte-stuffing): the
 /// bytes of a multi-line body between the status line and the terminator. Line ends are kept
 /// as they are; no terminator is added.
@@ -257,6 +271,22 @@ mod tests {
         assert!(StatusLine::parse(b"-ERROR x\r\n").is_err());
         assert!(StatusLine::parse(b"+OKAY\r\n").is_err());
         assert!(StatusLine::parse(b"\r\n").is_err());
+    }
+
+    #[test]
+    fn body_lines_are_unstuffed() {
+        assert_eq!(body_line(b".\r\n"), None);
+        assert_eq!(body_line(b".\n"), None);
+        assert_eq!(body_line(b"..\r\n"), Some(&b"."[..]));
+        assert_eq!(body_line(b"..x\r\n"), Some(&b".x"[..]));
+        assert_eq!(body_line(b"x.\r\n"), Some(&b"x."[..]));
+        assert_eq!(body_line(b"\r\n"), Some(&b""[..]));
+        // Every stuffed line comes back as it was.
+        for line in [&b"."[..], b"..", b".x", b"x", b""] {
+            let mut wire = dot_stuff(line);
+            wire.extend_from_slice(b"\r\n");
+            assert_eq!(body_line(&wire), Some(line));
+        }
     }
 
     #[test]
