@@ -346,7 +346,7 @@ impl Driver {
             );
         }
         loop {
-            if let Some(reason) = self.execute().await? {
+            if let Some(reason) = self.execute(&mut shutdown).await? {
                 return Ok(reason);
             }
             self.sync_observer().await;
@@ -396,7 +396,10 @@ impl Driver {
     }
 
     /// Carry out the hop's actions in order; `Some` when one of them ends the session.
-    async fn execute(&mut self) -> Result<Option<CloseReason>, SessionError> {
+    async fn execute(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<CloseReason>, SessionError> {
         while let Some(action) = self.hop.poll_action() {
             match action {
                 Action::ToClient(bytes) => {
@@ -413,7 +416,12 @@ impl Driver {
                     .map_err(io_err(Side::Upstream))?,
                 Action::Sleep(d) => {
                     self.sync_observer().await;
-                    tokio::time::sleep(d).await;
+                    // A tarpit or login penalty never outlasts a shutdown: the session ends
+                    // within the grace period like any other.
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = shutdown.changed() => self.hop.on_shutdown(),
+                    }
                 }
                 Action::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
