@@ -405,26 +405,15 @@ impl Config {
             ));
         }
 
-        if self.upstream.connect_timeout.is_zero() {
-            return Err(invalid(
-                "upstream.connect_timeout",
-                "must be more than 0".into(),
-            ));
-        }
-        if self.limits.idle_timeout.is_zero() {
-            return Err(invalid("limits.idle_timeout", "must be more than 0".into()));
-        }
-        if self.limits.login_timeout.is_zero() {
-            return Err(invalid(
-                "limits.login_timeout",
-                "must be more than 0".into(),
-            ));
-        }
-        if self.limits.greeting_timeout.is_zero() {
-            return Err(invalid(
-                "limits.greeting_timeout",
-                "must be more than 0".into(),
-            ));
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("limits.login_timeout", self.limits.login_timeout),
+            ("limits.greeting_timeout", self.limits.greeting_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be more than 0".into()));
+            }
         }
         if !(64..=1024 * 1024).contains(&self.limits.max_line) {
             return Err(invalid(
