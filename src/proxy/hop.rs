@@ -45,14 +45,10 @@ pub(crate) enum Action {
     /// Run the server side of a TLS handshake with the client, then call
     /// [`Hop::client_tls_started`].
     StartClientTls,
-    /// The session is over: close the client (with a TCP reset when `reset`: a multi-line
-    /// response was cut and must not look complete) and the upstream, without QUIT.
-    Close {
-        /// Why.
-        reason: CloseReason,
-        /// Reset the client connection instead of closing it in order.
-        reset: bool,
-    },
+    /// The session is over, for this reason: close the client (with a TCP reset when
+    /// [`Hop::mid_response`]: a cut multi-line response must not look complete) and the
+    /// upstream, without QUIT.
+    Close(CloseReason),
 }
 
 /// What a hop reports as it goes, and the one shared service it asks for. The session's audit
@@ -214,8 +210,7 @@ impl Hop {
         }
         self.flush_upstream();
         self.closed = true;
-        let reset = self.mid_response();
-        self.actions.push_back(Action::Close { reason, reset });
+        self.actions.push_back(Action::Close(reason));
     }
 
     fn send_client(&mut self, bytes: impl Into<Bytes>) {

@@ -105,7 +105,7 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
                     client.truncate(c);
                     hop.client_tls_started(&mut cin);
                 }
-                Action::Close { reason, reset } => out.close = Some((reason, reset)),
+                Action::Close(reason) => out.close = Some((reason, hop.mid_response())),
             }
         }
         if out.close.is_some() {
@@ -412,7 +412,7 @@ fn quit_is_never_generated() {
         while let Some(a) = hop.poll_action() {
             match a {
                 Action::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
-                Action::Close { .. } => closed = true,
+                Action::Close(_) => closed = true,
                 _ => {}
             }
         }
@@ -468,11 +468,9 @@ fn timeouts_answer_and_close() {
     );
     assert_eq!(
         hop.poll_action(),
-        Some(Action::Close {
-            reason: CloseReason::GreetingTimeout,
-            reset: false
-        })
+        Some(Action::Close(CloseReason::GreetingTimeout))
     );
+    assert!(!hop.mid_response());
     // Greeted, not logged in: the login deadline, which bytes do not move.
     let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
     let mut cin = BytesMut::from(&b"USER a\r\n"[..]);
@@ -485,11 +483,9 @@ fn timeouts_answer_and_close() {
     let actions: Vec<Action> = std::iter::from_fn(|| hop.poll_action()).collect();
     assert_eq!(
         actions.last(),
-        Some(&Action::Close {
-            reason: CloseReason::LoginTimeout,
-            reset: false
-        })
+        Some(&Action::Close(CloseReason::LoginTimeout))
     );
+    assert!(!hop.mid_response());
 }
 
 #[test]

@@ -432,7 +432,7 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                 }
-                Action::Close { reason, .. } => return Ok(Some(reason)),
+                Action::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
