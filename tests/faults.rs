@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::clients::{self, poplib, poplib_spec};
 use common::proxy::{Harness, ProxyHandle, big_message, mailbox};
+use common::{audit_events, wait_until};
 use popgate_demo::{DemoServer, Faults, ServerOptions, Verb};
 use serde_json::{Value, json};
 
@@ -130,24 +131,6 @@ fn is_quit(line: &[u8]) -> bool {
     l.trim().eq_ignore_ascii_case("quit")
 }
 
-/// Every complete line of the audit files in `dir`, parsed.
-fn audit_events(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        for line in text.split_inclusive('\n') {
-            if let Some(line) = line.strip_suffix('\n') {
-                out.push(serde_json::from_str(line).expect("audit line is JSON"));
-            }
-        }
-    }
-    out
-}
-
 /// Wait (bounded) until exactly `n` sessions were opened and each of them closed.
 fn wait_sessions_closed(dir: &Path, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -183,14 +166,6 @@ fn close_reason(evs: &[Value]) -> String {
         .collect();
     assert_eq!(closes.len(), 1, "{closes:?}");
     closes[0]["reason"].as_str().unwrap().to_owned()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
+use common::base64;
 use common::clients::{self, RawPop, brief, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
 use popgate_demo::{DemoServer, ServerOptions, apop_digest};
@@ -38,10 +38,6 @@ fn unique(tag: &str) -> String {
     let mut h2 = RandomState::new().build_hasher();
     h2.write_u64(a);
     format!("{a:016x}{:08x}", h2.finish() as u32)
-}
-
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// The secrets of one run and everything derived from them that must never be written.
@@ -71,9 +67,9 @@ impl Secrets {
             n.push(pw.clone());
             // The random core alone, in case a password is cut or quoted.
             n.push(pw[3..pw.len() - 2].to_owned());
-            n.push(b64(pw.as_bytes()));
-            n.push(b64(format!("\0{}\0{pw}", self.user).as_bytes()));
-            n.push(b64(format!("{0}\0{0}\0{pw}", self.user).as_bytes()));
+            n.push(base64(pw.as_bytes()));
+            n.push(base64(format!("\0{}\0{pw}", self.user).as_bytes()));
+            n.push(base64(format!("{0}\0{0}\0{pw}", self.user).as_bytes()));
         }
         n.extend(self.digests.iter().cloned());
         n
@@ -213,14 +209,14 @@ fn log_in_every_way(addr: SocketAddr, s: &mut Secrets) -> usize {
     sessions += 1;
 
     // AUTH PLAIN with an initial response.
-    let plain = b64(format!("\0{user}\0{pass}").as_bytes());
+    let plain = base64(format!("\0{user}\0{pass}").as_bytes());
     let mut c = RawPop::connect(addr);
     ok(&c.cmd(&format!("AUTH PLAIN {plain}")), "AUTH PLAIN ir");
     retr_and_quit(&mut c);
     sessions += 1;
 
     // AUTH PLAIN via a continuation (with an authzid this time).
-    let plain_z = b64(format!("{user}\0{user}\0{pass}").as_bytes());
+    let plain_z = base64(format!("{user}\0{user}\0{pass}").as_bytes());
     let mut c = RawPop::connect(addr);
     assert!(c.cmd("AUTH PLAIN").starts_with("+ "));
     ok(&c.cmd(&plain_z), "AUTH PLAIN continuation");
@@ -230,18 +226,18 @@ fn log_in_every_way(addr: SocketAddr, s: &mut Secrets) -> usize {
     // AUTH LOGIN: user name and password as continuations.
     let mut c = RawPop::connect(addr);
     assert!(c.cmd("AUTH LOGIN").starts_with("+ "));
-    assert!(c.cmd(&b64(user.as_bytes())).starts_with("+ "));
-    ok(&c.cmd(&b64(pass.as_bytes())), "AUTH LOGIN");
+    assert!(c.cmd(&base64(user.as_bytes())).starts_with("+ "));
+    ok(&c.cmd(&base64(pass.as_bytes())), "AUTH LOGIN");
     retr_and_quit(&mut c);
     sessions += 1;
 
     // AUTH LOGIN with the user name as initial response.
     let mut c = RawPop::connect(addr);
     assert!(
-        c.cmd(&format!("AUTH LOGIN {}", b64(user.as_bytes())))
+        c.cmd(&format!("AUTH LOGIN {}", base64(user.as_bytes())))
             .starts_with("+ ")
     );
-    ok(&c.cmd(&b64(pass.as_bytes())), "AUTH LOGIN ir");
+    ok(&c.cmd(&base64(pass.as_bytes())), "AUTH LOGIN ir");
     retr_and_quit(&mut c);
     sessions += 1;
 
@@ -249,7 +245,7 @@ fn log_in_every_way(addr: SocketAddr, s: &mut Secrets) -> usize {
     let mut c = RawPop::connect(addr);
     let bad = c.cmd(&format!(
         "AUTH PLAIN {}",
-        b64(format!("\0{user}\0{}", s.wrong).as_bytes())
+        base64(format!("\0{user}\0{}", s.wrong).as_bytes())
     ));
     assert!(bad.starts_with("-ERR"), "{bad}");
     assert!(c.cmd("AUTH LOGIN").starts_with("+ "));

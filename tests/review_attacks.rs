@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::Engine as _;
 use common::clients::RawPop;
 use common::dovecot::{Dovecot, DovecotOpts};
 use common::proxy::{Harness, ProxyHandle, mailbox, rule_file};
+use common::{base64, shipped_rules, wait_until};
 use popgate_demo::{DemoServer, ServerOptions};
 
 const SECRET: &str = "S3cr3tPw-9z";
@@ -24,24 +24,8 @@ fn settled_lines(up: &DemoServer) -> Vec<String> {
         .collect()
 }
 
-fn shipped(name: &str) -> String {
-    format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
-
 fn msg(n: usize) -> Vec<u8> {
     format!("From: a@example.org\r\nSubject: m {n}\r\n\r\nbody {n}\r\n").into_bytes()
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -55,7 +39,7 @@ fn require_tls(mode: &str) -> (Harness, DemoServer, ProxyHandle) {
         vec![msg(1)],
     )]));
     let proxy = h.proxy_with_rules(
-        &[&shipped("require-tls.toml")],
+        &[&shipped_rules("require-tls.toml")],
         "",
         up.local_addr(),
         "connect_timeout = \"3s\"",
@@ -70,7 +54,7 @@ fn assert_no_secret(up: &DemoServer, what: &str) {
         .iter()
         .map(|l| String::from_utf8_lossy(l).into_owned())
         .collect();
-    let sec_b64 = b64(SECRET.as_bytes());
+    let sec_b64 = base64(SECRET.as_bytes());
     for l in &received {
         assert!(
             !l.contains(SECRET) && !l.contains(&sec_b64) && !l.contains("alice"),
@@ -82,7 +66,7 @@ fn assert_no_secret(up: &DemoServer, what: &str) {
 /// Byte-level spellings not in tests/security.rs: control bytes, NEL/NBSP/Unicode lookalikes,
 /// bare CR, bare LF, SASL `=`/`*`, AUTH then eager answers.
 fn spellings() -> Vec<Vec<u8>> {
-    let plain = b64(format!("\0alice\0{SECRET}").as_bytes());
+    let plain = base64(format!("\0alice\0{SECRET}").as_bytes());
     let s = SECRET.as_bytes();
     let cat = |parts: &[&[u8]]| parts.concat();
     vec![
@@ -117,25 +101,29 @@ fn spellings() -> Vec<Vec<u8>> {
         cat(&[b"AUTH PLAIN-CLIENTTOKEN ", plain.as_bytes(), b"\r\n"]),
         cat(&[
             b"AUTH XOAUTH2 ",
-            b64(format!("user=alice\x01auth=Bearer {SECRET}\x01\x01").as_bytes()).as_bytes(),
+            base64(format!("user=alice\x01auth=Bearer {SECRET}\x01\x01").as_bytes()).as_bytes(),
             b"\r\n",
         ]),
         cat(&[
             b"AUTH LOGIN\r\n",
-            b64(b"alice").as_bytes(),
+            base64(b"alice").as_bytes(),
             b"\r\n",
-            b64(s).as_bytes(),
+            base64(s).as_bytes(),
             b"\r\n",
         ]),
         cat(&[
             b"AUTH LOGIN ",
-            b64(b"alice").as_bytes(),
+            base64(b"alice").as_bytes(),
             b"\r\n",
-            b64(s).as_bytes(),
+            base64(s).as_bytes(),
             b"\r\n",
         ]),
-        cat(&[b"AUTH LOGIN\r\n*\r\n", b64(s).as_bytes(), b"\r\n"]),
-        cat(&[b"AUTH LOGIN\r\n=\r\nCAPA\r\n", b64(s).as_bytes(), b"\r\n"]),
+        cat(&[b"AUTH LOGIN\r\n*\r\n", base64(s).as_bytes(), b"\r\n"]),
+        cat(&[
+            b"AUTH LOGIN\r\n=\r\nCAPA\r\n",
+            base64(s).as_bytes(),
+            b"\r\n",
+        ]),
         cat(&[b"APOP alice ", s, b"\r\n"]),
         cat(&[b"USER alice\r\nPASS ", s, b"\r\n"]),
         cat(&[b"user alice\r\npass ", s, b"\r\n"]),
@@ -229,7 +217,7 @@ fn overlong(mode: &str) {
         vec![
             pad.clone().into_bytes(),
             b"\r".to_vec(),
-            format!("\nAUTH PLAIN {}\r\n", b64(SECRET.as_bytes())).into_bytes(),
+            format!("\nAUTH PLAIN {}\r\n", base64(SECRET.as_bytes())).into_bytes(),
         ],
     ];
     for (i, segs) in cases.iter().enumerate() {
@@ -347,7 +335,7 @@ fn read_only() -> ReadOnly {
     ));
     let h = Harness::new();
     let proxy = h.proxy_with_rules(
-        &[&shipped("read-only.toml")],
+        &[&shipped_rules("read-only.toml")],
         "",
         dv.addr(),
         "connect_timeout = \"3s\"",
@@ -406,10 +394,10 @@ fn unpadded(s: &str) -> String {
 fn review_sasl_base64_leniency_does_not_hide_the_user() {
     let s = read_only();
     let mut n = 0;
-    let plain = b64(format!("\0{ARCHIVE}\0{ARCHIVE_PASS}").as_bytes());
-    let plain_authz = b64(format!("{ARCHIVE}\0{ARCHIVE}\0{ARCHIVE_PASS}").as_bytes());
-    let user = b64(ARCHIVE.as_bytes());
-    let pass = b64(ARCHIVE_PASS.as_bytes());
+    let plain = base64(format!("\0{ARCHIVE}\0{ARCHIVE_PASS}").as_bytes());
+    let plain_authz = base64(format!("{ARCHIVE}\0{ARCHIVE}\0{ARCHIVE_PASS}").as_bytes());
+    let user = base64(ARCHIVE.as_bytes());
+    let pass = base64(ARCHIVE_PASS.as_bytes());
     let mid = user.len() / 2;
     let user_spaced = format!("{} {}", &user[..mid], &user[mid..]);
     let user_tabbed = format!("{}\t{}", &user[..mid], &user[mid..]);
@@ -474,7 +462,7 @@ fn review_sasl_base64_leniency_does_not_hide_the_user() {
             "AUTH LOGIN user upper-case",
             vec![
                 "AUTH LOGIN".into(),
-                b64(ARCHIVE.to_uppercase().as_bytes()),
+                base64(ARCHIVE.to_uppercase().as_bytes()),
                 pass.clone(),
             ],
         ),

@@ -17,14 +17,11 @@ use common::proxy::{
     Harness, PopgateOpts, PopgateProcess, ProxyHandle, RuleFile, mailbox, popgate_bin, rule_file,
     tricky_messages,
 };
+use common::shipped_rules;
 use popgate_demo::{DemoServer, ServerOptions};
 use serde_json::{Value, json};
 
 /// A shipped rule file, by absolute path (tests do not depend on the working directory).
-fn shipped(name: &str) -> String {
-    format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
 /// popgate in front of `up` with `rules`. With `pki`, the listener is `starttls` with a
 /// certificate for localhost / 127.0.0.1.
 fn proxy(h: &Harness, up: &DemoServer, rules: &[&str], pki: Option<&TestPki>) -> ProxyHandle {
@@ -133,7 +130,7 @@ fn require_tls_refuses_plaintext_logins_and_allows_stls() {
     let pki = TestPki::new();
     let msgs = tricky_messages(200_000);
     let up = upstream(&h, vec![mailbox(TLS_USER, TLS_PASS, msgs.clone())]);
-    let p = proxy(&h, &up, &[&shipped("require-tls.toml")], Some(&pki));
+    let p = proxy(&h, &up, &[&shipped_rules("require-tls.toml")], Some(&pki));
     let creds = format!("{TLS_USER}:{TLS_PASS}");
 
     // curl in plaintext: whatever method it picks, it cannot log in.
@@ -213,7 +210,7 @@ fn require_tls_capa_hides_plaintext_methods_until_stls() {
     let h = Harness::new();
     let pki = TestPki::new();
     let up = upstream(&h, vec![mailbox(TLS_USER, TLS_PASS, tricky_messages(0))]);
-    let p = proxy(&h, &up, &[&shipped("require-tls.toml")], Some(&pki));
+    let p = proxy(&h, &up, &[&shipped_rules("require-tls.toml")], Some(&pki));
 
     let mut spec = poplib_spec(p.addr, TLS_USER, TLS_PASS);
     spec["login"] = json!("none");
@@ -246,7 +243,7 @@ fn require_tls_closes_after_four_denials() {
     let h = Harness::new();
     let pki = TestPki::new();
     let up = upstream(&h, vec![mailbox(TLS_USER, TLS_PASS, tricky_messages(0))]);
-    let p = proxy(&h, &up, &[&shipped("require-tls.toml")], Some(&pki));
+    let p = proxy(&h, &up, &[&shipped_rules("require-tls.toml")], Some(&pki));
     let mut c = RawPop::connect(p.addr);
     assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
     c.send_raw(
@@ -296,7 +293,7 @@ fn read_only_pipelined_batch_keeps_the_message() {
             mailbox(other, "alice-pass", msgs.clone()),
         ],
     );
-    let p = proxy(&h, &up, &[&shipped("read-only.toml")], None);
+    let p = proxy(&h, &up, &[&shipped_rules("read-only.toml")], None);
 
     let mut c = RawPop::connect(p.addr);
     login(&mut c, archive, "arch-pass");
@@ -454,7 +451,7 @@ fn hide_banner_rewrites_greeting_and_apop_still_works() {
     let direct = RawPop::connect(up.local_addr()).greeting;
     let banner = format!("+OK {} POP3 server ready <", popgate_demo::SERVER_NAME);
     assert!(direct.starts_with(&banner), "{direct}");
-    let p = proxy(&h, &up, &[&shipped("hide-banner.toml")], None);
+    let p = proxy(&h, &up, &[&shipped_rules("hide-banner.toml")], None);
 
     let mut spec = poplib_spec(p.addr, "alice", "alice-pass");
     spec["login"] = json!("apop");

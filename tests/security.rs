@@ -13,23 +13,15 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::clients::RawPop;
 use common::dovecot::{Dovecot, DovecotOpts};
 use common::proxy::{Harness, ProxyHandle, mailbox};
+use common::{audit_events, base64, shipped_rules, wait_until};
 use md5::{Digest, Md5};
 use popgate_demo::ServerOptions;
 use serde_json::Value;
-
-fn shipped(name: &str) -> String {
-    format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
 
 /// HMAC-MD5 (RFC 2104) as lower-case hex: the CRAM-MD5 digest of `challenge` under `key`.
 fn hmac_md5_hex(key: &[u8], challenge: &[u8]) -> String {
@@ -77,7 +69,7 @@ impl ReadOnlySetup {
         let h = Harness::new();
         let audit = tempfile::Builder::new().prefix("audit").tempdir().unwrap();
         let proxy = h.proxy_with_rules(
-            &[&shipped("read-only.toml")],
+            &[&shipped_rules("read-only.toml")],
             "",
             dv.addr(),
             "connect_timeout = \"3s\"",
@@ -120,7 +112,7 @@ impl ReadOnlySetup {
             3,
             "{what}: a message was deleted"
         );
-        let evs = audit_events(self.audit.path(), sessions);
+        let evs = audit_after(self.audit.path(), sessions);
         let users: Vec<&str> = evs
             .iter()
             .filter(|e| e["event"] != "login" || e["outcome"] == "success")
@@ -136,36 +128,13 @@ impl ReadOnlySetup {
     }
 }
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// All audit events once `sessions` sessions have closed.
-fn audit_events(dir: &Path, sessions: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut evs = Vec::new();
-        for f in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
-            for line in text.lines() {
-                if let Ok(v) = serde_json::from_str::<Value>(line) {
-                    evs.push(v);
-                }
-            }
-        }
-        if evs.iter().filter(|e| e["event"] == "session_close").count() >= sessions {
-            return evs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "audit: {sessions} sessions not closed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn audit_after(dir: &Path, sessions: usize) -> Vec<Value> {
+    let closed = |evs: &[Value]| evs.iter().filter(|e| e["event"] == "session_close").count();
+    wait_until(&format!("audit: {sessions} sessions closed"), || {
+        closed(&audit_events(dir)) >= sessions
+    });
+    audit_events(dir)
 }
 
 /// After the login as the read-only user, every way of naming another user is refused by
@@ -174,8 +143,8 @@ fn audit_events(dir: &Path, sessions: usize) -> Vec<Value> {
 #[ignore = "needs dovecot (run .ci/run)"]
 fn second_login_after_login_changes_nothing() {
     let s = ReadOnlySetup::start();
-    let plain = b64(b"\0nobody\0x");
-    let cram = b64(b"nobody 00");
+    let plain = base64(b"\0nobody\0x");
+    let cram = base64(b"nobody 00");
     let attempts: Vec<(&str, Vec<String>)> = vec![
         ("USER", vec!["USER nobody".into()]),
         ("USER with TAB", vec!["USER\tnobody".into()]),
@@ -188,7 +157,7 @@ fn second_login_after_login_changes_nothing() {
         ("AUTH CRAM-MD5 IR", vec![format!("AUTH CRAM-MD5 {cram}")]),
         (
             "AUTH LOGIN then answers",
-            vec!["AUTH LOGIN".into(), b64(b"nobody"), b64(b"x")],
+            vec!["AUTH LOGIN".into(), base64(b"nobody"), base64(b"x")],
         ),
     ];
     for (n, (what, lines)) in attempts.iter().enumerate() {
@@ -216,15 +185,15 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
             .decode(challenge)
             .unwrap();
         let digest = hmac_md5_hex(ARCHIVE_PASS.as_bytes(), &challenge);
-        let r = c.cmd(&b64(format!("{ARCHIVE} {digest}").as_bytes()));
+        let r = c.cmd(&base64(format!("{ARCHIVE} {digest}").as_bytes()));
         assert!(r.starts_with("+OK"), "{first}: {r}");
     };
     let login_answers = |c: &mut RawPop, first: &str| {
         let r = c.cmd(first);
         assert_eq!(r, "+ VXNlcm5hbWU6", "{first}");
-        let r = c.cmd(&b64(ARCHIVE.as_bytes()));
+        let r = c.cmd(&base64(ARCHIVE.as_bytes()));
         assert_eq!(r, "+ UGFzc3dvcmQ6", "{first}");
-        let r = c.cmd(&b64(ARCHIVE_PASS.as_bytes()));
+        let r = c.cmd(&base64(ARCHIVE_PASS.as_bytes()));
         assert!(r.starts_with("+OK"), "{first}: {r}");
     };
     type Trick = Box<dyn Fn(&mut RawPop)>;
@@ -235,7 +204,7 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
         ),
         (
             "AUTH CRAM-MD5 with a fake initial response",
-            Box::new(move |c| cram_answer(c, &format!("AUTH CRAM-MD5 {}", b64(b"nobody 00")))),
+            Box::new(move |c| cram_answer(c, &format!("AUTH CRAM-MD5 {}", base64(b"nobody 00")))),
         ),
         (
             "AUTH LOGIN =",
@@ -250,7 +219,7 @@ fn sasl_tricks_before_login_do_not_hide_the_user() {
         let mut c = RawPop::connect(s.proxy.addr);
         trick(&mut c);
         s.assert_read_only_holds(c, what, n + 1);
-        let evs = audit_events(s.audit.path(), n + 1);
+        let evs = audit_after(s.audit.path(), n + 1);
         let logins: Vec<&Value> = evs
             .iter()
             .filter(|e| e["event"] == "login" && e["outcome"] == "success")
@@ -267,7 +236,7 @@ const SECRET: &str = "S3cr3tPw-9z";
 
 /// Every line a plaintext client could use to smuggle a credential past require-tls.
 fn smuggling_lines() -> Vec<Vec<u8>> {
-    let plain = b64(format!("\0alice\0{SECRET}").as_bytes());
+    let plain = base64(format!("\0alice\0{SECRET}").as_bytes());
     let lines: Vec<String> = vec![
         format!("PASS\t{SECRET}"),
         format!("\tPASS {SECRET}"),
@@ -285,10 +254,10 @@ fn smuggling_lines() -> Vec<Vec<u8>> {
         "AUTH PLAIN =".into(),
         plain.clone(),
         "AUTH LOGIN".into(),
-        b64(b"alice"),
-        b64(SECRET.as_bytes()),
+        base64(b"alice"),
+        base64(SECRET.as_bytes()),
         "auth x-unknown-mech".into(),
-        b64(SECRET.as_bytes()),
+        base64(SECRET.as_bytes()),
         format!("USER alice\tPASS {SECRET}"),
     ];
     lines
@@ -305,7 +274,7 @@ fn require_tls_leaks_nothing(mode: &str) {
         vec![message(1)],
     )]));
     let proxy = h.proxy_with_rules(
-        &[&shipped("require-tls.toml")],
+        &[&shipped_rules("require-tls.toml")],
         "",
         up.local_addr(),
         "connect_timeout = \"3s\"",
@@ -348,8 +317,8 @@ fn require_tls_leaks_nothing(mode: &str) {
         .iter()
         .map(|l| String::from_utf8_lossy(l).into_owned())
         .collect();
-    let plain = b64(format!("\0alice\0{SECRET}").as_bytes());
-    let secret_b64 = b64(SECRET.as_bytes());
+    let plain = base64(format!("\0alice\0{SECRET}").as_bytes());
+    let secret_b64 = base64(SECRET.as_bytes());
     for l in &received {
         assert!(
             !l.contains(SECRET) && !l.contains(&plain) && !l.contains(&secret_b64),

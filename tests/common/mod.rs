@@ -52,3 +52,42 @@ pub fn find_exe(cmd: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(cmd))
         .find(|p| is_exe(p))
 }
+
+/// The path of a shipped rule file (`rules/NAME` in the repository).
+pub fn shipped_rules(name: &str) -> String {
+    format!("{}/rules/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Standard base64 of `data` (SASL payloads).
+pub fn base64(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// Wait (at most 10 s) until `f` holds; panics naming `what` otherwise.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not in time");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Every complete line of the audit files in `dir`, in file-name (= time) order, parsed (a
+/// line that is not JSON fails); a line still being written is left out.
+pub fn audit_events(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        for line in text.split_inclusive('\n') {
+            if let Some(line) = line.strip_suffix('\n') {
+                out.push(serde_json::from_str(line).expect("audit line is JSON"));
+            }
+        }
+    }
+    out
+}
