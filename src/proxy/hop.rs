@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
-pub(crate) use crate::audit::CloseReason;
+use crate::audit::CloseReason;
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};

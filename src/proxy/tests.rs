@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::policy::Policy;
-use super::{Action, CloseReason, Hop, HopConfig, Observe};
+use super::{Action, Hop, HopConfig, Observe};
+use crate::audit::CloseReason;
 use crate::config::UnknownCommands;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
