@@ -189,7 +189,9 @@ impl Proxy {
         let (tx, rx) = watch::channel(false);
         let tasks = TaskTracker::new();
         let sessions = Arc::new(Semaphore::new(self.shared.config.limits.max_sessions));
-        let ids = Arc::new(AtomicU64::new(1));
+        let ids = Arc::new(AtomicU64::new(session::first_id(
+            std::time::SystemTime::now(),
+        )));
         let mut accept_loops = Vec::new();
         for l in self.listeners {
             if let Ok(addr) = l.local_addr() {

@@ -50,6 +50,7 @@ fn day_one() -> Vec<AuditEvent> {
                 method: "USER".into(),
                 outcome: Outcome::Success,
                 code: None,
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -82,6 +83,7 @@ fn day_one() -> Vec<AuditEvent> {
                 method: "AUTH PLAIN".into(),
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -142,6 +144,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_from_client: 87,
                 bytes_to_client: 50311,
                 duration_ms: 2400,
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -153,6 +156,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_from_client: 61,
                 bytes_to_client: 210,
                 duration_ms: 4000,
+                rule: None,
             },
         ),
     ]
@@ -179,6 +183,7 @@ fn day_two() -> Vec<AuditEvent> {
                 method: "APOP".into(),
                 outcome: Outcome::Success,
                 code: None,
+                rule: None,
             },
         ),
         AuditEvent::at(

@@ -41,6 +41,14 @@ pub enum SinkError {
         /// Cause.
         source: tracing_appender::rolling::InitError,
     },
+    /// The audit directory could not be created.
+    #[error("audit directory {dir}: {source}")]
+    Dir {
+        /// `audit.dir`.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// `audit.output = "file"` without `audit.dir` (rejected by validation too).
     #[error("audit.dir is not set")]
     NoDir,
@@ -63,6 +71,8 @@ struct Stats {
 }
 
 struct Inner {
+    /// Written into every event (`instance`).
+    instance: Option<String>,
     tx: mpsc::Sender<Msg>,
     overflow: Overflow,
     stats: Arc<Stats>,
@@ -104,6 +114,14 @@ impl AuditSink {
             AuditOutput::Stdout => Box::new(std::io::stdout()),
             AuditOutput::File => {
                 let dir = config.dir.as_ref().ok_or(SinkError::NoDir)?;
+                // 0750 when popgate creates it, files 0640 (see `files`).
+                super::files::prepare_dir(dir, super::files::DIR_MODE, "audit").map_err(
+                    |source| SinkError::Dir {
+                        dir: dir.clone(),
+                        source,
+                    },
+                )?;
+                super::files::precreate(dir, config.rotation);
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
@@ -119,10 +137,15 @@ impl AuditSink {
                     dir: dir.clone(),
                     source,
                 })?;
-                Box::new(appender)
+                Box::new(super::files::Private::new(appender, dir, config.rotation))
             }
         };
-        AuditSink::start_with_writer(out, config.queue, config.on_overflow)
+        let (mut sink, guard) =
+            AuditSink::start_with_writer(out, config.queue, config.on_overflow)?;
+        if let Some(inner) = sink.inner.as_mut().and_then(Arc::get_mut) {
+            inner.instance = Some(config.instance_name());
+        }
+        Ok((sink, guard))
     }
 
     /// Start a writer thread writing JSON lines to `out` (tests, custom outputs).
@@ -149,6 +172,7 @@ impl AuditSink {
         };
         let sink = AuditSink {
             inner: Some(Arc::new(Inner {
+                instance: None,
                 tx,
                 overflow,
                 stats,
@@ -164,8 +188,9 @@ impl AuditSink {
 
     /// Queue an event. In `drop` mode this never waits (a full queue drops and counts the
     /// event); in `block` mode it waits for queue space.
-    pub async fn emit(&self, event: AuditEvent) {
+    pub async fn emit(&self, mut event: AuditEvent) {
         let Some(inner) = &self.inner else { return };
+        inner.stamp(&mut event);
         match inner.overflow {
             Overflow::Drop => {
                 self.try_emit(event);
@@ -180,10 +205,11 @@ impl AuditSink {
 
     /// Queue an event without ever waiting, whatever the overflow mode (for code that cannot
     /// await). Returns false when the event was dropped (and counted).
-    pub(crate) fn try_emit(&self, event: AuditEvent) -> bool {
+    pub(crate) fn try_emit(&self, mut event: AuditEvent) -> bool {
         let Some(inner) = &self.inner else {
             return true;
         };
+        inner.stamp(&mut event);
         match inner.tx.try_send(Msg::Event(Box::new(event))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -216,6 +242,12 @@ impl AuditSink {
 }
 
 impl Inner {
+    fn stamp(&self, event: &mut AuditEvent) {
+        if event.instance.is_none() {
+            event.instance.clone_from(&self.instance);
+        }
+    }
+
     fn lost(&self, msg: &'static str) {
         let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if n == 1 || n.is_multiple_of(LOG_EVERY) {
