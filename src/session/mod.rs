@@ -290,10 +290,17 @@ pub(crate) async fn run(
         driver.hop.close_marks(),
     );
     obs.flush().await;
+    // The tags of the `session_close` record: the session's and the close's own.
+    let mut tags = driver.hop.tags().to_vec();
+    for t in &driver.hop.close_marks().tags {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
     info!(
         reason = reason.as_str(),
         user = driver.hop.user().unwrap_or("-"),
-        tags = ?driver.hop.tags(),
+        tags = ?tags,
         client_tls = driver.client_tls.as_ref().map_or("-", |t| t.version.as_str()),
         upstream_tls = driver.upstream_tls.as_ref().map_or("-", |t| t.version.as_str()),
         from_client = driver.traffic.from_client,
