@@ -759,11 +759,11 @@ action = "drop"
     );
     assert_events(
         &all[1],
-        &[
-            open(p.addr),
-            login("USER"),
-            session_close(Some(USER), "rule_drop"),
-        ],
+        &[open(p.addr), login("USER"), {
+            let mut c = session_close(Some(USER), "rule_drop");
+            c["rule"] = json!("drop-dele");
+            c
+        }],
         "drop rule",
     );
     assert_events(

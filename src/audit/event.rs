@@ -644,6 +644,12 @@ mod tests {
             ev.to_json(),
             r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":7,"event":"reset","user":"bob","tags":["watch"]}"#
         );
+        let mut named = ev.clone();
+        named.instance = Some("mx1".into());
+        assert_eq!(
+            named.to_json(),
+            r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","instance":"mx1","session":7,"event":"reset","user":"bob","tags":["watch"]}"#
+        );
         let untagged = AuditEvent::at(ts(), 7, Reset { user: None });
         assert_eq!(
             untagged.to_json(),

@@ -1280,4 +1280,22 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn stated_sizes() {
+        let s = |verb, multiline, text: &[u8]| stated_size(verb, multiline, text);
+        assert_eq!(s(Verb::Retr, true, b"1200 octets"), Some(1200));
+        assert_eq!(s(Verb::Retr, true, b"1200"), Some(1200));
+        assert_eq!(s(Verb::Top, true, b"77 octets follow."), Some(77));
+        assert_eq!(s(Verb::Retr, true, b"message follows"), None);
+        assert_eq!(s(Verb::Top, true, b""), None);
+        assert_eq!(s(Verb::Retr, true, b"-12 octets"), None);
+        assert_eq!(s(Verb::Retr, true, b"99999999999999999999999 octets"), None);
+        assert_eq!(s(Verb::List, false, b"3 1200"), Some(1200));
+        assert_eq!(s(Verb::List, false, b"3"), None);
+        // A multi-line LIST states totals, not a message's size.
+        assert_eq!(s(Verb::List, true, b"2 320"), None);
+        assert_eq!(s(Verb::List, true, b"2 messages (320 octets)"), None);
+        assert_eq!(s(Verb::Stat, false, b"2 320"), None);
+    }
 }
