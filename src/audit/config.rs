@@ -354,6 +354,7 @@ mod tests {
             on_overflow = "block"
             headers = ["Message-ID", "Subject"]
             max_header_bytes = 4096
+            instance = "mx1.example.org"
             [transcript]
             dir = "/tmp/t"
             listeners = ["pop3"]
@@ -366,6 +367,7 @@ mod tests {
         assert_eq!(c.rotation, AuditRotation::Hourly);
         assert_eq!(c.on_overflow, Overflow::Block);
         assert_eq!(c.max_log_files(), Some(48));
+        assert_eq!(c.instance_name(), "mx1.example.org");
         assert_eq!(c.transcript.networks.len(), 3);
         assert!(c.transcript.wants("pop3", "127.0.0.1".parse().unwrap()));
         assert!(c.transcript.wants("other", "192.0.2.77".parse().unwrap()));
@@ -440,6 +442,18 @@ mod tests {
             }),
             "audit.headers[1]"
         );
+        for bad in ["", "two words", "tab\there", &"x".repeat(256)] {
+            assert_eq!(
+                key(AuditConfig {
+                    instance: Some(bad.to_owned()),
+                    ..on.clone()
+                }),
+                "audit.instance",
+                "{bad:?}"
+            );
+        }
+        // Unset: the host name, never empty.
+        assert!(!on.instance_name().is_empty());
         let mut t = on.clone();
         t.transcript.listeners = vec!["pop3".into()];
         assert_eq!(key(t), "audit.transcript.dir");
