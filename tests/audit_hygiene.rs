@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::clients::RawPop;
-use common::proxy::{Harness, ProxyHandle, mailbox, popgate_bin, rule_file};
+use common::proxy::{
+    Harness, PopgateOpts, PopgateProcess, ProxyHandle, mailbox, popgate_bin, rule_file,
+};
 use common::{audit_events, wait_until};
 use popgate_demo::{DemoServer, ServerOptions};
 use serde_json::{Value, json};
@@ -452,4 +454,29 @@ fn popgate_audit_reports_unreadable_and_truncated_lines() {
         stderr.contains(&format!("{}:2: last line incomplete", live.display())),
         "{stderr}"
     );
+}
+
+/// `popgate run` with an admin-made, world-readable audit directory: it is left as it is and
+/// the log says so; a transcript directory that does not exist is made 0700 at start.
+#[test]
+fn popgate_run_warns_about_a_world_readable_audit_dir() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let tmp = tempfile::tempdir().unwrap();
+    let audit = tmp.path().join("audit");
+    std::fs::create_dir(&audit).unwrap();
+    std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let transcripts = tmp.path().join("transcripts");
+    let mut bin = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new().tables(&format!(
+            "[audit]\nenabled = true\ndir = {audit:?}\n[audit.transcript]\ndir = {transcripts:?}\n"
+        )),
+    );
+    let log = bin.wait_log("audit directory is accessible to every local user", 1);
+    assert!(log.contains("0755"), "{log}");
+    assert!(!log.contains("transcript directory is accessible"), "{log}");
+    bin.stop();
+    assert_eq!(mode(&audit), 0o755);
+    assert_eq!(mode(&transcripts), 0o700);
 }

@@ -8,7 +8,8 @@
 //!   first, and the next period's file shortly before the boundary, with the right mode; the
 //!   appender then only opens it for appending.
 //!
-//! Transcripts (full dialogues) are stricter, `0600` in a `0700` directory: see `transcript`.
+//! Transcripts (full dialogues) are stricter, `0600` in a `0700` directory (made or checked
+//! at start by the sink, created per session by `transcript`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -107,6 +107,13 @@ impl AuditSink {
     /// disabled, returns [`AuditSink::disabled`] and an inert guard. Call outside or inside a
     /// tokio runtime; the writer is a plain thread.
     pub(crate) fn start(config: &AuditConfig) -> Result<(AuditSink, AuditGuard), SinkError> {
+        // Transcripts are independent of `enabled`: their directory is made (0700) or checked
+        // once here, so that a world-readable one is reported at start, not per session.
+        if let Some(dir) = &config.transcript.dir
+            && let Err(e) = super::files::prepare_dir(dir, 0o700, "transcript")
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the transcript directory");
+        }
         if !config.enabled {
             return Ok((AuditSink::disabled(), AuditGuard::inert()));
         }
