@@ -470,6 +470,12 @@ impl Hop {
             "response"
         );
         let (rewritten, mut delay, drop) = self.response_rules(meta, &sin[at..at + len]);
+        // A Dovecot that trusts popgate offers XCLIENT in its greeting; clients never see it.
+        let rewritten = match rewritten {
+            Some(r) if meta.verb.is_none() => Some(capa::hide_xclient(&r).unwrap_or(r)),
+            None if meta.verb.is_none() => capa::hide_xclient(&sin[at..at + len]),
+            r => r,
+        };
         // Failed-login penalty per client IP, on top of any rule's delay.
         if meta.login.as_ref().is_some_and(|l| !l.success)
             && let Some(p) = obs.login_failed(self.cfg.client_ip)
@@ -831,6 +837,12 @@ impl Hop {
             return (reply(why), delay);
         }
         let decision = match cmd.verb {
+            // Dovecot believes XCLIENT from popgate's address: a client's own would replace
+            // its address (and session id) in the server's logs and penalties. Never relayed.
+            Verb::Unknown if cmd.keyword.eq_ignore_ascii_case(b"XCLIENT") => {
+                info!("XCLIENT from the client refused");
+                reply("-ERR XCLIENT is not allowed")
+            }
             Verb::Unknown if self.cfg.unknown_commands == UnknownCommands::Reject => {
                 reply("-ERR unknown command")
             }

@@ -72,6 +72,8 @@ pub struct SessionInfo {
     pub local: SocketAddr,
     /// The listener's client-side TLS mode.
     pub tls_mode: TlsMode,
+    /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
+    pub proxy: Option<SocketAddr>,
 }
 
 /// Byte counters of a session.
@@ -141,12 +143,24 @@ pub(crate) async fn run(
         transcript,
     );
     observer.set_tags(&policy.tags);
-    observer.open(&info.listener, info.client, info.local, client_tls.as_ref());
+    observer.open(
+        &info.listener,
+        info.client,
+        info.local,
+        info.proxy,
+        client_tls.as_ref(),
+    );
     observer.flush().await;
+    let origin = crate::net::upstream::ClientOrigin {
+        client: info.client,
+        local: info.local,
+        session: format!("popgate-{}", info.id),
+    };
     let upstream = match crate::net::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
         config.limits.max_line,
+        &origin,
     )
     .await
     {

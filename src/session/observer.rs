@@ -104,13 +104,18 @@ impl Observer {
         listener: &str,
         client: SocketAddr,
         local: SocketAddr,
+        proxy: Option<SocketAddr>,
         tls: Option<&TlsInfo>,
     ) {
+        if let Some(p) = proxy {
+            self.transcript.note(&format!("client {client} via proxy {p}"));
+        }
         if self.auditing() {
             self.push(SessionOpen {
                 listener: listener.to_owned(),
                 client,
                 local,
+                proxy,
                 client_tls: tls.cloned(),
             });
         }
