@@ -686,6 +686,48 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_needs_trusted_peers_and_they_need_it() {
+        let listener = |keys: &str| {
+            format!(
+                "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:1111\"\n{keys}\n\
+                 [upstream]\naddress = \"127.0.0.1:110\"\n"
+            )
+        };
+        let invalid = |keys: &str| {
+            let c = Config::parse(&listener(keys), p()).unwrap();
+            c.validate(p()).unwrap_err().to_string()
+        };
+        let e = invalid("proxy_protocol = true");
+        assert!(e.contains("listener[0].trusted_proxies"), "{e}");
+        let e = invalid("trusted_proxies = [\"10.0.0.0/8\"]");
+        assert!(e.contains("listener[0].trusted_proxies"), "{e}");
+        let e = invalid(
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_timeout = \"0s\"",
+        );
+        assert!(e.contains("listener[0].proxy_timeout"), "{e}");
+        let e = Config::parse(
+            &listener("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.300\"]"),
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("10.0.0.300"), "{e}");
+        let c = Config::parse(
+            &(listener("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]")
+                + "forward_client = \"xclient\"\n"),
+            p(),
+        )
+        .unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(c.listeners[0].proxy_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.forward_client, ForwardClient::Xclient);
+        let e = Config::parse(&(MINIMAL.to_owned() + "forward_client = \"proxy\"\n"), p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("forward_client"), "{e}");
+    }
+
+    #[test]
     fn limits_defaults() {
         let c = Config::parse(MINIMAL, p()).unwrap();
         assert_eq!(c.limits.max_sessions_per_ip, 50);

@@ -108,12 +108,20 @@ fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
             .wait_for_log(),
     );
     // Session 1 (v1 header): logged in and held open.
-    let mut first = behind("127.0.0.1", p.addr, &v1("192.0.2.7:40000", "198.51.100.1:110"));
+    let mut first = behind(
+        "127.0.0.1",
+        p.addr,
+        &v1("192.0.2.7:40000", "198.51.100.1:110"),
+    );
     assert!(first.greeting.starts_with("+OK"), "{}", first.greeting);
     assert!(first.cmd(&format!("USER {USER}")).starts_with("+OK"));
     assert!(first.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
     // The same client through the same balancer again: its own per-IP cap (1) is full ...
-    let mut again = behind("127.0.0.1", p.addr, &v2("192.0.2.7:40001", "198.51.100.1:110"));
+    let mut again = behind(
+        "127.0.0.1",
+        p.addr,
+        &v2("192.0.2.7:40001", "198.51.100.1:110"),
+    );
     assert_eq!(
         again.greeting,
         "-ERR [SYS/TEMP] too many connections from your address"
@@ -129,13 +137,20 @@ fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
     assert!(other.cmd("QUIT").starts_with("+OK"));
     // A `client` rule matches the address from the header, not the balancer's.
     let denied = behind("127.0.0.1", p.addr, &v1("192.0.2.66:5", "198.51.100.1:110"));
-    assert!(denied.greeting.starts_with("-ERR") && denied.greeting.contains("not from there"), "{}", denied.greeting);
+    assert!(
+        denied.greeting.starts_with("-ERR") && denied.greeting.contains("not from there"),
+        "{}",
+        denied.greeting
+    );
     assert!(first.cmd("QUIT").starts_with("+OK"));
 
     let dir = p.dir.path().join("audit");
     wait_until("two sessions audited", || session_opens(&dir).len() >= 2);
     let opens = session_opens(&dir);
-    let clients: Vec<&str> = opens.iter().map(|e| e["client"].as_str().unwrap()).collect();
+    let clients: Vec<&str> = opens
+        .iter()
+        .map(|e| e["client"].as_str().unwrap())
+        .collect();
     assert!(clients.contains(&"192.0.2.7:40000"), "{clients:?}");
     assert!(clients.contains(&"[2001:db8::8]:40002"), "{clients:?}");
     for e in &opens {
@@ -270,4 +285,25 @@ fn the_header_comes_before_stls_and_before_an_implicit_tls_handshake() {
         assert_eq!(client.ip(), ip("127.0.0.5"), "{mode}: {open}");
         assert!(open["proxy"].is_string(), "{mode}: {open}");
     }
+}
+
+#[test]
+fn the_readme_load_balancer_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.contains("proxy_protocol"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "the load balancer example");
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(blocks[0], path).expect("parses");
+    config.validate(path).expect("valid");
+    assert!(config.listeners[0].proxy_protocol);
+    assert_eq!(
+        config.upstream.forward_client,
+        popgate::config::ForwardClient::ProxyV2
+    );
 }

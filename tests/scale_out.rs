@@ -25,12 +25,14 @@ const PASS: &str = "bob-pass";
 fn dovecot() -> Dovecot {
     let mut msgs = bob_msgs();
     msgs.push(msg_big());
-    Dovecot::start(DovecotOpts {
-        haproxy_listener: true,
-        extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
-        ..DovecotOpts::default()
-    }
-    .user(USER, PASS, msgs))
+    Dovecot::start(
+        DovecotOpts {
+            haproxy_listener: true,
+            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
+            ..DovecotOpts::default()
+        }
+        .user(USER, PASS, msgs),
+    )
 }
 
 /// The `rip=` of Dovecot's `Login:` lines, in order.
@@ -103,9 +105,14 @@ fn every_forward_mode_gives_dovecot_the_clients_address() {
         let (status, body) = c.cmd_multi("RETR 1");
         assert!(status.starts_with("+OK"), "{mode}: {status}");
         let body = body.unwrap();
-        assert!(body == dot_stuffed(&served(&bob_msgs()[0])), "{mode}: body differs");
+        assert!(
+            body == dot_stuffed(&served(&bob_msgs()[0])),
+            "{mode}: body differs"
+        );
         assert!(c.cmd("QUIT").starts_with("+OK"));
-        wait_until("Dovecot logged the login", || login_rips(&dv).len() > before);
+        wait_until("Dovecot logged the login", || {
+            login_rips(&dv).len() > before
+        });
         assert_eq!(login_rips(&dv)[before], *from, "{mode} {tls}: {}", dv.log());
     }
     // Byte-identical to direct retrieval through a forwarding popgate, with curl.
@@ -234,7 +241,10 @@ impl Haproxy {
                     std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "haproxy did not listen on {frontend}");
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen on {frontend}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         hp

@@ -184,7 +184,9 @@ async fn read_exact_header(tcp: &mut TcpStream) -> Result<Option<Origin>, Header
 pub(crate) fn encode(version: u8, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let (src, dst) = same_family(client, local);
     if version == 1 {
-        ppp::v1::Addresses::from((src, dst)).to_string().into_bytes()
+        ppp::v1::Addresses::from((src, dst))
+            .to_string()
+            .into_bytes()
     } else {
         use ppp::v2::{Builder, Command, Protocol, Version};
         Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst))
@@ -229,7 +231,11 @@ mod tests {
                 let len = wire.len();
                 wire.extend_from_slice(b"USER bob\r\n");
                 for cut in 0..len {
-                    assert_eq!(parse(&wire[..cut]), Parsed::Incomplete, "v{version} cut {cut}");
+                    assert_eq!(
+                        parse(&wire[..cut]),
+                        Parsed::Incomplete,
+                        "v{version} cut {cut}"
+                    );
                 }
                 assert_eq!(
                     parse(&wire),

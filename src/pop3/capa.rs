@@ -80,7 +80,10 @@ mod tests {
             super::hide_xclient(g).unwrap(),
             b"+OK Dovecot ready. <1.2@host>\r\n"
         );
-        assert_eq!(super::hide_xclient(b"+OK [XCLIENT]\r\n").unwrap(), b"+OK\r\n");
+        assert_eq!(
+            super::hide_xclient(b"+OK [XCLIENT]\r\n").unwrap(),
+            b"+OK\r\n"
+        );
         assert!(super::hide_xclient(b"+OK Dovecot ready.\r\n").is_none());
         assert!(!super::offers_xclient(b"-ERR [XCLIENT]\r\n"));
     }

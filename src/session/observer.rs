@@ -108,7 +108,8 @@ impl Observer {
         tls: Option<&TlsInfo>,
     ) {
         if let Some(p) = proxy {
-            self.transcript.note(&format!("client {client} via proxy {p}"));
+            self.transcript
+                .note(&format!("client {client} via proxy {p}"));
         }
         if self.auditing() {
             self.push(SessionOpen {

@@ -112,9 +112,7 @@ impl Dovecot {
             attempt += 1;
             let ports = distinct_ports(ip, 3);
             let (pop3, pop3s) = (SocketAddr::new(ip, ports[0]), SocketAddr::new(ip, ports[1]));
-            let pop3_haproxy = opts
-                .haproxy_listener
-                .then(|| SocketAddr::new(ip, ports[2]));
+            let pop3_haproxy = opts.haproxy_listener.then(|| SocketAddr::new(ip, ports[2]));
             let conf = config(dir.path(), &opts, pop3, pop3s, pop3_haproxy, &cert, &key);
             let conf_path = dir.path().join("dovecot.conf");
             std::fs::write(&conf_path, conf).expect("write dovecot.conf");
