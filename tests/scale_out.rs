@@ -86,6 +86,18 @@ fn every_forward_mode_gives_dovecot_the_clients_address() {
             format!("tls = \"starttls\"\nca_file = {ca:?}\nserver_name = \"localhost\"\n"),
             "127.0.0.8",
         ),
+        (
+            "proxy-v2",
+            dv.pop3s_haproxy.unwrap(),
+            format!("tls = \"implicit\"\nca_file = {ca:?}\nserver_name = \"localhost\"\n"),
+            "127.0.0.9",
+        ),
+        (
+            "proxy-v1",
+            dv.pop3s_haproxy.unwrap(),
+            format!("tls = \"implicit\"\nca_file = {ca:?}\nserver_name = \"localhost\"\n"),
+            "127.0.0.10",
+        ),
     ];
     for (mode, upstream, tls, from) in &cases {
         let p = popgate(

@@ -55,8 +55,9 @@ pub struct DovecotOpts {
     pub extra_conf: String,
     /// Raw lines put inside `inet_listener pop3 { }`.
     pub pop3_listener_extra: String,
-    /// A third listener, `pop3-haproxy` ([`Dovecot::pop3_haproxy`]), that expects a PROXY
-    /// header (`haproxy = yes`) from 127.0.0.1 (`haproxy_trusted_networks`).
+    /// Two more listeners that expect a PROXY header (`haproxy = yes`) from 127.0.0.1
+    /// (`haproxy_trusted_networks`): plain [`Dovecot::pop3_haproxy`] and implicit-TLS
+    /// [`Dovecot::pop3s_haproxy`] (header before the handshake).
     pub haproxy_listener: bool,
 }
 
@@ -75,8 +76,10 @@ pub struct Dovecot {
     pub pop3: SocketAddr,
     /// Implicit-TLS POP3 listener (like port 995).
     pub pop3s: SocketAddr,
-    /// The `haproxy = yes` listener, with [`DovecotOpts::haproxy_listener`].
+    /// The plain `haproxy = yes` listener, with [`DovecotOpts::haproxy_listener`].
     pub pop3_haproxy: Option<SocketAddr>,
+    /// The implicit-TLS `haproxy = yes` listener, with [`DovecotOpts::haproxy_listener`].
+    pub pop3s_haproxy: Option<SocketAddr>,
     /// Holds config, log, run dir and mail.
     pub dir: TempDir,
     /// The CA that signed Dovecot's certificate (for `localhost`, 127.0.0.1, 127.0.0.2, ::1).
@@ -110,10 +113,12 @@ impl Dovecot {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ports = distinct_ports(ip, 3);
+            let ports = distinct_ports(ip, 4);
             let (pop3, pop3s) = (SocketAddr::new(ip, ports[0]), SocketAddr::new(ip, ports[1]));
-            let pop3_haproxy = opts.haproxy_listener.then(|| SocketAddr::new(ip, ports[2]));
-            let conf = config(dir.path(), &opts, pop3, pop3s, pop3_haproxy, &cert, &key);
+            let haproxy = opts
+                .haproxy_listener
+                .then(|| (SocketAddr::new(ip, ports[2]), SocketAddr::new(ip, ports[3])));
+            let conf = config(dir.path(), &opts, pop3, pop3s, haproxy, &cert, &key);
             let conf_path = dir.path().join("dovecot.conf");
             std::fs::write(&conf_path, conf).expect("write dovecot.conf");
             let out = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr.log");
@@ -131,7 +136,8 @@ impl Dovecot {
                     return Dovecot {
                         pop3,
                         pop3s,
-                        pop3_haproxy,
+                        pop3_haproxy: haproxy.map(|h| h.0),
+                        pop3s_haproxy: haproxy.map(|h| h.1),
                         dir,
                         pki,
                         child,
@@ -439,20 +445,23 @@ fn config(
     opts: &DovecotOpts,
     pop3: SocketAddr,
     pop3s: SocketAddr,
-    pop3_haproxy: Option<SocketAddr>,
+    haproxy_listeners: Option<(SocketAddr, SocketAddr)>,
     cert: &Path,
     key: &Path,
 ) -> String {
-    let haproxy = match pop3_haproxy {
-        Some(a) => format!(
+    let haproxy = match haproxy_listeners {
+        Some((plain, tls)) => format!(
             "  inet_listener pop3-haproxy {{\n    address = {}\n    port = {}\n    \
-             haproxy = yes\n  }}\n",
-            a.ip(),
-            a.port()
+             haproxy = yes\n  }}\n  inet_listener pop3s-haproxy {{\n    address = {}\n    \
+             port = {}\n    ssl = yes\n    haproxy = yes\n  }}\n",
+            plain.ip(),
+            plain.port(),
+            tls.ip(),
+            tls.port()
         ),
         None => String::new(),
     };
-    let haproxy_trusted = if pop3_haproxy.is_some() {
+    let haproxy_trusted = if haproxy_listeners.is_some() {
         "haproxy_trusted_networks = 127.0.0.1/32\n"
     } else {
         ""
