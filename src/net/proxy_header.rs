@@ -68,6 +68,18 @@ fn parse(buf: &[u8]) -> Parsed {
     }
 }
 
+fn origin(
+    client: impl Into<IpAddr>,
+    client_port: u16,
+    local: impl Into<IpAddr>,
+    local_port: u16,
+) -> Origin {
+    Origin {
+        client: SocketAddr::new(client.into(), client_port),
+        local: SocketAddr::new(local.into(), local_port),
+    }
+}
+
 fn parse_v2(buf: &[u8]) -> Parsed {
     use ppp::v2::{Addresses, Command, Protocol};
     if buf.len() >= 16 {
@@ -86,14 +98,18 @@ fn parse_v2(buf: &[u8]) -> Parsed {
         (Command::Proxy, _) if header.protocol != Protocol::Stream => {
             return Parsed::Invalid("v2 header is not for a TCP (stream) connection".into());
         }
-        (Command::Proxy, Addresses::IPv4(a)) => Some(Origin {
-            client: SocketAddr::new(a.source_address.into(), a.source_port),
-            local: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        }),
-        (Command::Proxy, Addresses::IPv6(a)) => Some(Origin {
-            client: SocketAddr::new(a.source_address.into(), a.source_port),
-            local: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        }),
+        (Command::Proxy, Addresses::IPv4(a)) => Some(origin(
+            a.source_address,
+            a.source_port,
+            a.destination_address,
+            a.destination_port,
+        )),
+        (Command::Proxy, Addresses::IPv6(a)) => Some(origin(
+            a.source_address,
+            a.source_port,
+            a.destination_address,
+            a.destination_port,
+        )),
         (Command::Proxy, Addresses::Unix(_)) => {
             return Parsed::Invalid("v2 header gives a unix socket, not a TCP client".into());
         }
@@ -121,14 +137,18 @@ fn parse_v1(buf: &[u8]) -> Parsed {
         Ok(h) => {
             let origin = match h.addresses {
                 Addresses::Unknown => None,
-                Addresses::Tcp4(a) => Some(Origin {
-                    client: SocketAddr::new(a.source_address.into(), a.source_port),
-                    local: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                }),
-                Addresses::Tcp6(a) => Some(Origin {
-                    client: SocketAddr::new(a.source_address.into(), a.source_port),
-                    local: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                }),
+                Addresses::Tcp4(a) => Some(origin(
+                    a.source_address,
+                    a.source_port,
+                    a.destination_address,
+                    a.destination_port,
+                )),
+                Addresses::Tcp6(a) => Some(origin(
+                    a.source_address,
+                    a.source_port,
+                    a.destination_address,
+                    a.destination_port,
+                )),
             };
             Parsed::Done {
                 len: h.header.len(),
