@@ -129,6 +129,36 @@ pub struct ListenerConfig {
     /// Client-side TLS mode.
     #[serde(default)]
     pub tls: TlsMode,
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's `send-proxy`/`send-proxy-v2`)
+    /// at the start of every connection, and take the client address from it.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Peers allowed to send that header (`["10.0.0.0/8", "192.0.2.7"]`); connections from
+    /// anyone else are closed. Required with `proxy_protocol`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::audit::Network>,
+    /// How long a trusted peer may take to send the whole header.
+    #[serde(default = "default_proxy_timeout", with = "humantime_serde")]
+    pub proxy_timeout: Duration,
+}
+
+fn default_proxy_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// How the upstream learns the real client address (`upstream.forward_client`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardClient {
+    /// Not at all: the server sees popgate's address.
+    #[default]
+    None,
+    /// A PROXY protocol v1 (text) header before anything else on the connection.
+    ProxyV1,
+    /// A PROXY protocol v2 (binary) header before anything else on the connection.
+    ProxyV2,
+    /// Dovecot's `XCLIENT` command after the greeting, when the greeting offers it.
+    Xclient,
 }
 
 /// The upstream POP3 server.
@@ -154,6 +184,9 @@ pub struct UpstreamConfig {
     /// Verify the upstream certificate. `false` is insecure and logged loudly.
     #[serde(default = "yes")]
     pub verify: bool,
+    /// Pass the real client address on: `none`, `proxy-v1`, `proxy-v2` or `xclient`.
+    #[serde(default)]
+    pub forward_client: ForwardClient,
 }
 
 fn yes() -> bool {
@@ -364,6 +397,26 @@ impl Config {
                 .tls
                 .as_ref()
                 .is_some_and(|t| t.cert.is_some() || !t.certificates.is_empty());
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    &format!("listener[{i}].trusted_proxies"),
+                    "proxy_protocol = true needs the addresses of the proxies allowed to send \
+                     the header (e.g. [\"127.0.0.1\"])"
+                        .into(),
+                ));
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    &format!("listener[{i}].trusted_proxies"),
+                    "set, but proxy_protocol is not true on this listener".into(),
+                ));
+            }
+            if l.proxy_protocol && l.proxy_timeout.is_zero() {
+                return Err(invalid(
+                    &format!("listener[{i}].proxy_timeout"),
+                    "must be more than 0".into(),
+                ));
+            }
             if l.tls != TlsMode::None && !has_cert {
                 return Err(invalid(
                     &format!("listener[{i}].tls"),
@@ -630,6 +683,48 @@ mod tests {
     fn invalid_key(extra: &str) -> String {
         let c = Config::parse(&(MINIMAL.to_owned() + extra), p()).unwrap();
         c.validate(p()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_peers_and_they_need_it() {
+        let listener = |keys: &str| {
+            format!(
+                "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:1111\"\n{keys}\n\
+                 [upstream]\naddress = \"127.0.0.1:110\"\n"
+            )
+        };
+        let invalid = |keys: &str| {
+            let c = Config::parse(&listener(keys), p()).unwrap();
+            c.validate(p()).unwrap_err().to_string()
+        };
+        let e = invalid("proxy_protocol = true");
+        assert!(e.contains("listener[0].trusted_proxies"), "{e}");
+        let e = invalid("trusted_proxies = [\"10.0.0.0/8\"]");
+        assert!(e.contains("listener[0].trusted_proxies"), "{e}");
+        let e = invalid(
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_timeout = \"0s\"",
+        );
+        assert!(e.contains("listener[0].proxy_timeout"), "{e}");
+        let e = Config::parse(
+            &listener("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.300\"]"),
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("10.0.0.300"), "{e}");
+        let c = Config::parse(
+            &(listener("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]")
+                + "forward_client = \"xclient\"\n"),
+            p(),
+        )
+        .unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(c.listeners[0].proxy_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.forward_client, ForwardClient::Xclient);
+        let e = Config::parse(&(MINIMAL.to_owned() + "forward_client = \"proxy\"\n"), p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("forward_client"), "{e}");
     }
 
     #[test]

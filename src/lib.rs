@@ -199,25 +199,34 @@ impl Proxy {
             }
             let (shared, tasks, ids, rx2) =
                 (self.shared.clone(), tasks.clone(), ids.clone(), rx.clone());
-            let on_accept = move |a: listener::Accepted| {
+            let on_accept = move |mut a: listener::Accepted| {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
-                let info = session::SessionInfo {
-                    id,
-                    listener: a.listener,
-                    client: a.client,
-                    local: a.local,
-                    tls_mode: a.tls,
-                };
-                let span = tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
-                let (shared, shutdown, slots) = (shared.clone(), rx2.clone(), a.slots);
-                tasks.spawn(
-                    async move {
-                        tracing::info!("session open");
-                        session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
-                        drop(slots);
+                let (shared, shutdown) = (shared.clone(), rx2.clone());
+                tasks.spawn(async move {
+                    // Behind a balancer: the real client, from its PROXY header, or nothing.
+                    if !a.proxied(&shared.limiter).await {
+                        return;
                     }
-                    .instrument(span),
-                );
+                    let info = session::SessionInfo {
+                        id,
+                        listener: a.listener.clone(),
+                        client: a.client,
+                        local: a.local,
+                        tls_mode: a.tls,
+                        proxy: a.proxy,
+                    };
+                    let span = tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
+                    async move {
+                        match a.proxy {
+                            Some(proxy) => tracing::info!(%proxy, "session open"),
+                            None => tracing::info!("session open"),
+                        }
+                        session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
+                        drop(a.slots);
+                    }
+                    .instrument(span)
+                    .await
+                });
             };
             accept_loops.push(tokio::spawn(l.serve(
                 self.shared.limiter.clone(),

@@ -54,6 +54,9 @@ pub struct Counters {
     pub full_refused: AtomicU64,
     /// Failed-login replies that were held back.
     pub logins_delayed: AtomicU64,
+    /// Connections closed on `proxy_protocol` listeners: untrusted peer, or a missing,
+    /// malformed or late PROXY header.
+    pub proxy_refused: AtomicU64,
 }
 
 impl Counters {

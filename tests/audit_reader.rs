@@ -36,6 +36,7 @@ fn day_one() -> Vec<AuditEvent> {
                 listener: "pop3s".into(),
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:995"),
+                proxy: None,
                 client_tls: Some(TlsInfo {
                     version: "TLSv1_3".into(),
                     cipher: "TLS13_AES_256_GCM_SHA384".into(),
@@ -61,6 +62,7 @@ fn day_one() -> Vec<AuditEvent> {
                 listener: "pop3".into(),
                 client: addr("203.0.113.9:40000"),
                 local: addr("192.0.2.10:110"),
+                proxy: None,
                 client_tls: None,
             },
         ),
@@ -173,6 +175,7 @@ fn day_two() -> Vec<AuditEvent> {
                 listener: "pop3".into(),
                 client: addr("[2001:db8::7]:50000"),
                 local: addr("[2001:db8::10]:110"),
+                proxy: None,
                 client_tls: None,
             },
         ),

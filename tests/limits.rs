@@ -45,19 +45,8 @@ struct Client {
 }
 
 impl Client {
-    fn connect(h: &Harness, from: &str, to: SocketAddr) -> Client {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(format!("{from}:0").parse().unwrap())
-            .expect("bind the client address");
-        let stream = h.rt.block_on(async {
-            tokio::time::timeout(READ_LIMIT, socket.connect(to))
-                .await
-                .expect("connect timed out")
-                .expect("connect")
-        });
-        let stream = stream.into_std().unwrap();
-        stream.set_nonblocking(false).unwrap();
+    fn connect(_h: &Harness, from: &str, to: SocketAddr) -> Client {
+        let stream = common::clients::connect_from(from.parse().unwrap(), to);
         stream.set_read_timeout(Some(READ_LIMIT)).unwrap();
         Client {
             writer: stream.try_clone().unwrap(),

@@ -211,8 +211,13 @@ pub struct SessionOpen {
     pub listener: String,
     /// Client address (`ip:port`).
     pub client: SocketAddr,
-    /// Local address the client connected to.
+    /// Local address the client connected to (behind a balancer: the balancer's address the
+    /// client connected to, from the PROXY header).
     pub local: SocketAddr,
+    /// The balancer that passed the connection on with a PROXY header (`proxy_protocol`
+    /// listeners); `client` is then the address from that header. Omitted otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<SocketAddr>,
     /// TLS with the client, when the listener is implicit TLS (omitted otherwise; a later
     /// STLS upgrade is a `tls` event).
     #[serde(default, skip_serializing_if = "Option::is_none")]

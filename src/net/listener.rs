@@ -10,8 +10,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::warn;
 
+use crate::audit::Network;
 use crate::config::{ListenerConfig, TlsMode};
 use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter};
+use crate::net::proxy_header;
 
 /// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
 /// handshakes then stall for seconds of SYN-ACK retransmits. The kernel caps it at somaxconn.
@@ -42,7 +44,60 @@ pub(crate) struct Accepted {
     /// The listener's client-side TLS mode.
     pub(crate) tls: TlsMode,
     /// The session's slots (in all and for its IP): freed when dropped, at the session's end.
-    pub(crate) slots: (OwnedSemaphorePermit, IpSlot),
+    /// The IP slot is taken after the PROXY header on `proxy_protocol` listeners.
+    pub(crate) slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    /// On `proxy_protocol` listeners: the header is still to be read ([`Accepted::proxied`]).
+    proxy_in: Option<Arc<ProxyIn>>,
+    /// The peer that sent the PROXY header (the balancer), once it has been read.
+    pub(crate) proxy: Option<SocketAddr>,
+}
+
+/// A listener's PROXY protocol settings.
+#[derive(Debug)]
+struct ProxyIn {
+    trusted: Vec<Network>,
+    timeout: std::time::Duration,
+}
+
+impl Accepted {
+    /// On a `proxy_protocol` listener, read the PROXY header (the peer is already known to
+    /// be trusted) and take the client and local address from it, then count the session
+    /// against the real client's IP. `false`: the connection was refused and closed (logged).
+    /// Nothing is sent upstream before this returns `true`.
+    pub(crate) async fn proxied(&mut self, limiter: &Limiter) -> bool {
+        let Some(p) = self.proxy_in.take() else {
+            return true;
+        };
+        let peer = self.client;
+        match proxy_header::read(&mut self.tcp, p.timeout).await {
+            Ok(origin) => {
+                if let Some(o) = origin {
+                    self.client = o.client;
+                    self.local = o.local;
+                }
+                self.proxy = Some(peer);
+            }
+            Err(e) => {
+                let total = Counters::bump(&limiter.counters.proxy_refused);
+                warn!(listener = %self.listener, %peer, error = %e, refused_total = total,
+                    "PROXY header refused: connection closed");
+                return false;
+            }
+        }
+        let Some(slot) = limiter.sessions.try_acquire(self.client.ip()) else {
+            let total = Counters::bump(&limiter.counters.per_ip_refused);
+            warn!(listener = %self.listener, client = %self.client, proxy = %peer,
+                refused_total = total, "too many sessions from this address: connection refused");
+            let _ = tokio::io::AsyncWriteExt::write_all(
+                &mut self.tcp,
+                b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+            )
+            .await;
+            return false;
+        };
+        self.slots.1 = Some(slot);
+        true
+    }
 }
 
 /// A listener could not bind its address.
@@ -94,6 +149,12 @@ impl Listener {
         mut on_accept: impl FnMut(Accepted),
     ) {
         let name: Arc<str> = Arc::from(self.config.name.as_str());
+        let proxy_in = self.config.proxy_protocol.then(|| {
+            Arc::new(ProxyIn {
+                trusted: self.config.trusted_proxies.clone(),
+                timeout: self.config.proxy_timeout,
+            })
+        });
         let mut backoff = AcceptBackoff::default();
         loop {
             let (tcp, client) = tokio::select! {
@@ -125,7 +186,22 @@ impl Listener {
                 _ = shutdown.changed() => return,
             };
             let counters = &limiter.counters;
-            let Some(ip_slot) = limiter.sessions.try_acquire(client.ip()) else {
+            if let Some(p) = &proxy_in
+                && !p.trusted.iter().any(|n| n.contains(client.ip()))
+            {
+                let total = Counters::bump(&counters.proxy_refused);
+                warn!(listener = %name, peer = %client, refused_total = total,
+                    "connection from outside trusted_proxies on a proxy_protocol listener: closed");
+                drop(tcp);
+                continue;
+            }
+            // Behind a balancer the peer is the balancer: count per IP once the header names
+            // the client.
+            let ip_slot = if proxy_in.is_some() {
+                None
+            } else if let Some(slot) = limiter.sessions.try_acquire(client.ip()) {
+                Some(slot)
+            } else {
                 let total = Counters::bump(&counters.per_ip_refused);
                 warn!(listener = %name, %client, refused_total = total,
                     "too many sessions from this address: connection refused");
@@ -151,6 +227,8 @@ impl Listener {
                 listener: name.clone(),
                 tls: self.config.tls,
                 slots: (permit, ip_slot),
+                proxy_in: proxy_in.clone(),
+                proxy: None,
             });
         }
     }

@@ -1,7 +1,9 @@
-//! The network edge: listening sockets ([`listener`]: accept, caps), the upstream connection
-//! ([`upstream`]: dial, STLS or implicit TLS), and TLS itself ([`tls`]: rustls, SNI, reload).
+//! The network edge: listening sockets ([`listener`]: accept, caps, PROXY header), the upstream
+//! connection ([`upstream`]: dial, STLS or implicit TLS, the client's address passed on), the
+//! PROXY protocol itself ([`proxy_header`]), and TLS ([`tls`]: rustls, SNI, reload).
 //! Nothing here knows the POP3 session; sessions are handed accepted connections.
 
 pub mod listener;
+pub(crate) mod proxy_header;
 pub mod tls;
 pub mod upstream;

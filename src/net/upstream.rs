@@ -1,13 +1,33 @@
-//! Dialling the POP3 server behind popgate: plain, STLS (RFC 2595) or implicit TLS.
+//! Dialling the POP3 server behind popgate: plain, STLS (RFC 2595) or implicit TLS, and
+//! passing the real client address on (`forward_client`: a PROXY header, or Dovecot's XCLIENT).
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::config::{TlsMode, UpstreamConfig};
+use crate::config::{ForwardClient, TlsMode, UpstreamConfig};
+use crate::net::proxy_header;
 use crate::net::tls::{Stream, UpstreamTls};
+use crate::pop3::capa::offers_xclient;
 use crate::pop3::command::line_end;
 use crate::pop3::response::{Status, StatusLine};
+
+/// Hops an XCLIENT allows after this one. Dovecot's own proxy starts at 5 and counts down;
+/// popgate is one hop, as a Dovecot proxy would be.
+const XCLIENT_TTL: u32 = 4;
+
+/// Whom a connection is for, as the upstream is told with `forward_client`.
+#[derive(Debug, Clone)]
+pub struct ClientOrigin {
+    /// The client's address (from the PROXY header behind a balancer).
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// popgate's session id, passed as XCLIENT `SESSION` so that the server's log names it.
+    pub session: String,
+}
 
 /// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +54,13 @@ pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
+    origin: &ClientOrigin,
 ) -> Result<Upstream, ConnectError> {
     let fail = |reason: String| ConnectError {
         address: cfg.address.clone(),
         reason,
     };
-    tokio::time::timeout(cfg.connect_timeout, dial(cfg, tls, max_line))
+    tokio::time::timeout(cfg.connect_timeout, dial(cfg, tls, max_line, origin))
         .await
         .map_err(|_| fail(format!("timed out after {:?}", cfg.connect_timeout)))?
         .map_err(fail)
@@ -49,31 +70,51 @@ async fn dial(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
+    origin: &ClientOrigin,
 ) -> Result<Upstream, String> {
-    let tcp = TcpStream::connect(&cfg.address)
+    let mut tcp = TcpStream::connect(&cfg.address)
         .await
         .map_err(|e| e.to_string())?;
     // Commands and short responses must not wait for Nagle.
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    // A PROXY header goes first, before the greeting and before any TLS handshake.
+    let version = match cfg.forward_client {
+        ForwardClient::ProxyV1 => Some(1),
+        ForwardClient::ProxyV2 => Some(2),
+        ForwardClient::None | ForwardClient::Xclient => None,
+    };
+    if let Some(v) = version {
+        tcp.write_all(&proxy_header::encode(v, origin.client, origin.local))
+            .await
+            .map_err(|e| format!("sending the PROXY header: {e}"))?;
+    }
+    let xclient = cfg.forward_client == ForwardClient::Xclient;
     let need_tls = || tls.ok_or_else(|| "upstream TLS is not configured".to_string());
+    let mut buf = Vec::with_capacity(512);
     match cfg.tls {
-        TlsMode::None => Ok(Upstream {
-            stream: Stream::Plain(tcp),
-            preread: Vec::new(),
-        }),
-        TlsMode::Implicit => {
-            let stream = need_tls()?
-                .connect(tcp)
-                .await
-                .map_err(|e| format!("TLS handshake: {e}"))?;
-            Ok(Upstream {
-                stream,
-                preread: Vec::new(),
-            })
+        TlsMode::None | TlsMode::Implicit => {
+            let mut stream = match cfg.tls {
+                TlsMode::Implicit => need_tls()?
+                    .connect(tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?,
+                _ => Stream::Plain(tcp),
+            };
+            if !xclient {
+                // The session reads the greeting itself.
+                return Ok(Upstream {
+                    stream,
+                    preread: Vec::new(),
+                });
+            }
+            let greeting = read_line(&mut stream, &mut buf, max_line).await?;
+            send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
+            let mut preread = greeting;
+            preread.append(&mut buf);
+            Ok(Upstream { stream, preread })
         }
         TlsMode::Starttls => {
             let mut tcp = tcp;
-            let mut buf = Vec::with_capacity(512);
             let greeting = read_line(&mut tcp, &mut buf, max_line).await?;
             if StatusLine::parse(&greeting).map(|s| s.status) != Ok(Status::Ok) {
                 return Err(format!(
@@ -98,11 +139,22 @@ async fn dial(
                     octets = buf.len(),
                     "STARTTLS injection from upstream: plaintext after +OK to STLS discarded"
                 );
+                buf.clear();
             }
-            let stream = need_tls()?
+            let mut stream = need_tls()?
                 .connect(tcp)
                 .await
                 .map_err(|e| format!("TLS handshake after STLS: {e}"))?;
+            // As Dovecot's own proxy does: XCLIENT under TLS, if the first greeting offered it.
+            if xclient {
+                send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
+                if !buf.is_empty() {
+                    warn!(
+                        octets = buf.len(),
+                        "upstream sent data after its XCLIENT reply: discarded"
+                    );
+                }
+            }
             Ok(Upstream {
                 stream,
                 preread: greeting,
@@ -111,9 +163,47 @@ async fn dial(
     }
 }
 
+/// Tell a Dovecot that offers it (`+OK [XCLIENT] ...` greeting) who the client is, and read
+/// its `+OK`. Without the offer (popgate is not in the server's `login_trusted_networks`),
+/// nothing is sent and a warning says why the server will see popgate's address.
+async fn send_xclient(
+    stream: &mut Stream,
+    buf: &mut Vec<u8>,
+    greeting: &[u8],
+    origin: &ClientOrigin,
+    max_line: usize,
+) -> Result<(), String> {
+    if !offers_xclient(greeting) {
+        warn!(
+            "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
+             (is popgate's address in its login_trusted_networks?): it sees popgate's address"
+        );
+        return Ok(());
+    }
+    let line = format!(
+        "XCLIENT ADDR={} PORT={} SESSION={} TTL={XCLIENT_TTL}\r\n",
+        origin.client.ip().to_canonical(),
+        origin.client.port(),
+        origin.session,
+    );
+    stream
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("sending XCLIENT: {e}"))?;
+    let answer = read_line(stream, buf, max_line).await?;
+    if StatusLine::parse(&answer).map(|s| s.status) != Ok(Status::Ok) {
+        return Err(format!(
+            "server refused XCLIENT: {}",
+            String::from_utf8_lossy(&answer).trim_end()
+        ));
+    }
+    info!(client = %origin.client, "client address passed on with XCLIENT");
+    Ok(())
+}
+
 /// Read one line, leaving any bytes after it in `buf`.
 async fn read_line(
-    tcp: &mut TcpStream,
+    tcp: &mut (impl AsyncRead + Unpin),
     buf: &mut Vec<u8>,
     max_line: usize,
 ) -> Result<Vec<u8>, String> {
@@ -128,7 +218,7 @@ async fn read_line(
         let mut chunk = [0u8; 512];
         let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err("connection closed during STLS negotiation".into());
+            return Err("connection closed during connection setup".into());
         }
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -52,8 +52,41 @@ pub fn build<'a>(status: &[u8], items: impl IntoIterator<Item = &'a [u8]>) -> Ve
     out
 }
 
+/// What a greeting starts with when Dovecot trusts the connecting address to pass on the real
+/// client's (`login_trusted_networks`): `+OK [XCLIENT] Dovecot ready.`
+const XCLIENT_GREETING: &[u8] = b"+OK [XCLIENT]";
+
+/// Whether a greeting offers Dovecot's `XCLIENT` command.
+pub(crate) fn offers_xclient(greeting: &[u8]) -> bool {
+    greeting.starts_with(XCLIENT_GREETING)
+}
+
+/// The greeting without its `[XCLIENT]` marker, if it has one: clients never see a command they
+/// may not use (`+OK [XCLIENT] Dovecot ready.` becomes `+OK Dovecot ready.`).
+pub(crate) fn hide_xclient(greeting: &[u8]) -> Option<Vec<u8>> {
+    let rest = greeting.strip_prefix(XCLIENT_GREETING)?;
+    let mut out = b"+OK".to_vec();
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn xclient_marker_is_hidden_from_the_greeting() {
+        let g = b"+OK [XCLIENT] Dovecot ready. <1.2@host>\r\n";
+        assert!(super::offers_xclient(g));
+        assert_eq!(
+            super::hide_xclient(g).unwrap(),
+            b"+OK Dovecot ready. <1.2@host>\r\n"
+        );
+        assert_eq!(
+            super::hide_xclient(b"+OK [XCLIENT]\r\n").unwrap(),
+            b"+OK\r\n"
+        );
+        assert!(super::hide_xclient(b"+OK Dovecot ready.\r\n").is_none());
+        assert!(!super::offers_xclient(b"-ERR [XCLIENT]\r\n"));
+    }
     #[test]
     fn retain_sasl_keeps_only_accepted_mechanisms() {
         let keep = |m: &str| m == "PLAIN" || m == "CRAM-MD5";

@@ -516,6 +516,12 @@ impl Hop {
         );
         let (rewritten, mut delay, drop, response_tags) =
             self.response_rules(meta, &sin[at..at + len]);
+        // A Dovecot that trusts popgate offers XCLIENT in its greeting; clients never see it.
+        let rewritten = match rewritten {
+            Some(r) if meta.verb.is_none() => Some(capa::hide_xclient(&r).unwrap_or(r)),
+            None if meta.verb.is_none() => capa::hide_xclient(&sin[at..at + len]),
+            r => r,
+        };
         // The event tags of the command this answers (its final answer) and of the response.
         let mut tags = match meta.verb {
             Some(_) if meta.status != crate::pop3::response::Status::Continue => {
@@ -927,6 +933,12 @@ impl Hop {
             return (reply(why), delay, tags);
         }
         let decision = match cmd.verb {
+            // Dovecot believes XCLIENT from popgate's address: a client's own would replace
+            // its address (and session id) in the server's logs and penalties. Never relayed.
+            Verb::Unknown if cmd.keyword.eq_ignore_ascii_case(b"XCLIENT") => {
+                info!("XCLIENT from the client refused");
+                reply("-ERR XCLIENT is not allowed")
+            }
             Verb::Unknown if self.cfg.unknown_commands == UnknownCommands::Reject => {
                 reply("-ERR unknown command")
             }

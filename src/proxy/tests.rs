@@ -504,3 +504,40 @@ fn a_closing_denial_stops_the_pipeline_before_a_quit() {
     );
     assert_eq!(out.close, Some((CloseReason::RuleDrop, false)));
 }
+
+#[test]
+fn xclient_is_hidden_from_the_greeting_and_never_relayed_from_a_client() {
+    // The server offers XCLIENT to popgate; the client must neither see the offer nor be able
+    // to use it (in both unknown-command modes, plain and pipelined, any case, after login).
+    for unknown in [UnknownCommands::Reject, UnknownCommands::SingleLine] {
+        let make = || {
+            hop_with(
+                HopConfig {
+                    unknown_commands: unknown,
+                    ..config()
+                },
+                "",
+            )
+        };
+        let client =
+            b"XCLIENT ADDR=192.0.2.66 PORT=1\r\nxclient addr=192.0.2.66\r\nUSER a\r\nPASS b\r\n  XClient\tADDR=192.0.2.66\r\nNOOP\r\n";
+        let server: &[&[u8]] = &[
+            b"+OK [XCLIENT] Dovecot ready. <1.2@h>\r\n",
+            b"+OK\r\n",
+            b"+OK in\r\n",
+            b"+OK noop\r\n",
+        ];
+        let out = same_at_every_chunk(make, client, server, End::Open);
+        assert_eq!(
+            text(&out.upstream),
+            "USER a\r\nPASS b\r\nNOOP\r\n",
+            "{unknown:?}"
+        );
+        assert_eq!(
+            text(&out.client),
+            "+OK Dovecot ready. <1.2@h>\r\n-ERR XCLIENT is not allowed\r\n\
+             -ERR XCLIENT is not allowed\r\n+OK\r\n+OK in\r\n-ERR XCLIENT is not allowed\r\n+OK noop\r\n",
+            "{unknown:?}"
+        );
+    }
+}

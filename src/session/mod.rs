@@ -72,6 +72,8 @@ pub struct SessionInfo {
     pub local: SocketAddr,
     /// The listener's client-side TLS mode.
     pub tls_mode: TlsMode,
+    /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
+    pub proxy: Option<SocketAddr>,
 }
 
 /// The id of the first session of a popgate started at `start`: that time in microseconds
@@ -157,6 +159,7 @@ pub(crate) async fn run(
             &info.listener,
             info.client,
             info.local,
+            info.proxy,
             client_tls.as_ref(),
             &connect.tags,
         );
@@ -186,14 +189,21 @@ pub(crate) async fn run(
         &info.listener,
         info.client,
         info.local,
+        info.proxy,
         client_tls.as_ref(),
         &connect.tags,
     );
     observer.flush().await;
+    let origin = crate::net::upstream::ClientOrigin {
+        client: info.client,
+        local: info.local,
+        session: format!("popgate-{}", info.id),
+    };
     let upstream = match crate::net::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
         config.limits.max_line,
+        &origin,
     )
     .await
     {

@@ -123,15 +123,21 @@ impl Observer {
         listener: &str,
         client: SocketAddr,
         local: SocketAddr,
+        proxy: Option<SocketAddr>,
         tls: Option<&TlsInfo>,
         tags: &[Arc<str>],
     ) {
+        if let Some(p) = proxy {
+            self.transcript
+                .note(&format!("client {client} via proxy {p}"));
+        }
         if self.auditing() {
             self.push_tagged(
                 SessionOpen {
                     listener: listener.to_owned(),
                     client,
                     local,
+                    proxy,
                     client_tls: tls.cloned(),
                 },
                 &strings(tags),

@@ -14,7 +14,7 @@
 //!   (`--invisible` drops the Received header, `--norewrite` keeps addresses): the stored file.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -435,21 +435,44 @@ pub struct RawPop {
     pub greeting: String,
 }
 
+/// A TCP connection to `to` from the local address `from` (any 127.0.0.0/8 address works on
+/// Linux loopback: a test can be several clients), connected within 5 s.
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    socket
+        .bind(&SocketAddr::new(from, 0).into())
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {to} from {from}: {e}"));
+    socket.into()
+}
+
 impl RawPop {
     /// Connects and reads the greeting.
     pub fn connect(addr: SocketAddr) -> RawPop {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(Some(CLIENT_LIMIT))
-            .expect("set_read_timeout");
-        let writer = s.try_clone().expect("clone socket");
-        let mut raw = RawPop {
-            reader: BufReader::new(s),
-            writer,
-            greeting: String::new(),
-        };
+        let mut raw = RawPop::over(s);
         raw.greeting = raw.line();
         raw
+    }
+
+    /// A client on an open connection, before the greeting is read (e.g. after sending a
+    /// PROXY header, or from [`connect_from`]); reads time out after [`CLIENT_LIMIT`].
+    pub fn over(s: TcpStream) -> RawPop {
+        s.set_read_timeout(Some(CLIENT_LIMIT))
+            .expect("set_read_timeout");
+        RawPop {
+            writer: s.try_clone().expect("clone socket"),
+            reader: BufReader::new(s),
+            greeting: String::new(),
+        }
     }
 
     /// Sends `line` plus CRLF.

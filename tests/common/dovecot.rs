@@ -53,8 +53,12 @@ pub struct DovecotOpts {
     /// Raw lines appended to dovecot.conf (e.g. `pop3_lock_session = yes`, or
     /// `auth_failure_delay = 2s` to get back Dovecot's delay, set to 0 here).
     pub extra_conf: String,
-    /// Raw lines put inside `inet_listener pop3 { }` (e.g. `haproxy = yes`).
+    /// Raw lines put inside `inet_listener pop3 { }`.
     pub pop3_listener_extra: String,
+    /// Two more listeners that expect a PROXY header (`haproxy = yes`) from 127.0.0.1
+    /// (`haproxy_trusted_networks`): plain [`Dovecot::pop3_haproxy`] and implicit-TLS
+    /// [`Dovecot::pop3s_haproxy`] (header before the handshake).
+    pub haproxy_listener: bool,
 }
 
 impl DovecotOpts {
@@ -72,6 +76,10 @@ pub struct Dovecot {
     pub pop3: SocketAddr,
     /// Implicit-TLS POP3 listener (like port 995).
     pub pop3s: SocketAddr,
+    /// The plain `haproxy = yes` listener, with [`DovecotOpts::haproxy_listener`].
+    pub pop3_haproxy: Option<SocketAddr>,
+    /// The implicit-TLS `haproxy = yes` listener, with [`DovecotOpts::haproxy_listener`].
+    pub pop3s_haproxy: Option<SocketAddr>,
     /// Holds config, log, run dir and mail.
     pub dir: TempDir,
     /// The CA that signed Dovecot's certificate (for `localhost`, 127.0.0.1, 127.0.0.2, ::1).
@@ -105,9 +113,12 @@ impl Dovecot {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (p1, p2) = two_ports(ip);
-            let (pop3, pop3s) = (SocketAddr::new(ip, p1), SocketAddr::new(ip, p2));
-            let conf = config(dir.path(), &opts, pop3, pop3s, &cert, &key);
+            let ports = distinct_ports(ip, 4);
+            let (pop3, pop3s) = (SocketAddr::new(ip, ports[0]), SocketAddr::new(ip, ports[1]));
+            let haproxy = opts
+                .haproxy_listener
+                .then(|| (SocketAddr::new(ip, ports[2]), SocketAddr::new(ip, ports[3])));
+            let conf = config(dir.path(), &opts, pop3, pop3s, haproxy, &cert, &key);
             let conf_path = dir.path().join("dovecot.conf");
             std::fs::write(&conf_path, conf).expect("write dovecot.conf");
             let out = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr.log");
@@ -125,6 +136,8 @@ impl Dovecot {
                     return Dovecot {
                         pop3,
                         pop3s,
+                        pop3_haproxy: haproxy.map(|h| h.0),
+                        pop3s_haproxy: haproxy.map(|h| h.1),
                         dir,
                         pki,
                         child,
@@ -360,15 +373,16 @@ fn greeting(addr: SocketAddr) -> std::io::Result<String> {
     Ok(line)
 }
 
-fn two_ports(ip: IpAddr) -> (u16, u16) {
+fn distinct_ports(ip: IpAddr, n: usize) -> Vec<u16> {
     let ip = ip.to_string();
-    let a = super::free_port_on(&ip);
-    loop {
-        let b = super::free_port_on(&ip);
-        if b != a {
-            return (a, b);
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    while ports.len() < n {
+        let p = super::free_port_on(&ip);
+        if !ports.contains(&p) {
+            ports.push(p);
         }
     }
+    ports
 }
 
 fn maildir(base: &Path, user: &str) -> PathBuf {
@@ -431,9 +445,27 @@ fn config(
     opts: &DovecotOpts,
     pop3: SocketAddr,
     pop3s: SocketAddr,
+    haproxy_listeners: Option<(SocketAddr, SocketAddr)>,
     cert: &Path,
     key: &Path,
 ) -> String {
+    let haproxy = match haproxy_listeners {
+        Some((plain, tls)) => format!(
+            "  inet_listener pop3-haproxy {{\n    address = {}\n    port = {}\n    \
+             haproxy = yes\n  }}\n  inet_listener pop3s-haproxy {{\n    address = {}\n    \
+             port = {}\n    ssl = yes\n    haproxy = yes\n  }}\n",
+            plain.ip(),
+            plain.port(),
+            tls.ip(),
+            tls.port()
+        ),
+        None => String::new(),
+    };
+    let haproxy_trusted = if haproxy_listeners.is_some() {
+        "haproxy_trusted_networks = 127.0.0.1/32\n"
+    } else {
+        ""
+    };
     let b = base.display();
     let ip = pop3.ip();
     let ssl = if opts.ssl_required { "required" } else { "yes" };
@@ -480,8 +512,8 @@ service pop3-login {{
     port = {p2}
     ssl = yes
   }}
-}}
-{extra}
+{haproxy}}}
+{haproxy_trusted}{extra}
 "#,
         p1 = pop3.port(),
         p2 = pop3s.port(),

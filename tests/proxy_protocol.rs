@@ -1,0 +1,309 @@
+//! PROXY protocol on listeners (`proxy_protocol = true`, `trusted_proxies`), through the real
+//! binary in front of the recording demo upstream, loopback only: the client address from a
+//! trusted balancer's header is what rules, per-IP limits, logs and the audit trail see; untrusted peers, missing, malformed and slow headers are closed before
+//! anything reaches the upstream. curl's `--haproxy-protocol` covers STLS and implicit TLS
+//! (header before the handshake).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::certs::TestPki;
+use common::clients::{RawPop, connect_from, curl};
+use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
+use common::{audit_events, wait_until};
+use popgate_demo::{DemoServer, ServerOptions};
+
+const USER: &str = "bob";
+const PASS: &str = "bob-secret";
+const MESSAGE: &[u8] = b"Subject: via a balancer\r\n\r\nhello\r\n";
+
+fn demo(h: &Harness) -> DemoServer {
+    h.upstream(ServerOptions::new(vec![mailbox(
+        USER,
+        PASS,
+        vec![MESSAGE.to_vec()],
+    )]))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A PROXY v2 header for `client` connecting to `local`.
+fn v2(client: &str, local: &str) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (sa(client), sa(local)),
+    )
+    .build()
+    .unwrap()
+}
+
+/// A PROXY v1 header for `client` connecting to `local`.
+fn v1(client: &str, local: &str) -> Vec<u8> {
+    ppp::v1::Addresses::from((sa(client), sa(local)))
+        .to_string()
+        .into_bytes()
+}
+
+/// A POP3 client that connects from `from`, sends `header` and reads the greeting.
+fn behind(from: &str, to: SocketAddr, header: &[u8]) -> RawPop {
+    let mut s = connect_from(ip(from), to);
+    s.write_all(header).unwrap();
+    let mut c = RawPop::over(s);
+    c.greeting = c.line();
+    c
+}
+
+/// What a refused connection gets: everything the server sent before closing, within 5 s.
+fn until_closed(mut s: TcpStream) -> (Vec<u8>, Duration) {
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("connection not closed within 5 s ({e}); got {got:?}"),
+        }
+    }
+    (got, t.elapsed())
+}
+
+fn session_opens(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    audit_events(dir)
+        .into_iter()
+        .filter(|e| e["event"] == "session_open")
+        .collect()
+}
+
+#[test]
+fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let rules = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
+                 action = \"deny\"\nmessage = \"not from there\"\n";
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .top("rules = [\"r.toml\"]\n")
+            .file("r.toml", rules)
+            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+            .tables(
+                "[limits]\nmax_sessions_per_ip = 1\n\
+                 [audit]\nenabled = true\ndir = \"audit\"\n",
+            )
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    // Session 1 (v1 header): logged in and held open.
+    let mut first = behind(
+        "127.0.0.1",
+        p.addr,
+        &v1("192.0.2.7:40000", "198.51.100.1:110"),
+    );
+    assert!(first.greeting.starts_with("+OK"), "{}", first.greeting);
+    assert!(first.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(first.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    // The same client through the same balancer again: its own per-IP cap (1) is full ...
+    let mut again = behind(
+        "127.0.0.1",
+        p.addr,
+        &v2("192.0.2.7:40001", "198.51.100.1:110"),
+    );
+    assert_eq!(
+        again.greeting,
+        "-ERR [SYS/TEMP] too many connections from your address"
+    );
+    assert!(again.read_to_end().is_empty());
+    // ... while another client behind the same balancer (the same peer address) is served.
+    let mut other = behind(
+        "127.0.0.1",
+        p.addr,
+        &v2("[2001:db8::8]:40002", "[2001:db8::1]:110"),
+    );
+    assert!(other.greeting.starts_with("+OK"), "{}", other.greeting);
+    assert!(other.cmd("QUIT").starts_with("+OK"));
+    // A `client` rule matches the address from the header, not the balancer's.
+    let denied = behind("127.0.0.1", p.addr, &v1("192.0.2.66:5", "198.51.100.1:110"));
+    assert!(
+        denied.greeting.starts_with("-ERR") && denied.greeting.contains("not from there"),
+        "{}",
+        denied.greeting
+    );
+    assert!(first.cmd("QUIT").starts_with("+OK"));
+
+    let dir = p.dir.path().join("audit");
+    wait_until("two sessions audited", || session_opens(&dir).len() >= 2);
+    let opens = session_opens(&dir);
+    let clients: Vec<&str> = opens
+        .iter()
+        .map(|e| e["client"].as_str().unwrap())
+        .collect();
+    assert!(clients.contains(&"192.0.2.7:40000"), "{clients:?}");
+    assert!(clients.contains(&"[2001:db8::8]:40002"), "{clients:?}");
+    for e in &opens {
+        let proxy: SocketAddr = e["proxy"].as_str().expect("proxy field").parse().unwrap();
+        assert_eq!(proxy.ip(), ip("127.0.0.1"), "{e}");
+        assert!(e["local"] == "198.51.100.1:110" || e["local"] == "[2001:db8::1]:110");
+    }
+    let log = p.log();
+    assert!(
+        log.contains("client=192.0.2.7:40000") && log.contains("proxy=127.0.0.1:"),
+        "{log}"
+    );
+    // Only the two served clients reached the upstream.
+    assert_eq!(up.connections(), 2);
+}
+
+#[test]
+fn untrusted_missing_garbage_and_slow_headers_never_reach_the_upstream() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .listener(
+                "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\
+                 proxy_timeout = \"300ms\"\n",
+            )
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    let header = v2("192.0.2.7:40000", "198.51.100.1:110");
+    // A valid header from a peer that is not a trusted balancer: a client spoofing its address.
+    let mut s = connect_from(ip("127.0.0.9"), p.addr);
+    // (Writes may fail: popgate closes at once.)
+    let _ = s.write_all(&header);
+    let _ = s.write_all(b"USER bob\r\n");
+    assert_eq!(until_closed(s).0, b"");
+    // A trusted peer that sends no header, but POP3 ...
+    let mut s = connect_from(ip("127.0.0.1"), p.addr);
+    let _ = s.write_all(b"USER bob\r\nPASS bob-secret\r\n");
+    assert_eq!(until_closed(s).0, b"");
+    // ... or a TLS ClientHello, or garbage after a v1 start, or a header with a bad address.
+    for junk in [
+        &b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"[..],
+        b"PROXY TCP4 192.0.2.7 999.0.0.1 1 110\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 1\r\n",
+        b"PROXY UDP4 192.0.2.7 198.51.100.1 1 110\r\n",
+    ] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        let _ = s.write_all(junk);
+        assert_eq!(until_closed(s).0, b"", "{junk:?}");
+    }
+    // Slow: half a header, then nothing; and a header announcing more than it sends.
+    for part in [&header[..20], &header[..16], b"PROXY TCP4 192.0."] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        s.write_all(part).unwrap();
+        let (got, took) = until_closed(s);
+        assert_eq!(got, b"");
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    }
+    // Silence: nothing at all.
+    let (got, took) = until_closed(connect_from(ip("127.0.0.1"), p.addr));
+    assert_eq!(got, b"");
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+
+    // Nothing of it reached the upstream: not a connection, not a byte.
+    assert_eq!(up.connections(), 0);
+    assert!(up.received().is_empty());
+    let log = p.wait_log("PROXY header refused", 9);
+    assert!(
+        log.contains("outside trusted_proxies") && log.contains("peer=127.0.0.9:"),
+        "{log}"
+    );
+    // The listener still serves a good header afterwards.
+    let mut ok = behind("127.0.0.1", p.addr, &header);
+    assert!(ok.greeting.starts_with("+OK"), "{}", ok.greeting);
+    assert!(ok.cmd("QUIT").starts_with("+OK"));
+    assert_eq!(up.connections(), 1);
+}
+
+#[test]
+fn the_header_comes_before_stls_and_before_an_implicit_tls_handshake() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let audit = tempfile::tempdir().unwrap();
+    for (mode, scheme, extra) in [
+        ("starttls", "pop3", vec!["--ssl-reqd"]),
+        ("implicit", "pop3s", vec![]),
+    ] {
+        let p = PopgateProcess::run(
+            up.local_addr(),
+            PopgateOpts::new()
+                .listener(&format!(
+                    "tls = \"{mode}\"\nproxy_protocol = true\n\
+                     trusted_proxies = [\"127.0.0.0/8\"]\n"
+                ))
+                .tables(&format!(
+                    "[tls]\ncert = {cert:?}\nkey = {key:?}\n\
+                     [audit]\nenabled = true\ndir = {:?}\n",
+                    audit.path().join(mode)
+                ))
+                .wait_for_log()
+                .log_to_dir("info"),
+        );
+        let url = format!("{scheme}://127.0.0.1:{}/1", p.addr.port());
+        let ca = pki.ca_path().to_str().unwrap().to_owned();
+        let mut args = vec![
+            "-sS",
+            "--haproxy-protocol",
+            "--interface",
+            "127.0.0.5",
+            "--cacert",
+            &ca,
+            "--user",
+            "bob:bob-secret",
+        ];
+        args.extend(extra.iter().copied());
+        args.push(&url);
+        let out = curl(&args);
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, MESSAGE, "{mode}");
+        let dir = audit.path().join(mode);
+        wait_until("session audited", || !session_opens(&dir).is_empty());
+        let open = &session_opens(&dir)[0];
+        let client: SocketAddr = open["client"].as_str().unwrap().parse().unwrap();
+        assert_eq!(client.ip(), ip("127.0.0.5"), "{mode}: {open}");
+        assert!(open["proxy"].is_string(), "{mode}: {open}");
+    }
+}
+
+#[test]
+fn the_readme_load_balancer_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.contains("proxy_protocol"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "the load balancer example");
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(blocks[0], path).expect("parses");
+    config.validate(path).expect("valid");
+    assert!(config.listeners[0].proxy_protocol);
+    assert_eq!(
+        config.upstream.forward_client,
+        popgate::config::ForwardClient::ProxyV2
+    );
+}
