@@ -480,3 +480,73 @@ fn popgate_run_warns_about_a_world_readable_audit_dir() {
     assert_eq!(mode(&audit), 0o755);
     assert_eq!(mode(&transcripts), 0o700);
 }
+
+/// Event-scoped tags of each rule event land on that event's own record: `connect` on
+/// `session_open`, `login` on `login`, a DELE command on its `delete_marked`, `close` on
+/// `session_close`; a LIST command makes no record, so its tag appears nowhere.
+#[test]
+fn event_tags_land_on_their_own_record() {
+    let rules = rule_file(
+        r#"
+[[rule]]
+name = "t-connect"
+on = "connect"
+action = "tag"
+tags = ["conn"]
+
+[[rule]]
+name = "t-login"
+on = "login"
+status = "ok"
+action = "tag"
+tags = ["login-seen"]
+
+[[rule]]
+name = "t-list"
+on = "command"
+verbs = "LIST"
+action = "tag"
+tags = ["list"]
+
+[[rule]]
+name = "t-dele"
+on = "command"
+verbs = "DELE"
+action = "tag"
+tags = ["dele"]
+
+[[rule]]
+name = "t-close"
+on = "close"
+action = "tag"
+tags = ["bye"]
+"#,
+    );
+    let h = Harness::new();
+    let up = demo(&h);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let mut p = proxy(&h, &up, &[&rules.path], &dir, "");
+    let mut c = RawPop::connect(p.addr);
+    login(&mut c);
+    assert!(c.cmd("LIST 1").starts_with("+OK"));
+    assert!(c.cmd("DELE 3").starts_with("+OK"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    let evs = closed(&dir, 1);
+    p.shutdown(&h);
+    let got: Vec<(String, Vec<String>)> = evs
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap().to_owned(), tags(e)))
+        .collect();
+    let want: Vec<(String, Vec<String>)> = [
+        ("session_open", vec!["conn"]),
+        ("login", vec!["login-seen"]),
+        ("delete_marked", vec!["dele"]),
+        ("update", vec![]),
+        ("session_close", vec!["bye"]),
+    ]
+    .iter()
+    .map(|(e, t)| (e.to_string(), t.iter().map(|s| s.to_string()).collect()))
+    .collect();
+    assert_eq!(got, want);
+}
