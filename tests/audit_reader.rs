@@ -534,3 +534,54 @@ fn read_audit_reports_bad_lines_and_keeps_reading() {
         1
     );
 }
+
+/// Records of several instances read together: the session column says `instance/id`; records
+/// of one instance keep the plain id.
+#[test]
+fn table_names_the_instance_when_there_are_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.jsonl");
+    let ev = |instance: &str, n: u64| {
+        let mut e = AuditEvent::at(
+            at("2026-03-01T09:00:00.000Z"),
+            n,
+            Reset { user: user("bob") },
+        );
+        e.instance = Some(instance.to_owned());
+        e
+    };
+    write_jsonl(&p, &[ev("mx1", 7), ev("mx2", 7)], false);
+    let records = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    let table = format_table(&records);
+    assert!(
+        table.contains(" mx1/7 ") && table.contains(" mx2/7 "),
+        "{table}"
+    );
+    let one = format_table(&records[..1]);
+    assert!(one.contains(" 7 ") && !one.contains("mx1"), "{one}");
+
+    // --user keeps the user-less events of the user's session on its own instance only.
+    let open = |instance: &str| {
+        let mut e = AuditEvent::at(
+            at("2026-03-01T08:59:00.000Z"),
+            7,
+            SessionOpen {
+                listener: "pop3".into(),
+                client: addr("198.51.100.7:51544"),
+                local: addr("192.0.2.10:110"),
+                proxy: None,
+                client_tls: None,
+            },
+        );
+        e.instance = Some(instance.to_owned());
+        e
+    };
+    write_jsonl(&p, &[open("mx1"), open("mx2"), ev("mx1", 7)], false);
+    let filter = Filter::from_args(Some("bob".into()), None, &[]).unwrap();
+    let records = read_events(std::slice::from_ref(&p), &filter).unwrap();
+    let got: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r.event.instance.as_deref().unwrap(), r.name.as_str()))
+        .collect();
+    assert_eq!(got, [("mx1", "session_open"), ("mx1", "reset")]);
+}

@@ -353,16 +353,27 @@ pub fn format_json(records: &[AuditRecord]) -> String {
     out
 }
 
-/// An aligned table: `TIME EVENT SESSION USER DETAILS`, one event per row. Values that could
-/// disturb a terminal (control characters, white space, quotes) are quoted and escaped.
+/// An aligned table: `TIME EVENT SESSION USER DETAILS`, one event per row (`SESSION` is
+/// `instance/id` when the records come from several instances). Values that could disturb a
+/// terminal (control characters, white space, quotes) are quoted and escaped.
 pub fn format_table(records: &[AuditRecord]) -> String {
+    // Files of several popgates read together: a session is `instance/id`.
+    let instances: HashSet<Option<&str>> = records
+        .iter()
+        .map(|r| r.event.instance.as_deref())
+        .collect();
+    let session = |r: &AuditRecord| match (instances.len() > 1, &r.event.instance) {
+        (true, Some(i)) => format!("{}/{}", cell(i), r.event.session),
+        (true, None) => format!("-/{}", r.event.session),
+        (false, _) => r.event.session.to_string(),
+    };
     let rows: Vec<[String; 5]> = records
         .iter()
         .map(|r| {
             [
                 humantime::format_rfc3339_millis(r.event.ts).to_string(),
                 cell(&r.name),
-                r.event.session.to_string(),
+                session(r),
                 r.event.user().map_or_else(|| "-".to_owned(), cell),
                 details(r),
             ]
