@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::certs::{TestPki, rustls_server};
 use common::clients::{RawPop, curl, curl_retr, url};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox, rule_file};
 use popgate_demo::{DemoServer, ServerOptions};
@@ -209,10 +210,113 @@ fn health_probes_the_upstream_when_no_session_has() {
     assert!(body.contains("unreachable"), "{body}");
 }
 
-/// Every metric the shipped dashboard queries exists in a real scrape, so the dashboard cannot
-/// drift from the code.
+/// TLS handshakes are counted per side and result: a trusted and an untrusting client on an
+/// implicit-TLS listener, and an upstream whose certificate popgate does not trust.
 #[test]
-fn dashboard_queries_only_metrics_popgate_exports() {
+fn tls_handshakes_are_counted_per_side() {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let msg = b"Subject: tls\r\n\r\nbody\r\n".to_vec();
+    let up = h.upstream(ServerOptions {
+        tls: Some(rustls_server(&cert, &key)),
+        implicit_tls: true,
+        ..ServerOptions::new(vec![mailbox(USER, PASS, vec![msg])])
+    });
+    let config = |ca: &std::path::Path| {
+        format!(
+            "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+             [upstream]\naddress = \"{}\"\ntls = \"implicit\"\nca_file = {ca:?}\n\
+             server_name = \"localhost\"\nconnect_timeout = \"3s\"\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+            up.local_addr()
+        )
+    };
+    let px = h.proxy_toml(&config(pki.ca_path()));
+    let metrics = px.metrics.unwrap();
+    let ca = pki.ca_path().display().to_string();
+    let creds = format!("{USER}:{PASS}");
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(ok.status.success(), "{ok:?}");
+    // curl does not know the test CA: it aborts the handshake.
+    let refused = curl(&["-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!refused.status.success());
+    let hs = |m: &str, side, result| {
+        value(
+            m,
+            "popgate_tls_handshakes_total",
+            &[("side", side), ("result", result)],
+        )
+    };
+    let mut m = String::new();
+    common::wait_until("failed handshake counted", || {
+        m = scrape(metrics);
+        hs(&m, "client", "failed") == 1.0
+    });
+    assert_eq!(hs(&m, "client", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 0.0, "{m}");
+
+    // Verified against another CA, the upstream's certificate fails.
+    let other = TestPki::new();
+    let px = h.proxy_toml(&config(other.ca_path()));
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!ok.status.success(), "{ok:?}");
+    let m = scrape(px.metrics.unwrap());
+    assert_eq!(hs(&m, "client", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 1.0, "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "popgate_upstream_connect_errors_total",
+            &[("stage", "tls")]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+/// Refusals by the limits and the failed-login penalty show up: a second session from one IP
+/// over `max_sessions_per_ip = 1`, and failed logins past the free ones.
+#[test]
+fn limit_refusals_and_login_penalties_are_counted() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let px = h.proxy(
+        up.local_addr(),
+        "[limits]\nmax_sessions_per_ip = 1\nlogin_fail_delay = \"20ms\"\n\
+         login_fail_delay_max = \"40ms\"\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+    );
+    let metrics = px.metrics.unwrap();
+    let mut c = RawPop::connect(px.addr);
+    let second = RawPop::connect(px.addr);
+    assert!(second.greeting.starts_with("-ERR"), "{}", second.greeting);
+    for _ in 0..4 {
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        assert!(c.cmd("PASS wrong").starts_with("-ERR"));
+    }
+    let m = scrape(metrics);
+    let refused = [("reason", "per_ip")];
+    assert_eq!(
+        value(&m, "popgate_sessions_refused_total", &refused),
+        1.0,
+        "{m}"
+    );
+    // Two failures are free; the third and fourth wait 20 ms and 40 ms.
+    assert_eq!(
+        value(&m, "popgate_login_penalty_delays_total", &[]),
+        2.0,
+        "{m}"
+    );
+    let waited = value(&m, "popgate_login_penalty_seconds_total", &[]);
+    assert!((waited - 0.06).abs() < 1e-6, "{waited}: {m}");
+    assert_eq!(value(&m, "popgate_sessions_active", &[]), 1.0, "{m}");
+}
+
+/// Every metric the shipped dashboard queries exists in a real scrape, and the README's metric
+/// list is exactly what popgate exports, so neither can drift from the code.
+#[test]
+fn dashboard_and_readme_name_only_metrics_popgate_exports() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/grafana-popgate.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -256,6 +360,53 @@ fn dashboard_queries_only_metrics_popgate_exports() {
         missing.is_empty(),
         "dashboard queries metrics popgate does not export: {missing:?}\nexported: {exported:?}"
     );
+
+    // The README documents each metric family (`# TYPE` lines), and nothing else.
+    let families: std::collections::BTreeSet<String> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .collect();
+    let section = readme_section();
+    let documented: std::collections::BTreeSet<String> = name
+        .find_iter(&section)
+        .map(|m| m.as_str().to_owned())
+        .collect();
+    assert_eq!(documented, families, "README metric list vs /metrics");
+}
+
+/// The README's "Metrics and health" section.
+fn readme_section() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("\n## Metrics and health\n")
+        .expect("README section");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_owned()
+}
+
+/// The `[metrics]` example of the README is a valid config.
+#[test]
+fn readme_metrics_example_is_valid() {
+    let section = readme_section();
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    assert!(toml.contains("[metrics]"), "{toml}");
+    let text = format!(
+        "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1110\"\n\
+         [upstream]\naddress = \"127.0.0.1:110\"\n{toml}"
+    );
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(&text, path).unwrap();
+    config.validate(path).unwrap();
+    let m = config.metrics.expect("[metrics] parsed");
+    assert_eq!(m.bind, "127.0.0.1:9110".parse().unwrap());
+    assert_eq!(m.health_window, std::time::Duration::from_secs(30));
 }
 
 /// Every `expr` string in the dashboard JSON (panel targets), wherever it is nested.
@@ -272,4 +423,37 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
         _ => {}
     }
+}
+
+/// `[metrics]` mistakes are refused at load: a zero window, the address of a listener, an
+/// unknown key; a port already taken fails the start with the key named.
+#[test]
+fn metrics_config_mistakes_are_refused() {
+    let path = std::path::Path::new("t.toml");
+    let check = |metrics: &str| {
+        let text = format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1110\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n[metrics]\n{metrics}"
+        );
+        popgate::Config::parse(&text, path)
+            .and_then(|c| c.validate(path))
+            .map_err(|e| e.to_string())
+    };
+    assert!(check("bind = \"127.0.0.1:9110\"\n").is_ok());
+    let e = check("bind = \"127.0.0.1:9110\"\nhealth_window = \"0s\"\n").unwrap_err();
+    assert!(e.contains("metrics.health_window"), "{e}");
+    let e = check("bind = \"127.0.0.1:1110\"\n").unwrap_err();
+    assert!(e.contains("metrics.bind"), "{e}");
+    assert!(check("bind = \"127.0.0.1:9110\"\npath = \"/m\"\n").is_err());
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"127.0.0.1:110\"\n[metrics]\nbind = \"{}\"\n",
+        taken.local_addr().unwrap()
+    );
+    let config = popgate::Config::parse(&text, path).unwrap();
+    let h = Harness::new();
+    let e = h.rt.block_on(popgate::Proxy::bind(config)).unwrap_err();
+    assert!(e.to_string().contains("metrics.bind"), "{e}");
 }
