@@ -424,3 +424,94 @@ impl Drop for SessionMetrics {
         self.active.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address nothing listens on (bound a moment ago, then freed).
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    fn metrics(upstream: &str) -> (Metrics, Config) {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\n\
+             [metrics]\nbind = \"127.0.0.1:0\"\nhealth_window = \"1h\"\n"
+        );
+        let config = Config::parse(&text, std::path::Path::new("t")).unwrap();
+        let limiter = Arc::new(Limiter::new(&config.limits));
+        let m = Metrics::new(
+            &config,
+            ["r1".to_owned()].into_iter(),
+            AuditSink::disabled(),
+            limiter,
+        );
+        (m, config)
+    }
+
+    fn sample(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn a_session_is_active_until_its_handles_drop() {
+        let (m, _) = metrics("127.0.0.1:1");
+        let s = m.session("a");
+        s.to_client.inc_by(10);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "popgate_sessions_active{listener=\"a\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "popgate_bytes_total{listener=\"a\",direction=\"to_client\"}"
+            )
+            .as_deref(),
+            Some("10")
+        );
+        drop(s);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "popgate_sessions_active{listener=\"a\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, "popgate_sessions_total{listener=\"a\"}").as_deref(),
+            Some("1")
+        );
+        // Known rules are there before their first hit.
+        assert_eq!(
+            sample(&text, "popgate_rule_hits_total{rule=\"r1\"}").as_deref(),
+            Some("0")
+        );
+    }
+
+    #[tokio::test]
+    async fn health_needs_listeners_and_a_recent_upstream_connect() {
+        let gone = closed_port();
+        let (m, config) = metrics(&gone);
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok && h.reason.contains("listener a"), "{h:?}");
+        m.listener_up("a", true);
+        // Nothing connected yet: the probe finds nobody.
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
+        // A session's connect within the window is trusted without a probe.
+        m.upstream_connected(Duration::from_millis(1));
+        let h = m.health(&config.upstream).await;
+        assert!(h.ok && h.reason.contains("connected within"), "{h:?}");
+        // A later failure makes it look again (and the probe fails).
+        m.upstream_failed("tcp", "refused");
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok, "{h:?}");
+        m.listener_up("a", false);
+        assert!(!m.health(&config.upstream).await.ok);
+    }
+}
