@@ -273,8 +273,9 @@ impl Proxy {
                 on_accept,
             );
             let metrics = self.shared.metrics.clone();
+            // Up from here: the socket is bound and accepted connections wait in its backlog.
+            metrics.listener_up(&name, true);
             accept_loops.push(tokio::spawn(async move {
-                metrics.listener_up(&name, true);
                 serve.await;
                 metrics.listener_up(&name, false);
             }));
