@@ -223,16 +223,15 @@ fn tls_handshakes_are_counted_per_side() {
         implicit_tls: true,
         ..ServerOptions::new(vec![mailbox(USER, PASS, vec![msg])])
     });
-    let config = |ca: &std::path::Path| {
+    let config = |up: SocketAddr, mode: &str, ca: &std::path::Path| {
         format!(
             "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
-             [upstream]\naddress = \"{}\"\ntls = \"implicit\"\nca_file = {ca:?}\n\
+             [upstream]\naddress = \"{up}\"\ntls = \"{mode}\"\nca_file = {ca:?}\n\
              server_name = \"localhost\"\nconnect_timeout = \"3s\"\n\
-             [tls]\ncert = {cert:?}\nkey = {key:?}\n[metrics]\nbind = \"127.0.0.1:0\"\n",
-            up.local_addr()
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n[metrics]\nbind = \"127.0.0.1:0\"\n"
         )
     };
-    let px = h.proxy_toml(&config(pki.ca_path()));
+    let px = h.proxy_toml(&config(up.local_addr(), "implicit", pki.ca_path()));
     let metrics = px.metrics.unwrap();
     let ca = pki.ca_path().display().to_string();
     let creds = format!("{USER}:{PASS}");
@@ -259,7 +258,7 @@ fn tls_handshakes_are_counted_per_side() {
 
     // Verified against another CA, the upstream's certificate fails.
     let other = TestPki::new();
-    let px = h.proxy_toml(&config(other.ca_path()));
+    let px = h.proxy_toml(&config(up.local_addr(), "implicit", other.ca_path()));
     let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
     assert!(!ok.status.success(), "{ok:?}");
     let m = scrape(px.metrics.unwrap());
@@ -274,6 +273,22 @@ fn tls_handshakes_are_counted_per_side() {
         1.0,
         "{m}"
     );
+
+    // A server that refuses STLS fails before any handshake: stage `setup`.
+    let plain = upstream(&h);
+    let px = h.proxy_toml(&config(plain.local_addr(), "starttls", pki.ca_path()));
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!ok.status.success(), "{ok:?}");
+    let m = scrape(px.metrics.unwrap());
+    let errors = |stage| {
+        value(
+            &m,
+            "popgate_upstream_connect_errors_total",
+            &[("stage", stage)],
+        )
+    };
+    assert_eq!((errors("setup"), errors("tls")), (1.0, 0.0), "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 0.0, "{m}");
 }
 
 /// Refusals by the limits and the failed-login penalty show up: a second session from one IP
