@@ -221,6 +221,11 @@ impl Hop {
         &self.policy.tags
     }
 
+    /// Rule activity since the last call, for metrics.
+    pub(crate) fn take_rule_tally(&mut self) -> super::policy::RuleTally {
+        self.policy.take_tally()
+    }
+
     /// Whether a `trace` rule asked for a transcript.
     pub(crate) fn trace(&self) -> bool {
         self.policy.trace
