@@ -1,0 +1,374 @@
+//! Adversarial review of the PROXY protocol listeners and client forwarding (issue 10), loopback
+//! only, popgate in-process in front of the recording demo upstream: headers of every shape
+//! (TLVs, LOCAL, UNKNOWN, unix and UDP addresses, one byte at a time, with the first command or
+//! the TLS ClientHello in the same segment, a second header later), IPv4-mapped addresses, the
+//! limits while a header is awaited, and the login penalty keyed on the header's client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::certs::TestPki;
+use common::clients::{RawPop, connect_from};
+use common::proxy::{Harness, ProxyHandle, mailbox};
+use common::{audit_events, wait_until};
+use popgate_demo::{DemoServer, ServerOptions};
+
+const USER: &str = "bob";
+const PASS: &str = "bob-secret";
+
+fn demo(h: &Harness) -> DemoServer {
+    h.upstream(ServerOptions::new(vec![mailbox(
+        USER,
+        PASS,
+        vec![b"Subject: s\r\n\r\nhello\r\n".to_vec()],
+    )]))
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn v2(client: &str, local: &str) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (sa(client), sa(local)),
+    )
+    .build()
+    .unwrap()
+}
+
+fn v1(client: &str, local: &str) -> Vec<u8> {
+    ppp::v1::Addresses::from((sa(client), sa(local)))
+        .to_string()
+        .into_bytes()
+}
+
+/// A v2 header by hand: `ver_cmd` (0x21 PROXY, 0x20 LOCAL), `fam` (family << 4 | transport)
+/// and the address block.
+fn v2_raw(ver_cmd: u8, fam: u8, body: &[u8]) -> Vec<u8> {
+    let mut h = ppp::v2::PROTOCOL_PREFIX.to_vec();
+    h.push(ver_cmd);
+    h.push(fam);
+    h.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+    h.extend_from_slice(body);
+    h
+}
+
+/// popgate with one `proxy_protocol` listener trusting 127.0.0.1 (plus `listener` keys),
+/// auditing to `audit`, with `rest` (tables) appended.
+fn balanced(
+    h: &Harness,
+    up: SocketAddr,
+    listener: &str,
+    audit: &std::path::Path,
+    rest: &str,
+) -> ProxyHandle {
+    h.proxy_toml(&format!(
+        "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.1\"]\n{listener}\n\
+         [upstream]\naddress = \"{up}\"\nconnect_timeout = \"3s\"\n\
+         [audit]\nenabled = true\ndir = {audit:?}\n{rest}"
+    ))
+}
+
+fn clients(audit: &std::path::Path) -> Vec<String> {
+    audit_events(audit)
+        .into_iter()
+        .filter(|e| e["event"] == "session_open")
+        .map(|e| e["client"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn behind(to: SocketAddr, header: &[u8]) -> RawPop {
+    let mut s = connect_from(ip("127.0.0.1"), to);
+    s.write_all(header).unwrap();
+    let mut c = RawPop::over(s);
+    c.greeting = c.line();
+    c
+}
+
+/// Wait until the peer closes (bounded): what it sent before.
+fn closed(s: TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = Vec::new();
+    loop {
+        let mut l = Vec::new();
+        match r.read_until(b'\n', &mut l) {
+            Ok(0) => return out,
+            Ok(_) => out.extend_from_slice(&l),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("not closed: {e}; got {out:?}"),
+        }
+    }
+}
+
+fn received(up: &DemoServer) -> Vec<String> {
+    up.received()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
+#[test]
+fn headers_of_every_shape_from_a_trusted_balancer() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let p = balanced(&h, up.local_addr(), "", audit.path(), "");
+
+    // v2 with TLVs (HAProxy's unique id, authority, a NOOP pad): the client is the header's.
+    let tlv = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (sa("192.0.2.21:4001"), sa("198.51.100.1:110")),
+    )
+    .write_tlv(ppp::v2::Type::UniqueId, b"0123456789abcdef")
+    .unwrap()
+    .write_tlv(ppp::v2::Type::Authority, b"pop.example.org")
+    .unwrap()
+    .write_tlv(ppp::v2::Type::NoOp, &[0u8; 700])
+    .unwrap()
+    .build()
+    .unwrap();
+    assert!(tlv.len() > 512, "longer than one peek");
+    let mut c = behind(p.addr, &tlv);
+    assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+
+    // v2 LOCAL (a health check) and v1 UNKNOWN: served as the balancer itself.
+    for header in [v2_raw(0x20, 0x00, b""), b"PROXY UNKNOWN\r\n".to_vec()] {
+        let mut c = behind(p.addr, &header);
+        assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+    }
+
+    // v2 PROXY for a unix socket or a UDP datagram: no TCP client, refused before the upstream.
+    let before = up.connections();
+    let mut udp = vec![192, 0, 2, 22, 198, 51, 100, 1];
+    udp.extend_from_slice(&[0x0f, 0xa1, 0, 110]);
+    for header in [v2_raw(0x21, 0x31, &[0u8; 216]), v2_raw(0x21, 0x12, &udp)] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        s.write_all(&header).unwrap();
+        let _ = s.write_all(b"USER bob\r\n");
+        assert_eq!(closed(s), b"", "{header:?}");
+    }
+    assert_eq!(up.connections(), before);
+
+    // One byte per write, the header and the first commands: nothing lost, nothing doubled.
+    let mut s = connect_from(ip("127.0.0.1"), p.addr);
+    s.set_nodelay(true).unwrap();
+    let mut bytes = v1("192.0.2.23:4003", "198.51.100.1:110");
+    bytes.extend_from_slice(format!("USER {USER}\r\nPASS {PASS}\r\n").as_bytes());
+    for b in bytes {
+        s.write_all(&[b]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut c = RawPop::over(s);
+    assert!(c.line().starts_with("+OK"), "greeting");
+    assert!(c.line().starts_with("+OK"), "USER");
+    assert!(c.line().starts_with("+OK"), "PASS");
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+
+    // The header and the first commands in one segment (v2, then v1).
+    for header in [
+        v2("192.0.2.24:4004", "198.51.100.1:110"),
+        v1("192.0.2.25:4005", "198.51.100.1:110"),
+    ] {
+        let mut first = header.clone();
+        first.extend_from_slice(format!("CAPA\r\nUSER {USER}\r\nPASS {PASS}\r\n").as_bytes());
+        let mut c = behind(p.addr, &first);
+        assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+        let (capa, _) = (c.line(), c.body());
+        assert!(capa.starts_with("+OK"), "{capa}");
+        assert!(c.line().starts_with("+OK"), "USER");
+        assert!(c.line().starts_with("+OK"), "PASS");
+        // A second header later is a line like any other: refused, it changes nothing and
+        // never reaches the upstream.
+        let reply = c.cmd("PROXY TCP4 6.6.6.6 198.51.100.1 1 110");
+        assert!(reply.starts_with("-ERR"), "{reply}");
+        assert!(c.cmd("NOOP").starts_with("+OK"));
+        // A v2 signature is `\r\n\r\n\0\r\nQUIT\n`: as POP3, two empty lines, a NUL and a
+        // QUIT (the client's own, ending its own session).
+        c.send_raw(&v2("6.6.6.7:1", "198.51.100.1:110"));
+        let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
+        assert!(
+            rest.trim_end().ends_with("+OK") || rest.contains("\r\n+OK"),
+            "{rest:?}"
+        );
+    }
+    let got = received(&up);
+    assert_eq!(
+        got.iter().filter(|l| l.starts_with("USER")).count(),
+        3,
+        "{got:?}"
+    );
+    assert_eq!(
+        got.iter().filter(|l| l.starts_with("CAPA")).count(),
+        2,
+        "{got:?}"
+    );
+    assert!(
+        !got.iter()
+            .any(|l| l.contains("PROXY") || l.contains("6.6.6")),
+        "{got:?}"
+    );
+
+    wait_until("sessions audited", || clients(audit.path()).len() >= 6);
+    let seen = clients(audit.path());
+    for want in [
+        "192.0.2.21:4001",
+        "192.0.2.23:4003",
+        "192.0.2.24:4004",
+        "192.0.2.25:4005",
+    ] {
+        assert!(seen.iter().any(|c| c == want), "{want} in {seen:?}");
+    }
+    assert!(!seen.iter().any(|c| c.contains("6.6.6")), "{seen:?}");
+}
+
+#[test]
+fn a_dual_stack_proxy_listener_trusts_ipv4_balancers() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"lb\"\nbind = \"[::]:0\"\nproxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.1\"]\n\
+         [upstream]\naddress = \"{}\"\n[audit]\nenabled = true\ndir = {:?}\n",
+        up.local_addr(),
+        audit.path()
+    ));
+    let to = SocketAddr::new(ip("127.0.0.1"), p.addr.port());
+    // The balancer arrives as ::ffff:127.0.0.1: trusted.
+    let mut c = behind(to, &v2("192.0.2.31:1", "198.51.100.1:110"));
+    assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // Anyone else (::ffff:127.0.0.9) is closed, header or not.
+    let mut s = connect_from(ip("127.0.0.9"), to);
+    let _ = s.write_all(&v2("192.0.2.32:1", "198.51.100.1:110"));
+    assert_eq!(closed(s), b"");
+    assert_eq!(up.connections(), 1);
+    wait_until("session audited", || !clients(audit.path()).is_empty());
+    let open = audit_events(audit.path())
+        .into_iter()
+        .find(|e| e["event"] == "session_open")
+        .unwrap();
+    assert_eq!(open["client"], "192.0.2.31:1");
+    let proxy: SocketAddr = open["proxy"].as_str().unwrap().parse().unwrap();
+    assert_eq!(proxy.ip().to_canonical(), ip("127.0.0.1"), "{open}");
+}
+
+#[test]
+fn silent_balancer_connections_hold_no_more_than_max_sessions_and_never_stall_accept() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let p = balanced(
+        &h,
+        up.local_addr(),
+        "proxy_timeout = \"20s\"",
+        audit.path(),
+        "[limits]\nmax_sessions = 3\n",
+    );
+    // Two connections from the trusted balancer that never send their header (one sends half).
+    let silent = connect_from(ip("127.0.0.1"), p.addr);
+    let mut half = connect_from(ip("127.0.0.1"), p.addr);
+    half.write_all(&v2("192.0.2.41:1", "198.51.100.1:110")[..10])
+        .unwrap();
+    // A good one is served at once: waiting headers do not block the accept loop.
+    let mut good = behind(p.addr, &v1("192.0.2.42:1", "198.51.100.1:110"));
+    assert!(good.greeting.starts_with("+OK"), "{}", good.greeting);
+    // The two waiting connections hold sessions: a fourth is over max_sessions.
+    let mut over = behind(p.addr, &v1("192.0.2.43:1", "198.51.100.1:110"));
+    assert_eq!(over.greeting, "-ERR [SYS/TEMP] too many connections");
+    assert!(over.read_to_end().is_empty());
+    assert!(good.cmd("QUIT").starts_with("+OK"));
+    drop((silent, half));
+    // Their slots come back when they go.
+    wait_until("slots freed", || {
+        let mut c = behind(p.addr, &v1("192.0.2.44:1", "198.51.100.1:110"));
+        c.greeting.starts_with("+OK") && c.cmd("QUIT").starts_with("+OK")
+    });
+}
+
+#[test]
+fn the_login_penalty_follows_the_headers_client_not_the_balancer() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let delay = Duration::from_millis(800);
+    let p = balanced(
+        &h,
+        up.local_addr(),
+        "",
+        audit.path(),
+        "[limits]\nlogin_fail_delay = \"800ms\"\nlogin_fail_delay_max = \"1600ms\"\n",
+    );
+    let fail = |c: &mut RawPop| {
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        let t = Instant::now();
+        let r = c.cmd("PASS wrong");
+        assert!(r.starts_with("-ERR"), "{r}");
+        t.elapsed()
+    };
+    let mut bad = behind(p.addr, &v1("192.0.2.51:1", "198.51.100.1:110"));
+    let took: Vec<Duration> = (0..3).map(|_| fail(&mut bad)).collect();
+    assert!(took[2] >= delay, "3rd failure of 192.0.2.51 after {took:?}");
+    // Another client behind the same balancer is not penalised.
+    let mut other = behind(p.addr, &v2("192.0.2.52:1", "198.51.100.1:110"));
+    let t = fail(&mut other);
+    assert!(t < delay, "first failure of 192.0.2.52 after {t:?}");
+}
+
+#[test]
+fn the_header_and_the_client_hello_in_one_segment_on_an_implicit_tls_listener() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost"]);
+    let audit = tempfile::tempdir().unwrap();
+    let p = balanced(
+        &h,
+        up.local_addr(),
+        "tls = \"implicit\"",
+        audit.path(),
+        &format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tls =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut first = v2("192.0.2.61:6100", "198.51.100.1:995");
+    tls.write_tls(&mut first).unwrap();
+    let mut tcp = connect_from(ip("127.0.0.1"), p.addr);
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(&first).unwrap();
+    let mut r = BufReader::new(rustls::StreamOwned::new(tls, tcp));
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    r.get_mut().write_all(b"QUIT\r\n").unwrap();
+    let mut bye = String::new();
+    r.read_line(&mut bye).unwrap();
+    assert!(bye.starts_with("+OK"), "{bye}");
+    wait_until("session audited", || !clients(audit.path()).is_empty());
+    assert_eq!(clients(audit.path())[0], "192.0.2.61:6100");
+}
