@@ -238,6 +238,62 @@ fn headers_of_every_shape_from_a_trusted_balancer() {
 }
 
 #[test]
+fn an_ipv4_mapped_client_is_the_same_client_as_its_ipv4_form() {
+    // A balancer on a dual-stack socket writes IPv4 clients as `TCP6 ::ffff:a.b.c.d`; another
+    // frontend (or HAProxy's own v4 bind) writes the same client as `TCP4 a.b.c.d`. One
+    // client, one per-IP count, one address in the audit trail.
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let p = balanced(
+        &h,
+        up.local_addr(),
+        "",
+        audit.path(),
+        "[limits]\nmax_sessions_per_ip = 1\n",
+    );
+    let mut first = behind(
+        p.addr,
+        &v1("[::ffff:192.0.2.7]:40000", "[::ffff:198.51.100.1]:110"),
+    );
+    assert!(first.greeting.starts_with("+OK"), "{}", first.greeting);
+    let again = behind(p.addr, &v2("192.0.2.7:40001", "198.51.100.1:110"));
+    assert_eq!(
+        again.greeting, "-ERR [SYS/TEMP] too many connections from your address",
+        "the same client in its IPv4 form"
+    );
+    assert!(first.cmd("QUIT").starts_with("+OK"));
+    drop(again);
+    wait_until("session audited", || !clients(audit.path()).is_empty());
+    assert_eq!(clients(audit.path())[0], "192.0.2.7:40000");
+}
+
+#[test]
+fn a_dual_stack_listener_counts_ipv4_clients_with_the_ipv4_listeners() {
+    // pop3 on 127.0.0.1, pop3s-like second listener on [::] (dual stack): a client from
+    // 127.0.0.5 is one client for max_sessions_per_ip, whichever listener it uses.
+    let h = Harness::new();
+    let up = demo(&h);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"v4\"\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"any\"\nbind = \"[::]:0\"\n\
+         [upstream]\naddress = \"{}\"\n[limits]\nmax_sessions_per_ip = 1\n",
+        up.local_addr()
+    ));
+    let dual = SocketAddr::new(ip("127.0.0.1"), p.addrs[1].port());
+    let mut first = RawPop::over(connect_from(ip("127.0.0.5"), p.addrs[0]));
+    first.greeting = first.line();
+    assert!(first.greeting.starts_with("+OK"), "{}", first.greeting);
+    let mut second = RawPop::over(connect_from(ip("127.0.0.5"), dual));
+    second.greeting = second.line();
+    assert_eq!(
+        second.greeting,
+        "-ERR [SYS/TEMP] too many connections from your address"
+    );
+    assert!(first.cmd("QUIT").starts_with("+OK"));
+}
+
+#[test]
 fn a_dual_stack_proxy_listener_trusts_ipv4_balancers() {
     let h = Harness::new();
     let up = demo(&h);
@@ -266,7 +322,7 @@ fn a_dual_stack_proxy_listener_trusts_ipv4_balancers() {
         .unwrap();
     assert_eq!(open["client"], "192.0.2.31:1");
     let proxy: SocketAddr = open["proxy"].as_str().unwrap().parse().unwrap();
-    assert_eq!(proxy.ip().to_canonical(), ip("127.0.0.1"), "{open}");
+    assert_eq!(proxy.ip(), ip("127.0.0.1"), "{open}");
 }
 
 #[test]
