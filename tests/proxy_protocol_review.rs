@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::TestPki;
 use common::clients::{RawPop, connect_from};
+use common::dovecot::{Dovecot, DovecotOpts, bob_msgs};
 use common::proxy::{Harness, ProxyHandle, mailbox};
 use common::{audit_events, wait_until};
 use popgate_demo::{DemoServer, ServerOptions};
@@ -427,4 +428,197 @@ fn the_header_and_the_client_hello_in_one_segment_on_an_implicit_tls_listener() 
     assert!(bye.starts_with("+OK"), "{bye}");
     wait_until("session audited", || !clients(audit.path()).is_empty());
     assert_eq!(clients(audit.path())[0], "192.0.2.61:6100");
+}
+
+/// A scripted upstream on 127.0.0.1 for XCLIENT edge cases (a real Dovecot cannot be made to
+/// split its greeting or refuse a well-formed XCLIENT): for each accepted connection in turn,
+/// `script` gets the stream and returns the lines it read. Runs in a thread; the lines of all
+/// connections come back through the handle.
+fn scripted(
+    scripts: Vec<fn(&mut TcpStream) -> Vec<String>>,
+) -> (SocketAddr, std::thread::JoinHandle<Vec<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        scripts
+            .into_iter()
+            .map(|script| {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                script(&mut s)
+            })
+            .collect()
+    });
+    (addr, t)
+}
+
+/// Every line until the peer closes.
+fn lines_until_eof(s: &mut TcpStream) -> Vec<String> {
+    BufReader::new(s).lines().map_while(Result::ok).collect()
+}
+
+#[test]
+fn xclient_upstream_edge_cases_split_greeting_refusal_and_close() {
+    let (up, server) = scripted(vec![
+        // The greeting in three writes; XCLIENT accepted; then a normal session.
+        |s| {
+            for part in [&b"+OK [XCL"[..], b"IENT] fake", b" ready.\r\n"] {
+                s.write_all(part).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut got = Vec::new();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 {
+                got.push(line.trim_end().to_owned());
+                let reply: &[u8] = if line.starts_with("QUIT") {
+                    b"+OK bye\r\n"
+                } else {
+                    b"+OK\r\n"
+                };
+                s.write_all(reply).unwrap();
+                if line.starts_with("QUIT") {
+                    break;
+                }
+                line.clear();
+            }
+            got
+        },
+        // XCLIENT refused.
+        |s| {
+            s.write_all(b"+OK [XCLIENT] fake ready.\r\n").unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            s.write_all(b"-ERR not now\r\n").unwrap();
+            let mut got = vec![line.trim_end().to_owned()];
+            got.extend(lines_until_eof(s));
+            got
+        },
+        // The server closes instead of answering XCLIENT.
+        |s| {
+            s.write_all(b"+OK [XCLIENT] fake ready.\r\n").unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            vec![line.trim_end().to_owned()]
+        },
+    ]);
+    let h = Harness::new();
+    let p = h.proxy(
+        up,
+        "forward_client = \"xclient\"\n[limits]\nunknown_commands = \"single-line\"\n",
+    );
+    let mut c = RawPop::over(connect_from(ip("127.0.0.5"), p.addr));
+    assert_eq!(c.line(), "+OK fake ready.");
+    assert_eq!(
+        c.cmd("XCLIENT ADDR=192.0.2.66"),
+        "-ERR XCLIENT is not allowed"
+    );
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    for _ in 0..2 {
+        let mut c = RawPop::over(connect_from(ip("127.0.0.5"), p.addr));
+        let refused = c.line();
+        assert!(refused.starts_with("-ERR [SYS/TEMP]"), "{refused}");
+        assert!(c.read_to_end().is_empty());
+    }
+    drop(p);
+    let seen = server.join().unwrap();
+    let xclient = |l: &String| {
+        l.starts_with("XCLIENT ADDR=127.0.0.5 PORT=")
+            && l.contains(" SESSION=popgate-")
+            && l.ends_with(" TTL=4")
+    };
+    // Only popgate's own XCLIENT, then the client's QUIT; never a QUIT of popgate's own.
+    assert_eq!(seen[0].len(), 2, "{seen:?}");
+    assert!(xclient(&seen[0][0]) && seen[0][1] == "QUIT", "{seen:?}");
+    for refused in &seen[1..] {
+        assert_eq!(refused.len(), 1, "{seen:?}");
+        assert!(xclient(&refused[0]), "{seen:?}");
+    }
+}
+
+/// Dovecot's `Login:` lines' `rip=`, in order.
+fn login_rips(dv: &Dovecot) -> Vec<String> {
+    dv.log()
+        .lines()
+        .filter(|l| l.contains("Login: user=<"))
+        .filter_map(|l| l.split("rip=").nth(1))
+        .map(|r| r.split(',').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
+    // Dovecot trusts popgate (login_trusted_networks, haproxy_trusted_networks): any XCLIENT
+    // reaching it from popgate would be believed. popgate forwards unknown commands here
+    // (single-line), in every forward mode, and every attempt comes pipelined in one write with
+    // a real login after it.
+    let dv = Dovecot::start(
+        DovecotOpts {
+            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
+            haproxy_listener: true,
+            ..DovecotOpts::default()
+        }
+        .user(USER, "bob-pass", bob_msgs()),
+    );
+    let h = Harness::new();
+    let spoof = "192.0.2.66";
+    let attempts: &[&[u8]] = &[
+        b"CAPA\r\nXCLIENT ADDR=192.0.2.66 PORT=1\r\n",
+        b"XCLIENT ADDR=192.0.2.66\n",
+        b"\tXcLiEnT ADDR=192.0.2.66\r\n",
+        b"XCLIENT\0 ADDR=192.0.2.66\r\n",
+        b"NOOP\nXCLIENT ADDR=192.0.2.66\r\n",
+        // Unknown mechanism: refused by popgate; the next line is not a command.
+        b"AUTH BOGUS\r\nXCLIENT ADDR=192.0.2.66\r\n",
+        // Inside a SASL exchange the line is an answer (Dovecot refuses it as base64).
+        b"AUTH PLAIN\r\nXCLIENT ADDR=192.0.2.66\r\n",
+        // After a cancelled exchange.
+        b"AUTH PLAIN\r\n*\r\nXCLIENT ADDR=192.0.2.66\r\n",
+        b"USER bob\r\nXCLIENT ADDR=192.0.2.66\r\n",
+        // A second PROXY header is a POP3 line: Dovecot's haproxy listener reads only the first.
+        b"PROXY TCP4 192.0.2.66 127.0.0.1 1 110\r\n",
+    ];
+    let modes = [
+        ("none", dv.pop3, "127.0.0.1"),
+        ("xclient", dv.pop3, "127.0.0.5"),
+        ("proxy-v1", dv.pop3_haproxy.unwrap(), "127.0.0.5"),
+        ("proxy-v2", dv.pop3_haproxy.unwrap(), "127.0.0.5"),
+    ];
+    for (mode, upstream, rip) in modes {
+        let p = h.proxy(
+            upstream,
+            &format!(
+                "forward_client = \"{mode}\"\n[limits]\nunknown_commands = \"single-line\"\n\
+                 login_fail_delay = \"0s\"\n"
+            ),
+        );
+        let before = login_rips(&dv).len();
+        for attempt in attempts {
+            let mut c = RawPop::over(connect_from(ip("127.0.0.5"), p.addr));
+            let greeting = c.line();
+            assert!(
+                greeting.starts_with("+OK") && !greeting.contains("XCLIENT"),
+                "{greeting}"
+            );
+            c.send_raw(attempt);
+            // Then a real login, and the maildrop is left as it was.
+            c.send_raw(b"USER bob\r\nPASS bob-pass\r\nCAPA\r\nQUIT\r\n");
+            let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
+            // Not in either CAPA list.
+            assert!(!rest.lines().any(|l| l.starts_with("XCLIENT")), "{rest}");
+            assert!(rest.contains("-ERR"), "{attempt:?}: {rest}");
+            assert!(
+                rest.trim_end().ends_with("+OK Logging out."),
+                "{attempt:?}: {rest}"
+            );
+        }
+        wait_until("Dovecot logged the logins", || {
+            login_rips(&dv).len() >= before + attempts.len()
+        });
+        let rips = login_rips(&dv);
+        assert!(rips[before..].iter().all(|r| r == rip), "{mode}: {rips:?}");
+    }
+    assert!(!dv.log().contains(spoof), "{}", dv.log());
 }
