@@ -622,3 +622,33 @@ fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
     }
     assert!(!dv.log().contains(spoof), "{}", dv.log());
 }
+
+#[test]
+fn a_balancer_that_hangs_up_after_the_header_costs_the_upstream_no_quit() {
+    // HAProxy health checks (`check` with send-proxy-v2) send a LOCAL header and close; a
+    // client may close right after its first command. popgate never QUITs for them.
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let p = balanced(&h, up.local_addr(), "", audit.path(), "");
+    let mut first_command = v1("192.0.2.71:1", "198.51.100.1:110");
+    first_command.extend_from_slice(format!("USER {USER}\r\nPASS {PASS}\r\n").as_bytes());
+    for bytes in [
+        v2_raw(0x20, 0x00, b""),
+        v2("192.0.2.72:1", "198.51.100.1:110"),
+        first_command,
+    ] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = closed(s);
+    }
+    wait_until("sessions closed", || {
+        audit_events(audit.path())
+            .iter()
+            .filter(|e| e["event"] == "session_close")
+            .count()
+            == 3
+    });
+    assert_eq!(up.quit_count(), 0, "{:?}", received(&up));
+}
