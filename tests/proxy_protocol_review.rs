@@ -652,3 +652,41 @@ fn a_balancer_that_hangs_up_after_the_header_costs_the_upstream_no_quit() {
     });
     assert_eq!(up.quit_count(), 0, "{:?}", received(&up));
 }
+
+#[test]
+fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
+    let dv = Dovecot::start(
+        DovecotOpts {
+            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
+            haproxy_listener: true,
+            ..DovecotOpts::default()
+        }
+        .user(USER, "bob-pass", bob_msgs()),
+    );
+    let h = Harness::new();
+    let modes = [
+        ("xclient", dv.pop3, "2001:db8::7"),
+        ("proxy-v1", dv.pop3_haproxy.unwrap(), "2001:db8::8"),
+        ("proxy-v2", dv.pop3_haproxy.unwrap(), "2001:db8::9"),
+    ];
+    for (mode, upstream, client) in modes {
+        let p = h.proxy_toml(&format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n\
+             trusted_proxies = [\"127.0.0.1\"]\n\
+             [upstream]\naddress = \"{upstream}\"\nforward_client = \"{mode}\"\n"
+        ));
+        let before = login_rips(&dv).len();
+        let mut c = behind(
+            p.addr,
+            &v2(&format!("[{client}]:40000"), "[2001:db8::1]:110"),
+        );
+        assert!(c.greeting.starts_with("+OK"), "{mode}: {}", c.greeting);
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        assert!(c.cmd("PASS bob-pass").starts_with("+OK"), "{mode}");
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+        wait_until("Dovecot logged the login", || {
+            login_rips(&dv).len() > before
+        });
+        assert_eq!(login_rips(&dv)[before], client, "{mode}: {}", dv.log());
+    }
+}
