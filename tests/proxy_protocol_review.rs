@@ -690,3 +690,28 @@ fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
         assert_eq!(login_rips(&dv)[before], client, "{mode}: {}", dv.log());
     }
 }
+
+#[test]
+fn shutdown_does_not_wait_for_a_header_that_is_not_coming() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let mut p = balanced(
+        &h,
+        up.local_addr(),
+        "proxy_timeout = \"60s\"",
+        audit.path(),
+        "",
+    );
+    let silent = connect_from(ip("127.0.0.1"), p.addr);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    p.shutdown(&h);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for a PROXY header",
+        started.elapsed()
+    );
+    assert_eq!(closed(silent), b"");
+    assert_eq!(up.connections(), 0);
+}
