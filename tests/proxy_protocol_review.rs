@@ -715,3 +715,46 @@ fn shutdown_does_not_wait_for_a_header_that_is_not_coming() {
     assert_eq!(closed(silent), b"");
     assert_eq!(up.connections(), 0);
 }
+
+#[test]
+fn transcript_networks_and_file_names_use_the_headers_client() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let audit = tempfile::tempdir().unwrap();
+    let transcripts = tempfile::tempdir().unwrap();
+    let p = balanced(
+        &h,
+        up.local_addr(),
+        "",
+        audit.path(),
+        &format!(
+            "[audit.transcript]\ndir = {:?}\nnetworks = [\"192.0.2.0/24\"]\n",
+            transcripts.path()
+        ),
+    );
+    for client in ["192.0.2.81:4081", "198.51.100.9:4082"] {
+        let mut c = behind(p.addr, &v1(client, "198.51.100.1:110"));
+        assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+    }
+    wait_until("both sessions closed", || {
+        audit_events(audit.path())
+            .iter()
+            .filter(|e| e["event"] == "session_close")
+            .count()
+            == 2
+    });
+    drop(p);
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(transcripts.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.contains("-192.0.2.81-4081"), "{name}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(
+        text.contains("192.0.2.81:4081") && text.contains("via proxy 127.0.0.1:"),
+        "{text}"
+    );
+}
