@@ -17,6 +17,17 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Packaging helpers: print and leave, no runtime needed.
+    match &cli.command {
+        CliCommand::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "popgate", &mut std::io::stdout());
+            return Ok(());
+        }
+        CliCommand::Man { dir } => return write_man(dir.as_deref()),
+        _ => {}
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         CliCommand::Check { config } => {
@@ -68,6 +79,7 @@ fn main() -> Result<()> {
             print!("{out}");
             Ok(())
         }
+        CliCommand::Completions { .. } | CliCommand::Man { .. } => Ok(()),
         CliCommand::Demo { bind, tls_bind } => {
             let log = LogConfig {
                 level: cli.log_level.unwrap_or_else(|| "info".into()),
@@ -78,6 +90,24 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// popgate(1) to stdout, or popgate.1 plus popgate-SUBCOMMAND.1 (which popgate.1 refers to)
+/// into `dir`.
+fn write_man(dir: Option<&Path>) -> Result<()> {
+    use clap::CommandFactory as _;
+    // The man page's VERSION section is one paragraph: the build facts on one line. No `help`
+    // subcommand there (`generate_to` drops it too), so popgate.1 names only real pages.
+    let cmd = Cli::command()
+        .long_version(popgate::cli::VERSION_LINE)
+        .disable_help_subcommand(true);
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing to {}", dir.display()))?;
+    Ok(())
 }
 
 /// Stderr or rotated files, text or JSON. The guard flushes the non-blocking writer at exit.
