@@ -490,3 +490,38 @@ fn cargo_deb_recipe_names_existing_files() {
     let postinst = std::fs::read_to_string(scripts.join("postinst")).unwrap();
     assert!(postinst.contains("adduser --system"), "{postinst}");
 }
+
+/// What the package installs works as installed: the example config (/etc/popgate/popgate.toml)
+/// with the shipped rules next to it and the certificate contrib/make-cert.sh makes (postinst
+/// runs it) passes `popgate check`, and the key is not world-readable.
+#[test]
+fn packaged_config_passes_check_with_the_generated_certificate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(_) = tool(
+        "openssl",
+        "packaged_config_passes_check_with_the_generated_certificate",
+    ) else {
+        return;
+    };
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::copy(repo().join("popgate.toml"), etc.path().join("popgate.toml")).unwrap();
+    std::fs::create_dir(etc.path().join("rules")).unwrap();
+    for f in std::fs::read_dir(repo().join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, etc.path().join("rules").join(f.file_name().unwrap())).unwrap();
+    }
+    let out = run_bounded(
+        Command::new("sh")
+            .arg(repo().join("contrib/make-cert.sh"))
+            .arg(etc.path().join("certs")),
+        None,
+        LIMIT,
+    );
+    assert!(out.status.success(), "make-cert.sh: {}", text(&out.stderr));
+    let key = etc.path().join("certs/localhost.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o007, 0, "key mode {mode:o}");
+    let config = etc.path().join("popgate.toml");
+    let out = popgate(&["check", "--config", config.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("OK"), "{}", text(&out.stdout));
+}
