@@ -242,8 +242,15 @@ impl Proxy {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let (shared, shutdown) = (shared.clone(), rx2.clone());
                 tasks.spawn(async move {
-                    // Behind a balancer: the real client, from its PROXY header, or nothing.
-                    if !a.proxied(&shared.limiter).await {
+                    // Behind a balancer: the real client, from its PROXY header, or nothing;
+                    // at shutdown a header still awaited is not waited for.
+                    let mut stop = shutdown.clone();
+                    let proxied = tokio::select! {
+                        biased;
+                        ok = a.proxied(&shared.limiter) => ok,
+                        _ = stop.changed() => false,
+                    };
+                    if !proxied {
                         return;
                     }
                     let info = session::SessionInfo {

@@ -91,14 +91,16 @@ impl Collector for Polled {
         )?)?;
         let mut refused = encoder.encode_descriptor(
             "popgate_sessions_refused",
-            "Connections refused by limits.max_sessions_per_ip (per_ip) or limits.max_sessions \
-             (max_sessions).",
+            "Connections refused by limits.max_sessions_per_ip (per_ip), limits.max_sessions \
+             (max_sessions), or on a proxy_protocol listener (proxy_header: untrusted peer, \
+             missing, malformed or late header).",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
         for (reason, n) in [
             ("per_ip", c.per_ip_refused.load(Relaxed)),
             ("max_sessions", c.full_refused.load(Relaxed)),
+            ("proxy_header", c.proxy_refused.load(Relaxed)),
         ] {
             ConstCounter::new(n).encode(refused.encode_family(&[("reason", reason)])?)?;
         }

@@ -519,14 +519,16 @@ impl Hop {
             line = %crate::pop3::printable(&sin[at..at + len]).trim_end(),
             "response"
         );
-        let (rewritten, mut delay, drop, response_tags) =
-            self.response_rules(meta, &sin[at..at + len]);
         // A Dovecot that trusts popgate offers XCLIENT in its greeting; clients never see it.
-        let rewritten = match rewritten {
-            Some(r) if meta.verb.is_none() => Some(capa::hide_xclient(&r).unwrap_or(r)),
-            None if meta.verb.is_none() => capa::hide_xclient(&sin[at..at + len]),
-            r => r,
-        };
+        // Hidden before the rules: a greeting rewrite could move it out of its place.
+        let hidden = meta
+            .verb
+            .is_none()
+            .then(|| capa::hide_xclient(&sin[at..at + len]))
+            .flatten();
+        let (rewritten, mut delay, drop, response_tags) =
+            self.response_rules(meta, hidden.as_deref().unwrap_or(&sin[at..at + len]));
+        let rewritten = rewritten.or(hidden);
         // The event tags of the command this answers (its final answer) and of the response.
         let mut tags = match meta.verb {
             Some(_) if meta.status != crate::pop3::response::Status::Continue => {

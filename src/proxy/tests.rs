@@ -586,3 +586,18 @@ action = "drop"
     assert_eq!(names(&t.dropped), ["no-rset"]);
     assert!(hop.take_rule_tally().is_empty());
 }
+
+#[test]
+fn a_greeting_rewrite_cannot_carry_xclient_to_the_client() {
+    // Rules see the greeting without the marker: a rewrite that moves it out of its place
+    // (here behind a prefix) cannot show it to the client.
+    let rule = "[[rule]]\nname = \"welcome\"\non = \"greeting\"\naction = \"rewrite\"\n\
+                replace = '^\\+OK (.*)$'\nwith = '+OK Welcome: ${1}'\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), rule),
+        b"",
+        &[b"+OK [XCLIENT] Dovecot ready. <1.2@h>\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.client), "+OK Welcome: Dovecot ready. <1.2@h>\r\n");
+}
