@@ -19,6 +19,9 @@ pub struct Sample {
     pub rss_kib: u64,
     /// VmHWM (peak RSS) summed over the tree, KiB.
     pub hwm_kib: u64,
+    /// Proportional set size (`Pss` of smaps_rollup) summed over the tree, KiB: pages shared by
+    /// n processes count 1/n in each, so a process-per-connection server is not overcounted.
+    pub pss_kib: u64,
     /// Processes in the tree.
     pub procs: usize,
 }
@@ -98,6 +101,9 @@ pub fn sample(pid: u32) -> Option<Sample> {
             s.rss_kib += status_kib(&st, "VmRSS").unwrap_or(0);
             s.hwm_kib += status_kib(&st, "VmHWM").unwrap_or(0);
         }
+        if let Some(rollup) = read(p, "smaps_rollup") {
+            s.pss_kib += status_kib(&rollup, "Pss").unwrap_or(0);
+        }
         s.procs += 1;
     }
     Some(s)
@@ -105,7 +111,8 @@ pub fn sample(pid: u32) -> Option<Sample> {
 
 /// A sample as JSON.
 pub fn to_json(s: &Sample) -> Value {
-    json!({"cpu_s": s.cpu_s, "rss_kib": s.rss_kib, "hwm_kib": s.hwm_kib, "procs": s.procs})
+    json!({"cpu_s": s.cpu_s, "rss_kib": s.rss_kib, "hwm_kib": s.hwm_kib, "pss_kib": s.pss_kib,
+           "procs": s.procs})
 }
 
 #[cfg(test)]
@@ -125,11 +132,13 @@ mod tests {
         assert_eq!(status_kib(st, "VmRSS"), Some(12000));
         assert_eq!(status_kib(st, "VmHWM"), Some(48200));
         assert_eq!(status_kib(st, "VmSwap"), None);
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0  [rollup]\nRss:  9000 kB\nPss:  7000 kB\n";
+        assert_eq!(status_kib(rollup, "Pss"), Some(7000));
     }
 
     #[test]
     fn own_process_is_sampled() {
         let s = sample(std::process::id());
-        assert!(s.is_some_and(|s| s.rss_kib > 0 && s.procs >= 1));
+        assert!(s.is_some_and(|s| s.rss_kib > 0 && s.pss_kib > 0 && s.procs >= 1));
     }
 }

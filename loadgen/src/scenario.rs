@@ -254,9 +254,10 @@ async fn idle(plan: &Arc<Plan>) -> (Stats, Value) {
     let mut held: Vec<Session> = Vec::with_capacity(plan.sessions);
     let mut points = Vec::new();
     let point = |n: usize| {
-        plan.pid
-            .and_then(procfs::sample)
-            .map(|s| json!({"sessions": n, "rss_kib": s.rss_kib, "cpu_s": s.cpu_s}))
+        plan.pid.and_then(procfs::sample).map(|s| {
+            json!({"sessions": n, "rss_kib": s.rss_kib, "pss_kib": s.pss_kib,
+                            "procs": s.procs, "cpu_s": s.cpu_s})
+        })
     };
     points.extend(point(0));
     let steps = 4;
@@ -301,7 +302,8 @@ async fn idle(plan: &Arc<Plan>) -> (Stats, Value) {
     }
     tokio::time::sleep(plan.settle).await;
     let after_close = point(0);
-    let rss = |v: &Option<Value>| v.as_ref().and_then(|v| v["rss_kib"].as_f64());
+    // PSS, not RSS: equal for one process, and not overcounted for a process per session.
+    let rss = |v: &Option<Value>| v.as_ref().and_then(|v| v["pss_kib"].as_f64());
     let first = points.first().cloned();
     let last = points.last().cloned();
     let slope = match (rss(&first), rss(&last), last.as_ref()) {
