@@ -116,6 +116,7 @@ fn every_scenario_through_popgate() {
     let ca = certs().join("dev-ca.crt");
     let ca = ca.to_str().expect("utf-8 path");
 
+    let mut reports = Vec::new();
     // cycle, closed loop: 50 sessions from 4 source addresses.
     let r = run(&[
         "cycle",
@@ -135,6 +136,7 @@ fn every_scenario_through_popgate() {
     assert!(r["counts"]["bytes"].as_u64() > Some(50 * 100));
     assert!(r["proc"]["per_unit"]["cpu_ms_per_1000_sessions"].is_number());
     assert!(r["proc"]["after"]["rss_kib"].as_u64() > Some(0));
+    reports.push(r);
 
     // cycle, open loop over STLS.
     let r = run(&[
@@ -171,6 +173,7 @@ fn every_scenario_through_popgate() {
     assert_eq!(r["counts"]["sessions"], 20);
     assert_eq!(r["idle"]["points"].as_array().map(Vec::len), Some(5));
     assert!(r["idle"]["rss_kib_per_session"].is_number());
+    reports.push(r);
 
     // handshake with and without resumption (whether the proxy resumes is its business).
     let r = run(&[
@@ -198,6 +201,48 @@ fn every_scenario_through_popgate() {
         "--no-resume",
     ]);
     assert_eq!(r["counts"]["resumed"], 0);
+    documented_keys_exist(&reports);
+}
+
+fn keys(v: &Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                out.insert(k.clone());
+                keys(v, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+        _ => {}
+    }
+}
+
+/// Every key benches/README.md names in its description of the report is in a real report.
+fn documented_keys_exist(reports: &[Value]) {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/README.md"))
+            .expect("benches/README.md");
+    let start = readme.find("\n- Output:").expect("an Output bullet");
+    let rest = &readme[start + 1..];
+    let end = rest[1..].find("\n- ").map_or(rest.len(), |e| e + 1);
+    let documented: Vec<&str> = rest[..end]
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .collect();
+    assert!(documented.len() > 20, "{documented:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    reports.iter().for_each(|r| keys(r, &mut seen));
+    let missing: Vec<&&str> = documented.iter().filter(|k| !seen.contains(**k)).collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not in the report: {missing:?}"
+    );
 }
 
 #[test]
