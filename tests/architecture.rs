@@ -21,6 +21,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "session",
         &["proxy", "net", "audit", "pop3", "rules", "config", "limits"],
     ),
+    // What `check` and every reload verify; loads what a config names.
+    ("check", &["config", "net", "rules", "audit"]),
+    // The PID file and `popgate reload`'s signal: nothing of popgate's.
+    ("pidfile", &[]),
+    // The crate root's run loop, split out of lib.rs: the snapshot sessions start with, the
+    // accept loops, reload and drain. Like the root it starts sessions.
+    (
+        "runtime",
+        &["check", "config", "audit", "limits", "net", "session"],
+    ),
     // The crate root and the CLI are the edge: they may use everything.
     ("lib", &["*"]),
     ("cli", &["*"]),
