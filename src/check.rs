@@ -98,10 +98,16 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     })
 }
 
-/// The config as TOML with every default filled in (`popgate check --print`); it loads back
-/// to the same config.
+/// The config as TOML with every default filled in (`popgate check --print`), paths and rule
+/// patterns relative to the config's directory joined to it; it loads back to the same config.
 pub fn effective_toml(config: &Config) -> Result<String, String> {
-    toml::to_string(config).map_err(|e| e.to_string())
+    let mut c = config.clone();
+    for pattern in &mut c.rules {
+        if Path::new(pattern).is_relative() {
+            *pattern = c.base_dir.join(&*pattern).to_string_lossy().into_owned();
+        }
+    }
+    toml::to_string(&c).map_err(|e| e.to_string())
 }
 
 /// A certificate file the config names: its config key, the file, and its key file (with
@@ -237,4 +243,92 @@ fn check_trace_rules(config: &Config, rules: &RuleSet) -> Result<(), StartError>
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` valid until 2030-01-01, and its key, written
+    /// to `dir` as `name.crt` / `name.key`.
+    fn cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n{extra}"
+        );
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn at(date: &str) -> SystemTime {
+        humantime::parse_rfc3339(date).unwrap()
+    }
+
+    #[test]
+    fn certificate_dates_and_keys_name_the_config_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = cert(dir.path(), "one");
+        let (c2, k2) = cert(dir.path(), "two");
+        let good = config(&format!(
+            "[tls]\ncert = {c1:?}\nkey = {k1:?}\n\
+             [[tls.certificate]]\nserver_names = [\"x\"]\ncert = {c2:?}\nkey = {k2:?}\n"
+        ));
+        let p = Path::new("t.toml");
+        let mut w = Vec::new();
+        certificates(&good, p, at("2029-01-01T00:00:00Z"), &mut w).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        // Within 30 days of the end: a warning for each, naming the key.
+        certificates(&good, p, at("2029-12-22T00:00:00Z"), &mut w).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("`tls.cert`") && w[0].contains("2030-01-01"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("`tls.certificate[0].cert`"), "{w:?}");
+        assert!(w[0].contains("in 10 days"), "{w:?}");
+        // Past the end: an error.
+        let e = certificates(&good, p, at("2030-01-02T00:00:00Z"), &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `tls.cert`") && e.contains("expired"), "{e}");
+        // A key of another certificate: the key's config key is named.
+        let mixed = config(&format!(
+            "[tls]\ncert = {c1:?}\nkey = {k1:?}\n\
+             [[tls.certificate]]\nserver_names = [\"x\"]\ncert = {c2:?}\nkey = {k1:?}\n"
+        ));
+        let e = certificates(&mixed, p, at("2029-01-01T00:00:00Z"), &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `tls.certificate[0].key`"), "{e}");
+        assert!(e.contains("tls.certificate[0].cert"), "{e}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_with_defaults() {
+        let c = config("[limits]\nmax_sessions = 7\n");
+        let text = effective_toml(&c).unwrap();
+        assert!(text.contains("max_sessions = 7"), "{text}");
+        assert!(
+            text.contains("idle_timeout = \"10m\""),
+            "defaults filled in: {text}"
+        );
+        assert!(text.contains("shutdown_grace = \"30s\""), "{text}");
+        let back = Config::parse(&text, Path::new("printed.toml")).unwrap();
+        back.validate(Path::new("printed.toml")).unwrap();
+        assert_eq!(effective_toml(&back).unwrap(), text);
+    }
 }

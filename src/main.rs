@@ -28,12 +28,25 @@ fn main() -> Result<()> {
             }
             // The same checks as a start and a reload: directories, certificates and keys,
             // rule files.
-            let checked = popgate::check(c, &config)?;
+            let checked = match popgate::check(c, &config) {
+                Ok(c) => c,
+                // Config errors name the file already; the others name only the file they
+                // are about.
+                Err(e @ popgate::StartError::Config(_)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("{}: loading referenced files", config.display())));
+                }
+            };
             for w in &checked.warnings {
                 eprintln!("warning: {w}");
             }
             let c = checked.config;
             if print {
+                println!(
+                    "# {}: the effective configuration, defaults filled in",
+                    config.display()
+                );
                 print!(
                     "{}",
                     popgate::effective_toml(&c).map_err(anyhow::Error::msg)?
