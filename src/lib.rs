@@ -50,23 +50,6 @@ pub fn check(config: Config, path: &Path) -> Result<Checked, StartError> {
     })
 }
 
-/// Raise the soft limit on open files to the hard limit, log it, and warn when
-/// `max_sessions` sessions (two sockets each, plus headroom) would not fit.
-fn raise_fd_limit(max_sessions: usize) {
-    let needed = limits::fds_needed(max_sessions);
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(nofile) if nofile < needed => tracing::warn!(
-            nofile,
-            needed,
-            max_sessions,
-            "open file limit too low for limits.max_sessions (2 per session): raise the hard \
-             limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_sessions"
-        ),
-        Ok(nofile) => tracing::info!(nofile, needed, "open file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
-    }
-}
-
 /// A proxy with its listeners bound.
 #[derive(Debug)]
 pub struct Proxy {
@@ -144,7 +127,7 @@ impl Proxy {
     /// for up to `shutdown_grace`, close the rest (without QUIT upstream) and flush the audit
     /// trail.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        raise_fd_limit(self.runtime.current().config.limits.max_sessions);
+        runtime::raise_fd_limit(self.runtime.current().config.limits.max_sessions);
         self.runtime.run(self.listeners, shutdown).await;
     }
 }

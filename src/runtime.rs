@@ -66,6 +66,23 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Raise the soft limit on open files to the hard limit, log it, and warn when
+/// `max_sessions` sessions (two sockets each, plus headroom) would not fit.
+pub(crate) fn raise_fd_limit(max_sessions: usize) {
+    let needed = crate::limits::fds_needed(max_sessions);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(nofile) if nofile < needed => tracing::warn!(
+            nofile,
+            needed,
+            max_sessions,
+            "open file limit too low for limits.max_sessions (2 per session): raise the hard \
+             limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_sessions"
+        ),
+        Ok(nofile) => tracing::info!(nofile, needed, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -281,8 +298,13 @@ impl Runtime {
             }
         }
 
-        // The audit writer: a new one when `[audit]` changed.
-        let new_audit = if new_cfg.audit != old_cfg.audit {
+        // The audit writer: a new one when `[audit]` changed (transcripts are opened per
+        // session from the snapshot's config, the writer does not need them).
+        let writer_cfg = |a: &crate::audit::AuditConfig| crate::audit::AuditConfig {
+            transcript: Default::default(),
+            ..a.clone()
+        };
+        let new_audit = if writer_cfg(&new_cfg.audit) != writer_cfg(&old_cfg.audit) {
             Some(AuditSink::start(&new_cfg.audit)?)
         } else {
             None
@@ -300,6 +322,9 @@ impl Runtime {
             tracing::warn!("{w}");
         }
         old.limiter.update(&new_cfg.limits);
+        if new_cfg.limits.max_sessions > old_cfg.limits.max_sessions {
+            raise_fd_limit(new_cfg.limits.max_sessions);
+        }
         let sink = match new_audit {
             Some((sink, guard)) => {
                 let mut audit = lock(&self.audit);
