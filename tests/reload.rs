@@ -167,6 +167,27 @@ fn sighup_rebinds_and_renames_listeners() {
     // Nothing changed: said so.
     p.hup();
     assert!(reload_line(&p, 3).contains("reloaded: nothing changed"));
+
+    // A new listener whose address is taken refuses the whole reload: the upstream change
+    // that came with it is not applied either.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    edit_config(&p, |t| {
+        t.replace(&a.local_addr().to_string(), "127.0.0.1:1")
+            + &format!("[[listener]]\nname = \"clash\"\nbind = \"{taken_addr}\"\n")
+    });
+    p.hup();
+    let line = reload_line(&p, 4);
+    assert!(
+        line.contains("reload failed, nothing changed") && line.contains("cannot bind"),
+        "{line}"
+    );
+    let mut c = RawPop::connect(moved);
+    assert!(
+        login(&mut c, "alice", "a").starts_with("+OK"),
+        "old upstream"
+    );
+    assert!(c.cmd("QUIT").starts_with("+OK"));
 }
 
 /// A new certificate and a broken rule file: the reload is refused whole, one log line says
@@ -270,7 +291,10 @@ fn pid_file_and_reload_command() {
     let pid = p.read("run/popgate.pid");
     assert_eq!(pid.trim(), p.child.id().to_string());
 
-    edit_config(&p, |t| t.replace("level = \"info\"", "level = \"debug\""));
+    // Log level and format change with the reload: the line saying so is already JSON.
+    edit_config(&p, |t| {
+        t.replace("level = \"info\"", "level = \"debug\"\nformat = \"json\"")
+    });
     let out = std::process::Command::new(popgate_bin())
         .args(["reload", "--config"])
         .arg(p.config_path())
@@ -281,7 +305,13 @@ fn pid_file_and_reload_command() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(reload_line(&p, 1).contains("log.level"));
+    let line = reload_line(&p, 1);
+    assert!(
+        line.contains("log.level") && line.contains("log.format"),
+        "{line}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(json["level"], "INFO");
 
     let out = std::process::Command::new(popgate_bin())
         .args(["reload", "--pid-file"])
