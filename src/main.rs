@@ -1,6 +1,7 @@
 //! The popgate binary: parse the CLI, set up logging, load config, run.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -30,20 +31,61 @@ fn main() -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        CliCommand::Check { config } => {
-            let c = Config::load(&config)?;
-            c.check_dirs(&config)?;
-            // Loads certificates and keys too, so unreadable or mismatched files show up here.
-            let c = popgate::prepare(c)
-                .with_context(|| format!("{}: loading referenced files", config.display()))?
-                .config
-                .clone();
-            println!(
-                "{}: OK ({} listener(s), upstream {})",
-                config.display(),
-                c.listeners.len(),
-                c.upstream.address
-            );
+        CliCommand::Check { config, print } => {
+            let mut c = Config::load(&config)?;
+            if let Some(level) = cli.log_level {
+                c.log.level = level;
+                c.validate(&config)?;
+            }
+            // The same checks as a start and a reload: directories, certificates and keys,
+            // rule files.
+            let checked = match popgate::check(c, &config) {
+                Ok(c) => c,
+                // Config errors name the file already; the others name only the file they
+                // are about.
+                Err(e @ popgate::StartError::Config(_)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("{}: loading referenced files", config.display())));
+                }
+            };
+            for w in &checked.warnings {
+                eprintln!("warning: {w}");
+            }
+            let c = checked.config;
+            if print {
+                println!(
+                    "# {}: the effective configuration, defaults filled in",
+                    config.display()
+                );
+                print!(
+                    "{}",
+                    popgate::effective_toml(&c).map_err(anyhow::Error::msg)?
+                );
+            } else {
+                println!(
+                    "{}: OK ({} listener(s), upstream {}{})",
+                    config.display(),
+                    c.listeners.len(),
+                    c.upstream.address,
+                    match checked.warnings.len() {
+                        0 => String::new(),
+                        n => format!(", {n} warning(s)"),
+                    }
+                );
+            }
+            Ok(())
+        }
+        CliCommand::Reload { pid_file, config } => {
+            let pid_file = match (pid_file, config) {
+                (Some(p), _) => p,
+                (None, Some(config)) => Config::load(&config)?
+                    .pid_file
+                    .with_context(|| format!("{}: no pid_file is set", config.display()))?,
+                (None, None) => anyhow::bail!("give --pid-file or --config"),
+            };
+            let pid = popgate::pidfile::signal_reload(&pid_file)?;
+            println!("sent SIGHUP to popgate (pid {pid}); the result is in its log");
             Ok(())
         }
         CliCommand::Run { config } => {
@@ -53,10 +95,18 @@ fn main() -> Result<()> {
                 c.validate(&config)?;
             }
             c.check_dirs(&config)?;
-            let _guard = init_logging(&c.log)?;
+            let (_guard, log_hook) = init_logging(&c.log)?;
+            let pid_path = c.pid_file.clone();
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind(c).await?;
-                spawn_reload_on_sighup(proxy.reloader(Some(config.clone())));
+                let proxy = popgate::Proxy::bind_file(c, &config).await?;
+                // Written once the listeners are bound; removed when dropped, at exit.
+                let _pid = pid_path
+                    .as_deref()
+                    .map(popgate::pidfile::PidFile::create)
+                    .transpose()?;
+                let reloader = proxy.reloader(Some(config.clone()));
+                reloader.set_log_hook(log_hook);
+                spawn_reload_on_sighup(reloader);
                 proxy.run(shutdown_signal()).await;
                 Ok(())
             })
@@ -97,7 +147,7 @@ fn main() -> Result<()> {
                 level: cli.log_level.unwrap_or_else(|| "info".into()),
                 ..LogConfig::default()
             };
-            let _guard = init_logging(&log)?;
+            let _logging = init_logging(&log)?;
             runtime.block_on(run_demo(bind, tls_bind))?;
             Ok(())
         }
@@ -122,10 +172,11 @@ fn write_man(dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Stderr or rotated files, text or JSON. The guard flushes the non-blocking writer at exit.
-fn init_logging(log: &LogConfig) -> Result<WorkerGuard> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
-        .with_context(|| format!("invalid log level {:?}", log.level))?;
+/// The log output of `[log]`: a format layer writing to stderr or rotated files.
+type FmtLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+fn fmt_layer(log: &LogConfig) -> Result<(FmtLayer, WorkerGuard)> {
+    use tracing_subscriber::Layer as _;
     let (writer, guard) = match &log.dir {
         Some(dir) => {
             let rotation = match log.rotation {
@@ -143,18 +194,54 @@ fn init_logging(log: &LogConfig) -> Result<WorkerGuard> {
         }
         None => tracing_appender::non_blocking(std::io::stderr()),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(log.dir.is_none());
-    match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(guard)
+    let layer = match log.format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    Ok((layer, guard))
 }
 
-/// SIGHUP reloads certificates; a broken new set keeps the old one and logs why.
+/// Stderr or rotated files, text or JSON. Returns the guard that flushes the non-blocking
+/// writer at exit, and the hook a reload calls with new `[log]` settings: level, format and
+/// destination are swapped through `tracing_subscriber::reload` handles.
+fn init_logging(log: &LogConfig) -> Result<(Arc<Mutex<WorkerGuard>>, popgate::LogHook)> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .with_context(|| format!("invalid log level {:?}", log.level))?;
+    let (layer, guard) = fmt_layer(log)?;
+    let (layer, layer_handle) = tracing_subscriber::reload::Layer::new(layer);
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
+        .init();
+    let guard = Arc::new(Mutex::new(guard));
+    let (hook_guard, current) = (guard.clone(), Mutex::new(log.clone()));
+    let hook = move |new: &LogConfig| -> Result<(), String> {
+        let mut current = current.lock().map_err(|e| e.to_string())?;
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(&new.level).map_err(|e| e.to_string())?;
+        let output_changed = new.format != current.format
+            || new.dir != current.dir
+            || new.rotation != current.rotation;
+        if output_changed {
+            let (layer, guard) = fmt_layer(new).map_err(|e| format!("{e:#}"))?;
+            layer_handle.reload(layer).map_err(|e| e.to_string())?;
+            // The old writer flushes as its guard drops.
+            *hook_guard.lock().map_err(|e| e.to_string())? = guard;
+        }
+        filter_handle.reload(filter).map_err(|e| e.to_string())?;
+        *current = new.clone();
+        Ok(())
+    };
+    Ok((guard, Box::new(hook)))
+}
+
+/// SIGHUP reloads the whole config; a config that fails the checks changes nothing.
 fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
     #[cfg(unix)]
     tokio::spawn(async move {
@@ -165,11 +252,9 @@ fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading");
-            if let Err(e) = reloader.reload() {
-                tracing::error!(
-                    error = %e,
-                    "reload failed; what failed to load (rules or certificates) stays as it was"
-                );
+            match reloader.reload().await {
+                Ok(line) => tracing::info!("{line}"),
+                Err(e) => tracing::error!("reload failed, nothing changed: {e}"),
             }
         }
     });
@@ -216,6 +301,8 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
     .await
     .context("starting the demo POP3 server")?;
     let dir = std::env::temp_dir().join(format!("popgate-demo-{}", std::process::id()));
+    // A short grace (shutdown_grace): Ctrl-C ends the demo within a second or two even with
+    // sessions open.
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     std::fs::create_dir_all(&dir).context("creating a temp dir for the demo files")?;
     let ca = dir.join("dev-ca.crt");
@@ -231,6 +318,7 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
     let text = format!(
         "# written by `popgate demo`; paths are relative to this file\n\
          rules = [\"require-tls.toml\"]\n\
+         shutdown_grace = \"1s\"\n\
          [[listener]]\nname = \"demo\"\nbind = \"{bind}\"\ntls = \"starttls\"\n\
          [[listener]]\nname = \"demo-tls\"\nbind = \"{tls_bind}\"\ntls = \"implicit\"\n\
          [upstream]\naddress = \"{}\"\n\

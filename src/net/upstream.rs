@@ -220,10 +220,17 @@ async fn send_xclient(
     max_line: usize,
 ) -> Result<(), String> {
     if !offers_xclient(greeting) {
-        warn!(
-            "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
-             (is popgate's address in its login_trusted_networks?): it sees popgate's address"
-        );
+        // A refusal greeting (-ERR) says nothing about XCLIENT; a missing offer is a setup
+        // mistake worth one warning, not one per session.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if greeting.starts_with(b"+OK") && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(
+                "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
+                 (is popgate's address in its login_trusted_networks?): it sees popgate's \
+                 address (warned once)"
+            );
+        }
         return Ok(());
     }
     let line = format!(

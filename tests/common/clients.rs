@@ -546,3 +546,23 @@ impl RawPop {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
     }
 }
+
+/// The `subject=` line of the certificate served at `addr` for SNI `servername` (openssl s_client).
+pub fn served_cert_subject(addr: SocketAddr, servername: &str, ca: &Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        servername,
+        "-CAfile",
+    ])
+    .arg(ca);
+    let out = run_bounded(&mut cmd, Some(b"QUIT\r\n"), Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no subject in {text}"))
+        .to_string()
+}
