@@ -391,3 +391,60 @@ fn sigterm_drains_within_the_grace_period() {
     assert!(log.contains("shutdown_grace over"), "{log}");
     wait_until("upstream released carol", || !up.is_locked("carol"));
 }
+
+/// Metrics live for the process: a reload keeps the counters, and `/health` follows the new
+/// listener set (a removed listener is not waited for, an added one is reported up).
+#[test]
+fn metrics_and_health_follow_a_reload() {
+    let h = Harness::new();
+    let a = upstream(&h, &[("alice", "a")]);
+    let (metrics_port, extra_port) = (free_port(), free_port());
+    let p = PopgateProcess::run(
+        a.local_addr(),
+        PopgateOpts::new()
+            .tables(&format!(
+                "[[listener]]\nname = \"extra\"\nbind = \"127.0.0.1:{extra_port}\"\n\
+                 [metrics]\nbind = \"127.0.0.1:{metrics_port}\"\n"
+            ))
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    let scrape = |path: &str| {
+        let out = common::clients::curl(&["-i", &format!("http://127.0.0.1:{metrics_port}{path}")]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut c = RawPop::connect(p.addr);
+    assert!(login(&mut c, "alice", "a").starts_with("+OK"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    wait_until("session counted", || {
+        scrape("/metrics").contains("popgate_sessions_total{listener=\"bin\"} 1")
+    });
+
+    // Drop "extra", add "fresh".
+    let fresh_port = free_port();
+    edit_config(&p, |t| {
+        t.replace(
+            &format!("name = \"extra\"\nbind = \"127.0.0.1:{extra_port}\""),
+            &format!("name = \"fresh\"\nbind = \"127.0.0.1:{fresh_port}\""),
+        )
+    });
+    p.hup();
+    let line = reload_line(&p, 1);
+    assert!(line.contains("listener +fresh -extra"), "{line}");
+    let metrics = scrape("/metrics");
+    assert!(
+        metrics.contains("popgate_sessions_total{listener=\"bin\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("popgate_listener_up{listener=\"fresh\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("popgate_listener_up{listener=\"extra\"} 0"),
+        "{metrics}"
+    );
+    let health = scrape("/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("2 listener(s) up"), "{health}");
+}
