@@ -549,6 +549,7 @@ fn login_rips(dv: &Dovecot) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs dovecot (run .ci/run)"]
 fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
     // Dovecot trusts popgate (login_trusted_networks, haproxy_trusted_networks): any XCLIENT
     // reaching it from popgate would be believed. popgate forwards unknown commands here
@@ -654,6 +655,7 @@ fn a_balancer_that_hangs_up_after_the_header_costs_the_upstream_no_quit() {
 }
 
 #[test]
+#[ignore = "needs dovecot (run .ci/run)"]
 fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
     let dv = Dovecot::start(
         DovecotOpts {

@@ -70,6 +70,7 @@ fn login_from(from: &str, to: SocketAddr, pass: &str) -> (String, String, Durati
 }
 
 #[test]
+#[ignore = "needs dovecot (run .ci/run)"]
 fn every_forward_mode_gives_dovecot_the_clients_address() {
     let dv = dovecot();
     let h = Harness::new();
@@ -135,6 +136,7 @@ fn every_forward_mode_gives_dovecot_the_clients_address() {
 }
 
 #[test]
+#[ignore = "needs dovecot (run .ci/run)"]
 fn a_client_cannot_send_xclient_through_popgate() {
     // popgate forwards unknown commands here (single-line) and does not forward the client
     // itself: Dovecot would believe an XCLIENT arriving from popgate's trusted address.
@@ -164,6 +166,7 @@ fn a_client_cannot_send_xclient_through_popgate() {
 }
 
 #[test]
+#[ignore = "needs dovecot (run .ci/run)"]
 fn dovecots_login_penalty_stays_with_the_failing_address() {
     // popgate's own penalty off, so that every delay measured here is Dovecot's.
     let limits = "login_fail_delay = \"0s\"";
@@ -271,6 +274,7 @@ impl Drop for Haproxy {
 }
 
 #[test]
+#[ignore = "needs dovecot and haproxy (run .ci/run)"]
 fn haproxy_in_front_of_two_popgates_in_front_of_dovecot() {
     let dv = dovecot();
     let direct_small = curl_retr(dv.pop3, USER, PASS, 1);
