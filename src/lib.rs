@@ -8,6 +8,7 @@ pub mod audit;
 pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 mod limits;
 mod net;
 pub mod pop3;
@@ -124,6 +125,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// The config file reloads read, if any.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
     /// Re-read the config file and reload what can change without a restart: certificates
     /// and rules. Each is replaced whole or not at all: on an error the running one stays and
     /// the error is returned. Open sessions keep the rule set they started with.
@@ -150,7 +156,31 @@ impl Reloader {
     }
 }
 
+/// Reopens the audit file and the transcript files of a running proxy (SIGUSR1), so that
+/// files logrotate moved away are let go and fresh ones start at the configured paths.
+#[derive(Debug, Clone)]
+pub struct Reopener {
+    shared: Arc<Shared>,
+}
+
+impl Reopener {
+    /// Reopen the audit file now (after writing what is queued) and make every open
+    /// transcript reopen its file before its next line. On an error the old audit file stays
+    /// in use.
+    pub async fn reopen(&self) -> Result<(), audit::SinkError> {
+        audit::transcript::reopen_all();
+        self.shared.audit.reopen().await
+    }
+}
+
 impl Proxy {
+    /// A handle that reopens the audit and transcript files (SIGUSR1).
+    pub fn reopener(&self) -> Reopener {
+        Reopener {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Load certificates and rules, start the audit writer, bind every listener.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         let (sink, guard) = audit::AuditSink::start(&config.audit)?;

@@ -1,13 +1,14 @@
 //! The popgate binary: parse the CLI, set up logging, load config, run.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use popgate::Config;
 use popgate::cli::{Cli, CliCommand};
-use popgate::config::{LogConfig, LogFormat, Rotation};
-use tracing_appender::non_blocking::WorkerGuard;
+use popgate::config::LogConfig;
+use popgate::daemon::{Logging, notify};
 
 /// jemalloc instead of glibc malloc: after a load of many concurrent sessions glibc kept the
 /// freed, fragmented session memory in the worker threads' arenas and RSS stayed at its peak;
@@ -22,6 +23,8 @@ fn main() -> Result<()> {
         CliCommand::Check { config } => {
             let c = Config::load(&config)?;
             c.check_dirs(&config)?;
+            popgate::daemon::check_dirs_for_user(&c)
+                .with_context(|| format!("{}", config.display()))?;
             // Loads certificates and keys too, so unreadable or mismatched files show up here.
             let c = popgate::prepare(c)
                 .with_context(|| format!("{}: loading referenced files", config.display()))?
@@ -37,16 +40,34 @@ fn main() -> Result<()> {
         }
         CliCommand::Run { config } => {
             let mut c = Config::load(&config)?;
-            if let Some(level) = cli.log_level {
+            let level_override = cli.log_level.clone();
+            if let Some(level) = level_override.clone() {
                 c.log.level = level;
                 c.validate(&config)?;
             }
             c.check_dirs(&config)?;
-            let _guard = init_logging(&c.log)?;
+            popgate::daemon::check_dirs_for_user(&c)
+                .with_context(|| format!("{}", config.display()))?;
+            let logging = Arc::new(Logging::init(&c.log)?);
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind(c).await?;
-                spawn_reload_on_sighup(proxy.reloader(Some(config.clone())));
-                proxy.run(shutdown_signal()).await;
+                let proxy = popgate::Proxy::bind(c.clone()).await?;
+                // Listeners bound and files open: root is no longer needed.
+                if let Some((uid, gid)) = popgate::daemon::drop_privileges(&c)? {
+                    tracing::info!(uid, gid, "switched to process.user/group");
+                }
+                spawn_reload_on_sighup(
+                    proxy.reloader(Some(config.clone())),
+                    logging.clone(),
+                    level_override,
+                );
+                spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
+                notify::ready();
+                proxy
+                    .run(async {
+                        shutdown_signal().await;
+                        notify::stopping();
+                    })
+                    .await;
                 Ok(())
             })
         }
@@ -73,64 +94,87 @@ fn main() -> Result<()> {
                 level: cli.log_level.unwrap_or_else(|| "info".into()),
                 ..LogConfig::default()
             };
-            let _guard = init_logging(&log)?;
+            let _logging = Logging::init(&log)?;
             runtime.block_on(run_demo(bind, tls_bind))?;
             Ok(())
         }
     }
 }
 
-/// Stderr or rotated files, text or JSON. The guard flushes the non-blocking writer at exit.
-fn init_logging(log: &LogConfig) -> Result<WorkerGuard> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
-        .with_context(|| format!("invalid log level {:?}", log.level))?;
-    let (writer, guard) = match &log.dir {
-        Some(dir) => {
-            let rotation = match log.rotation {
-                Rotation::Daily => tracing_appender::rolling::Rotation::DAILY,
-                Rotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
-                Rotation::Never => tracing_appender::rolling::Rotation::NEVER,
-            };
-            let appender = tracing_appender::rolling::RollingFileAppender::builder()
-                .rotation(rotation)
-                .filename_prefix("popgate")
-                .filename_suffix("log")
-                .build(Path::new(dir))
-                .with_context(|| format!("opening log directory {}", dir.display()))?;
-            tracing_appender::non_blocking(appender)
-        }
-        None => tracing_appender::non_blocking(std::io::stderr()),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(log.dir.is_none());
-    match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(guard)
-}
-
-/// SIGHUP reloads certificates; a broken new set keeps the old one and logs why.
-fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
+/// SIGHUP reloads certificates and rules (a broken new set keeps the old one and logs why),
+/// then the `[log]` table (level, format, output) through [`Logging::apply`]; systemd hears
+/// RELOADING=1 before and READY=1 after. The signal handler is installed before this returns.
+fn spawn_reload_on_sighup(
+    reloader: popgate::Reloader,
+    logging: Arc<Logging>,
+    level_override: Option<String>,
+) {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP: reload disabled");
             return;
         };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            if let Err(e) = reloader.reload() {
-                tracing::error!(
-                    error = %e,
-                    "reload failed; what failed to load (rules or certificates) stays as it was"
-                );
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                notify::reloading();
+                let status = match reload(&reloader, &logging, level_override.as_deref()) {
+                    Ok(()) => "reloaded".to_owned(),
+                    Err(e) => {
+                        tracing::error!(
+                            error = %format!("{e:#}"),
+                            "reload failed; what failed to load stays as it was"
+                        );
+                        format!("reload failed: {e:#}")
+                    }
+                };
+                notify::reloaded(&status);
             }
+        });
+    }
+}
+
+fn reload(
+    reloader: &popgate::Reloader,
+    logging: &Logging,
+    level_override: Option<&str>,
+) -> Result<()> {
+    reloader.reload()?;
+    if let Some(path) = reloader.path() {
+        let mut fresh = Config::load(path)?;
+        if let Some(level) = level_override {
+            fresh.log.level = level.to_owned();
         }
-    });
+        logging.apply(&fresh.log)?;
+    }
+    Ok(())
+}
+
+/// SIGUSR1 (logrotate's `postrotate`): reopen the log file, the audit file and the transcript
+/// files at their configured paths. The handler is installed before this returns, so the
+/// signal's default action (exit) no longer applies.
+fn spawn_reopen_on_usr1(reopener: popgate::Reopener, logging: Arc<Logging>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("cannot listen for SIGUSR1: reopening files disabled");
+            return;
+        };
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                if let Err(e) = logging.reopen() {
+                    tracing::error!(error = %e, "SIGUSR1: cannot reopen the log file");
+                }
+                match reopener.reopen().await {
+                    Ok(()) => tracing::info!("SIGUSR1: log, audit and transcript files reopened"),
+                    Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the audit file"),
+                }
+            }
+        });
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -44,6 +44,17 @@ pub enum SinkError {
     /// `audit.output = "file"` without `audit.dir` (rejected by validation too).
     #[error("audit.dir is not set")]
     NoDir,
+    /// The audit file could not be reopened (SIGUSR1); the old one stays in use.
+    #[error("reopening audit files in {dir}: {source}")]
+    Reopen {
+        /// `audit.dir`.
+        dir: PathBuf,
+        /// Cause.
+        source: tracing_appender::rolling::InitError,
+    },
+    /// The writer has stopped (popgate is shutting down).
+    #[error("the audit writer is not running")]
+    Closed,
     /// The writer thread could not be started.
     #[error("cannot start the audit writer thread: {0}")]
     Spawn(#[source] std::io::Error),
@@ -53,8 +64,13 @@ enum Msg {
     // Boxed: keeps every queue slot small (an event is ~200 bytes, the others a pointer).
     Event(Box<AuditEvent>),
     Flush(oneshot::Sender<()>),
+    /// Write what is queued, then reopen the output (SIGUSR1) and say how it went.
+    Reopen(oneshot::Sender<Result<(), SinkError>>),
     Close,
 }
+
+/// Opens the output again at its configured path (files only).
+type Reopen = Box<dyn FnMut() -> Result<Box<dyn Write + Send>, SinkError> + Send>;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -100,10 +116,10 @@ impl AuditSink {
         if !config.enabled {
             return Ok((AuditSink::disabled(), AuditGuard::inert()));
         }
-        let out: Box<dyn Write + Send> = match config.output {
-            AuditOutput::Stdout => Box::new(std::io::stdout()),
+        let (out, reopen): (Box<dyn Write + Send>, Option<Reopen>) = match config.output {
+            AuditOutput::Stdout => (Box::new(std::io::stdout()), None),
             AuditOutput::File => {
-                let dir = config.dir.as_ref().ok_or(SinkError::NoDir)?;
+                let dir = config.dir.clone().ok_or(SinkError::NoDir)?;
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
@@ -115,19 +131,36 @@ impl AuditSink {
                 if let Some(n) = config.max_log_files() {
                     builder = builder.max_log_files(n);
                 }
-                let appender = builder.build(dir).map_err(|source| SinkError::Open {
+                let appender = builder.build(&dir).map_err(|source| SinkError::Open {
                     dir: dir.clone(),
                     source,
                 })?;
-                Box::new(appender)
+                let reopen: Reopen = Box::new(move || {
+                    let fresh = builder.build(&dir).map_err(|source| SinkError::Reopen {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                    Ok(Box::new(fresh) as Box<dyn Write + Send>)
+                });
+                (Box::new(appender), Some(reopen))
             }
         };
-        AuditSink::start_with_writer(out, config.queue, config.on_overflow)
+        AuditSink::start_writer(out, reopen, config.queue, config.on_overflow)
     }
 
     /// Start a writer thread writing JSON lines to `out` (tests, custom outputs).
+    #[cfg(test)]
     pub(crate) fn start_with_writer(
         out: Box<dyn Write + Send>,
+        queue: usize,
+        overflow: Overflow,
+    ) -> Result<(AuditSink, AuditGuard), SinkError> {
+        AuditSink::start_writer(out, None, queue, overflow)
+    }
+
+    fn start_writer(
+        out: Box<dyn Write + Send>,
+        reopen: Option<Reopen>,
         queue: usize,
         overflow: Overflow,
     ) -> Result<(AuditSink, AuditGuard), SinkError> {
@@ -138,7 +171,7 @@ impl AuditSink {
         let handle = std::thread::Builder::new()
             .name("popgate-audit".into())
             .spawn(move || {
-                writer_loop(rx, out, &thread_stats);
+                writer_loop(rx, out, reopen, &thread_stats);
                 let _ = done_tx.send(());
             })
             .map_err(SinkError::Spawn)?;
@@ -204,6 +237,22 @@ impl AuditSink {
         if inner.tx.send(Msg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Write everything queued so far, then reopen the audit file at its configured path
+    /// (after logrotate moved it away: SIGUSR1). Nothing to do when audit is off or goes to
+    /// stdout. On an error the old file stays in use.
+    pub async fn reopen(&self) -> Result<(), SinkError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        inner
+            .tx
+            .send(Msg::Reopen(tx))
+            .await
+            .map_err(|_| SinkError::Closed)?;
+        rx.await.map_err(|_| SinkError::Closed)?
     }
 
     /// Events lost so far: dropped on a full queue, or emitted after the writer closed.
@@ -299,9 +348,15 @@ impl Drop for AuditGuard {
     }
 }
 
-fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stats: &Stats) {
+fn writer_loop(
+    mut rx: mpsc::Receiver<Msg>,
+    mut out: Box<dyn Write + Send>,
+    mut reopen: Option<Reopen>,
+    stats: &Stats,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut reopens: Vec<oneshot::Sender<Result<(), SinkError>>> = Vec::new();
     let mut closing = false;
     let mut failures: u64 = 0;
     while let Some(first) = rx.blocking_recv() {
@@ -316,9 +371,10 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Reopen(ack) => reopens.push(ack),
                 Msg::Close => closing = true,
             }
-            if closing || buf.len() >= BATCH_BYTES {
+            if closing || !reopens.is_empty() || buf.len() >= BATCH_BYTES {
                 break;
             }
             next = rx.try_recv().ok();
@@ -343,6 +399,13 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
+        for ack in reopens.drain(..) {
+            let result = match reopen.as_mut() {
+                Some(open) => open().map(|fresh| out = fresh),
+                None => Ok(()),
+            };
+            let _ = ack.send(result);
+        }
         if closing {
             break;
         }
@@ -359,6 +422,9 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
             }
             Msg::Flush(ack) => {
                 let _ = ack.send(());
+            }
+            Msg::Reopen(ack) => {
+                let _ = ack.send(Err(SinkError::Closed));
             }
             Msg::Close => {}
         }
