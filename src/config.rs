@@ -100,8 +100,8 @@ pub struct ProcessConfig {
     /// Switch to this user (name or numeric id) after binding the listeners and opening the
     /// log and audit files. Needs root; popgate refuses to start if the switch fails.
     pub user: Option<String>,
-    /// Switch to this group (name or numeric id); default: the user's primary group.
-    /// Supplementary groups are dropped.
+    /// Switch to this group (name or numeric id); default: the user's primary group. It is
+    /// also the only supplementary group left.
     pub group: Option<String>,
 }
 
