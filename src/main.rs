@@ -48,11 +48,14 @@ fn main() -> Result<()> {
             c.check_dirs(&config)?;
             popgate::daemon::check_dirs_for_user(&c)
                 .with_context(|| format!("{}", config.display()))?;
+            // Before any file or directory is created: which ones popgate makes as root.
+            let privdrop = popgate::daemon::PrivilegeDrop::prepare(&c)?;
             let logging = Arc::new(Logging::init(&c.log)?);
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind(c.clone()).await?;
+                let proxy = popgate::Proxy::bind(c).await?;
                 // Listeners bound and files open: root is no longer needed.
-                if let Some((uid, gid)) = popgate::daemon::drop_privileges(&c)? {
+                if let Some(drop) = privdrop {
+                    let (uid, gid) = drop.apply()?;
                     tracing::info!(uid, gid, "switched to process.user/group");
                 }
                 spawn_reload_on_sighup(

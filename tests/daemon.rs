@@ -181,8 +181,9 @@ fn privileged_port() -> u16 {
 }
 
 /// `[process] user = "nobody"`: the privileged port is bound as root, then every thread runs
-/// as nobody/nogroup for good; sessions work and the audit trail, in a directory nobody owns,
-/// is written by nobody.
+/// as nobody/nogroup for good; sessions work. The log and audit directories popgate created
+/// as root, and the files it opened, belong to nobody, so SIGUSR1 after a move starts fresh
+/// files as nobody.
 #[test]
 fn privilege_drop_after_binding_a_privileged_port() {
     if !is_root() {
@@ -192,12 +193,14 @@ fn privilege_drop_after_binding_a_privileged_port() {
     let nobody = nix_ids("nobody");
     let h = Harness::new();
     let up = upstream(&h);
-    // An audit directory the user can write, reachable through a searchable parent.
+    // A directory of nobody's, reachable through a searchable parent; the log and audit
+    // directories below it do not exist yet.
     let outer = tempfile::tempdir().unwrap();
     std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let audit_dir = outer.path().join("audit");
-    std::fs::create_dir(&audit_dir).unwrap();
-    chown(&audit_dir, nobody);
+    let home = outer.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    chown(&home, nobody);
+    let (log_dir, audit_dir) = (home.join("log"), home.join("audit/sub"));
     let port = privileged_port();
     let mut bin = PopgateProcess::run(
         up.local_addr(),
@@ -205,11 +208,14 @@ fn privilege_drop_after_binding_a_privileged_port() {
             .top("[process]\nuser = \"nobody\"\n")
             .tables(&format!(
                 "[[listener]]\nname = \"low\"\nbind = \"127.0.0.1:{port}\"\n\
+                 [log]\ndir = {log_dir:?}\nrotation = \"never\"\n\
                  [audit]\nenabled = true\ndir = {audit_dir:?}\n"
-            ))
-            .wait_for_log(),
+            )),
     );
-    bin.wait_log("switched to process.user/group", 1);
+    let log_file = log_dir.join("popgate.log");
+    wait_until("the switch is logged", || {
+        read(&log_file).contains("switched to process.user/group")
+    });
     let pid = bin.child.id();
     // Supplementary groups: only the target group.
     let want = (
@@ -224,16 +230,27 @@ fn privilege_drop_after_binding_a_privileged_port() {
     }
 
     session(format!("127.0.0.1:{port}").parse().unwrap());
-    session(bin.addr);
-    wait_until("audit written as nobody", || {
-        audit_events(&audit_dir)
+    let closed = |dir: &Path| {
+        audit_events(dir)
             .iter()
             .filter(|e| e["event"] == "session_close")
             .count()
-            == 2
-    });
-    for f in files_in(&audit_dir) {
-        assert_eq!(std::fs::metadata(&f).unwrap().uid(), nobody.0, "{f:?}");
+    };
+    wait_until("audit of the session", || closed(&audit_dir) >= 2);
+    let owner = |p: &Path| std::fs::metadata(p).unwrap().uid();
+    for p in [&log_dir, &log_file, &home.join("audit"), &audit_dir] {
+        assert_eq!(owner(p), nobody.0, "{p:?}");
+    }
+    // Rotation as nobody: move both files away, SIGUSR1, fresh files of nobody's.
+    let [audit_file] = files_in(&audit_dir).try_into().unwrap();
+    std::fs::rename(&log_file, log_dir.join("old")).unwrap();
+    std::fs::rename(&audit_file, home.join("audit-old")).unwrap();
+    bin.signal("-USR1");
+    wait_until("fresh log file", || read(&log_file).contains("reopened"));
+    session(bin.addr);
+    wait_until("fresh audit file", || closed(&audit_dir) == 1);
+    for p in [&log_file, &audit_file] {
+        assert_eq!(owner(p), nobody.0, "{p:?}");
     }
     bin.assert_running();
     bin.stop();

@@ -1,5 +1,5 @@
 //! Daemon conventions: the operational log ([`Logging`]: outputs, run-time changes, reopen on
-//! SIGUSR1), the privilege drop after binding ([`drop_privileges`]) and systemd's readiness
+//! SIGUSR1), the privilege drop after binding ([`PrivilegeDrop`]) and systemd's readiness
 //! protocol ([`notify`]).
 //!
 //! The binary calls these; signals themselves are wired in `main.rs`.
@@ -9,4 +9,4 @@ pub mod notify;
 mod privilege;
 
 pub use logging::{LogError, Logging};
-pub use privilege::{PrivilegeError, check_dirs_for_user, drop_privileges};
+pub use privilege::{PrivilegeDrop, PrivilegeError, check_dirs_for_user};

@@ -28,9 +28,11 @@ pub fn reloading() {
 
 /// `READY=1` after a reload, with a status line saying how it went.
 pub fn reloaded(status: &str) {
+    // One line: a newline would start another assignment.
+    let status = status.replace(['\n', '\r'], " ");
     send(
         "reloaded",
-        &[NotifyState::Ready, NotifyState::Status(status)],
+        &[NotifyState::Ready, NotifyState::Status(&status)],
     );
 }
 

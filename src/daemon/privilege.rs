@@ -176,53 +176,87 @@ pub fn check_dirs_for_user(config: &Config) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// Switch to `[process] user`/`group` for good, if set: hand the files popgate has open in
-/// its log and audit directories to the user, drop supplementary groups, set the group, set
-/// the user, then make sure root cannot be regained. Returns the new `(uid, gid)`, or `None`
-/// when nothing is configured. Any failure is an error: popgate must not run as root by
-/// mistake.
-pub fn drop_privileges(config: &Config) -> Result<Option<(u32, u32)>, PrivilegeError> {
-    let Some(ids) = resolve(&config.process)? else {
-        return Ok(None);
-    };
-    let me = nix::unistd::geteuid();
-    if !me.is_root() {
-        return Err(PrivilegeError::NotRoot {
-            target: ids.shown,
-            uid: me.as_raw(),
-        });
+/// A privilege drop prepared before the files are opened (see [`PrivilegeDrop::prepare`])
+/// and applied after the listeners are bound ([`PrivilegeDrop::apply`]).
+#[derive(Debug)]
+pub struct PrivilegeDrop {
+    ids: Ids,
+    /// The directories popgate writes to (those that exist at `apply`).
+    dirs: Vec<PathBuf>,
+    /// Parts of those paths that did not exist before popgate started: popgate creates
+    /// them as root, and hands them to the user.
+    missing: Vec<PathBuf>,
+}
+
+impl PrivilegeDrop {
+    /// With `[process] user`/`group` set: resolve them, make sure popgate runs as root, and
+    /// note which directories popgate is about to create. Call before opening the log and
+    /// audit files. `None` when no switch is configured.
+    pub fn prepare(config: &Config) -> Result<Option<PrivilegeDrop>, PrivilegeError> {
+        let Some(ids) = resolve(&config.process)? else {
+            return Ok(None);
+        };
+        let me = nix::unistd::geteuid();
+        if !me.is_root() {
+            return Err(PrivilegeError::NotRoot {
+                target: ids.shown,
+                uid: me.as_raw(),
+            });
+        }
+        let mut missing = Vec::new();
+        let mut dirs = Vec::new();
+        for (_, dir) in write_dirs(config) {
+            dirs.push(dir.to_owned());
+            let mut part = Some(dir);
+            while let Some(p) = part.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+                missing.push(p.to_owned());
+                part = p.parent();
+            }
+        }
+        Ok(Some(PrivilegeDrop { ids, dirs, missing }))
     }
-    let fail = |reason: String| PrivilegeError::Switch {
-        target: ids.shown.clone(),
-        reason,
-    };
-    let dirs: Vec<PathBuf> = write_dirs(config)
-        .into_iter()
-        .filter_map(|(_, d)| d.canonicalize().ok())
-        .collect();
-    for file in open_files_in(&dirs) {
-        nix::unistd::chown(&file, ids.uid, Some(ids.gid))
-            .map_err(|e| fail(format!("chown {}: {e}", file.display())))?;
+
+    /// Switch for good: hand the directories popgate created and the files it has open in
+    /// its log and audit directories to the user, set the supplementary groups to the group
+    /// alone, set the group, set the user, then make sure root cannot be regained. Returns
+    /// the new `(uid, gid)`. Any failure is an error: popgate must not run as root by
+    /// mistake.
+    pub fn apply(self) -> Result<(u32, u32), PrivilegeError> {
+        let ids = self.ids;
+        let fail = |reason: String| PrivilegeError::Switch {
+            target: ids.shown.clone(),
+            reason,
+        };
+        let dirs: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .collect();
+        let created = self.missing.into_iter().filter(|p| p.is_dir());
+        for path in created.chain(open_files_in(&dirs)) {
+            nix::unistd::chown(&path, ids.uid, Some(ids.gid))
+                .map_err(|e| fail(format!("chown {}: {e}", path.display())))?;
+        }
+        let mut drop = privdrop::PrivDrop::default()
+            .fallback_to_ids_if_names_are_numeric()
+            .group(ids.gid.as_raw().to_string());
+        if let Some(uid) = ids.uid {
+            drop = drop.user(uid.as_raw().to_string());
+        }
+        drop.apply().map_err(|e| fail(e.to_string()))?;
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        if ids
+            .uid
+            .is_some_and(|want| uid != want || nix::unistd::geteuid() != want)
+            || gid != ids.gid
+        {
+            return Err(fail(format!("still uid {uid}, gid {gid} afterwards")));
+        }
+        if ids.uid.is_some_and(|u| !u.is_root()) && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+            return Err(fail("root could be regained afterwards".into()));
+        }
+        Ok((uid.as_raw(), gid.as_raw()))
     }
-    let mut drop = privdrop::PrivDrop::default()
-        .fallback_to_ids_if_names_are_numeric()
-        .group(ids.gid.as_raw().to_string());
-    if let Some(uid) = ids.uid {
-        drop = drop.user(uid.as_raw().to_string());
-    }
-    drop.apply().map_err(|e| fail(e.to_string()))?;
-    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    if ids
-        .uid
-        .is_some_and(|want| uid != want || nix::unistd::geteuid() != want)
-        || gid != ids.gid
-    {
-        return Err(fail(format!("still uid {uid}, gid {gid} afterwards")));
-    }
-    if ids.uid.is_some_and(|u| !u.is_root()) && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-        return Err(fail("root could be regained afterwards".into()));
-    }
-    Ok(Some((uid.as_raw(), gid.as_raw())))
 }
 
 /// Regular files this process has open below one of `dirs` (Linux: `/proc/self/fd`).
