@@ -906,6 +906,47 @@ mod tests {
     }
 
     #[test]
+    fn log_output_defaults_and_mistakes() {
+        let out = |extra: &str| {
+            let c = Config::parse(&format!("{MINIMAL}{extra}"), p()).unwrap();
+            c.validate(p()).map(|()| c.log.effective_output())
+        };
+        // Configs from before `output`: `dir` alone means files.
+        assert_eq!(out("").unwrap(), LogOutput::Stderr);
+        assert_eq!(out("[log]\ndir = \"/tmp\"\n").unwrap(), LogOutput::File);
+        assert_eq!(
+            out("[log]\noutput = \"syslog\"\nsyslog_address = \"udp://127.0.0.1:514\"\nsyslog_facility = \"local3\"\n")
+                .unwrap(),
+            LogOutput::Syslog
+        );
+        assert_eq!(
+            out("[log]\noutput = \"journald\"\n").unwrap(),
+            LogOutput::Journald
+        );
+        for (extra, key) in [
+            ("[log]\noutput = \"file\"\n", "log.dir"),
+            ("[log]\noutput = \"syslog\"\ndir = \"/tmp\"\n", "log.dir"),
+            (
+                "[log]\noutput = \"syslog\"\nsyslog_facility = \"mail2\"\n",
+                "log.syslog_facility",
+            ),
+            (
+                "[log]\noutput = \"syslog\"\nsyslog_address = \"dev/log\"\n",
+                "log.syslog_address",
+            ),
+            (
+                "[log]\nsyslog_address = \"udp://nohost\"\n",
+                "log.syslog_address",
+            ),
+            ("[process]\nuser = \"\"\n", "process.user"),
+        ] {
+            let e = out(extra).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{extra}: {e}");
+        }
+        assert!(Config::parse(&format!("{MINIMAL}[log]\noutput = \"stdout\"\n"), p()).is_err());
+    }
+
+    #[test]
     fn max_sessions_beyond_the_semaphore_is_refused() {
         let max = tokio::sync::Semaphore::MAX_PERMITS;
         let e = invalid_key(&format!("[limits]\nmax_sessions = {}\n", max + 1));

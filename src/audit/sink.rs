@@ -11,6 +11,8 @@
 //!
 //! [`AuditSink::start`] returns the handle and an [`AuditGuard`]; awaiting
 //! [`AuditGuard::close`] writes and flushes everything queued and stops the thread.
+//! [`AuditSink::reopen`] (SIGUSR1) has the thread write what is queued and then open the file
+//! at its configured path again, so a file logrotate moved away is let go.
 
 use std::fmt;
 use std::io::Write;
@@ -641,6 +643,43 @@ mod tests {
             .collect();
         assert_eq!(evs.len(), 3);
         assert!(matches!(evs[2].kind, EventKind::Reset(_)));
+    }
+
+    #[tokio::test]
+    async fn reopen_starts_a_fresh_file_after_a_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            enabled: true,
+            dir: Some(dir.path().to_owned()),
+            ..AuditConfig::default()
+        };
+        let (sink, guard) = AuditSink::start(&config).unwrap();
+        sink.emit(ev(0)).await;
+        sink.flush().await;
+        let [file]: [std::path::PathBuf; 1] = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&file, &moved).unwrap();
+        sink.emit(ev(1)).await;
+        sink.reopen().await.unwrap();
+        sink.emit(ev(2)).await;
+        guard.close().await;
+        let sessions = |p: &std::path::Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<AuditEvent>(l).unwrap().session)
+                .collect()
+        };
+        // Queued before the reopen: still the old file.
+        assert_eq!(sessions(&moved), [0, 1]);
+        assert_eq!(sessions(&file), [2]);
+        // After close there is nothing to reopen.
+        assert!(sink.reopen().await.is_err());
     }
 
     #[test]

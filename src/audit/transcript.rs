@@ -6,6 +6,9 @@
 //! debugging, not for production volume); an I/O error is logged once and switches the
 //! transcript off, never a panic.
 //!
+//! [`reopen_all`] (SIGUSR1) makes every open transcript continue in a file opened again at its
+//! path before its next line.
+//!
 //! Line format: `2026-03-01T09:15:02.118Z C: USER bob`. Line endings are not shown; a line
 //! that ended in a bare LF gets ` [LF]`; control characters appear as `\xNN`; 8-bit bytes are
 //! decoded lossily. `*:` lines are popgate's own notes; `S+` continues an overlong body line.
