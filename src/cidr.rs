@@ -65,7 +65,17 @@ impl Cidr {
         let net = IpNet::new(ip, prefix)
             .map_err(|_| format!("prefix length `{prefix}` is not a number from 0 to {max}"))?;
         let network = net.trunc();
-        Ok((Cidr::new(network), network.addr() != ip))
+        let host_bits = network.addr() != ip;
+        // `::ffff:192.0.2.0/120` (as `ss` shows dual-stack clients) is the IPv4 network it
+        // names: addresses are matched in their IPv4 form, so it would otherwise match nothing.
+        let network = match network {
+            IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+                Some(v4) => IpNet::new(IpAddr::V4(v4), n.prefix_len() - 96).unwrap_or(network),
+                None => network,
+            },
+            n => n,
+        };
+        Ok((Cidr::new(network), host_bits))
     }
 
     /// Whether `ip` lies in this network; an IPv4-mapped IPv6 address counts as IPv4.
@@ -127,6 +137,18 @@ mod tests {
         assert!(Cidr::parse("10.0.0.0/x").is_err());
         assert!(Cidr::parse("10.0.0.0/+8").is_err());
         assert!(Cidr::parse("").is_err());
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_match_ipv4_clients() {
+        // As `ss` shows clients of a dual-stack socket; addresses are matched as IPv4.
+        let c = Cidr::parse("::ffff:192.0.2.0/120").unwrap();
+        assert!(c.contains(ip("192.0.2.7")));
+        assert!(c.contains(ip("::ffff:192.0.2.7")));
+        assert!(!c.contains(ip("192.0.3.7")));
+        let host = Cidr::parse("::ffff:198.51.100.7").unwrap();
+        assert!(host.contains(ip("198.51.100.7")));
+        assert!(!host.contains(ip("198.51.100.8")));
     }
 
     #[test]

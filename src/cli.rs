@@ -5,12 +5,37 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// `popgate --version`: what was built, from which commit, for which target, with which TLS
+/// library (`-V` prints the first line only). The facts come from build.rs.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit:  ",
+    env!("POPGATE_GIT_COMMIT"),
+    "\ntarget:  ",
+    env!("POPGATE_TARGET"),
+    "\nprofile: ",
+    env!("POPGATE_PROFILE"),
+    "\ntls:     rustls with the ring crypto provider",
+);
+
+/// The same facts on one line (the man page's VERSION section).
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("POPGATE_GIT_COMMIT"),
+    ", ",
+    env!("POPGATE_TARGET"),
+    ", ",
+    env!("POPGATE_PROFILE"),
+    " build, rustls with ring)",
+);
+
 /// popgate: a transparent, logging and filtering POP3 proxy.
 ///
 /// Put it in front of a POP3 server to enforce encryption, audit mail retrieval, apply policy
 /// and debug client/server traffic without changing clients or server.
 #[derive(Debug, Parser)]
-#[command(name = "popgate", version, about, long_about)]
+#[command(name = "popgate", version, long_version = LONG_VERSION, about, long_about)]
 pub struct Cli {
     /// Log level or tracing filter (error, warn, info, debug, trace); overrides log.level in the config.
     #[arg(long, global = true, value_name = "LEVEL")]
@@ -61,5 +86,17 @@ pub enum CliCommand {
         /// Where the proxy's implicit-TLS (pop3s) listener listens.
         #[arg(long, default_value = "127.0.0.1:1995", value_name = "ADDR")]
         tls_bind: SocketAddr,
+    },
+    /// Print a shell completion script to stdout (e.g. `popgate completions bash > /etc/bash_completion.d/popgate`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page popgate(1), in roff, to stdout (e.g. `popgate man | man -l -`).
+    Man {
+        /// Instead write popgate.1 and one page per subcommand (popgate-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }

@@ -88,6 +88,9 @@ pub struct Config {
     /// How the process runs as a daemon (`[process]`: privilege drop).
     #[serde(default)]
     pub process: ProcessConfig,
+    /// Prometheus metrics and the health endpoint (`[metrics]`); off when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -174,6 +177,23 @@ pub enum ForwardClient {
     ProxyV2,
     /// Dovecot's `XCLIENT` command after the greeting, when the greeting offers it.
     Xclient,
+}
+
+/// `[metrics]`: an HTTP endpoint with `/metrics` (Prometheus text) and `/health`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint, e.g. `127.0.0.1:9110` (keep it off public networks:
+    /// there is no authentication).
+    pub bind: SocketAddr,
+    /// `/health` trusts an upstream connect that succeeded this recently; otherwise it dials
+    /// the upstream itself (a TCP connect) before it answers.
+    #[serde(default = "default_health_window", with = "humantime_serde")]
+    pub health_window: Duration,
+}
+
+fn default_health_window() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// The upstream POP3 server.
@@ -488,6 +508,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(m) = &self.metrics
+            && m.bind.port() != 0
+            && self.listeners.iter().any(|l| l.bind == m.bind)
+        {
+            return Err(invalid(
+                "metrics.bind",
+                format!("{} is already the address of a listener", m.bind),
+            ));
+        }
         if split_host_port(&self.upstream.address).is_none() {
             return Err(invalid(
                 "upstream.address",
@@ -527,6 +556,12 @@ impl Config {
             ("limits.idle_timeout", self.limits.idle_timeout),
             ("limits.login_timeout", self.limits.login_timeout),
             ("limits.greeting_timeout", self.limits.greeting_timeout),
+            (
+                "metrics.health_window",
+                self.metrics
+                    .as_ref()
+                    .map_or(Duration::MAX, |m| m.health_window),
+            ),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be more than 0".into()));

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 mod limits;
+mod metrics;
 mod net;
 pub mod pop3;
 mod proxy;
@@ -49,6 +50,9 @@ pub enum StartError {
     /// Rule files could not be loaded.
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleError),
+    /// The `[metrics]` endpoint could not bind.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::http::BindError),
 }
 
 /// How long sessions get to close after shutdown before popgate exits anyway.
@@ -64,9 +68,17 @@ fn build_shared(config: Config, audit: audit::AuditSink) -> Result<Arc<Shared>, 
     let tls = tls::TlsSetup::new(&config)?;
     let rules = rules::RuleSet::load(&config.rules, &config.base_dir)?;
     check_trace_rules(&config, &rules)?;
+    let limiter = Arc::new(limits::Limiter::new(&config.limits));
+    let metrics = metrics::Metrics::new(
+        &config,
+        rules.rules().map(|r| r.name.to_owned()),
+        audit.clone(),
+        limiter.clone(),
+    );
     Ok(Arc::new(Shared {
         headers: config.audit.header_set(),
-        limiter: Arc::new(limits::Limiter::new(&config.limits)),
+        limiter,
+        metrics: Arc::new(metrics),
         config: Arc::new(config),
         tls,
         rules: std::sync::RwLock::new(Arc::new(rules)),
@@ -115,6 +127,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<listener::Listener>,
     audit: audit::AuditGuard,
+    /// The `[metrics]` endpoint's socket, when configured.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 /// Reloads certificates and rules of a running proxy, e.g. on SIGHUP.
@@ -189,11 +203,21 @@ impl Proxy {
         for l in &shared.config.listeners {
             listeners.push(listener::Listener::bind(l.clone()).await?);
         }
+        let metrics = match &shared.config.metrics {
+            Some(m) => Some(metrics::http::bind(m.bind).await?),
+            None => None,
+        };
         Ok(Proxy {
             shared,
             listeners,
             audit: guard,
+            metrics,
         })
+    }
+
+    /// The bound address of the `[metrics]` endpoint (`/metrics`, `/health`), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// A handle that reloads certificates from `path` (or the in-memory config when `None`).
@@ -220,6 +244,21 @@ impl Proxy {
         let tasks = TaskTracker::new();
         let sessions = Arc::new(Semaphore::new(self.shared.config.limits.max_sessions));
         let ids = Arc::new(AtomicU64::new(1));
+        // The endpoint outlives the accept loops: while sessions drain it still answers
+        // (`/health` then says 503).
+        let (metrics_tx, metrics_rx) = watch::channel(false);
+        let metrics_server = self.metrics.map(|socket| {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(%addr, "metrics listening");
+            }
+            let shared = self.shared.clone();
+            tokio::spawn(metrics::http::serve(
+                socket,
+                self.shared.metrics.clone(),
+                Arc::new(move || shared.config.upstream.clone()),
+                metrics_rx,
+            ))
+        });
         let mut accept_loops = Vec::new();
         for l in self.listeners {
             if let Ok(addr) = l.local_addr() {
@@ -231,8 +270,15 @@ impl Proxy {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let (shared, shutdown) = (shared.clone(), rx2.clone());
                 tasks.spawn(async move {
-                    // Behind a balancer: the real client, from its PROXY header, or nothing.
-                    if !a.proxied(&shared.limiter).await {
+                    // Behind a balancer: the real client, from its PROXY header, or nothing;
+                    // at shutdown a header still awaited is not waited for.
+                    let mut stop = shutdown.clone();
+                    let proxied = tokio::select! {
+                        biased;
+                        ok = a.proxied(&shared.limiter) => ok,
+                        _ = stop.changed() => false,
+                    };
+                    if !proxied {
                         return;
                     }
                     let info = session::SessionInfo {
@@ -256,12 +302,20 @@ impl Proxy {
                     .await
                 });
             };
-            accept_loops.push(tokio::spawn(l.serve(
+            let name = l.config.name.clone();
+            let serve = l.serve(
                 self.shared.limiter.clone(),
                 sessions.clone(),
                 rx.clone(),
                 on_accept,
-            )));
+            );
+            let metrics = self.shared.metrics.clone();
+            // Up from here: the socket is bound and accepted connections wait in its backlog.
+            metrics.listener_up(&name, true);
+            accept_loops.push(tokio::spawn(async move {
+                serve.await;
+                metrics.listener_up(&name, false);
+            }));
         }
         shutdown.await;
         tracing::info!("shutting down");
@@ -275,6 +329,10 @@ impl Proxy {
             .is_err()
         {
             tracing::warn!("sessions still open after the grace period");
+        }
+        let _ = metrics_tx.send(true);
+        if let Some(m) = metrics_server {
+            let _ = m.await;
         }
         // Everything the sessions queued is written before popgate exits.
         self.audit.close().await;

@@ -19,9 +19,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("daemon", &["config", "audit"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
     ("net", &["config", "audit", "limits", "pop3"]),
+    // Metrics and health: counters the driver records into (the core only hands over plain
+    // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
+    ("metrics", &["config", "audit", "limits"]),
     (
         "session",
-        &["proxy", "net", "audit", "pop3", "rules", "config", "limits"],
+        &[
+            "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics",
+        ],
     ),
     // The crate root and the CLI are the edge: they may use everything.
     ("lib", &["*"]),

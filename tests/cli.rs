@@ -236,18 +236,22 @@ fn check_reports_rule_file_rule_and_reason() {
     );
 }
 
-/// `popgate demo` prints curl commands; each of them works as printed.
+/// `popgate demo` prints curl commands; each works as printed, also from a directory other
+/// than the source tree (absolute CA path), and require-tls is on: the plain-text login it
+/// prints is refused, the same login after STLS works.
 #[test]
 fn demo_prints_working_curl_commands() {
+    let cwd = tempfile::tempdir().unwrap();
     let mut child = Command::new(popgate_bin())
         .args(["demo", "--bind", "127.0.0.1:0", "--tls-bind", "127.0.0.1:0"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(cwd.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut commands = Vec::new();
+    let mut plain = None;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(Instant::now() < deadline, "demo did not finish printing");
@@ -255,21 +259,28 @@ fn demo_prints_working_curl_commands() {
         if out.read_line(&mut line).unwrap() == 0 {
             panic!("demo exited early");
         }
+        if let Some(rest) = line.strip_prefix("popgate demo: proxy on ") {
+            plain = rest.split_whitespace().next().map(str::to_owned);
+        }
         if let Some(cmd) = line.trim().strip_prefix("curl ") {
-            commands.push(cmd.split('#').next().unwrap().trim().to_string());
+            let (args, comment) = cmd.split_once('#').unwrap();
+            commands.push((args.trim().to_string(), comment.trim().to_string()));
         }
         if line.starts_with("press Ctrl-C") {
             break;
         }
     }
     assert_eq!(commands.len(), 4, "{commands:?}");
-    let run = |c: &str| {
+    let curl = |c: &str| {
         let args: Vec<&str> = c.split_whitespace().collect();
         let mut cmd = Command::new("curl");
         cmd.args(["-s", "-S", "--max-time", "10"])
             .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        let o = run_bounded(&mut cmd, None, Duration::from_secs(20));
+            .current_dir(cwd.path());
+        run_bounded(&mut cmd, None, Duration::from_secs(20))
+    };
+    let run = |c: &str| {
+        let o = curl(c);
         assert!(
             o.status.success(),
             "curl {c}: {}",
@@ -277,16 +288,47 @@ fn demo_prints_working_curl_commands() {
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    let list = run(&commands[0]);
-    assert_eq!(list.lines().count(), 3, "{list}");
-    assert!(run(&commands[1]).contains("Subject: Welcome to popgate"));
+    // The TLS lines name the CA by an absolute path that exists.
+    let ca = commands[0]
+        .0
+        .split_whitespace()
+        .skip_while(|a| *a != "--cacert")
+        .nth(1)
+        .unwrap();
     assert!(
-        run(&commands[2]).contains("Subject: Nightly build report"),
-        "STLS"
+        std::path::Path::new(ca).is_absolute() && std::path::Path::new(ca).is_file(),
+        "{ca}"
     );
+    assert!(commands[0].0.contains("--ssl-reqd"), "{:?}", commands[0]);
+    let list = run(&commands[0].0);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(run(&commands[1].0).contains("Subject: Welcome to popgate"));
     assert!(
-        run(&commands[3]).contains("Subject: Re: lunch on Friday?"),
+        run(&commands[2].0).contains("Subject: Nightly build report"),
         "implicit TLS"
+    );
+    // The plain-text line is announced as refused, and is: curl's login is denied (67).
+    let (refused, comment) = &commands[3];
+    assert!(comment.contains("refused"), "{comment}");
+    assert!(refused.starts_with("pop3://"), "{refused}");
+    let o = curl(refused);
+    assert_eq!(
+        o.status.code(),
+        Some(67),
+        "plain login not refused: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // By hand: before STLS, USER gets the require-tls refusal and CAPA offers no USER.
+    let plain: std::net::SocketAddr = plain.expect("no proxy address line").parse().unwrap();
+    let mut pop = common::clients::RawPop::connect(plain);
+    let capa = pop.cmd_multi("CAPA");
+    let capa = String::from_utf8_lossy(&capa.1.unwrap()).into_owned();
+    assert!(capa.contains("STLS") && !capa.contains("USER"), "{capa}");
+    let refusal = pop.cmd("USER demo");
+    assert!(
+        refusal.starts_with("-ERR [AUTH] Encryption required"),
+        "{refusal}"
     );
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -300,4 +342,6 @@ fn demo_prints_working_curl_commands() {
         assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its temp files (config, key, CA) go with it.
+    assert!(!std::path::Path::new(ca).exists(), "{ca} left behind");
 }

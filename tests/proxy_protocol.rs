@@ -171,6 +171,7 @@ fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
 fn untrusted_missing_garbage_and_slow_headers_never_reach_the_upstream() {
     let h = Harness::new();
     let up = demo(&h);
+    let metrics = format!("127.0.0.1:{}", common::free_port());
     let p = PopgateProcess::run(
         up.local_addr(),
         PopgateOpts::new()
@@ -178,6 +179,7 @@ fn untrusted_missing_garbage_and_slow_headers_never_reach_the_upstream() {
                 "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\
                  proxy_timeout = \"300ms\"\n",
             )
+            .tables(&format!("[metrics]\nbind = \"{metrics}\"\n"))
             .log_to_dir("info")
             .wait_for_log(),
     );
@@ -223,6 +225,12 @@ fn untrusted_missing_garbage_and_slow_headers_never_reach_the_upstream() {
     assert!(
         log.contains("outside trusted_proxies") && log.contains("peer=127.0.0.9:"),
         "{log}"
+    );
+    let scrape = curl(&[&format!("http://{metrics}/metrics")]);
+    let scrape = String::from_utf8_lossy(&scrape.stdout);
+    assert!(
+        scrape.contains("popgate_sessions_refused_total{reason=\"proxy_header\"} 10"),
+        "{scrape}"
     );
     // The listener still serves a good header afterwards.
     let mut ok = behind("127.0.0.1", p.addr, &header);

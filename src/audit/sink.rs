@@ -257,8 +257,8 @@ impl AuditSink {
         rx.await.map_err(|_| SinkError::Closed)?
     }
 
-    /// Events lost so far: dropped on a full queue, or emitted after the writer closed.
-    #[cfg(test)] // overflow tests; nothing reports it yet
+    /// Events lost so far: dropped on a full queue, or emitted after the writer closed
+    /// (`popgate_audit_events_dropped_total`).
     pub(crate) fn dropped(&self) -> u64 {
         self.inner
             .as_ref()

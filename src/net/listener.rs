@@ -185,6 +185,9 @@ impl Listener {
                 },
                 _ = shutdown.changed() => return,
             };
+            // A dual-stack socket gives IPv4 clients as `::ffff:a.b.c.d`: counted, penalised
+            // and logged as the same client as on an IPv4 listener.
+            let client = proxy_header::canonical(client);
             let counters = &limiter.counters;
             if let Some(p) = &proxy_in
                 && !p.trusted.iter().any(|n| n.contains(client.ip()))
@@ -219,7 +222,7 @@ impl Listener {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let local = tcp.local_addr().unwrap_or(self.config.bind);
+            let local = proxy_header::canonical(tcp.local_addr().unwrap_or(self.config.bind));
             on_accept(Accepted {
                 tcp,
                 client,

@@ -74,9 +74,10 @@ fn origin(
     local: impl Into<IpAddr>,
     local_port: u16,
 ) -> Origin {
+    // IPv4-mapped IPv6 (`PROXY TCP6 ::ffff:…`) is the IPv4 client it names.
     Origin {
-        client: SocketAddr::new(client.into(), client_port),
-        local: SocketAddr::new(local.into(), local_port),
+        client: canonical(SocketAddr::new(client.into(), client_port)),
+        local: canonical(SocketAddr::new(local.into(), local_port)),
     }
 }
 
@@ -216,11 +217,17 @@ pub(crate) fn encode(version: u8, client: SocketAddr, local: SocketAddr) -> Vec<
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`[::ffff:192.0.2.7]:1`, as a dual-stack socket or
+/// a balancer's `TCP6` header gives it) written as IPv4 (`192.0.2.7:1`): one client, one key
+/// for per-IP limits and penalties, one spelling in logs and the audit trail.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Both addresses in one family, as the header needs: IPv4-mapped IPv6 addresses become
 /// IPv4, and if one is still IPv6 the other is written IPv4-mapped.
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let canon = |s: SocketAddr| SocketAddr::new(s.ip().to_canonical(), s.port());
-    let (a, b) = (canon(a), canon(b));
+    let (a, b) = (canonical(a), canonical(b));
     let v6 = |s: SocketAddr| match s.ip() {
         IpAddr::V4(ip) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), s.port()),
         IpAddr::V6(_) => s,
@@ -320,6 +327,35 @@ mod tests {
         let mut big = encode(2, sa("192.0.2.7:1"), sa("192.0.2.8:2"));
         big[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
         assert!(matches!(parse(&big[..16]), Parsed::Invalid(_)));
+    }
+
+    #[test]
+    fn ipv4_mapped_header_addresses_read_as_ipv4() {
+        let want = Some(Origin {
+            client: sa("192.0.2.7:1"),
+            local: sa("198.51.100.1:110"),
+        });
+        // Written by hand: `encode` would already make them IPv4.
+        let (client, local) = (sa("[::ffff:192.0.2.7]:1"), sa("[::ffff:198.51.100.1]:110"));
+        let v1 = ppp::v1::Addresses::from((client, local))
+            .to_string()
+            .into_bytes();
+        let v2 = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client, local),
+        )
+        .build()
+        .unwrap();
+        for wire in [v1, v2] {
+            assert_eq!(
+                parse(&wire),
+                Parsed::Done {
+                    len: wire.len(),
+                    origin: want
+                }
+            );
+        }
     }
 
     #[test]

@@ -35,8 +35,35 @@ pub struct ClientOrigin {
 pub struct ConnectError {
     /// Upstream address.
     pub address: String,
+    /// The step that failed.
+    pub stage: ConnectStage,
     /// Cause.
     pub reason: String,
+}
+
+/// The step of [`connect`] that failed (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectStage {
+    /// Resolving the name or the TCP connect.
+    Tcp,
+    /// POP3 before or after the handshake: the PROXY header, the greeting, `STLS`, `XCLIENT`.
+    Setup,
+    /// A TLS handshake.
+    Tls,
+    /// `upstream.connect_timeout` ran out (at whichever step).
+    Timeout,
+}
+
+impl ConnectStage {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectStage::Tcp => "tcp",
+            ConnectStage::Setup => "setup",
+            ConnectStage::Tls => "tls",
+            ConnectStage::Timeout => "timeout",
+        }
+    }
 }
 
 /// An open upstream connection.
@@ -56,14 +83,25 @@ pub async fn connect(
     max_line: usize,
     origin: &ClientOrigin,
 ) -> Result<Upstream, ConnectError> {
-    let fail = |reason: String| ConnectError {
+    let mut stage = ConnectStage::Tcp;
+    let dialled = tokio::time::timeout(
+        cfg.connect_timeout,
+        dial(cfg, tls, max_line, origin, &mut stage),
+    )
+    .await;
+    let fail = |stage, reason| ConnectError {
         address: cfg.address.clone(),
+        stage,
         reason,
     };
-    tokio::time::timeout(cfg.connect_timeout, dial(cfg, tls, max_line, origin))
-        .await
-        .map_err(|_| fail(format!("timed out after {:?}", cfg.connect_timeout)))?
-        .map_err(fail)
+    match dialled {
+        Ok(Ok(u)) => Ok(u),
+        Ok(Err(reason)) => Err(fail(stage, reason)),
+        Err(_) => Err(fail(
+            ConnectStage::Timeout,
+            format!("timed out after {:?}", cfg.connect_timeout),
+        )),
+    }
 }
 
 async fn dial(
@@ -71,12 +109,14 @@ async fn dial(
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
+    stage: &mut ConnectStage,
 ) -> Result<Upstream, String> {
     let mut tcp = TcpStream::connect(&cfg.address)
         .await
         .map_err(|e| e.to_string())?;
     // Commands and short responses must not wait for Nagle.
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    *stage = ConnectStage::Setup;
     // A PROXY header goes first, before the greeting and before any TLS handshake.
     let version = match cfg.forward_client {
         ForwardClient::ProxyV1 => Some(1),
@@ -94,12 +134,16 @@ async fn dial(
     match cfg.tls {
         TlsMode::None | TlsMode::Implicit => {
             let mut stream = match cfg.tls {
-                TlsMode::Implicit => need_tls()?
-                    .connect(tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?,
+                TlsMode::Implicit => {
+                    *stage = ConnectStage::Tls;
+                    need_tls()?
+                        .connect(tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?
+                }
                 _ => Stream::Plain(tcp),
             };
+            *stage = ConnectStage::Setup;
             if !xclient {
                 // The session reads the greeting itself.
                 return Ok(Upstream {
@@ -141,10 +185,12 @@ async fn dial(
                 );
                 buf.clear();
             }
+            *stage = ConnectStage::Tls;
             let mut stream = need_tls()?
                 .connect(tcp)
                 .await
                 .map_err(|e| format!("TLS handshake after STLS: {e}"))?;
+            *stage = ConnectStage::Setup;
             // As Dovecot's own proxy does: XCLIENT under TLS, if the first greeting offered it.
             if xclient {
                 send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
@@ -174,10 +220,17 @@ async fn send_xclient(
     max_line: usize,
 ) -> Result<(), String> {
     if !offers_xclient(greeting) {
-        warn!(
-            "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
-             (is popgate's address in its login_trusted_networks?): it sees popgate's address"
-        );
+        // A refusal greeting (-ERR) says nothing about XCLIENT; a missing offer is a setup
+        // mistake worth one warning, not one per session.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if greeting.starts_with(b"+OK") && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(
+                "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
+                 (is popgate's address in its login_trusted_networks?): it sees popgate's \
+                 address (warned once)"
+            );
+        }
         return Ok(());
     }
     let line = format!(

@@ -188,6 +188,11 @@ impl Hop {
         &self.policy.tags
     }
 
+    /// Rule activity since the last call, for metrics.
+    pub(crate) fn take_rule_tally(&mut self) -> super::policy::RuleTally {
+        self.policy.take_tally()
+    }
+
     /// Whether a `trace` rule asked for a transcript.
     pub(crate) fn trace(&self) -> bool {
         self.policy.trace
@@ -469,13 +474,16 @@ impl Hop {
             line = %crate::pop3::printable(&sin[at..at + len]).trim_end(),
             "response"
         );
-        let (rewritten, mut delay, drop) = self.response_rules(meta, &sin[at..at + len]);
         // A Dovecot that trusts popgate offers XCLIENT in its greeting; clients never see it.
-        let rewritten = match rewritten {
-            Some(r) if meta.verb.is_none() => Some(capa::hide_xclient(&r).unwrap_or(r)),
-            None if meta.verb.is_none() => capa::hide_xclient(&sin[at..at + len]),
-            r => r,
-        };
+        // Hidden before the rules: a greeting rewrite could move it out of its place.
+        let hidden = meta
+            .verb
+            .is_none()
+            .then(|| capa::hide_xclient(&sin[at..at + len]))
+            .flatten();
+        let (rewritten, mut delay, drop) =
+            self.response_rules(meta, hidden.as_deref().unwrap_or(&sin[at..at + len]));
+        let rewritten = rewritten.or(hidden);
         // Failed-login penalty per client IP, on top of any rule's delay.
         if meta.login.as_ref().is_some_and(|l| !l.success)
             && let Some(p) = obs.login_failed(self.cfg.client_ip)

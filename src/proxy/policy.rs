@@ -29,6 +29,25 @@ pub enum Terminal {
     },
 }
 
+/// Rule activity since the driver last asked ([`Policy::take_tally`]), for metrics: plain data,
+/// the driver records it.
+#[derive(Debug, Default)]
+pub(crate) struct RuleTally {
+    /// Names of rules whose matchers held, once per evaluation.
+    pub(crate) matched: Vec<Arc<str>>,
+    /// Rules that denied an event (`deny`).
+    pub(crate) denied: Vec<Arc<str>>,
+    /// Rules that dropped the session (`drop`).
+    pub(crate) dropped: Vec<Arc<str>>,
+}
+
+impl RuleTally {
+    /// Nothing happened.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.matched.is_empty() && self.denied.is_empty() && self.dropped.is_empty()
+    }
+}
+
 /// Rule state of one session. The rule set is the one in force when the session started.
 #[derive(Debug)]
 pub struct Policy {
@@ -38,6 +57,7 @@ pub struct Policy {
     /// Set by a `trace` rule: record a transcript of this session.
     pub trace: bool,
     denials: HashMap<Arc<str>, u32>,
+    tally: RuleTally,
 }
 
 impl Policy {
@@ -48,6 +68,7 @@ impl Policy {
             tags: Vec::new(),
             trace: false,
             denials: HashMap::new(),
+            tally: RuleTally::default(),
         }
     }
 
@@ -62,6 +83,7 @@ impl Policy {
             return Verdict::default();
         }
         let v = self.rules.evaluate(ev);
+        self.tally.matched.extend(v.matched.iter().cloned());
         for log in &v.logs {
             let (rule, msg) = (&*log.rule, &log.message);
             match log.level {
@@ -90,16 +112,25 @@ impl Policy {
             )
     }
 
+    /// Rule activity since the last call (matches, denials, drops), leaving an empty tally.
+    pub(crate) fn take_tally(&mut self) -> RuleTally {
+        std::mem::take(&mut self.tally)
+    }
+
     /// Interpret a verdict's outcome, counting denials for `close_after`.
     pub fn terminal(&mut self, v: &Verdict) -> Terminal {
         match &v.outcome {
             Outcome::Continue | Outcome::Allow { .. } => Terminal::Pass,
-            Outcome::Drop { rule } => Terminal::Drop { rule: rule.clone() },
+            Outcome::Drop { rule } => {
+                self.tally.dropped.push(rule.clone());
+                Terminal::Drop { rule: rule.clone() }
+            }
             Outcome::Deny {
                 reply,
                 rule,
                 close_after,
             } => {
+                self.tally.denied.push(rule.clone());
                 let n = self.denials.entry(rule.clone()).or_insert(0);
                 *n += 1;
                 Terminal::Deny {

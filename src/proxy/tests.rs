@@ -541,3 +541,63 @@ fn xclient_is_hidden_from_the_greeting_and_never_relayed_from_a_client() {
         );
     }
 }
+
+/// The hop tallies rule matches, denials and drops for the driver's metrics, and hands each
+/// out once.
+#[test]
+fn rule_activity_is_tallied_once() {
+    let rules_text = r#"
+[[rule]]
+name = "log-all"
+on = "command"
+action = "log"
+message = "x"
+
+[[rule]]
+name = "no-dele"
+on = "command"
+verbs = ["DELE"]
+action = "deny"
+
+[[rule]]
+name = "no-rset"
+on = "command"
+verbs = ["RSET"]
+action = "drop"
+"#;
+    let mut hop = hop_with(config(), rules_text);
+    let out = run(
+        &mut hop,
+        b"USER a\r\nPASS b\r\nDELE 1\r\nRSET\r\n",
+        &after_login(&[]),
+        64,
+        End::Open,
+    );
+    assert_eq!(out.close.map(|c| c.0), Some(CloseReason::RuleDrop));
+    let t = hop.take_rule_tally();
+    let names = |v: &[Arc<str>]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&t.matched),
+        [
+            "log-all", "log-all", "log-all", "no-dele", "log-all", "no-rset"
+        ]
+    );
+    assert_eq!(names(&t.denied), ["no-dele"]);
+    assert_eq!(names(&t.dropped), ["no-rset"]);
+    assert!(hop.take_rule_tally().is_empty());
+}
+
+#[test]
+fn a_greeting_rewrite_cannot_carry_xclient_to_the_client() {
+    // Rules see the greeting without the marker: a rewrite that moves it out of its place
+    // (here behind a prefix) cannot show it to the client.
+    let rule = "[[rule]]\nname = \"welcome\"\non = \"greeting\"\naction = \"rewrite\"\n\
+                replace = '^\\+OK (.*)$'\nwith = '+OK Welcome: ${1}'\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), rule),
+        b"",
+        &[b"+OK [XCLIENT] Dovecot ready. <1.2@h>\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.client), "+OK Welcome: Dovecot ready. <1.2@h>\r\n");
+}

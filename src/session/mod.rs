@@ -47,6 +47,8 @@ pub struct Shared {
     pub headers: Arc<crate::audit::HeaderSet>,
     /// Per-IP session caps and the failed-login penalty (`src/limits.rs`).
     pub limiter: Arc<crate::limits::Limiter>,
+    /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -99,6 +101,7 @@ pub(crate) async fn run(
 ) -> CloseReason {
     let started = Instant::now();
     let config = shared.config.clone();
+    let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
         match client_handshake(client, &shared).await {
             Ok(c) => client = c,
@@ -121,12 +124,14 @@ pub(crate) async fn run(
         Terminal::Pass => {}
         Terminal::Deny { reply, rule, .. } => {
             info!(%rule, "connection denied by rule");
+            record_rules(&shared, policy.take_tally());
             let _ = client.write_all(format!("{reply}\r\n").as_bytes()).await;
             let _ = client.shutdown().await;
             return CloseReason::RuleDrop;
         }
         Terminal::Drop { rule } => {
             info!(%rule, "connection dropped by rule");
+            record_rules(&shared, policy.take_tally());
             return CloseReason::RuleDrop;
         }
     }
@@ -156,6 +161,7 @@ pub(crate) async fn run(
         local: info.local,
         session: format!("popgate-{}", info.id),
     };
+    let dialled = Instant::now();
     let upstream = match crate::net::upstream::connect(
         &config.upstream,
         shared.tls.upstream.as_ref(),
@@ -164,15 +170,24 @@ pub(crate) async fn run(
     )
     .await
     {
-        Ok(u) => u,
+        Ok(u) => {
+            shared.metrics.upstream_connected(dialled.elapsed());
+            if u.stream.is_tls() {
+                shared.metrics.tls_handshake("upstream", true);
+            }
+            live.from_upstream.inc_by(u.preread.len() as u64);
+            u
+        }
         Err(e) => {
             warn!(error = %e, "upstream unavailable");
+            shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
             const UNAVAILABLE: &[u8] =
                 b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
             let sent = match client.write_all(UNAVAILABLE).await {
                 Ok(()) => UNAVAILABLE.len() as u64,
                 Err(_) => 0,
             };
+            live.to_client.inc_by(sent);
             let _ = client.shutdown().await;
             observer.close(
                 CloseReason::Error,
@@ -202,6 +217,7 @@ pub(crate) async fn run(
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
     };
+    let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
     let mut driver = Driver {
         hop,
@@ -216,8 +232,10 @@ pub(crate) async fn run(
         observer: SessionObserver {
             observer,
             shared: shared.clone(),
+            listener: listener_name,
         },
         traffic: Traffic::default(),
+        live,
     };
     let reason = match driver.drive(shutdown).await {
         Ok(r) => r,
@@ -235,6 +253,7 @@ pub(crate) async fn run(
         }
     };
     driver.hop.finish();
+    record_rules(&shared, driver.hop.take_rule_tally());
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     if driver.hop.mid_response() {
         // A multi-line response was cut: a reset, so that no client takes what it got for a
@@ -293,18 +312,31 @@ async fn client_handshake(client: Stream, shared: &Shared) -> Result<Stream, Ses
         .unwrap_or(std::time::Duration::from_secs(30));
     let stream = tokio::time::timeout(timeout, client.accept_tls(tls))
         .await
-        .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(fail)?;
+        .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))
+        .and_then(|r| r.map_err(fail));
+    shared.metrics.tls_handshake("client", stream.is_ok());
+    let stream = stream?;
     if let Some(t) = stream.tls_info() {
         info!(version = %t.version, cipher = %t.cipher, sni = t.sni.as_deref().unwrap_or("-"), "client TLS established");
     }
     Ok(stream)
 }
 
-/// The observer plus the shared login penalty: what the hop reports to and asks of.
+/// Record a session's rule activity (matches, denials, drops) in the metrics.
+fn record_rules(shared: &Shared, tally: crate::proxy::policy::RuleTally) {
+    if !tally.is_empty() {
+        shared
+            .metrics
+            .rules(&tally.matched, &tally.denied, &tally.dropped);
+    }
+}
+
+/// The observer plus the shared login penalty and metrics: what the hop reports to and asks of.
 struct SessionObserver {
     observer: Observer,
     shared: Arc<Shared>,
+    /// Listener name, a metrics label.
+    listener: Arc<str>,
 }
 
 impl Observe for SessionObserver {
@@ -318,6 +350,11 @@ impl Observe for SessionObserver {
         self.observer.local_reply(reply);
     }
     fn status(&mut self, meta: &ResponseMeta, line: &[u8], user: Option<&str>, state: State) {
+        if let Some(login) = &meta.login {
+            self.shared
+                .metrics
+                .login(&self.listener, &login.method.label(), login.success);
+        }
         self.observer.status(meta, line, user, state);
     }
     fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>) {
@@ -330,7 +367,11 @@ impl Observe for SessionObserver {
         self.observer.set_tags(tags);
     }
     fn login_failed(&mut self, ip: IpAddr) -> Option<std::time::Duration> {
-        self.shared.limiter.login_failed(ip)
+        let delay = self.shared.limiter.login_failed(ip);
+        if let Some(d) = delay {
+            self.shared.metrics.login_penalty(d);
+        }
+        delay
     }
 }
 
@@ -350,6 +391,8 @@ struct Driver {
     sin: BytesMut,
     observer: SessionObserver,
     traffic: Traffic,
+    /// The session's metrics handles (bytes each way; active until dropped).
+    live: crate::metrics::SessionMetrics,
 }
 
 impl Driver {
@@ -382,12 +425,14 @@ impl Driver {
                 _ = shutdown.changed() => self.hop.on_shutdown(),
                 r = self.upstream.read_buf(&mut self.sin) => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
-                    Ok(_) => self.hop.on_server_input(
+                    Ok(n) => {
+                        self.live.from_upstream.inc_by(n as u64);
+                        self.hop.on_server_input(
                         std::time::Instant::now(),
                         &mut self.sin,
                         &mut self.cin,
                         &mut self.observer,
-                    ),
+                    )},
                     Err(e) => {
                         // A reset or TLS alert (e.g. a refused client certificate): the
                         // client gets a clear answer for what it is waiting on.
@@ -404,6 +449,7 @@ impl Driver {
                         self.hop.on_client_eof();
                     } else {
                         self.traffic.from_client += n as u64;
+                        self.live.from_client.inc_by(n as u64);
                         self.hop.on_client_input(
                             std::time::Instant::now(),
                             &mut self.cin,
@@ -429,12 +475,15 @@ impl Driver {
                         .await
                         .map_err(io_err(Side::Client))?;
                     self.traffic.to_client += bytes.len() as u64;
+                    self.live.to_client.inc_by(bytes.len() as u64);
                 }
-                Action::ToUpstream(bytes) => self
-                    .upstream
-                    .write_all(&bytes)
-                    .await
-                    .map_err(io_err(Side::Upstream))?,
+                Action::ToUpstream(bytes) => {
+                    self.upstream
+                        .write_all(&bytes)
+                        .await
+                        .map_err(io_err(Side::Upstream))?;
+                    self.live.to_upstream.inc_by(bytes.len() as u64);
+                }
                 Action::Sleep(d) => {
                     self.sync_observer().await;
                     // A tarpit or login penalty never outlasts a shutdown: the session ends
@@ -461,6 +510,7 @@ impl Driver {
 
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.
     async fn sync_observer(&mut self) {
+        record_rules(&self.shared, self.hop.take_rule_tally());
         let obs = &mut self.observer.observer;
         obs.set_tags(self.hop.tags());
         if self.hop.trace() {

@@ -69,6 +69,7 @@ impl Harness {
             .block_on(popgate::Proxy::bind(config))
             .expect("bind proxy");
         let addrs: Vec<SocketAddr> = proxy.local_addrs().into_iter().map(|(_, a)| a).collect();
+        let metrics = proxy.metrics_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let done = self.rt.spawn(proxy.run(async {
             let _ = rx.await;
@@ -76,6 +77,7 @@ impl Harness {
         ProxyHandle {
             addr: addrs[0],
             addrs,
+            metrics,
             stop: Some(tx),
             done: Some(done),
         }
@@ -88,6 +90,8 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     /// All listeners' addresses, in config order.
     pub addrs: Vec<SocketAddr>,
+    /// The `[metrics]` endpoint's address, when configured.
+    pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }

@@ -1,0 +1,519 @@
+//! Prometheus metrics and health: the counters the session driver, the listeners and the
+//! upstream dialler record into, and what `/health` decides from. The HTTP endpoint that serves
+//! them is in [`http`]. The protocol core records nothing itself: the driver takes its rule
+//! tally and the observer's login facts and records them here.
+//!
+//! Label values are bounded: listener and rule names come from the config, login methods from
+//! the SASL mechanisms popgate relays, the rest are fixed words.
+
+pub(crate) mod http;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::audit::AuditSink;
+use crate::config::{Config, UpstreamConfig};
+use crate::limits::Limiter;
+
+/// Label pairs of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Connect latency buckets: 0.5 ms doubling up to ~8 s (loopback to a slow remote TLS server).
+const CONNECT_BUCKETS: (f64, f64, u16) = (0.0005, 2.0, 15);
+
+/// Longest an active `/health` probe of the upstream may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Every metric of a running proxy, and the facts `/health` needs.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    sessions_active: Family<Labels, Gauge>,
+    sessions: Family<Labels, Counter>,
+    logins: Family<Labels, Counter>,
+    tls_handshakes: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    rule_hits: Family<Labels, Counter>,
+    denials: Family<Labels, Counter>,
+    upstream_errors: Family<Labels, Counter>,
+    upstream_latency: Histogram,
+    penalty_seconds: Counter<f64, AtomicU64>,
+    listener_up: Family<Labels, Gauge>,
+    listeners: Vec<String>,
+    health_window: Duration,
+    upstream: Mutex<UpstreamSeen>,
+}
+
+/// The last upstream connects that succeeded and failed (sessions' and probes').
+#[derive(Debug, Default)]
+struct UpstreamSeen {
+    ok: Option<Instant>,
+    failed: Option<(Instant, String)>,
+}
+
+/// What `/health` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Health {
+    /// 200 when true, 503 otherwise.
+    pub(crate) ok: bool,
+    /// One line saying why.
+    pub(crate) reason: String,
+}
+
+/// Counts kept elsewhere, read at each scrape: the audit sink's lost events and the limits'
+/// refusals and login penalties.
+#[derive(Debug)]
+struct Polled {
+    audit: AuditSink,
+    limiter: Arc<Limiter>,
+}
+
+impl Collector for Polled {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.limiter.counters;
+        let dropped = ConstCounter::new(self.audit.dropped());
+        dropped.encode(encoder.encode_descriptor(
+            "popgate_audit_events_dropped",
+            "Audit events lost: queue full (on_overflow = \"drop\") or writer closed.",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        let mut refused = encoder.encode_descriptor(
+            "popgate_sessions_refused",
+            "Connections refused by limits.max_sessions_per_ip (per_ip), limits.max_sessions \
+             (max_sessions), or on a proxy_protocol listener (proxy_header: untrusted peer, \
+             missing, malformed or late header).",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("per_ip", c.per_ip_refused.load(Relaxed)),
+            ("max_sessions", c.full_refused.load(Relaxed)),
+            ("proxy_header", c.proxy_refused.load(Relaxed)),
+        ] {
+            ConstCounter::new(n).encode(refused.encode_family(&[("reason", reason)])?)?;
+        }
+        let delayed = ConstCounter::new(c.logins_delayed.load(Relaxed));
+        delayed.encode(encoder.encode_descriptor(
+            "popgate_login_penalty_delays",
+            "Failed-login replies held back by the per-IP penalty.",
+            None,
+            delayed.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn label(key: &'static str, value: &str) -> Labels {
+    vec![(key, value.to_owned())]
+}
+
+impl Metrics {
+    /// The metrics of a proxy running `config`, with the series known up front at 0 (so that
+    /// dashboards and `rate()` see them before the first event).
+    pub(crate) fn new(
+        config: &Config,
+        rule_names: impl Iterator<Item = String>,
+        audit: AuditSink,
+        limiter: Arc<Limiter>,
+    ) -> Metrics {
+        let (start, factor, n) = CONNECT_BUCKETS;
+        let m = Metrics {
+            registry: Registry::default(),
+            sessions_active: Family::default(),
+            sessions: Family::default(),
+            logins: Family::default(),
+            tls_handshakes: Family::default(),
+            bytes: Family::default(),
+            rule_hits: Family::default(),
+            denials: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_latency: Histogram::new(exponential_buckets(start, factor, n)),
+            penalty_seconds: Counter::default(),
+            listener_up: Family::default(),
+            listeners: config.listeners.iter().map(|l| l.name.clone()).collect(),
+            health_window: config
+                .metrics
+                .as_ref()
+                .map_or(Duration::from_secs(30), |m| m.health_window),
+            upstream: Mutex::new(UpstreamSeen::default()),
+        };
+        for l in &m.listeners {
+            let _ = m.sessions_active.get_or_create(&label("listener", l));
+            let _ = m.sessions.get_or_create(&label("listener", l));
+            let _ = m.listener_up.get_or_create(&label("listener", l));
+            for d in ["from_client", "to_client", "from_upstream", "to_upstream"] {
+                let _ = m.bytes.get_or_create(&bytes_labels(l, d));
+            }
+        }
+        for side in ["client", "upstream"] {
+            for result in ["ok", "failed"] {
+                let _ = m
+                    .tls_handshakes
+                    .get_or_create(&vec![("side", side.into()), ("result", result.into())]);
+            }
+        }
+        for stage in ["tcp", "setup", "tls", "timeout"] {
+            let _ = m.upstream_errors.get_or_create(&label("stage", stage));
+        }
+        for rule in rule_names {
+            let _ = m.rule_hits.get_or_create(&vec![("rule", rule)]);
+        }
+        m.register(Polled { audit, limiter })
+    }
+
+    fn register(mut self, polled: Polled) -> Metrics {
+        let r = &mut self.registry;
+        r.register(
+            "popgate_sessions_active",
+            "Sessions open now, per listener",
+            self.sessions_active.clone(),
+        );
+        r.register(
+            "popgate_sessions",
+            "Sessions accepted (past the limits), per listener",
+            self.sessions.clone(),
+        );
+        r.register(
+            "popgate_logins",
+            "Completed login attempts by listener, method (USER, APOP, AUTH <mechanism>) and \
+             outcome (success, failure)",
+            self.logins.clone(),
+        );
+        r.register(
+            "popgate_tls_handshakes",
+            "TLS handshakes by side (client, upstream) and result (ok, failed)",
+            self.tls_handshakes.clone(),
+        );
+        r.register(
+            "popgate_bytes",
+            "Octets relayed, per listener and direction (from_client, to_client, from_upstream, \
+             to_upstream)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "popgate_rule_hits",
+            "Rule evaluations whose matchers held, per rule",
+            self.rule_hits.clone(),
+        );
+        r.register(
+            "popgate_denials",
+            "Events a rule refused, per rule and action (deny: answered -ERR, drop: session \
+             closed)",
+            self.denials.clone(),
+        );
+        r.register(
+            "popgate_upstream_connect_errors",
+            "Upstream connects that failed, by stage (tcp; setup: PROXY header, greeting, STLS, XCLIENT; tls; timeout)",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "popgate_upstream_connect_duration_seconds",
+            "Time to a usable upstream connection (TCP, and STLS/TLS when configured)",
+            self.upstream_latency.clone(),
+        );
+        r.register(
+            "popgate_login_penalty_seconds",
+            "Total time failed-login replies were held back by the per-IP penalty",
+            self.penalty_seconds.clone(),
+        );
+        r.register(
+            "popgate_listener_up",
+            "1 while the listener accepts clients",
+            self.listener_up.clone(),
+        );
+        r.register_collector(Box::new(polled));
+        self
+    }
+
+    /// The Prometheus text of every metric.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A session started on `listener`: counts it, and returns its live handles (the session is
+    /// counted active until they are dropped).
+    pub(crate) fn session(&self, listener: &str) -> SessionMetrics {
+        let l = label("listener", listener);
+        self.sessions.get_or_create(&l).inc();
+        let active = self.sessions_active.get_or_create_owned(&l);
+        active.inc();
+        let bytes = |d| self.bytes.get_or_create_owned(&bytes_labels(listener, d));
+        SessionMetrics {
+            from_client: bytes("from_client"),
+            to_client: bytes("to_client"),
+            from_upstream: bytes("from_upstream"),
+            to_upstream: bytes("to_upstream"),
+            active,
+        }
+    }
+
+    /// A login completed.
+    pub(crate) fn login(&self, listener: &str, method: &str, success: bool) {
+        let outcome = if success { "success" } else { "failure" };
+        self.logins
+            .get_or_create(&vec![
+                ("listener", listener.to_owned()),
+                ("method", method.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// A TLS handshake on `side` (`client` or `upstream`) finished or failed.
+    pub(crate) fn tls_handshake(&self, side: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&vec![("side", side.into()), ("result", result.into())])
+            .inc();
+    }
+
+    /// Rule matches, denials and drops a session's rules reported (rule names).
+    pub(crate) fn rules(&self, matched: &[Arc<str>], denied: &[Arc<str>], dropped: &[Arc<str>]) {
+        for r in matched {
+            self.rule_hits.get_or_create(&label("rule", r)).inc();
+        }
+        for (rules, action) in [(denied, "deny"), (dropped, "drop")] {
+            for r in rules {
+                self.denials
+                    .get_or_create(&vec![("rule", r.to_string()), ("action", action.into())])
+                    .inc();
+            }
+        }
+    }
+
+    /// A failed login's reply was held back `d`.
+    pub(crate) fn login_penalty(&self, d: Duration) {
+        self.penalty_seconds.inc_by(d.as_secs_f64());
+    }
+
+    /// An upstream connect succeeded after `took`.
+    pub(crate) fn upstream_connected(&self, took: Duration) {
+        self.upstream_latency.observe(took.as_secs_f64());
+        lock(&self.upstream).ok = Some(Instant::now());
+    }
+
+    /// An upstream connect failed at `stage` (`tcp`, `setup`, `tls`, `timeout`).
+    pub(crate) fn upstream_failed(&self, stage: &'static str, why: &str) {
+        self.upstream_errors
+            .get_or_create(&label("stage", stage))
+            .inc();
+        if stage == "tls" {
+            self.tls_handshake("upstream", false);
+        }
+        lock(&self.upstream).failed = Some((Instant::now(), why.to_owned()));
+    }
+
+    /// Mark `listener` as accepting (or not any more).
+    pub(crate) fn listener_up(&self, listener: &str, up: bool) {
+        self.listener_up
+            .get_or_create(&label("listener", listener))
+            .set(i64::from(up));
+    }
+
+    /// `/health`: every listener accepts, and the upstream accepted a connection within the
+    /// health window (a session's, or a TCP probe made now when none did, or when a later
+    /// one failed).
+    pub(crate) async fn health(&self, upstream: &UpstreamConfig) -> Health {
+        for l in &self.listeners {
+            let up = self
+                .listener_up
+                .get(&label("listener", l))
+                .is_some_and(|g| g.get() == 1);
+            if !up {
+                return Health {
+                    ok: false,
+                    reason: format!("listener {l} is not accepting clients"),
+                };
+            }
+        }
+        let recent = {
+            let seen = lock(&self.upstream);
+            match (seen.ok, &seen.failed) {
+                (Some(ok), failed) => {
+                    ok.elapsed() <= self.health_window
+                        && failed.as_ref().is_none_or(|(f, _)| *f <= ok)
+                }
+                (None, _) => false,
+            }
+        };
+        if recent {
+            return Health {
+                ok: true,
+                reason: format!(
+                    "ok: {} listener(s) up, upstream {} connected within {:?}",
+                    self.listeners.len(),
+                    upstream.address,
+                    self.health_window
+                ),
+            };
+        }
+        match probe(upstream).await {
+            Ok(addr) => {
+                lock(&self.upstream).ok = Some(Instant::now());
+                Health {
+                    ok: true,
+                    reason: format!(
+                        "ok: {} listener(s) up, upstream {} ({addr}) accepted a probe",
+                        self.listeners.len(),
+                        upstream.address
+                    ),
+                }
+            }
+            Err(e) => {
+                lock(&self.upstream).failed = Some((Instant::now(), e.clone()));
+                Health {
+                    ok: false,
+                    reason: format!("upstream {} unreachable: {e}", upstream.address),
+                }
+            }
+        }
+    }
+}
+
+fn bytes_labels(listener: &str, direction: &str) -> Labels {
+    vec![
+        ("listener", listener.to_owned()),
+        ("direction", direction.to_owned()),
+    ]
+}
+
+/// A TCP connect to the upstream (no POP3, no TLS), closed at once.
+async fn probe(upstream: &UpstreamConfig) -> Result<SocketAddr, String> {
+    let limit = upstream.connect_timeout.min(PROBE_TIMEOUT);
+    let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(&upstream.address))
+        .await
+        .map_err(|_| format!("TCP connect timed out after {limit:?}"))?
+        .map_err(|e| e.to_string())?;
+    tcp.peer_addr().map_err(|e| e.to_string())
+}
+
+/// One session's handles: byte counters without a label lookup per read, and its place in
+/// `popgate_sessions_active` (given back on drop).
+#[derive(Debug)]
+pub(crate) struct SessionMetrics {
+    /// Octets read from the client.
+    pub(crate) from_client: Counter,
+    /// Octets written to the client.
+    pub(crate) to_client: Counter,
+    /// Octets read from the upstream.
+    pub(crate) from_upstream: Counter,
+    /// Octets written to the upstream.
+    pub(crate) to_upstream: Counter,
+    active: Gauge,
+}
+
+impl Drop for SessionMetrics {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address nothing listens on (bound a moment ago, then freed).
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    fn metrics(upstream: &str) -> (Metrics, Config) {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"1s\"\n\
+             [metrics]\nbind = \"127.0.0.1:0\"\nhealth_window = \"1h\"\n"
+        );
+        let config = Config::parse(&text, std::path::Path::new("t")).unwrap();
+        let limiter = Arc::new(Limiter::new(&config.limits));
+        let m = Metrics::new(
+            &config,
+            ["r1".to_owned()].into_iter(),
+            AuditSink::disabled(),
+            limiter,
+        );
+        (m, config)
+    }
+
+    fn sample(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn a_session_is_active_until_its_handles_drop() {
+        let (m, _) = metrics("127.0.0.1:1");
+        let s = m.session("a");
+        s.to_client.inc_by(10);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "popgate_sessions_active{listener=\"a\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "popgate_bytes_total{listener=\"a\",direction=\"to_client\"}"
+            )
+            .as_deref(),
+            Some("10")
+        );
+        drop(s);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "popgate_sessions_active{listener=\"a\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, "popgate_sessions_total{listener=\"a\"}").as_deref(),
+            Some("1")
+        );
+        // Known rules are there before their first hit.
+        assert_eq!(
+            sample(&text, "popgate_rule_hits_total{rule=\"r1\"}").as_deref(),
+            Some("0")
+        );
+    }
+
+    #[tokio::test]
+    async fn health_needs_listeners_and_a_recent_upstream_connect() {
+        let gone = closed_port();
+        let (m, config) = metrics(&gone);
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok && h.reason.contains("listener a"), "{h:?}");
+        m.listener_up("a", true);
+        // Nothing connected yet: the probe finds nobody.
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
+        // A session's connect within the window is trusted without a probe.
+        m.upstream_connected(Duration::from_millis(1));
+        let h = m.health(&config.upstream).await;
+        assert!(h.ok && h.reason.contains("connected within"), "{h:?}");
+        // A later failure makes it look again (and the probe fails).
+        m.upstream_failed("tcp", "refused");
+        let h = m.health(&config.upstream).await;
+        assert!(!h.ok, "{h:?}");
+        m.listener_up("a", false);
+        assert!(!m.health(&config.upstream).await.ok);
+    }
+}

@@ -1,0 +1,474 @@
+//! `[metrics]`: `/metrics` counts what sessions did (scraped with curl from the real binary),
+//! `/health` follows the upstream, and the shipped Grafana dashboard asks only for metrics a
+//! real scrape has.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::certs::{TestPki, rustls_server};
+use common::clients::{RawPop, curl, curl_retr, url};
+use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox, rule_file};
+use popgate_demo::{DemoServer, ServerOptions};
+
+const USER: &str = "alice";
+const PASS: &str = "secret";
+
+/// A rule that matches every RETR (`log`) and one that refuses DELE (`deny`).
+const RULES: &str = r#"
+[[rule]]
+name = "log-retr"
+on = "command"
+verbs = ["RETR"]
+action = "log"
+message = "{user} retrieves"
+
+[[rule]]
+name = "no-dele"
+on = "command"
+verbs = ["DELE"]
+action = "deny"
+message = "read-only"
+"#;
+
+fn upstream(h: &Harness) -> DemoServer {
+    let msg = b"Subject: hi\r\n\r\nhello\r\n".to_vec();
+    h.upstream(ServerOptions::new(vec![mailbox(USER, PASS, vec![msg])]))
+}
+
+/// `GET http://addr/path` with curl: status code and body.
+fn http(addr: SocketAddr, path: &str) -> (u16, String) {
+    let out = curl(&["-w", "\n%{http_code}", &format!("http://{addr}{path}")]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').expect("curl printed a status");
+    (code.parse().expect("HTTP status"), body.to_owned())
+}
+
+/// A `/metrics` scrape that must answer 200.
+fn scrape(addr: SocketAddr) -> String {
+    let (code, body) = http(addr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Sample lines of a scrape as (name, labels text, value).
+fn samples(scrape: &str) -> Vec<(&str, &str, f64)> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("sample has a value");
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            (
+                name,
+                labels,
+                value.parse().expect("sample value is a number"),
+            )
+        })
+        .collect()
+}
+
+/// The sum of `name`'s series that carry every label of `labels`.
+fn value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(scrape)
+        .into_iter()
+        .filter(|(n, l, _)| {
+            *n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// Acceptance: popgate (the binary) with `[metrics]` in front of the demo upstream; curl RETRs a
+/// message, a login fails, a DELE is denied by a rule; curl's scrape of `/metrics` shows each of
+/// them. `/health` is 200 while the upstream answers and 503 once it is gone.
+#[test]
+fn scrape_counts_sessions_logins_bytes_and_rules_and_health_follows_upstream() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let port = common::free_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .top("rules = [\"policy.toml\"]\n")
+            .file("policy.toml", RULES)
+            .tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+
+    let got = curl_retr(p.addr, USER, PASS, 1);
+    assert!(got.starts_with(b"Subject: hi"));
+    let bad = curl(&["-u", &format!("{USER}:wrong"), &url("pop3", p.addr, "")]);
+    assert!(!bad.status.success(), "a wrong password must fail");
+    let mut c = RawPop::connect(p.addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    assert!(c.cmd("DELE 1").starts_with("-ERR"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+
+    // Sessions end (and are counted inactive) just after the client sees the close.
+    let mut m = String::new();
+    common::wait_until("sessions closed", || {
+        m = scrape(metrics);
+        value(&m, "popgate_sessions_active", &[("listener", "bin")]) == 0.0
+    });
+    assert!(
+        value(&m, "popgate_sessions_total", &[("listener", "bin")]) >= 3.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "popgate_logins_total", &[("outcome", "success")]) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "popgate_logins_total", &[("outcome", "failure")]) >= 1.0,
+        "{m}"
+    );
+    let user_ok = [("method", "USER"), ("outcome", "success")];
+    assert_eq!(value(&m, "popgate_logins_total", &user_ok), 1.0, "{m}");
+    for d in ["from_client", "to_client", "from_upstream", "to_upstream"] {
+        assert!(
+            value(&m, "popgate_bytes_total", &[("direction", d)]) > 0.0,
+            "no bytes {d}: {m}"
+        );
+    }
+    // The message went to the client: at least its size.
+    assert!(value(&m, "popgate_bytes_total", &[("direction", "to_client")]) >= got.len() as f64);
+    assert!(
+        value(&m, "popgate_rule_hits_total", &[("rule", "log-retr")]) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "popgate_rule_hits_total", &[("rule", "no-dele")]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "popgate_denials_total",
+            &[("rule", "no-dele"), ("action", "deny")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(value(&m, "popgate_upstream_connect_duration_seconds_count", &[]) >= 3.0);
+    assert_eq!(
+        value(&m, "popgate_listener_up", &[("listener", "bin")]),
+        1.0
+    );
+    assert_eq!(value(&m, "popgate_upstream_connect_errors_total", &[]), 0.0);
+
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("ok"), "{body}");
+
+    // The upstream goes away; the next client cannot be served, and /health says so.
+    up.shutdown();
+    common::wait_until("upstream refuses connections", || {
+        std::net::TcpStream::connect(up.local_addr()).is_err()
+    });
+    let c = RawPop::connect(p.addr);
+    assert!(c.greeting.starts_with("-ERR"), "{}", c.greeting);
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    let m = scrape(metrics);
+    assert!(
+        value(
+            &m,
+            "popgate_upstream_connect_errors_total",
+            &[("stage", "tcp")]
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+/// Without any session, `/health` dials the upstream itself: 200 when it accepts, 503 (with
+/// the reason) when nothing listens there. Other paths are 404.
+#[test]
+fn health_probes_the_upstream_when_no_session_has() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let px = h.proxy(up.local_addr(), "[metrics]\nbind = \"127.0.0.1:0\"\n");
+    let metrics = px.metrics.expect("metrics endpoint bound");
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("probe"), "{body}");
+    assert_eq!(up.connections(), 1, "one probe connection");
+    assert_eq!(http(metrics, "/nope").0, 404);
+
+    let gone = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let px = h.proxy(gone, "[metrics]\nbind = \"127.0.0.1:0\"\n");
+    let (code, body) = http(px.metrics.unwrap(), "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+}
+
+/// TLS handshakes are counted per side and result: a trusted and an untrusting client on an
+/// implicit-TLS listener, and an upstream whose certificate popgate does not trust.
+#[test]
+fn tls_handshakes_are_counted_per_side() {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let msg = b"Subject: tls\r\n\r\nbody\r\n".to_vec();
+    let up = h.upstream(ServerOptions {
+        tls: Some(rustls_server(&cert, &key)),
+        implicit_tls: true,
+        ..ServerOptions::new(vec![mailbox(USER, PASS, vec![msg])])
+    });
+    let config = |up: SocketAddr, mode: &str, ca: &std::path::Path| {
+        format!(
+            "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+             [upstream]\naddress = \"{up}\"\ntls = \"{mode}\"\nca_file = {ca:?}\n\
+             server_name = \"localhost\"\nconnect_timeout = \"3s\"\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n[metrics]\nbind = \"127.0.0.1:0\"\n"
+        )
+    };
+    let px = h.proxy_toml(&config(up.local_addr(), "implicit", pki.ca_path()));
+    let metrics = px.metrics.unwrap();
+    let ca = pki.ca_path().display().to_string();
+    let creds = format!("{USER}:{PASS}");
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(ok.status.success(), "{ok:?}");
+    // curl does not know the test CA: it aborts the handshake.
+    let refused = curl(&["-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!refused.status.success());
+    let hs = |m: &str, side, result| {
+        value(
+            m,
+            "popgate_tls_handshakes_total",
+            &[("side", side), ("result", result)],
+        )
+    };
+    let mut m = String::new();
+    common::wait_until("failed handshake counted", || {
+        m = scrape(metrics);
+        hs(&m, "client", "failed") == 1.0
+    });
+    assert_eq!(hs(&m, "client", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 0.0, "{m}");
+
+    // Verified against another CA, the upstream's certificate fails.
+    let other = TestPki::new();
+    let px = h.proxy_toml(&config(up.local_addr(), "implicit", other.ca_path()));
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!ok.status.success(), "{ok:?}");
+    let m = scrape(px.metrics.unwrap());
+    assert_eq!(hs(&m, "client", "ok"), 1.0, "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 1.0, "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "popgate_upstream_connect_errors_total",
+            &[("stage", "tls")]
+        ),
+        1.0,
+        "{m}"
+    );
+
+    // A server that refuses STLS fails before any handshake: stage `setup`.
+    let plain = upstream(&h);
+    let px = h.proxy_toml(&config(plain.local_addr(), "starttls", pki.ca_path()));
+    let ok = curl(&["--cacert", &ca, "-u", &creds, &url("pop3s", px.addr, "1")]);
+    assert!(!ok.status.success(), "{ok:?}");
+    let m = scrape(px.metrics.unwrap());
+    let errors = |stage| {
+        value(
+            &m,
+            "popgate_upstream_connect_errors_total",
+            &[("stage", stage)],
+        )
+    };
+    assert_eq!((errors("setup"), errors("tls")), (1.0, 0.0), "{m}");
+    assert_eq!(hs(&m, "upstream", "failed"), 0.0, "{m}");
+}
+
+/// Refusals by the limits and the failed-login penalty show up: a second session from one IP
+/// over `max_sessions_per_ip = 1`, and failed logins past the free ones.
+#[test]
+fn limit_refusals_and_login_penalties_are_counted() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let px = h.proxy(
+        up.local_addr(),
+        "[limits]\nmax_sessions_per_ip = 1\nlogin_fail_delay = \"20ms\"\n\
+         login_fail_delay_max = \"40ms\"\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+    );
+    let metrics = px.metrics.unwrap();
+    let mut c = RawPop::connect(px.addr);
+    let second = RawPop::connect(px.addr);
+    assert!(second.greeting.starts_with("-ERR"), "{}", second.greeting);
+    for _ in 0..4 {
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        assert!(c.cmd("PASS wrong").starts_with("-ERR"));
+    }
+    let m = scrape(metrics);
+    let refused = [("reason", "per_ip")];
+    assert_eq!(
+        value(&m, "popgate_sessions_refused_total", &refused),
+        1.0,
+        "{m}"
+    );
+    // Two failures are free; the third and fourth wait 20 ms and 40 ms.
+    assert_eq!(
+        value(&m, "popgate_login_penalty_delays_total", &[]),
+        2.0,
+        "{m}"
+    );
+    let waited = value(&m, "popgate_login_penalty_seconds_total", &[]);
+    assert!((waited - 0.06).abs() < 1e-6, "{waited}: {m}");
+    assert_eq!(value(&m, "popgate_sessions_active", &[]), 1.0, "{m}");
+}
+
+/// Every metric the shipped dashboard queries exists in a real scrape, and the README's metric
+/// list is exactly what popgate exports, so neither can drift from the code.
+#[test]
+fn dashboard_and_readme_name_only_metrics_popgate_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/grafana-popgate.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 7, "only {} queries found", exprs.len());
+
+    let h = Harness::new();
+    let up = upstream(&h);
+    let rules = rule_file(RULES);
+    let px = h.proxy_with_rules(
+        &[&rules.path],
+        "",
+        up.local_addr(),
+        "",
+        "[metrics]\nbind = \"127.0.0.1:0\"\n",
+    );
+    // Series with free-form labels appear once they happen: a login (ok and failed), a denial.
+    let mut c = RawPop::connect(px.addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd("PASS wrong").starts_with("-ERR"));
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    assert!(c.cmd("DELE 1").starts_with("-ERR"));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    let m = scrape(px.metrics.unwrap());
+    let exported: std::collections::BTreeSet<&str> =
+        samples(&m).into_iter().map(|(n, _, _)| n).collect();
+
+    let name = regex::Regex::new(r"popgate_[a-z0-9_]+").unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        used.extend(name.find_iter(e).map(|m| m.as_str().to_owned()));
+    }
+    assert!(used.len() >= 8, "dashboard uses only {used:?}");
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|u| !exported.contains(u.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "dashboard queries metrics popgate does not export: {missing:?}\nexported: {exported:?}"
+    );
+
+    // The README documents each metric family (`# TYPE` lines), and nothing else.
+    let families: std::collections::BTreeSet<String> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .collect();
+    let section = readme_section();
+    let documented: std::collections::BTreeSet<String> = name
+        .find_iter(&section)
+        .map(|m| m.as_str().to_owned())
+        .collect();
+    assert_eq!(documented, families, "README metric list vs /metrics");
+}
+
+/// The README's "Metrics and health" section.
+fn readme_section() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("\n## Metrics and health\n")
+        .expect("README section");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_owned()
+}
+
+/// The `[metrics]` example of the README is a valid config.
+#[test]
+fn readme_metrics_example_is_valid() {
+    let section = readme_section();
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    assert!(toml.contains("[metrics]"), "{toml}");
+    let text = format!(
+        "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1110\"\n\
+         [upstream]\naddress = \"127.0.0.1:110\"\n{toml}"
+    );
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(&text, path).unwrap();
+    config.validate(path).unwrap();
+    let m = config.metrics.expect("[metrics] parsed");
+    assert_eq!(m.bind, "127.0.0.1:9110".parse().unwrap());
+    assert_eq!(m.health_window, std::time::Duration::from_secs(30));
+}
+
+/// Every `expr` string in the dashboard JSON (panel targets), wherever it is nested.
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// `[metrics]` mistakes are refused at load: a zero window, the address of a listener, an
+/// unknown key; a port already taken fails the start with the key named.
+#[test]
+fn metrics_config_mistakes_are_refused() {
+    let path = std::path::Path::new("t.toml");
+    let check = |metrics: &str| {
+        let text = format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1110\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n[metrics]\n{metrics}"
+        );
+        popgate::Config::parse(&text, path)
+            .and_then(|c| c.validate(path))
+            .map_err(|e| e.to_string())
+    };
+    assert!(check("bind = \"127.0.0.1:9110\"\n").is_ok());
+    let e = check("bind = \"127.0.0.1:9110\"\nhealth_window = \"0s\"\n").unwrap_err();
+    assert!(e.contains("metrics.health_window"), "{e}");
+    let e = check("bind = \"127.0.0.1:1110\"\n").unwrap_err();
+    assert!(e.contains("metrics.bind"), "{e}");
+    assert!(check("bind = \"127.0.0.1:9110\"\npath = \"/m\"\n").is_err());
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"127.0.0.1:110\"\n[metrics]\nbind = \"{}\"\n",
+        taken.local_addr().unwrap()
+    );
+    let config = popgate::Config::parse(&text, path).unwrap();
+    let h = Harness::new();
+    let e = h.rt.block_on(popgate::Proxy::bind(config)).unwrap_err();
+    assert!(e.to_string().contains("metrics.bind"), "{e}");
+}
