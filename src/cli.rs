@@ -54,11 +54,26 @@ pub enum CliCommand {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate a config file and exit: non-zero with a message naming file, key and problem.
+    /// Check a config file as `run` (and a reload) would and exit: non-zero with a message
+    /// naming file, key and problem; warnings (certificates expiring within 30 days, rule
+    /// patterns matching no file) go to stderr.
     Check {
         /// Path to the TOML config.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Print the effective config (TOML, every default filled in) instead of a summary.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Tell a running popgate to reload its config (SIGHUP to the process in the PID file).
+    #[command(group = clap::ArgGroup::new("target").required(true))]
+    Reload {
+        /// The PID file of the running popgate.
+        #[arg(long, value_name = "FILE", group = "target")]
+        pid_file: Option<PathBuf>,
+        /// The config of the running popgate: its `pid_file` names the process.
+        #[arg(short, long, value_name = "FILE", group = "target")]
+        config: Option<PathBuf>,
     },
     /// Show audit trail events (JSON lines files) as a table: who fetched or deleted what.
     Audit {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem; the message names the file, the key and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum ConfigError {
 }
 
 /// TLS mode of a listener or of the upstream connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Plain TCP.
@@ -51,7 +51,7 @@ pub enum TlsMode {
 }
 
 /// What to do with commands popgate does not know.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UnknownCommands {
     /// Answer `-ERR` locally: an unknown response shape could desynchronise the session.
@@ -62,7 +62,7 @@ pub enum UnknownCommands {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where clients connect (`[[listener]]`, one or more).
@@ -82,6 +82,14 @@ pub struct Config {
     /// Rule files, as globs relative to the config file (`["rules/*.toml"]`), loaded in order.
     #[serde(default)]
     pub rules: Vec<String>,
+    /// Write popgate's process id here once the listeners are bound; removed at exit.
+    /// `popgate reload --config` reads it to find the process to signal.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// On SIGTERM popgate stops accepting at once and lets open sessions finish for this long;
+    /// then it closes the rest (upstream without QUIT).
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Audit trail and traffic transcripts (`[audit]`).
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
@@ -97,7 +105,7 @@ pub struct Config {
 }
 
 /// `[process]`: the user and group popgate runs as once its listeners are bound.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessConfig {
     /// Switch to this user (name or numeric id) after binding the listeners and opening the
@@ -109,7 +117,7 @@ pub struct ProcessConfig {
 }
 
 /// `[tls]`: the certificates popgate presents to clients.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Default certificate chain (PEM).
@@ -125,7 +133,7 @@ pub struct TlsConfig {
 }
 
 /// A certificate served to clients asking for one of `server_names` (SNI).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniCertificate {
     /// Names (`mail.example.org`, or `*.example.org` for one level).
@@ -137,7 +145,7 @@ pub struct SniCertificate {
 }
 
 /// One listening socket.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Name used in logs (and later in rules).
@@ -165,7 +173,7 @@ fn default_proxy_timeout() -> Duration {
 }
 
 /// How the upstream learns the real client address (`upstream.forward_client`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForwardClient {
     /// Not at all: the server sees popgate's address.
@@ -180,7 +188,7 @@ pub enum ForwardClient {
 }
 
 /// `[metrics]`: an HTTP endpoint with `/metrics` (Prometheus text) and `/health`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint, e.g. `127.0.0.1:9110` (keep it off public networks:
@@ -197,7 +205,7 @@ fn default_health_window() -> Duration {
 }
 
 /// The upstream POP3 server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port`; a name is resolved at each connection.
@@ -233,7 +241,7 @@ fn default_handshake_timeout() -> Duration {
 }
 
 /// Limits on what a session may do.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Close a session (upstream without QUIT) after this long without traffic.
@@ -288,7 +296,7 @@ impl Default for Limits {
 }
 
 /// Operational log settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as `popgate=debug`.
@@ -336,7 +344,7 @@ impl LogConfig {
 }
 
 /// Where operational log lines go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogOutput {
     /// Standard error (colours only when it is a terminal).
@@ -362,7 +370,7 @@ impl LogOutput {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -373,7 +381,7 @@ pub enum LogFormat {
 }
 
 /// How often a log file is rotated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Rotation {
     /// A new file every day.
@@ -383,6 +391,10 @@ pub enum Rotation {
     Hourly,
     /// One file.
     Never,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_connect_timeout() -> Duration {
@@ -440,6 +452,9 @@ impl Config {
         }
         if let Some(d) = &mut self.log.dir {
             fix(d);
+        }
+        if let Some(p) = &mut self.pid_file {
+            fix(p);
         }
         self.audit.resolve_paths(base);
     }
@@ -733,7 +748,7 @@ impl Config {
 }
 
 /// Whether `dir` is, or can be created as, a directory popgate can write in.
-fn writable_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn writable_dir(dir: &Path) -> Result<(), String> {
     // The missing part of the path is created at run time: what must be writable is the nearest
     // part that exists.
     let mut existing = dir;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Every limit a running proxy keeps, shared by listeners and sessions.
 #[derive(Debug)]
 pub struct Limiter {
+    /// Live sessions in all, capped at `limits.max_sessions`.
+    pub total: Arc<TotalSessions>,
     /// Live sessions per client IP.
     pub sessions: Arc<IpSessions>,
     /// The failed-login penalty per client IP.
@@ -70,6 +72,7 @@ impl Limiter {
     /// The limits of `config`.
     pub fn new(config: &Limits) -> Limiter {
         Limiter {
+            total: TotalSessions::new(config.max_sessions),
             sessions: IpSessions::new(config.max_sessions_per_ip),
             logins: LoginThrottle::new(
                 config.login_fail_delay,
@@ -79,6 +82,20 @@ impl Limiter {
             ),
             counters: Counters::default(),
         }
+    }
+
+    /// Take the limits of a reloaded config: live sessions and remembered failures are kept
+    /// (a lowered cap refuses new sessions until enough old ones have ended).
+    pub fn update(&self, config: &Limits) {
+        self.total.max.store(config.max_sessions, Ordering::Relaxed);
+        self.sessions
+            .max
+            .store(config.max_sessions_per_ip, Ordering::Relaxed);
+        *lock(&self.logins.params) = ThrottleParams {
+            base: config.login_fail_delay,
+            max: config.login_fail_delay_max,
+            window: config.login_fail_window,
+        };
     }
 
     /// A login from `ip` failed: record it and return how long to hold the failure reply.
@@ -91,10 +108,54 @@ impl Limiter {
     }
 }
 
+/// Live sessions in all, capped at `max` (`limits.max_sessions`, changeable by a reload).
+#[derive(Debug)]
+pub struct TotalSessions {
+    max: AtomicUsize,
+    live: AtomicUsize,
+}
+
+/// One live session; dropping it frees the slot.
+#[derive(Debug)]
+#[must_use = "the slot is freed when dropped"]
+pub struct TotalSlot(Arc<TotalSessions>);
+
+impl TotalSessions {
+    /// A counter allowing `max` sessions at once.
+    pub fn new(max: usize) -> Arc<TotalSessions> {
+        Arc::new(TotalSessions {
+            max: AtomicUsize::new(max),
+            live: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot for a new session, or `None` when `max` sessions are live.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<TotalSlot> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TotalSlot(self.clone()))
+    }
+
+    /// Live sessions now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TotalSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Live sessions per client IP, capped at `max` each (0: no cap, nothing is tracked).
 #[derive(Debug)]
 pub struct IpSessions {
-    max: usize,
+    max: AtomicUsize,
     live: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -110,19 +171,20 @@ impl IpSessions {
     /// A table allowing `max` sessions per IP (0: unlimited).
     pub fn new(max: usize) -> Arc<IpSessions> {
         Arc::new(IpSessions {
-            max,
+            max: AtomicUsize::new(max),
             live: Mutex::new(HashMap::new()),
         })
     }
 
     /// A slot for a new session from `ip`, or `None` when `ip` already has `max` sessions.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        if self.max == 0 {
+        let max = self.max.load(Ordering::Relaxed);
+        if max == 0 {
             return Some(IpSlot { table: None });
         }
         let mut live = lock(&self.live);
         let n = live.entry(ip).or_insert(0);
-        if *n >= self.max {
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -164,10 +226,16 @@ impl Drop for IpSlot {
 /// penalty between guesses at others.
 #[derive(Debug)]
 pub struct LoginThrottle {
+    params: Mutex<ThrottleParams>,
+    table: Mutex<LruCache<IpAddr, Failures>>,
+}
+
+/// The penalty's settings, replaced on reload.
+#[derive(Debug, Clone, Copy)]
+struct ThrottleParams {
     base: Duration,
     max: Duration,
     window: Duration,
-    table: Mutex<LruCache<IpAddr, Failures>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -181,21 +249,20 @@ impl LoginThrottle {
     pub fn new(base: Duration, max: Duration, window: Duration, capacity: usize) -> Self {
         let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         LoginThrottle {
-            base,
-            max,
-            window,
+            params: Mutex::new(ThrottleParams { base, max, window }),
             table: Mutex::new(LruCache::new(capacity)),
         }
     }
 
     /// Record a failed login from `ip` at `now`; the delay for its reply, if any.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        if self.base.is_zero() {
+        let p = *lock(&self.params);
+        if p.base.is_zero() {
             return None;
         }
         let mut table = lock(&self.table);
         let count = match table.get_mut(&ip) {
-            Some(f) if now.saturating_duration_since(f.last) < self.window => {
+            Some(f) if now.saturating_duration_since(f.last) < p.window => {
                 f.count = f.count.saturating_add(1);
                 f.last = now;
                 f.count
@@ -219,13 +286,14 @@ impl LoginThrottle {
                 1
             }
         };
-        penalty(count, self.base, self.max)
+        penalty(count, p.base, p.max)
     }
 
     /// Failures of `ip` that still count at `now`.
     pub fn failures(&self, ip: IpAddr, now: Instant) -> u32 {
+        let window = lock(&self.params).window;
         match lock(&self.table).peek(&ip) {
-            Some(f) if now.saturating_duration_since(f.last) < self.window => f.count,
+            Some(f) if now.saturating_duration_since(f.last) < window => f.count,
             _ => 0,
         }
     }
@@ -349,6 +417,33 @@ mod tests {
             drop(slot);
         }
         assert_eq!(t.ips(), 0);
+    }
+
+    #[test]
+    fn total_cap_follows_an_update() {
+        let mut limits = Limits {
+            max_sessions: 2,
+            ..Limits::default()
+        };
+        let l = Limiter::new(&limits);
+        let a = l.total.try_acquire().unwrap();
+        let b = l.total.try_acquire().unwrap();
+        assert!(l.total.try_acquire().is_none());
+        limits.max_sessions = 1;
+        limits.max_sessions_per_ip = 1;
+        l.update(&limits);
+        drop(a);
+        assert!(l.total.try_acquire().is_none(), "still 1 live, cap now 1");
+        drop(b);
+        let c = l.total.try_acquire().unwrap();
+        assert_eq!(l.total.live(), 1);
+        drop(c);
+        let x = l.sessions.try_acquire(ip(1)).unwrap();
+        assert!(
+            l.sessions.try_acquire(ip(1)).is_none(),
+            "per-IP cap updated"
+        );
+        drop(x);
     }
 
     #[test]

@@ -31,28 +31,69 @@ fn main() -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        CliCommand::Check { config } => {
-            let c = Config::load(&config)?;
-            c.check_dirs(&config)?;
+        CliCommand::Check { config, print } => {
+            let mut c = Config::load(&config)?;
+            if let Some(level) = cli.log_level {
+                c.log.level = level;
+                c.validate(&config)?;
+            }
+            // Directories the `[process] user` could not write in after the switch.
             popgate::daemon::check_dirs_for_user(&c)
                 .with_context(|| format!("{}", config.display()))?;
-            // Loads certificates and keys too, so unreadable or mismatched files show up here.
-            let c = popgate::prepare(c)
-                .with_context(|| format!("{}: loading referenced files", config.display()))?
-                .config
-                .clone();
-            println!(
-                "{}: OK ({} listener(s), upstream {})",
-                config.display(),
-                c.listeners.len(),
-                c.upstream.address
-            );
+            // The same checks as a start and a reload: directories, certificates and keys,
+            // rule files.
+            let checked = match popgate::check(c, &config) {
+                Ok(c) => c,
+                // Config errors name the file already; the others name only the file they
+                // are about.
+                Err(e @ popgate::StartError::Config(_)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("{}: loading referenced files", config.display())));
+                }
+            };
+            for w in &checked.warnings {
+                eprintln!("warning: {w}");
+            }
+            let c = checked.config;
+            if print {
+                println!(
+                    "# {}: the effective configuration, defaults filled in",
+                    config.display()
+                );
+                print!(
+                    "{}",
+                    popgate::effective_toml(&c).map_err(anyhow::Error::msg)?
+                );
+            } else {
+                println!(
+                    "{}: OK ({} listener(s), upstream {}{})",
+                    config.display(),
+                    c.listeners.len(),
+                    c.upstream.address,
+                    match checked.warnings.len() {
+                        0 => String::new(),
+                        n => format!(", {n} warning(s)"),
+                    }
+                );
+            }
+            Ok(())
+        }
+        CliCommand::Reload { pid_file, config } => {
+            let pid_file = match (pid_file, config) {
+                (Some(p), _) => p,
+                (None, Some(config)) => Config::load(&config)?
+                    .pid_file
+                    .with_context(|| format!("{}: no pid_file is set", config.display()))?,
+                (None, None) => anyhow::bail!("give --pid-file or --config"),
+            };
+            let pid = popgate::pidfile::signal_reload(&pid_file)?;
+            println!("sent SIGHUP to popgate (pid {pid}); the result is in its log");
             Ok(())
         }
         CliCommand::Run { config } => {
             let mut c = Config::load(&config)?;
-            let level_override = cli.log_level.clone();
-            if let Some(level) = level_override.clone() {
+            if let Some(level) = cli.log_level {
                 c.log.level = level;
                 c.validate(&config)?;
             }
@@ -62,18 +103,25 @@ fn main() -> Result<()> {
             // Before any file or directory is created: which ones popgate makes as root.
             let privdrop = popgate::daemon::PrivilegeDrop::prepare(&c)?;
             let logging = Arc::new(Logging::init(&c.log)?);
+            let pid_path = c.pid_file.clone();
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind(c).await?;
+                let proxy = popgate::Proxy::bind_file(c, &config).await?;
+                // Written once the listeners are bound; removed when dropped, at exit.
+                let _pid = pid_path
+                    .as_deref()
+                    .map(popgate::pidfile::PidFile::create)
+                    .transpose()?;
                 // Listeners bound and files open: root is no longer needed.
                 if let Some(drop) = privdrop {
                     let (uid, gid) = drop.apply()?;
                     tracing::info!(uid, gid, "switched to process.user/group");
                 }
-                spawn_reload_on_sighup(
-                    proxy.reloader(Some(config.clone())),
-                    logging.clone(),
-                    level_override,
-                );
+                let reloader = proxy.reloader(Some(config.clone()));
+                let hook_logging = logging.clone();
+                reloader.set_log_hook(Box::new(move |new: &LogConfig| {
+                    hook_logging.apply(new).map_err(|e| e.to_string())
+                }));
+                spawn_reload_on_sighup(reloader);
                 spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
                 notify::ready();
                 proxy
@@ -134,14 +182,10 @@ fn write_man(dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP reloads certificates and rules (a broken new set keeps the old one and logs why),
-/// then the `[log]` table (level, format, output) through [`Logging::apply`]; systemd hears
-/// RELOADING=1 before and READY=1 after. The signal handler is installed before this returns.
-fn spawn_reload_on_sighup(
-    reloader: popgate::Reloader,
-    logging: Arc<Logging>,
-    level_override: Option<String>,
-) {
+/// SIGHUP reloads the whole config; a config that fails the checks changes nothing. systemd
+/// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is
+/// installed before this returns.
+fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -153,36 +197,20 @@ fn spawn_reload_on_sighup(
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
                 notify::reloading();
-                let status = match reload(&reloader, &logging, level_override.as_deref()) {
-                    Ok(()) => "reloaded".to_owned(),
+                let status = match reloader.reload().await {
+                    Ok(line) => {
+                        tracing::info!("{line}");
+                        line
+                    }
                     Err(e) => {
-                        tracing::error!(
-                            error = %format!("{e:#}"),
-                            "reload failed; what failed to load stays as it was"
-                        );
-                        format!("reload failed: {e:#}")
+                        tracing::error!("reload failed, nothing changed: {e}");
+                        format!("reload failed, nothing changed: {e}")
                     }
                 };
                 notify::reloaded(&status);
             }
         });
     }
-}
-
-fn reload(
-    reloader: &popgate::Reloader,
-    logging: &Logging,
-    level_override: Option<&str>,
-) -> Result<()> {
-    reloader.reload()?;
-    if let Some(path) = reloader.path() {
-        let mut fresh = Config::load(path)?;
-        if let Some(level) = level_override {
-            fresh.log.level = level.to_owned();
-        }
-        logging.apply(&fresh.log)?;
-    }
-    Ok(())
 }
 
 /// SIGUSR1 (logrotate's `postrotate`): reopen the log file, the audit file and the transcript
@@ -251,6 +279,8 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
     .await
     .context("starting the demo POP3 server")?;
     let dir = std::env::temp_dir().join(format!("popgate-demo-{}", std::process::id()));
+    // A short grace (shutdown_grace): Ctrl-C ends the demo within a second or two even with
+    // sessions open.
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     std::fs::create_dir_all(&dir).context("creating a temp dir for the demo files")?;
     let ca = dir.join("dev-ca.crt");
@@ -266,6 +296,7 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
     let text = format!(
         "# written by `popgate demo`; paths are relative to this file\n\
          rules = [\"require-tls.toml\"]\n\
+         shutdown_grace = \"1s\"\n\
          [[listener]]\nname = \"demo\"\nbind = \"{bind}\"\ntls = \"starttls\"\n\
          [[listener]]\nname = \"demo-tls\"\nbind = \"{tls_bind}\"\ntls = \"implicit\"\n\
          [upstream]\naddress = \"{}\"\n\

@@ -39,6 +39,70 @@ fn check_accepts_the_example_config() {
 }
 
 /// Each class of mistake: the message names the file, the key and what is wrong.
+/// `check --print` shows every setting with its default, and what it prints loads back to the
+/// same config.
+#[test]
+fn check_print_shows_defaults_and_round_trips() {
+    let example = format!("{}/popgate.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = popgate(&["check", "--print", "--config", &example]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "max_sessions = 10000",
+        "idle_timeout = \"10m\"",
+        "shutdown_grace = \"30s\"",
+        "[audit.transcript]",
+    ] {
+        assert!(printed.contains(line), "{line} missing:\n{printed}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("printed.toml");
+    std::fs::write(&copy, &printed).unwrap();
+    let again = popgate(&["check", "--print", "--config", copy.to_str().unwrap()]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let strip = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        strip(&String::from_utf8_lossy(&again.stdout)),
+        strip(&printed)
+    );
+}
+
+/// `check` refuses what `run` would fail on: a key that does not belong to its certificate,
+/// naming the config key.
+#[test]
+fn check_names_a_mismatched_key() {
+    let pki = common::certs::TestPki::new();
+    let (c1, _k1) = pki.issue(&["localhost"]);
+    let (_c2, k2) = pki.issue(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n[tls]\ncert = {c1:?}\nkey = {k2:?}\n"
+        ),
+    )
+    .unwrap();
+    let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("key `tls.key`"), "{err}");
+}
+
 #[test]
 fn check_reports_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -210,14 +274,25 @@ fn check_reports_rule_file_rule_and_reason() {
             assert!(err.contains(n), "{name}: {n:?} missing in: {err}");
         }
     }
-    // A pattern that matches nothing is an error too.
+    // A wildcard that matches nothing is a warning (an empty rules.d is a valid setup); a
+    // named file that does not exist is an error.
     let path = dir.path().join("cfg-nomatch.toml");
     std::fs::write(&path, config("rules/nothing-*.toml")).unwrap();
     let out = popgate(&["check", "--config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "nomatch: accepted");
+    assert!(out.status.success(), "nomatch: refused: {err}");
     assert!(
-        err.contains("`rules/nothing-*.toml` matches no file"),
+        err.contains("warning: ") && err.contains("`rules/nothing-*.toml` matches no file"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 warning(s)"));
+    let path = dir.path().join("cfg-missing.toml");
+    std::fs::write(&path, config("rules/missing.toml")).unwrap();
+    let out = popgate(&["check", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "missing file: accepted");
+    assert!(
+        err.contains("`rules/missing.toml` matches no file"),
         "{err}"
     );
     // And a good rule file passes.

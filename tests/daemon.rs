@@ -598,24 +598,24 @@ fn journald_output_is_accepted_and_falls_back_when_absent() {
     bin.wait_log("session closed", 1);
 }
 
-/// The `[process]` example in README's "Running as a daemon" is a valid config table, and the
-/// signals table names every signal popgate handles.
+/// The `[process]` example in README's "Reload and running as a daemon" is a valid config
+/// table, and the signals table names every signal popgate handles.
 #[test]
 fn readme_daemon_section_is_valid() {
     let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
     let section = readme
-        .split("## Running as a daemon")
+        .split("## Reload and running as a daemon")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("README has a Running as a daemon section");
+        .expect("README has a Reload and running as a daemon section");
     for sig in ["`SIGHUP`", "`SIGUSR1`", "`SIGTERM`", "`SIGINT`"] {
         assert!(section.contains(sig), "{sig} missing");
     }
     let block = section
         .split("```toml")
-        .nth(1)
-        .and_then(|b| b.split("```").next())
-        .unwrap();
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("[process]"))
+        .expect("a [process] example");
     let text = format!(
         "{block}[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:110\"\n\
          [upstream]\naddress = \"127.0.0.1:1110\"\n"

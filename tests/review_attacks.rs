@@ -146,23 +146,24 @@ fn spellings() -> Vec<Vec<u8>> {
 
 fn spellings_leak_nothing(mode: &str) {
     let (_h, up, proxy) = require_tls(mode);
+    // require-tls closes after its fourth refusal: later writes may meet a closed socket.
     for (i, input) in spellings().iter().enumerate() {
         // Whole, byte by byte, and split in the middle.
         for split in [0usize, 1, input.len() / 2] {
             let mut c = RawPop::connect(proxy.addr);
             if split == 1 {
                 for b in input {
-                    c.send_raw(&[*b]);
+                    c.send_raw_lenient(&[*b]);
                     std::thread::sleep(Duration::from_millis(1));
                 }
             } else if split > 0 {
-                c.send_raw(&input[..split]);
+                c.send_raw_lenient(&input[..split]);
                 std::thread::sleep(Duration::from_millis(30));
-                c.send_raw(&input[split..]);
+                c.send_raw_lenient(&input[split..]);
             } else {
-                c.send_raw(input);
+                c.send_raw_lenient(input);
             }
-            c.send_raw(b"\r\nQUIT\r\n");
+            c.send_raw_lenient(b"\r\nQUIT\r\n");
             let _ = c.read_to_end();
             assert_no_secret(
                 &up,
@@ -223,10 +224,10 @@ fn overlong(mode: &str) {
     for (i, segs) in cases.iter().enumerate() {
         let mut c = RawPop::connect(proxy.addr);
         for s in segs {
-            c.send_raw(s);
+            c.send_raw_lenient(s);
             std::thread::sleep(Duration::from_millis(30));
         }
-        c.send_raw(b"QUIT\r\n");
+        c.send_raw_lenient(b"QUIT\r\n");
         let _ = c.read_to_end();
         assert_no_secret(&up, &format!("{mode} overlong #{i}"));
     }

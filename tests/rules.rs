@@ -855,7 +855,7 @@ message = "no RSET (v1)"
 
     std::fs::write(bin.path("policy.toml"), NOOP_DENY).unwrap();
     bin.hup();
-    bin.wait_log("reloaded rules", 1);
+    bin.wait_log("reloaded: rules", 1);
 
     let mut b = RawPop::connect(bin.addr);
     login(&mut b, "bob", "b-pass");
@@ -886,7 +886,7 @@ message = "no RSET (v1)"
         assert!(s.cmd("QUIT").starts_with("+OK"));
     }
     assert_eq!(
-        bin.log().matches("reloaded rules").count(),
+        bin.log().matches("reloaded: ").count(),
         1,
         "the broken set was loaded"
     );

@@ -370,25 +370,6 @@ fn upstream_without_stls_is_an_error_not_a_fallback() {
     );
 }
 
-fn served_cert_subject(addr: SocketAddr, servername: &str, ca: &Path) -> String {
-    let mut cmd = Command::new("openssl");
-    cmd.args([
-        "s_client",
-        "-connect",
-        &addr.to_string(),
-        "-servername",
-        servername,
-        "-CAfile",
-    ])
-    .arg(ca);
-    let out = clients::run_bounded(&mut cmd, Some(b"QUIT\r\n"), Duration::from_secs(20));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .find(|l| l.starts_with("subject="))
-        .unwrap_or_else(|| panic!("no subject in {text}"))
-        .to_string()
-}
-
 /// Several certificates chosen by SNI, plus the default.
 #[test]
 fn sni_selects_the_certificate() {
@@ -405,9 +386,13 @@ fn sni_selects_the_certificate() {
         s.up.local_addr()
     ));
     let ca = s.pki.ca_path();
-    assert!(served_cert_subject(p.addr, "mail.example.test", ca).contains("mail.example.test"));
-    assert!(served_cert_subject(p.addr, "imap.example.org", ca).contains("wild.example.org"));
-    assert!(served_cert_subject(p.addr, "other.test", ca).contains("default.test"));
+    assert!(
+        clients::served_cert_subject(p.addr, "mail.example.test", ca).contains("mail.example.test")
+    );
+    assert!(
+        clients::served_cert_subject(p.addr, "imap.example.org", ca).contains("wild.example.org")
+    );
+    assert!(clients::served_cert_subject(p.addr, "other.test", ca).contains("default.test"));
 }
 
 /// RSA, ECDSA and Ed25519 keys (made by openssl) all serve.
@@ -450,7 +435,7 @@ fn rsa_ecdsa_ed25519_keys() {
              [upstream]\naddress = \"{}\"\n[tls]\ncert = {cert:?}\nkey = {key:?}\n",
             s.up.local_addr()
         ));
-        let subject = served_cert_subject(p.addr, &format!("{kind}.test"), &cert);
+        let subject = clients::served_cert_subject(p.addr, &format!("{kind}.test"), &cert);
         assert!(
             subject.contains(&format!("{kind}.test")),
             "{kind}: {subject}"
@@ -475,7 +460,7 @@ fn sighup_reloads_certificate_without_dropping_sessions() {
     let (cert, key) = (p.path("server.crt"), p.path("server.key"));
     let addr = p.addr;
     let ca = s.pki.ca_path().to_owned();
-    assert!(served_cert_subject(addr, "localhost", &ca).contains("localhost"));
+    assert!(clients::served_cert_subject(addr, "localhost", &ca).contains("localhost"));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (tx_done, rx_done) = std::sync::mpsc::channel::<Vec<u8>>();
     let ca2 = ca.clone();
@@ -507,7 +492,7 @@ fn sighup_reloads_certificate_without_dropping_sessions() {
     std::fs::write(&cert, "garbage").unwrap();
     p.hup();
     std::thread::sleep(Duration::from_millis(300));
-    let subject = served_cert_subject(addr, "localhost", &ca);
+    let subject = clients::served_cert_subject(addr, "localhost", &ca);
     assert!(
         subject.contains("localhost"),
         "still served after a failed reload: {subject}"

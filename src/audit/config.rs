@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::headers::HeaderSet;
 use crate::cidr::Cidr;
@@ -21,7 +21,7 @@ pub(crate) const MAX_HEADER_BYTES_LIMIT: usize = 1024 * 1024;
 /// `[audit]`: the audit trail (JSON lines) and traffic transcripts.
 ///
 /// The default is a disabled audit trail and no transcripts.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Write audit events at all.
@@ -67,7 +67,7 @@ impl Default for AuditConfig {
 }
 
 /// Where audit events are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditOutput {
     /// Rotated files in `audit.dir`.
@@ -78,7 +78,7 @@ pub enum AuditOutput {
 }
 
 /// How often a new audit file is started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditRotation {
     /// `audit.YYYY-MM-DD.jsonl`
@@ -89,7 +89,7 @@ pub enum AuditRotation {
 }
 
 /// What happens to an event when the audit queue is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     /// Drop it, count it (`AuditSink::dropped`) and log an error: the relay never waits.
@@ -103,7 +103,7 @@ pub enum Overflow {
 ///
 /// Transcripts are independent of `audit.enabled`: they are a debugging aid, switched on by
 /// listing listeners or client networks here (or, later, by a rule action `trace`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TranscriptConfig {
     /// Directory for transcript files (needed when any session is to be transcribed).
@@ -281,6 +281,12 @@ impl FromStr for Network {
 impl fmt::Display for Network {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

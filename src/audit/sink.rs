@@ -295,7 +295,7 @@ impl fmt::Debug for AuditGuard {
 }
 
 impl AuditGuard {
-    fn inert() -> AuditGuard {
+    pub(crate) fn inert() -> AuditGuard {
         AuditGuard {
             tx: None,
             done: None,

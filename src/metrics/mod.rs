@@ -49,7 +49,8 @@ pub(crate) struct Metrics {
     upstream_latency: Histogram,
     penalty_seconds: Counter<f64, AtomicU64>,
     listener_up: Family<Labels, Gauge>,
-    listeners: Vec<String>,
+    /// The listeners `/health` expects up (the config's, replaced by a reload).
+    listeners: Mutex<Vec<String>>,
     health_window: Duration,
     upstream: Mutex<UpstreamSeen>,
 }
@@ -146,14 +147,14 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(start, factor, n)),
             penalty_seconds: Counter::default(),
             listener_up: Family::default(),
-            listeners: config.listeners.iter().map(|l| l.name.clone()).collect(),
+            listeners: Mutex::new(config.listeners.iter().map(|l| l.name.clone()).collect()),
             health_window: config
                 .metrics
                 .as_ref()
                 .map_or(Duration::from_secs(30), |m| m.health_window),
             upstream: Mutex::new(UpstreamSeen::default()),
         };
-        for l in &m.listeners {
+        for l in lock(&m.listeners).clone().iter() {
             let _ = m.sessions_active.get_or_create(&label("listener", l));
             let _ = m.sessions.get_or_create(&label("listener", l));
             let _ = m.listener_up.get_or_create(&label("listener", l));
@@ -322,6 +323,16 @@ impl Metrics {
         lock(&self.upstream).failed = Some((Instant::now(), why.to_owned()));
     }
 
+    /// The listeners of a reloaded config: `/health` expects these up from now on.
+    pub(crate) fn set_listeners(&self, names: impl Iterator<Item = String>) {
+        let names: Vec<String> = names.collect();
+        for l in &names {
+            let _ = self.sessions_active.get_or_create(&label("listener", l));
+            let _ = self.sessions.get_or_create(&label("listener", l));
+        }
+        *lock(&self.listeners) = names;
+    }
+
     /// Mark `listener` as accepting (or not any more).
     pub(crate) fn listener_up(&self, listener: &str, up: bool) {
         self.listener_up
@@ -333,7 +344,8 @@ impl Metrics {
     /// health window (a session's, or a TCP probe made now when none did, or when a later
     /// one failed).
     pub(crate) async fn health(&self, upstream: &UpstreamConfig) -> Health {
-        for l in &self.listeners {
+        let listeners = lock(&self.listeners).clone();
+        for l in &listeners {
             let up = self
                 .listener_up
                 .get(&label("listener", l))
@@ -360,7 +372,7 @@ impl Metrics {
                 ok: true,
                 reason: format!(
                     "ok: {} listener(s) up, upstream {} connected within {:?}",
-                    self.listeners.len(),
+                    listeners.len(),
                     upstream.address,
                     self.health_window
                 ),
@@ -373,7 +385,7 @@ impl Metrics {
                     ok: true,
                     reason: format!(
                         "ok: {} listener(s) up, upstream {} ({addr}) accepted a probe",
-                        self.listeners.len(),
+                        listeners.len(),
                         upstream.address
                     ),
                 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::audit::Network;
 use crate::config::{ListenerConfig, TlsMode};
-use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter};
+use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter, TotalSlot};
 use crate::net::proxy_header;
 
 /// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
@@ -45,7 +45,7 @@ pub(crate) struct Accepted {
     pub(crate) tls: TlsMode,
     /// The session's slots (in all and for its IP): freed when dropped, at the session's end.
     /// The IP slot is taken after the PROXY header on `proxy_protocol` listeners.
-    pub(crate) slots: (OwnedSemaphorePermit, Option<IpSlot>),
+    pub(crate) slots: (TotalSlot, Option<IpSlot>),
     /// On `proxy_protocol` listeners: the header is still to be read ([`Accepted::proxied`]).
     proxy_in: Option<Arc<ProxyIn>>,
     /// The peer that sent the PROXY header (the balancer), once it has been read.
@@ -136,18 +136,18 @@ impl Listener {
         self.socket.local_addr()
     }
 
-    /// Accept clients until `shutdown` turns true, handing each to `on_accept`.
+    /// Accept clients until `shutdown` changes (or its sender is gone), handing each to
+    /// `on_accept`; then give the listener back (a reload may serve it on with a new config).
     ///
-    /// A client is accepted first and then counted: over `limits.max_sessions` (the permits of
-    /// `sessions`, shared by every listener) or `limits.max_sessions_per_ip` it gets a
-    /// `-ERR [SYS/TEMP]` line and is closed at once, instead of waiting in the backlog.
+    /// A client is accepted first and then counted: over `limits.max_sessions` (shared by every
+    /// listener) or `limits.max_sessions_per_ip` it gets a `-ERR [SYS/TEMP]` line and is closed
+    /// at once, instead of waiting in the backlog.
     pub(crate) async fn serve(
         self,
         limiter: Arc<Limiter>,
-        sessions: Arc<Semaphore>,
         mut shutdown: watch::Receiver<bool>,
         mut on_accept: impl FnMut(Accepted),
-    ) {
+    ) -> Listener {
         let name: Arc<str> = Arc::from(self.config.name.as_str());
         let proxy_in = self.config.proxy_protocol.then(|| {
             Arc::new(ProxyIn {
@@ -178,12 +178,12 @@ impl Listener {
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(pause.wait) => {}
-                            _ = shutdown.changed() => return,
+                            _ = shutdown.changed() => return self,
                         }
                         continue;
                     }
                 },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return self,
             };
             // A dual-stack socket gives IPv4 clients as `::ffff:a.b.c.d`: counted, penalised
             // and logged as the same client as on an IPv4 listener.
@@ -214,7 +214,7 @@ impl Listener {
                 );
                 continue;
             };
-            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            let Some(permit) = limiter.total.try_acquire() else {
                 let total = Counters::bump(&counters.full_refused);
                 warn!(listener = %name, %client, refused_total = total,
                     "limits.max_sessions reached: connection refused");

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -85,7 +85,12 @@ fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError>
     Ok(Arc::new(ck))
 }
 
-/// The certificates popgate serves, chosen by SNI; swappable at run time.
+/// Whether `key` loads and belongs to the first certificate of `cert`.
+pub(crate) fn check_pair(cert: &Path, key: &Path) -> Result<(), TlsError> {
+    certified_key(cert, key).map(drop)
+}
+
+/// The certificates popgate serves, chosen by SNI.
 #[derive(Debug, Default)]
 struct CertSet {
     default: Option<Arc<CertifiedKey>>,
@@ -129,24 +134,19 @@ impl CertSet {
 
 #[derive(Debug)]
 struct Resolver {
-    certs: RwLock<Arc<CertSet>>,
+    certs: CertSet,
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let set = match self.certs.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        set.pick(hello.server_name())
+        self.certs.pick(hello.server_name())
     }
 }
 
-/// Client-facing TLS: a rustls acceptor whose certificates can be reloaded without dropping
-/// sessions (open sessions keep the keys they negotiated with).
+/// Client-facing TLS: a rustls acceptor choosing certificates by SNI. A reload builds a new one
+/// (open sessions keep the one they started with).
 #[derive(Debug, Clone)]
 pub struct ServerTls {
-    resolver: Arc<Resolver>,
     config: Arc<rustls::ServerConfig>,
 }
 
@@ -154,27 +154,16 @@ impl ServerTls {
     /// Load the certificates of `[tls]`; TLS 1.2 and 1.3 only.
     pub fn new(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
         let resolver = Arc::new(Resolver {
-            certs: RwLock::new(Arc::new(CertSet::load(cfg)?)),
+            certs: CertSet::load(cfg)?,
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
+            .with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"pop3".to_vec()];
         Ok(ServerTls {
-            resolver,
             config: Arc::new(config),
         })
-    }
-
-    /// Re-read the certificate files. On error the old certificates stay in service.
-    pub fn reload(&self, cfg: &TlsConfig) -> Result<(), TlsError> {
-        let set = Arc::new(CertSet::load(cfg)?);
-        match self.resolver.certs.write() {
-            Ok(mut g) => *g = set,
-            Err(poisoned) => *poisoned.into_inner() = set,
-        }
-        Ok(())
     }
 
     /// An acceptor for handshakes.

@@ -169,6 +169,8 @@ pub(super) struct Rule {
 /// builds a new one, so sessions keep the set they started with.
 pub struct RuleSet {
     pub(super) files: Vec<PathBuf>,
+    /// Problems that do not stop loading (a wildcard pattern that matched no file).
+    pub(super) warnings: Vec<String>,
     pub(super) rules: Vec<Rule>,
     /// Parallel to `rules`.
     pub(super) hot: Box<[Hot]>,
@@ -223,17 +225,26 @@ impl RuleSet {
     /// Load every file `patterns` name, relative to `base` (the config file's directory).
     /// Patterns are globs with `*`/`?` in the file name only (`rules/*.toml`); each pattern's
     /// files load in name order, patterns in the order given; a file named twice loads once.
-    /// A pattern that matches no file is an error.
+    /// A file named without wildcards that does not exist is an error; a wildcard pattern that
+    /// matches no file is a warning ([`RuleSet::warnings`]).
     pub fn load(patterns: &[String], base: &Path) -> Result<RuleSet, RuleError> {
         let mut b = Builder::default();
-        for file in super::glob::expand(patterns, base)? {
+        let (files, warnings) = super::glob::expand(patterns, base)?;
+        for file in files {
             let text = std::fs::read_to_string(&file).map_err(|source| RuleError::Io {
                 path: file.clone(),
                 source,
             })?;
             b.add_file(&text, &file)?;
         }
-        Ok(b.finish())
+        let mut set = b.finish();
+        set.warnings = warnings;
+        Ok(set)
+    }
+
+    /// What loading found questionable without failing (one line each).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Compile the rules of one file's `text`; `file` is used in errors and [`RuleSet::files`].
@@ -353,6 +364,7 @@ impl Builder {
             .collect();
         RuleSet {
             files: self.files,
+            warnings: Vec::new(),
             rules: self.rules,
             hot: hot.into_boxed_slice(),
             index: index.into_iter().map(Vec::into_boxed_slice).collect(),

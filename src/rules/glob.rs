@@ -15,17 +15,30 @@ use std::path::{Path, PathBuf};
 use super::error::RuleError;
 
 /// The files `patterns` name, relative to `base`: each pattern's matches sorted by name,
-/// patterns in order, a file named twice kept at its first position.
-pub(crate) fn expand(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, RuleError> {
+/// patterns in order, a file named twice kept at its first position. A wildcard pattern that
+/// matches nothing is no error (an empty `rules.d/` is a valid setup) but gives a warning, the
+/// second part of the result; a file named without wildcards must exist.
+pub(crate) fn expand(
+    patterns: &[String],
+    base: &Path,
+) -> Result<(Vec<PathBuf>, Vec<String>), RuleError> {
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut warnings = Vec::new();
     for pattern in patterns {
-        for f in expand_one(pattern, base)? {
-            if !files.contains(&f) {
-                files.push(f);
+        match expand_one(pattern, base) {
+            Err(e @ RuleError::NoMatch { .. }) if has_wildcard(pattern) => {
+                warnings.push(e.to_string());
+            }
+            r => {
+                for f in r? {
+                    if !files.contains(&f) {
+                        files.push(f);
+                    }
+                }
             }
         }
     }
-    Ok(files)
+    Ok((files, warnings))
 }
 
 fn expand_one(pattern: &str, base: &Path) -> Result<Vec<PathBuf>, RuleError> {
@@ -149,16 +162,22 @@ mod tests {
         }
         std::fs::create_dir(rules.join("d.toml")).unwrap(); // a directory is not a file
         let pats = vec!["rules/b.toml".to_string(), "rules/*.toml".to_string()];
-        let files = expand(&pats, tmp.path()).unwrap();
+        let (files, warnings) = expand(&pats, tmp.path()).unwrap();
+        assert!(warnings.is_empty());
         assert_eq!(files, vec![rules.join("b.toml"), rules.join("a.toml")]);
     }
 
     #[test]
     fn errors() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = expand(&["*.toml".into()], tmp.path()).unwrap_err();
-        assert!(matches!(e, RuleError::NoMatch { .. }), "{e}");
-        assert!(e.to_string().contains("`*.toml` matches no file"), "{e}");
+        // A wildcard matching nothing is a warning.
+        let (files, warnings) = expand(&["*.toml".into()], tmp.path()).unwrap();
+        assert!(files.is_empty());
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("`*.toml` matches no file"),
+            "{warnings:?}"
+        );
         let e = expand(&["missing.toml".into()], tmp.path()).unwrap_err();
         assert!(matches!(e, RuleError::NoMatch { .. }), "{e}");
         let e = expand(&["*/x.toml".into()], tmp.path()).unwrap_err();

@@ -9,7 +9,7 @@ mod error;
 pub mod observer;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,33 +32,26 @@ use observer::Observer;
 const CLIENT_READ: usize = 1024;
 const SERVER_READ: usize = 16 * 1024;
 
-/// What every session of a proxy shares: configuration and TLS material.
+/// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
+/// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
+/// new one and swaps it in whole for later sessions.
 #[derive(Debug)]
 pub struct Shared {
     /// The configuration in force.
     pub config: Arc<Config>,
     /// Certificates and upstream TLS client.
     pub tls: TlsSetup,
-    /// The rule set new sessions start with (swapped whole on reload).
-    pub rules: RwLock<Arc<RuleSet>>,
+    /// The rule set.
+    pub rules: Arc<RuleSet>,
     /// Where audit events go (a no-op sink when auditing is off).
     pub audit: crate::audit::AuditSink,
     /// Headers the audit trail extracts from retrieved messages.
     pub headers: Arc<crate::audit::HeaderSet>,
-    /// Per-IP session caps and the failed-login penalty (`src/limits.rs`).
+    /// Session caps and the failed-login penalty (`src/limits.rs`): one for the process's
+    /// life, carried into each new snapshot (live counts survive a reload).
     pub limiter: Arc<crate::limits::Limiter>,
     /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Shared {
-    /// The rule set in force now.
-    pub fn current_rules(&self) -> Arc<RuleSet> {
-        match self.rules.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
 }
 
 /// Who a session is for, known at accept.
@@ -112,7 +105,7 @@ pub(crate) async fn run(
         }
     }
     let client_tls = client.tls_info();
-    let mut policy = Policy::new(shared.current_rules());
+    let mut policy = Policy::new(shared.rules.clone());
     let connect = policy.evaluate(&Event {
         tls: client.is_tls(),
         ..Event::new(EventKind::Connect, &info.listener, info.client.ip())

@@ -485,6 +485,12 @@ impl RawPop {
         self.writer.write_all(bytes).expect("write to server");
     }
 
+    /// Sends bytes to a server that may have closed already (an attack that popgate cuts
+    /// short: a closing denial): a write error is not the test's failure.
+    pub fn send_raw_lenient(&mut self, bytes: &[u8]) {
+        let _ = self.writer.write_all(bytes);
+    }
+
     /// One line, raw, including its line end (empty at EOF).
     pub fn line_raw(&mut self) -> Vec<u8> {
         let mut line = Vec::new();
@@ -545,4 +551,24 @@ impl RawPop {
     pub fn abort(self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// The `subject=` line of the certificate served at `addr` for SNI `servername` (openssl s_client).
+pub fn served_cert_subject(addr: SocketAddr, servername: &str, ca: &Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        servername,
+        "-CAfile",
+    ])
+    .arg(ca);
+    let out = run_bounded(&mut cmd, Some(b"QUIT\r\n"), Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no subject in {text}"))
+        .to_string()
 }

@@ -59,10 +59,16 @@ impl Harness {
         ))
     }
 
-    /// popgate with a complete config text (listeners should bind port 0).
+    /// popgate with a complete config text (listeners should bind port 0). Unless the text
+    /// sets `shutdown_grace`, it is 0: a shutdown closes open sessions at once.
     pub fn proxy_toml(&self, toml: &str) -> ProxyHandle {
         let path = Path::new("<test>");
-        let config = Config::parse(toml, path).expect("test config parses");
+        let toml = if toml.contains("shutdown_grace") {
+            toml.to_owned()
+        } else {
+            format!("shutdown_grace = \"0s\"\n{toml}")
+        };
+        let config = Config::parse(&toml, path).expect("test config parses");
         config.validate(path).expect("test config valid");
         let proxy = self
             .rt
@@ -191,8 +197,8 @@ pub fn popgate_bin() -> PathBuf {
 }
 
 /// How [`PopgateProcess::run`] configures and starts `popgate run`. The config it writes is
-/// `top`, one listener `bin` on a free loopback port (plus `listener` keys), `[upstream]` with
-/// the address, then `tables`.
+/// `top` (with `shutdown_grace = "2s"` unless `top` sets it), one listener `bin` on a free
+/// loopback port (plus `listener` keys), `[upstream]` with the address, then `tables`.
 #[derive(Default)]
 pub struct PopgateOpts {
     top: String,
@@ -290,10 +296,15 @@ impl PopgateProcess {
             std::fs::write(dir.path().join(name), contents).unwrap();
         }
         let cfg = dir.path().join("popgate.toml");
+        let grace = if opts.top.contains("shutdown_grace") {
+            ""
+        } else {
+            "shutdown_grace = \"2s\"\n"
+        };
         std::fs::write(
             &cfg,
             format!(
-                "{}[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n{}\
+                "{grace}{}[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n{}\
                  [upstream]\naddress = \"{upstream}\"\n{}",
                 opts.top, opts.listener, opts.tables
             ),
@@ -394,6 +405,31 @@ impl PopgateProcess {
     /// Send SIGHUP (reload).
     pub fn hup(&self) {
         self.signal("-HUP");
+    }
+
+    /// Send SIGTERM without waiting (see [`Self::stop`]).
+    pub fn term(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Wait (bounded by `limit`) for the process to exit; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "popgate did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.path("popgate.toml")
     }
 
     /// Send a signal by `kill` name, e.g. `"-USR1"`.

@@ -1,0 +1,337 @@
+//! What `popgate check`, the start and every reload verify beyond [`Config::validate`], in one
+//! place so that the three agree: directories popgate writes to, certificates (readable, key
+//! matching, not expired; a warning within [`EXPIRY_WARNING`]), rule files (an empty wildcard is a
+//! warning), trace rules with nowhere to write. [`prepare`] loads everything a config names
+//! without starting anything; [`effective_toml`] prints the config with defaults filled in.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, ConfigError};
+use crate::net::listener::BindError;
+use crate::net::tls::{self, TlsError, TlsSetup};
+use crate::rules::{self, RuleError, RuleSet};
+
+/// A certificate that expires sooner than this is reported (a warning, not an error).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Starting or reloading the proxy failed; nothing was started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates or keys could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The audit trail could not be opened.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::SinkError),
+    /// Rule files could not be loaded.
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    /// The new log settings could not be applied.
+    #[error("log: {0}")]
+    Log(String),
+    /// The `[metrics]` endpoint could not bind.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::http::BindError),
+}
+
+/// Everything a config names, loaded and checked; nothing started yet.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// The config.
+    pub(crate) config: Config,
+    /// Its certificates and upstream TLS client.
+    pub(crate) tls: TlsSetup,
+    /// Its rules.
+    pub(crate) rules: RuleSet,
+    /// What `check` warns about (expiring certificates, empty rule globs).
+    pub(crate) warnings: Vec<String>,
+    /// Hashes of the files the config names, to tell a reload what changed on disk.
+    pub(crate) files: FileHashes,
+}
+
+/// Hashes of the contents of referenced files (certificates and keys; rule files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct FileHashes {
+    /// `[tls]` and `[upstream]` certificate, key and CA files.
+    pub(crate) certs: u64,
+    /// Rule files, in load order.
+    pub(crate) rules: u64,
+}
+
+/// Check `config` (already validated) as `popgate run` would use it and load what it names;
+/// `path` is the config file, used in messages. Touches the file system only to probe that
+/// directories are writable.
+pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartError> {
+    config.check_dirs(path)?;
+    if let Some(pid) = &config.pid_file {
+        let dir = match pid.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        crate::config::writable_dir(dir).map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "pid_file".into(),
+            reason,
+        })?;
+    }
+    let mut warnings = Vec::new();
+    certificates(&config, path, SystemTime::now(), &mut warnings)?;
+    let tls = TlsSetup::new(&config)?;
+    let rules = RuleSet::load(&config.rules, &config.base_dir)?;
+    warnings.extend(rules.warnings().iter().cloned());
+    check_trace_rules(&config, &rules)?;
+    let files = FileHashes {
+        certs: hash_files(cert_files(&config)),
+        rules: hash_files(rules.files().iter()),
+    };
+    Ok(Prepared {
+        config,
+        tls,
+        rules,
+        warnings,
+        files,
+    })
+}
+
+/// The config as TOML with every default filled in (`popgate check --print`), paths and rule
+/// patterns relative to the config's directory joined to it; it loads back to the same config.
+pub fn effective_toml(config: &Config) -> Result<String, String> {
+    let mut c = config.clone();
+    for pattern in &mut c.rules {
+        if Path::new(pattern).is_relative() {
+            *pattern = c.base_dir.join(&*pattern).to_string_lossy().into_owned();
+        }
+    }
+    toml::to_string(&c).map_err(|e| e.to_string())
+}
+
+/// A certificate file the config names: its config key, the file, and its key file (with
+/// that one's config key) unless it is a CA file.
+type CertEntry<'a> = (String, &'a PathBuf, Option<(String, &'a PathBuf)>);
+
+/// Each certificate the config names.
+fn cert_entries(config: &Config) -> Vec<CertEntry<'_>> {
+    let mut out = Vec::new();
+    if let Some(t) = &config.tls {
+        if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+            out.push(("tls.cert".into(), c, Some(("tls.key".into(), k))));
+        }
+        for (i, c) in t.certificates.iter().enumerate() {
+            out.push((
+                format!("tls.certificate[{i}].cert"),
+                &c.cert,
+                Some((format!("tls.certificate[{i}].key"), &c.key)),
+            ));
+        }
+    }
+    let u = &config.upstream;
+    if let (Some(c), Some(k)) = (&u.client_cert, &u.client_key) {
+        out.push((
+            "upstream.client_cert".into(),
+            c,
+            Some(("upstream.client_key".into(), k)),
+        ));
+    }
+    if let Some(ca) = &u.ca_file {
+        out.push(("upstream.ca_file".into(), ca, None));
+    }
+    out
+}
+
+fn cert_files(config: &Config) -> impl Iterator<Item = &PathBuf> {
+    cert_entries(config)
+        .into_iter()
+        .flat_map(|(_, c, k)| std::iter::once(c).chain(k.map(|(_, k)| k)))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn hash_files<'a>(files: impl Iterator<Item = &'a PathBuf>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Every certificate readable, matching its key and valid at `now`; one expiring within
+/// [`EXPIRY_WARNING`] is a warning. Errors name the config key.
+fn certificates(
+    config: &Config,
+    path: &Path,
+    now: SystemTime,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    for (key, cert, pair) in cert_entries(config) {
+        let chain = tls::load_certs(cert).map_err(|e| invalid(&key, e.to_string()))?;
+        if let Some((key_key, key_file)) = &pair {
+            tls::check_pair(cert, key_file).map_err(|e| {
+                invalid(
+                    key_key,
+                    format!(
+                        "{} does not go with the certificate {} ({key}): {e}",
+                        key_file.display(),
+                        cert.display()
+                    ),
+                )
+            })?;
+        }
+        // The leaf (first) certificate; for a CA file every one counts.
+        let checked = if pair.is_some() {
+            &chain[..1]
+        } else {
+            &chain[..]
+        };
+        for der in checked {
+            let Ok((_, x509)) = x509_parser::parse_x509_certificate(der) else {
+                return Err(invalid(
+                    &key,
+                    format!("{}: not a valid X.509 certificate", cert.display()),
+                ));
+            };
+            let not_after = x509.validity().not_after.timestamp();
+            let expiry = UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64);
+            let when = humantime::format_rfc3339_seconds(expiry);
+            let subject = x509.subject().to_string();
+            match expiry.duration_since(now) {
+                Err(_) => {
+                    return Err(invalid(
+                        &key,
+                        format!(
+                            "{}: certificate `{subject}` expired on {when}",
+                            cert.display()
+                        ),
+                    ));
+                }
+                Ok(left) if left < EXPIRY_WARNING => warnings.push(format!(
+                    "{}: key `{key}`: {}: certificate `{subject}` expires on {when} (in {} days)",
+                    path.display(),
+                    cert.display(),
+                    left.as_secs() / 86_400
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `trace` rule needs somewhere to write transcripts.
+fn check_trace_rules(config: &Config, rules: &RuleSet) -> Result<(), StartError> {
+    if config.audit.transcript.dir.is_none()
+        && let Some(r) = rules.rules().find(|r| r.action == rules::Action::Trace)
+    {
+        return Err(ConfigError::Invalid {
+            path: r.file.to_owned(),
+            key: "audit.transcript.dir".into(),
+            reason: format!(
+                "rule `{}` starts transcripts, but no transcript dir is set",
+                r.name
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` valid until 2030-01-01, and its key, written
+    /// to `dir` as `name.crt` / `name.key`.
+    fn cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n{extra}"
+        );
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    fn at(date: &str) -> SystemTime {
+        humantime::parse_rfc3339(date).unwrap()
+    }
+
+    #[test]
+    fn certificate_dates_and_keys_name_the_config_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = cert(dir.path(), "one");
+        let (c2, k2) = cert(dir.path(), "two");
+        let good = config(&format!(
+            "[tls]\ncert = {c1:?}\nkey = {k1:?}\n\
+             [[tls.certificate]]\nserver_names = [\"x\"]\ncert = {c2:?}\nkey = {k2:?}\n"
+        ));
+        let p = Path::new("t.toml");
+        let mut w = Vec::new();
+        certificates(&good, p, at("2029-01-01T00:00:00Z"), &mut w).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        // Within 30 days of the end: a warning for each, naming the key.
+        certificates(&good, p, at("2029-12-22T00:00:00Z"), &mut w).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("`tls.cert`") && w[0].contains("2030-01-01"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("`tls.certificate[0].cert`"), "{w:?}");
+        assert!(w[0].contains("in 10 days"), "{w:?}");
+        // Past the end: an error.
+        let e = certificates(&good, p, at("2030-01-02T00:00:00Z"), &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `tls.cert`") && e.contains("expired"), "{e}");
+        // A key of another certificate: the key's config key is named.
+        let mixed = config(&format!(
+            "[tls]\ncert = {c1:?}\nkey = {k1:?}\n\
+             [[tls.certificate]]\nserver_names = [\"x\"]\ncert = {c2:?}\nkey = {k1:?}\n"
+        ));
+        let e = certificates(&mixed, p, at("2029-01-01T00:00:00Z"), &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `tls.certificate[0].key`"), "{e}");
+        assert!(e.contains("tls.certificate[0].cert"), "{e}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_with_defaults() {
+        let c = config("[limits]\nmax_sessions = 7\n");
+        let text = effective_toml(&c).unwrap();
+        assert!(text.contains("max_sessions = 7"), "{text}");
+        assert!(
+            text.contains("idle_timeout = \"10m\""),
+            "defaults filled in: {text}"
+        );
+        assert!(text.contains("shutdown_grace = \"30s\""), "{text}");
+        let back = Config::parse(&text, Path::new("printed.toml")).unwrap();
+        back.validate(Path::new("printed.toml")).unwrap();
+        assert_eq!(effective_toml(&back).unwrap(), text);
+    }
+}
