@@ -140,15 +140,27 @@ fn main() -> Result<()> {
             event,
             json,
         } => {
-            use popgate::audit::{Filter, format_json, format_table, read_events};
+            use popgate::audit::{Filter, format_json, format_table, read_audit};
             let filter = Filter::from_args(user, since.as_deref(), &event)?;
-            let records = read_events(&files, &filter)?;
+            let read = read_audit(&files, &filter)?;
             let out = if json {
-                format_json(&records)
+                format_json(&read.records)
             } else {
-                format_table(&records)
+                format_table(&read.records)
             };
             print!("{out}");
+            // Lines that are not events are shown, never skipped silently; only damaged
+            // complete lines fail the command (a last line being written is normal).
+            for b in &read.bad {
+                eprintln!("popgate audit: {b}");
+            }
+            let damaged = read.bad.iter().filter(|b| !b.incomplete).count();
+            if damaged > 0 {
+                anyhow::bail!(
+                    "{damaged} unreadable line(s) in the audit files (listed above); \
+                     the other events are shown"
+                );
+            }
             Ok(())
         }
         CliCommand::Completions { .. } | CliCommand::Man { .. } => Ok(()),

@@ -127,7 +127,8 @@ impl Runtime {
             close_sessions: watch::channel(false).0,
             draining: watch::channel(false).0,
             metrics,
-            ids: AtomicU64::new(1),
+            // Unique across restarts: see `session::first_id`.
+            ids: AtomicU64::new(session::first_id(std::time::SystemTime::now())),
             listeners: tokio::sync::Mutex::new(Vec::new()),
             audit: Mutex::new((guard, Vec::new())),
             log_hook: Mutex::new(None),

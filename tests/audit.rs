@@ -230,6 +230,10 @@ fn check_envelope(ev: &Value) {
         .unwrap_or_else(|e| panic!("ts {ts} is in the future by {:?}", e.duration()));
     assert!(age < Duration::from_secs(600), "ts {ts} is too old");
     assert!(ev["session"].as_u64().is_some_and(|s| s > 0), "{ev}");
+    assert!(
+        ev["instance"].as_str().is_some_and(|i| !i.is_empty()),
+        "every event names its instance: {ev}"
+    );
     let known = [
         "session_open",
         "tls",
@@ -259,7 +263,7 @@ fn check_envelope(ev: &Value) {
 fn norm(ev: &Value) -> Value {
     check_envelope(ev);
     let mut m = ev.as_object().unwrap().clone();
-    for k in ["schema", "ts", "session"] {
+    for k in ["schema", "ts", "session", "instance"] {
         m.remove(k);
     }
     if let Some(d) = m.remove("duration_ms") {
@@ -755,11 +759,11 @@ action = "drop"
     );
     assert_events(
         &all[1],
-        &[
-            open(p.addr),
-            login("USER"),
-            session_close(Some(USER), "rule_drop"),
-        ],
+        &[open(p.addr), login("USER"), {
+            let mut c = session_close(Some(USER), "rule_drop");
+            c["rule"] = json!("drop-dele");
+            c
+        }],
         "drop rule",
     );
     assert_events(
@@ -815,8 +819,9 @@ fn rset_gives_reset_and_clears_the_marks() {
     assert_eq!(up.messages(USER), vec![msgs[0].clone(), msgs[2].clone()]);
 }
 
-/// A `deny` rule gives a `denied` event with the rule's name and the verb; a `tag` rule's tags
-/// appear on the events after it touched the session, not on earlier ones.
+/// A `deny` rule gives a `denied` event with the rule's name and the verb. A `tag` rule's tags
+/// go on the record of the event it matched (the RETR's `retrieve`, the DELE's `denied`);
+/// with `scope = "session"` also on every later record, never on earlier ones.
 #[test]
 fn denied_command_names_the_rule_and_tags_follow() {
     let rules = rule_file(
@@ -833,6 +838,7 @@ name = "tag-login"
 on = "login"
 action = "tag"
 tags = ["login-tag"]
+scope = "session"
 
 [[rule]]
 name = "tag-dele"
@@ -869,11 +875,12 @@ message = "this mailbox is read-only"
     );
     let uidls = parse_uidl_listing(&b64_lines(&r["results"][0]));
     p.shutdown(&h);
-    // Each event carries the tags attached so far, including by its own rule evaluation.
+    // Session tags from the login on; event tags on their own record only.
     let mut tagged_login = login("USER");
     tagged_login["tags"] = json!(["login-tag"]);
     let retr_tags = json!(["login-tag", "watched"]);
-    let tags = json!(["login-tag", "watched", "dele-tag"]);
+    let dele_tags = json!(["login-tag", "dele-tag"]);
+    let tags = json!(["login-tag"]);
     assert_events(
         &norm_all(&only_session(&audit.events())),
         &[
@@ -883,7 +890,7 @@ message = "this mailbox is read-only"
                 "octets": wire_body(&msgs[0]).len(), "uidl": uidls[0], "complete": true,
                 "headers": headers_of(1), "tags": retr_tags}),
             json!({"event": "denied", "rule": "no-dele", "verb": "DELE", "user": USER,
-                "tags": tags}),
+                "tags": dele_tags}),
             json!({"event": "update", "user": USER, "deleted": [], "outcome": "confirmed",
                 "tags": tags}),
             json!({"event": "session_close", "user": USER, "reason": "quit",

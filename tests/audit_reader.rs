@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use popgate::audit::{
     AuditEvent, AuditRecord, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Filter,
     Headers, Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_events,
+    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
+    read_events,
 };
 
 fn at(s: &str) -> SystemTime {
@@ -51,6 +52,7 @@ fn day_one() -> Vec<AuditEvent> {
                 method: "USER".into(),
                 outcome: Outcome::Success,
                 code: None,
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -84,6 +86,7 @@ fn day_one() -> Vec<AuditEvent> {
                 method: "AUTH PLAIN".into(),
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -144,6 +147,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_from_client: 87,
                 bytes_to_client: 50311,
                 duration_ms: 2400,
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -155,6 +159,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_from_client: 61,
                 bytes_to_client: 210,
                 duration_ms: 4000,
+                rule: None,
             },
         ),
     ]
@@ -182,6 +187,7 @@ fn day_two() -> Vec<AuditEvent> {
                 method: "APOP".into(),
                 outcome: Outcome::Success,
                 code: None,
+                rule: None,
             },
         ),
         AuditEvent::at(
@@ -481,4 +487,101 @@ fn events_written_now_are_found_by_relative_since() {
     let filter = Filter::from_args(None, Some("2h"), &[]).unwrap();
     let records = read_events(&[p], &filter).unwrap();
     assert_eq!(summary(&records), [s(2, "reset")]);
+}
+
+/// `read_audit` reads past lines that are not events and reports each (file, line, reason);
+/// a last line without newline is marked incomplete. `read_events` fails on a damaged line
+/// but not on an incomplete last one.
+#[test]
+fn read_audit_reports_bad_lines_and_keeps_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.jsonl");
+    let ev = |n: u64| {
+        AuditEvent::at(
+            at("2026-03-01T09:00:00.000Z"),
+            n,
+            Reset { user: user("bob") },
+        )
+    };
+    let line = |n| serde_json::to_string(&ev(n)).unwrap();
+    // An event, JSON that is no event, bytes that are not UTF-8, an event, a cut line.
+    let mut data = format!("{}\n{{\"schema\":1}}\n", line(1)).into_bytes();
+    data.extend_from_slice(b"\xff\xfe\n");
+    data.extend_from_slice(format!("{}\n{}", line(2), &line(3)[..20]).as_bytes());
+    std::fs::write(&p, data).unwrap();
+    let read = read_audit(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    assert_eq!(read.records.len(), 2);
+    let bad: Vec<(usize, bool)> = read.bad.iter().map(|b| (b.line, b.incomplete)).collect();
+    assert_eq!(bad, [(2, false), (3, false), (5, true)]);
+    assert!(
+        read.bad[0]
+            .to_string()
+            .contains("audit.jsonl:2: not an audit event")
+    );
+    assert!(
+        read.bad[2]
+            .to_string()
+            .contains("audit.jsonl:5: last line incomplete")
+    );
+    let err = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap_err();
+    assert!(matches!(err, ReaderError::Parse { line: 2, .. }), "{err}");
+    // Only an incomplete last line: the strict reader leaves it out.
+    std::fs::write(&p, format!("{}\n{}", line(1), &line(2)[..10])).unwrap();
+    assert_eq!(
+        read_events(std::slice::from_ref(&p), &Filter::default())
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// Records of several instances read together: the session column says `instance/id`; records
+/// of one instance keep the plain id.
+#[test]
+fn table_names_the_instance_when_there_are_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.jsonl");
+    let ev = |instance: &str, n: u64| {
+        let mut e = AuditEvent::at(
+            at("2026-03-01T09:00:00.000Z"),
+            n,
+            Reset { user: user("bob") },
+        );
+        e.instance = Some(instance.to_owned());
+        e
+    };
+    write_jsonl(&p, &[ev("mx1", 7), ev("mx2", 7)], false);
+    let records = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    let table = format_table(&records);
+    assert!(
+        table.contains(" mx1/7 ") && table.contains(" mx2/7 "),
+        "{table}"
+    );
+    let one = format_table(&records[..1]);
+    assert!(one.contains(" 7 ") && !one.contains("mx1"), "{one}");
+
+    // --user keeps the user-less events of the user's session on its own instance only.
+    let open = |instance: &str| {
+        let mut e = AuditEvent::at(
+            at("2026-03-01T08:59:00.000Z"),
+            7,
+            SessionOpen {
+                listener: "pop3".into(),
+                client: addr("198.51.100.7:51544"),
+                local: addr("192.0.2.10:110"),
+                proxy: None,
+                client_tls: None,
+            },
+        );
+        e.instance = Some(instance.to_owned());
+        e
+    };
+    write_jsonl(&p, &[open("mx1"), open("mx2"), ev("mx1", 7)], false);
+    let filter = Filter::from_args(Some("bob".into()), None, &[]).unwrap();
+    let records = read_events(std::slice::from_ref(&p), &filter).unwrap();
+    let got: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r.event.instance.as_deref().unwrap(), r.name.as_str()))
+        .collect();
+    assert_eq!(got, [("mx1", "session_open"), ("mx1", "reset")]);
 }

@@ -474,6 +474,7 @@ on = "command"
 verbs = "STAT"
 action = "tag"
 tags = ["counted", "stat"]
+scope = "session"
 "#;
     let bin = PopgateProcess::run(
         up.local_addr(),

@@ -780,6 +780,7 @@ on = "command"
 verbs = "RETR"
 action = "tag"
 tags = ["rules-test", "fetched"]
+scope = "session"
 
 [[rule]]
 name = "tag-close"

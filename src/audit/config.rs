@@ -44,6 +44,8 @@ pub struct AuditConfig {
     pub max_header_bytes: usize,
     /// `[audit.transcript]`: per-session traffic transcripts.
     pub transcript: TranscriptConfig,
+    /// The `instance` field of every event: which popgate wrote it (default: the host name).
+    pub instance: Option<String>,
 }
 
 impl Default for AuditConfig {
@@ -62,6 +64,7 @@ impl Default for AuditConfig {
                 .collect(),
             max_header_bytes: 16 * 1024,
             transcript: TranscriptConfig::default(),
+            instance: None,
         }
     }
 }
@@ -202,6 +205,16 @@ impl AuditConfig {
                 return Err(invalid(key, format!("duplicate header {h:?}")));
             }
         }
+        if let Some(i) = &self.instance
+            && (i.is_empty()
+                || i.len() > 255
+                || i.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(invalid(
+                "audit.instance",
+                "1 to 255 characters without spaces or control characters",
+            ));
+        }
         let t = &self.transcript;
         if t.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(invalid("audit.transcript.dir", "must not be empty"));
@@ -230,6 +243,25 @@ impl AuditConfig {
             if d.is_relative() {
                 *d = base.join(&*d);
             }
+        }
+    }
+
+    /// `instance`, or the host name when it is not set (`"unknown"` if there is none). The
+    /// host name is what an admin sees in every other log of the machine, and it tells apart
+    /// the popgates whose audit files end up in one place.
+    pub(crate) fn instance_name(&self) -> String {
+        if let Some(i) = &self.instance {
+            return i.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let host: String = host
+            .chars()
+            .filter(|c| !c.is_control() && !c.is_whitespace())
+            .collect();
+        if host.is_empty() {
+            "unknown".into()
+        } else {
+            host
         }
     }
 
@@ -328,6 +360,7 @@ mod tests {
             on_overflow = "block"
             headers = ["Message-ID", "Subject"]
             max_header_bytes = 4096
+            instance = "mx1.example.org"
             [transcript]
             dir = "/tmp/t"
             listeners = ["pop3"]
@@ -340,6 +373,7 @@ mod tests {
         assert_eq!(c.rotation, AuditRotation::Hourly);
         assert_eq!(c.on_overflow, Overflow::Block);
         assert_eq!(c.max_log_files(), Some(48));
+        assert_eq!(c.instance_name(), "mx1.example.org");
         assert_eq!(c.transcript.networks.len(), 3);
         assert!(c.transcript.wants("pop3", "127.0.0.1".parse().unwrap()));
         assert!(c.transcript.wants("other", "192.0.2.77".parse().unwrap()));
@@ -414,6 +448,18 @@ mod tests {
             }),
             "audit.headers[1]"
         );
+        for bad in ["", "two words", "tab\there", &"x".repeat(256)] {
+            assert_eq!(
+                key(AuditConfig {
+                    instance: Some(bad.to_owned()),
+                    ..on.clone()
+                }),
+                "audit.instance",
+                "{bad:?}"
+            );
+        }
+        // Unset: the host name, never empty.
+        assert!(!on.instance_name().is_empty());
         let mut t = on.clone();
         t.transcript.listeners = vec!["pop3".into()];
         assert_eq!(key(t), "audit.transcript.dir");

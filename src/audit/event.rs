@@ -47,7 +47,11 @@ pub struct AuditEvent {
     /// When it happened (serialized as RFC 3339 UTC with milliseconds).
     #[serde(with = "rfc3339_millis")]
     pub ts: SystemTime,
-    /// Session id, unique within one popgate process.
+    /// The popgate that wrote it (`audit.instance`, by default the host name); set by the
+    /// sink when the event is written. Absent in files of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Session id: unique across restarts of one instance, increasing with time.
     pub session: u64,
     /// `event` name and the event's own fields.
     #[serde(flatten)]
@@ -68,6 +72,7 @@ impl AuditEvent {
         AuditEvent {
             schema: SCHEMA_VERSION,
             ts: truncate_millis(ts),
+            instance: None,
             session,
             kind: kind.into(),
             tags: Vec::new(),
@@ -273,6 +278,9 @@ pub enum Outcome {
     Success,
     /// The server said `-ERR` (or the exchange was cancelled).
     Failure,
+    /// The server said `+OK`, but a rule (`rule`) closed the session before the client got
+    /// the answer: the client is not logged in.
+    Dropped,
 }
 
 impl Outcome {
@@ -289,6 +297,7 @@ impl Outcome {
         match self {
             Outcome::Success => "success",
             Outcome::Failure => "failure",
+            Outcome::Dropped => "dropped",
         }
     }
 }
@@ -306,6 +315,10 @@ pub struct Login {
     /// The response code of the answer (`AUTH`, `SYS/TEMP`, `IN-USE`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    /// The rule that closed the session on this answer (`drop` on the `login` or `response`
+    /// event), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 impl Login {
@@ -321,6 +334,7 @@ impl Login {
             method: method.label(),
             outcome: Outcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
+            rule: None,
         }
     }
 }
@@ -542,6 +556,9 @@ pub struct SessionClose {
     pub bytes_to_client: u64,
     /// From accept to close.
     pub duration_ms: u64,
+    /// With reason `rule_drop`: the rule that closed the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// Header fields of a retrieved message, in configured order: a JSON object `{name: value}`.
@@ -631,6 +648,12 @@ mod tests {
         assert_eq!(
             ev.to_json(),
             r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":7,"event":"reset","user":"bob","tags":["watch"]}"#
+        );
+        let mut named = ev.clone();
+        named.instance = Some("mx1".into());
+        assert_eq!(
+            named.to_json(),
+            r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","instance":"mx1","session":7,"event":"reset","user":"bob","tags":["watch"]}"#
         );
         let untagged = AuditEvent::at(ts(), 7, Reset { user: None });
         assert_eq!(

@@ -3,6 +3,7 @@
 //! - `config`: the `[audit]` table ([`AuditConfig`]) and its validation.
 //! - `event`: event types, serialized as one JSON object per line (schema in `SCHEMA.md`).
 //! - `headers`: pure, streaming header extraction from RETR/TOP bodies.
+//! - `files`: modes of audit files (0640) and of the directory popgate creates (0750).
 //! - `sink`: the non-blocking, bounded audit writer ([`AuditSink`], `AuditGuard`).
 //! - `transcript`: per-session `C:`/`S:` transcript files and command-line redaction.
 //! - `reader`: reading, filtering and printing audit files (`popgate audit`).
@@ -12,6 +13,7 @@
 
 pub(crate) mod config;
 pub(crate) mod event;
+pub(crate) mod files;
 pub(crate) mod headers;
 pub(crate) mod reader;
 pub(crate) mod sink;
@@ -25,7 +27,10 @@ pub use event::{
 };
 pub(crate) use headers::HeaderExtractor;
 pub use headers::HeaderSet;
-pub use reader::{AuditRecord, Filter, ReaderError, format_json, format_table, read_events};
+pub use reader::{
+    AuditRead, AuditRecord, BadLine, Filter, ReaderError, format_json, format_table, read_audit,
+    read_events,
+};
 pub(crate) use sink::AuditGuard;
 pub use sink::{AuditSink, SinkError};
 pub use transcript::Transcript;

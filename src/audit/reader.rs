@@ -2,8 +2,10 @@
 //!
 //! [`read_events`] streams JSON-lines files (as written by the sink) and keeps the events that
 //! pass a [`Filter`]; [`format_table`] prints them as aligned columns and [`format_json`]
-//! passes the original lines through. A truncated last line (a file being written) is
-//! skipped; any other malformed line is an error naming file and line.
+//! passes the original lines through. [`read_audit`] keeps reading past lines that are not
+//! audit events and reports each ([`BadLine`]: file, line number, reason), a last line without
+//! its newline (a file being written, or cut by a crash) included; [`read_events`] is the
+//! strict form, for which such a line (other than an incomplete last one) is an error.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -183,33 +185,95 @@ impl AuditRecord {
     }
 }
 
+/// A line of an audit file that is not an audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line number.
+    pub line: usize,
+    /// Why it was not read (not UTF-8, not JSON, not an audit event).
+    pub reason: String,
+    /// The file's last line, without its newline: still being written, or cut by a crash.
+    pub incomplete: bool,
+}
+
+impl std::fmt::Display for BadLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.incomplete {
+            write!(
+                f,
+                "{}:{}: last line incomplete (being written, or cut off): {}",
+                self.path.display(),
+                self.line,
+                self.reason
+            )
+        } else {
+            write!(
+                f,
+                "{}:{}: not an audit event: {}",
+                self.path.display(),
+                self.line,
+                self.reason
+            )
+        }
+    }
+}
+
+/// What [`read_audit`] found: the events that pass the filter and every line it could not read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditRead {
+    /// The events kept, ordered by time.
+    pub records: Vec<AuditRecord>,
+    /// Lines that are not audit events, in reading order.
+    pub bad: Vec<BadLine>,
+}
+
+/// Like [`read_audit`], but a line that is not an audit event is an error ([`ReaderError::Parse`]),
+/// except an incomplete last line, which is left out.
+pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord>, ReaderError> {
+    let read = read_audit(files, filter)?;
+    if let Some(b) = read.bad.into_iter().find(|b| !b.incomplete) {
+        return Err(ReaderError::Parse {
+            path: b.path,
+            line: b.line,
+            message: b.reason,
+        });
+    }
+    Ok(read.records)
+}
+
 /// Read `files` in the order given and return the events that pass `filter`, ordered by
-/// time (ties keep file order).
+/// time (ties keep file order), and the lines that are not audit events. Only a file that
+/// cannot be opened or read is an error.
 ///
 /// With a user filter, an event is kept when it names the user, or when it names no user
 /// (`session_open`, `tls`) and belongs to a session in which the user appears. Sessions are
-/// told apart by id and by `session_open`, since ids restart with popgate; pass the files in
-/// chronological order (as a shell glob of `audit.*.jsonl` does).
-pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord>, ReaderError> {
+/// told apart by instance, id and `session_open` (ids of older versions restarted with
+/// popgate); pass the files in chronological order (as a shell glob of `audit.*.jsonl` does).
+pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, ReaderError> {
     // (reading order, record): the order breaks ties between equal times.
     let mut kept: Vec<(usize, AuditRecord)> = Vec::new();
     // User-less events waiting to learn whether their session is the user's.
-    let mut pending: Vec<((u64, u32), usize, AuditRecord)> = Vec::new();
+    type Key = (Option<String>, u64, u32);
+    let mut pending: Vec<(Key, usize, AuditRecord)> = Vec::new();
     let mut seq = 0usize;
-    let mut opens: HashMap<u64, u32> = HashMap::new();
-    let mut matched: HashSet<(u64, u32)> = HashSet::new();
+    let mut opens: HashMap<(Option<String>, u64), u32> = HashMap::new();
+    let mut matched: HashSet<Key> = HashSet::new();
+    let mut bad = Vec::new();
     for path in files {
-        read_file(path, |record| {
+        read_file(path, &mut bad, |record| {
             seq += 1;
-            let id = record.event.session;
+            let id = (record.event.instance.clone(), record.event.session);
             if matches!(record.event.kind, EventKind::SessionOpen(_)) {
-                *opens.entry(id).or_default() += 1;
+                *opens.entry(id.clone()).or_default() += 1;
             }
-            let instance = (id, opens.get(&id).copied().unwrap_or(0));
+            let n = opens.get(&id).copied().unwrap_or(0);
+            let instance = (id.0, id.1, n);
             let user = record.event.user();
             let user_match = filter.user_matches(user);
             if filter.user.is_some() && user_match {
-                matched.insert(instance);
+                matched.insert(instance.clone());
             }
             if !filter.time_and_name_match(&record) {
                 return;
@@ -228,10 +292,17 @@ pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord
             .map(|(_, seq, r)| (seq, r)),
     );
     kept.sort_by_key(|(seq, r)| (r.event.ts, *seq));
-    Ok(kept.into_iter().map(|(_, r)| r).collect())
+    Ok(AuditRead {
+        records: kept.into_iter().map(|(_, r)| r).collect(),
+        bad,
+    })
 }
 
-fn read_file(path: &Path, mut each: impl FnMut(AuditRecord)) -> Result<(), ReaderError> {
+fn read_file(
+    path: &Path,
+    bad: &mut Vec<BadLine>,
+    mut each: impl FnMut(AuditRecord),
+) -> Result<(), ReaderError> {
     let io = |source| ReaderError::Io {
         path: path.to_owned(),
         source,
@@ -261,15 +332,13 @@ fn read_file(path: &Path, mut each: impl FnMut(AuditRecord)) -> Result<(), Reade
         match parsed {
             Ok(Some(r)) => each(r),
             Ok(None) => {}
-            // A last line without newline is being written (or was cut by a crash).
-            Err(_) if !complete => return Ok(()),
-            Err(message) => {
-                return Err(ReaderError::Parse {
-                    path: path.to_owned(),
-                    line: number,
-                    message,
-                });
-            }
+            // Reported, never skipped silently; reading goes on with the next line.
+            Err(reason) => bad.push(BadLine {
+                path: path.to_owned(),
+                line: number,
+                reason,
+                incomplete: !complete,
+            }),
         }
     }
 }
@@ -284,16 +353,27 @@ pub fn format_json(records: &[AuditRecord]) -> String {
     out
 }
 
-/// An aligned table: `TIME EVENT SESSION USER DETAILS`, one event per row. Values that could
-/// disturb a terminal (control characters, white space, quotes) are quoted and escaped.
+/// An aligned table: `TIME EVENT SESSION USER DETAILS`, one event per row (`SESSION` is
+/// `instance/id` when the records come from several instances). Values that could disturb a
+/// terminal (control characters, white space, quotes) are quoted and escaped.
 pub fn format_table(records: &[AuditRecord]) -> String {
+    // Files of several popgates read together: a session is `instance/id`.
+    let instances: HashSet<Option<&str>> = records
+        .iter()
+        .map(|r| r.event.instance.as_deref())
+        .collect();
+    let session = |r: &AuditRecord| match (instances.len() > 1, &r.event.instance) {
+        (true, Some(i)) => format!("{}/{}", cell(i), r.event.session),
+        (true, None) => format!("-/{}", r.event.session),
+        (false, _) => r.event.session.to_string(),
+    };
     let rows: Vec<[String; 5]> = records
         .iter()
         .map(|r| {
             [
                 humantime::format_rfc3339_millis(r.event.ts).to_string(),
                 cell(&r.name),
-                r.event.session.to_string(),
+                session(r),
                 r.event.user().map_or_else(|| "-".to_owned(), cell),
                 details(r),
             ]
@@ -389,7 +469,8 @@ fn details(r: &AuditRecord) -> String {
         EventKind::Login(e) => {
             d.kv("method", &e.method)
                 .kv("outcome", e.outcome.as_str())
-                .opt("code", e.code.as_ref());
+                .opt("code", e.code.as_ref())
+                .opt("rule", e.rule.as_ref());
         }
         EventKind::Denied(e) => {
             d.kv("rule", &e.rule).kv("verb", &e.verb);
@@ -437,7 +518,8 @@ fn details(r: &AuditRecord) -> String {
                     humantime::format_duration(Duration::from_millis(e.duration_ms))
                         .to_string()
                         .replace(' ', ""),
-                );
+                )
+                .opt("rule", e.rule.as_ref());
         }
         EventKind::Unknown => {
             d.kv("schema", r.event.schema);

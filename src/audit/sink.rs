@@ -43,6 +43,14 @@ pub enum SinkError {
         /// Cause.
         source: tracing_appender::rolling::InitError,
     },
+    /// The audit directory could not be created.
+    #[error("audit directory {dir}: {source}")]
+    Dir {
+        /// `audit.dir`.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// `audit.output = "file"` without `audit.dir` (rejected by validation too).
     #[error("audit.dir is not set")]
     NoDir,
@@ -81,6 +89,8 @@ struct Stats {
 }
 
 struct Inner {
+    /// Written into every event (`instance`).
+    instance: Option<String>,
     tx: mpsc::Sender<Msg>,
     overflow: Overflow,
     stats: Arc<Stats>,
@@ -115,6 +125,13 @@ impl AuditSink {
     /// disabled, returns [`AuditSink::disabled`] and an inert guard. Call outside or inside a
     /// tokio runtime; the writer is a plain thread.
     pub(crate) fn start(config: &AuditConfig) -> Result<(AuditSink, AuditGuard), SinkError> {
+        // Transcripts are independent of `enabled`: their directory is made (0700) or checked
+        // once here, so that a world-readable one is reported at start, not per session.
+        if let Some(dir) = &config.transcript.dir
+            && let Err(e) = super::files::prepare_dir(dir, 0o700, "transcript")
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the transcript directory");
+        }
         if !config.enabled {
             return Ok((AuditSink::disabled(), AuditGuard::inert()));
         }
@@ -122,6 +139,14 @@ impl AuditSink {
             AuditOutput::Stdout => (Box::new(std::io::stdout()), None),
             AuditOutput::File => {
                 let dir = config.dir.clone().ok_or(SinkError::NoDir)?;
+                // 0750 when popgate creates it, files 0640 (see `files`).
+                super::files::prepare_dir(&dir, super::files::DIR_MODE, "audit").map_err(
+                    |source| SinkError::Dir {
+                        dir: dir.clone(),
+                        source,
+                    },
+                )?;
+                super::files::precreate(&dir, config.rotation);
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
@@ -137,17 +162,27 @@ impl AuditSink {
                     dir: dir.clone(),
                     source,
                 })?;
+                let rotation = config.rotation;
+                let private = super::files::Private::new(appender, &dir, rotation);
                 let reopen: Reopen = Box::new(move || {
+                    // A file moved away: the fresh one is created 0640 too.
+                    super::files::precreate(&dir, rotation);
                     let fresh = builder.build(&dir).map_err(|source| SinkError::Reopen {
                         dir: dir.clone(),
                         source,
                     })?;
+                    let fresh = super::files::Private::new(fresh, &dir, rotation);
                     Ok(Box::new(fresh) as Box<dyn Write + Send>)
                 });
-                (Box::new(appender), Some(reopen))
+                (Box::new(private), Some(reopen))
             }
         };
-        AuditSink::start_writer(out, reopen, config.queue, config.on_overflow)
+        let (mut sink, guard) =
+            AuditSink::start_writer(out, reopen, config.queue, config.on_overflow)?;
+        if let Some(inner) = sink.inner.as_mut().and_then(Arc::get_mut) {
+            inner.instance = Some(config.instance_name());
+        }
+        Ok((sink, guard))
     }
 
     /// Start a writer thread writing JSON lines to `out` (tests, custom outputs).
@@ -184,6 +219,7 @@ impl AuditSink {
         };
         let sink = AuditSink {
             inner: Some(Arc::new(Inner {
+                instance: None,
                 tx,
                 overflow,
                 stats,
@@ -199,8 +235,9 @@ impl AuditSink {
 
     /// Queue an event. In `drop` mode this never waits (a full queue drops and counts the
     /// event); in `block` mode it waits for queue space.
-    pub async fn emit(&self, event: AuditEvent) {
+    pub async fn emit(&self, mut event: AuditEvent) {
         let Some(inner) = &self.inner else { return };
+        inner.stamp(&mut event);
         match inner.overflow {
             Overflow::Drop => {
                 self.try_emit(event);
@@ -215,10 +252,11 @@ impl AuditSink {
 
     /// Queue an event without ever waiting, whatever the overflow mode (for code that cannot
     /// await). Returns false when the event was dropped (and counted).
-    pub(crate) fn try_emit(&self, event: AuditEvent) -> bool {
+    pub(crate) fn try_emit(&self, mut event: AuditEvent) -> bool {
         let Some(inner) = &self.inner else {
             return true;
         };
+        inner.stamp(&mut event);
         match inner.tx.try_send(Msg::Event(Box::new(event))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -267,6 +305,12 @@ impl AuditSink {
 }
 
 impl Inner {
+    fn stamp(&self, event: &mut AuditEvent) {
+        if event.instance.is_none() {
+            event.instance.clone_from(&self.instance);
+        }
+    }
+
     fn lost(&self, msg: &'static str) {
         let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if n == 1 || n.is_multiple_of(LOG_EVERY) {

@@ -179,6 +179,9 @@ pub struct ResponseMeta {
     pub multiline: bool,
     /// Set when this response decided a login.
     pub login: Option<LoginOutcome>,
+    /// The message size in octets the `+OK` line states: `+OK 1200 octets` to RETR or TOP,
+    /// `+OK 3 1200` to `LIST 3`; `None` when it states none (`+OK message follows`).
+    pub size: Option<u64>,
 }
 
 /// A prefix of the server buffer and what it is.
@@ -646,6 +649,7 @@ impl Tracker {
                 status: line.status,
                 multiline: false,
                 login: None,
+                size: None,
             });
         };
         if line.status == Status::Continue {
@@ -667,6 +671,7 @@ impl Tracker {
                 status: line.status,
                 multiline: false,
                 login: None,
+                size: None,
             });
         }
         self.pending.pop_front();
@@ -726,7 +731,32 @@ impl Tracker {
             status: line.status,
             multiline,
             login,
+            size: if ok {
+                stated_size(out.verb, multiline, line.text)
+            } else {
+                None
+            },
         })
+    }
+}
+
+/// The size an `+OK` line's text states: its first word for RETR/TOP (`1200 octets`), the
+/// second of exactly `n size` for a one-line LIST. A multi-line LIST's line gives totals only.
+fn stated_size(verb: Verb, multiline: bool, text: &[u8]) -> Option<u64> {
+    let number = |w: &[u8]| -> Option<u64> {
+        if w.is_empty() || !w.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(w).ok()?.parse().ok()
+    };
+    let mut words = text.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    match verb {
+        Verb::Retr | Verb::Top => number(words.next()?),
+        Verb::List if !multiline => {
+            let (_n, size) = (number(words.next()?)?, number(words.next()?)?);
+            Some(size)
+        }
+        _ => None,
     }
 }
 
@@ -1249,5 +1279,23 @@ mod tests {
                 prop_assert_eq!(&got, &want);
             }
         }
+    }
+
+    #[test]
+    fn stated_sizes() {
+        let s = |verb, multiline, text: &[u8]| stated_size(verb, multiline, text);
+        assert_eq!(s(Verb::Retr, true, b"1200 octets"), Some(1200));
+        assert_eq!(s(Verb::Retr, true, b"1200"), Some(1200));
+        assert_eq!(s(Verb::Top, true, b"77 octets follow."), Some(77));
+        assert_eq!(s(Verb::Retr, true, b"message follows"), None);
+        assert_eq!(s(Verb::Top, true, b""), None);
+        assert_eq!(s(Verb::Retr, true, b"-12 octets"), None);
+        assert_eq!(s(Verb::Retr, true, b"99999999999999999999999 octets"), None);
+        assert_eq!(s(Verb::List, false, b"3 1200"), Some(1200));
+        assert_eq!(s(Verb::List, false, b"3"), None);
+        // A multi-line LIST states totals, not a message's size.
+        assert_eq!(s(Verb::List, true, b"2 320"), None);
+        assert_eq!(s(Verb::List, true, b"2 messages (320 octets)"), None);
+        assert_eq!(s(Verb::Stat, false, b"2 320"), None);
     }
 }

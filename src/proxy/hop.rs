@@ -60,16 +60,42 @@ pub(crate) trait Observe {
     fn client_sasl(&mut self);
     /// A reply popgate gave itself.
     fn local_reply(&mut self, reply: &[u8]);
-    /// A server status line with what the tracker made of it (`state` after the line).
-    fn status(&mut self, meta: &ResponseMeta, line: &[u8], user: Option<&str>, state: State);
+    /// A server status line with what the tracker made of it (`state` after the line) and
+    /// what rules said about it.
+    fn status(
+        &mut self,
+        meta: &ResponseMeta,
+        line: &[u8],
+        user: Option<&str>,
+        state: State,
+        marks: &Marks,
+    );
     /// Bytes of a multi-line body as relayed; `end` when they include the terminator.
     fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>);
-    /// A command a rule denied.
-    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>);
-    /// The rule tags so far (they go on every later event).
+    /// A command a rule denied, with the command's event tags.
+    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]);
+    /// The session-scoped rule tags so far (they go on every later event).
     fn tags(&mut self, tags: &[Arc<str>]);
     /// A login failed from `ip`: how long to hold its `-ERR` (the per-IP penalty), if at all.
     fn login_failed(&mut self, ip: IpAddr) -> Option<Duration>;
+}
+
+/// What rules said about the audit record(s) of one event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Marks {
+    /// Event-scoped tags (`tag` rules without `scope = "session"`) of the command and of its
+    /// response (and login), or of what closed the session.
+    pub(crate) tags: Vec<Arc<str>>,
+    /// The rule that dropped the session here, if one did.
+    pub(crate) dropped_by: Option<Arc<str>>,
+}
+
+fn add_tags(to: &mut Vec<Arc<str>>, from: &[Arc<str>]) {
+    for t in from {
+        if !to.contains(t) {
+            to.push(t.clone());
+        }
+    }
 }
 
 /// The settings a hop works with.
@@ -123,6 +149,11 @@ pub(crate) struct Hop {
     idle_deadline: Instant,
     login_deadline: Instant,
     greeting_deadline: Instant,
+    /// Event tags of the commands sent upstream whose final response is still due, in order.
+    cmd_tags: VecDeque<Vec<Arc<str>>>,
+    /// For the `session_close` record: event tags of what closed the session and of the
+    /// `close` rules, and the rule that dropped it.
+    close_marks: Marks,
 }
 
 impl Hop {
@@ -145,6 +176,8 @@ impl Hop {
             idle_deadline: now + cfg.idle_timeout,
             login_deadline: started + cfg.login_timeout,
             greeting_deadline: now + cfg.greeting_timeout,
+            cmd_tags: VecDeque::new(),
+            close_marks: Marks::default(),
             cfg,
         }
     }
@@ -183,7 +216,7 @@ impl Hop {
         self.tracker.user()
     }
 
-    /// Rule tags attached so far.
+    /// Session-scoped rule tags attached so far.
     pub(crate) fn tags(&self) -> &[Arc<str>] {
         &self.policy.tags
     }
@@ -206,7 +239,19 @@ impl Hop {
     /// The `close` rule event, at the end of the session.
     pub(crate) fn finish(&mut self) {
         let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Close);
-        self.policy.evaluate(&ev);
+        let v = self.policy.evaluate(&ev);
+        add_tags(&mut self.close_marks.tags, &v.tags);
+    }
+
+    /// What rules said about the `session_close` record (after [`Hop::finish`]).
+    pub(crate) fn close_marks(&self) -> &Marks {
+        &self.close_marks
+    }
+
+    /// A rule ends the session: its name and the event's tags go on `session_close`.
+    fn dropped_by(&mut self, rule: Arc<str>, tags: &[Arc<str>]) {
+        add_tags(&mut self.close_marks.tags, tags);
+        self.close_marks.dropped_by.get_or_insert(rule);
     }
 
     fn close(&mut self, reason: CloseReason) {
@@ -481,9 +526,24 @@ impl Hop {
             .is_none()
             .then(|| capa::hide_xclient(&sin[at..at + len]))
             .flatten();
-        let (rewritten, mut delay, drop) =
+        let (rewritten, mut delay, drop, response_tags) =
             self.response_rules(meta, hidden.as_deref().unwrap_or(&sin[at..at + len]));
         let rewritten = rewritten.or(hidden);
+        // The event tags of the command this answers (its final answer) and of the response.
+        let mut tags = match meta.verb {
+            Some(_) if meta.status != crate::pop3::response::Status::Continue => {
+                self.cmd_tags.pop_front().unwrap_or_default()
+            }
+            Some(_) => {
+                // A SASL challenge: its tags wait with the AUTH for the login's answer.
+                if let Some(t) = self.cmd_tags.front_mut() {
+                    add_tags(t, &response_tags);
+                }
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        add_tags(&mut tags, &response_tags);
         // Failed-login penalty per client IP, on top of any rule's delay.
         if meta.login.as_ref().is_some_and(|l| !l.success)
             && let Some(p) = obs.login_failed(self.cfg.client_ip)
@@ -492,13 +552,20 @@ impl Hop {
         }
         // After the rules, so that a login event carries the tags they attached.
         obs.tags(&self.policy.tags);
+        let marks = Marks {
+            tags,
+            dropped_by: drop.clone(),
+        };
         obs.status(
             meta,
             &sin[at..at + len],
             self.tracker.user(),
             self.tracker.state(),
+            &marks,
         );
-        if drop {
+        if let Some(rule) = drop {
+            info!(%rule, "session dropped by rule");
+            self.dropped_by(rule, &marks.tags);
             self.flush_server(sin, fwd);
             self.close(CloseReason::RuleDrop);
             return;
@@ -524,12 +591,19 @@ impl Hop {
     }
 
     /// Rules on a status line (greeting or response) and on the login it decides.
-    /// Returns a rewritten line (CRLF included), a tarpit delay, and whether to drop.
+    /// Returns a rewritten line (CRLF included), a tarpit delay, the rule that drops the
+    /// session (if one does) and the event tags.
+    #[allow(clippy::type_complexity)]
     fn response_rules(
         &mut self,
         meta: &ResponseMeta,
         raw: &[u8],
-    ) -> (Option<Vec<u8>>, Option<Duration>, bool) {
+    ) -> (
+        Option<Vec<u8>>,
+        Option<Duration>,
+        Option<Arc<str>>,
+        Vec<Arc<str>>,
+    ) {
         let kind = if meta.verb.is_none() {
             EventKind::Greeting
         } else {
@@ -540,11 +614,16 @@ impl Hop {
             verb: meta.verb,
             status: Some(meta.status),
             text: Some(line),
+            size: meta.size,
             ..event(&self.cfg, &self.tracker, self.client_tls, kind)
         };
         let v = self.policy.evaluate(&ev);
         let mut delay = v.delay;
-        let mut drop = matches!(self.policy.terminal(&v), Terminal::Drop { .. });
+        let mut tags = v.tags.clone();
+        let mut drop = match self.policy.terminal(&v) {
+            Terminal::Drop { rule } => Some(rule),
+            _ => None,
+        };
         if meta.login.is_some() {
             let ev = Event {
                 verb: meta.verb,
@@ -556,13 +635,16 @@ impl Hop {
                 (Some(a), Some(b)) => Some(a + b),
                 (a, b) => a.or(b),
             };
-            drop |= matches!(self.policy.terminal(&lv), Terminal::Drop { .. });
+            add_tags(&mut tags, &lv.tags);
+            if let (None, Terminal::Drop { rule }) = (&drop, self.policy.terminal(&lv)) {
+                drop = Some(rule);
+            }
         }
         let rewritten = v.rewritten.map(|mut l| {
             l.extend_from_slice(b"\r\n");
             l
         });
-        (rewritten, delay, drop)
+        (rewritten, delay, drop, tags)
     }
 
     /// Rewrite a complete CAPA response (status line + body + terminator) for this hop:
@@ -715,8 +797,13 @@ impl Hop {
                 let v = self.policy.evaluate(&ev);
                 if let Terminal::Drop { rule } = self.policy.terminal(&v) {
                     info!(%rule, "session dropped by rule");
+                    self.dropped_by(rule, &v.tags);
                     self.close(CloseReason::RuleDrop);
                     return;
+                }
+                // The AUTH's answer (the login) carries them.
+                if let Some(t) = self.cmd_tags.back_mut() {
+                    add_tags(t, &v.tags);
                 }
                 self.up_out.extend_from_slice(data);
                 self.tracker.forwarded_sasl(data);
@@ -741,7 +828,7 @@ impl Hop {
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
                 obs.client_command(&cmd);
-                let (decision, delay) = self.decide(&cmd, obs);
+                let (decision, delay, tags) = self.decide(&cmd, obs);
                 if let Some(d) = delay {
                     // Tarpit: what was decided before goes out first.
                     self.flush_upstream();
@@ -752,9 +839,13 @@ impl Hop {
                     Decision::Forward(None) => {
                         self.up_out.extend_from_slice(cmd.raw);
                         self.tracker.forwarded(&cmd);
+                        self.cmd_tags.push_back(tags);
                     }
-                    Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line),
-                    Decision::Drop => self.close(CloseReason::RuleDrop),
+                    Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line, tags),
+                    Decision::Drop(rule) => {
+                        self.dropped_by(rule, &tags);
+                        self.close(CloseReason::RuleDrop);
+                    }
                     Decision::Reply(text, then) => {
                         let mut reply = text.into_bytes();
                         reply.extend_from_slice(b"\r\n");
@@ -774,7 +865,7 @@ impl Hop {
     }
 
     /// Forward a command a rule rewrote; the tracker learns the shape from what is sent.
-    fn forward_rewritten(&mut self, verb: Verb, line: Vec<u8>) {
+    fn forward_rewritten(&mut self, verb: Verb, line: Vec<u8>, tags: Vec<Arc<str>>) {
         match Command::parse(&line) {
             Ok(new) if let Some(why) = self.tracker.refusal(&new) => {
                 warn!(command = %new.redacted(), "rule rewrite produced a command not valid now");
@@ -788,6 +879,7 @@ impl Hop {
                 debug!(command = %new.redacted(), "command rewritten by rule");
                 self.up_out.extend_from_slice(&line);
                 self.tracker.forwarded(&new);
+                self.cmd_tags.push_back(tags);
             }
             Err(e) => {
                 warn!(error = %e, "rule rewrite produced an invalid command");
@@ -802,12 +894,13 @@ impl Hop {
 
     /// Decide what to do with a command: rules first, then popgate's own protocol checks
     /// (which no rule can override: STLS is never relayed, the state is respected, unknown
-    /// shapes are not guessed). Returns the decision and a tarpit delay to apply first.
+    /// shapes are not guessed). Returns the decision, a tarpit delay to apply first, and the
+    /// command's event tags.
     fn decide(
         &mut self,
         cmd: &Command<'_>,
         obs: &mut impl Observe,
-    ) -> (Decision, Option<Duration>) {
+    ) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
         let ev = Event {
             verb: Some(cmd.verb),
             args: Some(cmd.args),
@@ -820,29 +913,31 @@ impl Hop {
         };
         let verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
+        let tags = verdict.tags.clone();
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
                 // The denial carries the tags its own evaluation attached.
                 obs.tags(&self.policy.tags);
-                obs.denied(&rule, cmd.verb, self.tracker.user());
+                obs.denied(&rule, cmd.verb, self.tracker.user(), &tags);
                 let then = if close {
+                    self.close_marks.dropped_by.get_or_insert(rule);
                     AfterReply::Close
                 } else {
                     AfterReply::Continue
                 };
-                return (Decision::Reply(reply, then), delay);
+                return (Decision::Reply(reply, then), delay, Vec::new());
             }
             Terminal::Drop { rule } => {
                 info!(%rule, verb = %cmd.verb, "session dropped by rule");
-                return (Decision::Drop, delay);
+                return (Decision::Drop(rule), delay, tags);
             }
         }
         let reply = |text: &str| Decision::Reply(text.into(), AfterReply::Continue);
         if let Some(why) = self.tracker.refusal(cmd) {
             debug!(verb = %cmd.verb, state = self.tracker.state().as_str(), "command refused: {why}");
-            return (reply(why), delay);
+            return (reply(why), delay, tags);
         }
         let decision = match cmd.verb {
             // Dovecot believes XCLIENT from popgate's address: a client's own would replace
@@ -878,7 +973,7 @@ impl Hop {
                     .map(|args| command_line(cmd.keyword, &args)),
             ),
         };
-        (decision, delay)
+        (decision, delay, tags)
     }
 
     /// Whether a rule would refuse a password now (e.g. `require-tls` on plaintext). Asked
@@ -932,6 +1027,6 @@ enum Decision {
     Forward(Option<Vec<u8>>),
     /// Answer locally with this line (CRLF added), never reaching the upstream.
     Reply(String, AfterReply),
-    /// Close both sides now, upstream without QUIT.
-    Drop,
+    /// Close both sides now, upstream without QUIT (this rule said so).
+    Drop(Arc<str>),
 }

@@ -6,7 +6,7 @@
 mod hop;
 pub(crate) mod policy;
 
-pub(crate) use hop::{Action, Hop, HopConfig, Observe};
+pub(crate) use hop::{Action, Hop, HopConfig, Marks, Observe};
 
 #[cfg(test)]
 mod tests;

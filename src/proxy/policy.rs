@@ -52,7 +52,7 @@ impl RuleTally {
 #[derive(Debug)]
 pub struct Policy {
     rules: Arc<RuleSet>,
-    /// Labels attached by `tag` rules, for the audit trail.
+    /// Labels attached by `tag` rules with `scope = "session"`: on every later audit record.
     pub tags: Vec<Arc<str>>,
     /// Set by a `trace` rule: record a transcript of this session.
     pub trace: bool,
@@ -94,7 +94,8 @@ impl Policy {
                 _ => tracing::trace!(target: "popgate::rules", rule, "{msg}"),
             }
         }
-        for t in &v.tags {
+        // `scope = "session"` tags stay; event tags are for the event's own record only.
+        for t in &v.session_tags {
             if !self.tags.contains(t) {
                 self.tags.push(t.clone());
             }

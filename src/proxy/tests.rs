@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::policy::Policy;
-use super::{Action, Hop, HopConfig, Observe};
+use super::{Action, Hop, HopConfig, Marks, Observe};
 use crate::audit::CloseReason;
 use crate::config::UnknownCommands;
 use crate::pop3::command::{Command, Verb};
@@ -26,11 +26,11 @@ impl Observe for Rec {
     fn client_command(&mut self, _: &Command<'_>) {}
     fn client_sasl(&mut self) {}
     fn local_reply(&mut self, _: &[u8]) {}
-    fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State) {
+    fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State, _: &Marks) {
         self.statuses.push((meta.verb, meta.multiline));
     }
     fn body(&mut self, _: &[u8], _: bool, _: Option<&str>) {}
-    fn denied(&mut self, _: &str, _: Verb, _: Option<&str>) {}
+    fn denied(&mut self, _: &str, _: Verb, _: Option<&str>, _: &[Arc<str>]) {}
     fn tags(&mut self, _: &[Arc<str>]) {}
     fn login_failed(&mut self, _: IpAddr) -> Option<Duration> {
         self.penalty

@@ -67,6 +67,8 @@ pub(super) struct Matchers {
     /// Bit set of [`verb_slot`]s (`verbs` or `answers`).
     pub(super) verbs: u32,
     pub(super) status: Option<Status>,
+    /// `size`: a comparison with the size a RETR/TOP/LIST response states.
+    pub(super) size: Option<super::size::SizeCmp>,
     /// `user`, `args`, `text` regexes.
     pub(super) re: [Option<Regex>; 3],
 }
@@ -121,7 +123,7 @@ pub(super) const NO_SET: u32 = u32::MAX;
 pub(super) struct Hot {
     /// [`Matchers::allowed_bits`].
     pub(super) allow: u16,
-    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener or client matchers).
+    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener, client or size matchers).
     pub(super) flags: u8,
     /// Bit set of the regex fields present.
     pub(super) regexes: u8,
@@ -150,7 +152,11 @@ pub(super) enum Effect {
         level: Level,
         template: Template,
     },
-    Tag(Box<[Arc<str>]>),
+    /// Labels; `session`: for the rest of the session too, not only this event's record.
+    Tag {
+        tags: Box<[Arc<str>]>,
+        session: bool,
+    },
     Delay(Duration),
     Trace,
 }
@@ -344,7 +350,7 @@ impl Builder {
                 if matches!(r.action, Action::Deny | Action::Rewrite) {
                     flags |= DENY_OR_REWRITE;
                 }
-                if r.when.listener.is_some() || r.when.client.is_some() {
+                if r.when.listener.is_some() || r.when.client.is_some() || r.when.size.is_some() {
                     flags |= COLD;
                 }
                 let regexes = (0..3)
@@ -484,6 +490,13 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
     if raw.status.is_some() && !matches!(on, E::Greeting | E::Response | E::Login) {
         return Err(not_on("status", on, ""));
     }
+    if raw.size.is_some() && on != E::Response {
+        return Err(not_on(
+            "size",
+            on,
+            "; it matches the size a RETR, TOP or LIST response states",
+        ));
+    }
     if raw.text.is_some() && !matches!(on, E::Greeting | E::Response | E::Capa) {
         let hint = if on == E::Command { "; use `args`" } else { "" };
         return Err(not_on("text", on, hint));
@@ -522,7 +535,8 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
     }
 
     // Keys that belong to other actions.
-    let keys: [(&'static str, bool, &[Action]); 11] = [
+    let keys: [(&'static str, bool, &[Action]); 12] = [
+        ("scope", raw.scope.is_some(), &[Action::Tag]),
         (
             "message",
             raw.message.is_some(),
@@ -622,6 +636,21 @@ fn matchers(raw: &RawRule) -> Result<Matchers, Problem> {
                 ));
             }
             m.verbs |= 1 << verb_slot(Some(verb));
+        }
+    }
+    if let Some(text) = &raw.size {
+        m.size = Some(super::size::SizeCmp::parse(text).map_err(|r| invalid("size", r))?);
+        let sized = [Verb::Retr, Verb::Top, Verb::List].map(|v| 1u32 << verb_slot(Some(v)));
+        let sized = sized.iter().fold(0, |a, b| a | b);
+        if m.verbs & !sized != 0 {
+            return Err(invalid(
+                "size",
+                "only RETR, TOP and LIST responses state a size: limit `answers` to them",
+            ));
+        }
+        if m.verbs == 0 {
+            // Indexed under these verbs only: other responses never hold.
+            m.verbs = sized;
         }
     }
     if let Some(s) = &raw.status {
@@ -738,7 +767,28 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
                     ));
                 }
             }
-            Effect::Tag(tags.into_iter().map(Arc::from).collect())
+            let session = match raw.scope.as_deref() {
+                Some("session") => true,
+                None | Some("event") => false,
+                Some(other) => {
+                    return Err(invalid(
+                        "scope",
+                        format!("unknown scope `{other}` (event or session)"),
+                    ));
+                }
+            };
+            if !session && matches!(on, EventKind::Greeting | EventKind::Capa) {
+                return Err(invalid(
+                    "scope",
+                    format!(
+                        "`{on}` events have no audit record of their own: write scope = \"session\""
+                    ),
+                ));
+            }
+            Effect::Tag {
+                tags: tags.into_iter().map(Arc::from).collect(),
+                session,
+            }
         }
         Action::Delay => {
             let d = raw.delay.ok_or(Problem::MissingKey("delay"))?;

@@ -23,7 +23,7 @@ fn field<'a>(ev: &Event<'a>, f: usize) -> Option<&'a [u8]> {
 }
 
 impl Matchers {
-    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, and the regex fields in `fields`
+    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, size, and the regex fields in `fields`
     /// (a bit set) that no set search answered.
     fn hold_cold(&self, ev: &Event<'_>, fields: u8) -> bool {
         if let Some(names) = &self.listener
@@ -33,6 +33,11 @@ impl Matchers {
         }
         if let Some(nets) = &self.client
             && !nets.iter().any(|n| n.contains(ev.client))
+        {
+            return false;
+        }
+        if let Some(cmp) = self.size
+            && !ev.size.is_some_and(|s| cmp.holds(s))
         {
             return false;
         }
@@ -174,10 +179,15 @@ impl RuleSet {
                         message: template.render(ev, &r.name),
                     });
                 }
-                Effect::Tag(tags) => {
+                Effect::Tag { tags, session } => {
+                    let to = if *session {
+                        &mut v.session_tags
+                    } else {
+                        &mut v.tags
+                    };
                     for t in tags.iter() {
-                        if !v.tags.contains(t) {
-                            v.tags.push(t.clone());
+                        if !to.contains(t) {
+                            to.push(t.clone());
                         }
                     }
                 }

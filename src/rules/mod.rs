@@ -16,6 +16,7 @@ mod error;
 mod eval;
 mod glob;
 pub(crate) mod model;
+mod size;
 mod template;
 #[cfg(test)]
 mod tests;
@@ -112,6 +113,9 @@ pub struct Event<'a> {
     /// Greeting/response: the whole status line without CRLF. Capa: one item (e.g.
     /// `SASL PLAIN LOGIN`), or `None` at the end of the list.
     pub text: Option<&'a [u8]>,
+    /// Response to RETR, TOP or LIST n: the message size in octets the `+OK` line states,
+    /// when it states one (`size` matchers never hold without it).
+    pub size: Option<u64>,
 }
 
 impl<'a> Event<'a> {
@@ -129,6 +133,7 @@ impl<'a> Event<'a> {
             args: None,
             status: None,
             text: None,
+            size: None,
         }
     }
 }
@@ -180,8 +185,12 @@ pub struct Verdict {
     pub add_capa: Vec<String>,
     /// Rendered `log` messages (and ignored rewrites), in order.
     pub logs: Vec<RuleLog>,
-    /// Labels for the audit trail, in order, without duplicates.
+    /// Labels for this event's audit record (`scope = "event"`, the default), in order,
+    /// without duplicates.
     pub tags: Vec<Arc<str>>,
+    /// Labels for this event's record and every later one of the session (`scope =
+    /// "session"`), in order, without duplicates.
+    pub session_tags: Vec<Arc<str>>,
     /// Tarpit: wait this long (the sum of all matched `delay` rules) before acting.
     pub delay: Option<Duration>,
     /// A `trace` rule matched: start a traffic transcript for this session.

@@ -107,6 +107,8 @@ pub(crate) struct RawRule {
     pub(crate) text: Option<String>,
     /// Matcher: verbs a response answers (`response` events).
     pub(crate) answers: Option<OneOrMany>,
+    /// Matcher: the message size a RETR/TOP/LIST response states, e.g. `"> 10M"`.
+    pub(crate) size: Option<String>,
     /// The action.
     pub(crate) action: Action,
     /// `deny`: the reply text; `log`: the message template.
@@ -131,10 +133,12 @@ pub(crate) struct RawRule {
     pub(crate) add: Option<OneOrMany>,
     /// `rewrite` on `greeting`: put the APOP timestamp back if the rewrite lost it (default true).
     pub(crate) keep_apop: Option<bool>,
+    /// `tag`: `event` (default: the event's own audit record) or `session` (also every later one).
+    pub(crate) scope: Option<String>,
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub(crate) const KEYS: [&str; 24] = [
+pub(crate) const KEYS: [&str; 26] = [
     "name",
     "on",
     "listener",
@@ -147,6 +151,7 @@ pub(crate) const KEYS: [&str; 24] = [
     "status",
     "text",
     "answers",
+    "size",
     "action",
     "message",
     "code",
@@ -159,6 +164,7 @@ pub(crate) const KEYS: [&str; 24] = [
     "remove",
     "add",
     "keep_apop",
+    "scope",
 ];
 
 /// Decode a file into its rules, each with its [`RuleRef`]. Only `[[rule]]` tables may appear
@@ -255,6 +261,7 @@ impl RawRule {
             status: take(t, "status")?,
             text: take(t, "text")?,
             answers: take(t, "answers")?,
+            size: take(t, "size")?,
             message: take(t, "message")?,
             code: take(t, "code")?,
             close_after: take(t, "close_after")?,
@@ -266,6 +273,7 @@ impl RawRule {
             remove: take(t, "remove")?,
             add: take(t, "add")?,
             keep_apop: take(t, "keep_apop")?,
+            scope: take(t, "scope")?,
         };
         // Keys listed in KEYS but not decoded above would otherwise be ignored silently.
         if let Some(key) = t.keys().next() {
@@ -349,6 +357,7 @@ mod tests {
             status = "ok"
             text = "t"
             answers = "RETR"
+            size = "> 1k"
             action = "rewrite"
             message = "m"
             code = "C"
@@ -361,6 +370,7 @@ mod tests {
             remove = true
             add = "X"
             keep_apop = true
+            scope = "session"
         "#;
         let table: toml::Table = toml::from_str(text).unwrap();
         assert_eq!(table.len(), KEYS.len());

@@ -991,3 +991,96 @@ message = "{command} {user} {text}"
         }
     }
 }
+
+#[test]
+fn size_matcher_compares_the_stated_size() {
+    let s = set(
+        "[[rule]]\nname = \"big\"\non = \"response\"\nsize = \"> 10k\"\naction = \"tag\"\ntags = \"big\"\n\
+         [[rule]]\nname = \"small-list\"\non = \"response\"\nanswers = \"LIST\"\nsize = \"<= 100\"\naction = \"tag\"\ntags = \"small\"\n",
+    );
+    let sized = |verb, line, size| Event {
+        size,
+        ..resp(verb, line)
+    };
+    let tags = |ev: &Event<'_>| s.evaluate(ev).tags;
+    let big: Vec<Arc<str>> = vec![Arc::from("big")];
+    assert_eq!(
+        tags(&sized(Verb::Retr, b"+OK 20000 octets", Some(20_000))),
+        big
+    );
+    assert_eq!(
+        tags(&sized(Verb::Top, b"+OK 10241 octets", Some(10_241))),
+        big
+    );
+    assert!(tags(&sized(Verb::Retr, b"+OK 10240 octets", Some(10_240))).is_empty());
+    // No size stated: no match, whatever the line says.
+    assert!(tags(&sized(Verb::Retr, b"+OK message follows", None)).is_empty());
+    assert!(tags(&sized(Verb::Retr, b"-ERR no such message", None)).is_empty());
+    // Only RETR, TOP and LIST responses are candidates.
+    assert!(tags(&sized(Verb::Stat, b"+OK 2 20000", Some(20_000))).is_empty());
+    assert_eq!(
+        tags(&sized(Verb::List, b"+OK 1 50", Some(50))),
+        vec![Arc::<str>::from("small")]
+    );
+}
+
+#[test]
+fn tag_scope() {
+    let s = set(
+        "[[rule]]\nname = \"e\"\non = \"command\"\naction = \"tag\"\ntags = \"ev\"\n\
+         [[rule]]\nname = \"x\"\non = \"command\"\naction = \"tag\"\ntags = \"ex\"\nscope = \"event\"\n\
+         [[rule]]\nname = \"s\"\non = \"command\"\naction = \"tag\"\ntags = [\"se\", \"ev\"]\nscope = \"session\"\n\
+         [[rule]]\nname = \"g\"\non = \"greeting\"\naction = \"tag\"\ntags = \"hello\"\nscope = \"session\"\n",
+    );
+    let v = s.evaluate(&cmd(Verb::Retr, b"1"));
+    assert_eq!(v.tags, vec![Arc::<str>::from("ev"), Arc::from("ex")]);
+    assert_eq!(
+        v.session_tags,
+        vec![Arc::<str>::from("se"), Arc::from("ev")]
+    );
+    let v = s.evaluate(&greeting(b"+OK hi"));
+    assert!(v.tags.is_empty());
+    assert_eq!(v.session_tags, vec![Arc::<str>::from("hello")]);
+}
+
+#[test]
+fn size_and_scope_errors() {
+    let r = "rule `r` (#1)";
+    assert_err(
+        &one("on = \"command\"\nsize = \"> 1\"\naction = \"trace\""),
+        &[r, "matcher `size`", "RETR, TOP or LIST response"],
+    );
+    assert_err(
+        &one(
+            "on = \"response\"\nanswers = [\"RETR\", \"DELE\"]\nsize = \"> 1\"\naction = \"trace\"",
+        ),
+        &[r, "`size`", "limit `answers`"],
+    );
+    for (bad, why) in [
+        ("10MB", "start with"),
+        ("> ", "whole number"),
+        ("> 5 parsecs", "unknown unit"),
+        ("> 99999999999999999999", "too large"),
+    ] {
+        assert_err(
+            &one(&format!(
+                "on = \"response\"\nsize = \"{bad}\"\naction = \"trace\""
+            )),
+            &[r, "`size`", why],
+        );
+    }
+    assert_err(
+        &one("on = \"command\"\naction = \"log\"\nmessage = \"m\"\nscope = \"session\""),
+        &[r, "key `scope` has no meaning for action `log`"],
+    );
+    assert_err(
+        &one("on = \"command\"\naction = \"tag\"\ntags = \"t\"\nscope = \"forever\""),
+        &[r, "unknown scope `forever`"],
+    );
+    for on in ["greeting", "capa"] {
+        assert_err(
+            &one(&format!("on = \"{on}\"\naction = \"tag\"\ntags = \"t\"")),
+            &[r, "`scope`", "no audit record of their own"],
+        );
+    }
+}

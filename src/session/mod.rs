@@ -57,7 +57,7 @@ pub struct Shared {
 /// Who a session is for, known at accept.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
-    /// Unique within this process.
+    /// Unique across restarts and sorted by time: see [`first_id`].
     pub id: u64,
     /// Listener name.
     pub listener: Arc<str>,
@@ -69,6 +69,18 @@ pub struct SessionInfo {
     pub tls_mode: TlsMode,
     /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
     pub proxy: Option<SocketAddr>,
+}
+
+/// The id of the first session of a popgate started at `start`: that time in microseconds
+/// since the epoch; later sessions count up from it. So ids never repeat across restarts (that
+/// would take more than one session per microsecond of uptime), sort by time across restarts,
+/// and stay below 2^53 until the year 2255, exact in jq and JavaScript. `date -d @${id:0:10}`
+/// shows when that popgate started.
+pub(crate) fn first_id(start: std::time::SystemTime) -> u64 {
+    start
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+        .max(1)
 }
 
 /// Byte counters of a session.
@@ -113,20 +125,50 @@ pub(crate) async fn run(
     if let Some(d) = connect.delay {
         tokio::time::sleep(d).await;
     }
-    match policy.terminal(&connect) {
-        Terminal::Pass => {}
+    let refused = match policy.terminal(&connect) {
+        Terminal::Pass => None,
         Terminal::Deny { reply, rule, .. } => {
             info!(%rule, "connection denied by rule");
             record_rules(&shared, policy.take_tally());
-            let _ = client.write_all(format!("{reply}\r\n").as_bytes()).await;
+            let reply = format!("{reply}\r\n");
+            let sent = match client.write_all(reply.as_bytes()).await {
+                Ok(()) => reply.len() as u64,
+                Err(_) => 0,
+            };
             let _ = client.shutdown().await;
-            return CloseReason::RuleDrop;
+            Some((rule, sent))
         }
         Terminal::Drop { rule } => {
             info!(%rule, "connection dropped by rule");
             record_rules(&shared, policy.take_tally());
-            return CloseReason::RuleDrop;
+            Some((rule, 0))
         }
+    };
+    if let Some((rule, sent)) = refused {
+        // The audit trail shows refused connections too, with the rule.
+        let mut observer = Observer::new(
+            shared.audit.clone(),
+            shared.headers.clone(),
+            info.id,
+            crate::audit::Transcript::disabled(),
+        );
+        observer.set_tags(&policy.tags);
+        observer.open(
+            &info.listener,
+            info.client,
+            info.local,
+            info.proxy,
+            client_tls.as_ref(),
+            &connect.tags,
+        );
+        let marks = crate::proxy::Marks {
+            tags: connect.tags.clone(),
+            dropped_by: Some(rule),
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
+        observer.flush().await;
+        return CloseReason::RuleDrop;
     }
     let transcript_cfg = &config.audit.transcript;
     let transcript = if transcript_cfg.wants(&info.listener, info.client.ip()) || policy.trace {
@@ -147,6 +189,7 @@ pub(crate) async fn run(
         info.local,
         info.proxy,
         client_tls.as_ref(),
+        &connect.tags,
     );
     observer.flush().await;
     let origin = crate::net::upstream::ClientOrigin {
@@ -188,6 +231,7 @@ pub(crate) async fn run(
                 0,
                 sent,
                 started.elapsed().as_millis() as u64,
+                &crate::proxy::Marks::default(),
             );
             observer.flush().await;
             return CloseReason::Error;
@@ -265,13 +309,21 @@ pub(crate) async fn run(
         driver.traffic.from_client,
         driver.traffic.to_client,
         started.elapsed().as_millis() as u64,
+        driver.hop.close_marks(),
     );
     obs.flush().await;
+    // The tags of the `session_close` record: the session's and the close's own.
+    let mut tags = driver.hop.tags().to_vec();
+    for t in &driver.hop.close_marks().tags {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
     info!(
         reason = reason.as_str(),
         user = driver.hop.user().unwrap_or("-"),
         // The text of a JSON array: JSON logs turn it into the array (daemon::Logging).
-        tags = %tags_json(driver.hop.tags()),
+        tags = %tags_json(&tags),
         client_tls = driver.client_tls.as_ref().map_or("-", |t| t.version.as_str()),
         upstream_tls = driver.upstream_tls.as_ref().map_or("-", |t| t.version.as_str()),
         from_client = driver.traffic.from_client,
@@ -342,19 +394,28 @@ impl Observe for SessionObserver {
     fn local_reply(&mut self, reply: &[u8]) {
         self.observer.local_reply(reply);
     }
-    fn status(&mut self, meta: &ResponseMeta, line: &[u8], user: Option<&str>, state: State) {
+    fn status(
+        &mut self,
+        meta: &ResponseMeta,
+        line: &[u8],
+        user: Option<&str>,
+        state: State,
+        marks: &crate::proxy::Marks,
+    ) {
         if let Some(login) = &meta.login {
+            // A login a rule dropped is no success, whatever the server said.
+            let success = login.success && marks.dropped_by.is_none();
             self.shared
                 .metrics
-                .login(&self.listener, &login.method.label(), login.success);
+                .login(&self.listener, &login.method.label(), success);
         }
-        self.observer.status(meta, line, user, state);
+        self.observer.status(meta, line, user, state, marks);
     }
     fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>) {
         self.observer.body(chunk, end, user);
     }
-    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>) {
-        self.observer.denied(rule, verb, user);
+    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]) {
+        self.observer.denied(rule, verb, user, tags);
     }
     fn tags(&mut self, tags: &[Arc<str>]) {
         self.observer.set_tags(tags);

@@ -18,6 +18,12 @@ use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
 
+pub(crate) use crate::proxy::Marks;
+
+fn strings(tags: &[Arc<str>]) -> Vec<String> {
+    tags.iter().map(|t| t.to_string()).collect()
+}
+
 /// A UIDL listing line is `n uid`; longer partial lines than this are ignored.
 const MAX_UIDL_LINE: usize = 128;
 
@@ -29,6 +35,8 @@ struct Retrieval {
     lines: Option<u32>,
     octets: u64,
     headers: HeaderExtractor,
+    /// Event tags of the RETR/TOP and its response, for the `retrieve` record.
+    tags: Vec<String>,
 }
 
 /// Audit and transcript state of one session.
@@ -74,11 +82,22 @@ impl Observer {
     }
 
     fn push(&mut self, kind: impl Into<crate::audit::EventKind>) {
-        let ev = AuditEvent::new(self.session, kind).with_tags(self.tags.iter().cloned());
+        self.push_tagged(kind, &[]);
+    }
+
+    /// An event with the session's tags and `extra` (the event's own).
+    fn push_tagged(&mut self, kind: impl Into<crate::audit::EventKind>, extra: &[String]) {
+        let mut tags = self.tags.clone();
+        for t in extra {
+            if !tags.contains(t) {
+                tags.push(t.clone());
+            }
+        }
+        let ev = AuditEvent::new(self.session, kind).with_tags(tags);
         self.queue.push(ev);
     }
 
-    /// Rule tags so far; they appear on every event from now on.
+    /// Session-scoped rule tags so far; they appear on every event from now on.
     pub fn set_tags(&mut self, tags: &[Arc<str>]) {
         if tags.len() != self.tags.len() {
             self.tags = tags.iter().map(|t| t.to_string()).collect();
@@ -98,7 +117,7 @@ impl Observer {
         }
     }
 
-    /// `session_open`.
+    /// `session_open`, with the event tags of the `connect` rules.
     pub fn open(
         &mut self,
         listener: &str,
@@ -106,19 +125,23 @@ impl Observer {
         local: SocketAddr,
         proxy: Option<SocketAddr>,
         tls: Option<&TlsInfo>,
+        tags: &[Arc<str>],
     ) {
         if let Some(p) = proxy {
             self.transcript
                 .note(&format!("client {client} via proxy {p}"));
         }
         if self.auditing() {
-            self.push(SessionOpen {
-                listener: listener.to_owned(),
-                client,
-                local,
-                proxy,
-                client_tls: tls.cloned(),
-            });
+            self.push_tagged(
+                SessionOpen {
+                    listener: listener.to_owned(),
+                    client,
+                    local,
+                    proxy,
+                    client_tls: tls.cloned(),
+                },
+                &strings(tags),
+            );
         }
     }
 
@@ -151,29 +174,41 @@ impl Observer {
         self.transcript.server_line(reply);
     }
 
-    /// `denied`.
-    pub fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>) {
+    /// `denied`, with the command's event tags.
+    pub fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]) {
         if self.auditing() {
-            self.push(Denied::new(rule, verb, user));
+            self.push_tagged(Denied::new(rule, verb, user), &strings(tags));
         }
     }
 
     /// A status line from the server with what the tracker made of it. `state` is the
-    /// tracker's state after the line.
-    pub fn status(&mut self, meta: &ResponseMeta, line: &[u8], user: Option<&str>, state: State) {
+    /// tracker's state after the line; `marks` what rules said about it (event tags of the
+    /// command and the response, the rule that dropped the session here).
+    pub fn status(
+        &mut self,
+        meta: &ResponseMeta,
+        line: &[u8],
+        user: Option<&str>,
+        state: State,
+        marks: &Marks,
+    ) {
         self.transcript.server_line(line);
         if !self.auditing() {
             return;
         }
+        let tags = strings(&marks.tags);
         let user_s = || user.map(str::to_owned);
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
-            self.push(Login::new(
-                login.user.as_deref(),
-                &login.method,
-                meta.status,
-                code,
-            ));
+            let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            if let Some(rule) = &marks.dropped_by {
+                // The client never saw this answer: a `+OK` did not log it in.
+                if l.outcome == crate::audit::Outcome::Success {
+                    l.outcome = crate::audit::Outcome::Dropped;
+                }
+                l.rule = Some(rule.to_string());
+            }
+            self.push_tagged(l, &tags);
         }
         let ok = meta.status == Status::Ok;
         match meta.verb {
@@ -185,6 +220,7 @@ impl Observer {
                         lines: meta.lines,
                         octets: 0,
                         headers: HeaderExtractor::new(self.headers.clone()),
+                        tags: tags.clone(),
                     });
                 }
             }
@@ -203,16 +239,19 @@ impl Observer {
                         self.marked.push(msg);
                     }
                     let uidl = self.uidls.get(&msg).cloned();
-                    self.push(DeleteMarked {
-                        user: user_s(),
-                        msg: u64::from(msg),
-                        uidl,
-                    });
+                    self.push_tagged(
+                        DeleteMarked {
+                            user: user_s(),
+                            msg: u64::from(msg),
+                            uidl,
+                        },
+                        &tags,
+                    );
                 }
             }
             Some(Verb::Rset) if ok => {
                 self.marked.clear();
-                self.push(Reset { user: user_s() });
+                self.push_tagged(Reset { user: user_s() }, &tags);
             }
             // QUIT in TRANSACTION: +OK moved the tracker to UPDATE, -ERR left it there.
             Some(Verb::Quit) if state == State::Update || state == State::Transaction => {
@@ -224,11 +263,14 @@ impl Observer {
                         uidl: self.uidls.get(m).cloned(),
                     })
                     .collect();
-                self.push(Update {
-                    user: user_s(),
-                    deleted,
-                    outcome: UpdateOutcome::from_status(meta.status),
-                });
+                self.push_tagged(
+                    Update {
+                        user: user_s(),
+                        deleted,
+                        outcome: UpdateOutcome::from_status(meta.status),
+                    },
+                    &tags,
+                );
             }
             _ => {}
         }
@@ -284,20 +326,25 @@ impl Observer {
     fn finish_retrieval(&mut self, complete: bool, user: Option<&str>) {
         if let Some(r) = self.retrieval.take() {
             let uidl = self.uidls.get(&r.msg).cloned();
-            self.push(Retrieve {
-                user: user.map(str::to_owned),
-                verb: r.verb,
-                msg: u64::from(r.msg),
-                lines: r.lines.map(u64::from),
-                octets: r.octets,
-                uidl,
-                complete,
-                headers: r.headers.finish(),
-            });
+            self.push_tagged(
+                Retrieve {
+                    user: user.map(str::to_owned),
+                    verb: r.verb,
+                    msg: u64::from(r.msg),
+                    lines: r.lines.map(u64::from),
+                    octets: r.octets,
+                    uidl,
+                    complete,
+                    headers: r.headers.finish(),
+                },
+                &r.tags,
+            );
         }
     }
 
-    /// `session_close` (and a `retrieve` with `complete: false` if a body was cut off).
+    /// `session_close` (and a `retrieve` with `complete: false` if a body was cut off), with
+    /// `marks`: the event tags of what closed it and of the `close` rules, and the rule that
+    /// dropped the session, if one did.
     pub fn close(
         &mut self,
         reason: CloseReason,
@@ -305,6 +352,7 @@ impl Observer {
         from_client: u64,
         to_client: u64,
         duration_ms: u64,
+        marks: &Marks,
     ) {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
@@ -316,13 +364,17 @@ impl Observer {
             return;
         }
         self.finish_retrieval(false, user);
-        self.push(SessionClose {
-            user: user.map(str::to_owned),
-            reason,
-            bytes_from_client: from_client,
-            bytes_to_client: to_client,
-            duration_ms,
-        });
+        self.push_tagged(
+            SessionClose {
+                user: user.map(str::to_owned),
+                reason,
+                bytes_from_client: from_client,
+                bytes_to_client: to_client,
+                duration_ms,
+                rule: marks.dropped_by.as_deref().map(str::to_owned),
+            },
+            &strings(&marks.tags),
+        );
     }
 
     /// Emit the queued events (awaits only in `on_overflow = "block"` mode when full).
