@@ -93,12 +93,27 @@ pub struct Config {
     /// Audit trail and traffic transcripts (`[audit]`).
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// How the process runs as a daemon (`[process]`: privilege drop).
+    #[serde(default)]
+    pub process: ProcessConfig,
     /// Prometheus metrics and the health endpoint (`[metrics]`); off when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// `[process]`: the user and group popgate runs as once its listeners are bound.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Switch to this user (name or numeric id) after binding the listeners and opening the
+    /// log and audit files. Needs root; popgate refuses to start if the switch fails.
+    pub user: Option<String>,
+    /// Switch to this group (name or numeric id); default: the user's primary group. It is
+    /// also the only supplementary group left.
+    pub group: Option<String>,
 }
 
 /// `[tls]`: the certificates popgate presents to clients.
@@ -286,12 +301,20 @@ impl Default for Limits {
 pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as `popgate=debug`.
     pub level: String,
-    /// `text` or `json`.
+    /// `text` or `json` (stderr, file and syslog output; journald entries are structured).
     pub format: LogFormat,
-    /// Write to rotated files in this directory instead of stderr.
+    /// Where log lines go; unset: `file` when `dir` is set, else `stderr`
+    /// (see [`LogConfig::effective_output`]).
+    pub output: Option<LogOutput>,
+    /// Directory of the log files (`output = "file"`).
     pub dir: Option<PathBuf>,
     /// Rotation of log files: `daily`, `hourly` or `never`.
     pub rotation: Rotation,
+    /// Where syslog lines go (`output = "syslog"`): a Unix datagram socket path
+    /// (default `/dev/log`), or `udp://host:port` / `tcp://host:port`.
+    pub syslog_address: String,
+    /// Syslog facility: `daemon` (default), `mail`, `local0` .. `local7`, ...
+    pub syslog_facility: String,
 }
 
 impl Default for LogConfig {
@@ -299,8 +322,49 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            output: None,
             dir: None,
             rotation: Rotation::Daily,
+            syslog_address: "/dev/log".into(),
+            syslog_facility: "daemon".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// `output` as set, or `file` when only `dir` is set (configs from before `output`
+    /// existed), or `stderr`.
+    pub fn effective_output(&self) -> LogOutput {
+        match (self.output, &self.dir) {
+            (Some(o), _) => o,
+            (None, Some(_)) => LogOutput::File,
+            (None, None) => LogOutput::Stderr,
+        }
+    }
+}
+
+/// Where operational log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// Standard error (colours only when it is a terminal).
+    Stderr,
+    /// Files in `log.dir`, rotated by `log.rotation`; SIGUSR1 reopens them.
+    File,
+    /// The syslog daemon at `log.syslog_address` (RFC 3164 lines).
+    Syslog,
+    /// The systemd journal, with each field as a journal field.
+    Journald,
+}
+
+impl LogOutput {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogOutput::Stderr => "stderr",
+            LogOutput::File => "file",
+            LogOutput::Syslog => "syslog",
+            LogOutput::Journald => "journald",
         }
     }
 }
@@ -568,7 +632,91 @@ impl Config {
             }
         }
         check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
+        self.check_log_output(path)?;
+        for (key, v) in [
+            ("process.user", &self.process.user),
+            ("process.group", &self.process.group),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, "must not be empty".into()));
+            }
+        }
         Ok(())
+    }
+}
+
+impl Config {
+    fn check_log_output(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let log = &self.log;
+        match log.effective_output() {
+            LogOutput::File if log.dir.is_none() => {
+                return Err(invalid("log.dir", "needed with output = \"file\"".into()));
+            }
+            LogOutput::File => {}
+            other if log.dir.is_some() => {
+                return Err(invalid(
+                    "log.dir",
+                    format!("only used with output = \"file\", not {:?}", other.as_str()),
+                ));
+            }
+            _ => {}
+        }
+        if syslog_facility(&log.syslog_facility).is_none() {
+            return Err(invalid(
+                "log.syslog_facility",
+                format!(
+                    "{:?} is not a syslog facility (daemon, mail, user, local0 .. local7, ...)",
+                    log.syslog_facility
+                ),
+            ));
+        }
+        if let Err(reason) = SyslogAddress::parse(&log.syslog_address) {
+            return Err(invalid("log.syslog_address", reason));
+        }
+        Ok(())
+    }
+}
+
+/// The syslog facility named `name` (`daemon`, `local0`, ...), case-insensitive.
+pub(crate) fn syslog_facility(name: &str) -> Option<syslog::Facility> {
+    name.parse().ok()
+}
+
+/// Where syslog lines are sent (`log.syslog_address`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SyslogAddress {
+    /// A Unix datagram (or stream) socket such as `/dev/log`.
+    Unix(PathBuf),
+    /// `udp://host:port`.
+    Udp(String),
+    /// `tcp://host:port`.
+    Tcp(String),
+}
+
+impl SyslogAddress {
+    /// Parse `log.syslog_address`; the error says what is wrong.
+    pub(crate) fn parse(text: &str) -> Result<SyslogAddress, String> {
+        let net = |rest: &str| {
+            split_host_port(rest)
+                .map(|_| rest.to_owned())
+                .ok_or_else(|| format!("{text:?}: {rest:?} is not host:port"))
+        };
+        if let Some(rest) = text.strip_prefix("udp://") {
+            Ok(SyslogAddress::Udp(net(rest)?))
+        } else if let Some(rest) = text.strip_prefix("tcp://") {
+            Ok(SyslogAddress::Tcp(net(rest)?))
+        } else if text.starts_with('/') {
+            Ok(SyslogAddress::Unix(PathBuf::from(text)))
+        } else {
+            Err(format!(
+                "{text:?} is neither an absolute socket path nor udp://host:port or tcp://host:port"
+            ))
+        }
     }
 }
 
@@ -805,6 +953,47 @@ mod tests {
         }
         // What EnvFilter alone would let through: a bare word is a target name.
         assert!(tracing_subscriber::EnvFilter::try_new("warning").is_ok());
+    }
+
+    #[test]
+    fn log_output_defaults_and_mistakes() {
+        let out = |extra: &str| {
+            let c = Config::parse(&format!("{MINIMAL}{extra}"), p()).unwrap();
+            c.validate(p()).map(|()| c.log.effective_output())
+        };
+        // Configs from before `output`: `dir` alone means files.
+        assert_eq!(out("").unwrap(), LogOutput::Stderr);
+        assert_eq!(out("[log]\ndir = \"/tmp\"\n").unwrap(), LogOutput::File);
+        assert_eq!(
+            out("[log]\noutput = \"syslog\"\nsyslog_address = \"udp://127.0.0.1:514\"\nsyslog_facility = \"local3\"\n")
+                .unwrap(),
+            LogOutput::Syslog
+        );
+        assert_eq!(
+            out("[log]\noutput = \"journald\"\n").unwrap(),
+            LogOutput::Journald
+        );
+        for (extra, key) in [
+            ("[log]\noutput = \"file\"\n", "log.dir"),
+            ("[log]\noutput = \"syslog\"\ndir = \"/tmp\"\n", "log.dir"),
+            (
+                "[log]\noutput = \"syslog\"\nsyslog_facility = \"mail2\"\n",
+                "log.syslog_facility",
+            ),
+            (
+                "[log]\noutput = \"syslog\"\nsyslog_address = \"dev/log\"\n",
+                "log.syslog_address",
+            ),
+            (
+                "[log]\nsyslog_address = \"udp://nohost\"\n",
+                "log.syslog_address",
+            ),
+            ("[process]\nuser = \"\"\n", "process.user"),
+        ] {
+            let e = out(extra).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{extra}: {e}");
+        }
+        assert!(Config::parse(&format!("{MINIMAL}[log]\noutput = \"stdout\"\n"), p()).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod check;
 pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 mod limits;
 mod metrics;
 mod net;
@@ -91,7 +92,31 @@ impl Reloader {
     }
 }
 
+/// Reopens the audit file and the transcript files of a running proxy (SIGUSR1), so that
+/// files logrotate moved away are let go and fresh ones start at the configured paths.
+#[derive(Debug, Clone)]
+pub struct Reopener {
+    runtime: Arc<runtime::Runtime>,
+}
+
+impl Reopener {
+    /// Reopen the audit file now (after writing what is queued) and make every open
+    /// transcript reopen its file before its next line. On an error the old audit file stays
+    /// in use.
+    pub async fn reopen(&self) -> Result<(), audit::SinkError> {
+        audit::transcript::reopen_all();
+        self.runtime.current().audit.reopen().await
+    }
+}
+
 impl Proxy {
+    /// A handle that reopens the audit and transcript files (SIGUSR1).
+    pub fn reopener(&self) -> Reopener {
+        Reopener {
+            runtime: self.runtime.clone(),
+        }
+    }
+
     /// Check and load everything the config names, start the audit writer, bind every
     /// listener. Messages name the config as `<config>`; see [`Proxy::bind_file`].
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {

@@ -1,14 +1,14 @@
 //! The popgate binary: parse the CLI, set up logging, load config, run.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use popgate::Config;
 use popgate::cli::{Cli, CliCommand};
-use popgate::config::{LogConfig, LogFormat, Rotation};
-use tracing_appender::non_blocking::WorkerGuard;
+use popgate::config::LogConfig;
+use popgate::daemon::{Logging, notify};
 
 /// jemalloc instead of glibc malloc: after a load of many concurrent sessions glibc kept the
 /// freed, fragmented session memory in the worker threads' arenas and RSS stayed at its peak;
@@ -37,6 +37,9 @@ fn main() -> Result<()> {
                 c.log.level = level;
                 c.validate(&config)?;
             }
+            // Directories the `[process] user` could not write in after the switch.
+            popgate::daemon::check_dirs_for_user(&c)
+                .with_context(|| format!("{}", config.display()))?;
             // The same checks as a start and a reload: directories, certificates and keys,
             // rule files.
             let checked = match popgate::check(c, &config) {
@@ -95,7 +98,11 @@ fn main() -> Result<()> {
                 c.validate(&config)?;
             }
             c.check_dirs(&config)?;
-            let (_guard, log_hook) = init_logging(&c.log)?;
+            popgate::daemon::check_dirs_for_user(&c)
+                .with_context(|| format!("{}", config.display()))?;
+            // Before any file or directory is created: which ones popgate makes as root.
+            let privdrop = popgate::daemon::PrivilegeDrop::prepare(&c)?;
+            let logging = Arc::new(Logging::init(&c.log)?);
             let pid_path = c.pid_file.clone();
             runtime.block_on(async {
                 let proxy = popgate::Proxy::bind_file(c, &config).await?;
@@ -104,10 +111,25 @@ fn main() -> Result<()> {
                     .as_deref()
                     .map(popgate::pidfile::PidFile::create)
                     .transpose()?;
+                // Listeners bound and files open: root is no longer needed.
+                if let Some(drop) = privdrop {
+                    let (uid, gid) = drop.apply()?;
+                    tracing::info!(uid, gid, "switched to process.user/group");
+                }
                 let reloader = proxy.reloader(Some(config.clone()));
-                reloader.set_log_hook(log_hook);
+                let hook_logging = logging.clone();
+                reloader.set_log_hook(Box::new(move |new: &LogConfig| {
+                    hook_logging.apply(new).map_err(|e| e.to_string())
+                }));
                 spawn_reload_on_sighup(reloader);
-                proxy.run(shutdown_signal()).await;
+                spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
+                notify::ready();
+                proxy
+                    .run(async {
+                        shutdown_signal().await;
+                        notify::stopping();
+                    })
+                    .await;
                 Ok(())
             })
         }
@@ -147,7 +169,7 @@ fn main() -> Result<()> {
                 level: cli.log_level.unwrap_or_else(|| "info".into()),
                 ..LogConfig::default()
             };
-            let _logging = init_logging(&log)?;
+            let _logging = Logging::init(&log)?;
             runtime.block_on(run_demo(bind, tls_bind))?;
             Ok(())
         }
@@ -172,92 +194,60 @@ fn write_man(dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// The log output of `[log]`: a format layer writing to stderr or rotated files.
-type FmtLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
-
-fn fmt_layer(log: &LogConfig) -> Result<(FmtLayer, WorkerGuard)> {
-    use tracing_subscriber::Layer as _;
-    let (writer, guard) = match &log.dir {
-        Some(dir) => {
-            let rotation = match log.rotation {
-                Rotation::Daily => tracing_appender::rolling::Rotation::DAILY,
-                Rotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
-                Rotation::Never => tracing_appender::rolling::Rotation::NEVER,
-            };
-            let appender = tracing_appender::rolling::RollingFileAppender::builder()
-                .rotation(rotation)
-                .filename_prefix("popgate")
-                .filename_suffix("log")
-                .build(Path::new(dir))
-                .with_context(|| format!("opening log directory {}", dir.display()))?;
-            tracing_appender::non_blocking(appender)
-        }
-        None => tracing_appender::non_blocking(std::io::stderr()),
-    };
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_ansi(log.dir.is_none());
-    let layer = match log.format {
-        LogFormat::Text => layer.boxed(),
-        LogFormat::Json => layer.json().boxed(),
-    };
-    Ok((layer, guard))
-}
-
-/// Stderr or rotated files, text or JSON. Returns the guard that flushes the non-blocking
-/// writer at exit, and the hook a reload calls with new `[log]` settings: level, format and
-/// destination are swapped through `tracing_subscriber::reload` handles.
-fn init_logging(log: &LogConfig) -> Result<(Arc<Mutex<WorkerGuard>>, popgate::LogHook)> {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
-        .with_context(|| format!("invalid log level {:?}", log.level))?;
-    let (layer, guard) = fmt_layer(log)?;
-    let (layer, layer_handle) = tracing_subscriber::reload::Layer::new(layer);
-    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(layer)
-        .with(filter)
-        .init();
-    let guard = Arc::new(Mutex::new(guard));
-    let (hook_guard, current) = (guard.clone(), Mutex::new(log.clone()));
-    let hook = move |new: &LogConfig| -> Result<(), String> {
-        let mut current = current.lock().map_err(|e| e.to_string())?;
-        let filter =
-            tracing_subscriber::EnvFilter::try_new(&new.level).map_err(|e| e.to_string())?;
-        let output_changed = new.format != current.format
-            || new.dir != current.dir
-            || new.rotation != current.rotation;
-        if output_changed {
-            let (layer, guard) = fmt_layer(new).map_err(|e| format!("{e:#}"))?;
-            layer_handle.reload(layer).map_err(|e| e.to_string())?;
-            // The old writer flushes as its guard drops.
-            *hook_guard.lock().map_err(|e| e.to_string())? = guard;
-        }
-        filter_handle.reload(filter).map_err(|e| e.to_string())?;
-        *current = new.clone();
-        Ok(())
-    };
-    Ok((guard, Box::new(hook)))
-}
-
-/// SIGHUP reloads the whole config; a config that fails the checks changes nothing.
+/// SIGHUP reloads the whole config; a config that fails the checks changes nothing. systemd
+/// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is
+/// installed before this returns.
 fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP: reload disabled");
             return;
         };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            match reloader.reload().await {
-                Ok(line) => tracing::info!("{line}"),
-                Err(e) => tracing::error!("reload failed, nothing changed: {e}"),
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                notify::reloading();
+                let status = match reloader.reload().await {
+                    Ok(line) => {
+                        tracing::info!("{line}");
+                        line
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, nothing changed: {e}");
+                        format!("reload failed, nothing changed: {e}")
+                    }
+                };
+                notify::reloaded(&status);
             }
-        }
-    });
+        });
+    }
+}
+
+/// SIGUSR1 (logrotate's `postrotate`): reopen the log file, the audit file and the transcript
+/// files at their configured paths. The handler is installed before this returns, so the
+/// signal's default action (exit) no longer applies.
+fn spawn_reopen_on_usr1(reopener: popgate::Reopener, logging: Arc<Logging>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("cannot listen for SIGUSR1: reopening files disabled");
+            return;
+        };
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                if let Err(e) = logging.reopen() {
+                    tracing::error!(error = %e, "SIGUSR1: cannot reopen the log file");
+                }
+                match reopener.reopen().await {
+                    Ok(()) => tracing::info!("SIGUSR1: log, audit and transcript files reopened"),
+                    Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the audit file"),
+                }
+            }
+        });
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -15,6 +15,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("audit", &["pop3", "cidr"]),
     ("config", &["audit", "cidr"]),
     ("limits", &["config"]),
+    // Logging, privilege drop, sd_notify: the `[log]`/`[process]` tables, audit dirs.
+    ("daemon", &["config", "audit"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
     ("net", &["config", "audit", "limits", "pop3"]),
     // Metrics and health: counters the driver records into (the core only hands over plain

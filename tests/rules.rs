@@ -794,7 +794,7 @@ tags = ["closing"]
     let (status, _) = c.cmd_multi("RETR 1");
     assert!(status.starts_with("+OK"), "{status}");
     assert!(c.cmd("QUIT").starts_with("+OK"));
-    let log = bin.wait_log("rules-test\", \"fetched\", \"closing\"]", 1);
+    let log = bin.wait_log(r#"["rules-test","fetched","closing"]"#, 1);
     assert!(
         log.contains("rules-test: alice fetched RETR 1 from 127.0.0.1 on bin"),
         "{}",
@@ -812,7 +812,7 @@ tags = ["closing"]
         .filter(|l| l.contains("\"rules-test\""))
         .unwrap_or_else(|| panic!("no tagged session closed line:\n{log}"));
     assert!(
-        closed.contains(r#"tags=["rules-test", "fetched", "closing"]"#),
+        closed.contains(r#"tags=["rules-test","fetched","closing"]"#),
         "{closed}"
     );
 }

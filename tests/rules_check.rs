@@ -111,7 +111,7 @@ fn require_tls_denies_plaintext_logins() {
         );
         assert_eq!(*close_after, Some(4));
         assert_eq!(v.logs.len(), 1);
-        assert!(!v.logs[0].1.contains("secret"), "{:?}", v.logs);
+        assert!(!v.logs[0].message.contains("secret"), "{:?}", v.logs);
         // Under TLS the same commands pass untouched.
         let v = r.evaluate(&command(verb, args, true, None));
         assert_eq!(v, Verdict::default(), "{verb} under TLS");
@@ -251,12 +251,12 @@ fn audit_users_logs_and_tags() {
     let r = load("audit-users.toml");
     let v = r.evaluate(&command(Verb::Retr, b"3", true, Some("cfo@example.org")));
     assert!(v.passes());
+    assert_eq!(v.logs.len(), 1);
+    assert_eq!(v.logs[0].level, tracing::Level::INFO);
+    assert_eq!(&*v.logs[0].rule, "audit-users-log", "{:?}", v.logs);
     assert_eq!(
-        v.logs,
-        [(
-            tracing::Level::INFO,
-            "audit: cfo@example.org from 127.0.0.1 on pop3: RETR 3".to_string()
-        )]
+        v.logs[0].message,
+        "audit: cfo@example.org from 127.0.0.1 on pop3: RETR 3"
     );
     assert_eq!(v.tags, [Arc::<str>::from("audit")]);
     let v = r.evaluate(&command(
@@ -282,7 +282,7 @@ fn audit_users_logs_and_tags() {
     };
     let v = r.evaluate(&login);
     assert_eq!(
-        v.logs[0].1,
+        v.logs[0].message,
         "audit: login -ERR for ceo@example.org from 127.0.0.1 on pop3s (tls: no)"
     );
 }

@@ -11,6 +11,8 @@
 //!
 //! [`AuditSink::start`] returns the handle and an [`AuditGuard`]; awaiting
 //! [`AuditGuard::close`] writes and flushes everything queued and stops the thread.
+//! [`AuditSink::reopen`] (SIGUSR1) has the thread write what is queued and then open the file
+//! at its configured path again, so a file logrotate moved away is let go.
 
 use std::fmt;
 use std::io::Write;
@@ -52,6 +54,17 @@ pub enum SinkError {
     /// `audit.output = "file"` without `audit.dir` (rejected by validation too).
     #[error("audit.dir is not set")]
     NoDir,
+    /// The audit file could not be reopened (SIGUSR1); the old one stays in use.
+    #[error("reopening audit files in {dir}: {source}")]
+    Reopen {
+        /// `audit.dir`.
+        dir: PathBuf,
+        /// Cause.
+        source: tracing_appender::rolling::InitError,
+    },
+    /// The writer has stopped (popgate is shutting down).
+    #[error("the audit writer is not running")]
+    Closed,
     /// The writer thread could not be started.
     #[error("cannot start the audit writer thread: {0}")]
     Spawn(#[source] std::io::Error),
@@ -61,8 +74,13 @@ enum Msg {
     // Boxed: keeps every queue slot small (an event is ~200 bytes, the others a pointer).
     Event(Box<AuditEvent>),
     Flush(oneshot::Sender<()>),
+    /// Write what is queued, then reopen the output (SIGUSR1) and say how it went.
+    Reopen(oneshot::Sender<Result<(), SinkError>>),
     Close,
 }
+
+/// Opens the output again at its configured path (files only).
+type Reopen = Box<dyn FnMut() -> Result<Box<dyn Write + Send>, SinkError> + Send>;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -117,18 +135,18 @@ impl AuditSink {
         if !config.enabled {
             return Ok((AuditSink::disabled(), AuditGuard::inert()));
         }
-        let out: Box<dyn Write + Send> = match config.output {
-            AuditOutput::Stdout => Box::new(std::io::stdout()),
+        let (out, reopen): (Box<dyn Write + Send>, Option<Reopen>) = match config.output {
+            AuditOutput::Stdout => (Box::new(std::io::stdout()), None),
             AuditOutput::File => {
-                let dir = config.dir.as_ref().ok_or(SinkError::NoDir)?;
+                let dir = config.dir.clone().ok_or(SinkError::NoDir)?;
                 // 0750 when popgate creates it, files 0640 (see `files`).
-                super::files::prepare_dir(dir, super::files::DIR_MODE, "audit").map_err(
+                super::files::prepare_dir(&dir, super::files::DIR_MODE, "audit").map_err(
                     |source| SinkError::Dir {
                         dir: dir.clone(),
                         source,
                     },
                 )?;
-                super::files::precreate(dir, config.rotation);
+                super::files::precreate(&dir, config.rotation);
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
@@ -140,15 +158,27 @@ impl AuditSink {
                 if let Some(n) = config.max_log_files() {
                     builder = builder.max_log_files(n);
                 }
-                let appender = builder.build(dir).map_err(|source| SinkError::Open {
+                let appender = builder.build(&dir).map_err(|source| SinkError::Open {
                     dir: dir.clone(),
                     source,
                 })?;
-                Box::new(super::files::Private::new(appender, dir, config.rotation))
+                let rotation = config.rotation;
+                let private = super::files::Private::new(appender, &dir, rotation);
+                let reopen: Reopen = Box::new(move || {
+                    // A file moved away: the fresh one is created 0640 too.
+                    super::files::precreate(&dir, rotation);
+                    let fresh = builder.build(&dir).map_err(|source| SinkError::Reopen {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                    let fresh = super::files::Private::new(fresh, &dir, rotation);
+                    Ok(Box::new(fresh) as Box<dyn Write + Send>)
+                });
+                (Box::new(private), Some(reopen))
             }
         };
         let (mut sink, guard) =
-            AuditSink::start_with_writer(out, config.queue, config.on_overflow)?;
+            AuditSink::start_writer(out, reopen, config.queue, config.on_overflow)?;
         if let Some(inner) = sink.inner.as_mut().and_then(Arc::get_mut) {
             inner.instance = Some(config.instance_name());
         }
@@ -156,8 +186,18 @@ impl AuditSink {
     }
 
     /// Start a writer thread writing JSON lines to `out` (tests, custom outputs).
+    #[cfg(test)]
     pub(crate) fn start_with_writer(
         out: Box<dyn Write + Send>,
+        queue: usize,
+        overflow: Overflow,
+    ) -> Result<(AuditSink, AuditGuard), SinkError> {
+        AuditSink::start_writer(out, None, queue, overflow)
+    }
+
+    fn start_writer(
+        out: Box<dyn Write + Send>,
+        reopen: Option<Reopen>,
         queue: usize,
         overflow: Overflow,
     ) -> Result<(AuditSink, AuditGuard), SinkError> {
@@ -168,7 +208,7 @@ impl AuditSink {
         let handle = std::thread::Builder::new()
             .name("popgate-audit".into())
             .spawn(move || {
-                writer_loop(rx, out, &thread_stats);
+                writer_loop(rx, out, reopen, &thread_stats);
                 let _ = done_tx.send(());
             })
             .map_err(SinkError::Spawn)?;
@@ -237,6 +277,22 @@ impl AuditSink {
         if inner.tx.send(Msg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Write everything queued so far, then reopen the audit file at its configured path
+    /// (after logrotate moved it away: SIGUSR1). Nothing to do when audit is off or goes to
+    /// stdout. On an error the old file stays in use.
+    pub async fn reopen(&self) -> Result<(), SinkError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        inner
+            .tx
+            .send(Msg::Reopen(tx))
+            .await
+            .map_err(|_| SinkError::Closed)?;
+        rx.await.map_err(|_| SinkError::Closed)?
     }
 
     /// Events lost so far: dropped on a full queue, or emitted after the writer closed
@@ -338,9 +394,15 @@ impl Drop for AuditGuard {
     }
 }
 
-fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stats: &Stats) {
+fn writer_loop(
+    mut rx: mpsc::Receiver<Msg>,
+    mut out: Box<dyn Write + Send>,
+    mut reopen: Option<Reopen>,
+    stats: &Stats,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut reopens: Vec<oneshot::Sender<Result<(), SinkError>>> = Vec::new();
     let mut closing = false;
     let mut failures: u64 = 0;
     while let Some(first) = rx.blocking_recv() {
@@ -355,9 +417,10 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Reopen(ack) => reopens.push(ack),
                 Msg::Close => closing = true,
             }
-            if closing || buf.len() >= BATCH_BYTES {
+            if closing || !reopens.is_empty() || buf.len() >= BATCH_BYTES {
                 break;
             }
             next = rx.try_recv().ok();
@@ -382,6 +445,13 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
+        for ack in reopens.drain(..) {
+            let result = match reopen.as_mut() {
+                Some(open) => open().map(|fresh| out = fresh),
+                None => Ok(()),
+            };
+            let _ = ack.send(result);
+        }
         if closing {
             break;
         }
@@ -398,6 +468,9 @@ fn writer_loop(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn Write + Send>, stat
             }
             Msg::Flush(ack) => {
                 let _ = ack.send(());
+            }
+            Msg::Reopen(ack) => {
+                let _ = ack.send(Err(SinkError::Closed));
             }
             Msg::Close => {}
         }
@@ -614,6 +687,43 @@ mod tests {
             .collect();
         assert_eq!(evs.len(), 3);
         assert!(matches!(evs[2].kind, EventKind::Reset(_)));
+    }
+
+    #[tokio::test]
+    async fn reopen_starts_a_fresh_file_after_a_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            enabled: true,
+            dir: Some(dir.path().to_owned()),
+            ..AuditConfig::default()
+        };
+        let (sink, guard) = AuditSink::start(&config).unwrap();
+        sink.emit(ev(0)).await;
+        sink.flush().await;
+        let [file]: [std::path::PathBuf; 1] = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&file, &moved).unwrap();
+        sink.emit(ev(1)).await;
+        sink.reopen().await.unwrap();
+        sink.emit(ev(2)).await;
+        guard.close().await;
+        let sessions = |p: &std::path::Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<AuditEvent>(l).unwrap().session)
+                .collect()
+        };
+        // Queued before the reopen: still the old file.
+        assert_eq!(sessions(&moved), [0, 1]);
+        assert_eq!(sessions(&file), [2]);
+        // After close there is nothing to reopen.
+        assert!(sink.reopen().await.is_err());
     }
 
     #[test]

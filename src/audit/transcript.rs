@@ -6,6 +6,9 @@
 //! debugging, not for production volume); an I/O error is logged once and switches the
 //! transcript off, never a panic.
 //!
+//! [`reopen_all`] (SIGUSR1) makes every open transcript continue in a file opened again at its
+//! path before its next line.
+//!
 //! Line format: `2026-03-01T09:15:02.118Z C: USER bob`. Line endings are not shown; a line
 //! that ended in a bare LF gets ` [LF]`; control characters appear as `\xNN`; 8-bit bytes are
 //! decoded lossily. `*:` lines are popgate's own notes; `S+` continues an overlong body line.
@@ -23,6 +26,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use super::config::TranscriptConfig;
@@ -31,6 +35,16 @@ use super::config::TranscriptConfig;
 const FULL_LINE_PIECE: usize = 8 * 1024;
 /// Body lines shown in summary mode are cut here.
 const SUMMARY_LINE_MAX: usize = 200;
+
+/// Bumped by [`reopen_all`]; each transcript compares it with the value it opened its file
+/// at before writing a line.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Make every open transcript reopen its file at its path before its next line (SIGUSR1: a
+/// file moved away by logrotate is let go and a fresh one started). Process-wide.
+pub(crate) fn reopen_all() {
+    GENERATION.fetch_add(1, Ordering::Relaxed);
+}
 
 /// A transcript file of one session, or nothing (disabled or failed).
 #[derive(Debug, Default)]
@@ -42,6 +56,8 @@ pub struct Transcript {
 struct Inner {
     out: BufWriter<File>,
     path: PathBuf,
+    /// [`GENERATION`] when `out` was opened.
+    generation: u64,
     full_bodies: bool,
     summary_lines: usize,
     body: Option<Body>,
@@ -82,6 +98,7 @@ impl Transcript {
             return Transcript::disabled();
         };
         let now = SystemTime::now();
+        let generation = GENERATION.load(Ordering::Relaxed);
         let path = dir.join(file_name(now, session, client));
         let file = match create(dir, &path) {
             Ok(f) => f,
@@ -94,6 +111,7 @@ impl Transcript {
             inner: Some(Box::new(Inner {
                 out: BufWriter::new(file),
                 path,
+                generation,
                 full_bodies: config.full_bodies,
                 summary_lines: config.summary_lines,
                 body: None,
@@ -288,6 +306,17 @@ impl Transcript {
         let Some(inner) = self.inner.as_mut() else {
             return;
         };
+        let generation = GENERATION.load(Ordering::Relaxed);
+        if inner.generation != generation {
+            inner.generation = generation;
+            if let Err(e) = inner.reopen() {
+                self.fail(&e);
+                return;
+            }
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return;
+        };
         let ts = humantime::format_rfc3339_millis(SystemTime::now());
         let mut result = writeln!(inner.out, "{ts} {tag} {text}");
         if flush && result.is_ok() {
@@ -312,6 +341,14 @@ impl Transcript {
 }
 
 impl Inner {
+    /// Flush to the old file, then continue in a file opened (or created) at `path`.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.out = BufWriter::new(create(dir, &self.path)?);
+        Ok(())
+    }
+
     fn summary_lines(&self) -> usize {
         if self.full_bodies {
             usize::MAX
@@ -696,6 +733,7 @@ mod tests {
             inner: Some(Box::new(Inner {
                 out: BufWriter::new(file),
                 path: "/dev/full".into(),
+                generation: GENERATION.load(Ordering::Relaxed),
                 full_bodies: false,
                 summary_lines: 5,
                 body: None,

@@ -84,13 +84,14 @@ impl Policy {
         }
         let v = self.rules.evaluate(ev);
         self.tally.matched.extend(v.matched.iter().cloned());
-        for (level, msg) in &v.logs {
-            match *level {
-                Level::ERROR => tracing::error!(target: "popgate::rules", "{msg}"),
-                Level::WARN => tracing::warn!(target: "popgate::rules", "{msg}"),
-                Level::INFO => tracing::info!(target: "popgate::rules", "{msg}"),
-                Level::DEBUG => tracing::debug!(target: "popgate::rules", "{msg}"),
-                _ => tracing::trace!(target: "popgate::rules", "{msg}"),
+        for log in &v.logs {
+            let (rule, msg) = (&*log.rule, &log.message);
+            match log.level {
+                Level::ERROR => tracing::error!(target: "popgate::rules", rule, "{msg}"),
+                Level::WARN => tracing::warn!(target: "popgate::rules", rule, "{msg}"),
+                Level::INFO => tracing::info!(target: "popgate::rules", rule, "{msg}"),
+                Level::DEBUG => tracing::debug!(target: "popgate::rules", rule, "{msg}"),
+                _ => tracing::trace!(target: "popgate::rules", rule, "{msg}"),
             }
         }
         // `scope = "session"` tags stay; event tags are for the event's own record only.

@@ -10,7 +10,7 @@ use super::compile::{
     ADDS_ITEMS, ARGS, COLD, DENY_OR_REWRITE, Effect, Matchers, NO_SET, RuleSet, SET_THRESHOLD,
     TEXT, TLS_OFF, TLS_ON, USER, VERB_SLOTS, state_bit, status_bit, verb_slot,
 };
-use super::{Event, EventKind, Outcome, Verdict};
+use super::{Event, EventKind, Outcome, RuleLog, Verdict};
 use crate::pop3::response::StatusLine;
 
 /// The value a regex field is matched against.
@@ -157,10 +157,11 @@ impl RuleSet {
                     };
                     match checked_rewrite(ev.kind, orig, new, *keep_apop) {
                         Ok(new) => current = Some(new),
-                        Err(why) => v.logs.push((
-                            Level::WARN,
-                            format!("rule `{}`: rewrite ignored: {why}", r.name),
-                        )),
+                        Err(why) => v.logs.push(RuleLog {
+                            level: Level::WARN,
+                            rule: r.name.clone(),
+                            message: format!("rule `{}`: rewrite ignored: {why}", r.name),
+                        }),
                     }
                 }
                 Effect::RemoveItem => v.remove = true,
@@ -172,7 +173,11 @@ impl RuleSet {
                     }
                 }
                 Effect::Log { level, template } => {
-                    v.logs.push((*level, template.render(ev, &r.name)));
+                    v.logs.push(RuleLog {
+                        level: *level,
+                        rule: r.name.clone(),
+                        message: template.render(ev, &r.name),
+                    });
                 }
                 Effect::Tag { tags, session } => {
                     let to = if *session {

@@ -183,8 +183,8 @@ pub struct Verdict {
     pub remove: bool,
     /// Capa end-of-list event (`text: None`): items to append, in order, without duplicates.
     pub add_capa: Vec<String>,
-    /// Rendered `log` messages with their levels, in order.
-    pub logs: Vec<(tracing::Level, String)>,
+    /// Rendered `log` messages (and ignored rewrites), in order.
+    pub logs: Vec<RuleLog>,
     /// Labels for this event's audit record (`scope = "event"`, the default), in order,
     /// without duplicates.
     pub tags: Vec<Arc<str>>,
@@ -195,6 +195,17 @@ pub struct Verdict {
     pub delay: Option<Duration>,
     /// A `trace` rule matched: start a traffic transcript for this session.
     pub trace: bool,
+}
+
+/// A line a rule asks to log: the `log` action's message, or a warning about the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleLog {
+    /// Level of the line.
+    pub level: tracing::Level,
+    /// The rule's name (a `rule` field on the line).
+    pub rule: Arc<str>,
+    /// The rendered message.
+    pub message: String,
 }
 
 impl Verdict {

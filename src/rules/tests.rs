@@ -75,6 +75,14 @@ fn names(v: &Verdict) -> Vec<&str> {
     v.matched.iter().map(|n| &**n).collect()
 }
 
+/// Levels and messages of a verdict's log lines.
+fn logs(v: &Verdict) -> Vec<(Level, String)> {
+    v.logs
+        .iter()
+        .map(|l| (l.level, l.message.clone()))
+        .collect()
+}
+
 fn one(rule: &str) -> String {
     format!("[[rule]]\nname = \"r\"\n{rule}\n")
 }
@@ -237,9 +245,10 @@ fn matcher_status_text_answers() {
     ));
     let v = s.evaluate(&resp(Verb::Retr, b"-ERR no such message"));
     assert_eq!(
-        v.logs,
+        logs(&v),
         vec![(Level::INFO, "RETR failed: -ERR no such message".to_string())]
     );
+    assert_eq!(&*v.logs[0].rule, "r", "the line names its rule");
     assert!(
         s.evaluate(&resp(Verb::Retr, b"+OK no such message"))
             .logs
@@ -372,7 +381,7 @@ fn action_log_levels_and_tags() {
         ..cmd(Verb::Retr, b"4")
     });
     assert_eq!(
-        v.logs,
+        logs(&v),
         vec![
             (
                 Level::WARN,
@@ -384,7 +393,10 @@ fn action_log_levels_and_tags() {
     assert_eq!(v.tags, vec![Arc::<str>::from("audit"), Arc::from("vip")]);
     // Secrets never reach a log line.
     let v = s.evaluate(&cmd(Verb::Pass, b"hunter2"));
-    assert_eq!(v.logs[0].1, "- did PASS *** via pop3 from 192.0.2.10 [l1]");
+    assert_eq!(
+        v.logs[0].message,
+        "- did PASS *** via pop3 from 192.0.2.10 [l1]"
+    );
 }
 
 #[test]
@@ -437,9 +449,9 @@ fn rewrite_response_keeps_status() {
     assert_eq!(v.rewritten.as_deref(), Some(&b"+OK message follows"[..]));
     // The second rewrite would turn +OK into -ERR and so change whether a body follows.
     assert_eq!(v.logs.len(), 1);
-    assert_eq!(v.logs[0].0, Level::WARN);
+    assert_eq!(v.logs[0].level, Level::WARN);
     assert!(
-        v.logs[0].1.contains("rule `flip`: rewrite ignored"),
+        v.logs[0].message.contains("rule `flip`: rewrite ignored"),
         "{:?}",
         v.logs
     );
@@ -534,7 +546,7 @@ fn sasl_continuation_lines_are_never_denied_or_rewritten() {
     };
     let v = s.evaluate(&line);
     assert_eq!(names(&v), ["log"]);
-    assert_eq!(v.logs[0].1, "AUTH ***");
+    assert_eq!(v.logs[0].message, "AUTH ***");
     assert!(v.passes());
     assert_eq!(v.rewritten, None);
 }
@@ -973,8 +985,8 @@ message = "{command} {user} {text}"
                     prop_assert!(new.starts_with(b"+OK"), "{:?}", String::from_utf8_lossy(new));
                 }
             }
-            for (_, msg) in &v.logs {
-                prop_assert!(!msg.contains('\r') && !msg.contains('\n'));
+            for log in &v.logs {
+                prop_assert!(!log.message.contains('\r') && !log.message.contains('\n'));
             }
         }
     }

@@ -322,7 +322,8 @@ pub(crate) async fn run(
     info!(
         reason = reason.as_str(),
         user = driver.hop.user().unwrap_or("-"),
-        tags = ?tags,
+        // The text of a JSON array: JSON logs turn it into the array (daemon::Logging).
+        tags = %tags_json(&tags),
         client_tls = driver.client_tls.as_ref().map_or("-", |t| t.version.as_str()),
         upstream_tls = driver.upstream_tls.as_ref().map_or("-", |t| t.version.as_str()),
         from_client = driver.traffic.from_client,
@@ -331,6 +332,12 @@ pub(crate) async fn run(
         "session closed"
     );
     reason
+}
+
+/// `["a","b"]`.
+fn tags_json(tags: &[Arc<str>]) -> String {
+    let tags: Vec<&str> = tags.iter().map(|t| &**t).collect();
+    serde_json::to_string(&tags).unwrap_or_default()
 }
 
 /// Server side of a client TLS handshake, bounded by `tls.handshake_timeout`.

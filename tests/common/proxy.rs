@@ -207,6 +207,7 @@ pub struct PopgateOpts {
     files: Vec<(String, Vec<u8>)>,
     log_dir: Option<String>,
     wait_for_log: bool,
+    env: Vec<(String, String)>,
 }
 
 impl PopgateOpts {
@@ -252,6 +253,12 @@ impl PopgateOpts {
             "[log]\nlevel = \"{level}\"\ndir = \"log\"\nrotation = \"never\"\n"
         ))
         .log_dir("log")
+    }
+
+    /// An environment variable for the process (e.g. `NOTIFY_SOCKET`).
+    pub fn env(mut self, name: &str, value: &str) -> PopgateOpts {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// Wait for the "listening" log line instead of probing the port (a probe would be a
@@ -308,6 +315,7 @@ impl PopgateProcess {
             .arg(&cfg)
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .expect("spawn popgate");
         let log_dir = opts.log_dir.as_ref().map(|d| dir.path().join(d));
@@ -338,7 +346,8 @@ impl PopgateProcess {
         }
     }
 
-    fn assert_running(&mut self) {
+    /// Panics (with stderr) if the process has exited.
+    pub fn assert_running(&mut self) {
         if let Some(st) = self.child.try_wait().unwrap() {
             panic!("popgate exited with {st}: {}", self.stderr());
         }
@@ -423,7 +432,8 @@ impl PopgateProcess {
         self.path("popgate.toml")
     }
 
-    fn signal(&self, sig: &str) {
+    /// Send a signal by `kill` name, e.g. `"-USR1"`.
+    pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()
