@@ -8,12 +8,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::certs::TestPki;
 use common::clients::{RawPop, connect_from, curl};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
+use common::proxy_header::{ip, v1, v2};
 use common::{audit_events, wait_until};
 use popgate_demo::{DemoServer, ServerOptions};
 
@@ -27,32 +28,6 @@ fn demo(h: &Harness) -> DemoServer {
         PASS,
         vec![MESSAGE.to_vec()],
     )]))
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-/// A PROXY v2 header for `client` connecting to `local`.
-fn v2(client: &str, local: &str) -> Vec<u8> {
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-        ppp::v2::Protocol::Stream,
-        (sa(client), sa(local)),
-    )
-    .build()
-    .unwrap()
-}
-
-/// A PROXY v1 header for `client` connecting to `local`.
-fn v1(client: &str, local: &str) -> Vec<u8> {
-    ppp::v1::Addresses::from((sa(client), sa(local)))
-        .to_string()
-        .into_bytes()
 }
 
 /// A POP3 client that connects from `from`, sends `header` and reads the greeting.

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use common::certs::TestPki;
 use common::clients::{RawPop, connect_from};
 use common::dovecot::{Dovecot, DovecotOpts, bob_msgs};
 use common::proxy::{Harness, ProxyHandle, mailbox};
+use common::proxy_header::{ip, sa, v1, v2};
 use common::{audit_events, wait_until};
 use popgate_demo::{DemoServer, ServerOptions};
 
@@ -28,30 +29,6 @@ fn demo(h: &Harness) -> DemoServer {
         PASS,
         vec![b"Subject: s\r\n\r\nhello\r\n".to_vec()],
     )]))
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn v2(client: &str, local: &str) -> Vec<u8> {
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-        ppp::v2::Protocol::Stream,
-        (sa(client), sa(local)),
-    )
-    .build()
-    .unwrap()
-}
-
-fn v1(client: &str, local: &str) -> Vec<u8> {
-    ppp::v1::Addresses::from((sa(client), sa(local)))
-        .to_string()
-        .into_bytes()
 }
 
 /// A v2 header by hand: `ver_cmd` (0x21 PROXY, 0x20 LOCAL), `fam` (family << 4 | transport)
@@ -538,16 +515,6 @@ fn xclient_upstream_edge_cases_split_greeting_refusal_and_close() {
     }
 }
 
-/// Dovecot's `Login:` lines' `rip=`, in order.
-fn login_rips(dv: &Dovecot) -> Vec<String> {
-    dv.log()
-        .lines()
-        .filter(|l| l.contains("Login: user=<"))
-        .filter_map(|l| l.split("rip=").nth(1))
-        .map(|r| r.split(',').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
 #[test]
 #[ignore = "needs dovecot (run .ci/run)"]
 fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
@@ -595,7 +562,7 @@ fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
                  login_fail_delay = \"0s\"\n"
             ),
         );
-        let before = login_rips(&dv).len();
+        let before = dv.login_rips().len();
         for attempt in attempts {
             let mut c = RawPop::over(connect_from(ip("127.0.0.5"), p.addr));
             let greeting = c.line();
@@ -616,9 +583,9 @@ fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
             );
         }
         wait_until("Dovecot logged the logins", || {
-            login_rips(&dv).len() >= before + attempts.len()
+            dv.login_rips().len() >= before + attempts.len()
         });
-        let rips = login_rips(&dv);
+        let rips = dv.login_rips();
         assert!(rips[before..].iter().all(|r| r == rip), "{mode}: {rips:?}");
     }
     assert!(!dv.log().contains(spoof), "{}", dv.log());
@@ -677,7 +644,7 @@ fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
              trusted_proxies = [\"127.0.0.1\"]\n\
              [upstream]\naddress = \"{upstream}\"\nforward_client = \"{mode}\"\n"
         ));
-        let before = login_rips(&dv).len();
+        let before = dv.login_rips().len();
         let mut c = behind(
             p.addr,
             &v2(&format!("[{client}]:40000"), "[2001:db8::1]:110"),
@@ -687,9 +654,9 @@ fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
         assert!(c.cmd("PASS bob-pass").starts_with("+OK"), "{mode}");
         assert!(c.cmd("QUIT").starts_with("+OK"));
         wait_until("Dovecot logged the login", || {
-            login_rips(&dv).len() > before
+            dv.login_rips().len() > before
         });
-        assert_eq!(login_rips(&dv)[before], client, "{mode}: {}", dv.log());
+        assert_eq!(dv.login_rips()[before], client, "{mode}: {}", dv.log());
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::clients::{RawPop, connect_from, curl, curl_retr};
 use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, dot_stuffed, msg_big, served};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, ProxyHandle};
+use common::proxy_header::ip;
 use common::{audit_events, find_exe, free_port, wait_until};
 
 const USER: &str = "bob";
@@ -33,20 +34,6 @@ fn dovecot() -> Dovecot {
         }
         .user(USER, PASS, msgs),
     )
-}
-
-/// The `rip=` of Dovecot's `Login:` lines, in order.
-fn login_rips(dv: &Dovecot) -> Vec<String> {
-    dv.log()
-        .lines()
-        .filter(|l| l.contains("Login: user=<"))
-        .filter_map(|l| l.split("rip=").nth(1))
-        .map(|r| r.split(',').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 /// popgate (in-process) in front of `upstream` with `upstream_keys` in `[upstream]`.
@@ -107,7 +94,7 @@ fn every_forward_mode_gives_dovecot_the_clients_address() {
             &format!("forward_client = \"{mode}\"\n{tls}"),
             "",
         );
-        let before = login_rips(&dv).len();
+        let before = dv.login_rips().len();
         let mut c = RawPop::over(connect_from(ip(from), p.addr));
         c.greeting = c.line();
         // Dovecot offers XCLIENT to popgate; the client never sees it.
@@ -124,9 +111,9 @@ fn every_forward_mode_gives_dovecot_the_clients_address() {
         );
         assert!(c.cmd("QUIT").starts_with("+OK"));
         wait_until("Dovecot logged the login", || {
-            login_rips(&dv).len() > before
+            dv.login_rips().len() > before
         });
-        assert_eq!(login_rips(&dv)[before], *from, "{mode} {tls}: {}", dv.log());
+        assert_eq!(dv.login_rips()[before], *from, "{mode} {tls}: {}", dv.log());
     }
     // Byte-identical to direct retrieval through a forwarding popgate, with curl.
     let p = popgate(&h, haproxy, "forward_client = \"proxy-v2\"", "");
@@ -159,7 +146,7 @@ fn a_client_cannot_send_xclient_through_popgate() {
         assert_eq!(c.cmd(attempt), "-ERR XCLIENT is not allowed");
         assert!(c.cmd("QUIT").starts_with("+OK"));
     }
-    let rips = login_rips(&dv);
+    let rips = dv.login_rips();
     assert_eq!(rips.len(), 3, "{}", dv.log());
     assert!(rips.iter().all(|r| r == "127.0.0.1"), "{rips:?}");
     assert!(!dv.log().contains("192.0.2.66"), "{}", dv.log());
@@ -350,7 +337,8 @@ fn haproxy_in_front_of_two_popgates_in_front_of_dovecot() {
     want.sort();
     assert_eq!(audited, want);
     // Dovecot's log: each client's own address, whichever instance it came through.
-    let mut rips: Vec<IpAddr> = login_rips(&dv)
+    let mut rips: Vec<IpAddr> = dv
+        .login_rips()
         .iter()
         .filter_map(|r| r.parse().ok())
         .filter(|r| *r != ip("127.0.0.1")) // the direct retrievals above

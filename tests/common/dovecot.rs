@@ -206,6 +206,16 @@ impl Dovecot {
         std::fs::rename(&tmp, md.join("new").join(&name)).expect("move message to new/");
     }
 
+    /// The `rip=` (client address) of each `Login:` line in Dovecot's log, in order.
+    pub fn login_rips(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("Login: user=<"))
+            .filter_map(|l| l.split("rip=").nth(1))
+            .map(|r| r.split(',').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     /// Dovecot's own log (`log_path`). Per session it says how the client logged in
     /// (`Login: user=<alice>, method=PLAIN`) and how the session ended: `Disconnected: Logged
     /// out` after QUIT, `Disconnected: Connection closed` without QUIT, with `del=N/M`.

@@ -9,6 +9,7 @@ pub mod certs;
 pub mod clients;
 pub mod dovecot;
 pub mod proxy;
+pub mod proxy_header;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
