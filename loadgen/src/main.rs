@@ -118,6 +118,9 @@ struct RunArgs {
     /// Seconds to wait before the last process sample (`idle`: after closing the sessions).
     #[arg(long, default_value_t = 0.0)]
     settle: f64,
+    /// `cycle`: every N-th session idles 0.2-0.8 s before QUIT (0: none); the soak mix is 5.
+    #[arg(long, default_value_t = 0)]
+    pause_every: u64,
     /// Process (with its descendants) whose CPU and memory to sample: the proxy.
     #[arg(long)]
     pid: Option<u32>,
@@ -171,6 +174,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
         sessions: a.sessions,
         hold: secs(a.hold),
         settle: secs(a.settle),
+        pause_every: a.pause_every,
         pid: a.pid,
     })
 }

@@ -74,6 +74,9 @@ pub struct Plan {
     pub hold: Duration,
     /// Wait this long before the last process sample (`idle`: after the sessions closed).
     pub settle: Duration,
+    /// `cycle`: every this-many-th session (0: none) idles 0.2-0.8 s between RETR and QUIT,
+    /// as a slow client would (the soak test's mix).
+    pub pause_every: u64,
     /// Process to sample.
     pub pid: Option<u32>,
 }
@@ -137,6 +140,11 @@ async fn unit(plan: &Plan, i: u64, st: &mut Stats) -> Result<(), ClientError> {
             let (_, n) = c.multiline("LIST", "LIST").await?;
             st.bytes += n;
             st.bytes += c.retr(plan.small_msg).await?;
+            if plan.pause_every > 0 && i.is_multiple_of(plan.pause_every) {
+                // Spread over 0.2-0.8 s by the session number: repeatable, no RNG needed.
+                let ms = 200 + (i.wrapping_mul(7919) % 601);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             c.quit().await
         }
         Scenario::Bulk => {
