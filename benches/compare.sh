@@ -336,8 +336,9 @@ run_target() { # UPSTREAM PEER MODE PORT PID
       load "$up" noop "$var" "$peer" "$mode" "$p" "$pid" -n "$NOOP_N"
       if [ "$up" = mem ]; then  # Dovecot would fork a process per held session
         local n=$IDLE_N; [ "$mode" = implicit ] && n=$IDLE_TLS_N
-        load "$up" idle "$var" "$peer" "$mode" "$p" "$pid" --sessions "$n" -c 32 --hold 1 \
-          --settle "$IDLE_SETTLE"
+        # One user per held session: the server locks a maildrop per session.
+        load "$up" idle "$var" "$peer" "$mode" "$p" "$pid" --sessions "$n" --users "$n" -c 32 \
+          --hold 1 --settle "$IDLE_SETTLE"
       fi
       if [ "$mode" = implicit ]; then
         load "$up" handshake tls-full "$peer" "$mode" "$p" "$pid" -c 2 -n "$HS_N" --no-resume
