@@ -522,14 +522,7 @@ fn a_client_cannot_smuggle_xclient_or_a_proxy_header_to_a_trusting_dovecot() {
     // reaching it from popgate would be believed. popgate forwards unknown commands here
     // (single-line), in every forward mode, and every attempt comes pipelined in one write with
     // a real login after it.
-    let dv = Dovecot::start(
-        DovecotOpts {
-            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
-            haproxy_listener: true,
-            ..DovecotOpts::default()
-        }
-        .user(USER, "bob-pass", bob_msgs()),
-    );
+    let dv = Dovecot::start(DovecotOpts::trusting_popgate().user(USER, "bob-pass", bob_msgs()));
     let h = Harness::new();
     let spoof = "192.0.2.66";
     let attempts: &[&[u8]] = &[
@@ -624,14 +617,7 @@ fn a_balancer_that_hangs_up_after_the_header_costs_the_upstream_no_quit() {
 #[test]
 #[ignore = "needs dovecot (run .ci/run)"]
 fn an_ipv6_client_behind_the_balancer_reaches_dovecot_in_every_forward_mode() {
-    let dv = Dovecot::start(
-        DovecotOpts {
-            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
-            haproxy_listener: true,
-            ..DovecotOpts::default()
-        }
-        .user(USER, "bob-pass", bob_msgs()),
-    );
+    let dv = Dovecot::start(DovecotOpts::trusting_popgate().user(USER, "bob-pass", bob_msgs()));
     let h = Harness::new();
     let modes = [
         ("xclient", dv.pop3, "2001:db8::7"),

@@ -26,14 +26,7 @@ const PASS: &str = "bob-pass";
 fn dovecot() -> Dovecot {
     let mut msgs = bob_msgs();
     msgs.push(msg_big());
-    Dovecot::start(
-        DovecotOpts {
-            haproxy_listener: true,
-            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
-            ..DovecotOpts::default()
-        }
-        .user(USER, PASS, msgs),
-    )
+    Dovecot::start(DovecotOpts::trusting_popgate().user(USER, PASS, msgs))
 }
 
 /// popgate (in-process) in front of `upstream` with `upstream_keys` in `[upstream]`.

@@ -62,6 +62,16 @@ pub struct DovecotOpts {
 }
 
 impl DovecotOpts {
+    /// A Dovecot that trusts popgate (127.0.0.1) to name the client: XCLIENT
+    /// (`login_trusted_networks`) and PROXY headers on the extra `haproxy = yes` listeners.
+    pub fn trusting_popgate() -> DovecotOpts {
+        DovecotOpts {
+            haproxy_listener: true,
+            extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
+            ..DovecotOpts::default()
+        }
+    }
+
     /// Adds a user (builder style).
     pub fn user(mut self, name: &str, password: &str, messages: Vec<Vec<u8>>) -> Self {
         self.users
