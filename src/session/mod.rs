@@ -144,34 +144,11 @@ pub(crate) async fn run(
             Some((rule, 0))
         }
     };
-    if let Some((rule, sent)) = refused {
-        // The audit trail shows refused connections too, with the rule.
-        let mut observer = Observer::new(
-            shared.audit.clone(),
-            shared.headers.clone(),
-            info.id,
-            crate::audit::Transcript::disabled(),
-        );
-        observer.set_tags(&policy.tags);
-        observer.open(
-            &info.listener,
-            info.client,
-            info.local,
-            info.proxy,
-            client_tls.as_ref(),
-            &connect.tags,
-        );
-        let marks = crate::proxy::Marks {
-            tags: connect.tags.clone(),
-            dropped_by: Some(rule),
-        };
-        let ms = started.elapsed().as_millis() as u64;
-        observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
-        observer.flush().await;
-        return CloseReason::RuleDrop;
-    }
     let transcript_cfg = &config.audit.transcript;
-    let transcript = if transcript_cfg.wants(&info.listener, info.client.ip()) || policy.trace {
+    // A refused connection gets no transcript; the audit trail shows it, with the rule.
+    let transcript = if refused.is_none()
+        && (transcript_cfg.wants(&info.listener, info.client.ip()) || policy.trace)
+    {
         crate::audit::Transcript::open(transcript_cfg, info.id, &info.listener, info.client)
     } else {
         crate::audit::Transcript::disabled()
@@ -191,6 +168,16 @@ pub(crate) async fn run(
         client_tls.as_ref(),
         &connect.tags,
     );
+    if let Some((rule, sent)) = refused {
+        let marks = crate::proxy::Marks {
+            tags: connect.tags.clone(),
+            dropped_by: Some(rule),
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
+        observer.flush().await;
+        return CloseReason::RuleDrop;
+    }
     observer.flush().await;
     let origin = crate::net::upstream::ClientOrigin {
         client: info.client,
