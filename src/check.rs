@@ -53,6 +53,8 @@ pub(crate) struct Prepared {
     pub(crate) rules: RuleSet,
     /// What `check` warns about (expiring certificates, empty rule globs).
     pub(crate) warnings: Vec<String>,
+    /// The OAuth2 bridges of upstreams with `[upstream.oauth2]` (secrets and credentials read).
+    pub(crate) oauth2: crate::oauth2::Bridges,
     /// Hashes of the files the config names, to tell a reload what changed on disk.
     pub(crate) files: FileHashes,
 }
@@ -88,6 +90,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     let rules = RuleSet::load(&config.rules, &config.base_dir)?;
     warnings.extend(rules.warnings().iter().cloned());
     check_trace_rules(&config, &rules)?;
+    let oauth2 = crate::oauth2::from_config(&config, path, &mut warnings)?;
     let files = FileHashes {
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
@@ -97,6 +100,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         tls,
         rules,
         warnings,
+        oauth2,
         files,
     })
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use popgate::Config;
-use popgate::cli::{Cli, CliCommand};
+use popgate::cli::{Cli, CliCommand, Oauth2Command};
 use popgate::config::LogConfig;
 use popgate::daemon::{Logging, notify};
 
@@ -163,6 +163,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        CliCommand::Oauth2 { action } => runtime.block_on(oauth2_command(action)),
         CliCommand::Completions { .. } | CliCommand::Man { .. } => Ok(()),
         CliCommand::Demo { bind, tls_bind } => {
             let log = LogConfig {
@@ -171,6 +172,48 @@ fn main() -> Result<()> {
             };
             let _logging = Logging::init(&log)?;
             runtime.block_on(run_demo(bind, tls_bind))?;
+            Ok(())
+        }
+    }
+}
+
+/// `popgate oauth2 hash-password | login`.
+async fn oauth2_command(action: Oauth2Command) -> Result<()> {
+    match action {
+        Oauth2Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+            let hash = popgate::oauth2::hash_password(password.as_bytes())
+                .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Oauth2Command::Login {
+            config,
+            upstream,
+            user,
+        } => {
+            let c = Config::load(&config)?;
+            // Direct mode has one `[upstream]`; named upstreams come with routing mode.
+            let u = &c.upstream;
+            if let Some(name) = upstream.as_deref().filter(|n| *n != "default") {
+                anyhow::bail!("{}: no upstream named {name:?}", config.display());
+            }
+            let o = u.oauth2.as_ref().with_context(|| {
+                format!(
+                    "{}: the upstream has no [upstream.oauth2]",
+                    config.display()
+                )
+            })?;
+            let file = popgate::oauth2::device_login(o, &c.base_dir, &user, |line| {
+                println!("{line}");
+            })
+            .await?;
+            println!("refresh token for {user} stored in {}", file.display());
             Ok(())
         }
     }

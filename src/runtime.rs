@@ -96,6 +96,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn snapshot(p: Prepared, audit: AuditSink, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Shared {
     Shared {
         headers: p.config.audit.header_set(),
+        oauth2: Arc::new(p.oauth2),
         config: Arc::new(p.config),
         tls: p.tls,
         rules: Arc::new(p.rules),

@@ -52,6 +52,11 @@ pub struct Shared {
     pub limiter: Arc<crate::limits::Limiter>,
     /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
+    // Read by routing mode's login (the `routing` branch), which the bridge needs: popgate
+    // must read the client's password itself.
+    #[allow(dead_code)]
+    pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
 }
 
 /// Who a session is for, known at accept.
