@@ -362,8 +362,9 @@ fn is_loopback_url(url: &str) -> bool {
     rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
 
-/// The config's bridges (as [`Bridges::build`]) for the one `[upstream]` of direct mode.
-pub(crate) fn from_config(
+/// The config's bridges (as [`Bridges::build`]) for the one `[upstream]` of direct mode;
+/// warnings (insecure token URL, tokens file readable by others...) go to `warnings`.
+pub fn from_config(
     config: &Config,
     path: &Path,
     warnings: &mut Vec<String>,
