@@ -497,3 +497,43 @@ fn oauth2_login_device_flow_stores_the_refresh_token() {
     let v: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
     assert!(v["access_token"].is_string(), "{v}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// README
+
+/// The README's "OAuth2 bridge" section.
+fn readme_section() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("\n## OAuth2 bridge\n").expect("README section");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_owned()
+}
+
+/// Every config example of the section is a valid config with an `[upstream.oauth2]`, and the
+/// table of keys names every key the examples use.
+#[test]
+fn readme_oauth2_examples_are_valid_configs() {
+    let section = readme_section();
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 3, "three example configs");
+    let path = Path::new("README.md");
+    for toml in blocks {
+        let c = Config::parse(toml, path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        c.validate(path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert!(c.upstream.oauth2.is_some(), "{toml}");
+        let table: toml::Table = toml::from_str(toml).unwrap();
+        for key in table["upstream"]["oauth2"].as_table().unwrap().keys() {
+            assert!(
+                section.contains(&format!("| `{key}`"))
+                    || section.contains(&format!("/ `{key}` |")),
+                "README key table lacks {key}"
+            );
+        }
+    }
+}
