@@ -78,9 +78,12 @@ pub(crate) enum Step {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    SentAuth,
-    SentToken,
-    SentDummy,
+    /// `AUTH <MECH>` is out.
+    Auth,
+    /// The token is out.
+    Token,
+    /// The dummy answer to an error challenge is out.
+    Dummy,
 }
 
 /// One `AUTH` exchange (sans-I/O): [`Exchange::start`] gives the command, every server line
@@ -98,7 +101,7 @@ impl Exchange {
         let ex = Exchange {
             mechanism: target.mechanism,
             response: initial_response(target, token),
-            state: State::SentAuth,
+            state: State::Auth,
         };
         (ex, command(target.mechanism).to_vec())
     }
@@ -109,28 +112,24 @@ impl Exchange {
         let err = line.starts_with(b"-ERR");
         let cont = line.starts_with(b"+") && !ok;
         match self.state {
-            State::SentAuth if cont => {
-                self.state = State::SentToken;
+            State::Auth if cont => {
+                self.state = State::Token;
                 let mut out = std::mem::take(&mut self.response).into_bytes();
                 out.extend_from_slice(b"\r\n");
                 Step::Send(out)
             }
-            State::SentAuth => Step::Done(Outcome::Unexpected(line.to_vec())),
-            State::SentToken | State::SentDummy if ok => {
-                Step::Done(Outcome::LoggedIn(line.to_vec()))
-            }
-            State::SentToken | State::SentDummy if err => {
-                Step::Done(Outcome::Refused(line.to_vec()))
-            }
-            State::SentToken if cont => {
+            State::Auth => Step::Done(Outcome::Unexpected(line.to_vec())),
+            State::Token | State::Dummy if ok => Step::Done(Outcome::LoggedIn(line.to_vec())),
+            State::Token | State::Dummy if err => Step::Done(Outcome::Refused(line.to_vec())),
+            State::Token if cont => {
                 // The error challenge (base64 JSON): answer it, the -ERR follows.
-                self.state = State::SentDummy;
+                self.state = State::Dummy;
                 Step::Send(match self.mechanism {
                     Oauth2Mechanism::Xoauth2 => b"\r\n".to_vec(),
                     Oauth2Mechanism::Oauthbearer => b"AQ==\r\n".to_vec(),
                 })
             }
-            State::SentToken | State::SentDummy => Step::Done(Outcome::Unexpected(line.to_vec())),
+            State::Token | State::Dummy => Step::Done(Outcome::Unexpected(line.to_vec())),
         }
     }
 }

@@ -137,12 +137,10 @@ impl TokenSource {
                 return Ok(c.access.clone());
             }
         }
-        if refused.is_none() {
-            if let Some((at, why)) = &slot.failed {
-                if now.duration_since(*at) < FAILURE_HOLD {
-                    return Err(TokenError(why.clone()));
-                }
-            }
+        if let (None, Some((at, why))) = (refused, &slot.failed)
+            && now.duration_since(*at) < FAILURE_HOLD
+        {
+            return Err(TokenError(why.clone()));
         }
         slot.token = None;
         match self.fetch(mailbox).await {
@@ -218,11 +216,10 @@ impl TokenSource {
 
 /// A token request's failure, without anything from the response body but the error code and
 /// description (a body that failed to parse might hold a token).
-pub(crate) fn describe<RE: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static>(
-    e: RequestTokenError<RE, T>,
-) -> String
+pub(crate) fn describe<RE, T>(e: RequestTokenError<RE, T>) -> String
 where
-    T: std::fmt::Display,
+    RE: std::error::Error + 'static,
+    T: oauth2::ErrorResponse + std::fmt::Display + 'static,
 {
     match e {
         RequestTokenError::ServerResponse(r) => format!("token endpoint refused: {r}"),
