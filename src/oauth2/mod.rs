@@ -362,7 +362,7 @@ fn is_loopback_url(url: &str) -> bool {
     rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
 
-/// The config's bridges (as [`Bridges::build`]) for the one `[upstream]` of direct mode;
+/// The config's bridges (secret and credentials read) for the one `[upstream]` of direct mode;
 /// warnings (insecure token URL, tokens file readable by others...) go to `warnings`.
 pub fn from_config(
     config: &Config,
