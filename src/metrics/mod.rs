@@ -357,6 +357,16 @@ impl Metrics {
                 };
             }
         }
+        if upstream.original_destination() {
+            // Each session has its own upstream: there is no one server to probe.
+            return Health {
+                ok: true,
+                reason: format!(
+                    "ok: {} listener(s) up, upstream is each connection's original destination",
+                    listeners.len()
+                ),
+            };
+        }
         let recent = {
             let seen = lock(&self.upstream);
             match (seen.ok, &seen.failed) {

@@ -69,6 +69,9 @@ pub struct SessionInfo {
     pub tls_mode: TlsMode,
     /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
     pub proxy: Option<SocketAddr>,
+    /// With `upstream.address = "original-destination"`: the address the client connected
+    /// to before a `REDIRECT` sent it to popgate, and where this session connects.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// The id of the first session of a popgate started at `start`: that time in microseconds
@@ -160,6 +163,9 @@ pub(crate) async fn run(
         transcript,
     );
     observer.set_tags(&policy.tags);
+    if let Some(dst) = info.original_dst {
+        observer.set_original_destination(dst);
+    }
     observer.open(
         &info.listener,
         info.client,
@@ -185,9 +191,14 @@ pub(crate) async fn run(
         session: format!("popgate-{}", info.id),
     };
     let dialled = Instant::now();
+    let target = upstream_target(&config, &shared, &info, client_tls.as_ref());
+    let (upstream_cfg, upstream_tls) = match &target {
+        Some((cfg, tls)) => (cfg, tls.as_ref()),
+        None => (&config.upstream, shared.tls.upstream.as_ref()),
+    };
     let upstream = match crate::net::upstream::connect(
-        &config.upstream,
-        shared.tls.upstream.as_ref(),
+        upstream_cfg,
+        upstream_tls,
         config.limits.max_line,
         &origin,
     )
@@ -319,6 +330,38 @@ pub(crate) async fn run(
         "session closed"
     );
     reason
+}
+
+/// With `original-destination`: the upstream settings with the session's original destination
+/// as address, and the TLS client verifying the name [`intercept::server_name`] picks (unless
+/// `server_name` is set). `None`: the configured upstream.
+///
+/// [`intercept::server_name`]: crate::net::intercept::server_name
+fn upstream_target(
+    config: &Config,
+    shared: &Shared,
+    info: &SessionInfo,
+    client_tls: Option<&TlsInfo>,
+) -> Option<(
+    crate::config::UpstreamConfig,
+    Option<crate::net::tls::UpstreamTls>,
+)> {
+    let dst = info.original_dst?;
+    let cfg = crate::config::UpstreamConfig {
+        address: dst.to_string(),
+        ..config.upstream.clone()
+    };
+    let tls = shared.tls.upstream.as_ref().map(|t| {
+        if t.needs_name() {
+            let sni = client_tls.and_then(|c| c.sni.as_deref());
+            let name = crate::net::intercept::server_name(sni, dst.ip());
+            debug!(server_name = ?name, "verifying the original server as");
+            t.named(name)
+        } else {
+            t.clone()
+        }
+    });
+    Some((cfg, tls))
 }
 
 /// `["a","b"]`.
