@@ -393,7 +393,9 @@ fn opens(audit: &[Value]) -> Vec<&Value> {
 }
 
 const RULES: &str = "[[rule]]\nname = \"no-mallory\"\non = \"command\"\nverbs = \"USER\"\n\
-                     args = \"^mallory$\"\naction = \"deny\"\nmessage = \"not here\"\n";
+                     args = \"^mallory$\"\naction = \"deny\"\nmessage = \"not here\"\n\
+                     [[rule]]\nname = \"to-v4\"\non = \"connect\"\n\
+                     destination = \"10.231.2.0/24\"\naction = \"tag\"\ntags = \"server-v4\"\n";
 
 #[test]
 fn redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6() {
@@ -509,6 +511,13 @@ fn redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6() {
                 .starts_with(&format!("{CLIENT_V4}:"))),
         "{opens:?}"
     );
+    // The `destination` matcher: the IPv4 server's sessions are tagged, the IPv6 one is not.
+    for e in &opens {
+        let tagged = e["tags"]
+            .as_array()
+            .is_some_and(|t| t.contains(&json!("server-v4")));
+        assert_eq!(tagged, e["original_dst"] == v4.as_str(), "{e}");
+    }
     assert!(
         audit
             .iter()

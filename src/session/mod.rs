@@ -123,6 +123,7 @@ pub(crate) async fn run(
     let mut policy = Policy::new(shared.rules.clone());
     let connect = policy.evaluate(&Event {
         tls: client.is_tls(),
+        destination: info.original_dst.map(|d| d.ip()),
         ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
     });
     if let Some(d) = connect.delay {
@@ -243,6 +244,7 @@ pub(crate) async fn run(
     let cfg = HopConfig {
         listener: info.listener.clone(),
         client_ip: info.client.ip(),
+        destination: info.original_dst.map(|d| d.ip()),
         client_tls: client.is_tls(),
         stls_available: info.tls_mode == TlsMode::Starttls && shared.tls.server.is_some(),
         max_line: config.limits.max_line,
