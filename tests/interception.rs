@@ -397,6 +397,29 @@ const RULES: &str = "[[rule]]\nname = \"no-mallory\"\non = \"command\"\nverbs = 
                      [[rule]]\nname = \"to-v4\"\non = \"connect\"\n\
                      destination = \"10.231.2.0/24\"\naction = \"tag\"\ntags = \"server-v4\"\n";
 
+/// The README's interception example (the one `toml` block that says `original-destination`).
+fn readme_example() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.contains("original-destination"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "the interception example");
+    blocks[0].to_owned()
+}
+
+#[test]
+fn the_readme_interception_example_is_a_valid_config() {
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(&readme_example(), path).expect("parses");
+    config.validate(path).expect("valid");
+    assert!(config.upstream.original_destination());
+    assert_eq!(config.listeners[0].bind, "[::]:8110".parse().unwrap());
+}
+
 #[test]
 fn redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6() {
     if !capable("redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6") {
@@ -418,13 +441,11 @@ fn redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6() {
     let rules_dir = tempfile::tempdir().unwrap();
     let rules = rules_dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    // One dual-stack listener: IPv4 clients arrive as ::ffff:a.b.c.d.
+    // The README's configuration (one dual-stack listener: IPv4 clients arrive as
+    // ::ffff:a.b.c.d), with rules and the audit trail.
     let mut gate = Gate::start(
         &net,
-        &format!(
-            "rules = [{rules:?}]\n[[listener]]\nname = \"intercept\"\nbind = \"[::]:8110\"\n\
-             [upstream]\naddress = \"original-destination\"\nconnect_timeout = \"5s\"\n"
-        ),
+        &format!("rules = [{rules:?}]\n{}", readme_example()),
         1,
     );
 
