@@ -264,6 +264,11 @@ impl Gate {
     /// Start with `toml` (an `[audit]` table writing to `audit/` is added) and wait until all
     /// `listeners` listen.
     fn start(net: &Net, toml: &str, listeners: usize) -> Gate {
+        Gate::start_in(&net.gw, toml, listeners)
+    }
+
+    /// Like [`Gate::start`] in the namespace `ns`.
+    fn start_in(ns: &str, toml: &str, listeners: usize) -> Gate {
         let dir = tempfile::Builder::new()
             .prefix("popgate-intercept")
             .tempdir()
@@ -274,15 +279,12 @@ impl Gate {
             format!("shutdown_grace = \"2s\"\n{toml}\n[audit]\nenabled = true\ndir = \"audit\"\n"),
         )
         .unwrap();
-        let child = in_ns(
-            &net.gw,
-            &[popgate_bin().to_str().unwrap(), "run", "--config"],
-        )
-        .arg(&cfg)
-        .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-        .spawn()
-        .unwrap();
+        let child = in_ns(ns, &[popgate_bin().to_str().unwrap(), "run", "--config"])
+            .arg(&cfg)
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
         let mut gate = Gate { child, dir };
         let deadline = Instant::now() + LIMIT;
         while gate.log().matches("listening").count() < listeners {
@@ -418,6 +420,69 @@ fn the_readme_interception_example_is_a_valid_config() {
     config.validate(path).expect("valid");
     assert!(config.upstream.original_destination());
     assert_eq!(config.listeners[0].bind, "[::]:8110".parse().unwrap());
+}
+
+/// Unprivileged, on loopback (runs everywhere): a client that connects to popgate directly is
+/// refused, whether the kernel tracks the connection (its original destination is popgate
+/// itself) or not (no original destination).
+#[test]
+fn without_a_redirect_the_client_is_refused() {
+    let h = common::proxy::Harness::new();
+    let p = h.proxy_toml(
+        "[[listener]]\nname = \"intercept\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"original-destination\"\n",
+    );
+    let mut c = common::clients::RawPop::connect(p.addr);
+    assert_eq!(
+        c.greeting,
+        "-ERR [SYS/TEMP] no original destination to connect to"
+    );
+    assert!(c.read_to_end().is_empty(), "closed after the refusal");
+}
+
+/// `popgate check` refuses `original-destination` with a `proxy_protocol` listener, and takes
+/// it with TLS upstream and no `server_name` (the name is chosen per session).
+#[test]
+fn check_refuses_original_destination_behind_a_balancer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let check = |name: &str, text: &str| {
+        let cfg = dir.path().join(name);
+        std::fs::write(&cfg, text).unwrap();
+        run_bounded(
+            Command::new(popgate_bin())
+                .args(["check", "--config"])
+                .arg(&cfg),
+            None,
+            LIMIT,
+        )
+    };
+    let out = check(
+        "balanced.toml",
+        "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.1\"]\n\
+         [upstream]\naddress = \"original-destination\"\n",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("listener[0].proxy_protocol") && err.contains("original-destination"),
+        "{err}"
+    );
+    let out = check(
+        "tls.toml",
+        &format!(
+            "[[listener]]\nname = \"intercept\"\nbind = \"[::]:8995\"\n\
+             [upstream]\naddress = \"original-destination\"\ntls = \"implicit\"\n\
+             ca_file = {:?}\n",
+            pki.ca_path()
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -590,6 +655,22 @@ fn a_connection_to_popgate_itself_is_refused_without_dialling() {
         ],
     );
     assert!(got == tricky_messages(0)[0]);
+    // Where no connection is tracked (no NAT rule in the client's namespace), the kernel
+    // knows no original destination: refused as well.
+    let mut local = Gate::start_in(
+        &net.client,
+        "[[listener]]\nname = \"local\"\nbind = \"127.0.0.1:8110\"\n\
+         [upstream]\naddress = \"original-destination\"\n",
+        1,
+    );
+    let line = first_line(&net, "127.0.0.1", 8110);
+    assert!(line.starts_with("-ERR [SYS/TEMP] "), "{line:?}");
+    assert!(
+        local.log().contains("no redirect recorded"),
+        "{}",
+        tail(&local.log(), 3000)
+    );
+    local.stop();
     let log = gate.log();
     assert_eq!(
         log.matches("refusing to connect to itself").count(),

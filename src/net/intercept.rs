@@ -32,7 +32,14 @@ pub(crate) fn original_destination(
     local: SocketAddr,
     listeners: &[SocketAddr],
 ) -> Result<SocketAddr, Refusal> {
-    let dst = read(tcp, local).map_err(|e| Refusal::Unknown(e.to_string()))?;
+    let dst = read(tcp, local).map_err(|e| {
+        Refusal::Unknown(if e.kind() == std::io::ErrorKind::NotFound {
+            // ENOENT: connection tracking has no NAT record of this connection.
+            "the kernel has no redirect recorded for this connection".into()
+        } else {
+            e.to_string()
+        })
+    })?;
     if is_own(dst, local, listeners, is_local_ip) {
         return Err(Refusal::Loop(dst));
     }
