@@ -714,15 +714,17 @@ fn tls_to_the_original_server_is_verified_for_the_clients_sni_or_the_ip() {
     opts.implicit_tls = true;
     let servers = Servers::start(&net.server, vec![("[::]:995", opts)]);
     let ca = pki.ca_path().to_str().unwrap().to_owned();
+    // Unlike the other tests, IPv4-only and IPv6-only listening sockets.
     let mut gate = Gate::start(
         &net,
         &format!(
-            "[[listener]]\nname = \"intercept-tls\"\nbind = \"[::]:8995\"\ntls = \"implicit\"\n\
+            "[[listener]]\nname = \"tls-v4\"\nbind = \"0.0.0.0:8995\"\ntls = \"implicit\"\n\
+             [[listener]]\nname = \"tls-v6\"\nbind = \"[{GW_IN_V6}]:8995\"\ntls = \"implicit\"\n\
              [tls]\ncert = {gate_cert:?}\nkey = {gate_key:?}\n\
              [upstream]\naddress = \"original-destination\"\ntls = \"implicit\"\n\
              ca_file = {ca:?}\nconnect_timeout = \"5s\"\n"
         ),
-        1,
+        2,
     );
     let up = format!("{USER}:{PASS}");
     // By IP (curl sends no SNI for an address): popgate verifies the address, an IP SAN.
