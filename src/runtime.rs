@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 use crate::audit::{AuditGuard, AuditSink};
 use crate::check::{FileHashes, Prepared, StartError};
 use crate::config::{Config, ListenerConfig, LogConfig};
-use crate::limits::Limiter;
+use crate::limits::{Counters, Limiter};
 use crate::metrics::Metrics;
 use crate::net::intercept;
 use crate::net::listener::{self, Listener};
@@ -212,8 +212,9 @@ impl Runtime {
                 match intercept::original_destination(&a.tcp, a.local, &bound) {
                     Ok(dst) => Some(dst),
                     Err(e) => {
+                        let total = Counters::bump(&shared.limiter.counters.intercept_refused);
                         tracing::warn!(listener = %a.listener, client = %a.client,
-                            local = %a.local, "connection refused: {e}");
+                            local = %a.local, refused_total = total, "connection refused: {e}");
                         listener::refuse(
                             a.tcp,
                             b"-ERR [SYS/TEMP] no original destination to connect to\r\n",

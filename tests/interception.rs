@@ -430,7 +430,8 @@ fn without_a_redirect_the_client_is_refused() {
     let h = common::proxy::Harness::new();
     let p = h.proxy_toml(
         "[[listener]]\nname = \"intercept\"\nbind = \"127.0.0.1:0\"\n\
-         [upstream]\naddress = \"original-destination\"\n",
+         [upstream]\naddress = \"original-destination\"\n\
+         [metrics]\nbind = \"127.0.0.1:0\"\n",
     );
     let mut c = common::clients::RawPop::connect(p.addr);
     assert_eq!(
@@ -438,6 +439,21 @@ fn without_a_redirect_the_client_is_refused() {
         "-ERR [SYS/TEMP] no original destination to connect to"
     );
     assert!(c.read_to_end().is_empty(), "closed after the refusal");
+    let metrics = common::clients::curl_ok(&[&format!("http://{}/metrics", p.metrics.unwrap())]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("popgate_sessions_refused_total{reason=\"original_destination\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("popgate_sessions_total{listener=\"intercept\"} 0\n"),
+        "{metrics}"
+    );
+    // /health has no one upstream to probe: healthy while the listeners are.
+    let health =
+        common::clients::curl_ok(&["-f", &format!("http://{}/health", p.metrics.unwrap())]);
+    let health = String::from_utf8_lossy(&health);
+    assert!(health.contains("original destination"), "{health}");
 }
 
 /// `popgate check` refuses `original-destination` with a `proxy_protocol` listener, and takes
