@@ -208,7 +208,8 @@ fn default_health_window() -> Duration {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `host:port`; a name is resolved at each connection.
+    /// `host:port`; a name is resolved at each connection. `"original-destination"`: the
+    /// address each client connected to before an iptables `REDIRECT` (Linux only).
     pub address: String,
     /// Upstream TLS mode.
     #[serde(default)]
@@ -230,6 +231,17 @@ pub struct UpstreamConfig {
     /// Pass the real client address on: `none`, `proxy-v1`, `proxy-v2` or `xclient`.
     #[serde(default)]
     pub forward_client: ForwardClient,
+}
+
+/// The `upstream.address` that makes each session connect to the address its client
+/// connected to before an iptables `REDIRECT` sent it to popgate (transparent interception).
+pub const ORIGINAL_DESTINATION: &str = "original-destination";
+
+impl UpstreamConfig {
+    /// Whether `address` is [`ORIGINAL_DESTINATION`]: the upstream is chosen per connection.
+    pub fn original_destination(&self) -> bool {
+        self.address == ORIGINAL_DESTINATION
+    }
 }
 
 fn yes() -> bool {
@@ -532,7 +544,23 @@ impl Config {
                 format!("{} is already the address of a listener", m.bind),
             ));
         }
-        if split_host_port(&self.upstream.address).is_none() {
+        if self.upstream.original_destination() {
+            if !cfg!(target_os = "linux") {
+                return Err(invalid(
+                    "upstream.address",
+                    format!("{ORIGINAL_DESTINATION:?} needs Linux (SO_ORIGINAL_DST)"),
+                ));
+            }
+            if let Some(i) = self.listeners.iter().position(|l| l.proxy_protocol) {
+                return Err(invalid(
+                    &format!("listener[{i}].proxy_protocol"),
+                    format!(
+                        "cannot be combined with upstream.address = {ORIGINAL_DESTINATION:?}: \
+                         behind a balancer the redirected connection is the balancer's"
+                    ),
+                ));
+            }
+        } else if split_host_port(&self.upstream.address).is_none() {
             return Err(invalid(
                 "upstream.address",
                 format!("{:?} is not host:port", self.upstream.address),
@@ -1066,6 +1094,34 @@ mod tests {
         let c = Config::parse(&MINIMAL.replace("127.0.0.1:110", "nohost"), p()).unwrap();
         let e = c.validate(p()).unwrap_err().to_string();
         assert!(e.contains("upstream.address"), "{e}");
+    }
+
+    #[test]
+    fn original_destination_is_an_address_but_not_behind_a_balancer() {
+        let text = MINIMAL.replace("127.0.0.1:110", ORIGINAL_DESTINATION);
+        let c = Config::parse(&text, p()).unwrap();
+        assert!(c.upstream.original_destination());
+        if cfg!(target_os = "linux") {
+            c.validate(p()).unwrap();
+        } else {
+            let e = c.validate(p()).unwrap_err().to_string();
+            assert!(e.contains("needs Linux"), "{e}");
+        }
+        let balanced = text.replace(
+            "[upstream]",
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.1\"]\n[upstream]",
+        );
+        let c = Config::parse(&balanced, p()).unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        if cfg!(target_os = "linux") {
+            assert!(
+                e.contains("listener[0].proxy_protocol") && e.contains("original-destination"),
+                "{e}"
+            );
+        }
+        let c = Config::parse(&MINIMAL.replace("127.0.0.1:110", "original-dest"), p()).unwrap();
+        assert!(!c.upstream.original_destination());
+        assert!(c.validate(p()).is_err(), "a near miss is not host:port");
     }
 
     #[test]

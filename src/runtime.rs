@@ -22,8 +22,9 @@ use tracing::Instrument as _;
 use crate::audit::{AuditGuard, AuditSink};
 use crate::check::{FileHashes, Prepared, StartError};
 use crate::config::{Config, ListenerConfig, LogConfig};
-use crate::limits::Limiter;
+use crate::limits::{Counters, Limiter};
 use crate::metrics::Metrics;
+use crate::net::intercept;
 use crate::net::listener::{self, Listener};
 use crate::net::tls;
 use crate::session::{self, Shared};
@@ -62,6 +63,8 @@ pub(crate) struct Runtime {
     /// sessions that still write to them).
     audit: Mutex<(AuditGuard, Vec<AuditGuard>)>,
     log_hook: Mutex<Option<Arc<LogHook>>>,
+    /// The addresses the listeners are bound to (`original-destination` never dials them).
+    bound: Mutex<Arc<[SocketAddr]>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -132,6 +135,7 @@ impl Runtime {
             listeners: tokio::sync::Mutex::new(Vec::new()),
             audit: Mutex::new((guard, Vec::new())),
             log_hook: Mutex::new(None),
+            bound: Mutex::new(Arc::from([])),
         }))
     }
 
@@ -180,8 +184,14 @@ impl Runtime {
         }
     }
 
+    /// Record the addresses of the accept loops in `running`.
+    fn set_bound(&self, running: &[Running]) {
+        *lock(&self.bound) = running.iter().filter_map(|r| r.addr).collect();
+    }
+
     fn spawn_session(&self, mut a: listener::Accepted) {
         let shared = self.current();
+        let bound = lock(&self.bound).clone();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let shutdown = self.close_sessions.subscribe();
         let mut draining = self.draining.subscribe();
@@ -196,6 +206,25 @@ impl Runtime {
             if !proxied {
                 return;
             }
+            // Transparent interception: the server the client meant (refused when unknown or
+            // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
+            let original_dst = if shared.config.upstream.original_destination() {
+                match intercept::original_destination(&a.tcp, a.local, &bound) {
+                    Ok(dst) => Some(dst),
+                    Err(e) => {
+                        let total = Counters::bump(&shared.limiter.counters.intercept_refused);
+                        tracing::warn!(listener = %a.listener, client = %a.client,
+                            local = %a.local, refused_total = total, "connection refused: {e}");
+                        listener::refuse(
+                            a.tcp,
+                            b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
+                        );
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             let info = session::SessionInfo {
                 id,
                 listener: a.listener.clone(),
@@ -203,13 +232,15 @@ impl Runtime {
                 local: a.local,
                 tls_mode: a.tls,
                 proxy: a.proxy,
+                original_dst,
             };
             let span =
                 tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
             async move {
-                match a.proxy {
-                    Some(proxy) => tracing::info!(%proxy, "session open"),
-                    None => tracing::info!("session open"),
+                match (a.proxy, original_dst) {
+                    (Some(proxy), _) => tracing::info!(%proxy, "session open"),
+                    (None, Some(dst)) => tracing::info!(original_dst = %dst, "session open"),
+                    (None, None) => tracing::info!("session open"),
                 }
                 session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
                 drop(a.slots);
@@ -232,6 +263,7 @@ impl Runtime {
             for l in listeners {
                 running.push(self.start(l));
             }
+            self.set_bound(&running);
         }
         shutdown.await;
         self.draining.send_replace(true);
@@ -408,6 +440,7 @@ impl Runtime {
             tracing::info!(listener = %r.config.name, addr = ?r.addr, "listener closed");
         }
 
+        self.set_bound(&running);
         if !listener_changes.is_empty() {
             changed.insert(format!("listener {}", listener_changes.join(" ")));
         }

@@ -37,6 +37,7 @@ fn day_one() -> Vec<AuditEvent> {
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:995"),
                 proxy: None,
+                original_dst: None,
                 client_tls: Some(TlsInfo {
                     version: "TLSv1_3".into(),
                     cipher: "TLS13_AES_256_GCM_SHA384".into(),
@@ -63,6 +64,7 @@ fn day_one() -> Vec<AuditEvent> {
                 client: addr("203.0.113.9:40000"),
                 local: addr("192.0.2.10:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         ),
@@ -176,6 +178,7 @@ fn day_two() -> Vec<AuditEvent> {
                 client: addr("[2001:db8::7]:50000"),
                 local: addr("[2001:db8::10]:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         ),
@@ -570,6 +573,7 @@ fn table_names_the_instance_when_there_are_several() {
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         );

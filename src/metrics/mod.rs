@@ -93,8 +93,9 @@ impl Collector for Polled {
         let mut refused = encoder.encode_descriptor(
             "popgate_sessions_refused",
             "Connections refused by limits.max_sessions_per_ip (per_ip), limits.max_sessions \
-             (max_sessions), or on a proxy_protocol listener (proxy_header: untrusted peer, \
-             missing, malformed or late header).",
+             (max_sessions), on a proxy_protocol listener (proxy_header: untrusted peer, \
+             missing, malformed or late header), or without a usable original destination \
+             (original_destination: not redirected, or redirected to popgate itself).",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -102,6 +103,7 @@ impl Collector for Polled {
             ("per_ip", c.per_ip_refused.load(Relaxed)),
             ("max_sessions", c.full_refused.load(Relaxed)),
             ("proxy_header", c.proxy_refused.load(Relaxed)),
+            ("original_destination", c.intercept_refused.load(Relaxed)),
         ] {
             ConstCounter::new(n).encode(refused.encode_family(&[("reason", reason)])?)?;
         }
@@ -356,6 +358,16 @@ impl Metrics {
                     reason: format!("listener {l} is not accepting clients"),
                 };
             }
+        }
+        if upstream.original_destination() {
+            // Each session has its own upstream: there is no one server to probe.
+            return Health {
+                ok: true,
+                reason: format!(
+                    "ok: {} listener(s) up, upstream is each connection's original destination",
+                    listeners.len()
+                ),
+            };
         }
         let recent = {
             let seen = lock(&self.upstream);

@@ -176,19 +176,25 @@ impl ServerTls {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    /// `None` with `address = "original-destination"` and no `server_name`: each session
+    /// names its server ([`UpstreamTls::named`]).
+    name: Option<ServerName<'static>>,
 }
 
 impl UpstreamTls {
     /// Build from `[upstream]`: system roots (rustls-native-certs) unless `ca_file`, optional
     /// client certificate, and `verify = false` only when explicitly configured.
     pub fn new(cfg: &UpstreamConfig) -> Result<UpstreamTls, TlsError> {
-        let host = cfg
-            .server_name
-            .clone()
-            .or_else(|| crate::config::split_host_port(&cfg.address).map(|(h, _)| h.to_owned()))
-            .unwrap_or_default();
-        let name = ServerName::try_from(host.clone()).map_err(|_| TlsError::BadServerName(host))?;
+        let name = if cfg.server_name.is_none() && cfg.original_destination() {
+            None
+        } else {
+            let host = cfg
+                .server_name
+                .clone()
+                .or_else(|| crate::config::split_host_port(&cfg.address).map(|(h, _)| h.to_owned()))
+                .unwrap_or_default();
+            Some(ServerName::try_from(host.clone()).map_err(|_| TlsError::BadServerName(host))?)
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?;
         let builder = if cfg.verify {
@@ -237,10 +243,28 @@ impl UpstreamTls {
         })
     }
 
+    /// Whether the name to verify is chosen per session (see [`UpstreamTls::named`]).
+    pub fn needs_name(&self) -> bool {
+        self.name.is_none()
+    }
+
+    /// The same settings, verifying (and sending as SNI) `name`.
+    pub fn named(&self, name: ServerName<'static>) -> UpstreamTls {
+        UpstreamTls {
+            config: self.config.clone(),
+            name: Some(name),
+        }
+    }
+
     /// Handshake over an established TCP connection.
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {
+        let Some(name) = self.name.clone() else {
+            return Err(io::Error::other(
+                "no server name to verify the upstream for",
+            ));
+        };
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
-        let tls = connector.connect(self.name.clone(), tcp).await?;
+        let tls = connector.connect(name, tcp).await?;
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
     }
 }

@@ -105,6 +105,8 @@ pub(crate) struct HopConfig {
     pub(crate) listener: Arc<str>,
     /// Client address, for rules and the login penalty.
     pub(crate) client_ip: IpAddr,
+    /// The original destination (transparent interception), for rules.
+    pub(crate) destination: Option<IpAddr>,
     /// Whether the client connection is under TLS from the start (implicit TLS).
     pub(crate) client_tls: bool,
     /// Whether this listener can offer STLS (a `starttls` listener with a certificate).
@@ -1016,6 +1018,7 @@ fn event<'a>(cfg: &'a HopConfig, tracker: &'a Tracker, tls: bool, kind: EventKin
         tls,
         state: tracker.state(),
         user: tracker.user(),
+        destination: cfg.destination,
         ..Event::new(kind, &cfg.listener, cfg.client_ip)
     }
 }

@@ -61,6 +61,8 @@ const MAX_DELAY: Duration = Duration::from_secs(600);
 pub(super) struct Matchers {
     pub(super) listener: Option<Box<[Box<str>]>>,
     pub(super) client: Option<Box<[Cidr]>>,
+    /// Networks of the original destination; never holds without one.
+    pub(super) destination: Option<Box<[Cidr]>>,
     pub(super) tls: Option<bool>,
     /// Bit set of [`state_bit`]s.
     pub(super) states: u8,
@@ -123,7 +125,8 @@ pub(super) const NO_SET: u32 = u32::MAX;
 pub(super) struct Hot {
     /// [`Matchers::allowed_bits`].
     pub(super) allow: u16,
-    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener, client or size matchers).
+    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener, client, destination or size
+    /// matchers).
     pub(super) flags: u8,
     /// Bit set of the regex fields present.
     pub(super) regexes: u8,
@@ -350,7 +353,11 @@ impl Builder {
                 if matches!(r.action, Action::Deny | Action::Rewrite) {
                     flags |= DENY_OR_REWRITE;
                 }
-                if r.when.listener.is_some() || r.when.client.is_some() || r.when.size.is_some() {
+                if r.when.listener.is_some()
+                    || r.when.client.is_some()
+                    || r.when.destination.is_some()
+                    || r.when.size.is_some()
+                {
                     flags |= COLD;
                 }
                 let regexes = (0..3)
@@ -600,6 +607,17 @@ fn matchers(raw: &RawRule) -> Result<Matchers, Problem> {
             nets.push(net);
         }
         m.client = Some(nets.into_boxed_slice());
+    }
+    if let Some(c) = &raw.destination {
+        let mut nets = Vec::new();
+        for value in non_empty("destination", c.clone())? {
+            let net = Cidr::parse(&value).map_err(|reason| Problem::BadCidr {
+                value: value.clone(),
+                reason,
+            })?;
+            nets.push(net);
+        }
+        m.destination = Some(nets.into_boxed_slice());
     }
     if let Some(s) = &raw.state {
         for name in non_empty("state", s.clone())? {

@@ -23,7 +23,7 @@ fn field<'a>(ev: &Event<'a>, f: usize) -> Option<&'a [u8]> {
 }
 
 impl Matchers {
-    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, size, and the regex fields in `fields`
+    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, destination, size, and the regex fields in `fields`
     /// (a bit set) that no set search answered.
     fn hold_cold(&self, ev: &Event<'_>, fields: u8) -> bool {
         if let Some(names) = &self.listener
@@ -33,6 +33,13 @@ impl Matchers {
         }
         if let Some(nets) = &self.client
             && !nets.iter().any(|n| n.contains(ev.client))
+        {
+            return false;
+        }
+        if let Some(nets) = &self.destination
+            && !ev
+                .destination
+                .is_some_and(|d| nets.iter().any(|n| n.contains(d)))
         {
             return false;
         }

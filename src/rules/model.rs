@@ -91,6 +91,8 @@ pub(crate) struct RawRule {
     pub(crate) listener: Option<OneOrMany>,
     /// Matcher: client networks (CIDR or single addresses).
     pub(crate) client: Option<OneOrMany>,
+    /// Matcher: original destination networks (transparent interception).
+    pub(crate) destination: Option<OneOrMany>,
     /// Matcher: client-side TLS on or off.
     pub(crate) tls: Option<bool>,
     /// Matcher: session states (`authorization`, `transaction`, `update`).
@@ -138,11 +140,12 @@ pub(crate) struct RawRule {
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub(crate) const KEYS: [&str; 26] = [
+pub(crate) const KEYS: [&str; 27] = [
     "name",
     "on",
     "listener",
     "client",
+    "destination",
     "tls",
     "state",
     "user",
@@ -253,6 +256,7 @@ impl RawRule {
             action: required(t, "action")?,
             listener: take(t, "listener")?,
             client: take(t, "client")?,
+            destination: take(t, "destination")?,
             tls: take(t, "tls")?,
             state: take(t, "state")?,
             user: take(t, "user")?,
@@ -349,6 +353,7 @@ mod tests {
             on = "capa"
             listener = "l"
             client = "10.0.0.0/8"
+            destination = "192.0.2.0/24"
             tls = true
             state = "authorization"
             user = "u"

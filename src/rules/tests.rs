@@ -121,6 +121,29 @@ fn matcher_listener() {
 }
 
 #[test]
+fn matcher_destination() {
+    let s = set(&one(
+        "on = \"command\"\ndestination = [\"192.0.2.0/24\", \"2001:db8::/32\"]\naction = \"deny\"",
+    ));
+    let to = |a: Option<&str>| {
+        s.evaluate(&Event {
+            destination: a.map(ip),
+            ..cmd(Verb::User, b"bob")
+        })
+        .passes()
+    };
+    assert!(!to(Some("192.0.2.9")));
+    assert!(!to(Some("2001:db8::110")));
+    assert!(to(Some("198.51.100.1")));
+    // No original destination (not intercepting): never holds.
+    assert!(to(None));
+    let e = err(&one(
+        "on = \"connect\"\ndestination = \"10.0.0.1/8\"\naction = \"drop\"",
+    ));
+    assert!(e.contains("10.0.0.1/8"), "{e}");
+}
+
+#[test]
 fn matcher_client() {
     let s = set(&one(
         "on = \"connect\"\nclient = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.1\"]\naction = \"drop\"",

@@ -69,6 +69,9 @@ pub struct SessionInfo {
     pub tls_mode: TlsMode,
     /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
     pub proxy: Option<SocketAddr>,
+    /// With `upstream.address = "original-destination"`: the address the client connected
+    /// to before a `REDIRECT` sent it to popgate, and where this session connects.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// The id of the first session of a popgate started at `start`: that time in microseconds
@@ -120,6 +123,7 @@ pub(crate) async fn run(
     let mut policy = Policy::new(shared.rules.clone());
     let connect = policy.evaluate(&Event {
         tls: client.is_tls(),
+        destination: info.original_dst.map(|d| d.ip()),
         ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
     });
     if let Some(d) = connect.delay {
@@ -160,6 +164,9 @@ pub(crate) async fn run(
         transcript,
     );
     observer.set_tags(&policy.tags);
+    if let Some(dst) = info.original_dst {
+        observer.set_original_destination(dst);
+    }
     observer.open(
         &info.listener,
         info.client,
@@ -185,9 +192,14 @@ pub(crate) async fn run(
         session: format!("popgate-{}", info.id),
     };
     let dialled = Instant::now();
+    let target = upstream_target(&config, &shared, &info, client_tls.as_ref());
+    let (upstream_cfg, upstream_tls) = match &target {
+        Some((cfg, tls)) => (cfg, tls.as_ref()),
+        None => (&config.upstream, shared.tls.upstream.as_ref()),
+    };
     let upstream = match crate::net::upstream::connect(
-        &config.upstream,
-        shared.tls.upstream.as_ref(),
+        upstream_cfg,
+        upstream_tls,
         config.limits.max_line,
         &origin,
     )
@@ -232,6 +244,7 @@ pub(crate) async fn run(
     let cfg = HopConfig {
         listener: info.listener.clone(),
         client_ip: info.client.ip(),
+        destination: info.original_dst.map(|d| d.ip()),
         client_tls: client.is_tls(),
         stls_available: info.tls_mode == TlsMode::Starttls && shared.tls.server.is_some(),
         max_line: config.limits.max_line,
@@ -319,6 +332,38 @@ pub(crate) async fn run(
         "session closed"
     );
     reason
+}
+
+/// With `original-destination`: the upstream settings with the session's original destination
+/// as address, and the TLS client verifying the name [`intercept::server_name`] picks (unless
+/// `server_name` is set). `None`: the configured upstream.
+///
+/// [`intercept::server_name`]: crate::net::intercept::server_name
+fn upstream_target(
+    config: &Config,
+    shared: &Shared,
+    info: &SessionInfo,
+    client_tls: Option<&TlsInfo>,
+) -> Option<(
+    crate::config::UpstreamConfig,
+    Option<crate::net::tls::UpstreamTls>,
+)> {
+    let dst = info.original_dst?;
+    let cfg = crate::config::UpstreamConfig {
+        address: dst.to_string(),
+        ..config.upstream.clone()
+    };
+    let tls = shared.tls.upstream.as_ref().map(|t| {
+        if t.needs_name() {
+            let sni = client_tls.and_then(|c| c.sni.as_deref());
+            let name = crate::net::intercept::server_name(sni, dst.ip());
+            debug!(server_name = ?name, "verifying the original server as");
+            t.named(name)
+        } else {
+            t.clone()
+        }
+    });
+    Some((cfg, tls))
 }
 
 /// `["a","b"]`.

@@ -53,6 +53,8 @@ pub struct Observer {
     uidls: HashMap<u32, String>,
     marked: Vec<u32>,
     transcript: Transcript,
+    /// For `session_open` (see [`Observer::set_original_destination`]).
+    original_dst: Option<SocketAddr>,
 }
 
 impl Observer {
@@ -74,7 +76,14 @@ impl Observer {
             uidls: HashMap::new(),
             marked: Vec::new(),
             transcript,
+            original_dst: None,
         }
+    }
+
+    /// The original destination of a redirected connection (transparent interception), for
+    /// the `session_open` record and the transcript; call before [`Observer::open`].
+    pub fn set_original_destination(&mut self, dst: SocketAddr) {
+        self.original_dst = Some(dst);
     }
 
     fn auditing(&self) -> bool {
@@ -131,6 +140,11 @@ impl Observer {
             self.transcript
                 .note(&format!("client {client} via proxy {p}"));
         }
+        if let Some(d) = self.original_dst {
+            self.transcript.note(&format!(
+                "client {client} redirected, original destination {d}"
+            ));
+        }
         if self.auditing() {
             self.push_tagged(
                 SessionOpen {
@@ -138,6 +152,7 @@ impl Observer {
                     client,
                     local,
                     proxy,
+                    original_dst: self.original_dst,
                     client_tls: tls.cloned(),
                 },
                 &strings(tags),
