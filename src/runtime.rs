@@ -25,6 +25,7 @@ use crate::config::{Config, ListenerConfig, LogConfig};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::net::listener::{self, Listener};
+use crate::net::pool::DeadAddresses;
 use crate::net::tls;
 use crate::session::{self, Shared};
 
@@ -93,9 +94,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn snapshot(p: Prepared, audit: AuditSink, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Shared {
+fn snapshot(
+    p: Prepared,
+    audit: AuditSink,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+    dead: Arc<DeadAddresses>,
+) -> Shared {
     Shared {
         headers: p.config.audit.header_set(),
+        routes: p.routes.map(Arc::new),
+        dead,
         config: Arc::new(p.config),
         tls: p.tls,
         rules: Arc::new(p.rules),
@@ -121,7 +130,13 @@ impl Runtime {
         ));
         let files = p.files;
         Ok(Arc::new(Runtime {
-            current: RwLock::new(Arc::new(snapshot(p, sink, limiter, metrics.clone()))),
+            current: RwLock::new(Arc::new(snapshot(
+                p,
+                sink,
+                limiter,
+                metrics.clone(),
+                Arc::new(DeadAddresses::new()),
+            ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
             close_sessions: watch::channel(false).0,
@@ -293,6 +308,9 @@ impl Runtime {
         if prepared.files.rules != old_files.rules {
             changed.insert("rules".into());
         }
+        if prepared.files.map != old_files.map {
+            changed.insert("routing map".into());
+        }
 
         // Listeners: keep unchanged ones, reuse a socket whose address stays, bind the rest now
         // (a bind error refuses the reload before anything changed).
@@ -379,6 +397,7 @@ impl Runtime {
             sink,
             old.limiter.clone(),
             self.metrics.clone(),
+            old.dead.clone(),
         ));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
 

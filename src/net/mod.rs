@@ -4,6 +4,7 @@
 //! Nothing here knows the POP3 session; sessions are handed accepted connections.
 
 pub mod listener;
+pub mod pool;
 pub(crate) mod proxy_header;
 pub mod tls;
 pub mod upstream;
