@@ -665,3 +665,52 @@ fn check_print_round_trips_named_upstreams() {
     assert_eq!(b.upstreams[0].address, ["127.0.0.1:1", "127.0.0.1:3"]);
     assert!(b.routing_mode());
 }
+
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn a_dovecot_user_and_a_demo_user_through_one_listener_byte_identical() {
+    use common::dovecot::{Dovecot, DovecotOpts, alice_msgs, served};
+    let dv = Dovecot::start(DovecotOpts::default().user("alice", "alice-secret", alice_msgs()));
+    let h = Harness::new();
+    let new = server(&h, "new", NEW_USERS);
+    let map = MapFile::new("alice old\n");
+    let proxy = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n{}",
+        upstreams(
+            &quoted(dv.addr()),
+            &quoted(new.local_addr()),
+            &format!("map = {:?}\n", map.path())
+        )
+    ));
+    // curl: every message of alice's (Dovecot) and carol's (demo), byte for byte.
+    for (i, m) in alice_msgs().iter().enumerate() {
+        let via = curl_retr(proxy.addr, "alice", "alice-secret", i + 1);
+        let direct = curl_retr(dv.addr(), "alice", "alice-secret", i + 1);
+        assert!(via == direct, "RETR {} differs through popgate", i + 1);
+        assert!(via == served(m), "RETR {} is not the stored message", i + 1);
+    }
+    assert_eq!(
+        curl_retr(proxy.addr, "carol", PW, 1),
+        curl_retr(new.local_addr(), "carol", PW, 1)
+    );
+    // poplib: LIST, UIDL and every RETR alike.
+    for (user, pass, direct) in [
+        ("alice", "alice-secret", dv.addr()),
+        ("carol", PW, new.local_addr()),
+    ] {
+        let run = |addr| {
+            let mut spec = poplib_spec(addr, user, pass);
+            spec["actions"] = json!([["list"], ["uidl"], ["retr", 1]]);
+            let r = poplib(spec);
+            (r["results"].clone(), b64_lines(&r["results"][2]))
+        };
+        assert!(run(proxy.addr) == run(direct), "{user}");
+    }
+    // Dovecot saw alice only, the demo server carol only.
+    let log = dv.log();
+    assert!(
+        log.contains("user=<alice>") && !log.contains("user=<carol>"),
+        "{log}"
+    );
+    assert!(!new.received().iter().any(|l| l.starts_with(b"USER alice")));
+}
