@@ -714,3 +714,34 @@ fn a_dovecot_user_and_a_demo_user_through_one_listener_byte_identical() {
     );
     assert!(!new.received().iter().any(|l| l.starts_with(b"USER alice")));
 }
+
+#[test]
+fn readme_routing_examples_are_valid() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Routing several servers")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let blocks: Vec<&str> = section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.split_once('\n').unwrap().1)
+        .collect();
+    assert_eq!(blocks.len(), 4, "config, map, rule, curl");
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(blocks[0], path).expect("parses");
+    config.validate(path).expect("valid");
+    assert!(config.routing_mode());
+    assert_eq!(config.upstreams[0].address.len(), 2);
+    let map =
+        popgate::routing::RouteMap::parse(blocks[1], path, |n| config.upstream_index(n).is_some())
+            .expect("map parses");
+    assert_eq!(map.len(), 3);
+    let rules = popgate::rules::RuleSet::parse(blocks[2], path).expect("rule parses");
+    assert_eq!(rules.len(), 1);
+}
