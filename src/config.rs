@@ -1320,4 +1320,79 @@ mod tests {
         assert_eq!(split_host_port("x"), None);
         assert_eq!(split_host_port(":110"), None);
     }
+
+    const LISTENER: &str = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n";
+
+    fn routed(tables: &str) -> Result<Config, String> {
+        let c = Config::parse(&format!("{LISTENER}{tables}"), p()).map_err(|e| e.to_string())?;
+        c.validate(p()).map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn one_upstream_table_or_named_entries_and_address_lists() {
+        let c = routed("[upstream]\naddress = \"a:1\"\n").unwrap();
+        assert!(!c.routing_mode());
+        assert_eq!(c.default_upstream().address, ["a:1"]);
+        assert_eq!(c.default_upstream().label(), "default");
+        assert_eq!(c.upstreams[0].dead_for, Duration::from_secs(10));
+        let c = routed(
+            "[[upstream]]\nname = \"x\"\naddress = [\"a:1\", \"b:2\"]\n\
+             [[upstream]]\nname = \"y\"\naddress = \"c:3\"\n\
+             [routing]\ndefault = \"y\"\n",
+        )
+        .unwrap();
+        assert!(c.routing_mode());
+        assert_eq!(c.upstreams[0].address, ["a:1", "b:2"]);
+        assert_eq!(c.default_upstream().label(), "y");
+        assert_eq!(c.routing.as_ref().unwrap().greeting, "popgate ready");
+        // `[routing]` alone turns routing mode on for one upstream.
+        let c = routed("[upstream]\naddress = \"a:1\"\n[routing]\n").unwrap();
+        assert!(c.routing_mode());
+        // Unknown keys in an entry still name the key.
+        let e = routed("[[upstream]]\nname = \"x\"\naddress = \"a:1\"\nadress = 1\n").unwrap_err();
+        assert!(e.contains("adress"), "{e}");
+        let e = Config::parse(&format!("upstream = []\n{LISTENER}"), p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one upstream"), "{e}");
+    }
+
+    #[test]
+    fn upstream_and_routing_mistakes_name_the_key() {
+        for (tables, key) in [
+            (
+                "[[upstream]]\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "upstream[0].name",
+            ),
+            (
+                "[[upstream]]\nname = \"y\"\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "upstream[1].name",
+            ),
+            (
+                "[[upstream]]\nname = \"x\"\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "routing.default",
+            ),
+            (
+                "[upstream]\nname = \"x\"\naddress = \"a:1\"\n[routing]\ndefault = \"z\"\n",
+                "routing.default",
+            ),
+            ("[upstream]\naddress = []\n", "upstream.address"),
+            (
+                "[upstream]\naddress = [\"a:1\", \"nope\"]\n",
+                "upstream.address",
+            ),
+            (
+                "[upstream]\nname = \"a b\"\naddress = \"a:1\"\n",
+                "upstream.name",
+            ),
+            (
+                "[upstream]\naddress = \"a:1\"\n[routing]\ngreeting = \"hi <1@x>\"\n",
+                "routing.greeting",
+            ),
+        ] {
+            let e = routed(tables).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{tables}: {e}");
+        }
+    }
 }

@@ -745,3 +745,42 @@ fn readme_routing_examples_are_valid() {
     let rules = popgate::rules::RuleSet::parse(blocks[2], path).expect("rule parses");
     assert_eq!(rules.len(), 1);
 }
+
+#[test]
+fn stls_in_routing_mode_with_the_shipped_require_tls_rules() {
+    let h = Harness::new();
+    let old = server(&h, "old", OLD_USERS);
+    let new = server(&h, "new", NEW_USERS);
+    let map = MapFile::new(MAP);
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let proxy = h.proxy_toml(&format!(
+        "rules = [{:?}]\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n{}",
+        common::shipped_rules("require-tls.toml"),
+        upstreams(
+            &quoted(old.local_addr()),
+            &quoted(new.local_addr()),
+            &format!("map = {:?}\n", map.path())
+        )
+    ));
+    // Plaintext: popgate's CAPA offers STLS (and, by the rules, no USER); logins are refused.
+    let mut c = RawPop::connect(proxy.addr);
+    let capa = String::from_utf8(c.cmd_multi("CAPA").1.unwrap()).unwrap();
+    assert!(capa.lines().any(|l| l == "STLS"), "{capa}");
+    assert!(!capa.lines().any(|l| l == "USER"), "{capa}");
+    assert!(c.cmd("USER alice").starts_with("-ERR [AUTH]"));
+    drop(c);
+    // curl with STLS: routed and retrieved.
+    let ca = pki.ca_path().to_str().unwrap().to_owned();
+    let out = curl_ok(&[
+        "--ssl-reqd",
+        "--cacert",
+        &ca,
+        "-u",
+        "alice:pw",
+        &url("pop3", proxy.addr, "1"),
+    ]);
+    assert_eq!(out, msg("old", "alice"));
+    assert_eq!(new.connections(), 0);
+}
