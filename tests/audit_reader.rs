@@ -53,6 +53,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -87,6 +88,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -188,6 +190,7 @@ fn day_two() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(

@@ -784,3 +784,30 @@ fn stls_in_routing_mode_with_the_shipped_require_tls_rules() {
     assert_eq!(out, msg("old", "alice"));
     assert_eq!(new.connections(), 0);
 }
+
+#[test]
+fn the_audit_login_event_names_the_upstream() {
+    let audit = tempfile::tempdir().unwrap();
+    let s = setup_with(
+        &format!("[audit]\nenabled = true\ndir = {:?}\n", audit.path()),
+        None,
+    );
+    retr_as(s.proxy.addr, "alice").unwrap();
+    assert!(retr_as(s.proxy.addr, "nobody").is_err());
+    let logins = || -> Vec<serde_json::Value> {
+        common::audit_events(audit.path())
+            .into_iter()
+            .filter(|e| e["event"] == "login")
+            .collect()
+    };
+    common::wait_until("two login events", || logins().len() == 2);
+    let l = logins();
+    assert_eq!(
+        (&l[0]["user"], &l[0]["outcome"], &l[0]["upstream"]),
+        (&json!("alice"), &json!("success"), &json!("old"))
+    );
+    assert_eq!(
+        (&l[1]["user"], &l[1]["outcome"], &l[1]["upstream"]),
+        (&json!("nobody"), &json!("failure"), &json!("new"))
+    );
+}

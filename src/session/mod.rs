@@ -672,6 +672,7 @@ impl Driver {
             .upstream_index(name)
             .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
+        self.observer.observer.set_upstream(upstream.label());
         let dialled = Instant::now();
         let result = login::login_upstream(
             upstream,

@@ -53,6 +53,8 @@ pub struct Observer {
     uidls: HashMap<u32, String>,
     marked: Vec<u32>,
     transcript: Transcript,
+    /// Routing mode: the upstream the login in progress was routed to.
+    upstream: Option<String>,
 }
 
 impl Observer {
@@ -74,7 +76,13 @@ impl Observer {
             uidls: HashMap::new(),
             marked: Vec::new(),
             transcript,
+            upstream: None,
         }
+    }
+
+    /// Routing mode: the upstream the next login answer comes from (its `login` event names it).
+    pub fn set_upstream(&mut self, name: &str) {
+        self.upstream = Some(name.to_owned());
     }
 
     fn auditing(&self) -> bool {
@@ -201,6 +209,7 @@ impl Observer {
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
             let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
                 if l.outcome == crate::audit::Outcome::Success {
