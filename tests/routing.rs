@@ -811,3 +811,44 @@ fn the_audit_login_event_names_the_upstream() {
         (&json!("nobody"), &json!("failure"), &json!("new"))
     );
 }
+
+#[test]
+fn routed_logins_never_log_secrets() {
+    let h = Harness::new();
+    let old = h.upstream(ServerOptions::new(vec![mailbox(
+        "alice",
+        "s3cret-pw",
+        vec![msg("old", "alice")],
+    )]));
+    let new = server(&h, "new", NEW_USERS);
+    let p = PopgateProcess::run(
+        "127.0.0.1:1".parse().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&upstreams(
+                &quoted(old.local_addr()),
+                &quoted(new.local_addr()),
+                "map = \"routes.map\"\n",
+            ))
+            .file("routes.map", "alice old\n")
+            .log_to_dir("trace")
+            .wait_for_log(),
+    );
+    let plain = base64(b"\0alice\0s3cret-pw");
+    let login_pw = base64(b"s3cret-pw");
+    let mut c = RawPop::connect(p.addr);
+    c.cmd("USER alice");
+    assert!(c.cmd("PASS s3cret-pw").starts_with("+OK"));
+    c.cmd("QUIT");
+    let mut c = RawPop::connect(p.addr);
+    assert!(c.cmd(&format!("AUTH PLAIN {plain}")).starts_with("+OK"));
+    c.cmd("QUIT");
+    let mut c = RawPop::connect(p.addr);
+    c.cmd("AUTH LOGIN");
+    c.cmd(&base64(b"alice"));
+    assert!(c.cmd(&login_pw).starts_with("+OK"));
+    c.cmd("QUIT");
+    let log = p.wait_log("login routed", 3);
+    for secret in ["s3cret-pw", &plain, &login_pw] {
+        assert!(!log.contains(secret), "{secret} logged:\n{log}");
+    }
+}
