@@ -852,3 +852,60 @@ fn routed_logins_never_log_secrets() {
         assert!(!log.contains(secret), "{secret} logged:\n{log}");
     }
 }
+
+#[test]
+fn each_upstream_has_its_own_tls_settings() {
+    let h = Harness::new();
+    // old: plaintext; new: implicit TLS (the test CA), then STLS with another CA's name check.
+    let old = server(&h, "old", OLD_USERS);
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let new = h.upstream(ServerOptions {
+        tls: Some(common::certs::rustls_server(&cert, &key)),
+        implicit_tls: true,
+        ..ServerOptions::new(vec![mailbox("carol", PW, vec![msg("new", "carol")])])
+    });
+    let map = MapFile::new(MAP);
+    let tables = format!(
+        "[[upstream]]\nname = \"old\"\naddress = \"{}\"\n\
+         [[upstream]]\nname = \"new\"\naddress = \"{}\"\ntls = \"implicit\"\n\
+         ca_file = {:?}\nserver_name = \"localhost\"\nconnect_timeout = \"3s\"\n\
+         [routing]\ndefault = \"new\"\nmap = {:?}\n",
+        old.local_addr(),
+        new.local_addr(),
+        pki.ca_path(),
+        map.path()
+    );
+    let proxy = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n{tables}"
+    ));
+    assert_eq!(
+        retr_as(proxy.addr, "carol").unwrap(),
+        stuffed("new", "carol")
+    );
+    assert_eq!(
+        retr_as(proxy.addr, "alice").unwrap(),
+        stuffed("old", "alice")
+    );
+    // Without the CA, the handshake fails and is not failed over: SYS/TEMP.
+    let untrusting = tables.replace(&format!("ca_file = {:?}\n", pki.ca_path()), "");
+    let other = common::certs::TestPki::new();
+    let untrusting = untrusting.replace(
+        "server_name = \"localhost\"\n",
+        &format!(
+            "server_name = \"localhost\"\nca_file = {:?}\n",
+            other.ca_path()
+        ),
+    );
+    let proxy = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n{untrusting}"
+    ));
+    assert_eq!(
+        retr_as(proxy.addr, "carol").unwrap_err(),
+        "-ERR [SYS/TEMP] upstream server unavailable, try again later"
+    );
+    assert_eq!(
+        retr_as(proxy.addr, "alice").unwrap(),
+        stuffed("old", "alice")
+    );
+}
