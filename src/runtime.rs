@@ -456,7 +456,7 @@ fn changed_keys(old: &Config, new: &Config) -> BTreeSet<String> {
         return out;
     };
     diff("", &a, &b, &mut out);
-    out.retain(|k| k != "listener" && !k.starts_with("listener."));
+    out.retain(|k| k != "listener" && !k.starts_with("listener.") && !k.starts_with("listener["));
     out
 }
 
@@ -478,6 +478,22 @@ fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut BTreeSet<Strin
                         out.insert(key(k));
                     }
                 }
+            }
+        }
+        // Named `[[upstream]]` entries, the same names in the same order: per entry and key
+        // (`upstream[old].address`).
+        (toml::Value::Array(x), toml::Value::Array(y)) if x.len() == y.len() => {
+            let name = |v: &toml::Value| v.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            if x.iter()
+                .zip(y)
+                .all(|(va, vb)| name(va).is_some() && name(va) == name(vb))
+            {
+                for (va, vb) in x.iter().zip(y) {
+                    let label = name(va).unwrap_or_default();
+                    diff(&format!("{prefix}[{label}]"), va, vb, out);
+                }
+            } else if a != b {
+                out.insert(prefix.to_owned());
             }
         }
         _ if a == b => {}
@@ -519,5 +535,24 @@ mod tests {
             changed_keys(&a, &c).is_empty(),
             "listeners are reported apart"
         );
+    }
+
+    #[test]
+    fn named_upstreams_are_diffed_per_entry() {
+        let routed = |old: &str, new_tls: &str| {
+            parse(&format!(
+                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1110\"\n\
+                 [[upstream]]\nname = \"old\"\naddress = {old}\n\
+                 [[upstream]]\nname = \"new\"\naddress = \"n:1\"\ntls = \"{new_tls}\"\n\
+                 [routing]\ndefault = \"new\"\n"
+            ))
+        };
+        let a = routed("\"o:1\"", "implicit");
+        let b = routed("[\"o:1\", \"o:2\"]", "starttls");
+        let keys: Vec<_> = changed_keys(&a, &b).into_iter().collect();
+        assert_eq!(keys, ["upstream[new].tls", "upstream[old].address"]);
+        // Entries renamed, added or reordered: the whole key.
+        let c = parse(BASE);
+        assert!(changed_keys(&a, &c).contains("upstream"));
     }
 }
