@@ -118,14 +118,15 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
 
 /// `route` rules need routing mode and an upstream of the name they give.
 fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<(), ConfigError> {
-    for (rule, upstream) in rules.routes() {
+    for (file, rule, upstream) in rules.routes_in_files() {
+        let file = file.display();
         let reason = if !config.routing_mode() {
             format!(
-                "rule {rule:?} routes to {upstream:?}, but routing mode is off (add [routing] \
-                 or more upstreams)"
+                "{file}: rule {rule:?} routes to {upstream:?}, but routing mode is off (add \
+                 [routing] or more upstreams)"
             )
         } else if config.upstream_index(upstream).is_none() {
-            format!("rule {rule:?} routes to {upstream:?}: no upstream has that name")
+            format!("{file}: rule {rule:?} routes to {upstream:?}: no upstream has that name")
         } else {
             continue;
         };

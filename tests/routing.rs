@@ -608,7 +608,10 @@ fn check_reports_map_rule_and_default_mistakes() {
         &format!("rules = [\"r.toml\"]\n{cfg}"),
         &[("routes.map", ""), ("r.toml", rule)],
     );
-    assert!(!ok && out.contains("\"gone\""), "{out}");
+    assert!(
+        !ok && out.contains("r.toml: rule \"r\" routes to \"gone\""),
+        "{out}"
+    );
     let (ok, out) = check(
         &format!("rules = [\"r.toml\"]\n{LISTENER}[upstream]\naddress = \"127.0.0.1:1\"\n"),
         &[("r.toml", &rule.replace("gone", "x"))],

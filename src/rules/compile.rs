@@ -294,9 +294,15 @@ impl RuleSet {
     }
 
     /// Every `route` rule's name and upstream, in load order.
+    #[cfg(test)]
     pub(crate) fn routes(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes_in_files().map(|(_, r, u)| (r, u))
+    }
+
+    /// Every `route` rule's file, name and upstream, in load order.
+    pub(crate) fn routes_in_files(&self) -> impl Iterator<Item = (&Path, &str, &str)> + '_ {
         self.rules.iter().filter_map(|r| match &r.effect {
-            Effect::Route(u) => Some((&*r.name, &**u)),
+            Effect::Route(u) => Some((self.files[r.file].as_path(), &*r.name, &**u)),
             _ => None,
         })
     }
