@@ -26,6 +26,7 @@ use crate::limits::{Counters, Limiter};
 use crate::metrics::Metrics;
 use crate::net::intercept;
 use crate::net::listener::{self, Listener};
+use crate::net::pool::DeadAddresses;
 use crate::net::tls;
 use crate::session::{self, Shared};
 
@@ -96,9 +97,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn snapshot(p: Prepared, audit: AuditSink, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Shared {
+fn snapshot(
+    p: Prepared,
+    audit: AuditSink,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+    dead: Arc<DeadAddresses>,
+) -> Shared {
     Shared {
         headers: p.config.audit.header_set(),
+        routes: p.routes.map(Arc::new),
+        dead,
         config: Arc::new(p.config),
         tls: p.tls,
         rules: Arc::new(p.rules),
@@ -124,7 +133,13 @@ impl Runtime {
         ));
         let files = p.files;
         Ok(Arc::new(Runtime {
-            current: RwLock::new(Arc::new(snapshot(p, sink, limiter, metrics.clone()))),
+            current: RwLock::new(Arc::new(snapshot(
+                p,
+                sink,
+                limiter,
+                metrics.clone(),
+                Arc::new(DeadAddresses::new()),
+            ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
             close_sessions: watch::channel(false).0,
@@ -208,7 +223,7 @@ impl Runtime {
             }
             // Transparent interception: the server the client meant (refused when unknown or
             // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
-            let original_dst = if shared.config.upstream.original_destination() {
+            let original_dst = if shared.config.default_upstream().original_destination() {
                 match intercept::original_destination(&a.tcp, a.local, &bound) {
                     Ok(dst) => Some(dst),
                     Err(e) => {
@@ -325,6 +340,9 @@ impl Runtime {
         if prepared.files.rules != old_files.rules {
             changed.insert("rules".into());
         }
+        if prepared.files.map != old_files.map {
+            changed.insert("routing map".into());
+        }
 
         // Listeners: keep unchanged ones, reuse a socket whose address stays, bind the rest now
         // (a bind error refuses the reload before anything changed).
@@ -411,6 +429,7 @@ impl Runtime {
             sink,
             old.limiter.clone(),
             self.metrics.clone(),
+            old.dead.clone(),
         ));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
 
@@ -470,7 +489,7 @@ fn changed_keys(old: &Config, new: &Config) -> BTreeSet<String> {
         return out;
     };
     diff("", &a, &b, &mut out);
-    out.retain(|k| k != "listener" && !k.starts_with("listener."));
+    out.retain(|k| k != "listener" && !k.starts_with("listener.") && !k.starts_with("listener["));
     out
 }
 
@@ -492,6 +511,22 @@ fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut BTreeSet<Strin
                         out.insert(key(k));
                     }
                 }
+            }
+        }
+        // Named `[[upstream]]` entries, the same names in the same order: per entry and key
+        // (`upstream[old].address`).
+        (toml::Value::Array(x), toml::Value::Array(y)) if x.len() == y.len() => {
+            let name = |v: &toml::Value| v.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            if x.iter()
+                .zip(y)
+                .all(|(va, vb)| name(va).is_some() && name(va) == name(vb))
+            {
+                for (va, vb) in x.iter().zip(y) {
+                    let label = name(va).unwrap_or_default();
+                    diff(&format!("{prefix}[{label}]"), va, vb, out);
+                }
+            } else if a != b {
+                out.insert(prefix.to_owned());
             }
         }
         _ if a == b => {}
@@ -533,5 +568,24 @@ mod tests {
             changed_keys(&a, &c).is_empty(),
             "listeners are reported apart"
         );
+    }
+
+    #[test]
+    fn named_upstreams_are_diffed_per_entry() {
+        let routed = |old: &str, new_tls: &str| {
+            parse(&format!(
+                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1110\"\n\
+                 [[upstream]]\nname = \"old\"\naddress = {old}\n\
+                 [[upstream]]\nname = \"new\"\naddress = \"n:1\"\ntls = \"{new_tls}\"\n\
+                 [routing]\ndefault = \"new\"\n"
+            ))
+        };
+        let a = routed("\"o:1\"", "implicit");
+        let b = routed("[\"o:1\", \"o:2\"]", "starttls");
+        let keys: Vec<_> = changed_keys(&a, &b).into_iter().collect();
+        assert_eq!(keys, ["upstream[new].tls", "upstream[old].address"]);
+        // Entries renamed, added or reordered: the whole key.
+        let c = parse(BASE);
+        assert!(changed_keys(&a, &c).contains("upstream"));
     }
 }

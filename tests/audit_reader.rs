@@ -54,6 +54,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -89,6 +90,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -191,6 +193,7 @@ fn day_two() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(

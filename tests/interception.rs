@@ -418,7 +418,7 @@ fn the_readme_interception_example_is_a_valid_config() {
     let path = std::path::Path::new("README.md");
     let config = popgate::Config::parse(&readme_example(), path).expect("parses");
     config.validate(path).expect("valid");
-    assert!(config.upstream.original_destination());
+    assert!(config.default_upstream().original_destination());
     assert_eq!(config.listeners[0].bind, "[::]:8110".parse().unwrap());
 }
 

@@ -324,6 +324,9 @@ pub struct Login {
     /// event), if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// Routing mode: the name of the upstream the login was routed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl Login {
@@ -340,6 +343,7 @@ impl Login {
             outcome: Outcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
             rule: None,
+            upstream: None,
         }
     }
 }

@@ -385,7 +385,7 @@ impl Metrics {
                 reason: format!(
                     "ok: {} listener(s) up, upstream {} connected within {:?}",
                     listeners.len(),
-                    upstream.address,
+                    upstream.address.join(","),
                     self.health_window
                 ),
             };
@@ -398,7 +398,7 @@ impl Metrics {
                     reason: format!(
                         "ok: {} listener(s) up, upstream {} ({addr}) accepted a probe",
                         listeners.len(),
-                        upstream.address
+                        upstream.address.join(",")
                     ),
                 }
             }
@@ -406,7 +406,7 @@ impl Metrics {
                 lock(&self.upstream).failed = Some((Instant::now(), e.clone()));
                 Health {
                     ok: false,
-                    reason: format!("upstream {} unreachable: {e}", upstream.address),
+                    reason: format!("upstream {} unreachable: {e}", upstream.address.join(",")),
                 }
             }
         }
@@ -420,14 +420,22 @@ fn bytes_labels(listener: &str, direction: &str) -> Labels {
     ]
 }
 
-/// A TCP connect to the upstream (no POP3, no TLS), closed at once.
+/// A TCP connect to the upstream (no POP3, no TLS), closed at once: its addresses in order
+/// until one accepts.
 async fn probe(upstream: &UpstreamConfig) -> Result<SocketAddr, String> {
     let limit = upstream.connect_timeout.min(PROBE_TIMEOUT);
-    let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(&upstream.address))
-        .await
-        .map_err(|_| format!("TCP connect timed out after {limit:?}"))?
-        .map_err(|e| e.to_string())?;
-    tcp.peer_addr().map_err(|e| e.to_string())
+    let mut last = String::from("no address");
+    for address in &upstream.address {
+        let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| format!("TCP connect timed out after {limit:?}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match tcp {
+            Ok(tcp) => return tcp.peer_addr().map_err(|e| e.to_string()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// One session's handles: byte counters without a label lookup per read, and its place in
@@ -523,21 +531,21 @@ mod tests {
     async fn health_needs_listeners_and_a_recent_upstream_connect() {
         let gone = closed_port();
         let (m, config) = metrics(&gone);
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok && h.reason.contains("listener a"), "{h:?}");
         m.listener_up("a", true);
         // Nothing connected yet: the probe finds nobody.
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
         // A session's connect within the window is trusted without a probe.
         m.upstream_connected(Duration::from_millis(1));
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(h.ok && h.reason.contains("connected within"), "{h:?}");
         // A later failure makes it look again (and the probe fails).
         m.upstream_failed("tcp", "refused");
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok, "{h:?}");
         m.listener_up("a", false);
-        assert!(!m.health(&config.upstream).await.ok);
+        assert!(!m.health(config.default_upstream()).await.ok);
     }
 }

@@ -6,6 +6,7 @@
 
 pub(crate) mod intercept;
 pub mod listener;
+pub mod pool;
 pub(crate) mod proxy_header;
 pub mod tls;
 pub mod upstream;

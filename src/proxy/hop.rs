@@ -213,6 +213,23 @@ impl Hop {
         at
     }
 
+    /// Routing mode: the `route` rule (name, upstream) for a login as `user`, if one holds.
+    /// Route rules see a `command` event with verb USER and both `args` and `user` set to
+    /// the routed name, whatever the login method (the name is only complete at the end).
+    pub(crate) fn route(&self, user: &str) -> Option<(Arc<str>, Arc<str>)> {
+        self.policy.route(&Event {
+            verb: Some(Verb::User),
+            args: Some(user.as_bytes()),
+            user: Some(user),
+            ..event(
+                &self.cfg,
+                &self.tracker,
+                self.client_tls,
+                EventKind::Command,
+            )
+        })
+    }
+
     /// The user rules and audit see (see [`Tracker::user`]).
     pub(crate) fn user(&self) -> Option<&str> {
         self.tracker.user()

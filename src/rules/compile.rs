@@ -162,6 +162,8 @@ pub(super) enum Effect {
     },
     Delay(Duration),
     Trace,
+    /// Routing mode: the upstream's name (looked up by [`RuleSet::route`] only).
+    Route(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -292,6 +294,20 @@ impl RuleSet {
     /// list item by item) that no rule would look at.
     pub(crate) fn has_rules_for(&self, kind: EventKind) -> bool {
         self.rules.iter().any(|r| r.on == kind)
+    }
+
+    /// Every `route` rule's name and upstream, in load order.
+    #[cfg(test)]
+    pub(crate) fn routes(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes_in_files().map(|(_, r, u)| (r, u))
+    }
+
+    /// Every `route` rule's file, name and upstream, in load order.
+    pub(crate) fn routes_in_files(&self) -> impl Iterator<Item = (&Path, &str, &str)> + '_ {
+        self.rules.iter().filter_map(|r| match &r.effect {
+            Effect::Route(u) => Some((self.files[r.file].as_path(), &*r.name, &**u)),
+            _ => None,
+        })
     }
 }
 
@@ -535,6 +551,10 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
                 "; only command arguments, status lines and CAPA items can be rewritten",
             );
         }
+        (Action::Route, E::Command) => {}
+        (Action::Route, _) => {
+            return refuse("; a route is chosen when the login is known (`on = \"command\"`)");
+        }
         (Action::Deny | Action::Drop | Action::Delay | Action::Trace, E::Close) => {
             return refuse("; the session is already over");
         }
@@ -542,7 +562,8 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
     }
 
     // Keys that belong to other actions.
-    let keys: [(&'static str, bool, &[Action]); 12] = [
+    let keys: [(&'static str, bool, &[Action]); 13] = [
+        ("upstream", raw.upstream.is_some(), &[Action::Route]),
         ("scope", raw.scope.is_some(), &[Action::Tag]),
         (
             "message",
@@ -816,6 +837,21 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
             Effect::Delay(d)
         }
         Action::Rewrite => rewrite_effect(raw, on)?,
+        Action::Route => {
+            let name = raw.upstream.ok_or(Problem::MissingKey("upstream"))?;
+            // As `config::is_upstream_name` (rules may not use config).
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid {
+                return Err(invalid(
+                    "upstream",
+                    format!("`{name}` is not an upstream name"),
+                ));
+            }
+            Effect::Route(Arc::from(name))
+        }
     })
 }
 

@@ -2,6 +2,7 @@
 //! kind and verb, check their matchers, and fold their effects into a [`Verdict`]. No I/O.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use regex::bytes::SetMatches;
 use tracing::Level;
@@ -126,6 +127,10 @@ impl RuleSet {
             if (h.flags & COLD != 0 || cold_regexes != 0) && !r.when.hold_cold(ev, cold_regexes) {
                 continue;
             }
+            if matches!(r.effect, Effect::Route(_)) {
+                // Chosen apart, once per login: see `RuleSet::route`.
+                continue;
+            }
             v.matched.push(r.name.clone());
             match &r.effect {
                 Effect::Allow => {
@@ -202,6 +207,7 @@ impl RuleSet {
                     v.delay = Some(v.delay.unwrap_or_default().saturating_add(*d));
                 }
                 Effect::Trace => v.trace = true,
+                Effect::Route(_) => {}
             }
         }
         if !v.passes() {
@@ -215,6 +221,24 @@ impl RuleSet {
             v.rewritten = current.filter(|c| Some(c.as_slice()) != original);
         }
         v
+    }
+}
+
+impl RuleSet {
+    /// The first `route` rule whose matchers hold for `ev` (a login's command event): its
+    /// name and upstream. Other rules are not evaluated.
+    pub fn route(&self, ev: &Event<'_>) -> Option<(Arc<str>, Arc<str>)> {
+        let list = ev.kind as usize * VERB_SLOTS + verb_slot(ev.verb);
+        let bits = event_bits(ev);
+        self.index[list].iter().find_map(|&i| {
+            let r = &self.rules[i as usize];
+            let Effect::Route(upstream) = &r.effect else {
+                return None;
+            };
+            let h = &self.hot[i as usize];
+            (bits & !h.allow == 0 && r.when.hold_cold(ev, 0b111))
+                .then(|| (r.name.clone(), upstream.clone()))
+        })
     }
 }
 

@@ -31,6 +31,9 @@ pub enum Action {
     Delay,
     /// Start a traffic transcript for the session; evaluation goes on.
     Trace,
+    /// Routing mode: send this login to the upstream named by `upstream`. Evaluated once per
+    /// login, apart from the other rules (see `rules/README.md`).
+    Route,
 }
 
 impl Action {
@@ -45,6 +48,7 @@ impl Action {
             Action::Drop => "drop",
             Action::Delay => "delay",
             Action::Trace => "trace",
+            Action::Route => "route",
         }
     }
 }
@@ -137,10 +141,12 @@ pub(crate) struct RawRule {
     pub(crate) keep_apop: Option<bool>,
     /// `tag`: `event` (default: the event's own audit record) or `session` (also every later one).
     pub(crate) scope: Option<String>,
+    /// `route`: the upstream's name.
+    pub(crate) upstream: Option<String>,
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub(crate) const KEYS: [&str; 27] = [
+pub(crate) const KEYS: [&str; 28] = [
     "name",
     "on",
     "listener",
@@ -168,6 +174,7 @@ pub(crate) const KEYS: [&str; 27] = [
     "add",
     "keep_apop",
     "scope",
+    "upstream",
 ];
 
 /// Decode a file into its rules, each with its [`RuleRef`]. Only `[[rule]]` tables may appear
@@ -278,6 +285,7 @@ impl RawRule {
             add: take(t, "add")?,
             keep_apop: take(t, "keep_apop")?,
             scope: take(t, "scope")?,
+            upstream: take(t, "upstream")?,
         };
         // Keys listed in KEYS but not decoded above would otherwise be ignored silently.
         if let Some(key) = t.keys().next() {
@@ -376,6 +384,7 @@ mod tests {
             add = "X"
             keep_apop = true
             scope = "session"
+            upstream = "u"
         "#;
         let table: toml::Table = toml::from_str(text).unwrap();
         assert_eq!(table.len(), KEYS.len());

@@ -1107,3 +1107,63 @@ fn size_and_scope_errors() {
         );
     }
 }
+
+#[test]
+fn route_rules_are_chosen_apart_and_the_first_that_holds_wins() {
+    let s = set(r#"
+        [[rule]]
+        name = "staff"
+        on = "command"
+        user = "@staff\\.example$"
+        action = "route"
+        upstream = "new"
+        [[rule]]
+        name = "lan"
+        on = "command"
+        client = "192.0.2.0/24"
+        action = "route"
+        upstream = "old"
+        [[rule]]
+        name = "log-user"
+        on = "command"
+        verbs = "USER"
+        action = "log"
+        message = "user"
+    "#);
+    let login = |user: &'static str| Event {
+        user: Some(user),
+        ..cmd(Verb::User, user.as_bytes())
+    };
+    let pick = |user| {
+        s.route(&login(user))
+            .map(|(r, u)| (r.to_string(), u.to_string()))
+    };
+    assert_eq!(
+        pick("a@staff.example"),
+        Some(("staff".into(), "new".into()))
+    );
+    assert_eq!(pick("b@example.org"), Some(("lan".into(), "old".into())));
+    let far = Event {
+        client: ip("203.0.113.9"),
+        ..login("b@example.org")
+    };
+    assert_eq!(s.route(&far), None);
+    // The ordinary evaluation never applies (or counts) a route rule.
+    let v = s.evaluate(&login("a@staff.example"));
+    assert_eq!(v.matched, vec![Arc::<str>::from("log-user")]);
+    assert_eq!(
+        s.routes().collect::<Vec<_>>(),
+        [("staff", "new"), ("lan", "old")]
+    );
+    // Errors: no upstream, a bad name, another event.
+    let rule = |extra: &str| format!("[[rule]]\nname = \"r\"\naction = \"route\"\n{extra}");
+    assert!(err(&rule("on = \"command\"\n")).contains("upstream"));
+    assert!(err(&rule("on = \"command\"\nupstream = \"a b\"\n")).contains("upstream"));
+    assert!(err(&rule("on = \"login\"\nupstream = \"x\"\n")).contains("route"));
+    assert!(
+        err(&rule(
+            "on = \"command\"\nupstream = \"x\"\nmessage = \"m\"\n"
+        ))
+        .contains("message")
+    );
+}

@@ -55,6 +55,8 @@ pub struct Observer {
     transcript: Transcript,
     /// For `session_open` (see [`Observer::set_original_destination`]).
     original_dst: Option<SocketAddr>,
+    /// Routing mode: the upstream the login in progress was routed to.
+    upstream: Option<String>,
 }
 
 impl Observer {
@@ -77,6 +79,7 @@ impl Observer {
             marked: Vec::new(),
             transcript,
             original_dst: None,
+            upstream: None,
         }
     }
 
@@ -84,6 +87,11 @@ impl Observer {
     /// the `session_open` record and the transcript; call before [`Observer::open`].
     pub fn set_original_destination(&mut self, dst: SocketAddr) {
         self.original_dst = Some(dst);
+    }
+
+    /// Routing mode: the upstream the next login answer comes from (its `login` event names it).
+    pub fn set_upstream(&mut self, name: &str) {
+        self.upstream = Some(name.to_owned());
     }
 
     fn auditing(&self) -> bool {
@@ -216,6 +224,7 @@ impl Observer {
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
             let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
                 if l.outcome == crate::audit::Outcome::Success {
