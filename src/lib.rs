@@ -18,6 +18,7 @@ pub mod oauth2;
 pub mod pidfile;
 pub mod pop3;
 mod proxy;
+pub mod routing;
 pub mod rules;
 mod runtime;
 mod session;
@@ -181,7 +182,7 @@ impl Proxy {
             tokio::spawn(metrics::http::serve(
                 socket,
                 self.runtime.metrics(),
-                Arc::new(move || rt.current().config.upstream.clone()),
+                Arc::new(move || rt.current().config.default_upstream().clone()),
                 metrics_rx,
             ))
         });

@@ -70,7 +70,14 @@ fn main() -> Result<()> {
                     "{}: OK ({} listener(s), upstream {}{})",
                     config.display(),
                     c.listeners.len(),
-                    c.upstream.address,
+                    c.upstreams
+                        .iter()
+                        .map(|u| match &u.name {
+                            Some(n) => format!("{n}={}", u.address.join(",")),
+                            None => u.address.join(","),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     match checked.warnings.len() {
                         0 => String::new(),
                         n => format!(", {n} warning(s)"),
@@ -198,15 +205,26 @@ async fn oauth2_command(action: Oauth2Command) -> Result<()> {
             user,
         } => {
             let c = Config::load(&config)?;
-            // Direct mode has one `[upstream]`; named upstreams come with routing mode.
-            let u = &c.upstream;
-            if let Some(name) = upstream.as_deref().filter(|n| *n != "default") {
-                anyhow::bail!("{}: no upstream named {name:?}", config.display());
-            }
+            let with_oauth2: Vec<_> = c.upstreams.iter().filter(|u| u.oauth2.is_some()).collect();
+            let u = match upstream.as_deref() {
+                Some(name) => c
+                    .upstream_named(name)
+                    .or_else(|| c.upstreams.iter().find(|u| u.label() == name))
+                    .with_context(|| format!("{}: no upstream {name:?}", config.display()))?,
+                None => match with_oauth2.as_slice() {
+                    [one] => one,
+                    [] => anyhow::bail!("{}: no upstream has [oauth2]", config.display()),
+                    _ => anyhow::bail!(
+                        "{}: several upstreams have [oauth2]: pick one with --upstream",
+                        config.display()
+                    ),
+                },
+            };
             let o = u.oauth2.as_ref().with_context(|| {
                 format!(
-                    "{}: the upstream has no [upstream.oauth2]",
-                    config.display()
+                    "{}: upstream {} has no [oauth2]",
+                    config.display(),
+                    u.label()
                 )
             })?;
             let file = popgate::oauth2::device_login(o, &c.base_dir, &user, |line| {

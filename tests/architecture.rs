@@ -15,6 +15,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("audit", &["pop3", "cidr"]),
     ("config", &["audit", "cidr"]),
     ("limits", &["config"]),
+    // Routing mode's choice of upstream: the map file and the precedence of rule, map and
+    // default; it reads upstream names from the config.
+    ("routing", &["config"]),
     // Logging, privilege drop, sd_notify: the `[log]`/`[process]` tables, audit dirs.
     ("daemon", &["config", "audit"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
@@ -27,14 +30,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "session",
         &[
-            "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "oauth2",
+            "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
+            "oauth2",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
     // `[metrics]` bind error among the start errors).
     (
         "check",
-        &["config", "net", "rules", "audit", "metrics", "oauth2"],
+        &["config", "net", "rules", "audit", "metrics", "routing", "oauth2"],
     ),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),

@@ -275,23 +275,18 @@ pub struct Bridges {
 }
 
 impl Bridges {
-    /// Builds a bridge for each `(label, address, oauth2)`; `path` is the config file (for
-    /// messages), `base_dir` its directory. Warnings (for `popgate check` and the log) go to
-    /// `warnings`.
+    /// Builds a bridge for each `(key prefix, label, address, oauth2)`; `path` is the config
+    /// file (for messages), `base_dir` its directory. Warnings (for `popgate check` and the
+    /// log) go to `warnings`.
     pub(crate) fn build<'a>(
-        upstreams: impl IntoIterator<Item = (&'a str, &'a str, &'a Oauth2Config)>,
+        upstreams: impl IntoIterator<Item = (String, &'a str, &'a str, &'a Oauth2Config)>,
         base_dir: &Path,
         path: &Path,
         warnings: &mut Vec<String>,
     ) -> Result<Bridges, ConfigError> {
         let mut by_upstream = HashMap::new();
         let mut http = None;
-        for (label, address, cfg) in upstreams {
-            let prefix = if label == "default" {
-                "upstream.oauth2".to_owned()
-            } else {
-                format!("upstream.{label}.oauth2")
-            };
+        for (prefix, label, address, cfg) in upstreams {
             let invalid = |(key, reason): (&str, String)| ConfigError::Invalid {
                 path: path.to_owned(),
                 key: format!("{prefix}.{key}"),
@@ -362,18 +357,26 @@ fn is_loopback_url(url: &str) -> bool {
     rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
 
-/// The config's bridges (secret and credentials read) for the one `[upstream]` of direct mode;
-/// warnings (insecure token URL, tokens file readable by others...) go to `warnings`.
+/// The config's bridges (secret and credentials read), one per upstream with
+/// `[upstream.oauth2]`, by its label; warnings (insecure token URL, tokens file readable by
+/// others...) go to `warnings`.
 pub fn from_config(
     config: &Config,
     path: &Path,
     warnings: &mut Vec<String>,
 ) -> Result<Bridges, ConfigError> {
-    let u = &config.upstream;
+    let many = config.upstreams.len() > 1;
     Bridges::build(
-        u.oauth2
-            .as_ref()
-            .map(|o| ("default", u.address.as_str(), o)),
+        config.upstreams.iter().enumerate().filter_map(|(i, u)| {
+            // The key names of Config::validate: `upstream[i].x` when there are several.
+            let prefix = if many {
+                format!("upstream[{i}].oauth2")
+            } else {
+                "upstream.oauth2".to_owned()
+            };
+            let address = u.address.first().map_or("", String::as_str);
+            u.oauth2.as_ref().map(|o| (prefix, u.label(), address, o))
+        }),
         &config.base_dir,
         path,
         warnings,
