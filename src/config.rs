@@ -788,10 +788,12 @@ impl Config {
 
 impl Config {
     /// Whether popgate greets clients itself and connects after the login is known:
-    /// `[routing]` is present or there is more than one upstream.
-    // TODO(oauth2): also when any upstream has `oauth2` (popgate must read the password).
+    /// `[routing]` is present, there is more than one upstream, or an upstream has
+    /// `[upstream.oauth2]` (popgate must read the password itself).
     pub fn routing_mode(&self) -> bool {
-        self.routing.is_some() || self.upstreams.len() > 1
+        self.routing.is_some()
+            || self.upstreams.len() > 1
+            || self.upstreams.iter().any(|u| u.oauth2.is_some())
     }
 
     /// The index of the upstream of direct mode, and of users nothing routes elsewhere:

@@ -38,7 +38,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // `[metrics]` bind error among the start errors).
     (
         "check",
-        &["config", "net", "rules", "audit", "metrics", "routing", "oauth2"],
+        &[
+            "config", "net", "rules", "audit", "metrics", "routing", "oauth2",
+        ],
     ),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),

@@ -62,9 +62,6 @@ pub struct Shared {
     /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
-    // Read by routing mode's login (the `routing` branch), which the bridge needs: popgate
-    // must read the client's password itself.
-    #[allow(dead_code)]
     pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
 }
 
@@ -734,8 +731,10 @@ impl Driver {
         let upstream = &config.upstreams[index];
         self.observer.observer.set_upstream(upstream.label());
         let dialled = Instant::now();
+        let bridge = shared.oauth2.get(upstream.label()).map(|b| &**b);
         let result = login::login_upstream(
             upstream,
+            bridge,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
             config.limits.login_timeout,
@@ -767,6 +766,16 @@ impl Driver {
                     "routed login refused by the upstream"
                 );
                 Err(reply)
+            }
+            Err(login::LoginError::Bridge(e)) => {
+                // The bridge logged the details (never a token or password).
+                info!(
+                    user = %login.user,
+                    upstream = upstream.label(),
+                    error = %e,
+                    "OAuth2 login failed"
+                );
+                Err(e.client_reply().to_vec())
             }
             Err(login::LoginError::Unavailable(e)) => {
                 warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
