@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::authserver::{AuthServer, CLIENT};
+use common::clients::{RawPop, curl_ok, curl_retr, fetchmail, url};
 use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, msg_8bit, msg_dots, served};
+use common::proxy::{PopgateOpts, PopgateProcess};
 use popgate::Config;
 use popgate::oauth2::{BridgeError, Bridges};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -354,6 +356,174 @@ fn client_credentials_grant_one_app_token_for_every_mailbox() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// End to end: real clients with a local password through `popgate run` to the OAuth-only Dovecot
+
+/// `popgate run` (routing mode, as every OAuth2 upstream) in front of `dv`, bridge files in
+/// `files`, the client secret in the environment; `extra` goes into `[upstream.oauth2]`.
+fn popgate_bridge(
+    auth: &AuthServer,
+    dv: &Dovecot,
+    files: &Path,
+    extra: &str,
+    tables: &str,
+) -> PopgateProcess {
+    let oauth2 = oauth2_toml(auth, files, extra).replace(
+        &format!("client_secret_file = {:?}\n", files.join("secret")),
+        "client_secret_env = \"POPGATE_TEST_OAUTH2_SECRET\"\n",
+    );
+    PopgateProcess::run(
+        dv.addr(),
+        PopgateOpts::new()
+            .tables(&format!("{oauth2}{tables}"))
+            .env("POPGATE_TEST_OAUTH2_SECRET", CLIENT.1)
+            .wait_for_log(),
+    )
+}
+
+fn raw_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> (RawPop, String) {
+    // (connect reads the greeting)
+    let mut c = RawPop::connect(addr);
+    let u = c.cmd(&format!("USER {user}"));
+    assert!(u.starts_with("+OK"), "{u}");
+    let p = c.cmd(&format!("PASS {pass}"));
+    (c, p)
+}
+
+#[test]
+#[ignore = "needs dovecot, curl, fetchmail and python3-authlib (run .ci/run)"]
+fn curl_and_fetchmail_with_a_local_password_fetch_byte_identical_mail() {
+    let auth = AuthServer::start(30);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(&auth, &dv, files.path(), "", "");
+    // curl, USER/PASS (popgate's CAPA offers SASL PLAIN too; AUTH=+APOP is not offered, so
+    // curl falls back to USER/PASS) and AUTH PLAIN
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    let plain = curl_ok(&[
+        "--login-options",
+        "AUTH=PLAIN",
+        "-u",
+        &format!("alice:{LOCAL_PW}"),
+        &url("pop3", p.addr, "2"),
+    ]);
+    assert_eq!(plain, served(&msg_8bit()));
+    // fetchmail (USER/PASS) as bob, whose upstream mailbox is alice
+    let got = fetchmail(p.addr, "bob", LOCAL_PW, true, &[]);
+    assert!(
+        got == vec![msg_dots(), msg_8bit()],
+        "fetchmail messages differ"
+    );
+    // every upstream login was XOAUTH2; one token for all of them
+    let log = dv.log();
+    assert_eq!(log.matches("method=XOAUTH2").count(), 3, "{log}");
+    assert_eq!(auth.counter("refresh_token"), 1, "{}", auth.counters());
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn a_session_across_token_expiry_and_the_next_login_refreshes_concurrent_logins_refresh_once() {
+    let auth = AuthServer::start(2);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(&auth, &dv, files.path(), "", "");
+    let (mut c, pass) = raw_login(p.addr, "alice", LOCAL_PW);
+    assert!(pass.starts_with("+OK"), "{pass}");
+    assert_eq!(auth.counter("refresh_token"), 1);
+    std::thread::sleep(Duration::from_millis(2500));
+    // the session outlives its token
+    let (status, body) = c.cmd_multi("RETR 1");
+    assert!(status.starts_with("+OK"), "{status}");
+    assert_eq!(body.unwrap(), dot_stuffed(&served(&msg_dots())));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // the token expired: six logins at once cause one refresh
+    let before = auth.counter("refresh_token");
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = p.addr;
+            std::thread::spawn(move || curl_retr(addr, "alice", LOCAL_PW, 2))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), served(&msg_8bit()));
+    }
+    assert_eq!(
+        auth.counter("refresh_token"),
+        before + 1,
+        "{}",
+        auth.counters()
+    );
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn endpoint_down_is_sys_temp_with_one_log_line_wrong_password_never_dials_revoked_is_retried() {
+    let auth = AuthServer::start(60);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(
+        &auth,
+        &dv,
+        files.path(),
+        "",
+        "[limits]\nlogin_fail_delay = \"0s\"\n",
+    );
+
+    // wrong local password: -ERR [AUTH], no token request, no connection to Dovecot
+    let connections = |dv: &Dovecot| dv.log().matches("rip=").count();
+    let before = connections(&dv);
+    let (_c, reply) = raw_login(p.addr, "alice", "wrong");
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    let (_c, reply) = raw_login(p.addr, "mallory", LOCAL_PW);
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(connections(&dv), before, "{}", dv.log());
+    assert_eq!(auth.counter("issued"), 0);
+
+    // token endpoint down: -ERR [SYS/TEMP] and one clear log line
+    auth.set_down(true);
+    let (_c, reply) = raw_login(p.addr, "alice", LOCAL_PW);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    let log = p.wait_log("oauth2: no access token", 1);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("oauth2: no access token"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    for want in ["upstream", "alice", "temporarily_unavailable", "/token"] {
+        assert!(lines[0].contains(want), "{want} missing: {}", lines[0]);
+    }
+    assert_eq!(connections(&dv), before, "not dialled without a token");
+    auth.set_down(false);
+    std::thread::sleep(Duration::from_millis(2100));
+
+    // a token revoked at the server: one retry with a fresh token, the client sees +OK
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    assert_eq!(auth.revoke("alice"), 1);
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 2), served(&msg_8bit()));
+    assert_eq!(auth.counter("refresh_token"), 2, "{}", auth.counters());
+    assert_eq!(dv.log().matches("Provided token is not valid").count(), 1);
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn client_credentials_end_to_end() {
+    let auth = AuthServer::start_with(30, "alice");
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[]);
+    let p = popgate_bridge(
+        &auth,
+        &dv,
+        files.path(),
+        "grant = \"client_credentials\"\nmechanism = \"oauthbearer\"\n",
+        "",
+    );
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    assert_eq!(curl_retr(p.addr, "bob", LOCAL_PW, 2), served(&msg_8bit()));
+    assert_eq!(auth.counter("client_credentials"), 1, "{}", auth.counters());
+    assert_eq!(dv.log().matches("method=OAUTHBEARER").count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
 // CLI
 
 #[test]
@@ -526,7 +696,7 @@ fn readme_oauth2_examples_are_valid_configs() {
     for toml in blocks {
         let c = Config::parse(toml, path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
         c.validate(path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
-        assert!(c.upstream.oauth2.is_some(), "{toml}");
+        assert!(c.upstreams[0].oauth2.is_some(), "{toml}");
         let table: toml::Table = toml::from_str(toml).unwrap();
         for key in table["upstream"]["oauth2"].as_table().unwrap().keys() {
             assert!(

@@ -140,6 +140,21 @@ impl AuthServer {
             .unwrap_or_else(|| panic!("no counter {name}"))
     }
 
+    /// Every access token and refresh token the server issued or minted.
+    pub fn all_tokens(&self) -> Vec<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(self.url("/test/tokens"))
+            .output()
+            .expect("curl");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("tokens JSON");
+        ["access", "refresh"]
+            .iter()
+            .flat_map(|k| v[k].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Token and device endpoints answer 503 (`on`) or work again.
     pub fn set_down(&self, on: bool) {
         self.post(&format!("/test/down?on={}", u8::from(on)), &[]);
