@@ -581,6 +581,15 @@ impl Config {
             {
                 fix(p);
             }
+            if let Some(o) = &mut u.oauth2 {
+                for p in [&mut o.client_secret_file, &mut o.tokens_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(p);
+                }
+                fix(&mut o.credentials_file);
+            }
         }
         if let Some(m) = self.routing.as_mut().and_then(|r| r.map.as_mut()) {
             fix(m);

@@ -707,3 +707,51 @@ fn readme_oauth2_examples_are_valid_configs() {
         }
     }
 }
+
+/// `[[upstream]]` entries: the `oauth2` table belongs to the entry above it; a bridge per
+/// upstream that has one, by name; an OAuth2 upstream puts popgate in routing mode.
+#[test]
+fn named_upstreams_get_their_own_bridge_and_routing_mode() {
+    let files = bridge_files(&[]);
+    let d = files.path();
+    let one = |with: bool| {
+        let oauth2 = if with {
+            format!(
+                "[upstream.oauth2]\ntoken_url = \"https://login.example.com/token\"\n\
+                 client_id = \"app\"\ngrant = \"client_credentials\"\n\
+                 client_secret_file = {:?}\ncredentials_file = {:?}\n",
+                d.join("secret"),
+                d.join("credentials.toml")
+            )
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"old\"\naddress = \"127.0.0.1:110\"\n\
+             [[upstream]]\nname = \"m365\"\naddress = \"outlook.office365.com:995\"\n\
+             tls = \"implicit\"\n{oauth2}[routing]\ndefault = \"old\"\n"
+        );
+        let path = PathBuf::from("<test>");
+        let c = Config::parse(&text, &path).unwrap();
+        c.validate(&path).unwrap();
+        c
+    };
+    let c = one(true);
+    assert!(c.upstreams[1].oauth2.is_some() && c.upstreams[0].oauth2.is_none());
+    let b = bridges(&c, Path::new("<test>"));
+    assert!(b.get("m365").is_some() && b.get("old").is_none());
+    assert!(c.routing_mode());
+
+    // one plain [upstream] with oauth2: routing mode too (popgate must read the password)
+    let (c, _) = config(
+        "127.0.0.1:110",
+        &format!(
+            "[upstream.oauth2]\ntoken_url = \"https://t.example/token\"\nclient_id = \"a\"\n\
+             grant = \"client_credentials\"\ncredentials_file = {:?}\n",
+            d.join("credentials.toml")
+        ),
+    );
+    assert!(c.routing_mode());
+    assert!(!one(false).upstreams.iter().any(|u| u.oauth2.is_some()));
+}
