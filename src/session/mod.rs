@@ -7,6 +7,7 @@
 
 mod error;
 pub mod observer;
+mod read;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -27,10 +28,6 @@ use crate::proxy::{Action, Hop, HopConfig, Observe};
 use crate::rules::{Event, EventKind, RuleSet};
 pub use error::{SessionError, Side};
 use observer::Observer;
-
-/// Initial read sizes. Server reads are larger because bodies stream through them.
-const CLIENT_READ: usize = 1024;
-const SERVER_READ: usize = 16 * 1024;
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
@@ -456,15 +453,26 @@ impl Driver {
             }
             self.sync_observer().await;
             let want_client = self.hop.wants_client_input();
-            if want_client {
-                self.cin.reserve(CLIENT_READ);
+            // A waiting session holds no read buffer (see `read`); a streaming body is read
+            // straight into a large one, kept until the body ends.
+            read::release_if_empty(&mut self.cin);
+            let in_body = self.hop.mid_response();
+            if in_body {
+                self.sin.reserve(read::BODY_READ);
+            } else {
+                read::release_if_empty(&mut self.sin);
             }
-            self.sin.reserve(SERVER_READ);
             let wake = Instant::from_std(self.hop.deadline());
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => self.hop.on_shutdown(),
-                r = self.upstream.read_buf(&mut self.sin) => match r {
+                r = async {
+                    if in_body {
+                        self.upstream.read_buf(&mut self.sin).await
+                    } else {
+                        read::read_lean(&mut self.upstream, &mut self.sin).await
+                    }
+                } => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
@@ -484,7 +492,7 @@ impl Driver {
                         }
                     }
                 },
-                r = self.client.read_buf(&mut self.cin), if want_client => {
+                r = read::read_lean(&mut self.client, &mut self.cin), if want_client => {
                     let n = r.map_err(io_err(Side::Client))?;
                     if n == 0 {
                         self.hop.on_client_eof();
