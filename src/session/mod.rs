@@ -96,20 +96,37 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// Run a session to its end: TLS handshake (implicit listeners), connect upstream, relay,
 /// close. Never sends QUIT on its own.
 pub(crate) async fn run(
-    mut client: Stream,
+    client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> CloseReason {
     let started = Instant::now();
+    // The set-up (handshake, rules, upstream connect) runs in its own boxed future, freed
+    // when it ends: the task that lives as long as the session holds only the relay's state.
+    let mut driver = match Box::pin(open(client, info, &shared, started)).await {
+        Ok(d) => d,
+        Err(reason) => return reason,
+    };
+    relay(&mut driver, shutdown, started).await
+}
+
+/// Everything before the relay: client TLS handshake (implicit listeners), connect rules,
+/// audit set-up, upstream connect. `Err` when the session ended there.
+async fn open(
+    mut client: Stream,
+    info: SessionInfo,
+    shared: &Arc<Shared>,
+    started: Instant,
+) -> Result<Driver, CloseReason> {
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
-        match client_handshake(client, &shared).await {
+        match client_handshake(client, shared).await {
             Ok(c) => client = c,
             Err(e) => {
                 info!(error = %e, "client TLS handshake failed");
-                return CloseReason::Error;
+                return Err(CloseReason::Error);
             }
         }
     }
@@ -126,7 +143,7 @@ pub(crate) async fn run(
         Terminal::Pass => None,
         Terminal::Deny { reply, rule, .. } => {
             info!(%rule, "connection denied by rule");
-            record_rules(&shared, policy.take_tally());
+            record_rules(shared, policy.take_tally());
             let reply = format!("{reply}\r\n");
             let sent = match client.write_all(reply.as_bytes()).await {
                 Ok(()) => reply.len() as u64,
@@ -137,7 +154,7 @@ pub(crate) async fn run(
         }
         Terminal::Drop { rule } => {
             info!(%rule, "connection dropped by rule");
-            record_rules(&shared, policy.take_tally());
+            record_rules(shared, policy.take_tally());
             Some((rule, 0))
         }
     };
@@ -173,7 +190,7 @@ pub(crate) async fn run(
         let ms = started.elapsed().as_millis() as u64;
         observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
         observer.flush().await;
-        return CloseReason::RuleDrop;
+        return Err(CloseReason::RuleDrop);
     }
     observer.flush().await;
     let origin = crate::net::upstream::ClientOrigin {
@@ -218,7 +235,7 @@ pub(crate) async fn run(
                 &crate::proxy::Marks::default(),
             );
             observer.flush().await;
-            return CloseReason::Error;
+            return Err(CloseReason::Error);
         }
     };
     let upstream_tls = upstream.stream.tls_info();
@@ -240,7 +257,7 @@ pub(crate) async fn run(
     };
     let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
-    let mut driver = Driver {
+    Ok(Driver {
         hop,
         client,
         upstream: upstream.stream,
@@ -257,7 +274,16 @@ pub(crate) async fn run(
         },
         traffic: Traffic::default(),
         live,
-    };
+    })
+}
+
+/// Relay until the session ends, then close both sides and log the end.
+async fn relay(
+    driver: &mut Driver,
+    shutdown: watch::Receiver<bool>,
+    started: Instant,
+) -> CloseReason {
+    let shared = driver.shared.clone();
     let reason = match driver.drive(shutdown).await {
         Ok(r) => r,
         Err(e) if e.is_disconnect() => {
@@ -544,7 +570,8 @@ impl Driver {
                 }
                 Action::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
-                    self.client = client_handshake(plain, &self.shared).await?;
+                    // Boxed: a rare step whose future would otherwise sit in every session.
+                    self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
                     self.hop.client_tls_started(&mut self.cin);
                     self.client_tls = self.client.tls_info();
                     if let Some(t) = &self.client_tls {

@@ -380,8 +380,18 @@ impl Observer {
     /// Emit the queued events (awaits only in `on_overflow = "block"` mode when full).
     pub async fn flush(&mut self) {
         self.transcript.flush();
+        if !self.queue.is_empty() {
+            // Boxed: the emit future is large and every relay loop awaits `flush`; this way
+            // a session only carries it while it has events to emit.
+            Box::pin(self.emit_queued()).await;
+        }
+    }
+
+    async fn emit_queued(&mut self) {
         for ev in self.queue.drain(..) {
             self.sink.emit(ev).await;
         }
+        // Events are rare: a session that waits keeps no room for them.
+        self.queue = Vec::new();
     }
 }
