@@ -188,11 +188,16 @@ impl Runtime {
         self.tasks.spawn(async move {
             // Behind a balancer: the real client, from its PROXY header, or nothing; once the
             // drain starts, a header still awaited is not waited for.
-            let proxied = tokio::select! {
-                biased;
-                ok = a.proxied(&shared.limiter) => ok,
-                _ = draining.wait_for(|d| *d) => false,
-            };
+            // Boxed: its future (a header buffer) would otherwise stay in every session's task.
+            let proxied = !a.proxy_header_due()
+                || Box::pin(async {
+                    tokio::select! {
+                        biased;
+                        ok = a.proxied(&shared.limiter) => ok,
+                        _ = draining.wait_for(|d| *d) => false,
+                    }
+                })
+                .await;
             if !proxied {
                 return;
             }

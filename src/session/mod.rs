@@ -263,8 +263,8 @@ async fn open(
         upstream: upstream.stream,
         shared: shared.clone(),
         info,
-        client_tls,
-        upstream_tls,
+        client_tls: client_tls.map(Box::new),
+        upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
         sin: BytesMut::from(&upstream.preread[..]),
         observer: SessionObserver {
@@ -446,9 +446,10 @@ struct Driver {
     upstream: Stream,
     shared: Arc<Shared>,
     info: SessionInfo,
-    /// Negotiated TLS on each side, for logs (audit events carry them as they happen).
-    client_tls: Option<TlsInfo>,
-    upstream_tls: Option<TlsInfo>,
+    /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
+    /// a plain session carries two null pointers, not two empty `TlsInfo`s.
+    client_tls: Option<Box<TlsInfo>>,
+    upstream_tls: Option<Box<TlsInfo>>,
     /// Client bytes not yet handled.
     cin: BytesMut,
     /// Server bytes not yet relayed.
@@ -482,6 +483,7 @@ impl Driver {
             // A waiting session holds no read buffer (see `read`); a streaming body is read
             // straight into a large one, kept until the body ends.
             read::release_if_empty(&mut self.cin);
+            self.hop.trim();
             let in_body = self.hop.mid_response();
             if in_body {
                 self.sin.reserve(read::BODY_READ);
@@ -573,7 +575,7 @@ impl Driver {
                     // Boxed: a rare step whose future would otherwise sit in every session.
                     self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
                     self.hop.client_tls_started(&mut self.cin);
-                    self.client_tls = self.client.tls_info();
+                    self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }

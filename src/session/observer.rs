@@ -47,7 +47,7 @@ pub struct Observer {
     session: u64,
     queue: Vec<AuditEvent>,
     tags: Vec<String>,
-    retrieval: Option<Retrieval>,
+    retrieval: Option<Box<Retrieval>>,
     /// Partial line of a UIDL listing being relayed.
     uidl_listing: Option<Vec<u8>>,
     uidls: HashMap<u32, String>,
@@ -214,14 +214,14 @@ impl Observer {
         match meta.verb {
             Some(v @ (Verb::Retr | Verb::Top)) if meta.multiline => {
                 if let (Some(verb), Some(msg)) = (RetrieveVerb::from_verb(v), meta.msg) {
-                    self.retrieval = Some(Retrieval {
+                    self.retrieval = Some(Box::new(Retrieval {
                         verb,
                         msg,
                         lines: meta.lines,
                         octets: 0,
                         headers: HeaderExtractor::new(self.headers.clone()),
                         tags: tags.clone(),
-                    });
+                    }));
                 }
             }
             Some(Verb::Uidl) if meta.multiline => self.uidl_listing = Some(Vec::new()),
