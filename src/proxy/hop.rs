@@ -750,6 +750,9 @@ impl Hop {
                         cin.clear();
                         if total > MAX_DISCARD_FACTOR * max_line {
                             warn!(octets = total, "endless line from client, closing");
+                            // The `-ERR line too long` queued for this line still goes out,
+                            // whether the junk came in one read or in many.
+                            self.write_due_locals(obs);
                             self.close(CloseReason::Error);
                             return;
                         }
