@@ -185,21 +185,20 @@ impl Runtime {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let shutdown = self.close_sessions.subscribe();
         let mut draining = self.draining.subscribe();
-        self.tasks.spawn(async move {
+        // The steps before the session proper (PROXY header, session info, span) run in a
+        // boxed future of their own, freed when they end: the spawned task keeps only the
+        // session's future, its slots and its span, not the accepted connection's fields.
+        let prelude = Box::pin(async move {
             // Behind a balancer: the real client, from its PROXY header, or nothing; once the
             // drain starts, a header still awaited is not waited for.
-            // Boxed: its future (a header buffer) would otherwise stay in every session's task.
             let proxied = !a.proxy_header_due()
-                || Box::pin(async {
-                    tokio::select! {
-                        biased;
-                        ok = a.proxied(&shared.limiter) => ok,
-                        _ = draining.wait_for(|d| *d) => false,
-                    }
-                })
-                .await;
+                || tokio::select! {
+                    biased;
+                    ok = a.proxied(&shared.limiter) => ok,
+                    _ = draining.wait_for(|d| *d) => false,
+                };
             if !proxied {
-                return;
+                return None;
             }
             let info = session::SessionInfo {
                 id,
@@ -211,16 +210,19 @@ impl Runtime {
             };
             let span =
                 tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
-            async move {
-                match a.proxy {
-                    Some(proxy) => tracing::info!(%proxy, "session open"),
-                    None => tracing::info!("session open"),
-                }
-                session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
-                drop(a.slots);
-            }
-            .instrument(span)
-            .await
+            span.in_scope(|| match a.proxy {
+                Some(proxy) => tracing::info!(%proxy, "session open"),
+                None => tracing::info!("session open"),
+            });
+            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown);
+            Some((session, a.slots, span))
+        });
+        self.tasks.spawn(async move {
+            let Some((session, slots, span)) = prelude.await else {
+                return;
+            };
+            session.instrument(span).await;
+            drop(slots);
         });
     }
 

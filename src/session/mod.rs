@@ -95,20 +95,25 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 
 /// Run a session to its end: TLS handshake (implicit listeners), connect upstream, relay,
 /// close. Never sends QUIT on its own.
-pub(crate) async fn run(
+///
+/// The set-up (handshake, rules, upstream connect) is a boxed future of its own, built here
+/// and freed when it ends: the future that lives as long as the session holds only the relay's
+/// state, not the set-up's locals nor the arguments moved into it.
+pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) -> CloseReason {
+) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    // The set-up (handshake, rules, upstream connect) runs in its own boxed future, freed
-    // when it ends: the task that lives as long as the session holds only the relay's state.
-    let mut driver = match Box::pin(open(client, info, &shared, started)).await {
-        Ok(d) => d,
-        Err(reason) => return reason,
-    };
-    relay(&mut driver, shutdown, started).await
+    let setup = Box::pin(open(client, info, shared, started));
+    async move {
+        let mut driver = match setup.await {
+            Ok(d) => d,
+            Err(reason) => return reason,
+        };
+        relay(&mut driver, shutdown, started).await
+    }
 }
 
 /// Everything before the relay: client TLS handshake (implicit listeners), connect rules,
@@ -116,9 +121,10 @@ pub(crate) async fn run(
 async fn open(
     mut client: Stream,
     info: SessionInfo,
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     started: Instant,
 ) -> Result<Driver, CloseReason> {
+    let shared = &shared;
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
