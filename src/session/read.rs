@@ -27,7 +27,7 @@ const SCRATCH: usize = 16 * 1024;
 
 /// Room reserved for each read while a body streams through: large reads mean few syscalls
 /// and one write to the client per read.
-pub(super) const BODY_READ: usize = 128 * 1024;
+pub(super) const BODY_READ: usize = 256 * 1024;
 
 thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
