@@ -553,16 +553,24 @@ impl Driver {
         while let Some(action) = self.hop.poll_action() {
             match action {
                 Action::ToClient(bytes) => {
+                    // The flush matters under TLS: a write that filled the socket leaves
+                    // records queued in rustls, and nothing else would send them (a stall
+                    // at the end of a body). A no-op on plain TCP.
                     self.client
                         .write_all(&bytes)
                         .await
                         .map_err(io_err(Side::Client))?;
+                    self.client.flush().await.map_err(io_err(Side::Client))?;
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
                 Action::ToUpstream(bytes) => {
                     self.upstream
                         .write_all(&bytes)
+                        .await
+                        .map_err(io_err(Side::Upstream))?;
+                    self.upstream
+                        .flush()
                         .await
                         .map_err(io_err(Side::Upstream))?;
                     self.live.to_upstream.inc_by(bytes.len() as u64);
