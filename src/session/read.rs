@@ -59,3 +59,33 @@ pub(super) fn release_if_empty(buf: &mut BytesMut) {
         *buf = BytesMut::new();
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A read keeps only the bytes that came (not a reserved read buffer), and an empty
+    /// buffer gives its memory back: what an idle session holds.
+    #[tokio::test]
+    async fn keeps_only_what_came_and_lets_go() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut server = Stream::Plain(l.accept().await.unwrap().0);
+        client.write_all(b"USER alice\r\n").await.unwrap();
+        let mut buf = BytesMut::new();
+        let n = read_lean(&mut server, &mut buf).await.unwrap();
+        assert_eq!(&buf[..], b"USER alice\r\n");
+        assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+        let line = buf.split_to(n);
+        assert_eq!(line.len(), 12);
+        release_if_empty(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        // The end of the stream reads as 0.
+        drop(client);
+        assert_eq!(read_lean(&mut server, &mut buf).await.unwrap(), 0);
+    }
+}
