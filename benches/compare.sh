@@ -20,6 +20,7 @@
 # Env:   UPSTREAMS="mem dovecot"  PEERS="popgate nginx haproxy stunnel perdition"
 #        DURATION CONC BULK_MB BULK_N IDLE_N IDLE_TLS_N NOOP_N HS_N IDLE_SETTLE SOURCES
 #        (override the scale)
+#        SCENARIOS="cycle bulk noop idle handshake" (a subset runs only those)
 #        OUT=dir (keep the JSON reports there), NO_BUILD=1, NO_INSTALL=1, KEEP=1 (keep temp dir),
 #        PROFILE=debug (use target/debug binaries: smoke checks of the script only)
 set -euo pipefail
@@ -326,26 +327,30 @@ load() {
   log "$up $sc $var $peer: errors ${errs}"
   [ -s "$f.err" ] || rm -f "$f.err"
 }
+SCENARIOS=${SCENARIOS:-cycle bulk noop idle handshake}
+wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 run_target() { # UPSTREAM PEER MODE PORT PID
   local up=$1 peer=$2 mode=$3 p=$4 pid=$5
   case $mode in
     none|implicit)
       local var=plain; [ "$mode" = implicit ] && var=tls
-      load "$up" cycle "$var" "$peer" "$mode" "$p" "$pid" -c "$CONC" -d "$DURATION"
-      load "$up" bulk "$var" "$peer" "$mode" "$p" "$pid" --users 2 -n "$BULK_N"
-      load "$up" noop "$var" "$peer" "$mode" "$p" "$pid" -n "$NOOP_N"
-      if [ "$up" = mem ]; then  # Dovecot would fork a process per held session
+      if wants cycle; then load "$up" cycle "$var" "$peer" "$mode" "$p" "$pid" -c "$CONC" -d "$DURATION"; fi
+      if wants bulk; then load "$up" bulk "$var" "$peer" "$mode" "$p" "$pid" --users 2 -n "$BULK_N"; fi
+      if wants noop; then load "$up" noop "$var" "$peer" "$mode" "$p" "$pid" -n "$NOOP_N"; fi
+      if [ "$up" = mem ] && wants idle; then  # Dovecot would fork a process per held session
         local n=$IDLE_N; [ "$mode" = implicit ] && n=$IDLE_TLS_N
         # One user per held session: the server locks a maildrop per session.
         load "$up" idle "$var" "$peer" "$mode" "$p" "$pid" --sessions "$n" --users "$n" -c 32 \
           --hold 1 --settle "$IDLE_SETTLE"
       fi
-      if [ "$mode" = implicit ]; then
+      if [ "$mode" = implicit ] && wants handshake; then
         load "$up" handshake tls-full "$peer" "$mode" "$p" "$pid" -c 2 -n "$HS_N" --no-resume
         load "$up" handshake tls-resumed "$peer" "$mode" "$p" "$pid" -c 2 -n "$HS_N"
       fi ;;
     stls)
-      load "$up" handshake stls-full "$peer" "$mode" "$p" "$pid" -c 2 -n "$HS_N" --no-resume ;;
+      if wants handshake; then
+        load "$up" handshake stls-full "$peer" "$mode" "$p" "$pid" -c 2 -n "$HS_N" --no-resume
+      fi ;;
   esac
 }
 

@@ -37,6 +37,9 @@ pub enum StartError {
     /// The new log settings could not be applied.
     #[error("log: {0}")]
     Log(String),
+    /// The routing map file is unreadable or wrong (file:line).
+    #[error(transparent)]
+    Map(#[from] crate::routing::MapError),
     /// The `[metrics]` endpoint could not bind.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::http::BindError),
@@ -51,6 +54,8 @@ pub(crate) struct Prepared {
     pub(crate) tls: TlsSetup,
     /// Its rules.
     pub(crate) rules: RuleSet,
+    /// Its routing map file (`[routing] map`), parsed.
+    pub(crate) routes: Option<crate::routing::RouteMap>,
     /// What `check` warns about (expiring certificates, empty rule globs).
     pub(crate) warnings: Vec<String>,
     /// Hashes of the files the config names, to tell a reload what changed on disk.
@@ -64,6 +69,8 @@ pub(crate) struct FileHashes {
     pub(crate) certs: u64,
     /// Rule files, in load order.
     pub(crate) rules: u64,
+    /// The routing map file.
+    pub(crate) map: u64,
 }
 
 /// Check `config` (already validated) as `popgate run` would use it and load what it names;
@@ -88,17 +95,48 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     let rules = RuleSet::load(&config.rules, &config.base_dir)?;
     warnings.extend(rules.warnings().iter().cloned());
     check_trace_rules(&config, &rules)?;
+    check_route_rules(&config, &rules, path)?;
+    let map_file = config.routing.as_ref().and_then(|r| r.map.clone());
+    let routes = match &map_file {
+        Some(m) => Some(crate::routing::RouteMap::load(m, &config)?),
+        None => None,
+    };
     let files = FileHashes {
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
+        map: hash_files(map_file.iter()),
     };
     Ok(Prepared {
         config,
         tls,
         rules,
+        routes,
         warnings,
         files,
     })
+}
+
+/// `route` rules need routing mode and an upstream of the name they give.
+fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<(), ConfigError> {
+    for (file, rule, upstream) in rules.routes_in_files() {
+        let file = file.display();
+        let reason = if !config.routing_mode() {
+            format!(
+                "{file}: rule {rule:?} routes to {upstream:?}, but routing mode is off (add \
+                 [routing] or more upstreams)"
+            )
+        } else if config.upstream_index(upstream).is_none() {
+            format!("{file}: rule {rule:?} routes to {upstream:?}: no upstream has that name")
+        } else {
+            continue;
+        };
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "rules".into(),
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// The config as TOML with every default filled in (`popgate check --print`), paths and rule
@@ -132,16 +170,21 @@ fn cert_entries(config: &Config) -> Vec<CertEntry<'_>> {
             ));
         }
     }
-    let u = &config.upstream;
-    if let (Some(c), Some(k)) = (&u.client_cert, &u.client_key) {
-        out.push((
-            "upstream.client_cert".into(),
-            c,
-            Some(("upstream.client_key".into(), k)),
-        ));
-    }
-    if let Some(ca) = &u.ca_file {
-        out.push(("upstream.ca_file".into(), ca, None));
+    let many = config.upstreams.len() > 1;
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let key = |k: &str| {
+            if many {
+                format!("upstream[{i}].{k}")
+            } else {
+                format!("upstream.{k}")
+            }
+        };
+        if let (Some(c), Some(k)) = (&u.client_cert, &u.client_key) {
+            out.push((key("client_cert"), c, Some((key("client_key"), k))));
+        }
+        if let Some(ca) = &u.ca_file {
+            out.push((key("ca_file"), ca, None));
+        }
     }
     out
 }

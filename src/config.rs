@@ -68,8 +68,17 @@ pub struct Config {
     /// Where clients connect (`[[listener]]`, one or more).
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
-    /// The POP3 server behind popgate.
-    pub upstream: UpstreamConfig,
+    /// The POP3 server(s) behind popgate: one `[upstream]` table, or several named
+    /// `[[upstream]]` entries (routing mode). Never empty after [`Config::validate`].
+    #[serde(
+        rename = "upstream",
+        deserialize_with = "upstreams::deserialize",
+        serialize_with = "upstreams::serialize"
+    )]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[routing]`: how a login picks its upstream (routing mode; see [`Config::routing_mode`]).
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
     /// Limits on what clients and servers may do.
     #[serde(default)]
     pub limits: Limits,
@@ -204,12 +213,22 @@ fn default_health_window() -> Duration {
     Duration::from_secs(30)
 }
 
-/// The upstream POP3 server.
+/// One upstream POP3 server.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `host:port`; a name is resolved at each connection.
-    pub address: String,
+    /// Name used by `[routing]`, the map file and `route` rules; required when there is more
+    /// than one upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `host:port` (a name is resolved at each connection), or a list of them tried in order
+    /// (failover). Kept as plain strings. `["original-destination"]`: the address each client
+    /// connected to before an iptables `REDIRECT` (Linux only, direct mode only).
+    #[serde(with = "addresses")]
+    pub address: Vec<String>,
+    /// How long an address that failed at the TCP stage (or timed out) is skipped.
+    #[serde(default = "default_dead_for", with = "humantime_serde")]
+    pub dead_for: Duration,
     /// Upstream TLS mode.
     #[serde(default)]
     pub tls: TlsMode,
@@ -232,8 +251,116 @@ pub struct UpstreamConfig {
     pub forward_client: ForwardClient,
 }
 
+/// The `upstream.address` that makes each session connect to the address its client
+/// connected to before an iptables `REDIRECT` sent it to popgate (transparent interception).
+pub const ORIGINAL_DESTINATION: &str = "original-destination";
+
+impl UpstreamConfig {
+    /// Whether `address` is [`ORIGINAL_DESTINATION`]: the upstream is chosen per connection.
+    pub fn original_destination(&self) -> bool {
+        matches!(&self.address[..], [a] if a == ORIGINAL_DESTINATION)
+    }
+}
+
 fn yes() -> bool {
     true
+}
+
+fn default_dead_for() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl UpstreamConfig {
+    /// The name in logs and metrics: `name`, or `default` for an unnamed single upstream.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+}
+
+/// `[routing]`: routing mode, in which popgate greets the client itself, reads the login,
+/// and only then connects to the upstream the user is routed to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// The upstream of users neither a `route` rule nor the map names; required with more
+    /// than one upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    /// Map file: lines `user upstream` or `@domain upstream` (relative to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<PathBuf>,
+    /// Text of popgate's own greeting (`+OK <text>`, never an APOP timestamp).
+    #[serde(default = "default_greeting")]
+    pub greeting: String,
+}
+
+fn default_greeting() -> String {
+    "popgate ready".into()
+}
+
+/// `upstream` is one table or an array of tables.
+mod upstreams {
+    use super::UpstreamConfig;
+    use serde::de::{self, MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<UpstreamConfig>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<UpstreamConfig>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an [upstream] table or [[upstream]] entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                UpstreamConfig::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|u| vec![u])
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                let v: Vec<UpstreamConfig> =
+                    Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                if v.is_empty() {
+                    return Err(de::Error::custom("at least one upstream is needed"));
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    pub(super) fn serialize<S: Serializer>(u: &[UpstreamConfig], s: S) -> Result<S::Ok, S::Error> {
+        match u {
+            [one] if one.name.is_none() => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+/// `address` is one string or an array of strings.
+mod addresses {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(v) => v,
+        })
+    }
+
+    pub(super) fn serialize<S: Serializer>(a: &[String], s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -443,12 +570,16 @@ impl Config {
                 fix(&mut c.key);
             }
         }
-        let u = &mut self.upstream;
-        for p in [&mut u.ca_file, &mut u.client_cert, &mut u.client_key]
-            .into_iter()
-            .flatten()
-        {
-            fix(p);
+        for u in &mut self.upstreams {
+            for p in [&mut u.ca_file, &mut u.client_cert, &mut u.client_key]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
+        }
+        if let Some(m) = self.routing.as_mut().and_then(|r| r.map.as_mut()) {
+            fix(m);
         }
         if let Some(d) = &mut self.log.dir {
             fix(d);
@@ -532,11 +663,32 @@ impl Config {
                 format!("{} is already the address of a listener", m.bind),
             ));
         }
-        if split_host_port(&self.upstream.address).is_none() {
-            return Err(invalid(
-                "upstream.address",
-                format!("{:?} is not host:port", self.upstream.address),
-            ));
+        self.validate_upstreams(path)?;
+        if let Some(i) = self.upstreams.iter().position(|u| u.original_destination()) {
+            if !cfg!(target_os = "linux") {
+                return Err(invalid(
+                    "upstream.address",
+                    format!("{ORIGINAL_DESTINATION:?} needs Linux (SO_ORIGINAL_DST)"),
+                ));
+            }
+            if self.routing_mode() {
+                return Err(invalid(
+                    &format!("upstream[{i}].address"),
+                    format!(
+                        "{ORIGINAL_DESTINATION:?} needs direct mode: one [upstream], no [routing] \
+                         (the destination comes from the connection, not from the user)"
+                    ),
+                ));
+            }
+            if let Some(i) = self.listeners.iter().position(|l| l.proxy_protocol) {
+                return Err(invalid(
+                    &format!("listener[{i}].proxy_protocol"),
+                    format!(
+                        "cannot be combined with upstream.address = {ORIGINAL_DESTINATION:?}: \
+                         behind a balancer the redirected connection is the balancer's"
+                    ),
+                ));
+            }
         }
         if let Some(t) = &self.tls {
             if t.cert.is_some() != t.key.is_some() {
@@ -551,23 +703,8 @@ impl Config {
                 }
             }
         }
-        if self.upstream.client_cert.is_some() != self.upstream.client_key.is_some() {
-            return Err(invalid(
-                "upstream.client_cert",
-                "client_cert and client_key go together".into(),
-            ));
-        }
-        if self.upstream.tls == TlsMode::None
-            && (self.upstream.ca_file.is_some() || self.upstream.client_cert.is_some())
-        {
-            return Err(invalid(
-                "upstream.tls",
-                "ca_file/client_cert are set but upstream.tls is \"none\"".into(),
-            ));
-        }
 
         for (key, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("limits.idle_timeout", self.limits.idle_timeout),
             ("limits.login_timeout", self.limits.login_timeout),
             ("limits.greeting_timeout", self.limits.greeting_timeout),
@@ -646,6 +783,147 @@ impl Config {
 }
 
 impl Config {
+    /// Whether popgate greets clients itself and connects after the login is known:
+    /// `[routing]` is present or there is more than one upstream.
+    // TODO(oauth2): also when any upstream has `oauth2` (popgate must read the password).
+    pub fn routing_mode(&self) -> bool {
+        self.routing.is_some() || self.upstreams.len() > 1
+    }
+
+    /// The index of the upstream of direct mode, and of users nothing routes elsewhere:
+    /// `[routing] default`, else the first.
+    pub fn default_index(&self) -> usize {
+        let name = self.routing.as_ref().and_then(|r| r.default.as_deref());
+        name.and_then(|n| self.upstream_index(n)).unwrap_or(0)
+    }
+
+    /// The upstream of direct mode, and of users nothing routes elsewhere (a validated config
+    /// has at least one; `upstream = []` does not parse).
+    pub fn default_upstream(&self) -> &UpstreamConfig {
+        &self.upstreams[self.default_index()]
+    }
+
+    /// The upstream called `name`, and its index.
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstreams
+            .iter()
+            .position(|u| u.name.as_deref() == Some(name))
+    }
+
+    /// The upstream called `name`.
+    pub fn upstream_named(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstream_index(name).map(|i| &self.upstreams[i])
+    }
+
+    fn validate_upstreams(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        let many = self.upstreams.len() > 1;
+        if self.upstreams.is_empty() {
+            return Err(invalid(
+                "upstream",
+                "at least one upstream is needed".into(),
+            ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = |k: &str| {
+                if many {
+                    format!("upstream[{i}].{k}")
+                } else {
+                    format!("upstream.{k}")
+                }
+            };
+            match &u.name {
+                None if many => {
+                    return Err(invalid(
+                        &key("name"),
+                        "needed when there is more than one upstream".into(),
+                    ));
+                }
+                Some(n) if !is_upstream_name(n) => {
+                    return Err(invalid(
+                        &key("name"),
+                        format!("{n:?}: use letters, digits, '-', '_' and '.'"),
+                    ));
+                }
+                Some(n)
+                    if self.upstreams[..i]
+                        .iter()
+                        .any(|o| o.name.as_ref() == Some(n)) =>
+                {
+                    return Err(invalid(
+                        &key("name"),
+                        format!("duplicate upstream name {n:?}"),
+                    ));
+                }
+                _ => {}
+            }
+            if u.address.is_empty() {
+                return Err(invalid(
+                    &key("address"),
+                    "must list at least one host:port".into(),
+                ));
+            }
+            if u.address.len() > 1 && u.address.iter().any(|a| a == ORIGINAL_DESTINATION) {
+                return Err(invalid(
+                    &key("address"),
+                    format!("{ORIGINAL_DESTINATION:?} stands alone, not in a list"),
+                ));
+            }
+            for a in &u.address {
+                if a != ORIGINAL_DESTINATION && split_host_port(a).is_none() {
+                    return Err(invalid(&key("address"), format!("{a:?} is not host:port")));
+                }
+            }
+            if u.client_cert.is_some() != u.client_key.is_some() {
+                return Err(invalid(
+                    &key("client_cert"),
+                    "client_cert and client_key go together".into(),
+                ));
+            }
+            if u.tls == TlsMode::None && (u.ca_file.is_some() || u.client_cert.is_some()) {
+                return Err(invalid(
+                    &key("tls"),
+                    "ca_file/client_cert are set but upstream.tls is \"none\"".into(),
+                ));
+            }
+            if u.connect_timeout.is_zero() {
+                return Err(invalid(
+                    &key("connect_timeout"),
+                    "must be more than 0".into(),
+                ));
+            }
+        }
+        let default = self.routing.as_ref().and_then(|r| r.default.as_deref());
+        match default {
+            None if many => {
+                return Err(invalid(
+                    "routing.default",
+                    "needed when there is more than one upstream".into(),
+                ));
+            }
+            Some(d) if self.upstream_named(d).is_none() => {
+                return Err(invalid(
+                    "routing.default",
+                    format!("no upstream is named {d:?}"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(r) = &self.routing
+            && (r.greeting.trim().is_empty() || r.greeting.contains(['\r', '\n', '<']))
+        {
+            return Err(invalid(
+                "routing.greeting",
+                "must be one non-empty line without '<' (no APOP timestamp)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_log_output(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -680,6 +958,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `name` may name an upstream (it appears in map files and logs).
+pub(crate) fn is_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// The syslog facility named `name` (`daemon`, `local0`, ...), case-insensitive.
@@ -856,7 +1142,7 @@ mod tests {
         c.validate(p()).unwrap();
         assert_eq!(c.limits.max_line, 8192);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(600));
-        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.upstreams[0].connect_timeout, Duration::from_secs(10));
         assert_eq!(c.listeners[0].tls, TlsMode::None);
     }
 
@@ -918,7 +1204,7 @@ mod tests {
         .unwrap();
         c.validate(p()).unwrap();
         assert_eq!(c.listeners[0].proxy_timeout, Duration::from_secs(5));
-        assert_eq!(c.upstream.forward_client, ForwardClient::Xclient);
+        assert_eq!(c.upstreams[0].forward_client, ForwardClient::Xclient);
         let e = Config::parse(&(MINIMAL.to_owned() + "forward_client = \"proxy\"\n"), p())
             .unwrap_err()
             .to_string();
@@ -1069,6 +1355,51 @@ mod tests {
     }
 
     #[test]
+    fn original_destination_is_an_address_but_not_behind_a_balancer() {
+        let text = MINIMAL.replace("127.0.0.1:110", ORIGINAL_DESTINATION);
+        let c = Config::parse(&text, p()).unwrap();
+        assert!(c.default_upstream().original_destination());
+        if cfg!(target_os = "linux") {
+            c.validate(p()).unwrap();
+        } else {
+            let e = c.validate(p()).unwrap_err().to_string();
+            assert!(e.contains("needs Linux"), "{e}");
+        }
+        let balanced = text.replace(
+            "[upstream]",
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.1\"]\n[upstream]",
+        );
+        let c = Config::parse(&balanced, p()).unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        if cfg!(target_os = "linux") {
+            assert!(
+                e.contains("listener[0].proxy_protocol") && e.contains("original-destination"),
+                "{e}"
+            );
+        }
+        let c = Config::parse(&MINIMAL.replace("127.0.0.1:110", "original-dest"), p()).unwrap();
+        assert!(!c.default_upstream().original_destination());
+        assert!(c.validate(p()).is_err(), "a near miss is not host:port");
+        if cfg!(target_os = "linux") {
+            let routed = text.replace("[upstream]", "[routing]\n[upstream]");
+            let e = Config::parse(&routed, p())
+                .unwrap()
+                .validate(p())
+                .unwrap_err();
+            assert!(e.to_string().contains("needs direct mode"), "{e}");
+            let listed = MINIMAL.replace(
+                "\"127.0.0.1:110\"",
+                "[\"127.0.0.1:110\", \"original-destination\"]",
+            );
+            let e = Config::parse(&listed, p())
+                .unwrap()
+                .validate(p())
+                .unwrap_err();
+            assert!(e.to_string().contains("stands alone"), "{e}");
+        }
+    }
+
+    #[test]
     fn host_port() {
         assert_eq!(split_host_port("[::1]:110"), Some(("::1", 110)));
         assert_eq!(
@@ -1077,5 +1408,80 @@ mod tests {
         );
         assert_eq!(split_host_port("x"), None);
         assert_eq!(split_host_port(":110"), None);
+    }
+
+    const LISTENER: &str = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n";
+
+    fn routed(tables: &str) -> Result<Config, String> {
+        let c = Config::parse(&format!("{LISTENER}{tables}"), p()).map_err(|e| e.to_string())?;
+        c.validate(p()).map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn one_upstream_table_or_named_entries_and_address_lists() {
+        let c = routed("[upstream]\naddress = \"a:1\"\n").unwrap();
+        assert!(!c.routing_mode());
+        assert_eq!(c.default_upstream().address, ["a:1"]);
+        assert_eq!(c.default_upstream().label(), "default");
+        assert_eq!(c.upstreams[0].dead_for, Duration::from_secs(10));
+        let c = routed(
+            "[[upstream]]\nname = \"x\"\naddress = [\"a:1\", \"b:2\"]\n\
+             [[upstream]]\nname = \"y\"\naddress = \"c:3\"\n\
+             [routing]\ndefault = \"y\"\n",
+        )
+        .unwrap();
+        assert!(c.routing_mode());
+        assert_eq!(c.upstreams[0].address, ["a:1", "b:2"]);
+        assert_eq!(c.default_upstream().label(), "y");
+        assert_eq!(c.routing.as_ref().unwrap().greeting, "popgate ready");
+        // `[routing]` alone turns routing mode on for one upstream.
+        let c = routed("[upstream]\naddress = \"a:1\"\n[routing]\n").unwrap();
+        assert!(c.routing_mode());
+        // Unknown keys in an entry still name the key.
+        let e = routed("[[upstream]]\nname = \"x\"\naddress = \"a:1\"\nadress = 1\n").unwrap_err();
+        assert!(e.contains("adress"), "{e}");
+        let e = Config::parse(&format!("upstream = []\n{LISTENER}"), p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one upstream"), "{e}");
+    }
+
+    #[test]
+    fn upstream_and_routing_mistakes_name_the_key() {
+        for (tables, key) in [
+            (
+                "[[upstream]]\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "upstream[0].name",
+            ),
+            (
+                "[[upstream]]\nname = \"y\"\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "upstream[1].name",
+            ),
+            (
+                "[[upstream]]\nname = \"x\"\naddress = \"a:1\"\n[[upstream]]\nname = \"y\"\naddress = \"b:1\"\n",
+                "routing.default",
+            ),
+            (
+                "[upstream]\nname = \"x\"\naddress = \"a:1\"\n[routing]\ndefault = \"z\"\n",
+                "routing.default",
+            ),
+            ("[upstream]\naddress = []\n", "upstream.address"),
+            (
+                "[upstream]\naddress = [\"a:1\", \"nope\"]\n",
+                "upstream.address",
+            ),
+            (
+                "[upstream]\nname = \"a b\"\naddress = \"a:1\"\n",
+                "upstream.name",
+            ),
+            (
+                "[upstream]\naddress = \"a:1\"\n[routing]\ngreeting = \"hi <1@x>\"\n",
+                "routing.greeting",
+            ),
+        ] {
+            let e = routed(tables).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{tables}: {e}");
+        }
     }
 }

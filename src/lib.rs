@@ -17,6 +17,7 @@ mod net;
 pub mod pidfile;
 pub mod pop3;
 mod proxy;
+pub mod routing;
 pub mod rules;
 mod runtime;
 mod session;
@@ -180,7 +181,7 @@ impl Proxy {
             tokio::spawn(metrics::http::serve(
                 socket,
                 self.runtime.metrics(),
-                Arc::new(move || rt.current().config.upstream.clone()),
+                Arc::new(move || rt.current().config.default_upstream().clone()),
                 metrics_rx,
             ))
         });

@@ -59,6 +59,9 @@ pub struct Counters {
     /// Connections closed on `proxy_protocol` listeners: untrusted peer, or a missing,
     /// malformed or late PROXY header.
     pub proxy_refused: AtomicU64,
+    /// Connections refused with `upstream.address = "original-destination"`: no original
+    /// destination, or popgate's own address.
+    pub intercept_refused: AtomicU64,
 }
 
 impl Counters {

@@ -70,7 +70,14 @@ fn main() -> Result<()> {
                     "{}: OK ({} listener(s), upstream {}{})",
                     config.display(),
                     c.listeners.len(),
-                    c.upstream.address,
+                    c.upstreams
+                        .iter()
+                        .map(|u| match &u.name {
+                            Some(n) => format!("{n}={}", u.address.join(",")),
+                            None => u.address.join(","),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     match checked.warnings.len() {
                         0 => String::new(),
                         n => format!(", {n} warning(s)"),

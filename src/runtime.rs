@@ -22,9 +22,11 @@ use tracing::Instrument as _;
 use crate::audit::{AuditGuard, AuditSink};
 use crate::check::{FileHashes, Prepared, StartError};
 use crate::config::{Config, ListenerConfig, LogConfig};
-use crate::limits::Limiter;
+use crate::limits::{Counters, Limiter};
 use crate::metrics::Metrics;
+use crate::net::intercept;
 use crate::net::listener::{self, Listener};
+use crate::net::pool::DeadAddresses;
 use crate::net::tls;
 use crate::session::{self, Shared};
 
@@ -62,6 +64,8 @@ pub(crate) struct Runtime {
     /// sessions that still write to them).
     audit: Mutex<(AuditGuard, Vec<AuditGuard>)>,
     log_hook: Mutex<Option<Arc<LogHook>>>,
+    /// The addresses the listeners are bound to (`original-destination` never dials them).
+    bound: Mutex<Arc<[SocketAddr]>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -93,9 +97,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn snapshot(p: Prepared, audit: AuditSink, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Shared {
+fn snapshot(
+    p: Prepared,
+    audit: AuditSink,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+    dead: Arc<DeadAddresses>,
+) -> Shared {
     Shared {
         headers: p.config.audit.header_set(),
+        routes: p.routes.map(Arc::new),
+        dead,
         config: Arc::new(p.config),
         tls: p.tls,
         rules: Arc::new(p.rules),
@@ -121,7 +133,13 @@ impl Runtime {
         ));
         let files = p.files;
         Ok(Arc::new(Runtime {
-            current: RwLock::new(Arc::new(snapshot(p, sink, limiter, metrics.clone()))),
+            current: RwLock::new(Arc::new(snapshot(
+                p,
+                sink,
+                limiter,
+                metrics.clone(),
+                Arc::new(DeadAddresses::new()),
+            ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
             close_sessions: watch::channel(false).0,
@@ -132,6 +150,7 @@ impl Runtime {
             listeners: tokio::sync::Mutex::new(Vec::new()),
             audit: Mutex::new((guard, Vec::new())),
             log_hook: Mutex::new(None),
+            bound: Mutex::new(Arc::from([])),
         }))
     }
 
@@ -180,8 +199,14 @@ impl Runtime {
         }
     }
 
+    /// Record the addresses of the accept loops in `running`.
+    fn set_bound(&self, running: &[Running]) {
+        *lock(&self.bound) = running.iter().filter_map(|r| r.addr).collect();
+    }
+
     fn spawn_session(&self, mut a: listener::Accepted) {
         let shared = self.current();
+        let bound = lock(&self.bound).clone();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let shutdown = self.close_sessions.subscribe();
         let mut draining = self.draining.subscribe();
@@ -200,6 +225,25 @@ impl Runtime {
             if !proxied {
                 return None;
             }
+            // Transparent interception: the server the client meant (refused when unknown or
+            // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
+            let original_dst = if shared.config.default_upstream().original_destination() {
+                match intercept::original_destination(&a.tcp, a.local, &bound) {
+                    Ok(dst) => Some(dst),
+                    Err(e) => {
+                        let total = Counters::bump(&shared.limiter.counters.intercept_refused);
+                        tracing::warn!(listener = %a.listener, client = %a.client,
+                            local = %a.local, refused_total = total, "connection refused: {e}");
+                        listener::refuse(
+                            a.tcp,
+                            b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
+                        );
+                        return None;
+                    }
+                }
+            } else {
+                None
+            };
             let info = session::SessionInfo {
                 id,
                 listener: a.listener.clone(),
@@ -207,12 +251,14 @@ impl Runtime {
                 local: a.local,
                 tls_mode: a.tls,
                 proxy: a.proxy,
+                original_dst,
             };
             let span =
                 tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
-            span.in_scope(|| match a.proxy {
-                Some(proxy) => tracing::info!(%proxy, "session open"),
-                None => tracing::info!("session open"),
+            span.in_scope(|| match (a.proxy, original_dst) {
+                (Some(proxy), _) => tracing::info!(%proxy, "session open"),
+                (None, Some(dst)) => tracing::info!(original_dst = %dst, "session open"),
+                (None, None) => tracing::info!("session open"),
             });
             let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown);
             Some((session, a.slots, span))
@@ -239,6 +285,7 @@ impl Runtime {
             for l in listeners {
                 running.push(self.start(l));
             }
+            self.set_bound(&running);
         }
         shutdown.await;
         self.draining.send_replace(true);
@@ -299,6 +346,9 @@ impl Runtime {
         }
         if prepared.files.rules != old_files.rules {
             changed.insert("rules".into());
+        }
+        if prepared.files.map != old_files.map {
+            changed.insert("routing map".into());
         }
 
         // Listeners: keep unchanged ones, reuse a socket whose address stays, bind the rest now
@@ -386,6 +436,7 @@ impl Runtime {
             sink,
             old.limiter.clone(),
             self.metrics.clone(),
+            old.dead.clone(),
         ));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
 
@@ -415,6 +466,7 @@ impl Runtime {
             tracing::info!(listener = %r.config.name, addr = ?r.addr, "listener closed");
         }
 
+        self.set_bound(&running);
         if !listener_changes.is_empty() {
             changed.insert(format!("listener {}", listener_changes.join(" ")));
         }
@@ -444,7 +496,7 @@ fn changed_keys(old: &Config, new: &Config) -> BTreeSet<String> {
         return out;
     };
     diff("", &a, &b, &mut out);
-    out.retain(|k| k != "listener" && !k.starts_with("listener."));
+    out.retain(|k| k != "listener" && !k.starts_with("listener.") && !k.starts_with("listener["));
     out
 }
 
@@ -466,6 +518,22 @@ fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut BTreeSet<Strin
                         out.insert(key(k));
                     }
                 }
+            }
+        }
+        // Named `[[upstream]]` entries, the same names in the same order: per entry and key
+        // (`upstream[old].address`).
+        (toml::Value::Array(x), toml::Value::Array(y)) if x.len() == y.len() => {
+            let name = |v: &toml::Value| v.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+            if x.iter()
+                .zip(y)
+                .all(|(va, vb)| name(va).is_some() && name(va) == name(vb))
+            {
+                for (va, vb) in x.iter().zip(y) {
+                    let label = name(va).unwrap_or_default();
+                    diff(&format!("{prefix}[{label}]"), va, vb, out);
+                }
+            } else if a != b {
+                out.insert(prefix.to_owned());
             }
         }
         _ if a == b => {}
@@ -507,5 +575,24 @@ mod tests {
             changed_keys(&a, &c).is_empty(),
             "listeners are reported apart"
         );
+    }
+
+    #[test]
+    fn named_upstreams_are_diffed_per_entry() {
+        let routed = |old: &str, new_tls: &str| {
+            parse(&format!(
+                "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1110\"\n\
+                 [[upstream]]\nname = \"old\"\naddress = {old}\n\
+                 [[upstream]]\nname = \"new\"\naddress = \"n:1\"\ntls = \"{new_tls}\"\n\
+                 [routing]\ndefault = \"new\"\n"
+            ))
+        };
+        let a = routed("\"o:1\"", "implicit");
+        let b = routed("[\"o:1\", \"o:2\"]", "starttls");
+        let keys: Vec<_> = changed_keys(&a, &b).into_iter().collect();
+        assert_eq!(keys, ["upstream[new].tls", "upstream[old].address"]);
+        // Entries renamed, added or reordered: the whole key.
+        let c = parse(BASE);
+        assert!(changed_keys(&a, &c).contains("upstream"));
     }
 }

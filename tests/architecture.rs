@@ -15,6 +15,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("audit", &["pop3", "cidr"]),
     ("config", &["audit", "cidr"]),
     ("limits", &["config"]),
+    // Routing mode's choice of upstream: the map file and the precedence of rule, map and
+    // default; it reads upstream names from the config.
+    ("routing", &["config"]),
     // Logging, privilege drop, sd_notify: the `[log]`/`[process]` tables, audit dirs.
     ("daemon", &["config", "audit"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
@@ -25,12 +28,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "session",
         &[
-            "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics",
+            "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
     // `[metrics]` bind error among the start errors).
-    ("check", &["config", "net", "rules", "audit", "metrics"]),
+    (
+        "check",
+        &["config", "net", "rules", "audit", "metrics", "routing"],
+    ),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),
     // The crate root's run loop, split out of lib.rs: the snapshot sessions start with, the

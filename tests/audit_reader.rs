@@ -37,6 +37,7 @@ fn day_one() -> Vec<AuditEvent> {
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:995"),
                 proxy: None,
+                original_dst: None,
                 client_tls: Some(TlsInfo {
                     version: "TLSv1_3".into(),
                     cipher: "TLS13_AES_256_GCM_SHA384".into(),
@@ -53,6 +54,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -63,6 +65,7 @@ fn day_one() -> Vec<AuditEvent> {
                 client: addr("203.0.113.9:40000"),
                 local: addr("192.0.2.10:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         ),
@@ -87,6 +90,7 @@ fn day_one() -> Vec<AuditEvent> {
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -176,6 +180,7 @@ fn day_two() -> Vec<AuditEvent> {
                 client: addr("[2001:db8::7]:50000"),
                 local: addr("[2001:db8::10]:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         ),
@@ -188,6 +193,7 @@ fn day_two() -> Vec<AuditEvent> {
                 outcome: Outcome::Success,
                 code: None,
                 rule: None,
+                upstream: None,
             },
         ),
         AuditEvent::at(
@@ -570,6 +576,7 @@ fn table_names_the_instance_when_there_are_several() {
                 client: addr("198.51.100.7:51544"),
                 local: addr("192.0.2.10:110"),
                 proxy: None,
+                original_dst: None,
                 client_tls: None,
             },
         );

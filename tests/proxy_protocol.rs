@@ -286,7 +286,7 @@ fn the_readme_load_balancer_example_is_a_valid_config() {
     config.validate(path).expect("valid");
     assert!(config.listeners[0].proxy_protocol);
     assert_eq!(
-        config.upstream.forward_client,
+        config.upstreams[0].forward_client,
         popgate::config::ForwardClient::ProxyV2
     );
 }

@@ -234,6 +234,9 @@ struct State {
     #[cfg(any(test, feature = "faults"))]
     quits: usize,
     connections: usize,
+    /// The address of every client accepted, in order.
+    #[cfg(any(test, feature = "faults"))]
+    peers: Vec<SocketAddr>,
 }
 
 impl State {
@@ -393,6 +396,11 @@ impl DemoServer {
     pub fn connections(&self) -> usize {
         lock(&self.shared).connections
     }
+
+    /// The address of every client accepted so far, in order (whom the server saw).
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        lock(&self.shared).peers.clone()
+    }
 }
 
 impl Drop for DemoServer {
@@ -424,6 +432,8 @@ async fn accept_loop(
         let conn_no = {
             let mut st = lock(&shared);
             st.connections += 1;
+            #[cfg(any(test, feature = "faults"))]
+            st.peers.push(peer);
             st.connections
         };
         let session = Session::new(conn_no, Arc::clone(&shared), Arc::clone(&config));

@@ -218,6 +218,11 @@ pub struct SessionOpen {
     /// listeners); `client` is then the address from that header. Omitted otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<SocketAddr>,
+    /// With `upstream.address = "original-destination"`: the address the client connected to
+    /// before a `REDIRECT` sent the connection to popgate, and where popgate connects for it.
+    /// Omitted otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<SocketAddr>,
     /// TLS with the client, when the listener is implicit TLS (omitted otherwise; a later
     /// STLS upgrade is a `tls` event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -319,6 +324,9 @@ pub struct Login {
     /// event), if one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// Routing mode: the name of the upstream the login was routed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl Login {
@@ -335,6 +343,7 @@ impl Login {
             outcome: Outcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
             rule: None,
+            upstream: None,
         }
     }
 }

@@ -453,7 +453,8 @@ fn details(r: &AuditRecord) -> String {
         EventKind::SessionOpen(e) => {
             d.kv("listener", &e.listener)
                 .kv("client", e.client)
-                .kv("local", e.local);
+                .kv("local", e.local)
+                .opt("original_dst", e.original_dst.as_ref());
             if let Some(t) = &e.client_tls {
                 d.kv("tls", &t.version)
                     .kv("cipher", &t.cipher)

@@ -93,8 +93,9 @@ impl Collector for Polled {
         let mut refused = encoder.encode_descriptor(
             "popgate_sessions_refused",
             "Connections refused by limits.max_sessions_per_ip (per_ip), limits.max_sessions \
-             (max_sessions), or on a proxy_protocol listener (proxy_header: untrusted peer, \
-             missing, malformed or late header).",
+             (max_sessions), on a proxy_protocol listener (proxy_header: untrusted peer, \
+             missing, malformed or late header), or without a usable original destination \
+             (original_destination: not redirected, or redirected to popgate itself).",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -102,6 +103,7 @@ impl Collector for Polled {
             ("per_ip", c.per_ip_refused.load(Relaxed)),
             ("max_sessions", c.full_refused.load(Relaxed)),
             ("proxy_header", c.proxy_refused.load(Relaxed)),
+            ("original_destination", c.intercept_refused.load(Relaxed)),
         ] {
             ConstCounter::new(n).encode(refused.encode_family(&[("reason", reason)])?)?;
         }
@@ -357,6 +359,16 @@ impl Metrics {
                 };
             }
         }
+        if upstream.original_destination() {
+            // Each session has its own upstream: there is no one server to probe.
+            return Health {
+                ok: true,
+                reason: format!(
+                    "ok: {} listener(s) up, upstream is each connection's original destination",
+                    listeners.len()
+                ),
+            };
+        }
         let recent = {
             let seen = lock(&self.upstream);
             match (seen.ok, &seen.failed) {
@@ -373,7 +385,7 @@ impl Metrics {
                 reason: format!(
                     "ok: {} listener(s) up, upstream {} connected within {:?}",
                     listeners.len(),
-                    upstream.address,
+                    upstream.address.join(","),
                     self.health_window
                 ),
             };
@@ -386,7 +398,7 @@ impl Metrics {
                     reason: format!(
                         "ok: {} listener(s) up, upstream {} ({addr}) accepted a probe",
                         listeners.len(),
-                        upstream.address
+                        upstream.address.join(",")
                     ),
                 }
             }
@@ -394,7 +406,7 @@ impl Metrics {
                 lock(&self.upstream).failed = Some((Instant::now(), e.clone()));
                 Health {
                     ok: false,
-                    reason: format!("upstream {} unreachable: {e}", upstream.address),
+                    reason: format!("upstream {} unreachable: {e}", upstream.address.join(",")),
                 }
             }
         }
@@ -408,14 +420,22 @@ fn bytes_labels(listener: &str, direction: &str) -> Labels {
     ]
 }
 
-/// A TCP connect to the upstream (no POP3, no TLS), closed at once.
+/// A TCP connect to the upstream (no POP3, no TLS), closed at once: its addresses in order
+/// until one accepts.
 async fn probe(upstream: &UpstreamConfig) -> Result<SocketAddr, String> {
     let limit = upstream.connect_timeout.min(PROBE_TIMEOUT);
-    let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(&upstream.address))
-        .await
-        .map_err(|_| format!("TCP connect timed out after {limit:?}"))?
-        .map_err(|e| e.to_string())?;
-    tcp.peer_addr().map_err(|e| e.to_string())
+    let mut last = String::from("no address");
+    for address in &upstream.address {
+        let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| format!("TCP connect timed out after {limit:?}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match tcp {
+            Ok(tcp) => return tcp.peer_addr().map_err(|e| e.to_string()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// One session's handles: byte counters without a label lookup per read, and its place in
@@ -511,21 +531,21 @@ mod tests {
     async fn health_needs_listeners_and_a_recent_upstream_connect() {
         let gone = closed_port();
         let (m, config) = metrics(&gone);
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok && h.reason.contains("listener a"), "{h:?}");
         m.listener_up("a", true);
         // Nothing connected yet: the probe finds nobody.
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
         // A session's connect within the window is trusted without a probe.
         m.upstream_connected(Duration::from_millis(1));
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(h.ok && h.reason.contains("connected within"), "{h:?}");
         // A later failure makes it look again (and the probe fails).
         m.upstream_failed("tcp", "refused");
-        let h = m.health(&config.upstream).await;
+        let h = m.health(config.default_upstream()).await;
         assert!(!h.ok, "{h:?}");
         m.listener_up("a", false);
-        assert!(!m.health(&config.upstream).await.ok);
+        assert!(!m.health(config.default_upstream()).await.ok);
     }
 }

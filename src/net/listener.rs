@@ -245,7 +245,7 @@ impl Listener {
 /// Send `line` to a client popgate will not serve, and close. Never waits: the write goes
 /// straight to the fresh socket's empty send buffer, so a client that does not read cannot
 /// stall the accept loop (nor hold a task or a descriptor).
-fn refuse(tcp: TcpStream, line: &[u8]) {
+pub(crate) fn refuse(tcp: TcpStream, line: &[u8]) {
     if let Ok(std) = tcp.into_std() {
         let _ = (&std).write(line);
     }

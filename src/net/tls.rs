@@ -189,19 +189,30 @@ impl ServerTls {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    /// `server_name` when configured (or set per session by [`UpstreamTls::named`]);
+    /// otherwise the host part of the address dialled.
+    name: Option<ServerName<'static>>,
 }
 
 impl UpstreamTls {
     /// Build from `[upstream]`: system roots (rustls-native-certs) unless `ca_file`, optional
     /// client certificate, and `verify = false` only when explicitly configured.
     pub fn new(cfg: &UpstreamConfig) -> Result<UpstreamTls, TlsError> {
-        let host = cfg
-            .server_name
-            .clone()
-            .or_else(|| crate::config::split_host_port(&cfg.address).map(|(h, _)| h.to_owned()))
-            .unwrap_or_default();
-        let name = ServerName::try_from(host.clone()).map_err(|_| TlsError::BadServerName(host))?;
+        let name = match &cfg.server_name {
+            Some(host) => Some(
+                ServerName::try_from(host.clone())
+                    .map_err(|_| TlsError::BadServerName(host.clone()))?,
+            ),
+            None => {
+                // original-destination: each session names its server.
+                if !cfg.original_destination() {
+                    for a in &cfg.address {
+                        address_name(a)?;
+                    }
+                }
+                None
+            }
+        };
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?;
         let builder = if cfg.verify {
@@ -230,7 +241,7 @@ impl UpstreamTls {
             builder.with_root_certificates(roots)
         } else {
             tracing::warn!(
-                upstream = %cfg.address,
+                upstream = cfg.label(),
                 "upstream.verify = false: the upstream certificate is NOT verified; \
                  anyone on the path can impersonate the server"
             );
@@ -250,12 +261,37 @@ impl UpstreamTls {
         })
     }
 
-    /// Handshake over an established TCP connection.
-    pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {
+    /// Whether the name to verify is chosen per session (see [`UpstreamTls::named`]).
+    pub fn needs_name(&self) -> bool {
+        self.name.is_none()
+    }
+
+    /// The same settings, verifying (and sending as SNI) `name`.
+    pub fn named(&self, name: ServerName<'static>) -> UpstreamTls {
+        UpstreamTls {
+            config: self.config.clone(),
+            name: Some(name),
+        }
+    }
+
+    /// Handshake over an established TCP connection to `address` (`host:port`).
+    pub async fn connect(&self, tcp: TcpStream, address: &str) -> io::Result<Stream> {
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
-        let tls = connector.connect(self.name.clone(), tcp).await?;
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => address_name(address).map_err(io::Error::other)?,
+        };
+        let tls = connector.connect(name, tcp).await?;
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
     }
+}
+
+/// The name to verify for `address`: its host part.
+fn address_name(address: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = crate::config::split_host_port(address)
+        .map(|(h, _)| h.to_owned())
+        .unwrap_or_default();
+    ServerName::try_from(host.clone()).map_err(|_| TlsError::BadServerName(host))
 }
 
 /// Accepts any certificate (signatures are still checked): `upstream.verify = false`.
@@ -427,8 +463,9 @@ impl AsyncWrite for Stream {
 pub struct TlsSetup {
     /// Client-facing TLS, when `[tls]` is configured.
     pub server: Option<ServerTls>,
-    /// Upstream TLS, when `upstream.tls` is not `none`.
-    pub upstream: Option<UpstreamTls>,
+    /// Upstream TLS of each upstream (same order as `Config::upstreams`), when its `tls` is
+    /// not `none`.
+    pub upstreams: Vec<Option<UpstreamTls>>,
 }
 
 impl TlsSetup {
@@ -438,10 +475,14 @@ impl TlsSetup {
             Some(t) => Some(ServerTls::new(t)?),
             None => None,
         };
-        let upstream = match config.upstream.tls {
-            crate::config::TlsMode::None => None,
-            _ => Some(UpstreamTls::new(&config.upstream)?),
-        };
-        Ok(TlsSetup { server, upstream })
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| match u.tls {
+                crate::config::TlsMode::None => Ok(None),
+                _ => UpstreamTls::new(u).map(Some),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TlsSetup { server, upstreams })
     }
 }

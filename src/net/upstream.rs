@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::config::{ForwardClient, TlsMode, UpstreamConfig};
+use crate::net::pool::DeadAddresses;
 use crate::net::proxy_header;
 use crate::net::tls::{Stream, UpstreamTls};
 use crate::pop3::capa::offers_xclient;
@@ -69,6 +70,8 @@ impl ConnectStage {
 /// An open upstream connection.
 #[derive(Debug)]
 pub struct Upstream {
+    /// The address (as configured) that answered.
+    pub address: String,
     /// The connection, TLS already active for `starttls` and `implicit`.
     pub stream: Stream,
     /// Server bytes already read during setup (the greeting, with `starttls`), to be relayed
@@ -76,9 +79,47 @@ pub struct Upstream {
     pub preread: Vec<u8>,
 }
 
-/// Open a connection to the upstream within its connect timeout (TCP, STLS and handshake).
+/// Open a connection to the upstream: its addresses in order, each within the connect
+/// timeout (TCP, STLS and handshake). An address that fails at the TCP stage or times out is
+/// marked dead in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless
+/// all are. A TLS or protocol failure is returned at once: failing over would hide a
+/// misconfiguration (and the next server would most likely refuse the same way).
 pub async fn connect(
     cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+    max_line: usize,
+    origin: &ClientOrigin,
+    dead: &DeadAddresses,
+) -> Result<Upstream, ConnectError> {
+    let order = dead.order(&cfg.address, std::time::Instant::now());
+    let mut last = None;
+    for (i, address) in order.iter().enumerate() {
+        match connect_one(cfg, address, tls, max_line, origin).await {
+            Ok(u) => {
+                dead.mark_alive(address);
+                return Ok(u);
+            }
+            Err(e) if matches!(e.stage, ConnectStage::Tcp | ConnectStage::Timeout) => {
+                dead.mark_dead(address, std::time::Instant::now(), cfg.dead_for);
+                if i + 1 < order.len() {
+                    warn!(upstream = cfg.label(), %address, error = %e.reason, "upstream address failed; trying the next one");
+                }
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError {
+        address: String::new(),
+        stage: ConnectStage::Tcp,
+        reason: "no address configured".into(),
+    }))
+}
+
+/// One address within the connect timeout.
+async fn connect_one(
+    cfg: &UpstreamConfig,
+    address: &str,
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
@@ -86,11 +127,11 @@ pub async fn connect(
     let mut stage = ConnectStage::Tcp;
     let dialled = tokio::time::timeout(
         cfg.connect_timeout,
-        dial(cfg, tls, max_line, origin, &mut stage),
+        dial(cfg, address, tls, max_line, origin, &mut stage),
     )
     .await;
     let fail = |stage, reason| ConnectError {
-        address: cfg.address.clone(),
+        address: address.to_owned(),
         stage,
         reason,
     };
@@ -106,12 +147,13 @@ pub async fn connect(
 
 async fn dial(
     cfg: &UpstreamConfig,
+    address: &str,
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
     stage: &mut ConnectStage,
 ) -> Result<Upstream, String> {
-    let mut tcp = TcpStream::connect(&cfg.address)
+    let mut tcp = TcpStream::connect(address)
         .await
         .map_err(|e| e.to_string())?;
     // Commands and short responses must not wait for Nagle.
@@ -137,7 +179,7 @@ async fn dial(
                 TlsMode::Implicit => {
                     *stage = ConnectStage::Tls;
                     need_tls()?
-                        .connect(tcp)
+                        .connect(tcp, address)
                         .await
                         .map_err(|e| format!("TLS handshake: {e}"))?
                 }
@@ -147,6 +189,7 @@ async fn dial(
             if !xclient {
                 // The session reads the greeting itself.
                 return Ok(Upstream {
+                    address: address.to_owned(),
                     stream,
                     preread: Vec::new(),
                 });
@@ -155,7 +198,11 @@ async fn dial(
             send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
             let mut preread = greeting;
             preread.append(&mut buf);
-            Ok(Upstream { stream, preread })
+            Ok(Upstream {
+                address: address.to_owned(),
+                stream,
+                preread,
+            })
         }
         TlsMode::Starttls => {
             let mut tcp = tcp;
@@ -187,7 +234,7 @@ async fn dial(
             }
             *stage = ConnectStage::Tls;
             let mut stream = need_tls()?
-                .connect(tcp)
+                .connect(tcp, address)
                 .await
                 .map_err(|e| format!("TLS handshake after STLS: {e}"))?;
             *stage = ConnectStage::Setup;
@@ -202,6 +249,7 @@ async fn dial(
                 }
             }
             Ok(Upstream {
+                address: address.to_owned(),
                 stream,
                 preread: greeting,
             })
@@ -255,7 +303,7 @@ async fn send_xclient(
 }
 
 /// Read one line, leaving any bytes after it in `buf`.
-async fn read_line(
+pub(crate) async fn read_line(
     tcp: &mut (impl AsyncRead + Unpin),
     buf: &mut Vec<u8>,
     max_line: usize,

@@ -105,6 +105,8 @@ pub(crate) struct HopConfig {
     pub(crate) listener: Arc<str>,
     /// Client address, for rules and the login penalty.
     pub(crate) client_ip: IpAddr,
+    /// The original destination (transparent interception), for rules.
+    pub(crate) destination: Option<IpAddr>,
     /// Whether the client connection is under TLS from the start (implicit TLS).
     pub(crate) client_tls: bool,
     /// Whether this listener can offer STLS (a `starttls` listener with a certificate).
@@ -227,6 +229,23 @@ impl Hop {
             at = at.min(self.greeting_deadline);
         }
         at
+    }
+
+    /// Routing mode: the `route` rule (name, upstream) for a login as `user`, if one holds.
+    /// Route rules see a `command` event with verb USER and both `args` and `user` set to
+    /// the routed name, whatever the login method (the name is only complete at the end).
+    pub(crate) fn route(&self, user: &str) -> Option<(Arc<str>, Arc<str>)> {
+        self.policy.route(&Event {
+            verb: Some(Verb::User),
+            args: Some(user.as_bytes()),
+            user: Some(user),
+            ..event(
+                &self.cfg,
+                &self.tracker,
+                self.client_tls,
+                EventKind::Command,
+            )
+        })
     }
 
     /// The user rules and audit see (see [`Tracker::user`]).
@@ -1037,6 +1056,7 @@ fn event<'a>(cfg: &'a HopConfig, tracker: &'a Tracker, tls: bool, kind: EventKin
         tls,
         state: tracker.state(),
         user: tracker.user(),
+        destination: cfg.destination,
         ..Event::new(kind, &cfg.listener, cfg.client_ip)
     }
 }

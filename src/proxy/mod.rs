@@ -3,6 +3,7 @@
 //! and how to close) is taken here, over bytes the driver hands in, as [`Action`]s the driver
 //! carries out. Sockets, TLS and timers live in `session`.
 
+pub(crate) mod front;
 mod hop;
 pub(crate) mod policy;
 

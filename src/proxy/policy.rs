@@ -104,6 +104,11 @@ impl Policy {
         v
     }
 
+    /// Routing mode: the first `route` rule that holds for `ev` (its name and upstream).
+    pub(crate) fn route(&self, ev: &Event<'_>) -> Option<(Arc<str>, Arc<str>)> {
+        self.rules.route(ev)
+    }
+
     /// Whether a terminal rule would deny or drop `ev`; nothing is logged or counted.
     pub fn would_stop(&self, ev: &Event<'_>) -> bool {
         self.rules.has_rules_for(ev.kind)

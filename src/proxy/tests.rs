@@ -41,6 +41,7 @@ fn config() -> HopConfig {
     HopConfig {
         listener: Arc::from("test"),
         client_ip: IpAddr::from([127, 0, 0, 1]),
+        destination: None,
         client_tls: false,
         stls_available: false,
         max_line: 64,

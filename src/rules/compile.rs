@@ -61,6 +61,8 @@ const MAX_DELAY: Duration = Duration::from_secs(600);
 pub(super) struct Matchers {
     pub(super) listener: Option<Box<[Box<str>]>>,
     pub(super) client: Option<Box<[Cidr]>>,
+    /// Networks of the original destination; never holds without one.
+    pub(super) destination: Option<Box<[Cidr]>>,
     pub(super) tls: Option<bool>,
     /// Bit set of [`state_bit`]s.
     pub(super) states: u8,
@@ -123,7 +125,8 @@ pub(super) const NO_SET: u32 = u32::MAX;
 pub(super) struct Hot {
     /// [`Matchers::allowed_bits`].
     pub(super) allow: u16,
-    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener, client or size matchers).
+    /// [`ADDS_ITEMS`], [`DENY_OR_REWRITE`], [`COLD`] (listener, client, destination or size
+    /// matchers).
     pub(super) flags: u8,
     /// Bit set of the regex fields present.
     pub(super) regexes: u8,
@@ -159,6 +162,8 @@ pub(super) enum Effect {
     },
     Delay(Duration),
     Trace,
+    /// Routing mode: the upstream's name (looked up by [`RuleSet::route`] only).
+    Route(Arc<str>),
 }
 
 #[derive(Debug)]
@@ -290,6 +295,20 @@ impl RuleSet {
     pub(crate) fn has_rules_for(&self, kind: EventKind) -> bool {
         self.rules.iter().any(|r| r.on == kind)
     }
+
+    /// Every `route` rule's name and upstream, in load order.
+    #[cfg(test)]
+    pub(crate) fn routes(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.routes_in_files().map(|(_, r, u)| (r, u))
+    }
+
+    /// Every `route` rule's file, name and upstream, in load order.
+    pub(crate) fn routes_in_files(&self) -> impl Iterator<Item = (&Path, &str, &str)> + '_ {
+        self.rules.iter().filter_map(|r| match &r.effect {
+            Effect::Route(u) => Some((self.files[r.file].as_path(), &*r.name, &**u)),
+            _ => None,
+        })
+    }
 }
 
 /// Accumulates files and rules; checks name uniqueness across files.
@@ -350,7 +369,11 @@ impl Builder {
                 if matches!(r.action, Action::Deny | Action::Rewrite) {
                     flags |= DENY_OR_REWRITE;
                 }
-                if r.when.listener.is_some() || r.when.client.is_some() || r.when.size.is_some() {
+                if r.when.listener.is_some()
+                    || r.when.client.is_some()
+                    || r.when.destination.is_some()
+                    || r.when.size.is_some()
+                {
                     flags |= COLD;
                 }
                 let regexes = (0..3)
@@ -528,6 +551,10 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
                 "; only command arguments, status lines and CAPA items can be rewritten",
             );
         }
+        (Action::Route, E::Command) => {}
+        (Action::Route, _) => {
+            return refuse("; a route is chosen when the login is known (`on = \"command\"`)");
+        }
         (Action::Deny | Action::Drop | Action::Delay | Action::Trace, E::Close) => {
             return refuse("; the session is already over");
         }
@@ -535,7 +562,8 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
     }
 
     // Keys that belong to other actions.
-    let keys: [(&'static str, bool, &[Action]); 12] = [
+    let keys: [(&'static str, bool, &[Action]); 13] = [
+        ("upstream", raw.upstream.is_some(), &[Action::Route]),
         ("scope", raw.scope.is_some(), &[Action::Tag]),
         (
             "message",
@@ -600,6 +628,17 @@ fn matchers(raw: &RawRule) -> Result<Matchers, Problem> {
             nets.push(net);
         }
         m.client = Some(nets.into_boxed_slice());
+    }
+    if let Some(c) = &raw.destination {
+        let mut nets = Vec::new();
+        for value in non_empty("destination", c.clone())? {
+            let net = Cidr::parse(&value).map_err(|reason| Problem::BadCidr {
+                value: value.clone(),
+                reason,
+            })?;
+            nets.push(net);
+        }
+        m.destination = Some(nets.into_boxed_slice());
     }
     if let Some(s) = &raw.state {
         for name in non_empty("state", s.clone())? {
@@ -798,6 +837,21 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
             Effect::Delay(d)
         }
         Action::Rewrite => rewrite_effect(raw, on)?,
+        Action::Route => {
+            let name = raw.upstream.ok_or(Problem::MissingKey("upstream"))?;
+            // As `config::is_upstream_name` (rules may not use config).
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid {
+                return Err(invalid(
+                    "upstream",
+                    format!("`{name}` is not an upstream name"),
+                ));
+            }
+            Effect::Route(Arc::from(name))
+        }
     })
 }
 

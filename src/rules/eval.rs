@@ -2,6 +2,7 @@
 //! kind and verb, check their matchers, and fold their effects into a [`Verdict`]. No I/O.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use regex::bytes::SetMatches;
 use tracing::Level;
@@ -23,7 +24,7 @@ fn field<'a>(ev: &Event<'a>, f: usize) -> Option<&'a [u8]> {
 }
 
 impl Matchers {
-    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, size, and the regex fields in `fields`
+    /// The checks [`Hot`](super::compile::Hot) leaves open: listener, client, destination, size, and the regex fields in `fields`
     /// (a bit set) that no set search answered.
     fn hold_cold(&self, ev: &Event<'_>, fields: u8) -> bool {
         if let Some(names) = &self.listener
@@ -33,6 +34,13 @@ impl Matchers {
         }
         if let Some(nets) = &self.client
             && !nets.iter().any(|n| n.contains(ev.client))
+        {
+            return false;
+        }
+        if let Some(nets) = &self.destination
+            && !ev
+                .destination
+                .is_some_and(|d| nets.iter().any(|n| n.contains(d)))
         {
             return false;
         }
@@ -119,6 +127,10 @@ impl RuleSet {
             if (h.flags & COLD != 0 || cold_regexes != 0) && !r.when.hold_cold(ev, cold_regexes) {
                 continue;
             }
+            if matches!(r.effect, Effect::Route(_)) {
+                // Chosen apart, once per login: see `RuleSet::route`.
+                continue;
+            }
             v.matched.push(r.name.clone());
             match &r.effect {
                 Effect::Allow => {
@@ -195,6 +207,7 @@ impl RuleSet {
                     v.delay = Some(v.delay.unwrap_or_default().saturating_add(*d));
                 }
                 Effect::Trace => v.trace = true,
+                Effect::Route(_) => {}
             }
         }
         if !v.passes() {
@@ -208,6 +221,24 @@ impl RuleSet {
             v.rewritten = current.filter(|c| Some(c.as_slice()) != original);
         }
         v
+    }
+}
+
+impl RuleSet {
+    /// The first `route` rule whose matchers hold for `ev` (a login's command event): its
+    /// name and upstream. Other rules are not evaluated.
+    pub fn route(&self, ev: &Event<'_>) -> Option<(Arc<str>, Arc<str>)> {
+        let list = ev.kind as usize * VERB_SLOTS + verb_slot(ev.verb);
+        let bits = event_bits(ev);
+        self.index[list].iter().find_map(|&i| {
+            let r = &self.rules[i as usize];
+            let Effect::Route(upstream) = &r.effect else {
+                return None;
+            };
+            let h = &self.hot[i as usize];
+            (bits & !h.allow == 0 && r.when.hold_cold(ev, 0b111))
+                .then(|| (r.name.clone(), upstream.clone()))
+        })
     }
 }
 

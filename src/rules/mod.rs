@@ -96,6 +96,9 @@ pub struct Event<'a> {
     pub listener: &'a str,
     /// The client's address (an IPv4-mapped IPv6 address matches IPv4 networks).
     pub client: IpAddr,
+    /// With `upstream.address = "original-destination"`: the address the client connected to
+    /// before it was redirected to popgate (where the session connects).
+    pub destination: Option<IpAddr>,
     /// Whether the client side runs TLS (implicit, or after STLS).
     pub tls: bool,
     /// The RFC 1939 state.
@@ -126,6 +129,7 @@ impl<'a> Event<'a> {
             kind,
             listener,
             client,
+            destination: None,
             tls: false,
             state: State::Authorization,
             user: None,

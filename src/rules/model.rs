@@ -31,6 +31,9 @@ pub enum Action {
     Delay,
     /// Start a traffic transcript for the session; evaluation goes on.
     Trace,
+    /// Routing mode: send this login to the upstream named by `upstream`. Evaluated once per
+    /// login, apart from the other rules (see `rules/README.md`).
+    Route,
 }
 
 impl Action {
@@ -45,6 +48,7 @@ impl Action {
             Action::Drop => "drop",
             Action::Delay => "delay",
             Action::Trace => "trace",
+            Action::Route => "route",
         }
     }
 }
@@ -91,6 +95,8 @@ pub(crate) struct RawRule {
     pub(crate) listener: Option<OneOrMany>,
     /// Matcher: client networks (CIDR or single addresses).
     pub(crate) client: Option<OneOrMany>,
+    /// Matcher: original destination networks (transparent interception).
+    pub(crate) destination: Option<OneOrMany>,
     /// Matcher: client-side TLS on or off.
     pub(crate) tls: Option<bool>,
     /// Matcher: session states (`authorization`, `transaction`, `update`).
@@ -135,14 +141,17 @@ pub(crate) struct RawRule {
     pub(crate) keep_apop: Option<bool>,
     /// `tag`: `event` (default: the event's own audit record) or `session` (also every later one).
     pub(crate) scope: Option<String>,
+    /// `route`: the upstream's name.
+    pub(crate) upstream: Option<String>,
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub(crate) const KEYS: [&str; 26] = [
+pub(crate) const KEYS: [&str; 28] = [
     "name",
     "on",
     "listener",
     "client",
+    "destination",
     "tls",
     "state",
     "user",
@@ -165,6 +174,7 @@ pub(crate) const KEYS: [&str; 26] = [
     "add",
     "keep_apop",
     "scope",
+    "upstream",
 ];
 
 /// Decode a file into its rules, each with its [`RuleRef`]. Only `[[rule]]` tables may appear
@@ -253,6 +263,7 @@ impl RawRule {
             action: required(t, "action")?,
             listener: take(t, "listener")?,
             client: take(t, "client")?,
+            destination: take(t, "destination")?,
             tls: take(t, "tls")?,
             state: take(t, "state")?,
             user: take(t, "user")?,
@@ -274,6 +285,7 @@ impl RawRule {
             add: take(t, "add")?,
             keep_apop: take(t, "keep_apop")?,
             scope: take(t, "scope")?,
+            upstream: take(t, "upstream")?,
         };
         // Keys listed in KEYS but not decoded above would otherwise be ignored silently.
         if let Some(key) = t.keys().next() {
@@ -349,6 +361,7 @@ mod tests {
             on = "capa"
             listener = "l"
             client = "10.0.0.0/8"
+            destination = "192.0.2.0/24"
             tls = true
             state = "authorization"
             user = "u"
@@ -371,6 +384,7 @@ mod tests {
             add = "X"
             keep_apop = true
             scope = "session"
+            upstream = "u"
         "#;
         let table: toml::Table = toml::from_str(text).unwrap();
         assert_eq!(table.len(), KEYS.len());

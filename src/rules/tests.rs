@@ -121,6 +121,29 @@ fn matcher_listener() {
 }
 
 #[test]
+fn matcher_destination() {
+    let s = set(&one(
+        "on = \"command\"\ndestination = [\"192.0.2.0/24\", \"2001:db8::/32\"]\naction = \"deny\"",
+    ));
+    let to = |a: Option<&str>| {
+        s.evaluate(&Event {
+            destination: a.map(ip),
+            ..cmd(Verb::User, b"bob")
+        })
+        .passes()
+    };
+    assert!(!to(Some("192.0.2.9")));
+    assert!(!to(Some("2001:db8::110")));
+    assert!(to(Some("198.51.100.1")));
+    // No original destination (not intercepting): never holds.
+    assert!(to(None));
+    let e = err(&one(
+        "on = \"connect\"\ndestination = \"10.0.0.1/8\"\naction = \"drop\"",
+    ));
+    assert!(e.contains("10.0.0.1/8"), "{e}");
+}
+
+#[test]
 fn matcher_client() {
     let s = set(&one(
         "on = \"connect\"\nclient = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.1\"]\naction = \"drop\"",
@@ -1083,4 +1106,64 @@ fn size_and_scope_errors() {
             &[r, "`scope`", "no audit record of their own"],
         );
     }
+}
+
+#[test]
+fn route_rules_are_chosen_apart_and_the_first_that_holds_wins() {
+    let s = set(r#"
+        [[rule]]
+        name = "staff"
+        on = "command"
+        user = "@staff\\.example$"
+        action = "route"
+        upstream = "new"
+        [[rule]]
+        name = "lan"
+        on = "command"
+        client = "192.0.2.0/24"
+        action = "route"
+        upstream = "old"
+        [[rule]]
+        name = "log-user"
+        on = "command"
+        verbs = "USER"
+        action = "log"
+        message = "user"
+    "#);
+    let login = |user: &'static str| Event {
+        user: Some(user),
+        ..cmd(Verb::User, user.as_bytes())
+    };
+    let pick = |user| {
+        s.route(&login(user))
+            .map(|(r, u)| (r.to_string(), u.to_string()))
+    };
+    assert_eq!(
+        pick("a@staff.example"),
+        Some(("staff".into(), "new".into()))
+    );
+    assert_eq!(pick("b@example.org"), Some(("lan".into(), "old".into())));
+    let far = Event {
+        client: ip("203.0.113.9"),
+        ..login("b@example.org")
+    };
+    assert_eq!(s.route(&far), None);
+    // The ordinary evaluation never applies (or counts) a route rule.
+    let v = s.evaluate(&login("a@staff.example"));
+    assert_eq!(v.matched, vec![Arc::<str>::from("log-user")]);
+    assert_eq!(
+        s.routes().collect::<Vec<_>>(),
+        [("staff", "new"), ("lan", "old")]
+    );
+    // Errors: no upstream, a bad name, another event.
+    let rule = |extra: &str| format!("[[rule]]\nname = \"r\"\naction = \"route\"\n{extra}");
+    assert!(err(&rule("on = \"command\"\n")).contains("upstream"));
+    assert!(err(&rule("on = \"command\"\nupstream = \"a b\"\n")).contains("upstream"));
+    assert!(err(&rule("on = \"login\"\nupstream = \"x\"\n")).contains("route"));
+    assert!(
+        err(&rule(
+            "on = \"command\"\nupstream = \"x\"\nmessage = \"m\"\n"
+        ))
+        .contains("message")
+    );
 }

@@ -6,6 +6,7 @@
 //! and the server, per RFC 1939, deletes nothing.
 
 mod error;
+mod login;
 pub mod observer;
 mod read;
 
@@ -29,6 +30,9 @@ use crate::rules::{Event, EventKind, RuleSet};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
+/// The reply when no upstream can be reached.
+const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
+
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
 /// new one and swaps it in whole for later sessions.
@@ -47,6 +51,11 @@ pub struct Shared {
     /// Session caps and the failed-login penalty (`src/limits.rs`): one for the process's
     /// life, carried into each new snapshot (live counts survive a reload).
     pub limiter: Arc<crate::limits::Limiter>,
+    /// The routing map (`[routing] map`), when there is one.
+    pub(crate) routes: Option<Arc<crate::routing::RouteMap>>,
+    /// Upstream addresses failover skips for now: one for the process's life, carried into
+    /// each new snapshot like the limiter.
+    pub(crate) dead: Arc<crate::net::pool::DeadAddresses>,
     /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
@@ -66,6 +75,9 @@ pub struct SessionInfo {
     pub tls_mode: TlsMode,
     /// The balancer that sent a PROXY header naming `client` (`proxy_protocol` listeners).
     pub proxy: Option<SocketAddr>,
+    /// With `upstream.address = "original-destination"`: the address the client connected
+    /// to before a `REDIRECT` sent it to popgate, and where this session connects.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// The id of the first session of a popgate started at `start`: that time in microseconds
@@ -140,6 +152,7 @@ async fn open(
     let mut policy = Policy::new(shared.rules.clone());
     let connect = policy.evaluate(&Event {
         tls: client.is_tls(),
+        destination: info.original_dst.map(|d| d.ip()),
         ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
     });
     if let Some(d) = connect.delay {
@@ -180,6 +193,9 @@ async fn open(
         transcript,
     );
     observer.set_tags(&policy.tags);
+    if let Some(dst) = info.original_dst {
+        observer.set_original_destination(dst);
+    }
     observer.open(
         &info.listener,
         info.client,
@@ -204,47 +220,66 @@ async fn open(
         local: info.local,
         session: format!("popgate-{}", info.id),
     };
-    let dialled = Instant::now();
-    let upstream = match crate::net::upstream::connect(
-        &config.upstream,
-        shared.tls.upstream.as_ref(),
-        config.limits.max_line,
-        &origin,
-    )
-    .await
-    {
-        Ok(u) => {
-            shared.metrics.upstream_connected(dialled.elapsed());
-            if u.stream.is_tls() {
-                shared.metrics.tls_handshake("upstream", true);
+    // Routing mode: no upstream until the login is known; the front greets.
+    let (upstream_stream, preread, front) = if config.routing_mode() {
+        let greeting = config
+            .routing
+            .as_ref()
+            .map_or("popgate ready", |r| &r.greeting);
+        let front = crate::proxy::front::Front::new(greeting);
+        (Stream::Detached, Vec::new(), Some(Box::new(front)))
+    } else {
+        let dialled = Instant::now();
+        let index = config.default_index();
+        // Interception: the session's own destination (direct mode only, config checks it).
+        let target = upstream_target(&config, shared, &info, client_tls.as_ref());
+        let (upstream_cfg, upstream_tls) = match &target {
+            Some((cfg, tls)) => (cfg, tls.as_ref()),
+            None => (
+                &config.upstreams[index],
+                shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            ),
+        };
+        match crate::net::upstream::connect(
+            upstream_cfg,
+            upstream_tls,
+            config.limits.max_line,
+            &origin,
+            &shared.dead,
+        )
+        .await
+        {
+            Ok(u) => {
+                shared.metrics.upstream_connected(dialled.elapsed());
+                if u.stream.is_tls() {
+                    shared.metrics.tls_handshake("upstream", true);
+                }
+                live.from_upstream.inc_by(u.preread.len() as u64);
+                (u.stream, u.preread, None)
             }
-            live.from_upstream.inc_by(u.preread.len() as u64);
-            u
-        }
-        Err(e) => {
-            warn!(error = %e, "upstream unavailable");
-            shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
-            const UNAVAILABLE: &[u8] =
-                b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
-            let sent = match client.write_all(UNAVAILABLE).await {
-                Ok(()) => UNAVAILABLE.len() as u64,
-                Err(_) => 0,
-            };
-            live.to_client.inc_by(sent);
-            let _ = client.shutdown().await;
-            observer.close(
-                CloseReason::Error,
-                None,
-                0,
-                sent,
-                started.elapsed().as_millis() as u64,
-                &crate::proxy::Marks::default(),
-            );
-            observer.flush().await;
-            return Err(CloseReason::Error);
+            Err(e) => {
+                warn!(error = %e, "upstream unavailable");
+                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                let sent = match client.write_all(UNAVAILABLE).await {
+                    Ok(()) => UNAVAILABLE.len() as u64,
+                    Err(_) => 0,
+                };
+                live.to_client.inc_by(sent);
+                let _ = client.shutdown().await;
+                observer.close(
+                    CloseReason::Error,
+                    None,
+                    0,
+                    sent,
+                    started.elapsed().as_millis() as u64,
+                    &crate::proxy::Marks::default(),
+                );
+                observer.flush().await;
+                return Err(CloseReason::Error);
+            }
         }
     };
-    let upstream_tls = upstream.stream.tls_info();
+    let upstream_tls = upstream_stream.tls_info();
     if let Some(t) = &upstream_tls {
         debug!(version = %t.version, cipher = %t.cipher, "upstream TLS established");
         observer.tls(crate::audit::TlsSide::Upstream, t);
@@ -252,6 +287,7 @@ async fn open(
     let cfg = HopConfig {
         listener: info.listener.clone(),
         client_ip: info.client.ip(),
+        destination: info.original_dst.map(|d| d.ip()),
         client_tls: client.is_tls(),
         stls_available: info.tls_mode == TlsMode::Starttls && shared.tls.server.is_some(),
         max_line: config.limits.max_line,
@@ -266,13 +302,14 @@ async fn open(
     Ok(Driver {
         hop,
         client,
-        upstream: upstream.stream,
+        upstream: upstream_stream,
+        front,
         shared: shared.clone(),
         info,
         client_tls: client_tls.map(Box::new),
         upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
-        sin: BytesMut::from(&upstream.preread[..]),
+        sin: BytesMut::from(&preread[..]),
         observer: SessionObserver {
             observer,
             shared: shared.clone(),
@@ -348,6 +385,44 @@ async fn relay(
         "session closed"
     );
     reason
+}
+
+/// With `original-destination`: the upstream settings with the session's original destination
+/// as address, and the TLS client verifying the name [`intercept::server_name`] picks (unless
+/// `server_name` is set). `None`: the configured upstream.
+///
+/// [`intercept::server_name`]: crate::net::intercept::server_name
+fn upstream_target(
+    config: &Config,
+    shared: &Shared,
+    info: &SessionInfo,
+    client_tls: Option<&TlsInfo>,
+) -> Option<(
+    crate::config::UpstreamConfig,
+    Option<crate::net::tls::UpstreamTls>,
+)> {
+    let dst = info.original_dst?;
+    let index = config.default_index();
+    let cfg = crate::config::UpstreamConfig {
+        address: vec![dst.to_string()],
+        ..config.upstreams[index].clone()
+    };
+    let tls = shared
+        .tls
+        .upstreams
+        .get(index)
+        .and_then(Option::as_ref)
+        .map(|t| {
+            if t.needs_name() {
+                let sni = client_tls.and_then(|c| c.sni.as_deref());
+                let name = crate::net::intercept::server_name(sni, dst.ip());
+                debug!(server_name = ?name, "verifying the original server as");
+                t.named(name)
+            } else {
+                t.clone()
+            }
+        });
+    Some((cfg, tls))
 }
 
 /// `["a","b"]`.
@@ -449,7 +524,10 @@ impl Observe for SessionObserver {
 struct Driver {
     hop: Hop,
     client: Stream,
+    /// `Stream::Detached` while the front stands in for it (routing mode, before login).
     upstream: Stream,
+    /// Routing mode until the login succeeded upstream: the stand-in server.
+    front: Option<Box<crate::proxy::front::Front>>,
     shared: Arc<Shared>,
     info: SessionInfo,
     /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
@@ -471,6 +549,11 @@ impl Driver {
         &mut self,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<CloseReason, SessionError> {
+        if let Some(front) = &mut self.front {
+            // popgate's own greeting.
+            let greeting = front.take_output();
+            self.sin.extend_from_slice(&greeting);
+        }
         // The greeting may have been read already (upstream STLS).
         if !self.sin.is_empty() {
             self.hop.on_server_input(
@@ -497,6 +580,7 @@ impl Driver {
                 read::release_if_empty(&mut self.sin);
             }
             let wake = Instant::from_std(self.hop.deadline());
+            let connected = self.front.is_none();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => self.hop.on_shutdown(),
@@ -506,7 +590,7 @@ impl Driver {
                     } else {
                         read::read_lean(&mut self.upstream, &mut self.sin).await
                     }
-                } => match r {
+                }, if connected => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
@@ -564,6 +648,11 @@ impl Driver {
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
+                Action::ToUpstream(bytes) if self.front.is_some() => {
+                    // Boxed: routing mode before login only; its future (connect and login
+                    // replay) would otherwise sit in every session's task.
+                    Box::pin(self.feed_front(&bytes)).await?
+                }
                 Action::ToUpstream(bytes) => {
                     self.upstream
                         .write_all(&bytes)
@@ -598,6 +687,149 @@ impl Driver {
             }
         }
         Ok(None)
+    }
+
+    /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
+    /// as server input. A complete login is routed, connected and replayed here.
+    async fn feed_front(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let Some(front) = self.front.as_mut() else {
+            return Ok(());
+        };
+        front.input(bytes);
+        loop {
+            let Some(front) = self.front.as_mut() else {
+                return Ok(());
+            };
+            let answers = front.take_output();
+            let login = front.take_login();
+            let quit = front.quit();
+            self.server_input(&answers);
+            let Some(login) = login else {
+                if quit {
+                    // As a server closes after QUIT: the session ends, nothing was dialled.
+                    self.hop.on_upstream_eof();
+                }
+                return Ok(());
+            };
+            match self.route_login(&login).await {
+                Ok(done) => {
+                    let rest = self.front.take().map(|f| f.into_rest()).unwrap_or_default();
+                    self.upstream = done.stream;
+                    self.upstream_tls = self.upstream.tls_info().map(Box::new);
+                    if let Some(t) = &self.upstream_tls {
+                        self.observer
+                            .observer
+                            .tls(crate::audit::TlsSide::Upstream, t);
+                    }
+                    if !rest.is_empty() {
+                        self.upstream
+                            .write_all(&rest)
+                            .await
+                            .map_err(io_err(Side::Upstream))?;
+                        self.upstream
+                            .flush()
+                            .await
+                            .map_err(io_err(Side::Upstream))?;
+                        self.live.to_upstream.inc_by(rest.len() as u64);
+                    }
+                    let mut reply = done.reply;
+                    reply.extend_from_slice(&done.rest);
+                    self.live.from_upstream.inc_by(reply.len() as u64);
+                    self.server_input(&reply);
+                    return Ok(());
+                }
+                Err(reply) => {
+                    if let Some(front) = self.front.as_mut() {
+                        front.login_failed(&reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Server bytes (from the front or the login) into the hop.
+    fn server_input(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.sin.extend_from_slice(bytes);
+        self.hop.on_server_input(
+            std::time::Instant::now(),
+            &mut self.sin,
+            &mut self.cin,
+            &mut self.observer,
+        );
+    }
+
+    /// Pick the upstream for `login` (route rule, map, default), connect and replay. On
+    /// failure: the line that answers the client's login command.
+    async fn route_login(
+        &mut self,
+        login: &crate::proxy::front::Login,
+    ) -> Result<login::LoggedIn, Vec<u8>> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let rule = self.hop.route(&login.user);
+        let default = config.default_upstream().label();
+        let (name, why) = crate::routing::choose(
+            &login.user,
+            rule.as_ref().map(|(r, u)| (&**r, &**u)),
+            shared.routes.as_deref(),
+            default,
+        );
+        let index = config
+            .upstream_index(name)
+            .unwrap_or_else(|| config.default_index());
+        let upstream = &config.upstreams[index];
+        self.observer.observer.set_upstream(upstream.label());
+        let dialled = Instant::now();
+        // Who the session is for, as the upstream is told (`forward_client`): rebuilt here
+        // rather than kept in every session.
+        let origin = crate::net::upstream::ClientOrigin {
+            client: self.info.client,
+            local: self.info.local,
+            session: format!("popgate-{}", self.info.id),
+        };
+        let result = login::login_upstream(
+            upstream,
+            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            config.limits.max_line,
+            config.limits.login_timeout,
+            &origin,
+            &shared.dead,
+            login,
+        )
+        .await;
+        match result {
+            Ok(done) => {
+                shared.metrics.upstream_connected(dialled.elapsed());
+                if done.stream.is_tls() {
+                    shared.metrics.tls_handshake("upstream", true);
+                }
+                info!(
+                    user = %login.user,
+                    upstream = upstream.label(),
+                    address = %done.address,
+                    why = %why,
+                    "login routed"
+                );
+                Ok(done)
+            }
+            Err(login::LoginError::Refused(reply)) => {
+                info!(
+                    user = %login.user,
+                    upstream = upstream.label(),
+                    why = %why,
+                    "routed login refused by the upstream"
+                );
+                Err(reply)
+            }
+            Err(login::LoginError::Unavailable(e)) => {
+                warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
+                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                Err(UNAVAILABLE.to_vec())
+            }
+        }
     }
 
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.

@@ -53,6 +53,10 @@ pub struct Observer {
     uidls: HashMap<u32, String>,
     marked: Vec<u32>,
     transcript: Transcript,
+    /// For `session_open` (see [`Observer::set_original_destination`]).
+    original_dst: Option<SocketAddr>,
+    /// Routing mode: the upstream the login in progress was routed to.
+    upstream: Option<String>,
 }
 
 impl Observer {
@@ -74,7 +78,20 @@ impl Observer {
             uidls: HashMap::new(),
             marked: Vec::new(),
             transcript,
+            original_dst: None,
+            upstream: None,
         }
+    }
+
+    /// The original destination of a redirected connection (transparent interception), for
+    /// the `session_open` record and the transcript; call before [`Observer::open`].
+    pub fn set_original_destination(&mut self, dst: SocketAddr) {
+        self.original_dst = Some(dst);
+    }
+
+    /// Routing mode: the upstream the next login answer comes from (its `login` event names it).
+    pub fn set_upstream(&mut self, name: &str) {
+        self.upstream = Some(name.to_owned());
     }
 
     fn auditing(&self) -> bool {
@@ -131,6 +148,11 @@ impl Observer {
             self.transcript
                 .note(&format!("client {client} via proxy {p}"));
         }
+        if let Some(d) = self.original_dst {
+            self.transcript.note(&format!(
+                "client {client} redirected, original destination {d}"
+            ));
+        }
         if self.auditing() {
             self.push_tagged(
                 SessionOpen {
@@ -138,6 +160,7 @@ impl Observer {
                     client,
                     local,
                     proxy,
+                    original_dst: self.original_dst,
                     client_tls: tls.cloned(),
                 },
                 &strings(tags),
@@ -201,6 +224,7 @@ impl Observer {
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
             let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
                 if l.outcome == crate::audit::Outcome::Success {

@@ -208,6 +208,7 @@ pub struct PopgateOpts {
     log_dir: Option<String>,
     wait_for_log: bool,
     env: Vec<(String, String)>,
+    upstreams: Option<String>,
 }
 
 impl PopgateOpts {
@@ -253,6 +254,13 @@ impl PopgateOpts {
             "[log]\nlevel = \"{level}\"\ndir = \"log\"\nrotation = \"never\"\n"
         ))
         .log_dir("log")
+    }
+
+    /// Upstream tables (`[[upstream]]` entries, routing) written instead of the `[upstream]`
+    /// table with the address given to [`PopgateProcess::run`].
+    pub fn upstreams(mut self, toml: &str) -> PopgateOpts {
+        self.upstreams = Some(toml.to_owned());
+        self
     }
 
     /// An environment variable for the process (e.g. `NOTIFY_SOCKET`).
@@ -301,11 +309,15 @@ impl PopgateProcess {
         } else {
             "shutdown_grace = \"2s\"\n"
         };
+        let upstreams = opts
+            .upstreams
+            .clone()
+            .unwrap_or_else(|| format!("[upstream]\naddress = \"{upstream}\"\n"));
         std::fs::write(
             &cfg,
             format!(
                 "{grace}{}[[listener]]\nname = \"bin\"\nbind = \"{addr}\"\n{}\
-                 [upstream]\naddress = \"{upstream}\"\n{}",
+                 {upstreams}{}",
                 opts.top, opts.listener, opts.tables
             ),
         )

@@ -1,0 +1,244 @@
+//! Routing mode's choice of upstream for a user: the map file (`user upstream`,
+//! `@domain upstream`) and the order of precedence (a `route` rule, then the map's exact user,
+//! then its `@domain`, then `[routing] default`). No I/O but reading the map file.
+//!
+//! Case: user names are compared exactly, byte for byte (Dovecot's default is case-sensitive
+//! user names, and what popgate replays upstream is exactly what the client sent, so the name
+//! routed is the name the server checks). `ALICE`, `alice ` or `alice<TAB>` therefore do not
+//! match an `alice` line and go to the default upstream, where that server's own password
+//! check decides. Domains are case-insensitive (DNS names): the part after the last `@`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// A map file problem, with the file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the routing map: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A line is wrong.
+    #[error("{path}:{line}: {reason}")]
+    Line {
+        /// File.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The map file, parsed: exact users and lower-cased domains to upstream names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMap {
+    users: HashMap<String, String>,
+    domains: HashMap<String, String>,
+}
+
+/// Why a login went where it went (the routed-login log line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteReason {
+    /// A `route` rule of this name.
+    Rule(String),
+    /// The map's line for this user.
+    MapUser,
+    /// The map's `@domain` line.
+    MapDomain,
+    /// `[routing] default` (or the only upstream).
+    Default,
+}
+
+impl std::fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteReason::Rule(r) => write!(f, "rule {r}"),
+            RouteReason::MapUser => f.write_str("map user"),
+            RouteReason::MapDomain => f.write_str("map domain"),
+            RouteReason::Default => f.write_str("default"),
+        }
+    }
+}
+
+impl RouteMap {
+    /// Parse map text. `known` says whether an upstream name exists; `path` is for messages.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        known: impl Fn(&str) -> bool,
+    ) -> Result<RouteMap, MapError> {
+        let mut map = RouteMap::default();
+        for (i, raw) in text.lines().enumerate() {
+            let err = |reason: String| MapError::Line {
+                path: path.to_owned(),
+                line: i + 1,
+                reason,
+            };
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(key), Some(upstream), None) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(err(format!(
+                    "expected `user upstream` or `@domain upstream`, got {line:?}"
+                )));
+            };
+            if !known(upstream) {
+                return Err(err(format!("no upstream is named {upstream:?}")));
+            }
+            let (table, key) = match key.strip_prefix('@') {
+                Some("") => return Err(err("`@` without a domain".into())),
+                Some(d) if d.contains('@') => {
+                    return Err(err(format!("{key:?}: a domain has no `@`")));
+                }
+                Some(d) => (&mut map.domains, d.to_ascii_lowercase()),
+                None => (&mut map.users, key.to_owned()),
+            };
+            if let Some(prev) = table.insert(key.clone(), upstream.to_owned())
+                && prev != upstream
+            {
+                return Err(err(format!(
+                    "{key:?} is already routed to {prev:?} on an earlier line"
+                )));
+            }
+        }
+        Ok(map)
+    }
+
+    /// Read and parse the map file `path` for `config`'s upstreams.
+    pub fn load(path: &Path, config: &Config) -> Result<RouteMap, MapError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MapError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RouteMap::parse(&text, path, |n| config.upstream_index(n).is_some())
+    }
+
+    /// Entries (users and domains).
+    pub fn len(&self) -> usize {
+        self.users.len() + self.domains.len()
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The map's upstream for `user`: the exact user, else the domain after its last `@`.
+    pub fn lookup(&self, user: &str) -> Option<(&str, RouteReason)> {
+        if let Some(u) = self.users.get(user) {
+            return Some((u, RouteReason::MapUser));
+        }
+        let (_, domain) = user.rsplit_once('@')?;
+        self.domains
+            .get(&domain.to_ascii_lowercase())
+            .map(|u| (u.as_str(), RouteReason::MapDomain))
+    }
+}
+
+/// The upstream for `user`: the `rule` route (rule name, upstream) first, then the map, then
+/// `default`.
+pub fn choose<'a>(
+    user: &str,
+    rule: Option<(&'a str, &'a str)>,
+    map: Option<&'a RouteMap>,
+    default: &'a str,
+) -> (&'a str, RouteReason) {
+    if let Some((rule, upstream)) = rule {
+        return (upstream, RouteReason::Rule(rule.to_owned()));
+    }
+    map.and_then(|m| m.lookup(user))
+        .unwrap_or((default, RouteReason::Default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(text: &str) -> Result<RouteMap, MapError> {
+        RouteMap::parse(text, Path::new("m.map"), |n| ["old", "new"].contains(&n))
+    }
+
+    #[test]
+    fn parses_users_domains_comments_and_blank_lines() {
+        let m =
+            map("# migration\n\nalice old\n  @Example.ORG   new  \nbob@example.org old\n").unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.lookup("alice"), Some(("old", RouteReason::MapUser)));
+        assert_eq!(
+            m.lookup("carol@example.org"),
+            Some(("new", RouteReason::MapDomain))
+        );
+        // The exact user beats the domain.
+        assert_eq!(
+            m.lookup("bob@example.org"),
+            Some(("old", RouteReason::MapUser))
+        );
+        // Domains are case-insensitive; the part after the last `@` counts.
+        assert_eq!(
+            m.lookup("x@y@EXAMPLE.org"),
+            Some(("new", RouteReason::MapDomain))
+        );
+        assert_eq!(m.lookup("dave"), None);
+    }
+
+    #[test]
+    fn users_are_exact() {
+        let m = map("alice old\n").unwrap();
+        for variant in ["ALICE", "Alice", "alice ", "alice\t", " alice", "alice@"] {
+            assert_eq!(m.lookup(variant), None, "{variant:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        for (text, line, what) in [
+            (
+                "alice old\nbob nowhere\n",
+                2,
+                "no upstream is named \"nowhere\"",
+            ),
+            ("# c\nalice\n", 2, "expected"),
+            ("alice old extra\n", 1, "expected"),
+            ("@ old\n", 1, "without a domain"),
+            ("alice old\nalice new\n", 2, "already routed"),
+            ("@a@b old\n", 1, "a domain has no"),
+        ] {
+            let e = map(text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("m.map:{line}: ")), "{e}");
+            assert!(e.contains(what), "{e}");
+        }
+        // The same line twice is harmless.
+        assert!(map("alice old\nalice old\n").is_ok());
+    }
+
+    #[test]
+    fn precedence_rule_map_default() {
+        let m = map("alice old\n@example.org old\n").unwrap();
+        assert_eq!(
+            choose("alice", Some(("vip", "new")), Some(&m), "new").1,
+            RouteReason::Rule("vip".into())
+        );
+        assert_eq!(
+            choose("alice", None, Some(&m), "new"),
+            ("old", RouteReason::MapUser)
+        );
+        assert_eq!(
+            choose("zed", None, Some(&m), "new"),
+            ("new", RouteReason::Default)
+        );
+        assert_eq!(
+            choose("zed", None, None, "new"),
+            ("new", RouteReason::Default)
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Routing mode's login: connect to the upstream a login was routed to and replay the login
+//! there with the same method. The one place of that I/O (a bridge that logs in upstream with
+//! something other than the client's password adds its branch here).
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::config::UpstreamConfig;
+use crate::net::pool::DeadAddresses;
+use crate::net::tls::{Stream, UpstreamTls};
+use crate::net::upstream::{ClientOrigin, ConnectError, ConnectStage, read_line};
+use crate::pop3::response::{Status, StatusLine};
+use crate::proxy::front::{Login, Method};
+
+/// A login the upstream accepted.
+#[derive(Debug)]
+pub(crate) struct LoggedIn {
+    /// The upstream connection, in TRANSACTION state.
+    pub(crate) stream: Stream,
+    /// The address that answered.
+    pub(crate) address: String,
+    /// The upstream's final `+OK` line (CRLF included): the reply to the client's login.
+    pub(crate) reply: Vec<u8>,
+    /// Bytes the upstream sent after it (normally none).
+    pub(crate) rest: Vec<u8>,
+}
+
+/// Why a routed login did not succeed.
+#[derive(Debug)]
+pub(crate) enum LoginError {
+    /// The upstream could not be reached or set up (connect, greeting, a broken dialogue).
+    Unavailable(ConnectError),
+    /// The upstream answered a step with `-ERR`: that line (CRLF included) is the reply.
+    Refused(Vec<u8>),
+}
+
+/// Connect to `cfg` and replay `login`; the final status line is the login's reply. On any
+/// failure the upstream socket is closed without QUIT.
+pub(crate) async fn login_upstream(
+    cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+    max_line: usize,
+    reply_timeout: Duration,
+    origin: &ClientOrigin,
+    dead: &DeadAddresses,
+    login: &Login,
+) -> Result<LoggedIn, LoginError> {
+    let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead)
+        .await
+        .map_err(LoginError::Unavailable)?;
+    let address = up.address.clone();
+    let broken = |reason: String| {
+        LoginError::Unavailable(ConnectError {
+            address: address.clone(),
+            stage: ConnectStage::Setup,
+            reason,
+        })
+    };
+    let mut stream = up.stream;
+    let mut buf = up.preread;
+    let next_line = async |stream: &mut Stream, buf: &mut Vec<u8>| match tokio::time::timeout(
+        reply_timeout,
+        read_line(stream, buf, max_line),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(format!("no reply within {reply_timeout:?}")),
+    };
+    let greeting = next_line(&mut stream, &mut buf).await.map_err(broken)?;
+    if status(&greeting) != Some(Status::Ok) {
+        return Err(broken(format!(
+            "greeting is not +OK: {}",
+            String::from_utf8_lossy(&greeting).trim_end()
+        )));
+    }
+    // TODO(oauth2): an upstream with `oauth2` branches here: given (cfg, login.user,
+    // login.secret, the stream after its greeting) it checks the password locally, sends
+    // `AUTH XOAUTH2` + token and returns the final status line like the loop below.
+    let mut last = Vec::new();
+    for (i, line) in login.lines.iter().enumerate() {
+        stream
+            .write_all(line)
+            .await
+            .map_err(|e| broken(format!("sending the login: {e}")))?;
+        last = next_line(&mut stream, &mut buf).await.map_err(broken)?;
+        let more = i + 1 < login.lines.len();
+        match status(&last) {
+            // USER's +OK, or a SASL challenge: the next step.
+            Some(Status::Ok) if more && login.method == Method::UserPass => {}
+            Some(Status::Continue) if more && login.method != Method::UserPass => {}
+            Some(Status::Ok) => break,
+            Some(Status::Err) => return Err(LoginError::Refused(last)),
+            Some(Status::Continue) | None => {
+                return Err(broken(format!(
+                    "unexpected reply to the login: {}",
+                    String::from_utf8_lossy(&last).trim_end()
+                )));
+            }
+        }
+    }
+    Ok(LoggedIn {
+        stream,
+        address,
+        reply: last,
+        rest: buf,
+    })
+}
+
+fn status(line: &[u8]) -> Option<Status> {
+    StatusLine::parse(line).ok().map(|s| s.status)
+}
