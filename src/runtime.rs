@@ -211,16 +211,20 @@ impl Runtime {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let shutdown = self.close_sessions.subscribe();
         let mut draining = self.draining.subscribe();
-        self.tasks.spawn(async move {
+        // The steps before the session proper (PROXY header, session info, span) run in a
+        // boxed future of their own, freed when they end: the spawned task keeps only the
+        // session's future, its slots and its span, not the accepted connection's fields.
+        let prelude = Box::pin(async move {
             // Behind a balancer: the real client, from its PROXY header, or nothing; once the
             // drain starts, a header still awaited is not waited for.
-            let proxied = tokio::select! {
-                biased;
-                ok = a.proxied(&shared.limiter) => ok,
-                _ = draining.wait_for(|d| *d) => false,
-            };
+            let proxied = !a.proxy_header_due()
+                || tokio::select! {
+                    biased;
+                    ok = a.proxied(&shared.limiter) => ok,
+                    _ = draining.wait_for(|d| *d) => false,
+                };
             if !proxied {
-                return;
+                return None;
             }
             // Transparent interception: the server the client meant (refused when unknown or
             // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
@@ -235,7 +239,7 @@ impl Runtime {
                             a.tcp,
                             b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
                         );
-                        return;
+                        return None;
                     }
                 }
             } else {
@@ -252,17 +256,20 @@ impl Runtime {
             };
             let span =
                 tracing::info_span!("session", id, client = %a.client, listener = %info.listener);
-            async move {
-                match (a.proxy, original_dst) {
-                    (Some(proxy), _) => tracing::info!(%proxy, "session open"),
-                    (None, Some(dst)) => tracing::info!(original_dst = %dst, "session open"),
-                    (None, None) => tracing::info!("session open"),
-                }
-                session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown).await;
-                drop(a.slots);
-            }
-            .instrument(span)
-            .await
+            span.in_scope(|| match (a.proxy, original_dst) {
+                (Some(proxy), _) => tracing::info!(%proxy, "session open"),
+                (None, Some(dst)) => tracing::info!(original_dst = %dst, "session open"),
+                (None, None) => tracing::info!("session open"),
+            });
+            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown);
+            Some((session, a.slots, span))
+        });
+        self.tasks.spawn(async move {
+            let Some((session, slots, span)) = prelude.await else {
+                return;
+            };
+            session.instrument(span).await;
+            drop(slots);
         });
     }
 

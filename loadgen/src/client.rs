@@ -159,10 +159,14 @@ impl<S: Io> Client<S> {
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
-        timeout(self.op_timeout, self.io.write_all(&bytes))
-            .await
-            .map_err(|_| ClientError::Timeout("write"))?
-            .map_err(ClientError::Io)
+        // The flush matters under TLS: records a write left queued in rustls go out.
+        timeout(self.op_timeout, async {
+            self.io.write_all(&bytes).await?;
+            self.io.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout("write"))?
+        .map_err(ClientError::Io)
     }
 
     /// Send a command and expect `+OK`.

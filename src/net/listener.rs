@@ -60,6 +60,11 @@ struct ProxyIn {
 }
 
 impl Accepted {
+    /// Whether a PROXY header is still to be read ([`Accepted::proxied`] has work to do).
+    pub(crate) fn proxy_header_due(&self) -> bool {
+        self.proxy_in.is_some()
+    }
+
     /// On a `proxy_protocol` listener, read the PROXY header (the peer is already known to
     /// be trusted) and take the client and local address from it, then count the session
     /// against the real client's IP. `false`: the connection was refused and closed (logged).

@@ -400,6 +400,14 @@ impl Tracker {
         }
     }
 
+    /// Let go of the queue's memory while nothing is outstanding (a waiting session keeps
+    /// no room it does not use).
+    pub fn trim(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
+        }
+    }
+
     /// Current RFC 1939 state.
     pub fn state(&self) -> State {
         self.state

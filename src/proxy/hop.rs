@@ -202,6 +202,24 @@ impl Hop {
         self.actions.pop_front()
     }
 
+    /// Let go of the memory of empty queues, when nothing is outstanding: a session that
+    /// waits for its client holds only what it must remember.
+    pub(crate) fn trim(&mut self) {
+        if !self.tracker.idle() || !self.actions.is_empty() {
+            return;
+        }
+        self.tracker.trim();
+        if self.actions.capacity() > 0 {
+            self.actions = VecDeque::new();
+        }
+        if self.cmd_tags.is_empty() && self.cmd_tags.capacity() > 0 {
+            self.cmd_tags = VecDeque::new();
+        }
+        if self.up_out.is_empty() && self.up_out.capacity() > 0 {
+            self.up_out = Vec::new();
+        }
+    }
+
     /// Whether the driver may read from the client now. The one place this is decided.
     pub(crate) fn wants_client_input(&self) -> bool {
         !self.closed
@@ -767,6 +785,9 @@ impl Hop {
                         cin.clear();
                         if total > MAX_DISCARD_FACTOR * max_line {
                             warn!(octets = total, "endless line from client, closing");
+                            // The `-ERR line too long` queued for this line still goes out,
+                            // whether the junk came in one read or in many.
+                            self.write_due_locals(obs);
                             self.close(CloseReason::Error);
                             return;
                         }

@@ -8,6 +8,7 @@
 mod error;
 mod login;
 pub mod observer;
+mod read;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,10 +32,6 @@ use observer::Observer;
 
 /// The reply when no upstream can be reached.
 const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
-
-/// Initial read sizes. Server reads are larger because bodies stream through them.
-const CLIENT_READ: usize = 1024;
-const SERVER_READ: usize = 16 * 1024;
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
@@ -112,21 +109,44 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 
 /// Run a session to its end: TLS handshake (implicit listeners), connect upstream, relay,
 /// close. Never sends QUIT on its own.
-pub(crate) async fn run(
-    mut client: Stream,
+///
+/// The set-up (handshake, rules, upstream connect) is a boxed future of its own, built here
+/// and freed when it ends: the future that lives as long as the session holds only the relay's
+/// state, not the set-up's locals nor the arguments moved into it.
+pub(crate) fn run(
+    client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) -> CloseReason {
+) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
+    let setup = Box::pin(open(client, info, shared, started));
+    async move {
+        let mut driver = match setup.await {
+            Ok(d) => d,
+            Err(reason) => return reason,
+        };
+        relay(&mut driver, shutdown, started).await
+    }
+}
+
+/// Everything before the relay: client TLS handshake (implicit listeners), connect rules,
+/// audit set-up, upstream connect. `Err` when the session ended there.
+async fn open(
+    mut client: Stream,
+    info: SessionInfo,
+    shared: Arc<Shared>,
+    started: Instant,
+) -> Result<Driver, CloseReason> {
+    let shared = &shared;
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
-        match client_handshake(client, &shared).await {
+        match client_handshake(client, shared).await {
             Ok(c) => client = c,
             Err(e) => {
                 info!(error = %e, "client TLS handshake failed");
-                return CloseReason::Error;
+                return Err(CloseReason::Error);
             }
         }
     }
@@ -144,7 +164,7 @@ pub(crate) async fn run(
         Terminal::Pass => None,
         Terminal::Deny { reply, rule, .. } => {
             info!(%rule, "connection denied by rule");
-            record_rules(&shared, policy.take_tally());
+            record_rules(shared, policy.take_tally());
             let reply = format!("{reply}\r\n");
             let sent = match client.write_all(reply.as_bytes()).await {
                 Ok(()) => reply.len() as u64,
@@ -155,7 +175,7 @@ pub(crate) async fn run(
         }
         Terminal::Drop { rule } => {
             info!(%rule, "connection dropped by rule");
-            record_rules(&shared, policy.take_tally());
+            record_rules(shared, policy.take_tally());
             Some((rule, 0))
         }
     };
@@ -194,7 +214,7 @@ pub(crate) async fn run(
         let ms = started.elapsed().as_millis() as u64;
         observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
         observer.flush().await;
-        return CloseReason::RuleDrop;
+        return Err(CloseReason::RuleDrop);
     }
     observer.flush().await;
     let origin = crate::net::upstream::ClientOrigin {
@@ -209,12 +229,12 @@ pub(crate) async fn run(
             .as_ref()
             .map_or("popgate ready", |r| &r.greeting);
         let front = crate::proxy::front::Front::new(greeting);
-        (Stream::Detached, Vec::new(), Some(front))
+        (Stream::Detached, Vec::new(), Some(Box::new(front)))
     } else {
         let dialled = Instant::now();
         let index = config.default_index();
         // Interception: the session's own destination (direct mode only, config checks it).
-        let target = upstream_target(&config, &shared, &info, client_tls.as_ref());
+        let target = upstream_target(&config, shared, &info, client_tls.as_ref());
         let (upstream_cfg, upstream_tls) = match &target {
             Some((cfg, tls)) => (cfg, tls.as_ref()),
             None => (
@@ -257,7 +277,7 @@ pub(crate) async fn run(
                     &crate::proxy::Marks::default(),
                 );
                 observer.flush().await;
-                return CloseReason::Error;
+                return Err(CloseReason::Error);
             }
         }
     };
@@ -281,16 +301,15 @@ pub(crate) async fn run(
     };
     let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
-    let mut driver = Driver {
+    Ok(Driver {
         hop,
         client,
         upstream: upstream_stream,
         front,
-        origin,
         shared: shared.clone(),
         info,
-        client_tls,
-        upstream_tls,
+        client_tls: client_tls.map(Box::new),
+        upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
         sin: BytesMut::from(&preread[..]),
         observer: SessionObserver {
@@ -300,7 +319,16 @@ pub(crate) async fn run(
         },
         traffic: Traffic::default(),
         live,
-    };
+    })
+}
+
+/// Relay until the session ends, then close both sides and log the end.
+async fn relay(
+    driver: &mut Driver,
+    shutdown: watch::Receiver<bool>,
+    started: Instant,
+) -> CloseReason {
+    let shared = driver.shared.clone();
     let reason = match driver.drive(shutdown).await {
         Ok(r) => r,
         Err(e) if e.is_disconnect() => {
@@ -501,14 +529,13 @@ struct Driver {
     /// `Stream::Detached` while the front stands in for it (routing mode, before login).
     upstream: Stream,
     /// Routing mode until the login succeeded upstream: the stand-in server.
-    front: Option<crate::proxy::front::Front>,
-    /// Who the session is for, as the upstream is told (`forward_client`).
-    origin: crate::net::upstream::ClientOrigin,
+    front: Option<Box<crate::proxy::front::Front>>,
     shared: Arc<Shared>,
     info: SessionInfo,
-    /// Negotiated TLS on each side, for logs (audit events carry them as they happen).
-    client_tls: Option<TlsInfo>,
-    upstream_tls: Option<TlsInfo>,
+    /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
+    /// a plain session carries two null pointers, not two empty `TlsInfo`s.
+    client_tls: Option<Box<TlsInfo>>,
+    upstream_tls: Option<Box<TlsInfo>>,
     /// Client bytes not yet handled.
     cin: BytesMut,
     /// Server bytes not yet relayed.
@@ -544,16 +571,28 @@ impl Driver {
             }
             self.sync_observer().await;
             let want_client = self.hop.wants_client_input();
-            if want_client {
-                self.cin.reserve(CLIENT_READ);
+            // A waiting session holds no read buffer (see `read`); a streaming body is read
+            // straight into a large one, kept until the body ends.
+            read::release_if_empty(&mut self.cin);
+            self.hop.trim();
+            let in_body = self.hop.mid_response();
+            if in_body {
+                self.sin.reserve(read::BODY_READ);
+            } else {
+                read::release_if_empty(&mut self.sin);
             }
-            self.sin.reserve(SERVER_READ);
             let wake = Instant::from_std(self.hop.deadline());
             let connected = self.front.is_none();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => self.hop.on_shutdown(),
-                r = self.upstream.read_buf(&mut self.sin), if connected => match r {
+                r = async {
+                    if in_body {
+                        self.upstream.read_buf(&mut self.sin).await
+                    } else {
+                        read::read_lean(&mut self.upstream, &mut self.sin).await
+                    }
+                }, if connected => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
@@ -573,7 +612,7 @@ impl Driver {
                         }
                     }
                 },
-                r = self.client.read_buf(&mut self.cin), if want_client => {
+                r = read::read_lean(&mut self.client, &mut self.cin), if want_client => {
                     let n = r.map_err(io_err(Side::Client))?;
                     if n == 0 {
                         self.hop.on_client_eof();
@@ -600,19 +639,29 @@ impl Driver {
         while let Some(action) = self.hop.poll_action() {
             match action {
                 Action::ToClient(bytes) => {
+                    // The flush matters under TLS: a write that filled the socket leaves
+                    // records queued in rustls, and nothing else would send them (a stall
+                    // at the end of a body). A no-op on plain TCP.
                     self.client
                         .write_all(&bytes)
                         .await
                         .map_err(io_err(Side::Client))?;
+                    self.client.flush().await.map_err(io_err(Side::Client))?;
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
                 Action::ToUpstream(bytes) if self.front.is_some() => {
-                    self.feed_front(&bytes).await?
+                    // Boxed: routing mode before login only; its future (connect and login
+                    // replay) would otherwise sit in every session's task.
+                    Box::pin(self.feed_front(&bytes)).await?
                 }
                 Action::ToUpstream(bytes) => {
                     self.upstream
                         .write_all(&bytes)
+                        .await
+                        .map_err(io_err(Side::Upstream))?;
+                    self.upstream
+                        .flush()
                         .await
                         .map_err(io_err(Side::Upstream))?;
                     self.live.to_upstream.inc_by(bytes.len() as u64);
@@ -628,9 +677,10 @@ impl Driver {
                 }
                 Action::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
-                    self.client = client_handshake(plain, &self.shared).await?;
+                    // Boxed: a rare step whose future would otherwise sit in every session.
+                    self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
                     self.hop.client_tls_started(&mut self.cin);
-                    self.client_tls = self.client.tls_info();
+                    self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
@@ -667,7 +717,7 @@ impl Driver {
                 Ok(done) => {
                     let rest = self.front.take().map(|f| f.into_rest()).unwrap_or_default();
                     self.upstream = done.stream;
-                    self.upstream_tls = self.upstream.tls_info();
+                    self.upstream_tls = self.upstream.tls_info().map(Box::new);
                     if let Some(t) = &self.upstream_tls {
                         self.observer
                             .observer
@@ -676,6 +726,10 @@ impl Driver {
                     if !rest.is_empty() {
                         self.upstream
                             .write_all(&rest)
+                            .await
+                            .map_err(io_err(Side::Upstream))?;
+                        self.upstream
+                            .flush()
                             .await
                             .map_err(io_err(Side::Upstream))?;
                         self.live.to_upstream.inc_by(rest.len() as u64);
@@ -732,13 +786,20 @@ impl Driver {
         self.observer.observer.set_upstream(upstream.label());
         let dialled = Instant::now();
         let bridge = shared.oauth2.get(upstream.label()).map(|b| &**b);
+        // Who the session is for, as the upstream is told (`forward_client`): rebuilt here
+        // rather than kept in every session.
+        let origin = crate::net::upstream::ClientOrigin {
+            client: self.info.client,
+            local: self.info.local,
+            session: format!("popgate-{}", self.info.id),
+        };
         let result = login::login_upstream(
             upstream,
             bridge,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
             config.limits.login_timeout,
-            &self.origin,
+            &origin,
             &shared.dead,
             login,
         )

@@ -47,7 +47,7 @@ pub struct Observer {
     session: u64,
     queue: Vec<AuditEvent>,
     tags: Vec<String>,
-    retrieval: Option<Retrieval>,
+    retrieval: Option<Box<Retrieval>>,
     /// Partial line of a UIDL listing being relayed.
     uidl_listing: Option<Vec<u8>>,
     uidls: HashMap<u32, String>,
@@ -238,14 +238,14 @@ impl Observer {
         match meta.verb {
             Some(v @ (Verb::Retr | Verb::Top)) if meta.multiline => {
                 if let (Some(verb), Some(msg)) = (RetrieveVerb::from_verb(v), meta.msg) {
-                    self.retrieval = Some(Retrieval {
+                    self.retrieval = Some(Box::new(Retrieval {
                         verb,
                         msg,
                         lines: meta.lines,
                         octets: 0,
                         headers: HeaderExtractor::new(self.headers.clone()),
                         tags: tags.clone(),
-                    });
+                    }));
                 }
             }
             Some(Verb::Uidl) if meta.multiline => self.uidl_listing = Some(Vec::new()),
@@ -404,8 +404,18 @@ impl Observer {
     /// Emit the queued events (awaits only in `on_overflow = "block"` mode when full).
     pub async fn flush(&mut self) {
         self.transcript.flush();
+        if !self.queue.is_empty() {
+            // Boxed: the emit future is large and every relay loop awaits `flush`; this way
+            // a session only carries it while it has events to emit.
+            Box::pin(self.emit_queued()).await;
+        }
+    }
+
+    async fn emit_queued(&mut self) {
         for ev in self.queue.drain(..) {
             self.sink.emit(ev).await;
         }
+        // Events are rare: a session that waits keeps no room for them.
+        self.queue = Vec::new();
     }
 }
