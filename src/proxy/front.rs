@@ -11,7 +11,7 @@
 
 use base64::Engine as _;
 
-use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::command::{Command, Verb, is_separator, line_end, trim_eol};
 
 /// popgate's capability list before login (RFC 2449). TOP, UIDL and EXPIRE are the server's
 /// to state: a client asks CAPA again after login and gets the upstream's own list.
@@ -243,6 +243,12 @@ impl Front {
             return;
         };
         match cmd.verb {
+            // White space in the name: servers split it differently (the first word, or
+            // the whole rest of the line), so the name routed on would not be the one the
+            // server checks. Refused; an earlier USER stays, as a server keeps it.
+            Verb::User if cmd.args.iter().any(|&b| is_separator(b)) => {
+                self.reply("-ERR [AUTH] a user name with white space cannot be routed")
+            }
             Verb::User => {
                 let name = String::from_utf8_lossy(cmd.args).into_owned();
                 self.reply("+OK");
@@ -351,15 +357,18 @@ mod tests {
     fn user_pass_routes_on_the_last_user_and_keeps_what_follows() {
         let mut f = Front::new("g");
         out(&mut f);
-        f.input(b"USER a\r\nUSER b\tx \r\nPASS s e\r\nSTAT\r\n");
-        assert_eq!(out(&mut f), "+OK\r\n+OK\r\n");
+        f.input(b"USER a\r\nUSER b\r\nUSER c\tx \r\nPASS s e\r\nSTAT\r\n");
+        assert_eq!(
+            out(&mut f),
+            "+OK\r\n+OK\r\n-ERR [AUTH] a user name with white space cannot be routed\r\n"
+        );
         let l = f.take_login().unwrap();
         assert_eq!(l.method, Method::UserPass);
-        assert_eq!(l.user, "b\tx ");
+        assert_eq!(l.user, "b");
         assert_eq!(l.secret, b"s e");
         assert_eq!(
             l.lines,
-            vec![b"USER b\tx \r\n".to_vec(), b"PASS s e\r\n".to_vec()]
+            vec![b"USER b\r\n".to_vec(), b"PASS s e\r\n".to_vec()]
         );
         assert!(!format!("{l:?}").contains("s e"));
         // Nothing more is handled while the login is out.
