@@ -129,8 +129,7 @@ fn a_user_name_with_white_space_is_refused_not_routed_as_another_name() {
     ] {
         let mut c = RawPop::connect(r.proxy.addr);
         let reply = c.cmd(variant);
-        assert!(reply.starts_with("-ERR"), "{variant:?}: {reply}");
-        assert_eq!(c.cmd("PASS pw"), "-ERR USER first", "{variant:?}");
+        assert!(reply.starts_with("-ERR [AUTH]"), "{variant:?}: {reply}");
         // The client may go on with a proper name.
         assert_eq!(c.cmd("USER alice"), "+OK");
         assert!(c.cmd("PASS pw").starts_with("+OK"), "{variant:?}");
@@ -143,6 +142,10 @@ fn a_user_name_with_white_space_is_refused_not_routed_as_another_name() {
         );
         c.cmd("QUIT");
     }
+    // Nothing is left pending by a refused name.
+    let mut c = RawPop::connect(r.proxy.addr);
+    assert!(c.cmd("USER alice x").starts_with("-ERR"));
+    assert_eq!(c.cmd("PASS pw"), "-ERR USER first");
     assert_eq!(
         new.connections(),
         0,
@@ -155,4 +158,223 @@ fn a_user_name_with_white_space_is_refused_not_routed_as_another_name() {
         "{:?}",
         old.received()
     );
+}
+
+/// An upstream that sends a line before it is asked (here right after its greeting): the
+/// replay must not take that line for the answer to USER, and then USER's `+OK` for the
+/// answer to PASS, logging the client in on a password the server refused.
+#[test]
+fn an_upstream_that_speaks_out_of_turn_never_logs_the_client_in() {
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let s = script(
+        b"+OK ready\r\n+OK stray line\r\n",
+        vec![
+            Some(b"+OK send PASS\r\n"),
+            Some(b"-ERR [AUTH] wrong password\r\n"),
+        ],
+    );
+    let r = routing_proxy(
+        &h,
+        &quoted(s.addr),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    assert_eq!(c.cmd("USER alice"), "+OK");
+    let reply = c.cmd("PASS wrong");
+    assert!(reply.starts_with("-ERR"), "logged in: {reply}");
+    // Still before login: STAT is refused, not relayed.
+    assert!(c.cmd("STAT").starts_with("-ERR"));
+    // The client can still log in elsewhere.
+    assert_eq!(c.cmd("USER carol"), "+OK");
+    assert!(c.cmd("PASS pw").starts_with("+OK"));
+    assert!(c.cmd("STAT").starts_with("+OK 1 "));
+}
+
+/// The client leaves while its routed login is being replayed: no QUIT reaches the server
+/// (nothing is deleted) and the upstream connection is closed (the maildrop lock is freed).
+#[test]
+fn a_client_that_leaves_during_the_routed_login_leaves_nothing_behind() {
+    let h = Harness::new();
+    let old = server(
+        &h,
+        "old",
+        &["alice"],
+        Faults {
+            greeting_delay: Some(Duration::from_millis(500)),
+            ..Faults::default()
+        },
+    );
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let r = routing_proxy(
+        &h,
+        &quoted(old.local_addr()),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    c.send_raw(b"USER alice\r\nPASS pw\r\nDELE 1\r\nQUIT\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    c.abort();
+    common::wait_until("the login reaches old", || {
+        old.received().iter().any(|l| l.starts_with(b"PASS"))
+    });
+    common::wait_until("the maildrop is unlocked", || !old.is_locked("alice"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(old.quit_count(), 0);
+    assert_eq!(old.messages("alice").len(), 1);
+}
+
+/// Upstreams that break the replayed login: a `-ERR` greeting, a hang-up after USER's `+OK`,
+/// a non-POP3 answer. Each gives `-ERR [SYS/TEMP]`, the client stays in AUTHORIZATION, and the
+/// server's words are not the reply.
+#[test]
+fn broken_routed_logins_answer_sys_temp_and_the_client_may_retry() {
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let garbage = server(
+        &h,
+        "old",
+        &["alice"],
+        Faults {
+            garbage_on: Some(Verb::Pass),
+            ..Faults::default()
+        },
+    );
+    let cases = [
+        script(b"-ERR [SYS/TEMP] too busy\r\n", vec![]),
+        script(b"+OK hi\r\n", vec![Some(b"+OK send PASS\r\n"), None]),
+        script(b"+OK hi\r\n", vec![None]),
+    ];
+    let mut addrs: Vec<SocketAddr> = cases.iter().map(|s| s.addr).collect();
+    addrs.push(garbage.local_addr());
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let r = routing_proxy(
+            &h,
+            &quoted(addr),
+            &quoted(new.local_addr()),
+            "alice old\n",
+            "",
+        );
+        let mut c = RawPop::connect(r.proxy.addr);
+        assert_eq!(c.cmd("USER alice"), "+OK");
+        assert_eq!(c.cmd("PASS pw"), UNAVAILABLE, "case {i}");
+        assert!(c.cmd("STAT").starts_with("-ERR"), "case {i}");
+        assert_eq!(c.cmd("USER carol"), "+OK");
+        assert!(c.cmd("PASS pw").starts_with("+OK"), "case {i}");
+        c.cmd("QUIT");
+    }
+    // The hang-up came after the password was sent; nothing else was.
+    let got = cases[1].received.lock().unwrap().clone();
+    assert_eq!(got, ["USER alice\r\n", "PASS pw\r\n"]);
+}
+
+/// SASL and pre-login corner cases the front answers itself, without dialling anything.
+#[test]
+fn sasl_forms_and_pre_login_commands_are_answered_by_the_front() {
+    let h = Harness::new();
+    let old = server(&h, "old", &["alice"], Faults::default());
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let r = routing_proxy(
+        &h,
+        &quoted(old.local_addr()),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    // AUTH without argument: the mechanisms.
+    assert!(c.cmd("AUTH").starts_with("+OK"));
+    assert_eq!(c.line(), "PLAIN");
+    assert_eq!(c.line(), "LOGIN");
+    assert_eq!(c.line(), ".");
+    // RFC 5034's `=` (empty initial response) is no PLAIN message.
+    assert!(c.cmd("AUTH PLAIN =").starts_with("-ERR"));
+    // Base64 with white space inside, or without its padding: refused, not guessed.
+    let plain = base64(b"\0alice\0pw1");
+    let (a, b) = plain.split_at(4);
+    assert!(c.cmd(&format!("AUTH PLAIN {a} {b}")).starts_with("-ERR"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {}", plain.trim_end_matches('=')))
+            .starts_with("-ERR")
+    );
+    // CAPA in the middle of an exchange is a SASL answer (valid base64, as a server takes
+    // it), never a command; `*` then cancels.
+    assert_eq!(c.cmd("AUTH LOGIN"), "+ VXNlcm5hbWU6");
+    assert_eq!(c.cmd("CAPA"), "+ UGFzc3dvcmQ6");
+    assert!(c.cmd("*").starts_with("-ERR"));
+    // AUTH LOGIN cancelled after the user name: no user is pending.
+    assert_eq!(c.cmd("AUTH LOGIN"), "+ VXNlcm5hbWU6");
+    assert_eq!(c.cmd(&base64(b"alice")), "+ UGFzc3dvcmQ6");
+    assert!(c.cmd("*").starts_with("-ERR"));
+    assert_eq!(c.cmd("PASS pw"), "-ERR USER first");
+    // Transaction commands before login.
+    for cmd in [
+        "STAT", "RETR 1", "DELE 1", "LIST", "UIDL", "TOP 1 0", "RSET",
+    ] {
+        assert!(c.cmd(cmd).starts_with("-ERR"), "{cmd}");
+    }
+    // A line over limits.max_line, a bare LF, a line in pieces.
+    let long = format!("USER {}", "a".repeat(9000));
+    assert!(c.cmd(&long).starts_with("-ERR"));
+    c.send_raw(b"NOOP\n");
+    assert!(c.line().starts_with("-ERR"));
+    assert_eq!((old.connections(), new.connections()), (0, 0));
+    c.send_raw(b"USE");
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b"R ali");
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b"ce\r\nPA");
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_raw(b"SS pw\r\nSTAT\r\n");
+    assert_eq!(c.line(), "+OK");
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.line().starts_with("+OK 1 "));
+    assert_eq!(new.connections(), 0);
+}
+
+/// A dead address comes back after `dead_for`; all addresses dead gives SYS/TEMP.
+#[test]
+fn a_dead_address_is_tried_again_after_dead_for() {
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let port_a = common::free_port();
+    let port_b = common::free_port();
+    let a: SocketAddr = format!("127.0.0.1:{port_a}").parse().unwrap();
+    let b: SocketAddr = format!("127.0.0.1:{port_b}").parse().unwrap();
+    let r = routing_proxy(
+        &h,
+        &format!("[\"{a}\", \"{b}\"]\ndead_for = \"1s\""),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    let login = |expect: &str| {
+        let mut c = RawPop::connect(r.proxy.addr);
+        c.cmd("USER alice");
+        let reply = c.cmd("PASS pw");
+        assert!(reply.starts_with(expect), "{reply}");
+    };
+    // Both dead.
+    login(UNAVAILABLE);
+    // b comes up: a is still skipped (and b answers); a comes up later, after dead_for.
+    let opts = |name: &str| {
+        ServerOptions::new(vec![mailbox(
+            "alice",
+            PW,
+            vec![format!("Subject: {name}\r\n\r\nx\r\n").into_bytes()],
+        )])
+    };
+    let sb = h.rt.block_on(DemoServer::start(b, opts("b"))).unwrap();
+    login("+OK");
+    assert_eq!(sb.connections(), 1);
+    let sa = h.rt.block_on(DemoServer::start(a, opts("a"))).unwrap();
+    login("+OK");
+    assert_eq!((sa.connections(), sb.connections()), (0, 2), "a still dead");
+    std::thread::sleep(Duration::from_millis(1200));
+    login("+OK");
+    assert_eq!(sa.connections(), 1, "a tried again after dead_for");
 }

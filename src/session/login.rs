@@ -80,6 +80,14 @@ pub(crate) async fn login_upstream(
     // `AUTH XOAUTH2` + token and returns the final status line like the loop below.
     let mut last = Vec::new();
     for (i, line) in login.lines.iter().enumerate() {
+        if !buf.is_empty() {
+            // A line nobody asked for would be taken for the answer to this step (USER's
+            // `+OK` for PASS's, logging the client in on a refused password).
+            return Err(broken(format!(
+                "the server spoke out of turn: {}",
+                String::from_utf8_lossy(&buf).trim_end()
+            )));
+        }
         stream
             .write_all(line)
             .await
