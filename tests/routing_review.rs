@@ -193,6 +193,35 @@ fn an_upstream_that_speaks_out_of_turn_never_logs_the_client_in() {
     assert!(c.cmd("STAT").starts_with("+OK 1 "));
 }
 
+/// The routed server accepts but does not greet: the client gets `-ERR [SYS/TEMP]` after
+/// `limits.greeting_timeout` as in direct mode, not only after the (longer) login timeout.
+#[test]
+fn a_routed_server_that_does_not_greet_is_given_greeting_timeout() {
+    let h = Harness::new();
+    let slow = server(
+        &h,
+        "old",
+        &["alice"],
+        Faults {
+            greeting_delay: Some(Duration::from_secs(8)),
+            ..Faults::default()
+        },
+    );
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let r = routing_proxy(
+        &h,
+        &quoted(slow.local_addr()),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "[limits]\ngreeting_timeout = \"1s\"\nlogin_timeout = \"60s\"\n",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    assert_eq!(c.cmd("USER alice"), "+OK");
+    assert_eq!(c.cmd("PASS pw"), UNAVAILABLE);
+    assert_eq!(c.cmd("USER carol"), "+OK");
+    assert!(c.cmd("PASS pw").starts_with("+OK"));
+}
+
 /// The client leaves while its routed login is being replayed: no QUIT reaches the server
 /// (nothing is deleted) and the upstream connection is closed (the maildrop lock is freed).
 #[test]

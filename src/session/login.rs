@@ -35,12 +35,15 @@ pub(crate) enum LoginError {
     Refused(Vec<u8>),
 }
 
-/// Connect to `cfg` and replay `login`; the final status line is the login's reply. On any
-/// failure the upstream socket is closed without QUIT.
+/// Connect to `cfg` and replay `login`; the final status line is the login's reply. The
+/// greeting is awaited `greeting_timeout` (as in direct mode), each answer `reply_timeout`. On
+/// any failure the upstream socket is closed without QUIT.
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 pub(crate) async fn login_upstream(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
+    greeting_timeout: Duration,
     reply_timeout: Duration,
     origin: &ClientOrigin,
     dead: &DeadAddresses,
@@ -59,16 +62,19 @@ pub(crate) async fn login_upstream(
     };
     let mut stream = up.stream;
     let mut buf = up.preread;
-    let next_line = async |stream: &mut Stream, buf: &mut Vec<u8>| match tokio::time::timeout(
-        reply_timeout,
-        read_line(stream, buf, max_line),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(format!("no reply within {reply_timeout:?}")),
-    };
-    let greeting = next_line(&mut stream, &mut buf).await.map_err(broken)?;
+    let next_line =
+        async |stream: &mut Stream, buf: &mut Vec<u8>, limit: Duration| match tokio::time::timeout(
+            limit,
+            read_line(stream, buf, max_line),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(format!("no reply within {limit:?}")),
+        };
+    let greeting = next_line(&mut stream, &mut buf, greeting_timeout)
+        .await
+        .map_err(broken)?;
     if status(&greeting) != Some(Status::Ok) {
         return Err(broken(format!(
             "greeting is not +OK: {}",
@@ -92,7 +98,9 @@ pub(crate) async fn login_upstream(
             .write_all(line)
             .await
             .map_err(|e| broken(format!("sending the login: {e}")))?;
-        last = next_line(&mut stream, &mut buf).await.map_err(broken)?;
+        last = next_line(&mut stream, &mut buf, reply_timeout)
+            .await
+            .map_err(broken)?;
         let more = i + 1 < login.lines.len();
         match status(&last) {
             // USER's +OK, or a SASL challenge: the next step.

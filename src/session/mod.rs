@@ -733,6 +733,7 @@ impl Driver {
             upstream,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
+            config.limits.greeting_timeout,
             config.limits.login_timeout,
             &self.origin,
             &shared.dead,
