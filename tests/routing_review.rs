@@ -407,3 +407,113 @@ fn a_dead_address_is_tried_again_after_dead_for() {
     login("+OK");
     assert_eq!(sa.connections(), 1, "a tried again after dead_for");
 }
+
+/// `forward_client` is per upstream: the PROXY header goes to the upstream that asks for it,
+/// naming the real client, and never to the other one.
+#[test]
+fn forward_client_is_per_upstream_in_routing_mode() {
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let old = script(
+        b"+OK hi\r\n",
+        vec![
+            Some(b""),
+            Some(b"+OK send PASS\r\n"),
+            Some(b"+OK logged in\r\n"),
+            Some(b"+OK bye\r\n"),
+        ],
+    );
+    let r = routing_proxy(
+        &h,
+        &format!("\"{}\"\nforward_client = \"proxy-v1\"", old.addr),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    for user in ["carol", "alice"] {
+        let mut c = RawPop::connect(r.proxy.addr);
+        assert_eq!(c.cmd(&format!("USER {user}")), "+OK");
+        assert!(c.cmd("PASS pw").starts_with("+OK"), "{user}");
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+        if user == "alice" {
+            common::wait_until("QUIT reaches old", || {
+                old.received.lock().unwrap().len() == 4
+            });
+            let got = old.received.lock().unwrap().clone();
+            let header: Vec<&str> = got[0].split_whitespace().collect();
+            assert_eq!(header[..4], ["PROXY", "TCP4", "127.0.0.1", "127.0.0.1"]);
+            assert_eq!(header[5], r.proxy.addr.port().to_string(), "{header:?}");
+            assert_eq!(got[1..], ["USER alice\r\n", "PASS pw\r\n", "QUIT\r\n"]);
+        }
+    }
+    assert!(
+        new.received().iter().all(|l| !l.starts_with(b"PROXY")),
+        "{:?}",
+        new.received()
+    );
+}
+
+/// A USER sent in plaintext does not survive STLS: under TLS the client starts afresh (RFC
+/// 2595: nothing learned before the handshake counts after it), so PASS alone under TLS is not
+/// a login as the plaintext (possibly injected) name.
+#[test]
+fn a_plaintext_user_does_not_survive_stls() {
+    let h = Harness::new();
+    let old = server(&h, "old", &["alice", "mallory"], Faults::default());
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let toml_listener = format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [[upstream]]\nname = \"old\"\naddress = \"{}\"\n\
+         [[upstream]]\nname = \"new\"\naddress = \"{}\"\n[routing]\ndefault = \"old\"\n",
+        old.local_addr(),
+        new.local_addr()
+    );
+    let p = h.proxy_toml(&toml_listener);
+    let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut plain = BufReader::new(tcp);
+    let mut line = String::new();
+    plain.read_line(&mut line).unwrap();
+    assert!(line.starts_with("+OK"), "{line}");
+    let ask = |r: &mut BufReader<std::net::TcpStream>, cmd: &str| {
+        r.get_mut()
+            .write_all(format!("{cmd}\r\n").as_bytes())
+            .unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l
+    };
+    assert_eq!(ask(&mut plain, "USER mallory"), "+OK\r\n");
+    assert!(ask(&mut plain, "STLS").starts_with("+OK"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = BufReader::new(rustls::StreamOwned::new(conn, plain.into_inner()));
+    let mut ask_tls = |cmd: &str| {
+        tls.get_mut()
+            .write_all(format!("{cmd}\r\n").as_bytes())
+            .unwrap();
+        let mut l = String::new();
+        tls.read_line(&mut l).unwrap();
+        l
+    };
+    assert_eq!(ask_tls("PASS pw"), "-ERR USER first\r\n");
+    assert_eq!(
+        old.connections(),
+        0,
+        "nothing dialled for the plaintext name"
+    );
+    assert_eq!(ask_tls("USER alice"), "+OK\r\n");
+    assert!(ask_tls("PASS pw").starts_with("+OK"));
+}

@@ -131,6 +131,14 @@ impl Front {
         self.run();
     }
 
+    /// The client's TLS handshake after STLS completed: nothing from before it counts (RFC
+    /// 2595), so a USER sent in plaintext is forgotten.
+    pub(crate) fn tls_started(&mut self) {
+        if matches!(self.state, State::Ready { .. }) {
+            self.state = State::Ready { user: None };
+        }
+    }
+
     /// The login succeeded upstream: what the hop sent after the login command, for the
     /// upstream.
     pub(crate) fn into_rest(self) -> Vec<u8> {

@@ -628,6 +628,9 @@ impl Driver {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     self.client = client_handshake(plain, &self.shared).await?;
                     self.hop.client_tls_started(&mut self.cin);
+                    if let Some(front) = self.front.as_mut() {
+                        front.tls_started();
+                    }
                     self.client_tls = self.client.tls_info();
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
