@@ -517,3 +517,35 @@ fn a_plaintext_user_does_not_survive_stls() {
     assert_eq!(ask_tls("USER alice"), "+OK\r\n");
     assert!(ask_tls("PASS pw").starts_with("+OK"));
 }
+
+/// popgate shuts down while a routed login waits for a slow server: the session ends with the
+/// shutdown, it does not wait for the server (nor log the client in afterwards).
+#[test]
+fn a_shutdown_does_not_wait_for_a_routed_login() {
+    let h = Harness::new();
+    let slow = server(
+        &h,
+        "old",
+        &["alice"],
+        Faults {
+            greeting_delay: Some(Duration::from_secs(20)),
+            ..Faults::default()
+        },
+    );
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let mut r = routing_proxy(
+        &h,
+        &quoted(slow.local_addr()),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "[limits]\ngreeting_timeout = \"60s\"\n",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    assert_eq!(c.cmd("USER alice"), "+OK");
+    c.send("PASS pw");
+    common::wait_until("the routed server is dialled", || slow.connections() == 1);
+    r.proxy.shutdown(&h);
+    let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
+    assert!(!rest.contains("+OK"), "{rest}");
+    assert!(slow.received().is_empty(), "{:?}", slow.received());
+}

@@ -606,7 +606,7 @@ impl Driver {
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
                 Action::ToUpstream(bytes) if self.front.is_some() => {
-                    self.feed_front(&bytes).await?
+                    self.feed_front(&bytes, shutdown).await?
                 }
                 Action::ToUpstream(bytes) => {
                     self.upstream
@@ -644,7 +644,11 @@ impl Driver {
 
     /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
     /// as server input. A complete login is routed, connected and replayed here.
-    async fn feed_front(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    async fn feed_front(
+        &mut self,
+        bytes: &[u8],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
         let Some(front) = self.front.as_mut() else {
             return Ok(());
         };
@@ -664,7 +668,16 @@ impl Driver {
                 }
                 return Ok(());
             };
-            match self.route_login(&login).await {
+            // A shutdown does not wait for a slow upstream: the login is abandoned (the
+            // upstream socket closed without QUIT), as a command in flight would be.
+            let routed = tokio::select! {
+                r = self.route_login(&login) => r,
+                _ = shutdown.changed() => {
+                    self.hop.on_shutdown();
+                    return Ok(());
+                }
+            };
+            match routed {
                 Ok(done) => {
                     let rest = self.front.take().map(|f| f.into_rest()).unwrap_or_default();
                     self.upstream = done.stream;
