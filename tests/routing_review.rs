@@ -549,3 +549,102 @@ fn a_shutdown_does_not_wait_for_a_routed_login() {
     assert!(!rest.contains("+OK"), "{rest}");
     assert!(slow.received().is_empty(), "{:?}", slow.received());
 }
+
+/// Every file of a routing-mode run (trace logs, audit, full transcripts, `log` rules
+/// rendering commands) is free of the passwords and SASL payloads of routed logins: ones that
+/// succeed, ones the server refuses, and ones whose server is unreachable.
+#[test]
+fn routed_logins_leave_no_secret_in_logs_audit_or_transcripts() {
+    use common::proxy::{PopgateOpts, PopgateProcess};
+    let h = Harness::new();
+    let pass = format!("Rv-{}-pw", std::process::id() as u64 * 7919 + 12345);
+    let wrong = format!("Wr-{}-pw", std::process::id() as u64 * 104_729 + 777);
+    let old = h.upstream(ServerOptions::new(vec![mailbox(
+        "alice",
+        &pass,
+        vec![b"Subject: x\r\n\r\nbody\r\n".to_vec()],
+    )]));
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let rules = "[[rule]]\nname = \"log-commands\"\non = \"command\"\naction = \"log\"\n\
+                 message = \"rule-log {command} args={args} user={user}\"\n\
+                 [[rule]]\nname = \"log-responses\"\non = \"response\"\naction = \"log\"\n\
+                 message = \"rule-log response={text}\"\n";
+    let p = PopgateProcess::run(
+        "127.0.0.1:1".parse().unwrap(),
+        PopgateOpts::new()
+            .top("rules = [\"rules.toml\"]\n")
+            .file("rules.toml", rules)
+            .upstreams(&format!(
+                "[[upstream]]\nname = \"old\"\naddress = \"{}\"\n\
+                 [[upstream]]\nname = \"gone\"\naddress = \"{dead}\"\nconnect_timeout = \"1s\"\n\
+                 [routing]\ndefault = \"gone\"\nmap = \"routes.map\"\n",
+                old.local_addr()
+            ))
+            .file("routes.map", "alice old\n")
+            .log_to_dir("trace")
+            .tables(
+                "[audit]\nenabled = true\ndir = \"audit\"\n\
+                 [audit.transcript]\ndir = \"transcripts\"\nlisteners = [\"bin\"]\n\
+                 full_bodies = true\n",
+            )
+            .wait_for_log(),
+    );
+    let plain = |u: &str, pw: &str| base64(format!("\0{u}\0{pw}").as_bytes());
+    let mut c = RawPop::connect(p.addr);
+    c.cmd("USER alice");
+    assert!(c.cmd(&format!("PASS {wrong}")).starts_with("-ERR"));
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {}", plain("alice", &wrong)))
+            .starts_with("-ERR")
+    );
+    // Unreachable (the default).
+    c.cmd("USER bob");
+    assert_eq!(c.cmd(&format!("PASS {wrong}")), UNAVAILABLE);
+    assert_eq!(c.cmd("AUTH PLAIN"), "+ ");
+    assert_eq!(c.cmd(&plain("bob", &wrong)), UNAVAILABLE);
+    assert_eq!(c.cmd("AUTH LOGIN"), "+ VXNlcm5hbWU6");
+    c.cmd(&base64(b"alice"));
+    assert!(c.cmd(&base64(pass.as_bytes())).starts_with("+OK"));
+    assert!(c.cmd_multi("RETR 1").1.is_some());
+    c.cmd("QUIT");
+    let mut c = RawPop::connect(p.addr);
+    assert!(
+        c.cmd(&format!("AUTH PLAIN {}", plain("alice", &pass)))
+            .starts_with("+OK")
+    );
+    c.cmd("QUIT");
+    let log = p.wait_log("login routed", 2);
+    assert!(log.contains("rule-log"), "the rules logged");
+    let mut p = p;
+    p.stop();
+    let needles = [
+        pass.clone(),
+        wrong.clone(),
+        base64(pass.as_bytes()),
+        base64(wrong.as_bytes()),
+        plain("alice", &pass),
+        plain("alice", &wrong),
+        plain("bob", &wrong),
+    ];
+    let mut files = vec![p.dir.path().to_owned()];
+    let mut seen = 0;
+    while let Some(f) = files.pop() {
+        if f.is_dir() {
+            files.extend(std::fs::read_dir(&f).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if f.ends_with("rules.toml") || f.ends_with("popgate.toml") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        seen += usize::from(text.contains("alice"));
+        for n in &needles {
+            assert!(
+                !text.contains(n.as_str()),
+                "{n} in {}:\n{text}",
+                f.display()
+            );
+        }
+    }
+    assert!(seen >= 3, "logs, audit and transcripts name the user");
+}
