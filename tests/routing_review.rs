@@ -648,3 +648,36 @@ fn routed_logins_leave_no_secret_in_logs_audit_or_transcripts() {
     }
     assert!(seen >= 3, "logs, audit and transcripts name the user");
 }
+
+/// CAPA before login claims nothing the routed server may not honour: no APOP, no TOP/UIDL,
+/// and no AUTH-RESP-CODE, since a refused login is answered with the server's own `-ERR`
+/// (here one without `[AUTH]`), relayed as it is.
+#[test]
+fn capa_before_login_claims_nothing_the_server_may_not_honour() {
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let old = script(
+        b"+OK hi\r\n",
+        vec![Some(b"+OK send PASS\r\n"), Some(b"-ERR bad password\r\n")],
+    );
+    let r = routing_proxy(
+        &h,
+        &quoted(old.addr),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "",
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    let (_, body) = c.cmd_multi("CAPA");
+    let capa = String::from_utf8(body.unwrap()).unwrap();
+    let items: Vec<&str> = capa.lines().collect();
+    for absent in ["AUTH-RESP-CODE", "TOP", "UIDL", "APOP", "STLS", "UTF8"] {
+        assert!(
+            !items.iter().any(|i| i.split(' ').next() == Some(absent)),
+            "{absent}: {capa}"
+        );
+    }
+    assert!(items.contains(&"SASL PLAIN LOGIN"), "{capa}");
+    c.cmd("USER alice");
+    assert_eq!(c.cmd("PASS pw"), "-ERR bad password");
+}

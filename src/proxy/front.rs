@@ -14,12 +14,13 @@ use base64::Engine as _;
 use crate::pop3::command::{Command, Verb, is_separator, line_end, trim_eol};
 
 /// popgate's capability list before login (RFC 2449). TOP, UIDL and EXPIRE are the server's
-/// to state: a client asks CAPA again after login and gets the upstream's own list.
+/// to state: a client asks CAPA again after login and gets the upstream's own list. No
+/// AUTH-RESP-CODE (RFC 3206): a refused login is answered with the routed server's own `-ERR`,
+/// which has an `[AUTH]` code only if that server uses them.
 const CAPA: &[u8] = b"+OK capability list follows\r\n\
 USER\r\n\
 SASL PLAIN LOGIN\r\n\
 RESP-CODES\r\n\
-AUTH-RESP-CODE\r\n\
 PIPELINING\r\n\
 IMPLEMENTATION popgate\r\n\
 .\r\n";
