@@ -681,3 +681,43 @@ fn capa_before_login_claims_nothing_the_server_may_not_honour() {
     c.cmd("USER alice");
     assert_eq!(c.cmd("PASS pw"), "-ERR bad password");
 }
+
+/// A SASL user name may hold any byte (it is base64 on the wire), unlike a USER argument:
+/// control characters in it are escaped in the text log, so a client cannot forge log lines
+/// (or terminal escapes) through the routed-login lines.
+#[test]
+fn a_sasl_user_name_cannot_forge_log_lines() {
+    use common::proxy::{PopgateOpts, PopgateProcess};
+    let h = Harness::new();
+    let old = server(&h, "old", &["alice"], Faults::default());
+    let p = PopgateProcess::run(
+        "127.0.0.1:1".parse().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&format!(
+                "[[upstream]]\nname = \"old\"\naddress = \"{}\"\n\
+                 [[upstream]]\nname = \"new\"\naddress = \"{}\"\n\
+                 [routing]\ndefault = \"old\"\n",
+                old.local_addr(),
+                old.local_addr()
+            ))
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    let forged = "FORGED popgate: login routed user=root upstream=new";
+    let mut c = RawPop::connect(p.addr);
+    let name = format!("eve\n{forged}\r\x1b[2K");
+    let r = c.cmd(&format!(
+        "AUTH PLAIN {}",
+        base64(format!("\0{name}\0pw").as_bytes())
+    ));
+    assert!(r.starts_with("-ERR"), "{r}");
+    c.cmd("AUTH LOGIN");
+    c.cmd(&base64(name.as_bytes()));
+    assert!(c.cmd(&base64(b"pw")).starts_with("-ERR"));
+    c.cmd("QUIT");
+    let log = p.wait_log("routed login refused", 2);
+    for line in log.lines() {
+        assert!(!line.starts_with("FORGED"), "forged line:\n{log}");
+    }
+    assert!(!log.contains('\x1b'), "terminal escape in the log:\n{log}");
+}

@@ -744,6 +744,8 @@ impl Driver {
             .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
         self.observer.observer.set_upstream(upstream.label());
+        // A SASL name may hold any byte: control characters are escaped in the log line.
+        let shown = crate::pop3::printable(login.user.as_bytes());
         let dialled = Instant::now();
         let result = login::login_upstream(
             upstream,
@@ -763,7 +765,7 @@ impl Driver {
                     shared.metrics.tls_handshake("upstream", true);
                 }
                 info!(
-                    user = %login.user,
+                    user = %shown,
                     upstream = upstream.label(),
                     address = %done.address,
                     why = %why,
@@ -773,7 +775,7 @@ impl Driver {
             }
             Err(login::LoginError::Refused(reply)) => {
                 info!(
-                    user = %login.user,
+                    user = %shown,
                     upstream = upstream.label(),
                     why = %why,
                     "routed login refused by the upstream"
