@@ -193,27 +193,54 @@ fn an_upstream_that_speaks_out_of_turn_never_logs_the_client_in() {
     assert!(c.cmd("STAT").starts_with("+OK 1 "));
 }
 
-/// The routed server accepts but does not greet: the client gets `-ERR [SYS/TEMP]` after
-/// `limits.greeting_timeout` as in direct mode, not only after the (longer) login timeout.
+/// A routed address that accepts connections but never greets (a Dovecot at its login
+/// process limit, a stopped server whose socket still queues connections) is failed over and
+/// skipped for `dead_for`, like one that refuses: the greeting is part of `connect_timeout`.
+/// Alone, it gives `-ERR [SYS/TEMP]` within `connect_timeout`, not the login timeout.
 #[test]
-fn a_routed_server_that_does_not_greet_is_given_greeting_timeout() {
+fn a_routed_address_that_never_greets_is_failed_over() {
     let h = Harness::new();
+    // Listening, never accepting: the kernel completes the handshakes, nobody speaks.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
     let slow = server(
         &h,
-        "old",
+        "slow",
         &["alice"],
         Faults {
             greeting_delay: Some(Duration::from_secs(8)),
             ..Faults::default()
         },
     );
+    let old = server(&h, "old", &["alice"], Faults::default());
     let new = server(&h, "new", &["carol"], Faults::default());
     let r = routing_proxy(
         &h,
-        &quoted(slow.local_addr()),
+        &format!(
+            "[\"{}\", \"{}\", \"{}\"]",
+            hung.local_addr().unwrap(),
+            slow.local_addr(),
+            old.local_addr()
+        ),
         &quoted(new.local_addr()),
         "alice old\n",
-        "[limits]\ngreeting_timeout = \"1s\"\nlogin_timeout = \"60s\"\n",
+        "[limits]\nlogin_timeout = \"60s\"\n",
+    );
+    for _ in 0..2 {
+        let mut c = RawPop::connect(r.proxy.addr);
+        assert_eq!(c.cmd("USER alice"), "+OK");
+        assert!(c.cmd("PASS pw").starts_with("+OK"));
+        c.cmd("QUIT");
+    }
+    assert_eq!(old.connections(), 2);
+    assert_eq!(slow.connections(), 1, "skipped once dead");
+    // Only the silent ones: SYS/TEMP after connect_timeout (2 s each), and the client may go
+    // on elsewhere.
+    let r = routing_proxy(
+        &h,
+        &format!("[\"{}\"]", hung.local_addr().unwrap()),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "[limits]\nlogin_timeout = \"60s\"\n",
     );
     let mut c = RawPop::connect(r.proxy.addr);
     assert_eq!(c.cmd("USER alice"), "+OK");

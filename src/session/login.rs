@@ -36,20 +36,20 @@ pub(crate) enum LoginError {
 }
 
 /// Connect to `cfg` and replay `login`; the final status line is the login's reply. The
-/// greeting is awaited `greeting_timeout` (as in direct mode), each answer `reply_timeout`. On
-/// any failure the upstream socket is closed without QUIT.
-#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
+/// greeting is part of the connection setup (`connect_timeout`, failover: a server that
+/// accepts but does not greet, e.g. a Dovecot at its login process limit, is one that does not
+/// answer); each answer to the login is awaited `reply_timeout`. On any failure the upstream
+/// socket is closed without QUIT.
 pub(crate) async fn login_upstream(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
-    greeting_timeout: Duration,
     reply_timeout: Duration,
     origin: &ClientOrigin,
     dead: &DeadAddresses,
     login: &Login,
 ) -> Result<LoggedIn, LoginError> {
-    let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead)
+    let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead, true)
         .await
         .map_err(LoginError::Unavailable)?;
     let address = up.address.clone();
@@ -72,7 +72,8 @@ pub(crate) async fn login_upstream(
             Ok(r) => r,
             Err(_) => Err(format!("no reply within {limit:?}")),
         };
-    let greeting = next_line(&mut stream, &mut buf, greeting_timeout)
+    // Read during the setup: in `buf` already.
+    let greeting = next_line(&mut stream, &mut buf, reply_timeout)
         .await
         .map_err(broken)?;
     if status(&greeting) != Some(Status::Ok) {

@@ -226,6 +226,8 @@ pub(crate) async fn run(
             config.limits.max_line,
             &origin,
             &shared.dead,
+            // The session awaits the greeting itself (`limits.greeting_timeout`).
+            false,
         )
         .await
         {
@@ -751,7 +753,6 @@ impl Driver {
             upstream,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
-            config.limits.greeting_timeout,
             config.limits.login_timeout,
             &self.origin,
             &shared.dead,
