@@ -748,3 +748,101 @@ fn a_sasl_user_name_cannot_forge_log_lines() {
     }
     assert!(!log.contains('\x1b'), "terminal escape in the log:\n{log}");
 }
+
+/// A reload keeps what failover learned: an address marked dead stays skipped for the rest of
+/// its `dead_for` under the new configuration (here: it came back, but is not tried yet).
+#[test]
+fn a_reload_keeps_an_address_dead() {
+    use common::proxy::{PopgateOpts, PopgateProcess};
+    let h = Harness::new();
+    let b = server(&h, "b", &["alice"], Faults::default());
+    let a: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let tables = |map: &str| {
+        format!(
+            "[[upstream]]\nname = \"old\"\naddress = [\"{a}\", \"{}\"]\ndead_for = \"60s\"\n\
+             connect_timeout = \"2s\"\n\
+             [[upstream]]\nname = \"new\"\naddress = \"{}\"\n\
+             [routing]\ndefault = \"new\"\nmap = \"{map}\"\n",
+            b.local_addr(),
+            b.local_addr()
+        )
+    };
+    let p = PopgateProcess::run(
+        "127.0.0.1:1".parse().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&tables("routes.map"))
+            .file("routes.map", "alice old\n")
+            .file("routes2.map", "alice old\ncarol old\n")
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    let login = || {
+        let mut c = RawPop::connect(p.addr);
+        c.cmd("USER alice");
+        assert!(c.cmd("PASS pw").starts_with("+OK"));
+        c.cmd("QUIT");
+    };
+    login();
+    // a comes back; the configuration is reloaded with another map.
+    let sa =
+        h.rt.block_on(DemoServer::start(
+            a,
+            ServerOptions::new(vec![mailbox("alice", PW, vec![])]),
+        ))
+        .unwrap();
+    let cfg = p.config_path();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"routes.map\"", "\"routes2.map\"")).unwrap();
+    p.hup();
+    p.wait_log("reloaded", 1);
+    login();
+    assert_eq!(sa.connections(), 0, "still dead after the reload");
+    assert_eq!(b.connections(), 2);
+}
+
+/// A `deny` rule on a USER name: the denied name is never pending, so a PASS after it routes
+/// nothing; QUIT pipelined behind a failed login is popgate's to answer, behind a good one the
+/// server's.
+#[test]
+fn a_denied_user_routes_nothing_and_pipelined_quit_goes_where_the_session_is() {
+    let h = Harness::new();
+    let old = server(&h, "old", &["alice", "mallory"], Faults::default());
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let rules = common::proxy::rule_file(
+        "[[rule]]\nname = \"no-mallory\"\non = \"command\"\nverbs = \"USER\"\n\
+         args = '^mallory$'\naction = \"deny\"\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("routes.map");
+    std::fs::write(&map, "alice old\nmallory old\n").unwrap();
+    let proxy = h.proxy_toml(&format!(
+        "rules = [{:?}]\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [[upstream]]\nname = \"old\"\naddress = \"{}\"\n\
+         [[upstream]]\nname = \"new\"\naddress = \"{}\"\n\
+         [routing]\ndefault = \"new\"\nmap = {map:?}\n",
+        rules.path,
+        old.local_addr(),
+        new.local_addr()
+    ));
+    let mut c = RawPop::connect(proxy.addr);
+    assert!(c.cmd("USER mallory").starts_with("-ERR"));
+    assert_eq!(c.cmd("PASS pw"), "-ERR USER first");
+    assert_eq!(old.connections(), 0);
+    // A failed login, QUIT behind it: answered by popgate; the server gets no QUIT.
+    c.send_raw(b"USER alice\r\nPASS bad\r\nQUIT\r\n");
+    assert_eq!(c.line(), "+OK");
+    assert!(c.line().starts_with("-ERR"));
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.read_to_end().is_empty());
+    // A good one: the QUIT reaches the server.
+    let mut c = RawPop::connect(proxy.addr);
+    c.send_raw(b"USER alice\r\nPASS pw\r\nQUIT\r\n");
+    assert_eq!(c.line(), "+OK");
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.line().starts_with("+OK"));
+    assert!(c.read_to_end().is_empty());
+    common::wait_until("QUIT reaches old", || old.quit_count() == 1);
+    assert_eq!(old.connections(), 2);
+}
