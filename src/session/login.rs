@@ -62,20 +62,17 @@ pub(crate) async fn login_upstream(
     };
     let mut stream = up.stream;
     let mut buf = up.preread;
-    let next_line =
-        async |stream: &mut Stream, buf: &mut Vec<u8>, limit: Duration| match tokio::time::timeout(
-            limit,
-            read_line(stream, buf, max_line),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(format!("no reply within {limit:?}")),
-        };
-    // Read during the setup: in `buf` already.
-    let greeting = next_line(&mut stream, &mut buf, reply_timeout)
-        .await
-        .map_err(broken)?;
+    let next_line = async |stream: &mut Stream, buf: &mut Vec<u8>| match tokio::time::timeout(
+        reply_timeout,
+        read_line(stream, buf, max_line),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(format!("no reply within {reply_timeout:?}")),
+    };
+    // Read during the setup (in `buf` already).
+    let greeting = next_line(&mut stream, &mut buf).await.map_err(broken)?;
     if status(&greeting) != Some(Status::Ok) {
         return Err(broken(format!(
             "greeting is not +OK: {}",
@@ -99,9 +96,7 @@ pub(crate) async fn login_upstream(
             .write_all(line)
             .await
             .map_err(|e| broken(format!("sending the login: {e}")))?;
-        last = next_line(&mut stream, &mut buf, reply_timeout)
-            .await
-            .map_err(broken)?;
+        last = next_line(&mut stream, &mut buf).await.map_err(broken)?;
         let more = i + 1 < login.lines.len();
         match status(&last) {
             // USER's +OK, or a SASL challenge: the next step.
