@@ -846,3 +846,58 @@ fn a_denied_user_routes_nothing_and_pipelined_quit_goes_where_the_session_is() {
     common::wait_until("QUIT reaches old", || old.quit_count() == 1);
     assert_eq!(old.connections(), 2);
 }
+
+/// Against a real Dovecot that trusts popgate: a routed login replayed with each method
+/// (USER/PASS, AUTH PLAIN, AUTH LOGIN) after an XCLIENT naming the real client, which Dovecot
+/// logs as the login's address; the other upstream (no `forward_client`) gets no XCLIENT.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn xclient_goes_to_the_routed_dovecot_only_and_every_method_replays() {
+    use common::clients::connect_from;
+    use common::dovecot::{Dovecot, DovecotOpts, alice_msgs};
+    let dv =
+        Dovecot::start(DovecotOpts::trusting_popgate().user("alice", "alice-secret", alice_msgs()));
+    let h = Harness::new();
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let r = routing_proxy(
+        &h,
+        &format!("\"{}\"\nforward_client = \"xclient\"", dv.pop3),
+        &quoted(new.local_addr()),
+        "alice old\n",
+        "[limits]\nlogin_fail_delay = \"0s\"\n",
+    );
+    let client = common::proxy_header::ip("127.0.0.9");
+    let logins: [&[String]; 3] = [
+        &["USER alice".into(), "PASS alice-secret".into()],
+        &[format!("AUTH PLAIN {}", base64(b"\0alice\0alice-secret"))],
+        &[
+            "AUTH LOGIN".into(),
+            base64(b"alice"),
+            base64(b"alice-secret"),
+        ],
+    ];
+    for steps in logins {
+        let mut c = RawPop::over(connect_from(client, r.proxy.addr));
+        assert!(c.line().starts_with("+OK"));
+        let mut last = String::new();
+        for s in steps {
+            last = c.cmd(s);
+        }
+        assert!(last.starts_with("+OK"), "{steps:?}: {last}");
+        assert!(c.cmd("STAT").starts_with("+OK 3 "), "{steps:?}");
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+    }
+    let mut c = RawPop::over(connect_from(client, r.proxy.addr));
+    c.line();
+    c.cmd("USER carol");
+    assert!(c.cmd("PASS pw").starts_with("+OK"));
+    c.cmd("QUIT");
+    common::wait_until("Dovecot logged three logins", || dv.login_rips().len() >= 3);
+    let rips = dv.login_rips();
+    assert!(rips.iter().all(|r| r == "127.0.0.9"), "{rips:?}");
+    assert!(
+        !new.received().iter().any(|l| l.starts_with(b"XCLIENT")),
+        "{:?}",
+        new.received()
+    );
+}
