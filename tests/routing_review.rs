@@ -901,3 +901,27 @@ fn xclient_goes_to_the_routed_dovecot_only_and_every_method_replays() {
         new.received()
     );
 }
+
+/// Direct mode too: of an upstream's several addresses, one that accepts but never greets is
+/// failed over (and skipped next time), not waited on until `greeting_timeout` every session.
+#[test]
+fn direct_mode_fails_over_an_address_that_never_greets() {
+    let h = Harness::new();
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = server(&h, "up", &["alice"], Faults::default());
+    let proxy = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"1s\"\n\
+         [limits]\ngreeting_timeout = \"60s\"\n",
+        hung.local_addr().unwrap(),
+        up.local_addr()
+    ));
+    for _ in 0..2 {
+        let mut c = RawPop::connect(proxy.addr);
+        assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+        c.cmd("USER alice");
+        assert!(c.cmd("PASS pw").starts_with("+OK"));
+        c.cmd("QUIT");
+    }
+    assert_eq!(up.connections(), 2);
+}

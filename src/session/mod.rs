@@ -226,8 +226,10 @@ pub(crate) async fn run(
             config.limits.max_line,
             &origin,
             &shared.dead,
-            // The session awaits the greeting itself (`limits.greeting_timeout`).
-            false,
+            // With one address the session awaits the greeting itself
+            // (`limits.greeting_timeout`); with several it is part of the setup, so that an
+            // address that accepts but never greets is failed over.
+            upstream_cfg.address.len() > 1,
         )
         .await
         {
