@@ -58,6 +58,8 @@ pub(crate) struct Prepared {
     pub(crate) routes: Option<crate::routing::RouteMap>,
     /// What `check` warns about (expiring certificates, empty rule globs).
     pub(crate) warnings: Vec<String>,
+    /// The OAuth2 bridges of upstreams with `[upstream.oauth2]` (secrets and credentials read).
+    pub(crate) oauth2: crate::oauth2::Bridges,
     /// Hashes of the files the config names, to tell a reload what changed on disk.
     pub(crate) files: FileHashes,
 }
@@ -101,6 +103,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         Some(m) => Some(crate::routing::RouteMap::load(m, &config)?),
         None => None,
     };
+    let oauth2 = crate::oauth2::from_config(&config, path, &mut warnings)?;
     let files = FileHashes {
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
@@ -112,6 +115,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         rules,
         routes,
         warnings,
+        oauth2,
         files,
     })
 }

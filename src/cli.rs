@@ -102,6 +102,12 @@ pub enum CliCommand {
         #[arg(long, default_value = "127.0.0.1:1995", value_name = "ADDR")]
         tls_bind: SocketAddr,
     },
+    /// OAuth2 bridge helpers: make a local password hash, get a mailbox's first refresh token.
+    Oauth2 {
+        /// What to do.
+        #[command(subcommand)]
+        action: Oauth2Command,
+    },
     /// Print a shell completion script to stdout (e.g. `popgate completions bash > /etc/bash_completion.d/popgate`).
     Completions {
         /// The shell to complete for.
@@ -113,5 +119,25 @@ pub enum CliCommand {
         /// Instead write popgate.1 and one page per subcommand (popgate-run.1, ...) into DIR.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+/// `popgate oauth2 ...`.
+#[derive(Debug, Subcommand)]
+pub enum Oauth2Command {
+    /// Read a password from stdin (one line) and print its Argon2id hash for `credentials_file`.
+    HashPassword,
+    /// Get a mailbox's first refresh token with the device-code flow (RFC 8628): prints a URL
+    /// and a code to enter there, waits for the approval, stores the token in `tokens_file`.
+    Login {
+        /// Path to the TOML config.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The upstream (`name` of an `[[upstream]]`); default: the one with `[upstream.oauth2]`.
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
+        /// The upstream mailbox (e.g. user@contoso.com).
+        #[arg(long, value_name = "MAILBOX")]
+        user: String,
     },
 }

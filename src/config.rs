@@ -249,6 +249,10 @@ pub struct UpstreamConfig {
     /// Pass the real client address on: `none`, `proxy-v1`, `proxy-v2` or `xclient`.
     #[serde(default)]
     pub forward_client: ForwardClient,
+    /// `[upstream.oauth2]`: log in upstream with an OAuth2 token instead of the client's
+    /// password (the OAuth2 bridge, src/oauth2/).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<Oauth2Config>,
 }
 
 /// The `upstream.address` that makes each session connect to the address its client
@@ -577,6 +581,15 @@ impl Config {
             {
                 fix(p);
             }
+            if let Some(o) = &mut u.oauth2 {
+                for p in [&mut o.client_secret_file, &mut o.tokens_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(p);
+                }
+                fix(&mut o.credentials_file);
+            }
         }
         if let Some(m) = self.routing.as_mut().and_then(|r| r.map.as_mut()) {
             fix(m);
@@ -784,10 +797,12 @@ impl Config {
 
 impl Config {
     /// Whether popgate greets clients itself and connects after the login is known:
-    /// `[routing]` is present or there is more than one upstream.
-    // TODO(oauth2): also when any upstream has `oauth2` (popgate must read the password).
+    /// `[routing]` is present, there is more than one upstream, or an upstream has
+    /// `[upstream.oauth2]` (popgate must read the password itself).
     pub fn routing_mode(&self) -> bool {
-        self.routing.is_some() || self.upstreams.len() > 1
+        self.routing.is_some()
+            || self.upstreams.len() > 1
+            || self.upstreams.iter().any(|u| u.oauth2.is_some())
     }
 
     /// The index of the upstream of direct mode, and of users nothing routes elsewhere:
@@ -1118,6 +1133,73 @@ pub(crate) fn split_host_port(addr: &str) -> Option<(&str, u16)> {
         return None;
     }
     Some((host, port))
+}
+
+/// `[upstream.oauth2]`: the OAuth2 bridge of one upstream. Clients log in to popgate with a
+/// local password (`credentials_file`); popgate logs in upstream with `AUTH XOAUTH2` or
+/// `OAUTHBEARER` and an access token from `token_url`. Checked by `popgate check` and at start
+/// (files readable, hashes parse, secret present); relative paths are relative to the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Oauth2Config {
+    /// The authorization server's token endpoint.
+    pub token_url: String,
+    /// The OAuth2 client (application) id.
+    pub client_id: String,
+    /// File holding the client secret (first line); never the secret itself in the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_env: Option<String>,
+    /// How tokens are obtained.
+    #[serde(default)]
+    pub grant: Oauth2Grant,
+    /// Scopes asked for, space separated (e.g. `https://outlook.office365.com/.default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// SASL mechanism used upstream.
+    #[serde(default)]
+    pub mechanism: Oauth2Mechanism,
+    /// `grant = "refresh_token"`: one refresh token per mailbox (TOML `mailbox = "token"`),
+    /// rewritten atomically (temp file + rename, mode 0600) when tokens rotate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// Local users: TOML `user = "<argon2 PHC hash>"`, or `user = { hash = "...",
+    /// mailbox = "..." }` when the upstream mailbox name differs.
+    pub credentials_file: PathBuf,
+    /// Device authorization endpoint (RFC 8628), for `popgate oauth2 login`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_authorization_url: Option<String>,
+    /// Refresh an access token this long before it expires.
+    #[serde(default = "default_refresh_ahead", with = "humantime_serde")]
+    pub refresh_ahead: Duration,
+}
+
+fn default_refresh_ahead() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// `oauth2.grant`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Oauth2Grant {
+    /// A refresh token per mailbox (from `popgate oauth2 login`), rotated as the server says.
+    #[default]
+    RefreshToken,
+    /// One application token for every mailbox (Microsoft's app-only POP access).
+    ClientCredentials,
+}
+
+/// `oauth2.mechanism`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Oauth2Mechanism {
+    /// `AUTH XOAUTH2` (Google, Microsoft).
+    #[default]
+    Xoauth2,
+    /// `AUTH OAUTHBEARER` (RFC 7628).
+    Oauthbearer,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod daemon;
 mod limits;
 mod metrics;
 mod net;
+pub mod oauth2;
 pub mod pidfile;
 pub mod pop3;
 mod proxy;

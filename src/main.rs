@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use popgate::Config;
-use popgate::cli::{Cli, CliCommand};
+use popgate::cli::{Cli, CliCommand, Oauth2Command};
 use popgate::config::LogConfig;
 use popgate::daemon::{Logging, notify};
 
@@ -170,6 +170,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        CliCommand::Oauth2 { action } => runtime.block_on(oauth2_command(action)),
         CliCommand::Completions { .. } | CliCommand::Man { .. } => Ok(()),
         CliCommand::Demo { bind, tls_bind } => {
             let log = LogConfig {
@@ -178,6 +179,59 @@ fn main() -> Result<()> {
             };
             let _logging = Logging::init(&log)?;
             runtime.block_on(run_demo(bind, tls_bind))?;
+            Ok(())
+        }
+    }
+}
+
+/// `popgate oauth2 hash-password | login`.
+async fn oauth2_command(action: Oauth2Command) -> Result<()> {
+    match action {
+        Oauth2Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+            let hash = popgate::oauth2::hash_password(password.as_bytes())
+                .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Oauth2Command::Login {
+            config,
+            upstream,
+            user,
+        } => {
+            let c = Config::load(&config)?;
+            let with_oauth2: Vec<_> = c.upstreams.iter().filter(|u| u.oauth2.is_some()).collect();
+            let u = match upstream.as_deref() {
+                Some(name) => c
+                    .upstream_named(name)
+                    .or_else(|| c.upstreams.iter().find(|u| u.label() == name))
+                    .with_context(|| format!("{}: no upstream {name:?}", config.display()))?,
+                None => match with_oauth2.as_slice() {
+                    [one] => one,
+                    [] => anyhow::bail!("{}: no upstream has [oauth2]", config.display()),
+                    _ => anyhow::bail!(
+                        "{}: several upstreams have [oauth2]: pick one with --upstream",
+                        config.display()
+                    ),
+                },
+            };
+            let o = u.oauth2.as_ref().with_context(|| {
+                format!(
+                    "{}: upstream {} has no [oauth2]",
+                    config.display(),
+                    u.label()
+                )
+            })?;
+            let file = popgate::oauth2::device_login(o, &c.base_dir, &user, |line| {
+                println!("{line}");
+            })
+            .await?;
+            println!("refresh token for {user} stored in {}", file.display());
             Ok(())
         }
     }

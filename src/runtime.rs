@@ -106,6 +106,7 @@ fn snapshot(
 ) -> Shared {
     Shared {
         headers: p.config.audit.header_set(),
+        oauth2: Arc::new(p.oauth2),
         routes: p.routes.map(Arc::new),
         dead,
         config: Arc::new(p.config),

@@ -22,6 +22,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("daemon", &["config", "audit"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
     ("net", &["config", "audit", "limits", "pop3"]),
+    // The OAuth2 bridge: its config types; tokens, credentials and the upstream SASL exchange.
+    ("oauth2", &["config"]),
     // Metrics and health: counters the driver records into (the core only hands over plain
     // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
     ("metrics", &["config", "audit", "limits"]),
@@ -29,13 +31,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "session",
         &[
             "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
+            "oauth2",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
     // `[metrics]` bind error among the start errors).
     (
         "check",
-        &["config", "net", "rules", "audit", "metrics", "routing"],
+        &[
+            "config", "net", "rules", "audit", "metrics", "routing", "oauth2",
+        ],
     ),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),

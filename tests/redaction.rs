@@ -464,3 +464,146 @@ fn nothing_secret_on_stderr_and_stdout() {
         audit_stdout: true,
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// The OAuth2 bridge: local passwords in, tokens out
+
+/// Every login method with a local password through the OAuth2 bridge to an OAuth-only Dovecot
+/// (tests/oauth2.rs has the set-up), plus a wrong password, a token revoked at the server (the
+/// retry path) and the token endpoint down; trace logs (text, to files), audit files, full
+/// transcripts, `log` rules. No file popgate wrote holds the local passwords (or their base64
+/// forms), an access or refresh token the server issued (or the XOAUTH2 line built from one),
+/// or the client secret.
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn nothing_secret_with_the_oauth2_bridge() {
+    use common::authserver::{AuthServer, CLIENT};
+    use common::dovecot::{Dovecot, DovecotOpts, msg_dots};
+
+    let s = Secrets::new();
+    let auth = AuthServer::start(60);
+    let dv = Dovecot::start(DovecotOpts::oauth2(&auth.introspection_url()).user(
+        "alice",
+        "unused",
+        vec![msg_dots()],
+    ));
+    let bridge = tempfile::tempdir().unwrap();
+    let b = bridge.path();
+    let hash = popgate::oauth2::hash_password(s.pass.as_bytes()).unwrap();
+    std::fs::write(
+        b.join("users.toml"),
+        format!(
+            "{:?} = {{ hash = {hash:?}, mailbox = \"alice\" }}\n",
+            s.user
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        b.join("tokens.toml"),
+        format!("alice = {:?}\n", auth.mint("alice")),
+    )
+    .unwrap();
+    let opts = PopgateOpts::new()
+        .top("rules = [\"rules.toml\"]\n")
+        .file("rules.toml", RULES)
+        .tables(&format!(
+            "[upstream.oauth2]\ntoken_url = \"{}\"\nclient_id = \"{}\"\n\
+             client_secret_env = \"RD_OAUTH2_SECRET\"\ntokens_file = {:?}\n\
+             credentials_file = {:?}\n\
+             [limits]\nlogin_fail_delay = \"0s\"\n\
+             [log]\nlevel = \"trace\"\nformat = \"text\"\ndir = \"log\"\nrotation = \"never\"\n\
+             [audit]\nenabled = true\ndir = \"audit\"\n\
+             [audit.transcript]\ndir = \"transcripts\"\nlisteners = [\"bin\"]\nfull_bodies = true\n",
+            auth.url("/token"),
+            CLIENT.0,
+            b.join("tokens.toml"),
+            b.join("users.toml"),
+        ))
+        .env("RD_OAUTH2_SECRET", CLIENT.1)
+        .log_dir("log")
+        .wait_for_log();
+    let mut run = PopgateProcess::run(dv.addr(), opts);
+    let (user, pass) = (s.user.as_str(), s.pass.as_str());
+    let plain = base64(format!("\0{user}\0{pass}").as_bytes());
+    let logins: Vec<Vec<String>> = vec![
+        vec![format!("USER {user}"), format!("PASS {pass}")],
+        vec![format!("AUTH PLAIN {plain}")],
+        vec!["AUTH PLAIN".into(), plain.clone()],
+        vec![
+            "AUTH LOGIN".into(),
+            base64(user.as_bytes()),
+            base64(pass.as_bytes()),
+        ],
+    ];
+    let log_in = |lines: &[String]| -> String {
+        let mut c = RawPop::connect(run.addr);
+        let mut last = String::new();
+        for l in lines {
+            last = c.cmd(l);
+        }
+        if last.starts_with("+OK") {
+            let (status, _) = c.cmd_multi("RETR 1");
+            assert!(status.starts_with("+OK"), "{status}");
+            c.cmd("QUIT");
+        }
+        last
+    };
+    for (i, l) in logins.iter().enumerate() {
+        if i == 2 {
+            // the next login's token is refused once, and replaced
+            auth.revoke("alice");
+        }
+        let r = log_in(l);
+        assert!(r.starts_with("+OK"), "{l:?}: {r}");
+    }
+    let r = log_in(&[format!("USER {user}"), format!("PASS {}", s.wrong)]);
+    assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    // expire the cache (revoke) and take the endpoint down: [SYS/TEMP]
+    auth.revoke("alice");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    auth.set_down(true);
+    let r = {
+        // the cached token is still "fresh" for popgate: it is refused upstream, and the
+        // refresh for the retry fails
+        log_in(&logins[0])
+    };
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    auth.set_down(false);
+    run.stop();
+
+    let tokens = auth.all_tokens();
+    assert!(tokens.len() >= 4, "{tokens:?}");
+    let mut needles = s.needles();
+    needles.push(CLIENT.1.to_owned());
+    for t in &tokens {
+        needles.push(t.clone());
+        needles.push(base64(
+            format!("user=alice\x01auth=Bearer {t}\x01\x01").as_bytes(),
+        ));
+    }
+    for f in files_under(run.dir.path()) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        for n in &needles {
+            assert!(
+                !text.contains(n.as_str()),
+                "secret {n:?} found in {}",
+                f.display()
+            );
+        }
+    }
+    // not vacuous: the log and the transcripts name the user, the log the bridge's lines
+    let log = run.log();
+    assert!(log.contains(user), "{}", clients::tail(&log, 2000));
+    assert!(
+        log.contains("oauth2: no access token"),
+        "{}",
+        clients::tail(&log, 2000)
+    );
+    assert!(
+        log.contains("refused the access token, retrying"),
+        "{}",
+        clients::tail(&log, 2000)
+    );
+    let transcripts = files_under(&run.dir.path().join("transcripts"));
+    assert!(!transcripts.is_empty());
+}

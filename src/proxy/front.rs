@@ -46,7 +46,6 @@ pub(crate) struct Login {
     /// user name.
     pub(crate) user: String,
     /// The password (for bridges that log in upstream with something else; never logged).
-    #[allow(dead_code)] // TODO(oauth2): read by the OAuth2 bridge in `session::login`.
     pub(crate) secret: Vec<u8>,
     /// The lines to send upstream in order (CRLF included); every one but the last must be
     /// answered `+OK` (USER) or `+ ` (a SASL challenge).

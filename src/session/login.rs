@@ -33,15 +33,22 @@ pub(crate) enum LoginError {
     Unavailable(ConnectError),
     /// The upstream answered a step with `-ERR`: that line (CRLF included) is the reply.
     Refused(Vec<u8>),
+    /// The OAuth2 bridge refused the login or could not log in upstream (a wrong local
+    /// password, no token, a refused token); `client_reply` is the reply.
+    Bridge(crate::oauth2::BridgeError),
 }
 
 /// Connect to `cfg` and replay `login`; the final status line is the login's reply. The
 /// greeting is part of the connection setup (`connect_timeout`, failover: a server that
 /// accepts but does not greet, e.g. a Dovecot at its login process limit, is one that does not
 /// answer); each answer to the login is awaited `reply_timeout`. On any failure the upstream
-/// socket is closed without QUIT.
+/// socket is closed without QUIT. With an OAuth2 `bridge` the password is checked locally and
+/// a token obtained first (a wrong password dials nothing), and the upstream gets
+/// `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn login_upstream(
     cfg: &UpstreamConfig,
+    bridge: Option<&crate::oauth2::Bridge>,
     tls: Option<&UpstreamTls>,
     max_line: usize,
     reply_timeout: Duration,
@@ -49,6 +56,14 @@ pub(crate) async fn login_upstream(
     dead: &DeadAddresses,
     login: &Login,
 ) -> Result<LoggedIn, LoginError> {
+    let authorized = match bridge {
+        Some(b) => Some(
+            b.authorize(&login.user, &login.secret)
+                .await
+                .map_err(LoginError::Bridge)?,
+        ),
+        None => None,
+    };
     let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead, true)
         .await
         .map_err(LoginError::Unavailable)?;
@@ -79,9 +94,26 @@ pub(crate) async fn login_upstream(
             String::from_utf8_lossy(&greeting).trim_end()
         )));
     }
-    // TODO(oauth2): an upstream with `oauth2` branches here: given (cfg, login.user,
-    // login.secret, the stream after its greeting) it checks the password locally, sends
-    // `AUTH XOAUTH2` + token and returns the final status line like the loop below.
+    if let (Some(b), Some(who)) = (bridge, &authorized) {
+        // The bridge reads the stream itself, line by line; nothing may wait in `buf`.
+        if !buf.is_empty() {
+            return Err(broken("unexpected bytes after the greeting".into()));
+        }
+        let reply = match tokio::time::timeout(reply_timeout, b.login(&mut stream, who)).await {
+            Err(_) => return Err(broken(format!("no OAuth2 login within {reply_timeout:?}"))),
+            Ok(Err(crate::oauth2::BridgeError::Io(e))) => {
+                return Err(broken(format!("during the OAuth2 login: {e}")));
+            }
+            Ok(Err(e)) => return Err(LoginError::Bridge(e)),
+            Ok(Ok(reply)) => reply,
+        };
+        return Ok(LoggedIn {
+            stream,
+            address,
+            reply,
+            rest: buf,
+        });
+    }
     let mut last = Vec::new();
     for (i, line) in login.lines.iter().enumerate() {
         if !buf.is_empty() {

@@ -61,6 +61,8 @@ pub struct Shared {
     pub(crate) dead: Arc<crate::net::pool::DeadAddresses>,
     /// Prometheus metrics and health facts (recorded whether or not `[metrics]` serves them).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
+    pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
 }
 
 /// Who a session is for, known at accept.
@@ -751,8 +753,10 @@ impl Driver {
         // A SASL name may hold any byte: control characters are escaped in the log line.
         let shown = crate::pop3::printable(login.user.as_bytes());
         let dialled = Instant::now();
+        let bridge = shared.oauth2.get(upstream.label()).map(|b| &**b);
         let result = login::login_upstream(
             upstream,
+            bridge,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
             config.limits.login_timeout,
@@ -784,6 +788,16 @@ impl Driver {
                     "routed login refused by the upstream"
                 );
                 Err(reply)
+            }
+            Err(login::LoginError::Bridge(e)) => {
+                // The bridge logged the details (never a token or password).
+                info!(
+                    user = %shown,
+                    upstream = upstream.label(),
+                    error = %e,
+                    "OAuth2 login failed"
+                );
+                Err(e.client_reply().to_vec())
             }
             Err(login::LoginError::Unavailable(e)) => {
                 warn!(upstream = upstream.label(), error = %e, "upstream unavailable");

@@ -59,6 +59,11 @@ pub struct DovecotOpts {
     /// (`haproxy_trusted_networks`): plain [`Dovecot::pop3_haproxy`] and implicit-TLS
     /// [`Dovecot::pop3s_haproxy`] (header before the handshake).
     pub haproxy_listener: bool,
+    /// OAuth2-only Dovecot: `passdb { driver = oauth2 }` validating tokens by RFC 7662
+    /// introspection (`introspection_mode = post`) at this URL (`http://id:secret@host/path`,
+    /// basic auth from the URL), `auth_mechanisms = xoauth2 oauthbearer`, no password passdb.
+    /// The users' passwords are then unused (their mail is still written).
+    pub oauth2_introspection_url: Option<String>,
 }
 
 impl DovecotOpts {
@@ -68,6 +73,14 @@ impl DovecotOpts {
         DovecotOpts {
             haproxy_listener: true,
             extra_conf: "login_trusted_networks = 127.0.0.1/32\n".into(),
+            ..DovecotOpts::default()
+        }
+    }
+
+    /// An OAuth2-only Dovecot (see [`DovecotOpts::oauth2_introspection_url`]).
+    pub fn oauth2(introspection_url: &str) -> DovecotOpts {
+        DovecotOpts {
+            oauth2_introspection_url: Some(introspection_url.to_string()),
             ..DovecotOpts::default()
         }
     }
@@ -493,6 +506,25 @@ fn config(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let passdb = match &opts.oauth2_introspection_url {
+        Some(url) => {
+            let args = base.join("oauth2.conf");
+            let text = format!(
+                "introspection_mode = post\nintrospection_url = {url}\n\
+                 username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+            );
+            std::fs::write(&args, text).expect("write oauth2.conf");
+            format!(
+                "auth_mechanisms = xoauth2 oauthbearer\npassdb {{\n  driver = oauth2\n  \
+                 mechanisms = xoauth2 oauthbearer\n  args = {}\n}}\n",
+                args.display()
+            )
+        }
+        None => format!(
+            "auth_mechanisms = plain login apop cram-md5\npassdb {{\n  driver = passwd-file\n  \
+             args = scheme=PLAIN {b}/passwd\n}}\n"
+        ),
+    };
     format!(
         r#"# written by tests/common/dovecot.rs
 protocols = pop3
@@ -508,12 +540,7 @@ ssl = {ssl}
 ssl_cert = <{cert}
 ssl_key = <{key}
 disable_plaintext_auth = no
-auth_mechanisms = plain login apop cram-md5
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {b}/passwd
-}}
-userdb {{
+{passdb}userdb {{
   driver = static
   args = uid=65534 gid=65534 home={b}/mail/%u
 }}

@@ -5,6 +5,7 @@
 //! only part of it, hence `dead_code` is allowed here.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod authserver;
 pub mod certs;
 pub mod clients;
 pub mod dovecot;

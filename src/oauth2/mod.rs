@@ -1,0 +1,384 @@
+//! The OAuth2 bridge: clients log in to popgate with a local password, popgate logs in to an
+//! OAuth-only upstream (Microsoft 365, Google, Dovecot's oauth2 passdb) with `AUTH XOAUTH2` or
+//! `AUTH OAUTHBEARER` and an access token it obtains and refreshes itself.
+//!
+//! One [`Bridge`] per upstream with `[upstream.oauth2]`, all of them in [`Bridges`] (built by
+//! `check::prepare` at start and reload, kept in the session snapshot). A login is two calls,
+//! so that a wrong password never dials the upstream:
+//! 1. [`Bridge::authorize`] before connecting: checks the password against the local
+//!    credential (Argon2, off the async workers) and gets an access token (cached or new);
+//! 2. [`Bridge::login`] on the connected stream (greeting read): the SASL exchange, and once
+//!    more with a fresh token if the server refuses the first.
+//!
+//! Errors come with the status line for the client ([`BridgeError::client_reply`]). Tokens,
+//! refresh tokens, the client secret and the password never reach a log line or an error text.
+
+mod credentials;
+mod login;
+mod sasl;
+mod store;
+mod token;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::{Config, ConfigError, Oauth2Config, Oauth2Grant, Oauth2Mechanism};
+
+pub use credentials::hash_password;
+pub use login::{DeviceLoginError, device_login};
+
+use credentials::Credentials;
+use sasl::{Outcome, Target};
+use store::TokenStore;
+use token::{TokenError, TokenSource};
+
+/// A login through the bridge failed; [`BridgeError::client_reply`] is what the client gets.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// Unknown user or wrong password (local check; the upstream was not asked).
+    #[error("wrong local user or password")]
+    BadPassword,
+    /// No access token (token endpoint down, 5xx, invalid_grant, no refresh token...).
+    #[error("no OAuth2 access token: {0}")]
+    Token(String),
+    /// The upstream refused a fresh token too (its `-ERR` line).
+    #[error("upstream refused the OAuth2 token: {}", String::from_utf8_lossy(.0).trim_end())]
+    Refused(Vec<u8>),
+    /// The upstream answered something unexpected to `AUTH` (mechanism not offered?).
+    #[error("unexpected upstream answer to AUTH: {}", String::from_utf8_lossy(.0).trim_end())]
+    Unexpected(Vec<u8>),
+    /// The upstream connection failed during the exchange.
+    #[error("upstream I/O during AUTH: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BridgeError {
+    /// The status line for the client (with CRLF).
+    pub fn client_reply(&self) -> &'static [u8] {
+        match self {
+            BridgeError::BadPassword => b"-ERR [AUTH] Authentication failed.\r\n",
+            BridgeError::Token(_) => {
+                b"-ERR [SYS/TEMP] Cannot get an OAuth2 token for this mailbox now, try later.\r\n"
+            }
+            BridgeError::Refused(_) | BridgeError::Unexpected(_) => {
+                b"-ERR [SYS/TEMP] The server refused popgate's OAuth2 login, try later.\r\n"
+            }
+            BridgeError::Io(_) => b"-ERR [SYS/TEMP] Lost the connection to the server.\r\n",
+        }
+    }
+
+    /// Whether this is a failed login of the client's own making (the login penalty applies).
+    pub fn is_bad_password(&self) -> bool {
+        matches!(self, BridgeError::BadPassword)
+    }
+}
+
+impl From<TokenError> for BridgeError {
+    fn from(e: TokenError) -> Self {
+        BridgeError::Token(e.0)
+    }
+}
+
+/// A client that passed the local check, with the token to log in with. Not `Debug`-printed
+/// with its token.
+pub struct Authorized {
+    mailbox: String,
+    token: String,
+}
+
+impl std::fmt::Debug for Authorized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorized")
+            .field("mailbox", &self.mailbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authorized {
+    /// The upstream mailbox the client logs in to.
+    pub fn mailbox(&self) -> &str {
+        &self.mailbox
+    }
+}
+
+/// The OAuth2 bridge of one upstream.
+#[derive(Debug)]
+pub struct Bridge {
+    label: String,
+    credentials: Arc<Credentials>,
+    tokens: TokenSource,
+    mechanism: Oauth2Mechanism,
+    host: String,
+    port: u16,
+}
+
+impl Bridge {
+    /// Builds the bridge of upstream `label` (at `address`, `host:port`): reads the client
+    /// secret and the credentials file. `Err((key, reason))` names the bad `oauth2` key.
+    fn new(
+        label: &str,
+        address: &str,
+        cfg: &Oauth2Config,
+        base_dir: &Path,
+        http: &reqwest::Client,
+    ) -> Result<Bridge, (&'static str, String)> {
+        let token_url = oauth2::TokenUrl::new(cfg.token_url.clone())
+            .map_err(|e| ("token_url", format!("not a URL: {e}")))?;
+        let secret = read_secret(cfg, base_dir)?;
+        let store = match cfg.grant {
+            Oauth2Grant::RefreshToken => {
+                let path = cfg.tokens_file.as_ref().ok_or((
+                    "tokens_file",
+                    "required with grant = \"refresh_token\"".to_owned(),
+                ))?;
+                let store = TokenStore::new(base_dir.join(path));
+                store.read_all().map_err(|e| ("tokens_file", e))?;
+                Some(store)
+            }
+            Oauth2Grant::ClientCredentials => None,
+        };
+        let credentials = Credentials::load(&base_dir.join(&cfg.credentials_file))
+            .map_err(|e| ("credentials_file", e))?;
+        let (host, port) = crate::config::split_host_port(address)
+            .ok_or(("address", format!("{address:?} is not host:port")))?;
+        Ok(Bridge {
+            label: label.to_owned(),
+            credentials: Arc::new(credentials),
+            tokens: TokenSource {
+                label: label.to_owned(),
+                token_url,
+                client_id: cfg.client_id.clone(),
+                secret,
+                grant: cfg.grant,
+                scopes: cfg
+                    .scope
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
+                refresh_ahead: cfg.refresh_ahead,
+                store,
+                http: http.clone(),
+            },
+            mechanism: cfg.mechanism,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// Step 1, before dialling: the local password check, then an access token for the
+    /// user's mailbox. A wrong password is [`BridgeError::BadPassword`] (and costs the same
+    /// time for unknown users).
+    pub async fn authorize(&self, user: &str, password: &[u8]) -> Result<Authorized, BridgeError> {
+        let creds = self.credentials.clone();
+        let (user_owned, pw) = (user.to_owned(), password.to_vec());
+        let mailbox = tokio::task::spawn_blocking(move || creds.check(&user_owned, &pw))
+            .await
+            .ok()
+            .flatten();
+        let Some(mailbox) = mailbox else {
+            tracing::info!(upstream = %self.label, user, "oauth2: local password check failed");
+            return Err(BridgeError::BadPassword);
+        };
+        let token = self.tokens.token(&mailbox, None).await?;
+        Ok(Authorized { mailbox, token })
+    }
+
+    /// Step 2, on the upstream connection whose greeting was read: `AUTH` with the token; if
+    /// the server refuses it, once more with a fresh one (a token revoked at the server before
+    /// its expiry). Returns the server's `+OK` line for the client.
+    pub async fn login<S>(&self, stream: &mut S, who: &Authorized) -> Result<Vec<u8>, BridgeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let target = Target {
+            mechanism: self.mechanism,
+            mailbox: &who.mailbox,
+            host: &self.host,
+            port: self.port,
+        };
+        let mut token = who.token.clone();
+        let mut retried = false;
+        loop {
+            match sasl::authenticate(stream, &target, &token).await? {
+                Outcome::LoggedIn(line) => return Ok(line),
+                Outcome::Refused(_) if !retried => {
+                    tracing::info!(
+                        upstream = %self.label,
+                        mailbox = %who.mailbox,
+                        "oauth2: upstream refused the access token, retrying with a fresh one"
+                    );
+                    retried = true;
+                    token = self.tokens.token(&who.mailbox, Some(&token)).await?;
+                }
+                Outcome::Refused(line) => {
+                    tracing::warn!(
+                        upstream = %self.label,
+                        mailbox = %who.mailbox,
+                        answer = %String::from_utf8_lossy(&line).trim_end(),
+                        "oauth2: upstream refused a fresh access token too"
+                    );
+                    return Err(BridgeError::Refused(line));
+                }
+                Outcome::Unexpected(line) => {
+                    tracing::warn!(
+                        upstream = %self.label,
+                        mailbox = %who.mailbox,
+                        answer = %String::from_utf8_lossy(&line).trim_end(),
+                        "oauth2: unexpected upstream answer to AUTH {:?}",
+                        self.mechanism
+                    );
+                    return Err(BridgeError::Unexpected(line));
+                }
+            }
+        }
+    }
+}
+
+/// The client secret from `client_secret_file` (first line) or `client_secret_env`.
+fn read_secret(cfg: &Oauth2Config, base_dir: &Path) -> Result<String, (&'static str, String)> {
+    match (&cfg.client_secret_file, &cfg.client_secret_env) {
+        (Some(_), Some(_)) => Err((
+            "client_secret_file",
+            "set client_secret_file or client_secret_env, not both".into(),
+        )),
+        (Some(f), None) => {
+            let path = base_dir.join(f);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ("client_secret_file", format!("{}: {e}", path.display())))?;
+            let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+            if secret.is_empty() {
+                return Err(("client_secret_file", format!("{} is empty", path.display())));
+            }
+            Ok(secret)
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(s) if !s.is_empty() => Ok(s),
+            _ => Err((
+                "client_secret_env",
+                format!("environment variable {var} is not set"),
+            )),
+        },
+        // A public client (device flow apps often are): no secret.
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// The bridges of all upstreams with `[upstream.oauth2]`, by upstream label.
+#[derive(Debug, Default)]
+pub struct Bridges {
+    by_upstream: HashMap<String, Arc<Bridge>>,
+}
+
+impl Bridges {
+    /// Builds a bridge for each `(key prefix, label, address, oauth2)`; `path` is the config
+    /// file (for messages), `base_dir` its directory. Warnings (for `popgate check` and the
+    /// log) go to `warnings`.
+    pub(crate) fn build<'a>(
+        upstreams: impl IntoIterator<Item = (String, &'a str, &'a str, &'a Oauth2Config)>,
+        base_dir: &Path,
+        path: &Path,
+        warnings: &mut Vec<String>,
+    ) -> Result<Bridges, ConfigError> {
+        let mut by_upstream = HashMap::new();
+        let mut http = None;
+        for (prefix, label, address, cfg) in upstreams {
+            let invalid = |(key, reason): (&str, String)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: format!("{prefix}.{key}"),
+                reason,
+            };
+            let client = match &http {
+                Some(c) => c,
+                None => http.insert(token::http_client().map_err(|e| invalid(("token_url", e)))?),
+            };
+            let bridge = Bridge::new(label, address, cfg, base_dir, client).map_err(invalid)?;
+            warnings.extend(bridge_warnings(&prefix, cfg, base_dir, &bridge));
+            by_upstream.insert(label.to_owned(), Arc::new(bridge));
+        }
+        Ok(Bridges { by_upstream })
+    }
+
+    /// The bridge of the upstream labelled `label` (`"default"` for an unnamed one).
+    pub fn get(&self, label: &str) -> Option<&Arc<Bridge>> {
+        self.by_upstream.get(label)
+    }
+
+    /// Whether no upstream uses OAuth2.
+    pub fn is_empty(&self) -> bool {
+        self.by_upstream.is_empty()
+    }
+}
+
+fn bridge_warnings(prefix: &str, cfg: &Oauth2Config, base_dir: &Path, b: &Bridge) -> Vec<String> {
+    let mut out = Vec::new();
+    if !cfg.token_url.starts_with("https://") && !is_loopback_url(&cfg.token_url) {
+        out.push(format!(
+            "{prefix}.token_url: {} is not https: the client secret and tokens travel in clear",
+            cfg.token_url
+        ));
+    }
+    if let Some(f) = &cfg.tokens_file {
+        let p: PathBuf = base_dir.join(f);
+        if store::too_open(&p) {
+            out.push(format!(
+                "{prefix}.tokens_file: {} is readable by others (chmod 600)",
+                p.display()
+            ));
+        }
+        if !p.exists() {
+            out.push(format!(
+                "{prefix}.tokens_file: {} does not exist yet (popgate oauth2 login creates it)",
+                p.display()
+            ));
+        }
+    }
+    if let Some(f) = &cfg.client_secret_file {
+        let p = base_dir.join(f);
+        if store::too_open(&p) {
+            out.push(format!(
+                "{prefix}.client_secret_file: {} is readable by others (chmod 600)",
+                p.display()
+            ));
+        }
+    }
+    if b.credentials.len() == 0 {
+        out.push(format!("{prefix}.credentials_file: no users"));
+    }
+    out
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or_default();
+    rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
+}
+
+/// The config's bridges (secret and credentials read), one per upstream with
+/// `[upstream.oauth2]`, by its label; warnings (insecure token URL, tokens file readable by
+/// others...) go to `warnings`.
+pub fn from_config(
+    config: &Config,
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<Bridges, ConfigError> {
+    let many = config.upstreams.len() > 1;
+    Bridges::build(
+        config.upstreams.iter().enumerate().filter_map(|(i, u)| {
+            // The key names of Config::validate: `upstream[i].x` when there are several.
+            let prefix = if many {
+                format!("upstream[{i}].oauth2")
+            } else {
+                "upstream.oauth2".to_owned()
+            };
+            let address = u.address.first().map_or("", String::as_str);
+            u.oauth2.as_ref().map(|o| (prefix, u.label(), address, o))
+        }),
+        &config.base_dir,
+        path,
+        warnings,
+    )
+}

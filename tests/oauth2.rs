@@ -1,0 +1,757 @@
+//! The OAuth2 bridge (src/oauth2/) against real components: Dovecot with `passdb { driver =
+//! oauth2 }` as the OAuth-only upstream (tokens checked by RFC 7662 introspection) and the
+//! Authlib authorization server of tests/fixtures/authserver.py, with access tokens that live
+//! a few seconds so refreshes happen. The CLI helpers (`popgate oauth2 hash-password`,
+//! `popgate oauth2 login`) and `popgate check`'s view of `[upstream.oauth2]`.
+//!
+//! Tests needing Dovecot or python3-authlib are `#[ignore]`d like the other Dovecot tests
+//! (`cargo test -- --include-ignored` after `.ci/run`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::authserver::{AuthServer, CLIENT};
+use common::clients::{RawPop, curl_ok, curl_retr, fetchmail, url};
+use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, msg_8bit, msg_dots, served};
+use common::proxy::{PopgateOpts, PopgateProcess};
+use popgate::Config;
+use popgate::oauth2::{BridgeError, Bridges};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const POPGATE: &str = env!("CARGO_BIN_EXE_popgate");
+/// The local password of the bridge's users.
+const LOCAL_PW: &str = "local-Pa55word";
+
+/// A directory with `credentials.toml` (alice and bob, password [`LOCAL_PW`]; bob's mailbox
+/// is `alice`), `secret` (mode 0600) and a `tokens.toml` (0600) with `tokens`.
+fn bridge_files(tokens: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = popgate::oauth2::hash_password(LOCAL_PW.as_bytes()).unwrap();
+    std::fs::write(
+        dir.path().join("credentials.toml"),
+        format!("alice = {hash:?}\nbob = {{ hash = {hash:?}, mailbox = \"alice\" }}\n"),
+    )
+    .unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{}\n", CLIENT.1)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut t = String::new();
+    for (m, tok) in tokens {
+        t.push_str(&format!("{m:?} = {tok:?}\n"));
+    }
+    let tf = dir.path().join("tokens.toml");
+    std::fs::write(&tf, t).unwrap();
+    std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    dir
+}
+
+/// `[upstream.oauth2]` for `auth`, files in `dir`; `extra` adds keys.
+fn oauth2_toml(auth: &AuthServer, dir: &Path, extra: &str) -> String {
+    format!(
+        "[upstream.oauth2]\ntoken_url = \"{}\"\ndevice_authorization_url = \"{}\"\n\
+         client_id = \"{}\"\nclient_secret_file = {:?}\ntokens_file = {:?}\n\
+         credentials_file = {:?}\n{extra}",
+        auth.url("/token"),
+        auth.url("/device_authorization"),
+        CLIENT.0,
+        dir.join("secret"),
+        dir.join("tokens.toml"),
+        dir.join("credentials.toml"),
+    )
+}
+
+fn config(upstream: &str, oauth2: &str) -> (Config, PathBuf) {
+    let text = format!(
+        "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n[upstream]\naddress = \
+         \"{upstream}\"\n{oauth2}"
+    );
+    let path = PathBuf::from("<test>");
+    let c = Config::parse(&text, &path).unwrap();
+    c.validate(&path).unwrap();
+    (c, path)
+}
+
+fn bridges(c: &Config, path: &Path) -> Bridges {
+    let mut warnings = Vec::new();
+    popgate::oauth2::from_config(c, path, &mut warnings).unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn line(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while !out.ends_with(b"\n") {
+        out.push(s.read_u8().await.unwrap());
+    }
+    out
+}
+
+/// Connects to Dovecot and reads its greeting.
+async fn dial(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let g = line(&mut s).await;
+    assert!(g.starts_with(b"+OK"), "{g:?}");
+    s
+}
+
+/// `RETR n` on a logged-in stream: the whole response.
+async fn retr(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    s.write_all(format!("RETR {n}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        let l = line(s).await;
+        let end = l == b".\r\n" || (out.is_empty() && l.starts_with(b"-ERR"));
+        out.extend_from_slice(&l);
+        if end {
+            return out;
+        }
+    }
+}
+
+fn expected_retr(msg: &[u8]) -> Vec<u8> {
+    let body = served(msg);
+    let mut v = format!("+OK {} octets\r\n", body.len()).into_bytes();
+    v.extend_from_slice(&dot_stuffed(&body));
+    v.extend_from_slice(b".\r\n");
+    v
+}
+
+/// Dovecot (alice: two messages) that asks `auth` about tokens.
+fn oauth_dovecot(auth: &AuthServer) -> Dovecot {
+    Dovecot::start(DovecotOpts::oauth2(&auth.introspection_url()).user(
+        "alice",
+        "unused",
+        vec![msg_dots(), msg_8bit()],
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bridge against Dovecot, through the library
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn bridge_logs_in_with_xoauth2_and_oauthbearer_and_mail_is_byte_identical() {
+    let auth = AuthServer::start(30);
+    let dv = oauth_dovecot(&auth);
+    for mech in ["xoauth2", "oauthbearer"] {
+        let files = bridge_files(&[("alice", auth.mint("alice"))]);
+        let (c, path) = config(
+            &dv.addr().to_string(),
+            &oauth2_toml(&auth, files.path(), &format!("mechanism = \"{mech}\"\n")),
+        );
+        let b = bridges(&c, &path);
+        let bridge = b.get("default").unwrap().clone();
+        rt().block_on(async {
+            // bob is a local user whose upstream mailbox is alice
+            for user in ["alice", "bob"] {
+                let who = bridge.authorize(user, LOCAL_PW.as_bytes()).await.unwrap();
+                assert_eq!(who.mailbox(), "alice");
+                let mut s = dial(dv.addr()).await;
+                let ok = bridge.login(&mut s, &who).await.unwrap();
+                assert!(ok.starts_with(b"+OK"), "{mech}: {ok:?}");
+                assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()), "{mech}");
+                assert_eq!(retr(&mut s, 2).await, expected_retr(&msg_8bit()), "{mech}");
+            }
+        });
+        let want = format!("method={}", mech.to_uppercase());
+        assert!(dv.log().contains(&want), "{mech}: {}", dv.log());
+    }
+    // One refresh in all: the second user, and the second bridge (as after a reload), got the
+    // cached token (the cache is process-wide, keyed by endpoint, client, scope and mailbox).
+    assert_eq!(auth.counter("refresh_token"), 1, "{}", auth.counters());
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
+    let auth = AuthServer::start(2);
+    let dv = oauth_dovecot(&auth);
+    let first = auth.mint("alice");
+    let files = bridge_files(&[("alice", first.clone())]);
+    let (c, path) = config(
+        &dv.addr().to_string(),
+        &oauth2_toml(&auth, files.path(), ""),
+    );
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let tokens = files.path().join("tokens.toml");
+    rt().block_on(async {
+        let who = bridge
+            .authorize("alice", LOCAL_PW.as_bytes())
+            .await
+            .unwrap();
+        let mut s = dial(dv.addr()).await;
+        bridge.login(&mut s, &who).await.unwrap();
+        assert_eq!(auth.counter("refresh_token"), 1);
+        let saved = std::fs::read_to_string(&tokens).unwrap();
+        assert!(!saved.contains(&first), "rotated token saved: {saved}");
+        // The first token's lifetime ends during this session; the session goes on.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()));
+        // A new login needs a new token: one more refresh, with the rotated refresh token.
+        let who = bridge
+            .authorize("alice", LOCAL_PW.as_bytes())
+            .await
+            .unwrap();
+        let mut s2 = dial(dv.addr()).await;
+        bridge.login(&mut s2, &who).await.unwrap();
+        assert_eq!(retr(&mut s2, 2).await, expected_retr(&msg_8bit()));
+    });
+    assert_eq!(auth.counter("refresh_token"), 2, "{}", auth.counters());
+    let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_dir(files.path()).unwrap().count(),
+        3,
+        "no temp files left"
+    );
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn concurrent_logins_for_one_mailbox_cause_one_refresh() {
+    let auth = AuthServer::start(30);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let (c, path) = config(
+        &dv.addr().to_string(),
+        &oauth2_toml(&auth, files.path(), ""),
+    );
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let addr = dv.addr();
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let bridge = bridge.clone();
+            tasks.push(tokio::spawn(async move {
+                let who = bridge
+                    .authorize("alice", LOCAL_PW.as_bytes())
+                    .await
+                    .unwrap();
+                let mut s = dial(addr).await;
+                bridge.login(&mut s, &who).await.unwrap();
+                s.write_all(b"QUIT\r\n").await.unwrap();
+                line(&mut s).await
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap().starts_with(b"+OK"));
+        }
+    });
+    // Rotating refresh tokens: a second refresh in flight with the same token would also
+    // have failed with invalid_grant.
+    assert_eq!(auth.counter("refresh_token"), 1, "{}", auth.counters());
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn a_token_revoked_at_the_server_is_retried_once_with_a_fresh_one() {
+    let auth = AuthServer::start(60);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let (c, path) = config(
+        &dv.addr().to_string(),
+        &oauth2_toml(&auth, files.path(), ""),
+    );
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    rt().block_on(async {
+        let who = bridge
+            .authorize("alice", LOCAL_PW.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(auth.revoke("alice"), 1);
+        let mut s = dial(dv.addr()).await;
+        let ok = bridge.login(&mut s, &who).await.unwrap();
+        assert!(ok.starts_with(b"+OK"), "{ok:?}");
+        assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()));
+    });
+    assert_eq!(auth.counter("refresh_token"), 2, "{}", auth.counters());
+    let log = dv.log();
+    assert_eq!(log.matches("Login: user=<alice>").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("Provided token is not valid").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn token_endpoint_down_is_sys_temp_and_wrong_password_asks_nobody() {
+    let auth = AuthServer::start(30);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let (c, path) = config("127.0.0.1:9", &oauth2_toml(&auth, files.path(), ""));
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    rt().block_on(async {
+        let e = bridge.authorize("alice", b"wrong").await.unwrap_err();
+        assert!(e.is_bad_password());
+        assert!(e.client_reply().starts_with(b"-ERR [AUTH]"));
+        let e = bridge
+            .authorize("mallory", LOCAL_PW.as_bytes())
+            .await
+            .unwrap_err();
+        assert!(e.is_bad_password());
+        assert_eq!(
+            auth.counter("issued"),
+            0,
+            "no token request for a wrong password"
+        );
+
+        auth.set_down(true);
+        let e = bridge
+            .authorize("alice", LOCAL_PW.as_bytes())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BridgeError::Token(_)), "{e:?}");
+        assert!(e.client_reply().starts_with(b"-ERR [SYS/TEMP]"));
+        assert!(e.to_string().contains("temporarily_unavailable"), "{e}");
+        assert_eq!(auth.counter("refused_down"), 1);
+        auth.set_down(false);
+        // back up (after the short hold of the failure): works again
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        bridge
+            .authorize("alice", LOCAL_PW.as_bytes())
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn client_credentials_grant_one_app_token_for_every_mailbox() {
+    let auth = AuthServer::start_with(30, "alice");
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[]);
+    let extra = "grant = \"client_credentials\"\n";
+    let toml = oauth2_toml(&auth, files.path(), extra).replace(
+        &format!("tokens_file = {:?}\n", files.path().join("tokens.toml")),
+        "",
+    );
+    let (c, path) = config(&dv.addr().to_string(), &toml);
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    rt().block_on(async {
+        for user in ["alice", "bob"] {
+            let who = bridge.authorize(user, LOCAL_PW.as_bytes()).await.unwrap();
+            let mut s = dial(dv.addr()).await;
+            bridge.login(&mut s, &who).await.unwrap();
+            assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()));
+        }
+    });
+    assert_eq!(auth.counter("client_credentials"), 1, "{}", auth.counters());
+    assert_eq!(auth.counter("refresh_token"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: real clients with a local password through `popgate run` to the OAuth-only Dovecot
+
+/// `popgate run` (routing mode, as every OAuth2 upstream) in front of `dv`, bridge files in
+/// `files`, the client secret in the environment; `extra` goes into `[upstream.oauth2]`.
+fn popgate_bridge(
+    auth: &AuthServer,
+    dv: &Dovecot,
+    files: &Path,
+    extra: &str,
+    tables: &str,
+) -> PopgateProcess {
+    let oauth2 = oauth2_toml(auth, files, extra).replace(
+        &format!("client_secret_file = {:?}\n", files.join("secret")),
+        "client_secret_env = \"POPGATE_TEST_OAUTH2_SECRET\"\n",
+    );
+    PopgateProcess::run(
+        dv.addr(),
+        PopgateOpts::new()
+            .tables(&format!("{oauth2}{tables}"))
+            .env("POPGATE_TEST_OAUTH2_SECRET", CLIENT.1)
+            .wait_for_log(),
+    )
+}
+
+fn raw_login(addr: std::net::SocketAddr, user: &str, pass: &str) -> (RawPop, String) {
+    // (connect reads the greeting)
+    let mut c = RawPop::connect(addr);
+    let u = c.cmd(&format!("USER {user}"));
+    assert!(u.starts_with("+OK"), "{u}");
+    let p = c.cmd(&format!("PASS {pass}"));
+    (c, p)
+}
+
+#[test]
+#[ignore = "needs dovecot, curl, fetchmail and python3-authlib (run .ci/run)"]
+fn curl_and_fetchmail_with_a_local_password_fetch_byte_identical_mail() {
+    let auth = AuthServer::start(30);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(&auth, &dv, files.path(), "", "");
+    // curl, USER/PASS (popgate's CAPA offers SASL PLAIN too; AUTH=+APOP is not offered, so
+    // curl falls back to USER/PASS) and AUTH PLAIN
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    let plain = curl_ok(&[
+        "--login-options",
+        "AUTH=PLAIN",
+        "-u",
+        &format!("alice:{LOCAL_PW}"),
+        &url("pop3", p.addr, "2"),
+    ]);
+    assert_eq!(plain, served(&msg_8bit()));
+    // fetchmail (USER/PASS) as bob, whose upstream mailbox is alice
+    let got = fetchmail(p.addr, "bob", LOCAL_PW, true, &[]);
+    assert!(
+        got == vec![msg_dots(), msg_8bit()],
+        "fetchmail messages differ"
+    );
+    // every upstream login was XOAUTH2; one token for all of them
+    let log = dv.log();
+    assert_eq!(log.matches("method=XOAUTH2").count(), 3, "{log}");
+    assert_eq!(auth.counter("refresh_token"), 1, "{}", auth.counters());
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn a_session_across_token_expiry_and_the_next_login_refreshes_concurrent_logins_refresh_once() {
+    let auth = AuthServer::start(2);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(&auth, &dv, files.path(), "", "");
+    let (mut c, pass) = raw_login(p.addr, "alice", LOCAL_PW);
+    assert!(pass.starts_with("+OK"), "{pass}");
+    assert_eq!(auth.counter("refresh_token"), 1);
+    std::thread::sleep(Duration::from_millis(2500));
+    // the session outlives its token
+    let (status, body) = c.cmd_multi("RETR 1");
+    assert!(status.starts_with("+OK"), "{status}");
+    assert_eq!(body.unwrap(), dot_stuffed(&served(&msg_dots())));
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    // the token expired: six logins at once cause one refresh
+    let before = auth.counter("refresh_token");
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = p.addr;
+            std::thread::spawn(move || curl_retr(addr, "alice", LOCAL_PW, 2))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), served(&msg_8bit()));
+    }
+    assert_eq!(
+        auth.counter("refresh_token"),
+        before + 1,
+        "{}",
+        auth.counters()
+    );
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn endpoint_down_is_sys_temp_with_one_log_line_wrong_password_never_dials_revoked_is_retried() {
+    let auth = AuthServer::start(60);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    let p = popgate_bridge(
+        &auth,
+        &dv,
+        files.path(),
+        "",
+        "[limits]\nlogin_fail_delay = \"0s\"\n",
+    );
+
+    // wrong local password: -ERR [AUTH], no token request, no connection to Dovecot
+    let connections = |dv: &Dovecot| dv.log().matches("rip=").count();
+    let before = connections(&dv);
+    let (_c, reply) = raw_login(p.addr, "alice", "wrong");
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    let (_c, reply) = raw_login(p.addr, "mallory", LOCAL_PW);
+    assert!(reply.starts_with("-ERR [AUTH]"), "{reply}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(connections(&dv), before, "{}", dv.log());
+    assert_eq!(auth.counter("issued"), 0);
+
+    // token endpoint down: -ERR [SYS/TEMP] and one clear log line
+    auth.set_down(true);
+    let (_c, reply) = raw_login(p.addr, "alice", LOCAL_PW);
+    assert!(reply.starts_with("-ERR [SYS/TEMP]"), "{reply}");
+    let log = p.wait_log("oauth2: no access token", 1);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("oauth2: no access token"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    for want in ["upstream", "alice", "temporarily_unavailable", "/token"] {
+        assert!(lines[0].contains(want), "{want} missing: {}", lines[0]);
+    }
+    assert_eq!(connections(&dv), before, "not dialled without a token");
+    auth.set_down(false);
+    std::thread::sleep(Duration::from_millis(2100));
+
+    // a token revoked at the server: one retry with a fresh token, the client sees +OK
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    assert_eq!(auth.revoke("alice"), 1);
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 2), served(&msg_8bit()));
+    assert_eq!(auth.counter("refresh_token"), 2, "{}", auth.counters());
+    assert_eq!(dv.log().matches("Provided token is not valid").count(), 1);
+}
+
+#[test]
+#[ignore = "needs dovecot, curl and python3-authlib (run .ci/run)"]
+fn client_credentials_end_to_end() {
+    let auth = AuthServer::start_with(30, "alice");
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[]);
+    let p = popgate_bridge(
+        &auth,
+        &dv,
+        files.path(),
+        "grant = \"client_credentials\"\nmechanism = \"oauthbearer\"\n",
+        "",
+    );
+    assert_eq!(curl_retr(p.addr, "alice", LOCAL_PW, 1), served(&msg_dots()));
+    assert_eq!(curl_retr(p.addr, "bob", LOCAL_PW, 2), served(&msg_8bit()));
+    assert_eq!(auth.counter("client_credentials"), 1, "{}", auth.counters());
+    assert_eq!(dv.log().matches("method=OAUTHBEARER").count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI
+
+#[test]
+fn hash_password_cli_and_check_of_the_oauth2_section() {
+    let mut child = Command::new(POPGATE)
+        .args(["oauth2", "hash-password"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret pw\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("s3cret"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("users.toml"), format!("alice = {hash:?}\n")).unwrap();
+    std::fs::write(d.join("tokens.toml"), "").unwrap();
+    std::fs::set_permissions(
+        d.join("tokens.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(d.join("secret"), "x\n").unwrap();
+    std::fs::set_permissions(d.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let write = |oauth2: &str| {
+        let text = format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n[upstream]\naddress = \
+             \"127.0.0.1:110\"\n[upstream.oauth2]\ntoken_url = \
+             \"https://login.example.com/token\"\nclient_id = \"app\"\n\
+             credentials_file = \"users.toml\"\n{oauth2}"
+        );
+        std::fs::write(d.join("popgate.toml"), text).unwrap();
+    };
+    let check = || {
+        Command::new(POPGATE)
+            .args(["check", "--config"])
+            .arg(d.join("popgate.toml"))
+            .output()
+            .unwrap()
+    };
+    // relative paths are relative to the config; a world-readable tokens file is a warning
+    write("client_secret_file = \"secret\"\ntokens_file = \"tokens.toml\"\n");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        err.contains("upstream.oauth2.tokens_file") && err.contains("readable by others"),
+        "{err}"
+    );
+    // a missing environment variable is an error naming the key
+    write("client_secret_env = \"POPGATE_NO_SUCH_VAR_X\"\ntokens_file = \"tokens.toml\"\n");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("upstream.oauth2.client_secret_env"), "{err}");
+    // refresh_token grant without tokens_file
+    write("client_secret_file = \"secret\"\n");
+    let err = String::from_utf8_lossy(&check().stderr).into_owned();
+    assert!(err.contains("upstream.oauth2.tokens_file"), "{err}");
+    // a hash that does not parse
+    std::fs::write(d.join("users.toml"), "alice = \"plain\"\n").unwrap();
+    write("client_secret_file = \"secret\"\ntokens_file = \"tokens.toml\"\n");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("credentials_file") && err.contains("alice"),
+        "{err}"
+    );
+    // an inline secret is not a key
+    write("client_secret = \"inline\"\n");
+    let err = String::from_utf8_lossy(&check().stderr).into_owned();
+    assert!(err.contains("client_secret"), "{err}");
+}
+
+#[test]
+#[ignore = "needs python3-authlib (run .ci/run)"]
+fn oauth2_login_device_flow_stores_the_refresh_token() {
+    let auth = AuthServer::start(30);
+    let files = bridge_files(&[]);
+    let tokens = files.path().join("tokens.toml");
+    std::fs::remove_file(&tokens).unwrap();
+    let cfg = files.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n[upstream]\naddress = \
+             \"127.0.0.1:110\"\n{}",
+            oauth2_toml(&auth, files.path(), "scope = \"pop offline_access\"\n")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(POPGATE)
+        .args(["oauth2", "login", "--config"])
+        .arg(&cfg)
+        .args(["--user", "alice@example.com"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains(&auth.url("/device")), "{first}");
+    let code = first.trim_end().rsplit(' ').next().unwrap().to_owned();
+    // the user approves in the browser
+    auth.approve(&code, "alice@example.com");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{first}{rest}{err}\n{}", auth.log());
+    assert!(rest.contains("stored in"), "{rest}");
+    let saved: toml::Table = toml::from_str(&std::fs::read_to_string(&tokens).unwrap()).unwrap();
+    let refresh = saved["alice@example.com"].as_str().unwrap().to_owned();
+    assert!(
+        !first.contains(&refresh) && !rest.contains(&refresh),
+        "token not printed"
+    );
+    let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(auth.counter("device_code") >= 1, "{}", auth.counters());
+    // the stored refresh token works at the token endpoint
+    let c = Command::new("curl")
+        .args(["-sS", "-u", &format!("{}:{}", CLIENT.0, CLIENT.1)])
+        .args(["-d", "grant_type=refresh_token", "-d"])
+        .arg(format!("refresh_token={refresh}"))
+        .arg(auth.url("/token"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+    assert!(v["access_token"].is_string(), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// README
+
+/// The README's "OAuth2 bridge" section.
+fn readme_section() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("\n## OAuth2 bridge\n").expect("README section");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_owned()
+}
+
+/// Every config example of the section is a valid config with an `[upstream.oauth2]`, and the
+/// table of keys names every key the examples use.
+#[test]
+fn readme_oauth2_examples_are_valid_configs() {
+    let section = readme_section();
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 3, "three example configs");
+    let path = Path::new("README.md");
+    for toml in blocks {
+        let c = Config::parse(toml, path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        c.validate(path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert!(c.upstreams[0].oauth2.is_some(), "{toml}");
+        let table: toml::Table = toml::from_str(toml).unwrap();
+        for key in table["upstream"]["oauth2"].as_table().unwrap().keys() {
+            assert!(
+                section.contains(&format!("| `{key}`"))
+                    || section.contains(&format!("/ `{key}` |")),
+                "README key table lacks {key}"
+            );
+        }
+    }
+}
+
+/// `[[upstream]]` entries: the `oauth2` table belongs to the entry above it; a bridge per
+/// upstream that has one, by name; an OAuth2 upstream puts popgate in routing mode.
+#[test]
+fn named_upstreams_get_their_own_bridge_and_routing_mode() {
+    let files = bridge_files(&[]);
+    let d = files.path();
+    let one = |with: bool| {
+        let oauth2 = if with {
+            format!(
+                "[upstream.oauth2]\ntoken_url = \"https://login.example.com/token\"\n\
+                 client_id = \"app\"\ngrant = \"client_credentials\"\n\
+                 client_secret_file = {:?}\ncredentials_file = {:?}\n",
+                d.join("secret"),
+                d.join("credentials.toml")
+            )
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n\
+             [[upstream]]\nname = \"old\"\naddress = \"127.0.0.1:110\"\n\
+             [[upstream]]\nname = \"m365\"\naddress = \"outlook.office365.com:995\"\n\
+             tls = \"implicit\"\n{oauth2}[routing]\ndefault = \"old\"\n"
+        );
+        let path = PathBuf::from("<test>");
+        let c = Config::parse(&text, &path).unwrap();
+        c.validate(&path).unwrap();
+        c
+    };
+    let c = one(true);
+    assert!(c.upstreams[1].oauth2.is_some() && c.upstreams[0].oauth2.is_none());
+    let b = bridges(&c, Path::new("<test>"));
+    assert!(b.get("m365").is_some() && b.get("old").is_none());
+    assert!(c.routing_mode());
+
+    // one plain [upstream] with oauth2: routing mode too (popgate must read the password)
+    let (c, _) = config(
+        "127.0.0.1:110",
+        &format!(
+            "[upstream.oauth2]\ntoken_url = \"https://t.example/token\"\nclient_id = \"a\"\n\
+             grant = \"client_credentials\"\ncredentials_file = {:?}\n",
+            d.join("credentials.toml")
+        ),
+    );
+    assert!(c.routing_mode());
+    assert!(!one(false).upstreams.iter().any(|u| u.oauth2.is_some()));
+}
