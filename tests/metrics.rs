@@ -328,6 +328,47 @@ fn limit_refusals_and_login_penalties_are_counted() {
     assert_eq!(value(&m, "popgate_sessions_active", &[]), 1.0, "{m}");
 }
 
+/// A refused login whose response code says the password was not the problem (`[IN-USE]`:
+/// the maildrop is locked by another session; `[SYS/TEMP]` likewise) costs no penalty: a
+/// client retrying against a locked maildrop or a server (or token endpoint) that is down is
+/// not guessing passwords. Wrong passwords from the same address still are.
+#[test]
+fn refusals_that_are_not_about_credentials_cost_no_penalty() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let px = h.proxy(
+        up.local_addr(),
+        "[limits]\nlogin_fail_delay = \"20ms\"\nlogin_fail_delay_max = \"40ms\"\n\
+         [metrics]\nbind = \"127.0.0.1:0\"\n",
+    );
+    let metrics = px.metrics.unwrap();
+    let mut holder = RawPop::connect(px.addr);
+    assert!(holder.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(holder.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = RawPop::connect(px.addr);
+    for _ in 0..4 {
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        let r = c.cmd(&format!("PASS {PASS}"));
+        assert!(r.starts_with("-ERR [IN-USE]"), "{r}");
+    }
+    let m = scrape(metrics);
+    assert_eq!(
+        value(&m, "popgate_login_penalty_delays_total", &[]),
+        0.0,
+        "{m}"
+    );
+    // The same number of wrong passwords: two free, then two held.
+    for _ in 0..4 {
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        assert!(c.cmd("PASS wrong").starts_with("-ERR"));
+    }
+    let m = scrape(metrics);
+    assert!(
+        value(&m, "popgate_login_penalty_delays_total", &[]) >= 2.0,
+        "{m}"
+    );
+}
+
 /// Every metric the shipped dashboard queries exists in a real scrape, and the README's metric
 /// list is exactly what popgate exports, so neither can drift from the code.
 #[test]

@@ -98,6 +98,19 @@ fn add_tags(to: &mut Vec<Arc<str>>, from: &[Arc<str>]) {
     }
 }
 
+/// Whether a failed login's `-ERR` carries a response code (RFC 2449, RFC 3206) saying the
+/// credentials were not the problem: `IN-USE`, `LOGIN-DELAY`, `SYS/TEMP`, `SYS/PERM`.
+fn not_a_credential_failure(line: &[u8]) -> bool {
+    crate::pop3::response::StatusLine::parse(line)
+        .ok()
+        .and_then(|s| s.code)
+        .is_some_and(|c| {
+            [&b"IN-USE"[..], b"LOGIN-DELAY", b"SYS/TEMP", b"SYS/PERM"]
+                .iter()
+                .any(|k| c.eq_ignore_ascii_case(k))
+        })
+}
+
 /// The settings a hop works with.
 #[derive(Debug, Clone)]
 pub(crate) struct HopConfig {
@@ -563,8 +576,11 @@ impl Hop {
             None => Vec::new(),
         };
         add_tags(&mut tags, &response_tags);
-        // Failed-login penalty per client IP, on top of any rule's delay.
+        // Failed-login penalty per client IP, on top of any rule's delay: not for a refusal
+        // that says the credentials were fine or were never checked (a locked maildrop, the
+        // server or popgate's token endpoint out of order).
         if meta.login.as_ref().is_some_and(|l| !l.success)
+            && !not_a_credential_failure(&sin[at..at + len])
             && let Some(p) = obs.login_failed(self.cfg.client_ip)
         {
             delay = Some(delay.unwrap_or_default() + p);
