@@ -4,9 +4,10 @@
 //!
 //! Case: user names are compared exactly, byte for byte (Dovecot's default is case-sensitive
 //! user names, and what popgate replays upstream is exactly what the client sent, so the name
-//! routed is the name the server checks). `ALICE`, `alice ` or `alice<TAB>` therefore do not
-//! match an `alice` line and go to the default upstream, where that server's own password
-//! check decides. Domains are case-insensitive (DNS names): the part after the last `@`.
+//! routed is the name the server checks). `ALICE` therefore does not match an `alice` line and
+//! goes to the default upstream, where that server's own password check decides (a USER name
+//! with white space never gets here: the front refuses it). Domains are case-insensitive (DNS
+//! names): the part after the last `@`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -810,3 +810,62 @@ fn tls_to_the_original_server_is_verified_for_the_clients_sni_or_the_ip() {
         "{dsts:?}"
     );
 }
+
+/// The README's allow-list: a `connect` rule allows the sessions whose original destination is
+/// one of "your own" servers, the next drops the rest. A dropped destination is never dialled,
+/// over IPv4 or IPv6, whatever the client sends.
+#[test]
+fn a_destination_allow_list_drops_other_servers_without_dialling() {
+    if !capable("a_destination_allow_list_drops_other_servers_without_dialling") {
+        return;
+    }
+    let net = Net::new();
+    net.redirect(110, 8110);
+    let servers = Servers::start(
+        &net.server,
+        vec![(
+            "[::]:110",
+            ServerOptions::new(vec![mailbox(USER, PASS, tricky_messages(0))]),
+        )],
+    );
+    let rules_dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir.path().join("rules.toml");
+    // Only the IPv4 address of the server is "ours"; its IPv6 address is not.
+    std::fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nname = \"our-servers\"\non = \"connect\"\n\
+             destination = [\"{SERVER_V4}/32\"]\naction = \"allow\"\n\
+             [[rule]]\nname = \"others\"\non = \"connect\"\naction = \"drop\"\n"
+        ),
+    )
+    .unwrap();
+    let mut gate = Gate::start(
+        &net,
+        &format!("rules = [{rules:?}]\n{}", readme_example()),
+        1,
+    );
+    let got = curl_ok(
+        &net,
+        &[
+            "-u",
+            &format!("{USER}:{PASS}"),
+            &format!("pop3://{SERVER_V4}:110/1"),
+        ],
+    );
+    assert!(got == tricky_messages(0)[0]);
+    // IPv6 to the same server, and IPv4 to another address of that network: dropped.
+    for (addr, port) in [(SERVER_V6, 110), (GW_OUT_V4, 110)] {
+        let line = first_line(&net, addr, port);
+        assert_eq!(line, "", "{addr}: {line:?}\n{}", tail(&gate.log(), 3000));
+    }
+    assert_eq!(servers.servers[0].connections(), 1, "only the allowed one");
+    let audit = gate.stop();
+    let dropped: Vec<&Value> = audit
+        .iter()
+        .filter(|e| {
+            e["event"] == "session_close" && e["reason"] == "rule_drop" && e["rule"] == "others"
+        })
+        .collect();
+    assert_eq!(dropped.len(), 2, "{audit:?}");
+}

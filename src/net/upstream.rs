@@ -80,21 +80,23 @@ pub struct Upstream {
 }
 
 /// Open a connection to the upstream: its addresses in order, each within the connect
-/// timeout (TCP, STLS and handshake). An address that fails at the TCP stage or times out is
-/// marked dead in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless
-/// all are. A TLS or protocol failure is returned at once: failing over would hide a
-/// misconfiguration (and the next server would most likely refuse the same way).
+/// timeout (TCP, STLS and handshake, and with `greeting` the greeting: it is then in
+/// [`Upstream::preread`]). An address that fails at the TCP stage or times out is marked dead
+/// in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless all are. A
+/// TLS or protocol failure is returned at once: failing over would hide a misconfiguration
+/// (and the next server would most likely refuse the same way).
 pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
     dead: &DeadAddresses,
+    greeting: bool,
 ) -> Result<Upstream, ConnectError> {
     let order = dead.order(&cfg.address, std::time::Instant::now());
     let mut last = None;
     for (i, address) in order.iter().enumerate() {
-        match connect_one(cfg, address, tls, max_line, origin).await {
+        match connect_one(cfg, address, tls, max_line, origin, greeting).await {
             Ok(u) => {
                 dead.mark_alive(address);
                 return Ok(u);
@@ -123,11 +125,12 @@ async fn connect_one(
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
+    greeting: bool,
 ) -> Result<Upstream, ConnectError> {
     let mut stage = ConnectStage::Tcp;
     let dialled = tokio::time::timeout(
         cfg.connect_timeout,
-        dial(cfg, address, tls, max_line, origin, &mut stage),
+        dial(cfg, address, tls, max_line, origin, greeting, &mut stage),
     )
     .await;
     let fail = |stage, reason| ConnectError {
@@ -151,6 +154,7 @@ async fn dial(
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
+    greeting: bool,
     stage: &mut ConnectStage,
 ) -> Result<Upstream, String> {
     let mut tcp = TcpStream::connect(address)
@@ -186,7 +190,7 @@ async fn dial(
                 _ => Stream::Plain(tcp),
             };
             *stage = ConnectStage::Setup;
-            if !xclient {
+            if !xclient && !greeting {
                 // The session reads the greeting itself.
                 return Ok(Upstream {
                     address: address.to_owned(),
@@ -195,7 +199,9 @@ async fn dial(
                 });
             }
             let greeting = read_line(&mut stream, &mut buf, max_line).await?;
-            send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
+            if xclient {
+                send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
+            }
             let mut preread = greeting;
             preread.append(&mut buf);
             Ok(Upstream {

@@ -11,15 +11,16 @@
 
 use base64::Engine as _;
 
-use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::command::{Command, Verb, is_separator, line_end, trim_eol};
 
 /// popgate's capability list before login (RFC 2449). TOP, UIDL and EXPIRE are the server's
-/// to state: a client asks CAPA again after login and gets the upstream's own list.
+/// to state: a client asks CAPA again after login and gets the upstream's own list. No
+/// AUTH-RESP-CODE (RFC 3206): a refused login is answered with the routed server's own `-ERR`,
+/// which has an `[AUTH]` code only if that server uses them.
 const CAPA: &[u8] = b"+OK capability list follows\r\n\
 USER\r\n\
 SASL PLAIN LOGIN\r\n\
 RESP-CODES\r\n\
-AUTH-RESP-CODE\r\n\
 PIPELINING\r\n\
 IMPLEMENTATION popgate\r\n\
 .\r\n";
@@ -128,6 +129,14 @@ impl Front {
         self.output.extend_from_slice(reply);
         self.state = State::Ready { user: None };
         self.run();
+    }
+
+    /// The client's TLS handshake after STLS completed: nothing from before it counts (RFC
+    /// 2595), so a USER sent in plaintext is forgotten.
+    pub(crate) fn tls_started(&mut self) {
+        if matches!(self.state, State::Ready { .. }) {
+            self.state = State::Ready { user: None };
+        }
     }
 
     /// The login succeeded upstream: what the hop sent after the login command, for the
@@ -242,6 +251,12 @@ impl Front {
             return;
         };
         match cmd.verb {
+            // White space in the name: servers split it differently (the first word, or
+            // the whole rest of the line), so the name routed on would not be the one the
+            // server checks. Refused; an earlier USER stays, as a server keeps it.
+            Verb::User if cmd.args.iter().any(|&b| is_separator(b)) => {
+                self.reply("-ERR [AUTH] a user name with white space cannot be routed")
+            }
             Verb::User => {
                 let name = String::from_utf8_lossy(cmd.args).into_owned();
                 self.reply("+OK");
@@ -350,15 +365,18 @@ mod tests {
     fn user_pass_routes_on_the_last_user_and_keeps_what_follows() {
         let mut f = Front::new("g");
         out(&mut f);
-        f.input(b"USER a\r\nUSER b\tx \r\nPASS s e\r\nSTAT\r\n");
-        assert_eq!(out(&mut f), "+OK\r\n+OK\r\n");
+        f.input(b"USER a\r\nUSER b\r\nUSER c\tx \r\nPASS s e\r\nSTAT\r\n");
+        assert_eq!(
+            out(&mut f),
+            "+OK\r\n+OK\r\n-ERR [AUTH] a user name with white space cannot be routed\r\n"
+        );
         let l = f.take_login().unwrap();
         assert_eq!(l.method, Method::UserPass);
-        assert_eq!(l.user, "b\tx ");
+        assert_eq!(l.user, "b");
         assert_eq!(l.secret, b"s e");
         assert_eq!(
             l.lines,
-            vec![b"USER b\tx \r\n".to_vec(), b"PASS s e\r\n".to_vec()]
+            vec![b"USER b\r\n".to_vec(), b"PASS s e\r\n".to_vec()]
         );
         assert!(!format!("{l:?}").contains("s e"));
         // Nothing more is handled while the login is out.

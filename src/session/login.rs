@@ -38,10 +38,13 @@ pub(crate) enum LoginError {
     Bridge(crate::oauth2::BridgeError),
 }
 
-/// Connect to `cfg` and replay `login`; the final status line is the login's reply. On any
-/// failure the upstream socket is closed without QUIT. With an OAuth2 `bridge` the password
-/// is checked locally and a token obtained first (a wrong password dials nothing), and the
-/// upstream gets `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay.
+/// Connect to `cfg` and replay `login`; the final status line is the login's reply. The
+/// greeting is part of the connection setup (`connect_timeout`, failover: a server that
+/// accepts but does not greet, e.g. a Dovecot at its login process limit, is one that does not
+/// answer); each answer to the login is awaited `reply_timeout`. On any failure the upstream
+/// socket is closed without QUIT. With an OAuth2 `bridge` the password is checked locally and
+/// a token obtained first (a wrong password dials nothing), and the upstream gets
+/// `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn login_upstream(
     cfg: &UpstreamConfig,
@@ -61,7 +64,7 @@ pub(crate) async fn login_upstream(
         ),
         None => None,
     };
-    let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead)
+    let up = crate::net::upstream::connect(cfg, tls, max_line, origin, dead, true)
         .await
         .map_err(LoginError::Unavailable)?;
     let address = up.address.clone();
@@ -83,6 +86,7 @@ pub(crate) async fn login_upstream(
         Ok(r) => r,
         Err(_) => Err(format!("no reply within {reply_timeout:?}")),
     };
+    // Read during the setup (in `buf` already).
     let greeting = next_line(&mut stream, &mut buf).await.map_err(broken)?;
     if status(&greeting) != Some(Status::Ok) {
         return Err(broken(format!(
@@ -112,6 +116,14 @@ pub(crate) async fn login_upstream(
     }
     let mut last = Vec::new();
     for (i, line) in login.lines.iter().enumerate() {
+        if !buf.is_empty() {
+            // A line nobody asked for would be taken for the answer to this step (USER's
+            // `+OK` for PASS's, logging the client in on a refused password).
+            return Err(broken(format!(
+                "the server spoke out of turn: {}",
+                String::from_utf8_lossy(&buf).trim_end()
+            )));
+        }
         stream
             .write_all(line)
             .await

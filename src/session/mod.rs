@@ -248,6 +248,10 @@ async fn open(
             config.limits.max_line,
             &origin,
             &shared.dead,
+            // With one address the session awaits the greeting itself
+            // (`limits.greeting_timeout`); with several it is part of the setup, so that an
+            // address that accepts but never greets is failed over.
+            upstream_cfg.address.len() > 1,
         )
         .await
         {
@@ -653,7 +657,7 @@ impl Driver {
                 Action::ToUpstream(bytes) if self.front.is_some() => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
-                    Box::pin(self.feed_front(&bytes)).await?
+                    Box::pin(self.feed_front(&bytes, shutdown)).await?
                 }
                 Action::ToUpstream(bytes) => {
                     self.upstream
@@ -680,6 +684,9 @@ impl Driver {
                     // Boxed: a rare step whose future would otherwise sit in every session.
                     self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
                     self.hop.client_tls_started(&mut self.cin);
+                    if let Some(front) = self.front.as_mut() {
+                        front.tls_started();
+                    }
                     self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
@@ -693,7 +700,11 @@ impl Driver {
 
     /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
     /// as server input. A complete login is routed, connected and replayed here.
-    async fn feed_front(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    async fn feed_front(
+        &mut self,
+        bytes: &[u8],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
         let Some(front) = self.front.as_mut() else {
             return Ok(());
         };
@@ -713,7 +724,16 @@ impl Driver {
                 }
                 return Ok(());
             };
-            match self.route_login(&login).await {
+            // A shutdown does not wait for a slow upstream: the login is abandoned (the
+            // upstream socket closed without QUIT), as a command in flight would be.
+            let routed = tokio::select! {
+                r = self.route_login(&login) => r,
+                _ = shutdown.changed() => {
+                    self.hop.on_shutdown();
+                    return Ok(());
+                }
+            };
+            match routed {
                 Ok(done) => {
                     let rest = self.front.take().map(|f| f.into_rest()).unwrap_or_default();
                     self.upstream = done.stream;
@@ -784,6 +804,8 @@ impl Driver {
             .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
         self.observer.observer.set_upstream(upstream.label());
+        // A SASL name may hold any byte: control characters are escaped in the log line.
+        let shown = crate::pop3::printable(login.user.as_bytes());
         let dialled = Instant::now();
         let bridge = shared.oauth2.get(upstream.label()).map(|b| &**b);
         // Who the session is for, as the upstream is told (`forward_client`): rebuilt here
@@ -811,7 +833,7 @@ impl Driver {
                     shared.metrics.tls_handshake("upstream", true);
                 }
                 info!(
-                    user = %login.user,
+                    user = %shown,
                     upstream = upstream.label(),
                     address = %done.address,
                     why = %why,
@@ -821,7 +843,7 @@ impl Driver {
             }
             Err(login::LoginError::Refused(reply)) => {
                 info!(
-                    user = %login.user,
+                    user = %shown,
                     upstream = upstream.label(),
                     why = %why,
                     "routed login refused by the upstream"
@@ -831,7 +853,7 @@ impl Driver {
             Err(login::LoginError::Bridge(e)) => {
                 // The bridge logged the details (never a token or password).
                 info!(
-                    user = %login.user,
+                    user = %shown,
                     upstream = upstream.label(),
                     error = %e,
                     "OAuth2 login failed"
