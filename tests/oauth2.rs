@@ -83,6 +83,19 @@ fn bridges(c: &Config, path: &Path) -> Bridges {
     popgate::oauth2::from_config(c, path, &mut warnings).unwrap()
 }
 
+/// The default upstream's bridge for a config whose one local user `alice` has the refresh
+/// token `refresh`, in front of `upstream`; the directory holds its files.
+fn alice_bridge(
+    auth: &AuthServer,
+    upstream: &str,
+    refresh: String,
+) -> (tempfile::TempDir, std::sync::Arc<popgate::oauth2::Bridge>) {
+    let files = bridge_files(&[("alice", refresh)]);
+    let (c, path) = config(upstream, &oauth2_toml(auth, files.path(), ""));
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    (files, bridge)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -182,12 +195,7 @@ fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
     let auth = AuthServer::start(2);
     let dv = oauth_dovecot(&auth);
     let first = auth.mint("alice");
-    let files = bridge_files(&[("alice", first.clone())]);
-    let (c, path) = config(
-        &dv.addr().to_string(),
-        &oauth2_toml(&auth, files.path(), ""),
-    );
-    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let (files, bridge) = alice_bridge(&auth, &dv.addr().to_string(), first.clone());
     let tokens = files.path().join("tokens.toml");
     rt().block_on(async {
         let who = bridge
@@ -226,12 +234,7 @@ fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
 fn concurrent_logins_for_one_mailbox_cause_one_refresh() {
     let auth = AuthServer::start(30);
     let dv = oauth_dovecot(&auth);
-    let files = bridge_files(&[("alice", auth.mint("alice"))]);
-    let (c, path) = config(
-        &dv.addr().to_string(),
-        &oauth2_toml(&auth, files.path(), ""),
-    );
-    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let (_files, bridge) = alice_bridge(&auth, &dv.addr().to_string(), auth.mint("alice"));
     let addr = dv.addr();
     rt().block_on(async {
         let mut tasks = Vec::new();
@@ -262,12 +265,7 @@ fn concurrent_logins_for_one_mailbox_cause_one_refresh() {
 fn a_token_revoked_at_the_server_is_retried_once_with_a_fresh_one() {
     let auth = AuthServer::start(60);
     let dv = oauth_dovecot(&auth);
-    let files = bridge_files(&[("alice", auth.mint("alice"))]);
-    let (c, path) = config(
-        &dv.addr().to_string(),
-        &oauth2_toml(&auth, files.path(), ""),
-    );
-    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let (_files, bridge) = alice_bridge(&auth, &dv.addr().to_string(), auth.mint("alice"));
     rt().block_on(async {
         let who = bridge
             .authorize("alice", LOCAL_PW.as_bytes())
@@ -293,9 +291,7 @@ fn a_token_revoked_at_the_server_is_retried_once_with_a_fresh_one() {
 #[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
 fn token_endpoint_down_is_sys_temp_and_wrong_password_asks_nobody() {
     let auth = AuthServer::start(30);
-    let files = bridge_files(&[("alice", auth.mint("alice"))]);
-    let (c, path) = config("127.0.0.1:9", &oauth2_toml(&auth, files.path(), ""));
-    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    let (_files, bridge) = alice_bridge(&auth, "127.0.0.1:9", auth.mint("alice"));
     rt().block_on(async {
         let e = bridge.authorize("alice", b"wrong").await.unwrap_err();
         assert!(e.is_bad_password());
