@@ -43,6 +43,15 @@ fn server(h: &Harness, name: &str, users: &[&str], faults: Faults) -> DemoServer
 
 /// Routing mode: upstreams `old` (address list `old`) and `new` (default), a map file, and
 /// `extra` (more tables) appended.
+/// A server for alice whose greeting comes `delay` after the connection.
+fn slow_server(h: &Harness, name: &str, delay: Duration) -> DemoServer {
+    let faults = Faults {
+        greeting_delay: Some(delay),
+        ..Faults::default()
+    };
+    server(h, name, &["alice"], faults)
+}
+
 fn routing_proxy(h: &Harness, old: &str, new: &str, map: &str, extra: &str) -> Routed {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("routes.map");
@@ -202,15 +211,7 @@ fn a_routed_address_that_never_greets_is_failed_over() {
     let h = Harness::new();
     // Listening, never accepting: the kernel completes the handshakes, nobody speaks.
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();
-    let slow = server(
-        &h,
-        "slow",
-        &["alice"],
-        Faults {
-            greeting_delay: Some(Duration::from_secs(8)),
-            ..Faults::default()
-        },
-    );
+    let slow = slow_server(&h, "slow", Duration::from_secs(8));
     let old = server(&h, "old", &["alice"], Faults::default());
     let new = server(&h, "new", &["carol"], Faults::default());
     let r = routing_proxy(
@@ -254,15 +255,7 @@ fn a_routed_address_that_never_greets_is_failed_over() {
 #[test]
 fn a_client_that_leaves_during_the_routed_login_leaves_nothing_behind() {
     let h = Harness::new();
-    let old = server(
-        &h,
-        "old",
-        &["alice"],
-        Faults {
-            greeting_delay: Some(Duration::from_millis(500)),
-            ..Faults::default()
-        },
-    );
+    let old = slow_server(&h, "old", Duration::from_millis(500));
     let new = server(&h, "new", &["carol"], Faults::default());
     let r = routing_proxy(
         &h,
@@ -550,15 +543,7 @@ fn a_plaintext_user_does_not_survive_stls() {
 #[test]
 fn a_shutdown_does_not_wait_for_a_routed_login() {
     let h = Harness::new();
-    let slow = server(
-        &h,
-        "old",
-        &["alice"],
-        Faults {
-            greeting_delay: Some(Duration::from_secs(20)),
-            ..Faults::default()
-        },
-    );
+    let slow = slow_server(&h, "old", Duration::from_secs(20));
     let new = server(&h, "new", &["carol"], Faults::default());
     let mut r = routing_proxy(
         &h,
