@@ -659,17 +659,7 @@ impl Driver {
                     // replay) would otherwise sit in every session's task.
                     Box::pin(self.feed_front(&bytes, shutdown)).await?
                 }
-                Action::ToUpstream(bytes) => {
-                    self.upstream
-                        .write_all(&bytes)
-                        .await
-                        .map_err(io_err(Side::Upstream))?;
-                    self.upstream
-                        .flush()
-                        .await
-                        .map_err(io_err(Side::Upstream))?;
-                    self.live.to_upstream.inc_by(bytes.len() as u64);
-                }
+                Action::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
                 Action::Sleep(d) => {
                     self.sync_observer().await;
                     // A tarpit or login penalty never outlasts a shutdown: the session ends
@@ -744,15 +734,7 @@ impl Driver {
                             .tls(crate::audit::TlsSide::Upstream, t);
                     }
                     if !rest.is_empty() {
-                        self.upstream
-                            .write_all(&rest)
-                            .await
-                            .map_err(io_err(Side::Upstream))?;
-                        self.upstream
-                            .flush()
-                            .await
-                            .map_err(io_err(Side::Upstream))?;
-                        self.live.to_upstream.inc_by(rest.len() as u64);
+                        self.send_upstream(&rest).await?;
                     }
                     let mut reply = done.reply;
                     reply.extend_from_slice(&done.rest);
@@ -767,6 +749,21 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Write `bytes` to the upstream and flush them (under TLS a write can leave records
+    /// queued in rustls), counting them.
+    async fn send_upstream(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.upstream
+            .write_all(bytes)
+            .await
+            .map_err(io_err(Side::Upstream))?;
+        self.upstream
+            .flush()
+            .await
+            .map_err(io_err(Side::Upstream))?;
+        self.live.to_upstream.inc_by(bytes.len() as u64);
+        Ok(())
     }
 
     /// Server bytes (from the front or the login) into the hop.
