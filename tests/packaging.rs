@@ -177,16 +177,51 @@ fn man_pages_render_with_man() {
     }
     assert!(shown.contains("--log-level"), "{shown}");
     assert!(!shown.contains("popgate-help"), "{shown}");
+    for section in [
+        "SIGNALS",
+        "FILES",
+        "EXIT STATUS",
+        "SIGHUP",
+        "SIGUSR1",
+        "popgate.toml(5)",
+    ] {
+        assert!(
+            shown.contains(section),
+            "popgate(1) lacks {section}: {shown}"
+        );
+    }
     let pages = generated();
+    // Installed gzipped, as Debian policy wants; man reads them as they are.
+    let config_page = render(&pages.path().join("man/popgate.toml.5.gz"));
+    for key in popgate::reference::KEYS {
+        let short = key.key.rsplit('.').next().unwrap();
+        assert!(
+            config_page.contains(short),
+            "popgate.toml(5) lacks {}",
+            key.key
+        );
+    }
+    for text in [
+        "idle_timeout (default: \"10m\"; reload)",
+        "[limits]",
+        "restart",
+    ] {
+        assert!(
+            config_page.contains(text),
+            "popgate.toml(5) lacks {text}: {config_page}"
+        );
+    }
+    let main_page = render(&pages.path().join("man/popgate.1.gz"));
+    assert!(main_page.contains("EXIT STATUS"), "{main_page}");
     for sub in SUBCOMMANDS {
-        let page = pages.path().join(format!("man/popgate-{sub}.1"));
+        let page = pages.path().join(format!("man/popgate-{sub}.1.gz"));
         assert!(page.is_file(), "{} missing", page.display());
         let shown = render(&page);
         assert!(shown.contains(&format!("popgate-{sub}")), "{shown}");
     }
-    let run = render(&pages.path().join("man/popgate-run.1"));
+    let run = render(&pages.path().join("man/popgate-run.1.gz"));
     assert!(run.contains("--config"), "{run}");
-    let demo = render(&pages.path().join("man/popgate-demo.1"));
+    let demo = render(&pages.path().join("man/popgate-demo.1.gz"));
     assert!(demo.contains("--tls-bind"), "{demo}");
 }
 
