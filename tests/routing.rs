@@ -742,7 +742,9 @@ fn readme_routing_examples_are_valid() {
     assert!(config.routing_mode());
     assert_eq!(config.upstreams[0].address.len(), 2);
     let map =
-        popgate::routing::RouteMap::parse(blocks[1], path, |n| config.upstream_index(n).is_some())
+        popgate::routing::RouteMap::parse(blocks[1], path, config.routing_user_names(), |n| {
+            config.upstream_index(n).is_some()
+        })
             .expect("map parses");
     assert_eq!(map.len(), 3);
     let rules = popgate::rules::RuleSet::parse(blocks[2], path).expect("rule parses");

@@ -124,6 +124,9 @@ pub(crate) struct HopConfig {
     pub(crate) client_tls: bool,
     /// Whether this listener can offer STLS (a `starttls` listener with a certificate).
     pub(crate) stls_available: bool,
+    /// Whether the server folds user names to lower case (`upstream.user_names = "fold"`):
+    /// rules and audit then see the folded name, the one the server logs in.
+    pub(crate) fold_user_names: bool,
     /// `limits.max_line`.
     pub(crate) max_line: usize,
     /// `limits.max_pipeline`.
@@ -175,8 +178,10 @@ impl Hop {
     /// A hop for a session that connected at `started`, whose upstream is connected now
     /// (`now`) and whose greeting is due.
     pub(crate) fn new(cfg: HopConfig, policy: Policy, started: Instant, now: Instant) -> Hop {
+        let mut tracker = Tracker::new(cfg.max_line);
+        tracker.set_fold_names(cfg.fold_user_names);
         Hop {
-            tracker: Tracker::new(cfg.max_line),
+            tracker,
             policy,
             client_tls: cfg.client_tls,
             up_out: Vec::new(),
@@ -259,6 +264,13 @@ impl Hop {
                 EventKind::Command,
             )
         })
+    }
+
+    /// Routing mode: the login went to a server that folds user names (or not); rules and
+    /// audit see the name as that server does.
+    pub(crate) fn set_fold_user_names(&mut self, fold: bool) {
+        self.cfg.fold_user_names = fold;
+        self.tracker.set_fold_names(fold);
     }
 
     /// The user rules and audit see (see [`Tracker::user`]).
