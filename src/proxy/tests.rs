@@ -716,3 +716,77 @@ fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_besid
     let out = run(&mut hop_with(folding(), ""), b"USER alice\r\nPASS pw\r\n", &LOGGED_IN, 64, End::Open);
     assert_eq!(out.logins, [(Some("alice".into()), None, true)]);
 }
+
+#[test]
+fn a_server_without_capa_gets_popgates_own_list_with_stls_at_every_chunk_size() {
+    let stls = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                ..config()
+            },
+            "",
+        )
+    };
+    let out = same_at_every_chunk(
+        stls,
+        b"CAPA\r\nSTLS\r\n",
+        &[b"+OK\r\n", b"-ERR\r\n"],
+        End::Open,
+    );
+    assert_eq!(
+        text(&out.client),
+        "+OK\r\n+OK capability list follows\r\nUSER\r\nSTLS\r\n.\r\n+OK begin TLS negotiation\r\n"
+    );
+    // STLS is this hop's: the upstream got CAPA only.
+    assert_eq!(text(&out.upstream), "CAPA\r\n");
+    assert_eq!(out.tls_at.len(), 1);
+    assert_eq!(out.close, None);
+}
+
+#[test]
+fn own_capa_after_tls_and_login_lists_what_the_server_has_shown() {
+    let tls = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                client_tls: true,
+                ..config()
+            },
+            "",
+        )
+    };
+    let out = same_at_every_chunk(
+        tls,
+        b"CAPA\r\nUSER a\r\nPASS b\r\nUIDL\r\nTOP 1 0\r\nCAPA\r\n",
+        &[
+            b"+OK\r\n",
+            b"-ERR unknown command\r\n",
+            b"+OK\r\n",
+            b"+OK in\r\n",
+            b"+OK\r\n1 x\r\n.\r\n",
+            b"+OK\r\nSubject: s\r\n\r\n.\r\n",
+            b"-ERR\r\n",
+        ],
+        End::Open,
+    );
+    let c = text(&out.client);
+    // Under TLS no STLS; before UIDL/TOP were answered, only USER.
+    assert!(
+        c.starts_with("+OK\r\n+OK capability list follows\r\nUSER\r\n.\r\n+OK\r\n+OK in\r\n"),
+        "{c}"
+    );
+    assert!(
+        c.ends_with("+OK capability list follows\r\nUSER\r\nTOP\r\nUIDL\r\n.\r\n"),
+        "{c}"
+    );
+    // A server that has CAPA keeps its own list (rewritten as always), never popgate's.
+    let out = run(
+        &mut hop_with(config(), ""),
+        b"CAPA\r\n",
+        &[b"+OK\r\n", b"+OK\r\nTOP\r\nX-SERVER\r\n.\r\n"],
+        64,
+        End::Open,
+    );
+    assert_eq!(text(&out.client), "+OK\r\n+OK\r\nTOP\r\nX-SERVER\r\n.\r\n");
+}
