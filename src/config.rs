@@ -853,7 +853,11 @@ impl Config {
     /// rules and the map): folded unless every upstream is `user_names = "exact"`, so that a
     /// name in other case never escapes a map line or a rule to reach a server that folds it.
     pub fn routing_user_names(&self) -> UserNames {
-        if self.upstreams.iter().all(|u| u.user_names == UserNames::Exact) {
+        if self
+            .upstreams
+            .iter()
+            .all(|u| u.user_names == UserNames::Exact)
+        {
             UserNames::Exact
         } else {
             UserNames::Fold

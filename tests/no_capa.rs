@@ -46,7 +46,10 @@ fn demo_no_capa(h: &Harness, messages: Vec<Vec<u8>>) -> DemoServer {
 /// The upstream refuses CAPA; through popgate CAPA lists STLS, and after STLS no longer.
 fn assert_capa_shows_stls(server: SocketAddr, proxy: SocketAddr) {
     let mut direct = RawPop::connect(server);
-    assert!(direct.cmd("CAPA").starts_with("-ERR"), "the server has no CAPA");
+    assert!(
+        direct.cmd("CAPA").starts_with("-ERR"),
+        "the server has no CAPA"
+    );
     direct.cmd("QUIT");
     let mut c = RawPop::connect(proxy);
     let (status, body) = c.cmd_multi("CAPA");
@@ -91,7 +94,11 @@ fn poplib_through(server: SocketAddr, proxy: SocketAddr, ca: &str, count: usize)
     for n in 0..count {
         let (d, v) = (&direct["results"][n], &via["results"][n]);
         assert_eq!(v["ok"], json!(true), "poplib retr {}: {v}", n + 1);
-        assert!(b64(&d["data_b64"]) == b64(&v["data_b64"]), "poplib message {} differs", n + 1);
+        assert!(
+            b64(&d["data_b64"]) == b64(&v["data_b64"]),
+            "poplib message {} differs",
+            n + 1
+        );
     }
 }
 

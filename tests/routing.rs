@@ -750,7 +750,7 @@ fn readme_routing_examples_are_valid() {
         popgate::routing::RouteMap::parse(blocks[1], path, config.routing_user_names(), |n| {
             config.upstream_index(n).is_some()
         })
-            .expect("map parses");
+        .expect("map parses");
     assert_eq!(map.len(), 3);
     let rules = popgate::rules::RuleSet::parse(blocks[2], path).expect("rule parses");
     assert_eq!(rules.len(), 1);

@@ -267,7 +267,10 @@ fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
             // The server folds the name and logs eve in; popgate knows it is eve: nothing of
             // the mailbox reaches the client.
             _ => {
-                assert!(r.starts_with("+OK eve's maildrop"), "{method:?} {typed}: {r}");
+                assert!(
+                    r.starts_with("+OK eve's maildrop"),
+                    "{method:?} {typed}: {r}"
+                );
                 assert_eq!(c.cmd("RETR 1"), "-ERR eve is locked out", "{method:?}");
                 assert_eq!(c.cmd("STAT"), "-ERR eve is locked out", "{method:?}");
             }

@@ -1734,7 +1734,11 @@ mod tests {
             let ok = c.login("ALICE", "alice-password").await;
             assert!(ok.starts_with("+OK alice's maildrop"), "{ok}");
             let (mut d, _) = Client::connect(srv.local_addr()).await;
-            assert!(d.login("Alice", "alice-password").await.starts_with("-ERR [IN-USE]"));
+            assert!(
+                d.login("Alice", "alice-password")
+                    .await
+                    .starts_with("-ERR [IN-USE]")
+            );
             // Without folding, ALICE is nobody.
             let exact = DemoServer::start(
                 "127.0.0.1:0".parse().unwrap(),
@@ -1743,7 +1747,11 @@ mod tests {
             .await
             .unwrap();
             let (mut e, _) = Client::connect(exact.local_addr()).await;
-            assert!(e.login("ALICE", "alice-password").await.starts_with("-ERR [AUTH]"));
+            assert!(
+                e.login("ALICE", "alice-password")
+                    .await
+                    .starts_with("-ERR [AUTH]")
+            );
         })
         .await
         .unwrap();

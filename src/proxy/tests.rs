@@ -666,7 +666,11 @@ fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_besid
     let plain = format!("AUTH PLAIN {}\r\n", b64(b"\0Alice\0pw"));
     let login = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"aLiCe"), b64(b"pw"));
     let cases: Vec<(String, Vec<&[u8]>, &str)> = vec![
-        ("USER ALICE\r\nPASS pw\r\n".into(), after_login(&[]), "ALICE"),
+        (
+            "USER ALICE\r\nPASS pw\r\n".into(),
+            after_login(&[]),
+            "ALICE",
+        ),
         (
             "APOP Alice 0123456789abcdef0123456789abcdef\r\n".into(),
             vec![b"+OK hi <1.2@x>\r\n", b"+OK in\r\n"],
@@ -713,7 +717,13 @@ fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_besid
         out.logins,
         [(Some("\u{c9}ve".into()), Some("\u{c9}VE".into()), true)]
     );
-    let out = run(&mut hop_with(folding(), ""), b"USER alice\r\nPASS pw\r\n", &LOGGED_IN, 64, End::Open);
+    let out = run(
+        &mut hop_with(folding(), ""),
+        b"USER alice\r\nPASS pw\r\n",
+        &LOGGED_IN,
+        64,
+        End::Open,
+    );
     assert_eq!(out.logins, [(Some("alice".into()), None, true)]);
 }
 

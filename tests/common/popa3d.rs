@@ -66,7 +66,12 @@ fn system_setup() {
     };
     if !exists("popa3d") {
         let _ = Command::new("useradd")
-            .args(["--system", "--home-dir", "/var/lib/popa3d", "--no-create-home"])
+            .args([
+                "--system",
+                "--home-dir",
+                "/var/lib/popa3d",
+                "--no-create-home",
+            ])
             .args(["--shell", "/usr/sbin/nologin", "popa3d"])
             .output();
     }
