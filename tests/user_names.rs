@@ -443,3 +443,39 @@ fn dovecot_routing_alice_in_capitals_reaches_her_mailbox_on_the_mapped_server() 
     }
     assert!(!new.log().contains("Login: user=<alice>"), "{}", new.log());
 }
+
+/// `popgate check` warns about a `user` pattern with capitals where names are folded, and
+/// not where every upstream compares exactly.
+#[test]
+fn check_warns_about_user_patterns_with_capitals_when_names_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"no-eve\"\non = \"command\"\nuser = '^EVE$'\naction = \"deny\"\n\
+         [[rule]]\nname = \"fine\"\non = \"command\"\nuser = '(?i)^Bob$'\naction = \"deny\"\n",
+    )
+    .unwrap();
+    let check = |user_names: &str| {
+        let config = dir.path().join("popgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "rules = [\"rules.toml\"]\n[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n\
+                 [upstream]\naddress = \"127.0.0.1:110\"\n{user_names}"
+            ),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(common::proxy::popgate_bin());
+        cmd.args(["check", "--config", config.to_str().unwrap()]);
+        let out = common::clients::run_bounded(&mut cmd, None, std::time::Duration::from_secs(20));
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let warned = check("");
+    assert!(
+        warned.contains("rule \"no-eve\": user = \"^EVE$\" has capital letters"),
+        "{warned}"
+    );
+    assert!(!warned.contains("\"fine\""), "{warned}");
+    assert!(!check("user_names = \"exact\"\n").contains("capital letters"));
+}
