@@ -28,9 +28,14 @@ const PASS: &str = "no-capa-pw-7";
 /// popgate with one `starttls` listener (certificate for localhost/127.0.0.1 from `pki`) in
 /// front of `upstream`.
 fn popgate(h: &Harness, pki: &TestPki, upstream: SocketAddr) -> ProxyHandle {
+    popgate_with(h, pki, upstream, "")
+}
+
+/// [`popgate`] with top-level keys first (`rules = [...]`).
+fn popgate_with(h: &Harness, pki: &TestPki, upstream: SocketAddr, top: &str) -> ProxyHandle {
     let (cert, key) = pki.issue(&["localhost", "127.0.0.1", "::1"]);
     h.proxy_toml(&format!(
-        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+        "{top}[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
          [upstream]\naddress = \"{upstream}\"\nconnect_timeout = \"3s\"\nuser_names = \"exact\"\n\
          [tls]\ncert = {cert:?}\nkey = {key:?}\n"
     ))
@@ -149,6 +154,29 @@ fn demo_without_capa_curl_and_poplib_start_tls_through_popgate() {
             .iter()
             .any(|l| l.to_ascii_uppercase().starts_with(b"STLS")),
     );
+}
+
+/// With the shipped `require-tls.toml` (as in the example config): popgate's own list hides
+/// USER before TLS as it does a server's, still shows STLS, and curl upgrades and fetches.
+#[test]
+fn require_tls_rules_apply_to_popgates_own_list() {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let msgs = tricky_messages(0);
+    let up = demo_no_capa(&h, msgs.clone());
+    let rules = common::shipped_rules("require-tls.toml");
+    let p = popgate_with(&h, &pki, up.local_addr(), &format!("rules = [{rules:?}]\n"));
+    let mut c = RawPop::connect(p.addr);
+    let (status, body) = c.cmd_multi("CAPA");
+    assert!(status.starts_with("+OK"), "{status}");
+    assert_eq!(String::from_utf8(body.unwrap()).unwrap(), "STLS\r\n");
+    assert!(
+        c.cmd(&format!("USER {USER}"))
+            .starts_with("-ERR [AUTH] Encryption required")
+    );
+    c.cmd("QUIT");
+    let ca = pki.ca_path().to_str().unwrap().to_owned();
+    curl_through(up.local_addr(), p.addr, &ca, msgs.len());
 }
 
 #[test]
