@@ -102,6 +102,8 @@ pub struct Outstanding {
     pub lines: Option<u32>,
     /// The name a USER or APOP command gives (an attempt until the server accepts it).
     name: Option<String>,
+    /// `name` folded, when the server folds names and folding changes it.
+    name_folded: Option<String>,
 }
 
 /// A reply the proxy itself owes the client, now due.
@@ -441,12 +443,27 @@ impl Tracker {
     }
 
     /// The user rules and audit see: after login the name the server accepted (fixed for the
-    /// rest of the session); before it, the name of the attempt in progress, if any.
+    /// rest of the session); before it, the name of the attempt in progress, if any: the
+    /// latest `USER` still awaiting its answer, else the one the server took. So a `PASS`
+    /// pipelined right behind `USER eve` is judged as eve's, as it is when the client waits.
     pub fn user(&self) -> Option<&str> {
         match self.state {
-            State::Authorization => self.attempt_folded.as_deref().or(self.attempt.as_deref()),
+            State::Authorization => self
+                .outstanding_user()
+                .or(self.attempt_folded.as_deref())
+                .or(self.attempt.as_deref()),
             State::Transaction | State::Update => self.user.as_deref(),
         }
+    }
+
+    /// The name of the latest `USER` sent upstream and not yet answered (folded as `user`).
+    fn outstanding_user(&self) -> Option<&str> {
+        self.pending.iter().rev().find_map(|p| match p {
+            Pending::Upstream(o) if o.verb == Verb::User => {
+                o.name_folded.as_deref().or(o.name.as_deref())
+            }
+            _ => None,
+        })
     }
 
     /// Outstanding entries (upstream and local).
@@ -577,6 +594,10 @@ impl Tracker {
                 Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
                 _ => None,
             },
+            name_folded: name
+                .as_deref()
+                .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
+                .map(str::to_ascii_lowercase),
             name,
         }));
     }

@@ -626,25 +626,23 @@ const NO_EVE: &str = "[[rule]]\nname = \"no-eve\"\non = \"command\"\nuser = '^ev
 #[test]
 fn a_deny_rule_on_a_lowercase_user_holds_for_every_ascii_case_when_the_server_folds() {
     for typed in ["EVE", "Eve", "eVe"] {
+        // Pipelined or not (every chunk size), the PASS behind `USER EVE` is judged as eve's:
+        // it never reaches the server, so eve is never logged in.
         let client = format!("USER {typed}\r\nPASS pw\r\nRETR 1\r\n");
         let out = same_at_every_chunk(
             || hop_with(folding(), NO_EVE),
             client.as_bytes(),
-            &after_login(&[b"+OK 5 octets\r\nhi\r\n.\r\n"]),
+            &[b"+OK hi\r\n", b"+OK send PASS\r\n"],
             End::Open,
         );
-        // The server logged eve in; nothing eve asks for reaches it.
+        assert_eq!(text(&out.upstream), format!("USER {typed}\r\n"), "{typed}");
         assert_eq!(
-            text(&out.upstream),
-            format!("USER {typed}\r\nPASS pw\r\n"),
+            text(&out.client),
+            "+OK hi\r\n+OK send PASS\r\n-ERR eve may not log in here\r\n\
+             -ERR eve may not log in here\r\n",
             "{typed}"
         );
-        assert!(
-            text(&out.client).ends_with("+OK in\r\n-ERR eve may not log in here\r\n"),
-            "{typed}: {}",
-            text(&out.client)
-        );
-        assert_eq!(out.logins, [(Some("eve".into()), Some(typed.into()), true)]);
+        assert!(out.logins.is_empty(), "{typed}: {:?}", out.logins);
     }
     // A server that compares exactly: `EVE` is another user, the rule is not about them.
     let out = run(
@@ -656,6 +654,44 @@ fn a_deny_rule_on_a_lowercase_user_holds_for_every_ascii_case_when_the_server_fo
     );
     assert_eq!(text(&out.upstream), "USER EVE\r\nPASS pw\r\nRETR 1\r\n");
     assert_eq!(out.logins, [(Some("EVE".into()), None, true)]);
+}
+
+/// A rule on `PASS` for one user holds when the client pipelines `USER` and `PASS` in one
+/// segment: the `PASS` is judged as the user of the `USER` still awaiting its answer, the same
+/// as when the client waits for it. Other users' logins are untouched.
+#[test]
+fn a_pass_rule_for_a_user_holds_when_user_and_pass_are_pipelined() {
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), NO_EVE_PASS),
+        b"USER eve\r\nPASS pw\r\n",
+        &[b"+OK hi\r\n", b"+OK\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER eve\r\n");
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n-ERR not here\r\n");
+    assert!(out.logins.is_empty(), "{:?}", out.logins);
+    // alice, pipelined the same way, logs in; so does a USER that replaces eve before PASS.
+    for client in [
+        "USER alice\r\nPASS pw\r\n",
+        "USER eve\r\nUSER alice\r\nPASS pw\r\n",
+    ] {
+        let replies: Vec<&[u8]> = if client.matches("USER").count() == 2 {
+            vec![b"+OK hi\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK in\r\n"]
+        } else {
+            LOGGED_IN.to_vec()
+        };
+        let out = same_at_every_chunk(
+            || hop_with(config(), NO_EVE_PASS),
+            client.as_bytes(),
+            &replies,
+            End::Open,
+        );
+        assert_eq!(text(&out.upstream), client);
+        assert_eq!(out.logins, [(Some("alice".into()), None, true)], "{client}");
+    }
 }
 
 #[test]
