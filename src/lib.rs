@@ -47,7 +47,12 @@ pub struct Checked {
 /// Check a loaded config as `popgate run` (and every reload) would: directories, certificates
 /// and keys (expiry, pairs), rule files. `path` is the config file, named in messages.
 pub fn check(config: Config, path: &Path) -> Result<Checked, StartError> {
-    let p = check::prepare(config, path)?;
+    check::check_pid_dir(&config, path)?;
+    let mut p = check::prepare(config, path)?;
+    // Run as root with `[process] user`: files the user could not read at a reload.
+    let files = check::reread_files(&p.config, path, p.rules.files());
+    p.warnings
+        .extend(daemon::unreadable_for_user(&p.config.process, &files));
     Ok(Checked {
         config: p.config,
         warnings: p.warnings,
@@ -127,6 +132,7 @@ impl Proxy {
 
     /// [`Proxy::bind`] for a config loaded from `path` (named in messages).
     pub async fn bind_file(config: Config, path: &Path) -> Result<Proxy, StartError> {
+        check::check_pid_dir(&config, path)?;
         let prepared = check::prepare(config, path)?;
         let mut listeners = Vec::with_capacity(prepared.config.listeners.len());
         for l in &prepared.config.listeners {

@@ -86,17 +86,37 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        CliCommand::Reload { pid_file, config } => {
-            let pid_file = match (pid_file, config) {
-                (Some(p), _) => p,
-                (None, Some(config)) => Config::load(&config)?
-                    .pid_file
-                    .with_context(|| format!("{}: no pid_file is set", config.display()))?,
-                (None, None) => anyhow::bail!("give --pid-file or --config"),
+        CliCommand::Reload {
+            pid_file,
+            config,
+            pid,
+            timeout,
+        } => {
+            use popgate::pidfile::ReloadTarget;
+            let target = match (pid_file, config, pid) {
+                (Some(p), _, _) => ReloadTarget::PidFile(p),
+                (None, Some(config), _) => ReloadTarget::PidFile(
+                    Config::load(&config)?
+                        .pid_file
+                        .with_context(|| format!("{}: no pid_file is set", config.display()))?,
+                ),
+                (None, None, Some(pid)) => ReloadTarget::Pid(pid),
+                (None, None, None) => anyhow::bail!("give --pid-file, --config or --pid"),
             };
-            let pid = popgate::pidfile::signal_reload(&pid_file)?;
-            println!("sent SIGHUP to popgate (pid {pid}); the result is in its log");
-            Ok(())
+            let wait = std::time::Duration::from_secs(timeout);
+            match popgate::pidfile::reload_and_wait(&target, wait)? {
+                None => {
+                    println!("sent SIGHUP to popgate; the result is in its log");
+                    Ok(())
+                }
+                Some(outcome) if outcome.ok => {
+                    println!("popgate (pid {}): {}", outcome.pid, outcome.line);
+                    Ok(())
+                }
+                Some(outcome) => {
+                    anyhow::bail!("popgate (pid {}): {}", outcome.pid, outcome.line)
+                }
+            }
         }
         CliCommand::Run { config } => {
             let mut c = Config::load(&config)?;
@@ -113,10 +133,21 @@ fn main() -> Result<()> {
             let pid_path = c.pid_file.clone();
             runtime.block_on(async {
                 let proxy = popgate::Proxy::bind_file(c, &config).await?;
-                // Written once the listeners are bound; removed when dropped, at exit.
+                // Written once the listeners are bound; removed when dropped, at exit (the
+                // directory is the user's after a privilege drop). The reload status file
+                // beside it (or under systemd's RuntimeDirectory) tells `popgate reload` the
+                // outcome.
                 let _pid = pid_path
                     .as_deref()
                     .map(popgate::pidfile::PidFile::create)
+                    .transpose()?;
+                let status = match pid_path.as_deref() {
+                    Some(p) => Some(popgate::pidfile::status_path(p)),
+                    None => popgate::pidfile::runtime_status_path(),
+                };
+                let status = status
+                    .as_deref()
+                    .map(popgate::pidfile::ReloadStatus::create)
                     .transpose()?;
                 // Listeners bound and files open: root is no longer needed.
                 if let Some(drop) = privdrop {
@@ -128,7 +159,7 @@ fn main() -> Result<()> {
                 reloader.set_log_hook(Box::new(move |new: &LogConfig| {
                     hook_logging.apply(new).map_err(|e| e.to_string())
                 }));
-                spawn_reload_on_sighup(reloader);
+                spawn_reload_on_sighup(reloader, status);
                 spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
                 notify::ready();
                 proxy
@@ -258,7 +289,10 @@ fn write_man(dir: Option<&Path>) -> Result<()> {
 /// SIGHUP reloads the whole config; a config that fails the checks changes nothing. systemd
 /// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is
 /// installed before this returns.
-fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
+fn spawn_reload_on_sighup(
+    reloader: popgate::Reloader,
+    mut status: Option<popgate::pidfile::ReloadStatus>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -270,17 +304,23 @@ fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
                 notify::reloading();
-                let status = match reloader.reload().await {
+                let (ok, line) = match reloader.reload().await {
                     Ok(line) => {
                         tracing::info!("{line}");
-                        line
+                        (true, line)
                     }
                     Err(e) => {
                         tracing::error!("reload failed, nothing changed: {e}");
-                        format!("reload failed, nothing changed: {e}")
+                        (false, format!("reload failed, nothing changed: {e}"))
                     }
                 };
-                notify::reloaded(&status);
+                // For `popgate reload`, which waits for it.
+                if let Some(s) = status.as_mut()
+                    && let Err(e) = s.record(ok, &line)
+                {
+                    tracing::error!(error = %e, "cannot write the reload status file");
+                }
+                notify::reloaded(&line);
             }
         });
     }

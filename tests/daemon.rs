@@ -625,3 +625,150 @@ fn readme_daemon_section_is_valid() {
     config.validate(Path::new("README.md")).unwrap();
     assert_eq!(config.process.user.as_deref(), Some("popgate"));
 }
+
+/// `popgate reload` (and `check`) with `args`; the output.
+fn popgate_cmd(args: &[&str], cfg: &Path) -> (bool, String) {
+    let out = run_bounded(
+        Command::new(popgate_bin()).args(args).arg(cfg),
+        None,
+        Duration::from_secs(90),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A mail admin's set-up: popgate started as root with `[process] user = "nobody"`, a
+/// `pid_file` and a `log.dir` in directories that do not exist yet under root-owned parents
+/// (`/run`, `/var/log` alike), and a TLS key that only root can read. `check` warns about the
+/// key; the start creates the directories and hands them to nobody; `popgate reload` fails
+/// with the key named as unreadable (not as "does not go with the certificate") and exits
+/// non-zero, succeeds once the key is readable for the group, reports a `[metrics]` table as
+/// needing a restart (not as reloaded); at exit the pid and status files are gone.
+#[test]
+fn reload_under_privilege_drop_with_pid_file_is_trustworthy() {
+    if !is_root() {
+        println!("skipped: privilege drop needs root (CI runs as root)");
+        return;
+    }
+    let nobody = nix_ids("nobody");
+    let h = Harness::new();
+    let up = upstream(&h);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost"]);
+    let (cert_to, key_to) = (etc.join("pop.crt"), etc.join("pop.key"));
+    std::fs::copy(cert, &cert_to).unwrap();
+    std::fs::copy(key, &key_to).unwrap();
+    std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&cert_to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (run_dir, log_dir) = (
+        root.path().join("run/popgate"),
+        root.path().join("log/popgate"),
+    );
+    std::fs::create_dir(root.path().join("run")).unwrap();
+    std::fs::create_dir(root.path().join("log")).unwrap();
+    let pid_file = run_dir.join("popgate.pid");
+    let port = common::free_port();
+    let cfg = etc.join("popgate.toml");
+    let text = format!(
+        "pid_file = {pid_file:?}\nshutdown_grace = \"1s\"\n\
+         [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\ntls = \"starttls\"\n\
+         [upstream]\naddress = \"{}\"\n\
+         [tls]\ncert = {cert_to:?}\nkey = {key_to:?}\n\
+         [process]\nuser = \"nobody\"\n\
+         [log]\ndir = {log_dir:?}\nrotation = \"never\"\n",
+        up.local_addr()
+    );
+    std::fs::write(&cfg, &text).unwrap();
+
+    let (ok, out) = popgate_cmd(&["check", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: tls.key") && out.contains("not readable for nobody"),
+        "{out}"
+    );
+
+    let mut child = Command::new(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let log_file = log_dir.join("popgate.log");
+    wait_until("started and switched", || {
+        child.try_wait().unwrap().is_none()
+            && read(&log_file).contains("switched to process.user/group")
+            && pid_file.exists()
+    });
+    for d in [&run_dir, &log_dir] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), nobody.0, "{d:?}");
+    }
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+
+    // The key is readable for root only: the reload, run as nobody, fails and says why.
+    let (ok, out) = popgate_cmd(&["reload", "--pid-file"], &pid_file);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("reload failed")
+            && out.contains("tls.key")
+            && out.contains("cannot read it")
+            && out.contains("Permission denied")
+            && !out.contains("does not go with"),
+        "{out}"
+    );
+    // Readable for the group: the same reload works, also through the config's pid_file.
+    std::os::unix::fs::chown(&key_to, None, Some(nobody.1)).unwrap();
+    std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(out.contains("reloaded: nothing changed"), "{out}");
+    // A key a reload cannot apply: reported as such, the rest applied.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[limits]\nmax_sessions = 77\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+            text.replace(
+                "user = \"nobody\"",
+                "user = \"nobody\"\ngroup = \"nogroup\""
+            )
+        ),
+    )
+    .unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reloaded: limits.max_sessions; need a restart: metrics, process.group"),
+        "{out}"
+    );
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reloaded: nothing changed; need a restart: metrics, process.group"),
+        "still not applied: {out}"
+    );
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+
+    kill(child.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "popgate did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{}", read(&root.path().join("stderr")));
+    assert!(
+        files_in(&run_dir).is_empty(),
+        "pid and status files removed at exit: {:?}",
+        files_in(&run_dir)
+    );
+}

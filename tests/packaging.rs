@@ -274,7 +274,8 @@ fn systemd_unit_verifies_and_is_hardened() {
     let unit = std::fs::read_to_string(repo().join("contrib/popgate.service")).unwrap();
     for line in [
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/popgate reload --pid $MAINPID",
+        "RuntimeDirectory=popgate",
         "User=popgate",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
