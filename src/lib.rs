@@ -31,6 +31,7 @@ use std::sync::Arc;
 pub use check::{EXPIRY_WARNING, StartError, effective_toml};
 pub use config::Config;
 use net::listener;
+pub use net::listener::Inherited;
 pub use net::tls;
 pub use runtime::LogHook;
 pub use session::Shared;
@@ -132,12 +133,23 @@ impl Proxy {
 
     /// [`Proxy::bind`] for a config loaded from `path` (named in messages).
     pub async fn bind_file(config: Config, path: &Path) -> Result<Proxy, StartError> {
+        Proxy::bind_inherited(config, path, Inherited::default()).await
+    }
+
+    /// [`Proxy::bind_file`], the listeners taking the sockets in `inherited` that match them
+    /// (systemd socket activation) and binding the others.
+    pub async fn bind_inherited(
+        config: Config,
+        path: &Path,
+        mut inherited: Inherited,
+    ) -> Result<Proxy, StartError> {
         check::check_pid_dir(&config, path)?;
         let prepared = check::prepare(config, path)?;
         let mut listeners = Vec::with_capacity(prepared.config.listeners.len());
         for l in &prepared.config.listeners {
-            listeners.push(listener::Listener::bind(l.clone()).await?);
+            listeners.push(listener::Listener::bind_or_inherit(l.clone(), &mut inherited).await?);
         }
+        inherited.report_leftovers();
         let metrics = match &prepared.config.metrics {
             Some(m) => Some(metrics::http::bind(m.bind).await?),
             None => None,

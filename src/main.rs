@@ -29,6 +29,12 @@ fn main() -> Result<()> {
         CliCommand::Man { dir } => return write_man(dir.as_deref()),
         _ => {}
     }
+    // Sockets passed by systemd (popgate.socket): taken before any thread starts, since it
+    // clears LISTEN_FDS/LISTEN_PID from the environment.
+    let inherited = match &cli.command {
+        CliCommand::Run { .. } => popgate::Inherited::from_env(),
+        _ => popgate::Inherited::default(),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         CliCommand::Check { config, print } => {
@@ -132,7 +138,7 @@ fn main() -> Result<()> {
             let logging = Arc::new(Logging::init(&c.log)?);
             let pid_path = c.pid_file.clone();
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind_file(c, &config).await?;
+                let proxy = popgate::Proxy::bind_inherited(c, &config, inherited).await?;
                 // Written once the listeners are bound; removed when dropped, at exit (the
                 // directory is the user's after a privilege drop). The reload status file
                 // beside it (or under systemd's RuntimeDirectory) tells `popgate reload` the

@@ -772,3 +772,126 @@ fn reload_under_privilege_drop_with_pid_file_is_trustworthy() {
         files_in(&run_dir)
     );
 }
+
+/// A restart that refuses no client: popgate runs on a listening socket held by a stand-in
+/// for systemd's `popgate.socket` (tests/clients/socket_holder.py passes it as fd 3 with
+/// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, as systemd does). Four curl clients retrieve a
+/// message from Dovecot in a loop while popgate is restarted as `systemctl restart` does
+/// (SIGTERM, drain, exit, then a new process) and then replaced with an overlap (a new process
+/// first, then SIGTERM to the old one): no curl fails (no refused connection, no error), every
+/// message arrives whole, nothing is deleted.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn restart_on_a_held_socket_refuses_no_client_and_loses_no_mail() {
+    use common::clients::{curl, url};
+    use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, served};
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dv = Dovecot::start(DovecotOpts::default().user("bob", "bob-pass", bob_msgs()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("popgate.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/socket_holder.py");
+    let mut holder = Command::new("python3")
+        .arg(&script)
+        .arg("pop3")
+        .arg(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut to_holder = holder.stdin.take().unwrap();
+    let mut from_holder = BufReader::new(holder.stdout.take().unwrap());
+    let mut first_line = String::new();
+    from_holder.read_line(&mut first_line).unwrap();
+    let port: u16 = first_line.trim().parse().unwrap_or(0);
+    assert!(port > 0, "{}", read(&dir.path().join("stderr")));
+    let mut say = |word: &str| {
+        writeln!(to_holder, "{word}").unwrap();
+        let mut line = String::new();
+        from_holder.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_grace = \"10s\"\n\
+             [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\n\
+             [upstream]\naddress = \"{}\"\n\
+             [log]\ndir = \"{}\"\nrotation = \"never\"\n",
+            dv.pop3,
+            dir.path().join("log").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log/popgate.log");
+    let taken = || read(&log).matches("using the socket passed").count();
+    let first = say("start");
+    wait_until("first popgate on the socket", || taken() == 1);
+
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let want = served(&bob_msgs()[0]);
+    let done = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (done, ok, want) = (done.clone(), ok.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let out = curl(&["-u", "bob:bob-pass", &url("pop3", addr, "1")]);
+                    if out.status.success() && out.stdout == want {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.push(format!(
+                            "{:?}: {}",
+                            out.status.code(),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let served_more = |n: usize| {
+        let from = ok.load(Ordering::Relaxed);
+        wait_until(&format!("{n} more retrievals"), || {
+            ok.load(Ordering::Relaxed) >= from + n
+        });
+    };
+    served_more(20);
+    // `systemctl restart`: stop (drain, exit), then start.
+    assert_eq!(say("stop"), "0", "first popgate ({first}) exit status");
+    let second = say("start");
+    wait_until("second popgate on the socket", || taken() == 2);
+    served_more(20);
+    // An overlap: the new process first, then the old one drains and exits.
+    let third = say("start");
+    wait_until("third popgate on the socket", || taken() == 3);
+    assert_eq!(say("stop"), "0", "second popgate ({second}) exit status");
+    served_more(20);
+    done.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert_eq!(say("stop"), "0", "third popgate ({third}) exit status");
+    drop(to_holder);
+    let _ = holder.wait();
+    assert!(
+        failures.is_empty(),
+        "{} of {} retrievals failed: {failures:?}",
+        failures.len(),
+        failures.len() + ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(dv.message_count("bob"), bob_msgs().len(), "nothing deleted");
+    println!(
+        "{} retrievals over two restarts, none failed",
+        ok.load(Ordering::Relaxed)
+    );
+}
