@@ -151,10 +151,14 @@ fn main() -> Result<()> {
                     Some(p) => Some(popgate::pidfile::status_path(p)),
                     None => popgate::pidfile::runtime_status_path(),
                 };
-                let status = status
-                    .as_deref()
-                    .map(popgate::pidfile::ReloadStatus::create)
-                    .transpose()?;
+                // Without it `popgate reload` cannot wait, but popgate serves on.
+                let status = status.as_deref().and_then(|p| {
+                    popgate::pidfile::ReloadStatus::create(p)
+                        .inspect_err(|e| {
+                            tracing::error!(error = %e, "no reload status file: `popgate reload` cannot wait for the outcome")
+                        })
+                        .ok()
+                });
                 // Listeners bound and files open: root is no longer needed.
                 if let Some(drop) = privdrop {
                     let (uid, gid) = drop.apply()?;

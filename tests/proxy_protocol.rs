@@ -297,8 +297,9 @@ fn the_readme_load_balancer_example_is_a_valid_config() {
 /// The README's balancer recipe against Dovecot's default plaintext policy: popgate forwards
 /// the client with PROXY v2 to a `haproxy = yes` listener (on 127.0.0.2, so that Dovecot does
 /// not count the loopback connection as secured). TLS clients (implicit TLS and STLS, with
-/// SASL PLAIN and with USER/PASS) log in, because the header's SSL TLV says they used TLS;
-/// a plaintext client is refused by Dovecot, as it would be if it connected directly.
+/// SASL PLAIN and LOGIN, and with USER/PASS) log in, because the header's SSL TLV says they
+/// used TLS; a plaintext client is refused by Dovecot, as it would be if it connected directly.
+/// In direct mode (dialled at connect, again after STLS) and in routing mode (at the login).
 #[test]
 #[ignore = "needs dovecot (run .ci/run)"]
 fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plaintext_ones() {
@@ -316,69 +317,85 @@ fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plain
     let h = Harness::new();
     let pki = TestPki::new();
     let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-    let p = h.proxy_toml(&format!(
+    let listeners = format!(
         "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
          [[listener]]\nname = \"pop3s\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
-         [upstream]\naddress = \"{}\"\nforward_client = \"proxy-v2\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
-        dv.pop3_haproxy.unwrap()
-    ));
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    let haproxy = dv.pop3_haproxy.unwrap();
     let ca = pki.ca_path().display().to_string();
     let want = served(&bob_msgs()[0]);
-    let (stls, pop3s) = (p.addrs[0], p.addrs[1]);
-    // The plaintext mechanisms only (curl would pick CRAM-MD5, which Dovecot allows anyway).
-    for mech in ["AUTH=PLAIN", "AUTH=LOGIN"] {
-        for (label, tls_args, u) in [
-            ("pop3s", vec!["--cacert", &ca], url("pop3s", pop3s, "1")),
-            (
-                "STLS",
-                vec!["--ssl-reqd", "--cacert", &ca],
-                url("pop3", stls, "1"),
+    // Direct mode (the server dialled at connect, again after STLS) and routing mode (dialled
+    // at the login).
+    for (mode, upstreams) in [
+        (
+            "direct",
+            format!("[upstream]\naddress = \"{haproxy}\"\nforward_client = \"proxy-v2\"\n"),
+        ),
+        (
+            "routing",
+            format!(
+                "[[upstream]]\nname = \"dovecot\"\naddress = \"{haproxy}\"\n\
+                 forward_client = \"proxy-v2\"\n[routing]\ndefault = \"dovecot\"\n"
             ),
-        ] {
-            let mut a = vec!["-u", "bob:bob-pass", "--login-options", mech];
-            a.extend(tls_args);
-            a.push(&u);
-            let out = curl(&a);
-            assert!(
-                out.status.success() && out.stdout == want,
-                "{label} {mech}: {out:?}\n{}",
-                dv.log()
-            );
-            // Without TLS (the STLS listener, STLS not used): Dovecot refuses it.
-            let out = curl(&[
-                "-u",
-                "bob:bob-pass",
-                "--login-options",
-                mech,
-                &url("pop3", stls, "1"),
-            ]);
-            assert!(!out.status.success(), "plaintext {mech}: {out:?}");
+        ),
+    ] {
+        let p = h.proxy_toml(&format!("{listeners}{upstreams}"));
+        let (stls, pop3s) = (p.addrs[0], p.addrs[1]);
+        // The plaintext mechanisms only (curl would pick CRAM-MD5, which Dovecot allows anyway).
+        for mech in ["AUTH=PLAIN", "AUTH=LOGIN"] {
+            for (label, tls_args, u) in [
+                ("pop3s", vec!["--cacert", &ca], url("pop3s", pop3s, "1")),
+                (
+                    "STLS",
+                    vec!["--ssl-reqd", "--cacert", &ca],
+                    url("pop3", stls, "1"),
+                ),
+            ] {
+                let mut a = vec!["-u", "bob:bob-pass", "--login-options", mech];
+                a.extend(tls_args);
+                a.push(&u);
+                let out = curl(&a);
+                assert!(
+                    out.status.success() && out.stdout == want,
+                    "{mode}: {label} {mech}: {out:?}\n{}",
+                    dv.log()
+                );
+                // Without TLS (the STLS listener, STLS not used): Dovecot refuses it.
+                let out = curl(&[
+                    "-u",
+                    "bob:bob-pass",
+                    "--login-options",
+                    mech,
+                    &url("pop3", stls, "1"),
+                ]);
+                assert!(!out.status.success(), "{mode}: plaintext {mech}: {out:?}");
+            }
         }
+        // USER/PASS: over STLS accepted, in plaintext refused with Dovecot's own reason.
+        let mut c = RawPop::over(TcpStream::connect(stls).unwrap());
+        c.greeting = c.line();
+        let reply = match c.cmd("USER bob") {
+            r if r.starts_with("+OK") => c.cmd("PASS bob-pass"),
+            r => r,
+        };
+        assert!(
+            reply.starts_with("-ERR") && reply.contains("Plaintext authentication disallowed"),
+            "{mode}: {reply}"
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", POPLIB_STLS_USER])
+            .arg(stls.port().to_string())
+            .arg(&ca)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: poplib stls() then USER/PASS: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    // USER/PASS: over STLS accepted, in plaintext refused with Dovecot's own reason.
-    let mut c = RawPop::over(TcpStream::connect(stls).unwrap());
-    c.greeting = c.line();
-    let reply = match c.cmd("USER bob") {
-        r if r.starts_with("+OK") => c.cmd("PASS bob-pass"),
-        r => r,
-    };
-    assert!(
-        reply.starts_with("-ERR") && reply.contains("Plaintext authentication disallowed"),
-        "{reply}"
-    );
-    let out = std::process::Command::new("python3")
-        .args(["-c", POPLIB_STLS_USER])
-        .arg(stls.port().to_string())
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "poplib stls() then USER/PASS: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(dv.message_count("bob"), bob_msgs().len());
 }
 
