@@ -647,7 +647,8 @@ fn popgate_cmd(args: &[&str], cfg: &Path) -> (bool, String) {
 /// key; the start creates the directories and hands them to nobody; `popgate reload` fails
 /// with the key named as unreadable (not as "does not go with the certificate") and exits
 /// non-zero, succeeds once the key is readable for the group, reports a `[metrics]` table as
-/// needing a restart (not as reloaded); at exit the pid and status files are gone.
+/// needing a restart (not as reloaded), explains why a new listener on a port below 1024
+/// cannot be bound; at exit the pid and status files are gone.
 #[test]
 fn reload_under_privilege_drop_with_pid_file_is_trustworthy() {
     if !is_root() {
@@ -754,6 +755,24 @@ fn reload_under_privilege_drop_with_pid_file_is_trustworthy() {
         out.contains("reloaded: nothing changed; need a restart: metrics, process.group"),
         "still not applied: {out}"
     );
+    // A new listener on a port below 1024: the user cannot bind it; the reason says so.
+    let low = privileged_port();
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        before.replace(
+            "[upstream]",
+            &format!("[[listener]]\nname = \"low\"\nbind = \"127.0.0.1:{low}\"\n[upstream]"),
+        ),
+    )
+    .unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("listener low") && out.contains("only a restart can bind"),
+        "{out}"
+    );
+    std::fs::write(&cfg, before).unwrap();
     session(format!("127.0.0.1:{port}").parse().unwrap());
 
     kill(child.id(), "-TERM");

@@ -113,6 +113,25 @@ impl Inherited {
     }
 }
 
+/// A port below 1024 refused to a process that is not root: typically a reload after
+/// `[process] user`'s switch, which only a restart can undo.
+fn explain_denied(e: std::io::Error, addr: SocketAddr) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied
+        && addr.port() < 1024
+        && !nix::unistd::geteuid().is_root()
+    {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: ports below 1024 need root or CAP_NET_BIND_SERVICE; popgate gave root up \
+                 at start ([process] user), so only a restart can bind this listener"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 /// A client accepted and counted, ready for its session.
 #[derive(Debug)]
 pub(crate) struct Accepted {
@@ -211,10 +230,10 @@ pub struct Listener {
 impl Listener {
     /// Bind the configured address.
     pub async fn bind(config: ListenerConfig) -> Result<Listener, BindError> {
-        let socket = bind_tcp(config.bind).map_err(|source| BindError {
+        let socket = bind_tcp(config.bind).map_err(|e| BindError {
             name: config.name.clone(),
             addr: config.bind,
-            source,
+            source: explain_denied(e, config.bind),
         })?;
         Ok(Listener { config, socket })
     }
