@@ -914,3 +914,65 @@ fn restart_on_a_held_socket_refuses_no_client_and_loses_no_mail() {
         ok.load(Ordering::Relaxed)
     );
 }
+
+/// systemd's own socket passing, by its `systemd-socket-activate` tool: two sockets, named
+/// `pop3` and `other`; the listener `pop3` takes its socket by name (its `bind` is elsewhere),
+/// the listener `second` the other by address. Sessions on both work.
+#[test]
+fn listeners_take_sockets_passed_by_systemd_socket_activate() {
+    let Some(tool) = common::find_exe("systemd-socket-activate") else {
+        println!("skipped: systemd-socket-activate not installed");
+        return;
+    };
+    let h = Harness::new();
+    let up = upstream(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (common::free_port(), common::free_port());
+    let cfg = dir.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_grace = \"1s\"\n\
+             [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1\"\n\
+             [[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{p2}\"\n\
+             [upstream]\naddress = \"{}\"\n",
+            up.local_addr()
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(tool)
+        .args([
+            "-l",
+            &format!("127.0.0.1:{p1}"),
+            "-l",
+            &format!("127.0.0.1:{p2}"),
+        ])
+        .arg("--fdname=pop3:other")
+        .arg(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the sockets are bound", || {
+        read(&stderr).matches("Listening on").count() == 2
+    });
+    // The first connection starts popgate (the tool execs it with the sockets).
+    session(format!("127.0.0.1:{p1}").parse().unwrap());
+    session(format!("127.0.0.1:{p2}").parse().unwrap());
+    let log = read(&stderr);
+    assert!(
+        log.contains("using the socket passed by the service manager listener=pop3")
+            && log.contains(&format!("listener=second addr=127.0.0.1:{p2}")),
+        "{log}"
+    );
+    assert!(!log.contains("matches no listener"), "{log}");
+    kill(child.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "popgate did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
