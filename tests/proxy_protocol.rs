@@ -300,8 +300,10 @@ fn the_readme_load_balancer_example_is_a_valid_config() {
 /// SASL PLAIN and LOGIN, and with USER/PASS) log in, because the header's SSL TLV says they
 /// used TLS; a plaintext client is refused by Dovecot, as it would be if it connected directly.
 /// In direct mode (dialled at connect, again after STLS) and in routing mode (at the login).
+/// HAProxy against the same listener is the reference: `send-proxy-v2-ssl` logs in,
+/// `send-proxy-v2` does not.
 #[test]
-#[ignore = "needs dovecot (run .ci/run)"]
+#[ignore = "needs dovecot and haproxy (run .ci/run)"]
 fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plaintext_ones() {
     use common::clients::url;
     use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, served};
@@ -396,7 +398,94 @@ fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plain
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The reference the issue names: HAProxy terminating TLS toward the same Dovecot
+    // listener. With `send-proxy-v2-ssl` the PLAIN login works; with `send-proxy-v2` (no SSL
+    // TLV, what popgate sent before) Dovecot refuses it, as it refused popgate's TLS clients.
+    let (hp_cert, hp_key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("haproxy.pem");
+    let mut both = std::fs::read(hp_cert).unwrap();
+    both.extend(std::fs::read(hp_key).unwrap());
+    std::fs::write(&pem, both).unwrap();
+    for (send, logs_in) in [("send-proxy-v2-ssl", true), ("send-proxy-v2", false)] {
+        let front: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
+        let _hp = start_haproxy(
+            dir.path(),
+            &format!(
+                "frontend pop3s\n  bind {front} ssl crt {}\n  default_backend dovecot\n\
+                 backend dovecot\n  server dv {haproxy} {send}\n",
+                pem.display()
+            ),
+            front,
+        );
+        let out = curl(&[
+            "-u",
+            "bob:bob-pass",
+            "--login-options",
+            "AUTH=PLAIN",
+            "--cacert",
+            &ca,
+            &url("pop3s", front, "1"),
+        ]);
+        assert_eq!(
+            out.status.success() && out.stdout == want,
+            logs_in,
+            "HAProxy {send}: {out:?}"
+        );
+    }
     assert_eq!(dv.message_count("bob"), bob_msgs().len());
+}
+
+/// `haproxy -db` with `defaults` (mode tcp) and `sections`, listening on `front`; killed on
+/// drop.
+fn start_haproxy(dir: &std::path::Path, sections: &str, front: SocketAddr) -> KillOnDrop {
+    let exe = common::find_exe("haproxy").expect("haproxy not installed: run .ci/run");
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
+             timeout server 30s\n{sections}"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(exe)
+        .args(["-db", "-q", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.err")).unwrap())
+        .spawn()
+        .expect("spawn haproxy");
+    let mut hp = KillOnDrop(child);
+    // Listening once its port cannot be bound (no probe connection).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(front).is_ok() {
+        if let Ok(Some(status)) = hp.0.try_wait() {
+            panic!(
+                "haproxy exited: {status}: {}",
+                std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "haproxy did not listen on {front}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    hp
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// poplib: STLS, then USER/PASS and STAT; argv: port, CA file.
