@@ -314,6 +314,13 @@ fn spawn_reload_on_sighup(
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
                 notify::reloading();
+                // Before the config is read: `popgate reload` tells this reload from one
+                // that read the config before its signal.
+                if let Some(s) = status.as_mut()
+                    && let Err(e) = s.begin()
+                {
+                    tracing::error!(error = %e, "cannot write the reload status file");
+                }
                 let (ok, line) = match reloader.reload().await {
                     Ok(line) => {
                         tracing::info!("{line}");

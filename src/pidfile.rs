@@ -85,18 +85,28 @@ pub struct ReloadOutcome {
     pub line: String,
 }
 
-impl ReloadOutcome {
-    fn parse(text: &str) -> Option<ReloadOutcome> {
+/// The status file's content: an outcome, or a reload in progress (`ok` is `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Status {
+    pid: i32,
+    generation: u64,
+    ok: Option<bool>,
+    line: String,
+}
+
+impl Status {
+    fn parse(text: &str) -> Option<Status> {
         let (head, line) = text.split_once('\n').unwrap_or((text, ""));
         let mut f = head.split(' ');
         let pid = f.next()?.parse().ok()?;
         let generation = f.next()?.parse().ok()?;
         let ok = match f.next()? {
-            "ok" => true,
-            "failed" => false,
+            "ok" => Some(true),
+            "failed" => Some(false),
+            "reloading" => None,
             _ => return None,
         };
-        Some(ReloadOutcome {
+        Some(Status {
             pid,
             generation,
             ok,
@@ -106,12 +116,13 @@ impl ReloadOutcome {
 }
 
 /// Read the reload status file `path`; `None` when it is missing or not one.
-pub fn read_status(path: &Path) -> Option<ReloadOutcome> {
-    ReloadOutcome::parse(&std::fs::read_to_string(path).ok()?)
+fn read_status(path: &Path) -> Option<Status> {
+    Status::parse(&std::fs::read_to_string(path).ok()?)
 }
 
-/// The running popgate's reload status file: written at start (generation 0) and after each
-/// reload; removed when dropped (if it is still this process's).
+/// The running popgate's reload status file: written at start (generation 0), when a reload
+/// starts (`reloading`, before the config is read) and with its outcome; removed when dropped
+/// (if it is still this process's).
 #[derive(Debug)]
 pub struct ReloadStatus {
     path: PathBuf,
@@ -129,18 +140,26 @@ impl ReloadStatus {
         Ok(status)
     }
 
-    /// Record the outcome of the next reload.
-    pub fn record(&mut self, ok: bool, line: &str) -> Result<(), PidError> {
+    /// A reload starts (call before the config is read): the next generation, `reloading`.
+    pub fn begin(&mut self) -> Result<(), PidError> {
         self.generation += 1;
+        self.write_state("reloading", "")
+    }
+
+    /// Record the outcome of the reload [`ReloadStatus::begin`] started.
+    pub fn record(&mut self, ok: bool, line: &str) -> Result<(), PidError> {
         self.write(ok, line)
     }
 
     fn write(&self, ok: bool, line: &str) -> Result<(), PidError> {
+        self.write_state(if ok { "ok" } else { "failed" }, line)
+    }
+
+    fn write_state(&self, state: &str, line: &str) -> Result<(), PidError> {
         let text = format!(
-            "{} {} {}\n{line}\n",
+            "{} {} {state}\n{line}\n",
             std::process::id(),
-            self.generation,
-            if ok { "ok" } else { "failed" }
+            self.generation
         );
         write_atomically(&self.path, &text)
     }
@@ -188,13 +207,15 @@ pub fn reload_and_wait(
         ReloadTarget::PidFile(f) => (read_pid(f)?, Some(status_path(f)), f.clone()),
         ReloadTarget::Pid(pid) => (*pid, runtime_status_path(), PathBuf::from("--pid")),
     };
-    // The outcome answering this signal is the first of this process with a higher
-    // generation than now.
-    let before = status
+    // The outcome answering this signal is that of the first reload to start after it: a
+    // higher generation than the file shows now. A reload in progress now (`reloading`, its
+    // config possibly read before the caller changed it) is not it: its generation is the
+    // one shown, and the signal makes another one follow.
+    let wanted = status
         .as_deref()
         .and_then(read_status)
         .filter(|s| s.pid == pid)
-        .map(|s| s.generation);
+        .map_or(1, |s| s.generation + 1);
     kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|source| PidError::Signal {
         path: shown.clone(),
         pid,
@@ -207,10 +228,15 @@ pub fn reload_and_wait(
     loop {
         if let Some(s) = read_status(&status)
             && s.pid == pid
-            && before.is_none_or(|b| s.generation > b)
-            && s.generation > 0
+            && s.generation >= wanted
+            && let Some(ok) = s.ok
         {
-            return Ok(Some(s));
+            return Ok(Some(ReloadOutcome {
+                pid,
+                generation: s.generation,
+                ok,
+                line: s.line,
+            }));
         }
         if kill(Pid::from_raw(pid), None).is_err() {
             return Err(PidError::NoOutcome {
@@ -318,12 +344,19 @@ mod tests {
         let mut s = ReloadStatus::create(&path).unwrap();
         let me = std::process::id() as i32;
         let started = read_status(&path).unwrap();
-        assert_eq!((started.pid, started.generation, started.ok), (me, 0, true));
+        assert_eq!(
+            (started.pid, started.generation, started.ok),
+            (me, 0, Some(true))
+        );
+        s.begin().unwrap();
+        let reloading = read_status(&path).unwrap();
+        assert_eq!((reloading.generation, reloading.ok), (1, None));
         s.record(false, "reload failed, nothing changed: a\nb")
             .unwrap();
         let failed = read_status(&path).unwrap();
-        assert_eq!((failed.generation, failed.ok), (1, false));
+        assert_eq!((failed.generation, failed.ok), (1, Some(false)));
         assert_eq!(failed.line, "reload failed, nothing changed: a\nb");
+        s.begin().unwrap();
         s.record(true, "reloaded: nothing changed").unwrap();
         assert_eq!(read_status(&path).unwrap().generation, 2);
         drop(s);
