@@ -343,6 +343,24 @@ fn check_and_run_refuse_what_the_dropped_user_could_not_do() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A pid file in a root-owned directory (as `/run` itself): nobody could not rewrite the
+    // reload status beside it nor remove either at exit.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("pid_file = {:?}\n{text}", run.join("popgate.pid")),
+    )
+    .unwrap();
+    let out = check(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("pid_file") && err.contains("not writable for nobody"),
+        "{err}"
+    );
 }
 
 /// A `NOTIFY_SOCKET` of our own, as systemd gives a `Type=notify` service.
