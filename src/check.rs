@@ -80,17 +80,6 @@ pub(crate) struct FileHashes {
 /// directories are writable.
 pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartError> {
     config.check_dirs(path)?;
-    if let Some(pid) = &config.pid_file {
-        let dir = match pid.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        crate::config::writable_dir(dir).map_err(|reason| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: "pid_file".into(),
-            reason,
-        })?;
-    }
     let mut warnings = Vec::new();
     certificates(&config, path, SystemTime::now(), &mut warnings)?;
     let tls = TlsSetup::new(&config)?;
@@ -132,6 +121,24 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         oauth2,
         files,
     })
+}
+
+/// The directory of `pid_file` is writable (or can be created). Checked by `popgate check`
+/// and at start, not by a reload: the file is written once, at start (as root before a
+/// privilege drop), and a reload does not move it.
+pub(crate) fn check_pid_dir(config: &Config, path: &Path) -> Result<(), ConfigError> {
+    if let Some(pid) = &config.pid_file {
+        let dir = match pid.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        crate::config::writable_dir(dir).map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "pid_file".into(),
+            reason,
+        })?;
+    }
+    Ok(())
 }
 
 /// `route` rules need routing mode and an upstream of the name they give.
@@ -306,6 +313,11 @@ fn certificates(
     for (key, cert, pair) in cert_entries(config) {
         let chain = tls::load_certs(cert).map_err(|e| invalid(&key, e.to_string()))?;
         if let Some((key_key, key_file)) = &pair {
+            // An unreadable key (e.g. 0600 root after `[process] user`'s switch, at a
+            // reload) is that, not a key of another certificate.
+            if let Err(e) = std::fs::File::open(key_file) {
+                return Err(invalid(key_key, unreadable(config, key_file, &e)));
+            }
             tls::check_pair(cert, key_file).map_err(|e| {
                 invalid(
                     key_key,
@@ -355,6 +367,43 @@ fn certificates(
         }
     }
     Ok(())
+}
+
+/// Why `file` cannot be read, with a hint when popgate runs as `[process] user` already (a
+/// reload after the switch).
+fn unreadable(config: &Config, file: &Path, e: &std::io::Error) -> String {
+    let dropped = config.process.user.is_some() && !nix::unistd::geteuid().is_root();
+    if dropped && e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            "{}: cannot read it: {e} (popgate runs as process.user {:?} since the start: make \
+             it readable for that user, e.g. mode 0640 with the user's group)",
+            file.display(),
+            config.process.user.as_deref().unwrap_or_default()
+        )
+    } else {
+        format!("{}: cannot read it: {e}", file.display())
+    }
+}
+
+/// The files a reload reads again, by config key: the config file itself, certificates,
+/// keys and CA files, rule files, the routing map. `rules` are the loaded rule files.
+pub(crate) fn reread_files<'a>(
+    config: &'a Config,
+    path: &'a Path,
+    rules: &'a [PathBuf],
+) -> Vec<(String, &'a Path)> {
+    let mut out: Vec<(String, &Path)> = vec![("the config file".into(), path)];
+    for (key, cert, pair) in cert_entries(config) {
+        out.push((key, cert.as_path()));
+        if let Some((k, f)) = pair {
+            out.push((k, f.as_path()));
+        }
+    }
+    out.extend(rules.iter().map(|f| ("rules".to_owned(), f.as_path())));
+    if let Some(m) = config.routing.as_ref().and_then(|r| r.map.as_deref()) {
+        out.push(("routing.map".into(), m));
+    }
+    out
 }
 
 /// A `trace` rule needs somewhere to write transcripts.

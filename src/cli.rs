@@ -65,15 +65,23 @@ pub enum CliCommand {
         #[arg(long)]
         print: bool,
     },
-    /// Tell a running popgate to reload its config (SIGHUP to the process in the PID file).
+    /// Tell a running popgate to reload its config (SIGHUP) and wait for the outcome: prints
+    /// it, and exits non-zero when the reload failed (nothing changed) or no outcome came.
     #[command(group = clap::ArgGroup::new("target").required(true))]
     Reload {
-        /// The PID file of the running popgate.
+        /// The PID file of the running popgate (the outcome is read beside it).
         #[arg(long, value_name = "FILE", group = "target")]
         pid_file: Option<PathBuf>,
         /// The config of the running popgate: its `pid_file` names the process.
         #[arg(short, long, value_name = "FILE", group = "target")]
         config: Option<PathBuf>,
+        /// The process id (systemd's `$MAINPID`); the outcome is read from
+        /// `$RUNTIME_DIRECTORY/popgate.reload`.
+        #[arg(long, value_name = "PID", group = "target")]
+        pid: Option<i32>,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
     },
     /// Show audit trail events (JSON lines files) as a table: who fetched or deleted what.
     Audit {

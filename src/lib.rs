@@ -32,6 +32,7 @@ use std::sync::Arc;
 pub use check::{EXPIRY_WARNING, StartError, effective_toml};
 pub use config::Config;
 use net::listener;
+pub use net::listener::Inherited;
 pub use net::tls;
 pub use runtime::LogHook;
 pub use session::Shared;
@@ -48,7 +49,12 @@ pub struct Checked {
 /// Check a loaded config as `popgate run` (and every reload) would: directories, certificates
 /// and keys (expiry, pairs), rule files. `path` is the config file, named in messages.
 pub fn check(config: Config, path: &Path) -> Result<Checked, StartError> {
-    let p = check::prepare(config, path)?;
+    check::check_pid_dir(&config, path)?;
+    let mut p = check::prepare(config, path)?;
+    // Run as root with `[process] user`: files the user could not read at a reload.
+    let files = check::reread_files(&p.config, path, p.rules.files());
+    p.warnings
+        .extend(daemon::unreadable_for_user(&p.config.process, &files));
     Ok(Checked {
         config: p.config,
         warnings: p.warnings,
@@ -128,11 +134,23 @@ impl Proxy {
 
     /// [`Proxy::bind`] for a config loaded from `path` (named in messages).
     pub async fn bind_file(config: Config, path: &Path) -> Result<Proxy, StartError> {
+        Proxy::bind_inherited(config, path, Inherited::default()).await
+    }
+
+    /// [`Proxy::bind_file`], the listeners taking the sockets in `inherited` that match them
+    /// (systemd socket activation) and binding the others.
+    pub async fn bind_inherited(
+        config: Config,
+        path: &Path,
+        mut inherited: Inherited,
+    ) -> Result<Proxy, StartError> {
+        check::check_pid_dir(&config, path)?;
         let prepared = check::prepare(config, path)?;
         let mut listeners = Vec::with_capacity(prepared.config.listeners.len());
         for l in &prepared.config.listeners {
-            listeners.push(listener::Listener::bind(l.clone()).await?);
+            listeners.push(listener::Listener::bind_or_inherit(l.clone(), &mut inherited).await?);
         }
+        inherited.report_leftovers();
         let metrics = match &prepared.config.metrics {
             Some(m) => Some(metrics::http::bind(m.bind).await?),
             None => None,

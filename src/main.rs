@@ -41,6 +41,12 @@ fn run() -> Result<()> {
         CliCommand::Man { dir } => return write_man(dir.as_deref()),
         _ => {}
     }
+    // Sockets passed by systemd (popgate.socket): taken before any thread starts, since it
+    // clears LISTEN_FDS/LISTEN_PID from the environment.
+    let inherited = match &cli.command {
+        CliCommand::Run { .. } => popgate::Inherited::from_env(),
+        _ => popgate::Inherited::default(),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         CliCommand::Check { config, print } => {
@@ -98,17 +104,37 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        CliCommand::Reload { pid_file, config } => {
-            let pid_file = match (pid_file, config) {
-                (Some(p), _) => p,
-                (None, Some(config)) => Config::load(&config)?
-                    .pid_file
-                    .with_context(|| format!("{}: no pid_file is set", config.display()))?,
-                (None, None) => anyhow::bail!("give --pid-file or --config"),
+        CliCommand::Reload {
+            pid_file,
+            config,
+            pid,
+            timeout,
+        } => {
+            use popgate::pidfile::ReloadTarget;
+            let target = match (pid_file, config, pid) {
+                (Some(p), _, _) => ReloadTarget::PidFile(p),
+                (None, Some(config), _) => ReloadTarget::PidFile(
+                    Config::load(&config)?
+                        .pid_file
+                        .with_context(|| format!("{}: no pid_file is set", config.display()))?,
+                ),
+                (None, None, Some(pid)) => ReloadTarget::Pid(pid),
+                (None, None, None) => anyhow::bail!("give --pid-file, --config or --pid"),
             };
-            let pid = popgate::pidfile::signal_reload(&pid_file)?;
-            println!("sent SIGHUP to popgate (pid {pid}); the result is in its log");
-            Ok(())
+            let wait = std::time::Duration::from_secs(timeout);
+            match popgate::pidfile::reload_and_wait(&target, wait)? {
+                None => {
+                    println!("sent SIGHUP to popgate; the result is in its log");
+                    Ok(())
+                }
+                Some(outcome) if outcome.ok => {
+                    println!("popgate (pid {}): {}", outcome.pid, outcome.line);
+                    Ok(())
+                }
+                Some(outcome) => {
+                    anyhow::bail!("popgate (pid {}): {}", outcome.pid, outcome.line)
+                }
+            }
         }
         CliCommand::Run { config } => {
             let mut c = Config::load(&config)?;
@@ -124,12 +150,27 @@ fn run() -> Result<()> {
             let logging = Arc::new(Logging::init(&c.log)?);
             let pid_path = c.pid_file.clone();
             runtime.block_on(async {
-                let proxy = popgate::Proxy::bind_file(c, &config).await?;
-                // Written once the listeners are bound; removed when dropped, at exit.
+                let proxy = popgate::Proxy::bind_inherited(c, &config, inherited).await?;
+                // Written once the listeners are bound; removed when dropped, at exit (the
+                // directory is the user's after a privilege drop). The reload status file
+                // beside it (or under systemd's RuntimeDirectory) tells `popgate reload` the
+                // outcome.
                 let _pid = pid_path
                     .as_deref()
                     .map(popgate::pidfile::PidFile::create)
                     .transpose()?;
+                let status = match pid_path.as_deref() {
+                    Some(p) => Some(popgate::pidfile::status_path(p)),
+                    None => popgate::pidfile::runtime_status_path(),
+                };
+                // Without it `popgate reload` cannot wait, but popgate serves on.
+                let status = status.as_deref().and_then(|p| {
+                    popgate::pidfile::ReloadStatus::create(p)
+                        .inspect_err(|e| {
+                            tracing::error!(error = %e, "no reload status file: `popgate reload` cannot wait for the outcome")
+                        })
+                        .ok()
+                });
                 // Listeners bound and files open: root is no longer needed.
                 if let Some(drop) = privdrop {
                     let (uid, gid) = drop.apply()?;
@@ -140,7 +181,7 @@ fn run() -> Result<()> {
                 reloader.set_log_hook(Box::new(move |new: &LogConfig| {
                     hook_logging.apply(new).map_err(|e| e.to_string())
                 }));
-                spawn_reload_on_sighup(reloader);
+                spawn_reload_on_sighup(reloader, status);
                 spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
                 notify::ready();
                 proxy
@@ -343,7 +384,10 @@ A command line that cannot be parsed.
 /// SIGHUP reloads the whole config; a config that fails the checks changes nothing. systemd
 /// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is
 /// installed before this returns.
-fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
+fn spawn_reload_on_sighup(
+    reloader: popgate::Reloader,
+    mut status: Option<popgate::pidfile::ReloadStatus>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -355,17 +399,30 @@ fn spawn_reload_on_sighup(reloader: popgate::Reloader) {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
                 notify::reloading();
-                let status = match reloader.reload().await {
+                // Before the config is read: `popgate reload` tells this reload from one
+                // that read the config before its signal.
+                if let Some(s) = status.as_mut()
+                    && let Err(e) = s.begin()
+                {
+                    tracing::error!(error = %e, "cannot write the reload status file");
+                }
+                let (ok, line) = match reloader.reload().await {
                     Ok(line) => {
                         tracing::info!("{line}");
-                        line
+                        (true, line)
                     }
                     Err(e) => {
                         tracing::error!("reload failed, nothing changed: {e}");
-                        format!("reload failed, nothing changed: {e}")
+                        (false, format!("reload failed, nothing changed: {e}"))
                     }
                 };
-                notify::reloaded(&status);
+                // For `popgate reload`, which waits for it.
+                if let Some(s) = status.as_mut()
+                    && let Err(e) = s.record(ok, &line)
+                {
+                    tracing::error!(error = %e, "cannot write the reload status file");
+                }
+                notify::reloaded(&line);
             }
         });
     }

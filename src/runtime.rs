@@ -66,6 +66,9 @@ pub(crate) struct Runtime {
     log_hook: Mutex<Option<Arc<LogHook>>>,
     /// The addresses the listeners are bound to (`original-destination` never dials them).
     bound: Mutex<Arc<[SocketAddr]>>,
+    /// The config at start: what the keys a reload cannot apply ([`needs_restart`]) are in
+    /// force with until the next start.
+    started: Arc<Config>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -133,7 +136,9 @@ impl Runtime {
             limiter.clone(),
         ));
         let files = p.files;
+        let started = Arc::new(p.config.clone());
         Ok(Arc::new(Runtime {
+            started,
             current: RwLock::new(Arc::new(snapshot(
                 p,
                 sink,
@@ -341,6 +346,10 @@ impl Runtime {
         let old = self.current();
         let (new_cfg, old_cfg) = (&prepared.config, &*old.config);
         let mut changed = changed_keys(old_cfg, new_cfg);
+        changed.retain(|k| !needs_restart(k));
+        // Against the config at start: they stay unapplied over any number of reloads.
+        let mut restart = changed_keys(&self.started, new_cfg);
+        restart.retain(|k| needs_restart(k));
         let old_files = *lock(&self.files);
         if prepared.files.certs != old_files.certs {
             changed.insert("certificates".into());
@@ -471,15 +480,29 @@ impl Runtime {
         if !listener_changes.is_empty() {
             changed.insert(format!("listener {}", listener_changes.join(" ")));
         }
-        Ok(if changed.is_empty() {
-            "reloaded: nothing changed".into()
+        let mut line = if changed.is_empty() {
+            "reloaded: nothing changed".to_owned()
         } else {
             format!(
                 "reloaded: {}",
                 changed.into_iter().collect::<Vec<_>>().join(", ")
             )
-        })
+        };
+        if !restart.is_empty() {
+            line.push_str("; need a restart: ");
+            line.push_str(&restart.into_iter().collect::<Vec<_>>().join(", "));
+        }
+        Ok(line)
     }
+}
+
+/// Keys a reload cannot apply: the `[metrics]` endpoint (bound once, its settings read at
+/// start), `pid_file` (written once) and `[process]` (the privilege drop happens once). A
+/// reload reports them as `need a restart: …` while the file differs from the running
+/// process.
+fn needs_restart(key: &str) -> bool {
+    let top = key.split(['.', '[']).next().unwrap_or(key);
+    matches!(top, "metrics" | "pid_file" | "process")
 }
 
 /// Whether two values serialize alike (config types have no `PartialEq`; this also covers
@@ -576,6 +599,28 @@ mod tests {
             changed_keys(&a, &c).is_empty(),
             "listeners are reported apart"
         );
+    }
+
+    #[test]
+    fn keys_a_reload_cannot_apply_need_a_restart() {
+        for k in [
+            "metrics",
+            "metrics.bind",
+            "metrics.health_window",
+            "pid_file",
+            "process",
+            "process.user",
+        ] {
+            assert!(needs_restart(k), "{k}");
+        }
+        for k in [
+            "limits.max_sessions",
+            "log.level",
+            "upstream[a].address",
+            "rules",
+        ] {
+            assert!(!needs_restart(k), "{k}");
+        }
     }
 
     #[test]

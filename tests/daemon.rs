@@ -343,6 +343,24 @@ fn check_and_run_refuse_what_the_dropped_user_could_not_do() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A pid file in a root-owned directory (as `/run` itself): nobody could not rewrite the
+    // reload status beside it nor remove either at exit.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("pid_file = {:?}\n{text}", run.join("popgate.pid")),
+    )
+    .unwrap();
+    let out = check(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("pid_file") && err.contains("not writable for nobody"),
+        "{err}"
+    );
 }
 
 /// A `NOTIFY_SOCKET` of our own, as systemd gives a `Type=notify` service.
@@ -624,4 +642,355 @@ fn readme_daemon_section_is_valid() {
     let config = popgate::Config::parse(&text, Path::new("README.md")).unwrap();
     config.validate(Path::new("README.md")).unwrap();
     assert_eq!(config.process.user.as_deref(), Some("popgate"));
+}
+
+/// `popgate reload` (and `check`) with `args`; the output.
+fn popgate_cmd(args: &[&str], cfg: &Path) -> (bool, String) {
+    let out = run_bounded(
+        Command::new(popgate_bin()).args(args).arg(cfg),
+        None,
+        Duration::from_secs(90),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A mail admin's set-up: popgate started as root with `[process] user = "nobody"`, a
+/// `pid_file` and a `log.dir` in directories that do not exist yet under root-owned parents
+/// (`/run`, `/var/log` alike), and a TLS key that only root can read. `check` warns about the
+/// key; the start creates the directories and hands them to nobody; `popgate reload` fails
+/// with the key named as unreadable (not as "does not go with the certificate") and exits
+/// non-zero, succeeds once the key is readable for the group, reports a `[metrics]` table as
+/// needing a restart (not as reloaded), explains why a new listener on a port below 1024
+/// cannot be bound; at exit the pid and status files are gone.
+#[test]
+fn reload_under_privilege_drop_with_pid_file_is_trustworthy() {
+    if !is_root() {
+        println!("skipped: privilege drop needs root (CI runs as root)");
+        return;
+    }
+    let nobody = nix_ids("nobody");
+    let h = Harness::new();
+    let up = upstream(&h);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost"]);
+    let (cert_to, key_to) = (etc.join("pop.crt"), etc.join("pop.key"));
+    std::fs::copy(cert, &cert_to).unwrap();
+    std::fs::copy(key, &key_to).unwrap();
+    std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&cert_to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (run_dir, log_dir) = (
+        root.path().join("run/popgate"),
+        root.path().join("log/popgate"),
+    );
+    std::fs::create_dir(root.path().join("run")).unwrap();
+    std::fs::create_dir(root.path().join("log")).unwrap();
+    let pid_file = run_dir.join("popgate.pid");
+    let port = common::free_port();
+    let cfg = etc.join("popgate.toml");
+    let text = format!(
+        "pid_file = {pid_file:?}\nshutdown_grace = \"1s\"\n\
+         [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\ntls = \"starttls\"\n\
+         [upstream]\naddress = \"{}\"\n\
+         [tls]\ncert = {cert_to:?}\nkey = {key_to:?}\n\
+         [process]\nuser = \"nobody\"\n\
+         [log]\ndir = {log_dir:?}\nrotation = \"never\"\n",
+        up.local_addr()
+    );
+    std::fs::write(&cfg, &text).unwrap();
+
+    let (ok, out) = popgate_cmd(&["check", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: tls.key") && out.contains("not readable for nobody"),
+        "{out}"
+    );
+
+    let mut child = Command::new(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let log_file = log_dir.join("popgate.log");
+    wait_until("started and switched", || {
+        child.try_wait().unwrap().is_none()
+            && read(&log_file).contains("switched to process.user/group")
+            && pid_file.exists()
+    });
+    for d in [&run_dir, &log_dir] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), nobody.0, "{d:?}");
+    }
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+
+    // The key is readable for root only: the reload, run as nobody, fails and says why.
+    let (ok, out) = popgate_cmd(&["reload", "--pid-file"], &pid_file);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("reload failed")
+            && out.contains("tls.key")
+            && out.contains("cannot read it")
+            && out.contains("Permission denied")
+            && !out.contains("does not go with"),
+        "{out}"
+    );
+    // Readable for the group: the same reload works, also through the config's pid_file.
+    std::os::unix::fs::chown(&key_to, None, Some(nobody.1)).unwrap();
+    std::fs::set_permissions(&key_to, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(out.contains("reloaded: nothing changed"), "{out}");
+    // A key a reload cannot apply: reported as such, the rest applied.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[limits]\nmax_sessions = 77\n[metrics]\nbind = \"127.0.0.1:0\"\n",
+            text.replace(
+                "user = \"nobody\"",
+                "user = \"nobody\"\ngroup = \"nogroup\""
+            )
+        ),
+    )
+    .unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reloaded: limits.max_sessions; need a restart: metrics, process.group"),
+        "{out}"
+    );
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reloaded: nothing changed; need a restart: metrics, process.group"),
+        "still not applied: {out}"
+    );
+    // A new listener on a port below 1024: the user cannot bind it; the reason says so.
+    let low = privileged_port();
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        before.replace(
+            "[upstream]",
+            &format!("[[listener]]\nname = \"low\"\nbind = \"127.0.0.1:{low}\"\n[upstream]"),
+        ),
+    )
+    .unwrap();
+    let (ok, out) = popgate_cmd(&["reload", "--config"], &cfg);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("listener low") && out.contains("only a restart can bind"),
+        "{out}"
+    );
+    std::fs::write(&cfg, before).unwrap();
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+
+    kill(child.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "popgate did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{}", read(&root.path().join("stderr")));
+    assert!(
+        files_in(&run_dir).is_empty(),
+        "pid and status files removed at exit: {:?}",
+        files_in(&run_dir)
+    );
+}
+
+/// A restart that refuses no client: popgate runs on a listening socket held by a stand-in
+/// for systemd's `popgate.socket` (tests/clients/socket_holder.py passes it as fd 3 with
+/// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, as systemd does). Four curl clients retrieve a
+/// message from Dovecot in a loop while popgate is restarted as `systemctl restart` does
+/// (SIGTERM, drain, exit, then a new process) and then replaced with an overlap (a new process
+/// first, then SIGTERM to the old one): no curl fails (no refused connection, no error), every
+/// message arrives whole, nothing is deleted.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn restart_on_a_held_socket_refuses_no_client_and_loses_no_mail() {
+    use common::clients::{curl, url};
+    use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, served};
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dv = Dovecot::start(DovecotOpts::default().user("bob", "bob-pass", bob_msgs()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("popgate.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/socket_holder.py");
+    let mut holder = Command::new("python3")
+        .arg(&script)
+        .arg("pop3")
+        .arg(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut to_holder = holder.stdin.take().unwrap();
+    let mut from_holder = BufReader::new(holder.stdout.take().unwrap());
+    let mut first_line = String::new();
+    from_holder.read_line(&mut first_line).unwrap();
+    let port: u16 = first_line.trim().parse().unwrap_or(0);
+    assert!(port > 0, "{}", read(&dir.path().join("stderr")));
+    let mut say = |word: &str| {
+        writeln!(to_holder, "{word}").unwrap();
+        let mut line = String::new();
+        from_holder.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_grace = \"10s\"\n\
+             [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\n\
+             [upstream]\naddress = \"{}\"\n\
+             [log]\ndir = \"{}\"\nrotation = \"never\"\n",
+            dv.pop3,
+            dir.path().join("log").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log/popgate.log");
+    let taken = || read(&log).matches("using the socket passed").count();
+    let first = say("start");
+    wait_until("first popgate on the socket", || taken() == 1);
+
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let want = served(&bob_msgs()[0]);
+    let done = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (done, ok, want) = (done.clone(), ok.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let out = curl(&["-u", "bob:bob-pass", &url("pop3", addr, "1")]);
+                    if out.status.success() && out.stdout == want {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.push(format!(
+                            "{:?}: {}",
+                            out.status.code(),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let served_more = |n: usize| {
+        let from = ok.load(Ordering::Relaxed);
+        wait_until(&format!("{n} more retrievals"), || {
+            ok.load(Ordering::Relaxed) >= from + n
+        });
+    };
+    served_more(20);
+    // `systemctl restart`: stop (drain, exit), then start.
+    assert_eq!(say("stop"), "0", "first popgate ({first}) exit status");
+    let second = say("start");
+    wait_until("second popgate on the socket", || taken() == 2);
+    served_more(20);
+    // An overlap: the new process first, then the old one drains and exits.
+    let third = say("start");
+    wait_until("third popgate on the socket", || taken() == 3);
+    assert_eq!(say("stop"), "0", "second popgate ({second}) exit status");
+    served_more(20);
+    done.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert_eq!(say("stop"), "0", "third popgate ({third}) exit status");
+    drop(to_holder);
+    let _ = holder.wait();
+    assert!(
+        failures.is_empty(),
+        "{} of {} retrievals failed: {failures:?}",
+        failures.len(),
+        failures.len() + ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(dv.message_count("bob"), bob_msgs().len(), "nothing deleted");
+    println!(
+        "{} retrievals over two restarts, none failed",
+        ok.load(Ordering::Relaxed)
+    );
+}
+
+/// systemd's own socket passing, by its `systemd-socket-activate` tool: two sockets, named
+/// `pop3` and `other`; the listener `pop3` takes its socket by name (its `bind` is elsewhere),
+/// the listener `second` the other by address. Sessions on both work.
+#[test]
+fn listeners_take_sockets_passed_by_systemd_socket_activate() {
+    let Some(tool) = common::find_exe("systemd-socket-activate") else {
+        println!("skipped: systemd-socket-activate not installed");
+        return;
+    };
+    let h = Harness::new();
+    let up = upstream(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (common::free_port(), common::free_port());
+    let cfg = dir.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_grace = \"1s\"\n\
+             [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1\"\n\
+             [[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{p2}\"\n\
+             [upstream]\naddress = \"{}\"\n",
+            up.local_addr()
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(tool)
+        .args([
+            "-l",
+            &format!("127.0.0.1:{p1}"),
+            "-l",
+            &format!("127.0.0.1:{p2}"),
+        ])
+        .arg("--fdname=pop3:other")
+        .arg(popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the sockets are bound", || {
+        read(&stderr).matches("Listening on").count() == 2
+    });
+    // The first connection starts popgate (the tool execs it with the sockets).
+    session(format!("127.0.0.1:{p1}").parse().unwrap());
+    session(format!("127.0.0.1:{p2}").parse().unwrap());
+    let log = read(&stderr);
+    assert!(
+        log.contains("using the socket passed by the service manager listener=pop3")
+            && log.contains(&format!("listener=second addr=127.0.0.1:{p2}")),
+        "{log}"
+    );
+    assert!(!log.contains("matches no listener"), "{log}");
+    kill(child.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "popgate did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

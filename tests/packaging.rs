@@ -309,7 +309,8 @@ fn systemd_unit_verifies_and_is_hardened() {
     let unit = std::fs::read_to_string(repo().join("contrib/popgate.service")).unwrap();
     for line in [
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/popgate reload --pid $MAINPID",
+        "RuntimeDirectory=popgate",
         "User=popgate",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
@@ -630,4 +631,43 @@ fn packaged_config_passes_check_with_the_generated_certificate() {
     let config = etc.path().join("popgate.toml");
     let out = popgate(&["check", "--config", config.to_str().unwrap()]);
     assert!(text(&out.stdout).contains("OK"), "{}", text(&out.stdout));
+}
+
+/// contrib/popgate.socket (socket activation, restarts without refused clients) verifies
+/// beside the service it activates, and listens on the POP3 ports.
+#[test]
+fn systemd_socket_unit_verifies() {
+    let socket = std::fs::read_to_string(repo().join("contrib/popgate.socket")).unwrap();
+    for line in [
+        "ListenStream=110",
+        "ListenStream=995",
+        "WantedBy=sockets.target",
+    ] {
+        assert!(
+            socket.lines().any(|l| l == line),
+            "socket unit lacks {line}"
+        );
+    }
+    let Some(analyze) = tool("systemd-analyze", "systemd_socket_unit_verifies") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    unit_for_test(dir.path());
+    let path = dir.path().join("popgate.socket");
+    std::fs::write(&path, &socket).unwrap();
+    let out = run_bounded(
+        Command::new(&analyze)
+            .arg("verify")
+            .arg(&path)
+            .arg(dir.path().join("popgate.service"))
+            .env("MANPATH", dir.path().join("man"))
+            .env("SYSTEMD_LOG_COLOR", "0"),
+        None,
+        LIMIT,
+    );
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
 }

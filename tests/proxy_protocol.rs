@@ -290,3 +290,210 @@ fn the_readme_load_balancer_example_is_a_valid_config() {
         popgate::config::ForwardClient::ProxyV2
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// `forward_client = "proxy-v2"` toward Dovecot with `disable_plaintext_auth = yes`
+
+/// The README's balancer recipe against Dovecot's default plaintext policy: popgate forwards
+/// the client with PROXY v2 to a `haproxy = yes` listener (on 127.0.0.2, so that Dovecot does
+/// not count the loopback connection as secured). TLS clients (implicit TLS and STLS, with
+/// SASL PLAIN and LOGIN, and with USER/PASS) log in, because the header's SSL TLV says they
+/// used TLS; a plaintext client is refused by Dovecot, as it would be if it connected directly.
+/// In direct mode (dialled at connect, again after STLS) and in routing mode (at the login).
+/// HAProxy against the same listener is the reference: `send-proxy-v2-ssl` logs in,
+/// `send-proxy-v2` does not.
+#[test]
+#[ignore = "needs dovecot and haproxy (run .ci/run)"]
+fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plaintext_ones() {
+    use common::clients::url;
+    use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, served};
+    let dv = Dovecot::start(
+        DovecotOpts {
+            listen: Some("127.0.0.2".parse().unwrap()),
+            haproxy_listener: true,
+            extra_conf: "disable_plaintext_auth = yes\n".into(),
+            ..DovecotOpts::default()
+        }
+        .user("bob", "bob-pass", bob_msgs()),
+    );
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let listeners = format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [[listener]]\nname = \"pop3s\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    let haproxy = dv.pop3_haproxy.unwrap();
+    let ca = pki.ca_path().display().to_string();
+    let want = served(&bob_msgs()[0]);
+    // Direct mode (the server dialled at connect, again after STLS) and routing mode (dialled
+    // at the login).
+    for (mode, upstreams) in [
+        (
+            "direct",
+            format!("[upstream]\naddress = \"{haproxy}\"\nforward_client = \"proxy-v2\"\n"),
+        ),
+        (
+            "routing",
+            format!(
+                "[[upstream]]\nname = \"dovecot\"\naddress = \"{haproxy}\"\n\
+                 forward_client = \"proxy-v2\"\n[routing]\ndefault = \"dovecot\"\n"
+            ),
+        ),
+    ] {
+        let p = h.proxy_toml(&format!("{listeners}{upstreams}"));
+        let (stls, pop3s) = (p.addrs[0], p.addrs[1]);
+        // The plaintext mechanisms only (curl would pick CRAM-MD5, which Dovecot allows anyway).
+        for mech in ["AUTH=PLAIN", "AUTH=LOGIN"] {
+            for (label, tls_args, u) in [
+                ("pop3s", vec!["--cacert", &ca], url("pop3s", pop3s, "1")),
+                (
+                    "STLS",
+                    vec!["--ssl-reqd", "--cacert", &ca],
+                    url("pop3", stls, "1"),
+                ),
+            ] {
+                let mut a = vec!["-u", "bob:bob-pass", "--login-options", mech];
+                a.extend(tls_args);
+                a.push(&u);
+                let out = curl(&a);
+                assert!(
+                    out.status.success() && out.stdout == want,
+                    "{mode}: {label} {mech}: {out:?}\n{}",
+                    dv.log()
+                );
+                // Without TLS (the STLS listener, STLS not used): Dovecot refuses it.
+                let out = curl(&[
+                    "-u",
+                    "bob:bob-pass",
+                    "--login-options",
+                    mech,
+                    &url("pop3", stls, "1"),
+                ]);
+                assert!(!out.status.success(), "{mode}: plaintext {mech}: {out:?}");
+            }
+        }
+        // USER/PASS: over STLS accepted, in plaintext refused with Dovecot's own reason.
+        let mut c = RawPop::over(TcpStream::connect(stls).unwrap());
+        c.greeting = c.line();
+        let reply = match c.cmd("USER bob") {
+            r if r.starts_with("+OK") => c.cmd("PASS bob-pass"),
+            r => r,
+        };
+        assert!(
+            reply.starts_with("-ERR") && reply.contains("Plaintext authentication disallowed"),
+            "{mode}: {reply}"
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", POPLIB_STLS_USER])
+            .arg(stls.port().to_string())
+            .arg(&ca)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: poplib stls() then USER/PASS: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The reference the issue names: HAProxy terminating TLS toward the same Dovecot
+    // listener. With `send-proxy-v2-ssl` the PLAIN login works; with `send-proxy-v2` (no SSL
+    // TLV, what popgate sent before) Dovecot refuses it, as it refused popgate's TLS clients.
+    let (hp_cert, hp_key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("haproxy.pem");
+    let mut both = std::fs::read(hp_cert).unwrap();
+    both.extend(std::fs::read(hp_key).unwrap());
+    std::fs::write(&pem, both).unwrap();
+    for (send, logs_in) in [("send-proxy-v2-ssl", true), ("send-proxy-v2", false)] {
+        let front: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
+        let _hp = start_haproxy(
+            dir.path(),
+            &format!(
+                "frontend pop3s\n  bind {front} ssl crt {}\n  default_backend dovecot\n\
+                 backend dovecot\n  server dv {haproxy} {send}\n",
+                pem.display()
+            ),
+            front,
+        );
+        let out = curl(&[
+            "-u",
+            "bob:bob-pass",
+            "--login-options",
+            "AUTH=PLAIN",
+            "--cacert",
+            &ca,
+            &url("pop3s", front, "1"),
+        ]);
+        assert_eq!(
+            out.status.success() && out.stdout == want,
+            logs_in,
+            "HAProxy {send}: {out:?}"
+        );
+    }
+    assert_eq!(dv.message_count("bob"), bob_msgs().len());
+}
+
+/// `haproxy -db` with `defaults` (mode tcp) and `sections`, listening on `front`; killed on
+/// drop.
+fn start_haproxy(dir: &std::path::Path, sections: &str, front: SocketAddr) -> KillOnDrop {
+    let exe = common::find_exe("haproxy").expect("haproxy not installed: run .ci/run");
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
+             timeout server 30s\n{sections}"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(exe)
+        .args(["-db", "-q", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.err")).unwrap())
+        .spawn()
+        .expect("spawn haproxy");
+    let mut hp = KillOnDrop(child);
+    // Listening once its port cannot be bound (no probe connection).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(front).is_ok() {
+        if let Ok(Some(status)) = hp.0.try_wait() {
+            panic!(
+                "haproxy exited: {status}: {}",
+                std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "haproxy did not listen on {front}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    hp
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// poplib: STLS, then USER/PASS and STAT; argv: port, CA file.
+const POPLIB_STLS_USER: &str = "import poplib, ssl, sys\n\
+ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+p = poplib.POP3('127.0.0.1', int(sys.argv[1]), timeout=20)\n\
+p.stls(context=ctx)\n\
+p.user('bob')\n\
+p.pass_('bob-pass')\n\
+print(p.stat())\n\
+p.quit()\n";

@@ -448,3 +448,53 @@ fn metrics_and_health_follow_a_reload() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(health.contains("2 listener(s) up"), "{health}");
 }
+
+/// The shipped unit's `ExecReload=popgate reload --pid $MAINPID`, with systemd's
+/// `RuntimeDirectory=` as `$RUNTIME_DIRECTORY` for the service and the reload command alike
+/// (no pid file): a broken config makes the command fail with the reason, so `systemctl
+/// reload` fails; a good one succeeds and prints what changed.
+#[test]
+fn reload_by_pid_waits_for_the_outcome_in_the_runtime_directory() {
+    let h = Harness::new();
+    let a = upstream(&h, &[("alice", "a")]);
+    let rt = tempfile::tempdir().unwrap();
+    let rt_dir = rt.path().display().to_string();
+    let p = PopgateProcess::run(
+        a.local_addr(),
+        PopgateOpts::new()
+            .env("RUNTIME_DIRECTORY", &rt_dir)
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    wait_until("status file", || rt.path().join("popgate.reload").exists());
+    let pid = p.child.id().to_string();
+    let reload = || {
+        let out = std::process::Command::new(popgate_bin())
+            .args(["reload", "--timeout", "20", "--pid", &pid])
+            .env("RUNTIME_DIRECTORY", &rt_dir)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    edit_config(&p, |t| t.replace("rotation", "rotashun"));
+    let (ok, out) = reload();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("reload failed, nothing changed") && out.contains("rotashun"),
+        "{out}"
+    );
+    edit_config(&p, |t| {
+        t.replace("rotashun", "rotation") + "[limits]\nmax_sessions = 9\n"
+    });
+    let (ok, out) = reload();
+    assert!(ok, "{out}");
+    assert!(out.contains("reloaded: limits.max_sessions"), "{out}");
+    // Twice in a row: each call gets its own outcome.
+    let (ok, out) = reload();
+    assert!(ok && out.contains("reloaded: nothing changed"), "{out}");
+}

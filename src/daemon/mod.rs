@@ -9,4 +9,4 @@ pub mod notify;
 mod privilege;
 
 pub use logging::{LogError, Logging};
-pub use privilege::{PrivilegeDrop, PrivilegeError, check_dirs_for_user};
+pub use privilege::{PrivilegeDrop, PrivilegeError, check_dirs_for_user, unreadable_for_user};

@@ -131,12 +131,24 @@ fn write_dirs(config: &Config) -> Vec<(&'static str, &Path)> {
     if let Some(d) = &config.audit.transcript.dir {
         dirs.push(("audit.transcript.dir", d.as_path()));
     }
+    // The pid file and the reload status file beside it: rewritten after each reload and
+    // removed at exit, as the user.
+    if let Some(d) = config
+        .pid_file
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        dirs.push(("pid_file", d));
+    }
     dirs
 }
 
 /// With `[process] user`/`group` set: check that the user exists and that every directory
-/// popgate writes to after the switch (`log.dir`, `audit.dir`, `audit.transcript.dir`, or
-/// their nearest existing parent) is writable for it. `popgate check` and `run` call this.
+/// popgate writes to after the switch (`log.dir`, `audit.dir`, `audit.transcript.dir`, the
+/// directory of `pid_file`) is writable for it. A directory that does not exist yet is
+/// fine: popgate creates it as root at start and hands it to the user (whoever owns the
+/// parent). `popgate check` and `run` call this.
 pub fn check_dirs_for_user(config: &Config) -> Result<(), PrivilegeError> {
     let Some(ids) = resolve(&config.process)? else {
         return Ok(());
@@ -145,14 +157,8 @@ pub fn check_dirs_for_user(config: &Config) -> Result<(), PrivilegeError> {
         return Ok(());
     }
     for (key, dir) in write_dirs(config) {
-        let mut existing = dir;
-        while std::fs::symlink_metadata(existing).is_err() {
-            match existing.parent() {
-                Some(p) if !p.as_os_str().is_empty() => existing = p,
-                _ => break,
-            }
-        }
-        // Missing altogether: `Config::check_dirs` reports that.
+        let existing = dir;
+        // Missing: created at start and handed over.
         let Ok(meta) = std::fs::metadata(existing) else {
             continue;
         };
@@ -174,6 +180,55 @@ pub fn check_dirs_for_user(config: &Config) -> Result<(), PrivilegeError> {
         }
     }
     Ok(())
+}
+
+/// Whether the user `ids` may access `path` with `bits` (0o4 read, 0o1 search), by the
+/// permission bits of the file and of every directory above it (owner, then the group, then
+/// others; the switch leaves the group as the only supplementary group). `None`: it cannot
+/// be told (e.g. a missing file, reported elsewhere).
+fn user_may(ids: &Ids, path: &Path, bits: u32) -> Option<bool> {
+    let allowed = |meta: &std::fs::Metadata, want: u32| {
+        let mode = meta.mode();
+        let shift = match ids.uid {
+            Some(uid) if meta.uid() == uid.as_raw() => 6,
+            _ if meta.gid() == ids.gid.as_raw() => 3,
+            _ => 0,
+        };
+        (mode >> shift) & want == want
+    };
+    let path = std::path::absolute(path).ok()?;
+    for dir in path.ancestors().skip(1) {
+        if !allowed(&std::fs::metadata(dir).ok()?, 0o1) {
+            return Some(false);
+        }
+    }
+    Some(allowed(&std::fs::metadata(&path).ok()?, bits))
+}
+
+/// Run as root with `[process] user` set: a warning for each of `files` (config key, path)
+/// that the user could not read after the switch, that is at the next reload (the reload
+/// would be refused). Empty when no user is set (or it names no user: [`check_dirs_for_user`]
+/// says so), it is root, or popgate does not run as root.
+pub fn unreadable_for_user(process: &ProcessConfig, files: &[(String, &Path)]) -> Vec<String> {
+    let Ok(Some(ids)) = resolve(process) else {
+        return Vec::new();
+    };
+    if ids.uid.is_none_or(|u| u.is_root()) || !nix::unistd::geteuid().is_root() {
+        return Vec::new();
+    }
+    files
+        .iter()
+        .filter(|(_, f)| user_may(&ids, f, 0o4) == Some(false))
+        .map(|(key, f)| {
+            format!(
+                "{key}: {} is not readable for {}: popgate starts (it reads it as root) but a \
+                 reload after the switch will fail; make it readable for the user (e.g. mode \
+                 0640 with the user's group, directories searchable)",
+                f.display(),
+                ids.shown
+            )
+        })
+        .collect()
 }
 
 /// A privilege drop prepared before the files are opened (see [`PrivilegeDrop::prepare`])

@@ -30,6 +30,108 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Listening sockets passed by the service manager (systemd socket activation: `LISTEN_FDS`,
+/// `LISTEN_PID`, `LISTEN_FDNAMES`, e.g. from `popgate.socket`). A listener takes the socket
+/// named after it (`FileDescriptorName=`), else the one bound to its exact `bind` address,
+/// else one on its port when both addresses are unspecified (`ListenStream=110` binds
+/// `[::]:110`, which `bind = "0.0.0.0:110"` takes). The service manager keeps its own copy of
+/// each socket: while popgate restarts, new clients wait in the socket's backlog instead of
+/// being refused.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    sockets: Vec<(String, std::net::TcpListener, SocketAddr)>,
+    problems: Vec<String>,
+}
+
+impl Inherited {
+    /// Take the sockets the environment passes (for this process: `LISTEN_PID`); the
+    /// variables are removed. Call before any other thread runs (it changes the environment).
+    pub fn from_env() -> Inherited {
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut out = Inherited::default();
+        for i in 0..fds.len() {
+            let name = names.get(i).cloned().unwrap_or_default();
+            match fds.take_tcp_listener(i) {
+                Ok(Some(l)) => match l.local_addr() {
+                    Ok(addr) => out.sockets.push((name, l, addr)),
+                    Err(e) => out.problems.push(format!("passed socket #{i}: {e}")),
+                },
+                Ok(None) => {}
+                Err(e) => out
+                    .problems
+                    .push(format!("passed socket #{i} ({name}): {e}: not used")),
+            }
+        }
+        out
+    }
+
+    /// How many sockets are left.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether none are left.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// The socket for `config`, if one was passed.
+    fn take(&mut self, config: &ListenerConfig) -> Option<(std::net::TcpListener, SocketAddr)> {
+        let by_name = self
+            .sockets
+            .iter()
+            .position(|(n, _, _)| !n.is_empty() && *n == config.name);
+        let by_addr = || {
+            self.sockets
+                .iter()
+                .position(|(_, _, a)| *a == config.bind && a.port() != 0)
+        };
+        let by_port = || {
+            self.sockets.iter().position(|(_, _, a)| {
+                a.port() == config.bind.port()
+                    && a.ip().is_unspecified()
+                    && config.bind.ip().is_unspecified()
+            })
+        };
+        let i = by_name.or_else(by_addr).or_else(by_port)?;
+        let (_, l, a) = self.sockets.remove(i);
+        Some((l, a))
+    }
+
+    /// Log what could not be used, and the sockets no listener took (closed here; the
+    /// service manager keeps its copies).
+    pub(crate) fn report_leftovers(self) {
+        for p in self.problems {
+            warn!("{p}");
+        }
+        for (name, _, addr) in self.sockets {
+            warn!(%addr, name = %name, "socket passed by the service manager matches no listener: not used");
+        }
+    }
+}
+
+/// A port below 1024 refused to a process that is not root: typically a reload after
+/// `[process] user`'s switch, which only a restart can undo.
+fn explain_denied(e: std::io::Error, addr: SocketAddr) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied
+        && addr.port() < 1024
+        && !nix::unistd::geteuid().is_root()
+    {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}: ports below 1024 need root or CAP_NET_BIND_SERVICE; popgate gave root up \
+                 at start ([process] user), so only a restart can bind this listener"
+            ),
+        )
+    } else {
+        e
+    }
+}
+
 /// A client accepted and counted, ready for its session.
 #[derive(Debug)]
 pub(crate) struct Accepted {
@@ -128,11 +230,30 @@ pub struct Listener {
 impl Listener {
     /// Bind the configured address.
     pub async fn bind(config: ListenerConfig) -> Result<Listener, BindError> {
-        let socket = bind_tcp(config.bind).map_err(|source| BindError {
+        let socket = bind_tcp(config.bind).map_err(|e| BindError {
             name: config.name.clone(),
             addr: config.bind,
-            source,
+            source: explain_denied(e, config.bind),
         })?;
+        Ok(Listener { config, socket })
+    }
+
+    /// The socket `inherited` holds for `config` (socket activation), else [`Listener::bind`].
+    pub(crate) async fn bind_or_inherit(
+        config: ListenerConfig,
+        inherited: &mut Inherited,
+    ) -> Result<Listener, BindError> {
+        let Some((std, addr)) = inherited.take(&config) else {
+            return Listener::bind(config).await;
+        };
+        let err = |source| BindError {
+            name: config.name.clone(),
+            addr,
+            source,
+        };
+        std.set_nonblocking(true).map_err(err)?;
+        let socket = TcpListener::from_std(std).map_err(err)?;
+        tracing::info!(listener = %config.name, %addr, "using the socket passed by the service manager");
         Ok(Listener { config, socket })
     }
 
@@ -248,5 +369,52 @@ impl Listener {
 pub(crate) fn refuse(tcp: TcpStream, line: &[u8]) {
     if let Ok(std) = tcp.into_std() {
         let _ = (&std).write(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(name: &str, bind: &str) -> ListenerConfig {
+        let text = format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n"
+        );
+        let c = crate::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        c.listeners[0].clone()
+    }
+
+    /// Passed sockets as (name, address); the addresses are claimed, not bound.
+    fn passed(entries: &[(&str, &str)]) -> Inherited {
+        let mut inherited = Inherited::default();
+        for (name, addr) in entries {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            inherited
+                .sockets
+                .push(((*name).into(), l, addr.parse().unwrap()));
+        }
+        inherited
+    }
+
+    #[test]
+    fn passed_sockets_go_by_name_then_address_then_unspecified_port() {
+        let mut i = passed(&[
+            ("popgate.socket", "[::]:110"),
+            ("popgate.socket", "192.0.2.1:995"),
+            ("imap", "127.0.0.1:143"),
+        ]);
+        // A name wins over any address.
+        let (_, a) = i.take(&listener("imap", "127.0.0.1:9999")).unwrap();
+        assert_eq!(a, "127.0.0.1:143".parse().unwrap());
+        // The exact address; a different address on the same port is not it.
+        assert!(i.take(&listener("pop3s", "192.0.2.2:995")).is_none());
+        let (_, a) = i.take(&listener("pop3s", "192.0.2.1:995")).unwrap();
+        assert_eq!(a, "192.0.2.1:995".parse().unwrap());
+        // `ListenStream=110` ([::]:110) serves `bind = "0.0.0.0:110"`; taken once only.
+        let (_, a) = i.take(&listener("pop3", "0.0.0.0:110")).unwrap();
+        assert_eq!(a, "[::]:110".parse().unwrap());
+        assert!(i.take(&listener("pop3", "0.0.0.0:110")).is_none());
+        assert!(i.is_empty());
     }
 }

@@ -200,9 +200,24 @@ async fn read_exact_header(tcp: &mut TcpStream) -> Result<Option<Origin>, Header
     }
 }
 
+/// PP2 TLV types and the SSL TLV's client flag (the PROXY protocol spec, section 2.2).
+const PP2_TYPE_AUTHORITY: u8 = 0x02;
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
+const PP2_CLIENT_SSL: u8 = 0x01;
+
 /// The header that tells the upstream about `client`, who connected to `local`.
-/// `version` is 1 (text) or 2 (binary).
-pub(crate) fn encode(version: u8, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+/// `version` is 1 (text) or 2 (binary). With `tls` (the client's TLS to popgate), a v2 header
+/// carries the SSL TLV (client flag, version, cipher) and the server name as the AUTHORITY
+/// TLV, as HAProxy's `send-proxy-v2-ssl` does: Dovecot then counts the connection as secured
+/// and allows plaintext authentication under `disable_plaintext_auth = yes`. v1 cannot say it.
+pub(crate) fn encode(
+    version: u8,
+    client: SocketAddr,
+    local: SocketAddr,
+    tls: Option<&crate::audit::TlsInfo>,
+) -> Vec<u8> {
     let (src, dst) = same_family(client, local);
     if version == 1 {
         ppp::v1::Addresses::from((src, dst))
@@ -210,11 +225,47 @@ pub(crate) fn encode(version: u8, client: SocketAddr, local: SocketAddr) -> Vec<
             .into_bytes()
     } else {
         use ppp::v2::{Builder, Command, Protocol, Version};
-        Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst))
-            .build()
-            // Writing into a Vec does not fail; an empty header would be refused upstream.
-            .unwrap_or_default()
+        let mut b =
+            Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst));
+        // Writing into a Vec does not fail; a header without its TLVs would be refused below.
+        if let Some(t) = tls {
+            if let Some(sni) = t.sni.as_deref().filter(|s| s.len() <= 255) {
+                b = match b.write_tlv(PP2_TYPE_AUTHORITY, sni.as_bytes()) {
+                    Ok(b) => b,
+                    Err(_) => return Vec::new(),
+                };
+            }
+            b = match b.write_tlv(PP2_TYPE_SSL, &ssl_tlv(t)) {
+                Ok(b) => b,
+                Err(_) => return Vec::new(),
+            };
+        }
+        // An empty header would be refused upstream.
+        b.build().unwrap_or_default()
     }
+}
+
+/// The value of a PP2_TYPE_SSL TLV: the client byte (the connection used TLS; no client
+/// certificate), `verify` (non-zero: no verified client certificate), then the version and
+/// cipher sub-TLVs, in the spellings HAProxy uses (`TLSv1.3`, the IANA cipher name).
+fn ssl_tlv(t: &crate::audit::TlsInfo) -> Vec<u8> {
+    let mut v = vec![PP2_CLIENT_SSL];
+    v.extend_from_slice(&1u32.to_be_bytes());
+    let version = t.version.replace("TLSv1_", "TLSv1.");
+    let cipher = match t.cipher.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => t.cipher.clone(),
+    };
+    for (kind, value) in [
+        (PP2_SUBTYPE_SSL_VERSION, version.as_bytes()),
+        (PP2_SUBTYPE_SSL_CIPHER, cipher.as_bytes()),
+    ] {
+        let value = &value[..value.len().min(255)];
+        v.push(kind);
+        v.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        v.extend_from_slice(value);
+    }
+    v
 }
 
 /// `addr` with an IPv4-mapped IPv6 address (`[::ffff:192.0.2.7]:1`, as a dual-stack socket or
@@ -254,7 +305,7 @@ mod tests {
             (sa("[2001:db8::7]:40000"), sa("[2001:db8::1]:995")),
         ] {
             for version in [1, 2] {
-                let mut wire = encode(version, client, local);
+                let mut wire = encode(version, client, local, None);
                 let len = wire.len();
                 wire.extend_from_slice(b"USER bob\r\n");
                 for cut in 0..len {
@@ -324,7 +375,7 @@ mod tests {
         long.resize(120, b'1');
         assert!(matches!(parse(&long), Parsed::Invalid(_)));
         // A v2 header announcing more than MAX_HEADER bytes is refused before they arrive.
-        let mut big = encode(2, sa("192.0.2.7:1"), sa("192.0.2.8:2"));
+        let mut big = encode(2, sa("192.0.2.7:1"), sa("192.0.2.8:2"), None);
         big[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
         assert!(matches!(parse(&big[..16]), Parsed::Invalid(_)));
     }
@@ -359,13 +410,62 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_client_is_announced_in_the_ssl_and_authority_tlvs() {
+        let tls = crate::audit::TlsInfo {
+            version: "TLSv1_3".into(),
+            cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            sni: Some("pop.example.org".into()),
+        };
+        let wire = encode(2, sa("192.0.2.7:1"), sa("192.0.2.1:995"), Some(&tls));
+        // Still a header this parser (and Dovecot) reads, of the full length.
+        assert_eq!(
+            parse(&wire),
+            Parsed::Done {
+                len: wire.len(),
+                origin: Some(Origin {
+                    client: sa("192.0.2.7:1"),
+                    local: sa("192.0.2.1:995")
+                })
+            }
+        );
+        let header = ppp::v2::Header::try_from(&wire[..]).unwrap();
+        let tlvs: Vec<(u8, Vec<u8>)> = header
+            .tlvs()
+            .map(|t| {
+                let t = t.unwrap();
+                (t.kind, t.value.to_vec())
+            })
+            .collect();
+        assert_eq!(tlvs[0], (0x02, b"pop.example.org".to_vec()));
+        let mut ssl = vec![0x01, 0, 0, 0, 1, 0x21, 0, 7];
+        ssl.extend_from_slice(b"TLSv1.3");
+        ssl.extend_from_slice(&[0x23, 0, 22]);
+        ssl.extend_from_slice(b"TLS_AES_256_GCM_SHA384");
+        assert_eq!(tlvs[1], (0x20, ssl));
+        assert_eq!(tlvs.len(), 2);
+        // A plaintext client: no TLV at all; v1 has no room for it.
+        let plain = encode(2, sa("192.0.2.7:1"), sa("192.0.2.1:110"), None);
+        assert_eq!(
+            ppp::v2::Header::try_from(&plain[..])
+                .unwrap()
+                .tlvs()
+                .count(),
+            0
+        );
+        assert_eq!(
+            encode(1, sa("192.0.2.7:1"), sa("192.0.2.1:995"), Some(&tls)),
+            encode(1, sa("192.0.2.7:1"), sa("192.0.2.1:995"), None)
+        );
+    }
+
+    #[test]
     fn mixed_families_are_written_as_ipv6() {
-        let wire = encode(1, sa("[2001:db8::7]:1"), sa("192.0.2.1:110"));
+        let wire = encode(1, sa("[2001:db8::7]:1"), sa("192.0.2.1:110"), None);
         assert_eq!(
             String::from_utf8(wire).unwrap(),
             "PROXY TCP6 2001:db8::7 ::ffff:192.0.2.1 1 110\r\n"
         );
-        let wire = encode(1, sa("[::ffff:192.0.2.7]:1"), sa("192.0.2.1:110"));
+        let wire = encode(1, sa("[::ffff:192.0.2.7]:1"), sa("192.0.2.1:110"), None);
         assert_eq!(
             String::from_utf8(wire).unwrap(),
             "PROXY TCP4 192.0.2.7 192.0.2.1 1 110\r\n"

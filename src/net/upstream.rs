@@ -28,6 +28,9 @@ pub struct ClientOrigin {
     pub local: SocketAddr,
     /// popgate's session id, passed as XCLIENT `SESSION` so that the server's log names it.
     pub session: String,
+    /// The client's TLS to popgate (implicit, or STLS done before the upstream was dialled):
+    /// a PROXY v2 header says so in its SSL TLV, as HAProxy's `send-proxy-v2-ssl` does.
+    pub tls: Option<crate::audit::TlsInfo>,
 }
 
 /// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).
@@ -170,9 +173,14 @@ async fn dial(
         ForwardClient::None | ForwardClient::Xclient => None,
     };
     if let Some(v) = version {
-        tcp.write_all(&proxy_header::encode(v, origin.client, origin.local))
-            .await
-            .map_err(|e| format!("sending the PROXY header: {e}"))?;
+        tcp.write_all(&proxy_header::encode(
+            v,
+            origin.client,
+            origin.local,
+            origin.tls.as_ref(),
+        ))
+        .await
+        .map_err(|e| format!("sending the PROXY header: {e}"))?;
     }
     let xclient = cfg.forward_client == ForwardClient::Xclient;
     let need_tls = || tls.ok_or_else(|| "upstream TLS is not configured".to_string());

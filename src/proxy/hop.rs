@@ -304,6 +304,11 @@ impl Hop {
         self.policy.trace
     }
 
+    /// Whether no command sent upstream still awaits its response.
+    pub(crate) fn upstream_idle(&self) -> bool {
+        self.tracker.idle()
+    }
+
     /// Whether a multi-line response is cut if the session ends now.
     pub(crate) fn mid_response(&self) -> bool {
         self.tracker.in_body() || self.capa.is_some()

@@ -221,6 +221,7 @@ async fn open(
         client: info.client,
         local: info.local,
         session: format!("popgate-{}", info.id),
+        tls: client_tls.clone(),
     };
     // How the server compares user names; in routing mode how the front does until the
     // login's upstream is known.
@@ -689,11 +690,69 @@ impl Driver {
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
+                    Box::pin(self.redial_after_stls()).await?;
                 }
                 Action::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
+    }
+
+    /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the
+    /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
+    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Dial it again
+    /// with the client's TLS in the header and take its greeting silently; the first
+    /// connection is closed (without QUIT: nothing was done on it but the capability talk
+    /// before STLS, which RFC 2595 makes the client forget anyway). Routing mode dials after
+    /// the STLS already; interception and PROXY v1 cannot say it.
+    async fn redial_after_stls(&mut self) -> Result<(), SessionError> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let index = config.default_index();
+        let cfg = &config.upstreams[index];
+        if self.front.is_some()
+            || self.info.original_dst.is_some()
+            || cfg.forward_client != crate::config::ForwardClient::ProxyV2
+            || self.client_tls.is_none()
+        {
+            return Ok(());
+        }
+        if !self.sin.is_empty() || !self.hop.upstream_idle() {
+            // Server bytes in flight: the old connection is in use; keep it.
+            warn!("STLS with a command pending upstream: the upstream is not told about TLS");
+            return Ok(());
+        }
+        let origin = crate::net::upstream::ClientOrigin {
+            client: self.info.client,
+            local: self.info.local,
+            session: format!("popgate-{}", self.info.id),
+            tls: self.client_tls.as_deref().cloned(),
+        };
+        let up = crate::net::upstream::connect(
+            cfg,
+            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            config.limits.max_line,
+            &origin,
+            &shared.dead,
+            true,
+        )
+        .await?;
+        let greeting_ok = up.preread.starts_with(b"+OK") && up.preread.ends_with(b"\r\n");
+        if !greeting_ok {
+            return Err(crate::net::upstream::ConnectError {
+                address: up.address,
+                stage: crate::net::upstream::ConnectStage::Setup,
+                reason: format!(
+                    "greeting after the client's STLS is not +OK: {}",
+                    String::from_utf8_lossy(&up.preread).trim_end()
+                ),
+            }
+            .into());
+        }
+        debug!(address = %up.address, "upstream dialled again to pass the client's TLS on");
+        self.upstream_tls = up.stream.tls_info().map(Box::new);
+        self.upstream = up.stream;
+        Ok(())
     }
 
     /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
@@ -831,6 +890,7 @@ impl Driver {
             client: self.info.client,
             local: self.info.local,
             session: format!("popgate-{}", self.info.id),
+            tls: self.client_tls.as_deref().cloned(),
         };
         let result = login::login_upstream(
             upstream,
