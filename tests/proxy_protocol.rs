@@ -497,3 +497,91 @@ p.user('bob')\n\
 p.pass_('bob-pass')\n\
 print(p.stat())\n\
 p.quit()\n";
+
+/// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
+/// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
+/// bring a new timestamp, and the APOP digest the client made from the first one would fail.
+/// The stub server greets each connection with its own timestamp and checks the digest.
+#[test]
+fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        // Bounded: at most four connections, each served on its own thread.
+        for stream in server.incoming().take(4) {
+            let Ok(stream) = stream else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::spawn(move || serve_apop_stub(stream, n));
+        }
+    });
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
+    ));
+    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-apop");
+    spec["mode"] = "stls".into();
+    spec["login"] = "apop".into();
+    spec["cafile"] = pki.ca_path().display().to_string().into();
+    spec["actions"] = serde_json::json!([["stat"]]);
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(out["login"]["ok"], true, "APOP after STLS refused: {out}");
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the upstream was dialled again"
+    );
+
+    /// The stub: PROXY v2 header, a greeting with connection `n`'s own timestamp, CAPA, APOP
+    /// (checked against that timestamp), STAT, QUIT.
+    fn serve_apop_stub(mut stream: TcpStream, n: usize) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut head = [0u8; 16];
+        if stream.read_exact(&mut head).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+        if stream.read_exact(&mut rest).is_err() {
+            return;
+        }
+        let stamp = format!("<{n}.4242@stub>");
+        let _ = write!(stream, "+OK stub ready {stamp}\r\n");
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
+                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n".to_owned(),
+                Some("APOP")
+                    if words.get(2).copied()
+                        == Some(popgate_demo::apop_digest(&stamp, "bob-apop").as_str()) =>
+                {
+                    "+OK maildrop locked\r\n".to_owned()
+                }
+                Some("APOP") => "-ERR [AUTH] bad digest\r\n".to_owned(),
+                Some("STAT") => "+OK 0 0\r\n".to_owned(),
+                Some("QUIT") => {
+                    let _ = stream.write_all(b"+OK bye\r\n");
+                    return;
+                }
+                _ => "-ERR unknown\r\n".to_owned(),
+            };
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    }
+}

@@ -182,6 +182,9 @@ pub(crate) struct Hop {
 struct Learned {
     top: bool,
     uidl: bool,
+    /// The greeting carried an APOP timestamp (`<...>`): a client may hash it, so the
+    /// session must stay on the connection that sent it.
+    apop: bool,
 }
 
 impl Hop {
@@ -307,6 +310,11 @@ impl Hop {
     /// Whether no command sent upstream still awaits its response.
     pub(crate) fn upstream_idle(&self) -> bool {
         self.tracker.idle()
+    }
+
+    /// Whether the server's greeting offered APOP (a `<...>` timestamp the client may hash).
+    pub(crate) fn greeting_offered_apop(&self) -> bool {
+        self.learned.apop
     }
 
     /// Whether a multi-line response is cut if the session ends now.
@@ -637,6 +645,9 @@ impl Hop {
             tags,
             dropped_by: drop.clone(),
         };
+        if meta.verb.is_none() && apop_timestamp(&sin[at..at + len]) {
+            self.learned.apop = true;
+        }
         obs.status(
             meta,
             &sin[at..at + len],
@@ -1148,4 +1159,17 @@ enum Decision {
     Reply(String, AfterReply),
     /// Close both sides now, upstream without QUIT (this rule said so).
     Drop(Arc<str>),
+}
+
+/// Whether a greeting line carries an APOP timestamp: `<`, then an `@` before the next `>`
+/// (RFC 1939 section 7: a msg-id).
+fn apop_timestamp(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    let rest = &line[open + 1..];
+    match rest.iter().position(|&b| b == b'>') {
+        Some(close) => rest[..close].contains(&b'@'),
+        None => false,
+    }
 }

@@ -717,6 +717,15 @@ impl Driver {
         {
             return Ok(());
         }
+        if self.hop.greeting_offered_apop() {
+            // A new connection greets with a new timestamp: an APOP digest the client makes
+            // from the first one would fail.
+            warn!(
+                "STLS: the server's greeting offers APOP, so the upstream is not dialled again \
+                 and is not told about TLS"
+            );
+            return Ok(());
+        }
         if !self.sin.is_empty() || !self.hop.upstream_idle() {
             // Server bytes in flight: the old connection is in use; keep it.
             warn!("STLS with a command pending upstream: the upstream is not told about TLS");
