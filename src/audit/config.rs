@@ -46,6 +46,21 @@ pub struct AuditConfig {
     pub transcript: TranscriptConfig,
     /// The `instance` field of every event: which popgate wrote it (default: the host name).
     pub instance: Option<String>,
+    /// When the Message-ID of a deleted message is recorded: `seen` (it was retrieved in the
+    /// session) or `always` (popgate asks the server with `TOP n 0`).
+    pub message_ids: MessageIds,
+}
+
+/// `audit.message_ids`: how popgate learns the Message-ID of a deleted message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageIds {
+    /// Only from a RETR/TOP of the message the client made in the same session.
+    #[default]
+    Seen,
+    /// Also by asking the server itself (`TOP n 0`) before a `DELE` of a message the session
+    /// has not retrieved.
+    Always,
 }
 
 impl Default for AuditConfig {
@@ -65,6 +80,7 @@ impl Default for AuditConfig {
             max_header_bytes: 16 * 1024,
             transcript: TranscriptConfig::default(),
             instance: None,
+            message_ids: MessageIds::Seen,
         }
     }
 }
