@@ -1157,6 +1157,16 @@ action = "trace"
     );
     assert!(text.contains("S: Subject: Audit test 3"), "{text}");
     assert!(!text.contains(PASS) && !text.contains("bob"), "{text}");
+    // popgate asked the message's UIDL itself: a note, not a line of the client's dialogue.
+    assert!(
+        text.contains("*: popgate asks the server (not relayed): UIDL 3")
+            && text.contains("*: server answers popgate (not relayed): +OK 3 "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("C: UIDL") && !text.contains("S: +OK 3 "),
+        "{text}"
+    );
     // The session id in the file name is alice's (the second session).
     let alice_session = sessions(&audit.events())[1][0]["session"].as_u64().unwrap();
     let name = files[0].file_name().unwrap().to_string_lossy().into_owned();

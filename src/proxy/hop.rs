@@ -31,6 +31,9 @@ use super::policy::{Policy, Terminal};
 const MAX_DISCARD_FACTOR: usize = 16;
 /// A CAPA body is buffered for rewriting; a longer one is a protocol error.
 const MAX_CAPA: usize = 64 * 1024;
+/// Messages popgate asks about in one session, at most (each costs the session a few octets
+/// of memory and the server a round trip): past this, commands go unidentified.
+const MAX_LOOKUPS: usize = 100_000;
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -905,6 +908,9 @@ impl Hop {
             return false;
         };
         let k = &mut self.known;
+        if k.uidl.len() + k.headers.len() >= MAX_LOOKUPS {
+            return false;
+        }
         let question = if !k.no_uidl && !k.all && k.uidl.insert(n) {
             format!("UIDL {n}\r\n")
         } else if mode == MessageIds::Always && cmd.verb == Verb::Dele && k.headers.insert(n) {
