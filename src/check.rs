@@ -143,16 +143,82 @@ fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<()
     Ok(())
 }
 
-/// The config as TOML with every default filled in (`popgate check --print`), paths and rule
-/// patterns relative to the config's directory joined to it; it loads back to the same config.
+/// The config as TOML with every default filled in (`popgate check --print`): `log.output`
+/// and `audit.instance` as they take effect, paths and rule patterns absolute (joined to the
+/// config's directory), so it loads back to the same config from any directory. Keys without
+/// a value (`pid_file`, `[metrics]` when off, ...) are listed in a closing comment with their
+/// defaults from [`crate::reference::KEYS`].
 pub fn effective_toml(config: &Config) -> Result<String, String> {
     let mut c = config.clone();
+    let base = std::path::absolute(&c.base_dir).unwrap_or_else(|_| c.base_dir.clone());
+    c.resolve_paths(&base);
     for pattern in &mut c.rules {
         if Path::new(pattern).is_relative() {
-            *pattern = c.base_dir.join(&*pattern).to_string_lossy().into_owned();
+            let joined: std::path::PathBuf = base.join(&*pattern).components().collect();
+            *pattern = joined.to_string_lossy().into_owned();
         }
     }
-    toml::to_string(&c).map_err(|e| e.to_string())
+    c.log.output = Some(c.log.effective_output());
+    c.audit.instance = Some(c.audit.instance_name());
+    let text = toml::to_string(&c).map_err(|e| e.to_string())?;
+    let value: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+    let mut unset = String::new();
+    let mut absent_tables: Vec<&str> = Vec::new();
+    for key in crate::reference::KEYS {
+        if has_key(&value, key.key) {
+            continue;
+        }
+        // A table that is not there at all (`[routing]`, `[upstream.oauth2]`) is named once.
+        match key.key.rsplit_once('.') {
+            Some((table, _)) if !has_table(&value, table) => {
+                if !absent_tables.contains(&table) {
+                    absent_tables.push(table);
+                    unset.push_str(&format!("#   [{table}]: not set\n"));
+                }
+            }
+            _ if key.default == "not set" => {
+                unset.push_str(&format!("#   {}: not set\n", key.key));
+            }
+            _ => unset.push_str(&format!(
+                "#   {}: not set (default: {})\n",
+                key.key, key.default
+            )),
+        }
+    }
+    if unset.is_empty() {
+        return Ok(text);
+    }
+    Ok(format!("{text}\n# Not set here:\n{unset}"))
+}
+
+/// Whether a dotted table path is there as a table or a non-empty array of tables.
+fn has_table(table: &toml::Table, path: &str) -> bool {
+    let (head, rest) = path
+        .split_once('.')
+        .map_or((path, None), |(h, r)| (h, Some(r)));
+    let entries: Vec<&toml::Table> = match table.get(head) {
+        Some(toml::Value::Table(t)) => vec![t],
+        Some(toml::Value::Array(items)) => items.iter().filter_map(toml::Value::as_table).collect(),
+        _ => Vec::new(),
+    };
+    match rest {
+        None => !entries.is_empty(),
+        Some(rest) => entries.iter().any(|t| has_table(t, rest)),
+    }
+}
+
+/// Whether a dotted key has a value in `table` (in any entry of an array of tables).
+fn has_key(table: &toml::Table, key: &str) -> bool {
+    let Some((head, rest)) = key.split_once('.') else {
+        return table.contains_key(key);
+    };
+    match table.get(head) {
+        Some(toml::Value::Table(t)) => has_key(t, rest),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .any(|i| i.as_table().is_some_and(|t| has_key(t, rest))),
+        _ => false,
+    }
 }
 
 /// A certificate file the config names: its config key, the file, and its key file (with

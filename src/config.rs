@@ -564,9 +564,11 @@ impl Config {
     /// Make relative file paths relative to `base` (the config file's directory).
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
         self.base_dir = base.to_owned();
+        // `components()` drops inner `.` parts: `./certs/a.crt` under `/etc/popgate` reads
+        // `/etc/popgate/certs/a.crt`, not `/etc/popgate/./certs/a.crt`.
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = base.join(&*p).components().collect();
             }
         };
         if let Some(t) = &mut self.tls {

@@ -18,6 +18,7 @@ pub mod oauth2;
 pub mod pidfile;
 pub mod pop3;
 mod proxy;
+pub mod reference;
 pub mod routing;
 pub mod rules;
 mod runtime;

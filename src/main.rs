@@ -16,7 +16,19 @@ use popgate::daemon::{Logging, notify};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn main() -> Result<()> {
+/// Errors print as one message (`popgate: outer: cause: cause`) and exit 1, whatever
+/// `RUST_BACKTRACE` says: a config mistake is not a crash, so no backtrace block.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("popgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     // Packaging helpers: print and leave, no runtime needed.
     match &cli.command {
@@ -246,8 +258,8 @@ async fn oauth2_command(action: Oauth2Command) -> Result<()> {
     }
 }
 
-/// popgate(1) to stdout, or popgate.1 plus popgate-SUBCOMMAND.1 (which popgate.1 refers to)
-/// into `dir`.
+/// popgate(1) to stdout, or popgate.1, popgate-SUBCOMMAND.1 (which popgate.1 refers to) and
+/// popgate.toml(5) into `dir`.
 fn write_man(dir: Option<&Path>) -> Result<()> {
     use clap::CommandFactory as _;
     // The man page's VERSION section is one paragraph: the build facts on one line. No `help`
@@ -255,14 +267,87 @@ fn write_man(dir: Option<&Path>) -> Result<()> {
     let cmd = Cli::command()
         .long_version(popgate::cli::VERSION_LINE)
         .disable_help_subcommand(true);
+    let mut main_page = Vec::new();
+    render_main_page(cmd.clone(), &mut main_page)?;
     let Some(dir) = dir else {
-        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        use std::io::Write as _;
+        std::io::stdout().write_all(&main_page)?;
         return Ok(());
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing to {}", dir.display()))?;
+    for (name, text) in [
+        ("popgate.1", main_page),
+        (
+            "popgate.toml.5",
+            popgate::reference::man_page(env!("CARGO_PKG_VERSION")).into_bytes(),
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
+
+/// popgate(1): clap's sections, then SIGNALS, FILES, EXIT STATUS and SEE ALSO.
+fn render_main_page(cmd: clap::Command, out: &mut Vec<u8>) -> Result<()> {
+    use std::io::Write as _;
+    let man = clap_mangen::Man::new(cmd);
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    man.render_subcommands_section(out)?;
+    out.write_all(MAN_EXTRA.as_bytes())?;
+    man.render_version_section(out)?;
+    Ok(())
+}
+
+/// The sections of popgate(1) that clap does not know.
+const MAN_EXTRA: &str = r#".SH SIGNALS
+.TP
+\fBSIGHUP\fR
+Reload the whole configuration and every file it names; applied whole or not at all.
+\fBpopgate reload\fR sends it and waits for the outcome.
+.TP
+\fBSIGUSR1\fR
+Reopen the log file, the audit file and open transcripts (logrotate's postrotate).
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop accepting, let open sessions finish for \fBshutdown_grace\fR, then close the rest with
+\-ERR [SYS/TEMP] and the upstream without QUIT (nothing is deleted), and exit 0.
+.SH FILES
+.TP
+\fI/etc/popgate/popgate.toml\fR
+The configuration (see \fBpopgate.toml\fR(5)); \fBpopgate check \-\-print\fR shows it
+with every default.
+.TP
+\fI/etc/popgate/rules/\fR
+Rule files named by the \fBrules\fR key.
+.TP
+\fI/run/popgate/popgate.pid\fR
+The process id, when \fBpid_file\fR is set; removed at exit.
+.TP
+\fI/var/log/popgate/\fR
+Operational logs (\fBlog.dir\fR), the audit trail (\fBaudit.dir\fR,
+audit.YYYY\-MM\-DD.jsonl) and transcripts, when configured.
+.SH EXIT STATUS
+.TP
+\fB0\fR
+Success; for \fBrun\fR, a clean stop after SIGTERM or SIGINT.
+.TP
+\fB1\fR
+An error, printed as one line on standard error: a configuration that does not pass the
+checks, a listener that cannot be bound, a failed reload (\fBpopgate reload\fR), unreadable
+audit lines (\fBpopgate audit\fR).
+.TP
+\fB2\fR
+A command line that cannot be parsed.
+.SH SEE ALSO
+\fBpopgate.toml\fR(5), \fBpopgate\-run\fR(1), \fBpopgate\-check\fR(1), \fBdovecot\fR(1),
+\fBhaproxy\fR(1)
+"#;
 
 /// SIGHUP reloads the whole config; a config that fails the checks changes nothing. systemd
 /// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is

@@ -80,6 +80,48 @@ fn check_print_shows_defaults_and_round_trips() {
     );
 }
 
+/// `check --print` run with a relative `--config` from the config's own directory prints
+/// absolute paths (so the output works from any directory), the effective `log.output` and
+/// `audit.instance`, and names every key it has no value for, from the same table as
+/// popgate.toml(5).
+#[test]
+fn check_print_names_every_key_with_paths_that_work_anywhere() {
+    let mut cmd = Command::new(popgate_bin());
+    cmd.args(["check", "--print", "--config", "popgate.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    for line in [
+        format!("cert = \"{repo}/certs/localhost.crt\""),
+        format!("rules = [\"{repo}/rules/require-tls.toml\"]"),
+        "output = \"stderr\"".to_owned(),
+        "instance = \"".to_owned(),
+        "#   pid_file: not set".to_owned(),
+        "#   [metrics]: not set".to_owned(),
+    ] {
+        assert!(printed.contains(&line), "{line} missing:\n{printed}");
+    }
+    assert!(!printed.contains("\"./"), "a relative path:\n{printed}");
+    // Loaded from another directory, the printed config still finds its files.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("printed.toml"), &printed).unwrap();
+    let mut cmd = Command::new(popgate_bin());
+    cmd.args(["check", "--config", "printed.toml"])
+        .current_dir(dir.path());
+    let again = run_bounded(&mut cmd, None, Duration::from_secs(20));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
 /// `check` refuses what `run` would fail on: a key that does not belong to its certificate,
 /// naming the config key.
 #[test]
@@ -172,6 +214,35 @@ fn check_reports_file_key_and_reason() {
     let out = popgate(&["check", "--config", "/nonexistent/popgate.toml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/popgate.toml"));
+}
+
+/// A failing command prints one clean message and exits 1, also with `RUST_BACKTRACE=1` in
+/// the environment (as systemd units and CI often set it): no `Stack backtrace:` block, no
+/// Debug-formatted error.
+#[test]
+fn errors_print_as_one_message_whatever_rust_backtrace_says() {
+    for bt in ["1", "full", "0"] {
+        let mut cmd = Command::new(popgate_bin());
+        cmd.args(["check", "--config", "/nonexistent/popgate.toml"])
+            .env("RUST_BACKTRACE", bt)
+            .env("RUST_LIB_BACKTRACE", bt);
+        let out = run_bounded(&mut cmd, None, Duration::from_secs(20));
+        assert_eq!(out.status.code(), Some(1), "RUST_BACKTRACE={bt}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "RUST_BACKTRACE={bt}: not one line: {err}"
+        );
+        assert!(err.starts_with("popgate: "), "RUST_BACKTRACE={bt}: {err}");
+        assert!(err.contains("/nonexistent/popgate.toml"), "{err}");
+        for noise in ["backtrace", "Caused by", "Error {", "Os {"] {
+            assert!(
+                !err.contains(noise),
+                "RUST_BACKTRACE={bt}: {noise:?} in {err}"
+            );
+        }
+    }
 }
 
 /// Each class of rule mistake: the message names the config, the rule file, the rule (name

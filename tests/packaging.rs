@@ -177,16 +177,51 @@ fn man_pages_render_with_man() {
     }
     assert!(shown.contains("--log-level"), "{shown}");
     assert!(!shown.contains("popgate-help"), "{shown}");
+    for section in [
+        "SIGNALS",
+        "FILES",
+        "EXIT STATUS",
+        "SIGHUP",
+        "SIGUSR1",
+        "popgate.toml(5)",
+    ] {
+        assert!(
+            shown.contains(section),
+            "popgate(1) lacks {section}: {shown}"
+        );
+    }
     let pages = generated();
+    // Installed gzipped, as Debian policy wants; man reads them as they are.
+    let config_page = render(&pages.path().join("man/popgate.toml.5.gz"));
+    for key in popgate::reference::KEYS {
+        let short = key.key.rsplit('.').next().unwrap();
+        assert!(
+            config_page.contains(short),
+            "popgate.toml(5) lacks {}",
+            key.key
+        );
+    }
+    for text in [
+        "idle_timeout (default: \"10m\"; reload)",
+        "[limits]",
+        "restart",
+    ] {
+        assert!(
+            config_page.contains(text),
+            "popgate.toml(5) lacks {text}: {config_page}"
+        );
+    }
+    let main_page = render(&pages.path().join("man/popgate.1.gz"));
+    assert!(main_page.contains("EXIT STATUS"), "{main_page}");
     for sub in SUBCOMMANDS {
-        let page = pages.path().join(format!("man/popgate-{sub}.1"));
+        let page = pages.path().join(format!("man/popgate-{sub}.1.gz"));
         assert!(page.is_file(), "{} missing", page.display());
         let shown = render(&page);
         assert!(shown.contains(&format!("popgate-{sub}")), "{shown}");
     }
-    let run = render(&pages.path().join("man/popgate-run.1"));
+    let run = render(&pages.path().join("man/popgate-run.1.gz"));
     assert!(run.contains("--config"), "{run}");
-    let demo = render(&pages.path().join("man/popgate-demo.1"));
+    let demo = render(&pages.path().join("man/popgate-demo.1.gz"));
     assert!(demo.contains("--tls-bind"), "{demo}");
 }
 
@@ -489,6 +524,77 @@ fn cargo_deb_recipe_names_existing_files() {
     }
     let postinst = std::fs::read_to_string(scripts.join("postinst")).unwrap();
     assert!(postinst.contains("adduser --system"), "{postinst}");
+    assert!(
+        installed.iter().any(|d| d == "usr/share/man/man5/"),
+        "no popgate.toml(5)"
+    );
+}
+
+/// The package's copyright file is a real DEP-5 file for the crate's licence (cargo-deb writes
+/// a "Copyright information missing" stub without `license-file`), the repository carries the
+/// licence texts `Cargo.toml` names, and a changelog.
+#[test]
+fn package_ships_licence_copyright_and_changelog() {
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo().join("Cargo.toml")).unwrap()).unwrap();
+    let license = manifest["package"]["license"].as_str().unwrap();
+    assert_eq!(license, "MIT OR Apache-2.0");
+    let deb = manifest["package"]["metadata"]["deb"].as_table().unwrap();
+    let file = deb["license-file"].as_array().unwrap();
+    assert_eq!(file[1].as_str(), Some("0"), "header lines must not be cut");
+    let copyright = std::fs::read_to_string(repo().join(file[0].as_str().unwrap())).unwrap();
+    assert!(copyright.starts_with(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+    ));
+    for needle in [
+        "Upstream-Name: popgate",
+        "Files: *",
+        "License: MIT or Apache-2.0",
+        "License: MIT\n Permission is hereby granted",
+        "License: Apache-2.0\n",
+        "/usr/share/common-licenses/Apache-2.0",
+    ] {
+        assert!(copyright.contains(needle), "copyright lacks {needle:?}");
+    }
+    // DEP-5: continuation lines start with a space, paragraphs are separated by empty lines.
+    for line in copyright.lines() {
+        assert!(
+            line.is_empty() || line.starts_with(' ') || line.contains(": "),
+            "not DEP-5: {line:?}"
+        );
+    }
+    let mit = std::fs::read_to_string(repo().join("LICENSE-MIT")).unwrap();
+    assert!(mit.contains("Permission is hereby granted"));
+    let apache = std::fs::read_to_string(repo().join("LICENSE-APACHE")).unwrap();
+    assert!(apache.contains("Apache License") && apache.contains("Version 2.0"));
+    let changelog = std::fs::read_to_string(repo().join("CHANGELOG.md")).unwrap();
+    assert!(changelog.contains("## [Unreleased]") && changelog.contains("## [0.1.0]"));
+}
+
+/// `contrib/deb.sh` puts the generated files under `$CARGO_TARGET_DIR/release/packaging`, where
+/// cargo-deb looks for `target/release/...` assets when the target dir is elsewhere; man pages
+/// are gzipped without a time stamp (the package builds reproducibly).
+#[test]
+fn deb_script_honours_cargo_target_dir() {
+    let target = tempfile::tempdir().unwrap();
+    let out = run_bounded(
+        Command::new("sh")
+            .arg(repo().join("contrib/deb.sh"))
+            .env("POPGATE_BIN", popgate_bin())
+            .env("CARGO_TARGET_DIR", target.path())
+            .env_remove("PACKAGING_DIR")
+            .env("GENERATE_ONLY", "1"),
+        None,
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let man = target.path().join("release/packaging/man");
+    for page in ["popgate.1.gz", "popgate-run.1.gz", "popgate.toml.5.gz"] {
+        let bytes = std::fs::read(man.join(page)).unwrap();
+        assert_eq!(&bytes[..2], b"\x1f\x8b", "{page} is not gzip");
+        // gzip -n: no modification time in the header (bytes 4..8).
+        assert_eq!(&bytes[4..8], &[0, 0, 0, 0], "{page} carries a time stamp");
+    }
 }
 
 /// What the package installs works as installed: the example config (/etc/popgate/popgate.toml)
