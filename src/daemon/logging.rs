@@ -271,7 +271,9 @@ fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
     out == b.effective_output()
         && match out {
             LogOutput::Stderr | LogOutput::Journald => true,
-            LogOutput::File => a.dir == b.dir && a.rotation == b.rotation,
+            LogOutput::File => {
+                a.dir == b.dir && a.rotation == b.rotation && a.keep_days == b.keep_days
+            }
             LogOutput::Syslog => {
                 a.syslog_address == b.syslog_address && a.syslog_facility == b.syslog_facility
             }
