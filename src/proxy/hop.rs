@@ -167,6 +167,8 @@ struct Known {
     refused: Option<u32>,
     /// The server has no UIDL: never asked again.
     no_uidl: bool,
+    /// The server refused popgate's `TOP n 0` (TOP is optional in RFC 1939): not asked again.
+    no_top: bool,
 }
 
 /// One session's protocol core.
@@ -913,7 +915,11 @@ impl Hop {
         }
         let question = if !k.no_uidl && !k.all && k.uidl.insert(n) {
             format!("UIDL {n}\r\n")
-        } else if mode == MessageIds::Always && cmd.verb == Verb::Dele && k.headers.insert(n) {
+        } else if mode == MessageIds::Always
+            && cmd.verb == Verb::Dele
+            && !k.no_top
+            && k.headers.insert(n)
+        {
             format!("TOP {n} 0\r\n")
         } else {
             return false;
@@ -947,8 +953,12 @@ impl Hop {
             line = %crate::pop3::printable(&line).trim_end(),
             "answer to popgate's own question"
         );
-        if meta.verb == Some(Verb::Uidl) && meta.status != crate::pop3::response::Status::Ok {
-            self.known.refused = meta.msg;
+        if meta.status != crate::pop3::response::Status::Ok {
+            match meta.verb {
+                Some(Verb::Uidl) => self.known.refused = meta.msg,
+                Some(Verb::Top) => self.known.no_top = true,
+                _ => {}
+            }
         }
         obs.injected_status(meta, &line);
     }

@@ -720,6 +720,22 @@ fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
         text(&out.injected_body),
         "Subject: x\r\nMessage-ID: <m3@x>\r\n\r\n.\r\n"
     );
+    // A server without TOP is not asked again.
+    let mut no_top = LOGIN.to_vec();
+    no_top.extend_from_slice(b"DELE 1\r\nDELE 2\r\n");
+    let server = after_login(&[
+        b"+OK 1 u1\r\n",
+        b"-ERR unknown command\r\n",
+        b"+OK deleted\r\n",
+        b"+OK 2 u2\r\n",
+        b"+OK deleted\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Always), &no_top, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL 1\r\nTOP 1 0\r\nDELE 1\r\nUIDL 2\r\nDELE 2\r\n"
+    );
+    assert!(text(&out.client).ends_with("+OK in\r\n+OK deleted\r\n+OK deleted\r\n"));
     // "seen" never probes: the UIDL alone.
     let out = same_at_every_chunk(
         auditing(MessageIds::Seen),
