@@ -2096,3 +2096,47 @@ fn always_records_the_message_id_of_a_message_deleted_unread() {
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(rows[2][4].contains("outcome=confirmed"), "{rows:?}");
 }
+
+/// A server without UIDL (`-ERR` to it): poplib `DELE 1`, `DELE 2`, QUIT. popgate asks once,
+/// learns from the accepted `DELE 1` that the message exists, asks no more, and the records say
+/// `no_uidl`; the client saw only the server's answers to its own commands.
+#[test]
+fn a_server_without_uidl_is_recorded_as_such_and_asked_once() {
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions {
+        faults: Faults {
+            unknown: Some(popgate::pop3::command::Verb::Uidl),
+            ..Faults::default()
+        },
+        ..ServerOptions::new(vec![mailbox(USER, PASS, messages())])
+    });
+    let audit = AuditDir::new();
+    let mut p = h.proxy(up.local_addr(), &audit.toml(""));
+    let mut spec = poplib_spec(p.addr, USER, PASS);
+    spec["actions"] = json!([["dele", 1], ["dele", 2], ["quit"]]);
+    let r = poplib(spec);
+    for i in 0..3 {
+        assert_eq!(r["results"][i]["ok"], json!(true), "{}", brief(&r));
+    }
+    let evs = audit.wait_closed(1);
+    p.shutdown(&h);
+    let s = norm_all(&only_session(&evs));
+    assert_eq!(
+        &s[2..5],
+        &[
+            json!({"event": "delete_marked", "user": USER, "msg": 1, "no_uidl": true}),
+            json!({"event": "delete_marked", "user": USER, "msg": 2, "no_uidl": true}),
+            json!({"event": "update", "user": USER, "deleted": [{"msg": 1, "no_uidl": true},
+                {"msg": 2, "no_uidl": true}], "outcome": "confirmed"}),
+        ],
+        "{}",
+        lines(&s)
+    );
+    let uidls = up
+        .received()
+        .iter()
+        .filter(|l| l.starts_with(b"UIDL"))
+        .count();
+    assert_eq!(uidls, 1, "asked once");
+    assert_eq!(up.messages(USER).len(), 1);
+}
