@@ -98,6 +98,20 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     warnings.extend(rules.warnings().iter().cloned());
     check_trace_rules(&config, &rules)?;
     check_route_rules(&config, &rules, path)?;
+    if config
+        .upstreams
+        .iter()
+        .any(|u| u.user_names == crate::config::UserNames::Fold)
+    {
+        for (file, rule, pattern) in rules.user_patterns_with_capitals() {
+            warnings.push(format!(
+                "{}: rule {rule:?}: user = {pattern:?} has capital letters, but user names are \
+                 compared lowercased (upstream.user_names = \"fold\", the default, as \
+                 Dovecot): it may never match; write it in lower case or with (?i)",
+                file.display()
+            ));
+        }
+    }
     let map_file = config.routing.as_ref().and_then(|r| r.map.clone());
     let routes = match &map_file {
         Some(m) => Some(crate::routing::RouteMap::load(m, &config)?),

@@ -196,6 +196,33 @@ pub enum ForwardClient {
     Xclient,
 }
 
+/// How an upstream compares user names (`upstream.user_names`), and so how popgate must
+/// compare them to route, apply rules and audit the user the server actually logs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserNames {
+    /// The server lowercases names before it looks them up (Dovecot's default
+    /// `auth_username_format = %Lu`): popgate folds ASCII `A`-`Z` to `a`-`z` (as Dovecot's `%L`
+    /// does; other letters are kept) and routes, rules and audits on the folded name.
+    #[default]
+    Fold,
+    /// The server compares names byte for byte (popa3d and other servers that look users up in
+    /// the system's password database): popgate uses the name as the client sent it.
+    Exact,
+}
+
+impl UserNames {
+    /// `name` as this server sees it.
+    pub fn apply(self, name: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            UserNames::Fold if name.bytes().any(|b| b.is_ascii_uppercase()) => {
+                name.to_ascii_lowercase().into()
+            }
+            _ => name.into(),
+        }
+    }
+}
+
 /// `[metrics]`: an HTTP endpoint with `/metrics` (Prometheus text) and `/health`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +276,10 @@ pub struct UpstreamConfig {
     /// Pass the real client address on: `none`, `proxy-v1`, `proxy-v2` or `xclient`.
     #[serde(default)]
     pub forward_client: ForwardClient,
+    /// How the server compares user names: `fold` (default, as Dovecot: lowercased) or
+    /// `exact`. Routing, rules and the audit use the name as this server sees it.
+    #[serde(default)]
+    pub user_names: UserNames,
     /// `[upstream.oauth2]`: log in upstream with an OAuth2 token instead of the client's
     /// password (the OAuth2 bridge, src/oauth2/).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -822,6 +853,21 @@ impl Config {
     /// has at least one; `upstream = []` does not parse).
     pub fn default_upstream(&self) -> &UpstreamConfig {
         &self.upstreams[self.default_index()]
+    }
+
+    /// How routing mode compares the name of a login before it knows the upstream (route
+    /// rules and the map): folded unless every upstream is `user_names = "exact"`, so that a
+    /// name in other case never escapes a map line or a rule to reach a server that folds it.
+    pub fn routing_user_names(&self) -> UserNames {
+        if self
+            .upstreams
+            .iter()
+            .all(|u| u.user_names == UserNames::Exact)
+        {
+            UserNames::Exact
+        } else {
+            UserNames::Fold
+        }
     }
 
     /// The upstream called `name`, and its index.

@@ -159,6 +159,12 @@ pub const KEYS: &[Key] = &[
         "How the server learns the client's address: \"proxy-v1\", \"proxy-v2\" (a PROXY header first), \"xclient\" (Dovecot's XCLIENT after the greeting) or \"none\".",
     ),
     k(
+        "upstream.user_names",
+        "\"fold\"",
+        A,
+        "How the server compares user names: \"fold\" (ASCII lowercase, like Dovecot's default %Lu; rules, routing and audit see the lowercased name) or \"exact\".",
+    ),
+    k(
         "upstream.oauth2.token_url",
         "required",
         A,
@@ -658,6 +664,7 @@ client_cert = "c.pem"
 client_key = "k.pem"
 verify = true
 forward_client = "xclient"
+user_names = "exact"
 [upstream.oauth2]
 token_url = "https://idp/token"
 client_id = "id"

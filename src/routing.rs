@@ -2,17 +2,19 @@
 //! `@domain upstream`) and the order of precedence (a `route` rule, then the map's exact user,
 //! then its `@domain`, then `[routing] default`). No I/O but reading the map file.
 //!
-//! Case: user names are compared exactly, byte for byte (Dovecot's default is case-sensitive
-//! user names, and what popgate replays upstream is exactly what the client sent, so the name
-//! routed is the name the server checks). `ALICE` therefore does not match an `alice` line and
-//! goes to the default upstream, where that server's own password check decides (a USER name
-//! with white space never gets here: the front refuses it). Domains are case-insensitive (DNS
-//! names): the part after the last `@`.
+//! Case: user names are compared as the servers compare them ([`Config::routing_user_names`]):
+//! folded to ASCII lower case (Dovecot's default `auth_username_format = %Lu` lowercases the
+//! name before it looks it up, so `ALICE` is alice's mailbox, and must be routed where `alice`
+//! is), or byte for byte when every upstream is `user_names = "exact"`. With folding the map's
+//! user keys are folded too (`Alice old` is the `alice` line; `alice` and `ALICE` on two lines
+//! are the same user). Non-ASCII letters are never folded: Dovecot's `%L` does not fold them
+//! either. A USER name with white space never gets here: the front refuses it. Domains are
+//! case-insensitive (DNS names): the part after the last `@`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, UserNames};
 
 /// A map file problem, with the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum MapError {
 pub struct RouteMap {
     users: HashMap<String, String>,
     domains: HashMap<String, String>,
+    /// How user keys and looked-up names compare.
+    names: UserNames,
 }
 
 /// Why a login went where it went (the routed-login log line).
@@ -69,13 +73,18 @@ impl std::fmt::Display for RouteReason {
 }
 
 impl RouteMap {
-    /// Parse map text. `known` says whether an upstream name exists; `path` is for messages.
+    /// Parse map text. `known` says whether an upstream name exists; `names` how user names
+    /// compare (see [`Config::routing_user_names`]); `path` is for messages.
     pub fn parse(
         text: &str,
         path: &Path,
+        names: UserNames,
         known: impl Fn(&str) -> bool,
     ) -> Result<RouteMap, MapError> {
-        let mut map = RouteMap::default();
+        let mut map = RouteMap {
+            names,
+            ..RouteMap::default()
+        };
         for (i, raw) in text.lines().enumerate() {
             let err = |reason: String| MapError::Line {
                 path: path.to_owned(),
@@ -102,7 +111,7 @@ impl RouteMap {
                     return Err(err(format!("{key:?}: a domain has no `@`")));
                 }
                 Some(d) => (&mut map.domains, d.to_ascii_lowercase()),
-                None => (&mut map.users, key.to_owned()),
+                None => (&mut map.users, names.apply(key).into_owned()),
             };
             if let Some(prev) = table.insert(key.clone(), upstream.to_owned())
                 && prev != upstream
@@ -121,7 +130,9 @@ impl RouteMap {
             path: path.to_owned(),
             source,
         })?;
-        RouteMap::parse(&text, path, |n| config.upstream_index(n).is_some())
+        RouteMap::parse(&text, path, config.routing_user_names(), |n| {
+            config.upstream_index(n).is_some()
+        })
     }
 
     /// Entries (users and domains).
@@ -134,9 +145,10 @@ impl RouteMap {
         self.len() == 0
     }
 
-    /// The map's upstream for `user`: the exact user, else the domain after its last `@`.
+    /// The map's upstream for `user`: the user (folded if the map folds), else the domain
+    /// after its last `@`.
     pub fn lookup(&self, user: &str) -> Option<(&str, RouteReason)> {
-        if let Some(u) = self.users.get(user) {
+        if let Some(u) = self.users.get(&*self.names.apply(user)) {
             return Some((u, RouteReason::MapUser));
         }
         let (_, domain) = user.rsplit_once('@')?;
@@ -166,7 +178,40 @@ mod tests {
     use super::*;
 
     fn map(text: &str) -> Result<RouteMap, MapError> {
-        RouteMap::parse(text, Path::new("m.map"), |n| ["old", "new"].contains(&n))
+        RouteMap::parse(text, Path::new("m.map"), UserNames::Exact, |n| {
+            ["old", "new"].contains(&n)
+        })
+    }
+
+    fn folding(text: &str) -> Result<RouteMap, MapError> {
+        RouteMap::parse(text, Path::new("m.map"), UserNames::Fold, |n| {
+            ["old", "new"].contains(&n)
+        })
+    }
+
+    #[test]
+    fn folding_map_routes_every_ascii_case_of_a_user_and_no_other_name() {
+        let m = folding("Alice old\nbob@Example.org new\n\u{c9}mile old\n").unwrap();
+        for variant in ["alice", "ALICE", "Alice", "aLiCe"] {
+            assert_eq!(
+                m.lookup(variant),
+                Some(("old", RouteReason::MapUser)),
+                "{variant:?}"
+            );
+        }
+        assert_eq!(
+            m.lookup("BOB@EXAMPLE.ORG"),
+            Some(("new", RouteReason::MapUser))
+        );
+        // Only ASCII folds (as Dovecot's %L): the key keeps its É, é is another name.
+        assert_eq!(m.lookup("\u{c9}MILE"), Some(("old", RouteReason::MapUser)));
+        assert_eq!(m.lookup("\u{e9}mile"), None);
+        for other in ["alice ", " alice", "alicE@", "al1ce"] {
+            assert_eq!(m.lookup(other), None, "{other:?}");
+        }
+        // Two lines for one folded user to two upstreams are a mistake.
+        let e = folding("alice old\nALICE new\n").unwrap_err().to_string();
+        assert!(e.contains("already routed"), "{e}");
     }
 
     #[test]

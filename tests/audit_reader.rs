@@ -50,6 +50,7 @@ fn day_one() -> Vec<AuditEvent> {
             1,
             Login {
                 user: user("bob"),
+                user_as_typed: None,
                 method: "USER".into(),
                 outcome: Outcome::Success,
                 code: None,
@@ -86,6 +87,7 @@ fn day_one() -> Vec<AuditEvent> {
             2,
             Login {
                 user: user("eve"),
+                user_as_typed: None,
                 method: "AUTH PLAIN".into(),
                 outcome: Outcome::Failure,
                 code: Some("AUTH".into()),
@@ -194,6 +196,7 @@ fn day_two() -> Vec<AuditEvent> {
             1,
             Login {
                 user: user("carol"),
+                user_as_typed: None,
                 method: "APOP".into(),
                 outcome: Outcome::Success,
                 code: None,

@@ -79,11 +79,15 @@ impl MapFile {
 
 const MAP: &str = "# migration\nalice old\n@example.org old\nbob@example.org new\n";
 
-/// `[[upstream]]` old and new, `[routing]` with default new and `routing_extra`.
+/// `[[upstream]]` old and new, `[routing]` with default new and `routing_extra`. The demo
+/// servers compare user names exactly (`ALICE` and `alice` are two mailboxes on new), and
+/// say so: `user_names = "exact"` (tests/user_names.rs has servers that fold, as Dovecot).
 fn upstreams(old: &str, new: &str, routing_extra: &str) -> String {
     format!(
         "[[upstream]]\nname = \"old\"\naddress = {old}\nconnect_timeout = \"2s\"\n\
+         user_names = \"exact\"\n\
          [[upstream]]\nname = \"new\"\naddress = {new}\nconnect_timeout = \"2s\"\n\
+         user_names = \"exact\"\n\
          [routing]\ndefault = \"new\"\n{routing_extra}"
     )
 }
@@ -363,7 +367,8 @@ fn pipelined_user_pass_stat_in_one_segment() {
 fn attacker_variants_of_the_user_name_are_routed_as_sent() {
     let s = setup();
     let a = s.proxy.addr;
-    // Case: user names are exact; ALICE is not alice, goes to the default (where it exists).
+    // Case: these servers compare names exactly (`user_names = "exact"`); ALICE is not
+    // alice, goes to the default (where it exists).
     assert_eq!(retr_as(a, "ALICE").unwrap(), stuffed("new", "ALICE"));
     // White space in the name (servers split it differently, so the name routed on need not
     // be the name checked): refused, nothing dialled (tests/routing_review.rs has more).
@@ -742,8 +747,10 @@ fn readme_routing_examples_are_valid() {
     assert!(config.routing_mode());
     assert_eq!(config.upstreams[0].address.len(), 2);
     let map =
-        popgate::routing::RouteMap::parse(blocks[1], path, |n| config.upstream_index(n).is_some())
-            .expect("map parses");
+        popgate::routing::RouteMap::parse(blocks[1], path, config.routing_user_names(), |n| {
+            config.upstream_index(n).is_some()
+        })
+        .expect("map parses");
     assert_eq!(map.len(), 3);
     let rules = popgate::rules::RuleSet::parse(blocks[2], path).expect("rule parses");
     assert_eq!(rules.len(), 1);

@@ -181,6 +181,11 @@ pub struct ServerOptions {
     pub implicit_tls: bool,
     /// Put an APOP timestamp in the greeting and accept `APOP`.
     pub apop: bool,
+    /// Fold user names to lower case (ASCII only) before looking them up, as Dovecot does by
+    /// default (`auth_username_format = %Lu`): `ALICE` logs in alice.
+    pub fold_user_names: bool,
+    /// Have no CAPA command (answer it `-ERR`), as RFC 1939-only servers such as popa3d.
+    pub no_capa: bool,
     /// Do not keep received lines for [`DemoServer::received`] (which then stays empty): a
     /// long-running server with the probes (soak tests) would otherwise grow without bound.
     /// Without the `faults` feature nothing is kept anyway.
@@ -287,6 +292,8 @@ struct Config {
     offer_stls: bool,
     implicit_tls: bool,
     apop: bool,
+    fold_user_names: bool,
+    no_capa: bool,
     #[cfg(any(test, feature = "faults"))]
     forget_lines: bool,
 }
@@ -337,6 +344,8 @@ impl DemoServer {
             offer_stls: opts.offer_stls,
             implicit_tls: opts.implicit_tls,
             apop: opts.apop,
+            fold_user_names: opts.fold_user_names,
+            no_capa: opts.no_capa,
             #[cfg(any(test, feature = "faults"))]
             forget_lines: opts.forget_lines,
         });
@@ -944,6 +953,10 @@ impl Session {
             }
         }
         match cmd.verb {
+            Verb::Capa if self.config.no_capa => {
+                self.send_line(stream, "-ERR").await?;
+                Ok(Next::Continue)
+            }
             Verb::Capa => {
                 let capa = self.capa();
                 self.send(stream, capa.as_bytes()).await?;
@@ -1025,6 +1038,13 @@ impl Session {
         user: &str,
         check: impl FnOnce(&str) -> bool,
     ) -> Result<Transaction, LoginFailure> {
+        let folded;
+        let user = if self.config.fold_user_names {
+            folded = user.to_ascii_lowercase();
+            &folded
+        } else {
+            user
+        };
         let messages = {
             let mut st = lock(&self.shared);
             let account = st.accounts.get(user).ok_or(LoginFailure::BadCredentials)?;
@@ -1065,8 +1085,12 @@ impl Session {
         let text = match self.login(user, check) {
             Ok(txn) => {
                 let (n, octets) = txn.totals();
+                let text = format!(
+                    "+OK {}'s maildrop has {n} messages ({octets} octets)",
+                    txn.user
+                );
                 self.phase = Phase::Transaction(Box::new(txn));
-                format!("+OK {user}'s maildrop has {n} messages ({octets} octets)")
+                text
             }
             Err(failure) => {
                 self.phase = Phase::Authorization { user: None };
@@ -1679,6 +1703,62 @@ mod tests {
             assert!(c.at_eof().await);
             assert_eq!(srv.received().len(), 11);
             assert_eq!(srv.received()[1], b"USER demo\n");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_capa_mode_refuses_capa_like_popa3d() {
+        timeout(LIMIT, async {
+            let opts = ServerOptions {
+                no_capa: true,
+                ..ServerOptions::new(sample_mailboxes())
+            };
+            let srv = DemoServer::start("127.0.0.1:0".parse().unwrap(), opts)
+                .await
+                .unwrap();
+            let (mut c, _) = Client::connect(srv.local_addr()).await;
+            assert_eq!(c.cmd("CAPA").await, "-ERR\r\n");
+            assert!(c.login("alice", "alice-password").await.starts_with("+OK"));
+            assert_eq!(c.cmd("CAPA").await, "-ERR\r\n");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn folding_mode_logs_in_every_ascii_case_of_a_name_and_shares_its_lock() {
+        timeout(LIMIT, async {
+            let opts = ServerOptions {
+                fold_user_names: true,
+                ..ServerOptions::new(sample_mailboxes())
+            };
+            let srv = DemoServer::start("127.0.0.1:0".parse().unwrap(), opts)
+                .await
+                .unwrap();
+            let (mut c, _) = Client::connect(srv.local_addr()).await;
+            let ok = c.login("ALICE", "alice-password").await;
+            assert!(ok.starts_with("+OK alice's maildrop"), "{ok}");
+            let (mut d, _) = Client::connect(srv.local_addr()).await;
+            assert!(
+                d.login("Alice", "alice-password")
+                    .await
+                    .starts_with("-ERR [IN-USE]")
+            );
+            // Without folding, ALICE is nobody.
+            let exact = DemoServer::start(
+                "127.0.0.1:0".parse().unwrap(),
+                ServerOptions::new(sample_mailboxes()),
+            )
+            .await
+            .unwrap();
+            let (mut e, _) = Client::connect(exact.local_addr()).await;
+            assert!(
+                e.login("ALICE", "alice-password")
+                    .await
+                    .starts_with("-ERR [AUTH]")
+            );
         })
         .await
         .unwrap();

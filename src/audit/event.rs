@@ -313,6 +313,10 @@ pub struct Login {
     /// The user name, when known (never a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The name as the client typed it, when it differs from `user` (`ALICE`: the server
+    /// folds names to lower case, `upstream.user_names = "fold"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_as_typed: Option<String>,
     /// `USER`, `APOP` or `AUTH <MECHANISM>`.
     pub method: String,
     /// Whether the server accepted it.
@@ -339,6 +343,7 @@ impl Login {
     ) -> Login {
         Login {
             user: user.map(str::to_owned),
+            user_as_typed: None,
             method: method.label(),
             outcome: Outcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),

@@ -102,6 +102,8 @@ pub struct Outstanding {
     pub lines: Option<u32>,
     /// The name a USER or APOP command gives (an attempt until the server accepts it).
     name: Option<String>,
+    /// `name` folded, when the server folds names and folding changes it.
+    name_folded: Option<String>,
     /// Sent by popgate itself (see [`Tracker::inject`]): its response is never relayed.
     pub internal: bool,
 }
@@ -158,8 +160,11 @@ impl LoginMethod {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginOutcome {
     /// The user name: on success the one the session is now fixed to, on failure the name
-    /// that was tried, when known.
+    /// that was tried, when known. Folded (ASCII lowercase) when the server folds names
+    /// ([`Tracker::set_fold_names`]): the name the server logs in.
     pub user: Option<String>,
+    /// The name as the client typed it, when folding changed it (`ALICE` for `alice`).
+    pub user_as_typed: Option<String>,
     /// How.
     pub method: LoginMethod,
     /// Whether the server accepted it.
@@ -372,8 +377,13 @@ pub struct Tracker {
     state: State,
     /// The user the server accepted: set once, at the `+OK` of the login, never changed.
     user: Option<String>,
-    /// The name of the login being attempted (USER the server took, APOP, SASL).
+    /// The name of the login being attempted (USER the server took, APOP, SASL), as typed.
     attempt: Option<String>,
+    /// `attempt` folded, when folding changes it.
+    attempt_folded: Option<String>,
+    /// Whether the server lowercases user names (Dovecot's default): the user rules and audit
+    /// see is then the folded name.
+    fold_names: bool,
     pending: VecDeque<Pending>,
     /// Set while relaying a multi-line body.
     body: Option<BodyScanner>,
@@ -397,6 +407,8 @@ impl Tracker {
             state: State::Authorization,
             user: None,
             attempt: None,
+            attempt_folded: None,
+            fold_names: false,
             pending,
             body: None,
             body_internal: false,
@@ -416,18 +428,50 @@ impl Tracker {
         }
     }
 
+    /// Whether the server folds user names to lower case (ASCII `A`-`Z` only, as Dovecot's
+    /// `%L`): from now on the user rules and audit see is the folded name. Set before the
+    /// login is decided (routing mode learns the server only when the login is complete).
+    pub fn set_fold_names(&mut self, fold: bool) {
+        self.fold_names = fold;
+        let attempt = self.attempt.take();
+        self.set_attempt(attempt);
+    }
+
+    fn set_attempt(&mut self, name: Option<String>) {
+        self.attempt_folded = name
+            .as_deref()
+            .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
+            .map(str::to_ascii_lowercase);
+        self.attempt = name;
+    }
+
     /// Current RFC 1939 state.
     pub fn state(&self) -> State {
         self.state
     }
 
     /// The user rules and audit see: after login the name the server accepted (fixed for the
-    /// rest of the session); before it, the name of the attempt in progress, if any.
+    /// rest of the session); before it, the name of the attempt in progress, if any: the
+    /// latest `USER` still awaiting its answer, else the one the server took. So a `PASS`
+    /// pipelined right behind `USER eve` is judged as eve's, as it is when the client waits.
     pub fn user(&self) -> Option<&str> {
         match self.state {
-            State::Authorization => self.attempt.as_deref(),
+            State::Authorization => self
+                .outstanding_user()
+                .or(self.attempt_folded.as_deref())
+                .or(self.attempt.as_deref()),
             State::Transaction | State::Update => self.user.as_deref(),
         }
+    }
+
+    /// The name of the latest `USER` sent upstream and not yet answered (folded as `user`).
+    fn outstanding_user(&self) -> Option<&str> {
+        self.pending.iter().rev().find_map(|p| match p {
+            Pending::Upstream(o) if o.verb == Verb::User => {
+                o.name_folded.as_deref().or(o.name.as_deref())
+            }
+            _ => None,
+        })
     }
 
     /// Outstanding entries (upstream and local).
@@ -572,6 +616,10 @@ impl Tracker {
                 Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
                 _ => None,
             },
+            name_folded: name
+                .as_deref()
+                .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
+                .map(str::to_ascii_lowercase),
             name,
             internal: false,
         }));
@@ -600,6 +648,7 @@ impl Tracker {
                 _ => None,
             },
             name: None,
+            name_folded: None,
             internal: true,
         }));
         true
@@ -765,12 +814,12 @@ impl Tracker {
         match out.verb {
             // A refused USER leaves the earlier name: a server that keeps it logs that user
             // in at the next PASS.
-            Verb::User if before_login && ok => self.attempt = out.name,
+            Verb::User if before_login && ok => self.set_attempt(out.name),
             Verb::Pass if before_login => {
                 login = Some((self.attempt.clone(), LoginMethod::UserPass));
             }
             Verb::Apop if before_login => {
-                self.attempt = out.name;
+                self.set_attempt(out.name);
                 login = Some((self.attempt.clone(), LoginMethod::Apop));
             }
             Verb::Auth if out.shape == Shape::Sasl => {
@@ -785,14 +834,16 @@ impl Tracker {
                         Some(ex) => ex.name.clone(),
                         None => "UNKNOWN".into(),
                     });
-                    self.attempt = ex.and_then(|ex| ex.user);
+                    self.set_attempt(ex.and_then(|ex| ex.user));
                     login = Some((self.attempt.clone(), method));
                 }
             }
             Verb::Quit if ok && self.state == State::Transaction => self.state = State::Update,
             _ => {}
         }
-        let login = login.map(|(user, method)| {
+        let login = login.map(|(typed, method)| {
+            let user = self.attempt_folded.clone().or(typed.clone());
+            let user_as_typed = typed.filter(|t| Some(t) != user.as_ref());
             if ok {
                 // The identity is fixed here, once: nothing later in the session changes it.
                 self.user = user.clone();
@@ -800,6 +851,7 @@ impl Tracker {
             }
             LoginOutcome {
                 user,
+                user_as_typed,
                 method,
                 success: ok,
             }

@@ -135,6 +135,9 @@ pub(crate) struct HopConfig {
     pub(crate) client_tls: bool,
     /// Whether this listener can offer STLS (a `starttls` listener with a certificate).
     pub(crate) stls_available: bool,
+    /// Whether the server folds user names to lower case (`upstream.user_names = "fold"`):
+    /// rules and audit then see the folded name, the one the server logs in.
+    pub(crate) fold_user_names: bool,
     /// `limits.max_line`.
     pub(crate) max_line: usize,
     /// `limits.max_pipeline`.
@@ -204,14 +207,26 @@ pub(crate) struct Hop {
     close_marks: Marks,
     /// For the audit lookups (see [`HopConfig::lookups`]).
     known: Known,
+    /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
+    /// gives in place of a server that has no CAPA.
+    learned: Learned,
+}
+
+/// What a server without CAPA has shown it can do.
+#[derive(Debug, Clone, Copy, Default)]
+struct Learned {
+    top: bool,
+    uidl: bool,
 }
 
 impl Hop {
     /// A hop for a session that connected at `started`, whose upstream is connected now
     /// (`now`) and whose greeting is due.
     pub(crate) fn new(cfg: HopConfig, policy: Policy, started: Instant, now: Instant) -> Hop {
+        let mut tracker = Tracker::new(cfg.max_line);
+        tracker.set_fold_names(cfg.fold_user_names);
         Hop {
-            tracker: Tracker::new(cfg.max_line),
+            tracker,
             policy,
             client_tls: cfg.client_tls,
             up_out: Vec::new(),
@@ -229,6 +244,7 @@ impl Hop {
             cmd_tags: VecDeque::new(),
             close_marks: Marks::default(),
             known: Known::default(),
+            learned: Learned::default(),
             cfg,
         }
     }
@@ -296,6 +312,13 @@ impl Hop {
                 EventKind::Command,
             )
         })
+    }
+
+    /// Routing mode: the login went to a server that folds user names (or not); rules and
+    /// audit see the name as that server does.
+    pub(crate) fn set_fold_user_names(&mut self, fold: bool) {
+        self.cfg.fold_user_names = fold;
+        self.tracker.set_fold_names(fold);
     }
 
     /// The user rules and audit see (see [`Tracker::user`]).
@@ -675,10 +698,29 @@ impl Hop {
             self.flush_server(sin, fwd);
             self.actions.push_back(Action::Sleep(d));
         }
+        if meta.status == crate::pop3::response::Status::Ok {
+            match meta.verb {
+                Some(Verb::Top) => self.learned.top = true,
+                Some(Verb::Uidl) => self.learned.uidl = true,
+                _ => {}
+            }
+        }
+        // A server without CAPA (popa3d, RFC 1939 only) refuses it: popgate answers with its
+        // own list, so that clients see STLS where this listener offers it (curl, poplib and
+        // fetchmail start TLS only when CAPA shows STLS).
+        let own_capa = (meta.verb == Some(Verb::Capa)
+            && meta.status == crate::pop3::response::Status::Err)
+            .then(|| self.own_capa());
         let capture = meta.multiline && meta.verb == Some(Verb::Capa);
-        if capture || rewritten.is_some() {
+        if capture || rewritten.is_some() || own_capa.is_some() {
             self.flush_server(sin, fwd);
             let original = sin.split_to(len);
+            if let Some(list) = own_capa {
+                debug!("upstream refused CAPA: answered with popgate's own list");
+                obs.local_reply(&list);
+                self.send_client(list);
+                return;
+            }
             let line = rewritten.unwrap_or_else(|| original.to_vec());
             if capture {
                 // Collected and rewritten: clients must see this hop's truth.
@@ -790,6 +832,21 @@ impl Hop {
             items.push(b"STLS".to_vec());
         }
         capa::build(status, items.iter().map(Vec::as_slice))
+    }
+
+    /// popgate's own CAPA response for a server that refused CAPA: USER (every RFC 1939
+    /// server has it), TOP and UIDL once the server has answered them, STLS where this
+    /// listener offers it; CAPA rules apply as to a server's list.
+    fn own_capa(&mut self) -> Vec<u8> {
+        let mut response = b"+OK capability list follows\r\nUSER\r\n".to_vec();
+        if self.learned.top {
+            response.extend_from_slice(b"TOP\r\n");
+        }
+        if self.learned.uidl {
+            response.extend_from_slice(b"UIDL\r\n");
+        }
+        response.extend_from_slice(b".\r\n");
+        self.rewrite_capa(&response)
     }
 
     /// Whether this hop offers STLS right now.

@@ -19,6 +19,8 @@ use crate::rules::RuleSet;
 #[derive(Default)]
 struct Rec {
     statuses: Vec<(Option<Verb>, bool)>,
+    /// Login outcomes: the user, the name as typed (if it differs), success.
+    logins: Vec<(Option<String>, Option<String>, bool)>,
     penalty: Option<Duration>,
     injected: Vec<String>,
     injected_answers: Vec<(Option<Verb>, String)>,
@@ -32,6 +34,10 @@ impl Observe for Rec {
     fn local_reply(&mut self, _: &[u8]) {}
     fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State, _: &Marks) {
         self.statuses.push((meta.verb, meta.multiline));
+        if let Some(l) = &meta.login {
+            self.logins
+                .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+        }
     }
     fn body(&mut self, _: &[u8], _: bool, _: Option<&str>) {}
     fn denied(&mut self, _: &str, _: Verb, _: Option<&str>, _: &[Arc<str>]) {}
@@ -62,6 +68,7 @@ fn config() -> HopConfig {
         destination: None,
         client_tls: false,
         stls_available: false,
+        fold_user_names: false,
         max_line: 64,
         max_pipeline: 64,
         unknown_commands: UnknownCommands::Reject,
@@ -89,6 +96,8 @@ struct Out {
     tls_at: Vec<usize>,
     /// How it closed.
     close: Option<(CloseReason, bool)>,
+    /// Login outcomes the observer saw: user, name as typed (if it differs), success.
+    logins: Vec<(Option<String>, Option<String>, bool)>,
     /// Commands popgate injected, and the answers only popgate saw (status lines, bodies).
     injected: Vec<String>,
     injected_answers: Vec<(Option<Verb>, String)>,
@@ -99,6 +108,7 @@ struct Out {
 
 impl Out {
     fn with(mut self, rec: Rec) -> Out {
+        self.logins = rec.logins;
         self.injected = rec.injected;
         self.injected_answers = rec.injected_answers;
         self.injected_body = rec.injected_body;
@@ -636,6 +646,229 @@ fn a_greeting_rewrite_cannot_carry_xclient_to_the_client() {
         End::Open,
     );
     assert_eq!(text(&out.client), "+OK Welcome: Dovecot ready. <1.2@h>\r\n");
+}
+
+fn folding() -> HopConfig {
+    HopConfig {
+        fold_user_names: true,
+        ..config()
+    }
+}
+
+const NO_EVE: &str = "[[rule]]\nname = \"no-eve\"\non = \"command\"\nuser = '^eve$'\naction = \"deny\"\nmessage = \"eve may not log in here\"\n";
+
+#[test]
+fn a_deny_rule_on_a_lowercase_user_holds_for_every_ascii_case_when_the_server_folds() {
+    for typed in ["EVE", "Eve", "eVe"] {
+        // Pipelined or not (every chunk size), the PASS behind `USER EVE` is judged as eve's:
+        // it never reaches the server, so eve is never logged in.
+        let client = format!("USER {typed}\r\nPASS pw\r\nRETR 1\r\n");
+        let out = same_at_every_chunk(
+            || hop_with(folding(), NO_EVE),
+            client.as_bytes(),
+            &[b"+OK hi\r\n", b"+OK send PASS\r\n"],
+            End::Open,
+        );
+        assert_eq!(text(&out.upstream), format!("USER {typed}\r\n"), "{typed}");
+        assert_eq!(
+            text(&out.client),
+            "+OK hi\r\n+OK send PASS\r\n-ERR eve may not log in here\r\n\
+             -ERR eve may not log in here\r\n",
+            "{typed}"
+        );
+        assert!(out.logins.is_empty(), "{typed}: {:?}", out.logins);
+    }
+    // A server that compares exactly: `EVE` is another user, the rule is not about them.
+    let out = run(
+        &mut hop_with(config(), NO_EVE),
+        b"USER EVE\r\nPASS pw\r\nRETR 1\r\n",
+        &after_login(&[b"+OK 5 octets\r\nhi\r\n.\r\n"]),
+        64,
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER EVE\r\nPASS pw\r\nRETR 1\r\n");
+    assert_eq!(out.logins, [(Some("EVE".into()), None, true)]);
+}
+
+/// A rule on `PASS` for one user holds when the client pipelines `USER` and `PASS` in one
+/// segment: the `PASS` is judged as the user of the `USER` still awaiting its answer, the same
+/// as when the client waits for it. Other users' logins are untouched.
+#[test]
+fn a_pass_rule_for_a_user_holds_when_user_and_pass_are_pipelined() {
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), NO_EVE_PASS),
+        b"USER eve\r\nPASS pw\r\n",
+        &[b"+OK hi\r\n", b"+OK\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER eve\r\n");
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n-ERR not here\r\n");
+    assert!(out.logins.is_empty(), "{:?}", out.logins);
+    // alice, pipelined the same way, logs in; so does a USER that replaces eve before PASS.
+    for client in [
+        "USER alice\r\nPASS pw\r\n",
+        "USER eve\r\nUSER alice\r\nPASS pw\r\n",
+    ] {
+        let replies: Vec<&[u8]> = if client.matches("USER").count() == 2 {
+            vec![b"+OK hi\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK in\r\n"]
+        } else {
+            LOGGED_IN.to_vec()
+        };
+        let out = same_at_every_chunk(
+            || hop_with(config(), NO_EVE_PASS),
+            client.as_bytes(),
+            &replies,
+            End::Open,
+        );
+        assert_eq!(text(&out.upstream), client);
+        assert_eq!(out.logins, [(Some("alice".into()), None, true)], "{client}");
+    }
+}
+
+#[test]
+fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_beside() {
+    use base64::Engine as _;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let plain_authz = format!("AUTH PLAIN {}\r\n", b64(b"ALICE\0admin\0pw"));
+    let plain = format!("AUTH PLAIN {}\r\n", b64(b"\0Alice\0pw"));
+    let login = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"aLiCe"), b64(b"pw"));
+    let cases: Vec<(String, Vec<&[u8]>, &str)> = vec![
+        (
+            "USER ALICE\r\nPASS pw\r\n".into(),
+            after_login(&[]),
+            "ALICE",
+        ),
+        (
+            "APOP Alice 0123456789abcdef0123456789abcdef\r\n".into(),
+            vec![b"+OK hi <1.2@x>\r\n", b"+OK in\r\n"],
+            "Alice",
+        ),
+        (plain_authz, vec![b"+OK hi\r\n", b"+OK in\r\n"], "ALICE"),
+        (plain, vec![b"+OK hi\r\n", b"+OK in\r\n"], "Alice"),
+        (
+            login,
+            vec![
+                b"+OK hi\r\n",
+                b"+ VXNlcm5hbWU6\r\n",
+                b"+ UGFzc3dvcmQ6\r\n",
+                b"+OK in\r\n",
+            ],
+            "aLiCe",
+        ),
+    ];
+    for (client, server, typed) in cases {
+        let out = same_at_every_chunk(
+            || hop_with(folding(), ""),
+            client.as_bytes(),
+            &server,
+            End::Open,
+        );
+        assert_eq!(
+            out.logins,
+            [(Some("alice".into()), Some(typed.into()), true)],
+            "{client:?}"
+        );
+        // What the server gets is what the client sent: the server folds it itself.
+        assert_eq!(text(&out.upstream), client);
+    }
+    // Non-ASCII letters are not folded (Dovecot's %L lowercases ASCII only); the name
+    // already in lower case has no second field.
+    let out = run(
+        &mut hop_with(folding(), ""),
+        "USER \u{c9}VE\r\nPASS pw\r\n".as_bytes(),
+        &LOGGED_IN,
+        64,
+        End::Open,
+    );
+    assert_eq!(
+        out.logins,
+        [(Some("\u{c9}ve".into()), Some("\u{c9}VE".into()), true)]
+    );
+    let out = run(
+        &mut hop_with(folding(), ""),
+        b"USER alice\r\nPASS pw\r\n",
+        &LOGGED_IN,
+        64,
+        End::Open,
+    );
+    assert_eq!(out.logins, [(Some("alice".into()), None, true)]);
+}
+
+#[test]
+fn a_server_without_capa_gets_popgates_own_list_with_stls_at_every_chunk_size() {
+    let stls = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                ..config()
+            },
+            "",
+        )
+    };
+    let out = same_at_every_chunk(
+        stls,
+        b"CAPA\r\nSTLS\r\n",
+        &[b"+OK\r\n", b"-ERR\r\n"],
+        End::Open,
+    );
+    assert_eq!(
+        text(&out.client),
+        "+OK\r\n+OK capability list follows\r\nUSER\r\nSTLS\r\n.\r\n+OK begin TLS negotiation\r\n"
+    );
+    // STLS is this hop's: the upstream got CAPA only.
+    assert_eq!(text(&out.upstream), "CAPA\r\n");
+    assert_eq!(out.tls_at.len(), 1);
+    assert_eq!(out.close, None);
+}
+
+#[test]
+fn own_capa_after_tls_and_login_lists_what_the_server_has_shown() {
+    let tls = || {
+        hop_with(
+            HopConfig {
+                stls_available: true,
+                client_tls: true,
+                ..config()
+            },
+            "",
+        )
+    };
+    let out = same_at_every_chunk(
+        tls,
+        b"CAPA\r\nUSER a\r\nPASS b\r\nUIDL\r\nTOP 1 0\r\nCAPA\r\n",
+        &[
+            b"+OK\r\n",
+            b"-ERR unknown command\r\n",
+            b"+OK\r\n",
+            b"+OK in\r\n",
+            b"+OK\r\n1 x\r\n.\r\n",
+            b"+OK\r\nSubject: s\r\n\r\n.\r\n",
+            b"-ERR\r\n",
+        ],
+        End::Open,
+    );
+    let c = text(&out.client);
+    // Under TLS no STLS; before UIDL/TOP were answered, only USER.
+    assert!(
+        c.starts_with("+OK\r\n+OK capability list follows\r\nUSER\r\n.\r\n+OK\r\n+OK in\r\n"),
+        "{c}"
+    );
+    assert!(
+        c.ends_with("+OK capability list follows\r\nUSER\r\nTOP\r\nUIDL\r\n.\r\n"),
+        "{c}"
+    );
+    // A server that has CAPA keeps its own list (rewritten as always), never popgate's.
+    let out = run(
+        &mut hop_with(config(), ""),
+        b"CAPA\r\n",
+        &[b"+OK\r\n", b"+OK\r\nTOP\r\nX-SERVER\r\n.\r\n"],
+        64,
+        End::Open,
+    );
+    assert_eq!(text(&out.client), "+OK\r\n+OK\r\nTOP\r\nX-SERVER\r\n.\r\n");
 }
 
 fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {

@@ -309,6 +309,65 @@ impl RuleSet {
             _ => None,
         })
     }
+
+    /// Every rule whose `user` regex has an ASCII capital letter (outside escapes such as `\S`
+    /// or `\p{Lu}`) and no `(?i)`: its file, name and pattern. Against user names folded to
+    /// lower case (`upstream.user_names = "fold"`) such a pattern may never match.
+    pub(crate) fn user_patterns_with_capitals(
+        &self,
+    ) -> impl Iterator<Item = (&Path, &str, &str)> + '_ {
+        self.rules.iter().filter_map(|r| {
+            let pattern = r.when.re[0].as_ref()?.as_str();
+            has_literal_capital(pattern).then(|| (self.files[r.file].as_path(), &*r.name, pattern))
+        })
+    }
+}
+
+/// Whether `pattern` has an ASCII capital letter that is not part of an escape (`\A`, `\S`,
+/// `\p{Lu}`) and is not made case-insensitive by an `i` flag. A heuristic for a warning.
+fn has_literal_capital(pattern: &str) -> bool {
+    if pattern.contains("(?i") || (pattern.contains("(?") && pattern.contains("i)")) {
+        return false;
+    }
+    let b = pattern.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => {
+                // `\p{..}` / `\P{..}` / `\x{..}` name classes or code points: skip the braces.
+                let next = b.get(i + 1).copied();
+                i += 2;
+                if matches!(next, Some(b'p' | b'P' | b'x')) && b.get(i) == Some(&b'{') {
+                    while i < b.len() && b[i] != b'}' {
+                        i += 1;
+                    }
+                } else if matches!(next, Some(b'p' | b'P')) {
+                    // `\pL`: a one-letter class name.
+                    i += 1;
+                }
+            }
+            c if c.is_ascii_uppercase() => return true,
+            _ => i += 1,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+#[test]
+fn capitals_in_user_patterns_are_found_outside_escapes() {
+    for p in ["^EVE$", "^Alice@", "[A-Z]x", "\\SBob"] {
+        assert!(has_literal_capital(p), "{p}");
+    }
+    for p in [
+        "^eve$",
+        "(?i)^EVE$",
+        "(?xi)^EVE$",
+        "\\S+@\\w+\\.org\\A\\z",
+        "\\p{Lu}\\P{Greek}\\pL\\x{C9}",
+    ] {
+        assert!(!has_literal_capital(p), "{p}");
+    }
 }
 
 /// Accumulates files and rules; checks name uniqueness across files.

@@ -222,6 +222,13 @@ async fn open(
         local: info.local,
         session: format!("popgate-{}", info.id),
     };
+    // How the server compares user names; in routing mode how the front does until the
+    // login's upstream is known.
+    let user_names = if config.routing_mode() {
+        config.routing_user_names()
+    } else {
+        config.default_upstream().user_names
+    };
     // Routing mode: no upstream until the login is known; the front greets.
     let (upstream_stream, preread, front) = if config.routing_mode() {
         let greeting = config
@@ -296,6 +303,7 @@ async fn open(
         destination: info.original_dst.map(|d| d.ip()),
         client_tls: client.is_tls(),
         stls_available: info.tls_mode == TlsMode::Starttls && shared.tls.server.is_some(),
+        fold_user_names: user_names == crate::config::UserNames::Fold,
         max_line: config.limits.max_line,
         max_pipeline: config.limits.max_pipeline,
         unknown_commands: config.limits.unknown_commands,
@@ -801,10 +809,13 @@ impl Driver {
     ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let rule = self.hop.route(&login.user);
+        // Route rules and the map see the name as a folding server would (unless none folds):
+        // `ALICE` is routed where `alice` is.
+        let routed = config.routing_user_names().apply(&login.user);
+        let rule = self.hop.route(&routed);
         let default = config.default_upstream().label();
         let (name, why) = crate::routing::choose(
-            &login.user,
+            &routed,
             rule.as_ref().map(|(r, u)| (&**r, &**u)),
             shared.routes.as_deref(),
             default,
@@ -813,6 +824,15 @@ impl Driver {
             .upstream_index(name)
             .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
+        // Rules and audit see the name the chosen server logs in; so does the OAuth2 bridge
+        // (its credentials and tokens). The replay upstream is what the client sent.
+        self.hop
+            .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
+        let seen = upstream.user_names.apply(&login.user);
+        let login = &crate::proxy::front::Login {
+            user: seen.into_owned(),
+            ..login.clone()
+        };
         self.observer.observer.set_upstream(upstream.label());
         // A SASL name may hold any byte: control characters are escaped in the log line.
         let shown = crate::pop3::printable(login.user.as_bytes());

@@ -233,6 +233,7 @@ impl Observer {
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
             let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            l.user_as_typed = login.user_as_typed.clone();
             l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
