@@ -91,9 +91,23 @@ pub enum CliCommand {
         /// Only this user's sessions.
         #[arg(long, value_name = "USER")]
         user: Option<String>,
-        /// Only events at or after this time: RFC 3339 (`2026-03-01T09:00:00Z`) or an age (`2h`, `3d`).
+        /// Only events at or after this time: RFC 3339 (`2026-03-01T09:00:00Z`), a date
+        /// (`2026-03-01`), `today`, `yesterday` or an age (`2h`, `3d`).
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+        /// Only events before this time (a date, `today` or `yesterday` includes the whole day).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Who retrieved or deleted this message: its events (`retrieve`, `delete_marked`,
+        /// `update`) by UIDL, with the client address of their sessions.
+        #[arg(long, value_name = "UIDL")]
+        uidl: Option<String>,
+        /// The same, by Message-ID (angle brackets optional).
+        #[arg(long, value_name = "ID")]
+        message_id: Option<String>,
+        /// Only message events (retrieve, delete) in this user's mailbox.
+        #[arg(long, value_name = "USER")]
+        msg_user: Option<String>,
         /// Only these events (repeat or comma-separate): retrieve, delete_marked, update, ...
         #[arg(long, value_name = "EVENT")]
         event: Vec<String>,

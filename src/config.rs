@@ -472,6 +472,9 @@ pub struct LogConfig {
     pub dir: Option<PathBuf>,
     /// Rotation of log files: `daily`, `hourly` or `never`.
     pub rotation: Rotation,
+    /// Dated log files (`popgate.YYYY-MM-DD[-HH].log`) dated before the last this many days
+    /// are deleted, by the date in their name; 0 keeps all.
+    pub keep_days: u32,
     /// Where syslog lines go (`output = "syslog"`): a Unix datagram socket path
     /// (default `/dev/log`), or `udp://host:port` / `tcp://host:port`.
     pub syslog_address: String,
@@ -487,6 +490,7 @@ impl Default for LogConfig {
             output: None,
             dir: None,
             rotation: Rotation::Daily,
+            keep_days: 30,
             syslog_address: "/dev/log".into(),
             syslog_facility: "daemon".into(),
         }

@@ -197,11 +197,20 @@ fn run() -> Result<()> {
             files,
             user,
             since,
+            until,
+            uidl,
+            message_id,
+            msg_user,
             event,
             json,
         } => {
             use popgate::audit::{Filter, format_json, format_table, read_audit};
-            let filter = Filter::from_args(user, since.as_deref(), &event)?;
+            let filter = Filter {
+                uidl,
+                message_id,
+                msg_user,
+                ..Filter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
+            };
             let read = read_audit(&files, &filter)?;
             let out = if json {
                 format_json(&read.records)

@@ -375,6 +375,12 @@ pub const KEYS: &[Key] = &[
         "\"daily\", \"hourly\" or \"never\".",
     ),
     k(
+        "log.keep_days",
+        "30",
+        A,
+        "Dated log files before the last this many UTC days are deleted (by the date in their name), at start and when a new file begins, never on a reopen; 0 keeps all.",
+    ),
+    k(
         "log.syslog_address",
         "\"/dev/log\"",
         A,
@@ -436,7 +442,13 @@ pub const KEYS: &[Key] = &[
         "audit.keep_days",
         "30",
         A,
-        "Audit files older than this are deleted; 0 keeps all.",
+        "Audit files dated (by the date in their name, not their mtime) before the last this many UTC days are deleted, at start and when a new file begins, never on a reopen; 0 keeps all.",
+    ),
+    k(
+        "audit.message_ids",
+        "\"seen\"",
+        A,
+        "When a deletion records the message's Message-ID: \"seen\" (the session retrieved it) or \"always\" (popgate asks the server with TOP n 0 before the DELE of a message not retrieved).",
     ),
     k(
         "audit.queue",
@@ -698,6 +710,7 @@ format = "json"
 output = "file"
 dir = "/var/log/popgate"
 rotation = "hourly"
+keep_days = 14
 syslog_address = "/dev/log"
 syslog_facility = "mail"
 [process]
@@ -712,6 +725,7 @@ output = "file"
 dir = "/var/log/popgate/audit"
 rotation = "hourly"
 keep_days = 7
+message_ids = "always"
 queue = 100
 on_overflow = "block"
 headers = ["Subject"]

@@ -134,6 +134,13 @@ impl AuditDir {
     }
 }
 
+/// The UIDLs an upstream gives its messages, asked directly (not through popgate).
+fn upstream_uidls(addr: SocketAddr) -> Vec<String> {
+    let mut spec = poplib_spec(addr, USER, PASS);
+    spec["actions"] = json!([["uidl"], ["quit"]]);
+    parse_uidl_listing(&b64_lines(&poplib(spec)["results"][0]))
+}
+
 /// The audit files of `dir` in name (= time) order.
 fn audit_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -337,9 +344,11 @@ fn standard_events(
         json!({"event": "retrieve", "user": USER, "verb": "TOP", "msg": 2, "lines": 0,
             "octets": wire_body(top0(&msgs[1])).len(), "uidl": uidls[1], "complete": true,
             "headers": headers_of(2)}),
-        json!({"event": "delete_marked", "user": USER, "msg": 1, "uidl": uidls[0]}),
-        json!({"event": "update", "user": USER, "deleted": [{"msg": 1, "uidl": uidls[0]}],
-            "outcome": "confirmed"}),
+        // Retrieved in the session: its Message-ID goes with the deletion.
+        json!({"event": "delete_marked", "user": USER, "msg": 1, "uidl": uidls[0],
+            "message_id": headers_of(1)["Message-ID"]}),
+        json!({"event": "update", "user": USER, "deleted": [{"msg": 1, "uidl": uidls[0],
+            "message_id": headers_of(1)["Message-ID"]}], "outcome": "confirmed"}),
         session_close(Some(USER), "quit"),
     ]
 }
@@ -574,10 +583,13 @@ fn fetchmail_dialogue_gives_exact_events() {
             "octets": wire_body(m).len(), "uidl": uidls[i], "complete": true,
             "headers": headers_of(i + 1)}),
         );
-        want.push(json!({"event": "delete_marked", "user": USER, "msg": i + 1, "uidl": uidls[i]}));
+        want.push(
+            json!({"event": "delete_marked", "user": USER, "msg": i + 1, "uidl": uidls[i],
+            "message_id": headers_of(i + 1)["Message-ID"]}),
+        );
     }
     let deleted: Vec<Value> = (0..3)
-        .map(|i| json!({"msg": i + 1, "uidl": uidls[i]}))
+        .map(|i| json!({"msg": i + 1, "uidl": uidls[i], "message_id": headers_of(i + 1)["Message-ID"]}))
         .collect();
     want.push(json!({"event": "update", "user": USER, "deleted": deleted, "outcome": "confirmed"}));
     want.push(session_close(Some(USER), "quit"));
@@ -788,6 +800,7 @@ fn rset_gives_reset_and_clears_the_marks() {
     let up = demo(&h, msgs.clone());
     let audit = AuditDir::new();
     let mut p = h.proxy(up.local_addr(), &audit.toml(""));
+    let uid1 = upstream_uidls(up.local_addr())[0].clone();
     let mut c = RawPop::connect(p.addr);
     assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
     assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
@@ -806,7 +819,8 @@ fn rset_gives_reset_and_clears_the_marks() {
         &[
             session_open(p.addr, "test"),
             login("USER"),
-            json!({"event": "delete_marked", "user": USER, "msg": 1}),
+            // The client never asked message 1's UIDL: popgate did.
+            json!({"event": "delete_marked", "user": USER, "msg": 1, "uidl": uid1}),
             json!({"event": "delete_marked", "user": USER, "msg": 2, "uidl": uid2}),
             json!({"event": "reset", "user": USER}),
             json!({"event": "delete_marked", "user": USER, "msg": 2, "uidl": uid2}),
@@ -938,7 +952,8 @@ fn client_tls_is_recorded() {
         assert_eq!(t["sni"], json!("localhost"), "{t}");
     };
     let retrieve = json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": 1,
-        "octets": wire_body(&msgs[0]).len(), "complete": true, "headers": headers_of(1)});
+        "octets": wire_body(&msgs[0]).len(), "uidl": upstream_uidls(up.local_addr())[0],
+        "complete": true, "headers": headers_of(1)});
     let update = json!({"event": "update", "user": USER, "deleted": [], "outcome": "confirmed"});
     // STLS: session_open without client_tls, then the tls event, then the rest.
     let stls = &all[0];
@@ -1079,7 +1094,8 @@ fn body_cut_off_by_the_upstream_is_incomplete() {
             session_open(p.addr, "test"),
             login("USER"),
             json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": 1,
-                "octets": got.len(), "complete": false, "headers": headers_of(1)}),
+                "octets": got.len(), "uidl": upstream_uidls(up.local_addr())[0],
+                "complete": false, "headers": headers_of(1)}),
             session_close(Some(USER), "upstream_eof"),
         ],
         "cut body",
@@ -1141,6 +1157,16 @@ action = "trace"
     );
     assert!(text.contains("S: Subject: Audit test 3"), "{text}");
     assert!(!text.contains(PASS) && !text.contains("bob"), "{text}");
+    // popgate asked the message's UIDL itself: a note, not a line of the client's dialogue.
+    assert!(
+        text.contains("*: popgate asks the server (not relayed): UIDL 3")
+            && text.contains("*: server answers popgate (not relayed): +OK 3 "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("C: UIDL") && !text.contains("S: +OK 3 "),
+        "{text}"
+    );
     // The session id in the file name is alice's (the second session).
     let alice_session = sessions(&audit.events())[1][0]["session"].as_u64().unwrap();
     let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
@@ -1403,7 +1429,8 @@ fn fifty_megabyte_retr_with_audit_keeps_memory_flat() {
     assert_eq!(
         norm(r[1]),
         json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": 2,
-            "octets": want.len(), "complete": true, "headers": headers_of(2)})
+            "octets": want.len(), "uidl": upstream_uidls(up.local_addr())[1],
+            "complete": true, "headers": headers_of(2)})
     );
     assert!(r[1]["octets"].as_u64().unwrap() > 50 << 20);
 }
@@ -1646,7 +1673,13 @@ fn popgate_audit_reads_the_files_of_a_real_run() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0][1], "delete_marked");
     assert_eq!(rows[0][3], USER);
-    assert_eq!(rows[0][4], format!("msg=1 uidl={uid1}"));
+    assert_eq!(
+        rows[0][4],
+        format!(
+            "msg=1 uidl={uid1} message_id={}",
+            headers_of(1)["Message-ID"].as_str().unwrap()
+        )
+    );
     for args in [
         &["--event", "delete_marked,update"][..],
         &["--event", "delete_marked", "--event", "update"][..],
@@ -1656,7 +1689,7 @@ fn popgate_audit_reads_the_files_of_a_real_run() {
         assert_eq!(evs, ["delete_marked", "update", "update"], "{rows:?}");
         assert_eq!(rows[1][3], USER);
         assert!(
-            rows[1][4].contains(&format!("deleted=1({uid1})")),
+            rows[1][4].contains(&format!("deleted=1({uid1}|<1.audit@example.org>)")),
             "{rows:?}"
         );
         assert!(rows[1][4].contains("outcome=confirmed"), "{rows:?}");
@@ -1783,8 +1816,8 @@ fn dovecot_retrieve_and_update_events() {
             session_open(p.addr, "test"),
             login("AUTH PLAIN"),
             json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": 1,
-                "octets": wire_body(&served_msgs[1]).len(), "complete": true,
-                "headers": headers_of(2)}),
+                "octets": wire_body(&served_msgs[1]).len(), "uidl": uidls[1],
+                "complete": true, "headers": headers_of(2)}),
             json!({"event": "update", "user": USER, "deleted": [], "outcome": "confirmed"}),
             session_close(Some(USER), "quit"),
         ],
@@ -1844,7 +1877,8 @@ fn dovecot_vanished_client_gives_no_update() {
             json!({"event": "retrieve", "user": USER, "verb": "RETR", "msg": 2,
                 "octets": wire_body(&m2).len(), "uidl": uidls[1], "complete": true,
                 "headers": headers_of(2)}),
-            json!({"event": "delete_marked", "user": USER, "msg": 2, "uidl": uidls[1]}),
+            json!({"event": "delete_marked", "user": USER, "msg": 2, "uidl": uidls[1],
+                "message_id": headers_of(2)["Message-ID"]}),
             session_close(Some(USER), "client_eof"),
         ],
         "vanished client, Dovecot",
@@ -1921,10 +1955,13 @@ fn dovecot_fetchmail_keep_then_nokeep_events() {
     let mut want = vec![session_open(p.addr, "test"), login("AUTH CRAM-MD5")];
     for (i, r) in retrieves().into_iter().enumerate() {
         want.push(r);
-        want.push(json!({"event": "delete_marked", "user": USER, "msg": i + 1, "uidl": uidls[i]}));
+        want.push(
+            json!({"event": "delete_marked", "user": USER, "msg": i + 1, "uidl": uidls[i],
+            "message_id": headers_of(i + 1)["Message-ID"]}),
+        );
     }
     let deleted: Vec<Value> = (0..3)
-        .map(|i| json!({"msg": i + 1, "uidl": uidls[i]}))
+        .map(|i| json!({"msg": i + 1, "uidl": uidls[i], "message_id": headers_of(i + 1)["Message-ID"]}))
         .collect();
     want.push(json!({"event": "update", "user": USER, "deleted": deleted, "outcome": "confirmed"}));
     want.push(session_close(Some(USER), "quit"));
@@ -1936,4 +1973,170 @@ fn dovecot_fetchmail_keep_then_nokeep_events() {
         "fetchmail --nokeep via popgate to Dovecot",
     );
     assert_eq!(dv.message_count(USER), 0, "Dovecot kept messages");
+}
+
+/// The UIDLs Dovecot gives its messages, asked directly (not through popgate).
+fn dovecot_uidls(dv: &Dovecot) -> Vec<String> {
+    let mut spec = poplib_spec(dv.addr(), USER, PASS);
+    spec["actions"] = json!([["uidl"], ["quit"]]);
+    parse_uidl_listing(&b64_lines(&poplib(spec)["results"][0]))
+}
+
+/// `popgate audit --uidl` answers who deleted a message, when and from where, when the client
+/// never asked for a UIDL: poplib `DELE 1`, QUIT, and curl `-X DELE`, through popgate to Dovecot.
+/// popgate asked Dovecot `UIDL n` itself; the clients got exactly Dovecot's answers.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn a_delete_without_uidl_is_found_by_its_uidl_with_user_time_and_client() {
+    let dv = dovecot();
+    let uidls = dovecot_uidls(&dv);
+    assert_eq!(uidls.len(), 3);
+    let h = Harness::new();
+    let audit = AuditDir::new();
+    let mut p = h.proxy(dv.addr(), &audit.toml(""));
+
+    let mut spec = poplib_spec(p.addr, USER, PASS);
+    spec["actions"] = json!([["dele", 1], ["quit"]]);
+    let r = poplib(spec);
+    assert_eq!(r["results"][0]["ok"], json!(true), "{}", brief(&r));
+    assert_eq!(r["results"][1]["ok"], json!(true), "{}", brief(&r));
+    assert_eq!(dv.message_count(USER), 2);
+    let evs = audit.wait_closed(1);
+    let s = norm_all(&only_session(&evs));
+    assert_eq!(
+        s[2],
+        json!({"event": "delete_marked", "user": USER, "msg": 1, "uidl": uidls[0]}),
+        "{}",
+        lines(&s)
+    );
+    assert_eq!(
+        s[3],
+        json!({"event": "update", "user": USER, "deleted": [{"msg": 1, "uidl": uidls[0]}],
+            "outcome": "confirmed"}),
+        "{}",
+        lines(&s)
+    );
+
+    // curl: DELE through -X (message 1 of the session is Dovecot's second message now).
+    curl_session(
+        p.addr,
+        &["--login-options", "AUTH=PLAIN"],
+        &[("DELE", "1", true)],
+    );
+    assert_eq!(dv.message_count(USER), 1);
+    let evs = audit.wait_closed(2);
+    p.shutdown(&h);
+    let s = norm_all(&sessions(&evs)[1]);
+    assert!(
+        s.iter().any(|e| e["event"] == json!("update")
+            && e["deleted"] == json!([{"msg": 1, "uidl": uidls[1]}])),
+        "{}",
+        lines(&s)
+    );
+
+    // One command: who deleted it, when, from where.
+    let before = SystemTime::now();
+    for (uidl, session) in [(&uidls[0], 0), (&uidls[1], 1)] {
+        let out = popgate_audit(&audit.files(), &["--uidl", uidl, "--since", "today"]);
+        let rows = table_rows(&out);
+        let events: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+        assert_eq!(
+            events,
+            ["session_open", "delete_marked", "update"],
+            "{rows:?}"
+        );
+        let update = &rows[2];
+        assert_eq!(update[3], USER, "{update:?}");
+        let ts = humantime::parse_rfc3339(&update[0]).expect("a time");
+        assert!(ts <= before, "{update:?}");
+        assert!(update[4].contains("outcome=confirmed"), "{update:?}");
+        assert!(update[4].contains("client=127.0.0.1:"), "{update:?}");
+        let open = &sessions(&evs)[session][0];
+        assert!(
+            update[4].contains(&format!("client={}", open["client"].as_str().unwrap())),
+            "{update:?} {open}"
+        );
+    }
+    // --until yesterday: nothing of today.
+    let out = popgate_audit(
+        &audit.files(),
+        &["--uidl", &uidls[0], "--until", "yesterday"],
+    );
+    assert_eq!(table_rows(&out).len(), 0);
+}
+
+/// `audit.message_ids = "always"`: the Message-ID of a message deleted without being retrieved
+/// is asked with `TOP n 0`, and `popgate audit --message-id` finds the deletion; with the
+/// default, nothing is asked beyond the UIDL.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn always_records_the_message_id_of_a_message_deleted_unread() {
+    let dv = dovecot();
+    let uidls = dovecot_uidls(&dv);
+    let h = Harness::new();
+    let audit = AuditDir::new();
+    let mut p = h.proxy(dv.addr(), &audit.toml("message_ids = \"always\"\n"));
+    let mut spec = poplib_spec(p.addr, USER, PASS);
+    spec["actions"] = json!([["dele", 2], ["quit"]]);
+    let r = poplib(spec);
+    assert_eq!(r["results"][1]["ok"], json!(true), "{}", brief(&r));
+    let evs = audit.wait_closed(1);
+    p.shutdown(&h);
+    let id = headers_of(2)["Message-ID"].clone();
+    let s = norm_all(&only_session(&evs));
+    assert_eq!(
+        s[2],
+        json!({"event": "delete_marked", "user": USER, "msg": 2, "uidl": uidls[1],
+            "message_id": id}),
+        "{}",
+        lines(&s)
+    );
+    let out = popgate_audit(&audit.files(), &["--message-id", id.as_str().unwrap()]);
+    let rows = table_rows(&out);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows[2][4].contains("outcome=confirmed"), "{rows:?}");
+}
+
+/// A server without UIDL (`-ERR` to it): poplib `DELE 1`, `DELE 2`, QUIT. popgate asks once,
+/// learns from the accepted `DELE 1` that the message exists, asks no more, and the records say
+/// `no_uidl`; the client saw only the server's answers to its own commands.
+#[test]
+fn a_server_without_uidl_is_recorded_as_such_and_asked_once() {
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions {
+        faults: Faults {
+            unknown: Some(popgate::pop3::command::Verb::Uidl),
+            ..Faults::default()
+        },
+        ..ServerOptions::new(vec![mailbox(USER, PASS, messages())])
+    });
+    let audit = AuditDir::new();
+    let mut p = h.proxy(up.local_addr(), &audit.toml(""));
+    let mut spec = poplib_spec(p.addr, USER, PASS);
+    spec["actions"] = json!([["dele", 1], ["dele", 2], ["quit"]]);
+    let r = poplib(spec);
+    for i in 0..3 {
+        assert_eq!(r["results"][i]["ok"], json!(true), "{}", brief(&r));
+    }
+    let evs = audit.wait_closed(1);
+    p.shutdown(&h);
+    let s = norm_all(&only_session(&evs));
+    assert_eq!(
+        &s[2..5],
+        &[
+            json!({"event": "delete_marked", "user": USER, "msg": 1, "no_uidl": true}),
+            json!({"event": "delete_marked", "user": USER, "msg": 2, "no_uidl": true}),
+            json!({"event": "update", "user": USER, "deleted": [{"msg": 1, "no_uidl": true},
+                {"msg": 2, "no_uidl": true}], "outcome": "confirmed"}),
+        ],
+        "{}",
+        lines(&s)
+    );
+    let uidls = up
+        .received()
+        .iter()
+        .filter(|l| l.starts_with(b"UIDL"))
+        .count();
+    assert_eq!(uidls, 1, "asked once");
+    assert_eq!(up.messages(USER).len(), 1);
 }

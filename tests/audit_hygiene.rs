@@ -550,3 +550,79 @@ tags = ["bye"]
     .collect();
     assert_eq!(got, want);
 }
+
+/// The date (`YYYY-MM-DD`, UTC) `days` days before now.
+fn day(days_back: u64) -> String {
+    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400 * days_back);
+    humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
+}
+
+/// A file with an old modification time, as a restore or a copy leaves it.
+fn plant(path: &Path, old: bool) {
+    std::fs::write(path, "{}\n").unwrap();
+    if old {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(humantime::parse_rfc3339("2001-01-01T00:00:00Z").unwrap())
+            .unwrap();
+    }
+}
+
+/// `keep_days = 2` keeps today's and yesterday's files and deletes older ones, by the date in
+/// their name: yesterday's file with a 2001 mtime stays, a freshly restored
+/// `audit.2020-01-01.jsonl` goes, at start. A reopen (SIGUSR1, logrotate's) deletes nothing.
+/// The same for the dated operational logs with `[log] keep_days`, whose files are 0640.
+#[test]
+fn retention_goes_by_the_date_in_the_file_name_never_on_reopen() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let tmp = tempfile::tempdir().unwrap();
+    let (audit, log) = (tmp.path().join("audit"), tmp.path().join("log"));
+    std::fs::create_dir(&audit).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let a = |d: &str| audit.join(format!("audit.{d}.jsonl"));
+    let l = |d: &str| log.join(format!("popgate.{d}.log"));
+    plant(&a("2020-01-01"), false);
+    plant(&a(&day(1)), true);
+    plant(&a(&day(2)), false);
+    plant(&l("2020-01-01"), false);
+    plant(&l(&day(1)), true);
+    plant(&l(&day(2)), true);
+    let mut p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .tables(&format!(
+                "[audit]\nenabled = true\ndir = {audit:?}\nkeep_days = 2\n\
+                 [log]\nlevel = \"info\"\ndir = {log:?}\nrotation = \"daily\"\nkeep_days = 2\n"
+            ))
+            .log_dir(log.to_str().unwrap())
+            .wait_for_log(),
+    );
+    for (path, kept) in [
+        (a("2020-01-01"), false),
+        (a(&day(2)), false),
+        (a(&day(1)), true),
+        (a(&day(0)), true),
+        (l("2020-01-01"), false),
+        (l(&day(2)), false),
+        (l(&day(1)), true),
+        (l(&day(0)), true),
+    ] {
+        assert_eq!(path.exists(), kept, "{}", path.display());
+    }
+    assert_eq!(mode(&l(&day(0))), 0o640, "log files are not for every user");
+    assert_eq!(mode(&a(&day(0))), 0o640);
+
+    // A reopen after logrotate's move: nothing is deleted, not even a file that has expired.
+    plant(&a("2020-01-01"), false);
+    plant(&l("2020-01-01"), false);
+    let mut c = RawPop::connect(p.addr);
+    login(&mut c);
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    closed(&audit, 1);
+    p.signal("-USR1");
+    p.wait_log("reopened", 1);
+    for path in [a("2020-01-01"), a(&day(1)), l("2020-01-01"), l(&day(1))] {
+        assert!(path.exists(), "{} deleted on reopen", path.display());
+    }
+    p.stop();
+}

@@ -105,6 +105,7 @@ fn day_one() -> Vec<AuditEvent> {
                 lines: None,
                 octets: 48213,
                 uidl: Some("uid-0003".into()),
+                no_uidl: false,
                 complete: true,
                 headers: Headers(vec![
                     ("Message-ID".into(), "<m3@example.org>".into()),
@@ -130,6 +131,8 @@ fn day_one() -> Vec<AuditEvent> {
                 user: user("bob"),
                 msg: 3,
                 uidl: Some("uid-0003".into()),
+                message_id: Some("<m3@example.org>".into()),
+                no_uidl: false,
             },
         ),
         AuditEvent::at(
@@ -140,6 +143,8 @@ fn day_one() -> Vec<AuditEvent> {
                 deleted: vec![Deleted {
                     msg: 3,
                     uidl: Some("uid-0003".into()),
+                    message_id: Some("<m3@example.org>".into()),
+                    no_uidl: false,
                 }],
                 outcome: UpdateOutcome::Confirmed,
             },
@@ -209,6 +214,7 @@ fn day_two() -> Vec<AuditEvent> {
                 lines: Some(0),
                 octets: 512,
                 uidl: None,
+                no_uidl: false,
                 complete: false,
                 headers: Headers::default(),
             },
@@ -423,7 +429,9 @@ fn table_is_aligned_and_readable() {
     );
     let update = find("update");
     assert!(
-        update.contains("outcome=confirmed deleted=3(uid-0003)"),
+        update.contains(
+            "outcome=confirmed deleted=3(uid-0003|<m3@example.org>) client=198.51.100.7:51544"
+        ),
         "{update}"
     );
     let login = find("AUTH");
@@ -594,4 +602,64 @@ fn table_names_the_instance_when_there_are_several() {
         .map(|r| (r.event.instance.as_deref().unwrap(), r.name.as_str()))
         .collect();
     assert_eq!(got, [("mx1", "session_open"), ("mx1", "reset")]);
+}
+
+#[test]
+fn message_filters_answer_who_retrieved_or_deleted_a_message_and_from_where() {
+    let f = files();
+    let by_uidl = Filter {
+        uidl: Some("uid-0003".into()),
+        ..Filter::default()
+    };
+    let records = read_events(&f.paths, &by_uidl).unwrap();
+    assert_eq!(
+        summary(&records),
+        [
+            s(1, "session_open"),
+            s(1, "retrieve"),
+            s(1, "delete_marked"),
+            s(1, "update"),
+        ]
+    );
+    let table = format_table(&records);
+    let update = table.lines().find(|l| l.contains("update")).unwrap();
+    assert!(update.contains("bob"), "{update}");
+    assert!(update.starts_with("2026-03-01T09:00:02.300Z"), "{update}");
+    assert!(update.contains("outcome=confirmed"), "{update}");
+    assert!(update.contains("client=198.51.100.7:51544"), "{update}");
+    // By Message-ID, with or without brackets: the same events.
+    for id in ["<m3@example.org>", "m3@example.org"] {
+        let by_id = Filter {
+            message_id: Some(id.into()),
+            ..Filter::default()
+        };
+        assert_eq!(
+            summary(&read_events(&f.paths, &by_id).unwrap()),
+            summary(&records)
+        );
+    }
+    // The mailbox owner: carol's message events only (and her session's open).
+    let carol = Filter {
+        msg_user: Some("CAROL".into()),
+        ..Filter::default()
+    };
+    assert_eq!(
+        summary(&read_events(&f.paths, &carol).unwrap()),
+        [s(1, "session_open"), s(1, "retrieve")]
+    );
+    let none = Filter {
+        uidl: Some("uid-0003".into()),
+        msg_user: Some("carol".into()),
+        ..Filter::default()
+    };
+    assert!(read_events(&f.paths, &none).unwrap().is_empty());
+    // --until a date includes that day, not the next.
+    let day_one_only = Filter::from_args(None, None, &[])
+        .unwrap()
+        .until(Some("2026-03-01"))
+        .unwrap();
+    let got = read_events(&f.paths, &day_one_only).unwrap();
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|r| r.event.ts < at("2026-03-02T00:00:00Z")));
+    assert_eq!(got.len(), day_one().len());
 }

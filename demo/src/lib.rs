@@ -156,6 +156,9 @@ pub struct Faults {
     pub die_mid_body: Option<usize>,
     /// Answer this verb with the non-POP3 line `GARBAGE\r\n` (the command is not executed).
     pub garbage_on: Option<Verb>,
+    /// Answer this verb with `-ERR unknown command`, as a server without it does (UIDL and
+    /// TOP are optional in RFC 1939).
+    pub unknown: Option<Verb>,
     /// After `+OK` to `STLS`, in the same write, send these plaintext bytes before the handshake.
     pub stls_inject: Option<Vec<u8>>,
     /// Never answer this verb: the session goes silent (still reading) until the client leaves.
@@ -942,6 +945,10 @@ impl Session {
             }
             if faults.garbage_on == Some(cmd.verb) {
                 self.send(stream, b"GARBAGE\r\n").await?;
+                return Ok(Next::Continue);
+            }
+            if faults.unknown == Some(cmd.verb) {
+                self.send(stream, b"-ERR unknown command\r\n").await?;
                 return Ok(Next::Continue);
             }
         }

@@ -32,7 +32,7 @@ pub struct AuditConfig {
     pub dir: Option<PathBuf>,
     /// How often a new file is started.
     pub rotation: AuditRotation,
-    /// Files older than this many days (rotation periods) are deleted; 0 keeps all.
+    /// Files dated (by their name) before the last this many days are deleted; 0 keeps all.
     pub keep_days: u32,
     /// Length of the bounded queue between sessions and the writer thread.
     pub queue: usize,
@@ -46,6 +46,21 @@ pub struct AuditConfig {
     pub transcript: TranscriptConfig,
     /// The `instance` field of every event: which popgate wrote it (default: the host name).
     pub instance: Option<String>,
+    /// When the Message-ID of a deleted message is recorded: `seen` (it was retrieved in the
+    /// session) or `always` (popgate asks the server with `TOP n 0`).
+    pub message_ids: MessageIds,
+}
+
+/// `audit.message_ids`: how popgate learns the Message-ID of a deleted message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageIds {
+    /// Only from a RETR/TOP of the message the client made in the same session.
+    #[default]
+    Seen,
+    /// Also by asking the server itself (`TOP n 0`) before a `DELE` of a message the session
+    /// has not retrieved.
+    Always,
 }
 
 impl Default for AuditConfig {
@@ -65,6 +80,7 @@ impl Default for AuditConfig {
             max_header_bytes: 16 * 1024,
             transcript: TranscriptConfig::default(),
             instance: None,
+            message_ids: MessageIds::Seen,
         }
     }
 }
@@ -265,16 +281,6 @@ impl AuditConfig {
         }
     }
 
-    /// `max_log_files` for the rolling appender: `keep_days` in rotation periods (None: keep
-    /// all).
-    pub(crate) fn max_log_files(&self) -> Option<usize> {
-        let days = usize::try_from(self.keep_days).ok().filter(|&d| d > 0)?;
-        Some(match self.rotation {
-            AuditRotation::Daily => days,
-            AuditRotation::Hourly => days.saturating_mul(24),
-        })
-    }
-
     /// The compiled header list for [`super::HeaderExtractor`]s, built once and shared by all
     /// sessions.
     pub(crate) fn header_set(&self) -> Arc<HeaderSet> {
@@ -372,7 +378,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.rotation, AuditRotation::Hourly);
         assert_eq!(c.on_overflow, Overflow::Block);
-        assert_eq!(c.max_log_files(), Some(48));
+        assert_eq!(c.keep_days, 2);
         assert_eq!(c.instance_name(), "mx1.example.org");
         assert_eq!(c.transcript.networks.len(), 3);
         assert!(c.transcript.wants("pop3", "127.0.0.1".parse().unwrap()));
@@ -465,16 +471,6 @@ mod tests {
         assert_eq!(key(t), "audit.transcript.dir");
         let e = AuditConfig { queue: 0, ..on }.validate().unwrap_err();
         assert!(e.to_string().contains("audit.queue"), "{e}");
-    }
-
-    #[test]
-    fn keep_days_zero_keeps_everything() {
-        let c = AuditConfig {
-            keep_days: 0,
-            ..AuditConfig::default()
-        };
-        assert_eq!(c.max_log_files(), None);
-        assert_eq!(AuditConfig::default().max_log_files(), Some(30));
     }
 
     #[test]

@@ -420,9 +420,12 @@ pub struct Retrieve {
     pub lines: Option<u64>,
     /// Octets of the multi-line body relayed to the client (wire bytes, terminator included).
     pub octets: u64,
-    /// The message's unique id, if the session has seen it in a UIDL response.
+    /// The message's unique id: seen in the session, or asked for by popgate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uidl: Option<String>,
+    /// The server has no UIDL command (it refused popgate's `UIDL`): no `uidl` can be known.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_uidl: bool,
     /// Whether the body reached its terminator (false: a side closed mid-body).
     pub complete: bool,
     /// The configured headers found in the header block, in configured order.
@@ -438,9 +441,20 @@ pub struct DeleteMarked {
     pub user: Option<String>,
     /// Message number.
     pub msg: u64,
-    /// The message's unique id, if the session has seen it.
+    /// The message's unique id: seen in the session, or asked for by popgate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uidl: Option<String>,
+    /// Its Message-ID header: retrieved in the session, or (`audit.message_ids = "always"`)
+    /// asked for by popgate with `TOP n 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The server has no UIDL command (it refused popgate's `UIDL`): no `uidl` can be known.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_uidl: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `reset`: the server accepted RSET; no message is marked any more.
@@ -459,6 +473,12 @@ pub struct Deleted {
     /// Its unique id, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uidl: Option<String>,
+    /// Its Message-ID header, if known (see [`DeleteMarked::message_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The server has no UIDL command.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_uidl: bool,
 }
 
 /// The server's answer to QUIT in the TRANSACTION state.

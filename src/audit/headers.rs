@@ -39,7 +39,6 @@ impl HeaderSet {
     }
 
     /// How far a header block is scanned, in octets.
-    #[cfg(test)] // chunk-size tests check the bound
     pub(crate) fn max_bytes(&self) -> usize {
         self.max_bytes
     }

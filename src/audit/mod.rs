@@ -19,7 +19,9 @@ pub(crate) mod reader;
 pub(crate) mod sink;
 pub(crate) mod transcript;
 
-pub use config::{AuditConfig, AuditOutput, AuditRotation, Network, Overflow, TranscriptConfig};
+pub use config::{
+    AuditConfig, AuditOutput, AuditRotation, MessageIds, Network, Overflow, TranscriptConfig,
+};
 pub use event::{
     AuditEvent, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Headers, Login, Outcome,
     Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide, Update,

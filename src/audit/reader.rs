@@ -40,10 +40,10 @@ pub enum ReaderError {
         /// What the JSON parser said.
         message: String,
     },
-    /// `--since` is neither a time nor a duration.
+    /// `--since` or `--until` is neither a time, a date nor a duration.
     #[error(
         "invalid time {0:?}: use RFC 3339 (2026-03-01T09:00:00Z, +02:00 offsets allowed), \
-         a date (2026-03-01) or a duration back from now (2h, 30m, 7days)"
+         a date (2026-03-01), today, yesterday or a duration back from now (2h, 30m, 7days)"
     )]
     Since(String),
     /// `--event` names an event that does not exist.
@@ -59,8 +59,19 @@ pub struct Filter {
     pub user: Option<String>,
     /// Keep events at or after this time.
     pub since: Option<SystemTime>,
+    /// Keep events before this time (exclusive; see [`Filter::until`]).
+    pub until: Option<SystemTime>,
     /// Keep only these event names (empty: all).
     pub events: Vec<String>,
+    /// Keep only the events about this message (by its UIDL): `retrieve`, `delete_marked`,
+    /// an `update` that deleted it, with the `session_open` of their sessions (the client's
+    /// address).
+    pub uidl: Option<String>,
+    /// The same, by the message's Message-ID (with or without the angle brackets).
+    pub message_id: Option<String>,
+    /// Keep only the message events (`retrieve`, `delete_marked`, `update`) of this mailbox
+    /// user (ASCII case-insensitive), with the `session_open` of their sessions.
+    pub msg_user: Option<String>,
 }
 
 impl Filter {
@@ -72,7 +83,7 @@ impl Filter {
         events: &[String],
     ) -> Result<Filter, ReaderError> {
         let since = since
-            .map(|s| parse_since(s, SystemTime::now()))
+            .map(|s| parse_time(s, SystemTime::now(), false))
             .transpose()?;
         let mut names = Vec::new();
         for name in events.iter().flat_map(|e| e.split(',')) {
@@ -89,7 +100,71 @@ impl Filter {
             user,
             since,
             events: names,
+            ..Filter::default()
         })
+    }
+
+    /// Set the end of the time range: `--until` as for `--since` (a time, a date, `today`,
+    /// `yesterday` or an age). A date (or `today`/`yesterday`) includes that whole day; a time
+    /// includes its millisecond.
+    pub fn until(mut self, until: Option<&str>) -> Result<Filter, ReaderError> {
+        self.until = until
+            .map(|u| parse_time(u, SystemTime::now(), true))
+            .transpose()?;
+        Ok(self)
+    }
+
+    /// Whether message conditions (`uidl`, `message_id`, `msg_user`) are set.
+    fn by_message(&self) -> bool {
+        self.uidl.is_some() || self.message_id.is_some() || self.msg_user.is_some()
+    }
+
+    /// Whether `r` is a message event that passes the message conditions.
+    fn message_matches(&self, r: &AuditRecord) -> bool {
+        let id = |have: Option<&str>| match (&self.message_id, have) {
+            (None, _) => true,
+            (Some(want), Some(have)) => {
+                let bare = |s: &str| {
+                    s.trim()
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_owned()
+                };
+                bare(want) == bare(have)
+            }
+            (Some(_), None) => false,
+        };
+        let uidl = |have: Option<&str>| match (&self.uidl, have) {
+            (None, _) => true,
+            (Some(want), Some(have)) => want == have,
+            (Some(_), None) => false,
+        };
+        let user = |have: Option<&str>| match (&self.msg_user, have) {
+            (None, _) => true,
+            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+            (Some(_), None) => false,
+        };
+        match &r.event.kind {
+            EventKind::Retrieve(e) => {
+                let mid = e
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case("Message-ID"))
+                    .map(|(_, v)| v);
+                user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(mid)
+            }
+            EventKind::DeleteMarked(e) => {
+                user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(e.message_id.as_deref())
+            }
+            EventKind::Update(e) => {
+                user(e.user.as_deref())
+                    && (self.uidl.is_none() && self.message_id.is_none()
+                        || e.deleted
+                            .iter()
+                            .any(|d| uidl(d.uidl.as_deref()) && id(d.message_id.as_deref())))
+            }
+            _ => false,
+        }
     }
 
     fn user_matches(&self, user: Option<&str>) -> bool {
@@ -104,21 +179,52 @@ impl Filter {
     /// session context, see [`read_events`]).
     fn time_and_name_match(&self, r: &AuditRecord) -> bool {
         self.since.is_none_or(|s| r.event.ts >= s)
+            && self.until.is_none_or(|u| r.event.ts < u)
             && (self.events.is_empty() || self.events.contains(&r.name))
     }
 }
 
 /// A time for `--since`: RFC 3339 (`2026-03-01T09:00:00Z`, `2026-03-01T11:00:00+02:00`,
 /// fractional seconds allowed), `2026-03-01 09:00[:00]` (UTC), a date (`2026-03-01`, midnight
-/// UTC), or a duration back from `now` (`2h`, `90m`, `7days`, `1h 30m`).
+/// UTC), `today` or `yesterday` (midnight UTC), or a duration back from `now` (`2h`, `90m`,
+/// `7days`, `1h 30m`).
+#[cfg(test)]
 pub(crate) fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, ReaderError> {
+    parse_time(text, now, false)
+}
+
+/// [`parse_since`]; with `end`, the exclusive end of what the text names: the midnight after
+/// a date (or `today`, `yesterday`), a millisecond after a time.
+pub(crate) fn parse_time(
+    text: &str,
+    now: SystemTime,
+    end: bool,
+) -> Result<SystemTime, ReaderError> {
+    const DAY: Duration = Duration::from_secs(86_400);
     let t = text.trim();
     let err = || ReaderError::Since(text.to_owned());
     if t.is_empty() {
         return Err(err());
     }
+    let midnight = |back: u32| {
+        let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let day = UNIX_EPOCH + Duration::from_secs(secs - secs % 86_400);
+        day.checked_sub(DAY * back).unwrap_or(UNIX_EPOCH)
+    };
+    let day_end = |start: SystemTime| if end { start + DAY } else { start };
+    match t.to_ascii_lowercase().as_str() {
+        "today" => return Ok(day_end(midnight(0))),
+        "yesterday" => return Ok(day_end(midnight(1))),
+        _ => {}
+    }
     if t.as_bytes()[0].is_ascii_digit() && t.len() >= 10 && t.as_bytes().get(4) == Some(&b'-') {
-        return parse_timestamp(t).ok_or_else(err);
+        let at = parse_timestamp(t).ok_or_else(err)?;
+        return Ok(match (end, t.len()) {
+            (false, _) => at,
+            (true, 10) => at + DAY,
+            (true, 16) => at + Duration::from_secs(60),
+            (true, _) => at + Duration::from_millis(1),
+        });
     }
     let d = humantime::parse_duration(t).map_err(|_| err())?;
     Ok(now.checked_sub(d).unwrap_or(UNIX_EPOCH).max(UNIX_EPOCH))
@@ -271,8 +377,13 @@ pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, Reade
             let n = opens.get(&id).copied().unwrap_or(0);
             let instance = (id.0, id.1, n);
             let user = record.event.user();
-            let user_match = filter.user_matches(user);
-            if filter.user.is_some() && user_match {
+            let mut user_match = filter.user_matches(user);
+            if filter.by_message() {
+                // Only the events about the message (and the user-less events, the
+                // `session_open` with the client's address, of their sessions).
+                user_match = user.is_some() && user_match && filter.message_matches(&record);
+            }
+            if (filter.user.is_some() || filter.by_message()) && user_match {
                 matched.insert(instance.clone());
             }
             if !filter.time_and_name_match(&record) {
@@ -367,15 +478,32 @@ pub fn format_table(records: &[AuditRecord]) -> String {
         (true, None) => format!("-/{}", r.event.session),
         (false, _) => r.event.session.to_string(),
     };
+    // Where each session's client came from (the latest `session_open` of its id before it,
+    // when among the records: ids of older versions restart): message events say it too, so
+    // that one row answers who, when and from where.
+    let mut clients: HashMap<(Option<&str>, u64), std::net::SocketAddr> = HashMap::new();
     let rows: Vec<[String; 5]> = records
         .iter()
         .map(|r| {
+            let key = (r.event.instance.as_deref(), r.event.session);
+            let mut d = details(r);
+            match &r.event.kind {
+                EventKind::SessionOpen(o) => {
+                    clients.insert(key, o.client);
+                }
+                EventKind::Retrieve(_) | EventKind::DeleteMarked(_) | EventKind::Update(_) => {
+                    if let Some(c) = clients.get(&key) {
+                        d.push_str(&format!(" client={c}"));
+                    }
+                }
+                _ => {}
+            }
             [
                 humantime::format_rfc3339_millis(r.event.ts).to_string(),
                 cell(&r.name),
                 session(r),
                 r.event.user().map_or_else(|| "-".to_owned(), cell),
-                details(r),
+                d,
             ]
         })
         .collect();
@@ -482,6 +610,9 @@ fn details(r: &AuditRecord) -> String {
                 .opt("lines", e.lines)
                 .kv("octets", e.octets)
                 .opt("uidl", e.uidl.as_ref());
+            if e.no_uidl {
+                d.kv("no_uidl", true);
+            }
             if !e.complete {
                 d.kv("complete", false);
             }
@@ -490,16 +621,23 @@ fn details(r: &AuditRecord) -> String {
             }
         }
         EventKind::DeleteMarked(e) => {
-            d.kv("msg", e.msg).opt("uidl", e.uidl.as_ref());
+            d.kv("msg", e.msg)
+                .opt("uidl", e.uidl.as_ref())
+                .opt("message_id", e.message_id.as_ref());
+            if e.no_uidl {
+                d.kv("no_uidl", true);
+            }
         }
         EventKind::Reset(_) => {}
         EventKind::Update(e) => {
             let deleted: Vec<String> = e
                 .deleted
                 .iter()
-                .map(|m| match &m.uidl {
-                    Some(u) => format!("{}({u})", m.msg),
-                    None => m.msg.to_string(),
+                .map(|m| match (&m.uidl, &m.message_id) {
+                    (Some(u), Some(id)) => format!("{}({u}|{id})", m.msg),
+                    (Some(u), None) => format!("{}({u})", m.msg),
+                    (None, Some(id)) => format!("{}({id})", m.msg),
+                    (None, None) => m.msg.to_string(),
                 })
                 .collect();
             d.kv("outcome", e.outcome.as_str());
@@ -580,9 +718,23 @@ mod tests {
             parse_since("2026-03-01 09:15", now).unwrap(),
             t("2026-03-01T09:15:00Z")
         );
+        assert_eq!(
+            parse_since("yesterday", now).unwrap(),
+            t("2026-02-28T00:00:00Z")
+        );
+        assert_eq!(
+            parse_since("Today", now).unwrap(),
+            t("2026-03-01T00:00:00Z")
+        );
+        let until = |s| parse_time(s, now, true).unwrap();
+        assert_eq!(until("today"), t("2026-03-02T00:00:00Z"));
+        assert_eq!(until("yesterday"), t("2026-03-01T00:00:00Z"));
+        assert_eq!(until("2026-02-27"), t("2026-02-28T00:00:00Z"));
+        assert_eq!(until("2026-02-27 10:00"), t("2026-02-27T10:01:00Z"));
+        assert_eq!(until("2026-02-27T10:00:00Z"), t("2026-02-27T10:00:00.001Z"));
         for bad in [
             "",
-            "yesterday",
+            "tomorrow",
             "2026-13-01",
             "2026-03-01T25:00:00Z",
             "2h ago",

@@ -146,32 +146,33 @@ impl AuditSink {
                         source,
                     },
                 )?;
-                super::files::precreate(&dir, config.rotation);
+                let naming = super::files::Dated::audit(config.rotation);
+                super::files::precreate(&dir, naming);
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
                 };
-                let mut builder = RollingFileAppender::builder()
+                // No `max_log_files`: it ranks files by birth time and prunes at every
+                // (re)open. `Private` prunes by the date in the name (see `files`).
+                let builder = RollingFileAppender::builder()
                     .rotation(rotation)
                     .filename_prefix("audit")
                     .filename_suffix("jsonl");
-                if let Some(n) = config.max_log_files() {
-                    builder = builder.max_log_files(n);
-                }
+                let keep_days = config.keep_days;
                 let appender = builder.build(&dir).map_err(|source| SinkError::Open {
                     dir: dir.clone(),
                     source,
                 })?;
-                let rotation = config.rotation;
-                let private = super::files::Private::new(appender, &dir, rotation);
+                let private = super::files::Private::new(appender, &dir, naming, keep_days, true);
                 let reopen: Reopen = Box::new(move || {
-                    // A file moved away: the fresh one is created 0640 too.
-                    super::files::precreate(&dir, rotation);
+                    // A file moved away: the fresh one is created 0640 too. A reopen deletes
+                    // nothing: expiry waits for the next period.
+                    super::files::precreate(&dir, naming);
                     let fresh = builder.build(&dir).map_err(|source| SinkError::Reopen {
                         dir: dir.clone(),
                         source,
                     })?;
-                    let fresh = super::files::Private::new(fresh, &dir, rotation);
+                    let fresh = super::files::Private::new(fresh, &dir, naming, keep_days, false);
                     Ok(Box::new(fresh) as Box<dyn Write + Send>)
                 });
                 (Box::new(private), Some(reopen))

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_appender::rolling::RollingFileAppender;
+
+use crate::audit::files::{Dated, Period, Private, precreate};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt as _};
@@ -269,7 +271,9 @@ fn same_output(a: &LogConfig, b: &LogConfig) -> bool {
     out == b.effective_output()
         && match out {
             LogOutput::Stderr | LogOutput::Journald => true,
-            LogOutput::File => a.dir == b.dir && a.rotation == b.rotation,
+            LogOutput::File => {
+                a.dir == b.dir && a.rotation == b.rotation && a.keep_days == b.keep_days
+            }
             LogOutput::Syslog => {
                 a.syslog_address == b.syslog_address && a.syslog_facility == b.syslog_facility
             }
@@ -304,7 +308,7 @@ fn open_output(config: &LogConfig, ansi: bool, journald: bool) -> Result<Output,
         LogOutput::Stderr => Ok(stderr_output(config.format, ansi)),
         LogOutput::File => {
             let dir = config.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-            let file = Arc::new(FileOut::open(dir, config.rotation)?);
+            let file = Arc::new(FileOut::open(dir, config.rotation, config.keep_days)?);
             let (nb, guard) = tracing_appender::non_blocking(FileWriter(file.clone()));
             Ok(Output {
                 sink: Sink::Stream(nb),
@@ -421,27 +425,58 @@ impl Write for SinkWriter {
     }
 }
 
-/// The log file(s) in `log.dir`, reopenable.
+/// The log file(s) in `log.dir`, reopenable. Files are created `0640` like the audit
+/// trail's, and dated ones expire by the date in their name after `log.keep_days` (see
+/// `audit::files`): at start and when a new period begins, never on a reopen.
 struct FileOut {
     dir: PathBuf,
     rotation: Rotation,
-    current: Mutex<RollingFileAppender>,
+    keep_days: u32,
+    current: Mutex<Private<RollingFileAppender>>,
+}
+
+fn naming(rotation: Rotation) -> Dated {
+    Dated {
+        prefix: "popgate",
+        suffix: "log",
+        period: match rotation {
+            Rotation::Daily => Period::Daily,
+            Rotation::Hourly => Period::Hourly,
+            Rotation::Never => Period::Never,
+        },
+    }
 }
 
 impl FileOut {
-    fn open(dir: PathBuf, rotation: Rotation) -> Result<FileOut, LogError> {
+    fn open(dir: PathBuf, rotation: Rotation, keep_days: u32) -> Result<FileOut, LogError> {
+        precreate(&dir, naming(rotation));
         let appender = appender(&dir, rotation)?;
         Ok(FileOut {
+            current: Mutex::new(Private::new(
+                appender,
+                &dir,
+                naming(rotation),
+                keep_days,
+                true,
+            )),
             dir,
             rotation,
-            current: Mutex::new(appender),
+            keep_days,
         })
     }
 
     /// A fresh appender opens (or creates) the file at the configured path; the old one,
     /// possibly renamed by logrotate, is closed once replaced.
     fn reopen(&self) -> Result<(), LogError> {
+        precreate(&self.dir, naming(self.rotation));
         let fresh = appender(&self.dir, self.rotation)?;
+        let fresh = Private::new(
+            fresh,
+            &self.dir,
+            naming(self.rotation),
+            self.keep_days,
+            false,
+        );
         let old = std::mem::replace(&mut *lock(&self.current), fresh);
         drop(old);
         Ok(())

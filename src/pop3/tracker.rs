@@ -104,6 +104,8 @@ pub struct Outstanding {
     name: Option<String>,
     /// `name` folded, when the server folds names and folding changes it.
     name_folded: Option<String>,
+    /// Sent by popgate itself (see [`Tracker::inject`]): its response is never relayed.
+    pub internal: bool,
 }
 
 /// A reply the proxy itself owes the client, now due.
@@ -187,6 +189,9 @@ pub struct ResponseMeta {
     /// The message size in octets the `+OK` line states: `+OK 1200 octets` to RETR or TOP,
     /// `+OK 3 1200` to `LIST 3`; `None` when it states none (`+OK message follows`).
     pub size: Option<u64>,
+    /// The response answers a command popgate sent itself ([`Tracker::inject`]): it and its
+    /// body are for popgate, never for the client.
+    pub internal: bool,
 }
 
 /// A prefix of the server buffer and what it is.
@@ -382,6 +387,8 @@ pub struct Tracker {
     pending: VecDeque<Pending>,
     /// Set while relaying a multi-line body.
     body: Option<BodyScanner>,
+    /// The body being scanned answers an injected command (never relayed).
+    body_internal: bool,
     /// Set after the server sent `+ ` for the AUTH at the head: client lines are SASL answers.
     sasl_waiting_for_client: bool,
     sasl: Option<SaslExchange>,
@@ -404,6 +411,7 @@ impl Tracker {
             fold_names: false,
             pending,
             body: None,
+            body_internal: false,
             sasl_waiting_for_client: false,
             sasl: None,
             stray_sasl: false,
@@ -476,9 +484,23 @@ impl Tracker {
         self.quit_sent
     }
 
-    /// Whether a multi-line body is being relayed right now.
+    /// Whether a multi-line body is being relayed to the client right now (the body of an
+    /// injected command's response is not relayed: it does not count).
     pub fn in_body(&self) -> bool {
-        self.body.is_some()
+        self.body.is_some() && !self.body_internal
+    }
+
+    /// Whether the body being scanned answers a command popgate injected (consumed, not
+    /// relayed).
+    pub fn in_internal_body(&self) -> bool {
+        self.body.is_some() && self.body_internal
+    }
+
+    /// Whether a command popgate injected still awaits its response.
+    pub fn internal_pending(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream(Outstanding { internal: true, .. })))
     }
 
     /// Whether the server greeting is still due.
@@ -599,7 +621,37 @@ impl Tracker {
                 .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
                 .map(str::to_ascii_lowercase),
             name,
+            internal: false,
         }));
+    }
+
+    /// Record that popgate itself sent `cmd` upstream (a `UIDL n` or `TOP n 0` the audit
+    /// trail needs, in the TRANSACTION state only): its response takes its place in the FIFO
+    /// like any other, but is reported with [`ResponseMeta::internal`] set so that it is
+    /// consumed, never relayed. Only commands without side effects on the mailbox or the
+    /// session state are allowed (UIDL, TOP, LIST, STAT, NOOP); others are ignored.
+    pub fn inject(&mut self, cmd: &Command<'_>) -> bool {
+        if self.state != State::Transaction
+            || !matches!(
+                cmd.verb,
+                Verb::Uidl | Verb::Top | Verb::List | Verb::Stat | Verb::Noop
+            )
+        {
+            return false;
+        }
+        self.pending.push_back(Pending::Upstream(Outstanding {
+            verb: cmd.verb,
+            shape: Shape::of(cmd),
+            msg: cmd.msg_number(),
+            lines: match cmd.verb {
+                Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
+                _ => None,
+            },
+            name: None,
+            name_folded: None,
+            internal: true,
+        }));
+        true
     }
 
     /// Record that a SASL answer line was sent upstream.
@@ -652,6 +704,7 @@ impl Tracker {
             return match probe.scan(buf) {
                 Scan::End(len) => {
                     self.body = None;
+                    self.body_internal = false;
                     Ok(Piece::BodyEnd { len })
                 }
                 // The body before the bad line is relayed first, whatever the chunking.
@@ -706,6 +759,7 @@ impl Tracker {
                 multiline: false,
                 login: None,
                 size: None,
+                internal: false,
             });
         };
         if line.status == Status::Continue {
@@ -728,9 +782,28 @@ impl Tracker {
                 multiline: false,
                 login: None,
                 size: None,
+                internal: false,
             });
         }
         self.pending.pop_front();
+        if out.internal {
+            let ok = line.status == Status::Ok;
+            let multiline = ok && out.shape == Shape::MultiLineOnOk;
+            if multiline {
+                self.body = Some(BodyScanner::new());
+                self.body_internal = true;
+            }
+            return Ok(ResponseMeta {
+                verb: Some(out.verb),
+                msg: out.msg,
+                lines: out.lines,
+                status: line.status,
+                multiline,
+                login: None,
+                size: None,
+                internal: true,
+            });
+        }
         let ok = line.status == Status::Ok;
         let multiline = ok && out.shape == Shape::MultiLineOnOk;
         if multiline {
@@ -795,6 +868,7 @@ impl Tracker {
             } else {
                 None
             },
+            internal: false,
         })
     }
 }
@@ -1310,6 +1384,49 @@ mod tests {
             t.on_server_bytes(b".\n-ERR x\r\n"),
             Err(ProtocolError::BareLfTerminator)
         );
+    }
+
+    #[test]
+    fn an_injected_answer_keeps_its_place_and_is_marked_internal() {
+        // Never before login.
+        let mut t = Tracker::new(512);
+        let _ = t.on_server_bytes(b"+OK hi\r\n");
+        assert!(!t.inject(&Command::parse(b"UIDL 1\r\n").unwrap()));
+        let mut t = logged_in();
+        // Nothing with a side effect.
+        assert!(!t.inject(&Command::parse(b"DELE 1\r\n").unwrap()));
+        t.forwarded(&Command::parse(b"RETR 1\r\n").unwrap());
+        assert!(t.inject(&Command::parse(b"TOP 2 0\r\n").unwrap()));
+        t.forwarded(&Command::parse(b"DELE 2\r\n").unwrap());
+        assert!(t.internal_pending());
+        let mut buf = b"+OK\r\nx\r\n.\r\n+OK\r\nMessage-ID: <m>\r\n.\r\n+OK\r\n".to_vec();
+        let mut got = Vec::new();
+        loop {
+            let (client, internal) = (t.in_body(), t.in_internal_body());
+            let Ok(p) = t.on_server_bytes(&buf) else {
+                break;
+            };
+            let (len, what) = match p {
+                Piece::NeedMore => break,
+                Piece::Status { len, meta } => (len, format!("{:?} {}", meta.verb, meta.internal)),
+                Piece::Body { len } | Piece::BodyEnd { len } => {
+                    (len, format!("body client={client} internal={internal}"))
+                }
+            };
+            got.push(what);
+            buf.drain(..len);
+        }
+        assert_eq!(
+            got,
+            [
+                "Some(Retr) false",
+                "body client=true internal=false",
+                "Some(Top) true",
+                "body client=false internal=true",
+                "Some(Dele) false"
+            ]
+        );
+        assert!(!t.internal_pending() && t.idle());
     }
 
     proptest! {

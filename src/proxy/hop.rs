@@ -7,7 +7,7 @@
 //! their place. The upstream never receives a QUIT the client did not send: every other way out
 //! is a [`Action::Close`], and the driver closes the upstream socket without a word.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
-use crate::audit::CloseReason;
+use crate::audit::{CloseReason, MessageIds};
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
@@ -31,6 +31,9 @@ use super::policy::{Policy, Terminal};
 const MAX_DISCARD_FACTOR: usize = 16;
 /// A CAPA body is buffered for rewriting; a longer one is a protocol error.
 const MAX_CAPA: usize = 64 * 1024;
+/// Messages popgate asks about in one session, at most (each costs the session a few octets
+/// of memory and the server a round trip): past this, commands go unidentified.
+const MAX_LOOKUPS: usize = 100_000;
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +81,14 @@ pub(crate) trait Observe {
     fn tags(&mut self, tags: &[Arc<str>]);
     /// A login failed from `ip`: how long to hold its `-ERR` (the per-IP penalty), if at all.
     fn login_failed(&mut self, ip: IpAddr) -> Option<Duration>;
+    /// popgate sent `cmd` upstream itself, for the audit trail (the client never sees it).
+    fn injected(&mut self, cmd: &Command<'_>);
+    /// The status line answering an injected command (consumed, not relayed).
+    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]);
+    /// Body bytes answering an injected command (consumed, not relayed).
+    fn injected_body(&mut self, chunk: &[u8], end: bool);
+    /// The server has no UIDL command: the audit records say so from now on.
+    fn no_uidl(&mut self);
 }
 
 /// What rules said about the audit record(s) of one event.
@@ -139,6 +150,28 @@ pub(crate) struct HopConfig {
     pub(crate) login_timeout: Duration,
     /// `limits.greeting_timeout`, counted from the hop's creation (the upstream is connected).
     pub(crate) greeting_timeout: Duration,
+    /// With the audit trail on: `audit.message_ids`. popgate then asks the server for the
+    /// UIDL (and with `always` the Message-ID) of a message the client retrieves or deletes
+    /// before the session has seen it. `None`: nothing is ever injected.
+    pub(crate) lookups: Option<MessageIds>,
+}
+
+/// What the hop knows about the messages' unique ids, to ask the server only what it must.
+#[derive(Debug, Default)]
+struct Known {
+    /// A whole `UIDL` listing was asked for (by the client): every id is known.
+    all: bool,
+    /// Messages whose id was asked for (by the client or by popgate).
+    uidl: HashSet<u32>,
+    /// Messages whose headers were retrieved or asked for (for `message_ids = "always"`).
+    headers: HashSet<u32>,
+    /// The server refused popgate's `UIDL n`: if it accepts the client's command on `n`, the
+    /// message exists, so the server has no UIDL.
+    refused: Option<u32>,
+    /// The server has no UIDL: never asked again.
+    no_uidl: bool,
+    /// The server refused popgate's `TOP n 0` (TOP is optional in RFC 1939): not asked again.
+    no_top: bool,
 }
 
 /// One session's protocol core.
@@ -172,6 +205,8 @@ pub(crate) struct Hop {
     /// For the `session_close` record: event tags of what closed the session and of the
     /// `close` rules, and the rule that dropped it.
     close_marks: Marks,
+    /// For the audit lookups (see [`HopConfig::lookups`]).
+    known: Known,
     /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
     /// gives in place of a server that has no CAPA.
     learned: Learned,
@@ -211,6 +246,7 @@ impl Hop {
             greeting_deadline: now + cfg.greeting_timeout,
             cmd_tags: VecDeque::new(),
             close_marks: Marks::default(),
+            known: Known::default(),
             learned: Learned::default(),
             cfg,
         }
@@ -248,6 +284,7 @@ impl Hop {
             && !self.barrier
             && !self.tracker.quit_sent()
             && !self.tracker.client_must_wait()
+            && !self.tracker.internal_pending()
             && self.tracker.pending_len() < self.cfg.max_pipeline
     }
 
@@ -524,6 +561,8 @@ impl Hop {
     fn server_data(&mut self, sin: &mut BytesMut, obs: &mut impl Observe) {
         let mut fwd = 0;
         loop {
+            // Known before the call: a body's last piece ends it.
+            let internal_body = self.tracker.in_internal_body();
             let piece = match self.tracker.on_server_bytes(&sin[fwd..]) {
                 Ok(p) => p,
                 Err(e) => {
@@ -539,11 +578,19 @@ impl Hop {
             };
             match piece {
                 Piece::NeedMore => break,
+                Piece::Status { len, meta } if meta.internal => {
+                    self.injected_status(sin, &mut fwd, len, &meta, obs);
+                }
                 Piece::Status { len, meta } => {
                     self.status(sin, &mut fwd, len, &meta, obs);
                     if self.closed {
                         return;
                     }
+                }
+                Piece::Body { len } | Piece::BodyEnd { len } if internal_body => {
+                    self.flush_server(sin, &mut fwd);
+                    let chunk = sin.split_to(len);
+                    obs.injected_body(&chunk, matches!(piece, Piece::BodyEnd { .. }));
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } if self.capa.is_some() => {
                     self.flush_server(sin, &mut fwd);
@@ -639,6 +686,7 @@ impl Hop {
         {
             delay = Some(delay.unwrap_or_default() + p);
         }
+        self.learn_from_response(meta, obs);
         // After the rules, so that a login event carries the tags they attached.
         obs.tags(&self.policy.tags);
         let marks = Marks {
@@ -842,6 +890,7 @@ impl Hop {
             }
             if self.stls_pending
                 || self.tracker.client_must_wait()
+                || self.tracker.internal_pending()
                 || self.tracker.pending_len() >= self.cfg.max_pipeline
             {
                 break;
@@ -891,6 +940,11 @@ impl Hop {
                 self.barrier = true;
                 break;
             }
+            if self.lookup(&cin[..len], obs) {
+                // The client's command waits (unread) for the answer, which only popgate
+                // sees: the server never gets two commands at once on popgate's account.
+                break;
+            }
             let line = cin.split_to(len);
             self.client_line(&line, obs);
             if self.stls_pending {
@@ -905,6 +959,101 @@ impl Hop {
         }
         self.flush_upstream();
         self.write_due_locals(obs);
+    }
+
+    /// Before the client's `line` is handled: if it retrieves or deletes a message whose
+    /// UIDL (or, with `message_ids = "always"`, for a DELE, Message-ID) the session has not
+    /// seen, send the server the question (`UIDL n`, `TOP n 0`) and say so: the line then
+    /// waits until the answer is in. Only in the TRANSACTION state, with the audit trail on.
+    fn lookup(&mut self, line: &[u8], obs: &mut impl Observe) -> bool {
+        let Some(mode) = self.cfg.lookups else {
+            return false;
+        };
+        if self.tracker.state() != State::Transaction || self.closing {
+            return false;
+        }
+        let Ok(cmd) = Command::parse(line) else {
+            return false;
+        };
+        // Parsing checked the arguments (one number; TOP two).
+        if !matches!(cmd.verb, Verb::Retr | Verb::Top | Verb::Dele) {
+            return false;
+        }
+        let Some(n) = cmd.msg_number().filter(|&n| n > 0) else {
+            return false;
+        };
+        let k = &mut self.known;
+        if k.uidl.len() + k.headers.len() >= MAX_LOOKUPS {
+            return false;
+        }
+        let question = if !k.no_uidl && !k.all && k.uidl.insert(n) {
+            format!("UIDL {n}\r\n")
+        } else if mode == MessageIds::Always
+            && cmd.verb == Verb::Dele
+            && !k.no_top
+            && k.headers.insert(n)
+        {
+            format!("TOP {n} 0\r\n")
+        } else {
+            return false;
+        };
+        let Ok(ask) = Command::parse(question.as_bytes()) else {
+            return false;
+        };
+        if !self.tracker.inject(&ask) {
+            return false;
+        }
+        debug!(command = %ask.redacted(), "asking the server for the audit trail");
+        obs.injected(&ask);
+        self.up_out.extend_from_slice(question.as_bytes());
+        self.flush_upstream();
+        true
+    }
+
+    /// The answer to a command popgate injected: handed to the audit observer, consumed.
+    fn injected_status(
+        &mut self,
+        sin: &mut BytesMut,
+        fwd: &mut usize,
+        len: usize,
+        meta: &ResponseMeta,
+        obs: &mut impl Observe,
+    ) {
+        self.flush_server(sin, fwd);
+        let line = sin.split_to(len);
+        debug!(
+            verb = meta.verb.map(|v| v.as_str()).unwrap_or("-"),
+            line = %crate::pop3::printable(&line).trim_end(),
+            "answer to popgate's own question"
+        );
+        if meta.status != crate::pop3::response::Status::Ok {
+            match meta.verb {
+                Some(Verb::Uidl) => self.known.refused = meta.msg,
+                Some(Verb::Top) => self.known.no_top = true,
+                _ => {}
+            }
+        }
+        obs.injected_status(meta, &line);
+    }
+
+    /// What the client's own responses teach about UIDL support, before the observer sees them.
+    fn learn_from_response(&mut self, meta: &ResponseMeta, obs: &mut impl Observe) {
+        let ok = meta.status == crate::pop3::response::Status::Ok;
+        let k = &mut self.known;
+        match meta.verb {
+            Some(Verb::Uidl) if meta.msg.is_none() && !ok && !k.no_uidl => {
+                k.no_uidl = true;
+                obs.no_uidl();
+            }
+            Some(Verb::Retr | Verb::Top | Verb::Dele)
+                if ok && meta.msg.is_some() && k.refused == meta.msg && !k.no_uidl =>
+            {
+                // The message exists, yet `UIDL n` was refused.
+                k.no_uidl = true;
+                obs.no_uidl();
+            }
+            _ => {}
+        }
     }
 
     /// One complete client line (within `max_line`).
@@ -968,6 +1117,7 @@ impl Hop {
                     Decision::Forward(None) => {
                         self.up_out.extend_from_slice(cmd.raw);
                         self.tracker.forwarded(&cmd);
+                        self.note_uidl(&cmd);
                         self.cmd_tags.push_back(tags);
                     }
                     Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line, tags),
@@ -993,6 +1143,24 @@ impl Hop {
         }
     }
 
+    /// What the client asks for itself popgate need not ask: UIDLs, and the headers of what
+    /// it retrieves.
+    fn note_uidl(&mut self, cmd: &Command<'_>) {
+        if self.tracker.state() != State::Transaction {
+            return;
+        }
+        match (cmd.verb, cmd.msg_number()) {
+            (Verb::Uidl, None) if !cmd.has_args() => self.known.all = true,
+            (Verb::Uidl, Some(n)) => {
+                self.known.uidl.insert(n);
+            }
+            (Verb::Retr | Verb::Top, Some(n)) => {
+                self.known.headers.insert(n);
+            }
+            _ => {}
+        }
+    }
+
     /// Forward a command a rule rewrote; the tracker learns the shape from what is sent.
     fn forward_rewritten(&mut self, verb: Verb, line: Vec<u8>, tags: Vec<Arc<str>>) {
         match Command::parse(&line) {
@@ -1008,6 +1176,7 @@ impl Hop {
                 debug!(command = %new.redacted(), "command rewritten by rule");
                 self.up_out.extend_from_slice(&line);
                 self.tracker.forwarded(&new);
+                self.note_uidl(&new);
                 self.cmd_tags.push_back(tags);
             }
             Err(e) => {

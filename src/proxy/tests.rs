@@ -22,6 +22,10 @@ struct Rec {
     /// Login outcomes: the user, the name as typed (if it differs), success.
     logins: Vec<(Option<String>, Option<String>, bool)>,
     penalty: Option<Duration>,
+    injected: Vec<String>,
+    injected_answers: Vec<(Option<Verb>, String)>,
+    injected_body: Vec<u8>,
+    no_uidl: usize,
 }
 
 impl Observe for Rec {
@@ -41,6 +45,20 @@ impl Observe for Rec {
     fn login_failed(&mut self, _: IpAddr) -> Option<Duration> {
         self.penalty
     }
+    fn injected(&mut self, cmd: &Command<'_>) {
+        self.injected
+            .push(String::from_utf8_lossy(cmd.raw).into_owned());
+    }
+    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        self.injected_answers
+            .push((meta.verb, String::from_utf8_lossy(line).into_owned()));
+    }
+    fn injected_body(&mut self, chunk: &[u8], _: bool) {
+        self.injected_body.extend_from_slice(chunk);
+    }
+    fn no_uidl(&mut self) {
+        self.no_uidl += 1;
+    }
 }
 
 fn config() -> HopConfig {
@@ -57,6 +75,7 @@ fn config() -> HopConfig {
         idle_timeout: Duration::from_secs(600),
         login_timeout: Duration::from_secs(60),
         greeting_timeout: Duration::from_secs(30),
+        lookups: None,
     }
 }
 
@@ -79,6 +98,23 @@ struct Out {
     close: Option<(CloseReason, bool)>,
     /// Login outcomes the observer saw: user, name as typed (if it differs), success.
     logins: Vec<(Option<String>, Option<String>, bool)>,
+    /// Commands popgate injected, and the answers only popgate saw (status lines, bodies).
+    injected: Vec<String>,
+    injected_answers: Vec<(Option<Verb>, String)>,
+    injected_body: Vec<u8>,
+    /// How often the hop concluded the server has no UIDL.
+    no_uidl: usize,
+}
+
+impl Out {
+    fn with(mut self, rec: Rec) -> Out {
+        self.logins = rec.logins;
+        self.injected = rec.injected;
+        self.injected_answers = rec.injected_answers;
+        self.injected_body = rec.injected_body;
+        self.no_uidl = rec.no_uidl;
+        self
+    }
 }
 
 /// How a scripted run ends once the scripts are used up.
@@ -120,8 +156,7 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
             }
         }
         if out.close.is_some() {
-            out.logins = std::mem::take(&mut rec.logins);
-            return out;
+            return out.with(rec);
         }
         let answered = count(&out.upstream, b"\n") + 1;
         let available: usize = server.iter().take(answered).map(|r| r.len()).sum();
@@ -137,8 +172,7 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
             s += n;
             hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
         } else if ended {
-            out.logins = std::mem::take(&mut rec.logins);
-            return out;
+            return out.with(rec);
         } else {
             ended = true;
             match end {
@@ -835,4 +869,207 @@ fn own_capa_after_tls_and_login_lists_what_the_server_has_shown() {
         End::Open,
     );
     assert_eq!(text(&out.client), "+OK\r\n+OK\r\nTOP\r\nX-SERVER\r\n.\r\n");
+}
+
+fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {
+    move || {
+        hop_with(
+            HopConfig {
+                lookups: Some(mode),
+                ..config()
+            },
+            "",
+        )
+    }
+}
+
+#[test]
+fn a_pipelined_delete_without_uidl_is_identified_and_the_client_sees_nothing_of_it() {
+    use crate::audit::MessageIds;
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"STAT\r\nRETR 1\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n");
+    let body: &[u8] = b"+OK 24 octets\r\nMessage-ID: <a@x>\r\n\r\n..\r\n.\r\n";
+    let server = after_login(&[
+        b"+OK 2 50\r\n",
+        b"+OK 1 uid-one\r\n",
+        body,
+        b"+OK deleted\r\n",
+        b"+OK 2 uid-two\r\n",
+        b"+OK deleted\r\n",
+        b"+OK bye\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Seen), &client, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nSTAT\r\nUIDL 1\r\nRETR 1\r\nDELE 1\r\nUIDL 2\r\nDELE 2\r\nQUIT\r\n"
+    );
+    let mut seen = LOGGED_IN.concat();
+    for r in [
+        &b"+OK 2 50\r\n"[..],
+        body,
+        b"+OK deleted\r\n",
+        b"+OK deleted\r\n",
+        b"+OK bye\r\n",
+    ] {
+        seen.extend_from_slice(r);
+    }
+    assert_eq!(
+        text(&out.client),
+        text(&seen),
+        "the client sees only its own answers"
+    );
+    assert_eq!(out.injected, ["UIDL 1\r\n", "UIDL 2\r\n"]);
+    assert_eq!(
+        out.injected_answers,
+        [
+            (Some(Verb::Uidl), "+OK 1 uid-one\r\n".to_owned()),
+            (Some(Verb::Uidl), "+OK 2 uid-two\r\n".to_owned())
+        ]
+    );
+    assert_eq!(out.no_uidl, 0);
+}
+
+#[test]
+fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
+    use crate::audit::MessageIds;
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 3\r\nQUIT\r\n");
+    let top: &[u8] = b"+OK\r\nSubject: x\r\nMessage-ID: <m3@x>\r\n\r\n.\r\n";
+    let server = after_login(&[
+        b"+OK 3 uid-three\r\n",
+        top,
+        b"+OK deleted\r\n",
+        b"+OK bye\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Always), &client, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL 3\r\nTOP 3 0\r\nDELE 3\r\nQUIT\r\n"
+    );
+    let mut seen = LOGGED_IN.concat();
+    seen.extend_from_slice(b"+OK deleted\r\n+OK bye\r\n");
+    assert_eq!(text(&out.client), text(&seen));
+    assert_eq!(
+        text(&out.injected_body),
+        "Subject: x\r\nMessage-ID: <m3@x>\r\n\r\n.\r\n"
+    );
+    // A server without TOP is not asked again.
+    let mut no_top = LOGIN.to_vec();
+    no_top.extend_from_slice(b"DELE 1\r\nDELE 2\r\n");
+    let server = after_login(&[
+        b"+OK 1 u1\r\n",
+        b"-ERR unknown command\r\n",
+        b"+OK deleted\r\n",
+        b"+OK 2 u2\r\n",
+        b"+OK deleted\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Always), &no_top, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL 1\r\nTOP 1 0\r\nDELE 1\r\nUIDL 2\r\nDELE 2\r\n"
+    );
+    assert!(text(&out.client).ends_with("+OK in\r\n+OK deleted\r\n+OK deleted\r\n"));
+    // "seen" never probes: the UIDL alone.
+    let out = same_at_every_chunk(
+        auditing(MessageIds::Seen),
+        &client,
+        &after_login(&[b"+OK 3 uid-three\r\n", b"+OK deleted\r\n", b"+OK bye\r\n"]),
+        End::Open,
+    );
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL 3\r\nDELE 3\r\nQUIT\r\n"
+    );
+}
+
+#[test]
+fn a_server_without_uidl_is_recorded_once_and_not_asked_again() {
+    use crate::audit::MessageIds;
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 9\r\nDELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n");
+    let server = after_login(&[
+        // DELE 9: no such message (the -ERR to UIDL 9 proves nothing).
+        b"-ERR no such message\r\n",
+        b"-ERR no such message\r\n",
+        // DELE 1: the message exists, UIDL was refused: no UIDL here.
+        b"-ERR unknown command\r\n",
+        b"+OK deleted\r\n",
+        // Asked while DELE 1's answer was still due (the client pipelines).
+        b"-ERR unknown command\r\n",
+        b"+OK deleted\r\n",
+        b"+OK deleted\r\n",
+        b"+OK bye\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Seen), &client, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL 9\r\nDELE 9\r\nUIDL 1\r\nDELE 1\r\nUIDL 2\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n"
+    );
+    assert_eq!(out.no_uidl, 1);
+    let mut seen = LOGGED_IN.concat();
+    seen.extend_from_slice(
+        b"-ERR no such message\r\n+OK deleted\r\n+OK deleted\r\n+OK deleted\r\n+OK bye\r\n",
+    );
+    assert_eq!(text(&out.client), text(&seen));
+}
+
+#[test]
+fn nothing_is_injected_before_login_after_a_uidl_listing_or_with_the_audit_off() {
+    use crate::audit::MessageIds;
+    // Before login: refused locally, nothing reaches the server.
+    let out = same_at_every_chunk(
+        auditing(MessageIds::Always),
+        b"DELE 1\r\nRETR 1\r\n",
+        &[b"+OK hi\r\n"],
+        End::Open,
+    );
+    assert!(out.upstream.is_empty(), "{}", text(&out.upstream));
+    // The client's own listing names every message.
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"UIDL\r\nRETR 1\r\nDELE 1\r\n");
+    let server = after_login(&[
+        b"+OK\r\n1 uid-one\r\n.\r\n",
+        b"+OK 2 octets\r\n\r\n.\r\n",
+        b"+OK deleted\r\n",
+    ]);
+    let out = same_at_every_chunk(auditing(MessageIds::Always), &client, &server, End::Open);
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nUIDL\r\nRETR 1\r\nDELE 1\r\n"
+    );
+    assert!(out.injected.is_empty());
+    // The audit trail off: the hop never asks.
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 1\r\n");
+    let out = same_at_every_chunk(
+        || hop_with(config(), ""),
+        &client,
+        &after_login(&[b"+OK deleted\r\n"]),
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nDELE 1\r\n");
+}
+
+#[test]
+fn the_upstream_lost_during_a_lookup_answers_the_waiting_command() {
+    use crate::audit::MessageIds;
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"DELE 1\r\n");
+    let out = same_at_every_chunk(
+        auditing(MessageIds::Seen),
+        &client,
+        &after_login(&[b"+OK 1 u"]),
+        End::UpstreamEof,
+    );
+    assert!(
+        text(&out.client)
+            .ends_with("+OK in\r\n-ERR [SYS/TEMP] upstream server closed the connection\r\n"),
+        "{}",
+        text(&out.client)
+    );
+    assert!(
+        !text(&out.upstream).contains("DELE"),
+        "never sent after the loss"
+    );
+    assert_eq!(out.close, Some((CloseReason::UpstreamEof, false)));
 }

@@ -311,6 +311,7 @@ async fn open(
         idle_timeout: config.limits.idle_timeout,
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
+        lookups: config.audit.enabled.then_some(config.audit.message_ids),
     };
     let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
@@ -525,6 +526,18 @@ impl Observe for SessionObserver {
     }
     fn tags(&mut self, tags: &[Arc<str>]) {
         self.observer.set_tags(tags);
+    }
+    fn injected(&mut self, cmd: &Command<'_>) {
+        self.observer.injected(cmd);
+    }
+    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        self.observer.injected_status(meta, line);
+    }
+    fn injected_body(&mut self, chunk: &[u8], end: bool) {
+        self.observer.injected_body(chunk, end);
+    }
+    fn no_uidl(&mut self) {
+        self.observer.no_uidl();
     }
     fn login_failed(&mut self, ip: IpAddr) -> Option<std::time::Duration> {
         let delay = self.shared.limiter.login_failed(ip);

@@ -51,6 +51,12 @@ pub struct Observer {
     /// Partial line of a UIDL listing being relayed.
     uidl_listing: Option<Vec<u8>>,
     uidls: HashMap<u32, String>,
+    /// Message-IDs of the messages retrieved (or probed with `TOP n 0`) in the session.
+    message_ids: HashMap<u32, String>,
+    /// The server has no UIDL command.
+    no_uidl: bool,
+    /// The header block of a `TOP n 0` popgate sent, being read for its Message-ID.
+    probe: Option<(u32, HeaderExtractor)>,
     marked: Vec<u32>,
     transcript: Transcript,
     /// For `session_open` (see [`Observer::set_original_destination`]).
@@ -76,6 +82,9 @@ impl Observer {
             retrieval: None,
             uidl_listing: None,
             uidls: HashMap::new(),
+            message_ids: HashMap::new(),
+            no_uidl: false,
+            probe: None,
             marked: Vec::new(),
             transcript,
             original_dst: None,
@@ -268,7 +277,9 @@ impl Observer {
                         DeleteMarked {
                             user: user_s(),
                             msg: u64::from(msg),
+                            no_uidl: self.no_uidl && uidl.is_none(),
                             uidl,
+                            message_id: self.message_ids.get(&msg).cloned(),
                         },
                         &tags,
                     );
@@ -283,9 +294,14 @@ impl Observer {
                 let deleted = self
                     .marked
                     .iter()
-                    .map(|m| Deleted {
-                        msg: u64::from(*m),
-                        uidl: self.uidls.get(m).cloned(),
+                    .map(|m| {
+                        let uidl = self.uidls.get(m).cloned();
+                        Deleted {
+                            msg: u64::from(*m),
+                            no_uidl: self.no_uidl && uidl.is_none(),
+                            uidl,
+                            message_id: self.message_ids.get(m).cloned(),
+                        }
                     })
                     .collect();
                 self.push_tagged(
@@ -308,6 +324,61 @@ impl Observer {
         ) {
             self.uidls.insert(n, uid.to_owned());
         }
+    }
+
+    /// popgate asked the server `cmd` itself, for the audit trail. The transcript notes it
+    /// (the client never sees it, so it is no `C:` line).
+    pub fn injected(&mut self, cmd: &crate::pop3::command::Command<'_>) {
+        self.transcript.note(&format!(
+            "popgate asks the server (not relayed): {}",
+            cmd.redacted()
+        ));
+    }
+
+    /// The status line answering a command popgate sent (not relayed).
+    pub fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        self.transcript.note(&format!(
+            "server answers popgate (not relayed): {}",
+            crate::pop3::printable(line).trim_end()
+        ));
+        if meta.status != Status::Ok {
+            return;
+        }
+        match (meta.verb, meta.msg) {
+            (Some(Verb::Uidl), Some(_)) => {
+                let text = trim_eol(line);
+                let mut parts = text.split(|&b| b == b' ').skip(1);
+                if let (Some(n), Some(uid)) = (parts.next(), parts.next()) {
+                    self.learn_uidl(n, uid);
+                }
+            }
+            (Some(Verb::Top), Some(n)) if meta.multiline => {
+                let set = HeaderSet::new(&["Message-ID".to_owned()], self.headers.max_bytes());
+                self.probe = Some((n, HeaderExtractor::new(Arc::new(set))));
+            }
+            _ => {}
+        }
+    }
+
+    /// Body bytes answering a command popgate sent (a `TOP n 0`): read for the Message-ID.
+    pub fn injected_body(&mut self, chunk: &[u8], end: bool) {
+        if let Some((_, h)) = self.probe.as_mut()
+            && !h.is_done()
+        {
+            h.feed(chunk);
+        }
+        if end && let Some((n, h)) = self.probe.take() {
+            let headers = h.finish();
+            if let Some((_, id)) = headers.iter().next() {
+                self.message_ids.insert(n, id.to_owned());
+            }
+        }
+    }
+
+    /// The server has no UIDL command: records without a `uidl` say so from now on.
+    pub fn no_uidl(&mut self) {
+        self.transcript.note("the server has no UIDL command");
+        self.no_uidl = true;
     }
 
     /// Body bytes as relayed; `end` when they finish the body.
@@ -351,6 +422,13 @@ impl Observer {
     fn finish_retrieval(&mut self, complete: bool, user: Option<&str>) {
         if let Some(r) = self.retrieval.take() {
             let uidl = self.uidls.get(&r.msg).cloned();
+            let headers = r.headers.finish();
+            if let Some((_, id)) = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("Message-ID"))
+            {
+                self.message_ids.insert(r.msg, id.to_owned());
+            }
             self.push_tagged(
                 Retrieve {
                     user: user.map(str::to_owned),
@@ -358,9 +436,10 @@ impl Observer {
                     msg: u64::from(r.msg),
                     lines: r.lines.map(u64::from),
                     octets: r.octets,
+                    no_uidl: self.no_uidl && uidl.is_none(),
                     uidl,
                     complete,
-                    headers: r.headers.finish(),
+                    headers,
                 },
                 &r.tags,
             );
