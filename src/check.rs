@@ -511,3 +511,197 @@ mod tests {
         assert_eq!(effective_toml(&back).unwrap(), text);
     }
 }
+
+#[cfg(test)]
+/// `src/reference.rs` against what the parser and `check --print` do: the reference names
+/// exactly the keys a config can set, and its TOML defaults are the ones filled in.
+mod reference_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::effective_toml;
+    use crate::config::Config;
+    use crate::reference::KEYS;
+
+    /// Every leaf key path of a printed config, `[[x]]` entries folded to `x`.
+    fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaf_keys(v, &path, out);
+                }
+            }
+            toml::Value::Array(items)
+                if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+            {
+                for item in items {
+                    leaf_keys(item, prefix, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+
+    /// What `check --print` prints for `text`, parsed back.
+    fn printed(text: &str) -> toml::Value {
+        let mut c = Config::parse(text, Path::new("t.toml")).expect("parses");
+        c.resolve_paths(Path::new("/etc/popgate"));
+        toml::from_str(&effective_toml(&c).expect("prints")).expect("printed TOML parses")
+    }
+
+    /// A config that sets every key popgate knows.
+    const EVERY_KEY: &str = r#"
+rules = ["r.toml"]
+pid_file = "/run/popgate/popgate.pid"
+shutdown_grace = "5s"
+[[listener]]
+name = "pop3"
+bind = "127.0.0.1:1110"
+tls = "starttls"
+proxy_protocol = true
+trusted_proxies = ["10.0.0.1"]
+proxy_timeout = "2s"
+[[upstream]]
+name = "a"
+address = ["127.0.0.1:110"]
+dead_for = "5s"
+tls = "starttls"
+connect_timeout = "5s"
+ca_file = "ca.pem"
+server_name = "mail"
+client_cert = "c.pem"
+client_key = "k.pem"
+verify = true
+forward_client = "xclient"
+user_names = "exact"
+[upstream.oauth2]
+token_url = "https://idp/token"
+client_id = "id"
+client_secret_file = "secret"
+client_secret_env = "SECRET"
+grant = "refresh_token"
+scope = "pop"
+mechanism = "oauthbearer"
+tokens_file = "tokens.toml"
+credentials_file = "users.toml"
+device_authorization_url = "https://idp/device"
+refresh_ahead = "30s"
+[[upstream]]
+name = "b"
+address = "127.0.0.1:111"
+[routing]
+default = "a"
+map = "users.map"
+greeting = "hi"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+handshake_timeout = "5s"
+[[tls.certificate]]
+server_names = ["mail.example.org"]
+cert = "c2.pem"
+key = "k2.pem"
+[limits]
+idle_timeout = "5m"
+max_line = 4096
+unknown_commands = "single-line"
+max_sessions = 10
+max_sessions_per_ip = 5
+max_pipeline = 16
+login_timeout = "30s"
+greeting_timeout = "10s"
+login_fail_delay = "2s"
+login_fail_delay_max = "10s"
+login_fail_window = "5m"
+[log]
+level = "debug"
+format = "json"
+output = "file"
+dir = "/var/log/popgate"
+rotation = "hourly"
+keep_days = 14
+syslog_address = "/dev/log"
+syslog_facility = "mail"
+[process]
+user = "popgate"
+group = "popgate"
+[metrics]
+bind = "127.0.0.1:9110"
+health_window = "10s"
+[audit]
+enabled = true
+output = "file"
+dir = "/var/log/popgate/audit"
+rotation = "hourly"
+keep_days = 7
+message_ids = "always"
+queue = 100
+on_overflow = "block"
+headers = ["Subject"]
+max_header_bytes = 4096
+instance = "edge-1"
+[audit.transcript]
+dir = "/var/log/popgate/t"
+listeners = ["pop3"]
+networks = ["127.0.0.0/8"]
+full_bodies = true
+summary_lines = 3
+"#;
+
+    #[test]
+    fn the_reference_names_exactly_the_keys_check_print_prints() {
+        let mut printed_keys = BTreeSet::new();
+        leaf_keys(&printed(EVERY_KEY), "", &mut printed_keys);
+        let documented: BTreeSet<String> = KEYS.iter().map(|k| k.key.to_owned()).collect();
+        let undocumented: Vec<_> = printed_keys.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&printed_keys).collect();
+        assert!(
+            undocumented.is_empty(),
+            "keys printed but not in src/reference.rs: {undocumented:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "keys in src/reference.rs that a config setting every key does not print: {unknown:?}"
+        );
+        assert_eq!(documented.len(), KEYS.len(), "a key is listed twice");
+    }
+
+    #[test]
+    fn documented_defaults_are_the_defaults_check_print_shows() {
+        let minimal = "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\n\
+                       [upstream]\naddress = \"127.0.0.1:110\"\n\
+                       [tls]\n[routing]\n[metrics]\nbind = \"127.0.0.1:9110\"\n";
+        let mut keys = BTreeSet::new();
+        let value = printed(minimal);
+        leaf_keys(&value, "", &mut keys);
+        let mut checked = 0;
+        for k in KEYS {
+            // Defaults written as TOML values (not phrases such as "not set").
+            let Ok(expected) = toml::from_str::<toml::Table>(&format!("v = {}", k.default)) else {
+                continue;
+            };
+            // Tables the minimal config leaves out (`[upstream.oauth2]`) have no defaults to show.
+            let mut at = Some(&value);
+            for part in k.key.split('.') {
+                at = match at {
+                    Some(toml::Value::Array(a)) => a.first().and_then(|t| t.get(part)),
+                    Some(v) => v.get(part),
+                    None => None,
+                };
+            }
+            let Some(at) = at else { continue };
+            assert_eq!(&expected["v"], at, "{}: documented default", k.key);
+            checked += 1;
+        }
+        assert!(checked > 40, "only {checked} defaults compared");
+    }
+}

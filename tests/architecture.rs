@@ -39,9 +39,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "check",
         &[
-            "config", "net", "rules", "audit", "metrics", "routing", "oauth2",
+            "config",
+            "net",
+            "rules",
+            "audit",
+            "metrics",
+            "routing",
+            "oauth2",
+            "reference",
         ],
     ),
+    // The configuration reference (every key, default, reload behaviour; popgate.toml(5)):
+    // plain data, used by `check --print` and the man page.
+    ("reference", &[]),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),
     // The crate root's run loop, split out of lib.rs: the snapshot sessions start with, the
