@@ -9,6 +9,7 @@ use popgate::Config;
 use popgate::cli::{Cli, CliCommand, Oauth2Command};
 use popgate::config::LogConfig;
 use popgate::daemon::{Logging, notify};
+use tokio::signal::unix::{Signal, SignalKind};
 
 /// jemalloc instead of glibc malloc: after a load of many concurrent sessions glibc kept the
 /// freed, fragmented session memory in the worker threads' arenas and RSS stayed at its peak;
@@ -150,6 +151,13 @@ fn run() -> Result<()> {
             let logging = Arc::new(Logging::init(&c.log)?);
             let pid_path = c.pid_file.clone();
             runtime.block_on(async {
+                // Every signal popgate handles is caught from here on, before any listener
+                // answers: a SIGTERM, SIGHUP or SIGUSR1 sent as soon as the port is open is
+                // handled, never the default action (exit).
+                let shutdown = shutdown_signal();
+                let hup = signal_stream(SignalKind::hangup(), "SIGHUP: reload disabled");
+                let usr1 =
+                    signal_stream(SignalKind::user_defined1(), "SIGUSR1: reopening files disabled");
                 let proxy = popgate::Proxy::bind_inherited(c, &config, inherited).await?;
                 // Written once the listeners are bound; removed when dropped, at exit (the
                 // directory is the user's after a privilege drop). The reload status file
@@ -181,12 +189,12 @@ fn run() -> Result<()> {
                 reloader.set_log_hook(Box::new(move |new: &LogConfig| {
                     hook_logging.apply(new).map_err(|e| e.to_string())
                 }));
-                spawn_reload_on_sighup(reloader, status);
-                spawn_reopen_on_usr1(proxy.reopener(), logging.clone());
+                spawn_reload_on_sighup(hup, reloader, status);
+                spawn_reopen_on_usr1(usr1, proxy.reopener(), logging.clone());
                 notify::ready();
                 proxy
                     .run(async {
-                        shutdown_signal().await;
+                        shutdown.await;
                         notify::stopping();
                     })
                     .await;
@@ -394,14 +402,12 @@ A command line that cannot be parsed.
 /// hears RELOADING=1 before and READY=1 (with the outcome as STATUS) after. The handler is
 /// installed before this returns.
 fn spawn_reload_on_sighup(
+    hup: Option<Signal>,
     reloader: popgate::Reloader,
     mut status: Option<popgate::pidfile::ReloadStatus>,
 ) {
-    #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: reload disabled");
+        let Some(mut hup) = hup else {
             return;
         };
         tokio::spawn(async move {
@@ -440,12 +446,9 @@ fn spawn_reload_on_sighup(
 /// SIGUSR1 (logrotate's `postrotate`): reopen the log file, the audit file and the transcript
 /// files at their configured paths. The handler is installed before this returns, so the
 /// signal's default action (exit) no longer applies.
-fn spawn_reopen_on_usr1(reopener: popgate::Reopener, logging: Arc<Logging>) {
-    #[cfg(unix)]
+fn spawn_reopen_on_usr1(usr1: Option<Signal>, reopener: popgate::Reopener, logging: Arc<Logging>) {
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            tracing::warn!("cannot listen for SIGUSR1: reopening files disabled");
+        let Some(mut usr1) = usr1 else {
             return;
         };
         tokio::spawn(async move {
@@ -462,20 +465,38 @@ fn spawn_reopen_on_usr1(reopener: popgate::Reopener, logging: Arc<Logging>) {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+/// A stream of `kind`, or `None` after a warning (`what` says what is lost).
+fn signal_stream(kind: SignalKind, what: &str) -> Option<Signal> {
+    match tokio::signal::unix::signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for {what}");
+            None
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a signal that arrives between the call and the first poll
+/// (a test or systemd stopping popgate right after its listeners answer) still drains instead
+/// of killing the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = signal_stream(SignalKind::terminate(), "SIGTERM");
+    let int = signal_stream(SignalKind::interrupt(), "SIGINT");
+    async move {
+        match (term, int) {
+            (Some(mut term), Some(mut int)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            (Some(mut one), None) | (None, Some(mut one)) => {
+                one.recv().await;
+            }
+            (None, None) => std::future::pending().await,
+        }
+    }
 }
 
 /// The development certificate and its CA (certs/, regenerated by certs/generate.sh) and the

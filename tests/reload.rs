@@ -498,3 +498,23 @@ fn reload_by_pid_waits_for_the_outcome_in_the_runtime_directory() {
     let (ok, out) = reload();
     assert!(ok && out.contains("reloaded: nothing changed"), "{out}");
 }
+
+/// A SIGHUP, SIGUSR1 or SIGTERM sent the moment the listener answers is handled (reload,
+/// reopen, drain with exit 0), never the signal's default action: popgate catches every signal
+/// it handles before it binds. Repeated, since the window it closes was short.
+#[test]
+fn signals_sent_as_soon_as_the_port_answers_are_handled() {
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions::new(vec![mailbox("u", "p", vec![])]));
+    for _ in 0..5 {
+        for sig in ["-HUP", "-USR1"] {
+            let mut p = PopgateProcess::run(up.local_addr(), PopgateOpts::new());
+            p.signal(sig);
+            std::thread::sleep(Duration::from_millis(200));
+            p.assert_running();
+            p.stop();
+        }
+        let mut p = PopgateProcess::run(up.local_addr(), PopgateOpts::new());
+        p.stop();
+    }
+}
