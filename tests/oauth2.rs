@@ -28,6 +28,8 @@ use tokio::net::TcpStream;
 const POPGATE: &str = env!("CARGO_BIN_EXE_popgate");
 /// The local password of the bridge's users.
 const LOCAL_PW: &str = "local-Pa55word";
+/// The client address the library tests log in from.
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A directory with `credentials.toml` (alice and bob, password [`LOCAL_PW`]; bob's mailbox
 /// is `alice`), `secret` (mode 0600) and a `tokens.toml` (0600) with `tokens`.
@@ -172,7 +174,10 @@ fn bridge_logs_in_with_xoauth2_and_oauthbearer_and_mail_is_byte_identical() {
         rt().block_on(async {
             // bob is a local user whose upstream mailbox is alice
             for user in ["alice", "bob"] {
-                let who = bridge.authorize(user, LOCAL_PW.as_bytes()).await.unwrap();
+                let who = bridge
+                    .authorize(user, LOCAL_PW.as_bytes(), LOCALHOST, None)
+                    .await
+                    .unwrap();
                 assert_eq!(who.mailbox(), "alice");
                 let mut s = dial(dv.addr()).await;
                 let ok = bridge.login(&mut s, &who).await.unwrap();
@@ -199,7 +204,7 @@ fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
     let tokens = files.path().join("tokens.toml");
     rt().block_on(async {
         let who = bridge
-            .authorize("alice", LOCAL_PW.as_bytes())
+            .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap();
         let mut s = dial(dv.addr()).await;
@@ -212,7 +217,7 @@ fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
         assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()));
         // A new login needs a new token: one more refresh, with the rotated refresh token.
         let who = bridge
-            .authorize("alice", LOCAL_PW.as_bytes())
+            .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap();
         let mut s2 = dial(dv.addr()).await;
@@ -242,7 +247,7 @@ fn concurrent_logins_for_one_mailbox_cause_one_refresh() {
             let bridge = bridge.clone();
             tasks.push(tokio::spawn(async move {
                 let who = bridge
-                    .authorize("alice", LOCAL_PW.as_bytes())
+                    .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
                     .await
                     .unwrap();
                 let mut s = dial(addr).await;
@@ -268,7 +273,7 @@ fn a_token_revoked_at_the_server_is_retried_once_with_a_fresh_one() {
     let (_files, bridge) = alice_bridge(&auth, &dv.addr().to_string(), auth.mint("alice"));
     rt().block_on(async {
         let who = bridge
-            .authorize("alice", LOCAL_PW.as_bytes())
+            .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap();
         assert_eq!(auth.revoke("alice"), 1);
@@ -293,11 +298,14 @@ fn token_endpoint_down_is_sys_temp_and_wrong_password_asks_nobody() {
     let auth = AuthServer::start(30);
     let (_files, bridge) = alice_bridge(&auth, "127.0.0.1:9", auth.mint("alice"));
     rt().block_on(async {
-        let e = bridge.authorize("alice", b"wrong").await.unwrap_err();
+        let e = bridge
+            .authorize("alice", b"wrong", LOCALHOST, None)
+            .await
+            .unwrap_err();
         assert!(e.is_bad_password());
         assert!(e.client_reply().starts_with(b"-ERR [AUTH]"));
         let e = bridge
-            .authorize("mallory", LOCAL_PW.as_bytes())
+            .authorize("mallory", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap_err();
         assert!(e.is_bad_password());
@@ -309,7 +317,7 @@ fn token_endpoint_down_is_sys_temp_and_wrong_password_asks_nobody() {
 
         auth.set_down(true);
         let e = bridge
-            .authorize("alice", LOCAL_PW.as_bytes())
+            .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap_err();
         assert!(matches!(e, BridgeError::Token(_)), "{e:?}");
@@ -320,7 +328,7 @@ fn token_endpoint_down_is_sys_temp_and_wrong_password_asks_nobody() {
         // back up (after the short hold of the failure): works again
         tokio::time::sleep(Duration::from_millis(2100)).await;
         bridge
-            .authorize("alice", LOCAL_PW.as_bytes())
+            .authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None)
             .await
             .unwrap();
     });
@@ -341,7 +349,10 @@ fn client_credentials_grant_one_app_token_for_every_mailbox() {
     let bridge = bridges(&c, &path).get("default").unwrap().clone();
     rt().block_on(async {
         for user in ["alice", "bob"] {
-            let who = bridge.authorize(user, LOCAL_PW.as_bytes()).await.unwrap();
+            let who = bridge
+                .authorize(user, LOCAL_PW.as_bytes(), LOCALHOST, None)
+                .await
+                .unwrap();
             let mut s = dial(dv.addr()).await;
             bridge.login(&mut s, &who).await.unwrap();
             assert_eq!(retr(&mut s, 1).await, expected_retr(&msg_dots()));
@@ -750,4 +761,167 @@ fn named_upstreams_get_their_own_bridge_and_routing_mode() {
     );
     assert!(c.routing_mode());
     assert!(!one(false).upstreams.iter().any(|u| u.oauth2.is_some()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-login work under a flood of wrong passwords (issue 18, item 1)
+
+/// Memory (KiB) and passes of the Argon2 hashes `bridge_files` writes (the crate's defaults).
+fn hash_memory_kib(files: &Path) -> u64 {
+    let text = std::fs::read_to_string(files.join("credentials.toml")).unwrap();
+    let m = text.split("m=").nth(1).unwrap();
+    m[..m.find(',').unwrap()].parse().unwrap()
+}
+
+/// Threads of process `pid` now.
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// One wrong login (`USER alice`, `PASS` wrong) from `from`: the reply to PASS, or the error.
+async fn wrong_login(from: std::net::IpAddr, to: std::net::SocketAddr) -> Result<String, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(std::net::SocketAddr::new(from, 0))
+        .map_err(|e| e.to_string())?;
+    let mut s = sock.connect(to).await.map_err(|e| e.to_string())?;
+    let g = line(&mut s).await;
+    if !g.starts_with(b"+OK") {
+        return Err(String::from_utf8_lossy(&g).into_owned());
+    }
+    s.write_all(b"USER alice\r\nPASS not-the-password\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let _user = line(&mut s).await;
+    let pass = line(&mut s).await;
+    let _ = s.write_all(b"QUIT\r\n").await;
+    Ok(String::from_utf8_lossy(&pass).trim_end().to_owned())
+}
+
+/// `n` concurrent wrong logins spread over `addresses` loopback addresses 127.0.0.2...; the
+/// replies to PASS.
+async fn flood(to: std::net::SocketAddr, n: usize, addresses: u8) -> Vec<Result<String, String>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let from = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                127,
+                0,
+                0,
+                2 + (i % usize::from(addresses)) as u8,
+            ));
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(120),
+                wrong_login(from, to),
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(match t.await.unwrap() {
+            Ok(r) => r,
+            Err(_) => Err("no reply within 120 s".into()),
+        });
+    }
+    out
+}
+
+/// The real user's login (alice, right password, from 127.0.0.1) and `STAT`: its reply to
+/// PASS and how long the login took.
+async fn real_login(to: std::net::SocketAddr) -> (String, Duration) {
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let g = line(&mut s).await;
+    assert!(g.starts_with(b"+OK"), "{g:?}");
+    let started = std::time::Instant::now();
+    s.write_all(format!("USER alice\r\nPASS {LOCAL_PW}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let _user = line(&mut s).await;
+    let pass = String::from_utf8_lossy(&line(&mut s).await).into_owned();
+    let took = started.elapsed();
+    if pass.starts_with("+OK") {
+        s.write_all(b"STAT\r\n").await.unwrap();
+        let stat = line(&mut s).await;
+        assert!(stat.starts_with(b"+OK 2 "), "{stat:?}");
+    }
+    let _ = s.write_all(b"QUIT\r\n").await;
+    (pass, took)
+}
+
+#[test]
+#[ignore = "needs dovecot and python3-authlib (run .ci/run)"]
+fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user_gets_in() {
+    let auth = AuthServer::start(60);
+    let dv = oauth_dovecot(&auth);
+    let files = bridge_files(&[("alice", auth.mint("alice"))]);
+    // Default max_concurrent_verifications: one per CPU.
+    let p = popgate_bridge(&auth, &dv, files.path(), "", "");
+    let pid = p.child.id();
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let hash_kib = hash_memory_kib(files.path());
+    rt().block_on(async {
+        // Warm up (the token, the upstream, the allocator), then take the baseline.
+        let (ok, _) = real_login(p.addr).await;
+        assert!(ok.starts_with("+OK"), "{ok}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_, start_rss) = p.memory_kib();
+        let start_threads = threads(pid);
+        // 400 wrong logins at once from 20 addresses (20 each, within max_sessions_per_ip),
+        // the real user logging in meanwhile, threads sampled throughout.
+        let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            std::thread::spawn(move || {
+                let mut most = 0;
+                while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(threads(pid));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                most
+            })
+        };
+        let attack = tokio::spawn(flood(p.addr, 400, 20));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (real, took) = real_login(p.addr).await;
+        let replies = attack.await.unwrap();
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let most_threads = sampler.join().unwrap();
+        let (peak, _) = p.memory_kib();
+        eprintln!(
+            "start RSS {start_rss} KiB, peak {peak} KiB, hash {hash_kib} KiB, {cpus} CPUs; \
+             threads {start_threads} -> at most {most_threads}; real login {took:?}"
+        );
+        assert!(real.starts_with("+OK"), "the real user was refused: {real}");
+        // Every wrong login got an answer: refused, or turned away for now.
+        let mut auth_failed = 0;
+        for r in &replies {
+            let r = r.as_ref().expect("every wrong login is answered");
+            assert!(
+                r.starts_with("-ERR [AUTH]") || r.starts_with("-ERR [SYS/TEMP]"),
+                "{r}"
+            );
+            auth_failed += usize::from(r.starts_with("-ERR [AUTH]"));
+        }
+        assert!(auth_failed > 0, "no password was checked at all");
+        let bound = start_rss + (cpus + 2) * hash_kib;
+        assert!(
+            peak < bound,
+            "peak RSS {peak} KiB above start {start_rss} + ({cpus} + 2) x {hash_kib} KiB"
+        );
+        // Session tasks are not threads: at most one blocking thread per running check (and
+        // the runtime's own) beyond the start.
+        assert!(
+            most_threads <= start_threads + cpus + 4,
+            "threads grew from {start_threads} to {most_threads}"
+        );
+    });
+    // The checks turned away were logged as such.
+    assert!(
+        p.log().contains("password check turned away"),
+        "{}",
+        p.log()
+    );
 }

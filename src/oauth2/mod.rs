@@ -41,6 +41,9 @@ pub enum BridgeError {
     /// Unknown user or wrong password (local check; the upstream was not asked).
     #[error("wrong local user or password")]
     BadPassword,
+    /// Too many password checks at once: the login was turned away before its check.
+    #[error("password check not run: {0}")]
+    Busy(crate::limits::Busy),
     /// No access token (token endpoint down, 5xx, invalid_grant, no refresh token...).
     #[error("no OAuth2 access token: {0}")]
     Token(String),
@@ -60,6 +63,7 @@ impl BridgeError {
     pub fn client_reply(&self) -> &'static [u8] {
         match self {
             BridgeError::BadPassword => b"-ERR [AUTH] Authentication failed.\r\n",
+            BridgeError::Busy(_) => b"-ERR [SYS/TEMP] Too many logins at once, try later.\r\n",
             BridgeError::Token(_) => {
                 b"-ERR [SYS/TEMP] Cannot get an OAuth2 token for this mailbox now, try later.\r\n"
             }
@@ -113,6 +117,19 @@ pub struct Bridge {
     mechanism: Oauth2Mechanism,
     host: String,
     port: u16,
+    /// Bounds the password checks running and waiting (`max_concurrent_verifications`).
+    gate: crate::limits::WorkGate,
+}
+
+/// Password checks that may wait for a place, per place to run one: the line holds this many
+/// times `max_concurrent_verifications` (one place per client address).
+const VERIFY_QUEUE_PER_SLOT: usize = 16;
+/// How long a login waits for its password check to start before `-ERR [SYS/TEMP]`.
+const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The default `max_concurrent_verifications`: one check per CPU.
+fn default_verifications() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl Bridge {
@@ -144,6 +161,16 @@ impl Bridge {
             .map_err(|e| ("credentials_file", e))?;
         let (host, port) = crate::config::split_host_port(address)
             .ok_or(("address", format!("{address:?} is not host:port")))?;
+        let slots = match cfg.max_concurrent_verifications {
+            Some(0) => {
+                return Err((
+                    "max_concurrent_verifications",
+                    "must be at least 1".to_owned(),
+                ));
+            }
+            Some(n) => n,
+            None => default_verifications(),
+        };
         Ok(Bridge {
             label: label.to_owned(),
             credentials: Arc::new(credentials),
@@ -167,19 +194,54 @@ impl Bridge {
             mechanism: cfg.mechanism,
             host: host.to_owned(),
             port,
+            gate: crate::limits::WorkGate::new(
+                slots,
+                slots.saturating_mul(VERIFY_QUEUE_PER_SLOT),
+                VERIFY_WAIT,
+            ),
         })
     }
 
     /// Step 1, before dialling: the local password check, then an access token for the
     /// user's mailbox. A wrong password is [`BridgeError::BadPassword`] (and costs the same
-    /// time for unknown users).
-    pub async fn authorize(&self, user: &str, password: &[u8]) -> Result<Authorized, BridgeError> {
+    /// time for unknown users). `client` is the client's address; `penalty` the failed-login
+    /// delay it is under, waited before the check (an address guessing passwords pays its
+    /// penalty before it costs popgate a hash, not after). Checks run at most
+    /// `max_concurrent_verifications` at once; a login that finds no place within a short wait
+    /// is [`BridgeError::Busy`].
+    pub async fn authorize(
+        &self,
+        user: &str,
+        password: &[u8],
+        client: std::net::IpAddr,
+        penalty: Option<std::time::Duration>,
+    ) -> Result<Authorized, BridgeError> {
+        if let Some(d) = penalty {
+            tokio::time::sleep(d).await;
+        }
+        let permit = match self.gate.enter(client).await {
+            Ok(p) => p,
+            Err(busy) => {
+                tracing::warn!(
+                    upstream = %self.label,
+                    user,
+                    client = %client,
+                    "oauth2: password check turned away ({busy}): too many logins at once"
+                );
+                return Err(BridgeError::Busy(busy));
+            }
+        };
         let creds = self.credentials.clone();
         let (user_owned, pw) = (user.to_owned(), password.to_vec());
-        let mailbox = tokio::task::spawn_blocking(move || creds.check(&user_owned, &pw))
-            .await
-            .ok()
-            .flatten();
+        // The permit moves into the check: a session that goes away meanwhile does not free
+        // its place before the hash is done.
+        let mailbox = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            creds.check(&user_owned, &pw)
+        })
+        .await
+        .ok()
+        .flatten();
         let Some(mailbox) = mailbox else {
             tracing::info!(upstream = %self.label, user, "oauth2: local password check failed");
             return Err(BridgeError::BadPassword);
