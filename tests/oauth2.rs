@@ -925,3 +925,47 @@ fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user
         p.log()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reload (issue 18, item 8)
+
+/// `popgate run` with a bridge whose token endpoint refuses connections (so a login that
+/// passes the local check ends in `-ERR [SYS/TEMP]`, one that fails it in `-ERR [AUTH]`) and
+/// `credentials.toml` with alice's `password`, in the process's dir.
+fn offline_bridge(password: &str, extra: &str) -> PopgateProcess {
+    let hash = popgate::oauth2::hash_password(password.as_bytes()).unwrap();
+    let dead = common::free_port();
+    PopgateProcess::run(
+        "127.0.0.1:9".parse().unwrap(),
+        PopgateOpts::new()
+            .file("credentials.toml", format!("alice = {hash:?}\n"))
+            .file("tokens.toml", "alice = \"r1\"\n")
+            .tables(&format!(
+                "[upstream.oauth2]\ntoken_url = \"http://127.0.0.1:{dead}/token\"\n\
+                 client_id = \"app\"\ntokens_file = \"tokens.toml\"\n\
+                 credentials_file = \"credentials.toml\"\n{extra}"
+            ))
+            .wait_for_log(),
+    )
+}
+
+#[test]
+fn reload_lists_a_changed_credentials_file_and_the_new_password_counts() {
+    let p = offline_bridge("old-pw", "");
+    let (_c, r) = raw_login(p.addr, "alice", "old-pw");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    let hash = popgate::oauth2::hash_password(b"new-pw").unwrap();
+    std::fs::write(p.path("credentials.toml"), format!("alice = {hash:?}\n")).unwrap();
+    p.hup();
+    let log = p.wait_log("reloaded", 1);
+    assert!(log.contains("reloaded: oauth2 credentials"), "{log}");
+    assert!(!log.contains("nothing changed"), "{log}");
+    let (_c, r) = raw_login(p.addr, "alice", "old-pw");
+    assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+    let (_c, r) = raw_login(p.addr, "alice", "new-pw");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // A reload with nothing changed still says so.
+    p.hup();
+    let log = p.wait_log("reloaded", 2);
+    assert!(log.contains("reloaded: nothing changed"), "{log}");
+}
