@@ -969,3 +969,227 @@ fn reload_lists_a_changed_credentials_file_and_the_new_password_counts() {
     let log = p.wait_log("reloaded", 2);
     assert!(log.contains("reloaded: nothing changed"), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A hostile token endpoint (issue 18, items 3 and 4)
+
+/// A one-connection-at-a-time HTTP "token endpoint" on loopback: for each request, `answer`
+/// writes to the socket (after the request head and body were read) and returns how many
+/// bytes it got out; those counts come back on the channel.
+fn hostile_endpoint(
+    answer: impl Fn(&mut std::net::TcpStream) -> usize + Send + 'static,
+) -> (String, std::sync::mpsc::Receiver<usize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(8) {
+            let Ok(mut s) = conn else { return };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // The head, then Content-Length bytes of form body.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got).to_lowercase();
+            let len: usize = text
+                .split("content-length:")
+                .nth(1)
+                .and_then(|r| r.lines().next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+            let mut body = got.len().saturating_sub(head_end);
+            while body < len {
+                match std::io::Read::read(&mut s, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => body += n,
+                }
+            }
+            let _ = tx.send(answer(&mut s));
+        }
+    });
+    (url, rx)
+}
+
+/// alice's bridge (refresh token `r1`) with `token_url`; `extra` adds `[upstream.oauth2]` keys.
+fn bridge_at(
+    token_url: &str,
+    extra: &str,
+) -> (tempfile::TempDir, std::sync::Arc<popgate::oauth2::Bridge>) {
+    let files = bridge_files(&[("alice", "r1".to_owned())]);
+    let d = files.path();
+    let (c, path) = config(
+        "127.0.0.1:9",
+        &format!(
+            "[upstream.oauth2]\ntoken_url = \"{token_url}\"\nclient_id = \"app\"\n\
+             client_secret_file = {:?}\ntokens_file = {:?}\ncredentials_file = {:?}\n{extra}",
+            d.join("secret"),
+            d.join("tokens.toml"),
+            d.join("credentials.toml"),
+        ),
+    );
+    let bridge = bridges(&c, &path).get("default").unwrap().clone();
+    (files, bridge)
+}
+
+fn http_answer(s: &mut std::net::TcpStream, head: &str, body: &[u8]) -> usize {
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body);
+    head.len() + body.len()
+}
+
+#[test]
+fn an_endless_token_response_is_cut_at_64_kib() {
+    // 256 MiB of "JSON" without a length: popgate must stop reading long before.
+    let (url, sent) = hostile_endpoint(|s| {
+        let mut n = http_answer(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+            b"{\"access_token\":\"",
+        );
+        let chunk = vec![b'A'; 64 * 1024];
+        for _ in 0..4096 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+            n += chunk.len();
+        }
+        n
+    });
+    let (_files, bridge) = bridge_at(&url, "");
+    let e = rt()
+        .block_on(bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None))
+        .unwrap_err();
+    assert!(matches!(e, BridgeError::Token(_)), "{e}");
+    assert!(e.to_string().contains("larger than 65536 bytes"), "{e}");
+    assert!(e.client_reply().starts_with(b"-ERR [SYS/TEMP]"));
+    let written = sent.recv_timeout(Duration::from_secs(30)).unwrap();
+    // What popgate took before hanging up, plus the loopback socket buffers.
+    assert!(
+        written < 32 << 20,
+        "popgate read {written} bytes of the token response"
+    );
+}
+
+#[test]
+fn a_token_response_announcing_a_huge_length_is_refused_unread() {
+    let (url, _sent) = hostile_endpoint(|s| {
+        http_answer(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2000000000\r\n\r\n",
+            b"{",
+        )
+    });
+    let (_files, bridge) = bridge_at(&url, "");
+    let e = rt()
+        .block_on(bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None))
+        .unwrap_err();
+    assert!(e.to_string().contains("larger than 65536 bytes"), "{e}");
+}
+
+#[test]
+fn a_token_endpoint_that_never_answers_times_out() {
+    let (url, _sent) = hostile_endpoint(|_s| {
+        std::thread::sleep(Duration::from_secs(40));
+        0
+    });
+    let (_files, bridge) = bridge_at(&url, "");
+    let e = rt()
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(35),
+                bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None),
+            )
+            .await
+        })
+        .expect("the token request has its own timeout")
+        .unwrap_err();
+    assert!(e.to_string().contains("token request failed"), "{e}");
+}
+
+#[test]
+fn expires_in_with_a_fraction_is_a_token_not_an_unreadable_response() {
+    let (url, _sent) = hostile_endpoint(|s| {
+        let body = br#"{"access_token":"tok-1","token_type":"Bearer","expires_in":4.0}"#;
+        http_answer(
+            s,
+            &format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            ),
+            body,
+        )
+    });
+    let (_files, bridge) = bridge_at(&url, "");
+    let who = rt()
+        .block_on(bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None))
+        .unwrap();
+    assert_eq!(who.mailbox(), "alice");
+}
+
+#[test]
+fn check_refuses_an_http_token_url_unless_loopback_or_allowed() {
+    let files = bridge_files(&[("alice", "r1".to_owned())]);
+    let d = files.path();
+    let check = |token_url: &str, extra: &str| {
+        std::fs::write(
+            d.join("popgate.toml"),
+            format!(
+                "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:0\"\n[upstream]\naddress = \
+                 \"127.0.0.1:110\"\n[upstream.oauth2]\ntoken_url = \"{token_url}\"\n\
+                 client_id = \"app\"\nclient_secret_file = \"secret\"\n\
+                 tokens_file = \"tokens.toml\"\ncredentials_file = \"credentials.toml\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(POPGATE)
+            .args(["check", "--config"])
+            .arg(d.join("popgate.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for refused in [
+        "http://login.example.com/token",
+        // Looks like loopback, is not.
+        "http://127.0.0.1.example.com/token",
+        "http://localhost.example.com/token",
+    ] {
+        let (ok, err) = check(refused, "");
+        assert!(!ok, "{refused}: {err}");
+        assert!(
+            err.contains("upstream.oauth2.token_url") && err.contains("allow_insecure_token_url"),
+            "{refused}: {err}"
+        );
+    }
+    for fine in [
+        "https://login.example.com/token",
+        "http://127.0.0.1:8080/token",
+        "http://[::1]:8080/token",
+        "http://localhost:8080/token",
+    ] {
+        let (ok, err) = check(fine, "");
+        assert!(ok, "{fine}: {err}");
+    }
+    // Allowed on purpose: accepted, and check still says the secret travels in clear.
+    let (ok, err) = check(
+        "http://login.example.com/token",
+        "allow_insecure_token_url = true\n",
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("travel in clear"), "{err}");
+    // The device authorization URL follows the same rule.
+    let (ok, err) = check(
+        "https://login.example.com/token",
+        "device_authorization_url = \"http://login.example.com/device\"\n",
+    );
+    assert!(!ok && err.contains("device_authorization_url"), "{err}");
+}

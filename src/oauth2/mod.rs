@@ -140,10 +140,15 @@ impl Bridge {
         address: &str,
         cfg: &Oauth2Config,
         base_dir: &Path,
-        http: &reqwest::Client,
+        http: &token::Http,
     ) -> Result<Bridge, (&'static str, String)> {
         let token_url = oauth2::TokenUrl::new(cfg.token_url.clone())
             .map_err(|e| ("token_url", format!("not a URL: {e}")))?;
+        check_url(&cfg.token_url, cfg.allow_insecure_token_url).map_err(|e| ("token_url", e))?;
+        if let Some(url) = &cfg.device_authorization_url {
+            check_url(url, cfg.allow_insecure_token_url)
+                .map_err(|e| ("device_authorization_url", e))?;
+        }
         let secret = read_secret(cfg, base_dir)?;
         let store = match cfg.grant {
             Oauth2Grant::RefreshToken => {
@@ -414,9 +419,36 @@ fn bridge_warnings(prefix: &str, cfg: &Oauth2Config, base_dir: &Path, b: &Bridge
     out
 }
 
+/// Whether `url` is `http://` to a loopback address (`127.0.0.0/8`, `::1`, `localhost`).
 fn is_loopback_url(url: &str) -> bool {
-    let rest = url.strip_prefix("http://").unwrap_or_default();
-    rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    u.scheme() == "http"
+        && match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_loopback(),
+            Err(_) => host.eq_ignore_ascii_case("localhost"),
+        }
+}
+
+/// An endpoint URL popgate may send the client secret and tokens to: `https://`, or `http://`
+/// to loopback, or any `http://` with `allow_insecure_token_url = true`.
+fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
+    let scheme = reqwest::Url::parse(url)
+        .map_err(|e| format!("not a URL: {e}"))?
+        .scheme()
+        .to_owned();
+    match scheme.as_str() {
+        "https" => Ok(()),
+        "http" if allow_insecure || is_loopback_url(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} is http:// to a host that is not loopback: the client secret and tokens \
+             would travel in clear (use https://, or set allow_insecure_token_url = true)"
+        )),
+        other => Err(format!("{url}: scheme {other:?} is not http or https")),
+    }
 }
 
 /// The config's bridges (secret and credentials read), one per upstream with
