@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use common::authserver::{AuthServer, CLIENT};
 use common::clients::{RawPop, curl_ok, curl_retr, fetchmail, url};
 use common::dovecot::{Dovecot, DovecotOpts, dot_stuffed, msg_8bit, msg_dots, served};
@@ -235,7 +237,12 @@ fn expiry_triggers_a_refresh_and_the_rotated_token_is_saved_0600() {
     // No temp file left; the lock file of the read-modify-write stays.
     assert_eq!(
         left,
-        [".tokens.toml.lock", "credentials.toml", "secret", "tokens.toml"]
+        [
+            ".tokens.toml.lock",
+            "credentials.toml",
+            "secret",
+            "tokens.toml"
+        ]
     );
 }
 
@@ -1197,4 +1204,114 @@ fn check_refuses_an_http_token_url_unless_loopback_or_allowed() {
         "device_authorization_url = \"http://login.example.com/device\"\n",
     );
     assert!(!ok && err.contains("device_authorization_url"), "{err}");
+}
+
+/// What peers send to forge log lines: a line break, a terminal escape, a NUL.
+const EVIL: &str = "\r\nINJECTED \u{1b}[2J\u{0}";
+
+/// Whether `log` (text or JSON lines) is free of forged lines and raw controls, and the
+/// peer's text (marked `INJECTED`) reached it `n` times at least, escaped: as `\xNN` by the
+/// log writer, or as Rust escapes (`\r\n`, `\u{1b}`) in a field recorded with `?`.
+fn assert_escaped(log: &str, json: bool, n: usize, what: &str) {
+    for l in log.lines() {
+        assert!(!l.starts_with("INJECTED"), "{what}: forged line in\n{log}");
+        assert!(
+            !l.contains(|c: char| c.is_control() && c != '\t'),
+            "{what}: raw control in {l:?}"
+        );
+        if json {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {l}"));
+        }
+    }
+    assert!(
+        log.matches("INJECTED").count() >= n,
+        "{what}: the peer's text is not {n} times in\n{log}"
+    );
+}
+
+#[test]
+fn peer_text_in_log_lines_is_escaped_client_token_endpoint_and_upstream_in_text_and_json() {
+    // A fake upstream whose greeting carries a bare CR, ESC and NUL (a CRLF would end it).
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in upstream.incoming().take(4) {
+            let Ok(mut c) = c else { return };
+            let _ = c.write_all(b"-ERR busy\rINJECTED \x1b[2J\x00\r\n");
+        }
+    });
+    for format in ["text", "json"] {
+        // The token endpoint: an error_description with CRLF, ESC and NUL, then a token.
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (url, _sent) = {
+            let asked = asked.clone();
+            hostile_endpoint(move |s| {
+                let body = if asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    serde_json::json!({"error": "invalid_grant", "error_description": EVIL})
+                } else {
+                    serde_json::json!({"access_token": "t", "token_type": "Bearer", "expires_in": 60})
+                };
+                let body = body.to_string();
+                let status = if body.contains("error") {
+                    "400 Bad Request"
+                } else {
+                    "200 OK"
+                };
+                http_answer(
+                    s,
+                    &format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    ),
+                    body.as_bytes(),
+                )
+            })
+        };
+        let hash = popgate::oauth2::hash_password(LOCAL_PW.as_bytes()).unwrap();
+        let p = PopgateProcess::run(
+            up_addr,
+            PopgateOpts::new()
+                .file("credentials.toml", format!("alice = {hash:?}\n"))
+                .file("tokens.toml", "alice = \"r1\"\n")
+                .tables(&format!(
+                    "[upstream.oauth2]\ntoken_url = \"{url}\"\nclient_id = \"app\"\n\
+                     tokens_file = \"tokens.toml\"\ncredentials_file = \"credentials.toml\"\n\
+                     [log]\nlevel = \"info\"\nformat = \"{format}\"\ndir = \"log\"\n\
+                     rotation = \"never\"\n"
+                ))
+                .log_dir("log")
+                .wait_for_log(),
+        );
+        let json = format == "json";
+        // 1. The client: a SASL user name may hold CRLF and ESC (NUL ends it).
+        let mut c = RawPop::connect(p.addr);
+        let plain = base64::engine::general_purpose::STANDARD
+            .encode("\0alice\r\nINJECTED \u{1b}[2J\0wrong".as_bytes());
+        let r = c.cmd(&format!("AUTH PLAIN {plain}"));
+        assert!(r.starts_with("-ERR [AUTH]"), "{r}");
+        let log = p.wait_log("local password check failed", 1);
+        let what = format!("{format}: client SASL name");
+        assert_escaped(&log, json, 1, &what);
+        // A command line with NUL or ESC is refused before anything logs it.
+        let mut c = RawPop::connect(p.addr);
+        c.send_raw(b"USER ali\0ce\x1b[2J\r\n");
+        let r = c.line();
+        assert!(r.starts_with("-ERR control character"), "{r}");
+        assert_escaped(&p.log(), json, 1, &format!("{format}: client USER"));
+        // 2. The token endpoint's error_description: the WARN line and the login's line.
+        let (_c, r) = raw_login(p.addr, "alice", LOCAL_PW);
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        let log = p.wait_log("OAuth2 login failed", 1);
+        let what = format!("{format}: token endpoint");
+        // The WARN of the token request and the login's own line.
+        assert_escaped(&log, json, 3, &what);
+        // 3. The upstream's greeting (after the failure hold, the endpoint gives a token).
+        std::thread::sleep(Duration::from_millis(2100));
+        let (_c, r) = raw_login(p.addr, "alice", LOCAL_PW);
+        assert!(r.starts_with("-ERR"), "{r}");
+        let log = p.wait_log("greeting is not +OK", 1);
+        let what = format!("{format}: upstream");
+        assert_escaped(&log, json, 4, &what);
+    }
 }
