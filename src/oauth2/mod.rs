@@ -117,8 +117,9 @@ pub struct Bridge {
     mechanism: Oauth2Mechanism,
     host: String,
     port: u16,
-    /// Bounds the password checks running and waiting (`max_concurrent_verifications`).
-    gate: crate::limits::WorkGate,
+    /// Bounds the password checks running and waiting (`max_concurrent_verifications`);
+    /// shared with the bridge of the same upstream before and after a reload ([`gate_for`]).
+    gate: Arc<crate::limits::WorkGate>,
 }
 
 /// Password checks that may wait for a place, per place to run one: the line holds this many
@@ -126,6 +127,32 @@ pub struct Bridge {
 const VERIFY_QUEUE_PER_SLOT: usize = 16;
 /// How long a login waits for its password check to start before `-ERR [SYS/TEMP]`.
 const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The gate of the bridge of upstream `label` with `credentials`, for `slots` checks at once:
+/// the one the bridge had before a reload while the setting stays, so that checks still running
+/// on the old bridge count against the new one's bound too.
+fn gate_for(label: &str, credentials: &Path, slots: usize) -> Arc<crate::limits::WorkGate> {
+    type Gates =
+        std::sync::Mutex<HashMap<(String, PathBuf), (usize, Arc<crate::limits::WorkGate>)>>;
+    static GATES: std::sync::OnceLock<Gates> = std::sync::OnceLock::new();
+    let mut gates = GATES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key = (label.to_owned(), credentials.to_owned());
+    match gates.get(&key) {
+        Some((n, gate)) if *n == slots => gate.clone(),
+        _ => {
+            let gate = Arc::new(crate::limits::WorkGate::new(
+                slots,
+                slots.saturating_mul(VERIFY_QUEUE_PER_SLOT),
+                VERIFY_WAIT,
+            ));
+            gates.insert(key, (slots, gate.clone()));
+            gate
+        }
+    }
+}
 
 /// The default `max_concurrent_verifications`: one check per CPU.
 fn default_verifications() -> usize {
@@ -199,11 +226,7 @@ impl Bridge {
             mechanism: cfg.mechanism,
             host: host.to_owned(),
             port,
-            gate: crate::limits::WorkGate::new(
-                slots,
-                slots.saturating_mul(VERIFY_QUEUE_PER_SLOT),
-                VERIFY_WAIT,
-            ),
+            gate: gate_for(label, &base_dir.join(&cfg.credentials_file), slots),
         })
     }
 
