@@ -6,7 +6,9 @@
 //! `check::prepare` at start and reload, kept in the session snapshot). A login is two calls,
 //! so that a wrong password never dials the upstream:
 //! 1. [`Bridge::authorize`] before connecting: checks the password against the local
-//!    credential (Argon2, off the async workers) and gets an access token (cached or new);
+//!    credential (Argon2, off the async workers, at most `max_concurrent_verifications` at
+//!    once through a `limits::WorkGate`, after the client's login penalty) and gets
+//!    an access token (cached or new);
 //! 2. [`Bridge::login`] on the connected stream (greeting read): the SASL exchange, and once
 //!    more with a fresh token if the server refuses the first.
 //!
