@@ -1390,3 +1390,34 @@ fn bench_real_login_under_a_flood_of_wrong_passwords() {
         println!("| popgate threads, most seen under flood | {most_threads} |");
     });
 }
+
+#[test]
+fn an_address_under_penalty_waits_it_before_its_password_is_hashed() {
+    let p = offline_bridge("right", "");
+    let from: std::net::IpAddr = "127.0.0.7".parse().unwrap();
+    let wrong_login = || {
+        let mut c = RawPop::over(common::clients::connect_from(from, p.addr));
+        assert!(c.line().starts_with("+OK"));
+        assert!(c.cmd("USER alice").starts_with("+OK"));
+        c.send("PASS wrong");
+        c
+    };
+    // Two free failures, a third held back 1 s (login_fail_delay's default) after its check.
+    for n in 1..=3 {
+        let mut c = wrong_login();
+        assert!(c.line().starts_with("-ERR [AUTH]"));
+        p.wait_log("local password check failed", n);
+    }
+    // The fourth: its address is under a 1 s penalty, waited before the hash, so the check's
+    // log line comes a second after the PASS at the earliest (before the fix: at once, and
+    // the penalty only held the reply).
+    let sent = std::time::Instant::now();
+    let mut c = wrong_login();
+    p.wait_log("local password check failed", 4);
+    let checked_after = sent.elapsed();
+    assert!(
+        checked_after >= Duration::from_secs(1),
+        "the hash ran {checked_after:?} after PASS, inside the penalty"
+    );
+    assert!(c.line().starts_with("-ERR [AUTH]"));
+}
