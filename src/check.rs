@@ -73,6 +73,8 @@ pub(crate) struct FileHashes {
     pub(crate) rules: u64,
     /// The routing map file.
     pub(crate) map: u64,
+    /// The OAuth2 bridges' `credentials_file`s (local users and their hashes).
+    pub(crate) credentials: u64,
 }
 
 /// Check `config` (already validated) as `popgate run` would use it and load what it names;
@@ -111,6 +113,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
         map: hash_files(map_file.iter()),
+        credentials: hash_files(credential_files(&config).iter()),
     };
     Ok(Prepared {
         config,
@@ -286,6 +289,18 @@ fn cert_files(config: &Config) -> impl Iterator<Item = &PathBuf> {
         .flat_map(|(_, c, k)| std::iter::once(c).chain(k.map(|(_, k)| k)))
         .collect::<Vec<_>>()
         .into_iter()
+}
+
+fn credential_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .upstreams
+        .iter()
+        .filter_map(|u| {
+            u.oauth2
+                .as_ref()
+                .map(|o| config.base_dir.join(&o.credentials_file))
+        })
+        .collect()
 }
 
 fn hash_files<'a>(files: impl Iterator<Item = &'a PathBuf>) -> u64 {

@@ -1226,6 +1226,15 @@ pub struct Oauth2Config {
     /// Refresh an access token this long before it expires.
     #[serde(default = "default_refresh_ahead", with = "humantime_serde")]
     pub refresh_ahead: Duration,
+    /// At most this many local password checks (Argon2) run at once; further logins wait in
+    /// a bounded line and get `-ERR [SYS/TEMP]` when it is full or after a short wait.
+    /// Default: the number of CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_verifications: Option<usize>,
+    /// Allow an `http://` `token_url` that is not on loopback (the client secret and tokens
+    /// then travel in clear).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_token_url: bool,
 }
 
 fn default_refresh_ahead() -> Duration {

@@ -1,6 +1,7 @@
-//! Connection and login limits: per-IP session counts, the failed-login penalty and the accept
-//! back-off. Pure bookkeeping without I/O; every time-dependent call takes `now`, so the tables
-//! are unit-tested with a fake clock.
+//! Connection and login limits: per-IP session counts, the failed-login penalty, the accept
+//! back-off and the [`WorkGate`] in front of password hashing. Bookkeeping without I/O; every
+//! time-dependent call of the tables takes `now`, so they are unit-tested with a fake clock
+//! (the gate waits on tokio's clock, and is tested on paused time).
 //!
 //! Both tables are bounded: [`IpSessions`] holds only IPs with a live session (so at most
 //! `limits.max_sessions` entries), [`LoginThrottle`] is a fixed-capacity LRU of
@@ -292,6 +293,16 @@ impl LoginThrottle {
         penalty(count, p.base, p.max)
     }
 
+    /// The delay the last failure of `ip` earned, while its failures still count at `now`:
+    /// what an address under penalty waits *before* more costly work is done for it.
+    pub fn pending(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let p = *lock(&self.params);
+        if p.base.is_zero() {
+            return None;
+        }
+        penalty(self.failures(ip, now), p.base, p.max)
+    }
+
     /// Failures of `ip` that still count at `now`.
     pub fn failures(&self, ip: IpAddr, now: Instant) -> u32 {
         let window = lock(&self.params).window;
@@ -318,6 +329,135 @@ pub fn penalty(count: u32, base: Duration, max: Duration) -> Option<Duration> {
     let extra = count.checked_sub(FREE_LOGIN_FAILURES + 1)?;
     let factor = 1u32.checked_shl(extra.min(31)).unwrap_or(u32::MAX);
     Some(base.saturating_mul(factor).min(max))
+}
+
+/// Bounds costly pre-login work (the OAuth2 bridge's Argon2 checks, ~19 MiB and tens of ms
+/// each): at most `running` at once; the rest wait in a line of at most `queue`, each client
+/// address with at most one place in it (more logins from one address wait behind their own
+/// first); whoever cannot get in within `wait` of asking, or finds the line full, is turned
+/// away ([`Busy`]). Memory held by the work is then bounded by `running` whatever the number of
+/// sessions, and one address cannot push the others out of the line.
+#[derive(Debug)]
+pub struct WorkGate {
+    running: Arc<tokio::sync::Semaphore>,
+    queue: usize,
+    queued: AtomicUsize,
+    wait: Duration,
+    turns: Arc<Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>>,
+}
+
+/// Why [`WorkGate::enter`] turned a caller away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Busy {
+    /// The waiting line was full.
+    #[error("too many checks waiting")]
+    Full,
+    /// No turn came within the gate's wait.
+    #[error("no turn within the wait")]
+    Timeout,
+}
+
+/// A place to run, from [`WorkGate::enter`]; the next waiter gets it when this drops. Move it
+/// into the work (e.g. the `spawn_blocking` closure) so that a cancelled caller does not free
+/// it before the work ends.
+#[derive(Debug)]
+pub struct WorkPermit {
+    _run: tokio::sync::OwnedSemaphorePermit,
+    _turn: IpTurn,
+}
+
+/// An address's one place in line; the address's entry goes when its last holder or waiter
+/// does.
+#[derive(Debug)]
+struct IpTurn {
+    ip: IpAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    sem: Option<Arc<tokio::sync::Semaphore>>,
+    turns: Arc<Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>>,
+}
+
+impl Drop for IpTurn {
+    fn drop(&mut self) {
+        let mut turns = lock(&self.turns);
+        drop(self.permit.take());
+        if let Some(sem) = self.sem.take() {
+            // The map's reference and this one: nobody else waits for this address.
+            if Arc::strong_count(&sem) <= 2 {
+                turns.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Takes the waiting-line place back when dropped (also when the waiter is cancelled).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl WorkGate {
+    /// A gate for `running` concurrent jobs (at least 1), `queue` waiters, `wait` at most.
+    pub fn new(running: usize, queue: usize, wait: Duration) -> WorkGate {
+        WorkGate {
+            running: Arc::new(tokio::sync::Semaphore::new(running.max(1))),
+            queue,
+            queued: AtomicUsize::new(0),
+            wait,
+            turns: Arc::default(),
+        }
+    }
+
+    /// Waits for a place to run the work of client `ip` (see the type's docs).
+    pub async fn enter(&self, ip: IpAddr) -> Result<WorkPermit, Busy> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut turn = IpTurn {
+            ip,
+            permit: None,
+            sem: None,
+            turns: self.turns.clone(),
+        };
+        let sem = {
+            let mut turns = lock(&self.turns);
+            turns
+                .entry(ip)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone()
+        };
+        turn.sem = Some(sem.clone());
+        let permit = tokio::time::timeout_at(deadline, sem.acquire_owned())
+            .await
+            .map_err(|_| Busy::Timeout)?
+            .map_err(|_| Busy::Timeout)?;
+        turn.permit = Some(permit);
+        if let Ok(run) = self.running.clone().try_acquire_owned() {
+            return Ok(WorkPermit {
+                _run: run,
+                _turn: turn,
+            });
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Busy::Full);
+        }
+        let _queued = Queued(&self.queued);
+        let run = tokio::time::timeout_at(deadline, self.running.clone().acquire_owned())
+            .await
+            .map_err(|_| Busy::Timeout)?
+            .map_err(|_| Busy::Timeout)?;
+        Ok(WorkPermit {
+            _run: run,
+            _turn: turn,
+        })
+    }
+
+    /// How many addresses hold or wait for a place (a bound test's view).
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        lock(&self.turns).len()
+    }
 }
 
 /// Back-off for failing `accept` calls (EMFILE, ENFILE…): wait 100 ms, doubling up to 1 s, and
@@ -552,5 +692,87 @@ mod tests {
     fn fd_budget() {
         assert_eq!(fds_needed(10_000), 20_064);
         assert_eq!(fds_needed(usize::MAX), u64::MAX);
+    }
+
+    fn gate_rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn gate_runs_at_most_n_and_turns_away_a_full_line_or_a_long_wait() {
+        gate_rt().block_on(async {
+            let gate = WorkGate::new(2, 1, Duration::from_secs(3));
+            let a = gate.enter(ip(1)).await.unwrap();
+            let _b = gate.enter(ip(2)).await.unwrap();
+            // Third address: waits in line (the only place); fourth finds the line full.
+            let waiter = gate.enter(ip(3));
+            tokio::pin!(waiter);
+            assert!(
+                futures_poll_once(waiter.as_mut()).await.is_none(),
+                "the third must wait"
+            );
+            assert_eq!(gate.enter(ip(4)).await.unwrap_err(), Busy::Full);
+            // A place frees: the waiter runs.
+            drop(a);
+            let c = waiter.await.unwrap();
+            // Nothing frees within the wait: timed out.
+            let started = tokio::time::Instant::now();
+            assert_eq!(gate.enter(ip(5)).await.unwrap_err(), Busy::Timeout);
+            assert_eq!(started.elapsed(), Duration::from_secs(3));
+            drop(c);
+        });
+    }
+
+    #[test]
+    fn gate_gives_one_address_one_place_and_forgets_it_after() {
+        gate_rt().block_on(async {
+            let gate = WorkGate::new(4, 8, Duration::from_secs(2));
+            let first = gate.enter(ip(1)).await.unwrap();
+            // A second job of the same address waits for the first, although places are free,
+            // and gives up after the wait.
+            assert_eq!(gate.enter(ip(1)).await.unwrap_err(), Busy::Timeout);
+            let other = gate.enter(ip(2)).await.unwrap();
+            assert_eq!(gate.addresses(), 2);
+            drop(first);
+            let again = gate.enter(ip(1)).await.unwrap();
+            drop((again, other));
+            assert_eq!(gate.addresses(), 0, "entries go with their last holder");
+        });
+    }
+
+    /// Polls `f` once: its output if it is ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    #[test]
+    fn pending_is_the_delay_of_the_last_failure() {
+        let t = LoginThrottle::new(
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            Duration::from_secs(60),
+            16,
+        );
+        let now = Instant::now();
+        assert_eq!(t.pending(ip(1), now), None);
+        for _ in 0..FREE_LOGIN_FAILURES {
+            t.failed(ip(1), now);
+        }
+        assert_eq!(t.pending(ip(1), now), None, "free failures earn nothing");
+        let d = t.failed(ip(1), now);
+        assert_eq!(t.pending(ip(1), now), d);
+        assert_eq!(t.pending(ip(1), now + Duration::from_secs(61)), None);
+        assert_eq!(t.pending(ip(2), now), None);
     }
 }

@@ -360,6 +360,9 @@ impl Runtime {
         if prepared.files.map != old_files.map {
             changed.insert("routing map".into());
         }
+        if prepared.files.credentials != old_files.credentials {
+            changed.insert("oauth2 credentials".into());
+        }
 
         // Listeners: keep unchanged ones, reuse a socket whose address stays, bind the rest now
         // (a bind error refuses the reload before anything changed).

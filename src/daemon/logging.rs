@@ -155,7 +155,10 @@ impl Logging {
             Err(e) => return Err(e),
         };
         let active = Arc::new(AtomicU8::new(output.slot));
-        let target = Target(Arc::new(RwLock::new(output.sink.clone())));
+        let target = Target {
+            sink: Arc::new(RwLock::new(output.sink.clone())),
+            escape: Escape::Text,
+        };
         let (filter, filter_handle) = reload::Layer::new(filter);
         let slot = |me: u8| Slot {
             me,
@@ -163,23 +166,23 @@ impl Logging {
         };
         let text = tracing_subscriber::fmt::layer()
             .with_ansi(false)
-            .with_writer(target.clone())
+            .with_writer(target.escaping(Escape::Text))
             .with_filter(slot(TEXT));
         let text_ansi = ansi.then(|| {
             tracing_subscriber::fmt::layer()
                 .with_ansi(true)
-                .with_writer(target.clone())
+                .with_writer(target.escaping(Escape::Colours))
                 .with_filter(slot(TEXT_ANSI))
         });
         let text_syslog = tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .without_time()
-            .with_writer(target.clone())
+            .with_writer(target.escaping(Escape::Text))
             .with_filter(slot(TEXT_SYSLOG));
         let json = tracing_subscriber::fmt::layer()
             .json()
             .event_format(TagsAsArray(format().json()))
-            .with_writer(target.clone())
+            .with_writer(target.escaping(Escape::Json))
             .with_filter(slot(JSON));
         let journald = journald.map(|j| j.with_filter(slot(JOURNALD)));
         let subscriber = tracing_subscriber::registry()
@@ -226,7 +229,7 @@ impl Logging {
         let slot = match new_output {
             Some(output) => {
                 let slot = output.slot;
-                *self.target.0.write().unwrap_or_else(|p| p.into_inner()) = output.sink.clone();
+                *self.target.sink.write().unwrap_or_else(|p| p.into_inner()) = output.sink.clone();
                 // The old writer is flushed and stopped when `old` drops, after the swap.
                 let old = std::mem::replace(&mut state.output, output);
                 drop(old);
@@ -362,9 +365,13 @@ impl<S> Filter<S> for Slot {
     }
 }
 
-/// Where formatted lines go; swapped whole by [`Logging::apply`].
+/// Where formatted lines go (the sink is swapped whole by [`Logging::apply`]), and how each
+/// layer's lines are escaped on the way ([`escape_line`]).
 #[derive(Clone)]
-struct Target(Arc<RwLock<Sink>>);
+struct Target {
+    sink: Arc<RwLock<Sink>>,
+    escape: Escape,
+}
 
 #[derive(Clone)]
 enum Sink {
@@ -377,18 +384,35 @@ enum Sink {
 }
 
 /// One event's writer (see [`Target`]).
-enum SinkWriter {
+struct SinkWriter {
+    to: SinkTo,
+    escape: Escape,
+}
+
+enum SinkTo {
     Stream(NonBlocking),
     Syslog(Arc<SyslogOut>, Level),
     Discard,
 }
 
 impl Target {
+    /// The same sink, lines escaped as `escape` says.
+    fn escaping(&self, escape: Escape) -> Target {
+        Target {
+            sink: self.sink.clone(),
+            escape,
+        }
+    }
+
     fn writer(&self, level: Level) -> SinkWriter {
-        match &*self.0.read().unwrap_or_else(|p| p.into_inner()) {
-            Sink::Stream(nb) => SinkWriter::Stream(nb.clone()),
-            Sink::Syslog(s) => SinkWriter::Syslog(s.clone(), level),
-            Sink::Discard => SinkWriter::Discard,
+        let to = match &*self.sink.read().unwrap_or_else(|p| p.into_inner()) {
+            Sink::Stream(nb) => SinkTo::Stream(nb.clone()),
+            Sink::Syslog(s) => SinkTo::Syslog(s.clone(), level),
+            Sink::Discard => SinkTo::Discard,
+        };
+        SinkWriter {
+            to,
+            escape: self.escape,
         }
     }
 }
@@ -406,20 +430,20 @@ impl<'a> MakeWriter<'a> for Target {
 }
 
 impl Write for SinkWriter {
+    /// `buf` is one whole formatted event (the fmt layer formats, then writes once).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            SinkWriter::Stream(nb) => nb.write(buf),
-            SinkWriter::Syslog(s, level) => {
-                s.send(*level, buf)?;
-                Ok(buf.len())
-            }
-            SinkWriter::Discard => Ok(buf.len()),
+        let line = escape_line(buf, self.escape);
+        match &mut self.to {
+            SinkTo::Stream(nb) => nb.write_all(&line)?,
+            SinkTo::Syslog(s, level) => s.send(*level, &line)?,
+            SinkTo::Discard => {}
         }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            SinkWriter::Stream(nb) => nb.flush(),
+        match &mut self.to {
+            SinkTo::Stream(nb) => nb.flush(),
             _ => Ok(()),
         }
     }
@@ -601,6 +625,117 @@ impl SyslogOut {
     }
 }
 
+/// How a layer's lines are escaped by [`escape_line`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    /// Plain text (file, stderr, syslog).
+    Text,
+    /// Text with the formatter's colours (stderr on a terminal): its SGR sequences stay.
+    Colours,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The one place where log lines are made safe for whoever reads them: every formatted event
+/// of the text and JSON formats passes here on its way to the file, stderr or syslog, so text
+/// from peers in any field (client commands and user names, upstream lines, the token
+/// endpoint's `error_description`, PROXY TLVs, certificate names) cannot start a line of its
+/// own, move a terminal's cursor or hide behind a NUL. Control characters (C0 but TAB, DEL, C1)
+/// become `\xNN` as [`crate::pop3::printable`] writes them everywhere else; the event's final
+/// newline stays. In JSON, whose encoder writes control characters as `\n` or `\u001b`, these
+/// become the same `\xNN` text, so a decoded field reads as the plain line does. With
+/// [`Escape::Colours`], SGR sequences (`ESC [ digits m`, colours only) are kept.
+fn escape_line(buf: &[u8], escape: Escape) -> std::borrow::Cow<'_, [u8]> {
+    let (body, end) = match buf.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (buf, &b""[..]),
+    };
+    let unsafe_byte = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+    let has_c1 = || {
+        body.windows(2)
+            .any(|w| w[0] == 0xc2 && (0x80..0xa0).contains(&w[1]))
+    };
+    let json_control = || escape == Escape::Json && body.contains(&b'\\');
+    if !body.iter().any(unsafe_byte) && !has_c1() && !json_control() {
+        return std::borrow::Cow::Borrowed(buf);
+    }
+    let mut out = match escape {
+        Escape::Text => crate::pop3::printable(body),
+        Escape::Colours => printable_keeping_sgr(body),
+        Escape::Json => json_controls_as_text(&String::from_utf8_lossy(body)),
+    }
+    .into_bytes();
+    out.extend_from_slice(end);
+    std::borrow::Cow::Owned(out)
+}
+
+/// [`crate::pop3::printable`], except for SGR sequences (`ESC [` digits and `;`, then `m`).
+fn printable_keeping_sgr(body: &[u8]) -> String {
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(at) = rest.iter().position(|&b| b == 0x1b) {
+        out.push_str(&crate::pop3::printable(&rest[..at]));
+        let seq = &rest[at..];
+        let digits = seq.get(2..).map_or(0, |r| {
+            r.iter()
+                .take_while(|b| b.is_ascii_digit() || **b == b';')
+                .count()
+        });
+        if seq.get(1) == Some(&b'[') && seq.get(2 + digits) == Some(&b'm') {
+            out.push_str(&String::from_utf8_lossy(&seq[..3 + digits]));
+            rest = &seq[3 + digits..];
+        } else {
+            out.push_str(&crate::pop3::printable(&seq[..1]));
+            rest = &seq[1..];
+        }
+    }
+    out.push_str(&crate::pop3::printable(rest));
+    out
+}
+
+/// A JSON text with every control character in its strings (escaped by the encoder as `\n`,
+/// `\u001b`..., or DEL and C1 written raw) turned into the text `\xNN`, still valid JSON.
+fn json_controls_as_text(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() + 16);
+    let mut chars = json.chars().peekable();
+    let hex = |out: &mut String, c: u32| {
+        // `\\x1b` in JSON decodes to the four characters `\x1b`.
+        out.push_str(&format!("\\\\x{c:02x}"));
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            if c.is_control() && c != '\t' {
+                hex(&mut out, u32::from(c));
+            } else {
+                out.push(c);
+            }
+            continue;
+        }
+        match chars.next() {
+            Some('n') => hex(&mut out, 0x0a),
+            Some('r') => hex(&mut out, 0x0d),
+            Some('b') => hex(&mut out, 0x08),
+            Some('f') => hex(&mut out, 0x0c),
+            Some('u') => {
+                let code: String = chars.by_ref().take(4).collect();
+                match u32::from_str_radix(&code, 16).ok().and_then(char::from_u32) {
+                    Some(c) if c.is_control() && c != '\t' => hex(&mut out, u32::from(c)),
+                    _ => {
+                        out.push_str("\\u");
+                        out.push_str(&code);
+                    }
+                }
+            }
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
 /// The JSON event format, with the `tags` field as a JSON array: sessions log it as the text
 /// of a JSON array (tracing fields are strings, numbers or booleans), and this turns that
 /// text back into the array it is.
@@ -676,6 +811,76 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("{needle:?} not logged; log: {}", read(dir));
+    }
+
+    const EVIL: &str = "bad\r\nINJECTED \u{1b}[2J\u{0}\u{7f}\u{9b}end";
+
+    #[test]
+    fn text_lines_escape_controls_and_keep_their_newline() {
+        let line = format!("INFO user={EVIL}\n");
+        let out = escape_line(line.as_bytes(), Escape::Text);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "INFO user=bad\\x0d\\x0aINJECTED \\x1b[2J\\x00\\x7f\\x9bend\n"
+        );
+        // A clean line is not copied.
+        assert!(matches!(
+            escape_line(b"INFO all\tfine\n", Escape::Text),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn colour_lines_keep_sgr_and_escape_everything_else() {
+        let line = format!("\u{1b}[32mINFO\u{1b}[0m \u{1b}[3muser\u{1b}[0m={EVIL}\n");
+        let out = escape_line(line.as_bytes(), Escape::Colours);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "\u{1b}[32mINFO\u{1b}[0m \u{1b}[3muser\u{1b}[0m=bad\\x0d\\x0aINJECTED \\x1b[2J\\x00\\x7f\\x9bend\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_the_same_escapes_and_stay_json() {
+        let line =
+            serde_json::json!({"fields": {"user": EVIL, "typed": "a\\nb\ttab"}}).to_string() + "\n";
+        let out = escape_line(line.as_bytes(), Escape::Json);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.ends_with("}\n") && !text[..text.len() - 1].contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            v["fields"]["user"],
+            "bad\\x0d\\x0aINJECTED \\x1b[2J\\x00\\x7f\\x9bend"
+        );
+        // A backslash the peer typed, and TAB, are text, not escapes.
+        assert_eq!(v["fields"]["typed"], "a\\nb\ttab");
+    }
+
+    #[test]
+    fn every_field_of_every_format_is_escaped_on_the_way_out() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (subscriber, logging, _) =
+                Logging::build(&file_config(tmp.path(), format)).unwrap();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info!(peer = %EVIL, "message from {EVIL}");
+            });
+            drop(logging);
+            let text = wait_for(tmp.path(), "INJECTED");
+            assert_eq!(text.lines().count(), 1, "{format:?}: {text:?}");
+            assert!(
+                !text
+                    .trim_end_matches('\n')
+                    .contains(|c: char| c.is_control() && c != '\t'),
+                "{format:?}: {text:?}"
+            );
+            // In JSON the backslash of `\x0d` is itself escaped; decoded, it reads the same.
+            let needle = match format {
+                LogFormat::Text => "bad\\x0d\\x0aINJECTED \\x1b[2J\\x00",
+                LogFormat::Json => "bad\\\\x0d\\\\x0aINJECTED \\\\x1b[2J\\\\x00",
+            };
+            assert_eq!(text.matches(needle).count(), 2, "{format:?}: {text}");
+        }
     }
 
     #[test]

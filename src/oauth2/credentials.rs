@@ -24,7 +24,8 @@ struct Entry {
 pub(crate) struct Credentials {
     users: HashMap<String, Entry>,
     /// Verified when the user is unknown, so that an unknown user costs the same time as a
-    /// wrong password (no user enumeration by timing).
+    /// wrong password (no user enumeration by timing): made with the costliest parameters
+    /// found in the file, so a user with heavier ones is no slower than an unknown one.
     dummy: String,
 }
 
@@ -51,20 +52,31 @@ impl Credentials {
     pub(crate) fn parse(text: &str) -> Result<Credentials, String> {
         let raw: HashMap<String, RawEntry> = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut users = HashMap::with_capacity(raw.len());
+        let mut costliest: Option<(u64, Argon2<'static>)> = None;
         for (user, entry) in raw {
             let (hash, mailbox) = match entry {
                 RawEntry::Hash(h) => (h, None),
                 RawEntry::Full { hash, mailbox } => (hash, mailbox),
             };
-            PasswordHash::new(&hash)
+            let parsed = PasswordHash::new(&hash)
                 .map_err(|e| format!("user {user:?}: not a PHC password hash: {e}"))?;
+            if let Some(a) = hasher_of(&parsed) {
+                let p = a.params();
+                let cost = u64::from(p.m_cost()) * u64::from(p.t_cost());
+                if costliest.as_ref().is_none_or(|(c, _)| cost > *c) {
+                    costliest = Some((cost, a));
+                }
+            }
             let mailbox = mailbox.unwrap_or_else(|| user.clone());
             users.insert(user, Entry { hash, mailbox });
         }
-        Ok(Credentials {
-            users,
-            dummy: hash_password(b"popgate-dummy-password").map_err(|e| e.to_string())?,
-        })
+        let hasher = costliest.map_or_else(Argon2::default, |(_, a)| a);
+        let salt = SaltString::generate(&mut OsRng);
+        let dummy = hasher
+            .hash_password(b"popgate-dummy-password", &salt)
+            .map_err(|e| format!("cannot make the dummy hash: {e}"))?
+            .to_string();
+        Ok(Credentials { users, dummy })
     }
 
     /// How many users there are.
@@ -84,6 +96,18 @@ impl Credentials {
             }
         }
     }
+}
+
+/// The Argon2 hasher with the algorithm, version and parameters of `hash` (None for a hash
+/// that is not Argon2's; its verification fails anyway).
+fn hasher_of(hash: &PasswordHash<'_>) -> Option<Argon2<'static>> {
+    let algorithm = argon2::Algorithm::try_from(hash.algorithm).ok()?;
+    let version = match hash.version {
+        Some(v) => argon2::Version::try_from(v).ok()?,
+        None => argon2::Version::default(),
+    };
+    let params = argon2::Params::try_from(hash).ok()?;
+    Some(Argon2::new(algorithm, version, params))
 }
 
 fn verify(hash: &str, password: &[u8]) -> bool {
@@ -122,6 +146,46 @@ mod tests {
             Some("bob@contoso.example")
         );
         assert_eq!(c.check("nobody", b"pw1"), None);
+    }
+
+    /// A hash of `pw` with memory `m` KiB and `t` passes.
+    fn hash_with(pw: &[u8], m: u32, t: u32) -> String {
+        let params = argon2::Params::new(m, t, 1, None).unwrap();
+        let a = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        a.hash_password(pw, &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string()
+    }
+
+    /// The shortest of five runs of `f`.
+    fn fastest(mut f: impl FnMut()) -> std::time::Duration {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    }
+
+    #[test]
+    fn unknown_users_cost_as_much_as_the_heaviest_user() {
+        // One user with the defaults, one with 4x the memory and 2x the passes (8x the work):
+        // a wrong password for the heavy one must not take much longer than an unknown user,
+        // or timing tells which names exist.
+        let light = hash_with(b"pw", 19_456, 2);
+        let heavy = hash_with(b"pw", 4 * 19_456, 4);
+        let c = Credentials::parse(&format!("light = {light:?}\nheavy = {heavy:?}\n")).unwrap();
+        assert!(c.dummy.contains("m=77824,t=4"), "{}", c.dummy);
+        let wrong_heavy = fastest(|| assert_eq!(c.check("heavy", b"nope"), None));
+        let unknown = fastest(|| assert_eq!(c.check("nobody", b"nope"), None));
+        let ratio = wrong_heavy.as_secs_f64() / unknown.as_secs_f64();
+        // Same work: about 1. With a default-parameter dummy it is about 8.
+        assert!(
+            ratio < 2.0,
+            "wrong password for the heavy user {wrong_heavy:?}, unknown user {unknown:?}"
+        );
     }
 
     #[test]

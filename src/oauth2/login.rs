@@ -45,6 +45,10 @@ pub async fn device_login(
         .tokens_file
         .as_ref()
         .ok_or_else(|| conf("oauth2.tokens_file is not set".into()))?;
+    super::check_url(&cfg.token_url, cfg.allow_insecure_token_url)
+        .map_err(|e| conf(format!("token_url: {e}")))?;
+    super::check_url(&device_url, cfg.allow_insecure_token_url)
+        .map_err(|e| conf(format!("device_authorization_url: {e}")))?;
     let store = TokenStore::new(base_dir.join(tokens_file));
     let secret = super::read_secret(cfg, base_dir).map_err(|(k, e)| conf(format!("{k}: {e}")))?;
     let http = http_client().map_err(DeviceLoginError::Server)?;

@@ -6,7 +6,9 @@
 //! `check::prepare` at start and reload, kept in the session snapshot). A login is two calls,
 //! so that a wrong password never dials the upstream:
 //! 1. [`Bridge::authorize`] before connecting: checks the password against the local
-//!    credential (Argon2, off the async workers) and gets an access token (cached or new);
+//!    credential (Argon2, off the async workers, at most `max_concurrent_verifications` at
+//!    once through a `limits::WorkGate`, after the client's login penalty) and gets
+//!    an access token (cached or new);
 //! 2. [`Bridge::login`] on the connected stream (greeting read): the SASL exchange, and once
 //!    more with a fresh token if the server refuses the first.
 //!
@@ -41,6 +43,9 @@ pub enum BridgeError {
     /// Unknown user or wrong password (local check; the upstream was not asked).
     #[error("wrong local user or password")]
     BadPassword,
+    /// Too many password checks at once: the login was turned away before its check.
+    #[error("password check not run: {0}")]
+    Busy(crate::limits::Busy),
     /// No access token (token endpoint down, 5xx, invalid_grant, no refresh token...).
     #[error("no OAuth2 access token: {0}")]
     Token(String),
@@ -60,6 +65,7 @@ impl BridgeError {
     pub fn client_reply(&self) -> &'static [u8] {
         match self {
             BridgeError::BadPassword => b"-ERR [AUTH] Authentication failed.\r\n",
+            BridgeError::Busy(_) => b"-ERR [SYS/TEMP] Too many logins at once, try later.\r\n",
             BridgeError::Token(_) => {
                 b"-ERR [SYS/TEMP] Cannot get an OAuth2 token for this mailbox now, try later.\r\n"
             }
@@ -113,6 +119,46 @@ pub struct Bridge {
     mechanism: Oauth2Mechanism,
     host: String,
     port: u16,
+    /// Bounds the password checks running and waiting (`max_concurrent_verifications`);
+    /// shared with the bridge of the same upstream before and after a reload ([`gate_for`]).
+    gate: Arc<crate::limits::WorkGate>,
+}
+
+/// Password checks that may wait for a place, per place to run one: the line holds this many
+/// times `max_concurrent_verifications` (one place per client address).
+const VERIFY_QUEUE_PER_SLOT: usize = 16;
+/// How long a login waits for its password check to start before `-ERR [SYS/TEMP]`.
+const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The gate of the bridge of upstream `label` with `credentials`, for `slots` checks at once:
+/// the one the bridge had before a reload while the setting stays, so that checks still running
+/// on the old bridge count against the new one's bound too.
+fn gate_for(label: &str, credentials: &Path, slots: usize) -> Arc<crate::limits::WorkGate> {
+    type Gates =
+        std::sync::Mutex<HashMap<(String, PathBuf), (usize, Arc<crate::limits::WorkGate>)>>;
+    static GATES: std::sync::OnceLock<Gates> = std::sync::OnceLock::new();
+    let mut gates = GATES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key = (label.to_owned(), credentials.to_owned());
+    match gates.get(&key) {
+        Some((n, gate)) if *n == slots => gate.clone(),
+        _ => {
+            let gate = Arc::new(crate::limits::WorkGate::new(
+                slots,
+                slots.saturating_mul(VERIFY_QUEUE_PER_SLOT),
+                VERIFY_WAIT,
+            ));
+            gates.insert(key, (slots, gate.clone()));
+            gate
+        }
+    }
+}
+
+/// The default `max_concurrent_verifications`: one check per CPU.
+fn default_verifications() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl Bridge {
@@ -123,10 +169,15 @@ impl Bridge {
         address: &str,
         cfg: &Oauth2Config,
         base_dir: &Path,
-        http: &reqwest::Client,
+        http: &token::Http,
     ) -> Result<Bridge, (&'static str, String)> {
         let token_url = oauth2::TokenUrl::new(cfg.token_url.clone())
             .map_err(|e| ("token_url", format!("not a URL: {e}")))?;
+        check_url(&cfg.token_url, cfg.allow_insecure_token_url).map_err(|e| ("token_url", e))?;
+        if let Some(url) = &cfg.device_authorization_url {
+            check_url(url, cfg.allow_insecure_token_url)
+                .map_err(|e| ("device_authorization_url", e))?;
+        }
         let secret = read_secret(cfg, base_dir)?;
         let store = match cfg.grant {
             Oauth2Grant::RefreshToken => {
@@ -144,6 +195,16 @@ impl Bridge {
             .map_err(|e| ("credentials_file", e))?;
         let (host, port) = crate::config::split_host_port(address)
             .ok_or(("address", format!("{address:?} is not host:port")))?;
+        let slots = match cfg.max_concurrent_verifications {
+            Some(0) => {
+                return Err((
+                    "max_concurrent_verifications",
+                    "must be at least 1".to_owned(),
+                ));
+            }
+            Some(n) => n,
+            None => default_verifications(),
+        };
         Ok(Bridge {
             label: label.to_owned(),
             credentials: Arc::new(credentials),
@@ -167,19 +228,50 @@ impl Bridge {
             mechanism: cfg.mechanism,
             host: host.to_owned(),
             port,
+            gate: gate_for(label, &base_dir.join(&cfg.credentials_file), slots),
         })
     }
 
     /// Step 1, before dialling: the local password check, then an access token for the
     /// user's mailbox. A wrong password is [`BridgeError::BadPassword`] (and costs the same
-    /// time for unknown users).
-    pub async fn authorize(&self, user: &str, password: &[u8]) -> Result<Authorized, BridgeError> {
+    /// time for unknown users). `client` is the client's address; `penalty` the failed-login
+    /// delay it is under, waited before the check (an address guessing passwords pays its
+    /// penalty before it costs popgate a hash, not after). Checks run at most
+    /// `max_concurrent_verifications` at once; a login that finds no place within a short wait
+    /// is [`BridgeError::Busy`].
+    pub async fn authorize(
+        &self,
+        user: &str,
+        password: &[u8],
+        client: std::net::IpAddr,
+        penalty: Option<std::time::Duration>,
+    ) -> Result<Authorized, BridgeError> {
+        if let Some(d) = penalty {
+            tokio::time::sleep(d).await;
+        }
+        let permit = match self.gate.enter(client).await {
+            Ok(p) => p,
+            Err(busy) => {
+                tracing::warn!(
+                    upstream = %self.label,
+                    user,
+                    client = %client,
+                    "oauth2: password check turned away ({busy}): too many logins at once"
+                );
+                return Err(BridgeError::Busy(busy));
+            }
+        };
         let creds = self.credentials.clone();
         let (user_owned, pw) = (user.to_owned(), password.to_vec());
-        let mailbox = tokio::task::spawn_blocking(move || creds.check(&user_owned, &pw))
-            .await
-            .ok()
-            .flatten();
+        // The permit moves into the check: a session that goes away meanwhile does not free
+        // its place before the hash is done.
+        let mailbox = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            creds.check(&user_owned, &pw)
+        })
+        .await
+        .ok()
+        .flatten();
         let Some(mailbox) = mailbox else {
             tracing::info!(upstream = %self.label, user, "oauth2: local password check failed");
             return Err(BridgeError::BadPassword);
@@ -352,9 +444,36 @@ fn bridge_warnings(prefix: &str, cfg: &Oauth2Config, base_dir: &Path, b: &Bridge
     out
 }
 
+/// Whether `url` is `http://` to a loopback address (`127.0.0.0/8`, `::1`, `localhost`).
 fn is_loopback_url(url: &str) -> bool {
-    let rest = url.strip_prefix("http://").unwrap_or_default();
-    rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    u.scheme() == "http"
+        && match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_loopback(),
+            Err(_) => host.eq_ignore_ascii_case("localhost"),
+        }
+}
+
+/// An endpoint URL popgate may send the client secret and tokens to: `https://`, or `http://`
+/// to loopback, or any `http://` with `allow_insecure_token_url = true`.
+fn check_url(url: &str, allow_insecure: bool) -> Result<(), String> {
+    let scheme = reqwest::Url::parse(url)
+        .map_err(|e| format!("not a URL: {e}"))?
+        .scheme()
+        .to_owned();
+    match scheme.as_str() {
+        "https" => Ok(()),
+        "http" if allow_insecure || is_loopback_url(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} is http:// to a host that is not loopback: the client secret and tokens \
+             would travel in clear (use https://, or set allow_insecure_token_url = true)"
+        )),
+        other => Err(format!("{url}: scheme {other:?} is not http or https")),
+    }
 }
 
 /// The config's bridges (secret and credentials read), one per upstream with

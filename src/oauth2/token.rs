@@ -65,15 +65,94 @@ impl TokenCache {
 #[error("{0}")]
 pub(crate) struct TokenError(pub(crate) String);
 
+/// The largest token or device-authorization response popgate reads (a real one is a few
+/// KiB): a hostile or spoofed endpoint cannot make popgate buffer more.
+pub(crate) const MAX_RESPONSE: usize = 64 * 1024;
+/// Timeout of the connection to the token endpoint (within [`HTTP_TIMEOUT`]).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The HTTP client for token requests: rustls (ring), system roots, no redirects (the oauth2
-/// crate's advice: a redirect could carry the request elsewhere).
-pub(crate) fn http_client() -> Result<reqwest::Client, String> {
+/// crate's advice: a redirect could carry the request elsewhere), [`HTTP_TIMEOUT`] for the
+/// whole exchange (connect to the last byte of the body), at most [`MAX_RESPONSE`] read.
+#[derive(Debug, Clone)]
+pub(crate) struct Http(reqwest::Client);
+
+/// A token request failed below OAuth2 (connection, timeout, size).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HttpError {
+    /// The request or the response failed (connect, TLS, timeout...).
+    #[error("{}", chain(.0))]
+    Request(#[from] reqwest::Error),
+    /// The response was longer than [`MAX_RESPONSE`].
+    #[error("the response is larger than {MAX_RESPONSE} bytes")]
+    TooLarge,
+    /// The response could not be handed on.
+    #[error("{0}")]
+    Http(#[from] oauth2::http::Error),
+}
+
+/// Builds the client (see [`Http`]).
+pub(crate) fn http_client() -> Result<Http, String> {
     reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(HTTP_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
         .build()
+        .map(Http)
         .map_err(|e| format!("cannot build the HTTP client: {}", chain(&e)))
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Http {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpError>> + Send + Sync + 'c>,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let mut response = self.0.execute(request.try_into()?).await?;
+            if response
+                .content_length()
+                .is_some_and(|n| n > MAX_RESPONSE as u64)
+            {
+                return Err(HttpError::TooLarge);
+            }
+            let mut builder = oauth2::http::Response::builder().status(response.status());
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_RESPONSE {
+                    return Err(HttpError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(builder.body(lenient_expires_in(body))?)
+        })
+    }
+}
+
+/// RFC 6749 makes `expires_in` a number of seconds, and some servers send `3600.0` or
+/// `"3600"`; the oauth2 crate reads only an unsigned integer and would call the whole response
+/// unreadable. Such a value is rewritten as whole seconds (rounded down); anything else is
+/// left as it came.
+fn lenient_expires_in(body: Vec<u8>) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice(&body) else {
+        return body;
+    };
+    let seconds = match map.get("expires_in") {
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_none() => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => return body,
+    };
+    let Some(seconds) = seconds.filter(|s| s.is_finite()) else {
+        return body;
+    };
+    // `as` saturates: a negative value is 0, an enormous one u64::MAX.
+    map.insert("expires_in".into(), (seconds.floor() as u64).into());
+    serde_json::to_vec(&map).unwrap_or(body)
 }
 
 /// Where one bridge gets its tokens.
@@ -88,7 +167,7 @@ pub(crate) struct TokenSource {
     pub(crate) refresh_ahead: Duration,
     /// `grant = "refresh_token"` only.
     pub(crate) store: Option<TokenStore>,
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: Http,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -242,4 +321,28 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn expires(body: &str) -> serde_json::Value {
+        let out = lenient_expires_in(body.as_bytes().to_vec());
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap()["expires_in"].clone()
+    }
+
+    #[test]
+    fn expires_in_with_a_fraction_or_as_text_is_read_as_seconds() {
+        assert_eq!(expires(r#"{"expires_in": 4.0}"#), 4);
+        assert_eq!(expires(r#"{"expires_in": 3599.9}"#), 3599);
+        assert_eq!(expires(r#"{"expires_in": "3600"}"#), 3600);
+        assert_eq!(expires(r#"{"expires_in": -5.0}"#), 0);
+        assert_eq!(expires(r#"{"expires_in": 60}"#), 60);
+        // Not JSON, or no expires_in: untouched.
+        assert_eq!(lenient_expires_in(b"not json".to_vec()), b"not json");
+        let plain = br#"{"access_token":"x"}"#.to_vec();
+        assert_eq!(lenient_expires_in(plain.clone()), plain);
+    }
 }

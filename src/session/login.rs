@@ -44,7 +44,8 @@ pub(crate) enum LoginError {
 /// answer); each answer to the login is awaited `reply_timeout`. On any failure the upstream
 /// socket is closed without QUIT. With an OAuth2 `bridge` the password is checked locally and
 /// a token obtained first (a wrong password dials nothing), and the upstream gets
-/// `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay.
+/// `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay, after `penalty` (the
+/// delay the client's address is under for failed logins).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn login_upstream(
     cfg: &UpstreamConfig,
@@ -55,10 +56,11 @@ pub(crate) async fn login_upstream(
     origin: &ClientOrigin,
     dead: &DeadAddresses,
     login: &Login,
+    penalty: Option<Duration>,
 ) -> Result<LoggedIn, LoginError> {
     let authorized = match bridge {
         Some(b) => Some(
-            b.authorize(&login.user, &login.secret)
+            b.authorize(&login.user, &login.secret, origin.client.ip(), penalty)
                 .await
                 .map_err(LoginError::Bridge)?,
         ),

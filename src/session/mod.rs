@@ -923,6 +923,12 @@ impl Driver {
             &origin,
             &shared.dead,
             login,
+            bridge.and_then(|_| {
+                shared
+                    .limiter
+                    .logins
+                    .pending(self.info.client.ip(), std::time::Instant::now())
+            }),
         )
         .await;
         match result {
