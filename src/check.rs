@@ -610,6 +610,8 @@ tokens_file = "tokens.toml"
 credentials_file = "users.toml"
 device_authorization_url = "https://idp/device"
 refresh_ahead = "30s"
+max_concurrent_verifications = 4
+allow_insecure_token_url = true
 [[upstream]]
 name = "b"
 address = "127.0.0.1:111"
@@ -688,6 +690,95 @@ summary_lines = 3
             "keys in src/reference.rs that a config setting every key does not print: {unknown:?}"
         );
         assert_eq!(documented.len(), KEYS.len(), "a key is listed twice");
+    }
+
+    /// Every key the parser accepts, table by table, read from its own "unknown field, expected
+    /// one of ..." message: a key added to a config struct but not to the reference (or to
+    /// `EVERY_KEY`) fails here even when it is skipped in the printed output.
+    #[test]
+    fn the_reference_names_every_key_the_parser_accepts() {
+        const BASE: &str = "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\n";
+        let tables: &[(&str, &str)] = &[
+            (
+                "",
+                "zzz = 1\n[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\n",
+            ),
+            (
+                "listener",
+                "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:1110\"\nzzz = 1\n",
+            ),
+            ("upstream", "[upstream]\naddress = \"a:1\"\nzzz = 1\n"),
+            (
+                "upstream.oauth2",
+                "[upstream]\naddress = \"a:1\"\n[upstream.oauth2]\nzzz = 1\n",
+            ),
+            ("routing", "[routing]\nzzz = 1\n"),
+            ("tls", "[tls]\nzzz = 1\n"),
+            ("tls.certificate", "[[tls.certificate]]\nzzz = 1\n"),
+            ("limits", "[limits]\nzzz = 1\n"),
+            ("log", "[log]\nzzz = 1\n"),
+            ("process", "[process]\nzzz = 1\n"),
+            ("metrics", "[metrics]\nzzz = 1\n"),
+            ("audit", "[audit]\nzzz = 1\n"),
+            ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
+        ];
+        // Fields that are tables of their own, checked in their own entry above.
+        let sub_tables = [
+            "listener",
+            "upstream",
+            "routing",
+            "tls",
+            "limits",
+            "log",
+            "process",
+            "metrics",
+            "audit",
+            "upstream.oauth2",
+            "tls.certificate",
+            "audit.transcript",
+        ];
+        let mut accepted = BTreeSet::new();
+        for (table, text) in tables {
+            let text = if table.is_empty() || *table == "listener" {
+                (*text).to_owned()
+            } else {
+                format!("{BASE}{text}")
+            };
+            let err = Config::parse(&text, Path::new("t.toml"))
+                .expect_err("zzz is refused")
+                .to_string();
+            let list = err
+                .split_once("expected one of ")
+                .or_else(|| err.split_once("expected "))
+                .unwrap_or_else(|| panic!("{table}: no list of fields in {err}"))
+                .1;
+            let fields: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
+            assert!(!fields.is_empty(), "{table}: {err}");
+            for field in fields {
+                let key = if table.is_empty() {
+                    field.to_owned()
+                } else {
+                    format!("{table}.{field}")
+                };
+                if sub_tables.contains(&key.as_str()) {
+                    continue;
+                }
+                assert!(
+                    KEYS.iter().any(|k| k.key == key),
+                    "the parser accepts `{key}` but src/reference.rs does not name it"
+                );
+                accepted.insert(key);
+            }
+        }
+        let unknown: Vec<_> = KEYS
+            .iter()
+            .filter(|k| !accepted.contains(k.key))
+            .map(|k| k.key)
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "in src/reference.rs, not accepted: {unknown:?}"
+        );
     }
 
     #[test]

@@ -230,6 +230,18 @@ pub const KEYS: &[Key] = &[
         A,
         "Refresh an access token this long before it expires.",
     ),
+    k(
+        "upstream.oauth2.max_concurrent_verifications",
+        "the number of CPUs",
+        A,
+        "At most this many local password checks (Argon2) run at once; further logins wait in a bounded line (one place per client address) and get -ERR [SYS/TEMP] when it is full or after 5 s.",
+    ),
+    k(
+        "upstream.oauth2.allow_insecure_token_url",
+        "false",
+        A,
+        "Allow an http:// token_url or device_authorization_url that is not on loopback (the client secret and tokens then travel in clear).",
+    ),
     // [routing]
     k(
         "routing.default",
