@@ -217,9 +217,6 @@ pub(crate) struct Hop {
 struct Learned {
     top: bool,
     uidl: bool,
-    /// The greeting carried an APOP timestamp (`<...>`): a client may hash it, so the
-    /// session must stay on the connection that sent it.
-    apop: bool,
 }
 
 impl Hop {
@@ -342,16 +339,6 @@ impl Hop {
     /// Whether a `trace` rule asked for a transcript.
     pub(crate) fn trace(&self) -> bool {
         self.policy.trace
-    }
-
-    /// Whether no command sent upstream still awaits its response.
-    pub(crate) fn upstream_idle(&self) -> bool {
-        self.tracker.idle()
-    }
-
-    /// Whether the server's greeting offered APOP (a `<...>` timestamp the client may hash).
-    pub(crate) fn greeting_offered_apop(&self) -> bool {
-        self.learned.apop
     }
 
     /// Whether a multi-line response is cut if the session ends now.
@@ -693,9 +680,6 @@ impl Hop {
             tags,
             dropped_by: drop.clone(),
         };
-        if meta.verb.is_none() && apop_timestamp(&sin[at..at + len]) {
-            self.learned.apop = true;
-        }
         obs.status(
             meta,
             &sin[at..at + len],
@@ -1328,17 +1312,4 @@ enum Decision {
     Reply(String, AfterReply),
     /// Close both sides now, upstream without QUIT (this rule said so).
     Drop(Arc<str>),
-}
-
-/// Whether a greeting line carries an APOP timestamp: `<`, then an `@` before the next `>`
-/// (RFC 1939 section 7: a msg-id).
-fn apop_timestamp(line: &[u8]) -> bool {
-    let Some(open) = line.iter().position(|&b| b == b'<') else {
-        return false;
-    };
-    let rest = &line[open + 1..];
-    match rest.iter().position(|&b| b == b'>') {
-        Some(close) => rest[..close].contains(&b'@'),
-        None => false,
-    }
 }

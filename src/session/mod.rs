@@ -333,6 +333,7 @@ async fn open(
         },
         traffic: Traffic::default(),
         live,
+        redial_before_next_command: false,
     })
 }
 
@@ -570,6 +571,10 @@ struct Driver {
     traffic: Traffic,
     /// The session's metrics handles (bytes each way; active until dropped).
     live: crate::metrics::SessionMetrics,
+    /// Direct mode with `forward_client = "proxy-v2"` after the client's STLS: the server is
+    /// dialled again (to be told about TLS) before the next command goes out, unless that
+    /// command is APOP, whose digest hashes the first connection's greeting.
+    redial_before_next_command: bool,
 }
 
 impl Driver {
@@ -681,7 +686,19 @@ impl Driver {
                     // replay) would otherwise sit in every session's task.
                     Box::pin(self.feed_front(&bytes, shutdown)).await?
                 }
-                Action::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
+                Action::ToUpstream(bytes) => {
+                    if std::mem::take(&mut self.redial_before_next_command) {
+                        if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
+                            debug!(
+                                "APOP after STLS: the session stays on the connection whose \
+                                 greeting it hashed (the server is not told about TLS)"
+                            );
+                        } else {
+                            Box::pin(self.redial_after_stls()).await?;
+                        }
+                    }
+                    self.send_upstream(&bytes).await?
+                }
                 Action::Sleep(d) => {
                     self.sync_observer().await;
                     // A tarpit or login penalty never outlasts a shutdown: the session ends
@@ -703,7 +720,7 @@ impl Driver {
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
-                    Box::pin(self.redial_after_stls()).await?;
+                    self.redial_before_next_command = self.redial_wanted();
                 }
                 Action::Close(reason) => return Ok(Some(reason)),
             }
@@ -711,37 +728,35 @@ impl Driver {
         Ok(None)
     }
 
+    /// Whether, after the client's STLS, the server must be dialled again to be told about
+    /// TLS: direct mode with `forward_client = "proxy-v2"` (routing mode dials after the STLS
+    /// already; interception and PROXY v1 cannot say it).
+    fn redial_wanted(&self) -> bool {
+        let config = &self.shared.config;
+        self.front.is_none()
+            && self.info.original_dst.is_none()
+            && config.upstreams[config.default_index()].forward_client
+                == crate::config::ForwardClient::ProxyV2
+            && self.client_tls.is_some()
+    }
+
     /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the
     /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
-    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Dial it again
-    /// with the client's TLS in the header and take its greeting silently; the first
-    /// connection is closed (without QUIT: nothing was done on it but the capability talk
-    /// before STLS, which RFC 2595 makes the client forget anyway). Routing mode dials after
-    /// the STLS already; interception and PROXY v1 cannot say it.
+    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called before
+    /// the first command after the STLS goes out (not for APOP, see
+    /// `redial_before_next_command`): dial again with the client's TLS in the header and take
+    /// the new greeting silently; the first connection is closed (without QUIT: nothing was
+    /// done on it but the capability talk before STLS, which RFC 2595 makes the client forget
+    /// anyway). The commands about to go out are the only ones pending (the STLS waited for
+    /// every earlier answer).
     async fn redial_after_stls(&mut self) -> Result<(), SessionError> {
         let shared = self.shared.clone();
         let config = &shared.config;
         let index = config.default_index();
         let cfg = &config.upstreams[index];
-        if self.front.is_some()
-            || self.info.original_dst.is_some()
-            || cfg.forward_client != crate::config::ForwardClient::ProxyV2
-            || self.client_tls.is_none()
-        {
-            return Ok(());
-        }
-        if self.hop.greeting_offered_apop() {
-            // A new connection greets with a new timestamp: an APOP digest the client makes
-            // from the first one would fail.
-            warn!(
-                "STLS: the server's greeting offers APOP, so the upstream is not dialled again \
-                 and is not told about TLS"
-            );
-            return Ok(());
-        }
-        if !self.sin.is_empty() || !self.hop.upstream_idle() {
-            // Server bytes in flight: the old connection is in use; keep it.
-            warn!("STLS with a command pending upstream: the upstream is not told about TLS");
+        if !self.sin.is_empty() {
+            // Server bytes nobody asked for: the old connection is in use; keep it.
+            warn!("STLS with server data unread: the upstream is not told about TLS");
             return Ok(());
         }
         let origin = crate::net::upstream::ClientOrigin {
