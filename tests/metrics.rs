@@ -210,6 +210,124 @@ fn health_probes_the_upstream_when_no_session_has() {
     assert!(body.contains("unreachable"), "{body}");
 }
 
+/// An attacker who reaches only the metrics port: `per_address` connections from each of
+/// `from`, each sending half a request head and then nothing; a connection popgate closes is
+/// opened again (every 100 ms) until the attack is dropped.
+struct HalfHeads {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HalfHeads {
+    fn start(to: SocketAddr, from: &[std::net::IpAddr], per_address: usize) -> HalfHeads {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let opened = std::sync::Arc::new(AtomicUsize::new(0));
+        let threads = from
+            .iter()
+            .map(|&ip| {
+                let (stop, opened) = (stop.clone(), opened.clone());
+                std::thread::spawn(move || {
+                    let open = || {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )
+                        .ok()?;
+                        s.bind(&SocketAddr::new(ip, 0).into()).ok()?;
+                        s.connect_timeout(&to.into(), std::time::Duration::from_secs(2))
+                            .ok()?;
+                        let mut s: std::net::TcpStream = s.into();
+                        std::io::Write::write_all(&mut s, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                            .ok()?;
+                        s.set_nonblocking(true).ok()?;
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        Some(s)
+                    };
+                    let mut conns: Vec<Option<std::net::TcpStream>> =
+                        (0..per_address).map(|_| open()).collect();
+                    while !stop.load(Ordering::Relaxed) {
+                        for c in &mut conns {
+                            let closed = match c {
+                                None => true,
+                                Some(s) => {
+                                    let mut b = [0u8; 512];
+                                    match std::io::Read::read(s, &mut b) {
+                                        Ok(_) => true,
+                                        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                                    }
+                                }
+                            };
+                            if closed {
+                                *c = open();
+                            }
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+            })
+            .collect();
+        HalfHeads {
+            stop,
+            opened,
+            threads,
+        }
+    }
+
+    /// Connections opened so far (reconnections included).
+    fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for HalfHeads {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 18.2: 200 connections that send half a request head, from ten loopback addresses
+/// and reopened as soon as popgate closes them, do not starve the endpoint: while they hold
+/// on, each of 20 probes (`/health` as HAProxy's `option httpchk` asks, and `/metrics` as
+/// Prometheus scrapes) is answered 200.
+#[test]
+fn health_and_metrics_answer_every_probe_while_200_half_sent_heads_hold_connections() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let _p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    let from: Vec<std::net::IpAddr> = (2..12)
+        .map(|i| format!("127.0.0.{i}").parse().unwrap())
+        .collect();
+    let attack = HalfHeads::start(metrics, &from, 20);
+    common::wait_until("200 half-sent heads opened", || attack.opened() >= 200);
+    let mut answered = 0;
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        let path = if i % 2 == 0 { "/health" } else { "/metrics" };
+        let (code, body) = http(metrics, path);
+        if code == 200 {
+            answered += 1;
+        } else {
+            failures.push(format!("{path}: {code} {body}"));
+        }
+    }
+    // The attack was still on: connections were closed and reopened all along.
+    assert!(attack.opened() > 200, "the attack stopped early");
+    drop(attack);
+    assert_eq!(answered, 20, "probes not answered: {failures:?}");
+}
+
 /// TLS handshakes are counted per side and result: a trusted and an untrusting client on an
 /// implicit-TLS listener, and an upstream whose certificate popgate does not trust.
 #[test]
