@@ -198,6 +198,8 @@ impl Proxy {
                 tracing::info!(%addr, "metrics listening");
             }
             let rt = self.runtime.clone();
+            // Every upstream address is probed once now, before a balancer asks.
+            rt.metrics().watch_upstreams(&rt.current().config.upstreams);
             tokio::spawn(metrics::http::serve(
                 socket,
                 self.runtime.metrics(),

@@ -448,6 +448,9 @@ impl Runtime {
             self.metrics.clone(),
             old.dead.clone(),
         ));
+        if fresh.config.metrics.is_some() {
+            self.metrics.watch_upstreams(&fresh.config.upstreams);
+        }
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
 
         let mut old_running: Vec<Option<Running>> = running.drain(..).map(Some).collect();

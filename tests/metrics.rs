@@ -187,17 +187,21 @@ fn scrape_counts_sessions_logins_bytes_and_rules_and_health_follows_upstream() {
     );
 }
 
-/// Without any session, `/health` dials the upstream itself: 200 when it accepts, 503 (with
-/// the reason) when nothing listens there. Other paths are 404.
+/// Without any session, popgate dials the upstream itself at start (one TCP connect, no
+/// POP3), and `/health` trusts that: 200 when it accepts, 503 (with the reason) when nothing
+/// listens there. Other paths are 404.
 #[test]
 fn health_probes_the_upstream_when_no_session_has() {
     let h = Harness::new();
     let up = upstream(&h);
     let px = h.proxy(up.local_addr(), "[metrics]\nbind = \"127.0.0.1:0\"\n");
     let metrics = px.metrics.expect("metrics endpoint bound");
+    common::wait_until("the start probe", || {
+        value(&scrape(metrics), "popgate_upstream_up", &[]) == 1.0
+    });
     let (code, body) = http(metrics, "/health");
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("probe"), "{body}");
+    assert!(body.contains("connected within"), "{body}");
     assert_eq!(up.connections(), 1, "one probe connection");
     assert_eq!(http(metrics, "/nope").0, 404);
 
@@ -326,6 +330,84 @@ fn health_and_metrics_answer_every_probe_while_200_half_sent_heads_hold_connecti
     assert!(attack.opened() > 200, "the attack stopped early");
     drop(attack);
     assert_eq!(answered, 20, "probes not answered: {failures:?}");
+}
+
+/// Issue 19.5: `/health` vouches only for the upstream address configured now. popgate (the
+/// binary) serves a session through a live upstream; a reload points it at an address where
+/// nothing listens: `/health` answers 503 at once (not "connected within 30s" on the strength
+/// of the old address), and `popgate_upstream_up` shows the new address down before anyone
+/// asked for `/health` (it is probed as soon as the reload names it). A reload back to a live
+/// address that no session has used yet shows it up the same way, and `/health` is 200.
+#[test]
+fn health_after_a_reload_to_a_dead_address_is_503_at_once() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    assert!(curl_retr(p.addr, USER, PASS, 1).starts_with(b"Subject: hi"));
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("connected within"), "{body}");
+    let up_gauge = |m: &str, address: &str| {
+        samples(m)
+            .into_iter()
+            .find(|(n, l, _)| {
+                *n == "popgate_upstream_up" && l.contains(&format!("address=\"{address}\""))
+            })
+            .map(|(_, _, v)| v)
+    };
+    let live = up.local_addr().to_string();
+    assert_eq!(up_gauge(&scrape(metrics), &live), Some(1.0));
+
+    let reload_to = |address: &str, n: usize| {
+        let cfg = std::fs::read_to_string(p.config_path()).unwrap();
+        let (head, _) = cfg.split_once("[upstream]").unwrap();
+        let (_, tail) = cfg.split_once("[metrics]").unwrap();
+        std::fs::write(
+            p.config_path(),
+            format!("{head}[upstream]\naddress = \"{address}\"\n[metrics]{tail}"),
+        )
+        .unwrap();
+        p.hup();
+        p.wait_log("reloaded: upstream.address", n);
+    };
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    reload_to(&dead, 1);
+    // Probed at once: the scrape (which never probes) shows it, and the old address is gone.
+    let mut m = String::new();
+    common::wait_until("the new address probed", || {
+        m = scrape(metrics);
+        up_gauge(&m, &dead).is_some()
+    });
+    assert_eq!(up_gauge(&m, &dead), Some(0.0), "{m}");
+    assert_eq!(up_gauge(&m, &live), None, "{m}");
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("unreachable") && body.contains(&dead),
+        "{body}"
+    );
+    assert!(
+        p.log()
+            .contains("upstream address does not accept connections")
+    );
+
+    // Another live server, never used by a session: probed at once, found up.
+    let other = upstream(&h);
+    let other_addr = other.local_addr().to_string();
+    reload_to(&other_addr, 2);
+    common::wait_until("the live address probed", || {
+        up_gauge(&scrape(metrics), &other_addr) == Some(1.0)
+    });
+    assert_eq!(other.connections(), 1, "one probe connection");
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&other_addr), "{body}");
 }
 
 /// TLS handshakes are counted per side and result: a trusted and an untrusting client on an

@@ -264,7 +264,11 @@ async fn open(
         .await
         {
             Ok(u) => {
-                shared.metrics.upstream_connected(dialled.elapsed());
+                shared.metrics.upstream_connected(
+                    upstream_cfg.label(),
+                    &u.address,
+                    dialled.elapsed(),
+                );
                 if u.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -273,7 +277,12 @@ async fn open(
             }
             Err(e) => {
                 warn!(error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                shared.metrics.upstream_failed(
+                    upstream_cfg.label(),
+                    &e.address,
+                    e.stage.as_str(),
+                    &e.reason,
+                );
                 let sent = match client.write_all(UNAVAILABLE).await {
                     Ok(()) => UNAVAILABLE.len() as u64,
                     Err(_) => 0,
@@ -927,7 +936,11 @@ impl Driver {
         .await;
         match result {
             Ok(done) => {
-                shared.metrics.upstream_connected(dialled.elapsed());
+                shared.metrics.upstream_connected(
+                    upstream.label(),
+                    &done.address,
+                    dialled.elapsed(),
+                );
                 if done.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -961,7 +974,12 @@ impl Driver {
             }
             Err(login::LoginError::Unavailable(e)) => {
                 warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                shared.metrics.upstream_failed(
+                    upstream.label(),
+                    &e.address,
+                    e.stage.as_str(),
+                    &e.reason,
+                );
                 Err(UNAVAILABLE.to_vec())
             }
         }
