@@ -439,6 +439,7 @@ impl Runtime {
             None => old.audit.clone(),
         };
         *lock(&self.files) = prepared.files;
+        self.metrics.set_audit(sink.clone());
         self.metrics
             .set_listeners(prepared.config.listeners.iter().map(|l| l.name.clone()));
         let fresh = Arc::new(snapshot(

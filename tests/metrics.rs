@@ -410,6 +410,183 @@ fn health_after_a_reload_to_a_dead_address_is_503_at_once() {
     assert!(body.contains(&other_addr), "{body}");
 }
 
+/// Issue 19.5: the standard `process_*` metrics describe the real process (compared with its
+/// `/proc/<pid>`), `popgate_build_info` names the version, and
+/// `popgate_config_last_reload_success` (with its timestamp) follows SIGHUPs: 1 at start, 0
+/// after a reload of a broken file (the timestamp stays), 1 again with a later timestamp
+/// after a good one.
+#[test]
+fn process_build_and_reload_metrics_describe_the_running_binary() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let h = Harness::new();
+    let up = upstream(&h);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    let one = |m: &str, name: &str| -> f64 {
+        let found: Vec<f64> = samples(m)
+            .into_iter()
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, _, v)| v)
+            .collect();
+        assert_eq!(found.len(), 1, "{name}: {m}");
+        found[0]
+    };
+    // Ten sessions held open: twenty more descriptors (client and upstream sockets).
+    let m = scrape(metrics);
+    let fds = one(&m, "process_open_fds");
+    let held: Vec<RawPop> = (0..10).map(|_| RawPop::connect(p.addr)).collect();
+    let pid = p.child.id();
+    let mut m = String::new();
+    common::wait_until("sessions' sockets counted", || {
+        m = scrape(metrics);
+        one(&m, "process_open_fds") >= fds + 20.0
+    });
+    let proc_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    assert!(
+        (one(&m, "process_open_fds") - proc_fds).abs() <= 4.0,
+        "{proc_fds}: {m}"
+    );
+    drop(held);
+    let (_, rss_kib) = p.memory_kib();
+    let rss = one(&m, "process_resident_memory_bytes");
+    let proc_rss = rss_kib as f64 * 1024.0;
+    assert!(
+        rss > proc_rss / 2.0 && rss < proc_rss * 2.0,
+        "{rss} vs {proc_rss}"
+    );
+    assert!(one(&m, "process_virtual_memory_bytes") >= rss);
+    assert!(one(&m, "process_max_fds") >= one(&m, "process_open_fds"));
+    assert!(one(&m, "process_cpu_seconds_total") > 0.0, "{m}");
+    let started = one(&m, "process_start_time_seconds");
+    let now = before + 600.0;
+    assert!(
+        started >= before - 2.0 && started <= now,
+        "{started} {before}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "popgate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(one(&m, "popgate_config_last_reload_success"), 1.0);
+    let loaded = one(&m, "popgate_config_last_reload_success_timestamp_seconds");
+    assert!(loaded >= before - 2.0 && loaded <= now, "{loaded}");
+
+    // A broken file: the reload fails, the old config stays, the metric says so.
+    let good = std::fs::read_to_string(p.config_path()).unwrap();
+    std::fs::write(p.config_path(), format!("{good}\n[[listener]\n")).unwrap();
+    p.hup();
+    p.wait_log("reload failed", 1);
+    let m = scrape(metrics);
+    assert_eq!(one(&m, "popgate_config_last_reload_success"), 0.0, "{m}");
+    assert_eq!(
+        one(&m, "popgate_config_last_reload_success_timestamp_seconds"),
+        loaded
+    );
+    std::fs::write(p.config_path(), &good).unwrap();
+    p.hup();
+    p.wait_log("reloaded: nothing changed", 1);
+    let m = scrape(metrics);
+    assert_eq!(one(&m, "popgate_config_last_reload_success"), 1.0, "{m}");
+    assert!(one(&m, "popgate_config_last_reload_success_timestamp_seconds") > loaded);
+}
+
+/// Issue 19.5: `popgate_audit_queue_depth` shows audit events waiting for the writer. The
+/// audit goes to stdout, a pipe (shrunk to one page) that nobody reads: the writer blocks,
+/// sessions' events pile up to `audit.queue`, and the gauge shows it; once the pipe is read
+/// the queue drains to 0.
+#[test]
+fn audit_queue_depth_shows_events_waiting_for_a_stalled_writer() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let h = Harness::new();
+    let up = upstream(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let cfg = dir.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\n\
+             [upstream]\naddress = \"{}\"\n[metrics]\nbind = \"{metrics}\"\n\
+             [audit]\nenabled = true\noutput = \"stdout\"\nqueue = 8\non_overflow = \"drop\"\n",
+            up.local_addr()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(common::proxy::popgate_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+    let child = Kill(&mut child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    common::wait_until("popgate listening", || {
+        std::net::TcpStream::connect(metrics).is_ok()
+    });
+    let depth = |m: &str| value(m, "popgate_audit_queue_depth", &[]);
+    let m = scrape(metrics);
+    assert_eq!(value(&m, "popgate_audit_queue_capacity", &[]), 8.0, "{m}");
+    assert_eq!(depth(&m), 0.0, "{m}");
+    let mut sessions = 0;
+    common::wait_until("the audit queue full", || {
+        let mut c = RawPop::connect(addr);
+        assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+        assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+        sessions += 1;
+        assert!(sessions < 500, "the queue never filled");
+        depth(&scrape(metrics)) == 8.0
+    });
+    // Read the pipe: the writer catches up and the queue empties.
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut sink);
+        sink
+    });
+    common::wait_until("the audit queue drained", || depth(&scrape(metrics)) == 0.0);
+    assert!(
+        child
+            .0
+            .try_wait()
+            .unwrap()
+            .is_none_or(|s| s.signal().is_some())
+    );
+    drop(child);
+    let written = reader.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&written).contains("\"event\":\"session_open\""),
+        "no audit events on stdout"
+    );
+}
+
 /// TLS handshakes are counted per side and result: a trusted and an untrusting client on an
 /// implicit-TLS listener, and an upstream whose certificate popgate does not trust.
 #[test]
@@ -602,7 +779,7 @@ fn dashboard_and_readme_name_only_metrics_popgate_exports() {
     let exported: std::collections::BTreeSet<&str> =
         samples(&m).into_iter().map(|(n, _, _)| n).collect();
 
-    let name = regex::Regex::new(r"popgate_[a-z0-9_]+").unwrap();
+    let name = regex::Regex::new(r"\b(?:popgate|process)_[a-z0-9_]+").unwrap();
     let mut used = std::collections::BTreeSet::new();
     for e in &exprs {
         used.extend(name.find_iter(e).map(|m| m.as_str().to_owned()));

@@ -7,6 +7,7 @@
 //! the SASL mechanisms popgate relays, the rest are fixed words.
 
 pub(crate) mod http;
+mod process;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -17,7 +18,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -49,10 +50,14 @@ pub(crate) struct Metrics {
     upstream_latency: Histogram,
     penalty_seconds: Counter<f64, AtomicU64>,
     listener_up: Family<Labels, Gauge>,
+    reload_success: Gauge,
+    reload_success_time: Gauge<f64, AtomicU64>,
     /// The listeners `/health` expects up (the config's, replaced by a reload).
     listeners: Mutex<Vec<String>>,
     health_window: Duration,
     upstreams: Arc<Mutex<Seen>>,
+    /// The audit sink in force (shared with the scrape-time collector).
+    audit: Arc<Mutex<AuditSink>>,
 }
 
 /// What connects to each upstream address told, by (upstream label, address as configured):
@@ -89,16 +94,86 @@ pub(crate) struct Health {
 /// refusals and login penalties.
 #[derive(Debug)]
 struct Polled {
-    audit: AuditSink,
+    /// The audit sink in force (a reload may start another writer).
+    audit: Arc<Mutex<AuditSink>>,
     limiter: Arc<Limiter>,
     upstreams: Arc<Mutex<Seen>>,
+    /// `process_start_time_seconds`, read once.
+    started: Option<f64>,
+}
+
+/// A gauge sample without labels.
+fn const_gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Polled {
+    /// The `process_*` metrics Prometheus client libraries export, where readable.
+    fn encode_process(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = process::Process::read();
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                p.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                p.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                p.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                p.max_fds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value.and_then(|v| i64::try_from(v).ok()) {
+                const_gauge(encoder, name, help, v)?;
+            }
+        }
+        if let Some(cpu) = p.cpu_seconds {
+            let c = ConstCounter::new(cpu);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        if let Some(started) = self.started {
+            const_gauge(
+                encoder,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                started,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for Polled {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.limiter.counters;
-        let dropped = ConstCounter::new(self.audit.dropped());
+        let audit = lock(&self.audit).clone();
+        let dropped = ConstCounter::new(audit.dropped());
         dropped.encode(encoder.encode_descriptor(
             "popgate_audit_events_dropped",
             "Audit events lost: queue full (on_overflow = \"drop\") or writer closed.",
@@ -129,6 +204,20 @@ impl Collector for Polled {
             None,
             delayed.metric_type(),
         )?)?;
+        let (queued, capacity) = audit.queue();
+        const_gauge(
+            &mut encoder,
+            "popgate_audit_queue_depth",
+            "Audit events waiting for the writer now (popgate_audit_queue_capacity at most).",
+            queued as i64,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "popgate_audit_queue_capacity",
+            "Audit events the queue holds (audit.queue; 0 when audit is off).",
+            capacity as i64,
+        )?;
+        self.encode_process(&mut encoder)?;
         let mut up = encoder.encode_descriptor(
             "popgate_upstream_up",
             "1 if the last connect to this upstream address (a session's, or a probe's: at \
@@ -183,12 +272,15 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(start, factor, n)),
             penalty_seconds: Counter::default(),
             listener_up: Family::default(),
+            reload_success: Gauge::default(),
+            reload_success_time: Gauge::default(),
             listeners: Mutex::new(config.listeners.iter().map(|l| l.name.clone()).collect()),
             health_window: config
                 .metrics
                 .as_ref()
                 .map_or(Duration::from_secs(30), |m| m.health_window),
             upstreams: Arc::default(),
+            audit: Arc::new(Mutex::new(AuditSink::disabled())),
         };
         for l in lock(&m.listeners).clone().iter() {
             let _ = m.sessions_active.get_or_create(&label("listener", l));
@@ -211,16 +303,47 @@ impl Metrics {
         for rule in rule_names {
             let _ = m.rule_hits.get_or_create(&vec![("rule", rule)]);
         }
+        // The config in force was loaded (and checked) at start, as Prometheus counts it.
+        m.config_reloaded(true);
         let upstreams = m.upstreams.clone();
         m.register(Polled {
-            audit,
+            audit: Arc::new(Mutex::new(audit)),
             limiter,
             upstreams,
+            started: process::start_time_seconds(),
         })
     }
 
     fn register(mut self, polled: Polled) -> Metrics {
+        self.audit = polled.audit.clone();
         let r = &mut self.registry;
+        let build: Family<Labels, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("POPGATE_GIT_COMMIT").to_owned()),
+                ("target", env!("POPGATE_TARGET").to_owned()),
+                ("profile", env!("POPGATE_PROFILE").to_owned()),
+            ])
+            .set(1);
+        r.register(
+            "popgate_build_info",
+            "Always 1; the labels say which popgate runs (version, git revision, target, \
+             build profile)",
+            build,
+        );
+        r.register(
+            "popgate_config_last_reload_success",
+            "1 if the last reload (SIGHUP) applied the config file, 0 if it failed and the \
+             previous config stayed; 1 at start",
+            self.reload_success.clone(),
+        );
+        r.register(
+            "popgate_config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded: the last successful reload, or the start \
+             (seconds since the Unix epoch)",
+            self.reload_success_time.clone(),
+        );
         r.register(
             "popgate_sessions_active",
             "Sessions open now, per listener",
@@ -281,6 +404,19 @@ impl Metrics {
         );
         r.register_collector(Box::new(polled));
         self
+    }
+
+    /// A reload (SIGHUP) applied the config file (`ok`) or failed and changed nothing.
+    pub(crate) fn config_reloaded(&self, ok: bool) {
+        self.reload_success.set(i64::from(ok));
+        if ok {
+            self.reload_success_time.set(process::unix_now());
+        }
+    }
+
+    /// The audit sink a reload put in force (its queue and losses are reported from now on).
+    pub(crate) fn set_audit(&self, sink: AuditSink) {
+        *lock(&self.audit) = sink;
     }
 
     /// The Prometheus text of every metric.
