@@ -332,6 +332,46 @@ fn health_and_metrics_answer_every_probe_while_200_half_sent_heads_hold_connecti
     assert_eq!(answered, 20, "probes not answered: {failures:?}");
 }
 
+/// Issue 18.2: the endpoint's own limits, as hyper enforces them. A connection that sends
+/// half a request head (or nothing) and then waits is closed by popgate itself after the
+/// 2 s head timeout, with no other connection pushing it out (the 5 s read bound is 2.5
+/// times that; the old 10 s timeout failed it); a head of more than 8 KiB is answered 431.
+#[test]
+fn half_sent_heads_are_closed_by_the_head_timeout_and_huge_heads_refused() {
+    use std::io::{Read, Write};
+    let h = Harness::new();
+    let up = upstream(&h);
+    let px = h.proxy(up.local_addr(), "[metrics]\nbind = \"127.0.0.1:0\"\n");
+    let metrics = px.metrics.unwrap();
+    for sent in [&b"GET /health HTTP/1.1\r\nHost: x\r\n"[..], b""] {
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        s.write_all(sent).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        assert!(r.is_ok(), "still open after 5 s ({sent:?}): {r:?}");
+        // hyper answers a timed-out head with 408 or just closes.
+        let text = String::from_utf8_lossy(&got);
+        assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    let mut s = std::net::TcpStream::connect(metrics).unwrap();
+    let filler = "a".repeat(9000);
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Fill: {filler}\r\n\r\n"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    // The endpoint still serves.
+    assert_eq!(http(metrics, "/health").0, 200);
+}
+
 /// Issue 19.5: `/health` vouches only for the upstream address configured now. popgate (the
 /// binary) serves a session through a live upstream; a reload points it at an address where
 /// nothing listens: `/health` answers 503 at once (not "connected within 30s" on the strength
