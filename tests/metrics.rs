@@ -332,6 +332,106 @@ fn health_and_metrics_answer_every_probe_while_200_half_sent_heads_hold_connecti
     assert_eq!(answered, 20, "probes not answered: {failures:?}");
 }
 
+/// Issue 18.2, as the issue found it: HAProxy checks popgate with `option httpchk GET
+/// /health` (every 100 ms, `fall 1`: one failed check takes the server out) while 200
+/// connections from ten addresses hold half-sent heads on the metrics port. HAProxy's own
+/// counters (`show stat`) see no failed check and the server stays UP; POP3 through HAProxy
+/// still works afterwards.
+#[test]
+#[ignore = "needs haproxy (run .ci/run)"]
+fn haproxy_health_checks_all_pass_while_half_sent_heads_flood_the_metrics_port() {
+    use std::io::{Read, Write};
+    let exe = common::find_exe("haproxy").expect("haproxy not installed: run .ci/run");
+    let h = Harness::new();
+    let up = upstream(&h);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let front: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let stats = dir.path().join("stats.sock");
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  stats socket {} mode 600 level admin\n\
+             defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  \
+             timeout server 30s\n  timeout check 2s\n\
+             frontend pop3\n  bind {front}\n  default_backend popgate\n\
+             backend popgate\n  option httpchk GET /health\n  \
+             server p1 {} check port {} inter 100ms fall 1 rise 1\n",
+            stats.display(),
+            p.addr,
+            metrics.port()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args(["-db", "-q", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
+        .spawn()
+        .expect("spawn haproxy");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _haproxy = Kill(&mut child);
+    // (status, last check's result, failed checks) of the server, from HAProxy's `show stat`.
+    let server = || -> Option<(String, String, u64)> {
+        let mut s = std::os::unix::net::UnixStream::connect(&stats).ok()?;
+        s.write_all(b"show stat\n").ok()?;
+        let mut csv = String::new();
+        s.read_to_string(&mut csv).ok()?;
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let (status, check, chkfail) = (col("status")?, col("check_status")?, col("chkfail")?);
+        let row: Vec<&str> = lines
+            .find(|l| l.starts_with("popgate,p1,"))?
+            .split(',')
+            .collect();
+        Some((
+            row[status].to_owned(),
+            row[check].to_owned(),
+            row[chkfail].parse().ok()?,
+        ))
+    };
+    // A check answered 200 (L7OK: HTTP checks run) and the server is UP.
+    common::wait_until("HAProxy sees popgate UP", || {
+        server().is_some_and(|(status, check, _)| status == "UP" && check == "L7OK")
+    });
+    let before = server().unwrap().2;
+
+    let from: Vec<std::net::IpAddr> = (2..12)
+        .map(|i| format!("127.0.0.{i}").parse().unwrap())
+        .collect();
+    let attack = HalfHeads::start(metrics, &from, 20);
+    common::wait_until("200 half-sent heads opened", || attack.opened() >= 200);
+    // About 30 checks while the attack goes on (a window, not a timed assertion).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let during = server().unwrap();
+    assert!(attack.opened() > 200, "the attack stopped early");
+    drop(attack);
+    assert_eq!(
+        during,
+        ("UP".to_owned(), "L7OK".to_owned(), before),
+        "HAProxy failed checks during the flood: {}",
+        std::fs::read_to_string(dir.path().join("haproxy.err")).unwrap_or_default()
+    );
+    assert!(curl_retr(front, USER, PASS, 1).starts_with(b"Subject: hi"));
+}
+
 /// Issue 18.2: the endpoint's own limits, as hyper enforces them. A connection that sends
 /// half a request head (or nothing) and then waits is closed by popgate itself after the
 /// 2 s head timeout, with no other connection pushing it out (the 5 s read bound is 2.5
