@@ -99,13 +99,8 @@ mod tests {
             p.virtual_bytes.unwrap() >= p.resident_bytes.unwrap(),
             "{p:?}"
         );
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        let more = Process::read();
-        assert!(
-            more.open_fds.unwrap() > p.open_fds.unwrap(),
-            "{p:?} {more:?}"
-        );
-        drop(file);
+        // stdin, stdout, stderr at least (other tests open and close more meanwhile).
+        assert!(p.open_fds.unwrap() >= 3, "{p:?}");
         assert!(p.max_fds.unwrap() >= p.open_fds.unwrap());
         assert!(p.cpu_seconds.unwrap() >= 0.0);
         let started = start_time_seconds().unwrap();
