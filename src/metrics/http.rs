@@ -29,8 +29,9 @@ use crate::config::UpstreamConfig;
 /// the most connections: a scraper or a balancer's health check is never locked out by
 /// connections that only hold a slot.
 const MAX_CONNECTIONS: usize = 64;
-/// Most connections of one peer address at once; a new one past this evicts that peer's
-/// oldest connection without a request in progress (or is closed when all are busy).
+/// Most connections of one peer at once (an IPv4 address, or an IPv6 /64: one host can hold a
+/// whole /64); a new one past this evicts that peer's oldest connection without a request in
+/// progress (or is closed when all are busy).
 const MAX_PER_PEER: usize = 8;
 /// A client must send each request head within this (hyper's `header_read_timeout`, which
 /// also bounds an idle keep-alive connection). Scrapers and health checks send theirs at once.
@@ -61,6 +62,22 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| BindError { addr, source })
+}
+
+/// The peer a connection counts against: its IPv4 address (also when IPv4-mapped), or the /64
+/// of its IPv6 address.
+fn peer_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+        },
+    }
 }
 
 /// One open connection in the [`Table`].
@@ -191,7 +208,7 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let Some(Admitted { id, busy, killed }) = lock(&table).admit(peer.ip()) else {
+        let Some(Admitted { id, busy, killed }) = lock(&table).admit(peer_of(peer.ip())) else {
             debug!(%peer, "metrics: every connection in the way is answering; this one closed");
             continue;
         };
@@ -281,6 +298,22 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn ipv6_peers_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(peer_of(a), peer_of(b));
+        assert_ne!(peer_of(a), peer_of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(peer_of(mapped), ip_from("192.0.2.7"));
+        assert_eq!(peer_of(ip_from("192.0.2.7")), ip_from("192.0.2.7"));
+    }
+
+    fn ip_from(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[test]
