@@ -727,6 +727,52 @@ fn audit_queue_depth_shows_events_waiting_for_a_stalled_writer() {
     );
 }
 
+/// `popgate_upstream_up` stays honest under failover: with `address = [a, b]`, once `a` goes
+/// away a session fails over to `b` without an error, and the scrape shows `a` down and `b`
+/// up (not `a` still up from its last session).
+#[test]
+fn upstream_up_shows_an_address_sessions_failed_over() {
+    let h = Harness::new();
+    let a = upstream(&h);
+    let b = upstream(&h);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let p = PopgateProcess::run(
+        a.local_addr(),
+        PopgateOpts::new()
+            .upstreams(&format!(
+                "[upstream]\naddress = [\"{}\", \"{}\"]\n",
+                a.local_addr(),
+                b.local_addr()
+            ))
+            .tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    let up = |m: &str, s: &DemoServer| {
+        value(
+            m,
+            "popgate_upstream_up",
+            &[("address", &s.local_addr().to_string())],
+        )
+    };
+    assert!(curl_retr(p.addr, USER, PASS, 1).starts_with(b"Subject: hi"));
+    common::wait_until("both addresses probed", || {
+        let m = scrape(metrics);
+        up(&m, &a) == 1.0 && up(&m, &b) == 1.0
+    });
+    let a_addr = a.local_addr();
+    a.shutdown();
+    common::wait_until("a refuses connections", || {
+        std::net::TcpStream::connect(a_addr).is_err()
+    });
+    assert!(curl_retr(p.addr, USER, PASS, 1).starts_with(b"Subject: hi"));
+    let m = scrape(metrics);
+    assert_eq!((up(&m, &a), up(&m, &b)), (0.0, 1.0), "{m}");
+    let (code, body) = http(metrics, "/health");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&b.local_addr().to_string()), "{body}");
+}
+
 /// TLS handshakes are counted per side and result: a trusted and an untrusting client on an
 /// implicit-TLS listener, and an upstream whose certificate popgate does not trust.
 #[test]

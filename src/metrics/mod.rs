@@ -507,6 +507,26 @@ impl Metrics {
         seen_failed(&self.upstreams, upstream, address, why);
     }
 
+    /// After a connect to `upstream`: its addresses that the failover table marks dead now
+    /// (`is_dead`: a session failed over them, or they failed with the rest) are recorded as
+    /// failed, unless a failure after their last success already is. A session that reached
+    /// the second address reports only that one itself.
+    pub(crate) fn failed_over(&self, upstream: &UpstreamConfig, is_dead: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        let mut seen = lock(&self.upstreams);
+        for address in &upstream.address {
+            if !is_dead(address) {
+                continue;
+            }
+            let s = seen
+                .entry((upstream.label().to_owned(), address.clone()))
+                .or_default();
+            if s.up() || s.failed.is_none() {
+                s.failed = Some((now, "failed over: the last connect failed".into()));
+            }
+        }
+    }
+
     /// The upstreams of the config in force (at start, after each reload): what was seen of
     /// addresses no longer configured is forgotten, and each address not seen yet is probed
     /// at once in the background (so that `/health` and `popgate_upstream_up` know a dead

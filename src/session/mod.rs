@@ -269,6 +269,9 @@ async fn open(
                     &u.address,
                     dialled.elapsed(),
                 );
+                shared.metrics.failed_over(upstream_cfg, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 if u.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -283,6 +286,9 @@ async fn open(
                     e.stage.as_str(),
                     &e.reason,
                 );
+                shared.metrics.failed_over(upstream_cfg, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 let sent = match client.write_all(UNAVAILABLE).await {
                     Ok(()) => UNAVAILABLE.len() as u64,
                     Err(_) => 0,
@@ -941,6 +947,9 @@ impl Driver {
                     &done.address,
                     dialled.elapsed(),
                 );
+                shared.metrics.failed_over(upstream, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 if done.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -980,6 +989,9 @@ impl Driver {
                     e.stage.as_str(),
                     &e.reason,
                 );
+                shared.metrics.failed_over(upstream, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 Err(UNAVAILABLE.to_vec())
             }
         }
