@@ -1,8 +1,8 @@
 //! Daemon conventions, against the real binary: SIGUSR1 reopens moved log, audit and
 //! transcript files; `[process] user` drops root after binding a privileged port; systemd's
-//! READY/RELOADING/STOPPING arrive on a test `NOTIFY_SOCKET`; `[log] output` reaches stderr
-//! without colours, syslog on a test socket, JSON with structured fields; journald falls back
-//! to stderr with a clear error when absent.
+//! READY/RELOADING/STOPPING (and WATCHDOG when asked) arrive on a test `NOTIFY_SOCKET`;
+//! `[log] output` reaches stderr without colours, syslog on a test socket, JSON with
+//! structured fields; journald falls back to stderr with a clear error when absent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
