@@ -84,6 +84,12 @@ impl Reloader {
     /// returned. Open sessions keep the config they started with. Returns the line to log,
     /// naming what changed (`reloaded: upstream.address, listener +imaps`).
     pub async fn reload(&self) -> Result<String, StartError> {
+        let outcome = self.load_and_apply().await;
+        self.runtime.metrics().config_reloaded(outcome.is_ok());
+        outcome
+    }
+
+    async fn load_and_apply(&self) -> Result<String, StartError> {
         let (fresh, path) = match &self.path {
             Some(p) => (Config::load(p)?, p.as_path()),
             None => (
@@ -198,6 +204,8 @@ impl Proxy {
                 tracing::info!(%addr, "metrics listening");
             }
             let rt = self.runtime.clone();
+            // Every upstream address is probed once now, before a balancer asks.
+            rt.metrics().watch_upstreams(&rt.current().config.upstreams);
             tokio::spawn(metrics::http::serve(
                 socket,
                 self.runtime.metrics(),

@@ -192,6 +192,7 @@ fn run() -> Result<()> {
                 spawn_reload_on_sighup(hup, reloader, status);
                 spawn_reopen_on_usr1(usr1, proxy.reopener(), logging.clone());
                 notify::ready();
+                tokio::spawn(notify::watchdog());
                 proxy
                     .run(async {
                         shutdown.await;

@@ -442,6 +442,7 @@ impl Runtime {
             None => old.audit.clone(),
         };
         *lock(&self.files) = prepared.files;
+        self.metrics.set_audit(sink.clone());
         self.metrics
             .set_listeners(prepared.config.listeners.iter().map(|l| l.name.clone()));
         let fresh = Arc::new(snapshot(
@@ -451,6 +452,9 @@ impl Runtime {
             self.metrics.clone(),
             old.dead.clone(),
         ));
+        if fresh.config.metrics.is_some() {
+            self.metrics.watch_upstreams(&fresh.config.upstreams);
+        }
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
 
         let mut old_running: Vec<Option<Running>> = running.drain(..).map(Some).collect();

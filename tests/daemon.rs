@@ -1,8 +1,8 @@
 //! Daemon conventions, against the real binary: SIGUSR1 reopens moved log, audit and
 //! transcript files; `[process] user` drops root after binding a privileged port; systemd's
-//! READY/RELOADING/STOPPING arrive on a test `NOTIFY_SOCKET`; `[log] output` reaches stderr
-//! without colours, syslog on a test socket, JSON with structured fields; journald falls back
-//! to stderr with a clear error when absent.
+//! READY/RELOADING/STOPPING (and WATCHDOG when asked) arrive on a test `NOTIFY_SOCKET`;
+//! `[log] output` reaches stderr without colours, syslog on a test socket, JSON with
+//! structured fields; journald falls back to stderr with a clear error when absent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -440,6 +440,58 @@ fn sd_notify_ready_reloading_stopping() {
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Issue 19.5: with `WatchdogSec=` systemd sets `WATCHDOG_USEC` (and `WATCHDOG_PID`); popgate
+/// then sends `WATCHDOG=1` every half of it, from READY=1 until it exits. When the variables
+/// are meant for another process (`WATCHDOG_PID` differs) it sends none.
+#[test]
+fn sd_notify_watchdog_pings_when_systemd_asks_for_them() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let run = |pid: Option<&str>| {
+        let notify = NotifySocket::new();
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let cfg = write_config(dir.path(), up.local_addr(), port, "");
+        let mut cmd = Command::new(popgate_bin());
+        cmd.args(["run", "--config"])
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+        if let Some(pid) = pid {
+            cmd.env("WATCHDOG_PID", pid);
+        }
+        let guard = Killed(cmd.spawn().unwrap());
+        assert_eq!(notify.recv().trim(), "READY=1");
+        (notify, guard, dir, port)
+    };
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    // Asked: pings keep coming (every 100 ms), while sessions are served.
+    let (notify, guard, _dir, port) = run(None);
+    for _ in 0..5 {
+        assert_eq!(notify.recv().trim(), "WATCHDOG=1");
+    }
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+    assert_eq!(notify.recv().trim(), "WATCHDOG=1");
+    drop(guard);
+
+    // Meant for another process: nothing but READY=1 and, at the end, STOPPING=1, although
+    // a ping would be due every 100 ms over the half second watched.
+    let (notify, guard, _dir, port) = run(Some("1"));
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    kill(guard.0.id(), "-TERM");
+    assert_eq!(notify.recv().trim(), "STOPPING=1");
 }
 
 struct KillOnDrop<'a>(&'a mut std::process::Child);

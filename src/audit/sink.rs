@@ -296,6 +296,15 @@ impl AuditSink {
         rx.await.map_err(|_| SinkError::Closed)?
     }
 
+    /// Messages waiting for the writer now, and how many the queue holds (`(0, 0)` when audit
+    /// is off): `popgate_audit_queue_depth` and `_capacity`.
+    pub(crate) fn queue(&self) -> (usize, usize) {
+        self.inner.as_ref().map_or((0, 0), |i| {
+            let max = i.tx.max_capacity();
+            (max - i.tx.capacity(), max)
+        })
+    }
+
     /// Events lost so far: dropped on a full queue, or emitted after the writer closed
     /// (`popgate_audit_events_dropped_total`).
     pub(crate) fn dropped(&self) -> u64 {

@@ -7,8 +7,9 @@
 //! the SASL mechanisms popgate relays, the rest are fixed words.
 
 pub(crate) mod http;
+mod process;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -49,17 +50,35 @@ pub(crate) struct Metrics {
     upstream_latency: Histogram,
     penalty_seconds: Counter<f64, AtomicU64>,
     listener_up: Family<Labels, Gauge>,
+    reload_success: Gauge,
+    reload_success_time: Gauge<f64, AtomicU64>,
     /// The listeners `/health` expects up (the config's, replaced by a reload).
     listeners: Mutex<Vec<String>>,
     health_window: Duration,
-    upstream: Mutex<UpstreamSeen>,
+    upstreams: Arc<Mutex<Seen>>,
+    /// The audit sink in force (shared with the scrape-time collector).
+    audit: Arc<Mutex<AuditSink>>,
 }
 
-/// The last upstream connects that succeeded and failed (sessions' and probes').
-#[derive(Debug, Default)]
-struct UpstreamSeen {
+/// What connects to each upstream address told, by (upstream label, address as configured):
+/// sessions' and probes'. Only the addresses of the config in force are kept.
+type Seen = HashMap<(String, String), AddressSeen>;
+
+/// The last connects to one upstream address that succeeded and failed.
+#[derive(Debug, Default, Clone)]
+struct AddressSeen {
     ok: Option<Instant>,
     failed: Option<(Instant, String)>,
+}
+
+impl AddressSeen {
+    /// Whether the last connect succeeded.
+    fn up(&self) -> bool {
+        match (self.ok, &self.failed) {
+            (Some(ok), Some((failed, _))) => ok >= *failed,
+            (ok, _) => ok.is_some(),
+        }
+    }
 }
 
 /// What `/health` answers.
@@ -75,15 +94,86 @@ pub(crate) struct Health {
 /// refusals and login penalties.
 #[derive(Debug)]
 struct Polled {
-    audit: AuditSink,
+    /// The audit sink in force (a reload may start another writer).
+    audit: Arc<Mutex<AuditSink>>,
     limiter: Arc<Limiter>,
+    upstreams: Arc<Mutex<Seen>>,
+    /// `process_start_time_seconds`, read once.
+    started: Option<f64>,
+}
+
+/// A gauge sample without labels.
+fn const_gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Polled {
+    /// The `process_*` metrics Prometheus client libraries export, where readable.
+    fn encode_process(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = process::Process::read();
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                p.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                p.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                p.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                p.max_fds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value.and_then(|v| i64::try_from(v).ok()) {
+                const_gauge(encoder, name, help, v)?;
+            }
+        }
+        if let Some(cpu) = p.cpu_seconds {
+            let c = ConstCounter::new(cpu);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        if let Some(started) = self.started {
+            const_gauge(
+                encoder,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                started,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for Polled {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.limiter.counters;
-        let dropped = ConstCounter::new(self.audit.dropped());
+        let audit = lock(&self.audit).clone();
+        let dropped = ConstCounter::new(audit.dropped());
         dropped.encode(encoder.encode_descriptor(
             "popgate_audit_events_dropped",
             "Audit events lost: queue full (on_overflow = \"drop\") or writer closed.",
@@ -114,6 +204,39 @@ impl Collector for Polled {
             None,
             delayed.metric_type(),
         )?)?;
+        let (queued, capacity) = audit.queue();
+        const_gauge(
+            &mut encoder,
+            "popgate_audit_queue_depth",
+            "Audit events waiting for the writer now (popgate_audit_queue_capacity at most).",
+            queued as i64,
+        )?;
+        const_gauge(
+            &mut encoder,
+            "popgate_audit_queue_capacity",
+            "Audit events the queue holds (audit.queue; 0 when audit is off).",
+            capacity as i64,
+        )?;
+        self.encode_process(&mut encoder)?;
+        let mut up = encoder.encode_descriptor(
+            "popgate_upstream_up",
+            "1 if the last connect to this upstream address (a session's, or a probe's: at \
+             start, after a reload that names it, at /health) succeeded, 0 if it failed",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let mut seen: Vec<_> = lock(&self.upstreams)
+            .iter()
+            .map(|((u, a), s)| (u.clone(), a.clone(), s.up()))
+            .collect();
+        seen.sort();
+        for (upstream, address, ok) in seen {
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(ok));
+            g.encode(up.encode_family(&[
+                ("upstream", upstream.as_str()),
+                ("address", address.as_str()),
+            ])?)?;
+        }
         Ok(())
     }
 }
@@ -149,12 +272,15 @@ impl Metrics {
             upstream_latency: Histogram::new(exponential_buckets(start, factor, n)),
             penalty_seconds: Counter::default(),
             listener_up: Family::default(),
+            reload_success: Gauge::default(),
+            reload_success_time: Gauge::default(),
             listeners: Mutex::new(config.listeners.iter().map(|l| l.name.clone()).collect()),
             health_window: config
                 .metrics
                 .as_ref()
                 .map_or(Duration::from_secs(30), |m| m.health_window),
-            upstream: Mutex::new(UpstreamSeen::default()),
+            upstreams: Arc::default(),
+            audit: Arc::new(Mutex::new(AuditSink::disabled())),
         };
         for l in lock(&m.listeners).clone().iter() {
             let _ = m.sessions_active.get_or_create(&label("listener", l));
@@ -177,11 +303,47 @@ impl Metrics {
         for rule in rule_names {
             let _ = m.rule_hits.get_or_create(&vec![("rule", rule)]);
         }
-        m.register(Polled { audit, limiter })
+        // The config in force was loaded (and checked) at start, as Prometheus counts it.
+        m.config_reloaded(true);
+        let upstreams = m.upstreams.clone();
+        m.register(Polled {
+            audit: Arc::new(Mutex::new(audit)),
+            limiter,
+            upstreams,
+            started: process::start_time_seconds(),
+        })
     }
 
     fn register(mut self, polled: Polled) -> Metrics {
+        self.audit = polled.audit.clone();
         let r = &mut self.registry;
+        let build: Family<Labels, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", env!("POPGATE_GIT_COMMIT").to_owned()),
+                ("target", env!("POPGATE_TARGET").to_owned()),
+                ("profile", env!("POPGATE_PROFILE").to_owned()),
+            ])
+            .set(1);
+        r.register(
+            "popgate_build_info",
+            "Always 1; the labels say which popgate runs (version, git revision, target, \
+             build profile)",
+            build,
+        );
+        r.register(
+            "popgate_config_last_reload_success",
+            "1 if the last reload (SIGHUP) applied the config file, 0 if it failed and the \
+             previous config stayed; 1 at start",
+            self.reload_success.clone(),
+        );
+        r.register(
+            "popgate_config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded: the last successful reload, or the start \
+             (seconds since the Unix epoch)",
+            self.reload_success_time.clone(),
+        );
         r.register(
             "popgate_sessions_active",
             "Sessions open now, per listener",
@@ -242,6 +404,19 @@ impl Metrics {
         );
         r.register_collector(Box::new(polled));
         self
+    }
+
+    /// A reload (SIGHUP) applied the config file (`ok`) or failed and changed nothing.
+    pub(crate) fn config_reloaded(&self, ok: bool) {
+        self.reload_success.set(i64::from(ok));
+        if ok {
+            self.reload_success_time.set(process::unix_now());
+        }
+    }
+
+    /// The audit sink a reload put in force (its queue and losses are reported from now on).
+    pub(crate) fn set_audit(&self, sink: AuditSink) {
+        *lock(&self.audit) = sink;
     }
 
     /// The Prometheus text of every metric.
@@ -308,21 +483,83 @@ impl Metrics {
         self.penalty_seconds.inc_by(d.as_secs_f64());
     }
 
-    /// An upstream connect succeeded after `took`.
-    pub(crate) fn upstream_connected(&self, took: Duration) {
+    /// A connect to `address` of `upstream` (its label) succeeded after `took`.
+    pub(crate) fn upstream_connected(&self, upstream: &str, address: &str, took: Duration) {
         self.upstream_latency.observe(took.as_secs_f64());
-        lock(&self.upstream).ok = Some(Instant::now());
+        seen_ok(&self.upstreams, upstream, address);
     }
 
-    /// An upstream connect failed at `stage` (`tcp`, `setup`, `tls`, `timeout`).
-    pub(crate) fn upstream_failed(&self, stage: &'static str, why: &str) {
+    /// A connect to `address` of `upstream` failed at `stage` (`tcp`, `setup`, `tls`,
+    /// `timeout`).
+    pub(crate) fn upstream_failed(
+        &self,
+        upstream: &str,
+        address: &str,
+        stage: &'static str,
+        why: &str,
+    ) {
         self.upstream_errors
             .get_or_create(&label("stage", stage))
             .inc();
         if stage == "tls" {
             self.tls_handshake("upstream", false);
         }
-        lock(&self.upstream).failed = Some((Instant::now(), why.to_owned()));
+        seen_failed(&self.upstreams, upstream, address, why);
+    }
+
+    /// After a connect to `upstream`: its addresses that the failover table marks dead now
+    /// (`is_dead`: a session failed over them, or they failed with the rest) are recorded as
+    /// failed, unless a failure after their last success already is. A session that reached
+    /// the second address reports only that one itself.
+    pub(crate) fn failed_over(&self, upstream: &UpstreamConfig, is_dead: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        let mut seen = lock(&self.upstreams);
+        for address in &upstream.address {
+            if !is_dead(address) {
+                continue;
+            }
+            let s = seen
+                .entry((upstream.label().to_owned(), address.clone()))
+                .or_default();
+            if s.up() || s.failed.is_none() {
+                s.failed = Some((now, "failed over: the last connect failed".into()));
+            }
+        }
+    }
+
+    /// The upstreams of the config in force (at start, after each reload): what was seen of
+    /// addresses no longer configured is forgotten, and each address not seen yet is probed
+    /// at once in the background (so that `/health` and `popgate_upstream_up` know a dead
+    /// address before any client or balancer asks). Needs a tokio runtime.
+    pub(crate) fn watch_upstreams(&self, upstreams: &[UpstreamConfig]) {
+        let configured: Vec<(&UpstreamConfig, (String, String))> = upstreams
+            .iter()
+            .filter(|u| !u.original_destination())
+            .flat_map(|u| {
+                u.address
+                    .iter()
+                    .map(move |a| (u, (u.label().to_owned(), a.clone())))
+            })
+            .collect();
+        let mut seen = lock(&self.upstreams);
+        seen.retain(|k, _| configured.iter().any(|(_, c)| c == k));
+        for (u, key) in configured {
+            if seen.contains_key(&key) {
+                continue;
+            }
+            let limit = u.connect_timeout.min(PROBE_TIMEOUT);
+            let table = self.upstreams.clone();
+            tokio::spawn(async move {
+                let (upstream, address) = (&key.0, &key.1);
+                match probe(address, limit).await {
+                    Ok(()) => seen_ok(&table, upstream, address),
+                    Err(e) => {
+                        tracing::warn!(upstream = %upstream, %address, error = %e, "upstream address does not accept connections");
+                        seen_failed(&table, upstream, address, &e);
+                    }
+                }
+            });
+        }
     }
 
     /// The listeners of a reloaded config: `/health` expects these up from now on.
@@ -342,9 +579,11 @@ impl Metrics {
             .set(i64::from(up));
     }
 
-    /// `/health`: every listener accepts, and the upstream accepted a connection within the
-    /// health window (a session's, or a TCP probe made now when none did, or when a later
-    /// one failed).
+    /// `/health`: every listener accepts, and an address of the upstream accepted a
+    /// connection within the health window with no failure since (a session's or a probe's);
+    /// otherwise its addresses are probed now, in order, until one accepts. Only connects to
+    /// the addresses configured now count: an address a reload put in place is probed, never
+    /// vouched for by its predecessor's sessions.
     pub(crate) async fn health(&self, upstream: &UpstreamConfig) -> Health {
         let listeners = lock(&self.listeners).clone();
         for l in &listeners {
@@ -369,48 +608,73 @@ impl Metrics {
                 ),
             };
         }
+        let name = upstream.label();
         let recent = {
-            let seen = lock(&self.upstream);
-            match (seen.ok, &seen.failed) {
-                (Some(ok), failed) => {
-                    ok.elapsed() <= self.health_window
-                        && failed.as_ref().is_none_or(|(f, _)| *f <= ok)
-                }
-                (None, _) => false,
-            }
+            let seen = lock(&self.upstreams);
+            upstream
+                .address
+                .iter()
+                .find(|a| {
+                    seen.get(&(name.to_owned(), (*a).clone())).is_some_and(|s| {
+                        s.up() && s.ok.is_some_and(|ok| ok.elapsed() <= self.health_window)
+                    })
+                })
+                .cloned()
         };
-        if recent {
+        if let Some(address) = recent {
             return Health {
                 ok: true,
                 reason: format!(
-                    "ok: {} listener(s) up, upstream {} connected within {:?}",
+                    "ok: {} listener(s) up, upstream {address} connected within {:?}",
                     listeners.len(),
-                    upstream.address.join(","),
                     self.health_window
                 ),
             };
         }
-        match probe(upstream).await {
-            Ok(addr) => {
-                lock(&self.upstream).ok = Some(Instant::now());
-                Health {
-                    ok: true,
-                    reason: format!(
-                        "ok: {} listener(s) up, upstream {} ({addr}) accepted a probe",
-                        listeners.len(),
-                        upstream.address.join(",")
-                    ),
+        let limit = upstream.connect_timeout.min(PROBE_TIMEOUT);
+        let mut last = String::from("no address");
+        for address in &upstream.address {
+            match probe(address, limit).await {
+                Ok(()) => {
+                    seen_ok(&self.upstreams, name, address);
+                    return Health {
+                        ok: true,
+                        reason: format!(
+                            "ok: {} listener(s) up, upstream {address} accepted a probe",
+                            listeners.len(),
+                        ),
+                    };
                 }
-            }
-            Err(e) => {
-                lock(&self.upstream).failed = Some((Instant::now(), e.clone()));
-                Health {
-                    ok: false,
-                    reason: format!("upstream {} unreachable: {e}", upstream.address.join(",")),
+                Err(e) => {
+                    seen_failed(&self.upstreams, name, address, &e);
+                    last = format!("{address}: {e}");
                 }
             }
         }
+        Health {
+            ok: false,
+            reason: format!(
+                "upstream {} unreachable: {last}",
+                upstream.address.join(",")
+            ),
+        }
     }
+}
+
+/// Record a successful connect to `address` of `upstream`.
+fn seen_ok(table: &Mutex<Seen>, upstream: &str, address: &str) {
+    lock(table)
+        .entry((upstream.to_owned(), address.to_owned()))
+        .or_default()
+        .ok = Some(Instant::now());
+}
+
+/// Record a failed connect to `address` of `upstream`.
+fn seen_failed(table: &Mutex<Seen>, upstream: &str, address: &str, why: &str) {
+    lock(table)
+        .entry((upstream.to_owned(), address.to_owned()))
+        .or_default()
+        .failed = Some((Instant::now(), why.to_owned()));
 }
 
 fn bytes_labels(listener: &str, direction: &str) -> Labels {
@@ -420,22 +684,13 @@ fn bytes_labels(listener: &str, direction: &str) -> Labels {
     ]
 }
 
-/// A TCP connect to the upstream (no POP3, no TLS), closed at once: its addresses in order
-/// until one accepts.
-async fn probe(upstream: &UpstreamConfig) -> Result<SocketAddr, String> {
-    let limit = upstream.connect_timeout.min(PROBE_TIMEOUT);
-    let mut last = String::from("no address");
-    for address in &upstream.address {
-        let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(address))
-            .await
-            .map_err(|_| format!("TCP connect timed out after {limit:?}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match tcp {
-            Ok(tcp) => return tcp.peer_addr().map_err(|e| e.to_string()),
-            Err(e) => last = e,
-        }
+/// A TCP connect to `address` (no POP3, no TLS) within `limit`, closed at once.
+async fn probe(address: &str, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, tokio::net::TcpStream::connect(address)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("TCP connect timed out after {limit:?}")),
     }
-    Err(last)
 }
 
 /// One session's handles: byte counters without a label lookup per read, and its place in
@@ -538,13 +793,20 @@ mod tests {
         let h = m.health(config.default_upstream()).await;
         assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
         // A session's connect within the window is trusted without a probe.
-        m.upstream_connected(Duration::from_millis(1));
+        m.upstream_connected("default", &gone, Duration::from_millis(1));
         let h = m.health(config.default_upstream()).await;
         assert!(h.ok && h.reason.contains("connected within"), "{h:?}");
         // A later failure makes it look again (and the probe fails).
-        m.upstream_failed("tcp", "refused");
+        m.upstream_failed("default", &gone, "tcp", "refused");
         let h = m.health(config.default_upstream()).await;
         assert!(!h.ok, "{h:?}");
+        // A success at another address (the one before a reload) vouches for nothing.
+        m.upstream_connected("default", "127.0.0.1:1", Duration::from_millis(1));
+        let h = m.health(config.default_upstream()).await;
+        assert!(!h.ok && h.reason.contains("unreachable"), "{h:?}");
+        assert!(m.encode().contains(&format!(
+            "popgate_upstream_up{{upstream=\"default\",address=\"{gone}\"}} 0"
+        )));
         m.listener_up("a", false);
         assert!(!m.health(config.default_upstream()).await.ok);
     }

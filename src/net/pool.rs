@@ -41,6 +41,13 @@ impl DeadAddresses {
         map.insert(address.to_owned(), now + dead_for);
     }
 
+    /// Whether `address` is skipped at `now` (it failed at the TCP stage within its
+    /// `dead_for`).
+    pub fn is_dead(&self, address: &str, now: Instant) -> bool {
+        let map = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(address).is_some_and(|until| *until > now)
+    }
+
     /// `address` accepted a connection: it is alive again.
     pub fn mark_alive(&self, address: &str) {
         let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());

@@ -264,7 +264,14 @@ async fn open(
         .await
         {
             Ok(u) => {
-                shared.metrics.upstream_connected(dialled.elapsed());
+                shared.metrics.upstream_connected(
+                    upstream_cfg.label(),
+                    &u.address,
+                    dialled.elapsed(),
+                );
+                shared.metrics.failed_over(upstream_cfg, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 if u.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -273,7 +280,15 @@ async fn open(
             }
             Err(e) => {
                 warn!(error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                shared.metrics.upstream_failed(
+                    upstream_cfg.label(),
+                    &e.address,
+                    e.stage.as_str(),
+                    &e.reason,
+                );
+                shared.metrics.failed_over(upstream_cfg, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 let sent = match client.write_all(UNAVAILABLE).await {
                     Ok(()) => UNAVAILABLE.len() as u64,
                     Err(_) => 0,
@@ -948,7 +963,14 @@ impl Driver {
         .await;
         match result {
             Ok(done) => {
-                shared.metrics.upstream_connected(dialled.elapsed());
+                shared.metrics.upstream_connected(
+                    upstream.label(),
+                    &done.address,
+                    dialled.elapsed(),
+                );
+                shared.metrics.failed_over(upstream, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 if done.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -982,7 +1004,15 @@ impl Driver {
             }
             Err(login::LoginError::Unavailable(e)) => {
                 warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(e.stage.as_str(), &e.reason);
+                shared.metrics.upstream_failed(
+                    upstream.label(),
+                    &e.address,
+                    e.stage.as_str(),
+                    &e.reason,
+                );
+                shared.metrics.failed_over(upstream, |a| {
+                    shared.dead.is_dead(a, std::time::Instant::now())
+                });
                 Err(UNAVAILABLE.to_vec())
             }
         }
