@@ -456,6 +456,13 @@ impl Tracker {
         }
     }
 
+    /// Whether a `USER` sent upstream still awaits its answer.
+    pub fn user_outstanding(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream(o) if o.verb == Verb::User))
+    }
+
     /// The name of the latest `USER` sent upstream and not yet answered (folded as `user`).
     fn outstanding_user(&self) -> Option<&str> {
         self.pending.iter().rev().find_map(|p| match p {

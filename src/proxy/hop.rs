@@ -891,6 +891,16 @@ impl Hop {
                 self.barrier = true;
                 break;
             }
+            if self.tracker.user_outstanding()
+                && matches!(Command::parse(&cin[..len]), Ok(c) if c.verb == Verb::Pass)
+            {
+                // Whose password this is depends on the USERs before it: a server may refuse
+                // the latest (popa3d takes one USER per session) and log the earlier name in.
+                // The PASS waits (unparsed) until they are answered, so rules judge it as
+                // the user the server will log in.
+                self.barrier = true;
+                break;
+            }
             let line = cin.split_to(len);
             self.client_line(&line, obs);
             if self.stls_pending {

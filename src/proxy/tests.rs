@@ -383,7 +383,10 @@ fn a_rule_delay_comes_after_what_was_decided_before() {
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::from(LOGIN), BytesMut::new());
     hop.on_client_input(now, &mut cin, &mut rec);
-    sin.extend_from_slice(b"+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    // The PASS goes out once USER is answered; its answer comes after that.
+    sin.extend_from_slice(b"+OK hi\r\n+OK\r\n");
+    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    sin.extend_from_slice(b"-ERR [AUTH] no\r\n");
     hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
     let mut client_out = Vec::new();
     let mut slept_at = None;
@@ -692,6 +695,28 @@ fn a_pass_rule_for_a_user_holds_when_user_and_pass_are_pipelined() {
         assert_eq!(text(&out.upstream), client);
         assert_eq!(out.logins, [(Some("alice".into()), None, true)], "{client}");
     }
+}
+
+/// A server may refuse a second `USER` (popa3d takes one per session) and log the first name
+/// in at `PASS`. A client that pipelines `USER eve`, `USER bob`, `PASS` in one segment must not
+/// get eve's `PASS` judged as bob's: the `PASS` waits for the `USER` answers.
+#[test]
+fn a_pass_rule_for_a_user_holds_when_the_server_refuses_a_second_pipelined_user() {
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), NO_EVE_PASS),
+        b"USER eve\r\nUSER bob\r\nPASS pw\r\n",
+        &[b"+OK hi\r\n", b"+OK\r\n", b"-ERR one USER only\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER eve\r\nUSER bob\r\n");
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR one USER only\r\n-ERR not here\r\n"
+    );
+    assert!(out.logins.is_empty(), "{:?}", out.logins);
 }
 
 #[test]
