@@ -456,6 +456,37 @@ impl Tracker {
         }
     }
 
+    /// The user a login command names itself, before login: `APOP name digest`, or an
+    /// `AUTH` whose initial response names the user (PLAIN, LOGIN, SCRAM, XOAUTH2,
+    /// OAUTHBEARER); folded as [`Tracker::user`]. Rules judge such a command as that user's,
+    /// not as the user of an earlier `USER`: `APOP eve` after `USER bob` is eve's login.
+    pub fn name_in(&self, cmd: &Command<'_>) -> Option<String> {
+        if self.state != State::Authorization {
+            return None;
+        }
+        let name = match cmd.verb {
+            Verb::Apop => cmd.arg_str(0)?.to_owned(),
+            Verb::Auth => {
+                let mech = cmd.arg_str(0)?.to_ascii_uppercase();
+                let mut ex = SaslExchange {
+                    mech: SaslMech::from_name(&mech)?,
+                    name: mech,
+                    user: None,
+                    asks_user: false,
+                    challenges: 0,
+                };
+                ex.learn(cmd.arg_list().nth(1)?, false);
+                ex.user?
+            }
+            _ => return None,
+        };
+        Some(if self.fold_names {
+            name.to_ascii_lowercase()
+        } else {
+            name
+        })
+    }
+
     /// Whether a `USER` sent upstream still awaits its answer.
     pub fn user_outstanding(&self) -> bool {
         self.pending

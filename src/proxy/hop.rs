@@ -1040,9 +1040,13 @@ impl Hop {
         cmd: &Command<'_>,
         obs: &mut impl Observe,
     ) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
+        // APOP and AUTH with an initial response name their user themselves.
+        let named = self.tracker.name_in(cmd);
+        let user = named.as_deref().or(self.tracker.user());
         let ev = Event {
             verb: Some(cmd.verb),
             args: Some(cmd.args),
+            user,
             ..event(
                 &self.cfg,
                 &self.tracker,
@@ -1059,7 +1063,7 @@ impl Hop {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
                 // The denial carries the tags its own evaluation attached.
                 obs.tags(&self.policy.tags);
-                obs.denied(&rule, cmd.verb, self.tracker.user(), &tags);
+                obs.denied(&rule, cmd.verb, user, &tags);
                 let then = if close {
                     self.close_marks.dropped_by.get_or_insert(rule);
                     AfterReply::Close

@@ -719,6 +719,71 @@ fn a_pass_rule_for_a_user_holds_when_the_server_refuses_a_second_pipelined_user(
     assert!(out.logins.is_empty(), "{:?}", out.logins);
 }
 
+/// A login command that names its user (APOP, AUTH with an initial response) is judged as
+/// that user's, in the case the server folds it to: a rule that keeps eve from logging in
+/// (`verbs` on the login commands) holds for `APOP EVE`, for `AUTH PLAIN` naming EVE, and
+/// after an earlier `USER bob` (which it used to be judged as).
+#[test]
+fn a_login_rule_for_a_user_holds_for_apop_and_auth_naming_that_user() {
+    use base64::Engine as _;
+    const NO_EVE_LOGIN: &str = "[[rule]]\nname = \"no-eve-login\"\non = \"command\"\n\
+                                verbs = [\"APOP\", \"AUTH\", \"PASS\"]\nuser = '^eve$'\n\
+                                action = \"deny\"\nmessage = \"not here\"\n";
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (client, server) in [
+        (
+            "APOP EVE c4c9334bac560ecc979e58001b3e22fb\r\n".to_owned(),
+            vec![&b"+OK hi <1.2@h>\r\n"[..]],
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("\0EVE\0pw")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("Eve\0bob\0pw")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            format!("AUTH LOGIN {}\r\n", b64("eVe")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            "USER bob\r\nAPOP eve c4c9334bac560ecc979e58001b3e22fb\r\n".to_owned(),
+            vec![&b"+OK hi <1.2@h>\r\n"[..], b"+OK\r\n"],
+        ),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(folding(), NO_EVE_LOGIN),
+            client.as_bytes(),
+            &server,
+            End::Open,
+        );
+        assert!(
+            !text(&out.upstream).contains("APOP") && !text(&out.upstream).contains("AUTH"),
+            "{client}: {}",
+            text(&out.upstream)
+        );
+        assert!(
+            text(&out.client).ends_with("-ERR not here\r\n"),
+            "{client}: {}",
+            text(&out.client)
+        );
+        assert!(out.logins.is_empty(), "{client}: {:?}", out.logins);
+    }
+    // bob's own APOP, and AUTH naming bob, go through.
+    let out = run(
+        &mut hop_with(folding(), NO_EVE_LOGIN),
+        format!("APOP Bob x\r\nAUTH PLAIN {}\r\n", b64("\0bob\0pw")).as_bytes(),
+        &[b"+OK hi <1.2@h>\r\n", b"-ERR [AUTH] no\r\n", b"+OK in\r\n"],
+        64,
+        End::Open,
+    );
+    assert_eq!(
+        text(&out.upstream),
+        format!("APOP Bob x\r\nAUTH PLAIN {}\r\n", b64("\0bob\0pw"))
+    );
+}
+
 #[test]
 fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_beside() {
     use base64::Engine as _;
