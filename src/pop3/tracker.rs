@@ -487,6 +487,23 @@ impl Tracker {
         })
     }
 
+    /// The user a SASL answer line names, with what the exchange learned before it (LOGIN's
+    /// answer to `Username:`, PLAIN sent after an empty challenge); folded as
+    /// [`Tracker::user`]. `None` outside an exchange or when no name is known.
+    pub fn name_in_sasl_answer(&self, line: &[u8]) -> Option<String> {
+        if self.state != State::Authorization {
+            return None;
+        }
+        let mut ex = self.sasl.clone()?;
+        ex.learn(crate::pop3::command::trim_eol(line), true);
+        let name = ex.user?;
+        Some(if self.fold_names {
+            name.to_ascii_lowercase()
+        } else {
+            name
+        })
+    }
+
     /// Whether a `USER` sent upstream still awaits its answer.
     pub fn user_outstanding(&self) -> bool {
         self.pending

@@ -923,9 +923,14 @@ impl Hop {
             ClientLine::SaslResponse(data) => {
                 debug!(line = "***", "SASL answer");
                 obs.client_sasl();
-                // Rules see SASL lines (to log or drop) but never their content.
+                // Rules see SASL lines (to log, drop or deny) but never their content; the
+                // user is the one the exchange names once this line is in (AUTH LOGIN's
+                // answer to `Username:`, AUTH PLAIN after an empty challenge).
+                let named = self.tracker.name_in_sasl_answer(data);
+                let user = named.as_deref().or(self.tracker.user());
                 let ev = Event {
                     verb: Some(Verb::Auth),
+                    user,
                     ..event(
                         &self.cfg,
                         &self.tracker,
@@ -934,11 +939,25 @@ impl Hop {
                     )
                 };
                 let v = self.policy.evaluate(&ev);
-                if let Terminal::Drop { rule } = self.policy.terminal(&v) {
-                    info!(%rule, "session dropped by rule");
-                    self.dropped_by(rule, &v.tags);
-                    self.close(CloseReason::RuleDrop);
-                    return;
+                match self.policy.terminal(&v) {
+                    Terminal::Drop { rule } => {
+                        info!(%rule, "session dropped by rule");
+                        self.dropped_by(rule, &v.tags);
+                        self.close(CloseReason::RuleDrop);
+                        return;
+                    }
+                    Terminal::Deny { rule, .. } => {
+                        // The server waits for an answer: the exchange is cancelled (`*`,
+                        // RFC 5034) instead, and the server's `-ERR` ends the login. The
+                        // credentials never reach the server.
+                        info!(%rule, verb = "AUTH", "SASL login denied by rule: cancelled");
+                        obs.tags(&self.policy.tags);
+                        obs.denied(&rule, Verb::Auth, user, &v.tags);
+                        self.up_out.extend_from_slice(b"*\r\n");
+                        self.tracker.forwarded_sasl(b"*\r\n");
+                        return;
+                    }
+                    Terminal::Pass => {}
                 }
                 // The AUTH's answer (the login) carries them.
                 if let Some(t) = self.cmd_tags.back_mut() {

@@ -784,6 +784,59 @@ fn a_login_rule_for_a_user_holds_for_apop_and_auth_naming_that_user() {
     );
 }
 
+/// A SASL exchange that names its user only in an answer (AUTH LOGIN's `Username:`, AUTH
+/// PLAIN after an empty challenge) is cancelled (`*`) when a rule denies that user: the
+/// password never reaches the server and the server's `-ERR` ends the login.
+#[test]
+fn a_login_rule_for_a_user_cancels_a_sasl_exchange_that_names_that_user() {
+    use base64::Engine as _;
+    const NO_EVE_LOGIN: &str = "[[rule]]\nname = \"no-eve-login\"\non = \"command\"\n\
+                                verbs = [\"AUTH\"]\nuser = '^eve$'\n\
+                                action = \"deny\"\nmessage = \"not here\"\n";
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (client, challenge) in [
+        (
+            format!("AUTH LOGIN\r\n{}\r\n", b64("EVE")),
+            "+ VXNlcm5hbWU6\r\n",
+        ),
+        (format!("AUTH PLAIN\r\n{}\r\n", b64("\0eVe\0pw")), "+ \r\n"),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(folding(), NO_EVE_LOGIN),
+            client.as_bytes(),
+            &[b"+OK hi\r\n", challenge.as_bytes(), b"-ERR aborted\r\n"],
+            End::Open,
+        );
+        let verb = client.split("\r\n").next().unwrap();
+        assert_eq!(text(&out.upstream), format!("{verb}\r\n*\r\n"), "{client}");
+        assert_eq!(
+            text(&out.client),
+            format!("+OK hi\r\n{challenge}-ERR aborted\r\n"),
+            "{client}"
+        );
+        assert!(
+            out.logins.iter().all(|(_, _, ok)| !ok),
+            "{client}: {:?}",
+            out.logins
+        );
+    }
+    // bob's exchange goes on.
+    let client = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("bob"), b64("pw"));
+    let out = same_at_every_chunk(
+        || hop_with(folding(), NO_EVE_LOGIN),
+        client.as_bytes(),
+        &[
+            b"+OK hi\r\n",
+            b"+ VXNlcm5hbWU6\r\n",
+            b"+ UGFzc3dvcmQ6\r\n",
+            b"+OK in\r\n",
+        ],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), client);
+    assert_eq!(out.logins, [(Some("bob".into()), None, true)]);
+}
+
 #[test]
 fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_beside() {
     use base64::Engine as _;
