@@ -481,3 +481,47 @@ fn check_warns_about_user_patterns_with_capitals_when_names_fold() {
     assert!(!warned.contains("\"fine\""), "{warned}");
     assert!(!check("user_names = \"exact\"\n").contains("capital letters"));
 }
+
+/// Dovecot keeps the name `USER` gave across a failed `AUTH` (and APOP): `USER eve`, an
+/// `AUTH PLAIN` that fails for bob, then `PASS` logs eve in. Through popgate that session is
+/// eve's: a deny rule on eve refuses the PASS, where the failed attempt's name (bob) used to
+/// be taken for the user and eve read her mail past the rule.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn dovecot_a_failed_auth_between_user_and_pass_leaves_the_login_eves() {
+    let dv = dovecot("dv", &["eve", "bob"]);
+    let wrong_bob = base64(b"\0bob\0wrong");
+    // Dovecot itself: the PASS after the failed AUTH is eve's login.
+    let mut c = RawPop::connect(dv.addr());
+    assert!(c.cmd("USER eve").starts_with("+OK"));
+    let r = c.cmd(&format!("AUTH PLAIN {wrong_bob}"));
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert!(c.cmd(&format!("PASS {PW}")).starts_with("+OK"));
+    assert!(retr1(&mut c).contains("mail of eve on dv"));
+    c.cmd("QUIT");
+    // Through popgate, with a rule that keeps eve out.
+    let h = Harness::new();
+    let rules = rule_file(NO_EVE);
+    let audit = tempfile::tempdir().unwrap();
+    let proxy = h.proxy_with_rules(
+        &[&rules.path],
+        "",
+        dv.addr(),
+        "connect_timeout = \"3s\"",
+        &audit_table(audit.path()),
+    );
+    let mut c2 = RawPop::connect(proxy.addr);
+    let r = c2.cmd("USER EVE");
+    assert!(r.starts_with("+OK"), "{r}");
+    let r = c2.cmd(&format!("AUTH PLAIN {wrong_bob}"));
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert_eq!(c2.cmd(&format!("PASS {PW}")), "-ERR eve is locked out");
+    assert!(c2.cmd("RETR 1").starts_with("-ERR"));
+    c2.cmd("QUIT");
+    assert_eq!(
+        dv.log().matches("Login: user=<eve>").count(),
+        1,
+        "only the direct login: {}",
+        dv.log()
+    );
+}

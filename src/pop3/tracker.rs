@@ -376,6 +376,9 @@ pub struct Tracker {
     attempt: Option<String>,
     /// `attempt` folded, when folding changes it.
     attempt_folded: Option<String>,
+    /// The name of the last `USER` the server took: the one it logs in at `PASS`, whatever
+    /// APOP or AUTH attempts failed in between (Dovecot keeps it across them).
+    user_given: Option<String>,
     /// Whether the server lowercases user names (Dovecot's default): the user rules and audit
     /// see is then the folded name.
     fold_names: bool,
@@ -401,6 +404,7 @@ impl Tracker {
             user: None,
             attempt: None,
             attempt_folded: None,
+            user_given: None,
             fold_names: false,
             pending,
             body: None,
@@ -796,8 +800,12 @@ impl Tracker {
         match out.verb {
             // A refused USER leaves the earlier name: a server that keeps it logs that user
             // in at the next PASS.
-            Verb::User if before_login && ok => self.set_attempt(out.name),
+            Verb::User if before_login && ok => {
+                self.user_given.clone_from(&out.name);
+                self.set_attempt(out.name);
+            }
             Verb::Pass if before_login => {
+                self.set_attempt(self.user_given.clone());
                 login = Some((self.attempt.clone(), LoginMethod::UserPass));
             }
             Verb::Apop if before_login => {
@@ -830,6 +838,10 @@ impl Tracker {
                 // The identity is fixed here, once: nothing later in the session changes it.
                 self.user = user.clone();
                 self.state = State::Transaction;
+            } else {
+                // A failed APOP or AUTH leaves the server with the name USER gave: a PASS
+                // now logs that user in, not the one the failed attempt named.
+                self.set_attempt(self.user_given.clone());
             }
             LoginOutcome {
                 user,
@@ -1032,7 +1044,9 @@ mod tests {
         let client: &[&[u8]] = &[b"AUTH LOGIN\r\n", b"Ym9i\r\n", b"cGFzcw==\r\n"];
         let server = b"+OK hi\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] no\r\n";
         let (evs, t) = drive(client, server, 5);
-        assert_eq!(t.user(), Some("bob"));
+        // The failed attempt was bob's (its login outcome says so), but it leaves no name
+        // with the server: no USER was given, a PASS now would log nobody in.
+        assert_eq!(t.user(), None);
         assert_eq!(t.state(), State::Authorization);
         assert!(evs.contains(&Ev::Status(
             Some(Verb::Auth),

@@ -837,6 +837,75 @@ fn a_login_rule_for_a_user_cancels_a_sasl_exchange_that_names_that_user() {
     assert_eq!(out.logins, [(Some("bob".into()), None, true)]);
 }
 
+/// A server keeps the name `USER` gave across a failed APOP or AUTH (Dovecot does): a `PASS`
+/// after `USER eve` and an AUTH that failed for bob logs eve in. It must be judged, and the
+/// session fixed, as eve's, not as the failed attempt's bob.
+#[test]
+fn a_failed_auth_or_apop_between_user_and_pass_does_not_rename_the_login() {
+    use base64::Engine as _;
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0bob\0wrong");
+    for (client, server) in [
+        (
+            format!("USER eve\r\nAUTH PLAIN\r\n{plain}\r\nPASS pw\r\n"),
+            vec![
+                &b"+OK hi\r\n"[..],
+                b"+OK\r\n",
+                b"+ \r\n",
+                b"-ERR [AUTH] failed\r\n",
+            ],
+        ),
+        (
+            format!("USER eve\r\nAUTH PLAIN {plain}\r\nPASS pw\r\n"),
+            vec![&b"+OK hi\r\n"[..], b"+OK\r\n", b"-ERR [AUTH] failed\r\n"],
+        ),
+        (
+            "USER eve\r\nAPOP bob 0123\r\nPASS pw\r\n".to_owned(),
+            vec![
+                &b"+OK hi <1.2@h>\r\n"[..],
+                b"+OK\r\n",
+                b"-ERR [AUTH] failed\r\n",
+            ],
+        ),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(config(), NO_EVE_PASS),
+            client.as_bytes(),
+            &server,
+            End::Open,
+        );
+        assert!(!text(&out.upstream).contains("PASS"), "{client}");
+        assert!(
+            text(&out.client).ends_with("-ERR [AUTH] failed\r\n-ERR not here\r\n"),
+            "{client}: {}",
+            text(&out.client)
+        );
+    }
+    // Without the rule the PASS logs eve in, and the session is eve's.
+    let out = run(
+        &mut hop_with(config(), ""),
+        format!("USER eve\r\nAUTH PLAIN {plain}\r\nPASS pw\r\nSTAT\r\n").as_bytes(),
+        &[
+            b"+OK hi\r\n",
+            b"+OK\r\n",
+            b"-ERR [AUTH] failed\r\n",
+            b"+OK in\r\n",
+            b"+OK 0 0\r\n",
+        ],
+        1,
+        End::Open,
+    );
+    assert_eq!(
+        out.logins,
+        [
+            (Some("bob".into()), None, false),
+            (Some("eve".into()), None, true)
+        ]
+    );
+}
+
 #[test]
 fn every_login_method_is_recorded_under_the_folded_name_with_the_typed_one_beside() {
     use base64::Engine as _;
