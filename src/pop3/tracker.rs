@@ -329,13 +329,17 @@ impl SaslExchange {
                 .find_map(|kv| kv.strip_prefix(b"user="))
                 .map(<[u8]>::to_vec),
         };
-        if let Some(name) = name
-            && let Ok(s) = String::from_utf8(name)
-            && !s.is_empty()
-        {
-            self.user = Some(s);
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            self.user = Some(String::from_utf8_lossy(&name).into_owned());
         }
     }
+}
+
+/// The first argument of `cmd` as text, bytes that are not UTF-8 as U+FFFD.
+fn first_arg_lossy(cmd: &Command<'_>) -> Option<String> {
+    cmd.arg_list()
+        .next()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
 }
 
 /// The identity in a GS2 header (`n,a=authzid,` ...; SCRAM then has `n=user`). Returns `None`
@@ -469,7 +473,7 @@ impl Tracker {
             return None;
         }
         let name = match cmd.verb {
-            Verb::Apop => cmd.arg_str(0)?.to_owned(),
+            Verb::Apop => first_arg_lossy(cmd)?,
             Verb::Auth => {
                 let mech = cmd.arg_str(0)?.to_ascii_uppercase();
                 let mut ex = SaslExchange {
@@ -628,7 +632,10 @@ impl Tracker {
         let shape = Shape::of(cmd);
         let mut name = None;
         match cmd.verb {
-            Verb::User | Verb::Apop => name = cmd.arg_str(0).map(str::to_owned),
+            // A name that is not UTF-8 is still a name the server may log in: kept (invalid
+            // bytes as U+FFFD, as routing mode's front does), never dropped, so the session
+            // does not lose its user.
+            Verb::User | Verb::Apop => name = first_arg_lossy(cmd),
             Verb::Quit => self.quit_sent = true,
             Verb::Auth if shape == Shape::Sasl => {
                 let mech = cmd.arg_str(0).unwrap_or("").to_ascii_uppercase();
@@ -1235,6 +1242,32 @@ mod tests {
         )));
         assert_eq!(t.user(), Some("archive"));
         assert_eq!(t.user, None);
+    }
+
+    /// A name that is not UTF-8 (Latin-1 `\xe9ve`) logs a user in all the same: the session
+    /// keeps a user (invalid bytes shown as U+FFFD), by USER/PASS, APOP or SASL, rather than
+    /// none, which no user rule and no audit query would ever find.
+    #[test]
+    fn a_user_name_that_is_not_utf8_still_names_the_session() {
+        use base64::Engine as _;
+        let plain = format!(
+            "AUTH PLAIN {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(b"\0\xe9ve\0pw")
+        );
+        for client in [
+            &[&b"USER \xe9ve\r\n"[..], b"PASS pw\r\n"][..],
+            &[b"APOP \xe9ve 0123\r\n"],
+            &[plain.as_bytes()],
+        ] {
+            let replies = if client.len() == 2 {
+                &b"+OK hi\r\n+OK\r\n+OK in\r\n"[..]
+            } else {
+                &b"+OK hi\r\n+OK in\r\n"[..]
+            };
+            let (_, t) = drive(client, replies, 3);
+            assert_eq!(t.state(), State::Transaction);
+            assert_eq!(t.user(), Some("\u{fffd}ve"), "{client:?}");
+        }
     }
 
     #[test]
