@@ -593,7 +593,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::Config;
+    use crate::config::Config;
 
     /// Every leaf key path of a printed config, `[[x]]` entries folded to `x`.
     fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
@@ -625,7 +625,8 @@ mod tests {
     fn printed(text: &str) -> toml::Value {
         let mut c = Config::parse(text, Path::new("t.toml")).expect("parses");
         c.resolve_paths(Path::new("/etc/popgate"));
-        toml::from_str(&crate::effective_toml(&c).expect("prints")).expect("printed TOML parses")
+        toml::from_str(&crate::check::effective_toml(&c).expect("prints"))
+            .expect("printed TOML parses")
     }
 
     /// A config that sets every key popgate knows.

@@ -34,12 +34,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "oauth2",
         ],
     ),
+    // The table of config keys (popgate.toml(5), `check --print`): data only; its tests
+    // compare it with the config types and with what `check --print` prints.
+    ("reference", &["config", "check"]),
     // What `check` and every reload verify; loads what a config names (and names the
     // `[metrics]` bind error among the start errors).
     (
         "check",
         &[
-            "config", "net", "rules", "audit", "metrics", "routing", "oauth2",
+            "config",
+            "net",
+            "rules",
+            "audit",
+            "metrics",
+            "routing",
+            "oauth2",
+            "reference",
         ],
     ),
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
