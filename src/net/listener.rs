@@ -47,11 +47,28 @@ impl Inherited {
     /// Take the sockets the environment passes (for this process: `LISTEN_PID`); the
     /// variables are removed. Call before any other thread runs (it changes the environment).
     pub fn from_env() -> Inherited {
+        let mut out = Inherited::default();
+        // sd_listen_fds(3): the sockets are this process's only when LISTEN_PID names it.
+        // listenfd also takes them when LISTEN_PID is missing, so a LISTEN_FDS left in the
+        // environment by a wrapper would have popgate serve on whatever fds it inherited.
+        let for_us = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            == Some(std::process::id());
+        if !for_us {
+            if std::env::var_os("LISTEN_FDS").is_some() {
+                out.problems.push(
+                    "LISTEN_FDS is set but LISTEN_PID does not name this process: no passed \
+                     socket is used"
+                        .into(),
+                );
+            }
+            return out;
+        }
         let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
             .map(|v| v.split(':').map(str::to_owned).collect())
             .unwrap_or_default();
         let mut fds = listenfd::ListenFd::from_env();
-        let mut out = Inherited::default();
         for i in 0..fds.len() {
             let name = names.get(i).cloned().unwrap_or_default();
             match fds.take_tcp_listener(i) {
