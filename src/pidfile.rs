@@ -117,7 +117,7 @@ impl Status {
 
 /// Read the reload status file `path`; `None` when it is missing or not one.
 fn read_status(path: &Path) -> Option<Status> {
-    Status::parse(&std::fs::read_to_string(path).ok()?)
+    Status::parse(&read_bounded(path).ok()?)
 }
 
 /// The running popgate's reload status file: written at start (generation 0), when a reload
@@ -174,17 +174,65 @@ impl Drop for ReloadStatus {
 }
 
 /// Write `text` to `path` via a temporary file and a rename: a reader never sees a partial
-/// file.
+/// file. The temporary file is created new (`O_EXCL`), never through a link (`O_NOFOLLOW`),
+/// under a name nobody can plant in advance: popgate writes these files as root at start, in
+/// a directory that belongs to `process.user` after the privilege drop, so a link planted at
+/// a fixed name such as `popgate.pid.tmp` would have root overwrite any file it names. The
+/// rename replaces a link at `path` itself; it never writes through it.
 fn write_atomically(path: &Path, text: &str) -> Result<(), PidError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| PidError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut attempt = 0u32;
+    let (tmp, mut file) = loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = dir.join(format!(
+            ".{name}.{}.{nanos:08x}{attempt}.tmp",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(io(e)),
+        }
+    };
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// At most this much of a pid or status file is read: a file replaced by a link to a device
+/// or a huge file must not exhaust `popgate reload`.
+const MAX_READ: u64 = 64 * 1024;
+
+/// Read up to [`MAX_READ`] bytes of `path` as text.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_READ)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// How `popgate reload` finds the process and its outcome.
@@ -306,7 +354,7 @@ impl Drop for PidFile {
 
 /// The process id in the PID file `path`.
 pub fn read_pid(path: &Path) -> Result<i32, PidError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PidError::Io {
+    let text = read_bounded(path).map_err(|source| PidError::Io {
         path: path.to_owned(),
         source,
     })?;
@@ -334,6 +382,46 @@ mod tests {
         assert!(!path.exists());
         std::fs::write(&path, "nonsense\n").unwrap();
         assert!(matches!(read_pid(&path), Err(PidError::Invalid { .. })));
+    }
+
+    /// A link planted where the old code put its temporary files (`<file>.tmp`) must not make
+    /// popgate (root at start, in a directory `process.user` owns) write through it.
+    #[test]
+    fn a_link_planted_at_a_temporary_name_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let pid = dir.path().join("popgate.pid");
+        let status = status_path(&pid);
+        for planted in ["popgate.pid.tmp", "popgate.pid.reload.tmp"] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(planted)).unwrap();
+        }
+        let f = PidFile::create(&pid).unwrap();
+        let mut s = ReloadStatus::create(&status).unwrap();
+        s.begin().unwrap();
+        s.record(true, "reloaded: nothing changed").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(read_pid(&pid).unwrap(), std::process::id() as i32);
+        assert_eq!(read_status(&status).unwrap().generation, 1);
+        // A link at the file's own name is replaced, not written through.
+        drop((f, s));
+        std::os::unix::fs::symlink(&victim, &pid).unwrap();
+        let f = PidFile::create(&pid).unwrap();
+        assert!(!std::fs::symlink_metadata(&pid).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        drop(f);
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // A status or pid file that is a link to an endless device is read to a bound.
+        let zero = dir.path().join("zero.pid");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(read_pid(&zero), Err(PidError::Invalid { .. })));
+        assert!(read_status(&zero).is_none());
     }
 
     #[test]

@@ -1046,3 +1046,71 @@ fn listeners_take_sockets_passed_by_systemd_socket_activate() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `LISTEN_FDS` without a `LISTEN_PID` naming popgate (a wrapper that passed the variables on,
+/// or dropped only LISTEN_PID) is not socket activation (sd_listen_fds(3)): the inherited fd
+/// is not served on, the listener binds its own address, and the log says why.
+#[test]
+fn listen_fds_without_listen_pid_naming_popgate_is_not_used() {
+    let h = Harness::new();
+    let up = upstream(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let cfg = dir.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_grace = \"1s\"\n\
+             [[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:{port}\"\n\
+             [upstream]\naddress = \"{}\"\n",
+            up.local_addr()
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("stderr");
+    // fd 3: a listening socket named like the listener, passed with LISTEN_FDS and
+    // LISTEN_FDNAMES but no LISTEN_PID.
+    let script = "import os, socket, sys\n\
+                  s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8)\n\
+                  s.fileno() == 3 or os.dup2(s.fileno(), 3)\n\
+                  os.set_inheritable(3, True)\n\
+                  env = {k: v for k, v in os.environ.items() if k != 'LISTEN_PID'}\n\
+                  env.update(LISTEN_FDS='1', LISTEN_FDNAMES='pop3')\n\
+                  os.execve(sys.argv[1], sys.argv[1:], env)\n";
+    /// Killed however the test ends: a failing assertion leaves no popgate behind.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(popgate_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("popgate listening on its own address", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            || child.0.try_wait().unwrap().is_some()
+    });
+    session(format!("127.0.0.1:{port}").parse().unwrap());
+    let log = read(&stderr);
+    assert!(!log.contains("using the socket passed"), "{log}");
+    assert!(
+        log.contains("LISTEN_FDS is set but LISTEN_PID does not name this process"),
+        "{log}"
+    );
+    kill(child.0.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "popgate did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

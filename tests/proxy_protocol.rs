@@ -587,3 +587,108 @@ fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
         }
     }
 }
+
+/// After the client's STLS in direct mode popgate dials the upstream again to say "TLS" in a
+/// new PROXY v2 header. A server that refuses that second connection (a per-address limit, the
+/// first connection being still open) must not cost the client its session: it goes on over
+/// the first connection, and nothing is sent there on the client's behalf (no QUIT).
+#[test]
+fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let received: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let (count, seen) = (accepted.clone(), received.clone());
+    std::thread::spawn(move || {
+        // Bounded: at most four connections, each served on its own thread.
+        for stream in server.incoming().take(4) {
+            let Ok(stream) = stream else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let seen = seen.clone();
+            std::thread::spawn(move || serve_one_connection_stub(stream, n, &seen));
+        }
+    });
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
+    ));
+    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-pass");
+    spec["mode"] = "stls".into();
+    spec["cafile"] = pki.ca_path().display().to_string().into();
+    spec["actions"] = serde_json::json!([["stat"]]);
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(out["login"]["ok"], true, "login after STLS failed: {out}");
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "no second dial was tried"
+    );
+    common::wait_until("the first connection's QUIT", || {
+        received.lock().unwrap().iter().any(|(_, l)| l == "QUIT")
+    });
+    let lines = received.lock().unwrap().clone();
+    // Everything went over the first connection; the refused one got nothing.
+    assert!(lines.iter().all(|(n, _)| *n == 1), "{lines:?}");
+    let verbs: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        verbs.contains(&"USER bob") && verbs.contains(&"STAT"),
+        "{verbs:?}"
+    );
+
+    /// The stub: PROXY v2 header; the first connection is a tiny POP3 server, the second is
+    /// refused in its greeting. Lines received are recorded with the connection's number.
+    fn serve_one_connection_stub(
+        mut stream: TcpStream,
+        n: usize,
+        seen: &Mutex<Vec<(usize, String)>>,
+    ) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut head = [0u8; 16];
+        if stream.read_exact(&mut head).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+        if stream.read_exact(&mut rest).is_err() {
+            return;
+        }
+        if n > 1 {
+            let _ = stream.write_all(b"-ERR [SYS/TEMP] one connection per address\r\n");
+        } else {
+            let _ = stream.write_all(b"+OK stub ready\r\n");
+        }
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            let l = line.trim_end().to_owned();
+            seen.lock().unwrap().push((n, l.clone()));
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
+                _ if n > 1 => "-ERR go away\r\n",
+                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n",
+                Some("USER") => "+OK\r\n",
+                Some("PASS") => "+OK maildrop locked\r\n",
+                Some("STAT") => "+OK 0 0\r\n",
+                Some("QUIT") => {
+                    let _ = stream.write_all(b"+OK bye\r\n");
+                    return;
+                }
+                _ => "-ERR unknown\r\n",
+            };
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    }
+}

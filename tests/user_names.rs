@@ -97,7 +97,10 @@ fn log_in(c: &mut RawPop, method: Method, typed: &str) -> String {
             let r = c.cmd("AUTH LOGIN");
             assert!(r.starts_with("+ "), "AUTH LOGIN: {r}");
             let r = c.cmd(&base64(typed.as_bytes()));
-            assert!(r.starts_with("+ "), "user name: {r}");
+            if !r.starts_with("+ ") {
+                // The exchange ended at the user name (a rule cancelled it).
+                return r;
+            }
             c.cmd(&base64(PW.as_bytes()))
         }
     }
@@ -262,39 +265,40 @@ fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
         let mut c = RawPop::connect(proxy.addr);
         let r = log_in(&mut c, method, typed);
         match method {
-            // USER was answered before PASS: popgate knows it is eve, PASS never goes out.
-            Method::UserPass => assert_eq!(r, "-ERR eve is locked out"),
-            // The server folds the name and logs eve in; popgate knows it is eve: nothing of
-            // the mailbox reaches the client.
-            _ => {
-                assert!(
-                    r.starts_with("+OK eve's maildrop"),
-                    "{method:?} {typed}: {r}"
-                );
-                assert_eq!(c.cmd("RETR 1"), "-ERR eve is locked out", "{method:?}");
-                assert_eq!(c.cmd("STAT"), "-ERR eve is locked out", "{method:?}");
-            }
+            // AUTH LOGIN names the user in an answer: the exchange is cancelled (`*`) and the
+            // server's -ERR ends it; the password never goes out.
+            Method::Login => assert!(r.starts_with("-ERR"), "{method:?} {typed}: {r}"),
+            // USER (answered before PASS), APOP and AUTH PLAIN name eve before any password
+            // goes out: refused by popgate, eve is never logged in.
+            _ => assert_eq!(r, "-ERR eve is locked out", "{method:?} {typed}"),
         }
         c.cmd("QUIT");
     }
-    let retrieved: Vec<String> = up
+    let sent: Vec<String> = up
         .received()
         .iter()
         .map(|l| String::from_utf8_lossy(l).into_owned())
-        .filter(|l| l.starts_with("RETR") || l.starts_with("STAT"))
+        .filter(|l| {
+            ["PASS", "APOP", "RETR", "STAT", "AUTH PLAIN"]
+                .iter()
+                .any(|v| l.starts_with(v))
+        })
         .collect();
-    assert!(retrieved.is_empty(), "{retrieved:?}");
-    let l = logins(audit.path(), tries.len() - 1);
-    for ((method, typed), e) in tries[1..].iter().zip(&l) {
-        assert_eq!(
-            (&e["user"], &e["user_as_typed"]),
-            (&json!("eve"), &json!(typed)),
-            "{method:?}: {e}"
-        );
+    assert!(sent.is_empty(), "{sent:?}");
+    // No login succeeded; every denial is recorded as eve's, never as EVE's.
+    let denied = || -> Vec<Value> {
+        common::audit_events(audit.path())
+            .into_iter()
+            .filter(|e| e["event"] == "denied")
+            .collect()
+    };
+    common::wait_until("a denial per method", || denied().len() >= tries.len());
+    for e in denied() {
+        assert_eq!(e["user"], "eve", "{e}");
     }
-    // Every record names eve, the user the server logged in, never EVE.
     for e in common::audit_events(audit.path()) {
         assert!(e["user"].is_null() || e["user"] == "eve", "{e}");
+        assert!(e["outcome"] != "success", "{e}");
     }
     // Non-ASCII letters do not fold, on the server or in popgate: to this server `ÉVE` is
     // `Éve`, not éve's mailbox (refused), and popgate records the name the server tried.
@@ -302,8 +306,11 @@ fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
     let r = log_in(&mut c, Method::UserPass, "\u{c9}VE");
     assert!(r.starts_with("-ERR [AUTH]"), "{r}");
     c.cmd("QUIT");
-    let l = logins(audit.path(), tries.len());
-    let last = &l[tries.len() - 1];
+    let l = logins(audit.path(), 1);
+    let last = l
+        .iter()
+        .find(|e| e["user_as_typed"] == "\u{c9}VE")
+        .expect("the \u{c9}VE login");
     assert_eq!(
         (&last["user"], &last["user_as_typed"], &last["outcome"]),
         (&json!("\u{c9}ve"), &json!("\u{c9}VE"), &json!("failure")),
@@ -379,30 +386,25 @@ fn dovecot_behind_popgate_eve_in_capitals_is_denied_and_audited_as_eve() {
     for (method, typed) in tries {
         let mut c = RawPop::connect(proxy.addr);
         let r = log_in(&mut c, method, typed);
-        if let Method::UserPass = method {
-            // Known as eve once USER is answered: PASS is refused, never sent.
-            assert_eq!(r, "-ERR eve is locked out");
-        } else {
-            assert!(r.starts_with("+OK"), "{method:?} {typed}: {r}");
-            assert_eq!(c.cmd("RETR 1"), "-ERR eve is locked out", "{method:?}");
+        match method {
+            // Cancelled at the user name (`*`): Dovecot's -ERR ends the exchange.
+            Method::Login => assert!(r.starts_with("-ERR"), "{method:?} {typed}: {r}"),
+            // Named as eve before any password goes out: refused by popgate.
+            _ => assert_eq!(r, "-ERR eve is locked out", "{method:?} {typed}"),
         }
         c.cmd("QUIT");
     }
-    // Dovecot logged eve in for every other method: that is who the rule is about.
+    // Dovecot never logged eve in, whatever the case or the method.
     let log = dv.log();
-    assert_eq!(
-        log.matches("Login: user=<eve>").count(),
-        tries.len() - 1,
-        "{log}"
-    );
-    let l = logins(audit.path(), tries.len() - 1);
-    for ((method, typed), e) in tries[1..].iter().zip(&l) {
-        assert_eq!(
-            (&e["user"], &e["user_as_typed"], &e["outcome"]),
-            (&json!("eve"), &json!(typed), &json!("success")),
-            "{method:?}: {e}"
-        );
-    }
+    assert_eq!(log.matches("Login: user=<eve>").count(), 0, "{log}");
+    let denied: Vec<Value> = common::audit_events(audit.path())
+        .into_iter()
+        .filter(|e| e["event"] == "denied")
+        .collect();
+    // One login command denied per method (a QUIT behind USER EVE is eve's too).
+    let logins_denied = denied.iter().filter(|e| e["verb"] != "QUIT").count();
+    assert_eq!(logins_denied, tries.len(), "{denied:?}");
+    assert!(denied.iter().all(|e| e["user"] == "eve"), "{denied:?}");
     // alice in capitals is alice, and not denied.
     let mut c = RawPop::connect(proxy.addr);
     assert!(log_in(&mut c, Method::UserPass, "ALICE").starts_with("+OK"));
@@ -478,4 +480,48 @@ fn check_warns_about_user_patterns_with_capitals_when_names_fold() {
     );
     assert!(!warned.contains("\"fine\""), "{warned}");
     assert!(!check("user_names = \"exact\"\n").contains("capital letters"));
+}
+
+/// Dovecot keeps the name `USER` gave across a failed `AUTH` (and APOP): `USER eve`, an
+/// `AUTH PLAIN` that fails for bob, then `PASS` logs eve in. Through popgate that session is
+/// eve's: a deny rule on eve refuses the PASS, where the failed attempt's name (bob) used to
+/// be taken for the user and eve read her mail past the rule.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn dovecot_a_failed_auth_between_user_and_pass_leaves_the_login_eves() {
+    let dv = dovecot("dv", &["eve", "bob"]);
+    let wrong_bob = base64(b"\0bob\0wrong");
+    // Dovecot itself: the PASS after the failed AUTH is eve's login.
+    let mut c = RawPop::connect(dv.addr());
+    assert!(c.cmd("USER eve").starts_with("+OK"));
+    let r = c.cmd(&format!("AUTH PLAIN {wrong_bob}"));
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert!(c.cmd(&format!("PASS {PW}")).starts_with("+OK"));
+    assert!(retr1(&mut c).contains("mail of eve on dv"));
+    c.cmd("QUIT");
+    // Through popgate, with a rule that keeps eve out.
+    let h = Harness::new();
+    let rules = rule_file(NO_EVE);
+    let audit = tempfile::tempdir().unwrap();
+    let proxy = h.proxy_with_rules(
+        &[&rules.path],
+        "",
+        dv.addr(),
+        "connect_timeout = \"3s\"",
+        &audit_table(audit.path()),
+    );
+    let mut c2 = RawPop::connect(proxy.addr);
+    let r = c2.cmd("USER EVE");
+    assert!(r.starts_with("+OK"), "{r}");
+    let r = c2.cmd(&format!("AUTH PLAIN {wrong_bob}"));
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert_eq!(c2.cmd(&format!("PASS {PW}")), "-ERR eve is locked out");
+    assert!(c2.cmd("RETR 1").starts_with("-ERR"));
+    c2.cmd("QUIT");
+    assert_eq!(
+        dv.log().matches("Login: user=<eve>").count(),
+        1,
+        "only the direct login: {}",
+        dv.log()
+    );
 }

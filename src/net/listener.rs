@@ -47,18 +47,32 @@ impl Inherited {
     /// Take the sockets the environment passes (for this process: `LISTEN_PID`); the
     /// variables are removed. Call before any other thread runs (it changes the environment).
     pub fn from_env() -> Inherited {
+        let mut out = Inherited::default();
+        // sd_listen_fds(3): the sockets are this process's only when LISTEN_PID names it.
+        // listenfd also takes them when LISTEN_PID is missing, so a LISTEN_FDS left in the
+        // environment by a wrapper would have popgate serve on whatever fds it inherited.
+        let for_us = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            == Some(std::process::id());
+        if !for_us {
+            if std::env::var_os("LISTEN_FDS").is_some() {
+                out.problems.push(
+                    "LISTEN_FDS is set but LISTEN_PID does not name this process: no passed \
+                     socket is used"
+                        .into(),
+                );
+            }
+            return out;
+        }
         let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
             .map(|v| v.split(':').map(str::to_owned).collect())
             .unwrap_or_default();
         let mut fds = listenfd::ListenFd::from_env();
-        let mut out = Inherited::default();
         for i in 0..fds.len() {
             let name = names.get(i).cloned().unwrap_or_default();
             match fds.take_tcp_listener(i) {
-                Ok(Some(l)) => match l.local_addr() {
-                    Ok(addr) => out.sockets.push((name, l, addr)),
-                    Err(e) => out.problems.push(format!("passed socket #{i}: {e}")),
-                },
+                Ok(Some(l)) => out.add(i, name, l),
                 Ok(None) => {}
                 Err(e) => out
                     .problems
@@ -66,6 +80,26 @@ impl Inherited {
             }
         }
         out
+    }
+
+    /// Keep passed socket `i` if it is a listening TCP socket. listenfd checks the family and
+    /// the type only: a connected socket (a unit with `Accept=yes` passes one per connection)
+    /// or one never put in listening state would leave its listener failing every accept,
+    /// and the address never bound. Such a socket is not used; the listener binds its own.
+    fn add(&mut self, i: usize, name: String, l: std::net::TcpListener) {
+        use nix::sys::socket::{getsockopt, sockopt};
+        match (getsockopt(&l, sockopt::AcceptConn), l.local_addr()) {
+            (Ok(true), Ok(addr)) => self.sockets.push((name, l, addr)),
+            (Ok(false), _) => self.problems.push(format!(
+                "passed socket #{i} ({name}) is not a listening socket (Accept=yes?): not used"
+            )),
+            (Err(e), _) => self
+                .problems
+                .push(format!("passed socket #{i} ({name}): {e}: not used")),
+            (_, Err(e)) => self
+                .problems
+                .push(format!("passed socket #{i} ({name}): {e}: not used")),
+        }
     }
 
     /// How many sockets are left.
@@ -395,6 +429,42 @@ mod tests {
                 .push(((*name).into(), l, addr.parse().unwrap()));
         }
         inherited
+    }
+
+    /// A socket passed that does not listen (a connected one, as `Accept=yes` passes, or one
+    /// bound but never listening) is not used: the listener would fail every accept and never
+    /// bind its own address.
+    #[test]
+    fn a_passed_socket_that_does_not_listen_is_not_used() {
+        let mut inherited = Inherited::default();
+        // Bound, never listening.
+        let bound =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        bound
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let bound_addr = bound.local_addr().unwrap().as_socket().unwrap();
+        inherited.add(0, "pop3".into(), bound.into());
+        // Connected (what a unit with Accept=yes hands over).
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let fd: std::os::fd::OwnedFd = conn.into();
+        inherited.add(1, "pop3s".into(), fd.into());
+        assert!(inherited.is_empty());
+        assert_eq!(inherited.problems.len(), 2, "{:?}", inherited.problems);
+        assert!(inherited.problems[0].contains("not a listening socket"));
+        assert!(
+            inherited
+                .take(&listener("pop3", &bound_addr.to_string()))
+                .is_none()
+        );
+        // A listening one is kept.
+        inherited.add(
+            2,
+            "pop3".into(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        assert_eq!(inherited.len(), 1);
     }
 
     #[test]

@@ -334,13 +334,17 @@ impl SaslExchange {
                 .find_map(|kv| kv.strip_prefix(b"user="))
                 .map(<[u8]>::to_vec),
         };
-        if let Some(name) = name
-            && let Ok(s) = String::from_utf8(name)
-            && !s.is_empty()
-        {
-            self.user = Some(s);
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            self.user = Some(String::from_utf8_lossy(&name).into_owned());
         }
     }
+}
+
+/// The first argument of `cmd` as text, bytes that are not UTF-8 as U+FFFD.
+fn first_arg_lossy(cmd: &Command<'_>) -> Option<String> {
+    cmd.arg_list()
+        .next()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
 }
 
 /// The identity in a GS2 header (`n,a=authzid,` ...; SCRAM then has `n=user`). Returns `None`
@@ -381,6 +385,9 @@ pub struct Tracker {
     attempt: Option<String>,
     /// `attempt` folded, when folding changes it.
     attempt_folded: Option<String>,
+    /// The name of the last `USER` the server took: the one it logs in at `PASS`, whatever
+    /// APOP or AUTH attempts failed in between (Dovecot keeps it across them).
+    user_given: Option<String>,
     /// Whether the server lowercases user names (Dovecot's default): the user rules and audit
     /// see is then the folded name.
     fold_names: bool,
@@ -408,6 +415,7 @@ impl Tracker {
             user: None,
             attempt: None,
             attempt_folded: None,
+            user_given: None,
             fold_names: false,
             pending,
             body: None,
@@ -462,6 +470,61 @@ impl Tracker {
                 .or(self.attempt.as_deref()),
             State::Transaction | State::Update => self.user.as_deref(),
         }
+    }
+
+    /// The user a login command names itself, before login: `APOP name digest`, or an
+    /// `AUTH` whose initial response names the user (PLAIN, LOGIN, SCRAM, XOAUTH2,
+    /// OAUTHBEARER); folded as [`Tracker::user`]. Rules judge such a command as that user's,
+    /// not as the user of an earlier `USER`: `APOP eve` after `USER bob` is eve's login.
+    pub fn name_in(&self, cmd: &Command<'_>) -> Option<String> {
+        if self.state != State::Authorization {
+            return None;
+        }
+        let name = match cmd.verb {
+            Verb::Apop => first_arg_lossy(cmd)?,
+            Verb::Auth => {
+                let mech = cmd.arg_str(0)?.to_ascii_uppercase();
+                let mut ex = SaslExchange {
+                    mech: SaslMech::from_name(&mech)?,
+                    name: mech,
+                    user: None,
+                    asks_user: false,
+                    challenges: 0,
+                };
+                ex.learn(cmd.arg_list().nth(1)?, false);
+                ex.user?
+            }
+            _ => return None,
+        };
+        Some(if self.fold_names {
+            name.to_ascii_lowercase()
+        } else {
+            name
+        })
+    }
+
+    /// The user a SASL answer line names, with what the exchange learned before it (LOGIN's
+    /// answer to `Username:`, PLAIN sent after an empty challenge); folded as
+    /// [`Tracker::user`]. `None` outside an exchange or when no name is known.
+    pub fn name_in_sasl_answer(&self, line: &[u8]) -> Option<String> {
+        if self.state != State::Authorization {
+            return None;
+        }
+        let mut ex = self.sasl.clone()?;
+        ex.learn(crate::pop3::command::trim_eol(line), true);
+        let name = ex.user?;
+        Some(if self.fold_names {
+            name.to_ascii_lowercase()
+        } else {
+            name
+        })
+    }
+
+    /// Whether a `USER` sent upstream still awaits its answer.
+    pub fn user_outstanding(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream(o) if o.verb == Verb::User))
     }
 
     /// The name of the latest `USER` sent upstream and not yet answered (folded as `user`).
@@ -591,7 +654,10 @@ impl Tracker {
         let shape = Shape::of(cmd);
         let mut name = None;
         match cmd.verb {
-            Verb::User | Verb::Apop => name = cmd.arg_str(0).map(str::to_owned),
+            // A name that is not UTF-8 is still a name the server may log in: kept (invalid
+            // bytes as U+FFFD, as routing mode's front does), never dropped, so the session
+            // does not lose its user.
+            Verb::User | Verb::Apop => name = first_arg_lossy(cmd),
             Verb::Quit => self.quit_sent = true,
             Verb::Auth if shape == Shape::Sasl => {
                 let mech = cmd.arg_str(0).unwrap_or("").to_ascii_uppercase();
@@ -814,8 +880,12 @@ impl Tracker {
         match out.verb {
             // A refused USER leaves the earlier name: a server that keeps it logs that user
             // in at the next PASS.
-            Verb::User if before_login && ok => self.set_attempt(out.name),
+            Verb::User if before_login && ok => {
+                self.user_given.clone_from(&out.name);
+                self.set_attempt(out.name);
+            }
             Verb::Pass if before_login => {
+                self.set_attempt(self.user_given.clone());
                 login = Some((self.attempt.clone(), LoginMethod::UserPass));
             }
             Verb::Apop if before_login => {
@@ -848,6 +918,10 @@ impl Tracker {
                 // The identity is fixed here, once: nothing later in the session changes it.
                 self.user = user.clone();
                 self.state = State::Transaction;
+            } else {
+                // A failed APOP or AUTH leaves the server with the name USER gave: a PASS
+                // now logs that user in, not the one the failed attempt named.
+                self.set_attempt(self.user_given.clone());
             }
             LoginOutcome {
                 user,
@@ -1051,7 +1125,9 @@ mod tests {
         let client: &[&[u8]] = &[b"AUTH LOGIN\r\n", b"Ym9i\r\n", b"cGFzcw==\r\n"];
         let server = b"+OK hi\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] no\r\n";
         let (evs, t) = drive(client, server, 5);
-        assert_eq!(t.user(), Some("bob"));
+        // The failed attempt was bob's (its login outcome says so), but it leaves no name
+        // with the server: no USER was given, a PASS now would log nobody in.
+        assert_eq!(t.user(), None);
         assert_eq!(t.state(), State::Authorization);
         assert!(evs.contains(&Ev::Status(
             Some(Verb::Auth),
@@ -1240,6 +1316,32 @@ mod tests {
         )));
         assert_eq!(t.user(), Some("archive"));
         assert_eq!(t.user, None);
+    }
+
+    /// A name that is not UTF-8 (Latin-1 `\xe9ve`) logs a user in all the same: the session
+    /// keeps a user (invalid bytes shown as U+FFFD), by USER/PASS, APOP or SASL, rather than
+    /// none, which no user rule and no audit query would ever find.
+    #[test]
+    fn a_user_name_that_is_not_utf8_still_names_the_session() {
+        use base64::Engine as _;
+        let plain = format!(
+            "AUTH PLAIN {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(b"\0\xe9ve\0pw")
+        );
+        for client in [
+            &[&b"USER \xe9ve\r\n"[..], b"PASS pw\r\n"][..],
+            &[b"APOP \xe9ve 0123\r\n"],
+            &[plain.as_bytes()],
+        ] {
+            let replies = if client.len() == 2 {
+                &b"+OK hi\r\n+OK\r\n+OK in\r\n"[..]
+            } else {
+                &b"+OK hi\r\n+OK in\r\n"[..]
+            };
+            let (_, t) = drive(client, replies, 3);
+            assert_eq!(t.state(), State::Transaction);
+            assert_eq!(t.user(), Some("\u{fffd}ve"), "{client:?}");
+        }
     }
 
     #[test]

@@ -924,6 +924,16 @@ impl Hop {
                 self.barrier = true;
                 break;
             }
+            if self.tracker.user_outstanding()
+                && matches!(Command::parse(&cin[..len]), Ok(c) if c.verb == Verb::Pass)
+            {
+                // Whose password this is depends on the USERs before it: a server may refuse
+                // the latest (popa3d takes one USER per session) and log the earlier name in.
+                // The PASS waits (unparsed) until they are answered, so rules judge it as
+                // the user the server will log in.
+                self.barrier = true;
+                break;
+            }
             if self.lookup(&cin[..len], obs) {
                 // The client's command waits (unread) for the answer, which only popgate
                 // sees: the server never gets two commands at once on popgate's account.
@@ -1046,9 +1056,14 @@ impl Hop {
             ClientLine::SaslResponse(data) => {
                 debug!(line = "***", "SASL answer");
                 obs.client_sasl();
-                // Rules see SASL lines (to log or drop) but never their content.
+                // Rules see SASL lines (to log, drop or deny) but never their content; the
+                // user is the one the exchange names once this line is in (AUTH LOGIN's
+                // answer to `Username:`, AUTH PLAIN after an empty challenge).
+                let named = self.tracker.name_in_sasl_answer(data);
+                let user = named.as_deref().or(self.tracker.user());
                 let ev = Event {
                     verb: Some(Verb::Auth),
+                    user,
                     ..event(
                         &self.cfg,
                         &self.tracker,
@@ -1057,11 +1072,25 @@ impl Hop {
                     )
                 };
                 let v = self.policy.evaluate(&ev);
-                if let Terminal::Drop { rule } = self.policy.terminal(&v) {
-                    info!(%rule, "session dropped by rule");
-                    self.dropped_by(rule, &v.tags);
-                    self.close(CloseReason::RuleDrop);
-                    return;
+                match self.policy.terminal(&v) {
+                    Terminal::Drop { rule } => {
+                        info!(%rule, "session dropped by rule");
+                        self.dropped_by(rule, &v.tags);
+                        self.close(CloseReason::RuleDrop);
+                        return;
+                    }
+                    Terminal::Deny { rule, .. } => {
+                        // The server waits for an answer: the exchange is cancelled (`*`,
+                        // RFC 5034) instead, and the server's `-ERR` ends the login. The
+                        // credentials never reach the server.
+                        info!(%rule, verb = "AUTH", "SASL login denied by rule: cancelled");
+                        obs.tags(&self.policy.tags);
+                        obs.denied(&rule, Verb::Auth, user, &v.tags);
+                        self.up_out.extend_from_slice(b"*\r\n");
+                        self.tracker.forwarded_sasl(b"*\r\n");
+                        return;
+                    }
+                    Terminal::Pass => {}
                 }
                 // The AUTH's answer (the login) carries them.
                 if let Some(t) = self.cmd_tags.back_mut() {
@@ -1183,9 +1212,13 @@ impl Hop {
         cmd: &Command<'_>,
         obs: &mut impl Observe,
     ) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
+        // APOP and AUTH with an initial response name their user themselves.
+        let named = self.tracker.name_in(cmd);
+        let user = named.as_deref().or(self.tracker.user());
         let ev = Event {
             verb: Some(cmd.verb),
             args: Some(cmd.args),
+            user,
             ..event(
                 &self.cfg,
                 &self.tracker,
@@ -1202,7 +1235,7 @@ impl Hop {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
                 // The denial carries the tags its own evaluation attached.
                 obs.tags(&self.policy.tags);
-                obs.denied(&rule, cmd.verb, self.tracker.user(), &tags);
+                obs.denied(&rule, cmd.verb, user, &tags);
                 let then = if close {
                     self.close_marks.dropped_by.get_or_insert(rule);
                     AfterReply::Close

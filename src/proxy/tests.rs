@@ -417,7 +417,10 @@ fn a_rule_delay_comes_after_what_was_decided_before() {
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::from(LOGIN), BytesMut::new());
     hop.on_client_input(now, &mut cin, &mut rec);
-    sin.extend_from_slice(b"+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    // The PASS goes out once USER is answered; its answer comes after that.
+    sin.extend_from_slice(b"+OK hi\r\n+OK\r\n");
+    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    sin.extend_from_slice(b"-ERR [AUTH] no\r\n");
     hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
     let mut client_out = Vec::new();
     let mut slept_at = None;
@@ -726,6 +729,215 @@ fn a_pass_rule_for_a_user_holds_when_user_and_pass_are_pipelined() {
         assert_eq!(text(&out.upstream), client);
         assert_eq!(out.logins, [(Some("alice".into()), None, true)], "{client}");
     }
+}
+
+/// A server may refuse a second `USER` (popa3d takes one per session) and log the first name
+/// in at `PASS`. A client that pipelines `USER eve`, `USER bob`, `PASS` in one segment must not
+/// get eve's `PASS` judged as bob's: the `PASS` waits for the `USER` answers.
+#[test]
+fn a_pass_rule_for_a_user_holds_when_the_server_refuses_a_second_pipelined_user() {
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let out = same_at_every_chunk(
+        || hop_with(config(), NO_EVE_PASS),
+        b"USER eve\r\nUSER bob\r\nPASS pw\r\n",
+        &[b"+OK hi\r\n", b"+OK\r\n", b"-ERR one USER only\r\n"],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), "USER eve\r\nUSER bob\r\n");
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR one USER only\r\n-ERR not here\r\n"
+    );
+    assert!(out.logins.is_empty(), "{:?}", out.logins);
+}
+
+/// A login command that names its user (APOP, AUTH with an initial response) is judged as
+/// that user's, in the case the server folds it to: a rule that keeps eve from logging in
+/// (`verbs` on the login commands) holds for `APOP EVE`, for `AUTH PLAIN` naming EVE, and
+/// after an earlier `USER bob` (which it used to be judged as).
+#[test]
+fn a_login_rule_for_a_user_holds_for_apop_and_auth_naming_that_user() {
+    use base64::Engine as _;
+    const NO_EVE_LOGIN: &str = "[[rule]]\nname = \"no-eve-login\"\non = \"command\"\n\
+                                verbs = [\"APOP\", \"AUTH\", \"PASS\"]\nuser = '^eve$'\n\
+                                action = \"deny\"\nmessage = \"not here\"\n";
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (client, server) in [
+        (
+            "APOP EVE c4c9334bac560ecc979e58001b3e22fb\r\n".to_owned(),
+            vec![&b"+OK hi <1.2@h>\r\n"[..]],
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("\0EVE\0pw")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            format!("AUTH PLAIN {}\r\n", b64("Eve\0bob\0pw")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            format!("AUTH LOGIN {}\r\n", b64("eVe")),
+            vec![&b"+OK hi\r\n"[..]],
+        ),
+        (
+            "USER bob\r\nAPOP eve c4c9334bac560ecc979e58001b3e22fb\r\n".to_owned(),
+            vec![&b"+OK hi <1.2@h>\r\n"[..], b"+OK\r\n"],
+        ),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(folding(), NO_EVE_LOGIN),
+            client.as_bytes(),
+            &server,
+            End::Open,
+        );
+        assert!(
+            !text(&out.upstream).contains("APOP") && !text(&out.upstream).contains("AUTH"),
+            "{client}: {}",
+            text(&out.upstream)
+        );
+        assert!(
+            text(&out.client).ends_with("-ERR not here\r\n"),
+            "{client}: {}",
+            text(&out.client)
+        );
+        assert!(out.logins.is_empty(), "{client}: {:?}", out.logins);
+    }
+    // bob's own APOP, and AUTH naming bob, go through.
+    let out = run(
+        &mut hop_with(folding(), NO_EVE_LOGIN),
+        format!("APOP Bob x\r\nAUTH PLAIN {}\r\n", b64("\0bob\0pw")).as_bytes(),
+        &[b"+OK hi <1.2@h>\r\n", b"-ERR [AUTH] no\r\n", b"+OK in\r\n"],
+        64,
+        End::Open,
+    );
+    assert_eq!(
+        text(&out.upstream),
+        format!("APOP Bob x\r\nAUTH PLAIN {}\r\n", b64("\0bob\0pw"))
+    );
+}
+
+/// A SASL exchange that names its user only in an answer (AUTH LOGIN's `Username:`, AUTH
+/// PLAIN after an empty challenge) is cancelled (`*`) when a rule denies that user: the
+/// password never reaches the server and the server's `-ERR` ends the login.
+#[test]
+fn a_login_rule_for_a_user_cancels_a_sasl_exchange_that_names_that_user() {
+    use base64::Engine as _;
+    const NO_EVE_LOGIN: &str = "[[rule]]\nname = \"no-eve-login\"\non = \"command\"\n\
+                                verbs = [\"AUTH\"]\nuser = '^eve$'\n\
+                                action = \"deny\"\nmessage = \"not here\"\n";
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (client, challenge) in [
+        (
+            format!("AUTH LOGIN\r\n{}\r\n", b64("EVE")),
+            "+ VXNlcm5hbWU6\r\n",
+        ),
+        (format!("AUTH PLAIN\r\n{}\r\n", b64("\0eVe\0pw")), "+ \r\n"),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(folding(), NO_EVE_LOGIN),
+            client.as_bytes(),
+            &[b"+OK hi\r\n", challenge.as_bytes(), b"-ERR aborted\r\n"],
+            End::Open,
+        );
+        let verb = client.split("\r\n").next().unwrap();
+        assert_eq!(text(&out.upstream), format!("{verb}\r\n*\r\n"), "{client}");
+        assert_eq!(
+            text(&out.client),
+            format!("+OK hi\r\n{challenge}-ERR aborted\r\n"),
+            "{client}"
+        );
+        assert!(
+            out.logins.iter().all(|(_, _, ok)| !ok),
+            "{client}: {:?}",
+            out.logins
+        );
+    }
+    // bob's exchange goes on.
+    let client = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64("bob"), b64("pw"));
+    let out = same_at_every_chunk(
+        || hop_with(folding(), NO_EVE_LOGIN),
+        client.as_bytes(),
+        &[
+            b"+OK hi\r\n",
+            b"+ VXNlcm5hbWU6\r\n",
+            b"+ UGFzc3dvcmQ6\r\n",
+            b"+OK in\r\n",
+        ],
+        End::Open,
+    );
+    assert_eq!(text(&out.upstream), client);
+    assert_eq!(out.logins, [(Some("bob".into()), None, true)]);
+}
+
+/// A server keeps the name `USER` gave across a failed APOP or AUTH (Dovecot does): a `PASS`
+/// after `USER eve` and an AUTH that failed for bob logs eve in. It must be judged, and the
+/// session fixed, as eve's, not as the failed attempt's bob.
+#[test]
+fn a_failed_auth_or_apop_between_user_and_pass_does_not_rename_the_login() {
+    use base64::Engine as _;
+    const NO_EVE_PASS: &str = "[[rule]]\nname = \"no-eve-pass\"\non = \"command\"\n\
+                               verbs = [\"PASS\"]\nuser = '^eve$'\naction = \"deny\"\n\
+                               message = \"not here\"\n";
+    let plain = base64::engine::general_purpose::STANDARD.encode("\0bob\0wrong");
+    for (client, server) in [
+        (
+            format!("USER eve\r\nAUTH PLAIN\r\n{plain}\r\nPASS pw\r\n"),
+            vec![
+                &b"+OK hi\r\n"[..],
+                b"+OK\r\n",
+                b"+ \r\n",
+                b"-ERR [AUTH] failed\r\n",
+            ],
+        ),
+        (
+            format!("USER eve\r\nAUTH PLAIN {plain}\r\nPASS pw\r\n"),
+            vec![&b"+OK hi\r\n"[..], b"+OK\r\n", b"-ERR [AUTH] failed\r\n"],
+        ),
+        (
+            "USER eve\r\nAPOP bob 0123\r\nPASS pw\r\n".to_owned(),
+            vec![
+                &b"+OK hi <1.2@h>\r\n"[..],
+                b"+OK\r\n",
+                b"-ERR [AUTH] failed\r\n",
+            ],
+        ),
+    ] {
+        let out = same_at_every_chunk(
+            || hop_with(config(), NO_EVE_PASS),
+            client.as_bytes(),
+            &server,
+            End::Open,
+        );
+        assert!(!text(&out.upstream).contains("PASS"), "{client}");
+        assert!(
+            text(&out.client).ends_with("-ERR [AUTH] failed\r\n-ERR not here\r\n"),
+            "{client}: {}",
+            text(&out.client)
+        );
+    }
+    // Without the rule the PASS logs eve in, and the session is eve's.
+    let out = run(
+        &mut hop_with(config(), ""),
+        format!("USER eve\r\nAUTH PLAIN {plain}\r\nPASS pw\r\nSTAT\r\n").as_bytes(),
+        &[
+            b"+OK hi\r\n",
+            b"+OK\r\n",
+            b"-ERR [AUTH] failed\r\n",
+            b"+OK in\r\n",
+            b"+OK 0 0\r\n",
+        ],
+        1,
+        End::Open,
+    );
+    assert_eq!(
+        out.logins,
+        [
+            (Some("bob".into()), None, false),
+            (Some("eve".into()), None, true)
+        ]
+    );
 }
 
 #[test]

@@ -117,6 +117,9 @@ pub(super) fn status_bit(s: Option<Status>) -> u16 {
 pub(super) const ADDS_ITEMS: u8 = 1;
 pub(super) const DENY_OR_REWRITE: u8 = 2;
 pub(super) const COLD: u8 = 4;
+/// A `deny` with a `user` matcher: it also holds on a SASL answer line that names the user
+/// (the session then cancels the exchange); no other deny or rewrite touches those lines.
+pub(super) const DENIES_A_USER: u8 = 8;
 pub(super) const NO_SET: u32 = u32::MAX;
 
 /// The part of a rule that evaluation looks at for every candidate, kept dense (16 bytes) so
@@ -427,6 +430,9 @@ impl Builder {
                 }
                 if matches!(r.action, Action::Deny | Action::Rewrite) {
                     flags |= DENY_OR_REWRITE;
+                }
+                if matches!(r.action, Action::Deny) && r.when.re[USER].is_some() {
+                    flags |= DENIES_A_USER;
                 }
                 if r.when.listener.is_some()
                     || r.when.client.is_some()

@@ -8,8 +8,8 @@ use regex::bytes::SetMatches;
 use tracing::Level;
 
 use super::compile::{
-    ADDS_ITEMS, ARGS, COLD, DENY_OR_REWRITE, Effect, Matchers, NO_SET, RuleSet, SET_THRESHOLD,
-    TEXT, TLS_OFF, TLS_ON, USER, VERB_SLOTS, state_bit, status_bit, verb_slot,
+    ADDS_ITEMS, ARGS, COLD, DENIES_A_USER, DENY_OR_REWRITE, Effect, Matchers, NO_SET, RuleSet,
+    SET_THRESHOLD, TEXT, TLS_OFF, TLS_ON, USER, VERB_SLOTS, state_bit, status_bit, verb_slot,
 };
 use super::{Event, EventKind, Outcome, RuleLog, Verdict};
 use crate::pop3::response::StatusLine;
@@ -105,7 +105,10 @@ impl RuleSet {
             if ev.kind == EventKind::Capa && capa_end != (h.flags & ADDS_ITEMS != 0) {
                 continue;
             }
-            if sasl_line && (h.regexes & (1 << ARGS) != 0 || h.flags & DENY_OR_REWRITE != 0) {
+            // A SASL answer is never rewritten; it is denied only for the user it names (the
+            // session cancels the exchange rather than let that user log in).
+            let sasl_blocked = h.flags & DENY_OR_REWRITE != 0 && h.flags & DENIES_A_USER == 0;
+            if sasl_line && (h.regexes & (1 << ARGS) != 0 || sasl_blocked) {
                 continue;
             }
             let mut cold_regexes = 0;

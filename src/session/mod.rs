@@ -780,7 +780,11 @@ impl Driver {
             session: format!("popgate-{}", self.info.id),
             tls: self.client_tls.as_deref().cloned(),
         };
-        let up = crate::net::upstream::connect(
+        // The first connection stays open until the second greets: if the second cannot be
+        // had (the server down meanwhile, or refusing a second connection from this client
+        // while the first is open), the session goes on over the first, as without the
+        // re-dial, rather than ending a client that did nothing wrong.
+        let up = match crate::net::upstream::connect(
             cfg,
             shared.tls.upstreams.get(index).and_then(Option::as_ref),
             config.limits.max_line,
@@ -788,18 +792,25 @@ impl Driver {
             &shared.dead,
             true,
         )
-        .await?;
+        .await
+        {
+            Ok(up) => up,
+            Err(e) => {
+                warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
+                       about TLS; the session goes on over the first connection");
+                return Ok(());
+            }
+        };
         let greeting_ok = up.preread.starts_with(b"+OK") && up.preread.ends_with(b"\r\n");
         if !greeting_ok {
-            return Err(crate::net::upstream::ConnectError {
-                address: up.address,
-                stage: crate::net::upstream::ConnectStage::Setup,
-                reason: format!(
-                    "greeting after the client's STLS is not +OK: {}",
-                    String::from_utf8_lossy(&up.preread).trim_end()
-                ),
-            }
-            .into());
+            // Dropped without QUIT: nothing was asked on it.
+            warn!(
+                address = %up.address,
+                greeting = %crate::pop3::printable(&up.preread).trim_end(),
+                "STLS: the upstream dialled again to be told about TLS did not greet +OK; \
+                 the session goes on over the first connection"
+            );
+            return Ok(());
         }
         debug!(address = %up.address, "upstream dialled again to pass the client's TLS on");
         self.upstream_tls = up.stream.tls_info().map(Box::new);
