@@ -19,11 +19,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // default; it reads upstream names from the config.
     ("routing", &["config"]),
     // Logging, privilege drop, sd_notify: the `[log]`/`[process]` tables, audit dirs.
-    ("daemon", &["config", "audit"]),
+    // The log writer escapes peer text with the protocol core's `printable` (a pure function).
+    ("daemon", &["config", "audit", "pop3"]),
     ("proxy", &["pop3", "rules", "audit", "config"]),
     ("net", &["config", "audit", "limits", "pop3"]),
     // The OAuth2 bridge: its config types; tokens, credentials and the upstream SASL exchange.
-    ("oauth2", &["config"]),
+    // `limits::WorkGate` bounds its Argon2 checks and the penalty is waited before them.
+    ("oauth2", &["config", "limits"]),
     // Metrics and health: counters the driver records into (the core only hands over plain
     // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
     ("metrics", &["config", "audit", "limits"]),
