@@ -874,7 +874,7 @@ fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user
     let pid = p.child.id();
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     let hash_kib = hash_memory_kib(files.path());
-    rt().block_on(async {
+    let turned_away = rt().block_on(async {
         // Warm up (the token, the upstream, the allocator), then take the baseline.
         let (ok, _) = real_login(p.addr).await;
         assert!(ok.starts_with("+OK"), "{ok}");
@@ -908,7 +908,7 @@ fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user
         );
         assert!(real.starts_with("+OK"), "the real user was refused: {real}");
         // Every wrong login got an answer: refused, or turned away for now.
-        let mut auth_failed = 0;
+        let (mut auth_failed, mut turned_away) = (0, 0);
         for r in &replies {
             let r = r.as_ref().expect("every wrong login is answered");
             assert!(
@@ -916,6 +916,7 @@ fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user
                 "{r}"
             );
             auth_failed += usize::from(r.starts_with("-ERR [AUTH]"));
+            turned_away += usize::from(r.starts_with("-ERR [SYS/TEMP]"));
         }
         assert!(auth_failed > 0, "no password was checked at all");
         let bound = start_rss + (cpus + 2) * hash_kib;
@@ -929,12 +930,16 @@ fn a_flood_of_wrong_passwords_keeps_memory_and_threads_bounded_and_the_real_user
             most_threads <= start_threads + cpus + 4,
             "threads grew from {start_threads} to {most_threads}"
         );
+        turned_away
     });
-    // The checks turned away were logged as such.
-    assert!(
-        p.log().contains("password check turned away"),
-        "{}",
-        p.log()
+    // The checks turned away were logged as such. (How many are turned away depends on the
+    // machine's speed: the penalty waits in front of the gate take many of the flood's
+    // logins out of the line.)
+    let log = p.log();
+    assert_eq!(
+        log.matches("password check turned away").count() > 0,
+        turned_away > 0,
+        "{turned_away} turned away:\n{log}"
     );
 }
 
@@ -1214,7 +1219,11 @@ const EVIL: &str = "\r\nINJECTED \u{1b}[2J\u{0}";
 /// log writer, or as Rust escapes (`\r\n`, `\u{1b}`) in a field recorded with `?`.
 fn assert_escaped(log: &str, json: bool, n: usize, what: &str) {
     for l in log.lines() {
-        assert!(!l.starts_with("INJECTED"), "{what}: forged line in\n{log}");
+        // Folded user names (`user_names = "fold"`) carry the text in lower case.
+        assert!(
+            !l.to_ascii_uppercase().starts_with("INJECTED"),
+            "{what}: forged line in\n{log}"
+        );
         assert!(
             !l.contains(|c: char| c.is_control() && c != '\t'),
             "{what}: raw control in {l:?}"
@@ -1225,7 +1234,7 @@ fn assert_escaped(log: &str, json: bool, n: usize, what: &str) {
         }
     }
     assert!(
-        log.matches("INJECTED").count() >= n,
+        log.to_ascii_uppercase().matches("INJECTED").count() >= n,
         "{what}: the peer's text is not {n} times in\n{log}"
     );
 }
