@@ -6,7 +6,7 @@
 #
 # CARGO_TARGET_DIR is honoured like cargo does (default: target/). POPGATE_BIN and
 # PACKAGING_DIR override the binary and the output directory of the generated files;
-# GENERATE_ONLY=1 stops after generating them (tests/packaging.rs uses both).
+# GENERATE_ONLY=1 stops after generating them (tests/it/packaging.rs uses both).
 set -eu
 cd "$(dirname "$0")/.."
 

@@ -1,0 +1,696 @@
+//! PROXY protocol on listeners (`proxy_protocol = true`, `trusted_proxies`), through the real
+//! binary in front of the recording demo upstream, loopback only: the client address from a
+//! trusted balancer's header is what rules, per-IP limits, logs and the audit trail see; untrusted peers, missing, malformed and slow headers are closed before
+//! anything reaches the upstream. curl's `--haproxy-protocol` covers STLS and implicit TLS
+//! (header before the handshake).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::certs::TestPki;
+use common::clients::{RawPop, connect_from, curl};
+use common::proxy::{Harness, PopgateOpts, PopgateProcess, mailbox};
+use common::proxy_header::{ip, v1, v2};
+use common::{audit_events, wait_until};
+use popgate_demo::{DemoServer, ServerOptions};
+
+const USER: &str = "bob";
+const PASS: &str = "bob-secret";
+const MESSAGE: &[u8] = b"Subject: via a balancer\r\n\r\nhello\r\n";
+
+fn demo(h: &Harness) -> DemoServer {
+    h.upstream(ServerOptions::new(vec![mailbox(
+        USER,
+        PASS,
+        vec![MESSAGE.to_vec()],
+    )]))
+}
+
+/// A POP3 client that connects from `from`, sends `header` and reads the greeting.
+fn behind(from: &str, to: SocketAddr, header: &[u8]) -> RawPop {
+    let mut s = connect_from(ip(from), to);
+    s.write_all(header).unwrap();
+    let mut c = RawPop::over(s);
+    c.greeting = c.line();
+    c
+}
+
+/// What a refused connection gets: everything the server sent before closing, within 5 s.
+fn until_closed(mut s: TcpStream) -> (Vec<u8>, Duration) {
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("connection not closed within 5 s ({e}); got {got:?}"),
+        }
+    }
+    (got, t.elapsed())
+}
+
+fn session_opens(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    audit_events(dir)
+        .into_iter()
+        .filter(|e| e["event"] == "session_open")
+        .collect()
+}
+
+#[test]
+fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let rules = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
+                 action = \"deny\"\nmessage = \"not from there\"\n";
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .top("rules = [\"r.toml\"]\n")
+            .file("r.toml", rules)
+            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+            .tables(
+                "[limits]\nmax_sessions_per_ip = 1\n\
+                 [audit]\nenabled = true\ndir = \"audit\"\n",
+            )
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    // Session 1 (v1 header): logged in and held open.
+    let mut first = behind(
+        "127.0.0.1",
+        p.addr,
+        &v1("192.0.2.7:40000", "198.51.100.1:110"),
+    );
+    assert!(first.greeting.starts_with("+OK"), "{}", first.greeting);
+    assert!(first.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(first.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    // The same client through the same balancer again: its own per-IP cap (1) is full ...
+    let mut again = behind(
+        "127.0.0.1",
+        p.addr,
+        &v2("192.0.2.7:40001", "198.51.100.1:110"),
+    );
+    assert_eq!(
+        again.greeting,
+        "-ERR [SYS/TEMP] too many connections from your address"
+    );
+    assert!(again.read_to_end().is_empty());
+    // ... while another client behind the same balancer (the same peer address) is served.
+    let mut other = behind(
+        "127.0.0.1",
+        p.addr,
+        &v2("[2001:db8::8]:40002", "[2001:db8::1]:110"),
+    );
+    assert!(other.greeting.starts_with("+OK"), "{}", other.greeting);
+    assert!(other.cmd("QUIT").starts_with("+OK"));
+    // A `client` rule matches the address from the header, not the balancer's.
+    let denied = behind("127.0.0.1", p.addr, &v1("192.0.2.66:5", "198.51.100.1:110"));
+    assert!(
+        denied.greeting.starts_with("-ERR") && denied.greeting.contains("not from there"),
+        "{}",
+        denied.greeting
+    );
+    assert!(first.cmd("QUIT").starts_with("+OK"));
+
+    let dir = p.dir.path().join("audit");
+    wait_until("two sessions audited", || session_opens(&dir).len() >= 2);
+    let opens = session_opens(&dir);
+    let clients: Vec<&str> = opens
+        .iter()
+        .map(|e| e["client"].as_str().unwrap())
+        .collect();
+    assert!(clients.contains(&"192.0.2.7:40000"), "{clients:?}");
+    assert!(clients.contains(&"[2001:db8::8]:40002"), "{clients:?}");
+    for e in &opens {
+        let proxy: SocketAddr = e["proxy"].as_str().expect("proxy field").parse().unwrap();
+        assert_eq!(proxy.ip(), ip("127.0.0.1"), "{e}");
+        assert!(e["local"] == "198.51.100.1:110" || e["local"] == "[2001:db8::1]:110");
+    }
+    let log = p.log();
+    assert!(
+        log.contains("client=192.0.2.7:40000") && log.contains("proxy=127.0.0.1:"),
+        "{log}"
+    );
+    // Only the two served clients reached the upstream.
+    assert_eq!(up.connections(), 2);
+}
+
+#[test]
+fn untrusted_missing_garbage_and_slow_headers_never_reach_the_upstream() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .listener(
+                "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n\
+                 proxy_timeout = \"300ms\"\n",
+            )
+            .tables(&format!("[metrics]\nbind = \"{metrics}\"\n"))
+            .log_to_dir("info")
+            .wait_for_log(),
+    );
+    // With `[metrics]`, popgate dials the upstream once at start (a TCP probe, no bytes).
+    wait_until("the start probe", || up.connections() == 1);
+    let header = v2("192.0.2.7:40000", "198.51.100.1:110");
+    // A valid header from a peer that is not a trusted balancer: a client spoofing its address.
+    let mut s = connect_from(ip("127.0.0.9"), p.addr);
+    // (Writes may fail: popgate closes at once.)
+    let _ = s.write_all(&header);
+    let _ = s.write_all(b"USER bob\r\n");
+    assert_eq!(until_closed(s).0, b"");
+    // A trusted peer that sends no header, but POP3 ...
+    let mut s = connect_from(ip("127.0.0.1"), p.addr);
+    let _ = s.write_all(b"USER bob\r\nPASS bob-secret\r\n");
+    assert_eq!(until_closed(s).0, b"");
+    // ... or a TLS ClientHello, or garbage after a v1 start, or a header with a bad address.
+    for junk in [
+        &b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"[..],
+        b"PROXY TCP4 192.0.2.7 999.0.0.1 1 110\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 1\r\n",
+        b"PROXY UDP4 192.0.2.7 198.51.100.1 1 110\r\n",
+    ] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        let _ = s.write_all(junk);
+        assert_eq!(until_closed(s).0, b"", "{junk:?}");
+    }
+    // Slow: half a header, then nothing; and a header announcing more than it sends.
+    for part in [&header[..20], &header[..16], b"PROXY TCP4 192.0."] {
+        let mut s = connect_from(ip("127.0.0.1"), p.addr);
+        s.write_all(part).unwrap();
+        let (got, took) = until_closed(s);
+        assert_eq!(got, b"");
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    }
+    // Silence: nothing at all.
+    let (got, took) = until_closed(connect_from(ip("127.0.0.1"), p.addr));
+    assert_eq!(got, b"");
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+
+    // Nothing of it reached the upstream: not a connection (but the probe), not a byte.
+    assert_eq!(up.connections(), 1);
+    assert!(up.received().is_empty());
+    let log = p.wait_log("PROXY header refused", 9);
+    assert!(
+        log.contains("outside trusted_proxies") && log.contains("peer=127.0.0.9:"),
+        "{log}"
+    );
+    let scrape = curl(&[&format!("http://{metrics}/metrics")]);
+    let scrape = String::from_utf8_lossy(&scrape.stdout);
+    assert!(
+        scrape.contains("popgate_sessions_refused_total{reason=\"proxy_header\"} 10"),
+        "{scrape}"
+    );
+    // The listener still serves a good header afterwards.
+    let mut ok = behind("127.0.0.1", p.addr, &header);
+    assert!(ok.greeting.starts_with("+OK"), "{}", ok.greeting);
+    assert!(ok.cmd("QUIT").starts_with("+OK"));
+    assert_eq!(up.connections(), 2);
+}
+
+#[test]
+fn the_header_comes_before_stls_and_before_an_implicit_tls_handshake() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let audit = tempfile::tempdir().unwrap();
+    for (mode, scheme, extra) in [
+        ("starttls", "pop3", vec!["--ssl-reqd"]),
+        ("implicit", "pop3s", vec![]),
+    ] {
+        let p = PopgateProcess::run(
+            up.local_addr(),
+            PopgateOpts::new()
+                .listener(&format!(
+                    "tls = \"{mode}\"\nproxy_protocol = true\n\
+                     trusted_proxies = [\"127.0.0.0/8\"]\n"
+                ))
+                .tables(&format!(
+                    "[tls]\ncert = {cert:?}\nkey = {key:?}\n\
+                     [audit]\nenabled = true\ndir = {:?}\n",
+                    audit.path().join(mode)
+                ))
+                .wait_for_log()
+                .log_to_dir("info"),
+        );
+        let url = format!("{scheme}://127.0.0.1:{}/1", p.addr.port());
+        let ca = pki.ca_path().to_str().unwrap().to_owned();
+        let mut args = vec![
+            "-sS",
+            "--haproxy-protocol",
+            "--interface",
+            "127.0.0.5",
+            "--cacert",
+            &ca,
+            "--user",
+            "bob:bob-secret",
+        ];
+        args.extend(extra.iter().copied());
+        args.push(&url);
+        let out = curl(&args);
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, MESSAGE, "{mode}");
+        let dir = audit.path().join(mode);
+        wait_until("session audited", || !session_opens(&dir).is_empty());
+        let open = &session_opens(&dir)[0];
+        let client: SocketAddr = open["client"].as_str().unwrap().parse().unwrap();
+        assert_eq!(client.ip(), ip("127.0.0.5"), "{mode}: {open}");
+        assert!(open["proxy"].is_string(), "{mode}: {open}");
+    }
+}
+
+#[test]
+fn the_readme_load_balancer_example_is_a_valid_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.contains("proxy_protocol"))
+        .collect();
+    assert_eq!(blocks.len(), 1, "the load balancer example");
+    let path = std::path::Path::new("README.md");
+    let config = popgate::Config::parse(blocks[0], path).expect("parses");
+    config.validate(path).expect("valid");
+    assert!(config.listeners[0].proxy_protocol);
+    assert_eq!(
+        config.upstreams[0].forward_client,
+        popgate::config::ForwardClient::ProxyV2
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `forward_client = "proxy-v2"` toward Dovecot with `disable_plaintext_auth = yes`
+
+/// The README's balancer recipe against Dovecot's default plaintext policy: popgate forwards
+/// the client with PROXY v2 to a `haproxy = yes` listener (on 127.0.0.2, so that Dovecot does
+/// not count the loopback connection as secured). TLS clients (implicit TLS and STLS, with
+/// SASL PLAIN and LOGIN, and with USER/PASS) log in, because the header's SSL TLV says they
+/// used TLS; a plaintext client is refused by Dovecot, as it would be if it connected directly.
+/// In direct mode (dialled at connect, again after STLS) and in routing mode (at the login).
+/// HAProxy against the same listener is the reference: `send-proxy-v2-ssl` logs in,
+/// `send-proxy-v2` does not.
+#[test]
+#[ignore = "needs dovecot and haproxy (run .ci/run)"]
+fn dovecot_lets_tls_clients_log_in_with_plain_through_proxy_v2_and_refuses_plaintext_ones() {
+    use common::clients::url;
+    use common::dovecot::{Dovecot, DovecotOpts, bob_msgs, served};
+    let dv = Dovecot::start(
+        DovecotOpts {
+            listen: Some("127.0.0.2".parse().unwrap()),
+            haproxy_listener: true,
+            extra_conf: "disable_plaintext_auth = yes\n".into(),
+            ..DovecotOpts::default()
+        }
+        .user("bob", "bob-pass", bob_msgs()),
+    );
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let listeners = format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [[listener]]\nname = \"pop3s\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    let haproxy = dv.pop3_haproxy.unwrap();
+    let ca = pki.ca_path().display().to_string();
+    let want = served(&bob_msgs()[0]);
+    // Direct mode (the server dialled at connect, again after STLS) and routing mode (dialled
+    // at the login).
+    for (mode, upstreams) in [
+        (
+            "direct",
+            format!("[upstream]\naddress = \"{haproxy}\"\nforward_client = \"proxy-v2\"\n"),
+        ),
+        (
+            "routing",
+            format!(
+                "[[upstream]]\nname = \"dovecot\"\naddress = \"{haproxy}\"\n\
+                 forward_client = \"proxy-v2\"\n[routing]\ndefault = \"dovecot\"\n"
+            ),
+        ),
+    ] {
+        let p = h.proxy_toml(&format!("{listeners}{upstreams}"));
+        let (stls, pop3s) = (p.addrs[0], p.addrs[1]);
+        // The plaintext mechanisms only (curl would pick CRAM-MD5, which Dovecot allows anyway).
+        for mech in ["AUTH=PLAIN", "AUTH=LOGIN"] {
+            for (label, tls_args, u) in [
+                ("pop3s", vec!["--cacert", &ca], url("pop3s", pop3s, "1")),
+                (
+                    "STLS",
+                    vec!["--ssl-reqd", "--cacert", &ca],
+                    url("pop3", stls, "1"),
+                ),
+            ] {
+                let mut a = vec!["-u", "bob:bob-pass", "--login-options", mech];
+                a.extend(tls_args);
+                a.push(&u);
+                let out = curl(&a);
+                assert!(
+                    out.status.success() && out.stdout == want,
+                    "{mode}: {label} {mech}: {out:?}\n{}",
+                    dv.log()
+                );
+                // Without TLS (the STLS listener, STLS not used): Dovecot refuses it.
+                let out = curl(&[
+                    "-u",
+                    "bob:bob-pass",
+                    "--login-options",
+                    mech,
+                    &url("pop3", stls, "1"),
+                ]);
+                assert!(!out.status.success(), "{mode}: plaintext {mech}: {out:?}");
+            }
+        }
+        // USER/PASS: over STLS accepted, in plaintext refused with Dovecot's own reason.
+        let mut c = RawPop::over(TcpStream::connect(stls).unwrap());
+        c.greeting = c.line();
+        let reply = match c.cmd("USER bob") {
+            r if r.starts_with("+OK") => c.cmd("PASS bob-pass"),
+            r => r,
+        };
+        assert!(
+            reply.starts_with("-ERR") && reply.contains("Plaintext authentication disallowed"),
+            "{mode}: {reply}"
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", POPLIB_STLS_USER])
+            .arg(stls.port().to_string())
+            .arg(&ca)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: poplib stls() then USER/PASS: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The reference the issue names: HAProxy terminating TLS toward the same Dovecot
+    // listener. With `send-proxy-v2-ssl` the PLAIN login works; with `send-proxy-v2` (no SSL
+    // TLV, what popgate sent before) Dovecot refuses it, as it refused popgate's TLS clients.
+    let (hp_cert, hp_key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("haproxy.pem");
+    let mut both = std::fs::read(hp_cert).unwrap();
+    both.extend(std::fs::read(hp_key).unwrap());
+    std::fs::write(&pem, both).unwrap();
+    for (send, logs_in) in [("send-proxy-v2-ssl", true), ("send-proxy-v2", false)] {
+        let front: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap();
+        let _hp = start_haproxy(
+            dir.path(),
+            &format!(
+                "frontend pop3s\n  bind {front} ssl crt {}\n  default_backend dovecot\n\
+                 backend dovecot\n  server dv {haproxy} {send}\n",
+                pem.display()
+            ),
+            front,
+        );
+        let out = curl(&[
+            "-u",
+            "bob:bob-pass",
+            "--login-options",
+            "AUTH=PLAIN",
+            "--cacert",
+            &ca,
+            &url("pop3s", front, "1"),
+        ]);
+        assert_eq!(
+            out.status.success() && out.stdout == want,
+            logs_in,
+            "HAProxy {send}: {out:?}"
+        );
+    }
+    assert_eq!(dv.message_count("bob"), bob_msgs().len());
+}
+
+/// `haproxy -db` with `defaults` (mode tcp) and `sections`, listening on `front`; killed on
+/// drop.
+fn start_haproxy(dir: &std::path::Path, sections: &str, front: SocketAddr) -> KillOnDrop {
+    let exe = common::find_exe("haproxy").expect("haproxy not installed: run .ci/run");
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  \
+             timeout server 30s\n{sections}"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(exe)
+        .args(["-db", "-q", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.err")).unwrap())
+        .spawn()
+        .expect("spawn haproxy");
+    let mut hp = KillOnDrop(child);
+    // Listening once its port cannot be bound (no probe connection).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(front).is_ok() {
+        if let Ok(Some(status)) = hp.0.try_wait() {
+            panic!(
+                "haproxy exited: {status}: {}",
+                std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "haproxy did not listen on {front}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    hp
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// poplib: STLS, then USER/PASS and STAT; argv: port, CA file.
+const POPLIB_STLS_USER: &str = "import poplib, ssl, sys\n\
+ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+p = poplib.POP3('127.0.0.1', int(sys.argv[1]), timeout=20)\n\
+p.stls(context=ctx)\n\
+p.user('bob')\n\
+p.pass_('bob-pass')\n\
+print(p.stat())\n\
+p.quit()\n";
+
+/// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
+/// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
+/// bring a new timestamp, and the APOP digest the client made from the first one would fail.
+/// The stub server greets each connection with its own timestamp and checks the digest.
+#[test]
+fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        // Bounded: at most four connections, each served on its own thread.
+        for stream in server.incoming().take(4) {
+            let Ok(stream) = stream else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::spawn(move || serve_apop_stub(stream, n));
+        }
+    });
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
+    ));
+    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-apop");
+    spec["mode"] = "stls".into();
+    spec["login"] = "apop".into();
+    spec["cafile"] = pki.ca_path().display().to_string().into();
+    spec["actions"] = serde_json::json!([["stat"]]);
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(out["login"]["ok"], true, "APOP after STLS refused: {out}");
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the upstream was dialled again"
+    );
+
+    /// The stub: PROXY v2 header, a greeting with connection `n`'s own timestamp, CAPA, APOP
+    /// (checked against that timestamp), STAT, QUIT.
+    fn serve_apop_stub(mut stream: TcpStream, n: usize) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut head = [0u8; 16];
+        if stream.read_exact(&mut head).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+        if stream.read_exact(&mut rest).is_err() {
+            return;
+        }
+        let stamp = format!("<{n}.4242@stub>");
+        let _ = write!(stream, "+OK stub ready {stamp}\r\n");
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
+                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n".to_owned(),
+                Some("APOP")
+                    if words.get(2).copied()
+                        == Some(popgate_demo::apop_digest(&stamp, "bob-apop").as_str()) =>
+                {
+                    "+OK maildrop locked\r\n".to_owned()
+                }
+                Some("APOP") => "-ERR [AUTH] bad digest\r\n".to_owned(),
+                Some("STAT") => "+OK 0 0\r\n".to_owned(),
+                Some("QUIT") => {
+                    let _ = stream.write_all(b"+OK bye\r\n");
+                    return;
+                }
+                _ => "-ERR unknown\r\n".to_owned(),
+            };
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    }
+}
+
+/// After the client's STLS in direct mode popgate dials the upstream again to say "TLS" in a
+/// new PROXY v2 header. A server that refuses that second connection (a per-address limit, the
+/// first connection being still open) must not cost the client its session: it goes on over
+/// the first connection, and nothing is sent there on the client's behalf (no QUIT).
+#[test]
+fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let received: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let (count, seen) = (accepted.clone(), received.clone());
+    std::thread::spawn(move || {
+        // Bounded: at most four connections, each served on its own thread.
+        for stream in server.incoming().take(4) {
+            let Ok(stream) = stream else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let seen = seen.clone();
+            std::thread::spawn(move || serve_one_connection_stub(stream, n, &seen));
+        }
+    });
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
+    ));
+    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-pass");
+    spec["mode"] = "stls".into();
+    spec["cafile"] = pki.ca_path().display().to_string().into();
+    spec["actions"] = serde_json::json!([["stat"]]);
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(out["login"]["ok"], true, "login after STLS failed: {out}");
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "no second dial was tried"
+    );
+    common::wait_until("the first connection's QUIT", || {
+        received.lock().unwrap().iter().any(|(_, l)| l == "QUIT")
+    });
+    let lines = received.lock().unwrap().clone();
+    // Everything went over the first connection; the refused one got nothing.
+    assert!(lines.iter().all(|(n, _)| *n == 1), "{lines:?}");
+    let verbs: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        verbs.contains(&"USER bob") && verbs.contains(&"STAT"),
+        "{verbs:?}"
+    );
+
+    /// The stub: PROXY v2 header; the first connection is a tiny POP3 server, the second is
+    /// refused in its greeting. Lines received are recorded with the connection's number.
+    fn serve_one_connection_stub(
+        mut stream: TcpStream,
+        n: usize,
+        seen: &Mutex<Vec<(usize, String)>>,
+    ) {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut head = [0u8; 16];
+        if stream.read_exact(&mut head).is_err() {
+            return;
+        }
+        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+        if stream.read_exact(&mut rest).is_err() {
+            return;
+        }
+        if n > 1 {
+            let _ = stream.write_all(b"-ERR [SYS/TEMP] one connection per address\r\n");
+        } else {
+            let _ = stream.write_all(b"+OK stub ready\r\n");
+        }
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            let l = line.trim_end().to_owned();
+            seen.lock().unwrap().push((n, l.clone()));
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
+                _ if n > 1 => "-ERR go away\r\n",
+                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n",
+                Some("USER") => "+OK\r\n",
+                Some("PASS") => "+OK maildrop locked\r\n",
+                Some("STAT") => "+OK 0 0\r\n",
+                Some("QUIT") => {
+                    let _ = stream.write_all(b"+OK bye\r\n");
+                    return;
+                }
+                _ => "-ERR unknown\r\n",
+            };
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    }
+}
+
+mod header_shapes;
