@@ -500,6 +500,29 @@ p.pass_('bob-pass')\n\
 print(p.stat())\n\
 p.quit()\n";
 
+/// popgate (a STLS listener, `forward_client = "proxy-v2"` to the stub server at `addr`) and
+/// poplib through it: STLS, a login as bob with `pass` (`login`: "user" or "apop"), STAT.
+fn poplib_stat_over_stls_with_proxy_v2_to(
+    addr: SocketAddr,
+    pass: &str,
+    login: &str,
+) -> serde_json::Value {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
+    ));
+    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", pass);
+    spec["mode"] = "stls".into();
+    spec["login"] = login.into();
+    spec["cafile"] = pki.ca_path().display().to_string().into();
+    spec["actions"] = serde_json::json!([["stat"]]);
+    common::clients::poplib(spec)
+}
+
 /// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
 /// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
 /// bring a new timestamp, and the APOP digest the client made from the first one would fail.
@@ -521,20 +544,7 @@ fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
             std::thread::spawn(move || serve_apop_stub(stream, n));
         }
     });
-    let h = Harness::new();
-    let pki = TestPki::new();
-    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-    let p = h.proxy_toml(&format!(
-        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
-         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
-    ));
-    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-apop");
-    spec["mode"] = "stls".into();
-    spec["login"] = "apop".into();
-    spec["cafile"] = pki.ca_path().display().to_string().into();
-    spec["actions"] = serde_json::json!([["stat"]]);
-    let out = common::clients::poplib(spec);
+    let out = poplib_stat_over_stls_with_proxy_v2_to(addr, "bob-apop", "apop");
     assert_eq!(out["tls"], "stls", "{out}");
     assert_eq!(out["login"]["ok"], true, "APOP after STLS refused: {out}");
     assert_eq!(out["results"][0]["ok"], true, "{out}");
@@ -611,19 +621,7 @@ fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
             std::thread::spawn(move || serve_one_connection_stub(stream, n, &seen));
         }
     });
-    let h = Harness::new();
-    let pki = TestPki::new();
-    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-    let p = h.proxy_toml(&format!(
-        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
-         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
-    ));
-    let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", "bob-pass");
-    spec["mode"] = "stls".into();
-    spec["cafile"] = pki.ca_path().display().to_string().into();
-    spec["actions"] = serde_json::json!([["stat"]]);
-    let out = common::clients::poplib(spec);
+    let out = poplib_stat_over_stls_with_proxy_v2_to(addr, "bob-pass", "user");
     assert_eq!(out["tls"], "stls", "{out}");
     assert_eq!(out["login"]["ok"], true, "login after STLS failed: {out}");
     assert_eq!(out["results"][0]["ok"], true, "{out}");
