@@ -28,7 +28,7 @@ pub struct AuditConfig {
     pub enabled: bool,
     /// Where events go: rotated files in [`AuditConfig::dir`] or stdout.
     pub output: AuditOutput,
-    /// Directory of the `audit.YYYY-MM-DD[.HH].jsonl` files (needed for `output = "file"`).
+    /// Directory of the `audit.YYYY-MM-DD[-HH].jsonl` files (needed for `output = "file"`).
     pub dir: Option<PathBuf>,
     /// How often a new file is started.
     pub rotation: AuditRotation,

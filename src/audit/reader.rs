@@ -349,14 +349,37 @@ pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord
     Ok(read.records)
 }
 
-/// Read `files` in the order given and return the events that pass `filter`, ordered by
-/// time (ties keep file order), and the lines that are not audit events. Only a file that
-/// cannot be opened or read is an error.
+/// `(date, hour)` of a file named `audit.YYYY-MM-DD.jsonl` (hour 0) or
+/// `audit.YYYY-MM-DD-HH.jsonl` (hour HH + 1, after the day's daily file), else `None`.
+fn dated_name_key(path: &Path) -> Option<(String, u8)> {
+    let name = path.file_name()?.to_str()?;
+    let stamp = name
+        .strip_prefix("audit.")?
+        .strip_suffix(".jsonl")
+        .filter(|s| s.is_ascii())?;
+    let (date, hour) = match stamp.len() {
+        10 => (stamp, 0),
+        13 if stamp.as_bytes()[10] == b'-' => {
+            let h: u8 = stamp[11..].parse().ok().filter(|h| *h < 24)?;
+            (&stamp[..10], h + 1)
+        }
+        _ => return None,
+    };
+    let digits = |r: std::ops::Range<usize>| date[r].bytes().all(|b| b.is_ascii_digit());
+    let shaped = digits(0..4) && &date[4..5] == "-" && digits(5..7) && &date[7..8] == "-";
+    (shaped && digits(8..10)).then(|| (date.to_owned(), hour))
+}
+
+/// Read `files` and return the events that pass `filter`, ordered by time (ties keep reading
+/// order), and the lines that are not audit events. Only a file that cannot be opened or read
+/// is an error. Files named as popgate names them (`audit.YYYY-MM-DD[-HH].jsonl`) are read
+/// in the order of the date in their name, whatever order they are given in (a glob puts
+/// `audit.2026-03-01-09.jsonl` before `audit.2026-03-01.jsonl`); others first, as given.
 ///
 /// With a user filter, an event is kept when it names the user, or when it names no user
 /// (`session_open`, `tls`) and belongs to a session in which the user appears. Sessions are
 /// told apart by instance, id and `session_open` (ids of older versions restarted with
-/// popgate); pass the files in chronological order (as a shell glob of `audit.*.jsonl` does).
+/// popgate).
 pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, ReaderError> {
     // (reading order, record): the order breaks ties between equal times.
     let mut kept: Vec<(usize, AuditRecord)> = Vec::new();
@@ -367,6 +390,8 @@ pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, Reade
     let mut opens: HashMap<(Option<String>, u64), u32> = HashMap::new();
     let mut matched: HashSet<Key> = HashSet::new();
     let mut bad = Vec::new();
+    let mut files: Vec<&PathBuf> = files.iter().collect();
+    files.sort_by_key(|p| dated_name_key(p));
     for path in files {
         read_file(path, &mut bad, |record| {
             seq += 1;

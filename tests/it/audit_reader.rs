@@ -281,6 +281,68 @@ fn everything_round_trips_in_time_order() {
     assert_eq!(got, expected);
 }
 
+/// A session that spans two files (open before midnight, close after) keeps its user-less
+/// close in a user's answer whatever order the files are given in: `popgate audit` reads
+/// popgate's files in the order of the dates in their names (a shell glob puts an hourly file
+/// before the same day's daily one, and a user may list them backwards).
+#[test]
+fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = AuditEvent::at(
+        at("2026-03-01T23:59:59.000Z"),
+        9,
+        SessionOpen {
+            listener: "pop3".into(),
+            client: addr("203.0.113.9:40000"),
+            local: addr("192.0.2.10:110"),
+            proxy: None,
+            original_dst: None,
+            client_tls: None,
+        },
+    );
+    let failed = AuditEvent::at(
+        at("2026-03-01T23:59:59.500Z"),
+        9,
+        Login {
+            user: user("eve"),
+            user_as_typed: None,
+            method: "USER".into(),
+            outcome: Outcome::Failure,
+            code: None,
+            rule: None,
+            upstream: None,
+        },
+    );
+    let close = AuditEvent::at(
+        at("2026-03-02T00:00:03.000Z"),
+        9,
+        SessionClose {
+            user: None,
+            reason: CloseReason::ClientEof,
+            bytes_from_client: 30,
+            bytes_to_client: 60,
+            duration_ms: 4000,
+            rule: None,
+        },
+    );
+    // Day one daily, day two hourly (the rotation was changed at midnight).
+    let one = dir.path().join("audit.2026-03-01.jsonl");
+    let two = dir.path().join("audit.2026-03-02-00.jsonl");
+    write_jsonl(&one, &[open, failed], false);
+    write_jsonl(&two, &[close], false);
+    let eve = Filter {
+        user: Some("eve".into()),
+        ..Filter::default()
+    };
+    for order in [vec![one.clone(), two.clone()], vec![two, one]] {
+        assert_eq!(
+            summary(&read_events(&order, &eve).unwrap()),
+            [s(9, "session_open"), s(9, "login"), s(9, "session_close")],
+            "{order:?}"
+        );
+    }
+}
+
 #[test]
 fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
     let f = files();
