@@ -108,6 +108,24 @@ pub struct Outstanding {
     pub internal: bool,
 }
 
+impl Outstanding {
+    /// The entry for `cmd` as sent: no login name, not popgate's own.
+    fn of(cmd: &Command<'_>) -> Outstanding {
+        Outstanding {
+            verb: cmd.verb,
+            shape: Shape::of(cmd),
+            msg: cmd.msg_number(),
+            lines: match cmd.verb {
+                Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
+                _ => None,
+            },
+            name: None,
+            name_folded: None,
+            internal: false,
+        }
+    }
+}
+
 /// A reply the proxy itself owes the client, now due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
@@ -446,11 +464,14 @@ impl Tracker {
     }
 
     fn set_attempt(&mut self, name: Option<String>) {
-        self.attempt_folded = name
-            .as_deref()
-            .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
-            .map(str::to_ascii_lowercase);
+        self.attempt_folded = name.as_deref().and_then(|n| self.folded(n));
         self.attempt = name;
+    }
+
+    /// `name` lowercased (ASCII) when the server folds names and that changes it.
+    fn folded(&self, name: &str) -> Option<String> {
+        (self.fold_names && name.bytes().any(|b| b.is_ascii_uppercase()))
+            .then(|| name.to_ascii_lowercase())
     }
 
     /// Current RFC 1939 state.
@@ -496,11 +517,7 @@ impl Tracker {
             }
             _ => return None,
         };
-        Some(if self.fold_names {
-            name.to_ascii_lowercase()
-        } else {
-            name
-        })
+        Some(self.folded(&name).unwrap_or(name))
     }
 
     /// The user a SASL answer line names, with what the exchange learned before it (LOGIN's
@@ -513,11 +530,7 @@ impl Tracker {
         let mut ex = self.sasl.clone()?;
         ex.learn(crate::pop3::command::trim_eol(line), true);
         let name = ex.user?;
-        Some(if self.fold_names {
-            name.to_ascii_lowercase()
-        } else {
-            name
-        })
+        Some(self.folded(&name).unwrap_or(name))
     }
 
     /// Whether a `USER` sent upstream still awaits its answer.
@@ -675,19 +688,9 @@ impl Tracker {
             _ => {}
         }
         self.pending.push_back(Pending::Upstream(Outstanding {
-            verb: cmd.verb,
-            shape,
-            msg: cmd.msg_number(),
-            lines: match cmd.verb {
-                Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
-                _ => None,
-            },
-            name_folded: name
-                .as_deref()
-                .filter(|n| self.fold_names && n.bytes().any(|b| b.is_ascii_uppercase()))
-                .map(str::to_ascii_lowercase),
+            name_folded: name.as_deref().and_then(|n| self.folded(n)),
             name,
-            internal: false,
+            ..Outstanding::of(cmd)
         }));
     }
 
@@ -706,16 +709,8 @@ impl Tracker {
             return false;
         }
         self.pending.push_back(Pending::Upstream(Outstanding {
-            verb: cmd.verb,
-            shape: Shape::of(cmd),
-            msg: cmd.msg_number(),
-            lines: match cmd.verb {
-                Verb::Top => cmd.arg_str(1).and_then(|s| s.parse().ok()),
-                _ => None,
-            },
-            name: None,
-            name_folded: None,
             internal: true,
+            ..Outstanding::of(cmd)
         }));
         true
     }
