@@ -215,34 +215,33 @@ pub fn effective_toml(config: &Config) -> Result<String, String> {
     Ok(format!("{text}\n# Not set here:\n{unset}"))
 }
 
-/// Whether a dotted table path is there as a table or a non-empty array of tables.
-fn has_table(table: &toml::Table, path: &str) -> bool {
-    let (head, rest) = path
-        .split_once('.')
-        .map_or((path, None), |(h, r)| (h, Some(r)));
+/// The tables at a dotted path (`""`: `table` itself), every entry of an array of tables
+/// counted.
+fn tables_at<'a>(table: &'a toml::Table, path: &str) -> Vec<&'a toml::Table> {
+    if path.is_empty() {
+        return vec![table];
+    }
+    let (head, rest) = path.split_once('.').unwrap_or((path, ""));
     let entries: Vec<&toml::Table> = match table.get(head) {
         Some(toml::Value::Table(t)) => vec![t],
         Some(toml::Value::Array(items)) => items.iter().filter_map(toml::Value::as_table).collect(),
         _ => Vec::new(),
     };
-    match rest {
-        None => !entries.is_empty(),
-        Some(rest) => entries.iter().any(|t| has_table(t, rest)),
-    }
+    entries
+        .into_iter()
+        .flat_map(|t| tables_at(t, rest))
+        .collect()
+}
+
+/// Whether a dotted table path is there as a table or a non-empty array of tables.
+fn has_table(table: &toml::Table, path: &str) -> bool {
+    !tables_at(table, path).is_empty()
 }
 
 /// Whether a dotted key has a value in `table` (in any entry of an array of tables).
 fn has_key(table: &toml::Table, key: &str) -> bool {
-    let Some((head, rest)) = key.split_once('.') else {
-        return table.contains_key(key);
-    };
-    match table.get(head) {
-        Some(toml::Value::Table(t)) => has_key(t, rest),
-        Some(toml::Value::Array(items)) => items
-            .iter()
-            .any(|i| i.as_table().is_some_and(|t| has_key(t, rest))),
-        _ => false,
-    }
+    let (path, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    tables_at(table, path).iter().any(|t| t.contains_key(leaf))
 }
 
 /// A certificate file the config names: its config key, the file, and its key file (with
