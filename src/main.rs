@@ -407,63 +407,59 @@ fn spawn_reload_on_sighup(
     reloader: popgate::Reloader,
     mut status: Option<popgate::pidfile::ReloadStatus>,
 ) {
-    {
-        let Some(mut hup) = hup else {
-            return;
-        };
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading");
-                notify::reloading();
-                // Before the config is read: `popgate reload` tells this reload from one
-                // that read the config before its signal.
-                if let Some(s) = status.as_mut()
-                    && let Err(e) = s.begin()
-                {
-                    tracing::error!(error = %e, "cannot write the reload status file");
-                }
-                let (ok, line) = match reloader.reload().await {
-                    Ok(line) => {
-                        tracing::info!("{line}");
-                        (true, line)
-                    }
-                    Err(e) => {
-                        tracing::error!("reload failed, nothing changed: {e}");
-                        (false, format!("reload failed, nothing changed: {e}"))
-                    }
-                };
-                // For `popgate reload`, which waits for it.
-                if let Some(s) = status.as_mut()
-                    && let Err(e) = s.record(ok, &line)
-                {
-                    tracing::error!(error = %e, "cannot write the reload status file");
-                }
-                notify::reloaded(&line);
+    let Some(mut hup) = hup else {
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
+            notify::reloading();
+            // Before the config is read: `popgate reload` tells this reload from one
+            // that read the config before its signal.
+            if let Some(s) = status.as_mut()
+                && let Err(e) = s.begin()
+            {
+                tracing::error!(error = %e, "cannot write the reload status file");
             }
-        });
-    }
+            let (ok, line) = match reloader.reload().await {
+                Ok(line) => {
+                    tracing::info!("{line}");
+                    (true, line)
+                }
+                Err(e) => {
+                    tracing::error!("reload failed, nothing changed: {e}");
+                    (false, format!("reload failed, nothing changed: {e}"))
+                }
+            };
+            // For `popgate reload`, which waits for it.
+            if let Some(s) = status.as_mut()
+                && let Err(e) = s.record(ok, &line)
+            {
+                tracing::error!(error = %e, "cannot write the reload status file");
+            }
+            notify::reloaded(&line);
+        }
+    });
 }
 
 /// SIGUSR1 (logrotate's `postrotate`): reopen the log file, the audit file and the transcript
 /// files at their configured paths. The handler is installed before this returns, so the
 /// signal's default action (exit) no longer applies.
 fn spawn_reopen_on_usr1(usr1: Option<Signal>, reopener: popgate::Reopener, logging: Arc<Logging>) {
-    {
-        let Some(mut usr1) = usr1 else {
-            return;
-        };
-        tokio::spawn(async move {
-            while usr1.recv().await.is_some() {
-                if let Err(e) = logging.reopen() {
-                    tracing::error!(error = %e, "SIGUSR1: cannot reopen the log file");
-                }
-                match reopener.reopen().await {
-                    Ok(()) => tracing::info!("SIGUSR1: log, audit and transcript files reopened"),
-                    Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the audit file"),
-                }
+    let Some(mut usr1) = usr1 else {
+        return;
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            if let Err(e) = logging.reopen() {
+                tracing::error!(error = %e, "SIGUSR1: cannot reopen the log file");
             }
-        });
-    }
+            match reopener.reopen().await {
+                Ok(()) => tracing::info!("SIGUSR1: log, audit and transcript files reopened"),
+                Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the audit file"),
+            }
+        }
+    });
 }
 
 /// A stream of `kind`, or `None` after a warning (`what` says what is lost).
