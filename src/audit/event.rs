@@ -21,6 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::LoginMethod;
+use crate::types::{CloseReason, TlsInfo};
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.
@@ -191,18 +192,6 @@ into_kind!(
     Update => Update,
     SessionClose => SessionClose,
 );
-
-/// What was negotiated on a TLS connection (client or upstream side), for logs and audit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsInfo {
-    /// Protocol version, e.g. `TLSv1_3`.
-    pub version: String,
-    /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// Server name the client asked for (client side only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sni: Option<String>,
-}
 
 /// `session_open`: a client connected to a listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,61 +510,6 @@ pub struct Update {
     pub outcome: UpdateOutcome,
 }
 
-/// Why a session ended: what the session decides and the audit trail records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The client sent QUIT and got the answer.
-    Quit,
-    /// The client closed without QUIT.
-    ClientEof,
-    /// The server closed.
-    UpstreamEof,
-    /// Inactivity timeout.
-    IdleTimeout,
-    /// No login within `limits.login_timeout`.
-    LoginTimeout,
-    /// The upstream sent no greeting within `limits.greeting_timeout`.
-    GreetingTimeout,
-    /// A rule dropped the connection.
-    RuleDrop,
-    /// popgate shut down.
-    Shutdown,
-    /// An error on either side.
-    Error,
-}
-
-impl CloseReason {
-    /// Every reason: the serialised names must match [`CloseReason::as_str`].
-    #[cfg(test)]
-    pub(crate) const ALL: [CloseReason; 9] = [
-        CloseReason::Quit,
-        CloseReason::ClientEof,
-        CloseReason::UpstreamEof,
-        CloseReason::IdleTimeout,
-        CloseReason::LoginTimeout,
-        CloseReason::GreetingTimeout,
-        CloseReason::RuleDrop,
-        CloseReason::Shutdown,
-        CloseReason::Error,
-    ];
-
-    /// The snake_case name (`"client_eof"`, ...).
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Quit => "quit",
-            CloseReason::ClientEof => "client_eof",
-            CloseReason::UpstreamEof => "upstream_eof",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::LoginTimeout => "login_timeout",
-            CloseReason::GreetingTimeout => "greeting_timeout",
-            CloseReason::RuleDrop => "rule_drop",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Error => "error",
-        }
-    }
-}
-
 /// `session_close`: the session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionClose {
@@ -736,10 +670,6 @@ mod tests {
         assert_eq!(d.verb, "DELE");
         assert_eq!(RetrieveVerb::from_verb(Verb::Top), Some(RetrieveVerb::Top));
         assert_eq!(RetrieveVerb::from_verb(Verb::Dele), None);
-        for r in CloseReason::ALL {
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(json, format!("\"{}\"", r.as_str()));
-        }
         assert_eq!(
             UpdateOutcome::from_status(Status::Ok),
             UpdateOutcome::Confirmed

@@ -19,13 +19,10 @@ pub(crate) mod reader;
 pub(crate) mod sink;
 pub(crate) mod transcript;
 
-pub use config::{
-    AuditConfig, AuditOutput, AuditRotation, MessageIds, Network, Overflow, TranscriptConfig,
-};
+pub use config::{AuditConfig, AuditOutput, AuditRotation, Overflow, TranscriptConfig};
 pub use event::{
-    AuditEvent, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Headers, Login, Outcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide, Update,
-    UpdateOutcome,
+    AuditEvent, DeleteMarked, Deleted, Denied, EventKind, Headers, Login, Outcome, Reset, Retrieve,
+    RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Update, UpdateOutcome,
 };
 pub(crate) use headers::HeaderExtractor;
 pub use headers::HeaderSet;

@@ -9,14 +9,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::{
-    AuditEvent, AuditSink, CloseReason, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet,
-    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide,
-    Transcript, TranscriptConfig, Update, UpdateOutcome,
+    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet, Login, Reset,
+    Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Transcript,
+    TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
+use crate::types::{CloseReason, TlsInfo};
 
 pub(crate) use crate::proxy::Marks;
 

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use popgate::audit::{
-    AuditEvent, AuditRecord, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Filter,
-    Headers, Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
-    read_events,
+    AuditEvent, AuditRecord, DeleteMarked, Deleted, Denied, EventKind, Filter, Headers, Login,
+    Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent,
+    TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit, read_events,
 };
+use popgate::types::{CloseReason, TlsInfo};
 
 fn at(s: &str) -> SystemTime {
     humantime::parse_rfc3339(s).unwrap()
