@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::event::{AuditEvent, EVENT_NAMES, EventKind};
+use super::model::event::{AuditEvent, EVENT_NAMES, EventKind};
 
 /// Header values longer than this are cut in the table.
 const MAX_VALUE_CHARS: usize = 80;

@@ -2,7 +2,7 @@
 //!
 //! Every event carries `schema`, `ts` (RFC 3339 UTC, milliseconds), `session`, `event` (the
 //! name) and, when a rule tagged it, `tags`; the other fields depend on the event. Optional
-//! fields are omitted when unknown. `SCHEMA.md` beside this file has an example of each event;
+//! fields are omitted when unknown. `src/audit/SCHEMA.md` has an example of each event;
 //! a unit test keeps those examples exact.
 //!
 //! The same types deserialize, for the reader. Unknown fields are ignored and unknown event
@@ -683,7 +683,7 @@ mod tests {
     /// so the documentation cannot drift from the code; and every event has an example.
     #[test]
     fn schema_examples_are_exact() {
-        let doc = include_str!("SCHEMA.md");
+        let doc = include_str!("../SCHEMA.md");
         let mut seen = Vec::new();
         let mut in_json = false;
         for line in doc.lines() {
