@@ -492,7 +492,7 @@ fn writer_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::model::event::{EventKind, Reset};
+    use crate::audit::model::event::{AuditEventKind, Reset};
     use std::sync::Mutex;
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
@@ -697,7 +697,7 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(evs.len(), 3);
-        assert!(matches!(evs[2].kind, EventKind::Reset(_)));
+        assert!(matches!(evs[2].kind, AuditEventKind::Reset(_)));
     }
 
     #[tokio::test]
