@@ -171,8 +171,10 @@ fn the_reference_checker_names_missing_unknown_and_wrong_keys() {
             "a.three: reload `reload` documented, `restart` in src/reference.rs",
         ],
     );
-    let twice =
-        format!("{KEY_TABLE_HEADER}\n| `a.one` | 1 | reload | x |\n| `a.one` | 1 | reload | y |\n");
+    let twice = format!(
+        "{KEY_TABLE_HEADER}\n| `a.one` | 1 | reload | x |\n\
+         | `a.one` | 1 | reload | y |\n"
+    );
     assert_eq!(
         reference_mismatches(&twice, &keys[..1]),
         ["a.one is documented twice"]
@@ -341,7 +343,7 @@ fn broken_links(base: &Path, page: &str) -> Vec<String> {
             continue;
         }
         let Some(anchor) = anchor else { continue };
-        if !rel.extension().is_some_and(|e| e == "md") {
+        if rel.extension().is_none_or(|e| e != "md") {
             continue;
         }
         let headings = anchors(&std::fs::read_to_string(&file).unwrap());
@@ -403,7 +405,8 @@ fn the_link_checker_sees_missing_files_and_anchors() {
         "# Page A\n\n## What `popgate check` verifies\n\n## Notes\n\n## Notes\n\n\
          ```sh\n# not a heading\n[not a link](gone.md)\n```\n\n\
          See [B](../b.md#signals-privilege-drop-and-systemd), [here](#notes-1), \
-         [there](#what-popgate-check-verifies), `[code](gone.md)`, [web](https://example.org/x.md).\n\
+         [there](#what-popgate-check-verifies), `[code](gone.md)`, \
+         [web](https://example.org/x.md).\n\
          Broken: [no file](missing.md), [no anchor](../b.md#nowhere), [self](#not-a-heading).\n",
     )
     .unwrap();
@@ -475,6 +478,10 @@ fn readme_examples_are_a_valid_config_and_rule_file() {
     assert_eq!(config.listeners.len(), 2);
     let upstream = config.default_upstream();
     assert_eq!(upstream.address.len(), 1);
+    assert_eq!(
+        upstream.forward_client,
+        popgate::config::ForwardClient::Xclient
+    );
     assert!(
         config_text.contains("rules = [\"rules/require-tls.toml\"]"),
         "{config_text}"
