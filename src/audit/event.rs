@@ -541,6 +541,8 @@ pub enum CloseReason {
     RuleDrop,
     /// popgate shut down.
     Shutdown,
+    /// An administrator ended it (`popgate kick`); `kicked_by` says who.
+    Kick,
     /// An error on either side.
     Error,
 }
@@ -548,7 +550,7 @@ pub enum CloseReason {
 impl CloseReason {
     /// Every reason: the serialised names must match [`CloseReason::as_str`].
     #[cfg(test)]
-    pub(crate) const ALL: [CloseReason; 9] = [
+    pub(crate) const ALL: [CloseReason; 10] = [
         CloseReason::Quit,
         CloseReason::ClientEof,
         CloseReason::UpstreamEof,
@@ -557,6 +559,7 @@ impl CloseReason {
         CloseReason::GreetingTimeout,
         CloseReason::RuleDrop,
         CloseReason::Shutdown,
+        CloseReason::Kick,
         CloseReason::Error,
     ];
 
@@ -571,6 +574,7 @@ impl CloseReason {
             CloseReason::GreetingTimeout => "greeting_timeout",
             CloseReason::RuleDrop => "rule_drop",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Kick => "kick",
             CloseReason::Error => "error",
         }
     }
@@ -593,6 +597,10 @@ pub struct SessionClose {
     /// With reason `rule_drop`: the rule that closed the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// With reason `kick`: who asked, as the control socket's peer credentials
+    /// (`uid 0 pid 4242`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kicked_by: Option<String>,
 }
 
 /// Header fields of a retrieved message, in configured order: a JSON object `{name: value}`.

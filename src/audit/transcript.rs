@@ -385,7 +385,7 @@ fn create(dir: &Path, path: &Path) -> std::io::Result<File> {
 
 /// A line for display: line ending removed (` [LF]` marks a bare LF), control characters as
 /// `\xNN`, invalid UTF-8 replaced.
-fn display(line: &[u8]) -> String {
+pub(crate) fn display(line: &[u8]) -> String {
     let (body, bare_lf) = if let Some(l) = line.strip_suffix(b"\r\n") {
         (l, false)
     } else if let Some(l) = line.strip_suffix(b"\n") {
@@ -412,7 +412,7 @@ fn display_raw(bytes: &[u8]) -> String {
 /// SASL continuation lines are not commands and cannot be recognised here: a caller in a SASL
 /// exchange must not pass them (use `***`).
 /// A parsed command for the transcript: as sent, or with secrets as `***`.
-fn redact_command(cmd: &crate::pop3::command::Command<'_>) -> String {
+pub(crate) fn redact_command(cmd: &crate::pop3::command::Command<'_>) -> String {
     if cmd.verb.has_secret_args() {
         display_raw(cmd.redacted().as_bytes())
     } else {
