@@ -441,13 +441,6 @@ impl SessionHandle {
     /// User, state and tags as the relay knows them; locks only on a change. A newly known
     /// user attaches the taps waiting for it (and replays the backlog to them).
     pub(crate) fn sync(&mut self, user: Option<&str>, state: State, tags: &[Arc<str>]) {
-        if self.state != Some(state) {
-            self.state = Some(state);
-            lock(&self.entry.details).state = Some(state);
-            if state != State::Authorization {
-                self.backlog = Vec::new();
-            }
-        }
         if self.tags != tags.len() {
             self.tags = tags.len();
             lock(&self.entry.details).tags = tags.iter().map(|t| t.to_string()).collect();
@@ -469,6 +462,14 @@ impl SessionHandle {
                         }
                     }
                 }
+            }
+        }
+        // After the user: a login that names its user only on success still gets its backlog.
+        if self.state != Some(state) {
+            self.state = Some(state);
+            lock(&self.entry.details).state = Some(state);
+            if state != State::Authorization {
+                self.backlog = Vec::new();
             }
         }
     }
