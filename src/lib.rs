@@ -214,9 +214,7 @@ impl Proxy {
                         }
                     }
                 })
-                    as std::pin::Pin<
-                        Box<dyn Future<Output = Result<String, String>> + Send>,
-                    >
+                    as std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
             }) as control::ReloadFn
         });
         let host = Arc::new(control::Host {

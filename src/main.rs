@@ -403,11 +403,13 @@ fn control_socket(args: &popgate::cli::SocketArgs) -> Result<std::path::PathBuf>
         anyhow::bail!("give --config or --socket");
     };
     let c = Config::load(config)?;
-    let control = c
-        .control
-        .with_context(|| format!("{}: no [control] table (no control socket)", config.display()))?;
-    Ok(popgate::control::socket_path(&control)
-        .with_context(|| format!("{}", config.display()))?)
+    let control = c.control.with_context(|| {
+        format!(
+            "{}: no [control] table (no control socket)",
+            config.display()
+        )
+    })?;
+    popgate::control::socket_path(&control).with_context(|| format!("{}", config.display()))
 }
 
 /// Whether stdout is a terminal (colour then, plain text in a pipe).

@@ -307,8 +307,7 @@ impl Runtime {
             // its stop signal is the kick's and the drain's.
             let (handle, shutdown) =
                 registry.register(id, info.listener.clone(), info.client, info.proxy);
-            let session =
-                session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown, handle);
+            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown, handle);
             Some((session, a.slots, span))
         });
         self.tasks.spawn(async move {
@@ -546,7 +545,8 @@ impl Runtime {
 }
 
 /// Keys a reload cannot apply: the `[metrics]` endpoint (bound once, its settings read at
-/// start), `pid_file` (written once) and `[process]` (the privilege drop happens once). A
+/// start), `pid_file` (written once), `[process]` (the privilege drop happens once) and
+/// `[control]` (the socket is bound once). A
 /// reload reports them as `need a restart: …` while the file differs from the running
 /// process.
 fn needs_restart(key: &str) -> bool {
@@ -659,6 +659,8 @@ mod tests {
             "pid_file",
             "process",
             "process.user",
+            "control",
+            "control.socket",
         ] {
             assert!(needs_restart(k), "{k}");
         }

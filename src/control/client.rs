@@ -38,8 +38,11 @@ fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
 }
 
 fn send(stream: &mut UnixStream, command: Command) -> Result<(), ClientError> {
-    let mut line = serde_json::to_string(&Request { v: VERSION, command })
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut line = serde_json::to_string(&Request {
+        v: VERSION,
+        command,
+    })
+    .map_err(|e| ClientError::Protocol(e.to_string()))?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     Ok(())
@@ -135,8 +138,8 @@ fn duration(s: u64) -> String {
 /// `popgate sessions` as a table, one row per session.
 pub fn format_sessions(rows: &[SessionRow], color: bool) -> String {
     let header = [
-        "ID", "CLIENT", "LISTENER", "USER", "STATE", "UPSTREAM", "ADDRESS", "TLS C/U", "IN",
-        "OUT", "AGE", "IDLE", "TAGS",
+        "ID", "CLIENT", "LISTENER", "USER", "STATE", "UPSTREAM", "ADDRESS", "TLS C/U", "IN", "OUT",
+        "AGE", "IDLE", "TAGS",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     for r in rows {
@@ -161,7 +164,13 @@ pub fn format_sessions(rows: &[SessionRow], color: bool) -> String {
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
-        .map(|c| table.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for (i, row) in table.iter().enumerate() {

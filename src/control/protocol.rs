@@ -214,7 +214,11 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
         serde_json::from_str(text).map_err(|e| format!("request is not JSON: {e}"))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
-        Some(v) => return Err(format!("protocol version {v} not supported (this popgate speaks {VERSION})")),
+        Some(v) => {
+            return Err(format!(
+                "protocol version {v} not supported (this popgate speaks {VERSION})"
+            ));
+        }
         None => return Err("request has no protocol version (\"v\":1)".into()),
     }
     serde_json::from_value::<Request>(value)
@@ -249,9 +253,21 @@ mod tests {
             Command::Status
         );
         assert!(parse_request(b"hello").unwrap_err().contains("not JSON"));
-        assert!(parse_request(br#"{"cmd":"status"}"#).unwrap_err().contains("version"));
-        assert!(parse_request(br#"{"v":2,"cmd":"status"}"#).unwrap_err().contains("version 2"));
-        assert!(parse_request(br#"{"v":1,"cmd":"rm"}"#).unwrap_err().contains("bad request"));
+        assert!(
+            parse_request(br#"{"cmd":"status"}"#)
+                .unwrap_err()
+                .contains("version")
+        );
+        assert!(
+            parse_request(br#"{"v":2,"cmd":"status"}"#)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(
+            parse_request(br#"{"v":1,"cmd":"rm"}"#)
+                .unwrap_err()
+                .contains("bad request")
+        );
         assert!(
             parse_request(br#"{"v":1,"cmd":"kick","filter":{"usr":"x"}}"#)
                 .unwrap_err()

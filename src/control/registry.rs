@@ -361,7 +361,9 @@ impl Registry {
     }
 
     /// Sessions per listener and state.
-    pub(crate) fn counts(&self) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+    pub(crate) fn counts(
+        &self,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
         let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> =
             Default::default();
         for e in lock(&self.inner).entries.values() {
@@ -452,8 +454,7 @@ impl SessionHandle {
                 let before = self.entry.tap_count.load(Ordering::Relaxed);
                 if self.registry.user_known(&self.entry, u) {
                     // The newly attached taps get what they missed; the others saw it.
-                    let fresh: Vec<Arc<Subscriber>> =
-                        lock(&self.entry.taps)[before..].to_vec();
+                    let fresh: Vec<Arc<Subscriber>> = lock(&self.entry.taps)[before..].to_vec();
                     for (line, body) in &self.backlog {
                         for s in &fresh {
                             if !body || s.bodies {

@@ -109,7 +109,11 @@ fn lookup_group(g: &str) -> Result<nix::unistd::Gid, String> {
 }
 
 /// Serve the socket until `stop` turns true.
-pub(crate) async fn serve(mut socket: ControlSocket, host: Arc<Host>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    mut socket: ControlSocket,
+    host: Arc<Host>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some(listener) = socket.listener.take() else {
         return;
     };
@@ -192,7 +196,11 @@ async fn read_line<R: tokio::io::AsyncRead + Unpin>(
                 if buf.last() == Some(&b'\r') {
                     buf.pop();
                 }
-                return Ok(if too_long { Line::TooLong } else { Line::Request });
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Request
+                });
             }
             None => {
                 let n = avail.len();
@@ -242,7 +250,11 @@ async fn connection(stream: UnixStream, host: Arc<Host>) {
             Ok(c) => c,
             Err(e) => {
                 warn!(uid, gid, pid, error = %e, "control request refused");
-                if wr.write_all(Response::error(e).to_line().as_bytes()).await.is_err() {
+                if wr
+                    .write_all(Response::error(e).to_line().as_bytes())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -348,9 +360,9 @@ async fn tap(
 
 fn matcher(f: &protocol::Filter) -> Result<Matcher, String> {
     let client = match &f.client {
-        Some(c) => Some(
-            crate::cidr::Cidr::parse_masked(c).map_err(|e| format!("client {c:?}: {e}"))?,
-        ),
+        Some(c) => {
+            Some(crate::cidr::Cidr::parse_masked(c).map_err(|e| format!("client {c:?}: {e}"))?)
+        }
         None => None,
     };
     Ok(Matcher {

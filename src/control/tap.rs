@@ -58,7 +58,10 @@ pub(crate) struct Subscriber {
 
 impl Subscriber {
     /// A subscriber and the receiving end of its queue.
-    pub(crate) fn new(matcher: Matcher, bodies: bool) -> (Arc<Subscriber>, mpsc::Receiver<TapLine>) {
+    pub(crate) fn new(
+        matcher: Matcher,
+        bodies: bool,
+    ) -> (Arc<Subscriber>, mpsc::Receiver<TapLine>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             Arc::new(Subscriber {

@@ -145,12 +145,7 @@ pub(crate) fn run(
 }
 
 /// The `session_close` of a session kicked during its set-up (its observer went with it).
-async fn kicked_in_setup(
-    audit: &crate::audit::AuditSink,
-    id: u64,
-    who: String,
-    started: Instant,
-) {
+async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
     if audit.is_enabled() {
         let close = crate::audit::SessionClose {
             user: None,
