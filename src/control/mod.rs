@@ -1,9 +1,9 @@
 //! Live control (`[control]`): a Unix socket through which `popgate sessions`, `status`,
 //! `kick`, `tap` and `reload` see, follow and end sessions while popgate runs.
 //!
-//! - [`registry`]: every live session, its stop signal and its taps.
+//! - `registry`: every live session, its stop signal and its taps.
 //! - [`protocol`]: the versioned line-delimited JSON spoken on the socket (docs/control.md).
-//! - [`server`]: the socket (mode 0660, optional group, peer credentials logged per command).
+//! - `server`: the socket (mode 0660, optional group, peer credentials logged per command).
 //! - [`tap`]: the live, redacted transcript feed.
 //! - [`client`]: the subcommands' side.
 

@@ -1,11 +1,11 @@
 //! `popgate tap`: live, redacted transcript lines of the sessions a tap matches.
 //!
-//! A [`Subscriber`] is one attached `popgate tap`: its filter, whether it shows bodies, and a
+//! A `Subscriber` is one attached `popgate tap`: its filter, whether it shows bodies, and a
 //! bounded queue to its control connection. Sessions deliver with `try_send` only: a slow
 //! reader never slows a session; what does not fit is counted and announced as
 //! `[tap: N lines dropped]` once there is room again.
 //!
-//! The session side ([`TapPoint`]) lives in the session's observer, fed at the points where
+//! The session side (`TapPoint`) lives in the session's observer, fed at the points where
 //! the transcript is written and with the transcript's own redaction. With no tap attached to
 //! the session its cost is one relaxed atomic load per call.
 
