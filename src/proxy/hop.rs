@@ -345,6 +345,11 @@ impl Hop {
         self.tracker.set_fold_names(fold);
     }
 
+    /// The session's RFC 1939 state (`popgate sessions`).
+    pub(crate) fn state(&self) -> State {
+        self.tracker.state()
+    }
+
     /// The user rules and audit see (see [`Tracker::user`]).
     pub(crate) fn user(&self) -> Option<&str> {
         self.tracker.user()

@@ -128,20 +128,50 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// The set-up (handshake, rules, upstream connect) is a boxed future of its own, built here
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
+///
+/// `shutdown` turns true when the session is kicked (`handle` knows by whom) or closed by the
+/// drain; a kick also ends the set-up (client and upstream closed, no QUIT).
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    handle: crate::control::registry::SessionHandle,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let setup = Box::pin(open(client, info, shared, started, shutdown.clone()));
+    let entry = handle.entry();
+    let (audit, id) = (shared.audit.clone(), info.id);
+    let setup = Box::pin(open(client, info, shared, started, shutdown.clone(), handle));
     async move {
-        let mut driver = match setup.await {
-            Ok(d) => d,
-            Err(reason) => return reason,
+        let mut driver = tokio::select! {
+            biased;
+            d = setup => match d {
+                Ok(d) => d,
+                Err(reason) => return reason,
+            },
+            who = entry.kicked() => {
+                info!(by = %who, "session kicked before its relay began");
+                kicked_in_setup(&audit, id, who, started).await;
+                return CloseReason::Kick;
+            }
         };
         relay(&mut driver, shutdown, started).await
+    }
+}
+
+/// The `session_close` of a session kicked during its set-up (its observer went with it).
+async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
+    if audit.is_enabled() {
+        let close = crate::audit::SessionClose {
+            user: None,
+            reason: CloseReason::Kick,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            rule: None,
+            kicked_by: Some(who),
+        };
+        audit.emit(crate::audit::AuditEvent::new(id, close)).await;
     }
 }
 
@@ -153,6 +183,7 @@ async fn open(
     shared: Arc<Shared>,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
     let config = shared.config.clone();
@@ -216,6 +247,9 @@ async fn open(
         info.id,
         transcript,
     );
+    let mut tap = crate::control::tap::TapPoint::new(handle.entry());
+    tap.set_handle(handle);
+    observer.set_tap(tap);
     observer.set_tags(&policy.tags);
     if let Some(dst) = info.original_dst {
         observer.set_original_destination(dst);
@@ -298,6 +332,9 @@ async fn open(
                     shared.metrics.tls_handshake("upstream", true);
                 }
                 live.from_upstream.inc_by(u.preread.len() as u64);
+                if let Some(h) = observer.tap_mut().handle_mut() {
+                    h.upstream(upstream_cfg.label(), &u.address);
+                }
                 (u.stream, u.preread, None)
             }
             Err(e) => {
@@ -395,6 +432,21 @@ async fn relay(
             warn!(error = %e, side = ?e.side(), "session failed");
             CloseReason::Error
         }
+    };
+    // A kick ends the session as a shutdown does; the audit trail and log name it and who asked.
+    let kicked_by = driver
+        .observer
+        .observer
+        .tap_mut()
+        .handle_mut()
+        .and_then(|h| h.kicked_by());
+    let reason = match kicked_by {
+        Some(who) if reason == CloseReason::Shutdown => {
+            info!(by = %who, "session kicked");
+            driver.observer.observer.set_kicked_by(who);
+            CloseReason::Kick
+        }
+        _ => reason,
     };
     driver.hop.finish();
     record_rules(&shared, driver.hop.take_rule_tally());
@@ -1031,6 +1083,9 @@ impl Driver {
                     why = %why,
                     "login routed"
                 );
+                if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+                    h.upstream(upstream.label(), &done.address);
+                }
                 Ok(done)
             }
             Err(login::LoginError::Refused(reply)) => {
@@ -1071,6 +1126,15 @@ impl Driver {
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.
     async fn sync_observer(&mut self) {
         record_rules(&self.shared, self.hop.take_rule_tally());
+        // `popgate sessions`: relaxed stores, a lock only when something changed.
+        if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+            h.progress(self.traffic.from_client, self.traffic.to_client);
+            h.sync(self.hop.user(), self.hop.state(), self.hop.tags());
+            h.tls(
+                self.client_tls.as_deref().map(|t| t.version.as_str()),
+                self.upstream_tls.as_deref().map(|t| t.version.as_str()),
+            );
+        }
         let obs = &mut self.observer.observer;
         obs.set_tags(self.hop.tags());
         if self.hop.trace() {

@@ -31,11 +31,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Metrics and health: counters the driver records into (the core only hands over plain
     // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
     ("metrics", &["config", "audit", "limits"]),
+    // Live control (`[control]`): the session registry, taps (with the transcript's
+    // redaction), the control socket and its client.
+    ("control", &["config", "audit", "pop3", "cidr"]),
     (
         "session",
         &[
             "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
-            "oauth2", "types",
+            "oauth2", "types", "control",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
@@ -63,7 +66,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "runtime",
         &[
-            "check", "config", "audit", "limits", "metrics", "net", "session",
+            "check", "config", "audit", "limits", "metrics", "net", "session", "control",
         ],
     ),
     // The crate root and the CLI are the edge: they may use everything.

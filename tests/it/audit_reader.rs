@@ -160,6 +160,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_to_client: 50311,
                 duration_ms: 2400,
                 rule: None,
+                kicked_by: None,
             },
         ),
         AuditEvent::at(
@@ -172,6 +173,7 @@ fn day_one() -> Vec<AuditEvent> {
                 bytes_to_client: 210,
                 duration_ms: 4000,
                 rule: None,
+                kicked_by: None,
             },
         ),
     ]
@@ -324,6 +326,7 @@ fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
             bytes_to_client: 60,
             duration_ms: 4000,
             rule: None,
+            kicked_by: None,
         },
     );
     // Day one daily, day two hourly (the rotation was changed at midnight).

@@ -11,6 +11,7 @@ mod audit;
 mod audit_hygiene;
 mod audit_reader;
 mod cli;
+mod control;
 mod daemon;
 mod docs;
 mod dovecot;

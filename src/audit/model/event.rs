@@ -529,6 +529,10 @@ pub struct SessionClose {
     /// With reason `rule_drop`: the rule that closed the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// With reason `kick`: who asked, as the control socket's peer credentials
+    /// (`uid 0 pid 4242`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kicked_by: Option<String>,
 }
 
 /// Header fields of a retrieved message, in configured order: a JSON object `{name: value}`.
