@@ -42,7 +42,7 @@ pub enum StartError {
     Map(#[from] crate::routing::MapError),
     /// The `[metrics]` endpoint could not bind.
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::http::BindError),
+    Metrics(#[from] crate::metrics::http::MetricsBindError),
 }
 
 /// Everything a config names, loaded and checked; nothing started yet.
@@ -423,7 +423,7 @@ pub(crate) fn reread_files<'a>(
 /// A `trace` rule needs somewhere to write transcripts.
 fn check_trace_rules(config: &Config, rules: &RuleSet) -> Result<(), StartError> {
     if config.audit.transcript.dir.is_none()
-        && let Some(r) = rules.rules().find(|r| r.action == rules::Action::Trace)
+        && let Some(r) = rules.rules().find(|r| r.action == rules::RuleAction::Trace)
     {
         return Err(ConfigError::Invalid {
             path: r.file.to_owned(),

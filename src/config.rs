@@ -171,7 +171,7 @@ pub struct ListenerConfig {
     /// Peers allowed to send that header (`["10.0.0.0/8", "192.0.2.7"]`); connections from
     /// anyone else are closed. Required with `proxy_protocol`.
     #[serde(default)]
-    pub trusted_proxies: Vec<crate::audit::Network>,
+    pub trusted_proxies: Vec<crate::types::Network>,
     /// How long a trusted peer may take to send the whole header.
     #[serde(default = "default_proxy_timeout", with = "humantime_serde")]
     pub proxy_timeout: Duration,

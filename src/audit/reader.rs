@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::event::{AuditEvent, EVENT_NAMES, EventKind};
+use super::model::event::{AuditEvent, AuditEventKind, EVENT_NAMES};
 
 /// Header values longer than this are cut in the table.
 const MAX_VALUE_CHARS: usize = 80;
@@ -145,7 +145,7 @@ impl Filter {
             (Some(_), None) => false,
         };
         match &r.event.kind {
-            EventKind::Retrieve(e) => {
+            AuditEventKind::Retrieve(e) => {
                 let mid = e
                     .headers
                     .iter()
@@ -153,10 +153,10 @@ impl Filter {
                     .map(|(_, v)| v);
                 user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(mid)
             }
-            EventKind::DeleteMarked(e) => {
+            AuditEventKind::DeleteMarked(e) => {
                 user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(e.message_id.as_deref())
             }
-            EventKind::Update(e) => {
+            AuditEventKind::Update(e) => {
                 user(e.user.as_deref())
                     && (self.uidl.is_none() && self.message_id.is_none()
                         || e.deleted
@@ -280,7 +280,7 @@ impl AuditRecord {
         }
         let event: AuditEvent = serde_json::from_str(line)?;
         let name = match event.kind {
-            EventKind::Unknown => serde_json::from_str::<Name>(line)?.event,
+            AuditEventKind::Unknown => serde_json::from_str::<Name>(line)?.event,
             ref k => k.name().to_owned(),
         };
         Ok(AuditRecord {
@@ -396,7 +396,7 @@ pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, Reade
         read_file(path, &mut bad, |record| {
             seq += 1;
             let id = (record.event.instance.clone(), record.event.session);
-            if matches!(record.event.kind, EventKind::SessionOpen(_)) {
+            if matches!(record.event.kind, AuditEventKind::SessionOpen(_)) {
                 *opens.entry(id.clone()).or_default() += 1;
             }
             let n = opens.get(&id).copied().unwrap_or(0);
@@ -513,10 +513,12 @@ pub fn format_table(records: &[AuditRecord]) -> String {
             let key = (r.event.instance.as_deref(), r.event.session);
             let mut d = details(r);
             match &r.event.kind {
-                EventKind::SessionOpen(o) => {
+                AuditEventKind::SessionOpen(o) => {
                     clients.insert(key, o.client);
                 }
-                EventKind::Retrieve(_) | EventKind::DeleteMarked(_) | EventKind::Update(_) => {
+                AuditEventKind::Retrieve(_)
+                | AuditEventKind::DeleteMarked(_)
+                | AuditEventKind::Update(_) => {
                     if let Some(c) = clients.get(&key) {
                         d.push_str(&format!(" client={c}"));
                     }
@@ -603,7 +605,7 @@ impl Details {
 fn details(r: &AuditRecord) -> String {
     let mut d = Details(String::new());
     match &r.event.kind {
-        EventKind::SessionOpen(e) => {
+        AuditEventKind::SessionOpen(e) => {
             d.kv("listener", &e.listener)
                 .kv("client", e.client)
                 .kv("local", e.local)
@@ -614,22 +616,22 @@ fn details(r: &AuditRecord) -> String {
                     .opt("sni", t.sni.as_ref());
             }
         }
-        EventKind::Tls(e) => {
+        AuditEventKind::Tls(e) => {
             d.kv("side", e.side.as_str())
                 .kv("version", &e.version)
                 .kv("cipher", &e.cipher)
                 .opt("sni", e.sni.as_ref());
         }
-        EventKind::Login(e) => {
+        AuditEventKind::Login(e) => {
             d.kv("method", &e.method)
                 .kv("outcome", e.outcome.as_str())
                 .opt("code", e.code.as_ref())
                 .opt("rule", e.rule.as_ref());
         }
-        EventKind::Denied(e) => {
+        AuditEventKind::Denied(e) => {
             d.kv("rule", &e.rule).kv("verb", &e.verb);
         }
-        EventKind::Retrieve(e) => {
+        AuditEventKind::Retrieve(e) => {
             d.kv("verb", e.verb.as_str())
                 .kv("msg", e.msg)
                 .opt("lines", e.lines)
@@ -645,7 +647,7 @@ fn details(r: &AuditRecord) -> String {
                 d.kv(&cell(&name.to_ascii_lowercase()), shorten(value));
             }
         }
-        EventKind::DeleteMarked(e) => {
+        AuditEventKind::DeleteMarked(e) => {
             d.kv("msg", e.msg)
                 .opt("uidl", e.uidl.as_ref())
                 .opt("message_id", e.message_id.as_ref());
@@ -653,8 +655,8 @@ fn details(r: &AuditRecord) -> String {
                 d.kv("no_uidl", true);
             }
         }
-        EventKind::Reset(_) => {}
-        EventKind::Update(e) => {
+        AuditEventKind::Reset(_) => {}
+        AuditEventKind::Update(e) => {
             let deleted: Vec<String> = e
                 .deleted
                 .iter()
@@ -672,7 +674,7 @@ fn details(r: &AuditRecord) -> String {
                 d.kv("deleted", deleted.join(","));
             }
         }
-        EventKind::SessionClose(e) => {
+        AuditEventKind::SessionClose(e) => {
             d.kv("reason", e.reason.as_str())
                 .kv("in", e.bytes_from_client)
                 .kv("out", e.bytes_to_client)
@@ -685,7 +687,7 @@ fn details(r: &AuditRecord) -> String {
                 )
                 .opt("rule", e.rule.as_ref());
         }
-        EventKind::Unknown => {
+        AuditEventKind::Unknown => {
             d.kv("schema", r.event.schema);
         }
     }

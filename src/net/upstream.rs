@@ -30,7 +30,7 @@ pub struct ClientOrigin {
     pub session: String,
     /// The client's TLS to popgate (implicit, or STLS done before the upstream was dialled):
     /// a PROXY v2 header says so in its SSL TLV, as HAProxy's `send-proxy-v2-ssl` does.
-    pub tls: Option<crate::audit::TlsInfo>,
+    pub tls: Option<crate::types::TlsInfo>,
 }
 
 /// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).

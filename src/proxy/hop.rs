@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
-use crate::audit::{CloseReason, MessageIds};
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
@@ -30,6 +29,7 @@ use crate::pop3::tracker::{
     sasl_mechanism_supported,
 };
 use crate::rules::{Event, EventKind, command_line};
+use crate::types::{CloseReason, MessageIds};
 
 use super::output::{Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};

@@ -10,10 +10,10 @@ use bytes::BytesMut;
 
 use super::policy::Policy;
 use super::{Hop, HopConfig, Output, SessionEvent};
-use crate::audit::CloseReason;
 use crate::config::UnknownCommands;
 use crate::pop3::command::Verb;
 use crate::rules::RuleSet;
+use crate::types::CloseReason;
 
 /// What the driver would dispatch to the observer, kept for the assertions; failed logins
 /// answered with `penalty`.
@@ -1114,7 +1114,7 @@ fn own_capa_after_tls_and_login_lists_what_the_server_has_shown() {
     assert_eq!(text(&out.client), "+OK\r\n+OK\r\nTOP\r\nX-SERVER\r\n.\r\n");
 }
 
-fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {
+fn auditing(mode: crate::types::MessageIds) -> impl Fn() -> Hop {
     move || {
         hop_with(
             HopConfig {
@@ -1128,7 +1128,7 @@ fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {
 
 #[test]
 fn a_pipelined_delete_without_uidl_is_identified_and_the_client_sees_nothing_of_it() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"STAT\r\nRETR 1\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n");
     let body: &[u8] = b"+OK 24 octets\r\nMessage-ID: <a@x>\r\n\r\n..\r\n.\r\n";
@@ -1174,7 +1174,7 @@ fn a_pipelined_delete_without_uidl_is_identified_and_the_client_sees_nothing_of_
 
 #[test]
 fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 3\r\nQUIT\r\n");
     let top: &[u8] = b"+OK\r\nSubject: x\r\nMessage-ID: <m3@x>\r\n\r\n.\r\n";
@@ -1227,7 +1227,7 @@ fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
 
 #[test]
 fn a_server_without_uidl_is_recorded_once_and_not_asked_again() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 9\r\nDELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n");
     let server = after_login(&[
@@ -1258,7 +1258,7 @@ fn a_server_without_uidl_is_recorded_once_and_not_asked_again() {
 
 #[test]
 fn nothing_is_injected_before_login_after_a_uidl_listing_or_with_the_audit_off() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     // Before login: refused locally, nothing reaches the server.
     let out = same_at_every_chunk(
         auditing(MessageIds::Always),
@@ -1295,7 +1295,7 @@ fn nothing_is_injected_before_login_after_a_uidl_listing_or_with_the_audit_off()
 
 #[test]
 fn the_upstream_lost_during_a_lookup_answers_the_waiting_command() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 1\r\n");
     let out = same_at_every_chunk(

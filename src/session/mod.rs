@@ -19,12 +19,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::audit::CloseReason;
 use crate::config::{Config, TlsMode};
-use crate::net::tls::{Stream, TlsInfo, TlsSetup};
+use crate::net::tls::{Stream, TlsSetup};
 use crate::proxy::policy::{Policy, Terminal};
 use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
+use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("pop3", &[]),
     ("cidr", &[]),
+    // Value types shared by the core, the config, the drivers and the audit trail.
+    ("types", &["cidr"]),
     ("rules", &["pop3", "cidr"]),
-    ("audit", &["pop3", "cidr"]),
-    ("config", &["audit", "cidr"]),
+    ("audit", &["pop3", "cidr", "types"]),
+    ("config", &["audit", "cidr", "types"]),
     ("limits", &["config"]),
     // Routing mode's choice of upstream: the map file and the precedence of rule, map and
     // default; it reads upstream names from the config.
@@ -21,8 +23,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Logging, privilege drop, sd_notify: the `[log]`/`[process]` tables, audit dirs.
     // The log writer escapes peer text with the protocol core's `printable` (a pure function).
     ("daemon", &["config", "audit", "pop3"]),
-    ("proxy", &["pop3", "rules", "audit", "config"]),
-    ("net", &["config", "audit", "limits", "pop3"]),
+    ("proxy", &["pop3", "rules", "types", "config"]),
+    ("net", &["config", "types", "limits", "pop3"]),
     // The OAuth2 bridge: its config types; tokens, credentials and the upstream SASL exchange.
     // `limits::WorkGate` bounds its Argon2 checks and the penalty is waited before them.
     ("oauth2", &["config", "limits"]),
@@ -33,7 +35,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "session",
         &[
             "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
-            "oauth2",
+            "oauth2", "types",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use popgate::audit::{
-    AuditEvent, AuditRecord, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Filter,
-    Headers, Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
+    AuditEvent, AuditEventKind, AuditRecord, DeleteMarked, Deleted, Denied, Filter, Headers,
+    LoginEvent, LoginOutcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose,
+    SessionOpen, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
     read_events,
 };
+use popgate::types::{CloseReason, TlsInfo};
 
 fn at(s: &str) -> SystemTime {
     humantime::parse_rfc3339(s).unwrap()
@@ -48,11 +49,11 @@ fn day_one() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-01T09:00:00.500Z"),
             1,
-            Login {
+            LoginEvent {
                 user: user("bob"),
                 user_as_typed: None,
                 method: "USER".into(),
-                outcome: Outcome::Success,
+                outcome: LoginOutcome::Success,
                 code: None,
                 rule: None,
                 upstream: None,
@@ -85,11 +86,11 @@ fn day_one() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-01T09:00:01.500Z"),
             2,
-            Login {
+            LoginEvent {
                 user: user("eve"),
                 user_as_typed: None,
                 method: "AUTH PLAIN".into(),
-                outcome: Outcome::Failure,
+                outcome: LoginOutcome::Failure,
                 code: Some("AUTH".into()),
                 rule: None,
                 upstream: None,
@@ -194,11 +195,11 @@ fn day_two() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-02T10:00:00.400Z"),
             1,
-            Login {
+            LoginEvent {
                 user: user("carol"),
                 user_as_typed: None,
                 method: "APOP".into(),
-                outcome: Outcome::Success,
+                outcome: LoginOutcome::Success,
                 code: None,
                 rule: None,
                 upstream: None,
@@ -303,11 +304,11 @@ fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
     let failed = AuditEvent::at(
         at("2026-03-01T23:59:59.500Z"),
         9,
-        Login {
+        LoginEvent {
             user: user("eve"),
             user_as_typed: None,
             method: "USER".into(),
-            outcome: Outcome::Failure,
+            outcome: LoginOutcome::Failure,
             code: None,
             rule: None,
             upstream: None,
@@ -370,7 +371,9 @@ fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
     };
     let records = read_events(&f.paths, &carol).unwrap();
     assert_eq!(records.len(), 4);
-    assert!(matches!(records[0].event.kind, EventKind::SessionOpen(ref o) if o.listener == "pop3"));
+    assert!(
+        matches!(records[0].event.kind, AuditEventKind::SessionOpen(ref o) if o.listener == "pop3")
+    );
     assert_eq!(
         records[0].event.ts,
         at("2026-03-02T10:00:00.000Z"),

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use super::config::TranscriptConfig;
+use crate::audit::model::config::TranscriptConfig;
 
 /// Body lines longer than this are written in pieces (`S+` lines) in full mode.
 const FULL_LINE_PIECE: usize = 8 * 1024;
