@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::types::CloseReason;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
+use crate::types::CloseReason;
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
