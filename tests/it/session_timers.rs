@@ -1,7 +1,7 @@
 //! A session's timers on tokio's paused clock: popgate and the demo upstream run in-process in
 //! the test's own runtime, so minutes of idle, login, tarpit and penalty time pass in no time
 //! and the assertions hold on the virtual clock exactly (no sleeps, no timing slack). Covers the
-//! idle and login timeouts, a rule's tarpit and the failed-login penalty as holds: the client is
+//! idle, login and greeting timeouts, a rule's tarpit and the failed-login penalty as holds: the client is
 //! still read during a hold, the session's deadlines still run, and a shutdown ends it at once.
 
 use std::net::SocketAddr;
@@ -32,6 +32,11 @@ struct Running {
 
 /// Start the demo upstream and popgate with `tables` (and a rule file holding `rules`, if any).
 async fn start(tables: &str, rules: Option<&str>) -> Running {
+    start_with(tables, rules, None).await
+}
+
+/// [`start`], popgate's upstream at `upstream` if given (else the demo server).
+async fn start_with(tables: &str, rules: Option<&str>, upstream: Option<SocketAddr>) -> Running {
     let up = DemoServer::start(
         "127.0.0.1:0".parse().unwrap(),
         ServerOptions::new(vec![Mailbox::new(
@@ -54,7 +59,7 @@ async fn start(tables: &str, rules: Option<&str>) -> Running {
         "shutdown_grace = \"0s\"\n{rules_line}\
          [[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
          [upstream]\naddress = \"{}\"\n{tables}",
-        up.local_addr()
+        upstream.unwrap_or(up.local_addr())
     );
     let path = Path::new("<test>");
     let config = popgate::Config::parse(&toml, path).unwrap();
@@ -187,6 +192,34 @@ async fn login_timeout_ends_a_slow_loris_and_forwards_nothing() {
         "no partial line forwarded: {:?}",
         p.up.received()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn greeting_timeout_answers_for_an_upstream_that_never_greets() {
+    // An upstream that accepts and says nothing, on this runtime too.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = mute.accept().await {
+            conns.push(c);
+        }
+    });
+    let p = start_with(
+        "[limits]\ngreeting_timeout = \"30s\"\n",
+        None,
+        Some(mute_addr),
+    )
+    .await;
+    let t = Instant::now();
+    let mut c = Client::connect(p.addr).await;
+    assert_eq!(
+        c.line().await,
+        "-ERR [SYS/TEMP] upstream server did not answer, try again later"
+    );
+    took(t.elapsed(), Duration::from_secs(30));
+    assert_eq!(c.line().await, "", "closed");
+    held.abort();
 }
 
 const SLOW_STAT: &str = "[[rule]]\nname = \"slow-stat\"\non = \"command\"\nverbs = [\"STAT\"]\n\
