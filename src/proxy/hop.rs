@@ -403,12 +403,24 @@ impl Hop {
     }
 
     /// The session ends now, whatever is held: what waits behind a hold is dropped (commands
-    /// never reach the server, held replies are replaced by the caller's own), and a close
-    /// that was among it is queued again.
-    fn cut_hold(&mut self) {
-        if let Some(reason) = self.outputs.drop_held() {
-            self.outputs.push(Output::Close(reason));
+    /// never reach the server, held replies give way to the caller's own), and a close that
+    /// was among it is queued again. Whether anything was held.
+    fn cut_hold(&mut self) -> bool {
+        match self.outputs.drop_held() {
+            None => false,
+            Some(close) => {
+                if let Some(reason) = close {
+                    self.outputs.push(Output::Close(reason));
+                }
+                true
+            }
         }
+    }
+
+    /// Whether the client is owed an answer when the session ends now without a response
+    /// cut: nothing outstanding, or what it was owed was held and dropped (`cut`).
+    fn owed_a_last_word(&self, cut: bool) -> bool {
+        !self.tracker.in_body() && (cut || self.tracker.idle())
     }
 
     /// Hold what is queued after this point for `delay` (and, with `penalty`, until the
@@ -574,11 +586,11 @@ impl Hop {
     /// popgate is shutting down: the session ends now, even during a hold (what is held is
     /// dropped; nothing held reaches the server).
     pub(crate) fn on_shutdown(&mut self) {
-        self.cut_hold();
+        let cut = self.cut_hold();
         if self.closed() {
             return;
         }
-        if !self.tracker.in_body() && self.tracker.idle() {
+        if self.owed_a_last_word(cut) {
             self.send_client(&b"-ERR [SYS/TEMP] proxy shutting down\r\n"[..]);
         }
         self.close(CloseReason::Shutdown);
@@ -617,8 +629,8 @@ impl Hop {
             } else {
                 return;
             };
-        self.cut_hold();
-        if !self.tracker.in_body() && self.tracker.idle() {
+        let cut = self.cut_hold();
+        if self.owed_a_last_word(cut) {
             self.send_client(reply);
         }
         self.close(reason);

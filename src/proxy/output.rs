@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::types::CloseReason;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
+use crate::types::CloseReason;
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,14 +242,14 @@ impl Outputs {
         self.settle(now);
     }
 
-    /// Drop everything from the first hold on (the session ends without waiting); the
-    /// reason of a [`Output::Close`] among what was dropped.
-    pub(super) fn drop_held(&mut self) -> Option<CloseReason> {
+    /// Drop everything from the first hold on (the session ends without waiting). `None`
+    /// if nothing was held; else the reason of an [`Output::Close`] among what was dropped.
+    pub(super) fn drop_held(&mut self) -> Option<Option<CloseReason>> {
         let (i, _) = self.first_hold()?;
         self.holds = 0;
-        self.slots.drain(i..).find_map(|s| match s {
+        Some(self.slots.drain(i..).find_map(|s| match s {
             Slot::Out(Output::Close(r)) => Some(r),
             _ => None,
-        })
+        }))
     }
 }

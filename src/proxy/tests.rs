@@ -102,6 +102,8 @@ struct Out {
     injected_body: Vec<u8>,
     /// How often the hop concluded the server has no UIDL.
     no_uidl: usize,
+    /// The bytes the status and body events carried, in order.
+    event_bytes: Vec<u8>,
 }
 
 impl Out {
@@ -111,6 +113,13 @@ impl Out {
         self.injected_answers = rec.injected_answers;
         self.injected_body = rec.injected_body;
         self.no_uidl = rec.no_uidl;
+        for ev in &rec.events {
+            match ev {
+                SessionEvent::Status { line, .. } => self.event_bytes.extend_from_slice(line),
+                SessionEvent::Body { chunk, .. } => self.event_bytes.extend_from_slice(chunk),
+                _ => {}
+            }
+        }
         self
     }
 }
@@ -1306,4 +1315,295 @@ fn the_upstream_lost_during_a_lookup_answers_the_waiting_command() {
         "never sent after the loss"
     );
     assert_eq!(out.close, Some((CloseReason::UpstreamEof, false)));
+}
+
+/// Feed `client` then `server` at `now` (each if not empty), dispatch the events (answering a
+/// failed login with `rec.penalty`) and collect what may go out now.
+fn step(
+    hop: &mut Hop,
+    rec: &mut Rec,
+    now: Instant,
+    (cin, sin): (&mut BytesMut, &mut BytesMut),
+    client: &[u8],
+    server: &[u8],
+    out: &mut Out,
+) {
+    if !client.is_empty() {
+        cin.extend_from_slice(client);
+        hop.on_client_input(now, cin);
+    }
+    if !server.is_empty() {
+        sin.extend_from_slice(server);
+        hop.on_server_input(now, sin, cin);
+    }
+    drain(hop, rec, now, out);
+}
+
+fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
+    rec.take(hop, now);
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToClient(b) => out.client.extend_from_slice(&b),
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::StartClientTls => out.tls_at.push(out.client.len()),
+            Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+        }
+    }
+}
+
+/// A logged-in hop at `now` with `rules`, and its buffers.
+fn logged_in(cfg: HopConfig, rules_text: &str, now: Instant) -> (Hop, Rec, BytesMut, BytesMut) {
+    let mut hop = Hop::new(cfg, Policy::new(rules(rules_text)), now, now);
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut rec = Rec::default();
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        bufs,
+        LOGIN,
+        b"+OK hi\r\n+OK\r\n",
+        &mut out,
+    );
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        (&mut cin, &mut sin),
+        b"",
+        b"+OK in\r\n",
+        &mut out,
+    );
+    assert_eq!(text(&out.upstream), text(LOGIN));
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n+OK in\r\n");
+    (hop, rec, cin, sin)
+}
+
+#[test]
+fn a_held_reply_does_not_block_reading_further_pipelined_input() {
+    let rule = "[[rule]]\nname = \"slow-stat\"\non = \"command\"\nverbs = [\"STAT\"]\naction = \"delay\"\ndelay = \"2s\"\n";
+    let t0 = Instant::now();
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        (&mut cin, &mut sin),
+        b"STAT\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(out.upstream.is_empty(), "{}", text(&out.upstream));
+    assert!(hop.holding());
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    // The client is still read while the STAT is held, and the server is not.
+    assert!(hop.wants_client_input());
+    assert!(!hop.wants_server_input());
+    let t1 = t0 + Duration::from_secs(1);
+    step(
+        &mut hop,
+        &mut rec,
+        t1,
+        (&mut cin, &mut sin),
+        b"NOOP\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(cin.is_empty(), "the pipelined NOOP was read and handled");
+    assert!(
+        rec.events
+            .iter()
+            .any(|e| *e == SessionEvent::ClientCommand(bytes::Bytes::from_static(b"NOOP\r\n")))
+    );
+    // It waits behind the hold, in its place.
+    assert!(out.upstream.is_empty());
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    hop.on_timeout(t0 + Duration::from_millis(1999));
+    drain(&mut hop, &mut rec, t1, &mut out);
+    assert!(out.upstream.is_empty());
+    hop.on_timeout(t0 + Duration::from_secs(2));
+    drain(&mut hop, &mut rec, t1, &mut out);
+    assert_eq!(text(&out.upstream), "STAT\r\nNOOP\r\n");
+    assert!(!hop.holding() && hop.wants_server_input());
+    let now = t0 + Duration::from_secs(2);
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        (&mut cin, &mut sin),
+        b"",
+        b"+OK 1 3\r\n+OK\r\n",
+        &mut out,
+    );
+    assert_eq!(text(&out.client), "+OK 1 3\r\n+OK\r\n");
+    // Read during a hold, but bounded as ever: no more than `max_pipeline` commands wait.
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(
+        HopConfig {
+            max_pipeline: 2,
+            ..config()
+        },
+        rule,
+        t0,
+    );
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"STAT\r\nNOOP\r\nNOOP\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(hop.holding());
+    assert!(!hop.wants_client_input());
+    assert_eq!(text(&cin), "NOOP\r\n");
+}
+
+#[test]
+fn a_deadline_is_reported_while_holding_and_session_deadlines_still_run() {
+    let t0 = Instant::now();
+    let failed_login = |penalty: u64| {
+        let mut hop = Hop::new(config(), Policy::new(rules("")), t0, t0);
+        let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+        let mut rec = Rec {
+            penalty: Some(Duration::from_secs(penalty)),
+            ..Rec::default()
+        };
+        let mut out = Out::default();
+        let bufs = (&mut cin, &mut sin);
+        step(
+            &mut hop,
+            &mut rec,
+            t0,
+            bufs,
+            LOGIN,
+            b"+OK hi\r\n+OK\r\n",
+            &mut out,
+        );
+        let t40 = t0 + Duration::from_secs(40);
+        let bufs = (&mut cin, &mut sin);
+        step(
+            &mut hop,
+            &mut rec,
+            t40,
+            bufs,
+            b"",
+            b"-ERR [AUTH] no\r\n",
+            &mut out,
+        );
+        assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n");
+        (hop, rec, out)
+    };
+    // The hold ends first (login deadline at 60 s): its end is the deadline reported.
+    let (mut hop, mut rec, mut out) = failed_login(10);
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(50)));
+    let t50 = t0 + Duration::from_secs(50);
+    hop.on_timeout(t50);
+    drain(&mut hop, &mut rec, t50, &mut out);
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    assert_eq!(out.close, None);
+    // The login deadline comes first: it is reported, and when it passes the session ends
+    // at once; the held `-ERR` gives way to the timeout's.
+    let (mut hop, mut rec, mut out) = failed_login(30);
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    let t60 = t0 + Duration::from_secs(60);
+    hop.on_timeout(t60);
+    drain(&mut hop, &mut rec, t60, &mut out);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR disconnected: no login in time\r\n"
+    );
+    assert_eq!(out.close, Some((CloseReason::LoginTimeout, false)));
+    assert_eq!(hop.poll_timeout(), None);
+}
+
+#[test]
+fn shutdown_during_a_hold_closes_without_quit() {
+    // A tarpit holds a RETR and the QUIT pipelined after it: neither reaches the server.
+    let rule = "[[rule]]\nname = \"slow-retr\"\non = \"command\"\nverbs = [\"RETR\"]\naction = \"delay\"\ndelay = \"30s\"\n";
+    let t0 = Instant::now();
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"RETR 1\r\nQUIT\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(hop.holding());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    assert!(out.upstream.is_empty(), "{}", text(&out.upstream));
+    assert_eq!(text(&out.client), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+    assert_eq!(hop.poll_timeout(), None);
+    // A failed login held by the penalty, and a USER read during the hold: the client gets
+    // the shutdown's `-ERR` in their place, the USER never reaches the server.
+    let mut hop = hop_with(config(), "");
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut rec = Rec {
+        penalty: Some(Duration::from_secs(30)),
+        ..Rec::default()
+    };
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        LOGIN,
+        b"+OK hi\r\n+OK\r\n",
+        &mut out,
+    );
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"USER a\r\n",
+        b"-ERR [AUTH] no\r\n",
+        &mut out,
+    );
+    assert!(hop.holding());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
+    );
+    assert_eq!(text(&out.upstream), text(LOGIN));
+    assert_eq!(count(&out.upstream, b"QUIT"), 0);
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+}
+
+#[test]
+fn events_carry_the_bytes_relayed_at_every_chunk_size() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"STAT\r\nRETR 1\r\nLIST\r\nQUIT\r\n");
+    let server = after_login(&[
+        b"+OK 1 12\r\n",
+        b"+OK 12 octets\r\nline\r\n..dot\r\n.\r\n",
+        b"+OK\r\n1 12\r\n.\r\n",
+        b"+OK bye\r\n",
+    ]);
+    let out = same_at_every_chunk(
+        || hop_with(config(), ""),
+        &client,
+        &server,
+        End::UpstreamEof,
+    );
+    assert_eq!(text(&out.event_bytes), text(&out.client));
+    assert_eq!(out.close, Some((CloseReason::Quit, false)));
 }

@@ -33,6 +33,7 @@ mod rules;
 mod rules_check;
 mod scale_out;
 mod security;
+mod session_timers;
 mod tls;
 mod transparency;
 mod user_names;
