@@ -706,14 +706,16 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
          [[listener]]\nname = \"demo-tls\"\nbind = \"{tls_bind}\"\ntls = \"implicit\"\n\
          [upstream]\naddress = \"{}\"\n\
          [tls]\ncert = \"localhost.crt\"\nkey = \"localhost.key\"\n\
-         [limits]\nmax_sessions = 1000\n",
+         [limits]\nmax_sessions = 1000\n\
+         [control]\nsocket = \"control.sock\"\n",
         server.local_addr(),
     );
     let config_path = dir.join("popgate.toml");
     std::fs::write(&config_path, text)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
-    let proxy = popgate::Proxy::bind(config).await?;
+    let mut proxy = popgate::Proxy::bind(config).await?;
+    let control = proxy.start_control(None)?;
     let addrs = proxy.local_addrs();
     let (Some((_, plain)), Some((_, tls))) = (addrs.first(), addrs.get(1)) else {
         anyhow::bail!("demo listeners have no address");
@@ -757,6 +759,21 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
         "  curl pop3://{creds}@{}/3    # refused: require-tls, no login before STLS (curl exits 67)",
         hostport(plain)
     );
+    if let Some(socket) = control {
+        println!("watch, list and end sessions live (docs/control.md):");
+        println!(
+            "  popgate tap --user {} --socket {}     # follow {}'s sessions, redacted",
+            user.user,
+            socket.display(),
+            user.user
+        );
+        println!("  popgate sessions --socket {}", socket.display());
+        println!(
+            "  popgate kick --user {} --socket {}",
+            user.user,
+            socket.display()
+        );
+    }
     println!("press Ctrl-C to stop");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

@@ -253,7 +253,11 @@ impl Registry {
         proxy: Option<SocketAddr>,
     ) -> (SessionHandle, watch::Receiver<bool>) {
         let mut inner = lock(&self.inner);
-        let (stop, rx) = watch::channel(inner.closing);
+        let (stop, mut rx) = watch::channel(inner.closing);
+        if inner.closing {
+            // Registered after the drain closed the others: closed at its first look.
+            rx.mark_changed();
+        }
         let entry = Arc::new(Entry {
             id,
             listener,
@@ -525,5 +529,104 @@ impl SessionHandle {
 impl Drop for SessionHandle {
     fn drop(&mut self) {
         self.registry.remove(self.entry.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(r: &Arc<Registry>, id: u64, ip: &str) -> (SessionHandle, watch::Receiver<bool>) {
+        r.register(
+            id,
+            Arc::from("pop3"),
+            format!("{ip}:1000").parse().unwrap(),
+            None,
+        )
+    }
+
+    fn user(u: &str) -> Matcher {
+        Matcher {
+            user: Some(u.into()),
+            ..Matcher::default()
+        }
+    }
+
+    /// An entry lives exactly as long as its handle.
+    #[test]
+    fn dropping_the_handle_deregisters() {
+        let r = Arc::new(Registry::new());
+        let (a, _ra) = register(&r, 1, "192.0.2.1");
+        let (b, _rb) = register(&r, 2, "192.0.2.2");
+        assert_eq!(r.rows(&Matcher::default()).len(), 2);
+        drop(a);
+        let rows = r.rows(&Matcher::default());
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, 2);
+        drop(b);
+        assert!(r.rows(&Matcher::default()).is_empty());
+    }
+
+    /// A kick stops exactly the matching sessions and records who asked; the drain stops the
+    /// rest without a kicker, and a session registered after it starts stopped.
+    #[test]
+    fn kick_stops_the_matching_sessions_and_names_who_asked() {
+        let r = Arc::new(Registry::new());
+        let (mut a, ra) = register(&r, 1, "192.0.2.1");
+        let (mut b, rb) = register(&r, 2, "198.51.100.7");
+        a.sync(Some("bob"), State::Transaction, &[]);
+        b.sync(Some("alice"), State::Transaction, &[]);
+        assert!(r.kick(&user("carol"), "uid 0 pid 1").is_empty());
+        assert_eq!(r.kick(&user("bob"), "uid 0 pid 1"), [1]);
+        assert!(*ra.borrow() && !*rb.borrow());
+        assert_eq!(a.kicked_by().as_deref(), Some("uid 0 pid 1"));
+        assert_eq!(b.kicked_by(), None);
+        let net = Matcher {
+            client: Some(crate::cidr::Cidr::parse("198.51.100.0/24").unwrap()),
+            ..Matcher::default()
+        };
+        assert_eq!(r.rows(&net).len(), 1);
+        r.close_all();
+        assert!(*rb.borrow());
+        assert_eq!(b.kicked_by(), None);
+        let (_c, mut rc) = register(&r, 3, "192.0.2.3");
+        assert!(rc.has_changed().unwrap() && *rc.borrow_and_update());
+    }
+
+    /// A user tap attaches when the session names its user and gets the lines it missed; it
+    /// never attaches to another user's session; detaching leaves no tap behind.
+    #[test]
+    fn a_user_tap_attaches_when_the_user_is_known_and_replays_the_login() {
+        let r = Arc::new(Registry::new());
+        let (sub, mut rx) = Subscriber::new(user("alice"), false);
+        assert!(r.subscribe(&sub).is_empty());
+        let (alice, _ra) = register(&r, 1, "192.0.2.1");
+        let (bob, _rb) = register(&r, 2, "192.0.2.2");
+        let mut ta = super::super::tap::TapPoint::new(alice.entry());
+        ta.set_handle(alice);
+        let mut tb = super::super::tap::TapPoint::new(bob.entry());
+        tb.set_handle(bob);
+        for t in [&mut ta, &mut tb] {
+            assert!(t.active(), "a backlog is kept while a user tap waits");
+            t.line("S", || "+OK hello".into());
+        }
+        ta.line("C", || "USER alice".into());
+        tb.line("C", || "USER bob".into());
+        tb.handle_mut()
+            .unwrap()
+            .sync(Some("bob"), State::Authorization, &[]);
+        assert!(rx.try_recv().is_err(), "bob's session was shown");
+        ta.handle_mut()
+            .unwrap()
+            .sync(Some("alice"), State::Authorization, &[]);
+        ta.line("S", || "+OK send PASS".into());
+        let got: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok().map(|l| l.text)).collect();
+        assert_eq!(got, ["+OK hello", "USER alice", "+OK send PASS"]);
+        r.unsubscribe(&sub);
+        assert_eq!(r.taps(), 0);
+        ta.handle_mut()
+            .unwrap()
+            .sync(Some("alice"), State::Transaction, &[]);
+        assert!(!ta.active(), "a tap point stays active after the detach");
     }
 }

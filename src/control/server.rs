@@ -267,7 +267,9 @@ async fn connection(stream: UnixStream, host: Arc<Host>) {
             Command::Tap { .. } => "tap",
             Command::Reload => "reload",
         };
-        info!(uid, gid, pid, command = name, request = %String::from_utf8_lossy(&buf), "control command");
+        // The request as sent (JSON, no secrets), cut for the log.
+        let shown: String = String::from_utf8_lossy(&buf).chars().take(512).collect();
+        info!(uid, gid, pid, command = name, request = %shown, "control command");
         let answer = match command {
             Command::Sessions { filter } => match matcher(&filter) {
                 Ok(m) => Response {

@@ -160,14 +160,18 @@ impl TapPoint {
 
     /// A chunk of a multi-line body as relayed; `end` when it finishes the body.
     pub(crate) fn body(&mut self, chunk: &[u8], end: bool) {
-        let Some(entry) = self.entry.clone() else {
+        let Some(entry) = self.entry.as_ref() else {
             return;
         };
         if !entry.tapped() {
-            self.body_octets = 0;
-            self.partial.clear();
+            // The relay's per-chunk cost without a tap: this load and two compares.
+            if self.body_octets != 0 || !self.partial.is_empty() {
+                self.body_octets = 0;
+                self.partial.clear();
+            }
             return;
         }
+        let entry = entry.clone();
         self.body_octets += chunk.len() as u64;
         if entry.wants_bodies() {
             let mut rest = chunk;
@@ -201,5 +205,34 @@ impl TapPoint {
             self.partial.clear();
             self.continued = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: usize) -> TapLine {
+        TapLine::new(1, "S", format!("line {n}"))
+    }
+
+    /// A full queue drops without waiting, and the reader learns how many lines it missed as
+    /// soon as there is room again.
+    #[test]
+    fn a_full_queue_drops_and_says_how_many() {
+        let (sub, mut rx) = Subscriber::new(Matcher::default(), false);
+        for n in 0..QUEUE + 5 {
+            sub.deliver(&line(n));
+        }
+        let mut got = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            got.push(l.text);
+        }
+        assert_eq!(got.len(), QUEUE);
+        assert_eq!(got[QUEUE - 1], format!("line {}", QUEUE - 1));
+        sub.deliver(&line(9999));
+        assert_eq!(rx.try_recv().unwrap().text, "[tap: 5 lines dropped]");
+        assert_eq!(rx.try_recv().unwrap().text, "line 9999");
+        assert!(rx.try_recv().is_err());
     }
 }
