@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::policy::Policy;
-use super::{Action, Hop, HopConfig, Marks, Observe};
+use super::{Hop, HopConfig, Output, SessionEvent};
 use crate::config::UnknownCommands;
-use crate::pop3::command::{Command, Verb};
-use crate::pop3::tracker::{ResponseMeta, State};
+use crate::pop3::command::Verb;
 use crate::rules::RuleSet;
 use crate::types::CloseReason;
 
+/// What the driver would dispatch to the observer, kept for the assertions; failed logins
+/// answered with `penalty`.
 #[derive(Default)]
 struct Rec {
     statuses: Vec<(Option<Verb>, bool)>,
@@ -26,38 +27,35 @@ struct Rec {
     injected_answers: Vec<(Option<Verb>, String)>,
     injected_body: Vec<u8>,
     no_uidl: usize,
+    /// Every event, in order.
+    events: Vec<SessionEvent>,
 }
 
-impl Observe for Rec {
-    fn client_command(&mut self, _: &Command<'_>) {}
-    fn client_sasl(&mut self) {}
-    fn local_reply(&mut self, _: &[u8]) {}
-    fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State, _: &Marks) {
-        self.statuses.push((meta.verb, meta.multiline));
-        if let Some(l) = &meta.login {
-            self.logins
-                .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+impl Rec {
+    /// Drain the hop's events (as the driver does after every call), at `now`.
+    fn take(&mut self, hop: &mut Hop, now: Instant) {
+        while let Some(ev) = hop.poll_event() {
+            match &ev {
+                SessionEvent::Status { meta, .. } => {
+                    self.statuses.push((meta.verb, meta.multiline));
+                    if let Some(l) = &meta.login {
+                        self.logins
+                            .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+                    }
+                }
+                SessionEvent::LoginFailed(_) => hop.penalty(now, self.penalty),
+                SessionEvent::Injected(line) => self.injected.push(text(line)),
+                SessionEvent::InjectedStatus { meta, line } => {
+                    self.injected_answers.push((meta.verb, text(line)));
+                }
+                SessionEvent::InjectedBody { chunk, .. } => {
+                    self.injected_body.extend_from_slice(chunk);
+                }
+                SessionEvent::NoUidl => self.no_uidl += 1,
+                _ => {}
+            }
+            self.events.push(ev);
         }
-    }
-    fn body(&mut self, _: &[u8], _: bool, _: Option<&str>) {}
-    fn denied(&mut self, _: &str, _: Verb, _: Option<&str>, _: &[Arc<str>]) {}
-    fn tags(&mut self, _: &[Arc<str>]) {}
-    fn login_failed(&mut self, _: IpAddr) -> Option<Duration> {
-        self.penalty
-    }
-    fn injected(&mut self, cmd: &Command<'_>) {
-        self.injected
-            .push(String::from_utf8_lossy(cmd.raw).into_owned());
-    }
-    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
-        self.injected_answers
-            .push((meta.verb, String::from_utf8_lossy(line).into_owned()));
-    }
-    fn injected_body(&mut self, chunk: &[u8], _: bool) {
-        self.injected_body.extend_from_slice(chunk);
-    }
-    fn no_uidl(&mut self) {
-        self.no_uidl += 1;
     }
 }
 
@@ -90,7 +88,7 @@ struct Out {
     client: Vec<u8>,
     /// Everything written upstream.
     upstream: Vec<u8>,
-    /// Sleeps, each with how many upstream and client bytes were written before it.
+    /// Holds, each with how many upstream bytes were written before it.
     sleeps: Vec<(Duration, usize)>,
     /// Client TLS handshakes started, with the client bytes written before.
     tls_at: Vec<usize>,
@@ -139,21 +137,29 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let (mut c, mut s) = (0, 0);
     let mut client = client.to_vec();
-    let now = Instant::now();
+    let mut now = Instant::now();
     let mut ended = false;
     for _ in 0..100_000 {
-        while let Some(a) = hop.poll_action() {
+        rec.take(hop, now);
+        while let Some(a) = hop.poll_output() {
             match a {
-                Action::ToClient(b) => out.client.extend_from_slice(&b),
-                Action::ToUpstream(b) => out.upstream.extend_from_slice(&b),
-                Action::Sleep(d) => out.sleeps.push((d, out.upstream.len())),
-                Action::StartClientTls => {
+                Output::ToClient(b) => out.client.extend_from_slice(&b),
+                Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+                Output::StartClientTls => {
                     out.tls_at.push(out.client.len());
                     client.truncate(c);
                     hop.client_tls_started(&mut cin);
                 }
-                Action::Close(reason) => out.close = Some((reason, hop.mid_response())),
+                Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
             }
+        }
+        if out.close.is_none() && hop.holding() {
+            // As a driver that has nothing else to do: the hold's deadline comes.
+            let at = hop.poll_timeout().expect("a hold has a deadline");
+            out.sleeps.push((at - now, out.upstream.len()));
+            now = at;
+            hop.on_timeout(now);
+            continue;
         }
         if out.close.is_some() {
             return out.with(rec);
@@ -165,12 +171,12 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
             let n = chunk.min(client.len() - c);
             cin.extend_from_slice(&client[c..c + n]);
             c += n;
-            hop.on_client_input(now, &mut cin, &mut rec);
+            hop.on_client_input(now, &mut cin);
         } else if s < available {
             let n = chunk.min(available - s);
             sin.extend_from_slice(&server_bytes[s..s + n]);
             s += n;
-            hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+            hop.on_server_input(now, &mut sin, &mut cin);
         } else if ended {
             return out.with(rec);
         } else {
@@ -325,22 +331,21 @@ fn pipeline_limit_holds_commands_until_replies_come() {
         )
     };
     let mut hop = make();
-    let mut rec = Rec::default();
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let mut up = Vec::new();
     let drain = |hop: &mut Hop, up: &mut Vec<u8>| {
-        while let Some(a) = hop.poll_action() {
-            if let Action::ToUpstream(b) = a {
+        while let Some(a) = hop.poll_output() {
+            if let Output::ToUpstream(b) = a {
                 up.extend_from_slice(&b);
             }
         }
     };
     let mut step = |hop: &mut Hop, client: &[u8], server: &[u8], up: &mut Vec<u8>| {
         cin.extend_from_slice(client);
-        hop.on_client_input(now, &mut cin, &mut rec);
+        hop.on_client_input(now, &mut cin);
         sin.extend_from_slice(server);
-        hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+        hop.on_server_input(now, &mut sin, &mut cin);
         drain(hop, up);
     };
     step(&mut hop, b"USER a\r\n", b"+OK hi\r\n+OK\r\n", &mut up);
@@ -410,29 +415,46 @@ fn a_rule_delay_comes_after_what_was_decided_before() {
     // A failed login is held by the penalty the observer asks for, after its status line
     // has been decided and before it is relayed.
     let mut hop = hop_with(config(), "");
-    let mut rec = Rec {
+    let rec = Rec {
         penalty: Some(Duration::from_millis(1500)),
         ..Rec::default()
     };
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::from(LOGIN), BytesMut::new());
-    hop.on_client_input(now, &mut cin, &mut rec);
+    hop.on_client_input(now, &mut cin);
     // The PASS goes out once USER is answered; its answer comes after that.
     sin.extend_from_slice(b"+OK hi\r\n+OK\r\n");
-    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    hop.on_server_input(now, &mut sin, &mut cin);
     sin.extend_from_slice(b"-ERR [AUTH] no\r\n");
-    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    hop.on_server_input(now, &mut sin, &mut cin);
     let mut client_out = Vec::new();
-    let mut slept_at = None;
-    while let Some(a) = hop.poll_action() {
-        match a {
-            Action::ToClient(b) => client_out.extend_from_slice(&b),
-            Action::Sleep(d) => slept_at = Some((d, client_out.len())),
-            _ => {}
+    let drain = |hop: &mut Hop, client_out: &mut Vec<u8>| {
+        while let Some(a) = hop.poll_output() {
+            if let Output::ToClient(b) = a {
+                client_out.extend_from_slice(&b);
+            }
         }
-    }
+    };
+    // Until the driver answers the failed login, its `-ERR` is held, with no deadline.
+    drain(&mut hop, &mut client_out);
+    assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n");
+    assert!(hop.holding());
+    assert!(hop.poll_timeout() > Some(now + Duration::from_secs(30)));
+    let asked = std::iter::from_fn(|| hop.poll_event())
+        .filter(|e| matches!(e, SessionEvent::LoginFailed(_)))
+        .count();
+    assert_eq!(asked, 1);
+    hop.penalty(now, rec.penalty);
+    drain(&mut hop, &mut client_out);
+    assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n");
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_millis(1500)));
+    hop.on_timeout(now + Duration::from_millis(1499));
+    drain(&mut hop, &mut client_out);
+    assert_eq!(client_out.len(), 13);
+    hop.on_timeout(now + Duration::from_millis(1500));
+    drain(&mut hop, &mut client_out);
     assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
-    assert_eq!(slept_at, Some((Duration::from_millis(1500), 13)));
+    assert!(!hop.holding());
 }
 
 #[test]
@@ -459,10 +481,10 @@ fn quit_is_never_generated() {
     assert_eq!(count(&out.upstream, b"QUIT"), 0);
     for mut hop in [timeouts, shutdown] {
         let mut closed = false;
-        while let Some(a) = hop.poll_action() {
+        while let Some(a) = hop.poll_output() {
             match a {
-                Action::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
-                Action::Close(_) => closed = true,
+                Output::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
+                Output::Close(_) => closed = true,
                 _ => {}
             }
         }
@@ -509,31 +531,31 @@ fn a_cut_body_never_gets_its_terminator() {
 fn timeouts_answer_and_close() {
     let now = Instant::now();
     let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
-    assert_eq!(hop.deadline(), now + Duration::from_secs(30));
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_secs(30)));
     hop.on_timeout(now + Duration::from_secs(29));
-    assert_eq!(hop.poll_action(), None);
+    assert_eq!(hop.poll_output(), None);
     hop.on_timeout(now + Duration::from_secs(31));
     assert!(
-        matches!(hop.poll_action(), Some(Action::ToClient(b)) if b.starts_with(b"-ERR [SYS/TEMP]"))
+        matches!(hop.poll_output(), Some(Output::ToClient(b)) if b.starts_with(b"-ERR [SYS/TEMP]"))
     );
     assert_eq!(
-        hop.poll_action(),
-        Some(Action::Close(CloseReason::GreetingTimeout))
+        hop.poll_output(),
+        Some(Output::Close(CloseReason::GreetingTimeout))
     );
+    assert_eq!(hop.poll_timeout(), None);
     assert!(!hop.mid_response());
     // Greeted, not logged in: the login deadline, which bytes do not move.
     let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
     let mut cin = BytesMut::from(&b"USER a\r\n"[..]);
     let mut sin = BytesMut::from(&b"+OK hi\r\n+OK\r\n"[..]);
-    let mut rec = Rec::default();
-    hop.on_client_input(now + Duration::from_secs(50), &mut cin, &mut rec);
-    hop.on_server_input(now + Duration::from_secs(55), &mut sin, &mut cin, &mut rec);
-    assert_eq!(hop.deadline(), now + Duration::from_secs(60));
+    hop.on_client_input(now + Duration::from_secs(50), &mut cin);
+    hop.on_server_input(now + Duration::from_secs(55), &mut sin, &mut cin);
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_secs(60)));
     hop.on_timeout(now + Duration::from_secs(61));
-    let actions: Vec<Action> = std::iter::from_fn(|| hop.poll_action()).collect();
+    let outputs: Vec<Output> = std::iter::from_fn(|| hop.poll_output()).collect();
     assert_eq!(
-        actions.last(),
-        Some(&Action::Close(CloseReason::LoginTimeout))
+        outputs.last(),
+        Some(&Output::Close(CloseReason::LoginTimeout))
     );
     assert!(!hop.mid_response());
 }

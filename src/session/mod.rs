@@ -21,14 +21,29 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
 use crate::net::tls::{Stream, TlsSetup};
-use crate::pop3::command::{Command, Verb};
-use crate::pop3::tracker::{ResponseMeta, State};
 use crate::proxy::policy::{Policy, Terminal};
-use crate::proxy::{Action, Hop, HopConfig, Observe};
+use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
+
+/// The reply to a client whose session a shutdown ends before it started.
+const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] proxy shutting down\r\n";
+
+/// Wait `d`; `false` if a shutdown came first.
+async fn sleep_unless_shutdown(
+    d: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    if *shutdown.borrow_and_update() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.changed() => false,
+    }
+}
 
 /// The reply when no upstream can be reached.
 const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
@@ -120,7 +135,7 @@ pub(crate) fn run(
     shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let setup = Box::pin(open(client, info, shared, started));
+    let setup = Box::pin(open(client, info, shared, started, shutdown.clone()));
     async move {
         let mut driver = match setup.await {
             Ok(d) => d,
@@ -137,6 +152,7 @@ async fn open(
     info: SessionInfo,
     shared: Arc<Shared>,
     started: Instant,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
     let config = shared.config.clone();
@@ -157,8 +173,14 @@ async fn open(
         destination: info.original_dst.map(|d| d.ip()),
         ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
     });
-    if let Some(d) = connect.delay {
-        tokio::time::sleep(d).await;
+    // A connect rule's tarpit never outlasts a shutdown.
+    if let Some(d) = connect.delay
+        && !sleep_unless_shutdown(d, shutdown).await
+    {
+        info!("shutdown during a connect rule's delay");
+        let _ = client.write_all(SHUTTING_DOWN).await;
+        let _ = client.shutdown().await;
+        return Err(CloseReason::Shutdown);
     }
     let refused = match policy.terminal(&connect) {
         Terminal::Pass => None,
@@ -329,7 +351,7 @@ async fn open(
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
     };
     let listener_name = info.listener.clone();
-    let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
+    let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
         hop,
         client,
@@ -499,7 +521,14 @@ fn record_rules(shared: &Shared, tally: crate::proxy::policy::RuleTally) {
     }
 }
 
-/// The observer plus the shared login penalty and metrics: what the hop reports to and asks of.
+/// The session's clock, as the hop sees it: tokio's (paused in tests), converted here, at this
+/// one boundary.
+fn clock() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Where the hop's events go: the audit observer (audit trail, transcript, and what it feeds),
+/// the metrics, and the shared login penalty the hop asks the driver for.
 struct SessionObserver {
     observer: Observer,
     shared: Arc<Shared>,
@@ -507,56 +536,62 @@ struct SessionObserver {
     listener: Arc<str>,
 }
 
-impl Observe for SessionObserver {
-    fn client_command(&mut self, cmd: &Command<'_>) {
-        self.observer.client_command(cmd);
-    }
-    fn client_sasl(&mut self) {
-        self.observer.client_sasl();
-    }
-    fn local_reply(&mut self, reply: &[u8]) {
-        self.observer.local_reply(reply);
-    }
-    fn status(
-        &mut self,
-        meta: &ResponseMeta,
-        line: &[u8],
-        user: Option<&str>,
-        state: State,
-        marks: &crate::proxy::Marks,
-    ) {
-        if let Some(login) = &meta.login {
-            // A login a rule dropped is no success, whatever the server said.
-            let success = login.success && marks.dropped_by.is_none();
-            self.shared
-                .metrics
-                .login(&self.listener, &login.method.label(), success);
+impl SessionObserver {
+    /// Hand one event to the observer and the metrics. `LoginFailed` is answered by the
+    /// driver, see [`SessionObserver::penalty`].
+    fn dispatch(&mut self, ev: SessionEvent) {
+        let obs = &mut self.observer;
+        match ev {
+            SessionEvent::ClientCommand(line) => {
+                if let Some(cmd) = SessionEvent::command(&line) {
+                    obs.client_command(&cmd);
+                }
+            }
+            SessionEvent::ClientSasl => obs.client_sasl(),
+            SessionEvent::LocalReply(reply) => obs.local_reply(&reply),
+            SessionEvent::Status {
+                meta,
+                line,
+                user,
+                state,
+                marks,
+            } => {
+                if let Some(login) = &meta.login {
+                    // A login a rule dropped is no success, whatever the server said.
+                    let success = login.success && marks.dropped_by.is_none();
+                    self.shared
+                        .metrics
+                        .login(&self.listener, &login.method.label(), success);
+                }
+                obs.status(&meta, &line, user.as_deref(), state, &marks);
+            }
+            SessionEvent::Body { chunk, end, user } => obs.body(&chunk, end, user.as_deref()),
+            SessionEvent::Denied {
+                rule,
+                verb,
+                user,
+                tags,
+            } => obs.denied(&rule, verb, user.as_deref(), &tags),
+            SessionEvent::Tags(tags) => obs.set_tags(&tags),
+            SessionEvent::Injected(line) => {
+                if let Some(cmd) = SessionEvent::command(&line) {
+                    obs.injected(&cmd);
+                }
+            }
+            SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
+            SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
+            SessionEvent::NoUidl => obs.no_uidl(),
+            SessionEvent::LoginFailed(ip) => {
+                // Not reached (the driver answers it); looked up all the same.
+                self.penalty(ip, clock());
+            }
         }
-        self.observer.status(meta, line, user, state, marks);
     }
-    fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>) {
-        self.observer.body(chunk, end, user);
-    }
-    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]) {
-        self.observer.denied(rule, verb, user, tags);
-    }
-    fn tags(&mut self, tags: &[Arc<str>]) {
-        self.observer.set_tags(tags);
-    }
-    fn injected(&mut self, cmd: &Command<'_>) {
-        self.observer.injected(cmd);
-    }
-    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
-        self.observer.injected_status(meta, line);
-    }
-    fn injected_body(&mut self, chunk: &[u8], end: bool) {
-        self.observer.injected_body(chunk, end);
-    }
-    fn no_uidl(&mut self) {
-        self.observer.no_uidl();
-    }
-    fn login_failed(&mut self, ip: IpAddr) -> Option<std::time::Duration> {
-        let delay = self.shared.limiter.login_failed(ip);
+
+    /// A login from `ip` failed: how long to hold its `-ERR` (the per-IP penalty), if at all.
+    /// A lookup that may become async (a shared store) without the hop changing.
+    fn penalty(&mut self, ip: IpAddr, now: std::time::Instant) -> Option<std::time::Duration> {
+        let delay = self.shared.limiter.login_failed(ip, now);
         if let Some(d) = delay {
             self.shared.metrics.login_penalty(d);
         }
@@ -593,6 +628,8 @@ struct Driver {
 }
 
 impl Driver {
+    /// The relay loop: dispatch the hop's events, carry out its outputs, then wait for the
+    /// client, the upstream, the hop's next deadline or a shutdown, whichever comes first.
     async fn drive(
         &mut self,
         mut shutdown: watch::Receiver<bool>,
@@ -604,14 +641,11 @@ impl Driver {
         }
         // The greeting may have been read already (upstream STLS).
         if !self.sin.is_empty() {
-            self.hop.on_server_input(
-                std::time::Instant::now(),
-                &mut self.sin,
-                &mut self.cin,
-                &mut self.observer,
-            );
+            self.hop
+                .on_server_input(clock(), &mut self.sin, &mut self.cin);
         }
         loop {
+            self.pump_events();
             if let Some(reason) = self.execute(&mut shutdown).await? {
                 return Ok(reason);
             }
@@ -627,10 +661,14 @@ impl Driver {
             } else {
                 read::release_if_empty(&mut self.sin);
             }
-            let wake = Instant::from_std(self.hop.deadline());
-            let connected = self.front.is_none();
+            let wake = self.hop.poll_timeout().map(Instant::from_std);
+            // Routing mode reads no upstream until the login is routed; while the hop holds
+            // replies (a tarpit, the login penalty) the server's bytes wait in the socket.
+            let want_server = self.front.is_none() && self.hop.wants_server_input();
             tokio::select! {
                 biased;
+                // A hold never outlasts a shutdown: the session ends within the grace period
+                // like any other.
                 _ = shutdown.changed() => self.hop.on_shutdown(),
                 r = async {
                     if in_body {
@@ -638,16 +676,12 @@ impl Driver {
                     } else {
                         read::read_lean(&mut self.upstream, &mut self.sin).await
                     }
-                }, if connected => match r {
+                }, if want_server => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
-                        self.hop.on_server_input(
-                        std::time::Instant::now(),
-                        &mut self.sin,
-                        &mut self.cin,
-                        &mut self.observer,
-                    )},
+                        self.hop.on_server_input(clock(), &mut self.sin, &mut self.cin);
+                    }
                     Err(e) => {
                         // A reset or TLS alert (e.g. a refused client certificate): the
                         // client gets a clear answer for what it is waiting on.
@@ -665,26 +699,42 @@ impl Driver {
                     } else {
                         self.traffic.from_client += n as u64;
                         self.live.from_client.inc_by(n as u64);
-                        self.hop.on_client_input(
-                            std::time::Instant::now(),
-                            &mut self.cin,
-                            &mut self.observer,
-                        );
+                        self.hop.on_client_input(clock(), &mut self.cin);
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => self.hop.on_timeout(std::time::Instant::now()),
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.hop.on_timeout(clock()),
             }
         }
     }
 
-    /// Carry out the hop's actions in order; `Some` when one of them ends the session.
+    /// Dispatch the hop's events in order; answer a failed login with its penalty.
+    fn pump_events(&mut self) {
+        while let Some(ev) = self.hop.poll_event() {
+            match ev {
+                SessionEvent::LoginFailed(ip) => {
+                    let now = clock();
+                    let penalty = self.observer.penalty(ip, now);
+                    self.hop.penalty(now, penalty);
+                }
+                ev => self.observer.dispatch(ev),
+            }
+        }
+    }
+
+    /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
+    /// session.
     async fn execute(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<CloseReason>, SessionError> {
-        while let Some(action) = self.hop.poll_action() {
-            match action {
-                Action::ToClient(bytes) => {
+        while let Some(output) = self.hop.poll_output() {
+            match output {
+                Output::ToClient(bytes) => {
                     // The flush matters under TLS: a write that filled the socket leaves
                     // records queued in rustls, and nothing else would send them (a stall
                     // at the end of a body). A no-op on plain TCP.
@@ -696,12 +746,12 @@ impl Driver {
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
-                Action::ToUpstream(bytes) if self.front.is_some() => {
+                Output::ToUpstream(bytes) if self.front.is_some() => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
                     Box::pin(self.feed_front(&bytes, shutdown)).await?
                 }
-                Action::ToUpstream(bytes) => {
+                Output::ToUpstream(bytes) => {
                     if std::mem::take(&mut self.redial_before_next_command) {
                         if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
                             debug!(
@@ -714,16 +764,7 @@ impl Driver {
                     }
                     self.send_upstream(&bytes).await?
                 }
-                Action::Sleep(d) => {
-                    self.sync_observer().await;
-                    // A tarpit or login penalty never outlasts a shutdown: the session ends
-                    // within the grace period like any other.
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = shutdown.changed() => self.hop.on_shutdown(),
-                    }
-                }
-                Action::StartClientTls => {
+                Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
                     self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
@@ -737,7 +778,7 @@ impl Driver {
                     }
                     self.redial_before_next_command = self.redial_wanted();
                 }
-                Action::Close(reason) => return Ok(Some(reason)),
+                Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
@@ -902,12 +943,10 @@ impl Driver {
             return;
         }
         self.sin.extend_from_slice(bytes);
-        self.hop.on_server_input(
-            std::time::Instant::now(),
-            &mut self.sin,
-            &mut self.cin,
-            &mut self.observer,
-        );
+        self.hop
+            .on_server_input(clock(), &mut self.sin, &mut self.cin);
+        // In the order they happened, before anything the routing does next is recorded.
+        self.pump_events();
     }
 
     /// Pick the upstream for `login` (route rule, map, default), connect and replay. On

@@ -265,11 +265,8 @@ const CORE_FORBIDDEN: &[(&str, &str)] = &[
 /// Violations of [`CORE_FORBIDDEN`] that are being removed, allowed here by name and
 /// reported on every run: (file, pattern, issue). An entry whose violation is gone fails the
 /// test, so the table only shrinks.
-const KNOWN_VIOLATIONS: &[(&str, &str, &str)] = &[(
-    "src/proxy/hop.rs",
-    "Sleep(",
-    "issue 20 item 2: delays become deadlines in the hop's poll_timeout (\"time\")",
-)];
+/// (Issue 20 item 2 removed the last one: `Sleep(` in `src/proxy/hop.rs`.)
+const KNOWN_VIOLATIONS: &[(&str, &str, &str)] = &[];
 
 /// Outside the core, modules that must stay pure too: the audit event model and the shared
 /// value types (clock reads allowed: an event may be stamped `now`).
@@ -385,29 +382,40 @@ fn the_core_reads_no_clock_and_has_no_threads_locks_files_or_audit() {
             }
         }
     }
+    let (known, problems) = judge(&found, KNOWN_VIOLATIONS);
+    for k in known {
+        eprintln!("known core violation: {k}");
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Sorts `found` core violations (file, pattern) by `known` (file, pattern, issue): the
+/// known ones to report, and the problems: new violations, and known ones no longer found.
+fn judge(found: &[(String, &str)], known: &[(&str, &str, &str)]) -> (Vec<String>, Vec<String>) {
+    let mut reported = Vec::new();
     let mut problems = Vec::new();
-    for (file, pattern) in &found {
-        match KNOWN_VIOLATIONS
-            .iter()
-            .find(|(f, p, _)| f == file && p == pattern)
-        {
-            Some((_, _, issue)) => eprintln!("known core violation: {file}: `{pattern}` ({issue})"),
+    for (file, pattern) in found {
+        match known.iter().find(|(f, p, _)| f == file && p == pattern) {
+            Some((_, _, issue)) => reported.push(format!("{file}: `{pattern}` ({issue})")),
             None => {
-                let why = CORE_FORBIDDEN.iter().find(|(p, _)| p == pattern).unwrap().1;
+                let why = CORE_FORBIDDEN
+                    .iter()
+                    .find(|(p, _)| p == pattern)
+                    .map_or("forbidden", |(_, why)| why);
                 problems.push(format!(
                     "{file}: the protocol core uses `{pattern}`: {why} (docs/ARCHITECTURE.md)"
                 ));
             }
         }
     }
-    for (file, pattern, issue) in KNOWN_VIOLATIONS {
+    for (file, pattern, issue) in known {
         if !found.iter().any(|(f, p)| f == file && p == pattern) {
             problems.push(format!(
                 "{file} no longer uses `{pattern}` ({issue}): remove it from KNOWN_VIOLATIONS"
             ));
         }
     }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    (reported, problems)
 }
 
 #[test]
@@ -581,6 +589,26 @@ fn the_core_checker_sees_violations() {
              pub(in crate::x) trait E {}\npub fn f() {}\npub use x::F;"
         ),
         vec!["A", "B", "C", "E"]
+    );
+    let known = [
+        ("src/proxy/hop.rs", "Sleep(", "issue 20"),
+        ("src/pop3/a.rs", "Mutex", "x"),
+    ];
+    let found = [
+        ("src/proxy/hop.rs".to_owned(), "Sleep("),
+        ("src/proxy/hop.rs".to_owned(), "Mutex"),
+    ];
+    let (reported, problems) = judge(&found, &known);
+    assert_eq!(reported, vec!["src/proxy/hop.rs: `Sleep(` (issue 20)"]);
+    assert_eq!(
+        problems.len(),
+        2,
+        "a new violation and a stale entry: {problems:?}"
+    );
+    assert!(problems[0].contains("uses `Mutex`: a lock"), "{problems:?}");
+    assert!(
+        problems[1].contains("src/pop3/a.rs no longer uses `Mutex`"),
+        "{problems:?}"
     );
     let doc = "# x\n## Module map\n| module | may use | why |\n|---|---|---|\n\
                | `pop3` | nothing | core |\n| `proxy` | `pop3`, `types` | core |\n\
