@@ -15,9 +15,9 @@ pub(crate) mod writer;
 
 pub use model::config::{AuditConfig, AuditOutput, AuditRotation, Overflow, TranscriptConfig};
 pub use model::event::{
-    AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent, LoginOutcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Update,
-    UpdateOutcome,
+    AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent,
+    LoginEventOutcome, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide,
+    Update, UpdateOutcome,
 };
 pub(crate) use model::headers::HeaderExtractor;
 pub use model::headers::HeaderSet;

@@ -272,8 +272,8 @@ impl Observer {
             l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
-                if l.outcome == crate::audit::LoginOutcome::Success {
-                    l.outcome = crate::audit::LoginOutcome::Dropped;
+                if l.outcome == crate::audit::LoginEventOutcome::Success {
+                    l.outcome = crate::audit::LoginEventOutcome::Dropped;
                 }
                 l.rule = Some(rule.to_string());
             }
