@@ -7,28 +7,7 @@
 //! `session::login` for the login) only dial, move bytes, run handshakes, fetch tokens and
 //! watch the clock.
 //!
-//! # Calling contract
-//!
-//! 1. Dial TCP, then [`Dialogue::new`] with the session's [`Plan`].
-//! 2. Call [`Dialogue::poll`] until it returns `None`, carrying out each [`Step`] in order:
-//!    - [`Step::Write`]: write and flush the bytes; on an error call [`Dialogue::write_failed`]
-//!      and poll on (the failure comes out);
-//!    - [`Step::StartTls`]: run the client TLS handshake on the connection, then
-//!      [`Dialogue::tls_done`] or [`Dialogue::tls_failed`];
-//!    - [`Step::FetchToken`]: get a fresh access token, then [`Dialogue::fresh_token`] (or give
-//!      up: the driver's own error);
-//!    - [`Step::Notice`]: log it;
-//!    - [`Step::Connected`]: the set-up is done (the connect timeout stops here; an address
-//!      that got this far counts as alive). Without a login in the plan the dialogue is over:
-//!      [`Dialogue::take_preread`] has the server bytes read so far, to be relayed first;
-//!    - [`Step::LoggedIn`] and [`Step::Failed`] end the dialogue.
-//! 3. When `poll` returns `None` and the dialogue is not over ([`Dialogue::finished`]), read
-//!    from the server: [`Dialogue::on_server_bytes`], [`Dialogue::on_server_eof`] or
-//!    [`Dialogue::read_failed`]; then poll again.
-//!
-//! Timeouts are the driver's: it ends the dialogue itself (a [`Reason`] of its own). No event
-//! after the end changes anything. Nothing the plan holds for the login is written before
-//! [`Step::Connected`], so with STLS no credential byte goes out before the handshake.
+//! The calling contract is on [`Dialogue`].
 
 mod bearer;
 mod lines;
@@ -320,8 +299,31 @@ enum State {
     Finished,
 }
 
-/// One upstream connection's dialogue, from the TCP connect to the relay. See the module
-/// documentation for the calling contract.
+/// One upstream connection's dialogue, from the TCP connect to the relay (or, with
+/// [`Dialogue::login_only`], a login on a connection whose greeting was read).
+///
+/// # Calling contract
+///
+/// 1. Dial TCP, then [`Dialogue::new`] with the session's [`Plan`].
+/// 2. Call [`Dialogue::poll`] until it returns `None`, carrying out each [`Step`] in order:
+///    - [`Step::Write`]: write and flush the bytes; on an error call [`Dialogue::write_failed`]
+///      and poll on (the failure comes out);
+///    - [`Step::StartTls`]: run the client TLS handshake on the connection, then
+///      [`Dialogue::tls_done`] or [`Dialogue::tls_failed`];
+///    - [`Step::FetchToken`]: get a fresh access token, then [`Dialogue::fresh_token`] (or give
+///      up: the driver's own error);
+///    - [`Step::Notice`]: log it;
+///    - [`Step::Connected`]: the set-up is done (the connect timeout stops here; an address
+///      that got this far counts as alive). Without a login in the plan the dialogue is over:
+///      [`Dialogue::take_preread`] has the server bytes read so far, to be relayed first;
+///    - [`Step::LoggedIn`] and [`Step::Failed`] end the dialogue.
+/// 3. When `poll` returns `None` and the dialogue is not over ([`Dialogue::finished`]), read
+///    from the server: [`Dialogue::on_server_bytes`], [`Dialogue::on_server_eof`] or
+///    [`Dialogue::read_failed`]; then poll again.
+///
+/// Timeouts are the driver's: it ends the dialogue itself (a [`Reason`] of its own). No event
+/// after the end changes anything. Nothing the plan holds for the login is written before
+/// [`Step::Connected`], so with STLS no credential byte goes out before the handshake.
 #[derive(Debug)]
 pub(crate) struct Dialogue {
     plan: Plan,

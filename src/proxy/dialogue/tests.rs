@@ -853,3 +853,95 @@ fn failure_texts_are_unchanged() {
     assert!(ConnectStage::Tcp.fails_over() && ConnectStage::Timeout.fails_over());
     assert!(!ConnectStage::Setup.fails_over() && !ConnectStage::Tls.fails_over());
 }
+
+// Arbitrary servers: the invariants the fuzz target checks on the whole session machine.
+
+/// Drive `plan` against `server` bytes fed in `chunks` whatever was written, TLS succeeding
+/// or not, then an end of file. Returns the writes (with [`TLS`] marks) and whether the
+/// dialogue ended.
+fn arbitrary(plan: &Plan, server: &[u8], chunks: &[usize], tls_ok: bool) -> (Vec<Vec<u8>>, bool) {
+    let mut d = Dialogue::new(plan.clone());
+    let mut wrote = Vec::new();
+    let mut rest = server;
+    let mut sizes = chunks.iter().cycle();
+    let mut ended = false;
+    for _ in 0..(server.len() + 16) {
+        while let Some(step) = d.poll() {
+            assert!(!ended, "a step after the end: {step:?}");
+            match step {
+                Step::Write(b) => wrote.push(b),
+                Step::StartTls if tls_ok => {
+                    wrote.push(TLS.to_vec());
+                    d.tls_done();
+                }
+                Step::StartTls => d.tls_failed(&"no"),
+                Step::FetchToken => d.fresh_token("fresh".into()),
+                Step::Connected if plan.login.is_none() => ended = true,
+                Step::LoggedIn { .. } | Step::Failed(_) => ended = true,
+                Step::Notice(_) | Step::Connected => {}
+            }
+        }
+        if d.finished() {
+            return (wrote, true);
+        }
+        if rest.is_empty() {
+            d.on_server_eof();
+        } else {
+            let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+            d.on_server_bytes(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    (wrote, d.finished())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever the server sends: no panic, an end once it closes, and under STLS nothing
+    /// but STLS before the handshake.
+    #[test]
+    fn arbitrary_servers_end_and_credentials_wait_for_tls(
+        server in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::Just(b"+OK hi\r\n".to_vec()),
+                proptest::prelude::Just(b"+OK [XCLIENT] hi\r\n".to_vec()),
+                proptest::prelude::Just(b"+ \r\n".to_vec()),
+                proptest::prelude::Just(b"-ERR no\r\n".to_vec()),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            ],
+            0..8,
+        ),
+        chunks in proptest::collection::vec(1usize..64, 1..8),
+        tls in 0u8..3,
+        login in 0u8..4,
+        xclient in proptest::prelude::any::<bool>(),
+        tls_ok in proptest::prelude::any::<bool>(),
+    ) {
+        let server = server.concat();
+        let tls = [TlsMode::None, TlsMode::Starttls, TlsMode::Implicit][usize::from(tls)];
+        let login = match login {
+            0 => None,
+            1 => Some(user_pass()),
+            2 => Some(replay_of(format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"u"), b64(b"s3cret")).as_bytes())),
+            _ => Some(bearer(Oauth2Mechanism::Xoauth2, "s3cret-token")),
+        };
+        let mut p = plan(tls, login);
+        p.max_line = 64;
+        if xclient {
+            p.xclient = Some(b"XCLIENT ADDR=192.0.2.1\r\n".to_vec());
+        }
+        let (wrote, ended) = arbitrary(&p, &server, &chunks, tls_ok);
+        proptest::prop_assert!(ended, "no end after the server closed");
+        if tls == TlsMode::Starttls {
+            let before: Vec<_> = wrote.iter().take_while(|w| *w != TLS).collect();
+            proptest::prop_assert!(before.iter().all(|w| *w == b"STLS\r\n"), "{before:?}");
+        }
+        if tls != TlsMode::None && !tls_ok {
+            proptest::prop_assert!(
+                wrote.iter().all(|w| !w.starts_with(b"USER") && !w.starts_with(b"AUTH")),
+                "a login without TLS: {wrote:?}"
+            );
+        }
+    }
+}
