@@ -113,6 +113,21 @@ pub const OAUTH2_REFUSED: &str =
 /// The upstream connection broke during the exchange.
 pub const OAUTH2_LOST_CONNECTION: &str = "-ERR [SYS/TEMP] Lost the connection to the server.";
 
+// A rule's `deny` (`action = "deny"`, with the rule's own `message` and `code` if set).
+
+/// The message of a connect rule's `deny` without one.
+pub const DENY_CONNECTION_MESSAGE: &str = "connection not allowed by policy";
+/// The message of a command rule's `deny` without one.
+pub const DENY_COMMAND_MESSAGE: &str = "command not allowed by policy";
+
+/// A rule's `deny` reply: `-ERR [code] message` (no CRLF).
+pub fn deny(code: Option<&str>, message: &str) -> String {
+    match code {
+        Some(code) => format!("-ERR [{code}] {message}"),
+        None => format!("-ERR {message}"),
+    }
+}
+
 /// A client line that does not parse as a command (`-ERR <why>`).
 pub fn invalid_command(why: &dyn std::fmt::Display) -> Vec<u8> {
     format!("-ERR {why}\r\n").into_bytes()
@@ -169,6 +184,12 @@ mod tests {
             let l = line(text);
             let s = StatusLine::parse(&l).unwrap();
             assert_eq!(s.status, Status::Err, "{text}");
+        }
+        for text in [
+            deny(None, DENY_COMMAND_MESSAGE),
+            deny(Some("SYS/PERM"), DENY_CONNECTION_MESSAGE),
+        ] {
+            assert_eq!(StatusLine::parse(&line(&text)).unwrap().status, Status::Err);
         }
     }
 }

@@ -17,6 +17,7 @@ use super::model::{Action, OneOrMany, RawRule, decode_file};
 use super::template::Template;
 use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
+use crate::pop3::replies;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::State;
 
@@ -812,14 +813,14 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
         Action::Deny => {
             let message = raw.message.unwrap_or_else(|| {
                 if on == EventKind::Connect {
-                    "connection not allowed by policy".into()
+                    replies::DENY_CONNECTION_MESSAGE.into()
                 } else {
-                    "command not allowed by policy".into()
+                    replies::DENY_COMMAND_MESSAGE.into()
                 }
             });
             printable("message", &message)?;
             let reply = match raw.code {
-                Some(code) if valid_code(&code) => format!("-ERR [{code}] {message}"),
+                Some(code) if valid_code(&code) => replies::deny(Some(&code), &message),
                 Some(code) => {
                     return Err(invalid(
                         "code",
@@ -828,7 +829,7 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
                         ),
                     ));
                 }
-                None => format!("-ERR {message}"),
+                None => replies::deny(None, &message),
             };
             let close_after = match (raw.close_after, on) {
                 (None, _) => None,
