@@ -237,7 +237,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Sessions {
-                    filter: protocol::Filter {
+                    filter: protocol::SessionSelector {
                         user: filter.user,
                         client: filter.client,
                         listener: filter.listener,
@@ -278,7 +278,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Kick {
-                    filter: protocol::Filter {
+                    filter: protocol::SessionSelector {
                         session,
                         user,
                         client: net,
@@ -308,7 +308,7 @@ fn run() -> Result<()> {
             let path = control_socket(&socket)?;
             let color = colour();
             let command = protocol::Command::Tap {
-                filter: protocol::Filter {
+                filter: protocol::SessionSelector {
                     session,
                     user,
                     client: net,

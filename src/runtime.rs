@@ -277,10 +277,7 @@ impl Runtime {
                         let total = Counters::bump(&shared.limiter.counters.intercept_refused);
                         tracing::warn!(listener = %a.listener, client = %a.client,
                             local = %a.local, refused_total = total, "connection refused: {e}");
-                        listener::refuse(
-                            a.tcp,
-                            b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
-                        );
+                        listener::refuse(a.tcp, crate::pop3::replies::NO_ORIGINAL_DESTINATION);
                         return None;
                     }
                 }

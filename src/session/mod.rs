@@ -28,9 +28,6 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// The reply to a client whose session a shutdown ends before it started.
-const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] proxy shutting down\r\n";
-
 /// Wait `d`; `false` if a shutdown came first.
 async fn sleep_unless_shutdown(
     d: std::time::Duration,
@@ -44,9 +41,6 @@ async fn sleep_unless_shutdown(
         _ = shutdown.changed() => false,
     }
 }
-
-/// The reply when no upstream can be reached.
-const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
@@ -209,7 +203,7 @@ async fn open(
         && !sleep_unless_shutdown(d, shutdown).await
     {
         info!("shutdown during a connect rule's delay");
-        let _ = client.write_all(SHUTTING_DOWN).await;
+        let _ = client.write_all(&crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN)).await;
         let _ = client.shutdown().await;
         return Err(CloseReason::Shutdown);
     }
@@ -306,19 +300,18 @@ async fn open(
                 shared.tls.upstreams.get(index).and_then(Option::as_ref),
             ),
         };
-        match crate::net::upstream::connect(
+        // With one address the session awaits the greeting itself
+        // (`limits.greeting_timeout`); with several it is part of the setup, so that an
+        // address that accepts but never greets is failed over.
+        let plan = crate::net::upstream::plan(
             upstream_cfg,
             upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
-            // With one address the session awaits the greeting itself
-            // (`limits.greeting_timeout`); with several it is part of the setup, so that an
-            // address that accepts but never greets is failed over.
             upstream_cfg.address.len() > 1,
-        )
-        .await
-        {
+            None,
+        );
+        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -348,8 +341,10 @@ async fn open(
                 shared.metrics.failed_over(upstream_cfg, |a| {
                     shared.dead.is_dead(a, std::time::Instant::now())
                 });
-                let sent = match client.write_all(UNAVAILABLE).await {
-                    Ok(()) => UNAVAILABLE.len() as u64,
+                let unavailable =
+                    crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
+                let sent = match client.write_all(&unavailable).await {
+                    Ok(()) => unavailable.len() as u64,
                     Err(_) => 0,
                 };
                 live.to_client.inc_by(sent);
@@ -877,16 +872,16 @@ impl Driver {
         // had (the server down meanwhile, or refusing a second connection from this client
         // while the first is open), the session goes on over the first, as without the
         // re-dial, rather than ending a client that did nothing wrong.
-        let up = match crate::net::upstream::connect(
+        let upstream_tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plan = crate::net::upstream::plan(
             cfg,
-            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
             true,
-        )
-        .await
-        {
+            None,
+        );
+        let up = match crate::net::upstream::connect(cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(up) => up,
             Err(e) => {
                 warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
@@ -1009,28 +1004,20 @@ impl Driver {
     ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        // Route rules and the map see the name as a folding server would (unless none folds):
-        // `ALICE` is routed where `alice` is.
-        let routed = config.routing_user_names().apply(&login.user);
-        let rule = self.hop.route(&routed);
-        let default = config.default_upstream().label();
-        let (name, why) = crate::routing::choose(
-            &routed,
-            rule.as_ref().map(|(r, u)| (&**r, &**u)),
+        let hop = &self.hop;
+        let crate::routing::Route { index, why, user } = crate::routing::route(
+            config,
+            &login.user,
+            |routed| hop.route(routed),
             shared.routes.as_deref(),
-            default,
         );
-        let index = config
-            .upstream_index(name)
-            .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
         // Rules and audit see the name the chosen server logs in; so does the OAuth2 bridge
         // (its credentials and tokens). The replay upstream is what the client sent.
         self.hop
             .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
-        let seen = upstream.user_names.apply(&login.user);
         let login = &crate::proxy::front::Login {
-            user: seen.into_owned(),
+            user,
             ..login.clone()
         };
         self.observer.observer.set_upstream(upstream.label());
@@ -1088,37 +1075,35 @@ impl Driver {
                 }
                 Ok(done)
             }
-            Err(login::LoginError::Refused(reply)) => {
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    why = %why,
-                    "routed login refused by the upstream"
-                );
-                Err(reply)
-            }
-            Err(login::LoginError::Bridge(e)) => {
-                // The bridge logged the details (never a token or password).
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    error = %e,
-                    "OAuth2 login failed"
-                );
-                Err(e.client_reply().to_vec())
-            }
-            Err(login::LoginError::Unavailable(e)) => {
-                warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(
-                    upstream.label(),
-                    &e.address,
-                    e.stage.as_str(),
-                    &e.reason,
-                );
-                shared.metrics.failed_over(upstream, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
-                Err(UNAVAILABLE.to_vec())
+            Err(e) => {
+                match &e {
+                    login::LoginError::Refused(_) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        why = %why,
+                        "routed login refused by the upstream"
+                    ),
+                    // The bridge logged the details (never a token or password).
+                    login::LoginError::Bridge(b) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        error = %b,
+                        "OAuth2 login failed"
+                    ),
+                    login::LoginError::Unavailable(u) => {
+                        warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
+                        shared.metrics.upstream_failed(
+                            upstream.label(),
+                            &u.address,
+                            u.stage.as_str(),
+                            &u.reason,
+                        );
+                        shared.metrics.failed_over(upstream, |a| {
+                            shared.dead.is_dead(a, std::time::Instant::now())
+                        });
+                    }
+                }
+                Err(e.client_reply())
             }
         }
     }

@@ -31,10 +31,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The log writer escapes peer text with the protocol core's `printable` (a pure function).
     ("daemon", &["config", "audit", "pop3"]),
     ("proxy", &["pop3", "rules", "types", "config"]),
-    ("net", &["config", "types", "limits", "pop3"]),
-    // The OAuth2 bridge: its config types; tokens, credentials and the upstream SASL exchange.
-    // `limits::WorkGate` bounds its Argon2 checks and the penalty is waited before them.
-    ("oauth2", &["config", "limits"]),
+    // The upstream connect drives the protocol core's dialogue (`proxy::dialogue`).
+    ("net", &["config", "types", "limits", "pop3", "proxy"]),
+    // The OAuth2 bridge: its config types; tokens and credentials (the upstream SASL exchange
+    // is the protocol core's). `limits::WorkGate` bounds its Argon2 checks and the penalty is
+    // waited before them. Its client replies are `pop3::replies`' texts.
+    ("oauth2", &["config", "limits", "pop3"]),
     // Metrics and health: counters the driver records into (the core only hands over plain
     // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
     ("metrics", &["config", "audit", "limits"]),
@@ -69,11 +71,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The PID file and `popgate reload`'s signal: nothing of popgate's.
     ("pidfile", &[]),
     // The crate root's run loop, split out of lib.rs: the snapshot sessions start with, the
-    // accept loops, reload and drain. Like the root it starts sessions.
+    // accept loops, reload and drain. Like the root it starts sessions. Its one refusal is a
+    // `pop3::replies` text.
     (
         "runtime",
         &[
-            "check", "config", "audit", "limits", "metrics", "net", "session", "control",
+            "check", "config", "audit", "limits", "metrics", "net", "session", "control", "pop3",
         ],
     ),
     // The crate root and the CLI are the edge: they may use everything.

@@ -28,6 +28,7 @@ mod proxy_protocol;
 mod redaction;
 mod relay;
 mod reload;
+mod replies;
 mod routing;
 mod rules;
 mod rules_check;
