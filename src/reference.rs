@@ -4,6 +4,8 @@
 //! The `popgate.toml(5)` man page is generated from [`KEYS`], `popgate check --print` names the
 //! keys it has no value for from it, and the tests below compare it with what `check --print`
 //! prints for a config that sets every key, so the reference cannot drift from the code.
+//! `docs/configuration.md` documents the same keys with the same defaults and reload behaviour
+//! (`tests/it/docs.rs` compares the two).
 
 /// What a reload (`SIGHUP`, `popgate reload`) does with a changed key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

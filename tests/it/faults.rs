@@ -9,7 +9,7 @@
 //! - for a cut multi-line response ([`assert_cut`]): the client never sees a terminator after the
 //!   status line, and its connection ends with a TCP reset.
 //!
-//! The README table "Faults and what the client sees" lists these tests row by row.
+//! The table "Faults and what the client sees" in docs/protocol.md lists these tests row by row.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;

@@ -12,6 +12,7 @@ mod audit_hygiene;
 mod audit_reader;
 mod cli;
 mod daemon;
+mod docs;
 mod dovecot;
 mod faults;
 mod fetchmail_tls;
