@@ -352,12 +352,12 @@ fn run() -> Result<()> {
             event,
             json,
         } => {
-            use popgate::audit::{Filter, format_json, format_table, read_audit};
-            let filter = Filter {
+            use popgate::audit::{AuditFilter, format_json, format_table, read_audit};
+            let filter = AuditFilter {
                 uidl,
                 message_id,
                 msg_user,
-                ..Filter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
+                ..AuditFilter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
             };
             let read = read_audit(&files, &filter)?;
             let out = if json {

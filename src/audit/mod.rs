@@ -22,8 +22,8 @@ pub use model::event::{
 pub(crate) use model::headers::HeaderExtractor;
 pub use model::headers::HeaderSet;
 pub use reader::{
-    AuditRead, AuditRecord, BadLine, Filter, ReaderError, format_json, format_table, read_audit,
-    read_events,
+    AuditFilter, AuditRead, AuditRecord, BadLine, ReaderError, format_json, format_table,
+    read_audit, read_events,
 };
 pub(crate) use writer::sink::AuditGuard;
 pub use writer::sink::{AuditSink, SinkError};

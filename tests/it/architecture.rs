@@ -214,7 +214,12 @@ fn modules_import_only_downwards() {
             problems.push(format!("module `{m}` is in the map but not in src/"));
         }
     }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{}\n(a dependency that belongs goes into ALLOWED here and into the module map of \
+         docs/ARCHITECTURE.md, with the reason)",
+        problems.join("\n")
+    );
 }
 
 #[test]
