@@ -43,6 +43,9 @@ pub enum StartError {
     /// The `[metrics]` endpoint could not bind.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::http::BindError),
+    /// The `[state]` store could not be set up.
+    #[error("state: {0}")]
+    State(#[from] crate::state::StoreError),
 }
 
 /// Everything a config names, loaded and checked; nothing started yet.
@@ -653,6 +656,13 @@ group = "popgate"
 [metrics]
 bind = "127.0.0.1:9110"
 health_window = "10s"
+[state]
+backend = "redis"
+url = "redis://127.0.0.1:6379/0"
+key_prefix = "mail:"
+timeout = "1s"
+on_unavailable = "closed"
+slot_ttl = "30s"
 [audit]
 enabled = true
 output = "file"
@@ -718,6 +728,7 @@ summary_lines = 3
             ("log", "[log]\nzzz = 1\n"),
             ("process", "[process]\nzzz = 1\n"),
             ("metrics", "[metrics]\nzzz = 1\n"),
+            ("state", "[state]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
         ];
@@ -731,6 +742,7 @@ summary_lines = 3
             "log",
             "process",
             "metrics",
+            "state",
             "audit",
             "upstream.oauth2",
             "tls.certificate",

@@ -108,6 +108,9 @@ pub struct Config {
     /// Prometheus metrics and the health endpoint (`[metrics]`); off when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Fleet state (`[state]`): local, or shared by the instances through Redis.
+    #[serde(default)]
+    pub state: crate::state::StateConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -647,6 +650,9 @@ impl Config {
             key: key.to_owned(),
             reason,
         };
+        self.state
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.listeners.is_empty() {
             return Err(invalid(
                 "listener",

@@ -23,6 +23,7 @@ pub mod routing;
 pub mod rules;
 mod runtime;
 mod session;
+pub mod state;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -106,8 +106,10 @@ fn snapshot(
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
     dead: Arc<DeadAddresses>,
+    state: Arc<crate::state::Store>,
 ) -> Shared {
     Shared {
+        state,
         headers: p.config.audit.header_set(),
         oauth2: Arc::new(p.oauth2),
         routes: p.routes.map(Arc::new),
@@ -135,6 +137,8 @@ impl Runtime {
             sink.clone(),
             limiter.clone(),
         ));
+        // `[state]` is read at start only: one store for the process's life, like the limiter.
+        let state = crate::state::Store::new(&p.config.state, limiter.clone(), metrics.clone())?;
         let files = p.files;
         let started = Arc::new(p.config.clone());
         Ok(Arc::new(Runtime {
@@ -145,6 +149,7 @@ impl Runtime {
                 limiter,
                 metrics.clone(),
                 Arc::new(DeadAddresses::new()),
+                state,
             ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
@@ -231,6 +236,21 @@ impl Runtime {
             if !proxied {
                 return None;
             }
+            // With `[state] backend = "redis"`: the address's slot across the fleet too.
+            let fleet_slot = match shared.state.acquire_session(a.client.ip()).await {
+                Ok(slot) => slot,
+                Err(()) => {
+                    let total = Counters::bump(&shared.limiter.counters.per_ip_refused);
+                    tracing::warn!(listener = %a.listener, client = %a.client,
+                        refused_total = total,
+                        "too many sessions from this address in the fleet: connection refused");
+                    listener::refuse(
+                        a.tcp,
+                        b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+                    );
+                    return None;
+                }
+            };
             // Transparent interception: the server the client meant (refused when unknown or
             // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
             let original_dst = if shared.config.default_upstream().original_destination() {
@@ -267,7 +287,7 @@ impl Runtime {
                 (None, None) => tracing::info!("session open"),
             });
             let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown);
-            Some((session, a.slots, span))
+            Some((session, (a.slots, fleet_slot), span))
         });
         self.tasks.spawn(async move {
             let Some((session, slots, span)) = prelude.await else {
@@ -286,6 +306,12 @@ impl Runtime {
         listeners: Vec<Listener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        tokio::spawn(
+            self.current()
+                .state
+                .clone()
+                .run_heartbeat(self.draining.subscribe()),
+        );
         {
             let mut running = self.listeners.lock().await;
             for l in listeners {
@@ -451,6 +477,7 @@ impl Runtime {
             old.limiter.clone(),
             self.metrics.clone(),
             old.dead.clone(),
+            old.state.clone(),
         ));
         if fresh.config.metrics.is_some() {
             self.metrics.watch_upstreams(&fresh.config.upstreams);

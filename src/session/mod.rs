@@ -60,6 +60,9 @@ pub struct Shared {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
     pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
+    /// Fleet state (`[state]`, `src/state/`): one for the process's life, carried into each
+    /// new snapshot like the limiter.
+    pub(crate) state: Arc<crate::state::Store>,
 }
 
 /// Who a session is for, known at accept.
@@ -556,7 +559,7 @@ impl Observe for SessionObserver {
         self.observer.no_uidl();
     }
     fn login_failed(&mut self, ip: IpAddr) -> Option<std::time::Duration> {
-        let delay = self.shared.limiter.login_failed(ip);
+        let delay = self.shared.state.login_failed_now(ip);
         if let Some(d) = delay {
             self.shared.metrics.login_penalty(d);
         }
