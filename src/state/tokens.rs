@@ -82,8 +82,9 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 impl Store {
+    /// The hash of `source` (its lines joined with `|`: keys stay one line in `redis-cli`).
     fn token_key(&self, source: &str) -> String {
-        self.key("oauth2", source)
+        self.key("oauth2", &source.replace('\n', "|"))
     }
 
     /// The fleet's token of `source` (token endpoint, client, scope and mailbox).

@@ -15,6 +15,7 @@ mod daemon;
 mod dovecot;
 mod faults;
 mod fetchmail_tls;
+mod fleet;
 mod harness_dovecot;
 mod interception;
 mod limits;
