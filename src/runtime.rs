@@ -239,15 +239,21 @@ impl Runtime {
             // With `[state] backend = "redis"`: the address's slot across the fleet too.
             let fleet_slot = match shared.state.acquire_session(a.client.ip()).await {
                 Ok(slot) => slot,
-                Err(()) => {
+                Err(why) => {
                     let total = Counters::bump(&shared.limiter.counters.per_ip_refused);
+                    let (line, reply): (&str, &[u8]) = match why {
+                        crate::state::Refused::Full => (
+                            "too many sessions from this address in the fleet",
+                            b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+                        ),
+                        crate::state::Refused::Unavailable => (
+                            "state store unreachable and on_unavailable = \"closed\"",
+                            b"-ERR [SYS/TEMP] service unavailable, try again later\r\n",
+                        ),
+                    };
                     tracing::warn!(listener = %a.listener, client = %a.client,
-                        refused_total = total,
-                        "too many sessions from this address in the fleet: connection refused");
-                    listener::refuse(
-                        a.tcp,
-                        b"-ERR [SYS/TEMP] too many connections from your address\r\n",
-                    );
+                        refused_total = total, "{line}: connection refused");
+                    listener::refuse(a.tcp, reply);
                     return None;
                 }
             };
@@ -531,12 +537,13 @@ impl Runtime {
 }
 
 /// Keys a reload cannot apply: the `[metrics]` endpoint (bound once, its settings read at
-/// start), `pid_file` (written once) and `[process]` (the privilege drop happens once). A
+/// start), `pid_file` (written once), `[process]` (the privilege drop happens once) and
+/// `[state]` (one store for the process's life). A
 /// reload reports them as `need a restart: …` while the file differs from the running
 /// process.
 fn needs_restart(key: &str) -> bool {
     let top = key.split(['.', '[']).next().unwrap_or(key);
-    matches!(top, "metrics" | "pid_file" | "process")
+    matches!(top, "metrics" | "pid_file" | "process" | "state")
 }
 
 /// Whether two values serialize alike (config types have no `PartialEq`; this also covers
@@ -644,6 +651,8 @@ mod tests {
             "pid_file",
             "process",
             "process.user",
+            "state",
+            "state.url",
         ] {
             assert!(needs_restart(k), "{k}");
         }

@@ -326,12 +326,11 @@ impl Store {
 
     /// A fleet-wide session slot for client `ip` under `limits.max_sessions_per_ip`, taken
     /// after the instance's own slot. `Ok(None)`: nothing to hold (`local`, no cap, or the
-    /// store unreachable with `on_unavailable = "open"`); `Err(())`: the address is at its cap
-    /// (or the store is unreachable with `closed`).
+    /// store unreachable with `on_unavailable = "open"`); `Err`: why the session is refused.
     pub(crate) async fn acquire_session(
         self: &Arc<Self>,
         ip: IpAddr,
-    ) -> Result<Option<FleetSlot>, ()> {
+    ) -> Result<Option<FleetSlot>, Refused> {
         let max = self.limiter.sessions.max();
         let (Some(remote), Some(mut conn)) = (&self.remote, self.conn()) else {
             return Ok(None);
@@ -355,11 +354,11 @@ impl Store {
             .await
         {
             Ok(1) => Ok(Some(slot)),
-            Ok(_) => Err(()),
+            Ok(_) => Err(Refused::Full),
             Err(_) => match self.cfg.on_unavailable {
                 // Kept: the heartbeat writes it once the store is back.
                 OnUnavailable::Open => Ok(Some(slot)),
-                OnUnavailable::Closed => Err(()),
+                OnUnavailable::Closed => Err(Refused::Unavailable),
             },
         }
     }
@@ -435,6 +434,15 @@ impl Store {
             }
         }
     }
+}
+
+/// Why [`Store::acquire_session`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The address has `max_sessions_per_ip` sessions in the fleet.
+    Full,
+    /// The store does not answer and `on_unavailable = "closed"`.
+    Unavailable,
 }
 
 /// A fleet-wide session slot; dropping it frees it in Redis (and stops its heartbeat).

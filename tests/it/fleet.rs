@@ -30,14 +30,21 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments (e.g. `--requirepass`).
+    fn start_with(args: &[&str]) -> Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         r.restart();
         r
@@ -53,6 +60,7 @@ impl Redis {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(self.dir.path().join("redis.log")).unwrap())
             .stderr(Stdio::null())
@@ -81,13 +89,13 @@ impl Redis {
         let Some(exe) = find_exe("redis-cli") else {
             return String::new();
         };
-        let out = Command::new(exe)
-            .args(["-h", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args(["-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string());
+        if let Some(i) = self.args.iter().position(|a| a == "--requirepass") {
+            cmd.env("REDISCLI_AUTH", &self.args[i + 1]);
+        }
+        let out = cmd.args(args).stderr(Stdio::null()).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -361,6 +369,98 @@ fn redis_stopped_mid_test_logins_go_on_health_degrades_and_the_fleet_converges()
     assert!(held.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
     assert!(held.cmd("QUIT").starts_with("+OK"));
     fetch("127.0.0.41", b.addr).unwrap();
+}
+
+#[test]
+#[ignore = "needs redis-server (run .ci/run)"]
+fn with_on_unavailable_closed_new_sessions_wait_for_the_store_and_open_ones_go_on() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let mut redis = Redis::start();
+    let port = free_port();
+    let a = instance(
+        up.local_addr(),
+        &format!(
+            "[limits]\nmax_sessions_per_ip = 5\n{}on_unavailable = \"closed\"\n\
+             [metrics]\nbind = \"127.0.0.1:{port}\"\n",
+            state_toml(&redis, "closed:")
+        ),
+    );
+    let health: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (g, mut held) = open("127.0.0.51", a.addr);
+    assert!(g.starts_with("+OK"), "{g}");
+    redis.stop();
+    let (g, _) = open("127.0.0.52", a.addr);
+    assert!(
+        g.starts_with("-ERR [SYS/TEMP]"),
+        "closed: refused while the store is down: {g}"
+    );
+    assert_eq!(http_get(health, "/health").0, 503);
+    // The session that was open goes on.
+    assert!(held.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(held.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    assert!(held.cmd("QUIT").starts_with("+OK"));
+    redis.restart();
+    wait_until("sessions accepted again", || {
+        open("127.0.0.52", a.addr).0.starts_with("+OK")
+    });
+}
+
+/// `popgate check` on a config with `state`: success, and its stdout and stderr.
+fn check(state: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("popgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n{state}"
+        ),
+    )
+    .unwrap();
+    let out = common::clients::run_bounded(
+        Command::new(common::proxy::popgate_bin())
+            .args(["check", "--config"])
+            .arg(&cfg),
+        None,
+        Duration::from_secs(20),
+    );
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+#[ignore = "needs redis-server (run .ci/run)"]
+fn check_verifies_the_store_and_fails_on_a_refusal_but_only_warns_when_it_is_down_and_open() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret-pw"]);
+    let url = |pw: &str| format!("redis://:{pw}@127.0.0.1:{}/0", redis.port);
+    let state =
+        |url: &str, extra: &str| format!("[state]\nbackend = \"redis\"\nurl = \"{url}\"\n{extra}");
+    let (ok, out) = check(&state(&url("s3cret-pw"), ""));
+    assert!(
+        ok && out.contains("answered a write, a read and a delete"),
+        "{out}"
+    );
+    // A wrong password is a configuration mistake: an error, without the password.
+    let (ok, out) = check(&state(&url("wrong-pw"), ""));
+    assert!(!ok, "a refused password must fail check: {out}");
+    assert!(
+        out.contains("state: redis") && !out.contains("wrong-pw"),
+        "{out}"
+    );
+    // Nobody listening: with `open` popgate runs on per-instance limits (a warning)...
+    let down = format!("redis://127.0.0.1:{}/0", free_port());
+    let (ok, out) = check(&state(&down, ""));
+    assert!(ok && out.contains("warning: state: redis"), "{out}");
+    // ... with `closed` it would refuse sessions: an error.
+    let (ok, out) = check(&state(&down, "on_unavailable = \"closed\"\n"));
+    assert!(!ok && out.contains("cannot be reached"), "{out}");
 }
 
 // ---------------------------------------------------------------------------------------------
