@@ -492,11 +492,28 @@ fn bridge_files(refresh: &str) -> tempfile::TempDir {
 /// A popgate instance behind HAProxy (PROXY v2 in) with the OAuth2 bridge to `dv`, its own
 /// copy of the bridge files in `files`, and `state`.
 fn bridge_instance(auth: &AuthServer, dv: &Dovecot, files: &Path, state: &str) -> PopgateProcess {
+    bridge_process(
+        auth,
+        dv,
+        files,
+        state,
+        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    )
+}
+
+/// [`bridge_instance`] with `listener` keys.
+fn bridge_process(
+    auth: &AuthServer,
+    dv: &Dovecot,
+    files: &Path,
+    state: &str,
+    listener: &str,
+) -> PopgateProcess {
     let f = |n: &str| -> PathBuf { files.join(n) };
     PopgateProcess::run(
         dv.addr(),
         PopgateOpts::new()
-            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+            .listener(listener)
             .tables(&format!(
                 "[upstream.oauth2]\ntoken_url = \"{}\"\nclient_id = \"{}\"\n\
                  client_secret_file = {:?}\ntokens_file = {:?}\ncredentials_file = {:?}\n\
@@ -592,4 +609,38 @@ fn without_the_store_two_instances_spend_each_others_refresh_tokens() {
     // copy is spent, and its logins fail from then on.
     assert!(invalid >= 1, "expected invalid_grant without the store");
     assert!(ok < 200, "expected failed logins without the store");
+}
+
+#[test]
+#[ignore = "needs redis-server, dovecot and python3-authlib (run .ci/run)"]
+fn a_cached_token_keeps_working_while_the_store_is_down_until_it_expires() {
+    let mut redis = Redis::start();
+    let auth = AuthServer::start(30);
+    let dv = Dovecot::start(DovecotOpts::oauth2(&auth.introspection_url()).user(
+        "alice",
+        "unused",
+        vec![msg_dots()],
+    ));
+    let files = bridge_files(&auth.mint("alice"));
+    let p = bridge_process(&auth, &dv, files.path(), &state_toml(&redis, "cached:"), "");
+    let login = || {
+        let mut c = RawPop::connect(p.addr);
+        c.cmd("USER alice");
+        let reply = c.cmd(&format!("PASS {LOCAL_PW}"));
+        let _ = c.cmd("QUIT");
+        reply
+    };
+    assert!(login().starts_with("+OK"));
+    assert_eq!(auth.counter("refresh_token"), 1);
+    redis.stop();
+    for _ in 0..3 {
+        let reply = login();
+        assert!(reply.starts_with("+OK"), "with the store down: {reply}");
+    }
+    assert_eq!(
+        auth.counter("refresh_token"),
+        1,
+        "no refresh without the store"
+    );
+    assert_eq!(auth.counter("invalid_grant"), 0);
 }
