@@ -139,6 +139,7 @@ impl Runtime {
         ));
         // `[state]` is read at start only: one store for the process's life, like the limiter.
         let state = crate::state::Store::new(&p.config.state, limiter.clone(), metrics.clone())?;
+        state.share_tokens();
         let files = p.files;
         let started = Arc::new(p.config.clone());
         Ok(Arc::new(Runtime {

@@ -183,8 +183,7 @@ fn connect(cfg: &StateConfig) -> Result<ConnectionManager, StoreError> {
 }
 
 impl Store {
-    /// The store of `cfg`, recording into `metrics`; with `redis`, also the one the OAuth2
-    /// token cache uses from now on. Needs a tokio runtime (the connection is opened lazily,
+    /// The store of `cfg`, recording into `metrics`. Needs a tokio runtime (the connection is opened lazily,
     /// on first use).
     pub(crate) fn new(
         cfg: &StateConfig,
@@ -221,12 +220,17 @@ impl Store {
         store
             .metrics
             .state_configured(store.is_remote().then_some(cfg.on_unavailable));
-        if store.is_remote() {
+        Ok(store)
+    }
+
+    /// Makes this the store of the process-wide OAuth2 token cache, when it is Redis (the
+    /// cache is process-wide, so is its link to the fleet).
+    pub(crate) fn share_tokens(self: &Arc<Self>) {
+        if self.is_remote() {
             *TOKEN_STORE
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(store.clone());
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(self.clone());
         }
-        Ok(store)
     }
 
     /// Whether state is shared through Redis.

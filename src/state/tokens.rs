@@ -168,3 +168,111 @@ impl Store {
             .await;
     }
 }
+
+/// Against a real `redis-server` (started here on a free loopback port; `#[ignore]`d like
+/// the other tests that need a peer: `cargo test -- --include-ignored` after `.ci/run`).
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::limits::Limiter;
+    use crate::metrics::Metrics;
+    use crate::state::StateConfig;
+
+    struct Server(std::process::Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn server() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        // Killed and reaped on drop, also when it never answers.
+        let server = Server(child, port);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn store(port: u16) -> Arc<Store> {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n\
+             [state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\n"
+        );
+        let config = Config::parse(&text, std::path::Path::new("t")).unwrap();
+        let limiter = Arc::new(Limiter::new(&config.limits));
+        let metrics = Arc::new(Metrics::new(
+            &config,
+            std::iter::empty(),
+            crate::audit::AuditSink::disabled(),
+            limiter.clone(),
+        ));
+        let cfg: &StateConfig = &config.state;
+        Store::new(cfg, limiter, metrics).unwrap()
+    }
+
+    fn token(access: &str, refresh: &str) -> SharedToken {
+        SharedToken {
+            access: access.into(),
+            expires_ms: unix_ms() + 60_000,
+            lifetime_ms: 60_000,
+            refresh: Some(refresh.into()),
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs redis-server (run .ci/run)"]
+    async fn one_lock_holder_at_a_time_and_a_stale_fence_cannot_overwrite_a_newer_write() {
+        let redis = server();
+        let (a, b) = (store(redis.1), store(redis.1));
+        let src = "https://idp/token\nclient\n\nRefreshToken\nalice";
+        let fa = a.token_lock(src).await.unwrap().expect("a gets the lock");
+        assert_eq!(b.token_lock(src).await.unwrap(), None, "b waits");
+        // a's lock is treated as expired: b takes the lock by force and writes first.
+        b.token_unlock(src, fa).await;
+        let fb = b.token_lock(src).await.unwrap().expect("b gets the lock");
+        assert!(fb > fa, "fences grow");
+        assert!(b.token_write(src, fb, &token("B", "R-b")).await.unwrap());
+        // a, late, with its older fence: refused, b's rotated token stays.
+        assert!(!a.token_write(src, fa, &token("A", "R-a")).await.unwrap());
+        let t = a.token_read(src).await.unwrap();
+        assert_eq!(
+            (t.access.as_str(), t.refresh.as_deref()),
+            ("B", Some("R-b"))
+        );
+        // Unlocking with a fence that no longer holds the lock leaves it.
+        a.token_unlock(src, fa).await;
+        assert_eq!(a.token_lock(src).await.unwrap(), None, "b still holds it");
+        b.token_unlock(src, fb).await;
+        assert!(a.token_lock(src).await.unwrap().is_some());
+    }
+}
