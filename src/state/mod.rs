@@ -11,7 +11,7 @@
 //!   their expiry (ms); the owning instance refreshes its members every `slot_ttl / 3`, so the
 //!   slots of an instance that died expire after `slot_ttl`;
 //! - `oauth2:<source>` (a hash: access token, expiry, refresh token, last fence) with its
-//!   `:lock` and `:fence` (see [`tokens`]).
+//!   `:lock` and `:fence` (see `src/state/tokens.rs`).
 //!
 //! When Redis cannot be reached within `timeout`: a warning (once per outage), the
 //! `popgate_state_errors` metric, `/health` degraded, and `on_unavailable` decides the
