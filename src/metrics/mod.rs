@@ -442,8 +442,13 @@ impl Metrics {
     pub(crate) fn state_op(&self, op: &'static str, took: Duration, ok: bool) {
         self.state_latency.observe(took.as_secs_f64());
         if !ok {
-            self.state_errors.get_or_create(&label("op", op)).inc();
+            self.state_error(op);
         }
+    }
+
+    /// A store operation `op` failed without a round trip (the store was down a moment ago).
+    pub(crate) fn state_error(&self, op: &'static str) {
+        self.state_errors.get_or_create(&label("op", op)).inc();
     }
 
     /// The store answers again (`up`) or stopped answering.

@@ -86,6 +86,9 @@ pub(crate) fn address_key(ip: IpAddr) -> String {
     }
 }
 
+/// After a failed operation, sessions do not ask the store again for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Adds one failure with a fresh expiry; returns the count.
 const FAIL_SCRIPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
@@ -136,6 +139,10 @@ pub(crate) struct Store {
     metrics: Arc<Metrics>,
     /// Whether the last store operation succeeded (always true with `local`).
     up: AtomicBool,
+    /// When the last operation failed (ms since `epoch`): for [`RETRY_AFTER`] after it,
+    /// sessions do not wait for the store again (the heartbeat still tries).
+    failed_at: AtomicU64,
+    epoch: Instant,
     /// Names this process's slot members: host, pid and start time.
     instance: String,
     /// This process's live fleet slots: id -> (key, member).
@@ -209,6 +216,8 @@ impl Store {
             limiter,
             metrics,
             up: AtomicBool::new(true),
+            failed_at: AtomicU64::new(0),
+            epoch: Instant::now(),
             instance: format!(
                 "{}/{}/{started}",
                 gethostname::gethostname().to_string_lossy(),
@@ -242,6 +251,16 @@ impl Store {
         format!("{}{kind}:{rest}", self.cfg.key_prefix)
     }
 
+    /// Whether the store failed within [`RETRY_AFTER`]: sessions then take the
+    /// `on_unavailable` path at once instead of each waiting for a dead store.
+    fn recently_down(&self) -> bool {
+        if self.up.load(Ordering::Relaxed) {
+            return false;
+        }
+        let at = Duration::from_millis(self.failed_at.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(at) < RETRY_AFTER
+    }
+
     /// Runs one store operation `op` (a metric label) within the timeout, recording its
     /// latency, its failure and the store's state.
     async fn timed<T>(
@@ -249,6 +268,10 @@ impl Store {
         op: &'static str,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        if op != "ping" && op != "heartbeat" && self.recently_down() {
+            self.metrics.state_error(op);
+            return Err(StoreError::Redis("unreachable a moment ago".into()));
+        }
         let started = Instant::now();
         let result = match tokio::time::timeout(self.cfg.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
@@ -263,6 +286,10 @@ impl Store {
     /// Records whether the store answered; logs the change.
     fn mark(&self, error: Option<&StoreError>) {
         let up = error.is_none();
+        if !up {
+            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.failed_at.store(ms, Ordering::Relaxed);
+        }
         if self.up.swap(up, Ordering::Relaxed) != up {
             self.metrics.state_up(up);
             match error {
@@ -358,11 +385,18 @@ impl Store {
             .await
         {
             Ok(1) => Ok(Some(slot)),
-            Ok(_) => Err(Refused::Full),
+            Ok(_) => {
+                // Not in Redis: nothing to free.
+                lock(&self.slots).remove(&id);
+                Err(Refused::Full)
+            }
             Err(_) => match self.cfg.on_unavailable {
                 // Kept: the heartbeat writes it once the store is back.
                 OnUnavailable::Open => Ok(Some(slot)),
-                OnUnavailable::Closed => Err(Refused::Unavailable),
+                OnUnavailable::Closed => {
+                    lock(&self.slots).remove(&id);
+                    Err(Refused::Unavailable)
+                }
             },
         }
     }
