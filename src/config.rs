@@ -1,5 +1,7 @@
 //! Configuration: TOML (serde, unknown keys rejected) → CLI overrides → [`Config::validate`].
 
+pub mod state;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -111,6 +113,9 @@ pub struct Config {
     /// The control socket (`[control]`: `popgate sessions`, `kick`, `tap`); off when absent.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Fleet state (`[state]`): local, or shared by the instances through Redis.
+    #[serde(default)]
+    pub state: state::StateConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -664,6 +669,9 @@ impl Config {
             key: key.to_owned(),
             reason,
         };
+        self.state
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.listeners.is_empty() {
             return Err(invalid(
                 "listener",

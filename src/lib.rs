@@ -24,6 +24,7 @@ pub mod routing;
 pub mod rules;
 mod runtime;
 mod session;
+pub mod state;
 pub mod types;
 
 use std::future::Future;

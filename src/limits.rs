@@ -198,6 +198,11 @@ impl IpSessions {
         })
     }
 
+    /// The cap per IP in force (0: none).
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
     /// Live sessions of `ip`.
     pub fn count(&self, ip: IpAddr) -> usize {
         lock(&self.live).get(&ip).copied().unwrap_or(0)
@@ -237,10 +242,13 @@ pub struct LoginThrottle {
 
 /// The penalty's settings, replaced on reload.
 #[derive(Debug, Clone, Copy)]
-struct ThrottleParams {
-    base: Duration,
-    max: Duration,
-    window: Duration,
+pub(crate) struct ThrottleParams {
+    /// `limits.login_fail_delay` (zero: no penalty).
+    pub(crate) base: Duration,
+    /// `limits.login_fail_delay_max`.
+    pub(crate) max: Duration,
+    /// `limits.login_fail_window`.
+    pub(crate) window: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -257,6 +265,11 @@ impl LoginThrottle {
             params: Mutex::new(ThrottleParams { base, max, window }),
             table: Mutex::new(LruCache::new(capacity)),
         }
+    }
+
+    /// The settings in force (the fleet store counts with them too).
+    pub(crate) fn params(&self) -> ThrottleParams {
+        *lock(&self.params)
     }
 
     /// Record a failed login from `ip` at `now`; the delay for its reply, if any.

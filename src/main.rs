@@ -71,8 +71,24 @@ fn run() -> Result<()> {
                         .context(format!("{}: loading referenced files", config.display())));
                 }
             };
-            for w in &checked.warnings {
+            let mut warnings = checked.warnings;
+            // `[state] backend = "redis"`: connect, authenticate, a round trip.
+            let state_line = match runtime.block_on(popgate::state::check(&checked.config.state)) {
+                popgate::state::StateCheck::Local => None,
+                popgate::state::StateCheck::Ok(line) => Some(line),
+                popgate::state::StateCheck::Unreachable(why) => {
+                    warnings.push(why);
+                    None
+                }
+                popgate::state::StateCheck::Failed(why) => {
+                    anyhow::bail!("{}: {why}", config.display())
+                }
+            };
+            for w in &warnings {
                 eprintln!("warning: {w}");
+            }
+            if let Some(line) = state_line {
+                eprintln!("{line}");
             }
             let c = checked.config;
             if print {
@@ -97,7 +113,7 @@ fn run() -> Result<()> {
                         })
                         .collect::<Vec<_>>()
                         .join(" "),
-                    match checked.warnings.len() {
+                    match warnings.len() {
                         0 => String::new(),
                         n => format!(", {n} warning(s)"),
                     }

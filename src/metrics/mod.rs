@@ -58,6 +58,13 @@ pub(crate) struct Metrics {
     upstreams: Arc<Mutex<Seen>>,
     /// The audit sink in force (shared with the scrape-time collector).
     audit: Arc<Mutex<AuditSink>>,
+    /// Fleet state store (`[state]`, `src/state/`): operation latency, failures by operation,
+    /// whether it answers.
+    state_latency: Histogram,
+    state_errors: Family<Labels, Counter>,
+    state_up: Gauge,
+    /// `Some(on_unavailable)` with `backend = "redis"`: `/health` then follows the store.
+    state_mode: Mutex<Option<crate::config::state::OnUnavailable>>,
 }
 
 /// What connects to each upstream address told, by (upstream label, address as configured):
@@ -281,7 +288,12 @@ impl Metrics {
                 .map_or(Duration::from_secs(30), |m| m.health_window),
             upstreams: Arc::default(),
             audit: Arc::new(Mutex::new(AuditSink::disabled())),
+            state_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            state_errors: Family::default(),
+            state_up: Gauge::default(),
+            state_mode: Mutex::new(None),
         };
+        m.state_up.set(1);
         for l in lock(&m.listeners).clone().iter() {
             let _ = m.sessions_active.get_or_create(&label("listener", l));
             let _ = m.sessions.get_or_create(&label("listener", l));
@@ -402,8 +414,65 @@ impl Metrics {
             "1 while the listener accepts clients",
             self.listener_up.clone(),
         );
+        r.register(
+            "popgate_state_operation_duration_seconds",
+            "Time fleet state store operations took (Redis round trips; none with backend = local)",
+            self.state_latency.clone(),
+        );
+        r.register(
+            "popgate_state_errors",
+            "Fleet state store operations that failed or timed out, by operation",
+            self.state_errors.clone(),
+        );
+        r.register(
+            "popgate_state_up",
+            "1 while the fleet state store answers (always 1 with backend = local)",
+            self.state_up.clone(),
+        );
         r.register_collector(Box::new(polled));
         self
+    }
+
+    /// The fleet state store in use: `Some(on_unavailable)` for Redis, `None` for local.
+    pub(crate) fn state_configured(&self, mode: Option<crate::config::state::OnUnavailable>) {
+        *lock(&self.state_mode) = mode;
+    }
+
+    /// A store operation `op` took `took` and succeeded (`ok`) or not.
+    pub(crate) fn state_op(&self, op: &'static str, took: Duration, ok: bool) {
+        self.state_latency.observe(took.as_secs_f64());
+        if !ok {
+            self.state_error(op);
+        }
+    }
+
+    /// A store operation `op` failed without a round trip (the store was down a moment ago).
+    pub(crate) fn state_error(&self, op: &'static str) {
+        self.state_errors.get_or_create(&label("op", op)).inc();
+    }
+
+    /// The store answers again (`up`) or stopped answering.
+    pub(crate) fn state_up(&self, up: bool) {
+        self.state_up.set(i64::from(up));
+    }
+
+    /// `/health` while the store does not answer: degraded (200 with `on_unavailable =
+    /// "open"`, as sessions still work; 503 with `closed`, as new ones may be refused).
+    fn state_health(&self) -> Option<Health> {
+        let mode = (*lock(&self.state_mode))?;
+        if self.state_up.get() == 1 {
+            return None;
+        }
+        Some(Health {
+            ok: mode == crate::config::state::OnUnavailable::Open,
+            reason: format!(
+                "degraded: the state store does not answer (on_unavailable = {})",
+                match mode {
+                    crate::config::state::OnUnavailable::Open => "open: per-instance limits",
+                    crate::config::state::OnUnavailable::Closed => "closed",
+                }
+            ),
+        })
     }
 
     /// A reload (SIGHUP) applied the config file (`ok`) or failed and changed nothing.
@@ -585,6 +654,15 @@ impl Metrics {
     /// the addresses configured now count: an address a reload put in place is probed, never
     /// vouched for by its predecessor's sessions.
     pub(crate) async fn health(&self, upstream: &UpstreamConfig) -> Health {
+        let h = self.health_of_proxy(upstream).await;
+        match self.state_health() {
+            Some(degraded) if h.ok => degraded,
+            _ => h,
+        }
+    }
+
+    /// `/health` without the state store (see [`Metrics::health`]).
+    async fn health_of_proxy(&self, upstream: &UpstreamConfig) -> Health {
         let listeners = lock(&self.listeners).clone();
         for l in &listeners {
             let up = self

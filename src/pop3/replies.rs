@@ -16,6 +16,8 @@ pub fn line(text: &str) -> Vec<u8> {
 pub const TOO_MANY_FROM_ADDRESS: &str = "-ERR [SYS/TEMP] too many connections from your address";
 /// `limits.max_sessions` reached.
 pub const TOO_MANY_CONNECTIONS: &str = "-ERR [SYS/TEMP] too many connections";
+/// `[state] on_unavailable = "closed"` while the fleet's store cannot be reached.
+pub const SERVICE_UNAVAILABLE: &str = "-ERR [SYS/TEMP] service unavailable, try again later";
 /// Interception: the connection's original destination cannot be read.
 pub const NO_ORIGINAL_DESTINATION: &str = "-ERR [SYS/TEMP] no original destination to connect to";
 
@@ -144,6 +146,7 @@ mod tests {
         for text in [
             TOO_MANY_FROM_ADDRESS,
             TOO_MANY_CONNECTIONS,
+            SERVICE_UNAVAILABLE,
             NO_ORIGINAL_DESTINATION,
             UPSTREAM_UNAVAILABLE,
             UPSTREAM_NO_ANSWER,

@@ -69,6 +69,9 @@ pub struct Shared {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
     pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
+    /// Fleet state (`[state]`, `src/state/`): one for the process's life, carried into each
+    /// new snapshot like the limiter.
+    pub(crate) state: Arc<crate::state::Store>,
 }
 
 /// Who a session is for, known at accept.
@@ -135,7 +138,14 @@ pub(crate) fn run(
     let started = Instant::now();
     let entry = handle.entry();
     let (audit, id) = (shared.audit.clone(), info.id);
-    let setup = Box::pin(open(client, info, shared, started, shutdown.clone(), handle));
+    let setup = Box::pin(open(
+        client,
+        info,
+        shared,
+        started,
+        shutdown.clone(),
+        handle,
+    ));
     async move {
         let mut driver = tokio::select! {
             biased;
@@ -203,7 +213,11 @@ async fn open(
         && !sleep_unless_shutdown(d, shutdown).await
     {
         info!("shutdown during a connect rule's delay");
-        let _ = client.write_all(&crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN)).await;
+        let _ = client
+            .write_all(&crate::pop3::replies::line(
+                crate::pop3::replies::SHUTTING_DOWN,
+            ))
+            .await;
         let _ = client.shutdown().await;
         return Err(CloseReason::Shutdown);
     }
@@ -628,17 +642,21 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
-            SessionEvent::LoginFailed(ip) => {
-                // Not reached (the driver answers it); looked up all the same.
-                self.penalty(ip, clock());
+            SessionEvent::LoginFailed(_) => {
+                // Not reached: the driver answers it (`Driver::pump_events`).
             }
         }
     }
 
     /// A login from `ip` failed: how long to hold its `-ERR` (the per-IP penalty), if at all.
-    /// A lookup that may become async (a shared store) without the hop changing.
-    fn penalty(&mut self, ip: IpAddr, now: std::time::Instant) -> Option<std::time::Duration> {
-        let delay = self.shared.limiter.login_failed(ip, now);
+    /// Counted by the store: this instance's limiter, or with `[state] backend = "redis"` the
+    /// whole fleet's count (bounded by `state.timeout`).
+    async fn penalty(
+        &mut self,
+        ip: IpAddr,
+        now: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        let delay = self.shared.state.login_failed(ip, now).await;
         if let Some(d) = delay {
             self.shared.metrics.login_penalty(d);
         }
@@ -692,7 +710,7 @@ impl Driver {
                 .on_server_input(clock(), &mut self.sin, &mut self.cin);
         }
         loop {
-            self.pump_events();
+            self.pump_events().await;
             if let Some(reason) = self.execute(&mut shutdown).await? {
                 return Ok(reason);
             }
@@ -760,12 +778,12 @@ impl Driver {
     }
 
     /// Dispatch the hop's events in order; answer a failed login with its penalty.
-    fn pump_events(&mut self) {
+    async fn pump_events(&mut self) {
         while let Some(ev) = self.hop.poll_event() {
             match ev {
                 SessionEvent::LoginFailed(ip) => {
                     let now = clock();
-                    let penalty = self.observer.penalty(ip, now);
+                    let penalty = self.observer.penalty(ip, now).await;
                     self.hop.penalty(now, penalty);
                 }
                 ev => self.observer.dispatch(ev),
@@ -924,7 +942,7 @@ impl Driver {
             let answers = front.take_output();
             let login = front.take_login();
             let quit = front.quit();
-            self.server_input(&answers);
+            self.server_input(&answers).await;
             let Some(login) = login else {
                 if quit {
                     // As a server closes after QUIT: the session ends, nothing was dialled.
@@ -957,7 +975,7 @@ impl Driver {
                     let mut reply = done.reply;
                     reply.extend_from_slice(&done.rest);
                     self.live.from_upstream.inc_by(reply.len() as u64);
-                    self.server_input(&reply);
+                    self.server_input(&reply).await;
                     return Ok(());
                 }
                 Err(reply) => {
@@ -985,7 +1003,7 @@ impl Driver {
     }
 
     /// Server bytes (from the front or the login) into the hop.
-    fn server_input(&mut self, bytes: &[u8]) {
+    async fn server_input(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
@@ -993,7 +1011,7 @@ impl Driver {
         self.hop
             .on_server_input(clock(), &mut self.sin, &mut self.cin);
         // In the order they happened, before anything the routing does next is recorded.
-        self.pump_events();
+        self.pump_events().await;
     }
 
     /// Pick the upstream for `login` (route rule, map, default), connect and replay. On

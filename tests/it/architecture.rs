@@ -36,18 +36,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The OAuth2 bridge: its config types; tokens and credentials (the upstream SASL exchange
     // is the protocol core's). `limits::WorkGate` bounds its Argon2 checks and the penalty is
     // waited before them. Its client replies are `pop3::replies`' texts.
-    ("oauth2", &["config", "limits", "pop3"]),
+    ("oauth2", &["config", "limits", "pop3", "state"]),
     // Metrics and health: counters the driver records into (the core only hands over plain
     // data), polled counts of the audit sink and the limits, and the HTTP endpoint.
     ("metrics", &["config", "audit", "limits"]),
     // Live control (`[control]`): the session registry, taps (with the transcript's
     // redaction), the control socket and its client.
     ("control", &["config", "audit", "pop3", "cidr"]),
+    // Fleet state (`[state]`): the store behind the login penalty, the per-address session
+    // slots and the OAuth2 tokens; counts into the limiter and the metrics.
+    ("state", &["config", "limits", "metrics", "audit"]),
     (
         "session",
         &[
             "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
-            "oauth2", "types", "control",
+            "oauth2", "types", "control", "state",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
@@ -63,6 +66,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "routing",
             "oauth2",
             "reference",
+            "state",
         ],
     ),
     // The configuration reference (every key, default, reload behaviour; popgate.toml(5)):
@@ -77,6 +81,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "runtime",
         &[
             "check", "config", "audit", "limits", "metrics", "net", "session", "control", "pop3",
+            "state",
         ],
     ),
     // The crate root and the CLI are the edge: they may use everything.

@@ -184,11 +184,6 @@ fn the_reference_checker_names_missing_unknown_and_wrong_keys() {
 // ---------------------------------------------------------------------------------------------
 // Links and anchors
 
-/// Pages written on other branches at the same time as this test (issue 20: "types" writes
-/// docs/ARCHITECTURE.md, issue 21: "control" writes docs/control.md). A link to one of them is
-/// accepted while the file does not exist yet; once it exists it is checked like any other.
-const PENDING: &[&str] = &["docs/ARCHITECTURE.md", "docs/control.md"];
-
 /// The Markdown pages whose links are checked, relative to the repository.
 fn pages() -> Vec<String> {
     let mut pages = vec!["README.md".to_owned(), "rules/README.md".to_owned()];
@@ -333,13 +328,10 @@ fn broken_links(base: &Path, page: &str) -> Vec<String> {
         };
         let file = base.join(&rel);
         if !file.exists() {
-            let pending = PENDING.iter().any(|p| Path::new(p) == rel);
-            if !pending {
-                problems.push(format!(
-                    "{page}: `{target}`: no such file {}",
-                    rel.display()
-                ));
-            }
+            problems.push(format!(
+                "{page}: `{target}`: no such file {}",
+                rel.display()
+            ));
             continue;
         }
         let Some(anchor) = anchor else { continue };

@@ -17,6 +17,7 @@ mod docs;
 mod dovecot;
 mod faults;
 mod fetchmail_tls;
+mod fleet;
 mod harness_dovecot;
 mod interception;
 mod limits;
