@@ -537,9 +537,9 @@ struct SessionObserver {
 }
 
 impl SessionObserver {
-    /// Hand one event to the observer and the metrics. `LoginFailed` is answered by the
-    /// driver, see [`SessionObserver::penalty`].
-    fn dispatch(&mut self, ev: SessionEvent) {
+    /// Hand one event to the observer and the metrics. `Some` for an event the hop waits to
+    /// have answered: a failed login, with its penalty (to hand to [`Hop::penalty`]).
+    fn dispatch(&mut self, ev: SessionEvent) -> Option<Option<std::time::Duration>> {
         let obs = &mut self.observer;
         match ev {
             SessionEvent::ClientCommand(line) => {
@@ -581,11 +581,9 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
-            SessionEvent::LoginFailed(ip) => {
-                // Not reached (the driver answers it); looked up all the same.
-                self.penalty(ip, clock());
-            }
+            SessionEvent::LoginFailed(ip) => return Some(self.penalty(ip, clock())),
         }
+        None
     }
 
     /// A login from `ip` failed: how long to hold its `-ERR` (the per-IP penalty), if at all.
@@ -715,13 +713,8 @@ impl Driver {
     /// Dispatch the hop's events in order; answer a failed login with its penalty.
     fn pump_events(&mut self) {
         while let Some(ev) = self.hop.poll_event() {
-            match ev {
-                SessionEvent::LoginFailed(ip) => {
-                    let now = clock();
-                    let penalty = self.observer.penalty(ip, now);
-                    self.hop.penalty(now, penalty);
-                }
-                ev => self.observer.dispatch(ev),
+            if let Some(penalty) = self.observer.dispatch(ev) {
+                self.hop.penalty(clock(), penalty);
             }
         }
     }
