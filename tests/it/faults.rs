@@ -582,30 +582,6 @@ fn upstream_endless_line() {
     assert_eq!(close_reason(&evs), "error");
 }
 
-#[test]
-fn upstream_stalls_mid_body() {
-    let f = Fix::new();
-    let up = Scripted::start(
-        Some(GREETING),
-        on_retr(b"+OK 40 octets\r\nline one\r\nline t", Then::Silent),
-    );
-    let p = f.proxy(up.addr, "", "idle_timeout = \"1s\"\n");
-    let mut c = Conn::connect(p.addr);
-    c.login();
-    let t0 = Instant::now();
-    c.send(b"RETR 1\r\n");
-    let (got, end) = c.finish();
-    let took = t0.elapsed();
-    assert_cut(&got, end, b"+OK 40 octets\r\n");
-    assert!(got.starts_with(b"+OK 40 octets\r\nline one\r\n"));
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-        "{took:?}"
-    );
-    let evs = f.invariants(Up::Script(&up), 1, 0);
-    assert_eq!(close_reason(&evs), "idle_timeout");
-}
-
 /// Real clients on a cut body (upstream EOF mid-body, and a cut right after `\r\n.\r`):
 /// poplib raises, curl exits non-zero, and neither gets the message as complete.
 #[test]

@@ -106,14 +106,21 @@ impl Running {
     }
 
     /// Shut popgate down (its audit trail then complete) and return the reasons of the
-    /// sessions' `session_close` records.
+    /// sessions' `session_close` records; every `session_open` has its `session_close`.
     async fn close_reasons(&mut self) -> Vec<String> {
         self.shutdown().await;
-        common::audit_events(self.audit.path())
+        let events = common::audit_events(self.audit.path());
+        let opens = events
+            .iter()
+            .filter(|e| e["event"] == "session_open")
+            .count();
+        let closes: Vec<String> = events
             .iter()
             .filter(|e| e["event"] == "session_close")
             .map(|e| e["reason"].as_str().unwrap_or("-").to_owned())
-            .collect()
+            .collect();
+        assert_eq!(opens, closes.len(), "{events:?}");
+        closes
     }
 }
 
@@ -191,9 +198,10 @@ async fn idle_timeout_ends_a_quiet_session_and_sends_no_quit() {
     assert_eq!(p.close_reasons().await, ["idle_timeout"]);
 }
 
-/// Moved from `faults.rs` (a 1 s timeout waited in real time there).
+/// Moved from `faults.rs` (a 1 s timeout waited in real time there): one byte every 10 s,
+/// never a line end, and the login timeout still ends the session; nothing is forwarded.
 #[tokio::test(start_paused = true)]
-async fn login_timeout_ends_a_slow_loris_and_forwards_nothing() {
+async fn client_slow_loris() {
     let mut p = start("[limits]\nlogin_timeout = \"1m\"\n", None).await;
     let t = Instant::now();
     let c = Client::greeted(p.addr).await;
@@ -252,6 +260,61 @@ async fn greeting_timeout_answers_for_an_upstream_that_never_greets() {
     took(t.elapsed(), Duration::from_secs(30));
     assert_eq!(c.line().await, "", "closed");
     held.abort();
+}
+
+/// An upstream on this runtime that greets, takes any login, gives message 1 the UIDL `u1`,
+/// and answers RETR with `retr`, then nothing more.
+async fn stalling_upstream(retr: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"+OK ready\r\n").await.unwrap();
+        let mut line = String::new();
+        while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+            let answer: &[u8] = if line.starts_with("RETR") {
+                retr
+            } else if line.starts_with("UIDL") {
+                b"+OK 1 u1\r\n"
+            } else {
+                b"+OK\r\n"
+            };
+            let _ = w.write_all(answer).await;
+            line.clear();
+        }
+    });
+    (addr, task)
+}
+
+/// Moved from `faults.rs` (a 1 s timeout waited in real time there): a body that stops
+/// coming is cut by the idle timeout, with a reset and no terminator.
+#[tokio::test(start_paused = true)]
+async fn upstream_stalls_mid_body() {
+    let (up, _server) = stalling_upstream(b"+OK 40 octets\r\nline one\r\nline t").await;
+    let mut p = start_with("[limits]\nidle_timeout = \"10m\"\n", None, Some(up)).await;
+    let mut c = Client::greeted(p.addr).await;
+    assert!(c.login(PASS).await.starts_with("+OK"));
+    let t = Instant::now();
+    c.send("RETR 1").await;
+    let mut got = Vec::new();
+    let end = tokio::io::AsyncReadExt::read_to_end(&mut c.r, &mut got).await;
+    took(t.elapsed(), Duration::from_secs(600));
+    assert!(got.starts_with(b"+OK 40 octets\r\nline one\r\n"), "{got:?}");
+    let after = &got[b"+OK 40 octets\r\n".len()..];
+    assert!(!after.windows(5).any(|w| w == b"\r\n.\r\n"), "{got:?}");
+    assert!(
+        !after.ends_with(b"\n.") && !after.ends_with(b"\n.\r"),
+        "{got:?}"
+    );
+    assert_eq!(
+        end.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the client connection must end with a reset"
+    );
+    assert_eq!(p.close_reasons().await, ["idle_timeout"]);
 }
 
 const SLOW_STAT: &str = "[[rule]]\nname = \"slow-stat\"\non = \"command\"\nverbs = [\"STAT\"]\n\
