@@ -653,6 +653,9 @@ group = "popgate"
 [metrics]
 bind = "127.0.0.1:9110"
 health_window = "10s"
+[control]
+socket = "/run/popgate/control.sock"
+group = "popgate"
 [audit]
 enabled = true
 output = "file"
@@ -718,6 +721,7 @@ summary_lines = 3
             ("log", "[log]\nzzz = 1\n"),
             ("process", "[process]\nzzz = 1\n"),
             ("metrics", "[metrics]\nzzz = 1\n"),
+            ("control", "[control]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
         ];
@@ -731,6 +735,7 @@ summary_lines = 3
             "log",
             "process",
             "metrics",
+            "control",
             "audit",
             "upstream.oauth2",
             "tls.certificate",

@@ -108,6 +108,9 @@ pub struct Config {
     /// Prometheus metrics and the health endpoint (`[metrics]`); off when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// The control socket (`[control]`: `popgate sessions`, `kick`, `tap`); off when absent.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -122,6 +125,17 @@ pub struct ProcessConfig {
     pub user: Option<String>,
     /// Switch to this group (name or numeric id); default: the user's primary group. It is
     /// also the only supplementary group left.
+    pub group: Option<String>,
+}
+
+/// `[control]`: the Unix socket of `popgate sessions`, `status`, `kick`, `tap` and `reload`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The socket's path; default `control.sock` in `$RUNTIME_DIRECTORY` (systemd's
+    /// `RuntimeDirectory=`). Created with mode 0660, owned by the user popgate runs as.
+    pub socket: Option<PathBuf>,
+    /// The socket's group (name or numeric id): its members may use it too.
     pub group: Option<String>,
 }
 
@@ -635,6 +649,9 @@ impl Config {
             fix(d);
         }
         if let Some(p) = &mut self.pid_file {
+            fix(p);
+        }
+        if let Some(p) = self.control.as_mut().and_then(|c| c.socket.as_mut()) {
             fix(p);
         }
         self.audit.resolve_paths(base);

@@ -432,6 +432,19 @@ pub const KEYS: &[Key] = &[
         R,
         "/health trusts an upstream connect this recent; otherwise it dials the upstream itself.",
     ),
+    // [control]
+    k(
+        "control.socket",
+        "control.sock in $RUNTIME_DIRECTORY",
+        R,
+        "The control socket of popgate sessions/status/kick/tap/reload (docs/control.md): a Unix socket, mode 0660, owned by the user popgate runs as. Without the [control] table there is none.",
+    ),
+    k(
+        "control.group",
+        "not set",
+        R,
+        "The socket's group: its members may use the control socket too (besides the owner and root).",
+    ),
     // [audit]
     k(
         "audit.enabled",
@@ -544,6 +557,7 @@ fn section_of(key: &str) -> &'static str {
         ("log.", "[log]"),
         ("process.", "[process]"),
         ("metrics.", "[metrics]"),
+        ("control.", "[control]"),
         ("audit.transcript.", "[audit.transcript]"),
         ("audit.", "[audit]"),
     ];

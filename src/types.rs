@@ -47,6 +47,8 @@ pub enum CloseReason {
     RuleDrop,
     /// popgate shut down.
     Shutdown,
+    /// An administrator ended it (`popgate kick`); `kicked_by` says who.
+    Kick,
     /// An error on either side.
     Error,
 }
@@ -54,7 +56,7 @@ pub enum CloseReason {
 impl CloseReason {
     /// Every reason: the serialised names must match [`CloseReason::as_str`].
     #[cfg(test)]
-    pub(crate) const ALL: [CloseReason; 9] = [
+    pub(crate) const ALL: [CloseReason; 10] = [
         CloseReason::Quit,
         CloseReason::ClientEof,
         CloseReason::UpstreamEof,
@@ -63,6 +65,7 @@ impl CloseReason {
         CloseReason::GreetingTimeout,
         CloseReason::RuleDrop,
         CloseReason::Shutdown,
+        CloseReason::Kick,
         CloseReason::Error,
     ];
 
@@ -77,6 +80,7 @@ impl CloseReason {
             CloseReason::GreetingTimeout => "greeting_timeout",
             CloseReason::RuleDrop => "rule_drop",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Kick => "kick",
             CloseReason::Error => "error",
         }
     }

@@ -15,15 +15,15 @@ pub(crate) mod writer;
 
 pub use model::config::{AuditConfig, AuditOutput, AuditRotation, Overflow, TranscriptConfig};
 pub use model::event::{
-    AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent, LoginOutcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Update,
-    UpdateOutcome,
+    AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent,
+    LoginEventOutcome, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide,
+    Update, UpdateOutcome,
 };
 pub(crate) use model::headers::HeaderExtractor;
 pub use model::headers::HeaderSet;
 pub use reader::{
-    AuditRead, AuditRecord, BadLine, Filter, ReaderError, format_json, format_table, read_audit,
-    read_events,
+    AuditFilter, AuditRead, AuditRecord, BadLine, ReaderError, format_json, format_table,
+    read_audit, read_events,
 };
 pub(crate) use writer::sink::AuditGuard;
 pub use writer::sink::{AuditSink, SinkError};

@@ -1,7 +1,7 @@
 //! Reading audit files back: filters and a readable table, for `popgate audit`.
 //!
 //! [`read_events`] streams JSON-lines files (as written by the sink) and keeps the events that
-//! pass a [`Filter`]; [`format_table`] prints them as aligned columns and [`format_json`]
+//! pass an [`AuditFilter`]; [`format_table`] prints them as aligned columns and [`format_json`]
 //! passes the original lines through. [`read_audit`] keeps reading past lines that are not
 //! audit events and reports each ([`BadLine`]: file, line number, reason), a last line without
 //! its newline (a file being written, or cut by a crash) included; [`read_events`] is the
@@ -53,13 +53,13 @@ pub enum ReaderError {
 
 /// Which events to keep. The default keeps everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
+pub struct AuditFilter {
     /// Keep events of this user (ASCII case-insensitive), together with the user-less events
     /// (`session_open`, `tls`) of the sessions in which the user appears.
     pub user: Option<String>,
     /// Keep events at or after this time.
     pub since: Option<SystemTime>,
-    /// Keep events before this time (exclusive; see [`Filter::until`]).
+    /// Keep events before this time (exclusive; see [`AuditFilter::until`]).
     pub until: Option<SystemTime>,
     /// Keep only these event names (empty: all).
     pub events: Vec<String>,
@@ -74,14 +74,14 @@ pub struct Filter {
     pub msg_user: Option<String>,
 }
 
-impl Filter {
+impl AuditFilter {
     /// A filter from command-line strings: `since` as for `parse_since` relative to now,
     /// `events` may repeat or hold comma-separated names; unknown names are an error.
     pub fn from_args(
         user: Option<String>,
         since: Option<&str>,
         events: &[String],
-    ) -> Result<Filter, ReaderError> {
+    ) -> Result<AuditFilter, ReaderError> {
         let since = since
             .map(|s| parse_time(s, SystemTime::now(), false))
             .transpose()?;
@@ -96,18 +96,18 @@ impl Filter {
             }
             names.push(name.to_owned());
         }
-        Ok(Filter {
+        Ok(AuditFilter {
             user,
             since,
             events: names,
-            ..Filter::default()
+            ..AuditFilter::default()
         })
     }
 
     /// Set the end of the time range: `--until` as for `--since` (a time, a date, `today`,
     /// `yesterday` or an age). A date (or `today`/`yesterday`) includes that whole day; a time
     /// includes its millisecond.
-    pub fn until(mut self, until: Option<&str>) -> Result<Filter, ReaderError> {
+    pub fn until(mut self, until: Option<&str>) -> Result<AuditFilter, ReaderError> {
         self.until = until
             .map(|u| parse_time(u, SystemTime::now(), true))
             .transpose()?;
@@ -337,7 +337,10 @@ pub struct AuditRead {
 
 /// Like [`read_audit`], but a line that is not an audit event is an error ([`ReaderError::Parse`]),
 /// except an incomplete last line, which is left out.
-pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord>, ReaderError> {
+pub fn read_events(
+    files: &[PathBuf],
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRecord>, ReaderError> {
     let read = read_audit(files, filter)?;
     if let Some(b) = read.bad.into_iter().find(|b| !b.incomplete) {
         return Err(ReaderError::Parse {
@@ -380,7 +383,7 @@ fn dated_name_key(path: &Path) -> Option<(String, u8)> {
 /// (`session_open`, `tls`) and belongs to a session in which the user appears. Sessions are
 /// told apart by instance, id and `session_open` (ids of older versions restarted with
 /// popgate).
-pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, ReaderError> {
+pub fn read_audit(files: &[PathBuf], filter: &AuditFilter) -> Result<AuditRead, ReaderError> {
     // (reading order, record): the order breaks ties between equal times.
     let mut kept: Vec<(usize, AuditRecord)> = Vec::new();
     // User-less events waiting to learn whether their session is the user's.
@@ -774,7 +777,7 @@ mod tests {
 
     #[test]
     fn filter_from_args() {
-        let f = Filter::from_args(
+        let f = AuditFilter::from_args(
             Some("bob".into()),
             Some("1h"),
             &["retrieve,delete_marked".into(), "update".into()],
@@ -782,9 +785,9 @@ mod tests {
         .unwrap();
         assert_eq!(f.events, ["retrieve", "delete_marked", "update"]);
         assert!(f.since.is_some());
-        let e = Filter::from_args(None, None, &["retreive".into()]).unwrap_err();
+        let e = AuditFilter::from_args(None, None, &["retreive".into()]).unwrap_err();
         assert!(e.to_string().contains("retreive") && e.to_string().contains("retrieve"));
-        assert!(Filter::from_args(None, Some("soon"), &[]).is_err());
+        assert!(AuditFilter::from_args(None, Some("soon"), &[]).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::replies;
 use crate::pop3::tracker::{
     AfterReply, ClientLine, Piece, ProtocolError, ResponseMeta, State, Tracker,
     sasl_mechanism_supported,
@@ -345,6 +346,11 @@ impl Hop {
         self.tracker.set_fold_names(fold);
     }
 
+    /// The session's RFC 1939 state (`popgate sessions`).
+    pub(crate) fn state(&self) -> State {
+        self.tracker.state()
+    }
+
     /// The user rules and audit see (see [`Tracker::user`]).
     pub(crate) fn user(&self) -> Option<&str> {
         self.tracker.user()
@@ -577,7 +583,7 @@ impl Hop {
             return;
         }
         if self.owed_a_last_word(cut) {
-            self.send_client(&b"-ERR [SYS/TEMP] proxy shutting down\r\n"[..]);
+            self.send_client(replies::line(replies::SHUTTING_DOWN));
         }
         self.close(CloseReason::Shutdown);
     }
@@ -591,33 +597,25 @@ impl Hop {
         if self.closed() {
             return;
         }
-        let (reply, reason): (&'static [u8], _) =
+        let (reply, reason) =
             if self.tracker.greeting_due() && now >= self.greeting_deadline {
                 warn!(timeout = ?self.cfg.greeting_timeout, "upstream sent no greeting");
                 self.cut_hold();
-                self.send_client(
-                    &b"-ERR [SYS/TEMP] upstream server did not answer, try again later\r\n"[..],
-                );
+                self.send_client(replies::line(replies::UPSTREAM_NO_ANSWER));
                 self.close(CloseReason::GreetingTimeout);
                 return;
             } else if self.tracker.state() == State::Authorization && now >= self.login_deadline {
                 info!(timeout = ?self.cfg.login_timeout, "no login in time");
-                (
-                    b"-ERR disconnected: no login in time\r\n",
-                    CloseReason::LoginTimeout,
-                )
+                (replies::NO_LOGIN_IN_TIME, CloseReason::LoginTimeout)
             } else if now >= self.idle_deadline {
                 info!(timeout = ?self.cfg.idle_timeout, "idle timeout");
-                (
-                    b"-ERR autologout: idle for too long\r\n",
-                    CloseReason::IdleTimeout,
-                )
+                (replies::IDLE_TOO_LONG, CloseReason::IdleTimeout)
             } else {
                 return;
             };
         let cut = self.cut_hold();
         if self.owed_a_last_word(cut) {
-            self.send_client(reply);
+            self.send_client(replies::line(reply));
         }
         self.close(reason);
     }
@@ -644,7 +642,7 @@ impl Hop {
     /// started (a partly relayed body is left incomplete on purpose).
     fn answer_upstream_lost(&mut self) {
         if !self.mid_response() && !self.tracker.idle() {
-            self.send_client(&b"-ERR [SYS/TEMP] upstream server closed the connection\r\n"[..]);
+            self.send_client(replies::line(replies::UPSTREAM_CLOSED));
         }
     }
 
@@ -681,7 +679,7 @@ impl Hop {
                     let in_body = self.tracker.in_body();
                     self.flush_server(sin, &mut fwd);
                     if !in_body {
-                        self.send_client(&b"-ERR [SYS/TEMP] upstream protocol error\r\n"[..]);
+                        self.send_client(replies::line(replies::UPSTREAM_PROTOCOL_ERROR));
                     }
                     self.close(CloseReason::Error);
                     return;
@@ -1274,7 +1272,7 @@ impl Hop {
                 self.event(SessionEvent::ClientSasl);
                 self.tracker.answer_locally(
                     Verb::Unknown,
-                    b"-ERR no SASL exchange in progress\r\n".to_vec(),
+                    replies::line(replies::NO_SASL_EXCHANGE),
                     AfterReply::Continue,
                 );
             }
@@ -1282,7 +1280,7 @@ impl Hop {
                 debug!(error = %e, "invalid command");
                 self.tracker.answer_locally(
                     Verb::Unknown,
-                    format!("-ERR {e}\r\n").into_bytes(),
+                    replies::invalid_command(&e),
                     AfterReply::Continue,
                 );
             }
@@ -1369,7 +1367,7 @@ impl Hop {
                 warn!(error = %e, "rule rewrite produced an invalid command");
                 self.tracker.answer_locally(
                     verb,
-                    b"-ERR command rejected\r\n".to_vec(),
+                    replies::line(replies::COMMAND_REJECTED),
                     AfterReply::Continue,
                 );
             }
@@ -1434,28 +1432,28 @@ impl Hop {
             // its address (and session id) in the server's logs and penalties. Never relayed.
             Verb::Unknown if cmd.keyword.eq_ignore_ascii_case(b"XCLIENT") => {
                 info!("XCLIENT from the client refused");
-                reply("-ERR XCLIENT is not allowed")
+                reply(replies::XCLIENT_NOT_ALLOWED)
             }
             Verb::Unknown if self.cfg.unknown_commands == UnknownCommands::Reject => {
-                reply("-ERR unknown command")
+                reply(replies::UNKNOWN_COMMAND)
             }
             // An unknown command may carry a credential (`PASSsecret`, `XLOGIN user pw`): it
             // is never forwarded where a rule would refuse a password.
             Verb::Unknown if self.credentials_denied() => {
                 info!("unknown command refused: credentials are denied here");
-                reply("-ERR unknown command")
+                reply(replies::UNKNOWN_COMMAND)
             }
             // The one other free-form argument a client may send before login.
             Verb::Lang if cmd.has_args() && self.credentials_denied() => {
                 info!("LANG with an argument refused: credentials are denied here");
-                reply("-ERR [AUTH] not before encryption")
+                reply(replies::NOT_BEFORE_ENCRYPTION)
             }
             // STLS is between the client and this hop; it is never relayed upstream.
-            Verb::Stls if self.client_tls => reply("-ERR already under TLS"),
+            Verb::Stls if self.client_tls => reply(replies::ALREADY_UNDER_TLS),
             Verb::Stls if self.tracker.state() != State::Authorization => {
-                reply("-ERR STLS is only allowed before login")
+                reply(replies::STLS_ONLY_BEFORE_LOGIN)
             }
-            Verb::Stls if !self.stls_offered() => reply("-ERR STLS not available on this listener"),
+            Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
             _ => Decision::Forward(
                 verdict
@@ -1494,7 +1492,7 @@ impl Hop {
         }
         self.tracker.answer_locally(
             Verb::Unknown,
-            b"-ERR line too long\r\n".to_vec(),
+            replies::line(replies::LINE_TOO_LONG),
             AfterReply::Continue,
         );
     }

@@ -3,7 +3,10 @@
 //! reply, when and how to close) is taken here, over bytes and timer expiries the driver hands
 //! in, as [`Output`]s the driver carries out and [`SessionEvent`]s it dispatches. Sockets, TLS,
 //! clocks and the shared services (login penalty, audit, metrics) live in `session`.
+//! The upstream's own dialogue before the relay (greeting, STLS, XCLIENT, routing mode's login)
+//! is [`dialogue`].
 
+pub(crate) mod dialogue;
 pub(crate) mod front;
 mod hop;
 mod output;

@@ -17,6 +17,7 @@ use super::model::{OneOrMany, RawRule, RuleAction, decode_file};
 use super::template::Template;
 use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
+use crate::pop3::replies;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::State;
 
@@ -816,14 +817,14 @@ fn effect(raw: RawRule, on: EventKind, action: RuleAction) -> Result<Effect, Pro
         RuleAction::Deny => {
             let message = raw.message.unwrap_or_else(|| {
                 if on == EventKind::Connect {
-                    "connection not allowed by policy".into()
+                    replies::DENY_CONNECTION_MESSAGE.into()
                 } else {
-                    "command not allowed by policy".into()
+                    replies::DENY_COMMAND_MESSAGE.into()
                 }
             });
             printable("message", &message)?;
             let reply = match raw.code {
-                Some(code) if valid_code(&code) => format!("-ERR [{code}] {message}"),
+                Some(code) if valid_code(&code) => replies::deny(Some(&code), &message),
                 Some(code) => {
                     return Err(invalid(
                         "code",
@@ -832,7 +833,7 @@ fn effect(raw: RawRule, on: EventKind, action: RuleAction) -> Result<Effect, Pro
                         ),
                     ));
                 }
-                None => format!("-ERR {message}"),
+                None => replies::deny(None, &message),
             };
             let close_after = match (raw.close_after, on) {
                 (None, _) => None,

@@ -28,9 +28,6 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// The reply to a client whose session a shutdown ends before it started.
-const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] proxy shutting down\r\n";
-
 /// Wait `d`; `false` if a shutdown came first.
 async fn sleep_unless_shutdown(
     d: std::time::Duration,
@@ -44,9 +41,6 @@ async fn sleep_unless_shutdown(
         _ = shutdown.changed() => false,
     }
 }
-
-/// The reply when no upstream can be reached.
-const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
@@ -128,20 +122,50 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// The set-up (handshake, rules, upstream connect) is a boxed future of its own, built here
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
+///
+/// `shutdown` turns true when the session is kicked (`handle` knows by whom) or closed by the
+/// drain; a kick also ends the set-up (client and upstream closed, no QUIT).
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    handle: crate::control::registry::SessionHandle,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let setup = Box::pin(open(client, info, shared, started, shutdown.clone()));
+    let entry = handle.entry();
+    let (audit, id) = (shared.audit.clone(), info.id);
+    let setup = Box::pin(open(client, info, shared, started, shutdown.clone(), handle));
     async move {
-        let mut driver = match setup.await {
-            Ok(d) => d,
-            Err(reason) => return reason,
+        let mut driver = tokio::select! {
+            biased;
+            d = setup => match d {
+                Ok(d) => d,
+                Err(reason) => return reason,
+            },
+            who = entry.kicked() => {
+                info!(by = %who, "session kicked before its relay began");
+                kicked_in_setup(&audit, id, who, started).await;
+                return CloseReason::Kick;
+            }
         };
         relay(&mut driver, shutdown, started).await
+    }
+}
+
+/// The `session_close` of a session kicked during its set-up (its observer went with it).
+async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
+    if audit.is_enabled() {
+        let close = crate::audit::SessionClose {
+            user: None,
+            reason: CloseReason::Kick,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            rule: None,
+            kicked_by: Some(who),
+        };
+        audit.emit(crate::audit::AuditEvent::new(id, close)).await;
     }
 }
 
@@ -153,6 +177,7 @@ async fn open(
     shared: Arc<Shared>,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
     let config = shared.config.clone();
@@ -178,7 +203,7 @@ async fn open(
         && !sleep_unless_shutdown(d, shutdown).await
     {
         info!("shutdown during a connect rule's delay");
-        let _ = client.write_all(SHUTTING_DOWN).await;
+        let _ = client.write_all(&crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN)).await;
         let _ = client.shutdown().await;
         return Err(CloseReason::Shutdown);
     }
@@ -216,6 +241,9 @@ async fn open(
         info.id,
         transcript,
     );
+    let mut tap = crate::control::tap::TapPoint::new(handle.entry());
+    tap.set_handle(handle);
+    observer.set_tap(tap);
     observer.set_tags(&policy.tags);
     if let Some(dst) = info.original_dst {
         observer.set_original_destination(dst);
@@ -272,19 +300,18 @@ async fn open(
                 shared.tls.upstreams.get(index).and_then(Option::as_ref),
             ),
         };
-        match crate::net::upstream::connect(
+        // With one address the session awaits the greeting itself
+        // (`limits.greeting_timeout`); with several it is part of the setup, so that an
+        // address that accepts but never greets is failed over.
+        let plan = crate::net::upstream::plan(
             upstream_cfg,
             upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
-            // With one address the session awaits the greeting itself
-            // (`limits.greeting_timeout`); with several it is part of the setup, so that an
-            // address that accepts but never greets is failed over.
             upstream_cfg.address.len() > 1,
-        )
-        .await
-        {
+            None,
+        );
+        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -298,6 +325,9 @@ async fn open(
                     shared.metrics.tls_handshake("upstream", true);
                 }
                 live.from_upstream.inc_by(u.preread.len() as u64);
+                if let Some(h) = observer.tap_mut().handle_mut() {
+                    h.upstream(upstream_cfg.label(), &u.address);
+                }
                 (u.stream, u.preread, None)
             }
             Err(e) => {
@@ -311,8 +341,10 @@ async fn open(
                 shared.metrics.failed_over(upstream_cfg, |a| {
                     shared.dead.is_dead(a, std::time::Instant::now())
                 });
-                let sent = match client.write_all(UNAVAILABLE).await {
-                    Ok(()) => UNAVAILABLE.len() as u64,
+                let unavailable =
+                    crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
+                let sent = match client.write_all(&unavailable).await {
+                    Ok(()) => unavailable.len() as u64,
                     Err(_) => 0,
                 };
                 live.to_client.inc_by(sent);
@@ -395,6 +427,21 @@ async fn relay(
             warn!(error = %e, side = ?e.side(), "session failed");
             CloseReason::Error
         }
+    };
+    // A kick ends the session as a shutdown does; the audit trail and log name it and who asked.
+    let kicked_by = driver
+        .observer
+        .observer
+        .tap_mut()
+        .handle_mut()
+        .and_then(|h| h.kicked_by());
+    let reason = match kicked_by {
+        Some(who) if reason == CloseReason::Shutdown => {
+            info!(by = %who, "session kicked");
+            driver.observer.observer.set_kicked_by(who);
+            CloseReason::Kick
+        }
+        _ => reason,
     };
     driver.hop.finish();
     record_rules(&shared, driver.hop.take_rule_tally());
@@ -818,16 +865,16 @@ impl Driver {
         // had (the server down meanwhile, or refusing a second connection from this client
         // while the first is open), the session goes on over the first, as without the
         // re-dial, rather than ending a client that did nothing wrong.
-        let up = match crate::net::upstream::connect(
+        let upstream_tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plan = crate::net::upstream::plan(
             cfg,
-            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
             true,
-        )
-        .await
-        {
+            None,
+        );
+        let up = match crate::net::upstream::connect(cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(up) => up,
             Err(e) => {
                 warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
@@ -950,28 +997,20 @@ impl Driver {
     ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        // Route rules and the map see the name as a folding server would (unless none folds):
-        // `ALICE` is routed where `alice` is.
-        let routed = config.routing_user_names().apply(&login.user);
-        let rule = self.hop.route(&routed);
-        let default = config.default_upstream().label();
-        let (name, why) = crate::routing::choose(
-            &routed,
-            rule.as_ref().map(|(r, u)| (&**r, &**u)),
+        let hop = &self.hop;
+        let crate::routing::Route { index, why, user } = crate::routing::route(
+            config,
+            &login.user,
+            |routed| hop.route(routed),
             shared.routes.as_deref(),
-            default,
         );
-        let index = config
-            .upstream_index(name)
-            .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
         // Rules and audit see the name the chosen server logs in; so does the OAuth2 bridge
         // (its credentials and tokens). The replay upstream is what the client sent.
         self.hop
             .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
-        let seen = upstream.user_names.apply(&login.user);
         let login = &crate::proxy::front::Login {
-            user: seen.into_owned(),
+            user,
             ..login.clone()
         };
         self.observer.observer.set_upstream(upstream.label());
@@ -1024,39 +1063,40 @@ impl Driver {
                     why = %why,
                     "login routed"
                 );
+                if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+                    h.upstream(upstream.label(), &done.address);
+                }
                 Ok(done)
             }
-            Err(login::LoginError::Refused(reply)) => {
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    why = %why,
-                    "routed login refused by the upstream"
-                );
-                Err(reply)
-            }
-            Err(login::LoginError::Bridge(e)) => {
-                // The bridge logged the details (never a token or password).
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    error = %e,
-                    "OAuth2 login failed"
-                );
-                Err(e.client_reply().to_vec())
-            }
-            Err(login::LoginError::Unavailable(e)) => {
-                warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(
-                    upstream.label(),
-                    &e.address,
-                    e.stage.as_str(),
-                    &e.reason,
-                );
-                shared.metrics.failed_over(upstream, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
-                Err(UNAVAILABLE.to_vec())
+            Err(e) => {
+                match &e {
+                    login::LoginError::Refused(_) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        why = %why,
+                        "routed login refused by the upstream"
+                    ),
+                    // The bridge logged the details (never a token or password).
+                    login::LoginError::Bridge(b) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        error = %b,
+                        "OAuth2 login failed"
+                    ),
+                    login::LoginError::Unavailable(u) => {
+                        warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
+                        shared.metrics.upstream_failed(
+                            upstream.label(),
+                            &u.address,
+                            u.stage.as_str(),
+                            &u.reason,
+                        );
+                        shared.metrics.failed_over(upstream, |a| {
+                            shared.dead.is_dead(a, std::time::Instant::now())
+                        });
+                    }
+                }
+                Err(e.client_reply())
             }
         }
     }
@@ -1064,6 +1104,15 @@ impl Driver {
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.
     async fn sync_observer(&mut self) {
         record_rules(&self.shared, self.hop.take_rule_tally());
+        // `popgate sessions`: relaxed stores, a lock only when something changed.
+        if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+            h.progress(self.traffic.from_client, self.traffic.to_client);
+            h.sync(self.hop.user(), self.hop.state(), self.hop.tags());
+            h.tls(
+                self.client_tls.as_deref().map(|t| t.version.as_str()),
+                self.upstream_tls.as_deref().map(|t| t.version.as_str()),
+            );
+        }
         let obs = &mut self.observer.observer;
         obs.set_tags(self.hop.tags());
         if self.hop.trace() {

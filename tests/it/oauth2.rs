@@ -29,13 +29,13 @@ use tokio::net::TcpStream;
 
 const POPGATE: &str = env!("CARGO_BIN_EXE_popgate");
 /// The local password of the bridge's users.
-const LOCAL_PW: &str = "local-Pa55word";
+pub(crate) const LOCAL_PW: &str = "local-Pa55word";
 /// The client address the library tests log in from.
 const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A directory with `credentials.toml` (alice and bob, password [`LOCAL_PW`]; bob's mailbox
 /// is `alice`), `secret` (mode 0600) and a `tokens.toml` (0600) with `tokens`.
-fn bridge_files(tokens: &[(&str, String)]) -> tempfile::TempDir {
+pub(crate) fn bridge_files(tokens: &[(&str, String)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let hash = popgate::oauth2::hash_password(LOCAL_PW.as_bytes()).unwrap();
     std::fs::write(
@@ -149,7 +149,7 @@ fn expected_retr(msg: &[u8]) -> Vec<u8> {
 }
 
 /// Dovecot (alice: two messages) that asks `auth` about tokens.
-fn oauth_dovecot(auth: &AuthServer) -> Dovecot {
+pub(crate) fn oauth_dovecot(auth: &AuthServer) -> Dovecot {
     Dovecot::start(DovecotOpts::oauth2(&auth.introspection_url()).user(
         "alice",
         "unused",
@@ -379,7 +379,7 @@ fn client_credentials_grant_one_app_token_for_every_mailbox() {
 
 /// `popgate run` (routing mode, as every OAuth2 upstream) in front of `dv`, bridge files in
 /// `files`, the client secret in the environment; `extra` goes into `[upstream.oauth2]`.
-fn popgate_bridge(
+pub(crate) fn popgate_bridge(
     auth: &AuthServer,
     dv: &Dovecot,
     files: &Path,

@@ -269,7 +269,7 @@ impl TlsEvent {
 /// Success or failure of a login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LoginOutcome {
+pub enum LoginEventOutcome {
     /// The server said `+OK`.
     Success,
     /// The server said `-ERR` (or the exchange was cancelled).
@@ -279,21 +279,21 @@ pub enum LoginOutcome {
     Dropped,
 }
 
-impl LoginOutcome {
+impl LoginEventOutcome {
     /// `Success` for `+OK`, `Failure` otherwise.
-    pub(crate) fn from_status(status: Status) -> LoginOutcome {
+    pub(crate) fn from_status(status: Status) -> LoginEventOutcome {
         match status {
-            Status::Ok => LoginOutcome::Success,
-            Status::Err | Status::Continue => LoginOutcome::Failure,
+            Status::Ok => LoginEventOutcome::Success,
+            Status::Err | Status::Continue => LoginEventOutcome::Failure,
         }
     }
 
     /// `"success"` or `"failure"`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            LoginOutcome::Success => "success",
-            LoginOutcome::Failure => "failure",
-            LoginOutcome::Dropped => "dropped",
+            LoginEventOutcome::Success => "success",
+            LoginEventOutcome::Failure => "failure",
+            LoginEventOutcome::Dropped => "dropped",
         }
     }
 }
@@ -311,7 +311,7 @@ pub struct LoginEvent {
     /// `USER`, `APOP` or `AUTH <MECHANISM>`.
     pub method: String,
     /// Whether the server accepted it.
-    pub outcome: LoginOutcome,
+    pub outcome: LoginEventOutcome,
     /// The response code of the answer (`AUTH`, `SYS/TEMP`, `IN-USE`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
@@ -336,7 +336,7 @@ impl LoginEvent {
             user: user.map(str::to_owned),
             user_as_typed: None,
             method: method.label(),
-            outcome: LoginOutcome::from_status(status),
+            outcome: LoginEventOutcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
             rule: None,
             upstream: None,
@@ -529,6 +529,10 @@ pub struct SessionClose {
     /// With reason `rule_drop`: the rule that closed the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// With reason `kick`: who asked, as the control socket's peer credentials
+    /// (`uid 0 pid 4242`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kicked_by: Option<String>,
 }
 
 /// Header fields of a retrieved message, in configured order: a JSON object `{name: value}`.
@@ -666,7 +670,7 @@ mod tests {
             Some(b"AUTH"),
         );
         assert_eq!(l.method, "AUTH PLAIN");
-        assert_eq!(l.outcome, LoginOutcome::Failure);
+        assert_eq!(l.outcome, LoginEventOutcome::Failure);
         assert_eq!(l.code.as_deref(), Some("AUTH"));
         let d = Denied::new("no-delete", Verb::Dele, None);
         assert_eq!(d.verb, "DELE");
