@@ -597,22 +597,21 @@ impl Hop {
         if self.closed() {
             return;
         }
-        let (reply, reason) =
-            if self.tracker.greeting_due() && now >= self.greeting_deadline {
-                warn!(timeout = ?self.cfg.greeting_timeout, "upstream sent no greeting");
-                self.cut_hold();
-                self.send_client(replies::line(replies::UPSTREAM_NO_ANSWER));
-                self.close(CloseReason::GreetingTimeout);
-                return;
-            } else if self.tracker.state() == State::Authorization && now >= self.login_deadline {
-                info!(timeout = ?self.cfg.login_timeout, "no login in time");
-                (replies::NO_LOGIN_IN_TIME, CloseReason::LoginTimeout)
-            } else if now >= self.idle_deadline {
-                info!(timeout = ?self.cfg.idle_timeout, "idle timeout");
-                (replies::IDLE_TOO_LONG, CloseReason::IdleTimeout)
-            } else {
-                return;
-            };
+        let (reply, reason) = if self.tracker.greeting_due() && now >= self.greeting_deadline {
+            warn!(timeout = ?self.cfg.greeting_timeout, "upstream sent no greeting");
+            self.cut_hold();
+            self.send_client(replies::line(replies::UPSTREAM_NO_ANSWER));
+            self.close(CloseReason::GreetingTimeout);
+            return;
+        } else if self.tracker.state() == State::Authorization && now >= self.login_deadline {
+            info!(timeout = ?self.cfg.login_timeout, "no login in time");
+            (replies::NO_LOGIN_IN_TIME, CloseReason::LoginTimeout)
+        } else if now >= self.idle_deadline {
+            info!(timeout = ?self.cfg.idle_timeout, "idle timeout");
+            (replies::IDLE_TOO_LONG, CloseReason::IdleTimeout)
+        } else {
+            return;
+        };
         let cut = self.cut_hold();
         if self.owed_a_last_word(cut) {
             self.send_client(replies::line(reply));

@@ -135,7 +135,14 @@ pub(crate) fn run(
     let started = Instant::now();
     let entry = handle.entry();
     let (audit, id) = (shared.audit.clone(), info.id);
-    let setup = Box::pin(open(client, info, shared, started, shutdown.clone(), handle));
+    let setup = Box::pin(open(
+        client,
+        info,
+        shared,
+        started,
+        shutdown.clone(),
+        handle,
+    ));
     async move {
         let mut driver = tokio::select! {
             biased;
@@ -203,7 +210,11 @@ async fn open(
         && !sleep_unless_shutdown(d, shutdown).await
     {
         info!("shutdown during a connect rule's delay");
-        let _ = client.write_all(&crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN)).await;
+        let _ = client
+            .write_all(&crate::pop3::replies::line(
+                crate::pop3::replies::SHUTTING_DOWN,
+            ))
+            .await;
         let _ = client.shutdown().await;
         return Err(CloseReason::Shutdown);
     }
