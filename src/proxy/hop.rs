@@ -726,7 +726,9 @@ impl Hop {
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } => {
                     let end = matches!(piece, Piece::BodyEnd { .. });
-                    let user = self.user_shared();
+                    // Named on the last chunk only (the retrieval record): no shared-pointer
+                    // traffic per chunk of a body.
+                    let user = if end { self.user_shared() } else { None };
                     let body = SessionEvent::Body {
                         chunk: Bytes::new(),
                         end,

@@ -71,7 +71,7 @@ pub(crate) enum SessionEvent {
         chunk: Bytes,
         /// Whether the terminator is in `chunk`.
         end: bool,
-        /// The user rules and audit see.
+        /// The user rules and audit see, on the chunk with the terminator (`None` before).
         user: Option<Arc<str>>,
     },
     /// A command a rule denied, with the command's event tags.
