@@ -13,8 +13,8 @@ use tracing::warn;
 use crate::config::{ListenerConfig, TlsMode};
 use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter, TotalSlot};
 use crate::net::proxy_header;
-use crate::pop3::replies;
 use crate::types::Network;
+use crate::pop3::replies;
 
 /// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
 /// handshakes then stall for seconds of SYN-ACK retransmits. The kernel caps it at somaxconn.

@@ -36,3 +36,4 @@ pub(crate) fn redact_command(cmd: &crate::pop3::command::Command<'_>) -> String 
         display(cmd.raw)
     }
 }
+
