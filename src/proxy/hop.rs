@@ -403,25 +403,16 @@ impl Hop {
         self.outputs.push(Output::Close(reason));
     }
 
-    /// The session ends now, whatever is held: what waits behind a hold is dropped (commands
-    /// never reach the server, held replies give way to the caller's own), and a close that
-    /// was among it is queued again. Whether anything was held.
+    /// The session ends now, whatever is held: held replies go out at once, held commands
+    /// never reach the server. Whether a command was dropped (its answer is owed).
     fn cut_hold(&mut self) -> bool {
-        match self.outputs.drop_held() {
-            None => false,
-            Some(close) => {
-                if let Some(reason) = close {
-                    self.outputs.push(Output::Close(reason));
-                }
-                true
-            }
-        }
+        self.outputs.cut_holds().unwrap_or(false)
     }
 
-    /// Whether the client is owed an answer when the session ends now without a response
-    /// cut: nothing outstanding, or what it was owed was held and dropped (`cut`).
-    fn owed_a_last_word(&self, cut: bool) -> bool {
-        !self.tracker.in_body() && (cut || self.tracker.idle())
+    /// Whether the client is owed a last answer when the session ends now without a response
+    /// cut: nothing outstanding, or a command was held and never sent (`dropped`).
+    fn owed_a_last_word(&self, dropped: bool) -> bool {
+        !self.tracker.in_body() && (dropped || self.tracker.idle())
     }
 
     /// Hold what is queued after this point for `delay` (and, with `penalty`, until the
@@ -584,8 +575,8 @@ impl Hop {
         });
     }
 
-    /// popgate is shutting down: the session ends now, even during a hold (what is held is
-    /// dropped; nothing held reaches the server).
+    /// popgate is shutting down: the session ends now, even during a hold (held replies go
+    /// out at once; nothing held reaches the server).
     pub(crate) fn on_shutdown(&mut self) {
         let cut = self.cut_hold();
         if self.closed() {
@@ -599,7 +590,7 @@ impl Hop {
 
     /// The instant [`Hop::poll_timeout`] reported has come (the driver may call early;
     /// nothing is due then): a hold that ends lets its outputs go; a session deadline that
-    /// passed ends the session, during a hold too (what is held is dropped).
+    /// passed ends the session, during a hold too (as a shutdown does).
     pub(crate) fn on_timeout(&mut self, now: Instant) {
         self.now = now;
         self.outputs.settle(now);
@@ -735,7 +726,9 @@ impl Hop {
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } => {
                     let end = matches!(piece, Piece::BodyEnd { .. });
-                    let user = self.user_shared();
+                    // Named on the last chunk only (the retrieval record): no shared-pointer
+                    // traffic per chunk of a body.
+                    let user = if end { self.user_shared() } else { None };
                     let body = SessionEvent::Body {
                         chunk: Bytes::new(),
                         end,

@@ -71,7 +71,7 @@ pub(crate) enum SessionEvent {
         chunk: Bytes,
         /// Whether the terminator is in `chunk`.
         end: bool,
-        /// The user rules and audit see.
+        /// The user rules and audit see, on the chunk with the terminator (`None` before).
         user: Option<Arc<str>>,
     },
     /// A command a rule denied, with the command's event tags.
@@ -242,14 +242,22 @@ impl Outputs {
         self.settle(now);
     }
 
-    /// Drop everything from the first hold on (the session ends without waiting). `None`
-    /// if nothing was held; else the reason of an [`Output::Close`] among what was dropped.
-    pub(super) fn drop_held(&mut self) -> Option<Option<CloseReason>> {
+    /// The session ends without waiting: the holds go, and with them what was to reach the
+    /// server (commands, a TLS handshake); what was for the client stays, in order (what the
+    /// audit trail saw go out does go out). `None` if nothing was held; else whether something
+    /// for the server was dropped.
+    pub(super) fn cut_holds(&mut self) -> Option<bool> {
         let (i, _) = self.first_hold()?;
         self.holds = 0;
-        Some(self.slots.drain(i..).find_map(|s| match s {
-            Slot::Out(Output::Close(r)) => Some(r),
-            _ => None,
-        }))
+        let held: Vec<Slot> = self.slots.drain(i..).collect();
+        let mut dropped = false;
+        for slot in held {
+            match slot {
+                Slot::Out(Output::ToUpstream(_) | Output::StartClientTls) => dropped = true,
+                Slot::Out(out) => self.slots.push_back(Slot::Out(out)),
+                Slot::Hold(_) => {}
+            }
+        }
+        Some(dropped)
     }
 }

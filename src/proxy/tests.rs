@@ -1509,7 +1509,7 @@ fn a_deadline_is_reported_while_holding_and_session_deadlines_still_run() {
     assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
     assert_eq!(out.close, None);
     // The login deadline comes first: it is reported, and when it passes the session ends
-    // at once; the held `-ERR` gives way to the timeout's.
+    // at once: the held `-ERR` goes out, then the timeout's.
     let (mut hop, mut rec, mut out) = failed_login(30);
     assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
     let t60 = t0 + Duration::from_secs(60);
@@ -1517,7 +1517,7 @@ fn a_deadline_is_reported_while_holding_and_session_deadlines_still_run() {
     drain(&mut hop, &mut rec, t60, &mut out);
     assert_eq!(
         text(&out.client),
-        "+OK hi\r\n+OK\r\n-ERR disconnected: no login in time\r\n"
+        "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n-ERR disconnected: no login in time\r\n"
     );
     assert_eq!(out.close, Some((CloseReason::LoginTimeout, false)));
     assert_eq!(hop.poll_timeout(), None);
@@ -1525,6 +1525,7 @@ fn a_deadline_is_reported_while_holding_and_session_deadlines_still_run() {
 
 #[test]
 fn shutdown_during_a_hold_closes_without_quit() {
+    // Held commands never reach the server; held replies go out at once.
     // A tarpit holds a RETR and the QUIT pipelined after it: neither reaches the server.
     let rule = "[[rule]]\nname = \"slow-retr\"\non = \"command\"\nverbs = [\"RETR\"]\naction = \"delay\"\ndelay = \"30s\"\n";
     let t0 = Instant::now();
@@ -1547,8 +1548,9 @@ fn shutdown_during_a_hold_closes_without_quit() {
     assert_eq!(text(&out.client), "-ERR [SYS/TEMP] proxy shutting down\r\n");
     assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
     assert_eq!(hop.poll_timeout(), None);
-    // A failed login held by the penalty, and a USER read during the hold: the client gets
-    // the shutdown's `-ERR` in their place, the USER never reaches the server.
+    // A failed login held by the penalty, and a USER read during the hold: the held `-ERR`
+    // goes out at once, the USER never reaches the server and the shutdown's `-ERR` answers
+    // it.
     let mut hop = hop_with(config(), "");
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let mut rec = Rec {
@@ -1581,10 +1583,41 @@ fn shutdown_during_a_hold_closes_without_quit() {
     drain(&mut hop, &mut rec, t0, &mut out);
     assert_eq!(
         text(&out.client),
-        "+OK hi\r\n+OK\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
+        "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
     );
     assert_eq!(text(&out.upstream), text(LOGIN));
     assert_eq!(count(&out.upstream, b"QUIT"), 0);
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+    // A response held by a rule, whole: the client gets what the audit trail recorded.
+    let rule = "[[rule]]\nname = \"slow-answer\"\non = \"response\"\nanswers = [\"RETR\"]\naction = \"delay\"\ndelay = \"30s\"\n";
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"RETR 1\r\n",
+        b"+OK\r\nx\r\n.\r\n",
+        &mut out,
+    );
+    assert!(hop.holding() && out.client.is_empty());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    let recorded = std::mem::take(&mut rec.events);
+    let relayed = Out::default().with(Rec {
+        events: recorded,
+        ..Rec::default()
+    });
+    assert_eq!(
+        text(&relayed.event_bytes),
+        "+OK hi\r\n+OK\r\n+OK in\r\n+OK\r\nx\r\n.\r\n"
+    );
+    assert_eq!(
+        text(&out.client),
+        "+OK\r\nx\r\n.\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
+    );
     assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
 }
 

@@ -598,8 +598,8 @@ struct SessionObserver {
 }
 
 impl SessionObserver {
-    /// Hand one event to the observer and the metrics. `LoginFailed` is answered by the
-    /// driver, see [`SessionObserver::penalty`].
+    /// Hand one event to the observer and the metrics. A failed login is answered by the
+    /// driver instead (`Driver::pump_events`, with [`SessionObserver::penalty`]).
     fn dispatch(&mut self, ev: SessionEvent) {
         let obs = &mut self.observer;
         match ev {

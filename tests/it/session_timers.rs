@@ -4,6 +4,8 @@
 //! idle, login and greeting timeouts, a rule's tarpit and the failed-login penalty as holds: the client is
 //! still read during a hold, the session's deadlines still run, and a shutdown ends it at once.
 
+use crate::common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -28,6 +30,7 @@ struct Running {
     stop: Option<oneshot::Sender<()>>,
     done: JoinHandle<()>,
     _rules: Option<tempfile::TempDir>,
+    audit: tempfile::TempDir,
 }
 
 /// Start the demo upstream and popgate with `tables` (and a rule file holding `rules`, if any).
@@ -55,11 +58,14 @@ async fn start_with(tables: &str, rules: Option<&str>, upstream: Option<SocketAd
     let rules_line = dir.as_ref().map_or(String::new(), |d| {
         format!("rules = [{:?}]\n", d.path().join("r.toml"))
     });
+    let audit = tempfile::tempdir().unwrap();
     let toml = format!(
         "shutdown_grace = \"0s\"\n{rules_line}\
          [[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
-         [upstream]\naddress = \"{}\"\n{tables}",
-        upstream.unwrap_or(up.local_addr())
+         [upstream]\naddress = \"{}\"\n{tables}\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        upstream.unwrap_or(up.local_addr()),
+        audit.path()
     );
     let path = Path::new("<test>");
     let config = popgate::Config::parse(&toml, path).unwrap();
@@ -76,6 +82,7 @@ async fn start_with(tables: &str, rules: Option<&str>, upstream: Option<SocketAd
         stop: Some(stop),
         done,
         _rules: dir,
+        audit,
     }
 }
 
@@ -85,10 +92,35 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(LINE_LIMIT, &mut self.done)
-            .await
-            .expect("popgate stopped")
-            .unwrap();
+        // popgate's last step waits for the audit writer, a thread: meanwhile the paused clock
+        // must not run ahead to the time limit. Tokio does not advance it while a blocking
+        // task runs: one holds it, for 30 s of real time at most.
+        let (finished, wait) = std::sync::mpsc::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || {
+            let _ = wait.recv_timeout(Duration::from_secs(30));
+        });
+        let stopped = tokio::time::timeout(LINE_LIMIT, &mut self.done).await;
+        let _ = finished.send(());
+        hold.await.unwrap();
+        stopped.expect("popgate stopped").unwrap();
+    }
+
+    /// Shut popgate down (its audit trail then complete) and return the reasons of the
+    /// sessions' `session_close` records; every `session_open` has its `session_close`.
+    async fn close_reasons(&mut self) -> Vec<String> {
+        self.shutdown().await;
+        let events = common::audit_events(self.audit.path());
+        let opens = events
+            .iter()
+            .filter(|e| e["event"] == "session_open")
+            .count();
+        let closes: Vec<String> = events
+            .iter()
+            .filter(|e| e["event"] == "session_close")
+            .map(|e| e["reason"].as_str().unwrap_or("-").to_owned())
+            .collect();
+        assert_eq!(opens, closes.len(), "{events:?}");
+        closes
     }
 }
 
@@ -155,7 +187,7 @@ fn took(elapsed: Duration, want: Duration) {
 
 #[tokio::test(start_paused = true)]
 async fn idle_timeout_ends_a_quiet_session_and_sends_no_quit() {
-    let p = start("[limits]\nidle_timeout = \"10m\"\n", None).await;
+    let mut p = start("[limits]\nidle_timeout = \"10m\"\n", None).await;
     let mut c = Client::greeted(p.addr).await;
     assert!(c.login(PASS).await.starts_with("+OK"));
     let t = Instant::now();
@@ -163,11 +195,14 @@ async fn idle_timeout_ends_a_quiet_session_and_sends_no_quit() {
     took(t.elapsed(), Duration::from_secs(600));
     assert_eq!(c.line().await, "", "closed");
     assert_eq!(p.up.quit_count(), 0);
+    assert_eq!(p.close_reasons().await, ["idle_timeout"]);
 }
 
+/// Moved from `faults.rs` (a 1 s timeout waited in real time there): one byte every 10 s,
+/// never a line end, and the login timeout still ends the session; nothing is forwarded.
 #[tokio::test(start_paused = true)]
-async fn login_timeout_ends_a_slow_loris_and_forwards_nothing() {
-    let p = start("[limits]\nlogin_timeout = \"1m\"\n", None).await;
+async fn client_slow_loris() {
+    let mut p = start("[limits]\nlogin_timeout = \"1m\"\n", None).await;
     let t = Instant::now();
     let c = Client::greeted(p.addr).await;
     let Client { mut r, mut w } = c;
@@ -180,18 +215,23 @@ async fn login_timeout_ends_a_slow_loris_and_forwards_nothing() {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     });
-    let mut line = String::new();
-    r.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "-ERR disconnected: no login in time\r\n");
+    // Everything until the end: the timeout's answer, then a plain close (no reset).
+    let mut got = Vec::new();
+    let end = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut got).await;
     took(t.elapsed(), Duration::from_secs(60));
-    line.clear();
-    assert_eq!(r.read_line(&mut line).await.unwrap_or(0), 0, "closed");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-ERR disconnected: no login in time\r\n"
+    );
+    assert!(end.is_ok(), "{end:?}");
     trickle.abort();
     assert!(
         p.up.received().is_empty(),
         "no partial line forwarded: {:?}",
         p.up.received()
     );
+    assert_eq!(p.up.quit_count(), 0);
+    assert_eq!(p.close_reasons().await, ["login_timeout"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -220,6 +260,61 @@ async fn greeting_timeout_answers_for_an_upstream_that_never_greets() {
     took(t.elapsed(), Duration::from_secs(30));
     assert_eq!(c.line().await, "", "closed");
     held.abort();
+}
+
+/// An upstream on this runtime that greets, takes any login, gives message 1 the UIDL `u1`,
+/// and answers RETR with `retr`, then nothing more.
+async fn stalling_upstream(retr: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"+OK ready\r\n").await.unwrap();
+        let mut line = String::new();
+        while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+            let answer: &[u8] = if line.starts_with("RETR") {
+                retr
+            } else if line.starts_with("UIDL") {
+                b"+OK 1 u1\r\n"
+            } else {
+                b"+OK\r\n"
+            };
+            let _ = w.write_all(answer).await;
+            line.clear();
+        }
+    });
+    (addr, task)
+}
+
+/// Moved from `faults.rs` (a 1 s timeout waited in real time there): a body that stops
+/// coming is cut by the idle timeout, with a reset and no terminator.
+#[tokio::test(start_paused = true)]
+async fn upstream_stalls_mid_body() {
+    let (up, _server) = stalling_upstream(b"+OK 40 octets\r\nline one\r\nline t").await;
+    let mut p = start_with("[limits]\nidle_timeout = \"10m\"\n", None, Some(up)).await;
+    let mut c = Client::greeted(p.addr).await;
+    assert!(c.login(PASS).await.starts_with("+OK"));
+    let t = Instant::now();
+    c.send("RETR 1").await;
+    let mut got = Vec::new();
+    let end = tokio::io::AsyncReadExt::read_to_end(&mut c.r, &mut got).await;
+    took(t.elapsed(), Duration::from_secs(600));
+    assert!(got.starts_with(b"+OK 40 octets\r\nline one\r\n"), "{got:?}");
+    let after = &got[b"+OK 40 octets\r\n".len()..];
+    assert!(!after.windows(5).any(|w| w == b"\r\n.\r\n"), "{got:?}");
+    assert!(
+        !after.ends_with(b"\n.") && !after.ends_with(b"\n.\r"),
+        "{got:?}"
+    );
+    assert_eq!(
+        end.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the client connection must end with a reset"
+    );
+    assert_eq!(p.close_reasons().await, ["idle_timeout"]);
 }
 
 const SLOW_STAT: &str = "[[rule]]\nname = \"slow-stat\"\non = \"command\"\nverbs = [\"STAT\"]\n\
@@ -295,8 +390,10 @@ async fn the_login_timeout_still_runs_during_a_login_penalty() {
     let t = Instant::now();
     let mut c = Client::greeted(p.addr).await;
     third_failure(&mut c).await;
-    assert_eq!(c.line().await, "-ERR disconnected: no login in time");
+    // The hold is cut short: the held `-ERR` and the timeout's at 20 s, not 30.
+    assert!(c.line().await.starts_with("-ERR [AUTH]"));
     took(t.elapsed(), Duration::from_secs(20));
+    assert_eq!(c.line().await, "-ERR disconnected: no login in time");
     assert_eq!(c.line().await, "", "closed");
     assert_eq!(p.up.quit_count(), 0);
 }
@@ -319,6 +416,8 @@ async fn shutdown_cuts_a_login_penalty_short() {
     took(started.elapsed(), Duration::ZERO);
     let rest = c.line().await;
     assert!(rest.starts_with("-ERR"), "{rest:?}");
+    // The USER read during the hold is answered by the shutdown.
+    assert_eq!(c.line().await, "-ERR [SYS/TEMP] proxy shutting down");
     assert_eq!(c.line().await, "", "closed");
     let users =
         p.up.received()
