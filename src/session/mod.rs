@@ -24,7 +24,7 @@ use crate::config::{Config, TlsMode};
 use crate::net::tls::{Stream, TlsInfo, TlsSetup};
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::proxy::policy::{Policy, Terminal};
+use crate::proxy::policy::Policy;
 use crate::proxy::{Action, Hop, HopConfig, Observe};
 use crate::rules::{Event, EventKind, RuleSet};
 pub use error::{SessionError, Side};
@@ -149,31 +149,33 @@ async fn open(
     }
     let client_tls = client.tls_info();
     let mut policy = Policy::new(shared.rules.clone());
-    let connect = policy.evaluate(&Event {
-        tls: client.is_tls(),
-        destination: info.original_dst.map(|d| d.ip()),
-        ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
-    });
+    let connect = crate::proxy::connect::admit(
+        &mut policy,
+        &Event {
+            tls: client.is_tls(),
+            destination: info.original_dst.map(|d| d.ip()),
+            ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
+        },
+    );
     if let Some(d) = connect.delay {
         tokio::time::sleep(d).await;
     }
-    let refused = match policy.terminal(&connect) {
-        Terminal::Pass => None,
-        Terminal::Deny { reply, rule, .. } => {
-            info!(%rule, "connection denied by rule");
+    let refused = match &connect.refusal {
+        None => None,
+        Some(refusal) => {
             record_rules(shared, policy.take_tally());
-            let reply = format!("{reply}\r\n");
-            let sent = match client.write_all(reply.as_bytes()).await {
-                Ok(()) => reply.len() as u64,
-                Err(_) => 0,
+            let sent = match &refusal.reply {
+                Some(reply) => {
+                    let sent = match client.write_all(reply).await {
+                        Ok(()) => reply.len() as u64,
+                        Err(_) => 0,
+                    };
+                    let _ = client.shutdown().await;
+                    sent
+                }
+                None => 0,
             };
-            let _ = client.shutdown().await;
-            Some((rule, sent))
-        }
-        Terminal::Drop { rule } => {
-            info!(%rule, "connection dropped by rule");
-            record_rules(shared, policy.take_tally());
-            Some((rule, 0))
+            Some((refusal.rule.clone(), sent))
         }
     };
     let transcript_cfg = &config.audit.transcript;
@@ -247,15 +249,12 @@ async fn open(
                 shared.tls.upstreams.get(index).and_then(Option::as_ref),
             ),
         };
-        // With one address the session awaits the greeting itself
-        // (`limits.greeting_timeout`); with several it is part of the setup, so that an
-        // address that accepts but never greets is failed over.
         let plan = crate::net::upstream::plan(
             upstream_cfg,
             upstream_tls,
             config.limits.max_line,
             &origin,
-            upstream_cfg.address.len() > 1,
+            crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
         match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
