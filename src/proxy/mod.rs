@@ -6,6 +6,7 @@
 //! The upstream's own dialogue before the relay (greeting, STLS, XCLIENT, routing mode's login)
 //! is [`dialogue`].
 
+pub(crate) mod connect;
 pub(crate) mod dialogue;
 pub(crate) mod front;
 mod hop;

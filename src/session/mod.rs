@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
 use crate::net::tls::{Stream, TlsSetup};
-use crate::proxy::policy::{Policy, Terminal};
+use crate::proxy::policy::Policy;
 use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
@@ -203,11 +203,14 @@ async fn open(
     }
     let client_tls = client.tls_info();
     let mut policy = Policy::new(shared.rules.clone());
-    let connect = policy.evaluate(&Event {
-        tls: client.is_tls(),
-        destination: info.original_dst.map(|d| d.ip()),
-        ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
-    });
+    let connect = crate::proxy::connect::admit(
+        &mut policy,
+        &Event {
+            tls: client.is_tls(),
+            destination: info.original_dst.map(|d| d.ip()),
+            ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
+        },
+    );
     // A connect rule's tarpit never outlasts a shutdown.
     if let Some(d) = connect.delay
         && !sleep_unless_shutdown(d, shutdown).await
@@ -221,23 +224,22 @@ async fn open(
         let _ = client.shutdown().await;
         return Err(CloseReason::Shutdown);
     }
-    let refused = match policy.terminal(&connect) {
-        Terminal::Pass => None,
-        Terminal::Deny { reply, rule, .. } => {
-            info!(%rule, "connection denied by rule");
+    let refused = match &connect.refusal {
+        None => None,
+        Some(refusal) => {
             record_rules(shared, policy.take_tally());
-            let reply = format!("{reply}\r\n");
-            let sent = match client.write_all(reply.as_bytes()).await {
-                Ok(()) => reply.len() as u64,
-                Err(_) => 0,
+            let sent = match &refusal.reply {
+                Some(reply) => {
+                    let sent = match client.write_all(reply).await {
+                        Ok(()) => reply.len() as u64,
+                        Err(_) => 0,
+                    };
+                    let _ = client.shutdown().await;
+                    sent
+                }
+                None => 0,
             };
-            let _ = client.shutdown().await;
-            Some((rule, sent))
-        }
-        Terminal::Drop { rule } => {
-            info!(%rule, "connection dropped by rule");
-            record_rules(shared, policy.take_tally());
-            Some((rule, 0))
+            Some((refusal.rule.clone(), sent))
         }
     };
     let transcript_cfg = &config.audit.transcript;
@@ -314,15 +316,12 @@ async fn open(
                 shared.tls.upstreams.get(index).and_then(Option::as_ref),
             ),
         };
-        // With one address the session awaits the greeting itself
-        // (`limits.greeting_timeout`); with several it is part of the setup, so that an
-        // address that accepts but never greets is failed over.
         let plan = crate::net::upstream::plan(
             upstream_cfg,
             upstream_tls,
             config.limits.max_line,
             &origin,
-            upstream_cfg.address.len() > 1,
+            crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
         match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
