@@ -96,15 +96,24 @@ run() { # RUNS downloads; prints popgate CPU seconds per GB relayed
   awk -v a="$a" -v b="$b" -v mb="$SIZE_MB" -v n="$RUNS" 'BEGIN {printf "%.2f", (b - a) / (mb * n / 1024)}'
 }
 run >/dev/null   # warm-up (page cache, Dovecot's index)
-none=$(run)
-./target/release/popgate tap --user nobody-here --socket "$tmp/control.sock" >/dev/null 2>&1 & pids+=($!)
-TAP=$!
-sleep 0.5
-idle=$(run)
-kill "$TAP"
+# No tap and one idle tap, alternating ROUNDS times (the machine's load drifts): medians.
+ROUNDS=${ROUNDS:-3}
+nones=(); idles=()
+for _ in $(seq "$ROUNDS"); do
+  nones+=("$(run)")
+  ./target/release/popgate tap --user nobody-here --socket "$tmp/control.sock" >/dev/null 2>&1 & pids+=($!)
+  TAP=$!
+  sleep 0.5
+  idles+=("$(run)")
+  kill "$TAP"; wait "$TAP" 2>/dev/null || true
+  sleep 0.2
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ./target/release/popgate tap --user bench --socket "$tmp/control.sock" >"$tmp/tap.out" 2>&1 & pids+=($!)
 sleep 0.5
 on=$(run)
-echo "popgate CPU seconds per GB relayed (plain RETR of ${SIZE_MB} MB, $RUNS runs each):"
-printf '  no tap %s, one idle tap attached %s, one tap on the session %s\n' "$none" "$idle" "$on"
+echo "popgate CPU seconds per GB relayed (plain RETR of ${SIZE_MB} MB, $RUNS runs per figure):"
+printf '  no tap:                median %s of %s\n' "$(median "${nones[@]}")" "${nones[*]}"
+printf '  one idle tap attached: median %s of %s\n' "$(median "${idles[@]}")" "${idles[*]}"
+printf '  one tap on the session (size lines): %s\n' "$on"
 printf '  lines the session tap printed: %s\n' "$(grep -c ' s[0-9]* ' "$tmp/tap.out" || true)"

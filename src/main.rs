@@ -355,6 +355,7 @@ fn run() -> Result<()> {
                     writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
                 },
             )?;
+            eprintln!("popgate tap: detached (popgate closed the connection or the output)");
             Ok(())
         }
         CliCommand::Audit {

@@ -17,8 +17,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-pub use server::ControlSocket;
-
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

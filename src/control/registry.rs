@@ -96,6 +96,8 @@ pub(crate) struct Entry {
     /// reads when nobody taps.
     taps: Mutex<Vec<Arc<Subscriber>>>,
     tap_count: AtomicUsize,
+    /// How many of them show bodies (read per body chunk while tapped).
+    bodies_count: AtomicUsize,
 }
 
 impl Entry {
@@ -124,8 +126,9 @@ impl Entry {
     }
 
     /// Whether some attached tap shows bodies.
+    #[inline]
     pub(crate) fn wants_bodies(&self) -> bool {
-        lock(&self.taps).iter().any(|s| s.bodies)
+        self.bodies_count.load(Ordering::Relaxed) != 0
     }
 
     /// Who kicked the session, if it was kicked.
@@ -154,14 +157,21 @@ impl Entry {
             return false;
         }
         taps.push(s.clone());
-        self.tap_count.store(taps.len(), Ordering::Relaxed);
+        self.counts(&taps);
         true
     }
 
     fn detach(&self, s: &Arc<Subscriber>) {
         let mut taps = lock(&self.taps);
         taps.retain(|t| !Arc::ptr_eq(t, s));
+        self.counts(&taps);
+    }
+
+    /// Publish the tap counts (under the `taps` lock).
+    fn counts(&self, taps: &[Arc<Subscriber>]) {
         self.tap_count.store(taps.len(), Ordering::Relaxed);
+        let bodies = taps.iter().filter(|t| t.bodies).count();
+        self.bodies_count.store(bodies, Ordering::Relaxed);
     }
 
     fn row(&self, now: Instant) -> SessionRow {
@@ -273,6 +283,7 @@ impl Registry {
             kicked_by: Mutex::new(None),
             taps: Mutex::new(Vec::new()),
             tap_count: AtomicUsize::new(0),
+            bodies_count: AtomicUsize::new(0),
         });
         for s in &inner.subscribers {
             if s.matcher.matches(&entry, None) {

@@ -20,14 +20,15 @@ pub(crate) const MAX_CONNECTIONS: usize = 16;
 
 /// The bound control socket; removes its file when dropped.
 #[derive(Debug)]
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: Option<UnixListener>,
     path: PathBuf,
 }
 
 impl ControlSocket {
     /// The socket's path.
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -387,5 +388,34 @@ fn status(host: &Host) -> Status {
         sessions: by_listener.values().flat_map(|m| m.values()).sum(),
         by_listener,
         taps: host.registry.taps() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket is 0660; a stale socket file is replaced, a live one and a regular file are
+    /// refused; the file goes when the socket is dropped.
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_and_refuses_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("control.sock");
+        let first = bind(&path, None).unwrap();
+        assert_eq!(first.path(), path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let live = bind(&path, None).unwrap_err().to_string();
+        assert!(live.contains("another popgate"), "{live}");
+        // A stale one: bound by a std listener that is gone, its file left behind.
+        drop(first);
+        assert!(!path.exists());
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let again = bind(&path, Some("0")).unwrap();
+        drop(again);
+        std::fs::write(&path, b"not a socket").unwrap();
+        let file = bind(&path, None).unwrap_err().to_string();
+        assert!(file.contains("not a socket"), "{file}");
     }
 }
