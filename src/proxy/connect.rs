@@ -18,14 +18,14 @@ pub(crate) struct Admission {
     /// Wait this long before anything else (tarpit rules).
     pub(crate) delay: Option<Duration>,
     /// Refused: the session ends after the delay, with the rule's reply if any.
-    pub(crate) refusal: Option<Refusal>,
+    pub(crate) refusal: Option<ConnectRefusal>,
     /// The connect event's own tags (for the audit trail's close record of a refusal).
     pub(crate) tags: Vec<Arc<str>>,
 }
 
 /// A session the `connect` rules refuse.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refusal {
+pub(crate) struct ConnectRefusal {
     /// The refusing rule.
     pub(crate) rule: Arc<str>,
     /// `deny`: the line to write (CRLF included) before closing; `drop`: none.
@@ -39,14 +39,14 @@ pub(crate) fn admit(policy: &mut Policy, event: &Event<'_>) -> Admission {
         Terminal::Pass => None,
         Terminal::Deny { reply, rule, .. } => {
             info!(%rule, "connection denied by rule");
-            Some(Refusal {
+            Some(ConnectRefusal {
                 rule,
                 reply: Some(replies::line(&reply)),
             })
         }
         Terminal::Drop { rule } => {
             info!(%rule, "connection dropped by rule");
-            Some(Refusal { rule, reply: None })
+            Some(ConnectRefusal { rule, reply: None })
         }
     };
     Admission {
@@ -95,7 +95,7 @@ mod tests {
         assert_eq!(a.delay, Some(Duration::from_secs(2)));
         assert_eq!(
             a.refusal,
-            Some(Refusal {
+            Some(ConnectRefusal {
                 rule: "no-lab".into(),
                 reply: Some(b"-ERR [SYS/PERM] connection not allowed by policy\r\n".to_vec()),
             })
@@ -104,7 +104,7 @@ mod tests {
         assert_eq!(a.delay, None);
         assert_eq!(
             a.refusal,
-            Some(Refusal {
+            Some(ConnectRefusal {
                 rule: "silent".into(),
                 reply: None
             })
