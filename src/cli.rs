@@ -65,10 +65,14 @@ pub enum CliCommand {
         #[arg(long)]
         print: bool,
     },
-    /// Tell a running popgate to reload its config (SIGHUP) and wait for the outcome: prints
-    /// it, and exits non-zero when the reload failed (nothing changed) or no outcome came.
+    /// Tell a running popgate to reload its config and wait for the outcome: prints it, and
+    /// exits non-zero when the reload failed (nothing changed) or no outcome came. Through the
+    /// control socket when the config has `[control]` (or with --socket), else by SIGHUP.
     #[command(group = clap::ArgGroup::new("target").required(true))]
     Reload {
+        /// The control socket of the running popgate.
+        #[arg(long, value_name = "PATH", group = "target")]
+        socket: Option<PathBuf>,
         /// The PID file of the running popgate (the outcome is read beside it).
         #[arg(long, value_name = "FILE", group = "target")]
         pid_file: Option<PathBuf>,
@@ -82,6 +86,71 @@ pub enum CliCommand {
         /// How long to wait for the outcome, in seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         timeout: u64,
+    },
+    /// List the live sessions (through the control socket): id, client, listener, user,
+    /// state, upstream, TLS, bytes, age, idle time, tags.
+    Sessions {
+        /// Where the control socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Which sessions.
+        #[command(flatten)]
+        filter: SessionFilter,
+        /// Print the rows as JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show popgate's version, uptime, config digest, last reload and session counts.
+    Status {
+        /// Where the control socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the matching sessions as a shutdown does: `-ERR [SYS/TEMP]` to the client, the
+    /// upstream closed without QUIT (pending deletions are not committed), audited as a kick.
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    Kick {
+        /// Where the control socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// The session id.
+        #[arg(long, value_name = "ID", group = "which")]
+        session: Option<u64>,
+        /// Every session of this user.
+        #[arg(long, value_name = "USER", group = "which")]
+        user: Option<String>,
+        /// Every session from this address or network.
+        #[arg(long, value_name = "CIDR", group = "which")]
+        client: Option<String>,
+    },
+    /// Follow the matching sessions, present and future, live: their commands and the
+    /// server's replies, redacted as transcripts are, until interrupted.
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    Tap {
+        /// Where the control socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// The session id.
+        #[arg(long, value_name = "ID", group = "which")]
+        session: Option<u64>,
+        /// This user's sessions (attached once the user is named).
+        #[arg(long, value_name = "USER", group = "which")]
+        user: Option<String>,
+        /// Sessions from this address or network.
+        #[arg(long, value_name = "CIDR", group = "which")]
+        client: Option<String>,
+        /// Sessions on this listener.
+        #[arg(long, value_name = "NAME", group = "which")]
+        listener: Option<String>,
+        /// Show message bodies instead of a size line.
+        #[arg(long)]
+        bodies: bool,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Show audit trail events (JSON lines files) as a table: who fetched or deleted what.
     Audit {
@@ -142,6 +211,32 @@ pub enum CliCommand {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// Where a control subcommand finds the control socket.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SocketArgs {
+    /// The config of the running popgate: its `[control] socket`.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The control socket itself.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// Which sessions `popgate sessions` lists (all without a criterion).
+#[derive(Debug, clap::Args)]
+pub struct SessionFilter {
+    /// Only this user's sessions.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Only sessions from this address or network.
+    #[arg(long, value_name = "CIDR")]
+    pub client: Option<String>,
+    /// Only sessions on this listener.
+    #[arg(long, value_name = "NAME")]
+    pub listener: Option<String>,
 }
 
 /// `popgate oauth2 ...`.

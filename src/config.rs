@@ -1,5 +1,7 @@
 //! Configuration: TOML (serde, unknown keys rejected) → CLI overrides → [`Config::validate`].
 
+pub mod state;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,9 +110,12 @@ pub struct Config {
     /// Prometheus metrics and the health endpoint (`[metrics]`); off when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// The control socket (`[control]`: `popgate sessions`, `kick`, `tap`); off when absent.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
     /// Fleet state (`[state]`): local, or shared by the instances through Redis.
     #[serde(default)]
-    pub state: crate::state::StateConfig,
+    pub state: state::StateConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -125,6 +130,17 @@ pub struct ProcessConfig {
     pub user: Option<String>,
     /// Switch to this group (name or numeric id); default: the user's primary group. It is
     /// also the only supplementary group left.
+    pub group: Option<String>,
+}
+
+/// `[control]`: the Unix socket of `popgate sessions`, `status`, `kick`, `tap` and `reload`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The socket's path; default `control.sock` in `$RUNTIME_DIRECTORY` (systemd's
+    /// `RuntimeDirectory=`). Created with mode 0660, owned by the user popgate runs as.
+    pub socket: Option<PathBuf>,
+    /// The socket's group (name or numeric id): its members may use it too.
     pub group: Option<String>,
 }
 
@@ -174,7 +190,7 @@ pub struct ListenerConfig {
     /// Peers allowed to send that header (`["10.0.0.0/8", "192.0.2.7"]`); connections from
     /// anyone else are closed. Required with `proxy_protocol`.
     #[serde(default)]
-    pub trusted_proxies: Vec<crate::audit::Network>,
+    pub trusted_proxies: Vec<crate::types::Network>,
     /// How long a trusted peer may take to send the whole header.
     #[serde(default = "default_proxy_timeout", with = "humantime_serde")]
     pub proxy_timeout: Duration,
@@ -638,6 +654,9 @@ impl Config {
             fix(d);
         }
         if let Some(p) = &mut self.pid_file {
+            fix(p);
+        }
+        if let Some(p) = self.control.as_mut().and_then(|c| c.socket.as_mut()) {
             fix(p);
         }
         self.audit.resolve_paths(base);

@@ -10,6 +10,7 @@ mod check;
 pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 mod limits;
 mod metrics;
@@ -24,6 +25,7 @@ pub mod rules;
 mod runtime;
 mod session;
 pub mod state;
+pub mod types;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -69,6 +71,10 @@ pub struct Proxy {
     listeners: Vec<listener::Listener>,
     /// The `[metrics]` endpoint's socket, when configured.
     metrics: Option<tokio::net::TcpListener>,
+    /// The control socket's server (`[control]`), once started.
+    control: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the control socket's server when the proxy has drained.
+    control_stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// Applies a changed config file to a running proxy, e.g. on SIGHUP: whole or not at all.
@@ -87,6 +93,12 @@ impl Reloader {
     pub async fn reload(&self) -> Result<String, StartError> {
         let outcome = self.load_and_apply().await;
         self.runtime.metrics().config_reloaded(outcome.is_ok());
+        match &outcome {
+            Ok(line) => self.runtime.record_reload(true, line),
+            Err(e) => self
+                .runtime
+                .record_reload(false, &format!("reload failed, nothing changed: {e}")),
+        }
         outcome
     }
 
@@ -120,7 +132,7 @@ impl Reopener {
     /// transcript reopen its file before its next line. On an error the old audit file stays
     /// in use.
     pub async fn reopen(&self) -> Result<(), audit::SinkError> {
-        audit::transcript::reopen_all();
+        audit::writer::transcript::reopen_all();
         self.runtime.current().audit.reopen().await
     }
 }
@@ -167,7 +179,58 @@ impl Proxy {
             runtime,
             listeners,
             metrics,
+            control: None,
+            control_stop: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Bind the `[control]` socket, if the config has one, and serve it until the proxy has
+    /// drained (its file is removed then). Call it as the user popgate runs as (after the
+    /// privilege drop): the socket is that user's, mode 0660. `reloader` serves the `reload`
+    /// command; `log` is called with each reload's outcome (the binary reports it as for
+    /// SIGHUP). Returns the socket's path.
+    pub fn start_control(
+        &mut self,
+        reloader: Option<Reloader>,
+    ) -> Result<Option<PathBuf>, control::ControlError> {
+        let config = self.runtime.current().config.clone();
+        let Some(c) = &config.control else {
+            return Ok(None);
+        };
+        let path = control::socket_path(c)?;
+        let socket = control::server::bind(&path, c.group.as_deref())?;
+        let (rt, rt2) = (self.runtime.clone(), self.runtime.clone());
+        let reload: Option<control::ReloadFn> = reloader.map(|r| {
+            Box::new(move || {
+                let r = r.clone();
+                Box::pin(async move {
+                    match r.reload().await {
+                        Ok(line) => {
+                            tracing::info!("control: {line}");
+                            Ok(line)
+                        }
+                        Err(e) => {
+                            let line = format!("reload failed, nothing changed: {e}");
+                            tracing::error!("control: {line}");
+                            Err(line)
+                        }
+                    }
+                })
+                    as std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
+            }) as control::ReloadFn
+        });
+        let host = Arc::new(control::Host {
+            registry: self.runtime.registry(),
+            digest: Box::new(move || rt.config_digest()),
+            last_reload: Box::new(move || rt2.last_reload()),
+            reload,
+        });
+        self.control = Some(tokio::spawn(control::server::serve(
+            socket,
+            host,
+            self.control_stop.subscribe(),
+        )));
+        Ok(Some(path))
     }
 
     /// The bound address of the `[metrics]` endpoint (`/metrics`, `/health`), if configured.
@@ -215,6 +278,10 @@ impl Proxy {
             ))
         });
         self.runtime.run(self.listeners, shutdown).await;
+        let _ = self.control_stop.send(true);
+        if let Some(c) = self.control {
+            let _ = c.await;
+        }
         let _ = metrics_tx.send(true);
         if let Some(m) = metrics_server {
             let _ = m.await;

@@ -102,9 +102,10 @@ impl Limiter {
         };
     }
 
-    /// A login from `ip` failed: record it and return how long to hold the failure reply.
-    pub fn login_failed(&self, ip: IpAddr) -> Option<Duration> {
-        let delay = self.logins.failed(ip, Instant::now());
+    /// A login from `ip` failed at `now` (the session driver's clock): record it and return
+    /// how long to hold the failure reply.
+    pub fn login_failed(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let delay = self.logins.failed(ip, now);
         if delay.is_some() {
             Counters::bump(&self.counters.logins_delayed);
         }

@@ -122,12 +122,32 @@ fn run() -> Result<()> {
             Ok(())
         }
         CliCommand::Reload {
+            socket,
             pid_file,
             config,
             pid,
             timeout,
         } => {
             use popgate::pidfile::ReloadTarget;
+            // The control socket when there is one: the outcome comes back on it.
+            let via_socket = match (&socket, &config) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(config)) => match Config::load(config)?.control {
+                    Some(c) => Some(popgate::control::socket_path(&c)?),
+                    None => None,
+                },
+                _ => None,
+            };
+            if let Some(path) = via_socket {
+                use popgate::control::{client, protocol::Command};
+                return match client::request(&path, Command::Reload) {
+                    Ok(answer) => {
+                        println!("popgate: {}", answer.reload.unwrap_or_default());
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                };
+            }
             let target = match (pid_file, config, pid) {
                 (Some(p), _, _) => ReloadTarget::PidFile(p),
                 (None, Some(config), _) => ReloadTarget::PidFile(
@@ -200,6 +220,11 @@ fn run() -> Result<()> {
                     let (uid, gid) = drop.apply()?;
                     tracing::info!(uid, gid, "switched to process.user/group");
                 }
+                let mut proxy = proxy;
+                // The control socket, as the user popgate runs as from here on.
+                if let Some(path) = proxy.start_control(Some(proxy.reloader(Some(config.clone()))))? {
+                    tracing::info!(path = %path.display(), "control socket ready");
+                }
                 let reloader = proxy.reloader(Some(config.clone()));
                 let hook_logging = logging.clone();
                 reloader.set_log_hook(Box::new(move |new: &LogConfig| {
@@ -218,6 +243,121 @@ fn run() -> Result<()> {
                 Ok(())
             })
         }
+        CliCommand::Sessions {
+            socket,
+            filter,
+            json,
+        } => {
+            use popgate::control::{client, protocol};
+            let path = control_socket(&socket)?;
+            let answer = client::request(
+                &path,
+                protocol::Command::Sessions {
+                    filter: protocol::SessionSelector {
+                        user: filter.user,
+                        client: filter.client,
+                        listener: filter.listener,
+                        session: None,
+                    },
+                },
+            )?;
+            let rows = answer.sessions.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", client::format_sessions(&rows, colour()));
+            }
+            Ok(())
+        }
+        CliCommand::Status { socket, json } => {
+            use popgate::control::{client, protocol};
+            let path = control_socket(&socket)?;
+            let answer = client::request(&path, protocol::Command::Status)?;
+            let status = answer
+                .status
+                .context("popgate answered status without one")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", client::format_status(&status));
+            }
+            Ok(())
+        }
+        CliCommand::Kick {
+            socket,
+            session,
+            user,
+            client: net,
+        } => {
+            use popgate::control::{client, protocol};
+            let path = control_socket(&socket)?;
+            let answer = client::request(
+                &path,
+                protocol::Command::Kick {
+                    filter: protocol::SessionSelector {
+                        session,
+                        user,
+                        client: net,
+                        listener: None,
+                    },
+                },
+            )?;
+            let ids = answer.kicked.unwrap_or_default();
+            if ids.is_empty() {
+                anyhow::bail!("no session matched");
+            }
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            println!("kicked {} session(s): {}", ids.len(), ids.join(" "));
+            Ok(())
+        }
+        CliCommand::Tap {
+            socket,
+            session,
+            user,
+            client: net,
+            listener,
+            bodies,
+            json,
+        } => {
+            use popgate::control::{client, protocol};
+            use std::io::Write as _;
+            let path = control_socket(&socket)?;
+            let color = colour();
+            let command = protocol::Command::Tap {
+                filter: protocol::SessionSelector {
+                    session,
+                    user,
+                    client: net,
+                    listener,
+                },
+                bodies,
+            };
+            let mut out = std::io::stdout().lock();
+            client::tap(
+                &path,
+                command,
+                |ids| {
+                    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+                    eprintln!(
+                        "popgate tap: attached to {} session(s) now{}{}; later ones attach as they match",
+                        ids.len(),
+                        if ids.is_empty() { "" } else { ": " },
+                        ids.join(" ")
+                    );
+                },
+                |line| {
+                    let text = if json {
+                        serde_json::to_string(line).unwrap_or_default()
+                    } else {
+                        client::format_tap_line(line, color)
+                    };
+                    // A closed pipe (`| head`) ends the tap.
+                    writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+                },
+            )?;
+            eprintln!("popgate tap: detached (popgate closed the connection or the output)");
+            Ok(())
+        }
         CliCommand::Audit {
             files,
             user,
@@ -229,12 +369,12 @@ fn run() -> Result<()> {
             event,
             json,
         } => {
-            use popgate::audit::{Filter, format_json, format_table, read_audit};
-            let filter = Filter {
+            use popgate::audit::{AuditFilter, format_json, format_table, read_audit};
+            let filter = AuditFilter {
                 uidl,
                 message_id,
                 msg_user,
-                ..Filter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
+                ..AuditFilter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
             };
             let read = read_audit(&files, &filter)?;
             let out = if json {
@@ -269,6 +409,30 @@ fn run() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The control socket `--socket` names, or the `[control]` one of `--config`.
+fn control_socket(args: &popgate::cli::SocketArgs) -> Result<std::path::PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    let Some(config) = &args.config else {
+        anyhow::bail!("give --config or --socket");
+    };
+    let c = Config::load(config)?;
+    let control = c.control.with_context(|| {
+        format!(
+            "{}: no [control] table (no control socket)",
+            config.display()
+        )
+    })?;
+    popgate::control::socket_path(&control).with_context(|| format!("{}", config.display()))
+}
+
+/// Whether stdout is a terminal (colour then, plain text in a pipe).
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 /// `popgate oauth2 hash-password | login`.
@@ -559,14 +723,16 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
          [[listener]]\nname = \"demo-tls\"\nbind = \"{tls_bind}\"\ntls = \"implicit\"\n\
          [upstream]\naddress = \"{}\"\n\
          [tls]\ncert = \"localhost.crt\"\nkey = \"localhost.key\"\n\
-         [limits]\nmax_sessions = 1000\n",
+         [limits]\nmax_sessions = 1000\n\
+         [control]\nsocket = \"control.sock\"\n",
         server.local_addr(),
     );
     let config_path = dir.join("popgate.toml");
     std::fs::write(&config_path, text)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let config = Config::load(&config_path)?;
-    let proxy = popgate::Proxy::bind(config).await?;
+    let mut proxy = popgate::Proxy::bind(config).await?;
+    let control = proxy.start_control(None)?;
     let addrs = proxy.local_addrs();
     let (Some((_, plain)), Some((_, tls))) = (addrs.first(), addrs.get(1)) else {
         anyhow::bail!("demo listeners have no address");
@@ -610,6 +776,21 @@ async fn run_demo(bind: std::net::SocketAddr, tls_bind: std::net::SocketAddr) ->
         "  curl pop3://{creds}@{}/3    # refused: require-tls, no login before STLS (curl exits 67)",
         hostport(plain)
     );
+    if let Some(socket) = control {
+        println!("watch, list and end sessions live (docs/control.md):");
+        println!(
+            "  popgate tap --user {} --socket {}     # follow {}'s sessions, redacted",
+            user.user,
+            socket.display(),
+            user.user
+        );
+        println!("  popgate sessions --socket {}", socket.display());
+        println!(
+            "  popgate kick --user {} --socket {}",
+            user.user,
+            socket.display()
+        );
+    }
     println!("press Ctrl-C to stop");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

@@ -4,6 +4,8 @@
 //! The `popgate.toml(5)` man page is generated from [`KEYS`], `popgate check --print` names the
 //! keys it has no value for from it, and the tests below compare it with what `check --print`
 //! prints for a config that sets every key, so the reference cannot drift from the code.
+//! `docs/configuration.md` documents the same keys with the same defaults and reload behaviour
+//! (`tests/it/docs.rs` compares the two).
 
 /// What a reload (`SIGHUP`, `popgate reload`) does with a changed key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,6 +432,19 @@ pub const KEYS: &[Key] = &[
         R,
         "/health trusts an upstream connect this recent; otherwise it dials the upstream itself.",
     ),
+    // [control]
+    k(
+        "control.socket",
+        "control.sock in $RUNTIME_DIRECTORY",
+        R,
+        "The control socket of popgate sessions/status/kick/tap/reload (docs/control.md): a Unix socket, mode 0660, owned by the user popgate runs as. Without the [control] table there is none.",
+    ),
+    k(
+        "control.group",
+        "not set",
+        R,
+        "The socket's group: its members may use the control socket too (besides the owner and root).",
+    ),
     // [state]
     k(
         "state.backend",
@@ -579,6 +594,7 @@ fn section_of(key: &str) -> &'static str {
         ("log.", "[log]"),
         ("process.", "[process]"),
         ("metrics.", "[metrics]"),
+        ("control.", "[control]"),
         ("state.", "[state]"),
         ("audit.transcript.", "[audit.transcript]"),
         ("audit.", "[audit]"),

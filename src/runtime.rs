@@ -22,6 +22,7 @@ use tracing::Instrument as _;
 use crate::audit::{AuditGuard, AuditSink};
 use crate::check::{FileHashes, Prepared, StartError};
 use crate::config::{Config, ListenerConfig, LogConfig};
+use crate::control::registry::Registry;
 use crate::limits::{Counters, Limiter};
 use crate::metrics::Metrics;
 use crate::net::intercept;
@@ -50,8 +51,11 @@ pub(crate) struct Runtime {
     current: RwLock<Arc<Shared>>,
     files: Mutex<FileHashes>,
     tasks: TaskTracker,
-    /// Turns true when open sessions must close (after the grace period).
-    close_sessions: watch::Sender<bool>,
+    /// Every live session (`[control]`); its `close_all` closes the open sessions after the
+    /// grace period.
+    registry: Arc<Registry>,
+    /// The last reload's outcome (`popgate status`).
+    last_reload: Mutex<Option<crate::control::protocol::ReloadInfo>>,
     /// Turns true when the drain starts: connections still waiting for their PROXY header are
     /// not sessions yet and are not waited for.
     draining: watch::Sender<bool>,
@@ -154,7 +158,8 @@ impl Runtime {
             ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
-            close_sessions: watch::channel(false).0,
+            registry: Arc::new(Registry::new()),
+            last_reload: Mutex::new(None),
             draining: watch::channel(false).0,
             metrics,
             // Unique across restarts: see `session::first_id`.
@@ -177,6 +182,38 @@ impl Runtime {
     /// The process's metrics (served by `[metrics]`).
     pub(crate) fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The session registry (`[control]`).
+    pub(crate) fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Record a reload's outcome for `popgate status`.
+    pub(crate) fn record_reload(&self, ok: bool, line: &str) {
+        *lock(&self.last_reload) = Some(crate::control::protocol::ReloadInfo {
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            ok,
+            line: line.to_owned(),
+        });
+    }
+
+    /// The last reload's outcome.
+    pub(crate) fn last_reload(&self) -> Option<crate::control::protocol::ReloadInfo> {
+        lock(&self.last_reload).clone()
+    }
+
+    /// A digest of the config in force and the files it names (certificates, rules, routing
+    /// map, OAuth2 credentials): changes when any of them does.
+    pub(crate) fn config_digest(&self) -> String {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        toml::to_string(&*self.current().config)
+            .unwrap_or_default()
+            .hash(&mut h);
+        let f = *lock(&self.files);
+        (f.certs, f.rules, f.map, f.credentials).hash(&mut h);
+        format!("{:016x}", h.finish())
     }
 
     pub(crate) fn set_log_hook(&self, hook: LogHook) {
@@ -220,7 +257,7 @@ impl Runtime {
         let shared = self.current();
         let bound = lock(&self.bound).clone();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let shutdown = self.close_sessions.subscribe();
+        let registry = self.registry.clone();
         let mut draining = self.draining.subscribe();
         // The steps before the session proper (PROXY header, session info, span) run in a
         // boxed future of their own, freed when they end: the spawned task keeps only the
@@ -242,14 +279,14 @@ impl Runtime {
                 Ok(slot) => slot,
                 Err(why) => {
                     let total = Counters::bump(&shared.limiter.counters.per_ip_refused);
-                    let (line, reply): (&str, &[u8]) = match why {
+                    let (line, reply) = match why {
                         crate::state::Refused::Full => (
                             "too many sessions from this address in the fleet",
-                            b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+                            crate::pop3::replies::TOO_MANY_FROM_ADDRESS,
                         ),
                         crate::state::Refused::Unavailable => (
                             "state store unreachable and on_unavailable = \"closed\"",
-                            b"-ERR [SYS/TEMP] service unavailable, try again later\r\n",
+                            crate::pop3::replies::SERVICE_UNAVAILABLE,
                         ),
                     };
                     tracing::warn!(listener = %a.listener, client = %a.client,
@@ -267,10 +304,7 @@ impl Runtime {
                         let total = Counters::bump(&shared.limiter.counters.intercept_refused);
                         tracing::warn!(listener = %a.listener, client = %a.client,
                             local = %a.local, refused_total = total, "connection refused: {e}");
-                        listener::refuse(
-                            a.tcp,
-                            b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
-                        );
+                        listener::refuse(a.tcp, crate::pop3::replies::NO_ORIGINAL_DESTINATION);
                         return None;
                     }
                 }
@@ -293,7 +327,11 @@ impl Runtime {
                 (None, Some(dst)) => tracing::info!(original_dst = %dst, "session open"),
                 (None, None) => tracing::info!("session open"),
             });
-            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown);
+            // Registered (and so listed, kickable, tappable) from here to the session's end;
+            // its stop signal is the kick's and the drain's.
+            let (handle, shutdown) =
+                registry.register(id, info.listener.clone(), info.client, info.proxy);
+            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown, handle);
             Some((session, (a.slots, fleet_slot), span))
         });
         self.tasks.spawn(async move {
@@ -350,7 +388,7 @@ impl Runtime {
                 sessions = self.tasks.len(),
                 "shutdown_grace over: closing the sessions still open"
             );
-            let _ = self.close_sessions.send(true);
+            self.registry.close_all();
             if tokio::time::timeout(CLOSE_WAIT, self.tasks.wait())
                 .await
                 .is_err()
@@ -538,13 +576,16 @@ impl Runtime {
 }
 
 /// Keys a reload cannot apply: the `[metrics]` endpoint (bound once, its settings read at
-/// start), `pid_file` (written once), `[process]` (the privilege drop happens once) and
-/// `[state]` (one store for the process's life). A
+/// start), `pid_file` (written once), `[process]` (the privilege drop happens once),
+/// `[control]` (the socket is bound once) and `[state]` (one store for the process's life). A
 /// reload reports them as `need a restart: …` while the file differs from the running
 /// process.
 fn needs_restart(key: &str) -> bool {
     let top = key.split(['.', '[']).next().unwrap_or(key);
-    matches!(top, "metrics" | "pid_file" | "process" | "state")
+    matches!(
+        top,
+        "metrics" | "pid_file" | "process" | "control" | "state"
+    )
 }
 
 /// Whether two values serialize alike (config types have no `PartialEq`; this also covers
@@ -652,6 +693,8 @@ mod tests {
             "pid_file",
             "process",
             "process.user",
+            "control",
+            "control.socket",
             "state",
             "state.url",
         ] {

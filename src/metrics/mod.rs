@@ -67,7 +67,7 @@ pub(crate) struct Metrics {
 struct StateMetrics {
     /// `Some(on_unavailable)` with `backend = "redis"`: the metrics are exported and `/health`
     /// follows the store.
-    mode: Mutex<Option<crate::state::OnUnavailable>>,
+    mode: Mutex<Option<crate::config::state::OnUnavailable>>,
     latency: Histogram,
     errors: Family<Labels, Counter>,
     up: Gauge,
@@ -458,7 +458,7 @@ impl Metrics {
     }
 
     /// The fleet state store in use: `Some(on_unavailable)` for Redis, `None` for local.
-    pub(crate) fn state_configured(&self, mode: Option<crate::state::OnUnavailable>) {
+    pub(crate) fn state_configured(&self, mode: Option<crate::config::state::OnUnavailable>) {
         *lock(&self.state.mode) = mode;
     }
 
@@ -488,12 +488,12 @@ impl Metrics {
             return None;
         }
         Some(Health {
-            ok: mode == crate::state::OnUnavailable::Open,
+            ok: mode == crate::config::state::OnUnavailable::Open,
             reason: format!(
                 "degraded: the state store does not answer (on_unavailable = {})",
                 match mode {
-                    crate::state::OnUnavailable::Open => "open: per-instance limits",
-                    crate::state::OnUnavailable::Closed => "closed",
+                    crate::config::state::OnUnavailable::Open => "open: per-instance limits",
+                    crate::config::state::OnUnavailable::Closed => "closed",
                 }
             ),
         })

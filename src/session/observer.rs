@@ -9,14 +9,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::{
-    AuditEvent, AuditSink, CloseReason, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet,
-    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide,
-    Transcript, TranscriptConfig, Update, UpdateOutcome,
+    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet, LoginEvent,
+    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Transcript,
+    TranscriptConfig, Update, UpdateOutcome,
 };
+use crate::control::tap::TapPoint;
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
+use crate::types::{CloseReason, TlsInfo};
 
 pub(crate) use crate::proxy::Marks;
 
@@ -63,6 +65,10 @@ pub struct Observer {
     original_dst: Option<SocketAddr>,
     /// Routing mode: the upstream the login in progress was routed to.
     upstream: Option<String>,
+    /// Live taps (`popgate tap`): the transcript's lines, redacted alike.
+    tap: TapPoint,
+    /// Who kicked the session (`popgate kick`), for its `session_close`.
+    kicked_by: Option<String>,
 }
 
 impl Observer {
@@ -89,7 +95,30 @@ impl Observer {
             transcript,
             original_dst: None,
             upstream: None,
+            tap: TapPoint::default(),
+            kicked_by: None,
         }
+    }
+
+    /// Feed live taps from now on (see [`TapPoint`]).
+    pub(crate) fn set_tap(&mut self, tap: TapPoint) {
+        self.tap = tap;
+    }
+
+    /// The tap point (and through it the session's registry handle).
+    pub(crate) fn tap_mut(&mut self) -> &mut TapPoint {
+        &mut self.tap
+    }
+
+    /// The session was kicked by `who` (its `session_close` names them).
+    pub(crate) fn set_kicked_by(&mut self, who: String) {
+        self.kicked_by = Some(who);
+    }
+
+    /// A note (`*:`) for the transcript and the taps.
+    fn note(&mut self, text: &str) {
+        self.transcript.note(text);
+        self.tap.line("*", || text.to_owned());
     }
 
     /// The original destination of a redirected connection (transparent interception), for
@@ -107,12 +136,12 @@ impl Observer {
         self.sink.is_enabled()
     }
 
-    fn push(&mut self, kind: impl Into<crate::audit::EventKind>) {
+    fn push(&mut self, kind: impl Into<crate::audit::AuditEventKind>) {
         self.push_tagged(kind, &[]);
     }
 
     /// An event with the session's tags and `extra` (the event's own).
-    fn push_tagged(&mut self, kind: impl Into<crate::audit::EventKind>, extra: &[String]) {
+    fn push_tagged(&mut self, kind: impl Into<crate::audit::AuditEventKind>, extra: &[String]) {
         let mut tags = self.tags.clone();
         for t in extra {
             if !tags.contains(t) {
@@ -154,11 +183,10 @@ impl Observer {
         tags: &[Arc<str>],
     ) {
         if let Some(p) = proxy {
-            self.transcript
-                .note(&format!("client {client} via proxy {p}"));
+            self.note(&format!("client {client} via proxy {p}"));
         }
         if let Some(d) = self.original_dst {
-            self.transcript.note(&format!(
+            self.note(&format!(
                 "client {client} redirected, original destination {d}"
             ));
         }
@@ -179,7 +207,7 @@ impl Observer {
 
     /// `tls`: a handshake completed on one side.
     pub fn tls(&mut self, side: TlsSide, tls: &TlsInfo) {
-        self.transcript.note(&format!(
+        self.note(&format!(
             "{} TLS {} {}",
             side.as_str(),
             tls.version,
@@ -193,17 +221,22 @@ impl Observer {
     /// A command line the client sent (redacted by the transcript).
     pub fn client_command(&mut self, cmd: &crate::pop3::command::Command<'_>) {
         self.transcript.client_command(cmd);
+        self.tap
+            .line("C", || crate::audit::model::redact::redact_command(cmd));
     }
 
     /// A SASL answer: never its content.
     pub fn client_sasl(&mut self) {
         self.transcript.client_sasl();
+        self.tap.line("C", || "***".to_owned());
     }
 
     /// A reply popgate gave itself.
     pub fn local_reply(&mut self, reply: &[u8]) {
-        self.transcript.note("local reply follows");
+        self.note("local reply follows");
         self.transcript.server_line(reply);
+        self.tap
+            .line("S", || crate::audit::model::redact::display(reply));
     }
 
     /// `denied`, with the command's event tags.
@@ -225,6 +258,8 @@ impl Observer {
         marks: &Marks,
     ) {
         self.transcript.server_line(line);
+        self.tap
+            .line("S", || crate::audit::model::redact::display(line));
         if !self.auditing() {
             return;
         }
@@ -232,13 +267,13 @@ impl Observer {
         let user_s = || user.map(str::to_owned);
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
-            let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            let mut l = LoginEvent::new(login.user.as_deref(), &login.method, meta.status, code);
             l.user_as_typed = login.user_as_typed.clone();
             l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
-                if l.outcome == crate::audit::Outcome::Success {
-                    l.outcome = crate::audit::Outcome::Dropped;
+                if l.outcome == crate::audit::LoginEventOutcome::Success {
+                    l.outcome = crate::audit::LoginEventOutcome::Dropped;
                 }
                 l.rule = Some(rule.to_string());
             }
@@ -329,7 +364,7 @@ impl Observer {
     /// popgate asked the server `cmd` itself, for the audit trail. The transcript notes it
     /// (the client never sees it, so it is no `C:` line).
     pub fn injected(&mut self, cmd: &crate::pop3::command::Command<'_>) {
-        self.transcript.note(&format!(
+        self.note(&format!(
             "popgate asks the server (not relayed): {}",
             cmd.redacted()
         ));
@@ -337,7 +372,7 @@ impl Observer {
 
     /// The status line answering a command popgate sent (not relayed).
     pub fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
-        self.transcript.note(&format!(
+        self.note(&format!(
             "server answers popgate (not relayed): {}",
             crate::pop3::printable(line).trim_end()
         ));
@@ -377,12 +412,13 @@ impl Observer {
 
     /// The server has no UIDL command: records without a `uidl` say so from now on.
     pub fn no_uidl(&mut self) {
-        self.transcript.note("the server has no UIDL command");
+        self.note("the server has no UIDL command");
         self.no_uidl = true;
     }
 
     /// Body bytes as relayed; `end` when they finish the body.
     pub fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>) {
+        self.tap.body(chunk, end);
         self.transcript.server_body(chunk);
         if end {
             self.transcript.server_body_end(true);
@@ -461,8 +497,10 @@ impl Observer {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
         }
-        self.transcript
-            .note(&format!("session closed: {}", reason.as_str()));
+        match &self.kicked_by {
+            Some(who) => self.note(&format!("session closed: kicked by {who}")),
+            None => self.note(&format!("session closed: {}", reason.as_str())),
+        }
         self.transcript.flush();
         if !self.auditing() {
             return;
@@ -476,6 +514,7 @@ impl Observer {
                 bytes_to_client: to_client,
                 duration_ms,
                 rule: marks.dropped_by.as_deref().map(str::to_owned),
+                kicked_by: self.kicked_by.clone(),
             },
             &strings(&marks.tags),
         );

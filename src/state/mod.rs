@@ -18,10 +18,10 @@
 //! limits; a session in progress is never cut. The heartbeat notices Redis coming back and
 //! writes the live slots again, so counts converge without a restart.
 
-mod config;
 pub(crate) mod tokens;
 
-pub use config::{Backend, OnUnavailable, StateConfig};
+use crate::config::state::redacted;
+pub use crate::config::state::{Backend, OnUnavailable, StateConfig};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -43,32 +43,6 @@ pub enum StoreError {
     /// Redis refused or the connection failed.
     #[error("{0}")]
     Redis(String),
-}
-
-/// `text` with the password of any `scheme://user:password@` in it replaced.
-pub(crate) fn redacted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let user = authority[..at].split(':').next().unwrap_or_default();
-                out.push_str(user);
-                out.push_str(":***");
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The key part naming a client: the address for IPv4, its /64 for IPv6 (one host's
@@ -311,8 +285,8 @@ impl Store {
     /// fleet's) and returns how long to hold the failure reply. With `redis` the delay follows
     /// the fleet's count; while the store is unreachable, `on_unavailable` decides (open: the
     /// instance's own count; closed: the longest delay).
-    pub(crate) async fn login_failed(&self, ip: IpAddr) -> Option<Duration> {
-        let local = self.limiter.login_failed(ip);
+    pub(crate) async fn login_failed(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let local = self.limiter.login_failed(ip, now);
         let (Some(remote), Some(mut conn)) = (&self.remote, self.conn()) else {
             return local;
         };
@@ -340,19 +314,6 @@ impl Store {
             Counters::bump(&self.limiter.counters.logins_delayed);
         }
         delay
-    }
-
-    /// [`Store::login_failed`] for today's synchronous caller (the session observer): with
-    /// `redis` on a multi-threaded runtime the fleet count is asked for in place (bounded by
-    /// `state.timeout`); otherwise the instance's own table answers.
-    pub(crate) fn login_failed_now(&self, ip: IpAddr) -> Option<Duration> {
-        if self.is_remote()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            return tokio::task::block_in_place(|| handle.block_on(self.login_failed(ip)));
-        }
-        self.limiter.login_failed(ip)
     }
 
     /// A fleet-wide session slot for client `ip` under `limits.max_sessions_per_ip`, taken

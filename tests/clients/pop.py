@@ -16,6 +16,7 @@ Input: one JSON object, as argv[1] or on stdin:
     ["dele", n] ["rset"] ["noop"] ["capa"] ["user", name] ["pass", pw]
     ["stls"] (poplib sends CAPA first and gives up unless STLS is listed)
     ["apop", name, pw] ["raw", "LINE"] (single-line answer) ["rawlong", "LINE"] (multi-line)
+    ["sleep", seconds]  wait, the session open (for tests that look at it meanwhile)
     ["quit"]   send QUIT and close
     ["abort"]  close the socket without QUIT
   If the actions end without "quit" or "abort", QUIT is sent (recorded as "implicit_quit").
@@ -42,6 +43,7 @@ import poplib
 import socket
 import ssl
 import sys
+import time
 
 
 def b64(data):
@@ -107,6 +109,9 @@ def abort(pop):
 def run_action(pop, action, spec):
     name = action[0].lower()
     args = action[1:]
+    if name == "sleep":
+        time.sleep(float(args[0]))
+        return {"ok": True}
     if name == "stat":
         count, size = pop.stat()
         return {"ok": True, "count": count, "size": size}

@@ -95,7 +95,7 @@ impl StateConfig {
                             "state.url",
                             format!(
                                 "not a Redis URL (redis://, rediss://, unix://): {}",
-                                super::redacted(&e.to_string())
+                                redacted(&e.to_string())
                             ),
                         )
                     })
@@ -103,6 +103,32 @@ impl StateConfig {
             (Backend::Local, _) => Ok(()),
         }
     }
+}
+
+/// `text` with the password of any `scheme://user:password@` in it replaced.
+pub(crate) fn redacted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let user = authority[..at].split(':').next().unwrap_or_default();
+                out.push_str(user);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
