@@ -29,6 +29,8 @@ RPID=$!
 pids+=($RPID)
 for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 
+echo "| backend | cycles | errors | cycles/s | p50 / p99 ms | popgate CPU µs/cycle | redis-server CPU µs/cycle |"
+echo "|---|---|---|---|---|---|---|"
 for backend in local redis; do
   PORT=$(free_port)
   state=""
@@ -56,13 +58,13 @@ TOML
   python3 - "$tmp/$backend.json" "$backend" "$((r1 - r0))" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-units = r.get("units") or r.get("ok") or 0
-lat = r.get("latency_ms") or r.get("latency") or {}
-proc = r.get("process") or {}
-per = (proc.get("per_unit") or {}) if isinstance(proc, dict) else {}
-redis_us = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / max(units, 1)
-print(f"{sys.argv[2]}: {json.dumps({k: r[k] for k in r if k not in ('process',)})}")
-print(f"{sys.argv[2]}: process {json.dumps(proc)}; redis-server CPU us/cycle {redis_us:.1f}")
+ok = r["counts"]["units_ok"]
+lat = r["latency_us"]
+per = (r.get("proc") or {}).get("per_unit") or {}
+redis_us = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / max(ok, 1)
+print(f"| {sys.argv[2]} | {ok} | {r['errors']['total']} | {r['throughput']['units_per_s']:.0f} | "
+      f"{lat.get('p50', 0) / 1000:.2f} / {lat.get('p99', 0) / 1000:.2f} | "
+      f"{per.get('cpu_us_per_unit') or 0:.0f} | {redis_us:.0f} |")
 PY
   kill "$PID"; wait "$PID" 2>/dev/null || true
 done
