@@ -135,46 +135,82 @@ fn needles() -> Vec<Vec<u8>> {
     ]
 }
 
-/// The client's frequent lines (CRLF added by the caller).
-fn client_line(i: u8) -> Vec<u8> {
-    let plain = b64(format!("\0{USER}\0{SECRET}").as_bytes());
-    let line = match i % 32 {
-        0 => format!("USER {USER}"),
-        1 => format!("PASS {SECRET}"),
-        2 => format!("APOP {USER} {DIGEST}"),
-        3 => format!("AUTH PLAIN {plain}"),
-        4 => "AUTH PLAIN".into(),
-        5 => plain,
-        6 => "AUTH LOGIN".into(),
-        7 => b64(USER.as_bytes()),
-        8 => b64(SECRET.as_bytes()),
-        9 => "*".into(),
-        10 => "AUTH".into(),
-        11 => "AUTH CRAM-MD5".into(),
-        12 => "CAPA".into(),
-        13 => "STLS".into(),
-        14 => "STAT".into(),
-        15 => "LIST".into(),
-        16 => "LIST 1".into(),
-        17 => "UIDL".into(),
-        18 => "UIDL 1".into(),
-        19 => "RETR 1".into(),
-        20 => "RETR 2".into(),
-        21 => "TOP 1 0".into(),
-        22 => "DELE 1".into(),
-        23 => "DELE 2".into(),
-        24 => "NOOP".into(),
-        25 => "RSET".into(),
-        26 => "QUIT".into(),
-        27 => "XYZZY 1".into(),
-        28 => "USER bob".into(),
-        29 => format!("AUTH LOGIN {}", b64(USER.as_bytes())),
-        30 => "user ALICE".into(),
-        _ => "retr 1".into(),
-    };
-    let mut v = line.into_bytes();
-    v.extend_from_slice(b"\r\n");
-    v
+/// The scripted client's SASL answers still due, so that a secret only ever leaves the
+/// client as a well-behaved one sends it: in PASS, APOP or AUTH, or as the answer to an
+/// exchange it started (sent at once, pipelined, or later).
+#[derive(Debug, Default)]
+struct ClientSasl {
+    due: VecDeque<String>,
+}
+
+impl ClientSasl {
+    /// The client's frequent lines, CRLF included.
+    fn line(&mut self, i: u8) -> Vec<u8> {
+        let plain = b64(format!("\0{USER}\0{SECRET}").as_bytes());
+        let (user, pass) = (b64(USER.as_bytes()), b64(SECRET.as_bytes()));
+        let lines: Vec<String> = match i % 32 {
+            0 => vec![format!("USER {USER}")],
+            1 => vec![format!("PASS {SECRET}")],
+            2 => vec![format!("APOP {USER} {DIGEST}")],
+            3 => vec![format!("AUTH PLAIN {plain}")],
+            4 => {
+                self.due = VecDeque::from([plain]);
+                vec!["AUTH PLAIN".into()]
+            }
+            5 => {
+                // The next answer due (after the server's `+ `), or a stray line.
+                vec![self.due.pop_front().unwrap_or_else(|| b64(b"stray"))]
+            }
+            6 => {
+                self.due = VecDeque::from([user, pass]);
+                vec!["AUTH LOGIN".into()]
+            }
+            // Pipelined exchanges: the answers right behind the AUTH.
+            7 => {
+                self.due.clear();
+                vec!["AUTH PLAIN".into(), plain]
+            }
+            8 => {
+                self.due.clear();
+                vec!["AUTH LOGIN".into(), user, pass]
+            }
+            9 => {
+                self.due.clear();
+                vec!["*".into()]
+            }
+            10 => vec!["AUTH".into()],
+            11 => vec!["AUTH CRAM-MD5".into()],
+            12 => vec!["CAPA".into()],
+            13 => vec!["STLS".into()],
+            14 => vec!["STAT".into()],
+            15 => vec!["LIST".into()],
+            16 => vec!["LIST 1".into()],
+            17 => vec!["UIDL".into()],
+            18 => vec!["UIDL 1".into()],
+            19 => vec!["RETR 1".into()],
+            20 => vec!["RETR 2".into()],
+            21 => vec!["TOP 1 0".into()],
+            22 => vec!["DELE 1".into()],
+            23 => vec!["DELE 2".into()],
+            24 => vec!["NOOP".into()],
+            25 => vec!["RSET".into()],
+            26 => vec!["QUIT".into()],
+            27 => vec!["XYZZY 1".into()],
+            28 => vec!["USER bob".into()],
+            29 => {
+                self.due = VecDeque::from([pass]);
+                vec![format!("AUTH LOGIN {user}")]
+            }
+            30 => vec!["user ALICE".into()],
+            _ => vec!["retr 1".into()],
+        };
+        let mut v = Vec::new();
+        for l in lines {
+            v.extend_from_slice(l.as_bytes());
+            v.extend_from_slice(b"\r\n");
+        }
+        v
+    }
 }
 
 /// The input, read front to back; past its end every read is 0 (the benign choice), so a
@@ -652,6 +688,9 @@ struct Sim<'a> {
     sin: BytesMut,
     /// Written by the client, not yet read by the driver.
     client_out: Vec<u8>,
+    client_sasl: ClientSasl,
+    /// Everything the client wrote.
+    written: Vec<u8>,
     /// The client closes its side once its bytes are read.
     client_closing: bool,
     client_eof_seen: bool,
@@ -722,6 +761,8 @@ pub fn run(data: &[u8]) -> Summary {
         cin: BytesMut::new(),
         sin: BytesMut::new(),
         client_out: Vec::new(),
+        client_sasl: ClientSasl::default(),
+        written: Vec::new(),
         client_closing: false,
         client_eof_seen: false,
         max_chunk,
@@ -766,13 +807,15 @@ impl Sim<'_> {
                     // A pipelined batch of 1 to 4 lines.
                     for _ in 0..=(op >> 4) % 4 {
                         let i = self.input.byte();
-                        self.client_out.extend(client_line(i));
+                        let line = self.client_sasl.line(i);
+                        self.written.extend_from_slice(&line);
+                        self.client_out.extend(line);
                     }
                 }
                 5 => {
                     let n = usize::from(self.input.byte() % 32);
                     let raw = self.input.bytes(n);
-                    self.client_out.extend(raw);
+                    self.write_raw(&raw);
                 }
                 6..=8 => {
                     let n = self.chunk();
@@ -805,6 +848,29 @@ impl Sim<'_> {
                 },
             }
             self.settle();
+        }
+    }
+
+    /// Raw bytes from the client; a marked secret they happen to spell (alone or with what
+    /// came before) is spoiled: a secret the client sends outside a login is not one popgate
+    /// can recognise.
+    fn write_raw(&mut self, raw: &[u8]) {
+        let from = self.written.len();
+        self.written.extend_from_slice(raw);
+        self.client_out.extend_from_slice(raw);
+        for needle in needles() {
+            let start = from.saturating_sub(needle.len());
+            while let Some(p) = self.written[start..]
+                .windows(needle.len())
+                .position(|w| w == &needle[..])
+            {
+                // The occurrence's last byte is among the new ones, not yet read.
+                let from_end = self.written.len() - (start + p + needle.len() - 1);
+                let wl = self.written.len();
+                let cl = self.client_out.len();
+                self.written[wl - from_end] = b'_';
+                self.client_out[cl - from_end] = b'_';
+            }
         }
     }
 
