@@ -237,7 +237,7 @@ impl Input<'_> {
 }
 
 /// What the checker knows about the server's reply to one tagged line.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Reply {
     /// A multi-line `+OK` was sent for it.
     multi: bool,
@@ -245,6 +245,10 @@ struct Reply {
     terminated: bool,
     /// The line was popgate's own (an audit lookup): the client must never see the reply.
     injected: bool,
+    /// The line was part of a routed login's replay (the client sent it in another form).
+    replayed: bool,
+    /// The line the server answered (none for a greeting).
+    line: Option<Vec<u8>>,
 }
 
 /// The invariants, fed with everything that crosses either side of the hop.
@@ -268,6 +272,16 @@ pub(crate) struct Checker {
     last_tag: Option<u64>,
     /// `.` CRLF lines the client saw outside a tagged body.
     loose_terminators: usize,
+    /// The lines the hop read from the client, in order, and the one being read.
+    client_lines: Vec<Vec<u8>>,
+    client_partial: Vec<u8>,
+    /// Status lines (and SASL challenges) the client saw: the greeting, then one per line.
+    statuses: usize,
+    /// A server line that popgate may take for a status was garbage: which reply answers
+    /// which command is then the server's confusion, not popgate's.
+    desync: bool,
+    /// A routed login is being replayed.
+    replaying: bool,
 }
 
 impl Checker {
@@ -355,9 +369,47 @@ impl Checker {
 
     /// The server received `line` and answers it under `tag`.
     fn server_line(&mut self, tag: u64, line: &[u8]) {
+        let replaying = self.replaying;
+        let reply = self.reply(tag);
+        reply.line = Some(line.to_vec());
+        reply.replayed = replaying;
         if self.injected.front().is_some_and(|l| l == line) {
             self.injected.pop_front();
             self.reply(tag).injected = true;
+        }
+    }
+
+    /// Bytes the driver handed the hop from the client.
+    fn client_read(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.client_partial.push(b);
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.client_partial);
+                self.client_lines.push(line);
+            }
+        }
+    }
+
+    /// The last `n` bytes the hop was handed were thrown away unread (plaintext after STLS).
+    fn client_unread(&mut self, mut n: usize) {
+        while n > 0 {
+            if self.client_partial.is_empty() {
+                match self.client_lines.pop() {
+                    Some(l) => self.client_partial = l,
+                    None => return,
+                }
+            }
+            let k = n.min(self.client_partial.len());
+            self.client_partial.truncate(self.client_partial.len() - k);
+            n -= k;
+        }
+    }
+
+    /// Server garbage popgate may take for a status line.
+    fn server_garbage(&mut self, line: &[u8]) {
+        self.local_terminators += terminators(line);
+        if line.starts_with(b"+") || line.starts_with(b"-") {
+            self.desync = true;
         }
     }
 
@@ -401,6 +453,10 @@ impl Checker {
             );
             return;
         }
+        let status = line.starts_with(b"+") || line.starts_with(b"-");
+        if status {
+            self.statuses += 1;
+        }
         let Some((ok, tag)) = tagged(line) else {
             return;
         };
@@ -412,7 +468,7 @@ impl Checker {
         }
         self.last_tag = Some(tag);
         let reply = self.replies.get(usize::try_from(tag).unwrap_or(usize::MAX));
-        let reply = reply.copied().unwrap_or_else(|| {
+        let reply = reply.cloned().unwrap_or_else(|| {
             panic!("the client got a reply tagged #{tag} that the server never sent")
         });
         assert!(
@@ -422,6 +478,45 @@ impl Checker {
         if ok && reply.multi {
             self.in_body = Some(tag);
         }
+        self.check_position(tag, &reply);
+    }
+
+    /// The `statuses`-th status line the client saw (the greeting first) is server reply
+    /// `tag`: it must answer the client's line at that position, so every reply, popgate's
+    /// own ones included, sits where its command was.
+    fn check_position(&self, tag: u64, reply: &Reply) {
+        let Some(server_line) = &reply.line else {
+            return; // a greeting
+        };
+        if self.desync || reply.replayed || server_line == b"*\r\n" {
+            return;
+        }
+        let Some(client_line) = self
+            .statuses
+            .checked_sub(2)
+            .and_then(|j| self.client_lines.get(j))
+        else {
+            panic!(
+                "reply #{tag} reached the client as status line {} but the client sent only {} \
+                 lines: a reply out of its command's place",
+                self.statuses,
+                self.client_lines.len()
+            );
+        };
+        let word = |l: &[u8]| -> Vec<u8> {
+            l.iter()
+                .take_while(|b| !b" \t\r\n".contains(b))
+                .map(u8::to_ascii_uppercase)
+                .collect()
+        };
+        assert!(
+            word(client_line) == word(server_line),
+            "reply #{tag} (to {:?}) reached the client where the reply to its line {} ({:?}) \
+             belongs: a reply out of its command's place",
+            String::from_utf8_lossy(server_line),
+            self.statuses - 1,
+            String::from_utf8_lossy(client_line),
+        );
     }
 }
 
@@ -489,7 +584,8 @@ impl Server {
         let b = input.byte();
         match b % 16 {
             13 => s.garbage(input, check),
-            14 => {} // silent: the greeting timeout will do
+            // Silent: the greeting timeout will do, or the first reply is taken for it.
+            14 => check.desync = true,
             15 => s.closing = true,
             b => s.send(
                 format!("+OK #{tag} POP3 ready <1896.697170952@sim>\r\n").as_bytes(),
@@ -532,7 +628,7 @@ impl Server {
             .map(|b| if b == b'\n' || b == b'#' { b' ' } else { b })
             .collect();
         g.extend_from_slice(b"\r\n");
-        check.local_reply(&g);
+        check.server_garbage(&g);
         self.send(&g, false);
     }
 
@@ -885,7 +981,9 @@ impl Sim<'_> {
         }
         if !self.client_out.is_empty() {
             let n = n.min(self.client_out.len());
-            self.cin.extend(self.client_out.drain(..n));
+            let bytes: Vec<u8> = self.client_out.drain(..n).collect();
+            self.check.client_read(&bytes);
+            self.cin.extend_from_slice(&bytes);
             self.hop.on_client_input(self.now, &mut self.cin);
             return true;
         }
@@ -983,6 +1081,7 @@ impl Sim<'_> {
                     }
                     // What the client sent in plaintext after STLS is never read as commands.
                     self.client_out.clear();
+                    self.check.client_unread(self.cin.len());
                     self.hop.client_tls_started(&mut self.cin);
                     self.check.tls_started();
                     if let Some(front) = self.front.as_mut() {
@@ -1057,7 +1156,9 @@ impl Sim<'_> {
         }
         for (i, line) in login.lines.iter().enumerate() {
             self.check.upstream_bytes(line);
+            self.check.replaying = true;
             server.receive(line, &mut self.input, &mut self.check);
+            self.check.replaying = false;
             let Some(reply) = server.read_line() else {
                 return Err(UNAVAILABLE.to_vec());
             };
@@ -1233,12 +1334,26 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "a reply out of its command's place")]
+    fn the_checker_catches_a_local_reply_out_of_place() {
+        let mut c = Checker::new(false, false);
+        c.new_tag();
+        c.client_read(b"XYZZY\r\nSTAT\r\n");
+        let stat = c.new_tag();
+        c.server_line(stat, b"STAT\r\n");
+        // The local refusal of XYZZY after STAT's reply.
+        c.client_bytes(b"+OK #0 hi\r\n+OK #1 1 100\r\n-ERR unknown\r\n");
+    }
+
+    #[test]
     fn the_checker_accepts_a_well_formed_trace() {
         let mut c = Checker::new(false, false);
         let (g, r) = (c.new_tag(), c.new_tag());
         assert_eq!((g, r), (0, 1));
         c.reply(r).multi = true;
         c.reply(r).terminated = true;
+        c.client_read(b"XYZZY\r\nRETR 1\r\n");
+        c.server_line(r, b"RETR 1\r\n");
         c.local_reply(b"-ERR local\r\n");
         c.client_bytes(b"+OK #0 hi\r\n-ERR local\r\n+OK #1 follows\r\n..x\r\n.\r\n");
         assert_eq!(c.last_tag, Some(1));
