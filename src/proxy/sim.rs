@@ -505,6 +505,7 @@ impl Checker {
         };
         let word = |l: &[u8]| -> Vec<u8> {
             l.iter()
+                .skip_while(|b| b" \t".contains(b))
                 .take_while(|b| !b" \t\r\n".contains(b))
                 .map(u8::to_ascii_uppercase)
                 .collect()
