@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 DURATION=${1:?usage: fuzz/run-all.sh DURATION_SECS [TARGET...]}
 shift
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(command body tracker)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(command body tracker session)
 export RUSTC_BOOTSTRAP=1
 logs=$(mktemp -d /tmp/popgate-fuzz.XXXXXX)
 for t in "${TARGETS[@]}"; do cargo fuzz build -O "$t" || exit 2; done

@@ -27,6 +27,13 @@ mod session;
 pub mod state;
 pub mod types;
 
+/// The whole-session simulator for the fuzz target `session` (feature `fuzzing`): not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::proxy::sim::{Summary, run};
+}
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,8 @@ pub(crate) mod front;
 mod hop;
 mod output;
 pub(crate) mod policy;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod sim;
 
 pub(crate) use hop::{Hop, HopConfig};
 pub(crate) use output::{Marks, Output, SessionEvent};

@@ -1,0 +1,1362 @@
+//! A whole session without sockets, decoded from one byte string, with its invariants checked
+//! on every run: the fuzz target `session` (feature `fuzzing`) and a unit test drive it.
+//!
+//! The simulator plays the driver (`session::Driver`) exactly as its calling contract says
+//! (see [`Hop`]): outputs carried out in order, events drained after every call, failed logins
+//! answered with a penalty, `StartClientTls` completed or failed, timers fired at the instant
+//! [`Hop::poll_timeout`] reports, the client read only while the hop wants it, the upstream
+//! only while the hop wants it. Around it: a scripted client (frequent POP3 lines, every login
+//! method with a marked secret, SASL answers, raw bytes, pipelined batches) and a model server
+//! that answers each line it receives, in order, with a *tagged* reply (`+OK #n`, `-ERR #n`,
+//! multi-line bodies with dot-stuffed lines) or, as the input says, with garbage, a cut body, a
+//! close or a delay. In routing mode the [`Front`] stands in for the server until a login, then
+//! [`Sim::upstream_connected`] dials the model server and replays the login.
+//!
+//! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
+//! breaks:
+//! - under `require-tls` on a plaintext client side, no credential goes upstream before the
+//!   client's TLS handshake (no PASS/APOP/AUTH line, no SASL answer, no byte string of the
+//!   marked secrets, raw or base64);
+//! - no body terminator reaches the client that the server did not send (a cut body never
+//!   arrives complete; popgate's own multi-line replies are accounted for);
+//! - server replies reach the client in command order (tags strictly increasing), and none
+//!   of them answers a command popgate injected itself;
+//! - nothing panics, and the session ends within a bounded number of steps once the input is
+//!   used up and the timers have fired.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::BytesMut;
+
+use super::front::{Front, Login};
+use super::policy::Policy;
+use super::{Hop, HopConfig, Output, SessionEvent};
+use crate::config::UnknownCommands;
+use crate::rules::RuleSet;
+use crate::types::{CloseReason, MessageIds};
+
+/// The user name every login names.
+const USER: &str = "alice";
+/// The marked password: never upstream before TLS under require-tls, in any form.
+const SECRET: &str = "Zq9sekrit";
+/// The marked APOP digest.
+const DIGEST: &str = "c0ffee5ec2e7c0ffee5ec2e7c0ffee5e";
+/// The answer a routed login gets when the upstream cannot be had (as the driver's).
+const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
+/// Steps the session may take to end once the input is used up.
+const FINISH_STEPS: usize = 10_000;
+
+/// A mixed rule set: a tarpit, a deny that closes, a command rewrite, a response delay, a
+/// CAPA rewrite and a drop.
+const MIXED_RULES: &str = r#"
+[[rule]]
+name = "sim-tarpit"
+on = "command"
+verbs = ["DELE", "RETR"]
+action = "delay"
+delay = "2s"
+
+[[rule]]
+name = "sim-deny-top"
+on = "command"
+verbs = ["TOP"]
+action = "deny"
+message = "no TOP here"
+close_after = 3
+
+[[rule]]
+name = "sim-rewrite-user"
+on = "command"
+verbs = ["USER"]
+action = "rewrite"
+replace = '(?i)^alice$'
+with = "alice2"
+
+[[rule]]
+name = "sim-delay-list"
+on = "response"
+answers = ["LIST"]
+action = "delay"
+delay = "1s"
+
+[[rule]]
+name = "sim-capa-no-top"
+on = "capa"
+text = '(?i)^TOP$'
+action = "rewrite"
+remove = true
+
+[[rule]]
+name = "sim-drop-rset"
+on = "command"
+verbs = ["RSET"]
+action = "drop"
+"#;
+
+/// The rule sets a run picks from: none, `rules/require-tls.toml`, [`MIXED_RULES`]. Parsed once
+/// (regexes are costly to build).
+fn rule_sets() -> &'static [Arc<RuleSet>; 3] {
+    static SETS: OnceLock<[Arc<RuleSet>; 3]> = OnceLock::new();
+    SETS.get_or_init(|| {
+        let parse = |text: &str, name: &str| {
+            Arc::new(
+                RuleSet::parse(text, Path::new(name))
+                    .unwrap_or_else(|e| panic!("simulator rules {name}: {e}")),
+            )
+        };
+        [
+            parse("", "none.toml"),
+            parse(
+                include_str!("../../rules/require-tls.toml"),
+                "require-tls.toml",
+            ),
+            parse(MIXED_RULES, "mixed.toml"),
+        ]
+    })
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The secret byte strings that must not go upstream before TLS under require-tls.
+fn needles() -> Vec<Vec<u8>> {
+    let plain = format!("\0{USER}\0{SECRET}");
+    vec![
+        SECRET.as_bytes().to_vec(),
+        DIGEST.as_bytes().to_vec(),
+        b64(SECRET.as_bytes()).into_bytes(),
+        b64(plain.as_bytes()).into_bytes(),
+    ]
+}
+
+/// The scripted client's SASL answers still due, so that a secret only ever leaves the
+/// client as a well-behaved one sends it: in PASS, APOP or AUTH, or as the answer to an
+/// exchange it started (sent at once, pipelined, or later).
+#[derive(Debug, Default)]
+struct ClientSasl {
+    due: VecDeque<String>,
+}
+
+impl ClientSasl {
+    /// The client's frequent lines, CRLF included.
+    fn line(&mut self, i: u8) -> Vec<u8> {
+        let plain = b64(format!("\0{USER}\0{SECRET}").as_bytes());
+        let (user, pass) = (b64(USER.as_bytes()), b64(SECRET.as_bytes()));
+        let lines: Vec<String> = match i % 32 {
+            0 => vec![format!("USER {USER}")],
+            1 => vec![format!("PASS {SECRET}")],
+            2 => vec![format!("APOP {USER} {DIGEST}")],
+            3 => vec![format!("AUTH PLAIN {plain}")],
+            4 => {
+                self.due = VecDeque::from([plain]);
+                vec!["AUTH PLAIN".into()]
+            }
+            5 => {
+                // The next answer due (after the server's `+ `), or a stray line.
+                vec![self.due.pop_front().unwrap_or_else(|| b64(b"stray"))]
+            }
+            6 => {
+                self.due = VecDeque::from([user, pass]);
+                vec!["AUTH LOGIN".into()]
+            }
+            // Pipelined exchanges: the answers right behind the AUTH.
+            7 => {
+                self.due.clear();
+                vec!["AUTH PLAIN".into(), plain]
+            }
+            8 => {
+                self.due.clear();
+                vec!["AUTH LOGIN".into(), user, pass]
+            }
+            9 => {
+                self.due.clear();
+                vec!["*".into()]
+            }
+            10 => vec!["AUTH".into()],
+            11 => vec!["AUTH CRAM-MD5".into()],
+            12 => vec!["CAPA".into()],
+            13 => vec!["STLS".into()],
+            14 => vec!["STAT".into()],
+            15 => vec!["LIST".into()],
+            16 => vec!["LIST 1".into()],
+            17 => vec!["UIDL".into()],
+            18 => vec!["UIDL 1".into()],
+            19 => vec!["RETR 1".into()],
+            20 => vec!["RETR 2".into()],
+            21 => vec!["TOP 1 0".into()],
+            22 => vec!["DELE 1".into()],
+            23 => vec!["DELE 2".into()],
+            24 => vec!["NOOP".into()],
+            25 => vec!["RSET".into()],
+            26 => vec!["QUIT".into()],
+            27 => vec!["XYZZY 1".into()],
+            28 => vec!["USER bob".into()],
+            29 => {
+                self.due = VecDeque::from([pass]);
+                vec![format!("AUTH LOGIN {user}")]
+            }
+            30 => vec!["user ALICE".into()],
+            _ => vec!["retr 1".into()],
+        };
+        let mut v = Vec::new();
+        for l in lines {
+            v.extend_from_slice(l.as_bytes());
+            v.extend_from_slice(b"\r\n");
+        }
+        v
+    }
+}
+
+/// The input, read front to back; past its end every read is 0 (the benign choice), so a
+/// used-up input drains the session calmly.
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+}
+
+/// What the checker knows about the server's reply to one tagged line.
+#[derive(Debug, Clone, Default)]
+struct Reply {
+    /// A multi-line `+OK` was sent for it.
+    multi: bool,
+    /// Its body's terminator was sent.
+    terminated: bool,
+    /// The line was popgate's own (an audit lookup): the client must never see the reply.
+    injected: bool,
+    /// The line was part of a routed login's replay (the client sent it in another form).
+    replayed: bool,
+    /// The line the server answered (none for a greeting).
+    line: Option<Vec<u8>>,
+}
+
+/// The invariants, fed with everything that crosses either side of the hop.
+#[derive(Debug, Default)]
+pub(crate) struct Checker {
+    /// require-tls on a plaintext client side: credentials must wait for TLS.
+    guard_credentials: bool,
+    client_tls: bool,
+    /// Upstream-bound bytes before the client's TLS, whole (a needle may span writes).
+    pre_tls_upstream: Vec<u8>,
+    /// Tags handed out so far (greetings and lines of every upstream connection).
+    tags: u64,
+    replies: Vec<Reply>,
+    /// Lines popgate injected whose tag is not yet known, in order.
+    injected: VecDeque<Vec<u8>>,
+    /// `.` CRLF lines in popgate's own replies and the front's answers, and in server garbage.
+    local_terminators: usize,
+    /// The client stream: the line being assembled, the tagged body being relayed.
+    line: Vec<u8>,
+    in_body: Option<u64>,
+    last_tag: Option<u64>,
+    /// `.` CRLF lines the client saw outside a tagged body.
+    loose_terminators: usize,
+    /// The lines the hop read from the client, in order, and the one being read.
+    client_lines: Vec<Vec<u8>>,
+    client_partial: Vec<u8>,
+    /// Status lines (and SASL challenges) the client saw: the greeting, then one per line.
+    statuses: usize,
+    /// A server line that popgate may take for a status was garbage: which reply answers
+    /// which command is then the server's confusion, not popgate's.
+    desync: bool,
+    /// A routed login is being replayed.
+    replaying: bool,
+}
+
+impl Checker {
+    fn new(guard_credentials: bool, client_tls: bool) -> Checker {
+        Checker {
+            guard_credentials,
+            client_tls,
+            ..Checker::default()
+        }
+    }
+
+    fn guarding(&self) -> bool {
+        self.guard_credentials && !self.client_tls
+    }
+
+    /// A new tag for a server reply (the greeting, or the answer to one line).
+    fn new_tag(&mut self) -> u64 {
+        self.tags += 1;
+        self.replies.push(Reply::default());
+        self.tags - 1
+    }
+
+    fn reply(&mut self, tag: u64) -> &mut Reply {
+        &mut self.replies[usize::try_from(tag).unwrap_or(usize::MAX)]
+    }
+
+    /// The client's TLS handshake completed.
+    fn tls_started(&mut self) {
+        self.client_tls = true;
+    }
+
+    /// Bytes that leave the hop toward the server (the front in routing mode, or a replay).
+    fn upstream_bytes(&mut self, bytes: &[u8]) {
+        if !self.guarding() {
+            return;
+        }
+        let from = self.pre_tls_upstream.len();
+        self.pre_tls_upstream.extend_from_slice(bytes);
+        for needle in needles() {
+            let start = from.saturating_sub(needle.len());
+            assert!(
+                !self.pre_tls_upstream[start..]
+                    .windows(needle.len())
+                    .any(|w| w == &needle[..]),
+                "require-tls: a credential ({}) went upstream before the client's TLS handshake",
+                String::from_utf8_lossy(&needle)
+            );
+        }
+        // Every line that started in this write or the one before.
+        let mut line_start = self.pre_tls_upstream[..from]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        while line_start < self.pre_tls_upstream.len() {
+            let rest = &self.pre_tls_upstream[line_start..];
+            let word: Vec<u8> = rest
+                .iter()
+                .take_while(|b| !b" \r\n".contains(b))
+                .map(u8::to_ascii_uppercase)
+                .collect();
+            assert!(
+                !matches!(&word[..], b"PASS" | b"APOP" | b"AUTH") || !rest.contains(&b'\n'),
+                "require-tls: a {} line went upstream before the client's TLS handshake",
+                String::from_utf8_lossy(&word)
+            );
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => line_start += i + 1,
+                None => break,
+            }
+        }
+    }
+
+    /// The server took a line for a SASL answer.
+    fn sasl_answer_upstream(&mut self) {
+        assert!(
+            !self.guarding(),
+            "require-tls: a SASL answer went upstream before the client's TLS handshake"
+        );
+    }
+
+    /// popgate injected this line (an audit lookup).
+    fn injected(&mut self, line: &[u8]) {
+        self.injected.push_back(line.to_vec());
+    }
+
+    /// The server received `line` and answers it under `tag`.
+    fn server_line(&mut self, tag: u64, line: &[u8]) {
+        let replaying = self.replaying;
+        let reply = self.reply(tag);
+        reply.line = Some(line.to_vec());
+        reply.replayed = replaying;
+        if self.injected.front().is_some_and(|l| l == line) {
+            self.injected.pop_front();
+            self.reply(tag).injected = true;
+        }
+    }
+
+    /// Bytes the driver handed the hop from the client.
+    fn client_read(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.client_partial.push(b);
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.client_partial);
+                self.client_lines.push(line);
+            }
+        }
+    }
+
+    /// The last `n` bytes the hop was handed were thrown away unread (plaintext after STLS).
+    fn client_unread(&mut self, mut n: usize) {
+        while n > 0 {
+            if self.client_partial.is_empty() {
+                match self.client_lines.pop() {
+                    Some(l) => self.client_partial = l,
+                    None => return,
+                }
+            }
+            let k = n.min(self.client_partial.len());
+            self.client_partial.truncate(self.client_partial.len() - k);
+            n -= k;
+        }
+    }
+
+    /// Server garbage popgate may take for a status line.
+    fn server_garbage(&mut self, line: &[u8]) {
+        self.local_terminators += terminators(line);
+        if line.starts_with(b"+") || line.starts_with(b"-") {
+            self.desync = true;
+        }
+    }
+
+    /// A reply popgate gave itself, or answers of the routing front: its terminators.
+    fn local_reply(&mut self, bytes: &[u8]) {
+        self.local_terminators += terminators(bytes);
+    }
+
+    /// Bytes written to the client.
+    fn client_bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.line.push(b);
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.client_line(&line);
+            }
+        }
+    }
+
+    fn client_line(&mut self, line: &[u8]) {
+        let terminator = line == b".\r\n";
+        if let Some(tag) = self.in_body {
+            if terminator {
+                assert!(
+                    self.reply(tag).terminated,
+                    "a body terminator reached the client for reply #{tag}, whose body the \
+                     server never finished"
+                );
+                self.in_body = None;
+            }
+            return;
+        }
+        if terminator {
+            self.loose_terminators += 1;
+            assert!(
+                self.loose_terminators <= self.local_terminators,
+                "a body terminator reached the client that neither the server nor popgate \
+                 sent ({} seen outside server bodies, {} sent)",
+                self.loose_terminators,
+                self.local_terminators
+            );
+            return;
+        }
+        let status = line.starts_with(b"+") || line.starts_with(b"-");
+        if status {
+            self.statuses += 1;
+        }
+        let Some((ok, tag)) = tagged(line) else {
+            return;
+        };
+        if let Some(last) = self.last_tag {
+            assert!(
+                tag > last,
+                "replies out of command order: the client got #{tag} after #{last}"
+            );
+        }
+        self.last_tag = Some(tag);
+        let reply = self.replies.get(usize::try_from(tag).unwrap_or(usize::MAX));
+        let reply = reply.cloned().unwrap_or_else(|| {
+            panic!("the client got a reply tagged #{tag} that the server never sent")
+        });
+        assert!(
+            !reply.injected,
+            "the client got reply #{tag}, which answers a command popgate injected"
+        );
+        if ok && reply.multi {
+            self.in_body = Some(tag);
+        }
+        self.check_position(tag, &reply);
+    }
+
+    /// The `statuses`-th status line the client saw (the greeting first) is server reply
+    /// `tag`: it must answer the client's line at that position, so every reply, popgate's
+    /// own ones included, sits where its command was.
+    fn check_position(&self, tag: u64, reply: &Reply) {
+        let Some(server_line) = &reply.line else {
+            return; // a greeting
+        };
+        if self.desync || reply.replayed || server_line == b"*\r\n" {
+            return;
+        }
+        let Some(client_line) = self
+            .statuses
+            .checked_sub(2)
+            .and_then(|j| self.client_lines.get(j))
+        else {
+            panic!(
+                "reply #{tag} reached the client as status line {} but the client sent only {} \
+                 lines: a reply out of its command's place",
+                self.statuses,
+                self.client_lines.len()
+            );
+        };
+        let word = |l: &[u8]| -> Vec<u8> {
+            l.iter()
+                .skip_while(|b| b" \t".contains(b))
+                .take_while(|b| !b" \t\r\n".contains(b))
+                .map(u8::to_ascii_uppercase)
+                .collect()
+        };
+        assert!(
+            word(client_line) == word(server_line),
+            "reply #{tag} (to {:?}) reached the client where the reply to its line {} ({:?}) \
+             belongs: a reply out of its command's place",
+            String::from_utf8_lossy(server_line),
+            self.statuses - 1,
+            String::from_utf8_lossy(client_line),
+        );
+    }
+}
+
+/// `.` CRLF lines in `bytes` (a whole reply or answers, starting at a line start).
+fn terminators(bytes: &[u8]) -> usize {
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|l| *l == b".\r\n")
+        .count()
+}
+
+/// `+OK #n...` or `-ERR #n...`: whether `+OK`, and `n`.
+fn tagged(line: &[u8]) -> Option<(bool, u64)> {
+    let (ok, rest) = if let Some(r) = line.strip_prefix(b"+OK #") {
+        (true, r)
+    } else {
+        (false, line.strip_prefix(b"-ERR #")?)
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let n = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((ok, n))
+}
+
+/// Where the model server is in a SASL exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sasl {
+    None,
+    /// `+ ` sent after AUTH PLAIN: the message is due.
+    Plain,
+    /// `+ VXNlcm5hbWU6` sent: the user name is due.
+    LoginUser,
+    /// `+ UGFzc3dvcmQ6` sent: the password is due.
+    LoginPass,
+}
+
+/// The model POP3 server of one upstream connection: it answers every line it receives, in
+/// order, as the input says.
+#[derive(Debug)]
+struct Server {
+    /// Written, not yet read by the driver.
+    out: VecDeque<u8>,
+    /// Replies delayed (and everything after them), until released.
+    held: Vec<u8>,
+    /// It closes once `out` is read (after a QUIT, a cut body, or as the input says).
+    closing: bool,
+    /// The driver saw the close.
+    eof_seen: bool,
+    /// A line being received.
+    rx: Vec<u8>,
+    sasl: Sasl,
+}
+
+impl Server {
+    /// Connected: the greeting, as the input says.
+    fn connect(input: &mut Input<'_>, check: &mut Checker) -> Server {
+        let mut s = Server {
+            out: VecDeque::new(),
+            held: Vec::new(),
+            closing: false,
+            eof_seen: false,
+            rx: Vec::new(),
+            sasl: Sasl::None,
+        };
+        let tag = check.new_tag();
+        let b = input.byte();
+        match b % 16 {
+            13 => s.garbage(input, check),
+            // Silent: the greeting timeout will do, or the first reply is taken for it.
+            14 => check.desync = true,
+            15 => s.closing = true,
+            b => s.send(
+                format!("+OK #{tag} POP3 ready <1896.697170952@sim>\r\n").as_bytes(),
+                b == 12,
+            ),
+        }
+        s
+    }
+
+    fn send(&mut self, bytes: &[u8], delay: bool) {
+        if delay || !self.held.is_empty() {
+            self.held.extend_from_slice(bytes);
+        } else {
+            self.out.extend(bytes);
+        }
+    }
+
+    fn release(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.out.extend(held);
+    }
+
+    /// Up to `n` bytes for the driver.
+    fn read(&mut self, n: usize) -> Vec<u8> {
+        let n = n.min(self.out.len());
+        self.out.drain(..n).collect()
+    }
+
+    /// Whether the driver reads end of stream now.
+    fn at_eof(&self) -> bool {
+        self.closing && self.out.is_empty() && !self.eof_seen
+    }
+
+    /// One garbage line (no `#`, so never a tag; no LF inside).
+    fn garbage(&mut self, input: &mut Input<'_>, check: &mut Checker) {
+        let n = usize::from(input.byte() % 24);
+        let mut g: Vec<u8> = input
+            .bytes(n)
+            .into_iter()
+            .map(|b| if b == b'\n' || b == b'#' { b' ' } else { b })
+            .collect();
+        g.extend_from_slice(b"\r\n");
+        check.server_garbage(&g);
+        self.send(&g, false);
+    }
+
+    /// Bytes from the driver; every complete line is answered.
+    fn receive(&mut self, bytes: &[u8], input: &mut Input<'_>, check: &mut Checker) {
+        for &b in bytes {
+            self.rx.push(b);
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.rx);
+                self.line(&line, input, check);
+            }
+        }
+    }
+
+    fn line(&mut self, line: &[u8], input: &mut Input<'_>, check: &mut Checker) {
+        if self.closing {
+            return;
+        }
+        let tag = check.new_tag();
+        check.server_line(tag, line);
+        let b = input.byte();
+        let delay = matches!(b % 16, 9 | 11);
+        let (ok, garbage, cut, close) = match b % 16 {
+            10 | 11 => (false, false, false, false),
+            12 => (true, true, false, false),
+            13 => (true, false, true, false),
+            14 => (true, false, false, true),
+            _ => (true, false, false, false),
+        };
+        let body_lines = usize::from(b >> 4);
+        if close {
+            self.closing = true;
+            return;
+        }
+        if garbage {
+            self.garbage(input, check);
+            return;
+        }
+        let text = crate::pop3::command::trim_eol(line);
+        if self.sasl != Sasl::None {
+            check.sasl_answer_upstream();
+            let status = if text == b"*" || !ok {
+                self.sasl = Sasl::None;
+                format!("-ERR #{tag} [AUTH] no\r\n")
+            } else if self.sasl == Sasl::LoginUser {
+                self.sasl = Sasl::LoginPass;
+                "+ UGFzc3dvcmQ6\r\n".into()
+            } else {
+                self.sasl = Sasl::None;
+                format!("+OK #{tag} logged in\r\n")
+            };
+            self.send(status.as_bytes(), delay);
+            return;
+        }
+        let mut words = text.split(|&b| b == b' ').filter(|w| !w.is_empty());
+        let verb = words.next().unwrap_or_default().to_ascii_uppercase();
+        let args: Vec<&[u8]> = words.collect();
+        let multi = match &verb[..] {
+            b"CAPA" | b"RETR" | b"TOP" => true,
+            b"LIST" | b"UIDL" | b"AUTH" => args.is_empty(),
+            _ => false,
+        };
+        if ok && verb == b"AUTH" && !args.is_empty() {
+            let mech = args[0].to_ascii_uppercase();
+            let reply: String = match (&mech[..], args.len()) {
+                (b"PLAIN", 1) => {
+                    self.sasl = Sasl::Plain;
+                    "+ \r\n".into()
+                }
+                (b"LOGIN", 1) => {
+                    self.sasl = Sasl::LoginUser;
+                    "+ VXNlcm5hbWU6\r\n".into()
+                }
+                (b"LOGIN", _) => {
+                    self.sasl = Sasl::LoginPass;
+                    "+ UGFzc3dvcmQ6\r\n".into()
+                }
+                (b"PLAIN", _) => format!("+OK #{tag} logged in\r\n"),
+                _ => format!("-ERR #{tag} unsupported mechanism\r\n"),
+            };
+            self.send(reply.as_bytes(), delay);
+            return;
+        }
+        if !ok {
+            self.send(format!("-ERR #{tag} no\r\n").as_bytes(), delay);
+            return;
+        }
+        if verb == b"QUIT" {
+            self.send(format!("+OK #{tag} bye\r\n").as_bytes(), delay);
+            self.closing = true;
+            return;
+        }
+        if !multi {
+            self.send(format!("+OK #{tag} done\r\n").as_bytes(), delay);
+            return;
+        }
+        let mut reply = format!("+OK #{tag} follows\r\n").into_bytes();
+        if verb == b"CAPA" {
+            reply.extend_from_slice(b"TOP\r\nUIDL\r\nUSER\r\nSASL PLAIN LOGIN\r\nPIPELINING\r\n");
+        } else if verb == b"AUTH" {
+            reply.extend_from_slice(b"PLAIN\r\nLOGIN\r\n");
+        }
+        for k in 0..body_lines {
+            let l = if k % 3 == 1 {
+                format!("..#{tag}.{k} dot-stuffed\r\n")
+            } else {
+                format!("#{tag}.{k} body line\r\n")
+            };
+            reply.extend_from_slice(l.as_bytes());
+        }
+        check.reply(tag).multi = true;
+        if cut {
+            // Part of the body, then the connection closes: never complete.
+            let keep = usize::from(input.byte()) % reply.len().max(1);
+            reply.truncate(keep.max(1));
+            self.closing = true;
+        } else {
+            reply.extend_from_slice(b".\r\n");
+            check.reply(tag).terminated = true;
+        }
+        self.send(&reply, delay);
+    }
+
+    /// A complete line for the login replay (held replies are waited for), or `None` when
+    /// the server closes first.
+    fn read_line(&mut self) -> Option<Vec<u8>> {
+        self.release();
+        let n = self.out.iter().position(|&b| b == b'\n')? + 1;
+        Some(self.read(n))
+    }
+}
+
+/// A summary of one run, for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// How the session closed, if it did (a failed client TLS handshake ends it without).
+    pub close: Option<String>,
+    /// Bytes the client received.
+    pub to_client: usize,
+    /// Tagged server replies the client saw.
+    pub tagged_replies: usize,
+}
+
+/// One simulated session: the driver's part, the client, the server and the checker.
+struct Sim<'a> {
+    input: Input<'a>,
+    hop: Hop,
+    front: Option<Front>,
+    server: Option<Server>,
+    check: Checker,
+    now: Instant,
+    cin: BytesMut,
+    sin: BytesMut,
+    /// Written by the client, not yet read by the driver.
+    client_out: Vec<u8>,
+    client_sasl: ClientSasl,
+    /// Everything the client wrote.
+    written: Vec<u8>,
+    /// The client closes its side once its bytes are read.
+    client_closing: bool,
+    client_eof_seen: bool,
+    max_chunk: usize,
+    penalty: Option<Duration>,
+    /// The driver stopped (a `Close`, or a failed client handshake).
+    ended: bool,
+    close: Option<CloseReason>,
+    to_client: usize,
+    tagged: usize,
+}
+
+/// Run one session decoded from `data`, checking the invariants (a violation panics with
+/// its description).
+pub fn run(data: &[u8]) -> Summary {
+    let mut input = Input { data, pos: 0 };
+    let setup = input.byte();
+    let sizes = input.byte();
+    let listener = setup % 3; // plain with STLS, implicit TLS, plain without STLS
+    let rules = usize::from((setup / 3) % 3);
+    let lookups = match (setup / 9) % 3 {
+        0 => None,
+        1 => Some(MessageIds::Seen),
+        _ => Some(MessageIds::Always),
+    };
+    let routing = (setup / 27) % 2 == 1;
+    let unknown = if (setup / 54) % 2 == 1 {
+        UnknownCommands::SingleLine
+    } else {
+        UnknownCommands::Reject
+    };
+    let max_chunk = 1 + usize::from(sizes % 64);
+    let max_line = [48, 100, 512, 512][usize::from((sizes >> 6) % 4)];
+    let more = input.byte();
+    let max_pipeline = [1, 2, 8, 64][usize::from(more % 4)];
+    let penalty = match (more >> 2) % 4 {
+        0 => None,
+        1 => Some(Duration::ZERO),
+        2 => Some(Duration::from_millis(300)),
+        _ => Some(Duration::from_secs(3)),
+    };
+    let client_tls = listener == 1;
+    let cfg = HopConfig {
+        listener: Arc::from("sim"),
+        client_ip: IpAddr::from([192, 0, 2, 7]),
+        destination: None,
+        client_tls,
+        stls_available: listener == 0,
+        fold_user_names: more & 0x10 != 0,
+        max_line,
+        max_pipeline,
+        unknown_commands: unknown,
+        idle_timeout: Duration::from_secs(600),
+        login_timeout: Duration::from_secs(60),
+        greeting_timeout: Duration::from_secs(30),
+        lookups,
+    };
+    let now = Instant::now();
+    let policy = Policy::new(rule_sets()[rules].clone());
+    let check = Checker::new(rules == 1, client_tls);
+    let mut sim = Sim {
+        input,
+        hop: Hop::new(cfg, policy, now, now),
+        front: None,
+        server: None,
+        check,
+        now,
+        cin: BytesMut::new(),
+        sin: BytesMut::new(),
+        client_out: Vec::new(),
+        client_sasl: ClientSasl::default(),
+        written: Vec::new(),
+        client_closing: false,
+        client_eof_seen: false,
+        max_chunk,
+        penalty,
+        ended: false,
+        close: None,
+        to_client: 0,
+        tagged: 0,
+    };
+    sim.connect(routing);
+    sim.script();
+    sim.finish();
+    Summary {
+        close: sim.close.map(|r| format!("{r:?}")),
+        to_client: sim.to_client,
+        tagged_replies: sim.tagged,
+    }
+}
+
+impl Sim<'_> {
+    /// The session's start: direct mode dials the model server (it greets as the input
+    /// says); routing mode starts with the front's greeting.
+    fn connect(&mut self, routing: bool) {
+        if routing {
+            let mut front = Front::new("popgate ready");
+            let greeting = front.take_output();
+            self.front = Some(front);
+            self.check.local_reply(&greeting);
+            self.server_input(&greeting);
+        } else {
+            self.server = Some(Server::connect(&mut self.input, &mut self.check));
+        }
+        self.settle();
+    }
+
+    /// The input's script, one action a step.
+    fn script(&mut self) {
+        while !self.input.done() && !self.ended {
+            let op = self.input.byte();
+            match op % 16 {
+                0..=4 => {
+                    // A pipelined batch of 1 to 4 lines.
+                    for _ in 0..=(op >> 4) % 4 {
+                        let i = self.input.byte();
+                        let line = self.client_sasl.line(i);
+                        self.written.extend_from_slice(&line);
+                        self.client_out.extend(line);
+                    }
+                }
+                5 => {
+                    let n = usize::from(self.input.byte() % 32);
+                    let raw = self.input.bytes(n);
+                    self.write_raw(&raw);
+                }
+                6..=8 => {
+                    let n = self.chunk();
+                    self.feed_client(n);
+                }
+                9..=11 => {
+                    let n = self.chunk();
+                    self.feed_server(n);
+                }
+                12 => {
+                    if let Some(s) = self.server.as_mut() {
+                        s.release();
+                    }
+                }
+                13 => {
+                    if op & 0x30 == 0 {
+                        self.fire_timer();
+                    } else {
+                        // Early: nothing may be due.
+                        let ms = u64::from(self.input.byte()) * 20;
+                        self.now += Duration::from_millis(ms);
+                        self.hop.on_timeout(self.now);
+                    }
+                }
+                14 => self.client_closing = true,
+                _ => match self.input.byte() % 32 {
+                    1 => self.hop.on_shutdown(),
+                    2 => self.hop.on_upstream_error(op & 0x10 != 0),
+                    _ => {}
+                },
+            }
+            self.settle();
+        }
+    }
+
+    /// Raw bytes from the client; a marked secret they happen to spell (alone or with what
+    /// came before) is spoiled: a secret the client sends outside a login is not one popgate
+    /// can recognise.
+    fn write_raw(&mut self, raw: &[u8]) {
+        let from = self.written.len();
+        self.written.extend_from_slice(raw);
+        self.client_out.extend_from_slice(raw);
+        for needle in needles() {
+            let start = from.saturating_sub(needle.len());
+            while let Some(p) = self.written[start..]
+                .windows(needle.len())
+                .position(|w| w == &needle[..])
+            {
+                // The occurrence's last byte is among the new ones, not yet read.
+                let from_end = self.written.len() - (start + p + needle.len() - 1);
+                let wl = self.written.len();
+                let cl = self.client_out.len();
+                self.written[wl - from_end] = b'_';
+                self.client_out[cl - from_end] = b'_';
+            }
+        }
+    }
+
+    fn chunk(&mut self) -> usize {
+        1 + usize::from(self.input.byte()) % self.max_chunk
+    }
+
+    /// The driver reads up to `n` client bytes (or the end of the stream), if the hop wants.
+    fn feed_client(&mut self, n: usize) -> bool {
+        if !self.hop.wants_client_input() {
+            return false;
+        }
+        if !self.client_out.is_empty() {
+            let n = n.min(self.client_out.len());
+            let bytes: Vec<u8> = self.client_out.drain(..n).collect();
+            self.check.client_read(&bytes);
+            self.cin.extend_from_slice(&bytes);
+            self.hop.on_client_input(self.now, &mut self.cin);
+            return true;
+        }
+        if self.client_closing && !self.client_eof_seen {
+            self.client_eof_seen = true;
+            self.hop.on_client_eof();
+            return true;
+        }
+        false
+    }
+
+    /// The driver reads up to `n` server bytes (or the end of the stream), if the hop wants
+    /// and an upstream is connected.
+    fn feed_server(&mut self, n: usize) -> bool {
+        if self.front.is_some() || !self.hop.wants_server_input() {
+            return false;
+        }
+        let Some(server) = self.server.as_mut() else {
+            return false;
+        };
+        let bytes = server.read(n);
+        if !bytes.is_empty() {
+            self.server_input(&bytes);
+            return true;
+        }
+        if server.at_eof() {
+            server.eof_seen = true;
+            self.hop.on_upstream_eof();
+            return true;
+        }
+        false
+    }
+
+    /// Fire the hop's timer at the instant it reported.
+    fn fire_timer(&mut self) -> bool {
+        let Some(at) = self.hop.poll_timeout() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        self.hop.on_timeout(self.now);
+        true
+    }
+
+    fn server_input(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.sin.extend_from_slice(bytes);
+        self.hop
+            .on_server_input(self.now, &mut self.sin, &mut self.cin);
+        self.pump_events();
+    }
+
+    /// Dispatch the hop's events; answer a failed login with the penalty.
+    fn pump_events(&mut self) {
+        while let Some(ev) = self.hop.poll_event() {
+            match ev {
+                SessionEvent::LoginFailed(_) => self.hop.penalty(self.now, self.penalty),
+                SessionEvent::LocalReply(bytes) => self.check.local_reply(&bytes),
+                SessionEvent::Injected(line) => self.check.injected(&line),
+                _ => {}
+            }
+        }
+    }
+
+    /// Carry out the outputs in order, as the driver does after every call.
+    fn settle(&mut self) {
+        while !self.ended {
+            self.pump_events();
+            let Some(output) = self.hop.poll_output() else {
+                return;
+            };
+            match output {
+                Output::ToClient(bytes) => {
+                    self.to_client += bytes.len();
+                    let before = self.check.last_tag;
+                    self.check.client_bytes(&bytes);
+                    if self.check.last_tag != before {
+                        self.tagged += 1;
+                    }
+                }
+                Output::ToUpstream(bytes) => {
+                    self.check.upstream_bytes(&bytes);
+                    if self.front.is_some() {
+                        self.feed_front(&bytes);
+                    } else if let Some(server) = self.server.as_mut() {
+                        server.receive(&bytes, &mut self.input, &mut self.check);
+                    }
+                }
+                Output::StartClientTls => {
+                    if self.input.byte() % 8 == 7 {
+                        // The handshake failed: the driver ends the session.
+                        self.ended = true;
+                        return;
+                    }
+                    // What the client sent in plaintext after STLS is never read as commands.
+                    self.client_out.clear();
+                    self.check.client_unread(self.cin.len());
+                    self.hop.client_tls_started(&mut self.cin);
+                    self.check.tls_started();
+                    if let Some(front) = self.front.as_mut() {
+                        front.tls_started();
+                    }
+                }
+                Output::Close(reason) => {
+                    self.close = Some(reason);
+                    self.ended = true;
+                }
+            }
+        }
+    }
+
+    /// Routing mode: what the hop sends "upstream" goes to the front, its answers back to the
+    /// hop; a complete login is routed (see [`Sim::upstream_connected`]).
+    fn feed_front(&mut self, bytes: &[u8]) {
+        let Some(front) = self.front.as_mut() else {
+            return;
+        };
+        front.input(bytes);
+        loop {
+            let Some(front) = self.front.as_mut() else {
+                return;
+            };
+            let answers = front.take_output();
+            let login = front.take_login();
+            let quit = front.quit();
+            self.check.local_reply(&answers);
+            self.server_input(&answers);
+            let Some(login) = login else {
+                if quit {
+                    self.hop.on_upstream_eof();
+                }
+                return;
+            };
+            match self.upstream_connected(&login) {
+                Ok(reply) => {
+                    let rest = self.front.take().map(Front::into_rest).unwrap_or_default();
+                    if !rest.is_empty() {
+                        self.check.upstream_bytes(&rest);
+                        if let Some(server) = self.server.as_mut() {
+                            server.receive(&rest, &mut self.input, &mut self.check);
+                        }
+                    }
+                    self.server_input(&reply);
+                    return;
+                }
+                Err(reply) => {
+                    if let Some(front) = self.front.as_mut() {
+                        front.login_failed(&reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The "upstream connected" phase of routing mode: dial the model server, take its
+    /// greeting and replay the login; `Ok` with the final reply (the server stays connected
+    /// as `self.server`), `Err` with the line that answers the client's login command.
+    ///
+    /// This is the one place the upstream dialogue happens; once the sans-I/O upstream
+    /// machine (greeting, STLS, XCLIENT, login replay, OAuth2) is in main, it plugs in here
+    /// (and in [`Sim::connect`] for direct mode), fed from the same model server.
+    fn upstream_connected(&mut self, login: &Login) -> Result<Vec<u8>, Vec<u8>> {
+        let mut server = Server::connect(&mut self.input, &mut self.check);
+        let Some(greeting) = server.read_line() else {
+            return Err(UNAVAILABLE.to_vec());
+        };
+        if !greeting.starts_with(b"+OK") {
+            return Err(UNAVAILABLE.to_vec());
+        }
+        for (i, line) in login.lines.iter().enumerate() {
+            self.check.upstream_bytes(line);
+            self.check.replaying = true;
+            server.receive(line, &mut self.input, &mut self.check);
+            self.check.replaying = false;
+            let Some(reply) = server.read_line() else {
+                return Err(UNAVAILABLE.to_vec());
+            };
+            let last = i + 1 == login.lines.len();
+            if !reply.starts_with(b"+OK") && !reply.starts_with(b"+ ") {
+                return Err(if reply.starts_with(b"-ERR") {
+                    reply
+                } else {
+                    UNAVAILABLE.to_vec()
+                });
+            }
+            if last {
+                if !reply.starts_with(b"+OK") {
+                    return Err(UNAVAILABLE.to_vec());
+                }
+                self.server = Some(server);
+                return Ok(reply);
+            }
+        }
+        Err(UNAVAILABLE.to_vec())
+    }
+
+    /// The input is used up: the server answers, the client says what it has and closes,
+    /// timers fire. The session must end within [`FINISH_STEPS`].
+    fn finish(&mut self) {
+        self.client_closing = true;
+        for _ in 0..FINISH_STEPS {
+            self.settle();
+            if self.ended {
+                return;
+            }
+            if let Some(s) = self.server.as_mut() {
+                s.release();
+            }
+            if self.feed_server(usize::MAX) || self.feed_client(usize::MAX) {
+                continue;
+            }
+            assert!(
+                self.fire_timer(),
+                "the session is open but the hop reports no deadline"
+            );
+        }
+        panic!("the session did not end within {FINISH_STEPS} steps after the input ran out");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: deterministic inputs without a dependency.
+    fn inputs(count: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        (0..count).map(move |_| {
+            let len = (next() % 400) as usize;
+            (0..len).map(|_| next() as u8).collect()
+        })
+    }
+
+    #[test]
+    fn thousands_of_random_sessions_keep_the_invariants() {
+        let mut closed = 0;
+        let mut tagged = 0;
+        let mut reasons = std::collections::BTreeMap::new();
+        for data in inputs(3000, 0x5eed_0f5e_5511) {
+            let s = run(&data);
+            closed += usize::from(s.close.is_some());
+            tagged += s.tagged_replies;
+            *reasons.entry(s.close).or_insert(0) += 1;
+        }
+        eprintln!("{closed} closed, {tagged} tagged: {reasons:?}");
+        // The runs do reach the server and end: not a simulator that does nothing.
+        assert!(closed > 2500, "{closed} sessions closed");
+        assert!(tagged > 3000, "{tagged} tagged replies");
+    }
+
+    #[test]
+    fn every_session_regression_replays_clean() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        for entry in std::fs::read_dir(dir).expect("fuzz/regressions") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("session-") {
+                run(&std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_logged_in_session_relays_tagged_replies_and_bodies() {
+        // Direct, no rules, chunks of up to 64: greeting, USER/PASS, RETR, QUIT, all answered.
+        // Setup, greeting `+OK`, the greeting read; then per line: written, read by the
+        // driver, answered `+OK` (with 4 body lines) by the server, its answer read.
+        let mut data = vec![0, 63, 3, 0, 9, 63];
+        for i in [0u8, 1, 19, 26] {
+            data.extend([0, i, 6, 63, 0x40, 9, 63]);
+        }
+        let s = run(&data);
+        assert_eq!(s.close.as_deref(), Some("Quit"), "{s:?}");
+        assert!(s.tagged_replies >= 4, "{s:?}");
+    }
+
+    #[test]
+    #[should_panic(expected = "require-tls: a credential")]
+    fn the_checker_catches_a_secret_upstream_before_tls() {
+        let mut c = Checker::new(true, false);
+        c.upstream_bytes(b"XYZZY Zq9se");
+        c.upstream_bytes(b"krit\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "require-tls: a PASS line")]
+    fn the_checker_catches_a_pass_line_upstream_before_tls() {
+        let mut c = Checker::new(true, false);
+        c.upstream_bytes(b"NOOP\r\npass x\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "require-tls: a SASL answer")]
+    fn the_checker_catches_a_sasl_answer_upstream_before_tls() {
+        Checker::new(true, false).sasl_answer_upstream();
+    }
+
+    #[test]
+    fn the_checker_lets_credentials_through_after_tls() {
+        let mut c = Checker::new(true, false);
+        c.upstream_bytes(b"CAPA\r\n");
+        c.tls_started();
+        c.upstream_bytes(b"PASS Zq9sekrit\r\n");
+        c.sasl_answer_upstream();
+    }
+
+    #[test]
+    #[should_panic(expected = "whose body the server never finished")]
+    fn the_checker_catches_a_completed_cut_body() {
+        let mut c = Checker::new(false, false);
+        let tag = c.new_tag();
+        c.reply(tag).multi = true;
+        c.client_bytes(b"+OK #0 follows\r\n#0.0 body\r\n.\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "neither the server nor popgate sent")]
+    fn the_checker_catches_an_invented_terminator() {
+        let mut c = Checker::new(false, false);
+        c.local_reply(b"+OK list\r\nTOP\r\n.\r\n");
+        c.client_bytes(b"+OK list\r\nTOP\r\n.\r\n-ERR x\r\n.\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "replies out of command order")]
+    fn the_checker_catches_replies_out_of_order() {
+        let mut c = Checker::new(false, false);
+        c.new_tag();
+        c.new_tag();
+        c.client_bytes(b"+OK #1 done\r\n+OK #0 done\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "which answers a command popgate injected")]
+    fn the_checker_catches_an_injected_reply_relayed() {
+        let mut c = Checker::new(false, false);
+        c.injected(b"UIDL 3\r\n");
+        let tag = c.new_tag();
+        c.server_line(tag, b"UIDL 3\r\n");
+        c.client_bytes(b"+OK #0 3 abc\r\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "a reply out of its command's place")]
+    fn the_checker_catches_a_local_reply_out_of_place() {
+        let mut c = Checker::new(false, false);
+        c.new_tag();
+        c.client_read(b"XYZZY\r\nSTAT\r\n");
+        let stat = c.new_tag();
+        c.server_line(stat, b"STAT\r\n");
+        // The local refusal of XYZZY after STAT's reply.
+        c.client_bytes(b"+OK #0 hi\r\n+OK #1 1 100\r\n-ERR unknown\r\n");
+    }
+
+    #[test]
+    fn the_checker_accepts_a_well_formed_trace() {
+        let mut c = Checker::new(false, false);
+        let (g, r) = (c.new_tag(), c.new_tag());
+        assert_eq!((g, r), (0, 1));
+        c.reply(r).multi = true;
+        c.reply(r).terminated = true;
+        c.client_read(b"XYZZY\r\nRETR 1\r\n");
+        c.server_line(r, b"RETR 1\r\n");
+        c.local_reply(b"-ERR local\r\n");
+        c.client_bytes(b"+OK #0 hi\r\n-ERR local\r\n+OK #1 follows\r\n..x\r\n.\r\n");
+        assert_eq!(c.last_tag, Some(1));
+    }
+}
