@@ -42,7 +42,10 @@ pub enum StartError {
     Map(#[from] crate::routing::MapError),
     /// The `[metrics]` endpoint could not bind.
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::http::BindError),
+    Metrics(#[from] crate::metrics::http::MetricsBindError),
+    /// The `[state]` store could not be set up.
+    #[error("state: {0}")]
+    State(#[from] crate::state::StoreError),
 }
 
 /// Everything a config names, loaded and checked; nothing started yet.
@@ -423,7 +426,7 @@ pub(crate) fn reread_files<'a>(
 /// A `trace` rule needs somewhere to write transcripts.
 fn check_trace_rules(config: &Config, rules: &RuleSet) -> Result<(), StartError> {
     if config.audit.transcript.dir.is_none()
-        && let Some(r) = rules.rules().find(|r| r.action == rules::Action::Trace)
+        && let Some(r) = rules.rules().find(|r| r.action == rules::RuleAction::Trace)
     {
         return Err(ConfigError::Invalid {
             path: r.file.to_owned(),
@@ -656,6 +659,13 @@ health_window = "10s"
 [control]
 socket = "/run/popgate/control.sock"
 group = "popgate"
+[state]
+backend = "redis"
+url = "redis://127.0.0.1:6379/0"
+key_prefix = "mail:"
+timeout = "1s"
+on_unavailable = "closed"
+slot_ttl = "30s"
 [audit]
 enabled = true
 output = "file"
@@ -722,6 +732,7 @@ summary_lines = 3
             ("process", "[process]\nzzz = 1\n"),
             ("metrics", "[metrics]\nzzz = 1\n"),
             ("control", "[control]\nzzz = 1\n"),
+            ("state", "[state]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
         ];
@@ -736,6 +747,7 @@ summary_lines = 3
             "process",
             "metrics",
             "control",
+            "state",
             "audit",
             "upstream.oauth2",
             "tls.certificate",

@@ -1,5 +1,7 @@
 //! Configuration: TOML (serde, unknown keys rejected) → CLI overrides → [`Config::validate`].
 
+pub mod state;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -111,6 +113,9 @@ pub struct Config {
     /// The control socket (`[control]`: `popgate sessions`, `kick`, `tap`); off when absent.
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// Fleet state (`[state]`): local, or shared by the instances through Redis.
+    #[serde(default)]
+    pub state: state::StateConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -185,7 +190,7 @@ pub struct ListenerConfig {
     /// Peers allowed to send that header (`["10.0.0.0/8", "192.0.2.7"]`); connections from
     /// anyone else are closed. Required with `proxy_protocol`.
     #[serde(default)]
-    pub trusted_proxies: Vec<crate::audit::Network>,
+    pub trusted_proxies: Vec<crate::types::Network>,
     /// How long a trusted peer may take to send the whole header.
     #[serde(default = "default_proxy_timeout", with = "humantime_serde")]
     pub proxy_timeout: Duration,
@@ -664,6 +669,9 @@ impl Config {
             key: key.to_owned(),
             reason,
         };
+        self.state
+            .validate()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.listeners.is_empty() {
             return Err(invalid(
                 "listener",

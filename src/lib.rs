@@ -24,6 +24,8 @@ pub mod routing;
 pub mod rules;
 mod runtime;
 mod session;
+pub mod state;
+pub mod types;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -130,7 +132,7 @@ impl Reopener {
     /// transcript reopen its file before its next line. On an error the old audit file stays
     /// in use.
     pub async fn reopen(&self) -> Result<(), audit::SinkError> {
-        audit::transcript::reopen_all();
+        audit::writer::transcript::reopen_all();
         self.runtime.current().audit.reopen().await
     }
 }

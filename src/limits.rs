@@ -102,9 +102,10 @@ impl Limiter {
         };
     }
 
-    /// A login from `ip` failed: record it and return how long to hold the failure reply.
-    pub fn login_failed(&self, ip: IpAddr) -> Option<Duration> {
-        let delay = self.logins.failed(ip, Instant::now());
+    /// A login from `ip` failed at `now` (the session driver's clock): record it and return
+    /// how long to hold the failure reply.
+    pub fn login_failed(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let delay = self.logins.failed(ip, now);
         if delay.is_some() {
             Counters::bump(&self.counters.logins_delayed);
         }
@@ -197,6 +198,11 @@ impl IpSessions {
         })
     }
 
+    /// The cap per IP in force (0: none).
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
     /// Live sessions of `ip`.
     pub fn count(&self, ip: IpAddr) -> usize {
         lock(&self.live).get(&ip).copied().unwrap_or(0)
@@ -236,10 +242,13 @@ pub struct LoginThrottle {
 
 /// The penalty's settings, replaced on reload.
 #[derive(Debug, Clone, Copy)]
-struct ThrottleParams {
-    base: Duration,
-    max: Duration,
-    window: Duration,
+pub(crate) struct ThrottleParams {
+    /// `limits.login_fail_delay` (zero: no penalty).
+    pub(crate) base: Duration,
+    /// `limits.login_fail_delay_max`.
+    pub(crate) max: Duration,
+    /// `limits.login_fail_window`.
+    pub(crate) window: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -256,6 +265,11 @@ impl LoginThrottle {
             params: Mutex::new(ThrottleParams { base, max, window }),
             table: Mutex::new(LruCache::new(capacity)),
         }
+    }
+
+    /// The settings in force (the fleet store counts with them too).
+    pub(crate) fn params(&self) -> ThrottleParams {
+        *lock(&self.params)
     }
 
     /// Record a failed login from `ip` at `now`; the delay for its reply, if any.

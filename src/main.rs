@@ -71,8 +71,24 @@ fn run() -> Result<()> {
                         .context(format!("{}: loading referenced files", config.display())));
                 }
             };
-            for w in &checked.warnings {
+            let mut warnings = checked.warnings;
+            // `[state] backend = "redis"`: connect, authenticate, a round trip.
+            let state_line = match runtime.block_on(popgate::state::check(&checked.config.state)) {
+                popgate::state::StateCheck::Local => None,
+                popgate::state::StateCheck::Ok(line) => Some(line),
+                popgate::state::StateCheck::Unreachable(why) => {
+                    warnings.push(why);
+                    None
+                }
+                popgate::state::StateCheck::Failed(why) => {
+                    anyhow::bail!("{}: {why}", config.display())
+                }
+            };
+            for w in &warnings {
                 eprintln!("warning: {w}");
+            }
+            if let Some(line) = state_line {
+                eprintln!("{line}");
             }
             let c = checked.config;
             if print {
@@ -97,7 +113,7 @@ fn run() -> Result<()> {
                         })
                         .collect::<Vec<_>>()
                         .join(" "),
-                    match checked.warnings.len() {
+                    match warnings.len() {
                         0 => String::new(),
                         n => format!(", {n} warning(s)"),
                     }
@@ -237,7 +253,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Sessions {
-                    filter: protocol::Filter {
+                    filter: protocol::SessionSelector {
                         user: filter.user,
                         client: filter.client,
                         listener: filter.listener,
@@ -278,7 +294,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Kick {
-                    filter: protocol::Filter {
+                    filter: protocol::SessionSelector {
                         session,
                         user,
                         client: net,
@@ -308,7 +324,7 @@ fn run() -> Result<()> {
             let path = control_socket(&socket)?;
             let color = colour();
             let command = protocol::Command::Tap {
-                filter: protocol::Filter {
+                filter: protocol::SessionSelector {
                     session,
                     user,
                     client: net,
@@ -353,12 +369,12 @@ fn run() -> Result<()> {
             event,
             json,
         } => {
-            use popgate::audit::{Filter, format_json, format_table, read_audit};
-            let filter = Filter {
+            use popgate::audit::{AuditFilter, format_json, format_table, read_audit};
+            let filter = AuditFilter {
                 uidl,
                 message_id,
                 msg_user,
-                ..Filter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
+                ..AuditFilter::from_args(user, since.as_deref(), &event)?.until(until.as_deref())?
             };
             let read = read_audit(&files, &filter)?;
             let out = if json {

@@ -4,6 +4,8 @@
 //! The `popgate.toml(5)` man page is generated from [`KEYS`], `popgate check --print` names the
 //! keys it has no value for from it, and the tests below compare it with what `check --print`
 //! prints for a config that sets every key, so the reference cannot drift from the code.
+//! `docs/configuration.md` documents the same keys with the same defaults and reload behaviour
+//! (`tests/it/docs.rs` compares the two).
 
 /// What a reload (`SIGHUP`, `popgate reload`) does with a changed key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,6 +445,43 @@ pub const KEYS: &[Key] = &[
         R,
         "The socket's group: its members may use the control socket too (besides the owner and root).",
     ),
+    // [state]
+    k(
+        "state.backend",
+        "\"local\"",
+        R,
+        "Where fleet state lives: \"local\" (each instance counts for itself) or \"redis\" (the failed-login penalty, max_sessions_per_ip and the OAuth2 tokens are shared by every instance with the same url and key_prefix; see docs/fleet.md).",
+    ),
+    k(
+        "state.url",
+        "not set",
+        R,
+        "The Redis (or Valkey) server: redis://[user:password@]host[:port][/db], rediss://... (TLS, verified against the system's roots) or unix:///path/redis.sock. Required with backend = \"redis\".",
+    ),
+    k(
+        "state.key_prefix",
+        "\"popgate:\"",
+        R,
+        "Put before every key popgate writes, so that several fleets can share one Redis.",
+    ),
+    k(
+        "state.timeout",
+        "\"500ms\"",
+        R,
+        "The longest one store operation may take before it counts as failed.",
+    ),
+    k(
+        "state.on_unavailable",
+        "\"open\"",
+        R,
+        "While the store cannot be reached: \"open\" (each instance's own limits apply; a warning, the popgate_state_errors metric, /health degraded) or \"closed\" (new sessions refused while max_sessions_per_ip is set, failed logins held back login_fail_delay_max). Open sessions are never cut.",
+    ),
+    k(
+        "state.slot_ttl",
+        "\"1m\"",
+        R,
+        "A fleet session slot expires this long after its instance last refreshed it (every third of it): the slots of an instance that died are free again after this. At least 3s.",
+    ),
     // [audit]
     k(
         "audit.enabled",
@@ -556,6 +595,7 @@ fn section_of(key: &str) -> &'static str {
         ("process.", "[process]"),
         ("metrics.", "[metrics]"),
         ("control.", "[control]"),
+        ("state.", "[state]"),
         ("audit.transcript.", "[audit.transcript]"),
         ("audit.", "[audit]"),
     ];

@@ -173,9 +173,94 @@ pub fn choose<'a>(
         .unwrap_or((default, RouteReason::Default))
 }
 
+/// Where a routed login goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Route {
+    /// The upstream's index in the config.
+    pub(crate) index: usize,
+    /// Why there.
+    pub(crate) why: RouteReason,
+    /// The user name as that upstream sees it (folded if it folds): what rules, the audit and
+    /// an OAuth2 bridge see.
+    pub(crate) user: String,
+}
+
+/// The whole choice for a login by `user` (as the client typed it): route rules (`rule`, asked
+/// with the name folded as the servers compare names) and the map see `ALICE` where they see
+/// `alice`; an upstream name that is not configured falls back to the default.
+pub(crate) fn route(
+    config: &Config,
+    user: &str,
+    rule: impl FnOnce(&str) -> Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
+    map: Option<&RouteMap>,
+) -> Route {
+    let routed = config.routing_user_names().apply(user);
+    let rule = rule(&routed);
+    let default = config.default_upstream().label();
+    let (name, why) = choose(
+        &routed,
+        rule.as_ref().map(|(r, u)| (&**r, &**u)),
+        map,
+        default,
+    );
+    let index = config
+        .upstream_index(name)
+        .unwrap_or_else(|| config.default_index());
+    Route {
+        index,
+        why,
+        user: config.upstreams[index].user_names.apply(user).into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_upstreams(fold_new: bool) -> Config {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n\
+             [routing]\ndefault = \"old\"\n\
+             [[upstream]]\nname = \"old\"\naddress = \"127.0.0.1:1\"\nuser_names = \"exact\"\n\
+             [[upstream]]\nname = \"new\"\naddress = \"127.0.0.1:2\"\nuser_names = \"{}\"\n",
+            if fold_new { "fold" } else { "exact" }
+        );
+        Config::parse(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_login_is_routed_by_rule_then_map_then_default_without_sockets() {
+        let config = two_upstreams(true);
+        let m = RouteMap::parse("carol new\n", Path::new("m.map"), UserNames::Fold, |n| {
+            ["old", "new"].contains(&n)
+        })
+        .unwrap();
+        // A rule wins, and is asked with the folded name.
+        let r = route(
+            &config,
+            "Dave",
+            |u| (u == "dave").then(|| ("r".into(), "new".into())),
+            Some(&m),
+        );
+        assert_eq!(r.index, 1);
+        assert_eq!(r.why, RouteReason::Rule("r".into()));
+        assert_eq!(r.user, "dave", "the chosen upstream folds");
+        // The map, folded.
+        let r = route(&config, "CAROL", |_| None, Some(&m));
+        assert_eq!(
+            (r.index, r.why, r.user.as_str()),
+            (1, RouteReason::MapUser, "carol")
+        );
+        // The default, which compares exactly: the name as typed.
+        let r = route(&config, "Erin", |_| None, Some(&m));
+        assert_eq!(
+            (r.index, r.why, r.user.as_str()),
+            (0, RouteReason::Default, "Erin")
+        );
+        // A rule naming no configured upstream: the default.
+        let r = route(&config, "x", |_| Some(("r".into(), "gone".into())), None);
+        assert_eq!(r.index, 0);
+    }
 
     fn map(text: &str) -> Result<RouteMap, MapError> {
         RouteMap::parse(text, Path::new("m.map"), UserNames::Exact, |n| {

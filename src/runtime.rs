@@ -110,8 +110,10 @@ fn snapshot(
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
     dead: Arc<DeadAddresses>,
+    state: Arc<crate::state::Store>,
 ) -> Shared {
     Shared {
+        state,
         headers: p.config.audit.header_set(),
         oauth2: Arc::new(p.oauth2),
         routes: p.routes.map(Arc::new),
@@ -139,6 +141,9 @@ impl Runtime {
             sink.clone(),
             limiter.clone(),
         ));
+        // `[state]` is read at start only: one store for the process's life, like the limiter.
+        let state = crate::state::Store::new(&p.config.state, limiter.clone(), metrics.clone())?;
+        state.share_tokens();
         let files = p.files;
         let started = Arc::new(p.config.clone());
         Ok(Arc::new(Runtime {
@@ -149,6 +154,7 @@ impl Runtime {
                 limiter,
                 metrics.clone(),
                 Arc::new(DeadAddresses::new()),
+                state,
             ))),
             files: Mutex::new(files),
             tasks: TaskTracker::new(),
@@ -268,6 +274,27 @@ impl Runtime {
             if !proxied {
                 return None;
             }
+            // With `[state] backend = "redis"`: the address's slot across the fleet too.
+            let fleet_slot = match shared.state.acquire_session(a.client.ip()).await {
+                Ok(slot) => slot,
+                Err(why) => {
+                    let total = Counters::bump(&shared.limiter.counters.per_ip_refused);
+                    let (line, reply) = match why {
+                        crate::state::Refused::Full => (
+                            "too many sessions from this address in the fleet",
+                            crate::pop3::replies::TOO_MANY_FROM_ADDRESS,
+                        ),
+                        crate::state::Refused::Unavailable => (
+                            "state store unreachable and on_unavailable = \"closed\"",
+                            crate::pop3::replies::SERVICE_UNAVAILABLE,
+                        ),
+                    };
+                    tracing::warn!(listener = %a.listener, client = %a.client,
+                        refused_total = total, "{line}: connection refused");
+                    listener::refuse(a.tcp, reply);
+                    return None;
+                }
+            };
             // Transparent interception: the server the client meant (refused when unknown or
             // popgate itself; `popgate check` refuses it on `proxy_protocol` listeners).
             let original_dst = if shared.config.default_upstream().original_destination() {
@@ -277,10 +304,7 @@ impl Runtime {
                         let total = Counters::bump(&shared.limiter.counters.intercept_refused);
                         tracing::warn!(listener = %a.listener, client = %a.client,
                             local = %a.local, refused_total = total, "connection refused: {e}");
-                        listener::refuse(
-                            a.tcp,
-                            b"-ERR [SYS/TEMP] no original destination to connect to\r\n",
-                        );
+                        listener::refuse(a.tcp, crate::pop3::replies::NO_ORIGINAL_DESTINATION);
                         return None;
                     }
                 }
@@ -308,7 +332,7 @@ impl Runtime {
             let (handle, shutdown) =
                 registry.register(id, info.listener.clone(), info.client, info.proxy);
             let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown, handle);
-            Some((session, a.slots, span))
+            Some((session, (a.slots, fleet_slot), span))
         });
         self.tasks.spawn(async move {
             let Some((session, slots, span)) = prelude.await else {
@@ -327,6 +351,12 @@ impl Runtime {
         listeners: Vec<Listener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        tokio::spawn(
+            self.current()
+                .state
+                .clone()
+                .run_heartbeat(self.draining.subscribe()),
+        );
         {
             let mut running = self.listeners.lock().await;
             for l in listeners {
@@ -492,6 +522,7 @@ impl Runtime {
             old.limiter.clone(),
             self.metrics.clone(),
             old.dead.clone(),
+            old.state.clone(),
         ));
         if fresh.config.metrics.is_some() {
             self.metrics.watch_upstreams(&fresh.config.upstreams);
@@ -545,13 +576,16 @@ impl Runtime {
 }
 
 /// Keys a reload cannot apply: the `[metrics]` endpoint (bound once, its settings read at
-/// start), `pid_file` (written once), `[process]` (the privilege drop happens once) and
-/// `[control]` (the socket is bound once). A
+/// start), `pid_file` (written once), `[process]` (the privilege drop happens once),
+/// `[control]` (the socket is bound once) and `[state]` (one store for the process's life). A
 /// reload reports them as `need a restart: …` while the file differs from the running
 /// process.
 fn needs_restart(key: &str) -> bool {
     let top = key.split(['.', '[']).next().unwrap_or(key);
-    matches!(top, "metrics" | "pid_file" | "process" | "control")
+    matches!(
+        top,
+        "metrics" | "pid_file" | "process" | "control" | "state"
+    )
 }
 
 /// Whether two values serialize alike (config types have no `PartialEq`; this also covers
@@ -661,6 +695,8 @@ mod tests {
             "process.user",
             "control",
             "control.socket",
+            "state",
+            "state.url",
         ] {
             assert!(needs_restart(k), "{k}");
         }

@@ -1,38 +1,30 @@
 //! The audit trail, traffic transcripts and the audit reader.
 //!
-//! - `config`: the `[audit]` table ([`AuditConfig`]) and its validation.
-//! - `event`: event types, serialized as one JSON object per line (schema in `SCHEMA.md`).
-//! - `headers`: pure, streaming header extraction from RETR/TOP bodies.
-//! - `files`: modes of audit files (0640) and of the directory popgate creates (0750).
-//! - `sink`: the non-blocking, bounded audit writer ([`AuditSink`], `AuditGuard`).
-//! - `transcript`: per-session `C:`/`S:` transcript files and command-line redaction.
+//! - `model`: the pure event model (no I/O): event types and their JSON form (schema in
+//!   `SCHEMA.md`), header extraction from bodies, the `[audit]` table ([`AuditConfig`]).
+//! - `writer`: the non-blocking, bounded audit writer ([`AuditSink`], `AuditGuard`), its
+//!   files and rotation, and per-session transcript files.
 //! - `reader`: reading, filtering and printing audit files (`popgate audit`).
 //!
 //! Secrets never enter any of these outputs: events have no field for them, transcripts
 //! redact command lines and write SASL lines as `***`.
 
-pub(crate) mod config;
-pub(crate) mod event;
-pub(crate) mod files;
-pub(crate) mod headers;
+pub(crate) mod model;
 pub(crate) mod reader;
-pub(crate) mod sink;
-pub(crate) mod transcript;
+pub(crate) mod writer;
 
-pub use config::{
-    AuditConfig, AuditOutput, AuditRotation, MessageIds, Network, Overflow, TranscriptConfig,
+pub use model::config::{AuditConfig, AuditOutput, AuditRotation, Overflow, TranscriptConfig};
+pub use model::event::{
+    AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent,
+    LoginEventOutcome, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide,
+    Update, UpdateOutcome,
 };
-pub use event::{
-    AuditEvent, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Headers, Login, Outcome,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide, Update,
-    UpdateOutcome,
-};
-pub(crate) use headers::HeaderExtractor;
-pub use headers::HeaderSet;
+pub(crate) use model::headers::HeaderExtractor;
+pub use model::headers::HeaderSet;
 pub use reader::{
-    AuditRead, AuditRecord, BadLine, Filter, ReaderError, format_json, format_table, read_audit,
-    read_events,
+    AuditFilter, AuditRead, AuditRecord, BadLine, ReaderError, format_json, format_table,
+    read_audit, read_events,
 };
-pub(crate) use sink::AuditGuard;
-pub use sink::{AuditSink, SinkError};
-pub use transcript::Transcript;
+pub(crate) use writer::sink::AuditGuard;
+pub use writer::sink::{AuditSink, SinkError};
+pub use writer::transcript::Transcript;

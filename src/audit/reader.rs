@@ -1,7 +1,7 @@
 //! Reading audit files back: filters and a readable table, for `popgate audit`.
 //!
 //! [`read_events`] streams JSON-lines files (as written by the sink) and keeps the events that
-//! pass a [`Filter`]; [`format_table`] prints them as aligned columns and [`format_json`]
+//! pass an [`AuditFilter`]; [`format_table`] prints them as aligned columns and [`format_json`]
 //! passes the original lines through. [`read_audit`] keeps reading past lines that are not
 //! audit events and reports each ([`BadLine`]: file, line number, reason), a last line without
 //! its newline (a file being written, or cut by a crash) included; [`read_events`] is the
@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::event::{AuditEvent, EVENT_NAMES, EventKind};
+use super::model::event::{AuditEvent, AuditEventKind, EVENT_NAMES};
 
 /// Header values longer than this are cut in the table.
 const MAX_VALUE_CHARS: usize = 80;
@@ -53,13 +53,13 @@ pub enum ReaderError {
 
 /// Which events to keep. The default keeps everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
+pub struct AuditFilter {
     /// Keep events of this user (ASCII case-insensitive), together with the user-less events
     /// (`session_open`, `tls`) of the sessions in which the user appears.
     pub user: Option<String>,
     /// Keep events at or after this time.
     pub since: Option<SystemTime>,
-    /// Keep events before this time (exclusive; see [`Filter::until`]).
+    /// Keep events before this time (exclusive; see [`AuditFilter::until`]).
     pub until: Option<SystemTime>,
     /// Keep only these event names (empty: all).
     pub events: Vec<String>,
@@ -74,14 +74,14 @@ pub struct Filter {
     pub msg_user: Option<String>,
 }
 
-impl Filter {
+impl AuditFilter {
     /// A filter from command-line strings: `since` as for `parse_since` relative to now,
     /// `events` may repeat or hold comma-separated names; unknown names are an error.
     pub fn from_args(
         user: Option<String>,
         since: Option<&str>,
         events: &[String],
-    ) -> Result<Filter, ReaderError> {
+    ) -> Result<AuditFilter, ReaderError> {
         let since = since
             .map(|s| parse_time(s, SystemTime::now(), false))
             .transpose()?;
@@ -96,18 +96,18 @@ impl Filter {
             }
             names.push(name.to_owned());
         }
-        Ok(Filter {
+        Ok(AuditFilter {
             user,
             since,
             events: names,
-            ..Filter::default()
+            ..AuditFilter::default()
         })
     }
 
     /// Set the end of the time range: `--until` as for `--since` (a time, a date, `today`,
     /// `yesterday` or an age). A date (or `today`/`yesterday`) includes that whole day; a time
     /// includes its millisecond.
-    pub fn until(mut self, until: Option<&str>) -> Result<Filter, ReaderError> {
+    pub fn until(mut self, until: Option<&str>) -> Result<AuditFilter, ReaderError> {
         self.until = until
             .map(|u| parse_time(u, SystemTime::now(), true))
             .transpose()?;
@@ -145,7 +145,7 @@ impl Filter {
             (Some(_), None) => false,
         };
         match &r.event.kind {
-            EventKind::Retrieve(e) => {
+            AuditEventKind::Retrieve(e) => {
                 let mid = e
                     .headers
                     .iter()
@@ -153,10 +153,10 @@ impl Filter {
                     .map(|(_, v)| v);
                 user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(mid)
             }
-            EventKind::DeleteMarked(e) => {
+            AuditEventKind::DeleteMarked(e) => {
                 user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(e.message_id.as_deref())
             }
-            EventKind::Update(e) => {
+            AuditEventKind::Update(e) => {
                 user(e.user.as_deref())
                     && (self.uidl.is_none() && self.message_id.is_none()
                         || e.deleted
@@ -280,7 +280,7 @@ impl AuditRecord {
         }
         let event: AuditEvent = serde_json::from_str(line)?;
         let name = match event.kind {
-            EventKind::Unknown => serde_json::from_str::<Name>(line)?.event,
+            AuditEventKind::Unknown => serde_json::from_str::<Name>(line)?.event,
             ref k => k.name().to_owned(),
         };
         Ok(AuditRecord {
@@ -337,7 +337,10 @@ pub struct AuditRead {
 
 /// Like [`read_audit`], but a line that is not an audit event is an error ([`ReaderError::Parse`]),
 /// except an incomplete last line, which is left out.
-pub fn read_events(files: &[PathBuf], filter: &Filter) -> Result<Vec<AuditRecord>, ReaderError> {
+pub fn read_events(
+    files: &[PathBuf],
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRecord>, ReaderError> {
     let read = read_audit(files, filter)?;
     if let Some(b) = read.bad.into_iter().find(|b| !b.incomplete) {
         return Err(ReaderError::Parse {
@@ -380,7 +383,7 @@ fn dated_name_key(path: &Path) -> Option<(String, u8)> {
 /// (`session_open`, `tls`) and belongs to a session in which the user appears. Sessions are
 /// told apart by instance, id and `session_open` (ids of older versions restarted with
 /// popgate).
-pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, ReaderError> {
+pub fn read_audit(files: &[PathBuf], filter: &AuditFilter) -> Result<AuditRead, ReaderError> {
     // (reading order, record): the order breaks ties between equal times.
     let mut kept: Vec<(usize, AuditRecord)> = Vec::new();
     // User-less events waiting to learn whether their session is the user's.
@@ -396,7 +399,7 @@ pub fn read_audit(files: &[PathBuf], filter: &Filter) -> Result<AuditRead, Reade
         read_file(path, &mut bad, |record| {
             seq += 1;
             let id = (record.event.instance.clone(), record.event.session);
-            if matches!(record.event.kind, EventKind::SessionOpen(_)) {
+            if matches!(record.event.kind, AuditEventKind::SessionOpen(_)) {
                 *opens.entry(id.clone()).or_default() += 1;
             }
             let n = opens.get(&id).copied().unwrap_or(0);
@@ -513,10 +516,12 @@ pub fn format_table(records: &[AuditRecord]) -> String {
             let key = (r.event.instance.as_deref(), r.event.session);
             let mut d = details(r);
             match &r.event.kind {
-                EventKind::SessionOpen(o) => {
+                AuditEventKind::SessionOpen(o) => {
                     clients.insert(key, o.client);
                 }
-                EventKind::Retrieve(_) | EventKind::DeleteMarked(_) | EventKind::Update(_) => {
+                AuditEventKind::Retrieve(_)
+                | AuditEventKind::DeleteMarked(_)
+                | AuditEventKind::Update(_) => {
                     if let Some(c) = clients.get(&key) {
                         d.push_str(&format!(" client={c}"));
                     }
@@ -603,7 +608,7 @@ impl Details {
 fn details(r: &AuditRecord) -> String {
     let mut d = Details(String::new());
     match &r.event.kind {
-        EventKind::SessionOpen(e) => {
+        AuditEventKind::SessionOpen(e) => {
             d.kv("listener", &e.listener)
                 .kv("client", e.client)
                 .kv("local", e.local)
@@ -614,22 +619,22 @@ fn details(r: &AuditRecord) -> String {
                     .opt("sni", t.sni.as_ref());
             }
         }
-        EventKind::Tls(e) => {
+        AuditEventKind::Tls(e) => {
             d.kv("side", e.side.as_str())
                 .kv("version", &e.version)
                 .kv("cipher", &e.cipher)
                 .opt("sni", e.sni.as_ref());
         }
-        EventKind::Login(e) => {
+        AuditEventKind::Login(e) => {
             d.kv("method", &e.method)
                 .kv("outcome", e.outcome.as_str())
                 .opt("code", e.code.as_ref())
                 .opt("rule", e.rule.as_ref());
         }
-        EventKind::Denied(e) => {
+        AuditEventKind::Denied(e) => {
             d.kv("rule", &e.rule).kv("verb", &e.verb);
         }
-        EventKind::Retrieve(e) => {
+        AuditEventKind::Retrieve(e) => {
             d.kv("verb", e.verb.as_str())
                 .kv("msg", e.msg)
                 .opt("lines", e.lines)
@@ -645,7 +650,7 @@ fn details(r: &AuditRecord) -> String {
                 d.kv(&cell(&name.to_ascii_lowercase()), shorten(value));
             }
         }
-        EventKind::DeleteMarked(e) => {
+        AuditEventKind::DeleteMarked(e) => {
             d.kv("msg", e.msg)
                 .opt("uidl", e.uidl.as_ref())
                 .opt("message_id", e.message_id.as_ref());
@@ -653,8 +658,8 @@ fn details(r: &AuditRecord) -> String {
                 d.kv("no_uidl", true);
             }
         }
-        EventKind::Reset(_) => {}
-        EventKind::Update(e) => {
+        AuditEventKind::Reset(_) => {}
+        AuditEventKind::Update(e) => {
             let deleted: Vec<String> = e
                 .deleted
                 .iter()
@@ -672,7 +677,7 @@ fn details(r: &AuditRecord) -> String {
                 d.kv("deleted", deleted.join(","));
             }
         }
-        EventKind::SessionClose(e) => {
+        AuditEventKind::SessionClose(e) => {
             d.kv("reason", e.reason.as_str())
                 .kv("in", e.bytes_from_client)
                 .kv("out", e.bytes_to_client)
@@ -685,7 +690,7 @@ fn details(r: &AuditRecord) -> String {
                 )
                 .opt("rule", e.rule.as_ref());
         }
-        EventKind::Unknown => {
+        AuditEventKind::Unknown => {
             d.kv("schema", r.event.schema);
         }
     }
@@ -772,7 +777,7 @@ mod tests {
 
     #[test]
     fn filter_from_args() {
-        let f = Filter::from_args(
+        let f = AuditFilter::from_args(
             Some("bob".into()),
             Some("1h"),
             &["retrieve,delete_marked".into(), "update".into()],
@@ -780,9 +785,9 @@ mod tests {
         .unwrap();
         assert_eq!(f.events, ["retrieve", "delete_marked", "update"]);
         assert!(f.since.is_some());
-        let e = Filter::from_args(None, None, &["retreive".into()]).unwrap_err();
+        let e = AuditFilter::from_args(None, None, &["retreive".into()]).unwrap_err();
         assert!(e.to_string().contains("retreive") && e.to_string().contains("retrieve"));
-        assert!(Filter::from_args(None, Some("soon"), &[]).is_err());
+        assert!(AuditFilter::from_args(None, Some("soon"), &[]).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// Which sessions a command is about; every criterion given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Filter {
+pub struct SessionSelector {
     /// The session id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<u64>,
@@ -44,20 +44,20 @@ pub enum Command {
     Sessions {
         /// Which sessions.
         #[serde(default)]
-        filter: Filter,
+        filter: SessionSelector,
     },
     /// Version, uptime, config digest, last reload, session counts.
     Status,
     /// End the matching sessions as a shutdown does (a filter is required).
     Kick {
         /// Which sessions.
-        filter: Filter,
+        filter: SessionSelector,
     },
     /// Stream the matching sessions' conversation, present and future ones.
     Tap {
         /// Which sessions.
         #[serde(default)]
-        filter: Filter,
+        filter: SessionSelector,
         /// Show message bodies instead of a size line.
         #[serde(default)]
         bodies: bool,
@@ -235,9 +235,9 @@ mod tests {
         let r = Request {
             v: 1,
             command: Command::Tap {
-                filter: Filter {
+                filter: SessionSelector {
                     user: Some("alice".into()),
-                    ..Filter::default()
+                    ..SessionSelector::default()
                 },
                 bodies: true,
             },

@@ -361,7 +361,7 @@ async fn tap(
     host.registry.unsubscribe(&sub);
 }
 
-fn matcher(f: &protocol::Filter) -> Result<Matcher, String> {
+fn matcher(f: &protocol::SessionSelector) -> Result<Matcher, String> {
     let client = match &f.client {
         Some(c) => {
             Some(crate::cidr::Cidr::parse_masked(c).map_err(|e| format!("client {c:?}: {e}"))?)

@@ -209,7 +209,7 @@ impl TapPoint {
                         let line = std::mem::take(&mut self.partial);
                         let dir = if self.continued { "S+" } else { "S" };
                         self.continued = false;
-                        self.send(dir, crate::audit::transcript::display(&line), true);
+                        self.send(dir, crate::audit::model::redact::display(&line), true);
                     }
                     None => {
                         self.partial.extend_from_slice(rest);

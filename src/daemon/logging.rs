@@ -22,7 +22,7 @@ use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_appender::rolling::RollingFileAppender;
 
-use crate::audit::files::{Dated, Period, Private, precreate};
+use crate::audit::writer::files::{Dated, Period, Private, precreate};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt as _};
@@ -451,7 +451,7 @@ impl Write for SinkWriter {
 
 /// The log file(s) in `log.dir`, reopenable. Files are created `0640` like the audit
 /// trail's, and dated ones expire by the date in their name after `log.keep_days` (see
-/// `audit::files`): at start and when a new period begins, never on a reopen.
+/// `audit::writer::files`): at start and when a new period begins, never on a reopen.
 struct FileOut {
     dir: PathBuf,
     rotation: Rotation,

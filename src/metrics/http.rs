@@ -50,7 +50,7 @@ pub(crate) type UpstreamOf = Arc<dyn Fn() -> UpstreamConfig + Send + Sync>;
 /// The endpoint could not bind its address.
 #[derive(Debug, thiserror::Error)]
 #[error("metrics.bind: cannot bind {addr}: {source}")]
-pub struct BindError {
+pub struct MetricsBindError {
     /// Address.
     pub addr: SocketAddr,
     /// Cause.
@@ -58,10 +58,10 @@ pub struct BindError {
 }
 
 /// Bind the endpoint's address.
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsBindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| BindError { addr, source })
+        .map_err(|source| MetricsBindError { addr, source })
 }
 
 /// The peer a connection counts against: its IPv4 address (also when IPv4-mapped), or the /64

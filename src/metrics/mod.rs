@@ -58,6 +58,45 @@ pub(crate) struct Metrics {
     upstreams: Arc<Mutex<Seen>>,
     /// The audit sink in force (shared with the scrape-time collector).
     audit: Arc<Mutex<AuditSink>>,
+    /// Fleet state store (`[state]`, `src/state/`), shared with the scrape-time collector.
+    state: Arc<StateMetrics>,
+}
+
+/// The fleet state store's metrics: exported only with `[state] backend = "redis"`.
+#[derive(Debug)]
+struct StateMetrics {
+    /// `Some(on_unavailable)` with `backend = "redis"`: the metrics are exported and `/health`
+    /// follows the store.
+    mode: Mutex<Option<crate::config::state::OnUnavailable>>,
+    latency: Histogram,
+    errors: Family<Labels, Counter>,
+    up: Gauge,
+}
+
+impl StateMetrics {
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if lock(&self.mode).is_none() {
+            return Ok(());
+        }
+        self.latency.encode(encoder.encode_descriptor(
+            "popgate_state_operation_duration_seconds",
+            "Time fleet state store operations (Redis round trips) took",
+            None,
+            self.latency.metric_type(),
+        )?)?;
+        self.errors.encode(encoder.encode_descriptor(
+            "popgate_state_errors",
+            "Fleet state store operations that failed or timed out, by operation",
+            None,
+            self.errors.metric_type(),
+        )?)?;
+        self.up.encode(encoder.encode_descriptor(
+            "popgate_state_up",
+            "1 while the fleet state store answers",
+            None,
+            self.up.metric_type(),
+        )?)
+    }
 }
 
 /// What connects to each upstream address told, by (upstream label, address as configured):
@@ -100,6 +139,8 @@ struct Polled {
     upstreams: Arc<Mutex<Seen>>,
     /// `process_start_time_seconds`, read once.
     started: Option<f64>,
+    /// The fleet state store's metrics.
+    state: Arc<StateMetrics>,
 }
 
 /// A gauge sample without labels.
@@ -218,6 +259,7 @@ impl Collector for Polled {
             capacity as i64,
         )?;
         self.encode_process(&mut encoder)?;
+        self.state.encode(&mut encoder)?;
         let mut up = encoder.encode_descriptor(
             "popgate_upstream_up",
             "1 if the last connect to this upstream address (a session's, or a probe's: at \
@@ -281,7 +323,14 @@ impl Metrics {
                 .map_or(Duration::from_secs(30), |m| m.health_window),
             upstreams: Arc::default(),
             audit: Arc::new(Mutex::new(AuditSink::disabled())),
+            state: Arc::new(StateMetrics {
+                mode: Mutex::new(None),
+                latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+                errors: Family::default(),
+                up: Gauge::default(),
+            }),
         };
+        m.state.up.set(1);
         for l in lock(&m.listeners).clone().iter() {
             let _ = m.sessions_active.get_or_create(&label("listener", l));
             let _ = m.sessions.get_or_create(&label("listener", l));
@@ -306,11 +355,13 @@ impl Metrics {
         // The config in force was loaded (and checked) at start, as Prometheus counts it.
         m.config_reloaded(true);
         let upstreams = m.upstreams.clone();
+        let state = m.state.clone();
         m.register(Polled {
             audit: Arc::new(Mutex::new(audit)),
             limiter,
             upstreams,
             started: process::start_time_seconds(),
+            state,
         })
     }
 
@@ -404,6 +455,48 @@ impl Metrics {
         );
         r.register_collector(Box::new(polled));
         self
+    }
+
+    /// The fleet state store in use: `Some(on_unavailable)` for Redis, `None` for local.
+    pub(crate) fn state_configured(&self, mode: Option<crate::config::state::OnUnavailable>) {
+        *lock(&self.state.mode) = mode;
+    }
+
+    /// A store operation `op` took `took` and succeeded (`ok`) or not.
+    pub(crate) fn state_op(&self, op: &'static str, took: Duration, ok: bool) {
+        self.state.latency.observe(took.as_secs_f64());
+        if !ok {
+            self.state_error(op);
+        }
+    }
+
+    /// A store operation `op` failed without a round trip (the store was down a moment ago).
+    pub(crate) fn state_error(&self, op: &'static str) {
+        self.state.errors.get_or_create(&label("op", op)).inc();
+    }
+
+    /// The store answers again (`up`) or stopped answering.
+    pub(crate) fn state_up(&self, up: bool) {
+        self.state.up.set(i64::from(up));
+    }
+
+    /// `/health` while the store does not answer: degraded (200 with `on_unavailable =
+    /// "open"`, as sessions still work; 503 with `closed`, as new ones may be refused).
+    fn state_health(&self) -> Option<Health> {
+        let mode = (*lock(&self.state.mode))?;
+        if self.state.up.get() == 1 {
+            return None;
+        }
+        Some(Health {
+            ok: mode == crate::config::state::OnUnavailable::Open,
+            reason: format!(
+                "degraded: the state store does not answer (on_unavailable = {})",
+                match mode {
+                    crate::config::state::OnUnavailable::Open => "open: per-instance limits",
+                    crate::config::state::OnUnavailable::Closed => "closed",
+                }
+            ),
+        })
     }
 
     /// A reload (SIGHUP) applied the config file (`ok`) or failed and changed nothing.
@@ -585,6 +678,15 @@ impl Metrics {
     /// the addresses configured now count: an address a reload put in place is probed, never
     /// vouched for by its predecessor's sessions.
     pub(crate) async fn health(&self, upstream: &UpstreamConfig) -> Health {
+        let h = self.health_of_proxy(upstream).await;
+        match self.state_health() {
+            Some(degraded) if h.ok => degraded,
+            _ => h,
+        }
+    }
+
+    /// `/health` without the state store (see [`Metrics::health`]).
+    async fn health_of_proxy(&self, upstream: &UpstreamConfig) -> Health {
         let listeners = lock(&self.listeners).clone();
         for l in &listeners {
             let up = self

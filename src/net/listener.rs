@@ -10,10 +10,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::audit::Network;
 use crate::config::{ListenerConfig, TlsMode};
 use crate::limits::{AcceptBackoff, Counters, IpSlot, Limiter, TotalSlot};
 use crate::net::proxy_header;
+use crate::pop3::replies;
+use crate::types::Network;
 
 /// Listen backlog. tokio (mio) and std use 128, which a burst of new clients overflows: their
 /// handshakes then stall for seconds of SYN-ACK retransmits. The kernel caps it at somaxconn.
@@ -231,7 +232,7 @@ impl Accepted {
                 refused_total = total, "too many sessions from this address: connection refused");
             let _ = tokio::io::AsyncWriteExt::write_all(
                 &mut self.tcp,
-                b"-ERR [SYS/TEMP] too many connections from your address\r\n",
+                &replies::line(replies::TOO_MANY_FROM_ADDRESS),
             )
             .await;
             return false;
@@ -368,17 +369,14 @@ impl Listener {
                 let total = Counters::bump(&counters.per_ip_refused);
                 warn!(listener = %name, %client, refused_total = total,
                     "too many sessions from this address: connection refused");
-                refuse(
-                    tcp,
-                    b"-ERR [SYS/TEMP] too many connections from your address\r\n",
-                );
+                refuse(tcp, replies::TOO_MANY_FROM_ADDRESS);
                 continue;
             };
             let Some(permit) = limiter.total.try_acquire() else {
                 let total = Counters::bump(&counters.full_refused);
                 warn!(listener = %name, %client, refused_total = total,
                     "limits.max_sessions reached: connection refused");
-                refuse(tcp, b"-ERR [SYS/TEMP] too many connections\r\n");
+                refuse(tcp, replies::TOO_MANY_CONNECTIONS);
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -397,12 +395,13 @@ impl Listener {
     }
 }
 
-/// Send `line` to a client popgate will not serve, and close. Never waits: the write goes
+/// Send `reply` (a [`replies`] text) to a client popgate will not serve, and close. Never waits: the write goes
 /// straight to the fresh socket's empty send buffer, so a client that does not read cannot
 /// stall the accept loop (nor hold a task or a descriptor).
-pub(crate) fn refuse(tcp: TcpStream, line: &[u8]) {
+pub(crate) fn refuse(tcp: TcpStream, reply: &str) {
     if let Ok(std) = tcp.into_std() {
-        let _ = (&std).write(line);
+        // One write: the line goes out whole or not at all.
+        let _ = (&std).write(&replies::line(reply));
     }
 }
 

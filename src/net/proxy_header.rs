@@ -216,7 +216,7 @@ pub(crate) fn encode(
     version: u8,
     client: SocketAddr,
     local: SocketAddr,
-    tls: Option<&crate::audit::TlsInfo>,
+    tls: Option<&crate::types::TlsInfo>,
 ) -> Vec<u8> {
     let (src, dst) = same_family(client, local);
     if version == 1 {
@@ -248,7 +248,7 @@ pub(crate) fn encode(
 /// The value of a PP2_TYPE_SSL TLV: the client byte (the connection used TLS; no client
 /// certificate), `verify` (non-zero: no verified client certificate), then the version and
 /// cipher sub-TLVs, in the spellings HAProxy uses (`TLSv1.3`, the IANA cipher name).
-fn ssl_tlv(t: &crate::audit::TlsInfo) -> Vec<u8> {
+fn ssl_tlv(t: &crate::types::TlsInfo) -> Vec<u8> {
     let mut v = vec![PP2_CLIENT_SSL];
     v.extend_from_slice(&1u32.to_be_bytes());
     let version = t.version.replace("TLSv1_", "TLSv1.");
@@ -411,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_tls_client_is_announced_in_the_ssl_and_authority_tlvs() {
-        let tls = crate::audit::TlsInfo {
+        let tls = crate::types::TlsInfo {
             version: "TLSv1_3".into(),
             cipher: "TLS13_AES_256_GCM_SHA384".into(),
             sni: Some("pop.example.org".into()),

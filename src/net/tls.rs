@@ -18,8 +18,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub use crate::audit::TlsInfo;
 use crate::config::{Config, TlsConfig, UpstreamConfig};
+use crate::types::TlsInfo;
 
 /// A TLS setup problem: which file, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,20 @@
 //! Dialling the POP3 server behind popgate: plain, STLS (RFC 2595) or implicit TLS, and
 //! passing the real client address on (`forward_client`: a PROXY header, or Dovecot's XCLIENT).
+//! The dialogue itself is the protocol core's (`proxy::dialogue`); this is its driver: TCP,
+//! TLS handshakes, failover over the addresses, the connect timeout.
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::config::{ForwardClient, TlsMode, UpstreamConfig};
+use crate::config::{ForwardClient, UpstreamConfig};
 use crate::net::pool::DeadAddresses;
 use crate::net::proxy_header;
 use crate::net::tls::{Stream, UpstreamTls};
-use crate::pop3::capa::offers_xclient;
-use crate::pop3::command::line_end;
-use crate::pop3::response::{Status, StatusLine};
+pub use crate::proxy::dialogue::ConnectStage;
+use crate::proxy::dialogue::{Dialogue, Failure, Notice, Plan, Reason, Replay, Step};
 
 /// Hops an XCLIENT allows after this one. Dovecot's own proxy starts at 5 and counts down;
 /// popgate is one hop, as a Dovecot proxy would be.
@@ -30,7 +31,7 @@ pub struct ClientOrigin {
     pub session: String,
     /// The client's TLS to popgate (implicit, or STLS done before the upstream was dialled):
     /// a PROXY v2 header says so in its SSL TLV, as HAProxy's `send-proxy-v2-ssl` does.
-    pub tls: Option<crate::audit::TlsInfo>,
+    pub tls: Option<crate::types::TlsInfo>,
 }
 
 /// The upstream could not be reached (TCP, STLS or TLS handshake failed, or timed out).
@@ -45,31 +46,6 @@ pub struct ConnectError {
     pub reason: String,
 }
 
-/// The step of [`connect`] that failed (a metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectStage {
-    /// Resolving the name or the TCP connect.
-    Tcp,
-    /// POP3 before or after the handshake: the PROXY header, the greeting, `STLS`, `XCLIENT`.
-    Setup,
-    /// A TLS handshake.
-    Tls,
-    /// `upstream.connect_timeout` ran out (at whichever step).
-    Timeout,
-}
-
-impl ConnectStage {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectStage::Tcp => "tcp",
-            ConnectStage::Setup => "setup",
-            ConnectStage::Tls => "tls",
-            ConnectStage::Timeout => "timeout",
-        }
-    }
-}
-
 /// An open upstream connection.
 #[derive(Debug)]
 pub struct Upstream {
@@ -78,33 +54,68 @@ pub struct Upstream {
     /// The connection, TLS already active for `starttls` and `implicit`.
     pub stream: Stream,
     /// Server bytes already read during setup (the greeting, with `starttls`), to be relayed
-    /// first.
+    /// first. Empty when a login follows (the dialogue keeps them).
     pub preread: Vec<u8>,
+    /// The dialogue, connected: with a login in its plan, the login is next.
+    pub(crate) dialogue: Dialogue,
 }
 
-/// Open a connection to the upstream: its addresses in order, each within the connect
-/// timeout (TCP, STLS and handshake, and with `greeting` the greeting: it is then in
-/// [`Upstream::preread`]). An address that fails at the TCP stage or times out is marked dead
-/// in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless all are. A
-/// TLS or protocol failure is returned at once: failing over would hide a misconfiguration
-/// (and the next server would most likely refuse the same way).
-pub async fn connect(
+/// The dialogue's plan for `cfg`: the PROXY header and XCLIENT line for `origin`, the greeting
+/// read during the set-up when `greeting`, then `login` if any.
+pub(crate) fn plan(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     max_line: usize,
     origin: &ClientOrigin,
-    dead: &DeadAddresses,
     greeting: bool,
+    login: Option<Replay>,
+) -> Plan {
+    let version = match cfg.forward_client {
+        ForwardClient::ProxyV1 => Some(1),
+        ForwardClient::ProxyV2 => Some(2),
+        ForwardClient::None | ForwardClient::Xclient => None,
+    };
+    let xclient = (cfg.forward_client == ForwardClient::Xclient).then(|| {
+        format!(
+            "XCLIENT ADDR={} PORT={} SESSION={} TTL={XCLIENT_TTL}\r\n",
+            origin.client.ip().to_canonical(),
+            origin.client.port(),
+            origin.session,
+        )
+        .into_bytes()
+    });
+    Plan {
+        tls: cfg.tls,
+        tls_configured: tls.is_some(),
+        proxy_header: version
+            .map(|v| proxy_header::encode(v, origin.client, origin.local, origin.tls.as_ref())),
+        xclient,
+        read_greeting: greeting,
+        max_line,
+        login,
+    }
+}
+
+/// Open a connection to the upstream: its addresses in order, each within the connect
+/// timeout (TCP, STLS and handshake, and with `plan.read_greeting` the greeting: it is then in
+/// [`Upstream::preread`]). An address that fails at a stage that fails over (TCP, timeout) is
+/// marked dead in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless
+/// all are. A TLS or protocol failure is returned at once.
+pub(crate) async fn connect(
+    cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+    plan: &Plan,
+    dead: &DeadAddresses,
 ) -> Result<Upstream, ConnectError> {
     let order = dead.order(&cfg.address, std::time::Instant::now());
     let mut last = None;
     for (i, address) in order.iter().enumerate() {
-        match connect_one(cfg, address, tls, max_line, origin, greeting).await {
+        match connect_one(cfg, address, tls, plan).await {
             Ok(u) => {
                 dead.mark_alive(address);
                 return Ok(u);
             }
-            Err(e) if matches!(e.stage, ConnectStage::Tcp | ConnectStage::Timeout) => {
+            Err(e) if e.stage.fails_over() => {
                 dead.mark_dead(address, std::time::Instant::now(), cfg.dead_for);
                 if i + 1 < order.len() {
                     warn!(upstream = cfg.label(), %address, error = %e.reason, "upstream address failed; trying the next one");
@@ -126,215 +137,113 @@ async fn connect_one(
     cfg: &UpstreamConfig,
     address: &str,
     tls: Option<&UpstreamTls>,
-    max_line: usize,
-    origin: &ClientOrigin,
-    greeting: bool,
+    plan: &Plan,
 ) -> Result<Upstream, ConnectError> {
-    let mut stage = ConnectStage::Tcp;
-    let dialled = tokio::time::timeout(
-        cfg.connect_timeout,
-        dial(cfg, address, tls, max_line, origin, greeting, &mut stage),
-    )
-    .await;
-    let fail = |stage, reason| ConnectError {
+    let dialled = tokio::time::timeout(cfg.connect_timeout, dial(address, tls, plan)).await;
+    let (stage, reason) = match dialled {
+        Ok(Ok(u)) => return Ok(u),
+        Ok(Err((stage, reason))) => (stage, reason),
+        Err(_) => (ConnectStage::Timeout, Reason::Timeout(cfg.connect_timeout)),
+    };
+    Err(ConnectError {
         address: address.to_owned(),
         stage,
-        reason,
-    };
-    match dialled {
-        Ok(Ok(u)) => Ok(u),
-        Ok(Err(reason)) => Err(fail(stage, reason)),
-        Err(_) => Err(fail(
-            ConnectStage::Timeout,
-            format!("timed out after {:?}", cfg.connect_timeout),
-        )),
-    }
+        reason: reason.to_string(),
+    })
 }
 
+/// TCP, then the dialogue up to [`Step::Connected`].
 async fn dial(
-    cfg: &UpstreamConfig,
     address: &str,
     tls: Option<&UpstreamTls>,
-    max_line: usize,
-    origin: &ClientOrigin,
-    greeting: bool,
-    stage: &mut ConnectStage,
-) -> Result<Upstream, String> {
-    let mut tcp = TcpStream::connect(address)
-        .await
-        .map_err(|e| e.to_string())?;
+    plan: &Plan,
+) -> Result<Upstream, (ConnectStage, Reason)> {
+    let tcp_failed = |e: std::io::Error| (ConnectStage::Tcp, Reason::Tcp(e.to_string()));
+    let tcp = TcpStream::connect(address).await.map_err(tcp_failed)?;
     // Commands and short responses must not wait for Nagle.
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    *stage = ConnectStage::Setup;
-    // A PROXY header goes first, before the greeting and before any TLS handshake.
-    let version = match cfg.forward_client {
-        ForwardClient::ProxyV1 => Some(1),
-        ForwardClient::ProxyV2 => Some(2),
-        ForwardClient::None | ForwardClient::Xclient => None,
-    };
-    if let Some(v) = version {
-        tcp.write_all(&proxy_header::encode(
-            v,
-            origin.client,
-            origin.local,
-            origin.tls.as_ref(),
-        ))
-        .await
-        .map_err(|e| format!("sending the PROXY header: {e}"))?;
-    }
-    let xclient = cfg.forward_client == ForwardClient::Xclient;
-    let need_tls = || tls.ok_or_else(|| "upstream TLS is not configured".to_string());
-    let mut buf = Vec::with_capacity(512);
-    match cfg.tls {
-        TlsMode::None | TlsMode::Implicit => {
-            let mut stream = match cfg.tls {
-                TlsMode::Implicit => {
-                    *stage = ConnectStage::Tls;
-                    need_tls()?
-                        .connect(tcp, address)
-                        .await
-                        .map_err(|e| format!("TLS handshake: {e}"))?
-                }
-                _ => Stream::Plain(tcp),
-            };
-            *stage = ConnectStage::Setup;
-            if !xclient && !greeting {
-                // The session reads the greeting itself.
-                return Ok(Upstream {
-                    address: address.to_owned(),
-                    stream,
-                    preread: Vec::new(),
-                });
-            }
-            let greeting = read_line(&mut stream, &mut buf, max_line).await?;
-            if xclient {
-                send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
-            }
-            let mut preread = greeting;
-            preread.append(&mut buf);
-            Ok(Upstream {
-                address: address.to_owned(),
-                stream,
-                preread,
-            })
-        }
-        TlsMode::Starttls => {
-            let mut tcp = tcp;
-            let greeting = read_line(&mut tcp, &mut buf, max_line).await?;
-            if StatusLine::parse(&greeting).map(|s| s.status) != Ok(Status::Ok) {
-                return Err(format!(
-                    "greeting is not +OK: {}",
-                    String::from_utf8_lossy(&greeting).trim_end()
-                ));
-            }
-            tcp.write_all(b"STLS\r\n")
-                .await
-                .map_err(|e| e.to_string())?;
-            let answer = read_line(&mut tcp, &mut buf, max_line).await?;
-            if StatusLine::parse(&answer).map(|s| s.status) != Ok(Status::Ok) {
-                // Never fall back to plaintext.
-                return Err(format!(
-                    "server refused STLS: {}",
-                    String::from_utf8_lossy(&answer).trim_end()
-                ));
-            }
-            if !buf.is_empty() {
-                // Plaintext after "+OK" to STLS would be taken as TLS-protected: drop it.
-                warn!(
-                    octets = buf.len(),
-                    "STARTTLS injection from upstream: plaintext after +OK to STLS discarded"
-                );
-                buf.clear();
-            }
-            *stage = ConnectStage::Tls;
-            let mut stream = need_tls()?
-                .connect(tcp, address)
-                .await
-                .map_err(|e| format!("TLS handshake after STLS: {e}"))?;
-            *stage = ConnectStage::Setup;
-            // As Dovecot's own proxy does: XCLIENT under TLS, if the first greeting offered it.
-            if xclient {
-                send_xclient(&mut stream, &mut buf, &greeting, origin, max_line).await?;
-                if !buf.is_empty() {
-                    warn!(
-                        octets = buf.len(),
-                        "upstream sent data after its XCLIENT reply: discarded"
-                    );
-                }
-            }
-            Ok(Upstream {
-                address: address.to_owned(),
-                stream,
-                preread: greeting,
-            })
-        }
-    }
-}
-
-/// Tell a Dovecot that offers it (`+OK [XCLIENT] ...` greeting) who the client is, and read
-/// its `+OK`. Without the offer (popgate is not in the server's `login_trusted_networks`),
-/// nothing is sent and a warning says why the server will see popgate's address.
-async fn send_xclient(
-    stream: &mut Stream,
-    buf: &mut Vec<u8>,
-    greeting: &[u8],
-    origin: &ClientOrigin,
-    max_line: usize,
-) -> Result<(), String> {
-    if !offers_xclient(greeting) {
-        // A refusal greeting (-ERR) says nothing about XCLIENT; a missing offer is a setup
-        // mistake worth one warning, not one per session.
-        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if greeting.starts_with(b"+OK") && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            warn!(
-                "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
-                 (is popgate's address in its login_trusted_networks?): it sees popgate's \
-                 address (warned once)"
-            );
-        }
-        return Ok(());
-    }
-    let line = format!(
-        "XCLIENT ADDR={} PORT={} SESSION={} TTL={XCLIENT_TTL}\r\n",
-        origin.client.ip().to_canonical(),
-        origin.client.port(),
-        origin.session,
-    );
-    stream
-        .write_all(line.as_bytes())
-        .await
-        .map_err(|e| format!("sending XCLIENT: {e}"))?;
-    let answer = read_line(stream, buf, max_line).await?;
-    if StatusLine::parse(&answer).map(|s| s.status) != Ok(Status::Ok) {
-        return Err(format!(
-            "server refused XCLIENT: {}",
-            String::from_utf8_lossy(&answer).trim_end()
-        ));
-    }
-    info!(client = %origin.client, "client address passed on with XCLIENT");
-    Ok(())
-}
-
-/// Read one line, leaving any bytes after it in `buf`.
-pub(crate) async fn read_line(
-    tcp: &mut (impl AsyncRead + Unpin),
-    buf: &mut Vec<u8>,
-    max_line: usize,
-) -> Result<Vec<u8>, String> {
+    tcp.set_nodelay(true).map_err(tcp_failed)?;
+    let mut stream = Stream::Plain(tcp);
+    let mut dialogue = Dialogue::new(plan.clone());
     loop {
-        if let Some(n) = line_end(buf) {
-            let rest = buf.split_off(n);
-            return Ok(std::mem::replace(buf, rest));
+        while let Some(step) = dialogue.poll() {
+            match step {
+                Step::Write(bytes) => {
+                    if let Err(e) = write(&mut stream, &bytes).await {
+                        dialogue.write_failed(&e);
+                    }
+                }
+                Step::StartTls => match (tls, std::mem::replace(&mut stream, Stream::Detached)) {
+                    (Some(tls), Stream::Plain(tcp)) => match tls.connect(tcp, address).await {
+                        Ok(s) => {
+                            stream = s;
+                            dialogue.tls_done();
+                        }
+                        Err(e) => dialogue.tls_failed(&e),
+                    },
+                    // The plan knows whether TLS is configured; a second handshake is none.
+                    _ => dialogue.tls_failed(&"upstream TLS is not configured"),
+                },
+                Step::Notice(n) => log_notice(&n),
+                Step::Connected => {
+                    let preread = dialogue.take_preread();
+                    return Ok(Upstream {
+                        address: address.to_owned(),
+                        stream,
+                        preread,
+                        dialogue,
+                    });
+                }
+                Step::Failed(Failure::Broken { stage, reason }) => return Err((stage, reason)),
+                // Only a login ends otherwise, and it starts after `Connected`.
+                Step::Failed(_) | Step::LoggedIn { .. } | Step::FetchToken => {
+                    return Err((ConnectStage::Setup, Reason::Closed));
+                }
+            }
         }
-        if buf.len() > max_line {
-            return Err("overlong line from upstream".into());
+        read(&mut stream, &mut dialogue).await;
+    }
+}
+
+/// Write and flush `bytes` (under TLS a write can leave records queued in rustls).
+pub(crate) async fn write(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// One read from the server into the dialogue.
+pub(crate) async fn read(stream: &mut Stream, dialogue: &mut Dialogue) {
+    let mut chunk = [0u8; 512];
+    match stream.read(&mut chunk).await {
+        Ok(0) => dialogue.on_server_eof(),
+        Ok(n) => dialogue.on_server_bytes(&chunk[..n]),
+        Err(e) => dialogue.read_failed(&e),
+    }
+}
+
+/// The log line of a [`Notice`].
+pub(crate) fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::StlsInjection { octets } => warn!(
+            octets,
+            "STARTTLS injection from upstream: plaintext after +OK to STLS discarded"
+        ),
+        Notice::XclientTrailing { octets } => warn!(
+            octets,
+            "upstream sent data after its XCLIENT reply: discarded"
+        ),
+        Notice::XclientNotOffered { greeting_ok } => {
+            // A refusal greeting (-ERR) says nothing about XCLIENT; a missing offer is a setup
+            // mistake worth one warning, not one per session.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if *greeting_ok && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                warn!(
+                    "forward_client = \"xclient\", but the server's greeting does not offer XCLIENT \
+                     (is popgate's address in its login_trusted_networks?): it sees popgate's \
+                     address (warned once)"
+                );
+            }
         }
-        let mut chunk = [0u8; 512];
-        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed during connection setup".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        Notice::XclientPassed => info!("client address passed on with XCLIENT"),
     }
 }

@@ -9,15 +9,15 @@
 //!    credential (Argon2, off the async workers, at most `max_concurrent_verifications` at
 //!    once through a `limits::WorkGate`, after the client's login penalty) and gets
 //!    an access token (cached or new);
-//! 2. [`Bridge::login`] on the connected stream (greeting read): the SASL exchange, and once
-//!    more with a fresh token if the server refuses the first.
+//! 2. on the connected stream (greeting read), the protocol core's bearer login
+//!    (`proxy::dialogue`) with [`Authorized::token`], and once more with
+//!    [`Bridge::fresh_token`] if the server refuses the first.
 //!
 //! Errors come with the status line for the client ([`BridgeError::client_reply`]). Tokens,
 //! refresh tokens, the client secret and the password never reach a log line or an error text.
 
 mod credentials;
 mod login;
-mod sasl;
 mod store;
 mod token;
 
@@ -25,15 +25,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use crate::config::{Config, ConfigError, Oauth2Config, Oauth2Grant, Oauth2Mechanism};
 
 pub use credentials::hash_password;
 pub use login::{DeviceLoginError, device_login};
 
 use credentials::Credentials;
-use sasl::{Outcome, Target};
 use store::TokenStore;
 use token::{TokenError, TokenSource};
 
@@ -62,18 +59,15 @@ pub enum BridgeError {
 
 impl BridgeError {
     /// The status line for the client (with CRLF).
-    pub fn client_reply(&self) -> &'static [u8] {
-        match self {
-            BridgeError::BadPassword => b"-ERR [AUTH] Authentication failed.\r\n",
-            BridgeError::Busy(_) => b"-ERR [SYS/TEMP] Too many logins at once, try later.\r\n",
-            BridgeError::Token(_) => {
-                b"-ERR [SYS/TEMP] Cannot get an OAuth2 token for this mailbox now, try later.\r\n"
-            }
-            BridgeError::Refused(_) | BridgeError::Unexpected(_) => {
-                b"-ERR [SYS/TEMP] The server refused popgate's OAuth2 login, try later.\r\n"
-            }
-            BridgeError::Io(_) => b"-ERR [SYS/TEMP] Lost the connection to the server.\r\n",
-        }
+    pub fn client_reply(&self) -> Vec<u8> {
+        use crate::pop3::replies;
+        replies::line(match self {
+            BridgeError::BadPassword => replies::OAUTH2_BAD_PASSWORD,
+            BridgeError::Busy(_) => replies::OAUTH2_BUSY,
+            BridgeError::Token(_) => replies::OAUTH2_NO_TOKEN,
+            BridgeError::Refused(_) | BridgeError::Unexpected(_) => replies::OAUTH2_REFUSED,
+            BridgeError::Io(_) => replies::OAUTH2_LOST_CONNECTION,
+        })
     }
 
     /// Whether this is a failed login of the client's own making (the login penalty applies).
@@ -107,6 +101,11 @@ impl Authorized {
     /// The upstream mailbox the client logs in to.
     pub fn mailbox(&self) -> &str {
         &self.mailbox
+    }
+
+    /// The access token to log in with (never to be logged).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 }
 
@@ -280,54 +279,51 @@ impl Bridge {
         Ok(Authorized { mailbox, token })
     }
 
-    /// Step 2, on the upstream connection whose greeting was read: `AUTH` with the token; if
-    /// the server refuses it, once more with a fresh one (a token revoked at the server before
-    /// its expiry). Returns the server's `+OK` line for the client.
-    pub async fn login<S>(&self, stream: &mut S, who: &Authorized) -> Result<Vec<u8>, BridgeError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let target = Target {
-            mechanism: self.mechanism,
-            mailbox: &who.mailbox,
-            host: &self.host,
-            port: self.port,
-        };
-        let mut token = who.token.clone();
-        let mut retried = false;
-        loop {
-            match sasl::authenticate(stream, &target, &token).await? {
-                Outcome::LoggedIn(line) => return Ok(line),
-                Outcome::Refused(_) if !retried => {
-                    tracing::info!(
-                        upstream = %self.label,
-                        mailbox = %who.mailbox,
-                        "oauth2: upstream refused the access token, retrying with a fresh one"
-                    );
-                    retried = true;
-                    token = self.tokens.token(&who.mailbox, Some(&token)).await?;
-                }
-                Outcome::Refused(line) => {
-                    tracing::warn!(
-                        upstream = %self.label,
-                        mailbox = %who.mailbox,
-                        answer = %String::from_utf8_lossy(&line).trim_end(),
-                        "oauth2: upstream refused a fresh access token too"
-                    );
-                    return Err(BridgeError::Refused(line));
-                }
-                Outcome::Unexpected(line) => {
-                    tracing::warn!(
-                        upstream = %self.label,
-                        mailbox = %who.mailbox,
-                        answer = %String::from_utf8_lossy(&line).trim_end(),
-                        "oauth2: unexpected upstream answer to AUTH {:?}",
-                        self.mechanism
-                    );
-                    return Err(BridgeError::Unexpected(line));
-                }
-            }
-        }
+    /// Step 2 is the protocol core's bearer login on the upstream connection (the session
+    /// drives it): `AUTH` with [`Authorized::token`] as this bridge's
+    /// [`Bridge::mechanism`] says; if the server refuses it, once more with
+    /// [`Bridge::fresh_token`] (a token revoked at the server before its expiry).
+    pub fn mechanism(&self) -> Oauth2Mechanism {
+        self.mechanism
+    }
+
+    /// The upstream host and port (OAUTHBEARER's `host=` and `port=`).
+    pub fn host_port(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// A fresh token for `who` after the server refused `stale`.
+    pub async fn fresh_token(&self, who: &Authorized, stale: &str) -> Result<String, BridgeError> {
+        tracing::info!(
+            upstream = %self.label,
+            mailbox = %who.mailbox,
+            "oauth2: upstream refused the access token, retrying with a fresh one"
+        );
+        Ok(self.tokens.token(&who.mailbox, Some(stale)).await?)
+    }
+
+    /// The server refused a fresh token too (its `line`): logged, as the error.
+    pub fn refused(&self, who: &Authorized, line: Vec<u8>) -> BridgeError {
+        tracing::warn!(
+            upstream = %self.label,
+            mailbox = %who.mailbox,
+            answer = %String::from_utf8_lossy(&line).trim_end(),
+            "oauth2: upstream refused a fresh access token too"
+        );
+        BridgeError::Refused(line)
+    }
+
+    /// The server answered the login with something unexpected (`line`): logged, as the
+    /// error.
+    pub fn unexpected(&self, who: &Authorized, line: Vec<u8>) -> BridgeError {
+        tracing::warn!(
+            upstream = %self.label,
+            mailbox = %who.mailbox,
+            answer = %String::from_utf8_lossy(&line).trim_end(),
+            "oauth2: unexpected upstream answer to AUTH {:?}",
+            self.mechanism
+        );
+        BridgeError::Unexpected(line)
     }
 }
 

@@ -24,6 +24,11 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 const FAILURE_HOLD: Duration = Duration::from_secs(2);
 /// Timeout of one token request.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a login waits for another instance's refresh (`[state] backend = "redis"`): the
+/// refresh lock's expiry and a little more, after which it takes the lock itself.
+const FLEET_WAIT: Duration = Duration::from_secs(25);
+/// How often a waiting login looks for that result.
+const FLEET_POLL: Duration = Duration::from_millis(50);
 
 /// A cached access token.
 #[derive(Clone)]
@@ -200,13 +205,15 @@ impl TokenSource {
 
     /// An access token for `mailbox`: the cached one while it is fresh (not within
     /// `refresh_ahead` of expiry, and not `refused`, a token the upstream just refused), else a
-    /// new one from the token endpoint. One request per mailbox at a time.
+    /// new one from the token endpoint. One request per mailbox at a time; with `[state]
+    /// backend = "redis"`, one in the whole fleet ([`TokenSource::token_from_fleet`]).
     pub(crate) async fn token(
         &self,
         mailbox: &str,
         refused: Option<&str>,
     ) -> Result<String, TokenError> {
-        let slot = cache().slot(&self.key(mailbox));
+        let key = self.key(mailbox);
+        let slot = cache().slot(&key);
         let mut slot = slot.lock().await;
         let now = Instant::now();
         if let Some(c) = &slot.token {
@@ -221,22 +228,33 @@ impl TokenSource {
         {
             return Err(TokenError(why.clone()));
         }
-        slot.token = None;
-        match self.fetch(mailbox).await {
-            Ok((access, lifetime)) => {
-                let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let result = match crate::state::token_store() {
+            Some(store) => {
+                self.token_from_fleet(&store, &key, mailbox, refused, &mut slot)
+                    .await
+            }
+            None => {
+                slot.token = None;
+                self.fetch(mailbox).await.map(|(access, lifetime)| {
+                    let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
+                    slot.token = Some(Cached {
+                        access: access.clone(),
+                        expires: Instant::now() + lifetime,
+                        lifetime,
+                    });
+                    tracing::debug!(
+                        upstream = %self.label,
+                        mailbox,
+                        lifetime_s = lifetime.as_secs(),
+                        "oauth2: new access token"
+                    );
+                    access
+                })
+            }
+        };
+        match result {
+            Ok(access) => {
                 slot.failed = None;
-                slot.token = Some(Cached {
-                    access: access.clone(),
-                    expires: Instant::now() + lifetime,
-                    lifetime,
-                });
-                tracing::debug!(
-                    upstream = %self.label,
-                    mailbox,
-                    lifetime_s = lifetime.as_secs(),
-                    "oauth2: new access token"
-                );
                 Ok(access)
             }
             Err(why) => {
@@ -253,11 +271,166 @@ impl TokenSource {
         }
     }
 
+    /// The fleet's token (`[state] backend = "redis"`): the one in the store while it is
+    /// fresh; otherwise the instance that gets the refresh lock refreshes (and writes the
+    /// rotated refresh token and the new access token to the store, fenced, before anyone
+    /// uses them) while the others poll the store for its result, for at most
+    /// [`FLEET_WAIT`]. While the store does not answer, the token cached here serves until it
+    /// expires; no refresh is made without the store (it would spend a refresh token the
+    /// others may still hold).
+    async fn token_from_fleet(
+        &self,
+        store: &crate::state::Store,
+        key: &str,
+        mailbox: &str,
+        refused: Option<&str>,
+        slot: &mut Slot,
+    ) -> Result<String, String> {
+        let down = |slot: &mut Slot, e: crate::state::StoreError| match &slot.token {
+            Some(c) if refused != Some(c.access.as_str()) && Instant::now() < c.expires => {
+                Ok(c.access.clone())
+            }
+            _ => Err(format!(
+                "the token store does not answer ({e}) and no unexpired token is cached here"
+            )),
+        };
+        let deadline = Instant::now() + FLEET_WAIT;
+        loop {
+            let shared = match store.token_read(key).await {
+                Ok(t) => t,
+                Err(e) => return down(slot, e),
+            };
+            if let Some(c) = self.usable(&shared, refused) {
+                slot.token = Some(c.clone());
+                return Ok(c.access);
+            }
+            match store.token_lock(key).await {
+                Err(e) => return down(slot, e),
+                Ok(Some(fence)) => {
+                    let result = self
+                        .refresh_for_fleet(store, key, mailbox, fence, refused, slot)
+                        .await;
+                    store.token_unlock(key, fence).await;
+                    return result;
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "another instance is refreshing this token and gave no result within \
+                         {FLEET_WAIT:?}"
+                    ));
+                }
+                Ok(None) => tokio::time::sleep(FLEET_POLL).await,
+            }
+        }
+    }
+
+    /// `shared` as a cached token, if it can be used now.
+    fn usable(
+        &self,
+        shared: &crate::state::tokens::SharedToken,
+        refused: Option<&str>,
+    ) -> Option<Cached> {
+        if shared.access.is_empty() || refused == Some(shared.access.as_str()) {
+            return None;
+        }
+        let lifetime = Duration::from_millis(shared.lifetime_ms);
+        let ahead = self.refresh_ahead.min(lifetime / 2);
+        let now_ms = crate::state::tokens::unix_ms();
+        let left = Duration::from_millis(shared.expires_ms.saturating_sub(now_ms));
+        (left > ahead).then(|| Cached {
+            access: shared.access.clone(),
+            expires: Instant::now() + left,
+            lifetime,
+        })
+    }
+
+    /// The refresh, holding the fleet's lock under `fence`.
+    async fn refresh_for_fleet(
+        &self,
+        store: &crate::state::Store,
+        key: &str,
+        mailbox: &str,
+        fence: u64,
+        refused: Option<&str>,
+        slot: &mut Slot,
+    ) -> Result<String, String> {
+        // The previous holder may have written between our read and our lock.
+        let shared = store
+            .token_read(key)
+            .await
+            .map_err(|e| format!("the token store does not answer: {e}"))?;
+        if let Some(c) = self.usable(&shared, refused) {
+            slot.token = Some(c.clone());
+            return Ok(c.access);
+        }
+        let got = match self.grant {
+            Oauth2Grant::ClientCredentials => self.exchange(None).await.map_err(|(why, _)| why)?,
+            Oauth2Grant::RefreshToken => {
+                let file = self.store.as_ref().ok_or("no tokens_file")?;
+                // The tokens_file seeds the store and is its backup.
+                let seed = file.get(mailbox)?;
+                let current = shared
+                    .refresh
+                    .clone()
+                    .or_else(|| seed.clone())
+                    .ok_or_else(|| {
+                        format!(
+                            "no refresh token for this mailbox in the store or in {} (run `popgate \
+                         oauth2 login`)",
+                            file.path().display()
+                        )
+                    })?;
+                match self.exchange(Some(&current)).await {
+                    Ok(got) => got,
+                    // The store's token was refused, and the file has another one (`popgate
+                    // oauth2 login` ran since): that one.
+                    Err((_, true)) if seed.as_ref().is_some_and(|s| *s != current) => {
+                        let seed = seed.unwrap_or_default();
+                        tracing::info!(upstream = %self.label, mailbox,
+                            "oauth2: the store's refresh token was refused; trying the tokens_file's");
+                        let mut got = self.exchange(Some(&seed)).await.map_err(|(why, _)| why)?;
+                        got.2 = got.2.or(Some(seed));
+                        got
+                    }
+                    Err((why, _)) => return Err(why),
+                }
+            }
+        };
+        let (access, lifetime, rotated) = got;
+        let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        let token = crate::state::tokens::SharedToken {
+            access: access.clone(),
+            expires_ms: crate::state::tokens::unix_ms().saturating_add(lifetime_ms),
+            lifetime_ms,
+            refresh: rotated.clone(),
+        };
+        match store.token_write(key, fence, &token).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(upstream = %self.label, mailbox,
+                "oauth2: a newer refresh wrote to the token store first (this one took longer \
+                 than the lock)"),
+            Err(e) => tracing::warn!(upstream = %self.label, mailbox, error = %e,
+                "oauth2: the new token could not be written to the token store; kept here and \
+                 in the tokens_file"),
+        }
+        if let (Some(rotated), Some(file)) = (&rotated, &self.store)
+            && let Err(e) = file.set(mailbox, rotated)
+        {
+            tracing::warn!(upstream = %self.label, mailbox,
+                "oauth2: cannot save the rotated refresh token in the tokens_file: {e}");
+        }
+        tracing::debug!(upstream = %self.label, mailbox, fence,
+            lifetime_s = lifetime.as_secs(), "oauth2: new access token for the fleet");
+        slot.token = Some(Cached {
+            access: access.clone(),
+            expires: Instant::now() + lifetime,
+            lifetime,
+        });
+        Ok(access)
+    }
+
     async fn fetch(&self, mailbox: &str) -> Result<(String, Option<Duration>), String> {
-        let client = BasicClient::new(ClientId::new(self.client_id.clone()))
-            .set_client_secret(ClientSecret::new(self.secret.clone()))
-            .set_token_uri(self.token_url.clone());
-        let scopes = self.scopes.iter().map(|s| Scope::new(s.clone()));
         match self.grant {
             Oauth2Grant::RefreshToken => {
                 let store = self.store.as_ref().ok_or("no tokens_file")?;
@@ -267,27 +440,61 @@ impl TokenSource {
                         store.path().display()
                     )
                 })?;
-                let resp = client
-                    .exchange_refresh_token(&RefreshToken::new(refresh))
+                let (access, lifetime, rotated) = self
+                    .exchange(Some(&refresh))
+                    .await
+                    .map_err(|(why, _)| why)?;
+                if let Some(rotated) = rotated {
+                    store
+                        .set(mailbox, &rotated)
+                        .map_err(|e| format!("cannot save the rotated refresh token: {e}"))?;
+                }
+                Ok((access, lifetime))
+            }
+            Oauth2Grant::ClientCredentials => {
+                let (access, lifetime, _) = self.exchange(None).await.map_err(|(why, _)| why)?;
+                Ok((access, lifetime))
+            }
+        }
+    }
+
+    /// One token request: with `refresh`, the refresh_token grant, else client_credentials.
+    /// The access token, its lifetime and a rotated refresh token; on failure the reason and
+    /// whether the server said `invalid_grant`.
+    async fn exchange(
+        &self,
+        refresh: Option<&str>,
+    ) -> Result<(String, Option<Duration>, Option<String>), (String, bool)> {
+        let client = BasicClient::new(ClientId::new(self.client_id.clone()))
+            .set_client_secret(ClientSecret::new(self.secret.clone()))
+            .set_token_uri(self.token_url.clone());
+        let scopes = self.scopes.iter().map(|s| Scope::new(s.clone()));
+        let resp = match refresh {
+            Some(refresh) => {
+                client
+                    .exchange_refresh_token(&RefreshToken::new(refresh.to_owned()))
                     .add_scopes(scopes)
                     .request_async(&self.http)
                     .await
-                    .map_err(describe)?;
-                if let Some(rotated) = resp.refresh_token() {
-                    store
-                        .set(mailbox, rotated.secret())
-                        .map_err(|e| format!("cannot save the rotated refresh token: {e}"))?;
-                }
-                Ok((resp.access_token().secret().clone(), resp.expires_in()))
             }
-            Oauth2Grant::ClientCredentials => {
-                let resp = client
+            None => {
+                client
                     .exchange_client_credentials()
                     .add_scopes(scopes)
                     .request_async(&self.http)
                     .await
-                    .map_err(describe)?;
-                Ok((resp.access_token().secret().clone(), resp.expires_in()))
+            }
+        };
+        match resp {
+            Ok(resp) => Ok((
+                resp.access_token().secret().clone(),
+                resp.expires_in(),
+                resp.refresh_token().map(|r| r.secret().clone()),
+            )),
+            Err(e) => {
+                let invalid_grant = matches!(&e, RequestTokenError::ServerResponse(r)
+                    if *r.error() == oauth2::basic::BasicErrorResponseType::InvalidGrant);
+                Err((describe(e), invalid_grant))
             }
         }
     }

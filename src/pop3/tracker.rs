@@ -11,7 +11,9 @@ use std::collections::VecDeque;
 use base64::Engine as _;
 
 use crate::pop3::command::{Command, CommandError, Verb, line_end};
+use crate::pop3::replies;
 use crate::pop3::response::{BodyScanner, Scan, Status, StatusLine};
+use crate::pop3::sasl::{self, Message, Plain};
 
 /// RFC 1939 session states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -313,29 +315,19 @@ impl SaslExchange {
     /// Learn from one client message of the exchange (the initial response, `answer == false`,
     /// or an answer to a challenge). `=` is an empty message, `*` a cancellation.
     fn learn(&mut self, b64: &[u8], answer: bool) {
-        if b64 == b"*" {
+        let Ok(Message::Data(raw)) = sasl::decode(b64) else {
             return;
-        }
-        let raw = if b64 == b"=" || b64.is_empty() {
-            Vec::new()
-        } else {
-            match base64::engine::general_purpose::STANDARD.decode(b64) {
-                Ok(raw) => raw,
-                Err(_) => return,
-            }
         };
         let name: Option<Vec<u8>> = match self.mech {
-            // The server authenticates the last complete message it gets.
-            SaslMech::Plain => {
-                let mut parts = raw.split(|&b| b == 0);
-                let authz = parts.next().unwrap_or_default();
-                let authc = parts.next().unwrap_or_default();
-                Some(if authz.is_empty() { authc } else { authz }.to_vec())
-            }
+            // The server authenticates the last complete message it gets; a malformed one
+            // (which it refuses) names nobody.
+            SaslMech::Plain => Plain::parse(&raw).ok().map(|p| p.user().to_vec()),
             // The user name answers `Username:`; failing such a prompt, it is the first
             // non-empty message (an empty initial response is no user name: the server asks).
-            SaslMech::Login if self.asks_user => Some(raw),
-            SaslMech::Login if self.user.is_none() && self.challenges <= 1 => Some(raw),
+            SaslMech::Login if self.asks_user => sasl::login_name(&raw).ok().map(<[u8]>::to_vec),
+            SaslMech::Login if self.user.is_none() && self.challenges <= 1 => {
+                sasl::login_name(&raw).ok().map(<[u8]>::to_vec)
+            }
             SaslMech::Login => None,
             // Only the answer to the server's challenge counts; servers ignore anything sent
             // before it.
@@ -353,7 +345,7 @@ impl SaslExchange {
                 .map(<[u8]>::to_vec),
         };
         if let Some(name) = name.filter(|n| !n.is_empty()) {
-            self.user = Some(String::from_utf8_lossy(&name).into_owned());
+            self.user = Some(sasl::name_text(&name));
         }
     }
 }
@@ -638,7 +630,7 @@ impl Tracker {
         let before_login = self.state == State::Authorization;
         match cmd.verb {
             Verb::User | Verb::Pass | Verb::Apop | Verb::Auth | Verb::Utf8 if !before_login => {
-                Some("-ERR already logged in")
+                Some(replies::ALREADY_LOGGED_IN)
             }
             Verb::Stat
             | Verb::List
@@ -650,11 +642,23 @@ impl Tracker {
             | Verb::Rset
                 if before_login =>
             {
-                Some("-ERR not logged in")
+                Some(replies::NOT_LOGGED_IN)
             }
             Verb::Auth => match cmd.arg_str(0) {
                 Some(mech) if !sasl_mechanism_supported(mech) => {
-                    Some("-ERR [AUTH] SASL mechanism not supported by this proxy")
+                    Some(replies::SASL_MECHANISM_NOT_SUPPORTED)
+                }
+                // A PLAIN initial response that names nobody never reaches the server (as
+                // routing mode's front refuses it): a login must name its user.
+                Some(mech) if mech.eq_ignore_ascii_case("PLAIN") => {
+                    let ir = cmd.arg_list().nth(1)?;
+                    match sasl::decode(ir) {
+                        Ok(Message::Cancel) => None,
+                        Ok(Message::Data(raw)) => {
+                            Plain::parse(&raw).err().map(|_| replies::MALFORMED_PLAIN)
+                        }
+                        Err(_) => Some(replies::INVALID_BASE64),
+                    }
                 }
                 _ => None,
             },
@@ -1132,6 +1136,40 @@ mod tests {
         )));
     }
 
+    /// The front's decoder: a PLAIN message with a fourth part or an empty authcid names
+    /// nobody (the tracker used to name its first part), and an empty AUTH LOGIN message is
+    /// no name.
+    #[test]
+    fn malformed_sasl_messages_name_nobody() {
+        for msg in [b64(b"eve\0bob\0pw\0x"), b64(b"eve\0\0pw"), b64(b"eve")] {
+            let t = Tracker::new(512);
+            let cmd = format!("AUTH PLAIN {msg}\r\n");
+            let cmd = Command::parse(cmd.as_bytes()).unwrap();
+            assert_eq!(t.name_in(&cmd), None, "{msg}");
+            assert_eq!(t.refusal(&cmd), Some(replies::MALFORMED_PLAIN), "{msg}");
+        }
+        let mut t = Tracker::new(512);
+        let auth = Command::parse(b"AUTH PLAIN\r\n").unwrap();
+        assert_eq!(t.refusal(&auth), None);
+        t.forwarded(&auth);
+        let odd = format!("{}\r\n", b64(b"eve\0bob\0pw\0x"));
+        assert_eq!(t.name_in_sasl_answer(odd.as_bytes()), None);
+        let good = format!("{}\r\n", b64(b"\0bob\0pw"));
+        assert_eq!(
+            t.name_in_sasl_answer(good.as_bytes()).as_deref(),
+            Some("bob")
+        );
+        let bad = Command::parse(b"AUTH PLAIN !!\r\n").unwrap();
+        assert_eq!(t.refusal(&bad), Some(replies::INVALID_BASE64));
+        let cancel = Command::parse(b"AUTH PLAIN *\r\n").unwrap();
+        assert_eq!(t.refusal(&cancel), None);
+        let mut t = Tracker::new(512);
+        let login = Command::parse(b"AUTH LOGIN =\r\n").unwrap();
+        assert_eq!(t.name_in(&login), None);
+        t.forwarded(&Command::parse(b"AUTH LOGIN\r\n").unwrap());
+        assert_eq!(t.name_in_sasl_answer(b"\r\n"), None);
+    }
+
     #[test]
     fn cram_md5_names_the_user() {
         // base64("dave 0123456789abcdef0123456789abcdef")
@@ -1246,7 +1284,11 @@ mod tests {
             b"\tUSER\tnobody\r\n",
         ] {
             let cmd = Command::parse(line).unwrap();
-            assert_eq!(t.refusal(&cmd), Some("-ERR already logged in"), "{line:?}");
+            assert_eq!(
+                t.refusal(&cmd),
+                Some(replies::ALREADY_LOGGED_IN),
+                "{line:?}"
+            );
         }
         for line in [&b"DELE 1\r\n"[..], b"STAT\r\n", b"QUIT\r\n", b"CAPA\r\n"] {
             assert_eq!(t.refusal(&Command::parse(line).unwrap()), None);

@@ -9,9 +9,9 @@
 //! other mechanisms are refused. A complete login (name and secret) becomes a [`Login`]: the
 //! driver picks the upstream, replays it there, and tells the front how it went.
 
-use base64::Engine as _;
-
 use crate::pop3::command::{Command, Verb, is_separator, line_end, trim_eol};
+use crate::pop3::replies;
+use crate::pop3::sasl::{self, Message, Plain};
 
 /// popgate's capability list before login (RFC 2449). TOP, UIDL and EXPIRE are the server's
 /// to state: a client asks CAPA again after login and gets the upstream's own list. No
@@ -174,12 +174,7 @@ impl Front {
             }
             State::LoginUser => {
                 if let Some(raw) = self.sasl_answer(line) {
-                    let user = String::from_utf8_lossy(&raw).into_owned();
-                    self.reply("+ UGFzc3dvcmQ6");
-                    self.state = State::LoginPass {
-                        line: crlf(trim_eol(line)),
-                        user,
-                    };
+                    self.login_user(trim_eol(line), &raw);
                 }
             }
             State::LoginPass {
@@ -202,15 +197,14 @@ impl Front {
     /// A SASL answer decoded, or `None` after answering a cancellation or bad base64 (the
     /// front is then back in AUTHORIZATION).
     fn sasl_answer(&mut self, line: &[u8]) -> Option<Vec<u8>> {
-        let data = trim_eol(line);
-        if data == b"*" {
-            self.reply("-ERR [AUTH] authentication cancelled");
-            return None;
-        }
-        match base64::engine::general_purpose::STANDARD.decode(data) {
-            Ok(raw) => Some(raw),
+        match sasl::decode(trim_eol(line)) {
+            Ok(Message::Data(raw)) => Some(raw),
+            Ok(Message::Cancel) => {
+                self.reply(replies::AUTH_CANCELLED);
+                None
+            }
             Err(_) => {
-                self.reply("-ERR [AUTH] invalid base64");
+                self.reply(replies::INVALID_BASE64);
                 None
             }
         }
@@ -218,24 +212,30 @@ impl Front {
 
     /// An AUTH PLAIN message (`b64` as sent, `raw` decoded).
     fn plain(&mut self, b64: &[u8], raw: &[u8]) {
-        let mut parts = raw.split(|&b| b == 0);
-        let (Some(authz), Some(authc), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            self.reply("-ERR [AUTH] malformed AUTH PLAIN message");
+        let Ok(plain) = Plain::parse(raw) else {
+            self.reply(replies::MALFORMED_PLAIN);
             return;
         };
-        if authc.is_empty() {
-            self.reply("-ERR [AUTH] malformed AUTH PLAIN message");
-            return;
-        }
-        let routed = if authz.is_empty() { authc } else { authz };
         self.ready(Login {
             method: Method::Plain,
-            user: String::from_utf8_lossy(routed).into_owned(),
-            secret: secret.to_vec(),
+            user: sasl::name_text(plain.user()),
+            secret: plain.password.to_vec(),
             lines: vec![b"AUTH PLAIN\r\n".to_vec(), crlf(b64)],
         });
+    }
+
+    /// AUTH LOGIN's user name (`b64` as sent, `raw` decoded): the password is asked next.
+    fn login_user(&mut self, b64: &[u8], raw: &[u8]) {
+        match sasl::login_name(raw) {
+            Ok(name) => {
+                self.reply("+ UGFzc3dvcmQ6");
+                self.state = State::LoginPass {
+                    line: crlf(b64),
+                    user: sasl::name_text(name),
+                };
+            }
+            Err(_) => self.reply(replies::MALFORMED_LOGIN),
+        }
     }
 
     fn ready(&mut self, login: Login) {
@@ -247,7 +247,7 @@ impl Front {
         // A pending USER stays across other commands (CAPA between USER and PASS).
         self.state = State::Ready { user };
         let Ok(cmd) = Command::parse(line) else {
-            self.reply("-ERR invalid command");
+            self.reply(replies::INVALID_COMMAND);
             return;
         };
         match cmd.verb {
@@ -255,10 +255,10 @@ impl Front {
             // the whole rest of the line), so the name routed on would not be the one the
             // server checks. Refused; an earlier USER stays, as a server keeps it.
             Verb::User if cmd.args.iter().any(|&b| is_separator(b)) => {
-                self.reply("-ERR [AUTH] a user name with white space cannot be routed")
+                self.reply(replies::USER_WITH_WHITE_SPACE)
             }
             Verb::User => {
-                let name = String::from_utf8_lossy(cmd.args).into_owned();
+                let name = sasl::name_text(cmd.args);
                 self.reply("+OK");
                 self.state = State::Ready {
                     user: Some((line.to_vec(), name)),
@@ -273,7 +273,7 @@ impl Front {
                     secret: cmd.args.to_vec(),
                     lines: vec![user_line, line.to_vec()],
                 }),
-                _ => self.reply("-ERR USER first"),
+                _ => self.reply(replies::USER_FIRST),
             },
             Verb::Auth => {
                 let mut args = cmd.arg_list();
@@ -298,29 +298,20 @@ impl Front {
                     }
                     (Some(b"LOGIN"), Some(ir)) => {
                         if let Some(raw) = self.sasl_answer(ir) {
-                            self.reply("+ UGFzc3dvcmQ6");
-                            self.state = State::LoginPass {
-                                line: crlf(ir),
-                                user: String::from_utf8_lossy(&raw).into_owned(),
-                            };
+                            self.login_user(ir, &raw);
                         }
                     }
-                    (Some(_), _) => self.reply(
-                        "-ERR [AUTH] this proxy routes logins by user: only PLAIN and LOGIN \
-                         can be routed",
-                    ),
+                    (Some(_), _) => self.reply(replies::ONLY_PLAIN_AND_LOGIN),
                 }
             }
-            Verb::Apop => self.reply(
-                "-ERR [AUTH] APOP cannot be routed by this proxy: use USER/PASS or AUTH PLAIN",
-            ),
+            Verb::Apop => self.reply(replies::APOP_NOT_ROUTED),
             Verb::Capa => self.output.extend_from_slice(CAPA),
             Verb::Quit => {
                 self.reply("+OK popgate signing off");
                 self.state = State::Quit;
                 self.input.clear();
             }
-            _ => self.reply("-ERR not available before login"),
+            _ => self.reply(replies::NOT_BEFORE_LOGIN),
         }
     }
 }
@@ -335,6 +326,7 @@ fn crlf(data: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     fn b64(s: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
@@ -427,6 +419,28 @@ mod tests {
             out(&mut f),
             "+ \r\n-ERR [AUTH] authentication cancelled\r\n+ \r\n-ERR [AUTH] invalid base64\r\n\
              -ERR [AUTH] malformed AUTH PLAIN message\r\n"
+        );
+        assert!(f.take_login().is_none());
+    }
+
+    /// One decoder with the tracker: `=` is the empty message (a PLAIN that names nobody,
+    /// not bad base64), a PLAIN with a fourth part or an empty authcid is malformed, an empty
+    /// AUTH LOGIN name is refused rather than routed.
+    #[test]
+    fn messages_that_name_nobody_are_refused() {
+        let mut f = Front::new("g");
+        out(&mut f);
+        f.input(b"AUTH PLAIN =\r\n");
+        f.input(format!("AUTH PLAIN {}\r\n", b64(b"a\0b\0c\0d")).as_bytes());
+        f.input(format!("AUTH PLAIN {}\r\n", b64(b"a\0\0pw")).as_bytes());
+        f.input(b"AUTH LOGIN\r\n\r\nAUTH LOGIN =\r\n");
+        assert_eq!(
+            out(&mut f),
+            "-ERR [AUTH] malformed AUTH PLAIN message\r\n\
+             -ERR [AUTH] malformed AUTH PLAIN message\r\n\
+             -ERR [AUTH] malformed AUTH PLAIN message\r\n\
+             + VXNlcm5hbWU6\r\n-ERR [AUTH] empty AUTH LOGIN user name\r\n\
+             -ERR [AUTH] empty AUTH LOGIN user name\r\n"
         );
         assert!(f.take_login().is_none());
     }

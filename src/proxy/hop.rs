@@ -1,30 +1,38 @@
 //! [`Hop`]: one session's protocol core. The driver reads into two buffers it owns, hands them
-//! in with the event that filled them, and executes the [`Action`]s that come out, in order.
+//! in with the event that filled them, and carries out the [`Output`]s that come out, in order.
 //!
 //! Forwarding keeps the original bytes: server data leaves as slices split off the server
 //! buffer (no copy), client commands as the lines the client sent, unless a rule rewrote them.
 //! Local replies (refusals, rule denials, STLS answers) sit in the tracker's FIFO and go out in
 //! their place. The upstream never receives a QUIT the client did not send: every other way out
-//! is a [`Action::Close`], and the driver closes the upstream socket without a word.
+//! is an [`Output::Close`], and the driver closes the upstream socket without a word.
+//!
+//! Time is an input: a rule's tarpit or the failed-login penalty holds the outputs after it
+//! until a deadline the hop reports ([`Hop::poll_timeout`]); meanwhile the client is still read
+//! (as far as the pipeline allows), the session's own deadlines still run, and a shutdown
+//! still ends the session at once.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
-use crate::audit::{CloseReason, MessageIds};
 use crate::config::UnknownCommands;
 use crate::pop3::capa;
 use crate::pop3::command::{Command, Verb, line_end, trim_eol};
+use crate::pop3::replies;
 use crate::pop3::tracker::{
     AfterReply, ClientLine, Piece, ProtocolError, ResponseMeta, State, Tracker,
     sasl_mechanism_supported,
 };
 use crate::rules::{Event, EventKind, command_line};
+use crate::types::{CloseReason, MessageIds};
 
+use super::output::{Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
 
 /// An overlong line is discarded up to its end; past this many lengths of junk, close.
@@ -34,72 +42,6 @@ const MAX_CAPA: usize = 64 * 1024;
 /// Messages popgate asks about in one session, at most (each costs the session a few octets
 /// of memory and the server a round trip): past this, commands go unidentified.
 const MAX_LOOKUPS: usize = 100_000;
-
-/// What the driver must do next, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Write these bytes to the client.
-    ToClient(Bytes),
-    /// Write these bytes to the upstream.
-    ToUpstream(Bytes),
-    /// Wait this long before carrying out the next action (a rule's tarpit, the failed-login
-    /// penalty).
-    Sleep(Duration),
-    /// Run the server side of a TLS handshake with the client, then call
-    /// [`Hop::client_tls_started`].
-    StartClientTls,
-    /// The session is over, for this reason: close the client (with a TCP reset when
-    /// [`Hop::mid_response`]: a cut multi-line response must not look complete) and the
-    /// upstream, without QUIT.
-    Close(CloseReason),
-}
-
-/// What a hop reports as it goes, and the one shared service it asks for. The session's audit
-/// observer implements it.
-pub(crate) trait Observe {
-    /// A command the client sent, parsed (the transcript redacts it).
-    fn client_command(&mut self, cmd: &Command<'_>);
-    /// A SASL answer, or a line taken for one: never its content.
-    fn client_sasl(&mut self);
-    /// A reply popgate gave itself.
-    fn local_reply(&mut self, reply: &[u8]);
-    /// A server status line with what the tracker made of it (`state` after the line) and
-    /// what rules said about it.
-    fn status(
-        &mut self,
-        meta: &ResponseMeta,
-        line: &[u8],
-        user: Option<&str>,
-        state: State,
-        marks: &Marks,
-    );
-    /// Bytes of a multi-line body as relayed; `end` when they include the terminator.
-    fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>);
-    /// A command a rule denied, with the command's event tags.
-    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]);
-    /// The session-scoped rule tags so far (they go on every later event).
-    fn tags(&mut self, tags: &[Arc<str>]);
-    /// A login failed from `ip`: how long to hold its `-ERR` (the per-IP penalty), if at all.
-    fn login_failed(&mut self, ip: IpAddr) -> Option<Duration>;
-    /// popgate sent `cmd` upstream itself, for the audit trail (the client never sees it).
-    fn injected(&mut self, cmd: &Command<'_>);
-    /// The status line answering an injected command (consumed, not relayed).
-    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]);
-    /// Body bytes answering an injected command (consumed, not relayed).
-    fn injected_body(&mut self, chunk: &[u8], end: bool);
-    /// The server has no UIDL command: the audit records say so from now on.
-    fn no_uidl(&mut self);
-}
-
-/// What rules said about the audit record(s) of one event.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Marks {
-    /// Event-scoped tags (`tag` rules without `scope = "session"`) of the command and of its
-    /// response (and login), or of what closed the session.
-    pub(crate) tags: Vec<Arc<str>>,
-    /// The rule that dropped the session here, if one did.
-    pub(crate) dropped_by: Option<Arc<str>>,
-}
 
 fn add_tags(to: &mut Vec<Arc<str>>, from: &[Arc<str>]) {
     for t in from {
@@ -174,32 +116,79 @@ struct Known {
     no_top: bool,
 }
 
-/// One session's protocol core.
+/// Where the client side of a session stands: what is read and handled. One value, so that
+/// no two of these can hold at once (a session cannot be both closed and waiting for a TLS
+/// handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Client lines are handled as they come. `discarding`: the octets of an overlong line
+    /// thrown away so far (the rest of it is thrown away too).
+    Reading { discarding: Option<usize> },
+    /// A buffered line (STLS, or a PASS after USERs) waits, unparsed, until every earlier
+    /// command is answered (what it means depends on those answers).
+    Barrier,
+    /// STLS was accepted: nothing more is read from the client until the handshake.
+    StartingTls,
+    /// A reply that ends the session is queued (a `deny` rule reached `close_after`):
+    /// nothing the client sent after that command is read or forwarded, not even a QUIT.
+    Closing,
+    /// The client closed its sending side: the responses it is owed still go out.
+    ClientEof,
+    /// The session is over: an [`Output::Close`] with this reason is queued.
+    Closed(CloseReason),
+}
+
+/// One session's protocol core, without I/O: bytes, timer expiries and a few facts go in;
+/// [`Output`]s, [`SessionEvent`]s and a deadline come out.
+///
+/// # Calling contract
+///
+/// 1. [`Hop::new`] once the upstream is connected (or the routing front stands in for it).
+/// 2. Feed what happens, each call with the current time where it takes one:
+///    [`Hop::on_server_input`] after appending to the server buffer (also with the greeting
+///    read during the set-up), [`Hop::on_client_input`] after appending to the client buffer,
+///    [`Hop::on_client_eof`], [`Hop::on_upstream_eof`], [`Hop::on_upstream_error`],
+///    [`Hop::on_shutdown`], [`Hop::on_timeout`], and [`Hop::client_tls_started`] after the
+///    handshake an [`Output::StartClientTls`] asked for.
+/// 3. After every such call: drain [`Hop::poll_event`] and dispatch the events (audit,
+///    transcript, metrics). A [`SessionEvent::LoginFailed`] must be answered with
+///    [`Hop::penalty`] (the failed login's `-ERR` is held until then; the answer may come
+///    later, e.g. from an async store, as long as it comes).
+/// 4. Then drain [`Hop::poll_output`] and carry the outputs out in order: write
+///    [`Output::ToClient`] / [`Output::ToUpstream`] (flushed), run the handshake for
+///    [`Output::StartClientTls`], and stop at [`Output::Close`]. `None` while outputs are held
+///    behind a deadline: they come out after the [`Hop::on_timeout`] that passes it.
+/// 5. Wait for the next input: read the client only while [`Hop::wants_client_input`], the
+///    upstream only while [`Hop::wants_server_input`], and call [`Hop::on_timeout`] when the
+///    instant [`Hop::poll_timeout`] returns has come (asking again after every call: any call
+///    may move it). A shutdown is always watched.
+/// 6. At the end: [`Hop::finish`], then [`Hop::close_marks`], [`Hop::user`], [`Hop::tags`]
+///    for the close record.
 #[derive(Debug)]
 pub(crate) struct Hop {
     cfg: HopConfig,
     tracker: Tracker,
     policy: Policy,
     client_tls: bool,
+    phase: Phase,
     /// Commands to send upstream in one write.
     up_out: Vec<u8>,
-    /// Octets of an overlong client line thrown away so far.
-    discarding: Option<usize>,
-    client_eof: bool,
-    /// STLS was accepted: nothing more is read from the client until the handshake.
-    stls_pending: bool,
-    /// A CAPA response being collected for rewriting.
+    /// A CAPA response being collected for rewriting (server side: the client may go on).
     capa: Option<Vec<u8>>,
-    /// A buffered STLS waits until every earlier response is in (its answer depends on them).
-    barrier: bool,
-    actions: VecDeque<Action>,
-    closed: bool,
-    /// A reply that ends the session is queued (a `deny` rule reached `close_after`): nothing
-    /// the client sent after that command is read or forwarded, not even a pipelined QUIT.
-    closing: bool,
+    outputs: Outputs,
+    events: VecDeque<SessionEvent>,
+    /// Events whose bytes are server bytes not yet split off: (index in `events`, range in
+    /// the server buffer). Filled in when the bytes are split off to be relayed.
+    pending_bytes: Vec<(usize, Range<usize>)>,
+    /// The time of the call being handled.
+    now: Instant,
     idle_deadline: Instant,
     login_deadline: Instant,
     greeting_deadline: Instant,
+    /// How many session tags the last [`SessionEvent::Tags`] carried.
+    tags_reported: usize,
+    /// The user as last reported, shared by the events that name it.
+    user_reported: Option<Arc<str>>,
     /// Event tags of the commands sent upstream whose final response is still due, in order.
     cmd_tags: VecDeque<Vec<Arc<str>>>,
     /// For the `session_close` record: event tags of what closed the session and of the
@@ -229,18 +218,18 @@ impl Hop {
             tracker,
             policy,
             client_tls: cfg.client_tls,
+            phase: Phase::Reading { discarding: None },
             up_out: Vec::new(),
-            discarding: None,
-            client_eof: false,
-            stls_pending: false,
             capa: None,
-            barrier: false,
-            actions: VecDeque::new(),
-            closed: false,
-            closing: false,
+            outputs: Outputs::default(),
+            events: VecDeque::new(),
+            pending_bytes: Vec::new(),
+            now,
             idle_deadline: now + cfg.idle_timeout,
             login_deadline: started + cfg.login_timeout,
             greeting_deadline: now + cfg.greeting_timeout,
+            tags_reported: 0,
+            user_reported: None,
             cmd_tags: VecDeque::new(),
             close_marks: Marks::default(),
             known: Known::default(),
@@ -249,20 +238,54 @@ impl Hop {
         }
     }
 
-    /// The next action to carry out.
-    pub(crate) fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+    /// The next output to carry out; `None` when there is none or the next ones are held
+    /// (until [`Hop::poll_timeout`]).
+    pub(crate) fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop()
+    }
+
+    /// The next event to dispatch (audit, transcript, metrics), in the order they happened.
+    pub(crate) fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Hop::on_timeout`] is due: the end of a hold, or a session deadline (greeting,
+    /// login, idle). `None` when nothing is timed (the session is closed and nothing held).
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let hold = self.outputs.deadline();
+        if self.closed() {
+            return hold;
+        }
+        let mut at = self.idle_deadline;
+        if self.tracker.state() == State::Authorization {
+            at = at.min(self.login_deadline);
+        }
+        if self.tracker.greeting_due() {
+            at = at.min(self.greeting_deadline);
+        }
+        Some(hold.map_or(at, |h| h.min(at)))
+    }
+
+    /// The driver's answer to a [`SessionEvent::LoginFailed`]: how long the failed login's
+    /// `-ERR` is held (the per-IP penalty), if at all, counted from `now`.
+    pub(crate) fn penalty(&mut self, now: Instant, penalty: Option<Duration>) {
+        self.now = now;
+        self.outputs.answer_penalty(penalty, now);
     }
 
     /// Let go of the memory of empty queues, when nothing is outstanding: a session that
     /// waits for its client holds only what it must remember.
     pub(crate) fn trim(&mut self) {
-        if !self.tracker.idle() || !self.actions.is_empty() {
+        if !self.tracker.idle() || !self.outputs.is_empty() || !self.events.is_empty() {
             return;
         }
         self.tracker.trim();
-        if self.actions.capacity() > 0 {
-            self.actions = VecDeque::new();
+        self.outputs.trim();
+        if self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        if self.pending_bytes.capacity() > 0 {
+            self.pending_bytes = Vec::new();
         }
         if self.cmd_tags.is_empty() && self.cmd_tags.capacity() > 0 {
             self.cmd_tags = VecDeque::new();
@@ -272,29 +295,31 @@ impl Hop {
         }
     }
 
+    fn closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed(_))
+    }
+
     /// Whether the driver may read from the client now. The one place this is decided.
+    /// While outputs are held the client is still read: what it sends is handled and queued
+    /// behind the hold, within the pipeline limit.
     pub(crate) fn wants_client_input(&self) -> bool {
-        !self.closed
-            && !self.closing
-            && !self.client_eof
-            && !self.stls_pending
-            && !self.barrier
+        matches!(self.phase, Phase::Reading { .. })
             && !self.tracker.quit_sent()
             && !self.tracker.client_must_wait()
             && !self.tracker.internal_pending()
             && self.tracker.pending_len() < self.cfg.max_pipeline
     }
 
-    /// When [`Hop::on_timeout`] is due.
-    pub(crate) fn deadline(&self) -> Instant {
-        let mut at = self.idle_deadline;
-        if self.tracker.state() == State::Authorization {
-            at = at.min(self.login_deadline);
-        }
-        if self.tracker.greeting_due() {
-            at = at.min(self.greeting_deadline);
-        }
-        at
+    /// Whether outputs wait behind a hold (a tarpit, the login penalty).
+    #[cfg(test)]
+    pub(crate) fn holding(&self) -> bool {
+        self.outputs.holding()
+    }
+
+    /// Whether the driver may read from the upstream now: not while outputs are held (what
+    /// the server sends waits in the socket, as a body would otherwise pile up in memory).
+    pub(crate) fn wants_server_input(&self) -> bool {
+        !self.closed() && !self.outputs.holding()
     }
 
     /// Routing mode: the `route` rule (name, upstream) for a login as `user`, if one holds.
@@ -370,22 +395,97 @@ impl Hop {
     }
 
     fn close(&mut self, reason: CloseReason) {
-        if self.closed {
+        if self.closed() {
             return;
         }
         self.flush_upstream();
-        self.closed = true;
-        self.actions.push_back(Action::Close(reason));
+        self.phase = Phase::Closed(reason);
+        self.outputs.push(Output::Close(reason));
+    }
+
+    /// The session ends now, whatever is held: held replies go out at once, held commands
+    /// never reach the server. Whether a command was dropped (its answer is owed).
+    fn cut_hold(&mut self) -> bool {
+        self.outputs.cut_holds().unwrap_or(false)
+    }
+
+    /// Whether the client is owed a last answer when the session ends now without a response
+    /// cut: nothing outstanding, or a command was held and never sent (`dropped`).
+    fn owed_a_last_word(&self, dropped: bool) -> bool {
+        !self.tracker.in_body() && (dropped || self.tracker.idle())
+    }
+
+    /// Hold what is queued after this point for `delay` (and, with `penalty`, until the
+    /// driver's [`Hop::penalty`]).
+    fn hold(&mut self, delay: Duration, penalty: bool) {
+        self.flush_upstream();
+        self.outputs.hold(delay, penalty, self.now);
     }
 
     fn send_client(&mut self, bytes: impl Into<Bytes>) {
-        self.actions.push_back(Action::ToClient(bytes.into()));
+        self.outputs.push(Output::ToClient(bytes.into()));
     }
 
     fn flush_upstream(&mut self) {
         if !self.up_out.is_empty() {
             let out = std::mem::take(&mut self.up_out);
-            self.actions.push_back(Action::ToUpstream(out.into()));
+            self.outputs.push(Output::ToUpstream(out.into()));
+        }
+    }
+
+    fn event(&mut self, ev: SessionEvent) {
+        self.events.push_back(ev);
+    }
+
+    /// An event whose bytes are `sin[range]`, not yet split off: they are filled in when they
+    /// are (see [`Hop::flush_server`]).
+    fn event_on_server_bytes(&mut self, ev: SessionEvent, range: Range<usize>) {
+        self.pending_bytes.push((self.events.len(), range));
+        self.events.push_back(ev);
+    }
+
+    /// Give the events waiting for `chunk`'s bytes (split off the front of the server buffer,
+    /// where their ranges count from) their slice of it. Every split of the server buffer is
+    /// preceded by one of these, so the ranges always fall within the chunk.
+    fn fill_pending(&mut self, chunk: &Bytes) {
+        for (i, range) in self.pending_bytes.drain(..) {
+            let bytes = if range.end <= chunk.len() {
+                chunk.slice(range)
+            } else {
+                debug_assert!(
+                    false,
+                    "pending bytes {range:?} past the chunk split off ({})",
+                    chunk.len()
+                );
+                Bytes::new()
+            };
+            match self.events.get_mut(i) {
+                Some(
+                    SessionEvent::Status { line: b, .. } | SessionEvent::Body { chunk: b, .. },
+                ) => *b = bytes,
+                _ => debug_assert!(false, "pending bytes for an event without bytes"),
+            }
+        }
+    }
+
+    /// The session tags, if they changed since the last report.
+    fn report_tags(&mut self) {
+        if self.policy.tags.len() != self.tags_reported {
+            self.tags_reported = self.policy.tags.len();
+            self.event(SessionEvent::Tags(self.policy.tags.clone()));
+        }
+    }
+
+    /// The user rules and audit see, shared (allocated again only when it changes).
+    fn user_shared(&mut self) -> Option<Arc<str>> {
+        match (self.tracker.user(), &self.user_reported) {
+            (None, _) => None,
+            (Some(u), Some(r)) if **r == *u => Some(r.clone()),
+            (Some(u), _) => {
+                let u: Arc<str> = Arc::from(u);
+                self.user_reported = Some(u.clone());
+                Some(u)
+            }
         }
     }
 
@@ -393,6 +493,9 @@ impl Hop {
     fn flush_server(&mut self, sin: &mut BytesMut, fwd: &mut usize) {
         if *fwd > 0 {
             let chunk = sin.split_to(*fwd).freeze();
+            if !self.pending_bytes.is_empty() {
+                self.fill_pending(&chunk);
+            }
             self.send_client(chunk);
             *fwd = 0;
         }
@@ -400,44 +503,45 @@ impl Hop {
 
     /// Bytes arrived from the server (appended to `sin`); `cin` holds client bytes not yet
     /// handled (a response may unblock them).
-    pub(crate) fn on_server_input(
-        &mut self,
-        now: Instant,
-        sin: &mut BytesMut,
-        cin: &mut BytesMut,
-        obs: &mut impl Observe,
-    ) {
-        if self.closed {
+    pub(crate) fn on_server_input(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        if self.closed() {
             return;
         }
+        self.now = now;
         self.idle_deadline = now + self.cfg.idle_timeout;
-        self.server_data(sin, obs);
-        if self.closed {
+        self.server_data(sin);
+        if !self.pending_bytes.is_empty() {
+            // Not reached: every path out of `server_data` splits off what it relayed.
+            let copy = Bytes::copy_from_slice(sin);
+            self.fill_pending(&copy);
+        }
+        if self.closed() {
             return;
         }
-        self.client_data(cin, obs);
-        if !self.closed && self.client_eof && self.tracker.idle() {
+        self.client_data(cin);
+        if !self.closed() && self.phase == Phase::ClientEof && self.tracker.idle() {
             self.close(CloseReason::ClientEof);
         }
     }
 
     /// Bytes arrived from the client (appended to `cin`).
-    pub(crate) fn on_client_input(
-        &mut self,
-        now: Instant,
-        cin: &mut BytesMut,
-        obs: &mut impl Observe,
-    ) {
-        if self.closed {
+    pub(crate) fn on_client_input(&mut self, now: Instant, cin: &mut BytesMut) {
+        if self.closed() {
             return;
         }
+        self.now = now;
         self.idle_deadline = now + self.cfg.idle_timeout;
-        self.client_data(cin, obs);
+        self.client_data(cin);
     }
 
     /// The client closed its sending side.
     pub(crate) fn on_client_eof(&mut self) {
-        self.client_eof = true;
+        if self.closed() {
+            return;
+        }
+        if matches!(self.phase, Phase::Reading { .. } | Phase::Barrier) {
+            self.phase = Phase::ClientEof;
+        }
         debug!("client closed its side");
         // Responses it is owed still go out (half-close).
         if self.tracker.idle() && !self.tracker.quit_sent() {
@@ -471,41 +575,51 @@ impl Hop {
         });
     }
 
-    /// popgate is shutting down.
+    /// popgate is shutting down: the session ends now, even during a hold (held replies go
+    /// out at once; nothing held reaches the server).
     pub(crate) fn on_shutdown(&mut self) {
-        if !self.tracker.in_body() && self.tracker.idle() {
-            self.send_client(&b"-ERR [SYS/TEMP] proxy shutting down\r\n"[..]);
+        let cut = self.cut_hold();
+        if self.closed() {
+            return;
+        }
+        if self.owed_a_last_word(cut) {
+            self.send_client(replies::line(replies::SHUTTING_DOWN));
         }
         self.close(CloseReason::Shutdown);
     }
 
-    /// [`Hop::deadline`] has passed (the driver may call early; nothing happens then).
+    /// The instant [`Hop::poll_timeout`] reported has come (the driver may call early;
+    /// nothing is due then): a hold that ends lets its outputs go; a session deadline that
+    /// passed ends the session, during a hold too (as a shutdown does).
     pub(crate) fn on_timeout(&mut self, now: Instant) {
-        if self.closed {
+        self.now = now;
+        self.outputs.settle(now);
+        if self.closed() {
             return;
         }
-        if self.tracker.greeting_due() && now >= self.greeting_deadline {
+        let (reply, reason) = if self.tracker.greeting_due() && now >= self.greeting_deadline {
             warn!(timeout = ?self.cfg.greeting_timeout, "upstream sent no greeting");
-            self.send_client(
-                &b"-ERR [SYS/TEMP] upstream server did not answer, try again later\r\n"[..],
-            );
+            self.cut_hold();
+            self.send_client(replies::line(replies::UPSTREAM_NO_ANSWER));
             self.close(CloseReason::GreetingTimeout);
+            return;
         } else if self.tracker.state() == State::Authorization && now >= self.login_deadline {
             info!(timeout = ?self.cfg.login_timeout, "no login in time");
-            if !self.tracker.in_body() && self.tracker.idle() {
-                self.send_client(&b"-ERR disconnected: no login in time\r\n"[..]);
-            }
-            self.close(CloseReason::LoginTimeout);
+            (replies::NO_LOGIN_IN_TIME, CloseReason::LoginTimeout)
         } else if now >= self.idle_deadline {
             info!(timeout = ?self.cfg.idle_timeout, "idle timeout");
-            if !self.tracker.in_body() && self.tracker.idle() {
-                self.send_client(&b"-ERR autologout: idle for too long\r\n"[..]);
-            }
-            self.close(CloseReason::IdleTimeout);
+            (replies::IDLE_TOO_LONG, CloseReason::IdleTimeout)
+        } else {
+            return;
+        };
+        let cut = self.cut_hold();
+        if self.owed_a_last_word(cut) {
+            self.send_client(replies::line(reply));
         }
+        self.close(reason);
     }
 
-    /// The client TLS handshake that [`Action::StartClientTls`] asked for completed.
+    /// The client TLS handshake that [`Output::StartClientTls`] asked for completed.
     /// `cin` holds whatever plaintext the client sent after STLS: it is thrown away.
     pub(crate) fn client_tls_started(&mut self, cin: &mut BytesMut) {
         if !cin.is_empty() {
@@ -517,40 +631,42 @@ impl Hop {
             );
             cin.clear();
         }
-        self.discarding = None;
         self.client_tls = true;
-        self.stls_pending = false;
+        if self.phase == Phase::StartingTls {
+            self.phase = Phase::Reading { discarding: None };
+        }
     }
 
     /// The upstream is gone: answer `-ERR [SYS/TEMP]` if a response is due and none has
     /// started (a partly relayed body is left incomplete on purpose).
     fn answer_upstream_lost(&mut self) {
         if !self.mid_response() && !self.tracker.idle() {
-            self.send_client(&b"-ERR [SYS/TEMP] upstream server closed the connection\r\n"[..]);
+            self.send_client(replies::line(replies::UPSTREAM_CLOSED));
         }
     }
 
     /// Queue the local replies that are due.
-    fn write_due_locals(&mut self, obs: &mut impl Observe) {
-        while !self.closed
+    fn write_due_locals(&mut self) {
+        while !self.closed()
             && let Some(local) = self.tracker.next_local()
         {
             debug!(verb = %local.verb, reply = %crate::pop3::printable(&local.reply).trim_end(), "answered locally");
-            obs.local_reply(&local.reply);
-            self.send_client(local.reply);
+            let reply = Bytes::from(local.reply);
+            self.event(SessionEvent::LocalReply(reply.clone()));
+            self.send_client(reply);
             match local.then {
                 AfterReply::Continue => {}
                 AfterReply::Close => self.close(CloseReason::RuleDrop),
                 AfterReply::StartTls => {
                     self.flush_upstream();
-                    self.actions.push_back(Action::StartClientTls);
+                    self.outputs.push(Output::StartClientTls);
                 }
             }
         }
     }
 
     /// Handle every complete piece of server data in `sin`.
-    fn server_data(&mut self, sin: &mut BytesMut, obs: &mut impl Observe) {
+    fn server_data(&mut self, sin: &mut BytesMut) {
         let mut fwd = 0;
         loop {
             // Known before the call: a body's last piece ends it.
@@ -562,7 +678,7 @@ impl Hop {
                     let in_body = self.tracker.in_body();
                     self.flush_server(sin, &mut fwd);
                     if !in_body {
-                        self.send_client(&b"-ERR [SYS/TEMP] upstream protocol error\r\n"[..]);
+                        self.send_client(replies::line(replies::UPSTREAM_PROTOCOL_ERROR));
                     }
                     self.close(CloseReason::Error);
                     return;
@@ -571,18 +687,19 @@ impl Hop {
             match piece {
                 Piece::NeedMore => break,
                 Piece::Status { len, meta } if meta.internal => {
-                    self.injected_status(sin, &mut fwd, len, &meta, obs);
+                    self.injected_status(sin, &mut fwd, len, meta);
                 }
                 Piece::Status { len, meta } => {
-                    self.status(sin, &mut fwd, len, &meta, obs);
-                    if self.closed {
+                    self.status(sin, &mut fwd, len, meta);
+                    if self.closed() {
                         return;
                     }
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } if internal_body => {
                     self.flush_server(sin, &mut fwd);
-                    let chunk = sin.split_to(len);
-                    obs.injected_body(&chunk, matches!(piece, Piece::BodyEnd { .. }));
+                    let chunk = sin.split_to(len).freeze();
+                    let end = matches!(piece, Piece::BodyEnd { .. });
+                    self.event(SessionEvent::InjectedBody { chunk, end });
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } if self.capa.is_some() => {
                     self.flush_server(sin, &mut fwd);
@@ -596,23 +713,35 @@ impl Hop {
                         return;
                     }
                     if done && let Some(buf) = self.capa.take() {
-                        let out = self.rewrite_capa(&buf);
+                        let out = Bytes::from(self.rewrite_capa(&buf));
                         // The transcript shows the list as the client got it.
                         let status_len = line_end(&out).unwrap_or(0);
-                        obs.body(&out[status_len..], true, None);
+                        self.event(SessionEvent::Body {
+                            chunk: out.slice(status_len..),
+                            end: true,
+                            user: None,
+                        });
                         self.send_client(out);
                     }
                 }
                 Piece::Body { len } | Piece::BodyEnd { len } => {
                     let end = matches!(piece, Piece::BodyEnd { .. });
-                    obs.body(&sin[fwd..fwd + len], end, self.tracker.user());
+                    // Named on the last chunk only (the retrieval record): no shared-pointer
+                    // traffic per chunk of a body.
+                    let user = if end { self.user_shared() } else { None };
+                    let body = SessionEvent::Body {
+                        chunk: Bytes::new(),
+                        end,
+                        user,
+                    };
+                    self.event_on_server_bytes(body, fwd..fwd + len);
                     fwd += len;
                 }
             }
             if self.tracker.local_due() {
                 self.flush_server(sin, &mut fwd);
-                self.write_due_locals(obs);
-                if self.closed {
+                self.write_due_locals();
+                if self.closed() {
                     return;
                 }
             }
@@ -621,14 +750,7 @@ impl Hop {
     }
 
     /// A status line of `len` bytes at `sin[fwd..]`: rules, audit, CAPA capture, relay.
-    fn status(
-        &mut self,
-        sin: &mut BytesMut,
-        fwd: &mut usize,
-        len: usize,
-        meta: &ResponseMeta,
-        obs: &mut impl Observe,
-    ) {
+    fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         if let Some(login) = &meta.login {
             info!(
@@ -651,8 +773,8 @@ impl Hop {
             .is_none()
             .then(|| capa::hide_xclient(&sin[at..at + len]))
             .flatten();
-        let (rewritten, mut delay, drop, response_tags) =
-            self.response_rules(meta, hidden.as_deref().unwrap_or(&sin[at..at + len]));
+        let (rewritten, delay, drop, response_tags) =
+            self.response_rules(&meta, hidden.as_deref().unwrap_or(&sin[at..at + len]));
         let rewritten = rewritten.or(hidden);
         // The event tags of the command this answers (its final answer) and of the response.
         let mut tags = match meta.verb {
@@ -671,40 +793,45 @@ impl Hop {
         add_tags(&mut tags, &response_tags);
         // Failed-login penalty per client IP, on top of any rule's delay: not for a refusal
         // that says the credentials were fine or were never checked (a locked maildrop, the
-        // server or popgate's token endpoint out of order).
-        if meta.login.as_ref().is_some_and(|l| !l.success)
-            && !not_a_credential_failure(&sin[at..at + len])
-            && let Some(p) = obs.login_failed(self.cfg.client_ip)
-        {
-            delay = Some(delay.unwrap_or_default() + p);
+        // server or popgate's token endpoint out of order). The driver looks it up and
+        // answers with `penalty`; the `-ERR` is held until then.
+        let penalty = meta.login.as_ref().is_some_and(|l| !l.success)
+            && !not_a_credential_failure(&sin[at..at + len]);
+        if penalty {
+            self.event(SessionEvent::LoginFailed(self.cfg.client_ip));
         }
-        self.learn_from_response(meta, obs);
+        self.learn_from_response(&meta);
         // After the rules, so that a login event carries the tags they attached.
-        obs.tags(&self.policy.tags);
-        let marks = Marks {
-            tags,
-            dropped_by: drop.clone(),
-        };
-        obs.status(
+        self.report_tags();
+        let (verb, status, multiline) = (meta.verb, meta.status, meta.multiline);
+        let user = self.user_shared();
+        let state = self.tracker.state();
+        let status_event = self.events.len();
+        let drop_tags = drop.as_ref().map(|_| tags.clone());
+        self.event(SessionEvent::Status {
             meta,
-            &sin[at..at + len],
-            self.tracker.user(),
-            self.tracker.state(),
-            &marks,
-        );
+            line: Bytes::new(),
+            user,
+            state,
+            marks: Marks {
+                tags,
+                dropped_by: drop.clone(),
+            },
+        });
         if let Some(rule) = drop {
             info!(%rule, "session dropped by rule");
-            self.dropped_by(rule, &marks.tags);
+            self.dropped_by(rule, &drop_tags.unwrap_or_default());
             self.flush_server(sin, fwd);
+            self.status_bytes(status_event, Bytes::copy_from_slice(&sin[..len]));
             self.close(CloseReason::RuleDrop);
             return;
         }
-        if let Some(d) = delay {
+        if delay.is_some() || penalty {
             self.flush_server(sin, fwd);
-            self.actions.push_back(Action::Sleep(d));
+            self.hold(delay.unwrap_or_default(), penalty);
         }
-        if meta.status == crate::pop3::response::Status::Ok {
-            match meta.verb {
+        if status == crate::pop3::response::Status::Ok {
+            match verb {
                 Some(Verb::Top) => self.learned.top = true,
                 Some(Verb::Uidl) => self.learned.uidl = true,
                 _ => {}
@@ -713,16 +840,17 @@ impl Hop {
         // A server without CAPA (popa3d, RFC 1939 only) refuses it: popgate answers with its
         // own list, so that clients see STLS where this listener offers it (curl, poplib and
         // fetchmail start TLS only when CAPA shows STLS).
-        let own_capa = (meta.verb == Some(Verb::Capa)
-            && meta.status == crate::pop3::response::Status::Err)
+        let own_capa = (verb == Some(Verb::Capa) && status == crate::pop3::response::Status::Err)
             .then(|| self.own_capa());
-        let capture = meta.multiline && meta.verb == Some(Verb::Capa);
+        let capture = multiline && verb == Some(Verb::Capa);
         if capture || rewritten.is_some() || own_capa.is_some() {
             self.flush_server(sin, fwd);
-            let original = sin.split_to(len);
+            let original = sin.split_to(len).freeze();
+            self.status_bytes(status_event, original.clone());
             if let Some(list) = own_capa {
                 debug!("upstream refused CAPA: answered with popgate's own list");
-                obs.local_reply(&list);
+                let list = Bytes::from(list);
+                self.event(SessionEvent::LocalReply(list.clone()));
                 self.send_client(list);
                 return;
             }
@@ -734,7 +862,18 @@ impl Hop {
                 self.send_client(line);
             }
         } else {
+            // Relayed in place: the event gets its slice of the chunk split off for the
+            // client.
+            // (`at` is stale if a hold split off what came before.)
+            self.pending_bytes.push((status_event, *fwd..*fwd + len));
             *fwd += len;
+        }
+    }
+
+    /// The line of the status event at `index` in the queue.
+    fn status_bytes(&mut self, index: usize, bytes: Bytes) {
+        if let Some(SessionEvent::Status { line, .. }) = self.events.get_mut(index) {
+            *line = bytes;
         }
     }
 
@@ -860,14 +999,16 @@ impl Hop {
     }
 
     /// Handle every complete client line in `cin` that may be handled now.
-    fn client_data(&mut self, cin: &mut BytesMut, obs: &mut impl Observe) {
+    fn client_data(&mut self, cin: &mut BytesMut) {
         let max_line = self.cfg.max_line;
-        self.barrier = false;
+        if self.phase == Phase::Barrier {
+            self.phase = Phase::Reading { discarding: None };
+        }
         loop {
-            if self.closed {
+            if self.closed() {
                 return;
             }
-            if self.closing {
+            if self.phase == Phase::Closing {
                 // The session ends once the closing reply is out: what follows is dropped.
                 cin.clear();
                 break;
@@ -877,18 +1018,21 @@ impl Hop {
                 cin.clear();
                 break;
             }
-            if self.stls_pending
+            if self.phase == Phase::StartingTls
                 || self.tracker.client_must_wait()
                 || self.tracker.internal_pending()
                 || self.tracker.pending_len() >= self.cfg.max_pipeline
             {
                 break;
             }
-            if let Some(dropped) = self.discarding {
+            if let Phase::Reading {
+                discarding: Some(dropped),
+            } = self.phase
+            {
                 match line_end(cin) {
                     Some(n) => {
                         cin.advance(n);
-                        self.discarding = None;
+                        self.phase = Phase::Reading { discarding: None };
                         continue;
                     }
                     None => {
@@ -898,11 +1042,13 @@ impl Hop {
                             warn!(octets = total, "endless line from client, closing");
                             // The `-ERR line too long` queued for this line still goes out,
                             // whether the junk came in one read or in many.
-                            self.write_due_locals(obs);
+                            self.write_due_locals();
                             self.close(CloseReason::Error);
                             return;
                         }
-                        self.discarding = Some(total);
+                        self.phase = Phase::Reading {
+                            discarding: Some(total),
+                        };
                         break;
                     }
                 }
@@ -910,8 +1056,14 @@ impl Hop {
             let Some(len) = line_end(cin) else {
                 if cin.len() > max_line {
                     self.line_too_long();
-                    self.discarding = Some(cin.len());
+                    if let Phase::Reading { discarding } = &mut self.phase {
+                        *discarding = Some(cin.len());
+                    }
                     cin.clear();
+                    // At client EOF nothing more comes: the rest of the line is moot.
+                    if self.phase == Phase::ClientEof {
+                        break;
+                    }
                     continue;
                 }
                 break;
@@ -926,7 +1078,7 @@ impl Hop {
             {
                 // Whether STLS is allowed depends on the outcome of the commands before it:
                 // it waits (unparsed) until they are answered.
-                self.barrier = true;
+                self.barrier();
                 break;
             }
             if self.tracker.user_outstanding()
@@ -936,39 +1088,46 @@ impl Hop {
                 // the latest (popa3d takes one USER per session) and log the earlier name in.
                 // The PASS waits (unparsed) until they are answered, so rules judge it as
                 // the user the server will log in.
-                self.barrier = true;
+                self.barrier();
                 break;
             }
-            if self.lookup(&cin[..len], obs) {
+            if self.lookup(&cin[..len]) {
                 // The client's command waits (unread) for the answer, which only popgate
                 // sees: the server never gets two commands at once on popgate's account.
                 break;
             }
-            let line = cin.split_to(len);
-            self.client_line(&line, obs);
-            if self.stls_pending {
+            let line = cin.split_to(len).freeze();
+            self.client_line(line);
+            if self.phase == Phase::StartingTls {
                 break;
             }
             // Commands go upstream in one write at the end; a local reply that is due
             // (nothing owed before it) goes out now.
             if self.tracker.local_due() {
                 self.flush_upstream();
-                self.write_due_locals(obs);
+                self.write_due_locals();
             }
         }
         self.flush_upstream();
-        self.write_due_locals(obs);
+        self.write_due_locals();
+    }
+
+    /// A complete line waits for the answers before it (while the client is read).
+    fn barrier(&mut self) {
+        if let Phase::Reading { .. } = self.phase {
+            self.phase = Phase::Barrier;
+        }
     }
 
     /// Before the client's `line` is handled: if it retrieves or deletes a message whose
     /// UIDL (or, with `message_ids = "always"`, for a DELE, Message-ID) the session has not
     /// seen, send the server the question (`UIDL n`, `TOP n 0`) and say so: the line then
     /// waits until the answer is in. Only in the TRANSACTION state, with the audit trail on.
-    fn lookup(&mut self, line: &[u8], obs: &mut impl Observe) -> bool {
+    fn lookup(&mut self, line: &[u8]) -> bool {
         let Some(mode) = self.cfg.lookups else {
             return false;
         };
-        if self.tracker.state() != State::Transaction || self.closing {
+        if self.tracker.state() != State::Transaction || self.phase == Phase::Closing {
             return false;
         }
         let Ok(cmd) = Command::parse(line) else {
@@ -1003,8 +1162,8 @@ impl Hop {
             return false;
         }
         debug!(command = %ask.redacted(), "asking the server for the audit trail");
-        obs.injected(&ask);
         self.up_out.extend_from_slice(question.as_bytes());
+        self.event(SessionEvent::Injected(Bytes::from(question)));
         self.flush_upstream();
         true
     }
@@ -1015,11 +1174,10 @@ impl Hop {
         sin: &mut BytesMut,
         fwd: &mut usize,
         len: usize,
-        meta: &ResponseMeta,
-        obs: &mut impl Observe,
+        meta: ResponseMeta,
     ) {
         self.flush_server(sin, fwd);
-        let line = sin.split_to(len);
+        let line = sin.split_to(len).freeze();
         debug!(
             verb = meta.verb.map(|v| v.as_str()).unwrap_or("-"),
             line = %crate::pop3::printable(&line).trim_end(),
@@ -1032,35 +1190,35 @@ impl Hop {
                 _ => {}
             }
         }
-        obs.injected_status(meta, &line);
+        self.event(SessionEvent::InjectedStatus { meta, line });
     }
 
     /// What the client's own responses teach about UIDL support, before the observer sees them.
-    fn learn_from_response(&mut self, meta: &ResponseMeta, obs: &mut impl Observe) {
+    fn learn_from_response(&mut self, meta: &ResponseMeta) {
         let ok = meta.status == crate::pop3::response::Status::Ok;
         let k = &mut self.known;
         match meta.verb {
             Some(Verb::Uidl) if meta.msg.is_none() && !ok && !k.no_uidl => {
                 k.no_uidl = true;
-                obs.no_uidl();
+                self.events.push_back(SessionEvent::NoUidl);
             }
             Some(Verb::Retr | Verb::Top | Verb::Dele)
                 if ok && meta.msg.is_some() && k.refused == meta.msg && !k.no_uidl =>
             {
                 // The message exists, yet `UIDL n` was refused.
                 k.no_uidl = true;
-                obs.no_uidl();
+                self.events.push_back(SessionEvent::NoUidl);
             }
             _ => {}
         }
     }
 
     /// One complete client line (within `max_line`).
-    fn client_line(&mut self, line: &[u8], obs: &mut impl Observe) {
-        match self.tracker.classify(line) {
+    fn client_line(&mut self, line: Bytes) {
+        match self.tracker.classify(&line) {
             ClientLine::SaslResponse(data) => {
                 debug!(line = "***", "SASL answer");
-                obs.client_sasl();
+                self.events.push_back(SessionEvent::ClientSasl);
                 // Rules see SASL lines (to log, drop or deny) but never their content; the
                 // user is the one the exchange names once this line is in (AUTH LOGIN's
                 // answer to `Username:`, AUTH PLAIN after an empty challenge).
@@ -1089,8 +1247,14 @@ impl Hop {
                         // RFC 5034) instead, and the server's `-ERR` ends the login. The
                         // credentials never reach the server.
                         info!(%rule, verb = "AUTH", "SASL login denied by rule: cancelled");
-                        obs.tags(&self.policy.tags);
-                        obs.denied(&rule, Verb::Auth, user, &v.tags);
+                        let user = user.map(Arc::<str>::from);
+                        self.report_tags();
+                        self.event(SessionEvent::Denied {
+                            rule,
+                            verb: Verb::Auth,
+                            user,
+                            tags: v.tags,
+                        });
                         self.up_out.extend_from_slice(b"*\r\n");
                         self.tracker.forwarded_sasl(b"*\r\n");
                         return;
@@ -1106,10 +1270,10 @@ impl Hop {
             }
             ClientLine::StraySasl => {
                 debug!(line = "***", "line after a refused AUTH discarded");
-                obs.client_sasl();
+                self.event(SessionEvent::ClientSasl);
                 self.tracker.answer_locally(
                     Verb::Unknown,
-                    b"-ERR no SASL exchange in progress\r\n".to_vec(),
+                    replies::line(replies::NO_SASL_EXCHANGE),
                     AfterReply::Continue,
                 );
             }
@@ -1117,19 +1281,20 @@ impl Hop {
                 debug!(error = %e, "invalid command");
                 self.tracker.answer_locally(
                     Verb::Unknown,
-                    format!("-ERR {e}\r\n").into_bytes(),
+                    replies::invalid_command(&e),
                     AfterReply::Continue,
                 );
             }
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
-                obs.client_command(&cmd);
-                let (decision, delay, tags) = self.decide(&cmd, obs);
+                self.events
+                    .push_back(SessionEvent::ClientCommand(line.clone()));
+                let (decision, delay, tags) = self.decide(&cmd);
                 if let Some(d) = delay {
-                    // Tarpit: what was decided before goes out first.
+                    // Tarpit: what was decided before goes out first; what comes after waits.
                     self.flush_upstream();
-                    self.write_due_locals(obs);
-                    self.actions.push_back(Action::Sleep(d));
+                    self.write_due_locals();
+                    self.hold(d, false);
                 }
                 match decision {
                     Decision::Forward(None) => {
@@ -1147,13 +1312,15 @@ impl Hop {
                         let mut reply = text.into_bytes();
                         reply.extend_from_slice(b"\r\n");
                         self.tracker.answer_locally(cmd.verb, reply, then);
-                        self.closing |= then == AfterReply::Close;
+                        if then == AfterReply::Close && !self.closed() {
+                            self.phase = Phase::Closing;
+                        }
                         if then == AfterReply::StartTls {
                             // Whatever else is buffered is plaintext sent before the
                             // handshake: it is discarded (at the handshake), never parsed.
-                            self.stls_pending = true;
+                            self.phase = Phase::StartingTls;
                             self.flush_upstream();
-                            self.write_due_locals(obs);
+                            self.write_due_locals();
                         }
                     }
                 }
@@ -1201,7 +1368,7 @@ impl Hop {
                 warn!(error = %e, "rule rewrite produced an invalid command");
                 self.tracker.answer_locally(
                     verb,
-                    b"-ERR command rejected\r\n".to_vec(),
+                    replies::line(replies::COMMAND_REJECTED),
                     AfterReply::Continue,
                 );
             }
@@ -1212,11 +1379,7 @@ impl Hop {
     /// (which no rule can override: STLS is never relayed, the state is respected, unknown
     /// shapes are not guessed). Returns the decision, a tarpit delay to apply first, and the
     /// command's event tags.
-    fn decide(
-        &mut self,
-        cmd: &Command<'_>,
-        obs: &mut impl Observe,
-    ) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
+    fn decide(&mut self, cmd: &Command<'_>) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
         // APOP and AUTH with an initial response name their user themselves.
         let named = self.tracker.name_in(cmd);
         let user = named.as_deref().or(self.tracker.user());
@@ -1239,8 +1402,14 @@ impl Hop {
             Terminal::Deny { reply, rule, close } => {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
                 // The denial carries the tags its own evaluation attached.
-                obs.tags(&self.policy.tags);
-                obs.denied(&rule, cmd.verb, user, &tags);
+                let user = user.map(Arc::<str>::from);
+                self.report_tags();
+                self.event(SessionEvent::Denied {
+                    rule: rule.clone(),
+                    verb: cmd.verb,
+                    user,
+                    tags,
+                });
                 let then = if close {
                     self.close_marks.dropped_by.get_or_insert(rule);
                     AfterReply::Close
@@ -1264,28 +1433,28 @@ impl Hop {
             // its address (and session id) in the server's logs and penalties. Never relayed.
             Verb::Unknown if cmd.keyword.eq_ignore_ascii_case(b"XCLIENT") => {
                 info!("XCLIENT from the client refused");
-                reply("-ERR XCLIENT is not allowed")
+                reply(replies::XCLIENT_NOT_ALLOWED)
             }
             Verb::Unknown if self.cfg.unknown_commands == UnknownCommands::Reject => {
-                reply("-ERR unknown command")
+                reply(replies::UNKNOWN_COMMAND)
             }
             // An unknown command may carry a credential (`PASSsecret`, `XLOGIN user pw`): it
             // is never forwarded where a rule would refuse a password.
             Verb::Unknown if self.credentials_denied() => {
                 info!("unknown command refused: credentials are denied here");
-                reply("-ERR unknown command")
+                reply(replies::UNKNOWN_COMMAND)
             }
             // The one other free-form argument a client may send before login.
             Verb::Lang if cmd.has_args() && self.credentials_denied() => {
                 info!("LANG with an argument refused: credentials are denied here");
-                reply("-ERR [AUTH] not before encryption")
+                reply(replies::NOT_BEFORE_ENCRYPTION)
             }
             // STLS is between the client and this hop; it is never relayed upstream.
-            Verb::Stls if self.client_tls => reply("-ERR already under TLS"),
+            Verb::Stls if self.client_tls => reply(replies::ALREADY_UNDER_TLS),
             Verb::Stls if self.tracker.state() != State::Authorization => {
-                reply("-ERR STLS is only allowed before login")
+                reply(replies::STLS_ONLY_BEFORE_LOGIN)
             }
-            Verb::Stls if !self.stls_offered() => reply("-ERR STLS not available on this listener"),
+            Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
             _ => Decision::Forward(
                 verdict
@@ -1324,7 +1493,7 @@ impl Hop {
         }
         self.tracker.answer_locally(
             Verb::Unknown,
-            b"-ERR line too long\r\n".to_vec(),
+            replies::line(replies::LINE_TOO_LONG),
             AfterReply::Continue,
         );
     }

@@ -1,13 +1,20 @@
 //! The per-session protocol core, with no I/O: every decision a hop between a client and the
-//! server makes (what to forward, what to answer itself, when to start TLS, when to wait, when
-//! and how to close) is taken here, over bytes the driver hands in, as [`Action`]s the driver
-//! carries out. Sockets, TLS and timers live in `session`.
+//! server makes (what to forward, what to answer itself, when to start TLS, how long to hold a
+//! reply, when and how to close) is taken here, over bytes and timer expiries the driver hands
+//! in, as [`Output`]s the driver carries out and [`SessionEvent`]s it dispatches. Sockets, TLS,
+//! clocks and the shared services (login penalty, audit, metrics) live in `session`.
+//! The upstream's own dialogue before the relay (greeting, STLS, XCLIENT, routing mode's login)
+//! is [`dialogue`].
 
+pub(crate) mod connect;
+pub(crate) mod dialogue;
 pub(crate) mod front;
 mod hop;
+mod output;
 pub(crate) mod policy;
 
-pub(crate) use hop::{Action, Hop, HopConfig, Marks, Observe};
+pub(crate) use hop::{Hop, HopConfig};
+pub(crate) use output::{Marks, Output, SessionEvent};
 
 #[cfg(test)]
 mod tests;

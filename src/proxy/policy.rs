@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::Level;
 
-use crate::rules::{Event, Outcome, RuleSet, Verdict};
+use crate::rules::{Event, RuleOutcome, RuleSet, Verdict};
 
 /// What a terminal rule outcome means for the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl Policy {
         self.rules.has_rules_for(ev.kind)
             && matches!(
                 self.rules.evaluate(ev).outcome,
-                Outcome::Deny { .. } | Outcome::Drop { .. }
+                RuleOutcome::Deny { .. } | RuleOutcome::Drop { .. }
             )
     }
 
@@ -126,12 +126,12 @@ impl Policy {
     /// Interpret a verdict's outcome, counting denials for `close_after`.
     pub fn terminal(&mut self, v: &Verdict) -> Terminal {
         match &v.outcome {
-            Outcome::Continue | Outcome::Allow { .. } => Terminal::Pass,
-            Outcome::Drop { rule } => {
+            RuleOutcome::Continue | RuleOutcome::Allow { .. } => Terminal::Pass,
+            RuleOutcome::Drop { rule } => {
                 self.tally.dropped.push(rule.clone());
                 Terminal::Drop { rule: rule.clone() }
             }
-            Outcome::Deny {
+            RuleOutcome::Deny {
                 reply,
                 rule,
                 close_after,

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::policy::Policy;
-use super::{Action, Hop, HopConfig, Marks, Observe};
-use crate::audit::CloseReason;
+use super::{Hop, HopConfig, Output, SessionEvent};
 use crate::config::UnknownCommands;
-use crate::pop3::command::{Command, Verb};
-use crate::pop3::tracker::{ResponseMeta, State};
+use crate::pop3::command::Verb;
 use crate::rules::RuleSet;
+use crate::types::CloseReason;
 
+/// What the driver would dispatch to the observer, kept for the assertions; failed logins
+/// answered with `penalty`.
 #[derive(Default)]
 struct Rec {
     statuses: Vec<(Option<Verb>, bool)>,
@@ -26,38 +27,35 @@ struct Rec {
     injected_answers: Vec<(Option<Verb>, String)>,
     injected_body: Vec<u8>,
     no_uidl: usize,
+    /// Every event, in order.
+    events: Vec<SessionEvent>,
 }
 
-impl Observe for Rec {
-    fn client_command(&mut self, _: &Command<'_>) {}
-    fn client_sasl(&mut self) {}
-    fn local_reply(&mut self, _: &[u8]) {}
-    fn status(&mut self, meta: &ResponseMeta, _: &[u8], _: Option<&str>, _: State, _: &Marks) {
-        self.statuses.push((meta.verb, meta.multiline));
-        if let Some(l) = &meta.login {
-            self.logins
-                .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+impl Rec {
+    /// Drain the hop's events (as the driver does after every call), at `now`.
+    fn take(&mut self, hop: &mut Hop, now: Instant) {
+        while let Some(ev) = hop.poll_event() {
+            match &ev {
+                SessionEvent::Status { meta, .. } => {
+                    self.statuses.push((meta.verb, meta.multiline));
+                    if let Some(l) = &meta.login {
+                        self.logins
+                            .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+                    }
+                }
+                SessionEvent::LoginFailed(_) => hop.penalty(now, self.penalty),
+                SessionEvent::Injected(line) => self.injected.push(text(line)),
+                SessionEvent::InjectedStatus { meta, line } => {
+                    self.injected_answers.push((meta.verb, text(line)));
+                }
+                SessionEvent::InjectedBody { chunk, .. } => {
+                    self.injected_body.extend_from_slice(chunk);
+                }
+                SessionEvent::NoUidl => self.no_uidl += 1,
+                _ => {}
+            }
+            self.events.push(ev);
         }
-    }
-    fn body(&mut self, _: &[u8], _: bool, _: Option<&str>) {}
-    fn denied(&mut self, _: &str, _: Verb, _: Option<&str>, _: &[Arc<str>]) {}
-    fn tags(&mut self, _: &[Arc<str>]) {}
-    fn login_failed(&mut self, _: IpAddr) -> Option<Duration> {
-        self.penalty
-    }
-    fn injected(&mut self, cmd: &Command<'_>) {
-        self.injected
-            .push(String::from_utf8_lossy(cmd.raw).into_owned());
-    }
-    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
-        self.injected_answers
-            .push((meta.verb, String::from_utf8_lossy(line).into_owned()));
-    }
-    fn injected_body(&mut self, chunk: &[u8], _: bool) {
-        self.injected_body.extend_from_slice(chunk);
-    }
-    fn no_uidl(&mut self) {
-        self.no_uidl += 1;
     }
 }
 
@@ -90,7 +88,7 @@ struct Out {
     client: Vec<u8>,
     /// Everything written upstream.
     upstream: Vec<u8>,
-    /// Sleeps, each with how many upstream and client bytes were written before it.
+    /// Holds, each with how many upstream bytes were written before it.
     sleeps: Vec<(Duration, usize)>,
     /// Client TLS handshakes started, with the client bytes written before.
     tls_at: Vec<usize>,
@@ -104,6 +102,8 @@ struct Out {
     injected_body: Vec<u8>,
     /// How often the hop concluded the server has no UIDL.
     no_uidl: usize,
+    /// The bytes the status and body events carried, in order.
+    event_bytes: Vec<u8>,
 }
 
 impl Out {
@@ -113,6 +113,13 @@ impl Out {
         self.injected_answers = rec.injected_answers;
         self.injected_body = rec.injected_body;
         self.no_uidl = rec.no_uidl;
+        for ev in &rec.events {
+            match ev {
+                SessionEvent::Status { line, .. } => self.event_bytes.extend_from_slice(line),
+                SessionEvent::Body { chunk, .. } => self.event_bytes.extend_from_slice(chunk),
+                _ => {}
+            }
+        }
         self
     }
 }
@@ -139,21 +146,29 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let (mut c, mut s) = (0, 0);
     let mut client = client.to_vec();
-    let now = Instant::now();
+    let mut now = Instant::now();
     let mut ended = false;
     for _ in 0..100_000 {
-        while let Some(a) = hop.poll_action() {
+        rec.take(hop, now);
+        while let Some(a) = hop.poll_output() {
             match a {
-                Action::ToClient(b) => out.client.extend_from_slice(&b),
-                Action::ToUpstream(b) => out.upstream.extend_from_slice(&b),
-                Action::Sleep(d) => out.sleeps.push((d, out.upstream.len())),
-                Action::StartClientTls => {
+                Output::ToClient(b) => out.client.extend_from_slice(&b),
+                Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+                Output::StartClientTls => {
                     out.tls_at.push(out.client.len());
                     client.truncate(c);
                     hop.client_tls_started(&mut cin);
                 }
-                Action::Close(reason) => out.close = Some((reason, hop.mid_response())),
+                Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
             }
+        }
+        if out.close.is_none() && hop.holding() {
+            // As a driver that has nothing else to do: the hold's deadline comes.
+            let at = hop.poll_timeout().expect("a hold has a deadline");
+            out.sleeps.push((at - now, out.upstream.len()));
+            now = at;
+            hop.on_timeout(now);
+            continue;
         }
         if out.close.is_some() {
             return out.with(rec);
@@ -165,12 +180,12 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
             let n = chunk.min(client.len() - c);
             cin.extend_from_slice(&client[c..c + n]);
             c += n;
-            hop.on_client_input(now, &mut cin, &mut rec);
+            hop.on_client_input(now, &mut cin);
         } else if s < available {
             let n = chunk.min(available - s);
             sin.extend_from_slice(&server_bytes[s..s + n]);
             s += n;
-            hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+            hop.on_server_input(now, &mut sin, &mut cin);
         } else if ended {
             return out.with(rec);
         } else {
@@ -325,22 +340,21 @@ fn pipeline_limit_holds_commands_until_replies_come() {
         )
     };
     let mut hop = make();
-    let mut rec = Rec::default();
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let mut up = Vec::new();
     let drain = |hop: &mut Hop, up: &mut Vec<u8>| {
-        while let Some(a) = hop.poll_action() {
-            if let Action::ToUpstream(b) = a {
+        while let Some(a) = hop.poll_output() {
+            if let Output::ToUpstream(b) = a {
                 up.extend_from_slice(&b);
             }
         }
     };
     let mut step = |hop: &mut Hop, client: &[u8], server: &[u8], up: &mut Vec<u8>| {
         cin.extend_from_slice(client);
-        hop.on_client_input(now, &mut cin, &mut rec);
+        hop.on_client_input(now, &mut cin);
         sin.extend_from_slice(server);
-        hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+        hop.on_server_input(now, &mut sin, &mut cin);
         drain(hop, up);
     };
     step(&mut hop, b"USER a\r\n", b"+OK hi\r\n+OK\r\n", &mut up);
@@ -410,29 +424,46 @@ fn a_rule_delay_comes_after_what_was_decided_before() {
     // A failed login is held by the penalty the observer asks for, after its status line
     // has been decided and before it is relayed.
     let mut hop = hop_with(config(), "");
-    let mut rec = Rec {
+    let rec = Rec {
         penalty: Some(Duration::from_millis(1500)),
         ..Rec::default()
     };
     let now = Instant::now();
     let (mut cin, mut sin) = (BytesMut::from(LOGIN), BytesMut::new());
-    hop.on_client_input(now, &mut cin, &mut rec);
+    hop.on_client_input(now, &mut cin);
     // The PASS goes out once USER is answered; its answer comes after that.
     sin.extend_from_slice(b"+OK hi\r\n+OK\r\n");
-    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    hop.on_server_input(now, &mut sin, &mut cin);
     sin.extend_from_slice(b"-ERR [AUTH] no\r\n");
-    hop.on_server_input(now, &mut sin, &mut cin, &mut rec);
+    hop.on_server_input(now, &mut sin, &mut cin);
     let mut client_out = Vec::new();
-    let mut slept_at = None;
-    while let Some(a) = hop.poll_action() {
-        match a {
-            Action::ToClient(b) => client_out.extend_from_slice(&b),
-            Action::Sleep(d) => slept_at = Some((d, client_out.len())),
-            _ => {}
+    let drain = |hop: &mut Hop, client_out: &mut Vec<u8>| {
+        while let Some(a) = hop.poll_output() {
+            if let Output::ToClient(b) = a {
+                client_out.extend_from_slice(&b);
+            }
         }
-    }
+    };
+    // Until the driver answers the failed login, its `-ERR` is held, with no deadline.
+    drain(&mut hop, &mut client_out);
+    assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n");
+    assert!(hop.holding());
+    assert!(hop.poll_timeout() > Some(now + Duration::from_secs(30)));
+    let asked = std::iter::from_fn(|| hop.poll_event())
+        .filter(|e| matches!(e, SessionEvent::LoginFailed(_)))
+        .count();
+    assert_eq!(asked, 1);
+    hop.penalty(now, rec.penalty);
+    drain(&mut hop, &mut client_out);
+    assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n");
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_millis(1500)));
+    hop.on_timeout(now + Duration::from_millis(1499));
+    drain(&mut hop, &mut client_out);
+    assert_eq!(client_out.len(), 13);
+    hop.on_timeout(now + Duration::from_millis(1500));
+    drain(&mut hop, &mut client_out);
     assert_eq!(text(&client_out), "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
-    assert_eq!(slept_at, Some((Duration::from_millis(1500), 13)));
+    assert!(!hop.holding());
 }
 
 #[test]
@@ -459,10 +490,10 @@ fn quit_is_never_generated() {
     assert_eq!(count(&out.upstream, b"QUIT"), 0);
     for mut hop in [timeouts, shutdown] {
         let mut closed = false;
-        while let Some(a) = hop.poll_action() {
+        while let Some(a) = hop.poll_output() {
             match a {
-                Action::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
-                Action::Close(_) => closed = true,
+                Output::ToUpstream(b) => assert_eq!(count(&b, b"QUIT"), 0),
+                Output::Close(_) => closed = true,
                 _ => {}
             }
         }
@@ -509,31 +540,31 @@ fn a_cut_body_never_gets_its_terminator() {
 fn timeouts_answer_and_close() {
     let now = Instant::now();
     let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
-    assert_eq!(hop.deadline(), now + Duration::from_secs(30));
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_secs(30)));
     hop.on_timeout(now + Duration::from_secs(29));
-    assert_eq!(hop.poll_action(), None);
+    assert_eq!(hop.poll_output(), None);
     hop.on_timeout(now + Duration::from_secs(31));
     assert!(
-        matches!(hop.poll_action(), Some(Action::ToClient(b)) if b.starts_with(b"-ERR [SYS/TEMP]"))
+        matches!(hop.poll_output(), Some(Output::ToClient(b)) if b.starts_with(b"-ERR [SYS/TEMP]"))
     );
     assert_eq!(
-        hop.poll_action(),
-        Some(Action::Close(CloseReason::GreetingTimeout))
+        hop.poll_output(),
+        Some(Output::Close(CloseReason::GreetingTimeout))
     );
+    assert_eq!(hop.poll_timeout(), None);
     assert!(!hop.mid_response());
     // Greeted, not logged in: the login deadline, which bytes do not move.
     let mut hop = Hop::new(config(), Policy::new(rules("")), now, now);
     let mut cin = BytesMut::from(&b"USER a\r\n"[..]);
     let mut sin = BytesMut::from(&b"+OK hi\r\n+OK\r\n"[..]);
-    let mut rec = Rec::default();
-    hop.on_client_input(now + Duration::from_secs(50), &mut cin, &mut rec);
-    hop.on_server_input(now + Duration::from_secs(55), &mut sin, &mut cin, &mut rec);
-    assert_eq!(hop.deadline(), now + Duration::from_secs(60));
+    hop.on_client_input(now + Duration::from_secs(50), &mut cin);
+    hop.on_server_input(now + Duration::from_secs(55), &mut sin, &mut cin);
+    assert_eq!(hop.poll_timeout(), Some(now + Duration::from_secs(60)));
     hop.on_timeout(now + Duration::from_secs(61));
-    let actions: Vec<Action> = std::iter::from_fn(|| hop.poll_action()).collect();
+    let outputs: Vec<Output> = std::iter::from_fn(|| hop.poll_output()).collect();
     assert_eq!(
-        actions.last(),
-        Some(&Action::Close(CloseReason::LoginTimeout))
+        outputs.last(),
+        Some(&Output::Close(CloseReason::LoginTimeout))
     );
     assert!(!hop.mid_response());
 }
@@ -1083,7 +1114,7 @@ fn own_capa_after_tls_and_login_lists_what_the_server_has_shown() {
     assert_eq!(text(&out.client), "+OK\r\n+OK\r\nTOP\r\nX-SERVER\r\n.\r\n");
 }
 
-fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {
+fn auditing(mode: crate::types::MessageIds) -> impl Fn() -> Hop {
     move || {
         hop_with(
             HopConfig {
@@ -1097,7 +1128,7 @@ fn auditing(mode: crate::audit::MessageIds) -> impl Fn() -> Hop {
 
 #[test]
 fn a_pipelined_delete_without_uidl_is_identified_and_the_client_sees_nothing_of_it() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"STAT\r\nRETR 1\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n");
     let body: &[u8] = b"+OK 24 octets\r\nMessage-ID: <a@x>\r\n\r\n..\r\n.\r\n";
@@ -1143,7 +1174,7 @@ fn a_pipelined_delete_without_uidl_is_identified_and_the_client_sees_nothing_of_
 
 #[test]
 fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 3\r\nQUIT\r\n");
     let top: &[u8] = b"+OK\r\nSubject: x\r\nMessage-ID: <m3@x>\r\n\r\n.\r\n";
@@ -1196,7 +1227,7 @@ fn always_asks_the_message_id_of_a_deleted_message_never_retrieved() {
 
 #[test]
 fn a_server_without_uidl_is_recorded_once_and_not_asked_again() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 9\r\nDELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n");
     let server = after_login(&[
@@ -1227,7 +1258,7 @@ fn a_server_without_uidl_is_recorded_once_and_not_asked_again() {
 
 #[test]
 fn nothing_is_injected_before_login_after_a_uidl_listing_or_with_the_audit_off() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     // Before login: refused locally, nothing reaches the server.
     let out = same_at_every_chunk(
         auditing(MessageIds::Always),
@@ -1264,7 +1295,7 @@ fn nothing_is_injected_before_login_after_a_uidl_listing_or_with_the_audit_off()
 
 #[test]
 fn the_upstream_lost_during_a_lookup_answers_the_waiting_command() {
-    use crate::audit::MessageIds;
+    use crate::types::MessageIds;
     let mut client = LOGIN.to_vec();
     client.extend_from_slice(b"DELE 1\r\n");
     let out = same_at_every_chunk(
@@ -1284,4 +1315,328 @@ fn the_upstream_lost_during_a_lookup_answers_the_waiting_command() {
         "never sent after the loss"
     );
     assert_eq!(out.close, Some((CloseReason::UpstreamEof, false)));
+}
+
+/// Feed `client` then `server` at `now` (each if not empty), dispatch the events (answering a
+/// failed login with `rec.penalty`) and collect what may go out now.
+fn step(
+    hop: &mut Hop,
+    rec: &mut Rec,
+    now: Instant,
+    (cin, sin): (&mut BytesMut, &mut BytesMut),
+    client: &[u8],
+    server: &[u8],
+    out: &mut Out,
+) {
+    if !client.is_empty() {
+        cin.extend_from_slice(client);
+        hop.on_client_input(now, cin);
+    }
+    if !server.is_empty() {
+        sin.extend_from_slice(server);
+        hop.on_server_input(now, sin, cin);
+    }
+    drain(hop, rec, now, out);
+}
+
+fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
+    rec.take(hop, now);
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToClient(b) => out.client.extend_from_slice(&b),
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::StartClientTls => out.tls_at.push(out.client.len()),
+            Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+        }
+    }
+}
+
+/// A logged-in hop at `now` with `rules`, and its buffers.
+fn logged_in(cfg: HopConfig, rules_text: &str, now: Instant) -> (Hop, Rec, BytesMut, BytesMut) {
+    let mut hop = Hop::new(cfg, Policy::new(rules(rules_text)), now, now);
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut rec = Rec::default();
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        bufs,
+        LOGIN,
+        b"+OK hi\r\n+OK\r\n",
+        &mut out,
+    );
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        (&mut cin, &mut sin),
+        b"",
+        b"+OK in\r\n",
+        &mut out,
+    );
+    assert_eq!(text(&out.upstream), text(LOGIN));
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n+OK in\r\n");
+    (hop, rec, cin, sin)
+}
+
+#[test]
+fn a_held_reply_does_not_block_reading_further_pipelined_input() {
+    let rule = "[[rule]]\nname = \"slow-stat\"\non = \"command\"\nverbs = [\"STAT\"]\naction = \"delay\"\ndelay = \"2s\"\n";
+    let t0 = Instant::now();
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        (&mut cin, &mut sin),
+        b"STAT\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(out.upstream.is_empty(), "{}", text(&out.upstream));
+    assert!(hop.holding());
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    // The client is still read while the STAT is held, and the server is not.
+    assert!(hop.wants_client_input());
+    assert!(!hop.wants_server_input());
+    let t1 = t0 + Duration::from_secs(1);
+    step(
+        &mut hop,
+        &mut rec,
+        t1,
+        (&mut cin, &mut sin),
+        b"NOOP\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(cin.is_empty(), "the pipelined NOOP was read and handled");
+    assert!(
+        rec.events
+            .iter()
+            .any(|e| *e == SessionEvent::ClientCommand(bytes::Bytes::from_static(b"NOOP\r\n")))
+    );
+    // It waits behind the hold, in its place.
+    assert!(out.upstream.is_empty());
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    hop.on_timeout(t0 + Duration::from_millis(1999));
+    drain(&mut hop, &mut rec, t1, &mut out);
+    assert!(out.upstream.is_empty());
+    hop.on_timeout(t0 + Duration::from_secs(2));
+    drain(&mut hop, &mut rec, t1, &mut out);
+    assert_eq!(text(&out.upstream), "STAT\r\nNOOP\r\n");
+    assert!(!hop.holding() && hop.wants_server_input());
+    let now = t0 + Duration::from_secs(2);
+    step(
+        &mut hop,
+        &mut rec,
+        now,
+        (&mut cin, &mut sin),
+        b"",
+        b"+OK 1 3\r\n+OK\r\n",
+        &mut out,
+    );
+    assert_eq!(text(&out.client), "+OK 1 3\r\n+OK\r\n");
+    // Read during a hold, but bounded as ever: no more than `max_pipeline` commands wait.
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(
+        HopConfig {
+            max_pipeline: 2,
+            ..config()
+        },
+        rule,
+        t0,
+    );
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"STAT\r\nNOOP\r\nNOOP\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(hop.holding());
+    assert!(!hop.wants_client_input());
+    assert_eq!(text(&cin), "NOOP\r\n");
+}
+
+#[test]
+fn a_deadline_is_reported_while_holding_and_session_deadlines_still_run() {
+    let t0 = Instant::now();
+    let failed_login = |penalty: u64| {
+        let mut hop = Hop::new(config(), Policy::new(rules("")), t0, t0);
+        let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+        let mut rec = Rec {
+            penalty: Some(Duration::from_secs(penalty)),
+            ..Rec::default()
+        };
+        let mut out = Out::default();
+        let bufs = (&mut cin, &mut sin);
+        step(
+            &mut hop,
+            &mut rec,
+            t0,
+            bufs,
+            LOGIN,
+            b"+OK hi\r\n+OK\r\n",
+            &mut out,
+        );
+        let t40 = t0 + Duration::from_secs(40);
+        let bufs = (&mut cin, &mut sin);
+        step(
+            &mut hop,
+            &mut rec,
+            t40,
+            bufs,
+            b"",
+            b"-ERR [AUTH] no\r\n",
+            &mut out,
+        );
+        assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n");
+        (hop, rec, out)
+    };
+    // The hold ends first (login deadline at 60 s): its end is the deadline reported.
+    let (mut hop, mut rec, mut out) = failed_login(10);
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(50)));
+    let t50 = t0 + Duration::from_secs(50);
+    hop.on_timeout(t50);
+    drain(&mut hop, &mut rec, t50, &mut out);
+    assert_eq!(text(&out.client), "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n");
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    assert_eq!(out.close, None);
+    // The login deadline comes first: it is reported, and when it passes the session ends
+    // at once: the held `-ERR` goes out, then the timeout's.
+    let (mut hop, mut rec, mut out) = failed_login(30);
+    assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    let t60 = t0 + Duration::from_secs(60);
+    hop.on_timeout(t60);
+    drain(&mut hop, &mut rec, t60, &mut out);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n-ERR disconnected: no login in time\r\n"
+    );
+    assert_eq!(out.close, Some((CloseReason::LoginTimeout, false)));
+    assert_eq!(hop.poll_timeout(), None);
+}
+
+#[test]
+fn shutdown_during_a_hold_closes_without_quit() {
+    // Held commands never reach the server; held replies go out at once.
+    // A tarpit holds a RETR and the QUIT pipelined after it: neither reaches the server.
+    let rule = "[[rule]]\nname = \"slow-retr\"\non = \"command\"\nverbs = [\"RETR\"]\naction = \"delay\"\ndelay = \"30s\"\n";
+    let t0 = Instant::now();
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"RETR 1\r\nQUIT\r\n",
+        b"",
+        &mut out,
+    );
+    assert!(hop.holding());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    assert!(out.upstream.is_empty(), "{}", text(&out.upstream));
+    assert_eq!(text(&out.client), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+    assert_eq!(hop.poll_timeout(), None);
+    // A failed login held by the penalty, and a USER read during the hold: the held `-ERR`
+    // goes out at once, the USER never reaches the server and the shutdown's `-ERR` answers
+    // it.
+    let mut hop = hop_with(config(), "");
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut rec = Rec {
+        penalty: Some(Duration::from_secs(30)),
+        ..Rec::default()
+    };
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        LOGIN,
+        b"+OK hi\r\n+OK\r\n",
+        &mut out,
+    );
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"USER a\r\n",
+        b"-ERR [AUTH] no\r\n",
+        &mut out,
+    );
+    assert!(hop.holding());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    assert_eq!(
+        text(&out.client),
+        "+OK hi\r\n+OK\r\n-ERR [AUTH] no\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
+    );
+    assert_eq!(text(&out.upstream), text(LOGIN));
+    assert_eq!(count(&out.upstream, b"QUIT"), 0);
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+    // A response held by a rule, whole: the client gets what the audit trail recorded.
+    let rule = "[[rule]]\nname = \"slow-answer\"\non = \"response\"\nanswers = [\"RETR\"]\naction = \"delay\"\ndelay = \"30s\"\n";
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(config(), rule, t0);
+    let mut out = Out::default();
+    let bufs = (&mut cin, &mut sin);
+    step(
+        &mut hop,
+        &mut rec,
+        t0,
+        bufs,
+        b"RETR 1\r\n",
+        b"+OK\r\nx\r\n.\r\n",
+        &mut out,
+    );
+    assert!(hop.holding() && out.client.is_empty());
+    hop.on_shutdown();
+    drain(&mut hop, &mut rec, t0, &mut out);
+    let recorded = std::mem::take(&mut rec.events);
+    let relayed = Out::default().with(Rec {
+        events: recorded,
+        ..Rec::default()
+    });
+    assert_eq!(
+        text(&relayed.event_bytes),
+        "+OK hi\r\n+OK\r\n+OK in\r\n+OK\r\nx\r\n.\r\n"
+    );
+    assert_eq!(
+        text(&out.client),
+        "+OK\r\nx\r\n.\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"
+    );
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+}
+
+#[test]
+fn events_carry_the_bytes_relayed_at_every_chunk_size() {
+    let mut client = LOGIN.to_vec();
+    client.extend_from_slice(b"STAT\r\nRETR 1\r\nLIST\r\nQUIT\r\n");
+    let server = after_login(&[
+        b"+OK 1 12\r\n",
+        b"+OK 12 octets\r\nline\r\n..dot\r\n.\r\n",
+        b"+OK\r\n1 12\r\n.\r\n",
+        b"+OK bye\r\n",
+    ]);
+    let out = same_at_every_chunk(
+        || hop_with(config(), ""),
+        &client,
+        &server,
+        End::UpstreamEof,
+    );
+    assert_eq!(text(&out.event_bytes), text(&out.client));
+    assert_eq!(out.close, Some((CloseReason::Quit, false)));
 }

@@ -13,10 +13,11 @@ use tracing::Level;
 
 use super::EventKind;
 use super::error::{Problem, RuleError};
-use super::model::{Action, OneOrMany, RawRule, decode_file};
+use super::model::{OneOrMany, RawRule, RuleAction, decode_file};
 use super::template::Template;
 use crate::cidr::Cidr;
 use crate::pop3::command::Verb;
+use crate::pop3::replies;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::State;
 
@@ -174,7 +175,7 @@ pub(super) struct Rule {
     pub(super) name: Arc<str>,
     pub(super) file: usize,
     pub(super) on: EventKind,
-    pub(super) action: Action,
+    pub(super) action: RuleAction,
     pub(super) when: Matchers,
     pub(super) effect: Effect,
 }
@@ -227,7 +228,7 @@ pub(crate) struct RuleInfo<'a> {
     /// Its event.
     pub on: EventKind,
     /// Its action.
-    pub action: Action,
+    pub action: RuleAction,
 }
 
 impl RuleSet {
@@ -428,10 +429,10 @@ impl Builder {
                 if matches!(r.effect, Effect::AddItems(_)) {
                     flags |= ADDS_ITEMS;
                 }
-                if matches!(r.action, Action::Deny | Action::Rewrite) {
+                if matches!(r.action, RuleAction::Deny | RuleAction::Rewrite) {
                     flags |= DENY_OR_REWRITE;
                 }
-                if matches!(r.action, Action::Deny) && r.when.re[USER].is_some() {
+                if matches!(r.action, RuleAction::Deny) && r.when.re[USER].is_some() {
                     flags |= DENIES_A_USER;
                 }
                 if r.when.listener.is_some()
@@ -599,52 +600,56 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
         })
     };
     match (action, on) {
-        (Action::Deny, E::Command | E::Connect) => {}
-        (Action::Deny, E::Response) => {
+        (RuleAction::Deny, E::Command | E::Connect) => {}
+        (RuleAction::Deny, E::Response) => {
             return refuse("; rewrite the line instead (its status indicator must stay)");
         }
-        (Action::Deny, E::Greeting) => {
+        (RuleAction::Deny, E::Greeting) => {
             return refuse("; deny on `connect` refuses a client before the greeting");
         }
-        (Action::Deny, E::Login) => {
+        (RuleAction::Deny, E::Login) => {
             return refuse("; the server has already answered: use `drop` to end the session");
         }
-        (Action::Deny, E::Capa) => return refuse("; use `rewrite` with `remove = true`"),
-        (Action::Rewrite, E::Command | E::Response | E::Greeting | E::Capa) => {}
-        (Action::Rewrite, _) => {
+        (RuleAction::Deny, E::Capa) => return refuse("; use `rewrite` with `remove = true`"),
+        (RuleAction::Rewrite, E::Command | E::Response | E::Greeting | E::Capa) => {}
+        (RuleAction::Rewrite, _) => {
             return refuse(
                 "; only command arguments, status lines and CAPA items can be rewritten",
             );
         }
-        (Action::Route, E::Command) => {}
-        (Action::Route, _) => {
+        (RuleAction::Route, E::Command) => {}
+        (RuleAction::Route, _) => {
             return refuse("; a route is chosen when the login is known (`on = \"command\"`)");
         }
-        (Action::Deny | Action::Drop | Action::Delay | Action::Trace, E::Close) => {
+        (RuleAction::Deny | RuleAction::Drop | RuleAction::Delay | RuleAction::Trace, E::Close) => {
             return refuse("; the session is already over");
         }
         _ => {}
     }
 
     // Keys that belong to other actions.
-    let keys: [(&'static str, bool, &[Action]); 13] = [
-        ("upstream", raw.upstream.is_some(), &[Action::Route]),
-        ("scope", raw.scope.is_some(), &[Action::Tag]),
+    let keys: [(&'static str, bool, &[RuleAction]); 13] = [
+        ("upstream", raw.upstream.is_some(), &[RuleAction::Route]),
+        ("scope", raw.scope.is_some(), &[RuleAction::Tag]),
         (
             "message",
             raw.message.is_some(),
-            &[Action::Deny, Action::Log],
+            &[RuleAction::Deny, RuleAction::Log],
         ),
-        ("code", raw.code.is_some(), &[Action::Deny]),
-        ("close_after", raw.close_after.is_some(), &[Action::Deny]),
-        ("level", raw.level.is_some(), &[Action::Log]),
-        ("tags", raw.tags.is_some(), &[Action::Tag]),
-        ("delay", raw.delay.is_some(), &[Action::Delay]),
-        ("replace", raw.replace.is_some(), &[Action::Rewrite]),
-        ("with", raw.with.is_some(), &[Action::Rewrite]),
-        ("remove", raw.remove.is_some(), &[Action::Rewrite]),
-        ("add", raw.add.is_some(), &[Action::Rewrite]),
-        ("keep_apop", raw.keep_apop.is_some(), &[Action::Rewrite]),
+        ("code", raw.code.is_some(), &[RuleAction::Deny]),
+        (
+            "close_after",
+            raw.close_after.is_some(),
+            &[RuleAction::Deny],
+        ),
+        ("level", raw.level.is_some(), &[RuleAction::Log]),
+        ("tags", raw.tags.is_some(), &[RuleAction::Tag]),
+        ("delay", raw.delay.is_some(), &[RuleAction::Delay]),
+        ("replace", raw.replace.is_some(), &[RuleAction::Rewrite]),
+        ("with", raw.with.is_some(), &[RuleAction::Rewrite]),
+        ("remove", raw.remove.is_some(), &[RuleAction::Rewrite]),
+        ("add", raw.add.is_some(), &[RuleAction::Rewrite]),
+        ("keep_apop", raw.keep_apop.is_some(), &[RuleAction::Rewrite]),
     ];
     for (key, present, actions) in keys {
         if present && !actions.contains(&action) {
@@ -804,22 +809,22 @@ fn valid_code(code: &str) -> bool {
         })
 }
 
-fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem> {
+fn effect(raw: RawRule, on: EventKind, action: RuleAction) -> Result<Effect, Problem> {
     Ok(match action {
-        Action::Allow => Effect::Allow,
-        Action::Drop => Effect::Drop,
-        Action::Trace => Effect::Trace,
-        Action::Deny => {
+        RuleAction::Allow => Effect::Allow,
+        RuleAction::Drop => Effect::Drop,
+        RuleAction::Trace => Effect::Trace,
+        RuleAction::Deny => {
             let message = raw.message.unwrap_or_else(|| {
                 if on == EventKind::Connect {
-                    "connection not allowed by policy".into()
+                    replies::DENY_CONNECTION_MESSAGE.into()
                 } else {
-                    "command not allowed by policy".into()
+                    replies::DENY_COMMAND_MESSAGE.into()
                 }
             });
             printable("message", &message)?;
             let reply = match raw.code {
-                Some(code) if valid_code(&code) => format!("-ERR [{code}] {message}"),
+                Some(code) if valid_code(&code) => replies::deny(Some(&code), &message),
                 Some(code) => {
                     return Err(invalid(
                         "code",
@@ -828,7 +833,7 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
                         ),
                     ));
                 }
-                None => format!("-ERR {message}"),
+                None => replies::deny(None, &message),
             };
             let close_after = match (raw.close_after, on) {
                 (None, _) => None,
@@ -843,7 +848,7 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
             };
             Effect::Deny { reply, close_after }
         }
-        Action::Log => {
+        RuleAction::Log => {
             let message = raw.message.ok_or(Problem::MissingKey("message"))?;
             let template = Template::parse(&message).map_err(Problem::BadTemplate)?;
             let level = match raw.level.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -861,7 +866,7 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
             };
             Effect::Log { level, template }
         }
-        Action::Tag => {
+        RuleAction::Tag => {
             let tags = non_empty("tags", raw.tags.ok_or(Problem::MissingKey("tags"))?)?;
             for t in &tags {
                 if t.is_empty() || t.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -894,15 +899,15 @@ fn effect(raw: RawRule, on: EventKind, action: Action) -> Result<Effect, Problem
                 session,
             }
         }
-        Action::Delay => {
+        RuleAction::Delay => {
             let d = raw.delay.ok_or(Problem::MissingKey("delay"))?;
             if d.is_zero() || d > MAX_DELAY {
                 return Err(invalid("delay", "must be more than 0 and at most 10m"));
             }
             Effect::Delay(d)
         }
-        Action::Rewrite => rewrite_effect(raw, on)?,
-        Action::Route => {
+        RuleAction::Rewrite => rewrite_effect(raw, on)?,
+        RuleAction::Route => {
             let name = raw.upstream.ok_or(Problem::MissingKey("upstream"))?;
             // As `config::is_upstream_name` (rules may not use config).
             let valid = !name.is_empty()

@@ -11,7 +11,7 @@ use super::compile::{
     ADDS_ITEMS, ARGS, COLD, DENIES_A_USER, DENY_OR_REWRITE, Effect, Matchers, NO_SET, RuleSet,
     SET_THRESHOLD, TEXT, TLS_OFF, TLS_ON, USER, VERB_SLOTS, state_bit, status_bit, verb_slot,
 };
-use super::{Event, EventKind, Outcome, RuleLog, Verdict};
+use super::{Event, EventKind, RuleLog, RuleOutcome, Verdict};
 use crate::pop3::response::StatusLine;
 
 /// The value a regex field is matched against.
@@ -137,13 +137,13 @@ impl RuleSet {
             v.matched.push(r.name.clone());
             match &r.effect {
                 Effect::Allow => {
-                    v.outcome = Outcome::Allow {
+                    v.outcome = RuleOutcome::Allow {
                         rule: r.name.clone(),
                     };
                     break;
                 }
                 Effect::Deny { reply, close_after } => {
-                    v.outcome = Outcome::Deny {
+                    v.outcome = RuleOutcome::Deny {
                         reply: reply.clone(),
                         rule: r.name.clone(),
                         close_after: *close_after,
@@ -151,7 +151,7 @@ impl RuleSet {
                     break;
                 }
                 Effect::Drop => {
-                    v.outcome = Outcome::Drop {
+                    v.outcome = RuleOutcome::Drop {
                         rule: r.name.clone(),
                     };
                     break;

@@ -31,7 +31,7 @@ use crate::pop3::tracker::State;
 
 pub use compile::RuleSet;
 pub use error::{Problem, RuleError, RuleRef};
-pub use model::Action;
+pub use model::RuleAction;
 
 /// The hook point an [`Event`] comes from; a rule's `on` key names one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
@@ -144,7 +144,7 @@ impl<'a> Event<'a> {
 
 /// How evaluation ended.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum RuleOutcome {
     /// No terminal rule matched: go on as usual.
     #[default]
     Continue,
@@ -178,7 +178,7 @@ pub struct Verdict {
     /// Names of the rules whose matchers held, in evaluation order (the terminal one last).
     pub matched: Vec<Arc<str>>,
     /// Terminal decision, if any.
-    pub outcome: Outcome,
+    pub outcome: RuleOutcome,
     /// The rewritten value, only when it differs from the original and the outcome forwards:
     /// Command: the new *arguments* (rebuild with `command_line`); Greeting/Response: the
     /// new status line without CRLF (same status indicator guaranteed); Capa: the new item.
@@ -215,7 +215,10 @@ pub struct RuleLog {
 impl Verdict {
     /// Whether the event proceeds as usual (possibly rewritten): no `deny` and no `drop`.
     pub fn passes(&self) -> bool {
-        matches!(self.outcome, Outcome::Continue | Outcome::Allow { .. })
+        matches!(
+            self.outcome,
+            RuleOutcome::Continue | RuleOutcome::Allow { .. }
+        )
     }
 }
 

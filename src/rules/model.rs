@@ -14,7 +14,7 @@ use super::error::{Problem, RuleError, RuleRef};
 /// What a rule does when its matchers hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub enum RuleAction {
     /// Stop evaluating: the event proceeds as usual.
     Allow,
     /// Stop evaluating: answer locally with `-ERR` (command), or refuse the connection.
@@ -36,19 +36,19 @@ pub enum Action {
     Route,
 }
 
-impl Action {
+impl RuleAction {
     /// The lower-case name used in rule files.
     pub fn as_str(self) -> &'static str {
         match self {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-            Action::Rewrite => "rewrite",
-            Action::Log => "log",
-            Action::Tag => "tag",
-            Action::Drop => "drop",
-            Action::Delay => "delay",
-            Action::Trace => "trace",
-            Action::Route => "route",
+            RuleAction::Allow => "allow",
+            RuleAction::Deny => "deny",
+            RuleAction::Rewrite => "rewrite",
+            RuleAction::Log => "log",
+            RuleAction::Tag => "tag",
+            RuleAction::Drop => "drop",
+            RuleAction::Delay => "delay",
+            RuleAction::Trace => "trace",
+            RuleAction::Route => "route",
         }
     }
 }
@@ -116,7 +116,7 @@ pub(crate) struct RawRule {
     /// Matcher: the message size a RETR/TOP/LIST response states, e.g. `"> 10M"`.
     pub(crate) size: Option<String>,
     /// The action.
-    pub(crate) action: Action,
+    pub(crate) action: RuleAction,
     /// `deny`: the reply text; `log`: the message template.
     pub(crate) message: Option<String>,
     /// `deny`: response code, e.g. `AUTH` or `SYS/PERM`.
@@ -391,7 +391,7 @@ mod tests {
         let raw = RawRule::from_table(table).unwrap();
         assert_eq!(raw.delay, Some(Duration::from_secs(1)));
         assert_eq!(raw.on, EventKind::Capa);
-        assert_eq!(raw.action, Action::Rewrite);
+        assert_eq!(raw.action, RuleAction::Rewrite);
     }
 
     #[test]

@@ -155,16 +155,16 @@ fn matcher_client() {
         })
         .outcome
     };
-    let dropped = Outcome::Drop {
+    let dropped = RuleOutcome::Drop {
         rule: Arc::from("r"),
     };
     assert_eq!(from("10.1.2.3"), dropped);
     assert_eq!(from("::ffff:10.1.2.3"), dropped);
     assert_eq!(from("2001:db8:5::1"), dropped);
     assert_eq!(from("192.0.2.1"), dropped);
-    assert_eq!(from("192.0.2.2"), Outcome::Continue);
-    assert_eq!(from("11.0.0.1"), Outcome::Continue);
-    assert_eq!(from("::1"), Outcome::Continue);
+    assert_eq!(from("192.0.2.2"), RuleOutcome::Continue);
+    assert_eq!(from("11.0.0.1"), RuleOutcome::Continue);
+    assert_eq!(from("::1"), RuleOutcome::Continue);
 }
 
 #[test]
@@ -324,7 +324,7 @@ fn action_allow_stops() {
     let v = s.evaluate(&cmd(Verb::Pass, b"x"));
     assert_eq!(
         v.outcome,
-        Outcome::Allow {
+        RuleOutcome::Allow {
             rule: Arc::from("ok-lan")
         }
     );
@@ -344,14 +344,14 @@ fn action_deny_reply() {
     ));
     assert_eq!(
         s.evaluate(&cmd(Verb::Dele, b"1")).outcome,
-        Outcome::Deny {
+        RuleOutcome::Deny {
             reply: "-ERR [SYS/PERM] read-only".into(),
             rule: Arc::from("r"),
             close_after: Some(3)
         }
     );
     let s = set(&one("on = \"command\"\naction = \"deny\""));
-    let Outcome::Deny {
+    let RuleOutcome::Deny {
         reply, close_after, ..
     } = s.evaluate(&cmd(Verb::Noop, b"")).outcome
     else {
@@ -362,7 +362,7 @@ fn action_deny_reply() {
     let s = set(&one(
         "on = \"connect\"\naction = \"deny\"\ncode = \"SYS/PERM\"",
     ));
-    let Outcome::Deny { reply, .. } = s.evaluate(&base(EventKind::Connect)).outcome else {
+    let RuleOutcome::Deny { reply, .. } = s.evaluate(&base(EventKind::Connect)).outcome else {
         panic!()
     };
     assert_eq!(reply, "-ERR [SYS/PERM] connection not allowed by policy");
@@ -379,11 +379,11 @@ fn action_drop_and_trace_and_delay() {
     let v = s.evaluate(&cmd(Verb::Noop, b""));
     assert_eq!(v.delay, Some(Duration::from_millis(1500)));
     assert!(v.trace);
-    assert_eq!(v.outcome, Outcome::Continue);
+    assert_eq!(v.outcome, RuleOutcome::Continue);
     let v = s.evaluate(&cmd(Verb::Quit, b""));
     assert_eq!(
         v.outcome,
-        Outcome::Drop {
+        RuleOutcome::Drop {
             rule: Arc::from("bye")
         }
     );
@@ -855,7 +855,7 @@ fn load_order_and_files() {
     let v = s.evaluate(&cmd(Verb::Noop, b""));
     assert_eq!(names(&v), ["first", "a", "b"]);
     let infos: Vec<_> = s.rules().map(|r| (r.name, r.on, r.action)).collect();
-    assert_eq!(infos[0], ("first", EventKind::Command, Action::Tag));
+    assert_eq!(infos[0], ("first", EventKind::Command, RuleAction::Tag));
     assert!(s.has_rules_for(EventKind::Command));
     assert!(!s.has_rules_for(EventKind::Capa));
     assert!(format!("{s:?}").contains("first (command → tag)"));

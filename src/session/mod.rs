@@ -19,19 +19,28 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::audit::CloseReason;
 use crate::config::{Config, TlsMode};
-use crate::net::tls::{Stream, TlsInfo, TlsSetup};
-use crate::pop3::command::{Command, Verb};
-use crate::pop3::tracker::{ResponseMeta, State};
-use crate::proxy::policy::{Policy, Terminal};
-use crate::proxy::{Action, Hop, HopConfig, Observe};
+use crate::net::tls::{Stream, TlsSetup};
+use crate::proxy::policy::Policy;
+use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
+use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// The reply when no upstream can be reached.
-const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
+/// Wait `d`; `false` if a shutdown came first.
+async fn sleep_unless_shutdown(
+    d: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    if *shutdown.borrow_and_update() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.changed() => false,
+    }
+}
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
@@ -60,6 +69,9 @@ pub struct Shared {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// OAuth2 bridges by upstream (`src/oauth2/`); their token cache outlives reloads.
     pub(crate) oauth2: Arc<crate::oauth2::Bridges>,
+    /// Fleet state (`[state]`, `src/state/`): one for the process's life, carried into each
+    /// new snapshot like the limiter.
+    pub(crate) state: Arc<crate::state::Store>,
 }
 
 /// Who a session is for, known at accept.
@@ -126,7 +138,14 @@ pub(crate) fn run(
     let started = Instant::now();
     let entry = handle.entry();
     let (audit, id) = (shared.audit.clone(), info.id);
-    let setup = Box::pin(open(client, info, shared, started, handle));
+    let setup = Box::pin(open(
+        client,
+        info,
+        shared,
+        started,
+        shutdown.clone(),
+        handle,
+    ));
     async move {
         let mut driver = tokio::select! {
             biased;
@@ -167,6 +186,7 @@ async fn open(
     info: SessionInfo,
     shared: Arc<Shared>,
     started: Instant,
+    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
@@ -183,31 +203,43 @@ async fn open(
     }
     let client_tls = client.tls_info();
     let mut policy = Policy::new(shared.rules.clone());
-    let connect = policy.evaluate(&Event {
-        tls: client.is_tls(),
-        destination: info.original_dst.map(|d| d.ip()),
-        ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
-    });
-    if let Some(d) = connect.delay {
-        tokio::time::sleep(d).await;
+    let connect = crate::proxy::connect::admit(
+        &mut policy,
+        &Event {
+            tls: client.is_tls(),
+            destination: info.original_dst.map(|d| d.ip()),
+            ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
+        },
+    );
+    // A connect rule's tarpit never outlasts a shutdown.
+    if let Some(d) = connect.delay
+        && !sleep_unless_shutdown(d, shutdown).await
+    {
+        info!("shutdown during a connect rule's delay");
+        let _ = client
+            .write_all(&crate::pop3::replies::line(
+                crate::pop3::replies::SHUTTING_DOWN,
+            ))
+            .await;
+        let _ = client.shutdown().await;
+        return Err(CloseReason::Shutdown);
     }
-    let refused = match policy.terminal(&connect) {
-        Terminal::Pass => None,
-        Terminal::Deny { reply, rule, .. } => {
-            info!(%rule, "connection denied by rule");
+    let refused = match &connect.refusal {
+        None => None,
+        Some(refusal) => {
             record_rules(shared, policy.take_tally());
-            let reply = format!("{reply}\r\n");
-            let sent = match client.write_all(reply.as_bytes()).await {
-                Ok(()) => reply.len() as u64,
-                Err(_) => 0,
+            let sent = match &refusal.reply {
+                Some(reply) => {
+                    let sent = match client.write_all(reply).await {
+                        Ok(()) => reply.len() as u64,
+                        Err(_) => 0,
+                    };
+                    let _ = client.shutdown().await;
+                    sent
+                }
+                None => 0,
             };
-            let _ = client.shutdown().await;
-            Some((rule, sent))
-        }
-        Terminal::Drop { rule } => {
-            info!(%rule, "connection dropped by rule");
-            record_rules(shared, policy.take_tally());
-            Some((rule, 0))
+            Some((refusal.rule.clone(), sent))
         }
     };
     let transcript_cfg = &config.audit.transcript;
@@ -284,19 +316,15 @@ async fn open(
                 shared.tls.upstreams.get(index).and_then(Option::as_ref),
             ),
         };
-        match crate::net::upstream::connect(
+        let plan = crate::net::upstream::plan(
             upstream_cfg,
             upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
-            // With one address the session awaits the greeting itself
-            // (`limits.greeting_timeout`); with several it is part of the setup, so that an
-            // address that accepts but never greets is failed over.
-            upstream_cfg.address.len() > 1,
-        )
-        .await
-        {
+            crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
+            None,
+        );
+        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -326,8 +354,10 @@ async fn open(
                 shared.metrics.failed_over(upstream_cfg, |a| {
                     shared.dead.is_dead(a, std::time::Instant::now())
                 });
-                let sent = match client.write_all(UNAVAILABLE).await {
-                    Ok(()) => UNAVAILABLE.len() as u64,
+                let unavailable =
+                    crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
+                let sent = match client.write_all(&unavailable).await {
+                    Ok(()) => unavailable.len() as u64,
                     Err(_) => 0,
                 };
                 live.to_client.inc_by(sent);
@@ -366,7 +396,7 @@ async fn open(
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
     };
     let listener_name = info.listener.clone();
-    let hop = Hop::new(cfg, policy, started.into_std(), Instant::now().into_std());
+    let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
         hop,
         client,
@@ -551,7 +581,14 @@ fn record_rules(shared: &Shared, tally: crate::proxy::policy::RuleTally) {
     }
 }
 
-/// The observer plus the shared login penalty and metrics: what the hop reports to and asks of.
+/// The session's clock, as the hop sees it: tokio's (paused in tests), converted here, at this
+/// one boundary.
+fn clock() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Where the hop's events go: the audit observer (audit trail, transcript, and what it feeds),
+/// the metrics, and the shared login penalty the hop asks the driver for.
 struct SessionObserver {
     observer: Observer,
     shared: Arc<Shared>,
@@ -559,56 +596,66 @@ struct SessionObserver {
     listener: Arc<str>,
 }
 
-impl Observe for SessionObserver {
-    fn client_command(&mut self, cmd: &Command<'_>) {
-        self.observer.client_command(cmd);
-    }
-    fn client_sasl(&mut self) {
-        self.observer.client_sasl();
-    }
-    fn local_reply(&mut self, reply: &[u8]) {
-        self.observer.local_reply(reply);
-    }
-    fn status(
-        &mut self,
-        meta: &ResponseMeta,
-        line: &[u8],
-        user: Option<&str>,
-        state: State,
-        marks: &crate::proxy::Marks,
-    ) {
-        if let Some(login) = &meta.login {
-            // A login a rule dropped is no success, whatever the server said.
-            let success = login.success && marks.dropped_by.is_none();
-            self.shared
-                .metrics
-                .login(&self.listener, &login.method.label(), success);
+impl SessionObserver {
+    /// Hand one event to the observer and the metrics. A failed login is answered by the
+    /// driver instead (`Driver::pump_events`, with [`SessionObserver::penalty`]).
+    fn dispatch(&mut self, ev: SessionEvent) {
+        let obs = &mut self.observer;
+        match ev {
+            SessionEvent::ClientCommand(line) => {
+                if let Some(cmd) = SessionEvent::command(&line) {
+                    obs.client_command(&cmd);
+                }
+            }
+            SessionEvent::ClientSasl => obs.client_sasl(),
+            SessionEvent::LocalReply(reply) => obs.local_reply(&reply),
+            SessionEvent::Status {
+                meta,
+                line,
+                user,
+                state,
+                marks,
+            } => {
+                if let Some(login) = &meta.login {
+                    // A login a rule dropped is no success, whatever the server said.
+                    let success = login.success && marks.dropped_by.is_none();
+                    self.shared
+                        .metrics
+                        .login(&self.listener, &login.method.label(), success);
+                }
+                obs.status(&meta, &line, user.as_deref(), state, &marks);
+            }
+            SessionEvent::Body { chunk, end, user } => obs.body(&chunk, end, user.as_deref()),
+            SessionEvent::Denied {
+                rule,
+                verb,
+                user,
+                tags,
+            } => obs.denied(&rule, verb, user.as_deref(), &tags),
+            SessionEvent::Tags(tags) => obs.set_tags(&tags),
+            SessionEvent::Injected(line) => {
+                if let Some(cmd) = SessionEvent::command(&line) {
+                    obs.injected(&cmd);
+                }
+            }
+            SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
+            SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
+            SessionEvent::NoUidl => obs.no_uidl(),
+            SessionEvent::LoginFailed(_) => {
+                // Not reached: the driver answers it (`Driver::pump_events`).
+            }
         }
-        self.observer.status(meta, line, user, state, marks);
     }
-    fn body(&mut self, chunk: &[u8], end: bool, user: Option<&str>) {
-        self.observer.body(chunk, end, user);
-    }
-    fn denied(&mut self, rule: &str, verb: Verb, user: Option<&str>, tags: &[Arc<str>]) {
-        self.observer.denied(rule, verb, user, tags);
-    }
-    fn tags(&mut self, tags: &[Arc<str>]) {
-        self.observer.set_tags(tags);
-    }
-    fn injected(&mut self, cmd: &Command<'_>) {
-        self.observer.injected(cmd);
-    }
-    fn injected_status(&mut self, meta: &ResponseMeta, line: &[u8]) {
-        self.observer.injected_status(meta, line);
-    }
-    fn injected_body(&mut self, chunk: &[u8], end: bool) {
-        self.observer.injected_body(chunk, end);
-    }
-    fn no_uidl(&mut self) {
-        self.observer.no_uidl();
-    }
-    fn login_failed(&mut self, ip: IpAddr) -> Option<std::time::Duration> {
-        let delay = self.shared.limiter.login_failed(ip);
+
+    /// A login from `ip` failed: how long to hold its `-ERR` (the per-IP penalty), if at all.
+    /// Counted by the store: this instance's limiter, or with `[state] backend = "redis"` the
+    /// whole fleet's count (bounded by `state.timeout`).
+    async fn penalty(
+        &mut self,
+        ip: IpAddr,
+        now: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        let delay = self.shared.state.login_failed(ip, now).await;
         if let Some(d) = delay {
             self.shared.metrics.login_penalty(d);
         }
@@ -645,6 +692,8 @@ struct Driver {
 }
 
 impl Driver {
+    /// The relay loop: dispatch the hop's events, carry out its outputs, then wait for the
+    /// client, the upstream, the hop's next deadline or a shutdown, whichever comes first.
     async fn drive(
         &mut self,
         mut shutdown: watch::Receiver<bool>,
@@ -656,14 +705,11 @@ impl Driver {
         }
         // The greeting may have been read already (upstream STLS).
         if !self.sin.is_empty() {
-            self.hop.on_server_input(
-                std::time::Instant::now(),
-                &mut self.sin,
-                &mut self.cin,
-                &mut self.observer,
-            );
+            self.hop
+                .on_server_input(clock(), &mut self.sin, &mut self.cin);
         }
         loop {
+            self.pump_events().await;
             if let Some(reason) = self.execute(&mut shutdown).await? {
                 return Ok(reason);
             }
@@ -679,10 +725,14 @@ impl Driver {
             } else {
                 read::release_if_empty(&mut self.sin);
             }
-            let wake = Instant::from_std(self.hop.deadline());
-            let connected = self.front.is_none();
+            let wake = self.hop.poll_timeout().map(Instant::from_std);
+            // Routing mode reads no upstream until the login is routed; while the hop holds
+            // replies (a tarpit, the login penalty) the server's bytes wait in the socket.
+            let want_server = self.front.is_none() && self.hop.wants_server_input();
             tokio::select! {
                 biased;
+                // A hold never outlasts a shutdown: the session ends within the grace period
+                // like any other.
                 _ = shutdown.changed() => self.hop.on_shutdown(),
                 r = async {
                     if in_body {
@@ -690,16 +740,12 @@ impl Driver {
                     } else {
                         read::read_lean(&mut self.upstream, &mut self.sin).await
                     }
-                }, if connected => match r {
+                }, if want_server => match r {
                     Ok(0) => self.hop.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
-                        self.hop.on_server_input(
-                        std::time::Instant::now(),
-                        &mut self.sin,
-                        &mut self.cin,
-                        &mut self.observer,
-                    )},
+                        self.hop.on_server_input(clock(), &mut self.sin, &mut self.cin);
+                    }
                     Err(e) => {
                         // A reset or TLS alert (e.g. a refused client certificate): the
                         // client gets a clear answer for what it is waiting on.
@@ -717,26 +763,42 @@ impl Driver {
                     } else {
                         self.traffic.from_client += n as u64;
                         self.live.from_client.inc_by(n as u64);
-                        self.hop.on_client_input(
-                            std::time::Instant::now(),
-                            &mut self.cin,
-                            &mut self.observer,
-                        );
+                        self.hop.on_client_input(clock(), &mut self.cin);
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => self.hop.on_timeout(std::time::Instant::now()),
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.hop.on_timeout(clock()),
             }
         }
     }
 
-    /// Carry out the hop's actions in order; `Some` when one of them ends the session.
+    /// Dispatch the hop's events in order; answer a failed login with its penalty.
+    async fn pump_events(&mut self) {
+        while let Some(ev) = self.hop.poll_event() {
+            match ev {
+                SessionEvent::LoginFailed(ip) => {
+                    let now = clock();
+                    let penalty = self.observer.penalty(ip, now).await;
+                    self.hop.penalty(now, penalty);
+                }
+                ev => self.observer.dispatch(ev),
+            }
+        }
+    }
+
+    /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
+    /// session.
     async fn execute(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<CloseReason>, SessionError> {
-        while let Some(action) = self.hop.poll_action() {
-            match action {
-                Action::ToClient(bytes) => {
+        while let Some(output) = self.hop.poll_output() {
+            match output {
+                Output::ToClient(bytes) => {
                     // The flush matters under TLS: a write that filled the socket leaves
                     // records queued in rustls, and nothing else would send them (a stall
                     // at the end of a body). A no-op on plain TCP.
@@ -748,12 +810,12 @@ impl Driver {
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
-                Action::ToUpstream(bytes) if self.front.is_some() => {
+                Output::ToUpstream(bytes) if self.front.is_some() => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
                     Box::pin(self.feed_front(&bytes, shutdown)).await?
                 }
-                Action::ToUpstream(bytes) => {
+                Output::ToUpstream(bytes) => {
                     if std::mem::take(&mut self.redial_before_next_command) {
                         if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
                             debug!(
@@ -766,16 +828,7 @@ impl Driver {
                     }
                     self.send_upstream(&bytes).await?
                 }
-                Action::Sleep(d) => {
-                    self.sync_observer().await;
-                    // A tarpit or login penalty never outlasts a shutdown: the session ends
-                    // within the grace period like any other.
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = shutdown.changed() => self.hop.on_shutdown(),
-                    }
-                }
-                Action::StartClientTls => {
+                Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
                     self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
@@ -789,7 +842,7 @@ impl Driver {
                     }
                     self.redial_before_next_command = self.redial_wanted();
                 }
-                Action::Close(reason) => return Ok(Some(reason)),
+                Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
@@ -836,16 +889,16 @@ impl Driver {
         // had (the server down meanwhile, or refusing a second connection from this client
         // while the first is open), the session goes on over the first, as without the
         // re-dial, rather than ending a client that did nothing wrong.
-        let up = match crate::net::upstream::connect(
+        let upstream_tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plan = crate::net::upstream::plan(
             cfg,
-            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            upstream_tls,
             config.limits.max_line,
             &origin,
-            &shared.dead,
             true,
-        )
-        .await
-        {
+            None,
+        );
+        let up = match crate::net::upstream::connect(cfg, upstream_tls, &plan, &shared.dead).await {
             Ok(up) => up,
             Err(e) => {
                 warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
@@ -888,7 +941,7 @@ impl Driver {
             let answers = front.take_output();
             let login = front.take_login();
             let quit = front.quit();
-            self.server_input(&answers);
+            self.server_input(&answers).await;
             let Some(login) = login else {
                 if quit {
                     // As a server closes after QUIT: the session ends, nothing was dialled.
@@ -921,7 +974,7 @@ impl Driver {
                     let mut reply = done.reply;
                     reply.extend_from_slice(&done.rest);
                     self.live.from_upstream.inc_by(reply.len() as u64);
-                    self.server_input(&reply);
+                    self.server_input(&reply).await;
                     return Ok(());
                 }
                 Err(reply) => {
@@ -949,17 +1002,15 @@ impl Driver {
     }
 
     /// Server bytes (from the front or the login) into the hop.
-    fn server_input(&mut self, bytes: &[u8]) {
+    async fn server_input(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         self.sin.extend_from_slice(bytes);
-        self.hop.on_server_input(
-            std::time::Instant::now(),
-            &mut self.sin,
-            &mut self.cin,
-            &mut self.observer,
-        );
+        self.hop
+            .on_server_input(clock(), &mut self.sin, &mut self.cin);
+        // In the order they happened, before anything the routing does next is recorded.
+        self.pump_events().await;
     }
 
     /// Pick the upstream for `login` (route rule, map, default), connect and replay. On
@@ -970,28 +1021,20 @@ impl Driver {
     ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        // Route rules and the map see the name as a folding server would (unless none folds):
-        // `ALICE` is routed where `alice` is.
-        let routed = config.routing_user_names().apply(&login.user);
-        let rule = self.hop.route(&routed);
-        let default = config.default_upstream().label();
-        let (name, why) = crate::routing::choose(
-            &routed,
-            rule.as_ref().map(|(r, u)| (&**r, &**u)),
+        let hop = &self.hop;
+        let crate::routing::Route { index, why, user } = crate::routing::route(
+            config,
+            &login.user,
+            |routed| hop.route(routed),
             shared.routes.as_deref(),
-            default,
         );
-        let index = config
-            .upstream_index(name)
-            .unwrap_or_else(|| config.default_index());
         let upstream = &config.upstreams[index];
         // Rules and audit see the name the chosen server logs in; so does the OAuth2 bridge
         // (its credentials and tokens). The replay upstream is what the client sent.
         self.hop
             .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
-        let seen = upstream.user_names.apply(&login.user);
         let login = &crate::proxy::front::Login {
-            user: seen.into_owned(),
+            user,
             ..login.clone()
         };
         self.observer.observer.set_upstream(upstream.label());
@@ -1049,37 +1092,35 @@ impl Driver {
                 }
                 Ok(done)
             }
-            Err(login::LoginError::Refused(reply)) => {
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    why = %why,
-                    "routed login refused by the upstream"
-                );
-                Err(reply)
-            }
-            Err(login::LoginError::Bridge(e)) => {
-                // The bridge logged the details (never a token or password).
-                info!(
-                    user = %shown,
-                    upstream = upstream.label(),
-                    error = %e,
-                    "OAuth2 login failed"
-                );
-                Err(e.client_reply().to_vec())
-            }
-            Err(login::LoginError::Unavailable(e)) => {
-                warn!(upstream = upstream.label(), error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(
-                    upstream.label(),
-                    &e.address,
-                    e.stage.as_str(),
-                    &e.reason,
-                );
-                shared.metrics.failed_over(upstream, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
-                Err(UNAVAILABLE.to_vec())
+            Err(e) => {
+                match &e {
+                    login::LoginError::Refused(_) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        why = %why,
+                        "routed login refused by the upstream"
+                    ),
+                    // The bridge logged the details (never a token or password).
+                    login::LoginError::Bridge(b) => info!(
+                        user = %shown,
+                        upstream = upstream.label(),
+                        error = %b,
+                        "OAuth2 login failed"
+                    ),
+                    login::LoginError::Unavailable(u) => {
+                        warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
+                        shared.metrics.upstream_failed(
+                            upstream.label(),
+                            &u.address,
+                            u.stage.as_str(),
+                            &u.reason,
+                        );
+                        shared.metrics.failed_over(upstream, |a| {
+                            shared.dead.is_dead(a, std::time::Instant::now())
+                        });
+                    }
+                }
+                Err(e.client_reply())
             }
         }
     }

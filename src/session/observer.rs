@@ -9,15 +9,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::{
-    AuditEvent, AuditSink, CloseReason, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet,
-    Login, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsInfo, TlsSide,
-    Transcript, TranscriptConfig, Update, UpdateOutcome,
+    AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet, LoginEvent,
+    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Transcript,
+    TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::control::tap::TapPoint;
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
+use crate::types::{CloseReason, TlsInfo};
 
 pub(crate) use crate::proxy::Marks;
 
@@ -135,12 +136,12 @@ impl Observer {
         self.sink.is_enabled()
     }
 
-    fn push(&mut self, kind: impl Into<crate::audit::EventKind>) {
+    fn push(&mut self, kind: impl Into<crate::audit::AuditEventKind>) {
         self.push_tagged(kind, &[]);
     }
 
     /// An event with the session's tags and `extra` (the event's own).
-    fn push_tagged(&mut self, kind: impl Into<crate::audit::EventKind>, extra: &[String]) {
+    fn push_tagged(&mut self, kind: impl Into<crate::audit::AuditEventKind>, extra: &[String]) {
         let mut tags = self.tags.clone();
         for t in extra {
             if !tags.contains(t) {
@@ -221,7 +222,7 @@ impl Observer {
     pub fn client_command(&mut self, cmd: &crate::pop3::command::Command<'_>) {
         self.transcript.client_command(cmd);
         self.tap
-            .line("C", || crate::audit::transcript::redact_command(cmd));
+            .line("C", || crate::audit::model::redact::redact_command(cmd));
     }
 
     /// A SASL answer: never its content.
@@ -235,7 +236,7 @@ impl Observer {
         self.note("local reply follows");
         self.transcript.server_line(reply);
         self.tap
-            .line("S", || crate::audit::transcript::display(reply));
+            .line("S", || crate::audit::model::redact::display(reply));
     }
 
     /// `denied`, with the command's event tags.
@@ -258,7 +259,7 @@ impl Observer {
     ) {
         self.transcript.server_line(line);
         self.tap
-            .line("S", || crate::audit::transcript::display(line));
+            .line("S", || crate::audit::model::redact::display(line));
         if !self.auditing() {
             return;
         }
@@ -266,13 +267,13 @@ impl Observer {
         let user_s = || user.map(str::to_owned);
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
-            let mut l = Login::new(login.user.as_deref(), &login.method, meta.status, code);
+            let mut l = LoginEvent::new(login.user.as_deref(), &login.method, meta.status, code);
             l.user_as_typed = login.user_as_typed.clone();
             l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
-                if l.outcome == crate::audit::Outcome::Success {
-                    l.outcome = crate::audit::Outcome::Dropped;
+                if l.outcome == crate::audit::LoginEventOutcome::Success {
+                    l.outcome = crate::audit::LoginEventOutcome::Dropped;
                 }
                 l.rule = Some(rule.to_string());
             }

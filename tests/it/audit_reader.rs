@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use popgate::audit::{
-    AuditEvent, AuditRecord, CloseReason, DeleteMarked, Deleted, Denied, EventKind, Filter,
-    Headers, Login, Outcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen,
-    TlsEvent, TlsInfo, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
+    AuditEvent, AuditEventKind, AuditFilter, AuditRecord, DeleteMarked, Deleted, Denied, Headers,
+    LoginEvent, LoginEventOutcome, ReaderError, Reset, Retrieve, RetrieveVerb, SessionClose,
+    SessionOpen, TlsEvent, TlsSide, Update, UpdateOutcome, format_json, format_table, read_audit,
     read_events,
 };
+use popgate::types::{CloseReason, TlsInfo};
 
 fn at(s: &str) -> SystemTime {
     humantime::parse_rfc3339(s).unwrap()
@@ -48,11 +49,11 @@ fn day_one() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-01T09:00:00.500Z"),
             1,
-            Login {
+            LoginEvent {
                 user: user("bob"),
                 user_as_typed: None,
                 method: "USER".into(),
-                outcome: Outcome::Success,
+                outcome: LoginEventOutcome::Success,
                 code: None,
                 rule: None,
                 upstream: None,
@@ -85,11 +86,11 @@ fn day_one() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-01T09:00:01.500Z"),
             2,
-            Login {
+            LoginEvent {
                 user: user("eve"),
                 user_as_typed: None,
                 method: "AUTH PLAIN".into(),
-                outcome: Outcome::Failure,
+                outcome: LoginEventOutcome::Failure,
                 code: Some("AUTH".into()),
                 rule: None,
                 upstream: None,
@@ -196,11 +197,11 @@ fn day_two() -> Vec<AuditEvent> {
         AuditEvent::at(
             at("2026-03-02T10:00:00.400Z"),
             1,
-            Login {
+            LoginEvent {
                 user: user("carol"),
                 user_as_typed: None,
                 method: "APOP".into(),
-                outcome: Outcome::Success,
+                outcome: LoginEventOutcome::Success,
                 code: None,
                 rule: None,
                 upstream: None,
@@ -276,7 +277,7 @@ fn everything_round_trips_in_time_order() {
     let f = files();
     // Files given out of order still come back by time.
     let reversed: Vec<PathBuf> = f.paths.iter().rev().cloned().collect();
-    let records = read_events(&reversed, &Filter::default()).unwrap();
+    let records = read_events(&reversed, &AuditFilter::default()).unwrap();
     assert_eq!(records.len(), 15);
     let expected: Vec<AuditEvent> = day_one().into_iter().chain(day_two()).collect();
     let got: Vec<AuditEvent> = records.iter().map(|r| r.event.clone()).collect();
@@ -305,11 +306,11 @@ fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
     let failed = AuditEvent::at(
         at("2026-03-01T23:59:59.500Z"),
         9,
-        Login {
+        LoginEvent {
             user: user("eve"),
             user_as_typed: None,
             method: "USER".into(),
-            outcome: Outcome::Failure,
+            outcome: LoginEventOutcome::Failure,
             code: None,
             rule: None,
             upstream: None,
@@ -333,9 +334,9 @@ fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
     let two = dir.path().join("audit.2026-03-02-00.jsonl");
     write_jsonl(&one, &[open, failed], false);
     write_jsonl(&two, &[close], false);
-    let eve = Filter {
+    let eve = AuditFilter {
         user: Some("eve".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     for order in [vec![one.clone(), two.clone()], vec![two, one]] {
         assert_eq!(
@@ -349,9 +350,9 @@ fn a_session_across_files_is_whole_whatever_order_the_files_are_given_in() {
 #[test]
 fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
     let f = files();
-    let bob = Filter {
+    let bob = AuditFilter {
         user: Some("BOB".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     let records = read_events(&f.paths, &bob).unwrap();
     assert_eq!(
@@ -367,13 +368,15 @@ fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
         ]
     );
     // Day two's session 1 is carol's: its session_open is hers, not bob's.
-    let carol = Filter {
+    let carol = AuditFilter {
         user: Some("carol".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     let records = read_events(&f.paths, &carol).unwrap();
     assert_eq!(records.len(), 4);
-    assert!(matches!(records[0].event.kind, EventKind::SessionOpen(ref o) if o.listener == "pop3"));
+    assert!(
+        matches!(records[0].event.kind, AuditEventKind::SessionOpen(ref o) if o.listener == "pop3")
+    );
     assert_eq!(
         records[0].event.ts,
         at("2026-03-02T10:00:00.000Z"),
@@ -381,9 +384,9 @@ fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
     );
     // eve's session: its user-less events (open, tls, a close before any login succeeded)
     // come along with her failed login.
-    let eve = Filter {
+    let eve = AuditFilter {
         user: Some("eve".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     assert_eq!(
         summary(&read_events(&f.paths, &eve).unwrap()),
@@ -394,9 +397,9 @@ fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
             s(2, "session_close")
         ]
     );
-    let nobody = Filter {
+    let nobody = AuditFilter {
         user: Some("mallory".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     assert!(read_events(&f.paths, &nobody).unwrap().is_empty());
 }
@@ -404,9 +407,9 @@ fn user_filter_includes_the_users_sessions_but_not_reused_ids() {
 #[test]
 fn since_and_event_filters() {
     let f = files();
-    let since = Filter {
+    let since = AuditFilter {
         since: Some(at("2026-03-01T09:00:02.300Z")),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     assert_eq!(
         summary(&read_events(&f.paths, &since).unwrap()),
@@ -421,17 +424,18 @@ fn since_and_event_filters() {
         ]
     );
     // "Who deleted message uid-0003?"
-    let deletes = Filter::from_args(None, None, &["delete_marked,update".into()]).unwrap();
+    let deletes = AuditFilter::from_args(None, None, &["delete_marked,update".into()]).unwrap();
     let records = read_events(&f.paths, &deletes).unwrap();
     assert_eq!(summary(&records), [s(1, "delete_marked"), s(1, "update")]);
     assert!(records.iter().all(|r| r.event.user() == Some("bob")));
     // Relative times: everything is long ago.
-    let recent = Filter::from_args(None, Some("2h"), &[]).unwrap();
+    let recent = AuditFilter::from_args(None, Some("2h"), &[]).unwrap();
     assert!(read_events(&f.paths, &recent).unwrap().is_empty());
-    let all = Filter::from_args(None, Some("2026-03-01"), &[]).unwrap();
+    let all = AuditFilter::from_args(None, Some("2026-03-01"), &[]).unwrap();
     assert_eq!(read_events(&f.paths, &all).unwrap().len(), 15);
     // Combined: bob's session_open only.
-    let combined = Filter::from_args(Some("bob".into()), None, &["session_open".into()]).unwrap();
+    let combined =
+        AuditFilter::from_args(Some("bob".into()), None, &["session_open".into()]).unwrap();
     let records = read_events(&f.paths, &combined).unwrap();
     assert_eq!(summary(&records), [s(1, "session_open")]);
     assert_eq!(records[0].event.ts, at("2026-03-01T09:00:00.000Z"));
@@ -440,7 +444,7 @@ fn since_and_event_filters() {
 #[test]
 fn table_is_aligned_and_readable() {
     let f = files();
-    let records = read_events(&f.paths, &Filter::default()).unwrap();
+    let records = read_events(&f.paths, &AuditFilter::default()).unwrap();
     let table = format_table(&records);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 16, "{table}");
@@ -517,7 +521,7 @@ fn table_is_aligned_and_readable() {
 #[test]
 fn json_passthrough_keeps_the_original_lines() {
     let f = files();
-    let filter = Filter::from_args(None, None, &["retrieve".into()]).unwrap();
+    let filter = AuditFilter::from_args(None, None, &["retrieve".into()]).unwrap();
     let records = read_events(&f.paths, &filter).unwrap();
     let json = format_json(&records);
     let original = std::fs::read_to_string(&f.paths[0]).unwrap();
@@ -540,18 +544,18 @@ fn unknown_events_pass_through_and_bad_lines_are_errors() {
         "{\"schema\":1,\"ts\":\"2026-03-01T09:00:00.000Z\",\"session\":5,\"event\":\"quota_warning\",\"user\":\"bob\"}\n\n",
     )
     .unwrap();
-    let records = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    let records = read_events(std::slice::from_ref(&p), &AuditFilter::default()).unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].name, "quota_warning");
     assert!(format_table(&records).contains("quota_warning"));
 
     std::fs::write(&p, "{\"schema\":1}\nnot json\n").unwrap();
-    let err = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap_err();
+    let err = read_events(std::slice::from_ref(&p), &AuditFilter::default()).unwrap_err();
     assert!(matches!(err, ReaderError::Parse { line: 1, .. }), "{err}");
     assert!(err.to_string().contains("audit.jsonl:1"), "{err}");
 
     let missing = dir.path().join("nope.jsonl");
-    let err = read_events(&[missing], &Filter::default()).unwrap_err();
+    let err = read_events(&[missing], &AuditFilter::default()).unwrap_err();
     assert!(matches!(err, ReaderError::Io { .. }), "{err}");
 }
 
@@ -566,7 +570,7 @@ fn events_written_now_are_found_by_relative_since() {
     );
     let new = AuditEvent::new(2, Reset { user: user("bob") });
     write_jsonl(&p, &[old, new], false);
-    let filter = Filter::from_args(None, Some("2h"), &[]).unwrap();
+    let filter = AuditFilter::from_args(None, Some("2h"), &[]).unwrap();
     let records = read_events(&[p], &filter).unwrap();
     assert_eq!(summary(&records), [s(2, "reset")]);
 }
@@ -591,7 +595,7 @@ fn read_audit_reports_bad_lines_and_keeps_reading() {
     data.extend_from_slice(b"\xff\xfe\n");
     data.extend_from_slice(format!("{}\n{}", line(2), &line(3)[..20]).as_bytes());
     std::fs::write(&p, data).unwrap();
-    let read = read_audit(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    let read = read_audit(std::slice::from_ref(&p), &AuditFilter::default()).unwrap();
     assert_eq!(read.records.len(), 2);
     let bad: Vec<(usize, bool)> = read.bad.iter().map(|b| (b.line, b.incomplete)).collect();
     assert_eq!(bad, [(2, false), (3, false), (5, true)]);
@@ -605,12 +609,12 @@ fn read_audit_reports_bad_lines_and_keeps_reading() {
             .to_string()
             .contains("audit.jsonl:5: last line incomplete")
     );
-    let err = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap_err();
+    let err = read_events(std::slice::from_ref(&p), &AuditFilter::default()).unwrap_err();
     assert!(matches!(err, ReaderError::Parse { line: 2, .. }), "{err}");
     // Only an incomplete last line: the strict reader leaves it out.
     std::fs::write(&p, format!("{}\n{}", line(1), &line(2)[..10])).unwrap();
     assert_eq!(
-        read_events(std::slice::from_ref(&p), &Filter::default())
+        read_events(std::slice::from_ref(&p), &AuditFilter::default())
             .unwrap()
             .len(),
         1
@@ -633,7 +637,7 @@ fn table_names_the_instance_when_there_are_several() {
         e
     };
     write_jsonl(&p, &[ev("mx1", 7), ev("mx2", 7)], false);
-    let records = read_events(std::slice::from_ref(&p), &Filter::default()).unwrap();
+    let records = read_events(std::slice::from_ref(&p), &AuditFilter::default()).unwrap();
     let table = format_table(&records);
     assert!(
         table.contains(" mx1/7 ") && table.contains(" mx2/7 "),
@@ -660,7 +664,7 @@ fn table_names_the_instance_when_there_are_several() {
         e
     };
     write_jsonl(&p, &[open("mx1"), open("mx2"), ev("mx1", 7)], false);
-    let filter = Filter::from_args(Some("bob".into()), None, &[]).unwrap();
+    let filter = AuditFilter::from_args(Some("bob".into()), None, &[]).unwrap();
     let records = read_events(std::slice::from_ref(&p), &filter).unwrap();
     let got: Vec<(&str, &str)> = records
         .iter()
@@ -672,9 +676,9 @@ fn table_names_the_instance_when_there_are_several() {
 #[test]
 fn message_filters_answer_who_retrieved_or_deleted_a_message_and_from_where() {
     let f = files();
-    let by_uidl = Filter {
+    let by_uidl = AuditFilter {
         uidl: Some("uid-0003".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     let records = read_events(&f.paths, &by_uidl).unwrap();
     assert_eq!(
@@ -694,9 +698,9 @@ fn message_filters_answer_who_retrieved_or_deleted_a_message_and_from_where() {
     assert!(update.contains("client=198.51.100.7:51544"), "{update}");
     // By Message-ID, with or without brackets: the same events.
     for id in ["<m3@example.org>", "m3@example.org"] {
-        let by_id = Filter {
+        let by_id = AuditFilter {
             message_id: Some(id.into()),
-            ..Filter::default()
+            ..AuditFilter::default()
         };
         assert_eq!(
             summary(&read_events(&f.paths, &by_id).unwrap()),
@@ -704,22 +708,22 @@ fn message_filters_answer_who_retrieved_or_deleted_a_message_and_from_where() {
         );
     }
     // The mailbox owner: carol's message events only (and her session's open).
-    let carol = Filter {
+    let carol = AuditFilter {
         msg_user: Some("CAROL".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     assert_eq!(
         summary(&read_events(&f.paths, &carol).unwrap()),
         [s(1, "session_open"), s(1, "retrieve")]
     );
-    let none = Filter {
+    let none = AuditFilter {
         uidl: Some("uid-0003".into()),
         msg_user: Some("carol".into()),
-        ..Filter::default()
+        ..AuditFilter::default()
     };
     assert!(read_events(&f.paths, &none).unwrap().is_empty());
     // --until a date includes that day, not the next.
-    let day_one_only = Filter::from_args(None, None, &[])
+    let day_one_only = AuditFilter::from_args(None, None, &[])
         .unwrap()
         .until(Some("2026-03-01"))
         .unwrap();

@@ -669,16 +669,16 @@ fn journald_output_is_accepted_and_falls_back_when_absent() {
     bin.wait_log("session closed", 1);
 }
 
-/// The `[process]` example in README's "Reload and running as a daemon" is a valid config
-/// table, and the signals table names every signal popgate handles.
+/// The `[process]` example in docs/operations.md's "Reload and running as a daemon" is a valid
+/// config table, and the signals table names every signal popgate handles.
 #[test]
-fn readme_daemon_section_is_valid() {
-    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
-    let section = readme
+fn operations_daemon_section_is_valid() {
+    let doc = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"));
+    let section = doc
         .split("## Reload and running as a daemon")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("README has a Reload and running as a daemon section");
+        .expect("docs/operations.md has a Reload and running as a daemon section");
     for sig in ["`SIGHUP`", "`SIGUSR1`", "`SIGTERM`", "`SIGINT`"] {
         assert!(section.contains(sig), "{sig} missing");
     }
@@ -691,8 +691,8 @@ fn readme_daemon_section_is_valid() {
         "{block}[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:110\"\n\
          [upstream]\naddress = \"127.0.0.1:1110\"\n"
     );
-    let config = popgate::Config::parse(&text, Path::new("README.md")).unwrap();
-    config.validate(Path::new("README.md")).unwrap();
+    let config = popgate::Config::parse(&text, Path::new("docs/operations.md")).unwrap();
+    config.validate(Path::new("docs/operations.md")).unwrap();
     assert_eq!(config.process.user.as_deref(), Some("popgate"));
 }
 

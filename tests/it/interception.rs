@@ -399,11 +399,12 @@ const RULES: &str = "[[rule]]\nname = \"no-mallory\"\non = \"command\"\nverbs = 
                      [[rule]]\nname = \"to-v4\"\non = \"connect\"\n\
                      destination = \"10.231.2.0/24\"\naction = \"tag\"\ntags = \"server-v4\"\n";
 
-/// The README's interception example (the one `toml` block that says `original-destination`).
-fn readme_example() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let blocks: Vec<&str> = readme
+/// The deployment guide's interception example (the one `toml` block of docs/deployment.md that
+/// says `original-destination`).
+fn deployment_example() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .unwrap();
+    let blocks: Vec<&str> = doc
         .split("```toml\n")
         .skip(1)
         .filter_map(|b| b.split("```").next())
@@ -414,9 +415,9 @@ fn readme_example() -> String {
 }
 
 #[test]
-fn the_readme_interception_example_is_a_valid_config() {
-    let path = std::path::Path::new("README.md");
-    let config = popgate::Config::parse(&readme_example(), path).expect("parses");
+fn the_deployment_interception_example_is_a_valid_config() {
+    let path = std::path::Path::new("docs/deployment.md");
+    let config = popgate::Config::parse(&deployment_example(), path).expect("parses");
     config.validate(path).expect("valid");
     assert!(config.default_upstream().original_destination());
     assert_eq!(config.listeners[0].bind, "[::]:8110".parse().unwrap());
@@ -522,11 +523,11 @@ fn redirected_sessions_reach_the_original_server_over_ipv4_and_ipv6() {
     let rules_dir = tempfile::tempdir().unwrap();
     let rules = rules_dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    // The README's configuration (one dual-stack listener: IPv4 clients arrive as
+    // The deployment guide's configuration (one dual-stack listener: IPv4 clients arrive as
     // ::ffff:a.b.c.d), with rules and the audit trail.
     let mut gate = Gate::start(
         &net,
-        &format!("rules = [{rules:?}]\n{}", readme_example()),
+        &format!("rules = [{rules:?}]\n{}", deployment_example()),
         1,
     );
 
@@ -811,8 +812,8 @@ fn tls_to_the_original_server_is_verified_for_the_clients_sni_or_the_ip() {
     );
 }
 
-/// The README's allow-list: a `connect` rule allows the sessions whose original destination is
-/// one of "your own" servers, the next drops the rest. A dropped destination is never dialled,
+/// The deployment guide's allow-list: a `connect` rule allows the sessions whose original
+/// destination is one of "your own" servers, the next drops the rest. A dropped destination is never dialled,
 /// over IPv4 or IPv6, whatever the client sends.
 #[test]
 fn a_destination_allow_list_drops_other_servers_without_dialling() {
@@ -842,7 +843,7 @@ fn a_destination_allow_list_drops_other_servers_without_dialling() {
     .unwrap();
     let mut gate = Gate::start(
         &net,
-        &format!("rules = [{rules:?}]\n{}", readme_example()),
+        &format!("rules = [{rules:?}]\n{}", deployment_example()),
         1,
     );
     let got = curl_ok(

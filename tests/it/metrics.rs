@@ -932,10 +932,10 @@ fn refusals_that_are_not_about_credentials_cost_no_penalty() {
     );
 }
 
-/// Every metric the shipped dashboard queries exists in a real scrape, and the README's metric
-/// list is exactly what popgate exports, so neither can drift from the code.
+/// Every metric the shipped dashboard queries exists in a real scrape, and the metric list of
+/// docs/operations.md is exactly what popgate exports, so neither can drift from the code.
 #[test]
-fn dashboard_and_readme_name_only_metrics_popgate_exports() {
+fn dashboard_and_operations_guide_name_only_metrics_popgate_exports() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/grafana-popgate.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -980,36 +980,39 @@ fn dashboard_and_readme_name_only_metrics_popgate_exports() {
         "dashboard queries metrics popgate does not export: {missing:?}\nexported: {exported:?}"
     );
 
-    // The README documents each metric family (`# TYPE` lines), and nothing else.
+    // docs/operations.md documents each metric family (`# TYPE` lines), and nothing else.
     let families: std::collections::BTreeSet<String> = m
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split(' ').next().unwrap().to_owned())
         .collect();
-    let section = readme_section();
+    let section = operations_section();
     let documented: std::collections::BTreeSet<String> = name
         .find_iter(&section)
         .map(|m| m.as_str().to_owned())
         .collect();
-    assert_eq!(documented, families, "README metric list vs /metrics");
+    assert_eq!(
+        documented, families,
+        "docs/operations.md metric list vs /metrics"
+    );
 }
 
-/// The README's "Metrics and health" section.
-fn readme_section() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
+/// The "Metrics and health" section of docs/operations.md.
+fn operations_section() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let start = doc
         .find("\n## Metrics and health\n")
-        .expect("README section");
-    let rest = &readme[start + 1..];
+        .expect("docs/operations.md section");
+    let rest = &doc[start + 1..];
     let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
     rest[..end].to_owned()
 }
 
-/// The `[metrics]` example of the README is a valid config.
+/// The `[metrics]` example of docs/operations.md is a valid config.
 #[test]
-fn readme_metrics_example_is_valid() {
-    let section = readme_section();
+fn operations_metrics_example_is_valid() {
+    let section = operations_section();
     let toml = section
         .split("```toml\n")
         .nth(1)
@@ -1020,7 +1023,7 @@ fn readme_metrics_example_is_valid() {
         "[[listener]]\nname = \"pop3\"\nbind = \"127.0.0.1:1110\"\n\
          [upstream]\naddress = \"127.0.0.1:110\"\n{toml}"
     );
-    let path = std::path::Path::new("README.md");
+    let path = std::path::Path::new("docs/operations.md");
     let config = popgate::Config::parse(&text, path).unwrap();
     config.validate(path).unwrap();
     let m = config.metrics.expect("[metrics] parsed");

@@ -688,30 +688,37 @@ fn oauth2_login_device_flow_stores_the_refresh_token() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// README
+// The deployment guide
 
-/// The README's "OAuth2 bridge" section.
-fn readme_section() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme.find("\n## OAuth2 bridge\n").expect("README section");
-    let rest = &readme[start + 1..];
+/// The "OAuth2 bridge" section of docs/deployment.md.
+fn deployment_section() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .unwrap();
+    let start = doc
+        .find("\n## OAuth2 bridge\n")
+        .expect("docs/deployment.md section");
+    let rest = &doc[start + 1..];
     let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
     rest[..end].to_owned()
 }
 
 /// Every config example of the section is a valid config with an `[upstream.oauth2]`, and the
-/// table of keys names every key the examples use.
+/// configuration reference (docs/configuration.md) has a row for every key the examples use.
 #[test]
-fn readme_oauth2_examples_are_valid_configs() {
-    let section = readme_section();
+fn deployment_oauth2_examples_are_valid_configs() {
+    let section = deployment_section();
+    let reference = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
     let blocks: Vec<&str> = section
         .split("```toml\n")
         .skip(1)
         .map(|b| b.split("```").next().unwrap())
         .collect();
     assert_eq!(blocks.len(), 3, "three example configs");
-    let path = Path::new("README.md");
+    let path = Path::new("docs/deployment.md");
     for toml in blocks {
         let c = Config::parse(toml, path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
         c.validate(path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
@@ -719,9 +726,8 @@ fn readme_oauth2_examples_are_valid_configs() {
         let table: toml::Table = toml::from_str(toml).unwrap();
         for key in table["upstream"]["oauth2"].as_table().unwrap().keys() {
             assert!(
-                section.contains(&format!("| `{key}`"))
-                    || section.contains(&format!("/ `{key}` |")),
-                "README key table lacks {key}"
+                reference.contains(&format!("| `upstream.oauth2.{key}` |")),
+                "docs/configuration.md key table lacks upstream.oauth2.{key}"
             );
         }
     }

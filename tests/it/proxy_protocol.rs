@@ -273,17 +273,17 @@ fn the_header_comes_before_stls_and_before_an_implicit_tls_handshake() {
 }
 
 #[test]
-fn the_readme_load_balancer_example_is_a_valid_config() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let blocks: Vec<&str> = readme
+fn the_deployment_load_balancer_example_is_a_valid_config() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .unwrap();
+    let blocks: Vec<&str> = doc
         .split("```toml\n")
         .skip(1)
         .filter_map(|b| b.split("```").next())
         .filter(|b| b.contains("proxy_protocol"))
         .collect();
     assert_eq!(blocks.len(), 1, "the load balancer example");
-    let path = std::path::Path::new("README.md");
+    let path = std::path::Path::new("docs/deployment.md");
     let config = popgate::Config::parse(blocks[0], path).expect("parses");
     config.validate(path).expect("valid");
     assert!(config.listeners[0].proxy_protocol);
@@ -296,7 +296,7 @@ fn the_readme_load_balancer_example_is_a_valid_config() {
 // ---------------------------------------------------------------------------------------------
 // `forward_client = "proxy-v2"` toward Dovecot with `disable_plaintext_auth = yes`
 
-/// The README's balancer recipe against Dovecot's default plaintext policy: popgate forwards
+/// The deployment guide's balancer recipe against Dovecot's default plaintext policy: popgate forwards
 /// the client with PROXY v2 to a `haproxy = yes` listener (on 127.0.0.2, so that Dovecot does
 /// not count the loopback connection as secured). TLS clients (implicit TLS and STLS, with
 /// SASL PLAIN and LOGIN, and with USER/PASS) log in, because the header's SSL TLV says they

@@ -724,10 +724,10 @@ fn a_dovecot_user_and_a_demo_user_through_one_listener_byte_identical() {
 }
 
 #[test]
-fn readme_routing_examples_are_valid() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
+fn deployment_routing_examples_are_valid() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .unwrap();
+    let section = doc
         .split("## Routing several servers")
         .nth(1)
         .unwrap()
@@ -741,7 +741,7 @@ fn readme_routing_examples_are_valid() {
         .map(|b| b.split_once('\n').unwrap().1)
         .collect();
     assert_eq!(blocks.len(), 4, "config, map, rule, curl");
-    let path = std::path::Path::new("README.md");
+    let path = std::path::Path::new("docs/deployment.md");
     let config = popgate::Config::parse(blocks[0], path).expect("parses");
     config.validate(path).expect("valid");
     assert!(config.routing_mode());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use popgate::pop3::command::Verb;
 use popgate::pop3::response::{Status, StatusLine};
 use popgate::pop3::tracker::State;
-use popgate::rules::{Event, EventKind, Outcome, RuleSet, Verdict};
+use popgate::rules::{Event, EventKind, RuleOutcome, RuleSet, Verdict};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -99,7 +99,7 @@ fn require_tls_denies_plaintext_logins() {
         (Verb::Auth, b"PLAIN"),
     ] {
         let v = r.evaluate(&command(verb, args, false, None));
-        let Outcome::Deny {
+        let RuleOutcome::Deny {
             reply, close_after, ..
         } = &v.outcome
         else {
@@ -205,7 +205,7 @@ fn read_only_denies_dele_for_archive_users() {
     ));
     assert_eq!(
         v.outcome,
-        Outcome::Deny {
+        RuleOutcome::Deny {
             reply: "-ERR [SYS/PERM] this mailbox is read-only".into(),
             rule: Arc::from("read-only-dele"),
             close_after: None,
@@ -302,7 +302,7 @@ fn block_networks_drops_documentation_ranges_only() {
         let v = connect(ip);
         assert_eq!(
             v.outcome,
-            Outcome::Drop {
+            RuleOutcome::Drop {
                 rule: Arc::from("block-networks-drop")
             },
             "{ip}"

@@ -195,12 +195,12 @@ fn dovecots_login_penalty_stays_with_the_failing_address() {
 }
 
 /// `haproxy -db -f CFG` in the foreground; killed on drop.
-struct Haproxy {
+pub(crate) struct Haproxy {
     child: Child,
 }
 
 impl Haproxy {
-    fn start(dir: &Path, frontend: SocketAddr, backends: &[SocketAddr]) -> Haproxy {
+    pub(crate) fn start(dir: &Path, frontend: SocketAddr, backends: &[SocketAddr]) -> Haproxy {
         let exe = find_exe("haproxy").expect("haproxy not installed: run .ci/run");
         let servers: String = backends
             .iter()

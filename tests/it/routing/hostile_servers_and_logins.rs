@@ -1,5 +1,5 @@
 //! Adversarial review of routing mode (issue 13, part 1): attempts to route a login somewhere
-//! other than where the README says, upstreams that misbehave during the replayed login, and
+//! other than where docs/deployment.md says, upstreams that misbehave during the replayed login, and
 //! the SASL and pre-login corner cases of popgate's own front.
 //!
 //! The scripted upstreams here are the demo server (with its faults) and, for what the demo

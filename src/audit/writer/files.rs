@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::config::AuditRotation;
+use crate::audit::model::config::AuditRotation;
 
 /// Mode of a directory popgate creates for audit files.
 pub(crate) const DIR_MODE: u32 = 0o750;

@@ -3,16 +3,14 @@
 //! Pure data: parsing (serde, unknown keys rejected) and [`AuditConfig::validate`], which names
 //! the offending key in every error. Nothing here opens a file.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::headers::HeaderSet;
-use crate::cidr::Cidr;
+use crate::types::{MessageIds, Network};
 
 /// Largest accepted `max_header_bytes`: the header extractor holds at most this much per
 /// retrieval in flight, so it is a per-session memory bound.
@@ -49,18 +47,6 @@ pub struct AuditConfig {
     /// When the Message-ID of a deleted message is recorded: `seen` (it was retrieved in the
     /// session) or `always` (popgate asks the server with `TOP n 0`).
     pub message_ids: MessageIds,
-}
-
-/// `audit.message_ids`: how popgate learns the Message-ID of a deleted message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageIds {
-    /// Only from a RETR/TOP of the message the client made in the same session.
-    #[default]
-    Seen,
-    /// Also by asking the server itself (`TOP n 0`) before a `DELE` of a message the session
-    /// has not retrieved.
-    Always,
 }
 
 impl Default for AuditConfig {
@@ -288,53 +274,6 @@ impl AuditConfig {
     }
 }
 
-/// An IP network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`; a bare address is a
-/// single host). Host bits below the prefix are cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Network(Cidr);
-
-/// A string that is not CIDR notation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not an IP network (expected e.g. 192.0.2.0/24 or 2001:db8::/32)")]
-pub struct NetworkError(String);
-
-impl Network {
-    /// Whether `ip` lies in this network. IPv4-mapped IPv6 clients (`::ffff:192.0.2.1`) match
-    /// IPv4 networks.
-    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
-        self.0.contains(ip)
-    }
-}
-
-impl FromStr for Network {
-    type Err = NetworkError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Cidr::parse_masked(s)
-            .map(Network)
-            .map_err(|_| NetworkError(s.to_owned()))
-    }
-}
-
-impl fmt::Display for Network {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Serialize for Network {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Network {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,29 +422,5 @@ mod tests {
         c.resolve_paths(Path::new("/etc/popgate"));
         assert_eq!(c.dir.unwrap(), Path::new("/etc/popgate/logs"));
         assert_eq!(c.transcript.dir.unwrap(), Path::new("/abs"));
-    }
-
-    #[test]
-    fn networks() {
-        let n: Network = "192.0.2.77/24".parse().unwrap();
-        assert_eq!(n.to_string(), "192.0.2.0/24");
-        assert!(n.contains("192.0.2.1".parse().unwrap()));
-        assert!(!n.contains("192.0.3.1".parse().unwrap()));
-        assert!(!n.contains("::1".parse().unwrap()));
-        let all: Network = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
-        let all6: Network = "::/0".parse().unwrap();
-        assert!(all6.contains("::1".parse().unwrap()));
-        for bad in [
-            "",
-            "x",
-            "1.2.3.4/",
-            "1.2.3.4/33",
-            "::/129",
-            "1.2.3.4/+8",
-            "1.2.3/8",
-        ] {
-            assert!(bad.parse::<Network>().is_err(), "{bad}");
-        }
     }
 }

@@ -2,11 +2,11 @@
 //!
 //! Every event carries `schema`, `ts` (RFC 3339 UTC, milliseconds), `session`, `event` (the
 //! name) and, when a rule tagged it, `tags`; the other fields depend on the event. Optional
-//! fields are omitted when unknown. `SCHEMA.md` beside this file has an example of each event;
+//! fields are omitted when unknown. `src/audit/SCHEMA.md` has an example of each event;
 //! a unit test keeps those examples exact.
 //!
 //! The same types deserialize, for the reader. Unknown fields are ignored and unknown event
-//! names become [`EventKind::Unknown`], so an older reader survives a newer writer.
+//! names become [`AuditEventKind::Unknown`], so an older reader survives a newer writer.
 //!
 //! Nothing secret is representable here: there is no field for a password, an APOP digest or
 //! a SASL payload.
@@ -21,6 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::LoginMethod;
+use crate::types::{CloseReason, TlsInfo};
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.
@@ -55,7 +56,7 @@ pub struct AuditEvent {
     pub session: u64,
     /// `event` name and the event's own fields.
     #[serde(flatten)]
-    pub kind: EventKind,
+    pub kind: AuditEventKind,
     /// Tags of the rules that touched this event (omitted when none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -63,12 +64,12 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// An event of `session` happening now, without tags.
-    pub fn new(session: u64, kind: impl Into<EventKind>) -> AuditEvent {
+    pub fn new(session: u64, kind: impl Into<AuditEventKind>) -> AuditEvent {
         AuditEvent::at(SystemTime::now(), session, kind)
     }
 
     /// An event at a given time (truncated to milliseconds, as it will be written).
-    pub fn at(ts: SystemTime, session: u64, kind: impl Into<EventKind>) -> AuditEvent {
+    pub fn at(ts: SystemTime, session: u64, kind: impl Into<AuditEventKind>) -> AuditEvent {
         AuditEvent {
             schema: SCHEMA_VERSION,
             ts: truncate_millis(ts),
@@ -114,13 +115,13 @@ fn truncate_millis(t: SystemTime) -> SystemTime {
 /// The event name (`event` field) and its fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum EventKind {
+pub enum AuditEventKind {
     /// A client connected.
     SessionOpen(SessionOpen),
     /// A TLS handshake completed after the session opened (STLS, either side).
     Tls(TlsEvent),
     /// A login attempt got its final answer.
-    Login(Login),
+    Login(LoginEvent),
     /// A rule refused a command.
     Denied(Denied),
     /// A RETR or TOP response was relayed (or cut short).
@@ -138,43 +139,45 @@ pub enum EventKind {
     Unknown,
 }
 
-impl EventKind {
-    /// The `event` name (`"unknown"` for [`EventKind::Unknown`]).
+impl AuditEventKind {
+    /// The `event` name (`"unknown"` for [`AuditEventKind::Unknown`]).
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            EventKind::SessionOpen(_) => "session_open",
-            EventKind::Tls(_) => "tls",
-            EventKind::Login(_) => "login",
-            EventKind::Denied(_) => "denied",
-            EventKind::Retrieve(_) => "retrieve",
-            EventKind::DeleteMarked(_) => "delete_marked",
-            EventKind::Reset(_) => "reset",
-            EventKind::Update(_) => "update",
-            EventKind::SessionClose(_) => "session_close",
-            EventKind::Unknown => "unknown",
+            AuditEventKind::SessionOpen(_) => "session_open",
+            AuditEventKind::Tls(_) => "tls",
+            AuditEventKind::Login(_) => "login",
+            AuditEventKind::Denied(_) => "denied",
+            AuditEventKind::Retrieve(_) => "retrieve",
+            AuditEventKind::DeleteMarked(_) => "delete_marked",
+            AuditEventKind::Reset(_) => "reset",
+            AuditEventKind::Update(_) => "update",
+            AuditEventKind::SessionClose(_) => "session_close",
+            AuditEventKind::Unknown => "unknown",
         }
     }
 
     /// The user the event is about, if it names one.
     pub(crate) fn user(&self) -> Option<&str> {
         match self {
-            EventKind::Login(e) => e.user.as_deref(),
-            EventKind::Denied(e) => e.user.as_deref(),
-            EventKind::Retrieve(e) => e.user.as_deref(),
-            EventKind::DeleteMarked(e) => e.user.as_deref(),
-            EventKind::Reset(e) => e.user.as_deref(),
-            EventKind::Update(e) => e.user.as_deref(),
-            EventKind::SessionClose(e) => e.user.as_deref(),
-            EventKind::SessionOpen(_) | EventKind::Tls(_) | EventKind::Unknown => None,
+            AuditEventKind::Login(e) => e.user.as_deref(),
+            AuditEventKind::Denied(e) => e.user.as_deref(),
+            AuditEventKind::Retrieve(e) => e.user.as_deref(),
+            AuditEventKind::DeleteMarked(e) => e.user.as_deref(),
+            AuditEventKind::Reset(e) => e.user.as_deref(),
+            AuditEventKind::Update(e) => e.user.as_deref(),
+            AuditEventKind::SessionClose(e) => e.user.as_deref(),
+            AuditEventKind::SessionOpen(_) | AuditEventKind::Tls(_) | AuditEventKind::Unknown => {
+                None
+            }
         }
     }
 }
 
 macro_rules! into_kind {
     ($($t:ident => $v:ident),* $(,)?) => {
-        $(impl From<$t> for EventKind {
-            fn from(e: $t) -> EventKind {
-                EventKind::$v(e)
+        $(impl From<$t> for AuditEventKind {
+            fn from(e: $t) -> AuditEventKind {
+                AuditEventKind::$v(e)
             }
         })*
     };
@@ -183,7 +186,7 @@ macro_rules! into_kind {
 into_kind!(
     SessionOpen => SessionOpen,
     TlsEvent => Tls,
-    Login => Login,
+    LoginEvent => Login,
     Denied => Denied,
     Retrieve => Retrieve,
     DeleteMarked => DeleteMarked,
@@ -191,18 +194,6 @@ into_kind!(
     Update => Update,
     SessionClose => SessionClose,
 );
-
-/// What was negotiated on a TLS connection (client or upstream side), for logs and audit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsInfo {
-    /// Protocol version, e.g. `TLSv1_3`.
-    pub version: String,
-    /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
-    pub cipher: String,
-    /// Server name the client asked for (client side only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sni: Option<String>,
-}
 
 /// `session_open`: a client connected to a listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,7 +269,7 @@ impl TlsEvent {
 /// Success or failure of a login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outcome {
+pub enum LoginEventOutcome {
     /// The server said `+OK`.
     Success,
     /// The server said `-ERR` (or the exchange was cancelled).
@@ -288,28 +279,28 @@ pub enum Outcome {
     Dropped,
 }
 
-impl Outcome {
+impl LoginEventOutcome {
     /// `Success` for `+OK`, `Failure` otherwise.
-    pub(crate) fn from_status(status: Status) -> Outcome {
+    pub(crate) fn from_status(status: Status) -> LoginEventOutcome {
         match status {
-            Status::Ok => Outcome::Success,
-            Status::Err | Status::Continue => Outcome::Failure,
+            Status::Ok => LoginEventOutcome::Success,
+            Status::Err | Status::Continue => LoginEventOutcome::Failure,
         }
     }
 
     /// `"success"` or `"failure"`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Outcome::Success => "success",
-            Outcome::Failure => "failure",
-            Outcome::Dropped => "dropped",
+            LoginEventOutcome::Success => "success",
+            LoginEventOutcome::Failure => "failure",
+            LoginEventOutcome::Dropped => "dropped",
         }
     }
 }
 
 /// `login`: the final answer to USER/PASS, APOP or AUTH.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Login {
+pub struct LoginEvent {
     /// The user name, when known (never a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -320,7 +311,7 @@ pub struct Login {
     /// `USER`, `APOP` or `AUTH <MECHANISM>`.
     pub method: String,
     /// Whether the server accepted it.
-    pub outcome: Outcome,
+    pub outcome: LoginEventOutcome,
     /// The response code of the answer (`AUTH`, `SYS/TEMP`, `IN-USE`, ...), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
@@ -333,19 +324,19 @@ pub struct Login {
     pub upstream: Option<String>,
 }
 
-impl Login {
+impl LoginEvent {
     /// A `login` event from the tracker's view of the attempt and the deciding status line.
     pub(crate) fn new(
         user: Option<&str>,
         method: &LoginMethod,
         status: Status,
         code: Option<&[u8]>,
-    ) -> Login {
-        Login {
+    ) -> LoginEvent {
+        LoginEvent {
             user: user.map(str::to_owned),
             user_as_typed: None,
             method: method.label(),
-            outcome: Outcome::from_status(status),
+            outcome: LoginEventOutcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
             rule: None,
             upstream: None,
@@ -521,65 +512,6 @@ pub struct Update {
     pub outcome: UpdateOutcome,
 }
 
-/// Why a session ended: what the session decides and the audit trail records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The client sent QUIT and got the answer.
-    Quit,
-    /// The client closed without QUIT.
-    ClientEof,
-    /// The server closed.
-    UpstreamEof,
-    /// Inactivity timeout.
-    IdleTimeout,
-    /// No login within `limits.login_timeout`.
-    LoginTimeout,
-    /// The upstream sent no greeting within `limits.greeting_timeout`.
-    GreetingTimeout,
-    /// A rule dropped the connection.
-    RuleDrop,
-    /// popgate shut down.
-    Shutdown,
-    /// An administrator ended it (`popgate kick`); `kicked_by` says who.
-    Kick,
-    /// An error on either side.
-    Error,
-}
-
-impl CloseReason {
-    /// Every reason: the serialised names must match [`CloseReason::as_str`].
-    #[cfg(test)]
-    pub(crate) const ALL: [CloseReason; 10] = [
-        CloseReason::Quit,
-        CloseReason::ClientEof,
-        CloseReason::UpstreamEof,
-        CloseReason::IdleTimeout,
-        CloseReason::LoginTimeout,
-        CloseReason::GreetingTimeout,
-        CloseReason::RuleDrop,
-        CloseReason::Shutdown,
-        CloseReason::Kick,
-        CloseReason::Error,
-    ];
-
-    /// The snake_case name (`"client_eof"`, ...).
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Quit => "quit",
-            CloseReason::ClientEof => "client_eof",
-            CloseReason::UpstreamEof => "upstream_eof",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::LoginTimeout => "login_timeout",
-            CloseReason::GreetingTimeout => "greeting_timeout",
-            CloseReason::RuleDrop => "rule_drop",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Kick => "kick",
-            CloseReason::Error => "error",
-        }
-    }
-}
-
 /// `session_close`: the session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionClose {
@@ -722,7 +654,7 @@ mod tests {
         let line =
             r#"{"schema":2,"ts":"2026-03-01T12:00:00.123Z","session":3,"event":"quota","x":1}"#;
         let ev: AuditEvent = serde_json::from_str(line).unwrap();
-        assert_eq!(ev.kind, EventKind::Unknown);
+        assert_eq!(ev.kind, AuditEventKind::Unknown);
         assert_eq!(ev.schema, 2);
         let line = r#"{"schema":1,"ts":"2026-03-01T12:00:00.123Z","session":3,"event":"reset","user":"a","new_field":[1]}"#;
         let ev: AuditEvent = serde_json::from_str(line).unwrap();
@@ -731,23 +663,19 @@ mod tests {
 
     #[test]
     fn constructors() {
-        let l = Login::new(
+        let l = LoginEvent::new(
             Some("bob"),
             &LoginMethod::Sasl("PLAIN".into()),
             Status::Err,
             Some(b"AUTH"),
         );
         assert_eq!(l.method, "AUTH PLAIN");
-        assert_eq!(l.outcome, Outcome::Failure);
+        assert_eq!(l.outcome, LoginEventOutcome::Failure);
         assert_eq!(l.code.as_deref(), Some("AUTH"));
         let d = Denied::new("no-delete", Verb::Dele, None);
         assert_eq!(d.verb, "DELE");
         assert_eq!(RetrieveVerb::from_verb(Verb::Top), Some(RetrieveVerb::Top));
         assert_eq!(RetrieveVerb::from_verb(Verb::Dele), None);
-        for r in CloseReason::ALL {
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(json, format!("\"{}\"", r.as_str()));
-        }
         assert_eq!(
             UpdateOutcome::from_status(Status::Ok),
             UpdateOutcome::Confirmed
@@ -761,7 +689,7 @@ mod tests {
     /// so the documentation cannot drift from the code; and every event has an example.
     #[test]
     fn schema_examples_are_exact() {
-        let doc = include_str!("SCHEMA.md");
+        let doc = include_str!("../SCHEMA.md");
         let mut seen = Vec::new();
         let mut in_json = false;
         for line in doc.lines() {
@@ -778,7 +706,7 @@ mod tests {
             }
             let ev: AuditEvent = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("SCHEMA.md example does not parse: {e}\n{line}"));
-            assert_ne!(ev.kind, EventKind::Unknown, "{line}");
+            assert_ne!(ev.kind, AuditEventKind::Unknown, "{line}");
             assert_eq!(ev.to_json(), line, "SCHEMA.md example is not canonical");
             seen.push(ev.name());
         }

@@ -24,8 +24,9 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
-use super::config::{AuditConfig, AuditOutput, AuditRotation, Overflow};
-use super::event::AuditEvent;
+use super::files;
+use crate::audit::model::config::{AuditConfig, AuditOutput, AuditRotation, Overflow};
+use crate::audit::model::event::AuditEvent;
 
 /// A batch is written once it reaches this size, even if more events are queued.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -128,7 +129,7 @@ impl AuditSink {
         // Transcripts are independent of `enabled`: their directory is made (0700) or checked
         // once here, so that a world-readable one is reported at start, not per session.
         if let Some(dir) = &config.transcript.dir
-            && let Err(e) = super::files::prepare_dir(dir, 0o700, "transcript")
+            && let Err(e) = files::prepare_dir(dir, 0o700, "transcript")
         {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the transcript directory");
         }
@@ -140,14 +141,14 @@ impl AuditSink {
             AuditOutput::File => {
                 let dir = config.dir.clone().ok_or(SinkError::NoDir)?;
                 // 0750 when popgate creates it, files 0640 (see `files`).
-                super::files::prepare_dir(&dir, super::files::DIR_MODE, "audit").map_err(
-                    |source| SinkError::Dir {
+                files::prepare_dir(&dir, files::DIR_MODE, "audit").map_err(|source| {
+                    SinkError::Dir {
                         dir: dir.clone(),
                         source,
-                    },
-                )?;
-                let naming = super::files::Dated::audit(config.rotation);
-                super::files::precreate(&dir, naming);
+                    }
+                })?;
+                let naming = files::Dated::audit(config.rotation);
+                files::precreate(&dir, naming);
                 let rotation = match config.rotation {
                     AuditRotation::Daily => Rotation::DAILY,
                     AuditRotation::Hourly => Rotation::HOURLY,
@@ -163,16 +164,16 @@ impl AuditSink {
                     dir: dir.clone(),
                     source,
                 })?;
-                let private = super::files::Private::new(appender, &dir, naming, keep_days, true);
+                let private = files::Private::new(appender, &dir, naming, keep_days, true);
                 let reopen: Reopen = Box::new(move || {
                     // A file moved away: the fresh one is created 0640 too. A reopen deletes
                     // nothing: expiry waits for the next period.
-                    super::files::precreate(&dir, naming);
+                    files::precreate(&dir, naming);
                     let fresh = builder.build(&dir).map_err(|source| SinkError::Reopen {
                         dir: dir.clone(),
                         source,
                     })?;
-                    let fresh = super::files::Private::new(fresh, &dir, naming, keep_days, false);
+                    let fresh = files::Private::new(fresh, &dir, naming, keep_days, false);
                     Ok(Box::new(fresh) as Box<dyn Write + Send>)
                 });
                 (Box::new(private), Some(reopen))
@@ -491,7 +492,7 @@ fn writer_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::event::{EventKind, Reset};
+    use crate::audit::model::event::{AuditEventKind, Reset};
     use std::sync::Mutex;
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
@@ -696,7 +697,7 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(evs.len(), 3);
-        assert!(matches!(evs[2].kind, EventKind::Reset(_)));
+        assert!(matches!(evs[2].kind, AuditEventKind::Reset(_)));
     }
 
     #[tokio::test]

@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use super::config::TranscriptConfig;
+use crate::audit::model::config::TranscriptConfig;
+use crate::audit::model::redact::{display, display_raw, redact_command};
 
 /// Body lines longer than this are written in pieces (`S+` lines) in full mode.
 const FULL_LINE_PIECE: usize = 8 * 1024;
@@ -381,43 +382,6 @@ fn create(dir: &Path, path: &Path) -> std::io::Result<File> {
     }
     builder.create(dir)?;
     options.open(path)
-}
-
-/// A line for display: line ending removed (` [LF]` marks a bare LF), control characters as
-/// `\xNN`, invalid UTF-8 replaced.
-pub(crate) fn display(line: &[u8]) -> String {
-    let (body, bare_lf) = if let Some(l) = line.strip_suffix(b"\r\n") {
-        (l, false)
-    } else if let Some(l) = line.strip_suffix(b"\n") {
-        (l, true)
-    } else {
-        (line, false)
-    };
-    let mut s = display_raw(body);
-    if bare_lf {
-        s.push_str(" [LF]");
-    }
-    s
-}
-
-fn display_raw(bytes: &[u8]) -> String {
-    crate::pop3::printable(bytes)
-}
-
-/// A client command line for logs and transcripts, with secrets replaced by `***`:
-/// `PASS` arguments, the APOP digest (`APOP name ***`) and an AUTH initial response
-/// (`AUTH PLAIN ***`). Verbs match case-insensitively, also with leading white space or glued
-/// to their argument; other lines come back unchanged (as [`Transcript`] displays them).
-///
-/// SASL continuation lines are not commands and cannot be recognised here: a caller in a SASL
-/// exchange must not pass them (use `***`).
-/// A parsed command for the transcript: as sent, or with secrets as `***`.
-pub(crate) fn redact_command(cmd: &crate::pop3::command::Command<'_>) -> String {
-    if cmd.verb.has_secret_args() {
-        display_raw(cmd.redacted().as_bytes())
-    } else {
-        display(cmd.raw)
-    }
 }
 
 #[cfg(test)] // the redaction tests: sessions pass the parsed command

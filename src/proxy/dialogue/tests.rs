@@ -1,0 +1,947 @@
+//! The upstream dialogue driven without sockets, every path at every chunk size: a scripted
+//! server answers each write, its bytes are fed `chunk` at a time whenever the dialogue waits,
+//! and a server that has nothing more to say closes.
+
+use base64::Engine as _;
+
+use super::*;
+use crate::config::Oauth2Mechanism;
+use crate::proxy::front::Front;
+
+/// Marks the end of a TLS handshake among the writes.
+const TLS: &[u8] = b"<TLS>";
+
+/// What one run did.
+#[derive(Debug, PartialEq, Eq)]
+struct Trace {
+    /// Every write, in order, with [`TLS`] where a handshake completed.
+    wrote: Vec<Vec<u8>>,
+    notices: Vec<Notice>,
+    connected: bool,
+    tokens_fetched: usize,
+    /// `LoggedIn` or `Failed`, or `None` when the dialogue ended at `Connected`.
+    end: Option<Step>,
+    preread: Vec<u8>,
+}
+
+/// A server: its greeting, then per write (after the PROXY header) the expected start of the
+/// write and the answer.
+struct Script<'a> {
+    greeting: &'a [u8],
+    turns: Vec<(&'a [u8], &'a [u8])>,
+}
+
+fn run(plan: &Plan, script: &Script<'_>, chunk: usize, tls_ok: bool) -> Trace {
+    let mut d = Dialogue::new(plan.clone());
+    let mut pending: Vec<u8> = script.greeting.to_vec();
+    let mut turns = script.turns.iter();
+    let mut t = Trace {
+        wrote: Vec::new(),
+        notices: Vec::new(),
+        connected: false,
+        tokens_fetched: 0,
+        end: None,
+        preread: Vec::new(),
+    };
+    let mut first = true;
+    for _ in 0..100_000 {
+        while let Some(step) = d.poll() {
+            match step {
+                Step::Write(bytes) => {
+                    let header = first && plan.proxy_header.as_deref() == Some(&bytes[..]);
+                    first = false;
+                    if !header {
+                        let (expect, answer) =
+                            turns.next().expect("a write the script has no turn for");
+                        assert!(
+                            bytes.starts_with(expect),
+                            "wrote {:?}, expected {:?}",
+                            String::from_utf8_lossy(&bytes),
+                            String::from_utf8_lossy(expect)
+                        );
+                        pending.extend_from_slice(answer);
+                    }
+                    t.wrote.push(bytes);
+                }
+                Step::StartTls => {
+                    if tls_ok {
+                        t.wrote.push(TLS.to_vec());
+                        d.tls_done();
+                    } else {
+                        d.tls_failed(&"bad certificate");
+                    }
+                }
+                Step::FetchToken => {
+                    t.tokens_fetched += 1;
+                    d.fresh_token("fresh".into());
+                }
+                Step::Notice(n) => t.notices.push(n),
+                Step::Connected => {
+                    t.connected = true;
+                    if plan.login.is_none() {
+                        t.preread = d.take_preread();
+                    }
+                }
+                end @ (Step::LoggedIn { .. } | Step::Failed(_)) => {
+                    assert!(d.finished());
+                    assert_eq!(d.poll(), None, "nothing after the end");
+                    t.end = Some(end);
+                    return t;
+                }
+            }
+        }
+        if d.finished() {
+            return t;
+        }
+        if pending.is_empty() {
+            d.on_server_eof();
+        } else {
+            let n = chunk.min(pending.len());
+            let bytes: Vec<u8> = pending.drain(..n).collect();
+            d.on_server_bytes(&bytes);
+        }
+    }
+    panic!("the dialogue never ended");
+}
+
+/// [`run`] at every chunk size from 1 to all the server's bytes: the same trace each time.
+fn every_chunk(plan: &Plan, script: &Script<'_>) -> Trace {
+    let total = script.greeting.len() + script.turns.iter().map(|(_, a)| a.len()).sum::<usize>();
+    let whole = run(plan, script, total.max(1), true);
+    for chunk in 1..=total {
+        assert_eq!(run(plan, script, chunk, true), whole, "chunk size {chunk}");
+    }
+    whole
+}
+
+fn plan(tls: TlsMode, login: Option<Replay>) -> Plan {
+    Plan {
+        tls,
+        tls_configured: true,
+        proxy_header: None,
+        xclient: None,
+        read_greeting: true,
+        max_line: 512,
+        login,
+    }
+}
+
+fn broken(stage: ConnectStage, reason: Reason) -> Option<Step> {
+    Some(Step::Failed(Failure::Broken { stage, reason }))
+}
+
+fn logged_in(reply: &[u8]) -> Option<Step> {
+    Some(Step::LoggedIn {
+        reply: reply.to_vec(),
+        rest: Vec::new(),
+    })
+}
+
+fn b64(s: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The replay routing mode's front makes of what the client sent.
+fn replay_of(client: &[u8]) -> Replay {
+    let mut f = Front::new("g");
+    f.input(client);
+    let login = f.take_login().expect("a complete login");
+    Replay::Lines {
+        method: login.method,
+        lines: login.lines,
+    }
+}
+
+fn user_pass() -> Replay {
+    replay_of(b"USER alice\r\nPASS s3cret\r\n")
+}
+
+fn bearer(mechanism: Oauth2Mechanism, token: &str) -> Replay {
+    Replay::Bearer(Bearer {
+        mechanism,
+        mailbox: "alice@example.com".into(),
+        host: "pop.example.com".into(),
+        port: 995,
+        token: token.into(),
+    })
+}
+
+fn decode(line: &[u8]) -> Vec<u8> {
+    let s = std::str::from_utf8(line).unwrap().trim_end();
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+// The greeting.
+
+#[test]
+fn greeting_read_during_setup_is_relayed_first() {
+    let t = every_chunk(
+        &plan(TlsMode::None, None),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![],
+        },
+    );
+    assert!(t.connected);
+    assert_eq!((t.end, t.preread), (None, b"+OK hi\r\n".to_vec()));
+    assert!(t.wrote.is_empty());
+}
+
+#[test]
+fn without_reading_the_greeting_nothing_is_read() {
+    let mut p = plan(TlsMode::None, None);
+    p.read_greeting = false;
+    let mut d = Dialogue::new(p);
+    assert_eq!(d.poll(), Some(Step::Connected));
+    assert_eq!(d.poll(), None);
+    assert!(d.finished());
+    assert!(d.take_preread().is_empty());
+}
+
+#[test]
+fn a_refusing_greeting_is_relayed_in_direct_mode_and_fails_a_login_or_stls() {
+    let err = Script {
+        greeting: b"-ERR [SYS/TEMP] busy\r\n",
+        turns: vec![],
+    };
+    let t = every_chunk(&plan(TlsMode::None, None), &err);
+    assert_eq!(t.preread, b"-ERR [SYS/TEMP] busy\r\n");
+    let not_ok = broken(
+        ConnectStage::Setup,
+        Reason::GreetingNotOk(b"-ERR [SYS/TEMP] busy\r\n".to_vec()),
+    );
+    let t = every_chunk(&plan(TlsMode::None, Some(user_pass())), &err);
+    assert_eq!(t.end, not_ok);
+    assert!(
+        t.wrote.is_empty(),
+        "no login line after a refusing greeting"
+    );
+    let t = every_chunk(&plan(TlsMode::Starttls, None), &err);
+    assert_eq!(t.end, not_ok);
+    assert!(t.wrote.is_empty());
+}
+
+#[test]
+fn a_garbage_greeting_fails_a_login_and_stls() {
+    let garbage = Script {
+        greeting: b"SSH-2.0-OpenSSH\r\n",
+        turns: vec![],
+    };
+    for p in [
+        plan(TlsMode::Starttls, None),
+        plan(TlsMode::None, Some(user_pass())),
+    ] {
+        let t = every_chunk(&p, &garbage);
+        assert_eq!(
+            t.end,
+            broken(
+                ConnectStage::Setup,
+                Reason::GreetingNotOk(b"SSH-2.0-OpenSSH\r\n".to_vec())
+            )
+        );
+    }
+}
+
+#[test]
+fn an_overlong_greeting_fails_at_every_chunk_size() {
+    let long = [b"+OK ".to_vec(), vec![b'x'; 600], b"\r\n".to_vec()].concat();
+    let t = every_chunk(
+        &plan(TlsMode::None, None),
+        &Script {
+            greeting: &long,
+            turns: vec![],
+        },
+    );
+    assert_eq!(t.end, broken(ConnectStage::Setup, Reason::Overlong));
+    assert!(!t.connected);
+}
+
+#[test]
+fn a_server_that_closes_before_greeting_breaks_the_setup() {
+    let t = every_chunk(
+        &plan(TlsMode::None, None),
+        &Script {
+            greeting: b"+OK h",
+            turns: vec![],
+        },
+    );
+    assert_eq!(t.end, broken(ConnectStage::Setup, Reason::Closed));
+}
+
+// STLS and TLS.
+
+#[test]
+fn stls_then_the_handshake_and_the_first_greeting_is_relayed() {
+    let t = every_chunk(
+        &plan(TlsMode::Starttls, None),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"STLS\r\n", b"+OK begin\r\n")],
+        },
+    );
+    assert_eq!(t.wrote, vec![b"STLS\r\n".to_vec(), TLS.to_vec()]);
+    assert_eq!((t.end, t.preread), (None, b"+OK hi\r\n".to_vec()));
+}
+
+#[test]
+fn stls_refused_never_falls_back_to_plaintext() {
+    let t = every_chunk(
+        &plan(TlsMode::Starttls, Some(user_pass())),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"STLS\r\n", b"-ERR no TLS here\r\n")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        broken(
+            ConnectStage::Setup,
+            Reason::StlsRefused(b"-ERR no TLS here\r\n".to_vec())
+        )
+    );
+    assert_eq!(t.wrote, vec![b"STLS\r\n".to_vec()]);
+}
+
+#[test]
+fn plaintext_after_the_stls_answer_is_discarded() {
+    let p = plan(TlsMode::Starttls, None);
+    let script = Script {
+        greeting: b"+OK hi\r\n",
+        turns: vec![(b"STLS\r\n", b"+OK begin\r\n+OK injected\r\n")],
+    };
+    let t = run(&p, &script, 1000, true);
+    assert_eq!(t.notices, vec![Notice::StlsInjection { octets: 14 }]);
+    assert_eq!(t.preread, b"+OK hi\r\n");
+}
+
+#[test]
+fn tls_handshake_failures_and_missing_tls_name_their_stage() {
+    let hi = Script {
+        greeting: b"+OK hi\r\n",
+        turns: vec![(b"STLS\r\n", b"+OK\r\n")],
+    };
+    let t = run(&plan(TlsMode::Starttls, None), &hi, 100, false);
+    assert_eq!(
+        t.end.as_ref().map(|e| match e {
+            Step::Failed(Failure::Broken { stage, reason }) => (*stage, reason.to_string()),
+            _ => panic!("{e:?}"),
+        }),
+        Some((
+            ConnectStage::Tls,
+            "TLS handshake after STLS: bad certificate".into()
+        ))
+    );
+    let t = run(&plan(TlsMode::Implicit, None), &hi, 100, false);
+    let Some(Step::Failed(Failure::Broken { stage, reason })) = t.end else {
+        panic!("{t:?}")
+    };
+    assert_eq!(
+        (stage, reason.to_string()),
+        (ConnectStage::Tls, "TLS handshake: bad certificate".into())
+    );
+    let mut p = plan(TlsMode::Implicit, None);
+    p.tls_configured = false;
+    let t = run(&p, &hi, 100, true);
+    assert_eq!(t.end, broken(ConnectStage::Tls, Reason::TlsNotConfigured));
+}
+
+#[test]
+fn the_proxy_header_goes_first_even_before_implicit_tls() {
+    let mut p = plan(TlsMode::Implicit, Some(user_pass()));
+    p.proxy_header = Some(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec());
+    let t = every_chunk(
+        &p,
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"USER alice", b"+OK\r\n"), (b"PASS s3cret", b"+OK in\r\n")],
+        },
+    );
+    assert_eq!(t.wrote[0], b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n");
+    assert_eq!(t.wrote[1], TLS);
+    assert_eq!(t.end, logged_in(b"+OK in\r\n"));
+}
+
+/// With STLS configured, nothing of the login (USER, PASS, SASL, a token) is written before
+/// the handshake completed, whatever the server says and however its bytes are cut.
+#[test]
+fn no_credential_byte_goes_out_before_stls_completes() {
+    let replays = [
+        (
+            user_pass(),
+            vec![(&b"USER"[..], &b"+OK\r\n"[..]), (b"PASS", b"+OK in\r\n")],
+        ),
+        (
+            replay_of(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0s3cret")).as_bytes()),
+            vec![(b"AUTH PLAIN", b"+ \r\n"), (b"", b"+OK in\r\n")],
+        ),
+        (
+            bearer(Oauth2Mechanism::Xoauth2, "tok"),
+            vec![(b"AUTH XOAUTH2", b"+ \r\n"), (b"", b"+OK in\r\n")],
+        ),
+    ];
+    for (replay, login_turns) in replays {
+        let p = plan(TlsMode::Starttls, Some(replay));
+        for stls_answer in [&b"+OK begin\r\n"[..], b"-ERR no\r\n", b"+OK"] {
+            let mut turns = vec![(&b"STLS\r\n"[..], stls_answer)];
+            turns.extend(login_turns.iter().copied());
+            let script = Script {
+                greeting: b"+OK hi\r\n",
+                turns,
+            };
+            let total = 8 + stls_answer.len() + 20;
+            for chunk in 1..=total {
+                for tls_ok in [true, false] {
+                    let t = run(&p, &script, chunk, tls_ok);
+                    let before_tls: Vec<_> = t.wrote.iter().take_while(|w| *w != TLS).collect();
+                    assert_eq!(before_tls, vec![b"STLS\r\n"], "{t:?}");
+                }
+            }
+        }
+    }
+}
+
+// XCLIENT.
+
+fn xclient_plan(tls: TlsMode) -> Plan {
+    let mut p = plan(tls, None);
+    p.xclient = Some(b"XCLIENT ADDR=192.0.2.1 PORT=4000 SESSION=popgate-1 TTL=4\r\n".to_vec());
+    p
+}
+
+#[test]
+fn xclient_when_offered_and_its_answer_is_not_relayed() {
+    let t = every_chunk(
+        &xclient_plan(TlsMode::None),
+        &Script {
+            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
+            turns: vec![(b"XCLIENT ADDR=192.0.2.1 PORT=4000", b"+OK\r\n")],
+        },
+    );
+    assert_eq!(t.notices, vec![Notice::XclientPassed]);
+    assert_eq!(t.preread, b"+OK [XCLIENT] Dovecot ready.\r\n");
+    // Under STLS: after the handshake, offered by the first greeting.
+    let t = every_chunk(
+        &xclient_plan(TlsMode::Starttls),
+        &Script {
+            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
+            turns: vec![(b"STLS", b"+OK\r\n"), (b"XCLIENT", b"+OK\r\n")],
+        },
+    );
+    assert_eq!(t.wrote[1], TLS);
+    assert!(t.wrote[2].starts_with(b"XCLIENT"));
+    assert_eq!(t.end, None);
+}
+
+#[test]
+fn xclient_refused_breaks_the_setup() {
+    let t = every_chunk(
+        &xclient_plan(TlsMode::None),
+        &Script {
+            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
+            turns: vec![(b"XCLIENT", b"-ERR not trusted\r\n")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        broken(
+            ConnectStage::Setup,
+            Reason::XclientRefused(b"-ERR not trusted\r\n".to_vec())
+        )
+    );
+}
+
+#[test]
+fn xclient_not_offered_is_not_sent() {
+    let t = every_chunk(
+        &xclient_plan(TlsMode::None),
+        &Script {
+            greeting: b"+OK Dovecot ready.\r\n",
+            turns: vec![],
+        },
+    );
+    assert!(t.wrote.is_empty());
+    assert_eq!(
+        t.notices,
+        vec![Notice::XclientNotOffered { greeting_ok: true }]
+    );
+    assert_eq!(t.preread, b"+OK Dovecot ready.\r\n");
+}
+
+// Routing mode's replay.
+
+#[test]
+fn user_pass_replayed_and_accepted() {
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(user_pass())),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![
+                (b"USER alice\r\n", b"+OK\r\n"),
+                (b"PASS s3cret\r\n", b"+OK Logged in.\r\n"),
+            ],
+        },
+    );
+    assert!(t.connected);
+    assert_eq!(t.end, logged_in(b"+OK Logged in.\r\n"));
+}
+
+#[test]
+fn user_pass_refused_is_the_servers_line() {
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(user_pass())),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"USER", b"+OK\r\n"), (b"PASS", b"-ERR [AUTH] no\r\n")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        Some(Step::Failed(Failure::Refused(
+            b"-ERR [AUTH] no\r\n".to_vec()
+        )))
+    );
+}
+
+#[test]
+fn auth_plain_with_and_without_initial_response_is_replayed_in_two_steps() {
+    let msg = b64(b"\0alice\0s3cret");
+    for client in [
+        format!("AUTH PLAIN {msg}\r\n"),
+        format!("AUTH PLAIN\r\n{msg}\r\n"),
+    ] {
+        let payload = format!("{msg}\r\n");
+        let t = every_chunk(
+            &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
+            &Script {
+                greeting: b"+OK hi\r\n",
+                turns: vec![
+                    (b"AUTH PLAIN\r\n", b"+ \r\n"),
+                    (payload.as_bytes(), b"+OK in\r\n"),
+                ],
+            },
+        );
+        assert_eq!(t.end, logged_in(b"+OK in\r\n"), "{client}");
+    }
+}
+
+#[test]
+fn auth_login_answers_two_challenges() {
+    let client = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"carol"), b64(b"pw"));
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![
+                (b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
+                (b"Y2Fyb2w=\r\n", b"+ UGFzc3dvcmQ6\r\n"),
+                (b"cHc=\r\n", b"+OK in\r\n"),
+            ],
+        },
+    );
+    assert_eq!(t.end, logged_in(b"+OK in\r\n"));
+    // A server that skips a challenge, or answers garbage, breaks the dialogue.
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH LOGIN\r\n", b"what?\r\n")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        broken(
+            ConnectStage::Setup,
+            Reason::UnexpectedLoginReply(b"what?\r\n".to_vec())
+        )
+    );
+}
+
+#[test]
+fn a_server_speaking_out_of_turn_is_not_taken_for_an_answer() {
+    let t = run(
+        &plan(TlsMode::None, Some(user_pass())),
+        &Script {
+            greeting: b"+OK hi\r\n+OK\r\n",
+            turns: vec![],
+        },
+        100,
+        true,
+    );
+    assert_eq!(
+        t.end,
+        broken(ConnectStage::Setup, Reason::OutOfTurn(b"+OK\r\n".to_vec()))
+    );
+    assert!(t.wrote.is_empty());
+}
+
+#[test]
+fn a_server_that_closes_mid_login_breaks_it_at_every_point() {
+    let answers: &[u8] = b"+OK\r\n+OK in\r\n";
+    for cut in 0..answers.len() {
+        let got = &answers[..cut];
+        let mut turns: Vec<(&[u8], &[u8])> = vec![(b"USER", &got[..cut.min(5)])];
+        if cut >= 5 {
+            turns.push((b"PASS", &got[5..]));
+        }
+        let t = every_chunk(
+            &plan(TlsMode::None, Some(user_pass())),
+            &Script {
+                greeting: b"+OK hi\r\n",
+                turns,
+            },
+        );
+        assert_eq!(
+            t.end,
+            broken(ConnectStage::Setup, Reason::Closed),
+            "cut {cut}"
+        );
+    }
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH XOAUTH2", b"+ \r\n"), (b"", b"+O")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        broken(ConnectStage::Setup, Reason::Bearer("early eof".into()))
+    );
+}
+
+// The OAuth2 bearer login (was `oauth2::sasl`'s exchange).
+
+#[test]
+fn xoauth2_token_goes_on_the_continuation_line() {
+    let long = "x".repeat(2000);
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, &long))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![
+                (b"AUTH XOAUTH2\r\n", b"+ \r\n"),
+                (b"", b"+OK Logged in.\r\n"),
+            ],
+        },
+    );
+    assert_eq!(t.wrote[0], b"AUTH XOAUTH2\r\n");
+    assert!(t.wrote[1].ends_with(b"\r\n"));
+    assert_eq!(
+        decode(&t.wrote[1]),
+        format!("user=alice@example.com\x01auth=Bearer {long}\x01\x01").into_bytes()
+    );
+    assert_eq!(t.end, logged_in(b"+OK Logged in.\r\n"));
+}
+
+#[test]
+fn oauthbearer_gs2_header_and_host_port() {
+    let Replay::Bearer(mut b) = bearer(Oauth2Mechanism::Oauthbearer, "tok") else {
+        unreachable!()
+    };
+    b.mailbox = "a,b=c".into();
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(Replay::Bearer(b))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH OAUTHBEARER\r\n", b"+\r\n"), (b"", b"+OK\r\n")],
+        },
+    );
+    assert_eq!(
+        decode(&t.wrote[1]),
+        b"n,a=a=2Cb=3Dc,\x01host=pop.example.com\x01port=995\x01auth=Bearer tok\x01\x01"
+    );
+}
+
+#[test]
+fn the_error_json_challenge_is_answered_then_a_fresh_token_is_tried_once() {
+    for (m, command, dummy) in [
+        (
+            Oauth2Mechanism::Xoauth2,
+            &b"AUTH XOAUTH2\r\n"[..],
+            &b"\r\n"[..],
+        ),
+        (
+            Oauth2Mechanism::Oauthbearer,
+            b"AUTH OAUTHBEARER\r\n",
+            b"AQ==\r\n",
+        ),
+    ] {
+        let json = &b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n"[..];
+        let refused = &b"-ERR [AUTH] Authentication failed.\r\n"[..];
+        // Refused, then the fresh token logs in.
+        let t = every_chunk(
+            &plan(TlsMode::None, Some(bearer(m, "stale"))),
+            &Script {
+                greeting: b"+OK hi\r\n",
+                turns: vec![
+                    (command, b"+ \r\n"),
+                    (b"", json),
+                    (dummy, refused),
+                    (command, b"+ \r\n"),
+                    (b"", b"+OK in\r\n"),
+                ],
+            },
+        );
+        assert_eq!(t.tokens_fetched, 1);
+        assert!(String::from_utf8_lossy(&decode(&t.wrote[1])).contains("Bearer stale"));
+        assert_eq!(t.wrote[2], dummy);
+        assert!(String::from_utf8_lossy(&decode(&t.wrote[4])).contains("Bearer fresh"));
+        assert_eq!(t.end, logged_in(b"+OK in\r\n"));
+        // Refused twice: the second refusal ends it.
+        let t = every_chunk(
+            &plan(TlsMode::None, Some(bearer(m, "stale"))),
+            &Script {
+                greeting: b"+OK hi\r\n",
+                turns: vec![
+                    (command, b"+ \r\n"),
+                    (b"", json),
+                    (dummy, refused),
+                    (command, b"+ \r\n"),
+                    (b"", refused),
+                ],
+            },
+        );
+        assert_eq!(t.tokens_fetched, 1);
+        assert_eq!(
+            t.end,
+            Some(Step::Failed(Failure::TokenRefused(refused.to_vec())))
+        );
+    }
+}
+
+#[test]
+fn mechanism_not_offered_is_unexpected() {
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(
+                b"AUTH XOAUTH2",
+                b"-ERR Unsupported authentication mechanism.\r\n",
+            )],
+        },
+    );
+    assert_eq!(
+        t.end,
+        Some(Step::Failed(Failure::BearerUnexpected(
+            b"-ERR Unsupported authentication mechanism.\r\n".to_vec()
+        )))
+    );
+}
+
+/// The status line is read as everywhere else (`StatusLine`), no longer by its first bytes:
+/// `+OKAY` is no `+OK`, and `+ok` is one (it was taken for a challenge).
+#[test]
+fn bearer_answers_are_parsed_as_status_lines() {
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH", b"+ \r\n"), (b"", b"+OKAY\r\n")],
+        },
+    );
+    assert_eq!(
+        t.end,
+        Some(Step::Failed(Failure::BearerUnexpected(
+            b"+OKAY\r\n".to_vec()
+        )))
+    );
+    let t = every_chunk(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH", b"+ \r\n"), (b"", b"+ok in\r\n")],
+        },
+    );
+    assert_eq!(t.end, logged_in(b"+ok in\r\n"));
+}
+
+#[test]
+fn bytes_after_the_login_are_handed_over_not_consumed() {
+    let t = run(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![(b"AUTH XOAUTH2\r\n", b"+ \r\n"), (b"", b"+OK in\r\nNEXT")],
+        },
+        100,
+        true,
+    );
+    assert_eq!(
+        t.end,
+        Some(Step::LoggedIn {
+            reply: b"+OK in\r\n".to_vec(),
+            rest: b"NEXT".to_vec()
+        })
+    );
+    let t = run(
+        &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
+        &Script {
+            greeting: b"+OK hi\r\nX",
+            turns: vec![],
+        },
+        100,
+        true,
+    );
+    assert_eq!(
+        t.end,
+        broken(ConnectStage::Setup, Reason::BytesAfterGreeting)
+    );
+}
+
+#[test]
+fn the_bearer_token_is_never_in_debug_output() {
+    let p = plan(
+        TlsMode::None,
+        Some(bearer(Oauth2Mechanism::Xoauth2, "s3cr3t-token")),
+    );
+    let d = Dialogue::new(p.clone());
+    assert!(!format!("{p:?}{d:?}").contains("s3cr3t-token"));
+    let p = plan(TlsMode::None, Some(user_pass()));
+    assert!(!format!("{p:?}").contains("s3cret"));
+}
+
+/// The texts in logs and metrics are today's, word for word.
+#[test]
+fn failure_texts_are_unchanged() {
+    use std::time::Duration;
+    let s = Duration::from_secs(3);
+    for (reason, text) in [
+        (Reason::Timeout(s), "timed out after 3s"),
+        (Reason::NoReply(s), "no reply within 3s"),
+        (Reason::BearerTimeout(s), "no OAuth2 login within 3s"),
+        (
+            Reason::SendProxyHeader("x".into()),
+            "sending the PROXY header: x",
+        ),
+        (Reason::SendXclient("x".into()), "sending XCLIENT: x"),
+        (Reason::SendLogin("x".into()), "sending the login: x"),
+        (Reason::Closed, "connection closed during connection setup"),
+        (Reason::Overlong, "overlong line from upstream"),
+        (Reason::TlsNotConfigured, "upstream TLS is not configured"),
+        (
+            Reason::GreetingNotOk(b"-ERR x\r\n".to_vec()),
+            "greeting is not +OK: -ERR x",
+        ),
+        (
+            Reason::StlsRefused(b"-ERR x\r\n".to_vec()),
+            "server refused STLS: -ERR x",
+        ),
+        (
+            Reason::XclientRefused(b"-ERR x\r\n".to_vec()),
+            "server refused XCLIENT: -ERR x",
+        ),
+        (
+            Reason::BytesAfterGreeting,
+            "unexpected bytes after the greeting",
+        ),
+        (
+            Reason::OutOfTurn(b"+OK\r\n".to_vec()),
+            "the server spoke out of turn: +OK",
+        ),
+        (
+            Reason::UnexpectedLoginReply(b"x\r\n".to_vec()),
+            "unexpected reply to the login: x",
+        ),
+        (
+            Reason::Bearer("early eof".into()),
+            "during the OAuth2 login: early eof",
+        ),
+    ] {
+        assert_eq!(reason.to_string(), text);
+    }
+    assert!(ConnectStage::Tcp.fails_over() && ConnectStage::Timeout.fails_over());
+    assert!(!ConnectStage::Setup.fails_over() && !ConnectStage::Tls.fails_over());
+}
+
+// Arbitrary servers: the invariants the fuzz target checks on the whole session machine.
+
+/// Drive `plan` against `server` bytes fed in `chunks` whatever was written, TLS succeeding
+/// or not, then an end of file. Returns the writes (with [`TLS`] marks) and whether the
+/// dialogue ended.
+fn arbitrary(plan: &Plan, server: &[u8], chunks: &[usize], tls_ok: bool) -> (Vec<Vec<u8>>, bool) {
+    let mut d = Dialogue::new(plan.clone());
+    let mut wrote = Vec::new();
+    let mut rest = server;
+    let mut sizes = chunks.iter().cycle();
+    let mut ended = false;
+    for _ in 0..(server.len() + 16) {
+        while let Some(step) = d.poll() {
+            assert!(!ended, "a step after the end: {step:?}");
+            match step {
+                Step::Write(b) => wrote.push(b),
+                Step::StartTls if tls_ok => {
+                    wrote.push(TLS.to_vec());
+                    d.tls_done();
+                }
+                Step::StartTls => d.tls_failed(&"no"),
+                Step::FetchToken => d.fresh_token("fresh".into()),
+                Step::Connected if plan.login.is_none() => ended = true,
+                Step::LoggedIn { .. } | Step::Failed(_) => ended = true,
+                Step::Notice(_) | Step::Connected => {}
+            }
+        }
+        if d.finished() {
+            return (wrote, true);
+        }
+        if rest.is_empty() {
+            d.on_server_eof();
+        } else {
+            let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+            d.on_server_bytes(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    (wrote, d.finished())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever the server sends: no panic, an end once it closes, and under STLS nothing
+    /// but STLS before the handshake.
+    #[test]
+    fn arbitrary_servers_end_and_credentials_wait_for_tls(
+        server in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::prelude::Just(b"+OK hi\r\n".to_vec()),
+                proptest::prelude::Just(b"+OK [XCLIENT] hi\r\n".to_vec()),
+                proptest::prelude::Just(b"+ \r\n".to_vec()),
+                proptest::prelude::Just(b"-ERR no\r\n".to_vec()),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            ],
+            0..8,
+        ),
+        chunks in proptest::collection::vec(1usize..64, 1..8),
+        tls in 0u8..3,
+        login in 0u8..4,
+        xclient in proptest::prelude::any::<bool>(),
+        tls_ok in proptest::prelude::any::<bool>(),
+    ) {
+        let server = server.concat();
+        let tls = [TlsMode::None, TlsMode::Starttls, TlsMode::Implicit][usize::from(tls)];
+        let login = match login {
+            0 => None,
+            1 => Some(user_pass()),
+            2 => Some(replay_of(format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"u"), b64(b"s3cret")).as_bytes())),
+            _ => Some(bearer(Oauth2Mechanism::Xoauth2, "s3cret-token")),
+        };
+        let mut p = plan(tls, login);
+        p.max_line = 64;
+        if xclient {
+            p.xclient = Some(b"XCLIENT ADDR=192.0.2.1\r\n".to_vec());
+        }
+        let (wrote, ended) = arbitrary(&p, &server, &chunks, tls_ok);
+        proptest::prop_assert!(ended, "no end after the server closed");
+        if tls == TlsMode::Starttls {
+            let before: Vec<_> = wrote.iter().take_while(|w| *w != TLS).collect();
+            proptest::prop_assert!(before.iter().all(|w| *w == b"STLS\r\n"), "{before:?}");
+        }
+        if tls != TlsMode::None && !tls_ok {
+            proptest::prop_assert!(
+                wrote.iter().all(|w| !w.starts_with(b"USER") && !w.starts_with(b"AUTH")),
+                "a login without TLS: {wrote:?}"
+            );
+        }
+    }
+}
