@@ -194,8 +194,7 @@ impl Proxy {
     /// Bind the `[control]` socket, if the config has one, and serve it until the proxy has
     /// drained (its file is removed then). Call it as the user popgate runs as (after the
     /// privilege drop): the socket is that user's, mode 0660. `reloader` serves the `reload`
-    /// command; `log` is called with each reload's outcome (the binary reports it as for
-    /// SIGHUP). Returns the socket's path.
+    /// command (logged and told to systemd as a SIGHUP reload is). Returns the socket's path.
     pub fn start_control(
         &mut self,
         reloader: Option<Reloader>,
@@ -211,7 +210,9 @@ impl Proxy {
             Box::new(move || {
                 let r = r.clone();
                 Box::pin(async move {
-                    match r.reload().await {
+                    // As a SIGHUP reload: systemd hears RELOADING=1, then the outcome.
+                    daemon::notify::reloading();
+                    let outcome = match r.reload().await {
                         Ok(line) => {
                             tracing::info!("control: {line}");
                             Ok(line)
@@ -221,7 +222,11 @@ impl Proxy {
                             tracing::error!("control: {line}");
                             Err(line)
                         }
-                    }
+                    };
+                    daemon::notify::reloaded(match &outcome {
+                        Ok(l) | Err(l) => l,
+                    });
+                    outcome
                 })
                     as std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
             }) as control::ReloadFn

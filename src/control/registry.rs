@@ -490,11 +490,23 @@ impl SessionHandle {
         }
     }
 
+    /// Whether any tap is attached anywhere in the process: one relaxed atomic load, the
+    /// whole per-call cost of the tap feed while nobody taps.
+    #[inline]
+    pub(crate) fn taps_anywhere(&self) -> bool {
+        self.registry.subscribers.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the session is before its login (its lines may go to the backlog).
+    #[inline]
+    pub(crate) fn before_login(&self) -> bool {
+        self.state.is_none_or(|s| s == State::Authorization)
+    }
+
     /// Whether lines should be kept for a tap that may attach once the user is known.
     #[inline]
     pub(crate) fn keeps_backlog(&self) -> bool {
-        self.registry.subscribers.load(Ordering::Relaxed) != 0
-            && self.state.is_none_or(|s| s == State::Authorization)
+        self.taps_anywhere() && self.before_login()
     }
 
     /// Keep `line` for a user-filtered tap that may attach later (bounded).

@@ -6,8 +6,9 @@
 //! `[tap: N lines dropped]` once there is room again.
 //!
 //! The session side (`TapPoint`) lives in the session's observer, fed at the points where
-//! the transcript is written and with the transcript's own redaction. With no tap attached to
-//! the session its cost is one relaxed atomic load per call.
+//! the transcript is written and with the transcript's own redaction. While no tap is attached
+//! anywhere its cost is one relaxed atomic load per call; with taps elsewhere, two (and, before
+//! login, the lines a user tap may still want are kept, at most 64).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,12 +128,21 @@ impl TapPoint {
         self.handle.as_mut()
     }
 
-    /// Whether a line would go anywhere: one atomic load for an untapped session (two when
-    /// some tap is attached elsewhere).
+    /// Whether any tap is attached in the process (without a handle: to this session).
+    #[inline]
+    fn any_tap(&self) -> bool {
+        match &self.handle {
+            Some(h) => h.taps_anywhere(),
+            None => self.entry.as_ref().is_some_and(|e| e.tapped()),
+        }
+    }
+
+    /// Whether a line would go anywhere: one atomic load while no tap is attached anywhere.
     #[inline]
     pub(crate) fn active(&self) -> bool {
-        self.entry.as_ref().is_some_and(|e| e.tapped())
-            || self.handle.as_ref().is_some_and(|h| h.keeps_backlog())
+        self.any_tap()
+            && (self.entry.as_ref().is_some_and(|e| e.tapped())
+                || self.handle.as_ref().is_some_and(|h| h.before_login()))
     }
 
     /// A line (`dir` `C`, `S` or `*`) built by `text` only when it goes somewhere.
@@ -163,8 +173,24 @@ impl TapPoint {
         let Some(entry) = self.entry.as_ref() else {
             return;
         };
+        if !self.any_tap() {
+            // The relay's per-chunk cost while nobody taps: this load and two compares.
+            if self.body_octets != 0 || !self.partial.is_empty() {
+                self.body_octets = 0;
+                self.partial.clear();
+            }
+            return;
+        }
         if !entry.tapped() {
-            // The relay's per-chunk cost without a tap: this load and two compares.
+            // Before login, a user tap may attach later: its backlog gets the size line.
+            if self.handle.as_ref().is_some_and(|h| h.keeps_backlog()) {
+                self.body_octets += chunk.len() as u64;
+                if end {
+                    let octets = std::mem::take(&mut self.body_octets);
+                    self.send("S", format!("[body {octets} octets]"), false);
+                }
+                return;
+            }
             if self.body_octets != 0 || !self.partial.is_empty() {
                 self.body_octets = 0;
                 self.partial.clear();
