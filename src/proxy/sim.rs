@@ -272,6 +272,8 @@ pub(crate) struct Checker {
     last_tag: Option<u64>,
     /// `.` CRLF lines the client saw outside a tagged body.
     loose_terminators: usize,
+    /// Server bodies the client saw complete.
+    bodies: usize,
     /// The lines the hop read from the client, in order, and the one being read.
     client_lines: Vec<Vec<u8>>,
     client_partial: Vec<u8>,
@@ -439,6 +441,7 @@ impl Checker {
                      server never finished"
                 );
                 self.in_body = None;
+                self.bodies += 1;
             }
             return;
         }
@@ -771,6 +774,12 @@ pub struct Summary {
     pub to_client: usize,
     /// Tagged server replies the client saw.
     pub tagged_replies: usize,
+    /// Server bodies the client saw complete.
+    pub bodies: usize,
+    /// The client's TLS handshake after STLS completed.
+    pub stls: bool,
+    /// Routed logins that succeeded upstream.
+    pub routed: usize,
 }
 
 /// One simulated session: the driver's part, the client, the server and the checker.
@@ -798,6 +807,8 @@ struct Sim<'a> {
     close: Option<CloseReason>,
     to_client: usize,
     tagged: usize,
+    stls: bool,
+    routed: usize,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -868,6 +879,8 @@ pub fn run(data: &[u8]) -> Summary {
         close: None,
         to_client: 0,
         tagged: 0,
+        stls: false,
+        routed: 0,
     };
     sim.connect(routing);
     sim.script();
@@ -876,6 +889,9 @@ pub fn run(data: &[u8]) -> Summary {
         close: sim.close.map(|r| format!("{r:?}")),
         to_client: sim.to_client,
         tagged_replies: sim.tagged,
+        bodies: sim.check.bodies,
+        stls: sim.stls,
+        routed: sim.routed,
     }
 }
 
@@ -1085,6 +1101,7 @@ impl Sim<'_> {
                     self.check.client_unread(self.cin.len());
                     self.hop.client_tls_started(&mut self.cin);
                     self.check.tls_started();
+                    self.stls = true;
                     if let Some(front) = self.front.as_mut() {
                         front.tls_started();
                     }
@@ -1176,6 +1193,7 @@ impl Sim<'_> {
                     return Err(UNAVAILABLE.to_vec());
                 }
                 self.server = Some(server);
+                self.routed += 1;
                 return Ok(reply);
             }
         }
@@ -1230,16 +1248,28 @@ mod tests {
         let mut closed = 0;
         let mut tagged = 0;
         let mut reasons = std::collections::BTreeMap::new();
+        let (mut bodies, mut stls, mut routed) = (0, 0, 0);
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             closed += usize::from(s.close.is_some());
             tagged += s.tagged_replies;
             *reasons.entry(s.close).or_insert(0) += 1;
+            bodies += s.bodies;
+            stls += usize::from(s.stls);
+            routed += s.routed;
         }
-        eprintln!("{closed} closed, {tagged} tagged: {reasons:?}");
+        eprintln!(
+            "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed: \
+             {reasons:?}"
+        );
         // The runs do reach the server and end: not a simulator that does nothing.
         assert!(closed > 2500, "{closed} sessions closed");
         assert!(tagged > 3000, "{tagged} tagged replies");
+        // And they reach what the invariants are about: bodies, TLS upgrades, routed logins.
+        assert!(
+            bodies > 100 && stls > 20 && routed > 5,
+            "{bodies} {stls} {routed}"
+        );
     }
 
     #[test]
