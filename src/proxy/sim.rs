@@ -687,7 +687,11 @@ impl Server {
             self.send(status.as_bytes(), delay);
             return;
         }
-        let mut words = text.split(|&b| b == b' ').filter(|w| !w.is_empty());
+        // Words as popgate's parser takes them (space or TAB, leading white space skipped): a
+        // server that read `\tRETR 1` otherwise than popgate would answer a RETR with one line.
+        let mut words = text
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|w| !w.is_empty());
         let verb = words.next().unwrap_or_default().to_ascii_uppercase();
         let args: Vec<&[u8]> = words.collect();
         let multi = match &verb[..] {
