@@ -275,7 +275,8 @@ impl Runtime {
                 return None;
             }
             // With `[state] backend = "redis"`: the address's slot across the fleet too.
-            let fleet_slot = match shared.state.acquire_session(a.client.ip()).await {
+            // Boxed: the store's future would otherwise size every session's task.
+            let fleet_slot = match Box::pin(shared.state.acquire_session(a.client.ip())).await {
                 Ok(slot) => slot,
                 Err(why) => {
                     let total = Counters::bump(&shared.limiter.counters.per_ip_refused);

@@ -655,7 +655,9 @@ impl SessionObserver {
         ip: IpAddr,
         now: std::time::Instant,
     ) -> Option<std::time::Duration> {
-        let delay = self.shared.state.login_failed(ip, now).await;
+        // Boxed: the store's future (a Redis round trip) would otherwise sit in every
+        // session's task for its whole life, idle or not.
+        let delay = Box::pin(self.shared.state.login_failed(ip, now)).await;
         if let Some(d) = delay {
             self.shared.metrics.login_penalty(d);
         }
