@@ -391,7 +391,11 @@ impl PopgateProcess {
             let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
             files.sort();
             for f in files {
-                out.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap()));
+                // A file listed a moment ago may be gone: a reload that changes `[log]` prunes
+                // or moves files while the test reads them.
+                if let Ok(bytes) = std::fs::read(f) {
+                    out.push_str(&String::from_utf8_lossy(&bytes));
+                }
             }
         }
         out
