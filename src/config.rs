@@ -1,5 +1,6 @@
 //! Configuration: TOML (serde, unknown keys rejected) → CLI overrides → [`Config::validate`].
 
+pub mod scan;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -116,6 +117,12 @@ pub struct Config {
     /// Fleet state (`[state]`): local, or shared by the instances through Redis.
     #[serde(default)]
     pub state: state::StateConfig,
+    /// Content scanners (`[[scanner]]`), named by `scan` rules; none when absent.
+    #[serde(default, rename = "scanner")]
+    pub scanners: Vec<scan::ScannerConfig>,
+    /// What scanning does with held messages and verdicts (`[scan]`).
+    #[serde(default)]
+    pub scan: scan::ScanConfig,
     /// Directory relative paths and rule globs are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,

@@ -181,3 +181,129 @@ mod tests {
         }
     }
 }
+
+/// A number of octets in the config: `"10MB"`, `"512k"`, `"1048576"`. Units are binary and
+/// case-insensitive, as in mail server settings and the rules' `size` matcher: `k` = 1024,
+/// `M` = 1024², `G` = 1024³, each optionally followed by `B` or `iB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parse `"10MB"` and friends; the error says what is expected.
+    pub(crate) fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "`{text}`: a whole number of octets is expected, e.g. \"10MB\" or \"512k\""
+            ));
+        }
+        let n: u64 = t[..digits]
+            .parse()
+            .map_err(|_| format!("`{text}`: the number is too large"))?;
+        let unit = t[digits..].trim();
+        let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{unit}` (k, M or G, binary: 1k = 1024 octets)"
+                ));
+            }
+        };
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}`: the number is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, factor) in [("GB", 1u64 << 30), ("MB", 1 << 20), ("kB", 1 << 10)] {
+            if n >= factor && n.is_multiple_of(factor) {
+                return write!(f, "{}{unit}", n / factor);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"10MB\" or a number of octets")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What one content scanner (`[[scanner]]`) said about one retrieved message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanReport {
+    /// The scanner's `name` in the config.
+    pub scanner: std::sync::Arc<str>,
+    /// Its verdict.
+    pub verdict: ScanVerdict,
+    /// The virus name (clamd), the rspamd action (`"add header"`, `"reject"`, ...), or what
+    /// went wrong (`Error`); `None` for a plain clean verdict.
+    pub detail: Option<String>,
+    /// rspamd's score and the score its `reject`/`add header` action needs: `(score,
+    /// required)`; `None` for clamd.
+    pub score: Option<(f64, f64)>,
+    /// How long the scan took (queueing for a scan slot included).
+    pub duration: std::time::Duration,
+}
+
+/// A scanner's verdict on one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanVerdict {
+    /// Nothing found (rspamd: action `no action` or `greylist`).
+    Clean,
+    /// Malware found (clamd `FOUND`).
+    Infected,
+    /// rspamd says spam (action `add header`, `rewrite subject`, `soft reject` or `reject`).
+    Spam,
+    /// The message was larger than the scanner's `max_size`: not sent to it.
+    TooLarge,
+    /// The scanner could not be reached, timed out or answered nonsense.
+    Error,
+}
+
+impl ScanVerdict {
+    /// The lower-case name used in the audit trail, headers and metrics.
+    #[allow(dead_code)] // until the scan module (issue 23) uses it
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ScanVerdict::Clean => "clean",
+            ScanVerdict::Infected => "infected",
+            ScanVerdict::Spam => "spam",
+            ScanVerdict::TooLarge => "too_large",
+            ScanVerdict::Error => "error",
+        }
+    }
+}
