@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::control::registry::Entry;
 use crate::net::tls::{Stream, TlsSetup};
 use crate::proxy::policy::Policy;
 use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
@@ -28,17 +28,12 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// Wait `d`; `false` if a shutdown came first.
-async fn sleep_unless_shutdown(
-    d: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
-) -> bool {
-    if *shutdown.borrow_and_update() {
-        return false;
-    }
+/// Wait `d`; `false` if the session was told to stop first (kicked or drained).
+async fn sleep_unless_stopped(d: std::time::Duration, stop: &Entry) -> bool {
     tokio::select! {
+        biased;
+        _ = stop.stopped() => false,
         _ = tokio::time::sleep(d) => true,
-        _ = shutdown.changed() => false,
     }
 }
 
@@ -126,24 +121,23 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
 ///
-/// `shutdown` turns true when the session is kicked (`handle` knows by whom) or closed by the
-/// drain; a kick also ends the set-up (client and upstream closed, no QUIT).
+/// `handle`'s entry carries the session's stop signal: set when the session is kicked (the
+/// entry knows by whom) or closed by the drain; a kick also ends the set-up (client and
+/// upstream closed, no QUIT).
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let entry = handle.entry();
+    let stop = handle.entry();
     let (audit, id) = (shared.audit.clone(), info.id);
-    let shutdown_for_setup = shutdown.clone();
     // The driver comes out boxed: held inline it was stored twice in this future (as the
     // select's output and as the local below), and every session's task was 4.5 KB instead of
     // 0.8 KB (`size_of` measured in a release build).
     let setup = Box::pin(async move {
-        open(client, info, shared, started, shutdown_for_setup, handle)
+        open(client, info, shared, started, handle)
             .await
             .map(Box::new)
     });
@@ -154,13 +148,13 @@ pub(crate) fn run(
                 Ok(d) => d,
                 Err(reason) => return reason,
             },
-            who = entry.kicked() => {
+            who = stop.kicked() => {
                 info!(by = %who, "session kicked before its relay began");
                 kicked_in_setup(&audit, id, who, started).await;
                 return CloseReason::Kick;
             }
         };
-        relay(&mut driver, shutdown, started).await
+        relay(&mut driver, &stop, started).await
     }
 }
 
@@ -187,10 +181,10 @@ async fn open(
     info: SessionInfo,
     shared: Arc<Shared>,
     started: Instant,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
+    let stop = handle.entry();
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
@@ -214,7 +208,7 @@ async fn open(
     );
     // A connect rule's tarpit never outlasts a shutdown.
     if let Some(d) = connect.delay
-        && !sleep_unless_shutdown(d, shutdown).await
+        && !sleep_unless_stopped(d, &stop).await
     {
         info!("shutdown during a connect rule's delay");
         let _ = client
@@ -421,13 +415,9 @@ async fn open(
 }
 
 /// Relay until the session ends, then close both sides and log the end.
-async fn relay(
-    driver: &mut Driver,
-    shutdown: watch::Receiver<bool>,
-    started: Instant,
-) -> CloseReason {
+async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReason {
     let shared = driver.shared.clone();
-    let reason = match driver.drive(shutdown).await {
+    let reason = match driver.drive(stop).await {
         Ok(r) => r,
         Err(e) if e.is_disconnect() => {
             debug!(error = %e, "connection lost");
@@ -697,10 +687,9 @@ struct Driver {
 impl Driver {
     /// The relay loop: dispatch the hop's events, carry out its outputs, then wait for the
     /// client, the upstream, the hop's next deadline or a shutdown, whichever comes first.
-    async fn drive(
-        &mut self,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<CloseReason, SessionError> {
+    async fn drive(&mut self, stop: &Entry) -> Result<CloseReason, SessionError> {
+        // The stop is handled once (the hop closes at it).
+        let mut stop_seen = false;
         if let Some(front) = &mut self.front {
             // popgate's own greeting.
             let greeting = front.take_output();
@@ -713,7 +702,7 @@ impl Driver {
         }
         loop {
             self.pump_events().await;
-            if let Some(reason) = self.execute(&mut shutdown).await? {
+            if let Some(reason) = self.execute(stop).await? {
                 return Ok(reason);
             }
             self.sync_observer().await;
@@ -736,7 +725,10 @@ impl Driver {
                 biased;
                 // A hold never outlasts a shutdown: the session ends within the grace period
                 // like any other.
-                _ = shutdown.changed() => self.hop.on_shutdown(),
+                _ = stop.stopped(), if !stop_seen => {
+                    stop_seen = true;
+                    self.hop.on_shutdown();
+                }
                 r = async {
                     if in_body {
                         self.upstream.read_buf(&mut self.sin).await
@@ -795,10 +787,7 @@ impl Driver {
 
     /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
     /// session.
-    async fn execute(
-        &mut self,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Option<CloseReason>, SessionError> {
+    async fn execute(&mut self, stop: &Entry) -> Result<Option<CloseReason>, SessionError> {
         while let Some(output) = self.hop.poll_output() {
             match output {
                 Output::ToClient(bytes) => {
@@ -816,7 +805,7 @@ impl Driver {
                 Output::ToUpstream(bytes) if self.front.is_some() => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
-                    Box::pin(self.feed_front(&bytes, shutdown)).await?
+                    Box::pin(self.feed_front(&bytes, stop)).await?
                 }
                 Output::ToUpstream(bytes) => {
                     if std::mem::take(&mut self.redial_before_next_command) {
@@ -928,11 +917,7 @@ impl Driver {
 
     /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
     /// as server input. A complete login is routed, connected and replayed here.
-    async fn feed_front(
-        &mut self,
-        bytes: &[u8],
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), SessionError> {
+    async fn feed_front(&mut self, bytes: &[u8], stop: &Entry) -> Result<(), SessionError> {
         let Some(front) = self.front.as_mut() else {
             return Ok(());
         };
@@ -956,7 +941,7 @@ impl Driver {
             // upstream socket closed without QUIT), as a command in flight would be.
             let routed = tokio::select! {
                 r = self.route_login(&login) => r,
-                _ = shutdown.changed() => {
+                _ = stop.stopped() => {
                     self.hop.on_shutdown();
                     return Ok(());
                 }
