@@ -163,25 +163,6 @@ impl Entry {
         }
     }
 
-    /// Resolves once the session is kicked (never for the drain's stop): who kicked it.
-    pub(crate) async fn kicked(&self) -> String {
-        loop {
-            self.stopped().await;
-            if let Some(who) = self.kicked_by() {
-                return who;
-            }
-            // Stopped by the drain: a kick may still come.
-            let Some(registry) = self.registry.upgrade() else {
-                return std::future::pending().await;
-            };
-            let woken = registry.stopped.notified();
-            if let Some(who) = self.kicked_by() {
-                return who;
-            }
-            woken.await;
-        }
-    }
-
     /// Set the stop flag (the caller wakes the waiters).
     fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);

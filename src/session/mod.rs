@@ -37,6 +37,26 @@ async fn sleep_unless_stopped(d: std::time::Duration, stop: &Entry) -> bool {
     }
 }
 
+/// Why a session told to stop ends: a kick (and who asked) or the drain.
+fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
+    match stop.kicked_by() {
+        Some(who) => (CloseReason::Kick, Some(who)),
+        None => (CloseReason::Shutdown, None),
+    }
+}
+
+/// Send the client popgate's last word, `-ERR [SYS/TEMP] proxy shutting down` (what a kick or
+/// the drain gives a session in its relay too), and close it: the octets written.
+async fn say_shutting_down(client: &mut Stream) -> u64 {
+    let line = crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN);
+    let sent = match client.write_all(&line).await {
+        Ok(()) => line.len() as u64,
+        Err(_) => 0,
+    };
+    let _ = client.shutdown().await;
+    sent
+}
+
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
 /// a session takes the `Arc` in force at its accept and keeps it to its end; a reload builds a
 /// new one and swaps it in whole for later sessions.
@@ -122,8 +142,8 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// state, not the set-up's locals nor the arguments moved into it.
 ///
 /// `handle`'s entry carries the session's stop signal: set when the session is kicked (the
-/// entry knows by whom) or closed by the drain; a kick also ends the set-up (client and
-/// upstream closed, no QUIT).
+/// entry knows by whom) or closed by the drain. Every wait of the set-up races it (client and
+/// upstream closed, no QUIT), and so does the relay.
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
@@ -132,33 +152,24 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
     let stop = handle.entry();
-    let (audit, id) = (shared.audit.clone(), info.id);
-    // The driver comes out boxed: held inline it was stored twice in this future (as the
-    // select's output and as the local below), and every session's task was 4.5 KB instead of
-    // 0.8 KB (`size_of` measured in a release build).
+    // The driver comes out boxed, so that the set-up's future is freed when it ends and the
+    // session's task holds only the relay's state (`size_of` measured in a release build).
     let setup = Box::pin(async move {
         open(client, info, shared, started, handle)
             .await
             .map(Box::new)
     });
     async move {
-        let mut driver = tokio::select! {
-            biased;
-            d = setup => match d {
-                Ok(d) => d,
-                Err(reason) => return reason,
-            },
-            who = stop.kicked() => {
-                info!(by = %who, "session kicked before its relay began");
-                kicked_in_setup(&audit, id, who, started).await;
-                return CloseReason::Kick;
-            }
+        let mut driver = match setup.await {
+            Ok(d) => d,
+            Err(reason) => return reason,
         };
         relay(&mut driver, &stop, started).await
     }
 }
 
-/// The `session_close` of a session kicked during its set-up (its observer went with it).
+/// The `session_close` of a session kicked before its `session_open` (during the client's TLS
+/// handshake or a connect rule's delay): what `session_open` would say is not known yet.
 async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
     if audit.is_enabled() {
         let close = crate::audit::SessionClose {
@@ -188,12 +199,19 @@ async fn open(
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
-        match client_handshake(client, shared).await {
-            Ok(c) => client = c,
-            Err(e) => {
+        let shaken = tokio::select! {
+            biased;
+            r = client_handshake(client, shared) => Some(r),
+            _ = stop.stopped() => None,
+        };
+        match shaken {
+            Some(Ok(c)) => client = c,
+            Some(Err(e)) => {
                 info!(error = %e, "client TLS handshake failed");
                 return Err(CloseReason::Error);
             }
+            // No TLS yet, so no `-ERR` the client could read: closed.
+            None => return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await),
         }
     }
     let client_tls = client.tls_info();
@@ -206,18 +224,13 @@ async fn open(
             ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
         },
     );
-    // A connect rule's tarpit never outlasts a shutdown.
+    // A connect rule's tarpit never outlasts a shutdown or a kick.
     if let Some(d) = connect.delay
         && !sleep_unless_stopped(d, &stop).await
     {
-        info!("shutdown during a connect rule's delay");
-        let _ = client
-            .write_all(&crate::pop3::replies::line(
-                crate::pop3::replies::SHUTTING_DOWN,
-            ))
-            .await;
-        let _ = client.shutdown().await;
-        return Err(CloseReason::Shutdown);
+        info!("stopped during a connect rule's delay");
+        say_shutting_down(&mut client).await;
+        return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await);
     }
     let refused = match &connect.refusal {
         None => None,
@@ -319,7 +332,30 @@ async fn open(
             crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
-        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
+        // A kick or the drain does not wait for a slow upstream: the client gets the `-ERR` a
+        // session in its relay gets, and the `session_close` follows the `session_open`.
+        let connected = tokio::select! {
+            biased;
+            _ = stop.stopped() => None,
+            r = crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead) => Some(r),
+        };
+        let Some(connected) = connected else {
+            let (reason, who) = stop_reason(&stop);
+            match &who {
+                Some(who) => info!(by = %who, "session kicked while connecting upstream"),
+                None => info!("shutdown while connecting upstream"),
+            }
+            let sent = say_shutting_down(&mut client).await;
+            live.to_client.inc_by(sent);
+            if let Some(who) = who {
+                observer.set_kicked_by(who);
+            }
+            let ms = started.elapsed().as_millis() as u64;
+            observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
+            observer.flush().await;
+            return Err(reason);
+        };
+        match connected {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -412,6 +448,22 @@ async fn open(
         live,
         redial_before_next_command: false,
     })
+}
+
+/// A session told to stop before its `session_open`: its `session_close` if it was kicked, and
+/// why it ended.
+async fn stopped_before_open(
+    audit: &crate::audit::AuditSink,
+    stop: &Entry,
+    id: u64,
+    started: Instant,
+) -> CloseReason {
+    let (reason, who) = stop_reason(stop);
+    if let Some(who) = who {
+        info!(by = %who, "session kicked before its relay began");
+        kicked_in_setup(audit, id, who, started).await;
+    }
+    reason
 }
 
 /// Relay until the session ends, then close both sides and log the end.
