@@ -74,6 +74,7 @@ fn config() -> HopConfig {
         login_timeout: Duration::from_secs(60),
         greeting_timeout: Duration::from_secs(30),
         lookups: None,
+        scan: None,
     }
 }
 
@@ -160,6 +161,9 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
                     hop.client_tls_started(&mut cin);
                 }
                 Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+                Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                    unreachable!("no scanning in these scripts")
+                }
             }
         }
         if out.close.is_none() && hop.holding() {
@@ -1347,6 +1351,9 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
             Output::StartClientTls => out.tls_at.push(out.client.len()),
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+            Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                unreachable!("no scanning in these scripts")
+            }
         }
     }
 }
