@@ -4,6 +4,7 @@
 //! decides what they mean for the client (`docs/scanning.md`).
 
 mod clamd;
+mod rspamd;
 mod spool;
 
 use std::io;
@@ -58,6 +59,9 @@ pub(crate) enum ScanError {
     /// The scanner closed the connection without a reply.
     #[error("closed the connection without a reply")]
     NoReply,
+    /// An HTTP exchange failed.
+    #[error("HTTP: {0}")]
+    Http(String),
     /// The scanner said it could not scan the message.
     #[error("{0}")]
     Refused(String),
@@ -94,6 +98,7 @@ pub struct ScannerError {
 #[derive(Debug)]
 enum Backend {
     Clamd(clamd::Address),
+    Rspamd(rspamd::Client),
 }
 
 /// One `[[scanner]]`.
@@ -116,7 +121,7 @@ impl Scanner {
                 Backend::Clamd(clamd::Address::parse(&c.address).map_err(invalid)?)
             }
             ScannerKind::Rspamd => {
-                return Err(invalid("rspamd is not supported yet".into()));
+                Backend::Rspamd(rspamd::Client::new(&c.address).map_err(invalid)?)
             }
         };
         Ok(Scanner {
@@ -130,12 +135,14 @@ impl Scanner {
     async fn scan(&self, spool: &Spool) -> Result<Finding, ScanError> {
         match &self.backend {
             Backend::Clamd(a) => clamd::scan(a, spool).await,
+            Backend::Rspamd(c) => c.scan(spool).await,
         }
     }
 
     async fn ping(&self) -> Result<(), ScanError> {
         match &self.backend {
             Backend::Clamd(a) => clamd::ping(a).await,
+            Backend::Rspamd(c) => c.ping().await,
         }
     }
 }
