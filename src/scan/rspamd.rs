@@ -220,7 +220,9 @@ pub(crate) fn parse_reply(reply: &[u8]) -> Result<Finding, ScanError> {
 mod tests {
     use super::*;
 
-    fn verdict(json: &str) -> Result<(ScanVerdict, Option<String>, Option<(f64, f64)>), String> {
+    type Parsed = (ScanVerdict, Option<String>, Option<(f64, f64)>);
+
+    fn verdict(json: &str) -> Result<Parsed, String> {
         parse_reply(json.as_bytes())
             .map(|f| (f.verdict, f.detail, f.score))
             .map_err(|e| e.to_string())
