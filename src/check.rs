@@ -728,6 +728,9 @@ listeners = ["pop3"]
 networks = ["127.0.0.0/8"]
 full_bodies = true
 summary_lines = 3
+[scan]
+notice_from = "Mail Proxy <postmaster@example.org>"
+contact = "postmaster@example.org"
 "#;
 
     #[test]
