@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::control::registry::Entry;
 use crate::net::tls::{Stream, TlsSetup};
 use crate::proxy::policy::Policy;
 use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
@@ -28,18 +28,33 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// Wait `d`; `false` if a shutdown came first.
-async fn sleep_unless_shutdown(
-    d: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
-) -> bool {
-    if *shutdown.borrow_and_update() {
-        return false;
-    }
+/// Wait `d`; `false` if the session was told to stop first (kicked or drained).
+async fn sleep_unless_stopped(d: std::time::Duration, stop: &Entry) -> bool {
     tokio::select! {
+        biased;
+        _ = stop.stopped() => false,
         _ = tokio::time::sleep(d) => true,
-        _ = shutdown.changed() => false,
     }
+}
+
+/// Why a session told to stop ends: a kick (and who asked) or the drain.
+fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
+    match stop.kicked_by() {
+        Some(who) => (CloseReason::Kick, Some(who)),
+        None => (CloseReason::Shutdown, None),
+    }
+}
+
+/// Send the client popgate's last word, `-ERR [SYS/TEMP] proxy shutting down` (what a kick or
+/// the drain gives a session in its relay too), and close it: the octets written.
+async fn say_shutting_down(client: &mut Stream) -> u64 {
+    let line = crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN);
+    let sent = match client.write_all(&line).await {
+        Ok(()) => line.len() as u64,
+        Err(_) => 0,
+    };
+    let _ = client.shutdown().await;
+    sent
 }
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
@@ -126,45 +141,35 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
 ///
-/// `shutdown` turns true when the session is kicked (`handle` knows by whom) or closed by the
-/// drain; a kick also ends the set-up (client and upstream closed, no QUIT).
+/// `handle`'s entry carries the session's stop signal: set when the session is kicked (the
+/// entry knows by whom) or closed by the drain. Every wait of the set-up races it (client and
+/// upstream closed, no QUIT), and so does the relay.
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let entry = handle.entry();
-    let (audit, id) = (shared.audit.clone(), info.id);
-    let shutdown_for_setup = shutdown.clone();
-    // The driver comes out boxed: held inline it was stored twice in this future (as the
-    // select's output and as the local below), and every session's task was 4.5 KB instead of
-    // 0.8 KB (`size_of` measured in a release build).
+    let stop = handle.entry();
+    // The driver comes out boxed, so that the set-up's future is freed when it ends and the
+    // session's task holds only the relay's state (`size_of` measured in a release build).
     let setup = Box::pin(async move {
-        open(client, info, shared, started, shutdown_for_setup, handle)
+        open(client, info, shared, started, handle)
             .await
             .map(Box::new)
     });
     async move {
-        let mut driver = tokio::select! {
-            biased;
-            d = setup => match d {
-                Ok(d) => d,
-                Err(reason) => return reason,
-            },
-            who = entry.kicked() => {
-                info!(by = %who, "session kicked before its relay began");
-                kicked_in_setup(&audit, id, who, started).await;
-                return CloseReason::Kick;
-            }
+        let mut driver = match setup.await {
+            Ok(d) => d,
+            Err(reason) => return reason,
         };
-        relay(&mut driver, shutdown, started).await
+        relay(&mut driver, &stop, started).await
     }
 }
 
-/// The `session_close` of a session kicked during its set-up (its observer went with it).
+/// The `session_close` of a session kicked before its `session_open` (during the client's TLS
+/// handshake or a connect rule's delay): what `session_open` would say is not known yet.
 async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
     if audit.is_enabled() {
         let close = crate::audit::SessionClose {
@@ -187,19 +192,26 @@ async fn open(
     info: SessionInfo,
     shared: Arc<Shared>,
     started: Instant,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
+    let stop = handle.entry();
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
-        match client_handshake(client, shared).await {
-            Ok(c) => client = c,
-            Err(e) => {
+        let shaken = tokio::select! {
+            biased;
+            r = client_handshake(client, shared) => Some(r),
+            _ = stop.stopped() => None,
+        };
+        match shaken {
+            Some(Ok(c)) => client = c,
+            Some(Err(e)) => {
                 info!(error = %e, "client TLS handshake failed");
                 return Err(CloseReason::Error);
             }
+            // No TLS yet, so no `-ERR` the client could read: closed.
+            None => return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await),
         }
     }
     let client_tls = client.tls_info();
@@ -212,18 +224,13 @@ async fn open(
             ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
         },
     );
-    // A connect rule's tarpit never outlasts a shutdown.
+    // A connect rule's tarpit never outlasts a shutdown or a kick.
     if let Some(d) = connect.delay
-        && !sleep_unless_shutdown(d, shutdown).await
+        && !sleep_unless_stopped(d, &stop).await
     {
-        info!("shutdown during a connect rule's delay");
-        let _ = client
-            .write_all(&crate::pop3::replies::line(
-                crate::pop3::replies::SHUTTING_DOWN,
-            ))
-            .await;
-        let _ = client.shutdown().await;
-        return Err(CloseReason::Shutdown);
+        info!("stopped during a connect rule's delay");
+        say_shutting_down(&mut client).await;
+        return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await);
     }
     let refused = match &connect.refusal {
         None => None,
@@ -262,17 +269,7 @@ async fn open(
     tap.set_handle(handle);
     observer.set_tap(tap);
     observer.set_tags(&policy.tags);
-    if let Some(dst) = info.original_dst {
-        observer.set_original_destination(dst);
-    }
-    observer.open(
-        &info.listener,
-        info.client,
-        info.local,
-        info.proxy,
-        client_tls.as_ref(),
-        &connect.tags,
-    );
+    observer.open(&info, client_tls.as_ref(), &connect.tags);
     if let Some((rule, sent)) = refused {
         let marks = crate::proxy::Marks {
             tags: connect.tags.clone(),
@@ -325,7 +322,27 @@ async fn open(
             crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
-        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
+        // A kick or the drain does not wait for a slow upstream: the client gets the `-ERR` a
+        // session in its relay gets, and the `session_close` follows the `session_open`.
+        let connected = tokio::select! {
+            biased;
+            _ = stop.stopped() => None,
+            r = crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead) => Some(r),
+        };
+        let Some(connected) = connected else {
+            let (reason, who) = stop_reason(&stop);
+            match &who {
+                Some(who) => info!(by = %who, "session kicked while connecting upstream"),
+                None => info!("shutdown while connecting upstream"),
+            }
+            let sent = say_shutting_down(&mut client).await;
+            live.to_client.inc_by(sent);
+            let ms = started.elapsed().as_millis() as u64;
+            observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
+            observer.flush().await;
+            return Err(reason);
+        };
+        match connected {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -395,8 +412,9 @@ async fn open(
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
+        // Scanning is wired by the driver (issue 23, part C).
+        scan: None,
     };
-    let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
         hop,
@@ -404,30 +422,38 @@ async fn open(
         upstream: upstream_stream,
         front,
         shared: shared.clone(),
-        info,
+        info: Box::new(info),
         client_tls: client_tls.map(Box::new),
         upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
         sin: BytesMut::from(&preread[..]),
-        observer: SessionObserver {
-            observer,
-            shared: shared.clone(),
-            listener: listener_name,
-        },
+        observer: SessionObserver { observer },
         traffic: Traffic::default(),
         live,
         redial_before_next_command: false,
     })
 }
 
-/// Relay until the session ends, then close both sides and log the end.
-async fn relay(
-    driver: &mut Driver,
-    shutdown: watch::Receiver<bool>,
+/// A session told to stop before its `session_open`: its `session_close` if it was kicked, and
+/// why it ended.
+async fn stopped_before_open(
+    audit: &crate::audit::AuditSink,
+    stop: &Entry,
+    id: u64,
     started: Instant,
 ) -> CloseReason {
+    let (reason, who) = stop_reason(stop);
+    if let Some(who) = who {
+        info!(by = %who, "session kicked before its relay began");
+        kicked_in_setup(audit, id, who, started).await;
+    }
+    reason
+}
+
+/// Relay until the session ends, then close both sides and log the end.
+async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReason {
     let shared = driver.shared.clone();
-    let reason = match driver.drive(shutdown).await {
+    let reason = match driver.drive(stop).await {
         Ok(r) => r,
         Err(e) if e.is_disconnect() => {
             debug!(error = %e, "connection lost");
@@ -442,17 +468,11 @@ async fn relay(
             CloseReason::Error
         }
     };
-    // A kick ends the session as a shutdown does; the audit trail and log name it and who asked.
-    let kicked_by = driver
-        .observer
-        .observer
-        .tap_mut()
-        .handle_mut()
-        .and_then(|h| h.kicked_by());
-    let reason = match kicked_by {
+    // A kick ends the session as a shutdown does; the audit trail and log name it and who
+    // asked (the observer asks the registry entry).
+    let reason = match stop.kicked_by() {
         Some(who) if reason == CloseReason::Shutdown => {
             info!(by = %who, "session kicked");
-            driver.observer.observer.set_kicked_by(who);
             CloseReason::Kick
         }
         _ => reason,
@@ -589,18 +609,17 @@ fn clock() -> std::time::Instant {
 }
 
 /// Where the hop's events go: the audit observer (audit trail, transcript, and what it feeds),
-/// the metrics, and the shared login penalty the hop asks the driver for.
+/// the metrics, and the shared login penalty the hop asks the driver for. The metrics and the
+/// store are the driver's `shared` (passed in, not held twice in every session).
 struct SessionObserver {
     observer: Observer,
-    shared: Arc<Shared>,
-    /// Listener name, a metrics label.
-    listener: Arc<str>,
 }
 
 impl SessionObserver {
-    /// Hand one event to the observer and the metrics. A failed login is answered by the
-    /// driver instead (`Driver::pump_events`, with [`SessionObserver::penalty`]).
-    fn dispatch(&mut self, ev: SessionEvent) {
+    /// Hand one event to the observer and the metrics (`listener` is their label). A failed
+    /// login is answered by the driver instead (`Driver::pump_events`, with
+    /// [`SessionObserver::penalty`]).
+    fn dispatch(&mut self, ev: SessionEvent, shared: &Shared, listener: &str) {
         let obs = &mut self.observer;
         match ev {
             SessionEvent::ClientCommand(line) => {
@@ -620,9 +639,9 @@ impl SessionObserver {
                 if let Some(login) = &meta.login {
                     // A login a rule dropped is no success, whatever the server said.
                     let success = login.success && marks.dropped_by.is_none();
-                    self.shared
+                    shared
                         .metrics
-                        .login(&self.listener, &login.method.label(), success);
+                        .login(listener, &login.method.label(), success);
                 }
                 obs.status(&meta, &line, user.as_deref(), state, &marks);
             }
@@ -642,6 +661,8 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
+            // The audit `scan` events (issue 23): next commit.
+            SessionEvent::Scanned { .. } => {}
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
@@ -652,15 +673,15 @@ impl SessionObserver {
     /// Counted by the store: this instance's limiter, or with `[state] backend = "redis"` the
     /// whole fleet's count (bounded by `state.timeout`).
     async fn penalty(
-        &mut self,
+        shared: &Shared,
         ip: IpAddr,
         now: std::time::Instant,
     ) -> Option<std::time::Duration> {
         // Boxed: the store's future (a Redis round trip) would otherwise sit in every
         // session's task for its whole life, idle or not.
-        let delay = Box::pin(self.shared.state.login_failed(ip, now)).await;
+        let delay = Box::pin(shared.state.login_failed(ip, now)).await;
         if let Some(d) = delay {
-            self.shared.metrics.login_penalty(d);
+            shared.metrics.login_penalty(d);
         }
         delay
     }
@@ -675,7 +696,9 @@ struct Driver {
     /// Routing mode until the login succeeded upstream: the stand-in server.
     front: Option<Box<crate::proxy::front::Front>>,
     shared: Arc<Shared>,
-    info: SessionInfo,
+    /// Boxed: read at a routed login and an STLS re-dial only; inline it would weigh 160
+    /// bytes in every session's driver.
+    info: Box<SessionInfo>,
     /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
     /// a plain session carries two null pointers, not two empty `TlsInfo`s.
     client_tls: Option<Box<TlsInfo>>,
@@ -697,10 +720,9 @@ struct Driver {
 impl Driver {
     /// The relay loop: dispatch the hop's events, carry out its outputs, then wait for the
     /// client, the upstream, the hop's next deadline or a shutdown, whichever comes first.
-    async fn drive(
-        &mut self,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<CloseReason, SessionError> {
+    async fn drive(&mut self, stop: &Entry) -> Result<CloseReason, SessionError> {
+        // The stop is handled once (the hop closes at it).
+        let mut stop_seen = false;
         if let Some(front) = &mut self.front {
             // popgate's own greeting.
             let greeting = front.take_output();
@@ -713,7 +735,7 @@ impl Driver {
         }
         loop {
             self.pump_events().await;
-            if let Some(reason) = self.execute(&mut shutdown).await? {
+            if let Some(reason) = self.execute(stop).await? {
                 return Ok(reason);
             }
             self.sync_observer().await;
@@ -736,7 +758,10 @@ impl Driver {
                 biased;
                 // A hold never outlasts a shutdown: the session ends within the grace period
                 // like any other.
-                _ = shutdown.changed() => self.hop.on_shutdown(),
+                _ = stop.stopped(), if !stop_seen => {
+                    stop_seen = true;
+                    self.hop.on_shutdown();
+                }
                 r = async {
                     if in_body {
                         self.upstream.read_buf(&mut self.sin).await
@@ -785,20 +810,19 @@ impl Driver {
             match ev {
                 SessionEvent::LoginFailed(ip) => {
                     let now = clock();
-                    let penalty = self.observer.penalty(ip, now).await;
+                    let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
                     self.hop.penalty(now, penalty);
                 }
-                ev => self.observer.dispatch(ev),
+                ev => self
+                    .observer
+                    .dispatch(ev, &self.shared, &self.info.listener),
             }
         }
     }
 
     /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
     /// session.
-    async fn execute(
-        &mut self,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Option<CloseReason>, SessionError> {
+    async fn execute(&mut self, stop: &Entry) -> Result<Option<CloseReason>, SessionError> {
         while let Some(output) = self.hop.poll_output() {
             match output {
                 Output::ToClient(bytes) => {
@@ -816,7 +840,7 @@ impl Driver {
                 Output::ToUpstream(bytes) if self.front.is_some() => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
-                    Box::pin(self.feed_front(&bytes, shutdown)).await?
+                    Box::pin(self.feed_front(&bytes, stop)).await?
                 }
                 Output::ToUpstream(bytes) => {
                     if std::mem::take(&mut self.redial_before_next_command) {
@@ -844,6 +868,25 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                     self.redial_before_next_command = self.redial_wanted();
+                }
+                // Stop-gap until the driver holds a spool and runs the scanners (issue 23,
+                // part C): a scan is answered at once with an error report per scanner, so
+                // that `on_error` decides and no session waits for a verdict that never comes.
+                Output::Spool(_) | Output::Unspool | Output::DropSpool => {}
+                Output::Scan(req) => {
+                    let reports = req
+                        .scanners
+                        .iter()
+                        .map(|name| crate::types::ScanReport {
+                            scanner: name.clone(),
+                            verdict: crate::types::ScanVerdict::Error,
+                            detail: Some("scanning is not available in this build".into()),
+                            score: None,
+                            duration: std::time::Duration::ZERO,
+                        })
+                        .collect();
+                    let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
+                    self.hop.scan_done(clock(), &date, reports, &mut self.cin);
                 }
                 Output::Close(reason) => return Ok(Some(reason)),
             }
@@ -928,11 +971,7 @@ impl Driver {
 
     /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
     /// as server input. A complete login is routed, connected and replayed here.
-    async fn feed_front(
-        &mut self,
-        bytes: &[u8],
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), SessionError> {
+    async fn feed_front(&mut self, bytes: &[u8], stop: &Entry) -> Result<(), SessionError> {
         let Some(front) = self.front.as_mut() else {
             return Ok(());
         };
@@ -956,7 +995,7 @@ impl Driver {
             // upstream socket closed without QUIT), as a command in flight would be.
             let routed = tokio::select! {
                 r = self.route_login(&login) => r,
-                _ = shutdown.changed() => {
+                _ = stop.stopped() => {
                     self.hop.on_shutdown();
                     return Ok(());
                 }
