@@ -260,3 +260,112 @@ impl Scanners {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ByteSize;
+
+    fn metrics() -> Arc<crate::metrics::Metrics> {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                    [upstream]\naddress = \"127.0.0.1:110\"\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new("t")).unwrap();
+        let limiter = Arc::new(crate::limits::Limiter::new(&config.limits));
+        Arc::new(crate::metrics::Metrics::new(
+            &config,
+            std::iter::empty(),
+            crate::audit::AuditSink::disabled(),
+            limiter,
+        ))
+    }
+
+    fn scanner(name: &str, address: &str, max_size: u64) -> ScannerConfig {
+        ScannerConfig {
+            name: name.into(),
+            kind: ScannerKind::Clamd,
+            address: address.into(),
+            timeout: Duration::from_secs(5),
+            max_size: ByteSize(max_size),
+        }
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn scans_and_spooled_bytes_are_counted_by_scanner_verdict_and_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ScanConfig {
+            spool_memory: ByteSize(100),
+            spool_dir: dir.path().to_owned(),
+            ..ScanConfig::default()
+        };
+        // Nothing listens on port 1 of loopback: connecting is refused at once.
+        let m = metrics();
+        let scanners = Scanners::new(
+            &[
+                scanner("small", "127.0.0.1:1", 10),
+                scanner("down", "127.0.0.1:1", 1000),
+            ],
+            &config,
+        )
+        .unwrap()
+        .with_metrics(m.clone());
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"popgate_scans_total{scanner="down",verdict="infected"}"#
+            ),
+            Some(0.0)
+        );
+        {
+            let mut small = scanners.spool();
+            small.write(b"0123456789ab").await.unwrap();
+            let names: Vec<Arc<str>> = vec!["small".into(), "down".into(), "nope".into()];
+            let r = scanners.scan(&names, &small).await;
+            let verdicts: Vec<_> = r.iter().map(|r| r.verdict).collect();
+            assert_eq!(
+                verdicts,
+                [
+                    ScanVerdict::TooLarge,
+                    ScanVerdict::Error,
+                    ScanVerdict::Error
+                ]
+            );
+            let mut big = scanners.spool();
+            big.write(&[b'x'; 150]).await.unwrap();
+        }
+        let text = m.encode();
+        for (series, want) in [
+            (
+                r#"popgate_scans_total{scanner="small",verdict="too_large"}"#,
+                1.0,
+            ),
+            (
+                r#"popgate_scans_total{scanner="down",verdict="error"}"#,
+                1.0,
+            ),
+            (
+                r#"popgate_scan_duration_seconds_count{scanner="down"}"#,
+                1.0,
+            ),
+            (r#"popgate_scan_spooled_bytes_total{to="memory"}"#, 12.0),
+            (r#"popgate_scan_spooled_bytes_total{to="file"}"#, 150.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series} in\n{text}");
+        }
+        // An unknown name is no label value.
+        assert!(!text.contains("nope"));
+    }
+
+    #[test]
+    fn scanner_text_is_made_printable_and_trimmed() {
+        assert_eq!(
+            printable(b"  Eicar\tTest\x07\xc3\xa9 \r\n"),
+            "Eicar Test???"
+        );
+    }
+}
