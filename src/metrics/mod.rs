@@ -619,7 +619,6 @@ impl Metrics {
     }
 
     /// `scanner` (a configured name) gave `verdict` after `took`.
-    #[allow(dead_code)] // until scan::Scanners records into it
     pub(crate) fn scanned(&self, scanner: &str, verdict: &str, took: Duration) {
         self.scans
             .get_or_create(&vec![

@@ -196,8 +196,9 @@ pub(crate) struct Hop {
     /// Event tags of the commands sent upstream whose final response is still due, in order.
     cmd_tags: VecDeque<Vec<Arc<str>>>,
     /// For the `session_close` record: event tags of what closed the session and of the
-    /// `close` rules, and the rule that dropped it.
-    close_marks: Marks,
+    /// `close` rules, and the rule that dropped it. Boxed when there are any: most sessions
+    /// have none, and the hop lives as long as the session.
+    close_marks: Option<Box<Marks>>,
     /// For the audit lookups (see [`HopConfig::lookups`]).
     known: Known,
     /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
@@ -246,7 +247,7 @@ impl Hop {
             tags_reported: 0,
             user_reported: None,
             cmd_tags: VecDeque::new(),
-            close_marks: Marks::default(),
+            close_marks: None,
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
@@ -412,18 +413,29 @@ impl Hop {
     pub(crate) fn finish(&mut self) {
         let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Close);
         let v = self.policy.evaluate(&ev);
-        add_tags(&mut self.close_marks.tags, &v.tags);
+        if !v.tags.is_empty() {
+            add_tags(&mut self.close_marks_mut().tags, &v.tags);
+        }
     }
 
     /// What rules said about the `session_close` record (after [`Hop::finish`]).
     pub(crate) fn close_marks(&self) -> &Marks {
-        &self.close_marks
+        static NONE: Marks = Marks {
+            tags: Vec::new(),
+            dropped_by: None,
+        };
+        self.close_marks.as_deref().unwrap_or(&NONE)
+    }
+
+    fn close_marks_mut(&mut self) -> &mut Marks {
+        self.close_marks.get_or_insert_default()
     }
 
     /// A rule ends the session: its name and the event's tags go on `session_close`.
     fn dropped_by(&mut self, rule: Arc<str>, tags: &[Arc<str>]) {
-        add_tags(&mut self.close_marks.tags, tags);
-        self.close_marks.dropped_by.get_or_insert(rule);
+        let marks = self.close_marks_mut();
+        add_tags(&mut marks.tags, tags);
+        marks.dropped_by.get_or_insert(rule);
     }
 
     fn close(&mut self, reason: CloseReason) {
@@ -1520,7 +1532,7 @@ impl Hop {
                     tags,
                 });
                 let then = if close {
-                    self.close_marks.dropped_by.get_or_insert(rule);
+                    self.close_marks_mut().dropped_by.get_or_insert(rule);
                     AfterReply::Close
                 } else {
                     AfterReply::Continue

@@ -60,18 +60,16 @@ pub struct Observer {
     message_ids: HashMap<u32, String>,
     /// The server has no UIDL command.
     no_uidl: bool,
-    /// The header block of a `TOP n 0` popgate sent, being read for its Message-ID.
-    probe: Option<(u32, HeaderExtractor)>,
+    /// The header block of a `TOP n 0` popgate sent, being read for its Message-ID (boxed:
+    /// rare, and large).
+    probe: Option<Box<(u32, HeaderExtractor)>>,
     marked: Vec<u32>,
     transcript: Transcript,
-    /// For `session_open` (see [`Observer::set_original_destination`]).
-    original_dst: Option<SocketAddr>,
     /// Routing mode: the upstream the login in progress was routed to.
     upstream: Option<String>,
-    /// Live taps (`popgate tap`): the transcript's lines, redacted alike.
+    /// Live taps (`popgate tap`): the transcript's lines, redacted alike; through it the
+    /// registry entry, which knows who kicked the session (for its `session_close`).
     tap: TapPoint,
-    /// Who kicked the session (`popgate kick`), for its `session_close`.
-    kicked_by: Option<String>,
 }
 
 impl Observer {
@@ -96,10 +94,8 @@ impl Observer {
             probe: None,
             marked: Vec::new(),
             transcript,
-            original_dst: None,
             upstream: None,
             tap: TapPoint::default(),
-            kicked_by: None,
         }
     }
 
@@ -113,21 +109,10 @@ impl Observer {
         &mut self.tap
     }
 
-    /// The session was kicked by `who` (its `session_close` names them).
-    pub(crate) fn set_kicked_by(&mut self, who: String) {
-        self.kicked_by = Some(who);
-    }
-
     /// A note (`*:`) for the transcript and the taps.
     fn note(&mut self, text: &str) {
         self.transcript.note(text);
         self.tap.line("*", || text.to_owned());
-    }
-
-    /// The original destination of a redirected connection (transparent interception), for
-    /// the `session_open` record and the transcript; call before [`Observer::open`].
-    pub fn set_original_destination(&mut self, dst: SocketAddr) {
-        self.original_dst = Some(dst);
     }
 
     /// Routing mode: the upstream the next login answer comes from (its `login` event names it).
@@ -175,20 +160,20 @@ impl Observer {
         }
     }
 
-    /// `session_open`, with the event tags of the `connect` rules.
-    pub fn open(
-        &mut self,
-        listener: &str,
-        client: SocketAddr,
-        local: SocketAddr,
-        proxy: Option<SocketAddr>,
-        tls: Option<&TlsInfo>,
-        tags: &[Arc<str>],
-    ) {
+    /// `session_open` of the session `info` describes, with the event tags of the `connect`
+    /// rules.
+    pub fn open(&mut self, info: &super::SessionInfo, tls: Option<&TlsInfo>, tags: &[Arc<str>]) {
+        let super::SessionInfo {
+            client,
+            local,
+            proxy,
+            original_dst,
+            ..
+        } = *info;
         if let Some(p) = proxy {
             self.note(&format!("client {client} via proxy {p}"));
         }
-        if let Some(d) = self.original_dst {
+        if let Some(d) = original_dst {
             self.note(&format!(
                 "client {client} redirected, original destination {d}"
             ));
@@ -196,11 +181,11 @@ impl Observer {
         if self.auditing() {
             self.push_tagged(
                 SessionOpen {
-                    listener: listener.to_owned(),
+                    listener: info.listener.to_string(),
                     client,
                     local,
                     proxy,
-                    original_dst: self.original_dst,
+                    original_dst,
                     client_tls: tls.cloned(),
                 },
                 &strings(tags),
@@ -393,7 +378,7 @@ impl Observer {
             }
             (Some(Verb::Top), Some(n)) if meta.multiline => {
                 let set = HeaderSet::new(&["Message-ID".to_owned()], self.headers.max_bytes());
-                self.probe = Some((n, HeaderExtractor::new(Arc::new(set))));
+                self.probe = Some(Box::new((n, HeaderExtractor::new(Arc::new(set)))));
             }
             _ => {}
         }
@@ -401,12 +386,12 @@ impl Observer {
 
     /// Body bytes answering a command popgate sent (a `TOP n 0`): read for the Message-ID.
     pub fn injected_body(&mut self, chunk: &[u8], end: bool) {
-        if let Some((_, h)) = self.probe.as_mut()
+        if let Some((_, h)) = self.probe.as_deref_mut()
             && !h.is_done()
         {
             h.feed(chunk);
         }
-        if end && let Some((n, h)) = self.probe.take() {
+        if end && let Some((n, h)) = self.probe.take().map(|b| *b) {
             let headers = h.finish();
             if let Some((_, id)) = headers.iter().next() {
                 self.message_ids.insert(n, id.to_owned());
@@ -579,7 +564,13 @@ impl Observer {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
         }
-        match &self.kicked_by {
+        // A kick's close names who asked (the registry entry knows).
+        let kicked_by = if reason == CloseReason::Kick {
+            self.tap.kicked_by()
+        } else {
+            None
+        };
+        match &kicked_by {
             Some(who) => self.note(&format!("session closed: kicked by {who}")),
             None => self.note(&format!("session closed: {}", reason.as_str())),
         }
@@ -596,7 +587,7 @@ impl Observer {
                 bytes_to_client: to_client,
                 duration_ms,
                 rule: marks.dropped_by.as_deref().map(str::to_owned),
-                kicked_by: self.kicked_by.clone(),
+                kicked_by,
             },
             &strings(&marks.tags),
         );
