@@ -1702,11 +1702,17 @@ impl Hop {
             "message scanned"
         );
         let user = self.user_shared();
+        let added = if judgement.outcome == scanning::Outcome::Deliver {
+            Bytes::from(judgement.headers)
+        } else {
+            Bytes::new()
+        };
         self.event(SessionEvent::Scanned {
             msg: s.msg,
             verb: s.verb,
             reports,
             action: judgement.action,
+            added,
             user,
         });
         if let Some(Output::ToClient(reply)) = outs.last()
@@ -1831,6 +1837,7 @@ impl Hop {
             verb: s.verb,
             reports,
             action: crate::proxy::ScanAction::Unscanned,
+            added: Bytes::from_static(scanning::UNSCANNED_TOO_LARGE),
             user,
         });
     }

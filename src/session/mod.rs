@@ -661,8 +661,25 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
-            // The audit `scan` events (issue 23): next commit.
-            SessionEvent::Scanned { .. } => {}
+            SessionEvent::Scanned {
+                msg,
+                verb,
+                reports,
+                action,
+                added,
+                user,
+            } => {
+                use crate::audit::ScanEventAction as A;
+                let action = match action {
+                    crate::proxy::ScanAction::Delivered => A::Delivered,
+                    crate::proxy::ScanAction::Tagged => A::Tagged,
+                    crate::proxy::ScanAction::Replaced => A::Replaced,
+                    crate::proxy::ScanAction::Denied => A::Denied,
+                    crate::proxy::ScanAction::Tempfailed => A::Tempfailed,
+                    crate::proxy::ScanAction::Unscanned => A::Unscanned,
+                };
+                obs.scanned(msg, verb, &reports, action, &added, user.as_deref());
+            }
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
