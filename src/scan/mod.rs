@@ -174,7 +174,6 @@ impl Scanners {
     }
 
     /// The same, recording scans and spooled bytes into `metrics` (their series start at 0).
-    #[allow(dead_code)] // until the session driver builds its scanners (issue 23, part C)
     pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Scanners {
         metrics.scanners_configured(self.scanners.iter().map(|s| &*s.name));
         self.metrics = Some(metrics);
