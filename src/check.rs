@@ -92,6 +92,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     warnings.extend(rules.warnings().iter().cloned());
     check_trace_rules(&config, &rules)?;
     check_route_rules(&config, &rules, path)?;
+    check_scan_rules(&config, &rules, path)?;
     if config
         .upstreams
         .iter()
@@ -165,6 +166,24 @@ fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<()
             path: path.to_owned(),
             key: "rules".into(),
             reason,
+        });
+    }
+    Ok(())
+}
+
+/// `scan` rules name `[[scanner]]` entries.
+fn check_scan_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<(), ConfigError> {
+    for (file, rule, scanner) in rules.scanners_in_files() {
+        if config.scanners.iter().any(|s| s.name == scanner) {
+            continue;
+        }
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "rules".into(),
+            reason: format!(
+                "{}: rule {rule:?} scans with {scanner:?}: no [[scanner]] has that name",
+                file.display()
+            ),
         });
     }
     Ok(())
@@ -514,6 +533,31 @@ mod tests {
     }
 
     #[test]
+    fn scan_rules_must_name_configured_scanners() {
+        let rules = RuleSet::parse(
+            "[[rule]]\nname = \"s\"\non = \"command\"\naction = \"scan\"\n\
+             scan = [\"clamav\", \"rspamd\"]\n",
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        let one =
+            config("[[scanner]]\nname = \"clamav\"\nkind = \"clamd\"\naddress = \"unix:/x\"\n");
+        let e = check_scan_rules(&one, &rules, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml: rule \"s\" scans with \"rspamd\": no [[scanner]]"),
+            "{e}"
+        );
+        let both = config(
+            "[[scanner]]\nname = \"clamav\"\nkind = \"clamd\"\naddress = \"unix:/x\"\n\
+             [[scanner]]\nname = \"rspamd\"\nkind = \"rspamd\"\n\
+             address = \"http://127.0.0.1:11333\"\n",
+        );
+        check_scan_rules(&both, &rules, Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
     fn effective_config_round_trips_with_defaults() {
         let c = config("[limits]\nmax_sessions = 7\n");
         let text = effective_toml(&c).unwrap();
@@ -684,6 +728,9 @@ listeners = ["pop3"]
 networks = ["127.0.0.0/8"]
 full_bodies = true
 summary_lines = 3
+[scan]
+notice_from = "Mail Proxy <postmaster@example.org>"
+contact = "postmaster@example.org"
 "#;
 
     #[test]

@@ -574,6 +574,18 @@ pub const KEYS: &[Key] = &[
         A,
         "In summary mode, how many body lines are written before the octet count.",
     ),
+    k(
+        "scan.notice_from",
+        "\"MAILER-DAEMON\"",
+        A,
+        "The From: of the notice that replaces an infected or spam message (on_virus/on_spam = \"replace\").",
+    ),
+    k(
+        "scan.contact",
+        "\"your mail administrator\"",
+        A,
+        "Whom the notice tells its reader to ask for the original (an address, a URL, a team).",
+    ),
 ];
 
 /// The entry of a dotted key.
@@ -597,6 +609,7 @@ fn section_of(key: &str) -> &'static str {
         ("control.", "[control]"),
         ("state.", "[state]"),
         ("audit.transcript.", "[audit.transcript]"),
+        ("scan.", "[scan]"),
         ("audit.", "[audit]"),
     ];
     TABLES

@@ -63,6 +63,10 @@ pub struct ScanConfig {
     pub header: bool,
     /// At most this many scans run at once (process-wide); more wait, within their timeout.
     pub max_concurrent: usize,
+    /// The `From:` of the notice that replaces a message (`on_virus`/`on_spam = "replace"`).
+    pub notice_from: String,
+    /// Whom the notice sends its reader to for the original, e.g. an address or a URL.
+    pub contact: String,
 }
 
 impl Default for ScanConfig {
@@ -75,6 +79,8 @@ impl Default for ScanConfig {
             on_error: OnScanError::Tempfail,
             header: false,
             max_concurrent: 16,
+            notice_from: "MAILER-DAEMON".into(),
+            contact: "your mail administrator".into(),
         }
     }
 }

@@ -30,10 +30,11 @@ use crate::pop3::tracker::{
     sasl_mechanism_supported,
 };
 use crate::rules::{Event, EventKind, command_line};
-use crate::types::{CloseReason, MessageIds};
+use crate::types::{CloseReason, MessageIds, ScanReport};
 
 use super::output::{CommandLine, Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
+use super::scan::{self as scanning, ScanPolicy, Scanning};
 
 /// An overlong line is discarded up to its end; past this many lengths of junk, close.
 const MAX_DISCARD_FACTOR: usize = 16;
@@ -96,6 +97,9 @@ pub(crate) struct HopConfig {
     /// UIDL (and with `always` the Message-ID) of a message the client retrieves or deletes
     /// before the session has seen it. `None`: nothing is ever injected.
     pub(crate) lookups: Option<MessageIds>,
+    /// Content scanning (`[[scanner]]`, `[scan]`): `None` when no scanner is configured,
+    /// then `scan` rules have no effect.
+    pub(crate) scan: Option<Arc<ScanPolicy>>,
 }
 
 /// What the hop knows about the messages' unique ids, to ask the server only what it must.
@@ -200,6 +204,17 @@ pub(crate) struct Hop {
     /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
     /// gives in place of a server that has no CAPA.
     learned: Learned,
+    /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
+    /// while it is outstanding no later client command is read.
+    scan: Option<Box<Scanning>>,
+    /// The scanners the rules chose for the command being decided.
+    selected: Vec<Arc<str>>,
+    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
+    /// locally (the client has not seen it).
+    tempfailed: HashSet<u32>,
+    /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
+    /// popgate's own), for a notice.
+    uidls: VecDeque<(u32, Box<str>)>,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -235,6 +250,10 @@ impl Hop {
             close_marks: None,
             known: Known::default(),
             learned: Learned::default(),
+            scan: None,
+            selected: Vec::new(),
+            tempfailed: HashSet::new(),
+            uidls: VecDeque::new(),
             cfg,
         }
     }
@@ -255,6 +274,11 @@ impl Hop {
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let hold = self.outputs.deadline();
         if self.closed() {
+            return hold;
+        }
+        if self.scan.as_ref().is_some_and(|s| s.waiting) {
+            // The client waits for popgate, not the other way round; the scanners' own
+            // timeouts bound the wait.
             return hold;
         }
         let mut at = self.idle_deadline;
@@ -305,6 +329,7 @@ impl Hop {
     /// behind the hold, within the pipeline limit.
     pub(crate) fn wants_client_input(&self) -> bool {
         matches!(self.phase, Phase::Reading { .. })
+            && self.scan.is_none()
             && !self.tracker.quit_sent()
             && !self.tracker.client_must_wait()
             && !self.tracker.internal_pending()
@@ -372,9 +397,16 @@ impl Hop {
         self.policy.trace
     }
 
-    /// Whether a multi-line response is cut if the session ends now.
+    /// Whether a multi-line response is cut if the session ends now (a body held for
+    /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        self.tracker.in_body() || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+    }
+
+    /// Whether the status line of a retrieval is held for scanning (the client has seen
+    /// nothing of the response).
+    fn holding_status(&self) -> bool {
+        self.scan.as_ref().is_some_and(|s| s.status.is_some())
     }
 
     /// The `close` rule event, at the end of the session.
@@ -424,7 +456,7 @@ impl Hop {
     /// Whether the client is owed a last answer when the session ends now without a response
     /// cut: nothing outstanding, or a command was held and never sent (`dropped`).
     fn owed_a_last_word(&self, dropped: bool) -> bool {
-        !self.tracker.in_body() && (dropped || self.tracker.idle())
+        self.holding_status() || (!self.tracker.in_body() && (dropped || self.tracker.idle()))
     }
 
     /// Hold what is queued after this point for `delay` (and, with `penalty`, until the
@@ -592,9 +624,12 @@ impl Hop {
     pub(crate) fn on_shutdown(&mut self) {
         let cut = self.cut_hold();
         if self.closed() {
+            self.drop_scan();
             return;
         }
-        if self.owed_a_last_word(cut) {
+        let owed = self.owed_a_last_word(cut);
+        self.drop_scan();
+        if owed {
             self.send_client(replies::line(replies::SHUTTING_DOWN));
         }
         self.close(CloseReason::Shutdown);
@@ -625,7 +660,9 @@ impl Hop {
             return;
         };
         let cut = self.cut_hold();
-        if self.owed_a_last_word(cut) {
+        let owed = self.owed_a_last_word(cut);
+        self.drop_scan();
+        if owed {
             self.send_client(replies::line(reply));
         }
         self.close(reason);
@@ -652,7 +689,9 @@ impl Hop {
     /// The upstream is gone: answer `-ERR [SYS/TEMP]` if a response is due and none has
     /// started (a partly relayed body is left incomplete on purpose).
     fn answer_upstream_lost(&mut self) {
-        if !self.mid_response() && !self.tracker.idle() {
+        let owed = !self.mid_response() && !self.tracker.idle();
+        // A retrieval held for scanning: the client has seen nothing of it.
+        if self.drop_scan() || owed {
             self.send_client(replies::line(replies::UPSTREAM_CLOSED));
         }
     }
@@ -689,7 +728,8 @@ impl Hop {
                     warn!(error = %e, "upstream broke the protocol");
                     let in_body = self.tracker.in_body();
                     self.flush_server(sin, &mut fwd);
-                    if !in_body {
+                    // A body held for scanning is not cut: the client gets an answer.
+                    if self.drop_scan() || !in_body {
                         self.send_client(replies::line(replies::UPSTREAM_PROTOCOL_ERROR));
                     }
                     self.close(CloseReason::Error);
@@ -736,6 +776,24 @@ impl Hop {
                         self.send_client(out);
                     }
                 }
+                Piece::Body { len } | Piece::BodyEnd { len } if self.holding_status() => {
+                    self.flush_server(sin, &mut fwd);
+                    let chunk = sin.split_to(len).freeze();
+                    let end = matches!(piece, Piece::BodyEnd { .. });
+                    let user = if end { self.user_shared() } else { None };
+                    self.event(SessionEvent::Body {
+                        chunk: chunk.clone(),
+                        end,
+                        user,
+                    });
+                    let data = if end {
+                        // The terminator line, `.` CRLF, is the hop's to write.
+                        chunk.slice(..chunk.len().saturating_sub(3))
+                    } else {
+                        chunk
+                    };
+                    self.spool(data, end);
+                }
                 Piece::Body { len } | Piece::BodyEnd { len } => {
                     let end = matches!(piece, Piece::BodyEnd { .. });
                     // Named on the last chunk only (the retrieval record): no shared-pointer
@@ -764,6 +822,14 @@ impl Hop {
     /// A status line of `len` bytes at `sin[fwd..]`: rules, audit, CAPA capture, relay.
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
+        // The answer to the retrieval a scan rule selected: the last command sent (no later
+        // one is read until its verdict).
+        let answers_scan = meta.status != crate::pop3::response::Status::Continue
+            && self.cmd_tags.len() == 1
+            && self.scan.as_ref().is_some_and(|s| {
+                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
+            });
+        let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
                 user = login.user.as_deref().unwrap_or("-"),
@@ -812,7 +878,7 @@ impl Hop {
         if penalty {
             self.event(SessionEvent::LoginFailed(self.cfg.client_ip));
         }
-        self.learn_from_response(&meta);
+        self.learn_from_response(&meta, &sin[at..at + len]);
         // After the rules, so that a login event carries the tags they attached.
         self.report_tags();
         let (verb, status, multiline) = (meta.verb, meta.status, meta.multiline);
@@ -848,6 +914,19 @@ impl Hop {
                 Some(Verb::Uidl) => self.learned.uidl = true,
                 _ => {}
             }
+        }
+        if answers_scan {
+            if status == crate::pop3::response::Status::Ok && multiline {
+                // Held, with the body, until the verdict.
+                self.flush_server(sin, fwd);
+                let original = sin.split_to(len).freeze();
+                self.status_bytes(status_event, original.clone());
+                let line = rewritten.map_or(original, Bytes::from);
+                self.hold_status(line, stated);
+                return;
+            }
+            // Nothing to scan.
+            self.scan = None;
         }
         // A server without CAPA (popa3d, RFC 1939 only) refuses it: popgate answers with its
         // own list, so that clients see STLS where this listener offers it (curl, poplib and
@@ -1031,6 +1110,7 @@ impl Hop {
                 break;
             }
             if self.phase == Phase::StartingTls
+                || self.scan.is_some()
                 || self.tracker.client_must_wait()
                 || self.tracker.internal_pending()
                 || self.tracker.pending_len() >= self.cfg.max_pipeline
@@ -1197,6 +1277,7 @@ impl Hop {
             line = %crate::pop3::printable(&line).trim_end(),
             "answer to popgate's own question"
         );
+        self.learn_uidl(&meta, &line);
         if meta.status != crate::pop3::response::Status::Ok {
             match meta.verb {
                 Some(Verb::Uidl) => self.known.refused = meta.msg,
@@ -1207,8 +1288,33 @@ impl Hop {
         self.event(SessionEvent::InjectedStatus { meta, line });
     }
 
+    /// With scanning: the unique id a `+OK n uid` answer to `UIDL n` gives, for a notice.
+    fn learn_uidl(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        const KEEP: usize = 8;
+        if self.cfg.scan.is_none()
+            || meta.verb != Some(Verb::Uidl)
+            || meta.status != crate::pop3::response::Status::Ok
+            || meta.multiline
+        {
+            return;
+        }
+        let (Some(n), Ok(text)) = (meta.msg, std::str::from_utf8(trim_eol(line))) else {
+            return;
+        };
+        // RFC 1939: the id is 1 to 70 characters 0x21 to 0x7E.
+        if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
+            && !uid.is_empty()
+        {
+            if self.uidls.len() >= KEEP {
+                self.uidls.pop_front();
+            }
+            self.uidls.push_back((n, uid.into()));
+        }
+    }
+
     /// What the client's own responses teach about UIDL support, before the observer sees them.
-    fn learn_from_response(&mut self, meta: &ResponseMeta) {
+    fn learn_from_response(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        self.learn_uidl(meta, line);
         let ok = meta.status == crate::pop3::response::Status::Ok;
         let k = &mut self.known;
         match meta.verb {
@@ -1319,6 +1425,7 @@ impl Hop {
                         self.tracker.forwarded(&cmd);
                         self.note_uidl(&cmd);
                         self.cmd_tags.push_back(tags);
+                        self.select_scan(&cmd);
                     }
                     Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line, tags),
                     Decision::Drop(rule) => {
@@ -1380,6 +1487,7 @@ impl Hop {
                 self.tracker.forwarded(&new);
                 self.note_uidl(&new);
                 self.cmd_tags.push_back(tags);
+                self.select_scan(&new);
             }
             Err(e) => {
                 warn!(error = %e, "rule rewrite produced an invalid command");
@@ -1411,9 +1519,10 @@ impl Hop {
                 EventKind::Command,
             )
         };
-        let verdict = self.policy.evaluate(&ev);
+        let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
+        self.selected = std::mem::take(&mut verdict.scan);
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1473,6 +1582,16 @@ impl Hop {
             }
             Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
+            // The client has not seen this message (its retrieval was tempfailed): it is not
+            // deleted on its behalf.
+            Verb::Dele
+                if cmd
+                    .msg_number()
+                    .is_some_and(|n| self.tempfailed.contains(&n)) =>
+            {
+                info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
+                reply(replies::SCAN_DELE_TEMPFAILED)
+            }
             _ => Decision::Forward(
                 verdict
                     .rewritten
@@ -1513,6 +1632,226 @@ impl Hop {
             replies::line(replies::LINE_TOO_LONG),
             AfterReply::Continue,
         );
+    }
+}
+
+/// Content scanning: a retrieval a `scan` rule selected (see [`Scanning`]).
+impl Hop {
+    /// The driver's answer to an [`Output::Scan`]: one report per scanner asked, in the order
+    /// asked; `date` is now as an RFC 5322 date (for a notice when the original has none);
+    /// `cin` holds client bytes not yet handled (commands read before the scan wait there).
+    /// What the client gets for the message comes out in the hold's place, by `[scan]`
+    /// policy; a late answer (the session ended meanwhile) is ignored.
+    pub(crate) fn scan_done(
+        &mut self,
+        now: Instant,
+        date: &str,
+        reports: Vec<ScanReport>,
+        cin: &mut BytesMut,
+    ) {
+        self.now = now;
+        self.idle_deadline = now + self.cfg.idle_timeout;
+        let Some(s) = self.scan.take_if(|s| s.waiting) else {
+            return;
+        };
+        let Some(policy) = self.cfg.scan.clone() else {
+            return;
+        };
+        let status = s.status.clone().unwrap_or_default();
+        let judgement = scanning::judge(&policy, &reports);
+        let mut outs = Vec::with_capacity(3);
+        let mut local = None;
+        match judgement.outcome {
+            scanning::Outcome::Deliver => {
+                let mut first = status.to_vec();
+                first.extend_from_slice(&judgement.headers);
+                outs.push(Output::ToClient(first.into()));
+                if s.spooled > 0 {
+                    outs.push(Output::Unspool);
+                }
+                outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
+            }
+            scanning::Outcome::Replace => {
+                let uidl = self
+                    .uidls
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| *n == s.msg)
+                    .map(|(_, u)| &**u);
+                let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
+                let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
+                reply.extend_from_slice(&notice);
+                reply.extend_from_slice(b".\r\n");
+                local = Some(Bytes::from(reply));
+            }
+            scanning::Outcome::Deny => local = Some(replies::line(replies::SCAN_DENIED).into()),
+            scanning::Outcome::Tempfail => {
+                local = Some(replies::line(replies::SCAN_TEMPFAIL).into());
+            }
+        }
+        if let Some(reply) = local {
+            if s.spooled > 0 {
+                outs.push(Output::DropSpool);
+            }
+            outs.push(Output::ToClient(reply));
+        }
+        if judgement.action == crate::proxy::ScanAction::Tempfailed {
+            self.tempfailed.insert(s.msg);
+        } else {
+            self.tempfailed.remove(&s.msg);
+        }
+        info!(
+            msg = s.msg,
+            verb = %s.verb,
+            action = judgement.action.as_str(),
+            "message scanned"
+        );
+        let user = self.user_shared();
+        self.event(SessionEvent::Scanned {
+            msg: s.msg,
+            verb: s.verb,
+            reports,
+            action: judgement.action,
+            user,
+        });
+        if let Some(Output::ToClient(reply)) = outs.last()
+            && judgement.outcome != scanning::Outcome::Deliver
+        {
+            self.event(SessionEvent::LocalReply(reply.clone()));
+        }
+        self.outputs.answer_scan(outs, now);
+        if self.closed() {
+            return;
+        }
+        self.client_data(cin);
+        if !self.closed() && self.phase == Phase::ClientEof && self.tracker.idle() {
+            self.close(CloseReason::ClientEof);
+        }
+    }
+
+    /// A command was forwarded: if the rules chose scanners for it and it retrieves a
+    /// message, its body is to be held for them.
+    fn select_scan(&mut self, cmd: &Command<'_>) {
+        let names = std::mem::take(&mut self.selected);
+        if names.is_empty()
+            || self.cfg.scan.is_none()
+            || !matches!(cmd.verb, Verb::Retr | Verb::Top)
+            || self.tracker.state() != State::Transaction
+        {
+            return;
+        }
+        let Some(msg) = cmd.msg_number() else {
+            return;
+        };
+        debug!(msg, verb = %cmd.verb, "retrieval selected for scanning");
+        self.scan = Some(Box::new(Scanning::new(names.into(), msg, cmd.verb)));
+    }
+
+    /// The `+OK` of a selected retrieval (`line`, as the client is to get it; `stated`: the
+    /// size it states): held with the body, unless a RETR states a size larger than any of
+    /// the scanners takes (then it goes at once, tagged unscanned).
+    fn hold_status(&mut self, line: Bytes, stated: Option<u64>) {
+        let (Some(policy), Some(s)) = (self.cfg.scan.clone(), self.scan.as_mut()) else {
+            self.scan = None;
+            self.send_client(line);
+            return;
+        };
+        s.cap = policy.cap(&s.scanners);
+        if s.verb == Verb::Retr && stated.is_some_and(|n| n > s.cap) {
+            debug!(msg = s.msg, size = ?stated, cap = s.cap, "too large to scan: relayed unscanned");
+            let mut first = line.to_vec();
+            first.extend_from_slice(scanning::UNSCANNED_TOO_LARGE);
+            self.send_client(first);
+            self.unscanned();
+            return;
+        }
+        s.status = Some(line);
+    }
+
+    /// Body bytes of a held retrieval (`end`: the last, without the terminator line).
+    fn spool(&mut self, data: Bytes, end: bool) {
+        let Some(s) = self.scan.as_mut() else {
+            return;
+        };
+        s.keep_head(&data);
+        if s.spooled + data.len() as u64 > s.cap {
+            // Larger than any of its scanners takes: what was held goes now, the rest as it
+            // comes, tagged unscanned.
+            debug!(
+                msg = s.msg,
+                cap = s.cap,
+                "body passed the scan size cap: relayed unscanned"
+            );
+            let spooled = s.spooled;
+            let mut first = s.status.take().unwrap_or_default().to_vec();
+            first.extend_from_slice(scanning::UNSCANNED_TOO_LARGE);
+            self.send_client(first);
+            if spooled > 0 {
+                self.outputs.push(Output::Unspool);
+            }
+            if !data.is_empty() {
+                self.send_client(data);
+            }
+            if end {
+                self.send_client(Bytes::from_static(b".\r\n"));
+            }
+            self.unscanned();
+            return;
+        }
+        if !data.is_empty() {
+            s.spooled += data.len() as u64;
+            self.outputs.push(Output::Spool(data));
+        }
+        if end {
+            s.waiting = true;
+            let req = crate::proxy::ScanRequest {
+                scanners: s.scanners.clone(),
+                msg: s.msg,
+            };
+            self.outputs.push(Output::Scan(req));
+            self.outputs.hold_for_scan();
+        }
+    }
+
+    /// The selected retrieval goes to the client unscanned (too large): its audit events
+    /// say so, one `too_large` report per scanner.
+    fn unscanned(&mut self) {
+        let Some(s) = self.scan.take() else {
+            return;
+        };
+        let reports = s
+            .scanners
+            .iter()
+            .map(|name| ScanReport {
+                scanner: name.clone(),
+                verdict: crate::types::ScanVerdict::TooLarge,
+                detail: None,
+                score: None,
+                duration: Duration::ZERO,
+            })
+            .collect();
+        let user = self.user_shared();
+        self.event(SessionEvent::Scanned {
+            msg: s.msg,
+            verb: s.verb,
+            reports,
+            action: crate::proxy::ScanAction::Unscanned,
+            user,
+        });
+    }
+
+    /// The session ends (or the response breaks) before a held retrieval's verdict: the
+    /// spool goes, and the hold waiting for the verdict. Whether the client was owed the
+    /// retrieval's status line (it saw nothing of the response).
+    fn drop_scan(&mut self) -> bool {
+        let Some(s) = self.scan.take() else {
+            return false;
+        };
+        self.outputs.answer_scan(Vec::new(), self.now);
+        if s.spooled > 0 {
+            self.outputs.push(Output::DropSpool);
+        }
+        s.status.is_some()
     }
 }
 

@@ -11,7 +11,9 @@ use bytes::Bytes;
 
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::CloseReason;
+use crate::types::{CloseReason, ScanReport};
+
+use super::scan::{ScanAction, ScanRequest};
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,19 @@ pub(crate) enum Output {
     /// Run the server side of a TLS handshake with the client, then call
     /// [`Hop::client_tls_started`](super::Hop::client_tls_started).
     StartClientTls,
+    /// Append these body bytes (wire bytes of a RETR/TOP body a `scan` rule selected,
+    /// dot-stuffed, without the terminator line) to the session's spool, creating it with the
+    /// first chunk. The client gets none of it until an [`Output::Unspool`].
+    Spool(Bytes),
+    /// Start a scan of the spool by these scanners; outputs after this one are held until
+    /// the driver answers with [`Hop::scan_done`](super::Hop::scan_done) (the client is
+    /// still watched, a shutdown still ends the session). The spool stays the driver's.
+    Scan(ScanRequest),
+    /// Write the spool's bytes to the client (counted as traffic to the client), then drop
+    /// the spool.
+    Unspool,
+    /// Drop the spool unsent (the message was replaced, denied or tempfailed).
+    DropSpool,
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.
@@ -95,7 +110,7 @@ impl CommandLine {
 /// What happened in a session, for the audit trail, transcripts and metrics, in the order it
 /// happened. Bytes are shared with what was relayed (no copy of bodies). The driver polls them
 /// with [`Hop::poll_event`](super::Hop::poll_event) after every call that feeds the hop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SessionEvent {
     /// A command the client sent (the transcript redacts it).
     ClientCommand(CommandLine),
@@ -162,6 +177,21 @@ pub(crate) enum SessionEvent {
     },
     /// The server has no UIDL command: the audit records say so from now on.
     NoUidl,
+    /// A retrieved message held for scanning was judged (or let through unscanned): one audit
+    /// `scan` event per report. Comes after the body's last [`SessionEvent::Body`] (the
+    /// `retrieve` record, as the server sent it) and before what the client got.
+    Scanned {
+        /// The message number.
+        msg: u32,
+        /// `RETR` or `TOP`.
+        verb: Verb,
+        /// One per scanner, in the order the rules named them.
+        reports: Vec<ScanReport>,
+        /// What the client got.
+        action: ScanAction,
+        /// The user rules and audit see.
+        user: Option<Arc<str>>,
+    },
 }
 
 /// A point in the output queue that nothing after passes before its time.
@@ -173,6 +203,9 @@ struct Hold {
     until: Option<Instant>,
     /// The driver has not yet answered the [`SessionEvent::LoginFailed`] that asked for it.
     awaiting_penalty: bool,
+    /// The driver has not yet answered the [`Output::Scan`] before it: the verdict's outputs
+    /// take this hold's place ([`Outputs::answer_scan`]).
+    awaiting_scan: bool,
 }
 
 #[derive(Debug)]
@@ -202,9 +235,40 @@ impl Outputs {
             delay,
             until: None,
             awaiting_penalty,
+            awaiting_scan: false,
         }));
         self.holds += 1;
         self.settle(now);
+    }
+
+    /// Nothing queued after this point goes out before [`Outputs::answer_scan`].
+    pub(super) fn hold_for_scan(&mut self) {
+        self.slots.push_back(Slot::Hold(Hold {
+            delay: Duration::ZERO,
+            until: None,
+            awaiting_penalty: false,
+            awaiting_scan: true,
+        }));
+        self.holds += 1;
+    }
+
+    /// The verdict of the scan a hold waits for: `outs` take the hold's place, in order.
+    /// `false` if no hold waits for one.
+    pub(super) fn answer_scan(&mut self, outs: Vec<Output>, now: Instant) -> bool {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Hold(h) if h.awaiting_scan))
+        else {
+            return false;
+        };
+        self.slots.remove(i);
+        self.holds -= 1;
+        for (k, out) in outs.into_iter().enumerate() {
+            self.slots.insert(i + k, Slot::Out(out));
+        }
+        self.settle(now);
+        true
     }
 
     /// The next output that may go out now.
@@ -250,7 +314,7 @@ impl Outputs {
     /// Arm the first hold, and let go of the holds whose time has come at `now`.
     pub(super) fn settle(&mut self, now: Instant) {
         while let Some((i, h)) = self.first_hold() {
-            if h.awaiting_penalty {
+            if h.awaiting_penalty || h.awaiting_scan {
                 return;
             }
             let until = *h.until.get_or_insert(now + h.delay);

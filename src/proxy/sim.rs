@@ -859,6 +859,7 @@ pub fn run(data: &[u8]) -> Summary {
         login_timeout: Duration::from_secs(60),
         greeting_timeout: Duration::from_secs(30),
         lookups,
+        scan: None,
     };
     let now = Instant::now();
     let policy = Policy::new(rule_sets()[rules].clone());
@@ -1113,6 +1114,9 @@ impl Sim<'_> {
                 Output::Close(reason) => {
                     self.close = Some(reason);
                     self.ended = true;
+                }
+                Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                    unreachable!("scanning is off in the simulator")
                 }
             }
         }

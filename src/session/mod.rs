@@ -412,6 +412,8 @@ async fn open(
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
+        // Scanning is wired by the driver (issue 23, part C).
+        scan: None,
     };
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
@@ -651,6 +653,8 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
+            // The audit `scan` events (issue 23): next commit.
+            SessionEvent::Scanned { .. } => {}
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
@@ -856,6 +860,25 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                     self.redial_before_next_command = self.redial_wanted();
+                }
+                // Stop-gap until the driver holds a spool and runs the scanners (issue 23,
+                // part C): a scan is answered at once with an error report per scanner, so
+                // that `on_error` decides and no session waits for a verdict that never comes.
+                Output::Spool(_) | Output::Unspool | Output::DropSpool => {}
+                Output::Scan(req) => {
+                    let reports = req
+                        .scanners
+                        .iter()
+                        .map(|name| crate::types::ScanReport {
+                            scanner: name.clone(),
+                            verdict: crate::types::ScanVerdict::Error,
+                            detail: Some("scanning is not available in this build".into()),
+                            score: None,
+                            duration: std::time::Duration::ZERO,
+                        })
+                        .collect();
+                    let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
+                    self.hop.scan_done(clock(), &date, reports, &mut self.cin);
                 }
                 Output::Close(reason) => return Ok(Some(reason)),
             }

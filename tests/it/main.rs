@@ -34,6 +34,7 @@ mod routing;
 mod rules;
 mod rules_check;
 mod scale_out;
+mod scanners;
 mod security;
 mod session_timers;
 mod tls;
