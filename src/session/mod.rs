@@ -629,11 +629,7 @@ impl SessionObserver {
     fn dispatch(&mut self, ev: SessionEvent, shared: &Shared, listener: &str) {
         let obs = &mut self.observer;
         match ev {
-            SessionEvent::ClientCommand(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.client_command(&cmd);
-                }
-            }
+            SessionEvent::ClientCommand(line) => obs.client_command(&line.command()),
             SessionEvent::ClientSasl => obs.client_sasl(),
             SessionEvent::LocalReply(reply) => obs.local_reply(&reply),
             SessionEvent::Status {
@@ -660,11 +656,7 @@ impl SessionObserver {
                 tags,
             } => obs.denied(&rule, verb, user.as_deref(), &tags),
             SessionEvent::Tags(tags) => obs.set_tags(&tags),
-            SessionEvent::Injected(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.injected(&cmd);
-                }
-            }
+            SessionEvent::Injected(line) => obs.injected(&line.command()),
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
