@@ -84,12 +84,12 @@ pub(crate) fn printable(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A `[[scanner]]` entry that cannot be used.
+/// A `[[scanner]]` entry or the `[scan]` spool directory that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("scanner {name:?}: {reason}")]
+#[error("{key}: {reason}")]
 pub struct ScannerError {
-    /// The scanner's name.
-    pub name: String,
+    /// What it is about: `scanner "clamav"` or `scan.spool_dir`.
+    pub key: String,
     /// What is wrong.
     pub reason: String,
 }
@@ -113,7 +113,7 @@ struct Scanner {
 impl Scanner {
     fn new(c: &ScannerConfig) -> Result<Scanner, ScannerError> {
         let invalid = |reason: String| ScannerError {
-            name: c.name.clone(),
+            key: format!("scanner {:?}", c.name),
             reason,
         };
         let backend = match c.kind {
@@ -160,8 +160,20 @@ pub struct Scanners {
 }
 
 impl Scanners {
-    /// The scanners of a config (validated: names unique, addresses parse).
+    /// The scanners of a config (validated: names unique, addresses parse). `spool_dir` is
+    /// created (mode 0700) if it is missing.
     pub fn new(scanners: &[ScannerConfig], scan: &ScanConfig) -> Result<Scanners, ScannerError> {
+        if !scanners.is_empty() && !scan.spool_dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&scan.spool_dir)
+                .map_err(|e| ScannerError {
+                    key: "scan.spool_dir".into(),
+                    reason: format!("{}: {e}", scan.spool_dir.display()),
+                })?;
+        }
         Ok(Scanners {
             scanners: scanners
                 .iter()
@@ -246,18 +258,38 @@ impl Scanners {
         }
     }
 
-    /// Whether each scanner answers (clamd `PING`, rspamd `GET /ping`), in config order: what
-    /// `popgate check` reports.
+    /// Whether each scanner answers (clamd `PING`, rspamd `GET /ping`), in config order.
     pub async fn check(&self) -> Vec<(Arc<str>, Result<(), String>)> {
-        futures_util::future::join_all(self.scanners.iter().map(|s| async move {
-            let limit = s.timeout.min(CHECK_TIMEOUT);
-            let outcome = tokio::time::timeout(limit, s.ping())
-                .await
-                .unwrap_or(Err(ScanError::Timeout(limit)));
-            (s.name.clone(), outcome.map_err(|e| e.to_string()))
-        }))
+        futures_util::future::join_all(
+            self.scanners
+                .iter()
+                .map(|s| async move { (s.name.clone(), s.check().await) }),
+        )
         .await
     }
+}
+
+impl Scanner {
+    /// Its ping, bounded by its `timeout` or [`CHECK_TIMEOUT`], whichever is shorter.
+    async fn check(&self) -> Result<(), String> {
+        let limit = self.timeout.min(CHECK_TIMEOUT);
+        tokio::time::timeout(limit, self.ping())
+            .await
+            .unwrap_or(Err(ScanError::Timeout(limit)))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// What `popgate check` asks of the `[[scanner]]`s of a config: whether each answers its ping
+/// (in config order); nothing is created or started.
+pub async fn check(scanners: &[ScannerConfig]) -> Vec<(Arc<str>, Result<(), String>)> {
+    futures_util::future::join_all(scanners.iter().map(|c| async move {
+        match Scanner::new(c) {
+            Ok(s) => (s.name.clone(), s.check().await),
+            Err(e) => (c.name.as_str().into(), Err(e.reason)),
+        }
+    }))
+    .await
 }
 
 #[cfg(test)]
@@ -266,16 +298,7 @@ mod tests {
     use crate::types::ByteSize;
 
     fn metrics() -> Arc<crate::metrics::Metrics> {
-        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
-                    [upstream]\naddress = \"127.0.0.1:110\"\n";
-        let config = crate::config::Config::parse(text, std::path::Path::new("t")).unwrap();
-        let limiter = Arc::new(crate::limits::Limiter::new(&config.limits));
-        Arc::new(crate::metrics::Metrics::new(
-            &config,
-            std::iter::empty(),
-            crate::audit::AuditSink::disabled(),
-            limiter,
-        ))
+        Arc::new(crate::metrics::Metrics::for_tests())
     }
 
     fn scanner(name: &str, address: &str, max_size: u64) -> ScannerConfig {

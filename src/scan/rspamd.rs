@@ -21,30 +21,10 @@ pub(crate) struct Client {
     http: reqwest::Client,
 }
 
-/// The URLs of `/checkv2` and `/ping` under `scanner.address` (an `http://` or `https://` URL,
-/// possibly with a path prefix); the error says what is expected.
-pub(crate) fn urls(text: &str) -> Result<(reqwest::Url, reqwest::Url), String> {
-    let expected = || {
-        format!("`{text}`: an http:// or https:// URL is expected, e.g. \"http://127.0.0.1:11333\"")
-    };
-    let url = reqwest::Url::parse(text).map_err(|_| expected())?;
-    if !matches!(url.scheme(), "http" | "https")
-        || url.host_str().is_none_or(str::is_empty)
-        || url.query().is_some()
-        || url.fragment().is_some()
-        || !url.username().is_empty()
-    {
-        return Err(expected());
-    }
-    let base = url.as_str().trim_end_matches('/');
-    let join = |path: &str| reqwest::Url::parse(&format!("{base}/{path}")).map_err(|_| expected());
-    Ok((join("checkv2")?, join("ping")?))
-}
-
 impl Client {
-    /// A client of the rspamd at `address` (see [`urls`]).
+    /// A client of the rspamd at `address` (`http://host:port`, maybe with a path prefix).
     pub(crate) fn new(address: &str) -> Result<Client, String> {
-        let (checkv2, ping) = urls(address)?;
+        let (checkv2, ping) = crate::config::scan::rspamd_urls(address)?;
         let http = reqwest::Client::builder()
             // rspamd is a local service: an HTTP_PROXY meant for the outside does not apply.
             .no_proxy()
@@ -274,29 +254,5 @@ mod tests {
             verdict(r#"{"action":"no action"}"#),
             Ok((ScanVerdict::Clean, Some("no action".into()), None))
         );
-    }
-
-    #[test]
-    fn addresses_are_http_urls_with_an_optional_prefix() {
-        let (c, p) = urls("http://127.0.0.1:11333").unwrap();
-        assert_eq!(
-            (c.as_str(), p.as_str()),
-            (
-                "http://127.0.0.1:11333/checkv2",
-                "http://127.0.0.1:11333/ping"
-            )
-        );
-        let (c, _) = urls("https://rspamd.example.org/spam/").unwrap();
-        assert_eq!(c.as_str(), "https://rspamd.example.org/spam/checkv2");
-        for bad in [
-            "127.0.0.1:11333",
-            "ftp://x",
-            "http://",
-            "http://x/?q=1",
-            "http://u:p@x/",
-            "unix:/run/rspamd.sock",
-        ] {
-            assert!(urls(bad).is_err(), "{bad}");
-        }
     }
 }

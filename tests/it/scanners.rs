@@ -461,3 +461,45 @@ async fn clamd_and_rspamd_scan_one_message_at_once() {
     spool.copy_to(&mut wire).await.unwrap();
     assert!(wire == dot_stuff(&msg), "the client gets the wire bytes");
 }
+
+/// `popgate check`: a scanner that answers is named on stderr; one that does not is a
+/// warning, not an error (exit status 0).
+#[test]
+#[ignore = "needs clamd (run .ci/run)"]
+fn popgate_check_pings_each_scanner_and_warns_about_a_dead_one() {
+    let daemon = Clamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let dead = crate::common::free_port();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n\
+             [[scanner]]\nname = \"live\"\nkind = \"clamd\"\naddress = \"{}\"\n\
+             [[scanner]]\nname = \"dead\"\nkind = \"clamd\"\naddress = \"127.0.0.1:{dead}\"\n\
+             [scan]\nspool_dir = \"{}\"\n",
+            daemon.unix_address(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_popgate"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("scanner \"live\": answers"), "{stderr}");
+    assert!(
+        stderr.contains("warning: scanner \"dead\" does not answer (cannot connect"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 warning(s)"),
+        "{stderr}"
+    );
+    // check creates nothing.
+    assert!(!dir.path().join("spool").exists());
+}
