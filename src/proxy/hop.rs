@@ -823,12 +823,20 @@ impl Hop {
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         // The answer to the retrieval a scan rule selected: the last command sent (no later
-        // one is read until its verdict).
-        let answers_scan = meta.status != crate::pop3::response::Status::Continue
-            && self.cmd_tags.len() == 1
-            && self.scan.as_ref().is_some_and(|s| {
-                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
-            });
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
