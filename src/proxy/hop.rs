@@ -215,6 +215,9 @@ pub(crate) struct Hop {
     /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
     /// popgate's own), for a notice.
     uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -254,6 +257,7 @@ impl Hop {
             selected: Vec::new(),
             tempfailed: HashSet::new(),
             uidls: VecDeque::new(),
+            unseen_body_dropped: false,
             cfg,
         }
     }
@@ -400,7 +404,8 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status() && !self.unseen_body_dropped)
+            || self.capa.is_some()
     }
 
     /// Whether the status line of a retrieval is held for scanning (the client has seen
@@ -1861,6 +1866,7 @@ impl Hop {
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
         }
+        self.unseen_body_dropped |= s.status.is_some();
         s.status.is_some()
     }
 }
