@@ -605,7 +605,6 @@ impl Metrics {
     }
 
     /// The scanners of the config in force (at start, after a reload): their series start at 0.
-    #[allow(dead_code)] // until scan::Scanners records into it
     pub(crate) fn scanners_configured<'a>(&self, names: impl Iterator<Item = &'a str>) {
         for name in names {
             let _ = self.scan_duration.get_or_create(&label("scanner", name));

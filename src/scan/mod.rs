@@ -4,6 +4,7 @@
 //! decides what they mean for the client (`docs/scanning.md`).
 
 mod clamd;
+mod rspamd;
 mod spool;
 
 use std::io;
@@ -58,6 +59,9 @@ pub(crate) enum ScanError {
     /// The scanner closed the connection without a reply.
     #[error("closed the connection without a reply")]
     NoReply,
+    /// An HTTP exchange failed.
+    #[error("HTTP: {0}")]
+    Http(String),
     /// The scanner said it could not scan the message.
     #[error("{0}")]
     Refused(String),
@@ -94,6 +98,7 @@ pub struct ScannerError {
 #[derive(Debug)]
 enum Backend {
     Clamd(clamd::Address),
+    Rspamd(rspamd::Client),
 }
 
 /// One `[[scanner]]`.
@@ -116,7 +121,7 @@ impl Scanner {
                 Backend::Clamd(clamd::Address::parse(&c.address).map_err(invalid)?)
             }
             ScannerKind::Rspamd => {
-                return Err(invalid("rspamd is not supported yet".into()));
+                Backend::Rspamd(rspamd::Client::new(&c.address).map_err(invalid)?)
             }
         };
         Ok(Scanner {
@@ -130,12 +135,14 @@ impl Scanner {
     async fn scan(&self, spool: &Spool) -> Result<Finding, ScanError> {
         match &self.backend {
             Backend::Clamd(a) => clamd::scan(a, spool).await,
+            Backend::Rspamd(c) => c.scan(spool).await,
         }
     }
 
     async fn ping(&self) -> Result<(), ScanError> {
         match &self.backend {
             Backend::Clamd(a) => clamd::ping(a).await,
+            Backend::Rspamd(c) => c.ping().await,
         }
     }
 }
@@ -167,7 +174,6 @@ impl Scanners {
     }
 
     /// The same, recording scans and spooled bytes into `metrics` (their series start at 0).
-    #[allow(dead_code)] // until the session driver builds its scanners (issue 23, part C)
     pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Scanners {
         metrics.scanners_configured(self.scanners.iter().map(|s| &*s.name));
         self.metrics = Some(metrics);
@@ -251,5 +257,114 @@ impl Scanners {
             (s.name.clone(), outcome.map_err(|e| e.to_string()))
         }))
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ByteSize;
+
+    fn metrics() -> Arc<crate::metrics::Metrics> {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                    [upstream]\naddress = \"127.0.0.1:110\"\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new("t")).unwrap();
+        let limiter = Arc::new(crate::limits::Limiter::new(&config.limits));
+        Arc::new(crate::metrics::Metrics::new(
+            &config,
+            std::iter::empty(),
+            crate::audit::AuditSink::disabled(),
+            limiter,
+        ))
+    }
+
+    fn scanner(name: &str, address: &str, max_size: u64) -> ScannerConfig {
+        ScannerConfig {
+            name: name.into(),
+            kind: ScannerKind::Clamd,
+            address: address.into(),
+            timeout: Duration::from_secs(5),
+            max_size: ByteSize(max_size),
+        }
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn scans_and_spooled_bytes_are_counted_by_scanner_verdict_and_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ScanConfig {
+            spool_memory: ByteSize(100),
+            spool_dir: dir.path().to_owned(),
+            ..ScanConfig::default()
+        };
+        // Nothing listens on port 1 of loopback: connecting is refused at once.
+        let m = metrics();
+        let scanners = Scanners::new(
+            &[
+                scanner("small", "127.0.0.1:1", 10),
+                scanner("down", "127.0.0.1:1", 1000),
+            ],
+            &config,
+        )
+        .unwrap()
+        .with_metrics(m.clone());
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"popgate_scans_total{scanner="down",verdict="infected"}"#
+            ),
+            Some(0.0)
+        );
+        {
+            let mut small = scanners.spool();
+            small.write(b"0123456789ab").await.unwrap();
+            let names: Vec<Arc<str>> = vec!["small".into(), "down".into(), "nope".into()];
+            let r = scanners.scan(&names, &small).await;
+            let verdicts: Vec<_> = r.iter().map(|r| r.verdict).collect();
+            assert_eq!(
+                verdicts,
+                [
+                    ScanVerdict::TooLarge,
+                    ScanVerdict::Error,
+                    ScanVerdict::Error
+                ]
+            );
+            let mut big = scanners.spool();
+            big.write(&[b'x'; 150]).await.unwrap();
+        }
+        let text = m.encode();
+        for (series, want) in [
+            (
+                r#"popgate_scans_total{scanner="small",verdict="too_large"}"#,
+                1.0,
+            ),
+            (
+                r#"popgate_scans_total{scanner="down",verdict="error"}"#,
+                1.0,
+            ),
+            (
+                r#"popgate_scan_duration_seconds_count{scanner="down"}"#,
+                1.0,
+            ),
+            (r#"popgate_scan_spooled_bytes_total{to="memory"}"#, 12.0),
+            (r#"popgate_scan_spooled_bytes_total{to="file"}"#, 150.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(want), "{series} in\n{text}");
+        }
+        // An unknown name is no label value.
+        assert!(!text.contains("nope"));
+    }
+
+    #[test]
+    fn scanner_text_is_made_printable_and_trimmed() {
+        assert_eq!(
+            printable(b"  Eicar\tTest\x07\xc3\xa9 \r\n"),
+            "Eicar Test???"
+        );
     }
 }
