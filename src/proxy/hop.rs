@@ -215,6 +215,9 @@ pub(crate) struct Hop {
     /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
     /// popgate's own), for a notice.
     uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -254,6 +257,7 @@ impl Hop {
             selected: Vec::new(),
             tempfailed: HashSet::new(),
             uidls: VecDeque::new(),
+            unseen_body_dropped: false,
             cfg,
         }
     }
@@ -400,7 +404,8 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status() && !self.unseen_body_dropped)
+            || self.capa.is_some()
     }
 
     /// Whether the status line of a retrieval is held for scanning (the client has seen
@@ -823,12 +828,20 @@ impl Hop {
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         // The answer to the retrieval a scan rule selected: the last command sent (no later
-        // one is read until its verdict).
-        let answers_scan = meta.status != crate::pop3::response::Status::Continue
-            && self.cmd_tags.len() == 1
-            && self.scan.as_ref().is_some_and(|s| {
-                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
-            });
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
@@ -1858,6 +1871,7 @@ impl Hop {
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
         }
+        self.unseen_body_dropped |= s.status.is_some();
         s.status.is_some()
     }
 }
