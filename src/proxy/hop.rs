@@ -207,6 +207,15 @@ pub(crate) struct Hop {
     /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
     /// while it is outstanding no later client command is read.
     scan: Option<Box<Scanning>>,
+    /// What scanning remembers across commands; boxed and made at first use, so that a
+    /// session that scans nothing carries one null pointer (the hop lives as long as the
+    /// session).
+    scan_memory: Option<Box<ScanMemory>>,
+}
+
+/// What scanning remembers across a session's commands.
+#[derive(Debug, Default)]
+struct ScanMemory {
     /// The scanners the rules chose for the command being decided.
     selected: Vec<Arc<str>>,
     /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
@@ -254,10 +263,7 @@ impl Hop {
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
-            selected: Vec::new(),
-            tempfailed: HashSet::new(),
-            uidls: VecDeque::new(),
-            unseen_body_dropped: false,
+            scan_memory: None,
             cfg,
         }
     }
@@ -404,7 +410,7 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status() && !self.unseen_body_dropped)
+        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
             || self.capa.is_some()
     }
 
@@ -1318,10 +1324,11 @@ impl Hop {
         if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
             && !uid.is_empty()
         {
-            if self.uidls.len() >= KEEP {
-                self.uidls.pop_front();
+            let uidls = &mut self.scan_memory.get_or_insert_default().uidls;
+            if uidls.len() >= KEEP {
+                uidls.pop_front();
             }
-            self.uidls.push_back((n, uid.into()));
+            uidls.push_back((n, uid.into()));
         }
     }
 
@@ -1535,7 +1542,9 @@ impl Hop {
         let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
-        self.selected = std::mem::take(&mut verdict.scan);
+        if !verdict.scan.is_empty() || self.scan_memory.is_some() {
+            self.scan_memory.get_or_insert_default().selected = std::mem::take(&mut verdict.scan);
+        }
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1598,9 +1607,11 @@ impl Hop {
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele
-                if cmd
-                    .msg_number()
-                    .is_some_and(|n| self.tempfailed.contains(&n)) =>
+                if cmd.msg_number().is_some_and(|n| {
+                    self.scan_memory
+                        .as_ref()
+                        .is_some_and(|m| m.tempfailed.contains(&n))
+                }) =>
             {
                 info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
                 reply(replies::SCAN_DELE_TEMPFAILED)
@@ -1685,12 +1696,13 @@ impl Hop {
                 outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
             }
             scanning::Outcome::Replace => {
-                let uidl = self
-                    .uidls
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| *n == s.msg)
-                    .map(|(_, u)| &**u);
+                let uidl = self.scan_memory.as_ref().and_then(|m| {
+                    m.uidls
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == s.msg)
+                        .map(|(_, u)| &**u)
+                });
                 let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
                 let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
                 reply.extend_from_slice(&notice);
@@ -1709,9 +1721,12 @@ impl Hop {
             outs.push(Output::ToClient(reply));
         }
         if judgement.action == crate::proxy::ScanAction::Tempfailed {
-            self.tempfailed.insert(s.msg);
-        } else {
-            self.tempfailed.remove(&s.msg);
+            self.scan_memory
+                .get_or_insert_default()
+                .tempfailed
+                .insert(s.msg);
+        } else if let Some(m) = self.scan_memory.as_mut() {
+            m.tempfailed.remove(&s.msg);
         }
         info!(
             msg = s.msg,
@@ -1751,7 +1766,11 @@ impl Hop {
     /// A command was forwarded: if the rules chose scanners for it and it retrieves a
     /// message, its body is to be held for them.
     fn select_scan(&mut self, cmd: &Command<'_>) {
-        let names = std::mem::take(&mut self.selected);
+        let names = self
+            .scan_memory
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.selected))
+            .unwrap_or_default();
         if names.is_empty()
             || self.cfg.scan.is_none()
             || !matches!(cmd.verb, Verb::Retr | Verb::Top)
@@ -1871,7 +1890,9 @@ impl Hop {
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
         }
-        self.unseen_body_dropped |= s.status.is_some();
+        if s.status.is_some() {
+            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
+        }
         s.status.is_some()
     }
 }
