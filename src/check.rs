@@ -739,6 +739,22 @@ listeners = ["pop3"]
 networks = ["127.0.0.0/8"]
 full_bodies = true
 summary_lines = 3
+[[scanner]]
+name = "clamav"
+kind = "clamd"
+address = "unix:/run/clamav/clamd.ctl"
+timeout = "20s"
+max_size = "10MB"
+[scan]
+spool_memory = "2MB"
+spool_dir = "/var/spool/popgate"
+on_virus = "deny"
+on_spam = "replace"
+on_error = "pass"
+header = true
+max_concurrent = 8
+notice_from = "Mail Proxy <postmaster@example.org>"
+contact = "postmaster@example.org"
 "#;
 
     #[test]
@@ -790,6 +806,8 @@ summary_lines = 3
             ("state", "[state]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
+            ("scanner", "[[scanner]]\nzzz = 1\n"),
+            ("scan", "[scan]\nzzz = 1\n"),
         ];
         // Fields that are tables of their own, checked in their own entry above.
         let sub_tables = [
@@ -807,6 +825,8 @@ summary_lines = 3
             "upstream.oauth2",
             "tls.certificate",
             "audit.transcript",
+            "scanner",
+            "scan",
         ];
         let mut accepted = BTreeSet::new();
         for (table, text) in tables {

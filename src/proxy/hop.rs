@@ -32,7 +32,7 @@ use crate::pop3::tracker::{
 use crate::rules::{Event, EventKind, command_line};
 use crate::types::{CloseReason, MessageIds, ScanReport};
 
-use super::output::{Marks, Output, Outputs, SessionEvent};
+use super::output::{CommandLine, Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
 use super::scan::{self as scanning, ScanPolicy, Scanning};
 
@@ -196,8 +196,9 @@ pub(crate) struct Hop {
     /// Event tags of the commands sent upstream whose final response is still due, in order.
     cmd_tags: VecDeque<Vec<Arc<str>>>,
     /// For the `session_close` record: event tags of what closed the session and of the
-    /// `close` rules, and the rule that dropped it.
-    close_marks: Marks,
+    /// `close` rules, and the rule that dropped it. Boxed when there are any: most sessions
+    /// have none, and the hop lives as long as the session.
+    close_marks: Option<Box<Marks>>,
     /// For the audit lookups (see [`HopConfig::lookups`]).
     known: Known,
     /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
@@ -206,6 +207,15 @@ pub(crate) struct Hop {
     /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
     /// while it is outstanding no later client command is read.
     scan: Option<Box<Scanning>>,
+    /// What scanning remembers across commands; boxed and made at first use, so that a
+    /// session that scans nothing carries one null pointer (the hop lives as long as the
+    /// session).
+    scan_memory: Option<Box<ScanMemory>>,
+}
+
+/// What scanning remembers across a session's commands.
+#[derive(Debug, Default)]
+struct ScanMemory {
     /// The scanners the rules chose for the command being decided.
     selected: Vec<Arc<str>>,
     /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
@@ -214,6 +224,9 @@ pub(crate) struct Hop {
     /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
     /// popgate's own), for a notice.
     uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -246,13 +259,11 @@ impl Hop {
             tags_reported: 0,
             user_reported: None,
             cmd_tags: VecDeque::new(),
-            close_marks: Marks::default(),
+            close_marks: None,
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
-            selected: Vec::new(),
-            tempfailed: HashSet::new(),
-            uidls: VecDeque::new(),
+            scan_memory: None,
             cfg,
         }
     }
@@ -399,7 +410,8 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
+            || self.capa.is_some()
     }
 
     /// Whether the status line of a retrieval is held for scanning (the client has seen
@@ -412,18 +424,29 @@ impl Hop {
     pub(crate) fn finish(&mut self) {
         let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Close);
         let v = self.policy.evaluate(&ev);
-        add_tags(&mut self.close_marks.tags, &v.tags);
+        if !v.tags.is_empty() {
+            add_tags(&mut self.close_marks_mut().tags, &v.tags);
+        }
     }
 
     /// What rules said about the `session_close` record (after [`Hop::finish`]).
     pub(crate) fn close_marks(&self) -> &Marks {
-        &self.close_marks
+        static NONE: Marks = Marks {
+            tags: Vec::new(),
+            dropped_by: None,
+        };
+        self.close_marks.as_deref().unwrap_or(&NONE)
+    }
+
+    fn close_marks_mut(&mut self) -> &mut Marks {
+        self.close_marks.get_or_insert_default()
     }
 
     /// A rule ends the session: its name and the event's tags go on `session_close`.
     fn dropped_by(&mut self, rule: Arc<str>, tags: &[Arc<str>]) {
-        add_tags(&mut self.close_marks.tags, tags);
-        self.close_marks.dropped_by.get_or_insert(rule);
+        let marks = self.close_marks_mut();
+        add_tags(&mut marks.tags, tags);
+        marks.dropped_by.get_or_insert(rule);
     }
 
     fn close(&mut self, reason: CloseReason) {
@@ -811,12 +834,20 @@ impl Hop {
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         // The answer to the retrieval a scan rule selected: the last command sent (no later
-        // one is read until its verdict).
-        let answers_scan = meta.status != crate::pop3::response::Status::Continue
-            && self.cmd_tags.len() == 1
-            && self.scan.as_ref().is_some_and(|s| {
-                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
-            });
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
@@ -1235,15 +1266,17 @@ impl Hop {
         } else {
             return false;
         };
-        let Ok(ask) = Command::parse(question.as_bytes()) else {
+        let question = Bytes::from(question);
+        let Ok(ask) = Command::parse(&question) else {
             return false;
         };
         if !self.tracker.inject(&ask) {
             return false;
         }
         debug!(command = %ask.redacted(), "asking the server for the audit trail");
-        self.up_out.extend_from_slice(question.as_bytes());
-        self.event(SessionEvent::Injected(Bytes::from(question)));
+        self.up_out.extend_from_slice(&question);
+        let injected = CommandLine::new(question.clone(), &ask);
+        self.event(SessionEvent::Injected(injected));
         self.flush_upstream();
         true
     }
@@ -1291,10 +1324,11 @@ impl Hop {
         if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
             && !uid.is_empty()
         {
-            if self.uidls.len() >= KEEP {
-                self.uidls.pop_front();
+            let uidls = &mut self.scan_memory.get_or_insert_default().uidls;
+            if uidls.len() >= KEEP {
+                uidls.pop_front();
             }
-            self.uidls.push_back((n, uid.into()));
+            uidls.push_back((n, uid.into()));
         }
     }
 
@@ -1394,7 +1428,10 @@ impl Hop {
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
                 self.events
-                    .push_back(SessionEvent::ClientCommand(line.clone()));
+                    .push_back(SessionEvent::ClientCommand(CommandLine::new(
+                        line.clone(),
+                        &cmd,
+                    )));
                 let (decision, delay, tags) = self.decide(&cmd);
                 if let Some(d) = delay {
                     // Tarpit: what was decided before goes out first; what comes after waits.
@@ -1505,7 +1542,9 @@ impl Hop {
         let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
-        self.selected = std::mem::take(&mut verdict.scan);
+        if !verdict.scan.is_empty() || self.scan_memory.is_some() {
+            self.scan_memory.get_or_insert_default().selected = std::mem::take(&mut verdict.scan);
+        }
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1520,7 +1559,7 @@ impl Hop {
                     tags,
                 });
                 let then = if close {
-                    self.close_marks.dropped_by.get_or_insert(rule);
+                    self.close_marks_mut().dropped_by.get_or_insert(rule);
                     AfterReply::Close
                 } else {
                     AfterReply::Continue
@@ -1568,9 +1607,11 @@ impl Hop {
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele
-                if cmd
-                    .msg_number()
-                    .is_some_and(|n| self.tempfailed.contains(&n)) =>
+                if cmd.msg_number().is_some_and(|n| {
+                    self.scan_memory
+                        .as_ref()
+                        .is_some_and(|m| m.tempfailed.contains(&n))
+                }) =>
             {
                 info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
                 reply(replies::SCAN_DELE_TEMPFAILED)
@@ -1655,12 +1696,13 @@ impl Hop {
                 outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
             }
             scanning::Outcome::Replace => {
-                let uidl = self
-                    .uidls
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| *n == s.msg)
-                    .map(|(_, u)| &**u);
+                let uidl = self.scan_memory.as_ref().and_then(|m| {
+                    m.uidls
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == s.msg)
+                        .map(|(_, u)| &**u)
+                });
                 let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
                 let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
                 reply.extend_from_slice(&notice);
@@ -1679,9 +1721,12 @@ impl Hop {
             outs.push(Output::ToClient(reply));
         }
         if judgement.action == crate::proxy::ScanAction::Tempfailed {
-            self.tempfailed.insert(s.msg);
-        } else {
-            self.tempfailed.remove(&s.msg);
+            self.scan_memory
+                .get_or_insert_default()
+                .tempfailed
+                .insert(s.msg);
+        } else if let Some(m) = self.scan_memory.as_mut() {
+            m.tempfailed.remove(&s.msg);
         }
         info!(
             msg = s.msg,
@@ -1690,11 +1735,17 @@ impl Hop {
             "message scanned"
         );
         let user = self.user_shared();
+        let added = if judgement.outcome == scanning::Outcome::Deliver {
+            Bytes::from(judgement.headers)
+        } else {
+            Bytes::new()
+        };
         self.event(SessionEvent::Scanned {
             msg: s.msg,
             verb: s.verb,
             reports,
             action: judgement.action,
+            added,
             user,
         });
         if let Some(Output::ToClient(reply)) = outs.last()
@@ -1715,7 +1766,11 @@ impl Hop {
     /// A command was forwarded: if the rules chose scanners for it and it retrieves a
     /// message, its body is to be held for them.
     fn select_scan(&mut self, cmd: &Command<'_>) {
-        let names = std::mem::take(&mut self.selected);
+        let names = self
+            .scan_memory
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.selected))
+            .unwrap_or_default();
         if names.is_empty()
             || self.cfg.scan.is_none()
             || !matches!(cmd.verb, Verb::Retr | Verb::Top)
@@ -1819,6 +1874,7 @@ impl Hop {
             verb: s.verb,
             reports,
             action: crate::proxy::ScanAction::Unscanned,
+            added: Bytes::from_static(scanning::UNSCANNED_TOO_LARGE),
             user,
         });
     }
@@ -1833,6 +1889,9 @@ impl Hop {
         self.outputs.answer_scan(Vec::new(), self.now);
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
+        }
+        if s.status.is_some() {
+            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
         }
         s.status.is_some()
     }

@@ -54,11 +54,6 @@ impl ScanAction {
     }
 }
 
-/// Who a notice comes from when `[scan] notice_from` is not set.
-pub(crate) const DEFAULT_NOTICE_FROM: &str = "MAILER-DAEMON";
-/// Whom a notice sends the reader to when `[scan] contact` is not set.
-pub(crate) const DEFAULT_CONTACT: &str = "your mail administrator";
-
 /// The scan settings of a session (`[[scanner]]` sizes and `[scan]`), as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ScanPolicy {
@@ -91,8 +86,8 @@ impl ScanPolicy {
             on_spam: scan.on_spam,
             on_error: scan.on_error,
             header: scan.header,
-            notice_from: DEFAULT_NOTICE_FROM.to_owned(),
-            contact: DEFAULT_CONTACT.to_owned(),
+            notice_from: scan.notice_from.clone(),
+            contact: scan.contact.clone(),
         }
     }
 
@@ -613,6 +608,31 @@ mod tests {
         assert_eq!(at(1_796_656_282), "Mon, 07 Dec 2026 15:11:22 +0000");
         // 2100 is no leap year.
         assert_eq!(at(4_107_542_399), "Sun, 28 Feb 2100 23:59:59 +0000");
+    }
+
+    #[test]
+    fn a_header_block_is_read_unfolded_first_field_wins_and_printable() {
+        let head = b"From mbox line\r\nSubject: caf\xc3\xa9\r\n\tfolded\r\n..Odd: x\r\nsubject: second\r\nTo: a@b\r\n\r\nFrom: body@x\r\n";
+        let o = Original::parse(head);
+        assert_eq!(o.subject.as_deref(), Some("caf? folded"));
+        assert_eq!(o.to.as_deref(), Some("a@b"));
+        assert_eq!(o.from, None, "the body is not the header block");
+        let long = format!("Subject: {}\n\n", "x".repeat(1000));
+        assert_eq!(
+            Original::parse(long.as_bytes()).subject.map(|s| s.len()),
+            Some(MAX_VALUE)
+        );
+        // Kept only as far as the blank line, across chunks.
+        let mut s = Scanning::new(vec![].into(), 1, Verb::Retr);
+        for chunk in [&b"Subject: a\r"[..], b"\n\r", b"\nbody\r\n"] {
+            s.keep_head(chunk);
+        }
+        assert_eq!(s.head(), b"Subject: a\r\n\r\n");
+    }
+
+    #[test]
+    fn dot_stuffing_doubles_a_leading_dot_only() {
+        assert_eq!(dot_stuff(b".a\r\nb.c\r\n..\r\n"), b"..a\r\nb.c\r\n...\r\n");
     }
 
     #[test]

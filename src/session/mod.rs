@@ -274,17 +274,7 @@ async fn open(
     tap.set_handle(handle);
     observer.set_tap(tap);
     observer.set_tags(&policy.tags);
-    if let Some(dst) = info.original_dst {
-        observer.set_original_destination(dst);
-    }
-    observer.open(
-        &info.listener,
-        info.client,
-        info.local,
-        info.proxy,
-        client_tls.as_ref(),
-        &connect.tags,
-    );
+    observer.open(&info, client_tls.as_ref(), &connect.tags);
     if let Some((rule, sent)) = refused {
         let marks = crate::proxy::Marks {
             tags: connect.tags.clone(),
@@ -352,9 +342,6 @@ async fn open(
             }
             let sent = say_shutting_down(&mut client).await;
             live.to_client.inc_by(sent);
-            if let Some(who) = who {
-                observer.set_kicked_by(who);
-            }
             let ms = started.elapsed().as_millis() as u64;
             observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
             observer.flush().await;
@@ -432,7 +419,6 @@ async fn open(
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
         scan: shared.scan_policy.clone(),
     };
-    let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
         hop,
@@ -440,16 +426,12 @@ async fn open(
         upstream: upstream_stream,
         front,
         shared: shared.clone(),
-        info,
+        info: Box::new(info),
         client_tls: client_tls.map(Box::new),
         upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
         sin: BytesMut::from(&preread[..]),
-        observer: SessionObserver {
-            observer,
-            shared: shared.clone(),
-            listener: listener_name,
-        },
+        observer: SessionObserver { observer },
         traffic: Traffic::default(),
         live,
         redial_before_next_command: false,
@@ -491,17 +473,11 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
             CloseReason::Error
         }
     };
-    // A kick ends the session as a shutdown does; the audit trail and log name it and who asked.
-    let kicked_by = driver
-        .observer
-        .observer
-        .tap_mut()
-        .handle_mut()
-        .and_then(|h| h.kicked_by());
-    let reason = match kicked_by {
+    // A kick ends the session as a shutdown does; the audit trail and log name it and who
+    // asked (the observer asks the registry entry).
+    let reason = match stop.kicked_by() {
         Some(who) if reason == CloseReason::Shutdown => {
             info!(by = %who, "session kicked");
-            driver.observer.observer.set_kicked_by(who);
             CloseReason::Kick
         }
         _ => reason,
@@ -640,25 +616,20 @@ fn clock() -> std::time::Instant {
 }
 
 /// Where the hop's events go: the audit observer (audit trail, transcript, and what it feeds),
-/// the metrics, and the shared login penalty the hop asks the driver for.
+/// the metrics, and the shared login penalty the hop asks the driver for. The metrics and the
+/// store are the driver's `shared` (passed in, not held twice in every session).
 struct SessionObserver {
     observer: Observer,
-    shared: Arc<Shared>,
-    /// Listener name, a metrics label.
-    listener: Arc<str>,
 }
 
 impl SessionObserver {
-    /// Hand one event to the observer and the metrics. A failed login is answered by the
-    /// driver instead (`Driver::pump_events`, with [`SessionObserver::penalty`]).
-    fn dispatch(&mut self, ev: SessionEvent) {
+    /// Hand one event to the observer and the metrics (`listener` is their label). A failed
+    /// login is answered by the driver instead (`Driver::pump_events`, with
+    /// [`SessionObserver::penalty`]).
+    fn dispatch(&mut self, ev: SessionEvent, shared: &Shared, listener: &str) {
         let obs = &mut self.observer;
         match ev {
-            SessionEvent::ClientCommand(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.client_command(&cmd);
-                }
-            }
+            SessionEvent::ClientCommand(line) => obs.client_command(&line.command()),
             SessionEvent::ClientSasl => obs.client_sasl(),
             SessionEvent::LocalReply(reply) => obs.local_reply(&reply),
             SessionEvent::Status {
@@ -671,9 +642,9 @@ impl SessionObserver {
                 if let Some(login) = &meta.login {
                     // A login a rule dropped is no success, whatever the server said.
                     let success = login.success && marks.dropped_by.is_none();
-                    self.shared
+                    shared
                         .metrics
-                        .login(&self.listener, &login.method.label(), success);
+                        .login(listener, &login.method.label(), success);
                 }
                 obs.status(&meta, &line, user.as_deref(), state, &marks);
             }
@@ -685,16 +656,29 @@ impl SessionObserver {
                 tags,
             } => obs.denied(&rule, verb, user.as_deref(), &tags),
             SessionEvent::Tags(tags) => obs.set_tags(&tags),
-            SessionEvent::Injected(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.injected(&cmd);
-                }
-            }
+            SessionEvent::Injected(line) => obs.injected(&line.command()),
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
-            // The audit `scan` events (issue 23): next commit.
-            SessionEvent::Scanned { .. } => {}
+            SessionEvent::Scanned {
+                msg,
+                verb,
+                reports,
+                action,
+                added,
+                user,
+            } => {
+                use crate::audit::ScanEventAction as A;
+                let action = match action {
+                    crate::proxy::ScanAction::Delivered => A::Delivered,
+                    crate::proxy::ScanAction::Tagged => A::Tagged,
+                    crate::proxy::ScanAction::Replaced => A::Replaced,
+                    crate::proxy::ScanAction::Denied => A::Denied,
+                    crate::proxy::ScanAction::Tempfailed => A::Tempfailed,
+                    crate::proxy::ScanAction::Unscanned => A::Unscanned,
+                };
+                obs.scanned(msg, verb, &reports, action, &added, user.as_deref());
+            }
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
@@ -705,15 +689,15 @@ impl SessionObserver {
     /// Counted by the store: this instance's limiter, or with `[state] backend = "redis"` the
     /// whole fleet's count (bounded by `state.timeout`).
     async fn penalty(
-        &mut self,
+        shared: &Shared,
         ip: IpAddr,
         now: std::time::Instant,
     ) -> Option<std::time::Duration> {
         // Boxed: the store's future (a Redis round trip) would otherwise sit in every
         // session's task for its whole life, idle or not.
-        let delay = Box::pin(self.shared.state.login_failed(ip, now)).await;
+        let delay = Box::pin(shared.state.login_failed(ip, now)).await;
         if let Some(d) = delay {
-            self.shared.metrics.login_penalty(d);
+            shared.metrics.login_penalty(d);
         }
         delay
     }
@@ -728,7 +712,9 @@ struct Driver {
     /// Routing mode until the login succeeded upstream: the stand-in server.
     front: Option<Box<crate::proxy::front::Front>>,
     shared: Arc<Shared>,
-    info: SessionInfo,
+    /// Boxed: read at a routed login and an STLS re-dial only; inline it would weigh 160
+    /// bytes in every session's driver.
+    info: Box<SessionInfo>,
     /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
     /// a plain session carries two null pointers, not two empty `TlsInfo`s.
     client_tls: Option<Box<TlsInfo>>,
@@ -850,10 +836,12 @@ impl Driver {
             match ev {
                 SessionEvent::LoginFailed(ip) => {
                     let now = clock();
-                    let penalty = self.observer.penalty(ip, now).await;
+                    let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
                     self.hop.penalty(now, penalty);
                 }
-                ev => self.observer.dispatch(ev),
+                ev => self
+                    .observer
+                    .dispatch(ev, &self.shared, &self.info.listener),
             }
         }
     }
