@@ -269,12 +269,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Sessions {
-                    filter: protocol::SessionSelector {
-                        user: filter.user,
-                        client: filter.client,
-                        listener: filter.listener,
-                        session: None,
-                    },
+                    filter: filter.into(),
                 },
             )?;
             let rows = answer.sessions.unwrap_or_default();
@@ -299,23 +294,13 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        CliCommand::Kick {
-            socket,
-            session,
-            user,
-            client: net,
-        } => {
+        CliCommand::Kick { socket, filter } => {
             use popgate::control::{client, protocol};
             let path = control_socket(&socket)?;
             let answer = client::request(
                 &path,
                 protocol::Command::Kick {
-                    filter: protocol::SessionSelector {
-                        session,
-                        user,
-                        client: net,
-                        listener: None,
-                    },
+                    filter: filter.into(),
                 },
             )?;
             let ids = answer.kicked.unwrap_or_default();
@@ -328,10 +313,7 @@ fn run() -> Result<()> {
         }
         CliCommand::Tap {
             socket,
-            session,
-            user,
-            client: net,
-            listener,
+            filter,
             bodies,
             json,
         } => {
@@ -340,12 +322,7 @@ fn run() -> Result<()> {
             let path = control_socket(&socket)?;
             let color = colour();
             let command = protocol::Command::Tap {
-                filter: protocol::SessionSelector {
-                    session,
-                    user,
-                    client: net,
-                    listener,
-                },
+                filter: filter.into(),
                 bodies,
             };
             let mut out = std::io::stdout().lock();

@@ -32,7 +32,7 @@ use crate::pop3::tracker::{
 use crate::rules::{Event, EventKind, command_line};
 use crate::types::{CloseReason, MessageIds, ScanReport};
 
-use super::output::{Marks, Output, Outputs, SessionEvent};
+use super::output::{CommandLine, Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
 use super::scan::{self as scanning, ScanPolicy, Scanning};
 
@@ -1247,15 +1247,17 @@ impl Hop {
         } else {
             return false;
         };
-        let Ok(ask) = Command::parse(question.as_bytes()) else {
+        let question = Bytes::from(question);
+        let Ok(ask) = Command::parse(&question) else {
             return false;
         };
         if !self.tracker.inject(&ask) {
             return false;
         }
         debug!(command = %ask.redacted(), "asking the server for the audit trail");
-        self.up_out.extend_from_slice(question.as_bytes());
-        self.event(SessionEvent::Injected(Bytes::from(question)));
+        self.up_out.extend_from_slice(&question);
+        let injected = CommandLine::new(question.clone(), &ask);
+        self.event(SessionEvent::Injected(injected));
         self.flush_upstream();
         true
     }
@@ -1406,7 +1408,10 @@ impl Hop {
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
                 self.events
-                    .push_back(SessionEvent::ClientCommand(line.clone()));
+                    .push_back(SessionEvent::ClientCommand(CommandLine::new(
+                        line.clone(),
+                        &cmd,
+                    )));
                 let (decision, delay, tags) = self.decide(&cmd);
                 if let Some(d) = delay {
                     // Tarpit: what was decided before goes out first; what comes after waits.
@@ -1702,11 +1707,17 @@ impl Hop {
             "message scanned"
         );
         let user = self.user_shared();
+        let added = if judgement.outcome == scanning::Outcome::Deliver {
+            Bytes::from(judgement.headers)
+        } else {
+            Bytes::new()
+        };
         self.event(SessionEvent::Scanned {
             msg: s.msg,
             verb: s.verb,
             reports,
             action: judgement.action,
+            added,
             user,
         });
         if let Some(Output::ToClient(reply)) = outs.last()
@@ -1831,6 +1842,7 @@ impl Hop {
             verb: s.verb,
             reports,
             action: crate::proxy::ScanAction::Unscanned,
+            added: Bytes::from_static(scanning::UNSCANNED_TOO_LARGE),
             user,
         });
     }

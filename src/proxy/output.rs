@@ -54,14 +54,66 @@ pub(crate) struct Marks {
     pub(crate) dropped_by: Option<Arc<str>>,
 }
 
+/// A command line as the hop parsed it: the line as sent, its verb, and where its keyword and
+/// arguments lie, so that the observer builds the [`Command`] without parsing it again. 56
+/// bytes: no larger than the [`SessionEvent`]s that carry a status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CommandLine {
+    line: Bytes,
+    verb: Verb,
+    /// Offsets into `line` (a line is bounded by `limits.max_line`, far below 4 GiB).
+    keyword: (u32, u32),
+    args: (u32, u32),
+}
+
+impl CommandLine {
+    /// `cmd`, parsed from `line` (it borrows `line`'s bytes), kept with it.
+    pub(crate) fn new(line: Bytes, cmd: &Command<'_>) -> CommandLine {
+        let base = line.as_ptr() as usize;
+        let span = |part: &[u8]| {
+            let start = (part.as_ptr() as usize).wrapping_sub(base);
+            debug_assert!(start + part.len() <= line.len(), "not a part of the line");
+            let start = start.min(line.len());
+            let end = (start + part.len()).min(line.len());
+            (
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(end).unwrap_or(u32::MAX),
+            )
+        };
+        let (keyword, args) = (span(cmd.keyword), span(cmd.args));
+        CommandLine {
+            verb: cmd.verb,
+            keyword,
+            args,
+            line,
+        }
+    }
+
+    /// The line as sent, line ending included (the observer takes the [`Command`]).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn line(&self) -> &Bytes {
+        &self.line
+    }
+
+    /// The command, as the hop parsed it.
+    pub(crate) fn command(&self) -> Command<'_> {
+        let part = |(start, end): (u32, u32)| self.line.get(start as usize..end as usize);
+        Command {
+            verb: self.verb,
+            keyword: part(self.keyword).unwrap_or_default(),
+            args: part(self.args).unwrap_or_default(),
+            raw: &self.line,
+        }
+    }
+}
+
 /// What happened in a session, for the audit trail, transcripts and metrics, in the order it
 /// happened. Bytes are shared with what was relayed (no copy of bodies). The driver polls them
 /// with [`Hop::poll_event`](super::Hop::poll_event) after every call that feeds the hop.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SessionEvent {
-    /// A command the client sent (the line as sent; [`SessionEvent::command`] parses it; the
-    /// transcript redacts it).
-    ClientCommand(Bytes),
+    /// A command the client sent (the transcript redacts it).
+    ClientCommand(CommandLine),
     /// A SASL answer, or a line taken for one: never its content.
     ClientSasl,
     /// A reply popgate gave itself.
@@ -108,7 +160,7 @@ pub(crate) enum SessionEvent {
     LoginFailed(IpAddr),
     /// popgate sent this command upstream itself, for the audit trail (the client never
     /// sees it).
-    Injected(Bytes),
+    Injected(CommandLine),
     /// The status line answering an injected command (consumed, not relayed).
     InjectedStatus {
         /// What the line answers.
@@ -137,17 +189,11 @@ pub(crate) enum SessionEvent {
         reports: Vec<ScanReport>,
         /// What the client got.
         action: ScanAction,
+        /// Header lines added for the client after the status line (CRLF each), if any.
+        added: Bytes,
         /// The user rules and audit see.
         user: Option<Arc<str>>,
     },
-}
-
-impl SessionEvent {
-    /// The command of a [`SessionEvent::ClientCommand`] or [`SessionEvent::Injected`], parsed
-    /// again from its line (the hop parsed it the same way).
-    pub(crate) fn command(line: &[u8]) -> Option<Command<'_>> {
-        Command::parse(line).ok()
-    }
 }
 
 /// A point in the output queue that nothing after passes before its time.
@@ -323,5 +369,34 @@ impl Outputs {
             }
         }
         Some(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command the observer gets back is the one the hop parsed, part for part, whatever
+    /// the spacing; and carrying it does not make the events larger than a status line does.
+    #[test]
+    fn a_command_line_gives_back_the_parsed_command_without_growing_the_events() {
+        for line in [
+            &b"NOOP\r\n"[..],
+            b"USER alice\r\n",
+            b"  \tRETR 1\n",
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+            b"APOP alice 0123456789abcdef\r\n",
+            b"TOP 1 0\r\n",
+            b"xyzzy \xc3\xa9t\xc3\xa9\r\n",
+            b"LIST\t\t3 \r\n",
+        ] {
+            let line = Bytes::copy_from_slice(line);
+            let parsed = Command::parse(&line).unwrap();
+            let carried = CommandLine::new(line.clone(), &parsed);
+            assert_eq!(carried.command(), parsed, "{line:?}");
+            assert_eq!(carried.line(), &line);
+        }
+        assert!(std::mem::size_of::<CommandLine>() <= 56);
+        assert!(std::mem::size_of::<SessionEvent>() <= 216);
     }
 }

@@ -1065,7 +1065,7 @@ impl Sim<'_> {
             match ev {
                 SessionEvent::LoginFailed(_) => self.hop.penalty(self.now, self.penalty),
                 SessionEvent::LocalReply(bytes) => self.check.local_reply(&bytes),
-                SessionEvent::Injected(line) => self.check.injected(&line),
+                SessionEvent::Injected(line) => self.check.injected(line.line()),
                 _ => {}
             }
         }
