@@ -188,6 +188,14 @@ impl Spool {
         Ok(buf)
     }
 
+    /// Cut the file short behind the spool's back, so that reads fail (tests of readers).
+    #[cfg(test)]
+    pub(crate) fn break_file(&self) {
+        if let Some(f) = &self.file {
+            f.set_len(0).unwrap();
+        }
+    }
+
     /// A reader of the message as the scanners get it: un-stuffed.
     pub(crate) fn unstuffed(&self) -> Unstuffed<'_> {
         Unstuffed {
