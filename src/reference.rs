@@ -616,7 +616,7 @@ pub const KEYS: &[Key] = &[
         "scan.spool_dir",
         "the system temp dir",
         A,
-        "Where larger held messages go: a 0600 file, unlinked as soon as it is created (so nothing is left behind); created (0700) if missing.",
+        "Where larger held messages go: a 0600 file, unlinked as soon as it is created (so nothing is left behind); created (0700) when first needed.",
     ),
     k(
         "scan.on_virus",
