@@ -208,16 +208,24 @@ pub(crate) struct Hop {
     /// while it is outstanding no later client command is read.
     scan: Option<Box<Scanning>>,
     /// The scanners the rules chose for the command being decided.
-    selected: Vec<Arc<str>>,
-    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
-    /// locally (the client has not seen it).
-    tempfailed: HashSet<u32>,
-    /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
-    /// popgate's own), for a notice.
-    uidls: VecDeque<(u32, Box<str>)>,
+    selected: Option<Arc<[Arc<str>]>>,
+    /// What scanning remembers across retrievals; allocated on first use (most sessions
+    /// never need it).
+    memo: Option<Box<ScanMemo>>,
     /// A body held for scanning was given up as the session ends: the client saw nothing of
     /// it, so it is no cut response.
     unseen_body_dropped: bool,
+}
+
+/// What scanning remembers across the retrievals of a session.
+#[derive(Debug, Default)]
+struct ScanMemo {
+    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
+    /// locally (the client has not seen it).
+    tempfailed: HashSet<u32>,
+    /// The last few unique ids seen in `UIDL n` answers (the client's or popgate's own), for
+    /// a notice.
+    uidls: VecDeque<(u32, Box<str>)>,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -254,9 +262,8 @@ impl Hop {
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
-            selected: Vec::new(),
-            tempfailed: HashSet::new(),
-            uidls: VecDeque::new(),
+            selected: None,
+            memo: None,
             unseen_body_dropped: false,
             cfg,
         }
@@ -1318,10 +1325,11 @@ impl Hop {
         if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
             && !uid.is_empty()
         {
-            if self.uidls.len() >= KEEP {
-                self.uidls.pop_front();
+            let uidls = &mut self.memo.get_or_insert_with(Box::default).uidls;
+            if uidls.len() >= KEEP {
+                uidls.pop_front();
             }
-            self.uidls.push_back((n, uid.into()));
+            uidls.push_back((n, uid.into()));
         }
     }
 
@@ -1535,7 +1543,8 @@ impl Hop {
         let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
-        self.selected = std::mem::take(&mut verdict.scan);
+        self.selected =
+            (!verdict.scan.is_empty()).then(|| Arc::from(std::mem::take(&mut verdict.scan)));
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1598,9 +1607,11 @@ impl Hop {
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele
-                if cmd
-                    .msg_number()
-                    .is_some_and(|n| self.tempfailed.contains(&n)) =>
+                if cmd.msg_number().is_some_and(|n| {
+                    self.memo
+                        .as_ref()
+                        .is_some_and(|m| m.tempfailed.contains(&n))
+                }) =>
             {
                 info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
                 reply(replies::SCAN_DELE_TEMPFAILED)
@@ -1685,12 +1696,13 @@ impl Hop {
                 outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
             }
             scanning::Outcome::Replace => {
-                let uidl = self
-                    .uidls
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| *n == s.msg)
-                    .map(|(_, u)| &**u);
+                let uidl = self.memo.as_ref().and_then(|m| {
+                    m.uidls
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == s.msg)
+                        .map(|(_, u)| &**u)
+                });
                 let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
                 let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
                 reply.extend_from_slice(&notice);
@@ -1709,9 +1721,10 @@ impl Hop {
             outs.push(Output::ToClient(reply));
         }
         if judgement.action == crate::proxy::ScanAction::Tempfailed {
-            self.tempfailed.insert(s.msg);
-        } else {
-            self.tempfailed.remove(&s.msg);
+            let memo = self.memo.get_or_insert_with(Box::default);
+            memo.tempfailed.insert(s.msg);
+        } else if let Some(memo) = self.memo.as_mut() {
+            memo.tempfailed.remove(&s.msg);
         }
         info!(
             msg = s.msg,
@@ -1751,9 +1764,10 @@ impl Hop {
     /// A command was forwarded: if the rules chose scanners for it and it retrieves a
     /// message, its body is to be held for them.
     fn select_scan(&mut self, cmd: &Command<'_>) {
-        let names = std::mem::take(&mut self.selected);
-        if names.is_empty()
-            || self.cfg.scan.is_none()
+        let Some(names) = self.selected.take() else {
+            return;
+        };
+        if self.cfg.scan.is_none()
             || !matches!(cmd.verb, Verb::Retr | Verb::Top)
             || self.tracker.state() != State::Transaction
         {
@@ -1763,7 +1777,7 @@ impl Hop {
             return;
         };
         debug!(msg, verb = %cmd.verb, "retrieval selected for scanning");
-        self.scan = Some(Box::new(Scanning::new(names.into(), msg, cmd.verb)));
+        self.scan = Some(Box::new(Scanning::new(names, msg, cmd.verb)));
     }
 
     /// The `+OK` of a selected retrieval (`line`, as the client is to get it; `stated`: the
