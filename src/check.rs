@@ -46,6 +46,9 @@ pub enum StartError {
     /// The `[state]` store could not be set up.
     #[error("state: {0}")]
     State(#[from] crate::state::StoreError),
+    /// A `[[scanner]]` cannot be used.
+    #[error(transparent)]
+    Scanner(#[from] crate::scan::ScannerError),
 }
 
 /// Everything a config names, loaded and checked; nothing started yet.
@@ -65,6 +68,8 @@ pub(crate) struct Prepared {
     pub(crate) oauth2: crate::oauth2::Bridges,
     /// Hashes of the files the config names, to tell a reload what changed on disk.
     pub(crate) files: FileHashes,
+    /// The content scanners (`[[scanner]]`), when there are any.
+    pub(crate) scanners: Option<crate::scan::Scanners>,
 }
 
 /// Hashes of the contents of referenced files (certificates and keys; rule files).
@@ -113,6 +118,11 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         None => None,
     };
     let oauth2 = crate::oauth2::from_config(&config, path, &mut warnings)?;
+    let scanners = if config.scanners.is_empty() {
+        None
+    } else {
+        Some(crate::scan::Scanners::new(&config.scanners, &config.scan)?)
+    };
     let files = FileHashes {
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
@@ -127,6 +137,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         warnings,
         oauth2,
         files,
+        scanners,
     })
 }
 
@@ -728,7 +739,20 @@ listeners = ["pop3"]
 networks = ["127.0.0.0/8"]
 full_bodies = true
 summary_lines = 3
+[[scanner]]
+name = "clamav"
+kind = "clamd"
+address = "unix:/run/clamav/clamd.ctl"
+timeout = "20s"
+max_size = "10MB"
 [scan]
+spool_memory = "2MB"
+spool_dir = "/var/spool/popgate"
+on_virus = "deny"
+on_spam = "replace"
+on_error = "pass"
+header = true
+max_concurrent = 8
 notice_from = "Mail Proxy <postmaster@example.org>"
 contact = "postmaster@example.org"
 "#;
@@ -782,6 +806,8 @@ contact = "postmaster@example.org"
             ("state", "[state]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
+            ("scanner", "[[scanner]]\nzzz = 1\n"),
+            ("scan", "[scan]\nzzz = 1\n"),
         ];
         // Fields that are tables of their own, checked in their own entry above.
         let sub_tables = [
@@ -799,6 +825,8 @@ contact = "postmaster@example.org"
             "upstream.oauth2",
             "tls.certificate",
             "audit.transcript",
+            "scanner",
+            "scan",
         ];
         let mut accepted = BTreeSet::new();
         for (table, text) in tables {

@@ -84,8 +84,24 @@ fn run() -> Result<()> {
                     anyhow::bail!("{}: {why}", config.display())
                 }
             };
+            // Each `[[scanner]]` answers its ping; one that does not is a warning (scanning
+            // follows scan.on_error until it does).
+            let mut scanner_lines = Vec::new();
+            for (name, outcome) in runtime.block_on(popgate::scan::check(&checked.config.scanners))
+            {
+                match outcome {
+                    Ok(()) => scanner_lines.push(format!("scanner {name:?}: answers")),
+                    Err(why) => warnings.push(format!(
+                        "scanner {name:?} does not answer ({why}): scans with it are errors \
+                         (scan.on_error) until it does"
+                    )),
+                }
+            }
             for w in &warnings {
                 eprintln!("warning: {w}");
+            }
+            for line in &scanner_lines {
+                eprintln!("{line}");
             }
             if let Some(line) = state_line {
                 eprintln!("{line}");

@@ -224,6 +224,9 @@ struct ScanMemory {
     /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
     /// popgate's own), for a notice.
     uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -407,7 +410,8 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
+            || self.capa.is_some()
     }
 
     /// Whether the status line of a retrieval is held for scanning (the client has seen
@@ -830,12 +834,20 @@ impl Hop {
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         // The answer to the retrieval a scan rule selected: the last command sent (no later
-        // one is read until its verdict).
-        let answers_scan = meta.status != crate::pop3::response::Status::Continue
-            && self.cmd_tags.len() == 1
-            && self.scan.as_ref().is_some_and(|s| {
-                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
-            });
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
@@ -1723,11 +1735,17 @@ impl Hop {
             "message scanned"
         );
         let user = self.user_shared();
+        let added = if judgement.outcome == scanning::Outcome::Deliver {
+            Bytes::from(judgement.headers)
+        } else {
+            Bytes::new()
+        };
         self.event(SessionEvent::Scanned {
             msg: s.msg,
             verb: s.verb,
             reports,
             action: judgement.action,
+            added,
             user,
         });
         if let Some(Output::ToClient(reply)) = outs.last()
@@ -1856,6 +1874,7 @@ impl Hop {
             verb: s.verb,
             reports,
             action: crate::proxy::ScanAction::Unscanned,
+            added: Bytes::from_static(scanning::UNSCANNED_TOO_LARGE),
             user,
         });
     }
@@ -1870,6 +1889,9 @@ impl Hop {
         self.outputs.answer_scan(Vec::new(), self.now);
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
+        }
+        if s.status.is_some() {
+            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
         }
         s.status.is_some()
     }

@@ -189,6 +189,8 @@ pub(crate) enum SessionEvent {
         reports: Vec<ScanReport>,
         /// What the client got.
         action: ScanAction,
+        /// Header lines added for the client after the status line (CRLF each), if any.
+        added: Bytes,
         /// The user rules and audit see.
         user: Option<Arc<str>>,
     },

@@ -7,7 +7,6 @@
 //! `StreamMaxLength`, sent as soon as the limit is passed, and the connection is closed).
 
 use std::io;
-use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -93,40 +92,7 @@ pub(crate) fn parse_reply(reply: &str) -> Result<Finding, ScanError> {
     Err(ScanError::Unexpected(reply.to_owned()))
 }
 
-/// Where a clamd listens: `unix:/path` or `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Address {
-    /// A Unix socket (clamd's `LocalSocket`).
-    Unix(PathBuf),
-    /// A TCP address (clamd's `TCPSocket`/`TCPAddr`), resolved at each connect.
-    Tcp(String),
-}
-
-impl Address {
-    /// Parse `scanner.address` of a clamd scanner; the error says what is expected.
-    pub(crate) fn parse(text: &str) -> Result<Address, String> {
-        if let Some(path) = text.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "`{text}`: a Unix socket needs an absolute path, e.g. \
-                     \"unix:/run/clamav/clamd.ctl\""
-                ));
-            }
-            return Ok(Address::Unix(PathBuf::from(path)));
-        }
-        let port_ok = text
-            .rsplit_once(':')
-            .filter(|(host, _)| !host.is_empty())
-            .and_then(|(_, port)| port.parse::<u16>().ok())
-            .is_some_and(|p| p != 0);
-        if !port_ok || text.contains('/') {
-            return Err(format!(
-                "`{text}`: \"unix:/path\" or \"host:port\" (e.g. \"127.0.0.1:3310\") is expected"
-            ));
-        }
-        Ok(Address::Tcp(text.to_owned()))
-    }
-}
+pub(crate) use crate::config::scan::ClamdAddress as Address;
 
 /// A connection to clamd, over either socket kind.
 enum Conn {
@@ -330,26 +296,5 @@ mod tests {
     fn no_reply_before_the_close_is_an_error_and_a_reply_without_nul_is_taken() {
         assert!(matches!(read_in_pieces(b"", 1), Err(ScanError::NoReply)));
         assert_eq!(read_in_pieces(b"PONG\n", 2).unwrap(), "PONG");
-    }
-
-    #[test]
-    fn addresses_parse_for_unix_and_tcp() {
-        assert_eq!(
-            Address::parse("unix:/run/clamav/clamd.ctl"),
-            Ok(Address::Unix("/run/clamav/clamd.ctl".into()))
-        );
-        for ok in ["127.0.0.1:3310", "localhost:3310", "[::1]:3310"] {
-            assert_eq!(Address::parse(ok), Ok(Address::Tcp(ok.into())), "{ok}");
-        }
-        for bad in [
-            "unix:relative",
-            "127.0.0.1",
-            ":3310",
-            "host:0",
-            "host:99999",
-            "http://x:1",
-        ] {
-            assert!(Address::parse(bad).is_err(), "{bad}");
-        }
     }
 }

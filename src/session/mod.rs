@@ -9,6 +9,7 @@ mod error;
 mod login;
 pub mod observer;
 mod read;
+mod scan;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -87,6 +88,10 @@ pub struct Shared {
     /// Fleet state (`[state]`, `src/state/`): one for the process's life, carried into each
     /// new snapshot like the limiter.
     pub(crate) state: Arc<crate::state::Store>,
+    /// The content scanners (`[[scanner]]`), when there are any; built with each snapshot.
+    pub(crate) scanners: Option<Arc<crate::scan::Scanners>>,
+    /// What the hop does with their verdicts (`[[scanner]]` sizes, `[scan]`), with them.
+    pub(crate) scan_policy: Option<Arc<crate::proxy::scan::ScanPolicy>>,
 }
 
 /// Who a session is for, known at accept.
@@ -412,8 +417,7 @@ async fn open(
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
-        // Scanning is wired by the driver (issue 23, part C).
-        scan: None,
+        scan: shared.scan_policy.clone(),
     };
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
     Ok(Driver {
@@ -431,6 +435,7 @@ async fn open(
         traffic: Traffic::default(),
         live,
         redial_before_next_command: false,
+        held: None,
     })
 }
 
@@ -478,6 +483,8 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
         _ => reason,
     };
     driver.hop.finish();
+    // A held body and its scan go with the session (a spool file is unlinked already).
+    driver.held = None;
     record_rules(&shared, driver.hop.take_rule_tally());
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     if driver.hop.mid_response() {
@@ -653,8 +660,25 @@ impl SessionObserver {
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
-            // The audit `scan` events (issue 23): next commit.
-            SessionEvent::Scanned { .. } => {}
+            SessionEvent::Scanned {
+                msg,
+                verb,
+                reports,
+                action,
+                added,
+                user,
+            } => {
+                use crate::audit::ScanEventAction as A;
+                let action = match action {
+                    crate::proxy::ScanAction::Delivered => A::Delivered,
+                    crate::proxy::ScanAction::Tagged => A::Tagged,
+                    crate::proxy::ScanAction::Replaced => A::Replaced,
+                    crate::proxy::ScanAction::Denied => A::Denied,
+                    crate::proxy::ScanAction::Tempfailed => A::Tempfailed,
+                    crate::proxy::ScanAction::Unscanned => A::Unscanned,
+                };
+                obs.scanned(msg, verb, &reports, action, &added, user.as_deref());
+            }
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
@@ -707,6 +731,8 @@ struct Driver {
     /// dialled again (to be told about TLS) before the next command goes out, unless that
     /// command is APOP, whose digest hashes the first connection's greeting.
     redial_before_next_command: bool,
+    /// The body held for a scan and the scan in flight (`None` when nothing is held).
+    held: Option<Box<scan::Held>>,
 }
 
 impl Driver {
@@ -786,6 +812,14 @@ impl Driver {
                         self.hop.on_client_input(clock(), &mut self.cin);
                     }
                 }
+                (spool, reports) = scan::verdict(&mut self.held) => {
+                    if let Some(held) = self.held.as_mut() {
+                        held.scan = None;
+                        held.spool = Some(spool);
+                    }
+                    let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
+                    self.hop.scan_done(clock(), &date, reports, &mut self.cin);
+                }
                 _ = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -861,29 +895,48 @@ impl Driver {
                     }
                     self.redial_before_next_command = self.redial_wanted();
                 }
-                // Stop-gap until the driver holds a spool and runs the scanners (issue 23,
-                // part C): a scan is answered at once with an error report per scanner, so
-                // that `on_error` decides and no session waits for a verdict that never comes.
-                Output::Spool(_) | Output::Unspool | Output::DropSpool => {}
-                Output::Scan(req) => {
-                    let reports = req
-                        .scanners
-                        .iter()
-                        .map(|name| crate::types::ScanReport {
-                            scanner: name.clone(),
-                            verdict: crate::types::ScanVerdict::Error,
-                            detail: Some("scanning is not available in this build".into()),
-                            score: None,
-                            duration: std::time::Duration::ZERO,
-                        })
-                        .collect();
-                    let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
-                    self.hop.scan_done(clock(), &date, reports, &mut self.cin);
+                Output::Spool(bytes) => {
+                    if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
+                        let spool = self.new_spool();
+                        self.held.get_or_insert_with(Box::default).spool = Some(spool);
+                    }
+                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
+                        spool.write(&bytes).await.map_err(SessionError::Spool)?;
+                    }
                 }
+                Output::Scan(request) => {
+                    // The spool moves into the scan and comes back with the verdict.
+                    let spool = match self.held.as_mut().and_then(|h| h.spool.take()) {
+                        Some(spool) => spool,
+                        None => self.new_spool(),
+                    };
+                    let scan = scan::start(self.shared.scanners.clone(), request, spool);
+                    self.held.get_or_insert_with(Box::default).scan = Some(scan);
+                }
+                Output::Unspool => {
+                    if let Some(spool) = self.held.take().and_then(|h| h.spool) {
+                        let n = spool
+                            .copy_to(&mut self.client)
+                            .await
+                            .map_err(io_err(Side::Client))?;
+                        self.client.flush().await.map_err(io_err(Side::Client))?;
+                        self.traffic.to_client += n;
+                        self.live.to_client.inc_by(n);
+                    }
+                }
+                Output::DropSpool => self.held = None,
                 Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
+    }
+
+    /// An empty spool for a body held for scanning (`[scan]` settings, spooled bytes counted).
+    fn new_spool(&self) -> crate::scan::Spool {
+        match &self.shared.scanners {
+            Some(scanners) => scanners.spool(),
+            None => crate::scan::Spool::new(&self.shared.config.scan),
+        }
     }
 
     /// Whether, after the client's STLS, the server must be dialled again to be told about

@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use crate::audit::{
     AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet, LoginEvent,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Transcript,
-    TranscriptConfig, Update, UpdateOutcome,
+    Reset, Retrieve, RetrieveVerb, ScanEvent, ScanEventAction, SessionClose, SessionOpen, TlsEvent,
+    TlsSide, Transcript, TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::control::tap::TapPoint;
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::{CloseReason, TlsInfo};
+use crate::types::{CloseReason, ScanReport, TlsInfo};
 
 pub(crate) use crate::proxy::Marks;
 
@@ -39,6 +39,9 @@ struct Retrieval {
     headers: HeaderExtractor,
     /// Event tags of the RETR/TOP and its response, for the `retrieve` record.
     tags: Vec<String>,
+    /// `scan` events decided before the body ended (a message relayed unscanned): written
+    /// after the `retrieve` record, with what it learnt (the Message-ID).
+    scans: Vec<ScanEvent>,
 }
 
 /// Audit and transcript state of one session.
@@ -275,6 +278,7 @@ impl Observer {
                         octets: 0,
                         headers: HeaderExtractor::new(self.headers.clone()),
                         tags: tags.clone(),
+                        scans: Vec::new(),
                     }));
                 }
             }
@@ -464,6 +468,84 @@ impl Observer {
                 },
                 &r.tags,
             );
+            for mut scan in r.scans {
+                scan.uidl = self.uidls.get(&r.msg).cloned();
+                scan.no_uidl = self.no_uidl && scan.uidl.is_none();
+                scan.message_id = self.message_ids.get(&r.msg).cloned();
+                self.push_tagged(scan, &r.tags);
+            }
+        }
+    }
+
+    /// A retrieved message a `scan` rule selected was judged (or let through unscanned):
+    /// a transcript note with what the client got, and one `scan` event per report (after
+    /// the `retrieve` record of the message).
+    pub fn scanned(
+        &mut self,
+        msg: u32,
+        verb: Verb,
+        reports: &[ScanReport],
+        action: ScanEventAction,
+        added: &[u8],
+        user: Option<&str>,
+    ) {
+        let verdicts: Vec<String> = reports
+            .iter()
+            .map(|r| {
+                let mut v = format!("{}={}", r.scanner, r.verdict.as_str());
+                if let Some(d) = &r.detail {
+                    v.push_str(&format!(" ({})", crate::pop3::printable(d.as_bytes())));
+                }
+                v
+            })
+            .collect();
+        self.note(&format!(
+            "{verb} {msg} scanned: {}; the client got: {}",
+            verdicts.join(", "),
+            action.as_str()
+        ));
+        for line in added.split_inclusive(|&b| b == b'\n') {
+            self.note(&format!(
+                "header line added for the client: {}",
+                crate::pop3::printable(line).trim_end()
+            ));
+        }
+        if !self.auditing() {
+            return;
+        }
+        let Some(verb) = RetrieveVerb::from_verb(verb) else {
+            return;
+        };
+        let events = reports.iter().map(|r| ScanEvent {
+            user: user.map(str::to_owned),
+            verb,
+            msg: u64::from(msg),
+            uidl: None,
+            no_uidl: false,
+            message_id: None,
+            scanner: r.scanner.to_string(),
+            verdict: r.verdict,
+            name: r.detail.clone(),
+            score: r.score.map(|s| s.0),
+            required: r.score.map(|s| s.1),
+            action,
+            duration_ms: u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
+        });
+        match self.retrieval.as_mut() {
+            // Still being relayed: after its `retrieve` record.
+            Some(r) if r.msg == msg => r.scans.extend(events),
+            _ => {
+                let events: Vec<ScanEvent> = events.collect();
+                let uidl = self.uidls.get(&msg).cloned();
+                let no_uidl = self.no_uidl && uidl.is_none();
+                let message_id = self.message_ids.get(&msg).cloned();
+                for mut e in events {
+                    e.uidl.clone_from(&uidl);
+                    e.no_uidl = no_uidl;
+                    e.message_id.clone_from(&message_id);
+                    self.push(e);
+                }
+            }
         }
     }
 
@@ -527,5 +609,106 @@ impl Observer {
         }
         // Events are rare: a session that waits keeps no room for them.
         self.queue = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::{AuditEventKind, Overflow};
+    use crate::types::ScanVerdict;
+
+    fn meta(verb: Verb, msg: u32, multiline: bool) -> ResponseMeta {
+        ResponseMeta {
+            verb: Some(verb),
+            msg: Some(msg),
+            lines: None,
+            status: Status::Ok,
+            multiline,
+            login: None,
+            size: None,
+            internal: false,
+        }
+    }
+
+    fn report(scanner: &str, verdict: ScanVerdict) -> ScanReport {
+        ScanReport {
+            scanner: Arc::from(scanner),
+            verdict,
+            detail: Some("Eicar".into()),
+            score: Some((9.5, 6.0)),
+            duration: Duration::from_millis(12),
+        }
+    }
+
+    #[test]
+    fn scan_events_follow_the_retrieve_record_with_its_uidl_and_message_id() {
+        let (sink, _guard) =
+            AuditSink::start_with_writer(Box::new(std::io::sink()), 16, Overflow::Drop).unwrap();
+        let headers = Arc::new(HeaderSet::new(&["Message-ID".to_owned()], 4096));
+        let mut o = Observer::new(sink, headers, 7, Transcript::disabled());
+        let m = Marks::default();
+        let trx = State::Transaction;
+        o.status(&meta(Verb::Uidl, 3, false), b"+OK 3 u-3\r\n", None, trx, &m);
+        // Judged after the body (a held message).
+        o.status(&meta(Verb::Retr, 3, true), b"+OK\r\n", None, trx, &m);
+        o.body(b"Message-ID: <a@b>\r\n\r\nx\r\n.\r\n", true, Some("bob"));
+        let reports = [
+            report("clamav", ScanVerdict::Infected),
+            report("rspamd", ScanVerdict::Spam),
+        ];
+        o.scanned(
+            3,
+            Verb::Retr,
+            &reports,
+            ScanEventAction::Replaced,
+            b"",
+            Some("bob"),
+        );
+        // Judged before the body ended (relayed unscanned): written after its record too.
+        o.status(&meta(Verb::Retr, 4, true), b"+OK\r\n", None, trx, &m);
+        o.scanned(
+            4,
+            Verb::Retr,
+            &[report("clamav", ScanVerdict::TooLarge)],
+            ScanEventAction::Unscanned,
+            b"X-Popgate-Scan: unscanned (too large)\r\n",
+            Some("bob"),
+        );
+        o.body(b"Message-ID: <c@d>\r\n\r\n", false, None);
+        o.body(b"y\r\n.\r\n", true, Some("bob"));
+        let kinds: Vec<String> = o
+            .queue
+            .iter()
+            .map(|e| match &e.kind {
+                AuditEventKind::Retrieve(r) => format!("retrieve {}", r.msg),
+                AuditEventKind::Scan(s) => format!(
+                    "scan {} {} {} {} {:?} {:?} {:?} {:?} {}",
+                    s.msg,
+                    s.scanner,
+                    s.verdict.as_str(),
+                    s.action.as_str(),
+                    s.uidl,
+                    s.message_id,
+                    s.score,
+                    s.required,
+                    s.duration_ms
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "retrieve 3",
+                "scan 3 clamav infected replaced Some(\"u-3\") Some(\"<a@b>\") Some(9.5) Some(6.0) 12",
+                "scan 3 rspamd spam replaced Some(\"u-3\") Some(\"<a@b>\") Some(9.5) Some(6.0) 12",
+                "retrieve 4",
+                "scan 4 clamav too_large unscanned None Some(\"<c@d>\") Some(9.5) Some(6.0) 12",
+            ]
+        );
+        assert!(o.queue.iter().all(|e| e.user() == Some("bob")));
     }
 }

@@ -35,6 +35,7 @@ mod rules;
 mod rules_check;
 mod scale_out;
 mod scanners;
+mod scanning;
 mod security;
 mod session_timers;
 mod tls;

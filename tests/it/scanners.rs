@@ -14,8 +14,9 @@ use popgate::scan::{Scanners, Spool};
 use popgate::types::{ByteSize, ScanReport, ScanVerdict};
 
 use crate::common::scanners::{
-    Clamd, ClamdOpts, STUFFED_MARK, STUFFED_NAME, VIRUS_MARK, VIRUS_NAME, clean_mail, dot_stuff,
-    infected_mail,
+    Clamd, ClamdOpts, REJECT_MARK, RSPAMD_REJECT_SCORE, Rspamd, SPAM_MARK, STUFFED_MARK,
+    STUFFED_NAME, STUFFED_SPAM_LINE, VIRUS_MARK, VIRUS_NAME, clean_mail, dot_stuff, infected_mail,
+    spam_mail,
 };
 
 fn clamd(name: &str, address: String) -> ScannerConfig {
@@ -317,4 +318,188 @@ async fn waiting_for_a_scan_slot_counts_into_the_timeout() {
             reports[1]
         );
     }
+}
+
+fn rspamd(name: &str, address: String) -> ScannerConfig {
+    ScannerConfig {
+        name: name.into(),
+        kind: ScannerKind::Rspamd,
+        address,
+        timeout: Duration::from_secs(20),
+        max_size: ByteSize(25 << 20),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs rspamd (run .ci/run)"]
+async fn rspamd_says_clean_or_spam_with_its_action_and_scores() {
+    let daemon = Rspamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let scanners = Scanners::new(&[rspamd("r", daemon.url())], &scan_config(dir.path())).unwrap();
+    let r = scan_one(&scanners, "r", &clean_mail()).await;
+    assert_eq!(
+        (r.verdict, r.detail.as_deref(), r.score),
+        (
+            ScanVerdict::Clean,
+            Some("no action"),
+            Some((0.0, RSPAMD_REJECT_SCORE))
+        )
+    );
+    let r = scan_one(&scanners, "r", &spam_mail()).await;
+    assert_eq!(
+        (r.verdict, r.detail.as_deref(), r.score),
+        (
+            ScanVerdict::Spam,
+            Some("add header"),
+            Some((10.0, RSPAMD_REJECT_SCORE))
+        )
+    );
+    let reject = format!("Subject: x\r\n\r\n{REJECT_MARK}\r\n").into_bytes();
+    let r = scan_one(&scanners, "r", &reject).await;
+    assert_eq!(
+        (r.verdict, r.detail.as_deref(), r.score),
+        (
+            ScanVerdict::Spam,
+            Some("reject"),
+            Some((20.0, RSPAMD_REJECT_SCORE))
+        )
+    );
+    assert_eq!(scanners.check().await, vec![(Arc::from("r"), Ok(()))]);
+}
+
+#[tokio::test]
+#[ignore = "needs rspamd (run .ci/run)"]
+async fn rspamd_gets_the_message_unstuffed_and_streamed_from_a_file_spool() {
+    let daemon = Rspamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        spool_memory: ByteSize(64 << 10),
+        ..scan_config(dir.path())
+    };
+    let scanners = Scanners::new(&[rspamd("r", daemon.url())], &config).unwrap();
+    let small = format!("Subject: dots\r\n\r\n{STUFFED_SPAM_LINE}\r\n").into_bytes();
+    for piece in [1, 2, 5, 17, small.len()] {
+        let spool = spool_of(&scanners, &small, piece).await;
+        let r = scanners.scan(&names(&["r"]), &spool).await.remove(0);
+        assert_eq!(r.verdict, ScanVerdict::Spam, "piece {piece}: {r:?}");
+    }
+    // 5 MB in a file, the mark at its end.
+    let big = big_mail(5 << 20, &format!("\r\n{STUFFED_SPAM_LINE}"));
+    let spool = spool_of(&scanners, &big, 64 << 10).await;
+    assert!(spool.on_disk());
+    let r = scanners.scan(&names(&["r"]), &spool).await.remove(0);
+    assert_eq!(r.verdict, ScanVerdict::Spam, "{r:?}");
+    let clean = spool_of(&scanners, &big_mail(5 << 20, "end"), 64 << 10).await;
+    let r = scanners.scan(&names(&["r"]), &clean).await.remove(0);
+    assert_eq!(r.verdict, ScanVerdict::Clean, "{r:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs rspamd (run .ci/run)"]
+async fn rspamd_hanging_or_down_is_an_error() {
+    let mut daemon = Rspamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = rspamd("r", daemon.url());
+    c.timeout = Duration::from_secs(1);
+    let scanners = Scanners::new(&[c], &scan_config(dir.path())).unwrap();
+    daemon.pause();
+    let r = scan_one(&scanners, "r", &spam_mail()).await;
+    assert_eq!(
+        (r.verdict, r.detail.as_deref()),
+        (ScanVerdict::Error, Some("timed out after 1s"))
+    );
+    let check = scanners.check().await;
+    assert_eq!(check[0].1, Err("timed out after 1s".into()));
+    daemon.resume();
+    assert_eq!(
+        scan_one(&scanners, "r", &spam_mail()).await.verdict,
+        ScanVerdict::Spam
+    );
+    daemon.kill();
+    let r = scan_one(&scanners, "r", &spam_mail()).await;
+    assert_eq!(r.verdict, ScanVerdict::Error);
+    assert!(
+        r.detail.as_deref().unwrap().starts_with("cannot connect"),
+        "{r:?}"
+    );
+    assert!(scanners.check().await[0].1.is_err());
+}
+
+#[tokio::test]
+#[ignore = "needs clamd and rspamd (run .ci/run)"]
+async fn clamd_and_rspamd_scan_one_message_at_once() {
+    let (clam, spam) = (Clamd::start(), Rspamd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        spool_memory: ByteSize(1 << 10),
+        ..scan_config(dir.path())
+    };
+    let scanners = Scanners::new(
+        &[
+            clamd("clamav", clam.unix_address()),
+            rspamd("rspamd", spam.url()),
+        ],
+        &config,
+    )
+    .unwrap();
+    let msg = big_mail(300 << 10, &format!("{VIRUS_MARK} {SPAM_MARK}"));
+    let spool = spool_of(&scanners, &msg, 1000).await;
+    assert!(spool.on_disk());
+    let reports = scanners.scan(&names(&["clamav", "rspamd"]), &spool).await;
+    let got: Vec<_> = reports
+        .iter()
+        .map(|r| (&*r.scanner, r.verdict, r.detail.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("clamav", ScanVerdict::Infected, Some(VIRUS_NAME)),
+            ("rspamd", ScanVerdict::Spam, Some("add header"))
+        ]
+    );
+    let mut wire = Vec::new();
+    spool.copy_to(&mut wire).await.unwrap();
+    assert!(wire == dot_stuff(&msg), "the client gets the wire bytes");
+}
+
+/// `popgate check`: a scanner that answers is named on stderr; one that does not is a
+/// warning, not an error (exit status 0).
+#[test]
+#[ignore = "needs clamd (run .ci/run)"]
+fn popgate_check_pings_each_scanner_and_warns_about_a_dead_one() {
+    let daemon = Clamd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let dead = crate::common::free_port();
+    let config = dir.path().join("popgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = \"127.0.0.1:110\"\n\
+             [[scanner]]\nname = \"live\"\nkind = \"clamd\"\naddress = \"{}\"\n\
+             [[scanner]]\nname = \"dead\"\nkind = \"clamd\"\naddress = \"127.0.0.1:{dead}\"\n\
+             [scan]\nspool_dir = \"{}\"\n",
+            daemon.unix_address(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_popgate"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("scanner \"live\": answers"), "{stderr}");
+    assert!(
+        stderr.contains("warning: scanner \"dead\" does not answer (cannot connect"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 warning(s)"),
+        "{stderr}"
+    );
+    // check creates nothing.
+    assert!(!dir.path().join("spool").exists());
 }

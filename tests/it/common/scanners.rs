@@ -275,3 +275,188 @@ impl Drop for Clamd {
 
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A message containing this gets 10 points from the test rspamd: action `add header`.
+pub const SPAM_MARK: &str = "POPGATE-TEST-SPAM-4d1e";
+/// A message containing this gets 20 points from the test rspamd: action `reject`.
+pub const REJECT_MARK: &str = "POPGATE-TEST-REJECT-4d1e";
+/// A message with a line that is this (it starts with a dot) gets 10 points from the test
+/// rspamd; on the wire, dot-stuffed, the line is not there: rspamd got the message un-stuffed.
+pub const STUFFED_SPAM_LINE: &str = ".popgate-stuffed-spam-line";
+/// The test rspamd's thresholds: `add header` at 6 points, `reject` at 15.
+pub const RSPAMD_REJECT_SCORE: f64 = 15.0;
+/// Why an rspamd test cannot run here.
+pub const RSPAMD_MISSING: &str =
+    "rspamd not found: run .ci/run (it installs rspamd), or apt-get install rspamd";
+
+/// A message the test rspamd calls spam ([`SPAM_MARK`]: `add header`, 10 points).
+pub fn spam_mail() -> Vec<u8> {
+    format!(
+        "From: spammer@example.org\r\nTo: bob@example.org\r\nSubject: cheap\r\n\
+         Message-ID: <spam-1@example.org>\r\n\r\nBuy now: {SPAM_MARK}\r\n"
+    )
+    .into_bytes()
+}
+
+/// A running rspamd (one normal worker on a loopback port, a minimal config of its own: only
+/// the test rules, no DNS, no Redis); its process group is killed on drop.
+pub struct Rspamd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// Where its normal worker listens.
+    pub addr: SocketAddr,
+}
+
+impl Rspamd {
+    /// Start one; waits until it answers `/ping` (about a second).
+    pub fn start() -> Rspamd {
+        use std::os::unix::process::CommandExt as _;
+        let bin = super::find_exe("rspamd").unwrap_or_else(|| panic!("{RSPAMD_MISSING}"));
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().to_owned();
+        std::fs::write(
+            d.join("rules.lua"),
+            format!(
+                "local function mark(m)\n\
+                 \x20 return function(task)\n\
+                 \x20   local c = task:get_content()\n\
+                 \x20   return c ~= nil and tostring(c):find(m, 1, true) ~= nil\n\
+                 \x20 end\n\
+                 end\n\
+                 rspamd_config.POPGATE_TEST_SPAM = {{ callback = mark('{SPAM_MARK}'), \
+                 score = 10.0, description = 'popgate test spam mark' }}\n\
+                 rspamd_config.POPGATE_TEST_REJECT = {{ callback = mark('{REJECT_MARK}'), \
+                 score = 20.0, description = 'popgate test reject mark' }}\n\
+                 rspamd_config.POPGATE_TEST_STUFFED = {{ callback = mark('\\n{STUFFED_SPAM_LINE}'), \
+                 score = 10.0, description = 'popgate test: a line that starts with a dot' }}\n"
+            ),
+        )
+        .unwrap();
+        // The full public suffix list takes rspamd ~20 s to compile: a short one will do.
+        std::fs::write(d.join("tld.dat"), "com\norg\nnet\n").unwrap();
+        for _ in 0..5 {
+            let port = super::free_port();
+            std::fs::write(
+                d.join("rspamd.conf"),
+                format!(
+                    "lua = \"{d}/rules.lua\";\n\
+                     options {{\n  pidfile = \"{d}/rspamd.pid\";\n  url_tld = \"{d}/tld.dat\";\n\
+                     \x20 tempdir = \"{d}\";\n\
+                     \x20 dns {{ nameserver = [\"127.0.0.1:1\"]; timeout = 1s; retransmits = 1; }}\n}}\n\
+                     logging {{ type = \"file\"; filename = \"{d}/rspamd.log\"; level = \"info\"; }}\n\
+                     worker \"normal\" {{ bind_socket = \"127.0.0.1:{port}\"; count = 1; \
+                     task_timeout = 20s; }}\n\
+                     actions {{ reject = {RSPAMD_REJECT_SCORE}; add_header = 6; greylist = 4; }}\n",
+                    d = d.display()
+                ),
+            )
+            .unwrap();
+            // Its own process group: rspamd forks workers, all of them go on drop.
+            let child = Command::new(&bin)
+                .args(["-f", "-i", "-u", "root", "-g", "root", "-c"])
+                .arg(d.join("rspamd.conf"))
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn rspamd");
+            let mut r = Rspamd {
+                dir,
+                child: Some(child),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if r.pings() {
+                    return r;
+                }
+                if let Some(c) = &mut r.child
+                    && let Ok(Some(_)) = c.try_wait()
+                {
+                    break; // the port was taken: try another
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "rspamd did not answer /ping within 60 s: {}",
+                    r.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r.stop();
+            let placeholder = tempfile::tempdir().unwrap();
+            dir = std::mem::replace(&mut r.dir, placeholder);
+        }
+        panic!("rspamd did not start");
+    }
+
+    /// Whether its worker answers `GET /ping` now.
+    pub fn pings(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /ping HTTP/1.1\r\nHost: rspamd\r\nConnection: close\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        // Read until the answer is there (the connection may stay open).
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            reply.extend_from_slice(&buf[..n]);
+            if reply.starts_with(b"HTTP/1.1 200") && reply.windows(4).any(|w| w == b"pong") {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `scanner.address`: `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([sig, "--", &format!("-{}", c.id())])
+                .status();
+        }
+    }
+
+    /// Stop all its processes (SIGSTOP): connections are accepted, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused rspamd go on.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Kill all its processes.
+    pub fn kill(&mut self) {
+        self.stop();
+    }
+
+    /// rspamd's log file.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rspamd.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        self.signal("-KILL");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Rspamd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
