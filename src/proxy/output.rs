@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::front::Login;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
 use crate::types::CloseReason;
@@ -23,6 +24,10 @@ pub(crate) enum Output {
     /// Run the server side of a TLS handshake with the client, then call
     /// [`Hop::client_tls_started`](super::Hop::client_tls_started).
     StartClientTls,
+    /// Routing mode (from [`Session`](super::Session), never from the hop): route this
+    /// login, connect to the chosen upstream and replay it there, then tell the session
+    /// how it went.
+    Login(Box<Login>),
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.
