@@ -8,63 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${1:-50}
 RUNS=${2:-3}
-export PATH="$PATH:/usr/sbin:/sbin"
 cargo build --release -q
-tmp=$(mktemp -d /tmp/pgbench.XXXXXX)
-chmod 755 "$tmp"   # Dovecot's auth and mail processes run unprivileged
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
-trap cleanup EXIT
-[ -n "${KEEP:-}" ] && trap - EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-P_DOV=$(port); P_DOVS=$(port); P_PG=$(port); P_PGS=$(port)
-mkdir -p "$tmp/run" "$tmp/mail/bench/Maildir/"{cur,new,tmp}
-python3 - "$tmp/mail/bench/Maildir/cur/1.M1P1.bench:2,S" "$SIZE_MB" <<'PY'
-import sys
-path, mb = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    f.write(b"From: bench@example.org\nSubject: bench\n\n")
-    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.........\n"
-    for i in range(mb * 1024 * 1024 // len(line)):
-        f.write(b"." + line if i % 50 == 0 else line)
-PY
-chown -R 65534:65534 "$tmp/mail"
-echo 'bench:{PLAIN}bench' > "$tmp/passwd"
-cat > "$tmp/dovecot.conf" <<CONF
-protocols = pop3
-listen = 127.0.0.1
-base_dir = $tmp/run
-state_dir = $tmp/run
-log_path = $tmp/dovecot.log
-ssl = yes
-ssl_cert = <$PWD/certs/localhost.crt
-ssl_key = <$PWD/certs/localhost.key
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-passdb {
-  driver = passwd-file
-  args = scheme=PLAIN $tmp/passwd
-}
-userdb {
-  driver = static
-  args = uid=65534 gid=65534 home=$tmp/mail/%u
-}
-first_valid_uid = 1000
-last_valid_uid = 0
-mail_location = maildir:~/Maildir
-service pop3-login {
-  inet_listener pop3 {
-    address = 127.0.0.1
-    port = $P_DOV
-  }
-  inet_listener pop3s {
-    address = 127.0.0.1
-    port = $P_DOVS
-    ssl = yes
-  }
-}
-CONF
-dovecot -F -c "$tmp/dovecot.conf" & pids+=($!)
+source benches/lib.sh
+bench_init
+P_PG=$(port); P_PGS=$(port)
+bench_message "$SIZE_MB"
+bench_dovecot
 cat > "$tmp/popgate.toml" <<CONF
 [[listener]]
 name = "plain"
@@ -81,22 +30,13 @@ key = "$PWD/certs/localhost.key"
 [log]
 level = "warn"
 CONF
-./target/release/popgate run --config "$tmp/popgate.toml" & pids+=($!)
-PG_PID=$!
-for p in $P_DOV $P_PG $P_PGS; do
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
-done
+bench_popgate "$tmp/popgate.toml"
+wait_ports "$P_PG" "$P_PGS"
 speed() { # url [curl args]: median MB/s of RUNS downloads
   local url=$1; shift
   for _ in $(seq "$RUNS"); do
     curl -s -o /dev/null --max-time 120 --cacert certs/dev-ca.crt "$@" -w '%{speed_download}\n' "$url"
   done | sort -n | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)]/1e6}'
-}
-cpu() { # popgate's CPU seconds so far (user + system)
-  awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$PG_PID/stat"
-}
-per_gb() { # cpu_before cpu_after: popgate CPU seconds per GB relayed
-  awk -v a="$1" -v b="$2" -v mb="$SIZE_MB" -v n="$RUNS" 'BEGIN {printf "%.2f", (b - a) / (mb * n / 1024)}'
 }
 d=$(speed "pop3://bench:bench@127.0.0.1:$P_DOV/1")
 c0=$(cpu)

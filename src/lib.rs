@@ -23,6 +23,7 @@ pub mod reference;
 pub mod routing;
 pub mod rules;
 mod runtime;
+pub mod scan;
 mod session;
 pub mod state;
 pub mod types;

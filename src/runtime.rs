@@ -330,9 +330,8 @@ impl Runtime {
             });
             // Registered (and so listed, kickable, tappable) from here to the session's end;
             // its stop signal is the kick's and the drain's.
-            let (handle, shutdown) =
-                registry.register(id, info.listener.clone(), info.client, info.proxy);
-            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, shutdown, handle);
+            let handle = registry.register(id, info.listener.clone(), info.client, info.proxy);
+            let session = session::run(tls::Stream::Plain(a.tcp), info, shared, handle);
             Some((session, (a.slots, fleet_slot), span))
         });
         self.tasks.spawn(async move {

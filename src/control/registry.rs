@@ -6,17 +6,19 @@
 //! last-activity time are relaxed atomic stores once per relay step; user, state, upstream,
 //! TLS and tags take the entry's lock only when they changed.
 //!
-//! Every session's stop signal (the `watch` its relay loop races) belongs to its entry: a
-//! kick and the drain after `shutdown_grace` both send it; a kick records who asked first, so
-//! the session can tell the two apart.
+//! Every session's stop signal is a flag in its entry: a kick and the drain after
+//! `shutdown_grace` both set it; a kick records who asked first, so the session can tell the
+//! two apart. One `Notify` of the registry wakes the sessions waiting for their flag (each
+//! looks at its own): a stop is rare, and a flag costs a session one byte where a channel of
+//! its own cost a few hundred.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::protocol::SessionRow;
 use super::tap::{Subscriber, TapLine};
@@ -66,13 +68,17 @@ impl Matcher {
 /// The fields of a session that change rarely.
 #[derive(Debug, Default)]
 struct Details {
-    user: Option<String>,
+    /// Shared with the session's handle (one allocation for both).
+    user: Option<Arc<str>>,
     state: Option<State>,
     upstream: Option<String>,
     upstream_address: Option<String>,
     client_tls: Option<String>,
     upstream_tls: Option<String>,
-    tags: Vec<String>,
+    /// The session's own tags (shared with it, not copied).
+    tags: Vec<Arc<str>>,
+    /// Who kicked the session (`uid 0 pid 123`), set before its stop flag.
+    kicked_by: Option<String>,
 }
 
 /// One live session.
@@ -83,15 +89,14 @@ pub(crate) struct Entry {
     client: SocketAddr,
     proxy: Option<SocketAddr>,
     opened: Instant,
-    opened_at: SystemTime,
     from_client: AtomicU64,
     to_client: AtomicU64,
     /// Milliseconds after `opened` of the last relay step.
     active_ms: AtomicU64,
     details: Mutex<Details>,
-    stop: watch::Sender<bool>,
-    /// Who kicked the session (`uid 0 pid 123`), set before `stop` is sent.
-    kicked_by: Mutex<Option<String>>,
+    /// Set by a kick or the drain; the registry's `stopped` wakes the sessions waiting for it.
+    stop: AtomicBool,
+    registry: std::sync::Weak<Registry>,
     /// Taps attached to this session; `tap_count` is their number, the one thing the relay
     /// reads when nobody taps.
     taps: Mutex<Vec<Arc<Subscriber>>>,
@@ -133,22 +138,34 @@ impl Entry {
 
     /// Who kicked the session, if it was kicked.
     pub(crate) fn kicked_by(&self) -> Option<String> {
-        lock(&self.kicked_by).clone()
+        lock(&self.details).kicked_by.clone()
     }
 
-    /// Resolves once the session is kicked (never for the drain's stop): who kicked it.
-    pub(crate) async fn kicked(&self) -> String {
-        let mut rx = self.stop.subscribe();
+    /// Whether the session was told to stop (kicked, or closed by the drain).
+    #[inline]
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the session is told to stop (at once if it was already); the flag is
+    /// checked again at every stop in the registry.
+    pub(crate) async fn stopped(&self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return std::future::pending().await;
+        };
         loop {
-            if *rx.borrow_and_update()
-                && let Some(who) = self.kicked_by()
-            {
-                return who;
+            // Registered before the check: a stop between the check and the wait still wakes.
+            let woken = registry.stopped.notified();
+            if self.stop_requested() {
+                return;
             }
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+            woken.await;
         }
+    }
+
+    /// Set the stop flag (the caller wakes the waiters).
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
     }
 
     fn attach(&self, s: &Arc<Subscriber>) -> bool {
@@ -174,7 +191,7 @@ impl Entry {
         self.bodies_count.store(bodies, Ordering::Relaxed);
     }
 
-    fn row(&self, now: Instant) -> SessionRow {
+    fn row(&self, now: Instant, registry: &Registry) -> SessionRow {
         let d = lock(&self.details);
         let age = now.saturating_duration_since(self.opened);
         let active = self.active_ms.load(Ordering::Relaxed);
@@ -183,7 +200,7 @@ impl Entry {
             client: self.client.to_string(),
             proxy: self.proxy.map(|p| p.to_string()),
             listener: self.listener.to_string(),
-            user: d.user.clone(),
+            user: d.user.as_deref().map(str::to_owned),
             state: d.state.map(state_name).unwrap_or("CONNECTING").to_owned(),
             upstream: d.upstream.clone(),
             upstream_address: d.upstream_address.clone(),
@@ -191,10 +208,10 @@ impl Entry {
             upstream_tls: d.upstream_tls.clone(),
             bytes_from_client: self.from_client.load(Ordering::Relaxed),
             bytes_to_client: self.to_client.load(Ordering::Relaxed),
-            started: humantime::format_rfc3339_seconds(self.opened_at).to_string(),
+            started: humantime::format_rfc3339_seconds(registry.wall_time(self.opened)).to_string(),
             age_s: age.as_secs(),
             idle_s: (age.as_millis() as u64).saturating_sub(active) / 1000,
-            tags: d.tags.clone(),
+            tags: d.tags.iter().map(|t| t.to_string()).collect(),
         }
     }
 }
@@ -222,6 +239,8 @@ pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Number of attached taps (subscribers), read before any per-session tap work.
     subscribers: AtomicUsize,
+    /// Wakes every session waiting for its stop flag when one is set.
+    stopped: Notify,
     started: Instant,
     started_at: SystemTime,
 }
@@ -238,6 +257,7 @@ impl Registry {
         Registry {
             inner: Mutex::new(Inner::default()),
             subscribers: AtomicUsize::new(0),
+            stopped: Notify::new(),
             started: Instant::now(),
             started_at: SystemTime::now(),
         }
@@ -253,34 +273,34 @@ impl Registry {
         self.started_at
     }
 
-    /// Register a session: its handle (deregisters on drop) and its stop signal (true once
-    /// kicked or closed by the drain).
+    /// The wall-clock time of `at` (a session's opening), from the registry's start.
+    fn wall_time(&self, at: Instant) -> SystemTime {
+        self.started_at + at.saturating_duration_since(self.started)
+    }
+
+    /// Register a session: its handle (deregisters on drop), whose entry carries its stop
+    /// signal (set once kicked or closed by the drain; a session registered after the drain
+    /// starts stopped).
     pub(crate) fn register(
         self: &Arc<Self>,
         id: u64,
         listener: Arc<str>,
         client: SocketAddr,
         proxy: Option<SocketAddr>,
-    ) -> (SessionHandle, watch::Receiver<bool>) {
+    ) -> SessionHandle {
         let mut inner = lock(&self.inner);
-        let (stop, mut rx) = watch::channel(inner.closing);
-        if inner.closing {
-            // Registered after the drain closed the others: closed at its first look.
-            rx.mark_changed();
-        }
         let entry = Arc::new(Entry {
             id,
             listener,
             client,
             proxy,
             opened: Instant::now(),
-            opened_at: SystemTime::now(),
             from_client: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             active_ms: AtomicU64::new(0),
             details: Mutex::new(Details::default()),
-            stop,
-            kicked_by: Mutex::new(None),
+            stop: AtomicBool::new(inner.closing),
+            registry: Arc::downgrade(self),
             taps: Mutex::new(Vec::new()),
             tap_count: AtomicUsize::new(0),
             bodies_count: AtomicUsize::new(0),
@@ -292,7 +312,7 @@ impl Registry {
         }
         inner.entries.insert(id, entry.clone());
         drop(inner);
-        let handle = SessionHandle {
+        SessionHandle {
             entry,
             registry: self.clone(),
             user: None,
@@ -300,8 +320,7 @@ impl Registry {
             tags: 0,
             tls_published: (false, false),
             backlog: Vec::new(),
-        };
-        (handle, rx)
+        }
     }
 
     /// The drain: stop every session, now and registered later.
@@ -309,8 +328,10 @@ impl Registry {
         let mut inner = lock(&self.inner);
         inner.closing = true;
         for e in inner.entries.values() {
-            e.stop.send_replace(true);
+            e.request_stop();
         }
+        drop(inner);
+        self.stopped.notify_waiters();
     }
 
     /// The entries matching `m`, oldest first.
@@ -332,16 +353,19 @@ impl Registry {
     /// One row per session matching `m`, oldest first.
     pub(crate) fn rows(&self, m: &Matcher) -> Vec<SessionRow> {
         let now = Instant::now();
-        self.matching(m).iter().map(|e| e.row(now)).collect()
+        self.matching(m).iter().map(|e| e.row(now, self)).collect()
     }
 
     /// Kick every session matching `m` (`who` goes to the audit trail): the ids kicked.
     pub(crate) fn kick(&self, m: &Matcher, who: &str) -> Vec<u64> {
         let mut ids = Vec::new();
         for e in self.matching(m) {
-            *lock(&e.kicked_by) = Some(who.to_owned());
-            e.stop.send_replace(true);
+            lock(&e.details).kicked_by = Some(who.to_owned());
+            e.request_stop();
             ids.push(e.id);
+        }
+        if !ids.is_empty() {
+            self.stopped.notify_waiters();
         }
         ids
     }
@@ -428,7 +452,7 @@ pub(crate) struct SessionHandle {
     entry: Arc<Entry>,
     registry: Arc<Registry>,
     /// What was published last (so unchanged values take no lock).
-    user: Option<String>,
+    user: Option<Arc<str>>,
     state: Option<State>,
     tags: usize,
     /// Whether each side's TLS was published.
@@ -460,10 +484,10 @@ impl SessionHandle {
     pub(crate) fn sync(&mut self, user: Option<&str>, state: State, tags: &[Arc<str>]) {
         if self.tags != tags.len() {
             self.tags = tags.len();
-            lock(&self.entry.details).tags = tags.iter().map(|t| t.to_string()).collect();
+            lock(&self.entry.details).tags = tags.to_vec();
         }
         if self.user.as_deref() != user {
-            self.user = user.map(str::to_owned);
+            self.user = user.map(Arc::from);
             lock(&self.entry.details).user = self.user.clone();
             if let Some(u) = user {
                 let before = self.entry.tap_count.load(Ordering::Relaxed);
@@ -559,7 +583,7 @@ impl Drop for SessionHandle {
 mod tests {
     use super::*;
 
-    fn register(r: &Arc<Registry>, id: u64, ip: &str) -> (SessionHandle, watch::Receiver<bool>) {
+    fn register(r: &Arc<Registry>, id: u64, ip: &str) -> SessionHandle {
         r.register(
             id,
             Arc::from("pop3"),
@@ -579,8 +603,8 @@ mod tests {
     #[test]
     fn dropping_the_handle_deregisters() {
         let r = Arc::new(Registry::new());
-        let (a, _ra) = register(&r, 1, "192.0.2.1");
-        let (b, _rb) = register(&r, 2, "192.0.2.2");
+        let a = register(&r, 1, "192.0.2.1");
+        let b = register(&r, 2, "192.0.2.2");
         assert_eq!(r.rows(&Matcher::default()).len(), 2);
         drop(a);
         let rows = r.rows(&Matcher::default());
@@ -595,13 +619,14 @@ mod tests {
     #[test]
     fn kick_stops_the_matching_sessions_and_names_who_asked() {
         let r = Arc::new(Registry::new());
-        let (mut a, ra) = register(&r, 1, "192.0.2.1");
-        let (mut b, rb) = register(&r, 2, "198.51.100.7");
+        let mut a = register(&r, 1, "192.0.2.1");
+        let mut b = register(&r, 2, "198.51.100.7");
+        let (ra, rb) = (a.entry(), b.entry());
         a.sync(Some("bob"), State::Transaction, &[]);
         b.sync(Some("alice"), State::Transaction, &[]);
         assert!(r.kick(&user("carol"), "uid 0 pid 1").is_empty());
         assert_eq!(r.kick(&user("bob"), "uid 0 pid 1"), [1]);
-        assert!(*ra.borrow() && !*rb.borrow());
+        assert!(ra.stop_requested() && !rb.stop_requested());
         assert_eq!(a.kicked_by().as_deref(), Some("uid 0 pid 1"));
         assert_eq!(b.kicked_by(), None);
         let net = Matcher {
@@ -610,10 +635,43 @@ mod tests {
         };
         assert_eq!(r.rows(&net).len(), 1);
         r.close_all();
-        assert!(*rb.borrow());
+        assert!(rb.stop_requested());
         assert_eq!(b.kicked_by(), None);
-        let (_c, mut rc) = register(&r, 3, "192.0.2.3");
-        assert!(rc.has_changed().unwrap() && *rc.borrow_and_update());
+        let c = register(&r, 3, "192.0.2.3");
+        assert!(c.entry().stop_requested());
+    }
+
+    /// A session waiting for its stop wakes at its own kick and at the drain, not at another
+    /// session's kick; a session that is already stopped does not wait.
+    #[tokio::test]
+    async fn a_waiting_session_wakes_at_its_kick_and_at_the_drain_only() {
+        use std::time::Duration;
+        let r = Arc::new(Registry::new());
+        let a = register(&r, 1, "192.0.2.1");
+        let b = register(&r, 2, "192.0.2.2");
+        let (ea, eb) = (a.entry(), b.entry());
+        let wait_a = tokio::spawn(async move { ea.stopped().await });
+        let wait_b = tokio::spawn(async move { eb.stopped().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let by_id = Matcher {
+            session: Some(1),
+            ..Matcher::default()
+        };
+        assert_eq!(r.kick(&by_id, "uid 0 pid 1"), [1]);
+        tokio::time::timeout(Duration::from_secs(5), wait_a)
+            .await
+            .expect("the kicked session did not wake")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!wait_b.is_finished(), "another session's kick stopped it");
+        r.close_all();
+        tokio::time::timeout(Duration::from_secs(5), wait_b)
+            .await
+            .expect("the drain did not wake the session")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), a.entry().stopped())
+            .await
+            .expect("a stopped session waited");
     }
 
     /// A user tap attaches when the session names its user and gets the lines it missed; it
@@ -623,8 +681,8 @@ mod tests {
         let r = Arc::new(Registry::new());
         let (sub, mut rx) = Subscriber::new(user("alice"), false);
         assert!(r.subscribe(&sub).is_empty());
-        let (alice, _ra) = register(&r, 1, "192.0.2.1");
-        let (bob, _rb) = register(&r, 2, "192.0.2.2");
+        let alice = register(&r, 1, "192.0.2.1");
+        let bob = register(&r, 2, "192.0.2.2");
         let mut ta = super::super::tap::TapPoint::new(alice.entry());
         ta.set_handle(alice);
         let mut tb = super::super::tap::TapPoint::new(bob.entry());

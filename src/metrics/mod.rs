@@ -32,6 +32,11 @@ type Labels = Vec<(&'static str, String)>;
 /// Connect latency buckets: 0.5 ms doubling up to ~8 s (loopback to a slow remote TLS server).
 const CONNECT_BUCKETS: (f64, f64, u16) = (0.0005, 2.0, 15);
 
+/// Scan duration buckets: 1 ms doubling up to ~65 s (a scanner's `timeout` is 30 s by default).
+fn scan_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 /// Longest an active `/health` probe of the upstream may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -52,6 +57,12 @@ pub(crate) struct Metrics {
     listener_up: Family<Labels, Gauge>,
     reload_success: Gauge,
     reload_success_time: Gauge<f64, AtomicU64>,
+    /// Content scans by scanner and verdict (`src/scan`).
+    scans: Family<Labels, Counter>,
+    /// How long each scanner took (queueing for a scan slot included).
+    scan_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Octets of held messages, by where they were held (`memory`, `file`).
+    scan_spooled: Family<Labels, Counter>,
     /// The listeners `/health` expects up (the config's, replaced by a reload).
     listeners: Mutex<Vec<String>>,
     health_window: Duration,
@@ -316,6 +327,9 @@ impl Metrics {
             listener_up: Family::default(),
             reload_success: Gauge::default(),
             reload_success_time: Gauge::default(),
+            scans: Family::default(),
+            scan_duration: Family::new_with_constructor(scan_histogram as fn() -> Histogram),
+            scan_spooled: Family::default(),
             listeners: Mutex::new(config.listeners.iter().map(|l| l.name.clone()).collect()),
             health_window: config
                 .metrics
@@ -348,6 +362,9 @@ impl Metrics {
         }
         for stage in ["tcp", "setup", "tls", "timeout"] {
             let _ = m.upstream_errors.get_or_create(&label("stage", stage));
+        }
+        for to in ["memory", "file"] {
+            let _ = m.scan_spooled.get_or_create(&label("to", to));
         }
         for rule in rule_names {
             let _ = m.rule_hits.get_or_create(&vec![("rule", rule)]);
@@ -452,6 +469,22 @@ impl Metrics {
             "popgate_listener_up",
             "1 while the listener accepts clients",
             self.listener_up.clone(),
+        );
+        r.register(
+            "popgate_scans",
+            "Content scans by scanner and verdict (clean, infected, spam, too_large, error)",
+            self.scans.clone(),
+        );
+        r.register(
+            "popgate_scan_duration_seconds",
+            "Time one scanner took for one message, waiting for a scan slot included",
+            self.scan_duration.clone(),
+        );
+        r.register(
+            "popgate_scan_spooled_bytes",
+            "Octets of messages held for scanning, by where they were held (memory, or a file \
+             in scan.spool_dir: a message is counted where it ended up)",
+            self.scan_spooled.clone(),
         );
         r.register_collector(Box::new(polled));
         self
@@ -569,6 +602,39 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// The scanners of the config in force (at start, after a reload): their series start at 0.
+    #[allow(dead_code)] // until scan::Scanners records into it
+    pub(crate) fn scanners_configured<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            let _ = self.scan_duration.get_or_create(&label("scanner", name));
+            for verdict in ["clean", "infected", "spam", "too_large", "error"] {
+                let _ = self.scans.get_or_create(&vec![
+                    ("scanner", name.to_owned()),
+                    ("verdict", verdict.to_owned()),
+                ]);
+            }
+        }
+    }
+
+    /// `scanner` (a configured name) gave `verdict` after `took`.
+    #[allow(dead_code)] // until scan::Scanners records into it
+    pub(crate) fn scanned(&self, scanner: &str, verdict: &str, took: Duration) {
+        self.scans
+            .get_or_create(&vec![
+                ("scanner", scanner.to_owned()),
+                ("verdict", verdict.to_owned()),
+            ])
+            .inc();
+        self.scan_duration
+            .get_or_create(&label("scanner", scanner))
+            .observe(took.as_secs_f64());
+    }
+
+    /// `n` octets of a held message were spooled `to` `memory` or a `file`.
+    pub(crate) fn scan_spooled(&self, to: &'static str, n: u64) {
+        self.scan_spooled.get_or_create(&label("to", to)).inc_by(n);
     }
 
     /// A failed login's reply was held back `d`.

@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsMode};
+use crate::control::registry::Entry;
 use crate::net::tls::{Stream, TlsSetup};
 use crate::proxy::policy::Policy;
 use crate::proxy::{Hop, HopConfig, Output, Session, SessionEvent};
@@ -28,18 +28,33 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// Wait `d`; `false` if a shutdown came first.
-async fn sleep_unless_shutdown(
-    d: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
-) -> bool {
-    if *shutdown.borrow_and_update() {
-        return false;
-    }
+/// Wait `d`; `false` if the session was told to stop first (kicked or drained).
+async fn sleep_unless_stopped(d: std::time::Duration, stop: &Entry) -> bool {
     tokio::select! {
+        biased;
+        _ = stop.stopped() => false,
         _ = tokio::time::sleep(d) => true,
-        _ = shutdown.changed() => false,
     }
+}
+
+/// Why a session told to stop ends: a kick (and who asked) or the drain.
+fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
+    match stop.kicked_by() {
+        Some(who) => (CloseReason::Kick, Some(who)),
+        None => (CloseReason::Shutdown, None),
+    }
+}
+
+/// Send the client popgate's last word, `-ERR [SYS/TEMP] proxy shutting down` (what a kick or
+/// the drain gives a session in its relay too), and close it: the octets written.
+async fn say_shutting_down(client: &mut Stream) -> u64 {
+    let line = crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN);
+    let sent = match client.write_all(&line).await {
+        Ok(()) => line.len() as u64,
+        Err(_) => 0,
+    };
+    let _ = client.shutdown().await;
+    sent
 }
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
@@ -126,45 +141,35 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
 ///
-/// `shutdown` turns true when the session is kicked (`handle` knows by whom) or closed by the
-/// drain; a kick also ends the set-up (client and upstream closed, no QUIT).
+/// `handle`'s entry carries the session's stop signal: set when the session is kicked (the
+/// entry knows by whom) or closed by the drain. Every wait of the set-up races it (client and
+/// upstream closed, no QUIT), and so does the relay.
 pub(crate) fn run(
     client: Stream,
     info: SessionInfo,
     shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> impl std::future::Future<Output = CloseReason> + Send {
     let started = Instant::now();
-    let entry = handle.entry();
-    let (audit, id) = (shared.audit.clone(), info.id);
-    let shutdown_for_setup = shutdown.clone();
-    // The driver comes out boxed: held inline it was stored twice in this future (as the
-    // select's output and as the local below), and every session's task was 4.5 KB instead of
-    // 0.8 KB (`size_of` measured in a release build).
+    let stop = handle.entry();
+    // The driver comes out boxed, so that the set-up's future is freed when it ends and the
+    // session's task holds only the relay's state (`size_of` measured in a release build).
     let setup = Box::pin(async move {
-        open(client, info, shared, started, shutdown_for_setup, handle)
+        open(client, info, shared, started, handle)
             .await
             .map(Box::new)
     });
     async move {
-        let mut driver = tokio::select! {
-            biased;
-            d = setup => match d {
-                Ok(d) => d,
-                Err(reason) => return reason,
-            },
-            who = entry.kicked() => {
-                info!(by = %who, "session kicked before its relay began");
-                kicked_in_setup(&audit, id, who, started).await;
-                return CloseReason::Kick;
-            }
+        let mut driver = match setup.await {
+            Ok(d) => d,
+            Err(reason) => return reason,
         };
-        relay(&mut driver, shutdown, started).await
+        relay(&mut driver, &stop, started).await
     }
 }
 
-/// The `session_close` of a session kicked during its set-up (its observer went with it).
+/// The `session_close` of a session kicked before its `session_open` (during the client's TLS
+/// handshake or a connect rule's delay): what `session_open` would say is not known yet.
 async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
     if audit.is_enabled() {
         let close = crate::audit::SessionClose {
@@ -187,19 +192,26 @@ async fn open(
     info: SessionInfo,
     shared: Arc<Shared>,
     started: Instant,
-    shutdown: watch::Receiver<bool>,
     handle: crate::control::registry::SessionHandle,
 ) -> Result<Driver, CloseReason> {
     let shared = &shared;
+    let stop = handle.entry();
     let config = shared.config.clone();
     let live = shared.metrics.session(&info.listener);
     if info.tls_mode == TlsMode::Implicit {
-        match client_handshake(client, shared).await {
-            Ok(c) => client = c,
-            Err(e) => {
+        let shaken = tokio::select! {
+            biased;
+            r = client_handshake(client, shared) => Some(r),
+            _ = stop.stopped() => None,
+        };
+        match shaken {
+            Some(Ok(c)) => client = c,
+            Some(Err(e)) => {
                 info!(error = %e, "client TLS handshake failed");
                 return Err(CloseReason::Error);
             }
+            // No TLS yet, so no `-ERR` the client could read: closed.
+            None => return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await),
         }
     }
     let client_tls = client.tls_info();
@@ -212,18 +224,13 @@ async fn open(
             ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
         },
     );
-    // A connect rule's tarpit never outlasts a shutdown.
+    // A connect rule's tarpit never outlasts a shutdown or a kick.
     if let Some(d) = connect.delay
-        && !sleep_unless_shutdown(d, shutdown).await
+        && !sleep_unless_stopped(d, &stop).await
     {
-        info!("shutdown during a connect rule's delay");
-        let _ = client
-            .write_all(&crate::pop3::replies::line(
-                crate::pop3::replies::SHUTTING_DOWN,
-            ))
-            .await;
-        let _ = client.shutdown().await;
-        return Err(CloseReason::Shutdown);
+        info!("stopped during a connect rule's delay");
+        say_shutting_down(&mut client).await;
+        return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await);
     }
     let refused = match &connect.refusal {
         None => None,
@@ -325,7 +332,30 @@ async fn open(
             crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
-        match crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead).await {
+        // A kick or the drain does not wait for a slow upstream: the client gets the `-ERR` a
+        // session in its relay gets, and the `session_close` follows the `session_open`.
+        let connected = tokio::select! {
+            biased;
+            _ = stop.stopped() => None,
+            r = crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead) => Some(r),
+        };
+        let Some(connected) = connected else {
+            let (reason, who) = stop_reason(&stop);
+            match &who {
+                Some(who) => info!(by = %who, "session kicked while connecting upstream"),
+                None => info!("shutdown while connecting upstream"),
+            }
+            let sent = say_shutting_down(&mut client).await;
+            live.to_client.inc_by(sent);
+            if let Some(who) = who {
+                observer.set_kicked_by(who);
+            }
+            let ms = started.elapsed().as_millis() as u64;
+            observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
+            observer.flush().await;
+            return Err(reason);
+        };
+        match connected {
             Ok(u) => {
                 shared.metrics.upstream_connected(
                     upstream_cfg.label(),
@@ -419,14 +449,26 @@ async fn open(
     })
 }
 
-/// Relay until the session ends, then close both sides and log the end.
-async fn relay(
-    driver: &mut Driver,
-    shutdown: watch::Receiver<bool>,
+/// A session told to stop before its `session_open`: its `session_close` if it was kicked, and
+/// why it ended.
+async fn stopped_before_open(
+    audit: &crate::audit::AuditSink,
+    stop: &Entry,
+    id: u64,
     started: Instant,
 ) -> CloseReason {
+    let (reason, who) = stop_reason(stop);
+    if let Some(who) = who {
+        info!(by = %who, "session kicked before its relay began");
+        kicked_in_setup(audit, id, who, started).await;
+    }
+    reason
+}
+
+/// Relay until the session ends, then close both sides and log the end.
+async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReason {
     let shared = driver.shared.clone();
-    let reason = match driver.drive(shutdown).await {
+    let reason = match driver.drive(stop).await {
         Ok(r) => r,
         Err(e) if e.is_disconnect() => {
             debug!(error = %e, "connection lost");
@@ -695,16 +737,15 @@ struct Driver {
 impl Driver {
     /// The relay loop: dispatch the hop's events, carry out its outputs, then wait for the
     /// client, the upstream, the hop's next deadline or a shutdown, whichever comes first.
-    async fn drive(
-        &mut self,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<CloseReason, SessionError> {
+    async fn drive(&mut self, stop: &Entry) -> Result<CloseReason, SessionError> {
+        // The stop is handled once (the hop closes at it).
+        let mut stop_seen = false;
         // popgate's own greeting (routing mode), or the server's if it was read already
         // (upstream STLS).
         self.session.start(clock(), &mut self.sin, &mut self.cin);
         loop {
             self.pump_events().await;
-            if let Some(reason) = self.execute(&mut shutdown).await? {
+            if let Some(reason) = self.execute(stop).await? {
                 return Ok(reason);
             }
             self.sync_observer().await;
@@ -727,7 +768,10 @@ impl Driver {
                 biased;
                 // A hold never outlasts a shutdown: the session ends within the grace period
                 // like any other.
-                _ = shutdown.changed() => self.session.on_shutdown(),
+                _ = stop.stopped(), if !stop_seen => {
+                    stop_seen = true;
+                    self.session.on_shutdown();
+                }
                 r = async {
                     if in_body {
                         self.upstream.read_buf(&mut self.sin).await
@@ -790,10 +834,7 @@ impl Driver {
 
     /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
     /// session.
-    async fn execute(
-        &mut self,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Option<CloseReason>, SessionError> {
+    async fn execute(&mut self, stop: &Entry) -> Result<Option<CloseReason>, SessionError> {
         loop {
             let Some(output) = self
                 .session
@@ -822,7 +863,7 @@ impl Driver {
                 Output::Login(login) => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
-                    Box::pin(self.routed_login(&login, shutdown)).await?
+                    Box::pin(self.routed_login(&login, stop)).await?
                 }
                 Output::ToUpstream(bytes) => {
                     if std::mem::take(&mut self.redial_before_next_command) {
@@ -934,7 +975,7 @@ impl Driver {
     async fn routed_login(
         &mut self,
         login: &crate::proxy::front::Login,
-        shutdown: &mut watch::Receiver<bool>,
+        stop: &Entry,
     ) -> Result<(), SessionError> {
         // What the front's answers made happen is recorded before the routing's own records.
         self.pump_events().await;
@@ -942,7 +983,7 @@ impl Driver {
         // upstream socket closed without QUIT), as a command in flight would be.
         let routed = tokio::select! {
             r = self.route_login(login) => r,
-            _ = shutdown.changed() => {
+            _ = stop.stopped() => {
                 self.session.on_shutdown();
                 return Ok(());
             }

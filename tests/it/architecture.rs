@@ -46,6 +46,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Fleet state (`[state]`): the store behind the login penalty, the per-address session
     // slots and the OAuth2 tokens; counts into the limiter and the metrics.
     ("state", &["config", "limits", "metrics", "audit"]),
+    // Content scanning (issue 23): the spool of a held message and the clamd/rspamd clients;
+    // its config tables, the verdict types, and the scan metrics it records.
+    ("scan", &["config", "types", "metrics"]),
     (
         "session",
         &[

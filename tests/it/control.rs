@@ -609,8 +609,10 @@ fn kick_user_with_a_dele_pending_ends_the_session_and_dovecot_keeps_the_message(
     assert!(p.log().contains("session kicked"), "{}", p.log());
 }
 
-/// A session still connecting (its upstream accepted but never greets) is kicked too; a kick
-/// needs a criterion, and one matching nothing says so (exit non-zero).
+/// A session still connecting (its upstream accepted but never greets) is kicked too: its
+/// client gets the `-ERR` a kick gives a session in its relay, and its `session_close` follows
+/// its `session_open`; a kick needs a criterion, and one matching nothing says so (exit
+/// non-zero).
 #[test]
 fn kick_ends_a_session_still_in_its_connect_phase() {
     // The first address accepts and stays silent; with two addresses popgate awaits the
@@ -656,16 +658,33 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
         !String::from_utf8_lossy(&rest).starts_with("+OK"),
         "greeted"
     );
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "-ERR [SYS/TEMP] proxy shutting down\r\n",
+        "not the -ERR of a kick"
+    );
     wait_sessions(&p, "gone", |r| r.is_empty());
     let mut p = p;
     p.stop();
     let events = common::audit_events(&p.path("audit"));
-    assert!(
-        events.iter().any(|e| e["event"] == json!("session_close")
-            && e["reason"] == json!("kick")
-            && e["session"].as_u64().unwrap().to_string() == id),
+    let of_session = |e: &&Value| e["session"].as_u64().unwrap().to_string() == id;
+    let kinds: Vec<&Value> = events
+        .iter()
+        .filter(of_session)
+        .map(|e| &e["event"])
+        .collect();
+    assert_eq!(
+        kinds,
+        [&json!("session_open"), &json!("session_close")],
         "{events:#?}"
     );
+    let close = events.iter().filter(of_session).last().unwrap();
+    assert_eq!(close["reason"], json!("kick"), "{close}");
+    assert!(
+        close["kicked_by"].as_str().unwrap().starts_with("uid "),
+        "{close}"
+    );
+    assert_eq!(close["bytes_to_client"], json!(37), "{close}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ use base64::Engine as _;
 use common::certs::TestPki;
 use common::clients::{
     RawPop, b64, brief, curl, curl_dele, curl_list, curl_ok, curl_retr, fetchmail, fetchmail_run,
-    pop_raw, poplib, poplib_spec, url,
+    mpop_run, pop_raw, poplib, poplib_spec, url,
 };
 use common::dovecot::{Dovecot, DovecotOpts, alice_msgs, bob_msgs, dot_stuffed, msg_dots, served};
 use common::proxy::{Harness, ProxyHandle};
@@ -270,6 +270,37 @@ fn fetchmail_keep_then_delete_through_popgate_is_byte_identical() {
     let via = fetchmail_run(p.addr, BOB.0, "nope", true, &[]);
     assert_eq!(via.status, 3, "{via:?}");
     assert_eq!(dv.message_count(BOB.0), 12);
+}
+
+/// mpop (pipelining, USER/PASS): with `keep on` the same bytes through popgate as direct,
+/// nothing deleted; with `keep off` everything delivered and deleted.
+#[test]
+#[ignore = "needs dovecot and mpop (run .ci/run)"]
+fn mpop_keep_then_delete_through_popgate_is_byte_identical() {
+    let dv = start_dovecot();
+    let h = Harness::new();
+    let p = plain_proxy(&h, dv.pop3, "");
+    let msgs = alice_msgs();
+
+    let direct = mpop_run(dv.pop3, ALICE.0, ALICE.1, true, &[]);
+    let via = mpop_run(p.addr, ALICE.0, ALICE.1, true, &[]);
+    assert_eq!(direct.status, 0, "{direct:?}");
+    assert_eq!(via.status, 0, "{via:?}");
+    assert!(
+        via.messages == direct.messages,
+        "mpop keep on through popgate differs"
+    );
+    assert!(
+        via.messages == msgs,
+        "mpop did not deliver the stored messages: {via:?}"
+    );
+    assert_eq!(dv.message_count(ALICE.0), 3);
+
+    let via = mpop_run(p.addr, ALICE.0, ALICE.1, false, &[]);
+    assert_eq!(via.status, 0, "{via:?}");
+    assert!(via.messages == msgs);
+    assert!(via.stdout.contains("--> DELE 3"), "{via:?}");
+    assert_eq!(dv.message_count(ALICE.0), 0, "DELE + QUIT through popgate");
 }
 
 // ---------------------------------------------------------------------------------------------

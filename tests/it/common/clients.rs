@@ -1,4 +1,5 @@
-//! Drivers for real POP3 clients: curl, Python's poplib, fetchmail, and a raw socket client.
+//! Drivers for real POP3 clients: curl, Python's poplib, fetchmail, mpop, and a raw socket
+//! client.
 //!
 //! Every external client is bounded in time ([`CLIENT_LIMIT`]) and killed when it overruns; a
 //! client that hangs makes the test panic with whatever it printed so far.
@@ -12,6 +13,8 @@
 //!   `data_b64` joins them with CRLF plus a final CRLF: again `served(msg)`).
 //! - fetchmail (`--mda`): the message with LF line ends, dot-unstuffed, nothing added
 //!   (`--invisible` drops the Received header, `--norewrite` keeps addresses): the stored file.
+//! - mpop (`delivery mda`, `received_header off`): the message with LF line ends,
+//!   dot-unstuffed, nothing added: again the stored file.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -377,6 +380,109 @@ pub fn fetchmail(
         run.status
     );
     run.messages
+}
+
+// ---------------------------------------------------------------------------------------------
+// mpop
+
+/// What one mpop run did. Its `Debug` shows message sizes and the end of the output only.
+pub struct MpopRun {
+    /// Exit status: 0 success (mail or none), 69 service unavailable, 76 protocol error, 77
+    /// authentication failed... (sysexits.h).
+    pub status: i32,
+    /// The delivered messages in order, as the MDA got them.
+    pub messages: Vec<Vec<u8>>,
+    /// mpop's `--debug` protocol trace (`<-- ...` / `--> ...`; it shows the PASS argument:
+    /// test passwords only) and its messages.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl MpopRun {
+    /// stdout and stderr together.
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Debug for MpopRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes: Vec<usize> = self.messages.iter().map(Vec::len).collect();
+        f.debug_struct("MpopRun")
+            .field("status", &self.status)
+            .field("message_sizes", &sizes)
+            .field("stdout_tail", &tail(&self.stdout, 3000))
+            .field("stderr_tail", &tail(&self.stderr, 3000))
+            .finish()
+    }
+}
+
+/// Runs mpop once (`--debug`) against `addr` and returns what it delivered.
+///
+/// The config file (mode 0600, in a temp dir that is also HOME) has one account with `tls off`,
+/// `auth user` (USER/PASS), `received_header off`, `only_new off` (every message, whatever an
+/// earlier run got: the UIDL file is fresh anyway), `keep on|off`, `timeout 30` and `delivery
+/// mda` into numbered files; `extra` lines (e.g. `pipelining off`) come last.
+pub fn mpop_run(addr: SocketAddr, user: &str, pass: &str, keep: bool, extra: &[&str]) -> MpopRun {
+    let home = tempfile::Builder::new()
+        .prefix("mpop")
+        .tempdir()
+        .expect("temp dir for mpop");
+    let out_dir = home.path().join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir out");
+    // mpop delivers one message at a time, so counting the files gives the order.
+    let mda = home.path().join("mda.sh");
+    std::fs::write(
+        &mda,
+        format!(
+            "#!/bin/sh\nd='{}'\nn=$(ls \"$d\" | wc -l)\nexec cat > \"$d/$(printf %06d \"$n\")\"\n",
+            out_dir.display()
+        ),
+    )
+    .expect("write mda");
+    std::fs::set_permissions(&mda, std::fs::Permissions::from_mode(0o755)).expect("chmod mda");
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut rc = format!(
+        "account test\nhost {}\nport {}\nuser {}\npassword {}\ntls off\nauth user\n\
+         received_header off\nonly_new off\nkeep {}\ntimeout 30\nuidls_file {}\n\
+         delivery mda {}\n",
+        addr.ip(),
+        addr.port(),
+        quote(user),
+        quote(pass),
+        if keep { "on" } else { "off" },
+        home.path().join("uidls").display(),
+        mda.display(),
+    );
+    for line in extra {
+        rc.push_str(line);
+        rc.push('\n');
+    }
+    let rc_path = home.path().join("mpoprc");
+    std::fs::write(&rc_path, rc).expect("write mpoprc");
+    std::fs::set_permissions(&rc_path, std::fs::Permissions::from_mode(0o600)).expect("chmod rc");
+
+    let mut cmd = Command::new("mpop");
+    cmd.env("HOME", home.path())
+        .arg("-C")
+        .arg(&rc_path)
+        .args(["--debug", "test"]);
+    let out = run_bounded(&mut cmd, None, CLIENT_LIMIT);
+
+    let mut files: Vec<_> = std::fs::read_dir(&out_dir)
+        .expect("read out dir")
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    files.sort();
+    MpopRun {
+        status: out.status.code().unwrap_or(-1),
+        messages: files
+            .iter()
+            .map(|p| std::fs::read(p).expect("read delivered message"))
+            .collect(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
