@@ -28,6 +28,11 @@ pub(crate) enum Output {
     /// login, connect to the chosen upstream and replay it there, then tell the session
     /// how it went.
     Login(Box<Login>),
+    /// Direct mode with `forward_client = "proxy-v2"`, after the client's STLS, before the
+    /// first command goes upstream (from [`Session`](super::Session), never from the hop):
+    /// dial the server again with the client's TLS in the PROXY header and take its greeting
+    /// silently; go on over the new connection, or over the old one if that fails.
+    RedialUpstream,
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use tracing::debug;
 
 use super::front::Front;
 use super::{Hop, Output, SessionEvent};
@@ -49,6 +50,11 @@ pub(crate) struct Session {
     /// Outputs of the session's own, ahead of the hop's: a login to route, the client bytes
     /// the front kept for the real upstream.
     out: VecDeque<Output>,
+    /// Direct mode with `forward_client = "proxy-v2"`: the server is dialled again after the
+    /// client's STLS ([`Output::RedialUpstream`]).
+    redial_after_stls: bool,
+    /// The client's TLS is up and no command went upstream since.
+    redial_due: bool,
     /// What the front was sent and what it answered (for the session simulator's checks).
     #[cfg(any(test, feature = "fuzzing"))]
     front_traffic: (Vec<u8>, Vec<u8>),
@@ -61,9 +67,23 @@ impl Session {
             hop,
             front: front.map(Box::new),
             out: VecDeque::new(),
+            redial_after_stls: false,
+            redial_due: false,
             #[cfg(any(test, feature = "fuzzing"))]
             front_traffic: (Vec::new(), Vec::new()),
         }
+    }
+
+    /// Direct mode with `forward_client = "proxy-v2"` (and not intercepting): the upstream
+    /// was dialled before the client's STLS with a header that said "plaintext", and a server
+    /// such as Dovecot (`disable_plaintext_auth = yes`) would keep refusing plaintext logins.
+    /// So after the STLS, before the first command goes upstream, [`Output::RedialUpstream`]
+    /// comes out: unless that command is APOP, whose digest hashes the first connection's
+    /// greeting (the server is then not told about TLS). The commands about to go out are
+    /// the only ones pending (the STLS waited for every earlier answer).
+    pub(crate) fn redialling_after_stls(mut self, on: bool) -> Session {
+        self.redial_after_stls = on && self.front.is_none();
+        self
     }
 
     /// The session starts: the front's greeting (routing mode) or what was read from the
@@ -93,6 +113,7 @@ impl Session {
     }
 
     /// Whether the front still stands in for the server (routing mode before the login).
+    #[cfg(test)]
     pub(crate) fn routing(&self) -> bool {
         self.front.is_some()
     }
@@ -140,6 +161,7 @@ impl Session {
         if let Some(front) = self.front.as_mut() {
             front.tls_started();
         }
+        self.redial_due = self.redial_after_stls;
     }
 
     /// The answer to a [`SessionEvent::LoginFailed`]: the penalty, counted from `now`.
@@ -190,6 +212,17 @@ impl Session {
                         front.input(&bytes);
                     }
                     self.front_turn(now, sin, cin);
+                }
+                Output::ToUpstream(bytes) if std::mem::take(&mut self.redial_due) => {
+                    if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
+                        debug!(
+                            "APOP after STLS: the session stays on the connection whose \
+                             greeting it hashed (the server is not told about TLS)"
+                        );
+                        return Some(Output::ToUpstream(bytes));
+                    }
+                    self.out.push_back(Output::ToUpstream(bytes));
+                    return Some(Output::RedialUpstream);
                 }
                 output => return Some(output),
             }
@@ -330,13 +363,35 @@ mod tests {
 
     impl Driver {
         fn new(stls: bool, outcomes: Vec<Result<&'static [u8], &'static [u8]>>) -> Driver {
+            Driver::with(
+                stls,
+                Some(Front::new("popgate ready")),
+                outcomes,
+                |s| s,
+                b"",
+            )
+        }
+
+        /// Direct mode: the upstream greeted `+OK hi` during the set-up.
+        fn direct(redial: bool) -> Driver {
+            let redialling = move |s: Session| s.redialling_after_stls(redial);
+            Driver::with(true, None, vec![], redialling, b"+OK hi\r\n")
+        }
+
+        fn with(
+            stls: bool,
+            front: Option<Front>,
+            outcomes: Vec<Result<&'static [u8], &'static [u8]>>,
+            build: impl FnOnce(Session) -> Session,
+            preread: &[u8],
+        ) -> Driver {
             let now = Instant::now();
             let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
             let hop = Hop::new(cfg(stls), Policy::new(rules), now, now);
             let mut d = Driver {
-                session: Session::new(hop, Some(Front::new("popgate ready"))),
+                session: build(Session::new(hop, front)),
                 cin: BytesMut::new(),
-                sin: BytesMut::new(),
+                sin: BytesMut::from(preread),
                 now,
                 outcomes: outcomes.into(),
                 trace: Trace::default(),
@@ -382,6 +437,7 @@ mod tests {
                         self.session.client_tls_started(&mut self.cin);
                     }
                     Output::Close(r) => self.trace.close = Some(r),
+                    Output::RedialUpstream => self.trace.upstream.extend_from_slice(b"<redial>"),
                     Output::Login(l) => {
                         self.trace
                             .logins
@@ -566,5 +622,59 @@ mod tests {
             assert_eq!(d.trace.logins.len(), 1);
             assert_eq!(d.trace.logins[0].0, "bob");
         }
+    }
+
+    #[test]
+    fn after_the_clients_stls_a_proxy_v2_upstream_is_dialled_again_before_the_next_command() {
+        let client = b"CAPA\r\nSTLS\r\nUSER alice\r\nPASS pw\r\n";
+        for n in 1..=client.len() {
+            let mut d = Driver::direct(true);
+            d.client(b"CAPA\r\n", n);
+            d.server(b"+OK\r\nUSER\r\n.\r\n", n);
+            d.client(b"STLS\r\n", n);
+            assert_eq!(d.trace.tls, 1);
+            d.client(b"USER alice\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.client(b"PASS pw\r\n", n);
+            // Once, before the first command after the handshake; CAPA went out before.
+            assert_eq!(
+                d.trace.upstream, b"CAPA\r\n<redial>USER alice\r\nPASS pw\r\n",
+                "chunks of {n} ({client:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn apop_after_stls_stays_on_the_connection_whose_greeting_it_hashed() {
+        let apop = b"APOP alice c0ffee5ec2e7c0ffee5ec2e7c0ffee5e\r\n";
+        for n in 1..=apop.len() {
+            let mut d = Driver::direct(true);
+            d.client(b"STLS\r\n", n);
+            d.client(apop, n);
+            assert_eq!(d.trace.upstream, apop, "chunks of {n}");
+            d.server(b"-ERR no\r\n", n);
+            // Not on the next command either: the session is bound to the first connection.
+            d.client(b"USER alice\r\n", n);
+            assert!(!d.trace.upstream.windows(8).any(|w| w == b"<redial>"));
+        }
+    }
+
+    #[test]
+    fn without_proxy_v2_or_in_routing_mode_nothing_is_dialled_again() {
+        let mut d = Driver::direct(false);
+        d.client(b"STLS\r\n", 64);
+        d.client(b"USER alice\r\n", 64);
+        assert_eq!(d.trace.upstream, b"USER alice\r\n");
+        let mut d = Driver::with(
+            true,
+            Some(Front::new("popgate ready")),
+            vec![Ok(LOGGED_IN)],
+            |s| s.redialling_after_stls(true),
+            b"",
+        );
+        d.client(b"STLS\r\n", 64);
+        d.client(b"USER alice\r\nPASS pw\r\nNOOP\r\n", 64);
+        assert_eq!(d.trace.logins.len(), 1);
+        assert_eq!(d.trace.upstream, b"NOOP\r\n");
     }
 }

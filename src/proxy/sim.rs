@@ -1121,6 +1121,8 @@ impl Sim<'_> {
                     self.close = Some(reason);
                     self.ended = true;
                 }
+                // The simulated upstream is told nothing about TLS (no PROXY v2).
+                Output::RedialUpstream => unreachable!("no PROXY v2 upstream in the simulator"),
                 Output::Login(login) => {
                     // What the front's answers made happen is seen before the routing.
                     self.pump_events();

@@ -160,7 +160,7 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
                     hop.client_tls_started(&mut cin);
                 }
                 Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
-                Output::Login(_) => panic!("the hop never routes a login itself"),
+                Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
             }
         }
         if out.close.is_none() && hop.holding() {
@@ -1348,7 +1348,7 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
             Output::StartClientTls => out.tls_at.push(out.client.len()),
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
-            Output::Login(_) => panic!("the hop never routes a login itself"),
+            Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
         }
     }
 }

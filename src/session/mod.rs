@@ -428,8 +428,13 @@ async fn open(
     };
     let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
+    // Direct mode with PROXY v2: the server is told about the client's STLS by a second dial
+    // (routing mode dials after the STLS already; interception and PROXY v1 cannot say it).
+    let redial = info.original_dst.is_none()
+        && config.upstreams[config.default_index()].forward_client
+            == crate::config::ForwardClient::ProxyV2;
     Ok(Driver {
-        session: Session::new(hop, front),
+        session: Session::new(hop, front).redialling_after_stls(redial),
         client,
         upstream: upstream_stream,
         shared: shared.clone(),
@@ -445,7 +450,6 @@ async fn open(
         },
         traffic: Traffic::default(),
         live,
-        redial_before_next_command: false,
     })
 }
 
@@ -728,10 +732,6 @@ struct Driver {
     traffic: Traffic,
     /// The session's metrics handles (bytes each way; active until dropped).
     live: crate::metrics::SessionMetrics,
-    /// Direct mode with `forward_client = "proxy-v2"` after the client's STLS: the server is
-    /// dialled again (to be told about TLS) before the next command goes out, unless that
-    /// command is APOP, whose digest hashes the first connection's greeting.
-    redial_before_next_command: bool,
 }
 
 impl Driver {
@@ -865,19 +865,9 @@ impl Driver {
                     // replay) would otherwise sit in every session's task.
                     Box::pin(self.routed_login(&login, stop)).await?
                 }
-                Output::ToUpstream(bytes) => {
-                    if std::mem::take(&mut self.redial_before_next_command) {
-                        if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
-                            debug!(
-                                "APOP after STLS: the session stays on the connection whose \
-                                 greeting it hashed (the server is not told about TLS)"
-                            );
-                        } else {
-                            Box::pin(self.redial_after_stls()).await?;
-                        }
-                    }
-                    self.send_upstream(&bytes).await?
-                }
+                Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
+                // Boxed: a rare step whose future would otherwise sit in every session.
+                Output::RedialUpstream => Box::pin(self.redial_after_stls()).await?,
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
@@ -887,7 +877,6 @@ impl Driver {
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
-                    self.redial_before_next_command = self.redial_wanted();
                 }
                 Output::Close(reason) => return Ok(Some(reason)),
             }
@@ -895,23 +884,11 @@ impl Driver {
         Ok(None)
     }
 
-    /// Whether, after the client's STLS, the server must be dialled again to be told about
-    /// TLS: direct mode with `forward_client = "proxy-v2"` (routing mode dials after the STLS
-    /// already; interception and PROXY v1 cannot say it).
-    fn redial_wanted(&self) -> bool {
-        let config = &self.shared.config;
-        !self.session.routing()
-            && self.info.original_dst.is_none()
-            && config.upstreams[config.default_index()].forward_client
-                == crate::config::ForwardClient::ProxyV2
-            && self.client_tls.is_some()
-    }
-
     /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the
     /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
-    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called before
-    /// the first command after the STLS goes out (not for APOP, see
-    /// `redial_before_next_command`): dial again with the client's TLS in the header and take
+    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called for
+    /// [`Output::RedialUpstream`], before the first command after the STLS goes out (not for
+    /// APOP: `proxy::Session::redialling_after_stls`): dial again with the client's TLS in the header and take
     /// the new greeting silently; the first connection is closed (without QUIT: nothing was
     /// done on it but the capability talk before STLS, which RFC 2595 makes the client forget
     /// anyway). The commands about to go out are the only ones pending (the STLS waited for
