@@ -359,6 +359,8 @@ mod tests {
         trace: Trace,
         /// Client bytes not yet read.
         socket: Vec<u8>,
+        /// The answer to a failed login.
+        penalty: Option<Duration>,
     }
 
     impl Driver {
@@ -396,6 +398,7 @@ mod tests {
                 outcomes: outcomes.into(),
                 trace: Trace::default(),
                 socket: Vec::new(),
+                penalty: None,
             };
             d.session.start(now, &mut d.sin, &mut d.cin);
             d.drain();
@@ -408,7 +411,7 @@ mod tests {
             while let Some(ev) = self.session.poll_event() {
                 any = true;
                 if let SessionEvent::LoginFailed(_) = ev {
-                    self.session.penalty(self.now, None);
+                    self.session.penalty(self.now, self.penalty);
                 }
             }
             any
@@ -676,5 +679,30 @@ mod tests {
         d.client(b"USER alice\r\nPASS pw\r\nNOOP\r\n", 64);
         assert_eq!(d.trace.logins.len(), 1);
         assert_eq!(d.trace.upstream, b"NOOP\r\n");
+    }
+
+    #[test]
+    fn a_refused_routed_login_waits_out_the_penalty_and_the_client_is_read_meanwhile() {
+        for n in [1, 5, 64] {
+            let mut d = Driver::new(false, vec![Err(REFUSED), Ok(LOGGED_IN)]);
+            d.penalty = Some(Duration::from_secs(3));
+            d.client(b"USER alice\r\nPASS wrong\r\n", n);
+            assert_eq!(d.trace.logins.len(), 1);
+            assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n", "held");
+            let at = d.session.poll_timeout().expect("the hold's end");
+            assert_eq!(at, d.now + Duration::from_secs(3));
+            // The client is still read: its next login waits behind the hold.
+            d.client(b"USER bob\r\nPASS pw\r\n", n);
+            assert_eq!(d.trace.logins.len(), 1, "a login went out during the hold");
+            d.now = at;
+            d.session.on_timeout(at);
+            d.drain();
+            assert_eq!(d.trace.logins.len(), 2);
+            assert_eq!(d.trace.logins[1].0, "bob");
+            assert_eq!(
+                d.trace.client,
+                b"+OK popgate ready\r\n+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK logged in\r\n"
+            );
+        }
     }
 }
