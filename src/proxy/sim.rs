@@ -782,6 +782,8 @@ pub struct Summary {
     pub routed: usize,
     /// Routed logins whose upstream dialogue went through STLS to the server.
     pub upstream_stls: usize,
+    /// Routed logins whose first address was failed over.
+    pub failed_over: usize,
 }
 
 /// One simulated session: the driver's part, the client, the server and the checker.
@@ -811,6 +813,7 @@ struct Sim<'a> {
     stls: bool,
     routed: usize,
     upstream_stls: usize,
+    failed_over: usize,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -886,6 +889,7 @@ pub fn run(data: &[u8]) -> Summary {
         stls: false,
         routed: 0,
         upstream_stls: 0,
+        failed_over: 0,
     };
     sim.connect(routing);
     sim.script();
@@ -898,6 +902,7 @@ pub fn run(data: &[u8]) -> Summary {
         stls: sim.stls,
         routed: sim.routed,
         upstream_stls: sim.upstream_stls,
+        failed_over: sim.failed_over,
     }
 }
 
@@ -1163,7 +1168,6 @@ impl Sim<'_> {
     /// answers the client's login command. A server that does not answer is the reply
     /// timeout: unavailable.
     fn upstream_connected(&mut self, login: &Login) -> Result<Vec<u8>, Vec<u8>> {
-        let mut server = Server::connect(&mut self.input, &mut self.check);
         let stls = self.input.byte() % 2 == 1;
         let plan = Plan {
             tls: if stls {
@@ -1181,51 +1185,64 @@ impl Sim<'_> {
                 lines: login.lines.clone(),
             }),
         };
-        let mut dialogue = Dialogue::new(plan);
-        loop {
-            while let Some(step) = dialogue.poll() {
-                match step {
-                    Step::Write(bytes) => {
-                        self.check.upstream_bytes(&bytes);
-                        self.check.replaying = true;
-                        server.receive(&bytes, &mut self.input, &mut self.check);
-                        self.check.replaying = false;
-                    }
-                    Step::StartTls => {
-                        if self.input.byte() % 8 == 7 {
-                            dialogue.tls_failed(&"sim: the server's handshake failed");
-                        } else {
-                            self.upstream_stls += 1;
-                            dialogue.tls_done();
+        // The routed upstream's two addresses, as `net::upstream::connect` tries them.
+        for address in 0..2 {
+            let mut server = Server::connect(&mut self.input, &mut self.check);
+            let mut dialogue = Dialogue::new(plan.clone());
+            let mut connected = false;
+            loop {
+                while let Some(step) = dialogue.poll() {
+                    match step {
+                        Step::Write(bytes) => {
+                            self.check.upstream_bytes(&bytes);
+                            self.check.replaying = true;
+                            server.receive(&bytes, &mut self.input, &mut self.check);
+                            self.check.replaying = false;
                         }
+                        Step::StartTls => {
+                            if self.input.byte() % 8 == 7 {
+                                dialogue.tls_failed(&"sim: the server's handshake failed");
+                            } else {
+                                self.upstream_stls += 1;
+                                dialogue.tls_done();
+                            }
+                        }
+                        Step::LoggedIn { mut reply, rest } => {
+                            reply.extend_from_slice(&rest);
+                            self.server = Some(server);
+                            self.routed += 1;
+                            return Ok(reply);
+                        }
+                        Step::Failed(Failure::Refused(line)) => return Err(line),
+                        Step::Failed(_) => return Err(UNAVAILABLE.to_vec()),
+                        Step::Connected => connected = true,
+                        Step::Notice(_) | Step::FetchToken => {}
                     }
-                    Step::LoggedIn { mut reply, rest } => {
-                        reply.extend_from_slice(&rest);
-                        self.server = Some(server);
-                        self.routed += 1;
-                        return Ok(reply);
-                    }
-                    Step::Failed(Failure::Refused(line)) => return Err(line),
-                    Step::Failed(_) => return Err(UNAVAILABLE.to_vec()),
-                    Step::Notice(_) | Step::Connected | Step::FetchToken => {}
+                }
+                if dialogue.finished() {
+                    return Err(UNAVAILABLE.to_vec());
+                }
+                // The login waits for held replies (within its reply timeout).
+                server.release();
+                let n = self.chunk();
+                let bytes = server.read(n);
+                if !bytes.is_empty() {
+                    dialogue.on_server_bytes(&bytes);
+                } else if server.at_eof() {
+                    server.eof_seen = true;
+                    dialogue.on_server_eof();
+                } else if !connected && address == 0 {
+                    // Silent during the set-up: the connect timeout, which fails over to the
+                    // next address (the first is closed without a word).
+                    self.failed_over += 1;
+                    break;
+                } else {
+                    // Silent during the login: its reply timeout.
+                    return Err(UNAVAILABLE.to_vec());
                 }
             }
-            if dialogue.finished() {
-                return Err(UNAVAILABLE.to_vec());
-            }
-            // The login waits for held replies (within its reply timeout).
-            server.release();
-            let n = self.chunk();
-            let bytes = server.read(n);
-            if !bytes.is_empty() {
-                dialogue.on_server_bytes(&bytes);
-            } else if server.at_eof() {
-                server.eof_seen = true;
-                dialogue.on_server_eof();
-            } else {
-                return Err(UNAVAILABLE.to_vec());
-            }
         }
+        Err(UNAVAILABLE.to_vec())
     }
 
     /// The input is used up: the server answers, the client says what it has and closes,
@@ -1277,6 +1294,7 @@ mod tests {
         let mut tagged = 0;
         let mut reasons = std::collections::BTreeMap::new();
         let (mut bodies, mut stls, mut routed, mut upstream_stls) = (0, 0, 0, 0);
+        let mut failed_over = 0;
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             closed += usize::from(s.close.is_some());
@@ -1286,18 +1304,19 @@ mod tests {
             stls += usize::from(s.stls);
             routed += s.routed;
             upstream_stls += s.upstream_stls;
+            failed_over += s.failed_over;
         }
         eprintln!(
             "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed \
-             ({upstream_stls} over STLS upstream): {reasons:?}"
+             ({upstream_stls} over STLS upstream, {failed_over} failed over): {reasons:?}"
         );
         // The runs do reach the server and end: not a simulator that does nothing.
         assert!(closed > 2500, "{closed} sessions closed");
         assert!(tagged > 3000, "{tagged} tagged replies");
         // And they reach what the invariants are about: bodies, TLS upgrades, routed logins.
         assert!(
-            bodies > 100 && stls > 20 && routed > 5 && upstream_stls > 0,
-            "{bodies} {stls} {routed} {upstream_stls}"
+            bodies > 100 && stls > 20 && routed > 5 && upstream_stls > 0 && failed_over > 0,
+            "{bodies} {stls} {routed} {upstream_stls} {failed_over}"
         );
     }
 
