@@ -46,6 +46,9 @@ pub enum StartError {
     /// The `[state]` store could not be set up.
     #[error("state: {0}")]
     State(#[from] crate::state::StoreError),
+    /// A `[[scanner]]` cannot be used.
+    #[error(transparent)]
+    Scanner(#[from] crate::scan::ScannerError),
 }
 
 /// Everything a config names, loaded and checked; nothing started yet.
@@ -65,6 +68,8 @@ pub(crate) struct Prepared {
     pub(crate) oauth2: crate::oauth2::Bridges,
     /// Hashes of the files the config names, to tell a reload what changed on disk.
     pub(crate) files: FileHashes,
+    /// The content scanners (`[[scanner]]`), when there are any.
+    pub(crate) scanners: Option<crate::scan::Scanners>,
 }
 
 /// Hashes of the contents of referenced files (certificates and keys; rule files).
@@ -92,6 +97,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     warnings.extend(rules.warnings().iter().cloned());
     check_trace_rules(&config, &rules)?;
     check_route_rules(&config, &rules, path)?;
+    check_scan_rules(&config, &rules, path)?;
     if config
         .upstreams
         .iter()
@@ -112,6 +118,11 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         None => None,
     };
     let oauth2 = crate::oauth2::from_config(&config, path, &mut warnings)?;
+    let scanners = if config.scanners.is_empty() {
+        None
+    } else {
+        Some(crate::scan::Scanners::new(&config.scanners, &config.scan)?)
+    };
     let files = FileHashes {
         certs: hash_files(cert_files(&config)),
         rules: hash_files(rules.files().iter()),
@@ -126,6 +137,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
         warnings,
         oauth2,
         files,
+        scanners,
     })
 }
 
@@ -165,6 +177,24 @@ fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<()
             path: path.to_owned(),
             key: "rules".into(),
             reason,
+        });
+    }
+    Ok(())
+}
+
+/// `scan` rules name `[[scanner]]` entries.
+fn check_scan_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<(), ConfigError> {
+    for (file, rule, scanner) in rules.scanners_in_files() {
+        if config.scanners.iter().any(|s| s.name == scanner) {
+            continue;
+        }
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "rules".into(),
+            reason: format!(
+                "{}: rule {rule:?} scans with {scanner:?}: no [[scanner]] has that name",
+                file.display()
+            ),
         });
     }
     Ok(())
@@ -514,6 +544,31 @@ mod tests {
     }
 
     #[test]
+    fn scan_rules_must_name_configured_scanners() {
+        let rules = RuleSet::parse(
+            "[[rule]]\nname = \"s\"\non = \"command\"\naction = \"scan\"\n\
+             scan = [\"clamav\", \"rspamd\"]\n",
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        let one =
+            config("[[scanner]]\nname = \"clamav\"\nkind = \"clamd\"\naddress = \"unix:/x\"\n");
+        let e = check_scan_rules(&one, &rules, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml: rule \"s\" scans with \"rspamd\": no [[scanner]]"),
+            "{e}"
+        );
+        let both = config(
+            "[[scanner]]\nname = \"clamav\"\nkind = \"clamd\"\naddress = \"unix:/x\"\n\
+             [[scanner]]\nname = \"rspamd\"\nkind = \"rspamd\"\n\
+             address = \"http://127.0.0.1:11333\"\n",
+        );
+        check_scan_rules(&both, &rules, Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
     fn effective_config_round_trips_with_defaults() {
         let c = config("[limits]\nmax_sessions = 7\n");
         let text = effective_toml(&c).unwrap();
@@ -684,6 +739,22 @@ listeners = ["pop3"]
 networks = ["127.0.0.0/8"]
 full_bodies = true
 summary_lines = 3
+[[scanner]]
+name = "clamav"
+kind = "clamd"
+address = "unix:/run/clamav/clamd.ctl"
+timeout = "20s"
+max_size = "10MB"
+[scan]
+spool_memory = "2MB"
+spool_dir = "/var/spool/popgate"
+on_virus = "deny"
+on_spam = "replace"
+on_error = "pass"
+header = true
+max_concurrent = 8
+notice_from = "Mail Proxy <postmaster@example.org>"
+contact = "postmaster@example.org"
 "#;
 
     #[test]
@@ -735,6 +806,8 @@ summary_lines = 3
             ("state", "[state]\nzzz = 1\n"),
             ("audit", "[audit]\nzzz = 1\n"),
             ("audit.transcript", "[audit.transcript]\nzzz = 1\n"),
+            ("scanner", "[[scanner]]\nzzz = 1\n"),
+            ("scan", "[scan]\nzzz = 1\n"),
         ];
         // Fields that are tables of their own, checked in their own entry above.
         let sub_tables = [
@@ -752,6 +825,8 @@ summary_lines = 3
             "upstream.oauth2",
             "tls.certificate",
             "audit.transcript",
+            "scanner",
+            "scan",
         ];
         let mut accepted = BTreeSet::new();
         for (table, text) in tables {

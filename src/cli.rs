@@ -111,40 +111,25 @@ pub enum CliCommand {
     },
     /// End the matching sessions as a shutdown does: `-ERR [SYS/TEMP]` to the client, the
     /// upstream closed without QUIT (pending deletions are not committed), audited as a kick.
-    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    #[command(group = SessionFilter::required())]
     Kick {
         /// Where the control socket is.
         #[command(flatten)]
         socket: SocketArgs,
-        /// The session id.
-        #[arg(long, value_name = "ID", group = "which")]
-        session: Option<u64>,
-        /// Every session of this user.
-        #[arg(long, value_name = "USER", group = "which")]
-        user: Option<String>,
-        /// Every session from this address or network.
-        #[arg(long, value_name = "CIDR", group = "which")]
-        client: Option<String>,
+        /// Which sessions (at least one criterion).
+        #[command(flatten)]
+        filter: SessionFilter,
     },
     /// Follow the matching sessions, present and future, live: their commands and the
     /// server's replies, redacted as transcripts are, until interrupted.
-    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true))]
+    #[command(group = SessionFilter::required())]
     Tap {
         /// Where the control socket is.
         #[command(flatten)]
         socket: SocketArgs,
-        /// The session id.
-        #[arg(long, value_name = "ID", group = "which")]
-        session: Option<u64>,
-        /// This user's sessions (attached once the user is named).
-        #[arg(long, value_name = "USER", group = "which")]
-        user: Option<String>,
-        /// Sessions from this address or network.
-        #[arg(long, value_name = "CIDR", group = "which")]
-        client: Option<String>,
-        /// Sessions on this listener.
-        #[arg(long, value_name = "NAME", group = "which")]
-        listener: Option<String>,
+        /// Which sessions (at least one criterion).
+        #[command(flatten)]
+        filter: SessionFilter,
         /// Show message bodies instead of a size line.
         #[arg(long)]
         bodies: bool,
@@ -225,18 +210,44 @@ pub struct SocketArgs {
     pub socket: Option<PathBuf>,
 }
 
-/// Which sessions `popgate sessions` lists (all without a criterion).
+/// Which sessions `popgate sessions`, `kick` and `tap` are about: every criterion given must
+/// hold (`sessions` lists all without one; `kick` and `tap` need one, see
+/// [`SessionFilter::required`]). The control protocol's selector, as options.
 #[derive(Debug, clap::Args)]
 pub struct SessionFilter {
-    /// Only this user's sessions.
+    /// The session with this id.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<u64>,
+    /// Sessions of this user (a tap attaches once the session names its user).
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
-    /// Only sessions from this address or network.
+    /// Sessions from this address or network.
     #[arg(long, value_name = "CIDR")]
     pub client: Option<String>,
-    /// Only sessions on this listener.
+    /// Sessions on this listener.
     #[arg(long, value_name = "NAME")]
     pub listener: Option<String>,
+}
+
+impl SessionFilter {
+    /// The group that makes at least one criterion required (`kick`, `tap`).
+    pub fn required() -> clap::ArgGroup {
+        clap::ArgGroup::new("which")
+            .args(["session", "user", "client", "listener"])
+            .required(true)
+            .multiple(true)
+    }
+}
+
+impl From<SessionFilter> for crate::control::protocol::SessionSelector {
+    fn from(f: SessionFilter) -> Self {
+        crate::control::protocol::SessionSelector {
+            session: f.session,
+            user: f.user,
+            client: f.client,
+            listener: f.listener,
+        }
+    }
 }
 
 /// `popgate oauth2 ...`.

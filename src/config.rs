@@ -666,6 +666,7 @@ impl Config {
         if let Some(p) = self.control.as_mut().and_then(|c| c.socket.as_mut()) {
             fix(p);
         }
+        fix(&mut self.scan.spool_dir);
         self.audit.resolve_paths(base);
     }
 
@@ -679,6 +680,8 @@ impl Config {
         self.state
             .validate()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        scan::validate(&self.scanners, &self.scan)
+            .map_err(|(key, reason)| invalid(&key, reason))?;
         if self.listeners.is_empty() {
             return Err(invalid(
                 "listener",
@@ -1115,10 +1118,13 @@ impl Config {
             (true, crate::audit::AuditOutput::File) => self.audit.dir.as_ref(),
             _ => None,
         };
+        // Held messages over scan.spool_memory go there (created at start if missing).
+        let spool_dir = (!self.scanners.is_empty()).then_some(&self.scan.spool_dir);
         let dirs = [
             ("log.dir", self.log.dir.as_ref()),
             ("audit.dir", audit_dir),
             ("audit.transcript.dir", self.audit.transcript.dir.as_ref()),
+            ("scan.spool_dir", spool_dir),
         ];
         for (key, dir) in dirs {
             let Some(dir) = dir else { continue };

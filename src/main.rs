@@ -84,8 +84,24 @@ fn run() -> Result<()> {
                     anyhow::bail!("{}: {why}", config.display())
                 }
             };
+            // Each `[[scanner]]` answers its ping; one that does not is a warning (scanning
+            // follows scan.on_error until it does).
+            let mut scanner_lines = Vec::new();
+            for (name, outcome) in runtime.block_on(popgate::scan::check(&checked.config.scanners))
+            {
+                match outcome {
+                    Ok(()) => scanner_lines.push(format!("scanner {name:?}: answers")),
+                    Err(why) => warnings.push(format!(
+                        "scanner {name:?} does not answer ({why}): scans with it are errors \
+                         (scan.on_error) until it does"
+                    )),
+                }
+            }
             for w in &warnings {
                 eprintln!("warning: {w}");
+            }
+            for line in &scanner_lines {
+                eprintln!("{line}");
             }
             if let Some(line) = state_line {
                 eprintln!("{line}");
@@ -253,12 +269,7 @@ fn run() -> Result<()> {
             let answer = client::request(
                 &path,
                 protocol::Command::Sessions {
-                    filter: protocol::SessionSelector {
-                        user: filter.user,
-                        client: filter.client,
-                        listener: filter.listener,
-                        session: None,
-                    },
+                    filter: filter.into(),
                 },
             )?;
             let rows = answer.sessions.unwrap_or_default();
@@ -283,23 +294,13 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        CliCommand::Kick {
-            socket,
-            session,
-            user,
-            client: net,
-        } => {
+        CliCommand::Kick { socket, filter } => {
             use popgate::control::{client, protocol};
             let path = control_socket(&socket)?;
             let answer = client::request(
                 &path,
                 protocol::Command::Kick {
-                    filter: protocol::SessionSelector {
-                        session,
-                        user,
-                        client: net,
-                        listener: None,
-                    },
+                    filter: filter.into(),
                 },
             )?;
             let ids = answer.kicked.unwrap_or_default();
@@ -312,10 +313,7 @@ fn run() -> Result<()> {
         }
         CliCommand::Tap {
             socket,
-            session,
-            user,
-            client: net,
-            listener,
+            filter,
             bodies,
             json,
         } => {
@@ -324,12 +322,7 @@ fn run() -> Result<()> {
             let path = control_socket(&socket)?;
             let color = colour();
             let command = protocol::Command::Tap {
-                filter: protocol::SessionSelector {
-                    session,
-                    user,
-                    client: net,
-                    listener,
-                },
+                filter: filter.into(),
                 bodies,
             };
             let mut out = std::io::stdout().lock();

@@ -574,6 +574,92 @@ pub const KEYS: &[Key] = &[
         A,
         "In summary mode, how many body lines are written before the octet count.",
     ),
+    // [[scanner]]
+    k(
+        "scanner.name",
+        "required",
+        A,
+        "The name scan rules use (scan = [\"clamav\"]); unique.",
+    ),
+    k(
+        "scanner.kind",
+        "required",
+        A,
+        "\"clamd\" (ClamAV's daemon, INSTREAM) or \"rspamd\" (POST /checkv2).",
+    ),
+    k(
+        "scanner.address",
+        "required",
+        A,
+        "clamd: \"unix:/run/clamav/clamd.ctl\" or \"host:port\"; rspamd: its worker's URL, e.g. \"http://127.0.0.1:11333\".",
+    ),
+    k(
+        "scanner.timeout",
+        "\"30s\"",
+        A,
+        "The longest one scan may take, waiting for a scan slot included; then the verdict is error (scan.on_error). The longest a client waits for a scanned message.",
+    ),
+    k(
+        "scanner.max_size",
+        "\"25MB\"",
+        A,
+        "A larger message is not sent to this scanner: it is relayed unscanned and tagged (verdict too_large).",
+    ),
+    // [scan]
+    k(
+        "scan.spool_memory",
+        "\"1MB\"",
+        A,
+        "A held message is kept in memory up to this size (at most 64MB), then in a file in spool_dir.",
+    ),
+    k(
+        "scan.spool_dir",
+        "the system temp dir",
+        A,
+        "Where larger held messages go: a 0600 file, unlinked as soon as it is created (so nothing is left behind); created (0700) if missing.",
+    ),
+    k(
+        "scan.on_virus",
+        "\"replace\"",
+        A,
+        "An infected message: \"replace\" (a notice instead; the original stays on the server), \"tag\" (relayed with X-Popgate-Scan) or \"deny\" (-ERR).",
+    ),
+    k(
+        "scan.on_spam",
+        "\"tag\"",
+        A,
+        "A spam message: \"tag\" (X-Spam-Status and X-Spam-Score added) or \"replace\" (a notice instead).",
+    ),
+    k(
+        "scan.on_error",
+        "\"tempfail\"",
+        A,
+        "A scanner down, timed out or confused: \"tempfail\" (-ERR [SYS/TEMP], the client retries later) or \"pass\" (relayed unscanned and tagged).",
+    ),
+    k(
+        "scan.header",
+        "false",
+        A,
+        "Add an X-Popgate-Scan header line to every scanned message, clean ones too.",
+    ),
+    k(
+        "scan.max_concurrent",
+        "16",
+        A,
+        "At most this many scans at once (per scanner and message, process-wide); more wait within their scanner's timeout.",
+    ),
+    k(
+        "scan.notice_from",
+        "\"MAILER-DAEMON\"",
+        A,
+        "The From: of the notice that replaces an infected or spam message (on_virus/on_spam = \"replace\").",
+    ),
+    k(
+        "scan.contact",
+        "\"your mail administrator\"",
+        A,
+        "Whom the notice tells its reader to ask for the original (an address, a URL, a team).",
+    ),
 ];
 
 /// The entry of a dotted key.
@@ -597,6 +683,8 @@ fn section_of(key: &str) -> &'static str {
         ("control.", "[control]"),
         ("state.", "[state]"),
         ("audit.transcript.", "[audit.transcript]"),
+        ("scanner.", "[[scanner]]"),
+        ("scan.", "[scan]"),
         ("audit.", "[audit]"),
     ];
     TABLES

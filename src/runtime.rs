@@ -112,8 +112,21 @@ fn snapshot(
     dead: Arc<DeadAddresses>,
     state: Arc<crate::state::Store>,
 ) -> Shared {
+    // Built with every snapshot: a reload's `[[scanner]]`/`[scan]` take effect for later
+    // sessions; open ones keep theirs.
+    let scan_policy = p.scanners.as_ref().map(|_| {
+        Arc::new(crate::proxy::scan::ScanPolicy::new(
+            &p.config.scanners,
+            &p.config.scan,
+        ))
+    });
+    let scanners = p
+        .scanners
+        .map(|s| Arc::new(s.with_metrics(metrics.clone())));
     Shared {
         state,
+        scanners,
+        scan_policy,
         headers: p.config.audit.header_set(),
         oauth2: Arc::new(p.oauth2),
         routes: p.routes.map(Arc::new),

@@ -296,7 +296,6 @@ pub enum ScanVerdict {
 
 impl ScanVerdict {
     /// The lower-case name used in the audit trail, headers and metrics.
-    #[allow(dead_code)] // until the scan module (issue 23) uses it
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             ScanVerdict::Clean => "clean",

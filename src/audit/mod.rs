@@ -16,8 +16,8 @@ pub(crate) mod writer;
 pub use model::config::{AuditConfig, AuditOutput, AuditRotation, Overflow, TranscriptConfig};
 pub use model::event::{
     AuditEvent, AuditEventKind, DeleteMarked, Deleted, Denied, Headers, LoginEvent,
-    LoginEventOutcome, Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide,
-    Update, UpdateOutcome,
+    LoginEventOutcome, Reset, Retrieve, RetrieveVerb, ScanEvent, ScanEventAction, SessionClose,
+    SessionOpen, TlsEvent, TlsSide, Update, UpdateOutcome,
 };
 pub(crate) use model::headers::HeaderExtractor;
 pub use model::headers::HeaderSet;

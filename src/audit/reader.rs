@@ -156,6 +156,9 @@ impl AuditFilter {
             AuditEventKind::DeleteMarked(e) => {
                 user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(e.message_id.as_deref())
             }
+            AuditEventKind::Scan(e) => {
+                user(e.user.as_deref()) && uidl(e.uidl.as_deref()) && id(e.message_id.as_deref())
+            }
             AuditEventKind::Update(e) => {
                 user(e.user.as_deref())
                     && (self.uidl.is_none() && self.message_id.is_none()
@@ -261,7 +264,7 @@ fn parse_timestamp(t: &str) -> Option<SystemTime> {
 }
 
 /// One event read from a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditRecord {
     /// The parsed event.
     pub event: AuditEvent,
@@ -327,7 +330,7 @@ impl std::fmt::Display for BadLine {
 }
 
 /// What [`read_audit`] found: the events that pass the filter and every line it could not read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditRead {
     /// The events kept, ordered by time.
     pub records: Vec<AuditRecord>,
@@ -520,6 +523,7 @@ pub fn format_table(records: &[AuditRecord]) -> String {
                     clients.insert(key, o.client);
                 }
                 AuditEventKind::Retrieve(_)
+                | AuditEventKind::Scan(_)
                 | AuditEventKind::DeleteMarked(_)
                 | AuditEventKind::Update(_) => {
                     if let Some(c) = clients.get(&key) {
@@ -648,6 +652,22 @@ fn details(r: &AuditRecord) -> String {
             }
             for (name, value) in e.headers.iter() {
                 d.kv(&cell(&name.to_ascii_lowercase()), shorten(value));
+            }
+        }
+        AuditEventKind::Scan(e) => {
+            d.kv("verb", e.verb.as_str())
+                .kv("msg", e.msg)
+                .kv("scanner", &e.scanner)
+                .kv("verdict", e.verdict.as_str())
+                .opt("name", e.name.as_ref())
+                .opt("score", e.score)
+                .opt("required", e.required)
+                .kv("action", e.action.as_str())
+                .kv("duration_ms", e.duration_ms)
+                .opt("uidl", e.uidl.as_ref())
+                .opt("message_id", e.message_id.as_ref());
+            if e.no_uidl {
+                d.kv("no_uidl", true);
             }
         }
         AuditEventKind::DeleteMarked(e) => {

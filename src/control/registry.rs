@@ -566,11 +566,6 @@ impl SessionHandle {
         d.client_tls = client.map(str::to_owned);
         d.upstream_tls = upstream.map(str::to_owned);
     }
-
-    /// Who kicked the session, if it was kicked.
-    pub(crate) fn kicked_by(&self) -> Option<String> {
-        self.entry.kicked_by()
-    }
 }
 
 impl Drop for SessionHandle {
@@ -627,8 +622,8 @@ mod tests {
         assert!(r.kick(&user("carol"), "uid 0 pid 1").is_empty());
         assert_eq!(r.kick(&user("bob"), "uid 0 pid 1"), [1]);
         assert!(ra.stop_requested() && !rb.stop_requested());
-        assert_eq!(a.kicked_by().as_deref(), Some("uid 0 pid 1"));
-        assert_eq!(b.kicked_by(), None);
+        assert_eq!(ra.kicked_by().as_deref(), Some("uid 0 pid 1"));
+        assert_eq!(rb.kicked_by(), None);
         let net = Matcher {
             client: Some(crate::cidr::Cidr::parse("198.51.100.0/24").unwrap()),
             ..Matcher::default()
@@ -636,7 +631,7 @@ mod tests {
         assert_eq!(r.rows(&net).len(), 1);
         r.close_all();
         assert!(rb.stop_requested());
-        assert_eq!(b.kicked_by(), None);
+        assert_eq!(rb.kicked_by(), None);
         let c = register(&r, 3, "192.0.2.3");
         assert!(c.entry().stop_requested());
     }

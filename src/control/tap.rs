@@ -123,6 +123,11 @@ impl TapPoint {
         self.handle = Some(handle);
     }
 
+    /// Who kicked the session, if it was kicked (the registry entry knows).
+    pub(crate) fn kicked_by(&self) -> Option<String> {
+        self.entry.as_ref().and_then(|e| e.kicked_by())
+    }
+
     /// The session's registry handle.
     pub(crate) fn handle_mut(&mut self) -> Option<&mut SessionHandle> {
         self.handle.as_mut()

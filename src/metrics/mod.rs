@@ -604,8 +604,17 @@ impl Metrics {
         }
     }
 
+    /// Metrics of a minimal config, for other modules' unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Metrics {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                    [upstream]\naddress = \"127.0.0.1:110\"\n";
+        let config = Config::parse(text, std::path::Path::new("t")).expect("parses");
+        let limiter = Arc::new(Limiter::new(&config.limits));
+        Metrics::new(&config, std::iter::empty(), AuditSink::disabled(), limiter)
+    }
+
     /// The scanners of the config in force (at start, after a reload): their series start at 0.
-    #[allow(dead_code)] // until scan::Scanners records into it
     pub(crate) fn scanners_configured<'a>(&self, names: impl Iterator<Item = &'a str>) {
         for name in names {
             let _ = self.scan_duration.get_or_create(&label("scanner", name));
@@ -619,7 +628,6 @@ impl Metrics {
     }
 
     /// `scanner` (a configured name) gave `verdict` after `took`.
-    #[allow(dead_code)] // until scan::Scanners records into it
     pub(crate) fn scanned(&self, scanner: &str, verdict: &str, took: Duration) {
         self.scans
             .get_or_create(&vec![

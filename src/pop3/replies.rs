@@ -100,6 +100,17 @@ pub const APOP_NOT_ROUTED: &str =
 /// Any other command before login.
 pub const NOT_BEFORE_LOGIN: &str = "-ERR not available before login";
 
+// Content scanning (`scan` rules, `[scan]`).
+
+/// A retrieved message a scanner found malware in, with `on_virus = "deny"`.
+pub const SCAN_DENIED: &str =
+    "-ERR message withheld: malware found (it stays on the server; ask your mail administrator)";
+/// A retrieved message no scanner could judge, with `on_error = "tempfail"`.
+pub const SCAN_TEMPFAIL: &str = "-ERR [SYS/TEMP] message could not be scanned, try again later";
+/// DELE of a message whose retrieval was tempfailed in this session: not relayed.
+pub const SCAN_DELE_TEMPFAILED: &str =
+    "-ERR [SYS/TEMP] message not yet delivered (scan pending): not deleted, try again later";
+
 // The OAuth2 bridge.
 
 /// Unknown user or wrong local password.

@@ -30,10 +30,11 @@ use crate::pop3::tracker::{
     sasl_mechanism_supported,
 };
 use crate::rules::{Event, EventKind, command_line};
-use crate::types::{CloseReason, MessageIds};
+use crate::types::{CloseReason, MessageIds, ScanReport};
 
-use super::output::{Marks, Output, Outputs, SessionEvent};
+use super::output::{CommandLine, Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
+use super::scan::{self as scanning, ScanPolicy, Scanning};
 
 /// An overlong line is discarded up to its end; past this many lengths of junk, close.
 const MAX_DISCARD_FACTOR: usize = 16;
@@ -96,6 +97,9 @@ pub(crate) struct HopConfig {
     /// UIDL (and with `always` the Message-ID) of a message the client retrieves or deletes
     /// before the session has seen it. `None`: nothing is ever injected.
     pub(crate) lookups: Option<MessageIds>,
+    /// Content scanning (`[[scanner]]`, `[scan]`): `None` when no scanner is configured,
+    /// then `scan` rules have no effect.
+    pub(crate) scan: Option<Arc<ScanPolicy>>,
 }
 
 /// What the hop knows about the messages' unique ids, to ask the server only what it must.
@@ -192,13 +196,37 @@ pub(crate) struct Hop {
     /// Event tags of the commands sent upstream whose final response is still due, in order.
     cmd_tags: VecDeque<Vec<Arc<str>>>,
     /// For the `session_close` record: event tags of what closed the session and of the
-    /// `close` rules, and the rule that dropped it.
-    close_marks: Marks,
+    /// `close` rules, and the rule that dropped it. Boxed when there are any: most sessions
+    /// have none, and the hop lives as long as the session.
+    close_marks: Option<Box<Marks>>,
     /// For the audit lookups (see [`HopConfig::lookups`]).
     known: Known,
     /// Capabilities the server has shown by answering `+OK` (TOP, UIDL), for the list popgate
     /// gives in place of a server that has no CAPA.
     learned: Learned,
+    /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
+    /// while it is outstanding no later client command is read.
+    scan: Option<Box<Scanning>>,
+    /// What scanning remembers across commands; boxed and made at first use, so that a
+    /// session that scans nothing carries one null pointer (the hop lives as long as the
+    /// session).
+    scan_memory: Option<Box<ScanMemory>>,
+}
+
+/// What scanning remembers across a session's commands.
+#[derive(Debug, Default)]
+struct ScanMemory {
+    /// The scanners the rules chose for the command being decided.
+    selected: Vec<Arc<str>>,
+    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
+    /// locally (the client has not seen it).
+    tempfailed: HashSet<u32>,
+    /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
+    /// popgate's own), for a notice.
+    uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -231,9 +259,11 @@ impl Hop {
             tags_reported: 0,
             user_reported: None,
             cmd_tags: VecDeque::new(),
-            close_marks: Marks::default(),
+            close_marks: None,
             known: Known::default(),
             learned: Learned::default(),
+            scan: None,
+            scan_memory: None,
             cfg,
         }
     }
@@ -254,6 +284,11 @@ impl Hop {
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let hold = self.outputs.deadline();
         if self.closed() {
+            return hold;
+        }
+        if self.scan.as_ref().is_some_and(|s| s.waiting) {
+            // The client waits for popgate, not the other way round; the scanners' own
+            // timeouts bound the wait.
             return hold;
         }
         let mut at = self.idle_deadline;
@@ -304,6 +339,7 @@ impl Hop {
     /// behind the hold, within the pipeline limit.
     pub(crate) fn wants_client_input(&self) -> bool {
         matches!(self.phase, Phase::Reading { .. })
+            && self.scan.is_none()
             && !self.tracker.quit_sent()
             && !self.tracker.client_must_wait()
             && !self.tracker.internal_pending()
@@ -371,27 +407,51 @@ impl Hop {
         self.policy.trace
     }
 
-    /// Whether a multi-line response is cut if the session ends now.
+    /// Whether a multi-line response is cut if the session ends now (a body held for
+    /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        self.tracker.in_body() || self.capa.is_some()
+        (self.tracker.in_body()
+            && !self.holding_status()
+            && !self
+                .scan_memory
+                .as_ref()
+                .is_some_and(|m| m.unseen_body_dropped))
+            || self.capa.is_some()
+    }
+
+    /// Whether the status line of a retrieval is held for scanning (the client has seen
+    /// nothing of the response).
+    fn holding_status(&self) -> bool {
+        self.scan.as_ref().is_some_and(|s| s.status.is_some())
     }
 
     /// The `close` rule event, at the end of the session.
     pub(crate) fn finish(&mut self) {
         let ev = event(&self.cfg, &self.tracker, self.client_tls, EventKind::Close);
         let v = self.policy.evaluate(&ev);
-        add_tags(&mut self.close_marks.tags, &v.tags);
+        if !v.tags.is_empty() {
+            add_tags(&mut self.close_marks_mut().tags, &v.tags);
+        }
     }
 
     /// What rules said about the `session_close` record (after [`Hop::finish`]).
     pub(crate) fn close_marks(&self) -> &Marks {
-        &self.close_marks
+        static NONE: Marks = Marks {
+            tags: Vec::new(),
+            dropped_by: None,
+        };
+        self.close_marks.as_deref().unwrap_or(&NONE)
+    }
+
+    fn close_marks_mut(&mut self) -> &mut Marks {
+        self.close_marks.get_or_insert_default()
     }
 
     /// A rule ends the session: its name and the event's tags go on `session_close`.
     fn dropped_by(&mut self, rule: Arc<str>, tags: &[Arc<str>]) {
-        add_tags(&mut self.close_marks.tags, tags);
-        self.close_marks.dropped_by.get_or_insert(rule);
+        let marks = self.close_marks_mut();
+        add_tags(&mut marks.tags, tags);
+        marks.dropped_by.get_or_insert(rule);
     }
 
     fn close(&mut self, reason: CloseReason) {
@@ -412,7 +472,7 @@ impl Hop {
     /// Whether the client is owed a last answer when the session ends now without a response
     /// cut: nothing outstanding, or a command was held and never sent (`dropped`).
     fn owed_a_last_word(&self, dropped: bool) -> bool {
-        !self.tracker.in_body() && (dropped || self.tracker.idle())
+        self.holding_status() || (!self.tracker.in_body() && (dropped || self.tracker.idle()))
     }
 
     /// Hold what is queued after this point for `delay` (and, with `penalty`, until the
@@ -580,9 +640,12 @@ impl Hop {
     pub(crate) fn on_shutdown(&mut self) {
         let cut = self.cut_hold();
         if self.closed() {
+            self.drop_scan();
             return;
         }
-        if self.owed_a_last_word(cut) {
+        let owed = self.owed_a_last_word(cut);
+        self.drop_scan();
+        if owed {
             self.send_client(replies::line(replies::SHUTTING_DOWN));
         }
         self.close(CloseReason::Shutdown);
@@ -613,7 +676,9 @@ impl Hop {
             return;
         };
         let cut = self.cut_hold();
-        if self.owed_a_last_word(cut) {
+        let owed = self.owed_a_last_word(cut);
+        self.drop_scan();
+        if owed {
             self.send_client(replies::line(reply));
         }
         self.close(reason);
@@ -640,7 +705,9 @@ impl Hop {
     /// The upstream is gone: answer `-ERR [SYS/TEMP]` if a response is due and none has
     /// started (a partly relayed body is left incomplete on purpose).
     fn answer_upstream_lost(&mut self) {
-        if !self.mid_response() && !self.tracker.idle() {
+        let owed = !self.mid_response() && !self.tracker.idle();
+        // A retrieval held for scanning: the client has seen nothing of it.
+        if self.drop_scan() || owed {
             self.send_client(replies::line(replies::UPSTREAM_CLOSED));
         }
     }
@@ -677,7 +744,8 @@ impl Hop {
                     warn!(error = %e, "upstream broke the protocol");
                     let in_body = self.tracker.in_body();
                     self.flush_server(sin, &mut fwd);
-                    if !in_body {
+                    // A body held for scanning is not cut: the client gets an answer.
+                    if self.drop_scan() || !in_body {
                         self.send_client(replies::line(replies::UPSTREAM_PROTOCOL_ERROR));
                     }
                     self.close(CloseReason::Error);
@@ -724,6 +792,24 @@ impl Hop {
                         self.send_client(out);
                     }
                 }
+                Piece::Body { len } | Piece::BodyEnd { len } if self.holding_status() => {
+                    self.flush_server(sin, &mut fwd);
+                    let chunk = sin.split_to(len).freeze();
+                    let end = matches!(piece, Piece::BodyEnd { .. });
+                    let user = if end { self.user_shared() } else { None };
+                    self.event(SessionEvent::Body {
+                        chunk: chunk.clone(),
+                        end,
+                        user,
+                    });
+                    let data = if end {
+                        // The terminator line, `.` CRLF, is the hop's to write.
+                        chunk.slice(..chunk.len().saturating_sub(3))
+                    } else {
+                        chunk
+                    };
+                    self.spool(data, end);
+                }
                 Piece::Body { len } | Piece::BodyEnd { len } => {
                     let end = matches!(piece, Piece::BodyEnd { .. });
                     // Named on the last chunk only (the retrieval record): no shared-pointer
@@ -752,6 +838,22 @@ impl Hop {
     /// A status line of `len` bytes at `sin[fwd..]`: rules, audit, CAPA capture, relay.
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
+        // The answer to the retrieval a scan rule selected: the last command sent (no later
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
+        let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
                 user = login.user.as_deref().unwrap_or("-"),
@@ -800,7 +902,7 @@ impl Hop {
         if penalty {
             self.event(SessionEvent::LoginFailed(self.cfg.client_ip));
         }
-        self.learn_from_response(&meta);
+        self.learn_from_response(&meta, &sin[at..at + len]);
         // After the rules, so that a login event carries the tags they attached.
         self.report_tags();
         let (verb, status, multiline) = (meta.verb, meta.status, meta.multiline);
@@ -836,6 +938,19 @@ impl Hop {
                 Some(Verb::Uidl) => self.learned.uidl = true,
                 _ => {}
             }
+        }
+        if answers_scan {
+            if status == crate::pop3::response::Status::Ok && multiline {
+                // Held, with the body, until the verdict.
+                self.flush_server(sin, fwd);
+                let original = sin.split_to(len).freeze();
+                self.status_bytes(status_event, original.clone());
+                let line = rewritten.map_or(original, Bytes::from);
+                self.hold_status(line, stated);
+                return;
+            }
+            // Nothing to scan.
+            self.scan = None;
         }
         // A server without CAPA (popa3d, RFC 1939 only) refuses it: popgate answers with its
         // own list, so that clients see STLS where this listener offers it (curl, poplib and
@@ -1019,6 +1134,7 @@ impl Hop {
                 break;
             }
             if self.phase == Phase::StartingTls
+                || self.scan.is_some()
                 || self.tracker.client_must_wait()
                 || self.tracker.internal_pending()
                 || self.tracker.pending_len() >= self.cfg.max_pipeline
@@ -1155,15 +1271,17 @@ impl Hop {
         } else {
             return false;
         };
-        let Ok(ask) = Command::parse(question.as_bytes()) else {
+        let question = Bytes::from(question);
+        let Ok(ask) = Command::parse(&question) else {
             return false;
         };
         if !self.tracker.inject(&ask) {
             return false;
         }
         debug!(command = %ask.redacted(), "asking the server for the audit trail");
-        self.up_out.extend_from_slice(question.as_bytes());
-        self.event(SessionEvent::Injected(Bytes::from(question)));
+        self.up_out.extend_from_slice(&question);
+        let injected = CommandLine::new(question.clone(), &ask);
+        self.event(SessionEvent::Injected(injected));
         self.flush_upstream();
         true
     }
@@ -1183,6 +1301,7 @@ impl Hop {
             line = %crate::pop3::printable(&line).trim_end(),
             "answer to popgate's own question"
         );
+        self.learn_uidl(&meta, &line);
         if meta.status != crate::pop3::response::Status::Ok {
             match meta.verb {
                 Some(Verb::Uidl) => self.known.refused = meta.msg,
@@ -1193,8 +1312,34 @@ impl Hop {
         self.event(SessionEvent::InjectedStatus { meta, line });
     }
 
+    /// With scanning: the unique id a `+OK n uid` answer to `UIDL n` gives, for a notice.
+    fn learn_uidl(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        const KEEP: usize = 8;
+        if self.cfg.scan.is_none()
+            || meta.verb != Some(Verb::Uidl)
+            || meta.status != crate::pop3::response::Status::Ok
+            || meta.multiline
+        {
+            return;
+        }
+        let (Some(n), Ok(text)) = (meta.msg, std::str::from_utf8(trim_eol(line))) else {
+            return;
+        };
+        // RFC 1939: the id is 1 to 70 characters 0x21 to 0x7E.
+        if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
+            && !uid.is_empty()
+        {
+            let uidls = &mut self.scan_memory.get_or_insert_default().uidls;
+            if uidls.len() >= KEEP {
+                uidls.pop_front();
+            }
+            uidls.push_back((n, uid.into()));
+        }
+    }
+
     /// What the client's own responses teach about UIDL support, before the observer sees them.
-    fn learn_from_response(&mut self, meta: &ResponseMeta) {
+    fn learn_from_response(&mut self, meta: &ResponseMeta, line: &[u8]) {
+        self.learn_uidl(meta, line);
         let ok = meta.status == crate::pop3::response::Status::Ok;
         let k = &mut self.known;
         match meta.verb {
@@ -1288,7 +1433,10 @@ impl Hop {
             ClientLine::Command(cmd) => {
                 debug!(command = %cmd.redacted(), "command");
                 self.events
-                    .push_back(SessionEvent::ClientCommand(line.clone()));
+                    .push_back(SessionEvent::ClientCommand(CommandLine::new(
+                        line.clone(),
+                        &cmd,
+                    )));
                 let (decision, delay, tags) = self.decide(&cmd);
                 if let Some(d) = delay {
                     // Tarpit: what was decided before goes out first; what comes after waits.
@@ -1302,6 +1450,7 @@ impl Hop {
                         self.tracker.forwarded(&cmd);
                         self.note_uidl(&cmd);
                         self.cmd_tags.push_back(tags);
+                        self.select_scan(&cmd);
                     }
                     Decision::Forward(Some(line)) => self.forward_rewritten(cmd.verb, line, tags),
                     Decision::Drop(rule) => {
@@ -1363,6 +1512,7 @@ impl Hop {
                 self.tracker.forwarded(&new);
                 self.note_uidl(&new);
                 self.cmd_tags.push_back(tags);
+                self.select_scan(&new);
             }
             Err(e) => {
                 warn!(error = %e, "rule rewrite produced an invalid command");
@@ -1394,9 +1544,12 @@ impl Hop {
                 EventKind::Command,
             )
         };
-        let verdict = self.policy.evaluate(&ev);
+        let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
+        if !verdict.scan.is_empty() || self.scan_memory.is_some() {
+            self.scan_memory.get_or_insert_default().selected = std::mem::take(&mut verdict.scan);
+        }
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1411,7 +1564,7 @@ impl Hop {
                     tags,
                 });
                 let then = if close {
-                    self.close_marks.dropped_by.get_or_insert(rule);
+                    self.close_marks_mut().dropped_by.get_or_insert(rule);
                     AfterReply::Close
                 } else {
                     AfterReply::Continue
@@ -1456,6 +1609,18 @@ impl Hop {
             }
             Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
+            // The client has not seen this message (its retrieval was tempfailed): it is not
+            // deleted on its behalf.
+            Verb::Dele
+                if cmd.msg_number().is_some_and(|n| {
+                    self.scan_memory
+                        .as_ref()
+                        .is_some_and(|m| m.tempfailed.contains(&n))
+                }) =>
+            {
+                info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
+                reply(replies::SCAN_DELE_TEMPFAILED)
+            }
             _ => Decision::Forward(
                 verdict
                     .rewritten
@@ -1496,6 +1661,244 @@ impl Hop {
             replies::line(replies::LINE_TOO_LONG),
             AfterReply::Continue,
         );
+    }
+}
+
+/// Content scanning: a retrieval a `scan` rule selected (see [`Scanning`]).
+impl Hop {
+    /// The driver's answer to an [`Output::Scan`]: one report per scanner asked, in the order
+    /// asked; `date` is now as an RFC 5322 date (for a notice when the original has none);
+    /// `cin` holds client bytes not yet handled (commands read before the scan wait there).
+    /// What the client gets for the message comes out in the hold's place, by `[scan]`
+    /// policy; a late answer (the session ended meanwhile) is ignored.
+    pub(crate) fn scan_done(
+        &mut self,
+        now: Instant,
+        date: &str,
+        reports: Vec<ScanReport>,
+        cin: &mut BytesMut,
+    ) {
+        self.now = now;
+        self.idle_deadline = now + self.cfg.idle_timeout;
+        let Some(s) = self.scan.take_if(|s| s.waiting) else {
+            return;
+        };
+        let Some(policy) = self.cfg.scan.clone() else {
+            return;
+        };
+        let status = s.status.clone().unwrap_or_default();
+        let judgement = scanning::judge(&policy, &reports);
+        let mut outs = Vec::with_capacity(3);
+        let mut local = None;
+        match judgement.outcome {
+            scanning::Outcome::Deliver => {
+                let mut first = status.to_vec();
+                first.extend_from_slice(&judgement.headers);
+                outs.push(Output::ToClient(first.into()));
+                if s.spooled > 0 {
+                    outs.push(Output::Unspool);
+                }
+                outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
+            }
+            scanning::Outcome::Replace => {
+                let uidl = self.scan_memory.as_ref().and_then(|m| {
+                    m.uidls
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == s.msg)
+                        .map(|(_, u)| &**u)
+                });
+                let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
+                let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
+                reply.extend_from_slice(&notice);
+                reply.extend_from_slice(b".\r\n");
+                local = Some(Bytes::from(reply));
+            }
+            scanning::Outcome::Deny => local = Some(replies::line(replies::SCAN_DENIED).into()),
+            scanning::Outcome::Tempfail => {
+                local = Some(replies::line(replies::SCAN_TEMPFAIL).into());
+            }
+        }
+        if let Some(reply) = local {
+            if s.spooled > 0 {
+                outs.push(Output::DropSpool);
+            }
+            outs.push(Output::ToClient(reply));
+        }
+        if judgement.action == crate::proxy::ScanAction::Tempfailed {
+            self.scan_memory
+                .get_or_insert_default()
+                .tempfailed
+                .insert(s.msg);
+        } else if let Some(m) = self.scan_memory.as_mut() {
+            m.tempfailed.remove(&s.msg);
+        }
+        info!(
+            msg = s.msg,
+            verb = %s.verb,
+            action = judgement.action.as_str(),
+            "message scanned"
+        );
+        let user = self.user_shared();
+        let added = if judgement.outcome == scanning::Outcome::Deliver {
+            Bytes::from(judgement.headers)
+        } else {
+            Bytes::new()
+        };
+        self.event(SessionEvent::Scanned {
+            msg: s.msg,
+            verb: s.verb,
+            reports,
+            action: judgement.action,
+            added,
+            user,
+        });
+        if let Some(Output::ToClient(reply)) = outs.last()
+            && judgement.outcome != scanning::Outcome::Deliver
+        {
+            self.event(SessionEvent::LocalReply(reply.clone()));
+        }
+        self.outputs.answer_scan(outs, now);
+        if self.closed() {
+            return;
+        }
+        self.client_data(cin);
+        if !self.closed() && self.phase == Phase::ClientEof && self.tracker.idle() {
+            self.close(CloseReason::ClientEof);
+        }
+    }
+
+    /// A command was forwarded: if the rules chose scanners for it and it retrieves a
+    /// message, its body is to be held for them.
+    fn select_scan(&mut self, cmd: &Command<'_>) {
+        let names = self
+            .scan_memory
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.selected))
+            .unwrap_or_default();
+        if names.is_empty()
+            || self.cfg.scan.is_none()
+            || !matches!(cmd.verb, Verb::Retr | Verb::Top)
+            || self.tracker.state() != State::Transaction
+        {
+            return;
+        }
+        let Some(msg) = cmd.msg_number() else {
+            return;
+        };
+        debug!(msg, verb = %cmd.verb, "retrieval selected for scanning");
+        self.scan = Some(Box::new(Scanning::new(names.into(), msg, cmd.verb)));
+    }
+
+    /// The `+OK` of a selected retrieval (`line`, as the client is to get it; `stated`: the
+    /// size it states): held with the body, unless a RETR states a size larger than any of
+    /// the scanners takes (then it goes at once, tagged unscanned).
+    fn hold_status(&mut self, line: Bytes, stated: Option<u64>) {
+        let (Some(policy), Some(s)) = (self.cfg.scan.clone(), self.scan.as_mut()) else {
+            self.scan = None;
+            self.send_client(line);
+            return;
+        };
+        s.cap = policy.cap(&s.scanners);
+        if s.verb == Verb::Retr && stated.is_some_and(|n| n > s.cap) {
+            debug!(msg = s.msg, size = ?stated, cap = s.cap, "too large to scan: relayed unscanned");
+            let mut first = line.to_vec();
+            first.extend_from_slice(scanning::UNSCANNED_TOO_LARGE);
+            self.send_client(first);
+            self.unscanned();
+            return;
+        }
+        s.status = Some(line);
+    }
+
+    /// Body bytes of a held retrieval (`end`: the last, without the terminator line).
+    fn spool(&mut self, data: Bytes, end: bool) {
+        let Some(s) = self.scan.as_mut() else {
+            return;
+        };
+        s.keep_head(&data);
+        if s.spooled + data.len() as u64 > s.cap {
+            // Larger than any of its scanners takes: what was held goes now, the rest as it
+            // comes, tagged unscanned.
+            debug!(
+                msg = s.msg,
+                cap = s.cap,
+                "body passed the scan size cap: relayed unscanned"
+            );
+            let spooled = s.spooled;
+            let mut first = s.status.take().unwrap_or_default().to_vec();
+            first.extend_from_slice(scanning::UNSCANNED_TOO_LARGE);
+            self.send_client(first);
+            if spooled > 0 {
+                self.outputs.push(Output::Unspool);
+            }
+            if !data.is_empty() {
+                self.send_client(data);
+            }
+            if end {
+                self.send_client(Bytes::from_static(b".\r\n"));
+            }
+            self.unscanned();
+            return;
+        }
+        if !data.is_empty() {
+            s.spooled += data.len() as u64;
+            self.outputs.push(Output::Spool(data));
+        }
+        if end {
+            s.waiting = true;
+            let req = crate::proxy::ScanRequest {
+                scanners: s.scanners.clone(),
+                msg: s.msg,
+            };
+            self.outputs.push(Output::Scan(req));
+            self.outputs.hold_for_scan();
+        }
+    }
+
+    /// The selected retrieval goes to the client unscanned (too large): its audit events
+    /// say so, one `too_large` report per scanner.
+    fn unscanned(&mut self) {
+        let Some(s) = self.scan.take() else {
+            return;
+        };
+        let reports = s
+            .scanners
+            .iter()
+            .map(|name| ScanReport {
+                scanner: name.clone(),
+                verdict: crate::types::ScanVerdict::TooLarge,
+                detail: None,
+                score: None,
+                duration: Duration::ZERO,
+            })
+            .collect();
+        let user = self.user_shared();
+        self.event(SessionEvent::Scanned {
+            msg: s.msg,
+            verb: s.verb,
+            reports,
+            action: crate::proxy::ScanAction::Unscanned,
+            added: Bytes::from_static(scanning::UNSCANNED_TOO_LARGE),
+            user,
+        });
+    }
+
+    /// The session ends (or the response breaks) before a held retrieval's verdict: the
+    /// spool goes, and the hold waiting for the verdict. Whether the client was owed the
+    /// retrieval's status line (it saw nothing of the response).
+    fn drop_scan(&mut self) -> bool {
+        let Some(s) = self.scan.take() else {
+            return false;
+        };
+        self.outputs.answer_scan(Vec::new(), self.now);
+        if s.spooled > 0 {
+            self.outputs.push(Output::DropSpool);
+        }
+        if s.status.is_some() {
+            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
+        }
+        s.status.is_some()
     }
 }
 

@@ -13,12 +13,14 @@ pub(crate) mod front;
 mod hop;
 mod output;
 pub(crate) mod policy;
+pub(crate) mod scan;
 mod session;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod sim;
 
 pub(crate) use hop::{Hop, HopConfig};
 pub(crate) use output::{Marks, Output, SessionEvent};
+pub(crate) use scan::{ScanAction, ScanRequest};
 pub(crate) use session::Session;
 
 #[cfg(test)]

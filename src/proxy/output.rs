@@ -12,7 +12,9 @@ use bytes::Bytes;
 use super::front::Login;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::CloseReason;
+use crate::types::{CloseReason, ScanReport};
+
+use super::scan::{ScanAction, ScanRequest};
 
 /// What the driver must do next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,19 @@ pub(crate) enum Output {
     /// dial the server again with the client's TLS in the PROXY header and take its greeting
     /// silently; go on over the new connection, or over the old one if that fails.
     RedialUpstream,
+    /// Append these body bytes (wire bytes of a RETR/TOP body a `scan` rule selected,
+    /// dot-stuffed, without the terminator line) to the session's spool, creating it with the
+    /// first chunk. The client gets none of it until an [`Output::Unspool`].
+    Spool(Bytes),
+    /// Start a scan of the spool by these scanners; outputs after this one are held until
+    /// the driver answers with [`Hop::scan_done`](super::Hop::scan_done) (the client is
+    /// still watched, a shutdown still ends the session). The spool stays the driver's.
+    Scan(ScanRequest),
+    /// Write the spool's bytes to the client (counted as traffic to the client), then drop
+    /// the spool.
+    Unspool,
+    /// Drop the spool unsent (the message was replaced, denied or tempfailed).
+    DropSpool,
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.
@@ -49,14 +64,66 @@ pub(crate) struct Marks {
     pub(crate) dropped_by: Option<Arc<str>>,
 }
 
+/// A command line as the hop parsed it: the line as sent, its verb, and where its keyword and
+/// arguments lie, so that the observer builds the [`Command`] without parsing it again. 56
+/// bytes: no larger than the [`SessionEvent`]s that carry a status line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CommandLine {
+    line: Bytes,
+    verb: Verb,
+    /// Offsets into `line` (a line is bounded by `limits.max_line`, far below 4 GiB).
+    keyword: (u32, u32),
+    args: (u32, u32),
+}
+
+impl CommandLine {
+    /// `cmd`, parsed from `line` (it borrows `line`'s bytes), kept with it.
+    pub(crate) fn new(line: Bytes, cmd: &Command<'_>) -> CommandLine {
+        let base = line.as_ptr() as usize;
+        let span = |part: &[u8]| {
+            let start = (part.as_ptr() as usize).wrapping_sub(base);
+            debug_assert!(start + part.len() <= line.len(), "not a part of the line");
+            let start = start.min(line.len());
+            let end = (start + part.len()).min(line.len());
+            (
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(end).unwrap_or(u32::MAX),
+            )
+        };
+        let (keyword, args) = (span(cmd.keyword), span(cmd.args));
+        CommandLine {
+            verb: cmd.verb,
+            keyword,
+            args,
+            line,
+        }
+    }
+
+    /// The line as sent, line ending included (the observer takes the [`Command`]).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn line(&self) -> &Bytes {
+        &self.line
+    }
+
+    /// The command, as the hop parsed it.
+    pub(crate) fn command(&self) -> Command<'_> {
+        let part = |(start, end): (u32, u32)| self.line.get(start as usize..end as usize);
+        Command {
+            verb: self.verb,
+            keyword: part(self.keyword).unwrap_or_default(),
+            args: part(self.args).unwrap_or_default(),
+            raw: &self.line,
+        }
+    }
+}
+
 /// What happened in a session, for the audit trail, transcripts and metrics, in the order it
 /// happened. Bytes are shared with what was relayed (no copy of bodies). The driver polls them
 /// with [`Hop::poll_event`](super::Hop::poll_event) after every call that feeds the hop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SessionEvent {
-    /// A command the client sent (the line as sent; [`SessionEvent::command`] parses it; the
-    /// transcript redacts it).
-    ClientCommand(Bytes),
+    /// A command the client sent (the transcript redacts it).
+    ClientCommand(CommandLine),
     /// A SASL answer, or a line taken for one: never its content.
     ClientSasl,
     /// A reply popgate gave itself.
@@ -103,7 +170,7 @@ pub(crate) enum SessionEvent {
     LoginFailed(IpAddr),
     /// popgate sent this command upstream itself, for the audit trail (the client never
     /// sees it).
-    Injected(Bytes),
+    Injected(CommandLine),
     /// The status line answering an injected command (consumed, not relayed).
     InjectedStatus {
         /// What the line answers.
@@ -120,14 +187,23 @@ pub(crate) enum SessionEvent {
     },
     /// The server has no UIDL command: the audit records say so from now on.
     NoUidl,
-}
-
-impl SessionEvent {
-    /// The command of a [`SessionEvent::ClientCommand`] or [`SessionEvent::Injected`], parsed
-    /// again from its line (the hop parsed it the same way).
-    pub(crate) fn command(line: &[u8]) -> Option<Command<'_>> {
-        Command::parse(line).ok()
-    }
+    /// A retrieved message held for scanning was judged (or let through unscanned): one audit
+    /// `scan` event per report. Comes after the body's last [`SessionEvent::Body`] (the
+    /// `retrieve` record, as the server sent it) and before what the client got.
+    Scanned {
+        /// The message number.
+        msg: u32,
+        /// `RETR` or `TOP`.
+        verb: Verb,
+        /// One per scanner, in the order the rules named them.
+        reports: Vec<ScanReport>,
+        /// What the client got.
+        action: ScanAction,
+        /// Header lines added for the client after the status line (CRLF each), if any.
+        added: Bytes,
+        /// The user rules and audit see.
+        user: Option<Arc<str>>,
+    },
 }
 
 /// A point in the output queue that nothing after passes before its time.
@@ -139,6 +215,9 @@ struct Hold {
     until: Option<Instant>,
     /// The driver has not yet answered the [`SessionEvent::LoginFailed`] that asked for it.
     awaiting_penalty: bool,
+    /// The driver has not yet answered the [`Output::Scan`] before it: the verdict's outputs
+    /// take this hold's place ([`Outputs::answer_scan`]).
+    awaiting_scan: bool,
 }
 
 #[derive(Debug)]
@@ -168,9 +247,40 @@ impl Outputs {
             delay,
             until: None,
             awaiting_penalty,
+            awaiting_scan: false,
         }));
         self.holds += 1;
         self.settle(now);
+    }
+
+    /// Nothing queued after this point goes out before [`Outputs::answer_scan`].
+    pub(super) fn hold_for_scan(&mut self) {
+        self.slots.push_back(Slot::Hold(Hold {
+            delay: Duration::ZERO,
+            until: None,
+            awaiting_penalty: false,
+            awaiting_scan: true,
+        }));
+        self.holds += 1;
+    }
+
+    /// The verdict of the scan a hold waits for: `outs` take the hold's place, in order.
+    /// `false` if no hold waits for one.
+    pub(super) fn answer_scan(&mut self, outs: Vec<Output>, now: Instant) -> bool {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| matches!(s, Slot::Hold(h) if h.awaiting_scan))
+        else {
+            return false;
+        };
+        self.slots.remove(i);
+        self.holds -= 1;
+        for (k, out) in outs.into_iter().enumerate() {
+            self.slots.insert(i + k, Slot::Out(out));
+        }
+        self.settle(now);
+        true
     }
 
     /// The next output that may go out now.
@@ -216,7 +326,7 @@ impl Outputs {
     /// Arm the first hold, and let go of the holds whose time has come at `now`.
     pub(super) fn settle(&mut self, now: Instant) {
         while let Some((i, h)) = self.first_hold() {
-            if h.awaiting_penalty {
+            if h.awaiting_penalty || h.awaiting_scan {
                 return;
             }
             let until = *h.until.get_or_insert(now + h.delay);
@@ -269,5 +379,34 @@ impl Outputs {
             }
         }
         Some(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command the observer gets back is the one the hop parsed, part for part, whatever
+    /// the spacing; and carrying it does not make the events larger than a status line does.
+    #[test]
+    fn a_command_line_gives_back_the_parsed_command_without_growing_the_events() {
+        for line in [
+            &b"NOOP\r\n"[..],
+            b"USER alice\r\n",
+            b"  \tRETR 1\n",
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+            b"APOP alice 0123456789abcdef\r\n",
+            b"TOP 1 0\r\n",
+            b"xyzzy \xc3\xa9t\xc3\xa9\r\n",
+            b"LIST\t\t3 \r\n",
+        ] {
+            let line = Bytes::copy_from_slice(line);
+            let parsed = Command::parse(&line).unwrap();
+            let carried = CommandLine::new(line.clone(), &parsed);
+            assert_eq!(carried.command(), parsed, "{line:?}");
+            assert_eq!(carried.line(), &line);
+        }
+        assert!(std::mem::size_of::<CommandLine>() <= 56);
+        assert!(std::mem::size_of::<SessionEvent>() <= 216);
     }
 }

@@ -164,6 +164,17 @@ impl Session {
         self.redial_due = self.redial_after_stls;
     }
 
+    /// The verdict on the scan an [`Output::Scan`] asked for (see [`Hop::scan_done`]).
+    pub(crate) fn scan_done(
+        &mut self,
+        now: Instant,
+        date: &str,
+        reports: Vec<crate::types::ScanReport>,
+        cin: &mut BytesMut,
+    ) {
+        self.hop.scan_done(now, date, reports, cin);
+    }
+
     /// The answer to a [`SessionEvent::LoginFailed`]: the penalty, counted from `now`.
     pub(crate) fn penalty(&mut self, now: Instant, penalty: Option<Duration>) {
         self.hop.penalty(now, penalty);
@@ -333,6 +344,7 @@ mod tests {
             login_timeout: Duration::from_secs(60),
             greeting_timeout: Duration::from_secs(30),
             lookups: None,
+            scan: None,
         }
     }
 
@@ -441,6 +453,9 @@ mod tests {
                     }
                     Output::Close(r) => self.trace.close = Some(r),
                     Output::RedialUpstream => self.trace.upstream.extend_from_slice(b"<redial>"),
+                    Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                        unreachable!("no scanning in these scripts")
+                    }
                     Output::Login(l) => {
                         self.trace
                             .logins

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::policy::Policy;
-use super::{Hop, HopConfig, Output, SessionEvent};
+use super::scan::ScanPolicy;
+use super::{Hop, HopConfig, Output, ScanRequest, SessionEvent};
 use crate::config::UnknownCommands;
 use crate::pop3::command::Verb;
 use crate::rules::RuleSet;
-use crate::types::CloseReason;
+use crate::types::{CloseReason, ScanReport, ScanVerdict};
 
 /// What the driver would dispatch to the observer, kept for the assertions; failed logins
 /// answered with `penalty`.
@@ -44,7 +45,7 @@ impl Rec {
                     }
                 }
                 SessionEvent::LoginFailed(_) => hop.penalty(now, self.penalty),
-                SessionEvent::Injected(line) => self.injected.push(text(line)),
+                SessionEvent::Injected(line) => self.injected.push(text(line.line())),
                 SessionEvent::InjectedStatus { meta, line } => {
                     self.injected_answers.push((meta.verb, text(line)));
                 }
@@ -74,6 +75,7 @@ fn config() -> HopConfig {
         login_timeout: Duration::from_secs(60),
         greeting_timeout: Duration::from_secs(30),
         lookups: None,
+        scan: None,
     }
 }
 
@@ -104,6 +106,26 @@ struct Out {
     no_uidl: usize,
     /// The bytes the status and body events carried, in order.
     event_bytes: Vec<u8>,
+    /// Scans asked for, in order.
+    scans: Vec<ScanAsked>,
+    /// Spools dropped unsent.
+    spools_dropped: usize,
+    /// Bytes left in the spool at the end (none may be).
+    spool_left: usize,
+    /// The `Scanned` events: message, action, each scanner's verdict.
+    scanned: Vec<(u32, &'static str, Vec<String>)>,
+}
+
+/// An [`Output::Scan`] as the harness saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ScanAsked {
+    scanners: Vec<String>,
+    msg: u32,
+    /// What the spool held.
+    spool: String,
+    /// What had been written upstream and to the client by then.
+    upstream: String,
+    client: String,
 }
 
 impl Out {
@@ -117,6 +139,19 @@ impl Out {
             match ev {
                 SessionEvent::Status { line, .. } => self.event_bytes.extend_from_slice(line),
                 SessionEvent::Body { chunk, .. } => self.event_bytes.extend_from_slice(chunk),
+                SessionEvent::Scanned {
+                    msg,
+                    reports,
+                    action,
+                    ..
+                } => self.scanned.push((
+                    *msg,
+                    action.as_str(),
+                    reports
+                        .iter()
+                        .map(|r| format!("{}={}", r.scanner, r.verdict.as_str()))
+                        .collect(),
+                )),
                 _ => {}
             }
         }
@@ -141,7 +176,27 @@ enum End {
 /// server answers only what it was sent. Client bytes not yet fed when a TLS handshake starts
 /// are dropped: sent in plaintext, they would never be read as commands.
 fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -> Out {
+    run_scanning(hop, client, server, chunk, end, &|_| {
+        unreachable!("no scanning in these scripts")
+    })
+}
+
+/// A scanner for the harness: the reports for a scan request.
+type Answer<'a> = &'a dyn Fn(&ScanRequest) -> Vec<ScanReport>;
+
+/// [`run`], with the driver's spool and scanners: an [`Output::Scan`] is answered with
+/// `answer`'s reports as soon as the outputs before it are out.
+fn run_scanning(
+    hop: &mut Hop,
+    client: &[u8],
+    server: &[&[u8]],
+    chunk: usize,
+    end: End,
+    answer: Answer<'_>,
+) -> Out {
     let mut out = Out::default();
+    let mut spool: Vec<u8> = Vec::new();
+    let mut asked: Option<ScanRequest> = None;
     let mut rec = Rec::default();
     let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
     let (mut c, mut s) = (0, 0);
@@ -161,7 +216,33 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
                 }
                 Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
                 Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
+                Output::Spool(b) => spool.extend_from_slice(&b),
+                Output::Scan(req) => {
+                    out.scans.push(ScanAsked {
+                        scanners: req.scanners.iter().map(|n| n.to_string()).collect(),
+                        msg: req.msg,
+                        spool: text(&spool),
+                        upstream: text(&out.upstream),
+                        client: text(&out.client),
+                    });
+                    asked = Some(req);
+                }
+                Output::Unspool => out.client.append(&mut spool),
+                Output::DropSpool => {
+                    spool.clear();
+                    out.spools_dropped += 1;
+                }
             }
+        }
+        out.spool_left = spool.len();
+        if let Some(req) = asked.take() {
+            assert_eq!(
+                hop.poll_timeout(),
+                None,
+                "no deadline while waiting for a verdict"
+            );
+            hop.scan_done(now, DATE, answer(&req), &mut cin);
+            continue;
         }
         if out.close.is_none() && hop.holding() {
             // As a driver that has nothing else to do: the hold's deadline comes.
@@ -200,6 +281,9 @@ fn run(hop: &mut Hop, client: &[u8], server: &[&[u8]], chunk: usize, end: End) -
     }
     panic!("hop did not settle");
 }
+
+/// The date the harness gives [`Hop::scan_done`].
+const DATE: &str = "Mon, 07 Dec 2026 15:04:05 +0000";
 
 fn hop_with(cfg: HopConfig, rule_text: &str) -> Hop {
     let now = Instant::now();
@@ -1349,6 +1433,9 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             Output::StartClientTls => out.tls_at.push(out.client.len()),
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
             Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
+            Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                unreachable!("no scanning in these scripts")
+            }
         }
     }
 }
@@ -1415,11 +1502,9 @@ fn a_held_reply_does_not_block_reading_further_pipelined_input() {
         &mut out,
     );
     assert!(cin.is_empty(), "the pipelined NOOP was read and handled");
-    assert!(
-        rec.events
-            .iter()
-            .any(|e| *e == SessionEvent::ClientCommand(bytes::Bytes::from_static(b"NOOP\r\n")))
-    );
+    assert!(rec.events.iter().any(
+        |e| matches!(e, SessionEvent::ClientCommand(c) if c.line() == b"NOOP\r\n".as_slice())
+    ));
     // It waits behind the hold, in its place.
     assert!(out.upstream.is_empty());
     assert_eq!(hop.poll_timeout(), Some(t0 + Duration::from_secs(2)));
@@ -1641,4 +1726,703 @@ fn events_carry_the_bytes_relayed_at_every_chunk_size() {
     );
     assert_eq!(text(&out.event_bytes), text(&out.client));
     assert_eq!(out.close, Some((CloseReason::Quit, false)));
+}
+
+// Content scanning (issue 23): a `scan` rule holds a RETR/TOP body for the scanners.
+
+/// The same output at every chunk size, with `answer` as the scanners.
+fn same_at_every_chunk_scanning(
+    make: impl Fn() -> Hop,
+    client: &[u8],
+    server: &[&[u8]],
+    end: End,
+    answer: Answer<'_>,
+) -> Out {
+    let longest = client.len().max(server.iter().map(|r| r.len()).sum());
+    let want = run_scanning(&mut make(), client, server, longest, end, answer);
+    for chunk in 1..=longest {
+        let got = run_scanning(&mut make(), client, server, chunk, end, answer);
+        assert_eq!(got, want, "chunk size {chunk}");
+    }
+    assert_eq!(want.spool_left, 0, "a spool was left behind");
+    want
+}
+
+const SCAN_RULE: &str = "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\naction = \"scan\"\nscan = [\"clamav\", \"rspamd\"]\n";
+
+fn policy() -> ScanPolicy {
+    let mut p = ScanPolicy::new(&[], &crate::config::scan::ScanConfig::default());
+    p.max_size = vec![
+        (Arc::from("clamav"), 1 << 20),
+        (Arc::from("rspamd"), 1 << 20),
+    ];
+    p.notice_from = "Mail Proxy <postmaster@example.net>".into();
+    p.contact = ".postmaster@example.net".into();
+    p
+}
+
+fn scanning(p: ScanPolicy) -> impl Fn() -> Hop {
+    let p = Arc::new(p);
+    move || {
+        hop_with(
+            HopConfig {
+                scan: Some(p.clone()),
+                ..config()
+            },
+            SCAN_RULE,
+        )
+    }
+}
+
+fn report(name: &str, verdict: ScanVerdict, detail: Option<&str>) -> ScanReport {
+    ScanReport {
+        scanner: Arc::from(name),
+        verdict,
+        detail: detail.map(str::to_owned),
+        score: None,
+        duration: Duration::from_millis(5),
+    }
+}
+
+/// Every scanner says `verdict`.
+fn all(verdict: ScanVerdict) -> impl Fn(&ScanRequest) -> Vec<ScanReport> {
+    move |req| {
+        req.scanners
+            .iter()
+            .map(|n| report(n, verdict, None))
+            .collect()
+    }
+}
+
+/// clamav finds malware, rspamd says clean.
+fn infected(req: &ScanRequest) -> Vec<ScanReport> {
+    req.scanners
+        .iter()
+        .map(|n| match &**n {
+            "clamav" => report(n, ScanVerdict::Infected, Some("Eicar-Test-Signature")),
+            _ => report(n, ScanVerdict::Clean, None),
+        })
+        .collect()
+}
+
+/// rspamd says spam (score 12.5 of 6), clamav clean.
+fn spam(req: &ScanRequest) -> Vec<ScanReport> {
+    req.scanners
+        .iter()
+        .map(|n| match &**n {
+            "rspamd" => ScanReport {
+                score: Some((12.5, 6.0)),
+                ..report(n, ScanVerdict::Spam, Some("add header"))
+            },
+            _ => report(n, ScanVerdict::Clean, None),
+        })
+        .collect()
+}
+
+/// A message with a dot-stuffed line, a folded Subject and a line that is a lone dot.
+const MESSAGE: &[u8] = b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: Hello\r\n there\r\nDate: Sun, 06 Dec 2026 10:00:00 +0100\r\nMessage-ID: <m1@example.org>\r\n\r\nHi Bob,\r\n..dot-stuffed\r\n..\r\nbye\r\n";
+
+/// `+OK` with `MESSAGE`'s size, the message, the terminator.
+fn retr_answer() -> Vec<u8> {
+    let mut v = format!("+OK {} octets\r\n", MESSAGE.len()).into_bytes();
+    v.extend_from_slice(MESSAGE);
+    v.extend_from_slice(b".\r\n");
+    v
+}
+
+#[test]
+fn a_clean_scanned_message_is_byte_identical_and_the_spool_held_its_wire_bytes() {
+    let answer = retr_answer();
+    let server = after_login(&[&answer, b"+OK bye\r\n"]);
+    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nQUIT\r\n";
+    let plain = same_at_every_chunk(|| hop_with(config(), ""), client, &server, End::Open);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        client,
+        &server,
+        End::Open,
+        &all(ScanVerdict::Clean),
+    );
+    assert_eq!(text(&out.client), text(&plain.client));
+    assert_eq!(out.scans.len(), 1);
+    let asked = &out.scans[0];
+    assert_eq!(asked.scanners, ["clamav", "rspamd"]);
+    assert_eq!(asked.msg, 1);
+    assert_eq!(
+        asked.spool,
+        text(MESSAGE),
+        "wire bytes, without the terminator"
+    );
+    assert!(
+        !asked.client.contains("octets"),
+        "the status line is held: {}",
+        asked.client
+    );
+    assert_eq!(
+        out.scanned,
+        [(
+            1,
+            "delivered",
+            vec!["clamav=clean".into(), "rspamd=clean".into()]
+        )]
+    );
+    // The events carry what the server sent.
+    assert_eq!(text(&out.event_bytes), text(&plain.event_bytes));
+}
+
+#[test]
+fn header_true_adds_one_line_after_the_status_line() {
+    let answer = retr_answer();
+    let server = after_login(&[&answer]);
+    let out = same_at_every_chunk_scanning(
+        scanning(ScanPolicy {
+            header: true,
+            ..policy()
+        }),
+        b"USER a\r\nPASS b\r\nRETR 1\r\n",
+        &server,
+        End::Open,
+        &all(ScanVerdict::Clean),
+    );
+    let want = format!(
+        "+OK {} octets\r\nX-Popgate-Scan: clean; clamav=clean, rspamd=clean\r\n{}.\r\n",
+        MESSAGE.len(),
+        text(MESSAGE)
+    );
+    assert!(text(&out.client).ends_with(&want), "{}", text(&out.client));
+}
+
+#[test]
+fn spam_is_tagged_with_its_score_and_the_framing_stays() {
+    let answer = retr_answer();
+    let server = after_login(&[&answer, b"+OK\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 1\r\nNOOP\r\n",
+        &server,
+        End::Open,
+        &spam,
+    );
+    let want = format!(
+        "+OK {} octets\r\nX-Spam-Status: Yes, score=12.50 required=6.00\r\nX-Spam-Score: 12.50\r\n{}.\r\n+OK\r\n",
+        MESSAGE.len(),
+        text(MESSAGE)
+    );
+    assert!(text(&out.client).ends_with(&want), "{}", text(&out.client));
+    assert_eq!(out.scanned[0].1, "tagged");
+    // Tagged infected: the verdict is named.
+    let out = same_at_every_chunk_scanning(
+        scanning(ScanPolicy {
+            on_virus: crate::config::scan::OnVirus::Tag,
+            ..policy()
+        }),
+        b"USER a\r\nPASS b\r\nRETR 1\r\n",
+        &after_login(&[&answer]),
+        End::Open,
+        &infected,
+    );
+    let c = text(&out.client);
+    assert!(
+        c.contains(
+            "octets\r\nX-Popgate-Scan: infected; clamav=infected (Eicar-Test-Signature), rspamd=clean\r\nFrom: Alice"
+        ),
+        "{c}"
+    );
+}
+
+/// The notice the client got: its status line's size and its lines (un-stuffed).
+fn notice_lines(client: &str) -> Vec<String> {
+    let start = client.rfind("+OK in\r\n").unwrap() + "+OK in\r\n".len();
+    let reply = &client[start..];
+    let (status, rest) = reply.split_once("\r\n").unwrap();
+    let body = rest.strip_suffix(".\r\n").expect("terminated");
+    let octets: usize = status
+        .strip_prefix("+OK ")
+        .and_then(|s| s.strip_suffix(" octets"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        octets,
+        body.len(),
+        "the status line states the notice's size"
+    );
+    assert!(body.ends_with("\r\n"));
+    let lines: Vec<String> = body
+        .strip_suffix("\r\n")
+        .unwrap()
+        .split("\r\n")
+        .map(|l| {
+            assert!(
+                !l.contains('\n') && !l.contains('\r'),
+                "bare line end: {l:?}"
+            );
+            assert!(l.len() <= 998, "line too long");
+            assert!(
+                l.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
+                "{l:?}"
+            );
+            match l.strip_prefix('.') {
+                Some(rest) => {
+                    assert!(rest.starts_with('.'), "not dot-stuffed: {l:?}");
+                    rest.to_owned()
+                }
+                None => l.to_owned(),
+            }
+        })
+        .collect();
+    lines
+}
+
+#[test]
+fn an_infected_message_is_replaced_by_a_well_formed_dot_stuffed_notice() {
+    let answer = retr_answer();
+    let server = after_login(&[b"+OK 1 uid-0001\r\n", &answer, b"+OK marked\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nUIDL 1\r\nRETR 1\r\nDELE 1\r\n",
+        &server,
+        End::Open,
+        &infected,
+    );
+    let c = text(&out.client);
+    assert!(c.ends_with(".\r\n+OK marked\r\n"), "DELE relayed: {c}");
+    assert!(text(&out.upstream).ends_with("RETR 1\r\nDELE 1\r\n"));
+    assert_eq!(out.spools_dropped, 1);
+    assert_eq!(out.scanned[0].1, "replaced");
+    let c = c.strip_suffix("+OK marked\r\n").unwrap();
+    let c = &c[c.find("+OK 1 uid-0001\r\n").unwrap() + 16..];
+    let lines = notice_lines(&format!("+OK in\r\n{c}"));
+    let blank = lines
+        .iter()
+        .position(String::is_empty)
+        .expect("a header block");
+    let (head, body) = lines.split_at(blank);
+    let field = |name: &str| {
+        head.iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name}: {head:?}"))
+            .to_owned()
+    };
+    assert_eq!(field("From"), "Mail Proxy <postmaster@example.net>");
+    assert_eq!(field("To"), "bob@example.net");
+    assert_eq!(field("Date"), "Sun, 06 Dec 2026 10:00:00 +0100");
+    assert_eq!(field("Subject"), "[malware removed] Hello there");
+    assert_eq!(field("Message-ID"), "<notice.m1@example.org>");
+    assert_eq!(field("MIME-Version"), "1.0");
+    assert_eq!(field("Content-Type"), "text/plain; charset=us-ascii");
+    for l in head {
+        assert!(
+            l.split_once(": ")
+                .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
+            "{l:?}"
+        );
+    }
+    let body = body.join("\n");
+    for want in [
+        "clamav: infected (Eicar-Test-Signature)",
+        "From:       Alice <alice@example.org>",
+        "Subject:    Hello there",
+        "Message-ID: <m1@example.org>",
+        "UIDL:       uid-0001",
+        "stays on the server",
+        ".postmaster@example.net.",
+    ] {
+        assert!(body.contains(want), "{want:?} in {body}");
+    }
+}
+
+#[test]
+fn a_notice_without_date_or_message_id_gets_the_drivers_date_and_a_derived_id() {
+    let msg = b"Subject: x\r\n\r\nbody\r\n";
+    let mut answer = b"+OK\r\n".to_vec();
+    answer.extend_from_slice(msg);
+    answer.extend_from_slice(b".\r\n");
+    let server = after_login(&[&answer]);
+    let out = same_at_every_chunk_scanning(
+        scanning(ScanPolicy {
+            on_spam: crate::config::scan::OnSpam::Replace,
+            ..policy()
+        }),
+        b"USER a\r\nPASS b\r\nRETR 2\r\n",
+        &server,
+        End::Open,
+        &spam,
+    );
+    let lines = notice_lines(&text(&out.client));
+    assert!(lines.contains(&format!("Date: {DATE}")), "{lines:?}");
+    assert!(lines.contains(&"Subject: [spam removed] x".to_owned()));
+    let id = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Message-ID: "))
+        .unwrap();
+    assert!(
+        id.starts_with("<notice.2.") && id.ends_with("@popgate.invalid>"),
+        "{id}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("To:")),
+        "no To: invented"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("score 12.50 (required 6.00)"))
+    );
+}
+
+#[test]
+fn deny_answers_err_and_drops_the_spool() {
+    let answer = retr_answer();
+    let server = after_login(&[&answer, b"+OK 1 10\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(ScanPolicy {
+            on_virus: crate::config::scan::OnVirus::Deny,
+            ..policy()
+        }),
+        b"USER a\r\nPASS b\r\nRETR 1\r\nLIST 1\r\n",
+        &server,
+        End::Open,
+        &infected,
+    );
+    assert_eq!(
+        text(&out.client),
+        format!(
+            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n+OK 1 10\r\n",
+            crate::pop3::replies::SCAN_DENIED
+        )
+    );
+    assert_eq!(out.spools_dropped, 1);
+    assert_eq!(out.scanned[0].1, "denied");
+}
+
+#[test]
+fn a_tempfailed_message_is_not_deleted_on_the_clients_behalf() {
+    let answer = retr_answer();
+    // The server answers RETR 1, then QUIT: it never sees DELE 1.
+    let server = after_login(&[&answer, b"+OK 2 10\r\n", b"+OK bye\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 1\r\nDELE 1\r\nLIST 2\r\nQUIT\r\n",
+        &server,
+        End::Open,
+        &|req: &ScanRequest| {
+            let mut r = all(ScanVerdict::Clean)(req);
+            r[1] = report("rspamd", ScanVerdict::Error, Some("connection refused"));
+            r
+        },
+    );
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nRETR 1\r\nLIST 2\r\nQUIT\r\n"
+    );
+    assert_eq!(
+        text(&out.client),
+        format!(
+            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n{}\r\n+OK 2 10\r\n+OK bye\r\n",
+            crate::pop3::replies::SCAN_TEMPFAIL,
+            crate::pop3::replies::SCAN_DELE_TEMPFAILED
+        )
+    );
+    assert_eq!(out.scanned[0].1, "tempfailed");
+    // With on_error = "pass" it arrives, tagged unscanned, and the DELE is relayed.
+    let server = after_login(&[&answer, b"+OK marked\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(ScanPolicy {
+            on_error: crate::config::scan::OnScanError::Pass,
+            ..policy()
+        }),
+        b"USER a\r\nPASS b\r\nRETR 1\r\nDELE 1\r\n",
+        &server,
+        End::Open,
+        &all(ScanVerdict::Error),
+    );
+    let c = text(&out.client);
+    assert!(
+        c.contains(
+            "octets\r\nX-Popgate-Scan: unscanned (error); clamav=error, rspamd=error\r\nFrom:"
+        ),
+        "{c}"
+    );
+    assert!(c.ends_with(".\r\n+OK marked\r\n"), "{c}");
+    assert_eq!(out.scanned[0].1, "unscanned");
+}
+
+#[test]
+fn a_retrieval_whose_status_states_more_than_the_cap_goes_at_once_unscanned() {
+    let server = after_login(&[b"+OK 31457280 octets\r\nSubject: big\r\n\r\nx\r\n.\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 1\r\n",
+        &server,
+        End::Open,
+        &|_| unreachable!("not scanned"),
+    );
+    assert!(out.scans.is_empty());
+    assert!(
+        text(&out.client).ends_with(
+            "+OK 31457280 octets\r\nX-Popgate-Scan: unscanned (too large)\r\nSubject: big\r\n\r\nx\r\n.\r\n"
+        ),
+        "{}",
+        text(&out.client)
+    );
+    assert_eq!(
+        out.scanned,
+        [(
+            1,
+            "unscanned",
+            vec!["clamav=too_large".into(), "rspamd=too_large".into()]
+        )]
+    );
+}
+
+#[test]
+fn a_body_that_passes_the_cap_mid_stream_is_released_unscanned_at_every_chunk_size() {
+    let mut p = policy();
+    p.max_size = vec![(Arc::from("clamav"), 40), (Arc::from("rspamd"), 20)];
+    let answer = retr_answer();
+    let server = after_login(&[&answer, b"+OK\r\n"]);
+    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nNOOP\r\n";
+    let want = format!(
+        "+OK hi\r\n+OK\r\n+OK in\r\n+OK {} octets\r\nX-Popgate-Scan: unscanned (too large)\r\n{}.\r\n+OK\r\n",
+        MESSAGE.len(),
+        text(MESSAGE)
+    );
+    let make = scanning(p);
+    // What is spooled before the cap is passed depends on the chunks: the client's bytes not.
+    for chunk in 1..=server.iter().map(|r| r.len()).sum() {
+        let out = run_scanning(&mut make(), client, &server, chunk, End::Open, &|_| {
+            unreachable!("not scanned")
+        });
+        assert_eq!(text(&out.client), want, "chunk size {chunk}");
+        assert_eq!(out.spool_left, 0, "chunk size {chunk}");
+        assert_eq!(out.scanned.len(), 1);
+        assert_eq!(out.scanned[0].1, "unscanned");
+    }
+}
+
+#[test]
+fn pipelined_retrievals_and_a_delete_stay_in_order_and_wait_for_each_verdict() {
+    let a1 = retr_answer();
+    let a2 = b"+OK 8 octets\r\nSubject: two\r\n\r\n.\r\n";
+    let server = after_login(&[&a1, a2, b"+OK marked\r\n", b"+OK bye\r\n"]);
+    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n";
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        client,
+        &server,
+        End::Open,
+        &|req: &ScanRequest| {
+            if req.msg == 2 {
+                infected(req)
+            } else {
+                all(ScanVerdict::Clean)(req)
+            }
+        },
+    );
+    assert_eq!(out.upstream, client);
+    // Nothing after a selected retrieval reached the server before its verdict.
+    assert!(out.scans[0].upstream.ends_with("RETR 1\r\n"));
+    assert!(out.scans[1].upstream.ends_with("RETR 2\r\n"));
+    let c = text(&out.client);
+    let one = c.find(&text(MESSAGE)).unwrap();
+    let two = c.find("[malware removed] two").unwrap();
+    let marked = c.find("+OK marked").unwrap();
+    assert!(
+        one < two && two < marked && c.ends_with("+OK marked\r\n+OK bye\r\n"),
+        "{c}"
+    );
+    assert_eq!(
+        out.scanned.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(1, "delivered"), (2, "replaced")]
+    );
+}
+
+#[test]
+fn top_is_scanned_when_selected_and_retr_not_when_unselected() {
+    let top = b"+OK\r\nSubject: t\r\n\r\nline\r\n.\r\n";
+    let answer = retr_answer();
+    let server = after_login(&[top, &answer]);
+    let rule = "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = \"TOP\"\naction = \"scan\"\nscan = \"clamav\"\n";
+    let p = Arc::new(policy());
+    let make = || {
+        hop_with(
+            HopConfig {
+                scan: Some(p.clone()),
+                ..config()
+            },
+            rule,
+        )
+    };
+    let out = same_at_every_chunk_scanning(
+        make,
+        b"USER a\r\nPASS b\r\nTOP 1 1\r\nRETR 1\r\n",
+        &server,
+        End::Open,
+        &all(ScanVerdict::Clean),
+    );
+    assert_eq!(out.scans.len(), 1, "only the TOP");
+    assert_eq!(out.scans[0].spool, "Subject: t\r\n\r\nline\r\n");
+    assert!(text(&out.client).ends_with(&text(&answer)));
+    // Without a scanner configured, scan rules are inert.
+    let out = same_at_every_chunk_scanning(
+        || hop_with(config(), SCAN_RULE),
+        b"USER a\r\nPASS b\r\nRETR 1\r\n",
+        &after_login(&[&answer]),
+        End::Open,
+        &|_| unreachable!("not scanned"),
+    );
+    assert!(out.scans.is_empty() && out.scanned.is_empty());
+}
+
+#[test]
+fn an_err_to_a_selected_retrieval_is_relayed_and_the_next_command_goes_on() {
+    let server = after_login(&[b"-ERR no such message\r\n", b"+OK 0 0\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 9\r\nSTAT\r\n",
+        &server,
+        End::Open,
+        &|_| unreachable!("not scanned"),
+    );
+    assert!(text(&out.client).ends_with("-ERR no such message\r\n+OK 0 0\r\n"));
+    assert!(out.scanned.is_empty());
+}
+
+/// A hop holding `RETR 1`'s body for its verdict, and what came out so far.
+fn waiting_for_a_verdict(now: Instant) -> (Hop, Rec, BytesMut, BytesMut, Out) {
+    let cfg = HopConfig {
+        scan: Some(Arc::new(policy())),
+        ..config()
+    };
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(cfg, SCAN_RULE, now);
+    let mut out = Out::default();
+    cin.extend_from_slice(b"RETR 1\r\nDELE 1\r\n");
+    hop.on_client_input(now, &mut cin);
+    sin.extend_from_slice(&retr_answer());
+    hop.on_server_input(now, &mut sin, &mut cin);
+    rec.take(&mut hop, now);
+    let mut kinds = Vec::new();
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::Spool(_) => kinds.push("spool"),
+            Output::Scan(_) => kinds.push("scan"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(text(&out.upstream), "RETR 1\r\n", "DELE 1 waits");
+    assert_eq!(kinds.last(), Some(&"scan"));
+    assert!(hop.holding() && !hop.wants_client_input() && !hop.mid_response());
+    assert_eq!(hop.poll_timeout(), None, "no idle deadline while waiting");
+    (hop, rec, cin, sin, out)
+}
+
+fn drain_scanning(hop: &mut Hop, out: &mut Out) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToClient(b) => out.client.extend_from_slice(&b),
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+            Output::DropSpool => kinds.push("drop"),
+            Output::Unspool => kinds.push("unspool"),
+            other => panic!("{other:?}"),
+        }
+    }
+    kinds
+}
+
+#[test]
+fn shutdown_during_a_verdict_wait_answers_err_and_drops_the_spool() {
+    let t0 = Instant::now();
+    let (mut hop, _rec, mut cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    hop.on_shutdown();
+    assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
+    assert_eq!(
+        text(&out.client),
+        format!("{}\r\n", crate::pop3::replies::SHUTTING_DOWN)
+    );
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+    assert_eq!(text(&out.upstream), "RETR 1\r\n", "the DELE never went");
+    // A verdict that comes late changes nothing.
+    hop.scan_done(
+        t0,
+        DATE,
+        infected(&ScanRequest {
+            scanners: vec![Arc::from("clamav")].into(),
+            msg: 1,
+        }),
+        &mut cin,
+    );
+    assert_eq!(drain_scanning(&mut hop, &mut out), Vec::<&str>::new());
+}
+
+#[test]
+fn the_upstream_lost_during_a_verdict_wait_answers_err() {
+    let t0 = Instant::now();
+    let (mut hop, _rec, _cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    hop.on_upstream_eof();
+    assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
+    assert_eq!(
+        text(&out.client),
+        format!("{}\r\n", crate::pop3::replies::UPSTREAM_CLOSED)
+    );
+    assert_eq!(out.close, Some((CloseReason::UpstreamEof, false)));
+}
+
+#[test]
+fn a_client_that_half_closes_during_a_verdict_wait_still_gets_the_message() {
+    let t0 = Instant::now();
+    let (mut hop, _rec, mut cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    cin.clear();
+    hop.on_client_eof();
+    assert_eq!(drain_scanning(&mut hop, &mut out), Vec::<&str>::new());
+    let req = ScanRequest {
+        scanners: vec![Arc::from("clamav"), Arc::from("rspamd")].into(),
+        msg: 1,
+    };
+    hop.scan_done(t0, DATE, all(ScanVerdict::Clean)(&req), &mut cin);
+    assert_eq!(drain_scanning(&mut hop, &mut out), ["unspool"]);
+    assert_eq!(
+        text(&out.client),
+        format!("+OK {} octets\r\n.\r\n", MESSAGE.len())
+    );
+    assert_eq!(out.close, Some((CloseReason::ClientEof, false)));
+}
+
+#[test]
+fn shutdown_while_a_selected_body_is_arriving_answers_err_without_a_reset() {
+    let t0 = Instant::now();
+    let cfg = HopConfig {
+        scan: Some(Arc::new(policy())),
+        ..config()
+    };
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(cfg, SCAN_RULE, t0);
+    let mut out = Out::default();
+    cin.extend_from_slice(b"RETR 1\r\n");
+    hop.on_client_input(t0, &mut cin);
+    sin.extend_from_slice(b"+OK 100 octets\r\nSubject: half\r\n");
+    hop.on_server_input(t0, &mut sin, &mut cin);
+    rec.take(&mut hop, t0);
+    let mut kinds = Vec::new();
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::Spool(_) => kinds.push("spool"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["spool"]);
+    assert!(
+        !hop.mid_response(),
+        "the client has seen nothing of the reply"
+    );
+    hop.on_shutdown();
+    assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
+    assert_eq!(
+        text(&out.client),
+        format!("{}\r\n", crate::pop3::replies::SHUTTING_DOWN)
+    );
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
 }

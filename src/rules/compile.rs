@@ -168,6 +168,8 @@ pub(super) enum Effect {
     Trace,
     /// Routing mode: the upstream's name (looked up by [`RuleSet::route`] only).
     Route(Arc<str>),
+    /// Scanners for the body the command retrieves.
+    Scan(Box<[Arc<str>]>),
 }
 
 #[derive(Debug)]
@@ -311,6 +313,20 @@ impl RuleSet {
         self.rules.iter().filter_map(|r| match &r.effect {
             Effect::Route(u) => Some((self.files[r.file].as_path(), &*r.name, &**u)),
             _ => None,
+        })
+    }
+
+    /// Every scanner name a `scan` rule gives: the rule's file, name and the scanner, in load
+    /// order (for `popgate check`: each must be a `[[scanner]]`).
+    pub(crate) fn scanners_in_files(&self) -> impl Iterator<Item = (&Path, &str, &str)> + '_ {
+        self.rules.iter().flat_map(move |r| {
+            let names: &[Arc<str>] = match &r.effect {
+                Effect::Scan(names) => names,
+                _ => &[],
+            };
+            names
+                .iter()
+                .map(move |n| (self.files[r.file].as_path(), &*r.name, &**n))
         })
     }
 
@@ -621,6 +637,10 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
         (RuleAction::Route, _) => {
             return refuse("; a route is chosen when the login is known (`on = \"command\"`)");
         }
+        (RuleAction::Scan, E::Command) => {}
+        (RuleAction::Scan, _) => {
+            return refuse("; a scan is chosen with the RETR or TOP that retrieves the message");
+        }
         (RuleAction::Deny | RuleAction::Drop | RuleAction::Delay | RuleAction::Trace, E::Close) => {
             return refuse("; the session is already over");
         }
@@ -628,8 +648,9 @@ fn compile(raw: RawRule, file: usize) -> Result<Rule, Problem> {
     }
 
     // Keys that belong to other actions.
-    let keys: [(&'static str, bool, &[RuleAction]); 13] = [
+    let keys: [(&'static str, bool, &[RuleAction]); 14] = [
         ("upstream", raw.upstream.is_some(), &[RuleAction::Route]),
+        ("scan", raw.scan.is_some(), &[RuleAction::Scan]),
         ("scope", raw.scope.is_some(), &[RuleAction::Tag]),
         (
             "message",
@@ -921,6 +942,22 @@ fn effect(raw: RawRule, on: EventKind, action: RuleAction) -> Result<Effect, Pro
                 ));
             }
             Effect::Route(Arc::from(name))
+        }
+        RuleAction::Scan => {
+            let names = non_empty("scan", raw.scan.ok_or(Problem::MissingKey("scan"))?)?;
+            let mut out: Vec<Arc<str>> = Vec::with_capacity(names.len());
+            for n in names {
+                if n.is_empty() || n.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(invalid(
+                        "scan",
+                        format!("`{n}`: scanner names are non-empty words without spaces"),
+                    ));
+                }
+                if !out.iter().any(|o| **o == *n) {
+                    out.push(Arc::from(n));
+                }
+            }
+            Effect::Scan(out.into_boxed_slice())
         }
     })
 }

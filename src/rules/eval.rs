@@ -210,13 +210,21 @@ impl RuleSet {
                     v.delay = Some(v.delay.unwrap_or_default().saturating_add(*d));
                 }
                 Effect::Trace => v.trace = true,
+                Effect::Scan(names) => {
+                    for n in names.iter() {
+                        if !v.scan.contains(n) {
+                            v.scan.push(n.clone());
+                        }
+                    }
+                }
                 Effect::Route(_) => {}
             }
         }
         if !v.passes() {
-            // Nothing is forwarded: rewrites have nothing to apply to.
+            // Nothing is forwarded: rewrites have nothing to apply to, nor scans.
             v.remove = false;
             v.add_capa.clear();
+            v.scan.clear();
         } else if ev.kind == EventKind::Capa && current.as_deref().is_some_and(is_blank) {
             // A CAPA item rewritten to nothing is removed.
             v.remove = true;

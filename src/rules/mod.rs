@@ -7,8 +7,9 @@
 //!
 //! Evaluation in one paragraph: the rules that can apply to an event (same event kind, and for
 //! commands/responses a verb matcher that includes the event's verb or none at all) are visited
-//! in load order. A rule whose matchers all hold is *matched*; `log`, `tag`, `delay`, `trace`
-//! and `rewrite` add to the verdict and evaluation goes on, `allow`, `deny` and `drop` end it.
+//! in load order. A rule whose matchers all hold is *matched*; `log`, `tag`, `delay`, `trace`,
+//! `rewrite` and `scan` add to the verdict and evaluation goes on, `allow`, `deny` and `drop`
+//! end it.
 //! Matchers always see the original event; rewrites chain on each other's output.
 
 mod compile;
@@ -199,6 +200,9 @@ pub struct Verdict {
     pub delay: Option<Duration>,
     /// A `trace` rule matched: start a traffic transcript for this session.
     pub trace: bool,
+    /// Command: the scanners of every matched `scan` rule, in rule order, without
+    /// duplicates (the body a RETR/TOP retrieves is held for them).
+    pub scan: Vec<Arc<str>>,
 }
 
 /// A line a rule asks to log: the `log` action's message, or a warning about the rule.

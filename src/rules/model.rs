@@ -34,6 +34,9 @@ pub enum RuleAction {
     /// Routing mode: send this login to the upstream named by `upstream`. Evaluated once per
     /// login, apart from the other rules (see `rules/README.md`).
     Route,
+    /// Hold the body a `RETR`/`TOP` retrieves until the scanners named by `scan` have judged
+    /// it (see `docs/scanning.md`); evaluation goes on.
+    Scan,
 }
 
 impl RuleAction {
@@ -49,6 +52,7 @@ impl RuleAction {
             RuleAction::Delay => "delay",
             RuleAction::Trace => "trace",
             RuleAction::Route => "route",
+            RuleAction::Scan => "scan",
         }
     }
 }
@@ -143,10 +147,12 @@ pub(crate) struct RawRule {
     pub(crate) scope: Option<String>,
     /// `route`: the upstream's name.
     pub(crate) upstream: Option<String>,
+    /// `scan`: the scanners' names (`[[scanner]]` entries).
+    pub(crate) scan: Option<OneOrMany>,
 }
 
 /// Every key a rule may have, for unknown-key messages.
-pub(crate) const KEYS: [&str; 28] = [
+pub(crate) const KEYS: [&str; 29] = [
     "name",
     "on",
     "listener",
@@ -175,6 +181,7 @@ pub(crate) const KEYS: [&str; 28] = [
     "keep_apop",
     "scope",
     "upstream",
+    "scan",
 ];
 
 /// Decode a file into its rules, each with its [`RuleRef`]. Only `[[rule]]` tables may appear
@@ -286,6 +293,7 @@ impl RawRule {
             keep_apop: take(t, "keep_apop")?,
             scope: take(t, "scope")?,
             upstream: take(t, "upstream")?,
+            scan: take(t, "scan")?,
         };
         // Keys listed in KEYS but not decoded above would otherwise be ignored silently.
         if let Some(key) = t.keys().next() {
@@ -385,6 +393,7 @@ mod tests {
             keep_apop = true
             scope = "session"
             upstream = "u"
+            scan = ["clamav", "rspamd"]
         "#;
         let table: toml::Table = toml::from_str(text).unwrap();
         assert_eq!(table.len(), KEYS.len());
@@ -392,6 +401,10 @@ mod tests {
         assert_eq!(raw.delay, Some(Duration::from_secs(1)));
         assert_eq!(raw.on, EventKind::Capa);
         assert_eq!(raw.action, RuleAction::Rewrite);
+        assert_eq!(
+            raw.scan.map(|s| s.0),
+            Some(vec!["clamav".into(), "rspamd".into()])
+        );
     }
 
     #[test]

@@ -1167,3 +1167,61 @@ fn route_rules_are_chosen_apart_and_the_first_that_holds_wins() {
         .contains("message")
     );
 }
+
+#[test]
+fn scan_rules_union_their_scanners_in_rule_order_and_do_not_end_evaluation() {
+    let s = set(r#"
+        [[rule]]
+        name = "all"
+        on = "command"
+        verbs = ["RETR", "TOP"]
+        action = "scan"
+        scan = ["clamav"]
+        [[rule]]
+        name = "spam"
+        on = "command"
+        verbs = "RETR"
+        action = "scan"
+        scan = ["rspamd", "clamav"]
+        [[rule]]
+        name = "tag"
+        on = "command"
+        action = "tag"
+        tags = "t"
+    "#);
+    let names = |v: &Verdict| v.scan.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let retr = s.evaluate(&cmd(Verb::Retr, b"1"));
+    assert_eq!(names(&retr), ["clamav", "rspamd"]);
+    assert_eq!(retr.tags, vec![Arc::<str>::from("t")]);
+    assert_eq!(names(&s.evaluate(&cmd(Verb::Top, b"1 0"))), ["clamav"]);
+    assert!(s.evaluate(&cmd(Verb::Dele, b"1")).scan.is_empty());
+    assert_eq!(
+        s.scanners_in_files()
+            .map(|(_, r, n)| format!("{r}:{n}"))
+            .collect::<Vec<_>>(),
+        ["all:clamav", "spam:rspamd", "spam:clamav"]
+    );
+    // A deny after a scan: nothing is retrieved, nothing scanned.
+    let denied = set(r#"
+        [[rule]]
+        name = "s"
+        on = "command"
+        action = "scan"
+        scan = "clamav"
+        [[rule]]
+        name = "d"
+        on = "command"
+        action = "deny"
+    "#);
+    assert!(denied.evaluate(&cmd(Verb::Retr, b"1")).scan.is_empty());
+    // Errors: no scanners, an empty list or name, another event, `scan` on another action.
+    let rule = |extra: &str| format!("[[rule]]\nname = \"r\"\naction = \"scan\"\n{extra}");
+    assert!(err(&rule("on = \"command\"\n")).contains("scan"));
+    assert!(err(&rule("on = \"command\"\nscan = []\n")).contains("empty list"));
+    assert!(err(&rule("on = \"command\"\nscan = [\"a b\"]\n")).contains("without spaces"));
+    assert!(err(&rule("on = \"response\"\nscan = \"x\"\n")).contains("RETR or TOP"));
+    assert!(
+        err("[[rule]]\nname = \"r\"\non = \"command\"\naction = \"log\"\nmessage = \"m\"\nscan = \"x\"\n")
+            .contains("scan")
+    );
+}

@@ -26,6 +26,11 @@ pub enum SessionError {
     /// The server broke the protocol.
     #[error("upstream protocol error: {0}")]
     Protocol(#[from] crate::pop3::tracker::ProtocolError),
+    /// A body held for scanning could not be written to its spool (`scan.spool_dir` full or
+    /// unwritable). The client has had no part of it; the session ends without QUIT, so the
+    /// server deletes nothing.
+    #[error("cannot spool a message for scanning: {0}")]
+    Spool(std::io::Error),
 }
 
 impl SessionError {
@@ -33,7 +38,10 @@ impl SessionError {
     pub fn side(&self) -> Side {
         match self {
             SessionError::Io { side, .. } => *side,
-            SessionError::Connect(_) | SessionError::Protocol(_) => Side::Upstream,
+            // The server's message could not be held: counted with the upstream's failures.
+            SessionError::Connect(_) | SessionError::Protocol(_) | SessionError::Spool(_) => {
+                Side::Upstream
+            }
         }
     }
 

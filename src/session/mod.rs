@@ -9,6 +9,7 @@ mod error;
 mod login;
 pub mod observer;
 mod read;
+mod scan;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -87,6 +88,10 @@ pub struct Shared {
     /// Fleet state (`[state]`, `src/state/`): one for the process's life, carried into each
     /// new snapshot like the limiter.
     pub(crate) state: Arc<crate::state::Store>,
+    /// The content scanners (`[[scanner]]`), when there are any; built with each snapshot.
+    pub(crate) scanners: Option<Arc<crate::scan::Scanners>>,
+    /// What the hop does with their verdicts (`[[scanner]]` sizes, `[scan]`), with them.
+    pub(crate) scan_policy: Option<Arc<crate::proxy::scan::ScanPolicy>>,
 }
 
 /// Who a session is for, known at accept.
@@ -269,17 +274,7 @@ async fn open(
     tap.set_handle(handle);
     observer.set_tap(tap);
     observer.set_tags(&policy.tags);
-    if let Some(dst) = info.original_dst {
-        observer.set_original_destination(dst);
-    }
-    observer.open(
-        &info.listener,
-        info.client,
-        info.local,
-        info.proxy,
-        client_tls.as_ref(),
-        &connect.tags,
-    );
+    observer.open(&info, client_tls.as_ref(), &connect.tags);
     if let Some((rule, sent)) = refused {
         let marks = crate::proxy::Marks {
             tags: connect.tags.clone(),
@@ -347,9 +342,6 @@ async fn open(
             }
             let sent = say_shutting_down(&mut client).await;
             live.to_client.inc_by(sent);
-            if let Some(who) = who {
-                observer.set_kicked_by(who);
-            }
             let ms = started.elapsed().as_millis() as u64;
             observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
             observer.flush().await;
@@ -425,8 +417,8 @@ async fn open(
         login_timeout: config.limits.login_timeout,
         greeting_timeout: config.limits.greeting_timeout,
         lookups: config.audit.enabled.then_some(config.audit.message_ids),
+        scan: shared.scan_policy.clone(),
     };
-    let listener_name = info.listener.clone();
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
     // Direct mode with PROXY v2: the server is told about the client's STLS by a second dial
     // (routing mode dials after the STLS already; interception and PROXY v1 cannot say it).
@@ -438,18 +430,15 @@ async fn open(
         client,
         upstream: upstream_stream,
         shared: shared.clone(),
-        info,
+        info: Box::new(info),
         client_tls: client_tls.map(Box::new),
         upstream_tls: upstream_tls.map(Box::new),
         cin: BytesMut::new(),
         sin: BytesMut::from(&preread[..]),
-        observer: SessionObserver {
-            observer,
-            shared: shared.clone(),
-            listener: listener_name,
-        },
+        observer: SessionObserver { observer },
         traffic: Traffic::default(),
         live,
+        held: None,
     })
 }
 
@@ -487,22 +476,18 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
             CloseReason::Error
         }
     };
-    // A kick ends the session as a shutdown does; the audit trail and log name it and who asked.
-    let kicked_by = driver
-        .observer
-        .observer
-        .tap_mut()
-        .handle_mut()
-        .and_then(|h| h.kicked_by());
-    let reason = match kicked_by {
+    // A kick ends the session as a shutdown does; the audit trail and log name it and who
+    // asked (the observer asks the registry entry).
+    let reason = match stop.kicked_by() {
         Some(who) if reason == CloseReason::Shutdown => {
             info!(by = %who, "session kicked");
-            driver.observer.observer.set_kicked_by(who);
             CloseReason::Kick
         }
         _ => reason,
     };
     driver.session.hop_mut().finish();
+    // A held body and its scan go with the session (a spool file is unlinked already).
+    driver.held = None;
     record_rules(&shared, driver.session.hop_mut().take_rule_tally());
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
     if driver.session.hop().mid_response() {
@@ -634,25 +619,20 @@ fn clock() -> std::time::Instant {
 }
 
 /// Where the hop's events go: the audit observer (audit trail, transcript, and what it feeds),
-/// the metrics, and the shared login penalty the hop asks the driver for.
+/// the metrics, and the shared login penalty the hop asks the driver for. The metrics and the
+/// store are the driver's `shared` (passed in, not held twice in every session).
 struct SessionObserver {
     observer: Observer,
-    shared: Arc<Shared>,
-    /// Listener name, a metrics label.
-    listener: Arc<str>,
 }
 
 impl SessionObserver {
-    /// Hand one event to the observer and the metrics. A failed login is answered by the
-    /// driver instead (`Driver::pump_events`, with [`SessionObserver::penalty`]).
-    fn dispatch(&mut self, ev: SessionEvent) {
+    /// Hand one event to the observer and the metrics (`listener` is their label). A failed
+    /// login is answered by the driver instead (`Driver::pump_events`, with
+    /// [`SessionObserver::penalty`]).
+    fn dispatch(&mut self, ev: SessionEvent, shared: &Shared, listener: &str) {
         let obs = &mut self.observer;
         match ev {
-            SessionEvent::ClientCommand(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.client_command(&cmd);
-                }
-            }
+            SessionEvent::ClientCommand(line) => obs.client_command(&line.command()),
             SessionEvent::ClientSasl => obs.client_sasl(),
             SessionEvent::LocalReply(reply) => obs.local_reply(&reply),
             SessionEvent::Status {
@@ -665,9 +645,9 @@ impl SessionObserver {
                 if let Some(login) = &meta.login {
                     // A login a rule dropped is no success, whatever the server said.
                     let success = login.success && marks.dropped_by.is_none();
-                    self.shared
+                    shared
                         .metrics
-                        .login(&self.listener, &login.method.label(), success);
+                        .login(listener, &login.method.label(), success);
                 }
                 obs.status(&meta, &line, user.as_deref(), state, &marks);
             }
@@ -679,14 +659,29 @@ impl SessionObserver {
                 tags,
             } => obs.denied(&rule, verb, user.as_deref(), &tags),
             SessionEvent::Tags(tags) => obs.set_tags(&tags),
-            SessionEvent::Injected(line) => {
-                if let Some(cmd) = SessionEvent::command(&line) {
-                    obs.injected(&cmd);
-                }
-            }
+            SessionEvent::Injected(line) => obs.injected(&line.command()),
             SessionEvent::InjectedStatus { meta, line } => obs.injected_status(&meta, &line),
             SessionEvent::InjectedBody { chunk, end } => obs.injected_body(&chunk, end),
             SessionEvent::NoUidl => obs.no_uidl(),
+            SessionEvent::Scanned {
+                msg,
+                verb,
+                reports,
+                action,
+                added,
+                user,
+            } => {
+                use crate::audit::ScanEventAction as A;
+                let action = match action {
+                    crate::proxy::ScanAction::Delivered => A::Delivered,
+                    crate::proxy::ScanAction::Tagged => A::Tagged,
+                    crate::proxy::ScanAction::Replaced => A::Replaced,
+                    crate::proxy::ScanAction::Denied => A::Denied,
+                    crate::proxy::ScanAction::Tempfailed => A::Tempfailed,
+                    crate::proxy::ScanAction::Unscanned => A::Unscanned,
+                };
+                obs.scanned(msg, verb, &reports, action, &added, user.as_deref());
+            }
             SessionEvent::LoginFailed(_) => {
                 // Not reached: the driver answers it (`Driver::pump_events`).
             }
@@ -697,15 +692,15 @@ impl SessionObserver {
     /// Counted by the store: this instance's limiter, or with `[state] backend = "redis"` the
     /// whole fleet's count (bounded by `state.timeout`).
     async fn penalty(
-        &mut self,
+        shared: &Shared,
         ip: IpAddr,
         now: std::time::Instant,
     ) -> Option<std::time::Duration> {
         // Boxed: the store's future (a Redis round trip) would otherwise sit in every
         // session's task for its whole life, idle or not.
-        let delay = Box::pin(self.shared.state.login_failed(ip, now)).await;
+        let delay = Box::pin(shared.state.login_failed(ip, now)).await;
         if let Some(d) = delay {
-            self.shared.metrics.login_penalty(d);
+            shared.metrics.login_penalty(d);
         }
         delay
     }
@@ -719,7 +714,9 @@ struct Driver {
     /// `Stream::Detached` while the front stands in for it (routing mode, before login).
     upstream: Stream,
     shared: Arc<Shared>,
-    info: SessionInfo,
+    /// Boxed: read at a routed login and an STLS re-dial only; inline it would weigh 160
+    /// bytes in every session's driver.
+    info: Box<SessionInfo>,
     /// Negotiated TLS on each side, for logs (audit events carry them as they happen). Boxed:
     /// a plain session carries two null pointers, not two empty `TlsInfo`s.
     client_tls: Option<Box<TlsInfo>>,
@@ -732,6 +729,8 @@ struct Driver {
     traffic: Traffic,
     /// The session's metrics handles (bytes each way; active until dropped).
     live: crate::metrics::SessionMetrics,
+    /// The body held for a scan and the scan in flight (`None` when nothing is held).
+    held: Option<Box<scan::Held>>,
 }
 
 impl Driver {
@@ -804,6 +803,15 @@ impl Driver {
                         self.session.on_client_input(clock(), &mut self.cin);
                     }
                 }
+                (spool, reports) = scan::verdict(&mut self.held) => {
+                    if let Some(held) = self.held.as_mut() {
+                        held.scan = None;
+                        held.spool = Some(spool);
+                    }
+                    let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
+                    self.session
+                        .scan_done(clock(), &date, reports, &mut self.cin);
+                }
                 _ = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -823,10 +831,12 @@ impl Driver {
             match ev {
                 SessionEvent::LoginFailed(ip) => {
                     let now = clock();
-                    let penalty = self.observer.penalty(ip, now).await;
+                    let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
                     self.session.penalty(now, penalty);
                 }
-                ev => self.observer.dispatch(ev),
+                ev => self
+                    .observer
+                    .dispatch(ev, &self.shared, &self.info.listener),
             }
         }
         any
@@ -878,10 +888,48 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                 }
+                Output::Spool(bytes) => {
+                    if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
+                        let spool = self.new_spool();
+                        self.held.get_or_insert_with(Box::default).spool = Some(spool);
+                    }
+                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
+                        spool.write(&bytes).await.map_err(SessionError::Spool)?;
+                    }
+                }
+                Output::Scan(request) => {
+                    // The spool moves into the scan and comes back with the verdict.
+                    let spool = match self.held.as_mut().and_then(|h| h.spool.take()) {
+                        Some(spool) => spool,
+                        None => self.new_spool(),
+                    };
+                    let scan = scan::start(self.shared.scanners.clone(), request, spool);
+                    self.held.get_or_insert_with(Box::default).scan = Some(scan);
+                }
+                Output::Unspool => {
+                    if let Some(spool) = self.held.take().and_then(|h| h.spool) {
+                        let n = spool
+                            .copy_to(&mut self.client)
+                            .await
+                            .map_err(io_err(Side::Client))?;
+                        self.client.flush().await.map_err(io_err(Side::Client))?;
+                        self.traffic.to_client += n;
+                        self.live.to_client.inc_by(n);
+                    }
+                }
+                Output::DropSpool => self.held = None,
                 Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
+    }
+
+    /// An empty spool for a body held for scanning (`[scan]` settings, spooled bytes counted).
+    fn new_spool(&self) -> crate::scan::Spool {
+        match &self.shared.scanners {
+            Some(scanners) => scanners.spool(),
+            None => crate::scan::Spool::new(&self.shared.config.scan),
+        }
     }
 
     /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the

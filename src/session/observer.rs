@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use crate::audit::{
     AuditEvent, AuditSink, DeleteMarked, Deleted, Denied, HeaderExtractor, HeaderSet, LoginEvent,
-    Reset, Retrieve, RetrieveVerb, SessionClose, SessionOpen, TlsEvent, TlsSide, Transcript,
-    TranscriptConfig, Update, UpdateOutcome,
+    Reset, Retrieve, RetrieveVerb, ScanEvent, ScanEventAction, SessionClose, SessionOpen, TlsEvent,
+    TlsSide, Transcript, TranscriptConfig, Update, UpdateOutcome,
 };
 use crate::control::tap::TapPoint;
 use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::{CloseReason, TlsInfo};
+use crate::types::{CloseReason, ScanReport, TlsInfo};
 
 pub(crate) use crate::proxy::Marks;
 
@@ -39,6 +39,9 @@ struct Retrieval {
     headers: HeaderExtractor,
     /// Event tags of the RETR/TOP and its response, for the `retrieve` record.
     tags: Vec<String>,
+    /// `scan` events decided before the body ended (a message relayed unscanned): written
+    /// after the `retrieve` record, with what it learnt (the Message-ID).
+    scans: Vec<ScanEvent>,
 }
 
 /// Audit and transcript state of one session.
@@ -57,18 +60,16 @@ pub struct Observer {
     message_ids: HashMap<u32, String>,
     /// The server has no UIDL command.
     no_uidl: bool,
-    /// The header block of a `TOP n 0` popgate sent, being read for its Message-ID.
-    probe: Option<(u32, HeaderExtractor)>,
+    /// The header block of a `TOP n 0` popgate sent, being read for its Message-ID (boxed:
+    /// rare, and large).
+    probe: Option<Box<(u32, HeaderExtractor)>>,
     marked: Vec<u32>,
     transcript: Transcript,
-    /// For `session_open` (see [`Observer::set_original_destination`]).
-    original_dst: Option<SocketAddr>,
     /// Routing mode: the upstream the login in progress was routed to.
     upstream: Option<String>,
-    /// Live taps (`popgate tap`): the transcript's lines, redacted alike.
+    /// Live taps (`popgate tap`): the transcript's lines, redacted alike; through it the
+    /// registry entry, which knows who kicked the session (for its `session_close`).
     tap: TapPoint,
-    /// Who kicked the session (`popgate kick`), for its `session_close`.
-    kicked_by: Option<String>,
 }
 
 impl Observer {
@@ -93,10 +94,8 @@ impl Observer {
             probe: None,
             marked: Vec::new(),
             transcript,
-            original_dst: None,
             upstream: None,
             tap: TapPoint::default(),
-            kicked_by: None,
         }
     }
 
@@ -110,21 +109,10 @@ impl Observer {
         &mut self.tap
     }
 
-    /// The session was kicked by `who` (its `session_close` names them).
-    pub(crate) fn set_kicked_by(&mut self, who: String) {
-        self.kicked_by = Some(who);
-    }
-
     /// A note (`*:`) for the transcript and the taps.
     fn note(&mut self, text: &str) {
         self.transcript.note(text);
         self.tap.line("*", || text.to_owned());
-    }
-
-    /// The original destination of a redirected connection (transparent interception), for
-    /// the `session_open` record and the transcript; call before [`Observer::open`].
-    pub fn set_original_destination(&mut self, dst: SocketAddr) {
-        self.original_dst = Some(dst);
     }
 
     /// Routing mode: the upstream the next login answer comes from (its `login` event names it).
@@ -172,20 +160,20 @@ impl Observer {
         }
     }
 
-    /// `session_open`, with the event tags of the `connect` rules.
-    pub fn open(
-        &mut self,
-        listener: &str,
-        client: SocketAddr,
-        local: SocketAddr,
-        proxy: Option<SocketAddr>,
-        tls: Option<&TlsInfo>,
-        tags: &[Arc<str>],
-    ) {
+    /// `session_open` of the session `info` describes, with the event tags of the `connect`
+    /// rules.
+    pub fn open(&mut self, info: &super::SessionInfo, tls: Option<&TlsInfo>, tags: &[Arc<str>]) {
+        let super::SessionInfo {
+            client,
+            local,
+            proxy,
+            original_dst,
+            ..
+        } = *info;
         if let Some(p) = proxy {
             self.note(&format!("client {client} via proxy {p}"));
         }
-        if let Some(d) = self.original_dst {
+        if let Some(d) = original_dst {
             self.note(&format!(
                 "client {client} redirected, original destination {d}"
             ));
@@ -193,11 +181,11 @@ impl Observer {
         if self.auditing() {
             self.push_tagged(
                 SessionOpen {
-                    listener: listener.to_owned(),
+                    listener: info.listener.to_string(),
                     client,
                     local,
                     proxy,
-                    original_dst: self.original_dst,
+                    original_dst,
                     client_tls: tls.cloned(),
                 },
                 &strings(tags),
@@ -290,6 +278,7 @@ impl Observer {
                         octets: 0,
                         headers: HeaderExtractor::new(self.headers.clone()),
                         tags: tags.clone(),
+                        scans: Vec::new(),
                     }));
                 }
             }
@@ -389,7 +378,7 @@ impl Observer {
             }
             (Some(Verb::Top), Some(n)) if meta.multiline => {
                 let set = HeaderSet::new(&["Message-ID".to_owned()], self.headers.max_bytes());
-                self.probe = Some((n, HeaderExtractor::new(Arc::new(set))));
+                self.probe = Some(Box::new((n, HeaderExtractor::new(Arc::new(set)))));
             }
             _ => {}
         }
@@ -397,12 +386,12 @@ impl Observer {
 
     /// Body bytes answering a command popgate sent (a `TOP n 0`): read for the Message-ID.
     pub fn injected_body(&mut self, chunk: &[u8], end: bool) {
-        if let Some((_, h)) = self.probe.as_mut()
+        if let Some((_, h)) = self.probe.as_deref_mut()
             && !h.is_done()
         {
             h.feed(chunk);
         }
-        if end && let Some((n, h)) = self.probe.take() {
+        if end && let Some((n, h)) = self.probe.take().map(|b| *b) {
             let headers = h.finish();
             if let Some((_, id)) = headers.iter().next() {
                 self.message_ids.insert(n, id.to_owned());
@@ -479,6 +468,84 @@ impl Observer {
                 },
                 &r.tags,
             );
+            for mut scan in r.scans {
+                scan.uidl = self.uidls.get(&r.msg).cloned();
+                scan.no_uidl = self.no_uidl && scan.uidl.is_none();
+                scan.message_id = self.message_ids.get(&r.msg).cloned();
+                self.push_tagged(scan, &r.tags);
+            }
+        }
+    }
+
+    /// A retrieved message a `scan` rule selected was judged (or let through unscanned):
+    /// a transcript note with what the client got, and one `scan` event per report (after
+    /// the `retrieve` record of the message).
+    pub fn scanned(
+        &mut self,
+        msg: u32,
+        verb: Verb,
+        reports: &[ScanReport],
+        action: ScanEventAction,
+        added: &[u8],
+        user: Option<&str>,
+    ) {
+        let verdicts: Vec<String> = reports
+            .iter()
+            .map(|r| {
+                let mut v = format!("{}={}", r.scanner, r.verdict.as_str());
+                if let Some(d) = &r.detail {
+                    v.push_str(&format!(" ({})", crate::pop3::printable(d.as_bytes())));
+                }
+                v
+            })
+            .collect();
+        self.note(&format!(
+            "{verb} {msg} scanned: {}; the client got: {}",
+            verdicts.join(", "),
+            action.as_str()
+        ));
+        for line in added.split_inclusive(|&b| b == b'\n') {
+            self.note(&format!(
+                "header line added for the client: {}",
+                crate::pop3::printable(line).trim_end()
+            ));
+        }
+        if !self.auditing() {
+            return;
+        }
+        let Some(verb) = RetrieveVerb::from_verb(verb) else {
+            return;
+        };
+        let events = reports.iter().map(|r| ScanEvent {
+            user: user.map(str::to_owned),
+            verb,
+            msg: u64::from(msg),
+            uidl: None,
+            no_uidl: false,
+            message_id: None,
+            scanner: r.scanner.to_string(),
+            verdict: r.verdict,
+            name: r.detail.clone(),
+            score: r.score.map(|s| s.0),
+            required: r.score.map(|s| s.1),
+            action,
+            duration_ms: u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
+        });
+        match self.retrieval.as_mut() {
+            // Still being relayed: after its `retrieve` record.
+            Some(r) if r.msg == msg => r.scans.extend(events),
+            _ => {
+                let events: Vec<ScanEvent> = events.collect();
+                let uidl = self.uidls.get(&msg).cloned();
+                let no_uidl = self.no_uidl && uidl.is_none();
+                let message_id = self.message_ids.get(&msg).cloned();
+                for mut e in events {
+                    e.uidl.clone_from(&uidl);
+                    e.no_uidl = no_uidl;
+                    e.message_id.clone_from(&message_id);
+                    self.push(e);
+                }
+            }
         }
     }
 
@@ -497,7 +564,13 @@ impl Observer {
         if self.retrieval.is_some() {
             self.transcript.server_body_end(false);
         }
-        match &self.kicked_by {
+        // A kick's close names who asked (the registry entry knows).
+        let kicked_by = if reason == CloseReason::Kick {
+            self.tap.kicked_by()
+        } else {
+            None
+        };
+        match &kicked_by {
             Some(who) => self.note(&format!("session closed: kicked by {who}")),
             None => self.note(&format!("session closed: {}", reason.as_str())),
         }
@@ -514,7 +587,7 @@ impl Observer {
                 bytes_to_client: to_client,
                 duration_ms,
                 rule: marks.dropped_by.as_deref().map(str::to_owned),
-                kicked_by: self.kicked_by.clone(),
+                kicked_by,
             },
             &strings(&marks.tags),
         );
@@ -536,5 +609,106 @@ impl Observer {
         }
         // Events are rare: a session that waits keeps no room for them.
         self.queue = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::{AuditEventKind, Overflow};
+    use crate::types::ScanVerdict;
+
+    fn meta(verb: Verb, msg: u32, multiline: bool) -> ResponseMeta {
+        ResponseMeta {
+            verb: Some(verb),
+            msg: Some(msg),
+            lines: None,
+            status: Status::Ok,
+            multiline,
+            login: None,
+            size: None,
+            internal: false,
+        }
+    }
+
+    fn report(scanner: &str, verdict: ScanVerdict) -> ScanReport {
+        ScanReport {
+            scanner: Arc::from(scanner),
+            verdict,
+            detail: Some("Eicar".into()),
+            score: Some((9.5, 6.0)),
+            duration: Duration::from_millis(12),
+        }
+    }
+
+    #[test]
+    fn scan_events_follow_the_retrieve_record_with_its_uidl_and_message_id() {
+        let (sink, _guard) =
+            AuditSink::start_with_writer(Box::new(std::io::sink()), 16, Overflow::Drop).unwrap();
+        let headers = Arc::new(HeaderSet::new(&["Message-ID".to_owned()], 4096));
+        let mut o = Observer::new(sink, headers, 7, Transcript::disabled());
+        let m = Marks::default();
+        let trx = State::Transaction;
+        o.status(&meta(Verb::Uidl, 3, false), b"+OK 3 u-3\r\n", None, trx, &m);
+        // Judged after the body (a held message).
+        o.status(&meta(Verb::Retr, 3, true), b"+OK\r\n", None, trx, &m);
+        o.body(b"Message-ID: <a@b>\r\n\r\nx\r\n.\r\n", true, Some("bob"));
+        let reports = [
+            report("clamav", ScanVerdict::Infected),
+            report("rspamd", ScanVerdict::Spam),
+        ];
+        o.scanned(
+            3,
+            Verb::Retr,
+            &reports,
+            ScanEventAction::Replaced,
+            b"",
+            Some("bob"),
+        );
+        // Judged before the body ended (relayed unscanned): written after its record too.
+        o.status(&meta(Verb::Retr, 4, true), b"+OK\r\n", None, trx, &m);
+        o.scanned(
+            4,
+            Verb::Retr,
+            &[report("clamav", ScanVerdict::TooLarge)],
+            ScanEventAction::Unscanned,
+            b"X-Popgate-Scan: unscanned (too large)\r\n",
+            Some("bob"),
+        );
+        o.body(b"Message-ID: <c@d>\r\n\r\n", false, None);
+        o.body(b"y\r\n.\r\n", true, Some("bob"));
+        let kinds: Vec<String> = o
+            .queue
+            .iter()
+            .map(|e| match &e.kind {
+                AuditEventKind::Retrieve(r) => format!("retrieve {}", r.msg),
+                AuditEventKind::Scan(s) => format!(
+                    "scan {} {} {} {} {:?} {:?} {:?} {:?} {}",
+                    s.msg,
+                    s.scanner,
+                    s.verdict.as_str(),
+                    s.action.as_str(),
+                    s.uidl,
+                    s.message_id,
+                    s.score,
+                    s.required,
+                    s.duration_ms
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "retrieve 3",
+                "scan 3 clamav infected replaced Some(\"u-3\") Some(\"<a@b>\") Some(9.5) Some(6.0) 12",
+                "scan 3 rspamd spam replaced Some(\"u-3\") Some(\"<a@b>\") Some(9.5) Some(6.0) 12",
+                "retrieve 4",
+                "scan 4 clamav too_large unscanned None Some(\"<c@d>\") Some(9.5) Some(6.0) 12",
+            ]
+        );
+        assert!(o.queue.iter().all(|e| e.user() == Some("bob")));
     }
 }

@@ -678,7 +678,7 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
         [&json!("session_open"), &json!("session_close")],
         "{events:#?}"
     );
-    let close = events.iter().filter(of_session).last().unwrap();
+    let close = events.iter().rfind(of_session).unwrap();
     assert_eq!(close["reason"], json!("kick"), "{close}");
     assert!(
         close["kicked_by"].as_str().unwrap().starts_with("uid "),

@@ -34,6 +34,8 @@ mod routing;
 mod rules;
 mod rules_check;
 mod scale_out;
+mod scanners;
+mod scanning;
 mod security;
 mod session_timers;
 mod tls;

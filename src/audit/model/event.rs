@@ -21,19 +21,20 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::LoginMethod;
-use crate::types::{CloseReason, TlsInfo};
+use crate::types::{CloseReason, ScanVerdict, TlsInfo};
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.
 pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// Every event name of this schema version, in the order of a session's life.
-pub(crate) const EVENT_NAMES: [&str; 9] = [
+pub(crate) const EVENT_NAMES: [&str; 10] = [
     "session_open",
     "tls",
     "login",
     "denied",
     "retrieve",
+    "scan",
     "delete_marked",
     "reset",
     "update",
@@ -41,7 +42,7 @@ pub(crate) const EVENT_NAMES: [&str; 9] = [
 ];
 
 /// One audit record: the common envelope and the event-specific fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
     /// Schema version (`SCHEMA_VERSION` when written by this popgate).
     pub schema: u32,
@@ -113,7 +114,7 @@ fn truncate_millis(t: SystemTime) -> SystemTime {
 }
 
 /// The event name (`event` field) and its fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum AuditEventKind {
     /// A client connected.
@@ -126,6 +127,8 @@ pub enum AuditEventKind {
     Denied(Denied),
     /// A RETR or TOP response was relayed (or cut short).
     Retrieve(Retrieve),
+    /// A content scanner judged a retrieved message (one event per scanner).
+    Scan(ScanEvent),
     /// The server accepted a DELE.
     DeleteMarked(DeleteMarked),
     /// The server accepted an RSET: the marks are gone.
@@ -148,6 +151,7 @@ impl AuditEventKind {
             AuditEventKind::Login(_) => "login",
             AuditEventKind::Denied(_) => "denied",
             AuditEventKind::Retrieve(_) => "retrieve",
+            AuditEventKind::Scan(_) => "scan",
             AuditEventKind::DeleteMarked(_) => "delete_marked",
             AuditEventKind::Reset(_) => "reset",
             AuditEventKind::Update(_) => "update",
@@ -162,6 +166,7 @@ impl AuditEventKind {
             AuditEventKind::Login(e) => e.user.as_deref(),
             AuditEventKind::Denied(e) => e.user.as_deref(),
             AuditEventKind::Retrieve(e) => e.user.as_deref(),
+            AuditEventKind::Scan(e) => e.user.as_deref(),
             AuditEventKind::DeleteMarked(e) => e.user.as_deref(),
             AuditEventKind::Reset(e) => e.user.as_deref(),
             AuditEventKind::Update(e) => e.user.as_deref(),
@@ -189,6 +194,7 @@ into_kind!(
     LoginEvent => Login,
     Denied => Denied,
     Retrieve => Retrieve,
+    ScanEvent => Scan,
     DeleteMarked => DeleteMarked,
     Reset => Reset,
     Update => Update,
@@ -422,6 +428,78 @@ pub struct Retrieve {
     /// The configured headers found in the header block, in configured order.
     #[serde(default)]
     pub headers: Headers,
+}
+
+/// `scan`: one content scanner's verdict on a retrieved message a `scan` rule selected, and
+/// what the client got for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanEvent {
+    /// The logged-in user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `RETR` or `TOP`.
+    pub verb: RetrieveVerb,
+    /// Message number.
+    pub msg: u64,
+    /// The message's unique id, as the `retrieve` record has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uidl: Option<String>,
+    /// The server has no UIDL command.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_uidl: bool,
+    /// Its Message-ID header, as the `retrieve` record has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The scanner's `name` (`[[scanner]]`).
+    pub scanner: String,
+    /// Its verdict.
+    pub verdict: ScanVerdict,
+    /// What it found: the virus name (clamd), the rspamd action, or what went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// rspamd's score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// The score rspamd's spam action needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required: Option<f64>,
+    /// What the client got (the same on every scanner's event of one retrieval).
+    pub action: ScanEventAction,
+    /// How long the scan took, queueing included (0 when the message was not sent to it).
+    pub duration_ms: u64,
+}
+
+/// What the client got for a scanned message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanEventAction {
+    /// The message as the server sent it (an `X-Popgate-Scan:` line added with `header`).
+    Delivered,
+    /// The message with headers saying what was found (spam, or infected with `tag`).
+    Tagged,
+    /// A notice in its place; the original stays on the server.
+    Replaced,
+    /// `-ERR`.
+    Denied,
+    /// `-ERR [SYS/TEMP]`: the client retries later.
+    Tempfailed,
+    /// The message without a verdict (too large, or a scanner error with `on_error = "pass"`),
+    /// tagged as such.
+    Unscanned,
+}
+
+impl ScanEventAction {
+    /// The name used in events.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ScanEventAction::Delivered => "delivered",
+            ScanEventAction::Tagged => "tagged",
+            ScanEventAction::Replaced => "replaced",
+            ScanEventAction::Denied => "denied",
+            ScanEventAction::Tempfailed => "tempfailed",
+            ScanEventAction::Unscanned => "unscanned",
+        }
+    }
 }
 
 /// `delete_marked`: the server accepted `DELE n`.

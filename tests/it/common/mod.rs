@@ -12,6 +12,7 @@ pub mod dovecot;
 pub mod popa3d;
 pub mod proxy;
 pub mod proxy_header;
+pub mod scanners;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

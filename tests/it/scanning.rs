@@ -1,0 +1,972 @@
+//! Content scanning end to end (issue 23): the real popgate binary in front of a real Dovecot,
+//! with a real clamd (one custom signature) and a real rspamd (GTUBE), retrieved by real
+//! clients (curl, poplib, fetchmail, mpop) and by a raw socket client.
+//!
+//! - clean mail arrives byte-identical to direct (an `X-Popgate-Scan:` line added with
+//!   `header = true`, nothing else); infected mail is replaced by a notice and stays on the
+//!   server; spam is tagged; the audit trail has one `scan` event per scanner with the UIDL;
+//! - a 30 MB message over `max_size` passes unscanned and tagged, popgate's memory flat;
+//! - a 5 MB message under `spool_memory = "1MB"` is held in an unlinked 0600 file in
+//!   `spool_dir` (seen through /proc while a slow scanner holds it), gone afterwards;
+//! - clamd killed mid-scan: `on_error = "tempfail"` answers `-ERR [SYS/TEMP]` (and protects the
+//!   DELE), a retry after clamd is back succeeds; `"pass"` delivers unscanned and tagged;
+//! - a pipelined `RETR 1` `RETR 2` `DELE 1` `QUIT` is answered in order;
+//! - what the clients make of a message whose size differs from LIST (docs/scanning.md,
+//!   "Clients").
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::clients::{
+    RawPop, b64, curl_retr, fetchmail_run, mpop_run, pop_raw, poplib, poplib_spec,
+};
+use common::dovecot::{Dovecot, DovecotOpts, lf_only, served};
+use common::proxy::{PopgateOpts, PopgateProcess, push_varied_lines};
+use common::scanners::Clamd;
+use serde_json::{Value, json};
+
+const USER: &str = "alice";
+const PASS: &str = "scan-pass-23";
+/// rspamd's test pattern: a message containing it is spam (action `reject`).
+const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
+
+// ---------------------------------------------------------------------------------------------
+// Mail (LF line ends, as stored in a maildir)
+
+/// A well-formed message with dot lines in its body; `extra` is put in the body.
+fn message(n: usize, subject: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "From: Sender {n} <s{n}@example.org>\n\
+         To: Alice <alice@example.com>\n\
+         Subject: {subject}\n\
+         Date: Mon, 7 Dec 2026 10:0{n}:00 +0000\n\
+         Message-ID: <{n}.scan@example.org>\n\
+         MIME-Version: 1.0\n\
+         Content-Type: text/plain; charset=us-ascii\n\
+         \n\
+         Hello Alice,\n\
+         .a line that starts with a dot\n\
+         ..and one with two\n\
+         {extra}\n\
+         Regards,\n\
+         Sender {n}\n"
+    )
+    .into_bytes()
+}
+
+fn clean(n: usize) -> Vec<u8> {
+    message(
+        n,
+        &format!("Minutes of meeting {n}"),
+        "The minutes are below.",
+    )
+}
+
+fn infected(n: usize) -> Vec<u8> {
+    message(
+        n,
+        &format!("Invoice {n}"),
+        &format!("attachment: {}", common::scanners::VIRUS_MARK),
+    )
+}
+
+fn spam(n: usize) -> Vec<u8> {
+    message(n, &format!("Cheap offer {n}"), GTUBE)
+}
+
+/// A message of about `size` octets (lines of varying length, many starting with a dot).
+fn sized(n: usize, size: usize) -> Vec<u8> {
+    let mut m = message(n, &format!("Large {n}"), "Large body follows.");
+    push_varied_lines(&mut m, size, b"\n");
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// popgate
+
+/// `[[scanner]]` for a clamd at `address`.
+fn clamd_table(address: &str, extra: &str) -> String {
+    format!(
+        "[[scanner]]\nname = \"clamav\"\nkind = \"clamd\"\naddress = \"{address}\"\n\
+         timeout = \"10s\"\n{extra}\n"
+    )
+}
+
+/// `[[scanner]]` for an rspamd at `url`.
+fn rspamd_table(url: &str) -> String {
+    format!(
+        "[[scanner]]\nname = \"rspamd\"\nkind = \"rspamd\"\naddress = \"{url}\"\ntimeout = \"20s\"\n"
+    )
+}
+
+/// popgate in front of `dv` with `scanners` (`[[scanner]]` tables), `[scan]` keys `scan` and
+/// one rule that has every RETR and TOP scanned by `names`; audit to `audit/`.
+fn popgate(dv: &Dovecot, scanners: &str, scan: &str, names: &[&str]) -> PopgateProcess {
+    let rule = format!(
+        "[[rule]]\nname = \"scan-all\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\n\
+         action = \"scan\"\nscan = {names:?}\n"
+    );
+    PopgateProcess::run(
+        dv.pop3,
+        PopgateOpts::new()
+            .top("rules = [\"scan.toml\"]\n")
+            .file("scan.toml", rule)
+            .tables(&format!(
+                "{scanners}[scan]\n{scan}\n[audit]\nenabled = true\ndir = \"audit\"\n"
+            )),
+    )
+}
+
+fn dovecot(messages: Vec<Vec<u8>>) -> Dovecot {
+    Dovecot::start(DovecotOpts::default().user(USER, PASS, messages))
+}
+
+/// The UIDLs Dovecot gives `USER`'s messages, asked directly.
+fn uidls(dv: &Dovecot) -> Vec<String> {
+    let mut spec = poplib_spec(dv.pop3, USER, PASS);
+    spec["actions"] = json!([["uidl"]]);
+    let r = poplib(spec);
+    common::clients::b64_lines(&r["results"][0])
+        .iter()
+        .map(|l| {
+            let l = String::from_utf8_lossy(l).into_owned();
+            l.split(' ').nth(1).expect("uidl line").to_owned()
+        })
+        .collect()
+}
+
+/// Message `n` as poplib gets it (CRLF lines, dot-unstuffed), from `addr`.
+fn poplib_retr(addr: SocketAddr, n: usize) -> Vec<u8> {
+    let mut spec = poplib_spec(addr, USER, PASS);
+    spec["actions"] = json!([["retr", n]]);
+    let r = poplib(spec);
+    assert_eq!(r["results"][0]["ok"], true, "poplib RETR {n}: {r}");
+    b64(&r["results"][0]["data_b64"])
+}
+
+/// `cmd` (LIST or UIDL) at `addr` after a login: the listing, raw.
+fn listing(addr: SocketAddr, cmd: &str) -> Vec<u8> {
+    let mut c = RawPop::connect(addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let (status, body) = c.cmd_multi(cmd);
+    assert!(status.starts_with("+OK"), "{cmd}: {status}");
+    c.cmd("QUIT");
+    body.unwrap()
+}
+
+/// Replies received in one piece, read line by line.
+struct Replies<'a>(&'a [u8]);
+
+impl Replies<'_> {
+    /// The next line without its CRLF (empty at the end).
+    fn line(&mut self) -> String {
+        let raw = self.line_raw();
+        String::from_utf8_lossy(&raw)
+            .trim_end_matches(['\r', '\n'])
+            .to_owned()
+    }
+
+    fn line_raw(&mut self) -> Vec<u8> {
+        let end = self
+            .0
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(self.0.len(), |i| i + 1);
+        let (line, rest) = self.0.split_at(end);
+        self.0 = rest;
+        line.to_vec()
+    }
+
+    /// A multi-line body up to and excluding the `.` line, raw (still dot-stuffed).
+    fn body(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.line_raw();
+            assert!(
+                !line.is_empty(),
+                "the replies end inside a multi-line answer"
+            );
+            if line == b".\r\n" {
+                return body;
+            }
+            body.extend_from_slice(&line);
+        }
+    }
+}
+
+/// The `scan` events of the audit trail, once `n` of them are written (bounded wait).
+fn scan_events(p: &PopgateProcess, n: usize) -> Vec<Value> {
+    let dir = p.path("audit");
+    let mut evs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        evs = common::audit_events(&dir)
+            .into_iter()
+            .filter(|e| e["event"] == "scan")
+            .collect();
+        if evs.len() >= n {
+            return evs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} scan events, not {n}: {evs:?}", evs.len());
+}
+
+/// `got` is `original` with header lines put before it: those lines (without line ends).
+fn added_lines(got: &[u8], original: &[u8]) -> Vec<String> {
+    assert!(
+        got.len() > original.len() && got.ends_with(original),
+        "not the original with lines added before it: got {} octets:\n{}",
+        got.len(),
+        String::from_utf8_lossy(&got[..got.len().min(600)])
+    );
+    let prefix = String::from_utf8_lossy(&got[..got.len() - original.len()]).into_owned();
+    prefix
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect()
+}
+
+/// The header block of `msg` (up to the first empty line), unfolded lines without line ends.
+fn header_lines(msg: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(msg).replace("\r\n", "\n");
+    let head = text.split("\n\n").next().unwrap_or_default();
+    let mut out: Vec<String> = Vec::new();
+    for l in head.lines() {
+        if l.starts_with([' ', '\t'])
+            && let Some(last) = out.last_mut()
+        {
+            last.push_str(l);
+            continue;
+        }
+        out.push(l.to_owned());
+    }
+    out
+}
+
+/// The value of header `name` in `msg`.
+fn header(msg: &[u8], name: &str) -> Option<String> {
+    header_lines(msg).into_iter().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+/// Checks that `notice` (as a client got it, CRLF or LF) is the notice for `original`
+/// (LF form), found infected by `signature`, naming `uidl` if given.
+fn assert_notice(notice: &[u8], original: &[u8], signature: &str, uidl: Option<&str>) {
+    let text = String::from_utf8_lossy(notice).into_owned();
+    assert!(text.is_ascii(), "the notice is not ASCII:\n{text}");
+    assert_eq!(
+        header(notice, "From").as_deref(),
+        Some("MAILER-DAEMON"),
+        "{text}"
+    );
+    let subject = header(notice, "Subject").expect("notice has a Subject");
+    let orig_subject = header(original, "Subject").unwrap();
+    assert!(
+        subject.contains(&orig_subject),
+        "notice Subject {subject:?} lacks {orig_subject:?}"
+    );
+    assert!(header(notice, "Date").is_some(), "{text}");
+    let mid = header(notice, "Message-ID").expect("notice has a Message-ID");
+    assert_ne!(
+        Some(&mid),
+        header(original, "Message-ID").as_ref(),
+        "a new Message-ID"
+    );
+    assert!(
+        header(notice, "Content-Type")
+            .unwrap()
+            .starts_with("text/plain"),
+        "{text}"
+    );
+    let facts = [
+        signature.to_owned(),
+        header(original, "From").unwrap(),
+        header(original, "Message-ID").unwrap(),
+    ];
+    for fact in facts.iter().chain(uidl.map(str::to_owned).as_ref()) {
+        assert!(
+            text.contains(fact.as_str()),
+            "the notice does not say {fact:?}:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains(common::scanners::VIRUS_MARK),
+        "the notice carries the infected content"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// rspamd (Debian's, its stock config with a temp LOCAL_CONFDIR on loopback ports)
+
+/// A running rspamd (normal worker on a loopback port; DNS pointed at nothing, so no lookup
+/// waits); killed on drop. It takes 20-40 s to start (it compiles its regexps).
+struct Rspamd {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Rspamd {
+    fn start() -> Rspamd {
+        let exe = common::find_exe("rspamd").expect("rspamd not installed: run .ci/run");
+        let dir = tempfile::Builder::new().prefix("rspamd").tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["local/override.d", "local/local.d", "db", "run", "log"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let port = common::free_port();
+        let over = d.join("local/override.d");
+        std::fs::write(
+            over.join("worker-normal.inc"),
+            format!("bind_socket = \"127.0.0.1:{port}\";\ncount = 1;\n"),
+        )
+        .unwrap();
+        // The controller and the proxy are not wanted (and would take ports).
+        for w in [
+            "worker-controller.inc",
+            "worker-proxy.inc",
+            "worker-fuzzy.inc",
+        ] {
+            std::fs::write(over.join(w), "count = 0;\nenabled = false;\n").unwrap();
+        }
+        std::fs::write(
+            over.join("logging.inc"),
+            format!(
+                "type = \"file\";\nfilename = \"{}\";\nlevel = \"warning\";\n",
+                d.join("log/rspamd.log").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("local/local.d/options.inc"),
+            "dns {\n  nameserver = [\"127.0.0.1:1\"];\n  timeout = 0.2s;\n  retransmits = 0;\n}\n",
+        )
+        .unwrap();
+        let var = |k: &str, sub: &str| format!("--var={k}={}", d.join(sub).display());
+        let child = std::process::Command::new(exe)
+            .args([
+                "-f",
+                "-i",
+                "-u",
+                "root",
+                "-g",
+                "root",
+                "-c",
+                "/etc/rspamd/rspamd.conf",
+            ])
+            .args([
+                var("LOCAL_CONFDIR", "local"),
+                var("DBDIR", "db"),
+                var("RUNDIR", "run"),
+                var("LOGDIR", "log"),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(d.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(d.join("stderr")).unwrap())
+            .spawn()
+            .expect("spawn rspamd");
+        let mut r = Rspamd {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !r.pongs() {
+            if let Ok(Some(st)) = r.child.try_wait() {
+                panic!("rspamd exited {st}: {}", r.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rspamd did not start: {}",
+                r.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        r
+    }
+
+    /// Whether `GET /ping` answers `pong`.
+    fn pongs(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /ping HTTP/1.0\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).contains("pong")
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn logs(&self) -> String {
+        let d = self._dir.path();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let all = format!(
+            "{}{}{}",
+            read(d.join("stdout")),
+            read(d.join("stderr")),
+            read(d.join("log/rspamd.log"))
+        );
+        common::clients::tail(&all, 4000).to_owned()
+    }
+}
+
+impl Drop for Rspamd {
+    fn drop(&mut self) {
+        // SIGTERM: the main process stops its workers; then make sure.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A slow clamd stand-in: takes INSTREAM like clamd, waits, answers `stream: OK`
+
+/// A TCP "clamd" that records what it was sent (un-stuffed message bytes) and answers each
+/// scan `stream: OK` after `delay`.
+struct SlowClamd {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl SlowClamd {
+    fn start(delay: Duration) -> SlowClamd {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let seen = got.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut cmd = [0u8; 10];
+                    if c.read_exact(&mut cmd).is_err() || &cmd != b"zINSTREAM\0" {
+                        return;
+                    }
+                    let mut body = Vec::new();
+                    loop {
+                        let mut len = [0u8; 4];
+                        if c.read_exact(&mut len).is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes(len) as usize;
+                        if len == 0 {
+                            break;
+                        }
+                        let start = body.len();
+                        body.resize(start + len, 0);
+                        if c.read_exact(&mut body[start..]).is_err() {
+                            return;
+                        }
+                    }
+                    seen.lock().unwrap().push(body);
+                    std::thread::sleep(delay);
+                    let _ = c.write_all(b"stream: OK\0");
+                });
+            }
+        });
+        SlowClamd { addr, got }
+    }
+}
+
+/// The files popgate has open whose path is in `dir` and that are deleted: `(fd, mode)`.
+fn deleted_files_in(pid: u32, dir: &Path) -> Vec<(String, u32)> {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    let Ok(rd) = std::fs::read_dir(&fds) else {
+        return Vec::new();
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    rd.filter_map(Result::ok)
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            if !(target.starts_with(&prefix) && target.ends_with(" (deleted)")) {
+                return None;
+            }
+            // `stat -L`: the mode of the open (unlinked) file itself.
+            let mode = std::fs::metadata(e.path()).ok()?.permissions().mode();
+            Some((e.file_name().to_string_lossy().into_owned(), mode & 0o7777))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Clean, infected, spam with curl, poplib, fetchmail and mpop
+
+/// Clean mail through popgate with clamd and rspamd scanning: every client gets exactly what it
+/// gets directly from Dovecot; the audit trail has a clean verdict from each scanner, with the
+/// message's UIDL and Message-ID.
+#[test]
+#[ignore = "needs dovecot, clamd, rspamd, curl, fetchmail, mpop (run .ci/run)"]
+fn clean_mail_reaches_every_client_byte_identical() {
+    let msgs = vec![clean(1), clean(2)];
+    let dv = dovecot(msgs.clone());
+    let clamd = Clamd::start();
+    let rspamd = Rspamd::start();
+    let scanners = clamd_table(&clamd.unix_address(), "") + &rspamd_table(&rspamd.url());
+    let p = popgate(&dv, &scanners, "", &["clamav", "rspamd"]);
+
+    for (i, m) in msgs.iter().enumerate() {
+        let n = i + 1;
+        let direct = curl_retr(dv.pop3, USER, PASS, n);
+        assert!(direct == served(m));
+        assert!(curl_retr(p.addr, USER, PASS, n) == direct, "curl RETR {n}");
+        assert!(poplib_retr(p.addr, n) == direct, "poplib RETR {n}");
+    }
+    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    let want: Vec<Vec<u8>> = msgs.iter().map(|m| lf_only(m)).collect();
+    assert!(run.messages == want, "fetchmail: {run:?}");
+    let run = mpop_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert!(run.messages == want, "mpop: {run:?}");
+    assert_eq!(dv.message_count(USER), 2);
+
+    // curl 2 + poplib 2 + fetchmail 2 + mpop 2 retrievals, two scanners each.
+    let uidls = uidls(&dv);
+    let evs = scan_events(&p, 16);
+    assert_eq!(evs.len(), 16, "{evs:?}");
+    for e in &evs {
+        assert_eq!(e["verdict"], "clean", "{e}");
+        assert_eq!(e["action"], "delivered", "{e}");
+        assert_eq!(e["user"], USER, "{e}");
+        let n = e["msg"].as_u64().unwrap() as usize;
+        assert_eq!(e["uidl"], uidls[n - 1], "{e}");
+        assert_eq!(e["message_id"], format!("<{n}.scan@example.org>"), "{e}");
+        assert!(e["duration_ms"].is_u64(), "{e}");
+    }
+    for s in ["clamav", "rspamd"] {
+        assert_eq!(evs.iter().filter(|e| e["scanner"] == s).count(), 8, "{s}");
+    }
+}
+
+/// With `header = true` a clean message gets one `X-Popgate-Scan:` line before its first
+/// header, and is otherwise the server's.
+#[test]
+#[ignore = "needs dovecot, clamd, curl, fetchmail, mpop (run .ci/run)"]
+fn clean_mail_with_header_gets_one_line_added() {
+    let msgs = vec![clean(1)];
+    let dv = dovecot(msgs.clone());
+    let clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), ""),
+        "header = true\n",
+        &["clamav"],
+    );
+    let added = added_lines(&curl_retr(p.addr, USER, PASS, 1), &served(&msgs[0]));
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(added[0].starts_with("X-Popgate-Scan: clean"), "{added:?}");
+    assert_eq!(
+        added_lines(&poplib_retr(p.addr, 1), &served(&msgs[0])),
+        added
+    );
+    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
+    let run = mpop_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
+}
+
+/// An infected message is replaced by the notice for every client (the clean ones around it
+/// untouched), UIDL and LIST stay the server's, the original stays on the server unchanged,
+/// and the audit trail says `infected`/`replaced` with the signature name and the UIDL.
+#[test]
+#[ignore = "needs dovecot, clamd, curl, fetchmail, mpop (run .ci/run)"]
+fn infected_mail_is_replaced_by_a_notice_and_stays_on_the_server() {
+    let msgs = vec![clean(1), infected(2), clean(3)];
+    let dv = dovecot(msgs.clone());
+    let clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), ""),
+        "on_virus = \"replace\"\n",
+        &["clamav"],
+    );
+    let uidls = uidls(&dv);
+    let sig = common::scanners::VIRUS_NAME;
+
+    // LIST and UIDL are the server's.
+    for cmd in ["LIST", "UIDL"] {
+        assert_eq!(listing(p.addr, cmd), listing(dv.pop3, cmd), "{cmd}");
+    }
+
+    let notice = curl_retr(p.addr, USER, PASS, 2);
+    assert_notice(&notice, &msgs[1], sig, Some(&uidls[1]));
+    assert!(curl_retr(p.addr, USER, PASS, 1) == served(&msgs[0]));
+    assert!(curl_retr(p.addr, USER, PASS, 3) == served(&msgs[2]));
+    assert_notice(&poplib_retr(p.addr, 2), &msgs[1], sig, Some(&uidls[1]));
+
+    // fetchmail and mpop keep: they get the notice as message 2, the clean ones as they are.
+    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(run.messages.len(), 3, "{run:?}");
+    assert!(run.messages[0] == lf_only(&msgs[0]) && run.messages[2] == lf_only(&msgs[2]));
+    assert_notice(&run.messages[1], &msgs[1], sig, Some(&uidls[1]));
+    // mpop lists every UIDL (multi-line) before it retrieves: the hop learns ids from `UIDL n`
+    // answers only (its own lookups, or the client's), so this notice names no UIDL.
+    let run = mpop_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(run.messages.len(), 3, "{run:?}");
+    assert!(run.messages[0] == lf_only(&msgs[0]) && run.messages[2] == lf_only(&msgs[2]));
+    assert_notice(&run.messages[1], &msgs[1], sig, None);
+
+    // The original is still on the server, unchanged (asked directly).
+    assert_eq!(dv.message_count(USER), 3);
+    assert!(curl_retr(dv.pop3, USER, PASS, 2) == served(&msgs[1]));
+
+    let evs = scan_events(&p, 10);
+    let infected: Vec<&Value> = evs.iter().filter(|e| e["msg"] == 2).collect();
+    assert_eq!(infected.len(), 4, "{evs:?}");
+    for e in infected {
+        assert_eq!(e["scanner"], "clamav", "{e}");
+        assert_eq!(e["verdict"], "infected", "{e}");
+        assert_eq!(e["action"], "replaced", "{e}");
+        assert!(e["name"].as_str().unwrap().contains(sig), "{e}");
+        assert_eq!(e["uidl"], uidls[1], "{e}");
+        assert_eq!(e["message_id"], "<2.scan@example.org>", "{e}");
+    }
+    assert!(
+        evs.iter()
+            .filter(|e| e["msg"] != 2)
+            .all(|e| e["verdict"] == "clean")
+    );
+}
+
+/// Spam (GTUBE, judged by rspamd) is tagged with `X-Spam-Status:` and `X-Spam-Score:` before
+/// its first header, the rest byte-identical; fetchmail notices the size differs from LIST
+/// and delivers it anyway.
+#[test]
+#[ignore = "needs dovecot, rspamd, curl, fetchmail, mpop (run .ci/run)"]
+fn spam_is_tagged_for_every_client() {
+    let msgs = vec![spam(1)];
+    let dv = dovecot(msgs.clone());
+    let rspamd = Rspamd::start();
+    let p = popgate(
+        &dv,
+        &rspamd_table(&rspamd.url()),
+        "on_spam = \"tag\"\n",
+        &["rspamd"],
+    );
+    let uidl = uidls(&dv).remove(0);
+
+    let added = added_lines(&curl_retr(p.addr, USER, PASS, 1), &served(&msgs[0]));
+    assert!(
+        added
+            .iter()
+            .any(|l| l.starts_with("X-Spam-Status: Yes, score=")),
+        "{added:?}"
+    );
+    assert!(
+        added.iter().any(|l| l.starts_with("X-Spam-Score: ")),
+        "{added:?}"
+    );
+    assert_eq!(
+        added_lines(&poplib_retr(p.addr, 1), &served(&msgs[0])),
+        added
+    );
+    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
+    assert!(
+        run.output().contains("was not the expected length"),
+        "fetchmail no longer remarks on the size: update docs/scanning.md: {run:?}"
+    );
+    let run = mpop_run(p.addr, USER, PASS, true, &[]);
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
+
+    let evs = scan_events(&p, 4);
+    for e in &evs {
+        assert_eq!(e["scanner"], "rspamd", "{e}");
+        assert_eq!(e["verdict"], "spam", "{e}");
+        assert_eq!(e["action"], "tagged", "{e}");
+        assert!(e["score"].is_number(), "{e}");
+        assert_eq!(e["uidl"], uidl, "{e}");
+    }
+    assert_eq!(dv.message_count(USER), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Sizes: too large for the scanners, and a spool on disk
+
+/// A 30 MB message with `max_size = "10MB"`: relayed at once, unscanned, tagged; popgate's
+/// peak RSS does not grow with it (nothing is held).
+#[test]
+#[ignore = "needs dovecot, clamd (run .ci/run)"]
+fn message_over_max_size_passes_unscanned_and_tagged_with_memory_flat() {
+    let msgs = vec![clean(1), sized(2, 30 << 20)];
+    let dv = dovecot(msgs.clone());
+    let clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), "max_size = \"10MB\"\n"),
+        "spool_memory = \"1MB\"\n",
+        &["clamav"],
+    );
+    let mut c = RawPop::connect(p.addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    // Warm up with the small one (scanned), then measure around the large one.
+    let (status, _) = c.cmd_multi("RETR 1");
+    assert!(status.starts_with("+OK"), "{status}");
+    let (before, _) = p.memory_kib();
+    let (status, body) = c.cmd_multi("RETR 2");
+    let (peak, _) = p.memory_kib();
+    assert!(status.starts_with("+OK"), "{status}");
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    let want = common::dovecot::dot_stuffed(&served(&msgs[1]));
+    let added = added_lines(&body.unwrap(), &want);
+    assert_eq!(added, ["X-Popgate-Scan: unscanned (too large)"]);
+    eprintln!("popgate VmHWM before {before} KiB, after the 30 MB RETR {peak} KiB");
+    assert!(
+        peak < before + 8 * 1024,
+        "peak RSS grew by {} KiB",
+        peak - before
+    );
+
+    let evs = scan_events(&p, 2);
+    let big: Vec<&Value> = evs.iter().filter(|e| e["msg"] == 2).collect();
+    assert_eq!(big.len(), 1, "{evs:?}");
+    assert_eq!(big[0]["verdict"], "too_large", "{}", big[0]);
+    assert_eq!(big[0]["action"], "unscanned", "{}", big[0]);
+}
+
+/// A 5 MB message under `spool_memory = "1MB"` is held in a file in `spool_dir`: while the
+/// (slow) scanner judges it, popgate has it open, unlinked, mode 0600; afterwards the file
+/// is gone and the client got the message byte-identical; the scanner got it un-stuffed.
+#[test]
+#[ignore = "needs dovecot and curl (run .ci/run)"]
+fn large_message_spools_to_an_unlinked_0600_file() {
+    let msgs = vec![sized(1, 5 << 20)];
+    let dv = dovecot(msgs.clone());
+    let slow = SlowClamd::start(Duration::from_secs(3));
+    let spool = tempfile::Builder::new().prefix("spool").tempdir().unwrap();
+    let p = popgate(
+        &dv,
+        &clamd_table(&slow.addr.to_string(), ""),
+        &format!("spool_memory = \"1MB\"\nspool_dir = {:?}\n", spool.path()),
+        &["clamav"],
+    );
+    let pid = p.child.id();
+    let addr = p.addr;
+    let client = std::thread::spawn(move || curl_retr(addr, USER, PASS, 1));
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.is_empty() && Instant::now() < deadline {
+        seen = deleted_files_in(pid, spool.path());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "no spool file seen open in {:?}",
+        spool.path()
+    );
+    assert_eq!(seen[0].1, 0o600, "spool file mode {:o}", seen[0].1);
+    assert!(
+        std::fs::read_dir(spool.path()).unwrap().next().is_none(),
+        "the spool file has a name in spool_dir"
+    );
+    let got = client.join().unwrap();
+    assert!(
+        got == served(&msgs[0]),
+        "the client got {} octets",
+        got.len()
+    );
+    assert!(
+        deleted_files_in(pid, spool.path()).is_empty(),
+        "spool file still open"
+    );
+    let scanned = slow.got.lock().unwrap().clone();
+    assert_eq!(scanned.len(), 1);
+    assert!(
+        scanned[0] == served(&msgs[0]),
+        "the scanner got {} octets",
+        scanned[0].len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. clamd killed mid-scan
+
+/// USER/PASS, then `RETR n` while clamd is stopped (the connection waits in its backlog),
+/// then clamd killed: the status line popgate answers with.
+fn retr_with_clamd_killed(c: &mut RawPop, clamd: &mut Clamd, n: usize) -> String {
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    clamd.pause();
+    c.send(&format!("RETR {n}"));
+    // The body is read and the scan started: popgate waits on the stopped clamd.
+    std::thread::sleep(Duration::from_millis(1500));
+    clamd.kill();
+    c.line()
+}
+
+/// `on_error = "tempfail"`: clamd killed mid-scan gives `-ERR [SYS/TEMP]`, a DELE of that
+/// message is refused locally (not relayed), the message stays; after clamd is back, a retry
+/// gets it.
+#[test]
+#[ignore = "needs dovecot, clamd, curl (run .ci/run)"]
+fn clamd_killed_mid_scan_tempfails_and_a_retry_succeeds() {
+    let msgs = vec![sized(1, 2 << 20)];
+    let dv = dovecot(msgs.clone());
+    let mut clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), ""),
+        "on_error = \"tempfail\"\n",
+        &["clamav"],
+    );
+    let mut c = RawPop::connect(p.addr);
+    let status = retr_with_clamd_killed(&mut c, &mut clamd, 1);
+    assert!(status.starts_with("-ERR [SYS/TEMP]"), "{status}");
+    let dele = c.cmd("DELE 1");
+    assert!(dele.starts_with("-ERR [SYS/TEMP]"), "{dele}");
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    assert_eq!(dv.message_count(USER), 1, "the message was deleted");
+    assert!(
+        !dv.log().contains("del=1/"),
+        "Dovecot saw a DELE: {}",
+        dv.log()
+    );
+
+    // clamd still down: fetchmail (--nokeep) skips the message and deletes nothing; mpop
+    // (keep off) stops at it, exit 76 (docs/scanning.md, "Clients").
+    let run = fetchmail_run(p.addr, USER, PASS, false, &[]);
+    assert!(run.messages.is_empty(), "{run:?}");
+    assert!(run.output().contains("[SYS/TEMP]"), "{run:?}");
+    assert!(!run.output().contains("POP3> DELE"), "{run:?}");
+    let run = mpop_run(p.addr, USER, PASS, false, &[]);
+    assert_eq!(run.status, 76, "{run:?}");
+    assert!(run.messages.is_empty(), "{run:?}");
+    assert!(run.output().contains("[SYS/TEMP]"), "{run:?}");
+    assert_eq!(dv.message_count(USER), 1, "the message was deleted");
+
+    clamd.restart();
+    assert!(
+        curl_retr(p.addr, USER, PASS, 1) == served(&msgs[0]),
+        "retry"
+    );
+    let evs = scan_events(&p, 4);
+    assert_eq!(evs.len(), 4, "{evs:?}");
+    for e in &evs[..3] {
+        assert_eq!(e["verdict"], "error", "{e}");
+        assert_eq!(e["action"], "tempfailed", "{e}");
+    }
+    assert_eq!(evs[3]["verdict"], "clean", "{}", evs[3]);
+    assert_eq!(evs[3]["action"], "delivered", "{}", evs[3]);
+}
+
+/// `on_error = "pass"`: clamd killed mid-scan, the message arrives, tagged unscanned.
+#[test]
+#[ignore = "needs dovecot, clamd (run .ci/run)"]
+fn clamd_killed_mid_scan_with_pass_delivers_unscanned_and_tagged() {
+    let msgs = vec![sized(1, 2 << 20)];
+    let dv = dovecot(msgs.clone());
+    let mut clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), ""),
+        "on_error = \"pass\"\n",
+        &["clamav"],
+    );
+    let mut c = RawPop::connect(p.addr);
+    let status = retr_with_clamd_killed(&mut c, &mut clamd, 1);
+    assert!(status.starts_with("+OK"), "{status}");
+    let body = c.body();
+    assert!(c.cmd("QUIT").starts_with("+OK"));
+    let added = added_lines(&body, &common::dovecot::dot_stuffed(&served(&msgs[0])));
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(
+        added[0].starts_with("X-Popgate-Scan: unscanned"),
+        "{added:?}"
+    );
+    let evs = scan_events(&p, 1);
+    assert_eq!(evs[0]["verdict"], "error", "{}", evs[0]);
+    // Relayed without a verdict: `unscanned`, as a message too large to scan (SCHEMA.md).
+    assert_eq!(evs[0]["action"], "unscanned", "{}", evs[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Pipelining
+
+/// `RETR 1` `RETR 2` `DELE 1` `QUIT` in one write, message 2 infected: the answers come in
+/// order (message 1, the notice for 2, DELE, QUIT); message 1 is deleted, 2 stays.
+#[test]
+#[ignore = "needs dovecot, clamd (run .ci/run)"]
+fn pipelined_retrievals_and_dele_are_answered_in_order() {
+    let msgs = vec![clean(1), infected(2)];
+    let dv = dovecot(msgs.clone());
+    let clamd = Clamd::start();
+    let p = popgate(
+        &dv,
+        &clamd_table(&clamd.unix_address(), ""),
+        "",
+        &["clamav"],
+    );
+    let uidls = uidls(&dv);
+    let out = pop_raw(
+        p.addr,
+        &[
+            &format!("USER {USER}"),
+            &format!("PASS {PASS}"),
+            "RETR 1",
+            "RETR 2",
+            "DELE 1",
+            "QUIT",
+        ],
+    );
+    let mut r = Replies(&out);
+    assert!(r.line().starts_with("+OK"), "greeting");
+    assert!(r.line().starts_with("+OK"), "USER");
+    assert!(r.line().starts_with("+OK"), "PASS");
+    let s1 = r.line();
+    assert!(s1.starts_with("+OK"), "RETR 1: {s1}");
+    let b1 = r.body();
+    assert!(
+        b1 == common::dovecot::dot_stuffed(&served(&msgs[0])),
+        "RETR 1 body"
+    );
+    let s2 = r.line();
+    assert!(s2.starts_with("+OK"), "RETR 2: {s2}");
+    let b2 = r.body();
+    assert_notice(&b2, &msgs[1], common::scanners::VIRUS_NAME, Some(&uidls[1]));
+    let d = r.line();
+    assert!(d.starts_with("+OK"), "DELE 1: {d}");
+    let q = r.line();
+    assert!(q.starts_with("+OK"), "QUIT: {q}");
+    assert!(r.line().is_empty(), "more after QUIT");
+    common::wait_until("Dovecot removed message 1", || dv.message_count(USER) == 1);
+    assert!(
+        curl_retr(dv.pop3, USER, PASS, 1) == served(&msgs[1]),
+        "message 2 stays"
+    );
+}
