@@ -571,6 +571,14 @@ impl Tracker {
             .any(|p| matches!(p, Pending::Upstream(Outstanding { internal: true, .. })))
     }
 
+    /// Whether a command sent upstream (the client's or popgate's) still awaits its final
+    /// answer.
+    pub fn awaiting_upstream(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream(_) | Pending::Greeting))
+    }
+
     /// Whether the server greeting is still due.
     pub fn greeting_due(&self) -> bool {
         matches!(self.pending.front(), Some(Pending::Greeting))

@@ -207,6 +207,15 @@ pub(crate) struct Hop {
     /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
     /// while it is outstanding no later client command is read.
     scan: Option<Box<Scanning>>,
+    /// What scanning remembers across commands; boxed and made at first use, so that a
+    /// session that scans nothing carries one null pointer (the hop lives as long as the
+    /// session).
+    scan_memory: Option<Box<ScanMemory>>,
+}
+
+/// What scanning remembers across a session's commands.
+#[derive(Debug, Default)]
+struct ScanMemory {
     /// The scanners the rules chose for the command being decided.
     selected: Vec<Arc<str>>,
     /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
@@ -215,6 +224,9 @@ pub(crate) struct Hop {
     /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
     /// popgate's own), for a notice.
     uidls: VecDeque<(u32, Box<str>)>,
+    /// A body held for scanning was given up as the session ends: the client saw nothing of
+    /// it, so it is no cut response.
+    unseen_body_dropped: bool,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -251,9 +263,7 @@ impl Hop {
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
-            selected: Vec::new(),
-            tempfailed: HashSet::new(),
-            uidls: VecDeque::new(),
+            scan_memory: None,
             cfg,
         }
     }
@@ -400,7 +410,8 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status()) || self.capa.is_some()
+        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
+            || self.capa.is_some()
     }
 
     /// Whether the status line of a retrieval is held for scanning (the client has seen
@@ -823,12 +834,20 @@ impl Hop {
     fn status(&mut self, sin: &mut BytesMut, fwd: &mut usize, len: usize, meta: ResponseMeta) {
         let at = *fwd;
         // The answer to the retrieval a scan rule selected: the last command sent (no later
-        // one is read until its verdict).
-        let answers_scan = meta.status != crate::pop3::response::Status::Continue
-            && self.cmd_tags.len() == 1
-            && self.scan.as_ref().is_some_and(|s| {
-                s.status.is_none() && meta.verb == Some(s.verb) && meta.msg == Some(s.msg)
-            });
+        // one is read until its verdict), so the final answer after which the server owes
+        // nothing more.
+        let last_answer = meta.status != crate::pop3::response::Status::Continue
+            && meta.verb.is_some()
+            && !self.tracker.awaiting_upstream();
+        let sent = self.scan.as_ref().filter(|s| s.status.is_none());
+        let answers_scan = last_answer
+            && sent.is_some_and(|s| meta.verb == Some(s.verb) && meta.msg == Some(s.msg));
+        if last_answer && sent.is_some() && !answers_scan {
+            // Not reached: the selected command was the last one sent. Never wait for an
+            // answer that cannot come.
+            warn!("the answer to a retrieval selected for scanning was not recognised");
+            self.scan = None;
+        }
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
@@ -1305,10 +1324,11 @@ impl Hop {
         if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
             && !uid.is_empty()
         {
-            if self.uidls.len() >= KEEP {
-                self.uidls.pop_front();
+            let uidls = &mut self.scan_memory.get_or_insert_default().uidls;
+            if uidls.len() >= KEEP {
+                uidls.pop_front();
             }
-            self.uidls.push_back((n, uid.into()));
+            uidls.push_back((n, uid.into()));
         }
     }
 
@@ -1522,7 +1542,9 @@ impl Hop {
         let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
-        self.selected = std::mem::take(&mut verdict.scan);
+        if !verdict.scan.is_empty() || self.scan_memory.is_some() {
+            self.scan_memory.get_or_insert_default().selected = std::mem::take(&mut verdict.scan);
+        }
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1585,9 +1607,11 @@ impl Hop {
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele
-                if cmd
-                    .msg_number()
-                    .is_some_and(|n| self.tempfailed.contains(&n)) =>
+                if cmd.msg_number().is_some_and(|n| {
+                    self.scan_memory
+                        .as_ref()
+                        .is_some_and(|m| m.tempfailed.contains(&n))
+                }) =>
             {
                 info!(msg = ?cmd.msg_number(), "DELE of a message not yet scanned refused");
                 reply(replies::SCAN_DELE_TEMPFAILED)
@@ -1672,12 +1696,13 @@ impl Hop {
                 outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
             }
             scanning::Outcome::Replace => {
-                let uidl = self
-                    .uidls
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| *n == s.msg)
-                    .map(|(_, u)| &**u);
+                let uidl = self.scan_memory.as_ref().and_then(|m| {
+                    m.uidls
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == s.msg)
+                        .map(|(_, u)| &**u)
+                });
                 let notice = scanning::notice(&policy, &s, &reports, &judgement, date, uidl);
                 let mut reply = format!("+OK {} octets\r\n", notice.len()).into_bytes();
                 reply.extend_from_slice(&notice);
@@ -1696,9 +1721,12 @@ impl Hop {
             outs.push(Output::ToClient(reply));
         }
         if judgement.action == crate::proxy::ScanAction::Tempfailed {
-            self.tempfailed.insert(s.msg);
-        } else {
-            self.tempfailed.remove(&s.msg);
+            self.scan_memory
+                .get_or_insert_default()
+                .tempfailed
+                .insert(s.msg);
+        } else if let Some(m) = self.scan_memory.as_mut() {
+            m.tempfailed.remove(&s.msg);
         }
         info!(
             msg = s.msg,
@@ -1738,7 +1766,11 @@ impl Hop {
     /// A command was forwarded: if the rules chose scanners for it and it retrieves a
     /// message, its body is to be held for them.
     fn select_scan(&mut self, cmd: &Command<'_>) {
-        let names = std::mem::take(&mut self.selected);
+        let names = self
+            .scan_memory
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.selected))
+            .unwrap_or_default();
         if names.is_empty()
             || self.cfg.scan.is_none()
             || !matches!(cmd.verb, Verb::Retr | Verb::Top)
@@ -1857,6 +1889,9 @@ impl Hop {
         self.outputs.answer_scan(Vec::new(), self.now);
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
+        }
+        if s.status.is_some() {
+            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
         }
         s.status.is_some()
     }

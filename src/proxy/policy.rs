@@ -57,7 +57,9 @@ pub struct Policy {
     /// Set by a `trace` rule: record a transcript of this session.
     pub trace: bool,
     denials: HashMap<Arc<str>, u32>,
-    tally: RuleTally,
+    /// Boxed while there is any (the driver takes it at every step): an idle session carries
+    /// a null pointer, not three empty lists.
+    tally: Option<Box<RuleTally>>,
 }
 
 impl Policy {
@@ -68,7 +70,7 @@ impl Policy {
             tags: Vec::new(),
             trace: false,
             denials: HashMap::new(),
-            tally: RuleTally::default(),
+            tally: None,
         }
     }
 
@@ -83,7 +85,9 @@ impl Policy {
             return Verdict::default();
         }
         let v = self.rules.evaluate(ev);
-        self.tally.matched.extend(v.matched.iter().cloned());
+        if !v.matched.is_empty() {
+            self.tally_mut().matched.extend(v.matched.iter().cloned());
+        }
         for log in &v.logs {
             let (rule, msg) = (&*log.rule, &log.message);
             match log.level {
@@ -120,7 +124,11 @@ impl Policy {
 
     /// Rule activity since the last call (matches, denials, drops), leaving an empty tally.
     pub(crate) fn take_tally(&mut self) -> RuleTally {
-        std::mem::take(&mut self.tally)
+        self.tally.take().map(|t| *t).unwrap_or_default()
+    }
+
+    fn tally_mut(&mut self) -> &mut RuleTally {
+        self.tally.get_or_insert_default()
     }
 
     /// Interpret a verdict's outcome, counting denials for `close_after`.
@@ -128,7 +136,7 @@ impl Policy {
         match &v.outcome {
             RuleOutcome::Continue | RuleOutcome::Allow { .. } => Terminal::Pass,
             RuleOutcome::Drop { rule } => {
-                self.tally.dropped.push(rule.clone());
+                self.tally_mut().dropped.push(rule.clone());
                 Terminal::Drop { rule: rule.clone() }
             }
             RuleOutcome::Deny {
@@ -136,7 +144,7 @@ impl Policy {
                 rule,
                 close_after,
             } => {
-                self.tally.denied.push(rule.clone());
+                self.tally_mut().denied.push(rule.clone());
                 let n = self.denials.entry(rule.clone()).or_insert(0);
                 *n += 1;
                 Terminal::Deny {

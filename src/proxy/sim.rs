@@ -52,7 +52,7 @@ const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try ag
 const FINISH_STEPS: usize = 10_000;
 
 /// A mixed rule set: a tarpit, a deny that closes, a command rewrite, a response delay, a
-/// CAPA rewrite and a drop.
+/// CAPA rewrite, a drop and a scan (inert unless the run configures scanners).
 const MIXED_RULES: &str = r#"
 [[rule]]
 name = "sim-tarpit"
@@ -96,6 +96,13 @@ name = "sim-drop-rset"
 on = "command"
 verbs = ["RSET"]
 action = "drop"
+
+[[rule]]
+name = "sim-scan"
+on = "command"
+verbs = ["RETR", "TOP"]
+action = "scan"
+scan = ["clamav", "rspamd"]
 "#;
 
 /// The rule sets a run picks from: none, `rules/require-tls.toml`, [`MIXED_RULES`]. Parsed once
@@ -784,6 +791,8 @@ pub struct Summary {
     pub stls: bool,
     /// Routed logins that succeeded upstream.
     pub routed: usize,
+    /// Scans the hop asked for (and got a verdict on).
+    pub scans: usize,
 }
 
 /// One simulated session: the driver's part, the client, the server and the checker.
@@ -813,6 +822,10 @@ struct Sim<'a> {
     tagged: usize,
     stls: bool,
     routed: usize,
+    /// The driver's spool (`Output::Spool`), and the reports for a scan it was asked for.
+    spool: Vec<u8>,
+    scan_answer: Option<Vec<crate::types::ScanReport>>,
+    scans: usize,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -845,6 +858,35 @@ pub fn run(data: &[u8]) -> Summary {
         _ => Some(Duration::from_secs(3)),
     };
     let client_tls = listener == 1;
+    // Scanning (issue 23): the scanners answer each scan at once, with verdicts from the input.
+    let scan_bits = more >> 5;
+    let scan = (scan_bits & 1 == 1).then(|| {
+        use crate::config::scan::{OnScanError, OnSpam, OnVirus, ScanConfig};
+        let mut p = super::scan::ScanPolicy::new(&[], &ScanConfig::default());
+        let small = scan_bits & 2 != 0;
+        p.max_size = vec![
+            (Arc::from("clamav"), 40),
+            (Arc::from("rspamd"), if small { 100 } else { 1 << 20 }),
+        ];
+        p.on_virus = [
+            OnVirus::Replace,
+            OnVirus::Tag,
+            OnVirus::Deny,
+            OnVirus::Replace,
+        ][usize::from(scan_bits >> 1)];
+        p.on_spam = if scan_bits >> 1 == 3 {
+            OnSpam::Replace
+        } else {
+            OnSpam::Tag
+        };
+        p.on_error = if scan_bits & 4 != 0 {
+            OnScanError::Pass
+        } else {
+            OnScanError::Tempfail
+        };
+        p.header = scan_bits & 2 != 0;
+        Arc::new(p)
+    });
     let cfg = HopConfig {
         listener: Arc::from("sim"),
         client_ip: IpAddr::from([192, 0, 2, 7]),
@@ -859,7 +901,7 @@ pub fn run(data: &[u8]) -> Summary {
         login_timeout: Duration::from_secs(60),
         greeting_timeout: Duration::from_secs(30),
         lookups,
-        scan: None,
+        scan,
     };
     let now = Instant::now();
     let policy = Policy::new(rule_sets()[rules].clone());
@@ -886,6 +928,9 @@ pub fn run(data: &[u8]) -> Summary {
         tagged: 0,
         stls: false,
         routed: 0,
+        spool: Vec::new(),
+        scan_answer: None,
+        scans: 0,
     };
     sim.connect(routing);
     sim.script();
@@ -897,6 +942,7 @@ pub fn run(data: &[u8]) -> Summary {
         bodies: sim.check.bodies,
         stls: sim.stls,
         routed: sim.routed,
+        scans: sim.scans,
     }
 }
 
@@ -1076,6 +1122,15 @@ impl Sim<'_> {
         while !self.ended {
             self.pump_events();
             let Some(output) = self.hop.poll_output() else {
+                if let Some(reports) = self.scan_answer.take() {
+                    self.hop.scan_done(
+                        self.now,
+                        "Mon, 07 Dec 2026 15:04:05 +0000",
+                        reports,
+                        &mut self.cin,
+                    );
+                    continue;
+                }
                 return;
             };
             match output {
@@ -1115,9 +1170,42 @@ impl Sim<'_> {
                     self.close = Some(reason);
                     self.ended = true;
                 }
-                Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
-                    unreachable!("scanning is off in the simulator")
+                Output::Spool(bytes) => self.spool.extend_from_slice(&bytes),
+                Output::Scan(req) => {
+                    use crate::types::{ScanReport, ScanVerdict};
+                    self.scans += 1;
+                    let reports = req
+                        .scanners
+                        .iter()
+                        .map(|name| {
+                            let v = self.input.byte();
+                            let verdict = [
+                                ScanVerdict::Clean,
+                                ScanVerdict::Clean,
+                                ScanVerdict::Infected,
+                                ScanVerdict::Spam,
+                                ScanVerdict::TooLarge,
+                                ScanVerdict::Error,
+                            ][usize::from(v % 6)];
+                            ScanReport {
+                                scanner: name.clone(),
+                                verdict,
+                                detail: (verdict != ScanVerdict::Clean)
+                                    .then(|| format!("found .\r\n+OK #{v}")),
+                                score: (verdict == ScanVerdict::Spam)
+                                    .then_some((f64::from(v), 5.0)),
+                                duration: Duration::from_millis(u64::from(v)),
+                            }
+                        })
+                        .collect();
+                    self.scan_answer = Some(reports);
                 }
+                Output::Unspool => {
+                    let bytes = std::mem::take(&mut self.spool);
+                    self.to_client += bytes.len();
+                    self.check.client_bytes(&bytes);
+                }
+                Output::DropSpool => self.spool.clear(),
             }
         }
     }
@@ -1256,7 +1344,7 @@ mod tests {
         let mut closed = 0;
         let mut tagged = 0;
         let mut reasons = std::collections::BTreeMap::new();
-        let (mut bodies, mut stls, mut routed) = (0, 0, 0);
+        let (mut bodies, mut stls, mut routed, mut scans) = (0, 0, 0, 0);
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             closed += usize::from(s.close.is_some());
@@ -1265,18 +1353,19 @@ mod tests {
             bodies += s.bodies;
             stls += usize::from(s.stls);
             routed += s.routed;
+            scans += s.scans;
         }
         eprintln!(
-            "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed: \
-             {reasons:?}"
+            "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed, \
+             {scans} scans: {reasons:?}"
         );
         // The runs do reach the server and end: not a simulator that does nothing.
         assert!(closed > 2500, "{closed} sessions closed");
         assert!(tagged > 3000, "{tagged} tagged replies");
         // And they reach what the invariants are about: bodies, TLS upgrades, routed logins.
         assert!(
-            bodies > 100 && stls > 20 && routed > 5,
-            "{bodies} {stls} {routed}"
+            bodies > 100 && stls > 20 && routed > 5 && scans > 10,
+            "{bodies} {stls} {routed} {scans}"
         );
     }
 

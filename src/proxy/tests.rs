@@ -2388,3 +2388,39 @@ fn a_client_that_half_closes_during_a_verdict_wait_still_gets_the_message() {
     );
     assert_eq!(out.close, Some((CloseReason::ClientEof, false)));
 }
+
+#[test]
+fn shutdown_while_a_selected_body_is_arriving_answers_err_without_a_reset() {
+    let t0 = Instant::now();
+    let cfg = HopConfig {
+        scan: Some(Arc::new(policy())),
+        ..config()
+    };
+    let (mut hop, mut rec, mut cin, mut sin) = logged_in(cfg, SCAN_RULE, t0);
+    let mut out = Out::default();
+    cin.extend_from_slice(b"RETR 1\r\n");
+    hop.on_client_input(t0, &mut cin);
+    sin.extend_from_slice(b"+OK 100 octets\r\nSubject: half\r\n");
+    hop.on_server_input(t0, &mut sin, &mut cin);
+    rec.take(&mut hop, t0);
+    let mut kinds = Vec::new();
+    while let Some(o) = hop.poll_output() {
+        match o {
+            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
+            Output::Spool(_) => kinds.push("spool"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["spool"]);
+    assert!(
+        !hop.mid_response(),
+        "the client has seen nothing of the reply"
+    );
+    hop.on_shutdown();
+    assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
+    assert_eq!(
+        text(&out.client),
+        format!("{}\r\n", crate::pop3::replies::SHUTTING_DOWN)
+    );
+    assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
+}
