@@ -410,7 +410,12 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
+        (self.tracker.in_body()
+            && !self.holding_status()
+            && !self
+                .scan_memory
+                .as_ref()
+                .is_some_and(|m| m.unseen_body_dropped))
             || self.capa.is_some()
     }
 
