@@ -646,7 +646,7 @@ pub const KEYS: &[Key] = &[
         "scan.max_concurrent",
         "16",
         A,
-        "At most this many scans at once (per scanner and message, process-wide); more wait within their scanner's timeout.",
+        "At most this many scans at once (per scanner and message, process-wide; 1 to 65536); more wait within their scanner's timeout.",
     ),
     k(
         "scan.notice_from",

@@ -168,7 +168,7 @@ impl Scanners {
                 .iter()
                 .map(Scanner::new)
                 .collect::<Result<_, _>>()?,
-            slots: Semaphore::new(scan.max_concurrent.max(1)),
+            slots: Semaphore::new(scan.max_concurrent.clamp(1, Semaphore::MAX_PERMITS)),
             config: scan.clone(),
             metrics: None,
         })
