@@ -65,20 +65,21 @@ impl Matcher {
     }
 }
 
-/// The fields of a session that change rarely.
+/// The fields of a session that change rarely. Boxed strings and slices (no spare capacity,
+/// two words each): an entry lives as long as its session, and with them it fits 320 bytes.
 #[derive(Debug, Default)]
 struct Details {
     /// Shared with the session's handle (one allocation for both).
     user: Option<Arc<str>>,
     state: Option<State>,
-    upstream: Option<String>,
-    upstream_address: Option<String>,
-    client_tls: Option<String>,
-    upstream_tls: Option<String>,
+    upstream: Option<Box<str>>,
+    upstream_address: Option<Box<str>>,
+    client_tls: Option<Box<str>>,
+    upstream_tls: Option<Box<str>>,
     /// The session's own tags (shared with it, not copied).
-    tags: Vec<Arc<str>>,
+    tags: Box<[Arc<str>]>,
     /// Who kicked the session (`uid 0 pid 123`), set before its stop flag.
-    kicked_by: Option<String>,
+    kicked_by: Option<Box<str>>,
 }
 
 /// One live session.
@@ -87,7 +88,8 @@ pub(crate) struct Entry {
     pub(crate) id: u64,
     listener: Arc<str>,
     client: SocketAddr,
-    proxy: Option<SocketAddr>,
+    /// The balancer that sent the PROXY header (boxed: most sessions have none).
+    proxy: Option<Box<SocketAddr>>,
     opened: Instant,
     from_client: AtomicU64,
     to_client: AtomicU64,
@@ -138,7 +140,7 @@ impl Entry {
 
     /// Who kicked the session, if it was kicked.
     pub(crate) fn kicked_by(&self) -> Option<String> {
-        lock(&self.details).kicked_by.clone()
+        lock(&self.details).kicked_by.as_deref().map(str::to_owned)
     }
 
     /// Whether the session was told to stop (kicked, or closed by the drain).
@@ -198,14 +200,14 @@ impl Entry {
         SessionRow {
             id: self.id,
             client: self.client.to_string(),
-            proxy: self.proxy.map(|p| p.to_string()),
+            proxy: self.proxy.as_deref().map(|p| p.to_string()),
             listener: self.listener.to_string(),
             user: d.user.as_deref().map(str::to_owned),
             state: d.state.map(state_name).unwrap_or("CONNECTING").to_owned(),
-            upstream: d.upstream.clone(),
-            upstream_address: d.upstream_address.clone(),
-            client_tls: d.client_tls.clone(),
-            upstream_tls: d.upstream_tls.clone(),
+            upstream: d.upstream.as_deref().map(str::to_owned),
+            upstream_address: d.upstream_address.as_deref().map(str::to_owned),
+            client_tls: d.client_tls.as_deref().map(str::to_owned),
+            upstream_tls: d.upstream_tls.as_deref().map(str::to_owned),
             bytes_from_client: self.from_client.load(Ordering::Relaxed),
             bytes_to_client: self.to_client.load(Ordering::Relaxed),
             started: humantime::format_rfc3339_seconds(registry.wall_time(self.opened)).to_string(),
@@ -293,7 +295,7 @@ impl Registry {
             id,
             listener,
             client,
-            proxy,
+            proxy: proxy.map(Box::new),
             opened: Instant::now(),
             from_client: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
@@ -360,7 +362,7 @@ impl Registry {
     pub(crate) fn kick(&self, m: &Matcher, who: &str) -> Vec<u64> {
         let mut ids = Vec::new();
         for e in self.matching(m) {
-            lock(&e.details).kicked_by = Some(who.to_owned());
+            lock(&e.details).kicked_by = Some(who.into());
             e.request_stop();
             ids.push(e.id);
         }
@@ -484,7 +486,7 @@ impl SessionHandle {
     pub(crate) fn sync(&mut self, user: Option<&str>, state: State, tags: &[Arc<str>]) {
         if self.tags != tags.len() {
             self.tags = tags.len();
-            lock(&self.entry.details).tags = tags.to_vec();
+            lock(&self.entry.details).tags = tags.into();
         }
         if self.user.as_deref() != user {
             self.user = user.map(Arc::from);
@@ -550,8 +552,8 @@ impl SessionHandle {
     /// The upstream a session connected to (name and address).
     pub(crate) fn upstream(&self, name: &str, address: &str) {
         let mut d = lock(&self.entry.details);
-        d.upstream = Some(name.to_owned());
-        d.upstream_address = Some(address.to_owned());
+        d.upstream = Some(name.into());
+        d.upstream_address = Some(address.into());
     }
 
     /// The TLS versions of each side, once negotiated; locks only when one is new.
@@ -563,8 +565,8 @@ impl SessionHandle {
         }
         self.tls_published = now;
         let mut d = lock(&self.entry.details);
-        d.client_tls = client.map(str::to_owned);
-        d.upstream_tls = upstream.map(str::to_owned);
+        d.client_tls = client.map(Box::from);
+        d.upstream_tls = upstream.map(Box::from);
     }
 }
 

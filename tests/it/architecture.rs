@@ -57,7 +57,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
-    // `[metrics]` bind error among the start errors); builds the `[[scanner]]`s.
+    // `[metrics]` bind error among the start errors); builds the `[[scanner]]` clients.
     (
         "check",
         &[
