@@ -10,7 +10,6 @@ mod login;
 pub mod observer;
 mod read;
 mod scan;
-pub(crate) use scan::scan_policy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
