@@ -616,7 +616,7 @@ pub const KEYS: &[Key] = &[
         "scan.spool_dir",
         "the system temp dir",
         A,
-        "Where larger held messages go: a 0600 file, unlinked as soon as it is created (so nothing is left behind); created (0700) if missing.",
+        "Where larger held messages go: a 0600 file, unlinked as soon as it is created (so nothing is left behind); created (0700) when first needed.",
     ),
     k(
         "scan.on_virus",
@@ -646,7 +646,7 @@ pub const KEYS: &[Key] = &[
         "scan.max_concurrent",
         "16",
         A,
-        "At most this many scans at once (per scanner and message, process-wide); more wait within their scanner's timeout.",
+        "At most this many scans at once (per scanner and message, process-wide; 1 to 65536); more wait within their scanner's timeout.",
     ),
     k(
         "scan.notice_from",

@@ -114,12 +114,10 @@ fn snapshot(
 ) -> Shared {
     // Built with every snapshot: a reload's `[[scanner]]`/`[scan]` take effect for later
     // sessions; open ones keep theirs.
-    let scan_policy = p.scanners.as_ref().map(|_| {
-        Arc::new(crate::proxy::scan::ScanPolicy::new(
-            &p.config.scanners,
-            &p.config.scan,
-        ))
-    });
+    let scan_policy = p
+        .scanners
+        .as_ref()
+        .map(|_| crate::session::scan_policy(&p.config));
     let scanners = p
         .scanners
         .map(|s| Arc::new(s.with_metrics(metrics.clone())));

@@ -1,5 +1,6 @@
-//! A whole session: the hop (and in routing mode the front) driven as the driver drives it,
-//! by a scripted client and a model server, every chunking and timer firing decoded from the
+//! A whole session: the session machine (the hop, in routing mode the front, and the routed
+//! login's upstream dialogue: greeting, STLS to the server, the replay) driven as the driver
+//! drives it, by a scripted client and a model server, every chunking and timer firing decoded from the
 //! input (`src/proxy/sim.rs`, behind the `fuzzing` feature).
 //!
 //! Invariants, checked on every run by the simulator (a violation panics): under require-tls

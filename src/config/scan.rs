@@ -121,6 +121,9 @@ pub enum OnScanError {
 /// holding one message, memory would otherwise grow with the sessions scanning at once).
 pub const MAX_SPOOL_MEMORY: u64 = 64 << 20;
 
+/// The largest `scan.max_concurrent`.
+pub const MAX_CONCURRENT: usize = 65_536;
+
 /// Where a clamd listens (`scanner.address` of a `kind = "clamd"` scanner).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClamdAddress {
@@ -199,8 +202,11 @@ pub(crate) fn validate(
             return Err((key("timeout"), "must be longer than 0s".into()));
         }
     }
-    if scan.max_concurrent == 0 {
-        return Err(("scan.max_concurrent".into(), "must be at least 1".into()));
+    if !(1..=MAX_CONCURRENT).contains(&scan.max_concurrent) {
+        return Err((
+            "scan.max_concurrent".into(),
+            format!("must be from 1 to {MAX_CONCURRENT}"),
+        ));
     }
     if scan.spool_memory.0 > MAX_SPOOL_MEMORY {
         return Err((
@@ -305,6 +311,11 @@ mod tests {
             ..ScanConfig::default()
         };
         assert_eq!(err(&[], &zero).0, "scan.max_concurrent");
+        let many = ScanConfig {
+            max_concurrent: MAX_CONCURRENT + 1,
+            ..ScanConfig::default()
+        };
+        assert_eq!(err(&[], &many).0, "scan.max_concurrent");
         let huge = ScanConfig {
             spool_memory: ByteSize(65 << 20),
             ..ScanConfig::default()

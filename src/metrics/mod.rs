@@ -363,9 +363,6 @@ impl Metrics {
         for stage in ["tcp", "setup", "tls", "timeout"] {
             let _ = m.upstream_errors.get_or_create(&label("stage", stage));
         }
-        for to in ["memory", "file"] {
-            let _ = m.scan_spooled.get_or_create(&label("to", to));
-        }
         for rule in rule_names {
             let _ = m.rule_hits.get_or_create(&vec![("rule", rule)]);
         }
@@ -614,8 +611,13 @@ impl Metrics {
         Metrics::new(&config, std::iter::empty(), AuditSink::disabled(), limiter)
     }
 
-    /// The scanners of the config in force (at start, after a reload): their series start at 0.
+    /// The scanners of the config in force (at start, after a reload): their series, and the
+    /// spooled bytes', start at 0.
     pub(crate) fn scanners_configured<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        // Exported only once scanners are configured (as the fleet state's with Redis).
+        for to in ["memory", "file"] {
+            let _ = self.scan_spooled.get_or_create(&label("to", to));
+        }
         for name in names {
             let _ = self.scan_duration.get_or_create(&label("scanner", name));
             for verdict in ["clean", "infected", "spam", "too_large", "error"] {

@@ -1,13 +1,15 @@
 //! Routing mode's stand-in server: until the login is known there is no upstream, so the
-//! front plays the POP3 server in AUTHORIZATION state for the [`Hop`](super::Hop). The driver
-//! hands it what the hop sends upstream and hands its answers back to the hop as server input,
+//! front plays the POP3 server in AUTHORIZATION state for the [`Hop`](super::Hop). The
+//! [`Session`](super::Session) hands it what the hop sends upstream and its answers back to the
+//! hop as server input,
 //! so the hop sees the same conversation as in direct mode. No I/O.
 //!
 //! It greets (`+OK <text>`, never an APOP timestamp: an APOP digest is bound to one server's
 //! timestamp and cannot be replayed to another), answers CAPA with what popgate itself
 //! guarantees before login, USER, and the SASL steps of AUTH PLAIN and AUTH LOGIN; APOP and
 //! other mechanisms are refused. A complete login (name and secret) becomes a [`Login`]: the
-//! driver picks the upstream, replays it there, and tells the front how it went.
+//! session hands it to the driver, which picks the upstream and replays it there, and tells
+//! the front how it went.
 
 use crate::pop3::command::{Command, Verb, is_separator, line_end, trim_eol};
 use crate::pop3::replies;
@@ -37,7 +39,7 @@ pub(crate) enum Method {
 }
 
 /// A complete login, ready to be replayed upstream.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Login {
     /// How the client logged in.
     pub(crate) method: Method,

@@ -207,26 +207,25 @@ pub(crate) struct Hop {
     /// The retrieval a `scan` rule selected, from its command to its verdict. One at a time:
     /// while it is outstanding no later client command is read.
     scan: Option<Box<Scanning>>,
-    /// What scanning remembers across commands; boxed and made at first use, so that a
-    /// session that scans nothing carries one null pointer (the hop lives as long as the
-    /// session).
-    scan_memory: Option<Box<ScanMemory>>,
-}
-
-/// What scanning remembers across a session's commands.
-#[derive(Debug, Default)]
-struct ScanMemory {
     /// The scanners the rules chose for the command being decided.
-    selected: Vec<Arc<str>>,
-    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
-    /// locally (the client has not seen it).
-    tempfailed: HashSet<u32>,
-    /// With scanning: the last few unique ids seen in `UIDL n` answers (the client's or
-    /// popgate's own), for a notice.
-    uidls: VecDeque<(u32, Box<str>)>,
+    selected: Option<Arc<[Arc<str>]>>,
+    /// What scanning remembers across retrievals; allocated on first use (most sessions
+    /// never need it).
+    memo: Option<Box<ScanMemo>>,
     /// A body held for scanning was given up as the session ends: the client saw nothing of
     /// it, so it is no cut response.
     unseen_body_dropped: bool,
+}
+
+/// What scanning remembers across the retrievals of a session.
+#[derive(Debug, Default)]
+struct ScanMemo {
+    /// Messages whose retrieval was tempfailed in this session: a DELE of one is answered
+    /// locally (the client has not seen it).
+    tempfailed: HashSet<u32>,
+    /// The last few unique ids seen in `UIDL n` answers (the client's or popgate's own), for
+    /// a notice.
+    uidls: VecDeque<(u32, Box<str>)>,
 }
 
 /// What a server without CAPA has shown it can do.
@@ -263,7 +262,9 @@ impl Hop {
             known: Known::default(),
             learned: Learned::default(),
             scan: None,
-            scan_memory: None,
+            selected: None,
+            memo: None,
+            unseen_body_dropped: false,
             cfg,
         }
     }
@@ -410,7 +411,7 @@ impl Hop {
     /// Whether a multi-line response is cut if the session ends now (a body held for
     /// scanning is not: the client has not seen its status line).
     pub(crate) fn mid_response(&self) -> bool {
-        (self.tracker.in_body() && !self.holding_status() && !self.scan_memory.as_ref().is_some_and(|m| m.unseen_body_dropped))
+        (self.tracker.in_body() && !self.holding_status() && !self.unseen_body_dropped)
             || self.capa.is_some()
     }
 
@@ -1324,7 +1325,7 @@ impl Hop {
         if let Some(uid) = text.split(' ').nth(2).filter(|u| u.len() <= 70)
             && !uid.is_empty()
         {
-            let uidls = &mut self.scan_memory.get_or_insert_default().uidls;
+            let uidls = &mut self.memo.get_or_insert_with(Box::default).uidls;
             if uidls.len() >= KEEP {
                 uidls.pop_front();
             }
@@ -1542,9 +1543,8 @@ impl Hop {
         let mut verdict = self.policy.evaluate(&ev);
         let delay = verdict.delay;
         let tags = verdict.tags.clone();
-        if !verdict.scan.is_empty() || self.scan_memory.is_some() {
-            self.scan_memory.get_or_insert_default().selected = std::mem::take(&mut verdict.scan);
-        }
+        self.selected =
+            (!verdict.scan.is_empty()).then(|| Arc::from(std::mem::take(&mut verdict.scan)));
         match self.policy.terminal(&verdict) {
             Terminal::Pass => {}
             Terminal::Deny { reply, rule, close } => {
@@ -1608,7 +1608,7 @@ impl Hop {
             // deleted on its behalf.
             Verb::Dele
                 if cmd.msg_number().is_some_and(|n| {
-                    self.scan_memory
+                    self.memo
                         .as_ref()
                         .is_some_and(|m| m.tempfailed.contains(&n))
                 }) =>
@@ -1696,7 +1696,7 @@ impl Hop {
                 outs.push(Output::ToClient(Bytes::from_static(b".\r\n")));
             }
             scanning::Outcome::Replace => {
-                let uidl = self.scan_memory.as_ref().and_then(|m| {
+                let uidl = self.memo.as_ref().and_then(|m| {
                     m.uidls
                         .iter()
                         .rev()
@@ -1721,12 +1721,10 @@ impl Hop {
             outs.push(Output::ToClient(reply));
         }
         if judgement.action == crate::proxy::ScanAction::Tempfailed {
-            self.scan_memory
-                .get_or_insert_default()
-                .tempfailed
-                .insert(s.msg);
-        } else if let Some(m) = self.scan_memory.as_mut() {
-            m.tempfailed.remove(&s.msg);
+            let memo = self.memo.get_or_insert_with(Box::default);
+            memo.tempfailed.insert(s.msg);
+        } else if let Some(memo) = self.memo.as_mut() {
+            memo.tempfailed.remove(&s.msg);
         }
         info!(
             msg = s.msg,
@@ -1766,13 +1764,10 @@ impl Hop {
     /// A command was forwarded: if the rules chose scanners for it and it retrieves a
     /// message, its body is to be held for them.
     fn select_scan(&mut self, cmd: &Command<'_>) {
-        let names = self
-            .scan_memory
-            .as_mut()
-            .map(|m| std::mem::take(&mut m.selected))
-            .unwrap_or_default();
-        if names.is_empty()
-            || self.cfg.scan.is_none()
+        let Some(names) = self.selected.take() else {
+            return;
+        };
+        if self.cfg.scan.is_none()
             || !matches!(cmd.verb, Verb::Retr | Verb::Top)
             || self.tracker.state() != State::Transaction
         {
@@ -1782,7 +1777,7 @@ impl Hop {
             return;
         };
         debug!(msg, verb = %cmd.verb, "retrieval selected for scanning");
-        self.scan = Some(Box::new(Scanning::new(names.into(), msg, cmd.verb)));
+        self.scan = Some(Box::new(Scanning::new(names, msg, cmd.verb)));
     }
 
     /// The `+OK` of a selected retrieval (`line`, as the client is to get it; `stated`: the
@@ -1890,9 +1885,7 @@ impl Hop {
         if s.spooled > 0 {
             self.outputs.push(Output::DropSpool);
         }
-        if s.status.is_some() {
-            self.scan_memory.get_or_insert_default().unseen_body_dropped = true;
-        }
+        self.unseen_body_dropped |= s.status.is_some();
         s.status.is_some()
     }
 }

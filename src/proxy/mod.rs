@@ -4,7 +4,8 @@
 //! in, as [`Output`]s the driver carries out and [`SessionEvent`]s it dispatches. Sockets, TLS,
 //! clocks and the shared services (login penalty, audit, metrics) live in `session`.
 //! The upstream's own dialogue before the relay (greeting, STLS, XCLIENT, routing mode's login)
-//! is [`dialogue`].
+//! is [`dialogue`]. [`Session`] is what the driver feeds: the hop, and in routing mode the
+//! [`front`] with the hand-over between the two.
 
 pub(crate) mod connect;
 pub(crate) mod dialogue;
@@ -13,12 +14,14 @@ mod hop;
 mod output;
 pub(crate) mod policy;
 pub(crate) mod scan;
+mod session;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod sim;
 
 pub(crate) use hop::{Hop, HopConfig};
 pub(crate) use output::{Marks, Output, SessionEvent};
 pub(crate) use scan::{ScanAction, ScanRequest};
+pub(crate) use session::Session;
 
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::front::Login;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
 use crate::types::{CloseReason, ScanReport};
@@ -25,6 +26,15 @@ pub(crate) enum Output {
     /// Run the server side of a TLS handshake with the client, then call
     /// [`Hop::client_tls_started`](super::Hop::client_tls_started).
     StartClientTls,
+    /// Routing mode (from [`Session`](super::Session), never from the hop): route this
+    /// login, connect to the chosen upstream and replay it there, then tell the session
+    /// how it went.
+    Login(Box<Login>),
+    /// Direct mode with `forward_client = "proxy-v2"`, after the client's STLS, before the
+    /// first command goes upstream (from [`Session`](super::Session), never from the hop):
+    /// dial the server again with the client's TLS in the PROXY header and take its greeting
+    /// silently; go on over the new connection, or over the old one if that fails.
+    RedialUpstream,
     /// Append these body bytes (wire bytes of a RETR/TOP body a `scan` rule selected,
     /// dot-stuffed, without the terminator line) to the session's spool, creating it with the
     /// first chunk. The client gets none of it until an [`Output::Unspool`].

@@ -75,7 +75,6 @@ pub(crate) struct ScanPolicy {
 
 impl ScanPolicy {
     /// The policy the config gives.
-    #[allow(dead_code)] // until the driver builds it (issue 23, part C)
     pub(crate) fn new(scanners: &[ScannerConfig], scan: &ScanConfig) -> ScanPolicy {
         ScanPolicy {
             max_size: scanners

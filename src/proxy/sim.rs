@@ -2,15 +2,18 @@
 //! on every run: the fuzz target `session` (feature `fuzzing`) and a unit test drive it.
 //!
 //! The simulator plays the driver (`session::Driver`) exactly as its calling contract says
-//! (see [`Hop`]): outputs carried out in order, events drained after every call, failed logins
-//! answered with a penalty, `StartClientTls` completed or failed, timers fired at the instant
-//! [`Hop::poll_timeout`] reports, the client read only while the hop wants it, the upstream
-//! only while the hop wants it. Around it: a scripted client (frequent POP3 lines, every login
+//! (see [`Session`]): outputs carried out in order, events drained after every call (both
+//! queues until empty), failed logins answered with a penalty, `StartClientTls` completed or
+//! failed, timers fired at the instant [`Session::poll_timeout`] reports, the client read only
+//! while the session wants it, the upstream only while the session wants it. Around it: a scripted client (frequent POP3 lines, every login
 //! method with a marked secret, SASL answers, raw bytes, pipelined batches) and a model server
 //! that answers each line it receives, in order, with a *tagged* reply (`+OK #n`, `-ERR #n`,
 //! multi-line bodies with dot-stuffed lines) or, as the input says, with garbage, a cut body, a
-//! close or a delay. In routing mode the [`Front`] stands in for the server until a login, then
-//! [`Sim::upstream_connected`] dials the model server and replays the login.
+//! close or a delay. In routing mode the [`Front`] (inside the [`Session`]) stands in for the
+//! server until a login; an [`Output::Login`] is carried out by [`Sim::upstream_connected`]
+//! as the driver does: it dials the model server and drives the upstream [`Dialogue`] against
+//! it (the greeting, STLS to the server as the input says, the login replayed line by line),
+//! then tells the session how it went.
 //!
 //! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
 //! breaks:
@@ -33,10 +36,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::BytesMut;
 
+use super::dialogue::{Dialogue, Failure, Plan, Replay, Step};
 use super::front::{Front, Login};
 use super::policy::Policy;
-use super::{Hop, HopConfig, Output, SessionEvent};
-use crate::config::UnknownCommands;
+use super::{Hop, HopConfig, Output, Session, SessionEvent};
+use crate::config::{TlsMode, UnknownCommands};
 use crate::rules::RuleSet;
 use crate::types::{CloseReason, MessageIds};
 
@@ -766,14 +770,6 @@ impl Server {
         }
         self.send(&reply, delay);
     }
-
-    /// A complete line for the login replay (held replies are waited for), or `None` when
-    /// the server closes first.
-    fn read_line(&mut self) -> Option<Vec<u8>> {
-        self.release();
-        let n = self.out.iter().position(|&b| b == b'\n')? + 1;
-        Some(self.read(n))
-    }
 }
 
 /// A summary of one run, for tests.
@@ -791,6 +787,10 @@ pub struct Summary {
     pub stls: bool,
     /// Routed logins that succeeded upstream.
     pub routed: usize,
+    /// Routed logins whose upstream dialogue went through STLS to the server.
+    pub upstream_stls: usize,
+    /// Routed logins whose first address was failed over.
+    pub failed_over: usize,
     /// Scans the hop asked for (and got a verdict on).
     pub scans: usize,
 }
@@ -798,8 +798,7 @@ pub struct Summary {
 /// One simulated session: the driver's part, the client, the server and the checker.
 struct Sim<'a> {
     input: Input<'a>,
-    hop: Hop,
-    front: Option<Front>,
+    session: Session,
     server: Option<Server>,
     check: Checker,
     now: Instant,
@@ -822,6 +821,8 @@ struct Sim<'a> {
     tagged: usize,
     stls: bool,
     routed: usize,
+    upstream_stls: usize,
+    failed_over: usize,
     /// The driver's spool (`Output::Spool`), and the reports for a scan it was asked for.
     spool: Vec<u8>,
     scan_answer: Option<Vec<crate::types::ScanReport>>,
@@ -908,8 +909,10 @@ pub fn run(data: &[u8]) -> Summary {
     let check = Checker::new(rules == 1, client_tls);
     let mut sim = Sim {
         input,
-        hop: Hop::new(cfg, policy, now, now),
-        front: None,
+        session: Session::new(
+            Hop::new(cfg, policy, now, now),
+            routing.then(|| Front::new("popgate ready")),
+        ),
         server: None,
         check,
         now,
@@ -928,6 +931,8 @@ pub fn run(data: &[u8]) -> Summary {
         tagged: 0,
         stls: false,
         routed: 0,
+        upstream_stls: 0,
+        failed_over: 0,
         spool: Vec::new(),
         scan_answer: None,
         scans: 0,
@@ -942,6 +947,8 @@ pub fn run(data: &[u8]) -> Summary {
         bodies: sim.check.bodies,
         stls: sim.stls,
         routed: sim.routed,
+        upstream_stls: sim.upstream_stls,
+        failed_over: sim.failed_over,
         scans: sim.scans,
     }
 }
@@ -950,15 +957,12 @@ impl Sim<'_> {
     /// The session's start: direct mode dials the model server (it greets as the input
     /// says); routing mode starts with the front's greeting.
     fn connect(&mut self, routing: bool) {
-        if routing {
-            let mut front = Front::new("popgate ready");
-            let greeting = front.take_output();
-            self.front = Some(front);
-            self.check.local_reply(&greeting);
-            self.server_input(&greeting);
-        } else {
+        if !routing {
             self.server = Some(Server::connect(&mut self.input, &mut self.check));
         }
+        self.session.start(self.now, &mut self.sin, &mut self.cin);
+        self.front_traffic();
+        self.pump_events();
         self.settle();
     }
 
@@ -1001,13 +1005,13 @@ impl Sim<'_> {
                         // Early: nothing may be due.
                         let ms = u64::from(self.input.byte()) * 20;
                         self.now += Duration::from_millis(ms);
-                        self.hop.on_timeout(self.now);
+                        self.session.on_timeout(self.now);
                     }
                 }
                 14 => self.client_closing = true,
                 _ => match self.input.byte() % 32 {
-                    1 => self.hop.on_shutdown(),
-                    2 => self.hop.on_upstream_error(op & 0x10 != 0),
+                    1 => self.session.on_shutdown(),
+                    2 => self.session.on_upstream_error(op & 0x10 != 0),
                     _ => {}
                 },
             }
@@ -1044,7 +1048,7 @@ impl Sim<'_> {
 
     /// The driver reads up to `n` client bytes (or the end of the stream), if the hop wants.
     fn feed_client(&mut self, n: usize) -> bool {
-        if !self.hop.wants_client_input() {
+        if !self.session.wants_client_input() {
             return false;
         }
         if !self.client_out.is_empty() {
@@ -1052,12 +1056,12 @@ impl Sim<'_> {
             let bytes: Vec<u8> = self.client_out.drain(..n).collect();
             self.check.client_read(&bytes);
             self.cin.extend_from_slice(&bytes);
-            self.hop.on_client_input(self.now, &mut self.cin);
+            self.session.on_client_input(self.now, &mut self.cin);
             return true;
         }
         if self.client_closing && !self.client_eof_seen {
             self.client_eof_seen = true;
-            self.hop.on_client_eof();
+            self.session.on_client_eof();
             return true;
         }
         false
@@ -1066,7 +1070,7 @@ impl Sim<'_> {
     /// The driver reads up to `n` server bytes (or the end of the stream), if the hop wants
     /// and an upstream is connected.
     fn feed_server(&mut self, n: usize) -> bool {
-        if self.front.is_some() || !self.hop.wants_server_input() {
+        if !self.session.wants_server_input() {
             return false;
         }
         let Some(server) = self.server.as_mut() else {
@@ -1079,7 +1083,7 @@ impl Sim<'_> {
         }
         if server.at_eof() {
             server.eof_seen = true;
-            self.hop.on_upstream_eof();
+            self.session.on_upstream_eof();
             return true;
         }
         false
@@ -1087,11 +1091,11 @@ impl Sim<'_> {
 
     /// Fire the hop's timer at the instant it reported.
     fn fire_timer(&mut self) -> bool {
-        let Some(at) = self.hop.poll_timeout() else {
+        let Some(at) = self.session.poll_timeout() else {
             return false;
         };
         self.now = self.now.max(at);
-        self.hop.on_timeout(self.now);
+        self.session.on_timeout(self.now);
         true
     }
 
@@ -1100,35 +1104,48 @@ impl Sim<'_> {
             return;
         }
         self.sin.extend_from_slice(bytes);
-        self.hop
+        self.session
             .on_server_input(self.now, &mut self.sin, &mut self.cin);
         self.pump_events();
     }
 
-    /// Dispatch the hop's events; answer a failed login with the penalty.
-    fn pump_events(&mut self) {
-        while let Some(ev) = self.hop.poll_event() {
+    /// Dispatch the hop's events; answer a failed login with the penalty. Whether there were
+    /// any.
+    fn pump_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.session.poll_event() {
+            any = true;
             match ev {
-                SessionEvent::LoginFailed(_) => self.hop.penalty(self.now, self.penalty),
+                SessionEvent::LoginFailed(_) => self.session.penalty(self.now, self.penalty),
                 SessionEvent::LocalReply(bytes) => self.check.local_reply(&bytes),
                 SessionEvent::Injected(line) => self.check.injected(line.line()),
                 _ => {}
             }
         }
+        any
     }
 
     /// Carry out the outputs in order, as the driver does after every call.
     fn settle(&mut self) {
         while !self.ended {
             self.pump_events();
-            let Some(output) = self.hop.poll_output() else {
+            let output = self
+                .session
+                .poll_output(self.now, &mut self.sin, &mut self.cin);
+            self.front_traffic();
+            let Some(output) = output else {
                 if let Some(reports) = self.scan_answer.take() {
-                    self.hop.scan_done(
+                    self.session.scan_done(
                         self.now,
                         "Mon, 07 Dec 2026 15:04:05 +0000",
                         reports,
                         &mut self.cin,
                     );
+                    continue;
+                }
+                // The front's answers may have raised events (a failed login's, whose
+                // penalty lets held outputs go): both queues are drained.
+                if self.pump_events() {
                     continue;
                 }
                 return;
@@ -1144,9 +1161,7 @@ impl Sim<'_> {
                 }
                 Output::ToUpstream(bytes) => {
                     self.check.upstream_bytes(&bytes);
-                    if self.front.is_some() {
-                        self.feed_front(&bytes);
-                    } else if let Some(server) = self.server.as_mut() {
+                    if let Some(server) = self.server.as_mut() {
                         server.receive(&bytes, &mut self.input, &mut self.check);
                     }
                 }
@@ -1159,12 +1174,9 @@ impl Sim<'_> {
                     // What the client sent in plaintext after STLS is never read as commands.
                     self.client_out.clear();
                     self.check.client_unread(self.cin.len());
-                    self.hop.client_tls_started(&mut self.cin);
+                    self.session.client_tls_started(&mut self.cin);
                     self.check.tls_started();
                     self.stls = true;
-                    if let Some(front) = self.front.as_mut() {
-                        front.tls_started();
-                    }
                 }
                 Output::Close(reason) => {
                     self.close = Some(reason);
@@ -1206,91 +1218,120 @@ impl Sim<'_> {
                     self.check.client_bytes(&bytes);
                 }
                 Output::DropSpool => self.spool.clear(),
-            }
-        }
-    }
-
-    /// Routing mode: what the hop sends "upstream" goes to the front, its answers back to the
-    /// hop; a complete login is routed (see [`Sim::upstream_connected`]).
-    fn feed_front(&mut self, bytes: &[u8]) {
-        let Some(front) = self.front.as_mut() else {
-            return;
-        };
-        front.input(bytes);
-        loop {
-            let Some(front) = self.front.as_mut() else {
-                return;
-            };
-            let answers = front.take_output();
-            let login = front.take_login();
-            let quit = front.quit();
-            self.check.local_reply(&answers);
-            self.server_input(&answers);
-            let Some(login) = login else {
-                if quit {
-                    self.hop.on_upstream_eof();
-                }
-                return;
-            };
-            match self.upstream_connected(&login) {
-                Ok(reply) => {
-                    let rest = self.front.take().map(Front::into_rest).unwrap_or_default();
-                    if !rest.is_empty() {
-                        self.check.upstream_bytes(&rest);
-                        if let Some(server) = self.server.as_mut() {
-                            server.receive(&rest, &mut self.input, &mut self.check);
+                // The simulated upstream is told nothing about TLS (no PROXY v2).
+                Output::RedialUpstream => unreachable!("no PROXY v2 upstream in the simulator"),
+                Output::Login(login) => {
+                    // What the front's answers made happen is seen before the routing.
+                    self.pump_events();
+                    match self.upstream_connected(&login) {
+                        Ok(reply) => {
+                            self.session
+                                .logged_in(self.now, &reply, &mut self.sin, &mut self.cin);
+                        }
+                        Err(reply) => {
+                            self.session.login_failed(
+                                self.now,
+                                &reply,
+                                &mut self.sin,
+                                &mut self.cin,
+                            );
                         }
                     }
-                    self.server_input(&reply);
-                    return;
-                }
-                Err(reply) => {
-                    if let Some(front) = self.front.as_mut() {
-                        front.login_failed(&reply);
-                    }
+                    self.front_traffic();
                 }
             }
         }
     }
 
-    /// The "upstream connected" phase of routing mode: dial the model server, take its
-    /// greeting and replay the login; `Ok` with the final reply (the server stays connected
-    /// as `self.server`), `Err` with the line that answers the client's login command.
-    ///
-    /// This is the one place the upstream dialogue happens; once the sans-I/O upstream
-    /// machine (greeting, STLS, XCLIENT, login replay, OAuth2) is in main, it plugs in here
-    /// (and in [`Sim::connect`] for direct mode), fed from the same model server.
+    /// Routing mode: what went between the hop and the front, as it would between the hop
+    /// and a server: the hop's bytes are checked as upstream-bound, the front's answers are
+    /// popgate's own replies.
+    fn front_traffic(&mut self) {
+        let (heard, said) = self.session.take_front_traffic();
+        self.check.upstream_bytes(&heard);
+        self.check.local_reply(&said);
+    }
+
+    /// The "upstream connected" phase of routing mode, as the driver runs it: dial the model
+    /// server and drive the upstream dialogue (`proxy::dialogue`) against it: its greeting,
+    /// STLS (as the input says; the handshake completes or fails as the input says), the
+    /// login replayed line by line, read in chunks. `Ok` with the final reply and what
+    /// followed it (the server stays connected as `self.server`), `Err` with the line that
+    /// answers the client's login command. A server that does not answer is the reply
+    /// timeout: unavailable.
     fn upstream_connected(&mut self, login: &Login) -> Result<Vec<u8>, Vec<u8>> {
-        let mut server = Server::connect(&mut self.input, &mut self.check);
-        let Some(greeting) = server.read_line() else {
-            return Err(UNAVAILABLE.to_vec());
+        let stls = self.input.byte() % 2 == 1;
+        let plan = Plan {
+            tls: if stls {
+                TlsMode::Starttls
+            } else {
+                TlsMode::None
+            },
+            tls_configured: true,
+            proxy_header: None,
+            xclient: None,
+            read_greeting: true,
+            max_line: 512,
+            login: Some(Replay::Lines {
+                method: login.method,
+                lines: login.lines.clone(),
+            }),
         };
-        if !greeting.starts_with(b"+OK") {
-            return Err(UNAVAILABLE.to_vec());
-        }
-        for (i, line) in login.lines.iter().enumerate() {
-            self.check.upstream_bytes(line);
-            self.check.replaying = true;
-            server.receive(line, &mut self.input, &mut self.check);
-            self.check.replaying = false;
-            let Some(reply) = server.read_line() else {
-                return Err(UNAVAILABLE.to_vec());
-            };
-            let last = i + 1 == login.lines.len();
-            if !reply.starts_with(b"+OK") && !reply.starts_with(b"+ ") {
-                return Err(if reply.starts_with(b"-ERR") {
-                    reply
-                } else {
-                    UNAVAILABLE.to_vec()
-                });
-            }
-            if last {
-                if !reply.starts_with(b"+OK") {
+        // The routed upstream's two addresses, as `net::upstream::connect` tries them.
+        for address in 0..2 {
+            let mut server = Server::connect(&mut self.input, &mut self.check);
+            let mut dialogue = Dialogue::new(plan.clone());
+            let mut connected = false;
+            loop {
+                while let Some(step) = dialogue.poll() {
+                    match step {
+                        Step::Write(bytes) => {
+                            self.check.upstream_bytes(&bytes);
+                            self.check.replaying = true;
+                            server.receive(&bytes, &mut self.input, &mut self.check);
+                            self.check.replaying = false;
+                        }
+                        Step::StartTls => {
+                            if self.input.byte() % 8 == 7 {
+                                dialogue.tls_failed(&"sim: the server's handshake failed");
+                            } else {
+                                self.upstream_stls += 1;
+                                dialogue.tls_done();
+                            }
+                        }
+                        Step::LoggedIn { mut reply, rest } => {
+                            reply.extend_from_slice(&rest);
+                            self.server = Some(server);
+                            self.routed += 1;
+                            return Ok(reply);
+                        }
+                        Step::Failed(Failure::Refused(line)) => return Err(line),
+                        Step::Failed(_) => return Err(UNAVAILABLE.to_vec()),
+                        Step::Connected => connected = true,
+                        Step::Notice(_) | Step::FetchToken => {}
+                    }
+                }
+                if dialogue.finished() {
                     return Err(UNAVAILABLE.to_vec());
                 }
-                self.server = Some(server);
-                self.routed += 1;
-                return Ok(reply);
+                // The login waits for held replies (within its reply timeout).
+                server.release();
+                let n = self.chunk();
+                let bytes = server.read(n);
+                if !bytes.is_empty() {
+                    dialogue.on_server_bytes(&bytes);
+                } else if server.at_eof() {
+                    server.eof_seen = true;
+                    dialogue.on_server_eof();
+                } else if !connected && address == 0 {
+                    // Silent during the set-up: the connect timeout, which fails over to the
+                    // next address (the first is closed without a word).
+                    self.failed_over += 1;
+                    break;
+                } else {
+                    // Silent during the login: its reply timeout.
+                    return Err(UNAVAILABLE.to_vec());
+                }
             }
         }
         Err(UNAVAILABLE.to_vec())
@@ -1344,7 +1385,9 @@ mod tests {
         let mut closed = 0;
         let mut tagged = 0;
         let mut reasons = std::collections::BTreeMap::new();
-        let (mut bodies, mut stls, mut routed, mut scans) = (0, 0, 0, 0);
+        let (mut bodies, mut stls, mut routed, mut upstream_stls) = (0, 0, 0, 0);
+        let mut failed_over = 0;
+        let mut scans = 0;
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             closed += usize::from(s.close.is_some());
@@ -1353,19 +1396,27 @@ mod tests {
             bodies += s.bodies;
             stls += usize::from(s.stls);
             routed += s.routed;
+            upstream_stls += s.upstream_stls;
+            failed_over += s.failed_over;
             scans += s.scans;
         }
         eprintln!(
-            "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed, \
-             {scans} scans: {reasons:?}"
+            "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed \
+             ({upstream_stls} over STLS upstream, {failed_over} failed over), {scans} scans: \
+             {reasons:?}"
         );
         // The runs do reach the server and end: not a simulator that does nothing.
         assert!(closed > 2500, "{closed} sessions closed");
         assert!(tagged > 3000, "{tagged} tagged replies");
         // And they reach what the invariants are about: bodies, TLS upgrades, routed logins.
         assert!(
-            bodies > 100 && stls > 20 && routed > 5 && scans > 10,
-            "{bodies} {stls} {routed} {scans}"
+            bodies > 100
+                && stls > 20
+                && routed > 5
+                && upstream_stls > 0
+                && failed_over > 0
+                && scans > 10,
+            "{bodies} {stls} {routed} {upstream_stls} {failed_over} {scans}"
         );
     }
 

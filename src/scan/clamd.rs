@@ -164,25 +164,33 @@ async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
     spool: &Spool,
 ) -> Result<Finding, ScanError> {
     let (mut r, mut w) = tokio::io::split(stream);
+    // Ok(Err(_)): the spool could not be read; Err(_): the connection broke.
     let send = async {
         w.write_all(INSTREAM).await?;
         let mut body = spool.unstuffed();
         let (mut buf, mut frame) = (Vec::new(), Vec::with_capacity(MAX_CHUNK + 4));
-        while let Some(piece) = body.next(buf).await? {
+        loop {
+            let piece = match body.next(buf).await {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(e) => return Ok(Err(e)),
+            };
             frame.clear();
             frame_into(&piece, &mut frame);
             w.write_all(&frame).await?;
             buf = piece;
         }
         w.write_all(&END).await?;
-        w.flush().await
+        w.flush().await.map(Ok)
     };
     let receive = read_reply(&mut r);
     tokio::pin!(send, receive);
     let reply = tokio::select! {
         reply = &mut receive => reply?,
         sent = &mut send => match sent {
-            Ok(()) => receive.await?,
+            Ok(Ok(())) => receive.await?,
+            // clamd waits for the rest: do not wait for its reply.
+            Ok(Err(e)) => return Err(ScanError::Io(io::Error::other(format!("spool: {e}")))),
             // clamd may have answered before it closed (its size limit): that reply says more.
             Err(e) => receive.await.map_err(|_| ScanError::Io(e))?,
         },
@@ -296,5 +304,34 @@ mod tests {
     fn no_reply_before_the_close_is_an_error_and_a_reply_without_nul_is_taken() {
         assert!(matches!(read_in_pieces(b"", 1), Err(ScanError::NoReply)));
         assert_eq!(read_in_pieces(b"PONG\n", 2).unwrap(), "PONG");
+    }
+
+    #[tokio::test]
+    async fn a_spool_that_cannot_be_read_ends_the_scan_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::scan::ScanConfig {
+            spool_memory: crate::types::ByteSize(10),
+            spool_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let mut spool = Spool::new(&config);
+        spool.write(&[b'x'; 200_000]).await.unwrap();
+        spool.break_file();
+        // A clamd that reads everything and never answers.
+        let socket = dir.path().join("clamd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let sink = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let address = Address::Unix(socket);
+        let scan = scan(&address, &spool);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), scan)
+            .await
+            .expect("no wait for a reply that cannot come");
+        let e = outcome.unwrap_err().to_string();
+        assert!(e.starts_with("I/O: spool: "), "{e}");
+        sink.abort();
     }
 }

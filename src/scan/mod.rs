@@ -84,11 +84,11 @@ pub(crate) fn printable(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A `[[scanner]]` entry or the `[scan]` spool directory that cannot be used.
+/// A `[[scanner]]` entry that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {reason}")]
 pub struct ScannerError {
-    /// What it is about: `scanner "clamav"` or `scan.spool_dir`.
+    /// Which: `scanner "clamav"`.
     pub key: String,
     /// What is wrong.
     pub reason: String,
@@ -160,26 +160,15 @@ pub struct Scanners {
 }
 
 impl Scanners {
-    /// The scanners of a config (validated: names unique, addresses parse). `spool_dir` is
-    /// created (mode 0700) if it is missing.
+    /// The scanners of a config (validated: names unique, addresses parse). Nothing is
+    /// connected or created yet.
     pub fn new(scanners: &[ScannerConfig], scan: &ScanConfig) -> Result<Scanners, ScannerError> {
-        if !scanners.is_empty() && !scan.spool_dir.is_dir() {
-            use std::os::unix::fs::DirBuilderExt as _;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&scan.spool_dir)
-                .map_err(|e| ScannerError {
-                    key: "scan.spool_dir".into(),
-                    reason: format!("{}: {e}", scan.spool_dir.display()),
-                })?;
-        }
         Ok(Scanners {
             scanners: scanners
                 .iter()
                 .map(Scanner::new)
                 .collect::<Result<_, _>>()?,
-            slots: Semaphore::new(scan.max_concurrent.max(1)),
+            slots: Semaphore::new(scan.max_concurrent.clamp(1, Semaphore::MAX_PERMITS)),
             config: scan.clone(),
             metrics: None,
         })

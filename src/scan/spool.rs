@@ -80,7 +80,18 @@ impl Spool {
             }
             let dir = self.dir.clone();
             let file = blocking(move || {
-                let file = tempfile::tempfile_in(dir)?;
+                let file = match tempfile::tempfile_in(&dir) {
+                    // `spool_dir` is made when first needed (not by `popgate check`).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        use std::os::unix::fs::DirBuilderExt as _;
+                        std::fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(&dir)?;
+                        tempfile::tempfile_in(&dir)?
+                    }
+                    other => other?,
+                };
                 // An O_TMPFILE file gets 0666 less the umask: make it the owner's alone.
                 file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 Ok(file)
@@ -175,6 +186,14 @@ impl Spool {
         let end = start.saturating_add(CHUNK).min(self.tail.len());
         buf.extend_from_slice(&self.tail[start..end]);
         Ok(buf)
+    }
+
+    /// Cut the file short behind the spool's back, so that reads fail (tests of readers).
+    #[cfg(test)]
+    pub(crate) fn break_file(&self) {
+        if let Some(f) = &self.file {
+            f.set_len(0).unwrap();
+        }
     }
 
     /// A reader of the message as the scanners get it: un-stuffed.
@@ -413,9 +432,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_missing_spool_dir_is_an_error_when_the_body_outgrows_memory() {
+    async fn a_missing_spool_dir_is_made_0700_when_first_needed() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(10, &dir.path().join("missing"));
+        let spool_dir = dir.path().join("a/spool");
+        let cfg = config(10, &spool_dir);
+        let mut s = Spool::new(&cfg);
+        s.write(b"0123456789").await.unwrap();
+        assert!(!spool_dir.exists(), "not while the body fits in memory");
+        s.write(b"x").await.unwrap();
+        assert!(s.on_disk());
+        let mode = std::fs::metadata(&spool_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn an_unusable_spool_dir_is_an_error_when_the_body_outgrows_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let cfg = config(10, &file.join("spool"));
         let mut s = Spool::new(&cfg);
         s.write(b"0123456789").await.unwrap();
         assert!(s.write(b"x").await.is_err());

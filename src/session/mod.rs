@@ -23,7 +23,7 @@ use crate::config::{Config, TlsMode};
 use crate::control::registry::Entry;
 use crate::net::tls::{Stream, TlsSetup};
 use crate::proxy::policy::Policy;
-use crate::proxy::{Hop, HopConfig, Output, SessionEvent};
+use crate::proxy::{Hop, HopConfig, Output, Session, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
@@ -112,6 +112,15 @@ pub struct SessionInfo {
     /// With `upstream.address = "original-destination"`: the address the client connected
     /// to before a `REDIRECT` sent it to popgate, and where this session connects.
     pub original_dst: Option<SocketAddr>,
+}
+
+/// What the hop of each session is told about scanning (`[[scanner]]` sizes, `[scan]`
+/// policy), built once per config snapshot.
+pub(crate) fn scan_policy(config: &crate::config::Config) -> Arc<crate::proxy::scan::ScanPolicy> {
+    Arc::new(crate::proxy::scan::ScanPolicy::new(
+        &config.scanners,
+        &config.scan,
+    ))
 }
 
 /// The id of the first session of a popgate started at `start`: that time in microseconds
@@ -306,7 +315,7 @@ async fn open(
             .as_ref()
             .map_or("popgate ready", |r| &r.greeting);
         let front = crate::proxy::front::Front::new(greeting);
-        (Stream::Detached, Vec::new(), Some(Box::new(front)))
+        (Stream::Detached, Vec::new(), Some(front))
     } else {
         let dialled = Instant::now();
         let index = config.default_index();
@@ -420,11 +429,15 @@ async fn open(
         scan: shared.scan_policy.clone(),
     };
     let hop = Hop::new(cfg, policy, started.into_std(), clock());
+    // Direct mode with PROXY v2: the server is told about the client's STLS by a second dial
+    // (routing mode dials after the STLS already; interception and PROXY v1 cannot say it).
+    let redial = info.original_dst.is_none()
+        && config.upstreams[config.default_index()].forward_client
+            == crate::config::ForwardClient::ProxyV2;
     Ok(Driver {
-        hop,
+        session: Session::new(hop, front).redialling_after_stls(redial),
         client,
         upstream: upstream_stream,
-        front,
         shared: shared.clone(),
         info: Box::new(info),
         client_tls: client_tls.map(Box::new),
@@ -434,7 +447,6 @@ async fn open(
         observer: SessionObserver { observer },
         traffic: Traffic::default(),
         live,
-        redial_before_next_command: false,
         held: None,
     })
 }
@@ -482,12 +494,12 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
         }
         _ => reason,
     };
-    driver.hop.finish();
+    driver.session.hop_mut().finish();
     // A held body and its scan go with the session (a spool file is unlinked already).
     driver.held = None;
-    record_rules(&shared, driver.hop.take_rule_tally());
+    record_rules(&shared, driver.session.hop_mut().take_rule_tally());
     // Upstream: a plain close, never QUIT (unless the client's own QUIT went through).
-    if driver.hop.mid_response() {
+    if driver.session.hop().mid_response() {
         // A multi-line response was cut: a reset, so that no client takes what it got for a
         // complete message (the terminator was never sent, nor a prefix of it).
         warn!("multi-line response cut; client connection reset");
@@ -497,26 +509,26 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
     }
     drop(std::mem::replace(&mut driver.upstream, Stream::Detached));
     let obs = &mut driver.observer.observer;
-    obs.set_tags(driver.hop.tags());
+    obs.set_tags(driver.session.hop().tags());
     obs.close(
         reason,
-        driver.hop.user(),
+        driver.session.hop().user(),
         driver.traffic.from_client,
         driver.traffic.to_client,
         started.elapsed().as_millis() as u64,
-        driver.hop.close_marks(),
+        driver.session.hop().close_marks(),
     );
     obs.flush().await;
     // The tags of the `session_close` record: the session's and the close's own.
-    let mut tags = driver.hop.tags().to_vec();
-    for t in &driver.hop.close_marks().tags {
+    let mut tags = driver.session.hop().tags().to_vec();
+    for t in &driver.session.hop().close_marks().tags {
         if !tags.contains(t) {
             tags.push(t.clone());
         }
     }
     info!(
         reason = reason.as_str(),
-        user = driver.hop.user().unwrap_or("-"),
+        user = driver.session.hop().user().unwrap_or("-"),
         // The text of a JSON array: JSON logs turn it into the array (daemon::Logging).
         tags = %tags_json(&tags),
         client_tls = driver.client_tls.as_ref().map_or("-", |t| t.version.as_str()),
@@ -705,12 +717,11 @@ impl SessionObserver {
 
 /// The I/O side of one session: reads into two buffers, feeds the hop, carries out its actions.
 struct Driver {
-    hop: Hop,
+    /// The hop, and in routing mode the front until the login is routed.
+    session: Session,
     client: Stream,
     /// `Stream::Detached` while the front stands in for it (routing mode, before login).
     upstream: Stream,
-    /// Routing mode until the login succeeded upstream: the stand-in server.
-    front: Option<Box<crate::proxy::front::Front>>,
     shared: Arc<Shared>,
     /// Boxed: read at a routed login and an STLS re-dial only; inline it would weigh 160
     /// bytes in every session's driver.
@@ -727,10 +738,6 @@ struct Driver {
     traffic: Traffic,
     /// The session's metrics handles (bytes each way; active until dropped).
     live: crate::metrics::SessionMetrics,
-    /// Direct mode with `forward_client = "proxy-v2"` after the client's STLS: the server is
-    /// dialled again (to be told about TLS) before the next command goes out, unless that
-    /// command is APOP, whose digest hashes the first connection's greeting.
-    redial_before_next_command: bool,
     /// The body held for a scan and the scan in flight (`None` when nothing is held).
     held: Option<Box<scan::Held>>,
 }
@@ -741,44 +748,37 @@ impl Driver {
     async fn drive(&mut self, stop: &Entry) -> Result<CloseReason, SessionError> {
         // The stop is handled once (the hop closes at it).
         let mut stop_seen = false;
-        if let Some(front) = &mut self.front {
-            // popgate's own greeting.
-            let greeting = front.take_output();
-            self.sin.extend_from_slice(&greeting);
-        }
-        // The greeting may have been read already (upstream STLS).
-        if !self.sin.is_empty() {
-            self.hop
-                .on_server_input(clock(), &mut self.sin, &mut self.cin);
-        }
+        // popgate's own greeting (routing mode), or the server's if it was read already
+        // (upstream STLS).
+        self.session.start(clock(), &mut self.sin, &mut self.cin);
         loop {
             self.pump_events().await;
             if let Some(reason) = self.execute(stop).await? {
                 return Ok(reason);
             }
             self.sync_observer().await;
-            let want_client = self.hop.wants_client_input();
+            let want_client = self.session.wants_client_input();
             // A waiting session holds no read buffer (see `read`); a streaming body is read
             // straight into a large one, kept until the body ends.
             read::release_if_empty(&mut self.cin);
-            self.hop.trim();
-            let in_body = self.hop.mid_response();
+            self.session.hop_mut().trim();
+            let in_body = self.session.hop().mid_response();
             if in_body {
                 self.sin.reserve(read::BODY_READ);
             } else {
                 read::release_if_empty(&mut self.sin);
             }
-            let wake = self.hop.poll_timeout().map(Instant::from_std);
+            let wake = self.session.poll_timeout().map(Instant::from_std);
             // Routing mode reads no upstream until the login is routed; while the hop holds
             // replies (a tarpit, the login penalty) the server's bytes wait in the socket.
-            let want_server = self.front.is_none() && self.hop.wants_server_input();
+            let want_server = self.session.wants_server_input();
             tokio::select! {
                 biased;
                 // A hold never outlasts a shutdown: the session ends within the grace period
                 // like any other.
                 _ = stop.stopped(), if !stop_seen => {
                     stop_seen = true;
-                    self.hop.on_shutdown();
+                    self.session.on_shutdown();
                 }
                 r = async {
                     if in_body {
@@ -787,16 +787,16 @@ impl Driver {
                         read::read_lean(&mut self.upstream, &mut self.sin).await
                     }
                 }, if want_server => match r {
-                    Ok(0) => self.hop.on_upstream_eof(),
+                    Ok(0) => self.session.on_upstream_eof(),
                     Ok(n) => {
                         self.live.from_upstream.inc_by(n as u64);
-                        self.hop.on_server_input(clock(), &mut self.sin, &mut self.cin);
+                        self.session.on_server_input(clock(), &mut self.sin, &mut self.cin);
                     }
                     Err(e) => {
                         // A reset or TLS alert (e.g. a refused client certificate): the
                         // client gets a clear answer for what it is waiting on.
                         let err = io_err(Side::Upstream)(e);
-                        self.hop.on_upstream_error(err.is_disconnect());
+                        self.session.on_upstream_error(err.is_disconnect());
                         if !err.is_disconnect() {
                             warn!(error = %err, "upstream failed");
                         }
@@ -805,11 +805,11 @@ impl Driver {
                 r = read::read_lean(&mut self.client, &mut self.cin), if want_client => {
                     let n = r.map_err(io_err(Side::Client))?;
                     if n == 0 {
-                        self.hop.on_client_eof();
+                        self.session.on_client_eof();
                     } else {
                         self.traffic.from_client += n as u64;
                         self.live.from_client.inc_by(n as u64);
-                        self.hop.on_client_input(clock(), &mut self.cin);
+                        self.session.on_client_input(clock(), &mut self.cin);
                     }
                 }
                 (spool, reports) = scan::verdict(&mut self.held) => {
@@ -818,38 +818,54 @@ impl Driver {
                         held.spool = Some(spool);
                     }
                     let date = crate::proxy::scan::rfc5322_date(std::time::SystemTime::now());
-                    self.hop.scan_done(clock(), &date, reports, &mut self.cin);
+                    self.session
+                        .scan_done(clock(), &date, reports, &mut self.cin);
                 }
                 _ = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => self.hop.on_timeout(clock()),
+                } => self.session.on_timeout(clock()),
             }
         }
     }
 
-    /// Dispatch the hop's events in order; answer a failed login with its penalty.
-    async fn pump_events(&mut self) {
-        while let Some(ev) = self.hop.poll_event() {
+    /// Dispatch the hop's events in order; answer a failed login with its penalty. Whether
+    /// there were any.
+    async fn pump_events(&mut self) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.session.poll_event() {
+            any = true;
             match ev {
                 SessionEvent::LoginFailed(ip) => {
                     let now = clock();
                     let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
-                    self.hop.penalty(now, penalty);
+                    self.session.penalty(now, penalty);
                 }
                 ev => self
                     .observer
                     .dispatch(ev, &self.shared, &self.info.listener),
             }
         }
+        any
     }
 
     /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
     /// session.
     async fn execute(&mut self, stop: &Entry) -> Result<Option<CloseReason>, SessionError> {
-        while let Some(output) = self.hop.poll_output() {
+        loop {
+            let Some(output) = self
+                .session
+                .poll_output(clock(), &mut self.sin, &mut self.cin)
+            else {
+                // Routing mode: the front's answers may have raised events (a failed
+                // login's, whose penalty lets held outputs go): both queues are drained.
+                if self.pump_events().await {
+                    continue;
+                }
+                break;
+            };
             match output {
                 Output::ToClient(bytes) => {
                     // The flush matters under TLS: a write that filled the socket leaves
@@ -863,37 +879,23 @@ impl Driver {
                     self.traffic.to_client += bytes.len() as u64;
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
-                Output::ToUpstream(bytes) if self.front.is_some() => {
+                Output::Login(login) => {
                     // Boxed: routing mode before login only; its future (connect and login
                     // replay) would otherwise sit in every session's task.
-                    Box::pin(self.feed_front(&bytes, stop)).await?
+                    Box::pin(self.routed_login(&login, stop)).await?
                 }
-                Output::ToUpstream(bytes) => {
-                    if std::mem::take(&mut self.redial_before_next_command) {
-                        if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
-                            debug!(
-                                "APOP after STLS: the session stays on the connection whose \
-                                 greeting it hashed (the server is not told about TLS)"
-                            );
-                        } else {
-                            Box::pin(self.redial_after_stls()).await?;
-                        }
-                    }
-                    self.send_upstream(&bytes).await?
-                }
+                Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
+                // Boxed: a rare step whose future would otherwise sit in every session.
+                Output::RedialUpstream => Box::pin(self.redial_after_stls()).await?,
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
                     self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
-                    self.hop.client_tls_started(&mut self.cin);
-                    if let Some(front) = self.front.as_mut() {
-                        front.tls_started();
-                    }
+                    self.session.client_tls_started(&mut self.cin);
                     self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
-                    self.redial_before_next_command = self.redial_wanted();
                 }
                 Output::Spool(bytes) => {
                     if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
@@ -939,23 +941,11 @@ impl Driver {
         }
     }
 
-    /// Whether, after the client's STLS, the server must be dialled again to be told about
-    /// TLS: direct mode with `forward_client = "proxy-v2"` (routing mode dials after the STLS
-    /// already; interception and PROXY v1 cannot say it).
-    fn redial_wanted(&self) -> bool {
-        let config = &self.shared.config;
-        self.front.is_none()
-            && self.info.original_dst.is_none()
-            && config.upstreams[config.default_index()].forward_client
-                == crate::config::ForwardClient::ProxyV2
-            && self.client_tls.is_some()
-    }
-
     /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the
     /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
-    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called before
-    /// the first command after the STLS goes out (not for APOP, see
-    /// `redial_before_next_command`): dial again with the client's TLS in the header and take
+    /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called for
+    /// [`Output::RedialUpstream`], before the first command after the STLS goes out (not for
+    /// APOP: `proxy::Session::redialling_after_stls`): dial again with the client's TLS in the header and take
     /// the new greeting silently; the first connection is closed (without QUIT: nothing was
     /// done on it but the capability talk before STLS, which RFC 2595 makes the client forget
     /// anyway). The commands about to go out are the only ones pending (the STLS waited for
@@ -1014,63 +1004,47 @@ impl Driver {
         Ok(())
     }
 
-    /// Routing mode: what the hop sends "upstream" goes to the front; its answers come back
-    /// as server input. A complete login is routed, connected and replayed here.
-    async fn feed_front(&mut self, bytes: &[u8], stop: &Entry) -> Result<(), SessionError> {
-        let Some(front) = self.front.as_mut() else {
-            return Ok(());
+    /// Routing mode: route, connect and replay a login the front took, then tell the session
+    /// how it went.
+    async fn routed_login(
+        &mut self,
+        login: &crate::proxy::front::Login,
+        stop: &Entry,
+    ) -> Result<(), SessionError> {
+        // What the front's answers made happen is recorded before the routing's own records.
+        self.pump_events().await;
+        // A shutdown does not wait for a slow upstream: the login is abandoned (the
+        // upstream socket closed without QUIT), as a command in flight would be.
+        let routed = tokio::select! {
+            r = self.route_login(login) => r,
+            _ = stop.stopped() => {
+                self.session.on_shutdown();
+                return Ok(());
+            }
         };
-        front.input(bytes);
-        loop {
-            let Some(front) = self.front.as_mut() else {
-                return Ok(());
-            };
-            let answers = front.take_output();
-            let login = front.take_login();
-            let quit = front.quit();
-            self.server_input(&answers).await;
-            let Some(login) = login else {
-                if quit {
-                    // As a server closes after QUIT: the session ends, nothing was dialled.
-                    self.hop.on_upstream_eof();
+        match routed {
+            Ok(done) => {
+                self.upstream = done.stream;
+                self.upstream_tls = self.upstream.tls_info().map(Box::new);
+                if let Some(t) = &self.upstream_tls {
+                    self.observer
+                        .observer
+                        .tls(crate::audit::TlsSide::Upstream, t);
                 }
-                return Ok(());
-            };
-            // A shutdown does not wait for a slow upstream: the login is abandoned (the
-            // upstream socket closed without QUIT), as a command in flight would be.
-            let routed = tokio::select! {
-                r = self.route_login(&login) => r,
-                _ = stop.stopped() => {
-                    self.hop.on_shutdown();
-                    return Ok(());
-                }
-            };
-            match routed {
-                Ok(done) => {
-                    let rest = self.front.take().map(|f| f.into_rest()).unwrap_or_default();
-                    self.upstream = done.stream;
-                    self.upstream_tls = self.upstream.tls_info().map(Box::new);
-                    if let Some(t) = &self.upstream_tls {
-                        self.observer
-                            .observer
-                            .tls(crate::audit::TlsSide::Upstream, t);
-                    }
-                    if !rest.is_empty() {
-                        self.send_upstream(&rest).await?;
-                    }
-                    let mut reply = done.reply;
-                    reply.extend_from_slice(&done.rest);
-                    self.live.from_upstream.inc_by(reply.len() as u64);
-                    self.server_input(&reply).await;
-                    return Ok(());
-                }
-                Err(reply) => {
-                    if let Some(front) = self.front.as_mut() {
-                        front.login_failed(&reply);
-                    }
-                }
+                let mut reply = done.reply;
+                reply.extend_from_slice(&done.rest);
+                self.live.from_upstream.inc_by(reply.len() as u64);
+                self.session
+                    .logged_in(clock(), &reply, &mut self.sin, &mut self.cin);
+            }
+            Err(reply) => {
+                self.session
+                    .login_failed(clock(), &reply, &mut self.sin, &mut self.cin);
             }
         }
+        // In the order they happened, before anything the routing does next is recorded.
+        self.pump_events().await;
+        Ok(())
     }
 
     /// Write `bytes` to the upstream and flush them (under TLS a write can leave records
@@ -1088,18 +1062,6 @@ impl Driver {
         Ok(())
     }
 
-    /// Server bytes (from the front or the login) into the hop.
-    async fn server_input(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.sin.extend_from_slice(bytes);
-        self.hop
-            .on_server_input(clock(), &mut self.sin, &mut self.cin);
-        // In the order they happened, before anything the routing does next is recorded.
-        self.pump_events().await;
-    }
-
     /// Pick the upstream for `login` (route rule, map, default), connect and replay. On
     /// failure: the line that answers the client's login command.
     async fn route_login(
@@ -1108,7 +1070,7 @@ impl Driver {
     ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let hop = &self.hop;
+        let hop = self.session.hop();
         let crate::routing::Route { index, why, user } = crate::routing::route(
             config,
             &login.user,
@@ -1118,7 +1080,8 @@ impl Driver {
         let upstream = &config.upstreams[index];
         // Rules and audit see the name the chosen server logs in; so does the OAuth2 bridge
         // (its credentials and tokens). The replay upstream is what the client sent.
-        self.hop
+        self.session
+            .hop_mut()
             .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
         let login = &crate::proxy::front::Login {
             user,
@@ -1214,19 +1177,23 @@ impl Driver {
 
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.
     async fn sync_observer(&mut self) {
-        record_rules(&self.shared, self.hop.take_rule_tally());
+        record_rules(&self.shared, self.session.hop_mut().take_rule_tally());
         // `popgate sessions`: relaxed stores, a lock only when something changed.
         if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
             h.progress(self.traffic.from_client, self.traffic.to_client);
-            h.sync(self.hop.user(), self.hop.state(), self.hop.tags());
+            h.sync(
+                self.session.hop().user(),
+                self.session.hop().state(),
+                self.session.hop().tags(),
+            );
             h.tls(
                 self.client_tls.as_deref().map(|t| t.version.as_str()),
                 self.upstream_tls.as_deref().map(|t| t.version.as_str()),
             );
         }
         let obs = &mut self.observer.observer;
-        obs.set_tags(self.hop.tags());
-        if self.hop.trace() {
+        obs.set_tags(self.session.hop().tags());
+        if self.session.hop().trace() {
             obs.start_transcript(
                 &self.shared.config.audit.transcript,
                 &self.info.listener,

@@ -26,6 +26,21 @@ fn strings(tags: &[Arc<str>]) -> Vec<String> {
     tags.iter().map(|t| t.to_string()).collect()
 }
 
+/// What a scanner said (a virus name, an action, an error) is kept to this many octets.
+const MAX_SCAN_DETAIL: usize = 200;
+
+/// `s` cut to [`MAX_SCAN_DETAIL`] octets at a character boundary.
+fn bounded(s: &str) -> &str {
+    if s.len() <= MAX_SCAN_DETAIL {
+        return s;
+    }
+    let mut end = MAX_SCAN_DETAIL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A UIDL listing line is `n uid`; longer partial lines than this are ignored.
 const MAX_UIDL_LINE: usize = 128;
 
@@ -494,6 +509,7 @@ impl Observer {
             .map(|r| {
                 let mut v = format!("{}={}", r.scanner, r.verdict.as_str());
                 if let Some(d) = &r.detail {
+                    let d = bounded(d);
                     v.push_str(&format!(" ({})", crate::pop3::printable(d.as_bytes())));
                 }
                 v
@@ -525,7 +541,7 @@ impl Observer {
             message_id: None,
             scanner: r.scanner.to_string(),
             verdict: r.verdict,
-            name: r.detail.clone(),
+            name: r.detail.as_deref().map(|d| bounded(d).to_owned()),
             score: r.score.map(|s| s.0),
             required: r.score.map(|s| s.1),
             action,
@@ -710,5 +726,13 @@ mod tests {
             ]
         );
         assert!(o.queue.iter().all(|e| e.user() == Some("bob")));
+    }
+
+    #[test]
+    fn what_a_scanner_said_is_bounded_at_a_character_boundary() {
+        let long = "é".repeat(300);
+        let b = bounded(&long);
+        assert!(b.len() <= MAX_SCAN_DETAIL && b.len() >= MAX_SCAN_DETAIL - 1);
+        assert_eq!(bounded("Eicar"), "Eicar");
     }
 }

@@ -53,11 +53,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "session",
         &[
             "proxy", "net", "audit", "pop3", "rules", "config", "limits", "metrics", "routing",
-            "oauth2", "types", "control", "state",
+            "oauth2", "types", "control", "state", "scan",
         ],
     ),
     // What `check` and every reload verify; loads what a config names (and names the
-    // `[metrics]` bind error among the start errors).
+    // `[metrics]` bind error among the start errors); builds the `[[scanner]]` clients.
     (
         "check",
         &[
@@ -70,6 +70,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "oauth2",
             "reference",
             "state",
+            "scan",
         ],
     ),
     // The configuration reference (every key, default, reload behaviour; popgate.toml(5)):

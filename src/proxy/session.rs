@@ -1,0 +1,723 @@
+//! One session's machine, no I/O: the [`Hop`] (the relay) and, in routing mode until the login
+//! succeeded upstream, the [`Front`] that stands in for the server. The machine does the
+//! sequencing between them that the driver used to do: what the hop sends "upstream" goes to
+//! the front, the front's answers come back to the hop as server input, a complete login comes
+//! out as [`Output::Login`] for the driver to route and replay, and its outcome
+//! ([`Session::logged_in`], [`Session::login_failed`]) hands the session over to the real
+//! upstream or lets the front answer the login command. A QUIT the front answered ends the
+//! session as a server's close would.
+//!
+//! The calling contract is on [`Session`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tracing::debug;
+
+use super::front::Front;
+use super::{Hop, Output, SessionEvent};
+
+/// One session: the hop, and in routing mode the front until the login is routed.
+///
+/// # Calling contract
+///
+/// The hop's contract (see [`Hop`]), with the session in its place:
+/// 1. [`Session::new`] with the hop and, in routing mode, the front; then [`Session::start`]
+///    with the server bytes already read (direct mode's pre-read greeting) in `sin`.
+/// 2. Feed what happens: [`Session::on_client_input`], [`Session::on_server_input`] (never
+///    while [`Session::wants_server_input`] is false: in routing mode before the login there
+///    is no upstream to read), [`Session::on_client_eof`], [`Session::on_upstream_eof`],
+///    [`Session::on_upstream_error`], [`Session::on_shutdown`], [`Session::on_timeout`],
+///    [`Session::client_tls_started`] after the handshake an [`Output::StartClientTls`]
+///    asked for.
+/// 3. After every call drain [`Session::poll_event`] (answering a
+///    [`SessionEvent::LoginFailed`] with [`Session::penalty`]), then
+///    [`Session::poll_output`] (it takes the clock and the buffers: in routing mode the
+///    front's answers go to the hop from there), carrying the outputs out in order.
+///    [`Output::Login`]: route the login, connect to the chosen upstream and replay it there;
+///    then [`Session::logged_in`] with the server's final reply, or [`Session::login_failed`]
+///    with the line that answers the client's login command; poll again. A shutdown while
+///    the login is out: [`Session::on_shutdown`] (the login is abandoned).
+/// 4. Wait for the client while [`Session::wants_client_input`], the upstream while
+///    [`Session::wants_server_input`], the instant [`Session::poll_timeout`], and shutdown.
+/// 5. At the end, [`Session::hop`] for the close record ([`Hop::finish`] and the rest).
+#[derive(Debug)]
+pub(crate) struct Session {
+    hop: Hop,
+    /// Routing mode until the login succeeded upstream: the stand-in server.
+    front: Option<Box<Front>>,
+    /// Outputs of the session's own, ahead of the hop's: a login to route, the client bytes
+    /// the front kept for the real upstream.
+    out: VecDeque<Output>,
+    /// Direct mode with `forward_client = "proxy-v2"`: the server is dialled again after the
+    /// client's STLS ([`Output::RedialUpstream`]).
+    redial_after_stls: bool,
+    /// The client's TLS is up and no command went upstream since.
+    redial_due: bool,
+    /// What the front was sent and what it answered (for the session simulator's checks).
+    #[cfg(any(test, feature = "fuzzing"))]
+    front_traffic: (Vec<u8>, Vec<u8>),
+}
+
+impl Session {
+    /// A session around `hop`; in routing mode with the `front` that greets the client.
+    pub(crate) fn new(hop: Hop, front: Option<Front>) -> Session {
+        Session {
+            hop,
+            front: front.map(Box::new),
+            out: VecDeque::new(),
+            redial_after_stls: false,
+            redial_due: false,
+            #[cfg(any(test, feature = "fuzzing"))]
+            front_traffic: (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Direct mode with `forward_client = "proxy-v2"` (and not intercepting): the upstream
+    /// was dialled before the client's STLS with a header that said "plaintext", and a server
+    /// such as Dovecot (`disable_plaintext_auth = yes`) would keep refusing plaintext logins.
+    /// So after the STLS, before the first command goes upstream, [`Output::RedialUpstream`]
+    /// comes out: unless that command is APOP, whose digest hashes the first connection's
+    /// greeting (the server is then not told about TLS). The commands about to go out are
+    /// the only ones pending (the STLS waited for every earlier answer).
+    pub(crate) fn redialling_after_stls(mut self, on: bool) -> Session {
+        self.redial_after_stls = on && self.front.is_none();
+        self
+    }
+
+    /// The session starts: the front's greeting (routing mode) or what was read from the
+    /// server during the set-up (`sin`) goes to the hop.
+    pub(crate) fn start(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        if let Some(front) = self.front.as_mut() {
+            let greeting = front.take_output();
+            #[cfg(any(test, feature = "fuzzing"))]
+            self.front_traffic.1.extend_from_slice(&greeting);
+            sin.extend_from_slice(&greeting);
+        }
+        if !sin.is_empty() {
+            self.hop.on_server_input(now, sin, cin);
+        }
+    }
+
+    /// The relay, for what the session does not change (its state, user, tags, the close
+    /// record).
+    pub(crate) fn hop(&self) -> &Hop {
+        &self.hop
+    }
+
+    /// The relay, to be told what the driver decided (e.g. how the routed server compares
+    /// user names) and to finish.
+    pub(crate) fn hop_mut(&mut self) -> &mut Hop {
+        &mut self.hop
+    }
+
+    /// Whether the front still stands in for the server (routing mode before the login).
+    #[cfg(test)]
+    pub(crate) fn routing(&self) -> bool {
+        self.front.is_some()
+    }
+
+    /// Bytes arrived from the client (appended to `cin`).
+    pub(crate) fn on_client_input(&mut self, now: Instant, cin: &mut BytesMut) {
+        self.hop.on_client_input(now, cin);
+    }
+
+    /// Bytes arrived from the upstream (appended to `sin`).
+    pub(crate) fn on_server_input(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        self.hop.on_server_input(now, sin, cin);
+    }
+
+    /// The client closed its sending side.
+    pub(crate) fn on_client_eof(&mut self) {
+        self.hop.on_client_eof();
+    }
+
+    /// The upstream closed its connection.
+    pub(crate) fn on_upstream_eof(&mut self) {
+        self.hop.on_upstream_eof();
+    }
+
+    /// Reading from the upstream failed; `disconnect` for an ordinary one.
+    pub(crate) fn on_upstream_error(&mut self, disconnect: bool) {
+        self.hop.on_upstream_error(disconnect);
+    }
+
+    /// popgate is shutting down (or the session was kicked): it ends now, a login that is
+    /// out with the driver included.
+    pub(crate) fn on_shutdown(&mut self) {
+        self.hop.on_shutdown();
+    }
+
+    /// The instant [`Session::poll_timeout`] reported has come.
+    pub(crate) fn on_timeout(&mut self, now: Instant) {
+        self.hop.on_timeout(now);
+    }
+
+    /// The client TLS handshake of [`Output::StartClientTls`] completed; `cin` holds the
+    /// plaintext sent after STLS (thrown away). The front forgets a USER from before.
+    pub(crate) fn client_tls_started(&mut self, cin: &mut BytesMut) {
+        self.hop.client_tls_started(cin);
+        if let Some(front) = self.front.as_mut() {
+            front.tls_started();
+        }
+        self.redial_due = self.redial_after_stls;
+    }
+
+    /// The verdict on the scan an [`Output::Scan`] asked for (see [`Hop::scan_done`]).
+    pub(crate) fn scan_done(
+        &mut self,
+        now: Instant,
+        date: &str,
+        reports: Vec<crate::types::ScanReport>,
+        cin: &mut BytesMut,
+    ) {
+        self.hop.scan_done(now, date, reports, cin);
+    }
+
+    /// The answer to a [`SessionEvent::LoginFailed`]: the penalty, counted from `now`.
+    pub(crate) fn penalty(&mut self, now: Instant, penalty: Option<Duration>) {
+        self.hop.penalty(now, penalty);
+    }
+
+    /// The next event to dispatch, in order.
+    pub(crate) fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.hop.poll_event()
+    }
+
+    /// When [`Session::on_timeout`] is due.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.hop.poll_timeout()
+    }
+
+    /// Whether the driver may read from the client now.
+    pub(crate) fn wants_client_input(&self) -> bool {
+        self.hop.wants_client_input()
+    }
+
+    /// Whether the driver may read from the upstream now: never while the front stands in
+    /// for it.
+    pub(crate) fn wants_server_input(&self) -> bool {
+        self.front.is_none() && self.hop.wants_server_input()
+    }
+
+    /// The next output to carry out, `None` when there is none (or the next ones are held).
+    /// In routing mode before the login, what the hop sends upstream goes to the front here
+    /// (`now`, and the buffers the hop is fed from: the front's answers are its server
+    /// input).
+    pub(crate) fn poll_output(
+        &mut self,
+        now: Instant,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) -> Option<Output> {
+        loop {
+            if let Some(output) = self.out.pop_front() {
+                return Some(output);
+            }
+            match self.hop.poll_output()? {
+                Output::ToUpstream(bytes) if self.front.is_some() => {
+                    #[cfg(any(test, feature = "fuzzing"))]
+                    self.front_traffic.0.extend_from_slice(&bytes);
+                    if let Some(front) = self.front.as_mut() {
+                        front.input(&bytes);
+                    }
+                    self.front_turn(now, sin, cin);
+                }
+                Output::ToUpstream(bytes) if std::mem::take(&mut self.redial_due) => {
+                    if bytes.len() >= 5 && bytes[..5].eq_ignore_ascii_case(b"APOP ") {
+                        debug!(
+                            "APOP after STLS: the session stays on the connection whose \
+                             greeting it hashed (the server is not told about TLS)"
+                        );
+                        return Some(Output::ToUpstream(bytes));
+                    }
+                    self.out.push_back(Output::ToUpstream(bytes));
+                    return Some(Output::RedialUpstream);
+                }
+                output => return Some(output),
+            }
+        }
+    }
+
+    /// The login of [`Output::Login`] succeeded upstream with `reply` (the server's final
+    /// line, and whatever it sent after it): the session goes over to the upstream. The
+    /// client bytes the front kept come out first ([`Output::ToUpstream`]), then the reply
+    /// goes to the hop.
+    pub(crate) fn logged_in(
+        &mut self,
+        now: Instant,
+        reply: &[u8],
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) {
+        let Some(front) = self.front.take() else {
+            return;
+        };
+        let rest = front.into_rest();
+        if !rest.is_empty() {
+            self.out.push_back(Output::ToUpstream(Bytes::from(rest)));
+        }
+        self.server_input(now, reply, sin, cin);
+    }
+
+    /// The login of [`Output::Login`] failed: `reply` (a status line, CRLF included)
+    /// answers the client's login command, and the front goes on with what it kept.
+    pub(crate) fn login_failed(
+        &mut self,
+        now: Instant,
+        reply: &[u8],
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) {
+        let Some(front) = self.front.as_mut() else {
+            return;
+        };
+        front.login_failed(reply);
+        self.front_turn(now, sin, cin);
+    }
+
+    /// What the hop sent the front and what the front answered since the last call (the
+    /// session simulator checks them as upstream-bound bytes and popgate's own replies).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn take_front_traffic(&mut self) -> (Vec<u8>, Vec<u8>) {
+        std::mem::take(&mut self.front_traffic)
+    }
+
+    /// The front's answers go to the hop; a complete login comes out for the driver; a QUIT
+    /// it answered ends the session as a server's close does (nothing was dialled).
+    fn front_turn(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        let Some(front) = self.front.as_mut() else {
+            return;
+        };
+        let answers = front.take_output();
+        let login = front.take_login();
+        let quit = front.quit();
+        #[cfg(any(test, feature = "fuzzing"))]
+        self.front_traffic.1.extend_from_slice(&answers);
+        self.server_input(now, &answers, sin, cin);
+        match login {
+            Some(login) => self.out.push_back(Output::Login(Box::new(login))),
+            None if quit => self.hop.on_upstream_eof(),
+            None => {}
+        }
+    }
+
+    fn server_input(&mut self, now: Instant, bytes: &[u8], sin: &mut BytesMut, cin: &mut BytesMut) {
+        if bytes.is_empty() {
+            return;
+        }
+        sin.extend_from_slice(bytes);
+        self.hop.on_server_input(now, sin, cin);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Routing mode's hand-over without sockets: the front greets and answers, a login comes
+    //! out, its outcome is fed back, at every chunk size.
+
+    use std::net::IpAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::UnknownCommands;
+    use crate::proxy::HopConfig;
+    use crate::proxy::front::Method;
+    use crate::proxy::policy::Policy;
+    use crate::rules::RuleSet;
+    use crate::types::CloseReason;
+
+    fn cfg(stls: bool) -> HopConfig {
+        HopConfig {
+            listener: Arc::from("test"),
+            client_ip: IpAddr::from([192, 0, 2, 1]),
+            destination: None,
+            client_tls: false,
+            stls_available: stls,
+            fold_user_names: false,
+            max_line: 512,
+            max_pipeline: 8,
+            unknown_commands: UnknownCommands::Reject,
+            idle_timeout: Duration::from_secs(600),
+            login_timeout: Duration::from_secs(60),
+            greeting_timeout: Duration::from_secs(30),
+            lookups: None,
+            scan: None,
+        }
+    }
+
+    /// What a routed session did, as its driver saw it.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Trace {
+        client: Vec<u8>,
+        upstream: Vec<u8>,
+        /// Each login the driver was asked to route: user, method, lines.
+        logins: Vec<(String, Method, Vec<Vec<u8>>)>,
+        tls: usize,
+        close: Option<CloseReason>,
+    }
+
+    /// A scripted driver: the client's bytes in chunks of `n`, each login answered with the
+    /// next of `outcomes` (`Ok`: the server's final reply; `Err`: the client's answer; none
+    /// left: the login stays out), then the server's bytes after the login in chunks of `n`.
+    struct Driver {
+        session: Session,
+        cin: BytesMut,
+        sin: BytesMut,
+        now: Instant,
+        outcomes: VecDeque<Result<&'static [u8], &'static [u8]>>,
+        trace: Trace,
+        /// Client bytes not yet read.
+        socket: Vec<u8>,
+        /// The answer to a failed login.
+        penalty: Option<Duration>,
+    }
+
+    impl Driver {
+        fn new(stls: bool, outcomes: Vec<Result<&'static [u8], &'static [u8]>>) -> Driver {
+            Driver::with(
+                stls,
+                Some(Front::new("popgate ready")),
+                outcomes,
+                |s| s,
+                b"",
+            )
+        }
+
+        /// Direct mode: the upstream greeted `+OK hi` during the set-up.
+        fn direct(redial: bool) -> Driver {
+            let redialling = move |s: Session| s.redialling_after_stls(redial);
+            Driver::with(true, None, vec![], redialling, b"+OK hi\r\n")
+        }
+
+        fn with(
+            stls: bool,
+            front: Option<Front>,
+            outcomes: Vec<Result<&'static [u8], &'static [u8]>>,
+            build: impl FnOnce(Session) -> Session,
+            preread: &[u8],
+        ) -> Driver {
+            let now = Instant::now();
+            let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
+            let hop = Hop::new(cfg(stls), Policy::new(rules), now, now);
+            let mut d = Driver {
+                session: build(Session::new(hop, front)),
+                cin: BytesMut::new(),
+                sin: BytesMut::from(preread),
+                now,
+                outcomes: outcomes.into(),
+                trace: Trace::default(),
+                socket: Vec::new(),
+                penalty: None,
+            };
+            d.session.start(now, &mut d.sin, &mut d.cin);
+            d.drain();
+            d
+        }
+
+        /// Whether there were events.
+        fn events(&mut self) -> bool {
+            let mut any = false;
+            while let Some(ev) = self.session.poll_event() {
+                any = true;
+                if let SessionEvent::LoginFailed(_) = ev {
+                    self.session.penalty(self.now, self.penalty);
+                }
+            }
+            any
+        }
+
+        fn drain(&mut self) {
+            loop {
+                self.events();
+                let Some(o) = self
+                    .session
+                    .poll_output(self.now, &mut self.sin, &mut self.cin)
+                else {
+                    if self.events() {
+                        continue;
+                    }
+                    return;
+                };
+                match o {
+                    Output::ToClient(b) => self.trace.client.extend_from_slice(&b),
+                    Output::ToUpstream(b) => {
+                        assert!(!self.session.routing(), "bytes upstream before the login");
+                        self.trace.upstream.extend_from_slice(&b);
+                    }
+                    Output::StartClientTls => {
+                        self.trace.tls += 1;
+                        self.session.client_tls_started(&mut self.cin);
+                    }
+                    Output::Close(r) => self.trace.close = Some(r),
+                    Output::RedialUpstream => self.trace.upstream.extend_from_slice(b"<redial>"),
+                    Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
+                        unreachable!("no scanning in these scripts")
+                    }
+                    Output::Login(l) => {
+                        self.trace
+                            .logins
+                            .push((l.user.clone(), l.method, l.lines.clone()));
+                        let (now, sin, cin) = (self.now, &mut self.sin, &mut self.cin);
+                        match self.outcomes.pop_front() {
+                            Some(Ok(reply)) => self.session.logged_in(now, reply, sin, cin),
+                            Some(Err(reply)) => self.session.login_failed(now, reply, sin, cin),
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The client sends `bytes`; the driver reads them `n` at a time while the session
+        /// wants them (what it does not want waits in the socket).
+        fn client(&mut self, bytes: &[u8], n: usize) {
+            self.socket.extend_from_slice(bytes);
+            while !self.socket.is_empty() && self.session.wants_client_input() {
+                let k = n.min(self.socket.len());
+                self.cin.extend_from_slice(&self.socket[..k]);
+                self.socket.drain(..k);
+                self.session.on_client_input(self.now, &mut self.cin);
+                self.drain();
+            }
+        }
+
+        fn server(&mut self, bytes: &[u8], n: usize) {
+            for chunk in bytes.chunks(n) {
+                assert!(self.session.wants_server_input(), "the server is not read");
+                self.sin.extend_from_slice(chunk);
+                self.session
+                    .on_server_input(self.now, &mut self.sin, &mut self.cin);
+                self.drain();
+            }
+        }
+    }
+
+    const REFUSED: &[u8] = b"-ERR [AUTH] no\r\n";
+    const LOGGED_IN: &[u8] = b"+OK logged in\r\n";
+
+    fn session(
+        client: &[u8],
+        server: &[u8],
+        outcomes: Vec<Result<&'static [u8], &'static [u8]>>,
+        n: usize,
+    ) -> Trace {
+        let mut d = Driver::new(false, outcomes);
+        d.client(client, n);
+        if !d.session.routing() {
+            d.server(server, n);
+            d.session.on_upstream_eof();
+            d.drain();
+        }
+        d.trace
+    }
+
+    #[test]
+    fn a_refused_login_is_answered_and_the_next_one_hands_the_session_over() {
+        let client =
+            b"CAPA\r\nUSER alice\r\nPASS wrong\r\nUSER alice\r\nPASS right\r\nSTAT\r\nQUIT\r\n";
+        let server = b"+OK 2 320\r\n+OK bye\r\n";
+        let outcomes = || vec![Err(REFUSED), Ok(LOGGED_IN)];
+        let whole = session(client, server, outcomes(), client.len());
+        let text = String::from_utf8_lossy(&whole.client).into_owned();
+        assert!(text.starts_with("+OK popgate ready\r\n+OK capability list follows\r\n"));
+        assert!(
+            text.ends_with(
+                "+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK logged in\r\n+OK 2 320\r\n+OK bye\r\n"
+            ),
+            "{text}"
+        );
+        // The replayed lines are the driver's; only what followed the login goes upstream,
+        // once, after the hand-over.
+        assert_eq!(whole.upstream, b"STAT\r\nQUIT\r\n");
+        let lines = |pass: &str| {
+            vec![
+                b"USER alice\r\n".to_vec(),
+                format!("PASS {pass}\r\n").into_bytes(),
+            ]
+        };
+        assert_eq!(
+            whole.logins,
+            vec![
+                ("alice".into(), Method::UserPass, lines("wrong")),
+                ("alice".into(), Method::UserPass, lines("right")),
+            ]
+        );
+        assert_eq!(whole.close, Some(CloseReason::Quit));
+        for n in 1..client.len() {
+            assert_eq!(
+                session(client, server, outcomes(), n),
+                whole,
+                "chunks of {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sasl_login_is_routed_with_its_lines_and_the_reply_is_the_servers() {
+        // AUTH PLAIN with the payload on the continuation line: \0bob\0pw.
+        let client = b"AUTH PLAIN\r\nAGJvYgBwdw==\r\nNOOP\r\n";
+        let server = b"+OK\r\n";
+        let whole = session(
+            client,
+            server,
+            vec![Ok(b"+OK welcome bob\r\n")],
+            client.len(),
+        );
+        assert_eq!(
+            whole.logins,
+            vec![(
+                "bob".into(),
+                Method::Plain,
+                vec![b"AUTH PLAIN\r\n".to_vec(), b"AGJvYgBwdw==\r\n".to_vec()]
+            )]
+        );
+        assert!(whole.client.ends_with(b"+ \r\n+OK welcome bob\r\n+OK\r\n"));
+        assert_eq!(whole.upstream, b"NOOP\r\n");
+        for n in 1..client.len() {
+            assert_eq!(
+                session(client, server, vec![Ok(b"+OK welcome bob\r\n")], n),
+                whole
+            );
+        }
+    }
+
+    #[test]
+    fn a_quit_before_any_login_ends_the_session_with_nothing_dialled() {
+        let client = b"USER alice\r\nQUIT\r\n";
+        for n in 1..=client.len() {
+            let t = session(client, b"", vec![], n);
+            assert_eq!(
+                t.client,
+                b"+OK popgate ready\r\n+OK\r\n+OK popgate signing off\r\n"
+            );
+            assert!(t.logins.is_empty() && t.upstream.is_empty());
+            assert_eq!(t.close, Some(CloseReason::Quit));
+        }
+    }
+
+    #[test]
+    fn a_shutdown_while_the_login_is_out_ends_the_session_and_nothing_goes_upstream() {
+        let client = b"USER alice\r\nPASS pw\r\nSTAT\r\n";
+        for n in 1..=client.len() {
+            let mut d = Driver::new(false, vec![]);
+            d.client(client, n);
+            assert_eq!(d.trace.logins.len(), 1);
+            assert!(d.session.routing());
+            d.session.on_shutdown();
+            d.drain();
+            assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+            assert!(d.trace.upstream.is_empty());
+            // PASS is owed no answer of popgate's: no server took it.
+            assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n");
+        }
+    }
+
+    #[test]
+    fn the_server_is_not_read_until_the_login_is_routed() {
+        let mut d = Driver::new(false, vec![Ok(LOGGED_IN)]);
+        assert!(!d.session.wants_server_input());
+        d.client(b"USER alice\r\n", 64);
+        assert!(!d.session.wants_server_input());
+        d.client(b"PASS pw\r\n", 64);
+        assert!(d.session.wants_server_input());
+        assert!(!d.session.routing());
+    }
+
+    #[test]
+    fn after_stls_the_front_forgets_a_user_sent_in_plaintext() {
+        for n in [1, 3, 64] {
+            let mut d = Driver::new(true, vec![Ok(LOGGED_IN)]);
+            d.client(b"USER alice\r\nSTLS\r\n", n);
+            assert_eq!(d.trace.tls, 1);
+            d.client(b"PASS pw\r\n", n);
+            assert!(d.trace.logins.is_empty(), "a login from a plaintext USER");
+            let text = String::from_utf8_lossy(&d.trace.client).into_owned();
+            assert!(text.ends_with("-ERR USER first\r\n"), "{text}");
+            d.client(b"USER bob\r\nPASS pw\r\n", n);
+            assert_eq!(d.trace.logins.len(), 1);
+            assert_eq!(d.trace.logins[0].0, "bob");
+        }
+    }
+
+    #[test]
+    fn after_the_clients_stls_a_proxy_v2_upstream_is_dialled_again_before_the_next_command() {
+        let client = b"CAPA\r\nSTLS\r\nUSER alice\r\nPASS pw\r\n";
+        for n in 1..=client.len() {
+            let mut d = Driver::direct(true);
+            d.client(b"CAPA\r\n", n);
+            d.server(b"+OK\r\nUSER\r\n.\r\n", n);
+            d.client(b"STLS\r\n", n);
+            assert_eq!(d.trace.tls, 1);
+            d.client(b"USER alice\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.client(b"PASS pw\r\n", n);
+            // Once, before the first command after the handshake; CAPA went out before.
+            assert_eq!(
+                d.trace.upstream, b"CAPA\r\n<redial>USER alice\r\nPASS pw\r\n",
+                "chunks of {n} ({client:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn apop_after_stls_stays_on_the_connection_whose_greeting_it_hashed() {
+        let apop = b"APOP alice c0ffee5ec2e7c0ffee5ec2e7c0ffee5e\r\n";
+        for n in 1..=apop.len() {
+            let mut d = Driver::direct(true);
+            d.client(b"STLS\r\n", n);
+            d.client(apop, n);
+            assert_eq!(d.trace.upstream, apop, "chunks of {n}");
+            d.server(b"-ERR no\r\n", n);
+            // Not on the next command either: the session is bound to the first connection.
+            d.client(b"USER alice\r\n", n);
+            assert!(!d.trace.upstream.windows(8).any(|w| w == b"<redial>"));
+        }
+    }
+
+    #[test]
+    fn without_proxy_v2_or_in_routing_mode_nothing_is_dialled_again() {
+        let mut d = Driver::direct(false);
+        d.client(b"STLS\r\n", 64);
+        d.client(b"USER alice\r\n", 64);
+        assert_eq!(d.trace.upstream, b"USER alice\r\n");
+        let mut d = Driver::with(
+            true,
+            Some(Front::new("popgate ready")),
+            vec![Ok(LOGGED_IN)],
+            |s| s.redialling_after_stls(true),
+            b"",
+        );
+        d.client(b"STLS\r\n", 64);
+        d.client(b"USER alice\r\nPASS pw\r\nNOOP\r\n", 64);
+        assert_eq!(d.trace.logins.len(), 1);
+        assert_eq!(d.trace.upstream, b"NOOP\r\n");
+    }
+
+    #[test]
+    fn a_refused_routed_login_waits_out_the_penalty_and_the_client_is_read_meanwhile() {
+        for n in [1, 5, 64] {
+            let mut d = Driver::new(false, vec![Err(REFUSED), Ok(LOGGED_IN)]);
+            d.penalty = Some(Duration::from_secs(3));
+            d.client(b"USER alice\r\nPASS wrong\r\n", n);
+            assert_eq!(d.trace.logins.len(), 1);
+            assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n", "held");
+            let at = d.session.poll_timeout().expect("the hold's end");
+            assert_eq!(at, d.now + Duration::from_secs(3));
+            // The client is still read: its next login waits behind the hold.
+            d.client(b"USER bob\r\nPASS pw\r\n", n);
+            assert_eq!(d.trace.logins.len(), 1, "a login went out during the hold");
+            d.now = at;
+            d.session.on_timeout(at);
+            d.drain();
+            assert_eq!(d.trace.logins.len(), 2);
+            assert_eq!(d.trace.logins[1].0, "bob");
+            assert_eq!(
+                d.trace.client,
+                b"+OK popgate ready\r\n+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK logged in\r\n"
+            );
+        }
+    }
+}
