@@ -114,15 +114,6 @@ pub struct SessionInfo {
     pub original_dst: Option<SocketAddr>,
 }
 
-/// What the hop of each session is told about scanning (`[[scanner]]` sizes, `[scan]`
-/// policy), built once per config snapshot.
-pub(crate) fn scan_policy(config: &crate::config::Config) -> Arc<crate::proxy::scan::ScanPolicy> {
-    Arc::new(crate::proxy::scan::ScanPolicy::new(
-        &config.scanners,
-        &config.scan,
-    ))
-}
-
 /// The id of the first session of a popgate started at `start`: that time in microseconds
 /// since the epoch; later sessions count up from it. So ids never repeat across restarts (that
 /// would take more than one session per microsecond of uptime), sort by time across restarts,
