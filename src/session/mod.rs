@@ -10,6 +10,7 @@ mod login;
 pub mod observer;
 mod read;
 mod scan;
+pub(crate) use scan::scan_policy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

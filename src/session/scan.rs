@@ -24,6 +24,15 @@ pub(super) struct Held {
     pub(super) scan: Option<InFlight>,
 }
 
+/// What the hop does with verdicts under `config` (`[[scanner]]` sizes, `[scan]`): built with
+/// each config snapshot, shared by its sessions.
+pub(crate) fn scan_policy(config: &crate::config::Config) -> Arc<crate::proxy::scan::ScanPolicy> {
+    Arc::new(crate::proxy::scan::ScanPolicy::new(
+        &config.scanners,
+        &config.scan,
+    ))
+}
+
 /// Start scanning `spool` as `req` asks. Without scanners (none configured, which config
 /// validation and `popgate check` prevent with a `scan` rule in force) every scanner asked is
 /// an `error`, so the policy's `on_error` decides, as for a scanner that is down.
