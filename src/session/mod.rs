@@ -904,15 +904,9 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                 }
-                Output::Spool(bytes) => {
-                    if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
-                        let spool = self.new_spool();
-                        self.held.get_or_insert_with(Box::default).spool = Some(spool);
-                    }
-                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
-                        spool.write(&bytes).await.map_err(SessionError::Spool)?;
-                    }
-                }
+                // Boxed, as the rest of scanning: the spool's futures would otherwise sit in
+                // every session's task.
+                Output::Spool(bytes) => Box::pin(self.spool(&bytes)).await?,
                 Output::Scan(request) => {
                     // The spool moves into the scan and comes back with the verdict.
                     let spool = match self.held.as_mut().and_then(|h| h.spool.take()) {
@@ -922,22 +916,38 @@ impl Driver {
                     let scan = scan::start(self.shared.scanners.clone(), request, spool);
                     self.held.get_or_insert_with(Box::default).scan = Some(scan);
                 }
-                Output::Unspool => {
-                    if let Some(spool) = self.held.take().and_then(|h| h.spool) {
-                        let n = spool
-                            .copy_to(&mut self.client)
-                            .await
-                            .map_err(io_err(Side::Client))?;
-                        self.client.flush().await.map_err(io_err(Side::Client))?;
-                        self.traffic.to_client += n;
-                        self.live.to_client.inc_by(n);
-                    }
-                }
+                Output::Unspool => Box::pin(self.unspool()).await?,
                 Output::DropSpool => self.held = None,
                 Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
+    }
+
+    /// [`Output::Spool`]: append `bytes` to the held body, creating its spool with the first.
+    async fn spool(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
+            let spool = self.new_spool();
+            self.held.get_or_insert_with(Box::default).spool = Some(spool);
+        }
+        if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
+            spool.write(bytes).await.map_err(SessionError::Spool)?;
+        }
+        Ok(())
+    }
+
+    /// [`Output::Unspool`]: write the held body to the client (counted), then drop it.
+    async fn unspool(&mut self) -> Result<(), SessionError> {
+        if let Some(spool) = self.held.take().and_then(|h| h.spool) {
+            let n = spool
+                .copy_to(&mut self.client)
+                .await
+                .map_err(io_err(Side::Client))?;
+            self.client.flush().await.map_err(io_err(Side::Client))?;
+            self.traffic.to_client += n;
+            self.live.to_client.inc_by(n);
+        }
+        Ok(())
     }
 
     /// An empty spool for a body held for scanning (`[scan]` settings, spooled bytes counted).
