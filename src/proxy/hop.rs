@@ -1604,6 +1604,15 @@ impl Hop {
             }
             Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
+            // With scanning on, a message number past u32 is not relayed: a server that reads
+            // it modulo 2^32 (or clamps it) would retrieve a message unscanned, or delete one
+            // whose retrieval was tempfailed, under a number popgate cannot name.
+            Verb::Retr | Verb::Top | Verb::Dele
+                if self.cfg.scan.is_some() && cmd.msg_number().is_none() =>
+            {
+                info!(verb = %cmd.verb, "message number out of range refused");
+                reply(replies::NO_SUCH_MESSAGE)
+            }
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele

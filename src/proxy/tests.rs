@@ -2426,3 +2426,35 @@ fn shutdown_while_a_selected_body_is_arriving_answers_err_without_a_reset() {
     );
     assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
 }
+
+#[test]
+fn a_message_number_past_u32_is_refused_not_relayed_unscanned() {
+    // A server that reads numbers modulo 2^32 (or clamps them) would answer `RETR
+    // 4294967297` with message 1: popgate, which cannot name the message, must not relay it
+    // unscanned, nor a DELE it cannot check against the tempfailed messages.
+    let answer = retr_answer();
+    let server = after_login(&[b"+OK bye\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 4294967297\r\nTOP 04294967297 5\r\nDELE 99999999999\r\nQUIT\r\n",
+        &server,
+        End::Open,
+        &|_| unreachable!("nothing to scan"),
+    );
+    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nQUIT\r\n");
+    let no = crate::pop3::replies::NO_SUCH_MESSAGE;
+    assert_eq!(
+        text(&out.client),
+        format!("+OK hi\r\n+OK\r\n+OK in\r\n{no}\r\n{no}\r\n{no}\r\n+OK bye\r\n")
+    );
+    // Leading zeros name the message all the same: scanned.
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nretr\t 001 \r\n",
+        &after_login(&[&answer]),
+        End::Open,
+        &all(ScanVerdict::Clean),
+    );
+    assert_eq!(out.scans.len(), 1);
+    assert_eq!(out.scans[0].msg, 1);
+}
