@@ -631,6 +631,21 @@ impl Hop {
         });
     }
 
+    /// The driver could not spool the body held for scanning (the disk is full, `spool_dir`
+    /// is unusable): the message cannot be delivered from it. The client, which saw nothing
+    /// of the retrieval, gets `-ERR [SYS/TEMP]` (never a cut message) and the session ends,
+    /// as the rest of the body is still on its way; nothing reaches the server after it.
+    pub(crate) fn on_spool_error(&mut self) {
+        let owed = self.drop_scan();
+        if self.closed() {
+            return;
+        }
+        if owed {
+            self.send_client(replies::line(replies::SCAN_TEMPFAIL));
+        }
+        self.close(CloseReason::Error);
+    }
+
     /// popgate is shutting down: the session ends now, even during a hold (held replies go
     /// out at once; nothing held reaches the server).
     pub(crate) fn on_shutdown(&mut self) {

@@ -2458,3 +2458,61 @@ fn a_message_number_past_u32_is_refused_not_relayed_unscanned() {
     assert_eq!(out.scans.len(), 1);
     assert_eq!(out.scans[0].msg, 1);
 }
+
+#[test]
+fn a_spool_that_cannot_be_written_gets_the_client_a_tempfail_not_a_cut_message() {
+    // The disk under `spool_dir` fills up mid-body: the driver tells the hop. The client,
+    // which saw nothing of the retrieval, gets `-ERR [SYS/TEMP]`; the pipelined DELE never
+    // reaches the server.
+    let mut hop = scanning(policy())();
+    let now = Instant::now();
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut client = Vec::new();
+    let mut upstream = Vec::new();
+    let mut spooled = 0;
+    let mut closed = None;
+    let mut drain = |hop: &mut Hop| {
+        while let Some(o) = hop.poll_output() {
+            match o {
+                Output::ToClient(b) => client.extend_from_slice(&b),
+                Output::ToUpstream(b) => upstream.extend_from_slice(&b),
+                Output::Spool(b) => spooled += b.len(),
+                Output::Close(r) => closed = Some((r, hop.mid_response())),
+                Output::DropSpool => {}
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+    };
+    for (srv, cli) in [
+        (&b"+OK hi\r\n"[..], &b"USER a\r\n"[..]),
+        (b"+OK\r\n", b"PASS b\r\n"),
+        (b"+OK in\r\n", b"RETR 1\r\nDELE 1\r\nQUIT\r\n"),
+    ] {
+        sin.extend_from_slice(srv);
+        hop.on_server_input(now, &mut sin, &mut cin);
+        drain(&mut hop);
+        cin.extend_from_slice(cli);
+        hop.on_client_input(now, &mut cin);
+        drain(&mut hop);
+    }
+    sin.extend_from_slice(b"+OK 5000 octets\r\nSubject: x\r\n\r\npart of the body\r\n");
+    hop.on_server_input(now, &mut sin, &mut cin);
+    drain(&mut hop);
+    hop.on_spool_error();
+    drain(&mut hop);
+    let client = text(&client);
+    assert!(
+        client.ends_with(&format!(
+            "+OK in\r\n{}\r\n",
+            crate::pop3::replies::SCAN_TEMPFAIL
+        )),
+        "{client}"
+    );
+    assert_eq!(
+        closed,
+        Some((CloseReason::Error, false)),
+        "no reset: not mid-body"
+    );
+    assert_eq!(text(&upstream), "USER a\r\nPASS b\r\nRETR 1\r\n");
+    assert!(spooled > 0);
+}

@@ -890,12 +890,25 @@ impl Driver {
                     }
                 }
                 Output::Spool(bytes) => {
+                    if self.held.as_ref().is_some_and(|h| h.failed) {
+                        // The rest of a body whose spool failed: dropped with it.
+                        continue;
+                    }
                     if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
                         let spool = self.new_spool();
                         self.held.get_or_insert_with(Box::default).spool = Some(spool);
                     }
-                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
-                        spool.write(&bytes).await.map_err(SessionError::Spool)?;
+                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut())
+                        && let Err(e) = spool.write(&bytes).await
+                    {
+                        // A full disk: the client gets `-ERR [SYS/TEMP]`, never a cut
+                        // message (the hop ends the session).
+                        warn!(error = %SessionError::Spool(e), "spooling a held body failed");
+                        self.held = Some(Box::new(scan::Held {
+                            failed: true,
+                            ..scan::Held::default()
+                        }));
+                        self.session.on_spool_error();
                     }
                 }
                 Output::Scan(request) => {
