@@ -2516,3 +2516,29 @@ fn a_spool_that_cannot_be_written_gets_the_client_a_tempfail_not_a_cut_message()
     assert_eq!(text(&upstream), "USER a\r\nPASS b\r\nRETR 1\r\n");
     assert!(spooled > 0);
 }
+
+#[test]
+fn a_tempfailed_message_is_not_deleted_under_any_spelling_of_dele() {
+    let answer = retr_answer();
+    // RETR 1 tempfails; every DELE of it is answered locally; the server sees RSET and QUIT.
+    let server = after_login(&[&answer, b"+OK\r\n", b"+OK bye\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nretr 1\r\ndele 1\r\nDELE\t1\r\nDELE  01 \r\nRSET\r\nDele 0001\r\nQUIT\r\n",
+        &server,
+        End::Open,
+        &all(ScanVerdict::Error),
+    );
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nretr 1\r\nRSET\r\nQUIT\r\n"
+    );
+    let refused = crate::pop3::replies::SCAN_DELE_TEMPFAILED;
+    assert_eq!(
+        text(&out.client),
+        format!(
+            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n{refused}\r\n{refused}\r\n{refused}\r\n+OK\r\n{refused}\r\n+OK bye\r\n",
+            crate::pop3::replies::SCAN_TEMPFAIL
+        )
+    );
+}
