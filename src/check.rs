@@ -98,6 +98,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     check_trace_rules(&config, &rules)?;
     check_route_rules(&config, &rules, path)?;
     check_scan_rules(&config, &rules, path)?;
+    warnings.extend(scan_rules_without_top(&rules));
     if config
         .upstreams
         .iter()
@@ -180,6 +181,21 @@ fn check_route_rules(config: &Config, rules: &RuleSet, path: &Path) -> Result<()
         });
     }
     Ok(())
+}
+
+/// A warning for each `scan` rule that scans `RETR` but not `TOP`: a client reads a whole
+/// message unscanned with `TOP n 999999`.
+fn scan_rules_without_top(rules: &RuleSet) -> Vec<String> {
+    rules
+        .scan_rules_without_top()
+        .map(|(file, rule)| {
+            format!(
+                "{}: rule {rule:?} scans RETR but not TOP: `TOP n 999999` retrieves a whole \
+                 message unscanned; add \"TOP\" to its verbs",
+                file.display()
+            )
+        })
+        .collect()
 }
 
 /// `scan` rules name `[[scanner]]` entries.
@@ -541,6 +557,29 @@ mod tests {
             .to_string();
         assert!(e.contains("key `tls.certificate[0].key`"), "{e}");
         assert!(e.contains("tls.certificate[0].cert"), "{e}");
+    }
+
+    #[test]
+    fn a_scan_rule_for_retr_without_top_is_warned_about() {
+        let load = |verbs: &str| {
+            RuleSet::parse(
+                &format!(
+                    "[[rule]]\nname = \"s\"\non = \"command\"\n{verbs}action = \"scan\"\n\
+                     scan = [\"clamav\"]\n"
+                ),
+                Path::new("r.toml"),
+            )
+            .unwrap()
+        };
+        let w = scan_rules_without_top(&load("verbs = [\"RETR\"]\n"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("rule \"s\" scans RETR but not TOP"), "{w:?}");
+        assert!(scan_rules_without_top(&load("verbs = [\"RETR\", \"TOP\"]\n")).is_empty());
+        assert!(
+            scan_rules_without_top(&load("")).is_empty(),
+            "no verbs: every verb"
+        );
+        assert!(scan_rules_without_top(&load("verbs = [\"TOP\"]\n")).is_empty());
     }
 
     #[test]

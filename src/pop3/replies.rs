@@ -107,6 +107,9 @@ pub const SCAN_DENIED: &str =
     "-ERR message withheld: malware found (it stays on the server; ask your mail administrator)";
 /// A retrieved message no scanner could judge, with `on_error = "tempfail"`.
 pub const SCAN_TEMPFAIL: &str = "-ERR [SYS/TEMP] message could not be scanned, try again later";
+/// RETR, TOP or DELE of a message number popgate cannot represent (past 2^32 - 1), with
+/// scanning on: never relayed, as popgate could not tell which message the server takes it for.
+pub const NO_SUCH_MESSAGE: &str = "-ERR no such message";
 /// DELE of a message whose retrieval was tempfailed in this session: not relayed.
 pub const SCAN_DELE_TEMPFAILED: &str =
     "-ERR [SYS/TEMP] message not yet delivered (scan pending): not deleted, try again later";

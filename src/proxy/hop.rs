@@ -631,6 +631,21 @@ impl Hop {
         });
     }
 
+    /// The driver could not spool the body held for scanning (the disk is full, `spool_dir`
+    /// is unusable): the message cannot be delivered from it. The client, which saw nothing
+    /// of the retrieval, gets `-ERR [SYS/TEMP]` (never a cut message) and the session ends,
+    /// as the rest of the body is still on its way; nothing reaches the server after it.
+    pub(crate) fn on_spool_error(&mut self) {
+        let owed = self.drop_scan();
+        if self.closed() {
+            return;
+        }
+        if owed {
+            self.send_client(replies::line(replies::SCAN_TEMPFAIL));
+        }
+        self.close(CloseReason::Error);
+    }
+
     /// popgate is shutting down: the session ends now, even during a hold (held replies go
     /// out at once; nothing held reaches the server).
     pub(crate) fn on_shutdown(&mut self) {
@@ -1604,6 +1619,15 @@ impl Hop {
             }
             Verb::Stls if !self.stls_offered() => reply(replies::STLS_NOT_AVAILABLE),
             Verb::Stls => Decision::Reply("+OK begin TLS negotiation".into(), AfterReply::StartTls),
+            // With scanning on, a message number past u32 is not relayed: a server that reads
+            // it modulo 2^32 (or clamps it) would retrieve a message unscanned, or delete one
+            // whose retrieval was tempfailed, under a number popgate cannot name.
+            Verb::Retr | Verb::Top | Verb::Dele
+                if self.cfg.scan.is_some() && cmd.msg_number().is_none() =>
+            {
+                info!(verb = %cmd.verb, "message number out of range refused");
+                reply(replies::NO_SUCH_MESSAGE)
+            }
             // The client has not seen this message (its retrieval was tempfailed): it is not
             // deleted on its behalf.
             Verb::Dele

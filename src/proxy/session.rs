@@ -164,6 +164,11 @@ impl Session {
         self.redial_due = self.redial_after_stls;
     }
 
+    /// The body held for scanning could not be spooled (see [`Hop::on_spool_error`]).
+    pub(crate) fn on_spool_error(&mut self) {
+        self.hop.on_spool_error();
+    }
+
     /// The verdict on the scan an [`Output::Scan`] asked for (see [`Hop::scan_done`]).
     pub(crate) fn scan_done(
         &mut self,

@@ -2426,3 +2426,119 @@ fn shutdown_while_a_selected_body_is_arriving_answers_err_without_a_reset() {
     );
     assert_eq!(out.close, Some((CloseReason::Shutdown, false)));
 }
+
+#[test]
+fn a_message_number_past_u32_is_refused_not_relayed_unscanned() {
+    // A server that reads numbers modulo 2^32 (or clamps them) would answer `RETR
+    // 4294967297` with message 1: popgate, which cannot name the message, must not relay it
+    // unscanned, nor a DELE it cannot check against the tempfailed messages.
+    let answer = retr_answer();
+    let server = after_login(&[b"+OK bye\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nRETR 4294967297\r\nTOP 04294967297 5\r\nDELE 99999999999\r\nQUIT\r\n",
+        &server,
+        End::Open,
+        &|_| unreachable!("nothing to scan"),
+    );
+    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nQUIT\r\n");
+    let no = crate::pop3::replies::NO_SUCH_MESSAGE;
+    assert_eq!(
+        text(&out.client),
+        format!("+OK hi\r\n+OK\r\n+OK in\r\n{no}\r\n{no}\r\n{no}\r\n+OK bye\r\n")
+    );
+    // Leading zeros name the message all the same: scanned.
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nretr\t 001 \r\n",
+        &after_login(&[&answer]),
+        End::Open,
+        &all(ScanVerdict::Clean),
+    );
+    assert_eq!(out.scans.len(), 1);
+    assert_eq!(out.scans[0].msg, 1);
+}
+
+#[test]
+fn a_spool_that_cannot_be_written_gets_the_client_a_tempfail_not_a_cut_message() {
+    // The disk under `spool_dir` fills up mid-body: the driver tells the hop. The client,
+    // which saw nothing of the retrieval, gets `-ERR [SYS/TEMP]`; the pipelined DELE never
+    // reaches the server.
+    let mut hop = scanning(policy())();
+    let now = Instant::now();
+    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
+    let mut client = Vec::new();
+    let mut upstream = Vec::new();
+    let mut spooled = 0;
+    let mut closed = None;
+    let mut drain = |hop: &mut Hop| {
+        while let Some(o) = hop.poll_output() {
+            match o {
+                Output::ToClient(b) => client.extend_from_slice(&b),
+                Output::ToUpstream(b) => upstream.extend_from_slice(&b),
+                Output::Spool(b) => spooled += b.len(),
+                Output::Close(r) => closed = Some((r, hop.mid_response())),
+                Output::DropSpool => {}
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+    };
+    for (srv, cli) in [
+        (&b"+OK hi\r\n"[..], &b"USER a\r\n"[..]),
+        (b"+OK\r\n", b"PASS b\r\n"),
+        (b"+OK in\r\n", b"RETR 1\r\nDELE 1\r\nQUIT\r\n"),
+    ] {
+        sin.extend_from_slice(srv);
+        hop.on_server_input(now, &mut sin, &mut cin);
+        drain(&mut hop);
+        cin.extend_from_slice(cli);
+        hop.on_client_input(now, &mut cin);
+        drain(&mut hop);
+    }
+    sin.extend_from_slice(b"+OK 5000 octets\r\nSubject: x\r\n\r\npart of the body\r\n");
+    hop.on_server_input(now, &mut sin, &mut cin);
+    drain(&mut hop);
+    hop.on_spool_error();
+    drain(&mut hop);
+    let client = text(&client);
+    assert!(
+        client.ends_with(&format!(
+            "+OK in\r\n{}\r\n",
+            crate::pop3::replies::SCAN_TEMPFAIL
+        )),
+        "{client}"
+    );
+    assert_eq!(
+        closed,
+        Some((CloseReason::Error, false)),
+        "no reset: not mid-body"
+    );
+    assert_eq!(text(&upstream), "USER a\r\nPASS b\r\nRETR 1\r\n");
+    assert!(spooled > 0);
+}
+
+#[test]
+fn a_tempfailed_message_is_not_deleted_under_any_spelling_of_dele() {
+    let answer = retr_answer();
+    // RETR 1 tempfails; every DELE of it is answered locally; the server sees RSET and QUIT.
+    let server = after_login(&[&answer, b"+OK\r\n", b"+OK bye\r\n"]);
+    let out = same_at_every_chunk_scanning(
+        scanning(policy()),
+        b"USER a\r\nPASS b\r\nretr 1\r\ndele 1\r\nDELE\t1\r\nDELE  01 \r\nRSET\r\nDele 0001\r\nQUIT\r\n",
+        &server,
+        End::Open,
+        &all(ScanVerdict::Error),
+    );
+    assert_eq!(
+        text(&out.upstream),
+        "USER a\r\nPASS b\r\nretr 1\r\nRSET\r\nQUIT\r\n"
+    );
+    let refused = crate::pop3::replies::SCAN_DELE_TEMPFAILED;
+    assert_eq!(
+        text(&out.client),
+        format!(
+            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n{refused}\r\n{refused}\r\n{refused}\r\n+OK\r\n{refused}\r\n+OK bye\r\n",
+            crate::pop3::replies::SCAN_TEMPFAIL
+        )
+    );
+}

@@ -330,6 +330,17 @@ impl RuleSet {
         })
     }
 
+    /// Every `scan` rule that selects `RETR` but not `TOP`: its file and name. `TOP n 999999`
+    /// retrieves a whole message, which such a rule leaves unscanned.
+    pub(crate) fn scan_rules_without_top(&self) -> impl Iterator<Item = (&Path, &str)> + '_ {
+        let bit = |v: Verb| 1u32 << verb_slot(Some(v));
+        self.rules.iter().filter_map(move |r| {
+            let selects = |v| r.when.verbs == 0 || r.when.verbs & bit(v) != 0;
+            (matches!(r.effect, Effect::Scan(_)) && selects(Verb::Retr) && !selects(Verb::Top))
+                .then(|| (self.files[r.file].as_path(), &*r.name))
+        })
+    }
+
     /// Every rule whose `user` regex has an ASCII capital letter (outside escapes such as `\S`
     /// or `\p{Lu}`) and no `(?i)`: its file, name and pattern. Against user names folded to
     /// lower case (`upstream.user_names = "fold"`) such a pattern may never match.

@@ -156,6 +156,8 @@ pub struct Scanners {
     slots: Semaphore,
     /// `[scan]`, for [`Scanners::spool`].
     config: ScanConfig,
+    /// The memory the spools of all sessions share: `spool_memory` times `max_concurrent`.
+    budget: Arc<spool::MemoryBudget>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -170,6 +172,11 @@ impl Scanners {
                 .collect::<Result<_, _>>()?,
             slots: Semaphore::new(scan.max_concurrent.clamp(1, Semaphore::MAX_PERMITS)),
             config: scan.clone(),
+            budget: Arc::new(spool::MemoryBudget::new(
+                scan.spool_memory
+                    .0
+                    .saturating_mul(scan.max_concurrent.max(1) as u64),
+            )),
             metrics: None,
         })
     }
@@ -183,7 +190,7 @@ impl Scanners {
 
     /// An empty spool for a message to scan, with the `[scan]` settings (and the metrics).
     pub fn spool(&self) -> Spool {
-        Spool::with_metrics(&self.config, self.metrics.clone())
+        Spool::with_metrics(&self.config, self.metrics.clone()).within(self.budget.clone())
     }
 
     /// Scan the message in `spool` with the scanners `names`, all at once; one report per
@@ -303,6 +310,26 @@ mod tests {
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn the_spools_of_all_sessions_hold_at_most_spool_memory_times_max_concurrent() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ScanConfig {
+            spool_memory: ByteSize(1000),
+            spool_dir: dir.path().to_owned(),
+            max_concurrent: 2,
+            ..ScanConfig::default()
+        };
+        let scanners = Scanners::new(&[], &config).unwrap();
+        let mut spools = Vec::new();
+        for _ in 0..3 {
+            let mut s = scanners.spool();
+            s.write(&[b'x'; 900]).await.unwrap();
+            spools.push(s);
+        }
+        let on_disk: Vec<bool> = spools.iter().map(Spool::on_disk).collect();
+        assert_eq!(on_disk, [false, false, true]);
     }
 
     #[tokio::test]

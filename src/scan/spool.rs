@@ -36,6 +36,50 @@ pub struct Spool {
     dir: PathBuf,
     /// Where the bytes spooled are counted (`popgate_scan_spooled_bytes_total`).
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The memory all spools of the process share, if bounded; `reserved` of it is this
+    /// spool's (its `tail` while in memory), given back when it goes to a file or is dropped.
+    budget: Option<Arc<MemoryBudget>>,
+    reserved: u64,
+}
+
+/// The memory the in-memory spools of all sessions may hold together: past it, a new body
+/// goes to a file at once, as if it were larger than `spool_memory` (so that many sessions
+/// held at once by a slow scanner do not each hold `spool_memory` in memory).
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` octets.
+    pub(crate) fn new(limit: u64) -> MemoryBudget {
+        MemoryBudget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Take `n` octets, if they are left.
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.used
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Give back `n` octets taken.
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Octets taken now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Run blocking file I/O off the async workers.
@@ -57,7 +101,23 @@ impl Spool {
             memory_limit: config.spool_memory.0,
             dir: config.spool_dir.clone(),
             metrics: None,
+            budget: None,
+            reserved: 0,
         }
+    }
+
+    /// The same, its memory part taken from `budget` (shared by the spools of the process).
+    pub(crate) fn within(mut self, budget: Arc<MemoryBudget>) -> Spool {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Give back the memory budget this spool holds.
+    fn release(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give(self.reserved);
+        }
+        self.reserved = 0;
     }
 
     /// The same, counting the bytes spooled into `metrics`.
@@ -74,7 +134,11 @@ impl Spool {
     /// `spool_memory` moves it to a file; from then on everything goes there.
     pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if self.file.is_none() {
-            if self.tail.len() as u64 + data.len() as u64 <= self.memory_limit {
+            let n = data.len() as u64;
+            if self.tail.len() as u64 + n <= self.memory_limit
+                && self.budget.as_ref().is_none_or(|b| b.take(n))
+            {
+                self.reserved += n;
                 self.tail.extend_from_slice(data);
                 return Ok(());
             }
@@ -99,6 +163,8 @@ impl Spool {
             .await?;
             self.file = Some(Arc::new(file));
             self.count_file(self.tail.len() as u64);
+            // The memory part is on its way to the file (at most a chunk stays in memory).
+            self.release();
         }
         self.tail.extend_from_slice(data);
         self.count_file(data.len() as u64);
@@ -208,6 +274,7 @@ impl Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
+        self.release();
         if let Some(m) = &self.metrics
             && self.file.is_none()
             && !self.tail.is_empty()
@@ -404,6 +471,42 @@ mod tests {
             let want = unstuff_in_pieces(&wire, wire.len());
             assert!(read_unstuffed(&s).await == want, "piece {piece}");
         }
+    }
+
+    #[tokio::test]
+    async fn spools_past_the_process_memory_budget_go_to_disk_and_give_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(1000, dir.path());
+        let budget = Arc::new(MemoryBudget::new(2500));
+        let wire = body(900);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = Spool::new(&cfg).within(budget.clone());
+            for p in wire.chunks(100) {
+                s.write(p).await.unwrap();
+            }
+            held.push(s);
+        }
+        // Two fit in 2500 octets; the third went to a file, whole and intact.
+        let on_disk: Vec<bool> = held.iter().map(Spool::on_disk).collect();
+        assert_eq!(on_disk, [false, false, true]);
+        assert_eq!(budget.used(), 1800);
+        let mut out = Vec::new();
+        held[2].copy_to(&mut out).await.unwrap();
+        assert_eq!(out, wire);
+        // A spool that outgrows spool_memory gives its share back when it goes to a file.
+        let mut big = Spool::new(&cfg).within(budget.clone());
+        big.write(&wire[..600]).await.unwrap();
+        assert_eq!(budget.used(), 2400);
+        big.write(&wire).await.unwrap();
+        assert!(big.on_disk());
+        assert_eq!(budget.used(), 1800);
+        held.clear();
+        drop(big);
+        assert_eq!(budget.used(), 0, "every spool gave its memory back");
+        let mut s = Spool::new(&cfg).within(budget.clone());
+        s.write(&wire).await.unwrap();
+        assert!(!s.on_disk());
     }
 
     #[tokio::test]

@@ -906,7 +906,7 @@ impl Driver {
                 }
                 // Boxed, as the rest of scanning: the spool's futures would otherwise sit in
                 // every session's task.
-                Output::Spool(bytes) => Box::pin(self.spool(&bytes)).await?,
+                Output::Spool(bytes) => Box::pin(self.spool(&bytes)).await,
                 Output::Scan(request) => {
                     // The spool moves into the scan and comes back with the verdict.
                     let spool = match self.held.as_mut().and_then(|h| h.spool.take()) {
@@ -924,16 +924,29 @@ impl Driver {
         Ok(None)
     }
 
-    /// [`Output::Spool`]: append `bytes` to the held body, creating its spool with the first.
-    async fn spool(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+    /// [`Output::Spool`]: append `bytes` to the held body, creating its spool with the first;
+    /// a write that fails (a full disk) drops the body and tells the session.
+    async fn spool(&mut self, bytes: &[u8]) {
+        if self.held.as_ref().is_some_and(|h| h.failed) {
+            // The rest of a body whose spool failed: dropped with it.
+            return;
+        }
         if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
             let spool = self.new_spool();
             self.held.get_or_insert_with(Box::default).spool = Some(spool);
         }
-        if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut()) {
-            spool.write(bytes).await.map_err(SessionError::Spool)?;
+        if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut())
+            && let Err(e) = spool.write(bytes).await
+        {
+            // A full disk: the client gets `-ERR [SYS/TEMP]`, never a cut message (the hop
+            // ends the session).
+            warn!(error = %SessionError::Spool(e), "spooling a held body failed");
+            self.held = Some(Box::new(scan::Held {
+                failed: true,
+                ..scan::Held::default()
+            }));
+            self.session.on_spool_error();
         }
-        Ok(())
     }
 
     /// [`Output::Unspool`]: write the held body to the client (counted), then drop it.

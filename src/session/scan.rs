@@ -22,6 +22,8 @@ pub(super) struct Held {
     pub(super) spool: Option<Spool>,
     /// The scan of `spool`, from `Output::Scan` until its verdict.
     pub(super) scan: Option<InFlight>,
+    /// Writing the spool failed: the rest of its body is dropped, not spooled again.
+    pub(super) failed: bool,
 }
 
 /// What the hop does with verdicts under `config` (`[[scanner]]` sizes, `[scan]`): built with

@@ -676,6 +676,41 @@ fn large_message_spools_to_an_unlinked_0600_file() {
     );
 }
 
+/// A spool that cannot be written (here `spool_dir` turned into a regular file, as good as a
+/// full disk): the client gets `-ERR [SYS/TEMP]`, never a cut message, and a pipelined DELE
+/// never reaches the server: the message stays.
+#[test]
+#[ignore = "needs dovecot (run .ci/run)"]
+fn a_spool_that_cannot_be_written_tempfails_the_retrieval_and_loses_nothing() {
+    let msgs = vec![sized(1, 3 << 20)];
+    let dv = dovecot(msgs.clone());
+    let slow = SlowClamd::start(Duration::from_millis(10));
+    let dir = tempfile::Builder::new().prefix("spool").tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let p = popgate(
+        &dv,
+        &clamd_table(&slow.addr.to_string(), ""),
+        &format!("spool_memory = \"1MB\"\nspool_dir = {spool:?}\n"),
+        &["clamav"],
+    );
+    // Gone once popgate checked it, a file in its place.
+    std::fs::remove_dir(&spool).unwrap();
+    std::fs::write(&spool, b"").unwrap();
+    let mut c = RawPop::connect(p.addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    c.send("RETR 1\r\nDELE 1\r\nQUIT");
+    let line = c.line();
+    assert!(
+        line.starts_with("-ERR [SYS/TEMP]"),
+        "RETR 1 answered {line:?}"
+    );
+    assert!(slow.got.lock().unwrap().is_empty(), "nothing was scanned");
+    drop(c);
+    assert_eq!(uidls(&dv).len(), 1, "the message stays on the server");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. clamd killed mid-scan
 
