@@ -697,9 +697,8 @@ impl SessionObserver {
         ip: IpAddr,
         now: std::time::Instant,
     ) -> Option<std::time::Duration> {
-        // Boxed: the store's future (a Redis round trip) would otherwise sit in every
-        // session's task for its whole life, idle or not.
-        let delay = Box::pin(shared.state.login_failed(ip, now)).await;
+        // Not boxed here: its caller (`Driver::login_penalty`) is.
+        let delay = shared.state.login_failed(ip, now).await;
         if let Some(d) = delay {
             shared.metrics.login_penalty(d);
         }
@@ -827,20 +826,36 @@ impl Driver {
     /// there were any.
     async fn pump_events(&mut self) -> bool {
         let mut any = false;
+        // No event is held across an await: a `SessionEvent` is hundreds of bytes, and this
+        // future sits in every session's task (inside `execute`'s and `drive`'s).
+        while let Some(ip) = self.dispatch_events(&mut any) {
+            // Boxed: a failed login only; the store's future would otherwise be in every
+            // session's task.
+            Box::pin(self.login_penalty(ip)).await;
+        }
+        any
+    }
+
+    /// Dispatch the hop's events in order up to the first failed login, whose client address
+    /// is returned (`None`: the queue is empty). `any` is set when there were events.
+    fn dispatch_events(&mut self, any: &mut bool) -> Option<IpAddr> {
         while let Some(ev) = self.session.poll_event() {
-            any = true;
+            *any = true;
             match ev {
-                SessionEvent::LoginFailed(ip) => {
-                    let now = clock();
-                    let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
-                    self.session.penalty(now, penalty);
-                }
+                SessionEvent::LoginFailed(ip) => return Some(ip),
                 ev => self
                     .observer
                     .dispatch(ev, &self.shared, &self.info.listener),
             }
         }
-        any
+        None
+    }
+
+    /// A login from `ip` failed: look its penalty up and hand it to the session.
+    async fn login_penalty(&mut self, ip: IpAddr) {
+        let now = clock();
+        let penalty = SessionObserver::penalty(&self.shared, ip, now).await;
+        self.session.penalty(now, penalty);
     }
 
     /// Carry out the outputs the hop lets go of, in order; `Some` when one of them ends the
@@ -889,28 +904,9 @@ impl Driver {
                         self.observer.observer.tls(crate::audit::TlsSide::Client, t);
                     }
                 }
-                Output::Spool(bytes) => {
-                    if self.held.as_ref().is_some_and(|h| h.failed) {
-                        // The rest of a body whose spool failed: dropped with it.
-                        continue;
-                    }
-                    if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
-                        let spool = self.new_spool();
-                        self.held.get_or_insert_with(Box::default).spool = Some(spool);
-                    }
-                    if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut())
-                        && let Err(e) = spool.write(&bytes).await
-                    {
-                        // A full disk: the client gets `-ERR [SYS/TEMP]`, never a cut
-                        // message (the hop ends the session).
-                        warn!(error = %SessionError::Spool(e), "spooling a held body failed");
-                        self.held = Some(Box::new(scan::Held {
-                            failed: true,
-                            ..scan::Held::default()
-                        }));
-                        self.session.on_spool_error();
-                    }
-                }
+                // Boxed, as the rest of scanning: the spool's futures would otherwise sit in
+                // every session's task.
+                Output::Spool(bytes) => Box::pin(self.spool(&bytes)).await,
                 Output::Scan(request) => {
                     // The spool moves into the scan and comes back with the verdict.
                     let spool = match self.held.as_mut().and_then(|h| h.spool.take()) {
@@ -920,22 +916,51 @@ impl Driver {
                     let scan = scan::start(self.shared.scanners.clone(), request, spool);
                     self.held.get_or_insert_with(Box::default).scan = Some(scan);
                 }
-                Output::Unspool => {
-                    if let Some(spool) = self.held.take().and_then(|h| h.spool) {
-                        let n = spool
-                            .copy_to(&mut self.client)
-                            .await
-                            .map_err(io_err(Side::Client))?;
-                        self.client.flush().await.map_err(io_err(Side::Client))?;
-                        self.traffic.to_client += n;
-                        self.live.to_client.inc_by(n);
-                    }
-                }
+                Output::Unspool => Box::pin(self.unspool()).await?,
                 Output::DropSpool => self.held = None,
                 Output::Close(reason) => return Ok(Some(reason)),
             }
         }
         Ok(None)
+    }
+
+    /// [`Output::Spool`]: append `bytes` to the held body, creating its spool with the first;
+    /// a write that fails (a full disk) drops the body and tells the session.
+    async fn spool(&mut self, bytes: &[u8]) {
+        if self.held.as_ref().is_some_and(|h| h.failed) {
+            // The rest of a body whose spool failed: dropped with it.
+            return;
+        }
+        if self.held.as_ref().is_none_or(|h| h.spool.is_none()) {
+            let spool = self.new_spool();
+            self.held.get_or_insert_with(Box::default).spool = Some(spool);
+        }
+        if let Some(spool) = self.held.as_mut().and_then(|h| h.spool.as_mut())
+            && let Err(e) = spool.write(bytes).await
+        {
+            // A full disk: the client gets `-ERR [SYS/TEMP]`, never a cut message (the hop
+            // ends the session).
+            warn!(error = %SessionError::Spool(e), "spooling a held body failed");
+            self.held = Some(Box::new(scan::Held {
+                failed: true,
+                ..scan::Held::default()
+            }));
+            self.session.on_spool_error();
+        }
+    }
+
+    /// [`Output::Unspool`]: write the held body to the client (counted), then drop it.
+    async fn unspool(&mut self) -> Result<(), SessionError> {
+        if let Some(spool) = self.held.take().and_then(|h| h.spool) {
+            let n = spool
+                .copy_to(&mut self.client)
+                .await
+                .map_err(io_err(Side::Client))?;
+            self.client.flush().await.map_err(io_err(Side::Client))?;
+            self.traffic.to_client += n;
+            self.live.to_client.inc_by(n);
+        }
+        Ok(())
     }
 
     /// An empty spool for a body held for scanning (`[scan]` settings, spooled bytes counted).

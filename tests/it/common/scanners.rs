@@ -451,6 +451,16 @@ impl Rspamd {
         self.signal("-KILL");
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
+            // The worker is a child of the main process: it is gone (its socket closed) a
+            // moment after the main one is reaped. Until then a connection would be accepted
+            // and reset instead of refused.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200))
+                .is_ok()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
