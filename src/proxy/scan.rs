@@ -644,3 +644,82 @@ mod tests {
         assert_eq!(p.cap(&names(&["x"])), 0);
     }
 }
+
+#[cfg(test)]
+mod injection_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_notice_cannot_be_given_headers_through_the_originals_fields() {
+        let head: &[u8] = b"Subject: hi\rBcc: victim@example.net\r\n\
+            From: a@b\x00\r\nBcc: second@example.net\r\n\
+            To: \xff\xfe\x1b[31m <x@y>\r\n\
+            Date: Mon\r\n \r\n\
+            Message-ID: <a b>c@d\r\n\r\nbody\r\n";
+        let mut long = b"Subject: ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 5000));
+        long.extend_from_slice(b"\r\n\r\n");
+        let p = ScanPolicy::new(&[], &ScanConfig::default());
+        let reports = [ScanReport {
+            scanner: Arc::from("clamav\r\nBcc: z"),
+            verdict: ScanVerdict::Infected,
+            detail: Some("Eicar\r\n.\r\nBcc: z".into()),
+            score: None,
+            duration: Duration::ZERO,
+        }];
+        let j = judge(&p, &reports);
+        for head in [head, &long[..]] {
+            let mut s = Scanning::new(vec![].into(), 1, Verb::Retr);
+            s.keep_head(head);
+            let n = notice(
+                &p,
+                &s,
+                &reports,
+                &j,
+                "Mon, 07 Dec 2026 15:04:05 +0000",
+                None,
+            );
+            let text = String::from_utf8(n.clone()).expect("ASCII");
+            let header_block = &text[..text.find("\r\n\r\n").unwrap()];
+            for line in text.split("\r\n") {
+                assert!(line.len() <= 998, "a line of {} octets", line.len());
+                assert!(
+                    line.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
+                    "{line:?}"
+                );
+                assert_ne!(line, ".", "a terminator inside the notice");
+            }
+            assert!(!text.replace("\r\n", "").contains(['\r', '\n']));
+            for line in header_block.split("\r\n") {
+                let name = line.split(':').next().unwrap();
+                assert!(
+                    [
+                        "From",
+                        "To",
+                        "Date",
+                        "Subject",
+                        "Message-ID",
+                        "MIME-Version",
+                        "Content-Type",
+                        "Content-Transfer-Encoding",
+                        "Auto-Submitted",
+                        "X-Popgate-Scan"
+                    ]
+                    .contains(&name),
+                    "{line:?}"
+                );
+            }
+            let id = header_block
+                .lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap();
+            assert!(
+                id.starts_with('<')
+                    && id.ends_with('>')
+                    && !id[1..id.len() - 1].contains(['<', '>', ' ']),
+                "{id}"
+            );
+        }
+    }
+}

@@ -362,6 +362,9 @@ mod tests {
         logins: Vec<(String, Method, Vec<Vec<u8>>)>,
         tls: usize,
         close: Option<CloseReason>,
+        /// Body octets held for scanning, and the messages scans were asked for.
+        spooled: usize,
+        scans: Vec<u32>,
     }
 
     /// A scripted driver: the client's bytes in chunks of `n`, each login answered with the
@@ -407,6 +410,40 @@ mod tests {
             let now = Instant::now();
             let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
             let hop = Hop::new(cfg(stls), Policy::new(rules), now, now);
+            Driver::around(hop, now, front, outcomes, build, preread)
+        }
+
+        /// A routed session with a `scan` rule on every RETR and TOP.
+        fn scanning(outcomes: Vec<Result<&'static [u8], &'static [u8]>>) -> Driver {
+            let now = Instant::now();
+            let rules = RuleSet::parse(
+                "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\n\
+                 action = \"scan\"\nscan = [\"clamav\"]\n",
+                Path::new("scan.toml"),
+            )
+            .unwrap();
+            let mut policy = crate::proxy::scan::ScanPolicy::new(
+                &[],
+                &crate::config::scan::ScanConfig::default(),
+            );
+            policy.max_size = vec![(Arc::from("clamav"), 1 << 20)];
+            let cfg = HopConfig {
+                scan: Some(Arc::new(policy)),
+                ..cfg(false)
+            };
+            let hop = Hop::new(cfg, Policy::new(Arc::new(rules)), now, now);
+            let front = Some(Front::new("popgate ready"));
+            Driver::around(hop, now, front, outcomes, |s| s, b"")
+        }
+
+        fn around(
+            hop: Hop,
+            now: Instant,
+            front: Option<Front>,
+            outcomes: Vec<Result<&'static [u8], &'static [u8]>>,
+            build: impl FnOnce(Session) -> Session,
+            preread: &[u8],
+        ) -> Driver {
             let mut d = Driver {
                 session: build(Session::new(hop, front)),
                 cin: BytesMut::new(),
@@ -458,9 +495,9 @@ mod tests {
                     }
                     Output::Close(r) => self.trace.close = Some(r),
                     Output::RedialUpstream => self.trace.upstream.extend_from_slice(b"<redial>"),
-                    Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
-                        unreachable!("no scanning in these scripts")
-                    }
+                    Output::Spool(b) => self.trace.spooled += b.len(),
+                    Output::Scan(req) => self.trace.scans.push(req.msg),
+                    Output::Unspool | Output::DropSpool => {}
                     Output::Login(l) => {
                         self.trace
                             .logins
@@ -498,6 +535,21 @@ mod tests {
                 self.drain();
             }
         }
+    }
+
+    #[test]
+    fn a_routed_session_holds_a_selected_retrieval_for_its_scanners() {
+        let mut d = Driver::scanning(vec![Ok(LOGGED_IN)]);
+        d.client(b"USER alice\r\nPASS pw\r\nRETR 1\r\nDELE 1\r\n", 64);
+        assert_eq!(
+            d.trace.upstream, b"RETR 1\r\n",
+            "the DELE waits for the verdict"
+        );
+        d.server(b"+OK 9 octets\r\nSubject\r\n.\r\n", 64);
+        assert_eq!(d.trace.scans, [1]);
+        assert_eq!(d.trace.spooled, 9);
+        let client = String::from_utf8_lossy(&d.trace.client).into_owned();
+        assert!(client.ends_with("+OK logged in\r\n"), "held: {client}");
     }
 
     const REFUSED: &[u8] = b"-ERR [AUTH] no\r\n";
