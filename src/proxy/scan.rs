@@ -312,23 +312,7 @@ fn summary(reports: &[ScanReport]) -> String {
 /// `s` as one line of printable ASCII without `(`, `)`, `,` and `;` (they structure the
 /// header), white space collapsed, at most `max` characters.
 pub(crate) fn clean(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max));
-    for c in s.chars() {
-        let c = match c {
-            '(' | ')' | ',' | ';' => ' ',
-            c if c.is_ascii_graphic() || c == ' ' => c,
-            c if c.is_whitespace() || c.is_control() => ' ',
-            _ => '?',
-        };
-        if c == ' ' && (out.is_empty() || out.ends_with(' ')) {
-            continue;
-        }
-        if out.len() >= max {
-            break;
-        }
-        out.push(c);
-    }
-    out.trim_end().to_owned()
+    one_line(s, max, &['(', ')', ',', ';'])
 }
 
 /// The longest header value a notice repeats from the original.
@@ -397,9 +381,17 @@ impl Original {
 /// `s` as one line of printable ASCII (other characters become `?`, white space collapsed),
 /// at most `max` characters.
 fn printable(s: &str, max: usize) -> String {
+    one_line(s, max, &[])
+}
+
+/// `s` as one line of printable ASCII: white space, control characters and `blank` become
+/// one space (collapsed, none at either end), other non-ASCII characters `?`; at most `max`
+/// characters.
+fn one_line(s: &str, max: usize, blank: &[char]) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
         let c = match c {
+            c if blank.contains(&c) => ' ',
             c if c.is_ascii_graphic() => c,
             c if c.is_whitespace() || c.is_control() => ' ',
             _ => '?',
