@@ -13,10 +13,10 @@ use popgate::config::scan::{ScanConfig, ScannerConfig, ScannerKind};
 use popgate::scan::{Scanners, Spool};
 use popgate::types::{ByteSize, ScanReport, ScanVerdict};
 
+use crate::common::dovecot::dot_stuffed;
 use crate::common::scanners::{
     Clamd, ClamdOpts, REJECT_MARK, RSPAMD_REJECT_SCORE, Rspamd, SPAM_MARK, STUFFED_MARK,
-    STUFFED_NAME, STUFFED_SPAM_LINE, VIRUS_MARK, VIRUS_NAME, clean_mail, dot_stuff, infected_mail,
-    spam_mail,
+    STUFFED_NAME, STUFFED_SPAM_LINE, VIRUS_MARK, VIRUS_NAME, clean_mail, infected_mail, spam_mail,
 };
 
 fn clamd(name: &str, address: String) -> ScannerConfig {
@@ -43,7 +43,7 @@ fn names(n: &[&str]) -> Vec<Arc<str>> {
 /// A spool of `msg` as the wire has it (dot-stuffed), written in pieces of `piece` octets.
 async fn spool_of(scanners: &Scanners, msg: &[u8], piece: usize) -> Spool {
     let mut spool = scanners.spool();
-    for p in dot_stuff(msg).chunks(piece) {
+    for p in dot_stuffed(msg).chunks(piece) {
         spool.write(p).await.unwrap();
     }
     spool
@@ -107,7 +107,7 @@ async fn clamd_gets_the_message_unstuffed_at_every_piece_size() {
     )
     .unwrap();
     let msg = format!("Subject: dots\r\n\r\n{STUFFED_MARK}\r\n..\r\n").into_bytes();
-    let wire = dot_stuff(&msg);
+    let wire = dot_stuffed(&msg);
     assert!(
         !wire
             .windows(STUFFED_MARK.len())
@@ -459,7 +459,7 @@ async fn clamd_and_rspamd_scan_one_message_at_once() {
     );
     let mut wire = Vec::new();
     spool.copy_to(&mut wire).await.unwrap();
-    assert!(wire == dot_stuff(&msg), "the client gets the wire bytes");
+    assert!(wire == dot_stuffed(&msg), "the client gets the wire bytes");
 }
 
 /// `popgate check`: a scanner that answers is named on stderr; one that does not is a
