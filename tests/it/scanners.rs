@@ -179,6 +179,25 @@ fn big_mail(len: usize, tail: &str) -> Vec<u8> {
     m
 }
 
+/// A scanner `s` at `at` with a 1 s timeout, its daemon paused (SIGSTOP: connections are
+/// accepted, nothing is answered) while `msg` is scanned: the report is an error, `timed out
+/// after 1s`. The daemon stays paused.
+async fn timed_out_while_paused(at: At, msg: &[u8]) -> (Fix, ScanReport) {
+    let f = Setup::of(vec![Scanner {
+        timeout: Duration::from_secs(1),
+        ..scanner("s", at)
+    }])
+    .start();
+    f.clamd.iter().for_each(Clamd::pause);
+    f.rspamd.iter().for_each(Rspamd::pause);
+    let r = f.scan_one("s", msg).await;
+    assert_eq!(
+        (r.verdict, r.detail.as_deref()),
+        (ScanVerdict::Error, Some("timed out after 1s"))
+    );
+    (f, r)
+}
+
 // ---------------------------------------------------------------------------------------------
 // clamd
 
@@ -333,23 +352,13 @@ async fn clamd_down_killed_mid_scan_and_back() {
 #[tokio::test]
 #[ignore = "needs clamd (run .ci/run)"]
 async fn a_hanging_clamd_times_out_after_its_timeout() {
-    let mut f = Setup::of(vec![Scanner {
-        timeout: Duration::from_secs(1),
-        ..scanner("c", At::ClamdUnix)
-    }])
-    .start();
-    f.clamd().pause();
-    let r = f.scan_one("c", &infected_mail()).await;
+    let (mut f, r) = timed_out_while_paused(At::ClamdUnix, &infected_mail()).await;
     f.clamd().resume();
-    assert_eq!(
-        (r.verdict, r.detail.as_deref()),
-        (ScanVerdict::Error, Some("timed out after 1s"))
-    );
     assert!(
         r.duration >= Duration::from_secs(1) && r.duration < Duration::from_secs(5),
         "{r:?}"
     );
-    let r = f.scan_one("c", &infected_mail()).await;
+    let r = f.scan_one("s", &infected_mail()).await;
     assert_eq!(r.verdict, ScanVerdict::Infected, "after resuming: {r:?}");
 }
 
@@ -458,26 +467,16 @@ async fn rspamd_gets_the_message_unstuffed_and_streamed_from_a_file_spool() {
 #[tokio::test]
 #[ignore = "needs rspamd (run .ci/run)"]
 async fn rspamd_hanging_or_down_is_an_error() {
-    let mut f = Setup::of(vec![Scanner {
-        timeout: Duration::from_secs(1),
-        ..scanner("r", At::Rspamd)
-    }])
-    .start();
-    f.rspamd().pause();
-    let r = f.scan_one("r", &spam_mail()).await;
-    assert_eq!(
-        (r.verdict, r.detail.as_deref()),
-        (ScanVerdict::Error, Some("timed out after 1s"))
-    );
+    let (mut f, _) = timed_out_while_paused(At::Rspamd, &spam_mail()).await;
     let check = f.scanners.check().await;
     assert_eq!(check[0].1, Err("timed out after 1s".into()));
     f.rspamd().resume();
     assert_eq!(
-        f.scan_one("r", &spam_mail()).await.verdict,
+        f.scan_one("s", &spam_mail()).await.verdict,
         ScanVerdict::Spam
     );
     f.rspamd().kill();
-    let r = f.scan_one("r", &spam_mail()).await;
+    let r = f.scan_one("s", &spam_mail()).await;
     assert_eq!(r.verdict, ScanVerdict::Error);
     assert!(
         r.detail.as_deref().unwrap().starts_with("cannot connect"),
