@@ -20,7 +20,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cidr", &[]),
     // Value types shared by the core, the config, the drivers and the audit trail.
     ("types", &["cidr"]),
-    ("rules", &["pop3", "cidr"]),
+    ("rules", &["pop3", "cidr", "types"]),
     ("audit", &["pop3", "cidr", "types"]),
     ("config", &["audit", "cidr", "types"]),
     ("limits", &["config"]),
