@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::clients::{
-    MdaRun, RawPop, b64, curl_retr, fetchmail_run, mpop_run, pop_raw, poplib, poplib_spec,
+    MdaRun, RawPop, b64, curl_retr, fetchmail_run, mpop_run, poplib, poplib_spec,
 };
 use common::dovecot::{Dovecot, DovecotOpts, lf_only, served};
 use common::proxy::{PopgateOpts, PopgateProcess, push_varied_lines};
@@ -134,46 +134,6 @@ fn listing(addr: SocketAddr, cmd: &str) -> Vec<u8> {
     assert!(status.starts_with("+OK"), "{cmd}: {status}");
     c.cmd("QUIT");
     body.unwrap()
-}
-
-/// Replies received in one piece, read line by line.
-struct Replies<'a>(&'a [u8]);
-
-impl Replies<'_> {
-    /// The next line without its CRLF (empty at the end).
-    fn line(&mut self) -> String {
-        let raw = self.line_raw();
-        String::from_utf8_lossy(&raw)
-            .trim_end_matches(['\r', '\n'])
-            .to_owned()
-    }
-
-    fn line_raw(&mut self) -> Vec<u8> {
-        let end = self
-            .0
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(self.0.len(), |i| i + 1);
-        let (line, rest) = self.0.split_at(end);
-        self.0 = rest;
-        line.to_vec()
-    }
-
-    /// A multi-line body up to and excluding the `.` line, raw (still dot-stuffed).
-    fn body(&mut self) -> Vec<u8> {
-        let mut body = Vec::new();
-        loop {
-            let line = self.line_raw();
-            assert!(
-                !line.is_empty(),
-                "the replies end inside a multi-line answer"
-            );
-            if line == b".\r\n" {
-                return body;
-            }
-            body.extend_from_slice(&line);
-        }
-    }
 }
 
 /// The `scan` events of the audit trail, once `n` of them are written (bounded wait).
@@ -910,37 +870,30 @@ fn pipelined_retrievals_and_dele_are_answered_in_order() {
     .start();
     let (dv, p) = (&r.dv, &r.p);
     let uidls = uidls(dv);
-    let out = pop_raw(
-        p.addr,
-        &[
-            &format!("USER {USER}"),
-            &format!("PASS {PASS}"),
-            "RETR 1",
-            "RETR 2",
-            "DELE 1",
-            "QUIT",
-        ],
-    );
-    let mut r = Replies(&out);
-    assert!(r.line().starts_with("+OK"), "greeting");
-    assert!(r.line().starts_with("+OK"), "USER");
-    assert!(r.line().starts_with("+OK"), "PASS");
-    let s1 = r.line();
+    // Everything in one write, before the greeting is read.
+    let mut c = RawPop::over(std::net::TcpStream::connect(p.addr).unwrap());
+    c.send(&format!(
+        "USER {USER}\r\nPASS {PASS}\r\nRETR 1\r\nRETR 2\r\nDELE 1\r\nQUIT"
+    ));
+    assert!(c.line().starts_with("+OK"), "greeting");
+    assert!(c.line().starts_with("+OK"), "USER");
+    assert!(c.line().starts_with("+OK"), "PASS");
+    let s1 = c.line();
     assert!(s1.starts_with("+OK"), "RETR 1: {s1}");
-    let b1 = r.body();
+    let b1 = c.body();
     assert!(
         b1 == common::dovecot::dot_stuffed(&served(&msgs[0])),
         "RETR 1 body"
     );
-    let s2 = r.line();
+    let s2 = c.line();
     assert!(s2.starts_with("+OK"), "RETR 2: {s2}");
-    let b2 = r.body();
+    let b2 = c.body();
     assert_notice(&b2, &msgs[1], VIRUS_NAME, Some(&uidls[1]));
-    let d = r.line();
+    let d = c.line();
     assert!(d.starts_with("+OK"), "DELE 1: {d}");
-    let q = r.line();
+    let q = c.line();
     assert!(q.starts_with("+OK"), "QUIT: {q}");
-    assert!(r.line().is_empty(), "more after QUIT");
+    assert!(c.line().is_empty(), "more after QUIT");
     common::wait_until("Dovecot removed message 1", || dv.message_count(USER) == 1);
     assert!(
         curl_retr(dv.pop3, USER, PASS, 1) == served(&msgs[1]),
