@@ -1841,7 +1841,7 @@ impl<'a> ScanCase<'a> {
             End::Open,
             self.scanners,
         );
-        self.check(&out, "");
+        self.check(&out, "at every chunk size");
         out
     }
 
