@@ -442,6 +442,100 @@ mod tests {
         assert_eq!(o.poll(), closed(CloseReason::Shutdown, Some(SHUTTING_DOWN)));
     }
 
+    /// What can happen during a delay, for the property test.
+    #[derive(Debug, Clone)]
+    enum Happens {
+        /// The client's buffer now holds this many more bytes.
+        Input(usize),
+        Eof,
+        Error(bool),
+        Shutdown,
+        /// The driver's timer fires this many milliseconds after the start.
+        Timer(u64),
+    }
+
+    fn happens() -> impl proptest::strategy::Strategy<Value = Happens> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1usize..3000).prop_map(Happens::Input),
+            1 => Just(Happens::Eof),
+            1 => any::<bool>().prop_map(Happens::Error),
+            1 => Just(Happens::Shutdown),
+            3 => (0u64..6000).prop_map(Happens::Timer),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever happens in whatever order, the phase ends once, as the first decisive
+        /// event says: the deadline passed (the rules' verdict), a hang-up or read error
+        /// (ended at once), a shutdown (the relay's `-ERR`); the client is read only while
+        /// it waits and the kept bytes are under the limit; the deadline is reported while
+        /// it waits, and an early timer changes nothing.
+        #[test]
+        fn the_connect_phase_ends_once_as_its_first_decisive_event_says(
+            delay_ms in 0u64..5000,
+            refusal in 0u8..3,
+            events in proptest::collection::vec(happens(), 0..24),
+        ) {
+            let t0 = Instant::now();
+            let refusal = match refusal {
+                0 => None,
+                1 => Some(ConnectRefusal { rule: "no".into(), reply: Some(b"-ERR no\r\n".to_vec()) }),
+                _ => Some(ConnectRefusal { rule: "no".into(), reply: None }),
+            };
+            let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
+            let admission = Admission { delay, refusal: refusal.clone(), tags: vec![] };
+            let limit = early_input_limit(512, 8);
+            let mut o = Opening::new(admission, t0, limit);
+            let verdict = match refusal {
+                None => Opened::Proceed,
+                Some(ConnectRefusal { rule, reply }) => Opened::Close {
+                    reply,
+                    reason: CloseReason::RuleDrop,
+                    marks: Marks { tags: vec![], dropped_by: Some(rule) },
+                },
+            };
+            let mut ended = false;
+            if delay.is_none() {
+                proptest::prop_assert_eq!(o.poll(), Some(verdict.clone()));
+                ended = true;
+            }
+            let mut buffered = 0;
+            for ev in events {
+                let until = t0 + Duration::from_millis(delay_ms);
+                proptest::prop_assert_eq!(o.poll_timeout(), (!ended).then_some(until));
+                proptest::prop_assert_eq!(o.wants_client_input(), !ended && buffered < limit);
+                let want = if ended {
+                    None
+                } else {
+                    match &ev {
+                        Happens::Input(_) => None,
+                        Happens::Eof | Happens::Error(true) => {
+                            closed(CloseReason::ClientEof, None)
+                        }
+                        Happens::Error(false) => closed(CloseReason::Error, None),
+                        Happens::Shutdown => closed(CloseReason::Shutdown, Some(SHUTTING_DOWN)),
+                        Happens::Timer(ms) if *ms >= delay_ms => Some(verdict.clone()),
+                        Happens::Timer(_) => None,
+                    }
+                };
+                match ev {
+                    Happens::Input(n) if o.wants_client_input() => {
+                        buffered += n;
+                        o.on_client_input(buffered);
+                    }
+                    Happens::Input(_) => {}
+                    Happens::Eof => o.on_client_eof(),
+                    Happens::Error(d) => o.on_client_error(d),
+                    Happens::Shutdown => o.on_shutdown(),
+                    Happens::Timer(ms) => o.on_timeout(t0 + Duration::from_millis(ms)),
+                }
+                ended |= want.is_some();
+                proptest::prop_assert_eq!(o.poll(), want);
+            }
+        }
+    }
+
     #[test]
     fn the_greeting_is_part_of_the_setup_only_with_several_addresses() {
         assert!(!greeting_in_setup(1));

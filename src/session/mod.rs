@@ -399,15 +399,8 @@ async fn open(
             let sent = say_shutting_down(&mut client).await;
             live.to_client.inc_by(sent);
             let ms = started.elapsed().as_millis() as u64;
-            let from = traffic.from_client;
-            observer.close(
-                reason,
-                None,
-                from,
-                sent,
-                ms,
-                &crate::proxy::Marks::default(),
-            );
+            let marks = crate::proxy::Marks::default();
+            observer.close(reason, None, traffic.from_client, sent, ms, &marks);
             observer.flush().await;
             return Err(reason);
         };
