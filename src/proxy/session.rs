@@ -24,7 +24,8 @@ use super::{Hop, Output, SessionEvent};
 ///
 /// The hop's contract (see [`Hop`]), with the session in its place:
 /// 1. [`Session::new`] with the hop and, in routing mode, the front; then [`Session::start`]
-///    with the server bytes already read (direct mode's pre-read greeting) in `sin`.
+///    with the server bytes already read (direct mode's pre-read greeting) in `sin` and the
+///    client bytes the connect phase kept (during a `connect` rule's delay) in `cin`.
 /// 2. Feed what happens: [`Session::on_client_input`], [`Session::on_server_input`] (never
 ///    while [`Session::wants_server_input`] is false: in routing mode before the login there
 ///    is no upstream to read), [`Session::on_client_eof`], [`Session::on_upstream_eof`],
