@@ -99,6 +99,7 @@ pub(crate) fn prepare(config: Config, path: &Path) -> Result<Prepared, StartErro
     check_route_rules(&config, &rules, path)?;
     check_scan_rules(&config, &rules, path)?;
     warnings.extend(scan_rules_without_top(&rules));
+    warnings.extend(connect_delays_past_login_timeout(&config, &rules));
     if config
         .upstreams
         .iter()
@@ -192,6 +193,22 @@ fn scan_rules_without_top(rules: &RuleSet) -> Vec<String> {
             format!(
                 "{}: rule {rule:?} scans RETR but not TOP: `TOP n 999999` retrieves a whole \
                  message unscanned; add \"TOP\" to its verbs",
+                file.display()
+            )
+        })
+        .collect()
+}
+
+/// A warning for each `connect` rule whose delay reaches `limits.login_timeout`: that timeout
+/// counts from the connect, so every session the rule delays ends at the greeting, unanswered.
+fn connect_delays_past_login_timeout(config: &Config, rules: &RuleSet) -> Vec<String> {
+    let timeout = config.limits.login_timeout;
+    rules
+        .connect_delays()
+        .filter(|(_, _, d)| *d >= timeout)
+        .map(|(file, rule, d)| {
+            format!(
+                "{}: rule {rule:?} delays connections by {d:?}, not less than                  limits.login_timeout ({timeout:?}), which counts from the connect: every                  session it delays is closed before its greeting",
                 file.display()
             )
         })
@@ -580,6 +597,26 @@ mod tests {
             "no verbs: every verb"
         );
         assert!(scan_rules_without_top(&load("verbs = [\"TOP\"]\n")).is_empty());
+    }
+
+    #[test]
+    fn a_connect_delay_as_long_as_the_login_timeout_is_warned_about() {
+        let rules = RuleSet::parse(
+            "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\n\
+             delay = \"60s\"\n\
+             [[rule]]\nname = \"stat\"\non = \"command\"\naction = \"delay\"\n\
+             delay = \"10m\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        let w = connect_delays_past_login_timeout(&config(""), &rules);
+        assert_eq!(w.len(), 1, "the default 1m: {w:?}");
+        assert!(
+            w[0].starts_with("r.toml: rule \"slow\" delays connections by 60s"),
+            "{w:?}"
+        );
+        let longer = config("[limits]\nlogin_timeout = \"61s\"\n");
+        assert!(connect_delays_past_login_timeout(&longer, &rules).is_empty());
     }
 
     #[test]

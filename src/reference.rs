@@ -336,7 +336,7 @@ pub const KEYS: &[Key] = &[
         "limits.login_timeout",
         "\"1m\"",
         A,
-        "A session not logged in this long after connecting is closed.",
+        "A session not logged in this long after connecting (a connect rule's delay included) is closed.",
     ),
     k(
         "limits.greeting_timeout",

@@ -24,7 +24,8 @@ use super::{Hop, Output, SessionEvent};
 ///
 /// The hop's contract (see [`Hop`]), with the session in its place:
 /// 1. [`Session::new`] with the hop and, in routing mode, the front; then [`Session::start`]
-///    with the server bytes already read (direct mode's pre-read greeting) in `sin`.
+///    with the server bytes already read (direct mode's pre-read greeting) in `sin` and the
+///    client bytes the connect phase kept (during a `connect` rule's delay) in `cin`.
 /// 2. Feed what happens: [`Session::on_client_input`], [`Session::on_server_input`] (never
 ///    while [`Session::wants_server_input`] is false: in routing mode before the login there
 ///    is no upstream to read), [`Session::on_client_eof`], [`Session::on_upstream_eof`],
@@ -87,7 +88,9 @@ impl Session {
     }
 
     /// The session starts: the front's greeting (routing mode) or what was read from the
-    /// server during the set-up (`sin`) goes to the hop.
+    /// server during the set-up (`sin`) goes to the hop, then what the client sent during
+    /// the connect phase (`cin`, kept by [`Opening`](super::connect::Opening)), as if it had
+    /// been read just after.
     pub(crate) fn start(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
         if let Some(front) = self.front.as_mut() {
             let greeting = front.take_output();
@@ -97,6 +100,9 @@ impl Session {
         }
         if !sin.is_empty() {
             self.hop.on_server_input(now, sin, cin);
+        }
+        if !cin.is_empty() && self.hop.wants_client_input() {
+            self.hop.on_client_input(now, cin);
         }
     }
 
@@ -410,7 +416,7 @@ mod tests {
             let now = Instant::now();
             let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
             let hop = Hop::new(cfg(stls), Policy::new(rules), now, now);
-            Driver::around(hop, now, front, outcomes, build, preread)
+            Driver::around(hop, now, front, outcomes, build, preread, b"")
         }
 
         /// A routed session with a `scan` rule on every RETR and TOP.
@@ -433,7 +439,17 @@ mod tests {
             };
             let hop = Hop::new(cfg, Policy::new(Arc::new(rules)), now, now);
             let front = Some(Front::new("popgate ready"));
-            Driver::around(hop, now, front, outcomes, |s| s, b"")
+            Driver::around(hop, now, front, outcomes, |s| s, b"", b"")
+        }
+
+        /// A session whose client sent `early` during the connect phase (a rule's delay):
+        /// routing mode or direct mode with the greeting `preread` (or none read yet).
+        fn early(routing: bool, preread: &[u8], early: &[u8]) -> Driver {
+            let now = Instant::now();
+            let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
+            let hop = Hop::new(cfg(false), Policy::new(rules), now, now);
+            let front = routing.then(|| Front::new("popgate ready"));
+            Driver::around(hop, now, front, vec![Ok(LOGGED_IN)], |s| s, preread, early)
         }
 
         fn around(
@@ -443,10 +459,11 @@ mod tests {
             outcomes: Vec<Result<&'static [u8], &'static [u8]>>,
             build: impl FnOnce(Session) -> Session,
             preread: &[u8],
+            early: &[u8],
         ) -> Driver {
             let mut d = Driver {
                 session: build(Session::new(hop, front)),
-                cin: BytesMut::new(),
+                cin: BytesMut::from(early),
                 sin: BytesMut::from(preread),
                 now,
                 outcomes: outcomes.into(),
@@ -669,6 +686,37 @@ mod tests {
             assert!(d.trace.upstream.is_empty());
             // PASS is owed no answer of popgate's: no server took it.
             assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n");
+        }
+    }
+
+    #[test]
+    fn client_bytes_kept_during_the_connect_phase_are_handled_as_if_read_after_the_start() {
+        let client = b"CAPA\r\nUSER alice\r\nPASS pw\r\nSTAT\r\nQUIT\r\n";
+        let server = b"+OK 2 320\r\n+OK bye\r\n";
+        // Routing mode; direct mode with the greeting read in the set-up, or not yet.
+        for (routing, preread) in [(true, &b""[..]), (false, b"+OK hi\r\n"), (false, b"")] {
+            let run = |early: &[u8], rest: &[u8], n: usize| {
+                let mut d = Driver::early(routing, preread, early);
+                d.client(rest, n);
+                if d.session.wants_server_input() {
+                    d.server(server, n);
+                }
+                d.trace
+            };
+            // The reference: nothing early, the same bytes read once the session started.
+            let want = run(b"", client, client.len());
+            assert!(!want.client.is_empty() && !want.upstream.is_empty());
+            // Cut anywhere: the first part kept during the delay (all of it too), the rest
+            // read after, in chunks of any size.
+            for cut in 0..=client.len() {
+                for n in [1, 7, client.len()] {
+                    let got = run(&client[..cut], &client[cut..], n);
+                    assert_eq!(
+                        got, want,
+                        "routing {routing}, {cut} octets early, chunks {n}"
+                    );
+                }
+            }
         }
     }
 

@@ -341,6 +341,17 @@ impl RuleSet {
         })
     }
 
+    /// Every `delay` rule on `connect` events: its file, name and delay, in load order (for
+    /// `popgate check`: the delay counts into `limits.login_timeout`).
+    pub(crate) fn connect_delays(&self) -> impl Iterator<Item = (&Path, &str, Duration)> + '_ {
+        self.rules.iter().filter_map(|r| match r.effect {
+            Effect::Delay(d) if r.on == EventKind::Connect => {
+                Some((self.files[r.file].as_path(), &*r.name, d))
+            }
+            _ => None,
+        })
+    }
+
     /// Every rule whose `user` regex has an ASCII capital letter (outside escapes such as `\S`
     /// or `\p{Lu}`) and no `(?i)`: its file, name and pattern. Against user names folded to
     /// lower case (`upstream.user_names = "fold"`) such a pattern may never match.

@@ -30,15 +30,6 @@ use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
 
-/// Wait `d`; `false` if the session was told to stop first (kicked or drained).
-async fn sleep_unless_stopped(d: std::time::Duration, stop: &Entry) -> bool {
-    tokio::select! {
-        biased;
-        _ = stop.stopped() => false,
-        _ = tokio::time::sleep(d) => true,
-    }
-}
-
 /// Why a session told to stop ends: a kick (and who asked) or the drain.
 fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
     match stop.kicked_by() {
@@ -174,20 +165,73 @@ pub(crate) fn run(
     }
 }
 
-/// The `session_close` of a session kicked before its `session_open` (during the client's TLS
-/// handshake or a connect rule's delay): what `session_open` would say is not known yet.
-async fn kicked_in_setup(audit: &crate::audit::AuditSink, id: u64, who: String, started: Instant) {
-    if audit.is_enabled() {
-        let close = crate::audit::SessionClose {
-            user: None,
-            reason: CloseReason::Kick,
-            bytes_from_client: 0,
-            bytes_to_client: 0,
-            duration_ms: started.elapsed().as_millis() as u64,
-            rule: None,
-            kicked_by: Some(who),
-        };
-        audit.emit(crate::audit::AuditEvent::new(id, close)).await;
+/// A session's observer: its audit trail (and `transcript`), with the tap point of its
+/// registry entry (`popgate tap`, and who kicked it).
+fn session_observer(
+    shared: &Shared,
+    info: &SessionInfo,
+    handle: crate::control::registry::SessionHandle,
+    transcript: crate::audit::Transcript,
+) -> Observer {
+    let mut observer = Observer::new(
+        shared.audit.clone(),
+        shared.headers.clone(),
+        info.id,
+        transcript,
+    );
+    let mut tap = crate::control::tap::TapPoint::new(handle.entry());
+    tap.set_handle(handle);
+    observer.set_tap(tap);
+    observer
+}
+
+/// A session told to stop during the client's implicit-TLS handshake: why it ends. A kick
+/// is recorded as one in the connect phase is, `session_open` (no TLS yet, no rule has run)
+/// then `session_close` naming who asked; the drain only closes it (like a failed handshake,
+/// it never became a session in the audit trail).
+async fn stopped_in_handshake(
+    shared: &Shared,
+    info: &SessionInfo,
+    handle: crate::control::registry::SessionHandle,
+    started: Instant,
+) -> CloseReason {
+    let (reason, who) = stop_reason(&handle.entry());
+    if let Some(who) = who {
+        info!(by = %who, "session kicked before its relay began");
+        let transcript = crate::audit::Transcript::disabled();
+        let mut observer = session_observer(shared, info, handle, transcript);
+        observer.open(info, None, &[]);
+        let ms = started.elapsed().as_millis() as u64;
+        observer.close(reason, None, 0, 0, ms, &crate::proxy::Marks::default());
+        observer.flush().await;
+    }
+    reason
+}
+
+/// One wait of a connect rule's delay, for what comes first: client bytes (kept in `cin`),
+/// the client's hang-up, the delay's end, or a kick or the drain; `opening` is told.
+async fn connect_delay(
+    opening: &mut crate::proxy::connect::Opening,
+    client: &mut Stream,
+    cin: &mut BytesMut,
+    stop: &Entry,
+) {
+    let wake = opening.poll_timeout().map(Instant::from_std);
+    let want_client = opening.wants_client_input();
+    tokio::select! {
+        biased;
+        _ = stop.stopped() => opening.on_shutdown(),
+        r = read::read_lean(client, cin), if want_client => match r {
+            Ok(0) => opening.on_client_eof(),
+            Ok(_) => opening.on_client_input(cin.len()),
+            Err(e) => opening.on_client_error(io_err(Side::Client)(e).is_disconnect()),
+        },
+        _ = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        } => opening.on_timeout(clock()),
     }
 }
 
@@ -217,7 +261,7 @@ async fn open(
                 return Err(CloseReason::Error);
             }
             // No TLS yet, so no `-ERR` the client could read: closed.
-            None => return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await),
+            None => return Err(stopped_in_handshake(shared, &info, handle, started).await),
         }
     }
     let client_tls = client.tls_info();
@@ -230,63 +274,74 @@ async fn open(
             ..Event::new(EventKind::Connect, &info.listener, info.client.ip())
         },
     );
-    // A connect rule's tarpit never outlasts a shutdown or a kick.
-    if let Some(d) = connect.delay
-        && !sleep_unless_stopped(d, &stop).await
-    {
-        info!("stopped during a connect rule's delay");
-        say_shutting_down(&mut client).await;
-        return Err(stopped_before_open(&shared.audit, &stop, info.id, started).await);
-    }
-    let refused = match &connect.refusal {
-        None => None,
-        Some(refusal) => {
-            record_rules(shared, policy.take_tally());
-            let sent = match &refusal.reply {
-                Some(reply) => {
-                    let sent = match client.write_all(reply).await {
-                        Ok(()) => reply.len() as u64,
-                        Err(_) => 0,
-                    };
-                    let _ = client.shutdown().await;
-                    sent
-                }
-                None => 0,
-            };
-            Some((refusal.rule.clone(), sent))
-        }
-    };
     let transcript_cfg = &config.audit.transcript;
     // A refused connection gets no transcript; the audit trail shows it, with the rule.
-    let transcript = if refused.is_none()
+    let transcript = if connect.refusal.is_none()
         && (transcript_cfg.wants(&info.listener, info.client.ip()) || policy.trace)
     {
         crate::audit::Transcript::open(transcript_cfg, info.id, &info.listener, info.client)
     } else {
         crate::audit::Transcript::disabled()
     };
-    let mut observer = Observer::new(
-        shared.audit.clone(),
-        shared.headers.clone(),
-        info.id,
-        transcript,
-    );
-    let mut tap = crate::control::tap::TapPoint::new(handle.entry());
-    tap.set_handle(handle);
-    observer.set_tap(tap);
+    let mut observer = session_observer(shared, &info, handle, transcript);
     observer.set_tags(&policy.tags);
     observer.open(&info, client_tls.as_ref(), &connect.tags);
-    if let Some((rule, sent)) = refused {
-        let marks = crate::proxy::Marks {
-            tags: connect.tags.clone(),
-            dropped_by: Some(rule),
+    observer.flush().await;
+    // The connect phase: a rule's delay (the client read meanwhile), then the rules' verdict.
+    let mut cin = BytesMut::new();
+    let mut traffic = Traffic::default();
+    let early = crate::proxy::connect::early_input_limit(
+        config.limits.max_line,
+        config.limits.max_pipeline,
+    );
+    let mut opening = crate::proxy::connect::Opening::new(connect, clock(), early);
+    let opened = loop {
+        if let Some(opened) = opening.poll() {
+            break opened;
+        }
+        connect_delay(&mut opening, &mut client, &mut cin, &stop).await;
+        traffic.from_client = cin.len() as u64;
+    };
+    live.from_client.inc_by(traffic.from_client);
+    if let crate::proxy::connect::Opened::Close {
+        reply,
+        reason,
+        marks,
+    } = opened
+    {
+        record_rules(shared, policy.take_tally());
+        let sent = match reply {
+            Some(reply) => match client.write_all(&reply).await {
+                Ok(()) => reply.len() as u64,
+                Err(_) => 0,
+            },
+            None => 0,
+        };
+        let _ = client.shutdown().await;
+        live.to_client.inc_by(sent);
+        let reason = match reason {
+            CloseReason::Shutdown => {
+                info!("stopped during a connect rule's delay");
+                let (reason, who) = stop_reason(&stop);
+                if let Some(who) = who {
+                    info!(by = %who, "session kicked before its relay began");
+                }
+                reason
+            }
+            CloseReason::ClientEof | CloseReason::Error => {
+                info!(
+                    reason = reason.as_str(),
+                    "client gone during a connect rule's delay"
+                );
+                reason
+            }
+            reason => reason,
         };
         let ms = started.elapsed().as_millis() as u64;
-        observer.close(CloseReason::RuleDrop, None, 0, sent, ms, &marks);
+        observer.close(reason, None, traffic.from_client, sent, ms, &marks);
         observer.flush().await;
-        return Err(CloseReason::RuleDrop);
+        return Err(reason);
     }
-    observer.flush().await;
     let origin = crate::net::upstream::ClientOrigin {
         client: info.client,
         local: info.local,
@@ -344,7 +399,8 @@ async fn open(
             let sent = say_shutting_down(&mut client).await;
             live.to_client.inc_by(sent);
             let ms = started.elapsed().as_millis() as u64;
-            observer.close(reason, None, 0, sent, ms, &crate::proxy::Marks::default());
+            let marks = crate::proxy::Marks::default();
+            observer.close(reason, None, traffic.from_client, sent, ms, &marks);
             observer.flush().await;
             return Err(reason);
         };
@@ -355,9 +411,9 @@ async fn open(
                     &u.address,
                     dialled.elapsed(),
                 );
-                shared.metrics.failed_over(upstream_cfg, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
                 if u.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -375,9 +431,9 @@ async fn open(
                     e.stage.as_str(),
                     &e.reason,
                 );
-                shared.metrics.failed_over(upstream_cfg, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
                 let unavailable =
                     crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
                 let sent = match client.write_all(&unavailable).await {
@@ -389,7 +445,7 @@ async fn open(
                 observer.close(
                     CloseReason::Error,
                     None,
-                    0,
+                    traffic.from_client,
                     sent,
                     started.elapsed().as_millis() as u64,
                     &crate::proxy::Marks::default(),
@@ -434,29 +490,13 @@ async fn open(
         info: Box::new(info),
         client_tls: client_tls.map(Box::new),
         upstream_tls: upstream_tls.map(Box::new),
-        cin: BytesMut::new(),
+        cin,
         sin: BytesMut::from(&preread[..]),
         observer: SessionObserver { observer },
-        traffic: Traffic::default(),
+        traffic,
         live,
         held: None,
     })
-}
-
-/// A session told to stop before its `session_open`: its `session_close` if it was kicked, and
-/// why it ended.
-async fn stopped_before_open(
-    audit: &crate::audit::AuditSink,
-    stop: &Entry,
-    id: u64,
-    started: Instant,
-) -> CloseReason {
-    let (reason, who) = stop_reason(stop);
-    if let Some(who) = who {
-        info!(by = %who, "session kicked before its relay began");
-        kicked_in_setup(audit, id, who, started).await;
-    }
-    reason
 }
 
 /// Relay until the session ends, then close both sides and log the end.
@@ -1143,7 +1183,7 @@ impl Driver {
                 shared
                     .limiter
                     .logins
-                    .pending(self.info.client.ip(), std::time::Instant::now())
+                    .pending(self.info.client.ip(), clock())
             }),
         )
         .await;

@@ -687,6 +687,93 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
     assert_eq!(close["bytes_to_client"], json!(37), "{close}");
 }
 
+/// A kick during the client's implicit-TLS handshake and during a `connect` rule's delay (the
+/// first two waits of a session) ends it at once, and the audit trail records it as a kick in
+/// the relay is: `session_open` (without `client_tls` in the handshake, where no TLS is up
+/// yet), then `session_close` with reason `kick` and who asked. The client gets the `-ERR` a
+/// kick gives, except in the handshake, where it could not read it.
+#[test]
+fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() {
+    use common::certs::TestPki;
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions::new(vec![mailbox("a", "b", vec![])]));
+    let delay = "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\n\
+                 delay = \"10m\"\n";
+    let audit = format!("{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n");
+    let cases = [
+        (
+            "implicit TLS handshake",
+            PopgateOpts::new()
+                .listener("tls = \"implicit\"\n")
+                .tables(&format!("{audit}[tls]\ncert = {cert:?}\nkey = {key:?}\n")),
+            "",
+        ),
+        (
+            "connect rule delay",
+            PopgateOpts::new()
+                .top("rules = [\"slow.toml\"]\n")
+                .file("slow.toml", delay)
+                .tables(&audit),
+            "-ERR [SYS/TEMP] proxy shutting down\r\n",
+        ),
+    ];
+    for (what, opts, said) in cases {
+        let mut p = PopgateProcess::run(up.local_addr(), opts.wait_for_log());
+        // The client says nothing: no ClientHello, no command.
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let rows = wait_sessions(&p, what, |r| r.len() == 1);
+        assert_eq!(rows[0]["state"], json!("CONNECTING"), "{what}: {rows:#?}");
+        let id = rows[0]["id"].as_u64().unwrap();
+        let started = Instant::now();
+        let out = ctl(&p, &["kick", "--session", &id.to_string()]);
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: not ended by the kick"
+        );
+        assert_eq!(String::from_utf8_lossy(&rest), said, "{what}");
+        wait_sessions(&p, "gone", |r| r.is_empty());
+        p.stop();
+        let events = common::audit_events(&p.path("audit"));
+        let of_session: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["session"] == json!(id))
+            .collect();
+        let kinds: Vec<&Value> = of_session.iter().map(|e| &e["event"]).collect();
+        assert_eq!(
+            kinds,
+            [&json!("session_open"), &json!("session_close")],
+            "{what}: {events:#?}"
+        );
+        assert!(
+            of_session[0].get("client_tls").is_none(),
+            "{what}: {}",
+            of_session[0]
+        );
+        let close = of_session[1];
+        assert_eq!(close["reason"], json!("kick"), "{what}: {close}");
+        assert!(
+            close["kicked_by"].as_str().unwrap().starts_with("uid "),
+            "{what}: {close}"
+        );
+        assert_eq!(
+            close["bytes_to_client"],
+            json!(said.len()),
+            "{what}: {close}"
+        );
+        assert!(p.log().contains("session kicked"), "{what}: {}", p.log());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The socket itself
 

@@ -70,7 +70,9 @@ async fn start_with(tables: &str, rules: Option<&str>, upstream: Option<SocketAd
     let path = Path::new("<test>");
     let config = popgate::Config::parse(&toml, path).unwrap();
     config.validate(path).unwrap();
-    let proxy = popgate::Proxy::bind(config).await.unwrap();
+    let mut proxy = popgate::Proxy::bind(config).await.unwrap();
+    // The control socket, if `tables` has `[control]`.
+    proxy.start_control(None).unwrap();
     let addr = proxy.local_addrs()[0].1;
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(proxy.run(async {
@@ -122,6 +124,25 @@ impl Running {
         assert_eq!(opens, closes.len(), "{events:?}");
         closes
     }
+}
+
+/// `[control]` with its socket in `dir`, for [`start`]'s tables.
+fn control_table(dir: &Path) -> String {
+    format!("[control]\nsocket = {:?}\n", dir.join("control.sock"))
+}
+
+/// The sessions `popgate sessions` lists, asked on the control socket in `dir`.
+async fn listed(dir: &Path) -> Vec<serde_json::Value> {
+    let mut s = tokio::net::UnixStream::connect(dir.join("control.sock"))
+        .await
+        .unwrap();
+    s.write_all(b"{\"v\":1,\"cmd\":\"sessions\"}\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).await.unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    answer["sessions"].as_array().expect("rows").clone()
 }
 
 struct Client {
@@ -458,4 +479,89 @@ async fn shutdown_cuts_a_connect_rule_delay_short() {
     assert_eq!(c.line().await, "-ERR [SYS/TEMP] proxy shutting down");
     assert_eq!(c.line().await, "", "closed");
     assert_eq!(p.up.connections(), 0, "never dialled");
+    // Recorded at the connect, closed by the shutdown.
+    let events = common::audit_events(p.audit.path());
+    let kinds: Vec<&serde_json::Value> = events.iter().map(|e| &e["event"]).collect();
+    assert_eq!(kinds, ["session_open", "session_close"], "{events:?}");
+    assert_eq!(events[1]["reason"], "shutdown");
+}
+
+const SLOW_CONNECT: &str = "[[rule]]\nname = \"slow-connect\"\non = \"connect\"\n\
+                            action = \"delay\"\ndelay = \"60s\"\n";
+/// The login timeout counts from the connect, the delay included: longer than the delay here.
+const LOGIN_AFTER_DELAY: &str = "[limits]\nlogin_timeout = \"5m\"\n";
+
+/// A client that hangs up during a connect rule's delay ends its session then, not 60 s
+/// later: `popgate sessions` no longer lists it, its address's one place under
+/// `max_sessions_per_ip` is free for the next connection, and its `session_close` says
+/// `client_eof` at once.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_hangs_up_during_a_connect_delay_frees_its_session_at_once() {
+    let ctl = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "{LOGIN_AFTER_DELAY}max_sessions_per_ip = 1\n{}",
+        control_table(ctl.path())
+    );
+    let mut p = start(&tables, Some(SLOW_CONNECT)).await;
+    let c = Client::connect(p.addr).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = listed(ctl.path()).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["state"], "CONNECTING");
+    let t = Instant::now();
+    drop(c);
+    while !listed(ctl.path()).await.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "still listed {:?} after the hang-up",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let in (greeted after its own delay), not refused as a second session from the address.
+    let t = Instant::now();
+    let mut c = Client::connect(p.addr).await;
+    let greeting = c.line().await;
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    took(t.elapsed(), Duration::from_secs(60));
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    assert_eq!(p.close_reasons().await, ["client_eof", "quit"]);
+    let events = common::audit_events(p.audit.path());
+    let first = events
+        .iter()
+        .find(|e| e["event"] == "session_close")
+        .unwrap();
+    // Connected 1 s before the hang-up, closed at it.
+    let ms = first["duration_ms"].as_u64().unwrap();
+    assert!((1000..2000).contains(&ms), "{first}");
+}
+
+/// Commands a client pipelines before its greeting, during a connect rule's delay, are read
+/// meanwhile and relayed after the delay in order, as if they had waited in the socket.
+#[tokio::test(start_paused = true)]
+async fn commands_sent_during_a_connect_delay_are_relayed_after_it() {
+    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let t = Instant::now();
+    let mut c = Client::connect(p.addr).await;
+    let sent = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
+    c.w.write_all(sent.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(p.up.received().is_empty(), "relayed during the delay");
+    let greeting = c.line().await;
+    assert!(greeting.starts_with("+OK"), "the greeting: {greeting:?}");
+    took(t.elapsed(), Duration::from_secs(60));
+    assert!(c.line().await.starts_with("+OK"), "USER");
+    assert!(c.line().await.starts_with("+OK"), "PASS");
+    assert!(c.line().await.starts_with("+OK 1 "), "STAT");
+    assert!(c.line().await.starts_with("+OK"), "QUIT");
+    assert_eq!(c.line().await, "", "closed");
+    took(t.elapsed(), Duration::from_secs(60));
+    assert_eq!(p.up.quit_count(), 1);
+    assert_eq!(p.close_reasons().await, ["quit"]);
+    let events = common::audit_events(p.audit.path());
+    let close = events
+        .iter()
+        .find(|e| e["event"] == "session_close")
+        .unwrap();
+    assert_eq!(close["bytes_from_client"], sent.len(), "{close}");
 }
