@@ -355,9 +355,9 @@ async fn open(
                     &u.address,
                     dialled.elapsed(),
                 );
-                shared.metrics.failed_over(upstream_cfg, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
                 if u.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -375,9 +375,9 @@ async fn open(
                     e.stage.as_str(),
                     &e.reason,
                 );
-                shared.metrics.failed_over(upstream_cfg, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
                 let unavailable =
                     crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
                 let sent = match client.write_all(&unavailable).await {
@@ -1154,9 +1154,9 @@ impl Driver {
                     &done.address,
                     dialled.elapsed(),
                 );
-                shared.metrics.failed_over(upstream, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
                 if done.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -1195,9 +1195,9 @@ impl Driver {
                             u.stage.as_str(),
                             &u.reason,
                         );
-                        shared.metrics.failed_over(upstream, |a| {
-                            shared.dead.is_dead(a, std::time::Instant::now())
-                        });
+                        shared
+                            .metrics
+                            .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
                     }
                 }
                 Err(e.client_reply())
