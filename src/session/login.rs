@@ -281,6 +281,48 @@ mod tests {
         );
     }
 
+    /// The driver's one clock is tokio's: on paused time a login's deadline comes exactly
+    /// when the connector says, and the server that never answers is given up on then.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_is_given_up_on_at_the_connectors_deadline_on_paused_time() {
+        let (mut ours, mut theirs) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = theirs.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"USER alice\r\n");
+            // No answer; the connection stays open.
+            let _ = theirs.read(&mut buf).await;
+        });
+        let lines = Replay::Lines {
+            method: crate::proxy::front::Method::UserPass,
+            lines: vec![b"USER alice\r\n".to_vec(), b"PASS s3cret\r\n".to_vec()],
+        };
+        let started = tokio::time::Instant::now();
+        let within = Duration::from_secs(30);
+        let mut c = Connector::login_only(lines, 512, Some(within), upstream::now());
+        let mut link = Some(&mut ours);
+        let mut tokens = NoTokens;
+        let driven = upstream::drive(&mut c, &mut link, None, None, "", &mut tokens, 512);
+        let end = tokio::time::timeout(within * 2, driven)
+            .await
+            .expect("the driver watched the connector's deadline");
+        let took = started.elapsed();
+        assert!(
+            within <= took && took < within + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(
+            end,
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address: String::new(),
+                stage: ConnectStage::Setup,
+                reason: Reason::NoReply(within),
+            })
+        );
+        drop(ours);
+        server.await.unwrap();
+    }
+
     /// The bridge's login (byte by byte) leaves what follows its final line on the stream.
     #[tokio::test]
     async fn driver_reads_no_further_than_the_status_line() {
