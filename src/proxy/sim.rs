@@ -26,7 +26,8 @@
 //! - server replies reach the client in command order (tags strictly increasing), and none
 //!   of them answers a command popgate injected itself;
 //! - nothing panics, and the session ends within a bounded number of steps once the input is
-//!   used up and the timers have fired.
+//!   used up and the timers have fired; a routed login's upstream connector ends within a
+//!   bounded number of steps and reports a deadline whenever it waits.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -792,7 +793,7 @@ pub struct Summary {
     pub routed: usize,
     /// Routed logins whose upstream dialogue went through STLS to the server.
     pub upstream_stls: usize,
-    /// Routed logins whose first address was failed over.
+    /// Addresses failed over (marked dead) during routed logins.
     pub failed_over: usize,
     /// Scans the hop asked for (and got a verdict on).
     pub scans: usize,

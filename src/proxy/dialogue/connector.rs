@@ -370,12 +370,12 @@ impl Connector {
 
     /// The set-up is over: the address is alive; the relay or the login is next.
     fn connected(&mut self, now: Instant) {
-        self.out.push_back(ConnectStep::MarkAlive(self.address()));
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         let Phase::Setup(mut d) = phase else {
             self.phase = phase;
             return;
         };
+        self.out.push_back(ConnectStep::MarkAlive(self.address()));
         if self.plan.login.is_none() {
             let preread = d.take_preread();
             let address = self.address();
@@ -406,6 +406,7 @@ impl Connector {
     /// The current address failed during its set-up: fail over (marking it dead) if the
     /// stage says so and another address is left, else that is the end.
     fn broke(&mut self, now: Instant, stage: ConnectStage, reason: Reason) {
+        self.abandon();
         if !stage.fails_over() {
             self.unavailable(stage, reason);
             return;
@@ -436,7 +437,19 @@ impl Connector {
         }));
     }
 
+    /// The connection is given up: what was still to be done on it is not (a handshake or a
+    /// write queued behind the one that timed out).
+    fn abandon(&mut self) {
+        self.out.retain(|s| {
+            !matches!(
+                s,
+                ConnectStep::Write(_) | ConnectStep::StartTls | ConnectStep::FetchToken
+            )
+        });
+    }
+
     fn end(&mut self, end: ConnectEnd) {
+        self.abandon();
         self.phase = Phase::Done;
         self.deadline = None;
         self.out.push_back(ConnectStep::End(end));

@@ -1714,6 +1714,58 @@ mod connector {
     }
 
     #[test]
+    fn nothing_queued_for_a_connection_given_up_is_done_on_it() {
+        // Implicit TLS behind a PROXY header: the header's write hangs past the connect
+        // timeout; the handshake queued behind it is not run on that connection.
+        let t0 = Instant::now();
+        let timeouts = ConnectTimeouts {
+            connect: CONNECT,
+            dead_for: DEAD_FOR,
+            reply: None,
+        };
+        let behind_header = Plan {
+            proxy_header: Some(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n".to_vec()),
+            ..plan(TlsMode::Implicit, None)
+        };
+        let mut c = Connector::new(behind_header, vec!["a0".into(), "a1".into()], timeouts, t0);
+        assert_eq!(c.poll(), Some(ConnectStep::Dial("a0".into())));
+        c.dialled(t0);
+        assert!(matches!(c.poll(), Some(ConnectStep::Write(_))));
+        c.on_timeout(t0 + CONNECT);
+        let steps: Vec<ConnectStep> = std::iter::from_fn(|| c.poll()).collect();
+        assert!(matches!(steps[0], ConnectStep::MarkDead { ref address, .. } if address == "a0"));
+        assert!(matches!(
+            steps[1],
+            ConnectStep::Notice(Notice::FailingOver { .. })
+        ));
+        assert_eq!(steps[2..], [ConnectStep::Dial("a1".into())]);
+        // A write that fails with more queued behind it: the end comes, nothing else.
+        let mut c = Connector::new(
+            Plan {
+                proxy_header: Some(b"PROXY UNKNOWN\r\n".to_vec()),
+                ..plan(TlsMode::Implicit, None)
+            },
+            vec!["a0".into()],
+            timeouts,
+            t0,
+        );
+        assert_eq!(c.poll(), Some(ConnectStep::Dial("a0".into())));
+        c.dialled(t0);
+        assert!(matches!(c.poll(), Some(ConnectStep::Write(_))));
+        c.write_failed(t0, &"broken pipe");
+        assert!(matches!(
+            c.poll(),
+            Some(ConnectStep::End(ConnectEnd::Failed(
+                ConnectFailure::Unavailable {
+                    stage: ConnectStage::Setup,
+                    ..
+                }
+            )))
+        ));
+        assert_eq!(c.poll(), None);
+    }
+
+    #[test]
     fn late_and_early_events_change_nothing() {
         let t0 = Instant::now();
         let timeouts = ConnectTimeouts {
