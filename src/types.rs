@@ -180,6 +180,31 @@ mod tests {
             assert!(bad.parse::<Network>().is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn byte_sizes_and_their_errors() {
+        let p = |s| ByteSize::parse(s).unwrap();
+        assert_eq!(p("10MB"), ByteSize(10 << 20));
+        assert_eq!(p(" 512k "), ByteSize(512 << 10));
+        assert_eq!(p("1 GiB"), ByteSize(1 << 30));
+        assert_eq!(p("1048576"), ByteSize(1 << 20));
+        for (bad, why) in [
+            ("", "a whole number of octets is expected"),
+            ("MB", "a whole number of octets is expected"),
+            ("1.5M", "unknown unit `.5M`"),
+            ("99999999999999999999", "the number is too large"),
+            ("99999999999G", "the number is too large"),
+        ] {
+            let e = ByteSize::parse(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("`{bad}`: ")) && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
+        // Inside a rule's comparison the whole text is named.
+        let e = ByteSize::parse_within(" x", "> x").unwrap_err();
+        assert!(e.starts_with("`> x`: a whole number"), "{e}");
+    }
 }
 
 /// A number of octets in the config: `"10MB"`, `"512k"`, `"1048576"`. Units are binary and
@@ -191,7 +216,13 @@ pub struct ByteSize(pub u64);
 impl ByteSize {
     /// Parse `"10MB"` and friends; the error says what is expected.
     pub(crate) fn parse(text: &str) -> Result<ByteSize, String> {
-        let t = text.trim();
+        ByteSize::parse_within(text, text)
+    }
+
+    /// Parse the size `part` of the larger `text` (the rules' `"> 10MB"`), naming `text` in
+    /// the error: one grammar and one set of error texts for config sizes and rule sizes.
+    pub(crate) fn parse_within(part: &str, text: &str) -> Result<ByteSize, String> {
+        let t = part.trim();
         let digits = t.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
             return Err(format!(

@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::config::scan::{OnScanError, OnSpam, OnVirus, ScanConfig, ScannerConfig};
 use crate::pop3::command::Verb;
+use crate::pop3::response::dot_stuff;
 use crate::types::{ScanReport, ScanVerdict};
 
 /// What [`Output::Scan`](super::Output::Scan) asks the driver to scan: the spool, by these
@@ -530,20 +531,6 @@ fn notice_id(o: &Original, uidl: Option<&str>, s: &Scanning) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("<notice.{}.{hash:016x}@popgate.invalid>", s.msg)
-}
-
-/// `text` with a `.` added before every line that starts with one (RFC 1939).
-pub(crate) fn dot_stuff(text: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len() + 8);
-    let mut at_start = true;
-    for &b in text {
-        if at_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_start = b == b'\n';
-    }
-    out
 }
 
 /// `time` as an RFC 5322 date in UTC (`Mon, 07 Dec 2026 15:04:05 +0000`): the driver passes

@@ -1750,6 +1750,9 @@ fn same_at_every_chunk_scanning(
 
 const SCAN_RULE: &str = "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\naction = \"scan\"\nscan = [\"clamav\", \"rspamd\"]\n";
 
+/// What the client gets for [`LOGIN`] against [`LOGGED_IN`].
+const LOGIN_REPLIES: &str = "+OK hi\r\n+OK\r\n+OK in\r\n";
+
 fn policy() -> ScanPolicy {
     let mut p = ScanPolicy::new(&[], &crate::config::scan::ScanConfig::default());
     p.max_size = vec![
@@ -1761,16 +1764,105 @@ fn policy() -> ScanPolicy {
     p
 }
 
-fn scanning(p: ScanPolicy) -> impl Fn() -> Hop {
-    let p = Arc::new(p);
-    move || {
-        hop_with(
-            HopConfig {
-                scan: Some(p.clone()),
-                ..config()
-            },
-            SCAN_RULE,
+/// One row of the scanning scenarios: a hop with `policy` and `rule`, logged in as `a`; the
+/// client sends `commands`, the server answers `answers` in turn, the scanners `scanners`.
+/// [`ScanCase::run`] runs it at every chunk size and checks what the row states.
+struct ScanCase<'a> {
+    /// The `[scan]` policy; `None`: no scanner configured.
+    policy: Option<ScanPolicy>,
+    /// The rules.
+    rule: &'a str,
+    /// What the client sends after the login.
+    commands: &'a str,
+    /// The server's answers after the login, one per command it is sent.
+    answers: &'a [&'a [u8]],
+    /// The scanners' reports for a scan request.
+    scanners: Answer<'a>,
+    /// What the client gets after the login's replies, exactly (unchecked if `None`).
+    client: Option<String>,
+    /// What the server gets after the login, exactly (unchecked if `None`).
+    upstream: Option<&'a str>,
+    /// The actions of the `Scanned` events, in order.
+    actions: &'a [&'a str],
+}
+
+impl<'a> ScanCase<'a> {
+    /// [`policy`] and [`SCAN_RULE`]; the client and the server unchecked, no `Scanned` event.
+    fn new(commands: &'a str, answers: &'a [&'a [u8]], scanners: Answer<'a>) -> ScanCase<'a> {
+        ScanCase {
+            policy: Some(policy()),
+            rule: SCAN_RULE,
+            commands,
+            answers,
+            scanners,
+            client: None,
+            upstream: None,
+            actions: &[],
+        }
+    }
+
+    fn make(&self) -> impl Fn() -> Hop + use<'_> {
+        let scan = self.policy.clone().map(Arc::new);
+        move || {
+            hop_with(
+                HopConfig {
+                    scan: scan.clone(),
+                    ..config()
+                },
+                self.rule,
+            )
+        }
+    }
+
+    fn client_bytes(&self) -> Vec<u8> {
+        [LOGIN, self.commands.as_bytes()].concat()
+    }
+
+    /// One run with `chunk`-byte pieces.
+    fn run_at(&self, chunk: usize) -> Out {
+        let server = after_login(self.answers);
+        let client = self.client_bytes();
+        run_scanning(
+            &mut self.make()(),
+            &client,
+            &server,
+            chunk,
+            End::Open,
+            self.scanners,
         )
+    }
+
+    /// Run at every chunk size (the same output at each) and check the row.
+    fn run(self) -> Out {
+        let out = same_at_every_chunk_scanning(
+            self.make(),
+            &self.client_bytes(),
+            &after_login(self.answers),
+            End::Open,
+            self.scanners,
+        );
+        self.check(&out, "");
+        out
+    }
+
+    /// Check what the row states of `out` (`at`: where, for the messages).
+    fn check(&self, out: &Out, at: &str) {
+        let client = text(&out.client);
+        let after = client
+            .strip_prefix(LOGIN_REPLIES)
+            .unwrap_or_else(|| panic!("{at}: no login: {client}"));
+        if let Some(want) = &self.client {
+            assert_eq!(after, want, "{at}: the client");
+        }
+        if let Some(want) = self.upstream {
+            assert_eq!(
+                text(&out.upstream),
+                format!("{}{want}", text(LOGIN)),
+                "{at}: the server"
+            );
+        }
+        let actions: Vec<&str> = out.scanned.iter().map(|s| s.1).collect();
+        assert_eq!(actions, self.actions, "{at}: the actions");
     }
 }
 
@@ -1819,6 +1911,11 @@ fn spam(req: &ScanRequest) -> Vec<ScanReport> {
         .collect()
 }
 
+/// A scanner that must not be asked.
+fn not_scanned(_: &ScanRequest) -> Vec<ScanReport> {
+    unreachable!("not scanned")
+}
+
 /// A message with a dot-stuffed line, a folded Subject and a line that is a lone dot.
 const MESSAGE: &[u8] = b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: Hello\r\n there\r\nDate: Sun, 06 Dec 2026 10:00:00 +0100\r\nMessage-ID: <m1@example.org>\r\n\r\nHi Bob,\r\n..dot-stuffed\r\n..\r\nbye\r\n";
 
@@ -1830,20 +1927,33 @@ fn retr_answer() -> Vec<u8> {
     v
 }
 
+/// The answer to `RETR 1` with `lines` put between the status line and `MESSAGE`.
+fn retr_with(lines: &str) -> String {
+    format!(
+        "+OK {} octets\r\n{lines}{}.\r\n",
+        MESSAGE.len(),
+        text(MESSAGE)
+    )
+}
+
 #[test]
 fn a_clean_scanned_message_is_byte_identical_and_the_spool_held_its_wire_bytes() {
     let answer = retr_answer();
-    let server = after_login(&[&answer, b"+OK bye\r\n"]);
-    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nQUIT\r\n";
-    let plain = same_at_every_chunk(|| hop_with(config(), ""), client, &server, End::Open);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        client,
-        &server,
+    let answers: &[&[u8]] = &[&answer, b"+OK bye\r\n"];
+    let clean = all(ScanVerdict::Clean);
+    let row = ScanCase::new("RETR 1\r\nQUIT\r\n", answers, &clean);
+    let plain = same_at_every_chunk(
+        || hop_with(config(), ""),
+        &row.client_bytes(),
+        &after_login(answers),
         End::Open,
-        &all(ScanVerdict::Clean),
     );
-    assert_eq!(text(&out.client), text(&plain.client));
+    let out = ScanCase {
+        client: Some(text(&plain.client)[LOGIN_REPLIES.len()..].to_owned()),
+        actions: &["delivered"],
+        ..row
+    }
+    .run();
     assert_eq!(out.scans.len(), 1);
     let asked = &out.scans[0];
     assert_eq!(asked.scanners, ["clamav", "rspamd"]);
@@ -1873,61 +1983,45 @@ fn a_clean_scanned_message_is_byte_identical_and_the_spool_held_its_wire_bytes()
 #[test]
 fn header_true_adds_one_line_after_the_status_line() {
     let answer = retr_answer();
-    let server = after_login(&[&answer]);
-    let out = same_at_every_chunk_scanning(
-        scanning(ScanPolicy {
+    ScanCase {
+        policy: Some(ScanPolicy {
             header: true,
             ..policy()
         }),
-        b"USER a\r\nPASS b\r\nRETR 1\r\n",
-        &server,
-        End::Open,
-        &all(ScanVerdict::Clean),
-    );
-    let want = format!(
-        "+OK {} octets\r\nX-Popgate-Scan: clean; clamav=clean, rspamd=clean\r\n{}.\r\n",
-        MESSAGE.len(),
-        text(MESSAGE)
-    );
-    assert!(text(&out.client).ends_with(&want), "{}", text(&out.client));
+        client: Some(retr_with(
+            "X-Popgate-Scan: clean; clamav=clean, rspamd=clean\r\n",
+        )),
+        actions: &["delivered"],
+        ..ScanCase::new("RETR 1\r\n", &[&answer], &all(ScanVerdict::Clean))
+    }
+    .run();
 }
 
 #[test]
 fn spam_is_tagged_with_its_score_and_the_framing_stays() {
     let answer = retr_answer();
-    let server = after_login(&[&answer, b"+OK\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nRETR 1\r\nNOOP\r\n",
-        &server,
-        End::Open,
-        &spam,
-    );
-    let want = format!(
-        "+OK {} octets\r\nX-Spam-Status: Yes, score=12.50 required=6.00\r\nX-Spam-Score: 12.50\r\n{}.\r\n+OK\r\n",
-        MESSAGE.len(),
-        text(MESSAGE)
-    );
-    assert!(text(&out.client).ends_with(&want), "{}", text(&out.client));
-    assert_eq!(out.scanned[0].1, "tagged");
+    ScanCase {
+        client: Some(
+            retr_with("X-Spam-Status: Yes, score=12.50 required=6.00\r\nX-Spam-Score: 12.50\r\n")
+                + "+OK\r\n",
+        ),
+        actions: &["tagged"],
+        ..ScanCase::new("RETR 1\r\nNOOP\r\n", &[&answer, b"+OK\r\n"], &spam)
+    }
+    .run();
     // Tagged infected: the verdict is named.
-    let out = same_at_every_chunk_scanning(
-        scanning(ScanPolicy {
+    ScanCase {
+        policy: Some(ScanPolicy {
             on_virus: crate::config::scan::OnVirus::Tag,
             ..policy()
         }),
-        b"USER a\r\nPASS b\r\nRETR 1\r\n",
-        &after_login(&[&answer]),
-        End::Open,
-        &infected,
-    );
-    let c = text(&out.client);
-    assert!(
-        c.contains(
-            "octets\r\nX-Popgate-Scan: infected; clamav=infected (Eicar-Test-Signature), rspamd=clean\r\nFrom: Alice"
-        ),
-        "{c}"
-    );
+        client: Some(retr_with(
+            "X-Popgate-Scan: infected; clamav=infected (Eicar-Test-Signature), rspamd=clean\r\n",
+        )),
+        actions: &["tagged"],
+        ..ScanCase::new("RETR 1\r\n", &[&answer], &infected)
+    }
+    .run();
 }
 
 /// The notice the client got: its status line's size and its lines (un-stuffed).
@@ -1977,19 +2071,19 @@ fn notice_lines(client: &str) -> Vec<String> {
 #[test]
 fn an_infected_message_is_replaced_by_a_well_formed_dot_stuffed_notice() {
     let answer = retr_answer();
-    let server = after_login(&[b"+OK 1 uid-0001\r\n", &answer, b"+OK marked\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nUIDL 1\r\nRETR 1\r\nDELE 1\r\n",
-        &server,
-        End::Open,
-        &infected,
-    );
+    let out = ScanCase {
+        upstream: Some("UIDL 1\r\nRETR 1\r\nDELE 1\r\n"),
+        actions: &["replaced"],
+        ..ScanCase::new(
+            "UIDL 1\r\nRETR 1\r\nDELE 1\r\n",
+            &[b"+OK 1 uid-0001\r\n", &answer, b"+OK marked\r\n"],
+            &infected,
+        )
+    }
+    .run();
     let c = text(&out.client);
     assert!(c.ends_with(".\r\n+OK marked\r\n"), "DELE relayed: {c}");
-    assert!(text(&out.upstream).ends_with("RETR 1\r\nDELE 1\r\n"));
     assert_eq!(out.spools_dropped, 1);
-    assert_eq!(out.scanned[0].1, "replaced");
     let c = c.strip_suffix("+OK marked\r\n").unwrap();
     let c = &c[c.find("+OK 1 uid-0001\r\n").unwrap() + 16..];
     let lines = notice_lines(&format!("+OK in\r\n{c}"));
@@ -2034,21 +2128,19 @@ fn an_infected_message_is_replaced_by_a_well_formed_dot_stuffed_notice() {
 
 #[test]
 fn a_notice_without_date_or_message_id_gets_the_drivers_date_and_a_derived_id() {
-    let msg = b"Subject: x\r\n\r\nbody\r\n";
-    let mut answer = b"+OK\r\n".to_vec();
-    answer.extend_from_slice(msg);
-    answer.extend_from_slice(b".\r\n");
-    let server = after_login(&[&answer]);
-    let out = same_at_every_chunk_scanning(
-        scanning(ScanPolicy {
+    let out = ScanCase {
+        policy: Some(ScanPolicy {
             on_spam: crate::config::scan::OnSpam::Replace,
             ..policy()
         }),
-        b"USER a\r\nPASS b\r\nRETR 2\r\n",
-        &server,
-        End::Open,
-        &spam,
-    );
+        actions: &["replaced"],
+        ..ScanCase::new(
+            "RETR 2\r\n",
+            &[b"+OK\r\nSubject: x\r\n\r\nbody\r\n.\r\n"],
+            &spam,
+        )
+    }
+    .run();
     let lines = notice_lines(&text(&out.client));
     assert!(lines.contains(&format!("Date: {DATE}")), "{lines:?}");
     assert!(lines.contains(&"Subject: [spam removed] x".to_owned()));
@@ -2074,98 +2166,86 @@ fn a_notice_without_date_or_message_id_gets_the_drivers_date_and_a_derived_id() 
 #[test]
 fn deny_answers_err_and_drops_the_spool() {
     let answer = retr_answer();
-    let server = after_login(&[&answer, b"+OK 1 10\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(ScanPolicy {
+    let out = ScanCase {
+        policy: Some(ScanPolicy {
             on_virus: crate::config::scan::OnVirus::Deny,
             ..policy()
         }),
-        b"USER a\r\nPASS b\r\nRETR 1\r\nLIST 1\r\n",
-        &server,
-        End::Open,
-        &infected,
-    );
-    assert_eq!(
-        text(&out.client),
-        format!(
-            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n+OK 1 10\r\n",
+        client: Some(format!(
+            "{}\r\n+OK 1 10\r\n",
             crate::pop3::replies::SCAN_DENIED
+        )),
+        actions: &["denied"],
+        ..ScanCase::new(
+            "RETR 1\r\nLIST 1\r\n",
+            &[&answer, b"+OK 1 10\r\n"],
+            &infected,
         )
-    );
+    }
+    .run();
     assert_eq!(out.spools_dropped, 1);
-    assert_eq!(out.scanned[0].1, "denied");
 }
 
 #[test]
 fn a_tempfailed_message_is_not_deleted_on_the_clients_behalf() {
     let answer = retr_answer();
+    let rspamd_down = |req: &ScanRequest| {
+        let mut r = all(ScanVerdict::Clean)(req);
+        r[1] = report("rspamd", ScanVerdict::Error, Some("connection refused"));
+        r
+    };
     // The server answers RETR 1, then QUIT: it never sees DELE 1.
-    let server = after_login(&[&answer, b"+OK 2 10\r\n", b"+OK bye\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nRETR 1\r\nDELE 1\r\nLIST 2\r\nQUIT\r\n",
-        &server,
-        End::Open,
-        &|req: &ScanRequest| {
-            let mut r = all(ScanVerdict::Clean)(req);
-            r[1] = report("rspamd", ScanVerdict::Error, Some("connection refused"));
-            r
-        },
-    );
-    assert_eq!(
-        text(&out.upstream),
-        "USER a\r\nPASS b\r\nRETR 1\r\nLIST 2\r\nQUIT\r\n"
-    );
-    assert_eq!(
-        text(&out.client),
-        format!(
-            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n{}\r\n+OK 2 10\r\n+OK bye\r\n",
+    ScanCase {
+        upstream: Some("RETR 1\r\nLIST 2\r\nQUIT\r\n"),
+        client: Some(format!(
+            "{}\r\n{}\r\n+OK 2 10\r\n+OK bye\r\n",
             crate::pop3::replies::SCAN_TEMPFAIL,
             crate::pop3::replies::SCAN_DELE_TEMPFAILED
+        )),
+        actions: &["tempfailed"],
+        ..ScanCase::new(
+            "RETR 1\r\nDELE 1\r\nLIST 2\r\nQUIT\r\n",
+            &[&answer, b"+OK 2 10\r\n", b"+OK bye\r\n"],
+            &rspamd_down,
         )
-    );
-    assert_eq!(out.scanned[0].1, "tempfailed");
+    }
+    .run();
     // With on_error = "pass" it arrives, tagged unscanned, and the DELE is relayed.
-    let server = after_login(&[&answer, b"+OK marked\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(ScanPolicy {
+    ScanCase {
+        policy: Some(ScanPolicy {
             on_error: crate::config::scan::OnScanError::Pass,
             ..policy()
         }),
-        b"USER a\r\nPASS b\r\nRETR 1\r\nDELE 1\r\n",
-        &server,
-        End::Open,
-        &all(ScanVerdict::Error),
-    );
-    let c = text(&out.client);
-    assert!(
-        c.contains(
-            "octets\r\nX-Popgate-Scan: unscanned (error); clamav=error, rspamd=error\r\nFrom:"
+        client: Some(
+            retr_with("X-Popgate-Scan: unscanned (error); clamav=error, rspamd=error\r\n")
+                + "+OK marked\r\n",
         ),
-        "{c}"
-    );
-    assert!(c.ends_with(".\r\n+OK marked\r\n"), "{c}");
-    assert_eq!(out.scanned[0].1, "unscanned");
+        actions: &["unscanned"],
+        ..ScanCase::new(
+            "RETR 1\r\nDELE 1\r\n",
+            &[&answer, b"+OK marked\r\n"],
+            &all(ScanVerdict::Error),
+        )
+    }
+    .run();
 }
 
 #[test]
 fn a_retrieval_whose_status_states_more_than_the_cap_goes_at_once_unscanned() {
-    let server = after_login(&[b"+OK 31457280 octets\r\nSubject: big\r\n\r\nx\r\n.\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nRETR 1\r\n",
-        &server,
-        End::Open,
-        &|_| unreachable!("not scanned"),
-    );
-    assert!(out.scans.is_empty());
-    assert!(
-        text(&out.client).ends_with(
+    let out = ScanCase {
+        client: Some(
             "+OK 31457280 octets\r\nX-Popgate-Scan: unscanned (too large)\r\nSubject: big\r\n\r\nx\r\n.\r\n"
+                .into(),
         ),
-        "{}",
-        text(&out.client)
-    );
+        actions: &["unscanned"],
+        ..ScanCase::new(
+            "RETR 1\r\n",
+            &[b"+OK 31457280 octets\r\nSubject: big\r\n\r\nx\r\n.\r\n"],
+            &not_scanned,
+        )
+    }
+    .run();
+    assert!(out.scans.is_empty());
     assert_eq!(
         out.scanned,
         [(
@@ -2181,46 +2261,46 @@ fn a_body_that_passes_the_cap_mid_stream_is_released_unscanned_at_every_chunk_si
     let mut p = policy();
     p.max_size = vec![(Arc::from("clamav"), 40), (Arc::from("rspamd"), 20)];
     let answer = retr_answer();
-    let server = after_login(&[&answer, b"+OK\r\n"]);
-    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nNOOP\r\n";
-    let want = format!(
-        "+OK hi\r\n+OK\r\n+OK in\r\n+OK {} octets\r\nX-Popgate-Scan: unscanned (too large)\r\n{}.\r\n+OK\r\n",
-        MESSAGE.len(),
-        text(MESSAGE)
-    );
-    let make = scanning(p);
+    let answers: &[&[u8]] = &[&answer, b"+OK\r\n"];
+    let row = ScanCase {
+        policy: Some(p),
+        client: Some(retr_with("X-Popgate-Scan: unscanned (too large)\r\n") + "+OK\r\n"),
+        actions: &["unscanned"],
+        ..ScanCase::new("RETR 1\r\nNOOP\r\n", answers, &not_scanned)
+    };
     // What is spooled before the cap is passed depends on the chunks: the client's bytes not.
-    for chunk in 1..=server.iter().map(|r| r.len()).sum() {
-        let out = run_scanning(&mut make(), client, &server, chunk, End::Open, &|_| {
-            unreachable!("not scanned")
-        });
-        assert_eq!(text(&out.client), want, "chunk size {chunk}");
+    for chunk in 1..=after_login(row.answers).iter().map(|r| r.len()).sum() {
+        let out = row.run_at(chunk);
+        row.check(&out, &format!("chunk size {chunk}"));
         assert_eq!(out.spool_left, 0, "chunk size {chunk}");
-        assert_eq!(out.scanned.len(), 1);
-        assert_eq!(out.scanned[0].1, "unscanned");
     }
 }
 
 #[test]
 fn pipelined_retrievals_and_a_delete_stay_in_order_and_wait_for_each_verdict() {
     let a1 = retr_answer();
-    let a2 = b"+OK 8 octets\r\nSubject: two\r\n\r\n.\r\n";
-    let server = after_login(&[&a1, a2, b"+OK marked\r\n", b"+OK bye\r\n"]);
-    let client = b"USER a\r\nPASS b\r\nRETR 1\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n";
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        client,
-        &server,
-        End::Open,
-        &|req: &ScanRequest| {
-            if req.msg == 2 {
-                infected(req)
-            } else {
-                all(ScanVerdict::Clean)(req)
-            }
-        },
-    );
-    assert_eq!(out.upstream, client);
+    let commands = "RETR 1\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n";
+    let out = ScanCase {
+        upstream: Some(commands),
+        actions: &["delivered", "replaced"],
+        ..ScanCase::new(
+            commands,
+            &[
+                &a1,
+                b"+OK 8 octets\r\nSubject: two\r\n\r\n.\r\n",
+                b"+OK marked\r\n",
+                b"+OK bye\r\n",
+            ],
+            &|req: &ScanRequest| {
+                if req.msg == 2 {
+                    infected(req)
+                } else {
+                    all(ScanVerdict::Clean)(req)
+                }
+            },
+        )
+    }
+    .run();
     // Nothing after a selected retrieval reached the server before its verdict.
     assert!(out.scans[0].upstream.ends_with("RETR 1\r\n"));
     assert!(out.scans[1].upstream.ends_with("RETR 2\r\n"));
@@ -2232,92 +2312,82 @@ fn pipelined_retrievals_and_a_delete_stay_in_order_and_wait_for_each_verdict() {
         one < two && two < marked && c.ends_with("+OK marked\r\n+OK bye\r\n"),
         "{c}"
     );
-    assert_eq!(
-        out.scanned.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
-        [(1, "delivered"), (2, "replaced")]
-    );
 }
 
 #[test]
 fn top_is_scanned_when_selected_and_retr_not_when_unselected() {
     let top = b"+OK\r\nSubject: t\r\n\r\nline\r\n.\r\n";
     let answer = retr_answer();
-    let server = after_login(&[top, &answer]);
-    let rule = "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = \"TOP\"\naction = \"scan\"\nscan = \"clamav\"\n";
-    let p = Arc::new(policy());
-    let make = || {
-        hop_with(
-            HopConfig {
-                scan: Some(p.clone()),
-                ..config()
-            },
-            rule,
+    let out = ScanCase {
+        rule: "[[rule]]\nname = \"s\"\non = \"command\"\nverbs = \"TOP\"\naction = \"scan\"\nscan = \"clamav\"\n",
+        client: Some(text(top) + &text(&answer)),
+        actions: &["delivered"],
+        ..ScanCase::new(
+            "TOP 1 1\r\nRETR 1\r\n",
+            &[top, &answer],
+            &all(ScanVerdict::Clean),
         )
-    };
-    let out = same_at_every_chunk_scanning(
-        make,
-        b"USER a\r\nPASS b\r\nTOP 1 1\r\nRETR 1\r\n",
-        &server,
-        End::Open,
-        &all(ScanVerdict::Clean),
-    );
+    }
+    .run();
     assert_eq!(out.scans.len(), 1, "only the TOP");
     assert_eq!(out.scans[0].spool, "Subject: t\r\n\r\nline\r\n");
-    assert!(text(&out.client).ends_with(&text(&answer)));
     // Without a scanner configured, scan rules are inert.
-    let out = same_at_every_chunk_scanning(
-        || hop_with(config(), SCAN_RULE),
-        b"USER a\r\nPASS b\r\nRETR 1\r\n",
-        &after_login(&[&answer]),
-        End::Open,
-        &|_| unreachable!("not scanned"),
-    );
+    let out = ScanCase {
+        policy: None,
+        client: Some(text(&answer)),
+        ..ScanCase::new("RETR 1\r\n", &[&answer], &not_scanned)
+    }
+    .run();
     assert!(out.scans.is_empty() && out.scanned.is_empty());
 }
 
 #[test]
 fn an_err_to_a_selected_retrieval_is_relayed_and_the_next_command_goes_on() {
-    let server = after_login(&[b"-ERR no such message\r\n", b"+OK 0 0\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nRETR 9\r\nSTAT\r\n",
-        &server,
-        End::Open,
-        &|_| unreachable!("not scanned"),
-    );
-    assert!(text(&out.client).ends_with("-ERR no such message\r\n+OK 0 0\r\n"));
-    assert!(out.scanned.is_empty());
+    ScanCase {
+        client: Some("-ERR no such message\r\n+OK 0 0\r\n".into()),
+        ..ScanCase::new(
+            "RETR 9\r\nSTAT\r\n",
+            &[b"-ERR no such message\r\n", b"+OK 0 0\r\n"],
+            &not_scanned,
+        )
+    }
+    .run();
 }
 
-/// A hop holding `RETR 1`'s body for its verdict, and what came out so far.
-fn waiting_for_a_verdict(now: Instant) -> (Hop, Rec, BytesMut, BytesMut, Out) {
+/// A logged-in hop with the scan rule after the client sent `commands` and the server
+/// `answer`: the hop, the client's buffer, what came out and the kinds of [`drain_scanning`].
+fn scanning_after(
+    now: Instant,
+    commands: &[u8],
+    answer: &[u8],
+) -> (Hop, BytesMut, Out, Vec<&'static str>) {
     let cfg = HopConfig {
         scan: Some(Arc::new(policy())),
         ..config()
     };
     let (mut hop, mut rec, mut cin, mut sin) = logged_in(cfg, SCAN_RULE, now);
     let mut out = Out::default();
-    cin.extend_from_slice(b"RETR 1\r\nDELE 1\r\n");
+    cin.extend_from_slice(commands);
     hop.on_client_input(now, &mut cin);
-    sin.extend_from_slice(&retr_answer());
+    sin.extend_from_slice(answer);
     hop.on_server_input(now, &mut sin, &mut cin);
     rec.take(&mut hop, now);
-    let mut kinds = Vec::new();
-    while let Some(o) = hop.poll_output() {
-        match o {
-            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
-            Output::Spool(_) => kinds.push("spool"),
-            Output::Scan(_) => kinds.push("scan"),
-            other => panic!("{other:?}"),
-        }
-    }
+    let kinds = drain_scanning(&mut hop, &mut out);
+    (hop, cin, out, kinds)
+}
+
+/// A hop holding `RETR 1`'s body for its verdict, and what came out so far.
+fn waiting_for_a_verdict(now: Instant) -> (Hop, BytesMut, Out) {
+    let (hop, cin, out, kinds) = scanning_after(now, b"RETR 1\r\nDELE 1\r\n", &retr_answer());
     assert_eq!(text(&out.upstream), "RETR 1\r\n", "DELE 1 waits");
     assert_eq!(kinds.last(), Some(&"scan"));
     assert!(hop.holding() && !hop.wants_client_input() && !hop.mid_response());
     assert_eq!(hop.poll_timeout(), None, "no idle deadline while waiting");
-    (hop, rec, cin, sin, out)
+    (hop, cin, out)
 }
 
+/// Collect what may go out now: the bytes and the close in `out`, the kinds of the scanning
+/// outputs returned.
 fn drain_scanning(hop: &mut Hop, out: &mut Out) -> Vec<&'static str> {
     let mut kinds = Vec::new();
     while let Some(o) = hop.poll_output() {
@@ -2325,6 +2395,8 @@ fn drain_scanning(hop: &mut Hop, out: &mut Out) -> Vec<&'static str> {
             Output::ToClient(b) => out.client.extend_from_slice(&b),
             Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
+            Output::Spool(_) => kinds.push("spool"),
+            Output::Scan(_) => kinds.push("scan"),
             Output::DropSpool => kinds.push("drop"),
             Output::Unspool => kinds.push("unspool"),
             other => panic!("{other:?}"),
@@ -2336,7 +2408,7 @@ fn drain_scanning(hop: &mut Hop, out: &mut Out) -> Vec<&'static str> {
 #[test]
 fn shutdown_during_a_verdict_wait_answers_err_and_drops_the_spool() {
     let t0 = Instant::now();
-    let (mut hop, _rec, mut cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    let (mut hop, mut cin, mut out) = waiting_for_a_verdict(t0);
     hop.on_shutdown();
     assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
     assert_eq!(
@@ -2361,7 +2433,7 @@ fn shutdown_during_a_verdict_wait_answers_err_and_drops_the_spool() {
 #[test]
 fn the_upstream_lost_during_a_verdict_wait_answers_err() {
     let t0 = Instant::now();
-    let (mut hop, _rec, _cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    let (mut hop, _cin, mut out) = waiting_for_a_verdict(t0);
     hop.on_upstream_eof();
     assert_eq!(drain_scanning(&mut hop, &mut out), ["drop"]);
     assert_eq!(
@@ -2374,7 +2446,7 @@ fn the_upstream_lost_during_a_verdict_wait_answers_err() {
 #[test]
 fn a_client_that_half_closes_during_a_verdict_wait_still_gets_the_message() {
     let t0 = Instant::now();
-    let (mut hop, _rec, mut cin, _sin, mut out) = waiting_for_a_verdict(t0);
+    let (mut hop, mut cin, mut out) = waiting_for_a_verdict(t0);
     cin.clear();
     hop.on_client_eof();
     assert_eq!(drain_scanning(&mut hop, &mut out), Vec::<&str>::new());
@@ -2394,25 +2466,8 @@ fn a_client_that_half_closes_during_a_verdict_wait_still_gets_the_message() {
 #[test]
 fn shutdown_while_a_selected_body_is_arriving_answers_err_without_a_reset() {
     let t0 = Instant::now();
-    let cfg = HopConfig {
-        scan: Some(Arc::new(policy())),
-        ..config()
-    };
-    let (mut hop, mut rec, mut cin, mut sin) = logged_in(cfg, SCAN_RULE, t0);
-    let mut out = Out::default();
-    cin.extend_from_slice(b"RETR 1\r\n");
-    hop.on_client_input(t0, &mut cin);
-    sin.extend_from_slice(b"+OK 100 octets\r\nSubject: half\r\n");
-    hop.on_server_input(t0, &mut sin, &mut cin);
-    rec.take(&mut hop, t0);
-    let mut kinds = Vec::new();
-    while let Some(o) = hop.poll_output() {
-        match o {
-            Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
-            Output::Spool(_) => kinds.push("spool"),
-            other => panic!("{other:?}"),
-        }
-    }
+    let (mut hop, _cin, mut out, kinds) =
+        scanning_after(t0, b"RETR 1\r\n", b"+OK 100 octets\r\nSubject: half\r\n");
     assert_eq!(kinds, ["spool"]);
     assert!(
         !hop.mid_response(),
@@ -2432,29 +2487,24 @@ fn a_message_number_past_u32_is_refused_not_relayed_unscanned() {
     // A server that reads numbers modulo 2^32 (or clamps them) would answer `RETR
     // 4294967297` with message 1: popgate, which cannot name the message, must not relay it
     // unscanned, nor a DELE it cannot check against the tempfailed messages.
-    let answer = retr_answer();
-    let server = after_login(&[b"+OK bye\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nRETR 4294967297\r\nTOP 04294967297 5\r\nDELE 99999999999\r\nQUIT\r\n",
-        &server,
-        End::Open,
-        &|_| unreachable!("nothing to scan"),
-    );
-    assert_eq!(text(&out.upstream), "USER a\r\nPASS b\r\nQUIT\r\n");
     let no = crate::pop3::replies::NO_SUCH_MESSAGE;
-    assert_eq!(
-        text(&out.client),
-        format!("+OK hi\r\n+OK\r\n+OK in\r\n{no}\r\n{no}\r\n{no}\r\n+OK bye\r\n")
-    );
+    ScanCase {
+        upstream: Some("QUIT\r\n"),
+        client: Some(format!("{no}\r\n{no}\r\n{no}\r\n+OK bye\r\n")),
+        ..ScanCase::new(
+            "RETR 4294967297\r\nTOP 04294967297 5\r\nDELE 99999999999\r\nQUIT\r\n",
+            &[b"+OK bye\r\n"],
+            &not_scanned,
+        )
+    }
+    .run();
     // Leading zeros name the message all the same: scanned.
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nretr\t 001 \r\n",
-        &after_login(&[&answer]),
-        End::Open,
-        &all(ScanVerdict::Clean),
-    );
+    let answer = retr_answer();
+    let out = ScanCase {
+        actions: &["delivered"],
+        ..ScanCase::new("retr\t 001 \r\n", &[&answer], &all(ScanVerdict::Clean))
+    }
+    .run();
     assert_eq!(out.scans.len(), 1);
     assert_eq!(out.scans[0].msg, 1);
 }
@@ -2464,81 +2514,43 @@ fn a_spool_that_cannot_be_written_gets_the_client_a_tempfail_not_a_cut_message()
     // The disk under `spool_dir` fills up mid-body: the driver tells the hop. The client,
     // which saw nothing of the retrieval, gets `-ERR [SYS/TEMP]`; the pipelined DELE never
     // reaches the server.
-    let mut hop = scanning(policy())();
-    let now = Instant::now();
-    let (mut cin, mut sin) = (BytesMut::new(), BytesMut::new());
-    let mut client = Vec::new();
-    let mut upstream = Vec::new();
-    let mut spooled = 0;
-    let mut closed = None;
-    let mut drain = |hop: &mut Hop| {
-        while let Some(o) = hop.poll_output() {
-            match o {
-                Output::ToClient(b) => client.extend_from_slice(&b),
-                Output::ToUpstream(b) => upstream.extend_from_slice(&b),
-                Output::Spool(b) => spooled += b.len(),
-                Output::Close(r) => closed = Some((r, hop.mid_response())),
-                Output::DropSpool => {}
-                o => panic!("unexpected {o:?}"),
-            }
-        }
-    };
-    for (srv, cli) in [
-        (&b"+OK hi\r\n"[..], &b"USER a\r\n"[..]),
-        (b"+OK\r\n", b"PASS b\r\n"),
-        (b"+OK in\r\n", b"RETR 1\r\nDELE 1\r\nQUIT\r\n"),
-    ] {
-        sin.extend_from_slice(srv);
-        hop.on_server_input(now, &mut sin, &mut cin);
-        drain(&mut hop);
-        cin.extend_from_slice(cli);
-        hop.on_client_input(now, &mut cin);
-        drain(&mut hop);
-    }
-    sin.extend_from_slice(b"+OK 5000 octets\r\nSubject: x\r\n\r\npart of the body\r\n");
-    hop.on_server_input(now, &mut sin, &mut cin);
-    drain(&mut hop);
+    let (mut hop, _cin, mut out, kinds) = scanning_after(
+        Instant::now(),
+        b"RETR 1\r\nDELE 1\r\nQUIT\r\n",
+        b"+OK 5000 octets\r\nSubject: x\r\n\r\npart of the body\r\n",
+    );
+    assert_eq!(kinds, ["spool"], "part of the body was spooled");
     hop.on_spool_error();
-    drain(&mut hop);
-    let client = text(&client);
-    assert!(
-        client.ends_with(&format!(
-            "+OK in\r\n{}\r\n",
-            crate::pop3::replies::SCAN_TEMPFAIL
-        )),
-        "{client}"
+    drain_scanning(&mut hop, &mut out);
+    assert_eq!(
+        text(&out.client),
+        format!("{}\r\n", crate::pop3::replies::SCAN_TEMPFAIL)
     );
     assert_eq!(
-        closed,
+        out.close,
         Some((CloseReason::Error, false)),
         "no reset: not mid-body"
     );
-    assert_eq!(text(&upstream), "USER a\r\nPASS b\r\nRETR 1\r\n");
-    assert!(spooled > 0);
+    assert_eq!(text(&out.upstream), "RETR 1\r\n");
 }
 
 #[test]
 fn a_tempfailed_message_is_not_deleted_under_any_spelling_of_dele() {
     let answer = retr_answer();
     // RETR 1 tempfails; every DELE of it is answered locally; the server sees RSET and QUIT.
-    let server = after_login(&[&answer, b"+OK\r\n", b"+OK bye\r\n"]);
-    let out = same_at_every_chunk_scanning(
-        scanning(policy()),
-        b"USER a\r\nPASS b\r\nretr 1\r\ndele 1\r\nDELE\t1\r\nDELE  01 \r\nRSET\r\nDele 0001\r\nQUIT\r\n",
-        &server,
-        End::Open,
-        &all(ScanVerdict::Error),
-    );
-    assert_eq!(
-        text(&out.upstream),
-        "USER a\r\nPASS b\r\nretr 1\r\nRSET\r\nQUIT\r\n"
-    );
     let refused = crate::pop3::replies::SCAN_DELE_TEMPFAILED;
-    assert_eq!(
-        text(&out.client),
-        format!(
-            "+OK hi\r\n+OK\r\n+OK in\r\n{}\r\n{refused}\r\n{refused}\r\n{refused}\r\n+OK\r\n{refused}\r\n+OK bye\r\n",
+    ScanCase {
+        upstream: Some("retr 1\r\nRSET\r\nQUIT\r\n"),
+        client: Some(format!(
+            "{}\r\n{refused}\r\n{refused}\r\n{refused}\r\n+OK\r\n{refused}\r\n+OK bye\r\n",
             crate::pop3::replies::SCAN_TEMPFAIL
+        )),
+        actions: &["tempfailed"],
+        ..ScanCase::new(
+            "retr 1\r\ndele 1\r\nDELE\t1\r\nDELE  01 \r\nRSET\r\nDele 0001\r\nQUIT\r\n",
+            &[&answer, b"+OK\r\n", b"+OK bye\r\n"],
+            &all(ScanVerdict::Error),
         )
-    );
+    }
+    .run();
 }

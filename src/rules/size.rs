@@ -1,9 +1,11 @@
 //! The `size` matcher: a comparison with the message size a response states (`> 10M`,
 //! `< 1024`, `>= 512k`).
 //!
-//! Units are binary and case-insensitive, as in mail server settings (Dovecot, Exim):
-//! `k` = 1024, `M` = 1024², `G` = 1024³, each optionally followed by `B` or `iB` (`10MB`,
-//! `10MiB`); a bare number or `B` is octets.
+//! The number and its unit are a config size ([`ByteSize`]): binary, case-insensitive units
+//! (`k` = 1024, `M` = 1024², `G` = 1024³, optionally followed by `B` or `iB`), one parser and
+//! one set of error texts for both.
+
+use crate::types::ByteSize;
 
 /// How a size is compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,32 +37,7 @@ impl SizeCmp {
                 "`{text}`: start with >, >=, < or <=, e.g. \"> 10M\" or \"< 1024\""
             ));
         };
-        let rest = rest.trim();
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(format!(
-                "`{text}`: a whole number of octets must follow the comparison, e.g. \"> 10M\""
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{text}`: the number is too large"))?;
-        let unit = rest[digits..].trim();
-        let factor: u64 = match unit.to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" | "kib" => 1 << 10,
-            "m" | "mb" | "mib" => 1 << 20,
-            "g" | "gb" | "gib" => 1 << 30,
-            _ => {
-                return Err(format!(
-                    "`{text}`: unknown unit `{unit}` (k, M or G, binary: 1k = 1024 octets)"
-                ));
-            }
-        };
-        let n = n
-            .checked_mul(factor)
-            .ok_or_else(|| format!("`{text}`: the number is too large"))?;
-        Ok(ctor(n))
+        ByteSize::parse_within(rest, text).map(|n| ctor(n.0))
     }
 
     /// Whether `size` (octets) satisfies the comparison.

@@ -8,7 +8,7 @@
 use crate::common;
 
 use common::certs::TestPki;
-use common::clients::{FetchmailRun, fetchmail, fetchmail_run};
+use common::clients::{MdaRun, fetchmail, fetchmail_run};
 use common::proxy::{Harness, ProxyHandle, mailbox, tricky_messages};
 use popgate_demo::{DemoServer, ServerOptions};
 
@@ -64,7 +64,7 @@ fn tls_args(implicit: bool, ca: Option<&str>) -> Vec<String> {
     a
 }
 
-fn run(s: &Setup, implicit: bool, ca: Option<&str>, keep: bool) -> FetchmailRun {
+fn run(s: &Setup, implicit: bool, ca: Option<&str>, keep: bool) -> MdaRun {
     let addr = s.p.addrs[usize::from(implicit)];
     let args = tls_args(implicit, ca);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

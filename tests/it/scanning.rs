@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::clients::{
-    RawPop, b64, curl_retr, fetchmail_run, mpop_run, pop_raw, poplib, poplib_spec,
+    MdaRun, RawPop, b64, curl_retr, fetchmail_run, mpop_run, pop_raw, poplib, poplib_spec,
 };
 use common::dovecot::{Dovecot, DovecotOpts, lf_only, served};
 use common::proxy::{PopgateOpts, PopgateProcess, push_varied_lines};
-use common::scanners::{Clamd, Rspamd};
+use common::scanners::{Clamd, Rspamd, VIRUS_NAME};
 use serde_json::{Value, json};
 
 const USER: &str = "alice";
@@ -87,7 +87,7 @@ fn sized(n: usize, size: usize) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// popgate
+// Helpers
 
 /// `[[scanner]]` for a clamd at `address`.
 fn clamd_table(address: &str, extra: &str) -> String {
@@ -102,28 +102,6 @@ fn rspamd_table(url: &str) -> String {
     format!(
         "[[scanner]]\nname = \"rspamd\"\nkind = \"rspamd\"\naddress = \"{url}\"\ntimeout = \"20s\"\n"
     )
-}
-
-/// popgate in front of `dv` with `scanners` (`[[scanner]]` tables), `[scan]` keys `scan` and
-/// one rule that has every RETR and TOP scanned by `names`; audit to `audit/`.
-fn popgate(dv: &Dovecot, scanners: &str, scan: &str, names: &[&str]) -> PopgateProcess {
-    let rule = format!(
-        "[[rule]]\nname = \"scan-all\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\n\
-         action = \"scan\"\nscan = {names:?}\n"
-    );
-    PopgateProcess::run(
-        dv.pop3,
-        PopgateOpts::new()
-            .top("rules = [\"scan.toml\"]\n")
-            .file("scan.toml", rule)
-            .tables(&format!(
-                "{scanners}[scan]\n{scan}\n[audit]\nenabled = true\ndir = \"audit\"\n"
-            )),
-    )
-}
-
-fn dovecot(messages: Vec<Vec<u8>>) -> Dovecot {
-    Dovecot::start(DovecotOpts::default().user(USER, PASS, messages))
 }
 
 /// The UIDLs Dovecot gives `USER`'s messages, asked directly.
@@ -151,9 +129,7 @@ fn poplib_retr(addr: SocketAddr, n: usize) -> Vec<u8> {
 
 /// `cmd` (LIST or UIDL) at `addr` after a login: the listing, raw.
 fn listing(addr: SocketAddr, cmd: &str) -> Vec<u8> {
-    let mut c = RawPop::connect(addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = login(addr);
     let (status, body) = c.cmd_multi(cmd);
     assert!(status.starts_with("+OK"), "{cmd}: {status}");
     c.cmd("QUIT");
@@ -378,7 +354,242 @@ fn deleted_files_in(pid: u32, dir: &Path) -> Vec<(String, u32)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Clean, infected, spam with curl, poplib, fetchmail and mpop
+// The set-up of every scenario: Dovecot, the scanners, popgate
+
+/// One scenario's set-up: Dovecot with `mail` for `USER`; a real clamd (with these extra
+/// `[[scanner]]` keys), a slow stand-in clamd (answering after this delay) and/or a real
+/// rspamd; popgate with the `[scan]` keys `scan` and one rule that has every RETR and TOP
+/// scanned by all of them, auditing to `audit/`.
+#[derive(Default)]
+struct Setup {
+    mail: Vec<Vec<u8>>,
+    clamd: Option<&'static str>,
+    slow_clamd: Option<Duration>,
+    rspamd: bool,
+    scan: String,
+}
+
+/// A started [`Setup`]. popgate stops first, then the scanners, then Dovecot.
+struct Running {
+    p: PopgateProcess,
+    clamd: Option<Clamd>,
+    slow: Option<SlowClamd>,
+    /// Kept running until the scenario ends.
+    _rspamd: Option<Rspamd>,
+    dv: Dovecot,
+}
+
+impl Setup {
+    fn start(self) -> Running {
+        let dv = Dovecot::start(DovecotOpts::default().user(USER, PASS, self.mail));
+        let clamd = self.clamd.map(|extra| (Clamd::start(), extra));
+        let slow = self.slow_clamd.map(SlowClamd::start);
+        let rspamd = self.rspamd.then(Rspamd::start);
+        let mut tables = String::new();
+        let mut names = Vec::new();
+        if let Some((c, extra)) = &clamd {
+            tables += &clamd_table(&c.unix_address(), extra);
+            names.push("clamav");
+        }
+        if let Some(s) = &slow {
+            tables += &clamd_table(&s.addr.to_string(), "");
+            names.push("clamav");
+        }
+        if let Some(r) = &rspamd {
+            tables += &rspamd_table(&r.url());
+            names.push("rspamd");
+        }
+        let rule = format!(
+            "[[rule]]\nname = \"scan-all\"\non = \"command\"\nverbs = [\"RETR\", \"TOP\"]\n\
+             action = \"scan\"\nscan = {names:?}\n"
+        );
+        let p = PopgateProcess::run(
+            dv.pop3,
+            PopgateOpts::new()
+                .top("rules = [\"scan.toml\"]\n")
+                .file("scan.toml", rule)
+                .tables(&format!(
+                    "{tables}[scan]\n{}\n[audit]\nenabled = true\ndir = \"audit\"\n",
+                    self.scan
+                )),
+        );
+        Running {
+            p,
+            clamd: clamd.map(|(c, _)| c),
+            slow,
+            _rspamd: rspamd,
+            dv,
+        }
+    }
+}
+
+/// A raw client at `addr`, logged in.
+fn login(addr: SocketAddr) -> RawPop {
+    let mut c = RawPop::connect(addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    c
+}
+
+/// `body` (a RETR's, as on the wire) is message `original` with header lines put before it:
+/// those lines.
+fn added_on_the_wire(body: &[u8], original: &[u8]) -> Vec<String> {
+    added_lines(body, &common::dovecot::dot_stuffed(&served(original)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Clean, infected, spam with curl, poplib, fetchmail and mpop: one row each
+
+/// What every client gets for a message.
+enum Gets {
+    /// The server's message, byte-identical.
+    Original,
+    /// The server's message with one header line per prefix put before it, in this order;
+    /// the same lines for every client.
+    Tagged(&'static [&'static str]),
+    /// The notice for it (see [`assert_notice`]), naming the UIDL (but for mpop).
+    Notice,
+}
+
+/// A message of a row: what clients get for it, and what each scanner's `scan` event says.
+struct Mail {
+    body: Vec<u8>,
+    gets: Gets,
+    verdict: &'static str,
+    action: &'static str,
+}
+
+/// One row: `mail` on Dovecot, scanned by a real clamd (`clamd`) and/or rspamd, popgate with
+/// `[scan]` keys `scan`; fetchmail runs with `fetchmail_args` too.
+struct EveryClient {
+    mail: Vec<Mail>,
+    clamd: bool,
+    rspamd: bool,
+    scan: &'static str,
+    fetchmail_args: &'static [&'static str],
+}
+
+impl EveryClient {
+    /// LIST and UIDL are the server's; curl, poplib, fetchmail and mpop (both keeping) each
+    /// retrieve every message and get what its row says; everything stays on the server
+    /// unchanged; the audit trail has one `scan` event per scanner and retrieval, with the
+    /// row's verdict and action, the user, the UIDL, the Message-ID and the duration. Returns
+    /// fetchmail's run.
+    fn run(self) -> MdaRun {
+        let running = Setup {
+            mail: self.mail.iter().map(|m| m.body.clone()).collect(),
+            clamd: self.clamd.then_some(""),
+            rspamd: self.rspamd,
+            scan: self.scan.to_owned(),
+            ..Setup::default()
+        }
+        .start();
+        let (dv, p) = (&running.dv, &running.p);
+        let uidls = uidls(dv);
+        for cmd in ["LIST", "UIDL"] {
+            assert_eq!(listing(p.addr, cmd), listing(dv.pop3, cmd), "{cmd}");
+        }
+        // The lines each tagged message got from curl, which every other client must get.
+        let mut tags: Vec<Option<Vec<String>>> = vec![None; self.mail.len()];
+        let mut check = |client: &str, i: usize, got: &[u8], lf: bool, uidl: Option<&str>| {
+            let m = &self.mail[i];
+            let original = if lf {
+                lf_only(&m.body)
+            } else {
+                served(&m.body)
+            };
+            match m.gets {
+                Gets::Original => {
+                    assert!(got == original, "{client}: message {} changed", i + 1)
+                }
+                Gets::Tagged(prefixes) => {
+                    let added = added_lines(got, &original);
+                    assert_eq!(added.len(), prefixes.len(), "{client}: {added:?}");
+                    for (line, prefix) in added.iter().zip(prefixes) {
+                        assert!(line.starts_with(prefix), "{client}: {added:?}");
+                    }
+                    let first = tags[i].get_or_insert_with(|| added.clone());
+                    assert_eq!(&added, first, "{client}: not the lines curl got");
+                }
+                Gets::Notice => assert_notice(got, &m.body, VIRUS_NAME, uidl),
+            }
+        };
+        for (i, _) in self.mail.iter().enumerate() {
+            let uidl = Some(uidls[i].as_str());
+            check(
+                "curl",
+                i,
+                &curl_retr(p.addr, USER, PASS, i + 1),
+                false,
+                uidl,
+            );
+            check("poplib", i, &poplib_retr(p.addr, i + 1), false, uidl);
+        }
+        let fetchmail = fetchmail_run(p.addr, USER, PASS, true, self.fetchmail_args);
+        assert_eq!(fetchmail.status, 0, "{fetchmail:?}");
+        assert_eq!(fetchmail.messages.len(), self.mail.len(), "{fetchmail:?}");
+        for (i, got) in fetchmail.messages.iter().enumerate() {
+            check("fetchmail", i, got, true, Some(&uidls[i]));
+        }
+        // mpop lists every UIDL (multi-line) before it retrieves: the hop learns ids from
+        // `UIDL n` answers only (its own lookups, or the client's), so its notice names no UIDL.
+        let mpop = mpop_run(p.addr, USER, PASS, true, &[]);
+        assert_eq!(mpop.status, 0, "{mpop:?}");
+        assert_eq!(mpop.messages.len(), self.mail.len(), "{mpop:?}");
+        for (i, got) in mpop.messages.iter().enumerate() {
+            check("mpop", i, got, true, None);
+        }
+
+        // The originals are still on the server, unchanged (asked directly).
+        assert_eq!(dv.message_count(USER), self.mail.len());
+        for (i, m) in self.mail.iter().enumerate() {
+            assert!(curl_retr(dv.pop3, USER, PASS, i + 1) == served(&m.body));
+        }
+
+        let scanners: Vec<&str> = [(self.clamd, "clamav"), (self.rspamd, "rspamd")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        let per_scanner = 4 * self.mail.len();
+        let evs = scan_events(p, per_scanner * scanners.len());
+        assert_eq!(evs.len(), per_scanner * scanners.len(), "{evs:?}");
+        for e in &evs {
+            let n = e["msg"].as_u64().unwrap() as usize;
+            let m = &self.mail[n - 1];
+            assert_eq!(e["verdict"], m.verdict, "{e}");
+            assert_eq!(e["action"], m.action, "{e}");
+            assert_eq!(e["user"], USER, "{e}");
+            assert_eq!(e["uidl"], uidls[n - 1], "{e}");
+            assert_eq!(e["message_id"], format!("<{n}.scan@example.org>"), "{e}");
+            assert!(e["duration_ms"].is_u64(), "{e}");
+            match m.verdict {
+                "infected" => {
+                    assert_eq!(e["scanner"], "clamav", "{e}");
+                    assert!(e["name"].as_str().unwrap().contains(VIRUS_NAME), "{e}");
+                }
+                "spam" => {
+                    assert_eq!(e["scanner"], "rspamd", "{e}");
+                    assert!(e["score"].is_number(), "{e}");
+                }
+                _ => {}
+            }
+        }
+        for s in scanners {
+            let n = evs.iter().filter(|e| e["scanner"] == s).count();
+            assert_eq!(n, per_scanner, "{s}");
+        }
+        fetchmail
+    }
+}
+
+fn original(body: Vec<u8>) -> Mail {
+    Mail {
+        body,
+        gets: Gets::Original,
+        verdict: "clean",
+        action: "delivered",
+    }
+}
 
 /// Clean mail through popgate with clamd and rspamd scanning: every client gets exactly what it
 /// gets directly from Dovecot; the audit trail has a clean verdict from each scanner, with the
@@ -386,45 +597,14 @@ fn deleted_files_in(pid: u32, dir: &Path) -> Vec<(String, u32)> {
 #[test]
 #[ignore = "needs dovecot, clamd, rspamd, curl, fetchmail, mpop (run .ci/run)"]
 fn clean_mail_reaches_every_client_byte_identical() {
-    let msgs = vec![clean(1), clean(2)];
-    let dv = dovecot(msgs.clone());
-    let clamd = Clamd::start();
-    let rspamd = Rspamd::start();
-    let scanners = clamd_table(&clamd.unix_address(), "") + &rspamd_table(&rspamd.url());
-    let p = popgate(&dv, &scanners, "", &["clamav", "rspamd"]);
-
-    for (i, m) in msgs.iter().enumerate() {
-        let n = i + 1;
-        let direct = curl_retr(dv.pop3, USER, PASS, n);
-        assert!(direct == served(m));
-        assert!(curl_retr(p.addr, USER, PASS, n) == direct, "curl RETR {n}");
-        assert!(poplib_retr(p.addr, n) == direct, "poplib RETR {n}");
+    EveryClient {
+        mail: vec![original(clean(1)), original(clean(2))],
+        clamd: true,
+        rspamd: true,
+        scan: "",
+        fetchmail_args: &[],
     }
-    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    let want: Vec<Vec<u8>> = msgs.iter().map(|m| lf_only(m)).collect();
-    assert!(run.messages == want, "fetchmail: {run:?}");
-    let run = mpop_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert!(run.messages == want, "mpop: {run:?}");
-    assert_eq!(dv.message_count(USER), 2);
-
-    // curl 2 + poplib 2 + fetchmail 2 + mpop 2 retrievals, two scanners each.
-    let uidls = uidls(&dv);
-    let evs = scan_events(&p, 16);
-    assert_eq!(evs.len(), 16, "{evs:?}");
-    for e in &evs {
-        assert_eq!(e["verdict"], "clean", "{e}");
-        assert_eq!(e["action"], "delivered", "{e}");
-        assert_eq!(e["user"], USER, "{e}");
-        let n = e["msg"].as_u64().unwrap() as usize;
-        assert_eq!(e["uidl"], uidls[n - 1], "{e}");
-        assert_eq!(e["message_id"], format!("<{n}.scan@example.org>"), "{e}");
-        assert!(e["duration_ms"].is_u64(), "{e}");
-    }
-    for s in ["clamav", "rspamd"] {
-        assert_eq!(evs.iter().filter(|e| e["scanner"] == s).count(), 8, "{s}");
-    }
+    .run();
 }
 
 /// With `header = true` a clean message gets one `X-Popgate-Scan:` line before its first
@@ -432,28 +612,17 @@ fn clean_mail_reaches_every_client_byte_identical() {
 #[test]
 #[ignore = "needs dovecot, clamd, curl, fetchmail, mpop (run .ci/run)"]
 fn clean_mail_with_header_gets_one_line_added() {
-    let msgs = vec![clean(1)];
-    let dv = dovecot(msgs.clone());
-    let clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), ""),
-        "header = true\n",
-        &["clamav"],
-    );
-    let added = added_lines(&curl_retr(p.addr, USER, PASS, 1), &served(&msgs[0]));
-    assert_eq!(added.len(), 1, "{added:?}");
-    assert!(added[0].starts_with("X-Popgate-Scan: clean"), "{added:?}");
-    assert_eq!(
-        added_lines(&poplib_retr(p.addr, 1), &served(&msgs[0])),
-        added
-    );
-    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
-    let run = mpop_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
+    EveryClient {
+        mail: vec![Mail {
+            gets: Gets::Tagged(&["X-Popgate-Scan: clean"]),
+            ..original(clean(1))
+        }],
+        clamd: true,
+        rspamd: false,
+        scan: "header = true\n",
+        fetchmail_args: &[],
+    }
+    .run();
 }
 
 /// An infected message is replaced by the notice for every client (the clean ones around it
@@ -462,118 +631,49 @@ fn clean_mail_with_header_gets_one_line_added() {
 #[test]
 #[ignore = "needs dovecot, clamd, curl, fetchmail, mpop (run .ci/run)"]
 fn infected_mail_is_replaced_by_a_notice_and_stays_on_the_server() {
-    let msgs = vec![clean(1), infected(2), clean(3)];
-    let dv = dovecot(msgs.clone());
-    let clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), ""),
-        "on_virus = \"replace\"\n",
-        &["clamav"],
-    );
-    let uidls = uidls(&dv);
-    let sig = common::scanners::VIRUS_NAME;
-
-    // LIST and UIDL are the server's.
-    for cmd in ["LIST", "UIDL"] {
-        assert_eq!(listing(p.addr, cmd), listing(dv.pop3, cmd), "{cmd}");
+    EveryClient {
+        mail: vec![
+            original(clean(1)),
+            Mail {
+                body: infected(2),
+                gets: Gets::Notice,
+                verdict: "infected",
+                action: "replaced",
+            },
+            original(clean(3)),
+        ],
+        clamd: true,
+        rspamd: false,
+        scan: "on_virus = \"replace\"\n",
+        fetchmail_args: &[],
     }
-
-    let notice = curl_retr(p.addr, USER, PASS, 2);
-    assert_notice(&notice, &msgs[1], sig, Some(&uidls[1]));
-    assert!(curl_retr(p.addr, USER, PASS, 1) == served(&msgs[0]));
-    assert!(curl_retr(p.addr, USER, PASS, 3) == served(&msgs[2]));
-    assert_notice(&poplib_retr(p.addr, 2), &msgs[1], sig, Some(&uidls[1]));
-
-    // fetchmail and mpop keep: they get the notice as message 2, the clean ones as they are.
-    let run = fetchmail_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(run.messages.len(), 3, "{run:?}");
-    assert!(run.messages[0] == lf_only(&msgs[0]) && run.messages[2] == lf_only(&msgs[2]));
-    assert_notice(&run.messages[1], &msgs[1], sig, Some(&uidls[1]));
-    // mpop lists every UIDL (multi-line) before it retrieves: the hop learns ids from `UIDL n`
-    // answers only (its own lookups, or the client's), so this notice names no UIDL.
-    let run = mpop_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(run.messages.len(), 3, "{run:?}");
-    assert!(run.messages[0] == lf_only(&msgs[0]) && run.messages[2] == lf_only(&msgs[2]));
-    assert_notice(&run.messages[1], &msgs[1], sig, None);
-
-    // The original is still on the server, unchanged (asked directly).
-    assert_eq!(dv.message_count(USER), 3);
-    assert!(curl_retr(dv.pop3, USER, PASS, 2) == served(&msgs[1]));
-
-    let evs = scan_events(&p, 10);
-    let infected: Vec<&Value> = evs.iter().filter(|e| e["msg"] == 2).collect();
-    assert_eq!(infected.len(), 4, "{evs:?}");
-    for e in infected {
-        assert_eq!(e["scanner"], "clamav", "{e}");
-        assert_eq!(e["verdict"], "infected", "{e}");
-        assert_eq!(e["action"], "replaced", "{e}");
-        assert!(e["name"].as_str().unwrap().contains(sig), "{e}");
-        assert_eq!(e["uidl"], uidls[1], "{e}");
-        assert_eq!(e["message_id"], "<2.scan@example.org>", "{e}");
-    }
-    assert!(
-        evs.iter()
-            .filter(|e| e["msg"] != 2)
-            .all(|e| e["verdict"] == "clean")
-    );
+    .run();
 }
 
-/// Spam (judged by rspamd: its test rule's mark) is tagged with `X-Spam-Status:` and `X-Spam-Score:` before
-/// its first header, the rest byte-identical; fetchmail notices the size differs from LIST
-/// (with `-v -v`) and delivers it anyway.
+/// Spam (judged by rspamd: its test rule's mark) is tagged with `X-Spam-Status:` and
+/// `X-Spam-Score:` before its first header, the rest byte-identical; fetchmail notices the size
+/// differs from LIST (with `-v -v`) and delivers it anyway.
 #[test]
 #[ignore = "needs dovecot, rspamd, curl, fetchmail, mpop (run .ci/run)"]
 fn spam_is_tagged_for_every_client() {
-    let msgs = vec![spam(1)];
-    let dv = dovecot(msgs.clone());
-    let rspamd = Rspamd::start();
-    let p = popgate(
-        &dv,
-        &rspamd_table(&rspamd.url()),
-        "on_spam = \"tag\"\n",
-        &["rspamd"],
-    );
-    let uidl = uidls(&dv).remove(0);
-
-    let added = added_lines(&curl_retr(p.addr, USER, PASS, 1), &served(&msgs[0]));
-    assert!(
-        added
-            .iter()
-            .any(|l| l.starts_with("X-Spam-Status: Yes, score=")),
-        "{added:?}"
-    );
-    assert!(
-        added.iter().any(|l| l.starts_with("X-Spam-Score: ")),
-        "{added:?}"
-    );
-    assert_eq!(
-        added_lines(&poplib_retr(p.addr, 1), &served(&msgs[0])),
-        added
-    );
-    // fetchmail remarks on the size at its most verbose (`-v -v`) only, and delivers.
-    let run = fetchmail_run(p.addr, USER, PASS, true, &["-v"]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
-    assert!(
-        run.output().contains("was not the expected length"),
-        "fetchmail no longer remarks on the size: update docs/scanning.md: {run:?}"
-    );
-    let run = mpop_run(p.addr, USER, PASS, true, &[]);
-    assert_eq!(run.status, 0, "{run:?}");
-    assert_eq!(added_lines(&run.messages[0], &lf_only(&msgs[0])), added);
-
-    let evs = scan_events(&p, 4);
-    for e in &evs {
-        assert_eq!(e["scanner"], "rspamd", "{e}");
-        assert_eq!(e["verdict"], "spam", "{e}");
-        assert_eq!(e["action"], "tagged", "{e}");
-        assert!(e["score"].is_number(), "{e}");
-        assert_eq!(e["uidl"], uidl, "{e}");
+    let fetchmail = EveryClient {
+        mail: vec![Mail {
+            body: spam(1),
+            gets: Gets::Tagged(&["X-Spam-Status: Yes, score=", "X-Spam-Score: "]),
+            verdict: "spam",
+            action: "tagged",
+        }],
+        clamd: false,
+        rspamd: true,
+        scan: "on_spam = \"tag\"\n",
+        // fetchmail remarks on the size at its most verbose (`-v -v`) only, and delivers.
+        fetchmail_args: &["-v"],
     }
-    assert_eq!(dv.message_count(USER), 1);
+    .run();
+    assert!(
+        fetchmail.output().contains("was not the expected length"),
+        "fetchmail no longer remarks on the size: update docs/scanning.md: {fetchmail:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,27 +685,23 @@ fn spam_is_tagged_for_every_client() {
 #[ignore = "needs dovecot, clamd (run .ci/run)"]
 fn message_over_max_size_passes_unscanned_and_tagged_with_memory_flat() {
     let msgs = vec![clean(1), sized(2, 30 << 20)];
-    let dv = dovecot(msgs.clone());
-    let clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), "max_size = \"10MB\"\n"),
-        "spool_memory = \"1MB\"\n",
-        &["clamav"],
-    );
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let r = Setup {
+        mail: msgs.clone(),
+        clamd: Some("max_size = \"10MB\"\n"),
+        scan: "spool_memory = \"1MB\"\n".into(),
+        ..Setup::default()
+    }
+    .start();
+    let mut c = login(r.p.addr);
     // Warm up with the small one (scanned), then measure around the large one.
     let (status, _) = c.cmd_multi("RETR 1");
     assert!(status.starts_with("+OK"), "{status}");
-    let (before, _) = p.memory_kib();
+    let (before, _) = r.p.memory_kib();
     let (status, body) = c.cmd_multi("RETR 2");
-    let (peak, _) = p.memory_kib();
+    let (peak, _) = r.p.memory_kib();
     assert!(status.starts_with("+OK"), "{status}");
     assert!(c.cmd("QUIT").starts_with("+OK"));
-    let want = common::dovecot::dot_stuffed(&served(&msgs[1]));
-    let added = added_lines(&body.unwrap(), &want);
+    let added = added_on_the_wire(&body.unwrap(), &msgs[1]);
     assert_eq!(added, ["X-Popgate-Scan: unscanned (too large)"]);
     eprintln!("popgate VmHWM before {before} KiB, after the 30 MB RETR {peak} KiB");
     assert!(
@@ -614,7 +710,7 @@ fn message_over_max_size_passes_unscanned_and_tagged_with_memory_flat() {
         peak - before
     );
 
-    let evs = scan_events(&p, 2);
+    let evs = scan_events(&r.p, 2);
     let big: Vec<&Value> = evs.iter().filter(|e| e["msg"] == 2).collect();
     assert_eq!(big.len(), 1, "{evs:?}");
     assert_eq!(big[0]["verdict"], "too_large", "{}", big[0]);
@@ -628,17 +724,16 @@ fn message_over_max_size_passes_unscanned_and_tagged_with_memory_flat() {
 #[ignore = "needs dovecot and curl (run .ci/run)"]
 fn large_message_spools_to_an_unlinked_0600_file() {
     let msgs = vec![sized(1, 5 << 20)];
-    let dv = dovecot(msgs.clone());
-    let slow = SlowClamd::start(Duration::from_secs(3));
     let spool = tempfile::Builder::new().prefix("spool").tempdir().unwrap();
-    let p = popgate(
-        &dv,
-        &clamd_table(&slow.addr.to_string(), ""),
-        &format!("spool_memory = \"1MB\"\nspool_dir = {:?}\n", spool.path()),
-        &["clamav"],
-    );
-    let pid = p.child.id();
-    let addr = p.addr;
+    let r = Setup {
+        mail: msgs.clone(),
+        slow_clamd: Some(Duration::from_secs(3)),
+        scan: format!("spool_memory = \"1MB\"\nspool_dir = {:?}\n", spool.path()),
+        ..Setup::default()
+    }
+    .start();
+    let pid = r.p.child.id();
+    let addr = r.p.addr;
     let client = std::thread::spawn(move || curl_retr(addr, USER, PASS, 1));
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -667,7 +762,7 @@ fn large_message_spools_to_an_unlinked_0600_file() {
         deleted_files_in(pid, spool.path()).is_empty(),
         "spool file still open"
     );
-    let scanned = slow.got.lock().unwrap().clone();
+    let scanned = r.slow.as_ref().unwrap().got.lock().unwrap().clone();
     assert_eq!(scanned.len(), 1);
     assert!(
         scanned[0] == served(&msgs[0]),
@@ -682,49 +777,56 @@ fn large_message_spools_to_an_unlinked_0600_file() {
 #[test]
 #[ignore = "needs dovecot (run .ci/run)"]
 fn a_spool_that_cannot_be_written_tempfails_the_retrieval_and_loses_nothing() {
-    let msgs = vec![sized(1, 3 << 20)];
-    let dv = dovecot(msgs.clone());
-    let slow = SlowClamd::start(Duration::from_millis(10));
     let dir = tempfile::Builder::new().prefix("spool").tempdir().unwrap();
     let spool = dir.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
-    let p = popgate(
-        &dv,
-        &clamd_table(&slow.addr.to_string(), ""),
-        &format!("spool_memory = \"1MB\"\nspool_dir = {spool:?}\n"),
-        &["clamav"],
-    );
+    let r = Setup {
+        mail: vec![sized(1, 3 << 20)],
+        slow_clamd: Some(Duration::from_millis(10)),
+        scan: format!("spool_memory = \"1MB\"\nspool_dir = {spool:?}\n"),
+        ..Setup::default()
+    }
+    .start();
     // Gone once popgate checked it, a file in its place.
     std::fs::remove_dir(&spool).unwrap();
     std::fs::write(&spool, b"").unwrap();
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = login(r.p.addr);
     c.send("RETR 1\r\nDELE 1\r\nQUIT");
     let line = c.line();
     assert!(
         line.starts_with("-ERR [SYS/TEMP]"),
         "RETR 1 answered {line:?}"
     );
+    let slow = r.slow.as_ref().unwrap();
     assert!(slow.got.lock().unwrap().is_empty(), "nothing was scanned");
     drop(c);
-    assert_eq!(uidls(&dv).len(), 1, "the message stays on the server");
+    assert_eq!(uidls(&r.dv).len(), 1, "the message stays on the server");
 }
 
 // ---------------------------------------------------------------------------------------------
 // 3. clamd killed mid-scan
 
-/// USER/PASS, then `RETR n` while clamd is stopped (the connection waits in its backlog),
-/// then clamd killed: the status line popgate answers with.
-fn retr_with_clamd_killed(c: &mut RawPop, clamd: &mut Clamd, n: usize) -> String {
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+/// A 2 MB message scanned by clamd with `on_error`; a logged-in client sends `RETR 1` while
+/// clamd is stopped (the connection waits in its backlog), then clamd is killed: the status
+/// line popgate answers with, and the client to go on with.
+fn clamd_killed_mid_scan(on_error: &str) -> (Running, Vec<u8>, RawPop, String) {
+    let msg = sized(1, 2 << 20);
+    let mut r = Setup {
+        mail: vec![msg.clone()],
+        clamd: Some(""),
+        scan: format!("on_error = \"{on_error}\"\n"),
+        ..Setup::default()
+    }
+    .start();
+    let mut c = login(r.p.addr);
+    let clamd = r.clamd.as_mut().unwrap();
     clamd.pause();
-    c.send(&format!("RETR {n}"));
+    c.send("RETR 1");
     // The body is read and the scan started: popgate waits on the stopped clamd.
     std::thread::sleep(Duration::from_millis(1500));
     clamd.kill();
-    c.line()
+    let status = c.line();
+    (r, msg, c, status)
 }
 
 /// `on_error = "tempfail"`: clamd killed mid-scan gives `-ERR [SYS/TEMP]`, a DELE of that
@@ -733,17 +835,8 @@ fn retr_with_clamd_killed(c: &mut RawPop, clamd: &mut Clamd, n: usize) -> String
 #[test]
 #[ignore = "needs dovecot, clamd, curl (run .ci/run)"]
 fn clamd_killed_mid_scan_tempfails_and_a_retry_succeeds() {
-    let msgs = vec![sized(1, 2 << 20)];
-    let dv = dovecot(msgs.clone());
-    let mut clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), ""),
-        "on_error = \"tempfail\"\n",
-        &["clamav"],
-    );
-    let mut c = RawPop::connect(p.addr);
-    let status = retr_with_clamd_killed(&mut c, &mut clamd, 1);
+    let (mut r, msg, mut c, status) = clamd_killed_mid_scan("tempfail");
+    let (dv, p) = (&r.dv, &r.p);
     assert!(status.starts_with("-ERR [SYS/TEMP]"), "{status}");
     let dele = c.cmd("DELE 1");
     assert!(dele.starts_with("-ERR [SYS/TEMP]"), "{dele}");
@@ -767,12 +860,10 @@ fn clamd_killed_mid_scan_tempfails_and_a_retry_succeeds() {
     assert!(run.output().contains("[SYS/TEMP]"), "{run:?}");
     assert_eq!(dv.message_count(USER), 1, "the message was deleted");
 
-    clamd.restart();
-    assert!(
-        curl_retr(p.addr, USER, PASS, 1) == served(&msgs[0]),
-        "retry"
-    );
-    let evs = scan_events(&p, 4);
+    r.clamd.as_mut().unwrap().restart();
+    let p = &r.p;
+    assert!(curl_retr(p.addr, USER, PASS, 1) == served(&msg), "retry");
+    let evs = scan_events(p, 4);
     assert_eq!(evs.len(), 4, "{evs:?}");
     for e in &evs[..3] {
         assert_eq!(e["verdict"], "error", "{e}");
@@ -786,27 +877,17 @@ fn clamd_killed_mid_scan_tempfails_and_a_retry_succeeds() {
 #[test]
 #[ignore = "needs dovecot, clamd (run .ci/run)"]
 fn clamd_killed_mid_scan_with_pass_delivers_unscanned_and_tagged() {
-    let msgs = vec![sized(1, 2 << 20)];
-    let dv = dovecot(msgs.clone());
-    let mut clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), ""),
-        "on_error = \"pass\"\n",
-        &["clamav"],
-    );
-    let mut c = RawPop::connect(p.addr);
-    let status = retr_with_clamd_killed(&mut c, &mut clamd, 1);
+    let (r, msg, mut c, status) = clamd_killed_mid_scan("pass");
     assert!(status.starts_with("+OK"), "{status}");
     let body = c.body();
     assert!(c.cmd("QUIT").starts_with("+OK"));
-    let added = added_lines(&body, &common::dovecot::dot_stuffed(&served(&msgs[0])));
+    let added = added_on_the_wire(&body, &msg);
     assert_eq!(added.len(), 1, "{added:?}");
     assert!(
         added[0].starts_with("X-Popgate-Scan: unscanned"),
         "{added:?}"
     );
-    let evs = scan_events(&p, 1);
+    let evs = scan_events(&r.p, 1);
     assert_eq!(evs[0]["verdict"], "error", "{}", evs[0]);
     // Relayed without a verdict: `unscanned`, as a message too large to scan (SCHEMA.md).
     assert_eq!(evs[0]["action"], "unscanned", "{}", evs[0]);
@@ -821,15 +902,14 @@ fn clamd_killed_mid_scan_with_pass_delivers_unscanned_and_tagged() {
 #[ignore = "needs dovecot, clamd (run .ci/run)"]
 fn pipelined_retrievals_and_dele_are_answered_in_order() {
     let msgs = vec![clean(1), infected(2)];
-    let dv = dovecot(msgs.clone());
-    let clamd = Clamd::start();
-    let p = popgate(
-        &dv,
-        &clamd_table(&clamd.unix_address(), ""),
-        "",
-        &["clamav"],
-    );
-    let uidls = uidls(&dv);
+    let r = Setup {
+        mail: msgs.clone(),
+        clamd: Some(""),
+        ..Setup::default()
+    }
+    .start();
+    let (dv, p) = (&r.dv, &r.p);
+    let uidls = uidls(dv);
     let out = pop_raw(
         p.addr,
         &[
@@ -855,7 +935,7 @@ fn pipelined_retrievals_and_dele_are_answered_in_order() {
     let s2 = r.line();
     assert!(s2.starts_with("+OK"), "RETR 2: {s2}");
     let b2 = r.body();
-    assert_notice(&b2, &msgs[1], common::scanners::VIRUS_NAME, Some(&uidls[1]));
+    assert_notice(&b2, &msgs[1], VIRUS_NAME, Some(&uidls[1]));
     let d = r.line();
     assert!(d.starts_with("+OK"), "DELE 1: {d}");
     let q = r.line();

@@ -235,30 +235,35 @@ pub fn b64_lines(result: &Value) -> Vec<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// fetchmail
+// fetchmail and mpop: a config file in a temp home, one run, the messages its MDA got
 
-/// What one fetchmail run did. Its `Debug` shows message sizes and the end of the trace only.
-pub struct FetchmailRun {
-    /// Exit status: 0 mail delivered, 1 no mail, 2 socket/TLS error, 3 authentication failed...
+/// What one run of fetchmail or mpop did. Its `Debug` shows message sizes and the end of the
+/// output only.
+pub struct MdaRun {
+    /// Exit status. fetchmail: 0 mail delivered, 1 no mail, 2 socket/TLS error, 3
+    /// authentication failed...; mpop (sysexits.h): 0 success (mail or none), 69 service
+    /// unavailable, 76 protocol error, 77 authentication failed...
     pub status: i32,
     /// The delivered messages in order, as the MDA got them.
     pub messages: Vec<Vec<u8>>,
-    /// fetchmail's `-v` protocol trace (`POP3> ...` / `POP3< ...`; passwords shown as `*`).
+    /// The protocol trace: fetchmail's `-v` (`POP3> ...` / `POP3< ...`; passwords shown as
+    /// `*`), mpop's `--debug` (`<-- ...` / `--> ...`; it shows the PASS argument: test
+    /// passwords only) and its messages.
     pub stdout: String,
     pub stderr: String,
 }
 
-impl FetchmailRun {
+impl MdaRun {
     /// stdout and stderr together (fetchmail's warnings go to either, depending on `-v`).
     pub fn output(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
     }
 }
 
-impl std::fmt::Debug for FetchmailRun {
+impl std::fmt::Debug for MdaRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sizes: Vec<usize> = self.messages.iter().map(Vec::len).collect();
-        f.debug_struct("FetchmailRun")
+        f.debug_struct("MdaRun")
             .field("status", &self.status)
             .field("message_sizes", &sizes)
             .field("stdout_tail", &tail(&self.stdout, 3000))
@@ -274,6 +279,74 @@ pub fn tail(s: &str, n: usize) -> &str {
         start += 1;
     }
     &s[start..]
+}
+
+/// `s` in double quotes, `\` and `"` escaped: a value in a fetchmail or mpop config file.
+fn rc_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Where one run of fetchmail or mpop keeps its files: a temp dir that is its HOME, its
+/// config file in there (written mode 0600) and the MDA script, which files each message it is
+/// handed in `out/` (the client delivers one message at a time, so counting the files gives
+/// the order).
+struct MdaHome<'a> {
+    home: &'a Path,
+    rc: &'a Path,
+    mda: &'a Path,
+}
+
+/// Runs a client once in a fresh [`MdaHome`] and returns what its MDA got: `rc` gives the text
+/// of its config file `rc_name`, `command` the command line.
+fn run_with_mda(
+    prefix: &str,
+    rc_name: &str,
+    rc: impl FnOnce(&MdaHome<'_>) -> String,
+    command: impl FnOnce(&MdaHome<'_>) -> Command,
+) -> MdaRun {
+    let home = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir for the client");
+    let out_dir = home.path().join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir out");
+    let mda = home.path().join("mda.sh");
+    std::fs::write(
+        &mda,
+        format!(
+            "#!/bin/sh\nd='{}'\nn=$(ls \"$d\" | wc -l)\nexec cat > \"$d/$(printf %06d \"$n\")\"\n",
+            out_dir.display()
+        ),
+    )
+    .expect("write mda");
+    std::fs::set_permissions(&mda, std::fs::Permissions::from_mode(0o755)).expect("chmod mda");
+    let rc_path = home.path().join(rc_name);
+    let at = MdaHome {
+        home: home.path(),
+        rc: &rc_path,
+        mda: &mda,
+    };
+    std::fs::write(&rc_path, rc(&at)).expect("write the config file");
+    std::fs::set_permissions(&rc_path, std::fs::Permissions::from_mode(0o600)).expect("chmod rc");
+
+    let mut cmd = command(&at);
+    cmd.env("HOME", home.path());
+    let out = run_bounded(&mut cmd, None, CLIENT_LIMIT);
+
+    let mut files: Vec<_> = std::fs::read_dir(&out_dir)
+        .expect("read out dir")
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    files.sort();
+    MdaRun {
+        status: out.status.code().unwrap_or(-1),
+        messages: files
+            .iter()
+            .map(|p| std::fs::read(p).expect("read delivered message"))
+            .collect(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// Runs fetchmail once (no daemon) against `addr` and returns what it delivered.
@@ -292,76 +365,37 @@ pub fn fetchmail_run(
     pass: &str,
     keep: bool,
     extra: &[&str],
-) -> FetchmailRun {
-    let home = tempfile::Builder::new()
-        .prefix("fm")
-        .tempdir()
-        .expect("temp dir for fetchmail");
-    let out_dir = home.path().join("out");
-    std::fs::create_dir(&out_dir).expect("mkdir out");
-
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+) -> MdaRun {
     let host = addr.ip().to_string();
-    let rc = home.path().join("fetchmailrc");
-    std::fs::write(
-        &rc,
+    let rc = |_: &MdaHome<'_>| {
         format!(
             "poll {} user {} password {}\n",
-            quote(&host),
-            quote(user),
-            quote(pass)
-        ),
-    )
-    .expect("write rcfile");
-    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).expect("chmod rc");
-
-    // fetchmail delivers one message at a time, so counting the files gives the order.
-    let mda = home.path().join("mda.sh");
-    std::fs::write(
-        &mda,
-        format!(
-            "#!/bin/sh\nd='{}'\nn=$(ls \"$d\" | wc -l)\nexec cat > \"$d/$(printf %06d \"$n\")\"\n",
-            out_dir.display()
-        ),
-    )
-    .expect("write mda");
-    std::fs::set_permissions(&mda, std::fs::Permissions::from_mode(0o755)).expect("chmod mda");
-
-    let port = addr.port().to_string();
-    let mut cmd = Command::new("fetchmail");
-    cmd.env("HOME", home.path())
-        .env("FETCHMAILHOME", home.path())
-        .arg("-f")
-        .arg(&rc)
-        // Run as root, fetchmail locks /var/run/fetchmail.pid whatever FETCHMAILHOME says, and
-        // a second fetchmail (a test running in parallel) exits 8: lock per run instead.
-        .arg("--pidfile")
-        .arg(home.path().join("fetchmail.pid"))
-        .args(["-v", "-N", "--nosyslog", "--invisible", "--norewrite"])
-        .args(["-p", "POP3", "--port", &port, "-u", user, "--fetchall"])
-        .arg("--mda")
-        .arg(&mda)
-        .arg(if keep { "--keep" } else { "--nokeep" });
-    if !extra.iter().any(|a| a.starts_with("--ssl")) {
-        cmd.args(["--sslproto", ""]);
-    }
-    cmd.args(extra).arg(&host);
-    let out = run_bounded(&mut cmd, None, CLIENT_LIMIT);
-
-    let mut files: Vec<_> = std::fs::read_dir(&out_dir)
-        .expect("read out dir")
-        .map(|e| e.expect("dir entry").path())
-        .collect();
-    files.sort();
-    FetchmailRun {
-        status: out.status.code().unwrap_or(-1),
-        messages: files
-            .iter()
-            .map(|p| std::fs::read(p).expect("read delivered message"))
-            .collect(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+            rc_quote(&host),
+            rc_quote(user),
+            rc_quote(pass)
+        )
+    };
+    run_with_mda("fm", "fetchmailrc", rc, |at| {
+        let port = addr.port().to_string();
+        let mut cmd = Command::new("fetchmail");
+        cmd.env("FETCHMAILHOME", at.home)
+            .arg("-f")
+            .arg(at.rc)
+            // Run as root, fetchmail locks /var/run/fetchmail.pid whatever FETCHMAILHOME says,
+            // and a second fetchmail (a test running in parallel) exits 8: lock per run instead.
+            .arg("--pidfile")
+            .arg(at.home.join("fetchmail.pid"))
+            .args(["-v", "-N", "--nosyslog", "--invisible", "--norewrite"])
+            .args(["-p", "POP3", "--port", &port, "-u", user, "--fetchall"])
+            .arg("--mda")
+            .arg(at.mda)
+            .arg(if keep { "--keep" } else { "--nokeep" });
+        if !extra.iter().any(|a| a.starts_with("--ssl")) {
+            cmd.args(["--sslproto", ""]);
+        }
+        cmd.args(extra).arg(&host);
+        cmd
+    })
 }
 
 /// [`fetchmail_run`], panicking unless fetchmail exits 0 (mail) or 1 (no mail); returns the
@@ -382,107 +416,37 @@ pub fn fetchmail(
     run.messages
 }
 
-// ---------------------------------------------------------------------------------------------
-// mpop
-
-/// What one mpop run did. Its `Debug` shows message sizes and the end of the output only.
-pub struct MpopRun {
-    /// Exit status: 0 success (mail or none), 69 service unavailable, 76 protocol error, 77
-    /// authentication failed... (sysexits.h).
-    pub status: i32,
-    /// The delivered messages in order, as the MDA got them.
-    pub messages: Vec<Vec<u8>>,
-    /// mpop's `--debug` protocol trace (`<-- ...` / `--> ...`; it shows the PASS argument:
-    /// test passwords only) and its messages.
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl MpopRun {
-    /// stdout and stderr together.
-    pub fn output(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
-impl std::fmt::Debug for MpopRun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sizes: Vec<usize> = self.messages.iter().map(Vec::len).collect();
-        f.debug_struct("MpopRun")
-            .field("status", &self.status)
-            .field("message_sizes", &sizes)
-            .field("stdout_tail", &tail(&self.stdout, 3000))
-            .field("stderr_tail", &tail(&self.stderr, 3000))
-            .finish()
-    }
-}
-
 /// Runs mpop once (`--debug`) against `addr` and returns what it delivered.
 ///
 /// The config file (mode 0600, in a temp dir that is also HOME) has one account with `tls off`,
 /// `auth user` (USER/PASS), `received_header off`, `only_new off` (every message, whatever an
 /// earlier run got: the UIDL file is fresh anyway), `keep on|off`, `timeout 30` and `delivery
 /// mda` into numbered files; `extra` lines (e.g. `pipelining off`) come last.
-pub fn mpop_run(addr: SocketAddr, user: &str, pass: &str, keep: bool, extra: &[&str]) -> MpopRun {
-    let home = tempfile::Builder::new()
-        .prefix("mpop")
-        .tempdir()
-        .expect("temp dir for mpop");
-    let out_dir = home.path().join("out");
-    std::fs::create_dir(&out_dir).expect("mkdir out");
-    // mpop delivers one message at a time, so counting the files gives the order.
-    let mda = home.path().join("mda.sh");
-    std::fs::write(
-        &mda,
-        format!(
-            "#!/bin/sh\nd='{}'\nn=$(ls \"$d\" | wc -l)\nexec cat > \"$d/$(printf %06d \"$n\")\"\n",
-            out_dir.display()
-        ),
-    )
-    .expect("write mda");
-    std::fs::set_permissions(&mda, std::fs::Permissions::from_mode(0o755)).expect("chmod mda");
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let mut rc = format!(
-        "account test\nhost {}\nport {}\nuser {}\npassword {}\ntls off\nauth user\n\
-         received_header off\nonly_new off\nkeep {}\ntimeout 30\nuidls_file {}\n\
-         delivery mda {}\n",
-        addr.ip(),
-        addr.port(),
-        quote(user),
-        quote(pass),
-        if keep { "on" } else { "off" },
-        home.path().join("uidls").display(),
-        mda.display(),
-    );
-    for line in extra {
-        rc.push_str(line);
-        rc.push('\n');
-    }
-    let rc_path = home.path().join("mpoprc");
-    std::fs::write(&rc_path, rc).expect("write mpoprc");
-    std::fs::set_permissions(&rc_path, std::fs::Permissions::from_mode(0o600)).expect("chmod rc");
-
-    let mut cmd = Command::new("mpop");
-    cmd.env("HOME", home.path())
-        .arg("-C")
-        .arg(&rc_path)
-        .args(["--debug", "test"]);
-    let out = run_bounded(&mut cmd, None, CLIENT_LIMIT);
-
-    let mut files: Vec<_> = std::fs::read_dir(&out_dir)
-        .expect("read out dir")
-        .map(|e| e.expect("dir entry").path())
-        .collect();
-    files.sort();
-    MpopRun {
-        status: out.status.code().unwrap_or(-1),
-        messages: files
-            .iter()
-            .map(|p| std::fs::read(p).expect("read delivered message"))
-            .collect(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+pub fn mpop_run(addr: SocketAddr, user: &str, pass: &str, keep: bool, extra: &[&str]) -> MdaRun {
+    let rc = |at: &MdaHome<'_>| {
+        let mut rc = format!(
+            "account test\nhost {}\nport {}\nuser {}\npassword {}\ntls off\nauth user\n\
+             received_header off\nonly_new off\nkeep {}\ntimeout 30\nuidls_file {}\n\
+             delivery mda {}\n",
+            addr.ip(),
+            addr.port(),
+            rc_quote(user),
+            rc_quote(pass),
+            if keep { "on" } else { "off" },
+            at.home.join("uidls").display(),
+            at.mda.display(),
+        );
+        for line in extra {
+            rc.push_str(line);
+            rc.push('\n');
+        }
+        rc
+    };
+    run_with_mda("mpop", "mpoprc", rc, |at| {
+        let mut cmd = Command::new("mpop");
+        cmd.arg("-C").arg(at.rc).args(["--debug", "test"]);
+        cmd
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

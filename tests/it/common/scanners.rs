@@ -52,21 +52,6 @@ pub fn infected_mail() -> Vec<u8> {
     .into_bytes()
 }
 
-/// `msg` (CRLF lines) as a POP3 server sends it after `+OK`: lines starting with `.` get
-/// another one; without the terminator line (as the spool holds it).
-pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len() + 16);
-    let mut line_start = true;
-    for &b in msg {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    out
-}
-
 /// A running clamd; killed (and its files removed) on drop.
 pub struct Clamd {
     dir: tempfile::TempDir,
