@@ -122,7 +122,7 @@ impl std::fmt::Debug for Replay {
 
 /// What the driver does next.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Step {
+enum Step {
     /// Write (and flush) these bytes to the server.
     Write(Vec<u8>),
     /// Start TLS on the connection (client side).
@@ -175,7 +175,7 @@ pub(crate) enum Notice {
 
 /// How the dialogue failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Failure {
+enum Failure {
     /// The connection or the dialogue broke (the client is told the upstream is unavailable).
     Broken {
         /// Where.
