@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Addresses marked dead, by their configured text (`host:port`).
 #[derive(Debug, Default)]
@@ -35,10 +35,11 @@ impl DeadAddresses {
         }
     }
 
-    /// `address` failed at the TCP stage: skip it for `dead_for`.
-    pub fn mark_dead(&self, address: &str, now: Instant, dead_for: Duration) {
+    /// `address` failed at a stage that fails over: skip it until `until` (the connector's
+    /// `MarkDead`).
+    pub fn mark_dead(&self, address: &str, until: Instant) {
         let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(address.to_owned(), now + dead_for);
+        map.insert(address.to_owned(), until);
     }
 
     /// Whether `address` is skipped at `now` (it failed at the TCP stage within its
@@ -57,6 +58,8 @@ impl DeadAddresses {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -65,10 +68,10 @@ mod tests {
         let addrs = vec!["a:1".to_owned(), "b:2".to_owned(), "c:3".to_owned()];
         let t = Instant::now();
         assert_eq!(d.order(&addrs, t), ["a:1", "b:2", "c:3"]);
-        d.mark_dead("a:1", t, Duration::from_secs(10));
+        d.mark_dead("a:1", t + Duration::from_secs(10));
         assert_eq!(d.order(&addrs, t), ["b:2", "c:3"]);
-        d.mark_dead("b:2", t, Duration::from_secs(10));
-        d.mark_dead("c:3", t, Duration::from_secs(10));
+        d.mark_dead("b:2", t + Duration::from_secs(10));
+        d.mark_dead("c:3", t + Duration::from_secs(10));
         // All dead: tried in order anyway.
         assert_eq!(d.order(&addrs, t), ["a:1", "b:2", "c:3"]);
         d.mark_alive("b:2");

@@ -1,11 +1,13 @@
 //! Dialling the POP3 server behind popgate: plain, STLS (RFC 2595) or implicit TLS, and
 //! passing the real client address on (`forward_client`: a PROXY header, or Dovecot's XCLIENT).
-//! The dialogue itself is the protocol core's (`proxy::dialogue`); this is its driver: TCP,
-//! TLS handshakes, failover over the addresses, the connect timeout.
+//! The dialogue and the sequence over the addresses are the protocol core's
+//! (`proxy::dialogue::Connector`: failover, dead marks, the connect timeout); this is their
+//! driver: TCP, TLS handshakes, reads and writes, timer expiries.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
@@ -14,7 +16,10 @@ use crate::net::pool::DeadAddresses;
 use crate::net::proxy_header;
 use crate::net::tls::{Stream, UpstreamTls};
 pub use crate::proxy::dialogue::ConnectStage;
-use crate::proxy::dialogue::{Dialogue, Failure, Notice, Plan, Reason, Replay, Step};
+use crate::proxy::dialogue::{
+    ConnectEnd, ConnectFailure, ConnectStep, ConnectTimeouts, Connector, Notice, Plan, Reason,
+    Replay,
+};
 
 /// Hops an XCLIENT allows after this one. Dovecot's own proxy starts at 5 and counts down;
 /// popgate is one hop, as a Dovecot proxy would be.
@@ -54,10 +59,8 @@ pub struct Upstream {
     /// The connection, TLS already active for `starttls` and `implicit`.
     pub stream: Stream,
     /// Server bytes already read during setup (the greeting, with `starttls`), to be relayed
-    /// first. Empty when a login follows (the dialogue keeps them).
+    /// first.
     pub preread: Vec<u8>,
-    /// The dialogue, connected: with a login in its plan, the login is next.
-    pub(crate) dialogue: Dialogue,
 }
 
 /// The dialogue's plan for `cfg`: the PROXY header and XCLIENT line for `origin`, the greeting
@@ -96,132 +99,254 @@ pub(crate) fn plan(
     }
 }
 
+/// The connector's clock: tokio's (paused in tests), the session's own (`session::clock`).
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Open a connection to the upstream: its addresses in order, each within the connect
 /// timeout (TCP, STLS and handshake, and with `plan.read_greeting` the greeting: it is then in
 /// [`Upstream::preread`]). An address that fails at a stage that fails over (TCP, timeout) is
 /// marked dead in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless
-/// all are. A TLS or protocol failure is returned at once.
+/// all are. A TLS or protocol failure is returned at once. The decisions are the core's
+/// [`Connector`]; this carries out its steps.
 pub(crate) async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     plan: &Plan,
     dead: &DeadAddresses,
 ) -> Result<Upstream, ConnectError> {
-    let order = dead.order(&cfg.address, std::time::Instant::now());
-    let mut last = None;
-    for (i, address) in order.iter().enumerate() {
-        match connect_one(cfg, address, tls, plan).await {
-            Ok(u) => {
-                dead.mark_alive(address);
-                return Ok(u);
+    let mut connector = connector(cfg, plan.clone(), None, dead);
+    let mut link: Option<Stream> = None;
+    let end = drive(
+        &mut connector,
+        &mut link,
+        tls,
+        Some(dead),
+        cfg.label(),
+        &mut NoTokens,
+        READ_CHUNK,
+    )
+    .await;
+    match (end, link) {
+        (ConnectEnd::Connected { address, preread }, Some(stream)) => Ok(Upstream {
+            address,
+            stream,
+            preread,
+        }),
+        (
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address,
+                stage,
+                reason,
+            }),
+            _,
+        ) => Err(ConnectError {
+            address,
+            stage,
+            reason: reason.to_string(),
+        }),
+        // Only a login ends otherwise, and this plan has none.
+        _ => Err(ConnectError {
+            address: String::new(),
+            stage: ConnectStage::Setup,
+            reason: Reason::Closed.to_string(),
+        }),
+    }
+}
+
+/// The core's [`Connector`] for `cfg` with `plan`, at [`now`]: the addresses in the order
+/// `dead` has them, `reply_timeout` for a login.
+pub(crate) fn connector(
+    cfg: &UpstreamConfig,
+    plan: Plan,
+    reply_timeout: Option<Duration>,
+    dead: &DeadAddresses,
+) -> Connector {
+    let now = now();
+    let order = dead.order(&cfg.address, now);
+    let timeouts = ConnectTimeouts {
+        connect: cfg.connect_timeout,
+        dead_for: cfg.dead_for,
+        reply: reply_timeout,
+    };
+    Connector::new(
+        plan,
+        order.into_iter().map(str::to_owned).collect(),
+        timeouts,
+        now,
+    )
+}
+
+/// Bytes read at once from an upstream during its set-up or a login (a few short lines).
+pub(crate) const READ_CHUNK: usize = 512;
+
+/// The connection a [`Connector`]'s driver works on: dialled and upgraded to TLS ([`Stream`]),
+/// or lent by the caller (a `&mut` stream: no dial, no TLS, as [`Connector::login_only`]).
+pub(crate) trait Link: AsyncRead + AsyncWrite + Unpin + Sized {
+    /// TCP to `address`, with `TCP_NODELAY`.
+    async fn dial(address: &str) -> std::io::Result<Self>;
+    /// The client TLS handshake toward `address`.
+    async fn start_tls(self, tls: Option<&UpstreamTls>, address: &str) -> Result<Self, String>;
+}
+
+impl Link for Stream {
+    async fn dial(address: &str) -> std::io::Result<Stream> {
+        let tcp = TcpStream::connect(address).await?;
+        // Commands and short responses must not wait for Nagle.
+        tcp.set_nodelay(true)?;
+        Ok(Stream::Plain(tcp))
+    }
+
+    async fn start_tls(self, tls: Option<&UpstreamTls>, address: &str) -> Result<Stream, String> {
+        match (tls, self) {
+            (Some(tls), Stream::Plain(tcp)) => {
+                tls.connect(tcp, address).await.map_err(|e| e.to_string())
             }
-            Err(e) if e.stage.fails_over() => {
-                dead.mark_dead(address, std::time::Instant::now(), cfg.dead_for);
-                if i + 1 < order.len() {
-                    warn!(upstream = cfg.label(), %address, error = %e.reason, "upstream address failed; trying the next one");
-                }
-                last = Some(e);
-            }
-            Err(e) => return Err(e),
+            // The plan knows whether TLS is configured; a second handshake is none.
+            _ => Err("upstream TLS is not configured".into()),
         }
     }
-    Err(last.unwrap_or_else(|| ConnectError {
-        address: String::new(),
-        stage: ConnectStage::Tcp,
-        reason: "no address configured".into(),
-    }))
 }
 
-/// One address within the connect timeout.
-async fn connect_one(
-    cfg: &UpstreamConfig,
-    address: &str,
-    tls: Option<&UpstreamTls>,
-    plan: &Plan,
-) -> Result<Upstream, ConnectError> {
-    let dialled = tokio::time::timeout(cfg.connect_timeout, dial(address, tls, plan)).await;
-    let (stage, reason) = match dialled {
-        Ok(Ok(u)) => return Ok(u),
-        Ok(Err((stage, reason))) => (stage, reason),
-        Err(_) => (ConnectStage::Timeout, Reason::Timeout(cfg.connect_timeout)),
-    };
-    Err(ConnectError {
-        address: address.to_owned(),
-        stage,
-        reason: reason.to_string(),
-    })
+impl<S: AsyncRead + AsyncWrite + Unpin> Link for &mut S {
+    async fn dial(_: &str) -> std::io::Result<Self> {
+        Err(std::io::Error::other("a lent connection is not dialled"))
+    }
+
+    async fn start_tls(self, _: Option<&UpstreamTls>, _: &str) -> Result<Self, String> {
+        Err("upstream TLS is not configured".into())
+    }
 }
 
-/// TCP, then the dialogue up to [`Step::Connected`].
-async fn dial(
-    address: &str,
+/// Where a [`Connector`]'s driver gets a fresh access token (`FetchToken`).
+pub(crate) trait Tokens {
+    /// A fresh token, or `None` (the implementer keeps why).
+    async fn fresh(&mut self) -> Option<String>;
+}
+
+/// No token source: a plan without a bearer login.
+pub(crate) struct NoTokens;
+
+impl Tokens for NoTokens {
+    async fn fresh(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// `work`, unless `deadline` comes first (`None`).
+async fn before<T>(
+    deadline: Option<std::time::Instant>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), work)
+            .await
+            .ok(),
+        None => Some(work.await),
+    }
+}
+
+/// Carry out `connector`'s steps on `link` until its end: dial (replacing `link`), write,
+/// run handshakes, fetch tokens from `tokens`, apply dead and alive marks to `dead`, log
+/// notices (`label` names the upstream), read at most `chunk` bytes at once (1: nothing after
+/// the final line is taken from a lent connection), each raced with the connector's deadline,
+/// whose expiry is fed in. On the end `link` holds the connection it ended on, if any.
+pub(crate) async fn drive<L: Link>(
+    connector: &mut Connector,
+    link: &mut Option<L>,
     tls: Option<&UpstreamTls>,
-    plan: &Plan,
-) -> Result<Upstream, (ConnectStage, Reason)> {
-    let tcp_failed = |e: std::io::Error| (ConnectStage::Tcp, Reason::Tcp(e.to_string()));
-    let tcp = TcpStream::connect(address).await.map_err(tcp_failed)?;
-    // Commands and short responses must not wait for Nagle.
-    tcp.set_nodelay(true).map_err(tcp_failed)?;
-    let mut stream = Stream::Plain(tcp);
-    let mut dialogue = Dialogue::new(plan.clone());
+    dead: Option<&DeadAddresses>,
+    label: &str,
+    tokens: &mut impl Tokens,
+    chunk: usize,
+) -> ConnectEnd {
+    let mut address = String::new();
+    let mut buf = [0u8; READ_CHUNK];
+    let chunk = chunk.clamp(1, READ_CHUNK);
     loop {
-        while let Some(step) = dialogue.poll() {
+        while let Some(step) = connector.poll() {
+            let deadline = connector.poll_timeout();
             match step {
-                Step::Write(bytes) => {
-                    if let Err(e) = write(&mut stream, &bytes).await {
-                        dialogue.write_failed(&e);
+                ConnectStep::Dial(to) => {
+                    // The connection to the address failed over is closed without a word.
+                    *link = None;
+                    address = to;
+                    match before(deadline, L::dial(&address)).await {
+                        None => connector.on_timeout(now()),
+                        Some(Ok(l)) => {
+                            *link = Some(l);
+                            connector.dialled(now());
+                        }
+                        Some(Err(e)) => connector.dial_failed(now(), &e),
                     }
                 }
-                Step::StartTls => match (tls, std::mem::replace(&mut stream, Stream::Detached)) {
-                    (Some(tls), Stream::Plain(tcp)) => match tls.connect(tcp, address).await {
-                        Ok(s) => {
-                            stream = s;
-                            dialogue.tls_done();
+                ConnectStep::Write(bytes) => {
+                    let Some(l) = link.as_mut() else {
+                        connector.write_failed(now(), &"not connected");
+                        continue;
+                    };
+                    match before(deadline, write(l, &bytes)).await {
+                        None => connector.on_timeout(now()),
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => connector.write_failed(now(), &e),
+                    }
+                }
+                ConnectStep::StartTls => {
+                    let Some(l) = link.take() else {
+                        connector.tls_failed(now(), &"not connected");
+                        continue;
+                    };
+                    match before(deadline, l.start_tls(tls, &address)).await {
+                        None => connector.on_timeout(now()),
+                        Some(Ok(l)) => {
+                            *link = Some(l);
+                            connector.tls_done(now());
                         }
-                        Err(e) => dialogue.tls_failed(&e),
-                    },
-                    // The plan knows whether TLS is configured; a second handshake is none.
-                    _ => dialogue.tls_failed(&"upstream TLS is not configured"),
+                        Some(Err(e)) => connector.tls_failed(now(), &e),
+                    }
+                }
+                ConnectStep::FetchToken => match before(deadline, tokens.fresh()).await {
+                    None => connector.on_timeout(now()),
+                    Some(Some(token)) => connector.fresh_token(now(), token),
+                    Some(None) => connector.token_failed(),
                 },
-                Step::Notice(n) => log_notice(&n),
-                Step::Connected => {
-                    let preread = dialogue.take_preread();
-                    return Ok(Upstream {
-                        address: address.to_owned(),
-                        stream,
-                        preread,
-                        dialogue,
-                    });
+                ConnectStep::Notice(n) => log_notice(label, &n),
+                ConnectStep::MarkDead { address, until } => {
+                    if let Some(dead) = dead {
+                        dead.mark_dead(&address, until);
+                    }
                 }
-                Step::Failed(Failure::Broken { stage, reason }) => return Err((stage, reason)),
-                // Only a login ends otherwise, and it starts after `Connected`.
-                Step::Failed(_) | Step::LoggedIn { .. } | Step::FetchToken => {
-                    return Err((ConnectStage::Setup, Reason::Closed));
+                ConnectStep::MarkAlive(address) => {
+                    if let Some(dead) = dead {
+                        dead.mark_alive(&address);
+                    }
                 }
+                ConnectStep::End(end) => return end,
             }
         }
-        read(&mut stream, &mut dialogue).await;
+        let deadline = connector.poll_timeout();
+        let Some(l) = link.as_mut() else {
+            connector.read_failed(now(), &"not connected");
+            continue;
+        };
+        match before(deadline, l.read(&mut buf[..chunk])).await {
+            None => connector.on_timeout(now()),
+            Some(Ok(0)) => connector.on_server_eof(now()),
+            Some(Ok(n)) => connector.on_server_bytes(now(), &buf[..n]),
+            Some(Err(e)) => connector.read_failed(now(), &e),
+        }
     }
 }
 
 /// Write and flush `bytes` (under TLS a write can leave records queued in rustls).
-pub(crate) async fn write(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }
 
-/// One read from the server into the dialogue.
-pub(crate) async fn read(stream: &mut Stream, dialogue: &mut Dialogue) {
-    let mut chunk = [0u8; 512];
-    match stream.read(&mut chunk).await {
-        Ok(0) => dialogue.on_server_eof(),
-        Ok(n) => dialogue.on_server_bytes(&chunk[..n]),
-        Err(e) => dialogue.read_failed(&e),
-    }
-}
-
-/// The log line of a [`Notice`].
-pub(crate) fn log_notice(notice: &Notice) {
+/// The log line of a [`Notice`] (`label` names the upstream).
+fn log_notice(label: &str, notice: &Notice) {
     match notice {
         Notice::StlsInjection { octets } => warn!(
             octets,
@@ -245,5 +370,11 @@ pub(crate) fn log_notice(notice: &Notice) {
             }
         }
         Notice::XclientPassed => info!("client address passed on with XCLIENT"),
+        Notice::FailingOver { address, error } => warn!(
+            upstream = label,
+            %address,
+            %error,
+            "upstream address failed; trying the next one"
+        ),
     }
 }

@@ -11,9 +11,10 @@
 //! multi-line bodies with dot-stuffed lines) or, as the input says, with garbage, a cut body, a
 //! close or a delay. In routing mode the [`Front`] (inside the [`Session`]) stands in for the
 //! server until a login; an [`Output::Login`] is carried out by [`Sim::upstream_connected`]
-//! as the driver does: it dials the model server and drives the upstream [`Dialogue`] against
-//! it (the greeting, STLS to the server as the input says, the login replayed line by line),
-//! then tells the session how it went.
+//! as the driver does: it drives the upstream [`Connector`] over two addresses, dialling the
+//! model server (or failing to, as the input says), feeding its bytes and the connector's
+//! timer expiries (the greeting, STLS to the server as the input says, the login replayed
+//! line by line, failover), then tells the session how it went.
 //!
 //! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
 //! breaks:
@@ -25,7 +26,8 @@
 //! - server replies reach the client in command order (tags strictly increasing), and none
 //!   of them answers a command popgate injected itself;
 //! - nothing panics, and the session ends within a bounded number of steps once the input is
-//!   used up and the timers have fired.
+//!   used up and the timers have fired; a routed login's upstream connector ends within a
+//!   bounded number of steps and reports a deadline whenever it waits.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -36,7 +38,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::BytesMut;
 
-use super::dialogue::{Dialogue, Failure, Plan, Replay, Step};
+use super::dialogue::{
+    ConnectEnd, ConnectFailure, ConnectStep, ConnectTimeouts, Connector, Plan, Replay,
+};
 use super::front::{Front, Login};
 use super::policy::Policy;
 use super::{Hop, HopConfig, Output, Session, SessionEvent};
@@ -789,7 +793,7 @@ pub struct Summary {
     pub routed: usize,
     /// Routed logins whose upstream dialogue went through STLS to the server.
     pub upstream_stls: usize,
-    /// Routed logins whose first address was failed over.
+    /// Addresses failed over (marked dead) during routed logins.
     pub failed_over: usize,
     /// Scans the hop asked for (and got a verdict on).
     pub scans: usize,
@@ -1252,13 +1256,14 @@ impl Sim<'_> {
         self.check.local_reply(&said);
     }
 
-    /// The "upstream connected" phase of routing mode, as the driver runs it: dial the model
-    /// server and drive the upstream dialogue (`proxy::dialogue`) against it: its greeting,
-    /// STLS (as the input says; the handshake completes or fails as the input says), the
-    /// login replayed line by line, read in chunks. `Ok` with the final reply and what
-    /// followed it (the server stays connected as `self.server`), `Err` with the line that
-    /// answers the client's login command. A server that does not answer is the reply
-    /// timeout: unavailable.
+    /// The "upstream connected" phase of routing mode, as the driver runs it: the upstream
+    /// [`Connector`] over the routed upstream's two addresses, each dialled as the input says
+    /// (refused, never answering, or the model server), its dialogue (the greeting, STLS as the
+    /// input says, the handshake completing or failing as the input says, the login replayed
+    /// line by line, read in chunks) and its timer fired when the server is silent or, as the
+    /// input says, slower than the deadline. `Ok` with the final reply and what followed it
+    /// (the server stays connected as `self.server`), `Err` with the line that answers the
+    /// client's login command.
     fn upstream_connected(&mut self, login: &Login) -> Result<Vec<u8>, Vec<u8>> {
         let stls = self.input.byte() % 2 == 1;
         let plan = Plan {
@@ -1277,64 +1282,101 @@ impl Sim<'_> {
                 lines: login.lines.clone(),
             }),
         };
-        // The routed upstream's two addresses, as `net::upstream::connect` tries them.
-        for address in 0..2 {
-            let mut server = Server::connect(&mut self.input, &mut self.check);
-            let mut dialogue = Dialogue::new(plan.clone());
-            let mut connected = false;
-            loop {
-                while let Some(step) = dialogue.poll() {
-                    match step {
-                        Step::Write(bytes) => {
-                            self.check.upstream_bytes(&bytes);
-                            self.check.replaying = true;
-                            server.receive(&bytes, &mut self.input, &mut self.check);
-                            self.check.replaying = false;
-                        }
-                        Step::StartTls => {
-                            if self.input.byte() % 8 == 7 {
-                                dialogue.tls_failed(&"sim: the server's handshake failed");
-                            } else {
-                                self.upstream_stls += 1;
-                                dialogue.tls_done();
+        let timeouts = ConnectTimeouts {
+            connect: Duration::from_secs(5),
+            dead_for: Duration::from_secs(60),
+            reply: Some(Duration::from_secs(10)),
+        };
+        let addresses = vec!["sim-a:110".to_owned(), "sim-b:110".to_owned()];
+        let mut c = Connector::new(plan, addresses, timeouts, self.now);
+        let mut server: Option<Server> = None;
+        for _ in 0..FINISH_STEPS {
+            while let Some(step) = c.poll() {
+                match step {
+                    ConnectStep::Dial(_) => {
+                        // The connection failed over is closed without a word.
+                        server = None;
+                        match self.input.byte() % 16 {
+                            14 => c.dial_failed(self.now, &"sim: connection refused"),
+                            // The TCP connect never completes.
+                            15 => self.fire_connector(&mut c),
+                            _ => {
+                                server = Some(Server::connect(&mut self.input, &mut self.check));
+                                c.dialled(self.now);
                             }
                         }
-                        Step::LoggedIn { mut reply, rest } => {
-                            reply.extend_from_slice(&rest);
-                            self.server = Some(server);
-                            self.routed += 1;
-                            return Ok(reply);
-                        }
-                        Step::Failed(Failure::Refused(line)) => return Err(line),
-                        Step::Failed(_) => return Err(UNAVAILABLE.to_vec()),
-                        Step::Connected => connected = true,
-                        Step::Notice(_) | Step::FetchToken => {}
                     }
-                }
-                if dialogue.finished() {
-                    return Err(UNAVAILABLE.to_vec());
-                }
-                // The login waits for held replies (within its reply timeout).
-                server.release();
-                let n = self.chunk();
-                let bytes = server.read(n);
-                if !bytes.is_empty() {
-                    dialogue.on_server_bytes(&bytes);
-                } else if server.at_eof() {
-                    server.eof_seen = true;
-                    dialogue.on_server_eof();
-                } else if !connected && address == 0 {
-                    // Silent during the set-up: the connect timeout, which fails over to the
-                    // next address (the first is closed without a word).
-                    self.failed_over += 1;
-                    break;
-                } else {
-                    // Silent during the login: its reply timeout.
-                    return Err(UNAVAILABLE.to_vec());
+                    ConnectStep::Write(bytes) => {
+                        self.check.upstream_bytes(&bytes);
+                        let Some(s) = server.as_mut() else {
+                            c.write_failed(self.now, &"sim: not connected");
+                            continue;
+                        };
+                        self.check.replaying = true;
+                        s.receive(&bytes, &mut self.input, &mut self.check);
+                        self.check.replaying = false;
+                    }
+                    ConnectStep::StartTls => match self.input.byte() % 8 {
+                        7 => c.tls_failed(self.now, &"sim: the server's handshake failed"),
+                        // The handshake outlasts the connect timeout.
+                        6 => self.fire_connector(&mut c),
+                        _ => {
+                            self.upstream_stls += 1;
+                            c.tls_done(self.now);
+                        }
+                    },
+                    // No bearer login in the simulator.
+                    ConnectStep::FetchToken => c.token_failed(),
+                    ConnectStep::MarkDead { .. } => self.failed_over += 1,
+                    ConnectStep::Notice(_) | ConnectStep::MarkAlive(_) => {}
+                    ConnectStep::End(ConnectEnd::LoggedIn {
+                        mut reply, rest, ..
+                    }) => {
+                        reply.extend_from_slice(&rest);
+                        self.server = server;
+                        self.routed += 1;
+                        return Ok(reply);
+                    }
+                    ConnectStep::End(ConnectEnd::Failed(ConnectFailure::Refused(line))) => {
+                        return Err(line);
+                    }
+                    ConnectStep::End(_) => return Err(UNAVAILABLE.to_vec()),
                 }
             }
+            let Some(s) = server.as_mut() else {
+                self.fire_connector(&mut c);
+                continue;
+            };
+            if self.input.byte() % 16 == 15 {
+                // The server is slower than the deadline.
+                self.fire_connector(&mut c);
+                continue;
+            }
+            // Held replies come within the deadline.
+            s.release();
+            let n = self.chunk();
+            let bytes = s.read(n);
+            if !bytes.is_empty() {
+                c.on_server_bytes(self.now, &bytes);
+            } else if s.at_eof() {
+                s.eof_seen = true;
+                c.on_server_eof(self.now);
+            } else {
+                // Silent: the connect timeout (failing over) or the login's reply timeout.
+                self.fire_connector(&mut c);
+            }
         }
-        Err(UNAVAILABLE.to_vec())
+        panic!("the upstream connector did not end within {FINISH_STEPS} steps");
+    }
+
+    /// The connector's timer fires at the instant it reported (which it must report while it
+    /// waits).
+    fn fire_connector(&mut self, c: &mut Connector) {
+        let at = c
+            .poll_timeout()
+            .expect("the upstream connector waits with no deadline");
+        self.now = self.now.max(at);
+        c.on_timeout(self.now);
     }
 
     /// The input is used up: the server answers, the client says what it has and closes,

@@ -1,19 +1,18 @@
 //! Routing mode's login: connect to the upstream a login was routed to and log in there, the
 //! client's own lines replayed or, with an OAuth2 bridge, a bearer token. The dialogue is the
-//! protocol core's (`proxy::dialogue`); this drives it: the bridge's password check and token
-//! fetches, the reads and writes, the reply timeouts.
+//! protocol core's (`proxy::dialogue`, the reply timeouts and failover included); this drives
+//! it: the bridge's password check and token fetches, the dials, reads and writes, the timer.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::UpstreamConfig;
 use crate::net::pool::DeadAddresses;
 use crate::net::tls::{Stream, UpstreamTls};
-use crate::net::upstream::{ClientOrigin, ConnectError, ConnectStage};
+use crate::net::upstream::{self, ClientOrigin, ConnectError, ConnectStage};
 use crate::pop3::replies;
-use crate::proxy::dialogue::{Bearer, Dialogue, Failure, Reason, Replay, Step};
+use crate::proxy::dialogue::{Bearer, ConnectEnd, ConnectFailure, Connector, Reason, Replay};
 use crate::proxy::front::Login;
 
 /// A login the upstream accepted.
@@ -98,131 +97,113 @@ pub(crate) async fn login_upstream(
         },
     };
     let plan = crate::net::upstream::plan(cfg, tls, max_line, origin, true, Some(replay));
-    let up = crate::net::upstream::connect(cfg, tls, &plan, dead)
-        .await
-        .map_err(LoginError::Unavailable)?;
-    let address = up.address;
-    let mut stream = up.stream;
-    let mut dialogue = up.dialogue;
-    let bridged = bridge.zip(authorized.as_ref());
-    let limit = Some(reply_timeout);
-    match drive(&mut stream, &mut dialogue, bridged, limit, READ_CHUNK).await {
-        Ok((reply, rest)) => Ok(LoggedIn {
-            stream,
-            address,
-            reply,
-            rest,
-        }),
-        Err(Ended::Broken(reason)) => Err(LoginError::Unavailable(ConnectError {
-            address,
+    let mut connector = upstream::connector(cfg, plan, Some(reply_timeout), dead);
+    let mut tokens = BridgeTokens::new(bridge.zip(authorized.as_ref()));
+    let mut link: Option<Stream> = None;
+    let end = upstream::drive(
+        &mut connector,
+        &mut link,
+        tls,
+        Some(dead),
+        cfg.label(),
+        &mut tokens,
+        upstream::READ_CHUNK,
+    )
+    .await;
+    let failure = match (end, link) {
+        (
+            ConnectEnd::LoggedIn {
+                address,
+                reply,
+                rest,
+            },
+            Some(stream),
+        ) => {
+            return Ok(LoggedIn {
+                stream,
+                address,
+                reply,
+                rest,
+            });
+        }
+        (ConnectEnd::Failed(f), _) => f,
+        // A plan with a login ends logged in or failed.
+        (_, _) => ConnectFailure::Unavailable {
+            address: String::new(),
             stage: ConnectStage::Setup,
+            reason: Reason::Closed,
+        },
+    };
+    Err(match failure {
+        ConnectFailure::Unavailable {
+            address,
+            stage,
+            reason,
+        } => LoginError::Unavailable(ConnectError {
+            address,
+            stage,
             reason: reason.to_string(),
-        })),
-        Err(Ended::Refused(line)) => Err(LoginError::Refused(line)),
-        Err(Ended::Bridge(e)) => Err(LoginError::Bridge(e)),
+        }),
+        ConnectFailure::Refused(line) => LoginError::Refused(line),
+        other => match tokens.failure(other) {
+            Ok(e) => LoginError::Bridge(e),
+            Err(reason) => LoginError::Unavailable(ConnectError {
+                address: String::new(),
+                stage: ConnectStage::Setup,
+                reason: reason.to_string(),
+            }),
+        },
+    })
+}
+
+/// The OAuth2 bridge as the connector's token source: the token in use, and why a fresh one
+/// could not be had.
+struct BridgeTokens<'a> {
+    bridged: Option<(&'a crate::oauth2::Bridge, &'a crate::oauth2::Authorized)>,
+    token: Option<String>,
+    error: Option<crate::oauth2::BridgeError>,
+}
+
+impl<'a> BridgeTokens<'a> {
+    fn new(
+        bridged: Option<(&'a crate::oauth2::Bridge, &'a crate::oauth2::Authorized)>,
+    ) -> BridgeTokens<'a> {
+        BridgeTokens {
+            token: bridged.map(|(_, who)| who.token().to_owned()),
+            bridged,
+            error: None,
+        }
+    }
+
+    /// The bridge's error for a bearer login's failure; without a bridge (never with a
+    /// bearer login) the reason it broke.
+    fn failure(&mut self, f: ConnectFailure) -> Result<crate::oauth2::BridgeError, Reason> {
+        match (f, self.bridged) {
+            (ConnectFailure::TokenRefused(line), Some((b, who))) => Ok(b.refused(who, line)),
+            (ConnectFailure::BearerUnexpected(line), Some((b, who))) => Ok(b.unexpected(who, line)),
+            (ConnectFailure::NoFreshToken, _) => self.error.take().ok_or(Reason::Closed),
+            (ConnectFailure::TokenRefused(line) | ConnectFailure::BearerUnexpected(line), None) => {
+                Err(Reason::UnexpectedLoginReply(line))
+            }
+            (ConnectFailure::Refused(line), _) => Ok(crate::oauth2::BridgeError::Refused(line)),
+            (ConnectFailure::Unavailable { reason, .. }, _) => Err(reason),
+        }
     }
 }
 
-/// Bytes read at once during a login (a few short lines).
-const READ_CHUNK: usize = 512;
-
-/// How a login driven by [`drive`] ended, if not logged in.
-enum Ended {
-    Broken(Reason),
-    Refused(Vec<u8>),
-    Bridge(crate::oauth2::BridgeError),
-}
-
-/// Drive a connected `dialogue` on `stream` to its end: the login's `+OK` line and the bytes
-/// read after it. With `reply_timeout`, each replayed line's answer (or the whole bearer login,
-/// token fetch included) is awaited that long. Reads `chunk` bytes at most at once (1: nothing
-/// after the final line is taken from the stream).
-async fn drive<S>(
-    stream: &mut S,
-    dialogue: &mut Dialogue,
-    bridged: Option<(&crate::oauth2::Bridge, &crate::oauth2::Authorized)>,
-    reply_timeout: Option<Duration>,
-    chunk: usize,
-) -> Result<(Vec<u8>, Vec<u8>), Ended>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    // The bearer login is bounded as a whole (token fetch included), a replayed line each.
-    let bearer = bridged.is_some();
-    // Far enough to never fire: a login without a timeout (the caller's own bounds it).
-    let never = Duration::from_secs(86_400 * 365);
-    let within = reply_timeout.unwrap_or(never);
-    let timed_out = || {
-        Ended::Broken(if bearer {
-            Reason::BearerTimeout(within)
-        } else {
-            Reason::NoReply(within)
-        })
-    };
-    let mut deadline = Instant::now() + within;
-    let mut token = bridged.map(|(_, who)| who.token().to_owned());
-    let mut buf = vec![0u8; chunk.max(1)];
-    loop {
-        while let Some(step) = dialogue.poll() {
-            match step {
-                Step::Write(bytes) => {
-                    if !bearer {
-                        deadline = Instant::now() + within;
-                    }
-                    let written = tokio::time::timeout_at(deadline, async {
-                        stream.write_all(&bytes).await?;
-                        stream.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => dialogue.write_failed(&e),
-                        Err(_) => return Err(timed_out()),
-                    }
-                }
-                Step::FetchToken => {
-                    let (Some((b, who)), Some(stale)) = (bridged, &token) else {
-                        return Err(Ended::Broken(Reason::Closed));
-                    };
-                    let fresh = tokio::time::timeout_at(deadline, b.fresh_token(who, stale)).await;
-                    match fresh {
-                        Ok(Ok(t)) => {
-                            token = Some(t.clone());
-                            dialogue.fresh_token(t);
-                        }
-                        Ok(Err(e)) => return Err(Ended::Bridge(e)),
-                        Err(_) => return Err(timed_out()),
-                    }
-                }
-                Step::Notice(n) => crate::net::upstream::log_notice(&n),
-                Step::LoggedIn { reply, rest } => return Ok((reply, rest)),
-                Step::Failed(f) => {
-                    return Err(match (f, bridged) {
-                        (Failure::Broken { reason, .. }, _) => Ended::Broken(reason),
-                        (Failure::Refused(line), _) => Ended::Refused(line),
-                        (Failure::TokenRefused(line), Some((b, who))) => {
-                            Ended::Bridge(b.refused(who, line))
-                        }
-                        (Failure::BearerUnexpected(line), Some((b, who))) => {
-                            Ended::Bridge(b.unexpected(who, line))
-                        }
-                        (Failure::TokenRefused(line) | Failure::BearerUnexpected(line), None) => {
-                            Ended::Broken(Reason::UnexpectedLoginReply(line))
-                        }
-                    });
-                }
-                // The set-up is over: neither comes again.
-                Step::StartTls | Step::Connected => {}
+impl upstream::Tokens for BridgeTokens<'_> {
+    async fn fresh(&mut self) -> Option<String> {
+        let (b, who) = self.bridged?;
+        let stale = self.token.as_deref()?;
+        match b.fresh_token(who, stale).await {
+            Ok(t) => {
+                self.token = Some(t.clone());
+                Some(t)
             }
-        }
-        if dialogue.finished() {
-            return Err(Ended::Broken(Reason::Closed));
-        }
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Ok(0)) => dialogue.on_server_eof(),
-            Ok(Ok(n)) => dialogue.on_server_bytes(&buf[..n]),
-            Ok(Err(e)) => dialogue.read_failed(&e),
+            Err(e) => {
+                self.error = Some(e);
+                None
+            }
         }
     }
 }
@@ -232,7 +213,7 @@ impl crate::oauth2::Bridge {
     /// token; if the server refuses it, once more with a fresh one (a token revoked at the
     /// server before its expiry). Returns the server's `+OK` line for the client. Reads byte by
     /// byte, so that nothing after the final status line is taken from the stream (whoever
-    /// reads on gets it); a login is a few short lines. The protocol core's dialogue, as in a
+    /// reads on gets it); a login is a few short lines. The protocol core's connector, as in a
     /// routed session (defined here, by its driver, because the bridge itself does no POP3).
     pub async fn login<S>(
         &self,
@@ -250,24 +231,35 @@ impl crate::oauth2::Bridge {
             port,
             token: who.token().to_owned(),
         };
-        let mut dialogue = Dialogue::login_only(Replay::Bearer(bearer), usize::MAX);
-        match drive(stream, &mut dialogue, Some((self, who)), None, 1).await {
-            Ok((reply, _)) => Ok(reply),
-            Err(Ended::Bridge(e)) => Err(e),
-            Err(Ended::Broken(Reason::Bearer(e))) => {
-                Err(crate::oauth2::BridgeError::Io(std::io::Error::other(e)))
-            }
-            Err(Ended::Broken(reason)) => Err(crate::oauth2::BridgeError::Io(
-                std::io::Error::other(reason.to_string()),
+        let mut connector =
+            Connector::login_only(Replay::Bearer(bearer), usize::MAX, None, upstream::now());
+        let mut tokens = BridgeTokens::new(Some((self, who)));
+        let mut link = Some(stream);
+        let end = upstream::drive(&mut connector, &mut link, None, None, "", &mut tokens, 1).await;
+        match end {
+            ConnectEnd::LoggedIn { reply, .. } => Ok(reply),
+            ConnectEnd::Failed(f) => match tokens.failure(f) {
+                Ok(e) => Err(e),
+                Err(Reason::Bearer(e)) => {
+                    Err(crate::oauth2::BridgeError::Io(std::io::Error::other(e)))
+                }
+                Err(reason) => Err(crate::oauth2::BridgeError::Io(std::io::Error::other(
+                    reason.to_string(),
+                ))),
+            },
+            ConnectEnd::Connected { .. } => Err(crate::oauth2::BridgeError::Io(
+                std::io::Error::other(Reason::Closed.to_string()),
             )),
-            Err(Ended::Refused(line)) => Err(crate::oauth2::BridgeError::Refused(line)),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+    use crate::net::upstream::NoTokens;
 
     #[test]
     fn the_client_is_told_the_server_line_or_that_the_upstream_is_unavailable() {
@@ -287,6 +279,48 @@ mod tests {
             bridge.client_reply(),
             b"-ERR [AUTH] Authentication failed.\r\n"
         );
+    }
+
+    /// The driver's one clock is tokio's: on paused time a login's deadline comes exactly
+    /// when the connector says, and the server that never answers is given up on then.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_is_given_up_on_at_the_connectors_deadline_on_paused_time() {
+        let (mut ours, mut theirs) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = theirs.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"USER alice\r\n");
+            // No answer; the connection stays open.
+            let _ = theirs.read(&mut buf).await;
+        });
+        let lines = Replay::Lines {
+            method: crate::proxy::front::Method::UserPass,
+            lines: vec![b"USER alice\r\n".to_vec(), b"PASS s3cret\r\n".to_vec()],
+        };
+        let started = tokio::time::Instant::now();
+        let within = Duration::from_secs(30);
+        let mut c = Connector::login_only(lines, 512, Some(within), upstream::now());
+        let mut link = Some(&mut ours);
+        let mut tokens = NoTokens;
+        let driven = upstream::drive(&mut c, &mut link, None, None, "", &mut tokens, 512);
+        let end = tokio::time::timeout(within * 2, driven)
+            .await
+            .expect("the driver watched the connector's deadline");
+        let took = started.elapsed();
+        assert!(
+            within <= took && took < within + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(
+            end,
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address: String::new(),
+                stage: ConnectStage::Setup,
+                reason: Reason::NoReply(within),
+            })
+        );
+        drop(ours);
+        server.await.unwrap();
     }
 
     /// The bridge's login (byte by byte) leaves what follows its final line on the stream.
@@ -310,9 +344,12 @@ mod tests {
             port: 995,
             token: "tok".into(),
         };
-        let mut d = Dialogue::login_only(Replay::Bearer(bearer), usize::MAX);
-        let Ok((reply, rest)) = drive(&mut ours, &mut d, None, None, 1).await else {
-            panic!("not logged in")
+        let mut c =
+            Connector::login_only(Replay::Bearer(bearer), usize::MAX, None, upstream::now());
+        let mut link = Some(&mut ours);
+        let end = upstream::drive(&mut c, &mut link, None, None, "", &mut NoTokens, 1).await;
+        let ConnectEnd::LoggedIn { reply, rest, .. } = end else {
+            panic!("not logged in: {end:?}")
         };
         assert_eq!((reply, rest), (b"+OK in\r\n".to_vec(), Vec::new()));
         let mut next = [0u8; 4];

@@ -1194,9 +1194,9 @@ impl Driver {
                     &done.address,
                     dialled.elapsed(),
                 );
-                shared.metrics.failed_over(upstream, |a| {
-                    shared.dead.is_dead(a, std::time::Instant::now())
-                });
+                shared
+                    .metrics
+                    .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
                 if done.stream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
@@ -1235,9 +1235,9 @@ impl Driver {
                             u.stage.as_str(),
                             &u.reason,
                         );
-                        shared.metrics.failed_over(upstream, |a| {
-                            shared.dead.is_dead(a, std::time::Instant::now())
-                        });
+                        shared
+                            .metrics
+                            .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
                     }
                 }
                 Err(e.client_reply())

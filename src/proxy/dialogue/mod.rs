@@ -3,13 +3,16 @@
 //! and in routing mode the login: the client's USER/PASS or SASL lines replayed, or the OAuth2
 //! bridge's `AUTH XOAUTH2`/`OAUTHBEARER` with a bearer token. Server bytes and the outcome of
 //! what the driver did (a write, a TLS handshake, a token fetch) go in as events; what to do
-//! next comes out as [`Step`]s. The drivers (`net::upstream::connect` for the set-up,
-//! `session::login` for the login) only dial, move bytes, run handshakes, fetch tokens and
-//! watch the clock.
+//! next comes out as [`Step`]s. Around it, the [`Connector`]: the sequence over an upstream's
+//! addresses (which next, failover, dead and alive marks, the connect timeout) and a routed
+//! login's deadlines and token fetches, with time as an input. Its drivers
+//! (`net::upstream::connect` for the set-up, `session::login` for the login, the session
+//! simulator) only dial, move bytes, run handshakes, fetch tokens and feed timer expiries.
 //!
-//! The calling contract is on [`Dialogue`].
+//! The calling contracts are on [`Connector`] and [`Dialogue`].
 
 mod bearer;
+mod connector;
 mod lines;
 #[cfg(test)]
 mod tests;
@@ -18,6 +21,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 pub(crate) use bearer::Bearer;
+pub(crate) use connector::{ConnectEnd, ConnectFailure, ConnectStep, ConnectTimeouts, Connector};
 use lines::Lines;
 
 use crate::config::TlsMode;
@@ -118,7 +122,7 @@ impl std::fmt::Debug for Replay {
 
 /// What the driver does next.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Step {
+enum Step {
     /// Write (and flush) these bytes to the server.
     Write(Vec<u8>),
     /// Start TLS on the connection (client side).
@@ -160,11 +164,18 @@ pub(crate) enum Notice {
     },
     /// The server took the XCLIENT.
     XclientPassed,
+    /// An address failed at a stage that fails over (marked dead): the next one is tried.
+    FailingOver {
+        /// The address, as configured.
+        address: String,
+        /// Why it failed (the [`Reason`]'s text).
+        error: String,
+    },
 }
 
 /// How the dialogue failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Failure {
+enum Failure {
     /// The connection or the dialogue broke (the client is told the upstream is unavailable).
     Broken {
         /// Where.
@@ -187,6 +198,9 @@ pub(crate) enum Reason {
     /// The TCP connect (or a socket option) failed.
     #[error("{0}")]
     Tcp(String),
+    /// The upstream has no address to dial.
+    #[error("no address configured")]
+    NoAddress,
     /// The set-up timed out.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -300,7 +314,8 @@ enum State {
 }
 
 /// One upstream connection's dialogue, from the TCP connect to the relay (or, with
-/// [`Dialogue::login_only`], a login on a connection whose greeting was read).
+/// [`Dialogue::login_only`], a login on a connection whose greeting was read). Its driver is
+/// the [`Connector`], one dialogue per address it dials.
 ///
 /// # Calling contract
 ///
@@ -321,11 +336,11 @@ enum State {
 ///    from the server: [`Dialogue::on_server_bytes`], [`Dialogue::on_server_eof`] or
 ///    [`Dialogue::read_failed`]; then poll again.
 ///
-/// Timeouts are the driver's: it ends the dialogue itself (a [`Reason`] of its own). No event
+/// Timeouts are the driver's (the [`Connector`]'s): it ends the dialogue itself. No event
 /// after the end changes anything. Nothing the plan holds for the login is written before
 /// [`Step::Connected`], so with STLS no credential byte goes out before the handshake.
 #[derive(Debug)]
-pub(crate) struct Dialogue {
+struct Dialogue {
     plan: Plan,
     state: State,
     lines: Lines,

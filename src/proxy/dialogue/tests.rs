@@ -945,3 +945,852 @@ proptest::proptest! {
         }
     }
 }
+
+/// The [`Connector`]: the sequence over an upstream's addresses and a login's deadlines, driven
+/// without sockets on a simulated clock, every path at every chunk size.
+mod connector {
+    use std::collections::VecDeque;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const CONNECT: Duration = Duration::from_secs(5);
+    const DEAD_FOR: Duration = Duration::from_secs(60);
+    const REPLY: Duration = Duration::from_secs(10);
+    const SECRET: &[u8] = b"s3cret";
+
+    /// One address as the network and its server behave.
+    #[derive(Clone)]
+    enum Addr<'a> {
+        /// The TCP connect fails at once.
+        Refused,
+        /// The TCP connect never completes.
+        Hangs,
+        /// A server.
+        Serves(Server<'a>),
+    }
+
+    /// A server: its greeting after `greeting_after`, then per write (after the PROXY header)
+    /// the expected start of the write, the answer, and how long it takes. With no turn left
+    /// it says nothing more (or closes, with `closes`).
+    #[derive(Clone)]
+    struct Server<'a> {
+        greeting: &'a [u8],
+        greeting_after: Duration,
+        turns: Vec<(&'a [u8], &'a [u8], Duration)>,
+        /// How a TLS handshake goes: whether it succeeds, how long it takes.
+        tls: (bool, Duration),
+        closes: bool,
+    }
+
+    fn server<'a>(greeting: &'a [u8], turns: Vec<(&'a [u8], &'a [u8])>) -> Addr<'a> {
+        Addr::Serves(Server {
+            greeting,
+            greeting_after: Duration::ZERO,
+            turns: turns
+                .into_iter()
+                .map(|(w, a)| (w, a, Duration::ZERO))
+                .collect(),
+            tls: (true, Duration::ZERO),
+            closes: false,
+        })
+    }
+
+    /// The token source: how long a fetch takes, and whether it gives a token.
+    #[derive(Clone, Copy)]
+    struct TokenSource {
+        after: Duration,
+        gives: bool,
+    }
+
+    const TOKENS: TokenSource = TokenSource {
+        after: Duration::ZERO,
+        gives: true,
+    };
+
+    /// What one run did: every step (times in ms from the start) and the end.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Run {
+        log: Vec<String>,
+        end: ConnectEnd,
+    }
+
+    /// Server bytes on their way: when they arrive, and what.
+    type Pending = VecDeque<(Instant, Vec<u8>)>;
+
+    fn ms(t0: Instant, t: Instant) -> u128 {
+        (t - t0).as_millis()
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).trim_end().to_owned()
+    }
+
+    /// Drive a connector over `addrs` (named `a0`, `a1`, ...) as the driver does, the clock
+    /// moving only when something takes time; server bytes fed `chunk` at a time.
+    fn drive(
+        plan: &Plan,
+        addrs: &[Addr<'_>],
+        reply: Option<Duration>,
+        tokens: TokenSource,
+        chunk: usize,
+    ) -> Run {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let names: Vec<String> = (0..addrs.len()).map(|i| format!("a{i}")).collect();
+        let timeouts = ConnectTimeouts {
+            connect: CONNECT,
+            dead_for: DEAD_FOR,
+            reply,
+        };
+        let mut c = Connector::new(plan.clone(), names.clone(), timeouts, now);
+        let mut log = Vec::new();
+        // The connection: its server, and the bytes on their way (ready at, bytes).
+        let mut conn: Option<(Server<'_>, Pending)> = None;
+        let mut first_write = true;
+        // Wait for `at` unless the connector's deadline comes first (then it fires).
+        let wait =
+            |c: &mut Connector, now: &mut Instant, log: &mut Vec<String>, at: Instant| match c
+                .poll_timeout()
+            {
+                Some(d) if d <= at => {
+                    *now = (*now).max(d);
+                    log.push(format!("timeout @{}", ms(t0, *now)));
+                    c.on_timeout(*now);
+                    false
+                }
+                _ => {
+                    *now = (*now).max(at);
+                    true
+                }
+            };
+        for _ in 0..10_000 {
+            while let Some(step) = c.poll() {
+                match step {
+                    ConnectStep::Dial(name) => {
+                        log.push(format!("dial {name} @{}", ms(t0, now)));
+                        conn = None;
+                        first_write = true;
+                        let current = names
+                            .iter()
+                            .position(|n| *n == name)
+                            .expect("a known address");
+                        match &addrs[current] {
+                            Addr::Refused => c.dial_failed(now, &format!("{name} refused")),
+                            Addr::Hangs => {
+                                let never = now + Duration::from_secs(86_400);
+                                assert!(!wait(&mut c, &mut now, &mut log, never), "no deadline");
+                            }
+                            Addr::Serves(s) => {
+                                let greeting = (now + s.greeting_after, s.greeting.to_vec());
+                                conn = Some((s.clone(), VecDeque::from([greeting])));
+                                c.dialled(now);
+                            }
+                        }
+                    }
+                    ConnectStep::Write(bytes) => {
+                        log.push(format!("write {}", text(&bytes)));
+                        let (s, pending) = conn.as_mut().expect("a write without a connection");
+                        let header =
+                            first_write && plan.proxy_header.as_deref() == Some(&bytes[..]);
+                        first_write = false;
+                        if !header {
+                            assert!(!s.turns.is_empty(), "a write the script has no turn for");
+                            let (expect, answer, after) = s.turns.remove(0);
+                            assert!(bytes.starts_with(expect), "wrote {}", text(&bytes));
+                            pending.push_back((now + after, answer.to_vec()));
+                        }
+                    }
+                    ConnectStep::StartTls => {
+                        let (s, _) = conn.as_ref().expect("TLS without a connection");
+                        let (ok, after) = s.tls;
+                        let at = now + after;
+                        if wait(&mut c, &mut now, &mut log, at) {
+                            if ok {
+                                log.push(format!("tls @{}", ms(t0, now)));
+                                c.tls_done(now);
+                            } else {
+                                log.push(format!("tls failed @{}", ms(t0, now)));
+                                c.tls_failed(now, &"bad certificate");
+                            }
+                        }
+                    }
+                    ConnectStep::FetchToken => {
+                        log.push(format!("fetch token @{}", ms(t0, now)));
+                        let at = now + tokens.after;
+                        if wait(&mut c, &mut now, &mut log, at) {
+                            if tokens.gives {
+                                c.fresh_token(now, "fresh".into());
+                            } else {
+                                c.token_failed();
+                            }
+                        }
+                    }
+                    ConnectStep::Notice(n) => log.push(format!("notice {n:?}")),
+                    ConnectStep::MarkDead { address, until } => {
+                        log.push(format!("dead {address} until {}", ms(t0, until)));
+                    }
+                    ConnectStep::MarkAlive(address) => log.push(format!("alive {address}")),
+                    ConnectStep::End(end) => {
+                        assert!(c.finished());
+                        assert_eq!(c.poll(), None, "nothing after the end");
+                        assert_eq!(c.poll_timeout(), None, "no deadline after the end");
+                        return Run { log, end };
+                    }
+                }
+            }
+            // It waits for the server.
+            let (s, pending) = conn.as_mut().expect("waiting without a connection");
+            match pending.front_mut() {
+                Some((at, bytes)) => {
+                    let at = *at;
+                    if wait(&mut c, &mut now, &mut log, at) {
+                        let n = chunk.min(bytes.len());
+                        let part: Vec<u8> = bytes.drain(..n).collect();
+                        if bytes.is_empty() {
+                            pending.pop_front();
+                        }
+                        c.on_server_bytes(now, &part);
+                    }
+                }
+                None if s.closes => c.on_server_eof(now),
+                None => {
+                    let never = now + Duration::from_secs(86_400);
+                    assert!(
+                        !wait(&mut c, &mut now, &mut log, never),
+                        "waits with no deadline"
+                    );
+                }
+            }
+        }
+        panic!("the connector never ended");
+    }
+
+    /// [`drive`] at every chunk size from 1 to all the servers' bytes: the same run each time.
+    fn every_chunk(
+        plan: &Plan,
+        addrs: &[Addr<'_>],
+        reply: Option<Duration>,
+        tokens: TokenSource,
+    ) -> Run {
+        let total: usize = addrs
+            .iter()
+            .map(|a| match a {
+                Addr::Serves(s) => {
+                    s.greeting.len() + s.turns.iter().map(|t| t.1.len()).sum::<usize>()
+                }
+                _ => 0,
+            })
+            .sum();
+        let whole = drive(plan, addrs, reply, tokens, total.max(1));
+        for chunk in 1..=total {
+            assert_eq!(
+                drive(plan, addrs, reply, tokens, chunk),
+                whole,
+                "chunk size {chunk}"
+            );
+        }
+        whole
+    }
+
+    fn unavailable(address: &str, stage: ConnectStage, reason: Reason) -> ConnectEnd {
+        ConnectEnd::Failed(ConnectFailure::Unavailable {
+            address: address.into(),
+            stage,
+            reason,
+        })
+    }
+
+    fn failing_over(address: &str, error: &str) -> String {
+        let n = Notice::FailingOver {
+            address: address.into(),
+            error: error.into(),
+        };
+        format!("notice {n:?}")
+    }
+
+    fn position(log: &[String], entry: &str) -> usize {
+        log.iter()
+            .position(|l| l == entry)
+            .unwrap_or_else(|| panic!("{entry:?} not in {log:#?}"))
+    }
+
+    fn greets() -> Addr<'static> {
+        server(b"+OK hi\r\n", vec![])
+    }
+
+    #[test]
+    fn a_tcp_failure_fails_over_marking_the_address_dead() {
+        let r = every_chunk(
+            &plan(TlsMode::None, None),
+            &[Addr::Refused, greets()],
+            None,
+            TOKENS,
+        );
+        assert_eq!(
+            r.log,
+            [
+                "dial a0 @0",
+                "dead a0 until 60000",
+                &failing_over("a0", "a0 refused"),
+                "dial a1 @0",
+                "alive a1",
+            ]
+        );
+        assert_eq!(
+            r.end,
+            ConnectEnd::Connected {
+                address: "a1".into(),
+                preread: b"+OK hi\r\n".to_vec(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_timeout_while_dialling_fails_over_and_the_next_address_gets_its_own_time() {
+        let r = every_chunk(
+            &plan(TlsMode::None, None),
+            &[Addr::Hangs, greets()],
+            None,
+            TOKENS,
+        );
+        assert_eq!(
+            r.log,
+            [
+                "dial a0 @0",
+                "timeout @5000",
+                "dead a0 until 65000",
+                &failing_over("a0", "timed out after 5s"),
+                "dial a1 @5000",
+                "alive a1",
+            ]
+        );
+        assert!(matches!(r.end, ConnectEnd::Connected { ref address, .. } if address == "a1"));
+    }
+
+    #[test]
+    fn a_timeout_in_the_greeting_fails_over() {
+        let silent = server(b"", vec![]);
+        let slow = Addr::Serves(Server {
+            greeting_after: Duration::from_secs(6),
+            ..match greets() {
+                Addr::Serves(s) => s,
+                _ => unreachable!(),
+            }
+        });
+        for first in [silent, slow] {
+            let r = every_chunk(
+                &plan(TlsMode::None, Some(user_pass())),
+                &[
+                    first,
+                    server(
+                        b"+OK hi\r\n",
+                        vec![(b"USER", b"+OK\r\n"), (b"PASS", b"+OK in\r\n")],
+                    ),
+                ],
+                Some(REPLY),
+                TOKENS,
+            );
+            let dead = position(&r.log, "dead a0 until 65000");
+            assert_eq!(r.log[dead - 1], "timeout @5000");
+            assert_eq!(r.log[dead + 2], "dial a1 @5000");
+            assert!(!r.log.contains(&"alive a0".to_owned()));
+            assert_eq!(
+                r.end,
+                ConnectEnd::LoggedIn {
+                    address: "a1".into(),
+                    reply: b"+OK in\r\n".to_vec(),
+                    rest: Vec::new(),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_timeout_in_stls_or_its_handshake_fails_over() {
+        let no_answer = server(b"+OK hi\r\n", vec![(b"STLS", b"")]);
+        let slow_handshake = Addr::Serves(Server {
+            tls: (true, Duration::from_secs(7)),
+            ..match server(b"+OK hi\r\n", vec![(b"STLS", b"+OK go\r\n")]) {
+                Addr::Serves(s) => s,
+                _ => unreachable!(),
+            }
+        });
+        for first in [no_answer, slow_handshake] {
+            let r = every_chunk(
+                &plan(TlsMode::Starttls, None),
+                &[first, server(b"+OK hi\r\n", vec![(b"STLS", b"+OK go\r\n")])],
+                None,
+                TOKENS,
+            );
+            let dead = position(&r.log, "dead a0 until 65000");
+            assert_eq!(r.log[dead - 1], "timeout @5000");
+            assert_eq!(r.log[dead + 2], "dial a1 @5000");
+            assert_eq!(r.log.last().unwrap(), "alive a1");
+            assert!(matches!(r.end, ConnectEnd::Connected { ref address, .. } if address == "a1"));
+        }
+    }
+
+    #[test]
+    fn a_tls_failure_or_a_refused_stls_does_not_fail_over() {
+        let bad_tls = Addr::Serves(Server {
+            tls: (false, Duration::ZERO),
+            ..match server(b"+OK hi\r\n", vec![(b"STLS", b"+OK go\r\n")]) {
+                Addr::Serves(s) => s,
+                _ => unreachable!(),
+            }
+        });
+        let refused = server(b"+OK hi\r\n", vec![(b"STLS", b"-ERR no\r\n")]);
+        let ends = [
+            unavailable(
+                "a0",
+                ConnectStage::Tls,
+                Reason::Handshake {
+                    after_stls: true,
+                    error: "bad certificate".into(),
+                },
+            ),
+            unavailable(
+                "a0",
+                ConnectStage::Setup,
+                Reason::StlsRefused(b"-ERR no\r\n".to_vec()),
+            ),
+        ];
+        for (first, end) in [bad_tls, refused].into_iter().zip(ends) {
+            let r = every_chunk(
+                &plan(TlsMode::Starttls, None),
+                &[first, greets()],
+                None,
+                TOKENS,
+            );
+            assert_eq!(r.end, end);
+            assert!(
+                r.log
+                    .iter()
+                    .all(|l| !l.starts_with("dead") && !l.contains("a1")),
+                "{r:?}"
+            );
+        }
+        // Implicit TLS alike.
+        let bad = Addr::Serves(Server {
+            tls: (false, Duration::ZERO),
+            ..match greets() {
+                Addr::Serves(s) => s,
+                _ => unreachable!(),
+            }
+        });
+        let r = every_chunk(
+            &plan(TlsMode::Implicit, None),
+            &[bad, greets()],
+            None,
+            TOKENS,
+        );
+        assert!(matches!(
+            r.end,
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                stage: ConnectStage::Tls,
+                ..
+            })
+        ));
+        assert_eq!(r.log, ["dial a0 @0", "tls failed @0"]);
+    }
+
+    #[test]
+    fn with_every_address_dead_all_are_tried_in_order_and_the_last_failure_is_reported() {
+        // `DeadAddresses::order` gives every address when all are dead.
+        let r = every_chunk(
+            &plan(TlsMode::None, None),
+            &[Addr::Refused, Addr::Hangs, Addr::Refused],
+            None,
+            TOKENS,
+        );
+        assert_eq!(
+            r.log,
+            [
+                "dial a0 @0",
+                "dead a0 until 60000",
+                &failing_over("a0", "a0 refused"),
+                "dial a1 @0",
+                "timeout @5000",
+                "dead a1 until 65000",
+                &failing_over("a1", "timed out after 5s"),
+                "dial a2 @5000",
+                "dead a2 until 65000",
+            ]
+        );
+        assert_eq!(
+            r.end,
+            unavailable("a2", ConnectStage::Tcp, Reason::Tcp("a2 refused".into()))
+        );
+        // The last one timing out is reported as a timeout.
+        let r = every_chunk(
+            &plan(TlsMode::None, None),
+            &[Addr::Refused, Addr::Hangs],
+            None,
+            TOKENS,
+        );
+        assert_eq!(
+            r.end,
+            unavailable("a1", ConnectStage::Timeout, Reason::Timeout(CONNECT))
+        );
+        // None configured.
+        let mut c = Connector::new(
+            plan(TlsMode::None, None),
+            Vec::new(),
+            ConnectTimeouts {
+                connect: CONNECT,
+                dead_for: DEAD_FOR,
+                reply: None,
+            },
+            Instant::now(),
+        );
+        assert_eq!(
+            c.poll(),
+            Some(ConnectStep::End(unavailable(
+                "",
+                ConnectStage::Tcp,
+                Reason::NoAddress
+            )))
+        );
+        assert_eq!(Reason::NoAddress.to_string(), "no address configured");
+    }
+
+    fn user_pass_server(pass_after: Duration) -> Addr<'static> {
+        Addr::Serves(Server {
+            greeting: b"+OK hi\r\n",
+            greeting_after: Duration::ZERO,
+            turns: vec![
+                (b"USER", b"+OK\r\n", Duration::from_secs(8)),
+                (b"PASS", b"+OK in\r\n", pass_after),
+            ],
+            tls: (true, Duration::ZERO),
+            closes: false,
+        })
+    }
+
+    #[test]
+    fn a_replayed_login_line_gets_its_reply_timeout_and_a_login_timeout_does_not_fail_over() {
+        // 8 s for USER, 8 s for PASS: each within its 10 s.
+        let r = every_chunk(
+            &plan(TlsMode::None, Some(user_pass())),
+            &[user_pass_server(Duration::from_secs(8)), greets()],
+            Some(REPLY),
+            TOKENS,
+        );
+        assert!(matches!(r.end, ConnectEnd::LoggedIn { ref address, .. } if address == "a0"));
+        // PASS unanswered: 10 s after its write (8 s in), no failover, the address was alive.
+        let r = every_chunk(
+            &plan(TlsMode::None, Some(user_pass())),
+            &[user_pass_server(Duration::from_secs(11)), greets()],
+            Some(REPLY),
+            TOKENS,
+        );
+        assert_eq!(
+            r.log,
+            [
+                "dial a0 @0",
+                "alive a0",
+                "write USER alice",
+                "write PASS s3cret",
+                "timeout @18000"
+            ]
+        );
+        assert_eq!(
+            r.end,
+            unavailable("a0", ConnectStage::Setup, Reason::NoReply(REPLY))
+        );
+        assert_eq!(
+            r.end,
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address: "a0".into(),
+                stage: ConnectStage::Setup,
+                reason: Reason::NoReply(REPLY),
+            })
+        );
+    }
+
+    fn bearer_server(steps: Vec<(&'static [u8], &'static [u8], Duration)>) -> Addr<'static> {
+        Addr::Serves(Server {
+            greeting: b"+OK hi\r\n",
+            greeting_after: Duration::ZERO,
+            turns: steps,
+            tls: (true, Duration::ZERO),
+            closes: false,
+        })
+    }
+
+    const JSON: &[u8] = b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n";
+    const REFUSED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
+
+    #[test]
+    fn the_bearer_login_is_bounded_as_a_whole_token_fetch_included() {
+        let s = Duration::from_secs;
+        let xoauth2 = || Some(bearer(Oauth2Mechanism::Xoauth2, "stale"));
+        // Each answer within 10 s, but not the login: 4 + 4 + 4 s.
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            &[bearer_server(vec![
+                (b"AUTH XOAUTH2", b"+ \r\n", s(4)),
+                (b"", JSON, s(4)),
+                (b"\r\n", b"+OK in\r\n", s(4)),
+            ])],
+            Some(REPLY),
+            TOKENS,
+        );
+        assert_eq!(r.log.last().unwrap(), "timeout @10000");
+        assert_eq!(
+            r.end,
+            unavailable("a0", ConnectStage::Setup, Reason::BearerTimeout(REPLY))
+        );
+        // A slow token fetch counts: refused at 3 s, the fetch would take 8 s.
+        let refusing = || {
+            bearer_server(vec![
+                (b"AUTH XOAUTH2", b"+ \r\n", s(1)),
+                (b"", JSON, s(1)),
+                (b"\r\n", REFUSED, s(1)),
+                (b"AUTH XOAUTH2", b"+ \r\n", s(1)),
+                (b"", b"+OK in\r\n", s(1)),
+            ])
+        };
+        let slow = TokenSource {
+            after: s(8),
+            gives: true,
+        };
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            &[refusing()],
+            Some(REPLY),
+            slow,
+        );
+        assert_eq!(
+            r.log[r.log.len() - 2..],
+            ["fetch token @3000".to_owned(), "timeout @10000".to_owned()]
+        );
+        assert_eq!(
+            r.end,
+            unavailable("a0", ConnectStage::Setup, Reason::BearerTimeout(REPLY))
+        );
+        // A quick one: logged in at 5 s.
+        let quick = TokenSource {
+            after: s(0),
+            gives: true,
+        };
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            &[refusing()],
+            Some(REPLY),
+            quick,
+        );
+        assert!(matches!(r.end, ConnectEnd::LoggedIn { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_refused_token_is_fetched_again_and_the_fresh_one_accepted_or_refused() {
+        let z = Duration::ZERO;
+        let xoauth2 = || Some(bearer(Oauth2Mechanism::Xoauth2, "stale"));
+        let accepts = bearer_server(vec![
+            (b"AUTH XOAUTH2", b"+ \r\n", z),
+            (b"", JSON, z),
+            (b"\r\n", REFUSED, z),
+            (b"AUTH XOAUTH2", b"+ \r\n", z),
+            (b"", b"+OK in\r\n", z),
+        ]);
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            &[accepts],
+            Some(REPLY),
+            TOKENS,
+        );
+        assert_eq!(
+            r.log
+                .iter()
+                .filter(|l| l.starts_with("fetch token"))
+                .count(),
+            1
+        );
+        let token = position(&r.log, "fetch token @0");
+        let fresh = &r.log[token + 2];
+        let sent = decode(fresh.strip_prefix("write ").unwrap().as_bytes());
+        assert!(
+            String::from_utf8_lossy(&sent).contains("Bearer fresh"),
+            "{fresh}"
+        );
+        assert_eq!(
+            r.end,
+            ConnectEnd::LoggedIn {
+                address: "a0".into(),
+                reply: b"+OK in\r\n".to_vec(),
+                rest: Vec::new(),
+            }
+        );
+        let refuses = bearer_server(vec![
+            (b"AUTH XOAUTH2", b"+ \r\n", z),
+            (b"", JSON, z),
+            (b"\r\n", REFUSED, z),
+            (b"AUTH XOAUTH2", b"+ \r\n", z),
+            (b"", REFUSED, z),
+        ]);
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            std::slice::from_ref(&refuses),
+            Some(REPLY),
+            TOKENS,
+        );
+        assert_eq!(
+            r.end,
+            ConnectEnd::Failed(ConnectFailure::TokenRefused(REFUSED.to_vec()))
+        );
+        // No fresh token to be had: the driver knows why.
+        let none = TokenSource {
+            after: z,
+            gives: false,
+        };
+        let r = every_chunk(
+            &plan(TlsMode::None, xoauth2()),
+            &[refuses],
+            Some(REPLY),
+            none,
+        );
+        assert_eq!(r.end, ConnectEnd::Failed(ConnectFailure::NoFreshToken));
+    }
+
+    #[test]
+    fn no_credential_byte_is_written_before_the_handshake_of_the_address_it_goes_to() {
+        let stls_login = |stls_answer: &'static [u8]| {
+            server(
+                b"+OK hi\r\n",
+                vec![
+                    (b"STLS", stls_answer),
+                    (b"USER", b"+OK\r\n"),
+                    (b"PASS", b"+OK in\r\n"),
+                ],
+            )
+        };
+        let sasl = replay_of(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0s3cret")).as_bytes());
+        let sasl_server = server(
+            b"+OK hi\r\n",
+            vec![
+                (b"STLS", b"+OK go\r\n"),
+                (b"AUTH PLAIN", b"+ \r\n"),
+                (b"", b"+OK in\r\n"),
+            ],
+        );
+        for (login, second) in [
+            (user_pass(), stls_login(b"+OK go\r\n")),
+            (sasl, sasl_server),
+        ] {
+            // The first address never answers STLS (fails over), the second logs in.
+            let r = every_chunk(
+                &plan(TlsMode::Starttls, Some(login)),
+                &[stls_login(b""), second],
+                Some(REPLY),
+                TOKENS,
+            );
+            assert!(matches!(r.end, ConnectEnd::LoggedIn { ref address, .. } if address == "a1"));
+            let mut tls = false;
+            for l in &r.log {
+                if l.starts_with("dial") {
+                    tls = false;
+                } else if l.starts_with("tls @") {
+                    tls = true;
+                } else if let Some(w) = l.strip_prefix("write ") {
+                    let shown = [w.as_bytes().to_vec(), decode_lossy(w)];
+                    let secret = shown
+                        .iter()
+                        .any(|s| s.windows(SECRET.len()).any(|x| x == SECRET));
+                    assert!(tls || !secret, "credential before TLS: {r:#?}");
+                    assert!(tls || w == "STLS", "{w} before TLS");
+                }
+            }
+            assert!(tls);
+        }
+    }
+
+    fn decode_lossy(w: &str) -> Vec<u8> {
+        let arg = w.rsplit(' ').next().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD
+            .decode(arg)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn nothing_queued_for_a_connection_given_up_is_done_on_it() {
+        // Implicit TLS behind a PROXY header: the header's write hangs past the connect
+        // timeout; the handshake queued behind it is not run on that connection.
+        let t0 = Instant::now();
+        let timeouts = ConnectTimeouts {
+            connect: CONNECT,
+            dead_for: DEAD_FOR,
+            reply: None,
+        };
+        let behind_header = Plan {
+            proxy_header: Some(b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n".to_vec()),
+            ..plan(TlsMode::Implicit, None)
+        };
+        let mut c = Connector::new(behind_header, vec!["a0".into(), "a1".into()], timeouts, t0);
+        assert_eq!(c.poll(), Some(ConnectStep::Dial("a0".into())));
+        c.dialled(t0);
+        assert!(matches!(c.poll(), Some(ConnectStep::Write(_))));
+        c.on_timeout(t0 + CONNECT);
+        let steps: Vec<ConnectStep> = std::iter::from_fn(|| c.poll()).collect();
+        assert!(matches!(steps[0], ConnectStep::MarkDead { ref address, .. } if address == "a0"));
+        assert!(matches!(
+            steps[1],
+            ConnectStep::Notice(Notice::FailingOver { .. })
+        ));
+        assert_eq!(steps[2..], [ConnectStep::Dial("a1".into())]);
+        // A write that fails with more queued behind it: the end comes, nothing else.
+        let mut c = Connector::new(
+            Plan {
+                proxy_header: Some(b"PROXY UNKNOWN\r\n".to_vec()),
+                ..plan(TlsMode::Implicit, None)
+            },
+            vec!["a0".into()],
+            timeouts,
+            t0,
+        );
+        assert_eq!(c.poll(), Some(ConnectStep::Dial("a0".into())));
+        c.dialled(t0);
+        assert!(matches!(c.poll(), Some(ConnectStep::Write(_))));
+        c.write_failed(t0, &"broken pipe");
+        assert!(matches!(
+            c.poll(),
+            Some(ConnectStep::End(ConnectEnd::Failed(
+                ConnectFailure::Unavailable {
+                    stage: ConnectStage::Setup,
+                    ..
+                }
+            )))
+        ));
+        assert_eq!(c.poll(), None);
+    }
+
+    #[test]
+    fn late_and_early_events_change_nothing() {
+        let t0 = Instant::now();
+        let timeouts = ConnectTimeouts {
+            connect: CONNECT,
+            dead_for: DEAD_FOR,
+            reply: None,
+        };
+        let mut c = Connector::new(plan(TlsMode::None, None), vec!["a0".into()], timeouts, t0);
+        assert_eq!(c.poll(), Some(ConnectStep::Dial("a0".into())));
+        assert_eq!(c.poll_timeout(), Some(t0 + CONNECT));
+        // Early: nothing; bytes before the dial completed: nothing.
+        c.on_timeout(t0 + CONNECT - Duration::from_millis(1));
+        c.on_server_bytes(t0, b"+OK\r\n");
+        c.tls_done(t0);
+        assert_eq!(c.poll(), None);
+        c.dialled(t0);
+        c.dialled(t0);
+        c.on_server_bytes(t0, b"+OK hi\r\n");
+        assert_eq!(c.poll(), Some(ConnectStep::MarkAlive("a0".into())));
+        assert!(matches!(
+            c.poll(),
+            Some(ConnectStep::End(ConnectEnd::Connected { .. }))
+        ));
+        c.on_timeout(t0 + CONNECT);
+        c.dial_failed(t0, &"late");
+        assert_eq!((c.poll(), c.poll_timeout()), (None, None));
+    }
+}
