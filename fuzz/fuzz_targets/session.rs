@@ -1,5 +1,6 @@
 //! A whole session: the session machine (the hop, in routing mode the front, and the routed
-//! login's upstream dialogue: greeting, STLS to the server, the replay) driven as the driver
+//! login's upstream dialogue: greeting, STLS to the server, the replay; for some inputs first
+//! the connect phase of a `connect` rule's delay, with client bytes kept for the start) driven as the driver
 //! drives it, by a scripted client and a model server, every chunking and timer firing decoded from the
 //! input (`src/proxy/sim.rs`, behind the `fuzzing` feature).
 //!

@@ -27,7 +27,12 @@
 //!   of them answers a command popgate injected itself;
 //! - nothing panics, and the session ends within a bounded number of steps once the input is
 //!   used up and the timers have fired; a routed login's upstream connector ends within a
-//!   bounded number of steps and reports a deadline whenever it waits.
+//!   bounded number of steps and reports a deadline whenever it waits;
+//! - with a `connect` rule's delay (some inputs start with one: the connect phase's
+//!   [`Opening`], the client written, read, closing or failing and a shutdown coming during
+//!   it), the client is read only within the early-input limit, the phase ends once, the
+//!   session is let in only after the deadline and unrefused, and what the client sent
+//!   meanwhile reaches the session at its start (the checks above then hold for it too).
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -38,6 +43,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::BytesMut;
 
+use super::connect::{Admission, ConnectRefusal, Opened, Opening, early_input_limit};
 use super::dialogue::{
     ConnectEnd, ConnectFailure, ConnectStep, ConnectTimeouts, Connector, Plan, Replay,
 };
@@ -797,6 +803,12 @@ pub struct Summary {
     pub failed_over: usize,
     /// Scans the hop asked for (and got a verdict on).
     pub scans: usize,
+    /// The session went through a `connect` rule's delay ...
+    pub delayed: bool,
+    /// ... and how many client bytes it kept there for the session's start (let in) ...
+    pub early: usize,
+    /// ... or whether it ended there (refused, the client gone, a shutdown).
+    pub ended_in_delay: bool,
 }
 
 /// One simulated session: the driver's part, the client, the server and the checker.
@@ -941,9 +953,18 @@ pub fn run(data: &[u8]) -> Summary {
         scan_answer: None,
         scans: 0,
     };
-    sim.connect(routing);
-    sim.script();
-    sim.finish();
+    // A `connect` rule's delay before the session starts, for some inputs (and a refusal
+    // after it for half of those): the connect phase.
+    let delayed = setup >= 216;
+    let limit = early_input_limit(max_line, max_pipeline);
+    let mut early = 0;
+    let ended_in_delay = delayed && !sim.opening(setup % 2 == 1, limit);
+    if !ended_in_delay {
+        early = sim.cin.len();
+        sim.connect(routing);
+        sim.script();
+        sim.finish();
+    }
     Summary {
         close: sim.close.map(|r| format!("{r:?}")),
         to_client: sim.to_client,
@@ -954,10 +975,116 @@ pub fn run(data: &[u8]) -> Summary {
         upstream_stls: sim.upstream_stls,
         failed_over: sim.failed_over,
         scans: sim.scans,
+        delayed,
+        early,
+        ended_in_delay,
     }
 }
 
 impl Sim<'_> {
+    /// The connect phase of a session a `connect` rule delays (and with `refused`, refuses
+    /// after the delay), driven as `session::open` does: the client writes, is read while
+    /// the phase wants (into the buffer the session starts with), closes its side or fails;
+    /// a shutdown may come; the timer fires early or on time. `false`: the session ended in
+    /// it (the hop never starts).
+    fn opening(&mut self, refused: bool, limit: usize) -> bool {
+        let t0 = self.now;
+        let delay = Duration::from_millis(1 + u64::from(self.input.byte()) * 40);
+        let refusal = refused.then(|| ConnectRefusal {
+            rule: Arc::from("slow-no"),
+            reply: Some(b"-ERR [SYS/PERM] not here\r\n".to_vec()),
+        });
+        let admission = Admission {
+            delay: Some(delay),
+            refusal,
+            tags: Vec::new(),
+        };
+        let mut opening = Opening::new(admission, self.now, limit);
+        let end = loop {
+            if let Some(end) = opening.poll() {
+                break end;
+            }
+            assert!(
+                self.cin.len() < limit + self.max_chunk,
+                "{} client bytes kept during the delay, the limit is {limit}",
+                self.cin.len()
+            );
+            let Some(at) = opening.poll_timeout() else {
+                panic!("the connect phase waits without a deadline");
+            };
+            assert_eq!(at, t0 + delay, "the deadline moved");
+            if self.input.done() {
+                // Nothing more happens: the delay runs out.
+                self.now = self.now.max(at);
+                opening.on_timeout(self.now);
+                continue;
+            }
+            let op = self.input.byte();
+            match op % 8 {
+                0..=2 => {
+                    for _ in 0..=(op >> 4) % 4 {
+                        let i = self.input.byte();
+                        let line = self.client_sasl.line(i);
+                        self.written.extend_from_slice(&line);
+                        self.client_out.extend(line);
+                    }
+                }
+                3 | 4 => {
+                    if !opening.wants_client_input() {
+                        continue;
+                    }
+                    if !self.client_out.is_empty() {
+                        let n = self.chunk().min(self.client_out.len());
+                        let bytes: Vec<u8> = self.client_out.drain(..n).collect();
+                        self.check.client_read(&bytes);
+                        self.cin.extend_from_slice(&bytes);
+                        opening.on_client_input(self.cin.len());
+                    } else if self.client_closing {
+                        self.client_eof_seen = true;
+                        opening.on_client_eof();
+                    }
+                }
+                5 => {
+                    if op & 0x10 == 0 {
+                        self.now = self.now.max(at);
+                    } else {
+                        // Early (or on time by chance).
+                        self.now += Duration::from_millis(u64::from(self.input.byte()) * 20);
+                    }
+                    opening.on_timeout(self.now);
+                }
+                6 => self.client_closing = true,
+                _ => match self.input.byte() % 8 {
+                    1 => opening.on_shutdown(),
+                    2 => opening.on_client_error(op & 0x10 != 0),
+                    _ => {}
+                },
+            }
+        };
+        assert_eq!(opening.poll(), None, "the connect phase ended twice");
+        match end {
+            Opened::Proceed => {
+                assert!(!refused, "a refused session was let in");
+                assert!(self.now >= t0 + delay, "let in before the delay was over");
+                true
+            }
+            Opened::Close {
+                reply,
+                reason,
+                marks,
+            } => {
+                if reason == CloseReason::RuleDrop {
+                    assert!(refused && self.now >= t0 + delay, "refused early");
+                    assert_eq!(marks.dropped_by.as_deref(), Some("slow-no"));
+                }
+                self.to_client += reply.map_or(0, |r| r.len());
+                self.close = Some(reason);
+                self.ended = true;
+                false
+            }
+        }
+    }
+
     /// The session's start: direct mode dials the model server (it greets as the input
     /// says); routing mode starts with the front's greeting.
     fn connect(&mut self, routing: bool) {
@@ -1430,8 +1557,12 @@ mod tests {
         let (mut bodies, mut stls, mut routed, mut upstream_stls) = (0, 0, 0, 0);
         let mut failed_over = 0;
         let mut scans = 0;
+        let (mut delayed, mut early, mut ended_delayed) = (0, 0, 0);
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
+            delayed += usize::from(s.delayed);
+            early += usize::from(s.early > 0);
+            ended_delayed += usize::from(s.ended_in_delay);
             closed += usize::from(s.close.is_some());
             tagged += s.tagged_replies;
             *reasons.entry(s.close).or_insert(0) += 1;
@@ -1446,6 +1577,15 @@ mod tests {
             "{closed} closed, {tagged} tagged, {bodies} bodies, {stls} STLS, {routed} routed \
              ({upstream_stls} over STLS upstream, {failed_over} failed over), {scans} scans: \
              {reasons:?}"
+        );
+        eprintln!(
+            "{delayed} delayed by a connect rule, {early} with bytes kept for the start, \
+             {ended_delayed} ended there"
+        );
+        // Connect delays: sessions let in with early input, and sessions ended in the delay.
+        assert!(
+            delayed > 300 && early > 20 && ended_delayed > 20,
+            "{delayed} {early} {ended_delayed}"
         );
         // The runs do reach the server and end: not a simulator that does nothing.
         assert!(closed > 2500, "{closed} sessions closed");

@@ -449,7 +449,10 @@ impl Connector {
     }
 
     fn end(&mut self, end: ConnectEnd) {
-        self.abandon();
+        // Connected: the PROXY header queued before it still goes out.
+        if matches!(end, ConnectEnd::Failed(_)) {
+            self.abandon();
+        }
         self.phase = Phase::Done;
         self.deadline = None;
         self.out.push_back(ConnectStep::End(end));

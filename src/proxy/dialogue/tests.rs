@@ -1763,6 +1763,29 @@ mod connector {
     }
 
     #[test]
+    fn the_proxy_header_goes_out_before_the_end_when_the_session_reads_the_greeting() {
+        let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n".to_vec();
+        for tls in [TlsMode::None, TlsMode::Implicit] {
+            let p = Plan {
+                proxy_header: Some(header.clone()),
+                read_greeting: false,
+                ..plan(tls, None)
+            };
+            let r = every_chunk(&p, &[Addr::Refused, greets()], None, TOKENS);
+            let wrote = position(&r.log, &format!("write {}", text(&header)));
+            assert!(wrote > position(&r.log, "dial a1 @0"));
+            assert!(wrote < position(&r.log, "alive a1"));
+            assert_eq!(
+                r.end,
+                ConnectEnd::Connected {
+                    address: "a1".into(),
+                    preread: Vec::new(),
+                }
+            );
+        }
+    }
+
+    #[test]
     fn nothing_queued_for_a_connection_given_up_is_done_on_it() {
         // Implicit TLS behind a PROXY header: the header's write hangs past the connect
         // timeout; the handshake queued behind it is not run on that connection.
