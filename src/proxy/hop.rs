@@ -152,7 +152,7 @@ enum Phase {
 ///    [`Hop::on_server_input`] after appending to the server buffer (also with the greeting
 ///    read during the set-up), [`Hop::on_client_input`] after appending to the client buffer,
 ///    [`Hop::on_client_eof`], [`Hop::on_upstream_eof`], [`Hop::on_upstream_error`],
-///    [`Hop::on_shutdown`], [`Hop::on_timeout`], and [`Hop::client_tls_started`] after the
+///    [`Hop::on_shutdown_dropping`], [`Hop::on_timeout`], and [`Hop::client_tls_started`] after the
 ///    handshake an [`Output::StartClientTls`] asked for.
 /// 3. After every such call: drain [`Hop::poll_event`] and dispatch the events (audit,
 ///    transcript, metrics). A [`SessionEvent::LoginFailed`] must be answered with
@@ -646,10 +646,18 @@ impl Hop {
         self.close(CloseReason::Error);
     }
 
-    /// popgate is shutting down: the session ends now, even during a hold (held replies go
-    /// out at once; nothing held reaches the server).
+    /// [`Hop::on_shutdown_dropping`] with nothing held back outside the hop.
+    #[cfg(test)]
     pub(crate) fn on_shutdown(&mut self) {
-        let cut = self.cut_hold();
+        self.on_shutdown_dropping(false);
+    }
+
+    /// popgate is shutting down (or the session was kicked): the session ends now, even
+    /// during a hold (held replies go out at once; nothing held reaches the server).
+    /// `dropped`: the session held back a command the hop had let go of (it never reached
+    /// the server, so its answer is owed, as for one a hold kept back).
+    pub(crate) fn on_shutdown_dropping(&mut self, dropped: bool) {
+        let cut = self.cut_hold() || dropped;
         if self.closed() {
             self.drop_scan();
             return;

@@ -151,8 +151,15 @@ impl Session {
 
     /// popgate is shutting down (or the session was kicked): it ends now, a login that is
     /// out with the driver included.
+    ///
+    /// What the session itself still held goes nowhere: the command held for the upstream
+    /// dialled again after STLS ([`Output::RedialUpstream`]) was never sent, so the client
+    /// is owed popgate's `-ERR` for it, as for a command a hold kept back.
     pub(crate) fn on_shutdown(&mut self) {
-        self.hop.on_shutdown();
+        let dropped = self.out.iter().any(|o| matches!(o, Output::ToUpstream(_)));
+        self.out.clear();
+        self.redial_due = false;
+        self.hop.on_shutdown_dropping(dropped);
     }
 
     /// The instant [`Session::poll_timeout`] reported has come.
@@ -765,6 +772,42 @@ mod tests {
                 "chunks of {n} ({client:?})"
             );
         }
+    }
+
+    /// A shutdown (or kick) while the driver dials the upstream again after the client's
+    /// STLS: the command held for the new connection never goes out (on either), and the
+    /// client, whose command no server took, gets popgate's `-ERR` before the close.
+    #[test]
+    fn a_shutdown_during_the_redial_after_stls_sends_the_held_command_nowhere() {
+        let mut d = Driver::direct(true);
+        d.client(b"STLS\r\n", 6);
+        assert_eq!(d.trace.tls, 1);
+        d.cin.extend_from_slice(b"USER alice\r\n");
+        d.session.on_client_input(d.now, &mut d.cin);
+        // The driver carries out the outputs up to the redial, then the shutdown comes.
+        loop {
+            match d.session.poll_output(d.now, &mut d.sin, &mut d.cin) {
+                Some(Output::RedialUpstream) => break,
+                Some(Output::ToClient(b)) => d.trace.client.extend_from_slice(&b),
+                Some(Output::ToUpstream(b)) => d.trace.upstream.extend_from_slice(&b),
+                other => panic!("before the redial: {other:?}"),
+            }
+        }
+        d.session.on_shutdown();
+        d.drain();
+        assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+        assert!(
+            !d.trace.upstream.windows(4).any(|w| w == b"USER"),
+            "{:?}",
+            String::from_utf8_lossy(&d.trace.upstream)
+        );
+        assert!(
+            d.trace
+                .client
+                .ends_with(b"+OK begin TLS negotiation\r\n-ERR [SYS/TEMP] proxy shutting down\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&d.trace.client)
+        );
     }
 
     #[test]

@@ -933,7 +933,15 @@ impl Driver {
                 }
                 Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
                 // Boxed: a rare step whose future would otherwise sit in every session.
-                Output::RedialUpstream => Box::pin(self.redial_after_stls()).await?,
+                // A shutdown does not wait for the second connection (it may not greet
+                // within connect_timeout): the session ends as it would in its relay.
+                Output::RedialUpstream => {
+                    let redial = Box::pin(self.redial_after_stls());
+                    tokio::select! {
+                        r = redial => r?,
+                        _ = stop.stopped() => self.session.on_shutdown(),
+                    }
+                }
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.

@@ -692,3 +692,114 @@ fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
 }
 
 mod header_shapes;
+
+/// A shutdown while popgate dials the upstream again after the client's STLS (direct mode,
+/// `forward_client = "proxy-v2"`) to a server that accepts the second connection and never
+/// greets: it does not wait out `connect_timeout`. The client gets the `-ERR` a session in its
+/// relay gets, at once, and its command never reaches the server.
+#[test]
+fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (said, heard) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        // Bounded: two connections, each on its own thread, each ending with popgate's close
+        // (or its 20 s read timeout).
+        for stream in server.incoming().take(2) {
+            let Ok(mut stream) = stream else { return };
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let said = said.clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut head = [0u8; 16];
+                if stream.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+                if stream.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                // The second connection (the redial) never greets.
+                if n == 1 {
+                    let _ = stream.write_all(b"+OK stub ready\r\n");
+                }
+                let mut lines = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while lines.read_line(&mut line).unwrap_or(0) > 0 {
+                    if line.starts_with("CAPA") {
+                        let _ = stream.write_all(b"+OK\r\nUSER\r\n.\r\n");
+                    }
+                    let _ = said.send(std::mem::take(&mut line));
+                }
+            });
+        }
+    });
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let mut p = h.proxy_toml(&format!(
+        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n\
+         connect_timeout = \"30s\"\n"
+    ));
+    let ca = pki.ca_path().to_owned();
+    let proxy = p.addr;
+    let mut client = h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        r.get_mut().write_all(b"STLS\r\n").await.unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in popgate::tls::load_certs(&ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), r.into_inner())
+            .await
+            .unwrap();
+        // The first command after STLS: popgate dials again before it goes upstream.
+        tls.write_all(format!("USER {USER}\r\n").as_bytes())
+            .await
+            .unwrap();
+        tokio::io::BufReader::new(tls)
+    });
+    wait_until("the redial", || accepted.load(Ordering::SeqCst) == 2);
+    let t = Instant::now();
+    p.shutdown(&h);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let line = h.rt.block_on(async {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_line(&mut line))
+            .await
+            .expect("a line or EOF in time")
+            .unwrap_or(0);
+        line
+    });
+    assert_eq!(line, "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    let heard: Vec<String> = heard.try_iter().collect();
+    assert!(!heard.iter().any(|l| l.starts_with("USER")), "{heard:?}");
+    assert!(!heard.iter().any(|l| l.starts_with("QUIT")), "{heard:?}");
+}

@@ -565,3 +565,146 @@ async fn commands_sent_during_a_connect_delay_are_relayed_after_it() {
         .unwrap();
     assert_eq!(close["bytes_from_client"], sent.len(), "{close}");
 }
+
+/// Rules that hold every connection 60 s, then refuse it with `deny` or `drop`.
+fn slow_refusal(action: &str) -> String {
+    format!(
+        "{SLOW_CONNECT}[[rule]]\nname = \"no-entry\"\non = \"connect\"\naction = \"{action}\"\n"
+    )
+}
+
+/// A client held by a connect rule that then refuses it (`deny`: its `-ERR` line; `drop`:
+/// silence) pipelines a login during the delay: none of it reaches the server, which is never
+/// even dialled, and the audit trail has the session's open and its `rule_drop` close.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_after_a_connect_delay_sends_nothing_of_the_early_input_upstream() {
+    for (action, reply) in [
+        ("deny", Some("-ERR connection not allowed by policy")),
+        ("drop", None),
+    ] {
+        let mut p = start(LOGIN_AFTER_DELAY, Some(&slow_refusal(action))).await;
+        let t = Instant::now();
+        let mut c = Client::connect(p.addr).await;
+        c.send(&format!("USER {USER}")).await;
+        c.send(&format!("PASS {PASS}")).await;
+        c.send("QUIT").await;
+        let first = c.line().await;
+        took(t.elapsed(), Duration::from_secs(60));
+        match reply {
+            Some(reply) => {
+                assert_eq!(first, reply, "{action}");
+                assert_eq!(c.line().await, "", "{action}: closed");
+            }
+            None => assert_eq!(first, "", "{action}: closed without a word"),
+        }
+        assert_eq!(p.up.connections(), 0, "{action}: never dialled");
+        assert!(p.up.received().is_empty(), "{action}");
+        assert_eq!(p.close_reasons().await, ["rule_drop"], "{action}");
+    }
+}
+
+/// A client that hangs up during a connect rule's delay, after pipelining a login, leaves no
+/// trace upstream: the server is never dialled.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_hangs_up_during_a_connect_delay_is_never_dialled_for() {
+    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let mut c = Client::connect(p.addr).await;
+    c.send(&format!("USER {USER}")).await;
+    c.send(&format!("PASS {PASS}")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(c);
+    // Well past the delay: nothing was kept to be relayed after it.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(p.up.connections(), 0, "never dialled");
+    assert_eq!(p.close_reasons().await, ["client_eof"]);
+}
+
+/// One endless line sent during a connect rule's delay (a megabyte, no CRLF): popgate keeps a
+/// bounded part of it meanwhile; after the delay the session ends as the relay ends endless
+/// junk (`error`): at once, none of it relayed, no QUIT sent upstream on the client's behalf.
+/// (The junk comes before the server's greeting, so the `-ERR` queued behind it is not sent:
+/// the client sees the connection close.)
+#[tokio::test(start_paused = true)]
+async fn an_endless_line_sent_during_a_connect_delay_ends_the_session_after_it_unrelayed() {
+    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let t = Instant::now();
+    let Client { r, mut w } = Client::connect(p.addr).await;
+    let junk = vec![b'A'; 1 << 20];
+    // popgate stops reading at its limit: the rest waits in the socket, or is refused.
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(&junk).await;
+        w
+    });
+    let mut c = Reader { r };
+    let mut got = Vec::new();
+    loop {
+        let line = c.line().await;
+        if line.is_empty() {
+            break;
+        }
+        got.push(line);
+    }
+    took(t.elapsed(), Duration::from_secs(60));
+    assert!(
+        got.iter()
+            .all(|l| l.starts_with("+OK") || l.contains("too long")),
+        "{got:?}"
+    );
+    writer.abort();
+    assert!(
+        !p.up.received().iter().any(|l| l.starts_with(b"AAAA")),
+        "junk relayed"
+    );
+    assert_eq!(p.up.quit_count(), 0);
+    assert_eq!(p.close_reasons().await, ["error"]);
+}
+
+/// A megabyte of pipelined commands sent during a connect rule's delay: popgate keeps a
+/// bounded part of it (`limits.max_line` x `limits.max_pipeline`, at most 64 KiB, plus one
+/// read), the rest waits in the client's socket. A shutdown meanwhile still gets the client
+/// its `-ERR`, and the close record counts what was kept; the server was never dialled.
+#[tokio::test(start_paused = true)]
+async fn a_flood_during_a_connect_delay_is_kept_within_its_limit() {
+    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let Client { r, mut w } = Client::connect(p.addr).await;
+    let flood = b"NOOP\r\n".repeat((1 << 20) / 6);
+    let writer = tokio::spawn(async move {
+        // popgate stops reading at its limit: this write waits for room that never comes.
+        let _ = w.write_all(&flood).await;
+        w
+    });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    p.shutdown().await;
+    let mut c = Reader { r };
+    assert_eq!(c.line().await, "-ERR [SYS/TEMP] proxy shutting down");
+    writer.abort();
+    assert_eq!(p.up.connections(), 0, "never dialled");
+    let events = common::audit_events(p.audit.path());
+    let close = events
+        .iter()
+        .find(|e| e["event"] == "session_close")
+        .expect("a close record");
+    assert_eq!(close["reason"], "shutdown", "{close}");
+    let kept = close["bytes_from_client"].as_u64().unwrap();
+    assert!(
+        kept > 0 && kept <= (64 + 16) * 1024,
+        "kept {kept} bytes: {close}"
+    );
+}
+
+/// The reading half of a [`Client`] whose writing half is elsewhere.
+struct Reader {
+    r: BufReader<OwnedReadHalf>,
+}
+
+impl Reader {
+    /// One line without CRLF; empty at EOF (or a reset).
+    async fn line(&mut self) -> String {
+        let mut line = String::new();
+        tokio::time::timeout(LINE_LIMIT, self.r.read_line(&mut line))
+            .await
+            .expect("a line (or EOF) comes")
+            .unwrap_or(0);
+        line.trim_end().to_owned()
+    }
+}

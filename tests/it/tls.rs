@@ -243,6 +243,63 @@ fn client_side_starttls_injection_is_discarded() {
     );
 }
 
+/// The same injection sent before the greeting, during a connect rule's delay (kept by the
+/// connect phase and handed to the session after it), under the shipped require-tls rules:
+/// the greeting, then STLS's `+OK`; the plaintext USER/PASS after it is discarded (RFC 2595),
+/// not answered and not relayed; the login under TLS works.
+#[test]
+fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
+    let s = setup("none", Faults::default());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("r.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\n\
+             delay = \"300ms\"\n{}",
+            std::fs::read_to_string(common::shipped_rules("require-tls.toml")).unwrap()
+        ),
+    )
+    .unwrap();
+    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
+    let p = s.h.proxy_toml(&format!(
+        "rules = [{rules:?}]\n\
+         [[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
+        s.up.local_addr()
+    ));
+    let ca = s.pki.ca_path().to_owned();
+    let addr = p.addr;
+    s.h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut r = BufReader::new(tcp);
+        // Before the greeting: during the rule's delay.
+        r.get_mut()
+            .write_all(b"STLS\r\nUSER injected\r\nPASS injected\r\n")
+            .await
+            .unwrap();
+        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
+        assert!(line(&mut r).await.starts_with("+OK begin TLS"));
+        assert!(r.buffer().is_empty(), "nothing answered after STLS");
+        let tls = tls_connect(r.into_inner(), &ca).await;
+        let mut r = BufReader::new(tls);
+        r.get_mut()
+            .write_all(format!("USER {USER}\r\nPASS {PASS}\r\nQUIT\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert!(line(&mut r).await.starts_with("+OK"));
+        assert!(line(&mut r).await.starts_with("+OK"), "login under TLS");
+        assert!(line(&mut r).await.starts_with("+OK"));
+    });
+    let received = s.up.received();
+    assert!(
+        received.iter().all(|l| !l.ends_with(b"injected\r\n")),
+        "injected plaintext reached the upstream: {received:?}"
+    );
+    assert!(received.iter().all(|l| !l.starts_with(b"STLS")));
+}
+
 /// The upstream sends plaintext right after its `+OK` to STLS: never relayed as a response.
 #[test]
 fn upstream_side_starttls_injection_is_discarded() {

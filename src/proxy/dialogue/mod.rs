@@ -493,6 +493,13 @@ impl Dialogue {
         if self.state != State::Bearer(BearerState::FetchingToken) {
             return;
         }
+        if !self.lines.is_empty() {
+            // Sent before the fresh token was: they would be taken for its answers (a `+OK`
+            // logging the client in on a token the server never saw).
+            let early = self.lines.take();
+            self.fail(ConnectStage::Setup, Reason::OutOfTurn(early));
+            return;
+        }
         let Some(Replay::Bearer(b)) = &mut self.plan.login else {
             return;
         };

@@ -709,6 +709,55 @@ fn the_error_json_challenge_is_answered_then_a_fresh_token_is_tried_once() {
     }
 }
 
+/// A server that answers the refused token's `-ERR` and, in the same breath, the steps of a
+/// login not yet made (`+ ` and `+OK`): those lines were sent before the fresh token was, so
+/// they answer nothing of it; the login fails as a server speaking out of turn does, rather
+/// than taking a `+OK` written before the fresh token for its acceptance.
+#[test]
+fn lines_sent_ahead_of_the_fresh_token_are_not_taken_for_its_answers() {
+    let refused_and_ahead = &b"-ERR [AUTH] Authentication failed.\r\n+ \r\n+OK in\r\n"[..];
+    let t = run(
+        &plan(
+            TlsMode::None,
+            Some(bearer(Oauth2Mechanism::Xoauth2, "stale")),
+        ),
+        &Script {
+            greeting: b"+OK hi\r\n",
+            turns: vec![
+                (b"AUTH XOAUTH2\r\n", b"+ \r\n"),
+                (b"", refused_and_ahead),
+                // Were the fresh token sent, this server would say nothing more.
+                (b"AUTH XOAUTH2\r\n", b""),
+                (b"", b""),
+            ],
+        },
+        usize::MAX,
+        true,
+    );
+    assert_eq!(t.tokens_fetched, 1);
+    assert_eq!(
+        t.end,
+        broken(
+            ConnectStage::Setup,
+            Reason::OutOfTurn(b"+ \r\n+OK in\r\n".to_vec())
+        )
+    );
+    assert!(
+        !t.wrote
+            .iter()
+            .any(|w| String::from_utf8_lossy(&decode_or_empty(w)).contains("fresh")),
+        "the fresh token went out to a server that had answered ahead"
+    );
+}
+
+/// The base64 a line holds, decoded; empty when it is not base64.
+fn decode_or_empty(line: &[u8]) -> Vec<u8> {
+    let s = String::from_utf8_lossy(line);
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim_end())
+        .unwrap_or_default()
+}
+
 #[test]
 fn mechanism_not_offered_is_unexpected() {
     let t = every_chunk(
