@@ -355,7 +355,7 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::
 }
 
 /// The log line of a [`Notice`] (`label` names the upstream).
-fn log_notice(label: &str, notice: &Notice) {
+pub(crate) fn log_notice(label: &str, notice: &Notice) {
     match notice {
         Notice::StlsInjection { octets } => warn!(
             octets,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::dialogue::{ConnectFailure, ConnectStage, Notice, Reason};
 use super::front::Login;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
@@ -48,10 +49,74 @@ pub(crate) enum Output {
     Unspool,
     /// Drop the spool unsent (the message was replaced, denied or tempfailed).
     DropSpool,
+    /// Routing mode's login (from [`Session`](super::Session), after
+    /// [`Session::connect_login`](super::Session::connect_login)): close the upstream
+    /// connection there is, if any (without a word), and open a TCP connection to this address
+    /// (`host:port`, as configured) with `TCP_NODELAY`; then
+    /// [`Session::dialled`](super::Session::dialled) or
+    /// [`Session::dial_failed`](super::Session::dial_failed). Raced with the session's
+    /// deadline and a shutdown, as every step of the login.
+    Dial(String),
+    /// Routing mode's login: run the client side of a TLS handshake on the upstream
+    /// connection (toward the address dialled last); then
+    /// [`Session::upstream_tls_done`](super::Session::upstream_tls_done) or
+    /// [`Session::upstream_tls_failed`](super::Session::upstream_tls_failed).
+    StartUpstreamTls,
+    /// Routing mode's bearer login: the server refused the access token once; get a fresh
+    /// one from the OAuth2 bridge, then [`Session::fresh_token`](super::Session::fresh_token)
+    /// or [`Session::token_failed`](super::Session::token_failed).
+    FetchToken,
+    /// Routing mode's login: skip this address until then (the shared dead addresses).
+    MarkDead(Box<DeadMark>),
+    /// Routing mode's login: this address answered, it is alive again.
+    MarkAlive(String),
+    /// Routing mode's login: something about the upstream worth a log line.
+    UpstreamNotice(Box<Notice>),
+    /// Routing mode's login is over (the upstream connection is dropped unless it
+    /// succeeded): record it (logs, metrics). For [`LoginEnd::Bridge`] the driver answers
+    /// with [`Session::login_failed`](super::Session::login_failed) and the OAuth2 bridge's
+    /// reply; otherwise the session has already gone over to the upstream or answered the
+    /// client.
+    LoginEnded(Box<LoginEnd>),
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.
     Close(CloseReason),
+}
+
+/// An address to skip ([`Output::MarkDead`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadMark {
+    /// The address, as configured.
+    pub(crate) address: String,
+    /// Until when.
+    pub(crate) until: Instant,
+}
+
+/// How routing mode's login ended ([`Output::LoginEnded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LoginEnd {
+    /// The upstream took the login: the session relays over the connection dialled last.
+    LoggedIn {
+        /// The address that answered.
+        address: String,
+        /// The server's octets the session took as the login's reply (and what followed it).
+        octets: usize,
+    },
+    /// The upstream could not be had; the client was told it is unavailable.
+    Unavailable {
+        /// The last address tried (empty when none is configured).
+        address: String,
+        /// Where it failed.
+        stage: ConnectStage,
+        /// Why.
+        reason: Reason,
+    },
+    /// The server answered a login step `-ERR`, which answered the client.
+    Refused,
+    /// The bearer login failed in a way only the OAuth2 bridge can judge (a refused fresh
+    /// token, an unexpected reply, no fresh token): the driver answers with its reply.
+    Bridge(ConnectFailure),
 }
 
 /// What rules said about the audit record(s) of one event.
@@ -408,5 +473,10 @@ mod tests {
         }
         assert!(std::mem::size_of::<CommandLine>() <= 56);
         assert!(std::mem::size_of::<SessionEvent>() <= 216);
+        assert!(
+            std::mem::size_of::<Output>() <= 40,
+            "{}",
+            std::mem::size_of::<Output>()
+        );
     }
 }

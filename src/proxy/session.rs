@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
+use super::dialogue::{ConnectEnd, ConnectFailure, ConnectStage, ConnectStep, Connector, Reason};
 use super::front::Front;
-use super::{Hop, Output, SessionEvent};
+use super::{DeadMark, Hop, LoginEnd, Output, SessionEvent};
+use crate::pop3::replies;
 
 /// One session: the hop, and in routing mode the front until the login is routed.
 ///
@@ -36,12 +38,29 @@ use super::{Hop, Output, SessionEvent};
 ///    [`SessionEvent::LoginFailed`] with [`Session::penalty`]), then
 ///    [`Session::poll_output`] (it takes the clock and the buffers: in routing mode the
 ///    front's answers go to the hop from there), carrying the outputs out in order.
-///    [`Output::Login`]: route the login, connect to the chosen upstream and replay it there;
-///    then [`Session::logged_in`] with the server's final reply, or [`Session::login_failed`]
-///    with the line that answers the client's login command; poll again. A shutdown while
-///    the login is out: [`Session::on_shutdown`] (the login is abandoned).
+///    [`Output::Login`]: route the login and build the chosen upstream's [`Connector`] (with
+///    the login's replay, or the OAuth2 bridge's bearer login, in its plan), then
+///    [`Session::connect_login`]; if it cannot be routed (the bridge refused the password),
+///    [`Session::login_failed`] with the line that answers the client's login command.
+///    From `connect_login` to [`Output::LoginEnded`] the session talks to the upstream
+///    through its outputs: [`Output::Dial`] (answered with [`Session::dialled`] or
+///    [`Session::dial_failed`]), [`Output::ToUpstream`] (on an error
+///    [`Session::upstream_write_failed`]), [`Output::StartUpstreamTls`]
+///    ([`Session::upstream_tls_done`]/[`Session::upstream_tls_failed`]),
+///    [`Output::FetchToken`] ([`Session::fresh_token`]/[`Session::token_failed`]),
+///    [`Output::MarkDead`], [`Output::MarkAlive`], [`Output::UpstreamNotice`]; the server's
+///    bytes, its end and read errors come in as in the relay. Whatever the driver waits for
+///    meanwhile (a dial, a handshake, a token) is raced with [`Session::poll_timeout`] and
+///    shutdown. At the end the session goes over to the upstream itself, or answers the
+///    client (the server's `-ERR`, or the "unavailable" reply); [`Output::LoginEnded`] says
+///    which, and for [`LoginEnd::Bridge`] the driver answers with [`Session::login_failed`]
+///    and the bridge's reply. A shutdown while the login is out: [`Session::on_shutdown`]
+///    (the login is abandoned, the upstream closed without QUIT).
 /// 4. Wait for the client while [`Session::wants_client_input`], the upstream while
 ///    [`Session::wants_server_input`], the instant [`Session::poll_timeout`], and shutdown.
+///    While the routed login is out, the client is not read and the deadline is the
+///    connector's alone (the connect and reply timeouts): the client waits for popgate,
+///    the hop's own timeouts resume with the relay.
 /// 5. At the end, [`Session::hop`] for the close record ([`Hop::finish`] and the rest).
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -56,6 +75,9 @@ pub(crate) struct Session {
     redial_after_stls: bool,
     /// The client's TLS is up and no command went upstream since.
     redial_due: bool,
+    /// Routing mode, from [`Session::connect_login`] to the login's end: the routed
+    /// upstream's connector, whose steps come out as the session's outputs.
+    login: Option<Box<Connector>>,
     /// What the front was sent and what it answered (for the session simulator's checks).
     #[cfg(any(test, feature = "fuzzing"))]
     front_traffic: (Vec<u8>, Vec<u8>),
@@ -70,6 +92,7 @@ impl Session {
             out: VecDeque::new(),
             redial_after_stls: false,
             redial_due: false,
+            login: None,
             #[cfg(any(test, feature = "fuzzing"))]
             front_traffic: (Vec::new(), Vec::new()),
         }
@@ -129,8 +152,14 @@ impl Session {
         self.hop.on_client_input(now, cin);
     }
 
-    /// Bytes arrived from the upstream (appended to `sin`).
+    /// Bytes arrived from the upstream (appended to `sin`). During the routed login they are
+    /// the connector's (it keeps what it has not used; `sin` is emptied).
     pub(crate) fn on_server_input(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        if let Some(c) = self.login.as_mut() {
+            c.on_server_bytes(now, sin);
+            sin.clear();
+            return;
+        }
         self.hop.on_server_input(now, sin, cin);
     }
 
@@ -140,13 +169,91 @@ impl Session {
     }
 
     /// The upstream closed its connection.
-    pub(crate) fn on_upstream_eof(&mut self) {
+    pub(crate) fn on_upstream_eof(&mut self, now: Instant) {
+        if let Some(c) = self.login.as_mut() {
+            c.on_server_eof(now);
+            return;
+        }
         self.hop.on_upstream_eof();
     }
 
-    /// Reading from the upstream failed; `disconnect` for an ordinary one.
-    pub(crate) fn on_upstream_error(&mut self, disconnect: bool) {
+    /// Reading from the upstream failed (`error`); `disconnect` for an ordinary one.
+    pub(crate) fn on_upstream_error(
+        &mut self,
+        now: Instant,
+        disconnect: bool,
+        error: &dyn std::fmt::Display,
+    ) {
+        if let Some(c) = self.login.as_mut() {
+            c.read_failed(now, error);
+            return;
+        }
         self.hop.on_upstream_error(disconnect);
+    }
+
+    /// Routing mode: the login of [`Output::Login`] was routed and `connector` (its plan
+    /// holding the login to replay, its addresses in the order the dead marks give at `now`)
+    /// is to carry it out. Its steps come out of [`Session::poll_output`]; at its end the
+    /// session goes over to the upstream or answers the client.
+    pub(crate) fn connect_login(&mut self, connector: Connector) {
+        if self.front.is_some() {
+            self.login = Some(Box::new(connector));
+        }
+    }
+
+    /// Whether a routed login is out ([`Session::connect_login`] to its end).
+    pub(crate) fn logging_in(&self) -> bool {
+        self.login.is_some()
+    }
+
+    /// The [`Output::Dial`] succeeded.
+    pub(crate) fn dialled(&mut self, now: Instant) {
+        if let Some(c) = self.login.as_mut() {
+            c.dialled(now);
+        }
+    }
+
+    /// The [`Output::Dial`] failed (the TCP connect or a socket option).
+    pub(crate) fn dial_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
+        if let Some(c) = self.login.as_mut() {
+            c.dial_failed(now, error);
+        }
+    }
+
+    /// Writing an [`Output::ToUpstream`] of the routed login failed.
+    pub(crate) fn upstream_write_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
+        if let Some(c) = self.login.as_mut() {
+            c.write_failed(now, error);
+        }
+    }
+
+    /// The handshake of [`Output::StartUpstreamTls`] completed.
+    pub(crate) fn upstream_tls_done(&mut self, now: Instant) {
+        if let Some(c) = self.login.as_mut() {
+            c.tls_done(now);
+        }
+    }
+
+    /// The handshake of [`Output::StartUpstreamTls`] failed.
+    pub(crate) fn upstream_tls_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
+        if let Some(c) = self.login.as_mut() {
+            c.tls_failed(now, error);
+        }
+    }
+
+    /// A fresh access token for [`Output::FetchToken`].
+    pub(crate) fn fresh_token(&mut self, now: Instant, token: String) {
+        if let Some(c) = self.login.as_mut() {
+            c.fresh_token(now, token);
+        }
+    }
+
+    /// No fresh token for [`Output::FetchToken`]: the login ends with
+    /// [`LoginEnd::Bridge`] (the driver knows why).
+    pub(crate) fn token_failed(&mut self) {
+        if let Some(c) = self.login.as_mut() {
+            c.token_failed();
+        }
     }
 
     /// popgate is shutting down (or the session was kicked): it ends now, a login that is
@@ -156,6 +263,7 @@ impl Session {
     /// dialled again after STLS ([`Output::RedialUpstream`]) was never sent, so the client
     /// is owed popgate's `-ERR` for it, as for a command a hold kept back.
     pub(crate) fn on_shutdown(&mut self) {
+        self.login = None;
         let dropped = self.out.iter().any(|o| matches!(o, Output::ToUpstream(_)));
         self.out.clear();
         self.redial_due = false;
@@ -164,6 +272,10 @@ impl Session {
 
     /// The instant [`Session::poll_timeout`] reported has come.
     pub(crate) fn on_timeout(&mut self, now: Instant) {
+        if let Some(c) = self.login.as_mut() {
+            c.on_timeout(now);
+            return;
+        }
         self.hop.on_timeout(now);
     }
 
@@ -203,20 +315,27 @@ impl Session {
         self.hop.poll_event()
     }
 
-    /// When [`Session::on_timeout`] is due.
+    /// When [`Session::on_timeout`] is due: during the routed login the connector's
+    /// deadline, else the hop's.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.hop.poll_timeout()
+        match &self.login {
+            Some(c) => c.poll_timeout(),
+            None => self.hop.poll_timeout(),
+        }
     }
 
-    /// Whether the driver may read from the client now.
+    /// Whether the driver may read from the client now (not while the routed login is out).
     pub(crate) fn wants_client_input(&self) -> bool {
-        self.hop.wants_client_input()
+        self.login.is_none() && self.hop.wants_client_input()
     }
 
-    /// Whether the driver may read from the upstream now: never while the front stands in
-    /// for it.
+    /// Whether the driver may read from the upstream now: during the routed login when the
+    /// connector waits for the server, never while the front stands in for it otherwise.
     pub(crate) fn wants_server_input(&self) -> bool {
-        self.front.is_none() && self.hop.wants_server_input()
+        match &self.login {
+            Some(c) => c.reading(),
+            None => self.front.is_none() && self.hop.wants_server_input(),
+        }
     }
 
     /// The next output to carry out, `None` when there is none (or the next ones are held).
@@ -232,6 +351,12 @@ impl Session {
         loop {
             if let Some(output) = self.out.pop_front() {
                 return Some(output);
+            }
+            if let Some(step) = self.login.as_mut().and_then(|c| c.poll()) {
+                if let Some(output) = self.login_step(now, step, sin, cin) {
+                    return Some(output);
+                }
+                continue;
             }
             match self.hop.poll_output()? {
                 Output::ToUpstream(bytes) if self.front.is_some() => {
@@ -258,17 +383,85 @@ impl Session {
         }
     }
 
+    /// One step of the routed login's connector as the session's output; its end hands the
+    /// session over or answers the client's login command.
+    fn login_step(
+        &mut self,
+        now: Instant,
+        step: ConnectStep,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) -> Option<Output> {
+        let end = match step {
+            ConnectStep::Dial(address) => return Some(Output::Dial(address)),
+            ConnectStep::Write(bytes) => return Some(Output::ToUpstream(Bytes::from(bytes))),
+            ConnectStep::StartTls => return Some(Output::StartUpstreamTls),
+            ConnectStep::FetchToken => return Some(Output::FetchToken),
+            ConnectStep::Notice(n) => return Some(Output::UpstreamNotice(Box::new(n))),
+            ConnectStep::MarkDead { address, until } => {
+                return Some(Output::MarkDead(Box::new(DeadMark { address, until })));
+            }
+            ConnectStep::MarkAlive(address) => return Some(Output::MarkAlive(address)),
+            ConnectStep::End(end) => end,
+        };
+        self.login = None;
+        let ended = match end {
+            ConnectEnd::LoggedIn {
+                address,
+                mut reply,
+                rest,
+            } => {
+                reply.extend_from_slice(&rest);
+                self.logged_in(now, &reply, sin, cin);
+                LoginEnd::LoggedIn {
+                    address,
+                    octets: reply.len(),
+                }
+            }
+            ConnectEnd::Failed(ConnectFailure::Refused(line)) => {
+                self.login_failed(now, &line, sin, cin);
+                LoginEnd::Refused
+            }
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address,
+                stage,
+                reason,
+            }) => self.unavailable(now, address, stage, reason, sin, cin),
+            ConnectEnd::Failed(bridge) => LoginEnd::Bridge(bridge),
+            // A plan with a login ends logged in or failed.
+            ConnectEnd::Connected { address, .. } => {
+                self.unavailable(now, address, ConnectStage::Setup, Reason::Closed, sin, cin)
+            }
+        };
+        // Ahead of what the hand-over or the answer queued.
+        self.out.push_front(Output::LoginEnded(Box::new(ended)));
+        None
+    }
+
+    /// The routed login's upstream could not be had: the client is told so.
+    fn unavailable(
+        &mut self,
+        now: Instant,
+        address: String,
+        stage: ConnectStage,
+        reason: Reason,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) -> LoginEnd {
+        let reply = replies::line(replies::UPSTREAM_UNAVAILABLE);
+        self.login_failed(now, &reply, sin, cin);
+        LoginEnd::Unavailable {
+            address,
+            stage,
+            reason,
+        }
+    }
+
     /// The login of [`Output::Login`] succeeded upstream with `reply` (the server's final
     /// line, and whatever it sent after it): the session goes over to the upstream. The
     /// client bytes the front kept come out first ([`Output::ToUpstream`]), then the reply
     /// goes to the hop.
-    pub(crate) fn logged_in(
-        &mut self,
-        now: Instant,
-        reply: &[u8],
-        sin: &mut BytesMut,
-        cin: &mut BytesMut,
-    ) {
+    fn logged_in(&mut self, now: Instant, reply: &[u8], sin: &mut BytesMut, cin: &mut BytesMut) {
         let Some(front) = self.front.take() else {
             return;
         };
@@ -279,7 +472,8 @@ impl Session {
         self.server_input(now, reply, sin, cin);
     }
 
-    /// The login of [`Output::Login`] failed: `reply` (a status line, CRLF included)
+    /// The login of [`Output::Login`] failed before it reached a server (the OAuth2 bridge
+    /// refused it), or ended as [`LoginEnd::Bridge`]: `reply` (a status line, CRLF included)
     /// answers the client's login command, and the front goes on with what it kept.
     pub(crate) fn login_failed(
         &mut self,
@@ -288,6 +482,7 @@ impl Session {
         sin: &mut BytesMut,
         cin: &mut BytesMut,
     ) {
+        self.login = None;
         let Some(front) = self.front.as_mut() else {
             return;
         };
@@ -378,6 +573,12 @@ mod tests {
         /// Body octets held for scanning, and the messages scans were asked for.
         spooled: usize,
         scans: Vec<u32>,
+        /// A routed login's talk toward the upstream (`<dial address>` for each dial).
+        replay: Vec<u8>,
+        /// Addresses the session marked dead.
+        dead: Vec<String>,
+        /// How the routed logins ended.
+        ends: Vec<LoginEnd>,
     }
 
     /// A scripted driver: the client's bytes in chunks of `n`, each login answered with the
@@ -394,6 +595,9 @@ mod tests {
         socket: Vec<u8>,
         /// The answer to a failed login.
         penalty: Option<Duration>,
+        /// Routing mode through the session: each login's connector dials these addresses
+        /// (every dial connects; the server's bytes are the test's).
+        addresses: Option<Vec<String>>,
     }
 
     impl Driver {
@@ -477,6 +681,7 @@ mod tests {
                 trace: Trace::default(),
                 socket: Vec::new(),
                 penalty: None,
+                addresses: None,
             };
             d.session.start(now, &mut d.sin, &mut d.cin);
             d.drain();
@@ -509,6 +714,18 @@ mod tests {
                 };
                 match o {
                     Output::ToClient(b) => self.trace.client.extend_from_slice(&b),
+                    Output::ToUpstream(b) if self.session.logging_in() => {
+                        self.trace.replay.extend_from_slice(&b);
+                    }
+                    Output::Dial(a) => {
+                        self.trace.replay.extend(format!("<dial {a}>").bytes());
+                        self.session.dialled(self.now);
+                    }
+                    Output::StartUpstreamTls => self.session.upstream_tls_done(self.now),
+                    Output::FetchToken => self.session.token_failed(),
+                    Output::MarkDead(m) => self.trace.dead.push(m.address.clone()),
+                    Output::MarkAlive(_) | Output::UpstreamNotice(_) => {}
+                    Output::LoginEnded(end) => self.trace.ends.push(*end),
                     Output::ToUpstream(b) => {
                         assert!(!self.session.routing(), "bytes upstream before the login");
                         self.trace.upstream.extend_from_slice(&b);
@@ -526,6 +743,11 @@ mod tests {
                         self.trace
                             .logins
                             .push((l.user.clone(), l.method, l.lines.clone()));
+                        if let Some(addresses) = &self.addresses {
+                            let c = connector(&l, addresses.clone(), self.now);
+                            self.session.connect_login(c);
+                            continue;
+                        }
                         let (now, sin, cin) = (self.now, &mut self.sin, &mut self.cin);
                         match self.outcomes.pop_front() {
                             Some(Ok(reply)) => self.session.logged_in(now, reply, sin, cin),
@@ -548,6 +770,14 @@ mod tests {
                 self.session.on_client_input(self.now, &mut self.cin);
                 self.drain();
             }
+        }
+
+        /// The session's timer fires at the instant it reported.
+        fn fire(&mut self) {
+            let at = self.session.poll_timeout().expect("a deadline");
+            self.now = self.now.max(at);
+            self.session.on_timeout(self.now);
+            self.drain();
         }
 
         fn server(&mut self, bytes: &[u8], n: usize) {
@@ -589,7 +819,7 @@ mod tests {
         d.client(client, n);
         if !d.session.routing() {
             d.server(server, n);
-            d.session.on_upstream_eof();
+            d.session.on_upstream_eof(d.now);
             d.drain();
         }
         d.trace
@@ -866,6 +1096,220 @@ mod tests {
                 d.trace.client,
                 b"+OK popgate ready\r\n+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK logged in\r\n"
             );
+        }
+    }
+
+    /// A routed login's connector as the driver builds it: the greeting read, the login's
+    /// lines replayed, 5 s to connect, 10 s per reply.
+    fn connector(
+        login: &crate::proxy::front::Login,
+        addresses: Vec<String>,
+        now: Instant,
+    ) -> Connector {
+        let plan = crate::proxy::dialogue::Plan {
+            tls: crate::config::TlsMode::None,
+            tls_configured: false,
+            proxy_header: None,
+            xclient: None,
+            read_greeting: true,
+            max_line: 512,
+            login: Some(crate::proxy::dialogue::Replay::Lines {
+                method: login.method,
+                lines: login.lines.clone(),
+            }),
+        };
+        let timeouts = crate::proxy::dialogue::ConnectTimeouts {
+            connect: Duration::from_secs(5),
+            dead_for: Duration::from_secs(60),
+            reply: Some(Duration::from_secs(10)),
+        };
+        Connector::new(plan, addresses, timeouts, now)
+    }
+
+    /// A routed session whose logins the session carries out over `addresses`.
+    fn routed(addresses: &[&str]) -> Driver {
+        let mut d = Driver::new(false, vec![]);
+        d.addresses = Some(addresses.iter().map(|a| (*a).to_owned()).collect());
+        d
+    }
+
+    const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
+
+    #[test]
+    fn a_routed_login_is_replayed_by_the_session_and_the_relay_follows() {
+        let run = |n: usize| {
+            let mut d = routed(&["a:110"]);
+            d.client(b"USER alice\r\nPASS pw\r\nSTAT\r\n", n);
+            assert!(d.session.logging_in());
+            assert!(
+                !d.session.wants_client_input(),
+                "the client waits for the login"
+            );
+            d.server(b"+OK hi\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.server(b"+OK logged in\r\n", n);
+            assert!(!d.session.logging_in() && !d.session.routing());
+            // What the client sent after PASS waited in its socket during the login.
+            d.client(b"", n);
+            d.server(b"+OK 2 320\r\n", n);
+            d.trace
+        };
+        let whole = run(64);
+        assert_eq!(whole.replay, b"<dial a:110>USER alice\r\nPASS pw\r\n");
+        assert_eq!(
+            whole.ends,
+            [LoginEnd::LoggedIn {
+                address: "a:110".into(),
+                octets: 15
+            }]
+        );
+        // Only what followed the login goes upstream, after the hand-over.
+        assert_eq!(whole.upstream, b"STAT\r\n");
+        assert_eq!(
+            whole.client,
+            b"+OK popgate ready\r\n+OK\r\n+OK logged in\r\n+OK 2 320\r\n"
+        );
+        for n in 1..64 {
+            assert_eq!(run(n), whole, "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn a_silent_first_address_is_failed_over_at_the_connect_timeout() {
+        let run = |n: usize| {
+            let mut d = routed(&["a:110", "b:110"]);
+            let start = d.now;
+            d.client(b"USER alice\r\nPASS pw\r\n", n);
+            assert_eq!(
+                d.session.poll_timeout(),
+                Some(start + Duration::from_secs(5))
+            );
+            // a accepted but never greets.
+            d.fire();
+            d.server(b"+OK hi\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.server(b"+OK in\r\n", n);
+            d.trace
+        };
+        let whole = run(64);
+        assert_eq!(whole.dead, ["a:110"]);
+        assert_eq!(
+            whole.replay,
+            b"<dial a:110><dial b:110>USER alice\r\nPASS pw\r\n"
+        );
+        assert_eq!(
+            whole.ends,
+            [LoginEnd::LoggedIn {
+                address: "b:110".into(),
+                octets: 8
+            }]
+        );
+        assert!(whole.client.ends_with(b"+OK in\r\n"));
+        for n in 1..16 {
+            assert_eq!(run(n), whole, "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_from_the_server_answers_the_client_and_the_next_login_is_routed_again() {
+        let run = |n: usize| {
+            let mut d = routed(&["a:110"]);
+            d.client(b"USER alice\r\nPASS wrong\r\n", n);
+            d.server(b"+OK hi\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.server(REFUSED, n);
+            assert!(!d.session.logging_in() && d.session.routing());
+            assert!(
+                d.trace.client.ends_with(REFUSED),
+                "the server's line answers"
+            );
+            d.client(b"USER alice\r\nPASS right\r\nNOOP\r\n", n);
+            assert!(d.session.logging_in());
+            d.server(b"+OK hi\r\n", n);
+            d.server(b"+OK\r\n", n);
+            d.server(LOGGED_IN, n);
+            d.client(b"", n);
+            d.trace
+        };
+        let whole = run(64);
+        assert_eq!(
+            whole.ends,
+            [
+                LoginEnd::Refused,
+                LoginEnd::LoggedIn {
+                    address: "a:110".into(),
+                    octets: LOGGED_IN.len()
+                }
+            ]
+        );
+        assert_eq!(
+            whole.replay,
+            b"<dial a:110>USER alice\r\nPASS wrong\r\n<dial a:110>USER alice\r\nPASS right\r\n"
+        );
+        assert_eq!(
+            whole.client,
+            b"+OK popgate ready\r\n+OK\r\n-ERR [AUTH] no\r\n+OK\r\n+OK logged in\r\n"
+        );
+        assert_eq!(whole.upstream, b"NOOP\r\n");
+        for n in 1..32 {
+            assert_eq!(run(n), whole, "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn a_server_that_stops_answering_the_login_makes_it_unavailable_at_the_reply_timeout() {
+        let run = |n: usize| {
+            let mut d = routed(&["a:110"]);
+            d.client(b"USER alice\r\nPASS pw\r\n", n);
+            d.server(b"+OK hi\r\n", n);
+            let at = d.session.poll_timeout().expect("the reply timeout");
+            assert_eq!(at, d.now + Duration::from_secs(10));
+            d.fire();
+            assert!(!d.session.logging_in() && d.session.routing());
+            d.trace
+        };
+        let whole = run(64);
+        assert_eq!(
+            whole.ends,
+            [LoginEnd::Unavailable {
+                address: "a:110".into(),
+                stage: ConnectStage::Setup,
+                reason: Reason::NoReply(Duration::from_secs(10)),
+            }]
+        );
+        // No failover after the set-up: the address is not marked dead.
+        assert!(whole.dead.is_empty());
+        assert_eq!(whole.replay, b"<dial a:110>USER alice\r\n");
+        assert_eq!(
+            whole.client,
+            [&b"+OK popgate ready\r\n+OK\r\n"[..], UNAVAILABLE].concat()
+        );
+        for n in 1..16 {
+            assert_eq!(run(n), whole, "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn a_shutdown_during_the_routed_login_ends_it_with_nothing_more_upstream() {
+        for n in [1, 3, 64] {
+            let mut d = routed(&["a:110"]);
+            d.client(b"USER alice\r\nPASS pw\r\nSTAT\r\n", n);
+            d.server(b"+OK hi\r\n", n);
+            assert!(d.session.logging_in());
+            d.session.on_shutdown();
+            d.drain();
+            assert!(!d.session.logging_in());
+            assert_eq!(
+                d.session.poll_timeout(),
+                None,
+                "the login's deadline is gone"
+            );
+            assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+            // No QUIT, nothing after the line already replayed; no login end recorded.
+            assert_eq!(d.trace.replay, b"<dial a:110>USER alice\r\n");
+            assert!(d.trace.upstream.is_empty() && d.trace.ends.is_empty());
+            // PASS is owed no answer of popgate's (the driver says it is shutting down).
+            assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n");
         }
     }
 }

@@ -10,11 +10,12 @@
 //! that answers each line it receives, in order, with a *tagged* reply (`+OK #n`, `-ERR #n`,
 //! multi-line bodies with dot-stuffed lines) or, as the input says, with garbage, a cut body, a
 //! close or a delay. In routing mode the [`Front`] (inside the [`Session`]) stands in for the
-//! server until a login; an [`Output::Login`] is carried out by [`Sim::upstream_connected`]
-//! as the driver does: it drives the upstream [`Connector`] over two addresses, dialling the
-//! model server (or failing to, as the input says), feeding its bytes and the connector's
-//! timer expiries (the greeting, STLS to the server as the input says, the login replayed
-//! line by line, failover), then tells the session how it went.
+//! server until a login; an [`Output::Login`] is routed as the driver does: the upstream
+//! [`Connector`] over two addresses goes to [`Session::connect_login`], and the session's
+//! login outputs are carried out (`Dial` reaching the model server or failing, as the input
+//! says; the greeting, STLS to the server as the input says, the login replayed line by line,
+//! failover), the server's bytes and the session's timer expiries fed back, until the session
+//! says how it ended ([`Output::LoginEnded`]) and goes over or answers the client itself.
 //!
 //! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
 //! breaks:
@@ -26,8 +27,8 @@
 //! - server replies reach the client in command order (tags strictly increasing), and none
 //!   of them answers a command popgate injected itself;
 //! - nothing panics, and the session ends within a bounded number of steps once the input is
-//!   used up and the timers have fired; a routed login's upstream connector ends within a
-//!   bounded number of steps and reports a deadline whenever it waits;
+//!   used up and the timers have fired; a routed login ends within a bounded number of
+//!   steps and the session reports a deadline whenever the login waits;
 //! - with a `connect` rule's delay (some inputs start with one: the connect phase's
 //!   [`Opening`], the client written, read, closing or failing and a shutdown coming during
 //!   it), the client is read only within the early-input limit, the phase ends once, the
@@ -44,12 +45,10 @@ use base64::Engine as _;
 use bytes::BytesMut;
 
 use super::connect::{Admission, ConnectRefusal, Opened, Opening, early_input_limit};
-use super::dialogue::{
-    ConnectEnd, ConnectFailure, ConnectStep, ConnectTimeouts, Connector, Plan, Replay,
-};
+use super::dialogue::{ConnectTimeouts, Connector, Plan, Replay};
 use super::front::{Front, Login};
 use super::policy::Policy;
-use super::{Hop, HopConfig, Output, Session, SessionEvent};
+use super::{Hop, HopConfig, LoginEnd, Output, Session, SessionEvent};
 use crate::config::{TlsMode, UnknownCommands};
 use crate::rules::RuleSet;
 use crate::types::{CloseReason, MessageIds};
@@ -60,8 +59,6 @@ const USER: &str = "alice";
 const SECRET: &str = "Zq9sekrit";
 /// The marked APOP digest.
 const DIGEST: &str = "c0ffee5ec2e7c0ffee5ec2e7c0ffee5e";
-/// The answer a routed login gets when the upstream cannot be had (as the driver's).
-const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
 /// Steps the session may take to end once the input is used up.
 const FINISH_STEPS: usize = 10_000;
 
@@ -839,6 +836,8 @@ struct Sim<'a> {
     routed: usize,
     upstream_stls: usize,
     failed_over: usize,
+    /// Steps of the routed login under way (bounded by [`FINISH_STEPS`]).
+    login_steps: usize,
     /// The driver's spool (`Output::Spool`), and the reports for a scan it was asked for.
     spool: Vec<u8>,
     scan_answer: Option<Vec<crate::types::ScanReport>>,
@@ -949,6 +948,7 @@ pub fn run(data: &[u8]) -> Summary {
         routed: 0,
         upstream_stls: 0,
         failed_over: 0,
+        login_steps: 0,
         spool: Vec::new(),
         scan_answer: None,
         scans: 0,
@@ -1142,7 +1142,9 @@ impl Sim<'_> {
                 14 => self.client_closing = true,
                 _ => match self.input.byte() % 32 {
                     1 => self.session.on_shutdown(),
-                    2 => self.session.on_upstream_error(op & 0x10 != 0),
+                    2 => self
+                        .session
+                        .on_upstream_error(self.now, op & 0x10 != 0, &"sim: reset"),
                     _ => {}
                 },
             }
@@ -1214,7 +1216,7 @@ impl Sim<'_> {
         }
         if server.at_eof() {
             server.eof_seen = true;
-            self.session.on_upstream_eof();
+            self.session.on_upstream_eof(self.now);
             return true;
         }
         false
@@ -1265,6 +1267,11 @@ impl Sim<'_> {
                 .poll_output(self.now, &mut self.sin, &mut self.cin);
             self.front_traffic();
             let Some(output) = output else {
+                if self.session.logging_in() {
+                    // The routed login waits for the server (or its deadline).
+                    self.login_read();
+                    continue;
+                }
                 if let Some(reports) = self.scan_answer.take() {
                     self.session.scan_done(
                         self.now,
@@ -1289,6 +1296,18 @@ impl Sim<'_> {
                     if self.check.last_tag != before {
                         self.tagged += 1;
                     }
+                }
+                Output::ToUpstream(bytes) if self.session.logging_in() => {
+                    // The routed login's replay.
+                    self.check.upstream_bytes(&bytes);
+                    let Some(s) = self.server.as_mut() else {
+                        self.session
+                            .upstream_write_failed(self.now, &"sim: not connected");
+                        continue;
+                    };
+                    self.check.replaying = true;
+                    s.receive(&bytes, &mut self.input, &mut self.check);
+                    self.check.replaying = false;
                 }
                 Output::ToUpstream(bytes) => {
                     self.check.upstream_bytes(&bytes);
@@ -1354,22 +1373,46 @@ impl Sim<'_> {
                 Output::Login(login) => {
                     // What the front's answers made happen is seen before the routing.
                     self.pump_events();
-                    match self.upstream_connected(&login) {
-                        Ok(reply) => {
-                            self.session
-                                .logged_in(self.now, &reply, &mut self.sin, &mut self.cin);
-                        }
-                        Err(reply) => {
-                            self.session.login_failed(
-                                self.now,
-                                &reply,
-                                &mut self.sin,
-                                &mut self.cin,
-                            );
+                    let connector = self.login_connector(&login);
+                    self.login_steps = 0;
+                    self.session.connect_login(connector);
+                }
+                Output::Dial(_) => {
+                    // The connection failed over is closed without a word.
+                    self.server = None;
+                    match self.input.byte() % 16 {
+                        14 => self
+                            .session
+                            .dial_failed(self.now, &"sim: connection refused"),
+                        // The TCP connect never completes.
+                        15 => self.fire_login_timer(),
+                        _ => {
+                            self.server = Some(Server::connect(&mut self.input, &mut self.check));
+                            self.session.dialled(self.now);
                         }
                     }
-                    self.front_traffic();
                 }
+                Output::StartUpstreamTls => match self.input.byte() % 8 {
+                    7 => self
+                        .session
+                        .upstream_tls_failed(self.now, &"sim: the server's handshake failed"),
+                    // The handshake outlasts the connect timeout.
+                    6 => self.fire_login_timer(),
+                    _ => {
+                        self.upstream_stls += 1;
+                        self.session.upstream_tls_done(self.now);
+                    }
+                },
+                // No bearer login in the simulator.
+                Output::FetchToken => self.session.token_failed(),
+                Output::MarkDead(_) => self.failed_over += 1,
+                Output::MarkAlive(_) | Output::UpstreamNotice(_) => {}
+                Output::LoginEnded(end) => match *end {
+                    LoginEnd::LoggedIn { .. } => self.routed += 1,
+                    LoginEnd::Bridge(_) => unreachable!("no bearer login in the simulator"),
+                    // The upstream is closed without QUIT.
+                    LoginEnd::Refused | LoginEnd::Unavailable { .. } => self.server = None,
+                },
             }
         }
     }
@@ -1383,15 +1426,10 @@ impl Sim<'_> {
         self.check.local_reply(&said);
     }
 
-    /// The "upstream connected" phase of routing mode, as the driver runs it: the upstream
-    /// [`Connector`] over the routed upstream's two addresses, each dialled as the input says
-    /// (refused, never answering, or the model server), its dialogue (the greeting, STLS as the
-    /// input says, the handshake completing or failing as the input says, the login replayed
-    /// line by line, read in chunks) and its timer fired when the server is silent or, as the
-    /// input says, slower than the deadline. `Ok` with the final reply and what followed it
-    /// (the server stays connected as `self.server`), `Err` with the line that answers the
-    /// client's login command.
-    fn upstream_connected(&mut self, login: &Login) -> Result<Vec<u8>, Vec<u8>> {
+    /// Routing mode's upstream for a routed login, as the driver builds it: two addresses,
+    /// each dialled as the input says (refused, never answering, or the model server, which
+    /// greets, takes STLS and answers the replayed lines as the input says).
+    fn login_connector(&mut self, login: &Login) -> Connector {
         let stls = self.input.byte() % 2 == 1;
         let plan = Plan {
             tls: if stls {
@@ -1415,95 +1453,48 @@ impl Sim<'_> {
             reply: Some(Duration::from_secs(10)),
         };
         let addresses = vec!["sim-a:110".to_owned(), "sim-b:110".to_owned()];
-        let mut c = Connector::new(plan, addresses, timeouts, self.now);
-        let mut server: Option<Server> = None;
-        for _ in 0..FINISH_STEPS {
-            while let Some(step) = c.poll() {
-                match step {
-                    ConnectStep::Dial(_) => {
-                        // The connection failed over is closed without a word.
-                        server = None;
-                        match self.input.byte() % 16 {
-                            14 => c.dial_failed(self.now, &"sim: connection refused"),
-                            // The TCP connect never completes.
-                            15 => self.fire_connector(&mut c),
-                            _ => {
-                                server = Some(Server::connect(&mut self.input, &mut self.check));
-                                c.dialled(self.now);
-                            }
-                        }
-                    }
-                    ConnectStep::Write(bytes) => {
-                        self.check.upstream_bytes(&bytes);
-                        let Some(s) = server.as_mut() else {
-                            c.write_failed(self.now, &"sim: not connected");
-                            continue;
-                        };
-                        self.check.replaying = true;
-                        s.receive(&bytes, &mut self.input, &mut self.check);
-                        self.check.replaying = false;
-                    }
-                    ConnectStep::StartTls => match self.input.byte() % 8 {
-                        7 => c.tls_failed(self.now, &"sim: the server's handshake failed"),
-                        // The handshake outlasts the connect timeout.
-                        6 => self.fire_connector(&mut c),
-                        _ => {
-                            self.upstream_stls += 1;
-                            c.tls_done(self.now);
-                        }
-                    },
-                    // No bearer login in the simulator.
-                    ConnectStep::FetchToken => c.token_failed(),
-                    ConnectStep::MarkDead { .. } => self.failed_over += 1,
-                    ConnectStep::Notice(_) | ConnectStep::MarkAlive(_) => {}
-                    ConnectStep::End(ConnectEnd::LoggedIn {
-                        mut reply, rest, ..
-                    }) => {
-                        reply.extend_from_slice(&rest);
-                        self.server = server;
-                        self.routed += 1;
-                        return Ok(reply);
-                    }
-                    ConnectStep::End(ConnectEnd::Failed(ConnectFailure::Refused(line))) => {
-                        return Err(line);
-                    }
-                    ConnectStep::End(_) => return Err(UNAVAILABLE.to_vec()),
-                }
-            }
-            let Some(s) = server.as_mut() else {
-                self.fire_connector(&mut c);
-                continue;
-            };
-            if self.input.byte() % 16 == 15 {
-                // The server is slower than the deadline.
-                self.fire_connector(&mut c);
-                continue;
-            }
-            // Held replies come within the deadline.
-            s.release();
-            let n = self.chunk();
-            let bytes = s.read(n);
-            if !bytes.is_empty() {
-                c.on_server_bytes(self.now, &bytes);
-            } else if s.at_eof() {
-                s.eof_seen = true;
-                c.on_server_eof(self.now);
-            } else {
-                // Silent: the connect timeout (failing over) or the login's reply timeout.
-                self.fire_connector(&mut c);
-            }
-        }
-        panic!("the upstream connector did not end within {FINISH_STEPS} steps");
+        Connector::new(plan, addresses, timeouts, self.now)
     }
 
-    /// The connector's timer fires at the instant it reported (which it must report while it
-    /// waits).
-    fn fire_connector(&mut self, c: &mut Connector) {
-        let at = c
-            .poll_timeout()
-            .expect("the upstream connector waits with no deadline");
+    /// The routed login waits: the server's bytes come in chunks, or its end, or, when it
+    /// is silent or (as the input says) slower than the deadline, the session's timer fires
+    /// (the connect timeout failing over, or the login's reply timeout).
+    fn login_read(&mut self) {
+        self.login_steps += 1;
+        assert!(
+            self.login_steps <= FINISH_STEPS,
+            "the routed login did not end within {FINISH_STEPS} steps"
+        );
+        if self.server.is_none() || self.input.byte() % 16 == 15 {
+            self.fire_login_timer();
+            return;
+        }
+        let n = self.chunk();
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        // Held replies come within the deadline.
+        s.release();
+        let bytes = s.read(n);
+        if !bytes.is_empty() {
+            assert!(self.session.wants_server_input(), "the login does not read");
+            self.server_input(&bytes);
+        } else if s.at_eof() {
+            s.eof_seen = true;
+            self.session.on_upstream_eof(self.now);
+        } else {
+            self.fire_login_timer();
+        }
+    }
+
+    /// The session's timer fires at the instant it reported (which the login must report
+    /// while it waits).
+    fn fire_login_timer(&mut self) {
+        let Some(at) = self.session.poll_timeout() else {
+            panic!("the routed login waits with no deadline");
+        };
         self.now = self.now.max(at);
-        c.on_timeout(self.now);
+        self.session.on_timeout(self.now);
     }
 
     /// The input is used up: the server answers, the client says what it has and closes,

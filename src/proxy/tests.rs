@@ -215,7 +215,15 @@ fn run_scanning(
                     hop.client_tls_started(&mut cin);
                 }
                 Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
-                Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
+                Output::Login(_)
+                | Output::RedialUpstream
+                | Output::Dial(_)
+                | Output::StartUpstreamTls
+                | Output::FetchToken
+                | Output::MarkDead(_)
+                | Output::MarkAlive(_)
+                | Output::UpstreamNotice(_)
+                | Output::LoginEnded(_) => panic!("not an output of the hop"),
                 Output::Spool(b) => spool.extend_from_slice(&b),
                 Output::Scan(req) => {
                     out.scans.push(ScanAsked {
@@ -1432,7 +1440,15 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             Output::ToUpstream(b) => out.upstream.extend_from_slice(&b),
             Output::StartClientTls => out.tls_at.push(out.client.len()),
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
-            Output::Login(_) | Output::RedialUpstream => panic!("not an output of the hop"),
+            Output::Login(_)
+            | Output::RedialUpstream
+            | Output::Dial(_)
+            | Output::StartUpstreamTls
+            | Output::FetchToken
+            | Output::MarkDead(_)
+            | Output::MarkAlive(_)
+            | Output::UpstreamNotice(_)
+            | Output::LoginEnded(_) => panic!("not an output of the hop"),
             Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
                 unreachable!("no scanning in these scripts")
             }

@@ -1,160 +1,13 @@
-//! Routing mode's login: connect to the upstream a login was routed to and log in there, the
-//! client's own lines replayed or, with an OAuth2 bridge, a bearer token. The dialogue is the
-//! protocol core's (`proxy::dialogue`, the reply timeouts and failover included); this drives
-//! it: the bridge's password check and token fetches, the dials, reads and writes, the timer.
-
-use std::time::Duration;
+//! The OAuth2 bridge's bearer login on a lent connection ([`Bridge::login`]), driven by
+//! `net::upstream::drive` over the protocol core's connector. Routing mode's login is the
+//! session machine's (`proxy::Session::connect_login`), carried out by the relay loop.
+//!
+//! [`Bridge::login`]: crate::oauth2::Bridge::login
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::UpstreamConfig;
-use crate::net::pool::DeadAddresses;
-use crate::net::tls::{Stream, UpstreamTls};
-use crate::net::upstream::{self, ClientOrigin, ConnectError, ConnectStage};
-use crate::pop3::replies;
+use crate::net::upstream;
 use crate::proxy::dialogue::{Bearer, ConnectEnd, ConnectFailure, Connector, Reason, Replay};
-use crate::proxy::front::Login;
-
-/// A login the upstream accepted.
-#[derive(Debug)]
-pub(crate) struct LoggedIn {
-    /// The upstream connection, in TRANSACTION state.
-    pub(crate) stream: Stream,
-    /// The address that answered.
-    pub(crate) address: String,
-    /// The upstream's final `+OK` line (CRLF included): the reply to the client's login.
-    pub(crate) reply: Vec<u8>,
-    /// Bytes the upstream sent after it (normally none).
-    pub(crate) rest: Vec<u8>,
-}
-
-/// Why a routed login did not succeed.
-#[derive(Debug)]
-pub(crate) enum LoginError {
-    /// The upstream could not be reached or set up (connect, greeting, a broken dialogue).
-    Unavailable(ConnectError),
-    /// The upstream answered a step with `-ERR`: that line (CRLF included) is the reply.
-    Refused(Vec<u8>),
-    /// The OAuth2 bridge refused the login or could not log in upstream (a wrong local
-    /// password, no token, a refused token); `client_reply` is the reply.
-    Bridge(crate::oauth2::BridgeError),
-}
-
-impl LoginError {
-    /// The line that answers the client's login command (CRLF included).
-    pub(crate) fn client_reply(&self) -> Vec<u8> {
-        match self {
-            LoginError::Unavailable(_) => replies::line(replies::UPSTREAM_UNAVAILABLE),
-            LoginError::Refused(line) => line.clone(),
-            LoginError::Bridge(e) => e.client_reply(),
-        }
-    }
-}
-
-/// Connect to `cfg` and log `login` in; the final status line is the login's reply. The
-/// greeting is part of the connection setup (`connect_timeout`, failover: a server that
-/// accepts but does not greet, e.g. a Dovecot at its login process limit, is one that does not
-/// answer); each answer to the login is awaited `reply_timeout`. On any failure the upstream
-/// socket is closed without QUIT. With an OAuth2 `bridge` the password is checked locally and
-/// a token obtained first (a wrong password dials nothing), and the upstream gets
-/// `AUTH XOAUTH2`/`OAUTHBEARER` with the token instead of the replay (all of it within
-/// `reply_timeout`), after `penalty` (the delay the client's address is under for failed
-/// logins).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn login_upstream(
-    cfg: &UpstreamConfig,
-    bridge: Option<&crate::oauth2::Bridge>,
-    tls: Option<&UpstreamTls>,
-    max_line: usize,
-    reply_timeout: Duration,
-    origin: &ClientOrigin,
-    dead: &DeadAddresses,
-    login: &Login,
-    penalty: Option<Duration>,
-) -> Result<LoggedIn, LoginError> {
-    let authorized = match bridge {
-        Some(b) => Some(
-            b.authorize(&login.user, &login.secret, origin.client.ip(), penalty)
-                .await
-                .map_err(LoginError::Bridge)?,
-        ),
-        None => None,
-    };
-    let replay = match (bridge, &authorized) {
-        (Some(b), Some(who)) => {
-            let (host, port) = b.host_port();
-            Replay::Bearer(Bearer {
-                mechanism: b.mechanism(),
-                mailbox: who.mailbox().to_owned(),
-                host: host.to_owned(),
-                port,
-                token: who.token().to_owned(),
-            })
-        }
-        _ => Replay::Lines {
-            method: login.method,
-            lines: login.lines.clone(),
-        },
-    };
-    let plan = crate::net::upstream::plan(cfg, tls, max_line, origin, true, Some(replay));
-    let mut connector = upstream::connector(cfg, plan, Some(reply_timeout), dead);
-    let mut tokens = BridgeTokens::new(bridge.zip(authorized.as_ref()));
-    let mut link: Option<Stream> = None;
-    let end = upstream::drive(
-        &mut connector,
-        &mut link,
-        tls,
-        Some(dead),
-        cfg.label(),
-        &mut tokens,
-        upstream::READ_CHUNK,
-    )
-    .await;
-    let failure = match (end, link) {
-        (
-            ConnectEnd::LoggedIn {
-                address,
-                reply,
-                rest,
-            },
-            Some(stream),
-        ) => {
-            return Ok(LoggedIn {
-                stream,
-                address,
-                reply,
-                rest,
-            });
-        }
-        (ConnectEnd::Failed(f), _) => f,
-        // A plan with a login ends logged in or failed.
-        (_, _) => ConnectFailure::Unavailable {
-            address: String::new(),
-            stage: ConnectStage::Setup,
-            reason: Reason::Closed,
-        },
-    };
-    Err(match failure {
-        ConnectFailure::Unavailable {
-            address,
-            stage,
-            reason,
-        } => LoginError::Unavailable(ConnectError {
-            address,
-            stage,
-            reason: reason.to_string(),
-        }),
-        ConnectFailure::Refused(line) => LoginError::Refused(line),
-        other => match tokens.failure(other) {
-            Ok(e) => LoginError::Bridge(e),
-            Err(reason) => LoginError::Unavailable(ConnectError {
-                address: String::new(),
-                stage: ConnectStage::Setup,
-                reason: reason.to_string(),
-            }),
-        },
-    })
-}
 
 /// The OAuth2 bridge as the connector's token source: the token in use, and why a fresh one
 /// could not be had.
@@ -258,25 +111,17 @@ impl crate::oauth2::Bridge {
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::net::upstream::NoTokens;
+    use crate::net::upstream::{ConnectStage, NoTokens};
 
     #[test]
-    fn the_client_is_told_the_server_line_or_that_the_upstream_is_unavailable() {
-        let unavailable = LoginError::Unavailable(ConnectError {
-            address: "a:110".into(),
-            stage: ConnectStage::Setup,
-            reason: "x".into(),
-        });
+    fn a_bridge_refusal_is_answered_with_the_bridges_line() {
+        // The unavailable and refused replies are the session machine's now
+        // (`proxy::session`'s tests).
         assert_eq!(
-            unavailable.client_reply(),
-            b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n"
-        );
-        let refused = LoginError::Refused(b"-ERR [AUTH] no\r\n".to_vec());
-        assert_eq!(refused.client_reply(), b"-ERR [AUTH] no\r\n");
-        let bridge = LoginError::Bridge(crate::oauth2::BridgeError::BadPassword);
-        assert_eq!(
-            bridge.client_reply(),
+            crate::oauth2::BridgeError::BadPassword.client_reply(),
             b"-ERR [AUTH] Authentication failed.\r\n"
         );
     }

@@ -23,12 +23,20 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, TlsMode};
 use crate::control::registry::Entry;
 use crate::net::tls::{Stream, TlsSetup};
+use crate::net::upstream::Link;
+use crate::proxy::dialogue::{Bearer, ConnectFailure, ConnectStage, Reason, Replay};
 use crate::proxy::policy::Policy;
-use crate::proxy::{Hop, HopConfig, Output, Session, SessionEvent};
+use crate::proxy::{Hop, HopConfig, LoginEnd, Output, Session, SessionEvent};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
 use observer::Observer;
+
+/// Write and flush `bytes` (under TLS a write can leave records queued in rustls).
+async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
 
 /// Why a session told to stop ends: a kick (and who asked) or the drain.
 fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
@@ -496,6 +504,7 @@ async fn open(
         traffic,
         live,
         held: None,
+        routed: None,
     })
 }
 
@@ -771,6 +780,23 @@ struct Driver {
     live: crate::metrics::SessionMetrics,
     /// The body held for a scan and the scan in flight (`None` when nothing is held).
     held: Option<Box<scan::Held>>,
+    /// Routing mode, while the session's login is out: what the driver keeps for it.
+    routed: Option<Box<RoutedLogin>>,
+}
+
+/// What the driver keeps for a routed login the session carries out: where it went and why
+/// (the log line and metrics at its end), the address dialled last (its TLS handshake), and
+/// with an OAuth2 bridge the token in use and why a fresh one could not be had.
+struct RoutedLogin {
+    index: usize,
+    label: String,
+    why: crate::routing::RouteReason,
+    shown: String,
+    dialled: Instant,
+    address: String,
+    bridged: Option<(Arc<crate::oauth2::Bridge>, crate::oauth2::Authorized)>,
+    token: Option<String>,
+    token_error: Option<crate::oauth2::BridgeError>,
 }
 
 impl Driver {
@@ -818,16 +844,22 @@ impl Driver {
                         read::read_lean(&mut self.upstream, &mut self.sin).await
                     }
                 }, if want_server => match r {
-                    Ok(0) => self.session.on_upstream_eof(),
+                    Ok(0) => self.session.on_upstream_eof(clock()),
                     Ok(n) => {
-                        self.live.from_upstream.inc_by(n as u64);
+                        // A routed login's dialogue is counted as its reply, at its end.
+                        if !self.session.logging_in() {
+                            self.live.from_upstream.inc_by(n as u64);
+                        }
                         self.session.on_server_input(clock(), &mut self.sin, &mut self.cin);
+                    }
+                    Err(e) if self.session.logging_in() => {
+                        self.session.on_upstream_error(clock(), false, &e);
                     }
                     Err(e) => {
                         // A reset or TLS alert (e.g. a refused client certificate): the
                         // client gets a clear answer for what it is waiting on.
                         let err = io_err(Side::Upstream)(e);
-                        self.session.on_upstream_error(err.is_disconnect());
+                        self.session.on_upstream_error(clock(), err.is_disconnect(), &err);
                         if !err.is_disconnect() {
                             warn!(error = %err, "upstream failed");
                         }
@@ -927,11 +959,28 @@ impl Driver {
                     self.live.to_client.inc_by(bytes.len() as u64);
                 }
                 Output::Login(login) => {
-                    // Boxed: routing mode before login only; its future (connect and login
-                    // replay) would otherwise sit in every session's task.
-                    Box::pin(self.routed_login(&login, stop)).await?
+                    // Boxed: routing mode before login only; its future (routing, the OAuth2
+                    // bridge) would otherwise sit in every session's task.
+                    Box::pin(self.route_login(&login, stop)).await
+                }
+                Output::ToUpstream(bytes) if self.session.logging_in() => {
+                    // The routed login's own lines: not the relay's traffic.
+                    if let Err(e) = write_flush(&mut self.upstream, &bytes).await {
+                        self.session.upstream_write_failed(clock(), &e);
+                    }
                 }
                 Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
+                // Boxed: routing mode's login only (dials, handshakes, token fetches).
+                Output::Dial(address) => Box::pin(self.login_dial(address, stop)).await,
+                Output::StartUpstreamTls => Box::pin(self.login_tls(stop)).await,
+                Output::FetchToken => Box::pin(self.login_token(stop)).await,
+                Output::MarkDead(mark) => self.shared.dead.mark_dead(&mark.address, mark.until),
+                Output::MarkAlive(address) => self.shared.dead.mark_alive(&address),
+                Output::UpstreamNotice(notice) => {
+                    let label = self.routed.as_ref().map_or("", |r| r.label.as_str());
+                    crate::net::upstream::log_notice(label, &notice);
+                }
+                Output::LoginEnded(end) => Box::pin(self.login_ended(*end)).await,
                 // Boxed: a rare step whose future would otherwise sit in every session.
                 // A shutdown does not wait for the second connection (it may not greet
                 // within connect_timeout): the session ends as it would in its relay.
@@ -1082,70 +1131,13 @@ impl Driver {
         Ok(())
     }
 
-    /// Routing mode: route, connect and replay a login the front took, then tell the session
-    /// how it went.
-    async fn routed_login(
-        &mut self,
-        login: &crate::proxy::front::Login,
-        stop: &Entry,
-    ) -> Result<(), SessionError> {
+    /// Routing mode: route a login the front took (route rule, map, default), let the OAuth2
+    /// bridge check it if the upstream has one, and hand the session the upstream's connector
+    /// (the session then dials, replays and hands over through its outputs). A login the
+    /// bridge refuses is answered at once. A shutdown does not wait for the bridge.
+    async fn route_login(&mut self, login: &crate::proxy::front::Login, stop: &Entry) {
         // What the front's answers made happen is recorded before the routing's own records.
         self.pump_events().await;
-        // A shutdown does not wait for a slow upstream: the login is abandoned (the
-        // upstream socket closed without QUIT), as a command in flight would be.
-        let routed = tokio::select! {
-            r = self.route_login(login) => r,
-            _ = stop.stopped() => {
-                self.session.on_shutdown();
-                return Ok(());
-            }
-        };
-        match routed {
-            Ok(done) => {
-                self.upstream = done.stream;
-                self.upstream_tls = self.upstream.tls_info().map(Box::new);
-                if let Some(t) = &self.upstream_tls {
-                    self.observer
-                        .observer
-                        .tls(crate::audit::TlsSide::Upstream, t);
-                }
-                let mut reply = done.reply;
-                reply.extend_from_slice(&done.rest);
-                self.live.from_upstream.inc_by(reply.len() as u64);
-                self.session
-                    .logged_in(clock(), &reply, &mut self.sin, &mut self.cin);
-            }
-            Err(reply) => {
-                self.session
-                    .login_failed(clock(), &reply, &mut self.sin, &mut self.cin);
-            }
-        }
-        // In the order they happened, before anything the routing does next is recorded.
-        self.pump_events().await;
-        Ok(())
-    }
-
-    /// Write `bytes` to the upstream and flush them (under TLS a write can leave records
-    /// queued in rustls), counting them.
-    async fn send_upstream(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.upstream
-            .write_all(bytes)
-            .await
-            .map_err(io_err(Side::Upstream))?;
-        self.upstream
-            .flush()
-            .await
-            .map_err(io_err(Side::Upstream))?;
-        self.live.to_upstream.inc_by(bytes.len() as u64);
-        Ok(())
-    }
-
-    /// Pick the upstream for `login` (route rule, map, default), connect and replay. On
-    /// failure: the line that answers the client's login command.
-    async fn route_login(
-        &mut self,
-        login: &crate::proxy::front::Login,
-    ) -> Result<login::LoggedIn, Vec<u8>> {
         let shared = self.shared.clone();
         let config = &shared.config;
         let hop = self.session.hop();
@@ -1161,15 +1153,62 @@ impl Driver {
         self.session
             .hop_mut()
             .set_fold_user_names(upstream.user_names == crate::config::UserNames::Fold);
-        let login = &crate::proxy::front::Login {
-            user,
-            ..login.clone()
-        };
         self.observer.observer.set_upstream(upstream.label());
         // A SASL name may hold any byte: control characters are escaped in the log line.
-        let shown = crate::pop3::printable(login.user.as_bytes());
+        let shown = crate::pop3::printable(user.as_bytes());
         let dialled = Instant::now();
-        let bridge = shared.oauth2.get(upstream.label()).map(|b| &**b);
+        let bridge = shared.oauth2.get(upstream.label()).cloned();
+        let authorized = match &bridge {
+            Some(b) => {
+                let penalty = shared
+                    .limiter
+                    .logins
+                    .pending(self.info.client.ip(), clock());
+                let authorize = b.authorize(&user, &login.secret, self.info.client.ip(), penalty);
+                // A shutdown does not wait for the identity provider: the login is abandoned.
+                let authorized = tokio::select! {
+                    r = authorize => r,
+                    _ = stop.stopped() => {
+                        self.session.on_shutdown();
+                        return;
+                    }
+                };
+                match authorized {
+                    Ok(who) => Some(who),
+                    Err(e) => {
+                        // The bridge logged the details (never a token or password).
+                        info!(
+                            user = %shown,
+                            upstream = upstream.label(),
+                            error = %e,
+                            "OAuth2 login failed"
+                        );
+                        let reply = e.client_reply();
+                        self.session
+                            .login_failed(clock(), &reply, &mut self.sin, &mut self.cin);
+                        self.pump_events().await;
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        let replay = match (&bridge, &authorized) {
+            (Some(b), Some(who)) => {
+                let (host, port) = b.host_port();
+                Replay::Bearer(Bearer {
+                    mechanism: b.mechanism(),
+                    mailbox: who.mailbox().to_owned(),
+                    host: host.to_owned(),
+                    port,
+                    token: who.token().to_owned(),
+                })
+            }
+            _ => Replay::Lines {
+                method: login.method,
+                lines: login.lines.clone(),
+            },
+        };
         // Who the session is for, as the upstream is told (`forward_client`): rebuilt here
         // rather than kept in every session.
         let origin = crate::net::upstream::ClientOrigin {
@@ -1178,79 +1217,276 @@ impl Driver {
             session: format!("popgate-{}", self.info.id),
             tls: self.client_tls.as_deref().cloned(),
         };
-        let result = login::login_upstream(
+        let tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plan = crate::net::upstream::plan(
             upstream,
-            bridge,
-            shared.tls.upstreams.get(index).and_then(Option::as_ref),
+            tls,
             config.limits.max_line,
-            config.limits.login_timeout,
             &origin,
+            true,
+            Some(replay),
+        );
+        let connector = crate::net::upstream::connector(
+            upstream,
+            plan,
+            Some(config.limits.login_timeout),
             &shared.dead,
-            login,
-            bridge.and_then(|_| {
+        );
+        self.routed = Some(Box::new(RoutedLogin {
+            index,
+            label: upstream.label().to_owned(),
+            why,
+            shown,
+            dialled,
+            address: String::new(),
+            token: authorized.as_ref().map(|who| who.token().to_owned()),
+            bridged: bridge.zip(authorized),
+            token_error: None,
+        }));
+        self.session.connect_login(connector);
+    }
+
+    /// [`Output::Dial`]: the connection there is (one failed over) is closed without a word;
+    /// the dial is raced with the session's deadline and a shutdown.
+    async fn login_dial(&mut self, address: String, stop: &Entry) {
+        self.upstream = Stream::Detached;
+        if let Some(r) = self.routed.as_mut() {
+            r.address.clone_from(&address);
+        }
+        let dial = <Stream as Link>::dial(&address);
+        match self.login_race(dial, stop).await {
+            Some(Ok(stream)) => {
+                self.upstream = stream;
+                self.session.dialled(clock());
+            }
+            Some(Err(e)) => self.session.dial_failed(clock(), &e),
+            None => {}
+        }
+    }
+
+    /// [`Output::StartUpstreamTls`]: the handshake toward the address dialled last, raced
+    /// with the session's deadline and a shutdown.
+    async fn login_tls(&mut self, stop: &Entry) {
+        let shared = self.shared.clone();
+        let (index, address) = match &self.routed {
+            Some(r) => (r.index, r.address.clone()),
+            None => (usize::MAX, String::new()),
+        };
+        let tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plain = std::mem::replace(&mut self.upstream, Stream::Detached);
+        let handshake = <Stream as Link>::start_tls(plain, tls, &address);
+        match self.login_race(handshake, stop).await {
+            Some(Ok(stream)) => {
+                self.upstream = stream;
+                self.session.upstream_tls_done(clock());
+            }
+            Some(Err(e)) => self.session.upstream_tls_failed(clock(), &e),
+            None => {}
+        }
+    }
+
+    /// [`Output::FetchToken`]: a fresh token from the OAuth2 bridge, raced with the session's
+    /// deadline and a shutdown; why there is none is kept for the login's end.
+    async fn login_token(&mut self, stop: &Entry) {
+        // Out of the driver while the bridge works (the race borrows the driver).
+        let mut routed = self.routed.take();
+        let fetched = match routed.as_deref() {
+            Some(RoutedLogin {
+                bridged: Some((b, who)),
+                token: Some(stale),
+                ..
+            }) => {
+                let fetch = async { b.fresh_token(who, stale).await.map_err(Some) };
+                self.login_race(fetch, stop).await
+            }
+            _ => Some(Err(None)),
+        };
+        match fetched {
+            Some(Ok(token)) => {
+                if let Some(r) = routed.as_mut() {
+                    r.token = Some(token.clone());
+                }
+                self.session.fresh_token(clock(), token);
+            }
+            Some(Err(e)) => {
+                if let Some(r) = routed.as_mut() {
+                    r.token_error = e;
+                }
+                self.session.token_failed();
+            }
+            None => {}
+        }
+        self.routed = routed;
+    }
+
+    /// `work` for the routed login, unless the session's deadline (fed in as a timeout) or a
+    /// shutdown (the login is abandoned) comes first (`None`).
+    async fn login_race<T>(&mut self, work: impl Future<Output = T>, stop: &Entry) -> Option<T> {
+        let wake = self.session.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            r = work => Some(r),
+            _ = stop.stopped() => {
+                self.session.on_shutdown();
+                None
+            }
+            _ = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                self.session.on_timeout(clock());
+                None
+            }
+        }
+    }
+
+    /// [`Output::LoginEnded`]: the routed login's records (log line, metrics, the tap), the
+    /// upstream's TLS; a bearer login's failure answered with the bridge's reply.
+    async fn login_ended(&mut self, end: LoginEnd) {
+        let Some(routed) = self.routed.take() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let upstream = &shared.config.upstreams[routed.index];
+        let label = upstream.label();
+        let shown = &routed.shown;
+        let why = &routed.why;
+        match end {
+            LoginEnd::LoggedIn { address, octets } => {
                 shared
-                    .limiter
-                    .logins
-                    .pending(self.info.client.ip(), clock())
-            }),
-        )
-        .await;
-        match result {
-            Ok(done) => {
-                shared.metrics.upstream_connected(
-                    upstream.label(),
-                    &done.address,
-                    dialled.elapsed(),
-                );
+                    .metrics
+                    .upstream_connected(label, &address, routed.dialled.elapsed());
                 shared
                     .metrics
                     .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
-                if done.stream.is_tls() {
+                if self.upstream.is_tls() {
                     shared.metrics.tls_handshake("upstream", true);
                 }
                 info!(
                     user = %shown,
-                    upstream = upstream.label(),
-                    address = %done.address,
+                    upstream = label,
+                    address = %address,
                     why = %why,
                     "login routed"
                 );
                 if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
-                    h.upstream(upstream.label(), &done.address);
+                    h.upstream(label, &address);
                 }
-                Ok(done)
+                self.upstream_tls = self.upstream.tls_info().map(Box::new);
+                if let Some(t) = &self.upstream_tls {
+                    self.observer
+                        .observer
+                        .tls(crate::audit::TlsSide::Upstream, t);
+                }
+                self.live.from_upstream.inc_by(octets as u64);
             }
-            Err(e) => {
-                match &e {
-                    login::LoginError::Refused(_) => info!(
-                        user = %shown,
-                        upstream = upstream.label(),
-                        why = %why,
-                        "routed login refused by the upstream"
-                    ),
-                    // The bridge logged the details (never a token or password).
-                    login::LoginError::Bridge(b) => info!(
-                        user = %shown,
-                        upstream = upstream.label(),
-                        error = %b,
-                        "OAuth2 login failed"
-                    ),
-                    login::LoginError::Unavailable(u) => {
-                        warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
-                        shared.metrics.upstream_failed(
-                            upstream.label(),
-                            &u.address,
-                            u.stage.as_str(),
-                            &u.reason,
-                        );
-                        shared
-                            .metrics
-                            .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
+            LoginEnd::Refused => {
+                self.upstream = Stream::Detached;
+                info!(
+                    user = %shown,
+                    upstream = label,
+                    why = %why,
+                    "routed login refused by the upstream"
+                );
+            }
+            LoginEnd::Unavailable {
+                address,
+                stage,
+                reason,
+            } => {
+                self.upstream = Stream::Detached;
+                self.unavailable(upstream, address, stage, reason.to_string());
+            }
+            LoginEnd::Bridge(failure) => {
+                self.upstream = Stream::Detached;
+                let RoutedLogin {
+                    bridged,
+                    token_error,
+                    ..
+                } = *routed;
+                let error = match (failure, bridged) {
+                    (ConnectFailure::TokenRefused(line), Some((b, who))) => {
+                        Ok(b.refused(&who, line))
                     }
-                }
-                Err(e.client_reply())
+                    (ConnectFailure::BearerUnexpected(line), Some((b, who))) => {
+                        Ok(b.unexpected(&who, line))
+                    }
+                    (ConnectFailure::NoFreshToken, _) => token_error.ok_or(Reason::Closed),
+                    (
+                        ConnectFailure::TokenRefused(line) | ConnectFailure::BearerUnexpected(line),
+                        None,
+                    ) => Err(Reason::UnexpectedLoginReply(line)),
+                    (ConnectFailure::Refused(line), _) => {
+                        Ok(crate::oauth2::BridgeError::Refused(line))
+                    }
+                    (ConnectFailure::Unavailable { reason, .. }, _) => Err(reason),
+                };
+                let reply = match error {
+                    Ok(e) => {
+                        // The bridge logged the details (never a token or password).
+                        info!(
+                            user = %shown,
+                            upstream = label,
+                            error = %e,
+                            "OAuth2 login failed"
+                        );
+                        e.client_reply()
+                    }
+                    Err(reason) => {
+                        self.unavailable(
+                            upstream,
+                            String::new(),
+                            ConnectStage::Setup,
+                            reason.to_string(),
+                        );
+                        crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE)
+                    }
+                };
+                self.session
+                    .login_failed(clock(), &reply, &mut self.sin, &mut self.cin);
             }
         }
+        // In the order they happened, before anything the session does next is recorded.
+        self.pump_events().await;
+    }
+
+    /// The routed login's upstream could not be had: the log line and the metrics.
+    fn unavailable(
+        &self,
+        upstream: &crate::config::UpstreamConfig,
+        address: String,
+        stage: ConnectStage,
+        reason: String,
+    ) {
+        let shared = &self.shared;
+        let u = crate::net::upstream::ConnectError {
+            address,
+            stage,
+            reason,
+        };
+        warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
+        shared
+            .metrics
+            .upstream_failed(upstream.label(), &u.address, u.stage.as_str(), &u.reason);
+        shared
+            .metrics
+            .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
+    }
+
+    /// Write `bytes` to the upstream and flush them (under TLS a write can leave records
+    /// queued in rustls), counting them.
+    async fn send_upstream(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.upstream
+            .write_all(bytes)
+            .await
+            .map_err(io_err(Side::Upstream))?;
+        self.upstream
+            .flush()
+            .await
+            .map_err(io_err(Side::Upstream))?;
+        self.live.to_upstream.inc_by(bytes.len() as u64);
+        Ok(())
     }
 
     /// Hand rule tags and trace requests to the observer and emit its queued audit events.

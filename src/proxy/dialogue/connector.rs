@@ -224,6 +224,12 @@ impl Connector {
         }
     }
 
+    /// Whether it waits for the server (a connection is up, its set-up or login under way):
+    /// the driver reads while it does.
+    pub(crate) fn reading(&self) -> bool {
+        matches!(self.phase, Phase::Setup(_) | Phase::Login(_))
+    }
+
     /// Whether it is over (the `End` step is out or queued).
     #[cfg(test)]
     pub(crate) fn finished(&self) -> bool {
