@@ -579,6 +579,8 @@ mod tests {
         dead: Vec<String>,
         /// How the routed logins ended.
         ends: Vec<LoginEnd>,
+        /// Fresh tokens the session asked for.
+        fetched: usize,
     }
 
     /// A scripted driver: the client's bytes in chunks of `n`, each login answered with the
@@ -598,6 +600,9 @@ mod tests {
         /// Routing mode through the session: each login's connector dials these addresses
         /// (every dial connects; the server's bytes are the test's).
         addresses: Option<Vec<String>>,
+        /// A bearer login (the OAuth2 bridge's, token `stale`) instead of the replay; the
+        /// answers to `FetchToken` (`None`: the bridge has none).
+        bearer: Option<VecDeque<Option<String>>>,
     }
 
     impl Driver {
@@ -682,6 +687,7 @@ mod tests {
                 socket: Vec::new(),
                 penalty: None,
                 addresses: None,
+                bearer: None,
             };
             d.session.start(now, &mut d.sin, &mut d.cin);
             d.drain();
@@ -722,10 +728,23 @@ mod tests {
                         self.session.dialled(self.now);
                     }
                     Output::StartUpstreamTls => self.session.upstream_tls_done(self.now),
-                    Output::FetchToken => self.session.token_failed(),
+                    Output::FetchToken => {
+                        self.trace.fetched += 1;
+                        match self.bearer.as_mut().and_then(VecDeque::pop_front).flatten() {
+                            Some(token) => self.session.fresh_token(self.now, token),
+                            None => self.session.token_failed(),
+                        }
+                    }
                     Output::MarkDead(m) => self.trace.dead.push(m.address.clone()),
                     Output::MarkAlive(_) | Output::UpstreamNotice(_) => {}
-                    Output::LoginEnded(end) => self.trace.ends.push(*end),
+                    Output::LoginEnded(end) => {
+                        if let LoginEnd::Bridge(_) = *end {
+                            // The bridge's judgement, as the driver asks it.
+                            let (now, sin, cin) = (self.now, &mut self.sin, &mut self.cin);
+                            self.session.login_failed(now, BRIDGE_SAYS_NO, sin, cin);
+                        }
+                        self.trace.ends.push(*end);
+                    }
                     Output::ToUpstream(b) => {
                         assert!(!self.session.routing(), "bytes upstream before the login");
                         self.trace.upstream.extend_from_slice(&b);
@@ -744,7 +763,8 @@ mod tests {
                             .logins
                             .push((l.user.clone(), l.method, l.lines.clone()));
                         if let Some(addresses) = &self.addresses {
-                            let c = connector(&l, addresses.clone(), self.now);
+                            let bearer = self.bearer.is_some();
+                            let c = connector(&l, addresses.clone(), self.now, bearer);
                             self.session.connect_login(c);
                             continue;
                         }
@@ -1100,12 +1120,28 @@ mod tests {
     }
 
     /// A routed login's connector as the driver builds it: the greeting read, the login's
-    /// lines replayed, 5 s to connect, 10 s per reply.
+    /// lines replayed (or with `bearer` the OAuth2 bridge's XOAUTH2 login with the token
+    /// `stale`), 5 s to connect, 10 s per reply.
     fn connector(
         login: &crate::proxy::front::Login,
         addresses: Vec<String>,
         now: Instant,
+        bearer: bool,
     ) -> Connector {
+        let replay = if bearer {
+            crate::proxy::dialogue::Replay::Bearer(crate::proxy::dialogue::Bearer {
+                mechanism: crate::config::Oauth2Mechanism::Xoauth2,
+                mailbox: "alice@example.com".into(),
+                host: "pop.example.com".into(),
+                port: 995,
+                token: "stale".into(),
+            })
+        } else {
+            crate::proxy::dialogue::Replay::Lines {
+                method: login.method,
+                lines: login.lines.clone(),
+            }
+        };
         let plan = crate::proxy::dialogue::Plan {
             tls: crate::config::TlsMode::None,
             tls_configured: false,
@@ -1113,10 +1149,7 @@ mod tests {
             xclient: None,
             read_greeting: true,
             max_line: 512,
-            login: Some(crate::proxy::dialogue::Replay::Lines {
-                method: login.method,
-                lines: login.lines.clone(),
-            }),
+            login: Some(replay),
         };
         let timeouts = crate::proxy::dialogue::ConnectTimeouts {
             connect: Duration::from_secs(5),
@@ -1131,6 +1164,51 @@ mod tests {
         let mut d = Driver::new(false, vec![]);
         d.addresses = Some(addresses.iter().map(|a| (*a).to_owned()).collect());
         d
+    }
+
+    const BRIDGE_SAYS_NO: &[u8] = b"-ERR [SYS/TEMP] the bridge says no\r\n";
+
+    #[test]
+    fn a_bearer_login_gets_a_fresh_token_through_the_session_and_a_bridge_failure_is_answered_by_the_driver()
+     {
+        let json = &b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n"[..];
+        let refused = &b"-ERR [AUTH] Authentication failed.\r\n"[..];
+        let run = |fresh: Option<&str>, n: usize| {
+            let mut d = routed(&["a:110"]);
+            d.bearer = Some(VecDeque::from([fresh.map(str::to_owned)]));
+            d.client(b"USER alice\r\nPASS local\r\n", n);
+            d.server(b"+OK hi\r\n", n);
+            d.server(b"+ \r\n", n);
+            d.server(json, n);
+            d.server(refused, n);
+            if d.session.logging_in() {
+                d.server(b"+ \r\n", n);
+                d.server(b"+OK in\r\n", n);
+            }
+            d.trace
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        for n in [1, 2, 5, 64] {
+            let t = run(Some("fresh"), n);
+            assert_eq!(t.fetched, 1);
+            assert_eq!(
+                t.ends,
+                [LoginEnd::LoggedIn {
+                    address: "a:110".into(),
+                    octets: 8
+                }]
+            );
+            assert_eq!(
+                text(&t.replay).matches("AUTH XOAUTH2\r\n").count(),
+                2,
+                "chunks of {n}"
+            );
+            assert!(t.client.ends_with(b"+OK in\r\n"), "{}", text(&t.client));
+            // No fresh token: the bridge's failure, answered with the driver's line.
+            let t = run(None, n);
+            assert_eq!(t.ends, [LoginEnd::Bridge(ConnectFailure::NoFreshToken)]);
+            assert!(t.client.ends_with(BRIDGE_SAYS_NO), "{}", text(&t.client));
+        }
     }
 
     const UNAVAILABLE: &[u8] = b"-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n";
