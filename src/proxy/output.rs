@@ -28,8 +28,10 @@ pub(crate) enum Output {
     /// [`Hop::client_tls_started`](super::Hop::client_tls_started).
     StartClientTls,
     /// Routing mode (from [`Session`](super::Session), never from the hop): route this
-    /// login, connect to the chosen upstream and replay it there, then tell the session
-    /// how it went.
+    /// login and hand the chosen upstream's connector to
+    /// [`Session::connect_login`](super::Session::connect_login), which carries it out (or
+    /// answer it with [`Session::login_failed`](super::Session::login_failed) when the
+    /// OAuth2 bridge refuses it).
     Login(Box<Login>),
     /// Direct mode with `forward_client = "proxy-v2"`, after the client's STLS, before the
     /// first command goes upstream (from [`Session`](super::Session), never from the hop):

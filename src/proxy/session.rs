@@ -2,9 +2,11 @@
 //! succeeded upstream, the [`Front`] that stands in for the server. The machine does the
 //! sequencing between them that the driver used to do: what the hop sends "upstream" goes to
 //! the front, the front's answers come back to the hop as server input, a complete login comes
-//! out as [`Output::Login`] for the driver to route and replay, and its outcome
-//! ([`Session::logged_in`], [`Session::login_failed`]) hands the session over to the real
-//! upstream or lets the front answer the login command. A QUIT the front answered ends the
+//! out as [`Output::Login`] for the driver to route, and the routed upstream's [`Connector`]
+//! ([`Session::connect_login`]) is the session's own: its dials, writes, handshakes and token
+//! fetches come out as outputs, the server's bytes and the timer come in as events, and at its
+//! end the session hands itself over to the real upstream or lets the front answer the login
+//! command (the server's `-ERR` or the "unavailable" reply). A QUIT the front answered ends the
 //! session as a server's close would.
 //!
 //! The calling contract is on [`Session`].

@@ -6,8 +6,12 @@
 //! next comes out as [`Step`]s. Around it, the [`Connector`]: the sequence over an upstream's
 //! addresses (which next, failover, dead and alive marks, the connect timeout) and a routed
 //! login's deadlines and token fetches, with time as an input. Its drivers
-//! (`net::upstream::connect` for the set-up, `session::login` for the login, the session
-//! simulator) only dial, move bytes, run handshakes, fetch tokens and feed timer expiries.
+//! (`net::upstream::drive` for the set-up and the OAuth2 bridge's own login, and for routing
+//! mode's login the session machine, [`Session::connect_login`], whose outputs the relay loop
+//! and the session simulator carry out) only dial, move bytes, run handshakes, fetch tokens
+//! and feed timer expiries.
+//!
+//! [`Session::connect_login`]: crate::proxy::Session::connect_login
 //!
 //! The calling contracts are on [`Connector`] and [`Dialogue`].
 
