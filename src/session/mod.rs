@@ -964,10 +964,7 @@ impl Driver {
                     Box::pin(self.route_login(&login, stop)).await
                 }
                 Output::ToUpstream(bytes) if self.session.logging_in() => {
-                    // The routed login's own lines: not the relay's traffic.
-                    if let Err(e) = write_flush(&mut self.upstream, &bytes).await {
-                        self.session.upstream_write_failed(clock(), &e);
-                    }
+                    Box::pin(self.login_write(&bytes, stop)).await;
                 }
                 Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
                 // Boxed: routing mode's login only (dials, handshakes, token fetches).
@@ -1261,6 +1258,19 @@ impl Driver {
             }
             Some(Err(e)) => self.session.dial_failed(clock(), &e),
             None => {}
+        }
+    }
+
+    /// [`Output::ToUpstream`] during the routed login: its own lines (not the relay's
+    /// traffic), the write raced with the session's deadline and a shutdown.
+    async fn login_write(&mut self, bytes: &[u8], stop: &Entry) {
+        let mut upstream = std::mem::replace(&mut self.upstream, Stream::Detached);
+        let written = self
+            .login_race(write_flush(&mut upstream, bytes), stop)
+            .await;
+        self.upstream = upstream;
+        if let Some(Err(e)) = written {
+            self.session.upstream_write_failed(clock(), &e);
         }
     }
 
