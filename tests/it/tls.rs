@@ -348,6 +348,51 @@ fn a_shutdown_during_a_clients_stls_handshake_closes_it_at_once_and_audited() {
     assert_eq!(s.up.quit_count(), 0);
 }
 
+/// On an implicit-TLS listener the connect rules run after the handshake: a client that
+/// pipelines its login and QUIT under TLS during a connect rule's delay gets its greeting and
+/// every answer after the delay, in order (the bytes kept were the TLS plaintext).
+#[test]
+fn commands_pipelined_under_implicit_tls_during_a_connect_delay_are_answered_after_it() {
+    let s = setup("none", Faults::default());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("r.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\ndelay = \"300ms\"\n",
+    )
+    .unwrap();
+    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
+    let p = s.h.proxy_toml(&format!(
+        "rules = [{rules:?}]\n\
+         [[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
+        s.up.local_addr()
+    ));
+    let ca = s.pki.ca_path().to_owned();
+    let addr = p.addr;
+    s.h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = std::time::Instant::now();
+        let mut tls = tls_connect(tcp, &ca).await;
+        tls.write_all(format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut r = BufReader::new(tls);
+        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(line(&mut r).await.starts_with("+OK"), "USER");
+        assert!(line(&mut r).await.starts_with("+OK"), "PASS");
+        assert!(line(&mut r).await.starts_with("+OK "), "STAT");
+        assert!(line(&mut r).await.starts_with("+OK"), "QUIT");
+    });
+    assert_eq!(s.up.quit_count(), 1);
+}
+
 /// The upstream sends plaintext right after its `+OK` to STLS: never relayed as a response.
 #[test]
 fn upstream_side_starttls_injection_is_discarded() {
