@@ -327,7 +327,16 @@ pub(crate) async fn drive<L: Link>(
         }
         let deadline = connector.poll_timeout();
         let Some(l) = link.as_mut() else {
-            connector.read_failed(now(), &"not connected");
+            // Nothing to read from (the connector never waits so): its deadline ends it.
+            let Some(d) = deadline else {
+                return ConnectEnd::Failed(ConnectFailure::Unavailable {
+                    address,
+                    stage: ConnectStage::Setup,
+                    reason: Reason::Closed,
+                });
+            };
+            tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await;
+            connector.on_timeout(now());
             continue;
         };
         match before(deadline, l.read(&mut buf[..chunk])).await {
