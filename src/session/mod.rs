@@ -949,7 +949,19 @@ impl Driver {
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
-                    self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
+                    let shaken = tokio::select! {
+                        biased;
+                        r = Box::pin(client_handshake(plain, &self.shared)) => Some(r),
+                        _ = stop.stopped() => None,
+                    };
+                    let Some(shaken) = shaken else {
+                        // A kick or the drain does not wait for the handshake. No TLS yet,
+                        // so no `-ERR` the client could read: the connection is closed.
+                        info!("stopped during the client's STLS handshake");
+                        self.session.on_shutdown();
+                        return Ok(Some(CloseReason::Shutdown));
+                    };
+                    self.client = shaken?;
                     self.session.client_tls_started(&mut self.cin);
                     self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {

@@ -234,6 +234,7 @@ fn a_routed_address_that_never_greets_is_failed_over() {
     }
     assert_eq!(old.connections(), 2);
     assert_eq!(slow.connections(), 1, "skipped once dead");
+    assert_eq!(slow.quit_count(), 0, "given up without QUIT");
     // Only the silent ones: SYS/TEMP after connect_timeout (2 s each), and the client may go
     // on elsewhere.
     let r = routing_proxy(
