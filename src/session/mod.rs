@@ -301,6 +301,10 @@ async fn open(
         }
         connect_delay(&mut opening, &mut client, &mut cin, &stop).await;
         traffic.from_client = cin.len() as u64;
+        // `popgate sessions`: what the client sent during the delay (and when it last did).
+        if let Some(h) = observer.tap_mut().handle_mut() {
+            h.progress(traffic.from_client, 0);
+        }
     };
     live.from_client.inc_by(traffic.from_client);
     if let crate::proxy::connect::Opened::Close {
