@@ -191,7 +191,9 @@ fn sessions_lists_a_curl_and_a_poplib_session_while_they_are_open() {
         .spawn()
         .expect("curl");
     let mut spec = clients::poplib_spec(p.addr, "bob", "bob-pw");
-    spec["actions"] = json!([["stat"], ["sleep", 8], ["quit"]]);
+    // Long enough for the seven control commands below on a loaded machine (bob must still
+    // be there for the last of them).
+    spec["actions"] = json!([["stat"], ["sleep", 20], ["quit"]]);
     let mut py = Command::new("python3")
         .arg(clients::pop_py())
         .stdin(Stdio::piped())
