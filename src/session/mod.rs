@@ -309,6 +309,10 @@ async fn open(
         }
         connect_delay(&mut opening, &mut client, &mut cin, &stop).await;
         traffic.from_client = cin.len() as u64;
+        // `popgate sessions`: what the client sent during the delay (and when it last did).
+        if let Some(h) = observer.tap_mut().handle_mut() {
+            h.progress(traffic.from_client, 0);
+        }
     };
     live.from_client.inc_by(traffic.from_client);
     if let crate::proxy::connect::Opened::Close {
@@ -991,7 +995,19 @@ impl Driver {
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
-                    self.client = Box::pin(client_handshake(plain, &self.shared)).await?;
+                    let shaken = tokio::select! {
+                        biased;
+                        r = Box::pin(client_handshake(plain, &self.shared)) => Some(r),
+                        _ = stop.stopped() => None,
+                    };
+                    let Some(shaken) = shaken else {
+                        // A kick or the drain does not wait for the handshake. No TLS yet,
+                        // so no `-ERR` the client could read: the connection is closed.
+                        info!("stopped during the client's STLS handshake");
+                        self.session.on_shutdown();
+                        return Ok(Some(CloseReason::Shutdown));
+                    };
+                    self.client = shaken?;
                     self.session.client_tls_started(&mut self.cin);
                     self.client_tls = self.client.tls_info().map(Box::new);
                     if let Some(t) = &self.client_tls {

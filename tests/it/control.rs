@@ -191,7 +191,9 @@ fn sessions_lists_a_curl_and_a_poplib_session_while_they_are_open() {
         .spawn()
         .expect("curl");
     let mut spec = clients::poplib_spec(p.addr, "bob", "bob-pw");
-    spec["actions"] = json!([["stat"], ["sleep", 8], ["quit"]]);
+    // Long enough for the seven control commands below on a loaded machine (bob must still
+    // be there for the last of them).
+    spec["actions"] = json!([["stat"], ["sleep", 20], ["quit"]]);
     let mut py = Command::new("python3")
         .arg(clients::pop_py())
         .stdin(Stdio::piped())
@@ -772,6 +774,66 @@ fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() 
         );
         assert!(p.log().contains("session kicked"), "{what}: {}", p.log());
     }
+}
+
+/// A kick during a client's STLS handshake (it got `+OK begin TLS` and sends no ClientHello)
+/// ends the session at once, not after `tls.handshake_timeout`: closed without a word (no TLS
+/// to carry one), audited as a kick with who asked; nothing went upstream but the session's
+/// own traffic, and no QUIT.
+#[test]
+fn kick_during_a_clients_stls_handshake_ends_it_at_once_audited_with_who_asked() {
+    use common::certs::TestPki;
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let h = Harness::new();
+    let up = h.upstream(ServerOptions::new(vec![mailbox("a", "b", vec![])]));
+    let opts = PopgateOpts::new()
+        .listener("tls = \"starttls\"\n")
+        .tables(&format!(
+            "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n"
+        ));
+    let mut p = PopgateProcess::run(up.local_addr(), opts.wait_for_log());
+    let s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("+OK"), "{line}");
+    r.get_mut().write_all(b"STLS\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("+OK begin TLS"), "{line}");
+    let rows = wait_sessions(&p, "one session", |r| r.len() == 1);
+    let id = rows[0]["id"].as_u64().unwrap();
+    let started = Instant::now();
+    let out = ctl(&p, &["kick", "--session", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not ended by the kick: {:?}",
+        started.elapsed()
+    );
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    wait_sessions(&p, "gone", |r| r.is_empty());
+    p.stop();
+    let events = common::audit_events(&p.path("audit"));
+    let close = events
+        .iter()
+        .find(|e| e["event"] == "session_close" && e["session"] == json!(id))
+        .unwrap_or_else(|| panic!("no session_close: {events:#?}"));
+    assert_eq!(close["reason"], json!("kick"), "{close}");
+    assert!(
+        close["kicked_by"].as_str().unwrap().starts_with("uid "),
+        "{close}"
+    );
+    assert_eq!(up.quit_count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -803,3 +803,53 @@ fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
     assert!(!heard.iter().any(|l| l.starts_with("USER")), "{heard:?}");
     assert!(!heard.iter().any(|l| l.starts_with("QUIT")), "{heard:?}");
 }
+
+/// A balancer's PROXY header and the client's whole session in one write, before the
+/// greeting, on a listener whose `connect` rules delay the balancer's client and deny another:
+/// the header is consumed exactly (the commands after it are the client's, kept during the
+/// delay and answered after it, in order), and the rules judge the header's client, not the
+/// balancer: the delayed one is served, the denied one refused with nothing dialled for it.
+#[test]
+fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() {
+    let h = Harness::new();
+    let up = demo(&h);
+    let rules = "[[rule]]\nname = \"slow\"\non = \"connect\"\nclient = \"192.0.2.0/24\"\n\
+                 action = \"delay\"\ndelay = \"300ms\"\n\
+                 [[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
+                 action = \"deny\"\nmessage = \"not from there\"\n";
+    let p = PopgateProcess::run(
+        up.local_addr(),
+        PopgateOpts::new()
+            .top("rules = [\"r.toml\"]\n")
+            .file("r.toml", rules)
+            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+            .wait_for_log(),
+    );
+    let session = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
+    let mut bytes = v2("192.0.2.7:40000", "198.51.100.1:110");
+    bytes.extend_from_slice(session.as_bytes());
+    let mut s = connect_from(ip("127.0.0.1"), p.addr);
+    let t = Instant::now();
+    s.write_all(&bytes).unwrap();
+    let (got, _) = until_closed(s);
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let got = String::from_utf8_lossy(&got);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 5, "{got}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert!(lines[3].starts_with("+OK 1 "), "STAT: {got}");
+    assert_eq!(up.connections(), 1);
+    // The denied client, its login in the same write: refused after the delay, not dialled.
+    let mut bytes = v1("192.0.2.66:40001", "198.51.100.1:110");
+    bytes.extend_from_slice(session.as_bytes());
+    let mut s = connect_from(ip("127.0.0.1"), p.addr);
+    s.write_all(&bytes).unwrap();
+    let (got, _) = until_closed(s);
+    assert_eq!(String::from_utf8_lossy(&got), "-ERR not from there\r\n");
+    assert_eq!(up.connections(), 1, "nothing dialled for the denied client");
+    assert_eq!(up.quit_count(), 1);
+}

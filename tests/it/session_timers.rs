@@ -540,13 +540,18 @@ async fn a_client_that_hangs_up_during_a_connect_delay_frees_its_session_at_once
 /// meanwhile and relayed after the delay in order, as if they had waited in the socket.
 #[tokio::test(start_paused = true)]
 async fn commands_sent_during_a_connect_delay_are_relayed_after_it() {
-    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let ctl = tempfile::tempdir().unwrap();
+    let tables = format!("{LOGIN_AFTER_DELAY}{}", control_table(ctl.path()));
+    let mut p = start(&tables, Some(SLOW_CONNECT)).await;
     let t = Instant::now();
     let mut c = Client::connect(p.addr).await;
     let sent = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
     c.w.write_all(sent.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(p.up.received().is_empty(), "relayed during the delay");
+    // Read meanwhile: `popgate sessions` counts it.
+    let rows = listed(ctl.path()).await;
+    assert_eq!(rows[0]["bytes_from_client"], sent.len(), "{rows:?}");
     let greeting = c.line().await;
     assert!(greeting.starts_with("+OK"), "the greeting: {greeting:?}");
     took(t.elapsed(), Duration::from_secs(60));

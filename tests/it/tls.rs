@@ -300,6 +300,99 @@ fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
     assert!(received.iter().all(|l| !l.starts_with(b"STLS")));
 }
 
+/// A shutdown while a client's STLS handshake is under way (the client answered `+OK` and
+/// stalls): popgate does not wait for the handshake (`tls.handshake_timeout`, 30 s) nor give
+/// the session up unrecorded after its close wait; the session ends at once, closed without a
+/// word (there is no TLS to carry one), and its `session_close` says `shutdown`.
+#[test]
+fn a_shutdown_during_a_clients_stls_handshake_closes_it_at_once_and_audited() {
+    let s = setup("none", Faults::default());
+    let audit = tempfile::tempdir().unwrap();
+    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
+    let mut p = s.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        s.up.local_addr(),
+        audit.path()
+    ));
+    let addr = p.addr;
+    let mut r = s.h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut r = BufReader::new(tcp);
+        assert!(line(&mut r).await.starts_with("+OK"));
+        r.get_mut().write_all(b"STLS\r\n").await.unwrap();
+        assert!(line(&mut r).await.starts_with("+OK begin TLS"));
+        // No ClientHello: popgate waits in its handshake.
+        r
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    p.shutdown(&s.h);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let rest = s.h.rt.block_on(async move {
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest)).await;
+        rest
+    });
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let events = common::audit_events(audit.path());
+    let kinds: Vec<&serde_json::Value> = events.iter().map(|e| &e["event"]).collect();
+    assert_eq!(kinds, ["session_open", "session_close"], "{events:?}");
+    assert_eq!(events[1]["reason"], "shutdown", "{events:?}");
+    assert_eq!(s.up.quit_count(), 0);
+}
+
+/// On an implicit-TLS listener the connect rules run after the handshake: a client that
+/// pipelines its login and QUIT under TLS during a connect rule's delay gets its greeting and
+/// every answer after the delay, in order (the bytes kept were the TLS plaintext).
+#[test]
+fn commands_pipelined_under_implicit_tls_during_a_connect_delay_are_answered_after_it() {
+    let s = setup("none", Faults::default());
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("r.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\ndelay = \"300ms\"\n",
+    )
+    .unwrap();
+    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
+    let p = s.h.proxy_toml(&format!(
+        "rules = [{rules:?}]\n\
+         [[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
+        s.up.local_addr()
+    ));
+    let ca = s.pki.ca_path().to_owned();
+    let addr = p.addr;
+    s.h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = std::time::Instant::now();
+        let mut tls = tls_connect(tcp, &ca).await;
+        tls.write_all(format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut r = BufReader::new(tls);
+        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(line(&mut r).await.starts_with("+OK"), "USER");
+        assert!(line(&mut r).await.starts_with("+OK"), "PASS");
+        assert!(line(&mut r).await.starts_with("+OK "), "STAT");
+        assert!(line(&mut r).await.starts_with("+OK"), "QUIT");
+    });
+    assert_eq!(s.up.quit_count(), 1);
+}
+
 /// The upstream sends plaintext right after its `+OK` to STLS: never relayed as a response.
 #[test]
 fn upstream_side_starttls_injection_is_discarded() {

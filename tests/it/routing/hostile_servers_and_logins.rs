@@ -234,6 +234,7 @@ fn a_routed_address_that_never_greets_is_failed_over() {
     }
     assert_eq!(old.connections(), 2);
     assert_eq!(slow.connections(), 1, "skipped once dead");
+    assert_eq!(slow.quit_count(), 0, "given up without QUIT");
     // Only the silent ones: SYS/TEMP after connect_timeout (2 s each), and the client may go
     // on elsewhere.
     let r = routing_proxy(
@@ -407,6 +408,11 @@ fn a_dead_address_is_tried_again_after_dead_for() {
         let reply = c.cmd("PASS pw");
         assert!(reply.starts_with(expect), "{reply}");
     };
+    // The next login may reach the same server only once this one's maildrop lock is gone
+    // (the server lets go when popgate closes the upstream after the client left).
+    let released = |s: &DemoServer| {
+        common::wait_until("the maildrop lock is released", || !s.is_locked("alice"));
+    };
     // Both dead.
     login(UNAVAILABLE);
     // b comes up: a is still skipped (and b answers); a comes up later, after dead_for.
@@ -420,9 +426,11 @@ fn a_dead_address_is_tried_again_after_dead_for() {
     let sb = h.rt.block_on(DemoServer::start(b, opts("b"))).unwrap();
     login("+OK");
     assert_eq!(sb.connections(), 1);
+    released(&sb);
     let sa = h.rt.block_on(DemoServer::start(a, opts("a"))).unwrap();
     login("+OK");
     assert_eq!((sa.connections(), sb.connections()), (0, 2), "a still dead");
+    released(&sb);
     std::thread::sleep(Duration::from_millis(1200));
     login("+OK");
     assert_eq!(sa.connections(), 1, "a tried again after dead_for");
