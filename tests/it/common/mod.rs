@@ -27,9 +27,22 @@ pub fn free_port() -> u16 {
 
 /// Like [`free_port`] for another local address, e.g. `"127.0.0.2"` or `"::1"`.
 pub fn free_port_on(ip: &str) -> u16 {
+    // The kernel may hand the same port out again once its probe socket is closed, so two
+    // calls in one test (a listener and a metrics port) could collide: no port is given out
+    // twice by this process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let ip: std::net::IpAddr = ip.parse().expect("free_port_on: not an IP address");
-    let listener = TcpListener::bind((ip, 0)).expect("bind to port 0");
-    listener.local_addr().expect("local_addr").port()
+    loop {
+        let listener = TcpListener::bind((ip, 0)).expect("bind to port 0");
+        let port = listener.local_addr().expect("local_addr").port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Whether `cmd` is an executable on PATH (or in /usr/sbin or /sbin, which a non-root PATH
