@@ -186,15 +186,7 @@ impl Connector {
     ) -> Connector {
         let dialogue = Dialogue::login_only(login.clone(), max_line);
         let mut c = Connector {
-            plan: Plan {
-                tls: crate::config::TlsMode::None,
-                tls_configured: false,
-                proxy_header: None,
-                xclient: None,
-                read_greeting: false,
-                max_line,
-                login: Some(login),
-            },
+            plan: Plan::login_only(login, max_line),
             addresses: vec![String::new()],
             at: 0,
             timeouts: ConnectTimeouts {

@@ -84,6 +84,22 @@ pub(crate) struct Plan {
     pub(crate) login: Option<Replay>,
 }
 
+impl Plan {
+    /// The plan of a login alone on a connection already set up (greeting read): no TLS, no
+    /// PROXY header or XCLIENT, nothing read first.
+    pub(crate) fn login_only(login: Replay, max_line: usize) -> Plan {
+        Plan {
+            tls: TlsMode::None,
+            tls_configured: false,
+            proxy_header: None,
+            xclient: None,
+            read_greeting: false,
+            max_line,
+            login: Some(login),
+        }
+    }
+}
+
 impl std::fmt::Debug for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plan")
@@ -388,15 +404,7 @@ impl Dialogue {
     pub(crate) fn login_only(login: Replay, max_line: usize) -> Dialogue {
         let mut d = Dialogue {
             lines: Lines::new(max_line),
-            plan: Plan {
-                tls: TlsMode::None,
-                tls_configured: false,
-                proxy_header: None,
-                xclient: None,
-                read_greeting: false,
-                max_line,
-                login: Some(login),
-            },
+            plan: Plan::login_only(login, max_line),
             state: State::LoginGreeting,
             greeting: Vec::new(),
             preread: Vec::new(),
