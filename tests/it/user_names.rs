@@ -306,11 +306,14 @@ fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
     let r = log_in(&mut c, Method::UserPass, "\u{c9}VE");
     assert!(r.starts_with("-ERR [AUTH]"), "{r}");
     c.cmd("QUIT");
-    let l = logins(audit.path(), 1);
-    let last = l
-        .iter()
-        .find(|e| e["user_as_typed"] == "\u{c9}VE")
-        .expect("the \u{c9}VE login");
+    // Earlier sessions' login events may already be there: wait for this one's.
+    let find = || {
+        logins(audit.path(), 1)
+            .into_iter()
+            .find(|e| e["user_as_typed"] == "\u{c9}VE")
+    };
+    common::wait_until("the \u{c9}VE login", || find().is_some());
+    let last = find().expect("the \u{c9}VE login");
     assert_eq!(
         (&last["user"], &last["user_as_typed"], &last["outcome"]),
         (&json!("\u{c9}ve"), &json!("\u{c9}VE"), &json!("failure")),
