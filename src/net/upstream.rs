@@ -1,8 +1,10 @@
 //! Dialling the POP3 server behind popgate: plain, STLS (RFC 2595) or implicit TLS, and
 //! passing the real client address on (`forward_client`: a PROXY header, or Dovecot's XCLIENT).
 //! The dialogue and the sequence over the addresses are the protocol core's
-//! (`proxy::dialogue::Connector`: failover, dead marks, the connect timeout); this is their
-//! driver: TCP, TLS handshakes, reads and writes, timer expiries.
+//! (`proxy::dialogue::Connector`: failover, dead marks, the connect timeout): a session's
+//! connectors (direct mode's set-up, the re-dial after STLS, the routed login) are the session
+//! machine's, their steps carried out by the session's driver with [`Link`]; [`drive`] carries
+//! them out for the OAuth2 bridge's login on a lent connection.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,18 +53,6 @@ pub struct ConnectError {
     pub reason: String,
 }
 
-/// An open upstream connection.
-#[derive(Debug)]
-pub struct Upstream {
-    /// The address (as configured) that answered.
-    pub address: String,
-    /// The connection, TLS already active for `starttls` and `implicit`.
-    pub stream: Stream,
-    /// Server bytes already read during setup (the greeting, with `starttls`), to be relayed
-    /// first.
-    pub preread: Vec<u8>,
-}
-
 /// The dialogue's plan for `cfg`: the PROXY header and XCLIENT line for `origin`, the greeting
 /// read during the set-up when `greeting`, then `login` if any.
 pub(crate) fn plan(
@@ -102,57 +92,6 @@ pub(crate) fn plan(
 /// The connector's clock: tokio's (paused in tests), the session's own (`session::clock`).
 pub(crate) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// Open a connection to the upstream: its addresses in order, each within the connect
-/// timeout (TCP, STLS and handshake, and with `plan.read_greeting` the greeting: it is then in
-/// [`Upstream::preread`]). An address that fails at a stage that fails over (TCP, timeout) is
-/// marked dead in `dead` for `dead_for` and the next one is tried; dead ones are skipped unless
-/// all are. A TLS or protocol failure is returned at once. The decisions are the core's
-/// [`Connector`]; this carries out its steps.
-pub(crate) async fn connect(
-    cfg: &UpstreamConfig,
-    tls: Option<&UpstreamTls>,
-    plan: &Plan,
-    dead: &DeadAddresses,
-) -> Result<Upstream, ConnectError> {
-    let mut connector = connector(cfg, plan.clone(), None, dead);
-    let mut link: Option<Stream> = None;
-    let end = drive(
-        &mut connector,
-        &mut link,
-        tls,
-        Some(dead),
-        cfg.label(),
-        &mut NoTokens,
-        READ_CHUNK,
-    )
-    .await;
-    match (end, link) {
-        (ConnectEnd::Connected { address, preread }, Some(stream)) => Ok(Upstream {
-            address,
-            stream,
-            preread,
-        }),
-        (
-            ConnectEnd::Failed(ConnectFailure::Unavailable {
-                address,
-                stage,
-                reason,
-            }),
-            _,
-        ) => Err(ConnectError {
-            address,
-            stage,
-            reason: reason.to_string(),
-        }),
-        // Only a login ends otherwise, and this plan has none.
-        _ => Err(ConnectError {
-            address: String::new(),
-            stage: ConnectStage::Setup,
-            reason: Reason::Closed.to_string(),
-        }),
-    }
 }
 
 /// The core's [`Connector`] for `cfg` with `plan`, at [`now`]: the addresses in the order
@@ -226,8 +165,10 @@ pub(crate) trait Tokens {
 }
 
 /// No token source: a plan without a bearer login.
+#[cfg(test)]
 pub(crate) struct NoTokens;
 
+#[cfg(test)]
 impl Tokens for NoTokens {
     async fn fresh(&mut self) -> Option<String> {
         None

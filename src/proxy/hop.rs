@@ -269,6 +269,32 @@ impl Hop {
         }
     }
 
+    /// The upstream, dialled by the session after the hop was built (direct mode's set-up),
+    /// is connected now: the greeting and idle timeouts count from here.
+    pub(crate) fn upstream_connected(&mut self, now: Instant) {
+        self.now = now;
+        self.idle_deadline = now + self.cfg.idle_timeout;
+        self.greeting_deadline = now + self.cfg.greeting_timeout;
+    }
+
+    /// How many client bytes the session keeps before the relay (the connect phase's bound,
+    /// [`early_input_limit`](super::connect::early_input_limit)).
+    pub(crate) fn early_input_limit(&self) -> usize {
+        super::connect::early_input_limit(self.cfg.max_line, self.cfg.max_pipeline)
+    }
+
+    /// The session ends before its relay began (the upstream's set-up failed, the client
+    /// hung up, a shutdown came): `reply`, if any, goes to the client, then the close.
+    pub(crate) fn close_before_relay(&mut self, reply: Option<Bytes>, reason: CloseReason) {
+        if self.closed() {
+            return;
+        }
+        if let Some(reply) = reply {
+            self.send_client(reply);
+        }
+        self.close(reason);
+    }
+
     /// The next output to carry out; `None` when there is none or the next ones are held
     /// (until [`Hop::poll_timeout`]).
     pub(crate) fn poll_output(&mut self) -> Option<Output> {

@@ -19,7 +19,7 @@ mod session;
 pub(crate) mod sim;
 
 pub(crate) use hop::{Hop, HopConfig};
-pub(crate) use output::{DeadMark, LoginEnd, Marks, Output, SessionEvent};
+pub(crate) use output::{DeadMark, Marks, Output, SessionEvent, UpstreamEnd, UpstreamPurpose};
 pub(crate) use scan::{ScanAction, ScanRequest};
 pub(crate) use session::Session;
 

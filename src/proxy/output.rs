@@ -35,8 +35,11 @@ pub(crate) enum Output {
     Login(Box<Login>),
     /// Direct mode with `forward_client = "proxy-v2"`, after the client's STLS, before the
     /// first command goes upstream (from [`Session`](super::Session), never from the hop):
-    /// dial the server again with the client's TLS in the PROXY header and take its greeting
-    /// silently; go on over the new connection, or over the old one if that fails.
+    /// build a connector to the server with the client's TLS in the PROXY header and hand it
+    /// to [`Session::redial_upstream`](super::Session::redial_upstream); its steps then come
+    /// out as the session's outputs, toward a second, pending connection, and
+    /// [`Output::UpstreamEnded`] says whether the session goes over to it. Not answering
+    /// (server bytes unread on the first connection) keeps the session on the first one.
     RedialUpstream,
     /// Append these body bytes (wire bytes of a RETR/TOP body a `scan` rule selected,
     /// dot-stuffed, without the terminator line) to the session's spool, creating it with the
@@ -51,16 +54,16 @@ pub(crate) enum Output {
     Unspool,
     /// Drop the spool unsent (the message was replaced, denied or tempfailed).
     DropSpool,
-    /// Routing mode's login (from [`Session`](super::Session), after
-    /// [`Session::connect_login`](super::Session::connect_login)): close the upstream
-    /// connection there is, if any (without a word), and open a TCP connection to this address
-    /// (`host:port`, as configured) with `TCP_NODELAY`; then
+    /// An upstream connector's dial (from [`Session`](super::Session): direct mode's set-up,
+    /// the re-dial after STLS, routing mode's login): close the connection there is in the
+    /// slot the connector works on, if any (without a word), and open a TCP connection to
+    /// this address (`host:port`, as configured) with `TCP_NODELAY`; then
     /// [`Session::dialled`](super::Session::dialled) or
     /// [`Session::dial_failed`](super::Session::dial_failed). Raced with the session's
-    /// deadline and a shutdown, as every step of the login.
+    /// deadline and a shutdown (and in the set-up the client's reading), as every step.
     Dial(String),
-    /// Routing mode's login: run the client side of a TLS handshake on the upstream
-    /// connection (toward the address dialled last); then
+    /// An upstream connector's step: run the client side of a TLS handshake on the
+    /// connection it works on (toward the address dialled last); then
     /// [`Session::upstream_tls_done`](super::Session::upstream_tls_done) or
     /// [`Session::upstream_tls_failed`](super::Session::upstream_tls_failed).
     StartUpstreamTls,
@@ -68,18 +71,20 @@ pub(crate) enum Output {
     /// one from the OAuth2 bridge, then [`Session::fresh_token`](super::Session::fresh_token)
     /// or [`Session::token_failed`](super::Session::token_failed).
     FetchToken,
-    /// Routing mode's login: skip this address until then (the shared dead addresses).
+    /// An upstream connector's step: skip this address until then (the shared dead
+    /// addresses).
     MarkDead(Box<DeadMark>),
-    /// Routing mode's login: this address answered, it is alive again.
+    /// An upstream connector's step: this address answered, it is alive again.
     MarkAlive(String),
-    /// Routing mode's login: something about the upstream worth a log line.
+    /// An upstream connector's step: something about the upstream worth a log line.
     UpstreamNotice(Box<Notice>),
-    /// Routing mode's login is over (the upstream connection is dropped unless it
-    /// succeeded): record it (logs, metrics). For [`LoginEnd::Bridge`] the driver answers
-    /// with [`Session::login_failed`](super::Session::login_failed) and the OAuth2 bridge's
-    /// reply; otherwise the session has already gone over to the upstream or answered the
-    /// client.
-    LoginEnded(Box<LoginEnd>),
+    /// An upstream connector is over (for this purpose; the connection it worked on is
+    /// dropped unless it ended [`UpstreamEnd::Connected`]): record it (logs, metrics: the
+    /// one place an upstream connect's end is counted). For [`UpstreamEnd::Bridge`] the
+    /// driver answers with [`Session::login_failed`](super::Session::login_failed) and the
+    /// OAuth2 bridge's reply; otherwise the session has already gone over to the upstream,
+    /// answered the client, or (a re-dial) stayed on the first connection.
+    UpstreamEnded(UpstreamPurpose, Box<UpstreamEnd>),
     /// The session is over, for this reason: close the client (with a TCP reset when
     /// [`Hop::mid_response`](super::Hop::mid_response): a cut multi-line response must not
     /// look complete) and the upstream, without QUIT.
@@ -95,17 +100,32 @@ pub(crate) struct DeadMark {
     pub(crate) until: Instant,
 }
 
-/// How routing mode's login ended ([`Output::LoginEnded`]).
+/// What an upstream connector of the session is for ([`Output::UpstreamEnded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamPurpose {
+    /// Direct mode's set-up, before the relay: the connection the session relays over.
+    Setup,
+    /// Direct mode with PROXY v2, after the client's STLS: a second connection that replaces
+    /// the first if it greets `+OK` (the driver's pending slot until then).
+    Redial,
+    /// Routing mode's login, replayed (or the OAuth2 bearer login) on the routed upstream.
+    Login,
+}
+
+/// How an upstream connector of the session ended ([`Output::UpstreamEnded`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LoginEnd {
-    /// The upstream took the login: the session relays over the connection dialled last.
-    LoggedIn {
+pub(crate) enum UpstreamEnd {
+    /// The upstream is had (set up, greeted `+OK` for a re-dial, logged in for a login): the
+    /// session relays over the connection dialled last.
+    Connected {
         /// The address that answered.
         address: String,
-        /// The server's octets the session took as the login's reply (and what followed it).
+        /// The server's octets the session took in the set-up (the greeting read, a login's
+        /// reply and what followed it).
         octets: usize,
     },
-    /// The upstream could not be had; the client was told it is unavailable.
+    /// The upstream could not be had; the client was told it is unavailable (a re-dial: the
+    /// session goes on over the first connection).
     Unavailable {
         /// The last address tried (empty when none is configured).
         address: String,
@@ -113,6 +133,14 @@ pub(crate) enum LoginEnd {
         stage: ConnectStage,
         /// Why.
         reason: Reason,
+    },
+    /// A re-dial's server did not greet `+OK` (this line, or what it sent): the session goes
+    /// on over the first connection.
+    NotGreeted {
+        /// The address that answered.
+        address: String,
+        /// What it sent.
+        greeting: Vec<u8>,
     },
     /// The server answered a login step `-ERR`, which answered the client.
     Refused,

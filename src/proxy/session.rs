@@ -2,12 +2,14 @@
 //! succeeded upstream, the [`Front`] that stands in for the server. The machine does the
 //! sequencing between them that the driver used to do: what the hop sends "upstream" goes to
 //! the front, the front's answers come back to the hop as server input, a complete login comes
-//! out as [`Output::Login`] for the driver to route, and the routed upstream's [`Connector`]
-//! ([`Session::connect_login`]) is the session's own: its dials, writes, handshakes and token
-//! fetches come out as outputs, the server's bytes and the timer come in as events, and at its
-//! end the session hands itself over to the real upstream or lets the front answer the login
-//! command (the server's `-ERR` or the "unavailable" reply). A QUIT the front answered ends the
-//! session as a server's close would.
+//! out as [`Output::Login`] for the driver to route. Every upstream connector is the session's
+//! own: direct mode's set-up ([`Session::connect_upstream`], before the relay), the re-dial
+//! after the client's STLS ([`Session::redial_upstream`]) and the routed login
+//! ([`Session::connect_login`]). Their dials, writes, handshakes and token fetches come out as
+//! outputs, the server's bytes and the timer come in as events, and at the end the session
+//! starts the relay (or goes over to the new connection), answers the client (the
+//! "unavailable" reply, a login's `-ERR`), or stays where it was. A QUIT the front answered
+//! ends the session as a server's close would.
 //!
 //! The calling contract is on [`Session`].
 
@@ -19,17 +21,20 @@ use tracing::debug;
 
 use super::dialogue::{ConnectEnd, ConnectFailure, ConnectStage, ConnectStep, Connector, Reason};
 use super::front::Front;
-use super::{DeadMark, Hop, LoginEnd, Output, SessionEvent};
+use super::{DeadMark, Hop, Output, SessionEvent, UpstreamEnd, UpstreamPurpose};
 use crate::pop3::replies;
+use crate::types::CloseReason;
 
 /// One session: the hop, and in routing mode the front until the login is routed.
 ///
 /// # Calling contract
 ///
 /// The hop's contract (see [`Hop`]), with the session in its place:
-/// 1. [`Session::new`] with the hop and, in routing mode, the front; then [`Session::start`]
-///    with the server bytes already read (direct mode's pre-read greeting) in `sin` and the
-///    client bytes the connect phase kept (during a `connect` rule's delay) in `cin`.
+/// 1. [`Session::new`] with the hop and, in routing mode, the front; in direct mode
+///    [`Session::connect_upstream`] with the upstream's [`Connector`] (the session starts by
+///    connecting it); then [`Session::start`] with the server bytes already read (none when
+///    the session connects the upstream itself) in `sin` and the client bytes the connect
+///    phase kept (during a `connect` rule's delay) in `cin`.
 /// 2. Feed what happens: [`Session::on_client_input`], [`Session::on_server_input`] (never
 ///    while [`Session::wants_server_input`] is false: in routing mode before the login there
 ///    is no upstream to read), [`Session::on_client_eof`], [`Session::on_upstream_eof`],
@@ -44,26 +49,35 @@ use crate::pop3::replies;
 ///    the login's replay, or the OAuth2 bridge's bearer login, in its plan), then
 ///    [`Session::connect_login`]; if it cannot be routed (the bridge refused the password),
 ///    [`Session::login_failed`] with the line that answers the client's login command.
-///    From `connect_login` to [`Output::LoginEnded`] the session talks to the upstream
-///    through its outputs: [`Output::Dial`] (answered with [`Session::dialled`] or
-///    [`Session::dial_failed`]), [`Output::ToUpstream`] (on an error
-///    [`Session::upstream_write_failed`]), [`Output::StartUpstreamTls`]
+///    [`Output::RedialUpstream`]: build the connector for a second connection (the client's
+///    TLS in its PROXY header) and hand it over with [`Session::redial_upstream`] (or not:
+///    the session stays on the first connection).
+/// 4. While a connector is out ([`Session::connecting`]: the set-up, the re-dial, the routed
+///    login) the session talks to the upstream through its outputs: [`Output::Dial`]
+///    (answered with [`Session::dialled`] or [`Session::dial_failed`]), [`Output::ToUpstream`]
+///    (on an error [`Session::upstream_write_failed`]), [`Output::StartUpstreamTls`]
 ///    ([`Session::upstream_tls_done`]/[`Session::upstream_tls_failed`]),
 ///    [`Output::FetchToken`] ([`Session::fresh_token`]/[`Session::token_failed`]),
 ///    [`Output::MarkDead`], [`Output::MarkAlive`], [`Output::UpstreamNotice`]; the server's
-///    bytes, its end and read errors come in as in the relay. Whatever the driver waits for
-///    meanwhile (a dial, a handshake, a token) is raced with [`Session::poll_timeout`] and
-///    shutdown. At the end the session goes over to the upstream itself, or answers the
-///    client (the server's `-ERR`, or the "unavailable" reply); [`Output::LoginEnded`] says
-///    which, and for [`LoginEnd::Bridge`] the driver answers with [`Session::login_failed`]
-///    and the bridge's reply. A shutdown while the login is out: [`Session::on_shutdown`]
-///    (the login is abandoned, the upstream closed without QUIT).
-/// 4. Wait for the client while [`Session::wants_client_input`], the upstream while
+///    bytes, its end and read errors come in as in the relay (from the re-dial's pending
+///    connection while it is out). Whatever the driver waits for meanwhile (a dial, a
+///    handshake, a token) is raced with [`Session::poll_timeout`], shutdown, and the client
+///    while [`Session::wants_client_input`] (the set-up only: its bytes are kept, bounded as
+///    the connect phase bounds them, for the relay; its end ends the session at once). At the
+///    end [`Output::UpstreamEnded`] says how it went, for the driver's records (logs,
+///    metrics) and its connection slots: the set-up starts the relay or answers the client
+///    with the "unavailable" line and closes; the re-dial goes over to the new connection
+///    or stays on the first; the login goes over to the upstream or answers the client (the
+///    server's `-ERR`, the "unavailable" line; for [`UpstreamEnd::Bridge`] the driver
+///    answers with [`Session::login_failed`] and the bridge's reply). A shutdown while a
+///    connector is out: [`Session::on_shutdown`] (it is abandoned, the upstream closed
+///    without QUIT; in the set-up the client gets the shutdown's `-ERR`).
+/// 5. Wait for the client while [`Session::wants_client_input`], the upstream while
 ///    [`Session::wants_server_input`], the instant [`Session::poll_timeout`], and shutdown.
-///    While the routed login is out, the client is not read and the deadline is the
-///    connector's alone (the connect and reply timeouts): the client waits for popgate,
-///    the hop's own timeouts resume with the relay.
-/// 5. At the end, [`Session::hop`] for the close record ([`Hop::finish`] and the rest).
+///    While a connector is out the deadline is the connector's alone (the connect and reply
+///    timeouts); the hop's own timeouts resume with the relay. During the re-dial and the
+///    routed login the client is not read: it waits for popgate.
+/// 6. At the end, [`Session::hop`] for the close record ([`Hop::finish`] and the rest).
 #[derive(Debug)]
 pub(crate) struct Session {
     hop: Hop,
@@ -77,9 +91,16 @@ pub(crate) struct Session {
     redial_after_stls: bool,
     /// The client's TLS is up and no command went upstream since.
     redial_due: bool,
-    /// Routing mode, from [`Session::connect_login`] to the login's end: the routed
-    /// upstream's connector, whose steps come out as the session's outputs.
-    login: Option<Box<Connector>>,
+    /// The command held back for the connection dialled again after STLS (it goes out on
+    /// whichever connection the session ends up on).
+    redial_held: Option<Bytes>,
+    /// From the hand-over of a connector to its end: the connector (whose steps come out as
+    /// the session's outputs) and what it is for.
+    upstream: Option<Box<(UpstreamPurpose, Connector)>>,
+    /// Direct mode's set-up: [`Session::start`] was called (the relay starts at its end).
+    started: bool,
+    /// Client bytes kept during the set-up (the driver's buffer), and the bound on them.
+    early: (usize, usize),
     /// What the front was sent and what it answered (for the session simulator's checks).
     #[cfg(any(test, feature = "fuzzing"))]
     front_traffic: (Vec<u8>, Vec<u8>),
@@ -88,13 +109,17 @@ pub(crate) struct Session {
 impl Session {
     /// A session around `hop`; in routing mode with the `front` that greets the client.
     pub(crate) fn new(hop: Hop, front: Option<Front>) -> Session {
+        let limit = hop.early_input_limit();
         Session {
             hop,
             front: front.map(Box::new),
             out: VecDeque::new(),
             redial_after_stls: false,
             redial_due: false,
-            login: None,
+            redial_held: None,
+            upstream: None,
+            started: false,
+            early: (0, limit),
             #[cfg(any(test, feature = "fuzzing"))]
             front_traffic: (Vec::new(), Vec::new()),
         }
@@ -112,17 +137,37 @@ impl Session {
         self
     }
 
+    /// Direct mode: the session starts by connecting the upstream with `connector` (its plan
+    /// without a login, its addresses in the order the dead marks give): its steps come out
+    /// of [`Session::poll_output`] once [`Session::start`] was called, the client is read
+    /// meanwhile (bounded), and the relay starts at its end with the greeting if it was read.
+    pub(crate) fn connect_upstream(&mut self, connector: Connector) {
+        if self.front.is_none() && !self.started {
+            self.upstream = Some(Box::new((UpstreamPurpose::Setup, connector)));
+        }
+    }
+
     /// The session starts: the front's greeting (routing mode) or what was read from the
     /// server during the set-up (`sin`) goes to the hop, then what the client sent during
     /// the connect phase (`cin`, kept by [`Opening`](super::connect::Opening)), as if it had
-    /// been read just after.
+    /// been read just after. With [`Session::connect_upstream`], the set-up comes first:
+    /// the client's bytes stay in `cin` until its end.
     pub(crate) fn start(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
+        self.started = true;
+        if self.connecting() == Some(UpstreamPurpose::Setup) {
+            self.early.0 = cin.len();
+            return;
+        }
         if let Some(front) = self.front.as_mut() {
             let greeting = front.take_output();
             #[cfg(any(test, feature = "fuzzing"))]
             self.front_traffic.1.extend_from_slice(&greeting);
             sin.extend_from_slice(&greeting);
         }
+        self.relay_starts(now, sin, cin);
+    }
+
+    fn relay_starts(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
         if !sin.is_empty() {
             self.hop.on_server_input(now, sin, cin);
         }
@@ -149,15 +194,20 @@ impl Session {
         self.front.is_some()
     }
 
-    /// Bytes arrived from the client (appended to `cin`).
+    /// Bytes arrived from the client (appended to `cin`). During the set-up they are kept
+    /// there for the relay.
     pub(crate) fn on_client_input(&mut self, now: Instant, cin: &mut BytesMut) {
+        if self.connecting() == Some(UpstreamPurpose::Setup) {
+            self.early.0 = cin.len();
+            return;
+        }
         self.hop.on_client_input(now, cin);
     }
 
-    /// Bytes arrived from the upstream (appended to `sin`). During the routed login they are
-    /// the connector's (it keeps what it has not used; `sin` is emptied).
+    /// Bytes arrived from the upstream (appended to `sin`). While a connector is out they
+    /// are its own (it keeps what it has not used; `sin` is emptied).
     pub(crate) fn on_server_input(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.on_server_bytes(now, sin);
             sin.clear();
             return;
@@ -165,14 +215,21 @@ impl Session {
         self.hop.on_server_input(now, sin, cin);
     }
 
-    /// The client closed its sending side.
+    /// The client closed its sending side. During the set-up the session ends at once:
+    /// nothing more is dialled, nothing was sent.
     pub(crate) fn on_client_eof(&mut self) {
+        if self.connecting() == Some(UpstreamPurpose::Setup) {
+            self.upstream = None;
+            debug!("the client hung up while the upstream was being connected");
+            self.hop.close_before_relay(None, CloseReason::ClientEof);
+            return;
+        }
         self.hop.on_client_eof();
     }
 
     /// The upstream closed its connection.
     pub(crate) fn on_upstream_eof(&mut self, now: Instant) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.on_server_eof(now);
             return;
         }
@@ -186,7 +243,7 @@ impl Session {
         disconnect: bool,
         error: &dyn std::fmt::Display,
     ) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.read_failed(now, error);
             return;
         }
@@ -198,83 +255,105 @@ impl Session {
     /// is to carry it out. Its steps come out of [`Session::poll_output`]; at its end the
     /// session goes over to the upstream or answers the client.
     pub(crate) fn connect_login(&mut self, connector: Connector) {
-        if self.front.is_some() {
-            self.login = Some(Box::new(connector));
+        if self.front.is_some() && self.upstream.is_none() {
+            self.upstream = Some(Box::new((UpstreamPurpose::Login, connector)));
         }
     }
 
-    /// Whether a routed login is out ([`Session::connect_login`] to its end).
-    pub(crate) fn logging_in(&self) -> bool {
-        self.login.is_some()
+    /// The answer to [`Output::RedialUpstream`]: `connector` dials the server again (with
+    /// the client's TLS in the header, the greeting read); its steps work on a second,
+    /// pending connection, and the command held back goes out once it ended.
+    pub(crate) fn redial_upstream(&mut self, connector: Connector) {
+        if self.redial_held.is_some() && self.upstream.is_none() {
+            self.upstream = Some(Box::new((UpstreamPurpose::Redial, connector)));
+        }
+    }
+
+    /// What the connector out is for, if one is (from its hand-over to its end).
+    pub(crate) fn connecting(&self) -> Option<UpstreamPurpose> {
+        self.upstream.as_ref().map(|u| u.0)
+    }
+
+    fn connector(&mut self) -> Option<&mut Connector> {
+        self.upstream.as_mut().map(|u| &mut u.1)
     }
 
     /// The [`Output::Dial`] succeeded.
     pub(crate) fn dialled(&mut self, now: Instant) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.dialled(now);
         }
     }
 
     /// The [`Output::Dial`] failed (the TCP connect or a socket option).
     pub(crate) fn dial_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.dial_failed(now, error);
         }
     }
 
-    /// Writing an [`Output::ToUpstream`] of the routed login failed.
+    /// Writing an [`Output::ToUpstream`] of a connector failed.
     pub(crate) fn upstream_write_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.write_failed(now, error);
         }
     }
 
     /// The handshake of [`Output::StartUpstreamTls`] completed.
     pub(crate) fn upstream_tls_done(&mut self, now: Instant) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.tls_done(now);
         }
     }
 
     /// The handshake of [`Output::StartUpstreamTls`] failed.
     pub(crate) fn upstream_tls_failed(&mut self, now: Instant, error: &dyn std::fmt::Display) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.tls_failed(now, error);
         }
     }
 
     /// A fresh access token for [`Output::FetchToken`].
     pub(crate) fn fresh_token(&mut self, now: Instant, token: String) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.fresh_token(now, token);
         }
     }
 
     /// No fresh token for [`Output::FetchToken`]: the login ends with
-    /// [`LoginEnd::Bridge`] (the driver knows why).
+    /// [`UpstreamEnd::Bridge`] (the driver knows why).
     pub(crate) fn token_failed(&mut self) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.token_failed();
         }
     }
 
-    /// popgate is shutting down (or the session was kicked): it ends now, a login that is
-    /// out with the driver included.
+    /// popgate is shutting down (or the session was kicked): it ends now, a connector that
+    /// is out with the driver included.
     ///
     /// What the session itself still held goes nowhere: the command held for the upstream
     /// dialled again after STLS ([`Output::RedialUpstream`]) was never sent, so the client
-    /// is owed popgate's `-ERR` for it, as for a command a hold kept back.
+    /// is owed popgate's `-ERR` for it, as for a command a hold kept back. In the set-up the
+    /// client, which nothing answered yet, gets that `-ERR` too.
     pub(crate) fn on_shutdown(&mut self) {
-        self.login = None;
-        let dropped = self.out.iter().any(|o| matches!(o, Output::ToUpstream(_)));
+        let setup = self.connecting() == Some(UpstreamPurpose::Setup);
+        self.upstream = None;
+        let dropped = self.redial_held.take().is_some()
+            || self.out.iter().any(|o| matches!(o, Output::ToUpstream(_)));
         self.out.clear();
         self.redial_due = false;
+        if setup {
+            let reply = replies::line(replies::SHUTTING_DOWN);
+            self.hop
+                .close_before_relay(Some(reply.into()), CloseReason::Shutdown);
+            return;
+        }
         self.hop.on_shutdown_dropping(dropped);
     }
 
     /// The instant [`Session::poll_timeout`] reported has come.
     pub(crate) fn on_timeout(&mut self, now: Instant) {
-        if let Some(c) = self.login.as_mut() {
+        if let Some(c) = self.connector() {
             c.on_timeout(now);
             return;
         }
@@ -317,25 +396,32 @@ impl Session {
         self.hop.poll_event()
     }
 
-    /// When [`Session::on_timeout`] is due: during the routed login the connector's
-    /// deadline, else the hop's.
+    /// When [`Session::on_timeout`] is due: while a connector is out its deadline, else the
+    /// hop's.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        match &self.login {
-            Some(c) => c.poll_timeout(),
+        match &self.upstream {
+            Some(u) => u.1.poll_timeout(),
             None => self.hop.poll_timeout(),
         }
     }
 
-    /// Whether the driver may read from the client now (not while the routed login is out).
+    /// Whether the driver may read from the client now: in the set-up up to the connect
+    /// phase's bound (the bytes are kept for the relay), not during the re-dial or the
+    /// routed login.
     pub(crate) fn wants_client_input(&self) -> bool {
-        self.login.is_none() && self.hop.wants_client_input()
+        match self.connecting() {
+            Some(UpstreamPurpose::Setup) => self.early.0 < self.early.1,
+            Some(_) => false,
+            None => self.hop.wants_client_input(),
+        }
     }
 
-    /// Whether the driver may read from the upstream now: during the routed login when the
-    /// connector waits for the server, never while the front stands in for it otherwise.
+    /// Whether the driver may read from the upstream now: while a connector is out when it
+    /// waits for the server (the re-dial's pending connection then), never while the front
+    /// stands in for it otherwise.
     pub(crate) fn wants_server_input(&self) -> bool {
-        match &self.login {
-            Some(c) => c.reading(),
+        match &self.upstream {
+            Some(u) => u.1.reading(),
             None => self.front.is_none() && self.hop.wants_server_input(),
         }
     }
@@ -354,11 +440,25 @@ impl Session {
             if let Some(output) = self.out.pop_front() {
                 return Some(output);
             }
-            if let Some(step) = self.login.as_mut().and_then(|c| c.poll()) {
-                if let Some(output) = self.login_step(now, step, sin, cin) {
-                    return Some(output);
+            if let Some(u) = self.upstream.as_mut() {
+                // The set-up starts with the session.
+                if u.0 == UpstreamPurpose::Setup && !self.started {
+                    return None;
                 }
-                continue;
+                if let Some(step) = u.1.poll() {
+                    let purpose = u.0;
+                    if let Some(output) = self.connect_step(now, purpose, step, sin, cin) {
+                        return Some(output);
+                    }
+                    continue;
+                }
+                // The relay waits for the connector (the hop's outputs with it).
+                return None;
+            }
+            if self.upstream.is_none()
+                && let Some(held) = self.redial_held.take()
+            {
+                return Some(Output::ToUpstream(held));
             }
             match self.hop.poll_output()? {
                 Output::ToUpstream(bytes) if self.front.is_some() => {
@@ -377,7 +477,7 @@ impl Session {
                         );
                         return Some(Output::ToUpstream(bytes));
                     }
-                    self.out.push_back(Output::ToUpstream(bytes));
+                    self.redial_held = Some(bytes);
                     return Some(Output::RedialUpstream);
                 }
                 output => return Some(output),
@@ -385,11 +485,12 @@ impl Session {
         }
     }
 
-    /// One step of the routed login's connector as the session's output; its end hands the
-    /// session over or answers the client's login command.
-    fn login_step(
+    /// One step of a connector as the session's output; its end starts the relay, goes over
+    /// to the new connection, or answers the client.
+    fn connect_step(
         &mut self,
         now: Instant,
+        purpose: UpstreamPurpose,
         step: ConnectStep,
         sin: &mut BytesMut,
         cin: &mut BytesMut,
@@ -406,8 +507,66 @@ impl Session {
             ConnectStep::MarkAlive(address) => return Some(Output::MarkAlive(address)),
             ConnectStep::End(end) => end,
         };
-        self.login = None;
-        let ended = match end {
+        self.upstream = None;
+        let ended = match purpose {
+            UpstreamPurpose::Setup => self.set_up(now, end, sin, cin),
+            UpstreamPurpose::Redial => redialled(end),
+            UpstreamPurpose::Login => self.login_end(now, end, sin, cin),
+        };
+        // Ahead of what the start, the hand-over or the answer queued.
+        self.out
+            .push_front(Output::UpstreamEnded(purpose, Box::new(ended)));
+        None
+    }
+
+    /// Direct mode's set-up ended: the relay starts with the greeting read (if any) and the
+    /// client bytes kept meanwhile, or the client is told the upstream is unavailable.
+    fn set_up(
+        &mut self,
+        now: Instant,
+        end: ConnectEnd,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) -> UpstreamEnd {
+        let (address, stage, reason) = match end {
+            ConnectEnd::Connected { address, preread } => {
+                self.hop.upstream_connected(now);
+                sin.extend_from_slice(&preread);
+                self.relay_starts(now, sin, cin);
+                return UpstreamEnd::Connected {
+                    address,
+                    octets: preread.len(),
+                };
+            }
+            ConnectEnd::Failed(ConnectFailure::Unavailable {
+                address,
+                stage,
+                reason,
+            }) => (address, stage, reason),
+            // A plan without a login ends connected or unavailable.
+            _ => (String::new(), ConnectStage::Setup, Reason::Closed),
+        };
+        cin.clear();
+        let reply = replies::line(replies::UPSTREAM_UNAVAILABLE);
+        self.hop
+            .close_before_relay(Some(reply.into()), CloseReason::Error);
+        UpstreamEnd::Unavailable {
+            address,
+            stage,
+            reason,
+        }
+    }
+
+    /// One step of the routed login's connector ended: the session is handed over or the
+    /// client's login command answered.
+    fn login_end(
+        &mut self,
+        now: Instant,
+        end: ConnectEnd,
+        sin: &mut BytesMut,
+        cin: &mut BytesMut,
+    ) -> UpstreamEnd {
+        match end {
             ConnectEnd::LoggedIn {
                 address,
                 mut reply,
@@ -415,29 +574,26 @@ impl Session {
             } => {
                 reply.extend_from_slice(&rest);
                 self.logged_in(now, &reply, sin, cin);
-                LoginEnd::LoggedIn {
+                UpstreamEnd::Connected {
                     address,
                     octets: reply.len(),
                 }
             }
             ConnectEnd::Failed(ConnectFailure::Refused(line)) => {
                 self.login_failed(now, &line, sin, cin);
-                LoginEnd::Refused
+                UpstreamEnd::Refused
             }
             ConnectEnd::Failed(ConnectFailure::Unavailable {
                 address,
                 stage,
                 reason,
             }) => self.unavailable(now, address, stage, reason, sin, cin),
-            ConnectEnd::Failed(bridge) => LoginEnd::Bridge(bridge),
+            ConnectEnd::Failed(bridge) => UpstreamEnd::Bridge(bridge),
             // A plan with a login ends logged in or failed.
             ConnectEnd::Connected { address, .. } => {
                 self.unavailable(now, address, ConnectStage::Setup, Reason::Closed, sin, cin)
             }
-        };
-        // Ahead of what the hand-over or the answer queued.
-        self.out.push_front(Output::LoginEnded(Box::new(ended)));
-        None
+        }
     }
 
     /// The routed login's upstream could not be had: the client is told so.
@@ -449,10 +605,10 @@ impl Session {
         reason: Reason,
         sin: &mut BytesMut,
         cin: &mut BytesMut,
-    ) -> LoginEnd {
+    ) -> UpstreamEnd {
         let reply = replies::line(replies::UPSTREAM_UNAVAILABLE);
         self.login_failed(now, &reply, sin, cin);
-        LoginEnd::Unavailable {
+        UpstreamEnd::Unavailable {
             address,
             stage,
             reason,
@@ -475,8 +631,8 @@ impl Session {
     }
 
     /// The login of [`Output::Login`] failed before it reached a server (the OAuth2 bridge
-    /// refused it), or ended as [`LoginEnd::Bridge`]: `reply` (a status line, CRLF included)
-    /// answers the client's login command, and the front goes on with what it kept.
+    /// refused it), or ended as [`UpstreamEnd::Bridge`]: `reply` (a status line, CRLF
+    /// included) answers the client's login command, and the front goes on with what it kept.
     pub(crate) fn login_failed(
         &mut self,
         now: Instant,
@@ -484,7 +640,9 @@ impl Session {
         sin: &mut BytesMut,
         cin: &mut BytesMut,
     ) {
-        self.login = None;
+        if self.connecting() == Some(UpstreamPurpose::Login) {
+            self.upstream = None;
+        }
         let Some(front) = self.front.as_mut() else {
             return;
         };
@@ -524,6 +682,41 @@ impl Session {
         }
         sin.extend_from_slice(bytes);
         self.hop.on_server_input(now, sin, cin);
+    }
+}
+
+/// The re-dial after STLS ended: the session goes over to the new connection if it greeted
+/// `+OK` (its greeting is taken silently), else stays on the first.
+fn redialled(end: ConnectEnd) -> UpstreamEnd {
+    match end {
+        ConnectEnd::Connected { address, preread } => {
+            if preread.starts_with(b"+OK") && preread.ends_with(b"\r\n") {
+                UpstreamEnd::Connected {
+                    address,
+                    octets: preread.len(),
+                }
+            } else {
+                UpstreamEnd::NotGreeted {
+                    address,
+                    greeting: preread,
+                }
+            }
+        }
+        ConnectEnd::Failed(ConnectFailure::Unavailable {
+            address,
+            stage,
+            reason,
+        }) => UpstreamEnd::Unavailable {
+            address,
+            stage,
+            reason,
+        },
+        // A plan without a login ends connected or unavailable.
+        _ => UpstreamEnd::Unavailable {
+            address: String::new(),
+            stage: ConnectStage::Setup,
+            reason: Reason::Closed,
+        },
     }
 }
 
@@ -579,8 +772,9 @@ mod tests {
         replay: Vec<u8>,
         /// Addresses the session marked dead.
         dead: Vec<String>,
-        /// How the routed logins ended.
-        ends: Vec<LoginEnd>,
+        /// How the routed logins (and the set-up, the re-dial) ended, and what each was for.
+        ends: Vec<UpstreamEnd>,
+        purposes: Vec<UpstreamPurpose>,
         /// Fresh tokens the session asked for.
         fetched: usize,
     }
@@ -605,6 +799,12 @@ mod tests {
         /// A bearer login (the OAuth2 bridge's, token `stale`) instead of the replay; the
         /// answers to `FetchToken` (`None`: the bridge has none).
         bearer: Option<VecDeque<Option<String>>>,
+        /// The answers to dials (`Some(true)`: connected, `Some(false)`: refused, `None` or
+        /// none left: the dial stays out); no queue: every dial connects at once.
+        dials: Option<VecDeque<Option<bool>>>,
+        /// Direct mode with PROXY v2: the re-dial after STLS is handed a connector over
+        /// these addresses (none: the driver does not re-dial).
+        redial: Option<Vec<String>>,
     }
 
     impl Driver {
@@ -690,6 +890,8 @@ mod tests {
                 penalty: None,
                 addresses: None,
                 bearer: None,
+                dials: None,
+                redial: None,
             };
             d.session.start(now, &mut d.sin, &mut d.cin);
             d.drain();
@@ -722,12 +924,20 @@ mod tests {
                 };
                 match o {
                     Output::ToClient(b) => self.trace.client.extend_from_slice(&b),
-                    Output::ToUpstream(b) if self.session.logging_in() => {
+                    Output::ToUpstream(b) if self.session.connecting().is_some() => {
                         self.trace.replay.extend_from_slice(&b);
                     }
                     Output::Dial(a) => {
                         self.trace.replay.extend(format!("<dial {a}>").bytes());
-                        self.session.dialled(self.now);
+                        let answer = match self.dials.as_mut() {
+                            Some(q) => q.pop_front().flatten(),
+                            None => Some(true),
+                        };
+                        match answer {
+                            Some(true) => self.session.dialled(self.now),
+                            Some(false) => self.session.dial_failed(self.now, &"refused"),
+                            None => {}
+                        }
                     }
                     Output::StartUpstreamTls => self.session.upstream_tls_done(self.now),
                     Output::FetchToken => {
@@ -739,8 +949,9 @@ mod tests {
                     }
                     Output::MarkDead(m) => self.trace.dead.push(m.address.clone()),
                     Output::MarkAlive(_) | Output::UpstreamNotice(_) => {}
-                    Output::LoginEnded(end) => {
-                        if let LoginEnd::Bridge(_) = *end {
+                    Output::UpstreamEnded(purpose, end) => {
+                        self.trace.purposes.push(purpose);
+                        if let UpstreamEnd::Bridge(_) = *end {
                             // The bridge's judgement, as the driver asks it.
                             let (now, sin, cin) = (self.now, &mut self.sin, &mut self.cin);
                             self.session.login_failed(now, BRIDGE_SAYS_NO, sin, cin);
@@ -756,7 +967,13 @@ mod tests {
                         self.session.client_tls_started(&mut self.cin);
                     }
                     Output::Close(r) => self.trace.close = Some(r),
-                    Output::RedialUpstream => self.trace.upstream.extend_from_slice(b"<redial>"),
+                    Output::RedialUpstream => {
+                        self.trace.upstream.extend_from_slice(b"<redial>");
+                        if let Some(addresses) = self.redial.clone() {
+                            let c = setup_connector(addresses, true, Some(b"<v2>"), self.now);
+                            self.session.redial_upstream(c);
+                        }
+                    }
                     Output::Spool(b) => self.trace.spooled += b.len(),
                     Output::Scan(req) => self.trace.scans.push(req.msg),
                     Output::Unspool | Output::DropSpool => {}
@@ -1183,7 +1400,7 @@ mod tests {
             d.server(b"+ \r\n", n);
             d.server(json, n);
             d.server(refused, n);
-            if d.session.logging_in() {
+            if d.session.connecting().is_some() {
                 d.server(b"+ \r\n", n);
                 d.server(b"+OK in\r\n", n);
             }
@@ -1195,7 +1412,7 @@ mod tests {
             assert_eq!(t.fetched, 1);
             assert_eq!(
                 t.ends,
-                [LoginEnd::LoggedIn {
+                [UpstreamEnd::Connected {
                     address: "a:110".into(),
                     octets: 8
                 }]
@@ -1208,7 +1425,7 @@ mod tests {
             assert!(t.client.ends_with(b"+OK in\r\n"), "{}", text(&t.client));
             // No fresh token: the bridge's failure, answered with the driver's line.
             let t = run(None, n);
-            assert_eq!(t.ends, [LoginEnd::Bridge(ConnectFailure::NoFreshToken)]);
+            assert_eq!(t.ends, [UpstreamEnd::Bridge(ConnectFailure::NoFreshToken)]);
             assert!(t.client.ends_with(BRIDGE_SAYS_NO), "{}", text(&t.client));
         }
     }
@@ -1220,7 +1437,7 @@ mod tests {
         let run = |n: usize| {
             let mut d = routed(&["a:110"]);
             d.client(b"USER alice\r\nPASS pw\r\nSTAT\r\n", n);
-            assert!(d.session.logging_in());
+            assert!(d.session.connecting().is_some());
             assert!(
                 !d.session.wants_client_input(),
                 "the client waits for the login"
@@ -1228,7 +1445,7 @@ mod tests {
             d.server(b"+OK hi\r\n", n);
             d.server(b"+OK\r\n", n);
             d.server(b"+OK logged in\r\n", n);
-            assert!(!d.session.logging_in() && !d.session.routing());
+            assert!(d.session.connecting().is_none() && !d.session.routing());
             // What the client sent after PASS waited in its socket during the login.
             d.client(b"", n);
             d.server(b"+OK 2 320\r\n", n);
@@ -1238,7 +1455,7 @@ mod tests {
         assert_eq!(whole.replay, b"<dial a:110>USER alice\r\nPASS pw\r\n");
         assert_eq!(
             whole.ends,
-            [LoginEnd::LoggedIn {
+            [UpstreamEnd::Connected {
                 address: "a:110".into(),
                 octets: 15
             }]
@@ -1279,7 +1496,7 @@ mod tests {
         );
         assert_eq!(
             whole.ends,
-            [LoginEnd::LoggedIn {
+            [UpstreamEnd::Connected {
                 address: "b:110".into(),
                 octets: 8
             }]
@@ -1298,13 +1515,13 @@ mod tests {
             d.server(b"+OK hi\r\n", n);
             d.server(b"+OK\r\n", n);
             d.server(REFUSED, n);
-            assert!(!d.session.logging_in() && d.session.routing());
+            assert!(d.session.connecting().is_none() && d.session.routing());
             assert!(
                 d.trace.client.ends_with(REFUSED),
                 "the server's line answers"
             );
             d.client(b"USER alice\r\nPASS right\r\nNOOP\r\n", n);
-            assert!(d.session.logging_in());
+            assert!(d.session.connecting().is_some());
             d.server(b"+OK hi\r\n", n);
             d.server(b"+OK\r\n", n);
             d.server(LOGGED_IN, n);
@@ -1315,8 +1532,8 @@ mod tests {
         assert_eq!(
             whole.ends,
             [
-                LoginEnd::Refused,
-                LoginEnd::LoggedIn {
+                UpstreamEnd::Refused,
+                UpstreamEnd::Connected {
                     address: "a:110".into(),
                     octets: LOGGED_IN.len()
                 }
@@ -1345,13 +1562,13 @@ mod tests {
             let at = d.session.poll_timeout().expect("the reply timeout");
             assert_eq!(at, d.now + Duration::from_secs(10));
             d.fire();
-            assert!(!d.session.logging_in() && d.session.routing());
+            assert!(d.session.connecting().is_none() && d.session.routing());
             d.trace
         };
         let whole = run(64);
         assert_eq!(
             whole.ends,
-            [LoginEnd::Unavailable {
+            [UpstreamEnd::Unavailable {
                 address: "a:110".into(),
                 stage: ConnectStage::Setup,
                 reason: Reason::NoReply(Duration::from_secs(10)),
@@ -1375,10 +1592,10 @@ mod tests {
             let mut d = routed(&["a:110"]);
             d.client(b"USER alice\r\nPASS pw\r\nSTAT\r\n", n);
             d.server(b"+OK hi\r\n", n);
-            assert!(d.session.logging_in());
+            assert!(d.session.connecting().is_some());
             d.session.on_shutdown();
             d.drain();
-            assert!(!d.session.logging_in());
+            assert!(d.session.connecting().is_none());
             assert_eq!(
                 d.session.poll_timeout(),
                 None,
@@ -1391,5 +1608,326 @@ mod tests {
             // PASS is owed no answer of popgate's (the driver says it is shutting down).
             assert_eq!(d.trace.client, b"+OK popgate ready\r\n+OK\r\n");
         }
+    }
+
+    /// A direct-mode connector without a login, as the driver builds it: the greeting read
+    /// in the set-up when `read_greeting`, the PROXY `header` first if any, 5 s to connect.
+    fn setup_connector(
+        addresses: Vec<String>,
+        read_greeting: bool,
+        header: Option<&[u8]>,
+        now: Instant,
+    ) -> Connector {
+        let plan = crate::proxy::dialogue::Plan {
+            tls: crate::config::TlsMode::None,
+            tls_configured: false,
+            proxy_header: header.map(<[u8]>::to_vec),
+            xclient: None,
+            read_greeting,
+            max_line: 512,
+            login: None,
+        };
+        let timeouts = crate::proxy::dialogue::ConnectTimeouts {
+            connect: Duration::from_secs(5),
+            dead_for: Duration::from_secs(60),
+            reply: None,
+        };
+        Connector::new(plan, addresses, timeouts, now)
+    }
+
+    impl Driver {
+        /// Direct mode: the session connects `addresses` itself (the greeting read in the
+        /// set-up when there are two, as `greeting_in_setup` says), each dial answered as
+        /// `dials` says; the client sent `early` during the connect phase.
+        fn setup(addresses: &[&str], dials: Vec<Option<bool>>, early: &[u8]) -> Driver {
+            let now = Instant::now();
+            let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
+            let hop = Hop::new(cfg(false), Policy::new(rules), now, now);
+            let addresses: Vec<String> = addresses.iter().map(|a| (*a).to_owned()).collect();
+            let greeting = crate::proxy::connect::greeting_in_setup(addresses.len());
+            let c = setup_connector(addresses, greeting, None, now);
+            let mut session = Session::new(hop, None);
+            session.connect_upstream(c);
+            let mut d = Driver {
+                session,
+                cin: BytesMut::from(early),
+                sin: BytesMut::new(),
+                now,
+                outcomes: VecDeque::new(),
+                trace: Trace::default(),
+                socket: Vec::new(),
+                penalty: None,
+                addresses: None,
+                bearer: None,
+                dials: Some(dials.into()),
+                redial: None,
+            };
+            d.session.start(now, &mut d.sin, &mut d.cin);
+            d.drain();
+            d
+        }
+
+        fn client_eof(&mut self) {
+            self.session.on_client_eof();
+            self.drain();
+        }
+    }
+
+    const SHUTTING_DOWN: &[u8] = b"-ERR [SYS/TEMP] proxy shutting down\r\n";
+
+    #[test]
+    fn a_client_that_hangs_up_during_a_slow_dial_ends_the_session_at_once_with_nothing_more_dialled()
+     {
+        let client = b"CAPA\r\nUSER alice\r\n";
+        for n in 1..=client.len() {
+            // a's dial never completes (it would take the connect timeout, then b's turn).
+            let mut d = Driver::setup(&["a:110", "b:110"], vec![None], b"");
+            assert!(
+                d.session.wants_client_input(),
+                "the client is read during the dial"
+            );
+            d.client(client, n);
+            assert_eq!(d.cin, &client[..], "kept for the relay, chunks of {n}");
+            assert_eq!(d.trace.close, None);
+            d.client_eof();
+            assert_eq!(d.trace.close, Some(CloseReason::ClientEof));
+            // Nothing more dialled, nothing upstream (no QUIT), nothing said to the client,
+            // no connect end recorded (the connector was abandoned, not failed).
+            assert_eq!(d.trace.replay, b"<dial a:110>");
+            assert!(d.trace.upstream.is_empty() && d.trace.client.is_empty());
+            assert!(d.trace.ends.is_empty() && d.trace.dead.is_empty());
+            assert_eq!(d.session.connecting(), None);
+            assert!(!d.session.wants_client_input() && !d.session.wants_server_input());
+        }
+    }
+
+    #[test]
+    fn client_bytes_sent_during_the_set_up_are_kept_and_relayed_after_the_greeting() {
+        let client = b"CAPA\r\nUSER alice\r\nPASS pw\r\n";
+        let server = b"+OK hi\r\n";
+        let answers = b"+OK\r\nUSER\r\n.\r\n+OK\r\n+OK in\r\n";
+        // a refuses, b connects and greets (read in the set-up: two addresses).
+        let run = |early: &[u8], during: &[u8], after: &[u8], n: usize| {
+            let mut d = Driver::setup(&["a:110", "b:110"], vec![Some(false), Some(true)], early);
+            assert_eq!(d.session.connecting(), Some(UpstreamPurpose::Setup));
+            d.client(during, n);
+            assert!(
+                d.trace.upstream.is_empty(),
+                "nothing relayed before the greeting"
+            );
+            d.server(server, n);
+            assert_eq!(d.session.connecting(), None);
+            d.client(after, n);
+            // Each answer lets the next command go (no PIPELINING announced).
+            for answer in [&b"+OK\r\nUSER\r\n.\r\n"[..], b"+OK\r\n", b"+OK in\r\n"] {
+                d.server(answer, n);
+                d.client(b"", n);
+            }
+            d.trace
+        };
+        let want = run(b"", b"", client, client.len());
+        assert_eq!(want.upstream, client);
+        assert_eq!(
+            want.client,
+            [&server[..], &answers[..]].concat(),
+            "the greeting, then the answers"
+        );
+        assert_eq!(want.dead, ["a:110"]);
+        assert_eq!(want.replay, b"<dial a:110><dial b:110>");
+        assert_eq!(want.purposes, [UpstreamPurpose::Setup]);
+        assert_eq!(
+            want.ends,
+            [UpstreamEnd::Connected {
+                address: "b:110".into(),
+                octets: server.len()
+            }]
+        );
+        // Kept during the connect phase (a rule's delay), during the set-up, or read after:
+        // the same session, cut anywhere, at every chunk size.
+        for cut in 0..=client.len() {
+            for n in [1, 2, 5, client.len()] {
+                let got = run(&client[..cut], &client[cut..], b"", n);
+                assert_eq!(got, want, "{cut} octets before the dial, chunks of {n}");
+                let got = run(b"", &client[..cut], &client[cut..], n);
+                assert_eq!(got, want, "{cut} octets during the set-up, chunks of {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_set_up_reads_the_client_only_up_to_the_early_input_limit() {
+        let limit = crate::proxy::connect::early_input_limit(512, 8);
+        let line = b"NOOP\r\n".repeat(2 * limit / 6);
+        for n in [1000, 4096] {
+            let mut d = Driver::setup(&["a:110"], vec![None], b"");
+            d.client(&line, n);
+            assert!(!d.session.wants_client_input());
+            assert!(
+                d.cin.len() >= limit && d.cin.len() < limit + n,
+                "{}",
+                d.cin.len()
+            );
+            assert!(!d.socket.is_empty(), "the rest waits in the socket");
+        }
+    }
+
+    #[test]
+    fn an_upstream_that_cannot_be_had_is_answered_unavailable_and_the_session_closes() {
+        let client = b"USER alice\r\n";
+        for n in 1..=client.len() {
+            let mut d = Driver::setup(&["a:110", "b:110"], vec![None], b"CAPA\r\n");
+            d.client(client, n);
+            // a never answers: the connect timeout fails it over; b refuses.
+            d.dials = Some(VecDeque::from([Some(false)]));
+            d.fire();
+            assert_eq!(d.trace.close, Some(CloseReason::Error));
+            assert_eq!(d.trace.client, UNAVAILABLE);
+            assert!(d.trace.upstream.is_empty(), "nothing relayed");
+            assert_eq!(d.trace.dead, ["a:110", "b:110"]);
+            assert_eq!(d.trace.purposes, [UpstreamPurpose::Setup]);
+            assert_eq!(
+                d.trace.ends,
+                [UpstreamEnd::Unavailable {
+                    address: "b:110".into(),
+                    stage: ConnectStage::Tcp,
+                    reason: Reason::Tcp("refused".into()),
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn the_hops_greeting_timeout_counts_from_the_connect_not_from_the_dial() {
+        // One address: the greeting is the relay's to read.
+        let mut d = Driver::setup(&["a:110"], vec![None], b"");
+        let dial = d.now;
+        assert_eq!(
+            d.session.poll_timeout(),
+            Some(dial + Duration::from_secs(5))
+        );
+        d.now += Duration::from_secs(4);
+        d.session.dialled(d.now);
+        d.drain();
+        assert_eq!(d.session.connecting(), None);
+        assert_eq!(
+            d.session.poll_timeout(),
+            Some(d.now + Duration::from_secs(30)),
+            "the greeting timeout, from the connect"
+        );
+        assert!(d.session.wants_server_input());
+    }
+
+    #[test]
+    fn a_shutdown_during_the_set_up_answers_shutting_down_and_dials_nothing_more() {
+        for early in [&b""[..], b"USER alice\r\n"] {
+            let mut d = Driver::setup(&["a:110", "b:110"], vec![None], early);
+            d.session.on_shutdown();
+            d.drain();
+            assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+            assert_eq!(d.trace.client, SHUTTING_DOWN);
+            assert_eq!(d.trace.replay, b"<dial a:110>");
+            assert!(d.trace.upstream.is_empty() && d.trace.ends.is_empty());
+            assert_eq!(
+                d.session.poll_timeout(),
+                None,
+                "the connect timeout is gone"
+            );
+        }
+    }
+
+    /// Direct mode with PROXY v2 whose re-dial after STLS the session carries out over `b`.
+    fn redialling() -> Driver {
+        let mut d = Driver::direct(true);
+        d.redial = Some(vec!["b:110".into()]);
+        d
+    }
+
+    #[test]
+    fn a_redial_that_greets_ok_takes_over_and_the_held_command_goes_out_after_it() {
+        for n in 1..=8 {
+            let mut d = redialling();
+            d.client(b"STLS\r\n", n);
+            d.client(b"USER alice\r\n", n);
+            assert_eq!(d.session.connecting(), Some(UpstreamPurpose::Redial));
+            assert!(
+                !d.session.wants_client_input(),
+                "the client waits for the re-dial"
+            );
+            // The header went to the new connection; the command waits for its greeting.
+            assert_eq!(d.trace.replay, b"<dial b:110><v2>");
+            assert_eq!(d.trace.upstream, b"<redial>");
+            d.server(b"+OK new\r\n", n);
+            assert_eq!(d.trace.upstream, b"<redial>USER alice\r\n");
+            assert_eq!(
+                d.trace.ends,
+                [UpstreamEnd::Connected {
+                    address: "b:110".into(),
+                    octets: 9
+                }]
+            );
+            assert_eq!(d.trace.purposes, [UpstreamPurpose::Redial]);
+            // The new greeting is taken silently.
+            assert!(!d.trace.client.windows(3).any(|w| w == b"new"));
+            d.server(b"+OK\r\n", n);
+            assert!(d.trace.client.ends_with(b"+OK\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_redial_that_fails_or_is_not_greeted_ok_keeps_the_first_connection() {
+        for n in 1..=8 {
+            // b greets -ERR: the session stays on the first connection.
+            let mut d = redialling();
+            d.client(b"STLS\r\n", n);
+            d.client(b"USER alice\r\n", n);
+            d.server(b"-ERR busy\r\n", n);
+            assert_eq!(
+                d.trace.ends,
+                [UpstreamEnd::NotGreeted {
+                    address: "b:110".into(),
+                    greeting: b"-ERR busy\r\n".to_vec()
+                }]
+            );
+            assert_eq!(d.trace.upstream, b"<redial>USER alice\r\n");
+            assert!(!d.trace.client.windows(4).any(|w| w == b"busy"));
+            // b refuses the dial.
+            let mut d = redialling();
+            d.dials = Some(VecDeque::from([Some(false)]));
+            d.client(b"STLS\r\n", n);
+            d.client(b"USER alice\r\n", n);
+            assert!(matches!(
+                d.trace.ends[..],
+                [UpstreamEnd::Unavailable { .. }]
+            ));
+            assert_eq!(d.trace.upstream, b"<redial>USER alice\r\n");
+            assert_eq!(
+                d.trace.client, b"+OK hi\r\n+OK begin TLS negotiation\r\n",
+                "no unavailable line"
+            );
+            assert_eq!(d.trace.close, None);
+            // b never answers: the connect timeout, then the first connection.
+            let mut d = redialling();
+            d.dials = Some(VecDeque::from([None]));
+            d.client(b"STLS\r\n", n);
+            d.client(b"USER alice\r\n", n);
+            assert_eq!(d.session.connecting(), Some(UpstreamPurpose::Redial));
+            d.fire();
+            assert_eq!(d.trace.upstream, b"<redial>USER alice\r\n");
+        }
+    }
+
+    #[test]
+    fn a_shutdown_while_the_redial_dials_sends_the_held_command_nowhere() {
+        let mut d = redialling();
+        d.dials = Some(VecDeque::from([None]));
+        d.client(b"STLS\r\n", 64);
+        d.client(b"USER alice\r\n", 64);
+        assert_eq!(d.session.connecting(), Some(UpstreamPurpose::Redial));
+        d.session.on_shutdown();
+        d.drain();
+        assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+        assert_eq!(d.trace.upstream, b"<redial>");
+        assert!(d.trace.ends.is_empty());
+        assert!(d.trace.client.ends_with(SHUTTING_DOWN));
     }
 }

@@ -15,7 +15,11 @@
 //! login outputs are carried out (`Dial` reaching the model server or failing, as the input
 //! says; the greeting, STLS to the server as the input says, the login replayed line by line,
 //! failover), the server's bytes and the session's timer expiries fed back, until the session
-//! says how it ended ([`Output::LoginEnded`]) and goes over or answers the client itself.
+//! says how it ended ([`Output::UpstreamEnded`]) and goes over or answers the client itself.
+//! In direct mode the session connects the upstream itself the same way
+//! ([`Session::connect_upstream`]: one or two addresses, STLS to the server as the input
+//! says), the client written, read within the early-input limit, hanging up, or a shutdown
+//! coming meanwhile; the relay starts with the greeting read and the client bytes kept.
 //!
 //! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
 //! breaks:
@@ -48,7 +52,7 @@ use super::connect::{Admission, ConnectRefusal, Opened, Opening, early_input_lim
 use super::dialogue::{ConnectTimeouts, Connector, Plan, Replay};
 use super::front::{Front, Login};
 use super::policy::Policy;
-use super::{Hop, HopConfig, LoginEnd, Output, Session, SessionEvent};
+use super::{Hop, HopConfig, Output, Session, SessionEvent, UpstreamEnd, UpstreamPurpose};
 use crate::config::{TlsMode, UnknownCommands};
 use crate::rules::RuleSet;
 use crate::types::{CloseReason, MessageIds};
@@ -806,6 +810,10 @@ pub struct Summary {
     pub early: usize,
     /// ... or whether it ended there (refused, the client gone, a shutdown).
     pub ended_in_delay: bool,
+    /// Direct mode: the client was read while the session connected the upstream ...
+    pub read_in_setup: bool,
+    /// ... and the session ended before the set-up did (the client gone, a shutdown).
+    pub ended_in_setup: bool,
 }
 
 /// One simulated session: the driver's part, the client, the server and the checker.
@@ -842,6 +850,11 @@ struct Sim<'a> {
     spool: Vec<u8>,
     scan_answer: Option<Vec<crate::types::ScanReport>>,
     scans: usize,
+    /// The connect phase's bound on client bytes kept before the relay.
+    early_limit: usize,
+    /// The client was read during direct mode's set-up; the set-up is over.
+    read_in_setup: bool,
+    setup_over: bool,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -952,6 +965,9 @@ pub fn run(data: &[u8]) -> Summary {
         spool: Vec::new(),
         scan_answer: None,
         scans: 0,
+        early_limit: early_input_limit(max_line, max_pipeline),
+        read_in_setup: false,
+        setup_over: routing,
     };
     // A `connect` rule's delay before the session starts, for some inputs (and a refusal
     // after it for half of those): the connect phase.
@@ -978,6 +994,8 @@ pub fn run(data: &[u8]) -> Summary {
         delayed,
         early,
         ended_in_delay,
+        read_in_setup: sim.read_in_setup,
+        ended_in_setup: !sim.setup_over && !ended_in_delay && sim.close.is_some(),
     }
 }
 
@@ -1089,7 +1107,9 @@ impl Sim<'_> {
     /// says); routing mode starts with the front's greeting.
     fn connect(&mut self, routing: bool) {
         if !routing {
-            self.server = Some(Server::connect(&mut self.input, &mut self.check));
+            let connector = self.setup_connector();
+            self.login_steps = 0;
+            self.session.connect_upstream(connector);
         }
         self.session.start(self.now, &mut self.sin, &mut self.cin);
         self.front_traffic();
@@ -1189,6 +1209,7 @@ impl Sim<'_> {
             let bytes: Vec<u8> = self.client_out.drain(..n).collect();
             self.check.client_read(&bytes);
             self.cin.extend_from_slice(&bytes);
+            self.read_in_setup |= self.session.connecting() == Some(UpstreamPurpose::Setup);
             self.session.on_client_input(self.now, &mut self.cin);
             return true;
         }
@@ -1267,7 +1288,7 @@ impl Sim<'_> {
                 .poll_output(self.now, &mut self.sin, &mut self.cin);
             self.front_traffic();
             let Some(output) = output else {
-                if self.session.logging_in() {
+                if self.session.connecting().is_some() {
                     // The routed login waits for the server (or its deadline).
                     self.login_read();
                     continue;
@@ -1297,7 +1318,7 @@ impl Sim<'_> {
                         self.tagged += 1;
                     }
                 }
-                Output::ToUpstream(bytes) if self.session.logging_in() => {
+                Output::ToUpstream(bytes) if self.session.connecting().is_some() => {
                     // The routed login's replay.
                     self.check.upstream_bytes(&bytes);
                     let Some(s) = self.server.as_mut() else {
@@ -1380,7 +1401,13 @@ impl Sim<'_> {
                 Output::Dial(_) => {
                     // The connection failed over is closed without a word.
                     self.server = None;
-                    match self.input.byte() % 16 {
+                    // Rarer in the set-up, which every direct session has.
+                    let b = self.input.byte();
+                    let b = match self.session.connecting() {
+                        Some(UpstreamPurpose::Setup) if b < 224 => 0,
+                        _ => b,
+                    };
+                    match b % 16 {
                         14 => self
                             .session
                             .dial_failed(self.now, &"sim: connection refused"),
@@ -1407,11 +1434,25 @@ impl Sim<'_> {
                 Output::FetchToken => self.session.token_failed(),
                 Output::MarkDead(_) => self.failed_over += 1,
                 Output::MarkAlive(_) | Output::UpstreamNotice(_) => {}
-                Output::LoginEnded(end) => match *end {
-                    LoginEnd::LoggedIn { .. } => self.routed += 1,
-                    LoginEnd::Bridge(_) => unreachable!("no bearer login in the simulator"),
+                Output::UpstreamEnded(purpose, end) => match (purpose, *end) {
+                    (UpstreamPurpose::Login, UpstreamEnd::Connected { .. }) => self.routed += 1,
+                    (UpstreamPurpose::Setup, UpstreamEnd::Connected { .. }) => {
+                        self.setup_over = true;
+                    }
+                    (_, UpstreamEnd::Bridge(_)) => unreachable!("no bearer login in the simulator"),
+                    (UpstreamPurpose::Redial, _) => {
+                        unreachable!("no PROXY v2 upstream in the simulator")
+                    }
                     // The upstream is closed without QUIT.
-                    LoginEnd::Refused | LoginEnd::Unavailable { .. } => self.server = None,
+                    (
+                        purpose,
+                        UpstreamEnd::Refused
+                        | UpstreamEnd::Unavailable { .. }
+                        | UpstreamEnd::NotGreeted { .. },
+                    ) => {
+                        self.setup_over |= purpose == UpstreamPurpose::Setup;
+                        self.server = None;
+                    }
                 },
             }
         }
@@ -1456,16 +1497,84 @@ impl Sim<'_> {
         Connector::new(plan, addresses, timeouts, self.now)
     }
 
-    /// The routed login waits: the server's bytes come in chunks, or its end, or, when it
-    /// is silent or (as the input says) slower than the deadline, the session's timer fires
-    /// (the connect timeout failing over, or the login's reply timeout).
+    /// Direct mode's upstream, as the driver builds it: one or two addresses (the greeting
+    /// read in the set-up with two), STLS to the server as the input says; each dialled as
+    /// the input says (refused, never answering, or the model server).
+    fn setup_connector(&mut self) -> Connector {
+        let two = self.input.byte() % 2 == 1;
+        let stls = self.input.byte() % 8 == 7;
+        let plan = Plan {
+            tls: if stls {
+                TlsMode::Starttls
+            } else {
+                TlsMode::None
+            },
+            tls_configured: true,
+            proxy_header: None,
+            xclient: None,
+            read_greeting: super::connect::greeting_in_setup(if two { 2 } else { 1 }),
+            max_line: 512,
+            login: None,
+        };
+        let timeouts = ConnectTimeouts {
+            connect: Duration::from_secs(5),
+            dead_for: Duration::from_secs(60),
+            reply: None,
+        };
+        let mut addresses = vec!["sim-a:110".to_owned()];
+        if two {
+            addresses.push("sim-b:110".to_owned());
+        }
+        Connector::new(plan, addresses, timeouts, self.now)
+    }
+
+    /// A connector waits (the set-up, or the routed login): the server's bytes come in
+    /// chunks, or its end, or, when it is silent or (as the input says) slower than the
+    /// deadline, the session's timer fires (the connect timeout failing over, or the
+    /// login's reply timeout). During the set-up the client writes, is read (within the
+    /// early-input limit: its bytes are kept for the relay) or hangs up meanwhile, and a
+    /// shutdown may come.
     fn login_read(&mut self) {
         self.login_steps += 1;
         assert!(
             self.login_steps <= FINISH_STEPS,
-            "the routed login did not end within {FINISH_STEPS} steps"
+            "the connector did not end within {FINISH_STEPS} steps"
         );
-        if self.server.is_none() || self.input.byte() % 16 == 15 {
+        if self.session.connecting() == Some(UpstreamPurpose::Setup) && !self.input.done() {
+            assert!(
+                self.cin.len() < self.early_limit + self.max_chunk,
+                "{} client bytes kept during the set-up, the limit is {}",
+                self.cin.len(),
+                self.early_limit
+            );
+            match self.input.byte() % 8 {
+                0 => {
+                    let i = self.input.byte();
+                    let line = self.client_sasl.line(i);
+                    self.written.extend_from_slice(&line);
+                    self.client_out.extend(line);
+                    return;
+                }
+                1 => {
+                    let n = self.chunk();
+                    if self.feed_client(n) {
+                        return;
+                    }
+                }
+                2 if self.input.byte().is_multiple_of(4) => self.client_closing = true,
+                3 if self.input.byte().is_multiple_of(8) => {
+                    self.session.on_shutdown();
+                    return;
+                }
+                _ => {}
+            }
+        }
+        // Slower than the deadline: rarer in the set-up, which every direct session has.
+        let slow = match self.session.connecting() {
+            Some(UpstreamPurpose::Setup) => 63,
+            _ => 15,
+        };
+        if self.server.is_none() || self.input.byte() % (slow + 1) == slow {
             self.fire_login_timer();
             return;
         }
@@ -1549,11 +1658,14 @@ mod tests {
         let mut failed_over = 0;
         let mut scans = 0;
         let (mut delayed, mut early, mut ended_delayed) = (0, 0, 0);
+        let (mut read_in_setup, mut ended_in_setup) = (0, 0);
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             delayed += usize::from(s.delayed);
             early += usize::from(s.early > 0);
             ended_delayed += usize::from(s.ended_in_delay);
+            read_in_setup += usize::from(s.read_in_setup);
+            ended_in_setup += usize::from(s.ended_in_setup);
             closed += usize::from(s.close.is_some());
             tagged += s.tagged_replies;
             *reasons.entry(s.close).or_insert(0) += 1;
@@ -1572,6 +1684,15 @@ mod tests {
         eprintln!(
             "{delayed} delayed by a connect rule, {early} with bytes kept for the start, \
              {ended_delayed} ended there"
+        );
+        eprintln!(
+            "{read_in_setup} read the client while connecting the upstream, \
+             {ended_in_setup} ended there"
+        );
+        // Direct mode's set-up: the client read meanwhile, sessions ended in it.
+        assert!(
+            read_in_setup > 50 && ended_in_setup > 10,
+            "{read_in_setup} {ended_in_setup}"
         );
         // Connect delays: sessions let in with early input, and sessions ended in the delay.
         assert!(
@@ -1608,9 +1729,10 @@ mod tests {
     #[test]
     fn a_logged_in_session_relays_tagged_replies_and_bodies() {
         // Direct, no rules, chunks of up to 64: greeting, USER/PASS, RETR, QUIT, all answered.
-        // Setup, greeting `+OK`, the greeting read; then per line: written, read by the
+        // Setup, the upstream connected, greeting `+OK`, the greeting read; then per line: written, read by the
         // driver, answered `+OK` (with 4 body lines) by the server, its answer read.
-        let mut data = vec![0, 63, 3, 0, 9, 63];
+        // The set-up: one address, no STLS, the dial connects, the server greets.
+        let mut data = vec![0, 63, 3, 0, 0, 0, 0, 9, 63];
         for i in [0u8, 1, 19, 26] {
             data.extend([0, i, 6, 63, 0x40, 9, 63]);
         }

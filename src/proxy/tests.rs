@@ -223,7 +223,7 @@ fn run_scanning(
                 | Output::MarkDead(_)
                 | Output::MarkAlive(_)
                 | Output::UpstreamNotice(_)
-                | Output::LoginEnded(_) => panic!("not an output of the hop"),
+                | Output::UpstreamEnded(..) => panic!("not an output of the hop"),
                 Output::Spool(b) => spool.extend_from_slice(&b),
                 Output::Scan(req) => {
                     out.scans.push(ScanAsked {
@@ -1448,7 +1448,7 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             | Output::MarkDead(_)
             | Output::MarkAlive(_)
             | Output::UpstreamNotice(_)
-            | Output::LoginEnded(_) => panic!("not an output of the hop"),
+            | Output::UpstreamEnded(..) => panic!("not an output of the hop"),
             Output::Spool(_) | Output::Scan(_) | Output::Unspool | Output::DropSpool => {
                 unreachable!("no scanning in these scripts")
             }

@@ -26,7 +26,7 @@ use crate::net::tls::{Stream, TlsSetup};
 use crate::net::upstream::Link;
 use crate::proxy::dialogue::{Bearer, ConnectFailure, ConnectStage, Reason, Replay};
 use crate::proxy::policy::Policy;
-use crate::proxy::{Hop, HopConfig, LoginEnd, Output, Session, SessionEvent};
+use crate::proxy::{Hop, HopConfig, Output, Session, SessionEvent, UpstreamEnd, UpstreamPurpose};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
@@ -44,18 +44,6 @@ fn stop_reason(stop: &Entry) -> (CloseReason, Option<String>) {
         Some(who) => (CloseReason::Kick, Some(who)),
         None => (CloseReason::Shutdown, None),
     }
-}
-
-/// Send the client popgate's last word, `-ERR [SYS/TEMP] proxy shutting down` (what a kick or
-/// the drain gives a session in its relay too), and close it: the octets written.
-async fn say_shutting_down(client: &mut Stream) -> u64 {
-    let line = crate::pop3::replies::line(crate::pop3::replies::SHUTTING_DOWN);
-    let sent = match client.write_all(&line).await {
-        Ok(()) => line.len() as u64,
-        Err(_) => 0,
-    };
-    let _ = client.shutdown().await;
-    sent
 }
 
 /// Everything a session runs with: configuration, TLS material, rules, audit sink. Immutable:
@@ -142,7 +130,7 @@ fn io_err(side: Side) -> impl FnOnce(std::io::Error) -> SessionError {
 /// Run a session to its end: TLS handshake (implicit listeners), connect upstream, relay,
 /// close. Never sends QUIT on its own.
 ///
-/// The set-up (handshake, rules, upstream connect) is a boxed future of its own, built here
+/// The set-up (handshake, rules, connect phase) is a boxed future of its own, built here
 /// and freed when it ends: the future that lives as long as the session holds only the relay's
 /// state, not the set-up's locals nor the arguments moved into it.
 ///
@@ -243,8 +231,10 @@ async fn connect_delay(
     }
 }
 
-/// Everything before the relay: client TLS handshake (implicit listeners), connect rules,
-/// audit set-up, upstream connect. `Err` when the session ended there.
+/// Everything before the session machine: client TLS handshake (implicit listeners), connect
+/// rules and their delay, audit set-up; then the hop, the front (routing mode) or the
+/// upstream's connector (direct mode: the session connects it, reading the client
+/// meanwhile). `Err` when the session ended there.
 async fn open(
     mut client: Stream,
     info: SessionInfo,
@@ -367,111 +357,50 @@ async fn open(
     } else {
         config.default_upstream().user_names
     };
-    // Routing mode: no upstream until the login is known; the front greets.
-    let (upstream_stream, preread, front) = if config.routing_mode() {
+    // Routing mode: no upstream until the login is known; the front greets. Direct mode:
+    // the session connects the upstream itself, reading the client meanwhile.
+    let (connector, connecting, front) = if config.routing_mode() {
         let greeting = config
             .routing
             .as_ref()
             .map_or("popgate ready", |r| &r.greeting);
         let front = crate::proxy::front::Front::new(greeting);
-        (Stream::Detached, Vec::new(), Some(front))
+        (None, None, Some(front))
     } else {
         let dialled = Instant::now();
         let index = config.default_index();
         // Interception: the session's own destination (direct mode only, config checks it).
-        let target = upstream_target(&config, shared, &info, client_tls.as_ref());
-        let (upstream_cfg, upstream_tls) = match &target {
-            Some((cfg, tls)) => (cfg, tls.as_ref()),
-            None => (
-                &config.upstreams[index],
-                shared.tls.upstreams.get(index).and_then(Option::as_ref),
-            ),
-        };
+        let (upstream_cfg, upstream_tls) =
+            match upstream_target(&config, shared, &info, client_tls.as_ref()) {
+                Some(target) => target,
+                None => (
+                    config.upstreams[index].clone(),
+                    shared
+                        .tls
+                        .upstreams
+                        .get(index)
+                        .and_then(Option::as_ref)
+                        .cloned(),
+                ),
+            };
         let plan = crate::net::upstream::plan(
-            upstream_cfg,
-            upstream_tls,
+            &upstream_cfg,
+            upstream_tls.as_ref(),
             config.limits.max_line,
             &origin,
             crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
             None,
         );
-        // A kick or the drain does not wait for a slow upstream: the client gets the `-ERR` a
-        // session in its relay gets, and the `session_close` follows the `session_open`.
-        let connected = tokio::select! {
-            biased;
-            _ = stop.stopped() => None,
-            r = crate::net::upstream::connect(upstream_cfg, upstream_tls, &plan, &shared.dead) => Some(r),
+        let connector = crate::net::upstream::connector(&upstream_cfg, plan, None, &shared.dead);
+        let connecting = Connecting {
+            cfg: upstream_cfg,
+            tls: upstream_tls,
+            dialled,
+            address: String::new(),
+            login: None,
         };
-        let Some(connected) = connected else {
-            let (reason, who) = stop_reason(&stop);
-            match &who {
-                Some(who) => info!(by = %who, "session kicked while connecting upstream"),
-                None => info!("shutdown while connecting upstream"),
-            }
-            let sent = say_shutting_down(&mut client).await;
-            live.to_client.inc_by(sent);
-            let ms = started.elapsed().as_millis() as u64;
-            let marks = crate::proxy::Marks::default();
-            observer.close(reason, None, traffic.from_client, sent, ms, &marks);
-            observer.flush().await;
-            return Err(reason);
-        };
-        match connected {
-            Ok(u) => {
-                shared.metrics.upstream_connected(
-                    upstream_cfg.label(),
-                    &u.address,
-                    dialled.elapsed(),
-                );
-                shared
-                    .metrics
-                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
-                if u.stream.is_tls() {
-                    shared.metrics.tls_handshake("upstream", true);
-                }
-                live.from_upstream.inc_by(u.preread.len() as u64);
-                if let Some(h) = observer.tap_mut().handle_mut() {
-                    h.upstream(upstream_cfg.label(), &u.address);
-                }
-                (u.stream, u.preread, None)
-            }
-            Err(e) => {
-                warn!(error = %e, "upstream unavailable");
-                shared.metrics.upstream_failed(
-                    upstream_cfg.label(),
-                    &e.address,
-                    e.stage.as_str(),
-                    &e.reason,
-                );
-                shared
-                    .metrics
-                    .failed_over(upstream_cfg, |a| shared.dead.is_dead(a, clock()));
-                let unavailable =
-                    crate::pop3::replies::line(crate::pop3::replies::UPSTREAM_UNAVAILABLE);
-                let sent = match client.write_all(&unavailable).await {
-                    Ok(()) => unavailable.len() as u64,
-                    Err(_) => 0,
-                };
-                live.to_client.inc_by(sent);
-                let _ = client.shutdown().await;
-                observer.close(
-                    CloseReason::Error,
-                    None,
-                    traffic.from_client,
-                    sent,
-                    started.elapsed().as_millis() as u64,
-                    &crate::proxy::Marks::default(),
-                );
-                observer.flush().await;
-                return Err(CloseReason::Error);
-            }
-        }
+        (Some(connector), Some(Box::new(connecting)), None)
     };
-    let upstream_tls = upstream_stream.tls_info();
-    if let Some(t) = &upstream_tls {
-        debug!(version = %t.version, cipher = %t.cipher, "upstream TLS established");
-        observer.tls(crate::audit::TlsSide::Upstream, t);
-    }
     let cfg = HopConfig {
         listener: info.listener.clone(),
         client_ip: info.client.ip(),
@@ -494,21 +423,28 @@ async fn open(
     let redial = info.original_dst.is_none()
         && config.upstreams[config.default_index()].forward_client
             == crate::config::ForwardClient::ProxyV2;
+    let opened = front.is_some();
+    let mut session = Session::new(hop, front).redialling_after_stls(redial);
+    if let Some(connector) = connector {
+        session.connect_upstream(connector);
+    }
     Ok(Driver {
-        session: Session::new(hop, front).redialling_after_stls(redial),
+        session,
         client,
-        upstream: upstream_stream,
+        upstream: Stream::Detached,
+        pending: Stream::Detached,
         shared: shared.clone(),
         info: Box::new(info),
         client_tls: client_tls.map(Box::new),
-        upstream_tls: upstream_tls.map(Box::new),
+        upstream_tls: None,
         cin,
-        sin: BytesMut::from(&preread[..]),
+        sin: BytesMut::new(),
         observer: SessionObserver { observer },
         traffic,
         live,
         held: None,
-        routed: None,
+        connecting,
+        opened,
     })
 }
 
@@ -530,6 +466,9 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
             CloseReason::Error
         }
     };
+    if !driver.opened {
+        return closed_in_setup(driver, stop, started, reason).await;
+    }
     // A kick ends the session as a shutdown does; the audit trail and log name it and who
     // asked (the observer asks the registry entry).
     let reason = match stop.kicked_by() {
@@ -553,6 +492,7 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
         let _ = driver.client.shutdown().await;
     }
     drop(std::mem::replace(&mut driver.upstream, Stream::Detached));
+    drop(std::mem::replace(&mut driver.pending, Stream::Detached));
     let obs = &mut driver.observer.observer;
     obs.set_tags(driver.session.hop().tags());
     obs.close(
@@ -583,6 +523,52 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
+    reason
+}
+
+/// A session that ended in direct mode's set-up, before its relay began (the upstream
+/// unavailable, a kick or the drain, the client gone): the client and the upstream are closed
+/// and the `session_close` recorded, with the log lines of the set-up (the relay's "session
+/// closed" line is not written: the session never relayed).
+async fn closed_in_setup(
+    driver: &mut Driver,
+    stop: &Entry,
+    started: Instant,
+    reason: CloseReason,
+) -> CloseReason {
+    let reason = match reason {
+        CloseReason::Shutdown => {
+            let (reason, who) = stop_reason(stop);
+            match &who {
+                Some(who) => info!(by = %who, "session kicked while connecting upstream"),
+                None => info!("shutdown while connecting upstream"),
+            }
+            reason
+        }
+        CloseReason::ClientEof => {
+            info!(
+                reason = reason.as_str(),
+                "client gone while connecting upstream"
+            );
+            reason
+        }
+        reason => reason,
+    };
+    driver.session.hop_mut().finish();
+    record_rules(&driver.shared, driver.session.hop_mut().take_rule_tally());
+    let _ = driver.client.shutdown().await;
+    drop(std::mem::replace(&mut driver.upstream, Stream::Detached));
+    let obs = &mut driver.observer.observer;
+    obs.set_tags(driver.session.hop().tags());
+    obs.close(
+        reason,
+        None,
+        driver.traffic.from_client,
+        driver.traffic.to_client,
+        started.elapsed().as_millis() as u64,
+        driver.session.hop().close_marks(),
+    );
+    obs.flush().await;
     reason
 }
 
@@ -764,8 +750,12 @@ struct Driver {
     /// The hop, and in routing mode the front until the login is routed.
     session: Session,
     client: Stream,
-    /// `Stream::Detached` while the front stands in for it (routing mode, before login).
+    /// `Stream::Detached` until a connector of the session connected it (routing mode,
+    /// before login: the front stands in for it).
     upstream: Stream,
+    /// The re-dial after STLS: the second connection, until it greets `+OK` (then it
+    /// becomes `upstream`) or is given up.
+    pending: Stream,
     shared: Arc<Shared>,
     /// Boxed: read at a routed login and an STLS re-dial only; inline it would weigh 160
     /// bytes in every session's driver.
@@ -784,23 +774,56 @@ struct Driver {
     live: crate::metrics::SessionMetrics,
     /// The body held for a scan and the scan in flight (`None` when nothing is held).
     held: Option<Box<scan::Held>>,
-    /// Routing mode, while the session's login is out: what the driver keeps for it.
-    routed: Option<Box<RoutedLogin>>,
+    /// While a connector of the session is out: what the driver keeps for it.
+    connecting: Option<Box<Connecting>>,
+    /// The relay began (routing mode: from the start; direct mode: once the set-up
+    /// connected the upstream).
+    opened: bool,
 }
 
-/// What the driver keeps for a routed login the session carries out: where it went and why
-/// (the log line and metrics at its end), the address dialled last (its TLS handshake), and
-/// with an OAuth2 bridge the token in use and why a fresh one could not be had.
-struct RoutedLogin {
-    index: usize,
-    label: String,
-    why: crate::routing::RouteReason,
-    shown: String,
+/// What the driver keeps for a connector the session carries out: the upstream (its settings
+/// and TLS client, for the handshakes, the log lines and the metrics), when the connect
+/// began and the address dialled last, and for a routed login what it keeps of it.
+struct Connecting {
+    cfg: crate::config::UpstreamConfig,
+    tls: Option<crate::net::tls::UpstreamTls>,
     dialled: Instant,
     address: String,
+    login: Option<Box<RoutedLogin>>,
+}
+
+/// What the driver keeps for a routed login: why it went where it went and the user as
+/// logged (the log lines at its end), and with an OAuth2 bridge the token in use and why a
+/// fresh one could not be had.
+struct RoutedLogin {
+    why: crate::routing::RouteReason,
+    shown: String,
     bridged: Option<(Arc<crate::oauth2::Bridge>, crate::oauth2::Authorized)>,
     token: Option<String>,
     token_error: Option<crate::oauth2::BridgeError>,
+}
+
+/// An upstream connect ended (direct mode's set-up, a routed login's connection; the re-dial
+/// after STLS counts nothing, as before it was the session's): its
+/// metrics, the one place they are counted. `Ok`: the address that answered, how long the
+/// connect took and whether its connection is TLS; `Err`: where and why it failed. The
+/// failover gauge follows the dead marks at the end.
+fn record_connect(
+    shared: &Shared,
+    upstream: &crate::config::UpstreamConfig,
+    ended: Result<(&str, std::time::Duration, bool), &crate::net::upstream::ConnectError>,
+) {
+    let metrics = &shared.metrics;
+    match ended {
+        Ok((address, took, _)) => metrics.upstream_connected(upstream.label(), address, took),
+        Err(e) => {
+            metrics.upstream_failed(upstream.label(), &e.address, e.stage.as_str(), &e.reason)
+        }
+    }
+    metrics.failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
+    if let Ok((_, _, true)) = ended {
+        metrics.tls_handshake("upstream", true);
+    }
 }
 
 impl Driver {
@@ -833,6 +856,13 @@ impl Driver {
             // Routing mode reads no upstream until the login is routed; while the hop holds
             // replies (a tarpit, the login penalty) the server's bytes wait in the socket.
             let want_server = self.session.wants_server_input();
+            // A connector's dialogue is counted as its reply, at its end; the re-dial's
+            // reads are from the pending connection.
+            let connecting = self.session.connecting();
+            let upstream = match connecting {
+                Some(UpstreamPurpose::Redial) => &mut self.pending,
+                _ => &mut self.upstream,
+            };
             tokio::select! {
                 biased;
                 // A hold never outlasts a shutdown: the session ends within the grace period
@@ -843,20 +873,19 @@ impl Driver {
                 }
                 r = async {
                     if in_body {
-                        self.upstream.read_buf(&mut self.sin).await
+                        upstream.read_buf(&mut self.sin).await
                     } else {
-                        read::read_lean(&mut self.upstream, &mut self.sin).await
+                        read::read_lean(upstream, &mut self.sin).await
                     }
                 }, if want_server => match r {
                     Ok(0) => self.session.on_upstream_eof(clock()),
                     Ok(n) => {
-                        // A routed login's dialogue is counted as its reply, at its end.
-                        if !self.session.logging_in() {
+                        if connecting.is_none() {
                             self.live.from_upstream.inc_by(n as u64);
                         }
                         self.session.on_server_input(clock(), &mut self.sin, &mut self.cin);
                     }
-                    Err(e) if self.session.logging_in() => {
+                    Err(e) if connecting.is_some() => {
                         self.session.on_upstream_error(clock(), false, &e);
                     }
                     Err(e) => {
@@ -967,31 +996,24 @@ impl Driver {
                     // bridge) would otherwise sit in every session's task.
                     Box::pin(self.route_login(&login, stop)).await
                 }
-                Output::ToUpstream(bytes) if self.session.logging_in() => {
-                    Box::pin(self.login_write(&bytes, stop)).await;
+                Output::ToUpstream(bytes) if self.session.connecting().is_some() => {
+                    Box::pin(self.connect_write(&bytes, stop)).await?;
                 }
                 Output::ToUpstream(bytes) => self.send_upstream(&bytes).await?,
-                // Boxed: routing mode's login only (dials, handshakes, token fetches).
-                Output::Dial(address) => Box::pin(self.login_dial(address, stop)).await,
-                Output::StartUpstreamTls => Box::pin(self.login_tls(stop)).await,
-                Output::FetchToken => Box::pin(self.login_token(stop)).await,
+                // Boxed: a connector's steps only (dials, handshakes, token fetches).
+                Output::Dial(address) => Box::pin(self.connect_dial(address, stop)).await?,
+                Output::StartUpstreamTls => Box::pin(self.connect_tls(stop)).await?,
+                Output::FetchToken => Box::pin(self.login_token(stop)).await?,
                 Output::MarkDead(mark) => self.shared.dead.mark_dead(&mark.address, mark.until),
                 Output::MarkAlive(address) => self.shared.dead.mark_alive(&address),
                 Output::UpstreamNotice(notice) => {
-                    let label = self.routed.as_ref().map_or("", |r| r.label.as_str());
+                    let label = self.connecting.as_ref().map_or("", |c| c.cfg.label());
                     crate::net::upstream::log_notice(label, &notice);
                 }
-                Output::LoginEnded(end) => Box::pin(self.login_ended(*end)).await,
-                // Boxed: a rare step whose future would otherwise sit in every session.
-                // A shutdown does not wait for the second connection (it may not greet
-                // within connect_timeout): the session ends as it would in its relay.
-                Output::RedialUpstream => {
-                    let redial = Box::pin(self.redial_after_stls());
-                    tokio::select! {
-                        r = redial => r?,
-                        _ = stop.stopped() => self.session.on_shutdown(),
-                    }
+                Output::UpstreamEnded(purpose, end) => {
+                    Box::pin(self.upstream_ended(purpose, *end)).await;
                 }
+                Output::RedialUpstream => self.redial_after_stls(),
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
@@ -1085,63 +1107,43 @@ impl Driver {
     /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
     /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called for
     /// [`Output::RedialUpstream`], before the first command after the STLS goes out (not for
-    /// APOP: `proxy::Session::redialling_after_stls`): dial again with the client's TLS in the header and take
-    /// the new greeting silently; the first connection is closed (without QUIT: nothing was
-    /// done on it but the capability talk before STLS, which RFC 2595 makes the client forget
-    /// anyway). The commands about to go out are the only ones pending (the STLS waited for
-    /// every earlier answer).
-    async fn redial_after_stls(&mut self) -> Result<(), SessionError> {
+    /// APOP: `proxy::Session::redialling_after_stls`): the session gets a connector that
+    /// dials again with the client's TLS in the header and takes the new greeting silently,
+    /// on the pending slot. The first connection stays until the second greets `+OK`: if the
+    /// second cannot be had (the server down meanwhile, or refusing a second connection from
+    /// this client while the first is open), the session goes on over the first, as without
+    /// the re-dial, rather than ending a client that did nothing wrong; else the first is
+    /// closed (without QUIT: nothing was done on it but the capability talk before STLS,
+    /// which RFC 2595 makes the client forget anyway). The commands about to go out are the
+    /// only ones pending (the STLS waited for every earlier answer).
+    fn redial_after_stls(&mut self) {
+        if !self.sin.is_empty() {
+            // Server bytes nobody asked for: the old connection is in use; keep it.
+            warn!("STLS with server data unread: the upstream is not told about TLS");
+            return;
+        }
         let shared = self.shared.clone();
         let config = &shared.config;
         let index = config.default_index();
         let cfg = &config.upstreams[index];
-        if !self.sin.is_empty() {
-            // Server bytes nobody asked for: the old connection is in use; keep it.
-            warn!("STLS with server data unread: the upstream is not told about TLS");
-            return Ok(());
-        }
         let origin = crate::net::upstream::ClientOrigin {
             client: self.info.client,
             local: self.info.local,
             session: format!("popgate-{}", self.info.id),
             tls: self.client_tls.as_deref().cloned(),
         };
-        // The first connection stays open until the second greets: if the second cannot be
-        // had (the server down meanwhile, or refusing a second connection from this client
-        // while the first is open), the session goes on over the first, as without the
-        // re-dial, rather than ending a client that did nothing wrong.
-        let upstream_tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
-        let plan = crate::net::upstream::plan(
-            cfg,
-            upstream_tls,
-            config.limits.max_line,
-            &origin,
-            true,
-            None,
-        );
-        let up = match crate::net::upstream::connect(cfg, upstream_tls, &plan, &shared.dead).await {
-            Ok(up) => up,
-            Err(e) => {
-                warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
-                       about TLS; the session goes on over the first connection");
-                return Ok(());
-            }
-        };
-        let greeting_ok = up.preread.starts_with(b"+OK") && up.preread.ends_with(b"\r\n");
-        if !greeting_ok {
-            // Dropped without QUIT: nothing was asked on it.
-            warn!(
-                address = %up.address,
-                greeting = %crate::pop3::printable(&up.preread).trim_end(),
-                "STLS: the upstream dialled again to be told about TLS did not greet +OK; \
-                 the session goes on over the first connection"
-            );
-            return Ok(());
-        }
-        debug!(address = %up.address, "upstream dialled again to pass the client's TLS on");
-        self.upstream_tls = up.stream.tls_info().map(Box::new);
-        self.upstream = up.stream;
-        Ok(())
+        let tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
+        let plan =
+            crate::net::upstream::plan(cfg, tls, config.limits.max_line, &origin, true, None);
+        let connector = crate::net::upstream::connector(cfg, plan, None, &shared.dead);
+        self.connecting = Some(Box::new(Connecting {
+            cfg: cfg.clone(),
+            tls: tls.cloned(),
+            dialled: Instant::now(),
+            address: String::new(),
+            login: None,
+        }));
+        self.session.redial_upstream(connector);
     }
 
     /// Routing mode: route a login the front took (route rule, map, default), let the OAuth2
@@ -1245,150 +1247,293 @@ impl Driver {
             Some(config.limits.login_timeout),
             &shared.dead,
         );
-        self.routed = Some(Box::new(RoutedLogin {
-            index,
-            label: upstream.label().to_owned(),
-            why,
-            shown,
+        self.connecting = Some(Box::new(Connecting {
+            cfg: upstream.clone(),
+            tls: tls.cloned(),
             dialled,
             address: String::new(),
-            token: authorized.as_ref().map(|who| who.token().to_owned()),
-            bridged: bridge.zip(authorized),
-            token_error: None,
+            login: Some(Box::new(RoutedLogin {
+                why,
+                shown,
+                token: authorized.as_ref().map(|who| who.token().to_owned()),
+                bridged: bridge.zip(authorized),
+                token_error: None,
+            })),
         }));
         self.session.connect_login(connector);
     }
 
-    /// [`Output::Dial`]: the connection there is (one failed over) is closed without a word;
-    /// the dial is raced with the session's deadline and a shutdown.
-    async fn login_dial(&mut self, address: String, stop: &Entry) {
-        self.upstream = Stream::Detached;
-        if let Some(r) = self.routed.as_mut() {
-            r.address.clone_from(&address);
+    /// The connection slot a connector of the session works on: the re-dial's pending one,
+    /// else the upstream (asked before a race: the connector may be gone after it).
+    fn link(&mut self, redial: bool) -> &mut Stream {
+        if redial {
+            &mut self.pending
+        } else {
+            &mut self.upstream
+        }
+    }
+
+    /// Whether the connector out is the re-dial's.
+    fn redialling(&self) -> bool {
+        self.session.connecting() == Some(UpstreamPurpose::Redial)
+    }
+
+    /// [`Output::Dial`]: the connection there is in the slot (one failed over) is closed
+    /// without a word; the dial is raced as [`Driver::connect_race`] says.
+    async fn connect_dial(&mut self, address: String, stop: &Entry) -> Result<(), SessionError> {
+        let redial = self.redialling();
+        *self.link(redial) = Stream::Detached;
+        if let Some(c) = self.connecting.as_mut() {
+            c.address.clone_from(&address);
         }
         let dial = <Stream as Link>::dial(&address);
-        match self.login_race(dial, stop).await {
+        match self.connect_race(dial, stop).await? {
             Some(Ok(stream)) => {
-                self.upstream = stream;
+                *self.link(redial) = stream;
                 self.session.dialled(clock());
             }
             Some(Err(e)) => self.session.dial_failed(clock(), &e),
             None => {}
         }
+        Ok(())
     }
 
-    /// [`Output::ToUpstream`] during the routed login: its own lines (not the relay's
-    /// traffic), the write raced with the session's deadline and a shutdown.
-    async fn login_write(&mut self, bytes: &[u8], stop: &Entry) {
-        let mut upstream = std::mem::replace(&mut self.upstream, Stream::Detached);
-        let written = self
-            .login_race(write_flush(&mut upstream, bytes), stop)
-            .await;
-        self.upstream = upstream;
-        if let Some(Err(e)) = written {
+    /// [`Output::ToUpstream`] while a connector is out: its own lines (not the relay's
+    /// traffic), the write raced as [`Driver::connect_race`] says.
+    async fn connect_write(&mut self, bytes: &[u8], stop: &Entry) -> Result<(), SessionError> {
+        let redial = self.redialling();
+        let mut link = std::mem::replace(self.link(redial), Stream::Detached);
+        let written = self.connect_race(write_flush(&mut link, bytes), stop).await;
+        *self.link(redial) = link;
+        if let Some(Err(e)) = written? {
             self.session.upstream_write_failed(clock(), &e);
         }
+        Ok(())
     }
 
     /// [`Output::StartUpstreamTls`]: the handshake toward the address dialled last, raced
-    /// with the session's deadline and a shutdown.
-    async fn login_tls(&mut self, stop: &Entry) {
-        let shared = self.shared.clone();
-        let (index, address) = match &self.routed {
-            Some(r) => (r.index, r.address.clone()),
-            None => (usize::MAX, String::new()),
+    /// as [`Driver::connect_race`] says.
+    async fn connect_tls(&mut self, stop: &Entry) -> Result<(), SessionError> {
+        // Out of the driver while the handshake runs (the race borrows the driver).
+        let connecting = self.connecting.take();
+        let (tls, address) = match connecting.as_deref() {
+            Some(c) => (c.tls.as_ref(), c.address.as_str()),
+            None => (None, ""),
         };
-        let tls = shared.tls.upstreams.get(index).and_then(Option::as_ref);
-        let plain = std::mem::replace(&mut self.upstream, Stream::Detached);
-        let handshake = <Stream as Link>::start_tls(plain, tls, &address);
-        match self.login_race(handshake, stop).await {
+        let redial = self.redialling();
+        let plain = std::mem::replace(self.link(redial), Stream::Detached);
+        let handshake = <Stream as Link>::start_tls(plain, tls, address);
+        let shaken = self.connect_race(handshake, stop).await;
+        self.connecting = connecting;
+        match shaken? {
             Some(Ok(stream)) => {
-                self.upstream = stream;
+                *self.link(redial) = stream;
                 self.session.upstream_tls_done(clock());
             }
             Some(Err(e)) => self.session.upstream_tls_failed(clock(), &e),
             None => {}
         }
+        Ok(())
     }
 
-    /// [`Output::FetchToken`]: a fresh token from the OAuth2 bridge, raced with the session's
-    /// deadline and a shutdown; why there is none is kept for the login's end.
-    async fn login_token(&mut self, stop: &Entry) {
+    /// [`Output::FetchToken`]: a fresh token from the OAuth2 bridge, raced as
+    /// [`Driver::connect_race`] says; why there is none is kept for the login's end.
+    async fn login_token(&mut self, stop: &Entry) -> Result<(), SessionError> {
         // Out of the driver while the bridge works (the race borrows the driver).
-        let mut routed = self.routed.take();
-        let fetched = match routed.as_deref() {
+        let mut connecting = self.connecting.take();
+        let fetched = match connecting.as_deref().and_then(|c| c.login.as_deref()) {
             Some(RoutedLogin {
                 bridged: Some((b, who)),
                 token: Some(stale),
                 ..
             }) => {
                 let fetch = async { b.fresh_token(who, stale).await.map_err(Some) };
-                self.login_race(fetch, stop).await
+                self.connect_race(fetch, stop).await
             }
-            _ => Some(Err(None)),
+            _ => Ok(Some(Err(None))),
         };
+        let fetched = match fetched {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                self.connecting = connecting;
+                return Err(e);
+            }
+        };
+        let login = connecting.as_mut().and_then(|c| c.login.as_mut());
         match fetched {
             Some(Ok(token)) => {
-                if let Some(r) = routed.as_mut() {
+                if let Some(r) = login {
                     r.token = Some(token.clone());
                 }
                 self.session.fresh_token(clock(), token);
             }
             Some(Err(e)) => {
-                if let Some(r) = routed.as_mut() {
+                if let Some(r) = login {
                     r.token_error = e;
                 }
                 self.session.token_failed();
             }
             None => {}
         }
-        self.routed = routed;
+        self.connecting = connecting;
+        Ok(())
     }
 
-    /// `work` for the routed login, unless the session's deadline (fed in as a timeout) or a
-    /// shutdown (the login is abandoned) comes first (`None`).
-    async fn login_race<T>(&mut self, work: impl Future<Output = T>, stop: &Entry) -> Option<T> {
-        let wake = self.session.poll_timeout().map(Instant::from_std);
-        tokio::select! {
-            r = work => Some(r),
-            _ = stop.stopped() => {
-                self.session.on_shutdown();
-                None
-            }
-            _ = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+    /// `work` for a connector of the session, unless the session's deadline (fed in as a
+    /// timeout) or a shutdown (the connector is abandoned) comes first (`None`). While the
+    /// session wants the client (the set-up), it is read meanwhile: its bytes are kept, its
+    /// end ends the session at once (`None`), a read error ends it too (`Err`).
+    async fn connect_race<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        stop: &Entry,
+    ) -> Result<Option<T>, SessionError> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            let wake = self.session.poll_timeout().map(Instant::from_std);
+            let want_client = self.session.wants_client_input();
+            tokio::select! {
+                r = &mut work => return Ok(Some(r)),
+                _ = stop.stopped() => {
+                    self.session.on_shutdown();
+                    return Ok(None);
                 }
-            } => {
-                self.session.on_timeout(clock());
-                None
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.session.on_timeout(clock());
+                    return Ok(None);
+                }
+                r = read::read_lean(&mut self.client, &mut self.cin), if want_client => {
+                    let n = r.map_err(io_err(Side::Client))?;
+                    if n == 0 {
+                        self.session.on_client_eof();
+                        return Ok(None);
+                    }
+                    self.traffic.from_client += n as u64;
+                    self.live.from_client.inc_by(n as u64);
+                    self.session.on_client_input(clock(), &mut self.cin);
+                    if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+                        h.progress(self.traffic.from_client, self.traffic.to_client);
+                    }
+                }
             }
         }
     }
 
-    /// [`Output::LoginEnded`]: the routed login's records (log line, metrics, the tap), the
-    /// upstream's TLS; a bearer login's failure answered with the bridge's reply.
-    async fn login_ended(&mut self, end: LoginEnd) {
-        let Some(routed) = self.routed.take() else {
+    /// [`Output::UpstreamEnded`]: a connector of the session is over; its records (log
+    /// lines, metrics, the tap, the upstream's TLS) and the connection slots.
+    async fn upstream_ended(&mut self, purpose: UpstreamPurpose, end: UpstreamEnd) {
+        let Some(connecting) = self.connecting.take() else {
+            return;
+        };
+        match purpose {
+            UpstreamPurpose::Setup => self.setup_ended(&connecting, end),
+            UpstreamPurpose::Redial => self.redial_ended(end),
+            UpstreamPurpose::Login => self.login_ended(*connecting, end),
+        }
+        // In the order they happened, before anything the session does next is recorded.
+        self.pump_events().await;
+    }
+
+    /// Direct mode's set-up ended: connected (the relay begins) or unavailable (the session
+    /// answered the client and closes).
+    fn setup_ended(&mut self, c: &Connecting, end: UpstreamEnd) {
+        let shared = self.shared.clone();
+        match end {
+            UpstreamEnd::Connected { address, octets } => {
+                let took = c.dialled.elapsed();
+                record_connect(
+                    &shared,
+                    &c.cfg,
+                    Ok((&address, took, self.upstream.is_tls())),
+                );
+                self.live.from_upstream.inc_by(octets as u64);
+                if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
+                    h.upstream(c.cfg.label(), &address);
+                }
+                self.upstream_tls = self.upstream.tls_info().map(Box::new);
+                if let Some(t) = &self.upstream_tls {
+                    debug!(version = %t.version, cipher = %t.cipher, "upstream TLS established");
+                    self.observer
+                        .observer
+                        .tls(crate::audit::TlsSide::Upstream, t);
+                }
+                self.opened = true;
+            }
+            UpstreamEnd::Unavailable {
+                address,
+                stage,
+                reason,
+            } => {
+                self.upstream = Stream::Detached;
+                let e = crate::net::upstream::ConnectError {
+                    address,
+                    stage,
+                    reason: reason.to_string(),
+                };
+                warn!(error = %e, "upstream unavailable");
+                record_connect(&shared, &c.cfg, Err(&e));
+            }
+            _ => self.upstream = Stream::Detached,
+        }
+    }
+
+    /// The re-dial after STLS ended: the session goes over to the pending connection if it
+    /// greeted `+OK`, else on over the first.
+    fn redial_ended(&mut self, end: UpstreamEnd) {
+        let pending = std::mem::replace(&mut self.pending, Stream::Detached);
+        match end {
+            UpstreamEnd::Connected { address, .. } => {
+                debug!(address = %address, "upstream dialled again to pass the client's TLS on");
+                self.upstream_tls = pending.tls_info().map(Box::new);
+                self.upstream = pending;
+            }
+            UpstreamEnd::NotGreeted { address, greeting } => warn!(
+                address = %address,
+                greeting = %crate::pop3::printable(&greeting).trim_end(),
+                "STLS: the upstream dialled again to be told about TLS did not greet +OK; \
+                 the session goes on over the first connection"
+            ),
+            UpstreamEnd::Unavailable {
+                address,
+                stage,
+                reason,
+            } => {
+                let e = crate::net::upstream::ConnectError {
+                    address,
+                    stage,
+                    reason: reason.to_string(),
+                };
+                warn!(error = %e, "STLS: the upstream could not be dialled again to be told \
+                       about TLS; the session goes on over the first connection");
+            }
+            UpstreamEnd::Refused | UpstreamEnd::Bridge(_) => {}
+        }
+    }
+
+    /// The routed login ended: its records (log line, metrics, the tap), the upstream's TLS;
+    /// a bearer login's failure answered with the bridge's reply.
+    fn login_ended(&mut self, c: Connecting, end: UpstreamEnd) {
+        let Some(routed) = c.login else {
             return;
         };
         let shared = self.shared.clone();
-        let upstream = &shared.config.upstreams[routed.index];
+        let upstream = &c.cfg;
         let label = upstream.label();
         let shown = &routed.shown;
         let why = &routed.why;
         match end {
-            LoginEnd::LoggedIn { address, octets } => {
-                shared
-                    .metrics
-                    .upstream_connected(label, &address, routed.dialled.elapsed());
-                shared
-                    .metrics
-                    .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
-                if self.upstream.is_tls() {
-                    shared.metrics.tls_handshake("upstream", true);
-                }
+            UpstreamEnd::Connected { address, octets } => {
+                let took = c.dialled.elapsed();
+                record_connect(
+                    &shared,
+                    upstream,
+                    Ok((&address, took, self.upstream.is_tls())),
+                );
                 info!(
                     user = %shown,
                     upstream = label,
@@ -1407,7 +1552,7 @@ impl Driver {
                 }
                 self.live.from_upstream.inc_by(octets as u64);
             }
-            LoginEnd::Refused => {
+            UpstreamEnd::Refused | UpstreamEnd::NotGreeted { .. } => {
                 self.upstream = Stream::Detached;
                 info!(
                     user = %shown,
@@ -1416,7 +1561,7 @@ impl Driver {
                     "routed login refused by the upstream"
                 );
             }
-            LoginEnd::Unavailable {
+            UpstreamEnd::Unavailable {
                 address,
                 stage,
                 reason,
@@ -1424,7 +1569,7 @@ impl Driver {
                 self.upstream = Stream::Detached;
                 self.unavailable(upstream, address, stage, reason.to_string());
             }
-            LoginEnd::Bridge(failure) => {
+            UpstreamEnd::Bridge(failure) => {
                 self.upstream = Stream::Detached;
                 let RoutedLogin {
                     bridged,
@@ -1473,8 +1618,6 @@ impl Driver {
                     .login_failed(clock(), &reply, &mut self.sin, &mut self.cin);
             }
         }
-        // In the order they happened, before anything the session does next is recorded.
-        self.pump_events().await;
     }
 
     /// The routed login's upstream could not be had: the log line and the metrics.
@@ -1485,19 +1628,13 @@ impl Driver {
         stage: ConnectStage,
         reason: String,
     ) {
-        let shared = &self.shared;
         let u = crate::net::upstream::ConnectError {
             address,
             stage,
             reason,
         };
         warn!(upstream = upstream.label(), error = %u, "upstream unavailable");
-        shared
-            .metrics
-            .upstream_failed(upstream.label(), &u.address, u.stage.as_str(), &u.reason);
-        shared
-            .metrics
-            .failed_over(upstream, |a| shared.dead.is_dead(a, clock()));
+        record_connect(&self.shared, upstream, Err(&u));
     }
 
     /// Write `bytes` to the upstream and flush them (under TLS a write can leave records
@@ -1521,11 +1658,14 @@ impl Driver {
         // `popgate sessions`: relaxed stores, a lock only when something changed.
         if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
             h.progress(self.traffic.from_client, self.traffic.to_client);
-            h.sync(
-                self.session.hop().user(),
-                self.session.hop().state(),
-                self.session.hop().tags(),
-            );
+            // Before the relay the session is `CONNECTING` (the upstream's set-up).
+            if self.opened {
+                h.sync(
+                    self.session.hop().user(),
+                    self.session.hop().state(),
+                    self.session.hop().tags(),
+                );
+            }
             h.tls(
                 self.client_tls.as_deref().map(|t| t.version.as_str()),
                 self.upstream_tls.as_deref().map(|t| t.version.as_str()),

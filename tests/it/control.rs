@@ -689,6 +689,58 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
     assert_eq!(close["bytes_to_client"], json!(37), "{close}");
 }
 
+/// The session reads its client while it connects the upstream: a client that hangs up
+/// during a slow set-up (the first address accepts and stays silent, `connect_timeout` 30 s)
+/// ends its session at once, `client_eof` in the audit trail, and the next address is never
+/// dialled.
+#[test]
+fn a_client_that_hangs_up_while_the_upstream_is_connected_ends_its_session_at_once() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = PopgateProcess::run(
+        silent.local_addr().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&format!(
+                "[upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"30s\"\n",
+                silent.local_addr().unwrap(),
+                next.local_addr().unwrap()
+            ))
+            .tables(&format!(
+                "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n"
+            ))
+            .wait_for_log(),
+    );
+    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let rows = wait_sessions(&p, "the connecting session", |r| r.len() == 1);
+    assert_eq!(rows[0]["state"], json!("CONNECTING"), "{rows:#?}");
+    let id = rows[0]["id"].as_u64().unwrap().to_string();
+    // Bytes sent during the set-up are read (and kept for the relay), then the hang-up.
+    s.write_all(b"CAPA\r\n").unwrap();
+    let started = Instant::now();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    wait_sessions(&p, "gone", |r| r.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the session waited for the upstream"
+    );
+    let mut p = p;
+    p.stop();
+    next.set_nonblocking(true).unwrap();
+    assert!(next.accept().is_err(), "the next address was dialled");
+    let events = common::audit_events(&p.path("audit"));
+    let close = events
+        .iter()
+        .rfind(|e| e["session"].as_u64().unwrap().to_string() == id)
+        .unwrap();
+    assert_eq!(close["event"], json!("session_close"), "{close}");
+    assert_eq!(close["reason"], json!("client_eof"), "{close}");
+    assert_eq!(close["bytes_from_client"], json!(6), "{close}");
+}
+
 /// A kick during the client's implicit-TLS handshake and during a `connect` rule's delay (the
 /// first two waits of a session) ends it at once, and the audit trail records it as a kick in
 /// the relay is: `session_open` (without `client_tls` in the handshake, where no TLS is up
