@@ -519,12 +519,9 @@ fn stls_proxy_v2_to(
 }
 
 /// popgate (a STLS listener, `forward_client = "proxy-v2"` to the stub server at `addr`) and
-/// poplib through it: STLS, a login as bob with `pass` (`login`: "user" or "apop"), STAT.
-fn poplib_stat_over_stls_with_proxy_v2_to(
-    addr: SocketAddr,
-    pass: &str,
-    login: &str,
-) -> serde_json::Value {
+/// poplib through it: STLS, a login as bob with `pass` (`login`: "user" or "apop"), STAT; each
+/// must work.
+fn poplib_stat_over_stls_with_proxy_v2_to(addr: SocketAddr, pass: &str, login: &str) {
     let h = Harness::new();
     let pki = TestPki::new();
     let p = stls_proxy_v2_to(&h, &pki, addr, "");
@@ -533,7 +530,13 @@ fn poplib_stat_over_stls_with_proxy_v2_to(
     spec["login"] = login.into();
     spec["cafile"] = pki.ca_path().display().to_string().into();
     spec["actions"] = serde_json::json!([["stat"]]);
-    common::clients::poplib(spec)
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(
+        out["login"]["ok"], true,
+        "{login} after STLS refused: {out}"
+    );
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
 }
 
 /// What a [`Stub`] does with a line.
@@ -641,6 +644,17 @@ fn verb(line: &str) -> String {
         .to_ascii_uppercase()
 }
 
+/// What the POP3 stubs answer alike: CAPA (USER, UIDL), STAT of an empty maildrop, QUIT;
+/// `-ERR unknown` to anything else.
+fn stub_pop3(line: &str) -> Answer {
+    match verb(line).as_str() {
+        "CAPA" => Answer::Say("+OK\r\nUSER\r\nUIDL\r\n.\r\n"),
+        "STAT" => Answer::Say("+OK 0 0\r\n"),
+        "QUIT" => Answer::SayAndClose("+OK bye\r\n"),
+        _ => Answer::Say("-ERR unknown\r\n"),
+    }
+}
+
 /// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
 /// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
 /// bring a new timestamp, and the APOP digest the client made from the first one would fail.
@@ -658,21 +672,15 @@ fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
         |n, line| {
             let digest = popgate_demo::apop_digest(&stamp(n), "bob-apop");
             match verb(line).as_str() {
-                "CAPA" => Answer::Say("+OK\r\nUSER\r\nUIDL\r\n.\r\n"),
                 "APOP" if line.split_whitespace().nth(2) == Some(digest.as_str()) => {
                     Answer::Say("+OK maildrop locked\r\n")
                 }
                 "APOP" => Answer::Say("-ERR [AUTH] bad digest\r\n"),
-                "STAT" => Answer::Say("+OK 0 0\r\n"),
-                "QUIT" => Answer::SayAndClose("+OK bye\r\n"),
-                _ => Answer::Say("-ERR unknown\r\n"),
+                _ => stub_pop3(line),
             }
         },
     );
-    let out = poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-apop", "apop");
-    assert_eq!(out["tls"], "stls", "{out}");
-    assert_eq!(out["login"]["ok"], true, "APOP after STLS refused: {out}");
-    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-apop", "apop");
     assert_eq!(stub.accepted(), 1, "the upstream was dialled again");
 }
 
@@ -694,18 +702,12 @@ fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
         },
         |n, line| match verb(line).as_str() {
             _ if n > 1 => Answer::Say("-ERR go away\r\n"),
-            "CAPA" => Answer::Say("+OK\r\nUSER\r\nUIDL\r\n.\r\n"),
             "USER" => Answer::Say("+OK\r\n"),
             "PASS" => Answer::Say("+OK maildrop locked\r\n"),
-            "STAT" => Answer::Say("+OK 0 0\r\n"),
-            "QUIT" => Answer::SayAndClose("+OK bye\r\n"),
-            _ => Answer::Say("-ERR unknown\r\n"),
+            _ => stub_pop3(line),
         },
     );
-    let out = poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-pass", "user");
-    assert_eq!(out["tls"], "stls", "{out}");
-    assert_eq!(out["login"]["ok"], true, "login after STLS failed: {out}");
-    assert_eq!(out["results"][0]["ok"], true, "{out}");
+    poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-pass", "user");
     assert_eq!(stub.accepted(), 2, "no second dial was tried");
     common::wait_until("the first connection's QUIT", || {
         stub.lines().iter().any(|(_, l)| l == "QUIT")
