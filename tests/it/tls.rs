@@ -210,6 +210,19 @@ async fn stls_with_an_injected_login(
     BufReader::new(tls_connect(r.into_inner(), ca).await)
 }
 
+/// The login under TLS on `r`, `then` pipelined behind it: USER and PASS answered `+OK`.
+async fn log_in_under_tls(
+    r: &mut BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    then: &str,
+) {
+    r.get_mut()
+        .write_all(format!("USER {USER}\r\nPASS {PASS}\r\n{then}").as_bytes())
+        .await
+        .unwrap();
+    assert!(line(r).await.starts_with("+OK"));
+    assert!(line(r).await.starts_with("+OK"), "login under TLS");
+}
+
 /// Neither the injected plaintext nor the client's STLS reached the upstream.
 fn assert_injection_not_relayed(up: &DemoServer) {
     let received = up.received();
@@ -255,12 +268,7 @@ fn client_side_starttls_injection_is_discarded() {
             }
         }
         assert!(!capa.contains("STLS"), "STLS offered after TLS: {capa}");
-        r.get_mut()
-            .write_all(format!("USER {USER}\r\nPASS {PASS}\r\nSTLS\r\nQUIT\r\n").as_bytes())
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK"));
-        assert!(line(&mut r).await.starts_with("+OK"), "login under TLS");
+        log_in_under_tls(&mut r, "STLS\r\nQUIT\r\n").await;
         assert_eq!(line(&mut r).await, "-ERR already under TLS\r\n");
         assert!(line(&mut r).await.starts_with("+OK"));
     });
@@ -282,12 +290,7 @@ fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
     s.h.rt.block_on(async move {
         // Before the greeting: during the rule's delay.
         let mut r = stls_with_an_injected_login(addr, &ca, true).await;
-        r.get_mut()
-            .write_all(format!("USER {USER}\r\nPASS {PASS}\r\nQUIT\r\n").as_bytes())
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK"));
-        assert!(line(&mut r).await.starts_with("+OK"), "login under TLS");
+        log_in_under_tls(&mut r, "QUIT\r\n").await;
         assert!(line(&mut r).await.starts_with("+OK"));
     });
     assert_injection_not_relayed(&s.up);
