@@ -65,18 +65,26 @@ fn session_opens(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A connect rule that denies the client 192.0.2.66.
+const NO_DOC_NET: &str = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\n\
+                          client = \"192.0.2.66\"\naction = \"deny\"\n\
+                          message = \"not from there\"\n";
+
+/// A listener that takes PROXY headers from 127.0.0.1, with `rules` in a rule file.
+fn balanced_with_rules(rules: &str) -> PopgateOpts {
+    PopgateOpts::new()
+        .top("rules = [\"r.toml\"]\n")
+        .file("r.toml", rules)
+        .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+}
+
 #[test]
 fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
     let h = Harness::new();
     let up = demo(&h);
-    let rules = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
-                 action = \"deny\"\nmessage = \"not from there\"\n";
     let p = PopgateProcess::run(
         up.local_addr(),
-        PopgateOpts::new()
-            .top("rules = [\"r.toml\"]\n")
-            .file("r.toml", rules)
-            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+        balanced_with_rules(NO_DOC_NET)
             .tables(
                 "[limits]\nmax_sessions_per_ip = 1\n\
                  [audit]\nenabled = true\ndir = \"audit\"\n",
@@ -793,17 +801,11 @@ fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
 fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() {
     let h = Harness::new();
     let up = demo(&h);
-    let rules = "[[rule]]\nname = \"slow\"\non = \"connect\"\nclient = \"192.0.2.0/24\"\n\
-                 action = \"delay\"\ndelay = \"300ms\"\n\
-                 [[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
-                 action = \"deny\"\nmessage = \"not from there\"\n";
+    let slow = "[[rule]]\nname = \"slow\"\non = \"connect\"\nclient = \"192.0.2.0/24\"\n\
+                action = \"delay\"\ndelay = \"300ms\"\n";
     let p = PopgateProcess::run(
         up.local_addr(),
-        PopgateOpts::new()
-            .top("rules = [\"r.toml\"]\n")
-            .file("r.toml", rules)
-            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
-            .wait_for_log(),
+        balanced_with_rules(&format!("{slow}{NO_DOC_NET}")).wait_for_log(),
     );
     let session = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
     let mut bytes = v2("192.0.2.7:40000", "198.51.100.1:110");
