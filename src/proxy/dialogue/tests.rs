@@ -104,6 +104,16 @@ fn run(plan: &Plan, script: &Script<'_>, chunk: usize, tls_ok: bool) -> Trace {
     panic!("the dialogue never ended");
 }
 
+/// [`every_chunk`] with a server that greets with `greeting` and answers from `turns`.
+fn served(plan: &Plan, greeting: &[u8], turns: Vec<(&[u8], &[u8])>) -> Trace {
+    every_chunk(plan, &Script { greeting, turns })
+}
+
+/// [`served`] by a server that greets with `+OK hi`.
+fn served_hi(plan: &Plan, turns: Vec<(&[u8], &[u8])>) -> Trace {
+    served(plan, b"+OK hi\r\n", turns)
+}
+
 /// [`run`] at every chunk size from 1 to all the server's bytes: the same trace each time.
 fn every_chunk(plan: &Plan, script: &Script<'_>) -> Trace {
     let total = script.greeting.len() + script.turns.iter().map(|(_, a)| a.len()).sum::<usize>();
@@ -175,13 +185,7 @@ fn decode(line: &[u8]) -> Vec<u8> {
 
 #[test]
 fn greeting_read_during_setup_is_relayed_first() {
-    let t = every_chunk(
-        &plan(TlsMode::None, None),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![],
-        },
-    );
+    let t = served_hi(&plan(TlsMode::None, None), vec![]);
     assert!(t.connected);
     assert_eq!((t.end, t.preread), (None, b"+OK hi\r\n".to_vec()));
     assert!(t.wrote.is_empty());
@@ -245,26 +249,14 @@ fn a_garbage_greeting_fails_a_login_and_stls() {
 #[test]
 fn an_overlong_greeting_fails_at_every_chunk_size() {
     let long = [b"+OK ".to_vec(), vec![b'x'; 600], b"\r\n".to_vec()].concat();
-    let t = every_chunk(
-        &plan(TlsMode::None, None),
-        &Script {
-            greeting: &long,
-            turns: vec![],
-        },
-    );
+    let t = served(&plan(TlsMode::None, None), &long, vec![]);
     assert_eq!(t.end, broken(ConnectStage::Setup, Reason::Overlong));
     assert!(!t.connected);
 }
 
 #[test]
 fn a_server_that_closes_before_greeting_breaks_the_setup() {
-    let t = every_chunk(
-        &plan(TlsMode::None, None),
-        &Script {
-            greeting: b"+OK h",
-            turns: vec![],
-        },
-    );
+    let t = served(&plan(TlsMode::None, None), b"+OK h", vec![]);
     assert_eq!(t.end, broken(ConnectStage::Setup, Reason::Closed));
 }
 
@@ -272,12 +264,9 @@ fn a_server_that_closes_before_greeting_breaks_the_setup() {
 
 #[test]
 fn stls_then_the_handshake_and_the_first_greeting_is_relayed() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::Starttls, None),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"STLS\r\n", b"+OK begin\r\n")],
-        },
+        vec![(b"STLS\r\n", b"+OK begin\r\n")],
     );
     assert_eq!(t.wrote, vec![b"STLS\r\n".to_vec(), TLS.to_vec()]);
     assert_eq!((t.end, t.preread), (None, b"+OK hi\r\n".to_vec()));
@@ -285,12 +274,9 @@ fn stls_then_the_handshake_and_the_first_greeting_is_relayed() {
 
 #[test]
 fn stls_refused_never_falls_back_to_plaintext() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::Starttls, Some(user_pass())),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"STLS\r\n", b"-ERR no TLS here\r\n")],
-        },
+        vec![(b"STLS\r\n", b"-ERR no TLS here\r\n")],
     );
     assert_eq!(
         t.end,
@@ -349,12 +335,9 @@ fn tls_handshake_failures_and_missing_tls_name_their_stage() {
 fn the_proxy_header_goes_first_even_before_implicit_tls() {
     let mut p = plan(TlsMode::Implicit, Some(user_pass()));
     p.proxy_header = Some(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n".to_vec());
-    let t = every_chunk(
+    let t = served_hi(
         &p,
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"USER alice", b"+OK\r\n"), (b"PASS s3cret", b"+OK in\r\n")],
-        },
+        vec![(b"USER alice", b"+OK\r\n"), (b"PASS s3cret", b"+OK in\r\n")],
     );
     assert_eq!(t.wrote[0], b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n");
     assert_eq!(t.wrote[1], TLS);
@@ -410,22 +393,18 @@ fn xclient_plan(tls: TlsMode) -> Plan {
 
 #[test]
 fn xclient_when_offered_and_its_answer_is_not_relayed() {
-    let t = every_chunk(
+    let t = served(
         &xclient_plan(TlsMode::None),
-        &Script {
-            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
-            turns: vec![(b"XCLIENT ADDR=192.0.2.1 PORT=4000", b"+OK\r\n")],
-        },
+        b"+OK [XCLIENT] Dovecot ready.\r\n",
+        vec![(b"XCLIENT ADDR=192.0.2.1 PORT=4000", b"+OK\r\n")],
     );
     assert_eq!(t.notices, vec![Notice::XclientPassed]);
     assert_eq!(t.preread, b"+OK [XCLIENT] Dovecot ready.\r\n");
     // Under STLS: after the handshake, offered by the first greeting.
-    let t = every_chunk(
+    let t = served(
         &xclient_plan(TlsMode::Starttls),
-        &Script {
-            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
-            turns: vec![(b"STLS", b"+OK\r\n"), (b"XCLIENT", b"+OK\r\n")],
-        },
+        b"+OK [XCLIENT] Dovecot ready.\r\n",
+        vec![(b"STLS", b"+OK\r\n"), (b"XCLIENT", b"+OK\r\n")],
     );
     assert_eq!(t.wrote[1], TLS);
     assert!(t.wrote[2].starts_with(b"XCLIENT"));
@@ -434,12 +413,10 @@ fn xclient_when_offered_and_its_answer_is_not_relayed() {
 
 #[test]
 fn xclient_refused_breaks_the_setup() {
-    let t = every_chunk(
+    let t = served(
         &xclient_plan(TlsMode::None),
-        &Script {
-            greeting: b"+OK [XCLIENT] Dovecot ready.\r\n",
-            turns: vec![(b"XCLIENT", b"-ERR not trusted\r\n")],
-        },
+        b"+OK [XCLIENT] Dovecot ready.\r\n",
+        vec![(b"XCLIENT", b"-ERR not trusted\r\n")],
     );
     assert_eq!(
         t.end,
@@ -452,12 +429,10 @@ fn xclient_refused_breaks_the_setup() {
 
 #[test]
 fn xclient_not_offered_is_not_sent() {
-    let t = every_chunk(
+    let t = served(
         &xclient_plan(TlsMode::None),
-        &Script {
-            greeting: b"+OK Dovecot ready.\r\n",
-            turns: vec![],
-        },
+        b"+OK Dovecot ready.\r\n",
+        vec![],
     );
     assert!(t.wrote.is_empty());
     assert_eq!(
@@ -471,15 +446,12 @@ fn xclient_not_offered_is_not_sent() {
 
 #[test]
 fn user_pass_replayed_and_accepted() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(user_pass())),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![
-                (b"USER alice\r\n", b"+OK\r\n"),
-                (b"PASS s3cret\r\n", b"+OK Logged in.\r\n"),
-            ],
-        },
+        vec![
+            (b"USER alice\r\n", b"+OK\r\n"),
+            (b"PASS s3cret\r\n", b"+OK Logged in.\r\n"),
+        ],
     );
     assert!(t.connected);
     assert_eq!(t.end, logged_in(b"+OK Logged in.\r\n"));
@@ -487,12 +459,9 @@ fn user_pass_replayed_and_accepted() {
 
 #[test]
 fn user_pass_refused_is_the_servers_line() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(user_pass())),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"USER", b"+OK\r\n"), (b"PASS", b"-ERR [AUTH] no\r\n")],
-        },
+        vec![(b"USER", b"+OK\r\n"), (b"PASS", b"-ERR [AUTH] no\r\n")],
     );
     assert_eq!(
         t.end,
@@ -510,15 +479,12 @@ fn auth_plain_with_and_without_initial_response_is_replayed_in_two_steps() {
         format!("AUTH PLAIN\r\n{msg}\r\n"),
     ] {
         let payload = format!("{msg}\r\n");
-        let t = every_chunk(
+        let t = served_hi(
             &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
-            &Script {
-                greeting: b"+OK hi\r\n",
-                turns: vec![
-                    (b"AUTH PLAIN\r\n", b"+ \r\n"),
-                    (payload.as_bytes(), b"+OK in\r\n"),
-                ],
-            },
+            vec![
+                (b"AUTH PLAIN\r\n", b"+ \r\n"),
+                (payload.as_bytes(), b"+OK in\r\n"),
+            ],
         );
         assert_eq!(t.end, logged_in(b"+OK in\r\n"), "{client}");
     }
@@ -527,25 +493,19 @@ fn auth_plain_with_and_without_initial_response_is_replayed_in_two_steps() {
 #[test]
 fn auth_login_answers_two_challenges() {
     let client = format!("AUTH LOGIN\r\n{}\r\n{}\r\n", b64(b"carol"), b64(b"pw"));
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![
-                (b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
-                (b"Y2Fyb2w=\r\n", b"+ UGFzc3dvcmQ6\r\n"),
-                (b"cHc=\r\n", b"+OK in\r\n"),
-            ],
-        },
+        vec![
+            (b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
+            (b"Y2Fyb2w=\r\n", b"+ UGFzc3dvcmQ6\r\n"),
+            (b"cHc=\r\n", b"+OK in\r\n"),
+        ],
     );
     assert_eq!(t.end, logged_in(b"+OK in\r\n"));
     // A server that skips a challenge, or answers garbage, breaks the dialogue.
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(replay_of(client.as_bytes()))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"AUTH LOGIN\r\n", b"what?\r\n")],
-        },
+        vec![(b"AUTH LOGIN\r\n", b"what?\r\n")],
     );
     assert_eq!(
         t.end,
@@ -583,25 +543,16 @@ fn a_server_that_closes_mid_login_breaks_it_at_every_point() {
         if cut >= 5 {
             turns.push((b"PASS", &got[5..]));
         }
-        let t = every_chunk(
-            &plan(TlsMode::None, Some(user_pass())),
-            &Script {
-                greeting: b"+OK hi\r\n",
-                turns,
-            },
-        );
+        let t = served_hi(&plan(TlsMode::None, Some(user_pass())), turns);
         assert_eq!(
             t.end,
             broken(ConnectStage::Setup, Reason::Closed),
             "cut {cut}"
         );
     }
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"AUTH XOAUTH2", b"+ \r\n"), (b"", b"+O")],
-        },
+        vec![(b"AUTH XOAUTH2", b"+ \r\n"), (b"", b"+O")],
     );
     assert_eq!(
         t.end,
@@ -614,15 +565,12 @@ fn a_server_that_closes_mid_login_breaks_it_at_every_point() {
 #[test]
 fn xoauth2_token_goes_on_the_continuation_line() {
     let long = "x".repeat(2000);
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, &long))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![
-                (b"AUTH XOAUTH2\r\n", b"+ \r\n"),
-                (b"", b"+OK Logged in.\r\n"),
-            ],
-        },
+        vec![
+            (b"AUTH XOAUTH2\r\n", b"+ \r\n"),
+            (b"", b"+OK Logged in.\r\n"),
+        ],
     );
     assert_eq!(t.wrote[0], b"AUTH XOAUTH2\r\n");
     assert!(t.wrote[1].ends_with(b"\r\n"));
@@ -639,12 +587,9 @@ fn oauthbearer_gs2_header_and_host_port() {
         unreachable!()
     };
     b.mailbox = "a,b=c".into();
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(Replay::Bearer(b))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"AUTH OAUTHBEARER\r\n", b"+\r\n"), (b"", b"+OK\r\n")],
-        },
+        vec![(b"AUTH OAUTHBEARER\r\n", b"+\r\n"), (b"", b"+OK\r\n")],
     );
     assert_eq!(
         decode(&t.wrote[1]),
@@ -669,18 +614,15 @@ fn the_error_json_challenge_is_answered_then_a_fresh_token_is_tried_once() {
         let json = &b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n"[..];
         let refused = &b"-ERR [AUTH] Authentication failed.\r\n"[..];
         // Refused, then the fresh token logs in.
-        let t = every_chunk(
+        let t = served_hi(
             &plan(TlsMode::None, Some(bearer(m, "stale"))),
-            &Script {
-                greeting: b"+OK hi\r\n",
-                turns: vec![
-                    (command, b"+ \r\n"),
-                    (b"", json),
-                    (dummy, refused),
-                    (command, b"+ \r\n"),
-                    (b"", b"+OK in\r\n"),
-                ],
-            },
+            vec![
+                (command, b"+ \r\n"),
+                (b"", json),
+                (dummy, refused),
+                (command, b"+ \r\n"),
+                (b"", b"+OK in\r\n"),
+            ],
         );
         assert_eq!(t.tokens_fetched, 1);
         assert!(String::from_utf8_lossy(&decode(&t.wrote[1])).contains("Bearer stale"));
@@ -688,18 +630,15 @@ fn the_error_json_challenge_is_answered_then_a_fresh_token_is_tried_once() {
         assert!(String::from_utf8_lossy(&decode(&t.wrote[4])).contains("Bearer fresh"));
         assert_eq!(t.end, logged_in(b"+OK in\r\n"));
         // Refused twice: the second refusal ends it.
-        let t = every_chunk(
+        let t = served_hi(
             &plan(TlsMode::None, Some(bearer(m, "stale"))),
-            &Script {
-                greeting: b"+OK hi\r\n",
-                turns: vec![
-                    (command, b"+ \r\n"),
-                    (b"", json),
-                    (dummy, refused),
-                    (command, b"+ \r\n"),
-                    (b"", refused),
-                ],
-            },
+            vec![
+                (command, b"+ \r\n"),
+                (b"", json),
+                (dummy, refused),
+                (command, b"+ \r\n"),
+                (b"", refused),
+            ],
         );
         assert_eq!(t.tokens_fetched, 1);
         assert_eq!(
@@ -760,15 +699,12 @@ fn decode_or_empty(line: &[u8]) -> Vec<u8> {
 
 #[test]
 fn mechanism_not_offered_is_unexpected() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(
-                b"AUTH XOAUTH2",
-                b"-ERR Unsupported authentication mechanism.\r\n",
-            )],
-        },
+        vec![(
+            b"AUTH XOAUTH2",
+            b"-ERR Unsupported authentication mechanism.\r\n",
+        )],
     );
     assert_eq!(
         t.end,
@@ -782,12 +718,9 @@ fn mechanism_not_offered_is_unexpected() {
 /// `+OKAY` is no `+OK`, and `+ok` is one (it was taken for a challenge).
 #[test]
 fn bearer_answers_are_parsed_as_status_lines() {
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"AUTH", b"+ \r\n"), (b"", b"+OKAY\r\n")],
-        },
+        vec![(b"AUTH", b"+ \r\n"), (b"", b"+OKAY\r\n")],
     );
     assert_eq!(
         t.end,
@@ -795,12 +728,9 @@ fn bearer_answers_are_parsed_as_status_lines() {
             b"+OKAY\r\n".to_vec()
         )))
     );
-    let t = every_chunk(
+    let t = served_hi(
         &plan(TlsMode::None, Some(bearer(Oauth2Mechanism::Xoauth2, "tok"))),
-        &Script {
-            greeting: b"+OK hi\r\n",
-            turns: vec![(b"AUTH", b"+ \r\n"), (b"", b"+ok in\r\n")],
-        },
+        vec![(b"AUTH", b"+ \r\n"), (b"", b"+ok in\r\n")],
     );
     assert_eq!(t.end, logged_in(b"+ok in\r\n"));
 }
