@@ -236,13 +236,11 @@ fn assert_injection_not_relayed(up: &DemoServer) {
     );
 }
 
-/// A file holding the rules `text`, in a directory of its own (kept as long as the handle),
-/// and the `rules` line that names it.
-fn rules_file(text: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("r.toml");
-    std::fs::write(&rules, text).unwrap();
-    (dir, format!("rules = [{rules:?}]\n"))
+/// A rule file holding `text` (kept as long as the handle) and the `rules` line naming it.
+fn rules_file(text: &str) -> (common::proxy::RuleFile, String) {
+    let file = common::proxy::rule_file(text);
+    let line = format!("rules = [{:?}]\n", file.path);
+    (file, line)
 }
 
 /// A connect rule that holds every connection 300 ms.
