@@ -158,17 +158,7 @@ fn a_map_line_for_alice_routes_alice_in_every_ascii_case_and_every_routed_method
         (Method::Login, "AlIcE"),
         (Method::UserPass, "alice"),
     ];
-    for (method, typed) in tries {
-        let mut c = RawPop::connect(r.proxy.addr);
-        let ok = log_in(&mut c, method, typed);
-        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
-        // alice's mailbox on old, never the one on the default server.
-        assert!(
-            retr1(&mut c).contains("mail of alice on old"),
-            "{method:?} {typed}"
-        );
-        c.cmd("QUIT");
-    }
+    alice_reaches_old(r.proxy.addr, &tries);
     assert_eq!(r.new.connections(), 0, "nothing went to the default server");
     let l = logins(audit.path(), tries.len());
     for ((method, typed), e) in tries.iter().zip(&l) {
@@ -236,6 +226,21 @@ fn exact_upstreams_route_other_case_as_another_user() {
     assert!(log_in(&mut c, Method::UserPass, "ALICE").starts_with("-ERR"));
     assert_eq!(old.connections(), 0);
     assert_eq!(new.connections(), 1);
+}
+
+/// alice logs in at the routing proxy `proxy` once per row of `tries` (a method, the name as
+/// typed): each login works and reaches her mailbox on old, never the one on the default server.
+fn alice_reaches_old(proxy: SocketAddr, tries: &[(Method, &str)]) {
+    for &(method, typed) in tries {
+        let mut c = RawPop::connect(proxy);
+        let ok = log_in(&mut c, method, typed);
+        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
+        assert!(
+            retr1(&mut c).contains("mail of alice on old"),
+            "{method:?} {typed}"
+        );
+        c.cmd("QUIT");
+    }
 }
 
 const NO_EVE: &str = "[[rule]]\nname = \"no-eve\"\non = \"command\"\nuser = '^eve$'\n\
@@ -426,21 +431,13 @@ fn dovecot_routing_alice_in_capitals_reaches_her_mailbox_on_the_mapped_server() 
         old.addr(),
         new.addr()
     ));
-    for (method, typed) in [
+    let tries = [
         (Method::UserPass, "ALICE"),
         (Method::PlainAuthc, "Alice"),
         (Method::PlainAuthz, "aLICE"),
         (Method::Login, "ALICE"),
-    ] {
-        let mut c = RawPop::connect(proxy.addr);
-        let ok = log_in(&mut c, method, typed);
-        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
-        assert!(
-            retr1(&mut c).contains("mail of alice on old"),
-            "{method:?} {typed}"
-        );
-        c.cmd("QUIT");
-    }
+    ];
+    alice_reaches_old(proxy.addr, &tries);
     assert!(!new.log().contains("Login: user=<alice>"), "{}", new.log());
 }
 
