@@ -19,7 +19,10 @@
 //! In direct mode the session connects the upstream itself the same way
 //! ([`Session::connect_upstream`]: one or two addresses, STLS to the server as the input
 //! says), the client written, read within the early-input limit, hanging up, or a shutdown
-//! coming meanwhile; the relay starts with the greeting read and the client bytes kept.
+//! coming meanwhile; the relay starts with the greeting read and the client bytes kept. Half
+//! of the direct sessions re-dial after the client's STLS (PROXY v2, without the header): the
+//! model server is dialled again on a pending slot, and the session goes over to it when it
+//! greets `+OK`.
 //!
 //! The [`Checker`] sees every byte each way and panics with a clear message when an invariant
 //! breaks:
@@ -810,6 +813,8 @@ pub struct Summary {
     pub early: usize,
     /// ... or whether it ended there (refused, the client gone, a shutdown).
     pub ended_in_delay: bool,
+    /// Direct mode with PROXY v2: re-dials after STLS the session went over to.
+    pub redialled: usize,
     /// Direct mode: the client was read while the session connected the upstream ...
     pub read_in_setup: bool,
     /// ... and the session ended before the set-up did (the client gone, a shutdown).
@@ -821,6 +826,8 @@ struct Sim<'a> {
     input: Input<'a>,
     session: Session,
     server: Option<Server>,
+    /// The re-dial after STLS: the second connection, until it greets `+OK` (or not).
+    pending: Option<Server>,
     check: Checker,
     now: Instant,
     cin: BytesMut,
@@ -855,6 +862,8 @@ struct Sim<'a> {
     /// The client was read during direct mode's set-up; the set-up is over.
     read_in_setup: bool,
     setup_over: bool,
+    /// Re-dials after STLS the session went over to.
+    redialled: usize,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -932,6 +941,8 @@ pub fn run(data: &[u8]) -> Summary {
         lookups,
         scan,
     };
+    // Direct mode: half of the sessions with PROXY v2, dialled again after the client's STLS.
+    let redial = !routing && input.byte() % 2 == 1;
     let now = Instant::now();
     let policy = Policy::new(rule_sets()[rules].clone());
     let check = Checker::new(rules == 1, client_tls);
@@ -940,8 +951,10 @@ pub fn run(data: &[u8]) -> Summary {
         session: Session::new(
             Hop::new(cfg, policy, now, now),
             routing.then(|| Front::new("popgate ready")),
-        ),
+        )
+        .redialling_after_stls(redial),
         server: None,
+        pending: None,
         check,
         now,
         cin: BytesMut::new(),
@@ -967,6 +980,7 @@ pub fn run(data: &[u8]) -> Summary {
         scans: 0,
         early_limit: early_input_limit(max_line, max_pipeline),
         read_in_setup: false,
+        redialled: 0,
         setup_over: routing,
     };
     // A `connect` rule's delay before the session starts, for some inputs (and a refusal
@@ -995,6 +1009,7 @@ pub fn run(data: &[u8]) -> Summary {
         early,
         ended_in_delay,
         read_in_setup: sim.read_in_setup,
+        redialled: sim.redialled,
         ended_in_setup: !sim.setup_over && !ended_in_delay && sim.close.is_some(),
     }
 }
@@ -1227,7 +1242,7 @@ impl Sim<'_> {
         if !self.session.wants_server_input() {
             return false;
         }
-        let Some(server) = self.server.as_mut() else {
+        let Some(server) = self.link().as_mut() else {
             return false;
         };
         let bytes = server.read(n);
@@ -1319,9 +1334,15 @@ impl Sim<'_> {
                     }
                 }
                 Output::ToUpstream(bytes) if self.session.connecting().is_some() => {
-                    // The routed login's replay.
+                    // A connector's own lines (the routed login's replay, an STLS).
                     self.check.upstream_bytes(&bytes);
-                    let Some(s) = self.server.as_mut() else {
+                    let redial = self.session.connecting() == Some(UpstreamPurpose::Redial);
+                    let slot = if redial {
+                        &mut self.pending
+                    } else {
+                        &mut self.server
+                    };
+                    let Some(s) = slot.as_mut() else {
                         self.session
                             .upstream_write_failed(self.now, &"sim: not connected");
                         continue;
@@ -1389,8 +1410,15 @@ impl Sim<'_> {
                     self.check.client_bytes(&bytes);
                 }
                 Output::DropSpool => self.spool.clear(),
-                // The simulated upstream is told nothing about TLS (no PROXY v2).
-                Output::RedialUpstream => unreachable!("no PROXY v2 upstream in the simulator"),
+                // PROXY v2 (without the header: the model server would answer it as a
+                // line): the server dialled again after STLS, unless server bytes are unread.
+                Output::RedialUpstream => {
+                    if self.sin.is_empty() {
+                        let connector = self.redial_connector();
+                        self.login_steps = 0;
+                        self.session.redial_upstream(connector);
+                    }
+                }
                 Output::Login(login) => {
                     // What the front's answers made happen is seen before the routing.
                     self.pump_events();
@@ -1400,7 +1428,7 @@ impl Sim<'_> {
                 }
                 Output::Dial(_) => {
                     // The connection failed over is closed without a word.
-                    self.server = None;
+                    *self.link() = None;
                     // Rarer in the set-up, which every direct session has.
                     let b = self.input.byte();
                     let b = match self.session.connecting() {
@@ -1414,7 +1442,8 @@ impl Sim<'_> {
                         // The TCP connect never completes.
                         15 => self.fire_login_timer(),
                         _ => {
-                            self.server = Some(Server::connect(&mut self.input, &mut self.check));
+                            let server = Server::connect(&mut self.input, &mut self.check);
+                            *self.link() = Some(server);
                             self.session.dialled(self.now);
                         }
                     }
@@ -1440,9 +1469,12 @@ impl Sim<'_> {
                         self.setup_over = true;
                     }
                     (_, UpstreamEnd::Bridge(_)) => unreachable!("no bearer login in the simulator"),
-                    (UpstreamPurpose::Redial, _) => {
-                        unreachable!("no PROXY v2 upstream in the simulator")
+                    (UpstreamPurpose::Redial, UpstreamEnd::Connected { .. }) => {
+                        // The first connection is dropped without QUIT.
+                        self.server = self.pending.take();
+                        self.redialled += 1;
                     }
+                    (UpstreamPurpose::Redial, _) => self.pending = None,
                     // The upstream is closed without QUIT.
                     (
                         purpose,
@@ -1495,6 +1527,34 @@ impl Sim<'_> {
         };
         let addresses = vec!["sim-a:110".to_owned(), "sim-b:110".to_owned()];
         Connector::new(plan, addresses, timeouts, self.now)
+    }
+
+    /// The model server a connector works on: the re-dial's pending one, else the upstream.
+    fn link(&mut self) -> &mut Option<Server> {
+        if self.session.connecting() == Some(UpstreamPurpose::Redial) {
+            &mut self.pending
+        } else {
+            &mut self.server
+        }
+    }
+
+    /// The re-dial after STLS, as the driver builds it: one address, the greeting read.
+    fn redial_connector(&mut self) -> Connector {
+        let plan = Plan {
+            tls: TlsMode::None,
+            tls_configured: true,
+            proxy_header: None,
+            xclient: None,
+            read_greeting: true,
+            max_line: 512,
+            login: None,
+        };
+        let timeouts = ConnectTimeouts {
+            connect: Duration::from_secs(5),
+            dead_for: Duration::from_secs(60),
+            reply: None,
+        };
+        Connector::new(plan, vec!["sim-r:110".to_owned()], timeouts, self.now)
     }
 
     /// Direct mode's upstream, as the driver builds it: one or two addresses (the greeting
@@ -1562,7 +1622,7 @@ impl Sim<'_> {
                     }
                 }
                 2 if self.input.byte().is_multiple_of(4) => self.client_closing = true,
-                3 if self.input.byte().is_multiple_of(8) => {
+                3 if self.input.byte().is_multiple_of(32) => {
                     self.session.on_shutdown();
                     return;
                 }
@@ -1574,12 +1634,12 @@ impl Sim<'_> {
             Some(UpstreamPurpose::Setup) => 63,
             _ => 15,
         };
-        if self.server.is_none() || self.input.byte() % (slow + 1) == slow {
+        if self.link().is_none() || self.input.byte() % (slow + 1) == slow {
             self.fire_login_timer();
             return;
         }
         let n = self.chunk();
-        let Some(s) = self.server.as_mut() else {
+        let Some(s) = self.link().as_mut() else {
             return;
         };
         // Held replies come within the deadline.
@@ -1658,7 +1718,7 @@ mod tests {
         let mut failed_over = 0;
         let mut scans = 0;
         let (mut delayed, mut early, mut ended_delayed) = (0, 0, 0);
-        let (mut read_in_setup, mut ended_in_setup) = (0, 0);
+        let (mut read_in_setup, mut ended_in_setup, mut redialled) = (0, 0, 0);
         for data in inputs(3000, 0x5eed_0f5e_5511) {
             let s = run(&data);
             delayed += usize::from(s.delayed);
@@ -1666,6 +1726,7 @@ mod tests {
             ended_delayed += usize::from(s.ended_in_delay);
             read_in_setup += usize::from(s.read_in_setup);
             ended_in_setup += usize::from(s.ended_in_setup);
+            redialled += s.redialled;
             closed += usize::from(s.close.is_some());
             tagged += s.tagged_replies;
             *reasons.entry(s.close).or_insert(0) += 1;
@@ -1687,12 +1748,13 @@ mod tests {
         );
         eprintln!(
             "{read_in_setup} read the client while connecting the upstream, \
-             {ended_in_setup} ended there"
+             {ended_in_setup} ended there; {redialled} went over to a re-dial after STLS"
         );
-        // Direct mode's set-up: the client read meanwhile, sessions ended in it.
+        // Direct mode's set-up: the client read meanwhile, sessions ended in it; re-dials
+        // after STLS taken over.
         assert!(
-            read_in_setup > 50 && ended_in_setup > 10,
-            "{read_in_setup} {ended_in_setup}"
+            read_in_setup > 50 && ended_in_setup > 10 && redialled > 0,
+            "{read_in_setup} {ended_in_setup} {redialled}"
         );
         // Connect delays: sessions let in with early input, and sessions ended in the delay.
         assert!(
@@ -1731,8 +1793,8 @@ mod tests {
         // Direct, no rules, chunks of up to 64: greeting, USER/PASS, RETR, QUIT, all answered.
         // Setup, the upstream connected, greeting `+OK`, the greeting read; then per line: written, read by the
         // driver, answered `+OK` (with 4 body lines) by the server, its answer read.
-        // The set-up: one address, no STLS, the dial connects, the server greets.
-        let mut data = vec![0, 63, 3, 0, 0, 0, 0, 9, 63];
+        // No re-dial; the set-up: one address, no STLS, the dial connects, the server greets.
+        let mut data = vec![0, 63, 3, 0, 0, 0, 0, 0, 9, 63];
         for i in [0u8, 1, 19, 26] {
             data.extend([0, i, 6, 63, 0x40, 9, 63]);
         }

@@ -715,6 +715,7 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
 /// dialled.
 #[test]
 fn a_client_that_hangs_up_while_the_upstream_is_connected_ends_its_session_at_once() {
+    use std::io::Read as _;
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let p = PopgateProcess::run(
