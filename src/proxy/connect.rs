@@ -1,8 +1,9 @@
 //! The connect phase, no I/O: what the `connect` rules say about a new session (wait first,
 //! refuse with a line, drop silently, or let it in), the wait itself as a deadline
 //! ([`Opening`]: the client is read meanwhile, and a hang-up or a shutdown ends it at once),
-//! and how the upstream is reached (direct mode: which dialogue plan). The driver
-//! (`session::open`) carries them out.
+//! and how the upstream is reached (direct mode: which dialogue plan). The session machine
+//! ([`Session::opening`](super::Session::opening)) drives the phase; `session::open` takes the
+//! verdict.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,8 +77,8 @@ pub(crate) fn early_input_limit(max_line: usize, max_pipeline: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Opened {
     /// The session goes on: dial the upstream (direct mode) or greet (routing mode). The
-    /// client bytes read meanwhile stay in the driver's buffer and go to
-    /// [`Session::start`](super::Session::start) with it, as if read then.
+    /// client bytes read meanwhile stay in the driver's buffer and go to the relay with it
+    /// (the session's), as if read then.
     Proceed,
     /// The session ends here: write `reply` to the client (if any), close it, and record the
     /// `session_close` with `reason` and `marks`. What the client sent meanwhile is dropped.
@@ -98,6 +99,8 @@ pub(crate) enum Opened {
 /// (a hang-up ends the session at once, freeing its slot) and a shutdown or kick still wins.
 ///
 /// # Calling contract
+///
+/// Its driver is the session machine ([`Session::opening`](super::Session::opening)).
 ///
 /// 1. [`Opening::new`] with the [`Admission`] (from [`admit`]) once the session is recorded
 ///    as open, the current time and the [`early_input_limit`].

@@ -286,8 +286,22 @@ impl Hop {
     /// The session ends before its relay began (the upstream's set-up failed, the client
     /// hung up, a shutdown came): `reply`, if any, goes to the client, then the close.
     pub(crate) fn close_before_relay(&mut self, reply: Option<Bytes>, reason: CloseReason) {
+        self.close_before_relay_marked(reply, reason, Marks::default());
+    }
+
+    /// [`Hop::close_before_relay`] with the close record's `marks` (a refusing `connect`
+    /// rule, the connect event's tags).
+    pub(crate) fn close_before_relay_marked(
+        &mut self,
+        reply: Option<Bytes>,
+        reason: CloseReason,
+        marks: Marks,
+    ) {
         if self.closed() {
             return;
+        }
+        if marks != Marks::default() {
+            self.close_marks = Some(Box::new(marks));
         }
         if let Some(reply) = reply {
             self.send_client(reply);

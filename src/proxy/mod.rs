@@ -21,7 +21,7 @@ pub(crate) mod sim;
 pub(crate) use hop::{Hop, HopConfig};
 pub(crate) use output::{DeadMark, Marks, Output, SessionEvent, UpstreamEnd, UpstreamPurpose};
 pub(crate) use scan::{ScanAction, ScanRequest};
-pub(crate) use session::Session;
+pub(crate) use session::{Session, SessionStage};
 
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,12 @@ pub(crate) enum Output {
     /// [`Output::UpstreamEnded`] says whether the session goes over to it. Not answering
     /// (server bytes unread on the first connection) keeps the session on the first one.
     RedialUpstream,
+    /// Direct mode, once the connect phase let the session in (from
+    /// [`Session`](super::Session), never from the hop): build the upstream's connector (its
+    /// addresses in the order the dead marks give now) and hand it to
+    /// [`Session::connect_upstream`](super::Session::connect_upstream); the session connects
+    /// it, reading the client meanwhile.
+    ConnectUpstream,
     /// Append these body bytes (wire bytes of a RETR/TOP body a `scan` rule selected,
     /// dot-stuffed, without the terminator line) to the session's spool, creating it with the
     /// first chunk. The client gets none of it until an [`Output::Unspool`].

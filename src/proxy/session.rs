@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
+use super::connect::{Opened, Opening};
 use super::dialogue::{ConnectEnd, ConnectFailure, ConnectStage, ConnectStep, Connector, Reason};
 use super::front::Front;
 use super::{DeadMark, Hop, Output, SessionEvent, UpstreamEnd, UpstreamPurpose};
@@ -30,11 +31,16 @@ use crate::types::CloseReason;
 /// # Calling contract
 ///
 /// The hop's contract (see [`Hop`]), with the session in its place:
-/// 1. [`Session::new`] with the hop and, in routing mode, the front; in direct mode
-///    [`Session::connect_upstream`] with the upstream's [`Connector`] (the session starts by
-///    connecting it); then [`Session::start`] with the server bytes already read (none when
-///    the session connects the upstream itself) in `sin` and the client bytes the connect
-///    phase kept (during a `connect` rule's delay) in `cin`.
+/// 1. [`Session::new`] with the hop and, in routing mode, the front; [`Session::opening`]
+///    with the connect phase (the `connect` rules' verdict: [`SessionStage::Opening`], the
+///    client read meanwhile, bounded; a read error goes to [`Session::on_client_error`]);
+///    then [`Session::start`] (`sin` and `cin` empty: the buffers the driver reads into). When
+///    the phase lets the session in, routing mode greets and direct mode asks for its
+///    upstream ([`Output::ConnectUpstream`], answered with [`Session::connect_upstream`]:
+///    [`SessionStage::SettingUp`]); the relay ([`SessionStage::Relaying`]) starts with the
+///    greeting and the client bytes kept. Without the opening: [`Session::connect_upstream`]
+///    (direct mode) before [`Session::start`], whose `sin` holds server bytes already read
+///    and `cin` client bytes kept, as if read just after.
 /// 2. Feed what happens: [`Session::on_client_input`], [`Session::on_server_input`] (never
 ///    while [`Session::wants_server_input`] is false: in routing mode before the login there
 ///    is no upstream to read), [`Session::on_client_eof`], [`Session::on_upstream_eof`],
@@ -99,6 +105,11 @@ pub(crate) struct Session {
     upstream: Option<Box<(UpstreamPurpose, Connector)>>,
     /// Direct mode's set-up: [`Session::start`] was called (the relay starts at its end).
     started: bool,
+    /// The connect phase ([`Session::opening`]): a `connect` rule's delay and verdict, until
+    /// it ends.
+    opening: Option<Box<Opening>>,
+    /// Where the session is on its way to the relay.
+    stage: SessionStage,
     /// Client bytes kept during the set-up (the driver's buffer), and the bound on them.
     early: (usize, usize),
     /// What the front was sent and what it answered (for the session simulator's checks).
@@ -119,6 +130,8 @@ impl Session {
             redial_held: None,
             upstream: None,
             started: false,
+            opening: None,
+            stage: SessionStage::Relaying,
             early: (0, limit),
             #[cfg(any(test, feature = "fuzzing"))]
             front_traffic: (Vec::new(), Vec::new()),
@@ -137,13 +150,37 @@ impl Session {
         self
     }
 
+    /// The session starts with the connect phase: `opening` (the `connect` rules' verdict,
+    /// with a rule's delay as a deadline) runs first, the client read meanwhile (bounded),
+    /// a hang-up or a shutdown ending it at once. When it lets the session in, routing mode
+    /// greets with the front's line, direct mode asks for the upstream's connector
+    /// ([`Output::ConnectUpstream`]); when it refuses, the rule's reply (if any) and the
+    /// close come out. Before [`Session::start`].
+    pub(crate) fn opening(&mut self, opening: Opening) {
+        if !self.started {
+            self.opening = Some(Box::new(opening));
+            self.stage = SessionStage::Opening;
+        }
+    }
+
+    /// Where the session is on its way to the relay (for the driver's records of a session
+    /// that ends before it).
+    pub(crate) fn stage(&self) -> SessionStage {
+        self.stage
+    }
+
     /// Direct mode: the session starts by connecting the upstream with `connector` (its plan
     /// without a login, its addresses in the order the dead marks give): its steps come out
     /// of [`Session::poll_output`] once [`Session::start`] was called, the client is read
     /// meanwhile (bounded), and the relay starts at its end with the greeting if it was read.
+    ///
+    /// After the connect phase, the answer to [`Output::ConnectUpstream`].
     pub(crate) fn connect_upstream(&mut self, connector: Connector) {
-        if self.front.is_none() && !self.started {
+        let due =
+            !self.started || (self.stage == SessionStage::SettingUp && self.opening.is_none());
+        if self.front.is_none() && self.upstream.is_none() && due {
             self.upstream = Some(Box::new((UpstreamPurpose::Setup, connector)));
+            self.stage = SessionStage::SettingUp;
         }
     }
 
@@ -154,10 +191,19 @@ impl Session {
     /// the client's bytes stay in `cin` until its end.
     pub(crate) fn start(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
         self.started = true;
+        if let Some(opening) = self.opening.as_mut() {
+            opening.on_client_input(cin.len());
+            return;
+        }
         if self.connecting() == Some(UpstreamPurpose::Setup) {
             self.early.0 = cin.len();
             return;
         }
+        self.greet(now, sin, cin);
+    }
+
+    /// Routing mode greets with the front's line; the relay starts.
+    fn greet(&mut self, now: Instant, sin: &mut BytesMut, cin: &mut BytesMut) {
         if let Some(front) = self.front.as_mut() {
             let greeting = front.take_output();
             #[cfg(any(test, feature = "fuzzing"))]
@@ -197,6 +243,10 @@ impl Session {
     /// Bytes arrived from the client (appended to `cin`). During the set-up they are kept
     /// there for the relay.
     pub(crate) fn on_client_input(&mut self, now: Instant, cin: &mut BytesMut) {
+        if let Some(opening) = self.opening.as_mut() {
+            opening.on_client_input(cin.len());
+            return;
+        }
         if self.connecting() == Some(UpstreamPurpose::Setup) {
             self.early.0 = cin.len();
             return;
@@ -218,6 +268,10 @@ impl Session {
     /// The client closed its sending side. During the set-up the session ends at once:
     /// nothing more is dialled, nothing was sent.
     pub(crate) fn on_client_eof(&mut self) {
+        if let Some(opening) = self.opening.as_mut() {
+            opening.on_client_eof();
+            return;
+        }
         if self.connecting() == Some(UpstreamPurpose::Setup) {
             self.upstream = None;
             debug!("the client hung up while the upstream was being connected");
@@ -225,6 +279,19 @@ impl Session {
             return;
         }
         self.hop.on_client_eof();
+    }
+
+    /// Reading from the client failed before the relay (in the connect phase);
+    /// `disconnect` for an ordinary one. `false`: the session is past it, and the driver ends
+    /// the session as a failed read in the relay does.
+    pub(crate) fn on_client_error(&mut self, disconnect: bool) -> bool {
+        match self.opening.as_mut() {
+            Some(opening) => {
+                opening.on_client_error(disconnect);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The upstream closed its connection.
@@ -336,6 +403,10 @@ impl Session {
     /// is owed popgate's `-ERR` for it, as for a command a hold kept back. In the set-up the
     /// client, which nothing answered yet, gets that `-ERR` too.
     pub(crate) fn on_shutdown(&mut self) {
+        if let Some(opening) = self.opening.as_mut() {
+            opening.on_shutdown();
+            return;
+        }
         let setup = self.connecting() == Some(UpstreamPurpose::Setup);
         self.upstream = None;
         let dropped = self.redial_held.take().is_some()
@@ -353,6 +424,10 @@ impl Session {
 
     /// The instant [`Session::poll_timeout`] reported has come.
     pub(crate) fn on_timeout(&mut self, now: Instant) {
+        if let Some(opening) = self.opening.as_mut() {
+            opening.on_timeout(now);
+            return;
+        }
         if let Some(c) = self.connector() {
             c.on_timeout(now);
             return;
@@ -399,6 +474,9 @@ impl Session {
     /// When [`Session::on_timeout`] is due: while a connector is out its deadline, else the
     /// hop's.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(opening) = &self.opening {
+            return opening.poll_timeout();
+        }
         match &self.upstream {
             Some(u) => u.1.poll_timeout(),
             None => self.hop.poll_timeout(),
@@ -409,6 +487,9 @@ impl Session {
     /// phase's bound (the bytes are kept for the relay), not during the re-dial or the
     /// routed login.
     pub(crate) fn wants_client_input(&self) -> bool {
+        if let Some(opening) = &self.opening {
+            return opening.wants_client_input();
+        }
         match self.connecting() {
             Some(UpstreamPurpose::Setup) => self.early.0 < self.early.1,
             Some(_) => false,
@@ -420,6 +501,9 @@ impl Session {
     /// waits for the server (the re-dial's pending connection then), never while the front
     /// stands in for it otherwise.
     pub(crate) fn wants_server_input(&self) -> bool {
+        if self.opening.is_some() {
+            return false;
+        }
         match &self.upstream {
             Some(u) => u.1.reading(),
             None => self.front.is_none() && self.hop.wants_server_input(),
@@ -439,6 +523,15 @@ impl Session {
         loop {
             if let Some(output) = self.out.pop_front() {
                 return Some(output);
+            }
+            if self.opening.is_some() {
+                if !self.started {
+                    return None;
+                }
+                let opened = self.opening.as_mut().and_then(|o| o.poll())?;
+                self.opening = None;
+                self.opened(now, opened, sin, cin);
+                continue;
             }
             if let Some(u) = self.upstream.as_mut() {
                 // The set-up starts with the session.
@@ -481,6 +574,33 @@ impl Session {
                     return Some(Output::RedialUpstream);
                 }
                 output => return Some(output),
+            }
+        }
+    }
+
+    /// The connect phase ended: routing mode greets, direct mode asks for the upstream's
+    /// connector; a refusal, a hang-up or a shutdown ends the session (what the client sent
+    /// meanwhile is dropped).
+    fn opened(&mut self, now: Instant, opened: Opened, sin: &mut BytesMut, cin: &mut BytesMut) {
+        match opened {
+            Opened::Proceed if self.front.is_some() => {
+                self.stage = SessionStage::Relaying;
+                self.hop.upstream_connected(now);
+                self.greet(now, sin, cin);
+            }
+            Opened::Proceed => {
+                self.stage = SessionStage::SettingUp;
+                self.early.0 = cin.len();
+                self.out.push_back(Output::ConnectUpstream);
+            }
+            Opened::Close {
+                reply,
+                reason,
+                marks,
+            } => {
+                cin.clear();
+                self.hop
+                    .close_before_relay_marked(reply.map(Bytes::from), reason, marks);
             }
         }
     }
@@ -530,6 +650,7 @@ impl Session {
     ) -> UpstreamEnd {
         let (address, stage, reason) = match end {
             ConnectEnd::Connected { address, preread } => {
+                self.stage = SessionStage::Relaying;
                 self.hop.upstream_connected(now);
                 sin.extend_from_slice(&preread);
                 self.relay_starts(now, sin, cin);
@@ -685,6 +806,17 @@ impl Session {
     }
 }
 
+/// Where a session is on its way to the relay ([`Session::stage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionStage {
+    /// The connect phase ([`Session::opening`]): a `connect` rule's delay and verdict.
+    Opening,
+    /// Direct mode's set-up: the upstream being connected.
+    SettingUp,
+    /// The relay (routing mode: with the front standing in for the server until the login).
+    Relaying,
+}
+
 /// The re-dial after STLS ended: the session goes over to the new connection if it greeted
 /// `+OK` (its greeting is taken silently), else stays on the first.
 fn redialled(end: ConnectEnd) -> UpstreamEnd {
@@ -732,6 +864,7 @@ mod tests {
     use super::*;
     use crate::config::UnknownCommands;
     use crate::proxy::HopConfig;
+    use crate::proxy::connect::Opening;
     use crate::proxy::front::Method;
     use crate::proxy::policy::Policy;
     use crate::rules::RuleSet;
@@ -967,6 +1100,12 @@ mod tests {
                         self.session.client_tls_started(&mut self.cin);
                     }
                     Output::Close(r) => self.trace.close = Some(r),
+                    Output::ConnectUpstream => {
+                        let addresses = self.addresses.clone().unwrap_or_default();
+                        let greeting = crate::proxy::connect::greeting_in_setup(addresses.len());
+                        let c = setup_connector(addresses, greeting, None, self.now);
+                        self.session.connect_upstream(c);
+                    }
                     Output::RedialUpstream => {
                         self.trace.upstream.extend_from_slice(b"<redial>");
                         if let Some(addresses) = self.redial.clone() {
@@ -1929,5 +2068,145 @@ mod tests {
         assert_eq!(d.trace.upstream, b"<redial>");
         assert!(d.trace.ends.is_empty());
         assert!(d.trace.client.ends_with(SHUTTING_DOWN));
+    }
+
+    impl Driver {
+        /// A session whose connect phase is the session's own: a `connect` rule's delay of
+        /// 3 s (and with `refusal` that rule's line after it); routing mode, or direct mode
+        /// whose upstream is `a:110`.
+        fn delayed(routing: bool, refusal: Option<&[u8]>) -> Driver {
+            let now = Instant::now();
+            let rules = Arc::new(RuleSet::parse("", Path::new("none.toml")).unwrap());
+            let hop = Hop::new(cfg(false), Policy::new(rules), now, now);
+            let admission = crate::proxy::connect::Admission {
+                delay: Some(Duration::from_secs(3)),
+                refusal: refusal.map(|r| crate::proxy::connect::ConnectRefusal {
+                    rule: Arc::from("slow-no"),
+                    reply: Some(r.to_vec()),
+                }),
+                tags: Vec::new(),
+            };
+            let limit = hop.early_input_limit();
+            let mut session = Session::new(hop, routing.then(|| Front::new("popgate ready")));
+            session.opening(Opening::new(admission, now, limit));
+            let mut d = Driver {
+                session,
+                cin: BytesMut::new(),
+                sin: BytesMut::new(),
+                now,
+                outcomes: VecDeque::from([Ok(LOGGED_IN)]),
+                trace: Trace::default(),
+                socket: Vec::new(),
+                penalty: None,
+                addresses: (!routing).then(|| vec!["a:110".to_owned()]),
+                bearer: None,
+                dials: None,
+                redial: None,
+            };
+            d.session.start(now, &mut d.sin, &mut d.cin);
+            d.drain();
+            d
+        }
+    }
+
+    #[test]
+    fn the_connect_phase_is_the_sessions_and_what_the_client_sent_in_it_is_relayed_after_it() {
+        let client = b"CAPA\r\nUSER alice\r\nPASS pw\r\n";
+        for routing in [false, true] {
+            let run = |during: &[u8], n: usize| {
+                let mut d = Driver::delayed(routing, None);
+                assert_eq!(d.session.stage(), SessionStage::Opening);
+                assert!(!d.session.wants_server_input());
+                let at = d.session.poll_timeout().expect("the delay's end");
+                assert_eq!(at, d.now + Duration::from_secs(3));
+                d.client(during, n);
+                assert!(
+                    d.trace.client.is_empty() && d.trace.replay.is_empty(),
+                    "in the delay"
+                );
+                d.fire();
+                // Direct mode: the connector is asked for and dialled (the greeting is the
+                // relay's to read, one address); routing mode: the front greets.
+                assert_eq!(d.session.stage(), SessionStage::Relaying);
+                d.client(&client[during.len()..], n);
+                if !routing {
+                    assert_eq!(d.trace.replay, b"<dial a:110>");
+                    d.server(b"+OK hi\r\n", n);
+                    for answer in [&b"+OK\r\nUSER\r\n.\r\n"[..], b"+OK\r\n", b"+OK in\r\n"] {
+                        d.client(b"", n);
+                        d.server(answer, n);
+                    }
+                }
+                d.client(b"", n);
+                d.trace
+            };
+            let want = run(b"", client.len());
+            assert!(
+                want.client.ends_with(b"+OK logged in\r\n") || want.client.ends_with(b"+OK in\r\n")
+            );
+            for cut in 0..=client.len() {
+                for n in [1, 3, client.len()] {
+                    let got = run(&client[..cut], n);
+                    assert_eq!(
+                        got, want,
+                        "routing {routing}, {cut} octets in the delay, chunks of {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_in_the_connect_phase_ends_the_session_with_nothing_dialled() {
+        for routing in [false, true] {
+            for n in [1, 4, 64] {
+                let mut d = Driver::delayed(routing, None);
+                d.client(b"USER alice\r\n", n);
+                d.client_eof();
+                assert_eq!(d.trace.close, Some(CloseReason::ClientEof));
+                assert_eq!(d.session.stage(), SessionStage::Opening, "never let in");
+                assert!(d.trace.client.is_empty() && d.trace.replay.is_empty());
+                assert!(d.trace.logins.is_empty() && d.trace.upstream.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_refusal_after_the_delay_answers_with_the_rules_line_and_a_shutdown_with_its_own() {
+        let deny = b"-ERR [SYS/PERM] not here\r\n";
+        for routing in [false, true] {
+            let mut d = Driver::delayed(routing, Some(deny));
+            d.client(b"USER alice\r\n", 5);
+            assert_eq!(d.trace.close, None, "not before the delay's end");
+            d.fire();
+            assert_eq!(d.trace.close, Some(CloseReason::RuleDrop));
+            assert_eq!(d.trace.client, deny);
+            assert_eq!(
+                d.session.hop().close_marks().dropped_by.as_deref(),
+                Some("slow-no")
+            );
+            assert!(d.trace.replay.is_empty() && d.trace.logins.is_empty());
+            // A shutdown (or kick) during the delay: popgate's -ERR, nothing dialled.
+            let mut d = Driver::delayed(routing, Some(deny));
+            d.session.on_shutdown();
+            d.drain();
+            assert_eq!(d.trace.close, Some(CloseReason::Shutdown));
+            assert_eq!(d.trace.client, SHUTTING_DOWN);
+            assert!(d.trace.replay.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_client_read_error_in_the_connect_phase_is_the_sessions_to_end() {
+        for (disconnect, reason) in [(true, CloseReason::ClientEof), (false, CloseReason::Error)] {
+            let mut d = Driver::delayed(false, None);
+            assert!(d.session.on_client_error(disconnect));
+            d.drain();
+            assert_eq!(d.trace.close, Some(reason));
+            // Past the connect phase a read error is the driver's to end the session with.
+            let mut d = Driver::delayed(false, None);
+            d.fire();
+            assert!(!d.session.on_client_error(disconnect));
+        }
     }
 }

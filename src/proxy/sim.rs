@@ -51,11 +51,13 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::BytesMut;
 
-use super::connect::{Admission, ConnectRefusal, Opened, Opening, early_input_limit};
+use super::connect::{Admission, ConnectRefusal, Opening, early_input_limit};
 use super::dialogue::{ConnectTimeouts, Connector, Plan, Replay};
 use super::front::{Front, Login};
 use super::policy::Policy;
-use super::{Hop, HopConfig, Output, Session, SessionEvent, UpstreamEnd, UpstreamPurpose};
+use super::{
+    Hop, HopConfig, Output, Session, SessionEvent, SessionStage, UpstreamEnd, UpstreamPurpose,
+};
 use crate::config::{TlsMode, UnknownCommands};
 use crate::rules::RuleSet;
 use crate::types::{CloseReason, MessageIds};
@@ -864,6 +866,8 @@ struct Sim<'a> {
     setup_over: bool,
     /// Re-dials after STLS the session went over to.
     redialled: usize,
+    /// Client bytes kept during a connect rule's delay, for the relay's start.
+    early_kept: usize,
 }
 
 /// Run one session decoded from `data`, checking the invariants (a violation panics with
@@ -981,17 +985,16 @@ pub fn run(data: &[u8]) -> Summary {
         early_limit: early_input_limit(max_line, max_pipeline),
         read_in_setup: false,
         redialled: 0,
+        early_kept: 0,
         setup_over: routing,
     };
     // A `connect` rule's delay before the session starts, for some inputs (and a refusal
     // after it for half of those): the connect phase.
     let delayed = setup >= 216;
     let limit = early_input_limit(max_line, max_pipeline);
-    let mut early = 0;
-    let ended_in_delay = delayed && !sim.opening(setup % 2 == 1, limit);
+    let ended_in_delay = !sim.opening(delayed, setup % 2 == 1, limit);
+    let early = sim.early_kept;
     if !ended_in_delay {
-        early = sim.cin.len();
-        sim.connect(routing);
         sim.script();
         sim.finish();
     }
@@ -1007,49 +1010,56 @@ pub fn run(data: &[u8]) -> Summary {
         scans: sim.scans,
         delayed,
         early,
-        ended_in_delay,
         read_in_setup: sim.read_in_setup,
         redialled: sim.redialled,
         ended_in_setup: !sim.setup_over && !ended_in_delay && sim.close.is_some(),
+        ended_in_delay: delayed && ended_in_delay,
     }
 }
 
 impl Sim<'_> {
-    /// The connect phase of a session a `connect` rule delays (and with `refused`, refuses
-    /// after the delay), driven as `session::open` does: the client writes, is read while
-    /// the phase wants (into the buffer the session starts with), closes its side or fails;
-    /// a shutdown may come; the timer fires early or on time. `false`: the session ended in
-    /// it (the hop never starts).
-    fn opening(&mut self, refused: bool, limit: usize) -> bool {
+    /// The connect phase, inside the session ([`Session::opening`]), driven as
+    /// `session::Driver` does: without a rule's delay it lets the session in at once (direct
+    /// mode: the upstream's connector goes to the session on [`Output::ConnectUpstream`];
+    /// routing mode: the front greets). With one (`delayed`, and with `refused` a refusal
+    /// after it), the client writes, is read while the session wants (into the buffer the
+    /// relay starts with), closes its side or fails; a shutdown may come; the timer fires
+    /// early or on time. `false`: the session ended in it (the relay never starts).
+    fn opening(&mut self, delayed: bool, refused: bool, limit: usize) -> bool {
         let t0 = self.now;
-        let delay = Duration::from_millis(1 + u64::from(self.input.byte()) * 40);
-        let refusal = refused.then(|| ConnectRefusal {
+        let delay = if delayed {
+            Duration::from_millis(1 + u64::from(self.input.byte()) * 40)
+        } else {
+            Duration::ZERO
+        };
+        let refusal = (delayed && refused).then(|| ConnectRefusal {
             rule: Arc::from("slow-no"),
             reply: Some(b"-ERR [SYS/PERM] not here\r\n".to_vec()),
         });
         let admission = Admission {
-            delay: Some(delay),
+            delay: delayed.then_some(delay),
             refusal,
             tags: Vec::new(),
         };
-        let mut opening = Opening::new(admission, self.now, limit);
-        let end = loop {
-            if let Some(end) = opening.poll() {
-                break end;
-            }
+        self.session
+            .opening(Opening::new(admission, self.now, limit));
+        self.session.start(self.now, &mut self.sin, &mut self.cin);
+        self.settle_opening();
+        while self.session.stage() == SessionStage::Opening && !self.ended {
             assert!(
                 self.cin.len() < limit + self.max_chunk,
                 "{} client bytes kept during the delay, the limit is {limit}",
                 self.cin.len()
             );
-            let Some(at) = opening.poll_timeout() else {
+            let Some(at) = self.session.poll_timeout() else {
                 panic!("the connect phase waits without a deadline");
             };
             assert_eq!(at, t0 + delay, "the deadline moved");
             if self.input.done() {
                 // Nothing more happens: the delay runs out.
                 self.now = self.now.max(at);
-                opening.on_timeout(self.now);
+                self.session.on_timeout(self.now);
+                self.settle_opening();
                 continue;
             }
             let op = self.input.byte();
@@ -1063,7 +1073,7 @@ impl Sim<'_> {
                     }
                 }
                 3 | 4 => {
-                    if !opening.wants_client_input() {
+                    if !self.session.wants_client_input() {
                         continue;
                     }
                     if !self.client_out.is_empty() {
@@ -1071,10 +1081,10 @@ impl Sim<'_> {
                         let bytes: Vec<u8> = self.client_out.drain(..n).collect();
                         self.check.client_read(&bytes);
                         self.cin.extend_from_slice(&bytes);
-                        opening.on_client_input(self.cin.len());
+                        self.session.on_client_input(self.now, &mut self.cin);
                     } else if self.client_closing {
                         self.client_eof_seen = true;
-                        opening.on_client_eof();
+                        self.session.on_client_eof();
                     }
                 }
                 5 => {
@@ -1084,52 +1094,40 @@ impl Sim<'_> {
                         // Early (or on time by chance).
                         self.now += Duration::from_millis(u64::from(self.input.byte()) * 20);
                     }
-                    opening.on_timeout(self.now);
+                    self.session.on_timeout(self.now);
                 }
                 6 => self.client_closing = true,
                 _ => match self.input.byte() % 8 {
-                    1 => opening.on_shutdown(),
-                    2 => opening.on_client_error(op & 0x10 != 0),
+                    1 => self.session.on_shutdown(),
+                    2 => {
+                        assert!(self.session.on_client_error(op & 0x10 != 0));
+                    }
                     _ => {}
                 },
             }
-        };
-        assert_eq!(opening.poll(), None, "the connect phase ended twice");
-        match end {
-            Opened::Proceed => {
-                assert!(!refused, "a refused session was let in");
-                assert!(self.now >= t0 + delay, "let in before the delay was over");
-                true
-            }
-            Opened::Close {
-                reply,
-                reason,
-                marks,
-            } => {
-                if reason == CloseReason::RuleDrop {
-                    assert!(refused && self.now >= t0 + delay, "refused early");
-                    assert_eq!(marks.dropped_by.as_deref(), Some("slow-no"));
-                }
-                self.to_client += reply.map_or(0, |r| r.len());
-                self.close = Some(reason);
-                self.ended = true;
-                false
-            }
+            self.settle_opening();
         }
+        if self.session.stage() != SessionStage::Opening {
+            assert!(!refused || !delayed, "a refused session was let in");
+            assert!(self.now >= t0 + delay, "let in before the delay was over");
+            return true;
+        }
+        if self.close == Some(CloseReason::RuleDrop) {
+            assert!(refused && self.now >= t0 + delay, "refused early");
+            let marks = self.session.hop().close_marks();
+            assert_eq!(marks.dropped_by.as_deref(), Some("slow-no"));
+        }
+        false
     }
 
-    /// The session's start: direct mode dials the model server (it greets as the input
-    /// says); routing mode starts with the front's greeting.
-    fn connect(&mut self, routing: bool) {
-        if !routing {
-            let connector = self.setup_connector();
-            self.login_steps = 0;
-            self.session.connect_upstream(connector);
-        }
-        self.session.start(self.now, &mut self.sin, &mut self.cin);
-        self.front_traffic();
-        self.pump_events();
+    /// Carry out the outputs after an event of the connect phase; what the client sent
+    /// meanwhile is counted when the phase lets the session in.
+    fn settle_opening(&mut self) {
+        let kept = self.cin.len();
         self.settle();
+        if self.session.stage() != SessionStage::Opening {
+            self.early_kept = kept;
+        }
     }
 
     /// The input's script, one action a step.
@@ -1412,6 +1410,12 @@ impl Sim<'_> {
                 Output::DropSpool => self.spool.clear(),
                 // PROXY v2 (without the header: the model server would answer it as a
                 // line): the server dialled again after STLS, unless server bytes are unread.
+                // Direct mode, let in by the connect phase.
+                Output::ConnectUpstream => {
+                    let connector = self.setup_connector();
+                    self.login_steps = 0;
+                    self.session.connect_upstream(connector);
+                }
                 Output::RedialUpstream => {
                     if self.sin.is_empty() {
                         let connector = self.redial_connector();

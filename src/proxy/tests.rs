@@ -217,6 +217,7 @@ fn run_scanning(
                 Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
                 Output::Login(_)
                 | Output::RedialUpstream
+                | Output::ConnectUpstream
                 | Output::Dial(_)
                 | Output::StartUpstreamTls
                 | Output::FetchToken
@@ -1442,6 +1443,7 @@ fn drain(hop: &mut Hop, rec: &mut Rec, now: Instant, out: &mut Out) {
             Output::Close(reason) => out.close = Some((reason, hop.mid_response())),
             Output::Login(_)
             | Output::RedialUpstream
+            | Output::ConnectUpstream
             | Output::Dial(_)
             | Output::StartUpstreamTls
             | Output::FetchToken

@@ -26,7 +26,9 @@ use crate::net::tls::{Stream, TlsSetup};
 use crate::net::upstream::Link;
 use crate::proxy::dialogue::{Bearer, ConnectFailure, ConnectStage, Reason, Replay};
 use crate::proxy::policy::Policy;
-use crate::proxy::{Hop, HopConfig, Output, Session, SessionEvent, UpstreamEnd, UpstreamPurpose};
+use crate::proxy::{
+    Hop, HopConfig, Output, Session, SessionEvent, SessionStage, UpstreamEnd, UpstreamPurpose,
+};
 use crate::rules::{Event, EventKind, RuleSet};
 use crate::types::{CloseReason, TlsInfo};
 pub use error::{SessionError, Side};
@@ -204,33 +206,6 @@ async fn stopped_in_handshake(
     reason
 }
 
-/// One wait of a connect rule's delay, for what comes first: client bytes (kept in `cin`),
-/// the client's hang-up, the delay's end, or a kick or the drain; `opening` is told.
-async fn connect_delay(
-    opening: &mut crate::proxy::connect::Opening,
-    client: &mut Stream,
-    cin: &mut BytesMut,
-    stop: &Entry,
-) {
-    let wake = opening.poll_timeout().map(Instant::from_std);
-    let want_client = opening.wants_client_input();
-    tokio::select! {
-        biased;
-        _ = stop.stopped() => opening.on_shutdown(),
-        r = read::read_lean(client, cin), if want_client => match r {
-            Ok(0) => opening.on_client_eof(),
-            Ok(_) => opening.on_client_input(cin.len()),
-            Err(e) => opening.on_client_error(io_err(Side::Client)(e).is_disconnect()),
-        },
-        _ = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        } => opening.on_timeout(clock()),
-    }
-}
-
 /// Everything before the session machine: client TLS handshake (implicit listeners), connect
 /// rules and their delay, audit set-up; then the hop, the front (routing mode) or the
 /// upstream's connector (direct mode: the session connects it, reading the client
@@ -285,71 +260,13 @@ async fn open(
     observer.set_tags(&policy.tags);
     observer.open(&info, client_tls.as_ref(), &connect.tags);
     observer.flush().await;
-    // The connect phase: a rule's delay (the client read meanwhile), then the rules' verdict.
-    let mut cin = BytesMut::new();
-    let mut traffic = Traffic::default();
+    // The connect phase (a rule's delay, the client read meanwhile, then the rules'
+    // verdict) is the session machine's first stage.
     let early = crate::proxy::connect::early_input_limit(
         config.limits.max_line,
         config.limits.max_pipeline,
     );
-    let mut opening = crate::proxy::connect::Opening::new(connect, clock(), early);
-    let opened = loop {
-        if let Some(opened) = opening.poll() {
-            break opened;
-        }
-        connect_delay(&mut opening, &mut client, &mut cin, &stop).await;
-        traffic.from_client = cin.len() as u64;
-        // `popgate sessions`: what the client sent during the delay (and when it last did).
-        if let Some(h) = observer.tap_mut().handle_mut() {
-            h.progress(traffic.from_client, 0);
-        }
-    };
-    live.from_client.inc_by(traffic.from_client);
-    if let crate::proxy::connect::Opened::Close {
-        reply,
-        reason,
-        marks,
-    } = opened
-    {
-        record_rules(shared, policy.take_tally());
-        let sent = match reply {
-            Some(reply) => match client.write_all(&reply).await {
-                Ok(()) => reply.len() as u64,
-                Err(_) => 0,
-            },
-            None => 0,
-        };
-        let _ = client.shutdown().await;
-        live.to_client.inc_by(sent);
-        let reason = match reason {
-            CloseReason::Shutdown => {
-                info!("stopped during a connect rule's delay");
-                let (reason, who) = stop_reason(&stop);
-                if let Some(who) = who {
-                    info!(by = %who, "session kicked before its relay began");
-                }
-                reason
-            }
-            CloseReason::ClientEof | CloseReason::Error => {
-                info!(
-                    reason = reason.as_str(),
-                    "client gone during a connect rule's delay"
-                );
-                reason
-            }
-            reason => reason,
-        };
-        let ms = started.elapsed().as_millis() as u64;
-        observer.close(reason, None, traffic.from_client, sent, ms, &marks);
-        observer.flush().await;
-        return Err(reason);
-    }
-    let origin = crate::net::upstream::ClientOrigin {
-        client: info.client,
-        local: info.local,
-        session: format!("popgate-{}", info.id),
-        tls: client_tls.clone(),
-    };
+    let opening = crate::proxy::connect::Opening::new(connect, clock(), early);
     // How the server compares user names; in routing mode how the front does until the
     // login's upstream is known.
     let user_names = if config.routing_mode() {
@@ -359,15 +276,14 @@ async fn open(
     };
     // Routing mode: no upstream until the login is known; the front greets. Direct mode:
     // the session connects the upstream itself, reading the client meanwhile.
-    let (connector, connecting, front) = if config.routing_mode() {
+    let (connecting, front) = if config.routing_mode() {
         let greeting = config
             .routing
             .as_ref()
             .map_or("popgate ready", |r| &r.greeting);
         let front = crate::proxy::front::Front::new(greeting);
-        (None, None, Some(front))
+        (None, Some(front))
     } else {
-        let dialled = Instant::now();
         let index = config.default_index();
         // Interception: the session's own destination (direct mode only, config checks it).
         let (upstream_cfg, upstream_tls) =
@@ -383,23 +299,16 @@ async fn open(
                         .cloned(),
                 ),
             };
-        let plan = crate::net::upstream::plan(
-            &upstream_cfg,
-            upstream_tls.as_ref(),
-            config.limits.max_line,
-            &origin,
-            crate::proxy::connect::greeting_in_setup(upstream_cfg.address.len()),
-            None,
-        );
-        let connector = crate::net::upstream::connector(&upstream_cfg, plan, None, &shared.dead);
+        // The connector itself is built when the connect phase lets the session in
+        // (`Output::ConnectUpstream`): its addresses in the order the dead marks give then.
         let connecting = Connecting {
             cfg: upstream_cfg,
             tls: upstream_tls,
-            dialled,
+            dialled: Instant::now(),
             address: String::new(),
             login: None,
         };
-        (Some(connector), Some(Box::new(connecting)), None)
+        (Some(Box::new(connecting)), None)
     };
     let cfg = HopConfig {
         listener: info.listener.clone(),
@@ -423,11 +332,8 @@ async fn open(
     let redial = info.original_dst.is_none()
         && config.upstreams[config.default_index()].forward_client
             == crate::config::ForwardClient::ProxyV2;
-    let opened = front.is_some();
     let mut session = Session::new(hop, front).redialling_after_stls(redial);
-    if let Some(connector) = connector {
-        session.connect_upstream(connector);
-    }
+    session.opening(opening);
     Ok(Driver {
         session,
         client,
@@ -437,14 +343,13 @@ async fn open(
         info: Box::new(info),
         client_tls: client_tls.map(Box::new),
         upstream_tls: None,
-        cin,
+        cin: BytesMut::new(),
         sin: BytesMut::new(),
         observer: SessionObserver { observer },
-        traffic,
+        traffic: Traffic::default(),
         live,
         held: None,
         connecting,
-        opened,
     })
 }
 
@@ -466,8 +371,8 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
             CloseReason::Error
         }
     };
-    if !driver.opened {
-        return closed_in_setup(driver, stop, started, reason).await;
+    if driver.session.stage() != SessionStage::Relaying {
+        return closed_before_relay(driver, stop, started, reason).await;
     }
     // A kick ends the session as a shutdown does; the audit trail and log name it and who
     // asked (the observer asks the registry entry).
@@ -526,17 +431,34 @@ async fn relay(driver: &mut Driver, stop: &Entry, started: Instant) -> CloseReas
     reason
 }
 
-/// A session that ended in direct mode's set-up, before its relay began (the upstream
-/// unavailable, a kick or the drain, the client gone): the client and the upstream are closed
-/// and the `session_close` recorded, with the log lines of the set-up (the relay's "session
-/// closed" line is not written: the session never relayed).
-async fn closed_in_setup(
+/// A session that ended before its relay began: in the connect phase (a refusing rule, the
+/// client gone during a rule's delay, a kick or the drain) or in direct mode's set-up (the
+/// upstream unavailable, a kick or the drain, the client gone). The client and the upstream
+/// are closed and the `session_close` recorded, with the log lines of that stage (the relay's
+/// "session closed" line is not written: the session never relayed).
+async fn closed_before_relay(
     driver: &mut Driver,
     stop: &Entry,
     started: Instant,
     reason: CloseReason,
 ) -> CloseReason {
+    let opening = driver.session.stage() == SessionStage::Opening;
     let reason = match reason {
+        CloseReason::Shutdown if opening => {
+            info!("stopped during a connect rule's delay");
+            let (reason, who) = stop_reason(stop);
+            if let Some(who) = who {
+                info!(by = %who, "session kicked before its relay began");
+            }
+            reason
+        }
+        CloseReason::ClientEof | CloseReason::Error if opening => {
+            info!(
+                reason = reason.as_str(),
+                "client gone during a connect rule's delay"
+            );
+            reason
+        }
         CloseReason::Shutdown => {
             let (reason, who) = stop_reason(stop);
             match &who {
@@ -774,11 +696,9 @@ struct Driver {
     live: crate::metrics::SessionMetrics,
     /// The body held for a scan and the scan in flight (`None` when nothing is held).
     held: Option<Box<scan::Held>>,
-    /// While a connector of the session is out: what the driver keeps for it.
+    /// While a connector of the session is out: what the driver keeps for it (direct mode:
+    /// from the start, the upstream to connect once the connect phase lets the session in).
     connecting: Option<Box<Connecting>>,
-    /// The relay began (routing mode: from the start; direct mode: once the set-up
-    /// connected the upstream).
-    opened: bool,
 }
 
 /// What the driver keeps for a connector the session carries out: the upstream (its settings
@@ -899,7 +819,12 @@ impl Driver {
                     }
                 },
                 r = read::read_lean(&mut self.client, &mut self.cin), if want_client => {
-                    let n = r.map_err(io_err(Side::Client))?;
+                    let n = match r.map_err(io_err(Side::Client)) {
+                        Ok(n) => n,
+                        // In the connect phase the session ends itself (its close record).
+                        Err(e) if self.session.on_client_error(e.is_disconnect()) => continue,
+                        Err(e) => return Err(e),
+                    };
                     if n == 0 {
                         self.session.on_client_eof();
                     } else {
@@ -1014,6 +939,7 @@ impl Driver {
                     Box::pin(self.upstream_ended(purpose, *end)).await;
                 }
                 Output::RedialUpstream => self.redial_after_stls(),
+                Output::ConnectUpstream => self.connect_upstream(),
                 Output::StartClientTls => {
                     let plain = std::mem::replace(&mut self.client, Stream::Detached);
                     // Boxed: a rare step whose future would otherwise sit in every session.
@@ -1101,6 +1027,33 @@ impl Driver {
             Some(scanners) => scanners.spool(),
             None => crate::scan::Spool::new(&self.shared.config.scan),
         }
+    }
+
+    /// [`Output::ConnectUpstream`]: the connect phase let the session in; the upstream's
+    /// connector (the plan for the session's client, its addresses in the order the dead
+    /// marks give now) goes to the session, which connects it.
+    fn connect_upstream(&mut self) {
+        let shared = self.shared.clone();
+        let Some(c) = self.connecting.as_mut() else {
+            return;
+        };
+        let origin = crate::net::upstream::ClientOrigin {
+            client: self.info.client,
+            local: self.info.local,
+            session: format!("popgate-{}", self.info.id),
+            tls: self.client_tls.as_deref().cloned(),
+        };
+        let plan = crate::net::upstream::plan(
+            &c.cfg,
+            c.tls.as_ref(),
+            shared.config.limits.max_line,
+            &origin,
+            crate::proxy::connect::greeting_in_setup(c.cfg.address.len()),
+            None,
+        );
+        c.dialled = Instant::now();
+        let connector = crate::net::upstream::connector(&c.cfg, plan, None, &shared.dead);
+        self.session.connect_upstream(connector);
     }
 
     /// Direct mode with `forward_client = "proxy-v2"`: the upstream was dialled before the
@@ -1462,7 +1415,6 @@ impl Driver {
                         .observer
                         .tls(crate::audit::TlsSide::Upstream, t);
                 }
-                self.opened = true;
             }
             UpstreamEnd::Unavailable {
                 address,
@@ -1659,7 +1611,7 @@ impl Driver {
         if let Some(h) = self.observer.observer.tap_mut().handle_mut() {
             h.progress(self.traffic.from_client, self.traffic.to_client);
             // Before the relay the session is `CONNECTING` (the upstream's set-up).
-            if self.opened {
+            if self.session.stage() == SessionStage::Relaying {
                 h.sync(
                     self.session.hop().user(),
                     self.session.hop().state(),
