@@ -190,6 +190,18 @@ mod tests {
         assert_eq!(fold_user_name("ALICE@Example.ORG"), "alice@example.org");
         // Non-ASCII letters never fold (Dovecot's %L): É stays, é is another name.
         assert_eq!(fold_user_name("\u{c9}VE"), "\u{c9}ve");
+        for (a, b) in [
+            ("Alice", "aLICE"),
+            ("\u{c9}ve", "\u{c9}VE"),
+            ("\u{c9}", "\u{e9}"),
+            ("a", "b"),
+        ] {
+            assert_eq!(
+                same_user_folded(a, b),
+                fold_user_name(a) == fold_user_name(b),
+                "{a} {b}"
+            );
+        }
         let id = Identity::new("ALICE".into(), true);
         assert_eq!(id.user().as_str(), "alice");
         assert_eq!(id.as_typed().map(UserName::as_str), Some("ALICE"));
@@ -434,6 +446,12 @@ pub(crate) fn fold_user_name(name: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(name)
     }
+}
+
+/// Whether `a` and `b` name the same user at a server that folds names: equal once both are
+/// folded by [`fold_user_name`] (compared without folding copies).
+pub(crate) fn same_user_folded(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
 }
 
 /// Who a login is for: the name the server logs in ([`Identity::user`]) and, when the server
