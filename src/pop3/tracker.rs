@@ -458,11 +458,10 @@ impl Tracker {
 
     /// `name` as the server sees it: folded when it folds names.
     fn fold(&self, name: String) -> UserName {
-        let folded = match fold_user_name(&name) {
-            std::borrow::Cow::Owned(f) if self.fold_names => Some(f),
-            _ => None,
-        };
-        folded.unwrap_or(name).into()
+        match self.fold_names.then(|| fold_user_name(&name)) {
+            Some(std::borrow::Cow::Owned(folded)) => folded.into(),
+            _ => name.into(),
+        }
     }
 
     /// Current RFC 1939 state.
@@ -479,7 +478,7 @@ impl Tracker {
     }
 
     /// [`Tracker::user`], shared.
-    pub fn user_name(&self) -> Option<&UserName> {
+    pub(crate) fn user_name(&self) -> Option<&UserName> {
         match self.state {
             State::Authorization => self
                 .outstanding_user()
