@@ -1141,6 +1141,31 @@ mod tests {
         )));
     }
 
+    /// A login reports who it is for as the server sees the name: a tracker that learns only
+    /// after USER was taken that the server folds names (routing mode) reports the folded
+    /// name, with the typed one beside it, and keeps the folded one as the session's user.
+    #[test]
+    fn a_login_reports_its_identity_folded_as_the_server_folds_names() {
+        let answer = |t: &mut Tracker, line: &[u8]| match t.on_server_bytes(line).unwrap() {
+            Piece::Status { meta, .. } => meta.login,
+            other => panic!("{other:?}"),
+        };
+        let mut t = Tracker::new(512);
+        assert_eq!(answer(&mut t, b"+OK hi\r\n"), None);
+        t.forwarded(&Command::parse(b"USER ALICE\r\n").unwrap());
+        assert_eq!(t.user(), Some("ALICE"));
+        assert_eq!(answer(&mut t, b"+OK\r\n"), None);
+        t.set_fold_names(true);
+        assert_eq!(t.user(), Some("alice"));
+        t.forwarded(&Command::parse(b"PASS secret\r\n").unwrap());
+        let login = answer(&mut t, b"+OK in\r\n").unwrap();
+        assert!(login.success);
+        let id = login.identity.unwrap();
+        assert_eq!(id.user().as_str(), "alice");
+        assert_eq!(id.as_typed().map(UserName::as_str), Some("ALICE"));
+        assert_eq!(t.user(), Some("alice"));
+    }
+
     /// The front's decoder: a PLAIN message with a fourth part or an empty authcid names
     /// nobody (the tracker used to name its first part), and an empty AUTH LOGIN message is
     /// no name.
