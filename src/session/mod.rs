@@ -908,13 +908,21 @@ impl Driver {
                     // The flush matters under TLS: a write that filled the socket leaves
                     // records queued in rustls, and nothing else would send them (a stall
                     // at the end of a body). A no-op on plain TCP.
-                    self.client
-                        .write_all(&bytes)
-                        .await
-                        .map_err(io_err(Side::Client))?;
-                    self.client.flush().await.map_err(io_err(Side::Client))?;
-                    self.traffic.to_client += bytes.len() as u64;
-                    self.live.to_client.inc_by(bytes.len() as u64);
+                    let written = match self.client.write_all(&bytes).await {
+                        Ok(()) => self.client.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    match written {
+                        Ok(()) => {
+                            self.traffic.to_client += bytes.len() as u64;
+                            self.live.to_client.inc_by(bytes.len() as u64);
+                        }
+                        // Before the relay popgate's last word (a refusal, the shutdown's
+                        // `-ERR`, the "unavailable" line) is best effort: the session ends
+                        // with its own reason.
+                        Err(_) if self.session.stage() != SessionStage::Relaying => {}
+                        Err(e) => return Err(io_err(Side::Client)(e)),
+                    }
                 }
                 Output::Login(login) => {
                     // Boxed: routing mode before login only; its future (routing, the OAuth2
