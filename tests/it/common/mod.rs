@@ -81,6 +81,15 @@ pub fn base64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// `elapsed`, measured on tokio's paused clock, is `want` (within the odd millisecond of
+/// real work): a timeout test on paused time asserts the virtual duration exactly.
+pub fn took(elapsed: std::time::Duration, want: std::time::Duration) {
+    assert!(
+        elapsed >= want && elapsed < want + std::time::Duration::from_millis(100),
+        "took {elapsed:?}, want {want:?}"
+    );
+}
+
 /// Wait (at most 10 s) until `f` holds; panics naming `what` otherwise.
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
