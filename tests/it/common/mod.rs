@@ -9,6 +9,7 @@ pub mod authserver;
 pub mod certs;
 pub mod clients;
 pub mod dovecot;
+pub mod paused;
 pub mod popa3d;
 pub mod proxy;
 pub mod proxy_header;
