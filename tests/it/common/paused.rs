@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use popgate_demo::{DemoServer, ServerOptions};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -118,6 +118,16 @@ impl Pop {
             .expect("a line (or EOF) comes")
             .unwrap_or(0);
         line.trim_end().to_owned()
+    }
+
+    /// Everything until the server closes. Panics when it does not within [`LINE_LIMIT`].
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        tokio::time::timeout(LINE_LIMIT, self.r.read_to_end(&mut rest))
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        rest
     }
 
     /// Send `line` and CRLF.
