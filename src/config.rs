@@ -238,13 +238,11 @@ pub enum UserNames {
 }
 
 impl UserNames {
-    /// `name` as this server sees it.
+    /// `name` as this server sees it (folded by [`crate::types`]' one rule, or as it is).
     pub fn apply(self, name: &str) -> std::borrow::Cow<'_, str> {
         match self {
-            UserNames::Fold if name.bytes().any(|b| b.is_ascii_uppercase()) => {
-                name.to_ascii_lowercase().into()
-            }
-            _ => name.into(),
+            UserNames::Fold => crate::types::fold_user_name(name),
+            UserNames::Exact => name.into(),
         }
     }
 }

@@ -1,15 +1,18 @@
 //! Value types shared by the protocol core, the config, the network drivers and the audit
 //! trail: what a session decides ([`CloseReason`]), what a TLS handshake negotiated
-//! ([`TlsInfo`]), an IP network of the config ([`Network`]) and the `audit.message_ids` mode
-//! ([`MessageIds`]).
+//! ([`TlsInfo`]), an IP network of the config ([`Network`]), the `audit.message_ids` mode
+//! ([`MessageIds`]) and who a login is for ([`UserName`], [`Identity`], with the one folding
+//! rule for user names).
 //!
 //! A leaf: plain data with serde forms, no I/O, and nothing of the crate but `cidr`. It lets
 //! `pop3`, `proxy`, `config` and `net` name these values without depending on `audit` (which
 //! owns a writer thread and files).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -182,6 +185,45 @@ mod tests {
     }
 
     #[test]
+    fn folding_lowers_ascii_letters_only_and_keeps_the_typed_name_when_it_changes() {
+        assert!(matches!(fold_user_name("alice"), Cow::Borrowed("alice")));
+        assert_eq!(fold_user_name("ALICE@Example.ORG"), "alice@example.org");
+        // Non-ASCII letters never fold (Dovecot's %L): É stays, é is another name.
+        assert_eq!(fold_user_name("\u{c9}VE"), "\u{c9}ve");
+        for (a, b) in [
+            ("Alice", "aLICE"),
+            ("\u{c9}ve", "\u{c9}VE"),
+            ("\u{c9}", "\u{e9}"),
+            ("a", "b"),
+        ] {
+            assert_eq!(
+                same_user_folded(a, b),
+                fold_user_name(a) == fold_user_name(b),
+                "{a} {b}"
+            );
+        }
+        let id = Identity::new("ALICE".into(), true);
+        assert_eq!(id.user().as_str(), "alice");
+        assert_eq!(id.as_typed().map(UserName::as_str), Some("ALICE"));
+        assert_eq!(id.typed().as_str(), "ALICE");
+        // Folding that changes nothing, or no folding: no typed name beside.
+        for (typed, fold) in [("alice", true), ("ALICE", false), ("\u{c9}", true)] {
+            let id = Identity::new(typed.into(), fold);
+            assert_eq!((id.user().as_str(), id.as_typed()), (typed, None));
+            assert_eq!(id.typed().as_str(), typed);
+        }
+    }
+
+    #[test]
+    fn a_user_name_is_a_plain_json_string() {
+        let n = UserName::from("\u{c9}ve \"x\"");
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(json, "\"\u{c9}ve \\\"x\\\"\"");
+        assert_eq!(serde_json::from_str::<UserName>(&json).unwrap(), n);
+        assert_eq!(n.to_string(), n.as_str());
+    }
+
+    #[test]
     fn byte_sizes_and_their_errors() {
         let p = |s| ByteSize::parse(s).unwrap();
         assert_eq!(p("10MB"), ByteSize(10 << 20));
@@ -335,5 +377,122 @@ impl ScanVerdict {
             ScanVerdict::TooLarge => "too_large",
             ScanVerdict::Error => "error",
         }
+    }
+}
+
+/// A user name as rules, logs and the audit trail see it: shared (a clone is a reference
+/// count, never a copy of the text), compared byte for byte, serialised as a plain string.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName(Arc<str>);
+
+impl UserName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for UserName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for UserName {
+    fn from(name: &str) -> UserName {
+        UserName(Arc::from(name))
+    }
+}
+
+impl From<String> for UserName {
+    fn from(name: String) -> UserName {
+        UserName(Arc::from(name))
+    }
+}
+
+impl Serialize for UserName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(UserName::from)
+    }
+}
+
+/// `name` as a server that folds user names sees it (`upstream.user_names = "fold"`, Dovecot's
+/// default `%Lu`): ASCII `A`-`Z` become `a`-`z` and every other character is kept (Dovecot's
+/// `%L` does not fold non-ASCII letters either). Borrowed when nothing changes. popgate's one
+/// folding rule: logins ([`Identity::new`]), the routing map and route rules use it.
+pub(crate) fn fold_user_name(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// Whether `a` and `b` name the same user at a server that folds names: equal once both are
+/// folded by [`fold_user_name`] (compared without folding copies).
+pub(crate) fn same_user_folded(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Who a login is for: the name the server logs in ([`Identity::user`]) and, when the server
+/// folds names and folding changed it, the name as the client typed it
+/// ([`Identity::as_typed`]: `ALICE` for `alice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    user: UserName,
+    as_typed: Option<UserName>,
+}
+
+impl Identity {
+    /// The identity of a login as `typed` at a server that folds user names (`fold`, see
+    /// [`fold_user_name`]) or compares them byte for byte.
+    pub(crate) fn new(typed: UserName, fold: bool) -> Identity {
+        match fold.then(|| fold_user_name(&typed)) {
+            Some(Cow::Owned(folded)) => Identity {
+                user: folded.into(),
+                as_typed: Some(typed),
+            },
+            _ => Identity {
+                user: typed,
+                as_typed: None,
+            },
+        }
+    }
+
+    /// The name the server logs in (folded when it folds): what rules, logs and the audit
+    /// trail's `user` see.
+    pub fn user(&self) -> &UserName {
+        &self.user
+    }
+
+    /// The name as the client typed it, when folding changed it (the audit trail's
+    /// `user_as_typed`).
+    pub fn as_typed(&self) -> Option<&UserName> {
+        self.as_typed.as_ref()
+    }
+
+    /// The name as the client typed it, folded or not.
+    pub(crate) fn typed(&self) -> &UserName {
+        self.as_typed.as_ref().unwrap_or(&self.user)
     }
 }

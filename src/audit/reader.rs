@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::model::event::{AuditEvent, AuditEventKind, EVENT_NAMES};
+use crate::types::same_user_folded;
 
 /// Header values longer than this are cut in the table.
 const MAX_VALUE_CHARS: usize = 80;
@@ -141,7 +142,7 @@ impl AuditFilter {
         };
         let user = |have: Option<&str>| match (&self.msg_user, have) {
             (None, _) => true,
-            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+            (Some(want), Some(have)) => same_user_folded(want, have),
             (Some(_), None) => false,
         };
         match &r.event.kind {
@@ -173,7 +174,7 @@ impl AuditFilter {
     fn user_matches(&self, user: Option<&str>) -> bool {
         match (&self.user, user) {
             (None, _) => true,
-            (Some(want), Some(u)) => want.eq_ignore_ascii_case(u),
+            (Some(want), Some(u)) => same_user_folded(want, u),
             (Some(_), None) => false,
         }
     }

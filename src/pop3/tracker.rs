@@ -14,6 +14,7 @@ use crate::pop3::command::{Command, CommandError, Verb, line_end};
 use crate::pop3::replies;
 use crate::pop3::response::{BodyScanner, Scan, Status, StatusLine};
 use crate::pop3::sasl::{self, Message, Plain};
+use crate::types::{Identity, UserName, fold_user_name};
 
 /// RFC 1939 session states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,10 +103,9 @@ pub struct Outstanding {
     pub msg: Option<u32>,
     /// TOP's line count.
     pub lines: Option<u32>,
-    /// The name a USER or APOP command gives (an attempt until the server accepts it).
-    name: Option<String>,
-    /// `name` folded, when the server folds names and folding changes it.
-    name_folded: Option<String>,
+    /// Who a USER or APOP command names (an attempt until the server accepts it), folded as
+    /// the server folds names when it was sent.
+    name: Option<Identity>,
     /// Sent by popgate itself (see [`Tracker::inject`]): its response is never relayed.
     pub internal: bool,
 }
@@ -122,7 +122,6 @@ impl Outstanding {
                 _ => None,
             },
             name: None,
-            name_folded: None,
             internal: false,
         }
     }
@@ -179,12 +178,11 @@ impl LoginMethod {
 /// A login attempt's outcome, reported with the response that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginOutcome {
-    /// The user name: on success the one the session is now fixed to, on failure the name
-    /// that was tried, when known. Folded (ASCII lowercase) when the server folds names
-    /// ([`Tracker::set_fold_names`]): the name the server logs in.
-    pub user: Option<String>,
-    /// The name as the client typed it, when folding changed it (`ALICE` for `alice`).
-    pub user_as_typed: Option<String>,
+    /// Who: on success the identity the session is now fixed to, on failure the one that
+    /// was tried, when known. Its user is folded (ASCII lowercase) when the server folds
+    /// names ([`Tracker::set_fold_names`]): the name the server logs in; the name as typed
+    /// is beside it when folding changed it (`ALICE` for `alice`).
+    pub identity: Option<Identity>,
     /// How.
     pub method: LoginMethod,
     /// Whether the server accepted it.
@@ -390,14 +388,13 @@ fn gs2_identity(raw: &[u8], mech: SaslMech) -> Option<Vec<u8>> {
 pub struct Tracker {
     state: State,
     /// The user the server accepted: set once, at the `+OK` of the login, never changed.
-    user: Option<String>,
-    /// The name of the login being attempted (USER the server took, APOP, SASL), as typed.
-    attempt: Option<String>,
-    /// `attempt` folded, when folding changes it.
-    attempt_folded: Option<String>,
-    /// The name of the last `USER` the server took: the one it logs in at `PASS`, whatever
-    /// APOP or AUTH attempts failed in between (Dovecot keeps it across them).
-    user_given: Option<String>,
+    user: Option<Identity>,
+    /// Who the login being attempted names (USER the server took, APOP, SASL), folded as
+    /// the server folds names.
+    attempt: Option<Identity>,
+    /// The name of the last `USER` the server took, as typed: the one it logs in at `PASS`,
+    /// whatever APOP or AUTH attempts failed in between (Dovecot keeps it across them).
+    user_given: Option<UserName>,
     /// Whether the server lowercases user names (Dovecot's default): the user rules and audit
     /// see is then the folded name.
     fold_names: bool,
@@ -424,7 +421,6 @@ impl Tracker {
             state: State::Authorization,
             user: None,
             attempt: None,
-            attempt_folded: None,
             user_given: None,
             fold_names: false,
             pending,
@@ -451,19 +447,21 @@ impl Tracker {
     /// login is decided (routing mode learns the server only when the login is complete).
     pub fn set_fold_names(&mut self, fold: bool) {
         self.fold_names = fold;
-        let attempt = self.attempt.take();
-        self.set_attempt(attempt);
+        let typed = self.attempt.take().map(|a| a.typed().clone());
+        self.set_attempt(typed);
     }
 
-    fn set_attempt(&mut self, name: Option<String>) {
-        self.attempt_folded = name.as_deref().and_then(|n| self.folded(n));
-        self.attempt = name;
+    /// The attempt is now a login as `typed`.
+    fn set_attempt(&mut self, typed: Option<UserName>) {
+        self.attempt = typed.map(|t| Identity::new(t, self.fold_names));
     }
 
-    /// `name` lowercased (ASCII) when the server folds names and that changes it.
-    fn folded(&self, name: &str) -> Option<String> {
-        (self.fold_names && name.bytes().any(|b| b.is_ascii_uppercase()))
-            .then(|| name.to_ascii_lowercase())
+    /// `name` as the server sees it: folded when it folds names.
+    fn fold(&self, name: String) -> UserName {
+        match self.fold_names.then(|| fold_user_name(&name)) {
+            Some(std::borrow::Cow::Owned(folded)) => folded.into(),
+            _ => name.into(),
+        }
     }
 
     /// Current RFC 1939 state.
@@ -476,12 +474,16 @@ impl Tracker {
     /// latest `USER` still awaiting its answer, else the one the server took. So a `PASS`
     /// pipelined right behind `USER eve` is judged as eve's, as it is when the client waits.
     pub fn user(&self) -> Option<&str> {
+        self.user_name().map(UserName::as_str)
+    }
+
+    /// [`Tracker::user`], shared.
+    pub(crate) fn user_name(&self) -> Option<&UserName> {
         match self.state {
             State::Authorization => self
                 .outstanding_user()
-                .or(self.attempt_folded.as_deref())
-                .or(self.attempt.as_deref()),
-            State::Transaction | State::Update => self.user.as_deref(),
+                .or(self.attempt.as_ref().map(Identity::user)),
+            State::Transaction | State::Update => self.user.as_ref().map(Identity::user),
         }
     }
 
@@ -489,7 +491,7 @@ impl Tracker {
     /// `AUTH` whose initial response names the user (PLAIN, LOGIN, SCRAM, XOAUTH2,
     /// OAUTHBEARER); folded as [`Tracker::user`]. Rules judge such a command as that user's,
     /// not as the user of an earlier `USER`: `APOP eve` after `USER bob` is eve's login.
-    pub fn name_in(&self, cmd: &Command<'_>) -> Option<String> {
+    pub fn name_in(&self, cmd: &Command<'_>) -> Option<UserName> {
         if self.state != State::Authorization {
             return None;
         }
@@ -509,20 +511,20 @@ impl Tracker {
             }
             _ => return None,
         };
-        Some(self.folded(&name).unwrap_or(name))
+        Some(self.fold(name))
     }
 
     /// The user a SASL answer line names, with what the exchange learned before it (LOGIN's
     /// answer to `Username:`, PLAIN sent after an empty challenge); folded as
     /// [`Tracker::user`]. `None` outside an exchange or when no name is known.
-    pub fn name_in_sasl_answer(&self, line: &[u8]) -> Option<String> {
+    pub fn name_in_sasl_answer(&self, line: &[u8]) -> Option<UserName> {
         if self.state != State::Authorization {
             return None;
         }
         let mut ex = self.sasl.clone()?;
         ex.learn(crate::pop3::command::trim_eol(line), true);
         let name = ex.user?;
-        Some(self.folded(&name).unwrap_or(name))
+        Some(self.fold(name))
     }
 
     /// Whether a `USER` sent upstream still awaits its answer.
@@ -533,11 +535,9 @@ impl Tracker {
     }
 
     /// The name of the latest `USER` sent upstream and not yet answered (folded as `user`).
-    fn outstanding_user(&self) -> Option<&str> {
+    fn outstanding_user(&self) -> Option<&UserName> {
         self.pending.iter().rev().find_map(|p| match p {
-            Pending::Upstream(o) if o.verb == Verb::User => {
-                o.name_folded.as_deref().or(o.name.as_deref())
-            }
+            Pending::Upstream(o) if o.verb == Verb::User => o.name.as_ref().map(Identity::user),
             _ => None,
         })
     }
@@ -700,8 +700,7 @@ impl Tracker {
             _ => {}
         }
         self.pending.push_back(Pending::Upstream(Outstanding {
-            name_folded: name.as_deref().and_then(|n| self.folded(n)),
-            name,
+            name: name.map(|n| Identity::new(n.into(), self.fold_names)),
             ..Outstanding::of(cmd)
         }));
     }
@@ -888,16 +887,16 @@ impl Tracker {
             // A refused USER leaves the earlier name: a server that keeps it logs that user
             // in at the next PASS.
             Verb::User if before_login && ok => {
-                self.user_given.clone_from(&out.name);
-                self.set_attempt(out.name);
+                self.user_given = out.name.map(|n| n.typed().clone());
+                self.set_attempt(self.user_given.clone());
             }
             Verb::Pass if before_login => {
                 self.set_attempt(self.user_given.clone());
-                login = Some((self.attempt.clone(), LoginMethod::UserPass));
+                login = Some(LoginMethod::UserPass);
             }
             Verb::Apop if before_login => {
-                self.set_attempt(out.name);
-                login = Some((self.attempt.clone(), LoginMethod::Apop));
+                self.set_attempt(out.name.map(|n| n.typed().clone()));
+                login = Some(LoginMethod::Apop);
             }
             Verb::Auth if out.shape == Shape::Sasl => {
                 self.sasl_waiting_for_client = false;
@@ -911,19 +910,18 @@ impl Tracker {
                         Some(ex) => ex.name.clone(),
                         None => "UNKNOWN".into(),
                     });
-                    self.set_attempt(ex.and_then(|ex| ex.user));
-                    login = Some((self.attempt.clone(), method));
+                    self.set_attempt(ex.and_then(|ex| ex.user).map(UserName::from));
+                    login = Some(method);
                 }
             }
             Verb::Quit if ok && self.state == State::Transaction => self.state = State::Update,
             _ => {}
         }
-        let login = login.map(|(typed, method)| {
-            let user = self.attempt_folded.clone().or(typed.clone());
-            let user_as_typed = typed.filter(|t| Some(t) != user.as_ref());
+        let login = login.map(|method| {
+            let identity = self.attempt.clone();
             if ok {
                 // The identity is fixed here, once: nothing later in the session changes it.
-                self.user = user.clone();
+                self.user = identity.clone();
                 self.state = State::Transaction;
             } else {
                 // A failed APOP or AUTH leaves the server with the name USER gave: a PASS
@@ -931,8 +929,7 @@ impl Tracker {
                 self.set_attempt(self.user_given.clone());
             }
             LoginOutcome {
-                user,
-                user_as_typed,
+                identity,
                 method,
                 success: ok,
             }
@@ -1142,6 +1139,31 @@ mod tests {
             false,
             Some(false)
         )));
+    }
+
+    /// A login reports who it is for as the server sees the name: a tracker that learns only
+    /// after USER was taken that the server folds names (routing mode) reports the folded
+    /// name, with the typed one beside it, and keeps the folded one as the session's user.
+    #[test]
+    fn a_login_reports_its_identity_folded_as_the_server_folds_names() {
+        let answer = |t: &mut Tracker, line: &[u8]| match t.on_server_bytes(line).unwrap() {
+            Piece::Status { meta, .. } => meta.login,
+            other => panic!("{other:?}"),
+        };
+        let mut t = Tracker::new(512);
+        assert_eq!(answer(&mut t, b"+OK hi\r\n"), None);
+        t.forwarded(&Command::parse(b"USER ALICE\r\n").unwrap());
+        assert_eq!(t.user(), Some("ALICE"));
+        assert_eq!(answer(&mut t, b"+OK\r\n"), None);
+        t.set_fold_names(true);
+        assert_eq!(t.user(), Some("alice"));
+        t.forwarded(&Command::parse(b"PASS secret\r\n").unwrap());
+        let login = answer(&mut t, b"+OK in\r\n").unwrap();
+        assert!(login.success);
+        let id = login.identity.unwrap();
+        assert_eq!(id.user().as_str(), "alice");
+        assert_eq!(id.as_typed().map(UserName::as_str), Some("ALICE"));
+        assert_eq!(t.user(), Some("alice"));
     }
 
     /// The front's decoder: a PLAIN message with a fourth part or an empty authcid names

@@ -30,7 +30,7 @@ use crate::pop3::tracker::{
     sasl_mechanism_supported,
 };
 use crate::rules::{Event, EventKind, command_line};
-use crate::types::{CloseReason, MessageIds, ScanReport};
+use crate::types::{CloseReason, MessageIds, ScanReport, UserName};
 
 use super::output::{CommandLine, Marks, Output, Outputs, SessionEvent};
 use super::policy::{Policy, Terminal};
@@ -191,8 +191,6 @@ pub(crate) struct Hop {
     greeting_deadline: Instant,
     /// How many session tags the last [`SessionEvent::Tags`] carried.
     tags_reported: usize,
-    /// The user as last reported, shared by the events that name it.
-    user_reported: Option<Arc<str>>,
     /// Event tags of the commands sent upstream whose final response is still due, in order.
     cmd_tags: VecDeque<Vec<Arc<str>>>,
     /// For the `session_close` record: event tags of what closed the session and of the
@@ -256,7 +254,6 @@ impl Hop {
             login_deadline: started + cfg.login_timeout,
             greeting_deadline: now + cfg.greeting_timeout,
             tags_reported: 0,
-            user_reported: None,
             cmd_tags: VecDeque::new(),
             close_marks: None,
             known: Known::default(),
@@ -532,17 +529,9 @@ impl Hop {
         }
     }
 
-    /// The user rules and audit see, shared (allocated again only when it changes).
-    fn user_shared(&mut self) -> Option<Arc<str>> {
-        match (self.tracker.user(), &self.user_reported) {
-            (None, _) => None,
-            (Some(u), Some(r)) if **r == *u => Some(r.clone()),
-            (Some(u), _) => {
-                let u: Arc<str> = Arc::from(u);
-                self.user_reported = Some(u.clone());
-                Some(u)
-            }
-        }
+    /// The user rules and audit see, shared with the tracker (never copied).
+    fn user_shared(&self) -> Option<UserName> {
+        self.tracker.user_name().cloned()
     }
 
     /// Relay `sin[..fwd]` to the client (split off the buffer, no copy).
@@ -875,7 +864,7 @@ impl Hop {
         let stated = meta.size;
         if let Some(login) = &meta.login {
             info!(
-                user = login.user.as_deref().unwrap_or("-"),
+                user = login.identity.as_ref().map_or("-", |i| i.user().as_str()),
                 method = %login.method.label(),
                 success = login.success,
                 "login"
@@ -1387,10 +1376,10 @@ impl Hop {
                 // user is the one the exchange names once this line is in (AUTH LOGIN's
                 // answer to `Username:`, AUTH PLAIN after an empty challenge).
                 let named = self.tracker.name_in_sasl_answer(data);
-                let user = named.as_deref().or(self.tracker.user());
+                let user = named.as_ref().or(self.tracker.user_name());
                 let ev = Event {
                     verb: Some(Verb::Auth),
-                    user,
+                    user: user.map(UserName::as_str),
                     ..event(
                         &self.cfg,
                         &self.tracker,
@@ -1411,7 +1400,7 @@ impl Hop {
                         // RFC 5034) instead, and the server's `-ERR` ends the login. The
                         // credentials never reach the server.
                         info!(%rule, verb = "AUTH", "SASL login denied by rule: cancelled");
-                        let user = user.map(Arc::<str>::from);
+                        let user = user.cloned();
                         self.report_tags();
                         self.event(SessionEvent::Denied {
                             rule,
@@ -1551,11 +1540,11 @@ impl Hop {
     fn decide(&mut self, cmd: &Command<'_>) -> (Decision, Option<Duration>, Vec<Arc<str>>) {
         // APOP and AUTH with an initial response name their user themselves.
         let named = self.tracker.name_in(cmd);
-        let user = named.as_deref().or(self.tracker.user());
+        let user = named.as_ref().or(self.tracker.user_name());
         let ev = Event {
             verb: Some(cmd.verb),
             args: Some(cmd.args),
-            user,
+            user: user.map(UserName::as_str),
             ..event(
                 &self.cfg,
                 &self.tracker,
@@ -1573,7 +1562,7 @@ impl Hop {
             Terminal::Deny { reply, rule, close } => {
                 info!(%rule, verb = %cmd.verb, "command denied by rule");
                 // The denial carries the tags its own evaluation attached.
-                let user = user.map(Arc::<str>::from);
+                let user = user.cloned();
                 self.report_tags();
                 self.event(SessionEvent::Denied {
                     rule: rule.clone(),

@@ -13,7 +13,7 @@ use super::dialogue::{ConnectFailure, ConnectStage, Notice, Reason};
 use super::front::Login;
 use crate::pop3::command::{Command, Verb};
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::{CloseReason, ScanReport};
+use crate::types::{CloseReason, ScanReport, UserName};
 
 use super::scan::{ScanAction, ScanRequest};
 
@@ -203,7 +203,7 @@ pub(crate) enum SessionEvent {
         /// The line as the server sent it.
         line: Bytes,
         /// The user rules and audit see.
-        user: Option<Arc<str>>,
+        user: Option<UserName>,
         /// The session state after the line.
         state: State,
         /// Rule tags and drops.
@@ -216,7 +216,7 @@ pub(crate) enum SessionEvent {
         /// Whether the terminator is in `chunk`.
         end: bool,
         /// The user rules and audit see, on the chunk with the terminator (`None` before).
-        user: Option<Arc<str>>,
+        user: Option<UserName>,
     },
     /// A command a rule denied, with the command's event tags.
     Denied {
@@ -225,7 +225,7 @@ pub(crate) enum SessionEvent {
         /// The command's verb.
         verb: Verb,
         /// The user rules and audit see.
-        user: Option<Arc<str>>,
+        user: Option<UserName>,
         /// The command's event tags.
         tags: Vec<Arc<str>>,
     },
@@ -269,7 +269,7 @@ pub(crate) enum SessionEvent {
         /// Header lines added for the client after the status line (CRLF each), if any.
         added: Bytes,
         /// The user rules and audit see.
-        user: Option<Arc<str>>,
+        user: Option<UserName>,
     },
 }
 

@@ -40,8 +40,12 @@ impl Rec {
                 SessionEvent::Status { meta, .. } => {
                     self.statuses.push((meta.verb, meta.multiline));
                     if let Some(l) = &meta.login {
-                        self.logins
-                            .push((l.user.clone(), l.user_as_typed.clone(), l.success));
+                        let id = l.identity.as_ref();
+                        self.logins.push((
+                            id.map(|i| i.user().to_string()),
+                            id.and_then(|i| i.as_typed()).map(|t| t.to_string()),
+                            l.success,
+                        ));
                     }
                 }
                 SessionEvent::LoginFailed(_) => hop.penalty(now, self.penalty),

@@ -18,7 +18,7 @@ use crate::pop3::command::{Verb, trim_eol};
 use crate::pop3::response::{Status, StatusLine};
 
 use crate::pop3::tracker::{ResponseMeta, State};
-use crate::types::{CloseReason, ScanReport, TlsInfo};
+use crate::types::{CloseReason, ScanReport, TlsInfo, UserName};
 
 pub(crate) use crate::proxy::Marks;
 
@@ -267,11 +267,10 @@ impl Observer {
             return;
         }
         let tags = strings(&marks.tags);
-        let user_s = || user.map(str::to_owned);
+        let user_s = || user.map(UserName::from);
         if let Some(login) = &meta.login {
             let code = StatusLine::parse(line).ok().and_then(|s| s.code);
-            let mut l = LoginEvent::new(login.user.as_deref(), &login.method, meta.status, code);
-            l.user_as_typed = login.user_as_typed.clone();
+            let mut l = LoginEvent::new(login.identity.as_ref(), &login.method, meta.status, code);
             l.upstream = self.upstream.clone();
             if let Some(rule) = &marks.dropped_by {
                 // The client never saw this answer: a `+OK` did not log it in.
@@ -471,7 +470,7 @@ impl Observer {
             }
             self.push_tagged(
                 Retrieve {
-                    user: user.map(str::to_owned),
+                    user: user.map(UserName::from),
                     verb: r.verb,
                     msg: u64::from(r.msg),
                     lines: r.lines.map(u64::from),
@@ -533,7 +532,7 @@ impl Observer {
             return;
         };
         let events = reports.iter().map(|r| ScanEvent {
-            user: user.map(str::to_owned),
+            user: user.map(UserName::from),
             verb,
             msg: u64::from(msg),
             uidl: None,
@@ -597,7 +596,7 @@ impl Observer {
         self.finish_retrieval(false, user);
         self.push_tagged(
             SessionClose {
-                user: user.map(str::to_owned),
+                user: user.map(UserName::from),
                 reason,
                 bytes_from_client: from_client,
                 bytes_to_client: to_client,

@@ -377,6 +377,14 @@ fn session_close_of(evs: &[Value]) -> &Value {
 // ---------------------------------------------------------------------------------------------
 // Proxies
 
+/// A client at `addr` logged in as [`USER`] with USER/PASS.
+fn logged_in(addr: SocketAddr) -> RawPop {
+    let mut c = RawPop::connect(addr);
+    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
+    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    c
+}
+
 /// popgate with `rules` (paths), one listener `test` (`listener_extra` in its table), in
 /// front of `upstream` (`upstream_extra` in its table), then `rest` (more tables).
 fn proxy_with(
@@ -727,16 +735,12 @@ action = "drop"
         &format!("[limits]\nidle_timeout = \"400ms\"\n{}", audit.toml("")),
     );
     // Idle: logged in, then silent.
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = logged_in(p.addr);
     let rest = String::from_utf8_lossy(&c.read_to_end()).into_owned();
     assert!(rest.contains("autologout"), "{rest}");
     audit.wait_closed(1);
     // Dropped by a rule at DELE.
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = logged_in(p.addr);
     c.send("DELE 1");
     let _ = c.read_to_end();
     audit.wait_closed(2);
@@ -801,9 +805,7 @@ fn rset_gives_reset_and_clears_the_marks() {
     let audit = AuditDir::new();
     let mut p = h.proxy(up.local_addr(), &audit.toml(""));
     let uid1 = upstream_uidls(up.local_addr())[0].clone();
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = logged_in(p.addr);
     let uidl2 = c.cmd("UIDL 2");
     let uid2 = uidl2.split_whitespace().nth(2).unwrap().to_owned();
     assert!(c.cmd("DELE 1").starts_with("+OK"));
@@ -1080,9 +1082,7 @@ fn body_cut_off_by_the_upstream_is_incomplete() {
     });
     let audit = AuditDir::new();
     let mut p = h.proxy(up.local_addr(), &audit.toml(""));
-    let mut c = RawPop::connect(p.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = logged_in(p.addr);
     assert!(c.cmd("RETR 1").starts_with("+OK"));
     let got = c.read_to_end();
     assert!(got.len() <= cut && wire_body(&msgs[0]).starts_with(&got));
@@ -1402,9 +1402,7 @@ fn fifty_megabyte_retr_with_audit_keeps_memory_flat() {
         "[audit]\nenabled = true\ndir = \"audit\"\n",
     );
     // Warm up with the small message, then measure around the big one.
-    let mut c = RawPop::connect(proc.addr);
-    assert!(c.cmd(&format!("USER {USER}")).starts_with("+OK"));
-    assert!(c.cmd(&format!("PASS {PASS}")).starts_with("+OK"));
+    let mut c = logged_in(proc.addr);
     let (_, small) = c.cmd_multi("RETR 1");
     assert_eq!(small.unwrap().len() + 3, wire_body(&msgs[0]).len());
     let (before, _) = proc.memory_kib();

@@ -333,11 +333,26 @@ action = "tag"
 tags = ["large-message"]
 "#;
 
-/// Dialogue: RETR 1 (20 000 octets), RETR 2 (300), TOP 1 0 (the demo's TOP line states no
-/// size), LIST 1, QUIT.
-fn fetch(p: &ProxyHandle) {
+/// popgate with the rule file holding `rules` and an audit trail in front of the demo server;
+/// one session logs in and goes on with `session` (QUIT included). Its audit records.
+fn audited_session(rules: &str, session: impl FnOnce(&mut RawPop)) -> Vec<Value> {
+    let rules = rule_file(rules);
+    let h = Harness::new();
+    let up = demo(&h);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let mut p = proxy(&h, &up, &[&rules.path], &dir, "");
     let mut c = RawPop::connect(p.addr);
     login(&mut c);
+    session(&mut c);
+    let evs = closed(&dir, 1);
+    p.shutdown(&h);
+    evs
+}
+
+/// After the login: RETR 1 (20 000 octets), RETR 2 (300), TOP 1 0 (the demo's TOP line states
+/// no size), LIST 1, QUIT.
+fn fetch(c: &mut RawPop) {
     for cmd in ["RETR 1", "RETR 2", "TOP 1 0"] {
         let (status, body) = c.cmd_multi(cmd);
         assert!(
@@ -354,15 +369,7 @@ fn fetch(p: &ProxyHandle) {
 /// records.
 #[test]
 fn size_tag_marks_only_the_large_retrieve() {
-    let rules = rule_file(SIZE_RULE);
-    let h = Harness::new();
-    let up = demo(&h);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("audit");
-    let mut p = proxy(&h, &up, &[&rules.path], &dir, "");
-    fetch(&p);
-    let evs = closed(&dir, 1);
-    p.shutdown(&h);
+    let evs = audited_session(SIZE_RULE, fetch);
     assert_eq!(tags(find(&evs, "retrieve", 1, "RETR")), ["large-message"]);
     assert!(tags(find(&evs, "retrieve", 2, "RETR")).is_empty());
     assert!(tags(find(&evs, "retrieve", 1, "TOP")).is_empty());
@@ -375,15 +382,7 @@ fn size_tag_marks_only_the_large_retrieve() {
 /// small RETR, the TOP, the close), never what came before (the login).
 #[test]
 fn size_tag_with_session_scope_marks_the_rest_of_the_session() {
-    let rules = rule_file(&format!("{SIZE_RULE}scope = \"session\"\n"));
-    let h = Harness::new();
-    let up = demo(&h);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("audit");
-    let mut p = proxy(&h, &up, &[&rules.path], &dir, "");
-    fetch(&p);
-    let evs = closed(&dir, 1);
-    p.shutdown(&h);
+    let evs = audited_session(&format!("{SIZE_RULE}scope = \"session\"\n"), fetch);
     let large = json!(["large-message"]);
     assert_eq!(find(&evs, "retrieve", 1, "RETR")["tags"], large);
     assert_eq!(find(&evs, "retrieve", 2, "RETR")["tags"], large);
@@ -486,8 +485,7 @@ fn popgate_run_warns_about_a_world_readable_audit_dir() {
 /// `session_close`; a LIST command makes no record, so its tag appears nowhere.
 #[test]
 fn event_tags_land_on_their_own_record() {
-    let rules = rule_file(
-        r#"
+    let rules = r#"
 [[rule]]
 name = "t-connect"
 on = "connect"
@@ -520,20 +518,12 @@ name = "t-close"
 on = "close"
 action = "tag"
 tags = ["bye"]
-"#,
-    );
-    let h = Harness::new();
-    let up = demo(&h);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("audit");
-    let mut p = proxy(&h, &up, &[&rules.path], &dir, "");
-    let mut c = RawPop::connect(p.addr);
-    login(&mut c);
-    assert!(c.cmd("LIST 1").starts_with("+OK"));
-    assert!(c.cmd("DELE 3").starts_with("+OK"));
-    assert!(c.cmd("QUIT").starts_with("+OK"));
-    let evs = closed(&dir, 1);
-    p.shutdown(&h);
+"#;
+    let evs = audited_session(rules, |c| {
+        assert!(c.cmd("LIST 1").starts_with("+OK"));
+        assert!(c.cmd("DELE 3").starts_with("+OK"));
+        assert!(c.cmd("QUIT").starts_with("+OK"));
+    });
     let got: Vec<(String, Vec<String>)> = evs
         .iter()
         .map(|e| (e["event"].as_str().unwrap().to_owned(), tags(e)))

@@ -23,8 +23,8 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn user(u: &str) -> Option<String> {
-    Some(u.to_owned())
+fn user(u: &str) -> Option<popgate::types::UserName> {
+    Some(u.into())
 }
 
 /// Day one: bob fetches and deletes message 3 (session 1), eve fails to log in (session 2).

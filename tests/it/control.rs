@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -611,6 +611,55 @@ fn kick_user_with_a_dele_pending_ends_the_session_and_dovecot_keeps_the_message(
     assert!(p.log().contains("session kicked"), "{}", p.log());
 }
 
+/// A test CA (kept as long as the handle) and a `[tls]` table with a certificate it issued.
+fn tls_table() -> (common::certs::TestPki, String) {
+    let pki = common::certs::TestPki::new();
+    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    (pki, format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"))
+}
+
+/// Kick session `id` through the socket; what its client `c` reads until the close, which
+/// comes within 10 s of the kick.
+fn kick_and_read_rest(p: &PopgateProcess, id: u64, what: &str, c: &mut RawPop) -> Vec<u8> {
+    let started = Instant::now();
+    let out = ctl(p, &["kick", "--session", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rest = c.read_to_end();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{what}: not ended by the kick: {:?}",
+        started.elapsed()
+    );
+    rest
+}
+
+/// Session `id`'s records in the audit trail of `p` (stopped, its trail in `audit`): its
+/// `session_open`, then its `session_close` for a kick, with who asked (a uid).
+fn kicked_in_audit(p: &PopgateProcess, id: u64, what: &str) -> (Value, Value) {
+    let events = common::audit_events(&p.path("audit"));
+    let of_session: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["session"] == json!(id))
+        .collect();
+    let kinds: Vec<&Value> = of_session.iter().map(|e| &e["event"]).collect();
+    assert_eq!(
+        kinds,
+        [&json!("session_open"), &json!("session_close")],
+        "{what}: {events:#?}"
+    );
+    let close = of_session[1];
+    assert_eq!(close["reason"], json!("kick"), "{what}: {close}");
+    assert!(
+        close["kicked_by"].as_str().unwrap().starts_with("uid "),
+        "{what}: {close}"
+    );
+    (of_session[0].clone(), close.clone())
+}
+
 /// A session still connecting (its upstream accepted but never greets) is kicked too: its
 /// client gets the `-ERR` a kick gives a session in its relay, and its `session_close` follows
 /// its `session_open`; a kick needs a criterion, and one matching nothing says so (exit
@@ -635,27 +684,15 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
             ))
             .wait_for_log(),
     );
-    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The client says nothing and waits for its greeting.
+    let mut c = RawPop::over(std::net::TcpStream::connect(p.addr).unwrap());
     let rows = wait_sessions(&p, "the connecting session", |r| r.len() == 1);
     assert_eq!(rows[0]["state"], json!("CONNECTING"), "{rows:#?}");
-    let id = rows[0]["id"].as_u64().unwrap().to_string();
+    let id = rows[0]["id"].as_u64().unwrap();
     let none = ctl(&p, &["kick", "--user", "nobody-here"]);
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("no session matched"));
-    let started = Instant::now();
-    let out = ctl(&p, &["kick", "--session", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "not ended by the kick"
-    );
+    let rest = kick_and_read_rest(&p, id, "connecting", &mut c);
     assert!(
         !String::from_utf8_lossy(&rest).starts_with("+OK"),
         "greeted"
@@ -668,24 +705,7 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
     wait_sessions(&p, "gone", |r| r.is_empty());
     let mut p = p;
     p.stop();
-    let events = common::audit_events(&p.path("audit"));
-    let of_session = |e: &&Value| e["session"].as_u64().unwrap().to_string() == id;
-    let kinds: Vec<&Value> = events
-        .iter()
-        .filter(of_session)
-        .map(|e| &e["event"])
-        .collect();
-    assert_eq!(
-        kinds,
-        [&json!("session_open"), &json!("session_close")],
-        "{events:#?}"
-    );
-    let close = events.iter().rfind(of_session).unwrap();
-    assert_eq!(close["reason"], json!("kick"), "{close}");
-    assert!(
-        close["kicked_by"].as_str().unwrap().starts_with("uid "),
-        "{close}"
-    );
+    let (_, close) = kicked_in_audit(&p, id, "connecting");
     assert_eq!(close["bytes_to_client"], json!(37), "{close}");
 }
 
@@ -696,9 +716,7 @@ fn kick_ends_a_session_still_in_its_connect_phase() {
 /// kick gives, except in the handshake, where it could not read it.
 #[test]
 fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() {
-    use common::certs::TestPki;
-    let pki = TestPki::new();
-    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let (_pki, tls) = tls_table();
     let h = Harness::new();
     let up = h.upstream(ServerOptions::new(vec![mailbox("a", "b", vec![])]));
     let delay = "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\n\
@@ -709,7 +727,7 @@ fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() 
             "implicit TLS handshake",
             PopgateOpts::new()
                 .listener("tls = \"implicit\"\n")
-                .tables(&format!("{audit}[tls]\ncert = {cert:?}\nkey = {key:?}\n")),
+                .tables(&format!("{audit}{tls}")),
             "",
         ),
         (
@@ -724,49 +742,16 @@ fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() 
     for (what, opts, said) in cases {
         let mut p = PopgateProcess::run(up.local_addr(), opts.wait_for_log());
         // The client says nothing: no ClientHello, no command.
-        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = RawPop::over(std::net::TcpStream::connect(p.addr).unwrap());
         let rows = wait_sessions(&p, what, |r| r.len() == 1);
         assert_eq!(rows[0]["state"], json!("CONNECTING"), "{what}: {rows:#?}");
         let id = rows[0]["id"].as_u64().unwrap();
-        let started = Instant::now();
-        let out = ctl(&p, &["kick", "--session", &id.to_string()]);
-        assert!(
-            out.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{what}: not ended by the kick"
-        );
+        let rest = kick_and_read_rest(&p, id, what, &mut c);
         assert_eq!(String::from_utf8_lossy(&rest), said, "{what}");
         wait_sessions(&p, "gone", |r| r.is_empty());
         p.stop();
-        let events = common::audit_events(&p.path("audit"));
-        let of_session: Vec<&Value> = events
-            .iter()
-            .filter(|e| e["session"] == json!(id))
-            .collect();
-        let kinds: Vec<&Value> = of_session.iter().map(|e| &e["event"]).collect();
-        assert_eq!(
-            kinds,
-            [&json!("session_open"), &json!("session_close")],
-            "{what}: {events:#?}"
-        );
-        assert!(
-            of_session[0].get("client_tls").is_none(),
-            "{what}: {}",
-            of_session[0]
-        );
-        let close = of_session[1];
-        assert_eq!(close["reason"], json!("kick"), "{what}: {close}");
-        assert!(
-            close["kicked_by"].as_str().unwrap().starts_with("uid "),
-            "{what}: {close}"
-        );
+        let (open, close) = kicked_in_audit(&p, id, what);
+        assert!(open.get("client_tls").is_none(), "{what}: {open}");
         assert_eq!(
             close["bytes_to_client"],
             json!(said.len()),
@@ -782,57 +767,26 @@ fn kick_during_the_tls_handshake_or_a_connect_delay_is_audited_with_who_asked() 
 /// own traffic, and no QUIT.
 #[test]
 fn kick_during_a_clients_stls_handshake_ends_it_at_once_audited_with_who_asked() {
-    use common::certs::TestPki;
-    let pki = TestPki::new();
-    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
+    let (_pki, tls) = tls_table();
     let h = Harness::new();
     let up = h.upstream(ServerOptions::new(vec![mailbox("a", "b", vec![])]));
     let opts = PopgateOpts::new()
         .listener("tls = \"starttls\"\n")
         .tables(&format!(
-            "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n\
-             [tls]\ncert = {cert:?}\nkey = {key:?}\n"
+            "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n{tls}"
         ));
     let mut p = PopgateProcess::run(up.local_addr(), opts.wait_for_log());
-    let s = std::net::TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("+OK"), "{line}");
-    r.get_mut().write_all(b"STLS\r\n").unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
+    let mut c = RawPop::connect(p.addr);
+    assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
+    let line = c.cmd("STLS");
     assert!(line.starts_with("+OK begin TLS"), "{line}");
     let rows = wait_sessions(&p, "one session", |r| r.len() == 1);
     let id = rows[0]["id"].as_u64().unwrap();
-    let started = Instant::now();
-    let out = ctl(&p, &["kick", "--session", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut rest = Vec::new();
-    let _ = r.read_to_end(&mut rest);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "not ended by the kick: {:?}",
-        started.elapsed()
-    );
+    let rest = kick_and_read_rest(&p, id, "STLS handshake", &mut c);
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     wait_sessions(&p, "gone", |r| r.is_empty());
     p.stop();
-    let events = common::audit_events(&p.path("audit"));
-    let close = events
-        .iter()
-        .find(|e| e["event"] == "session_close" && e["session"] == json!(id))
-        .unwrap_or_else(|| panic!("no session_close: {events:#?}"));
-    assert_eq!(close["reason"], json!("kick"), "{close}");
-    assert!(
-        close["kicked_by"].as_str().unwrap().starts_with("uid "),
-        "{close}"
-    );
+    kicked_in_audit(&p, id, "STLS handshake");
     assert_eq!(up.quit_count(), 0);
 }
 

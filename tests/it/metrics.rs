@@ -205,9 +205,7 @@ fn health_probes_the_upstream_when_no_session_has() {
     assert_eq!(up.connections(), 1, "one probe connection");
     assert_eq!(http(metrics, "/nope").0, 404);
 
-    let gone = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
+    let gone = free_addr();
     let px = h.proxy(gone, "[metrics]\nbind = \"127.0.0.1:0\"\n");
     let (code, body) = http(px.metrics.unwrap(), "/health");
     assert_eq!(code, 503, "{body}");
@@ -295,6 +293,23 @@ impl Drop for HalfHeads {
     }
 }
 
+/// A free port on 127.0.0.1.
+fn free_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap()
+}
+
+/// `popgate run` in front of `upstream` with its metrics endpoint on a free port; that port.
+fn with_metrics(upstream: SocketAddr) -> (PopgateProcess, SocketAddr) {
+    let metrics = free_addr();
+    let p = PopgateProcess::run(
+        upstream,
+        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
+    );
+    (p, metrics)
+}
+
 /// Issue 18.2: 200 connections that send half a request head, from ten loopback addresses
 /// and reopened as soon as popgate closes them, do not starve the endpoint: while they hold
 /// on, each of 20 probes (`/health` as HAProxy's `option httpchk` asks, and `/metrics` as
@@ -303,13 +318,7 @@ impl Drop for HalfHeads {
 fn health_and_metrics_answer_every_probe_while_200_half_sent_heads_hold_connections() {
     let h = Harness::new();
     let up = upstream(&h);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let _p = PopgateProcess::run(
-        up.local_addr(),
-        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
-    );
+    let (_p, metrics) = with_metrics(up.local_addr());
     let from: Vec<std::net::IpAddr> = (2..12)
         .map(|i| format!("127.0.0.{i}").parse().unwrap())
         .collect();
@@ -344,17 +353,9 @@ fn haproxy_health_checks_all_pass_while_half_sent_heads_flood_the_metrics_port()
     let exe = common::find_exe("haproxy").expect("haproxy not installed: run .ci/run");
     let h = Harness::new();
     let up = upstream(&h);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let p = PopgateProcess::run(
-        up.local_addr(),
-        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
-    );
+    let (p, metrics) = with_metrics(up.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let front: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
+    let front = free_addr();
     let stats = dir.path().join("stats.sock");
     let cfg = dir.path().join("haproxy.cfg");
     std::fs::write(
@@ -495,13 +496,7 @@ async fn half_sent_heads_are_closed_by_the_head_timeout_and_huge_heads_refused()
 fn health_after_a_reload_to_a_dead_address_is_503_at_once() {
     let h = Harness::new();
     let up = upstream(&h);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let p = PopgateProcess::run(
-        up.local_addr(),
-        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
-    );
+    let (p, metrics) = with_metrics(up.local_addr());
     assert!(curl_retr(p.addr, USER, PASS, 1).starts_with(b"Subject: hi"));
     let (code, body) = http(metrics, "/health");
     assert_eq!(code, 200, "{body}");
@@ -576,13 +571,7 @@ fn process_build_and_reload_metrics_describe_the_running_binary() {
         .as_secs_f64();
     let h = Harness::new();
     let up = upstream(&h);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let p = PopgateProcess::run(
-        up.local_addr(),
-        PopgateOpts::new().tables(&format!("[metrics]\nbind = \"{metrics}\"\n")),
-    );
+    let (p, metrics) = with_metrics(up.local_addr());
     let one = |m: &str, name: &str| -> f64 {
         let found: Vec<f64> = samples(m)
             .into_iter()
@@ -669,9 +658,7 @@ fn audit_queue_depth_shows_events_waiting_for_a_stalled_writer() {
     let up = upstream(&h);
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
+    let metrics = free_addr();
     let cfg = dir.path().join("popgate.toml");
     std::fs::write(
         &cfg,
@@ -748,9 +735,7 @@ fn upstream_up_shows_an_address_sessions_failed_over() {
     let h = Harness::new();
     let a = upstream(&h);
     let b = upstream(&h);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
+    let metrics = free_addr();
     let p = PopgateProcess::run(
         a.local_addr(),
         PopgateOpts::new()

@@ -7,8 +7,10 @@
 
 use crate::common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::certs::TestPki;
@@ -63,18 +65,26 @@ fn session_opens(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A connect rule that denies the client 192.0.2.66.
+const NO_DOC_NET: &str = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\n\
+                          client = \"192.0.2.66\"\naction = \"deny\"\n\
+                          message = \"not from there\"\n";
+
+/// A listener that takes PROXY headers from 127.0.0.1, with `rules` in a rule file.
+fn balanced_with_rules(rules: &str) -> PopgateOpts {
+    PopgateOpts::new()
+        .top("rules = [\"r.toml\"]\n")
+        .file("r.toml", rules)
+        .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+}
+
 #[test]
 fn the_balancers_client_is_what_rules_limits_audit_and_the_upstream_see() {
     let h = Harness::new();
     let up = demo(&h);
-    let rules = "[[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
-                 action = \"deny\"\nmessage = \"not from there\"\n";
     let p = PopgateProcess::run(
         up.local_addr(),
-        PopgateOpts::new()
-            .top("rules = [\"r.toml\"]\n")
-            .file("r.toml", rules)
-            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
+        balanced_with_rules(NO_DOC_NET)
             .tables(
                 "[limits]\nmax_sessions_per_ip = 1\n\
                  [audit]\nenabled = true\ndir = \"audit\"\n",
@@ -500,153 +510,94 @@ p.pass_('bob-pass')\n\
 print(p.stat())\n\
 p.quit()\n";
 
-/// popgate (a STLS listener, `forward_client = "proxy-v2"` to the stub server at `addr`) and
-/// poplib through it: STLS, a login as bob with `pass` (`login`: "user" or "apop"), STAT.
-fn poplib_stat_over_stls_with_proxy_v2_to(
+/// popgate with a STLS listener (certificate from `pki`) and `forward_client = "proxy-v2"` to
+/// the upstream at `addr`, `upstream_extra` added to its `[upstream]` table.
+fn stls_proxy_v2_to(
+    h: &Harness,
+    pki: &TestPki,
     addr: SocketAddr,
-    pass: &str,
-    login: &str,
-) -> serde_json::Value {
-    let h = Harness::new();
-    let pki = TestPki::new();
+    upstream_extra: &str,
+) -> common::proxy::ProxyHandle {
     let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-    let p = h.proxy_toml(&format!(
+    h.proxy_toml(&format!(
         "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
          [tls]\ncert = {cert:?}\nkey = {key:?}\n\
-         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n"
-    ));
+         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n{upstream_extra}"
+    ))
+}
+
+/// popgate (a STLS listener, `forward_client = "proxy-v2"` to the stub server at `addr`) and
+/// poplib through it: STLS, a login as bob with `pass` (`login`: "user" or "apop"), STAT; each
+/// must work.
+fn poplib_stat_over_stls_with_proxy_v2_to(addr: SocketAddr, pass: &str, login: &str) {
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let p = stls_proxy_v2_to(&h, &pki, addr, "");
     let mut spec = common::clients::poplib_spec(p.addrs[0], "bob", pass);
     spec["mode"] = "stls".into();
     spec["login"] = login.into();
     spec["cafile"] = pki.ca_path().display().to_string().into();
     spec["actions"] = serde_json::json!([["stat"]]);
-    common::clients::poplib(spec)
+    let out = common::clients::poplib(spec);
+    assert_eq!(out["tls"], "stls", "{out}");
+    assert_eq!(
+        out["login"]["ok"], true,
+        "{login} after STLS refused: {out}"
+    );
+    assert_eq!(out["results"][0]["ok"], true, "{out}");
 }
 
-/// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
-/// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
-/// bring a new timestamp, and the APOP digest the client made from the first one would fail.
-/// The stub server greets each connection with its own timestamp and checks the digest.
-#[test]
-fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        // Bounded: at most four connections, each served on its own thread.
-        for stream in server.incoming().take(4) {
-            let Ok(stream) = stream else { return };
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            std::thread::spawn(move || serve_apop_stub(stream, n));
-        }
-    });
-    let out = poplib_stat_over_stls_with_proxy_v2_to(addr, "bob-apop", "apop");
-    assert_eq!(out["tls"], "stls", "{out}");
-    assert_eq!(out["login"]["ok"], true, "APOP after STLS refused: {out}");
-    assert_eq!(out["results"][0]["ok"], true, "{out}");
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        1,
-        "the upstream was dialled again"
-    );
+/// What a [`Stub`] does with a line.
+enum Answer {
+    /// Writes this.
+    Say(&'static str),
+    /// Writes this and hangs up.
+    SayAndClose(&'static str),
+    /// Nothing.
+    Nothing,
+}
 
-    /// The stub: PROXY v2 header, a greeting with connection `n`'s own timestamp, CAPA, APOP
-    /// (checked against that timestamp), STAT, QUIT.
-    fn serve_apop_stub(mut stream: TcpStream, n: usize) {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut head = [0u8; 16];
-        if stream.read_exact(&mut head).is_err() {
-            return;
-        }
-        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
-        if stream.read_exact(&mut rest).is_err() {
-            return;
-        }
-        let stamp = format!("<{n}.4242@stub>");
-        let _ = write!(stream, "+OK stub ready {stamp}\r\n");
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
-                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n".to_owned(),
-                Some("APOP")
-                    if words.get(2).copied()
-                        == Some(popgate_demo::apop_digest(&stamp, "bob-apop").as_str()) =>
-                {
-                    "+OK maildrop locked\r\n".to_owned()
-                }
-                Some("APOP") => "-ERR [AUTH] bad digest\r\n".to_owned(),
-                Some("STAT") => "+OK 0 0\r\n".to_owned(),
-                Some("QUIT") => {
-                    let _ = stream.write_all(b"+OK bye\r\n");
-                    return;
-                }
-                _ => "-ERR unknown\r\n".to_owned(),
-            };
-            if stream.write_all(reply.as_bytes()).is_err() {
-                return;
+/// A stub POP3 server behind `forward_client = "proxy-v2"` on loopback. It accepts up to
+/// `max` connections, numbered from 1, each served on its own thread until the peer closes,
+/// the stub hangs up or 20 s pass without a line: it reads the PROXY v2 header, greets with
+/// `greeting(n)` (none: never) and answers each line with `answer(n, line)`.
+struct Stub {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    /// Every line received (without its CRLF), with its connection's number.
+    lines: Arc<Mutex<Vec<(usize, String)>>>,
+}
+
+impl Stub {
+    fn start(
+        max: usize,
+        greeting: fn(usize) -> Option<String>,
+        answer: fn(usize, &str) -> Answer,
+    ) -> Stub {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let stub = Stub {
+            addr,
+            accepted: Arc::default(),
+            lines: Arc::default(),
+        };
+        let (count, seen) = (stub.accepted.clone(), stub.lines.clone());
+        std::thread::spawn(move || {
+            for stream in server.incoming().take(max) {
+                let Ok(stream) = stream else { return };
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let seen = seen.clone();
+                std::thread::spawn(move || Stub::serve(stream, n, greeting, answer, &seen));
             }
-            line.clear();
-        }
+        });
+        stub
     }
-}
 
-/// After the client's STLS in direct mode popgate dials the upstream again to say "TLS" in a
-/// new PROXY v2 header. A server that refuses that second connection (a per-address limit, the
-/// first connection being still open) must not cost the client its session: it goes on over
-/// the first connection, and nothing is sent there on the client's behalf (no QUIT).
-#[test]
-fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let received: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
-    let (count, seen) = (accepted.clone(), received.clone());
-    std::thread::spawn(move || {
-        // Bounded: at most four connections, each served on its own thread.
-        for stream in server.incoming().take(4) {
-            let Ok(stream) = stream else { return };
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            let seen = seen.clone();
-            std::thread::spawn(move || serve_one_connection_stub(stream, n, &seen));
-        }
-    });
-    let out = poplib_stat_over_stls_with_proxy_v2_to(addr, "bob-pass", "user");
-    assert_eq!(out["tls"], "stls", "{out}");
-    assert_eq!(out["login"]["ok"], true, "login after STLS failed: {out}");
-    assert_eq!(out["results"][0]["ok"], true, "{out}");
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        2,
-        "no second dial was tried"
-    );
-    common::wait_until("the first connection's QUIT", || {
-        received.lock().unwrap().iter().any(|(_, l)| l == "QUIT")
-    });
-    let lines = received.lock().unwrap().clone();
-    // Everything went over the first connection; the refused one got nothing.
-    assert!(lines.iter().all(|(n, _)| *n == 1), "{lines:?}");
-    let verbs: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
-    assert!(
-        verbs.contains(&"USER bob") && verbs.contains(&"STAT"),
-        "{verbs:?}"
-    );
-
-    /// The stub: PROXY v2 header; the first connection is a tiny POP3 server, the second is
-    /// refused in its greeting. Lines received are recorded with the connection's number.
-    fn serve_one_connection_stub(
+    fn serve(
         mut stream: TcpStream,
         n: usize,
+        greeting: fn(usize) -> Option<String>,
+        answer: fn(usize, &str) -> Answer,
         seen: &Mutex<Vec<(usize, String)>>,
     ) {
         stream
@@ -660,35 +611,123 @@ fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
         if stream.read_exact(&mut rest).is_err() {
             return;
         }
-        if n > 1 {
-            let _ = stream.write_all(b"-ERR [SYS/TEMP] one connection per address\r\n");
-        } else {
-            let _ = stream.write_all(b"+OK stub ready\r\n");
+        if let Some(greeting) = greeting(n) {
+            let _ = stream.write_all(greeting.as_bytes());
         }
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut line = String::new();
         while reader.read_line(&mut line).unwrap_or(0) > 0 {
             let l = line.trim_end().to_owned();
             seen.lock().unwrap().push((n, l.clone()));
-            let words: Vec<&str> = l.split_whitespace().collect();
-            let reply = match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
-                _ if n > 1 => "-ERR go away\r\n",
-                Some("CAPA") => "+OK\r\nUSER\r\nUIDL\r\n.\r\n",
-                Some("USER") => "+OK\r\n",
-                Some("PASS") => "+OK maildrop locked\r\n",
-                Some("STAT") => "+OK 0 0\r\n",
-                Some("QUIT") => {
-                    let _ = stream.write_all(b"+OK bye\r\n");
+            match answer(n, &l) {
+                Answer::Say(reply) => {
+                    if stream.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                Answer::SayAndClose(reply) => {
+                    let _ = stream.write_all(reply.as_bytes());
                     return;
                 }
-                _ => "-ERR unknown\r\n",
-            };
-            if stream.write_all(reply.as_bytes()).is_err() {
-                return;
+                Answer::Nothing => {}
             }
             line.clear();
         }
     }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn lines(&self) -> Vec<(usize, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+/// The first word of `line`, in upper case.
+fn verb(line: &str) -> String {
+    line.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase()
+}
+
+/// What the POP3 stubs answer alike: CAPA (USER, UIDL), STAT of an empty maildrop, QUIT;
+/// `-ERR unknown` to anything else.
+fn stub_pop3(line: &str) -> Answer {
+    match verb(line).as_str() {
+        "CAPA" => Answer::Say("+OK\r\nUSER\r\nUIDL\r\n.\r\n"),
+        "STAT" => Answer::Say("+OK 0 0\r\n"),
+        "QUIT" => Answer::SayAndClose("+OK bye\r\n"),
+        _ => Answer::Say("-ERR unknown\r\n"),
+    }
+}
+
+/// A server behind `forward_client = "proxy-v2"` that greets with an APOP timestamp keeps its
+/// connection across the client's STLS: dialling it again (to say "TLS" in a new header) would
+/// bring a new timestamp, and the APOP digest the client made from the first one would fail.
+/// The stub server greets each connection with its own timestamp and checks the digest.
+#[test]
+fn apop_after_stls_stays_on_the_connection_whose_timestamp_the_client_hashed() {
+    fn stamp(n: usize) -> String {
+        format!("<{n}.4242@stub>")
+    }
+    // A greeting with connection `n`'s own timestamp, CAPA, APOP (checked against that
+    // timestamp), STAT, QUIT.
+    let stub = Stub::start(
+        4,
+        |n| Some(format!("+OK stub ready {}\r\n", stamp(n))),
+        |n, line| {
+            let digest = popgate_demo::apop_digest(&stamp(n), "bob-apop");
+            match verb(line).as_str() {
+                "APOP" if line.split_whitespace().nth(2) == Some(digest.as_str()) => {
+                    Answer::Say("+OK maildrop locked\r\n")
+                }
+                "APOP" => Answer::Say("-ERR [AUTH] bad digest\r\n"),
+                _ => stub_pop3(line),
+            }
+        },
+    );
+    poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-apop", "apop");
+    assert_eq!(stub.accepted(), 1, "the upstream was dialled again");
+}
+
+/// After the client's STLS in direct mode popgate dials the upstream again to say "TLS" in a
+/// new PROXY v2 header. A server that refuses that second connection (a per-address limit, the
+/// first connection being still open) must not cost the client its session: it goes on over
+/// the first connection, and nothing is sent there on the client's behalf (no QUIT).
+#[test]
+fn a_second_connection_refused_after_stls_leaves_the_session_on_the_first() {
+    // The first connection is a tiny POP3 server, the second is refused in its greeting.
+    let stub = Stub::start(
+        4,
+        |n| {
+            Some(if n > 1 {
+                "-ERR [SYS/TEMP] one connection per address\r\n".into()
+            } else {
+                "+OK stub ready\r\n".into()
+            })
+        },
+        |n, line| match verb(line).as_str() {
+            _ if n > 1 => Answer::Say("-ERR go away\r\n"),
+            "USER" => Answer::Say("+OK\r\n"),
+            "PASS" => Answer::Say("+OK maildrop locked\r\n"),
+            _ => stub_pop3(line),
+        },
+    );
+    poplib_stat_over_stls_with_proxy_v2_to(stub.addr, "bob-pass", "user");
+    assert_eq!(stub.accepted(), 2, "no second dial was tried");
+    common::wait_until("the first connection's QUIT", || {
+        stub.lines().iter().any(|(_, l)| l == "QUIT")
+    });
+    let lines = stub.lines();
+    // Everything went over the first connection; the refused one got nothing.
+    assert!(lines.iter().all(|(n, _)| *n == 1), "{lines:?}");
+    let verbs: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(
+        verbs.contains(&"USER bob") && verbs.contains(&"STAT"),
+        "{verbs:?}"
+    );
 }
 
 mod header_shapes;
@@ -699,58 +738,19 @@ mod header_shapes;
 /// relay gets, at once, and its command never reaches the server.
 #[test]
 fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let (said, heard) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        // Bounded: two connections, each on its own thread, each ending with popgate's close
-        // (or its 20 s read timeout).
-        for stream in server.incoming().take(2) {
-            let Ok(mut stream) = stream else { return };
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            let said = said.clone();
-            std::thread::spawn(move || {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(20)))
-                    .unwrap();
-                let mut head = [0u8; 16];
-                if stream.read_exact(&mut head).is_err() {
-                    return;
-                }
-                let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
-                if stream.read_exact(&mut rest).is_err() {
-                    return;
-                }
-                // The second connection (the redial) never greets.
-                if n == 1 {
-                    let _ = stream.write_all(b"+OK stub ready\r\n");
-                }
-                let mut lines = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                while lines.read_line(&mut line).unwrap_or(0) > 0 {
-                    if line.starts_with("CAPA") {
-                        let _ = stream.write_all(b"+OK\r\nUSER\r\n.\r\n");
-                    }
-                    let _ = said.send(std::mem::take(&mut line));
-                }
-            });
-        }
-    });
+    // Two connections; the second (the redial) never greets.
+    let stub = Stub::start(
+        2,
+        |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
+        |_, line| match verb(line).as_str() {
+            "CAPA" => Answer::Say("+OK\r\nUSER\r\n.\r\n"),
+            _ => Answer::Nothing,
+        },
+    );
     let h = Harness::new();
     let pki = TestPki::new();
-    let (cert, key) = pki.issue(&["localhost", "127.0.0.1"]);
-    let mut p = h.proxy_toml(&format!(
-        "[[listener]]\nname = \"stls\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
-         [upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n\
-         connect_timeout = \"30s\"\n"
-    ));
+    let mut p = stls_proxy_v2_to(&h, &pki, stub.addr, "connect_timeout = \"30s\"\n");
     let ca = pki.ca_path().to_owned();
     let proxy = p.addr;
     let mut client = h.rt.block_on(async move {
@@ -763,33 +763,15 @@ fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
         line.clear();
         r.read_line(&mut line).await.unwrap();
         assert!(line.starts_with("+OK"), "{line}");
-        let mut roots = rustls::RootCertStore::empty();
-        for c in popgate::tls::load_certs(&ca).unwrap() {
-            roots.add(c).unwrap();
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), r.into_inner())
-            .await
-            .unwrap();
+        let mut tls = common::certs::tls_connect(r.into_inner(), &ca).await;
         // The first command after STLS: popgate dials again before it goes upstream.
         tls.write_all(format!("USER {USER}\r\n").as_bytes())
             .await
             .unwrap();
         tokio::io::BufReader::new(tls)
     });
-    wait_until("the redial", || accepted.load(Ordering::SeqCst) == 2);
-    let t = Instant::now();
-    p.shutdown(&h);
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
+    wait_until("the redial", || stub.accepted() == 2);
+    p.shutdown_within(&h, Duration::from_secs(5), "the redial");
     let line = h.rt.block_on(async {
         let mut line = String::new();
         tokio::time::timeout(Duration::from_secs(5), client.read_line(&mut line))
@@ -799,7 +781,7 @@ fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
         line
     });
     assert_eq!(line, "-ERR [SYS/TEMP] proxy shutting down\r\n");
-    let heard: Vec<String> = heard.try_iter().collect();
+    let heard: Vec<String> = stub.lines().into_iter().map(|(_, l)| l).collect();
     assert!(!heard.iter().any(|l| l.starts_with("USER")), "{heard:?}");
     assert!(!heard.iter().any(|l| l.starts_with("QUIT")), "{heard:?}");
 }
@@ -813,17 +795,11 @@ fn a_shutdown_does_not_wait_for_the_redial_after_stls() {
 fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() {
     let h = Harness::new();
     let up = demo(&h);
-    let rules = "[[rule]]\nname = \"slow\"\non = \"connect\"\nclient = \"192.0.2.0/24\"\n\
-                 action = \"delay\"\ndelay = \"300ms\"\n\
-                 [[rule]]\nname = \"no-doc-net\"\non = \"connect\"\nclient = \"192.0.2.66\"\n\
-                 action = \"deny\"\nmessage = \"not from there\"\n";
+    let slow = "[[rule]]\nname = \"slow\"\non = \"connect\"\nclient = \"192.0.2.0/24\"\n\
+                action = \"delay\"\ndelay = \"300ms\"\n";
     let p = PopgateProcess::run(
         up.local_addr(),
-        PopgateOpts::new()
-            .top("rules = [\"r.toml\"]\n")
-            .file("r.toml", rules)
-            .listener("proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n")
-            .wait_for_log(),
+        balanced_with_rules(&format!("{slow}{NO_DOC_NET}")).wait_for_log(),
     );
     let session = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
     let mut bytes = v2("192.0.2.7:40000", "198.51.100.1:110");

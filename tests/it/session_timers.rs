@@ -89,6 +89,13 @@ async fn start_with(tables: &str, rules: Option<&str>, upstream: Option<SocketAd
 }
 
 impl Running {
+    /// The first `session_close` record in the audit trail.
+    fn first_close(&self) -> serde_json::Value {
+        let events = common::audit_events(self.audit.path());
+        let close = events.iter().find(|e| e["event"] == "session_close");
+        close.expect("a close record").clone()
+    }
+
     /// Shut popgate down and wait until it has (its sessions closed).
     async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -150,6 +157,25 @@ struct Client {
     w: OwnedWriteHalf,
 }
 
+/// One line from `r` without CRLF; empty at EOF (or a reset).
+async fn line_of(r: &mut BufReader<OwnedReadHalf>) -> String {
+    let mut line = String::new();
+    tokio::time::timeout(LINE_LIMIT, r.read_line(&mut line))
+        .await
+        .expect("a line (or EOF) comes")
+        .unwrap_or(0);
+    line.trim_end().to_owned()
+}
+
+/// `bytes` written on `w` in a task of their own (popgate may stop reading: the write then
+/// waits for room that never comes); abort the task to end it.
+fn write_behind(mut w: OwnedWriteHalf, bytes: Vec<u8>) -> JoinHandle<OwnedWriteHalf> {
+    tokio::spawn(async move {
+        let _ = w.write_all(&bytes).await;
+        w
+    })
+}
+
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).await.unwrap();
@@ -165,12 +191,7 @@ impl Client {
 
     /// One line without CRLF; empty at EOF.
     async fn line(&mut self) -> String {
-        let mut line = String::new();
-        tokio::time::timeout(LINE_LIMIT, self.r.read_line(&mut line))
-            .await
-            .expect("a line (or EOF) comes")
-            .unwrap_or(0);
-        line.trim_end().to_owned()
+        line_of(&mut self.r).await
     }
 
     async fn send(&mut self, line: &str) {
@@ -183,6 +204,12 @@ impl Client {
     async fn cmd(&mut self, line: &str) -> String {
         self.send(line).await;
         self.line().await
+    }
+
+    /// USER and PASS sent, no answer read.
+    async fn send_login(&mut self) {
+        self.send(&format!("USER {USER}")).await;
+        self.send(&format!("PASS {PASS}")).await;
     }
 
     /// Greeting, USER, PASS: the PASS reply.
@@ -491,6 +518,12 @@ const SLOW_CONNECT: &str = "[[rule]]\nname = \"slow-connect\"\non = \"connect\"\
 /// The login timeout counts from the connect, the delay included: longer than the delay here.
 const LOGIN_AFTER_DELAY: &str = "[limits]\nlogin_timeout = \"5m\"\n";
 
+/// [`start`] with [`SLOW_CONNECT`], [`LOGIN_AFTER_DELAY`] and `tables` after it (in `[limits]`
+/// unless they open a table).
+async fn start_delayed(tables: &str) -> Running {
+    start(&format!("{LOGIN_AFTER_DELAY}{tables}"), Some(SLOW_CONNECT)).await
+}
+
 /// A client that hangs up during a connect rule's delay ends its session then, not 60 s
 /// later: `popgate sessions` no longer lists it, its address's one place under
 /// `max_sessions_per_ip` is free for the next connection, and its `session_close` says
@@ -498,11 +531,8 @@ const LOGIN_AFTER_DELAY: &str = "[limits]\nlogin_timeout = \"5m\"\n";
 #[tokio::test(start_paused = true)]
 async fn a_client_that_hangs_up_during_a_connect_delay_frees_its_session_at_once() {
     let ctl = tempfile::tempdir().unwrap();
-    let tables = format!(
-        "{LOGIN_AFTER_DELAY}max_sessions_per_ip = 1\n{}",
-        control_table(ctl.path())
-    );
-    let mut p = start(&tables, Some(SLOW_CONNECT)).await;
+    let tables = format!("max_sessions_per_ip = 1\n{}", control_table(ctl.path()));
+    let mut p = start_delayed(&tables).await;
     let c = Client::connect(p.addr).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rows = listed(ctl.path()).await;
@@ -526,11 +556,7 @@ async fn a_client_that_hangs_up_during_a_connect_delay_frees_its_session_at_once
     took(t.elapsed(), Duration::from_secs(60));
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
     assert_eq!(p.close_reasons().await, ["client_eof", "quit"]);
-    let events = common::audit_events(p.audit.path());
-    let first = events
-        .iter()
-        .find(|e| e["event"] == "session_close")
-        .unwrap();
+    let first = p.first_close();
     // Connected 1 s before the hang-up, closed at it.
     let ms = first["duration_ms"].as_u64().unwrap();
     assert!((1000..2000).contains(&ms), "{first}");
@@ -541,8 +567,7 @@ async fn a_client_that_hangs_up_during_a_connect_delay_frees_its_session_at_once
 #[tokio::test(start_paused = true)]
 async fn commands_sent_during_a_connect_delay_are_relayed_after_it() {
     let ctl = tempfile::tempdir().unwrap();
-    let tables = format!("{LOGIN_AFTER_DELAY}{}", control_table(ctl.path()));
-    let mut p = start(&tables, Some(SLOW_CONNECT)).await;
+    let mut p = start_delayed(&control_table(ctl.path())).await;
     let t = Instant::now();
     let mut c = Client::connect(p.addr).await;
     let sent = format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n");
@@ -563,11 +588,7 @@ async fn commands_sent_during_a_connect_delay_are_relayed_after_it() {
     took(t.elapsed(), Duration::from_secs(60));
     assert_eq!(p.up.quit_count(), 1);
     assert_eq!(p.close_reasons().await, ["quit"]);
-    let events = common::audit_events(p.audit.path());
-    let close = events
-        .iter()
-        .find(|e| e["event"] == "session_close")
-        .unwrap();
+    let close = p.first_close();
     assert_eq!(close["bytes_from_client"], sent.len(), "{close}");
 }
 
@@ -590,8 +611,7 @@ async fn a_refusal_after_a_connect_delay_sends_nothing_of_the_early_input_upstre
         let mut p = start(LOGIN_AFTER_DELAY, Some(&slow_refusal(action))).await;
         let t = Instant::now();
         let mut c = Client::connect(p.addr).await;
-        c.send(&format!("USER {USER}")).await;
-        c.send(&format!("PASS {PASS}")).await;
+        c.send_login().await;
         c.send("QUIT").await;
         let first = c.line().await;
         took(t.elapsed(), Duration::from_secs(60));
@@ -612,10 +632,9 @@ async fn a_refusal_after_a_connect_delay_sends_nothing_of_the_early_input_upstre
 /// trace upstream: the server is never dialled.
 #[tokio::test(start_paused = true)]
 async fn a_client_that_hangs_up_during_a_connect_delay_is_never_dialled_for() {
-    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let mut p = start_delayed("").await;
     let mut c = Client::connect(p.addr).await;
-    c.send(&format!("USER {USER}")).await;
-    c.send(&format!("PASS {PASS}")).await;
+    c.send_login().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(c);
     // Well past the delay: nothing was kept to be relayed after it.
@@ -631,19 +650,14 @@ async fn a_client_that_hangs_up_during_a_connect_delay_is_never_dialled_for() {
 /// the client sees the connection close.)
 #[tokio::test(start_paused = true)]
 async fn an_endless_line_sent_during_a_connect_delay_ends_the_session_after_it_unrelayed() {
-    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
+    let mut p = start_delayed("").await;
     let t = Instant::now();
-    let Client { r, mut w } = Client::connect(p.addr).await;
-    let junk = vec![b'A'; 1 << 20];
+    let Client { mut r, w } = Client::connect(p.addr).await;
     // popgate stops reading at its limit: the rest waits in the socket, or is refused.
-    let writer = tokio::spawn(async move {
-        let _ = w.write_all(&junk).await;
-        w
-    });
-    let mut c = Reader { r };
+    let writer = write_behind(w, vec![b'A'; 1 << 20]);
     let mut got = Vec::new();
     loop {
-        let line = c.line().await;
+        let line = line_of(&mut r).await;
         if line.is_empty() {
             break;
         }
@@ -670,46 +684,20 @@ async fn an_endless_line_sent_during_a_connect_delay_ends_the_session_after_it_u
 /// its `-ERR`, and the close record counts what was kept; the server was never dialled.
 #[tokio::test(start_paused = true)]
 async fn a_flood_during_a_connect_delay_is_kept_within_its_limit() {
-    let mut p = start(LOGIN_AFTER_DELAY, Some(SLOW_CONNECT)).await;
-    let Client { r, mut w } = Client::connect(p.addr).await;
-    let flood = b"NOOP\r\n".repeat((1 << 20) / 6);
-    let writer = tokio::spawn(async move {
-        // popgate stops reading at its limit: this write waits for room that never comes.
-        let _ = w.write_all(&flood).await;
-        w
-    });
+    let mut p = start_delayed("").await;
+    let Client { mut r, w } = Client::connect(p.addr).await;
+    // popgate stops reading at its limit: this write waits for room that never comes.
+    let writer = write_behind(w, b"NOOP\r\n".repeat((1 << 20) / 6));
     tokio::time::sleep(Duration::from_secs(30)).await;
     p.shutdown().await;
-    let mut c = Reader { r };
-    assert_eq!(c.line().await, "-ERR [SYS/TEMP] proxy shutting down");
+    assert_eq!(line_of(&mut r).await, "-ERR [SYS/TEMP] proxy shutting down");
     writer.abort();
     assert_eq!(p.up.connections(), 0, "never dialled");
-    let events = common::audit_events(p.audit.path());
-    let close = events
-        .iter()
-        .find(|e| e["event"] == "session_close")
-        .expect("a close record");
+    let close = p.first_close();
     assert_eq!(close["reason"], "shutdown", "{close}");
     let kept = close["bytes_from_client"].as_u64().unwrap();
     assert!(
         kept > 0 && kept <= (64 + 16) * 1024,
         "kept {kept} bytes: {close}"
     );
-}
-
-/// The reading half of a [`Client`] whose writing half is elsewhere.
-struct Reader {
-    r: BufReader<OwnedReadHalf>,
-}
-
-impl Reader {
-    /// One line without CRLF; empty at EOF (or a reset).
-    async fn line(&mut self) -> String {
-        let mut line = String::new();
-        tokio::time::timeout(LINE_LIMIT, self.r.read_line(&mut line))
-            .await
-            .expect("a line (or EOF) comes")
-            .unwrap_or(0);
-        line.trim_end().to_owned()
-    }
 }

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::{TestPki, rustls_server};
+use common::certs::{TestPki, roots, rustls_server, tls_connect};
 use common::clients::{self, curl, poplib, poplib_spec};
 use common::proxy::{Harness, PopgateOpts, PopgateProcess, ProxyHandle, mailbox, tricky_messages};
 use popgate_demo::{DemoServer, Faults, ServerOptions};
@@ -45,11 +45,23 @@ fn setup(up_mode: &str, faults: Faults) -> Setup {
 }
 
 fn proxy(s: &Setup, client_mode: &str, up_mode: &str, upstream_extra: &str) -> ProxyHandle {
+    proxy_config(s, "", client_mode, up_mode, upstream_extra, "")
+}
+
+/// [`proxy`] with `top` before the listener (a `rules` line) and `tables` after the others.
+fn proxy_config(
+    s: &Setup,
+    top: &str,
+    client_mode: &str,
+    up_mode: &str,
+    upstream_extra: &str,
+    tables: &str,
+) -> ProxyHandle {
     let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1", "::1"]);
     s.h.proxy_toml(&format!(
-        "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"{client_mode}\"\n\
+        "{top}[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"{client_mode}\"\n\
          [upstream]\naddress = \"{}\"\ntls = \"{up_mode}\"\nconnect_timeout = \"3s\"\n{}\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
+         [tls]\ncert = {cert:?}\nkey = {key:?}\n{tables}",
         s.up.local_addr(),
         if up_mode == "none" {
             upstream_extra.to_string()
@@ -165,26 +177,6 @@ fn openssl_s_client_both_modes() {
     }
 }
 
-/// A Rust TLS client for the injection and reload tests.
-async fn tls_connect(
-    tcp: tokio::net::TcpStream,
-    ca: &Path,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in popgate::tls::load_certs(ca).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 async fn line<R: AsyncBufReadExt + Unpin>(r: &mut R) -> String {
     let mut l = String::new();
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut l))
@@ -194,45 +186,46 @@ async fn line<R: AsyncBufReadExt + Unpin>(r: &mut R) -> String {
     l
 }
 
-/// `STLS\r\nUSER x\r\n` in one write: the USER is discarded, never reaches the upstream.
-#[test]
-fn client_side_starttls_injection_is_discarded() {
-    let s = setup("none", Faults::default());
-    let p = proxy(&s, "starttls", "none", "");
-    let ca = s.pki.ca_path().to_owned();
-    let addr = p.addr;
-    s.h.rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut r = BufReader::new(tcp);
-        assert!(line(&mut r).await.starts_with("+OK"));
-        r.get_mut()
-            .write_all(b"STLS\r\nUSER injected\r\nPASS injected\r\n")
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK begin TLS"));
-        assert!(r.buffer().is_empty());
-        let tls = tls_connect(r.into_inner(), &ca).await;
-        let mut r = BufReader::new(tls);
-        r.get_mut().write_all(b"CAPA\r\n").await.unwrap();
-        let mut capa = String::new();
-        loop {
-            let l = line(&mut r).await;
-            capa.push_str(&l);
-            if l == ".\r\n" {
-                break;
-            }
-        }
-        assert!(!capa.contains("STLS"), "STLS offered after TLS: {capa}");
-        r.get_mut()
-            .write_all(format!("USER {USER}\r\nPASS {PASS}\r\nSTLS\r\nQUIT\r\n").as_bytes())
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK"));
-        assert!(line(&mut r).await.starts_with("+OK"), "login under TLS");
-        assert_eq!(line(&mut r).await, "-ERR already under TLS\r\n");
-        assert!(line(&mut r).await.starts_with("+OK"));
-    });
-    let received = s.up.received();
+/// A TLS session after STLS with a login injected behind it in the same write (`early`: sent
+/// before the greeting is read): the greeting, STLS's `+OK` and nothing after it, then TLS.
+async fn stls_with_an_injected_login(
+    addr: SocketAddr,
+    ca: &Path,
+    early: bool,
+) -> BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut r = BufReader::new(tcp);
+    if !early {
+        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
+    }
+    r.get_mut()
+        .write_all(b"STLS\r\nUSER injected\r\nPASS injected\r\n")
+        .await
+        .unwrap();
+    if early {
+        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
+    }
+    assert!(line(&mut r).await.starts_with("+OK begin TLS"));
+    assert!(r.buffer().is_empty(), "nothing answered after STLS");
+    BufReader::new(tls_connect(r.into_inner(), ca).await)
+}
+
+/// The login under TLS on `r`, `then` pipelined behind it: USER and PASS answered `+OK`.
+async fn log_in_under_tls(
+    r: &mut BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    then: &str,
+) {
+    r.get_mut()
+        .write_all(format!("USER {USER}\r\nPASS {PASS}\r\n{then}").as_bytes())
+        .await
+        .unwrap();
+    assert!(line(r).await.starts_with("+OK"));
+    assert!(line(r).await.starts_with("+OK"), "login under TLS");
+}
+
+/// Neither the injected plaintext nor the client's STLS reached the upstream.
+fn assert_injection_not_relayed(up: &DemoServer) {
+    let received = up.received();
     assert!(
         received.iter().all(|l| !l.ends_with(b"injected\r\n")),
         "injected plaintext reached the upstream: {received:?}"
@@ -243,6 +236,43 @@ fn client_side_starttls_injection_is_discarded() {
     );
 }
 
+/// A rule file holding `text` (kept as long as the handle) and the `rules` line naming it.
+fn rules_file(text: &str) -> (common::proxy::RuleFile, String) {
+    let file = common::proxy::rule_file(text);
+    let line = format!("rules = [{:?}]\n", file.path);
+    (file, line)
+}
+
+/// A connect rule that holds every connection 300 ms.
+const SLOW_CONNECT: &str =
+    "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\ndelay = \"300ms\"\n";
+
+/// `STLS\r\nUSER x\r\n` in one write: the USER is discarded, never reaches the upstream.
+#[test]
+fn client_side_starttls_injection_is_discarded() {
+    let s = setup("none", Faults::default());
+    let p = proxy(&s, "starttls", "none", "");
+    let ca = s.pki.ca_path().to_owned();
+    let addr = p.addr;
+    s.h.rt.block_on(async move {
+        let mut r = stls_with_an_injected_login(addr, &ca, false).await;
+        r.get_mut().write_all(b"CAPA\r\n").await.unwrap();
+        let mut capa = String::new();
+        loop {
+            let l = line(&mut r).await;
+            capa.push_str(&l);
+            if l == ".\r\n" {
+                break;
+            }
+        }
+        assert!(!capa.contains("STLS"), "STLS offered after TLS: {capa}");
+        log_in_under_tls(&mut r, "STLS\r\nQUIT\r\n").await;
+        assert_eq!(line(&mut r).await, "-ERR already under TLS\r\n");
+        assert!(line(&mut r).await.starts_with("+OK"));
+    });
+    assert_injection_not_relayed(&s.up);
+}
+
 /// The same injection sent before the greeting, during a connect rule's delay (kept by the
 /// connect phase and handed to the session after it), under the shipped require-tls rules:
 /// the greeting, then STLS's `+OK`; the plaintext USER/PASS after it is discarded (RFC 2595),
@@ -250,54 +280,18 @@ fn client_side_starttls_injection_is_discarded() {
 #[test]
 fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
     let s = setup("none", Faults::default());
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("r.toml");
-    std::fs::write(
-        &rules,
-        format!(
-            "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\n\
-             delay = \"300ms\"\n{}",
-            std::fs::read_to_string(common::shipped_rules("require-tls.toml")).unwrap()
-        ),
-    )
-    .unwrap();
-    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
-    let p = s.h.proxy_toml(&format!(
-        "rules = [{rules:?}]\n\
-         [[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
-         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
-        s.up.local_addr()
-    ));
+    let require_tls = std::fs::read_to_string(common::shipped_rules("require-tls.toml")).unwrap();
+    let (_dir, rules) = rules_file(&format!("{SLOW_CONNECT}{require_tls}"));
+    let p = proxy_config(&s, &rules, "starttls", "none", "", "");
     let ca = s.pki.ca_path().to_owned();
     let addr = p.addr;
     s.h.rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut r = BufReader::new(tcp);
         // Before the greeting: during the rule's delay.
-        r.get_mut()
-            .write_all(b"STLS\r\nUSER injected\r\nPASS injected\r\n")
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK"), "the greeting");
-        assert!(line(&mut r).await.starts_with("+OK begin TLS"));
-        assert!(r.buffer().is_empty(), "nothing answered after STLS");
-        let tls = tls_connect(r.into_inner(), &ca).await;
-        let mut r = BufReader::new(tls);
-        r.get_mut()
-            .write_all(format!("USER {USER}\r\nPASS {PASS}\r\nQUIT\r\n").as_bytes())
-            .await
-            .unwrap();
-        assert!(line(&mut r).await.starts_with("+OK"));
-        assert!(line(&mut r).await.starts_with("+OK"), "login under TLS");
+        let mut r = stls_with_an_injected_login(addr, &ca, true).await;
+        log_in_under_tls(&mut r, "QUIT\r\n").await;
         assert!(line(&mut r).await.starts_with("+OK"));
     });
-    let received = s.up.received();
-    assert!(
-        received.iter().all(|l| !l.ends_with(b"injected\r\n")),
-        "injected plaintext reached the upstream: {received:?}"
-    );
-    assert!(received.iter().all(|l| !l.starts_with(b"STLS")));
+    assert_injection_not_relayed(&s.up);
 }
 
 /// A shutdown while a client's STLS handshake is under way (the client answered `+OK` and
@@ -308,15 +302,8 @@ fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
 fn a_shutdown_during_a_clients_stls_handshake_closes_it_at_once_and_audited() {
     let s = setup("none", Faults::default());
     let audit = tempfile::tempdir().unwrap();
-    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
-    let mut p = s.h.proxy_toml(&format!(
-        "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"starttls\"\n\
-         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n\
-         [audit]\nenabled = true\ndir = {:?}\n",
-        s.up.local_addr(),
-        audit.path()
-    ));
+    let tables = format!("[audit]\nenabled = true\ndir = {:?}\n", audit.path());
+    let mut p = proxy_config(&s, "", "starttls", "none", "", &tables);
     let addr = p.addr;
     let mut r = s.h.rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -328,13 +315,7 @@ fn a_shutdown_during_a_clients_stls_handshake_closes_it_at_once_and_audited() {
         r
     });
     std::thread::sleep(Duration::from_millis(200));
-    let t = std::time::Instant::now();
-    p.shutdown(&s.h);
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "shutdown took {:?}",
-        t.elapsed()
-    );
+    p.shutdown_within(&s.h, Duration::from_secs(3), "a client's STLS handshake");
     let rest = s.h.rt.block_on(async move {
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest)).await;
@@ -354,21 +335,8 @@ fn a_shutdown_during_a_clients_stls_handshake_closes_it_at_once_and_audited() {
 #[test]
 fn commands_pipelined_under_implicit_tls_during_a_connect_delay_are_answered_after_it() {
     let s = setup("none", Faults::default());
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("r.toml");
-    std::fs::write(
-        &rules,
-        "[[rule]]\nname = \"slow\"\non = \"connect\"\naction = \"delay\"\ndelay = \"300ms\"\n",
-    )
-    .unwrap();
-    let (cert, key) = s.pki.issue(&["localhost", "127.0.0.1"]);
-    let p = s.h.proxy_toml(&format!(
-        "rules = [{rules:?}]\n\
-         [[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntls = \"implicit\"\n\
-         [upstream]\naddress = \"{}\"\nconnect_timeout = \"3s\"\n\
-         [tls]\ncert = {cert:?}\nkey = {key:?}\n",
-        s.up.local_addr()
-    ));
+    let (_dir, rules) = rules_file(SLOW_CONNECT);
+    let p = proxy_config(&s, &rules, "implicit", "none", "", "");
     let ca = s.pki.ca_path().to_owned();
     let addr = p.addr;
     s.h.rt.block_on(async move {
@@ -703,12 +671,8 @@ fn upstream_client_certificate() {
     let pki = TestPki::new();
     let (cert, key) = pki.issue(&["localhost"]);
     let (client_cert, client_key) = pki.issue(&["popgate-client"]);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
-        roots.add(c).unwrap();
-    }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
+        Arc::new(roots(pki.ca_path())),
         popgate::tls::provider(),
     )
     .build()

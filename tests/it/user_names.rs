@@ -158,17 +158,7 @@ fn a_map_line_for_alice_routes_alice_in_every_ascii_case_and_every_routed_method
         (Method::Login, "AlIcE"),
         (Method::UserPass, "alice"),
     ];
-    for (method, typed) in tries {
-        let mut c = RawPop::connect(r.proxy.addr);
-        let ok = log_in(&mut c, method, typed);
-        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
-        // alice's mailbox on old, never the one on the default server.
-        assert!(
-            retr1(&mut c).contains("mail of alice on old"),
-            "{method:?} {typed}"
-        );
-        c.cmd("QUIT");
-    }
+    alice_reaches_old(r.proxy.addr, &tries);
     assert_eq!(r.new.connections(), 0, "nothing went to the default server");
     let l = logins(audit.path(), tries.len());
     for ((method, typed), e) in tries.iter().zip(&l) {
@@ -238,30 +228,43 @@ fn exact_upstreams_route_other_case_as_another_user() {
     assert_eq!(new.connections(), 1);
 }
 
+/// alice logs in at the routing proxy `proxy` once per row of `tries` (a method, the name as
+/// typed): each login works and reaches her mailbox on old, never the one on the default server.
+fn alice_reaches_old(proxy: SocketAddr, tries: &[(Method, &str)]) {
+    for &(method, typed) in tries {
+        let mut c = RawPop::connect(proxy);
+        let ok = log_in(&mut c, method, typed);
+        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
+        assert!(
+            retr1(&mut c).contains("mail of alice on old"),
+            "{method:?} {typed}"
+        );
+        c.cmd("QUIT");
+    }
+}
+
 const NO_EVE: &str = "[[rule]]\nname = \"no-eve\"\non = \"command\"\nuser = '^eve$'\n\
                       action = \"deny\"\nmessage = \"eve is locked out\"\n";
 
-#[test]
-fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
-    let h = Harness::new();
-    let up = folding_server(&h, "up", &["eve", "\u{e9}ve"], true);
+/// popgate in direct mode with the [`NO_EVE`] rule and an audit trail in front of `up`
+/// (`upstream_extra` in its table), and eve logging in once per row of `tries` (a method, the
+/// name as typed): each is refused. The proxy, and the rule file and audit directory it uses.
+fn eve_denied_every_way(
+    h: &Harness,
+    up: SocketAddr,
+    upstream_extra: &str,
+    tries: &[(Method, &str)],
+) -> (ProxyHandle, common::proxy::RuleFile, tempfile::TempDir) {
     let rules = rule_file(NO_EVE);
     let audit = tempfile::tempdir().unwrap();
     let proxy = h.proxy_with_rules(
         &[&rules.path],
         "",
-        up.local_addr(),
-        "",
+        up,
+        upstream_extra,
         &audit_table(audit.path()),
     );
-    let tries = [
-        (Method::UserPass, "EVE"),
-        (Method::Apop, "Eve"),
-        (Method::PlainAuthc, "EVE"),
-        (Method::PlainAuthz, "eVE"),
-        (Method::Login, "EvE"),
-    ];
-    for (method, typed) in tries {
+    for &(method, typed) in tries {
         let mut c = RawPop::connect(proxy.addr);
         let r = log_in(&mut c, method, typed);
         match method {
@@ -274,6 +277,21 @@ fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
         }
         c.cmd("QUIT");
     }
+    (proxy, rules, audit)
+}
+
+#[test]
+fn a_deny_rule_on_eve_holds_for_every_case_and_login_method_in_direct_mode() {
+    let h = Harness::new();
+    let up = folding_server(&h, "up", &["eve", "\u{e9}ve"], true);
+    let tries = [
+        (Method::UserPass, "EVE"),
+        (Method::Apop, "Eve"),
+        (Method::PlainAuthc, "EVE"),
+        (Method::PlainAuthz, "eVE"),
+        (Method::Login, "EvE"),
+    ];
+    let (proxy, _rules, audit) = eve_denied_every_way(&h, up.local_addr(), "", &tries);
     let sent: Vec<String> = up
         .received()
         .iter()
@@ -370,15 +388,6 @@ fn dovecot_folds_ascii_only_as_popgate_does() {
 fn dovecot_behind_popgate_eve_in_capitals_is_denied_and_audited_as_eve() {
     let dv = dovecot("dv", &["eve", "alice"]);
     let h = Harness::new();
-    let rules = rule_file(NO_EVE);
-    let audit = tempfile::tempdir().unwrap();
-    let proxy = h.proxy_with_rules(
-        &[&rules.path],
-        "",
-        dv.addr(),
-        "connect_timeout = \"3s\"",
-        &audit_table(audit.path()),
-    );
     let tries = [
         (Method::UserPass, "EVE"),
         (Method::Apop, "Eve"),
@@ -386,17 +395,8 @@ fn dovecot_behind_popgate_eve_in_capitals_is_denied_and_audited_as_eve() {
         (Method::PlainAuthz, "EVE"),
         (Method::Login, "EvE"),
     ];
-    for (method, typed) in tries {
-        let mut c = RawPop::connect(proxy.addr);
-        let r = log_in(&mut c, method, typed);
-        match method {
-            // Cancelled at the user name (`*`): Dovecot's -ERR ends the exchange.
-            Method::Login => assert!(r.starts_with("-ERR"), "{method:?} {typed}: {r}"),
-            // Named as eve before any password goes out: refused by popgate.
-            _ => assert_eq!(r, "-ERR eve is locked out", "{method:?} {typed}"),
-        }
-        c.cmd("QUIT");
-    }
+    let (proxy, _rules, audit) =
+        eve_denied_every_way(&h, dv.addr(), "connect_timeout = \"3s\"", &tries);
     // Dovecot never logged eve in, whatever the case or the method.
     let log = dv.log();
     assert_eq!(log.matches("Login: user=<eve>").count(), 0, "{log}");
@@ -431,21 +431,13 @@ fn dovecot_routing_alice_in_capitals_reaches_her_mailbox_on_the_mapped_server() 
         old.addr(),
         new.addr()
     ));
-    for (method, typed) in [
+    let tries = [
         (Method::UserPass, "ALICE"),
         (Method::PlainAuthc, "Alice"),
         (Method::PlainAuthz, "aLICE"),
         (Method::Login, "ALICE"),
-    ] {
-        let mut c = RawPop::connect(proxy.addr);
-        let ok = log_in(&mut c, method, typed);
-        assert!(ok.starts_with("+OK"), "{method:?} {typed}: {ok}");
-        assert!(
-            retr1(&mut c).contains("mail of alice on old"),
-            "{method:?} {typed}"
-        );
-        c.cmd("QUIT");
-    }
+    ];
+    alice_reaches_old(proxy.addr, &tries);
     assert!(!new.log().contains("Login: user=<alice>"), "{}", new.log());
 }
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::pop3::command::Verb;
 use crate::pop3::response::Status;
 use crate::pop3::tracker::LoginMethod;
-use crate::types::{CloseReason, ScanVerdict, TlsInfo};
+use crate::types::{CloseReason, Identity, ScanVerdict, TlsInfo, UserName};
 
 /// The `schema` value written in every event. Raised only for incompatible changes; new
 /// optional fields and new events do not change it.
@@ -309,11 +309,11 @@ impl LoginEventOutcome {
 pub struct LoginEvent {
     /// The user name, when known (never a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// The name as the client typed it, when it differs from `user` (`ALICE`: the server
     /// folds names to lower case, `upstream.user_names = "fold"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_as_typed: Option<String>,
+    pub user_as_typed: Option<UserName>,
     /// `USER`, `APOP` or `AUTH <MECHANISM>`.
     pub method: String,
     /// Whether the server accepted it.
@@ -331,16 +331,17 @@ pub struct LoginEvent {
 }
 
 impl LoginEvent {
-    /// A `login` event from the tracker's view of the attempt and the deciding status line.
+    /// A `login` event from the tracker's view of the attempt (who, how) and the deciding
+    /// status line.
     pub(crate) fn new(
-        user: Option<&str>,
+        identity: Option<&Identity>,
         method: &LoginMethod,
         status: Status,
         code: Option<&[u8]>,
     ) -> LoginEvent {
         LoginEvent {
-            user: user.map(str::to_owned),
-            user_as_typed: None,
+            user: identity.map(|i| i.user().clone()),
+            user_as_typed: identity.and_then(|i| i.as_typed().cloned()),
             method: method.label(),
             outcome: LoginEventOutcome::from_status(status),
             code: code.map(|c| String::from_utf8_lossy(c).into_owned()),
@@ -359,7 +360,7 @@ pub struct Denied {
     pub verb: String,
     /// The user, when logged in or named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
 }
 
 impl Denied {
@@ -368,7 +369,7 @@ impl Denied {
         Denied {
             rule: rule.to_owned(),
             verb: verb.as_str().to_owned(),
-            user: user.map(str::to_owned),
+            user: user.map(UserName::from),
         }
     }
 }
@@ -407,7 +408,7 @@ impl RetrieveVerb {
 pub struct Retrieve {
     /// The logged-in user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// `RETR` or `TOP`.
     pub verb: RetrieveVerb,
     /// Message number.
@@ -436,7 +437,7 @@ pub struct Retrieve {
 pub struct ScanEvent {
     /// The logged-in user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// `RETR` or `TOP`.
     pub verb: RetrieveVerb,
     /// Message number.
@@ -507,7 +508,7 @@ impl ScanEventAction {
 pub struct DeleteMarked {
     /// The logged-in user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// Message number.
     pub msg: u64,
     /// The message's unique id: seen in the session, or asked for by popgate.
@@ -531,7 +532,7 @@ fn is_false(b: &bool) -> bool {
 pub struct Reset {
     /// The logged-in user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
 }
 
 /// A message named in an `update` event.
@@ -583,7 +584,7 @@ impl UpdateOutcome {
 pub struct Update {
     /// The logged-in user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// The messages marked for deletion at QUIT (possibly none).
     pub deleted: Vec<Deleted>,
     /// Whether the server confirmed.
@@ -595,7 +596,7 @@ pub struct Update {
 pub struct SessionClose {
     /// The logged-in user, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<UserName>,
     /// How it ended.
     pub reason: CloseReason,
     /// Octets read from the client.
@@ -742,14 +743,27 @@ mod tests {
     #[test]
     fn constructors() {
         let l = LoginEvent::new(
-            Some("bob"),
+            Some(&Identity::new("bob".into(), true)),
             &LoginMethod::Sasl("PLAIN".into()),
             Status::Err,
             Some(b"AUTH"),
         );
+        assert_eq!((l.user.as_deref(), l.user_as_typed), (Some("bob"), None));
         assert_eq!(l.method, "AUTH PLAIN");
         assert_eq!(l.outcome, LoginEventOutcome::Failure);
         assert_eq!(l.code.as_deref(), Some("AUTH"));
+        // A folded name keeps the typed one beside it.
+        let l = LoginEvent::new(
+            Some(&Identity::new("EVE".into(), true)),
+            &LoginMethod::UserPass,
+            Status::Ok,
+            None,
+        );
+        let json = serde_json::to_string(&l).unwrap();
+        assert!(
+            json.starts_with(r#"{"user":"eve","user_as_typed":"EVE","method":"USER""#),
+            "{json}"
+        );
         let d = Denied::new("no-delete", Verb::Dele, None);
         assert_eq!(d.verb, "DELE");
         assert_eq!(RetrieveVerb::from_verb(Verb::Top), Some(RetrieveVerb::Top));

@@ -568,7 +568,7 @@ mod tests {
         AuditEvent::new(
             n,
             Reset {
-                user: Some(format!("u{n}")),
+                user: Some(format!("u{n}").into()),
             },
         )
     }

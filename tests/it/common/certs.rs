@@ -166,3 +166,35 @@ pub fn rustls_server(cert: &Path, key: &Path) -> std::sync::Arc<rustls::ServerCo
             .unwrap(),
     )
 }
+
+/// The certificates in the PEM file `ca`, as roots of trust.
+pub fn roots(ca: &Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in popgate::tls::load_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    roots
+}
+
+/// A rustls client config (popgate's crypto provider and protocol versions) that trusts the
+/// CA certificates in the PEM file `ca`, no client certificate.
+pub fn rustls_client(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(ca))
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS client over `tcp` for the server name `localhost`, trusting the CA in `ca` (PEM).
+pub async fn tls_connect(
+    tcp: tokio::net::TcpStream,
+    ca: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tokio_rustls::TlsConnector::from(rustls_client(ca))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}

@@ -117,6 +117,15 @@ impl ProxyHandle {
             });
         }
     }
+
+    /// [`shutdown`](Self::shutdown), which must be over within `limit` (`what` waited: for
+    /// the failure message).
+    pub fn shutdown_within(&mut self, h: &Harness, limit: Duration, what: &str) {
+        let started = std::time::Instant::now();
+        self.shutdown(h);
+        let took = started.elapsed();
+        assert!(took < limit, "shutdown waited {took:?} for {what}");
+    }
 }
 
 impl Drop for ProxyHandle {

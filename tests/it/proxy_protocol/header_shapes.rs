@@ -9,7 +9,6 @@ use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::certs::TestPki;
@@ -379,17 +378,8 @@ fn the_header_and_the_client_hello_in_one_segment_on_an_implicit_tls_listener() 
         audit.path(),
         &format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n"),
     );
-    let mut roots = rustls::RootCertStore::empty();
-    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut tls =
-        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let cfg = common::certs::rustls_client(pki.ca_path());
+    let mut tls = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
     let mut first = v2("192.0.2.61:6100", "198.51.100.1:995");
     tls.write_tls(&mut first).unwrap();
     let mut tcp = connect_from(ip("127.0.0.1"), p.addr);
@@ -660,13 +650,7 @@ fn shutdown_does_not_wait_for_a_header_that_is_not_coming() {
     );
     let silent = connect_from(ip("127.0.0.1"), p.addr);
     std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    p.shutdown(&h);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "shutdown waited {:?} for a PROXY header",
-        started.elapsed()
-    );
+    p.shutdown_within(&h, Duration::from_secs(5), "a PROXY header");
     assert_eq!(closed(silent), b"");
     assert_eq!(up.connections(), 0);
 }

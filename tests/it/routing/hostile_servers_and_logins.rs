@@ -575,17 +575,8 @@ fn a_plaintext_user_does_not_survive_stls() {
     };
     assert_eq!(ask(&mut plain, "USER mallory"), "+OK\r\n");
     assert!(ask(&mut plain, "STLS").starts_with("+OK"));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in popgate::tls::load_certs(pki.ca_path()).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(popgate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let cfg = common::certs::rustls_client(pki.ca_path());
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
     let mut tls = BufReader::new(rustls::StreamOwned::new(conn, plain.into_inner()));
     let mut ask_tls = |cmd: &str| {
         tls.get_mut()
