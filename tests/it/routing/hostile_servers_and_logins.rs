@@ -302,33 +302,27 @@ async fn a_routed_address_that_never_greets_is_failed_over() {
 
 /// The client leaves while its routed login is being replayed: no QUIT reaches the server
 /// (nothing is deleted) and the upstream connection is closed (the maildrop lock is freed).
-/// On tokio's paused clock: the client leaves 100 ms into the server's 500 ms greeting delay.
-#[tokio::test(start_paused = true)]
-async fn a_client_that_leaves_during_the_routed_login_leaves_nothing_behind() {
-    let old = server_paused("old", &["alice"], Some(Duration::from_millis(500))).await;
-    let new = server_paused("new", &["carol"], None).await;
-    let (p, _map) = routing_paused(
+#[test]
+fn a_client_that_leaves_during_the_routed_login_leaves_nothing_behind() {
+    let h = Harness::new();
+    let old = slow_server(&h, "old", Duration::from_millis(500));
+    let new = server(&h, "new", &["carol"], Faults::default());
+    let r = routing_proxy(
+        &h,
         &quoted(old.local_addr()),
         &quoted(new.local_addr()),
         "alice old\n",
         "",
-    )
-    .await;
-    let mut c = Pop::connect(p.addr).await;
-    c.send("USER alice\r\nPASS pw\r\nDELE 1\r\nQUIT").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(c);
-    // After the greeting (500 ms), popgate replays the login all the same.
-    let left = Instant::now();
-    while !old.received().iter().any(|l| l.starts_with(b"PASS")) {
-        assert!(
-            left.elapsed() < Duration::from_secs(5),
-            "the login reaches old: not in time"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    paused::settle("the maildrop is unlocked", || !old.is_locked("alice")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    );
+    let mut c = RawPop::connect(r.proxy.addr);
+    c.send_raw(b"USER alice\r\nPASS pw\r\nDELE 1\r\nQUIT\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    c.abort();
+    common::wait_until("the login reaches old", || {
+        old.received().iter().any(|l| l.starts_with(b"PASS"))
+    });
+    common::wait_until("the maildrop is unlocked", || !old.is_locked("alice"));
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(old.quit_count(), 0);
     assert_eq!(old.messages("alice").len(), 1);
 }
