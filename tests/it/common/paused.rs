@@ -85,6 +85,22 @@ pub async fn settle(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// How long [`let_io_land`] holds the clock, in real time.
+const LANDING: Duration = Duration::from_millis(20);
+
+/// Hold the paused clock for a moment of real time while the runtime goes on polling its
+/// sockets, so that bytes just written land before virtual time may move. Under heavy load the
+/// kernel may deliver a loopback packet late (its softirq work deferred to ksoftirqd); an idle
+/// runtime would meanwhile jump the clock to the next timer, as if popgate had not heard from
+/// the client in time. (Tokio does not advance the clock while a blocking task runs.) This
+/// narrows the window, it does not close it: next to the metrics tests' flood of half-sent
+/// heads, deliveries came more than 20 ms late.
+pub async fn let_io_land() {
+    tokio::task::spawn_blocking(|| std::thread::sleep(LANDING))
+        .await
+        .unwrap();
+}
+
 /// A line-at-a-time POP3 client on the test's runtime.
 pub struct Pop {
     r: BufReader<OwnedReadHalf>,
@@ -97,6 +113,7 @@ impl Pop {
     /// Connect to `addr` and read the greeting.
     pub async fn connect(addr: SocketAddr) -> Pop {
         let stream = TcpStream::connect(addr).await.unwrap();
+        let_io_land().await;
         // As popgate and the demo server do: with Nagle a small write could wait for a
         // delayed ACK in real time while the paused clock runs ahead to the next timer.
         stream.set_nodelay(true).unwrap();
@@ -130,12 +147,13 @@ impl Pop {
         rest
     }
 
-    /// Send `line` and CRLF.
+    /// Send `line` and CRLF (and [`let_io_land`]).
     pub async fn send(&mut self, line: &str) {
         self.w
             .write_all(format!("{line}\r\n").as_bytes())
             .await
             .unwrap();
+        let_io_land().await;
     }
 
     /// Send `line`, read the one-line reply.
