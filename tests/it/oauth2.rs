@@ -1115,24 +1115,42 @@ fn a_token_response_announcing_a_huge_length_is_refused_unread() {
     assert!(e.to_string().contains("larger than 65536 bytes"), "{e}");
 }
 
-#[test]
-fn a_token_endpoint_that_never_answers_times_out() {
-    let (url, _sent) = hostile_endpoint(|_s| {
-        std::thread::sleep(Duration::from_secs(40));
-        0
+/// On tokio's paused clock, in-process: the endpoint is a task that reads the request and
+/// never answers, so the runtime idles and the clock jumps to the request's own timeout
+/// (`HTTP_TIMEOUT`, 15 s; reqwest's timer is tokio's) at once instead of 15 s of real time.
+#[tokio::test(start_paused = true)]
+async fn a_token_endpoint_that_never_answers_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let (asked, request) = tokio::sync::oneshot::channel();
+    let endpoint = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        // The request head, then silence with the connection held open.
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read_u8().await {
+                Ok(b) => head.push(b),
+                Err(_) => break,
+            }
+        }
+        let _ = asked.send(head);
+        std::future::pending::<()>().await;
     });
     let (_files, bridge) = bridge_at(&url, "");
-    let e = rt()
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(35),
-                bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None),
-            )
-            .await
-        })
-        .expect("the token request has its own timeout")
-        .unwrap_err();
+    let started = tokio::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(35),
+        bridge.authorize("alice", LOCAL_PW.as_bytes(), LOCALHOST, None),
+    )
+    .await
+    .expect("the token request has its own timeout")
+    .unwrap_err();
+    // The whole request's timeout, not the connect timeout (5 s): the request was sent.
+    common::took(started.elapsed(), Duration::from_secs(15));
     assert!(e.to_string().contains("token request failed"), "{e}");
+    let head = request.await.expect("the endpoint got a request");
+    assert!(head.starts_with(b"POST /token "), "{head:?}");
+    endpoint.abort();
 }
 
 #[test]

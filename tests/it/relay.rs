@@ -218,18 +218,27 @@ fn unknown_commands_forwarded_in_single_line_mode() {
     assert!(up.received().iter().any(|l| l == b"XYZZY\r\n"));
 }
 
-#[test]
-fn idle_timeout_closes_without_quit() {
-    let h = Harness::new();
-    let up = h.upstream(opts(tricky_messages(0)));
-    let p = h.proxy(up.local_addr(), "[limits]\nidle_timeout = \"300ms\"\n");
-    let mut c = RawPop::connect(p.addr);
-    c.cmd(&format!("USER {USER}"));
-    c.cmd(&format!("PASS {PASS}"));
-    assert!(c.cmd("DELE 1").starts_with("+OK"));
-    let rest = c.read_to_end();
+/// On tokio's paused clock: the 300 ms idle timeout asserted exactly, in no real time.
+#[tokio::test(start_paused = true)]
+async fn idle_timeout_closes_without_quit() {
+    use common::paused::{self, Pop, Popgate};
+    let up = paused::demo(opts(tricky_messages(0))).await;
+    let p = Popgate::start(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"{}\"\nconnect_timeout = \"2s\"\n\
+         [limits]\nidle_timeout = \"300ms\"\n",
+        up.local_addr()
+    ))
+    .await;
+    let mut c = Pop::connect(p.addr).await;
+    c.cmd(&format!("USER {USER}")).await;
+    c.cmd(&format!("PASS {PASS}")).await;
+    assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+    let t = tokio::time::Instant::now();
+    let rest = c.read_to_end().await;
+    common::took(t.elapsed(), Duration::from_millis(300));
     assert_eq!(rest, b"-ERR autologout: idle for too long\r\n");
-    wait_until(|| !up.is_locked(USER));
+    paused::settle("the maildrop is unlocked", || !up.is_locked(USER)).await;
     assert_eq!(up.quit_count(), 0);
     assert_eq!(up.messages(USER).len(), 2);
 }

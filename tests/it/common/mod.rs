@@ -9,6 +9,7 @@ pub mod authserver;
 pub mod certs;
 pub mod clients;
 pub mod dovecot;
+pub mod paused;
 pub mod popa3d;
 pub mod proxy;
 pub mod proxy_header;
@@ -79,6 +80,15 @@ pub fn shipped_rules(name: &str) -> String {
 pub fn base64(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// `elapsed`, measured on tokio's paused clock, is `want` (within the odd millisecond of
+/// real work): a timeout test on paused time asserts the virtual duration exactly.
+pub fn took(elapsed: std::time::Duration, want: std::time::Duration) {
+    assert!(
+        elapsed >= want && elapsed < want + std::time::Duration::from_millis(100),
+        "took {elapsed:?}, want {want:?}"
+    );
 }
 
 /// Wait (at most 10 s) until `f` holds; panics naming `what` otherwise.

@@ -14,8 +14,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use common::base64;
 use common::clients::RawPop;
+use common::paused::{self, Pop, Popgate};
 use common::proxy::{Harness, ProxyHandle, mailbox};
 use popgate_demo::{DemoServer, Faults, ServerOptions, Verb};
 
@@ -53,16 +56,57 @@ fn slow_server(h: &Harness, name: &str, delay: Duration) -> DemoServer {
 }
 
 fn routing_proxy(h: &Harness, old: &str, new: &str, map: &str, extra: &str) -> Routed {
+    let (toml, dir) = routing_toml(old, new, map, extra);
+    let proxy = h.proxy_toml(&toml);
+    Routed { proxy, _dir: dir }
+}
+
+/// [`routing_proxy`]'s config text, and the directory of its map file.
+fn routing_toml(old: &str, new: &str, map: &str, extra: &str) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("routes.map");
     std::fs::write(&path, map).unwrap();
-    let proxy = h.proxy_toml(&format!(
+    let toml = format!(
         "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
          [[upstream]]\nname = \"old\"\naddress = {old}\nconnect_timeout = \"2s\"\n\
          [[upstream]]\nname = \"new\"\naddress = {new}\nconnect_timeout = \"2s\"\n\
          [routing]\ndefault = \"new\"\nmap = {path:?}\n{extra}"
-    ));
-    Routed { proxy, _dir: dir }
+    );
+    (toml, dir)
+}
+
+/// [`routing_proxy`] on the test's runtime (tokio's paused clock), with its map's directory.
+async fn routing_paused(
+    old: &str,
+    new: &str,
+    map: &str,
+    extra: &str,
+) -> (Popgate, tempfile::TempDir) {
+    let (toml, dir) = routing_toml(old, new, map, extra);
+    (Popgate::start(&toml).await, dir)
+}
+
+/// [`server`] on the test's runtime (tokio's paused clock), its greeting `delay` late if any.
+async fn server_paused(name: &str, users: &[&str], delay: Option<Duration>) -> DemoServer {
+    paused::demo(ServerOptions {
+        faults: Faults {
+            greeting_delay: delay,
+            ..Faults::default()
+        },
+        ..ServerOptions::new(
+            users
+                .iter()
+                .map(|u| {
+                    mailbox(
+                        u,
+                        PW,
+                        vec![format!("Subject: {u} on {name}\r\n\r\nhi\r\n").into_bytes()],
+                    )
+                })
+                .collect(),
+        )
+    })
+    .await
 }
 
 struct Routed {
@@ -206,16 +250,14 @@ fn an_upstream_that_speaks_out_of_turn_never_logs_the_client_in() {
 /// process limit, a stopped server whose socket still queues connections) is failed over and
 /// skipped for `dead_for`, like one that refuses: the greeting is part of `connect_timeout`.
 /// Alone, it gives `-ERR [SYS/TEMP]` within `connect_timeout`, not the login timeout.
-#[test]
-fn a_routed_address_that_never_greets_is_failed_over() {
-    let h = Harness::new();
+#[tokio::test(start_paused = true)]
+async fn a_routed_address_that_never_greets_is_failed_over() {
     // Listening, never accepting: the kernel completes the handshakes, nobody speaks.
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();
-    let slow = slow_server(&h, "slow", Duration::from_secs(8));
-    let old = server(&h, "old", &["alice"], Faults::default());
-    let new = server(&h, "new", &["carol"], Faults::default());
-    let r = routing_proxy(
-        &h,
+    let slow = server_paused("slow", &["alice"], Some(Duration::from_secs(8))).await;
+    let old = server_paused("old", &["alice"], None).await;
+    let new = server_paused("new", &["carol"], None).await;
+    let (p, _map) = routing_paused(
         &format!(
             "[\"{}\", \"{}\", \"{}\"]",
             hung.local_addr().unwrap(),
@@ -225,30 +267,37 @@ fn a_routed_address_that_never_greets_is_failed_over() {
         &quoted(new.local_addr()),
         "alice old\n",
         "[limits]\nlogin_timeout = \"60s\"\n",
-    );
-    for _ in 0..2 {
-        let mut c = RawPop::connect(r.proxy.addr);
-        assert_eq!(c.cmd("USER alice"), "+OK");
-        assert!(c.cmd("PASS pw").starts_with("+OK"));
-        c.cmd("QUIT");
+    )
+    .await;
+    // The first login waits connect_timeout (2 s) for each silent address; the second skips
+    // both (dead for dead_for, 10 s).
+    for wait in [4, 0] {
+        let mut c = Pop::connect(p.addr).await;
+        assert_eq!(c.cmd("USER alice").await, "+OK");
+        let t = Instant::now();
+        assert!(c.cmd("PASS pw").await.starts_with("+OK"));
+        common::took(t.elapsed(), Duration::from_secs(wait));
+        c.cmd("QUIT").await;
     }
     assert_eq!(old.connections(), 2);
     assert_eq!(slow.connections(), 1, "skipped once dead");
     assert_eq!(slow.quit_count(), 0, "given up without QUIT");
     // Only the silent ones: SYS/TEMP after connect_timeout (2 s each), and the client may go
     // on elsewhere.
-    let r = routing_proxy(
-        &h,
+    let (p, _map) = routing_paused(
         &format!("[\"{}\"]", hung.local_addr().unwrap()),
         &quoted(new.local_addr()),
         "alice old\n",
         "[limits]\nlogin_timeout = \"60s\"\n",
-    );
-    let mut c = RawPop::connect(r.proxy.addr);
-    assert_eq!(c.cmd("USER alice"), "+OK");
-    assert_eq!(c.cmd("PASS pw"), UNAVAILABLE);
-    assert_eq!(c.cmd("USER carol"), "+OK");
-    assert!(c.cmd("PASS pw").starts_with("+OK"));
+    )
+    .await;
+    let mut c = Pop::connect(p.addr).await;
+    assert_eq!(c.cmd("USER alice").await, "+OK");
+    let t = Instant::now();
+    assert_eq!(c.cmd("PASS pw").await, UNAVAILABLE);
+    common::took(t.elapsed(), Duration::from_secs(2));
+    assert_eq!(c.cmd("USER carol").await, "+OK");
+    assert!(c.cmd("PASS pw").await.starts_with("+OK"));
 }
 
 /// The client leaves while its routed login is being replayed: no QUIT reaches the server
@@ -386,35 +435,35 @@ fn sasl_forms_and_pre_login_commands_are_answered_by_the_front() {
     assert_eq!(new.connections(), 0);
 }
 
-/// A dead address comes back after `dead_for`; all addresses dead gives SYS/TEMP.
-#[test]
-fn a_dead_address_is_tried_again_after_dead_for() {
-    let h = Harness::new();
-    let new = server(&h, "new", &["carol"], Faults::default());
+/// A dead address comes back after `dead_for`; all addresses dead gives SYS/TEMP. On tokio's
+/// paused clock: `dead_for` passes exactly, and not a moment of it before.
+#[tokio::test(start_paused = true)]
+async fn a_dead_address_is_tried_again_after_dead_for() {
+    let new = server_paused("new", &["carol"], None).await;
     let port_a = common::free_port();
     let port_b = common::free_port();
     let a: SocketAddr = format!("127.0.0.1:{port_a}").parse().unwrap();
     let b: SocketAddr = format!("127.0.0.1:{port_b}").parse().unwrap();
-    let r = routing_proxy(
-        &h,
+    let (p, _map) = routing_paused(
         &format!("[\"{a}\", \"{b}\"]\ndead_for = \"1s\""),
         &quoted(new.local_addr()),
         "alice old\n",
         "",
-    );
-    let login = |expect: &str| {
-        let mut c = RawPop::connect(r.proxy.addr);
-        c.cmd("USER alice");
-        let reply = c.cmd("PASS pw");
+    )
+    .await;
+    let addr = p.addr;
+    let login = move |expect: &'static str| async move {
+        let mut c = Pop::connect(addr).await;
+        c.cmd("USER alice").await;
+        let reply = c.cmd("PASS pw").await;
         assert!(reply.starts_with(expect), "{reply}");
     };
     // The next login may reach the same server only once this one's maildrop lock is gone
     // (the server lets go when popgate closes the upstream after the client left).
-    let released = |s: &DemoServer| {
-        common::wait_until("the maildrop lock is released", || !s.is_locked("alice"));
-    };
+    let unlocked = "the maildrop lock is released";
     // Both dead.
-    login(UNAVAILABLE);
+    let marked = Instant::now();
+    login(UNAVAILABLE).await;
     // b comes up: a is still skipped (and b answers); a comes up later, after dead_for.
     let opts = |name: &str| {
         ServerOptions::new(vec![mailbox(
@@ -423,16 +472,20 @@ fn a_dead_address_is_tried_again_after_dead_for() {
             vec![format!("Subject: {name}\r\n\r\nx\r\n").into_bytes()],
         )])
     };
-    let sb = h.rt.block_on(DemoServer::start(b, opts("b"))).unwrap();
-    login("+OK");
+    let sb = DemoServer::start(b, opts("b")).await.unwrap();
+    login("+OK").await;
     assert_eq!(sb.connections(), 1);
-    released(&sb);
-    let sa = h.rt.block_on(DemoServer::start(a, opts("a"))).unwrap();
-    login("+OK");
+    paused::settle(unlocked, || !sb.is_locked("alice")).await;
+    let sa = DemoServer::start(a, opts("a")).await.unwrap();
+    // No virtual time has passed: a's last dead mark (it was tried again when all were dead,
+    // in the second login) is at `marked`. A millisecond before dead_for ends, a is skipped.
+    common::took(marked.elapsed(), Duration::ZERO);
+    tokio::time::sleep_until(marked + Duration::from_millis(999)).await;
+    login("+OK").await;
     assert_eq!((sa.connections(), sb.connections()), (0, 2), "a still dead");
-    released(&sb);
-    std::thread::sleep(Duration::from_millis(1200));
-    login("+OK");
+    paused::settle(unlocked, || !sb.is_locked("alice")).await;
+    tokio::time::sleep_until(marked + Duration::from_secs(1)).await;
+    login("+OK").await;
     assert_eq!(sa.connections(), 1, "a tried again after dead_for");
 }
 
@@ -888,24 +941,28 @@ fn xclient_goes_to_the_routed_dovecot_only_and_every_method_replays() {
 
 /// Direct mode too: of an upstream's several addresses, one that accepts but never greets is
 /// failed over (and skipped next time), not waited on until `greeting_timeout` every session.
-#[test]
-fn direct_mode_fails_over_an_address_that_never_greets() {
-    let h = Harness::new();
+#[tokio::test(start_paused = true)]
+async fn direct_mode_fails_over_an_address_that_never_greets() {
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();
-    let up = server(&h, "up", &["alice"], Faults::default());
-    let proxy = h.proxy_toml(&format!(
+    let up = server_paused("up", &["alice"], None).await;
+    let p = Popgate::start(&format!(
         "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
          [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"1s\"\n\
          [limits]\ngreeting_timeout = \"60s\"\n",
         hung.local_addr().unwrap(),
         up.local_addr()
-    ));
-    for _ in 0..2 {
-        let mut c = RawPop::connect(proxy.addr);
+    ))
+    .await;
+    // The first session's greeting waits connect_timeout (1 s) for the silent address, not
+    // greeting_timeout; the next skips it.
+    for wait in [1, 0] {
+        let t = Instant::now();
+        let mut c = Pop::connect(p.addr).await;
+        common::took(t.elapsed(), Duration::from_secs(wait));
         assert!(c.greeting.starts_with("+OK"), "{}", c.greeting);
-        c.cmd("USER alice");
-        assert!(c.cmd("PASS pw").starts_with("+OK"));
-        c.cmd("QUIT");
+        c.cmd("USER alice").await;
+        assert!(c.cmd("PASS pw").await.starts_with("+OK"));
+        c.cmd("QUIT").await;
     }
     assert_eq!(up.connections(), 2);
 }
