@@ -18,7 +18,7 @@ pub mod scanners;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read it, drop it).
+/// A TCP port that was free on 127.0.0.1 a moment ago (bound, then dropped).
 ///
 /// Another process may take it before it is used again; `Dovecot::start` retries on a
 /// bind failure for that reason.
@@ -27,18 +27,45 @@ pub fn free_port() -> u16 {
 }
 
 /// Like [`free_port`] for another local address, e.g. `"127.0.0.2"` or `"::1"`.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), so that no
+/// outgoing connection of any test (they take ephemeral ports) can be given the port
+/// between this probe and the bind that uses it; each is handed out once per test run, from
+/// a start that depends on the process id (two test runs on one machine rarely meet).
+/// Where that range leaves no room, the kernel picks (port 0).
 pub fn free_port_on(ip: &str) -> u16 {
-    // The kernel may hand the same port out again once its probe socket is closed, so two
-    // calls in one test (a listener and a metrics port) could collide: no port is given out
-    // twice by this process.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let ip: std::net::IpAddr = ip.parse().expect("free_port_on: not an IP address");
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    let span = ephemeral_low.saturating_sub(LOW);
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if span >= 2_000 {
+        let base = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (LOW + (base + n % span) % span) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            if TcpListener::bind((ip, port)).is_ok() {
+                given.push(port);
+                return port;
+            }
+        }
+    }
+    // The kernel may hand the same port out again once its probe socket is closed: no port
+    // is given out twice by this process.
     loop {
         let listener = TcpListener::bind((ip, 0)).expect("bind to port 0");
         let port = listener.local_addr().expect("local_addr").port();
-        let mut given = GIVEN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !given.contains(&port) {
             given.push(port);
             return port;
