@@ -829,3 +829,70 @@ fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() 
     assert_eq!(up.connections(), 1, "nothing dialled for the denied client");
     assert_eq!(up.quit_count(), 1);
 }
+
+/// After the client's STLS popgate dials the upstream again (direct mode, `forward_client =
+/// "proxy-v2"`); a second connection that is accepted and never greets is given up at
+/// `connect_timeout` and the session goes on over the first: the client's login and STAT
+/// are answered there, the silent one got nothing, and nobody sent a QUIT but the client.
+#[test]
+fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stub = Stub::start(
+        3,
+        |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
+        |n, line| match verb(line).as_str() {
+            _ if n > 1 => Answer::Nothing,
+            "USER" => Answer::Say("+OK\r\n"),
+            "PASS" => Answer::Say("+OK maildrop locked\r\n"),
+            _ => stub_pop3(line),
+        },
+    );
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let p = stls_proxy_v2_to(&h, &pki, stub.addr, "connect_timeout = \"1s\"\n");
+    let ca = pki.ca_path().to_owned();
+    let proxy = p.addr;
+    let t0 = Instant::now();
+    let got = h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        r.get_mut().write_all(b"STLS\r\n").await.unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        let mut tls = common::certs::tls_connect(r.into_inner(), &ca).await;
+        // The whole login pipelined after the handshake.
+        tls.write_all(b"USER bob\r\nPASS bob-pass\r\nSTAT\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        let mut r = tokio::io::BufReader::new(tls);
+        let mut got = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(8), async {
+            loop {
+                let mut l = String::new();
+                match r.read_line(&mut l).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => got.push_str(&l),
+                }
+            }
+        })
+        .await;
+        got
+    });
+    let took = t0.elapsed();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 4, "{got}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(stub.accepted(), 2);
+    let heard = stub.lines();
+    assert!(heard.iter().all(|(n, _)| *n == 1), "{heard:?}");
+    let quits = heard.iter().filter(|(_, l)| l == "QUIT").count();
+    assert_eq!(quits, 1, "{heard:?}");
+}
