@@ -836,7 +836,6 @@ fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() 
 /// are answered there, the silent one got nothing, and nobody sent a QUIT but the client.
 #[test]
 fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let stub = Stub::start(
         3,
         |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
@@ -847,13 +846,34 @@ fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
             _ => stub_pop3(line),
         },
     );
+    let t0 = Instant::now();
+    let got = pipelined_login_after_stls(stub.addr);
+    let took = t0.elapsed();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 4, "{got}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(stub.accepted(), 2);
+    let heard = stub.lines();
+    assert!(heard.iter().all(|(n, _)| *n == 1), "{heard:?}");
+    let quits = heard.iter().filter(|(_, l)| l == "QUIT").count();
+    assert_eq!(quits, 1, "{heard:?}");
+}
+
+/// popgate (STLS listener, `forward_client = "proxy-v2"`, `connect_timeout` 1 s) in front of
+/// `addr`: a client's STLS, then its whole session pipelined in one write after the
+/// handshake (USER, PASS, STAT, QUIT as bob); what it read until the close (8 s at most).
+fn pipelined_login_after_stls(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let h = Harness::new();
     let pki = TestPki::new();
-    let p = stls_proxy_v2_to(&h, &pki, stub.addr, "connect_timeout = \"1s\"\n");
+    let p = stls_proxy_v2_to(&h, &pki, addr, "connect_timeout = \"1s\"\n");
     let ca = pki.ca_path().to_owned();
     let proxy = p.addr;
-    let t0 = Instant::now();
-    let got = h.rt.block_on(async move {
+    h.rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
         let mut r = tokio::io::BufReader::new(tcp);
         let mut line = String::new();
@@ -881,18 +901,66 @@ fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
         })
         .await;
         got
-    });
-    let took = t0.elapsed();
+    })
+}
+
+/// The second connection after STLS greets `+OK`: the session goes over to it and a login
+/// the client pipelined after its handshake goes there whole, in order; the first connection
+/// gets nothing after its capability talk (no QUIT on the client's behalf).
+#[test]
+fn a_login_pipelined_after_stls_goes_whole_to_the_connection_dialled_again() {
+    let stub = Stub::start(
+        3,
+        |n| Some(format!("+OK stub {n} ready\r\n")),
+        |_, line| match verb(line).as_str() {
+            "USER" => Answer::Say("+OK\r\n"),
+            "PASS" => Answer::Say("+OK maildrop locked\r\n"),
+            _ => stub_pop3(line),
+        },
+    );
+    let got = pipelined_login_after_stls(stub.addr);
     let lines: Vec<&str> = got.lines().collect();
     assert_eq!(lines.len(), 4, "{got}");
     assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert_eq!(stub.accepted(), 2);
+    common::wait_until("the QUIT", || stub.lines().iter().any(|(_, l)| l == "QUIT"));
+    let on = |n: usize| -> Vec<String> {
+        let lines = stub.lines().into_iter();
+        lines.filter(|(c, _)| *c == n).map(|(_, l)| l).collect()
+    };
+    assert_eq!(on(2), ["USER bob", "PASS bob-pass", "STAT", "QUIT"]);
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
-        "{took:?}"
+        on(1).iter().all(|l| l != "QUIT" && !l.starts_with("USER")),
+        "{:?}",
+        on(1)
+    );
+}
+
+/// The second connection after STLS greets `+OK`, then hangs up at the first line (a server
+/// that resets the new connection): the session is on it by then; the client gets an `-ERR`
+/// for what it was waiting on and the close, within the bound, and nothing went to the
+/// first connection after the STLS (no QUIT on the client's behalf).
+#[test]
+fn a_connection_dialled_again_that_hangs_up_after_greeting_ends_the_session_with_an_err() {
+    let stub = Stub::start(
+        3,
+        |n| Some(format!("+OK stub {n} ready\r\n")),
+        |n, line| match verb(line).as_str() {
+            _ if n > 1 => Answer::SayAndClose(""),
+            _ => stub_pop3(line),
+        },
+    );
+    let t0 = Instant::now();
+    let got = pipelined_login_after_stls(stub.addr);
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    assert_eq!(
+        got,
+        "-ERR [SYS/TEMP] upstream server closed the connection\r\n"
     );
     assert_eq!(stub.accepted(), 2);
     let heard = stub.lines();
-    assert!(heard.iter().all(|(n, _)| *n == 1), "{heard:?}");
-    let quits = heard.iter().filter(|(_, l)| l == "QUIT").count();
-    assert_eq!(quits, 1, "{heard:?}");
+    assert!(
+        heard.iter().all(|(n, l)| *n == 2 || l == "CAPA"),
+        "{heard:?}"
+    );
 }
