@@ -867,6 +867,11 @@ fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
 /// `addr`: a client's STLS, then its whole session pipelined in one write after the
 /// handshake (USER, PASS, STAT, QUIT as bob); what it read until the close (8 s at most).
 fn pipelined_login_after_stls(addr: SocketAddr) -> String {
+    pipelined_after_stls(addr, b"USER bob\r\nPASS bob-pass\r\nSTAT\r\nQUIT\r\n")
+}
+
+/// [`pipelined_login_after_stls`] with `session` written after the handshake.
+fn pipelined_after_stls(addr: SocketAddr, session: &'static [u8]) -> String {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let h = Harness::new();
     let pki = TestPki::new();
@@ -884,10 +889,7 @@ fn pipelined_login_after_stls(addr: SocketAddr) -> String {
         r.read_line(&mut line).await.unwrap();
         assert!(line.starts_with("+OK"), "{line}");
         let mut tls = common::certs::tls_connect(r.into_inner(), &ca).await;
-        // The whole login pipelined after the handshake.
-        tls.write_all(b"USER bob\r\nPASS bob-pass\r\nSTAT\r\nQUIT\r\n")
-            .await
-            .unwrap();
+        tls.write_all(session).await.unwrap();
         let mut r = tokio::io::BufReader::new(tls);
         let mut got = String::new();
         let _ = tokio::time::timeout(Duration::from_secs(8), async {
@@ -963,4 +965,26 @@ fn a_connection_dialled_again_that_hangs_up_after_greeting_ends_the_session_with
         heard.iter().all(|(n, l)| *n == 2 || l == "CAPA"),
         "{heard:?}"
     );
+}
+
+/// A QUIT as the first command after STLS: nothing is dialled (and waited for) only to carry
+/// it; it goes out on the first connection and is answered at once, even when a second
+/// connection would never greet.
+#[test]
+fn a_quit_right_after_stls_dials_nothing_again() {
+    let stub = Stub::start(
+        3,
+        |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
+        |_, line| stub_pop3(line),
+    );
+    let t0 = Instant::now();
+    let got = pipelined_after_stls(stub.addr, b"QUIT\r\n");
+    assert_eq!(got, "+OK bye\r\n");
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(stub.accepted(), 1, "dialled again for the QUIT");
+    assert_eq!(stub.lines(), [(1, "QUIT".to_owned())]);
 }
