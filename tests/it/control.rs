@@ -1020,3 +1020,88 @@ fn tap_through_the_oauth2_bridge_shows_neither_password_nor_bearer_token() {
         "the upstream SASL exchange was shown:\n{out}"
     );
 }
+
+/// Sessions still connecting the upstream (the first address accepts and stays silent,
+/// `connect_timeout` 30 s) whose clients already sent commands (read and kept by the
+/// set-up): a kick ends one at once, SIGTERM the other; each client reads popgate's `-ERR`
+/// (not a greeting), its commands reach no server, the next address is never dialled, the
+/// process exits in time and the audit trail holds both sessions whole.
+#[test]
+fn kick_and_sigterm_end_sessions_that_sent_commands_during_the_dial() {
+    use std::io::Read as _;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut p = PopgateProcess::run(
+        silent.local_addr().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&format!(
+                "[upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"30s\"\n",
+                silent.local_addr().unwrap(),
+                next.local_addr().unwrap()
+            ))
+            .tables(&format!(
+                "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n"
+            ))
+            .wait_for_log(),
+    );
+    let connecting = |p: &PopgateProcess, n: usize| {
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"CAPA\r\nUSER alice\r\nPASS secret\r\n")
+            .unwrap();
+        let rows = wait_sessions(p, "the connecting session", |r| {
+            r.len() == n
+                && r.iter().all(|r| {
+                    r["state"] == json!("CONNECTING") && r["bytes_from_client"] == json!(31)
+                })
+        });
+        (s, rows)
+    };
+    let read_rest = |mut s: std::net::TcpStream| {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        String::from_utf8_lossy(&rest).into_owned()
+    };
+    let (kicked, rows) = connecting(&p, 1);
+    let id = rows[0]["id"].as_u64().unwrap();
+    let out = ctl(&p, &["kick", "--session", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_rest(kicked), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    wait_sessions(&p, "kicked", |r| r.is_empty());
+    let (termed, _) = connecting(&p, 1);
+    let started = Instant::now();
+    p.term();
+    assert_eq!(read_rest(termed), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    p.wait_exit(Duration::from_secs(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, close) = kicked_in_audit(&p, id, "kicked while connecting");
+    // The commands were read (kept for the relay), then dropped with the session.
+    assert_eq!(close["bytes_from_client"], json!(31), "{close}");
+    let events = common::audit_events(&p.path("audit"));
+    let closes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "session_close")
+        .collect();
+    assert_eq!(closes.len(), 2, "{events:#?}");
+    assert_eq!(closes[1]["reason"], json!("shutdown"), "{events:#?}");
+    // Neither server got a byte: the silent one was dialled (twice), the next one never.
+    silent.set_nonblocking(true).unwrap();
+    while let Ok((mut s, _)) = silent.accept() {
+        s.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 64];
+        assert!(
+            !matches!(s.read(&mut got), Ok(n) if n > 0),
+            "bytes reached the server"
+        );
+    }
+    next.set_nonblocking(true).unwrap();
+    assert!(next.accept().is_err(), "the next address was dialled");
+}
