@@ -913,33 +913,42 @@ fn a_flood_during_the_upstream_dial_is_read_only_up_to_the_bound() {
     assert!(up.received().is_empty(), "{:?}", up.received());
 }
 
-/// A client that sends `USER` and hangs up while the first of two upstream addresses
-/// accepts and never greets: the session ends at once (client_eof), the second address is
-/// never dialled, and no byte reaches either server.
+/// A client that sends `USER` and hangs up (a FIN, or a reset) while the first of two
+/// upstream addresses accepts and never greets: the session ends at once (client_eof), the
+/// second address is never dialled, and no byte reaches either server.
 #[test]
 fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
-    let f = Fix::new();
-    let silent = Scripted::start(None, Arc::new(basic));
-    let second = f.demo(Faults::default(), two_messages());
-    let p = f.h.proxy_toml(&format!(
-        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
-         [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"5s\"\n\
-         [audit]\nenabled = true\ndir = {:?}\n",
-        silent.addr,
-        second.local_addr(),
-        f.audit.path()
-    ));
-    let t0 = Instant::now();
-    let mut c = Conn::open(p.addr);
-    c.send(b"USER alice\r\n");
-    std::thread::sleep(Duration::from_millis(100));
-    c.w.shutdown(Shutdown::Write).unwrap();
-    let (got, _) = c.finish();
-    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
-    let evs = f.invariants(Up::Script(&silent), 1, 0);
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    assert_eq!(close_reason(&evs), "client_eof");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(silent.lines().is_empty(), "{:?}", silent.lines());
-    assert_eq!(second.connections(), 0, "the second address was dialled");
+    for reset in [false, true] {
+        let f = Fix::new();
+        let silent = Scripted::start(None, Arc::new(basic));
+        let second = f.demo(Faults::default(), two_messages());
+        let p = f.h.proxy_toml(&format!(
+            "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"5s\"\n\
+             [audit]\nenabled = true\ndir = {:?}\n",
+            silent.addr,
+            second.local_addr(),
+            f.audit.path()
+        ));
+        let t0 = Instant::now();
+        let mut c = Conn::open(p.addr);
+        c.send(b"USER alice\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+        if reset {
+            socket2::SockRef::from(&c.w)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(c);
+        } else {
+            c.w.shutdown(Shutdown::Write).unwrap();
+            let (got, _) = c.finish();
+            assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        }
+        let evs = f.invariants(Up::Script(&silent), 1, 0);
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        assert_eq!(close_reason(&evs), "client_eof", "reset {reset}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(silent.lines().is_empty(), "{:?}", silent.lines());
+        assert_eq!(second.connections(), 0, "the second address was dialled");
+    }
 }
