@@ -952,3 +952,47 @@ fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
         assert_eq!(second.connections(), 0, "the second address was dialled");
     }
 }
+
+/// A client flooding an endless line while the upstream cannot be had (the first address
+/// silent until `connect_timeout`, the second refused): popgate reads it only up to the
+/// set-up's bound, and the client still reads the "unavailable" `-ERR` before the close.
+#[test]
+fn a_flood_during_a_failing_dial_still_gets_the_unavailable_err() {
+    let f = Fix::new();
+    let silent = Scripted::start(None, Arc::new(basic));
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{}\", \"{refused}\"]\nconnect_timeout = \"1s\"\n\
+         [limits]\nmax_line = 100\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        silent.addr,
+        f.audit.path()
+    ));
+    let t0 = Instant::now();
+    let c = Conn::open(p.addr);
+    let sent = flood(c.w.try_clone().unwrap());
+    let (got, end) = c.finish();
+    let sent = sent.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n",
+        "{end:?}"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let evs = f.invariants(Up::Script(&silent), 1, 0);
+    assert_eq!(close_reason(&evs), "error");
+    let read = bytes_from_client(&evs);
+    assert!(
+        read < 128 * 1024,
+        "popgate read {read} of {sent} flooded octets"
+    );
+    assert!(silent.lines().is_empty(), "{:?}", silent.lines());
+}
