@@ -996,3 +996,41 @@ fn a_flood_during_a_failing_dial_still_gets_the_unavailable_err() {
     );
     assert!(silent.lines().is_empty(), "{:?}", silent.lines());
 }
+
+/// A client that says QUIT before its greeting, while direct mode fails over from a refused
+/// address to one slow to greet: its QUIT is kept and relayed after the greeting, exactly
+/// once (the server gets the client's QUIT and no other), and the session ends `quit`.
+#[test]
+fn a_quit_sent_during_the_dial_reaches_the_server_once_after_the_greeting() {
+    let f = Fix::new();
+    let up = f.demo(
+        Faults {
+            greeting_delay: Some(Duration::from_millis(300)),
+            ..Faults::default()
+        },
+        two_messages(),
+    );
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{refused}\", \"{}\"]\nconnect_timeout = \"2s\"\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        up.local_addr(),
+        f.audit.path()
+    ));
+    let mut c = Conn::open(p.addr);
+    c.send(b"QUIT\r\n");
+    let (got, end) = c.finish();
+    let got = String::from_utf8_lossy(&got);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 2, "{got:?} {end:?}");
+    assert!(
+        lines[0].starts_with("+OK") && lines[1].starts_with("+OK"),
+        "{got:?}"
+    );
+    let evs = f.invariants(Up::Demo(&up), 1, 1);
+    assert_eq!(close_reason(&evs), "quit");
+}
