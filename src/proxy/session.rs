@@ -143,7 +143,8 @@ impl Session {
     /// such as Dovecot (`disable_plaintext_auth = yes`) would keep refusing plaintext logins.
     /// So after the STLS, before the first command goes upstream, [`Output::RedialUpstream`]
     /// comes out: unless that command is APOP, whose digest hashes the first connection's
-    /// greeting (the server is then not told about TLS). The commands about to go out are
+    /// greeting (the server is then not told about TLS), or QUIT (nothing is dialled only to
+    /// carry it). The commands about to go out are
     /// the only ones pending (the STLS waited for every earlier answer).
     pub(crate) fn redialling_after_stls(mut self, on: bool) -> Session {
         self.redial_after_stls = on && self.front.is_none();
@@ -570,6 +571,10 @@ impl Session {
                         );
                         return Some(Output::ToUpstream(bytes));
                     }
+                    if is_quit(&bytes) {
+                        // Nothing is dialled (and waited for) only to carry the goodbye.
+                        return Some(Output::ToUpstream(bytes));
+                    }
                     self.redial_held = Some(bytes);
                     return Some(Output::RedialUpstream);
                 }
@@ -815,6 +820,12 @@ pub(crate) enum SessionStage {
     SettingUp,
     /// The relay (routing mode: with the front standing in for the server until the login).
     Relaying,
+}
+
+/// Whether `line` (a command as it goes upstream) is QUIT.
+fn is_quit(line: &[u8]) -> bool {
+    let verb = line.split(|&b| matches!(b, b' ' | b'\r' | b'\n')).next();
+    verb.is_some_and(|v| v.eq_ignore_ascii_case(b"QUIT"))
 }
 
 /// The re-dial after STLS ended: the session goes over to the new connection if it greeted
@@ -1430,6 +1441,20 @@ mod tests {
             // Not on the next command either: the session is bound to the first connection.
             d.client(b"USER alice\r\n", n);
             assert!(!d.trace.upstream.windows(8).any(|w| w == b"<redial>"));
+        }
+    }
+
+    /// A QUIT as the first command after STLS ends the session: no connection is dialled
+    /// (and waited for, up to `connect_timeout`) only to carry it; it goes out on the first.
+    #[test]
+    fn a_quit_after_stls_goes_out_on_the_first_connection_with_nothing_dialled_again() {
+        for quit in [&b"QUIT\r\n"[..], b"quit\r\n", b"QUIT\n"] {
+            for n in 1..=quit.len() {
+                let mut d = Driver::direct(true);
+                d.client(b"STLS\r\n", n);
+                d.client(quit, n);
+                assert_eq!(d.trace.upstream, quit, "chunks of {n}");
+            }
         }
     }
 

@@ -1068,7 +1068,7 @@ impl Driver {
     /// client's STLS, with a header that said "plaintext", and a server such as Dovecot
     /// (`disable_plaintext_auth = yes`) would keep refusing plaintext logins. Called for
     /// [`Output::RedialUpstream`], before the first command after the STLS goes out (not for
-    /// APOP: `proxy::Session::redialling_after_stls`): the session gets a connector that
+    /// APOP nor QUIT: `proxy::Session::redialling_after_stls`): the session gets a connector that
     /// dials again with the client's TLS in the header and takes the new greeting silently,
     /// on the pending slot. The first connection stays until the second greets `+OK`: if the
     /// second cannot be had (the server down meanwhile, or refusing a second connection from

@@ -1020,3 +1020,203 @@ fn tap_through_the_oauth2_bridge_shows_neither_password_nor_bearer_token() {
         "the upstream SASL exchange was shown:\n{out}"
     );
 }
+
+/// Sessions still connecting the upstream (the first address accepts and stays silent,
+/// `connect_timeout` 30 s) whose clients already sent commands (read and kept by the
+/// set-up): a kick ends one at once, SIGTERM the other; each client reads popgate's `-ERR`
+/// (not a greeting), its commands reach no server, the next address is never dialled, the
+/// process exits in time and the audit trail holds both sessions whole.
+#[test]
+fn kick_and_sigterm_end_sessions_that_sent_commands_during_the_dial() {
+    use std::io::Read as _;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut p = PopgateProcess::run(
+        silent.local_addr().unwrap(),
+        PopgateOpts::new()
+            .upstreams(&format!(
+                "[upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"30s\"\n",
+                silent.local_addr().unwrap(),
+                next.local_addr().unwrap()
+            ))
+            .tables(&format!(
+                "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n"
+            ))
+            .wait_for_log(),
+    );
+    let connecting = |p: &PopgateProcess, n: usize| {
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"CAPA\r\nUSER alice\r\nPASS secret\r\n")
+            .unwrap();
+        let rows = wait_sessions(p, "the connecting session", |r| {
+            r.len() == n
+                && r.iter().all(|r| {
+                    r["state"] == json!("CONNECTING") && r["bytes_from_client"] == json!(31)
+                })
+        });
+        (s, rows)
+    };
+    let read_rest = |mut s: std::net::TcpStream| {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        String::from_utf8_lossy(&rest).into_owned()
+    };
+    let (kicked, rows) = connecting(&p, 1);
+    let id = rows[0]["id"].as_u64().unwrap();
+    let out = ctl(&p, &["kick", "--session", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_rest(kicked), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    wait_sessions(&p, "kicked", |r| r.is_empty());
+    let (termed, _) = connecting(&p, 1);
+    let started = Instant::now();
+    p.term();
+    assert_eq!(read_rest(termed), "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    p.wait_exit(Duration::from_secs(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, close) = kicked_in_audit(&p, id, "kicked while connecting");
+    // The commands were read (kept for the relay), then dropped with the session.
+    assert_eq!(close["bytes_from_client"], json!(31), "{close}");
+    let events = common::audit_events(&p.path("audit"));
+    let closes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "session_close")
+        .collect();
+    assert_eq!(closes.len(), 2, "{events:#?}");
+    assert_eq!(closes[1]["reason"], json!("shutdown"), "{events:#?}");
+    // Neither server got a byte: the silent one was dialled (twice), the next one never.
+    silent.set_nonblocking(true).unwrap();
+    while let Ok((mut s, _)) = silent.accept() {
+        s.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 64];
+        assert!(
+            !matches!(s.read(&mut got), Ok(n) if n > 0),
+            "bytes reached the server"
+        );
+    }
+    next.set_nonblocking(true).unwrap();
+    assert!(next.accept().is_err(), "the next address was dialled");
+}
+
+/// A kick while popgate dials the upstream again after a client's STLS (direct mode,
+/// `forward_client = "proxy-v2"`) to a server that accepts the second connection and never
+/// greets (`connect_timeout` 30 s): the session ends at once, the client reads popgate's
+/// `-ERR` over its TLS, the command held for the new connection reaches neither, and the
+/// audit trail says `kick` with who asked.
+#[test]
+fn kick_during_the_redial_after_stls_ends_it_at_once_and_sends_the_held_command_nowhere() {
+    use std::io::Read as _;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    // The server: each connection's PROXY v2 header read, the first greeted, the second
+    // silent; every byte after the header recorded.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let heard = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let accepted = Arc::new(Mutex::new(0usize));
+    {
+        let (heard, accepted) = (heard.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for (n, s) in server.incoming().take(2).enumerate() {
+                let Ok(mut s) = s else { return };
+                *accepted.lock().unwrap() += 1;
+                let heard = heard.clone();
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut head = [0u8; 16];
+                    if s.read_exact(&mut head).is_err() {
+                        return;
+                    }
+                    let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+                    if s.read_exact(&mut rest).is_err() {
+                        return;
+                    }
+                    if n == 0 {
+                        let _ = s.write_all(b"+OK ready\r\n");
+                    }
+                    let mut buf = [0u8; 512];
+                    while let Ok(k) = s.read(&mut buf) {
+                        if k == 0 {
+                            return;
+                        }
+                        heard.lock().unwrap().extend_from_slice(&buf[..k]);
+                    }
+                });
+            }
+        });
+    }
+    let (pki, tls) = tls_table();
+    let mut p = PopgateProcess::run(
+        addr,
+        PopgateOpts::new()
+            .listener("tls = \"starttls\"\n")
+            .upstreams(&format!(
+                "[upstream]\naddress = \"{addr}\"\nforward_client = \"proxy-v2\"\n\
+                 connect_timeout = \"30s\"\n"
+            ))
+            .tables(&format!(
+                "{CONTROL}[audit]\nenabled = true\ndir = \"audit\"\n{tls}"
+            ))
+            .wait_for_log(),
+    );
+    let h = Harness::new();
+    let ca = pki.ca_path().to_owned();
+    let proxy = p.addr;
+    let mut client = h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        r.get_mut().write_all(b"STLS\r\n").await.unwrap();
+        r.read_line(&mut line).await.unwrap();
+        let mut tls = common::certs::tls_connect(r.into_inner(), &ca).await;
+        tls.write_all(b"USER bob\r\n").await.unwrap();
+        tokio::io::BufReader::new(tls)
+    });
+    common::wait_until("the redial", || *accepted.lock().unwrap() == 2);
+    let rows = wait_sessions(&p, "one session", |r| r.len() == 1);
+    let id = rows[0]["id"].as_u64().unwrap();
+    let started = Instant::now();
+    let out = ctl(&p, &["kick", "--session", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = h.rt.block_on(async {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_line(&mut line))
+            .await
+            .expect("a line or EOF in time")
+            .unwrap_or(0);
+        line
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(line, "-ERR [SYS/TEMP] proxy shutting down\r\n");
+    wait_sessions(&p, "gone", |r| r.is_empty());
+    p.stop();
+    let events = common::audit_events(&p.path("audit"));
+    let kinds: Vec<&Value> = events.iter().map(|e| &e["event"]).collect();
+    assert_eq!(
+        kinds,
+        ["session_open", "tls", "session_close"],
+        "{events:#?}"
+    );
+    assert_eq!(events[2]["reason"], json!("kick"), "{events:#?}");
+    let by = events[2]["kicked_by"].as_str().unwrap();
+    assert!(by.starts_with("uid "), "{by}");
+    let heard = String::from_utf8_lossy(&heard.lock().unwrap()).into_owned();
+    assert!(heard.is_empty(), "{heard:?}");
+}

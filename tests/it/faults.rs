@@ -823,3 +823,214 @@ fn client_half_close() {
     let evs = f.invariants(Up::Demo(&up), 1, 1);
     assert_eq!(close_reason(&evs), "quit");
 }
+
+// =============================================================================================
+// The client during direct mode's dial (the set-up reads it, bounded)
+
+/// The `bytes_from_client` of the one `session_close` in `evs`.
+fn bytes_from_client(evs: &[Value]) -> u64 {
+    let close = evs.iter().find(|e| e["event"] == "session_close").unwrap();
+    close["bytes_from_client"].as_u64().unwrap()
+}
+
+/// Writes 8 MB of one endless line (no line end) to `w` until the peer stops it; how much.
+fn flood(mut w: TcpStream) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let chunk = vec![b'j'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 8 << 20 && w.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        sent
+    })
+}
+
+/// A client that floods an endless line (8 MB, no line end) while direct mode's set-up
+/// fails over from a refused address to one slow to greet: popgate reads the client only up
+/// to the set-up's bound meanwhile (the rest waits in TCP), then relays the greeting, answers
+/// `-ERR line too long` and closes once the junk passes its bound; nothing of the line reaches
+/// the server. With one address (the greeting not read in the set-up) the junk reaches the
+/// relay before the greeting: closed as fast, as bounded, the `-ERR` dropped with the greeting
+/// it would have followed.
+#[test]
+fn a_flood_during_the_upstream_dial_is_read_only_up_to_the_bound() {
+    let f = Fix::new();
+    let up = f.demo(
+        Faults {
+            greeting_delay: Some(Duration::from_millis(500)),
+            ..Faults::default()
+        },
+        two_messages(),
+    );
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{refused}\", \"{}\"]\nconnect_timeout = \"2s\"\n\
+         [limits]\nmax_line = 100\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        up.local_addr(),
+        f.audit.path()
+    ));
+    let c = Conn::open(p.addr);
+    let sent = flood(c.w.try_clone().unwrap());
+    let (got, end) = c.finish();
+    let got = String::from_utf8_lossy(&got);
+    let sent = sent.join().unwrap();
+    let evs = f.invariants(Up::Demo(&up), 1, 0);
+    assert_eq!(
+        got, "+OK popgate-demo POP3 server ready\r\n-ERR line too long\r\n",
+        "{end:?}"
+    );
+    assert_eq!(close_reason(&evs), "error");
+    let read = bytes_from_client(&evs);
+    assert!(
+        read < 128 * 1024,
+        "popgate read {read} of {sent} flooded octets"
+    );
+    assert!(up.received().is_empty(), "{:?}", up.received());
+
+    let f = Fix::new();
+    let p = f.proxy(up.local_addr(), "", "max_line = 100\n");
+    let c = Conn::open(p.addr);
+    let sent = flood(c.w.try_clone().unwrap());
+    let (got, end) = c.finish();
+    let sent = sent.join().unwrap();
+    let evs = f.invariants(Up::Demo(&up), 1, 0);
+    assert!(
+        got.is_empty(),
+        "{:?} {end:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(close_reason(&evs), "error");
+    let read = bytes_from_client(&evs);
+    assert!(
+        read < 128 * 1024,
+        "popgate read {read} of {sent} flooded octets"
+    );
+    assert!(up.received().is_empty(), "{:?}", up.received());
+}
+
+/// A client that sends `USER` and hangs up (a FIN, or a reset) while the first of two
+/// upstream addresses accepts and never greets: the session ends at once (client_eof), the
+/// second address is never dialled, and no byte reaches either server.
+#[test]
+fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
+    for reset in [false, true] {
+        let f = Fix::new();
+        let silent = Scripted::start(None, Arc::new(basic));
+        let second = f.demo(Faults::default(), two_messages());
+        let p = f.h.proxy_toml(&format!(
+            "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+             [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"5s\"\n\
+             [audit]\nenabled = true\ndir = {:?}\n",
+            silent.addr,
+            second.local_addr(),
+            f.audit.path()
+        ));
+        let t0 = Instant::now();
+        let mut c = Conn::open(p.addr);
+        c.send(b"USER alice\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+        if reset {
+            socket2::SockRef::from(&c.w)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(c);
+        } else {
+            c.w.shutdown(Shutdown::Write).unwrap();
+            let (got, _) = c.finish();
+            assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        }
+        let evs = f.invariants(Up::Script(&silent), 1, 0);
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        assert_eq!(close_reason(&evs), "client_eof", "reset {reset}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(silent.lines().is_empty(), "{:?}", silent.lines());
+        assert_eq!(second.connections(), 0, "the second address was dialled");
+    }
+}
+
+/// A client flooding an endless line while the upstream cannot be had (the first address
+/// silent until `connect_timeout`, the second refused): popgate reads it only up to the
+/// set-up's bound, and the client still reads the "unavailable" `-ERR` before the close.
+#[test]
+fn a_flood_during_a_failing_dial_still_gets_the_unavailable_err() {
+    let f = Fix::new();
+    let silent = Scripted::start(None, Arc::new(basic));
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{}\", \"{refused}\"]\nconnect_timeout = \"1s\"\n\
+         [limits]\nmax_line = 100\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        silent.addr,
+        f.audit.path()
+    ));
+    let t0 = Instant::now();
+    let c = Conn::open(p.addr);
+    let sent = flood(c.w.try_clone().unwrap());
+    let (got, end) = c.finish();
+    let sent = sent.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "-ERR [SYS/TEMP] upstream server unavailable, try again later\r\n",
+        "{end:?}"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let evs = f.invariants(Up::Script(&silent), 1, 0);
+    assert_eq!(close_reason(&evs), "error");
+    let read = bytes_from_client(&evs);
+    assert!(
+        read < 128 * 1024,
+        "popgate read {read} of {sent} flooded octets"
+    );
+    assert!(silent.lines().is_empty(), "{:?}", silent.lines());
+}
+
+/// A client that says QUIT before its greeting, while direct mode fails over from a refused
+/// address to one slow to greet: its QUIT is kept and relayed after the greeting, exactly
+/// once (the server gets the client's QUIT and no other), and the session ends `quit`.
+#[test]
+fn a_quit_sent_during_the_dial_reaches_the_server_once_after_the_greeting() {
+    let f = Fix::new();
+    let up = f.demo(
+        Faults {
+            greeting_delay: Some(Duration::from_millis(300)),
+            ..Faults::default()
+        },
+        two_messages(),
+    );
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{refused}\", \"{}\"]\nconnect_timeout = \"2s\"\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        up.local_addr(),
+        f.audit.path()
+    ));
+    let mut c = Conn::open(p.addr);
+    c.send(b"QUIT\r\n");
+    let (got, end) = c.finish();
+    let got = String::from_utf8_lossy(&got);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 2, "{got:?} {end:?}");
+    assert!(
+        lines[0].starts_with("+OK") && lines[1].starts_with("+OK"),
+        "{got:?}"
+    );
+    let evs = f.invariants(Up::Demo(&up), 1, 1);
+    assert_eq!(close_reason(&evs), "quit");
+}

@@ -829,3 +829,162 @@ fn commands_sent_with_the_proxy_header_during_a_connect_delay_are_the_clients() 
     assert_eq!(up.connections(), 1, "nothing dialled for the denied client");
     assert_eq!(up.quit_count(), 1);
 }
+
+/// After the client's STLS popgate dials the upstream again (direct mode, `forward_client =
+/// "proxy-v2"`); a second connection that is accepted and never greets is given up at
+/// `connect_timeout` and the session goes on over the first: the client's login and STAT
+/// are answered there, the silent one got nothing, and nobody sent a QUIT but the client.
+#[test]
+fn a_silent_second_connection_after_stls_leaves_the_session_on_the_first() {
+    let stub = Stub::start(
+        3,
+        |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
+        |n, line| match verb(line).as_str() {
+            _ if n > 1 => Answer::Nothing,
+            "USER" => Answer::Say("+OK\r\n"),
+            "PASS" => Answer::Say("+OK maildrop locked\r\n"),
+            _ => stub_pop3(line),
+        },
+    );
+    let t0 = Instant::now();
+    let got = pipelined_login_after_stls(stub.addr);
+    let took = t0.elapsed();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 4, "{got}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(stub.accepted(), 2);
+    let heard = stub.lines();
+    assert!(heard.iter().all(|(n, _)| *n == 1), "{heard:?}");
+    let quits = heard.iter().filter(|(_, l)| l == "QUIT").count();
+    assert_eq!(quits, 1, "{heard:?}");
+}
+
+/// popgate (STLS listener, `forward_client = "proxy-v2"`, `connect_timeout` 1 s) in front of
+/// `addr`: a client's STLS, then its whole session pipelined in one write after the
+/// handshake (USER, PASS, STAT, QUIT as bob); what it read until the close (8 s at most).
+fn pipelined_login_after_stls(addr: SocketAddr) -> String {
+    pipelined_after_stls(addr, b"USER bob\r\nPASS bob-pass\r\nSTAT\r\nQUIT\r\n")
+}
+
+/// [`pipelined_login_after_stls`] with `session` written after the handshake.
+fn pipelined_after_stls(addr: SocketAddr, session: &'static [u8]) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let h = Harness::new();
+    let pki = TestPki::new();
+    let p = stls_proxy_v2_to(&h, &pki, addr, "connect_timeout = \"1s\"\n");
+    let ca = pki.ca_path().to_owned();
+    let proxy = p.addr;
+    h.rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        r.get_mut().write_all(b"STLS\r\n").await.unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("+OK"), "{line}");
+        let mut tls = common::certs::tls_connect(r.into_inner(), &ca).await;
+        tls.write_all(session).await.unwrap();
+        let mut r = tokio::io::BufReader::new(tls);
+        let mut got = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(8), async {
+            loop {
+                let mut l = String::new();
+                match r.read_line(&mut l).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => got.push_str(&l),
+                }
+            }
+        })
+        .await;
+        got
+    })
+}
+
+/// The second connection after STLS greets `+OK`: the session goes over to it and a login
+/// the client pipelined after its handshake goes there whole, in order; the first connection
+/// gets nothing after its capability talk (no QUIT on the client's behalf).
+#[test]
+fn a_login_pipelined_after_stls_goes_whole_to_the_connection_dialled_again() {
+    let stub = Stub::start(
+        3,
+        |n| Some(format!("+OK stub {n} ready\r\n")),
+        |_, line| match verb(line).as_str() {
+            "USER" => Answer::Say("+OK\r\n"),
+            "PASS" => Answer::Say("+OK maildrop locked\r\n"),
+            _ => stub_pop3(line),
+        },
+    );
+    let got = pipelined_login_after_stls(stub.addr);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 4, "{got}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got}");
+    assert_eq!(stub.accepted(), 2);
+    common::wait_until("the QUIT", || stub.lines().iter().any(|(_, l)| l == "QUIT"));
+    let on = |n: usize| -> Vec<String> {
+        let lines = stub.lines().into_iter();
+        lines.filter(|(c, _)| *c == n).map(|(_, l)| l).collect()
+    };
+    assert_eq!(on(2), ["USER bob", "PASS bob-pass", "STAT", "QUIT"]);
+    assert!(
+        on(1).iter().all(|l| l != "QUIT" && !l.starts_with("USER")),
+        "{:?}",
+        on(1)
+    );
+}
+
+/// The second connection after STLS greets `+OK`, then hangs up at the first line (a server
+/// that resets the new connection): the session is on it by then; the client gets an `-ERR`
+/// for what it was waiting on and the close, within the bound, and nothing went to the
+/// first connection after the STLS (no QUIT on the client's behalf).
+#[test]
+fn a_connection_dialled_again_that_hangs_up_after_greeting_ends_the_session_with_an_err() {
+    let stub = Stub::start(
+        3,
+        |n| Some(format!("+OK stub {n} ready\r\n")),
+        |n, line| match verb(line).as_str() {
+            _ if n > 1 => Answer::SayAndClose(""),
+            _ => stub_pop3(line),
+        },
+    );
+    let t0 = Instant::now();
+    let got = pipelined_login_after_stls(stub.addr);
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    assert_eq!(
+        got,
+        "-ERR [SYS/TEMP] upstream server closed the connection\r\n"
+    );
+    assert_eq!(stub.accepted(), 2);
+    let heard = stub.lines();
+    assert!(
+        heard.iter().all(|(n, l)| *n == 2 || l == "CAPA"),
+        "{heard:?}"
+    );
+}
+
+/// A QUIT as the first command after STLS: nothing is dialled (and waited for) only to carry
+/// it; it goes out on the first connection and is answered at once, even when a second
+/// connection would never greet.
+#[test]
+fn a_quit_right_after_stls_dials_nothing_again() {
+    let stub = Stub::start(
+        3,
+        |n| (n == 1).then(|| "+OK stub ready\r\n".to_owned()),
+        |_, line| stub_pop3(line),
+    );
+    let t0 = Instant::now();
+    let got = pipelined_after_stls(stub.addr, b"QUIT\r\n");
+    assert_eq!(got, "+OK bye\r\n");
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(stub.accepted(), 1, "dialled again for the QUIT");
+    assert_eq!(stub.lines(), [(1, "QUIT".to_owned())]);
+}

@@ -294,6 +294,33 @@ fn starttls_injection_pipelined_during_a_connect_delay_is_discarded() {
     assert_injection_not_relayed(&s.up);
 }
 
+/// The same injection sent while direct mode dials the upstream (a server slow to greet:
+/// the client is read during the set-up, its bytes kept and relayed after the greeting),
+/// under the shipped require-tls rules: the plaintext USER/PASS after STLS never reaches the
+/// server, nor the STLS; the login under TLS works.
+#[test]
+fn starttls_injection_pipelined_during_the_upstream_dial_is_discarded() {
+    let s = setup(
+        "none",
+        Faults {
+            greeting_delay: Some(std::time::Duration::from_millis(300)),
+            ..Faults::default()
+        },
+    );
+    let require_tls = std::fs::read_to_string(common::shipped_rules("require-tls.toml")).unwrap();
+    let (_dir, rules) = rules_file(&require_tls);
+    let p = proxy_config(&s, &rules, "starttls", "none", "", "");
+    let ca = s.pki.ca_path().to_owned();
+    let addr = p.addr;
+    s.h.rt.block_on(async move {
+        // Before the greeting: during the dial.
+        let mut r = stls_with_an_injected_login(addr, &ca, true).await;
+        log_in_under_tls(&mut r, "QUIT\r\n").await;
+        assert!(line(&mut r).await.starts_with("+OK"));
+    });
+    assert_injection_not_relayed(&s.up);
+}
+
 /// A shutdown while a client's STLS handshake is under way (the client answered `+OK` and
 /// stalls): popgate does not wait for the handshake (`tls.handshake_timeout`, 30 s) nor give
 /// the session up unrecorded after its close wait; the session ends at once, closed without a
