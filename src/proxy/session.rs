@@ -69,7 +69,8 @@ use crate::types::CloseReason;
 ///    connection while it is out). Whatever the driver waits for meanwhile (a dial, a
 ///    handshake, a token) is raced with [`Session::poll_timeout`], shutdown, and the client
 ///    while [`Session::wants_client_input`] (the set-up only: its bytes are kept, bounded as
-///    the connect phase bounds them, for the relay; its end ends the session at once). At the
+///    the connect phase bounds them, for the relay; its end ends the session at once, or
+///    after the relay has answered those bytes when there are some: a half-close). At the
 ///    end [`Output::UpstreamEnded`] says how it went, for the driver's records (logs,
 ///    metrics) and its connection slots: the set-up starts the relay or answers the client
 ///    with the "unavailable" line and closes; the re-dial goes over to the new connection
@@ -112,6 +113,9 @@ pub(crate) struct Session {
     stage: SessionStage,
     /// Client bytes kept during the set-up (the driver's buffer), and the bound on them.
     early: (usize, usize),
+    /// The client closed its side during the set-up after sending commands (a half-close, as
+    /// `printf ... | nc -N` does): they are relayed, then the relay is told of the close.
+    early_eof: bool,
     /// What the front was sent and what it answered (for the session simulator's checks).
     #[cfg(any(test, feature = "fuzzing"))]
     front_traffic: (Vec<u8>, Vec<u8>),
@@ -133,6 +137,7 @@ impl Session {
             opening: None,
             stage: SessionStage::Relaying,
             early: (0, limit),
+            early_eof: false,
             #[cfg(any(test, feature = "fuzzing"))]
             front_traffic: (Vec::new(), Vec::new()),
         }
@@ -221,6 +226,9 @@ impl Session {
         if !cin.is_empty() && self.hop.wants_client_input() {
             self.hop.on_client_input(now, cin);
         }
+        if std::mem::take(&mut self.early_eof) {
+            self.hop.on_client_eof();
+        }
     }
 
     /// The relay, for what the session does not change (its state, user, tags, the close
@@ -274,6 +282,13 @@ impl Session {
             return;
         }
         if self.connecting() == Some(UpstreamPurpose::Setup) {
+            if self.early.0 > 0 {
+                // Commands, then the client's FIN: TCP cannot tell a half-close from a
+                // hang-up, and the relay answers a half-closed client; so does the set-up.
+                debug!("the client closed its side after sending commands; the set-up goes on");
+                self.early_eof = true;
+                return;
+            }
             self.upstream = None;
             debug!("the client hung up while the upstream was being connected");
             self.hop.close_before_relay(None, CloseReason::ClientEof);
@@ -492,7 +507,7 @@ impl Session {
             return opening.wants_client_input();
         }
         match self.connecting() {
-            Some(UpstreamPurpose::Setup) => self.early.0 < self.early.1,
+            Some(UpstreamPurpose::Setup) => self.early.0 < self.early.1 && !self.early_eof,
             Some(_) => false,
             None => self.hop.wants_client_input(),
         }
@@ -1842,26 +1857,62 @@ mod tests {
     #[test]
     fn a_client_that_hangs_up_during_a_slow_dial_ends_the_session_at_once_with_nothing_more_dialled()
      {
-        let client = b"CAPA\r\nUSER alice\r\n";
-        for n in 1..=client.len() {
-            // a's dial never completes (it would take the connect timeout, then b's turn).
-            let mut d = Driver::setup(&["a:110", "b:110"], vec![None], b"");
-            assert!(
-                d.session.wants_client_input(),
-                "the client is read during the dial"
-            );
-            d.client(client, n);
-            assert_eq!(d.cin, &client[..], "kept for the relay, chunks of {n}");
-            assert_eq!(d.trace.close, None);
-            d.client_eof();
-            assert_eq!(d.trace.close, Some(CloseReason::ClientEof));
-            // Nothing more dialled, nothing upstream (no QUIT), nothing said to the client,
-            // no connect end recorded (the connector was abandoned, not failed).
-            assert_eq!(d.trace.replay, b"<dial a:110>");
-            assert!(d.trace.upstream.is_empty() && d.trace.client.is_empty());
-            assert!(d.trace.ends.is_empty() && d.trace.dead.is_empty());
-            assert_eq!(d.session.connecting(), None);
-            assert!(!d.session.wants_client_input() && !d.session.wants_server_input());
+        // a's dial never completes (it would take the connect timeout, then b's turn).
+        let mut d = Driver::setup(&["a:110", "b:110"], vec![None], b"");
+        assert!(
+            d.session.wants_client_input(),
+            "the client is read during the dial"
+        );
+        d.client_eof();
+        assert_eq!(d.trace.close, Some(CloseReason::ClientEof));
+        // Nothing more dialled, nothing upstream (no QUIT), nothing said to the client,
+        // no connect end recorded (the connector was abandoned, not failed).
+        assert_eq!(d.trace.replay, b"<dial a:110>");
+        assert!(d.trace.upstream.is_empty() && d.trace.client.is_empty());
+        assert!(d.trace.ends.is_empty() && d.trace.dead.is_empty());
+        assert_eq!(d.session.connecting(), None);
+        assert!(!d.session.wants_client_input() && !d.session.wants_server_input());
+    }
+
+    #[test]
+    fn commands_then_a_half_close_during_the_dial_are_relayed_and_answered() {
+        // `printf 'USER ...\r\n...QUIT\r\n' | nc -N`: the whole session, then the client's
+        // FIN, all during the dial. TCP cannot tell that from a hang-up; like the relay, the
+        // set-up takes it as a half-close: the commands go out after the greeting, in turn,
+        // and their answers come back.
+        let client = b"CAPA\r\nUSER alice\r\nQUIT\r\n";
+        let server = b"+OK hi\r\n";
+        for one_address in [true, false] {
+            for n in 1..=client.len() {
+                let addresses: &[&str] = if one_address {
+                    &["a:110"]
+                } else {
+                    &["a:110", "b:110"]
+                };
+                // The dial is answered by hand, after the FIN.
+                let mut d = Driver::setup(addresses, vec![None], b"");
+                assert_eq!(d.session.connecting(), Some(UpstreamPurpose::Setup));
+                d.client(client, n);
+                d.client_eof();
+                assert_eq!(d.trace.close, None, "chunks of {n}");
+                assert!(
+                    !d.session.wants_client_input(),
+                    "nothing more is read after the FIN"
+                );
+                d.session.dialled(d.now);
+                d.drain();
+                d.server(server, n);
+                for answer in [&b"+OK\r\nUSER\r\n.\r\n"[..], b"+OK\r\n", b"+OK bye\r\n"] {
+                    d.server(answer, n);
+                }
+                assert_eq!(d.trace.upstream, client, "chunks of {n}");
+                assert_eq!(
+                    d.trace.client,
+                    b"+OK hi\r\n+OK\r\nUSER\r\n.\r\n+OK\r\n+OK bye\r\n",
+                    "chunks of {n}"
+                );
+                assert_eq!(d.trace.replay, b"<dial a:110>");
+            }
         }
     }
 

@@ -913,9 +913,9 @@ fn a_flood_during_the_upstream_dial_is_read_only_up_to_the_bound() {
     assert!(up.received().is_empty(), "{:?}", up.received());
 }
 
-/// A client that sends `USER` and hangs up (a FIN, or a reset) while the first of two
-/// upstream addresses accepts and never greets: the session ends at once (client_eof), the
-/// second address is never dialled, and no byte reaches either server.
+/// A client that hangs up while the first of two upstream addresses accepts and never
+/// greets: a reset after `USER`, or a FIN before any command. The session ends at once
+/// (client_eof), the second address is never dialled, and no byte reaches either server.
 #[test]
 fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
     for reset in [false, true] {
@@ -932,14 +932,15 @@ fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
         ));
         let t0 = Instant::now();
         let mut c = Conn::open(p.addr);
-        c.send(b"USER alice\r\n");
-        std::thread::sleep(Duration::from_millis(100));
         if reset {
+            c.send(b"USER alice\r\n");
+            std::thread::sleep(Duration::from_millis(100));
             socket2::SockRef::from(&c.w)
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
             drop(c);
         } else {
+            std::thread::sleep(Duration::from_millis(100));
             c.w.shutdown(Shutdown::Write).unwrap();
             let (got, _) = c.finish();
             assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
@@ -951,6 +952,51 @@ fn a_client_leaving_during_the_dial_gets_nothing_dialled_or_sent_after() {
         assert!(silent.lines().is_empty(), "{:?}", silent.lines());
         assert_eq!(second.connections(), 0, "the second address was dialled");
     }
+}
+
+/// `printf 'USER ...\r\nPASS ...\r\nSTAT\r\nQUIT\r\n' | nc -N`: a whole session, then the
+/// client's FIN, all while the first address never greets. TCP cannot tell that half-close
+/// from a hang-up; as in the relay, popgate answers it: after the failover the commands go to
+/// the second address in order, the client reads every answer, and the only QUIT the server
+/// gets is the client's.
+#[test]
+fn commands_then_a_half_close_during_the_dial_are_answered_after_the_failover() {
+    let f = Fix::new();
+    let silent = Scripted::start(None, Arc::new(basic));
+    let second = f.demo(Faults::default(), two_messages());
+    let p = f.h.proxy_toml(&format!(
+        "[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = [\"{}\", \"{}\"]\nconnect_timeout = \"1s\"\n\
+         [audit]\nenabled = true\ndir = {:?}\n",
+        silent.addr,
+        second.local_addr(),
+        f.audit.path()
+    ));
+    let mut c = Conn::open(p.addr);
+    c.send(format!("USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nQUIT\r\n").as_bytes());
+    c.w.shutdown(Shutdown::Write).unwrap();
+    let (got, _) = c.finish();
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let lines: Vec<&str> = got.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 5, "greeting and four answers: {got:?}");
+    assert!(lines.iter().all(|l| l.starts_with("+OK")), "{got:?}");
+    assert!(lines[3].starts_with("+OK 2 "), "STAT: {got:?}");
+    let sent: Vec<String> = second
+        .received()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            format!("USER {USER}\r\n"),
+            format!("PASS {PASS}\r\n"),
+            "STAT\r\n".to_owned(),
+            "QUIT\r\n".to_owned()
+        ]
+    );
+    assert_eq!(second.quit_count(), 1);
+    assert!(silent.lines().is_empty(), "{:?}", silent.lines());
 }
 
 /// A client flooding an endless line while the upstream cannot be had (the first address
