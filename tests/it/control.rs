@@ -921,7 +921,16 @@ fn other_users_are_refused_and_bad_requests_get_an_error_line() {
         "the session was disturbed"
     );
     assert!(session.cmd("QUIT").starts_with("+OK"));
-    // Each refused request was logged with the peer's credentials.
+    // Each refused request was logged with the peer's credentials (the log is written
+    // behind: waited for).
+    let logged = || {
+        let log = p.log();
+        log.contains("control request refused") && log.contains("uid=0")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logged() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = p.log();
     assert!(log.contains("control request refused"), "{log}");
     assert!(log.contains("uid=0"), "{log}");
