@@ -1907,8 +1907,7 @@ mod tests {
                 }
                 assert_eq!(d.trace.upstream, client, "chunks of {n}");
                 assert_eq!(
-                    d.trace.client,
-                    b"+OK hi\r\n+OK\r\nUSER\r\n.\r\n+OK\r\n+OK bye\r\n",
+                    d.trace.client, b"+OK hi\r\n+OK\r\nUSER\r\n.\r\n+OK\r\n+OK bye\r\n",
                     "chunks of {n}"
                 );
                 assert_eq!(d.trace.replay, b"<dial a:110>");
