@@ -538,6 +538,11 @@ impl Session {
     ) -> Option<Output> {
         loop {
             if let Some(output) = self.out.pop_front() {
+                if self.out.is_empty() {
+                    // Used only around the set-up and a login: its buffer is not kept for the
+                    // rest of the session (an idle session would hold it for hours).
+                    self.out = VecDeque::new();
+                }
                 return Some(output);
             }
             if self.opening.is_some() {
