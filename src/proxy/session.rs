@@ -1974,6 +1974,16 @@ mod tests {
     }
 
     #[test]
+    fn a_session_in_its_relay_keeps_no_buffer_of_the_set_ups_outputs() {
+        // An idle session lives for hours: what the set-up queued is not kept for it.
+        let mut d = Driver::setup(&["a:110", "b:110"], vec![Some(true)], b"CAPA\r\n");
+        d.server(b"+OK hi\r\n", 8);
+        assert_eq!(d.session.connecting(), None);
+        assert_eq!(d.trace.purposes, [UpstreamPurpose::Setup]);
+        assert_eq!(d.session.out.capacity(), 0);
+    }
+
+    #[test]
     fn the_set_up_reads_the_client_only_up_to_the_early_input_limit() {
         let limit = crate::proxy::connect::early_input_limit(512, 8);
         let line = b"NOOP\r\n".repeat(2 * limit / 6);
