@@ -667,8 +667,22 @@ mod tests {
         assert_eq!(out.lines().len(), 10);
     }
 
+    /// Files are named by the UTC day: a test that counts them waits out the last seconds
+    /// of a day, so that its events do not straddle midnight into two files.
+    fn away_from_midnight() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let left = 86_400 - now % 86_400;
+        if left <= 10 {
+            std::thread::sleep(std::time::Duration::from_secs(left + 1));
+        }
+    }
+
     #[tokio::test]
     async fn rotating_files_in_a_directory() {
+        away_from_midnight();
         let dir = tempfile::tempdir().unwrap();
         let config = AuditConfig {
             enabled: true,
@@ -702,6 +716,7 @@ mod tests {
 
     #[tokio::test]
     async fn reopen_starts_a_fresh_file_after_a_move() {
+        away_from_midnight();
         let dir = tempfile::tempdir().unwrap();
         let config = AuditConfig {
             enabled: true,
